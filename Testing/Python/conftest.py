@@ -1,0 +1,46 @@
+"""Shared test fixtures. Tests must pass without ../shared and without a GPU."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SAMPLES = REPO / "Resources" / "Samples"
+SAMPLE_CT = SAMPLES / "LIDC-IDRI-0001_ct.nrrd"
+SAMPLE_RADIOGRAPH = SAMPLES / "NIH-CXR14_00000001_000.png"
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The shared data folder, or a clean skip where it is absent (a user's clone, CI elsewhere)."""
+    if not (SHARED_DATA / "ct").is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
+
+
+def synthetic_chest(shape=(64, 64, 64), seed=0) -> np.ndarray:
+    """A crude chest phantom in HU, canonical [z, y, x]: body ellipse, two lungs, a spine posteriorly."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    ct = np.full(shape, -1024.0, dtype=np.float32)
+    body = (x / 0.9) ** 2 + (y / 0.7) ** 2 < 1
+    ct[body] = 40.0
+    for side in (-0.45, 0.45):
+        lung = ((x - side) / 0.3) ** 2 + (y / 0.45) ** 2 + (z / 0.9) ** 2 < 1
+        ct[lung] = -850.0
+    spine = (x / 0.12) ** 2 + ((y - 0.5) / 0.12) ** 2 < 1
+    ct[spine] = 700.0
+    ct += rng.normal(0, 10, shape).astype(np.float32)
+    return ct.astype(np.float32)
+
+
+@pytest.fixture
+def chest_phantom() -> np.ndarray:
+    return synthetic_chest()
