@@ -1,0 +1,320 @@
+"""Readers and writers: CT round trips with their geometry, DICOM series, npz, and every radiograph kind."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import SAMPLE_CT, SAMPLE_RADIOGRAPH, synthetic_chest
+
+from XctDiffCore.errors import XctDiffError
+from XctDiffCore.io import (
+    DRR_TAG_KEY,
+    Radiograph,
+    drr_tag_metadata,
+    inspect_path,
+    read_ct,
+    read_radiograph,
+    write_image_png,
+    write_radiograph_nrrd,
+    write_volume,
+)
+from XctDiffCore.volume import Volume
+
+
+def rotation(axis: int, degrees: float) -> np.ndarray:
+    a = np.deg2rad(degrees)
+    c, s = np.cos(a), np.sin(a)
+    i, j = [k for k in range(3) if k != axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+def oblique_volume(dtype=np.int16) -> Volume:
+    """A small anisotropic volume with a rotated, axis-flipped direction (det -1) and an odd origin."""
+    array = synthetic_chest((12, 20, 16), seed=1).astype(dtype)
+    direction = rotation(2, 25.0) @ np.diag([1.0, -1.0, 1.0])
+    return Volume(array, spacing=(0.8, 1.1, 2.5), origin=(-12.5, 30.25, -101.0), direction=direction)
+
+
+def grey_ramp(rows=48, cols=64, top=255) -> np.ndarray:
+    """A left-right and top-bottom asymmetric test film: any flip or transpose shows."""
+    r, c = np.mgrid[0:rows, 0:cols]
+    return (r * 3 + c) / (rows * 3 + cols) * top
+
+
+# ---------------------------------------------------------------------------------------------- CT
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii", ".nii.gz", ".mha"])
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_volume_round_trip_keeps_voxels_and_geometry(tmp_path, suffix, dtype):
+    volume = oblique_volume(dtype)
+    if dtype == np.float32:
+        volume = volume.with_array(volume.array + 0.25)  # not integral: must stay float
+    path = write_volume(volume, tmp_path / f"ct{suffix}")
+    back = read_ct(path)
+    assert back.array.dtype == dtype
+    np.testing.assert_array_equal(back.array, volume.array)
+    np.testing.assert_allclose(back.spacing, volume.spacing, atol=1e-5)
+    np.testing.assert_allclose(back.origin, volume.origin, atol=1e-4)
+    np.testing.assert_allclose(back.direction, volume.direction, atol=1e-5)
+    assert [p.name for p in tmp_path.iterdir()] == [f"ct{suffix}"]  # no temporary file left behind
+
+
+def test_write_volume_stores_integral_float_as_int16(tmp_path):
+    volume = oblique_volume(np.float32)
+    path = write_volume(volume.with_array(np.round(volume.array)), tmp_path / "ct.nrrd")
+    assert read_ct(path).array.dtype == np.int16
+    import nrrd
+
+    assert nrrd.read_header(str(path))["encoding"] == "gzip"
+
+
+def test_sample_ct_is_the_documented_volume():
+    volume = read_ct(SAMPLE_CT)
+    assert volume.shape == (128, 128, 128) and volume.array.dtype == np.int16
+    assert volume.spacing == (2.5, 2.5, 2.5)
+    np.testing.assert_array_equal(volume.direction, np.eye(3))
+    assert volume.array.min() == -1024 and volume.array.max() == 3071
+
+
+def test_npz_read(tmp_path):
+    ct = synthetic_chest((8, 10, 12)).astype(np.int16)
+    path = tmp_path / "p.npz"
+    np.savez(path, ct=ct, spacing=np.array([2.5, 2.0, 3.0]), origin=np.array([1.0, 2.0, 3.0]), direction=np.eye(3), axes="zyx")
+    volume = read_ct(path)
+    np.testing.assert_array_equal(volume.array, ct)
+    assert volume.spacing == (2.5, 2.0, 3.0) and volume.origin == (1.0, 2.0, 3.0)
+
+
+def test_shared_npz_matches_sample_nrrd(shared_data):
+    npz = read_ct(shared_data / "ct" / "lidc_idri_0001.npz")
+    nrrd_volume = read_ct(SAMPLE_CT)
+    np.testing.assert_array_equal(npz.array, nrrd_volume.array)
+    np.testing.assert_allclose(npz.origin, nrrd_volume.origin, atol=1e-4)
+
+
+def write_dicom_series(volume: Volume, folder, reverse_names: bool = False):
+    """One CT DICOM file per k slice, with patient position/orientation tags (the SimpleITK recipe)."""
+    import SimpleITK as sitk
+
+    image = volume.to_sitk()
+    direction = volume.direction
+    orientation = "\\".join(f"{v:.10f}" for v in (*direction[:, 0], *direction[:, 1]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    n = volume.shape[0]
+    for k in range(n):
+        plane = image[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, value in {
+            "0008|0060": "CT",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+            "0020|000e": "1.2.826.0.1.3680043.2.1125.1.2",
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{p:.6f}" for p in position),
+            "0020|0037": orientation,
+            "0018|0050": str(volume.spacing[2]),
+        }.items():
+            plane.SetMetaData(tag, value)
+        name = n - 1 - k if reverse_names else k
+        writer.SetFileName(str(folder / f"slice{name:03d}.dcm"))
+        writer.Execute(plane)
+
+
+def test_dicom_series_read_geometry(tmp_path):
+    volume = Volume(
+        synthetic_chest((6, 40, 48), seed=2).astype(np.int16),
+        spacing=(0.7, 0.8, 2.0),
+        origin=(-20.0, 15.5, -70.0),
+        direction=rotation(0, 20.0),
+    )
+    write_dicom_series(volume, tmp_path, reverse_names=True)  # file order must not matter
+    back = read_ct(tmp_path)
+    np.testing.assert_array_equal(back.array, volume.array)
+    np.testing.assert_allclose(back.spacing, volume.spacing, atol=1e-4)
+    np.testing.assert_allclose(back.origin, volume.origin, atol=1e-4)
+    np.testing.assert_allclose(back.direction, volume.direction, atol=1e-5)
+    one_file = read_ct(tmp_path / "slice003.dcm")  # a file of the series reads the whole series
+    np.testing.assert_array_equal(one_file.array, volume.array)
+
+
+def test_dicom_series_with_a_missing_slice_is_refused(tmp_path):
+    """ITK would read the rest with a wrong, averaged z spacing; we refuse it in one sentence."""
+    write_dicom_series(Volume(synthetic_chest((6, 40, 48)).astype(np.int16), spacing=(0.7, 0.8, 2.0)), tmp_path)
+    (tmp_path / "slice003.dcm").unlink()
+    with pytest.raises(XctDiffError, match="missing or unevenly spaced slices"):
+        read_ct(tmp_path)
+
+
+# -------------------------------------------------------------------------------------- radiographs
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_png_round_trip_and_drr_tag(tmp_path, bits):
+    image01 = grey_ramp(top=1.0)
+    path = write_image_png(image01, tmp_path / "drr.png", metadata=drr_tag_metadata(), bits=bits)
+    radiograph = read_radiograph(path)
+    assert isinstance(radiograph, Radiograph) and radiograph.image.dtype == np.float32
+    top = 2**bits - 1
+    np.testing.assert_array_equal(radiograph.image, np.round(image01 * top))
+    assert radiograph.is_drr and radiograph.spacing is None and radiograph.source == str(path)
+    untagged = read_radiograph(write_image_png(image01, tmp_path / "film.png", bits=bits))
+    assert not untagged.is_drr
+
+
+def test_png_writer_clips_to_unit_range(tmp_path):
+    image = grey_ramp(top=1.0) * 3.0 - 1.0  # [-1, 2]
+    back = read_radiograph(write_image_png(image, tmp_path / "c.png", bits=8)).image
+    assert back.min() == 0 and back.max() == 255
+
+
+def test_rgb_jpeg_becomes_grey(tmp_path):
+    from PIL import Image
+
+    grey = grey_ramp().astype(np.uint8)
+    Image.fromarray(np.stack([grey] * 3, axis=-1)).save(tmp_path / "film.jpg", quality=95)
+    image = read_radiograph(tmp_path / "film.jpg").image
+    assert image.shape == grey.shape
+    assert np.abs(image - grey).mean() < 2.0  # JPEG loss only: no channel mix-up, no flip
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_tiff(tmp_path, dtype):
+    from PIL import Image
+
+    film = grey_ramp(top=4000).astype(dtype)
+    Image.fromarray(film).save(tmp_path / "film.tif")
+    np.testing.assert_array_equal(read_radiograph(tmp_path / "film.tif").image, film.astype(np.float32))
+
+
+def test_radiograph_nrrd_round_trip(tmp_path):
+    film = grey_ramp(top=1.0).astype(np.float32)
+    path = write_radiograph_nrrd(film, tmp_path / "drr.nrrd", spacing=(0.5, 0.25), metadata=drr_tag_metadata())
+    radiograph = read_radiograph(path)
+    np.testing.assert_array_equal(radiograph.image, film)
+    assert radiograph.spacing == (0.5, 0.25) and radiograph.is_drr
+    import nrrd
+
+    assert nrrd.read_header(str(path))[DRR_TAG_KEY] == "1"
+
+
+def test_single_slice_volumes_read_as_radiographs(tmp_path):
+    """A 2D scalar volume node saved by Slicer is a 3D NRRD with one slice."""
+    film = grey_ramp().astype(np.int16)  # [row, col]
+    # As Slicer places a loaded PNG: an axial slice, identity direction; the stored order is the display order.
+    axial = Volume(film[None], spacing=(0.3, 0.4, 1.0))
+    write_volume(axial, tmp_path / "axial.nrrd")
+    radiograph = read_radiograph(tmp_path / "axial.nrrd")
+    np.testing.assert_array_equal(radiograph.image, film)
+    assert radiograph.spacing == pytest.approx((0.4, 0.3))
+    # A coronal slice in patient space, stored upside down and mirrored: it must come out head up,
+    # patient's left on the image's right (rows to -z, columns to +x).
+    stored = film[::-1, ::-1][:, None, :]  # [k=z up, j=1, i=x toward the patient's right]
+    coronal = Volume(stored, spacing=(0.3, 1.0, 0.4), direction=np.diag([-1.0, 1.0, 1.0]))
+    write_volume(coronal, tmp_path / "coronal.nii.gz")
+    radiograph = read_radiograph(tmp_path / "coronal.nii.gz")
+    np.testing.assert_array_equal(radiograph.image, film)
+    assert radiograph.spacing == pytest.approx((0.4, 0.3))
+
+
+def write_dicom_radiograph(path, pixels: np.ndarray, photometric="MONOCHROME2", bits_stored=12, **tags):
+    """An uncompressed CR DICOM file made with pydicom."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 8 if bits_stored <= 8 else 16
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits_stored, bits_stored - 1, 0
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.astype(np.uint8 if bits_stored <= 8 else np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def test_dicom_rescale_spacing_and_monochrome1(tmp_path):
+    stored = grey_ramp(top=4095).astype(np.uint16)
+    common = dict(RescaleSlope=2, RescaleIntercept=-100, ImagerPixelSpacing=[0.15, 0.2])
+    mono2 = read_radiograph(write_dicom_radiograph(tmp_path / "m2.dcm", stored, **common))
+    mono1 = read_radiograph(write_dicom_radiograph(tmp_path / "m1.dcm", 4095 - stored, "MONOCHROME1", **common))
+    np.testing.assert_array_equal(mono2.image, stored * 2.0 - 100.0)  # modality LUT applied
+    np.testing.assert_array_equal(mono1.image, mono2.image)  # the inverted grey scale is undone
+    assert mono2.spacing == (0.15, 0.2) and not mono2.is_drr
+
+
+def test_dicom_voi_window_is_applied(tmp_path):
+    stored = grey_ramp(top=4095).astype(np.uint16)
+    image = read_radiograph(write_dicom_radiograph(tmp_path / "w.dcm", stored, WindowCenter=2000, WindowWidth=1000)).image
+    assert image[stored < 1400].max() == 0 and image[stored > 2600].min() == 4095  # clipped by the window
+
+
+def test_dicom_patient_orientation_gives_display_orientation(tmp_path):
+    film = grey_ramp(top=4095).astype(np.uint16)
+    # Stored mirrored: rows run toward the patient's right, columns toward the head.
+    path = write_dicom_radiograph(tmp_path / "o.dcm", film[::-1, ::-1], PatientOrientation=["R", "H"], PixelSpacing=[0.1, 0.2])
+    radiograph = read_radiograph(path)
+    np.testing.assert_array_equal(radiograph.image, film)
+    assert radiograph.spacing == (0.1, 0.2)
+
+
+def lungs_dark_bone_bright(image: np.ndarray) -> bool:
+    """A PA chest film: both lung fields darker than the mediastinum/spine column between them."""
+    rows, cols = image.shape
+    band = image[int(rows * 0.3) : int(rows * 0.6)]
+    lungs = np.r_[band[:, int(cols * 0.2) : int(cols * 0.35)].ravel(), band[:, int(cols * 0.65) : int(cols * 0.8)].ravel()]
+    spine = band[:, int(cols * 0.46) : int(cols * 0.54)]
+    return lungs.mean() < spine.mean() - 10
+
+
+def test_shared_dicom_polarity(shared_data, tmp_path):
+    import pydicom
+
+    folder = shared_data / "cxr" / "dicom"
+    mono2 = read_radiograph(folder / "rsna_pneumonia_sample.dcm")
+    assert mono2.image.shape == (1024, 1024) and mono2.spacing == (0.168, 0.168)
+    assert lungs_dark_bone_bright(mono2.image)
+    # A genuine MONOCHROME1 twin of the film (stored grey levels inverted) reads back identically.
+    stored = pydicom.dcmread(folder / "rsna_pneumonia_sample.dcm").pixel_array
+    twin = read_radiograph(write_dicom_radiograph(tmp_path / "m1.dcm", 255 - stored, "MONOCHROME1", bits_stored=8))
+    np.testing.assert_array_equal(twin.image, mono2.image)
+    # monochrome1_variant.dcm holds the very same (MONOCHROME2-looking) pixel bytes under a MONOCHROME1
+    # tag; the reader honours the tag, so it comes out as the exact inverse.
+    variant = read_radiograph(folder / "monochrome1_variant.dcm")
+    np.testing.assert_array_equal(variant.image, 255 - mono2.image)
+
+
+def test_sample_radiograph_and_inspect():
+    radiograph = read_radiograph(SAMPLE_RADIOGRAPH)
+    assert radiograph.image.shape == (512, 512) and not radiograph.is_drr
+    assert lungs_dark_bone_bright(radiograph.image)
+    facts = inspect_path(SAMPLE_RADIOGRAPH)
+    assert facts["kind"] == "radiograph" and facts["shape"].startswith("512 x 512") and facts["drr"] == "no"
+    facts = inspect_path(SAMPLE_CT)
+    assert facts["kind"] == "ct" and facts["hu_range"] == "-1024 .. 3071" and "LPS" in facts["direction"]
+
+
+def test_inspect_cli_prints_one_fact_per_line():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    result = subprocess.run(
+        [sys.executable, "-m", "XctDiffCore", "inspect", str(SAMPLE_CT), "--as", "ct"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    facts = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    assert facts["kind"] == "ct" and facts["spacing"] == "2.5 2.5 2.5 mm (x, y, z)"
+    assert set(facts) == {"path", "kind", "shape", "dtype", "spacing", "origin", "direction", "hu_range"}

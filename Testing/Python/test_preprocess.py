@@ -1,0 +1,139 @@
+"""The paper's preprocessing: canonical 2.5 mm lung-centred CT, [0, 1] square radiographs, and the layout."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import SAMPLE_CT, SAMPLE_RADIOGRAPH, synthetic_chest
+
+from XctDiffCore.errors import XctDiffError
+from XctDiffCore.io import read_ct, read_radiograph
+from XctDiffCore.layout import ct_to_model_layout
+from XctDiffCore.preprocess import preprocess_ct, preprocess_radiograph
+from XctDiffCore.volume import Volume
+
+
+def lung_z_extent(hu: np.ndarray) -> tuple:
+    """First and last axial slice where air inside the body covers > 10% of the largest such area."""
+    from scipy import ndimage
+
+    body = np.stack([ndimage.binary_fill_holes(s) for s in hu > -500])
+    area = ((hu < -400) & body).sum(axis=(1, 2))
+    zs = np.nonzero(area > 0.1 * area.max())[0]
+    return zs.min(), zs.max()
+
+
+def phantom_volume(shape=(40, 48, 48), spacing=(5.0, 5.0, 5.0), origin=(-120.0, -120.0, -100.0)) -> Volume:
+    return Volume(synthetic_chest(shape, seed=3), spacing=spacing, origin=origin)
+
+
+def test_preprocess_ct_shape_spacing_dtype_and_window():
+    volume = phantom_volume()
+    volume.array[20, 24, 10] = 5000.0  # above the stored range
+    out = preprocess_ct(volume, size=64, spacing=2.5)
+    assert out.shape == (64, 64, 64) and out.array.dtype == np.int16
+    assert out.spacing == (2.5, 2.5, 2.5)
+    np.testing.assert_array_equal(out.direction, np.eye(3))
+    assert out.array.min() == -1024 and out.array.max() == 3071  # clipped to [-1024, 3071], air padding
+
+
+def test_preprocess_ct_keeps_patient_position():
+    """Output voxels are the input's, sampled where the output's own geometry says they are."""
+    volume = read_ct(SAMPLE_CT)
+    out = preprocess_ct(volume)
+    offset = np.round((np.array(out.origin) - volume.origin) / 2.5).astype(int)[::-1]  # (z, y, x) voxels
+    np.testing.assert_allclose(np.array(out.origin) - volume.origin, offset[::-1] * 2.5, atol=1e-3)
+    assert np.all(np.abs(offset) <= 1)  # the sample was already centred this way
+    src = tuple(slice(max(o, 0), 128 + min(o, 0)) for o in offset)
+    dst = tuple(slice(max(-o, 0), 128 - max(o, 0)) for o in offset)
+    np.testing.assert_array_equal(out.array[dst], volume.array[src])
+
+
+def test_preprocess_ct_centres_the_lungs_in_z():
+    volume = read_ct(SAMPLE_CT)
+    # Move the chest off-centre: 40 slices of air below it, the top 30 slices cut away.
+    shifted = np.concatenate([np.full((40, 128, 128), -1024, np.int16), volume.array[:-30]])
+    out = preprocess_ct(Volume(shifted, volume.spacing, np.array(volume.origin) - [0, 0, 40 * 2.5]))
+    low, high = lung_z_extent(out.array.astype(np.float32))
+    assert abs((low + high) / 2 - 63.5) <= 2.0  # within 5 mm of the centre
+    before_low, before_high = lung_z_extent(shifted.astype(np.float32))
+    assert abs((before_low + before_high) / 2 - 63.5) > 30  # it was far off before
+    assert high - low > 60  # the lungs themselves are all there
+
+
+def test_preprocess_ct_resamples_anisotropic_input():
+    fine = phantom_volume(shape=(40, 96, 96), spacing=(1.25, 1.25, 5.0), origin=(-60.0, -60.0, -100.0))
+    out = preprocess_ct(fine, size=96, spacing=2.5)
+    # The body (an ellipse 0.9 x 0.7 of the half field) keeps its size in millimetres.
+    width_mm = (out.array > -500).any(axis=(0, 1)).sum() * 2.5
+    depth_mm = (out.array > -500).any(axis=(0, 2)).sum() * 2.5
+    assert width_mm == pytest.approx(0.9 * 120, abs=5.0)
+    assert depth_mm == pytest.approx(0.7 * 120, abs=5.0)
+
+
+@pytest.mark.parametrize("stored", ["flipped_x", "permuted"])
+def test_preprocess_ct_reorients_to_lps(stored):
+    canonical = phantom_volume()
+    expected = preprocess_ct(canonical, size=48)
+    if stored == "flipped_x":
+        # Same patient, x index running toward the patient's right: last column first.
+        low, high = canonical.extent_lps()
+        other = Volume(canonical.array[:, :, ::-1], canonical.spacing, (high[0], low[1], low[2]), np.diag([-1.0, 1.0, 1.0]))
+    else:
+        # Axis order (y, x, z) on disk: index i runs along z, j along x, k along y.
+        other = Volume(np.transpose(canonical.array, (1, 2, 0)), canonical.spacing, canonical.origin, np.eye(3)[:, [2, 0, 1]])
+    out = preprocess_ct(other, size=48)
+    np.testing.assert_array_equal(out.array, expected.array)
+    np.testing.assert_allclose(out.origin, expected.origin, atol=1e-6)
+
+
+def test_model_layout_puts_spine_back_left_marker_right_and_head_up():
+    ct = synthetic_chest((64, 64, 64))  # canonical [z, y, x], spine at posterior y
+    ct[40:44, 20:24, 52:56] = 2000.0  # a dense marker in the patient's LEFT (+x), superior (+z) half
+    model = ct_to_model_layout(ct)  # [D = A->P, H = S->I, W = R->L]
+    spine = np.argwhere((model > 600) & (model < 1500))
+    assert np.median(spine[:, 0]) > 40  # posterior = large D
+    assert abs(np.median(spine[:, 2]) - 31.5) < 2  # on the midline
+    # A projection along D is a PA film [row, col]; the marker shows where the patient's left and head are.
+    film = ct_to_model_layout(ct.clip(-1000, None)).sum(axis=0)
+    plain = ct_to_model_layout(synthetic_chest((64, 64, 64)).clip(-1000, None)).sum(axis=0)
+    row, col = np.unravel_index(np.argmax(film - plain), film.shape)
+    assert col > 48  # patient's left on the image's right
+    assert row < 24  # superior at the top
+
+
+def test_preprocess_radiograph_shape_range_and_determinism():
+    film = read_radiograph(SAMPLE_RADIOGRAPH).image
+    out = preprocess_radiograph(film)
+    assert out.shape == (128, 128) and out.dtype == np.float32
+    assert out.min() == 0.0 and out.max() == 1.0
+    np.testing.assert_array_equal(out, preprocess_radiograph(film))
+    assert preprocess_radiograph(film, size=64).shape == (64, 64)
+
+
+def test_preprocess_radiograph_same_for_8_and_16_bit():
+    film = read_radiograph(SAMPLE_RADIOGRAPH).image
+    eight = preprocess_radiograph(film)
+    sixteen = preprocess_radiograph(film * 257.0 + 3.0)  # the same film in a 16-bit range, with an offset
+    np.testing.assert_allclose(eight, sixteen, atol=1e-5)
+
+
+def test_preprocess_radiograph_crops_empty_border_and_pads_square():
+    r, c = np.mgrid[0:80, 0:60]
+    body = 100.0 + 50.0 * np.sin(r / 7.0) * np.cos(c / 5.0)
+    film = np.zeros((160, 200), np.float32)  # black border around an 80 x 60 body
+    film[40:120, 70:130] = body
+    out = preprocess_radiograph(film, size=80)
+    # Cropped to 80 x 60 then padded to 80 x 80: 10 columns of padding each side, the body in between.
+    assert np.all(out[:, :9] == 0) and np.all(out[:, -9:] == 0)
+    assert np.all(out[:, 11:-11].max(axis=0) > 0.5) and np.all(out[1:-1, 11:-11].max(axis=1) > 0.5)
+    # A few burned-in hot pixels do not change the window.
+    hot = film.copy()
+    hot[45:47, 75:77] = 1e5
+    np.testing.assert_allclose(preprocess_radiograph(hot, size=80)[20:, :], out[20:, :], atol=5e-3)
+
+
+def test_preprocess_radiograph_refuses_blank_and_tiny():
+    with pytest.raises(XctDiffError, match="blank"):
+        preprocess_radiograph(np.full((64, 64), 7.0))
+    with pytest.raises(XctDiffError, match="32x32"):
+        preprocess_radiograph(np.ones((20, 64)))

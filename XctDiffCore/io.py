@@ -1,0 +1,560 @@
+"""Read and write CT volumes and radiographs, turning every unreadable input into one readable sentence.
+
+CT volumes come from a DICOM series folder, NIfTI, NRRD, MetaImage or the shared ``.npz`` format and
+become a :class:`~XctDiffCore.volume.Volume` (LPS, as SimpleITK reads them). Radiographs come from
+PNG/JPEG/TIFF, DICOM (CR/DX/DR) or a 2D (or single-slice 3D) NRRD/NIfTI/MetaImage and become a
+:class:`Radiograph`: a float32 ``[row, col]`` image in display orientation (head up, patient's right on
+the image's left; see ``XctDiffCore.layout``). The real work is done by SimpleITK, pydicom, pynrrd and
+Pillow, imported lazily so that the training machines (torch, numpy, scikit-image only) can import this
+module. Every file written goes through :func:`~XctDiffCore.atomic.atomic_path`.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .atomic import atomic_path, check_output_path, full_suffix
+from .errors import XctDiffError
+from .volume import Volume
+
+# A DRR written by ``xctdiff drr`` carries this key (PNG text chunk, NRRD key/value) with value "1",
+# so that readers can tell a rendered radiograph from a real film.
+DRR_TAG_KEY = "xctdiff_drr"
+# Smaller images carry no usable anatomy and break the radiograph preprocessing.
+MIN_RADIOGRAPH_SIZE = 32
+
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+SITK_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+VOLUME_WRITE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
+
+
+def drr_tag_metadata() -> dict:
+    """The metadata a DRR writer passes to :func:`write_image_png` / :func:`write_radiograph_nrrd`."""
+    return {DRR_TAG_KEY: "1"}
+
+
+@dataclass
+class Radiograph:
+    """A radiograph as the engine sees it.
+
+    ``image``: float32 ``[row, col]`` in display orientation, intensities as stored (after DICOM
+    modality/VOI LUTs; MONOCHROME1 inverted so that bone is bright). ``spacing``: ``(row, col)`` in mm
+    when the file records it, else ``None``. ``is_drr``: the file carries the ``xctdiff_drr=1`` tag.
+    ``source``: the path it was read from.
+    """
+
+    image: np.ndarray
+    spacing: Optional[tuple]
+    is_drr: bool
+    source: str
+
+
+# --------------------------------------------------------------------------------------------------
+# shared checks
+
+
+def _suffix(path: Path) -> str:
+    return full_suffix(path).lower()
+
+
+def _one_line(exc: BaseException) -> str:
+    """The last informative line of a library message (SimpleITK's run over several lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[-1].removeprefix("sitk::ERROR: ") if lines else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+@contextlib.contextmanager
+def _library_errors(path: Path, what: str):
+    """Turn whatever a third-party reader raises on a broken file into one XctDiffError naming the path.
+
+    Only wraps calls into SimpleITK / pydicom / Pillow / pynrrd / numpy's npz loader: their failure
+    types on corrupt files are many (RuntimeError, InvalidDicomError, OSError, EOFError, ValueError...).
+    """
+    try:
+        yield
+    except XctDiffError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - library boundary, see docstring
+        raise XctDiffError(f"cannot read {path} as {what}: {_one_line(exc)}") from exc
+
+
+@contextlib.contextmanager
+def _itk_quiet():
+    """Mute ITK's own warnings (printed straight to stderr) while it reads; what they report (no series,
+    missing slices) is checked here and raised as an XctDiffError, so a CLI error stays one line."""
+    import SimpleITK as sitk
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _check_input(path, allow_folder: bool) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise XctDiffError(f"file not found: {path}")
+    if path.is_dir():
+        if not allow_folder:
+            raise XctDiffError(f"expected a radiograph file, got a folder: {path}")
+        return path
+    if path.stat().st_size == 0:
+        raise XctDiffError(f"file is empty: {path}")
+    return path
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file: by suffix, or by the 'DICM' magic after the 128-byte preamble."""
+    if _suffix(path) in DICOM_SUFFIXES:
+        return True
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return head[128:132] == b"DICM"
+
+
+def _check_nrrd_spacing(path: Path) -> None:
+    """ITK refuses zero spacing with a cryptic message and silently flips negative spacing: say it plainly."""
+    import nrrd
+
+    with _library_errors(path, "an NRRD file"):
+        header = nrrd.read_header(str(path))
+    spacing = None
+    if "space directions" in header:
+        directions = np.asarray(header["space directions"], dtype=float)
+        spacing = [np.linalg.norm(d) for d in directions if np.all(np.isfinite(d))]
+    elif "spacings" in header:
+        spacing = [float(s) for s in header["spacings"]]
+    if spacing is not None and not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise XctDiffError(f"voxel spacing must be positive, got {_fmt(spacing)} in {path}")
+
+
+def check_radiograph_image(image: np.ndarray, source: str = "image") -> np.ndarray:
+    """Refuse what no radiograph step can use: not 2D, under 32x32 pixels, NaN or Inf. Returns float32."""
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise XctDiffError(f"expected a 2D radiograph, got an array of shape {image.shape} from {source}")
+    if min(image.shape) < MIN_RADIOGRAPH_SIZE:
+        raise XctDiffError(
+            f"radiograph {source} is {image.shape[0]}x{image.shape[1]} pixels, "
+            f"smaller than the minimum {MIN_RADIOGRAPH_SIZE}x{MIN_RADIOGRAPH_SIZE}"
+        )
+    image = image.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(image)):
+        raise XctDiffError(f"radiograph {source} contains NaN or infinite pixel values")
+    return image
+
+
+def _check_ct_values(volume: Volume, path: Path) -> Volume:
+    if min(volume.shape) < 2:
+        raise XctDiffError(f"expected a CT volume, got a 2D image of shape {volume.shape} from {path}")
+    if volume.array.dtype.kind == "f" and not np.all(np.isfinite(volume.array)):
+        raise XctDiffError(f"CT {path} contains NaN or infinite voxel values")
+    return volume
+
+
+# --------------------------------------------------------------------------------------------------
+# CT volumes
+
+
+def read_ct(path) -> Volume:
+    """Read a CT (DICOM series folder or file, .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, shared .npz) in LPS.
+
+    Voxel values are returned as stored after the format's own rescale (HU for DICOM), in the file's
+    orientation; :func:`XctDiffCore.preprocess.preprocess_ct` makes it canonical.
+    """
+    path = _check_input(path, allow_folder=True)
+    suffix = _suffix(path)
+    if path.is_dir():
+        volume = _read_dicom_series(path, path, None)
+    elif suffix == ".npz":
+        volume = _read_npz(path)
+    elif suffix in SITK_VOLUME_SUFFIXES or suffix in PIL_SUFFIXES:
+        # Image suffixes go through SimpleITK too so that a PNG given as a CT says "2D image".
+        if suffix in (".nrrd", ".nhdr"):
+            _check_nrrd_spacing(path)
+        volume = _read_sitk_volume(path)
+    elif _is_dicom_file(path):
+        volume = _read_dicom_series(path.parent, path, _dicom_series_uid(path))
+    else:
+        raise XctDiffError(
+            f"unsupported CT file type '{suffix or path.name}': expected a DICOM folder, "
+            f".nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or .npz ({path})"
+        )
+    return _check_ct_values(volume, path)
+
+
+def _volume_from_sitk(image, path: Path) -> Volume:
+    if image.GetDimension() == 2:
+        raise XctDiffError(f"expected a CT volume, got a 2D image of size {image.GetSize()} from {path}")
+    try:
+        return Volume.from_sitk(image)
+    except XctDiffError as exc:
+        raise XctDiffError(f"{exc} ({path})") from exc
+
+
+def _read_sitk_volume(path: Path) -> Volume:
+    import SimpleITK as sitk
+
+    with _library_errors(path, "a CT volume"), _itk_quiet():
+        image = sitk.ReadImage(str(path))
+    return _volume_from_sitk(image, path)
+
+
+def _dicom_series_uid(path: Path) -> str:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    with _library_errors(path, "a DICOM file"), _itk_quiet():
+        reader.ReadImageInformation()
+    return reader.GetMetaData("0020|000e").strip() if reader.HasMetaDataKey("0020|000e") else ""
+
+
+def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> Volume:
+    """One DICOM series from ``folder``: the one ``series_uid`` names, else the one with the most slices.
+
+    A series with a missing or unreadable slice is refused: ITK would read it with a silently wrong z spacing.
+    """
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    with _library_errors(path, "a DICOM series"), _itk_quiet():
+        uids = reader.GetGDCMSeriesIDs(str(folder))
+        if series_uid:
+            files = reader.GetGDCMSeriesFileNames(str(folder), series_uid)
+        else:
+            series = [reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in uids]
+            files = max(series, key=len) if series else ()
+    if not files:
+        raise XctDiffError(f"no DICOM series found in {folder}")
+    if len(files) < 2:
+        raise XctDiffError(f"expected a CT volume, got a DICOM series with a single 2D image ({path})")
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    with _library_errors(path, "a DICOM series"), _itk_quiet():
+        image = reader.Execute()
+        positions = np.array(
+            [[float(v) for v in reader.GetMetaData(n, "0020|0032").split("\\")] for n in range(len(files))]
+        )
+    normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
+    gaps = np.diff(positions @ normal)
+    if np.any(np.abs(gaps - np.median(gaps)) > 0.1 * abs(np.median(gaps))):
+        raise XctDiffError(
+            f"the DICOM series in {folder} has missing or unevenly spaced slices "
+            f"(gaps from {_fmt(np.abs(gaps).min())} to {_fmt(np.abs(gaps).max())} mm)"
+        )
+    return _volume_from_sitk(image, path)
+
+
+def _read_npz(path: Path) -> Volume:
+    """The shared format: ct[z, y, x] (axes='zyx'), spacing/origin in (x, y, z), direction 3x3 (LPS)."""
+    with _library_errors(path, "a CT .npz file"), np.load(path, allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    missing = [key for key in ("ct", "spacing", "origin") if key not in arrays]
+    if missing:
+        raise XctDiffError(f"{path} lacks the key(s) {', '.join(missing)} of the CT .npz format")
+    axes = str(arrays.get("axes", "zyx"))
+    if axes != "zyx":
+        raise XctDiffError(f"{path} has axes '{axes}', expected 'zyx'")
+    try:
+        return Volume(arrays["ct"], arrays["spacing"], arrays["origin"], arrays.get("direction", np.eye(3)))
+    except XctDiffError as exc:
+        raise XctDiffError(f"{exc} ({path})") from exc
+
+
+def write_volume(volume: Volume, path) -> Path:
+    """Write a volume as .nrrd (gzip), .nii, .nii.gz or .mha (zlib), atomically.
+
+    Voxels are stored as int16 when they are all integers within int16's range (a HU CT), else float32.
+    """
+    import SimpleITK as sitk
+
+    path = check_output_path(path)
+    suffix = _suffix(path)
+    if suffix not in VOLUME_WRITE_SUFFIXES:
+        raise XctDiffError(f"cannot write a volume as '{suffix or path.name}': use .nrrd, .nii, .nii.gz or .mha")
+    array = np.asarray(volume.array)
+    if array.dtype.kind == "f":
+        integral = bool(np.all(np.isfinite(array)) and np.all(array == np.round(array)))
+    else:
+        integral = array.dtype.kind in "biu"
+    if integral and np.iinfo(np.int16).min <= array.min() and array.max() <= np.iinfo(np.int16).max:
+        array = array.astype(np.int16)
+    else:
+        array = array.astype(np.float32)
+    image = Volume(array, volume.spacing, volume.origin, volume.direction).to_sitk()
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=suffix in (".nrrd", ".mha"))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# radiographs
+
+
+def read_radiograph(path) -> Radiograph:
+    """Read a radiograph (PNG/JPEG/TIFF, DICOM CR/DX/DR, 2D or single-slice NRRD/NIfTI/MetaImage)."""
+    path = _check_input(path, allow_folder=False)
+    suffix = _suffix(path)
+    if suffix in PIL_SUFFIXES:
+        image, spacing, is_drr = _read_pil(path)
+    elif suffix in SITK_VOLUME_SUFFIXES:
+        if suffix in (".nrrd", ".nhdr"):
+            _check_nrrd_spacing(path)
+        image, spacing, is_drr = _read_sitk_radiograph(path)
+    elif suffix == ".npz":
+        raise XctDiffError(f"expected a radiograph, got a 3D CT volume (.npz): {path}")
+    elif _is_dicom_file(path):
+        image, spacing, is_drr = _read_dicom_radiograph(path)
+    else:
+        raise XctDiffError(
+            f"unsupported radiograph file type '{suffix or path.name}': expected .png, .jpg, .tif, "
+            f".dcm, .nrrd, .nii or .mha ({path})"
+        )
+    image = check_radiograph_image(image, str(path))
+    return Radiograph(image=image, spacing=spacing, is_drr=is_drr, source=str(path))
+
+
+def _to_grey(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma (weights sum to 1: a grey image stored as RGB keeps its grey levels)."""
+    return rgb[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _read_pil(path: Path):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    with _library_errors(path, "an image"):
+        try:
+            opened = Image.open(path)
+        except UnidentifiedImageError as exc:
+            raise XctDiffError(f"{path} is not a readable image: its content is not {_suffix(path)} image data") from exc
+    with _library_errors(path, "an image"), opened as img:
+        if getattr(img, "n_frames", 1) > 1:
+            raise XctDiffError(f"expected a 2D radiograph, got a {img.n_frames}-frame image stack: {path}")
+        img.load()
+        text = dict(getattr(img, "text", {}) or {})
+        img = ImageOps.exif_transpose(img)  # cameras and scanners may store the film rotated
+        if img.mode in ("1", "LA", "La"):
+            img = img.convert("L")
+        elif not (img.mode in ("L", "I", "F", "RGB") or img.mode.startswith("I;16")):
+            img = img.convert("RGB")  # palette, RGBA, CMYK, YCbCr...: through RGB to grey
+        array = np.asarray(img)
+    if array.ndim == 3:
+        array = _to_grey(array)
+    return array.astype(np.float32), None, text.get(DRR_TAG_KEY) == "1"
+
+
+def _read_sitk_radiograph(path: Path):
+    """A 2D image, or a 3D one with a single slice (how Slicer saves a 2D scalar volume node)."""
+    import SimpleITK as sitk
+
+    with _library_errors(path, "a radiograph"), _itk_quiet():
+        image = sitk.ReadImage(str(path))
+    is_drr = image.HasMetaDataKey(DRR_TAG_KEY) and image.GetMetaData(DRR_TAG_KEY).strip() == "1"
+    if image.GetDimension() == 3:
+        size = image.GetSize()
+        if 1 not in size:
+            raise XctDiffError(f"expected a radiograph, got a 3D volume of size {size} (x, y, z): {path}")
+        normal = np.array(image.GetDirection()).reshape(3, 3)[:, size.index(1)]
+        if np.argmax(np.abs(normal)) == 1:
+            # A coronal slice placed in patient space: rows run to the feet, columns to the patient's left.
+            image = sitk.DICOMOrient(image, "LPI")
+        flat = image.GetSize().index(1)  # sitk axis (x, y, z) of the single slice
+        kept = [axis for axis in (2, 1, 0) if axis != flat]  # sitk axes of (row, col)
+        array = np.take(sitk.GetArrayFromImage(image), 0, axis=2 - flat)
+    else:
+        kept = [1, 0]
+        array = sitk.GetArrayFromImage(image)  # [row, col] (+ components)
+    if array.ndim == 3:  # vector pixels (RGB)
+        array = _to_grey(array)
+    spacing = tuple(float(image.GetSpacing()[axis]) for axis in kept)
+    return array.astype(np.float32), spacing, is_drr
+
+
+def _dicom_luts():
+    try:  # pydicom >= 3
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pydicom 2.x, as bundled with some 3D Slicer releases
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    return apply_modality_lut, apply_voi_lut
+
+
+def _dicom_display_orientation(image: np.ndarray, orientation, spacing):
+    """Use (0020,0020) Patient Orientation, when given, to put the patient's left at the right and feet down."""
+    if not orientation or len(orientation) != 2:
+        return image, spacing
+    row_dir, col_dir = (str(v).upper()[:1] for v in orientation)
+    if row_dir in "HF" and col_dir in "LR":  # stored transposed
+        image, row_dir, col_dir = image.T, col_dir, row_dir
+        spacing = spacing[::-1] if spacing else spacing
+    if row_dir == "R":
+        image = image[:, ::-1]
+    if col_dir == "H":
+        image = image[::-1, :]
+    return np.ascontiguousarray(image), spacing
+
+
+def _read_dicom_radiograph(path: Path):
+    import pydicom
+
+    apply_modality_lut, apply_voi_lut = _dicom_luts()
+    with _library_errors(path, "a DICOM radiograph"):
+        ds = pydicom.dcmread(str(path))
+        modality = str(ds.get("Modality", "")).upper()
+        if modality in ("CT", "MR", "PT", "NM"):
+            raise XctDiffError(f"expected a radiograph, got a {modality} image (read it as a CT series): {path}")
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames > 1:
+            raise XctDiffError(f"expected a radiograph, got a 3D volume of {frames} frames: {path}")
+        stored = ds.pixel_array
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+        if stored.ndim == 3:  # colour (pydicom converts YCbCr to RGB)
+            image = _to_grey(stored)
+        else:
+            image = apply_voi_lut(apply_modality_lut(stored, ds), ds)
+            if photometric == "MONOCHROME1":
+                # Invert about the range the LUTs can produce, so that a MONOCHROME1 film and its
+                # MONOCHROME2 twin come out with the same values (bone bright).
+                bits = int(ds.BitsStored)
+                if int(ds.get("PixelRepresentation", 0)) == 1:
+                    ends = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1], dtype=stored.dtype)
+                else:
+                    ends = np.array([0, 2**bits - 1], dtype=stored.dtype)
+                ends = apply_voi_lut(apply_modality_lut(ends, ds), ds).astype(np.float64)
+                image = ends.min() + ends.max() - image.astype(np.float64)
+        spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+        spacing = (float(spacing[0]), float(spacing[1])) if spacing and len(spacing) == 2 else None
+        orientation = ds.get("PatientOrientation")
+    image, spacing = _dicom_display_orientation(np.asarray(image, dtype=np.float32), orientation, spacing)
+    if spacing is not None and not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise XctDiffError(f"pixel spacing must be positive, got {spacing} in {path}")
+    return image, spacing, False
+
+
+def write_image_png(image01: np.ndarray, path, metadata: Optional[dict] = None, bits: int = 16) -> Path:
+    """Write a float image in [0, 1] (values outside are clipped) as an 8- or 16-bit grey PNG, atomically.
+
+    ``metadata`` becomes PNG text chunks (e.g. :func:`drr_tag_metadata`).
+    """
+    from PIL import Image, PngImagePlugin
+
+    if bits not in (8, 16):
+        raise ValueError(f"bits must be 8 or 16, got {bits}")
+    image01 = np.asarray(image01, dtype=np.float64)
+    if image01.ndim != 2:
+        raise XctDiffError(f"expected a 2D image to write as PNG, got shape {image01.shape}")
+    if not np.all(np.isfinite(image01)):
+        raise XctDiffError(f"refusing to write {path}: the image contains NaN or infinite values")
+    top = 2**bits - 1
+    pixels = np.round(np.clip(image01, 0.0, 1.0) * top).astype(np.uint8 if bits == 8 else np.uint16)
+    info = PngImagePlugin.PngInfo()
+    for key, value in (metadata or {}).items():
+        info.add_text(str(key), str(value))
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
+
+
+def write_radiograph_nrrd(image: np.ndarray, path, spacing: Optional[tuple] = None, metadata: Optional[dict] = None) -> Path:
+    """Write a float32 ``[row, col]`` radiograph as a gzip 2D NRRD, atomically.
+
+    ``spacing`` is ``(row, col)`` in mm; ``metadata`` becomes NRRD key/value pairs (``key:=value``).
+    """
+    import nrrd
+
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2:
+        raise XctDiffError(f"expected a 2D radiograph to write as NRRD, got shape {image.shape}")
+    header = {"kinds": ["domain", "domain"], "encoding": "gzip"}
+    if spacing is not None:
+        row, col = (float(s) for s in spacing)
+        if not (np.isfinite(row) and np.isfinite(col) and row > 0 and col > 0):
+            raise XctDiffError(f"pixel spacing must be positive, got {spacing}")
+        header["spacings"] = [col, row]  # NRRD lists the fastest axis (columns) first
+    header.update({str(k): str(v) for k, v in (metadata or {}).items()})  # unknown fields: key:=value
+    with atomic_path(path) as tmp:
+        nrrd.write(str(tmp), image, header, index_order="C")
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# inspection
+
+
+def guess_kind(path) -> str:
+    """'ct' or 'radiograph', from the folder/suffix and, for volume formats, the header's size."""
+    path = _check_input(path, allow_folder=True)
+    suffix = _suffix(path)
+    if path.is_dir() or suffix == ".npz":
+        return "ct"
+    if suffix in PIL_SUFFIXES:
+        return "radiograph"
+    if suffix in (".nrrd", ".nhdr"):
+        import nrrd
+
+        with _library_errors(path, "an NRRD file"):
+            sizes = list(nrrd.read_header(str(path))["sizes"])
+        return "radiograph" if len(sizes) == 2 or 1 in sizes else "ct"
+    if suffix in SITK_VOLUME_SUFFIXES:
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        with _library_errors(path, "an image"), _itk_quiet():
+            reader.ReadImageInformation()
+        size = reader.GetSize()
+        return "radiograph" if len(size) == 2 or 1 in size else "ct"
+    if _is_dicom_file(path):
+        import pydicom
+
+        with _library_errors(path, "a DICOM file"):
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        return "ct" if str(ds.get("Modality", "")).upper() in ("CT", "MR", "PT", "NM") else "radiograph"
+    raise XctDiffError(f"cannot tell what kind of file {path} is: give --as ct or --as radiograph")
+
+
+def _fmt(values, digits: int = 4) -> str:
+    return " ".join(f"{float(v):.{digits}g}" for v in np.ravel(values))
+
+
+def inspect_path(path, kind: str = "auto") -> dict:
+    """Read ``path`` as the engine would (``kind``: 'ct', 'radiograph' or 'auto') and list its facts."""
+    if kind not in ("auto", "ct", "radiograph"):
+        raise ValueError(f"kind must be 'auto', 'ct' or 'radiograph', got {kind!r}")
+    if kind == "auto":
+        kind = guess_kind(path)
+    facts = {"path": str(path), "kind": kind}
+    if kind == "ct":
+        import SimpleITK as sitk
+
+        volume = read_ct(path)
+        code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(tuple(volume.direction.ravel()))
+        facts.update(
+            {
+                "shape": " x ".join(str(n) for n in volume.shape) + " (k, j, i)",
+                "dtype": str(volume.array.dtype),
+                "spacing": _fmt(volume.spacing) + " mm (x, y, z)",
+                "origin": _fmt(volume.origin, 6) + " mm (LPS)",
+                "direction": " / ".join(_fmt(row) for row in volume.direction) + f" (closest orientation {code})",
+                "hu_range": f"{_fmt(volume.array.min())} .. {_fmt(volume.array.max())}",
+            }
+        )
+    else:
+        radiograph = read_radiograph(path)
+        facts.update(
+            {
+                "shape": " x ".join(str(n) for n in radiograph.image.shape) + " (row, col)",
+                "spacing": (_fmt(radiograph.spacing) + " mm (row, col)") if radiograph.spacing else "unknown",
+                "intensity_range": f"{_fmt(radiograph.image.min())} .. {_fmt(radiograph.image.max())}",
+                "drr": "yes" if radiograph.is_drr else "no",
+            }
+        )
+    return facts

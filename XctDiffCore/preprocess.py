@@ -1,0 +1,133 @@
+"""The paper's preprocessing: a CT becomes a canonical 128^3, 2.5 mm, lung-centred HU volume; a
+radiograph becomes a square [0, 1] image. DRRs and real films go through the same radiograph function
+so that both are normalised alike.
+
+CT recipe (the paper's LIDC preprocessing, plus the lung-centred crop the shared data uses): orient to
+LPS and resample linearly to ``spacing`` mm isotropic (one SimpleITK resample onto an identity-direction
+grid, which also straightens oblique scans), clip HU to ``[-1024, 3071]``, then crop or pad (with air,
+-1024 HU) to ``size``^3 centred on the lungs in z and on the body in-plane.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import XctDiffError
+from .io import check_radiograph_image
+from .volume import Volume
+
+CT_CLIP_HU = (-1024.0, 3071.0)  # the 12-bit CT range stored in the data; the model window is in layout.py
+AIR_HU = -1024.0
+BODY_HU = -500.0  # tissue: the body is the largest component above this
+LUNG_HU = -400.0  # air-like voxels inside the body are lung (or bowel gas, trachea: see _lung_z_centre)
+RADIOGRAPH_PERCENTILES = (0.5, 99.5)
+EMPTY_LINE_LEVEL = 0.05  # a border row/column whose 95th percentile is below this (after normalising) is empty
+
+
+def preprocess_ct(volume: Volume, size: int = 128, spacing: float = 2.5) -> Volume:
+    """Canonical LPS, ``spacing`` mm isotropic, HU clipped to [-1024, 3071], ``size``^3 int16, lung-centred.
+
+    The returned volume has direction identity, ``array[z, y, x]`` and the origin of its first voxel,
+    so it lies where the input lay in patient space.
+    """
+    import SimpleITK as sitk
+
+    grid_origin, grid_size = _canonical_grid(volume, spacing)
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetOutputOrigin(tuple(float(o) for o in grid_origin))
+    resampler.SetOutputSpacing((float(spacing),) * 3)
+    resampler.SetOutputDirection(tuple(np.eye(3).ravel()))
+    resampler.SetSize([int(n) for n in grid_size])
+    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetDefaultPixelValue(AIR_HU)
+    resampler.SetOutputPixelType(sitk.sitkFloat32)
+    source = Volume(volume.array.astype(np.float32), volume.spacing, volume.origin, volume.direction)
+    hu = sitk.GetArrayFromImage(resampler.Execute(source.to_sitk()))  # [z, y, x]
+    hu = np.clip(hu, *CT_CLIP_HU)
+
+    body = _body_mask(hu)
+    if not body.any():
+        raise XctDiffError("no body found in the CT (no voxels above -500 HU)")
+    _, ys, xs = np.nonzero(body)
+    centre = np.array([_lung_z_centre(hu, body), (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2])
+    start = np.round(centre - (size - 1) / 2).astype(int)  # [z, y, x] index of the output's first voxel
+    cropped = _crop_or_pad(hu, start, size, AIR_HU)
+    origin = grid_origin + spacing * start[::-1]  # identity direction: index (x, y, z) * spacing
+    return Volume(np.rint(cropped).astype(np.int16), (spacing,) * 3, origin, np.eye(3))
+
+
+def _canonical_grid(volume: Volume, spacing: float):
+    """Origin (x, y, z) and size of an identity-direction grid covering the volume's voxel centres."""
+    low, high = volume.extent_lps()
+    size = np.floor((high - low) / spacing + 1e-6).astype(int) + 1
+    return np.asarray(low, dtype=float), size
+
+
+def _body_mask(hu: np.ndarray) -> np.ndarray:
+    """Largest connected component above -500 HU, holes filled slice by slice (lungs become inside)."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(hu > BODY_HU)
+    if count == 0:
+        return np.zeros(hu.shape, dtype=bool)
+    sizes = np.bincount(labels.ravel())[1:]
+    body = labels == (np.argmax(sizes) + 1)
+    # Axial slices: in 3D the lungs reach the volume's edge through the trachea and would stay open.
+    return np.stack([ndimage.binary_fill_holes(axial) for axial in body])
+
+
+def _lung_z_centre(hu: np.ndarray, body: np.ndarray) -> float:
+    """Middle of the z range whose air-inside-body area exceeds 10% of the largest (drops trachea, bowel gas).
+
+    Falls back to the middle of the body when there is no air inside it (not a chest, or a phantom).
+    """
+    area = ((hu < LUNG_HU) & body).sum(axis=(1, 2))
+    if area.max() == 0:
+        zs = np.nonzero(body.any(axis=(1, 2)))[0]
+    else:
+        zs = np.nonzero(area > 0.1 * area.max())[0]
+    return (zs.min() + zs.max()) / 2
+
+
+def _crop_or_pad(array: np.ndarray, start: np.ndarray, size: int, fill: float) -> np.ndarray:
+    """``array[start : start + size]`` on every axis, with ``fill`` where that window leaves the array."""
+    out = np.full((size,) * array.ndim, fill, dtype=array.dtype)
+    src, dst = [], []
+    for s, n in zip(start, array.shape):
+        lo, hi = max(s, 0), min(s + size, n)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+def preprocess_radiograph(image: np.ndarray, size: int = 128) -> np.ndarray:
+    """A radiograph ``[row, col]`` -> float32 ``[size, size]`` in [0, 1]: crop the empty border, pad square, resize.
+
+    Intensities are mapped to [0, 1] by the 0.5 and 99.5 percentiles of the cropped film (robust to
+    burned-in labels and dead pixels); the square padding is black (0), as the empty border was.
+    """
+    from skimage.transform import resize
+
+    image = check_radiograph_image(image)
+    unit = _percentile_unit(image)
+    lines = np.percentile(unit, 95, axis=1), np.percentile(unit, 95, axis=0)
+    keep = [np.nonzero(profile > EMPTY_LINE_LEVEL)[0] for profile in lines]
+    if all(k.size >= image.shape[a] // 4 for a, k in enumerate(keep)):  # else keep the film whole
+        image = image[keep[0].min() : keep[0].max() + 1, keep[1].min() : keep[1].max() + 1]
+    unit = _percentile_unit(image)
+    rows, cols = unit.shape
+    side = max(rows, cols)
+    top, left = (side - rows) // 2, (side - cols) // 2
+    square = np.zeros((side, side), dtype=np.float32)
+    square[top : top + rows, left : left + cols] = unit
+    out = resize(square, (size, size), order=1, anti_aliasing=side > size, preserve_range=True)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def _percentile_unit(image: np.ndarray) -> np.ndarray:
+    low, high = np.percentile(image, RADIOGRAPH_PERCENTILES)
+    if not high > low:
+        raise XctDiffError("the radiograph is blank: its pixel values are (almost) all the same")
+    return np.clip((image - low) / (high - low), 0.0, 1.0).astype(np.float32)
