@@ -1,0 +1,134 @@
+"""`xctdiff prepare` and the CT augmentation: files, formats, the patient-level split, consistency of pairs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import synthetic_chest
+
+from XctDiffCore.augment import RandomChestAugment
+from XctDiffCore.cli import main
+from XctDiffCore.drr import drr_of_volume
+from XctDiffCore.errors import XctDiffError
+from XctDiffCore.io import read_ct, read_radiograph, write_volume
+from XctDiffCore.prepare import find_ct_inputs, split_patients
+from XctDiffCore.volume import Volume
+
+SIZE = 32  # small volumes keep the whole file fast on two cores
+
+
+def _write_phantoms(folder, seeds=(0, 1, 2)):
+    """Three phantom patients at 2.5 mm: two NRRD files and one shared-format .npz."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in seeds:
+        ct = np.rint(synthetic_chest((40, 40, 40), seed=seed)).astype(np.int16)
+        volume = Volume(ct, spacing=(2.5, 2.5, 2.5), origin=(-50.0 + seed, -50.0, 100.0 * seed))
+        if seed % 3 == 2:
+            path = folder / f"phantom{seed}.npz"
+            np.savez(path, ct=ct, axes="zyx", spacing=volume.spacing, origin=volume.origin, direction=np.eye(3))
+        else:
+            path = write_volume(volume, folder / f"phantom{seed}.nrrd")
+        paths.append(path)
+    return paths
+
+
+def _check_datalist(out, n_patients: int, augment: int, size: int) -> dict:
+    datalist = json.loads((out / "datalist.json").read_text())
+    sides = {side: {e["patient"] for e in datalist[side]} for side in ("training", "validation")}
+    assert not sides["training"] & sides["validation"], "a patient is on both sides of the split"
+    assert len(sides["training"] | sides["validation"]) == n_patients
+    assert sides["training"] and sides["validation"]
+    for side in ("training", "validation"):
+        for patient in sides[side]:
+            assert sorted(e["aug"] for e in datalist[side] if e["patient"] == patient) == list(range(augment + 1))
+    for entry in datalist["training"] + datalist["validation"]:
+        assert not entry["image"].startswith("/") and (out / entry["image"]).is_file()
+        with np.load(out / entry["image"], allow_pickle=False) as data:  # numpy alone reads it
+            assert data["ct"].dtype == np.int16 and data["ct"].shape == (size,) * 3
+            assert str(data["axes"]) == "zyx" and tuple(data["spacing"]) == (2.5, 2.5, 2.5)
+        xray = np.load(out / entry["xray"])
+        assert xray.dtype == np.float32 and xray.shape == (size, size) and 0.0 <= xray.min() < xray.max() <= 1.0
+        assert read_radiograph((out / entry["xray"]).with_suffix(".png")).is_drr
+    return datalist
+
+
+def test_prepare_phantoms_split_by_patient_and_pairs_consistent(tmp_path, capsys):
+    paths = _write_phantoms(tmp_path / "in")
+    out = tmp_path / "out" / "nested"  # created when missing
+    argv = ["prepare", *map(str, paths), "--out", str(out), "--augment", "1", "--val-fraction", "0.34",
+            "--seed", "3", "--size", str(SIZE)]
+    assert main(argv) == 0
+    assert "training 4 pairs / 2 patients, validation 2 pairs / 1 patients" in capsys.readouterr().out
+    datalist = _check_datalist(out, n_patients=3, augment=1, size=SIZE)
+
+    entry = datalist["training"][0]
+    # The stored DRR is the DRR of the stored CT (the augmentation happened before rendering).
+    for aug in (0, 1):
+        name = entry["image"].replace("_aug0", f"_aug{aug}")
+        xray = np.load(out / name.replace("images/", "xrays/").replace(".npz", ".npy"))
+        np.testing.assert_allclose(drr_of_volume(read_ct(out / name), "cone", SIZE), xray, atol=1e-5)
+    original, variant = (read_ct(out / entry["image"].replace("_aug0", f"_aug{k}")).array for k in (0, 1))
+    assert not np.array_equal(original, variant)
+    # No temporary files left behind.
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def test_prepare_scans_a_folder_and_reports_bad_input(tmp_path, capsys):
+    _write_phantoms(tmp_path / "in")
+    (tmp_path / "in" / "notes.txt").write_text("not a CT")
+    assert [c.patient for c in find_ct_inputs([tmp_path / "in"])] == ["phantom0", "phantom1", "phantom2"]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for bad in ([str(empty)], [str(tmp_path / "absent.nrrd")], [str(tmp_path / "in" / "notes.txt")]):
+        out = tmp_path / "out_bad"
+        assert main(["prepare", *bad, "--out", str(out), "--size", str(SIZE)]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(err) == 1 and err[0].startswith("error: ")  # after the progress bar, on its own line
+        assert not (out / "datalist.json").exists()
+
+
+def test_patient_ids_that_collide_take_their_folder_name(tmp_path):
+    a, b = _write_phantoms(tmp_path / "a", seeds=(0,))[0], _write_phantoms(tmp_path / "b", seeds=(0,))[0]
+    assert sorted(c.patient for c in find_ct_inputs([a, b])) == ["a_phantom0", "b_phantom0"]
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 14])
+@pytest.mark.parametrize("fraction", [0.1, 0.34, 0.5])
+def test_split_is_a_partition_with_both_sides(n, fraction):
+    patients = [f"p{i:02d}" for i in range(n)]
+    for seed in range(5):
+        training, validation = split_patients(patients, fraction, seed)
+        assert sorted(training + validation) == patients and not set(training) & set(validation)
+        assert 1 <= len(validation) <= n - 1
+        assert split_patients(patients, fraction, seed) == (training, validation)  # seeded
+    with pytest.raises(XctDiffError):
+        split_patients(patients, 1.0, 0)
+
+
+def test_augmentation_is_seeded_small_and_keeps_air():
+    ct = synthetic_chest((48, 48, 48))
+    augment = RandomChestAugment()
+    a = augment(ct, np.random.default_rng(7))
+    b = augment(ct, np.random.default_rng(7))
+    c = augment(ct, np.random.default_rng(8))
+    assert a.shape == ct.shape and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.min() >= -1024.0 and a.max() <= 3071.0
+    # Small: the body (lungs included) mostly overlaps its old place, yet it did move.
+    body, moved = ct > -950, a > -950
+    dice = 2 * (body & moved).sum() / (body.sum() + moved.sum())
+    assert 0.85 < dice < 0.99
+    # Air stays air: an empty volume comes back empty, whatever the intensity jitter.
+    air = np.full((24, 24, 24), -1024.0, dtype=np.float32)
+    np.testing.assert_array_equal(augment(air, np.random.default_rng(1)), air)
+
+
+def test_prepare_on_shared_data(shared_data, tmp_path, capsys):
+    paths = sorted((shared_data / "ct").glob("*.npz"))[:3]
+    out = tmp_path / "shared"
+    assert main(["prepare", *map(str, paths), "--out", str(out), "--augment", "1", "--val-fraction", "0.34"]) == 0
+    _check_datalist(out, n_patients=3, augment=1, size=128)

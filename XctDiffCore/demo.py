@@ -1,0 +1,66 @@
+"""``xctdiff demo``: the main job on the bundled sample, runnable right after installing.
+
+No trained model is bundled yet, so the demo shows the half of the job that needs none: the DRR of
+the sample CT (the kind of radiograph the models are trained on), beside coronal and axial slices.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import XctDiffError
+from .layout import ct_to_model_layout
+
+SAMPLE_CT_NAME = "LIDC-IDRI-0001_ct.nrrd"
+# Slices are shown in a wide soft-tissue-to-bone window, in HU.
+SLICE_WINDOW_HU = (-1000.0, 1000.0)
+
+
+def sample_ct_path() -> Path:
+    """The bundled sample CT: ``Resources/Samples`` in the repository, or installed beside the package."""
+    package = Path(__file__).resolve().parent
+    for root in (package.parent, package):
+        candidate = root / "Resources" / "Samples" / SAMPLE_CT_NAME
+        if candidate.is_file():
+            return candidate
+    raise XctDiffError(f"the bundled sample CT {SAMPLE_CT_NAME} is missing from this installation")
+
+
+def run_demo(out_dir) -> dict:
+    """Render the sample's DRR and an overview figure into ``out_dir`` (created); return the paths."""
+    from .drr import drr_of_volume
+    from .io import drr_tag_metadata, read_ct, write_image_png
+    from .preprocess import preprocess_ct
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ct = preprocess_ct(read_ct(sample_ct_path()))
+    drr = drr_of_volume(ct, "cone", size=ct.shape[0])
+    paths = {
+        "drr": write_image_png(drr, out_dir / "sample_drr.png", metadata=drr_tag_metadata()),
+        "overview": write_image_png(overview_figure(ct.array, drr), out_dir / "sample_overview.png", bits=8),
+    }
+    print(
+        "No trained model is bundled yet, so reconstruction is not available; "
+        f"wrote the sample's DRR to {paths['drr']} and an overview (DRR | coronal | axial) to {paths['overview']}"
+    )
+    return paths
+
+
+def overview_figure(ct_zyx: np.ndarray, drr: np.ndarray) -> np.ndarray:
+    """DRR | mid-coronal slice | mid-axial slice of a canonical ``[z, y, x]`` CT, side by side, [0, 1].
+
+    The coronal slice is oriented like the radiograph (head up, patient's right on the left); the
+    axial slice as radiologists view it (anterior up, patient's right on the left).
+    """
+    low, high = SLICE_WINDOW_HU
+    window = lambda hu: np.clip((np.asarray(hu, dtype=np.float32) - low) / (high - low), 0.0, 1.0)  # noqa: E731
+    model = ct_to_model_layout(ct_zyx)  # [D=A->P, H=S->I, W=R->L]
+    coronal = window(model[model.shape[0] // 2])
+    axial = window(ct_zyx[ct_zyx.shape[0] // 2])  # [y=A->P, x=R->L]
+    panels = [np.asarray(drr, dtype=np.float32), coronal, axial]
+    height = max(p.shape[0] for p in panels)
+    gap = np.ones((height, 2), dtype=np.float32)
+    padded = [np.pad(p, ((0, height - p.shape[0]), (0, 0))) for p in panels]
+    return np.concatenate([padded[0], gap, padded[1], gap, padded[2]], axis=1)

@@ -1,0 +1,189 @@
+"""Turn CT files into a paired training set: canonical CT volumes, their DRRs and a Decathlon datalist.
+
+The paper trains on CT + DRR pairs. Each input CT is preprocessed once (:func:`preprocess_ct`); then
+the original and ``augment`` random variations (:class:`RandomChestAugment`, applied to the CT
+*before* its DRR, so each pair stays consistent) are written as
+
+* ``images/<id>_aug<k>.npz``: int16 ``ct[z, y, x]`` in HU with ``spacing``/``origin``/``direction``
+  and ``axes='zyx'`` (the shared data's format: :func:`read_ct` reads it with numpy alone);
+* ``xrays/<id>_aug<k>.npy``: the float32 [0, 1] DRR in display orientation, and a ``.png`` preview;
+* ``datalist.json``: ``{"training": [{"image", "xray", "patient", "aug"}], "validation": [...]}`` with
+  paths relative to the datalist, split by patient so no patient's variants leak across the split.
+
+The datalist is written last: it exists only when every pair was written.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .atomic import atomic_path, full_suffix
+from .errors import XctDiffError
+from .volume import Volume
+
+CT_FILE_SUFFIXES = (".npz", ".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+@dataclass(frozen=True)
+class CtInput:
+    """One patient's CT: where it is read from and the id its outputs are named by."""
+
+    path: Path
+    patient: str
+
+
+def find_ct_inputs(paths: Iterable) -> list:
+    """CT files and DICOM series folders named by ``paths``; a folder that is not a series is searched.
+
+    Patient ids come from the file name (without its suffix) or the series folder's name; names that
+    collide get their parent folder's name in front.
+    """
+    found = []
+    for path in (Path(p) for p in paths):
+        if not path.exists():
+            raise XctDiffError(f"file not found: {path}")
+        if path.is_file() or _is_dicom_series(path):
+            found.append(path)
+            continue
+        in_folder = [p for p in sorted(path.rglob("*")) if p.is_file() and full_suffix(p).lower() in CT_FILE_SUFFIXES]
+        in_folder += [d for d in sorted(path.rglob("*")) if d.is_dir() and _is_dicom_series(d)]
+        if not in_folder:
+            raise XctDiffError(f"no CT files (DICOM series, {', '.join(CT_FILE_SUFFIXES)}) found in {path}")
+        found.extend(sorted(in_folder))
+    return _name_patients(list(dict.fromkeys(p.resolve() for p in found)))
+
+
+def _is_dicom_series(folder: Path) -> bool:
+    """A folder holding at least one DICOM series (GDCM decides, as :func:`read_ct` will)."""
+    import SimpleITK as sitk
+
+    if not folder.is_dir():
+        return False
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on stderr for every folder without a series
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _name_patients(paths: list) -> list:
+    def stem(p: Path) -> str:
+        return p.name[: len(p.name) - len(full_suffix(p))] if p.is_file() else p.name
+
+    names = [stem(p) for p in paths]
+    names = [f"{p.parent.name}_{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise XctDiffError(f"several inputs would share the patient id {duplicates[0]!r}: rename or move one")
+    return [CtInput(p, n) for p, n in zip(paths, names)]
+
+
+def split_patients(patients: list, val_fraction: float, seed: int) -> tuple:
+    """(training ids, validation ids): a seeded shuffle; at least one of each when there are two or more."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise XctDiffError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    ids = sorted(patients)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_val = 0
+    if val_fraction > 0 and len(ids) > 1:
+        n_val = min(max(1, round(val_fraction * len(ids))), len(ids) - 1)
+    validation = {ids[i] for i in order[:n_val]}
+    return [i for i in ids if i not in validation], [i for i in ids if i in validation]
+
+
+def prepare_dataset(
+    inputs: Iterable,
+    out_dir,
+    augment: int = 0,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    size: int = 128,
+    geometry: str = "cone",
+    progress: bool = True,
+) -> Path:
+    """Write the pairs and ``datalist.json`` for the CTs named by ``inputs`` under ``out_dir``; return the datalist."""
+    from tqdm import tqdm
+
+    from .augment import RandomChestAugment
+    from .drr import drr_of_volume, make_geometry
+    from .io import drr_tag_metadata, read_ct, write_image_png
+    from .preprocess import preprocess_ct
+
+    if augment < 0:
+        raise XctDiffError(f"--augment must be 0 or more, got {augment}")
+    if not 16 <= size <= 512:
+        raise XctDiffError(f"--size must be between 16 and 512, got {size}")
+    geom = make_geometry(geometry)
+    cts = find_ct_inputs(inputs)
+    training, validation = split_patients([c.patient for c in cts], val_fraction, seed)
+    out_dir = Path(out_dir)
+    for folder in (out_dir, out_dir / "images", out_dir / "xrays"):
+        folder.mkdir(parents=True, exist_ok=True)
+
+    augmenter = RandomChestAugment()
+    entries = {}
+    with tqdm(total=len(cts) * (augment + 1), desc="prepare", unit="pair", disable=not progress) as bar:
+        for ct_input in cts:
+            bar.set_postfix_str(ct_input.patient)
+            ct = preprocess_ct(read_ct(ct_input.path), size=size)
+            for k in range(augment + 1):
+                array = ct.array
+                if k > 0:
+                    rng = np.random.default_rng([seed, zlib.crc32(ct_input.patient.encode()), k])
+                    array = np.rint(augmenter(ct.array, rng)).astype(np.int16)
+                variant = ct.with_array(array)
+                drr = drr_of_volume(variant, geom, size)
+                name = f"{ct_input.patient}_aug{k}"
+                _write_ct_npz(variant, out_dir / "images" / f"{name}.npz")
+                _write_npy(drr, out_dir / "xrays" / f"{name}.npy")
+                write_image_png(drr, out_dir / "xrays" / f"{name}.png", metadata=drr_tag_metadata())
+                entries.setdefault(ct_input.patient, []).append(
+                    {"image": f"images/{name}.npz", "xray": f"xrays/{name}.npy", "patient": ct_input.patient, "aug": k}
+                )
+                bar.update()
+
+    datalist = {
+        "description": "CT + DRR pairs from `xctdiff prepare`, split by patient",
+        "settings": {
+            "geometry": geometry, "size": size, "augment": augment, "val_fraction": val_fraction, "seed": seed,
+        },
+        "training": [e for p in training for e in entries[p]],
+        "validation": [e for p in validation for e in entries[p]],
+    }
+    path = out_dir / "datalist.json"
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(datalist, indent=2) + "\n")
+    return path
+
+
+def _write_ct_npz(volume: Volume, path: Path) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(
+            f,
+            ct=np.asarray(volume.array, dtype=np.int16),
+            axes=np.array("zyx"),
+            spacing=np.asarray(volume.spacing, dtype=np.float64),
+            origin=np.asarray(volume.origin, dtype=np.float64),
+            direction=np.asarray(volume.direction, dtype=np.float64),
+        )
+
+
+def _write_npy(array: np.ndarray, path: Path) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(array, dtype=np.float32))
+
+
+def summarize(datalist_path) -> str:
+    """One line: how many pairs and patients went to each side."""
+    datalist = json.loads(Path(datalist_path).read_text())
+    parts = []
+    for side in ("training", "validation"):
+        items = datalist[side]
+        parts.append(f"{side} {len(items)} pairs / {len({e['patient'] for e in items})} patients")
+    return f"wrote {datalist_path}: " + ", ".join(parts)
