@@ -1,0 +1,225 @@
+"""The MRML bridge on the real ``slicer-core`` wheel: volume nodes with the right geometry, radiograph
+nodes read in display orientation, and the sample CT lying anatomically right in RAS."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO, SAMPLE_CT, SAMPLE_RADIOGRAPH
+
+sys.path.insert(0, str(REPO / "XctDiffSlicer"))
+
+from XctDiffCore.errors import XctDiffError  # noqa: E402
+from XctDiffCore.volume import Volume  # noqa: E402
+
+
+def require_slicer_core():
+    """The MRML wheel; a missing one fails loudly (these tests must run in CI, never skip)."""
+    try:
+        import slicer
+
+        slicer.vtkMRMLScene  # noqa: B018 - the real MRML, not another package named "slicer"
+    except (ImportError, AttributeError) as exc:
+        pytest.fail(f"slicer-core is not installed ({exc}): pip install -r requirements-test.txt", pytrace=False)
+    return slicer
+
+
+@pytest.fixture(scope="module")
+def slicer():
+    return require_slicer_core()
+
+
+@pytest.fixture(scope="module")
+def bridge(slicer):
+    from XctDiffSlicerLib import mrml_bridge
+
+    return mrml_bridge
+
+
+@pytest.fixture
+def scene(slicer):
+    return slicer.vtkMRMLScene()
+
+
+def rotation(axis: int, degrees: float) -> np.ndarray:
+    a = np.deg2rad(degrees)
+    i, j = [k for k in range(3) if k != axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = np.cos(a), -np.sin(a), np.sin(a), np.cos(a)
+    return r
+
+
+# --- CT volumes ---------------------------------------------------------------------------------
+
+
+def test_canonical_ct_node_points_left_posterior_superior(bridge, scene):
+    volume = Volume(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), (2.5, 2.5, 2.5), (10.0, -20.0, 30.0))
+    node = bridge.volume_to_node(scene, volume, name="ct")
+    m = bridge.ijk_to_ras(node)
+    np.testing.assert_allclose(m, volume.ijk_to_ras())
+    # LPS identity in RAS: i to the patient's left (-R), j to the posterior (-A), k to the head (+S).
+    np.testing.assert_allclose(m[:3, :3], np.diag([-2.5, -2.5, 2.5]))
+    np.testing.assert_allclose(m[:3, 3], [-10.0, 20.0, 30.0])
+    assert node.GetImageData().GetDimensions() == (6, 5, 4)
+    np.testing.assert_array_equal(bridge.node_array(node), volume.array)
+    assert node.GetName() == "ct" and node.GetDisplayNode() is not None
+
+
+def test_oblique_volume_round_trips_through_a_node(bridge, scene):
+    direction = rotation(2, 30) @ rotation(0, -15)
+    volume = Volume(np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32), (0.7, 1.1, 2.0), (5, 6, 7), direction)
+    back = bridge.node_to_volume(bridge.volume_to_node(scene, volume))
+    np.testing.assert_array_equal(back.array, volume.array)
+    np.testing.assert_allclose(back.spacing, volume.spacing)
+    np.testing.assert_allclose(back.origin, volume.origin, atol=1e-9)
+    np.testing.assert_allclose(back.direction, volume.direction, atol=1e-12)
+
+
+def test_volume_into_an_existing_node_replaces_voxels_and_geometry(bridge, scene):
+    node = bridge.volume_to_node(scene, Volume(np.zeros((2, 2, 2), np.float32)))
+    same = bridge.volume_to_node(scene, Volume(np.ones((3, 4, 5), np.float32), (2.5, 2.5, 2.5)), node)
+    assert same is node and node.GetImageData().GetDimensions() == (5, 4, 3)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
+
+
+def test_sample_ct_lies_anatomically_right_in_ras(bridge, scene):
+    """Anterior, left and superior where they belong, judged by anatomy rather than by our own matrices."""
+    from XctDiffCore.io import read_ct
+
+    node = bridge.volume_to_node(scene, read_ct(SAMPLE_CT))
+    hu = bridge.node_array(node).astype(np.float32)
+    k, j, i = np.indices(hu.shape)
+    ras = (bridge.ijk_to_ras(node) @ np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)]))[:3]
+    r, a, s = (axis.reshape(hu.shape) for axis in ras)
+    body, bone = hu > -300, hu > 300
+    lung = (hu > -950) & (hu < -600)
+    soft = (hu > 0) & (hu < 100)
+    midline = np.abs(r - r[body].mean()) < 15
+    spine_r = r[bone & midline].mean()
+    # The spine is posterior to the body's centre (RAS A smaller).
+    assert a[bone & midline].mean() < a[body].mean() - 5
+    # The lungs lie above the abdomen's soft tissue (RAS S larger).
+    assert s[lung].mean() > s[soft].mean() + 20
+    # The heart takes room from the left lung: the right lung (RAS R larger than the spine's) is bigger.
+    assert (lung & (r > spine_r)).sum() > 1.03 * (lung & (r < spine_r)).sum()
+
+
+# --- radiographs ----------------------------------------------------------------------------------
+
+
+def display_image(rows: int = 40, cols: int = 30) -> np.ndarray:
+    """An image whose every pixel tells its place: no flip or transpose goes unnoticed."""
+    return (np.arange(rows)[:, None] * 1000 + np.arange(cols)[None, :]).astype(np.float32)
+
+
+def test_screen_table_matches_slicer_slice_presets(slicer, bridge, scene):
+    """The display rule uses Slicer's own default views: check the table against the real presets."""
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene, True)
+    for orientation, normal_axis in (("Sagittal", 0), ("Coronal", 1), ("Axial", 2)):
+        node = scene.AddNewNodeByClass("vtkMRMLSliceNode")  # made from the scene's default: has the presets
+        assert node.SetOrientation(orientation)
+        slice_to_ras = bridge.matrix_to_numpy(node.GetSliceToRAS())
+        right, down = bridge.SCREEN_RIGHT_DOWN[normal_axis]
+        np.testing.assert_allclose(slice_to_ras[:3, 0], right, atol=1e-12)
+        np.testing.assert_allclose(-slice_to_ras[:3, 1], down, atol=1e-12)
+
+
+def test_radiograph_node_round_trip_shows_upright_in_the_coronal_plane(bridge, scene):
+    image = display_image()
+    node = bridge.radiograph_to_node(scene, image, spacing=(0.5, 0.25), name="film")
+    m = bridge.ijk_to_ras(node)
+    np.testing.assert_allclose(m[:3, 0], [-0.25, 0, 0])  # columns towards the patient's left
+    np.testing.assert_allclose(m[:3, 1], [0, 0, -0.5])  # rows towards the feet
+    np.testing.assert_allclose(m @ [14.5, 19.5, 0, 1], [0, 0, 0, 1])  # centred on the origin
+    back, spacing = bridge.radiograph_from_node(node)
+    np.testing.assert_array_equal(back, image)
+    assert spacing == (0.5, 0.25)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["png_as_loaded_by_slicer", "coronal_mirrored", "coronal_transposed", "sagittal", "axial_flipped_rows"],
+)
+def test_radiograph_read_from_any_single_slice_geometry(bridge, scene, case):
+    """The same displayed image stored five ways; each must come back as the displayed image."""
+    image = display_image()  # [row, col] as it must be displayed
+    m = np.eye(4)
+    if case == "png_as_loaded_by_slicer":  # ITK: LPS identity, so i -> -R (screen right), j -> -A (screen down)
+        m[:3, :3] = np.diag([-1.0, -1.0, 1.0])
+        voxels = image
+    elif case == "coronal_mirrored":  # i runs to the patient's right: the columns are stored reversed
+        m[:3, :3] = [[1, 0, 0], [0, 0, 1], [0, -1, 0]]
+        voxels = image[:, ::-1]
+    elif case == "coronal_transposed":  # i runs down the film, j across it
+        m[:3, :3] = [[0, -1, 0], [0, 0, 1], [-1, 0, 0]]
+        voxels = image.T
+    elif case == "sagittal":  # screen right is posterior, down is inferior
+        m[:3, :3] = [[0, 0, 1], [-1, 0, 0], [0, -1, 0]]
+        voxels = image
+    else:  # axial with j towards anterior: rows stored bottom-up
+        m[:3, :3] = [[-1, 0, 0], [0, 1, 0], [0, 0, 1]]
+        voxels = image[::-1, :]
+    m[:3, :3] = m[:3, :3] @ np.diag([0.3, 0.6, 1.0])  # spacing of i and j
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", case)
+    bridge._set_node_voxels(node, np.ascontiguousarray(voxels)[np.newaxis], m)
+    back, spacing = bridge.radiograph_from_node(node)
+    np.testing.assert_array_equal(back, image)
+    expected = (0.3, 0.6) if case == "coronal_transposed" else (0.6, 0.3)
+    np.testing.assert_allclose(spacing, expected)
+
+
+def test_a_3d_volume_is_not_a_radiograph(bridge, scene):
+    node = bridge.volume_to_node(scene, Volume(np.zeros((3, 4, 5), np.float32)), name="ct")
+    with pytest.raises(XctDiffError, match="single-slice"):
+        bridge.radiograph_from_node(node)
+
+
+def test_png_loaded_in_slicer_convention_reads_as_its_pixels(slicer, bridge, scene, tmp_path):
+    """Slicer loads a PNG with ITK's LPS identity; a single-slice NRRD with that geometry, read by
+    MRML's own storage node, must come back as the PNG's rows and columns."""
+    import SimpleITK as sitk
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(SAMPLE_RADIOGRAPH).convert("L"), dtype=np.float32)[::8, ::8]
+    itk = sitk.GetImageFromArray(pixels[np.newaxis])  # as ITK's PNG reader: origin 0, spacing 1, identity
+    sitk.WriteImage(itk, str(tmp_path / "png_like.nrrd"))
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(tmp_path / "png_like.nrrd"))
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    assert storage.ReadData(node)
+    np.testing.assert_allclose(bridge.ijk_to_ras(node)[:3, :3], np.diag([-1.0, -1.0, 1.0]))
+    back, _ = bridge.radiograph_from_node(node)
+    np.testing.assert_array_equal(back, pixels)
+
+
+def test_radiograph_file_for_the_engine_reads_back_unchanged(bridge, scene, tmp_path):
+    from XctDiffCore.io import read_radiograph
+
+    image = display_image(64, 48)
+    node = bridge.radiograph_to_node(scene, image, spacing=(0.7, 0.35), is_drr=True)
+    radiograph = read_radiograph(bridge.write_radiograph_file(node, tmp_path / "in.nrrd"))
+    np.testing.assert_array_equal(radiograph.image, image)
+    np.testing.assert_allclose(radiograph.spacing, (0.7, 0.35))
+    assert radiograph.is_drr
+    film = bridge.radiograph_to_node(scene, image, spacing=(0.7, 0.35))
+    assert not read_radiograph(bridge.write_radiograph_file(film, tmp_path / "film.nrrd")).is_drr
+
+
+def test_load_radiograph_from_file_keeps_display_orientation(bridge, scene):
+    from XctDiffCore.io import read_radiograph
+
+    node = bridge.load_radiograph(scene, SAMPLE_RADIOGRAPH)
+    image, spacing = bridge.radiograph_from_node(node)
+    np.testing.assert_array_equal(image, read_radiograph(SAMPLE_RADIOGRAPH).image)
+    assert spacing is None  # a PNG records no pixel spacing
+    assert node.GetAttribute(bridge.ATTRIBUTE_SPACING_KNOWN) == "0"
+    assert node.GetName() == "NIH-CXR14_00000001_000"
+
+
+def test_unreadable_radiograph_file_is_one_sentence(bridge, scene, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    with pytest.raises(XctDiffError, match="broken.png"):
+        bridge.load_radiograph(scene, bad)

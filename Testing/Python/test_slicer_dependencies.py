@@ -1,0 +1,130 @@
+"""First-use checks of the Slicer module: packages to install (never Slicer's own), the model folder
+choice, and the device probe that runs torch in a child process."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "XctDiffSlicer"))
+
+from XctDiffCore.errors import XctDiffError  # noqa: E402
+from XctDiffSlicerLib import dependencies, device_probe  # noqa: E402
+from XctDiffSlicerLib.models import BUNDLED, choose_model  # noqa: E402
+
+
+def write_requirements(tmp_path, text: str):
+    path = tmp_path / "requirements.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_read_requirements_and_normalise_names(tmp_path):
+    path = write_requirements(tmp_path, "# comment\nPyYAML >= 6  # inline\n\nscikit_image>=0.20\ntorch\n")
+    requirements = dependencies.read_requirements(path)
+    assert [(r.name, r.specifier, r.key) for r in requirements] == [
+        ("PyYAML", ">=6", "pyyaml"), ("scikit_image", ">=0.20", "scikit-image"), ("torch", "", "torch"),
+    ]
+
+
+def test_module_requirements_are_met_in_the_test_environment():
+    assert dependencies.unmet(dependencies.read_requirements()) == []
+
+
+def test_unmet_lists_missing_and_out_of_range_but_never_slicer_packages_or_torch(tmp_path):
+    path = write_requirements(
+        tmp_path,
+        "xctdiff-surely-not-installed>=1\ntqdm>=999\ntqdm>=4\nnumpy>=999\nSimpleITK>=999\nvtk>=1\ntorch>=999\n",
+    )
+    assert [str(r) for r in dependencies.unmet(dependencies.read_requirements(path))] == [
+        "xctdiff-surely-not-installed>=1", "tqdm>=999",
+    ]
+
+
+def test_install_is_constrained_to_the_installed_slicer_packages(tmp_path):
+    calls = []
+
+    def pip_install(arguments: str):
+        constraints = arguments.split('"')[1]
+        calls.append((arguments, open(constraints, encoding="utf-8").read()))
+
+    requirements = dependencies.read_requirements(write_requirements(tmp_path, "pynrrd>=1.0\nnumpy>=2\ntorch\n"))
+    dependencies.install_requirements(requirements, pip_install)
+    (arguments, constraints), = calls
+    assert arguments.startswith("-c ") and arguments.endswith('"pynrrd>=1.0"')
+    assert "numpy>=2" not in arguments and "torch" not in arguments
+    assert f"numpy=={dependencies.installed_version('numpy')}" in constraints.splitlines()
+    assert f"SimpleITK=={dependencies.installed_version('SimpleITK')}".lower() in constraints.lower()
+
+
+def test_pip_failure_and_refusal_are_one_sentence(tmp_path, monkeypatch):
+    def failing_pip(arguments):
+        raise subprocess.CalledProcessError(1, ["pip", "install"])
+
+    requirements = [dependencies.Requirement("xctdiff-surely-not-installed", ">=1")]
+    with pytest.raises(XctDiffError, match="pip could not install xctdiff-surely-not-installed>=1"):
+        dependencies.install_requirements(requirements, failing_pip)
+
+    path = write_requirements(tmp_path, "torch\nxctdiff-surely-not-installed>=1\n")
+    asked = []
+    with pytest.raises(XctDiffError, match="missing Python packages: xctdiff-surely-not-installed>=1"):
+        dependencies.ensure_dependencies(lambda text: asked.append(text) or False, failing_pip, path)
+    assert "Install them now?" in asked[0]
+
+
+def test_missing_torch_without_the_pytorch_extension_says_what_to_do(tmp_path, monkeypatch):
+    real = dependencies.installed_version
+    monkeypatch.setattr(dependencies, "installed_version", lambda name: None if name == "torch" else real(name))
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # the extension is not installed: import fails
+    path = write_requirements(tmp_path, "torch>=2.1\n")
+    with pytest.raises(XctDiffError, match="'PyTorch' extension"):
+        dependencies.ensure_dependencies(lambda text: True, lambda arguments: None, path)
+
+
+def test_model_choice(tmp_path):
+    assert choose_model(None) is BUNDLED and choose_model("") is BUNDLED
+    assert BUNDLED.engine_arguments() == [] and "bundled" in BUNDLED.label
+    with pytest.raises(XctDiffError, match="model folder not found"):
+        choose_model(tmp_path / "nowhere")
+    with pytest.raises(XctDiffError, match="no manifest.json"):
+        choose_model(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(XctDiffError, match="cannot read"):
+        choose_model(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"id": "xctdiff-tiny", "version": "0.1.0"}), encoding="utf-8")
+    model = choose_model(tmp_path)
+    assert (model.model_id, model.version) == ("xctdiff-tiny", "0.1.0")
+    assert model.engine_arguments() == ["--model", str(tmp_path.resolve())]
+
+
+def test_device_probe_runs_torch_in_a_child_and_explains_a_missing_gpu():
+    done = subprocess.run([sys.executable, device_probe.__file__], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    import torch
+
+    assert info["torch"] == torch.__version__
+    assert info["cuda"] == torch.cuda.is_available()
+    line = device_probe.describe_device(info, "auto")
+    if info["cuda"]:
+        assert line.startswith("GPU 0: ")
+    else:
+        assert line.startswith("CPU, slow: no GPU (") and info["reason"] in line
+
+
+@pytest.mark.parametrize(
+    "info, device, expected",
+    [
+        ({"torch": "2.13.0", "cuda": True, "gpus": ["NVIDIA H100"], "reason": ""}, "auto", "GPU 0: NVIDIA H100 (PyTorch 2.13.0)"),
+        ({"torch": "2.13.0", "cuda": True, "gpus": ["A", "B"], "reason": ""}, "cuda:1", "GPU 1: B (PyTorch 2.13.0)"),
+        ({"torch": "2.13.0", "cuda": True, "gpus": ["A"], "reason": ""}, "cpu", "CPU (PyTorch 2.13.0)"),
+        ({"torch": "2.13.0+cpu", "cuda": False, "gpus": [], "reason": "PyTorch 2.13.0+cpu is a CPU-only build"},
+         "cuda", "No GPU: PyTorch 2.13.0+cpu is a CPU-only build"),
+        ({"torch": None, "cuda": False, "gpus": [], "reason": "PyTorch is not installed (x)"}, "auto", "PyTorch is not installed (x)"),
+    ],
+)
+def test_describe_device(info, device, expected):
+    assert device_probe.describe_device(info, device) == expected

@@ -1,0 +1,211 @@
+"""The reconstruction logic on real MRML: radiograph node -> temporary file -> child process -> CT node.
+
+Geometry end to end: the sample CT's DRR becomes a node, an engine that speaks PROTOCOL.md
+(back-projection, see test_slicer_process.py) reconstructs it, and the output node must have the
+canonical axes (patient's left, posterior, superior), 128^3 voxels of 2.5 mm, and its content where the
+sample CT has it. The README's console example runs as written with the real engine.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO, SAMPLE_CT
+
+sys.path.insert(0, str(REPO / "XctDiffSlicer"))
+
+from test_slicer_process import FAKE_ENGINE, MODE_VARIABLE  # noqa: E402  (the engine that speaks the protocol)
+
+from XctDiffCore.errors import XctDiffError  # noqa: E402
+
+README_SECTION = REPO / "XctDiffSlicer" / "README_SECTION.md"
+
+
+def require_slicer_core():
+    """The MRML wheel; a missing one fails loudly (these tests must run in CI, never skip)."""
+    try:
+        import slicer
+
+        slicer.vtkMRMLScene  # noqa: B018
+    except (ImportError, AttributeError) as exc:
+        pytest.fail(f"slicer-core is not installed ({exc}): pip install -r requirements-test.txt", pytrace=False)
+    return slicer
+
+
+@pytest.fixture(scope="module")
+def slicer():
+    return require_slicer_core()
+
+
+@pytest.fixture(scope="module")
+def bridge(slicer):
+    from XctDiffSlicerLib import mrml_bridge
+
+    return mrml_bridge
+
+
+@pytest.fixture
+def scene(slicer):
+    return slicer.vtkMRMLScene()
+
+
+@pytest.fixture
+def logic(slicer, scene, tmp_path, monkeypatch):
+    from XctDiffSlicerLib.logic import ReconstructionLogic
+
+    engine = tmp_path / "fake_engine.py"
+    engine.write_text(FAKE_ENGINE, encoding="utf-8")
+    monkeypatch.setenv(MODE_VARIABLE, "ok")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the jobs' temporary folders land here
+    return ReconstructionLogic(scene, engine_command=[sys.executable, str(engine)])
+
+
+@pytest.fixture(scope="module")
+def sample():
+    from XctDiffCore.io import read_ct
+    from XctDiffCore.layout import ct_to_model_layout
+
+    ct = read_ct(SAMPLE_CT)
+    assert np.allclose(ct.direction, np.eye(3)) and ct.shape == (128, 128, 128)
+    mu = np.clip((ct.array.astype(np.float32) + 1000.0) / 1000.0, 0.0, None)
+    drr = ct_to_model_layout(mu).sum(axis=0)  # a PA film as read: [row (head up), col (patient's right left)]
+    return ct, drr
+
+
+def coronal_mean(bridge, node) -> np.ndarray:
+    """The node's voxels averaged over A-P, as [S, patient's right->left] in RAS (whatever the storage)."""
+    m = bridge.ijk_to_ras(node)[:3, :3]
+    assert np.allclose(np.abs(m), np.diag(np.abs(np.diag(m)))), "expected an axis-aligned volume"
+    array = bridge.node_array(node).astype(np.float32)  # [k, j, i]
+    image = array.mean(axis=1)  # over j (A-P): [k, i]
+    if m[2, 2] < 0:
+        image = image[::-1, :]  # rows: k towards S
+    if m[0, 0] > 0:
+        image = image[:, ::-1]  # cols: i towards the patient's left (-R)
+    return image
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def test_drr_node_reconstructs_into_a_canonical_ct_node(bridge, scene, logic, sample, tmp_path):
+    ct, drr = sample
+    drr_node = bridge.radiograph_to_node(scene, drr, spacing=(2.5, 2.5), name="sample DRR", is_drr=True)
+    progress = []
+    output = logic.reconstruct(drr_node, steps=4, samples=1, seed=3, device="cpu",
+                               progress=lambda f, stage: progress.append((f, stage)))
+    assert [f for f, _ in progress] == [0.0, 0.5, 1.0]
+
+    # Axes: i to the patient's left, j to the posterior, k to the head; 128^3 voxels of 2.5 mm.
+    assert output.GetImageData().GetDimensions() == (128, 128, 128)
+    np.testing.assert_allclose(output.GetSpacing(), (2.5, 2.5, 2.5))
+    m = bridge.ijk_to_ras(output)
+    np.testing.assert_allclose(m[:3, :3], np.diag([-2.5, -2.5, 2.5]))
+    bounds = np.zeros(6)
+    output.GetRASBounds(bounds)  # voxel corners: 128 * 2.5 = 320 mm along every axis
+    np.testing.assert_allclose(bounds[1::2] - bounds[0::2], (320.0, 320.0, 320.0), atol=1e-6)
+    np.testing.assert_allclose(m[:3, 3], (158.75, 180.0, -300.0))  # the engine's LPS origin, in RAS
+    assert output.GetName() == "sample DRR CT"
+    display = output.GetDisplayNode()
+    assert (display.GetWindow(), display.GetLevel()) == (bridge.CT_WINDOW, bridge.CT_LEVEL)
+
+    # Content: the back-projection of the DRR lies where the sample CT has its anatomy, in RAS.
+    sample_node = bridge.volume_to_node(scene, ct, name="sample CT")
+    reference = coronal_mean(bridge, sample_node)
+    got = coronal_mean(bridge, output)
+    right = correlation(got, reference)
+    assert right > 0.9
+    assert right > correlation(got[:, ::-1], reference) + 0.05  # left-right mirrored is worse
+    assert right > correlation(got[::-1, :], reference) + 0.05  # upside down is worse
+    assert not list(tmp_path.glob("xctdiff-*")), "the job's temporary folder was left behind"
+
+
+def test_samples_give_an_uncertainty_node_and_drr_turns_style_off(bridge, scene, logic, sample):
+    from XctDiffSlicerLib.logic import ReconstructionOptions
+
+    _, drr = sample
+    drr_node = bridge.radiograph_to_node(scene, drr, spacing=(2.5, 2.5), name="drr", is_drr=True)
+    job = logic.start(drr_node, ReconstructionOptions(samples=3, seed=7))
+    command = job.process.command
+    assert command[command.index("--style") + 1] == "off"  # auto -> off for a DRR
+    assert command[command.index("--samples") + 1] == "3" and "--uncertainty" in command
+    assert "--steps" not in command and "--model" not in command
+    finished = job.process.wait(timeout=60)
+    output = logic.load_result(job, finished)
+    assert output.uncertainty_node is not None
+    assert output.uncertainty_node.GetImageData().GetDimensions() == (128, 128, 128)
+    assert output.consistency == pytest.approx(0.875) and output.device == "cpu"
+    np.testing.assert_allclose(bridge.ijk_to_ras(output.uncertainty_node), bridge.ijk_to_ras(output.ct_node))
+
+    film = bridge.radiograph_to_node(scene, drr, name="film")
+    job = logic.start(film, ReconstructionOptions(samples=1, steps=10, style="auto"))
+    command = job.process.command
+    assert command[command.index("--style") + 1] == "auto" and "--uncertainty" not in command
+    assert command[command.index("--steps") + 1] == "10"
+    job.cancel()
+    assert job.process.wait(timeout=10).status == "cancelled"
+    with pytest.raises(XctDiffError, match="cancelled"):
+        logic.load_result(job, job.process.finished)
+    assert not job.folder.exists()
+
+
+def test_into_an_existing_output_node(bridge, scene, logic, sample):
+    _, drr = sample
+    target = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my CT")
+    drr_node = bridge.radiograph_to_node(scene, drr, spacing=(2.5, 2.5), is_drr=True)
+    assert logic.reconstruct(drr_node, outputNode=target) is target
+    assert target.GetName() == "my CT" and target.GetImageData().GetDimensions() == (128, 128, 128)
+
+
+def test_engine_error_reaches_the_console_as_one_sentence(bridge, scene, logic, sample, monkeypatch):
+    monkeypatch.setenv(MODE_VARIABLE, "error")
+    drr_node = bridge.radiograph_to_node(scene, sample[1])
+    with pytest.raises(XctDiffError) as info:
+        logic.reconstruct(drr_node)
+    assert str(info.value) == "cannot read radiograph.nrrd as a radiograph: not an image"
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1  # no half output node
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"samples": 0}, "samples"),
+        ({"steps": 0}, "steps"),
+        ({"device": "tpu"}, "device"),
+        ({"style": "maybe"}, "style"),
+    ],
+)
+def test_bad_options_are_refused_before_any_process(slicer, options, message):
+    from XctDiffSlicerLib.logic import ReconstructionOptions
+
+    with pytest.raises(XctDiffError, match=message):
+        ReconstructionOptions(**options)
+
+
+def test_no_input_node_is_a_readable_error(logic):
+    with pytest.raises(XctDiffError, match="radiograph"):
+        logic.reconstruct(None)
+
+
+def readme_console_example() -> str:
+    text = README_SECTION.read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    examples = [block for block in blocks if "ReconstructionLogic" in block]
+    assert len(examples) == 1, "README_SECTION.md must hold exactly one console example"
+    return examples[0]
+
+
+def test_readme_console_example_runs_as_written_under_slicer_core(slicer, tmp_path):
+    """The README's console example, verbatim, with the real engine and the bundled model."""
+    script = tmp_path / "example.py"
+    script.write_text(readme_console_example(), encoding="utf-8")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "XctDiffSlicer"), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"README example failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    assert "(128, 128, 128) (2.5, 2.5, 2.5)" in done.stdout

@@ -1,0 +1,359 @@
+"""XctDiffSlicer: reconstruct a 3D chest CT from one frontal radiograph (XctDiff, Bai et al.).
+
+Thin on purpose: Module, parameter node, Widget, Logic and Test. The work is in ``XctDiffSlicerLib``
+(MRML bridge, child-process runner, model choice, dependency check) and in the ``XctDiffCore``
+engine, which runs in a child process so that the panel never freezes.
+"""
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import qt
+import vtk
+
+import slicer
+from slicer import vtkMRMLScalarVolumeNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+
+def _put_engine_on_path() -> None:
+    """XctDiffCore lies beside this file (extension build) or one folder up (the repository, "Add module path")."""
+    here = Path(__file__).resolve().parent
+    for folder in (here, here.parent):
+        if (folder / "XctDiffCore" / "__init__.py").is_file():
+            if str(folder) not in sys.path:
+                sys.path.insert(0, str(folder))
+            return
+
+
+_put_engine_on_path()
+
+from XctDiffCore.errors import XctDiffError  # noqa: E402
+from XctDiffSlicerLib import dependencies, device_probe, mrml_bridge  # noqa: E402
+from XctDiffSlicerLib.logic import ReconstructionLogic, ReconstructionOptions  # noqa: E402
+from XctDiffSlicerLib.models import choose_model  # noqa: E402
+from XctDiffSlicerLib.process import ChildProcess, Finished, LogLine, Progress, python_executable  # noqa: E402
+
+POLL_INTERVAL_MS = 100
+# Labels shown for the parameter node's choices (the values are the engine's own names).
+DEVICE_LABELS = {"auto": "Auto", "cpu": "CPU", "cuda": "GPU"}
+STYLE_LABELS = {"auto": "Auto (on for real radiographs)", "on": "On", "off": "Off"}
+MODEL_SOURCE_LABELS = {"bundled": "Bundled default", "folder": "Folder..."}
+
+
+class XctDiffSlicer(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("XctDiff CT from radiograph")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Reconstruction")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["XctDiffSlicer developers"]
+        self.parent.helpText = _(
+            "Reconstructs a 3D chest CT (128^3 voxels of 2.5 mm, in HU) from one frontal (PA) radiograph "
+            "with the XctDiff latent diffusion model. Research use only, not for diagnosis."
+        )
+        self.parent.acknowledgementText = _(
+            "After XctDiff (Bai et al.). The model runs in PyTorch in a separate process."
+        )
+
+
+@parameterNodeWrapper
+class XctDiffSlicerParameterNode:
+    """The panel's state. 0 steps: the model's default; seed -1: random."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputVolume: vtkMRMLScalarVolumeNode
+    uncertaintyVolume: vtkMRMLScalarVolumeNode
+    modelSource: Annotated[str, Choice(["bundled", "folder"])] = "bundled"
+    modelFolder: Path
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    steps: Annotated[int, WithinRange(0, 1000)] = 0
+    samples: Annotated[int, WithinRange(1, 32)] = 1
+    seed: Annotated[int, WithinRange(-1, 2**31 - 1)] = -1
+    style: Annotated[str, Choice(["auto", "on", "off"])] = "auto"
+    uncertaintyOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    consistency: str = ""
+
+
+class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._deviceProbe = None
+        self._deviceInfo = None
+        self._dependenciesChecked = False
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onTimer)
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/XctDiffSlicer.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = XctDiffSlicerLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.loadRadiographButton.connect("clicked(bool)", self.onLoadRadiograph)
+        self.ui.reconstructButton.connect("clicked(bool)", self.onReconstructOrCancel)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+        if self._deviceProbe is not None:
+            self._deviceProbe.cancel()
+        self._timer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+        if self._deviceProbe is None:
+            probe = Path(device_probe.__file__)
+            self._deviceProbe = ChildProcess([python_executable(), str(probe)]).start()
+            self._timer.start()
+
+    def exit(self) -> None:
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # -- parameter node --------------------------------------------------------------------------
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, inputParameterNode: Optional[XctDiffSlicerParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            for combo, labels in (
+                (self.ui.deviceComboBox, DEVICE_LABELS),
+                (self.ui.styleComboBox, STYLE_LABELS),
+                (self.ui.modelSourceComboBox, MODEL_SOURCE_LABELS),
+            ):
+                for index, label in enumerate(labels.values()):
+                    combo.setItemText(index, label)  # the connector maps indices, not texts
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+            self.updateGUI()
+
+    def updateGUI(self, caller=None, event=None) -> None:
+        node = self._parameterNode
+        running = self._job is not None
+        self.ui.reconstructButton.text = _("Cancel") if running else _("Reconstruct")
+        self.ui.reconstructButton.enabled = running or node.inputVolume is not None
+        self.ui.modelPathLineEdit.enabled = node.modelSource == "folder"
+        try:
+            self.ui.modelInfoLabel.text = self.modelChoice().label
+        except XctDiffError as exc:
+            self.ui.modelInfoLabel.text = str(exc)
+        if self._deviceInfo is not None:
+            self.ui.deviceInfoLabel.text = device_probe.describe_device(self._deviceInfo, node.device)
+        self.ui.consistencyLabel.text = node.consistency or "-"
+        if node.outputVolume is not None and node.uncertaintyVolume is not None:
+            mrml_bridge.set_foreground_opacity(self.logic.sliceLogics(), node.uncertaintyOpacity)
+
+    def modelChoice(self):
+        node = self._parameterNode
+        return choose_model(node.modelFolder if node.modelSource == "folder" else None)
+
+    # -- actions ---------------------------------------------------------------------------------
+
+    def onLoadRadiograph(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(
+            slicer.util.mainWindow(), _("Load radiograph"), "",
+            _("Radiographs (*.png *.jpg *.jpeg *.tif *.tiff *.dcm *.nrrd *.nii *.nii.gz *.mha);;All files (*)"),
+        )
+        if not path:
+            return
+        try:
+            node = mrml_bridge.load_radiograph(slicer.mrmlScene, path)
+        except XctDiffError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        self._parameterNode.inputVolume = node
+        slicer.util.setSliceViewerLayers(background=node, fit=True)
+
+    def onReconstructOrCancel(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self.ui.stageLabel.text = _("Cancelling...")
+            return
+        node = self._parameterNode
+        try:
+            if not self._dependenciesChecked:
+                with slicer.util.WaitCursor():
+                    dependencies.ensure_dependencies(slicer.util.confirmOkCancelDisplay, slicer.util.pip_install)
+                self._dependenciesChecked = True
+            options = ReconstructionOptions(
+                steps=node.steps or None,
+                samples=node.samples,
+                seed=None if node.seed < 0 else node.seed,
+                device=node.device,
+                style=node.style,
+                model=self.modelChoice(),
+            )
+            self._job = self.logic.start(node.inputVolume, options)
+        except XctDiffError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        self.ui.progressBar.value = 0
+        self.ui.stageLabel.text = _("Starting...")
+        node.consistency = ""
+        self._timer.start()
+        self.updateGUI()
+
+    def onTimer(self) -> None:
+        if self._deviceProbe is not None and self._deviceInfo is None:
+            self._pollDeviceProbe()
+        if self._job is not None:
+            for event in self._job.process.poll():
+                self._handleJobEvent(event)
+        if self._job is None and (self._deviceProbe is None or self._deviceInfo is not None):
+            self._timer.stop()
+
+    def _pollDeviceProbe(self) -> None:
+        for event in self._deviceProbe.poll():
+            if isinstance(event, LogLine) and event.stream == "stdout" and event.text.startswith("{"):
+                self._deviceInfo = json.loads(event.text)
+            elif isinstance(event, Finished) and self._deviceInfo is None:
+                self._deviceInfo = {"torch": None, "reason": _("the device check failed: ") + event.error}
+        if self._deviceInfo is not None and self._parameterNode is not None:
+            self.updateGUI()
+
+    def _handleJobEvent(self, event) -> None:
+        if isinstance(event, Progress):
+            self.ui.progressBar.value = int(round(100 * event.fraction))
+            self.ui.stageLabel.text = event.stage
+        elif isinstance(event, LogLine):
+            logging.info("XctDiff: %s", event.text)
+        elif isinstance(event, Finished):
+            job, self._job = self._job, None
+            node = self.logic.getParameterNode()  # the panel may have been left while it ran
+            try:
+                output = self.logic.finish(job, event, node.outputVolume, node.uncertaintyVolume, node.uncertaintyOpacity)
+            except XctDiffError as exc:
+                self.ui.stageLabel.text = _("Cancelled") if event.status == "cancelled" else _("Failed")
+                if event.status != "cancelled":
+                    slicer.util.errorDisplay(str(exc))
+            else:
+                node.outputVolume = output.ct_node
+                node.uncertaintyVolume = output.uncertainty_node
+                if output.consistency is not None:
+                    node.consistency = f"{output.consistency:.3f}"
+                self.ui.progressBar.value = 100
+                self.ui.stageLabel.text = _("Done on {device}").format(device=output.device or _("the engine's device"))
+            if self._parameterNode is not None:
+                self.updateGUI()
+
+
+class XctDiffSlicerLogic(ScriptedLoadableModuleLogic):
+    """Slicer's face of :class:`XctDiffSlicerLib.logic.ReconstructionLogic` on ``slicer.mrmlScene``."""
+
+    def __init__(self, engineCommand=None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.reconstruction = ReconstructionLogic(slicer.mrmlScene, engineCommand)
+
+    def getParameterNode(self):
+        return XctDiffSlicerParameterNode(super().getParameterNode())
+
+    def sliceLogics(self) -> list:
+        """The Red, Yellow and Green slice logics; none when Slicer runs without its main window."""
+        if slicer.app.layoutManager() is None:
+            return []
+        return mrml_bridge.slice_logics_by_name(slicer.app.applicationLogic().GetSliceLogics())
+
+    def start(self, inputNode, options: ReconstructionOptions):
+        return self.reconstruction.start(inputNode, options)
+
+    def finish(self, job, finished, outputNode=None, uncertaintyNode=None, opacity=0.5):
+        """Load a finished job's outputs into nodes and show them in the Red, Yellow and Green views."""
+        output = self.reconstruction.load_result(job, finished, outputNode, uncertaintyNode)
+        mrml_bridge.show_in_slice_views(self.sliceLogics(), output.ct_node, output.uncertainty_node, opacity)
+        return output
+
+    def reconstruct(self, inputNode, outputNode=None, steps=None, samples=1, seed=None, device="auto",
+                    style="auto", model=None, uncertaintyNode=None, progress=None):
+        """Blocking reconstruction for the Python console; returns the output CT node, shown in the slice views."""
+        ctNode = self.reconstruction.reconstruct(
+            inputNode, outputNode, steps=steps, samples=samples, seed=seed, device=device, style=style,
+            model=model, uncertaintyNode=uncertaintyNode, progress=progress,
+        )
+        mrml_bridge.show_in_slice_views(self.sliceLogics(), ctNode)
+        return ctNode
+
+
+class XctDiffSlicerTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer (CTest: ``slicer_add_python_unittest``); the pytest suite covers the same
+    ground on the ``slicer-core`` wheel."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_ct_node_geometry()
+        self.setUp()
+        self.test_radiograph_round_trip()
+        self.setUp()
+        self.test_reconstruct_sample()
+
+    def test_ct_node_geometry(self):
+        import numpy as np
+
+        from XctDiffCore.volume import Volume
+
+        volume = Volume(np.zeros((4, 5, 6), np.int16), (2.5, 2.5, 2.5), (10.0, 20.0, 30.0))
+        node = mrml_bridge.volume_to_node(slicer.mrmlScene, volume)
+        np.testing.assert_allclose(mrml_bridge.ijk_to_ras(node), volume.ijk_to_ras())
+        self.assertEqual(node.GetImageData().GetDimensions(), (6, 5, 4))
+
+    def test_radiograph_round_trip(self):
+        import numpy as np
+
+        image = np.arange(40 * 50, dtype=np.float32).reshape(40, 50)
+        node = mrml_bridge.radiograph_to_node(slicer.mrmlScene, image, (0.5, 0.4))
+        back, spacing = mrml_bridge.radiograph_from_node(node)
+        np.testing.assert_array_equal(back, image)
+        np.testing.assert_allclose(spacing, (0.5, 0.4))
+
+    def test_reconstruct_sample(self):
+        sample = Path(__file__).resolve().parent.parent / "Resources" / "Samples" / "NIH-CXR14_00000001_000.png"
+        if not sample.is_file():  # installed extension: the samples stay in the repository
+            self.delayDisplay("sample radiograph not found; reconstruction test not run")
+            return
+        if dependencies.installed_version("torch") is None:
+            self.delayDisplay("PyTorch is not installed (PyTorch extension); reconstruction test not run")
+            return
+        inputNode = mrml_bridge.load_radiograph(slicer.mrmlScene, sample)
+        outputNode = XctDiffSlicerLogic().reconstruct(inputNode, steps=2, samples=1, seed=0, device="cpu")
+        self.assertEqual(outputNode.GetImageData().GetDimensions(), (128, 128, 128))
+        self.assertEqual(tuple(round(s, 3) for s in outputNode.GetSpacing()), (2.5, 2.5, 2.5))
+        self.delayDisplay("reconstruction test passed")

@@ -1,0 +1,175 @@
+"""Reconstruction logic bound to one MRML scene: radiograph node in, CT node (and uncertainty) out.
+
+:meth:`ReconstructionLogic.start` writes the radiograph node to a temporary file and starts the
+engine's child process (PROTOCOL.md); the panel polls the returned :class:`ReconstructionJob` from a
+timer and calls :meth:`ReconstructionLogic.load_result` when it has finished.
+:meth:`ReconstructionLogic.reconstruct` is the same thing blocking, for the Python console.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from XctDiffCore.errors import XctDiffError
+
+from . import mrml_bridge
+from .models import ModelChoice, choose_model
+from .process import ChildProcess, Finished, Progress, engine_environment, python_executable
+
+DEVICES = ("auto", "cpu", "cuda")
+STYLES = ("auto", "on", "off")
+OUTPUT_NAME = "ct.nrrd"
+UNCERTAINTY_NAME = "uncertainty.nrrd"
+
+
+def core_parent_folder() -> str:
+    """The folder that holds the ``XctDiffCore`` package in use (installed beside the module, or the repository)."""
+    import XctDiffCore
+
+    return str(Path(XctDiffCore.__file__).resolve().parent.parent)
+
+
+@dataclass(frozen=True)
+class ReconstructionOptions:
+    """What the panel's parameter node holds, with the engine's names. None: the engine's default."""
+
+    steps: Optional[int] = None
+    samples: int = 1
+    seed: Optional[int] = None
+    device: str = "auto"
+    style: str = "auto"
+    model: ModelChoice = field(default_factory=choose_model)
+
+    def __post_init__(self):
+        if self.samples < 1:
+            raise XctDiffError(f"samples must be at least 1, got {self.samples}")
+        if self.steps is not None and self.steps < 1:
+            raise XctDiffError(f"steps must be at least 1, got {self.steps}")
+        if not (self.device in DEVICES or self.device.startswith("cuda:")):
+            raise XctDiffError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
+        if self.style not in STYLES:
+            raise XctDiffError(f"style must be one of {', '.join(STYLES)}, got {self.style!r}")
+
+    def engine_arguments(self) -> list:
+        args = ["--samples", str(self.samples), "--device", self.device, "--style", self.style]
+        if self.steps is not None:
+            args += ["--steps", str(self.steps)]
+        if self.seed is not None:
+            args += ["--seed", str(self.seed)]
+        return args + self.model.engine_arguments()
+
+
+@dataclass
+class ReconstructionJob:
+    """A running reconstruction: its child process and the temporary folder of its files."""
+
+    process: ChildProcess
+    folder: Path
+    input_name: str
+    options: ReconstructionOptions
+
+    @property
+    def output_path(self) -> Path:
+        return self.folder / OUTPUT_NAME
+
+    @property
+    def uncertainty_path(self) -> Path:
+        return self.folder / UNCERTAINTY_NAME
+
+    def cancel(self) -> None:
+        self.process.cancel()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class ReconstructionOutput:
+    ct_node: object
+    uncertainty_node: Optional[object]
+    consistency: Optional[float]
+    device: str
+    timings: dict
+
+
+class ReconstructionLogic:
+    """Runs the engine for radiograph nodes of ``scene``; ``engine_command`` is the command that speaks
+    PROTOCOL.md without its ``reconstruct ...`` arguments (default: ``python -m XctDiffCore``)."""
+
+    def __init__(self, scene, engine_command: Optional[Sequence[str]] = None):
+        self.scene = scene
+        self.engine_command = list(engine_command) if engine_command else [python_executable(), "-m", "XctDiffCore"]
+
+    def start(self, input_node, options: ReconstructionOptions) -> ReconstructionJob:
+        if input_node is None:
+            raise XctDiffError("select an input radiograph first")
+        folder = Path(tempfile.mkdtemp(prefix="xctdiff-"))
+        try:
+            radiograph_path = mrml_bridge.write_radiograph_file(input_node, folder / "radiograph.nrrd")
+            command = self.engine_command + [
+                "reconstruct", str(radiograph_path), "-o", str(folder / OUTPUT_NAME), "--progress-lines",
+            ]
+            if options.samples >= 2:
+                command += ["--uncertainty", str(folder / UNCERTAINTY_NAME)]
+            command += self._resolved_style(input_node, options).engine_arguments()
+            process = ChildProcess(command, env=engine_environment(core_parent_folder())).start()
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return ReconstructionJob(process, folder, input_node.GetName(), options)
+
+    @staticmethod
+    def _resolved_style(input_node, options: ReconstructionOptions) -> ReconstructionOptions:
+        """A DRR node needs no real-to-DRR style transfer: "auto" becomes "off" for it."""
+        if options.style == "auto" and input_node.GetAttribute(mrml_bridge.ATTRIBUTE_IS_DRR) == "1":
+            return dataclasses.replace(options, style="off")
+        return options
+
+    def load_result(self, job: ReconstructionJob, finished: Finished, output_node=None,
+                    uncertainty_node=None) -> ReconstructionOutput:
+        """Turn a finished job into nodes (then delete its files); a failure or cancel raises XctDiffError."""
+        try:
+            if not finished.succeeded:
+                raise XctDiffError(finished.error or f"reconstruction {finished.status}")
+            ct_node = mrml_bridge.read_volume_file(self.scene, job.output_path, output_node, f"{job.input_name} CT")
+            mrml_bridge.set_ct_window(ct_node)
+            if job.uncertainty_path.is_file():
+                uncertainty_node = mrml_bridge.read_volume_file(
+                    self.scene, job.uncertainty_path, uncertainty_node, f"{job.input_name} uncertainty"
+                )
+                mrml_bridge.set_uncertainty_display(uncertainty_node)
+            else:
+                uncertainty_node = None
+        finally:
+            job.cleanup()
+        consistency = finished.result.get("consistency")
+        return ReconstructionOutput(
+            ct_node=ct_node,
+            uncertainty_node=uncertainty_node,
+            consistency=float(consistency) if consistency is not None else None,
+            device=str(finished.result.get("device", "")),
+            timings=dict(finished.result.get("timings", {})),
+        )
+
+    def reconstruct(self, inputNode, outputNode=None, steps: Optional[int] = None, samples: int = 1,
+                    seed: Optional[int] = None, device: str = "auto", style: str = "auto", model=None,
+                    uncertaintyNode=None, progress: Optional[Callable[[float, str], None]] = None):
+        """Blocking reconstruction for the Python console; returns the output CT node."""
+        options = ReconstructionOptions(steps, samples, seed, device, style, choose_model(model))
+        job = self.start(inputNode, options)
+
+        def on_event(event):
+            if progress is not None and isinstance(event, Progress):
+                progress(event.fraction, event.stage)
+
+        try:
+            finished = job.process.wait(on_event)
+        except BaseException:  # Ctrl-C in the console: leave no child running
+            job.cancel()
+            job.cleanup()
+            raise
+        return self.load_result(job, finished, outputNode, uncertaintyNode).ct_node
