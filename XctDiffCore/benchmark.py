@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .atomic import atomic_path
@@ -98,3 +101,82 @@ def write_json(results: list, path) -> None:
     """The results, with every run's time, as JSON (written atomically)."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+# Targets for the default (paper-size) model, to be confirmed on a GPU: on one H100, 50 DDIM steps,
+# one sample, <= 5 s in all (<= 60 ms per sampler step), peak CUDA memory <= 8 GiB.
+
+PIPELINE_STAGES = (("load", "load"), ("read", "read"), ("preprocess", "preprocessing"), ("style", "style"),
+                   ("encoder", "encoder"), ("sampler/step", "sampling_per_step"), ("decode", "decoding"),
+                   ("drr", "consistency"), ("write", "write"), ("total", "total"))
+
+
+def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=None, config=None,
+                       repeats: int = 3, warmup: int = 1) -> list:
+    """Per-stage seconds of :meth:`XctDiffPipeline.reconstruct` on the bundled sample radiograph, and peak memory.
+
+    ``model``: a model folder (None: the bundled default); ``config``: instead, random weights of that
+    config (timings do not depend on the weights). Each stage is the median of ``repeats`` runs after
+    ``warmup`` untimed ones; "load" reloads the folder each time, "write" writes the CT as .nrrd.
+    Peak memory: CUDA ``max_memory_allocated`` over the timed runs, and the process's peak RSS.
+    """
+    import tempfile
+
+    from .io import write_volume
+    from .pipeline import XctDiffPipeline
+
+    if repeats < 1:
+        raise XctDiffError("--repeats must be at least 1")
+    dev = resolve_device(device)
+    with tempfile.TemporaryDirectory(prefix="xctdiff-bench-") as tmp:
+        if config is not None:
+            from .model_folder import create_random_model
+
+            model = create_random_model(Path(tmp) / "model", config)
+        radiograph = _sample_radiograph()
+        runs = {name: [] for name, _ in PIPELINE_STAGES}
+        pipe = None
+        for i in range(warmup + repeats):
+            if i == warmup and dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)  # the peak of the timed runs only
+            pipe = XctDiffPipeline.from_pretrained(model)
+            result = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=i, device=str(dev), cpu_fallback=False)
+            start = time.perf_counter()
+            write_volume(result.ct, Path(tmp) / "ct.nrrd")
+            result.timings["write"] = time.perf_counter() - start
+            result.timings["load"] = pipe.load_seconds
+            if i >= warmup:
+                for name, key in PIPELINE_STAGES:
+                    runs[name].append(result.timings.get(key, 0.0))
+    settings = {"model": pipe.info.model_id, "volume": f"{pipe.info.volume_size}^3", "steps": result.steps,
+                "sampler": pipe.info.sampler, "samples": samples, **_peak_memory(dev)}
+    return [BenchmarkResult(name, str(dev), settings if name == "total" else {}, seconds) for name, seconds in runs.items()]
+
+
+def _sample_radiograph():
+    """The bundled NIH sample (a real film: the style stage runs), else a synthetic 256 px chest-like image."""
+    from .io import Radiograph, read_radiograph
+
+    package = Path(__file__).resolve().parent
+    for root in (package.parent, package):
+        path = root / "Resources" / "Samples" / "NIH-CXR14_00000001_000.png"
+        if path.is_file():
+            return read_radiograph(path)
+    rows, cols = np.mgrid[-1:1:256j, -1:1:256j]
+    image = np.exp(-(rows**2 + (np.abs(cols) - 0.45) ** 2) / 0.1).astype(np.float32)
+    return Radiograph(image, None, False, "synthetic")
+
+
+def _peak_memory(device: torch.device) -> dict:
+    """Peak CUDA memory (MiB) of the timed runs and the process's peak resident memory (MiB)."""
+    memory = {}
+    if device.type == "cuda":
+        memory["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    try:
+        import resource
+    except ImportError:  # Windows
+        return memory
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    memory["peak_rss_mib"] = round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+    return memory

@@ -52,6 +52,33 @@ def _run_train(args) -> int:
     return 0
 
 
+def add_export_command(subparsers):
+    p = subparsers.add_parser("export", help="trained run folder -> model folder (safetensors, manifest with SHA-256)")
+    p.add_argument("run", help="run folder of `xctdiff train` (autoencoder, encoder, diffusion; style when trained)")
+    p.add_argument("--out", required=True, help="model folder to write (created)")
+    p.add_argument("--id", default="xctdiff", help="model id recorded in the manifest")
+    p.add_argument("--version", default="0", help="model version recorded in the manifest")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="weights precision on disk")
+    p.add_argument("--data", help="datalist whose training CTs give the mean-CT baseline (default: the run's)")
+    p.add_argument("--model-card", help="Markdown file copied in as MODEL_CARD.md")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args) -> int:
+    from pathlib import Path
+
+    from .training import export_run
+
+    card = ""
+    if args.model_card:
+        path = Path(args.model_card)
+        if not path.is_file():
+            raise XctDiffError(f"model card not found: {path}")
+        card = path.read_text(encoding="utf-8")
+    print(f"wrote {export_run(args.run, args.out, args.dtype, args.id, args.version, card, args.data)}")
+    return 0
+
+
 def add_models_command(subparsers):
     p = subparsers.add_parser("models", help="describe model configurations (parameter counts, fp16 size)")
     p.add_argument("--params", nargs="+", required=True, metavar="CONFIG", help="config names or paths")
@@ -183,11 +210,110 @@ def _report_benchmark(results, args) -> int:
     return 0
 
 
-# `xctdiff benchmark <target>`: each entry adds one target parser (a later stage adds "pipeline").
-BENCHMARK_TARGETS = [add_benchmark_drr_target]
+def add_benchmark_pipeline_target(targets):
+    p = targets.add_parser("pipeline", help="per-stage latency and peak memory of one reconstruction")
+    p.add_argument("--model", help="model folder (default: the bundled model)")
+    p.add_argument("--config", help="instead of --model: random weights of this config (tiny, small, paper or a path)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
+    p.add_argument("--samples", type=int, default=1, help="samples per reconstruction")
+    _add_benchmark_options(p, repeats=3)
+    p.set_defaults(handler=_run_benchmark_pipeline)
 
-COMMANDS = [add_demo_command, add_train_command, add_models_command, add_inspect_command, add_lpips_weights_command,
-            add_drr_command, add_prepare_command, add_benchmark_command]
+
+def _run_benchmark_pipeline(args) -> int:
+    from .benchmark import benchmark_pipeline
+
+    if args.model and args.config:
+        raise XctDiffError("give --model or --config, not both")
+    results = benchmark_pipeline(args.device, args.steps, args.samples, args.model, args.config, args.repeats)
+    return _report_benchmark(results, args)
+
+
+# `xctdiff benchmark <target>`: each entry adds one target parser.
+BENCHMARK_TARGETS = [add_benchmark_drr_target, add_benchmark_pipeline_target]
+
+
+def add_reconstruct_command(subparsers):
+    p = subparsers.add_parser("reconstruct", help="radiograph (file, or folder of files) -> 3D CT")
+    p.add_argument("input", help="radiograph (.png, .jpg, .dcm, 2D .nrrd, ...) or a folder of them (batch; torchrun splits it)")
+    p.add_argument("-o", "--output", help="CT file (.nrrd, .nii.gz, .mha; default <stem>_ct.nrrd beside the input); "
+                                          "for a folder: a folder (default <folder>_ct)")
+    p.add_argument("--model", help="model folder with manifest.json (default: the bundled model)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
+    p.add_argument("--samples", type=int, default=1, help="samples averaged into the CT; 2 or more give --uncertainty")
+    p.add_argument("--seed", type=int, help="random seed (default: random; the RESULT line reports it)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when usable, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--style", choices=("auto", "on", "off"), default="auto",
+                   help="real -> DRR style transfer: auto = on for real films, off for DRRs")
+    p.add_argument("--views", metavar="PNG", help="also write an overview PNG (input, DRR of the result, CT slices)")
+    p.add_argument("--uncertainty", metavar="OUT", help="also write the voxel-wise std over the samples (needs --samples >= 2)")
+    p.add_argument("--progress-lines", action="store_true", help="print PROGRESS/RESULT lines on stdout (PROTOCOL.md)")
+    p.add_argument("--no-cpu-fallback", action="store_true", help="fail on CUDA out-of-memory instead of continuing on the CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the diffusion UNet (pays off for folders)")
+    p.set_defaults(handler=_run_reconstruct)
+
+
+def _run_reconstruct(args) -> int:
+    from .reconstruct_job import run_reconstruct
+
+    return run_reconstruct(
+        args.input, args.output, model=args.model, steps=args.steps, samples=args.samples, seed=args.seed,
+        device=args.device, style=args.style, views=args.views, uncertainty=args.uncertainty,
+        progress_lines=args.progress_lines, cpu_fallback=not args.no_cpu_fallback, compile=args.compile,
+    )
+
+
+def add_evaluate_command(subparsers):
+    p = subparsers.add_parser("evaluate", help="reconstruct held-out CTs from their DRRs and score them (with baselines)")
+    p.add_argument("--model", help="model folder (default: the bundled model)")
+    p.add_argument("--data", required=True, help="datalist.json (its validation entries) or a CT file or folder")
+    p.add_argument("--out", required=True, help="output folder for metrics.csv, summary.md/.json, figure.png (created)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
+    p.add_argument("--samples", type=int, default=1, help="samples per case (their mean is scored)")
+    p.add_argument("--seed", type=int, default=0, help="case i uses seed + i")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--max-cases", type=int, help="evaluate only the first N cases")
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from .evaluation import evaluate, markdown_table
+    from .reconstruct_job import plain_warnings
+
+    with plain_warnings():
+        summary = evaluate(args.model, args.data, args.out, steps=args.steps, samples=args.samples, seed=args.seed,
+                           device=args.device, max_cases=args.max_cases)
+    print(markdown_table(summary), end="")
+    print(f"wrote {args.out}/metrics.csv, summary.md, summary.json, figure.png")
+    return 0
+
+
+def add_evaluate_style_command(subparsers):
+    p = subparsers.add_parser(
+        "evaluate-style",
+        help="how far real films are from DRRs before and after the real -> DRR style transfer (no CT needed)",
+    )
+    p.add_argument("--model", required=True, help="model folder or style.safetensors (style.json beside it)")
+    p.add_argument("--real", required=True, nargs="+", help="real radiographs: folders or glob patterns (quote globs)")
+    p.add_argument("--drr", required=True, help="datalist.json whose xray images are the DRR domain")
+    p.add_argument("--out", required=True, help="output folder for style_eval.json/.md/.png (created if missing)")
+    p.add_argument("--max-images", type=int, help="use a seeded random subset of this many real films")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the style classifier")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_run_evaluate_style)
+
+
+def _run_evaluate_style(args) -> int:
+    from .style_eval import evaluate_style, markdown_table
+
+    result = evaluate_style(args.model, args.real, args.drr, args.out, args.max_images, args.seed, args.folds)
+    print(markdown_table(result))
+    return 0
+
+
+COMMANDS = [add_demo_command, add_train_command, add_export_command, add_models_command, add_inspect_command, add_lpips_weights_command,
+            add_drr_command, add_prepare_command, add_benchmark_command, add_reconstruct_command, add_evaluate_command,
+            add_evaluate_style_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

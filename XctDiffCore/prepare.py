@@ -181,7 +181,7 @@ def _write_npy(array: np.ndarray, path: Path) -> None:
 
 def summarize(datalist_path) -> str:
     """One line: how many pairs and patients went to each side."""
-    datalist = json.loads(Path(datalist_path).read_text())
+    datalist = json.loads(Path(datalist_path).read_text(encoding="utf-8"))
     parts = []
     for side in ("training", "validation"):
         items = datalist[side]

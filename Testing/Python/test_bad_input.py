@@ -112,7 +112,7 @@ def test_cli_inspect_prints_one_error_line(tmp_path, case):
     for as_kind in [kind] if case in WRONG_KIND else [kind, "auto"]:
         result = subprocess.run(
             [sys.executable, "-m", "XctDiffCore", "inspect", str(path), "--as", as_kind],
-            cwd=REPO, capture_output=True, text=True, timeout=120,
+            cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120,
         )
         assert result.returncode == 2, (as_kind, result.stdout, result.stderr)
         lines = result.stderr.strip().splitlines()

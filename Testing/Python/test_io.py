@@ -312,7 +312,7 @@ def test_inspect_cli_prints_one_fact_per_line():
 
     result = subprocess.run(
         [sys.executable, "-m", "XctDiffCore", "inspect", str(SAMPLE_CT), "--as", "ct"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120,
     )
     assert result.returncode == 0, result.stderr
     facts = dict(line.split(": ", 1) for line in result.stdout.splitlines())

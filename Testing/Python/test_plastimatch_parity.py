@@ -45,7 +45,7 @@ def plastimatch_drr(volume_path, workdir, volume: Volume, geometry: ConeGeometry
         "-O", str(workdir / "pm_"), *extra, str(volume_path),
     ]
     launcher = "import sys; from plastimatch import plastimatch; plastimatch()"
-    result = subprocess.run([sys.executable, "-c", launcher, *args], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", launcher, *args], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     image = read_pfm(workdir / "pm_0000.pfm")[:, ::-1]  # beam's-eye view -> radiologist's view
     tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]

@@ -35,7 +35,7 @@ def _write_phantoms(folder, seeds=(0, 1, 2)):
 
 
 def _check_datalist(out, n_patients: int, augment: int, size: int) -> dict:
-    datalist = json.loads((out / "datalist.json").read_text())
+    datalist = json.loads((out / "datalist.json").read_text(encoding="utf-8"))
     sides = {side: {e["patient"] for e in datalist[side]} for side in ("training", "validation")}
     assert not sides["training"] & sides["validation"], "a patient is on both sides of the split"
     assert len(sides["training"] | sides["validation"]) == n_patients

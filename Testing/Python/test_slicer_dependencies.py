@@ -101,7 +101,7 @@ def test_model_choice(tmp_path):
 
 
 def test_device_probe_runs_torch_in_a_child_and_explains_a_missing_gpu():
-    done = subprocess.run([sys.executable, device_probe.__file__], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, device_probe.__file__], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout.strip().splitlines()[-1])
     import torch

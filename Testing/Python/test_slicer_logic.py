@@ -206,6 +206,6 @@ def test_readme_console_example_runs_as_written_under_slicer_core(slicer, tmp_pa
     script.write_text(readme_console_example(), encoding="utf-8")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "XctDiffSlicer"), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900)
     assert done.returncode == 0, f"README example failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     assert "(128, 128, 128) (2.5, 2.5, 2.5)" in done.stdout

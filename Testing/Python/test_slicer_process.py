@@ -112,7 +112,7 @@ def is_gone(pid: int) -> bool:
     stat = Path(f"/proc/{pid}/stat")
     if stat.parent.parent.is_dir() and Path("/proc/self").exists():
         try:
-            return stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+            return stat.read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0] in ("Z", "X")
         except (FileNotFoundError, ProcessLookupError):
             return True
     try:

@@ -1,0 +1,97 @@
+"""Configs: bundled ones load and validate, YAML/JSON round trips, clear errors for bad keys and values."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from XctDiffCore.config import (
+    Config,
+    bundled_config_names,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+from XctDiffCore.errors import XctDiffError
+
+
+def test_bundled_configs_are_tiny_small_paper():
+    assert {"tiny", "small", "paper"} <= set(bundled_config_names())
+
+
+def test_paper_config_has_the_papers_numbers():
+    c = load_config("paper")
+    assert c.data.volume_size == 128
+    assert c.autoencoder.model.latent_channels == 8 and c.autoencoder.model.codebook_size == 8192
+    assert (c.autoencoder.optim.batch_size, c.autoencoder.optim.lr) == (1, 2e-4)
+    assert (c.encoder.optim.batch_size, c.encoder.optim.lr) == (16, 1e-4)
+    assert (c.diffusion.optim.batch_size, c.diffusion.optim.lr) == (8, 1e-4)
+    assert (c.diffusion.schedule.num_train_steps, c.diffusion.schedule.beta_start, c.diffusion.schedule.beta_end) == (
+        1000,
+        0.0015,
+        0.0125,
+    )
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "paper"])
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_round_trip(tmp_path, name, suffix):
+    config = load_config(name)
+    path = save_config(config, tmp_path / f"copy{suffix}")
+    again = load_config(path)
+    assert again == config
+    assert isinstance(again.autoencoder.model.channels, tuple)
+    assert config_from_dict(config_to_dict(config)) == config
+
+
+def test_unknown_key_names_the_dotted_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("autoencoder:\n  model:\n    chanels: [8, 16]\n")
+    with pytest.raises(XctDiffError, match=r"unknown config key autoencoder\.model\.chanels"):
+        load_config(path)
+
+
+def test_unknown_section_is_an_error():
+    with pytest.raises(XctDiffError, match="unknown config key styles"):
+        config_from_dict({"styles": {}})
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"encoder": {"optim": {"lr": "fast"}}}, r"encoder\.optim\.lr must be a number"),
+        ({"encoder": {"optim": {"batch_size": 2.5}}}, r"encoder\.optim\.batch_size must be an integer"),
+        ({"autoencoder": {"model": {"channels": 16}}}, r"autoencoder\.model\.channels must be a list"),
+        ({"autoencoder": {"optim": {"betas": [0.5]}}}, r"betas must have 2 entries"),
+        ({"run": {"precision": "fp8"}}, r"run\.precision must be one of"),
+        ({"diffusion": {"optim": {"batch_size": 0}}}, r"diffusion\.optim\.batch_size must be at least 1"),
+        ({"data": ["x"]}, r"section data must be a mapping"),
+    ],
+)
+def test_bad_values_are_one_sentence_errors(data, message):
+    with pytest.raises(XctDiffError, match=message):
+        config_from_dict(data)
+
+
+def test_missing_keys_take_defaults():
+    config = config_from_dict({"run": {"seed": 7}})
+    assert config.run.seed == 7
+    assert config.encoder == Config().encoder
+
+
+def test_configs_by_name_and_path(tmp_path):
+    with pytest.raises(XctDiffError, match="unknown config 'huge'"):
+        load_config("huge")
+    with pytest.raises(XctDiffError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")
+    path = tmp_path / "mine.yaml"
+    save_config(dataclasses.replace(Config(), run=dataclasses.replace(Config().run, seed=3)), path)
+    assert load_config(str(path)).run.seed == 3
+
+
+def test_invalid_yaml_is_a_clear_error(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("run: [unclosed\n")
+    with pytest.raises(XctDiffError, match="not valid YAML"):
+        load_config(path)

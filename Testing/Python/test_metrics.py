@@ -1,0 +1,121 @@
+"""The pinned metric protocol (XctDiffCore.metrics): fixed HU window, PSNR/SSIM on the whole volume,
+X2CT-GAN's slice-averaged PSNR/SSIM over three axes, slice-wise LPIPS."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import synthetic_chest
+from skimage.metrics import structural_similarity
+
+from XctDiffCore import metrics
+
+
+@pytest.fixture
+def pair():
+    truth = synthetic_chest((24, 32, 28), seed=0)
+    noisy = truth + np.random.default_rng(1).normal(0, 150, truth.shape).astype(np.float32)
+    return metrics.window01(noisy), metrics.window01(truth)
+
+
+def test_window_is_fixed_and_clipped():
+    hu = np.array([-3000.0, -1024.0, 512.0, 2048.0, 4000.0])
+    np.testing.assert_allclose(metrics.window01(hu), [0.0, 0.0, 0.5, 1.0, 1.0])
+
+
+def test_psnr_of_a_constant_hu_offset_does_not_depend_on_the_volume():
+    """A 96 HU error is 96/3072 of the window: 10 log10(1 / (1/32)^2) = 30.10 dB for any anatomy."""
+    for seed in (0, 1):
+        truth = synthetic_chest((16, 16, 16), seed=seed)
+        truth = np.clip(truth, -900, 1900)  # keep truth + offset inside the window
+        scores = metrics.volume_scores(truth + 96.0, truth)
+        assert scores["psnr"] == pytest.approx(20 * np.log10(32), abs=1e-6)
+        assert scores["psnr_slices"] == pytest.approx(20 * np.log10(32), abs=1e-6)
+
+
+def test_identical_volumes_score_perfectly(pair):
+    _, truth = pair
+    assert metrics.psnr(truth, truth) == metrics.PERFECT_PSNR_DB
+    assert metrics.slice_psnr(truth, truth) == metrics.PERFECT_PSNR_DB
+    assert metrics.ssim_3d(truth, truth) == pytest.approx(1.0)
+    assert metrics.slice_ssim(truth, truth) == pytest.approx(1.0)
+
+
+def test_psnr_matches_its_definition(pair):
+    pred, truth = pair
+    mse = np.mean((pred - truth) ** 2)
+    assert metrics.psnr(pred, truth) == pytest.approx(10 * np.log10(1 / mse))
+
+
+def test_ssim_3d_is_scikit_image_with_default_window(pair):
+    pred, truth = pair
+    assert metrics.ssim_3d(pred, truth) == pytest.approx(structural_similarity(truth, pred, data_range=1.0, win_size=7))
+    assert 0.0 < metrics.ssim_3d(pred, truth) < 1.0
+
+
+def test_slice_psnr_matches_x2ct_gan_loops(pair):
+    pred, truth = pair
+    per_axis = []
+    for axis in range(3):
+        values = []
+        for i in range(truth.shape[axis]):
+            mse = np.mean((np.take(pred, i, axis) - np.take(truth, i, axis)) ** 2)
+            values.append(20 * np.log10(1.0 / np.sqrt(mse)))
+        per_axis.append(np.mean(values))
+    assert metrics.slice_psnr(pred, truth) == pytest.approx(np.mean(per_axis))
+
+
+def test_slice_ssim_is_the_mean_of_2d_slice_ssims(pair):
+    pred, truth = pair
+    per_axis = [
+        np.mean([structural_similarity(np.take(truth, i, a), np.take(pred, i, a), data_range=1.0)
+                 for i in range(truth.shape[a])])
+        for a in range(3)
+    ]
+    assert metrics.slice_ssim(pred, truth) == pytest.approx(np.mean(per_axis))
+
+
+def test_slice_lpips_averages_slices_then_axes():
+    """With a stand-in distance (mean absolute difference per slice) the averaging is checkable by hand."""
+
+    class MeanAbs(torch.nn.Module):
+        def forward(self, x, y):
+            assert x.ndim == 4 and x.shape[1] == 1 and x.min() >= -1 and x.max() <= 1
+            return (x - y).abs().mean(dim=(1, 2, 3))
+
+    rng = np.random.default_rng(0)
+    truth = rng.random((4, 5, 6))
+    pred = np.clip(truth + rng.normal(0, 0.1, truth.shape), 0, 1)
+    expected = np.mean([np.mean(np.abs(pred - truth).mean(axis=tuple(b for b in range(3) if b != a))) * 2 for a in range(3)])
+    assert metrics.slice_lpips(pred, truth, MeanAbs()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_lpips_of_identical_volumes_is_zero():
+    from XctDiffCore.models.lpips import LPIPS
+
+    torch.manual_seed(0)
+    truth = metrics.window01(synthetic_chest((32, 32, 32)))
+    assert metrics.slice_lpips(truth, truth, LPIPS()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_volume_scores_keys_and_missing_lpips(pair):
+    truth_hu = synthetic_chest((16, 16, 16))
+    scores = metrics.volume_scores(truth_hu + 50, truth_hu, lpips=None)
+    assert set(scores) == {"psnr", "ssim", "psnr_slices", "ssim_slices", "lpips"}
+    assert scores["lpips"] is None
+
+
+def test_worse_reconstructions_score_worse():
+    truth = synthetic_chest((16, 24, 24), seed=0)
+    rng = np.random.default_rng(0)
+    mild, strong = (truth + rng.normal(0, s, truth.shape) for s in (30, 300))
+    a, b = metrics.volume_scores(mild, truth), metrics.volume_scores(strong, truth)
+    for key in ("psnr", "ssim", "psnr_slices", "ssim_slices"):
+        assert a[key] > b[key]
+
+
+def test_shape_mismatch_is_refused():
+    with pytest.raises(ValueError):
+        metrics.volume_scores(np.zeros((8, 8, 8)), np.zeros((8, 8, 9)))
+    with pytest.raises(ValueError):
+        metrics.ssim_2d(np.zeros((8, 8)), np.zeros((8, 9)))

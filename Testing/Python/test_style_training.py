@@ -1,0 +1,205 @@
+"""`xctdiff train style`: the tiny CycleGAN on synthetic domains learns, resumes bit-exactly and exports.
+
+The two domains are made here, not taken from ../shared: phantom DRRs (the "DRR" side, a datalist
+like `xctdiff prepare` writes) and the same phantoms with another intensity curve, blur and noise,
+saved as 8-bit PNG films (the "real" side, read through read_radiograph + preprocess_radiograph).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import synthetic_chest
+
+from XctDiffCore.cli import main
+from XctDiffCore.config import load_config, save_config
+from XctDiffCore.drr import drr_of_volume
+from XctDiffCore.errors import XctDiffError
+from XctDiffCore.io import read_radiograph, write_image_png
+from XctDiffCore.style import apply_style, load_style_generator
+from XctDiffCore.style_eval import consistency_with_and_without_style, domain_accuracy, evaluate_style, nearest_drr, style_features
+from XctDiffCore.training import train
+from XctDiffCore.training.style import RealRadiographs, find_real_radiographs, split_real_files
+from XctDiffCore.volume import Volume
+
+STEPS = 24  # tiny config: 32 px, 8-channel generators
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two cores shared with other jobs: one intra-op thread is several times faster than two here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _real_looking(drr01: np.ndarray, rng) -> np.ndarray:
+    """Another detector: a gamma curve (brighter), blur and noise."""
+    from skimage.filters import gaussian
+
+    return np.clip(gaussian(drr01, 1.0) ** 0.5 + rng.normal(0, 0.04, drr01.shape), 0, 1)
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    root = tmp_path_factory.mktemp("style_domains")
+    (root / "xrays").mkdir()
+    (root / "real").mkdir()
+    entries = []
+    for k in range(8):
+        volume = Volume(synthetic_chest((48, 48, 48), seed=k), spacing=(2.5 + 0.3 * k,) * 3, origin=(0, 0, 0))
+        np.save(root / "xrays" / f"p{k}.npy", drr_of_volume(volume, "parallel", size=32))
+        entries.append({"image": f"images/p{k}.npz", "xray": f"xrays/p{k}.npy", "patient": f"p{k}"})
+        film = _real_looking(drr_of_volume(volume, "parallel", size=64), np.random.default_rng(k))
+        write_image_png(film, root / "real" / f"film{k}.png", bits=8)
+    (root / "datalist.json").write_text(json.dumps({"training": entries[:6], "validation": entries[6:]}))
+    return root
+
+
+def _config(domains, steps: int, checkpoint_every: int):
+    config = load_config("tiny")
+    optim = dataclasses.replace(config.style.optim, max_steps=steps, log_every=4, val_every=steps, checkpoint_every=checkpoint_every)
+    style = dataclasses.replace(config.style, real=(str(domains / "real"),), optim=optim)
+    return dataclasses.replace(config, style=style)
+
+
+def _log(run_dir) -> list[dict]:
+    lines = (run_dir / "style" / "log.csv").read_text(encoding="utf-8").splitlines()
+    header = lines[0].split(",")
+    return [dict(zip(header, line.split(","))) for line in lines[1:]]
+
+
+@pytest.fixture(scope="module")
+def straight(domains, tmp_path_factory):
+    """One uninterrupted tiny run: the reference for resuming, and the model the evaluation uses."""
+    run = tmp_path_factory.mktemp("style_run") / "straight"
+    train("style", _config(domains, STEPS, STEPS), data=domains / "datalist.json", out=run)
+    return run
+
+
+def test_tiny_style_training_learns_resumes_and_exports(domains, straight, tmp_path):
+    rows = [r for r in _log(straight) if r["train/cycle_real"]]
+    cycle = [float(r["train/cycle_real"]) + float(r["train/cycle_drr"]) for r in rows]
+    assert cycle[-1] < 0.6 * cycle[0], f"cycle loss did not fall: {cycle}"
+    final = [r for r in _log(straight) if r.get("val/cycle_real")]
+    assert final and int(final[-1]["step"]) == STEPS
+    stage = straight / "style"
+    assert {"checkpoint.pt", "style.safetensors", "style.json", "preview.png", "log.csv"} <= {p.name for p in stage.iterdir()}
+
+    # Half the steps, then `xctdiff train style --resume` through the CLI: the same weights, bit for bit.
+    halves = tmp_path / "halves"
+    config_file = save_config(_config(domains, STEPS, STEPS // 2), tmp_path / "style.json")
+    common = ["train", "style", "--config", str(config_file), "--data", str(domains / "datalist.json"), "--out", str(halves)]
+    assert main(common + ["--max-steps", str(STEPS // 2)]) == 0
+    assert main(common) == 2  # refuses to overwrite the run without --resume
+    assert main(common + ["--resume"]) == 0
+    a = torch.load(stage / "checkpoint.pt", weights_only=True)
+    b = torch.load(halves / "style" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == STEPS
+    for key, value in a["models"]["cyclegan"].items():
+        assert torch.equal(value, b["models"]["cyclegan"][key]), key
+
+    # The export is the checkpoint's real -> DRR generator, and it moves films towards the DRR look.
+    generator, size = load_style_generator(stage)
+    assert size == 32
+    exported = {k: v for k, v in generator.state_dict().items()}
+    for key, value in exported.items():
+        assert torch.equal(value, a["models"]["cyclegan"][f"generators.real_to_drr.{key}"]), key
+    films = RealRadiographs(find_real_radiographs([domains / "real"]), 32)
+    real01 = np.stack([(films[i][0].numpy() + 1) / 2 for i in range(len(films))])
+    drr01 = np.stack([np.load(domains / "xrays" / f"p{k}.npy") for k in range(8)])
+    moved = apply_style(generator, real01)
+    gap_before = abs(np.median(real01) - np.median(drr01))
+    gap_after = abs(np.median(moved) - np.median(drr01))
+    assert gap_after < 0.5 * gap_before, (gap_before, gap_after)
+
+
+def test_real_files_are_found_and_split(domains, tmp_path):
+    files = find_real_radiographs([domains / "real", str(domains / "real" / "film1.*")])
+    assert len(files) == 8  # the glob's match is not counted twice
+    train_files, val_files = split_real_files(files, val_cases=2, seed=0)
+    assert len(val_files) == 2 and not set(train_files) & set(val_files) and len(train_files) == 6
+    assert split_real_files(files, val_cases=2, seed=0) == (train_files, val_files)
+    assert len(split_real_files(files[:2], val_cases=4, seed=0)[0]) == 1  # one is always left to train on
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(XctDiffError, match="no real radiographs found"):
+        find_real_radiographs([tmp_path / "empty"])
+    with pytest.raises(XctDiffError, match="no real radiographs found"):
+        find_real_radiographs([str(tmp_path / "*.jpeg")])
+    with pytest.raises(XctDiffError, match="at least 2"):
+        split_real_files(files[:1], val_cases=1, seed=0)
+
+
+def test_config_refuses_an_indivisible_image_size():
+    config = load_config("tiny")
+    model = dataclasses.replace(config.style.model, num_downsamples=6)  # 32 px is not a multiple of 64
+    with pytest.raises(XctDiffError, match="style.model.num_downsamples"):
+        dataclasses.replace(config, style=dataclasses.replace(config.style, model=model)).validate()
+
+
+def test_evaluate_style_writes_the_report(domains, straight, tmp_path, capsys):
+    out = tmp_path / "eval"  # created when missing
+    argv = ["evaluate-style", "--model", str(straight / "style" / "style.safetensors"), "--real", str(domains / "real"),
+            "--drr", str(domains / "datalist.json"), "--out", str(out), "--folds", "4"]
+    assert main(argv) == 0
+    assert "| real vs DRR |" in capsys.readouterr().out
+    result = json.loads((out / "style_eval.json").read_text(encoding="utf-8"))
+    assert (result["n_real"], result["n_drr"], result["image_size"]) == (8, 8, 32)
+    assert result["before"]["accuracy"] >= 0.75  # blur + gamma + noise are easy to spot
+    assert len(result["before"]["folds"]) == 4 and 0.0 <= result["after"]["accuracy"] <= 1.0
+    assert result["consistency"] is None and result["drr_change"] >= 0
+    table = (out / "style_eval.md").read_text(encoding="utf-8")
+    assert f"{100 * result['after']['accuracy']:.1f}%" in table
+    figure = read_radiograph(out / "style_eval.png").image
+    assert figure.shape == (6 * 34 - 2, 3 * 34 - 2)  # six rows of real | transferred | nearest DRR
+    assert main(argv[:-2] + ["--folds", "1"]) == 2
+
+    calls = []
+    hooked = evaluate_style(straight / "style", [domains / "real"], domains / "datalist.json", tmp_path / "hook", folds=4,
+                            consistency=lambda image: calls.append(image) or float(image.mean()))
+    assert len(calls) == 16 and hooked["consistency"]["with_style"] != hooked["consistency"]["without_style"]
+    assert "with style transfer" in (tmp_path / "hook" / "style_eval.md").read_text(encoding="utf-8")
+
+
+def test_domain_accuracy_is_calibrated():
+    rng = np.random.default_rng(0)
+    same = rng.normal(size=(120, 6))
+    chance = domain_accuracy(same[:30], same[30:], folds=5)  # one source, unequal counts
+    assert 0.3 < chance["accuracy"] < 0.7 and chance["counts"] == [30, 90]
+    shifted = domain_accuracy(same[:30] + 3.0, same[30:], folds=5)
+    assert shifted["accuracy"] > 0.95
+    with pytest.raises(XctDiffError, match="at least 5"):
+        domain_accuracy(same[:3], same[3:], folds=5)
+
+
+def test_style_features_see_blur_and_noise():
+    rng = np.random.default_rng(0)
+    images = rng.random((2, 32, 32)).astype(np.float32)
+    from skimage.filters import gaussian
+
+    blurred = gaussian(images[0], 2.0)[None].astype(np.float32)
+    f = style_features(np.concatenate([images, blurred]))
+    assert f.shape == (3, 80) and np.isfinite(f).all()
+    np.testing.assert_allclose(f[:, :32].sum(1), 1.0, atol=1e-6)  # the intensity histogram
+    assert np.abs(f[0] - f[1]).sum() < np.abs(f[0] - f[2]).sum()  # blur is a bigger change than another noise draw
+    assert list(nearest_drr(images[::-1].copy(), images)) == [1, 0]
+
+
+def test_consistency_hook_scores_both_versions():
+    images = np.stack([np.full((4, 4), 0.2, np.float32), np.full((4, 4), 0.4, np.float32)])
+    result = consistency_with_and_without_style(lambda image: float(image.mean()), images, images + 0.5)
+    assert result["without_style"] == pytest.approx(0.3) and result["with_style"] == pytest.approx(0.8)
+    assert result["per_image"]["with_style"] == pytest.approx([0.7, 0.9])
+
+
+def test_kermany_films_load_as_the_real_domain(shared_data):
+    files = find_real_radiographs([shared_data / "cxr" / "kermany" / "train" / "NORMAL" / "*.jpeg"])[:2]
+    images = RealRadiographs(files, 128)
+    x = images[0]
+    assert x.shape == (1, 128, 128) and x.dtype == torch.float32
+    assert -1.0 <= x.min() < x.max() <= 1.0
+    assert images[0] is x  # cached after the first read

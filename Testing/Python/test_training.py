@@ -1,0 +1,296 @@
+"""Training of the three stages on the tiny config (CPU): data, losses going down, checkpoints,
+resume parity, export, and the `train` / `models` commands.
+
+One module-scoped run trains the whole chain once (autoencoder -> encoder -> diffusion, 24 steps
+each); the other tests read it. Runs are single-threaded: deterministic, and fast on a shared
+2-core machine.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import synthetic_chest
+from XctDiffCore.cli import main
+from XctDiffCore.config import config_from_dict, config_to_dict, load_config
+from XctDiffCore.training import export_run, parameter_table, stage_parameter_counts, train
+from XctDiffCore.training.common import checkpoint_path, file_sha256, load_checkpoint
+from XctDiffCore.training.data import PairDataset, StepSampler
+
+STEPS = 24
+
+
+def make_datalist(root: Path, n_train: int = 4, n_val: int = 1, size: int = 64) -> Path:
+    """A datalist like `xctdiff prepare` writes: synthetic chests + parallel projections along y."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "xrays").mkdir(exist_ok=True)
+    sections = {"training": [], "validation": []}
+    for i in range(n_train + n_val):
+        ct = synthetic_chest((size,) * 3, seed=i)  # canonical [z, y, x] HU
+        s = size // 8
+        ct[6 * s : 7 * s, :, s : 2 * s] = 1500.0  # a rod along y: superior, on the patient's right
+        np.savez(root / "images" / f"p{i}.npz", ct=ct.astype(np.int16), spacing=np.full(3, 2.5), origin=np.zeros(3))
+        mu = np.clip(ct + 1000.0, 0, None) / 1000.0
+        projection = mu.sum(axis=1)[::-1]  # along y (A->P); rows superior first: [row, col]
+        np.save(root / "xrays" / f"p{i}.npy", (projection / projection.max()).astype(np.float32))
+        section = "training" if i < n_train else "validation"
+        sections[section].append({"image": f"images/p{i}.npz", "xray": f"xrays/p{i}.npy", "patient": f"p{i}"})
+    path = root / "datalist.json"
+    path.write_text(json.dumps(sections))
+    return path
+
+
+def tiny_config(run_dir: Path, datalist: Path, **stage_optim):
+    """The tiny config, logging every step, validating and checkpointing only at the end."""
+    data = config_to_dict(load_config("tiny"))
+    data["run"]["dir"] = str(run_dir)
+    data["data"]["datalist"] = str(datalist)
+    for stage in ("autoencoder", "encoder", "diffusion"):
+        data[stage]["optim"].update(log_every=1, val_every=10_000, checkpoint_every=10_000, max_steps=STEPS)
+        data[stage]["optim"].update(stage_optim)
+    return config_from_dict(data)
+
+
+def read_log(run_dir: Path, stage: str) -> list:
+    with open(run_dir / stage / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list, name: str) -> np.ndarray:
+    return np.array([float(r[name]) for r in rows if r.get(name)])
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def datalist(tmp_path_factory) -> Path:
+    return make_datalist(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, datalist) -> Path:
+    """One tiny run of all three stages; returns the run folder."""
+    torch.set_num_threads(1)
+    run_dir = tmp_path_factory.mktemp("run")
+    config = tiny_config(run_dir, datalist)
+    for stage in ("autoencoder", "encoder", "diffusion"):
+        train(stage, config)
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def test_pairs_are_model_tensors_in_the_shared_layout(datalist):
+    item = PairDataset(datalist, "training", volume_size=32, xray_size=32)[1]
+    ct, xray = item["image"], item["xray"]
+    assert ct.shape == (1, 32, 32, 32) and xray.shape == (1, 32, 32)
+    assert ct.dtype == xray.dtype == torch.float32
+    assert -1 <= ct.min() < ct.max() <= 1 and -1 <= xray.min() < xray.max() <= 1
+    # A projection of the model-layout CT along D is the radiograph in its display orientation: the
+    # superior right marker is at the top left of both.
+    projection = ((ct + 1) / 2).sum(1)[0].numpy()
+    for image in (projection, xray[0].numpy()):
+        row, col = np.unravel_index(np.argmax(image), image.shape)
+        assert row < 8 and 4 <= col < 8, (row, col)
+    assert np.corrcoef(projection.ravel(), xray[0].numpy().ravel())[0, 1] > 0.95
+
+
+def test_volumes_are_average_pooled_to_the_config_size(datalist):
+    full = PairDataset(datalist, "training", volume_size=64, xray_size=64)[0]["image"]
+    small = PairDataset(datalist, "training", volume_size=32, xray_size=32)[0]["image"]
+    torch.testing.assert_close(small, torch.nn.functional.avg_pool3d(full[None], 2)[0])
+
+
+def test_missing_datalist_is_a_clear_error(tmp_path):
+    from XctDiffCore.errors import XctDiffError
+
+    with pytest.raises(XctDiffError, match="datalist not found"):
+        PairDataset(tmp_path / "none.json", "training", 32, 32)
+
+
+def stream(sampler: StepSampler, n: int) -> list:
+    it = iter(sampler)
+    return [next(it) for _ in range(n)]
+
+
+def test_sampler_resumes_mid_epoch_and_splits_ranks():
+    full = stream(StepSampler(10, batch_size=3, seed=1), 3 * 12)
+    resumed = stream(StepSampler(10, batch_size=3, seed=1, start_step=5), 3 * 7)
+    assert resumed == full[3 * 5 :]
+    assert full[:9] != full[9:18]  # a fresh shuffle each epoch (3 batches of 3 per epoch)
+    ranks = [stream(StepSampler(10, batch_size=2, seed=1, rank=r, world_size=2), 4) for r in (0, 1)]
+    assert not set(ranks[0]) & set(ranks[1])
+    assert stream(StepSampler(2, batch_size=4, seed=0), 4) and len(stream(StepSampler(2, batch_size=4, seed=0), 8)) == 8
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize(
+    "stage, quantity", [("autoencoder", "train/l1"), ("encoder", "train/latent_mse"), ("diffusion", "train/noise_mse")]
+)
+def test_loss_goes_down(chain, stage, quantity):
+    values = column(read_log(chain, stage), quantity)
+    assert len(values) == STEPS
+    assert values[-5:].mean() < 0.9 * values[:5].mean(), values
+
+
+def test_each_stage_writes_one_checkpoint_with_everything(chain):
+    for stage in ("autoencoder", "encoder", "diffusion"):
+        files = sorted(p.name for p in (chain / stage).iterdir())
+        assert "checkpoint.pt" in files and "log.csv" in files
+        assert not [f for f in files if f.startswith(".")], files  # no temporary files left
+        checkpoint = load_checkpoint(checkpoint_path(chain, stage))
+        assert checkpoint["step"] == STEPS and checkpoint["stage"] == stage
+        assert len(checkpoint["rng"]) == 1 and {"models", "optimizers", "scalers", "config"} <= set(checkpoint)
+        assert config_from_dict(checkpoint["config"]).run.dir == str(chain)
+    assert "ema" in load_checkpoint(checkpoint_path(chain, "diffusion"))["models"]
+
+
+def test_codebook_use_and_validation_are_logged(chain):
+    rows = read_log(chain, "autoencoder")
+    assert 0 < column(rows, "train/codebook_use")[-1] <= 1
+    assert column(rows, "val/psnr").size == 1 and 0 < column(rows, "val/ssim")[0] <= 1
+
+
+def test_checkpoints_reload_to_the_logged_validation(chain, datalist):
+    """Models rebuilt from the checkpoints reproduce the validation numbers the run logged in memory."""
+    from XctDiffCore.diffusion import EMA, NoiseSchedule
+    from XctDiffCore.training import autoencoder, diffusion, encoder
+
+    device = torch.device("cpu")
+    config = load_config("tiny")
+    items = [PairDataset(datalist, "validation", 32, 32)[0]]
+    vqgan, _ = autoencoder.trained_autoencoder(chain, "test", device)
+    logged = column(read_log(chain, "autoencoder"), "val/psnr")[-1]
+    assert autoencoder.validate(vqgan, items, device, "fp32")["val/psnr"] == pytest.approx(logged, rel=1e-5)
+
+    enc, _ = encoder.trained_encoder(chain, "test", device)
+    logged = column(read_log(chain, "encoder"), "val/latent_mse")[-1]
+    assert encoder.validate(enc, vqgan, items, device, "fp32")["val/latent_mse"] == pytest.approx(logged, rel=1e-5)
+
+    checkpoint = load_checkpoint(checkpoint_path(chain, "diffusion"))
+    ema = EMA(diffusion.build_unet(config.diffusion.model))
+    ema.load_state_dict(checkpoint["models"]["ema"])
+    schedule = NoiseSchedule(**dataclasses.asdict(config.diffusion.schedule))
+    steps, seed = config.diffusion.optim.val_sample_steps, config.run.seed
+    psnr = diffusion.validate(ema, enc, vqgan, schedule, items, device, "fp32", steps, seed)["val/psnr"]
+    assert psnr == pytest.approx(column(read_log(chain, "diffusion"), "val/psnr")[-1], rel=1e-5)
+
+
+def checkpoints_match(a: Path, b: Path) -> None:
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    assert ca["step"] == cb["step"]
+    for group in ("models", "optimizers"):
+        for name in ca[group]:
+            sa, sb = ca[group][name], cb[group][name]
+            if group == "optimizers":
+                sa, sb = sa["state"], sb["state"]
+            torch.testing.assert_close(sa, sb, rtol=1e-5, atol=1e-6)
+
+
+def test_autoencoder_resume_matches_an_uninterrupted_run(tmp_path, datalist):
+    """Killed after 5 of 10 steps (mid-epoch, critics active from step 3) then resumed == 10 steps at once."""
+    def config(run_dir, max_steps):
+        c = tiny_config(run_dir, datalist, max_steps=max_steps)
+        loss = dataclasses.replace(c.autoencoder.loss, disc_start=3)
+        return dataclasses.replace(c, autoencoder=dataclasses.replace(c.autoencoder, loss=loss))
+
+    train("autoencoder", config(tmp_path / "straight", 10))
+    train("autoencoder", config(tmp_path / "killed", 5))
+    assert load_checkpoint(checkpoint_path(tmp_path / "killed", "autoencoder"))["step"] == 5
+    train("autoencoder", config(tmp_path / "killed", 10), resume=True)
+    checkpoints_match(checkpoint_path(tmp_path / "straight", "autoencoder"), checkpoint_path(tmp_path / "killed", "autoencoder"))
+    straight, killed = read_log(tmp_path / "straight", "autoencoder"), read_log(tmp_path / "killed", "autoencoder")
+    assert [r["step"] for r in killed] == [str(s) for s in range(1, 11)]
+    np.testing.assert_allclose(column(killed, "train/l1"), column(straight, "train/l1"), rtol=1e-4)
+
+
+def test_diffusion_resume_matches_an_uninterrupted_run(tmp_path, chain, datalist):
+    """The diffusion stage's noise generator and EMA resume too."""
+    for run in ("straight", "killed"):
+        for stage in ("autoencoder", "encoder"):
+            shutil.copytree(chain / stage, tmp_path / run / stage)
+    train("diffusion", tiny_config(tmp_path / "straight", datalist, max_steps=8))
+    train("diffusion", tiny_config(tmp_path / "killed", datalist, max_steps=3))
+    train("diffusion", tiny_config(tmp_path / "killed", datalist, max_steps=8), resume=True)
+    checkpoints_match(checkpoint_path(tmp_path / "straight", "diffusion"), checkpoint_path(tmp_path / "killed", "diffusion"))
+
+
+# ---------------------------------------------------------------------------------------- export
+
+
+def test_export_run_writes_safetensors_configs_and_a_manifest(chain, datalist, tmp_path):
+    from safetensors.torch import load_file
+
+    from XctDiffCore.models.vqgan import VQGAN
+    from XctDiffCore.training.autoencoder import trained_autoencoder
+
+    manifest_path = export_run(chain, tmp_path / "model", dtype="float32", model_id="tiny-test", version="0")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    assert manifest["id"] == "tiny-test" and set(manifest["stages"]) == {"autoencoder", "encoder", "diffusion"}
+    for name, digest in manifest["sha256"].items():
+        assert file_sha256(tmp_path / "model" / name) == digest
+    assert manifest["stages"]["diffusion"]["settings"]["weights"] == "ema"
+    assert manifest["stages"]["diffusion"]["settings"]["schedule"]["num_train_steps"] == 1000
+
+    settings = json.loads((tmp_path / "model" / "autoencoder.json").read_text(encoding="utf-8"))
+    exported = VQGAN(**settings["model"])
+    exported.load_state_dict(load_file(tmp_path / "model" / "autoencoder.safetensors"))
+    reference, _ = trained_autoencoder(chain, "test", torch.device("cpu"))
+    x = PairDataset(datalist, "validation", 32, 32)[0]["image"][None]
+    with torch.no_grad():
+        torch.testing.assert_close(exported.eval()(x)[0], reference(x)[0], rtol=0, atol=0)
+
+    half = export_run(chain, tmp_path / "half", dtype="float16").parent
+    size = lambda d: (d / "autoencoder.safetensors").stat().st_size  # noqa: E731
+    assert size(half) < 0.6 * size(tmp_path / "model")
+
+
+# ------------------------------------------------------------------------------------ commands
+
+
+def test_models_command_prints_parameters_and_fp16_size(capsys):
+    assert main(["models", "--params", "tiny", "small", "paper"]) == 0
+    out = capsys.readouterr().out
+    assert "fp16 MiB" in out and out.count("total (deployed stages)") == 3
+    small = stage_parameter_counts(load_config("small"))
+    assert sum(small[s] for s in ("autoencoder", "encoder", "diffusion")) <= 30_000_000
+    paper = stage_parameter_counts(load_config("paper"))
+    assert all(paper[s] > small[s] for s in small)
+    assert f"{small['diffusion']:,}" in parameter_table({"small": load_config("small")})
+
+
+def test_models_command_rejects_an_unknown_config(capsys):
+    assert main(["models", "--params", "tiny", "enormous"]) == 2
+    assert "error: unknown config 'enormous'" in capsys.readouterr().err
+
+
+def test_train_command_errors_are_one_line(tmp_path, datalist, chain, capsys):
+    assert main(["train", "autoencoder", "--config", "tiny", "--out", str(tmp_path)]) == 2
+    assert "no datalist" in capsys.readouterr().err
+    assert main(["train", "encoder", "--config", "tiny", "--data", str(datalist), "--out", str(tmp_path / "new")]) == 2
+    assert "needs the trained autoencoder stage" in capsys.readouterr().err
+    assert main(["train", "autoencoder", "--config", "tiny", "--data", str(datalist), "--out", str(chain)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_train_command_resume_of_a_finished_stage_is_a_no_op(chain, datalist):
+    before = file_sha256(checkpoint_path(chain, "encoder"))
+    args = ["train", "encoder", "--config", "tiny", "--data", str(datalist), "--out", str(chain), "--resume"]
+    assert main(args + ["--max-steps", str(STEPS)]) == 0
+    assert file_sha256(checkpoint_path(chain, "encoder")) == before

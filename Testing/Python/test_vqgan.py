@@ -1,0 +1,196 @@
+"""The 3D VQ-GAN, its critics and the autoencoder loss on tiny configurations (CPU, seconds)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from XctDiffCore.layout import ct_to_model_layout, hu_to_unit
+from XctDiffCore.losses import AutoencoderLoss, sample_slices
+from XctDiffCore.models import count_parameters
+from XctDiffCore.models.discriminators import PatchDiscriminator
+from XctDiffCore.models.lpips import LPIPS
+from XctDiffCore.models.vqgan import VQGAN, SuperResolutionTail, pixel_shuffle_3d
+
+from conftest import synthetic_chest
+
+TINY = dict(channels=(8, 16, 32), num_res_blocks=1, latent_channels=8, codebook_size=256)
+
+
+# Batches of 2 throughout: on CPU, PyTorch runs small batch-1 conv3d through its slow native kernel
+# (5x slower forward + backward than oneDNN at these sizes).
+
+
+def _tiny(**kw):
+    torch.manual_seed(0)
+    return VQGAN(**{**TINY, **kw})
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_tiny_shapes(size):
+    model = _tiny()
+    x = torch.randn(2, 1, size, size, size)
+    z_e = model.encode(x)
+    assert z_e.shape == (2, 8, size // 4, size // 4, size // 4) == (2, *model.latent_shape(x.shape[2:]))
+    z_q, loss, idx = model.quantize(z_e)
+    assert z_q.shape == z_e.shape and idx.shape == (2, size // 4, size // 4, size // 4)
+    # z_q is in the normalised space: zero mean, unit variance across channels per latent voxel
+    torch.testing.assert_close(z_q.mean(1), torch.zeros_like(z_q[:, 0]), atol=1e-5, rtol=0)
+    x_rec = model.decode(z_q)
+    assert x_rec.shape == x.shape
+    x_rec2, loss2, idx2 = model(x)
+    torch.testing.assert_close(x_rec2, x_rec)
+    torch.testing.assert_close(model.decode_indices(idx2), x_rec)
+
+
+def test_anisotropic_input_and_other_channel_tuples():
+    model = _tiny()
+    x = torch.randn(2, 1, 32, 48, 16)
+    assert model(x)[0].shape == x.shape
+    two = VQGAN(channels=(8, 12), num_res_blocks=2, latent_channels=4, codebook_size=32)
+    assert two.downsample_factor == 2 and two.encode(torch.randn(1, 1, 16, 16, 16)).shape == (1, 4, 8, 8, 8)
+    assert two(torch.randn(1, 1, 16, 16, 16))[0].shape == (1, 1, 16, 16, 16)
+    four = VQGAN(channels=(4, 8, 8, 16), latent_channels=3, codebook_size=16)
+    assert four.downsample_factor == 8 and four(torch.randn(1, 1, 16, 16, 16))[0].shape == (1, 1, 16, 16, 16)
+
+
+def test_indivisible_input_is_refused():
+    with pytest.raises(ValueError, match="multiples of 4"):
+        _tiny().encode(torch.randn(1, 1, 30, 32, 32))
+
+
+def test_super_resolution_tail_present_and_switchable():
+    with_sr, without = _tiny(), _tiny(super_resolution=False)
+    assert isinstance(with_sr.decoder.head, SuperResolutionTail)
+    assert not any(isinstance(m, SuperResolutionTail) for m in without.modules())
+    assert without(torch.randn(1, 1, 32, 32, 32))[0].shape == (1, 1, 32, 32, 32)
+    assert with_sr.last_layer is with_sr.decoder.head.residual[-1].weight
+    # the tail's output = trilinear(coarse) + residual: zeroing the residual conv leaves a smooth upsampling
+    tail = with_sr.decoder.head
+    with torch.no_grad():
+        tail.residual[-1].weight.zero_()
+        tail.residual[-1].bias.zero_()
+        h = torch.randn(1, 16, 4, 4, 4)
+        coarse = tail.coarse(h)
+        up = torch.nn.functional.interpolate(coarse, scale_factor=2, mode="trilinear", align_corners=False)
+        torch.testing.assert_close(tail(h), up)
+
+
+def test_pixel_shuffle_3d_places_children():
+    x = torch.arange(2 * 8 * 1 * 1 * 1, dtype=torch.float32).view(1, 16, 1, 1, 1)
+    y = pixel_shuffle_3d(x)
+    assert y.shape == (1, 2, 2, 2, 2)
+    # channel c*8 + (r1*4 + r2*2 + r3) goes to voxel (r1, r2, r3) of output channel c
+    assert y[0, 1, 1, 0, 1].item() == 1 * 8 + (1 * 4 + 0 * 2 + 1)
+
+
+def test_backward_reaches_encoder_codebook_decoder():
+    model = _tiny()
+    x = torch.randn(2, 1, 32, 32, 32)
+    x_rec, codebook_loss, _ = model(x)
+    ((x_rec - x).abs().mean() + codebook_loss).backward()
+    for part in (model.encoder, model.quantizer, model.decoder):
+        grads = [p.grad for p in part.parameters()]
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+
+def test_vqgan_forward_compiles_without_graph_breaks():
+    model = _tiny()
+    x = torch.randn(1, 1, 16, 16, 16)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x)[0], model(x)[0])
+
+
+def test_parameter_counts_grow_with_config():
+    tiny, small = _tiny(), VQGAN(channels=(32, 64, 128), num_res_blocks=1, codebook_size=8192)
+    assert count_parameters(tiny) < 500_000 < 4_000_000 < count_parameters(small)
+    assert count_parameters(tiny.quantizer) == 256 * 8
+
+
+@pytest.mark.parametrize("size,expected", [(32, 2), (64, 6), (128, 14)])
+def test_discriminator_2d_output_shapes(size, expected):
+    disc = PatchDiscriminator(spatial_dims=2, in_channels=1, channels=8, num_layers=3)
+    assert disc(torch.randn(3, 1, size, size)).shape == (3, 1, expected, expected)
+
+
+def test_discriminator_3d_output_shapes():
+    disc = PatchDiscriminator(spatial_dims=3, in_channels=1, channels=4, num_layers=3)
+    assert disc(torch.randn(2, 1, 32, 32, 32)).shape == (2, 1, 2, 2, 2)
+    disc2 = PatchDiscriminator(spatial_dims=3, in_channels=1, channels=4, num_layers=2)
+    assert disc2(torch.randn(1, 1, 32, 48, 32)).shape == (1, 1, 6, 10, 6)
+
+
+def test_sample_slices_same_positions_every_axis():
+    x = torch.randn(2, 1, 8, 10, 12)
+    y = x * 2
+    groups = sample_slices((x, y), slices_per_axis=3)
+    assert [g[0].shape for g in groups] == [(6, 1, 10, 12), (6, 1, 8, 12), (6, 1, 8, 10)]
+    for a, b in groups:
+        torch.testing.assert_close(b, a * 2)
+
+
+def _loss(lpips=None, disc_start=5, adaptive=True):
+    torch.manual_seed(1)
+    return AutoencoderLoss(
+        disc_3d=PatchDiscriminator(3, 1, channels=4, num_layers=2),
+        disc_2d=PatchDiscriminator(2, 1, channels=4, num_layers=2),
+        lpips=lpips,
+        disc_start=disc_start,
+        slices_per_axis=1,
+        adaptive_weight=adaptive,
+    )
+
+
+def _batch():
+    cts = [hu_to_unit(ct_to_model_layout(synthetic_chest((32, 32, 32), seed=s))) for s in (3, 4)]
+    return torch.from_numpy(np.stack(cts)[:, None].copy()).float()  # (2, 1, 32, 32, 32)
+
+
+def test_loss_gan_term_zero_before_warmup_and_active_after():
+    model, loss_fn, x = _tiny(), _loss(disc_start=5), _batch()
+    x_rec, cb, _ = model(x)
+    total, logs = loss_fn.generator_loss(x, x_rec, cb, step=4, last_layer=model.last_layer)
+    assert torch.isfinite(total)
+    assert logs["gan_3d"] == 0 and logs["gan_2d"] == 0 and logs["gan_lambda"] == 0
+    torch.testing.assert_close(total, logs["l1"] + logs["codebook"])  # no LPIPS weights: term off
+    d_total, d_logs = loss_fn.discriminator_loss(x, x_rec, step=4)
+    assert d_total.item() == 0 and not loss_fn.gan_active(4)
+
+    total, logs = loss_fn.generator_loss(x, x_rec, cb, step=5, last_layer=model.last_layer)
+    assert loss_fn.gan_active(5) and torch.isfinite(total)
+    assert logs["gan_3d"] != 0 and logs["gan_2d"] != 0 and logs["gan_lambda"] > 0
+    total.backward()
+    assert model.decoder.last_layer.grad is not None
+    model.zero_grad(set_to_none=True)
+    loss_fn.zero_grad(set_to_none=True)
+    d_total, d_logs = loss_fn.discriminator_loss(x, x_rec, step=5)
+    assert d_total.item() > 0 and all(torch.isfinite(v) for v in d_logs.values())
+    d_total.backward()
+    assert all(p.grad is not None for p in loss_fn.discriminator_parameters())
+    assert all(p.grad is None for p in model.parameters())  # the critics' step leaves the VQ-GAN alone
+
+
+def test_loss_with_lpips_module_adds_perceptual_term():
+    lpips = LPIPS()  # random weights: exercises the path without the cached file
+    torch.nn.init.uniform_(lpips.heads[0].weight, 0.0, 1.0)
+    model, loss_fn, x = _tiny(), _loss(lpips=lpips, adaptive=False), _batch()
+    x_rec, cb, _ = model(x)
+    total, logs = loss_fn.generator_loss(x, x_rec, cb, step=0)
+    assert logs["lpips"] > 0 and torch.isfinite(total)
+    torch.testing.assert_close(total.detach(), logs["l1"] + logs["lpips"] + logs["codebook"])
+
+
+def test_tiny_autoencoder_overfits_a_phantom():
+    """A few Adam steps on one 32^3 phantom reduce the reconstruction error (the model is trainable)."""
+    model, loss_fn, x = _tiny(), _loss(disc_start=1000), _batch()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    l1s = []
+    for step in range(6):
+        x_rec, cb, _ = model(x)
+        total, logs = loss_fn.generator_loss(x, x_rec, cb, step, last_layer=model.last_layer)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        l1s.append(logs["l1"].item())
+    assert all(torch.isfinite(torch.tensor(l1s)))
+    assert l1s[-1] < 0.7 * l1s[0]

@@ -1,0 +1,406 @@
+"""One configuration for a whole XctDiff run: plain YAML mapped onto typed dataclasses.
+
+A config file has one section per stage (``autoencoder``, ``encoder``, ``diffusion``), each with a
+``model`` subsection whose fields are exactly the network's constructor arguments and an ``optim``
+subsection, plus ``data`` (the datalist and the sizes the models see) and ``run`` (run folder, seed,
+precision). Every field is written out in the dataclasses below, so a reader sees every knob and a
+misspelt key fails at once with its dotted name (``autoencoder.model.chanels``) instead of being
+ignored. Nothing is instantiated from a class-name string.
+
+Configs are found by name (``tiny``, ``small``, ``paper``: ``XctDiffCore/configs/<name>.yaml``) or by
+path. PyYAML is imported only when a ``.yaml`` file is read, so a JSON config (``.json``, same
+structure) loads with the standard library alone, e.g. on a bare GPU machine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_path
+from .errors import XctDiffError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+STAGES = ("autoencoder", "encoder", "diffusion", "style")
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+# ----------------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives and how it is made reproducible."""
+
+    dir: str = "runs/paper"  # one sub-folder per stage: <dir>/<stage>/checkpoint.pt, log.csv, ...
+    seed: int = 0
+    precision: str = "bf16"  # autocast dtype on CUDA (CPU always trains in fp32)
+
+
+@dataclass
+class DataConfig:
+    """The datalist (from ``xctdiff prepare``) and the sizes the models see (downsampled on the fly)."""
+
+    datalist: str = ""  # path to datalist.json; --data overrides it
+    volume_size: int = 128  # CT edge in voxels (the prepared 128^3 volume is average-pooled to it)
+    xray_size: int = 128  # radiograph edge in pixels (area interpolation)
+    num_workers: int = 2
+    val_cases: int = 4  # validation items evaluated per validation pass (the first of the list)
+
+
+@dataclass
+class OptimConfig:
+    """Adam(W) with a linear warm-up and then a constant learning rate (so --max-steps never changes the schedule)."""
+
+    batch_size: int = 1  # per process
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
+    max_steps: int = 100_000
+    log_every: int = 50
+    val_every: int = 2_000
+    checkpoint_every: int = 1_000
+
+
+@dataclass
+class AutoencoderModelConfig:
+    """Arguments of :class:`XctDiffCore.models.vqgan.VQGAN`."""
+
+    in_channels: int = 1
+    channels: tuple[int, ...] = (64, 128, 256)  # one level per entry; the latent is 2**(levels-1) smaller
+    num_res_blocks: int = 2
+    latent_channels: int = 8
+    codebook_size: int = 8192
+    beta: float = 0.25
+    super_resolution: bool = True
+    norm_groups: int = 32
+
+
+@dataclass
+class DiscriminatorConfig:
+    """Arguments of one :class:`XctDiffCore.models.discriminators.PatchDiscriminator` (besides ``spatial_dims``)."""
+
+    in_channels: int = 1
+    channels: int = 64
+    num_layers: int = 3
+    norm_groups: int = 32
+
+
+@dataclass
+class AutoencoderLossConfig:
+    """Arguments of :class:`XctDiffCore.losses.AutoencoderLoss` (eqs. 3-4), plus where LPIPS weights are."""
+
+    l1_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    codebook_weight: float = 1.0
+    gan_weight: float = 0.1
+    gan_3d_weight: float = 1.0  # alpha of eq. 3
+    gan_2d_weight: float = 1.0  # beta of eq. 3
+    disc_start: int = 10_000  # warm-up: the critics join at this step
+    slices_per_axis: int = 2
+    adaptive_weight: bool = True
+    lpips_weights: str = ""  # LPIPS safetensors file; "" = the default cache; LPIPS is left out if absent
+
+
+@dataclass
+class AutoencoderConfig:
+    model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
+    disc_3d: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    disc_2d: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(batch_size=1, lr=2e-4, betas=(0.5, 0.9)))
+
+
+@dataclass
+class EncoderModelConfig:
+    """Arguments of :class:`XctDiffCore.models.progressive_encoder.ProgressiveEncoder`."""
+
+    image_size: int = 128  # = data.xray_size
+    in_channels: int = 1
+    channels_2d: tuple[int, ...] = (64, 128, 256)
+    num_res_blocks: int = 2
+    depth: int = 32  # = the VQ latent's D
+    lift_channels: int = 32
+    channels_3d: tuple[int, ...] = (128, 128)
+    latent_channels: int = 8
+    norm_groups: int = 32
+
+
+@dataclass
+class EncoderConfig:
+    """The progressive encoder learns ``F.mse_loss(encoder(xray), y_ct)`` against the frozen VQ-GAN's latents."""
+
+    model: EncoderModelConfig = field(default_factory=EncoderModelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(batch_size=16, lr=1e-4))
+
+
+@dataclass
+class UNetConfig:
+    """Arguments of :class:`XctDiffCore.models.unet.LatentUNet`."""
+
+    latent_channels: int = 8
+    channels: tuple[int, ...] = (128, 256, 512)
+    num_res_blocks: int = 2
+    attention_levels: tuple[bool, ...] = (False, True, True)
+    num_heads: int = 4
+    conditioning: str = "cross_attention"  # or "concat" (the reference code)
+    norm_groups: int = 32
+
+
+@dataclass
+class ScheduleConfig:
+    """Arguments of :class:`XctDiffCore.diffusion.NoiseSchedule` (the paper's betas)."""
+
+    num_train_steps: int = 1000
+    beta_start: float = 0.0015
+    beta_end: float = 0.0125
+
+
+@dataclass
+class DiffusionOptimConfig(OptimConfig):
+    ema_decay: float = 0.9999
+    val_sample_steps: int = 50  # DDIM steps of the validation reconstructions
+
+
+@dataclass
+class DiffusionConfig:
+    model: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: DiffusionOptimConfig = field(default_factory=lambda: DiffusionOptimConfig(batch_size=8, lr=1e-4))
+
+
+@dataclass
+class StyleModelConfig:
+    """Arguments of :class:`XctDiffCore.models.cyclegan.ResnetGenerator` (both generators of the CycleGAN)."""
+
+    in_channels: int = 1
+    out_channels: int = 1
+    channels: int = 64
+    num_res_blocks: int = 6
+    num_downsamples: int = 2  # data.xray_size must be a multiple of 2**num_downsamples
+
+
+@dataclass
+class StyleLossConfig:
+    """Weights of the CycleGAN objective (Zhu et al. 2017 defaults) and the critics' pool of past fakes."""
+
+    cycle_weight: float = 10.0
+    identity_weight: float = 5.0  # 0 leaves the identity term out
+    pool_size: int = 50
+
+
+@dataclass
+class StyleConfig:
+    """Real radiograph -> DRR style transfer; the DRR domain is the datalist's ``xray`` images at ``data.xray_size``."""
+
+    real: tuple[str, ...] = ()  # folders (searched recursively) or glob patterns of real films, from the working directory
+    model: StyleModelConfig = field(default_factory=StyleModelConfig)
+    critic: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    loss: StyleLossConfig = field(default_factory=StyleLossConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(batch_size=1, lr=2e-4, betas=(0.5, 0.999)))
+
+
+@dataclass
+class Config:
+    """A whole run. A later section (e.g. ``style``) is one more dataclass field here and in the YAML."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    style: StyleConfig = field(default_factory=StyleConfig)
+
+    def validate(self) -> "Config":
+        """Refuse values that no run can use, in one sentence each."""
+        if self.run.precision not in PRECISIONS:
+            raise XctDiffError(f"run.precision must be one of {', '.join(PRECISIONS)}, got {self.run.precision!r}")
+        if self.diffusion.model.conditioning not in ("cross_attention", "concat"):
+            raise XctDiffError(
+                f"diffusion.model.conditioning must be 'cross_attention' or 'concat', got {self.diffusion.model.conditioning!r}"
+            )
+        for stage in STAGES:
+            optim = getattr(self, stage).optim
+            for name in ("batch_size", "max_steps", "log_every", "val_every", "checkpoint_every"):
+                if getattr(optim, name) < 1:
+                    raise XctDiffError(f"{stage}.optim.{name} must be at least 1, got {getattr(optim, name)}")
+            if optim.lr <= 0:
+                raise XctDiffError(f"{stage}.optim.lr must be positive, got {optim.lr}")
+        for name in ("volume_size", "xray_size"):
+            if getattr(self.data, name) < 8:
+                raise XctDiffError(f"data.{name} must be at least 8, got {getattr(self.data, name)}")
+        self._check_shapes()
+        style_factor = 2**self.style.model.num_downsamples
+        if self.data.xray_size % style_factor:
+            raise XctDiffError(f"data.xray_size ({self.data.xray_size}) must be a multiple of {style_factor} (style.model.num_downsamples)")
+        if self.style.loss.pool_size < 0:
+            raise XctDiffError(f"style.loss.pool_size must be 0 or more, got {self.style.loss.pool_size}")
+        return self
+
+    def latent_size(self) -> int:
+        """Edge of the VQ latent grid: ``data.volume_size / 2**(levels - 1)``."""
+        return self.data.volume_size // 2 ** (len(self.autoencoder.model.channels) - 1)
+
+    def _check_shapes(self) -> None:
+        """The three stages must agree on the latent's shape; say which key to change when they do not."""
+        ae, enc, unet = self.autoencoder.model, self.encoder.model, self.diffusion.model
+        factor = 2 ** (len(ae.channels) - 1)
+        if self.data.volume_size % factor:
+            raise XctDiffError(f"data.volume_size ({self.data.volume_size}) must be a multiple of {factor} (autoencoder levels)")
+        latent = self.latent_size()
+        checks = [
+            (enc.image_size == self.data.xray_size, f"encoder.model.image_size must equal data.xray_size ({self.data.xray_size})"),
+            (enc.depth == latent, f"encoder.model.depth must equal the latent size {latent}"),
+            (
+                enc.image_size // 2 ** (len(enc.channels_2d) - 1) == latent,
+                f"encoder.model.image_size / 2**(len(channels_2d) - 1) must equal the latent size {latent}",
+            ),
+            (enc.latent_channels == ae.latent_channels, "encoder.model.latent_channels must equal autoencoder.model.latent_channels"),
+            (unet.latent_channels == ae.latent_channels, "diffusion.model.latent_channels must equal autoencoder.model.latent_channels"),
+            (
+                latent % 2 ** (len(unet.channels) - 1) == 0,
+                f"the latent size {latent} must be a multiple of 2**(len(diffusion.model.channels) - 1)",
+            ),
+            (len(unet.attention_levels) == len(unet.channels), "diffusion.model.attention_levels needs one flag per level of channels"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise XctDiffError(message)
+
+
+# ---------------------------------------------------------------------------------- dict <-> config
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Check one YAML value against a field's type hint; lists become tuples, ints become floats."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise XctDiffError(f"config section {key} must be a mapping, got {type(value).__name__}")
+        return _from_dict(hint, value, key)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise XctDiffError(f"config key {key} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise XctDiffError(f"config key {key} must have {len(args)} entries, got {len(value)}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise XctDiffError(f"config key {key} must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise XctDiffError(f"config key {key} must be an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise XctDiffError(f"config key {key} must be true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise XctDiffError(f"config key {key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config field type {hint!r} for {key}")
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise XctDiffError(
+            f"unknown config key {where}{unknown[0]} (known keys{' of ' + prefix if prefix else ''}: {', '.join(names)})"
+        )
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    """A :class:`Config` from nested plain data; missing keys take the defaults, unknown keys raise."""
+    if not isinstance(data, dict):
+        raise XctDiffError("a config must be a mapping of sections (run, data, autoencoder, encoder, diffusion, style)")
+    return _from_dict(Config, data).validate()
+
+
+def config_to_dict(config) -> dict:
+    """Nested plain data (lists, not tuples) for YAML/JSON; the inverse of :func:`config_from_dict`."""
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+# ------------------------------------------------------------------------------------------- files
+
+
+def resolve_config_path(name_or_path) -> Path:
+    """``tiny`` -> the bundled ``configs/tiny.yaml``; anything with a suffix or a folder is a path."""
+    text = str(name_or_path)
+    path = Path(text)
+    if path.suffix or path.parent != Path("."):
+        if not path.is_file():
+            raise XctDiffError(f"config file not found: {path}")
+        return path
+    bundled = CONFIG_DIR / f"{text}.yaml"
+    if not bundled.is_file():
+        known = ", ".join(bundled_config_names()) or "none"
+        raise XctDiffError(f"unknown config {text!r} (bundled configs: {known}; or give a path to a .yaml file)")
+    return bundled
+
+
+def bundled_config_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path) -> Config:
+    """Read a config by bundled name or path (``.yaml``/``.yml`` with PyYAML, ``.json`` with the stdlib)."""
+    path = resolve_config_path(name_or_path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise XctDiffError(f"{path} is not valid JSON: {exc}") from None
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise XctDiffError(
+                f"reading {path.name} needs PyYAML (pip install pyyaml), or pass the same config as .json"
+            ) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise XctDiffError(f"{path} is not valid YAML: {exc}") from None
+    try:
+        return config_from_dict(data or {})
+    except XctDiffError as exc:
+        raise XctDiffError(f"{path.name}: {exc}") from None
+
+
+def save_config(config: Config, path) -> Path:
+    """Write a config as YAML (``.yaml``) or JSON (``.json``), atomically; :func:`load_config` reads it back."""
+    path = Path(path)
+    data = config_to_dict(config)
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() == ".json":
+            tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        else:
+            import yaml
+
+            tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path

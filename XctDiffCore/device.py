@@ -1,0 +1,163 @@
+"""Which device a reconstruction runs on, and why not the GPU when it is not used.
+
+``auto`` picks CUDA when PyTorch can use a GPU that is recent and large enough, else the CPU, and says
+why in one warning when GPU hardware is present but cannot be used (the common case: PyTorch is a
+CPU-only build on a machine with an NVIDIA driver). An explicit ``cuda`` / ``cuda:N`` that cannot be
+honoured is an :class:`XctDiffError`, never a silent CPU run. On CUDA out-of-memory the pipeline
+falls back to the CPU with a warning (:func:`run_with_cpu_fallback`), unless told not to.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+import torch
+
+from .errors import XctDiffError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+# A guess until the default model is measured on GPUs (``xctdiff benchmark pipeline``): below this the
+# decoder's 128^3 activations do not fit and ``auto`` prefers the CPU.
+MIN_GPU_MEMORY_GIB = 4.0
+
+T = TypeVar("T")
+
+
+class DeviceWarning(UserWarning):
+    """The reconstruction runs somewhere else than the user may expect (CPU instead of a GPU)."""
+
+
+def gpu_hardware_present() -> bool:
+    """An NVIDIA driver is installed (Linux: /proc/driver/nvidia; elsewhere: nvidia-smi on the PATH).
+
+    Cheap and without running anything: it only tells whether "no GPU" deserves an explanation.
+    """
+    return Path("/proc/driver/nvidia").exists() or shutil.which("nvidia-smi") is not None
+
+
+def _arch_supported(capability: tuple) -> bool:
+    """PyTorch carries kernels for this compute capability (same major, not newer minor), or PTX it can JIT."""
+    arch_list = torch.cuda.get_arch_list()
+    if not arch_list:
+        return True
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, number = arch.partition("_")
+        if not number.isdigit():
+            continue
+        m, n = int(number[:-1]), int(number[-1])
+        if kind == "sm" and m == major and n <= minor:
+            return True
+        if kind == "compute" and (m, n) <= (major, minor):
+            return True
+    return False
+
+
+def cuda_problem(index: int = 0, min_memory_gib: float = MIN_GPU_MEMORY_GIB) -> Optional[str]:
+    """Why GPU ``index`` cannot run a reconstruction, in one sentence, or None when it can."""
+    if torch.version.cuda is None:
+        hint = " although an NVIDIA driver is installed" if gpu_hardware_present() else ""
+        return (f"PyTorch {torch.__version__} is a CPU-only build{hint}; install a CUDA build of PyTorch "
+                "(https://pytorch.org/get-started/locally/) to use the GPU")
+    if not torch.cuda.is_available():
+        return f"PyTorch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU or driver"
+    count = torch.cuda.device_count()
+    if index >= count:
+        return f"GPU {index} does not exist ({count} found)"
+    props = torch.cuda.get_device_properties(index)
+    capability = (props.major, props.minor)
+    if not _arch_supported(capability):
+        return (f"GPU {index} ({props.name}, compute capability {props.major}.{props.minor}) is too old for "
+                f"this PyTorch build (supports {' '.join(torch.cuda.get_arch_list())})")
+    memory_gib = props.total_memory / 2**30
+    if memory_gib < min_memory_gib:
+        return f"GPU {index} ({props.name}) has {memory_gib:.1f} GiB of memory, less than the {min_memory_gib:g} GiB needed"
+    return None
+
+
+def _parse(name: str) -> tuple:
+    """'auto' / 'cpu' / 'cuda' / 'cuda:N' -> (kind, index)."""
+    text = str(name).strip().lower()
+    if text in ("auto", "cpu", "cuda"):
+        return text, 0
+    kind, _, index = text.partition(":")
+    if kind == "cuda" and index.isdigit():
+        return "cuda", int(index)
+    raise XctDiffError(f"unknown device {name!r}; choose auto, cpu, cuda or cuda:N")
+
+
+def choose_device(name: str = "auto", min_memory_gib: float = MIN_GPU_MEMORY_GIB) -> torch.device:
+    """The torch device for ``name`` ('auto', 'cpu', 'cuda', 'cuda:N').
+
+    ``auto``: the first GPU when usable, else the CPU, with one :class:`DeviceWarning` when GPU
+    hardware exists but cannot be used. ``cuda``: that GPU or an :class:`XctDiffError` saying why not
+    (a GPU below ``min_memory_gib`` is used anyway, with a warning: the out-of-memory fallback remains).
+    """
+    kind, index = _parse(name)
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind == "auto":
+        problem = cuda_problem(0, min_memory_gib)
+        if problem is None:
+            return torch.device("cuda", 0)
+        if gpu_hardware_present() or torch.cuda.is_available():
+            warnings.warn(f"running on the CPU (slow): {problem}", DeviceWarning, stacklevel=2)
+        return torch.device("cpu")
+    problem = cuda_problem(index, min_memory_gib=0.0)
+    if problem is not None:
+        raise XctDiffError(f"cannot use {name}: {problem}")
+    small = cuda_problem(index, min_memory_gib)
+    if small is not None:
+        warnings.warn(small, DeviceWarning, stacklevel=2)
+    return torch.device("cuda", index)
+
+
+def describe_device(device: torch.device) -> str:
+    """'cuda:0 (NVIDIA H100 80GB HBM3)' or 'cpu (2 threads)': for summaries and the Slicer panel."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """bf16 on a CUDA device that supports it, else None (fp32): the inference precision."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    with torch.cuda.device(device):  # emulated bf16 (before Ampere) is slower than fp32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def run_with_cpu_fallback(fn: Callable[[torch.device], T], device: torch.device, fallback: bool = True) -> T:
+    """``fn(device)``; on CUDA out-of-memory, free the cache, warn and return ``fn(cpu)`` (when ``fallback``).
+
+    Without ``fallback`` the out-of-memory becomes an :class:`XctDiffError` that says what to try.
+    """
+    device = torch.device(device)
+    try:
+        return fn(device)
+    except Exception as exc:  # noqa: BLE001 - only CUDA OOM is handled, everything else re-raised
+        if device.type != "cuda" or not is_cuda_oom(exc):
+            raise
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if not fallback:
+        raise XctDiffError(
+            f"the GPU ({device}) ran out of memory; try fewer --samples, close other GPU programs, or use --device cpu"
+        )
+    warnings.warn(f"the GPU ({device}) ran out of memory: continuing on the CPU (slow)", DeviceWarning, stacklevel=2)
+    return fn(torch.device("cpu"))
+
+
+def torchrun_rank() -> tuple:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) without it."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))

@@ -1,0 +1,143 @@
+"""The pinned metric protocol: how a reconstructed CT is scored against its ground truth.
+
+Every number this project reports (``xctdiff evaluate``, the README's table) is computed here, the
+same way for every case, method and run:
+
+1. **Intensity.** Both volumes are in HU on the same canonical grid (``[z, y, x]``, the model's
+   output grid). The fixed window ``[-1024, 2048]`` HU (:mod:`XctDiffCore.layout`) is clipped and
+   mapped linearly to ``[0, 1]``. No per-volume min-max: a case's score never depends on its own range.
+2. **PSNR** (dB), data range 1, over the whole volume: ``10 log10(1 / MSE)``. A perfect match
+   (MSE = 0) scores 100 dB, as in X2CT-GAN, so that tables hold finite numbers.
+3. **SSIM**, scikit-image's ``structural_similarity`` in 3D with its defaults (7-voxel uniform
+   window, K1 = 0.01, K2 = 0.03), ``data_range=1``, over the whole volume.
+4. **Slice-averaged PSNR and SSIM** (X2CT-GAN's ``metrics_np.py``, so numbers compare with the papers
+   that copy it): for each of the three axes, the 2D metric of every slice across that axis (PSNR:
+   from the slice's MSE, 100 dB when it is 0; SSIM: scikit-image 2D, default window, ``data_range=1``),
+   averaged over the slices; then the mean of the three axes.
+5. **LPIPS** (AlexNet, v0.1 heads; :mod:`XctDiffCore.models.lpips`), slice-wise over the three axes:
+   every slice as a one-channel image in ``[-1, 1]`` (``2 * window - 1``), the distance averaged over
+   the slices of an axis, then over the three axes. Lower is better. Only where the local weights
+   exist (``xctdiff lpips-weights``): otherwise :meth:`LPIPS.load` warns once and the column is empty.
+6. **Consistency** of a reconstruction with its input (no ground truth needed): 2D SSIM (default
+   window, ``data_range=1``) between the model's input radiograph in [0, 1] and the DRR of the
+   reconstruction rendered and normalised the same way (see :mod:`XctDiffCore.pipeline`).
+
+Only numpy, torch and scikit-image are imported.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .layout import HU_MAX, HU_MIN
+
+PERFECT_PSNR_DB = 100.0  # X2CT-GAN's value for MSE = 0
+LPIPS_BATCH = 64  # slices per LPIPS forward pass
+
+
+def window01(hu) -> np.ndarray:
+    """HU -> [0, 1] with the pinned window [-1024, 2048] (clipped), float64."""
+    hu = np.asarray(hu, dtype=np.float64)
+    return np.clip((hu - HU_MIN) / (HU_MAX - HU_MIN), 0.0, 1.0)
+
+
+def _check_pair(prediction: np.ndarray, target: np.ndarray, ndim: int) -> tuple:
+    prediction, target = np.asarray(prediction, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    if prediction.shape != target.shape or prediction.ndim != ndim:
+        raise ValueError(f"expected two {ndim}D arrays of one shape, got {prediction.shape} and {target.shape}")
+    return prediction, target
+
+
+def _psnr_from_mse(mse: np.ndarray) -> np.ndarray:
+    mse = np.asarray(mse, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        psnr = 10.0 * np.log10(1.0 / np.where(mse > 0, mse, 1.0))
+    return np.where(mse > 0, psnr, PERFECT_PSNR_DB)
+
+
+def psnr(prediction01: np.ndarray, target01: np.ndarray) -> float:
+    """PSNR (dB, data range 1) of two arrays in [0, 1] over all their elements; 100 dB when equal."""
+    prediction01, target01 = np.asarray(prediction01, dtype=np.float64), np.asarray(target01, dtype=np.float64)
+    if prediction01.shape != target01.shape:
+        raise ValueError(f"shapes differ: {prediction01.shape} and {target01.shape}")
+    return float(_psnr_from_mse(np.mean((prediction01 - target01) ** 2)))
+
+
+def ssim_3d(prediction01: np.ndarray, target01: np.ndarray) -> float:
+    """scikit-image 3D SSIM with its default 7-voxel window, ``data_range=1``."""
+    from skimage.metrics import structural_similarity
+
+    prediction01, target01 = _check_pair(prediction01, target01, 3)
+    return float(structural_similarity(target01, prediction01, data_range=1.0))
+
+
+def ssim_2d(prediction01: np.ndarray, target01: np.ndarray) -> float:
+    """scikit-image 2D SSIM, default window, ``data_range=1`` (the consistency score)."""
+    from skimage.metrics import structural_similarity
+
+    prediction01, target01 = _check_pair(prediction01, target01, 2)
+    return float(structural_similarity(target01, prediction01, data_range=1.0))
+
+
+def slice_psnr(prediction01: np.ndarray, target01: np.ndarray) -> float:
+    """X2CT-GAN's slice-averaged PSNR: per axis the mean PSNR of its slices, then the mean of the 3 axes."""
+    prediction01, target01 = _check_pair(prediction01, target01, 3)
+    se = (prediction01 - target01) ** 2
+    per_axis = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        per_axis.append(float(_psnr_from_mse(se.mean(axis=others)).mean()))
+    return float(np.mean(per_axis))
+
+
+def slice_ssim(prediction01: np.ndarray, target01: np.ndarray) -> float:
+    """X2CT-GAN's slice-averaged SSIM: per axis the mean 2D SSIM of its slices, then the mean of the 3 axes.
+
+    scikit-image's SSIM with ``channel_axis`` is exactly the mean of the per-slice 2D SSIMs.
+    """
+    from skimage.metrics import structural_similarity
+
+    prediction01, target01 = _check_pair(prediction01, target01, 3)
+    per_axis = [
+        structural_similarity(target01, prediction01, data_range=1.0, channel_axis=axis) for axis in range(3)
+    ]
+    return float(np.mean(per_axis))
+
+
+@torch.no_grad()
+def slice_lpips(prediction01: np.ndarray, target01: np.ndarray, lpips: torch.nn.Module, device="cpu") -> float:
+    """LPIPS averaged over the slices of each axis, then over the 3 axes (slices >= 32 pixels a side)."""
+    prediction01, target01 = _check_pair(prediction01, target01, 3)
+    lpips = lpips.to(device)
+    pred = torch.from_numpy(prediction01).float() * 2.0 - 1.0
+    true = torch.from_numpy(target01).float() * 2.0 - 1.0
+    per_axis = []
+    for axis in range(3):
+        a = pred.movedim(axis, 0).unsqueeze(1)  # (slices, 1, h, w)
+        b = true.movedim(axis, 0).unsqueeze(1)
+        distances = [
+            lpips(x.contiguous().to(device), y.contiguous().to(device)).float().cpu()
+            for x, y in zip(a.split(LPIPS_BATCH), b.split(LPIPS_BATCH))
+        ]
+        per_axis.append(float(torch.cat(distances).mean()))
+    return float(np.mean(per_axis))
+
+
+def volume_scores(prediction_hu: np.ndarray, target_hu: np.ndarray, lpips: Optional[torch.nn.Module] = None, device="cpu") -> dict:
+    """Every metric of the protocol for one reconstructed CT against its truth (both in HU, one grid).
+
+    Keys: ``psnr``, ``ssim`` (whole volume), ``psnr_slices``, ``ssim_slices`` (X2CT-GAN), ``lpips``
+    (None without an LPIPS model).
+    """
+    pred, true = window01(prediction_hu), window01(target_hu)
+    if pred.shape != true.shape or pred.ndim != 3:
+        raise ValueError(f"expected two 3D volumes on one grid, got {pred.shape} and {true.shape}")
+    return {
+        "psnr": psnr(pred, true),
+        "ssim": ssim_3d(pred, true),
+        "psnr_slices": slice_psnr(pred, true),
+        "ssim_slices": slice_ssim(pred, true),
+        "lpips": slice_lpips(pred, true, lpips, device) if lpips is not None else None,
+    }

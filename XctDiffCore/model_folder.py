@@ -1,0 +1,380 @@
+"""A model folder: what the pipeline loads, verified before a single weight is used.
+
+Layout (written by :func:`save_model_folder`, through the training module's
+:func:`~XctDiffCore.training.common.export_stage` / :func:`~XctDiffCore.training.common.write_manifest`)::
+
+    <folder>/manifest.json          id, version, data geometry, per-stage files and settings, SHA-256 of every file
+    <folder>/autoencoder.safetensors + autoencoder.json   VQGAN constructor arguments under "model"
+    <folder>/encoder.safetensors     + encoder.json       ProgressiveEncoder arguments under "model"
+    <folder>/diffusion.safetensors   + diffusion.json     LatentUNet arguments, "schedule", default "sampler" and "steps"
+    <folder>/style.safetensors       + style.json         optional: the real -> DRR generator (training.style.export_style)
+    <folder>/mean_ct.npy                                  optional: mean training CT in HU (the evaluation baseline)
+    <folder>/MODEL_CARD.md
+
+``manifest.json`` may carry ``"data": {"volume_size", "xray_size", "spacing_mm", "geometry"}``; where
+it does not, the sizes come from the networks and the spacing from the field of view every prepared
+CT has (128 voxels x 2.5 mm = 320 mm, average-pooled to ``volume_size``).
+
+:func:`load_model_folder` refuses, with one sentence each: a missing manifest or file, a file whose
+SHA-256 differs from the manifest (corrupted, truncated or edited), manifest settings that differ
+from the stage files, weights that do not fit their configuration, and stages that disagree on the
+latent's shape. :func:`create_random_model` makes a valid folder with random weights from a config
+(tests, benchmarks of untrained sizes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import XctDiffError
+
+MANIFEST_NAME = "manifest.json"
+MODEL_CARD_NAME = "MODEL_CARD.md"
+MEAN_CT_NAME = "mean_ct.npy"
+REQUIRED_STAGES = ("autoencoder", "encoder", "diffusion")
+OPTIONAL_STAGES = ("style",)
+PREPARED_SIZE = 128  # `xctdiff prepare` writes 128^3 CTs at 2.5 mm and 128^2 DRRs
+PREPARED_SPACING_MM = 2.5
+FIELD_OF_VIEW_MM = PREPARED_SIZE * PREPARED_SPACING_MM
+DEFAULT_SAMPLER = "ddim"
+DEFAULT_STEPS = 50
+BUNDLED_MODELS_DIR = Path("Resources") / "Models"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the pipeline needs to know about a model besides its weights."""
+
+    model_id: str
+    version: str
+    folder: Path
+    volume_size: int  # output CT edge in voxels
+    xray_size: int  # model input edge in pixels
+    spacing_mm: float  # output voxel size (isotropic)
+    geometry: str  # DRR geometry of the training pairs ("cone" or "parallel")
+    sampler: str  # default sampler of the diffusion stage
+    steps: int  # default number of sampler steps
+
+
+@dataclass
+class ModelFolder:
+    """The loaded, verified networks of one model folder (CPU, eval mode, no gradients)."""
+
+    info: ModelInfo
+    vqgan: nn.Module
+    encoder: nn.Module
+    unet: nn.Module
+    schedule: object  # XctDiffCore.diffusion.NoiseSchedule
+    style: Optional[nn.Module]
+    mean_ct: Optional[np.ndarray]  # [z, y, x] HU at volume_size^3, when the folder has one
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def bundled_model_folder() -> Path:
+    """The default model shipped in ``Resources/Models/<id>/`` (repository or installed package)."""
+    package = Path(__file__).resolve().parent
+    folders = []
+    for root in (package.parent, package):
+        base = root / BUNDLED_MODELS_DIR
+        if base.is_dir():
+            folders += sorted(p.parent for p in base.glob(f"*/{MANIFEST_NAME}"))
+    if not folders:
+        raise XctDiffError("no bundled model yet: train one (see README) or pass --model DIR")
+    if len(folders) > 1:
+        names = ", ".join(p.name for p in folders)
+        raise XctDiffError(f"several bundled models ({names}): choose one with --model DIR")
+    return folders[0]
+
+
+def read_manifest(folder) -> dict:
+    """``manifest.json`` of a model folder as a dict, with a clear error when it is missing or malformed."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise XctDiffError(f"model folder not found: {folder}")
+    if not folder.is_dir():
+        raise XctDiffError(f"expected a model folder, got a file: {folder}")
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise XctDiffError(f"not a model folder (no {MANIFEST_NAME}): {folder}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise XctDiffError(f"cannot read {path}: {exc}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
+        raise XctDiffError(f"{path} has no 'stages' section: not a model manifest")
+    if not isinstance(manifest.get("sha256"), dict):
+        raise XctDiffError(f"{path} has no 'sha256' checksums: refusing to load unverified weights")
+    missing = [s for s in REQUIRED_STAGES if s not in manifest["stages"]]
+    if missing:
+        raise XctDiffError(f"{path} lacks the {', '.join(missing)} stage(s)")
+    return manifest
+
+
+def verify_checksums(folder, manifest: dict) -> None:
+    """Every file the manifest names exists and has its recorded SHA-256; every stage file is listed."""
+    from .training.common import file_sha256
+
+    folder = Path(folder)
+    sums = manifest["sha256"]
+    for stage, record in manifest["stages"].items():
+        for role in ("weights", "config"):
+            name = record.get(role) if isinstance(record, dict) else None
+            if not name:
+                raise XctDiffError(f"{folder / MANIFEST_NAME}: stage {stage} names no {role} file")
+            if name not in sums:
+                raise XctDiffError(f"{folder / MANIFEST_NAME}: {name} has no SHA-256: refusing to load unverified weights")
+    for name, expected in sums.items():
+        path = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise XctDiffError(f"{folder / MANIFEST_NAME}: file name {name!r} leaves the model folder")
+        if not path.is_file():
+            raise XctDiffError(f"model file missing: {path}")
+        if file_sha256(path) != str(expected).lower():
+            raise XctDiffError(
+                f"{path} does not match its SHA-256 in {MANIFEST_NAME} (corrupted or changed file): "
+                "copy or export the model folder again"
+            )
+
+
+def _stage_settings(folder: Path, manifest: dict, stage: str) -> dict:
+    record = manifest["stages"][stage]
+    path = folder / record["config"]
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise XctDiffError(f"cannot read {path}: {exc}") from None
+    if "settings" in record and record["settings"] != settings:
+        raise XctDiffError(f"{MANIFEST_NAME} and {path.name} disagree on the {stage} settings in {folder}")
+    if not isinstance(settings.get("model"), dict):
+        raise XctDiffError(f"{path} has no 'model' section (the network's constructor arguments)")
+    return settings
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if lines else type(exc).__name__
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _build(stage: str, cls, settings: dict, folder: Path) -> nn.Module:
+    try:
+        return cls(**settings["model"])
+    except (TypeError, ValueError) as exc:
+        raise XctDiffError(f"the {stage} configuration in {folder} does not fit {cls.__name__}: {_first_line(exc)}") from None
+
+
+def _load_weights(network: nn.Module, stage: str, path: Path) -> nn.Module:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise XctDiffError(f"cannot read the {stage} weights {path}: {_first_line(exc)}") from None
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise XctDiffError(
+            f"the {stage} weights in {path} do not match its configuration ({_first_line(exc)})"
+        ) from None
+    return network.float().eval().requires_grad_(False)
+
+
+def load_model_folder(folder) -> ModelFolder:
+    """Verify a model folder (checksums, settings, shapes) and build its networks on the CPU."""
+    from .diffusion import SAMPLERS, NoiseSchedule
+    from .drr import GEOMETRIES
+    from .models.cyclegan import ResnetGenerator
+    from .models.progressive_encoder import ProgressiveEncoder
+    from .models.unet import LatentUNet
+    from .models.vqgan import VQGAN
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    verify_checksums(folder, manifest)
+    classes = {"autoencoder": VQGAN, "encoder": ProgressiveEncoder, "diffusion": LatentUNet, "style": ResnetGenerator}
+    settings, networks = {}, {}
+    for stage in REQUIRED_STAGES + OPTIONAL_STAGES:
+        if stage not in manifest["stages"]:
+            continue
+        settings[stage] = _stage_settings(folder, manifest, stage)
+        network = _build(stage, classes[stage], settings[stage], folder)
+        networks[stage] = _load_weights(network, stage, folder / manifest["stages"][stage]["weights"])
+
+    diffusion = settings["diffusion"]
+    try:
+        schedule = NoiseSchedule(**diffusion.get("schedule", {}))
+    except (TypeError, ValueError) as exc:
+        raise XctDiffError(f"the diffusion schedule in {folder} is invalid: {_first_line(exc)}") from None
+    data = manifest.get("data", {}) or {}
+    vqgan, encoder = networks["autoencoder"], networks["encoder"]
+    volume_size = int(data.get("volume_size", encoder.depth * vqgan.downsample_factor))
+    info = ModelInfo(
+        model_id=str(manifest.get("id", folder.name)),
+        version=str(manifest.get("version", "")),
+        folder=folder.resolve(),
+        volume_size=volume_size,
+        xray_size=int(data.get("xray_size", encoder.image_size)),
+        spacing_mm=float(data.get("spacing_mm", FIELD_OF_VIEW_MM / volume_size)),
+        geometry=str(data.get("geometry", "cone")),
+        sampler=str(diffusion.get("sampler", DEFAULT_SAMPLER)),
+        steps=int(diffusion.get("steps", DEFAULT_STEPS)),
+    )
+    if info.geometry not in GEOMETRIES:
+        raise XctDiffError(f"{folder / MANIFEST_NAME}: unknown DRR geometry {info.geometry!r}")
+    if info.sampler not in SAMPLERS:
+        raise XctDiffError(f"{folder}: unknown default sampler {info.sampler!r}")
+    _check_compatible(info, networks, settings)
+    mean_ct = _load_mean_ct(folder, manifest, info.volume_size)
+    return ModelFolder(info, vqgan, encoder, networks["diffusion"], schedule, networks.get("style"), mean_ct)
+
+
+def _check_compatible(info: ModelInfo, networks: dict, settings: dict) -> None:
+    """The stages must agree on the latent grid and the image sizes, or the folder mixes two models."""
+    vqgan, encoder, unet = networks["autoencoder"], networks["encoder"], networks["diffusion"]
+    latent = tuple(vqgan.latent_shape((info.volume_size,) * 3))
+    where = f"in {info.folder}"
+    if tuple(encoder.latent_shape) != latent:
+        raise XctDiffError(f"the encoder's latent {tuple(encoder.latent_shape)} differs from the autoencoder's {latent} {where}")
+    if unet.latent_channels != vqgan.latent_channels:
+        raise XctDiffError(f"the diffusion model has {unet.latent_channels} latent channels, the autoencoder {vqgan.latent_channels} {where}")
+    if latent[-1] % unet.in_plane_factor:
+        raise XctDiffError(f"the latent size {latent[-1]} is not a multiple of the diffusion UNet's factor {unet.in_plane_factor} {where}")
+    if encoder.image_size != info.xray_size:
+        raise XctDiffError(f"the encoder takes {encoder.image_size} px radiographs, the manifest says {info.xray_size} {where}")
+    if "style" in settings:
+        size = int(settings["style"].get("image_size", info.xray_size))
+        if size != info.xray_size:
+            raise XctDiffError(f"the style stage works on {size} px images, the encoder on {info.xray_size} {where}")
+
+
+def _load_mean_ct(folder: Path, manifest: dict, volume_size: int) -> Optional[np.ndarray]:
+    name = manifest.get("mean_ct")
+    if not name:
+        return None
+    if name not in manifest["sha256"]:
+        raise XctDiffError(f"{folder / MANIFEST_NAME}: {name} has no SHA-256")
+    try:
+        array = np.load(folder / name, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise XctDiffError(f"cannot read {folder / name}: {_first_line(exc)}") from None
+    if array.shape != (volume_size,) * 3:
+        raise XctDiffError(f"{folder / name} has shape {array.shape}, expected {(volume_size,) * 3}")
+    return array.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def stage_configs(config) -> dict:
+    """What each stage's JSON holds, from a :class:`~XctDiffCore.config.Config` (besides export_stage's own keys)."""
+    return {
+        "autoencoder": {"model": dataclasses.asdict(config.autoencoder.model)},
+        "encoder": {"model": dataclasses.asdict(config.encoder.model)},
+        "diffusion": {
+            "model": dataclasses.asdict(config.diffusion.model),
+            "schedule": dataclasses.asdict(config.diffusion.schedule),
+            "sampler": DEFAULT_SAMPLER,
+            "steps": config.diffusion.optim.val_sample_steps,
+        },
+    }
+
+
+def save_model_folder(
+    out_dir,
+    networks: dict,
+    config,
+    model_id: str,
+    version: str,
+    mean_ct: Optional[np.ndarray] = None,
+    model_card: str = "",
+    geometry: str = "cone",
+    dtype: str = "float32",
+    settings: Optional[dict] = None,
+) -> Path:
+    """Write a complete model folder (stage files, optional mean CT, model card, manifest last); returns it.
+
+    ``networks``: ``autoencoder`` (VQGAN), ``encoder`` (ProgressiveEncoder), ``diffusion`` (the
+    LatentUNet to sample with, i.e. the EMA copy) and optionally ``style`` (the real -> DRR generator).
+    ``settings``: each stage's JSON (:func:`~XctDiffCore.training.stage_for_export`); by default they
+    come from ``config``. The manifest is written last, so a folder without one is an unfinished export.
+    """
+    from .atomic import atomic_path
+    from .training.common import export_stage, write_manifest
+    from .training.style import export_style
+
+    out_dir = Path(out_dir)
+    missing = [s for s in REQUIRED_STAGES if s not in networks]
+    if missing:
+        raise XctDiffError(f"cannot export a model without the {', '.join(missing)} stage(s)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = settings or stage_configs(config)
+    stages = {s: export_stage(networks[s], s, settings[s], out_dir, dtype=dtype) for s in REQUIRED_STAGES}
+    if networks.get("style") is not None:
+        if "style" in settings:
+            stages["style"] = export_stage(networks["style"], "style", settings["style"], out_dir, dtype=dtype)
+        else:
+            stages["style"] = export_style(networks["style"], config, out_dir)
+    files = [MODEL_CARD_NAME]
+    extra = {
+        "id": model_id,
+        "version": version,
+        "data": {
+            "volume_size": config.data.volume_size,
+            "xray_size": config.data.xray_size,
+            "spacing_mm": FIELD_OF_VIEW_MM / config.data.volume_size,
+            "geometry": geometry,
+        },
+    }
+    if mean_ct is not None:
+        with atomic_path(out_dir / MEAN_CT_NAME) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.asarray(mean_ct, dtype=np.float32))
+        files.append(MEAN_CT_NAME)
+        extra["mean_ct"] = MEAN_CT_NAME
+    with atomic_path(out_dir / MODEL_CARD_NAME) as tmp:
+        tmp.write_text(model_card or f"# {model_id} {version}\n\nXctDiff model folder.\n", encoding="utf-8")
+    write_manifest(out_dir, stages, extra=extra, files=files)
+    return out_dir
+
+
+def create_random_model(out_dir, config: Union[str, object] = "tiny", seed: int = 0, with_style: bool = True,
+                        mean_ct: bool = False) -> Path:
+    """A valid model folder with randomly initialised networks of a config (bundled name, path or Config).
+
+    For tests and for benchmarking model sizes that are not trained yet; its reconstructions are noise.
+    The diffusion UNet's zero-initialised output layer is re-drawn so that sampling does real work.
+    """
+    from .config import load_config
+    from .models.cyclegan import ResnetGenerator
+    from .models.progressive_encoder import ProgressiveEncoder
+    from .models.unet import LatentUNet
+    from .models.vqgan import VQGAN
+
+    if isinstance(config, (str, Path)):
+        config = load_config(config)
+    torch.manual_seed(seed)
+    unet = LatentUNet(**dataclasses.asdict(config.diffusion.model))
+    nn.init.normal_(unet.out[-1].weight, std=0.02)  # a trained UNet does not predict eps = 0
+    networks = {
+        "autoencoder": VQGAN(**dataclasses.asdict(config.autoencoder.model)),
+        "encoder": ProgressiveEncoder(**dataclasses.asdict(config.encoder.model)),
+        "diffusion": unet,
+    }
+    if with_style:
+        networks["style"] = ResnetGenerator(**dataclasses.asdict(config.style.model))
+    size = config.data.volume_size
+    mean = None
+    if mean_ct:
+        rng = np.random.default_rng(seed)
+        mean = rng.uniform(-1000.0, 400.0, (size, size, size)).astype(np.float32)
+    card = "# random\n\nRandomly initialised networks (tests and benchmarks only): the reconstructions are noise.\n"
+    return save_model_folder(out_dir, networks, config, model_id="random", version=f"seed{seed}", mean_ct=mean, model_card=card)

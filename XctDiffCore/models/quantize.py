@@ -1,0 +1,98 @@
+"""The homogeneous spatial codebook of XctDiff (eqs. 1-2) and the codebook statistics of Table 2.
+
+**Normalisation.** ``N(v) = (v - mean(v)) / std(v)`` for each latent vector ``v`` (one voxel of the
+latent grid), the mean and the (population) standard deviation taken across its ``C`` channels; the
+codebook entries are normalised the same way. Every vector that the search compares, and every vector
+the decoder, the progressive encoder and the diffusion model see, so lies on the same sphere of
+radius ``sqrt(C)`` in the zero-mean hyperplane: the latent space is *homogeneous*. Nothing can win the
+nearest-neighbour search by scale, which is what lets most of the codebook stay in use, and the
+diffusion target ``y = N(q(z_e))`` has zero mean and unit variance per vector by construction.
+Because ``|N(a)| = |N(b)|``, the nearest entry is the one of largest centred cosine similarity.
+
+**Loss (eq. 2).** ``||sg[N(z_e)] - N(e)||^2 + beta * ||N(z_e) - sg[N(e)]||^2`` (means over all
+elements): the first term moves only the codebook, the second (commitment) term only the encoder.
+The straight-through estimator passes the decoder's gradient on ``z_q`` unchanged to ``N(z_e)``.
+
+A plain learnable codebook, no EMA updates, no dead-code restarts; the forward pass has no
+data-dependent Python control flow (``torch.compile`` friendly).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from einops import rearrange
+from torch import nn
+
+EPS = 1e-5
+
+
+def homogeneous_normalize(v: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
+    """``N(v) = (v - mean) / std`` across ``dim`` (the channel axis of each latent vector)."""
+    mean = v.mean(dim=dim, keepdim=True)
+    var = v.var(dim=dim, keepdim=True, unbiased=False)
+    return (v - mean) * torch.rsqrt(var + eps)
+
+
+class HomogeneousQuantizer(nn.Module):
+    """Vector quantiser with a z-score-normalised ("homogeneous spatial") codebook.
+
+    ``forward(z_e)`` takes the encoder output ``(B, C, D, H, W)`` with ``C = embedding_dim`` and returns
+    ``(z_q, codebook_loss, indices)``: ``z_q`` in the NORMALISED space (same shape, straight-through
+    gradient), the scalar loss of eq. 2 and the code indices ``(B, D, H, W)`` (int64).
+    """
+
+    def __init__(self, codebook_size: int = 8192, embedding_dim: int = 8, beta: float = 0.25, search_chunk: int = 32768):
+        super().__init__()
+        if embedding_dim < 2:
+            raise ValueError("embedding_dim must be >= 2: a z-score over one channel is undefined")
+        self.codebook_size = codebook_size
+        self.embedding_dim = embedding_dim
+        self.beta = beta
+        # Rows per block of the distance matrix: 32768 x 8192 floats = 1 GiB at most at a time.
+        self.search_chunk = search_chunk
+        # Any scale works (entries are normalised before use); N(0, 1) avoids near-constant entries.
+        self.codebook = nn.Parameter(torch.randn(codebook_size, embedding_dim))
+
+    def normalized_codebook(self) -> torch.Tensor:
+        """``N(e)`` for every entry, ``(codebook_size, embedding_dim)``."""
+        return homogeneous_normalize(self.codebook)
+
+    @torch.no_grad()
+    def nearest(self, z_n: torch.Tensor, e_n: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest normalised entry for each normalised row of ``z_n`` ``(N, C)``."""
+        e_sq = (e_n * e_n).sum(1)  # (K,)
+        # ||z - e||^2 = |z|^2 - 2 z.e + |e|^2; |z|^2 is constant per row and does not change the argmin.
+        return torch.cat([(e_sq - 2.0 * chunk @ e_n.t()).argmin(1) for chunk in z_n.split(self.search_chunk)])
+
+    def forward(self, z_e: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, _, d, h, w = z_e.shape
+        z_n = homogeneous_normalize(rearrange(z_e, "b c d h w -> (b d h w) c"))  # N(z_e)
+        e_n = self.normalized_codebook()  # N(e)
+        indices = self.nearest(z_n.detach(), e_n.detach())
+        q = e_n[indices]  # N(e_k), differentiable w.r.t. the codebook only
+        codebook_loss = ((z_n.detach() - q) ** 2).mean() + self.beta * ((z_n - q.detach()) ** 2).mean()
+        z_q = z_n + (q - z_n).detach()  # straight-through: value N(e_k), gradient to N(z_e)
+        z_q = rearrange(z_q, "(b d h w) c -> b c d h w", b=b, d=d, h=h, w=w)
+        return z_q, codebook_loss, indices.view(b, d, h, w)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Normalised entries for code indices ``(B, D, H, W)`` -> ``(B, C, D, H, W)``."""
+        return rearrange(self.normalized_codebook()[indices], "b d h w c -> b c d h w")
+
+
+def code_histogram(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """How often each entry was chosen, ``(codebook_size,)`` int64."""
+    return torch.bincount(indices.reshape(-1).long(), minlength=codebook_size)
+
+
+def codebook_utilisation(indices: torch.Tensor, codebook_size: int) -> float:
+    """Share of codebook entries used at least once by ``indices`` (Table 2's utilisation), in [0, 1]."""
+    return float((code_histogram(indices, codebook_size) > 0).sum()) / codebook_size
+
+
+def codebook_perplexity(indices: torch.Tensor, codebook_size: int) -> float:
+    """``exp(entropy)`` of the code usage: the number of equally used entries it is worth (1..K)."""
+    p = code_histogram(indices, codebook_size).double()
+    p = p[p > 0] / p.sum()
+    return float(torch.exp(-(p * p.log()).sum()))

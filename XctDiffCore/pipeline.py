@@ -1,0 +1,471 @@
+"""``XctDiffPipeline``: the one public entry point from a radiograph to a CT.
+
+    pipe = XctDiffPipeline.from_pretrained("models/xctdiff")      # None: the bundled default model
+    result = pipe.reconstruct("chest.png", samples=4, seed=0)
+    result.ct, result.uncertainty, result.consistency, result.timings
+
+**Stages** (the paper's inference, each timed in ``result.timings``):
+
+1. *preprocessing*: read the radiograph (a path, a :class:`~XctDiffCore.io.Radiograph` or a 2D array),
+   :func:`~XctDiffCore.preprocess.preprocess_radiograph` at 128 px (the size the training DRRs were
+   made at), area-resized to the model's input size: ``input`` in [0, 1];
+2. *style*: real films go through the CycleGAN real -> DRR generator (``style="auto"``: not for
+   images tagged as DRRs; see :mod:`XctDiffCore.style`);
+3. *encoder*: the progressive encoder's prior ``y = N(q(Conv(x)))``;
+4. *sampling*: K samples of the latent diffusion, batched, conditioned on y (``method="direct"``
+   skips it and decodes y itself: the paper's no-diffusion ablation);
+5. *decoding*: each latent snapped to the codebook and decoded by the VQ-GAN, to HU;
+6. *consistency*: the DRR of the result, rendered in the training geometry and normalised like the
+   input, compared with the input by 2D SSIM (:func:`~XctDiffCore.metrics.ssim_2d`).
+
+**Output geometry.** ``result.ct`` is the voxel-wise mean of the K samples in HU (int16), on the
+model's grid: ``volume_size``^3 voxels (128 for the paper's model) of ``spacing_mm`` (2.5 mm), a
+320 mm cube, canonical LPS (direction identity, ``array[z, y, x]``), **centred on the LPS origin**
+(the origin is the first voxel's centre, ``-(n - 1) / 2 * spacing``). The coronal plane faces the
+radiograph: the PA film lies in the x-z plane, its rows along -z, its columns along +x. A film's
+pixel spacing is not used: the preprocessing crops its empty border and rescales it to the model's
+input, so the CT always has the scale of the training CTs, not of the film.
+``result.uncertainty`` is the voxel-wise standard deviation (HU, ddof = 0) over the K samples, on
+the same grid, when K >= 2.
+
+**Devices.** ``device="auto"`` uses CUDA when usable, else the CPU (:mod:`XctDiffCore.device` says
+why not the GPU). On CUDA: bf16 autocast, ``torch.inference_mode``; a CUDA out-of-memory falls back to
+the CPU with a warning unless ``cpu_fallback=False``. ``from_pretrained(compile=True)`` compiles the
+UNet with ``torch.compile``. The initial noise is drawn on the CPU from ``seed``, so one seed gives
+the same samples on every device (to floating-point precision).
+
+**Progress and cancel.** ``progress(fraction, stage)`` rises monotonically to 1.0 with the stage's
+name ("sampling 3/50"); setting the ``cancel`` event stops the run within one sampler step (or
+between stages) by raising :class:`~XctDiffCore.diffusion.Cancelled`; nothing is written then.
+"""
+from __future__ import annotations
+
+import contextlib
+import secrets
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .diffusion import Cancelled
+from .errors import XctDiffError
+from .io import Radiograph
+from .model_folder import PREPARED_SIZE, ModelFolder, ModelInfo
+from .volume import Volume
+
+ProgressCallback = Callable[[float, str], None]
+Method = Literal["diffusion", "direct"]
+METHODS = ("diffusion", "direct")
+MAX_SAMPLES = 64
+
+# Where each stage ends on the progress scale (sampling takes the most time by far).
+STAGE_END = {"preprocessing": 0.02, "style transfer": 0.04, "encoding": 0.07, "sampling": 0.86, "decoding": 0.95, "consistency": 1.0}
+
+
+class StyleWarning(UserWarning):
+    """A real radiograph goes into a model without a style stage."""
+
+
+@dataclass
+class Reconstruction:
+    """What :meth:`XctDiffPipeline.reconstruct` returns (see the module docstring for the geometry)."""
+
+    ct: Volume  # HU, int16, volume_size^3, canonical LPS, centred on the origin
+    uncertainty: Optional[Volume]  # std over the samples in HU (float32), K >= 2; else None
+    consistency: float  # SSIM in [0, 1] of the input vs the DRR of ct
+    timings: dict  # seconds per stage, plus "total" and "sampling_per_step"
+    device: str  # e.g. "cuda:0 (NVIDIA H100 80GB HBM3)"
+    seed: int
+    samples: int
+    steps: Optional[int]  # None for method="direct"
+    method: str
+    styled: bool  # whether the real -> DRR style transfer was applied
+    input_image: np.ndarray = field(repr=False)  # the model's input in [0, 1] (after style), [row, col]
+    drr: np.ndarray = field(repr=False)  # the normalised DRR of ct, like input_image
+
+    def summary(self) -> dict:
+        """Plain data for the ``RESULT`` line and JSON logs."""
+        return {
+            "consistency": round(float(self.consistency), 4),
+            "timings": {k: round(float(v), 4) for k, v in self.timings.items()},
+            "device": self.device,
+            "seed": self.seed,
+            "samples": self.samples,
+            "steps": self.steps,
+            "method": self.method,
+            "style": self.styled,
+        }
+
+
+class _Progress:
+    """Monotonic fractions in [0, 1] with stage names, forwarded to the caller's callback."""
+
+    def __init__(self, callback: Optional[ProgressCallback]):
+        self.callback, self.fraction = callback, 0.0
+
+    def report(self, fraction: float, stage: str) -> None:
+        self.fraction = min(1.0, max(self.fraction, float(fraction)))
+        if self.callback is not None:
+            self.callback(self.fraction, stage)
+
+
+def _check_cancel(cancel: Optional[threading.Event]) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("reconstruction was cancelled")
+
+
+def as_radiograph(radiograph) -> Radiograph:
+    """A path, a :class:`Radiograph` or a 2D array (numpy or torch) -> a checked :class:`Radiograph`."""
+    from .io import check_radiograph_image, read_radiograph
+
+    if isinstance(radiograph, Radiograph):
+        return Radiograph(check_radiograph_image(radiograph.image, radiograph.source), radiograph.spacing,
+                          radiograph.is_drr, radiograph.source)
+    if isinstance(radiograph, (str, Path)):
+        return read_radiograph(radiograph)
+    if isinstance(radiograph, torch.Tensor):
+        radiograph = radiograph.detach().cpu().numpy()
+    if isinstance(radiograph, np.ndarray):
+        return Radiograph(check_radiograph_image(radiograph, "the array"), None, False, "array")
+    raise XctDiffError(f"expected a radiograph path, Radiograph or 2D array, got {type(radiograph).__name__}")
+
+
+class XctDiffPipeline:
+    """A loaded model: VQ-GAN, progressive encoder, diffusion UNet (+ noise schedule), optional style generator.
+
+    Build it with :meth:`from_pretrained`; the constructor takes the networks themselves.
+    """
+
+    def __init__(self, vqgan: torch.nn.Module, encoder: torch.nn.Module, unet: torch.nn.Module, schedule,
+                 info: ModelInfo, style: Optional[torch.nn.Module] = None, mean_ct: Optional[np.ndarray] = None,
+                 compile: bool = False):
+        self.vqgan, self.encoder, self.unet, self.style = vqgan, encoder, unet, style
+        self.schedule, self.info = schedule, info
+        self.mean_ct = mean_ct  # the model folder's mean training CT [z, y, x] in HU, when it has one
+        self.device = torch.device("cpu")
+        self.load_seconds = 0.0
+        self._denoiser = torch.compile(unet) if compile else unet
+        self._warned_style = False
+
+    @classmethod
+    def from_pretrained(cls, path=None, compile: bool = False) -> "XctDiffPipeline":
+        """Load and verify a model folder (``None``: the bundled default in ``Resources/Models/<id>/``)."""
+        from .model_folder import bundled_model_folder, load_model_folder
+
+        start = time.perf_counter()
+        folder: ModelFolder = load_model_folder(bundled_model_folder() if path is None else path)
+        pipe = cls(folder.vqgan, folder.encoder, folder.unet, folder.schedule, folder.info, folder.style,
+                   mean_ct=folder.mean_ct, compile=compile)
+        pipe.load_seconds = time.perf_counter() - start
+        return pipe
+
+    # ------------------------------------------------------------------------------------ public
+
+    def reconstruct(
+        self,
+        radiograph,
+        steps: Optional[int] = None,
+        samples: int = 1,
+        seed: Optional[int] = None,
+        device: str = "auto",
+        style: str = "auto",
+        method: Method = "diffusion",
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[threading.Event] = None,
+        cpu_fallback: bool = True,
+    ) -> Reconstruction:
+        """Reconstruct a CT from one frontal radiograph (see the module docstring for every argument's effect).
+
+        Raises :class:`XctDiffError` for bad input or settings, :class:`Cancelled` when ``cancel`` is set.
+        """
+        from .device import choose_device, run_with_cpu_fallback
+        from .style import STYLE_CHOICES
+
+        steps = self.info.steps if steps is None else int(steps)
+        if not 1 <= steps <= self.schedule.num_train_steps:
+            raise XctDiffError(f"steps must be between 1 and {self.schedule.num_train_steps}, got {steps}")
+        if not 1 <= int(samples) <= MAX_SAMPLES:
+            raise XctDiffError(f"samples must be between 1 and {MAX_SAMPLES}, got {samples}")
+        if style not in STYLE_CHOICES:
+            raise XctDiffError(f"style must be one of {', '.join(STYLE_CHOICES)}, got {style!r}")
+        if method not in METHODS:
+            raise XctDiffError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        seed = secrets.randbits(31) if seed is None else int(seed)
+        samples = 1 if method == "direct" else int(samples)  # the direct path is deterministic
+        reporter = _Progress(progress)
+        reporter.report(0.0, "reading")
+        start = time.perf_counter()
+        radiograph = as_radiograph(radiograph)
+        read_seconds = time.perf_counter() - start
+        target = choose_device(device)
+        result = run_with_cpu_fallback(
+            lambda dev: self._reconstruct_on(dev, radiograph, steps, samples, seed, style, method, reporter, cancel),
+            target,
+            fallback=cpu_fallback,
+        )
+        result.timings = {"read": read_seconds, **result.timings, "total": result.timings["total"] + read_seconds}
+        return result
+
+    def to(self, device) -> "XctDiffPipeline":
+        """Move every network to ``device`` (done by :meth:`reconstruct` as needed)."""
+        device = torch.device(device)
+        if device != self.device:
+            for net in (self.vqgan, self.encoder, self.unet, self.style):
+                if net is not None:
+                    net.to(device)
+            self.device = device
+        return self
+
+    # ---------------------------------------------------------------------------------- stages
+
+    def preprocess(self, radiograph: Radiograph) -> np.ndarray:
+        """The model's input image in [0, 1], ``xray_size``^2, before style transfer."""
+        from .preprocess import preprocess_radiograph
+
+        image01 = preprocess_radiograph(radiograph.image, PREPARED_SIZE)
+        return _area_resize(image01, self.info.xray_size)
+
+    def apply_style(self, radiograph: Radiograph, image01: np.ndarray, style: str) -> tuple:
+        """(image in [0, 1], whether the real -> DRR generator was applied)."""
+        from .style import apply_style, should_apply_style
+
+        if not should_apply_style(style, radiograph):
+            return image01, False
+        if self.style is None:
+            if style == "on":
+                raise XctDiffError(f"style transfer was asked for, but the model {self.info.model_id} has no style stage")
+            if not self._warned_style:
+                warnings.warn(f"the model {self.info.model_id} has no style stage: the real radiograph goes in as it is",
+                              StyleWarning, stacklevel=3)
+                self._warned_style = True
+            return image01, False
+        return apply_style(self.style, image01).astype(np.float32), True
+
+    def _autocast(self, device: torch.device):
+        from .device import autocast_dtype
+
+        dtype = autocast_dtype(device)
+        return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    def _reconstruct_on(self, device, radiograph, steps, samples, seed, style, method, reporter, cancel) -> Reconstruction:
+        from .device import describe_device
+        from .diffusion import sample
+        from .metrics import ssim_2d
+
+        reporter.report(0.0, "preprocessing")
+        timer = _Timer(device)
+        self.to(device)
+        with torch.inference_mode():
+            input01 = self.preprocess(radiograph)
+            timer.lap("preprocessing")
+            reporter.report(STAGE_END["preprocessing"], "style transfer")
+            _check_cancel(cancel)
+
+            input01, styled = self.apply_style(radiograph, input01, style)
+            timer.lap("style")
+            reporter.report(STAGE_END["style transfer"], "encoding")
+            _check_cancel(cancel)
+
+            x = torch.from_numpy(np.ascontiguousarray(input01) * 2.0 - 1.0).to(device)[None, None]  # (1, 1, S, S)
+            with self._autocast(device):
+                z = self.encoder(x)
+            prior = self.vqgan.quantize(z.float())[0]  # (1, C, d, h, w), float32: codes are searched in fp32
+            timer.lap("encoder")
+            reporter.report(STAGE_END["encoding"], "sampling" if method == "diffusion" else "decoding")
+            _check_cancel(cancel)
+
+            if method == "diffusion":
+                generator = torch.Generator("cpu").manual_seed(seed)
+                start, span = STAGE_END["encoding"], STAGE_END["sampling"] - STAGE_END["encoding"]
+
+                def on_step(fraction: float) -> None:
+                    reporter.report(start + span * fraction, f"sampling {round(fraction * steps)}/{steps}")
+
+                with self._autocast(device):
+                    latents = sample(self._denoiser, prior, (samples, *prior.shape[1:]), self.schedule,
+                                     sampler=self.info.sampler, steps=steps, generator=generator,
+                                     progress=on_step, cancel=cancel)
+                timer.lap("sampling")
+            else:
+                latents = prior.expand(samples, *prior.shape[1:])
+            reporter.report(STAGE_END["sampling"], "decoding")
+
+            mean_hu, std_hu = self._decode(latents, device, reporter, cancel)
+            timer.lap("decoding")
+            reporter.report(STAGE_END["decoding"], "consistency")
+            _check_cancel(cancel)
+
+            ct = self._volume(np.rint(mean_hu).astype(np.int16))
+            drr = self.render_drr(ct, device)
+            consistency = max(0.0, ssim_2d(drr, input01))  # SSIM < 0 (anti-correlated) means no agreement: 0
+            timer.lap("consistency")
+        reporter.report(1.0, "reconstructed")
+        timings = timer.timings()
+        if method == "diffusion":
+            timings["sampling_per_step"] = timings["sampling"] / steps
+        return Reconstruction(
+            ct=ct,
+            uncertainty=self._volume(std_hu.astype(np.float32)) if samples > 1 else None,
+            consistency=consistency,
+            timings=timings,
+            device=describe_device(device),
+            seed=seed,
+            samples=samples,
+            steps=steps if method == "diffusion" else None,
+            method=method,
+            styled=styled,
+            input_image=input01.astype(np.float32),
+            drr=drr,
+        )
+
+    def _decode(self, latents: torch.Tensor, device, reporter: _Progress, cancel) -> tuple:
+        """Each latent -> codebook -> decoder -> canonical HU; the running mean and std over samples (Welford)."""
+        from .layout import model_layout_to_ct, unit_to_hu
+
+        count = latents.shape[0]
+        start, span = STAGE_END["sampling"], STAGE_END["decoding"] - STAGE_END["sampling"]
+        mean = m2 = None
+        for k in range(count):
+            _check_cancel(cancel)
+            z_q = self.vqgan.quantize(latents[k : k + 1].float())[0]
+            with self._autocast(device):
+                volume = self.vqgan.decode(z_q)  # (1, 1, D, H, W) in about [-1, 1]
+            hu = model_layout_to_ct(unit_to_hu(volume.float()[0, 0])).cpu().numpy().astype(np.float64)  # [z, y, x]
+            if mean is None:
+                mean, m2 = np.zeros_like(hu), np.zeros_like(hu)
+            delta = hu - mean
+            mean += delta / (k + 1)
+            m2 += delta * (hu - mean)
+            reporter.report(start + span * (k + 1) / count, f"decoding {k + 1}/{count}")
+        return mean, np.sqrt(m2 / count)
+
+    def _volume(self, array: np.ndarray) -> Volume:
+        """The model grid: canonical LPS, isotropic ``spacing_mm``, centred on the origin."""
+        spacing = self.info.spacing_mm
+        origin = [-(n - 1) / 2.0 * spacing for n in array.shape[::-1]]  # (x, y, z)
+        return Volume(array, (spacing,) * 3, origin, np.eye(3))
+
+    def render_drr(self, ct: Volume, device=None) -> np.ndarray:
+        """The DRR of a canonical CT as the model's input would look: ``xray_size``^2 in [0, 1].
+
+        Rendered at 128 px in the training geometry, normalised (:func:`~XctDiffCore.drr.normalize_drr`,
+        the rule of ``preprocess_radiograph``) and area-resized, exactly as the training DRRs were.
+        """
+        from .drr import make_geometry, normalize_drr, render_drr
+        from .layout import ct_to_model_layout
+
+        device = self.device if device is None else torch.device(device)
+        volume = torch.from_numpy(np.ascontiguousarray(ct_to_model_layout(np.asarray(ct.array, dtype=np.float32))))
+        sx, sy, sz = ct.spacing
+        drr = render_drr(volume[None, None].to(device), make_geometry(self.info.geometry), size=PREPARED_SIZE,
+                         spacing_mm=(sy, sz, sx))
+        image = normalize_drr(drr.float())
+        if image.shape[-1] != self.info.xray_size:
+            image = F.interpolate(image, size=(self.info.xray_size,) * 2, mode="area")
+        return image[0, 0].cpu().numpy().astype(np.float32)
+
+
+def _area_resize(image01: np.ndarray, size: int) -> np.ndarray:
+    """``[row, col]`` -> ``size``^2 by area averaging (what training did to the 128 px DRRs)."""
+    if image01.shape == (size, size):
+        return image01.astype(np.float32)
+    x = torch.from_numpy(np.ascontiguousarray(image01, dtype=np.float32))[None, None]
+    return F.interpolate(x, size=(size, size), mode="area")[0, 0].numpy()
+
+
+class _Timer:
+    """Seconds per stage, with the device synchronised at each lap (CUDA runs asynchronously)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.start = self.last = time.perf_counter()
+        self.laps: dict = {}
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def timings(self) -> dict:
+        return {**self.laps, "total": self.last - self.start}
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def default_output_path(input_path) -> Path:
+    """``<stem>_ct.nrrd`` beside the input (``chest.nii.gz`` -> ``chest_ct.nrrd``)."""
+    from .atomic import full_suffix
+
+    path = Path(input_path)
+    suffix = full_suffix(path)
+    stem = path.name[: -len(suffix)] if suffix else path.name
+    return path.with_name(f"{stem}_ct.nrrd")
+
+
+def check_volume_output(path) -> Path:
+    """Refuse, before any work, an output whose folder is missing or whose type cannot hold a volume."""
+    from .atomic import check_output_path, full_suffix
+    from .io import VOLUME_WRITE_SUFFIXES
+
+    path = check_output_path(path)
+    suffix = full_suffix(path).lower()
+    if suffix not in VOLUME_WRITE_SUFFIXES:
+        raise XctDiffError(f"cannot write a volume as '{suffix or path.name}': use .nrrd, .nii, .nii.gz or .mha")
+    return path
+
+
+WRITE_START = 0.97  # reconstruct_file's progress: the pipeline up to here, then writing
+
+
+def reconstruct_file(
+    pipeline: XctDiffPipeline,
+    input_path,
+    output=None,
+    uncertainty=None,
+    views=None,
+    **options,
+) -> tuple:
+    """Reconstruct one radiograph file and write the CT (and the uncertainty, the views PNG), atomically.
+
+    Output paths are checked before the (long) reconstruction; nothing is written when it fails or
+    is cancelled. ``options`` go to :meth:`XctDiffPipeline.reconstruct`. Returns (result, written paths).
+    """
+    from .atomic import check_output_path
+    from .io import write_volume
+
+    output = check_volume_output(default_output_path(input_path) if output is None else output)
+    if uncertainty is not None:
+        uncertainty = check_volume_output(uncertainty)
+        if int(options.get("samples", 1)) < 2:
+            raise XctDiffError("an uncertainty map needs --samples 2 or more")
+    if views is not None:
+        views = check_output_path(views)
+        if Path(views).suffix.lower() != ".png":
+            raise XctDiffError(f"the views image must be a .png file, got {views}")
+    progress = options.pop("progress", None)
+    if progress is not None:
+        options["progress"] = lambda fraction, stage: progress(WRITE_START * fraction, stage)
+    result = pipeline.reconstruct(input_path, **options)
+    if progress is not None:
+        progress(WRITE_START, "writing")
+    start = time.perf_counter()
+    written = [write_volume(result.ct, output)]
+    if uncertainty is not None:
+        written.append(write_volume(result.uncertainty, uncertainty))
+    if views is not None:
+        from .views import write_reconstruction_views
+
+        written.append(write_reconstruction_views(result, views))
+    result.timings["write"] = time.perf_counter() - start
+    if progress is not None:
+        progress(1.0, "written")
+    return result, written

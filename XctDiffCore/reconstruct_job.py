@@ -1,0 +1,199 @@
+"""What ``xctdiff reconstruct`` does around the pipeline: files or folders, progress display, summary.
+
+* One radiograph file -> one CT (``-o``, default ``<stem>_ct.nrrd`` beside the input).
+* A folder -> every radiograph in it (not recursive; sorted), into an output folder (``-o``, default
+  ``<folder>_ct`` beside it, created when missing). Under ``torchrun`` each process takes the files
+  ``rank::world_size`` and, on CUDA, the GPU ``local_rank``: no communication between processes.
+  A file that fails is reported and skipped; the command then ends with one error line.
+* Progress: a tqdm bar on stderr, or with ``--progress-lines`` the machine-readable ``PROGRESS`` /
+  ``RESULT`` lines of ``XctDiffSlicer/XctDiffSlicerLib/PROTOCOL.md`` on stdout (flushed at once).
+* One summary line per file (time, device, consistency) on stdout; ``RESULT`` is the last line.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from .errors import XctDiffError
+
+# Fractions of the whole command: loading the model, then the pipeline, then writing the files.
+LOADED, WRITING = 0.05, 0.95
+RADIOGRAPH_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".nrrd", ".nhdr",
+                       ".nii", ".nii.gz", ".mha", ".mhd")
+
+
+@contextlib.contextmanager
+def plain_warnings():
+    """Warnings as one ``warning: <message>`` line on stderr (no file names, no source lines)."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
+
+
+class ProgressDisplay:
+    """``PROGRESS <fraction> <stage>`` lines on stdout, or a tqdm bar on stderr; fractions never fall."""
+
+    def __init__(self, lines: bool, description: str = "reconstruct"):
+        self.lines, self.fraction, self.bar = lines, 0.0, None
+        if not lines:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=1000, desc=description, file=sys.stderr, dynamic_ncols=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {postfix}")
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        fraction = min(1.0, max(self.fraction, float(fraction)))
+        if self.lines:
+            print(f"PROGRESS {fraction:.4f} {stage}", flush=True)
+        elif self.bar is not None:
+            self.bar.update(round(fraction * 1000) - self.bar.n)
+            self.bar.set_postfix_str(stage, refresh=True)
+        self.fraction = fraction
+
+    def scaled(self, low: float, high: float):
+        """A callback for a part of the work that reports its own fraction in [0, 1]."""
+        return lambda fraction, stage: self(low + (high - low) * fraction, stage)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def find_radiographs(folder: Path) -> list:
+    """Radiograph files directly in ``folder`` (by suffix, hidden files skipped), sorted."""
+    from .atomic import full_suffix
+
+    files = [p for p in sorted(folder.iterdir())
+             if p.is_file() and not p.name.startswith(".") and full_suffix(p).lower() in RADIOGRAPH_SUFFIXES]
+    if not files:
+        raise XctDiffError(f"no radiograph files ({', '.join(RADIOGRAPH_SUFFIXES)}) in {folder}")
+    return files
+
+
+def _stem(path: Path) -> str:
+    from .atomic import full_suffix
+
+    suffix = full_suffix(path)
+    return path.name[: -len(suffix)] if suffix else path.name
+
+
+def _output_folder(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise XctDiffError(f"the input is a folder, so the output must be a folder too, got the file {path}")
+    if not path.parent.is_dir():
+        raise XctDiffError(f"output folder does not exist: {path.parent}")
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def run_reconstruct(
+    input_path,
+    output=None,
+    model=None,
+    steps: Optional[int] = None,
+    samples: int = 1,
+    seed: Optional[int] = None,
+    device: str = "auto",
+    style: str = "auto",
+    views=None,
+    uncertainty=None,
+    progress_lines: bool = False,
+    cpu_fallback: bool = True,
+    compile: bool = False,
+) -> int:
+    """The ``xctdiff reconstruct`` command; returns the exit status (errors raise :class:`XctDiffError`)."""
+    from .device import torchrun_rank
+    from .pipeline import XctDiffPipeline, check_volume_output, default_output_path, reconstruct_file
+
+    input_path = Path(input_path)
+    if not input_path.exists():
+        raise XctDiffError(f"file not found: {input_path}")
+    rank, world_size, local_rank = torchrun_rank()
+    jobs = []  # (input, output, uncertainty, views)
+    if input_path.is_dir():
+        files = find_radiographs(input_path)[rank::world_size]
+        out_dir = _output_folder(Path(output) if output else input_path.with_name(input_path.name + "_ct"))
+        unc_dir = _output_folder(Path(uncertainty)) if uncertainty else None
+        views_dir = _output_folder(Path(views)) if views else None
+        for f in files:
+            stem = _stem(f)
+            jobs.append((f, out_dir / f"{stem}_ct.nrrd",
+                         unc_dir / f"{stem}_uncertainty.nrrd" if unc_dir else None,
+                         views_dir / f"{stem}_views.png" if views_dir else None))
+        if world_size > 1 and device in ("auto", "cuda"):
+            import torch
+
+            if torch.cuda.is_available():
+                device = f"cuda:{local_rank % torch.cuda.device_count()}"
+    else:
+        output = Path(output) if output else default_output_path(input_path)
+        check_volume_output(output)  # fail before loading the model
+        jobs.append((input_path, output, Path(uncertainty) if uncertainty else None, Path(views) if views else None))
+
+    display = ProgressDisplay(progress_lines, description=f"rank {rank}" if world_size > 1 else "reconstruct")
+    results, failures = [], []
+    with plain_warnings():
+        try:
+            display(0.0, "loading model")
+            pipe = XctDiffPipeline.from_pretrained(model, compile=compile)
+            display(LOADED, "model loaded")
+            for i, (source, out, unc, view) in enumerate(jobs):
+                low = LOADED + (WRITING - LOADED) * i / len(jobs)
+                high = LOADED + (WRITING - LOADED) * (i + 1) / len(jobs)
+                start = time.perf_counter()
+                try:
+                    result, written = reconstruct_file(
+                        pipe, source, out, uncertainty=unc, views=view, steps=steps, samples=samples, seed=seed,
+                        device=device, style=style, progress=display.scaled(low, high), cpu_fallback=cpu_fallback,
+                    )
+                except XctDiffError as exc:
+                    if len(jobs) == 1:
+                        raise
+                    failures.append(source)
+                    print(f"skipped {source}: {exc}", file=sys.stderr, flush=True)
+                    continue
+                result.timings["load"] = pipe.load_seconds
+                seconds = time.perf_counter() - start
+                results.append((source, written, result))
+                _print_line(display, f"{source} -> {written[0]} in {seconds:.1f} s on {result.device}, "
+                                     f"consistency {result.consistency:.3f}")
+            display(1.0, "done")
+        finally:
+            display.close()
+    if progress_lines:
+        print("RESULT " + json.dumps(_result_record(results, failures)), flush=True)
+    if failures:
+        raise XctDiffError(f"{len(failures)} of {len(jobs)} radiographs could not be reconstructed (see the lines above)")
+    return 0
+
+
+def _print_line(display: ProgressDisplay, text: str) -> None:
+    if display.bar is not None:
+        display.bar.write(text, file=sys.stdout)
+    else:
+        print(text, flush=True)
+
+
+def _result_record(results: list, failures: list) -> dict:
+    """The ``RESULT`` object: the protocol's keys for one file; for a folder, also every file's summary."""
+    if len(results) == 1 and not failures:
+        source, written, result = results[0]
+        return {**result.summary(), "output": str(written[0]), "files": [str(p) for p in written]}
+    return {
+        "consistency": sum(r.consistency for _, _, r in results) / len(results) if results else None,
+        "timings": {},
+        "device": results[0][2].device if results else "",
+        "cases": [{"input": str(s), "output": str(w[0]), **r.summary()} for s, w, r in results],
+        "failed": [str(f) for f in failures],
+    }

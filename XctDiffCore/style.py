@@ -1,0 +1,81 @@
+"""When and how a radiograph is moved into the DRR style before reconstruction.
+
+The diffusion model only ever saw DRRs. A real radiograph goes through the CycleGAN's real -> DRR
+generator first; a DRR must not (the generator would alter an image already in the right domain).
+
+The rule for ``style="auto"``: an image is a DRR exactly when :func:`XctDiffCore.io.read_radiograph`
+reports ``is_drr``, which it does for files that carry the ``xctdiff_drr`` tag written by
+``xctdiff drr``; everything else (PNG/JPEG/DICOM from a scanner or a dataset) counts as real.
+``style="on"`` and ``style="off"`` override the rule.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import XctDiffError
+
+STYLE_CHOICES = ("auto", "on", "off")
+STYLE_WEIGHTS = "style.safetensors"  # with style.json beside it: written by training.common.export_stage
+
+
+def load_style_generator(path, device="cpu"):
+    """A model folder or a ``style.safetensors`` file (``style.json`` beside it) -> (real -> DRR generator in eval mode, image size)."""
+    from safetensors.torch import load_file
+
+    from .models.cyclegan import ResnetGenerator
+
+    path = Path(path)
+    weights = path / STYLE_WEIGHTS if path.is_dir() else path
+    config_path = weights.with_suffix(".json")
+    if not weights.is_file():
+        raise XctDiffError(f"no style weights at {weights} (train them with `xctdiff train style`)")
+    if not config_path.is_file():
+        raise XctDiffError(f"style weights {weights.name} have no {config_path.name} beside them")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        generator = ResnetGenerator(**config["model"])
+        generator.load_state_dict(load_file(str(weights)))
+        image_size = int(config["image_size"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise XctDiffError(f"{weights} is not a style generator matching {config_path.name}: {exc}") from None
+    return generator.float().to(device).eval(), image_size
+
+
+def should_apply_style(style: str, radiograph) -> bool:
+    """``"auto"``: only when ``radiograph.is_drr`` is false; ``"on"``: always; ``"off"``: never."""
+    if style == "on":
+        return True
+    if style == "off":
+        return False
+    if style == "auto":
+        return not bool(radiograph.is_drr)
+    raise XctDiffError(f"style must be one of {', '.join(STYLE_CHOICES)}, got {style!r}")
+
+
+@torch.no_grad()
+def apply_style(generator: torch.nn.Module, image01):
+    """Real -> DRR style: ``(..., H, W)`` numpy array or tensor in [0, 1] -> the same kind, shape and place, in [0, 1].
+
+    Runs in float32 on the generator's device; H and W must suit the generator (the model's input
+    size, 128 for the shipped models).
+    """
+    is_numpy = isinstance(image01, np.ndarray)
+    x = torch.from_numpy(np.ascontiguousarray(image01, dtype=np.float32)) if is_numpy else image01
+    shape, device = x.shape, x.device
+    if x.ndim < 2:
+        raise XctDiffError(f"a radiograph must be 2D, got shape {tuple(shape)}")
+    param = next(generator.parameters())
+    x = x.reshape(-1, 1, *shape[-2:]).to(param.device, torch.float32)  # (N, 1, H, W)
+    factor = 2 ** generator.num_downsamples
+    if shape[-1] % factor or shape[-2] % factor:
+        raise XctDiffError(f"style transfer needs a side divisible by {factor}, got {tuple(shape[-2:])}")
+    was_training = generator.training
+    generator.eval()
+    y = generator(x.clamp(0, 1) * 2 - 1).float()
+    generator.train(was_training)
+    y = ((y + 1) / 2).clamp(0, 1).reshape(shape)
+    return y.cpu().numpy() if is_numpy else y.to(device)

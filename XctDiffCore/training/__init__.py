@@ -1,0 +1,167 @@
+"""Training of the XctDiff stages, one short loop each, in order:
+
+1. ``autoencoder`` (:mod:`.autoencoder`): the VQ-GAN with its 3D volume and 2D slice discriminators;
+2. ``encoder`` (:mod:`.encoder`): the progressive encoder, radiograph -> latent, against the frozen VQ-GAN;
+3. ``diffusion`` (:mod:`.diffusion`): the latent UNet, conditioned on the encoder's prior.
+
+Each stage reads the earlier ones from the same run folder (``<run>/<stage>/checkpoint.pt``).
+:func:`train` is what ``xctdiff train`` calls; :mod:`.common` holds the shared machinery and the
+export to a model folder (:func:`~.common.export_stage`, :func:`~.common.write_manifest`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+from ..config import STAGES, Config, config_from_dict
+from ..errors import XctDiffError
+
+
+def with_overrides(config: Config, stage: str, data=None, out=None, max_steps: Optional[int] = None) -> Config:
+    """The config with the command line's ``--data``, ``--out`` and ``--max-steps`` applied."""
+    if data is not None:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, datalist=str(data)))
+    if out is not None:
+        config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(out)))
+    if max_steps is not None:
+        if max_steps < 1:
+            raise XctDiffError(f"--max-steps must be at least 1, got {max_steps}")
+        section = getattr(config, stage)
+        optim = dataclasses.replace(section.optim, max_steps=max_steps)
+        config = dataclasses.replace(config, **{stage: dataclasses.replace(section, optim=optim)})
+    if not config.data.datalist:
+        raise XctDiffError("no datalist: pass --data DATALIST (from `xctdiff prepare`) or set data.datalist")
+    return config
+
+
+def train(stage: str, config: Config, data=None, out=None, resume: bool = False, max_steps: Optional[int] = None) -> Path:
+    """Train one stage to its ``max_steps``; returns the stage's checkpoint path."""
+    if stage not in STAGES:
+        raise XctDiffError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    config = with_overrides(config, stage, data=data, out=out, max_steps=max_steps)
+    if stage == "autoencoder":
+        from .autoencoder import train_autoencoder as run
+    elif stage == "encoder":
+        from .encoder import train_encoder as run
+    elif stage == "style":
+        from .style import train_style as run
+    else:
+        from .diffusion import train_diffusion as run
+    return run(config, resume=resume)
+
+
+def stage_parameter_counts(config: Config) -> dict:
+    """Parameters of each deployed network of a config (built on the meta device: no memory, no time)."""
+    import torch
+
+    from ..models import count_parameters
+    from .autoencoder import build_autoencoder, build_discriminators
+    from .diffusion import build_unet
+    from .encoder import build_encoder
+    from .style import build_cyclegan
+
+    with torch.device("meta"):
+        counts = {
+            "autoencoder": count_parameters(build_autoencoder(config.autoencoder.model)),
+            "encoder": count_parameters(build_encoder(config.encoder.model)),
+            "diffusion": count_parameters(build_unet(config.diffusion.model)),
+            "style": count_parameters(build_cyclegan(config.style)["generators"]["real_to_drr"]),
+        }
+        counts["discriminators (training only)"] = sum(
+            count_parameters(d) for d in build_discriminators(config.autoencoder)
+        )
+    return counts
+
+
+def parameter_table(configs: dict) -> str:
+    """A text table: parameters and fp16 MiB per stage and in total, for each named config."""
+    rows = [("config", "stage", "parameters", "fp16 MiB")]
+    for name, config in configs.items():
+        counts = stage_parameter_counts(config)
+        deployed = 0
+        for stage, n in counts.items():
+            rows.append((name, stage, f"{n:,}", f"{n * 2 / 2**20:.1f}"))
+            if stage in STAGES:
+                deployed += n
+        rows.append((name, "total (deployed stages)", f"{deployed:,}", f"{deployed * 2 / 2**20:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def stage_for_export(stage: str, checkpoint: dict):
+    """The network a model folder ships for ``stage`` (the EMA weights for diffusion) and its settings.
+
+    The settings are what :func:`~.common.export_stage` writes beside the weights: the constructor
+    arguments under ``"model"`` (``VQGAN(**settings["model"])`` etc.), the data sizes, the training
+    step, for diffusion the noise schedule and the default sampler, for style the image size.
+    """
+    from ..model_folder import DEFAULT_SAMPLER
+
+    config = config_from_dict(checkpoint["config"])
+    settings = {
+        "step": checkpoint["step"],
+        "data": {"volume_size": config.data.volume_size, "xray_size": config.data.xray_size, "latent_size": config.latent_size()},
+    }
+    if stage == "autoencoder":
+        from .autoencoder import build_autoencoder
+
+        model, model_config, weights = build_autoencoder(config.autoencoder.model), config.autoencoder.model, checkpoint["models"]["vqgan"]
+    elif stage == "encoder":
+        from .encoder import build_encoder
+
+        model, model_config, weights = build_encoder(config.encoder.model), config.encoder.model, checkpoint["models"]["encoder"]
+    elif stage == "diffusion":
+        from .diffusion import build_unet
+
+        model, model_config = build_unet(config.diffusion.model), config.diffusion.model
+        weights = {k[len("module."):]: v for k, v in checkpoint["models"]["ema"].items() if k.startswith("module.")}
+        settings["schedule"] = dataclasses.asdict(config.diffusion.schedule)
+        settings["weights"] = "ema"
+        settings["sampler"] = DEFAULT_SAMPLER
+        settings["steps"] = config.diffusion.optim.val_sample_steps
+    elif stage == "style":
+        from .style import build_cyclegan
+
+        model, model_config = build_cyclegan(config.style)["generators"]["real_to_drr"], config.style.model
+        prefix = "generators.real_to_drr."
+        weights = {k[len(prefix):]: v for k, v in checkpoint["models"]["cyclegan"].items() if k.startswith(prefix)}
+        settings.update({"image_size": config.data.xray_size, "direction": "real_to_drr", "value_range": [-1.0, 1.0]})
+    else:
+        raise XctDiffError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    model.load_state_dict(weights)
+    settings["model"] = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model_config).items()}
+    return model.eval(), settings
+
+
+def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctdiff", version: str = "0",
+               model_card: str = "", datalist=None) -> Path:
+    """Export a trained run into a model folder (created); returns its ``manifest.json``.
+
+    The three reconstruction stages are required; ``style`` is included when the run trained it.
+    The mean-CT baseline of ``xctdiff evaluate`` is the mean of the datalist's training CTs
+    (``datalist``, else the one the diffusion stage trained on, when it is still there).
+    """
+    from ..evaluation import datalist_mean_ct
+    from ..model_folder import MANIFEST_NAME, OPTIONAL_STAGES, REQUIRED_STAGES, save_model_folder
+    from .common import checkpoint_path, load_checkpoint
+
+    networks, settings = {}, {}
+    for stage in REQUIRED_STAGES + OPTIONAL_STAGES:
+        path = checkpoint_path(run_dir, stage)
+        if stage in OPTIONAL_STAGES and not path.is_file():
+            continue
+        checkpoint = load_checkpoint(path)
+        networks[stage], settings[stage] = stage_for_export(stage, checkpoint)
+        if stage == "diffusion":
+            config = config_from_dict(checkpoint["config"])
+    datalist = Path(datalist or config.data.datalist)
+    mean_ct = datalist_mean_ct(datalist, config.data.volume_size) if datalist.is_file() else None
+    save_model_folder(model_dir, networks, config, model_id, version, mean_ct=mean_ct, model_card=model_card,
+                      dtype=dtype, settings=settings)
+    return Path(model_dir) / MANIFEST_NAME

@@ -1,0 +1,461 @@
+"""What every training stage shares: processes, seeds, precision, checkpoints, logs, metrics, export.
+
+Each stage loop (``autoencoder.py``, ``encoder.py``, ``diffusion.py``) stays short by calling these.
+
+* **Processes.** Launched by ``torchrun``, a stage runs as one DDP process per device: the
+  presence of torchrun's environment (``RANK``, ``WORLD_SIZE``) switches it on, as in nanoGPT;
+  NCCL on CUDA, gloo on CPU. Rank 0 alone logs, validates and writes files.
+* **Precision.** bf16 (or fp16 with a gradient scaler) autocast on CUDA; plain fp32 on CPU.
+* **Checkpoints.** One file per stage, ``<run>/<stage>/checkpoint.pt``, written atomically. It
+  holds the models, optimisers, scaler, EMA, step, every rank's RNG state and the full config,
+  so ``--resume`` after a kill continues the same run from the same step with the same data order.
+  Its content is tensors and plain data only, so it loads with ``torch.load(weights_only=True)``.
+* **Export.** :func:`export_stage` writes ``<stage>.safetensors`` + ``<stage>.json`` (the stage's
+  constructor arguments) for the pipeline; :func:`write_manifest` records a SHA-256 per file.
+
+Only torch, numpy and scikit-image are required; tqdm and tensorboard are used when installed.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..atomic import atomic_path
+from ..errors import XctDiffError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+# --------------------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Distributed:
+    """This process's place in the job (``world_size == 1`` without torchrun)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def setup_distributed() -> Distributed:
+    """Join the torchrun job when its environment is present; otherwise one process on the best device."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            backend = "nccl"
+        else:
+            device = torch.device("cpu")
+            backend = "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        return Distributed(rank, local_rank, world_size, device)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return Distributed(0, 0, 1, device)
+
+
+def cleanup_distributed(job: Distributed) -> None:
+    if job.enabled:
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model: nn.Module, job: Distributed) -> nn.Module:
+    """The model itself in one process, a DDP wrapper (gradient all-reduce) under torchrun."""
+    if not job.enabled:
+        return model
+    return DistributedDataParallel(model, device_ids=[job.device.index] if job.device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+# ------------------------------------------------------------------------------ seeds and precision
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16/fp16 autocast on CUDA; a no-op on CPU (where training is fp32) or for ``fp32``."""
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 only (bf16 has fp32's range); a disabled scaler is a pass-through."""
+    return torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and precision == "fp16")
+
+
+def rng_state(generators: Optional[dict] = None) -> dict:
+    """Every random stream of this process as tensors and plain data (safe for ``weights_only`` loads)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
+    return state
+
+
+def set_rng_state(state: dict, generators: Optional[dict] = None) -> None:
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for k, g in (generators or {}).items():
+        g.set_state(state["generators"][k])
+
+
+def gather_rng_states(job: Distributed, generators: Optional[dict] = None) -> list:
+    """Every rank's RNG state (rank order) so a resumed job gives each rank its own streams back."""
+    state = rng_state(generators)
+    if not job.enabled:
+        return [state]
+    states = [None] * job.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_states(states: list, job: Distributed, generators: Optional[dict] = None) -> None:
+    """Restore this rank's streams; a job resumed with another world size keeps its fresh seeds."""
+    if len(states) == job.world_size:
+        set_rng_state(states[job.rank], generators)
+
+
+# ------------------------------------------------------------------------------------ optimisation
+
+
+def make_optimizer(parameters: Iterable, optim) -> torch.optim.Optimizer:
+    """Adam with decoupled weight decay (plain Adam when ``weight_decay`` is 0, as in the paper)."""
+    return torch.optim.AdamW(parameters, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+
+
+def learning_rate(step: int, optim) -> float:
+    """Linear warm-up over ``warmup_steps``, then constant: independent of ``max_steps``."""
+    if optim.warmup_steps > 0 and step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    return optim.lr
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def backward_step(loss: torch.Tensor, parameters: list, optimizer, scaler, grad_clip: float, average_over: Optional[Distributed] = None) -> None:
+    """Backward, (average gradients over the job), unscale, clip when ``grad_clip > 0``, step, zero.
+
+    ``average_over`` all-reduces the gradients by hand, for modules not wrapped in DDP (the GAN
+    critics, whose parameters sit idle during the generator step, which DDP cannot express).
+    """
+    scaler.scale(loss).backward()
+    if average_over is not None and average_over.enabled:
+        for p in parameters:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= average_over.world_size
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def broadcast_parameters(module: nn.Module, job: Distributed) -> None:
+    """Rank 0's weights and buffers on every rank (what DDP does at wrap time, for unwrapped modules)."""
+    if job.enabled:
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """An earlier stage used as a fixed function: eval mode, no gradients."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+
+def stage_dir(run_dir, stage: str) -> Path:
+    return Path(run_dir) / stage
+
+
+def checkpoint_path(run_dir, stage: str) -> Path:
+    return stage_dir(run_dir, stage) / CHECKPOINT_NAME
+
+
+def save_checkpoint(path, payload: dict) -> Path:
+    """``torch.save`` through :func:`atomic_path`: a kill mid-write leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_checkpoint(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise XctDiffError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def prepare_stage_dir(run_dir, stage: str, resume: bool) -> Optional[dict]:
+    """Make ``<run>/<stage>``; return the checkpoint to resume, refusing to overwrite one silently."""
+    path = checkpoint_path(run_dir, stage)
+    if resume:
+        return load_checkpoint(path) if path.is_file() else None
+    if path.exists():
+        raise XctDiffError(f"{path} already exists: pass --resume to continue it, or choose another --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def trained_stage_checkpoint(run_dir, stage: str, needed_by: str) -> dict:
+    """The checkpoint of an earlier stage that a later one builds on, or a clear instruction."""
+    path = checkpoint_path(run_dir, stage)
+    if not path.is_file():
+        raise XctDiffError(
+            f"the {needed_by} stage needs the trained {stage} stage, but {path} does not exist "
+            f"(run `xctdiff train {stage}` with the same --out first)"
+        )
+    return load_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------------- logs, progress
+
+
+class RunLogger:
+    """CSV (always) and TensorBoard (when installed) scalars of one stage; a no-op on ranks > 0.
+
+    The CSV has one row per step and one column per quantity; it is rewritten atomically at each
+    call, and a resumed run first drops the rows after its checkpoint's step.
+    """
+
+    def __init__(self, directory, enabled: bool, start_step: int = 0):
+        self.enabled = enabled
+        self.path = Path(directory) / "log.csv"
+        self.rows: dict[int, dict] = {}
+        self.writer = None
+        if not enabled:
+            return
+        if self.path.is_file() and start_step > 0:
+            with open(self.path, newline="", encoding="utf-8") as f:
+                for row in csv.DictReader(f):
+                    step = int(row.pop("step"))
+                    if step <= start_step:
+                        self.rows[step] = {k: float(v) for k, v in row.items() if v != ""}
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional (the `train` extra)
+            return
+        self.writer = SummaryWriter(str(Path(directory) / "tensorboard"), purge_step=start_step or None)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        metrics = {k: float(v) for k, v in metrics.items()}
+        self.rows.setdefault(step, {}).update(metrics)
+        columns = sorted({k for row in self.rows.values() for k in row})
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=["step", *columns])
+                writer.writeheader()
+                for s in sorted(self.rows):
+                    writer.writerow({"step": s, **{k: f"{v:.6g}" for k, v in self.rows[s].items()}})
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Meter:
+    """Running means of scalar tensors between two log lines (one device sync per log, not per step)."""
+
+    def __init__(self):
+        self.sums: dict = {}
+        self.count = 0
+
+    def add(self, values: dict) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+        self.count += 1
+
+    def means(self) -> dict:
+        means = {k: float(v) / max(self.count, 1) for k, v in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return means
+
+
+def is_due(step: int, every: int, max_steps: int) -> bool:
+    """Log/validate/checkpoint after ``step`` optimiser steps: every ``every`` steps and at the end."""
+    return step % every == 0 or step == max_steps
+
+
+class Progress:
+    """A tqdm bar on stderr (rank 0 only) and one text line per log step; plain lines without tqdm."""
+
+    def __init__(self, stage: str, total: int, initial: int, enabled: bool):
+        self.enabled, self.stage, self.bar = enabled, stage, None
+        if not enabled:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return
+        self.bar = tqdm(total=total, initial=initial, desc=stage, file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, metrics: Optional[dict] = None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if metrics:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        line = f"{self.stage} step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------------------- metrics
+
+
+def volume_metrics(prediction: torch.Tensor, target: torch.Tensor) -> dict:
+    """Mean PSNR (dB) and SSIM of ``(B, 1, D, H, W)`` volumes in [-1, 1], on the fixed HU window as [0, 1].
+
+    The window is :mod:`XctDiffCore.layout`'s [-1024, 2048] HU, the same for every case, so numbers
+    compare across cases and runs. SSIM is scikit-image's 3D SSIM (CPU).
+    """
+    from skimage.metrics import structural_similarity
+
+    pred = ((prediction.detach().float().cpu().clamp(-1, 1) + 1) / 2).numpy()
+    true = ((target.detach().float().cpu().clamp(-1, 1) + 1) / 2).numpy()
+    psnr, ssim = [], []
+    for p, t in zip(pred[:, 0], true[:, 0]):
+        mse = float(np.mean((p - t) ** 2))
+        psnr.append(10 * np.log10(1.0 / max(mse, 1e-10)))
+        ssim.append(structural_similarity(t, p, data_range=1.0))
+    return {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim))}
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def export_stage(model: nn.Module, stage: str, stage_config: dict, out_dir, dtype: str = "float32") -> dict:
+    """Write ``<stage>.safetensors`` (floating tensors cast to ``dtype``) and ``<stage>.json``.
+
+    ``stage_config`` is what the pipeline needs to rebuild the network (its constructor arguments
+    under ``"model"``, plus stage extras such as the noise schedule); the JSON adds the stage name,
+    the dtype and the parameter count. Returns ``{"weights": name, "config": name}`` for
+    :func:`write_manifest`.
+    """
+    from safetensors.torch import save_file
+
+    if dtype not in EXPORT_DTYPES:
+        raise XctDiffError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise XctDiffError(f"output folder does not exist: {out_dir}")
+    model = unwrap(model)
+    tensors = {
+        name: (t.detach().to(EXPORT_DTYPES[dtype]) if t.is_floating_point() else t.detach()).cpu().clone().contiguous()
+        for name, t in model.state_dict().items()
+    }
+    weights, config_name = f"{stage}.safetensors", f"{stage}.json"
+    with atomic_path(out_dir / weights) as tmp:
+        save_file(tensors, str(tmp), metadata={"stage": stage, "dtype": dtype})
+    document = {
+        "stage": stage,
+        "dtype": dtype,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        **stage_config,
+    }
+    with atomic_path(out_dir / config_name) as tmp:
+        tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    return {"weights": weights, "config": config_name}
+
+
+def write_manifest(model_dir, stages: dict, extra: Optional[dict] = None, files: Iterable[str] = ()) -> Path:
+    """Write ``manifest.json``: ``extra`` (id, version, ...), each stage's files and config, a SHA-256 per file.
+
+    ``stages`` maps a stage name to :func:`export_stage`'s return value (any ``{role: file name}``
+    dict); ``files`` lists further files of the folder to checksum (e.g. ``MODEL_CARD.md``).
+    """
+    model_dir = Path(model_dir)
+    names = [name for entry in stages.values() for name in entry.values()] + list(files)
+    missing = [n for n in names if not (model_dir / n).is_file()]
+    if missing:
+        raise XctDiffError(f"cannot write the manifest: {model_dir / missing[0]} does not exist")
+    manifest = dict(extra or {})
+    manifest["stages"] = {}
+    for stage, entry in stages.items():
+        record = dict(entry)
+        if "config" in entry:
+            record["settings"] = json.loads((model_dir / entry["config"]).read_text(encoding="utf-8"))
+        manifest["stages"][stage] = record
+    manifest["sha256"] = {name: file_sha256(model_dir / name) for name in names}
+    path = model_dir / "manifest.json"
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return path

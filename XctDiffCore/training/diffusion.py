@@ -1,0 +1,163 @@
+"""Stage 3: the latent UNet, conditioned on the progressive encoder's prior (eq. 7).
+
+Per pair, with both earlier stages frozen: the target ``x0 = N(q(E(ct)))`` (the CT's normalised
+quantised latent) and the condition ``y = N(q(encoder(xray)))`` (the prior). Loss: noise-prediction
+MSE at a uniform timestep (:func:`XctDiffCore.diffusion.diffusion_loss`); its timesteps and noise come
+from a per-rank generator that the checkpoint saves, so a resumed run draws the same noise. An EMA
+of the weights is what validation samples with (DDIM) and what gets exported.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..config import Config, UNetConfig, config_to_dict
+from .autoencoder import check_latent_compatible, trained_autoencoder
+from .common import (
+    Meter,
+    Progress,
+    RunLogger,
+    autocast,
+    backward_step,
+    checkpoint_path,
+    cleanup_distributed,
+    gather_rng_states,
+    grad_scaler,
+    is_due,
+    learning_rate,
+    make_optimizer,
+    prepare_stage_dir,
+    restore_rng_states,
+    save_checkpoint,
+    seed_everything,
+    set_learning_rate,
+    setup_distributed,
+    stage_dir,
+    volume_metrics,
+    wrap_ddp,
+)
+from .data import PairDataset, train_loader
+from .encoder import ct_latent, trained_encoder
+
+STAGE = "diffusion"
+
+
+def build_unet(model: UNetConfig):
+    from ..models.unet import LatentUNet
+
+    return LatentUNet(**dataclasses.asdict(model))
+
+
+@torch.no_grad()
+def validate(ema, encoder, vqgan, schedule, items: list, device, precision: str, steps: int, seed: int) -> dict:
+    """DDIM reconstructions of the validation pairs from a fixed noise seed (the global RNG is untouched)."""
+    from ..diffusion import sample
+
+    scores = []
+    generator = torch.Generator("cpu").manual_seed(seed)
+    for item in items:
+        ct, xray = item["image"][None].to(device), item["xray"][None].to(device)
+        with autocast(device, precision):
+            cond = encoder.prior(xray, vqgan.quantize).float()
+            latent = sample(ema, cond, tuple(cond.shape), schedule, sampler="ddim", steps=steps, generator=generator)
+            recon = vqgan.decode(vqgan.quantize(latent)[0])
+        scores.append(volume_metrics(recon.float(), ct))
+    return {
+        "val/psnr": sum(s["psnr"] for s in scores) / len(scores),
+        "val/ssim": sum(s["ssim"] for s in scores) / len(scores),
+    }
+
+
+def train_diffusion(config: Config, resume: bool = False) -> Path:
+    """Train the latent UNet on the run's frozen VQ-GAN and encoder; returns its checkpoint path."""
+    job = setup_distributed()
+    try:
+        return _train(config, resume, job)
+    finally:
+        cleanup_distributed(job)
+
+
+def _train(config: Config, resume: bool, job) -> Path:
+    from ..diffusion import EMA, NoiseSchedule, diffusion_loss
+
+    section, optim, device = config.diffusion, config.diffusion.optim, job.device
+    vqgan, trained = trained_autoencoder(config.run.dir, STAGE, device)
+    check_latent_compatible(trained, config)
+    encoder, _ = trained_encoder(config.run.dir, STAGE, device)
+    checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume)
+    train_set = PairDataset(config.data.datalist, "training", config.data.volume_size, config.data.xray_size)
+    val_set = PairDataset(config.data.datalist, "validation", config.data.volume_size, config.data.xray_size)
+    schedule = NoiseSchedule(**dataclasses.asdict(section.schedule))
+
+    seed_everything(config.run.seed)  # identical initial weights on every rank
+    unet = build_unet(section.model).to(device)
+    ema = EMA(unet, optim.ema_decay)
+    optimizer = make_optimizer(unet.parameters(), optim)
+    scaler = grad_scaler(device, config.run.precision)
+    noise = torch.Generator(device).manual_seed(config.run.seed + job.rank)  # timesteps and noise of eq. 7
+    step = 0
+    seed_everything(config.run.seed + job.rank)
+    if checkpoint is not None:
+        unet.load_state_dict(checkpoint["models"]["unet"])
+        ema.load_state_dict(checkpoint["models"]["ema"])
+        optimizer.load_state_dict(checkpoint["optimizers"]["unet"])
+        scaler.load_state_dict(checkpoint["scalers"]["unet"])
+        step = checkpoint["step"]
+        restore_rng_states(checkpoint["rng"], job, {"noise": noise})
+    model = wrap_ddp(unet, job)
+
+    batches = iter(
+        train_loader(train_set, optim.batch_size, config.run.seed, step, job.rank, job.world_size, config.data.num_workers)
+    )
+    val_items = [val_set[i] for i in range(min(config.data.val_cases, len(val_set)))] if job.is_main else []
+    logger = RunLogger(stage_dir(config.run.dir, STAGE), job.is_main, step)
+    progress = Progress(STAGE, optim.max_steps, step, job.is_main)
+    meter = Meter()
+    while step < optim.max_steps:
+        batch = next(batches)
+        ct = batch["image"].to(device, non_blocking=True)  # (B, 1, D, H, W)
+        xray = batch["xray"].to(device, non_blocking=True)  # (B, 1, H, W)
+        lr = learning_rate(step, optim)
+        set_learning_rate(optimizer, lr)
+        with torch.no_grad(), autocast(device, config.run.precision):
+            x0 = ct_latent(vqgan, ct).float()  # (B, 8, d, h, w), zero mean and unit variance per voxel
+            cond = encoder.prior(xray, vqgan.quantize).float()  # y, same shape
+        with autocast(device, config.run.precision):
+            loss = diffusion_loss(model, x0, cond, schedule, generator=noise)
+        backward_step(loss, list(unet.parameters()), optimizer, scaler, optim.grad_clip)
+        ema.update(unet)
+
+        step += 1
+        meter.add({"noise_mse": loss})
+        progress.update()
+        if is_due(step, optim.log_every, optim.max_steps):
+            metrics = {f"train/{k}": v for k, v in meter.means().items()}
+            metrics["lr"] = lr
+            logger.log(step, metrics)
+            progress.write(step, metrics)
+        if job.is_main and val_items and is_due(step, optim.val_every, optim.max_steps):
+            metrics = validate(
+                ema, encoder, vqgan, schedule, val_items, device, config.run.precision, optim.val_sample_steps, config.run.seed
+            )
+            logger.log(step, metrics)
+            progress.write(step, metrics)
+        if is_due(step, optim.checkpoint_every, optim.max_steps):
+            rng = gather_rng_states(job, {"noise": noise})
+            if job.is_main:
+                save_checkpoint(
+                    checkpoint_path(config.run.dir, STAGE),
+                    {
+                        "stage": STAGE,
+                        "step": step,
+                        "config": config_to_dict(config),
+                        "models": {"unet": unet.state_dict(), "ema": ema.state_dict()},
+                        "optimizers": {"unet": optimizer.state_dict()},
+                        "scalers": {"unet": scaler.state_dict()},
+                        "rng": rng,
+                    },
+                )
+    progress.close()
+    logger.close()
+    return checkpoint_path(config.run.dir, STAGE)

@@ -1,0 +1,168 @@
+"""Stage 2: the progressive encoder, radiograph -> the frozen VQ-GAN's latent space (eqs. 5-6).
+
+Target of each pair: the CT's normalised quantised latent ``y_ct = N(q(E(ct)))`` from the frozen
+VQ-GAN of stage 1. Loss: ``F.mse_loss(encoder(xray), y_ct)`` in the normalised space, smooth, with
+the quantiser out of the way (see :mod:`XctDiffCore.models.progressive_encoder`). Validation decodes
+the prior ``y = N(q(encoder(xray)))`` with the frozen decoder: the PSNR/SSIM of the encoder alone,
+the floor that the diffusion stage must beat.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Config, EncoderModelConfig, config_from_dict, config_to_dict
+from .autoencoder import check_latent_compatible, trained_autoencoder
+from .common import (
+    Meter,
+    Progress,
+    RunLogger,
+    autocast,
+    backward_step,
+    checkpoint_path,
+    cleanup_distributed,
+    freeze,
+    gather_rng_states,
+    grad_scaler,
+    is_due,
+    learning_rate,
+    make_optimizer,
+    prepare_stage_dir,
+    restore_rng_states,
+    save_checkpoint,
+    seed_everything,
+    set_learning_rate,
+    setup_distributed,
+    stage_dir,
+    trained_stage_checkpoint,
+    volume_metrics,
+    wrap_ddp,
+)
+from .data import PairDataset, train_loader
+
+STAGE = "encoder"
+
+
+def build_encoder(model: EncoderModelConfig):
+    from ..models.progressive_encoder import ProgressiveEncoder
+
+    return ProgressiveEncoder(**dataclasses.asdict(model))
+
+
+def trained_encoder(run_dir, needed_by: str, device: torch.device):
+    """The frozen progressive encoder of a run and its model config."""
+    checkpoint = trained_stage_checkpoint(run_dir, STAGE, needed_by)
+    model_config = config_from_dict(checkpoint["config"]).encoder.model
+    encoder = build_encoder(model_config)
+    encoder.load_state_dict(checkpoint["models"]["encoder"])
+    return freeze(encoder.to(device)), model_config
+
+
+@torch.no_grad()
+def ct_latent(vqgan, ct: torch.Tensor) -> torch.Tensor:
+    """``N(q(E(ct)))``: the normalised quantised latent of CT volumes ``(B, 1, D, H, W)``."""
+    return vqgan.quantize(vqgan.encode(ct))[0]
+
+
+@torch.no_grad()
+def validate(encoder, vqgan, items: list, device: torch.device, precision: str) -> dict:
+    encoder.eval()
+    scores, errors = [], []
+    for item in items:
+        ct, xray = item["image"][None].to(device), item["xray"][None].to(device)
+        with autocast(device, precision):
+            target = ct_latent(vqgan, ct)
+            prediction = encoder(xray)
+            recon = vqgan.decode(vqgan.quantize(prediction)[0])
+        errors.append(float(F.mse_loss(prediction.float(), target.float())))
+        scores.append(volume_metrics(recon.float(), ct))
+    encoder.train()
+    return {
+        "val/latent_mse": sum(errors) / len(errors),
+        "val/psnr": sum(s["psnr"] for s in scores) / len(scores),
+        "val/ssim": sum(s["ssim"] for s in scores) / len(scores),
+    }
+
+
+def train_encoder(config: Config, resume: bool = False) -> Path:
+    """Train the progressive encoder against the run's frozen VQ-GAN; returns its checkpoint path."""
+    job = setup_distributed()
+    try:
+        return _train(config, resume, job)
+    finally:
+        cleanup_distributed(job)
+
+
+def _train(config: Config, resume: bool, job) -> Path:
+    section, optim, device = config.encoder, config.encoder.optim, job.device
+    vqgan, trained = trained_autoencoder(config.run.dir, STAGE, device)
+    check_latent_compatible(trained, config)
+    checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume)
+    train_set = PairDataset(config.data.datalist, "training", config.data.volume_size, config.data.xray_size)
+    val_set = PairDataset(config.data.datalist, "validation", config.data.volume_size, config.data.xray_size)
+
+    seed_everything(config.run.seed)  # identical initial weights on every rank
+    encoder = build_encoder(section.model).to(device)
+    optimizer = make_optimizer(encoder.parameters(), optim)
+    scaler = grad_scaler(device, config.run.precision)
+    step = 0
+    seed_everything(config.run.seed + job.rank)
+    if checkpoint is not None:
+        encoder.load_state_dict(checkpoint["models"]["encoder"])
+        optimizer.load_state_dict(checkpoint["optimizers"]["encoder"])
+        scaler.load_state_dict(checkpoint["scalers"]["encoder"])
+        step = checkpoint["step"]
+        restore_rng_states(checkpoint["rng"], job)
+    model = wrap_ddp(encoder, job)
+
+    batches = iter(
+        train_loader(train_set, optim.batch_size, config.run.seed, step, job.rank, job.world_size, config.data.num_workers)
+    )
+    val_items = [val_set[i] for i in range(min(config.data.val_cases, len(val_set)))] if job.is_main else []
+    logger = RunLogger(stage_dir(config.run.dir, STAGE), job.is_main, step)
+    progress = Progress(STAGE, optim.max_steps, step, job.is_main)
+    meter = Meter()
+    while step < optim.max_steps:
+        batch = next(batches)
+        ct = batch["image"].to(device, non_blocking=True)  # (B, 1, D, H, W)
+        xray = batch["xray"].to(device, non_blocking=True)  # (B, 1, H, W)
+        lr = learning_rate(step, optim)
+        set_learning_rate(optimizer, lr)
+        with autocast(device, config.run.precision):
+            target = ct_latent(vqgan, ct)  # (B, 8, d, h, w)
+            loss = F.mse_loss(model(xray).float(), target.float())
+        backward_step(loss, list(encoder.parameters()), optimizer, scaler, optim.grad_clip)
+
+        step += 1
+        meter.add({"latent_mse": loss})
+        progress.update()
+        if is_due(step, optim.log_every, optim.max_steps):
+            metrics = {f"train/{k}": v for k, v in meter.means().items()}
+            metrics["lr"] = lr
+            logger.log(step, metrics)
+            progress.write(step, metrics)
+        if job.is_main and val_items and is_due(step, optim.val_every, optim.max_steps):
+            metrics = validate(encoder, vqgan, val_items, device, config.run.precision)
+            logger.log(step, metrics)
+            progress.write(step, metrics)
+        if is_due(step, optim.checkpoint_every, optim.max_steps):
+            rng = gather_rng_states(job)
+            if job.is_main:
+                save_checkpoint(
+                    checkpoint_path(config.run.dir, STAGE),
+                    {
+                        "stage": STAGE,
+                        "step": step,
+                        "config": config_to_dict(config),
+                        "models": {"encoder": encoder.state_dict()},
+                        "optimizers": {"encoder": optimizer.state_dict()},
+                        "scalers": {"encoder": scaler.state_dict()},
+                        "rng": rng,
+                    },
+                )
+    progress.close()
+    logger.close()
+    return checkpoint_path(config.run.dir, STAGE)

@@ -1,0 +1,314 @@
+"""The style stage: a CycleGAN between real radiographs and the DRRs the other stages train on.
+
+Domains. *Real*: the files named by ``style.real`` (folders, searched recursively for images, or
+glob patterns; relative paths start at the working directory), each read with
+:func:`~XctDiffCore.io.read_radiograph` when first needed and preprocessed with
+:func:`~XctDiffCore.preprocess.preprocess_radiograph` at ``data.xray_size``, then kept in memory.
+Reading JPEG/PNG needs Pillow, which scikit-image itself depends on, so a machine with scikit-image
+has it. *DRR*: the ``xray`` images of the datalist, resized exactly as the encoder sees them
+(:func:`~XctDiffCore.training.data.xray_to_model`); ``xctdiff prepare`` normalises them with the
+same percentile rule as ``preprocess_radiograph``, so both domains arrive alike. ``data.val_cases``
+real files (a seeded choice) are held out for validation, with the datalist's validation DRRs.
+
+Per step: one update of both generators (LSGAN + cycle + identity,
+:func:`~XctDiffCore.models.cyclegan.generator_loss`), then one of both critics on real images and
+pooled fakes. Under torchrun the gradients of all four networks are averaged by hand
+(:func:`~.common.backward_step` with ``average_over``): each generator runs three times per step
+and the critics sit idle during the generator step, which DDP's wrapper cannot express. The
+checkpoint follows the other stages (``<run>/style/checkpoint.pt``, ``--resume``) and adds every
+rank's image pools; at the end the real -> DRR generator is exported beside it as
+``style.safetensors`` + ``style.json`` for a model folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..config import Config, StyleConfig, config_to_dict
+from ..errors import XctDiffError
+from .common import (
+    Meter,
+    Progress,
+    RunLogger,
+    autocast,
+    backward_step,
+    broadcast_parameters,
+    checkpoint_path,
+    cleanup_distributed,
+    export_stage,
+    gather_rng_states,
+    grad_scaler,
+    is_due,
+    learning_rate,
+    make_optimizer,
+    prepare_stage_dir,
+    restore_rng_states,
+    save_checkpoint,
+    seed_everything,
+    set_learning_rate,
+    setup_distributed,
+    stage_dir,
+)
+from .data import read_datalist, train_loader, xray_to_model
+
+STAGE = "style"
+REAL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
+
+
+# -------------------------------------------------------------------------------------------- data
+
+
+def find_real_radiographs(patterns) -> list[Path]:
+    """Folders (searched recursively for image and DICOM files) or glob patterns -> sorted unique files."""
+    files: set[Path] = set()
+    for pattern in patterns:
+        path = Path(pattern).expanduser()
+        if path.is_dir():
+            found = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in REAL_SUFFIXES]
+        else:
+            found = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
+        if not found:
+            raise XctDiffError(f"no real radiographs found at {pattern!r} (a folder of images or a glob pattern)")
+        files.update(found)
+    if not files:
+        raise XctDiffError("style.real names no real radiographs: list folders or glob patterns of real films")
+    return sorted(files)
+
+
+class RealRadiographs(Dataset):
+    """Real films as ``(1, size, size)`` float32 in [-1, 1]: read and preprocessed lazily, then cached."""
+
+    def __init__(self, files: list, size: int):
+        self.files, self.size = list(files), size
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index not in self.cache:
+            from ..io import read_radiograph
+            from ..preprocess import preprocess_radiograph
+
+            image01 = preprocess_radiograph(read_radiograph(self.files[index]).image, self.size)
+            self.cache[index] = torch.from_numpy(image01)[None] * 2.0 - 1.0
+        return self.cache[index]
+
+
+class DatalistDrrs(Dataset):
+    """The ``xray`` images of one datalist section as ``(1, size, size)`` float32 in [-1, 1]."""
+
+    def __init__(self, datalist, section: str, size: int):
+        self.files = [item["xray"] for item in read_datalist(datalist, section)]
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return xray_to_model(np.load(self.files[index]), self.size)
+
+
+def split_real_files(files: list, val_cases: int, seed: int) -> tuple[list, list]:
+    """(training, validation) real files: ``val_cases`` held out by a seeded draw, at least one left to train."""
+    if len(files) < 2:
+        raise XctDiffError(f"the style stage needs at least 2 real radiographs, found {len(files)}")
+    order = np.random.default_rng(seed).permutation(len(files))
+    n_val = min(val_cases, len(files) - 1)
+    val = sorted(files[i] for i in order[:n_val])
+    return sorted(files[i] for i in order[n_val:]), val
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+def build_cyclegan(section: StyleConfig) -> nn.ModuleDict:
+    """``generators`` (real_to_drr, drr_to_real) and ``critics`` (drr, real), from the config's constructor arguments."""
+    from ..models.cyclegan import ResnetGenerator
+    from ..models.discriminators import PatchDiscriminator
+
+    return nn.ModuleDict(
+        {
+            "generators": nn.ModuleDict(
+                {
+                    "real_to_drr": ResnetGenerator(**dataclasses.asdict(section.model)),
+                    "drr_to_real": ResnetGenerator(**dataclasses.asdict(section.model)),
+                }
+            ),
+            "critics": nn.ModuleDict(
+                {
+                    "drr": PatchDiscriminator(2, **dataclasses.asdict(section.critic)),
+                    "real": PatchDiscriminator(2, **dataclasses.asdict(section.critic)),
+                }
+            ),
+        }
+    )
+
+
+def export_style(generator: nn.Module, config: Config, out_dir) -> dict:
+    """``style.safetensors`` + ``style.json`` (constructor arguments, input size, value range) in ``out_dir``."""
+    stage_config = {
+        "model": dataclasses.asdict(config.style.model),
+        "image_size": config.data.xray_size,
+        "direction": "real_to_drr",
+        "value_range": [-1.0, 1.0],
+    }
+    return export_stage(generator, STAGE, stage_config, out_dir)
+
+
+# ------------------------------------------------------------------------------------------- loops
+
+
+@torch.no_grad()
+def validate(gan: nn.ModuleDict, real: list, drrs: list, device: torch.device, precision: str) -> tuple[dict, np.ndarray]:
+    """Cycle and identity L1 on held-out images, and a preview (rows: real | real->DRR | back to real)."""
+    g = gan["generators"]
+    g.eval()
+    metrics, rows = {}, []
+    if real:
+        x = torch.stack(real).to(device)  # (N, 1, H, W)
+        with autocast(device, precision):
+            fake_drr = g["real_to_drr"](x).float()
+            back = g["drr_to_real"](fake_drr).float()
+        metrics["val/cycle_real"] = float((back - x).abs().mean())
+        rows = [torch.cat([a[0], b[0], c[0]], dim=1) for a, b, c in zip(x, fake_drr, back)]
+    if drrs:
+        y = torch.stack(drrs).to(device)
+        with autocast(device, precision):
+            fake_real = g["drr_to_real"](y).float()
+            back = g["real_to_drr"](fake_real).float()
+            same = g["real_to_drr"](y).float()
+        metrics["val/cycle_drr"] = float((back - y).abs().mean())
+        metrics["val/identity_drr"] = float((same - y).abs().mean())  # how much a DRR is (wrongly) restyled
+    g.train()
+    preview = ((torch.cat(rows, dim=0).clamp(-1, 1) + 1) / 2).cpu().numpy() if rows else np.zeros((0, 0), np.float32)
+    return metrics, preview
+
+
+def train_style(config: Config, resume: bool = False) -> Path:
+    """Train the CycleGAN to ``style.optim.max_steps``; returns its checkpoint path."""
+    job = setup_distributed()
+    try:
+        return _train(config, resume, job)
+    finally:
+        cleanup_distributed(job)
+
+
+def _train(config: Config, resume: bool, job) -> Path:
+    from ..models.cyclegan import ImagePool, critic_loss, generator_loss
+
+    section, optim, device, size = config.style, config.style.optim, job.device, config.data.xray_size
+    real_train, real_val = split_real_files(find_real_radiographs(section.real), config.data.val_cases, config.run.seed)
+    drr_train = DatalistDrrs(config.data.datalist, "training", size)
+    drr_val = DatalistDrrs(config.data.datalist, "validation", size)
+    if len(drr_train) == 0:
+        raise XctDiffError(f"the datalist {config.data.datalist} has no training DRRs")
+    checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume)
+
+    seed_everything(config.run.seed)  # identical initial weights on every rank
+    gan = build_cyclegan(section).to(device)
+    generators, critics = gan["generators"], gan["critics"]
+    opt_g = make_optimizer(generators.parameters(), optim)
+    opt_d = make_optimizer(critics.parameters(), optim)
+    scaler_g, scaler_d = grad_scaler(device, config.run.precision), grad_scaler(device, config.run.precision)
+    pools = {"drr": ImagePool(section.loss.pool_size, config.run.seed + job.rank), "real": ImagePool(section.loss.pool_size, config.run.seed + job.rank + 10_000)}
+    step = 0
+    seed_everything(config.run.seed + job.rank)  # then a different random stream per rank
+    if checkpoint is not None:
+        gan.load_state_dict(checkpoint["models"]["cyclegan"])
+        opt_g.load_state_dict(checkpoint["optimizers"]["generator"])
+        opt_d.load_state_dict(checkpoint["optimizers"]["discriminator"])
+        scaler_g.load_state_dict(checkpoint["scalers"]["generator"])
+        scaler_d.load_state_dict(checkpoint["scalers"]["discriminator"])
+        step = checkpoint["step"]
+        restore_rng_states(checkpoint["rng"], job)
+        if len(checkpoint["pools"]) == job.world_size:  # another world size starts with empty pools
+            for name, pool in pools.items():
+                pool.load_state_dict(checkpoint["pools"][job.rank][name], device)
+    broadcast_parameters(gan, job)
+
+    loader_args = (optim.batch_size, config.run.seed, step, job.rank, job.world_size, config.data.num_workers)
+    real_batches = iter(train_loader(RealRadiographs(real_train, size), *loader_args))
+    drr_batches = iter(train_loader(drr_train, *loader_args))
+    val_real = [RealRadiographs(real_val, size)[i] for i in range(len(real_val))] if job.is_main else []
+    val_drrs = [drr_val[i] for i in range(min(config.data.val_cases, len(drr_val)))] if job.is_main else []
+    logger = RunLogger(stage_dir(config.run.dir, STAGE), job.is_main, step)
+    progress = Progress(STAGE, optim.max_steps, step, job.is_main)
+    meter = Meter()
+    while step < optim.max_steps:
+        real = next(real_batches).to(device, non_blocking=True)  # (B, 1, H, W) in [-1, 1]
+        drr = next(drr_batches).to(device, non_blocking=True)
+        lr = learning_rate(step, optim)
+        set_learning_rate(opt_g, lr)
+        set_learning_rate(opt_d, lr)
+
+        critics.requires_grad_(False)  # the critics only judge here; their update comes next
+        with autocast(device, config.run.precision):
+            loss, terms, fake_drr, fake_real = generator_loss(
+                generators["real_to_drr"], generators["drr_to_real"], critics["drr"], critics["real"], real, drr,
+                section.loss.cycle_weight, section.loss.identity_weight,
+            )
+        backward_step(loss, list(generators.parameters()), opt_g, scaler_g, optim.grad_clip, average_over=job)
+
+        critics.requires_grad_(True)
+        pooled_drr, pooled_real = pools["drr"].query(fake_drr.float()), pools["real"].query(fake_real.float())
+        with autocast(device, config.run.precision):
+            d_loss, d_terms = critic_loss(critics["drr"], critics["real"], real, drr, pooled_real, pooled_drr)
+        backward_step(d_loss, list(critics.parameters()), opt_d, scaler_d, optim.grad_clip, average_over=job)
+
+        step += 1
+        meter.add({"total": loss, **terms, "critic_total": d_loss, **d_terms})
+        progress.update()
+        if is_due(step, optim.log_every, optim.max_steps):
+            metrics = {f"train/{k}": v for k, v in meter.means().items()}
+            metrics["lr"] = lr
+            logger.log(step, metrics)
+            progress.write(step, {k: metrics[k] for k in ("train/total", "train/cycle_real", "train/adv_drr", "train/critic_total")})
+        if job.is_main and is_due(step, optim.val_every, optim.max_steps) and (val_real or val_drrs):
+            metrics, preview = validate(gan, val_real, val_drrs, device, config.run.precision)
+            logger.log(step, metrics)
+            progress.write(step, metrics)
+            if preview.size:
+                from ..io import write_image_png
+
+                write_image_png(preview, stage_dir(config.run.dir, STAGE) / "preview.png", bits=8)
+        if is_due(step, optim.checkpoint_every, optim.max_steps):
+            rng = gather_rng_states(job)
+            pool_states = _gather_pools(pools, job)
+            if job.is_main:
+                save_checkpoint(
+                    checkpoint_path(config.run.dir, STAGE),
+                    {
+                        "stage": STAGE,
+                        "step": step,
+                        "config": config_to_dict(config),
+                        "models": {"cyclegan": gan.state_dict()},
+                        "optimizers": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
+                        "scalers": {"generator": scaler_g.state_dict(), "discriminator": scaler_d.state_dict()},
+                        "pools": pool_states,
+                        "rng": rng,
+                    },
+                )
+    if job.is_main:
+        export_style(generators["real_to_drr"], config, stage_dir(config.run.dir, STAGE))
+    progress.close()
+    logger.close()
+    return checkpoint_path(config.run.dir, STAGE)
+
+
+def _gather_pools(pools: dict, job) -> list:
+    """Every rank's image pools (rank order), so a resumed job shows each critic the fakes it would have seen."""
+    state = {name: pool.state_dict() for name, pool in pools.items()}
+    if not job.enabled:
+        return [state]
+    import torch.distributed as dist
+
+    states = [None] * job.world_size
+    dist.all_gather_object(states, state)
+    return states

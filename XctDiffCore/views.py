@@ -1,0 +1,104 @@
+"""Overview images of reconstructions: labelled grey panels composed with numpy and Pillow (no matplotlib).
+
+Orientation of the slices of a canonical ``[z, y, x]`` CT, as radiologists view them: *coronal* like
+the PA film (head up, the patient's right on the image's left), *axial* from the feet (anterior up,
+right on the left), *sagittal* head up, anterior on the left.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .layout import ct_to_model_layout
+
+CT_WINDOW_HU = (-1000.0, 1000.0)  # display only: lungs to bone in one window
+PANEL_SIZE = 160  # pixels per panel side
+LABEL_HEIGHT = 14
+GAP = 2
+
+
+def window(hu, low_high=CT_WINDOW_HU) -> np.ndarray:
+    low, high = low_high
+    return np.clip((np.asarray(hu, dtype=np.float32) - low) / (high - low), 0.0, 1.0)
+
+
+def orthogonal_slices(volume_zyx: np.ndarray) -> dict:
+    """Middle axial, coronal and sagittal slices of a canonical ``[z, y, x]`` array, display-oriented."""
+    volume_zyx = np.asarray(volume_zyx)
+    z, y, x = (n // 2 for n in volume_zyx.shape)
+    model = ct_to_model_layout(volume_zyx)  # [D = A->P, H = S->I, W = R->L]
+    return {
+        "axial": volume_zyx[z],  # rows A->P, columns R->L
+        "coronal": model[y],  # rows S->I, columns R->L
+        "sagittal": volume_zyx[::-1, :, x],  # rows S->I, columns A->P
+    }
+
+
+def scale_to_unit(image: np.ndarray, top: Optional[float] = None) -> np.ndarray:
+    """[0, top] -> [0, 1] (``top``: the image's 99th percentile when not given): for uncertainty maps."""
+    image = np.asarray(image, dtype=np.float32)
+    top = float(np.percentile(image, 99)) if top is None else float(top)
+    return np.clip(image / top, 0.0, 1.0) if top > 0 else np.zeros_like(image)
+
+
+def _fit(image01: np.ndarray, size: int) -> np.ndarray:
+    """Resize a panel so that its longer side is ``size``, then centre it on a black square."""
+    from skimage.transform import resize
+
+    image01 = np.asarray(image01, dtype=np.float32)
+    rows, cols = image01.shape
+    scale = size / max(rows, cols)
+    shape = (max(1, round(rows * scale)), max(1, round(cols * scale)))
+    resized = resize(image01, shape, order=0 if scale >= 1 else 1, anti_aliasing=scale < 1, preserve_range=True)
+    out = np.zeros((size, size), dtype=np.float32)
+    top, left = (size - shape[0]) // 2, (size - shape[1]) // 2
+    out[top : top + shape[0], left : left + shape[1]] = resized
+    return out
+
+
+def compose_grid(rows: Sequence[Sequence[tuple]], panel: int = PANEL_SIZE):
+    """A grey PIL image of labelled panels: ``rows`` of ``(label, image in [0, 1] or None)``."""
+    from PIL import Image, ImageDraw
+
+    columns = max(len(r) for r in rows)
+    cell_h = panel + LABEL_HEIGHT
+    canvas = Image.new("L", (columns * (panel + GAP) - GAP, len(rows) * (cell_h + GAP) - GAP), 0)
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        for c, (label, image) in enumerate(row):
+            x, y = c * (panel + GAP), r * (cell_h + GAP)
+            if image is not None:
+                pixels = np.round(_fit(image, panel) * 255).astype(np.uint8)
+                canvas.paste(Image.fromarray(pixels), (x, y + LABEL_HEIGHT))
+            if label:
+                draw.text((x + 2, y + 1), str(label), fill=255)
+    return canvas
+
+
+def write_png(image, path) -> Path:
+    """Save a PIL image as PNG through :func:`~XctDiffCore.atomic.atomic_path`."""
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
+
+
+def reconstruction_rows(input01: np.ndarray, drr01: np.ndarray, ct_hu: np.ndarray, uncertainty_hu: Optional[np.ndarray] = None) -> list:
+    """Row 1: input, DRR of the result, axial / coronal / sagittal CT; row 2: the uncertainty's slices."""
+    slices = orthogonal_slices(ct_hu)
+    rows = [[("input", input01), ("DRR of result", drr01)] + [(f"CT {k}", window(v)) for k, v in slices.items()]]
+    if uncertainty_hu is not None:
+        top = float(np.percentile(uncertainty_hu, 99))
+        std = orthogonal_slices(uncertainty_hu)
+        rows.append([(f"std 0-{top:.0f} HU", None), ("", None)] + [(f"std {k}", scale_to_unit(v, top)) for k, v in std.items()])
+    return rows
+
+
+def write_reconstruction_views(result, path) -> Path:
+    """The ``--views`` PNG of a :class:`~XctDiffCore.pipeline.Reconstruction`."""
+    uncertainty = result.uncertainty.array if result.uncertainty is not None else None
+    rows = reconstruction_rows(result.input_image, result.drr, result.ct.array, uncertainty)
+    return write_png(compose_grid(rows), path)
