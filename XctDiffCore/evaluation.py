@@ -7,12 +7,12 @@
   folder: each CT preprocessed as for training (:func:`~XctDiffCore.preprocess.preprocess_ct`, 128^3
   at 2.5 mm) and its DRR rendered in the model's geometry (:func:`~XctDiffCore.drr.drr_of_volume`).
   Inputs are DRRs, so the style transfer is off.
-* **Ground truth.** The case's CT on the model's grid: average-pooled to ``volume_size``^3 exactly as
-  training saw it (:func:`~XctDiffCore.training.data.ct_to_model`), in HU.
+* **Ground truth.** The case's prepared CT in HU on the output grid of the pipeline (128^3 at 2.5 mm,
+  the paper's), whatever grid the model works on: a coarse model pays for its coarseness here.
 * **Methods, same run, same cases:** ``xctdiff`` (the full pipeline: K samples, their mean scored,
   their std shown), ``direct`` (progressive encoder -> VQ decoder, no diffusion: the paper's
   ablation) and ``mean CT`` (one constant volume for every case: the mean of the datalist's
-  ``training`` CTs on the model grid; for a CT folder, the model folder's ``mean_ct.npy`` when it
+  ``training`` CTs; for a CT folder, the model folder's ``mean_ct.npy`` when it
   has one, else this baseline is left out). A method that does not beat the mean CT has learnt
   nothing case-specific.
 * **Seeds.** Case ``i`` is sampled with seed ``seed + i``: a rerun gives the same numbers.
@@ -48,7 +48,7 @@ class Case:
 
     name: str
     drr: np.ndarray  # [row, col] in [0, 1]
-    truth_hu: np.ndarray  # [z, y, x] on the model grid
+    truth_hu: np.ndarray  # [z, y, x] on the output grid (128^3)
 
 
 def model_grid_hu(ct_hu: np.ndarray, size: int) -> np.ndarray:
@@ -57,6 +57,17 @@ def model_grid_hu(ct_hu: np.ndarray, size: int) -> np.ndarray:
     from .training.data import ct_to_model
 
     return model_layout_to_ct(unit_to_hu(ct_to_model(np.asarray(ct_hu), size)[0].numpy())).astype(np.float32)
+
+
+def resample_hu(ct_hu: np.ndarray, size: int) -> np.ndarray:
+    """A canonical HU cube -> ``size``^3, trilinearly (as the pipeline brings a coarse model's output to its grid)."""
+    import torch
+    import torch.nn.functional as F
+
+    if ct_hu.shape == (size,) * 3:
+        return np.asarray(ct_hu, dtype=np.float32)
+    x = torch.from_numpy(np.ascontiguousarray(ct_hu, dtype=np.float32))[None, None]
+    return F.interpolate(x, size=(size,) * 3, mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
 def _is_datalist(path: Path) -> bool:
@@ -80,7 +91,7 @@ def datalist_cases(datalist: Path, volume_size: int, max_cases: Optional[int] = 
 
 
 def datalist_mean_ct(datalist: Path, volume_size: int) -> Optional[np.ndarray]:
-    """Mean of the datalist's training CTs on the model grid (HU), or None without training entries."""
+    """Mean of the datalist's training CTs on a ``volume_size``^3 grid (HU), or None without training entries."""
     from .training.data import read_datalist
 
     items = read_datalist(datalist, "training")
@@ -127,7 +138,7 @@ def evaluate(
     from .io import Radiograph
     from .metrics import volume_scores
     from .models.lpips import LPIPS
-    from .pipeline import XctDiffPipeline
+    from .pipeline import OUTPUT_SIZE, XctDiffPipeline
 
     data, out_dir = Path(data), Path(out_dir)
     if not data.exists():
@@ -138,13 +149,13 @@ def evaluate(
         raise XctDiffError(f"output folder does not exist: {out_dir.parent}")
     out_dir.mkdir(exist_ok=True)
     pipe = XctDiffPipeline.from_pretrained(model)
-    size = pipe.info.volume_size
+    size = OUTPUT_SIZE
     if _is_datalist(data):
         cases = datalist_cases(data, size, max_cases)
         mean_ct = datalist_mean_ct(data, size)
     else:
         cases = ct_folder_cases(data, size, pipe.info.geometry, max_cases)
-        mean_ct = pipe.mean_ct
+        mean_ct = None if pipe.mean_ct is None else resample_hu(pipe.mean_ct, size)
     lpips = LPIPS.load()
 
     rows, figure = [], []
@@ -168,7 +179,7 @@ def evaluate(
     _write_text(out_dir / "metrics.csv", metrics_csv(rows))
     header = (f"Model `{pipe.info.model_id}` {pipe.info.version}, {len(cases)} cases from `{data.name}`, "
               f"{samples} sample(s), {steps or pipe.info.steps} {pipe.info.sampler} steps, "
-              f"{pipe.info.volume_size}^3 at {pipe.info.spacing_mm:g} mm. Mean ± std over cases.\n\n")
+              f"model grid {pipe.info.volume_size}^3, scored on {size}^3 at 2.5 mm. Mean ± std over cases.\n\n")
     _write_text(out_dir / "summary.md", header + markdown_table(summary))
     _write_text(out_dir / "summary.json", json.dumps({"model": pipe.info.model_id, "cases": len(cases), "summary": summary},
                                                      indent=2) + "\n")

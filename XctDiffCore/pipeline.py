@@ -18,9 +18,9 @@
 6. *consistency*: the DRR of the result, rendered in the training geometry and normalised like the
    input, compared with the input by 2D SSIM (:func:`~XctDiffCore.metrics.ssim_2d`).
 
-**Output geometry.** ``result.ct`` is the voxel-wise mean of the K samples in HU (int16), on the
-model's grid: ``volume_size``^3 voxels (128 for the paper's model) of ``spacing_mm`` (2.5 mm), a
-320 mm cube, canonical LPS (direction identity, ``array[z, y, x]``), **centred on the LPS origin**
+**Output geometry.** ``result.ct`` is the voxel-wise mean of the K samples in HU (int16), always on
+the paper's grid: 128^3 voxels of 2.5 mm, a 320 mm cube (a model that works on a coarser grid, such
+as the 64^3 ``preview`` configuration, has each decoded sample resampled trilinearly to it), canonical LPS (direction identity, ``array[z, y, x]``), **centred on the LPS origin**
 (the origin is the first voxel's centre, ``-(n - 1) / 2 * spacing``). The coronal plane faces the
 radiograph: the PA film lies in the x-z plane, its rows along -z, its columns along +x. A film's
 pixel spacing is not used: the preprocessing crops its empty border and rescales it to the model's
@@ -56,13 +56,14 @@ import torch.nn.functional as F
 from .diffusion import Cancelled
 from .errors import XctDiffError
 from .io import Radiograph
-from .model_folder import PREPARED_SIZE, ModelFolder, ModelInfo
+from .model_folder import FIELD_OF_VIEW_MM, PREPARED_SIZE, ModelFolder, ModelInfo
 from .volume import Volume
 
 ProgressCallback = Callable[[float, str], None]
 Method = Literal["diffusion", "direct"]
 METHODS = ("diffusion", "direct")
 MAX_SAMPLES = 64
+OUTPUT_SIZE = PREPARED_SIZE  # result.ct: 128^3 voxels of FIELD_OF_VIEW_MM / 128 = 2.5 mm, whatever the model's grid
 
 # Where each stage ends on the progress scale (sampling takes the most time by far).
 STAGE_END = {"preprocessing": 0.02, "style transfer": 0.04, "encoding": 0.07, "sampling": 0.86, "decoding": 0.95, "consistency": 1.0}
@@ -76,7 +77,7 @@ class StyleWarning(UserWarning):
 class Reconstruction:
     """What :meth:`XctDiffPipeline.reconstruct` returns (see the module docstring for the geometry)."""
 
-    ct: Volume  # HU, int16, volume_size^3, canonical LPS, centred on the origin
+    ct: Volume  # HU, int16, 128^3 at 2.5 mm, canonical LPS, centred on the origin
     uncertainty: Optional[Volume]  # std over the samples in HU (float32), K >= 2; else None
     consistency: float  # SSIM in [0, 1] of the input vs the DRR of ct
     timings: dict  # seconds per stage, plus "total" and "sampling_per_step"
@@ -335,8 +336,10 @@ class XctDiffPipeline:
             _check_cancel(cancel)
             z_q = self.vqgan.quantize(latents[k : k + 1].float())[0]
             with self._autocast(device):
-                volume = self.vqgan.decode(z_q)  # (1, 1, D, H, W) in about [-1, 1]
-            hu = model_layout_to_ct(unit_to_hu(volume.float()[0, 0])).cpu().numpy().astype(np.float64)  # [z, y, x]
+                volume = self.vqgan.decode(z_q).float()  # (1, 1, D, H, W) in about [-1, 1]
+            if volume.shape[-1] != OUTPUT_SIZE:
+                volume = F.interpolate(volume, size=(OUTPUT_SIZE,) * 3, mode="trilinear", align_corners=False)
+            hu = model_layout_to_ct(unit_to_hu(volume[0, 0])).cpu().numpy().astype(np.float64)  # [z, y, x]
             if mean is None:
                 mean, m2 = np.zeros_like(hu), np.zeros_like(hu)
             delta = hu - mean
@@ -345,9 +348,10 @@ class XctDiffPipeline:
             reporter.report(start + span * (k + 1) / count, f"decoding {k + 1}/{count}")
         return mean, np.sqrt(m2 / count)
 
-    def _volume(self, array: np.ndarray) -> Volume:
-        """The model grid: canonical LPS, isotropic ``spacing_mm``, centred on the origin."""
-        spacing = self.info.spacing_mm
+    @staticmethod
+    def _volume(array: np.ndarray) -> Volume:
+        """The output grid: canonical LPS, isotropic 2.5 mm (for 128^3), centred on the origin."""
+        spacing = FIELD_OF_VIEW_MM / array.shape[0]
         origin = [-(n - 1) / 2.0 * spacing for n in array.shape[::-1]]  # (x, y, z)
         return Volume(array, (spacing,) * 3, origin, np.eye(3))
 
