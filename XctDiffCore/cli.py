@@ -16,13 +16,14 @@ from .errors import XctDiffError
 def add_demo_command(subparsers):
     p = subparsers.add_parser("demo", help="run the main job on the bundled sample")
     p.add_argument("--out", default="out/demo", help="output folder (created if missing)")
+    p.add_argument("--model", help="model folder (default: the bundled model; without one the demo renders a DRR)")
     p.set_defaults(handler=_run_demo)
 
 
 def _run_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out)
+    run_demo(args.out, args.model)
     return 0
 
 
@@ -233,6 +234,12 @@ def _run_benchmark_pipeline(args) -> int:
 BENCHMARK_TARGETS = [add_benchmark_drr_target, add_benchmark_pipeline_target]
 
 
+def _add_sampler_option(p):
+    from .diffusion import SAMPLERS
+
+    p.add_argument("--sampler", choices=SAMPLERS, help="diffusion sampler (default: the model's, DDIM)")
+
+
 def add_reconstruct_command(subparsers):
     p = subparsers.add_parser("reconstruct", help="radiograph (file, or folder of files) -> 3D CT")
     p.add_argument("input", help="radiograph (.png, .jpg, .dcm, 2D .nrrd, ...) or a folder of them (batch; torchrun splits it)")
@@ -250,6 +257,7 @@ def add_reconstruct_command(subparsers):
     p.add_argument("--progress-lines", action="store_true", help="print PROGRESS/RESULT lines on stdout (PROTOCOL.md)")
     p.add_argument("--no-cpu-fallback", action="store_true", help="fail on CUDA out-of-memory instead of continuing on the CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the diffusion UNet (pays off for folders)")
+    _add_sampler_option(p)
     p.set_defaults(handler=_run_reconstruct)
 
 
@@ -260,6 +268,7 @@ def _run_reconstruct(args) -> int:
         args.input, args.output, model=args.model, steps=args.steps, samples=args.samples, seed=args.seed,
         device=args.device, style=args.style, views=args.views, uncertainty=args.uncertainty,
         progress_lines=args.progress_lines, cpu_fallback=not args.no_cpu_fallback, compile=args.compile,
+        sampler=args.sampler,
     )
 
 
@@ -273,6 +282,7 @@ def add_evaluate_command(subparsers):
     p.add_argument("--seed", type=int, default=0, help="case i uses seed + i")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max-cases", type=int, help="evaluate only the first N cases")
+    _add_sampler_option(p)
     p.set_defaults(handler=_run_evaluate)
 
 
@@ -282,7 +292,7 @@ def _run_evaluate(args) -> int:
 
     with plain_warnings():
         summary = evaluate(args.model, args.data, args.out, steps=args.steps, samples=args.samples, seed=args.seed,
-                           device=args.device, max_cases=args.max_cases)
+                           device=args.device, max_cases=args.max_cases, sampler=args.sampler)
     print(markdown_table(summary), end="")
     print(f"wrote {args.out}/metrics.csv, summary.md, summary.json, figure.png")
     return 0

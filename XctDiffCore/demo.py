@@ -1,7 +1,9 @@
 """``xctdiff demo``: the main job on the bundled sample, runnable right after installing.
 
-No trained model is bundled yet, so the demo shows the half of the job that needs none: the DRR of
-the sample CT (the kind of radiograph the models are trained on), beside coronal and axial slices.
+With a model (the bundled default in ``Resources/Models/``, or ``--model DIR``): reconstruct the
+bundled real radiograph into a CT (``.nrrd``) and its views PNG, as ``xctdiff reconstruct`` does.
+Without one, the half of the job that needs no model: the DRR of the sample CT (the kind of
+radiograph the models are trained on) beside coronal and axial slices.
 """
 from __future__ import annotations
 
@@ -13,28 +15,52 @@ from .errors import XctDiffError
 from .layout import ct_to_model_layout
 
 SAMPLE_CT_NAME = "LIDC-IDRI-0001_ct.nrrd"
+SAMPLE_RADIOGRAPH_NAME = "NIH-CXR14_00000001_000.png"
 # Slices are shown in a wide soft-tissue-to-bone window, in HU.
 SLICE_WINDOW_HU = (-1000.0, 1000.0)
 
 
-def sample_ct_path() -> Path:
-    """The bundled sample CT: ``Resources/Samples`` in the repository, or installed beside the package."""
+def sample_path(name: str) -> Path:
+    """A bundled sample: ``Resources/Samples`` in the repository, or installed beside the package."""
     package = Path(__file__).resolve().parent
     for root in (package.parent, package):
-        candidate = root / "Resources" / "Samples" / SAMPLE_CT_NAME
+        candidate = root / "Resources" / "Samples" / name
         if candidate.is_file():
             return candidate
-    raise XctDiffError(f"the bundled sample CT {SAMPLE_CT_NAME} is missing from this installation")
+    raise XctDiffError(f"the bundled sample {name} is missing from this installation")
 
 
-def run_demo(out_dir) -> dict:
-    """Render the sample's DRR and an overview figure into ``out_dir`` (created); return the paths."""
+def sample_ct_path() -> Path:
+    return sample_path(SAMPLE_CT_NAME)
+
+
+def run_demo(out_dir, model=None) -> dict:
+    """Reconstruct the sample radiograph into ``out_dir`` (created), or render the sample's DRR without a model."""
+    from .model_folder import bundled_model_folder
+
+    out_dir = Path(out_dir)
+    if model is None:
+        try:
+            model = bundled_model_folder()
+        except XctDiffError:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            return render_sample_drr(out_dir)
+    from .reconstruct_job import run_reconstruct
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    radiograph = sample_path(SAMPLE_RADIOGRAPH_NAME)
+    paths = {"ct": out_dir / f"{radiograph.stem}_ct.nrrd", "views": out_dir / f"{radiograph.stem}_views.png"}
+    run_reconstruct(radiograph, paths["ct"], model=model, seed=0, views=paths["views"])
+    print(f"wrote the reconstruction of {radiograph.name} to {paths['ct']} and its views to {paths['views']}")
+    return paths
+
+
+def render_sample_drr(out_dir: Path) -> dict:
+    """The sample CT's DRR and an overview figure (DRR | coronal | axial) in ``out_dir``; returns the paths."""
     from .drr import drr_of_volume
     from .io import drr_tag_metadata, read_ct, write_image_png
     from .preprocess import preprocess_ct
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ct = preprocess_ct(read_ct(sample_ct_path()))
     drr = drr_of_volume(ct, "cone", size=ct.shape[0])
     paths = {
@@ -42,7 +68,7 @@ def run_demo(out_dir) -> dict:
         "overview": write_image_png(overview_figure(ct.array, drr), out_dir / "sample_overview.png", bits=8),
     }
     print(
-        "No trained model is bundled yet, so reconstruction is not available; "
+        "No trained model is installed, so reconstruction is not available; "
         f"wrote the sample's DRR to {paths['drr']} and an overview (DRR | coronal | axial) to {paths['overview']}"
     )
     return paths

@@ -129,6 +129,7 @@ def evaluate(
     seed: int = 0,
     device: str = "auto",
     max_cases: Optional[int] = None,
+    sampler: Optional[str] = None,
     figure_cases: int = 4,
     progress: bool = True,
 ) -> dict:
@@ -162,7 +163,8 @@ def evaluate(
     for index, case in enumerate(tqdm(cases, desc="evaluate", unit="case", file=sys.stderr, disable=not progress)):
         radiograph = Radiograph(case.drr, None, True, case.name)
         outputs = {
-            "xctdiff": pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index, device=device, style="off"),
+            "xctdiff": pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index, device=device, style="off",
+                                        sampler=sampler),
             "direct": pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off", method="direct"),
         }
         for method, result in outputs.items():
@@ -178,7 +180,7 @@ def evaluate(
     summary = summarize(rows)
     _write_text(out_dir / "metrics.csv", metrics_csv(rows))
     header = (f"Model `{pipe.info.model_id}` {pipe.info.version}, {len(cases)} cases from `{data.name}`, "
-              f"{samples} sample(s), {steps or pipe.info.steps} {pipe.info.sampler} steps, "
+              f"{samples} sample(s), {steps or pipe.info.steps} {sampler or pipe.info.sampler} steps, "
               f"model grid {pipe.info.volume_size}^3, scored on {size}^3 at 2.5 mm. Mean ± std over cases.\n\n")
     _write_text(out_dir / "summary.md", header + markdown_table(summary))
     _write_text(out_dir / "summary.json", json.dumps({"model": pipe.info.model_id, "cases": len(cases), "summary": summary},

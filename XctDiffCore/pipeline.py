@@ -177,6 +177,7 @@ class XctDiffPipeline:
         device: str = "auto",
         style: str = "auto",
         method: Method = "diffusion",
+        sampler: Optional[str] = None,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[threading.Event] = None,
         cpu_fallback: bool = True,
@@ -197,6 +198,11 @@ class XctDiffPipeline:
             raise XctDiffError(f"style must be one of {', '.join(STYLE_CHOICES)}, got {style!r}")
         if method not in METHODS:
             raise XctDiffError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        from .diffusion import SAMPLERS
+
+        sampler = self.info.sampler if sampler is None else sampler
+        if sampler not in SAMPLERS:
+            raise XctDiffError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         seed = secrets.randbits(31) if seed is None else int(seed)
         samples = 1 if method == "direct" else int(samples)  # the direct path is deterministic
         reporter = _Progress(progress)
@@ -206,7 +212,8 @@ class XctDiffPipeline:
         read_seconds = time.perf_counter() - start
         target = choose_device(device)
         result = run_with_cpu_fallback(
-            lambda dev: self._reconstruct_on(dev, radiograph, steps, samples, seed, style, method, reporter, cancel),
+            lambda dev: self._reconstruct_on(dev, radiograph, steps, samples, seed, style, method, sampler,
+                                             reporter, cancel),
             target,
             fallback=cpu_fallback,
         )
@@ -254,7 +261,8 @@ class XctDiffPipeline:
         dtype = autocast_dtype(device)
         return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
-    def _reconstruct_on(self, device, radiograph, steps, samples, seed, style, method, reporter, cancel) -> Reconstruction:
+    def _reconstruct_on(self, device, radiograph, steps, samples, seed, style, method, sampler, reporter,
+                        cancel) -> Reconstruction:
         from .device import describe_device
         from .diffusion import sample
         from .metrics import ssim_2d
@@ -290,7 +298,7 @@ class XctDiffPipeline:
 
                 with self._autocast(device):
                     latents = sample(self._denoiser, prior, (samples, *prior.shape[1:]), self.schedule,
-                                     sampler=self.info.sampler, steps=steps, generator=generator,
+                                     sampler=sampler, steps=steps, generator=generator,
                                      progress=on_step, cancel=cancel)
                 timer.lap("sampling")
             else:
@@ -451,6 +459,8 @@ def reconstruct_file(
         uncertainty = check_volume_output(uncertainty)
         if int(options.get("samples", 1)) < 2:
             raise XctDiffError("an uncertainty map needs --samples 2 or more")
+        if options.get("method", "diffusion") == "direct":  # the direct path makes one sample, so no std
+            raise XctDiffError("an uncertainty map needs the diffusion method (method='direct' makes one sample)")
     if views is not None:
         views = check_output_path(views)
         if Path(views).suffix.lower() != ".png":
@@ -459,6 +469,7 @@ def reconstruct_file(
     if progress is not None:
         options["progress"] = lambda fraction, stage: progress(WRITE_START * fraction, stage)
     result = pipeline.reconstruct(input_path, **options)
+    _check_cancel(options.get("cancel"))  # a cancel during the last stage: still nothing written
     if progress is not None:
         progress(WRITE_START, "writing")
     start = time.perf_counter()

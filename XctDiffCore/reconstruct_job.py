@@ -111,6 +111,7 @@ def run_reconstruct(
     progress_lines: bool = False,
     cpu_fallback: bool = True,
     compile: bool = False,
+    sampler: Optional[str] = None,
 ) -> int:
     """The ``xctdiff reconstruct`` command; returns the exit status (errors raise :class:`XctDiffError`)."""
     from .device import torchrun_rank
@@ -156,6 +157,7 @@ def run_reconstruct(
                     result, written = reconstruct_file(
                         pipe, source, out, uncertainty=unc, views=view, steps=steps, samples=samples, seed=seed,
                         device=device, style=style, progress=display.scaled(low, high), cpu_fallback=cpu_fallback,
+                        sampler=sampler,
                     )
                 except XctDiffError as exc:
                     if len(jobs) == 1:
@@ -172,7 +174,7 @@ def run_reconstruct(
         finally:
             display.close()
     if progress_lines:
-        print("RESULT " + json.dumps(_result_record(results, failures)), flush=True)
+        print("RESULT " + json.dumps(_result_record(results, failures, batch=input_path.is_dir())), flush=True)
     if failures:
         raise XctDiffError(f"{len(failures)} of {len(jobs)} radiographs could not be reconstructed (see the lines above)")
     return 0
@@ -185,9 +187,13 @@ def _print_line(display: ProgressDisplay, text: str) -> None:
         print(text, flush=True)
 
 
-def _result_record(results: list, failures: list) -> dict:
-    """The ``RESULT`` object: the protocol's keys for one file; for a folder, also every file's summary."""
-    if len(results) == 1 and not failures:
+def _result_record(results: list, failures: list, batch: bool = False) -> dict:
+    """The ``RESULT`` object: the protocol's keys for one file; for a folder, also every file's summary.
+
+    A folder always gets the folder form (``cases``, ``failed``), even when it (or this torchrun rank's
+    share of it) holds a single radiograph, so that readers of the line need not guess its shape.
+    """
+    if not batch and len(results) == 1 and not failures:
         source, written, result = results[0]
         return {**result.summary(), "output": str(written[0]), "files": [str(p) for p in written]}
     return {

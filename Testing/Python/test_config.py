@@ -16,8 +16,14 @@ from XctDiffCore.config import (
 from XctDiffCore.errors import XctDiffError
 
 
-def test_bundled_configs_are_tiny_small_paper():
-    assert {"tiny", "small", "paper"} <= set(bundled_config_names())
+def test_bundled_configs_are_tiny_preview_small_paper():
+    assert {"tiny", "preview", "small", "paper"} <= set(bundled_config_names())
+
+
+def test_preview_config_is_coarse_and_has_no_adversarial_term():
+    c = load_config("preview")
+    assert (c.data.volume_size, c.latent_size(), c.data.xray_size) == (64, 16, 64)
+    assert c.autoencoder.loss.disc_start > c.autoencoder.optim.max_steps
 
 
 def test_paper_config_has_the_papers_numbers():
@@ -34,7 +40,7 @@ def test_paper_config_has_the_papers_numbers():
     )
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "paper"])
+@pytest.mark.parametrize("name", ["tiny", "preview", "small", "paper"])
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_round_trip(tmp_path, name, suffix):
     config = load_config(name)

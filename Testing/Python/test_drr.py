@@ -216,10 +216,15 @@ def test_cli_drr_bad_input_leaves_nothing(tmp_path, capsys, case):
     assert list(tmp_path.rglob("*")) == []
 
 
-def test_demo_renders_the_sample_into_a_new_folder(tmp_path, capsys):
+def test_demo_without_a_model_renders_the_sample_into_a_new_folder(tmp_path, capsys, monkeypatch):
+    from XctDiffCore import model_folder
     from XctDiffCore.demo import run_demo
     from XctDiffCore.io import read_radiograph
 
+    def no_model():
+        raise XctDiffError("no bundled model")
+
+    monkeypatch.setattr(model_folder, "bundled_model_folder", no_model)
     out = tmp_path / "demo" / "nested"
     paths = run_demo(out)
     assert read_radiograph(paths["drr"]).is_drr and read_radiograph(paths["drr"]).image.shape == (128, 128)
@@ -227,3 +232,16 @@ def test_demo_renders_the_sample_into_a_new_folder(tmp_path, capsys):
     assert overview.shape[0] == 128 and overview.shape[1] > 3 * 128
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and "no trained model" in printed[0].lower() and str(out) in printed[0]
+
+
+def test_demo_with_a_model_reconstructs_the_sample_radiograph(tmp_path, capsys):
+    from XctDiffCore.demo import run_demo
+    from XctDiffCore.io import read_ct, read_radiograph
+    from XctDiffCore.model_folder import create_random_model
+
+    model = create_random_model(tmp_path / "model", "tiny")
+    paths = run_demo(tmp_path / "demo", model=model)
+    ct = read_ct(paths["ct"])
+    assert ct.shape == (128, 128, 128) and np.allclose(ct.spacing, 2.5)
+    assert read_radiograph(paths["views"]).image.shape[1] > 3 * 128
+    assert "wrote the reconstruction" in capsys.readouterr().out

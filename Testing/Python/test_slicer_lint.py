@@ -185,8 +185,8 @@ def test_slicer_requirements_are_the_engine_dependencies_less_what_slicer_ships(
     assert {k: v for k, v in slicer.items() if k != "torch"} == {k: v for k, v in engine.items() if k not in shipped}
 
 
-@pytest.mark.parametrize("path", ["XctDiffSlicerLib/PROTOCOL.md", "README_SECTION.md"])
+@pytest.mark.parametrize("path", [MODULE_DIR / "XctDiffSlicerLib" / "PROTOCOL.md", REPO / "README.md"])
 def test_docs_name_the_protocol_keywords(path):
-    text = (MODULE_DIR / path).read_text(encoding="utf-8")
-    for word in ("PROGRESS", "--progress-lines") if path.endswith("PROTOCOL.md") else ("PyTorchUtils", "slicer-core"):
+    text = path.read_text(encoding="utf-8")
+    for word in ("PROGRESS", "--progress-lines") if path.name == "PROTOCOL.md" else ("PyTorchUtils", "slicer-core"):
         assert word in text, f"{word} missing from {path}"

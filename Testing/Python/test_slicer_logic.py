@@ -22,7 +22,7 @@ from test_slicer_process import FAKE_ENGINE, MODE_VARIABLE  # noqa: E402  (the e
 
 from XctDiffCore.errors import XctDiffError  # noqa: E402
 
-README_SECTION = REPO / "XctDiffSlicer" / "README_SECTION.md"
+README = REPO / "README.md"
 
 
 def require_slicer_core():
@@ -193,10 +193,10 @@ def test_no_input_node_is_a_readable_error(logic):
 
 
 def readme_console_example() -> str:
-    text = README_SECTION.read_text(encoding="utf-8")
+    text = README.read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     examples = [block for block in blocks if "ReconstructionLogic" in block]
-    assert len(examples) == 1, "README_SECTION.md must hold exactly one console example"
+    assert len(examples) == 1, "README.md must hold exactly one console example"
     return examples[0]
 
 
