@@ -204,6 +204,8 @@ class XctDiffPipeline:
         if sampler not in SAMPLERS:
             raise XctDiffError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         seed = secrets.randbits(31) if seed is None else int(seed)
+        if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise XctDiffError(f"seed must fit in 64 bits, got {seed}")
         samples = 1 if method == "direct" else int(samples)  # the direct path is deterministic
         reporter = _Progress(progress)
         reporter.report(0.0, "reading")

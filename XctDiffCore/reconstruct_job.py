@@ -88,6 +88,15 @@ def _stem(path: Path) -> str:
     return path.name[: -len(suffix)] if suffix else path.name
 
 
+def _refuse_shared_stems(files: list) -> None:
+    """Two radiographs with one stem (``a.png``, ``a.dcm``) would write one ``a_ct.nrrd``: the second would replace the first."""
+    seen = {}
+    for f in files:
+        other = seen.setdefault(_stem(f), f)
+        if other is not f:
+            raise XctDiffError(f"{other.name} and {f.name} in {f.parent} would both be written to {_stem(f)}_ct.nrrd: rename one")
+
+
 def _output_folder(path: Path) -> Path:
     if path.exists() and not path.is_dir():
         raise XctDiffError(f"the input is a folder, so the output must be a folder too, got the file {path}")
@@ -123,7 +132,9 @@ def run_reconstruct(
     rank, world_size, local_rank = torchrun_rank()
     jobs = []  # (input, output, uncertainty, views)
     if input_path.is_dir():
-        files = find_radiographs(input_path)[rank::world_size]
+        found = find_radiographs(input_path)
+        _refuse_shared_stems(found)
+        files = found[rank::world_size]
         out_dir = _output_folder(Path(output) if output else input_path.with_name(input_path.name + "_ct"))
         unc_dir = _output_folder(Path(uncertainty)) if uncertainty else None
         views_dir = _output_folder(Path(views)) if views else None
@@ -139,7 +150,10 @@ def run_reconstruct(
                 device = f"cuda:{local_rank % torch.cuda.device_count()}"
     else:
         output = Path(output) if output else default_output_path(input_path)
-        check_volume_output(output)  # fail before loading the model
+        check_volume_output(output)  # fail before loading the model, on the output ...
+        from .io import read_radiograph
+
+        read_radiograph(input_path)  # ... and on the input (read again by the pipeline: a few ms)
         jobs.append((input_path, output, Path(uncertainty) if uncertainty else None, Path(views) if views else None))
 
     display = ProgressDisplay(progress_lines, description=f"rank {rank}" if world_size > 1 else "reconstruct")

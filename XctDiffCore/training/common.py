@@ -424,7 +424,9 @@ def export_stage(model: nn.Module, stage: str, stage_config: dict, out_dir, dtyp
     }
     weights, config_name = f"{stage}.safetensors", f"{stage}.json"
     with atomic_path(out_dir / weights) as tmp:
-        save_file(tensors, str(tmp), metadata={"stage": stage, "dtype": dtype})
+        # One metadata key only: safetensors writes several in a random order, and the same weights
+        # must give the same file (and SHA-256) on every export. The dtype is in the JSON beside it.
+        save_file(tensors, str(tmp), metadata={"stage": stage})
     document = {
         "stage": stage,
         "dtype": dtype,

@@ -1,0 +1,77 @@
+"""`xctdiff benchmark pipeline` (XctDiffCore/benchmark.py: benchmark_pipeline) on the tiny config:
+one row per stage, the settings of the run, the JSON file; errors as one `error:` line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from XctDiffCore.benchmark import PIPELINE_STAGES, benchmark_pipeline, format_table
+from XctDiffCore.cli import main
+from XctDiffCore.errors import XctDiffError
+from XctDiffCore.model_folder import create_random_model
+
+STAGE_NAMES = [name for name, _ in PIPELINE_STAGES]
+
+
+def test_pipeline_benchmark_of_random_tiny_weights():
+    results = benchmark_pipeline("cpu", steps=2, samples=2, config="tiny", repeats=2, warmup=0)
+    assert [r.name for r in results] == STAGE_NAMES
+    for r in results:
+        assert r.device == "cpu" and len(r.seconds) == 2 and min(r.seconds) >= 0.0
+    by_name = {r.name: r for r in results}
+    for stage in ("load", "preprocess", "encoder", "sampler/step", "decode", "drr", "write", "total"):
+        assert by_name[stage].median_s > 0.0, stage
+    assert by_name["total"].median_s > by_name["sampler/step"].median_s * 2  # two steps and much more
+    settings = by_name["total"].settings
+    assert {k: settings[k] for k in ("model", "volume", "steps", "sampler", "samples")} == {
+        "model": "random", "volume": "32^3", "steps": 2, "sampler": "ddim", "samples": 2}
+    assert settings["peak_rss_mib"] > 0 and "peak_cuda_mib" not in settings
+    assert all(r.settings == {} for r in results if r.name != "total")
+    table = format_table(results).splitlines()
+    assert len(table) == 1 + len(STAGE_NAMES) and table[0].split()[:2] == ["benchmark", "device"]
+
+
+def test_cli_with_a_model_folder_writes_json(tmp_path, capsys):
+    model = create_random_model(tmp_path / "model", "tiny")
+    out = tmp_path / "bench.json"
+    capsys.readouterr()
+    assert main(["benchmark", "pipeline", "--model", str(model), "--steps", "1", "--repeats", "1", "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert [line.split()[0] for line in stdout.splitlines()[1:]] == STAGE_NAMES
+    records = json.loads(out.read_text())
+    assert [r["name"] for r in records] == STAGE_NAMES
+    for r in records:
+        assert len(r["seconds"]) == 1 and r["median_s"] == r["min_s"] == r["max_s"] == r["seconds"][0]
+    assert records[-1]["settings"]["steps"] == 1 and records[-1]["settings"]["model"] == "random"
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--config", "tiny", "--model", "somewhere"], "give --model or --config, not both"),
+        (["--config", "tiny", "--repeats", "0"], "--repeats must be at least 1"),
+        (["--config", "no-such-config"], "unknown config 'no-such-config'"),
+    ],
+    ids=["model and config", "no repeats", "unknown config"],
+)
+def test_cli_errors(capsys, argv, words):
+    capsys.readouterr()
+    assert main(["benchmark", "pipeline", *argv]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: ") and stderr.strip().splitlines() == [stderr.strip()] and words in stderr
+
+
+def test_cuda_requested_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is available")
+    with pytest.raises(XctDiffError, match="CUDA was requested"):
+        benchmark_pipeline("cuda", steps=1, config="tiny", repeats=1)
+
+
+def test_cuda_peak_memory_is_reported():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    results = benchmark_pipeline("cuda", steps=2, config="tiny", repeats=1, warmup=1)
+    assert results[-1].device == "cuda" and results[-1].settings["peak_cuda_mib"] > 0

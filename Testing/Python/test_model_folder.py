@@ -1,0 +1,288 @@
+"""Model folders (XctDiffCore/model_folder.py): create_random_model makes a valid one; load_model_folder
+(and so XctDiffPipeline.from_pretrained and every command with --model) refuses a corrupted, incomplete
+or mixed folder with one XctDiffError sentence, which the CLI prints as `error: ...` with exit status 2."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, SAMPLE_RADIOGRAPH
+from safetensors.torch import load_file
+
+from XctDiffCore.cli import main
+from XctDiffCore.config import load_config
+from XctDiffCore.errors import XctDiffError
+from XctDiffCore.model_folder import MANIFEST_NAME, bundled_model_folder, create_random_model, load_model_folder
+from XctDiffCore.pipeline import XctDiffPipeline
+from XctDiffCore.training.common import file_sha256
+
+STAGE_FILES = [f"{stage}.{ext}" for stage in ("autoencoder", "diffusion", "encoder", "style") for ext in ("json", "safetensors")]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    return create_random_model(tmp_path_factory.mktemp("model") / "tiny", "tiny", mean_ct=True)
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    """A valid model of another latent size (4 channels instead of 8): its stages do not fit the tiny model's."""
+    config = load_config("tiny")
+    for section in (config.autoencoder, config.encoder, config.diffusion):
+        section.model.latent_channels = 4
+    return create_random_model(tmp_path_factory.mktemp("other") / "other", config)
+
+
+@pytest.fixture
+def folder(pristine, tmp_path):
+    """A fresh copy of the valid model folder, to corrupt."""
+    return Path(shutil.copytree(pristine, tmp_path / "model"))
+
+
+# ------------------------------------------------------------------------------------------ edits
+
+
+def read_manifest_json(folder):
+    return json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+
+
+def write_manifest_json(folder, manifest):
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+
+
+def resign(folder):
+    """Record the current checksums and stage settings, so that a deliberate edit reaches the checks after them."""
+    manifest = read_manifest_json(folder)
+    for record in manifest["stages"].values():
+        record["settings"] = json.loads((folder / record["config"]).read_text(encoding="utf-8"))
+    manifest["sha256"] = {name: file_sha256(folder / name) for name in manifest["sha256"]}
+    write_manifest_json(folder, manifest)
+
+
+def flip_one_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def edit_manifest(change):
+    def apply(folder, other):
+        manifest = read_manifest_json(folder)
+        change(manifest)
+        write_manifest_json(folder, manifest)
+
+    return apply
+
+
+def edit_stage_json(name, change):
+    def apply(folder, other):
+        settings = json.loads((folder / name).read_text(encoding="utf-8"))
+        change(settings)
+        (folder / name).write_text(json.dumps(settings), encoding="utf-8")
+        resign(folder)
+
+    return apply
+
+
+def transplant(stage):
+    """The stage's files from the other model, re-signed: every checksum is right, the shapes are not."""
+
+    def apply(folder, other):
+        for ext in ("json", "safetensors"):
+            shutil.copy(other / f"{stage}.{ext}", folder / f"{stage}.{ext}")
+        resign(folder)
+
+    return apply
+
+
+def replace_file(name, content: bytes):
+    def apply(folder, other):
+        (folder / name).write_bytes(content)
+        resign(folder)
+
+    return apply
+
+
+def replace_mean_ct(folder, other):
+    with open(folder / "mean_ct.npy", "wb") as f:
+        np.save(f, np.zeros((16, 16, 16), np.float32))
+    resign(folder)
+
+
+def set_path(keys, value):
+    def change(document):
+        for key in keys[:-1]:
+            document = document.setdefault(key, {})
+        document[keys[-1]] = value
+
+    return change
+
+
+# name -> (corrupt(folder, other_model), words the message must contain)
+CORRUPTIONS = {
+    "weights: one byte changed": (lambda f, o: flip_one_byte(f / "autoencoder.safetensors"),
+                                  "autoencoder.safetensors does not match its SHA-256"),
+    "config: one byte changed": (lambda f, o: flip_one_byte(f / "encoder.json"), "encoder.json does not match its SHA-256"),
+    "style weights: one byte changed": (lambda f, o: flip_one_byte(f / "style.safetensors"), "style.safetensors does not match"),
+    "mean CT: one byte changed": (lambda f, o: flip_one_byte(f / "mean_ct.npy"), "mean_ct.npy does not match"),
+    "model card edited": (lambda f, o: (f / "MODEL_CARD.md").write_text("edited\n"), "MODEL_CARD.md does not match"),
+    "weights missing": (lambda f, o: (f / "diffusion.safetensors").unlink(), "model file missing"),
+    "stage config missing": (lambda f, o: (f / "encoder.json").unlink(), "model file missing"),
+    "manifest missing": (lambda f, o: (f / MANIFEST_NAME).unlink(), "not a model folder (no manifest.json)"),
+    "manifest not JSON": (lambda f, o: (f / MANIFEST_NAME).write_text("{ truncated"), "cannot read"),
+    "manifest missing a stage": (edit_manifest(lambda m: m["stages"].pop("diffusion")), "lacks the diffusion stage"),
+    "manifest without stages": (edit_manifest(lambda m: m.pop("stages")), "has no 'stages' section"),
+    "manifest without checksums": (edit_manifest(lambda m: m.pop("sha256")), "refusing to load unverified weights"),
+    "stage file without checksum": (edit_manifest(lambda m: m["sha256"].pop("encoder.safetensors")),
+                                    "encoder.safetensors has no SHA-256"),
+    "stage names no weights": (edit_manifest(lambda m: m["stages"]["encoder"].pop("weights")), "stage encoder names no weights"),
+    "file outside the folder": (edit_manifest(set_path(["sha256", "../escape.bin"], "0" * 64)), "leaves the model folder"),
+    "manifest and stage file disagree": (edit_manifest(set_path(["stages", "encoder", "settings", "model", "depth"], 16)),
+                                         "disagree on the encoder settings"),
+    "mismatched stages: encoder": (transplant("encoder"), "the encoder's latent (4, 8, 8, 8) differs from the autoencoder's (8, 8, 8, 8)"),
+    "mismatched stages: diffusion": (transplant("diffusion"), "the diffusion model has 4 latent channels, the autoencoder 8"),
+    "mismatched stages: manifest volume size": (edit_manifest(set_path(["data", "volume_size"], 64)), "differs from the autoencoder's"),
+    "mismatched stages: manifest image size": (edit_manifest(set_path(["data", "xray_size"], 64)),
+                                               "the encoder takes 32 px radiographs, the manifest says 64"),
+    "mismatched stages: style size": (edit_stage_json("style.json", set_path(["image_size"], 64)), "the style stage works on 64 px"),
+    "weights do not fit the config": (edit_stage_json("encoder.json", set_path(["model", "channels_2d"], [8, 16, 64])),
+                                      "do not match its configuration"),
+    "config does not fit the network": (edit_stage_json("diffusion.json", set_path(["model", "wings"], 2)), "does not fit LatentUNet"),
+    "weights not a safetensors file": (replace_file("encoder.safetensors", b"not safetensors at all"), "cannot read the encoder weights"),
+    "unknown geometry": (edit_manifest(set_path(["data", "geometry"], "fan")), "unknown DRR geometry 'fan'"),
+    "unknown sampler": (edit_stage_json("diffusion.json", set_path(["sampler"], "euler")), "unknown default sampler 'euler'"),
+    "bad schedule": (edit_stage_json("diffusion.json", set_path(["schedule", "beta_end"], 2.0)), "diffusion schedule"),
+    "mean CT of another size": (replace_mean_ct, "has shape (16, 16, 16), expected (32, 32, 32)"),
+}
+
+
+# ------------------------------------------------------------------------------------------ valid folders
+
+
+def test_random_model_folder_is_complete_and_loads(pristine):
+    names = {p.name for p in pristine.iterdir()}
+    assert names == {MANIFEST_NAME, "MODEL_CARD.md", "mean_ct.npy", *STAGE_FILES}
+    manifest = read_manifest_json(pristine)
+    assert set(manifest["sha256"]) == names - {MANIFEST_NAME}  # every file but the manifest is checksummed
+    assert all(manifest["sha256"][n] == file_sha256(pristine / n) for n in manifest["sha256"])
+    assert manifest["data"] == {"volume_size": 32, "xray_size": 32, "spacing_mm": 10.0, "geometry": "cone"}
+    loaded = load_model_folder(pristine)
+    info = loaded.info
+    assert (info.model_id, info.version, info.volume_size, info.xray_size) == ("random", "seed0", 32, 32)
+    assert (info.spacing_mm, info.geometry, info.sampler, info.steps) == (10.0, "cone", "ddim", 5)
+    assert info.folder == pristine.resolve()
+    for network in (loaded.vqgan, loaded.encoder, loaded.unet, loaded.style):
+        assert not network.training
+        assert not any(p.requires_grad for p in network.parameters())
+    assert loaded.schedule.num_train_steps == 1000
+    assert loaded.mean_ct.shape == (32, 32, 32) and loaded.mean_ct.dtype == np.float32
+    assert -1000.0 <= loaded.mean_ct.min() and loaded.mean_ct.max() <= 400.0
+
+
+def test_same_seed_same_weights(tmp_path):
+    a = create_random_model(tmp_path / "a", "tiny", seed=3, with_style=False)
+    b = create_random_model(tmp_path / "b", "tiny", seed=3, with_style=False)
+    c = create_random_model(tmp_path / "c", "tiny", seed=4, with_style=False)
+    for weights in (f"{s}.safetensors" for s in ("autoencoder", "encoder", "diffusion")):
+        ta, tb, tc = (load_file(str(folder / weights)) for folder in (a, b, c))
+        assert list(ta) == list(tb) and all(torch.equal(ta[k], tb[k]) for k in ta), weights
+        assert not all(torch.equal(ta[k], tc[k]) for k in ta), weights
+        assert file_sha256(a / weights) == file_sha256(b / weights), f"{weights}: an export must be byte-reproducible"
+    assert not (a / "style.safetensors").exists() and not (a / "mean_ct.npy").exists()
+    loaded = load_model_folder(a)
+    assert loaded.style is None and loaded.mean_ct is None
+    assert "style" not in read_manifest_json(a)["stages"]
+
+
+def test_pipeline_gets_the_folder_contents(pristine):
+    pipe = XctDiffPipeline.from_pretrained(pristine)
+    assert pipe.style is not None and pipe.mean_ct.shape == (32, 32, 32)
+    assert pipe.info.model_id == "random" and pipe.load_seconds > 0
+
+
+def test_bundled_model_or_a_clear_error():
+    try:
+        folder = bundled_model_folder()
+    except XctDiffError as exc:
+        assert "no bundled model yet" in str(exc) and "--model" in str(exc)
+        with pytest.raises(XctDiffError, match="no bundled model yet"):
+            XctDiffPipeline.from_pretrained()
+    else:
+        assert (folder / MANIFEST_NAME).is_file()
+        load_model_folder(folder)  # a bundled model must verify
+
+
+# ------------------------------------------------------------------------------------------ refused folders
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_corrupted_folder_is_refused(folder, other_model, case):
+    corrupt, words = CORRUPTIONS[case]
+    corrupt(folder, other_model)
+    with pytest.raises(XctDiffError) as info:
+        load_model_folder(folder)
+    message = str(info.value)
+    assert words in message, message
+    assert "\n" not in message
+    with pytest.raises(XctDiffError, match="^" + re.escape(message) + "$"):
+        XctDiffPipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_cli_reconstruct_refuses_a_corrupted_folder(folder, other_model, tmp_path, capsys, case):
+    corrupt, words = CORRUPTIONS[case]
+    corrupt(folder, other_model)
+    out = tmp_path / "out"
+    out.mkdir()
+    capsys.readouterr()
+    status = main(["reconstruct", str(SAMPLE_RADIOGRAPH), "--model", str(folder), "-o", str(out / "ct.nrrd"),
+                   "--device", "cpu", "--steps", "1", "--progress-lines"])
+    stdout, stderr = capsys.readouterr()
+    assert status == 2
+    assert stderr.splitlines() == [stderr.strip()] and stderr.startswith("error: ") and words in stderr
+    assert "RESULT" not in stdout
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [(lambda d: d / "absent", "model folder not found"),
+     (lambda d: shutil.copy(SAMPLE_RADIOGRAPH, d / "model.png") and d / "model.png", "expected a model folder, got a file"),
+     (lambda d: (d / "empty").mkdir() or d / "empty", "not a model folder (no manifest.json)")],
+    ids=["missing", "a file", "empty folder"],
+)
+def test_not_a_model_folder(tmp_path, make, words):
+    with pytest.raises(XctDiffError, match=re.escape(words)):
+        XctDiffPipeline.from_pretrained(make(tmp_path))
+
+
+def test_other_commands_refuse_a_corrupted_folder(folder, tmp_path, capsys):
+    flip_one_byte(folder / "diffusion.safetensors")
+    for argv in (["evaluate", "--model", str(folder), "--data", str(SAMPLE_RADIOGRAPH.parent / "LIDC-IDRI-0001_ct.nrrd"),
+                  "--out", str(tmp_path / "eval"), "--device", "cpu"],
+                 ["benchmark", "pipeline", "--model", str(folder), "--repeats", "1"]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        stderr = capsys.readouterr().err
+        assert stderr.strip().splitlines()[-1].startswith("error: ") and "diffusion.safetensors does not match" in stderr
+
+
+def test_corrupted_folder_in_a_separate_process(folder, tmp_path):
+    flip_one_byte(folder / "autoencoder.safetensors")
+    result = subprocess.run(
+        [sys.executable, "-m", "XctDiffCore", "reconstruct", str(SAMPLE_RADIOGRAPH), "--model", str(folder),
+         "-o", str(tmp_path / "ct.nrrd"), "--device", "cpu", "--progress-lines"],
+        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error: ") and "SHA-256" in result.stderr
+    assert not (tmp_path / "ct.nrrd").exists()

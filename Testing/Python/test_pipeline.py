@@ -1,0 +1,465 @@
+"""XctDiffPipeline on a tiny model with random weights (config "tiny", 32^3 grid): the contracts of the
+module docstring of XctDiffCore/pipeline.py. The reconstructions are noise; their grid, seeds, samples,
+progress, cancel, style rule and errors are not."""
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLE_CT, SAMPLE_RADIOGRAPH
+from test_bad_input import CASES
+from torch import nn
+
+from XctDiffCore.cli import main
+from XctDiffCore.diffusion import Cancelled, NoiseSchedule
+from XctDiffCore.errors import XctDiffError
+from XctDiffCore.io import Radiograph, read_radiograph
+from XctDiffCore.model_folder import ModelInfo, create_random_model
+from XctDiffCore.pipeline import STAGE_END, WRITE_START, StyleWarning, XctDiffPipeline, reconstruct_file
+
+STEPS = 3
+GRID = 128
+SPACING = 2.5
+ORIGIN = -(GRID - 1) / 2 * SPACING  # -158.75 mm: the first voxel's centre, the cube centred on 0
+RADIOGRAPH_CASES = [name for name, (_, kind, _) in CASES.items() if kind == "radiograph"]
+
+
+def listing(folder):
+    """Everything under a folder, hidden temporary files included."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return create_random_model(tmp_path_factory.mktemp("model") / "tiny", "tiny")
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    return XctDiffPipeline.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def film():
+    return read_radiograph(SAMPLE_RADIOGRAPH)  # a real radiograph (no DRR tag)
+
+
+@pytest.fixture(scope="module")
+def drr_png(tmp_path_factory):
+    """A DRR written (and tagged) by `xctdiff drr`."""
+    path = tmp_path_factory.mktemp("drr") / "sample_drr.png"
+    assert main(["drr", str(SAMPLE_CT), "-o", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_samples(pipe, film):
+    return pipe.reconstruct(film, steps=STEPS, samples=2, seed=0, device="cpu")
+
+
+class UNetCalls:
+    """Counts the diffusion UNet's forward passes while in a ``with`` block."""
+
+    def __init__(self, pipe):
+        self.unet, self.count = pipe.unet, 0
+
+    def __enter__(self):
+        self.handle = self.unet.register_forward_pre_hook(lambda *_: setattr(self, "count", self.count + 1))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+# ------------------------------------------------------------------------------------------ output grid
+
+
+def assert_output_grid(volume):
+    assert volume.array.shape == (GRID, GRID, GRID)
+    np.testing.assert_allclose(volume.spacing, (SPACING,) * 3)
+    np.testing.assert_allclose(volume.origin, (ORIGIN,) * 3)
+    np.testing.assert_array_equal(volume.direction, np.eye(3))
+    centre = np.asarray(volume.origin) + (np.asarray(volume.array.shape[::-1]) - 1) / 2 * np.asarray(volume.spacing)
+    np.testing.assert_allclose(centre, 0.0, atol=1e-9)
+
+
+def test_ct_is_on_the_paper_grid_although_the_model_is_32(pipe, two_samples):
+    assert pipe.info.volume_size == 32 and pipe.info.xray_size == 32  # a coarse model ...
+    result = two_samples
+    assert_output_grid(result.ct)  # ... still gives 128^3 at 2.5 mm, centred, LPS
+    assert result.ct.array.dtype == np.int16
+    assert -1024 <= result.ct.array.min() < result.ct.array.max() <= 2048  # the model's HU window
+    assert_output_grid(result.uncertainty)
+    assert result.uncertainty.array.dtype == np.float32
+    assert result.input_image.shape == result.drr.shape == (32, 32)
+    for image in (result.input_image, result.drr):
+        assert image.dtype == np.float32 and 0.0 <= image.min() and image.max() <= 1.0
+    assert 0.0 <= result.consistency <= 1.0
+    assert (result.seed, result.samples, result.steps, result.method) == (0, 2, STEPS, "diffusion")
+    assert result.device.startswith("cpu")
+
+
+def test_timings_cover_every_stage(two_samples):
+    timings = two_samples.timings
+    stages = ("preprocessing", "style", "encoder", "sampling", "decoding", "consistency")
+    assert set(stages) | {"read", "total", "sampling_per_step"} == set(timings)
+    assert all(timings[k] >= 0 for k in timings)
+    assert timings["total"] == pytest.approx(timings["read"] + sum(timings[s] for s in stages), rel=1e-6, abs=1e-6)
+    assert timings["sampling_per_step"] == pytest.approx(timings["sampling"] / STEPS)
+    summary = two_samples.summary()
+    assert summary["samples"] == 2 and summary["steps"] == STEPS and summary["style"] is True
+
+
+class _FixedVolumeVQGAN(nn.Module):
+    """Decodes any latent to one fixed model-layout volume in [-1, 1]; 'quantizes' to itself."""
+
+    def __init__(self, volume):
+        super().__init__()
+        self.register_buffer("volume", volume)
+
+    def quantize(self, z):
+        return (z,)
+
+    def decode(self, z_q):
+        return self.volume[None, None].expand(z_q.shape[0], 1, *self.volume.shape)
+
+
+class _ConstantEncoder(nn.Module):
+    def forward(self, x):
+        return torch.zeros(x.shape[0], 1, 2, 2, 2, device=x.device)
+
+
+def test_orientation_of_the_ct_and_of_its_drr():
+    """A model whose decoder draws one octant, anterior-superior-right in its (D, H, W) layout: the CT
+    has it at low y (anterior), high z (superior), low x (right) and its DRR in the film's top left."""
+    size = 32
+    volume = torch.full((size, size, size), -1.0)
+    volume[: size // 2, : size // 2, : size // 2] = 0.0  # D = A->P, H = S->I, W = R->L; 0.0 = 512 HU
+    info = ModelInfo("octant", "0", SAMPLE_CT.parent, size, size, 10.0, "cone", "ddim", 2)
+    stub = XctDiffPipeline(_FixedVolumeVQGAN(volume), _ConstantEncoder(), nn.Identity(), NoiseSchedule(), info)
+    image = np.random.default_rng(0).uniform(0, 1, (64, 64)).astype(np.float32)
+    result = stub.reconstruct(image, method="direct", device="cpu", style="off")
+    ct = result.ct.array  # [z, y, x], LPS: z inferior -> superior, y anterior -> posterior, x right -> left
+    assert_output_grid(result.ct)
+    bright = ct[72:, :56, :56]
+    assert np.all(bright == 512)
+    for dark in (ct[:56], ct[:, 72:], ct[:, :, 72:]):
+        assert np.all(dark == -1024)
+    drr = result.drr  # [row, col]: rows superior -> inferior, columns the patient's right -> left
+    assert drr[:12, :12].mean() > 0.8
+    assert max(drr[20:, :].max(), drr[:, 20:].max()) < 0.2
+
+
+# ------------------------------------------------------------------------------------------ seeds, samples
+
+
+def test_same_seed_same_ct_other_seed_other_ct(pipe, model_dir, film):
+    first = pipe.reconstruct(film, steps=STEPS, seed=7, device="cpu")
+    again = XctDiffPipeline.from_pretrained(model_dir).reconstruct(film, steps=STEPS, seed=7, device="cpu")
+    other = pipe.reconstruct(film, steps=STEPS, seed=8, device="cpu")
+    np.testing.assert_array_equal(first.ct.array, again.ct.array)
+    assert first.consistency == again.consistency
+    difference = np.abs(first.ct.array.astype(np.float64) - other.ct.array)
+    assert difference.mean() > 1.0  # HU: another seed is another sample, not a rounding difference
+
+
+def test_random_seed_is_reported_and_reproduces(pipe, film):
+    free = pipe.reconstruct(film, steps=STEPS, device="cpu")
+    assert isinstance(free.seed, int) and 0 <= free.seed < 2**31
+    replay = pipe.reconstruct(film, steps=STEPS, seed=free.seed, device="cpu")
+    np.testing.assert_array_equal(free.ct.array, replay.ct.array)
+
+
+def test_one_sample_has_no_uncertainty(pipe, film, two_samples):
+    one = pipe.reconstruct(film, steps=STEPS, samples=1, seed=0, device="cpu")
+    assert one.uncertainty is None and one.samples == 1
+    assert not np.array_equal(one.ct.array, two_samples.ct.array)  # the CT is the mean of the samples
+
+
+def test_two_samples_give_a_standard_deviation(two_samples):
+    std = two_samples.uncertainty.array
+    assert np.all(np.isfinite(std)) and std.min() >= 0.0
+    assert (std > 1.0).mean() > 0.1  # two noise samples disagree in many voxels (HU)
+    assert std.max() <= (2048 + 1024) / 2  # the std of two values in the HU window is at most half of it
+
+
+def test_equal_samples_have_zero_std_and_give_the_direct_ct(pipe, film, monkeypatch):
+    """Every 'sample' is the prior itself: the mean is the direct CT, the std exactly 0."""
+    import XctDiffCore.diffusion as diffusion
+
+    def prior_as_sample(model, cond, shape, schedule, **options):
+        options["progress"](1.0)
+        return cond.expand(shape).clone()
+
+    monkeypatch.setattr(diffusion, "sample", prior_as_sample)
+    three = pipe.reconstruct(film, steps=STEPS, samples=3, seed=0, device="cpu")
+    direct = pipe.reconstruct(film, method="direct", device="cpu")
+    np.testing.assert_array_equal(three.ct.array, direct.ct.array)
+    assert np.all(three.uncertainty.array == 0.0)
+
+
+@pytest.mark.parametrize("samples", [0, 65])
+def test_samples_out_of_range(pipe, film, samples):
+    with pytest.raises(XctDiffError, match="samples must be between 1 and 64"):
+        pipe.reconstruct(film, samples=samples, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------ methods, samplers
+
+
+def test_direct_method_skips_the_diffusion(pipe, film, two_samples):
+    with UNetCalls(pipe) as calls:
+        direct = pipe.reconstruct(film, method="direct", samples=4, seed=1, device="cpu")
+        other_seed = pipe.reconstruct(film, method="direct", seed=2, device="cpu")
+    assert calls.count == 0
+    assert (direct.method, direct.samples, direct.steps, direct.uncertainty) == ("direct", 1, None, None)
+    assert "sampling" not in direct.timings and "sampling_per_step" not in direct.timings
+    assert_output_grid(direct.ct)
+    np.testing.assert_array_equal(direct.ct.array, other_seed.ct.array)  # deterministic: no noise
+    assert not np.array_equal(direct.ct.array, two_samples.ct.array)
+
+
+def test_diffusion_calls_the_unet_once_per_step_for_all_samples(pipe, film):
+    with UNetCalls(pipe) as calls:
+        pipe.reconstruct(film, steps=4, samples=3, seed=0, device="cpu")
+    assert calls.count == 4  # the samples are batched
+
+
+def test_sampler_choice(pipe, film):
+    ddim = pipe.reconstruct(film, steps=STEPS, seed=3, device="cpu", sampler="ddim")
+    default = pipe.reconstruct(film, steps=STEPS, seed=3, device="cpu")
+    dpm = pipe.reconstruct(film, steps=STEPS, seed=3, device="cpu", sampler="dpm-solver++")
+    np.testing.assert_array_equal(ddim.ct.array, default.ct.array)  # the model's default sampler is DDIM
+    assert not np.array_equal(ddim.ct.array, dpm.ct.array)
+    with pytest.raises(XctDiffError, match="sampler must be one of"):
+        pipe.reconstruct(film, sampler="euler", device="cpu")
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"method": "unet-only"}, "method must be one of"),
+        ({"steps": 0}, "steps must be between 1 and 1000"),
+        ({"steps": 1001}, "steps must be between 1 and 1000"),
+        ({"style": "sometimes"}, "style must be one of"),
+        ({"device": "tpu"}, "unknown device"),
+        ({"seed": 2**64}, "seed must fit in 64 bits"),
+    ],
+)
+def test_bad_settings(pipe, film, options, words):
+    with pytest.raises(XctDiffError, match=words):
+        pipe.reconstruct(film, **{"device": "cpu", **options})
+
+
+def test_cuda_without_a_gpu_is_an_error(pipe, film):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is available")
+    with pytest.raises(XctDiffError, match="cannot use cuda"):
+        pipe.reconstruct(film, steps=1, device="cuda")
+
+
+def test_cuda_gives_the_cpu_samples(pipe, film):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    cpu = pipe.reconstruct(film, steps=STEPS, seed=5, device="cpu")
+    gpu = pipe.reconstruct(film, steps=STEPS, seed=5, device="cuda")
+    pipe.to("cpu")
+    assert gpu.device.startswith("cuda")
+    assert_output_grid(gpu.ct)
+    a, b = cpu.ct.array.astype(np.float64).ravel(), gpu.ct.array.astype(np.float64).ravel()
+    assert np.corrcoef(a, b)[0, 1] > 0.98  # the same initial noise (drawn on the CPU), bf16 aside
+
+
+# ------------------------------------------------------------------------------------------ progress
+
+
+def test_progress_rises_to_exactly_one(pipe, film):
+    calls = []
+    pipe.reconstruct(film, steps=STEPS, samples=2, seed=0, device="cpu", progress=lambda f, s: calls.append((f, s)))
+    fractions = [f for f, _ in calls]
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0 and calls[-1][1] == "reconstructed"
+    assert all(b >= a for a, b in zip(fractions, fractions[1:]))
+    assert all(0.0 <= f <= 1.0 for f in fractions)
+    stages = [s for _, s in calls]
+    assert [s for s in stages if s.startswith("sampling ")] == [f"sampling {i}/{STEPS}" for i in range(1, STEPS + 1)]
+    assert "decoding 1/2" in stages and "decoding 2/2" in stages
+    sampling = [f for f, s in calls if s.startswith("sampling ")]
+    assert sampling[-1] == pytest.approx(STAGE_END["sampling"])
+
+
+def test_progress_of_reconstruct_file_ends_with_the_writing(pipe, film, tmp_path):
+    calls = []
+    reconstruct_file(pipe, SAMPLE_RADIOGRAPH, tmp_path / "ct.nrrd", method="direct", device="cpu",
+                     progress=lambda f, s: calls.append((f, s)))
+    fractions = [f for f, _ in calls]
+    assert all(b >= a for a, b in zip(fractions, fractions[1:]))
+    assert (WRITE_START, "writing") in calls and calls[-1] == (1.0, "written")
+    assert (tmp_path / "ct.nrrd").is_file()
+
+
+# ------------------------------------------------------------------------------------------ cancel
+
+
+def cancel_at(stage_prefix):
+    """A progress callback that sets the returned event when a stage starting with ``stage_prefix`` is reported."""
+    event, seen = threading.Event(), []
+
+    def progress(fraction, stage):
+        seen.append(fraction)
+        if stage.startswith(stage_prefix):
+            event.set()
+
+    return event, progress, seen
+
+
+def test_cancel_stops_within_one_sampler_step(pipe, film):
+    event, progress, seen = cancel_at("sampling 3/")
+    with UNetCalls(pipe) as calls, pytest.raises(Cancelled):
+        pipe.reconstruct(film, steps=20, seed=0, device="cpu", progress=progress, cancel=event)
+    assert calls.count == 3  # set after step 3: step 4 never ran
+    assert max(seen) < STAGE_END["sampling"]
+
+
+@pytest.mark.parametrize("stage", ["preprocessing", "style transfer", "encoding", "decoding 1/", "consistency"])
+def test_cancel_between_stages(pipe, film, stage):
+    event, progress, seen = cancel_at(stage)
+    with pytest.raises(Cancelled):
+        pipe.reconstruct(film, steps=STEPS, samples=2, seed=0, device="cpu", progress=progress, cancel=event)
+    assert max(seen) < 1.0
+
+
+def test_cancel_set_before_the_start(pipe, film):
+    event = threading.Event()
+    event.set()
+    with UNetCalls(pipe) as calls, pytest.raises(Cancelled):
+        pipe.reconstruct(film, steps=STEPS, device="cpu", cancel=event)
+    assert calls.count == 0
+
+
+@pytest.mark.parametrize("stage", ["sampling 1/", "decoding 2/", "reconstructed"])
+def test_cancelled_reconstruct_file_writes_nothing(pipe, tmp_path, stage):
+    source = tmp_path / "film.png"
+    source.write_bytes(SAMPLE_RADIOGRAPH.read_bytes())
+    before = listing(tmp_path)
+    event, progress, _ = cancel_at(stage)
+    with pytest.raises(Cancelled):
+        reconstruct_file(pipe, source, tmp_path / "ct.nrrd", uncertainty=tmp_path / "std.nrrd", views=tmp_path / "views.png",
+                         steps=STEPS, samples=2, seed=0, device="cpu", progress=progress, cancel=event)
+    assert listing(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------------------ style
+
+
+def test_style_auto_applies_the_generator_to_a_real_film(pipe, film):
+    auto = pipe.reconstruct(film, method="direct", style="auto", device="cpu")
+    on = pipe.reconstruct(film, method="direct", style="on", device="cpu")
+    off = pipe.reconstruct(film, method="direct", style="off", device="cpu")
+    assert auto.styled and on.styled and not off.styled
+    np.testing.assert_array_equal(off.input_image, pipe.preprocess(film))
+    np.testing.assert_array_equal(auto.input_image, on.input_image)
+    assert np.abs(auto.input_image - off.input_image).mean() > 0.01  # the generator changed the image
+
+
+def test_style_auto_leaves_a_drr_alone(pipe, drr_png):
+    drr = read_radiograph(drr_png)
+    assert drr.is_drr  # the tag written by `xctdiff drr`
+    auto = pipe.reconstruct(drr_png, method="direct", style="auto", device="cpu")
+    forced = pipe.reconstruct(drr_png, method="direct", style="on", device="cpu")
+    assert not auto.styled and forced.styled
+    np.testing.assert_array_equal(auto.input_image, pipe.preprocess(drr))
+    untagged = Radiograph(drr.image, drr.spacing, False, "array")  # the same pixels without the tag count as real
+    assert pipe.reconstruct(untagged, method="direct", device="cpu").styled
+
+
+def test_model_without_style_stage(tmp_path, film):
+    bare = XctDiffPipeline.from_pretrained(create_random_model(tmp_path / "bare", "tiny", with_style=False))
+    assert bare.style is None
+    with pytest.warns(StyleWarning, match="no style stage"):
+        result = bare.reconstruct(film, method="direct", device="cpu")
+    assert not result.styled
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StyleWarning)  # said once per pipeline, not per call
+        bare.reconstruct(film, method="direct", device="cpu")
+    with pytest.raises(XctDiffError, match="has no style stage"):
+        bare.reconstruct(film, method="direct", style="on", device="cpu")
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def test_path_radiograph_and_arrays_give_the_same_ct(pipe, film):
+    from_path = pipe.reconstruct(SAMPLE_RADIOGRAPH, method="direct", device="cpu")
+    for other in (film, film.image, torch.from_numpy(film.image)):
+        result = pipe.reconstruct(other, method="direct", device="cpu")
+        np.testing.assert_array_equal(result.ct.array, from_path.ct.array)
+
+
+@pytest.mark.parametrize(
+    "image, words",
+    [
+        (np.zeros((8, 40, 40), np.float32), "expected a 2D radiograph"),
+        (np.zeros((20, 40), np.float32), "32x32"),
+        (np.full((64, 64), np.nan, np.float32), "NaN"),
+        ([[0.0] * 64] * 64, "expected a radiograph path, Radiograph or 2D array"),
+    ],
+    ids=["3D array", "small array", "NaN array", "list"],
+)
+def test_bad_arrays(pipe, image, words):
+    with pytest.raises(XctDiffError, match=words):
+        pipe.reconstruct(image, device="cpu")
+
+
+@pytest.mark.parametrize("case", RADIOGRAPH_CASES)
+def test_bad_input_file_raises_one_sentence(pipe, tmp_path, case):
+    build, _, words = CASES[case]
+    path = build(tmp_path)
+    with pytest.raises(XctDiffError) as info:
+        pipe.reconstruct(path, steps=1, device="cpu")
+    message = str(info.value)
+    assert words in message and path.name in message and "\n" not in message
+
+
+@pytest.mark.parametrize("case", RADIOGRAPH_CASES)
+def test_bad_input_file_writes_nothing(pipe, tmp_path, case):
+    build, _, words = CASES[case]
+    path = build(tmp_path)
+    before = listing(tmp_path)
+    with pytest.raises(XctDiffError, match=words):
+        reconstruct_file(pipe, path, tmp_path / "ct.nrrd", uncertainty=tmp_path / "std.nrrd", views=tmp_path / "v.png",
+                         steps=1, samples=2, device="cpu")
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "outputs, options, words",
+    [
+        ({"output": "no/such/folder/ct.nrrd"}, {}, "output folder does not exist"),
+        ({"output": "ct.vtk"}, {}, "cannot write a volume as '.vtk'"),
+        ({"output": "."}, {}, "output path is a folder"),
+        ({"uncertainty": "no/such/std.nrrd"}, {"samples": 2}, "output folder does not exist"),
+        ({"uncertainty": "std.nrrd"}, {"samples": 1}, "needs --samples 2 or more"),
+        ({"uncertainty": "std.nrrd"}, {"samples": 2, "method": "direct"}, "needs the diffusion method"),
+        ({"views": "views.jpg"}, {}, "must be a .png file"),
+        ({"views": "no/such/views.png"}, {}, "output folder does not exist"),
+    ],
+)
+def test_bad_outputs_are_refused_before_any_work(pipe, tmp_path, outputs, options, words):
+    paths = {"output": tmp_path / "ct.nrrd", **{k: tmp_path / v for k, v in outputs.items()}}
+    with UNetCalls(pipe) as calls, pytest.raises(XctDiffError, match=words):
+        reconstruct_file(pipe, SAMPLE_RADIOGRAPH, steps=1, device="cpu", **paths, **options)
+    assert calls.count == 0
+    assert listing(tmp_path) == []
+
+
+def test_reconstruct_file_default_output_and_all_files(pipe, tmp_path):
+    source = tmp_path / "chest.png"
+    source.write_bytes(SAMPLE_RADIOGRAPH.read_bytes())
+    result, written = reconstruct_file(pipe, source, uncertainty=tmp_path / "std.nii.gz", views=tmp_path / "views.png",
+                                       steps=STEPS, samples=2, seed=0, device="cpu")
+    assert written == [tmp_path / "chest_ct.nrrd", tmp_path / "std.nii.gz", tmp_path / "views.png"]
+    assert listing(tmp_path) == ["chest.png", "chest_ct.nrrd", "std.nii.gz", "views.png"]
+    assert result.timings["write"] > 0

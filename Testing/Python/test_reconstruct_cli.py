@@ -1,0 +1,409 @@
+"""`xctdiff reconstruct` (XctDiffCore/reconstruct_job.py) on a tiny model with random weights: one file
+(formats, views, uncertainty, progress lines), a folder (batch, failures, the torchrun split), every bad
+input of test_bad_input.py (one `error:` line, exit status 2, no traceback, no file left) and cancel."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, SAMPLE_CT, SAMPLE_RADIOGRAPH
+from test_bad_input import CASES
+
+from XctDiffCore.cli import main
+from XctDiffCore.io import read_ct
+from XctDiffCore.model_folder import create_random_model
+from XctDiffCore.pipeline import XctDiffPipeline
+from XctDiffCore.views import GAP, LABEL_HEIGHT, PANEL_SIZE
+
+STEPS = "2"
+GRID, SPACING = 128, 2.5
+RADIOGRAPH_CASES = [name for name, (_, kind, _) in CASES.items() if kind == "radiograph"]
+MAGIC = {".nrrd": b"NRRD", ".nii.gz": b"\x1f\x8b", ".mha": b"ObjectType"}
+
+
+def listing(folder):
+    """Everything under a folder, hidden temporary files included."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def views_size(rows: int) -> tuple:
+    """(width, height) of a views PNG: five panels a row (input, DRR, three slices)."""
+    return 5 * (PANEL_SIZE + GAP) - GAP, rows * (PANEL_SIZE + LABEL_HEIGHT + GAP) - GAP
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return create_random_model(tmp_path_factory.mktemp("model") / "tiny", "tiny")
+
+
+@pytest.fixture(scope="module")
+def drr_png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("drr") / "drr.png"
+    assert main(["drr", str(SAMPLE_CT), "-o", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """What the Python API gives for the film with the options the tests pass on the command line."""
+    return XctDiffPipeline.from_pretrained(model_dir).reconstruct(SAMPLE_RADIOGRAPH, steps=int(STEPS), seed=0, device="cpu")
+
+
+@pytest.fixture
+def cli(capsys, model_dir):
+    """``cli(input, *options)``: run `xctdiff reconstruct` in this process -> (status, stdout, stderr)."""
+
+    def run(source, *options, model=model_dir):
+        capsys.readouterr()
+        args = ["reconstruct", str(source), "--model", str(model), "--device", "cpu", "--steps", STEPS, *map(str, options)]
+        status = main(args)
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
+def progress_and_result(stdout: str) -> tuple:
+    """The PROGRESS fractions and the RESULT object of --progress-lines output (RESULT must be the last line)."""
+    lines = stdout.splitlines()
+    assert lines[-1].startswith("RESULT "), lines[-3:]
+    fractions = [float(line.split()[1]) for line in lines if line.startswith("PROGRESS ")]
+    return fractions, json.loads(lines[-1][len("RESULT "):])
+
+
+def assert_one_error_line(err: str, words: str) -> str:
+    """The last line on stderr is the only `error: ` line and holds ``words``; no traceback (tqdm may come before)."""
+    assert "Traceback" not in err
+    lines = err.replace("\r", "\n").splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert words in errors[0], errors[0]
+    return errors[0]
+
+
+def assert_output_grid(volume):
+    assert volume.array.shape == (GRID,) * 3
+    np.testing.assert_allclose(volume.spacing, (SPACING,) * 3)
+    np.testing.assert_allclose(volume.origin, (-(GRID - 1) / 2 * SPACING,) * 3)
+    np.testing.assert_allclose(volume.direction, np.eye(3), atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ one file
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".mha"])
+def test_writes_the_ct_in_the_format_of_its_extension(cli, reference, tmp_path, suffix):
+    out = tmp_path / f"ct{suffix}"
+    status, stdout, _ = cli(SAMPLE_RADIOGRAPH, "-o", out, "--seed", 0)
+    assert status == 0
+    assert listing(tmp_path) == [out.name]
+    assert out.read_bytes()[: len(MAGIC[suffix])] == MAGIC[suffix]
+    ct = read_ct(out)
+    assert_output_grid(ct)
+    np.testing.assert_array_equal(ct.array, reference.ct.array)  # the options reached the pipeline
+    assert f" -> {out} in " in stdout and "consistency" in stdout
+
+
+def test_default_output_is_beside_the_input(cli, tmp_path):
+    source = tmp_path / "chest.png"
+    shutil.copy(SAMPLE_RADIOGRAPH, source)
+    status, _, _ = cli(source, "--seed", 0)
+    assert status == 0
+    assert listing(tmp_path) == ["chest.png", "chest_ct.nrrd"]
+    assert_output_grid(read_ct(tmp_path / "chest_ct.nrrd"))
+
+
+def test_views_png(cli, tmp_path):
+    from PIL import Image
+
+    status, _, _ = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / "ct.nrrd", "--views", tmp_path / "views.png")
+    assert status == 0
+    assert listing(tmp_path) == ["ct.nrrd", "views.png"]
+    with Image.open(tmp_path / "views.png") as image:
+        assert image.format == "PNG" and image.mode == "L" and image.size == views_size(rows=1)
+        assert np.asarray(image).std() > 10  # panels were drawn, not a blank canvas
+
+
+def test_uncertainty_and_views_with_two_samples(cli, tmp_path):
+    from PIL import Image
+
+    status, _, _ = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / "ct.mha", "--samples", 2, "--seed", 1,
+                       "--uncertainty", tmp_path / "std.nii.gz", "--views", tmp_path / "views.png")
+    assert status == 0
+    assert listing(tmp_path) == ["ct.mha", "std.nii.gz", "views.png"]
+    std = read_ct(tmp_path / "std.nii.gz")
+    assert_output_grid(std)
+    assert std.array.dtype == np.float32 and std.array.min() >= 0 and std.array.max() > 1.0
+    with Image.open(tmp_path / "views.png") as image:
+        assert image.size == views_size(rows=2)  # a second row: the uncertainty's slices
+
+
+def test_uncertainty_needs_two_samples(cli, tmp_path):
+    status, stdout, err = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / "ct.nrrd", "--uncertainty", tmp_path / "std.nrrd")
+    assert status == 2
+    assert_one_error_line(err, "an uncertainty map needs --samples 2 or more")
+    assert listing(tmp_path) == [] and stdout == ""
+
+
+def test_progress_lines_and_result(cli, tmp_path):
+    out = tmp_path / "ct.nrrd"
+    status, stdout, err = cli(SAMPLE_RADIOGRAPH, "-o", out, "--seed", 3, "--progress-lines")
+    assert status == 0 and "error" not in err
+    fractions, result = progress_and_result(stdout)
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert all(b >= a for a, b in zip(fractions, fractions[1:]))
+    assert "PROGRESS 1.0000 done" in stdout.splitlines()
+    assert result["output"] == str(out) and result["files"] == [str(out)]
+    assert (result["seed"], result["samples"], result["steps"], result["method"]) == (3, 1, int(STEPS), "diffusion")
+    assert result["style"] is True  # a real film: the style stage ran
+    assert result["device"].startswith("cpu") and 0.0 <= result["consistency"] <= 1.0
+    assert {"load", "read", "sampling", "decoding", "write", "total"} <= set(result["timings"])
+
+
+def test_style_auto_leaves_a_drr_alone_and_off_switches_it_off(cli, drr_png, tmp_path):
+    status, stdout, _ = cli(drr_png, "-o", tmp_path / "a.nrrd", "--progress-lines")
+    assert status == 0 and progress_and_result(stdout)[1]["style"] is False
+    status, stdout, _ = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / "b.nrrd", "--progress-lines", "--style", "off")
+    assert status == 0 and progress_and_result(stdout)[1]["style"] is False
+    status, stdout, _ = cli(drr_png, "-o", tmp_path / "c.nrrd", "--progress-lines", "--style", "on")
+    assert status == 0 and progress_and_result(stdout)[1]["style"] is True
+
+
+def test_sampler_option(cli, reference, tmp_path):
+    status, _, _ = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / "ct.nrrd", "--seed", 0, "--sampler", "dpm-solver++")
+    assert status == 0
+    assert not np.array_equal(read_ct(tmp_path / "ct.nrrd").array, reference.ct.array)  # not the DDIM result
+
+
+def test_bad_output_type_fails_before_the_model_is_loaded(cli, tmp_path):
+    status, _, err = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / "ct.vtk", model=tmp_path / "no-model")
+    assert status == 2
+    assert_one_error_line(err, "cannot write a volume as '.vtk'")  # not the missing model: checked first
+    assert listing(tmp_path) == []
+
+
+def test_cuda_without_a_gpu(cli, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is available")
+    status, _, err = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / "ct.nrrd", "--device", "cuda")  # the last --device wins
+    assert status == 2
+    assert_one_error_line(err, "cannot use cuda")
+    assert listing(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("case", RADIOGRAPH_CASES)
+def test_bad_input_one_error_line(cli, tmp_path, case):
+    build, _, words = CASES[case]
+    source = build(tmp_path)
+    before = listing(tmp_path)
+    status, stdout, err = cli(source, "-o", tmp_path / "ct.nrrd", "--samples", 2, "--uncertainty", tmp_path / "std.nrrd",
+                              "--views", tmp_path / "views.png")
+    assert status == 2
+    line = assert_one_error_line(err, words)
+    assert source.name in line
+    assert stdout == ""
+    assert listing(tmp_path) == before
+    assert not (SAMPLE_CT.parent / "LIDC-IDRI-0001_ct_ct.nrrd").exists()
+
+
+@pytest.mark.parametrize(
+    "output, words",
+    [("no/such/folder/ct.nrrd", "output folder does not exist"), (".", "output path is a folder")],
+    ids=["missing folder", "a folder"],
+)
+def test_bad_output_path(cli, tmp_path, output, words):
+    status, stdout, err = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / output)
+    assert status == 2 and stdout == ""
+    assert_one_error_line(err, words)
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("case", ["text named .png", "truncated DICOM", "output folder missing"])
+def test_bad_input_in_a_separate_process(tmp_path, model_dir, case):
+    """As the Slicer module runs it: exit status 2, the last stderr line `error: ...`, no traceback."""
+    if case == "output folder missing":
+        source, output, words = SAMPLE_RADIOGRAPH, tmp_path / "no" / "ct.nrrd", "output folder does not exist"
+    else:
+        build, _, words = CASES[case]
+        source, output = build(tmp_path), tmp_path / "ct.nrrd"
+    before = listing(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "XctDiffCore", "reconstruct", str(source), "-o", str(output), "--model", str(model_dir),
+         "--device", "cpu", "--steps", STEPS, "--progress-lines"],
+        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert_one_error_line(result.stderr, words)
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # --progress-lines: nothing else on stderr
+    assert "RESULT" not in result.stdout
+    assert listing(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------------------ folders
+
+
+@pytest.fixture
+def batch(tmp_path, drr_png):
+    """A folder of two radiographs, plus what batch mode must skip: a text file, a hidden file, a sub-folder."""
+    folder = tmp_path / "batch"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(SAMPLE_RADIOGRAPH, folder / "film.png")
+    shutil.copy(drr_png, folder / "drr.png")
+    shutil.copy(SAMPLE_RADIOGRAPH, folder / ".hidden.png")
+    shutil.copy(SAMPLE_RADIOGRAPH, folder / "sub" / "deeper.png")
+    (folder / "notes.txt").write_text("not a radiograph\n")
+    return folder
+
+
+def test_folder_reconstructs_every_radiograph(cli, batch, tmp_path):
+    status, stdout, err = cli(batch, "--samples", 2, "--seed", 0, "--progress-lines",
+                              "--views", tmp_path / "views", "--uncertainty", tmp_path / "std")
+    assert status == 0, err
+    out = tmp_path / "batch_ct"  # the default: <folder>_ct beside the folder
+    assert listing(out) == ["drr_ct.nrrd", "film_ct.nrrd"]
+    assert listing(tmp_path / "std") == ["drr_uncertainty.nrrd", "film_uncertainty.nrrd"]
+    assert listing(tmp_path / "views") == ["drr_views.png", "film_views.png"]
+    for name in ("drr_ct.nrrd", "film_ct.nrrd"):
+        assert_output_grid(read_ct(out / name))
+    fractions, result = progress_and_result(stdout)
+    assert all(b >= a for a, b in zip(fractions, fractions[1:])) and fractions[-1] == 1.0
+    assert result["failed"] == []
+    cases = {case["input"]: case for case in result["cases"]}
+    assert sorted(cases) == [str(batch / "drr.png"), str(batch / "film.png")]
+    assert cases[str(batch / "film.png")]["output"] == str(out / "film_ct.nrrd")
+    assert cases[str(batch / "drr.png")]["style"] is False and cases[str(batch / "film.png")]["style"] is True
+    assert result["consistency"] == pytest.approx(np.mean([c["consistency"] for c in result["cases"]]), abs=1e-4)
+
+
+def test_folder_skips_bad_files_and_ends_with_an_error(cli, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(SAMPLE_RADIOGRAPH, folder / "film.png")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.png").write_text("hello\n")
+    status, stdout, err = cli(folder, "-o", tmp_path / "out", "--progress-lines")
+    assert status == 2
+    assert listing(tmp_path / "out") == ["film_ct.nrrd"]
+    assert f"skipped {folder / 'empty.png'}: file is empty" in err
+    assert f"skipped {folder / 'text.png'}:" in err
+    assert_one_error_line(err, "2 of 3 radiographs could not be reconstructed")
+    _, result = progress_and_result(stdout)
+    assert result["failed"] == [str(folder / "empty.png"), str(folder / "text.png")]
+    assert [c["input"] for c in result["cases"]] == [str(folder / "film.png")]
+
+
+def test_torchrun_splits_the_folder_by_rank(cli, tmp_path, drr_png, monkeypatch):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for name in "abc":
+        shutil.copy(drr_png, folder / f"{name}.png")
+    out = tmp_path / "out"
+    inputs = {}
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        status, stdout, _ = cli(folder, "-o", out, "--progress-lines")
+        assert status == 0
+        inputs[rank] = [case["input"] for case in progress_and_result(stdout)[1]["cases"]]
+        if rank == 0:
+            assert listing(out) == ["a_ct.nrrd", "c_ct.nrrd"]  # files rank::world_size
+    assert inputs == {0: [str(folder / "a.png"), str(folder / "c.png")], 1: [str(folder / "b.png")]}
+    assert listing(out) == ["a_ct.nrrd", "b_ct.nrrd", "c_ct.nrrd"]
+
+
+def test_a_rank_without_files_succeeds(cli, tmp_path, drr_png, monkeypatch):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    shutil.copy(drr_png, folder / "a.png")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    status, stdout, _ = cli(folder, "-o", tmp_path / "out", "--progress-lines")
+    assert status == 0
+    assert progress_and_result(stdout)[1]["cases"] == []
+    assert listing(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("setup, words", [("empty", "no radiograph files"), ("output is a file", "the output must be a folder too")])
+def test_folder_errors(cli, tmp_path, setup, words):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("no images here\n")
+    options = []
+    if setup == "output is a file":
+        shutil.copy(SAMPLE_RADIOGRAPH, folder / "film.png")
+        (tmp_path / "out.nrrd").write_bytes(b"x")
+        options = ["-o", tmp_path / "out.nrrd"]
+    before = listing(tmp_path)
+    status, _, err = cli(folder, *options)
+    assert status == 2
+    assert_one_error_line(err, words)
+    assert listing(tmp_path) == before
+
+
+def test_folder_refuses_two_radiographs_with_one_output(cli, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(SAMPLE_RADIOGRAPH, folder / "chest.png")
+    shutil.copy(SAMPLE_RADIOGRAPH, folder / "chest.tif")  # both would become chest_ct.nrrd
+    before = listing(tmp_path)
+    status, _, err = cli(folder)
+    assert status == 2
+    assert_one_error_line(err, "chest.png and chest.tif in")
+    assert "would both be written to chest_ct.nrrd" in err
+    assert listing(tmp_path) == before  # refused before any output folder is made
+
+
+# ------------------------------------------------------------------------------------------ cancel
+
+
+def start_long_reconstruction(model_dir, output):
+    """A child reconstruction that samples for a long time, started as the Slicer module does (own session)."""
+    command = [sys.executable, "-m", "XctDiffCore", "reconstruct", str(SAMPLE_RADIOGRAPH), "-o", str(output),
+               "--model", str(model_dir), "--device", "cpu", "--steps", "1000", "--progress-lines"]
+    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    watchdog = threading.Timer(120, lambda: child.poll() is None and os.killpg(child.pid, signal.SIGKILL))
+    watchdog.daemon = True
+    watchdog.start()  # a child that hangs before sampling must not hang the test
+    for line in child.stdout:
+        if line.startswith("PROGRESS ") and " sampling " in line:
+            return child
+    child.wait(timeout=60)
+    raise AssertionError(f"the child ended before sampling: {child.returncode} {child.stderr.read()}")
+
+
+@pytest.mark.parametrize("how", ["SIGKILL of the process group (Slicer's Cancel)", "SIGINT (Ctrl-C)"])
+def test_cancelled_command_leaves_no_file(tmp_path, model_dir, how):
+    output = tmp_path / "ct.nrrd"
+    child = start_long_reconstruction(model_dir, output)
+    try:
+        if how.startswith("SIGKILL"):
+            os.killpg(child.pid, signal.SIGKILL)
+        else:
+            child.send_signal(signal.SIGINT)
+        status = child.wait(timeout=60)
+        err = child.stderr.read()
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        child.stdout.close()
+        child.stderr.close()
+    if how.startswith("SIGKILL"):
+        assert status == -signal.SIGKILL
+    else:
+        assert status == 130
+        assert_one_error_line(err, "interrupted")
+    assert listing(tmp_path) == []
