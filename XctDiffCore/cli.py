@@ -310,13 +310,21 @@ def add_evaluate_style_command(subparsers):
     p.add_argument("--max-images", type=int, help="use a seeded random subset of this many real films")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the style classifier")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="with a whole model folder: sampler steps of the consistency reconstructions")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (the consistency reconstructions)")
     p.set_defaults(handler=_run_evaluate_style)
 
 
 def _run_evaluate_style(args) -> int:
-    from .style_eval import evaluate_style, markdown_table
+    from pathlib import Path
 
-    result = evaluate_style(args.model, args.real, args.drr, args.out, args.max_images, args.seed, args.folds)
+    from .style_eval import evaluate_style, markdown_table, pipeline_consistency
+
+    consistency = None
+    if (Path(args.model) / "manifest.json").is_file():  # a whole model: also score reconstructions with and without
+        consistency = pipeline_consistency(args.model, args.steps, args.device, args.seed)
+    result = evaluate_style(args.model, args.real, args.drr, args.out, args.max_images, args.seed, args.folds,
+                            consistency=consistency)
     print(markdown_table(result))
     return 0
 

@@ -162,6 +162,21 @@ def consistency_with_and_without_style(
     }
 
 
+def pipeline_consistency(model_folder, steps: Optional[int] = None, device: str = "auto", seed: int = 0) -> Callable:
+    """``score(image01)`` for :func:`consistency_with_and_without_style`: reconstruct with a whole model
+    folder (no style stage: the image is scored as given) and return the reconstruction's consistency."""
+    from .io import Radiograph
+    from .pipeline import XctDiffPipeline
+
+    pipe = XctDiffPipeline.from_pretrained(model_folder)
+
+    def score(image01: np.ndarray) -> float:
+        film = Radiograph(np.asarray(image01, dtype=np.float32), None, False, "style evaluation")
+        return pipe.reconstruct(film, steps=steps, seed=seed, device=device, style="off").consistency
+
+    return score
+
+
 # ------------------------------------------------------------------------------------------- figure
 
 

@@ -165,6 +165,20 @@ def test_evaluate_style_writes_the_report(domains, straight, tmp_path, capsys):
     assert "with style transfer" in (tmp_path / "hook" / "style_eval.md").read_text(encoding="utf-8")
 
 
+def test_evaluate_style_with_a_model_folder_scores_reconstructions_both_ways(domains, tmp_path, capsys):
+    from XctDiffCore.model_folder import create_random_model
+
+    model = create_random_model(tmp_path / "model", "tiny")  # 32 px, with a style stage
+    argv = ["evaluate-style", "--model", str(model), "--real", str(domains / "real"), "--drr", str(domains / "datalist.json"),
+            "--out", str(tmp_path / "eval"), "--folds", "4", "--steps", "2", "--device", "cpu"]
+    assert main(argv) == 0
+    consistency = json.loads((tmp_path / "eval" / "style_eval.json").read_text(encoding="utf-8"))["consistency"]
+    assert len(consistency["per_image"]["with_style"]) == len(consistency["per_image"]["without_style"]) == 8
+    assert all(0.0 <= c <= 1.0 for c in consistency["per_image"]["with_style"] + consistency["per_image"]["without_style"])
+    assert consistency["with_style"] != consistency["without_style"]
+    assert "| with style transfer |" in capsys.readouterr().out
+
+
 def test_domain_accuracy_is_calibrated():
     rng = np.random.default_rng(0)
     same = rng.normal(size=(120, 6))
