@@ -62,6 +62,7 @@ def add_export_command(subparsers):
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="weights precision on disk")
     p.add_argument("--data", help="datalist whose training CTs give the mean-CT baseline (default: the run's)")
     p.add_argument("--model-card", help="Markdown file copied in as MODEL_CARD.md")
+    p.add_argument("--metrics", help="JSON file recorded in the manifest (e.g. the summary.json of `xctdiff evaluate`)")
     p.set_defaults(handler=_run_export)
 
 
@@ -76,7 +77,15 @@ def _run_export(args) -> int:
         if not path.is_file():
             raise XctDiffError(f"model card not found: {path}")
         card = path.read_text(encoding="utf-8")
-    print(f"wrote {export_run(args.run, args.out, args.dtype, args.id, args.version, card, args.data)}")
+    metrics = None
+    if args.metrics:
+        import json
+
+        try:
+            metrics = json.loads(Path(args.metrics).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise XctDiffError(f"cannot read the metrics file {args.metrics}: {exc}") from None
+    print(f"wrote {export_run(args.run, args.out, args.dtype, args.id, args.version, card, args.data, metrics)}")
     return 0
 
 

@@ -300,13 +300,15 @@ def save_model_folder(
     geometry: str = "cone",
     dtype: str = "float32",
     settings: Optional[dict] = None,
+    extra: Optional[dict] = None,
 ) -> Path:
     """Write a complete model folder (stage files, optional mean CT, model card, manifest last); returns it.
 
     ``networks``: ``autoencoder`` (VQGAN), ``encoder`` (ProgressiveEncoder), ``diffusion`` (the
     LatentUNet to sample with, i.e. the EMA copy) and optionally ``style`` (the real -> DRR generator).
     ``settings``: each stage's JSON (:func:`~XctDiffCore.training.stage_for_export`); by default they
-    come from ``config``. The manifest is written last, so a folder without one is an unfinished export.
+    come from ``config``. ``extra``: further manifest entries (training data, metrics). The manifest is
+    written last, so a folder without one is an unfinished export.
     """
     from .atomic import atomic_path
     from .training.common import export_stage, write_manifest
@@ -326,6 +328,7 @@ def save_model_folder(
             stages["style"] = export_style(networks["style"], config, out_dir)
     files = [MODEL_CARD_NAME]
     extra = {
+        **(extra or {}),
         "id": model_id,
         "version": version,
         "data": {

@@ -243,6 +243,10 @@ def test_export_run_writes_safetensors_configs_and_a_manifest(chain, datalist, t
     manifest_path = export_run(chain, tmp_path / "model", dtype="float32", model_id="tiny-test", version="0")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     assert manifest["id"] == "tiny-test" and set(manifest["stages"]) == {"autoencoder", "encoder", "diffusion"}
+    patients = lambda section: sorted({e["patient"] for e in json.loads(datalist.read_text(encoding="utf-8"))[section]})  # noqa: E731
+    assert manifest["training"]["training_patients"] == patients("training")
+    assert manifest["training"]["validation_patients"] == patients("validation")
+    assert manifest["training"]["steps"] == {"autoencoder": STEPS, "encoder": STEPS, "diffusion": STEPS}
     for name, digest in manifest["sha256"].items():
         assert file_sha256(tmp_path / "model" / name) == digest
     assert manifest["stages"]["diffusion"]["settings"]["weights"] == "ema"

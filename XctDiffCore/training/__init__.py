@@ -11,6 +11,7 @@ export to a model folder (:func:`~.common.export_stage`, :func:`~.common.write_m
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -140,12 +141,14 @@ def stage_for_export(stage: str, checkpoint: dict):
 
 
 def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctdiff", version: str = "0",
-               model_card: str = "", datalist=None) -> Path:
+               model_card: str = "", datalist=None, metrics: Optional[dict] = None) -> Path:
     """Export a trained run into a model folder (created); returns its ``manifest.json``.
 
     The three reconstruction stages are required; ``style`` is included when the run trained it.
     The mean-CT baseline of ``xctdiff evaluate`` is the mean of the datalist's training CTs
-    (``datalist``, else the one the diffusion stage trained on, when it is still there).
+    (``datalist``, else the one the diffusion stage trained on, when it is still there). The manifest
+    records the training patients of that datalist, each stage's training steps and ``metrics``
+    (e.g. the ``summary.json`` of ``xctdiff evaluate``).
     """
     from ..evaluation import datalist_mean_ct
     from ..model_folder import MANIFEST_NAME, OPTIONAL_STAGES, REQUIRED_STAGES, save_model_folder
@@ -161,7 +164,14 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
         if stage == "diffusion":
             config = config_from_dict(checkpoint["config"])
     datalist = Path(datalist or config.data.datalist)
-    mean_ct = datalist_mean_ct(datalist, config.data.volume_size) if datalist.is_file() else None
+    training = {"steps": {stage: s["step"] for stage, s in settings.items()}}
+    mean_ct = None
+    if datalist.is_file():
+        mean_ct = datalist_mean_ct(datalist, config.data.volume_size)
+        entries = json.loads(datalist.read_text(encoding="utf-8"))
+        for section in ("training", "validation"):
+            training[f"{section}_patients"] = sorted({str(e.get("patient", "")) for e in entries.get(section, [])} - {""})
+    extra = {"training": training, **({"metrics": metrics} if metrics else {})}
     save_model_folder(model_dir, networks, config, model_id, version, mean_ct=mean_ct, model_card=model_card,
-                      dtype=dtype, settings=settings)
+                      dtype=dtype, settings=settings, extra=extra)
     return Path(model_dir) / MANIFEST_NAME
