@@ -142,7 +142,8 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
             if i == warmup and dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)  # the peak of the timed runs only
             pipe = XctDiffPipeline.from_pretrained(model)
-            result = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=i, device=str(dev), cpu_fallback=False)
+            result = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=i, device=str(dev),
+                                      method="diffusion", cpu_fallback=False)
             start = time.perf_counter()
             write_volume(result.ct, Path(tmp) / "ct.nrrd")
             result.timings["write"] = time.perf_counter() - start

@@ -63,6 +63,8 @@ def add_export_command(subparsers):
     p.add_argument("--data", help="datalist whose training CTs give the mean-CT baseline (default: the run's)")
     p.add_argument("--model-card", help="Markdown file copied in as MODEL_CARD.md")
     p.add_argument("--metrics", help="JSON file recorded in the manifest (e.g. the summary.json of `xctdiff evaluate`)")
+    p.add_argument("--method", choices=("diffusion", "direct"), default="diffusion",
+                   help="the model's default reconstruction path (direct: when its diffusion stage measures worse)")
     p.set_defaults(handler=_run_export)
 
 
@@ -85,7 +87,7 @@ def _run_export(args) -> int:
             metrics = json.loads(Path(args.metrics).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise XctDiffError(f"cannot read the metrics file {args.metrics}: {exc}") from None
-    print(f"wrote {export_run(args.run, args.out, args.dtype, args.id, args.version, card, args.data, metrics)}")
+    print(f"wrote {export_run(args.run, args.out, args.dtype, args.id, args.version, card, args.data, metrics, args.method)}")
     return 0
 
 
@@ -267,6 +269,8 @@ def add_reconstruct_command(subparsers):
     p.add_argument("--no-cpu-fallback", action="store_true", help="fail on CUDA out-of-memory instead of continuing on the CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the diffusion UNet (pays off for folders)")
     _add_sampler_option(p)
+    p.add_argument("--method", choices=("diffusion", "direct"),
+                   help="diffusion (XctDiff), or direct: encoder prior decoded without diffusion (default: the model's)")
     p.set_defaults(handler=_run_reconstruct)
 
 
@@ -277,7 +281,7 @@ def _run_reconstruct(args) -> int:
         args.input, args.output, model=args.model, steps=args.steps, samples=args.samples, seed=args.seed,
         device=args.device, style=args.style, views=args.views, uncertainty=args.uncertainty,
         progress_lines=args.progress_lines, cpu_fallback=not args.no_cpu_fallback, compile=args.compile,
-        sampler=args.sampler,
+        sampler=args.sampler, method=args.method,
     )
 
 

@@ -164,7 +164,7 @@ def evaluate(
         radiograph = Radiograph(case.drr, None, True, case.name)
         outputs = {
             "xctdiff": pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index, device=device, style="off",
-                                        sampler=sampler),
+                                        method="diffusion", sampler=sampler),
             "direct": pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off", method="direct"),
         }
         for method, result in outputs.items():

@@ -61,6 +61,7 @@ class ModelInfo:
     geometry: str  # DRR geometry of the training pairs ("cone" or "parallel")
     sampler: str  # default sampler of the diffusion stage
     steps: int  # default number of sampler steps
+    method: str = "diffusion"  # default reconstruction path: "diffusion", or "direct" (encoder -> decoder)
 
 
 @dataclass
@@ -228,7 +229,10 @@ def load_model_folder(folder) -> ModelFolder:
         geometry=str(data.get("geometry", "cone")),
         sampler=str(diffusion.get("sampler", DEFAULT_SAMPLER)),
         steps=int(diffusion.get("steps", DEFAULT_STEPS)),
+        method=str(diffusion.get("method", "diffusion")),
     )
+    if info.method not in ("diffusion", "direct"):
+        raise XctDiffError(f"{folder}: unknown default method {info.method!r} (diffusion or direct)")
     if info.geometry not in GEOMETRIES:
         raise XctDiffError(f"{folder / MANIFEST_NAME}: unknown DRR geometry {info.geometry!r}")
     if info.sampler not in SAMPLERS:

@@ -176,7 +176,7 @@ class XctDiffPipeline:
         seed: Optional[int] = None,
         device: str = "auto",
         style: str = "auto",
-        method: Method = "diffusion",
+        method: Optional[Method] = None,
         sampler: Optional[str] = None,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[threading.Event] = None,
@@ -196,6 +196,7 @@ class XctDiffPipeline:
             raise XctDiffError(f"samples must be between 1 and {MAX_SAMPLES}, got {samples}")
         if style not in STYLE_CHOICES:
             raise XctDiffError(f"style must be one of {', '.join(STYLE_CHOICES)}, got {style!r}")
+        method = self.info.method if method is None else method
         if method not in METHODS:
             raise XctDiffError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         from .diffusion import SAMPLERS
@@ -461,7 +462,7 @@ def reconstruct_file(
         uncertainty = check_volume_output(uncertainty)
         if int(options.get("samples", 1)) < 2:
             raise XctDiffError("an uncertainty map needs --samples 2 or more")
-        if options.get("method", "diffusion") == "direct":  # the direct path makes one sample, so no std
+        if (options.get("method") or pipeline.info.method) == "direct":  # the direct path makes one sample: no std
             raise XctDiffError("an uncertainty map needs the diffusion method (method='direct' makes one sample)")
     if views is not None:
         views = check_output_path(views)

@@ -121,6 +121,7 @@ def run_reconstruct(
     cpu_fallback: bool = True,
     compile: bool = False,
     sampler: Optional[str] = None,
+    method: Optional[str] = None,
 ) -> int:
     """The ``xctdiff reconstruct`` command; returns the exit status (errors raise :class:`XctDiffError`)."""
     from .device import torchrun_rank
@@ -171,7 +172,7 @@ def run_reconstruct(
                     result, written = reconstruct_file(
                         pipe, source, out, uncertainty=unc, views=view, steps=steps, samples=samples, seed=seed,
                         device=device, style=style, progress=display.scaled(low, high), cpu_fallback=cpu_fallback,
-                        sampler=sampler,
+                        sampler=sampler, method=method,
                     )
                 except XctDiffError as exc:
                     if len(jobs) == 1:

@@ -207,16 +207,23 @@ def test_pipeline_gets_the_folder_contents(pristine):
     assert pipe.info.model_id == "random" and pipe.load_seconds > 0
 
 
-def test_bundled_model_or_a_clear_error():
-    try:
-        folder = bundled_model_folder()
-    except XctDiffError as exc:
-        assert "no bundled model yet" in str(exc) and "--model" in str(exc)
-        with pytest.raises(XctDiffError, match="no bundled model yet"):
-            XctDiffPipeline.from_pretrained()
-    else:
-        assert (folder / MANIFEST_NAME).is_file()
-        load_model_folder(folder)  # a bundled model must verify
+def test_bundled_model_verifies_and_documents_itself():
+    folder = bundled_model_folder()  # the repository ships one: a missing or corrupted one fails here
+    loaded = load_model_folder(folder)  # every SHA-256 checked
+    manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    assert manifest["sha256"]["MODEL_CARD.md"] and "not for diagnosis" in (folder / "MODEL_CARD.md").read_text(encoding="utf-8").lower()
+    assert manifest["training"]["training_patients"] and manifest["training"]["validation_patients"]
+    assert not set(manifest["training"]["training_patients"]) & set(manifest["training"]["validation_patients"])
+    assert loaded.style is not None and loaded.mean_ct is not None
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 64 * 2**20
+
+
+def test_no_bundled_model_is_a_clear_error(tmp_path, monkeypatch):
+    import XctDiffCore.model_folder as model_folder
+
+    monkeypatch.setattr(model_folder, "__file__", str(tmp_path / "XctDiffCore" / "model_folder.py"))
+    with pytest.raises(XctDiffError, match="no bundled model yet.*--model"):
+        bundled_model_folder()
 
 
 # ------------------------------------------------------------------------------------------ refused folders

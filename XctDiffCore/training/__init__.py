@@ -141,14 +141,15 @@ def stage_for_export(stage: str, checkpoint: dict):
 
 
 def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctdiff", version: str = "0",
-               model_card: str = "", datalist=None, metrics: Optional[dict] = None) -> Path:
+               model_card: str = "", datalist=None, metrics: Optional[dict] = None, method: str = "diffusion") -> Path:
     """Export a trained run into a model folder (created); returns its ``manifest.json``.
 
     The three reconstruction stages are required; ``style`` is included when the run trained it.
     The mean-CT baseline of ``xctdiff evaluate`` is the mean of the datalist's training CTs
     (``datalist``, else the one the diffusion stage trained on, when it is still there). The manifest
     records the training patients of that datalist, each stage's training steps and ``metrics``
-    (e.g. the ``summary.json`` of ``xctdiff evaluate``).
+    (e.g. the ``summary.json`` of ``xctdiff evaluate``). ``method``: the pipeline's default path
+    (``"direct"`` for a model whose diffusion stage measures worse than its encoder alone).
     """
     from ..evaluation import datalist_mean_ct
     from ..model_folder import MANIFEST_NAME, OPTIONAL_STAGES, REQUIRED_STAGES, save_model_folder
@@ -164,6 +165,7 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
         if stage == "diffusion":
             config = config_from_dict(checkpoint["config"])
     datalist = Path(datalist or config.data.datalist)
+    settings["diffusion"]["method"] = method
     training = {"steps": {stage: s["step"] for stage, s in settings.items()}}
     mean_ct = None
     if datalist.is_file():
