@@ -293,3 +293,25 @@ def test_corrupted_folder_in_a_separate_process(folder, tmp_path):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("error: ") and "SHA-256" in result.stderr
     assert not (tmp_path / "ct.nrrd").exists()
+
+
+def test_a_model_chooses_its_default_method_and_a_call_overrides_it(capsys):
+    pipe = XctDiffPipeline.from_pretrained()  # the bundled preview model defaults to the direct path
+    assert pipe.info.method == "direct"
+    default = pipe.reconstruct(SAMPLE_RADIOGRAPH, seed=0, device="cpu")
+    assert (default.method, default.steps, default.ct.shape) == ("direct", None, (128, 128, 128))
+    sampled = pipe.reconstruct(SAMPLE_RADIOGRAPH, seed=0, device="cpu", method="diffusion", steps=2)
+    assert (sampled.method, sampled.steps) == ("diffusion", 2)
+    assert not np.array_equal(default.ct.array, sampled.ct.array)
+    with pytest.raises(XctDiffError, match="method must be one of"):
+        pipe.reconstruct(SAMPLE_RADIOGRAPH, method="guess")
+
+
+def test_direct_method_refuses_an_uncertainty_map_and_export_needs_a_run(tmp_path):
+    from XctDiffCore.training import export_run
+
+    with pytest.raises(XctDiffError, match="checkpoint not found"):
+        export_run(tmp_path / "no-run", tmp_path / "model", method="direct")
+    assert main(["reconstruct", str(SAMPLE_RADIOGRAPH), "-o", str(tmp_path / "ct.nrrd"), "--method", "direct",
+                 "--uncertainty", str(tmp_path / "u.nrrd"), "--samples", "2"]) == 2
+    assert not (tmp_path / "ct.nrrd").exists()
