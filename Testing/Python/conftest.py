@@ -44,3 +44,13 @@ def synthetic_chest(shape=(64, 64, 64), seed=0) -> np.ndarray:
 @pytest.fixture
 def chest_phantom() -> np.ndarray:
     return synthetic_chest()
+
+
+@pytest.fixture(scope="module")
+def drr_png(tmp_path_factory) -> Path:
+    """The sample CT's DRR, written (and tagged as a DRR) by `xctdiff drr`."""
+    from XctDiffCore.cli import main
+
+    path = tmp_path_factory.mktemp("drr") / "sample_drr.png"
+    assert main(["drr", str(SAMPLE_CT), "-o", str(path)]) == 0
+    return path

@@ -13,7 +13,6 @@ from conftest import SAMPLE_CT, SAMPLE_RADIOGRAPH
 from test_bad_input import CASES
 from torch import nn
 
-from XctDiffCore.cli import main
 from XctDiffCore.diffusion import Cancelled, NoiseSchedule
 from XctDiffCore.errors import XctDiffError
 from XctDiffCore.io import Radiograph, read_radiograph
@@ -45,14 +44,6 @@ def pipe(model_dir):
 @pytest.fixture(scope="module")
 def film():
     return read_radiograph(SAMPLE_RADIOGRAPH)  # a real radiograph (no DRR tag)
-
-
-@pytest.fixture(scope="module")
-def drr_png(tmp_path_factory):
-    """A DRR written (and tagged) by `xctdiff drr`."""
-    path = tmp_path_factory.mktemp("drr") / "sample_drr.png"
-    assert main(["drr", str(SAMPLE_CT), "-o", str(path)]) == 0
-    return path
 
 
 @pytest.fixture(scope="module")

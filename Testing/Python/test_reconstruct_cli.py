@@ -45,13 +45,6 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def drr_png(tmp_path_factory):
-    path = tmp_path_factory.mktemp("drr") / "drr.png"
-    assert main(["drr", str(SAMPLE_CT), "-o", str(path)]) == 0
-    return path
-
-
-@pytest.fixture(scope="module")
 def reference(model_dir):
     """What the Python API gives for the film with the options the tests pass on the command line."""
     return XctDiffPipeline.from_pretrained(model_dir).reconstruct(SAMPLE_RADIOGRAPH, steps=int(STEPS), seed=0, device="cpu")
