@@ -54,3 +54,15 @@ def drr_png(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("drr") / "sample_drr.png"
     assert main(["drr", str(SAMPLE_CT), "-o", str(path)]) == 0
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads; on a busy machine two threads spin-wait (x7 slower).
+    Modules of tiny-model tests opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

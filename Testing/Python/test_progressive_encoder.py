@@ -10,13 +10,7 @@ from XctDiffCore.models.quantize import homogeneous_normalize
 from XctDiffCore.models.vqgan import VQGAN
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy machine two threads spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_encoder(**overrides) -> ProgressiveEncoder:

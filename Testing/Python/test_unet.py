@@ -11,13 +11,7 @@ from XctDiffCore.models.unet import DepthAttention, LatentUNet
 MODES = ("cross_attention", "concat")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy machine two threads spin-wait (x7 slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(conditioning: str, channels=(16, 32, 32), attention_levels=(False, True, True)) -> LatentUNet:
