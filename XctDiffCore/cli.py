@@ -295,6 +295,8 @@ def add_evaluate_command(subparsers):
     p.add_argument("--seed", type=int, default=0, help="case i uses seed + i")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max-cases", type=int, help="evaluate only the first N cases")
+    p.add_argument("--augmented", action="store_true",
+                   help="with a datalist: also the augmented DRR variants of the validation patients")
     _add_sampler_option(p)
     p.set_defaults(handler=_run_evaluate)
 
@@ -305,7 +307,7 @@ def _run_evaluate(args) -> int:
 
     with plain_warnings():
         summary = evaluate(args.model, args.data, args.out, steps=args.steps, samples=args.samples, seed=args.seed,
-                           device=args.device, max_cases=args.max_cases, sampler=args.sampler)
+                           device=args.device, max_cases=args.max_cases, sampler=args.sampler, augmented=args.augmented)
     print(markdown_table(summary), end="")
     print(f"wrote {args.out}/metrics.csv, summary.md, summary.json, figure.png")
     return 0

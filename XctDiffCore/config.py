@@ -26,6 +26,7 @@ from .errors import XctDiffError
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 STAGES = ("autoencoder", "encoder", "diffusion", "style")
 PRECISIONS = ("bf16", "fp16", "fp32")
+PREDICTIONS = ("epsilon", "v")  # what the diffusion UNet outputs (see XctDiffCore.diffusion.NoiseSchedule)
 
 
 # ----------------------------------------------------------------------------------------- sections
@@ -133,9 +134,17 @@ class EncoderModelConfig:
 
 @dataclass
 class EncoderConfig:
-    """The progressive encoder learns ``F.mse_loss(encoder(xray), y_ct)`` against the frozen VQ-GAN's latents."""
+    """The progressive encoder learns ``F.mse_loss(encoder(xray), y_ct)`` against the frozen VQ-GAN's latents.
+
+    ``image_weight > 0`` adds ``image_weight * L1(decode(q(encoder(xray))), ct)``: the prior decoded by
+    the frozen VQ-GAN (straight-through quantiser) against the CT itself, on the training grid.
+    Decoding with a gradient is the costly part, so only the first ``image_items`` pairs of each batch
+    are decoded (0: all of them).
+    """
 
     model: EncoderModelConfig = field(default_factory=EncoderModelConfig)
+    image_weight: float = 0.0
+    image_items: int = 0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(batch_size=16, lr=1e-4))
 
 
@@ -159,6 +168,7 @@ class ScheduleConfig:
     num_train_steps: int = 1000
     beta_start: float = 0.0015
     beta_end: float = 0.0125
+    prediction: str = "epsilon"  # what the UNet outputs: "epsilon" (the paper) or "v" (Salimans & Ho 2022)
 
 
 @dataclass
@@ -240,6 +250,11 @@ class Config:
             raise XctDiffError(f"data.xray_size ({self.data.xray_size}) must be a multiple of {style_factor} (style.model.num_downsamples)")
         if self.style.loss.pool_size < 0:
             raise XctDiffError(f"style.loss.pool_size must be 0 or more, got {self.style.loss.pool_size}")
+        if self.diffusion.schedule.prediction not in PREDICTIONS:
+            raise XctDiffError(f"diffusion.schedule.prediction must be one of {', '.join(PREDICTIONS)}, "
+                               f"got {self.diffusion.schedule.prediction!r}")
+        if self.encoder.image_weight < 0 or self.encoder.image_items < 0:
+            raise XctDiffError("encoder.image_weight and encoder.image_items must be 0 or more")
         return self
 
     def latent_size(self) -> int:

@@ -1,6 +1,7 @@
 """Latent diffusion of XctDiff: the noise schedule, the training loss (eq. 7), EMA, and two samplers.
 
-Roles are kept apart as in diffusers: the model predicts the noise ``eps`` (``model(x_t, t, cond)``);
+Roles are kept apart as in diffusers: the model predicts the noise ``eps`` (``model(x_t, t, cond)``;
+or v, below);
 a scheduler owns the timesteps and the update rule (``set_timesteps(n)``, ``step(eps, t, sample)``);
 :func:`sample` wires them, with a seed, a progress callback and a cancel event.
 
@@ -17,6 +18,13 @@ down to ``0``, spaced as Karras et al. 2022, then jump to the clean sample, ``al
   the data prediction, for eps-prediction models; about as good at 10-20 steps as DDIM at 50.
   MONAI 1.6 has DDPM/DDIM/PNDM/RFlow schedulers but no DPM-Solver, so both are written here, once.
 
+**Parametrisation.** The paper's UNet predicts the noise (``prediction="epsilon"``). With
+``prediction="v"`` it predicts ``v = sqrt(a) eps - sqrt(1 - a) x0`` (Salimans & Ho 2022) instead: at
+the top of this schedule (``a`` = 0.002) an eps-model's error reaches ``x0_hat`` multiplied by
+``sqrt((1 - a) / a)`` = 22, a v-model's by about 1. The schedule owns the choice: the loss's target
+is :meth:`NoiseSchedule.target`, and the samplers see eps through :meth:`NoiseSchedule.to_epsilon`,
+so both samplers serve both kinds of model.
+
 Latents are the VQ-GAN's z-score-normalised codes (unit variance), so no latent scale factor is
 applied (the reference multiplies its latents by 0.6).
 """
@@ -31,12 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import PREDICTIONS
 from .errors import XctDiffError
 
 Sampler = Literal["ddim", "dpm-solver++"]
 SAMPLERS: tuple[str, ...] = ("ddim", "dpm-solver++")
 
-# A denoiser: model(x_t (B,C,D,H,W), t (B,) long, cond) -> eps (B,C,D,H,W).
+# A denoiser: model(x_t (B,C,D,H,W), t (B,) long, cond) -> eps (or v, see NoiseSchedule) (B,C,D,H,W).
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -48,23 +57,46 @@ class NoiseSchedule:
     """The DDPM forward process ``x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps``, t in [0, T).
 
     Betas are linear in ``sqrt(beta)`` (latent-diffusion's ``"linear"``, see the module docstring).
-    Tables are float64 on the CPU; :meth:`add_noise` moves what it needs to the sample's device.
+    ``prediction`` is what the UNet outputs (``"epsilon"`` or ``"v"``, see the module docstring).
+    Tables are float64 on the CPU; the methods move what they need to the sample's device.
     """
 
-    def __init__(self, num_train_steps: int = 1000, beta_start: float = 0.0015, beta_end: float = 0.0125):
+    def __init__(self, num_train_steps: int = 1000, beta_start: float = 0.0015, beta_end: float = 0.0125,
+                 prediction: str = "epsilon"):
         if num_train_steps < 2 or not 0.0 < beta_start < beta_end < 1.0:
             raise ValueError("need num_train_steps >= 2 and 0 < beta_start < beta_end < 1")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
         self.num_train_steps = num_train_steps
         self.beta_start = beta_start
         self.beta_end = beta_end
+        self.prediction = prediction
         self.betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_steps, dtype=torch.float64) ** 2
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # alpha_bar_t, t = 0..T-1
 
+    def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """alpha_bar at integer timesteps ``t`` (B,), shaped to broadcast against ``like`` (B, ...)."""
+        alpha_bar = self.alphas_cumprod.to(like.device)[t].to(like.dtype)
+        return alpha_bar.reshape(-1, *([1] * (like.ndim - 1)))
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``x_t`` for clean ``x0`` (B, ...), noise like it and integer timesteps ``t`` (B,)."""
-        alpha_bar = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype)
-        alpha_bar = alpha_bar.reshape(-1, *([1] * (x0.ndim - 1)))
+        alpha_bar = self._alpha_bar(t, x0)
         return alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet learns to output at ``x_t = add_noise(x0, noise, t)``: eps, or v."""
+        if self.prediction == "epsilon":
+            return noise
+        alpha_bar = self._alpha_bar(t, x0)
+        return alpha_bar.sqrt() * noise - (1.0 - alpha_bar).sqrt() * x0
+
+    def to_epsilon(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noise implied by the UNet's ``output`` at ``x_t``: ``eps = sqrt(a) v + sqrt(1 - a) x_t`` for v."""
+        if self.prediction == "epsilon":
+            return output
+        alpha_bar = self._alpha_bar(t, x_t)
+        return alpha_bar.sqrt() * output + (1.0 - alpha_bar).sqrt() * x_t
 
 
 def diffusion_loss(
@@ -76,6 +108,7 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """Eq. 7: ``E ||eps - eps_theta(x_t, t, y)||^2`` with t uniform in [0, T) and eps ~ N(0, I).
 
+    With a v-prediction schedule the target is v instead of eps (:meth:`NoiseSchedule.target`).
     ``x0`` are the clean (normalised) VQ latents of the CTs, ``cond`` the priors y of their radiographs.
     A ``generator`` must live on ``x0``'s device.
     """
@@ -83,7 +116,7 @@ def diffusion_loss(
     t = torch.randint(0, schedule.num_train_steps, (b,), device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     x_t = schedule.add_noise(x0, noise, t)
-    return F.mse_loss(model(x_t, t, cond), noise)
+    return F.mse_loss(model(x_t, t, cond), schedule.target(x0, noise, t))
 
 
 class EMA(nn.Module):
@@ -251,8 +284,9 @@ def sample(
     for i, t in enumerate(scheduler.timesteps):
         if cancel is not None and cancel.is_set():
             raise Cancelled("sampling was cancelled")
-        eps = model(x, torch.full((shape[0],), int(t), device=x.device, dtype=torch.long), cond)
-        x = scheduler.step(eps.float(), t, x)
+        t_batch = torch.full((shape[0],), int(t), device=x.device, dtype=torch.long)
+        eps = schedule.to_epsilon(model(x, t_batch, cond).float(), x, t_batch)
+        x = scheduler.step(eps, t, x)
         if progress is not None:
             progress((i + 1) / n)
     return x

@@ -3,7 +3,9 @@
 **Protocol** (the metrics themselves are pinned in :mod:`XctDiffCore.metrics`):
 
 * **Cases.** With a datalist (``xctdiff prepare``): its ``validation`` entries without augmentation
-  (``aug == 0``; patients never seen in training), their stored DRR as the input. With a CT file or
+  (``aug == 0``; patients never seen in training), their stored DRR as the input; with
+  ``augmented=True`` (``--augmented``) the augmented variants of those patients too: more cases for
+  comparing two models on a small validation set (they are not independent patients). With a CT file or
   folder: each CT preprocessed as for training (:func:`~XctDiffCore.preprocess.preprocess_ct`, 128^3
   at 2.5 mm) and its DRR rendered in the model's geometry (:func:`~XctDiffCore.drr.drr_of_volume`).
   Inputs are DRRs, so the style transfer is off.
@@ -74,12 +76,12 @@ def _is_datalist(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() == ".json"
 
 
-def datalist_cases(datalist: Path, volume_size: int, max_cases: Optional[int] = None) -> list:
+def datalist_cases(datalist: Path, volume_size: int, max_cases: Optional[int] = None, augmented: bool = False) -> list:
     from .training.data import read_datalist
 
     validation = read_datalist(datalist, "validation")  # checks the file and the entries
     raw = json.loads(datalist.read_text(encoding="utf-8")).get("validation", [])
-    items = [item for entry, item in zip(raw, validation) if int(entry.get("aug", 0)) == 0]
+    items = [item for entry, item in zip(raw, validation) if augmented or int(entry.get("aug", 0)) == 0]
     if not items:
         raise XctDiffError(f"{datalist} has no validation entries to evaluate (make one with `xctdiff prepare`)")
     cases = []
@@ -132,6 +134,7 @@ def evaluate(
     sampler: Optional[str] = None,
     figure_cases: int = 4,
     progress: bool = True,
+    augmented: bool = False,
 ) -> dict:
     """Run the protocol of the module docstring; write the outputs; return the summary (method -> metric -> mean/std)."""
     from tqdm import tqdm
@@ -152,7 +155,7 @@ def evaluate(
     pipe = XctDiffPipeline.from_pretrained(model)
     size = OUTPUT_SIZE
     if _is_datalist(data):
-        cases = datalist_cases(data, size, max_cases)
+        cases = datalist_cases(data, size, max_cases, augmented)
         mean_ct = datalist_mean_ct(data, size)
     else:
         cases = ct_folder_cases(data, size, pipe.info.geometry, max_cases)

@@ -73,6 +73,8 @@ def test_unknown_section_is_an_error():
         ({"run": {"precision": "fp8"}}, r"run\.precision must be one of"),
         ({"diffusion": {"optim": {"batch_size": 0}}}, r"diffusion\.optim\.batch_size must be at least 1"),
         ({"data": ["x"]}, r"section data must be a mapping"),
+        ({"diffusion": {"schedule": {"prediction": "x0"}}}, r"diffusion\.schedule\.prediction must be one of epsilon, v"),
+        ({"encoder": {"image_weight": -1.0}}, r"encoder\.image_weight and encoder\.image_items must be 0 or more"),
     ],
 )
 def test_bad_values_are_one_sentence_errors(data, message):

@@ -124,6 +124,49 @@ def test_samplers_follow_the_exact_flow_of_gaussian_data(sampler, steps, max_err
     assert out.std().item() == pytest.approx(STD, rel=0.06)
 
 
+V_SCHEDULE = NoiseSchedule(prediction="v")
+
+
+def gaussian_v(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """The exact v of Gaussian data, from the exact eps: v = (eps - sqrt(1 - a) x_t) / sqrt(a)."""
+    a = SCHEDULE.alphas_cumprod[t].to(x.dtype).reshape(-1, 1, 1, 1, 1)
+    return (gaussian_eps(x, t, cond) - (1 - a).sqrt() * x) / a.sqrt()
+
+
+def test_v_target_and_its_epsilon_invert_each_other():
+    x0, noise = torch.randn(3, 2, 4, 4, 4), torch.randn(3, 2, 4, 4, 4)
+    t = torch.tensor([0, 500, 999])
+    x_t = V_SCHEDULE.add_noise(x0, noise, t)
+    v = V_SCHEDULE.target(x0, noise, t)
+    torch.testing.assert_close(V_SCHEDULE.to_epsilon(v, x_t, t), noise, rtol=1e-4, atol=1e-4)
+    a = V_SCHEDULE.alphas_cumprod[t].float().reshape(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(a.sqrt() * x_t - (1 - a).sqrt() * v, x0, rtol=1e-4, atol=1e-4)  # x0 from v
+    assert SCHEDULE.target(x0, noise, t) is noise and SCHEDULE.to_epsilon(v, x_t, t) is v
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        NoiseSchedule(prediction="x0")
+
+
+def test_v_loss_is_the_v_mse():
+    x0 = torch.randn(4, 2, 3, 4, 4)
+    zero = lambda x, t, c: torch.zeros_like(x)  # noqa: E731
+    loss = diffusion_loss(zero, x0, x0, V_SCHEDULE, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 1000, (4,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    assert loss.item() == pytest.approx(V_SCHEDULE.target(x0, noise, t).pow(2).mean().item(), rel=1e-6)
+    assert loss.item() != pytest.approx(noise.pow(2).mean().item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_an_exact_v_model_samples_what_the_exact_eps_model_does(sampler):
+    shape = (2, 1, 8, 8, 8)
+    runs = [sample(model, torch.zeros(1, 1), shape, schedule, sampler=sampler, steps=20,
+                   generator=torch.Generator().manual_seed(3))
+            for model, schedule in ((gaussian_eps, SCHEDULE), (gaussian_v, V_SCHEDULE))]
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-4)
+    assert runs[0].std().item() == pytest.approx(STD, rel=0.15)
+
+
 def test_dpm_solver_is_higher_order_than_ddim():
     ddim, exact = _toy_samples("ddim", 10)
     dpm, _ = _toy_samples("dpm-solver++", 10)

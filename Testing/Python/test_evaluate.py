@@ -182,6 +182,22 @@ def test_figure_has_a_row_per_case(evaluated):
 # ------------------------------------------------------------------------------------------ CT folders
 
 
+def test_augmented_variants_are_cases_only_when_asked(datalist, tmp_path):
+    from XctDiffCore.evaluation import datalist_cases
+
+    data = json.loads(datalist.read_text())
+    variants = [{**entry, "aug": 1, "image": entry["image"]} for entry in data["validation"]]
+    data["validation"] = [{**entry, "aug": 0} for entry in data["validation"]] + variants
+    for section in ("training", "validation"):
+        for entry in data[section]:
+            entry["image"], entry["xray"] = (str(datalist.parent / entry[k]) for k in ("image", "xray"))
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(data))
+    assert len(datalist_cases(path, 32)) == 2
+    assert len(datalist_cases(path, 32, augmented=True)) == 4
+    assert len(datalist_cases(path, 32, max_cases=3, augmented=True)) == 3
+
+
 def test_ct_folder_uses_the_models_mean_ct(no_lpips, model_dir, ct_folder, tmp_path):
     summary = evaluate(model_dir, ct_folder, tmp_path / "eval", steps=1, samples=1, device="cpu", max_cases=1, progress=False)
     assert list(summary) == list(METHODS)  # the model folder has a mean_ct.npy

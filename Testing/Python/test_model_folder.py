@@ -159,6 +159,8 @@ CORRUPTIONS = {
     "unknown geometry": (edit_manifest(set_path(["data", "geometry"], "fan")), "unknown DRR geometry 'fan'"),
     "unknown sampler": (edit_stage_json("diffusion.json", set_path(["sampler"], "euler")), "unknown default sampler 'euler'"),
     "bad schedule": (edit_stage_json("diffusion.json", set_path(["schedule", "beta_end"], 2.0)), "diffusion schedule"),
+    "unknown prediction": (edit_stage_json("diffusion.json", set_path(["schedule", "prediction"], "x0")),
+                           "is invalid: prediction must be one of epsilon, v, got 'x0'"),
     "mean CT of another size": (replace_mean_ct, "has shape (16, 16, 16), expected (32, 32, 32)"),
 }
 
@@ -181,7 +183,7 @@ def test_random_model_folder_is_complete_and_loads(pristine):
     for network in (loaded.vqgan, loaded.encoder, loaded.unet, loaded.style):
         assert not network.training
         assert not any(p.requires_grad for p in network.parameters())
-    assert loaded.schedule.num_train_steps == 1000
+    assert (loaded.schedule.num_train_steps, loaded.schedule.prediction) == (1000, "epsilon")
     assert loaded.mean_ct.shape == (32, 32, 32) and loaded.mean_ct.dtype == np.float32
     assert -1000.0 <= loaded.mean_ct.min() and loaded.mean_ct.max() <= 400.0
 

@@ -231,6 +231,41 @@ def test_diffusion_resume_matches_an_uninterrupted_run(tmp_path, chain, datalist
     checkpoints_match(checkpoint_path(tmp_path / "straight", "diffusion"), checkpoint_path(tmp_path / "killed", "diffusion"))
 
 
+def test_diffusion_with_v_prediction_trains_and_exports_its_parametrisation(tmp_path, chain, datalist):
+    from XctDiffCore.model_folder import load_model_folder
+    from XctDiffCore.training import export_run
+
+    for stage in ("autoencoder", "encoder"):
+        shutil.copytree(chain / stage, tmp_path / stage)
+    config = tiny_config(tmp_path, datalist)
+    schedule = dataclasses.replace(config.diffusion.schedule, prediction="v")
+    config = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, schedule=schedule))
+    train("diffusion", config)
+    losses = column(read_log(tmp_path, "diffusion"), "train/v_mse")
+    assert len(losses) == STEPS and losses[-5:].mean() < 0.9 * losses[:5].mean(), losses
+    export_run(tmp_path, tmp_path / "model", model_id="v", version="1", datalist=datalist)
+    assert load_model_folder(tmp_path / "model").schedule.prediction == "v"
+
+
+def test_encoder_image_term_is_logged_falls_and_changes_training(tmp_path, chain, datalist):
+    """``encoder.image_weight``: the decoded prior's L1 against the CT is logged, goes down, and its
+    gradient reaches the encoder through the frozen decoder and the straight-through quantiser."""
+    weights = {}
+    for image_weight in (0.0, 1.0):
+        run = tmp_path / f"w{image_weight}"
+        shutil.copytree(chain / "autoencoder", run / "autoencoder")
+        config = tiny_config(run, datalist)
+        config = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, image_weight=image_weight, image_items=1))
+        train("encoder", config)
+        rows = read_log(run, "encoder")
+        weights[image_weight] = load_checkpoint(checkpoint_path(run, "encoder"))["models"]["encoder"]
+    image_l1 = column(rows, "train/image_l1")
+    assert len(image_l1) == STEPS and image_l1[-5:].mean() < image_l1[:5].mean(), image_l1
+    assert "train/image_l1" not in read_log(tmp_path / "w0.0", "encoder")[0]
+    changed = [k for k in weights[0.0] if not torch.equal(weights[0.0][k], weights[1.0][k])]
+    assert len(changed) > len(weights[0.0]) // 2
+
+
 # ---------------------------------------------------------------------------------------- export
 
 

@@ -2,7 +2,8 @@
 
 Per pair, with both earlier stages frozen: the target ``x0 = N(q(E(ct)))`` (the CT's normalised
 quantised latent) and the condition ``y = N(q(encoder(xray)))`` (the prior). Loss: noise-prediction
-MSE at a uniform timestep (:func:`XctDiffCore.diffusion.diffusion_loss`); its timesteps and noise come
+MSE at a uniform timestep, or v-prediction MSE with ``diffusion.schedule.prediction: v``
+(:func:`XctDiffCore.diffusion.diffusion_loss`); its timesteps and noise come
 from a per-rank generator that the checkpoint saves, so a resumed run draws the same noise. An EMA
 of the weights is what validation samples with (DDIM) and what gets exported.
 """
@@ -90,6 +91,7 @@ def _train(config: Config, resume: bool, job) -> Path:
     train_set = PairDataset(config.data.datalist, "training", config.data.volume_size, config.data.xray_size)
     val_set = PairDataset(config.data.datalist, "validation", config.data.volume_size, config.data.xray_size)
     schedule = NoiseSchedule(**dataclasses.asdict(section.schedule))
+    loss_name = "noise_mse" if schedule.prediction == "epsilon" else "v_mse"  # the logged training loss
 
     seed_everything(config.run.seed)  # identical initial weights on every rank
     unet = build_unet(section.model).to(device)
@@ -130,7 +132,7 @@ def _train(config: Config, resume: bool, job) -> Path:
         ema.update(unet)
 
         step += 1
-        meter.add({"noise_mse": loss})
+        meter.add({loss_name: loss})
         progress.update()
         if is_due(step, optim.log_every, optim.max_steps):
             metrics = {f"train/{k}": v for k, v in meter.means().items()}

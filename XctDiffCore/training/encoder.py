@@ -2,7 +2,8 @@
 
 Target of each pair: the CT's normalised quantised latent ``y_ct = N(q(E(ct)))`` from the frozen
 VQ-GAN of stage 1. Loss: ``F.mse_loss(encoder(xray), y_ct)`` in the normalised space, smooth, with
-the quantiser out of the way (see :mod:`XctDiffCore.models.progressive_encoder`). Validation decodes
+the quantiser out of the way (see :mod:`XctDiffCore.models.progressive_encoder`); optionally plus
+``encoder.image_weight`` times the L1 of the decoded prior against the CT. Validation decodes
 the prior ``y = N(q(encoder(xray)))`` with the frozen decoder: the PSNR/SSIM of the encoder alone,
 the floor that the diffusion stage must beat.
 """
@@ -133,11 +134,19 @@ def _train(config: Config, resume: bool, job) -> Path:
         set_learning_rate(optimizer, lr)
         with autocast(device, config.run.precision):
             target = ct_latent(vqgan, ct)  # (B, 8, d, h, w)
-            loss = F.mse_loss(model(xray).float(), target.float())
+            prediction = model(xray)
+            latent_loss = F.mse_loss(prediction.float(), target.float())
+            losses = {"latent_mse": latent_loss}
+            loss = latent_loss
+            if section.image_weight > 0:  # the decoded prior against the CT (gradient straight through q)
+                n = section.image_items or len(ct)
+                decoded = vqgan.decode(vqgan.quantize(prediction[:n].float())[0])
+                losses["image_l1"] = F.l1_loss(decoded.float(), ct[:n])
+                loss = loss + section.image_weight * losses["image_l1"]
         backward_step(loss, list(encoder.parameters()), optimizer, scaler, optim.grad_clip)
 
         step += 1
-        meter.add({"latent_mse": loss})
+        meter.add(losses)
         progress.update()
         if is_due(step, optim.log_every, optim.max_steps):
             metrics = {f"train/{k}": v for k, v in meter.means().items()}
