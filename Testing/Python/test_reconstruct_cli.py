@@ -362,9 +362,12 @@ def test_folder_refuses_two_radiographs_with_one_output(cli, tmp_path):
 
 
 def start_long_reconstruction(model_dir, output):
-    """A child reconstruction that samples for a long time, started as the Slicer module does (own session)."""
+    """A child reconstruction that samples for a long time, started as the Slicer module does (own session).
+
+    1000 steps of 4 samples: long enough that the child is still sampling when the signal arrives,
+    even when its progress lines reach us late (one sample of the tiny model once finished first)."""
     command = [sys.executable, "-m", "XctDiffCore", "reconstruct", str(SAMPLE_RADIOGRAPH), "-o", str(output),
-               "--model", str(model_dir), "--device", "cpu", "--steps", "1000", "--progress-lines"]
+               "--model", str(model_dir), "--device", "cpu", "--steps", "1000", "--samples", "4", "--progress-lines"]
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     watchdog = threading.Timer(120, lambda: child.poll() is None and os.killpg(child.pid, signal.SIGKILL))
