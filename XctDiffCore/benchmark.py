@@ -182,3 +182,76 @@ def _peak_memory(device: torch.device) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     memory["peak_rss_mib"] = round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
     return memory
+
+
+# ------------------------------------------------------------------------------------------ training
+TRAIN_STAGES = ("autoencoder", "encoder", "diffusion")
+
+
+def _synthetic_datalist(root: Path, pairs: int = 4) -> Path:
+    """A datalist like ``xctdiff prepare`` writes (128^3 CTs, 128 px DRRs) of random volumes: timing only."""
+    from .pipeline import OUTPUT_SIZE as size
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "xrays").mkdir()
+    entries = []
+    for i in range(pairs):
+        ct = rng.integers(-1000, 1000, (size,) * 3, dtype=np.int16)
+        np.savez(root / "images" / f"p{i}.npz", ct=ct, spacing=np.full(3, 2.5), origin=np.zeros(3))
+        projection = (ct.astype(np.float32) + 1000.0).sum(axis=1)
+        np.save(root / "xrays" / f"p{i}.npy", (projection / projection.max()).astype(np.float32))
+        entries.append({"image": f"images/p{i}.npz", "xray": f"xrays/p{i}.npy", "patient": f"p{i}"})
+    path = root / "datalist.json"
+    path.write_text(json.dumps({"training": entries[1:], "validation": entries[:1]}))
+    return path
+
+
+def benchmark_train(config: str = "tiny", steps: int = 5, warmup: int = 2, stages=TRAIN_STAGES) -> list:
+    """Seconds per optimiser step of each stage, through the real ``xctdiff train`` on random data.
+
+    Each stage trains ``warmup + steps`` steps, logging every ``warmup`` steps and validating and
+    checkpointing only at the end; its CSV log's ``train/seconds_per_step`` over the steps after the
+    warm-up is the figure (data loading included, building the networks excluded). The device is the
+    one training picks (CUDA when present); the batch is the config's, so samples/s = batch / figure.
+    A later stage needs the earlier ones: those not asked for are trained for one untimed step.
+    """
+    import csv
+    import dataclasses
+    import tempfile
+
+    from .config import load_config
+    from .training import train
+    from .training.common import setup_distributed
+
+    if steps < 1 or warmup < 1:
+        raise XctDiffError("--steps and --warmup must be at least 1")
+    base = load_config(config)
+    device = str(setup_distributed().device)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="xctdiff-bench-train-") as tmp:
+        datalist, run = _synthetic_datalist(Path(tmp) / "data"), Path(tmp) / "run"
+        last = max(TRAIN_STAGES.index(stage) for stage in stages)
+        for stage in TRAIN_STAGES[: last + 1]:
+            timed = stage in stages
+            total = warmup + steps if timed else 1
+            section = getattr(base, stage)
+            optim = dataclasses.replace(section.optim, max_steps=total, log_every=warmup, val_every=total,
+                                        checkpoint_every=total)
+            train(stage, dataclasses.replace(base, **{stage: dataclasses.replace(section, optim=optim)}),
+                  data=str(datalist), out=str(run))
+            if not timed:
+                continue
+            with open(run / stage / "log.csv", newline="", encoding="utf-8") as f:
+                rows = [(int(r["step"]), float(r["train/seconds_per_step"])) for r in csv.DictReader(f)
+                        if r.get("train/seconds_per_step")]
+            seconds, previous = 0.0, warmup
+            for step, per_step in rows:
+                if step > warmup:
+                    seconds += per_step * (step - previous)
+                    previous = step
+            per_step = seconds / steps
+            settings = {"config": config, "batch": section.optim.batch_size, "steps": steps,
+                        "it_per_s": round(1.0 / per_step, 3)}
+            results.append(BenchmarkResult(f"train/{stage}", device, settings, [per_step]))
+    return results

@@ -222,6 +222,22 @@ def _report_benchmark(results, args) -> int:
     return 0
 
 
+def add_benchmark_train_target(targets):
+    p = targets.add_parser("train", help="seconds per optimiser step of each training stage (random data)")
+    p.add_argument("--config", default="tiny", help="tiny, preview, small, paper or a path")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per stage")
+    p.add_argument("--stages", nargs="+", choices=("autoencoder", "encoder", "diffusion"),
+                   default=["autoencoder", "encoder", "diffusion"])
+    p.add_argument("--json", metavar="FILE", help="also write the results to this JSON file")
+    p.set_defaults(handler=_run_benchmark_train)
+
+
+def _run_benchmark_train(args) -> int:
+    from .benchmark import benchmark_train
+
+    return _report_benchmark(benchmark_train(args.config, args.steps, stages=args.stages), args)
+
+
 def add_benchmark_pipeline_target(targets):
     p = targets.add_parser("pipeline", help="per-stage latency and peak memory of one reconstruction")
     p.add_argument("--model", help="model folder (default: the bundled model)")
@@ -242,7 +258,7 @@ def _run_benchmark_pipeline(args) -> int:
 
 
 # `xctdiff benchmark <target>`: each entry adds one target parser.
-BENCHMARK_TARGETS = [add_benchmark_drr_target, add_benchmark_pipeline_target]
+BENCHMARK_TARGETS = [add_benchmark_drr_target, add_benchmark_pipeline_target, add_benchmark_train_target]
 
 
 def _add_sampler_option(p):

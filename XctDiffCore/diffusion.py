@@ -1,9 +1,9 @@
 """Latent diffusion of XctDiff: the noise schedule, the training loss (eq. 7), EMA, and two samplers.
 
-Roles are kept apart as in diffusers: the model predicts the noise ``eps`` (``model(x_t, t, cond)``;
-or v, below);
-a scheduler owns the timesteps and the update rule (``set_timesteps(n)``, ``step(eps, t, sample)``);
-:func:`sample` wires them, with a seed, a progress callback and a cancel event.
+Roles are kept apart as in diffusers: the model predicts the noise ``eps`` or ``v``
+(``model(x_t, t, cond)``, see Parametrisation); a scheduler owns the timesteps and the update rule
+(``set_timesteps(n)``, ``step(eps, t, sample)``); :func:`sample` wires them, with a seed, a progress
+callback and a cancel event.
 
 **Schedule.** The reference's ``linear_start=0.0015, linear_end=0.0125, timesteps=1000`` go through
 latent-diffusion's ``make_beta_schedule("linear")``, which is linear in ``sqrt(beta)``:
@@ -15,7 +15,7 @@ down to ``0``, spaced as Karras et al. 2022, then jump to the clean sample, ``al
 
 * :class:`DDIMScheduler`: DDIM with eta = 0 (Song et al. 2021), first order.
 * :class:`DPMSolverMultistepScheduler`: DPM-Solver++(2M) (Lu et al. 2022), second-order multistep in
-  the data prediction, for eps-prediction models; about as good at 10-20 steps as DDIM at 50.
+  the data prediction, for eps- or v-prediction models; about as good at 10-20 steps as DDIM at 50.
   MONAI 1.6 has DDPM/DDIM/PNDM/RFlow schedulers but no DPM-Solver, so both are written here, once.
 
 **Parametrisation.** The paper's UNet predicts the noise (``prediction="epsilon"``). With

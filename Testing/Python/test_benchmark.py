@@ -63,6 +63,29 @@ def test_cli_errors(capsys, argv, words):
     assert stderr.startswith("error: ") and stderr.strip().splitlines() == [stderr.strip()] and words in stderr
 
 
+def test_train_benchmark_times_each_stage_after_its_warmup(tmp_path, capsys, monkeypatch):
+    """`xctdiff benchmark train`: one row per stage; the figure is the log's seconds per step after the
+    warm-up, so a stage made slower by a known delay per step shows that delay."""
+    import time
+
+    import XctDiffCore.training.encoder as encoder_stage
+
+    real_backward = encoder_stage.backward_step
+    monkeypatch.setattr(encoder_stage, "backward_step", lambda *a, **k: (time.sleep(0.2), real_backward(*a, **k))[1])
+    out = tmp_path / "train.json"
+    capsys.readouterr()
+    assert main(["benchmark", "train", "--config", "tiny", "--steps", "2", "--stages", "encoder", "diffusion",
+                 "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [r["name"] for r in records] == ["train/encoder", "train/diffusion"]  # the autoencoder: untimed, 1 step
+    encoder, diffusion = (r["median_s"] for r in records)
+    assert encoder >= 0.2 and 0 < diffusion
+    for r in records:
+        assert r["settings"]["it_per_s"] == pytest.approx(1 / r["median_s"], rel=1e-2)
+        assert r["settings"]["batch"] == 2 and r["settings"]["steps"] == 2
+    assert "train/encoder" in capsys.readouterr().out
+
+
 def test_cuda_requested_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is available")

@@ -24,6 +24,7 @@ import json
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -312,11 +313,17 @@ class RunLogger:
 
 
 class Meter:
-    """Running means of scalar tensors between two log lines (one device sync per log, not per step)."""
+    """Running means of scalar tensors between two log lines (one device sync per log, not per step).
+
+    ``means()`` also gives ``seconds_per_step``: the wall time since the previous log line over the
+    steps in between (after the sync, so queued GPU work counts; a validation or checkpoint written
+    in between counts too).
+    """
 
     def __init__(self):
         self.sums: dict = {}
         self.count = 0
+        self.start = time.perf_counter()
 
     def add(self, values: dict) -> None:
         for k, v in values.items():
@@ -325,7 +332,9 @@ class Meter:
 
     def means(self) -> dict:
         means = {k: float(v) / max(self.count, 1) for k, v in self.sums.items()}
-        self.sums, self.count = {}, 0
+        now = time.perf_counter()
+        means["seconds_per_step"] = (now - self.start) / max(self.count, 1)
+        self.sums, self.count, self.start = {}, 0, now
         return means
 
 
