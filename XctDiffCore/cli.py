@@ -54,6 +54,8 @@ def _run_train(args) -> int:
 
 
 def add_export_command(subparsers):
+    from .config import METHODS
+
     p = subparsers.add_parser("export", help="trained run folder -> model folder (safetensors, manifest with SHA-256)")
     p.add_argument("run", help="run folder of `xctdiff train` (autoencoder, encoder, diffusion; style when trained)")
     p.add_argument("--out", required=True, help="model folder to write (created)")
@@ -63,7 +65,7 @@ def add_export_command(subparsers):
     p.add_argument("--data", help="datalist whose training CTs give the mean-CT baseline (default: the run's)")
     p.add_argument("--model-card", help="Markdown file copied in as MODEL_CARD.md")
     p.add_argument("--metrics", help="JSON file recorded in the manifest (e.g. the summary.json of `xctdiff evaluate`)")
-    p.add_argument("--method", choices=("diffusion", "direct"), default="diffusion",
+    p.add_argument("--method", choices=METHODS, default="diffusion",
                    help="the model's default reconstruction path (direct: when its diffusion stage measures worse)")
     p.set_defaults(handler=_run_export)
 
@@ -268,6 +270,8 @@ def _add_sampler_option(p):
 
 
 def add_reconstruct_command(subparsers):
+    from .config import METHODS
+
     p = subparsers.add_parser("reconstruct", help="radiograph (file, or folder of files) -> 3D CT")
     p.add_argument("input", help="radiograph (.png, .jpg, .dcm, 2D .nrrd, ...) or a folder of them (batch; torchrun splits it)")
     p.add_argument("-o", "--output", help="CT file (.nrrd, .nii.gz, .mha; default <stem>_ct.nrrd beside the input); "
@@ -285,7 +289,7 @@ def add_reconstruct_command(subparsers):
     p.add_argument("--no-cpu-fallback", action="store_true", help="fail on CUDA out-of-memory instead of continuing on the CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the diffusion UNet (pays off for folders)")
     _add_sampler_option(p)
-    p.add_argument("--method", choices=("diffusion", "direct"),
+    p.add_argument("--method", choices=METHODS,
                    help="diffusion (XctDiff), or direct: encoder prior decoded without diffusion (default: the model's)")
     p.set_defaults(handler=_run_reconstruct)
 

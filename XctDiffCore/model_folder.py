@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import METHODS
 from .errors import XctDiffError
 
 MANIFEST_NAME = "manifest.json"
@@ -231,7 +232,7 @@ def load_model_folder(folder) -> ModelFolder:
         steps=int(diffusion.get("steps", DEFAULT_STEPS)),
         method=str(diffusion.get("method", "diffusion")),
     )
-    if info.method not in ("diffusion", "direct"):
+    if info.method not in METHODS:
         raise XctDiffError(f"{folder}: unknown default method {info.method!r} (diffusion or direct)")
     if info.geometry not in GEOMETRIES:
         raise XctDiffError(f"{folder / MANIFEST_NAME}: unknown DRR geometry {info.geometry!r}")

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import METHODS
 from .diffusion import Cancelled
 from .errors import XctDiffError
 from .io import Radiograph
@@ -61,7 +62,6 @@ from .volume import Volume
 
 ProgressCallback = Callable[[float, str], None]
 Method = Literal["diffusion", "direct"]
-METHODS = ("diffusion", "direct")
 MAX_SAMPLES = 64
 OUTPUT_SIZE = PREPARED_SIZE  # result.ct: 128^3 voxels of FIELD_OF_VIEW_MM / 128 = 2.5 mm, whatever the model's grid
 
