@@ -42,6 +42,8 @@ def add_train_command(subparsers):
     p.add_argument("--data", help="datalist.json from `xctdiff prepare` (overrides data.datalist)")
     p.add_argument("--out", help="run folder (overrides run.dir); later stages read earlier ones from it")
     p.add_argument("--max-steps", type=int, help="stop at this step (overrides the stage's optim.max_steps)")
+    p.add_argument("--init", metavar="MODEL", help="fine-tune: start from this model folder's weights (e.g. the bundled "
+                   "model); the earlier stages are copied from it into --out when missing there")
     p.set_defaults(handler=_run_train)
 
 
@@ -49,7 +51,8 @@ def _run_train(args) -> int:
     from .config import load_config
     from .training import train
 
-    train(args.stage, load_config(args.config), data=args.data, out=args.out, resume=args.resume, max_steps=args.max_steps)
+    train(args.stage, load_config(args.config), data=args.data, out=args.out, resume=args.resume, max_steps=args.max_steps,
+          init=args.init)
     return 0
 
 

@@ -40,6 +40,7 @@ class RunConfig:
     dir: str = "runs/paper"  # one sub-folder per stage: <dir>/<stage>/checkpoint.pt, log.csv, ...
     seed: int = 0
     precision: str = "bf16"  # autocast dtype on CUDA (CPU always trains in fp32)
+    init: str = ""  # model folder whose weights start the stage (fine-tuning); --init overrides it
 
 
 @dataclass

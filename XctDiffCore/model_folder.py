@@ -147,7 +147,8 @@ def verify_checksums(folder, manifest: dict) -> None:
             )
 
 
-def _stage_settings(folder: Path, manifest: dict, stage: str) -> dict:
+def stage_settings(folder: Path, manifest: dict, stage: str) -> dict:
+    """A stage's JSON (constructor arguments under ``model``; schedule, step, ...), checked against the manifest."""
     record = manifest["stages"][stage]
     path = folder / record["config"]
     try:
@@ -208,7 +209,7 @@ def load_model_folder(folder) -> ModelFolder:
     for stage in REQUIRED_STAGES + OPTIONAL_STAGES:
         if stage not in manifest["stages"]:
             continue
-        settings[stage] = _stage_settings(folder, manifest, stage)
+        settings[stage] = stage_settings(folder, manifest, stage)
         network = _build(stage, classes[stage], settings[stage], folder)
         networks[stage] = _load_weights(network, stage, folder / manifest["stages"][stage]["weights"])
 

@@ -300,6 +300,93 @@ def test_export_run_writes_safetensors_configs_and_a_manifest(chain, datalist, t
     assert size(half) < 0.6 * size(tmp_path / "model")
 
 
+# ------------------------------------------------------------------------------- fine-tuning (--init)
+
+
+@pytest.fixture(scope="module")
+def exported(chain, datalist, tmp_path_factory) -> Path:
+    """The chain as an fp32 model folder, plus an untrained style stage, to fine-tune from."""
+    from XctDiffCore.model_folder import load_model_folder, save_model_folder
+    from XctDiffCore.models.cyclegan import ResnetGenerator
+
+    root = tmp_path_factory.mktemp("exported")
+    export_run(chain, root / "plain", dtype="float32")
+    base = load_model_folder(root / "plain")
+    style = ResnetGenerator(**dataclasses.asdict(load_config("tiny").style.model))
+    networks = {"autoencoder": base.vqgan, "encoder": base.encoder, "diffusion": base.unet, "style": style}
+    return save_model_folder(root / "model", networks, tiny_config(chain, datalist), "tiny-init", "1", dtype="float32")
+
+
+def folder_weights(folder: Path, stage: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / f"{stage}.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=atol, msg=k)
+
+
+def test_init_starts_diffusion_from_the_folder_and_copies_the_earlier_stages(tmp_path, exported, datalist):
+    """With a learning rate of 1e-12 one step leaves the weights where they started: the folder's
+    (without --init: the seeded random ones). The earlier stages and the style come from the folder."""
+    run = tmp_path / "ft"
+    train("diffusion", tiny_config(run, datalist, lr=1e-12, max_steps=1), init=exported)
+    checkpoint = load_checkpoint(checkpoint_path(run, "diffusion"))
+    start = folder_weights(exported, "diffusion")
+    assert_same_weights(checkpoint["models"]["unet"], start)
+    ema = {k[len("module."):]: v for k, v in checkpoint["models"]["ema"].items() if k.startswith("module.")}
+    assert_same_weights(ema, start)
+    assert checkpoint["config"]["run"]["init"] == str(exported)
+    for stage, key in (("autoencoder", "vqgan"), ("encoder", "encoder")):
+        copied = load_checkpoint(checkpoint_path(run, stage))
+        assert copied["imported_from"] == str(exported.resolve())
+        assert_same_weights(copied["models"][key], folder_weights(exported, stage), atol=0)
+    style = load_checkpoint(checkpoint_path(run, "style"))["models"]["cyclegan"]
+    assert_same_weights({k[len("generators.real_to_drr."):]: v for k, v in style.items()}, folder_weights(exported, "style"), atol=0)
+
+    scratch = tmp_path / "scratch"
+    for stage in ("autoencoder", "encoder"):
+        shutil.copytree(run / stage, scratch / stage)
+    train("diffusion", tiny_config(scratch, datalist, lr=1e-12, max_steps=1))
+    random_start = load_checkpoint(checkpoint_path(scratch, "diffusion"))["models"]["unet"]
+    assert max(float((random_start[k] - start[k]).abs().max()) for k in start) > 1e-3
+
+    manifest = json.loads(export_run(run, tmp_path / "again", datalist=datalist).read_text(encoding="utf-8"))
+    assert set(manifest["stages"]) == {"autoencoder", "encoder", "diffusion", "style"}
+    assert manifest["stages"]["diffusion"]["settings"]["fine_tuned_from"] == exported.name
+
+
+def test_init_of_the_encoder_does_not_copy_later_stages(tmp_path, exported, datalist):
+    run = tmp_path / "enc"
+    train("encoder", tiny_config(run, datalist, lr=1e-12, max_steps=1), init=exported)
+    assert_same_weights(load_checkpoint(checkpoint_path(run, "encoder"))["models"]["encoder"], folder_weights(exported, "encoder"))
+    assert checkpoint_path(run, "autoencoder").is_file() and not checkpoint_path(run, "diffusion").exists()
+
+
+def test_init_errors_are_one_line(tmp_path, exported, datalist, capsys):
+    base = ["--config", "tiny", "--data", str(datalist), "--max-steps", "1"]
+    assert main(["train", "diffusion", *base, "--out", str(tmp_path / "a"), "--init", str(tmp_path / "nowhere")]) == 2
+    assert "model folder not found" in capsys.readouterr().err
+    assert main(["train", "style", *base, "--out", str(tmp_path / "b"), "--init", str(exported)]) == 2
+    assert "--init does not apply to the style stage" in capsys.readouterr().err
+
+    config = config_to_dict(load_config("tiny"))
+    config["diffusion"]["model"]["num_heads"] = 1
+    config["diffusion"]["schedule"]["prediction"] = "v"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(config))
+    assert main(["train", "diffusion", "--config", str(other), *base[2:], "--out", str(tmp_path / "c"), "--init", str(exported)]) == 2
+    err = capsys.readouterr().err
+    assert "diffusion.model differs from the one in" in err and "num_heads" in err and len(err.strip().splitlines()) == 1
+
+    assert main(["train", "encoder", *base, "--out", str(tmp_path / "d"), "--init", str(exported)]) == 0
+    assert main(["train", "autoencoder", *base, "--out", str(tmp_path / "d"), "--resume"]) == 2
+    assert "cannot be resumed" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------ commands
 
 

@@ -19,8 +19,10 @@ from ..config import STAGES, Config, config_from_dict
 from ..errors import XctDiffError
 
 
-def with_overrides(config: Config, stage: str, data=None, out=None, max_steps: Optional[int] = None) -> Config:
-    """The config with the command line's ``--data``, ``--out`` and ``--max-steps`` applied."""
+def with_overrides(config: Config, stage: str, data=None, out=None, max_steps: Optional[int] = None, init=None) -> Config:
+    """The config with the command line's ``--data``, ``--out``, ``--max-steps`` and ``--init`` applied."""
+    if init is not None:
+        config = dataclasses.replace(config, run=dataclasses.replace(config.run, init=str(init)))
     if data is not None:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, datalist=str(data)))
     if out is not None:
@@ -36,11 +38,17 @@ def with_overrides(config: Config, stage: str, data=None, out=None, max_steps: O
     return config
 
 
-def train(stage: str, config: Config, data=None, out=None, resume: bool = False, max_steps: Optional[int] = None) -> Path:
-    """Train one stage to its ``max_steps``; returns the stage's checkpoint path."""
+def train(stage: str, config: Config, data=None, out=None, resume: bool = False, max_steps: Optional[int] = None,
+          init=None) -> Path:
+    """Train one stage to its ``max_steps``; returns the stage's checkpoint path.
+
+    ``init``: a model folder to fine-tune from (:mod:`.warm_start`) instead of random weights.
+    """
     if stage not in STAGES:
         raise XctDiffError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
-    config = with_overrides(config, stage, data=data, out=out, max_steps=max_steps)
+    config = with_overrides(config, stage, data=data, out=out, max_steps=max_steps, init=init)
+    if stage == "style" and config.run.init:
+        raise XctDiffError("--init does not apply to the style stage: a model folder ships only its real -> DRR generator")
     if stage == "autoencoder":
         from .autoencoder import train_autoencoder as run
     elif stage == "encoder":
@@ -109,6 +117,8 @@ def stage_for_export(stage: str, checkpoint: dict):
         "step": checkpoint["step"],
         "data": {"volume_size": config.data.volume_size, "xray_size": config.data.xray_size, "latent_size": config.latent_size()},
     }
+    if config.run.init:  # fine-tuned (--init): "step" counts the steps after the folder's own
+        settings["fine_tuned_from"] = Path(config.run.init).name
     if stage == "autoencoder":
         from .autoencoder import build_autoencoder
 

@@ -42,6 +42,7 @@ from .common import (
     volume_metrics,
     wrap_ddp,
 )
+from .warm_start import warm_start
 from .data import PairDataset, train_loader
 
 STAGE = "autoencoder"
@@ -118,12 +119,15 @@ def _train(config: Config, resume: bool, job) -> Path:
     from ..models.quantize import codebook_utilisation
 
     section, optim, device = config.autoencoder, config.autoencoder.optim, job.device
+    initial = warm_start(config, STAGE, job)  # --init: weights from a model folder, earlier stages copied in
     checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume)
     train_set = PairDataset(config.data.datalist, "training", config.data.volume_size, config.data.xray_size)
     val_set = PairDataset(config.data.datalist, "validation", config.data.volume_size, config.data.xray_size)
 
     seed_everything(config.run.seed)  # identical initial weights on every rank
     vqgan = build_autoencoder(section.model).to(device)
+    if initial is not None:
+        vqgan.load_state_dict(initial)
     disc_3d, disc_2d = build_discriminators(section)
     loss_args = {k: v for k, v in dataclasses.asdict(section.loss).items() if k != "lpips_weights"}
     lpips = LPIPS.load(section.loss.lpips_weights or None) if section.loss.perceptual_weight > 0 else None

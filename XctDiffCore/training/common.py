@@ -243,7 +243,13 @@ def prepare_stage_dir(run_dir, stage: str, resume: bool) -> Optional[dict]:
     """Make ``<run>/<stage>``; return the checkpoint to resume, refusing to overwrite one silently."""
     path = checkpoint_path(run_dir, stage)
     if resume:
-        return load_checkpoint(path) if path.is_file() else None
+        checkpoint = load_checkpoint(path) if path.is_file() else None
+        if checkpoint is not None and "imported_from" in checkpoint:
+            raise XctDiffError(
+                f"{path} holds only the weights copied from {checkpoint['imported_from']} by --init and cannot be "
+                f"resumed: train the {stage} stage with --init in a new run folder"
+            )
+        return checkpoint
     if path.exists():
         raise XctDiffError(f"{path} already exists: pass --resume to continue it, or choose another --out")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ from .common import (
     volume_metrics,
     wrap_ddp,
 )
+from .warm_start import warm_start
 from .data import PairDataset, train_loader
 from .encoder import ct_latent, trained_encoder
 
@@ -84,6 +85,7 @@ def _train(config: Config, resume: bool, job) -> Path:
     from ..diffusion import EMA, NoiseSchedule, diffusion_loss
 
     section, optim, device = config.diffusion, config.diffusion.optim, job.device
+    initial = warm_start(config, STAGE, job)  # --init: weights from a model folder, earlier stages copied in
     vqgan, trained = trained_autoencoder(config.run.dir, STAGE, device)
     check_latent_compatible(trained, config)
     encoder, _ = trained_encoder(config.run.dir, STAGE, device)
@@ -95,6 +97,8 @@ def _train(config: Config, resume: bool, job) -> Path:
 
     seed_everything(config.run.seed)  # identical initial weights on every rank
     unet = build_unet(section.model).to(device)
+    if initial is not None:
+        unet.load_state_dict(initial)
     ema = EMA(unet, optim.ema_decay)
     optimizer = make_optimizer(unet.parameters(), optim)
     scaler = grad_scaler(device, config.run.precision)

@@ -42,6 +42,7 @@ from .common import (
     volume_metrics,
     wrap_ddp,
 )
+from .warm_start import warm_start
 from .data import PairDataset, train_loader
 
 STAGE = "encoder"
@@ -99,6 +100,7 @@ def train_encoder(config: Config, resume: bool = False) -> Path:
 
 def _train(config: Config, resume: bool, job) -> Path:
     section, optim, device = config.encoder, config.encoder.optim, job.device
+    initial = warm_start(config, STAGE, job)  # --init: weights from a model folder, earlier stages copied in
     vqgan, trained = trained_autoencoder(config.run.dir, STAGE, device)
     check_latent_compatible(trained, config)
     checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume)
@@ -107,6 +109,8 @@ def _train(config: Config, resume: bool, job) -> Path:
 
     seed_everything(config.run.seed)  # identical initial weights on every rank
     encoder = build_encoder(section.model).to(device)
+    if initial is not None:
+        encoder.load_state_dict(initial)
     optimizer = make_optimizer(encoder.parameters(), optim)
     scaler = grad_scaler(device, config.run.precision)
     step = 0

@@ -1,0 +1,84 @@
+"""Fine-tuning from a model folder: ``xctdiff train STAGE --init MODEL`` (``run.init``).
+
+The trained stage starts from the folder's weights instead of random ones (with a fresh optimiser
+from step 0, so its warm-up applies again), which is how a researcher adapts the bundled model to
+their own data. The earlier stages it builds on (and the style stage) are copied from the folder into
+the run as checkpoints when the run has none, so that the run trains and exports like any other.
+A copied checkpoint holds only weights: it is marked ``imported_from`` and cannot be resumed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import Config, config_from_dict, config_to_dict
+from ..errors import XctDiffError
+from .common import checkpoint_path, save_checkpoint
+
+EARLIER_STAGES = {"autoencoder": (), "encoder": ("autoencoder",), "diffusion": ("autoencoder", "encoder")}
+STYLE_PREFIX = "generators.real_to_drr."  # the CycleGAN's key of the one generator a model folder ships
+
+
+def warm_start(config: Config, stage: str, job) -> Optional[dict]:
+    """Copy the earlier stages into the run; return the trained stage's starting weights (None without init)."""
+    if not config.run.init:
+        return None
+    from ..model_folder import load_model_folder, read_manifest, stage_settings
+
+    folder = Path(config.run.init)
+    loaded = load_model_folder(folder)  # checksums, settings and shapes verified
+    manifest = read_manifest(folder)
+    settings = {s: stage_settings(folder, manifest, s) for s in manifest["stages"]}
+    sizes = (config.data.volume_size, config.data.xray_size)
+    if sizes != (loaded.info.volume_size, loaded.info.xray_size):
+        raise XctDiffError(
+            f"{folder} works at {loaded.info.volume_size}^3 voxels and {loaded.info.xray_size} px radiographs, this config at "
+            f"{sizes[0]}^3 and {sizes[1]} px: use the config the model was trained with (its stage JSON files hold the models)"
+        )
+    networks = {"autoencoder": loaded.vqgan, "encoder": loaded.encoder, "diffusion": loaded.unet, "style": loaded.style}
+    _check_same_model(config, stage, settings[stage], folder)
+    if job.is_main:
+        for earlier in EARLIER_STAGES[stage] + ("style",):
+            path = checkpoint_path(config.run.dir, earlier)
+            if networks[earlier] is not None and not path.exists():
+                save_checkpoint(path, _imported_checkpoint(config, earlier, networks[earlier], settings[earlier], folder))
+    if job.enabled:
+        torch.distributed.barrier()  # the other ranks read the copied stages next
+    return {k: v.detach().clone() for k, v in networks[stage].state_dict().items()}
+
+
+def _check_same_model(config: Config, stage: str, folder_settings: dict, folder: Path) -> None:
+    """The config must build the network the folder holds; for diffusion, with the same noise schedule."""
+    from ..config import _from_dict
+
+    section = getattr(config, stage)
+    for key in ("model", "schedule") if stage == "diffusion" else ("model",):
+        ours = getattr(section, key)
+        theirs = config_to_dict(_from_dict(type(ours), folder_settings.get(key, {}), f"{stage}.{key}"))  # defaults filled
+        ours = config_to_dict(ours)
+        differing = sorted(k for k in ours if ours[k] != theirs[k])
+        if differing:
+            raise XctDiffError(
+                f"the config's {stage}.{key} differs from the one in {folder} ({', '.join(differing)}): "
+                "use the config the model was trained with"
+            )
+
+
+def _imported_checkpoint(config: Config, stage: str, network, folder_settings: dict, folder: Path) -> dict:
+    """A weights-only checkpoint of a folder's stage, with the run's config carrying that stage's model."""
+    data = config_to_dict(config)
+    data[stage]["model"] = folder_settings["model"]
+    config_from_dict(data)  # the folder's settings must make a valid config
+    state = network.state_dict()
+    key = {"autoencoder": "vqgan", "encoder": "encoder", "style": "cyclegan"}[stage]
+    if stage == "style":
+        state = {STYLE_PREFIX + k: v for k, v in state.items()}
+    return {
+        "stage": stage,
+        "step": int(folder_settings.get("step", 0)),
+        "config": data,
+        "models": {key: state},
+        "imported_from": str(folder.resolve()),
+    }
