@@ -44,6 +44,8 @@ def add_train_command(subparsers):
     p.add_argument("--max-steps", type=int, help="stop at this step (overrides the stage's optim.max_steps)")
     p.add_argument("--init", metavar="MODEL", help="fine-tune: start from this model folder's weights (e.g. the bundled "
                    "model); the earlier stages are copied from it into --out when missing there")
+    p.add_argument("--time-limit", type=float, metavar="MINUTES", help="checkpoint and stop after this much wall time "
+                   "(a cluster slot, a time-boxed GPU call); the same command with --resume continues")
     p.set_defaults(handler=_run_train)
 
 
@@ -52,7 +54,7 @@ def _run_train(args) -> int:
     from .training import train
 
     train(args.stage, load_config(args.config), data=args.data, out=args.out, resume=args.resume, max_steps=args.max_steps,
-          init=args.init)
+          init=args.init, time_limit=args.time_limit)
     return 0
 
 

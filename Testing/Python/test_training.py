@@ -234,6 +234,24 @@ def test_diffusion_resume_matches_an_uninterrupted_run(tmp_path, chain, datalist
     checkpoints_match(checkpoint_path(tmp_path / "straight", "diffusion"), checkpoint_path(tmp_path / "killed", "diffusion"))
 
 
+def test_time_limit_checkpoints_stops_and_resumes_to_the_same_run(tmp_path, chain, datalist, capsys):
+    """``--time-limit``: past the limit the stage checkpoints after the current step and returns;
+    ``--resume`` then reaches the same weights as an uninterrupted run."""
+    for run in ("straight", "limited"):
+        for stage in ("autoencoder", "encoder"):
+            shutil.copytree(chain / stage, tmp_path / run / stage)
+    train("diffusion", tiny_config(tmp_path / "straight", datalist, max_steps=6))
+    train("diffusion", tiny_config(tmp_path / "limited", datalist, max_steps=6), time_limit=1e-6)
+    assert load_checkpoint(checkpoint_path(tmp_path / "limited", "diffusion"))["step"] == 1
+    assert "diffusion: stopped by --time-limit at step 1 of 6" in capsys.readouterr().err
+    train("diffusion", tiny_config(tmp_path / "limited", datalist, max_steps=6), resume=True, time_limit=60)
+    checkpoints_match(checkpoint_path(tmp_path / "straight", "diffusion"), checkpoint_path(tmp_path / "limited", "diffusion"))
+    assert "stopped by --time-limit" not in capsys.readouterr().err
+    args = ["train", "diffusion", "--config", "tiny", "--data", str(datalist), "--out", str(tmp_path / "x"), "--time-limit", "0"]
+    assert main(args) == 2
+    assert "--time-limit must be a positive number of minutes" in capsys.readouterr().err
+
+
 def test_diffusion_with_v_prediction_trains_and_exports_its_parametrisation(tmp_path, chain, datalist):
     from XctDiffCore.model_folder import load_model_folder
     from XctDiffCore.training import export_run
@@ -283,8 +301,8 @@ def torchrun(args: list, nproc: int = 2, timeout: int = 600) -> subprocess.Compl
 
 def test_two_process_gloo_ddp_equals_one_process_at_twice_the_batch(tmp_path, chain, datalist):
     """Two ranks with batch 1 each read the pairs one process with batch 2 reads (DistributedSampler
-    shares of one shuffle), and DDP averages their gradients: the weights must agree. Rank 0 alone
-    writes the checkpoint and one log row per step."""
+    shares of one shuffle), and DDP averages their gradients: the weights must agree, also when the
+    job is stopped by --time-limit and resumed. Rank 0 alone writes the checkpoint and the log."""
     steps = 4
     data = config_to_dict(tiny_config(tmp_path / "ddp", datalist, max_steps=steps))
     data["encoder"]["optim"]["batch_size"] = 1
@@ -292,7 +310,12 @@ def test_two_process_gloo_ddp_equals_one_process_at_twice_the_batch(tmp_path, ch
     shutil.copytree(chain / "autoencoder", tmp_path / "ddp" / "autoencoder")
     shutil.copytree(chain / "autoencoder", tmp_path / "one" / "autoencoder")
 
-    result = torchrun(["train", "encoder", "--config", str(tmp_path / "ddp.json")])
+    args = ["train", "encoder", "--config", str(tmp_path / "ddp.json")]
+    result = torchrun(args + ["--time-limit", "1e-6"])  # both ranks stop after step 1, then resume
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert load_checkpoint(checkpoint_path(tmp_path / "ddp", "encoder"))["step"] == 1
+    assert result.stderr.count("stopped by --time-limit at step 1 of 4") == 1  # rank 0 alone says it
+    result = torchrun(args + ["--resume"])
     assert result.returncode == 0, result.stderr[-2000:]
     train("encoder", tiny_config(tmp_path / "one", datalist, max_steps=steps, batch_size=2))
 

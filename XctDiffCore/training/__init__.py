@@ -39,10 +39,11 @@ def with_overrides(config: Config, stage: str, data=None, out=None, max_steps: O
 
 
 def train(stage: str, config: Config, data=None, out=None, resume: bool = False, max_steps: Optional[int] = None,
-          init=None) -> Path:
+          init=None, time_limit: Optional[float] = None) -> Path:
     """Train one stage to its ``max_steps``; returns the stage's checkpoint path.
 
     ``init``: a model folder to fine-tune from (:mod:`.warm_start`) instead of random weights.
+    ``time_limit``: minutes after which the stage checkpoints and stops early (resume to continue).
     """
     if stage not in STAGES:
         raise XctDiffError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
@@ -57,7 +58,7 @@ def train(stage: str, config: Config, data=None, out=None, resume: bool = False,
         from .style import train_style as run
     else:
         from .diffusion import train_diffusion as run
-    return run(config, resume=resume)
+    return run(config, resume=resume, time_limit=time_limit)
 
 
 def stage_parameter_counts(config: Config) -> dict:

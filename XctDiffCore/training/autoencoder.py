@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from ..config import AutoencoderConfig, AutoencoderModelConfig, Config, config_from_dict, config_to_dict
 from ..errors import XctDiffError
 from .common import (
+    Deadline,
     Meter,
     Progress,
     RunLogger,
@@ -104,16 +106,16 @@ def validate(vqgan, items: list, device: torch.device, precision: str) -> dict:
     }
 
 
-def train_autoencoder(config: Config, resume: bool = False) -> Path:
+def train_autoencoder(config: Config, resume: bool = False, time_limit: Optional[float] = None) -> Path:
     """Train the VQ-GAN to ``autoencoder.optim.max_steps``; returns its checkpoint path."""
     job = setup_distributed()
     try:
-        return _train(config, resume, job)
+        return _train(config, resume, job, Deadline(time_limit, job))
     finally:
         cleanup_distributed(job)
 
 
-def _train(config: Config, resume: bool, job) -> Path:
+def _train(config: Config, resume: bool, job, deadline) -> Path:
     from ..losses import AutoencoderLoss
     from ..models.lpips import LPIPS
     from ..models.quantize import codebook_utilisation
@@ -181,6 +183,7 @@ def _train(config: Config, resume: bool, job) -> Path:
             terms.update(d_terms)
 
         step += 1
+        stop = deadline.passed()
         meter.add(terms)
         codes.append(indices.detach().reshape(-1).cpu())
         progress.update()
@@ -195,7 +198,7 @@ def _train(config: Config, resume: bool, job) -> Path:
             metrics = validate(vqgan, val_items, device, config.run.precision)
             logger.log(step, metrics)
             progress.write(step, metrics)
-        if is_due(step, optim.checkpoint_every, optim.max_steps):
+        if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
             rng = gather_rng_states(job)
             if job.is_main:
                 save_checkpoint(
@@ -210,6 +213,9 @@ def _train(config: Config, resume: bool, job) -> Path:
                         "rng": rng,
                     },
                 )
+        if stop:
+            break
     progress.close()
+    deadline.report(STAGE, step, optim.max_steps)
     logger.close()
     return checkpoint_path(config.run.dir, STAGE)

@@ -344,6 +344,36 @@ class Meter:
         return means
 
 
+class Deadline:
+    """``--time-limit``: end a stage cleanly, checkpoint first, once its wall-clock allowance is spent.
+
+    For jobs with a fixed slot (a cluster's wall time, a 10-minute call to a shared GPU): the same
+    command with ``--resume`` continues where it stopped. Rank 0's clock decides for every rank, so
+    all of them stop after the same step.
+    """
+
+    def __init__(self, minutes: Optional[float], job: Distributed):
+        if minutes is not None and minutes <= 0:
+            raise XctDiffError(f"--time-limit must be a positive number of minutes, got {minutes}")
+        self.end = None if minutes is None else time.monotonic() + 60.0 * minutes
+        self.job, self.reached = job, False
+
+    def passed(self) -> bool:
+        """Whether the time is up (the same answer on every rank); call once per step."""
+        if self.end is None:
+            return False
+        flag = torch.tensor([float(time.monotonic() >= self.end)], device=self.job.device)
+        if self.job.enabled:
+            dist.broadcast(flag, src=0)
+        self.reached = bool(flag.item())
+        return self.reached
+
+    def report(self, stage: str, step: int, max_steps: int) -> None:
+        if self.reached and self.job.is_main:
+            print(f"{stage}: stopped by --time-limit at step {step} of {max_steps} (checkpoint written); "
+                  "run the same command with --resume to continue", file=sys.stderr, flush=True)
+
+
 def is_due(step: int, every: int, max_steps: int) -> bool:
     """Log/validate/checkpoint after ``step`` optimiser steps: every ``every`` steps and at the end."""
     return step % every == 0 or step == max_steps

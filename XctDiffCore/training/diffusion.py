@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from ..config import Config, UNetConfig, config_to_dict
 from .autoencoder import check_latent_compatible, trained_autoencoder
 from .common import (
+    Deadline,
     Meter,
     Progress,
     RunLogger,
@@ -72,16 +74,16 @@ def validate(ema, encoder, vqgan, schedule, items: list, device, precision: str,
     }
 
 
-def train_diffusion(config: Config, resume: bool = False) -> Path:
+def train_diffusion(config: Config, resume: bool = False, time_limit: Optional[float] = None) -> Path:
     """Train the latent UNet on the run's frozen VQ-GAN and encoder; returns its checkpoint path."""
     job = setup_distributed()
     try:
-        return _train(config, resume, job)
+        return _train(config, resume, job, Deadline(time_limit, job))
     finally:
         cleanup_distributed(job)
 
 
-def _train(config: Config, resume: bool, job) -> Path:
+def _train(config: Config, resume: bool, job, deadline) -> Path:
     from ..diffusion import EMA, NoiseSchedule, diffusion_loss
 
     section, optim, device = config.diffusion, config.diffusion.optim, job.device
@@ -136,6 +138,7 @@ def _train(config: Config, resume: bool, job) -> Path:
         ema.update(unet)
 
         step += 1
+        stop = deadline.passed()
         meter.add({loss_name: loss})
         progress.update()
         if is_due(step, optim.log_every, optim.max_steps):
@@ -149,7 +152,7 @@ def _train(config: Config, resume: bool, job) -> Path:
             )
             logger.log(step, metrics)
             progress.write(step, metrics)
-        if is_due(step, optim.checkpoint_every, optim.max_steps):
+        if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
             rng = gather_rng_states(job, {"noise": noise})
             if job.is_main:
                 save_checkpoint(
@@ -164,6 +167,9 @@ def _train(config: Config, resume: bool, job) -> Path:
                         "rng": rng,
                     },
                 )
+        if stop:
+            break
     progress.close()
+    deadline.report(STAGE, step, optim.max_steps)
     logger.close()
     return checkpoint_path(config.run.dir, STAGE)

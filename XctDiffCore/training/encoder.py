@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from ..config import Config, EncoderModelConfig, config_from_dict, config_to_dict
 from .autoencoder import check_latent_compatible, trained_autoencoder
 from .common import (
+    Deadline,
     Meter,
     Progress,
     RunLogger,
@@ -89,16 +91,16 @@ def validate(encoder, vqgan, items: list, device: torch.device, precision: str) 
     }
 
 
-def train_encoder(config: Config, resume: bool = False) -> Path:
+def train_encoder(config: Config, resume: bool = False, time_limit: Optional[float] = None) -> Path:
     """Train the progressive encoder against the run's frozen VQ-GAN; returns its checkpoint path."""
     job = setup_distributed()
     try:
-        return _train(config, resume, job)
+        return _train(config, resume, job, Deadline(time_limit, job))
     finally:
         cleanup_distributed(job)
 
 
-def _train(config: Config, resume: bool, job) -> Path:
+def _train(config: Config, resume: bool, job, deadline) -> Path:
     section, optim, device = config.encoder, config.encoder.optim, job.device
     initial = warm_start(config, STAGE, job)  # --init: weights from a model folder, earlier stages copied in
     vqgan, trained = trained_autoencoder(config.run.dir, STAGE, device)
@@ -150,6 +152,7 @@ def _train(config: Config, resume: bool, job) -> Path:
         backward_step(loss, list(encoder.parameters()), optimizer, scaler, optim.grad_clip)
 
         step += 1
+        stop = deadline.passed()
         meter.add(losses)
         progress.update()
         if is_due(step, optim.log_every, optim.max_steps):
@@ -161,7 +164,7 @@ def _train(config: Config, resume: bool, job) -> Path:
             metrics = validate(encoder, vqgan, val_items, device, config.run.precision)
             logger.log(step, metrics)
             progress.write(step, metrics)
-        if is_due(step, optim.checkpoint_every, optim.max_steps):
+        if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
             rng = gather_rng_states(job)
             if job.is_main:
                 save_checkpoint(
@@ -176,6 +179,9 @@ def _train(config: Config, resume: bool, job) -> Path:
                         "rng": rng,
                     },
                 )
+        if stop:
+            break
     progress.close()
+    deadline.report(STAGE, step, optim.max_steps)
     logger.close()
     return checkpoint_path(config.run.dir, STAGE)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from torch.utils.data import Dataset
 from ..config import Config, StyleConfig, config_to_dict
 from ..errors import XctDiffError
 from .common import (
+    Deadline,
     Meter,
     Progress,
     RunLogger,
@@ -191,16 +193,16 @@ def validate(gan: nn.ModuleDict, real: list, drrs: list, device: torch.device, p
     return metrics, preview
 
 
-def train_style(config: Config, resume: bool = False) -> Path:
+def train_style(config: Config, resume: bool = False, time_limit: Optional[float] = None) -> Path:
     """Train the CycleGAN to ``style.optim.max_steps``; returns its checkpoint path."""
     job = setup_distributed()
     try:
-        return _train(config, resume, job)
+        return _train(config, resume, job, Deadline(time_limit, job))
     finally:
         cleanup_distributed(job)
 
 
-def _train(config: Config, resume: bool, job) -> Path:
+def _train(config: Config, resume: bool, job, deadline) -> Path:
     from ..models.cyclegan import ImagePool, critic_loss, generator_loss
 
     section, optim, device, size = config.style, config.style.optim, job.device, config.data.xray_size
@@ -263,6 +265,7 @@ def _train(config: Config, resume: bool, job) -> Path:
         backward_step(d_loss, list(critics.parameters()), opt_d, scaler_d, optim.grad_clip, average_over=job)
 
         step += 1
+        stop = deadline.passed()
         meter.add({"total": loss, **terms, "critic_total": d_loss, **d_terms})
         progress.update()
         if is_due(step, optim.log_every, optim.max_steps):
@@ -278,7 +281,7 @@ def _train(config: Config, resume: bool, job) -> Path:
                 from ..io import write_image_png
 
                 write_image_png(preview, stage_dir(config.run.dir, STAGE) / "preview.png", bits=8)
-        if is_due(step, optim.checkpoint_every, optim.max_steps):
+        if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
             rng = gather_rng_states(job)
             pool_states = _gather_pools(pools, job)
             if job.is_main:
@@ -295,9 +298,12 @@ def _train(config: Config, resume: bool, job) -> Path:
                         "rng": rng,
                     },
                 )
+        if stop:
+            break
     if job.is_main:
         export_style(generators["real_to_drr"], config, stage_dir(config.run.dir, STAGE))
     progress.close()
+    deadline.report(STAGE, step, optim.max_steps)
     logger.close()
     return checkpoint_path(config.run.dir, STAGE)
 
