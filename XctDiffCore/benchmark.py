@@ -224,8 +224,10 @@ def benchmark_train(config: str = "tiny", steps: int = 5, warmup: int = 2, stage
     from .training import train
     from .training.common import setup_distributed
 
-    if steps < 1 or warmup < 1:
-        raise XctDiffError("--steps and --warmup must be at least 1")
+    if steps < 1:
+        raise XctDiffError(f"--steps must be at least 1, got {steps}")
+    if warmup < 1:
+        raise XctDiffError(f"warmup must be at least 1, got {warmup}")
     base = load_config(config)
     device = str(setup_distributed().device)
     results = []

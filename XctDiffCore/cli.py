@@ -37,7 +37,7 @@ def add_train_command(subparsers):
         choices=("autoencoder", "encoder", "diffusion", "style"),
         help="the stage to train: autoencoder, encoder, diffusion in this order; style (real -> DRR CycleGAN) at any time",
     )
-    p.add_argument("--config", required=True, help="bundled config name (tiny, small, paper) or a .yaml/.json path")
+    p.add_argument("--config", required=True, help="bundled config name (tiny, preview, small, paper) or a .yaml/.json path")
     p.add_argument("--resume", action="store_true", help="continue from the stage's checkpoint in the run folder")
     p.add_argument("--data", help="datalist.json from `xctdiff prepare` (overrides data.datalist)")
     p.add_argument("--out", help="run folder (overrides run.dir); later stages read earlier ones from it")
@@ -248,7 +248,7 @@ def _run_benchmark_train(args) -> int:
 def add_benchmark_pipeline_target(targets):
     p = targets.add_parser("pipeline", help="per-stage latency and peak memory of one reconstruction")
     p.add_argument("--model", help="model folder (default: the bundled model)")
-    p.add_argument("--config", help="instead of --model: random weights of this config (tiny, small, paper or a path)")
+    p.add_argument("--config", help="instead of --model: random weights of this config (tiny, preview, small, paper or a path)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
     p.add_argument("--samples", type=int, default=1, help="samples per reconstruction")
     _add_benchmark_options(p, repeats=3)

@@ -7,7 +7,7 @@ precision). Every field is written out in the dataclasses below, so a reader see
 misspelt key fails at once with its dotted name (``autoencoder.model.chanels``) instead of being
 ignored. Nothing is instantiated from a class-name string.
 
-Configs are found by name (``tiny``, ``small``, ``paper``: ``XctDiffCore/configs/<name>.yaml``) or by
+Configs are found by name (``tiny``, ``preview``, ``small``, ``paper``: ``XctDiffCore/configs/<name>.yaml``) or by
 path. PyYAML is imported only when a ``.yaml`` file is read, so a JSON config (``.json``, same
 structure) loads with the standard library alone, e.g. on a bare GPU machine.
 """

@@ -13,7 +13,8 @@
    images tagged as DRRs; see :mod:`XctDiffCore.style`);
 3. *encoder*: the progressive encoder's prior ``y = N(q(Conv(x)))``;
 4. *sampling*: K samples of the latent diffusion, batched, conditioned on y (``method="direct"``
-   skips it and decodes y itself: the paper's no-diffusion ablation);
+   skips it and decodes y itself: the paper's no-diffusion ablation). ``method=None`` is the model's
+   default, except that ``samples >= 2`` asks for the diffusion (the only path that samples);
 5. *decoding*: each latent snapped to the codebook and decoded by the VQ-GAN, to HU;
 6. *consistency*: the DRR of the result, rendered in the training geometry and normalised like the
    input, compared with the input by 2D SSIM (:func:`~XctDiffCore.metrics.ssim_2d`).
@@ -71,6 +72,15 @@ STAGE_END = {"preprocessing": 0.02, "style transfer": 0.04, "encoding": 0.07, "s
 
 class StyleWarning(UserWarning):
     """A real radiograph goes into a model without a style stage."""
+
+
+def default_method(model_default: str, samples: int) -> str:
+    """The path a call without ``method`` takes: the model's default, but diffusion for ``samples >= 2``.
+
+    Several samples (and their uncertainty map) exist only on the diffusion path, so asking for them
+    chooses it even when the model's default is the deterministic direct path.
+    """
+    return "diffusion" if samples > 1 else model_default
 
 
 @dataclass
@@ -196,9 +206,12 @@ class XctDiffPipeline:
             raise XctDiffError(f"samples must be between 1 and {MAX_SAMPLES}, got {samples}")
         if style not in STYLE_CHOICES:
             raise XctDiffError(f"style must be one of {', '.join(STYLE_CHOICES)}, got {style!r}")
-        method = self.info.method if method is None else method
+        method = default_method(self.info.method, int(samples)) if method is None else method
         if method not in METHODS:
             raise XctDiffError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        if method == "direct" and int(samples) > 1:
+            raise XctDiffError(f"the direct method makes one deterministic CT, not {samples} samples: "
+                               "use method='diffusion' (--method diffusion) for several")
         from .diffusion import SAMPLERS
 
         sampler = self.info.sampler if sampler is None else sampler
@@ -207,7 +220,7 @@ class XctDiffPipeline:
         seed = secrets.randbits(31) if seed is None else int(seed)
         if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
             raise XctDiffError(f"seed must fit in 64 bits, got {seed}")
-        samples = 1 if method == "direct" else int(samples)  # the direct path is deterministic
+        samples = int(samples)
         reporter = _Progress(progress)
         reporter.report(0.0, "reading")
         start = time.perf_counter()
@@ -462,8 +475,8 @@ def reconstruct_file(
         uncertainty = check_volume_output(uncertainty)
         if int(options.get("samples", 1)) < 2:
             raise XctDiffError("an uncertainty map needs --samples 2 or more")
-        if (options.get("method") or pipeline.info.method) == "direct":  # the direct path makes one sample: no std
-            raise XctDiffError("an uncertainty map needs the diffusion method (method='direct' makes one sample)")
+        if options.get("method") == "direct":  # the direct path makes one CT: no std
+            raise XctDiffError("an uncertainty map needs the diffusion method (method='direct' makes one CT)")
     if views is not None:
         views = check_output_path(views)
         if Path(views).suffix.lower() != ".png":

@@ -305,8 +305,19 @@ def test_a_model_chooses_its_default_method_and_a_call_overrides_it(capsys):
     sampled = pipe.reconstruct(SAMPLE_RADIOGRAPH, seed=0, device="cpu", method="diffusion", steps=2)
     assert (sampled.method, sampled.steps) == ("diffusion", 2)
     assert not np.array_equal(default.ct.array, sampled.ct.array)
+    several = pipe.reconstruct(SAMPLE_RADIOGRAPH, seed=0, device="cpu", samples=2, steps=2)  # samples ask for diffusion
+    assert (several.method, several.samples) == ("diffusion", 2) and several.uncertainty is not None
     with pytest.raises(XctDiffError, match="method must be one of"):
         pipe.reconstruct(SAMPLE_RADIOGRAPH, method="guess")
+
+
+def test_samples_on_the_bundled_direct_model_sample_the_diffusion(tmp_path):
+    """What the Slicer panel sends for Samples >= 2 (no --method): the bundled model defaults to the
+    direct path, so several samples choose the diffusion and the uncertainty map is written."""
+    out = tmp_path / "ct.nrrd"
+    assert main(["reconstruct", str(SAMPLE_RADIOGRAPH), "-o", str(out), "--samples", "2", "--steps", "2",
+                 "--uncertainty", str(tmp_path / "u.nrrd"), "--device", "cpu"]) == 0
+    assert out.is_file() and (tmp_path / "u.nrrd").is_file()
 
 
 def test_direct_method_refuses_an_uncertainty_map_and_export_needs_a_run(tmp_path):

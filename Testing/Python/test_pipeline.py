@@ -203,7 +203,7 @@ def test_samples_out_of_range(pipe, film, samples):
 
 def test_direct_method_skips_the_diffusion(pipe, film, two_samples):
     with UNetCalls(pipe) as calls:
-        direct = pipe.reconstruct(film, method="direct", samples=4, seed=1, device="cpu")
+        direct = pipe.reconstruct(film, method="direct", seed=1, device="cpu")
         other_seed = pipe.reconstruct(film, method="direct", seed=2, device="cpu")
     assert calls.count == 0
     assert (direct.method, direct.samples, direct.steps, direct.uncertainty) == ("direct", 1, None, None)
@@ -211,6 +211,8 @@ def test_direct_method_skips_the_diffusion(pipe, film, two_samples):
     assert_output_grid(direct.ct)
     np.testing.assert_array_equal(direct.ct.array, other_seed.ct.array)  # deterministic: no noise
     assert not np.array_equal(direct.ct.array, two_samples.ct.array)
+    with pytest.raises(XctDiffError, match="the direct method makes one deterministic CT, not 4 samples"):
+        pipe.reconstruct(film, method="direct", samples=4, device="cpu")
 
 
 def test_diffusion_calls_the_unet_once_per_step_for_all_samples(pipe, film):
