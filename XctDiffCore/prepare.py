@@ -14,6 +14,8 @@ The datalist is written last: it exists only when every pair was written.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import zlib
 from dataclasses import dataclass
@@ -53,15 +55,21 @@ def find_ct_inputs(paths: Iterable) -> list:
         in_folder = [p for p in sorted(path.rglob("*")) if p.is_file() and full_suffix(p).lower() in CT_FILE_SUFFIXES]
         in_folder += [d for d in sorted(path.rglob("*")) if d.is_dir() and _is_dicom_series(d)]
         if not in_folder:
-            raise XctDiffError(f"no CT files (DICOM series, {', '.join(CT_FILE_SUFFIXES)}) found in {path}")
+            hint = "" if importlib.util.find_spec("SimpleITK") else " (DICOM series need SimpleITK: pip install SimpleITK)"
+            raise XctDiffError(f"no CT files (DICOM series, {', '.join(CT_FILE_SUFFIXES)}) found in {path}{hint}")
         found.extend(sorted(in_folder))
     return _name_patients(list(dict.fromkeys(p.resolve() for p in found)))
 
 
 def _is_dicom_series(folder: Path) -> bool:
-    """A folder holding at least one DICOM series (GDCM decides, as :func:`read_ct` will)."""
-    import SimpleITK as sitk
+    """A folder holding at least one DICOM series (GDCM decides, as :func:`read_ct` will).
 
+    Without SimpleITK (a bare GPU machine) no series can be read, so none is found; ``.npz`` CTs still are.
+    """
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        return False
     if not folder.is_dir():
         return False
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()

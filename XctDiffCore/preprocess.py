@@ -29,19 +29,11 @@ def preprocess_ct(volume: Volume, size: int = 128, spacing: float = 2.5) -> Volu
     The returned volume has direction identity, ``array[z, y, x]`` and the origin of its first voxel,
     so it lies where the input lay in patient space.
     """
-    import SimpleITK as sitk
-
     grid_origin, grid_size = _canonical_grid(volume, spacing)
-    resampler = sitk.ResampleImageFilter()
-    resampler.SetOutputOrigin(tuple(float(o) for o in grid_origin))
-    resampler.SetOutputSpacing((float(spacing),) * 3)
-    resampler.SetOutputDirection(tuple(np.eye(3).ravel()))
-    resampler.SetSize([int(n) for n in grid_size])
-    resampler.SetInterpolator(sitk.sitkLinear)
-    resampler.SetDefaultPixelValue(AIR_HU)
-    resampler.SetOutputPixelType(sitk.sitkFloat32)
-    source = Volume(volume.array.astype(np.float32), volume.spacing, volume.origin, volume.direction)
-    hu = sitk.GetArrayFromImage(resampler.Execute(source.to_sitk()))  # [z, y, x]
+    if _on_canonical_grid(volume, spacing):  # resampling would be the identity: no SimpleITK needed
+        hu = volume.array.astype(np.float32)
+    else:
+        hu = _resample(volume, grid_origin, grid_size, spacing)
     hu = np.clip(hu, *CT_CLIP_HU)
 
     body = _body_mask(hu)
@@ -53,6 +45,27 @@ def preprocess_ct(volume: Volume, size: int = 128, spacing: float = 2.5) -> Volu
     cropped = _crop_or_pad(hu, start, size, AIR_HU)
     origin = grid_origin + spacing * start[::-1]  # identity direction: index (x, y, z) * spacing
     return Volume(np.rint(cropped).astype(np.int16), (spacing,) * 3, origin, np.eye(3))
+
+
+def _on_canonical_grid(volume: Volume, spacing: float) -> bool:
+    """Identity direction and ``spacing`` mm already (a prepared CT): its voxels are the grid's."""
+    return bool(np.allclose(volume.direction, np.eye(3), atol=1e-6) and np.allclose(volume.spacing, spacing, rtol=1e-6))
+
+
+def _resample(volume: Volume, grid_origin, grid_size, spacing: float) -> np.ndarray:
+    """Linear resampling onto the identity-direction grid (float32 HU ``[z, y, x]``; air outside)."""
+    import SimpleITK as sitk
+
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetOutputOrigin(tuple(float(o) for o in grid_origin))
+    resampler.SetOutputSpacing((float(spacing),) * 3)
+    resampler.SetOutputDirection(tuple(np.eye(3).ravel()))
+    resampler.SetSize([int(n) for n in grid_size])
+    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetDefaultPixelValue(AIR_HU)
+    resampler.SetOutputPixelType(sitk.sitkFloat32)
+    source = Volume(volume.array.astype(np.float32), volume.spacing, volume.origin, volume.direction)
+    return sitk.GetArrayFromImage(resampler.Execute(source.to_sitk()))
 
 
 def _canonical_grid(volume: Volume, spacing: float):

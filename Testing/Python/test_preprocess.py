@@ -70,6 +70,20 @@ def test_preprocess_ct_resamples_anisotropic_input():
     assert depth_mm == pytest.approx(0.7 * 120, abs=5.0)
 
 
+def test_a_ct_already_on_the_grid_skips_the_resample_with_the_same_result(monkeypatch):
+    """A prepared CT (identity direction, 2.5 mm) needs no SimpleITK: the shortcut equals the resample."""
+    import XctDiffCore.preprocess as preprocess
+
+    volume = phantom_volume(spacing=(2.5, 2.5, 2.5), origin=(-60.0, -60.0, -50.0))
+    assert preprocess._on_canonical_grid(volume, 2.5)
+    assert not preprocess._on_canonical_grid(phantom_volume(), 2.5)
+    fast = preprocess_ct(volume, size=32)
+    monkeypatch.setattr(preprocess, "_on_canonical_grid", lambda volume, spacing: False)
+    resampled = preprocess_ct(volume, size=32)
+    np.testing.assert_array_equal(fast.array, resampled.array)
+    np.testing.assert_allclose(fast.origin, resampled.origin)
+
+
 @pytest.mark.parametrize("stored", ["flipped_x", "permuted"])
 def test_preprocess_ct_reorients_to_lps(stored):
     canonical = phantom_volume()
