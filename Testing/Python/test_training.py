@@ -241,9 +241,10 @@ def test_time_limit_checkpoints_stops_and_resumes_to_the_same_run(tmp_path, chai
         for stage in ("autoencoder", "encoder"):
             shutil.copytree(chain / stage, tmp_path / run / stage)
     train("diffusion", tiny_config(tmp_path / "straight", datalist, max_steps=6))
-    train("diffusion", tiny_config(tmp_path / "limited", datalist, max_steps=6), time_limit=1e-6)
+    train("diffusion", tiny_config(tmp_path / "limited", datalist, max_steps=6, log_every=4), time_limit=1e-6)
     assert load_checkpoint(checkpoint_path(tmp_path / "limited", "diffusion"))["step"] == 1
     assert "diffusion: stopped by --time-limit at step 1 of 6" in capsys.readouterr().err
+    assert [r["step"] for r in read_log(tmp_path / "limited", "diffusion")] == ["1"]  # logged though not a log step
     train("diffusion", tiny_config(tmp_path / "limited", datalist, max_steps=6), resume=True, time_limit=60)
     checkpoints_match(checkpoint_path(tmp_path / "straight", "diffusion"), checkpoint_path(tmp_path / "limited", "diffusion"))
     assert "stopped by --time-limit" not in capsys.readouterr().err

@@ -187,7 +187,7 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
         meter.add(terms)
         codes.append(indices.detach().reshape(-1).cpu())
         progress.update()
-        if is_due(step, optim.log_every, optim.max_steps):
+        if is_due(step, optim.log_every, optim.max_steps) or stop:
             metrics = {f"train/{k}": v for k, v in meter.means().items()}
             metrics["train/codebook_use"] = codebook_utilisation(torch.cat(codes), vqgan.codebook_size)
             metrics["lr"] = lr

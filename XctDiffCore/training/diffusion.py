@@ -141,7 +141,7 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
         stop = deadline.passed()
         meter.add({loss_name: loss})
         progress.update()
-        if is_due(step, optim.log_every, optim.max_steps):
+        if is_due(step, optim.log_every, optim.max_steps) or stop:
             metrics = {f"train/{k}": v for k, v in meter.means().items()}
             metrics["lr"] = lr
             logger.log(step, metrics)
