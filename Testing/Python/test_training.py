@@ -434,6 +434,16 @@ def test_init_of_the_encoder_does_not_copy_later_stages(tmp_path, exported, data
     assert checkpoint_path(run, "autoencoder").is_file() and not checkpoint_path(run, "diffusion").exists()
 
 
+def test_init_under_two_process_ddp_copies_the_stages_once(tmp_path, exported, datalist):
+    """Rank 0 copies the earlier stages while rank 1 waits at a barrier, then both train."""
+    run = tmp_path / "ddp"
+    result = torchrun(["train", "diffusion", "--config", "tiny", "--data", str(datalist), "--out", str(run),
+                       "--max-steps", "2", "--init", str(exported)], timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert load_checkpoint(checkpoint_path(run, "diffusion"))["step"] == 2
+    assert load_checkpoint(checkpoint_path(run, "encoder"))["imported_from"] == str(exported.resolve())
+
+
 def test_init_errors_are_one_line(tmp_path, exported, datalist, capsys):
     base = ["--config", "tiny", "--data", str(datalist), "--max-steps", "1"]
     assert main(["train", "diffusion", *base, "--out", str(tmp_path / "a"), "--init", str(tmp_path / "nowhere")]) == 2
