@@ -341,6 +341,11 @@ def _from_dict(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+def section_from_dict(cls, data: dict, where: str = ""):
+    """One config dataclass (e.g. :class:`UNetConfig`) from plain data: defaults filled, unknown keys raise."""
+    return _from_dict(cls, data, where)
+
+
 def config_from_dict(data: dict) -> Config:
     """A :class:`Config` from nested plain data; missing keys take the defaults, unknown keys raise."""
     if not isinstance(data, dict):

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..config import Config, config_from_dict, config_to_dict
+from ..config import Config, config_from_dict, config_to_dict, section_from_dict
 from ..errors import XctDiffError
 from .common import checkpoint_path, save_checkpoint
 
@@ -51,12 +51,10 @@ def warm_start(config: Config, stage: str, job) -> Optional[dict]:
 
 def _check_same_model(config: Config, stage: str, folder_settings: dict, folder: Path) -> None:
     """The config must build the network the folder holds; for diffusion, with the same noise schedule."""
-    from ..config import _from_dict
-
     section = getattr(config, stage)
     for key in ("model", "schedule") if stage == "diffusion" else ("model",):
         ours = getattr(section, key)
-        theirs = config_to_dict(_from_dict(type(ours), folder_settings.get(key, {}), f"{stage}.{key}"))  # defaults filled
+        theirs = config_to_dict(section_from_dict(type(ours), folder_settings.get(key, {}), f"{stage}.{key}"))  # defaults filled
         ours = config_to_dict(ours)
         differing = sorted(k for k in ours if ours[k] != theirs[k])
         if differing:
