@@ -49,6 +49,7 @@ POLL_INTERVAL_MS = 100
 # Labels shown for the parameter node's choices (the values are the engine's own names).
 DEVICE_LABELS = {"auto": "Auto", "cpu": "CPU", "cuda": "GPU"}
 STYLE_LABELS = {"auto": "Auto (on for real radiographs)", "on": "On", "off": "Off"}
+METHOD_LABELS = {"default": "Model default", "diffusion": "Diffusion (samples)", "direct": "Direct (encoder only)"}
 MODEL_SOURCE_LABELS = {"bundled": "Bundled default", "folder": "Folder..."}
 
 
@@ -82,6 +83,7 @@ class XctDiffSlicerParameterNode:
     samples: Annotated[int, WithinRange(1, 32)] = 1
     seed: Annotated[int, WithinRange(-1, 2**31 - 1)] = -1
     style: Annotated[str, Choice(["auto", "on", "off"])] = "auto"
+    method: Annotated[str, Choice(["default", "diffusion", "direct"])] = "default"
     uncertaintyOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     consistency: str = ""
 
@@ -157,6 +159,7 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for combo, labels in (
                 (self.ui.deviceComboBox, DEVICE_LABELS),
                 (self.ui.styleComboBox, STYLE_LABELS),
+                (self.ui.methodComboBox, METHOD_LABELS),
                 (self.ui.modelSourceComboBox, MODEL_SOURCE_LABELS),
             ):
                 for index, label in enumerate(labels.values()):
@@ -219,6 +222,7 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 device=node.device,
                 style=node.style,
                 model=self.modelChoice(),
+                method=node.method,
             )
             self._job = self.logic.start(node.inputVolume, options)
         except XctDiffError as exc:
@@ -300,11 +304,11 @@ class XctDiffSlicerLogic(ScriptedLoadableModuleLogic):
         return output
 
     def reconstruct(self, inputNode, outputNode=None, steps=None, samples=1, seed=None, device="auto",
-                    style="auto", model=None, uncertaintyNode=None, progress=None):
+                    style="auto", model=None, uncertaintyNode=None, progress=None, method="default"):
         """Blocking reconstruction for the Python console; returns the output CT node, shown in the slice views."""
         ctNode = self.reconstruction.reconstruct(
             inputNode, outputNode, steps=steps, samples=samples, seed=seed, device=device, style=style,
-            model=model, uncertaintyNode=uncertaintyNode, progress=progress,
+            model=model, uncertaintyNode=uncertaintyNode, progress=progress, method=method,
         )
         mrml_bridge.show_in_slice_views(self.sliceLogics(), ctNode)
         return ctNode

@@ -146,7 +146,7 @@ def test_samples_give_an_uncertainty_node_and_drr_turns_style_off(bridge, scene,
     job = logic.start(film, ReconstructionOptions(samples=1, steps=10, style="auto"))
     command = job.process.command
     assert command[command.index("--style") + 1] == "auto" and "--uncertainty" not in command
-    assert command[command.index("--steps") + 1] == "10"
+    assert command[command.index("--steps") + 1] == "10" and "--method" not in command  # the model's default
     job.cancel()
     assert job.process.wait(timeout=10).status == "cancelled"
     with pytest.raises(XctDiffError, match="cancelled"):
@@ -178,6 +178,8 @@ def test_engine_error_reaches_the_console_as_one_sentence(bridge, scene, logic, 
         ({"steps": 0}, "steps"),
         ({"device": "tpu"}, "device"),
         ({"style": "maybe"}, "style"),
+        ({"method": "guess"}, "method must be one of default, diffusion, direct"),
+        ({"method": "direct", "samples": 2}, "the direct method makes one deterministic CT"),
     ],
 )
 def test_bad_options_are_refused_before_any_process(slicer, options, message):
@@ -185,6 +187,14 @@ def test_bad_options_are_refused_before_any_process(slicer, options, message):
 
     with pytest.raises(XctDiffError, match=message):
         ReconstructionOptions(**options)
+
+
+def test_a_chosen_method_reaches_the_engine(slicer):
+    from XctDiffSlicerLib.logic import ReconstructionOptions
+
+    for method in ("diffusion", "direct"):
+        args = ReconstructionOptions(method=method).engine_arguments()
+        assert args[args.index("--method") + 1] == method
 
 
 def test_no_input_node_is_a_readable_error(logic):

@@ -22,6 +22,7 @@ from .process import ChildProcess, Finished, Progress, engine_environment, pytho
 
 DEVICES = ("auto", "cpu", "cuda")
 STYLES = ("auto", "on", "off")
+METHODS = ("default", "diffusion", "direct")  # "default": the model's own (the bundled one: direct)
 OUTPUT_NAME = "ct.nrrd"
 UNCERTAINTY_NAME = "uncertainty.nrrd"
 
@@ -43,6 +44,7 @@ class ReconstructionOptions:
     device: str = "auto"
     style: str = "auto"
     model: ModelChoice = field(default_factory=choose_model)
+    method: str = "default"
 
     def __post_init__(self):
         if self.samples < 1:
@@ -53,6 +55,10 @@ class ReconstructionOptions:
             raise XctDiffError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
         if self.style not in STYLES:
             raise XctDiffError(f"style must be one of {', '.join(STYLES)}, got {self.style!r}")
+        if self.method not in METHODS:
+            raise XctDiffError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method == "direct" and self.samples > 1:
+            raise XctDiffError("the direct method makes one deterministic CT: set Samples to 1 or choose Diffusion")
 
     def engine_arguments(self) -> list:
         args = ["--samples", str(self.samples), "--device", self.device, "--style", self.style]
@@ -60,6 +66,8 @@ class ReconstructionOptions:
             args += ["--steps", str(self.steps)]
         if self.seed is not None:
             args += ["--seed", str(self.seed)]
+        if self.method != "default":
+            args += ["--method", self.method]
         return args + self.model.engine_arguments()
 
 
@@ -157,9 +165,10 @@ class ReconstructionLogic:
 
     def reconstruct(self, inputNode, outputNode=None, steps: Optional[int] = None, samples: int = 1,
                     seed: Optional[int] = None, device: str = "auto", style: str = "auto", model=None,
-                    uncertaintyNode=None, progress: Optional[Callable[[float, str], None]] = None):
+                    uncertaintyNode=None, progress: Optional[Callable[[float, str], None]] = None,
+                    method: str = "default"):
         """Blocking reconstruction for the Python console; returns the output CT node."""
-        options = ReconstructionOptions(steps, samples, seed, device, style, choose_model(model))
+        options = ReconstructionOptions(steps, samples, seed, device, style, choose_model(model), method)
         job = self.start(inputNode, options)
 
         def on_event(event):
