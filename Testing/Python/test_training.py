@@ -425,6 +425,9 @@ def test_init_starts_diffusion_from_the_folder_and_copies_the_earlier_stages(tmp
     manifest = json.loads(export_run(run, tmp_path / "again", datalist=datalist).read_text(encoding="utf-8"))
     assert set(manifest["stages"]) == {"autoencoder", "encoder", "diffusion", "style"}
     assert manifest["stages"]["diffusion"]["settings"]["fine_tuned_from"] == exported.name
+    for stage in ("autoencoder", "encoder", "style"):  # copied, not fine-tuned: they export as the folder's own
+        copied, original = (json.loads((d / f"{stage}.json").read_text(encoding="utf-8")) for d in (tmp_path / "again", exported))
+        assert "fine_tuned_from" not in copied and copied["model"] == original["model"]
 
 
 def test_init_of_the_encoder_does_not_copy_later_stages(tmp_path, exported, datalist):

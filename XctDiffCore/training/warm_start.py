@@ -68,6 +68,7 @@ def _imported_checkpoint(config: Config, stage: str, network, folder_settings: d
     """A weights-only checkpoint of a folder's stage, with the run's config carrying that stage's model."""
     data = config_to_dict(config)
     data[stage]["model"] = folder_settings["model"]
+    data["run"]["init"] = ""  # copied, not fine-tuned: its export must read as the folder's own stage
     config_from_dict(data)  # the folder's settings must make a valid config
     state = network.state_dict()
     key = {"autoencoder": "vqgan", "encoder": "encoder", "style": "cyclegan"}[stage]
