@@ -15,7 +15,6 @@ The datalist is written last: it exists only when every pair was written.
 from __future__ import annotations
 
 import importlib.util
-
 import json
 import zlib
 from dataclasses import dataclass
