@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -76,6 +76,7 @@ class ModelFolder:
     schedule: object  # XctDiffCore.diffusion.NoiseSchedule
     style: Optional[nn.Module]
     mean_ct: Optional[np.ndarray]  # [z, y, x] HU at volume_size^3, when the folder has one
+    settings: dict = field(default_factory=dict)  # each stage's JSON (model, schedule, step, ...)
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -147,7 +148,7 @@ def verify_checksums(folder, manifest: dict) -> None:
             )
 
 
-def stage_settings(folder: Path, manifest: dict, stage: str) -> dict:
+def _stage_settings(folder: Path, manifest: dict, stage: str) -> dict:
     """A stage's JSON (constructor arguments under ``model``; schedule, step, ...), checked against the manifest."""
     record = manifest["stages"][stage]
     path = folder / record["config"]
@@ -209,7 +210,7 @@ def load_model_folder(folder) -> ModelFolder:
     for stage in REQUIRED_STAGES + OPTIONAL_STAGES:
         if stage not in manifest["stages"]:
             continue
-        settings[stage] = stage_settings(folder, manifest, stage)
+        settings[stage] = _stage_settings(folder, manifest, stage)
         network = _build(stage, classes[stage], settings[stage], folder)
         networks[stage] = _load_weights(network, stage, folder / manifest["stages"][stage]["weights"])
 
@@ -241,7 +242,7 @@ def load_model_folder(folder) -> ModelFolder:
         raise XctDiffError(f"{folder}: unknown default sampler {info.sampler!r}")
     _check_compatible(info, networks, settings)
     mean_ct = _load_mean_ct(folder, manifest, info.volume_size)
-    return ModelFolder(info, vqgan, encoder, networks["diffusion"], schedule, networks.get("style"), mean_ct)
+    return ModelFolder(info, vqgan, encoder, networks["diffusion"], schedule, networks.get("style"), mean_ct, settings)
 
 
 def _check_compatible(info: ModelInfo, networks: dict, settings: dict) -> None:

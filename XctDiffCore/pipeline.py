@@ -202,14 +202,15 @@ class XctDiffPipeline:
         steps = self.info.steps if steps is None else int(steps)
         if not 1 <= steps <= self.schedule.num_train_steps:
             raise XctDiffError(f"steps must be between 1 and {self.schedule.num_train_steps}, got {steps}")
-        if not 1 <= int(samples) <= MAX_SAMPLES:
+        samples = int(samples)
+        if not 1 <= samples <= MAX_SAMPLES:
             raise XctDiffError(f"samples must be between 1 and {MAX_SAMPLES}, got {samples}")
         if style not in STYLE_CHOICES:
             raise XctDiffError(f"style must be one of {', '.join(STYLE_CHOICES)}, got {style!r}")
-        method = default_method(self.info.method, int(samples)) if method is None else method
+        method = default_method(self.info.method, samples) if method is None else method
         if method not in METHODS:
             raise XctDiffError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-        if method == "direct" and int(samples) > 1:
+        if method == "direct" and samples > 1:
             raise XctDiffError(f"the direct method makes one deterministic CT, not {samples} samples: "
                                "use method='diffusion' (--method diffusion) for several")
         from .diffusion import SAMPLERS
@@ -220,7 +221,6 @@ class XctDiffPipeline:
         seed = secrets.randbits(31) if seed is None else int(seed)
         if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
             raise XctDiffError(f"seed must fit in 64 bits, got {seed}")
-        samples = int(samples)
         reporter = _Progress(progress)
         reporter.report(0.0, "reading")
         start = time.perf_counter()

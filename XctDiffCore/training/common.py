@@ -362,10 +362,11 @@ class Deadline:
         """Whether the time is up (the same answer on every rank); call once per step."""
         if self.end is None:
             return False
-        flag = torch.tensor([float(time.monotonic() >= self.end)], device=self.job.device)
-        if self.job.enabled:
+        self.reached = time.monotonic() >= self.end
+        if self.job.enabled:  # one tiny broadcast (and host sync) per step, only under torchrun
+            flag = torch.tensor([float(self.reached)], device=self.job.device)
             dist.broadcast(flag, src=0)
-        self.reached = bool(flag.item())
+            self.reached = bool(flag.item())
         return self.reached
 
     def report(self, stage: str, step: int, max_steps: int) -> None:

@@ -41,9 +41,9 @@ from .common import (
     volume_metrics,
     wrap_ddp,
 )
-from .warm_start import warm_start
 from .data import PairDataset, train_loader
 from .encoder import ct_latent, trained_encoder
+from .warm_start import warm_start
 
 STAGE = "diffusion"
 

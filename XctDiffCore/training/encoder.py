@@ -44,8 +44,8 @@ from .common import (
     volume_metrics,
     wrap_ddp,
 )
-from .warm_start import warm_start
 from .data import PairDataset, train_loader
+from .warm_start import warm_start
 
 STAGE = "encoder"
 

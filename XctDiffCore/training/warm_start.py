@@ -25,12 +25,11 @@ def warm_start(config: Config, stage: str, job) -> Optional[dict]:
     """Copy the earlier stages into the run; return the trained stage's starting weights (None without init)."""
     if not config.run.init:
         return None
-    from ..model_folder import load_model_folder, read_manifest, stage_settings
+    from ..model_folder import load_model_folder
 
     folder = Path(config.run.init)
     loaded = load_model_folder(folder)  # checksums, settings and shapes verified
-    manifest = read_manifest(folder)
-    settings = {s: stage_settings(folder, manifest, s) for s in manifest["stages"]}
+    settings = loaded.settings
     sizes = (config.data.volume_size, config.data.xray_size)
     if sizes != (loaded.info.volume_size, loaded.info.xray_size):
         raise XctDiffError(
