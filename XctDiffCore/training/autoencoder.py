@@ -15,31 +15,25 @@ from typing import Optional
 
 import torch
 
-from ..config import AutoencoderConfig, AutoencoderModelConfig, Config, config_from_dict, config_to_dict
+from ..config import AutoencoderConfig, AutoencoderModelConfig, Config, config_from_dict
 from ..errors import XctDiffError
 from .common import (
     Deadline,
-    Meter,
-    Progress,
-    RunLogger,
+    StageLoop,
     autocast,
     backward_step,
     broadcast_parameters,
-    checkpoint_path,
     cleanup_distributed,
     freeze,
     gather_rng_states,
     grad_scaler,
-    is_due,
     learning_rate,
     make_optimizer,
     prepare_stage_dir,
     restore_rng_states,
-    save_checkpoint,
     seed_everything,
     set_learning_rate,
     setup_distributed,
-    stage_dir,
     trained_stage_checkpoint,
     volume_metrics,
     wrap_ddp,
@@ -158,10 +152,25 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
         train_loader(train_set, optim.batch_size, config.run.seed, step, job.rank, job.world_size, config.data.num_workers)
     )
     val_items = [val_set[i] for i in range(min(config.data.val_cases, len(val_set)))] if job.is_main else []
-    logger = RunLogger(stage_dir(config.run.dir, STAGE), job.is_main, step)
-    progress = Progress(STAGE, optim.max_steps, step, job.is_main)
-    meter, codes = Meter(), []
-    while step < optim.max_steps:
+    loop = StageLoop(config, STAGE, optim, job, deadline, step)
+    validation = (lambda: validate(vqgan, val_items, device, config.run.precision)) if val_items else None
+    codes = []  # code indices since the last log line: the training codebook use
+
+    def codebook_use() -> dict:
+        use = codebook_utilisation(torch.cat(codes), vqgan.codebook_size)
+        codes.clear()
+        return {"train/codebook_use": use}
+
+    def state() -> dict:
+        return {
+            "models": {"vqgan": vqgan.state_dict(), "disc_3d": disc_3d.state_dict(), "disc_2d": disc_2d.state_dict()},
+            "optimizers": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
+            "scalers": {"generator": scaler_g.state_dict(), "discriminator": scaler_d.state_dict()},
+            "rng": gather_rng_states(job),
+        }
+
+    while loop.running():
+        step = loop.step
         x = next(batches)["image"].to(device, non_blocking=True)  # (B, 1, D, H, W) in [-1, 1]
         lr = learning_rate(step, optim)
         set_learning_rate(opt_g, lr)
@@ -182,40 +191,7 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
             backward_step(d_loss, critics, opt_d, scaler_d, optim.grad_clip, average_over=job)
             terms.update(d_terms)
 
-        step += 1
-        stop = deadline.passed()
-        meter.add(terms)
         codes.append(indices.detach().reshape(-1).cpu())
-        progress.update()
-        if is_due(step, optim.log_every, optim.max_steps) or stop:
-            metrics = {f"train/{k}": v for k, v in meter.means().items()}
-            metrics["train/codebook_use"] = codebook_utilisation(torch.cat(codes), vqgan.codebook_size)
-            metrics["lr"] = lr
-            codes = []
-            logger.log(step, metrics)
-            progress.write(step, {k: metrics[k] for k in ("train/total", "train/l1", "train/codebook_use")})
-        if job.is_main and val_items and is_due(step, optim.val_every, optim.max_steps):
-            metrics = validate(vqgan, val_items, device, config.run.precision)
-            logger.log(step, metrics)
-            progress.write(step, metrics)
-        if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
-            rng = gather_rng_states(job)
-            if job.is_main:
-                save_checkpoint(
-                    checkpoint_path(config.run.dir, STAGE),
-                    {
-                        "stage": STAGE,
-                        "step": step,
-                        "config": config_to_dict(config),
-                        "models": {"vqgan": vqgan.state_dict(), "disc_3d": disc_3d.state_dict(), "disc_2d": disc_2d.state_dict()},
-                        "optimizers": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
-                        "scalers": {"generator": scaler_g.state_dict(), "discriminator": scaler_d.state_dict()},
-                        "rng": rng,
-                    },
-                )
-        if stop:
-            break
-    progress.close()
-    deadline.report(STAGE, step, optim.max_steps)
-    logger.close()
-    return checkpoint_path(config.run.dir, STAGE)
+        loop.end_step(terms, lr, state, validation, log_extra=codebook_use,
+                      shown=("train/total", "train/l1", "train/codebook_use"))
+    return loop.close()

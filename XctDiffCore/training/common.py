@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..atomic import atomic_path
+from ..config import config_to_dict
 from ..errors import XctDiffError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -378,6 +379,68 @@ class Deadline:
 def is_due(step: int, every: int, max_steps: int) -> bool:
     """Log/validate/checkpoint after ``step`` optimiser steps: every ``every`` steps and at the end."""
     return step % every == 0 or step == max_steps
+
+
+class StageLoop:
+    """The bookkeeping every stage does around its optimiser steps, in one place.
+
+    After each step (:meth:`end_step`): the progress bar; the CSV/TensorBoard log every
+    ``log_every`` steps; validation (rank 0) every ``val_every``; the checkpoint every
+    ``checkpoint_every`` (its ``state()`` callback runs on every rank, because gathering the RNG
+    states is collective; rank 0 writes); and the ``--time-limit`` stop, which logs and checkpoints
+    first. A stage's loop is ``while loop.running(): ...; loop.end_step(...)``, then ``loop.close()``.
+    """
+
+    def __init__(self, config, stage: str, optim, job: Distributed, deadline: Deadline, step: int):
+        self.config, self.stage, self.optim, self.job, self.deadline = config, stage, optim, job, deadline
+        self.step, self.stopped = step, False
+        self.logger = RunLogger(stage_dir(config.run.dir, stage), job.is_main, step)
+        self.progress = Progress(stage, optim.max_steps, step, job.is_main)
+        self.meter = Meter()
+
+    def running(self) -> bool:
+        return self.step < self.optim.max_steps and not self.stopped
+
+    def end_step(self, losses: dict, lr: float, state, validate=None, log_extra=None, shown=None) -> None:
+        """Count one optimiser step and do what is due after it.
+
+        ``losses``: scalar tensors for the running means. ``state()``: the checkpoint's models,
+        optimizers, scalers, rng (and anything else), without stage/step/config. ``validate()``:
+        validation metrics (rank 0 only; None: no validation). ``log_extra()``: more metrics for a
+        log line. ``shown``: the metric names the progress line shows (default: all).
+        """
+        optim = self.optim
+        self.step += 1
+        step, stop = self.step, self.deadline.passed()
+        self.meter.add(losses)
+        self.progress.update()
+        if is_due(step, optim.log_every, optim.max_steps) or stop:
+            metrics = {f"train/{k}": v for k, v in self.meter.means().items()}
+            metrics.update(log_extra() if log_extra is not None else {})
+            metrics["lr"] = lr
+            self.logger.log(step, metrics)
+            self.progress.write(step, metrics if shown is None else {k: metrics[k] for k in shown})
+        if self.job.is_main and validate is not None and is_due(step, optim.val_every, optim.max_steps):
+            metrics = validate()
+            self.logger.log(step, metrics)
+            self.progress.write(step, metrics)
+        if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
+            payload = state()
+            if self.job.is_main:
+                save_checkpoint(self.checkpoint, {"stage": self.stage, "step": step,
+                                                  "config": config_to_dict(self.config), **payload})
+        self.stopped = stop
+
+    @property
+    def checkpoint(self) -> Path:
+        return checkpoint_path(self.config.run.dir, self.stage)
+
+    def close(self) -> Path:
+        """Close the bar and the log, say whether --time-limit stopped the stage; the checkpoint's path."""
+        self.progress.close()
+        self.deadline.report(self.stage, self.step, self.optim.max_steps)
+        self.logger.close()
+        return self.checkpoint
 
 
 class Progress:

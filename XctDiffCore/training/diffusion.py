@@ -15,29 +15,23 @@ from typing import Optional
 
 import torch
 
-from ..config import Config, UNetConfig, config_to_dict
+from ..config import Config, UNetConfig
 from .autoencoder import check_latent_compatible, trained_autoencoder
 from .common import (
     Deadline,
-    Meter,
-    Progress,
-    RunLogger,
+    StageLoop,
     autocast,
     backward_step,
-    checkpoint_path,
     cleanup_distributed,
     gather_rng_states,
     grad_scaler,
-    is_due,
     learning_rate,
     make_optimizer,
     prepare_stage_dir,
     restore_rng_states,
-    save_checkpoint,
     seed_everything,
     set_learning_rate,
     setup_distributed,
-    stage_dir,
     volume_metrics,
     wrap_ddp,
 )
@@ -120,14 +114,19 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
         train_loader(train_set, optim.batch_size, config.run.seed, step, job.rank, job.world_size, config.data.num_workers)
     )
     val_items = [val_set[i] for i in range(min(config.data.val_cases, len(val_set)))] if job.is_main else []
-    logger = RunLogger(stage_dir(config.run.dir, STAGE), job.is_main, step)
-    progress = Progress(STAGE, optim.max_steps, step, job.is_main)
-    meter = Meter()
-    while step < optim.max_steps:
+    loop = StageLoop(config, STAGE, optim, job, deadline, step)
+    validation = (lambda: validate(ema, encoder, vqgan, schedule, val_items, device, config.run.precision,
+                                   optim.val_sample_steps, config.run.seed)) if val_items else None
+
+    def state() -> dict:
+        return {"models": {"unet": unet.state_dict(), "ema": ema.state_dict()}, "optimizers": {"unet": optimizer.state_dict()},
+                "scalers": {"unet": scaler.state_dict()}, "rng": gather_rng_states(job, {"noise": noise})}
+
+    while loop.running():
         batch = next(batches)
         ct = batch["image"].to(device, non_blocking=True)  # (B, 1, D, H, W)
         xray = batch["xray"].to(device, non_blocking=True)  # (B, 1, H, W)
-        lr = learning_rate(step, optim)
+        lr = learning_rate(loop.step, optim)
         set_learning_rate(optimizer, lr)
         with torch.no_grad(), autocast(device, config.run.precision):
             x0 = ct_latent(vqgan, ct).float()  # (B, 8, d, h, w), zero mean and unit variance per voxel
@@ -136,40 +135,5 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
             loss = diffusion_loss(model, x0, cond, schedule, generator=noise)
         backward_step(loss, list(unet.parameters()), optimizer, scaler, optim.grad_clip)
         ema.update(unet)
-
-        step += 1
-        stop = deadline.passed()
-        meter.add({loss_name: loss})
-        progress.update()
-        if is_due(step, optim.log_every, optim.max_steps) or stop:
-            metrics = {f"train/{k}": v for k, v in meter.means().items()}
-            metrics["lr"] = lr
-            logger.log(step, metrics)
-            progress.write(step, metrics)
-        if job.is_main and val_items and is_due(step, optim.val_every, optim.max_steps):
-            metrics = validate(
-                ema, encoder, vqgan, schedule, val_items, device, config.run.precision, optim.val_sample_steps, config.run.seed
-            )
-            logger.log(step, metrics)
-            progress.write(step, metrics)
-        if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
-            rng = gather_rng_states(job, {"noise": noise})
-            if job.is_main:
-                save_checkpoint(
-                    checkpoint_path(config.run.dir, STAGE),
-                    {
-                        "stage": STAGE,
-                        "step": step,
-                        "config": config_to_dict(config),
-                        "models": {"unet": unet.state_dict(), "ema": ema.state_dict()},
-                        "optimizers": {"unet": optimizer.state_dict()},
-                        "scalers": {"unet": scaler.state_dict()},
-                        "rng": rng,
-                    },
-                )
-        if stop:
-            break
-    progress.close()
-    deadline.report(STAGE, step, optim.max_steps)
-    logger.close()
-    return checkpoint_path(config.run.dir, STAGE)
+        loop.end_step({loss_name: loss}, lr, state, validation)
+    return loop.close()

@@ -16,30 +16,24 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..config import Config, EncoderModelConfig, config_from_dict, config_to_dict
+from ..config import Config, EncoderModelConfig, config_from_dict
 from .autoencoder import check_latent_compatible, trained_autoencoder
 from .common import (
     Deadline,
-    Meter,
-    Progress,
-    RunLogger,
+    StageLoop,
     autocast,
     backward_step,
-    checkpoint_path,
     cleanup_distributed,
     freeze,
     gather_rng_states,
     grad_scaler,
-    is_due,
     learning_rate,
     make_optimizer,
     prepare_stage_dir,
     restore_rng_states,
-    save_checkpoint,
     seed_everything,
     set_learning_rate,
     setup_distributed,
-    stage_dir,
     trained_stage_checkpoint,
     volume_metrics,
     wrap_ddp,
@@ -129,14 +123,18 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
         train_loader(train_set, optim.batch_size, config.run.seed, step, job.rank, job.world_size, config.data.num_workers)
     )
     val_items = [val_set[i] for i in range(min(config.data.val_cases, len(val_set)))] if job.is_main else []
-    logger = RunLogger(stage_dir(config.run.dir, STAGE), job.is_main, step)
-    progress = Progress(STAGE, optim.max_steps, step, job.is_main)
-    meter = Meter()
-    while step < optim.max_steps:
+    loop = StageLoop(config, STAGE, optim, job, deadline, step)
+    validation = (lambda: validate(encoder, vqgan, val_items, device, config.run.precision)) if val_items else None
+
+    def state() -> dict:
+        return {"models": {"encoder": encoder.state_dict()}, "optimizers": {"encoder": optimizer.state_dict()},
+                "scalers": {"encoder": scaler.state_dict()}, "rng": gather_rng_states(job)}
+
+    while loop.running():
         batch = next(batches)
         ct = batch["image"].to(device, non_blocking=True)  # (B, 1, D, H, W)
         xray = batch["xray"].to(device, non_blocking=True)  # (B, 1, H, W)
-        lr = learning_rate(step, optim)
+        lr = learning_rate(loop.step, optim)
         set_learning_rate(optimizer, lr)
         with autocast(device, config.run.precision):
             target = ct_latent(vqgan, ct)  # (B, 8, d, h, w)
@@ -150,38 +148,5 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
                 losses["image_l1"] = F.l1_loss(decoded.float(), ct[:n])
                 loss = loss + section.image_weight * losses["image_l1"]
         backward_step(loss, list(encoder.parameters()), optimizer, scaler, optim.grad_clip)
-
-        step += 1
-        stop = deadline.passed()
-        meter.add(losses)
-        progress.update()
-        if is_due(step, optim.log_every, optim.max_steps) or stop:
-            metrics = {f"train/{k}": v for k, v in meter.means().items()}
-            metrics["lr"] = lr
-            logger.log(step, metrics)
-            progress.write(step, metrics)
-        if job.is_main and val_items and is_due(step, optim.val_every, optim.max_steps):
-            metrics = validate(encoder, vqgan, val_items, device, config.run.precision)
-            logger.log(step, metrics)
-            progress.write(step, metrics)
-        if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
-            rng = gather_rng_states(job)
-            if job.is_main:
-                save_checkpoint(
-                    checkpoint_path(config.run.dir, STAGE),
-                    {
-                        "stage": STAGE,
-                        "step": step,
-                        "config": config_to_dict(config),
-                        "models": {"encoder": encoder.state_dict()},
-                        "optimizers": {"encoder": optimizer.state_dict()},
-                        "scalers": {"encoder": scaler.state_dict()},
-                        "rng": rng,
-                    },
-                )
-        if stop:
-            break
-    progress.close()
-    deadline.report(STAGE, step, optim.max_steps)
-    logger.close()
-    return checkpoint_path(config.run.dir, STAGE)
+        loop.end_step(losses, lr, state, validation)
+    return loop.close()

@@ -31,27 +31,22 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..config import Config, StyleConfig, config_to_dict
+from ..config import Config, StyleConfig
 from ..errors import XctDiffError
 from .common import (
     Deadline,
-    Meter,
-    Progress,
-    RunLogger,
+    StageLoop,
     autocast,
     backward_step,
     broadcast_parameters,
-    checkpoint_path,
     cleanup_distributed,
     export_stage,
     gather_rng_states,
     grad_scaler,
-    is_due,
     learning_rate,
     make_optimizer,
     prepare_stage_dir,
     restore_rng_states,
-    save_checkpoint,
     seed_everything,
     set_learning_rate,
     setup_distributed,
@@ -240,13 +235,30 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
     drr_batches = iter(train_loader(drr_train, *loader_args))
     val_real = [RealRadiographs(real_val, size)[i] for i in range(len(real_val))] if job.is_main else []
     val_drrs = [drr_val[i] for i in range(min(config.data.val_cases, len(drr_val)))] if job.is_main else []
-    logger = RunLogger(stage_dir(config.run.dir, STAGE), job.is_main, step)
-    progress = Progress(STAGE, optim.max_steps, step, job.is_main)
-    meter = Meter()
-    while step < optim.max_steps:
+    loop = StageLoop(config, STAGE, optim, job, deadline, step)
+
+    def validation() -> dict:
+        metrics, preview = validate(gan, val_real, val_drrs, device, config.run.precision)
+        if preview.size:
+            from ..io import write_image_png
+
+            write_image_png(preview, stage_dir(config.run.dir, STAGE) / "preview.png", bits=8)
+        return metrics
+
+    def state() -> dict:
+        rng = gather_rng_states(job)
+        return {
+            "models": {"cyclegan": gan.state_dict()},
+            "optimizers": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
+            "scalers": {"generator": scaler_g.state_dict(), "discriminator": scaler_d.state_dict()},
+            "pools": _gather_pools(pools, job),
+            "rng": rng,
+        }
+
+    while loop.running():
         real = next(real_batches).to(device, non_blocking=True)  # (B, 1, H, W) in [-1, 1]
         drr = next(drr_batches).to(device, non_blocking=True)
-        lr = learning_rate(step, optim)
+        lr = learning_rate(loop.step, optim)
         set_learning_rate(opt_g, lr)
         set_learning_rate(opt_d, lr)
 
@@ -263,49 +275,12 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
         with autocast(device, config.run.precision):
             d_loss, d_terms = critic_loss(critics["drr"], critics["real"], real, drr, pooled_real, pooled_drr)
         backward_step(d_loss, list(critics.parameters()), opt_d, scaler_d, optim.grad_clip, average_over=job)
-
-        step += 1
-        stop = deadline.passed()
-        meter.add({"total": loss, **terms, "critic_total": d_loss, **d_terms})
-        progress.update()
-        if is_due(step, optim.log_every, optim.max_steps) or stop:
-            metrics = {f"train/{k}": v for k, v in meter.means().items()}
-            metrics["lr"] = lr
-            logger.log(step, metrics)
-            progress.write(step, {k: metrics[k] for k in ("train/total", "train/cycle_real", "train/adv_drr", "train/critic_total")})
-        if job.is_main and is_due(step, optim.val_every, optim.max_steps) and (val_real or val_drrs):
-            metrics, preview = validate(gan, val_real, val_drrs, device, config.run.precision)
-            logger.log(step, metrics)
-            progress.write(step, metrics)
-            if preview.size:
-                from ..io import write_image_png
-
-                write_image_png(preview, stage_dir(config.run.dir, STAGE) / "preview.png", bits=8)
-        if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
-            rng = gather_rng_states(job)
-            pool_states = _gather_pools(pools, job)
-            if job.is_main:
-                save_checkpoint(
-                    checkpoint_path(config.run.dir, STAGE),
-                    {
-                        "stage": STAGE,
-                        "step": step,
-                        "config": config_to_dict(config),
-                        "models": {"cyclegan": gan.state_dict()},
-                        "optimizers": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
-                        "scalers": {"generator": scaler_g.state_dict(), "discriminator": scaler_d.state_dict()},
-                        "pools": pool_states,
-                        "rng": rng,
-                    },
-                )
-        if stop:
-            break
+        loop.end_step({"total": loss, **terms, "critic_total": d_loss, **d_terms}, lr, state,
+                      validation if (val_real or val_drrs) else None,
+                      shown=("train/total", "train/cycle_real", "train/adv_drr", "train/critic_total"))
     if job.is_main:
         export_style(generators["real_to_drr"], config, stage_dir(config.run.dir, STAGE))
-    progress.close()
-    deadline.report(STAGE, step, optim.max_steps)
-    logger.close()
-    return checkpoint_path(config.run.dir, STAGE)
+    return loop.close()
 
 
 def _gather_pools(pools: dict, job) -> list:
