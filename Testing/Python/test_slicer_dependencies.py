@@ -7,13 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
 
-sys.path.insert(0, str(REPO / "XctDiffSlicer"))
-
-from XctDiffCore.errors import XctDiffError  # noqa: E402
-from XctDiffSlicerLib import dependencies, device_probe  # noqa: E402
-from XctDiffSlicerLib.models import BUNDLED, choose_model  # noqa: E402
+from XctDiffCore.errors import XctDiffError
+from XctDiffSlicerLib import dependencies, device_probe
+from XctDiffSlicerLib.models import BUNDLED, choose_model
 
 
 def write_requirements(tmp_path, text: str):

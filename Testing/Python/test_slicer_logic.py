@@ -15,42 +15,11 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO, SAMPLE_CT
+from test_slicer_process import FAKE_ENGINE, MODE_VARIABLE  # the engine that speaks the protocol
 
-sys.path.insert(0, str(REPO / "XctDiffSlicer"))
-
-from test_slicer_process import FAKE_ENGINE, MODE_VARIABLE  # noqa: E402  (the engine that speaks the protocol)
-
-from XctDiffCore.errors import XctDiffError  # noqa: E402
+from XctDiffCore.errors import XctDiffError
 
 README = REPO / "README.md"
-
-
-def require_slicer_core():
-    """The MRML wheel; a missing one fails loudly (these tests must run in CI, never skip)."""
-    try:
-        import slicer
-
-        slicer.vtkMRMLScene  # noqa: B018
-    except (ImportError, AttributeError) as exc:
-        pytest.fail(f"slicer-core is not installed ({exc}): pip install -r requirements-test.txt", pytrace=False)
-    return slicer
-
-
-@pytest.fixture(scope="module")
-def slicer():
-    return require_slicer_core()
-
-
-@pytest.fixture(scope="module")
-def bridge(slicer):
-    from XctDiffSlicerLib import mrml_bridge
-
-    return mrml_bridge
-
-
-@pytest.fixture
-def scene(slicer):
-    return slicer.vtkMRMLScene()
 
 
 @pytest.fixture

@@ -15,9 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "XctDiffSlicer"))
-
-from XctDiffSlicerLib.process import (  # noqa: E402  (the runner needs no VTK)
+from XctDiffSlicerLib.process import (  # the runner needs no VTK
     ChildProcess,
     Finished,
     LogLine,

@@ -2,43 +2,11 @@
 unchanged, and what the engine writes Slicer reads into the geometry our bridge gives it."""
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
-from conftest import REPO, SAMPLE_CT
+from conftest import SAMPLE_CT
 
-sys.path.insert(0, str(REPO / "XctDiffSlicer"))
-
-from XctDiffCore.volume import Volume  # noqa: E402
-
-
-def require_slicer_core():
-    """The MRML wheel; a missing one fails loudly (these tests must run in CI, never skip)."""
-    try:
-        import slicer
-
-        slicer.vtkMRMLScene  # noqa: B018
-    except (ImportError, AttributeError) as exc:
-        pytest.fail(f"slicer-core is not installed ({exc}): pip install -r requirements-test.txt", pytrace=False)
-    return slicer
-
-
-@pytest.fixture(scope="module")
-def slicer():
-    return require_slicer_core()
-
-
-@pytest.fixture(scope="module")
-def bridge(slicer):
-    from XctDiffSlicerLib import mrml_bridge
-
-    return mrml_bridge
-
-
-@pytest.fixture
-def scene(slicer):
-    return slicer.vtkMRMLScene()
+from XctDiffCore.volume import Volume
 
 
 def oblique_volume() -> Volume:

@@ -2,42 +2,15 @@
 offscreen render of the three views (trame-slicer's VTK views, no display needed) saved as a PNG."""
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 from conftest import REPO, SAMPLE_CT
 
-sys.path.insert(0, str(REPO / "XctDiffSlicer"))
-
-from XctDiffCore.errors import XctDiffError  # noqa: E402
-from XctDiffCore.volume import Volume  # noqa: E402
+from XctDiffCore.errors import XctDiffError
+from XctDiffCore.volume import Volume
 
 THREE_VIEWS_PNG = REPO / "Testing" / "Temporary" / "XctDiffSlicer_three_views.png"
 VIEWS = (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal"))
-
-
-def require_slicer_core():
-    """The MRML wheel; a missing one fails loudly (these tests must run in CI, never skip)."""
-    try:
-        import slicer
-
-        slicer.vtkMRMLScene  # noqa: B018
-    except (ImportError, AttributeError) as exc:
-        pytest.fail(f"slicer-core is not installed ({exc}): pip install -r requirements-test.txt", pytrace=False)
-    return slicer
-
-
-@pytest.fixture(scope="module")
-def slicer():
-    return require_slicer_core()
-
-
-@pytest.fixture(scope="module")
-def bridge(slicer):
-    from XctDiffSlicerLib import mrml_bridge
-
-    return mrml_bridge
 
 
 @pytest.fixture(scope="module")
