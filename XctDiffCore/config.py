@@ -181,9 +181,15 @@ class DiffusionOptimConfig(OptimConfig):
 
 @dataclass
 class DiffusionConfig:
+    """``cond_noise > 0`` is conditioning augmentation (Ho et al. 2022, cascaded diffusion): in training,
+    each prior y gets Gaussian noise of a std drawn uniformly from [0, cond_noise] (y has unit variance
+    per voxel), because on the training patients the encoder's priors are much closer to their targets
+    than on new patients, and a model that learns to trust them fully adds nothing at test time."""
+
     model: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optim: DiffusionOptimConfig = field(default_factory=lambda: DiffusionOptimConfig(batch_size=8, lr=1e-4))
+    cond_noise: float = 0.0
 
 
 @dataclass
@@ -257,6 +263,8 @@ class Config:
                                f"got {self.diffusion.schedule.prediction!r}")
         if self.encoder.image_weight < 0 or self.encoder.image_items < 0:
             raise XctDiffError("encoder.image_weight and encoder.image_items must be 0 or more")
+        if self.diffusion.cond_noise < 0:
+            raise XctDiffError("diffusion.cond_noise must be 0 or more")
         return self
 
     def latent_size(self) -> int:

@@ -75,6 +75,7 @@ def test_unknown_section_is_an_error():
         ({"data": ["x"]}, r"section data must be a mapping"),
         ({"diffusion": {"schedule": {"prediction": "x0"}}}, r"diffusion\.schedule\.prediction must be one of epsilon, v"),
         ({"encoder": {"image_weight": -1.0}}, r"encoder\.image_weight and encoder\.image_items must be 0 or more"),
+        ({"diffusion": {"cond_noise": -0.1}}, r"diffusion\.cond_noise must be 0 or more"),
     ],
 )
 def test_bad_values_are_one_sentence_errors(data, message):

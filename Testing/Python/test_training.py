@@ -288,6 +288,35 @@ def test_encoder_image_term_is_logged_falls_and_changes_training(tmp_path, chain
     assert len(changed) > len(weights[0.0]) // 2
 
 
+def test_condition_augmentation_adds_noise_of_a_random_level_per_prior():
+    from XctDiffCore.training.diffusion import augment_condition
+
+    cond = torch.randn(64, 8, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    assert augment_condition(cond, 0.0, generator) is cond  # off: unchanged, no draws
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(1).get_state())
+    stds = (augment_condition(cond, 0.7, generator) - cond).flatten(1).std(dim=1)
+    assert stds.max() <= 0.7 * 1.2 and stds.min() < 0.1 and stds.max() > 0.5  # levels spread over [0, 0.7]
+    assert abs(stds.mean() - 0.35) < 0.08
+
+
+def test_diffusion_condition_noise_changes_training_and_the_loss_still_falls(tmp_path, chain, datalist):
+    weights = {}
+    for cond_noise in (0.0, 0.5):
+        run = tmp_path / f"n{cond_noise}"
+        for stage in ("autoencoder", "encoder"):
+            shutil.copytree(chain / stage, run / stage)
+        config = tiny_config(run, datalist)
+        config = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, cond_noise=cond_noise))
+        train("diffusion", config)
+        weights[cond_noise] = load_checkpoint(checkpoint_path(run, "diffusion"))["models"]["unet"]
+        losses = column(read_log(run, "diffusion"), "train/noise_mse")
+        assert len(losses) == STEPS and losses[-5:].mean() < 0.9 * losses[:5].mean(), (cond_noise, losses)
+    default = load_checkpoint(checkpoint_path(chain, "diffusion"))["models"]["unet"]
+    assert all(torch.equal(weights[0.0][k], default[k]) for k in default)  # 0 (the default) is the plain run
+    assert not all(torch.equal(weights[0.0][k], weights[0.5][k]) for k in default)
+
+
 # ----------------------------------------------------------------------------------- distributed
 
 

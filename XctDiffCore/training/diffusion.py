@@ -48,6 +48,15 @@ def build_unet(model: UNetConfig):
     return LatentUNet(**dataclasses.asdict(model))
 
 
+def augment_condition(cond: torch.Tensor, max_std: float, generator: torch.Generator) -> torch.Tensor:
+    """Conditioning augmentation (``diffusion.cond_noise``): each prior plus Gaussian noise of a std
+    drawn uniformly from [0, ``max_std``]; ``max_std`` 0 returns the priors unchanged (no draws)."""
+    if max_std <= 0:
+        return cond
+    level = max_std * torch.rand((len(cond),) + (1,) * (cond.dim() - 1), device=cond.device, generator=generator)
+    return cond + level * torch.randn(cond.shape, device=cond.device, generator=generator)
+
+
 @torch.no_grad()
 def validate(ema, encoder, vqgan, schedule, items: list, device, precision: str, steps: int, seed: int) -> dict:
     """DDIM reconstructions of the validation pairs from a fixed noise seed (the global RNG is untouched)."""
@@ -131,6 +140,7 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
         with torch.no_grad(), autocast(device, config.run.precision):
             x0 = ct_latent(vqgan, ct).float()  # (B, 8, d, h, w), zero mean and unit variance per voxel
             cond = encoder.prior(xray, vqgan.quantize).float()  # y, same shape
+            cond = augment_condition(cond, section.cond_noise, noise)
         with autocast(device, config.run.precision):
             loss = diffusion_loss(model, x0, cond, schedule, generator=noise)
         backward_step(loss, list(unet.parameters()), optimizer, scaler, optim.grad_clip)
