@@ -1,6 +1,7 @@
 """What every training stage shares: processes, seeds, precision, checkpoints, logs, metrics, export.
 
-Each stage loop (``autoencoder.py``, ``encoder.py``, ``diffusion.py``) stays short by calling these.
+Each stage loop (``autoencoder.py``, ``encoder.py``, ``diffusion.py``, ``style.py``) stays short by
+calling these; :class:`StageLoop` does what all of them do after a step (log, validate, checkpoint).
 
 * **Processes.** Launched by ``torchrun``, a stage runs as one DDP process per device: the
   presence of torchrun's environment (``RANK``, ``WORLD_SIZE``) switches it on, as in nanoGPT;
@@ -381,6 +382,39 @@ def is_due(step: int, every: int, max_steps: int) -> bool:
     return step % every == 0 or step == max_steps
 
 
+class Progress:
+    """A tqdm bar on stderr (rank 0 only) and one text line per log step; plain lines without tqdm."""
+
+    def __init__(self, stage: str, total: int, initial: int, enabled: bool):
+        self.enabled, self.stage, self.bar = enabled, stage, None
+        if not enabled:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return
+        self.bar = tqdm(total=total, initial=initial, desc=stage, file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, metrics: Optional[dict] = None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if metrics:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        line = f"{self.stage} step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class StageLoop:
     """The bookkeeping every stage does around its optimiser steps, in one place.
 
@@ -441,39 +475,6 @@ class StageLoop:
         self.deadline.report(self.stage, self.step, self.optim.max_steps)
         self.logger.close()
         return self.checkpoint
-
-
-class Progress:
-    """A tqdm bar on stderr (rank 0 only) and one text line per log step; plain lines without tqdm."""
-
-    def __init__(self, stage: str, total: int, initial: int, enabled: bool):
-        self.enabled, self.stage, self.bar = enabled, stage, None
-        if not enabled:
-            return
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            return
-        self.bar = tqdm(total=total, initial=initial, desc=stage, file=sys.stderr, dynamic_ncols=True)
-
-    def update(self, metrics: Optional[dict] = None) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            if metrics:
-                self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
-
-    def write(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        line = f"{self.stage} step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-        if self.bar is not None:
-            self.bar.write(line, file=sys.stderr)
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # ----------------------------------------------------------------------------------------- metrics
