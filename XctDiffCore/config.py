@@ -111,12 +111,41 @@ class AutoencoderLossConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """On-the-fly random variants of the training CTs (:func:`XctDiffCore.training.warp.random_views`).
+
+    Off unless ``enabled``; the magnitudes are its arguments: degrees, relative size per axis, share of
+    the edge, mm of elastic displacement on an ``elastic_grid^3`` lattice, relative and HU jitter.
+    """
+
+    enabled: bool = False
+    max_rotation_deg: float = 5.0
+    max_scale: float = 0.10
+    max_translation: float = 0.04
+    elastic_mm: float = 3.0
+    elastic_grid: int = 5
+    max_hu_scale: float = 0.03
+    max_hu_offset: float = 20.0
+
+    def magnitudes(self) -> dict:
+        """The keyword arguments of ``random_views``; all magnitudes 0 when not ``enabled`` (a crop only)."""
+        return {k: (v if self.enabled or k == "elastic_grid" else 0.0)
+                for k, v in dataclasses.asdict(self).items() if k != "enabled"}
+
+
+@dataclass
 class AutoencoderConfig:
+    """``patch_size > 0`` trains on random ``patch_size^3`` crops of the (augmented) volumes: the networks
+    are fully convolutional and the codebook is spatial, so the VQ-GAN still encodes and decodes whole
+    volumes at inference, while a step costs a fraction of a whole-volume step."""
+
     model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
     disc_3d: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     disc_2d: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(batch_size=1, lr=2e-4, betas=(0.5, 0.9)))
+    patch_size: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -253,6 +282,11 @@ class Config:
             if getattr(self.data, name) < 8:
                 raise XctDiffError(f"data.{name} must be at least 8, got {getattr(self.data, name)}")
         self._check_shapes()
+        patch, factor = self.autoencoder.patch_size, 2 ** (len(self.autoencoder.model.channels) - 1)
+        smallest = 3 * 2 ** self.autoencoder.disc_3d.num_layers  # the volume critic's smallest input
+        if patch and (patch % factor or not smallest <= patch <= self.data.volume_size):
+            raise XctDiffError(f"autoencoder.patch_size must be 0 (whole volumes) or a multiple of {factor} "
+                               f"between {smallest} and data.volume_size ({self.data.volume_size}), got {patch}")
         style_factor = 2**self.style.model.num_downsamples
         if self.data.xray_size % style_factor:
             raise XctDiffError(f"data.xray_size ({self.data.xray_size}) must be a multiple of {style_factor} (style.model.num_downsamples)")

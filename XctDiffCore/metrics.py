@@ -21,6 +21,9 @@ same way for every case, method and run:
 6. **Consistency** of a reconstruction with its input (no ground truth needed): 2D SSIM (default
    window, ``data_range=1``) between the model's input radiograph in [0, 1] and the DRR of the
    reconstruction rendered and normalised the same way (see :mod:`XctDiffCore.pipeline`).
+7. **Bone and lung Dice** on HU thresholds of both volumes, before any windowing: bone ``HU > 200``,
+   lung ``-1000 < HU < -400``; ``2 |A n B| / (|A| + |B|)``, 1 when both masks are empty. They say
+   whether ribs, spine and the lungs' shape are where they belong, which PSNR hardly sees.
 
 Only numpy, torch and scikit-image are imported.
 """
@@ -34,6 +37,8 @@ import torch
 from .layout import HU_MAX, HU_MIN
 
 PERFECT_PSNR_DB = 100.0  # X2CT-GAN's value for MSE = 0
+BONE_HU = 200.0  # bone: above this
+LUNG_HU = (-1000.0, -400.0)  # lung parenchyma: strictly between these
 LPIPS_BATCH = 64  # slices per LPIPS forward pass
 
 
@@ -125,11 +130,32 @@ def slice_lpips(prediction01: np.ndarray, target01: np.ndarray, lpips: torch.nn.
     return float(np.mean(per_axis))
 
 
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean masks; 1.0 when both are empty."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def bone_dice(prediction_hu: np.ndarray, target_hu: np.ndarray) -> float:
+    """Dice of the bone masks (``HU > 200``)."""
+    return dice(np.asarray(prediction_hu) > BONE_HU, np.asarray(target_hu) > BONE_HU)
+
+
+def lung_mask(hu: np.ndarray) -> np.ndarray:
+    hu = np.asarray(hu)
+    return (hu > LUNG_HU[0]) & (hu < LUNG_HU[1])
+
+
+def lung_dice(prediction_hu: np.ndarray, target_hu: np.ndarray) -> float:
+    """Dice of the lung masks (``-1000 < HU < -400``)."""
+    return dice(lung_mask(prediction_hu), lung_mask(target_hu))
+
+
 def volume_scores(prediction_hu: np.ndarray, target_hu: np.ndarray, lpips: Optional[torch.nn.Module] = None, device="cpu") -> dict:
     """Every metric of the protocol for one reconstructed CT against its truth (both in HU, one grid).
 
     Keys: ``psnr``, ``ssim`` (whole volume), ``psnr_slices``, ``ssim_slices`` (X2CT-GAN), ``lpips``
-    (None without an LPIPS model).
+    (None without an LPIPS model), ``bone_dice``, ``lung_dice``.
     """
     pred, true = window01(prediction_hu), window01(target_hu)
     if pred.shape != true.shape or pred.ndim != 3:
@@ -140,4 +166,6 @@ def volume_scores(prediction_hu: np.ndarray, target_hu: np.ndarray, lpips: Optio
         "psnr_slices": slice_psnr(pred, true),
         "ssim_slices": slice_ssim(pred, true),
         "lpips": slice_lpips(pred, true, lpips, device) if lpips is not None else None,
+        "bone_dice": bone_dice(prediction_hu, target_hu),
+        "lung_dice": lung_dice(prediction_hu, target_hu),
     }

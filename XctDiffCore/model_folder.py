@@ -98,8 +98,12 @@ def bundled_model_folder() -> Path:
     return folders[0]
 
 
-def read_manifest(folder) -> dict:
-    """``manifest.json`` of a model folder as a dict, with a clear error when it is missing or malformed."""
+def read_manifest(folder, required=REQUIRED_STAGES) -> dict:
+    """``manifest.json`` of a model folder as a dict, with a clear error when it is missing or malformed.
+
+    ``required``: the stages it must have (all three for reconstruction; fewer for a partial folder,
+    e.g. an autoencoder exported before the later stages were trained).
+    """
     folder = Path(folder)
     if not folder.exists():
         raise XctDiffError(f"model folder not found: {folder}")
@@ -116,7 +120,7 @@ def read_manifest(folder) -> dict:
         raise XctDiffError(f"{path} has no 'stages' section: not a model manifest")
     if not isinstance(manifest.get("sha256"), dict):
         raise XctDiffError(f"{path} has no 'sha256' checksums: refusing to load unverified weights")
-    missing = [s for s in REQUIRED_STAGES if s not in manifest["stages"]]
+    missing = [s for s in required if s not in manifest["stages"]]
     if missing:
         raise XctDiffError(f"{path} lacks the {', '.join(missing)} stage(s)")
     return manifest
@@ -191,6 +195,20 @@ def _load_weights(network: nn.Module, stage: str, path: Path) -> nn.Module:
             f"the {stage} weights in {path} do not match its configuration ({_first_line(exc)})"
         ) from None
     return network.float().eval().requires_grad_(False)
+
+
+def load_autoencoder(folder) -> tuple:
+    """The verified VQ-GAN of a (possibly partial) model folder and the CT edge it works at: ``(vqgan, volume_size)``."""
+    from .models.vqgan import VQGAN
+
+    folder = Path(folder)
+    manifest = read_manifest(folder, required=("autoencoder",))
+    verify_checksums(folder, manifest)
+    settings = _stage_settings(folder, manifest, "autoencoder")
+    vqgan = _load_weights(_build("autoencoder", VQGAN, settings, folder), "autoencoder",
+                          folder / manifest["stages"]["autoencoder"]["weights"])
+    data = manifest.get("data", {}) or {}
+    return vqgan, int(data.get("volume_size", PREPARED_SIZE))
 
 
 def load_model_folder(folder) -> ModelFolder:

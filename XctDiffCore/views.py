@@ -14,6 +14,8 @@ import numpy as np
 from .layout import ct_to_model_layout
 
 CT_WINDOW_HU = (-1000.0, 1000.0)  # display only: lungs to bone in one window
+BONE_WINDOW_HU = (-450.0, 1350.0)  # width 1800, level 450: ribs, spine and sternum
+LUNG_WINDOW_HU = (-1350.0, 150.0)  # width 1500, level -600: lung parenchyma and vessels
 PANEL_SIZE = 160  # pixels per panel side
 LABEL_HEIGHT = 14
 GAP = 2

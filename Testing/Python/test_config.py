@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 
 from XctDiffCore.config import (
+    AugmentConfig,
     Config,
     bundled_config_names,
     config_from_dict,
@@ -24,6 +25,22 @@ def test_preview_config_is_coarse_and_has_no_adversarial_term():
     c = load_config("preview")
     assert (c.data.volume_size, c.latent_size(), c.data.xray_size) == (64, 16, 64)
     assert c.autoencoder.loss.disc_start > c.autoencoder.optim.max_steps
+
+
+def test_cpu_config_trains_the_papers_grid_on_patches():
+    c = load_config("cpu")
+    assert (c.data.volume_size, c.latent_size(), c.autoencoder.model.latent_channels) == (128, 32, 8)
+    assert c.autoencoder.model.codebook_size == 8192 and c.autoencoder.model.super_resolution
+    assert c.autoencoder.patch_size == 64 and c.autoencoder.augment.enabled
+    assert c.autoencoder.loss.disc_start < c.autoencoder.optim.max_steps  # the critics do join
+    assert c.autoencoder.loss.perceptual_weight > 0
+
+
+def test_augment_magnitudes_are_zero_unless_enabled():
+    off = AugmentConfig(enabled=False, max_rotation_deg=7.0).magnitudes()
+    assert off["max_rotation_deg"] == 0.0 and off["elastic_grid"] == AugmentConfig().elastic_grid
+    assert AugmentConfig(enabled=True, max_rotation_deg=7.0).magnitudes()["max_rotation_deg"] == 7.0
+    assert "enabled" not in off
 
 
 def test_paper_config_has_the_papers_numbers():
@@ -76,6 +93,8 @@ def test_unknown_section_is_an_error():
         ({"diffusion": {"schedule": {"prediction": "x0"}}}, r"diffusion\.schedule\.prediction must be one of epsilon, v"),
         ({"encoder": {"image_weight": -1.0}}, r"encoder\.image_weight and encoder\.image_items must be 0 or more"),
         ({"diffusion": {"cond_noise": -0.1}}, r"diffusion\.cond_noise must be 0 or more"),
+        ({"autoencoder": {"patch_size": 30}}, r"autoencoder\.patch_size must be 0 \(whole volumes\) or a multiple of 4"),
+        ({"autoencoder": {"patch_size": 256}}, r"autoencoder\.patch_size must be 0"),
     ],
 )
 def test_bad_values_are_one_sentence_errors(data, message):

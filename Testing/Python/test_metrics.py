@@ -101,8 +101,22 @@ def test_lpips_of_identical_volumes_is_zero():
 def test_volume_scores_keys_and_missing_lpips(pair):
     truth_hu = synthetic_chest((16, 16, 16))
     scores = metrics.volume_scores(truth_hu + 50, truth_hu, lpips=None)
-    assert set(scores) == {"psnr", "ssim", "psnr_slices", "ssim_slices", "lpips"}
+    assert set(scores) == {"psnr", "ssim", "psnr_slices", "ssim_slices", "lpips", "bone_dice", "lung_dice"}
     assert scores["lpips"] is None
+
+
+def test_bone_and_lung_dice_follow_the_hu_thresholds():
+    truth = np.full((8, 8, 8), -1024.0)
+    truth[:, :4] = -800.0  # lung
+    truth[:, 6:] = 700.0  # bone
+    assert metrics.bone_dice(truth, truth) == 1.0 and metrics.lung_dice(truth, truth) == 1.0
+    half_bone = truth.copy()
+    half_bone[:, 7:] = 40.0  # half the bone becomes soft tissue: Dice 2 * 64 / (64 + 128)
+    assert metrics.bone_dice(half_bone, truth) == pytest.approx(2 / 3)
+    assert metrics.lung_dice(half_bone, truth) == 1.0
+    air = np.full_like(truth, -1024.0)  # -1024 is not lung (the interval is open) and not bone
+    assert metrics.bone_dice(air, truth) == 0.0 and metrics.lung_dice(air, truth) == 0.0
+    assert metrics.bone_dice(air, air) == 1.0  # both empty
 
 
 def test_worse_reconstructions_score_worse():

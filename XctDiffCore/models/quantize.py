@@ -42,14 +42,14 @@ class HomogeneousQuantizer(nn.Module):
     gradient), the scalar loss of eq. 2 and the code indices ``(B, D, H, W)`` (int64).
     """
 
-    def __init__(self, codebook_size: int = 8192, embedding_dim: int = 8, beta: float = 0.25, search_chunk: int = 32768):
+    def __init__(self, codebook_size: int = 8192, embedding_dim: int = 8, beta: float = 0.25, search_chunk: int = 4096):
         super().__init__()
         if embedding_dim < 2:
             raise ValueError("embedding_dim must be >= 2: a z-score over one channel is undefined")
         self.codebook_size = codebook_size
         self.embedding_dim = embedding_dim
         self.beta = beta
-        # Rows per block of the distance matrix: 32768 x 8192 floats = 1 GiB at most at a time.
+        # Rows per block of the distance matrix: 4096 x 8192 floats = 128 MiB at a time (as fast as one big block).
         self.search_chunk = search_chunk
         # Any scale works (entries are normalised before use); N(0, 1) avoids near-constant entries.
         self.codebook = nn.Parameter(torch.randn(codebook_size, embedding_dim))

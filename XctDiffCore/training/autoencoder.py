@@ -40,6 +40,7 @@ from .common import (
 )
 from .data import PairDataset, train_loader
 from .warm_start import warm_start
+from .warp import random_views, step_generator
 
 STAGE = "autoencoder"
 
@@ -171,7 +172,11 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
 
     while loop.running():
         step = loop.step
-        x = next(batches)["image"].to(device, non_blocking=True)  # (B, 1, D, H, W) in [-1, 1]
+        x = next(batches)["image"]  # (B, 1, D, H, W) in [-1, 1]
+        if section.patch_size or section.augment.enabled:  # a fresh variant and/or crop of each volume
+            generator = step_generator(config.run.seed, job.rank, step)
+            x = random_views(x, generator, section.patch_size or None, **section.augment.magnitudes())
+        x = x.to(device, non_blocking=True)
         lr = learning_rate(step, optim)
         set_learning_rate(opt_g, lr)
         set_learning_rate(opt_d, lr)

@@ -1,0 +1,204 @@
+"""``xctdiff evaluate-autoencoder``: how much of a CT survives the VQ-GAN alone (encode, quantise, decode).
+
+No reconstruction can be sharper than what the autoencoder decodes from the *true* latent, so this is
+the ceiling of the whole product. Per validation case (the same cases as ``xctdiff evaluate``: the
+datalist's un-augmented validation CTs, or a folder of CTs preprocessed to 128^3 at 2.5 mm):
+
+* **autoencoder**: the CT on the model's grid -> ``encode`` -> ``quantize`` -> ``decode`` -> HU,
+  trilinearly brought to 128^3 when the model works coarser, scored against the CT with the pinned
+  protocol (:mod:`XctDiffCore.metrics`: PSNR/SSIM in 3D on the [-1024, 2048] HU window, bone and lung
+  Dice, LPIPS where its weights exist), with the codebook's use on that case (share of entries used,
+  perplexity);
+* **resample bounds** (no learning at all): the CT average-pooled to a coarser grid and trilinearly
+  resampled back, at the latent's resolution (what the latent grid could hold with unquantised,
+  one-number voxels) and at 64^3. An autoencoder below the 64^3 bound blurs more than a 5 mm grid.
+
+Outputs in ``--out``: ``metrics.csv`` (one row per case and method), ``summary.md`` (per-case rows,
+then mean ± std), ``summary.json`` and ``figure.png`` (truth vs decoded, axial and coronal mid-slices
+in a bone window and a lung window, a row per case).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import XctDiffError
+
+COLUMNS = ("psnr", "ssim", "bone_dice", "lung_dice", "lpips", "codebook_use", "perplexity")
+TITLES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "bone_dice": "bone Dice", "lung_dice": "lung Dice", "lpips": "LPIPS",
+          "codebook_use": "codes used", "perplexity": "perplexity"}
+BOUND_SIZE = 64  # the issue's reference bound: a 5 mm grid
+
+
+def load_vqgan(model=None, run=None) -> tuple:
+    """``(vqgan, volume_size, source)`` from a model folder (possibly partial) or a training run's checkpoint."""
+    if (model is None) == (run is None):
+        raise XctDiffError("give one of --model FOLDER or --run RUN")
+    if model is not None:
+        from .model_folder import load_autoencoder
+
+        vqgan, size = load_autoencoder(model)
+        return vqgan, size, str(model)
+    from .config import config_from_dict
+    from .models.vqgan import VQGAN
+
+    path = Path(run) / "autoencoder" / "checkpoint.pt"
+    if not path.is_file():
+        raise XctDiffError(f"no autoencoder checkpoint in {run} (expected {path})")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        config = config_from_dict(checkpoint["config"])
+        state = checkpoint["models"]["vqgan"]
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise XctDiffError(f"cannot read the autoencoder checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    vqgan = VQGAN(**dataclasses.asdict(config.autoencoder.model))
+    vqgan.load_state_dict(state)
+    return vqgan.eval().requires_grad_(False), config.data.volume_size, f"{run} (step {checkpoint.get('step', '?')})"
+
+
+def pool_and_resample(ct_hu: np.ndarray, size: int) -> np.ndarray:
+    """The resample bound: average-pool a ``N^3`` HU volume to ``size^3``, trilinearly back to ``N^3``."""
+    x = torch.from_numpy(np.ascontiguousarray(ct_hu, dtype=np.float32))[None, None]
+    coarse = F.adaptive_avg_pool3d(x, size)
+    return F.interpolate(coarse, size=ct_hu.shape, mode="trilinear", align_corners=False)[0, 0].numpy()
+
+
+@torch.no_grad()
+def autoencode(vqgan, ct_hu: np.ndarray, volume_size: int) -> tuple:
+    """A canonical HU CT through the VQ-GAN on its grid: ``(decoded HU on the CT's grid, code indices)``."""
+    from .layout import model_layout_to_ct, unit_to_hu
+    from .training.data import ct_to_model
+
+    x = ct_to_model(ct_hu, volume_size)[None]  # (1, 1, s, s, s) in [-1, 1], model layout
+    z_q, _, indices = vqgan.quantize(vqgan.encode(x))
+    decoded = model_layout_to_ct(unit_to_hu(vqgan.decode(z_q)[0, 0].numpy()))
+    if decoded.shape != ct_hu.shape:
+        decoded = F.interpolate(torch.from_numpy(np.ascontiguousarray(decoded))[None, None], size=ct_hu.shape,
+                                mode="trilinear", align_corners=False)[0, 0].numpy()
+    return decoded.astype(np.float32), indices
+
+
+def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optional[int] = None, progress: bool = True,
+                         figure_cases: int = 4) -> dict:
+    """Run the protocol of the module docstring; write the outputs; return ``{"rows", "summary"}``."""
+    from tqdm import tqdm
+
+    from .evaluation import _is_datalist, _write_text, ct_folder_cases, datalist_cases, summarize
+    from .metrics import volume_scores
+    from .model_folder import PREPARED_SIZE
+    from .models.lpips import LPIPS
+    from .models.quantize import code_histogram, codebook_perplexity, codebook_utilisation
+
+    data, out_dir = Path(data), Path(out_dir)
+    if not data.exists():
+        raise XctDiffError(f"evaluation data not found: {data}")
+    if max_cases is not None and max_cases < 1:
+        raise XctDiffError(f"--max-cases must be at least 1, got {max_cases}")
+    if not out_dir.parent.is_dir():
+        raise XctDiffError(f"output folder does not exist: {out_dir.parent}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise XctDiffError(f"--out names a file, not a folder: {out_dir}")
+    vqgan, volume_size, source = load_vqgan(model, run)
+    cases = (datalist_cases(data, PREPARED_SIZE, max_cases) if _is_datalist(data)
+             else ct_folder_cases(data, PREPARED_SIZE, "cone", max_cases))
+    out_dir.mkdir(exist_ok=True)
+    lpips = LPIPS.load()
+    latent = volume_size // vqgan.downsample_factor
+
+    rows, figure, histogram = [], [], torch.zeros(vqgan.codebook_size, dtype=torch.long)
+    for case in tqdm(cases, desc="evaluate-autoencoder", unit="case", file=sys.stderr, disable=not progress):
+        decoded, indices = autoencode(vqgan, case.truth_hu, volume_size)
+        histogram += code_histogram(indices, vqgan.codebook_size)
+        rows.append({"case": case.name, "method": "autoencoder", **volume_scores(decoded, case.truth_hu, lpips),
+                     "codebook_use": codebook_utilisation(indices, vqgan.codebook_size),
+                     "perplexity": codebook_perplexity(indices, vqgan.codebook_size)})
+        for size in dict.fromkeys((latent, BOUND_SIZE)):
+            bound = pool_and_resample(case.truth_hu, size)
+            rows.append({"case": case.name, "method": f"resample {size}^3", **volume_scores(bound, case.truth_hu, lpips)})
+        if len(figure) < figure_cases:
+            figure.append((case, decoded))
+
+    summary = summarize_rows(rows, summarize)
+    summary["autoencoder"]["codebook_use_all_cases"] = float((histogram > 0).float().mean())
+    header = (f"Autoencoder of `{source}`: {volume_size}^3 grid, latent {latent}^3 x {vqgan.latent_channels}, "
+              f"codebook {vqgan.codebook_size}; {len(cases)} cases from `{data.name}`, scored on "
+              f"{PREPARED_SIZE}^3 at 2.5 mm (bone: HU > 200, lung: -1000 < HU < -400). "
+              f"Codebook entries used over all cases: {summary['autoencoder']['codebook_use_all_cases']:.1%}.\n\n")
+    _write_text(out_dir / "metrics.csv", rows_csv(rows))
+    _write_text(out_dir / "summary.md", header + per_case_table(rows) + "\n" + mean_table(summary))
+    _write_text(out_dir / "summary.json", json.dumps({"source": source, "cases": len(cases), "summary": summary,
+                                                      "rows": rows}, indent=2) + "\n")
+    if figure:
+        from .views import compose_grid, write_png
+
+        write_png(compose_grid(figure_rows(figure)), out_dir / "figure.png")
+    return {"rows": rows, "summary": summary}
+
+
+def summarize_rows(rows: list, summarize) -> dict:
+    """method -> column -> mean/std/n, over the protocol's metrics and the codebook columns."""
+    summary = summarize(rows)
+    for method in summary:
+        for column in ("bone_dice", "lung_dice", "codebook_use", "perplexity"):
+            values = [r[column] for r in rows if r["method"] == method and r.get(column) is not None]
+            if values:
+                summary[method][column] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
+    return summary
+
+
+def _cell(column: str, value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.2f}" if column in ("psnr", "perplexity") else f"{value:.3f}"
+
+
+def per_case_table(rows: list) -> str:
+    lines = ["| case | method | " + " | ".join(TITLES[c] for c in COLUMNS) + " |", "| --- | --- |" + " ---: |" * len(COLUMNS)]
+    for row in rows:
+        lines.append(f"| {row['case']} | {row['method']} | " + " | ".join(_cell(c, row.get(c)) for c in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def mean_table(summary: dict) -> str:
+    lines = ["| method (mean ± std) | " + " | ".join(TITLES[c] for c in COLUMNS) + " |", "| --- |" + " ---: |" * len(COLUMNS)]
+    for method, metrics in summary.items():
+        cells = [f"{_cell(c, metrics[c]['mean'])} ± {_cell(c, metrics[c]['std'])}" if isinstance(metrics.get(c), dict) else ""
+                 for c in COLUMNS]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def rows_csv(rows: list) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=("case", "method", *COLUMNS), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]))
+                         for k in ("case", "method", *COLUMNS)})
+    return buffer.getvalue()
+
+
+def figure_rows(figure: list) -> list:
+    """Per case: truth | decoded, axial and coronal, in a bone window, then in a lung window."""
+    from .views import BONE_WINDOW_HU, LUNG_WINDOW_HU, orthogonal_slices, window
+
+    rows = []
+    for case, decoded in figure:
+        truth, ours = orthogonal_slices(case.truth_hu), orthogonal_slices(decoded)
+        row = []
+        for name, low_high in (("bone", BONE_WINDOW_HU), ("lung", LUNG_WINDOW_HU)):
+            for plane in ("coronal", "axial"):
+                row += [(f"{case.name[:14]} {plane} {name}", window(truth[plane], low_high)),
+                        (f"decoded {plane} {name}", window(ours[plane], low_high))]
+        rows.append(row)
+    return rows
