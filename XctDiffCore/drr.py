@@ -171,11 +171,13 @@ def write_drr_file(ct_path, out_path, geometry: str = "cone", size: int = 128) -
     ``.png``: 16-bit grey in [0, 1]; ``.nrrd``: the float32 image with its detector pixel spacing.
     Bad input raises :class:`XctDiffError` before anything is written.
     """
-    from .atomic import check_output_path, full_suffix
+    from .atomic import check_output_path, file_identity, full_suffix
     from .io import drr_tag_metadata, read_ct, write_image_png, write_radiograph_nrrd
     from .preprocess import preprocess_ct
 
     out_path = check_output_path(out_path)
+    if file_identity(out_path) == file_identity(ct_path):
+        raise XctDiffError(f"the output {out_path} is the input CT: write the DRR elsewhere")
     suffix = full_suffix(out_path).lower()
     if suffix not in DRR_FILE_SUFFIXES:
         raise XctDiffError(f"cannot write a DRR as '{suffix or out_path.name}': use .png or .nrrd")

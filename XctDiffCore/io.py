@@ -26,6 +26,10 @@ from .volume import Volume
 DRR_TAG_KEY = "xctdiff_drr"
 # Smaller images carry no usable anatomy and break the radiograph preprocessing.
 MIN_RADIOGRAPH_SIZE = 32
+# The preprocessing pads a film to a square of its long side: 10000 pixels (a 43 cm film scanned at
+# 43 um) make a 400 MB float32 square, a strip of 32 x 100000 pixels would ask for 40 GB. Checked on
+# the file's header, before the pixels are decoded. (How thin a film may be: preprocess.MAX_RADIOGRAPH_ASPECT.)
+MAX_RADIOGRAPH_SIDE = 10000
 
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SITK_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -136,16 +140,27 @@ def _check_nrrd_spacing(path: Path) -> None:
         raise XctDiffError(f"voxel spacing must be positive, got {_fmt(spacing)} in {path}")
 
 
+def check_radiograph_size(rows: int, cols: int, source: str = "image") -> None:
+    """Refuse a film under 32x32 pixels or over 10000 pixels a side."""
+    rows, cols = int(rows), int(cols)
+    if min(rows, cols) < MIN_RADIOGRAPH_SIZE:
+        raise XctDiffError(
+            f"radiograph {source} is {rows}x{cols} pixels, "
+            f"smaller than the minimum {MIN_RADIOGRAPH_SIZE}x{MIN_RADIOGRAPH_SIZE}"
+        )
+    if max(rows, cols) > MAX_RADIOGRAPH_SIDE:
+        raise XctDiffError(
+            f"radiograph {source} is {rows}x{cols} pixels, larger than the maximum {MAX_RADIOGRAPH_SIDE} pixels a side"
+        )
+
+
 def check_radiograph_image(image: np.ndarray, source: str = "image") -> np.ndarray:
-    """Refuse what no radiograph step can use: not 2D, under 32x32 pixels, NaN or Inf. Returns float32."""
+    """Refuse what no radiograph step can use: not 2D, a size :func:`check_radiograph_size` refuses,
+    NaN or Inf. Returns float32."""
     image = np.asarray(image)
     if image.ndim != 2:
         raise XctDiffError(f"expected a 2D radiograph, got an array of shape {image.shape} from {source}")
-    if min(image.shape) < MIN_RADIOGRAPH_SIZE:
-        raise XctDiffError(
-            f"radiograph {source} is {image.shape[0]}x{image.shape[1]} pixels, "
-            f"smaller than the minimum {MIN_RADIOGRAPH_SIZE}x{MIN_RADIOGRAPH_SIZE}"
-        )
+    check_radiograph_size(*image.shape, source)
     image = image.astype(np.float32, copy=False)
     if not np.all(np.isfinite(image)):
         raise XctDiffError(f"radiograph {source} contains NaN or infinite pixel values")
@@ -292,7 +307,10 @@ def write_volume(volume: Volume, path) -> Path:
         array = array.astype(np.float32)
     image = Volume(array, volume.spacing, volume.origin, volume.direction).to_sitk()
     with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=suffix in (".nrrd", ".mha"))
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=suffix in (".nrrd", ".mha"))
+        except RuntimeError as exc:  # ITK's NRRD and MetaImage writers report a failed write (disk full) so
+            raise XctDiffError(f"cannot write {path}: {_one_line(exc).removeprefix('Reason: ')}") from exc
     return path
 
 
@@ -339,6 +357,7 @@ def _read_pil(path: Path):
     with _library_errors(path, "an image"), opened as img:
         if getattr(img, "n_frames", 1) > 1:
             raise XctDiffError(f"expected a 2D radiograph, got a {img.n_frames}-frame image stack: {path}")
+        check_radiograph_size(img.size[1], img.size[0], str(path))  # before decoding (EXIF rotation keeps it)
         img.load()
         text = dict(getattr(img, "text", {}) or {})
         img = ImageOps.exif_transpose(img)  # cameras and scanners may store the film rotated
@@ -356,8 +375,19 @@ def _read_sitk_radiograph(path: Path):
     """A 2D image, or a 3D one with a single slice (how Slicer saves a 2D scalar volume node)."""
     import SimpleITK as sitk
 
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     with _library_errors(path, "a radiograph"), _itk_quiet():
-        image = sitk.ReadImage(str(path))
+        reader.ReadImageInformation()
+    size, components = reader.GetSize(), reader.GetNumberOfComponents()
+    if components not in (1, 3, 4):
+        raise XctDiffError(f"expected a grey (or RGB) radiograph, got {components} values per pixel: {path}")
+    if len(size) == 2 or (len(size) == 3 and 1 in size):  # a film (3D: one slice): check before reading its pixels
+        flat = size.index(1) if len(size) == 3 else None
+        rows, cols = [size[axis] for axis in reversed(range(len(size))) if axis != flat]
+        check_radiograph_size(rows, cols, str(path))
+    with _library_errors(path, "a radiograph"), _itk_quiet():
+        image = reader.Execute()
     is_drr = image.HasMetaDataKey(DRR_TAG_KEY) and image.GetMetaData(DRR_TAG_KEY).strip() == "1"
     if image.GetDimension() == 3:
         size = image.GetSize()
@@ -414,6 +444,8 @@ def _read_dicom_radiograph(path: Path):
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames > 1:
             raise XctDiffError(f"expected a radiograph, got a 3D volume of {frames} frames: {path}")
+        if "Rows" in ds and "Columns" in ds:
+            check_radiograph_size(ds.Rows, ds.Columns, str(path))  # before decoding the pixels
         stored = ds.pixel_array
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
         if stored.ndim == 3:  # colour (pydicom converts YCbCr to RGB)

@@ -8,7 +8,9 @@ the original and ``augment`` random variations (:class:`RandomChestAugment`, app
   and ``axes='zyx'`` (the shared data's format: :func:`read_ct` reads it with numpy alone);
 * ``xrays/<id>_aug<k>.npy``: the float32 [0, 1] DRR in display orientation, and a ``.png`` preview;
 * ``datalist.json``: ``{"training": [{"image", "xray", "patient", "aug"}], "validation": [...]}`` with
-  paths relative to the datalist, split by patient so no patient's variants leak across the split.
+  paths relative to the datalist, split by patient so no patient's variants leak across the split:
+  a seeded random share (``val_fraction``), or the patients a split file names (``split``; the
+  shared data's fixed whole-chest split is ``splits/shared_whole_chest.json``).
 
 The datalist is written last: it exists only when every pair was written.
 """
@@ -104,11 +106,44 @@ def split_patients(patients: list, val_fraction: float, seed: int) -> tuple:
     return [i for i in ids if i not in validation], [i for i in ids if i in validation]
 
 
+SPLIT_DIR = Path(__file__).resolve().parent / "splits"
+
+
+def read_split(name_or_path) -> list:
+    """The validation patient ids of a split file (``{"validation": [ids], "description": why}``).
+
+    A bare name (``shared_whole_chest``) is looked up in the engine's ``splits/`` folder.
+    """
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = SPLIT_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SPLIT_DIR.glob("*.json")))
+        raise XctDiffError(f"split file not found: {name_or_path} (built in: {known})")
+    try:
+        ids = json.loads(path.read_text(encoding="utf-8"))["validation"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise XctDiffError(f"{path}: a split file needs a 'validation' list of patient ids ({exc})") from None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise XctDiffError(f"{path}: 'validation' must be a list of patient ids")
+    return ids
+
+
+def fixed_split(patients: list, validation_ids: list) -> tuple:
+    """(training ids, validation ids) with the validation named by the split; every named id must be present."""
+    missing = sorted(set(validation_ids) - set(patients))
+    if missing:
+        raise XctDiffError(f"the split names patients that are not among the inputs: {', '.join(missing)}")
+    ids = sorted(patients)
+    return [i for i in ids if i not in validation_ids], [i for i in ids if i in validation_ids]
+
+
 def prepare_dataset(
     inputs: Iterable,
     out_dir,
     augment: int = 0,
     val_fraction: float = 0.2,
+    split=None,
     seed: int = 0,
     size: int = 128,
     geometry: str = "cone",
@@ -128,7 +163,11 @@ def prepare_dataset(
         raise XctDiffError(f"--size must be between 16 and 512, got {size}")
     geom = make_geometry(geometry)
     cts = find_ct_inputs(inputs)
-    training, validation = split_patients([c.patient for c in cts], val_fraction, seed)
+    patients = [c.patient for c in cts]
+    if split is not None:
+        training, validation = fixed_split(patients, read_split(split))
+    else:
+        training, validation = split_patients(patients, val_fraction, seed)
     out_dir = Path(out_dir)
     for folder in (out_dir, out_dir / "images", out_dir / "xrays"):
         folder.mkdir(parents=True, exist_ok=True)
@@ -159,6 +198,7 @@ def prepare_dataset(
         "description": "CT + DRR pairs from `xctdiff prepare`, split by patient",
         "settings": {
             "geometry": geometry, "size": size, "augment": augment, "val_fraction": val_fraction, "seed": seed,
+            "split": None if split is None else str(split),
         },
         "training": [e for p in training for e in entries[p]],
         "validation": [e for p in validation for e in entries[p]],

@@ -21,6 +21,14 @@ BODY_HU = -500.0  # tissue: the body is the largest component above this
 LUNG_HU = -400.0  # air-like voxels inside the body are lung (or bowel gas, trachea: see _lung_z_centre)
 RADIOGRAPH_PERCENTILES = (0.5, 99.5)
 EMPTY_LINE_LEVEL = 0.05  # a border row/column whose 95th percentile is below this (after normalising) is empty
+# A chest film is about square; one more than 4 times longer than wide would be mostly padding (the
+# size of the padded square is bounded by io.MAX_RADIOGRAPH_SIDE, read from the file's header).
+MAX_RADIOGRAPH_ASPECT = 4.0
+# Bounds of the resampling grid, checked before it is allocated: a body CT spans at most 2 m (head to
+# feet) on any axis; a larger span means a wrong voxel spacing in the file (200 mm for 2 mm). 2^27
+# voxels (a 512 MB float32 grid) hold a whole body at 2.5 mm.
+MAX_CT_EXTENT_MM = 2000.0
+MAX_GRID_VOXELS = 2**27
 
 
 def preprocess_ct(volume: Volume, size: int = 128, spacing: float = 2.5) -> Volume:
@@ -30,6 +38,7 @@ def preprocess_ct(volume: Volume, size: int = 128, spacing: float = 2.5) -> Volu
     so it lies where the input lay in patient space.
     """
     grid_origin, grid_size = _canonical_grid(volume, spacing)
+    _check_grid(volume, grid_size, spacing)
     if _on_canonical_grid(volume, spacing):  # resampling would be the identity: no SimpleITK needed
         hu = volume.array.astype(np.float32)
     else:
@@ -73,6 +82,23 @@ def _canonical_grid(volume: Volume, spacing: float):
     low, high = volume.extent_lps()
     size = np.floor((high - low) / spacing + 1e-6).astype(int) + 1
     return np.asarray(low, dtype=float), size
+
+
+def _check_grid(volume: Volume, grid_size, spacing: float) -> None:
+    """Refuse, before any allocation, a CT whose span or resampling grid no body CT has."""
+    low, high = volume.extent_lps()
+    span = " x ".join(f"{v:.4g}" for v in high - low)
+    voxel = " x ".join(f"{v:.4g}" for v in volume.spacing)
+    if np.any(high - low > MAX_CT_EXTENT_MM):
+        raise XctDiffError(
+            f"the CT spans {span} mm (x, y, z; voxel spacing {voxel} mm): more than the {MAX_CT_EXTENT_MM:g} mm "
+            "a body CT can span; check the voxel spacing in the file"
+        )
+    if int(np.prod(grid_size, dtype=np.int64)) > MAX_GRID_VOXELS:
+        raise XctDiffError(
+            f"the CT spans {span} mm: resampled to {spacing:g} mm that is "
+            f"{' x '.join(str(int(n)) for n in grid_size)} voxels, more than the {MAX_GRID_VOXELS} allowed"
+        )
 
 
 def _body_mask(hu: np.ndarray) -> np.ndarray:
@@ -124,6 +150,7 @@ def preprocess_radiograph(image: np.ndarray, size: int = 128) -> np.ndarray:
     from skimage.transform import resize
 
     image = check_radiograph_image(image)
+    check_radiograph_aspect(image.shape)
     unit = _percentile_unit(image)
     lines = np.percentile(unit, 95, axis=1), np.percentile(unit, 95, axis=0)
     keep = [np.nonzero(profile > EMPTY_LINE_LEVEL)[0] for profile in lines]
@@ -137,6 +164,15 @@ def preprocess_radiograph(image: np.ndarray, size: int = 128) -> np.ndarray:
     square[top : top + rows, left : left + cols] = unit
     out = resize(square, (size, size), order=1, anti_aliasing=side > size, preserve_range=True)
     return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def check_radiograph_aspect(shape, source: str = "the radiograph") -> None:
+    """Refuse a film more than 4 times longer than wide: no chest film, and mostly padding once square."""
+    rows, cols = (int(n) for n in shape)
+    if max(rows, cols) > MAX_RADIOGRAPH_ASPECT * min(rows, cols):
+        raise XctDiffError(
+            f"{source} is {rows}x{cols} pixels: a chest film is not more than {MAX_RADIOGRAPH_ASPECT:g} times longer than wide"
+        )
 
 
 def _percentile_unit(image: np.ndarray) -> np.ndarray:

@@ -5,6 +5,8 @@
   ``<folder>_ct`` beside it, created when missing). Under ``torchrun`` each process takes the files
   ``rank::world_size`` and, on CUDA, the GPU ``local_rank``: no communication between processes.
   A file that fails is reported and skipped; the command then ends with one error line.
+* No output may be an input or another output of the run (checked before anything is loaded);
+  existing files at the output paths are replaced.
 * Progress: a tqdm bar on stderr, or with ``--progress-lines`` the machine-readable ``PROGRESS`` /
   ``RESULT`` lines of ``XctDiffSlicer/XctDiffSlicerLib/PROTOCOL.md`` on stdout (flushed at once).
 * One summary line per file (time, device, consistency) on stdout; ``RESULT`` is the last line.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 import warnings
@@ -102,8 +105,32 @@ def _output_folder(path: Path) -> Path:
         raise XctDiffError(f"the input is a folder, so the output must be a folder too, got the file {path}")
     if not path.parent.is_dir():
         raise XctDiffError(f"output folder does not exist: {path.parent}")
-    path.mkdir(exist_ok=True)
+    try:
+        path.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise XctDiffError(f"cannot make the output folder {path}: {exc.strerror or exc}") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise XctDiffError(f"output folder is not writable: {path}")
     return path
+
+
+def _refuse_overlaps(inputs: list, jobs: list) -> None:
+    """Refuse an output that is an input (it would be destroyed) or another output of the run (one would
+    replace the other): by file identity, so links and ``./`` spellings count."""
+    from .atomic import file_identity
+
+    sources = {file_identity(f): f for f in inputs}
+    written = {}
+    for _, *outputs in jobs:
+        for out in outputs:
+            if out is None:
+                continue
+            key = file_identity(out)
+            if key in sources:
+                raise XctDiffError(f"the output {out} is the input {sources[key]}: write the output elsewhere")
+            if key in written:
+                raise XctDiffError(f"the outputs {written[key]} and {out} are the same file: give each its own path")
+            written[key] = out
 
 
 def run_reconstruct(
@@ -136,26 +163,38 @@ def run_reconstruct(
         found = find_radiographs(input_path)
         _refuse_shared_stems(found)
         files = found[rank::world_size]
-        out_dir = _output_folder(Path(output) if output else input_path.with_name(input_path.name + "_ct"))
-        unc_dir = _output_folder(Path(uncertainty)) if uncertainty else None
-        views_dir = _output_folder(Path(views)) if views else None
+        out_dir = Path(output) if output else input_path.with_name(input_path.name + "_ct")
+        unc_dir = Path(uncertainty) if uncertainty else None
+        views_dir = Path(views) if views else None
         for f in files:
             stem = _stem(f)
             jobs.append((f, out_dir / f"{stem}_ct.nrrd",
                          unc_dir / f"{stem}_uncertainty.nrrd" if unc_dir else None,
                          views_dir / f"{stem}_views.png" if views_dir else None))
+        _refuse_overlaps(found, jobs)
+        for folder in (out_dir, unc_dir, views_dir):
+            if folder is not None:
+                _output_folder(folder)
         if world_size > 1 and device in ("auto", "cuda"):
             import torch
 
             if torch.cuda.is_available():
                 device = f"cuda:{local_rank % torch.cuda.device_count()}"
     else:
-        output = Path(output) if output else default_output_path(input_path)
-        check_volume_output(output)  # fail before loading the model, on the output ...
+        from .atomic import check_output_path
         from .io import read_radiograph
 
-        read_radiograph(input_path)  # ... and on the input (read again by the pipeline: a few ms)
+        output = Path(output) if output else default_output_path(input_path)
         jobs.append((input_path, output, Path(uncertainty) if uncertainty else None, Path(views) if views else None))
+        _refuse_overlaps([input_path], jobs)
+        check_volume_output(output)  # fail before loading the model, on the outputs (folder there and writable) ...
+        for extra in jobs[0][2:]:
+            if extra is not None:
+                check_output_path(extra)
+        from .preprocess import check_radiograph_aspect
+
+        # ... and on the input (read again by the pipeline: a few ms)
+        check_radiograph_aspect(read_radiograph(input_path).image.shape, f"radiograph {input_path}")
 
     display = ProgressDisplay(progress_lines, description=f"rank {rank}" if world_size > 1 else "reconstruct")
     results, failures = [], []

@@ -55,6 +55,26 @@ def write_truncated_dicom(path):
     return path
 
 
+def write_dicom_film(path, rows, cols):
+    """An 8-bit DX film of ``rows`` x ``cols`` pixels."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = (np.arange(rows * cols) % 251).astype(np.uint8).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
 def small_ct():
     return synthetic_chest((8, 40, 40)).astype(np.int16)
 
@@ -88,6 +108,20 @@ CASES = {
         "spacing must be positive",
     ),
     "negative spacing": (lambda d: write_nrrd(d / "neg.nrrd", small_ct(), spacings=[1.0, -2.0, 1.0]), "ct", "spacing must be positive"),
+    # Sizes that the square padding of the preprocessing would blow up (32 x 100000: 40 GB), refused from the
+    # header. Just over the limit here: without the check they would cost 0.4 GB, not 40.
+    "strip PNG": (
+        lambda d: write_png(d / "strip.png", np.zeros((32, 10_001), np.uint8)), "radiograph", "maximum 10000 pixels a side"
+    ),
+    "strip NRRD": (
+        lambda d: write_nrrd(d / "strip.nrrd", np.zeros((10_001, 40), np.uint8)), "radiograph", "maximum 10000 pixels a side"
+    ),
+    "strip DICOM": (lambda d: write_dicom_film(d / "strip.dcm", 40, 10_001), "radiograph", "maximum 10000 pixels a side"),
+    "2-component NRRD": (
+        lambda d: write_nrrd(d / "vector.nrrd", np.ones((64, 64, 2), np.float32), kinds=["vector", "domain", "domain"]),
+        "radiograph",
+        "2 values per pixel",
+    ),
 }
 # Good files read as the wrong kind: with --as auto they are read as what they are.
 WRONG_KIND = {"3D volume as radiograph", "2D image as CT", "2D NRRD as CT"}
@@ -143,3 +177,94 @@ def test_failed_write_leaves_no_file(tmp_path):
     with pytest.raises(XctDiffError, match="NaN"):
         write_image_png(np.full((40, 40), np.nan), tmp_path / "film.png")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------- resources, signals
+
+
+def test_ct_spanning_more_than_a_body_is_refused_before_resampling(tmp_path, capsys):
+    """A wrong spacing (110 mm for 1.1 mm) would make the 2.5 mm resampling grid enormous: one error line."""
+    from XctDiffCore.cli import main
+
+    path = write_nrrd(tmp_path / "wide.nrrd", small_ct(), space="left-posterior-superior",
+                      **{"space directions": np.diag([110.0, 1.0, 1.0]), "space origin": np.zeros(3)})
+    assert main(["drr", str(path), "-o", str(tmp_path / "drr.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the CT spans 4290 x 39 x 7 mm") and "2000 mm" in err and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wide.nrrd"]
+
+
+def test_resampling_grid_is_bounded(monkeypatch):
+    from XctDiffCore import preprocess
+
+    monkeypatch.setattr(preprocess, "MAX_GRID_VOXELS", 500)
+    with pytest.raises(XctDiffError, match="resampled to 2.5 mm that is 16 x 16 x 3 voxels, more than the 500"):
+        preprocess.preprocess_ct(Volume(small_ct(), (1.0, 1.0, 1.0)))
+
+
+def test_drr_refuses_to_overwrite_its_ct(tmp_path, capsys):
+    from XctDiffCore.cli import main
+
+    path = write_volume(Volume(small_ct(), (2.5, 2.5, 2.5)), tmp_path / "ct.nrrd")
+    before = path.read_bytes()
+    assert main(["drr", str(path), "-o", str(tmp_path / "." / "ct.nrrd")]) == 2
+    assert "is the input CT" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
+def test_closed_stdout_ends_quietly(tmp_path):
+    """`xctdiff inspect film | head -1`: the reader goes away; no traceback, no 'Exception ignored'."""
+    child = subprocess.Popen([sys.executable, "-m", "XctDiffCore", "inspect", str(SAMPLE_CT)], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # before the child writes anything
+    err = child.stderr.read().decode()
+    child.stderr.close()
+    assert child.wait(timeout=120) == 141 and err == ""
+
+
+def test_interrupt_while_the_parser_is_built(monkeypatch, capsys):
+    from XctDiffCore import cli
+
+    def interrupted(subparsers):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "COMMANDS", [interrupted])
+    try:
+        status = cli.main(["inspect", "x"])
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt left main()")
+    assert status == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+
+
+SIGTERM_MID_WRITE = """
+import os, signal, sys, time
+import nrrd
+from XctDiffCore.cli import main
+
+def write(path, *args, **kwargs):  # a writer that gets SIGTERM half-way
+    with open(path, "wb") as f:
+        f.write(b"NRRD0004\\n")
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+nrrd.write = write
+sys.exit(main(["drr", sys.argv[1], "-o", sys.argv[2]]))
+"""
+
+
+def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path):
+    """SIGTERM (a scheduler, `kill`) unwinds the command: the temporary file beside the target is removed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run([sys.executable, "-c", SIGTERM_MID_WRITE, str(SAMPLE_CT), str(out / "drr.nrrd")], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 143, result.stderr
+    assert result.stderr.strip() == "error: terminated" and list(out.iterdir()) == []
+
+
+def test_a_film_much_longer_than_wide_is_refused_before_the_padding():
+    from XctDiffCore.preprocess import preprocess_radiograph
+
+    with pytest.raises(XctDiffError, match="40x400 pixels: a chest film is not more than 4 times longer than wide"):
+        preprocess_radiograph(np.random.default_rng(0).random((40, 400)))

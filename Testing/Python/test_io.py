@@ -318,3 +318,80 @@ def test_inspect_cli_prints_one_fact_per_line():
     facts = dict(line.split(": ", 1) for line in result.stdout.splitlines())
     assert facts["kind"] == "ct" and facts["spacing"] == "2.5 2.5 2.5 mm (x, y, z)"
     assert set(facts) == {"path", "kind", "shape", "dtype", "spacing", "origin", "direction", "hu_range"}
+
+
+# ------------------------------------------------------------------------------ failed writes (disk full)
+
+
+@pytest.fixture
+def file_size_limit():
+    """``limit(nbytes)``: this process may write files of at most ``nbytes`` (``ulimit -f``), until the test ends.
+
+    Python ignores SIGXFSZ, so a write past the limit fails with EFBIG, as on a full disk (ENOSPC)."""
+    resource = pytest.importorskip("resource")
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def limit(nbytes: int) -> None:
+        hard = old[1] if old[1] == resource.RLIM_INFINITY else min(old[1], nbytes)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+
+    yield limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, old)
+
+
+def noisy_volume() -> Volume:
+    """64^3 int16 noise: about 500 kB however it is compressed."""
+    return Volume(np.random.default_rng(0).integers(-1000, 1000, (64, 64, 64)).astype(np.int16), (2.5, 2.5, 2.5))
+
+
+@pytest.mark.parametrize(
+    "write, name",
+    [
+        (lambda path: write_volume(noisy_volume(), path), "ct.nii.gz"),  # SimpleITK's NIfTI writer says nothing
+        (lambda path: write_volume(noisy_volume(), path), "ct.nii"),
+        (lambda path: write_volume(noisy_volume(), path), "ct.nrrd"),
+        (lambda path: write_volume(noisy_volume(), path), "ct.mha"),
+        (lambda path: write_image_png(np.random.default_rng(0).random((512, 512)), path), "film.png"),
+        (lambda path: write_radiograph_nrrd(np.random.default_rng(0).random((512, 512)), path), "drr.nrrd"),
+    ],
+    ids=["nii.gz", "nii", "nrrd", "mha", "png", "radiograph nrrd"],
+)
+def test_full_disk_is_an_error_and_leaves_the_old_file(tmp_path, file_size_limit, write, name):
+    target = tmp_path / name
+    target.write_bytes(b"the previous file")
+    file_size_limit(64 * 1024)
+    with pytest.raises(XctDiffError, match=f"cannot write {target}") as info:
+        write(target)
+    assert "\n" not in str(info.value)
+    assert [p.name for p in tmp_path.iterdir()] == [name] and target.read_bytes() == b"the previous file"
+
+
+def _good_files(folder) -> dict:
+    """One complete file of each format the engine writes, by suffix."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    volume = noisy_volume()
+    files = {suffix: write_volume(volume, folder / f"ct{suffix}") for suffix in (".nii.gz", ".nii", ".nrrd", ".mha")}
+    files[".png"] = write_image_png(np.random.default_rng(0).random((64, 64)), folder / "film.png")
+    np.savez_compressed(folder / "ct.npz", ct=volume.array)
+    np.save(folder / "drr.npy", np.ones((64, 64), np.float32))
+    (folder / "manifest.json").write_text(json.dumps({"a": list(range(100))}))
+    save_file({"w": np.ones((64, 64), np.float32)}, str(folder / "w.safetensors"))
+    for suffix, name in ((".npz", "ct.npz"), (".npy", "drr.npy"), (".json", "manifest.json"), (".safetensors", "w.safetensors")):
+        files[suffix] = folder / name
+    return files
+
+
+def test_written_files_are_verified_before_the_rename(tmp_path):
+    """A file cut short (what a failed write that nobody reported leaves) is found; a complete one passes."""
+    from XctDiffCore.atomic import verify_written
+
+    for suffix, path in _good_files(tmp_path).items():
+        assert verify_written(path, suffix) is None, suffix
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) * 2 // 3])
+        assert verify_written(path, suffix), suffix
+        path.write_bytes(b"")
+        assert verify_written(path, suffix) == "it is empty"

@@ -6,13 +6,14 @@ import json
 import numpy as np
 import pytest
 from conftest import synthetic_chest
+from test_io import file_size_limit  # noqa: F401 - a fixture
 
 from XctDiffCore.augment import RandomChestAugment
 from XctDiffCore.cli import main
 from XctDiffCore.drr import drr_of_volume
 from XctDiffCore.errors import XctDiffError
 from XctDiffCore.io import read_ct, read_radiograph, write_volume
-from XctDiffCore.prepare import find_ct_inputs, split_patients
+from XctDiffCore.prepare import find_ct_inputs, fixed_split, read_split, split_patients
 from XctDiffCore.volume import Volume
 
 SIZE = 32  # small volumes keep the whole file fast on two cores
@@ -108,6 +109,41 @@ def test_split_is_a_partition_with_both_sides(n, fraction):
         split_patients(patients, 1.0, 0)
 
 
+def test_the_shared_split_holds_four_whole_chests_and_says_why():
+    ids = read_split("shared_whole_chest")
+    assert len(ids) >= 4 and "lidc_idri_0001" not in ids  # the bundled sample stays in training
+    patients = ids + ["lidc_idri_0001", "other"]
+    training, validation = fixed_split(patients, ids)
+    assert validation == sorted(ids) and training == ["lidc_idri_0001", "other"]
+
+
+def test_split_files_and_their_errors(tmp_path):
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"validation": ["b"], "description": "why"}))
+    assert read_split(path) == ["b"]
+    assert fixed_split(["a", "b", "c"], read_split(path)) == (["a", "c"], ["b"])
+    with pytest.raises(XctDiffError, match="not among the inputs: z"):
+        fixed_split(["a", "b"], ["b", "z"])
+    with pytest.raises(XctDiffError, match="split file not found: nosuchsplit"):
+        read_split("nosuchsplit")
+    path.write_text(json.dumps({"validation": "b"}))
+    with pytest.raises(XctDiffError, match="must be a list"):
+        read_split(path)
+
+
+def test_prepare_with_a_split_file(tmp_path, capsys):
+    paths = _write_phantoms(tmp_path / "in")
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"validation": [paths[0].name.split(".")[0]]}))
+    out = tmp_path / "out"
+    assert main(["prepare", *map(str, paths), "--out", str(out), "--split", str(split), "--size", str(SIZE)]) == 0
+    datalist = json.loads((out / "datalist.json").read_text())
+    assert {e["patient"] for e in datalist["validation"]} == {paths[0].name.split(".")[0]}
+    assert datalist["settings"]["split"] == str(split)
+    assert main(["prepare", *map(str, paths), "--out", str(tmp_path / "o2"), "--split", "nosuchsplit"]) == 2
+    assert "error: split file not found" in capsys.readouterr().err
+
+
 def test_augmentation_is_seeded_small_and_keeps_air():
     ct = synthetic_chest((48, 48, 48))
     augment = RandomChestAugment()
@@ -132,3 +168,14 @@ def test_prepare_on_shared_data(shared_data, tmp_path, capsys):
     out = tmp_path / "shared"
     assert main(["prepare", *map(str, paths), "--out", str(out), "--augment", "1", "--val-fraction", "0.34"]) == 0
     _check_datalist(out, n_patients=3, augment=1, size=128)
+
+
+def test_prepare_on_a_full_disk_is_one_error_line(tmp_path, capsys, file_size_limit):
+    paths = _write_phantoms(tmp_path / "in", seeds=(0, 1))
+    out = tmp_path / "out"
+    file_size_limit(4096)  # smaller than any CT the run writes
+    assert main(["prepare", *map(str, paths), "--out", str(out), "--size", str(SIZE)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith("error: cannot write ") and "File too large" in err[0], err
+    assert not (out / "datalist.json").exists()
+    assert not [p for p in out.rglob("*") if p.is_file()]  # no file, whole or partial

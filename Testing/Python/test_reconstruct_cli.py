@@ -380,7 +380,7 @@ def start_long_reconstruction(model_dir, output):
     raise AssertionError(f"the child ended before sampling: {child.returncode} {child.stderr.read()}")
 
 
-@pytest.mark.parametrize("how", ["SIGKILL of the process group (Slicer's Cancel)", "SIGINT (Ctrl-C)"])
+@pytest.mark.parametrize("how", ["SIGKILL of the process group (Slicer's Cancel)", "SIGINT (Ctrl-C)", "SIGTERM (kill, a scheduler)"])
 def test_cancelled_command_leaves_no_file(tmp_path, model_dir, how):
     output = tmp_path / "ct.nrrd"
     child = start_long_reconstruction(model_dir, output)
@@ -388,7 +388,7 @@ def test_cancelled_command_leaves_no_file(tmp_path, model_dir, how):
         if how.startswith("SIGKILL"):
             os.killpg(child.pid, signal.SIGKILL)
         else:
-            child.send_signal(signal.SIGINT)
+            child.send_signal(signal.SIGINT if how.startswith("SIGINT") else signal.SIGTERM)
         status = child.wait(timeout=60)
         err = child.stderr.read()
     finally:
@@ -399,7 +399,121 @@ def test_cancelled_command_leaves_no_file(tmp_path, model_dir, how):
         child.stderr.close()
     if how.startswith("SIGKILL"):
         assert status == -signal.SIGKILL
-    else:
+    elif how.startswith("SIGINT"):
         assert status == 130
         assert_one_error_line(err, "interrupted")
+    else:
+        assert status == 143
+        assert_one_error_line(err, "terminated")
     assert listing(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------ outputs, disk, permissions
+
+
+def film_nrrd(folder):
+    from XctDiffCore.io import read_radiograph, write_radiograph_nrrd
+
+    return write_radiograph_nrrd(read_radiograph(SAMPLE_RADIOGRAPH).image, folder / "film.nrrd", spacing=(0.5, 0.5))
+
+
+@pytest.mark.parametrize(
+    "setup, words",
+    [
+        (lambda d: (film_nrrd(d), ["-o", d / "film.nrrd"]), "the output {d}/film.nrrd is the input"),
+        (lambda d: (shutil.copy(SAMPLE_RADIOGRAPH, d / "film.png"), ["-o", d / "ct.nrrd", "--views", d / "film.png"]),
+         "the output {d}/film.png is the input"),
+        (lambda d: (shutil.copy(SAMPLE_RADIOGRAPH, d / "film.png"),
+                    ["-o", d / "ct.nrrd", "--samples", 2, "--uncertainty", d / ".." / d.name / "ct.nrrd"]),
+         "the outputs {d}/ct.nrrd and {d}/../{d.name}/ct.nrrd are the same file"),
+        (lambda d: (shutil.copy(SAMPLE_RADIOGRAPH, d / "film.png") and d, ["-o", d]),  # an earlier film_ct.nrrd is there
+         "the output {d}/film_ct.nrrd is the input"),
+    ],
+    ids=["-o is the input", "--views is the input", "--uncertainty is -o", "folder: an output is an input"],
+)
+def test_an_output_that_is_an_input_or_another_output_is_refused(cli, tmp_path, setup, words):
+    source, options = setup(tmp_path)
+    if source == tmp_path:
+        film_nrrd(tmp_path).rename(tmp_path / "film_ct.nrrd")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    status, stdout, err = cli(source, *options, model=tmp_path / "no-model")  # refused before the model is read
+    assert status == 2 and stdout == ""
+    assert_one_error_line(err, words.format(d=tmp_path))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def run_cli(args, prefix=(), **kwargs):
+    return subprocess.run([*prefix, sys.executable, "-m", "XctDiffCore", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, encoding="utf-8", errors="replace", timeout=300, **kwargs)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".mha"])
+def test_full_disk_is_an_error_line_not_a_truncated_ct(tmp_path, model_dir, suffix):
+    """`ulimit -f 64`: SimpleITK's NIfTI writer does not report the failed write; the check before the rename does."""
+    resource = pytest.importorskip("resource")
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run_cli(["reconstruct", SAMPLE_RADIOGRAPH, "-o", out / f"ct{suffix}", "--model", model_dir, "--device", "cpu",
+                      "--steps", STEPS, "--progress-lines"], preexec_fn=limit)
+    assert result.returncode == 2, result.stderr
+    assert_one_error_line(result.stderr, f"cannot write {out / f'ct{suffix}'}")
+    assert "RESULT" not in result.stdout and listing(out) == []
+
+
+def as_unprivileged_user() -> list:
+    """A command prefix under which file permissions apply (root ignores them): ``unshare --user`` for root."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--user", "true"]).returncode != 0:
+        pytest.skip("running as root without user namespaces: permissions cannot be tested")
+    return ["unshare", "--user"]
+
+
+@pytest.mark.parametrize("folder_mode", [False, True], ids=["file", "folder"])
+def test_read_only_output_folder_fails_before_the_reconstruction(tmp_path, model_dir, folder_mode):
+    prefix = as_unprivileged_user()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    source = tmp_path / "in"
+    source.mkdir()
+    shutil.copy(SAMPLE_RADIOGRAPH, source / "film.png")
+    locked.chmod(0o555)
+    try:
+        result = run_cli(["reconstruct", source if folder_mode else source / "film.png", "-o",
+                          locked if folder_mode else locked / "ct.nrrd", "--model", model_dir, "--device", "cpu",
+                          "--steps", STEPS, "--progress-lines"], prefix=prefix)
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 2, result.stderr
+    assert_one_error_line(result.stderr, f"output folder is not writable: {locked}")
+    assert "PROGRESS" not in result.stdout and listing(locked) == []  # refused before the model was loaded
+
+
+def test_folder_skips_unusable_films_and_counts_them(cli, tmp_path, drr_png):
+    from test_bad_input import write_nrrd, write_png
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(drr_png, folder / "film.png")
+    write_nrrd(folder / "vector.nrrd", np.ones((64, 64, 2), np.float32), kinds=["vector", "domain", "domain"])
+    write_png(folder / "thin.png", np.full((40, 400), 9, np.uint8))
+    status, stdout, err = cli(folder, "-o", tmp_path / "out")
+    assert status == 2
+    assert listing(tmp_path / "out") == ["film_ct.nrrd"]
+    assert f"skipped {folder / 'vector.nrrd'}: expected a grey (or RGB) radiograph" in err
+    assert f"skipped {folder / 'thin.png'}: the radiograph is 40x400 pixels" in err
+    assert_one_error_line(err, "2 of 3 radiographs could not be reconstructed")
+
+
+def test_a_thin_film_is_refused_before_the_model_is_loaded(cli, tmp_path):
+    from test_bad_input import write_png
+
+    source = write_png(tmp_path / "thin.png", np.full((40, 400), 9, np.uint8))
+    status, stdout, err = cli(source, "-o", tmp_path / "ct.nrrd", model=tmp_path / "no-model")
+    assert status == 2 and stdout == ""
+    assert_one_error_line(err, f"radiograph {source} is 40x400 pixels: a chest film is not more than 4 times longer")
+    assert listing(tmp_path) == ["thin.png"]

@@ -24,7 +24,9 @@ import hashlib
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,33 +349,46 @@ class Meter:
 
 
 class Deadline:
-    """``--time-limit``: end a stage cleanly, checkpoint first, once its wall-clock allowance is spent.
+    """``--time-limit`` or SIGTERM: end a stage cleanly, checkpoint first, once its wall-clock allowance
+    is spent or the process is asked to stop.
 
-    For jobs with a fixed slot (a cluster's wall time, a 10-minute call to a shared GPU): the same
-    command with ``--resume`` continues where it stopped. Rank 0's clock decides for every rank, so
-    all of them stop after the same step.
+    For jobs with a fixed slot (a cluster's wall time, a 10-minute call to a shared GPU; a scheduler
+    sends SIGTERM before it kills): the same command with ``--resume`` continues where it stopped.
+    Rank 0's clock decides for every rank, and a SIGTERM received by any rank stops all of them, so
+    all stop after the same step. From construction to :meth:`report` (the end of the stage) SIGTERM
+    only sets a flag (in the main thread; elsewhere it keeps its handler).
     """
 
     def __init__(self, minutes: Optional[float], job: Distributed):
         if minutes is not None and minutes <= 0:
             raise XctDiffError(f"--time-limit must be a positive number of minutes, got {minutes}")
         self.end = None if minutes is None else time.monotonic() + 60.0 * minutes
-        self.job, self.reached = job, False
+        self.job, self.reached, self.terminated, self.signalled = job, False, False, False
+        self._installed, self._previous_handler = threading.current_thread() is threading.main_thread(), None
+        if self._installed:
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.signalled = True
 
     def passed(self) -> bool:
-        """Whether the time is up (the same answer on every rank); call once per step."""
-        if self.end is None:
-            return False
-        self.reached = time.monotonic() >= self.end
-        if self.job.enabled:  # one tiny broadcast (and host sync) per step, only under torchrun
-            flag = torch.tensor([float(self.reached)], device=self.job.device)
-            dist.broadcast(flag, src=0)
-            self.reached = bool(flag.item())
-        return self.reached
+        """Whether the time is up or SIGTERM came (the same answer on every rank); call once per step."""
+        self.reached = self.end is not None and self.job.is_main and time.monotonic() >= self.end
+        self.terminated = self.signalled
+        if self.job.enabled:  # one tiny all-reduce (and host sync) per step, only under torchrun
+            flags = torch.tensor([float(self.reached), float(self.terminated)], device=self.job.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            self.reached, self.terminated = (bool(f) for f in flags.tolist())
+        return self.reached or self.terminated
 
     def report(self, stage: str, step: int, max_steps: int) -> None:
-        if self.reached and self.job.is_main:
-            print(f"{stage}: stopped by --time-limit at step {step} of {max_steps} (checkpoint written); "
+        """Say why the stage stopped early (rank 0); SIGTERM gets its handler back."""
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous_handler if self._previous_handler is not None else signal.SIG_DFL)
+            self._installed = False
+        if (self.reached or self.terminated) and self.job.is_main:
+            cause = "SIGTERM" if self.terminated else "--time-limit"
+            print(f"{stage}: stopped by {cause} at step {step} of {max_steps} (checkpoint written); "
                   "run the same command with --resume to continue", file=sys.stderr, flush=True)
 
 
