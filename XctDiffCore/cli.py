@@ -2,12 +2,17 @@
 
 Every subcommand registers itself through an ``add_<name>_command(subparsers)`` function listed in
 ``COMMANDS``; its handler receives the parsed arguments and returns an exit status. User errors
-(:class:`XctDiffError`) print one ``error: ...`` line on stderr and exit with status 2.
+(:class:`XctDiffError`) print one ``error: ...`` line on stderr and exit with status 2; Ctrl-C
+(``error: interrupted``, 130) and SIGTERM (``error: terminated``, 143) unwind the running command, so
+that no temporary file is left; a closed stdout (``xctdiff inspect ... | head``) ends it quietly (141).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 
 from . import __version__
 from .errors import XctDiffError
@@ -72,6 +77,9 @@ def add_export_command(subparsers):
     p.add_argument("--metrics", help="JSON file recorded in the manifest (e.g. the summary.json of `xctdiff evaluate`)")
     p.add_argument("--method", choices=METHODS, default="diffusion",
                    help="the model's default reconstruction path (direct: when its diffusion stage measures worse)")
+    p.add_argument("--stages", nargs="+", choices=("autoencoder", "encoder", "diffusion"),
+                   help="export only these stages: a partial folder that cannot reconstruct but can start the "
+                   "later stages' training (--init), e.g. an autoencoder trained in an earlier session")
     p.set_defaults(handler=_run_export)
 
 
@@ -94,7 +102,9 @@ def _run_export(args) -> int:
             metrics = json.loads(Path(args.metrics).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise XctDiffError(f"cannot read the metrics file {args.metrics}: {exc}") from None
-    print(f"wrote {export_run(args.run, args.out, args.dtype, args.id, args.version, card, args.data, metrics, args.method)}")
+    manifest = export_run(args.run, args.out, args.dtype, args.id, args.version, card, args.data, metrics, args.method,
+                          stages=args.stages)
+    print(f"wrote {manifest}")
     return 0
 
 
@@ -174,6 +184,8 @@ def add_prepare_command(subparsers):
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--augment", type=int, default=0, help="random variants per patient besides the original")
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of patients held out for validation")
+    p.add_argument("--split", help="a split file (or a built-in name: shared_whole_chest) naming the validation "
+                   "patients; replaces --val-fraction")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the augmentation")
     p.add_argument("--size", type=int, default=128, help="CT side in voxels and DRR side in pixels")
     p.add_argument("--geometry", choices=("cone", "parallel"), default="cone", help="DRR geometry")
@@ -184,7 +196,7 @@ def _run_prepare(args) -> int:
     from .prepare import prepare_dataset, summarize
 
     datalist = prepare_dataset(
-        args.ct, args.out, augment=args.augment, val_fraction=args.val_fraction, seed=args.seed,
+        args.ct, args.out, augment=args.augment, val_fraction=args.val_fraction, split=args.split, seed=args.seed,
         size=args.size, geometry=args.geometry,
     )
     print(summarize(datalist))
@@ -280,7 +292,8 @@ def add_reconstruct_command(subparsers):
     p = subparsers.add_parser("reconstruct", help="radiograph (file, or folder of files) -> 3D CT")
     p.add_argument("input", help="radiograph (.png, .jpg, .dcm, 2D .nrrd, ...) or a folder of them (batch; torchrun splits it)")
     p.add_argument("-o", "--output", help="CT file (.nrrd, .nii.gz, .mha; default <stem>_ct.nrrd beside the input); "
-                                          "for a folder: a folder (default <folder>_ct)")
+                                          "for a folder: a folder (default <folder>_ct). Existing files there are "
+                                          "replaced; an output that is an input (or another output) is refused")
     p.add_argument("--model", help="model folder with manifest.json (default: the bundled model)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
     p.add_argument("--samples", type=int, default=1, help="samples averaged into the CT; 2 or more give --uncertainty")
@@ -322,19 +335,50 @@ def add_evaluate_command(subparsers):
     p.add_argument("--max-cases", type=int, help="evaluate only the first N cases")
     p.add_argument("--augmented", action="store_true",
                    help="with a datalist: also the augmented DRR variants of the validation patients")
+    p.add_argument("--knn", type=int, default=3, metavar="K",
+                   help="with a datalist: the kNN baseline, the mean of the K training CTs with the nearest DRRs "
+                   "(default 3; 0: off)")
     _add_sampler_option(p)
     p.set_defaults(handler=_run_evaluate)
 
 
 def _run_evaluate(args) -> int:
+    import json
+    from pathlib import Path
+
     from .evaluation import evaluate, markdown_table
     from .reconstruct_job import plain_warnings
 
     with plain_warnings():
         summary = evaluate(args.model, args.data, args.out, steps=args.steps, samples=args.samples, seed=args.seed,
-                           device=args.device, max_cases=args.max_cases, sampler=args.sampler, augmented=args.augmented)
-    print(markdown_table(summary), end="")
+                           device=args.device, max_cases=args.max_cases, sampler=args.sampler, augmented=args.augmented,
+                           knn=args.knn)
+    knn = json.loads((Path(args.out) / "summary.json").read_text(encoding="utf-8"))["knn"]  # the k used
+    print(markdown_table(summary, knn), end="")
     print(f"wrote {args.out}/metrics.csv, summary.md, summary.json, figure.png")
+    return 0
+
+
+def add_evaluate_autoencoder_command(subparsers):
+    p = subparsers.add_parser(
+        "evaluate-autoencoder",
+        help="score the VQ-GAN alone (encode, quantise, decode) on held-out CTs, beside the resample bounds",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a model folder (a partial one with only the autoencoder works)")
+    source.add_argument("--run", help="a training run folder (its autoencoder checkpoint)")
+    p.add_argument("--data", required=True, help="a datalist (its un-augmented validation CTs) or a CT file or folder")
+    p.add_argument("--out", required=True, help="output folder for metrics.csv, summary.md/json and figure.png")
+    p.add_argument("--max-cases", type=int, help="evaluate at most this many cases")
+    p.set_defaults(handler=_run_evaluate_autoencoder)
+
+
+def _run_evaluate_autoencoder(args) -> int:
+    from .autoencoder_eval import evaluate_autoencoder, mean_table
+
+    result = evaluate_autoencoder(args.data, args.out, model=args.model, run=args.run, max_cases=args.max_cases)
+    print(mean_table(result["summary"]), end="")
+    print(f"wrote {args.out}/summary.md, metrics.csv, summary.json, figure.png")
     return 0
 
 
@@ -371,7 +415,7 @@ def _run_evaluate_style(args) -> int:
 
 COMMANDS = [add_demo_command, add_train_command, add_export_command, add_models_command, add_inspect_command, add_lpips_weights_command,
             add_drr_command, add_prepare_command, add_benchmark_command, add_reconstruct_command, add_evaluate_command,
-            add_evaluate_style_command]
+            add_evaluate_autoencoder_command, add_evaluate_style_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,16 +431,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is (like Ctrl-C's KeyboardInterrupt) so that ``finally`` blocks
+    (the temporary files of :func:`~XctDiffCore.atomic.atomic_path`) clean up before the exit.
+
+    Training replaces this while its loop runs: SIGTERM there ends the stage after a checkpoint."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _install_signal_handlers() -> dict:
+    """SIGTERM raises :class:`Terminated`; SIGXFSZ (a file-size limit) is ignored, so that the write fails
+    with an error instead of killing the process. Returns the previous handlers (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    wanted = {signal.SIGTERM: _raise_terminated}
+    if hasattr(signal, "SIGXFSZ"):
+        wanted[signal.SIGXFSZ] = signal.SIG_IGN
+    return {signum: signal.signal(signum, handler) for signum, handler in wanted.items()}
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away: send what is left to /dev/null (no error at exit) and stop quietly."""
     try:
-        return int(args.handler(args) or 0)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file descriptor (captured output)
+        pass
+    return 128 + 13  # as a command killed by SIGPIPE
+
+
+def main(argv=None) -> int:
+    previous = _install_signal_handlers()
+    try:
+        args = build_parser().parse_args(argv)
+        status = int(args.handler(args) or 0)
+        sys.stdout.flush()  # here, so that a closed pipe is seen here
+        return status
     except XctDiffError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except BrokenPipeError:
+        return _stdout_closed()
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

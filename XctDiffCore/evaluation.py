@@ -13,15 +13,31 @@
   the paper's), whatever grid the model works on: a coarse model pays for its coarseness here.
 * **Methods, same run, same cases:** ``xctdiff`` (the full pipeline: K samples, their mean scored,
   their std shown), ``direct`` (progressive encoder -> VQ decoder, no diffusion: the paper's
-  ablation) and ``mean CT`` (one constant volume for every case: the mean of the datalist's
-  ``training`` CTs; for a CT folder, the model folder's ``mean_ct.npy`` when it
-  has one, else this baseline is left out). A method that does not beat the mean CT has learnt
-  nothing case-specific.
+  ablation), ``knn`` and ``mean CT``. The two baselines learn nothing but a lookup:
+
+  - ``knn`` (``--knn K``, default 3, 0 = off): the mean (HU) of the K training CTs whose DRRs are
+    nearest to the case's input DRR. Training set: the datalist's ``training`` entries with
+    ``aug == 0``, one per patient, so K counts patients (fewer when the datalist has fewer; the
+    summary states the K used). Distance: the mean squared difference of the two DRRs, both
+    area-resized to 128 x 128 (the DRRs of one datalist share one rendering and normalisation,
+    so plain pixel differences compare like with like, and it is cheap and has no window to pick,
+    unlike 1 - SSIM). A model that does not beat kNN has learnt no more than a lookup table.
+  - ``mean CT``: one constant volume for every case: the mean of the datalist's ``training`` CTs.
+    A method that does not beat it has learnt nothing case-specific.
+
+  A CT folder has no training set: kNN is left out, and the mean CT is the model folder's
+  ``mean_ct.npy`` when it has one, else left out too.
+* **Scores** per case and method: PSNR, SSIM (3D and slice-averaged), LPIPS, and bone and lung
+  Dice (HU thresholds: bone > 200, -1000 < lung < -400), which say whether ribs, spine and the
+  lungs' shape are where they belong.
 * **Seeds.** Case ``i`` is sampled with seed ``seed + i``: a rerun gives the same numbers.
 
-Outputs in ``--out`` (created): ``metrics.csv`` (one row per case and method), ``summary.md`` (mean ±
-std over cases per method, like the paper's Table 1; std with ddof = 0), ``summary.json`` and
-``figure.png`` (a few cases: input, truth, each method, the uncertainty; mid-coronal slices).
+Outputs in ``--out`` (created): ``metrics.csv`` (one row per case and method; for kNN its
+neighbours' patient ids), ``summary.md`` (mean ± std over cases per method, like the paper's Table
+1, std with ddof = 0; then one row per case and method), ``summary.json`` (the means and stds, the
+K used) and ``figure.png`` (a few cases, two rows each: input, truth, each method and the
+uncertainty, mid-coronal slices in a lung window, W 1500 / L -600, then in a bone window, W 1800 /
+L 450).
 """
 from __future__ import annotations
 
@@ -37,11 +53,14 @@ import numpy as np
 
 from .errors import XctDiffError
 
-METRICS = ("psnr", "ssim", "psnr_slices", "ssim_slices", "lpips")
+METRICS = ("psnr", "ssim", "psnr_slices", "ssim_slices", "lpips", "bone_dice", "lung_dice")
 METRIC_TITLES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "psnr_slices": "PSNR slices (dB)", "ssim_slices": "SSIM slices",
-                 "lpips": "LPIPS"}
-METHOD_TITLES = {"xctdiff": "XctDiff", "direct": "direct (no diffusion)", "mean_ct": "mean training CT"}
-CSV_COLUMNS = ("case", "method", *METRICS, "consistency", "seconds")
+                 "lpips": "LPIPS", "bone_dice": "bone Dice", "lung_dice": "lung Dice"}
+CASE_METRICS = ("psnr", "ssim", "bone_dice", "lung_dice", "lpips")  # the per-case table's columns
+METHOD_TITLES = {"xctdiff": "XctDiff", "direct": "direct (no diffusion)", "knn": "kNN, nearest training CTs by DRR",
+                 "mean_ct": "mean training CT"}
+CSV_COLUMNS = ("case", "method", *METRICS, "consistency", "seconds", "neighbours")
+KNN_DRR_SIZE = 128  # DRRs are compared at this size (area resize)
 
 
 @dataclass
@@ -51,6 +70,15 @@ class Case:
     name: str
     drr: np.ndarray  # [row, col] in [0, 1]
     truth_hu: np.ndarray  # [z, y, x] on the output grid (128^3)
+
+
+@dataclass
+class TrainingPatient:
+    """One kNN candidate: the patient id, its CT file and its DRR at ``KNN_DRR_SIZE`` (the CT is read only when chosen)."""
+
+    patient: str
+    image: Path
+    drr: np.ndarray
 
 
 def model_grid_hu(ct_hu: np.ndarray, size: int) -> np.ndarray:
@@ -107,6 +135,51 @@ def datalist_mean_ct(datalist: Path, volume_size: int) -> Optional[np.ndarray]:
     return (total / len(items)).astype(np.float32)
 
 
+def drr_thumbnail(drr01: np.ndarray, size: int = KNN_DRR_SIZE) -> np.ndarray:
+    """Area-resize a DRR to ``size`` x ``size``, so that DRRs of any size compare pixel by pixel."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(drr01, dtype=np.float32))[None, None]
+    if tuple(x.shape[2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="area")
+    return x[0, 0].numpy()
+
+
+def datalist_training(datalist: Path) -> list:
+    """The kNN candidates: the datalist's training entries with ``aug == 0``, the first of each patient."""
+    from .training.data import read_datalist
+
+    items = read_datalist(datalist, "training")
+    raw = json.loads(Path(datalist).read_text(encoding="utf-8")).get("training", [])
+    patients = {}
+    for entry, item in zip(raw, items):
+        if int(entry.get("aug", 0)) == 0 and item["patient"] not in patients:
+            patients[item["patient"]] = TrainingPatient(item["patient"], item["image"], drr_thumbnail(np.load(item["xray"])))
+    return list(patients.values())
+
+
+def nearest_training(drr01: np.ndarray, training: list, k: int) -> list:
+    """The ``k`` training patients whose DRRs are nearest to ``drr01`` (mean squared difference), nearest first.
+
+    Ties keep the datalist's order, so a run is reproducible.
+    """
+    thumbnail = drr_thumbnail(drr01).astype(np.float64)
+    distances = [float(np.mean((thumbnail - t.drr) ** 2)) for t in training]
+    return [training[i] for i in np.argsort(distances, kind="stable")[:k]]
+
+
+def knn_ct(drr01: np.ndarray, training: list, k: int, volume_size: int) -> tuple:
+    """(mean HU of the ``k`` nearest training CTs on a ``volume_size``^3 grid, their patient ids nearest first)."""
+    neighbours = nearest_training(drr01, training, k)
+    total = None
+    for neighbour in neighbours:
+        with np.load(neighbour.image) as npz:
+            hu = model_grid_hu(npz["ct"], volume_size).astype(np.float64)
+        total = hu if total is None else total + hu
+    return (total / len(neighbours)).astype(np.float32), [n.patient for n in neighbours]
+
+
 def ct_folder_cases(path: Path, volume_size: int, geometry: str, max_cases: Optional[int] = None) -> list:
     from .drr import drr_of_volume
     from .io import read_ct
@@ -135,12 +208,13 @@ def evaluate(
     figure_cases: int = 4,
     progress: bool = True,
     augmented: bool = False,
+    knn: int = 3,
 ) -> dict:
     """Run the protocol of the module docstring; write the outputs; return the summary (method -> metric -> mean/std)."""
     from tqdm import tqdm
 
     from .io import Radiograph
-    from .metrics import volume_scores
+    from .metrics import BONE_HU, LUNG_HU, volume_scores
     from .models.lpips import LPIPS
     from .pipeline import OUTPUT_SIZE, XctDiffPipeline
 
@@ -149,17 +223,22 @@ def evaluate(
         raise XctDiffError(f"evaluation data not found: {data}")
     if max_cases is not None and max_cases < 1:
         raise XctDiffError(f"--max-cases must be at least 1, got {max_cases}")
+    if knn < 0:
+        raise XctDiffError(f"--knn must be 0 (off) or more, got {knn}")
     if not out_dir.parent.is_dir():
         raise XctDiffError(f"output folder does not exist: {out_dir.parent}")
     out_dir.mkdir(exist_ok=True)
     pipe = XctDiffPipeline.from_pretrained(model)
     size = OUTPUT_SIZE
+    training = []
     if _is_datalist(data):
         cases = datalist_cases(data, size, max_cases, augmented)
         mean_ct = datalist_mean_ct(data, size)
+        training = datalist_training(data) if knn else []
     else:
         cases = ct_folder_cases(data, size, pipe.info.geometry, max_cases)
         mean_ct = None if pipe.mean_ct is None else resample_hu(pipe.mean_ct, size)
+    k = min(knn, len(training))  # 0: kNN left out
     lpips = LPIPS.load()
 
     rows, figure = [], []
@@ -170,28 +249,36 @@ def evaluate(
                                         method="diffusion", sampler=sampler),
             "direct": pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off", method="direct"),
         }
+        volumes = {method: result.ct.array for method, result in outputs.items()}
         for method, result in outputs.items():
             scores = volume_scores(result.ct.array, case.truth_hu, lpips, pipe.device)
             rows.append({"case": case.name, "method": method, **scores, "consistency": result.consistency,
                          "seconds": result.timings["total"]})
+        if k:
+            volumes["knn"], neighbours = knn_ct(case.drr, training, k, size)
+            rows.append({"case": case.name, "method": "knn", **volume_scores(volumes["knn"], case.truth_hu, lpips, pipe.device),
+                         "neighbours": " ".join(neighbours)})
         if mean_ct is not None:
-            rows.append({"case": case.name, "method": "mean_ct", **volume_scores(mean_ct, case.truth_hu, lpips, pipe.device),
-                         "consistency": None, "seconds": None})
+            volumes["mean_ct"] = mean_ct
+            rows.append({"case": case.name, "method": "mean_ct", **volume_scores(mean_ct, case.truth_hu, lpips, pipe.device)})
         if index < figure_cases:
-            figure.append((case, outputs))
+            uncertainty = outputs["xctdiff"].uncertainty
+            figure.append(figure_case(case, volumes, None if uncertainty is None else uncertainty.array))
 
     summary = summarize(rows)
     _write_text(out_dir / "metrics.csv", metrics_csv(rows))
+    baselines = f"kNN with k = {k} of {len(training)} training patient(s) (DRR mean squared difference)" if k else "no kNN"
     header = (f"Model `{pipe.info.model_id}` {pipe.info.version}, {len(cases)} cases from `{data.name}`, "
               f"{samples} sample(s), {steps or pipe.info.steps} {sampler or pipe.info.sampler} steps, "
-              f"model grid {pipe.info.volume_size}^3, scored on {size}^3 at 2.5 mm. Mean ± std over cases.\n\n")
-    _write_text(out_dir / "summary.md", header + markdown_table(summary))
-    _write_text(out_dir / "summary.json", json.dumps({"model": pipe.info.model_id, "cases": len(cases), "summary": summary},
-                                                     indent=2) + "\n")
+              f"model grid {pipe.info.volume_size}^3, scored on {size}^3 at 2.5 mm; {baselines}; "
+              f"bone: HU > {BONE_HU:.0f}, lung: {LUNG_HU[0]:.0f} < HU < {LUNG_HU[1]:.0f}. Mean ± std over cases.\n\n")
+    _write_text(out_dir / "summary.md", header + markdown_table(summary, k) + "\nPer case:\n\n" + case_table(rows))
+    _write_text(out_dir / "summary.json", json.dumps({"model": pipe.info.model_id, "cases": len(cases), "knn": k or None,
+                                                      "summary": summary}, indent=2) + "\n")
     if figure:
         from .views import compose_grid, write_png
 
-        write_png(compose_grid(figure_rows(figure, mean_ct)), out_dir / "figure.png")
+        write_png(compose_grid(figure_rows(figure, k)), out_dir / "figure.png")
     return summary
 
 
@@ -207,19 +294,34 @@ def summarize(rows: list) -> dict:
     return summary
 
 
-def markdown_table(summary: dict) -> str:
+def method_title(method: str, knn: Optional[int] = None) -> str:
+    """The table's name of a method; kNN's says its k when known."""
+    if method == "knn" and knn:
+        return f"kNN, k={knn} nearest training CTs by DRR"
+    return METHOD_TITLES.get(method, method)
+
+
+def _cell(metric: str, value: float) -> str:
+    return f"{value:.{2 if metric.startswith('psnr') else 3}f}"
+
+
+def markdown_table(summary: dict, knn: Optional[int] = None) -> str:
     """The paper's Table 1 layout: one row per method, mean ± std per metric; an empty cell where absent."""
     lines = ["| method | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " |",
              "| --- |" + " ---: |" * len(METRICS)]
     for method, metrics in summary.items():
-        cells = []
-        for m in METRICS:
-            if m in metrics:
-                digits = 2 if m.startswith("psnr") else 3
-                cells.append(f"{metrics[m]['mean']:.{digits}f} ± {metrics[m]['std']:.{digits}f}")
-            else:
-                cells.append("")
-        lines.append(f"| {METHOD_TITLES.get(method, method)} | " + " | ".join(cells) + " |")
+        cells = [f"{_cell(m, metrics[m]['mean'])} ± {_cell(m, metrics[m]['std'])}" if m in metrics else "" for m in METRICS]
+        lines.append(f"| {method_title(method, knn)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def case_table(rows: list) -> str:
+    """One row per case and method (CASE_METRICS; methods as in metrics.csv), so that each patient shows."""
+    lines = ["| case | method | " + " | ".join(METRIC_TITLES[m] for m in CASE_METRICS) + " |",
+             "| --- | --- |" + " ---: |" * len(CASE_METRICS)]
+    for row in rows:
+        cells = [_cell(m, row[m]) if row.get(m) is not None else "" for m in CASE_METRICS]
+        lines.append(f"| {row['case']} | {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -233,21 +335,31 @@ def metrics_csv(rows: list) -> str:
     return buffer.getvalue()
 
 
-def figure_rows(figure: list, mean_ct: Optional[np.ndarray]) -> list:
-    """Per case: input DRR | truth | XctDiff | direct | mean CT | XctDiff std (mid-coronal slices)."""
-    from .views import orthogonal_slices, scale_to_unit, window
+def figure_case(case: Case, volumes: dict, uncertainty: Optional[np.ndarray]) -> tuple:
+    """What the figure needs of one case (mid-coronal slices only, so that no volume is kept)."""
+    from .views import orthogonal_slices
 
+    coronal = lambda hu: orthogonal_slices(hu)["coronal"]  # noqa: E731
+    slices = {"truth": coronal(case.truth_hu), **{method: coronal(hu) for method, hu in volumes.items()}}
+    return case.name, case.drr, slices, None if uncertainty is None else coronal(uncertainty)
+
+
+def figure_rows(figure: list, knn: Optional[int] = None) -> list:
+    """Two rows per case, mid-coronal slices: input | truth | each method | XctDiff std in a lung window, then
+    truth | each method in a bone window (one window cannot show both the parenchyma and the ribs)."""
+    from .views import BONE_WINDOW_HU, LUNG_WINDOW_HU, scale_to_unit, window
+
+    titles = {"truth": "truth", "xctdiff": "XctDiff", "direct": "direct", "knn": f"kNN k={knn}" if knn else "kNN",
+              "mean_ct": "mean CT"}
     rows = []
-    for case, outputs in figure:
-        coronal = lambda hu: window(orthogonal_slices(hu)["coronal"])  # noqa: E731
-        row = [(f"{case.name[:22]}", case.drr), ("truth", coronal(case.truth_hu)),
-               ("XctDiff", coronal(outputs["xctdiff"].ct.array)), ("direct", coronal(outputs["direct"].ct.array))]
-        if mean_ct is not None:
-            row.append(("mean CT", coronal(mean_ct)))
-        uncertainty = outputs["xctdiff"].uncertainty
-        if uncertainty is not None:
-            row.append(("XctDiff std", scale_to_unit(orthogonal_slices(uncertainty.array)["coronal"])))
-        rows.append(row)
+    for name, drr, slices, std in figure:
+        for low_high, label in ((LUNG_WINDOW_HU, "lung"), (BONE_WINDOW_HU, "bone")):
+            low, high = low_high
+            first = (name[:22], drr) if label == "lung" else (f"{label} W{high - low:.0f} L{(high + low) / 2:.0f}", None)
+            row = [first] + [(f"{titles.get(m, m)} {label}", window(image, low_high)) for m, image in slices.items()]
+            if std is not None and label == "lung":
+                row.append(("XctDiff std", scale_to_unit(std)))
+            rows.append(row)
     return rows
 
 

@@ -1,6 +1,8 @@
 """`xctdiff evaluate` (XctDiffCore/evaluation.py) on a tiny model with random weights and a datalist made
 by `xctdiff prepare` from three synthetic chests: the four outputs, one row per case and method
-(xctdiff, direct, mean_ct), numbers that match an independent computation, seeds seed + i."""
+(xctdiff, direct, knn, mean_ct), numbers (bone and lung Dice too) that match an independent computation,
+seeds seed + i, the per-case table, a lung and a bone row per case in the figure; the kNN baseline
+on a datalist whose training set holds copies of the validation patients."""
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +16,9 @@ import pytest
 from conftest import synthetic_chest
 
 from XctDiffCore.cli import main
-from XctDiffCore.evaluation import CSV_COLUMNS, METRICS, evaluate
+from XctDiffCore.evaluation import CSV_COLUMNS, METRICS, datalist_cases, datalist_training, drr_thumbnail, evaluate, knn_ct
 from XctDiffCore.io import Radiograph, write_volume
+from XctDiffCore.layout import HU_MAX, HU_MIN
 from XctDiffCore.metrics import psnr, window01
 from XctDiffCore.model_folder import create_random_model
 from XctDiffCore.pipeline import XctDiffPipeline
@@ -23,7 +26,8 @@ from XctDiffCore.views import GAP, LABEL_HEIGHT, PANEL_SIZE
 from XctDiffCore.volume import Volume
 
 STEPS, SAMPLES, SEED = 2, 2, 10
-METHODS = ("xctdiff", "direct", "mean_ct")
+METHODS = ("xctdiff", "direct", "knn", "mean_ct")  # a datalist: k = 1, its single training patient
+FOLDER_METHODS = ("xctdiff", "direct", "mean_ct")  # a CT folder has no training set: no kNN
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +92,19 @@ def validation_cases(datalist):
     return cases
 
 
+def training_cts(datalist):
+    """patient -> CT in HU of the datalist's training entries."""
+    cts = {}
+    for entry in json.loads(datalist.read_text())["training"]:
+        with np.load(datalist.parent / entry["image"]) as npz:
+            cts[entry["patient"]] = npz["ct"]
+    return cts
+
+
+def dice(a, b):
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
 def training_mean(datalist):
     total = []
     for entry in json.loads(datalist.read_text())["training"]:
@@ -105,6 +122,7 @@ def test_writes_the_four_outputs(evaluated):
     assert sorted(p.name for p in out.iterdir()) == ["figure.png", "metrics.csv", "summary.json", "summary.md"]
     assert f"wrote {out}/metrics.csv, summary.md, summary.json, figure.png" in stdout
     assert "| XctDiff |" in stdout and "| mean training CT |" in stdout  # the table, printed too
+    assert "| kNN, k=1 nearest training CTs by DRR |" in stdout  # k = 3 asked, one training patient
     assert "warning: LPIPS weights not found" in stderr and "Traceback" not in stderr
 
 
@@ -117,10 +135,31 @@ def test_one_row_per_case_and_method(evaluated, rows, datalist):
         assert 0.0 < float(row["psnr"]) < 100.0 and -1.0 <= float(row["ssim"]) <= 1.0
         assert 0.0 < float(row["psnr_slices"]) <= 100.0 and -1.0 <= float(row["ssim_slices"]) <= 1.0
         assert row["lpips"] == ""  # no weights in the cache
-        if row["method"] == "mean_ct":
+        assert 0.0 <= float(row["bone_dice"]) <= 1.0 and 0.0 <= float(row["lung_dice"]) <= 1.0
+        if row["method"] in ("knn", "mean_ct"):
             assert row["consistency"] == "" and row["seconds"] == ""
         else:
             assert 0.0 <= float(row["consistency"]) <= 1.0 and float(row["seconds"]) > 0.0
+        assert (row["neighbours"] != "") == (row["method"] == "knn")
+
+
+def test_dice_columns_match_an_independent_computation(rows, datalist):
+    mean = np.clip(training_mean(datalist), HU_MIN, HU_MAX)
+    for name, truth, _ in validation_cases(datalist):
+        (row,) = [r for r in rows if r["case"] == name and r["method"] == "mean_ct"]
+        assert float(row["bone_dice"]) == pytest.approx(dice(mean > 200, truth > 200), abs=1e-4)
+        lung = lambda hu: (hu > -1000) & (hu < -400)  # noqa: E731
+        assert float(row["lung_dice"]) == pytest.approx(dice(lung(mean), lung(truth)), abs=1e-4)
+        assert 0.0 < float(row["lung_dice"]) < 1.0 and 0.0 < float(row["bone_dice"]) < 1.0
+
+
+def test_knn_with_one_training_patient_is_that_ct(rows, datalist):
+    ((patient, ct),) = training_cts(datalist).items()
+    for name, truth, _ in validation_cases(datalist):
+        (row,) = [r for r in rows if r["case"] == name and r["method"] == "knn"]
+        assert row["neighbours"] == patient
+        assert float(row["psnr"]) == pytest.approx(psnr(window01(ct), window01(truth)), rel=1e-4)
+        assert float(row["bone_dice"]) == pytest.approx(dice(ct > 200, truth > 200), abs=1e-4)
 
 
 def test_mean_ct_baseline_matches_an_independent_computation(rows, datalist):
@@ -146,7 +185,7 @@ def test_case_i_is_sampled_with_seed_plus_i(rows, datalist, model_dir):
 
 def test_summary_json_is_the_mean_and_std_over_cases(evaluated, rows):
     summary = json.loads((evaluated[3] / "summary.json").read_text())
-    assert summary["model"] == "random" and summary["cases"] == 2
+    assert summary["model"] == "random" and summary["cases"] == 2 and summary["knn"] == 1
     assert list(summary["summary"]) == list(METHODS)
     for method in METHODS:
         values = np.array([float(r["psnr"]) for r in rows if r["method"] == method])
@@ -157,26 +196,114 @@ def test_summary_json_is_the_mean_and_std_over_cases(evaluated, rows):
         assert set(summary["summary"][method]) >= set(METRICS) - {"lpips"}
         assert "lpips" not in summary["summary"][method]
     assert "consistency" in summary["summary"]["xctdiff"] and "consistency" not in summary["summary"]["mean_ct"]
+    assert "consistency" not in summary["summary"]["knn"]
     # a random model learns nothing: the mean of similar chests beats it by far
     assert summary["summary"]["mean_ct"]["psnr"]["mean"] > summary["summary"]["xctdiff"]["psnr"]["mean"] + 10
 
 
-def test_summary_md_is_the_table(evaluated):
+def test_summary_md_is_the_table_then_the_cases(evaluated, rows):
     text = (evaluated[3] / "summary.md").read_text(encoding="utf-8")
     assert "Model `random` seed0, 2 cases from `datalist.json`, 2 sample(s), 2 ddim steps, model grid 32^3, scored on 128^3" in text
-    lines = [line for line in text.splitlines() if line.startswith("|")]
-    assert lines[0] == "| method | PSNR (dB) | SSIM | PSNR slices (dB) | SSIM slices | LPIPS |"
-    assert [line.split("|")[1].strip() for line in lines[2:]] == ["XctDiff", "direct (no diffusion)", "mean training CT"]
-    assert all(line.rstrip().endswith("|  |") for line in lines[2:])  # the LPIPS cell is empty
+    assert "kNN with k = 1 of 1 training patient(s)" in text and "bone: HU > 200, lung: -1000 < HU < -400" in text
+    means, cases = text.split("Per case:")
+    lines = [line.split("|")[1:-1] for line in means.splitlines() if line.startswith("|")]
+    assert [c.strip() for c in lines[0]] == ["method", "PSNR (dB)", "SSIM", "PSNR slices (dB)", "SSIM slices", "LPIPS",
+                                             "bone Dice", "lung Dice"]
+    assert [line[0].strip() for line in lines[2:]] == ["XctDiff", "direct (no diffusion)", "kNN, k=1 nearest training CTs by DRR",
+                                                       "mean training CT"]
+    assert all(line[5] == "  " and "±" in line[6] and "±" in line[7] for line in lines[2:])  # LPIPS empty, Dice there
+    lines = [line.split("|")[1:-1] for line in cases.splitlines() if line.startswith("|")]
+    assert [c.strip() for c in lines[0]] == ["case", "method", "PSNR (dB)", "SSIM", "bone Dice", "lung Dice", "LPIPS"]
+    assert len(lines) == 2 + len(rows)
+    for line, row in zip(lines[2:], rows):
+        assert (line[0].strip(), line[1].strip()) == (row["case"], row["method"])
+        assert float(line[2]) == pytest.approx(float(row["psnr"]), abs=0.01)
+        assert float(line[4]) == pytest.approx(float(row["bone_dice"]), abs=0.001)
+        assert float(line[5]) == pytest.approx(float(row["lung_dice"]), abs=0.001)
+        assert line[6] == "  "
 
 
-def test_figure_has_a_row_per_case(evaluated):
+def test_figure_has_a_lung_and_a_bone_row_per_case(evaluated):
     from PIL import Image
 
     with Image.open(evaluated[3] / "figure.png") as image:
-        # input, truth, XctDiff, direct, mean CT, XctDiff std: six panels; two cases: two rows
-        assert image.size == (6 * (PANEL_SIZE + GAP) - GAP, 2 * (PANEL_SIZE + LABEL_HEIGHT + GAP) - GAP)
-        assert np.asarray(image).std() > 10
+        # input, truth, XctDiff, direct, kNN, mean CT, XctDiff std: seven panels; two cases, two windows: four rows
+        assert image.size == (7 * (PANEL_SIZE + GAP) - GAP, 4 * (PANEL_SIZE + LABEL_HEIGHT + GAP) - GAP)
+        pixels = np.asarray(image).astype(float)
+    assert pixels.std() > 10
+    panel = lambda row, column: pixels[row * (PANEL_SIZE + LABEL_HEIGHT + GAP) + LABEL_HEIGHT:][:PANEL_SIZE,  # noqa: E731
+                                       column * (PANEL_SIZE + GAP):][:, :PANEL_SIZE]
+    lung, bone = panel(0, 1), panel(1, 1)  # the first case's truth in both windows
+    assert lung.std() > 10 and bone.std() > 10
+    assert lung.mean() > bone.mean() + 10  # soft tissue: bright in the lung window, dark in the bone window
+    assert panel(1, 0).max() == 0 and panel(1, 6).max() == 0  # the bone row has no input and no std panel
+
+
+# ------------------------------------------------------------------------------------------ kNN
+
+
+@pytest.fixture
+def leaky_datalist(datalist, tmp_path):
+    """The datalist with a copy of each validation patient among the training patients ("copy-<id>"), and two
+    entries kNN must skip: an augmented variant (aug 1) whose DRR equals the first validation DRR, first in the
+    list, and a second un-augmented entry of a copied patient (same DRR, another CT)."""
+    data = json.loads(datalist.read_text())
+    for section in ("training", "validation"):
+        for entry in data[section]:
+            entry["image"], entry["xray"] = (str(datalist.parent / entry[k]) for k in ("image", "xray"))
+    (original,), validation = data["training"], data["validation"]
+    copies = [{**entry, "patient": f"copy-{entry['patient']}", "aug": 0} for entry in validation]
+    data["training"] = [{**original, "xray": validation[0]["xray"], "patient": "variant", "aug": 1}, original, *copies,
+                        {**copies[1], "image": original["image"]}]
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_knn_candidates_are_one_unaugmented_entry_per_patient(leaky_datalist, datalist):
+    training = datalist_training(leaky_datalist)
+    validation = [entry["patient"] for entry in json.loads(datalist.read_text())["validation"]]
+    assert [t.patient for t in training] == list(training_cts(datalist)) + [f"copy-{p}" for p in validation]
+
+
+def test_knn_k1_returns_the_ct_whose_drr_is_the_input(leaky_datalist):
+    training = datalist_training(leaky_datalist)
+    for case in datalist_cases(leaky_datalist, 128):
+        ct, neighbours = knn_ct(case.drr, training, 1, 128)
+        assert neighbours == [f"copy-{case.name.removesuffix('_aug0')}"]
+        assert np.array_equal(ct, case.truth_hu)  # the copy's CT, exactly
+
+
+def test_knn_k2_averages_the_two_nearest(leaky_datalist, datalist):
+    training = datalist_training(leaky_datalist)
+    (entry,) = json.loads(datalist.read_text())["training"]
+    candidates = {entry["patient"]: (np.load(datalist.parent / entry["xray"]), training_cts(datalist)[entry["patient"]])}
+    validation = validation_cases(datalist)
+    candidates.update({f"copy-{name.removesuffix('_aug0')}": (drr, ct) for name, ct, drr in validation})
+    for name, truth, drr in validation:
+        me = f"copy-{name.removesuffix('_aug0')}"
+        distances = {p: float(np.mean((d.astype(np.float64) - drr) ** 2)) for p, (d, _) in candidates.items() if p != me}
+        assert len(set(distances.values())) == len(distances)  # no ties: the order is the distances'
+        second = min(distances, key=distances.get)
+        ct, neighbours = knn_ct(drr, training, 2, 128)
+        assert neighbours == [me, second]
+        expected = (np.clip(truth, HU_MIN, HU_MAX) + np.clip(candidates[second][1], HU_MIN, HU_MAX)) / 2.0
+        assert np.abs(ct - expected).max() < 0.01
+        assert np.abs(ct - np.clip(truth, HU_MIN, HU_MAX)).max() > 100  # not the case's own CT
+
+
+def test_drrs_of_other_sizes_compare_at_128(datalist):
+    (_, _, drr), *_ = validation_cases(datalist)
+    assert drr.shape == (128, 128)
+    assert np.allclose(drr_thumbnail(np.kron(drr, np.ones((2, 2), np.float32))), drr, atol=1e-6)
+
+
+def test_knn_0_leaves_the_baseline_out(no_lpips, model_dir, datalist, tmp_path):
+    summary = evaluate(model_dir, datalist, tmp_path / "eval", steps=1, device="cpu", max_cases=1, progress=False, knn=0)
+    assert list(summary) == ["xctdiff", "direct", "mean_ct"]
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["knn"] is None
+    text = (tmp_path / "eval" / "summary.md").read_text(encoding="utf-8")
+    assert "no kNN" in text and "| knn |" not in text and "kNN, k=" not in text
 
 
 # ------------------------------------------------------------------------------------------ CT folders
@@ -200,10 +327,11 @@ def test_augmented_variants_are_cases_only_when_asked(datalist, tmp_path):
 
 def test_ct_folder_uses_the_models_mean_ct(no_lpips, model_dir, ct_folder, tmp_path):
     summary = evaluate(model_dir, ct_folder, tmp_path / "eval", steps=1, samples=1, device="cpu", max_cases=1, progress=False)
-    assert list(summary) == list(METHODS)  # the model folder has a mean_ct.npy
+    assert list(summary) == list(FOLDER_METHODS)  # the model folder has a mean_ct.npy; no training set, no kNN
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["knn"] is None
     with open(tmp_path / "eval" / "metrics.csv", newline="", encoding="utf-8") as f:
         table = list(csv.DictReader(f))
-    assert [(r["case"], r["method"]) for r in table] == [("chest0", m) for m in METHODS]
+    assert [(r["case"], r["method"]) for r in table] == [("chest0", m) for m in FOLDER_METHODS]
     assert float(table[2]["psnr"]) < 30  # the random mean CT is noise, unlike the datalist's mean
 
 
@@ -225,8 +353,9 @@ def test_ct_folder_without_a_mean_ct_leaves_that_baseline_out(no_lpips, ct_folde
         (lambda d: ["--max-cases", "0"], "--max-cases must be at least 1"),
         (lambda d: ["--out", str(d / "no" / "such" / "eval")], "output folder does not exist"),
         (lambda d: ["--data", str(empty_datalist(d))], "has no validation entries"),
+        (lambda d: ["--knn", "-1"], "--knn must be 0 (off) or more, got -1"),
     ],
-    ids=["missing data", "max-cases 0", "missing output folder", "no validation entries"],
+    ids=["missing data", "max-cases 0", "missing output folder", "no validation entries", "knn negative"],
 )
 def test_errors(model_dir, datalist, tmp_path, capsys, change, words):
     argv = ["evaluate", "--model", str(model_dir), "--data", str(datalist), "--out", str(tmp_path / "eval"), "--device", "cpu",
