@@ -17,13 +17,17 @@ CT has (128 voxels x 2.5 mm = 320 mm, average-pooled to ``volume_size``).
 
 :func:`load_model_folder` refuses, with one sentence each: a missing manifest or file, a file whose
 SHA-256 differs from the manifest (corrupted, truncated or edited), manifest settings that differ
-from the stage files, weights that do not fit their configuration, and stages that disagree on the
-latent's shape. :func:`create_random_model` makes a valid folder with random weights from a config
+from the stage files, weights that do not fit their configuration, stages that disagree on the
+latent's shape, and a file that leads out of the folder (``..``, an absolute name, a link). Each file
+is read once: its bytes are hashed and those same bytes deserialised, so a file changed between the
+check and the use is never loaded. :func:`create_random_model` makes a valid folder with random weights from a config
 (tests, benchmarks of untrained sizes).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,9 +113,9 @@ def read_manifest(folder, required=REQUIRED_STAGES) -> dict:
         raise XctDiffError(f"model folder not found: {folder}")
     if not folder.is_dir():
         raise XctDiffError(f"expected a model folder, got a file: {folder}")
-    path = folder / MANIFEST_NAME
-    if not path.is_file():
+    if not (folder / MANIFEST_NAME).is_file():
         raise XctDiffError(f"not a model folder (no {MANIFEST_NAME}): {folder}")
+    path = model_file(folder, MANIFEST_NAME)
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -126,10 +130,23 @@ def read_manifest(folder, required=REQUIRED_STAGES) -> dict:
     return manifest
 
 
-def verify_checksums(folder, manifest: dict) -> None:
-    """Every file the manifest names exists and has its recorded SHA-256; every stage file is listed."""
-    from .training.common import file_sha256
+def model_file(folder, name: str) -> Path:
+    """The file ``name`` of a model folder with its links followed, refused unless it lies in the folder:
+    neither ``../x`` nor an absolute name nor a link (to a file or to a folder on the way) may lead out."""
+    folder = Path(folder)
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise XctDiffError(f"{folder / MANIFEST_NAME}: file name {name!r} leaves the model folder")
+    root = folder.resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):
+        raise XctDiffError(f"{folder / name} leaves the model folder (a link to {path}): copy the file into the folder")
+    return path
 
+
+def verify_checksums(folder, manifest: dict) -> dict:
+    """Every file the manifest names exists in the folder and has its recorded SHA-256; every stage file
+    is listed. Returns ``{name: bytes}``: the very bytes that were hashed, for the loaders to deserialise,
+    so that a file changed after the check is never what gets loaded."""
     folder = Path(folder)
     sums = manifest["sha256"]
     for stage, record in manifest["stages"].items():
@@ -139,26 +156,33 @@ def verify_checksums(folder, manifest: dict) -> None:
                 raise XctDiffError(f"{folder / MANIFEST_NAME}: stage {stage} names no {role} file")
             if name not in sums:
                 raise XctDiffError(f"{folder / MANIFEST_NAME}: {name} has no SHA-256: refusing to load unverified weights")
+    contents = {}
     for name, expected in sums.items():
-        path = folder / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise XctDiffError(f"{folder / MANIFEST_NAME}: file name {name!r} leaves the model folder")
+        path = model_file(folder, name)
         if not path.is_file():
-            raise XctDiffError(f"model file missing: {path}")
-        if file_sha256(path) != str(expected).lower():
+            raise XctDiffError(f"model file missing: {folder / name}")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise XctDiffError(f"cannot read {folder / name}: {exc.strerror or exc}") from None
+        if hashlib.sha256(data).hexdigest() != str(expected).lower():
             raise XctDiffError(
-                f"{path} does not match its SHA-256 in {MANIFEST_NAME} (corrupted or changed file): "
+                f"{folder / name} does not match its SHA-256 in {MANIFEST_NAME} (corrupted or changed file): "
                 "copy or export the model folder again"
             )
+        contents[name] = data
+    return contents
 
 
-def _stage_settings(folder: Path, manifest: dict, stage: str) -> dict:
-    """A stage's JSON (constructor arguments under ``model``; schedule, step, ...), checked against the manifest."""
+def _stage_settings(folder: Path, manifest: dict, stage: str, contents: dict) -> dict:
+    """A stage's JSON (constructor arguments under ``model``; schedule, step, ...), checked against the manifest.
+
+    ``contents``: the verified bytes of :func:`verify_checksums`."""
     record = manifest["stages"][stage]
     path = folder / record["config"]
     try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        settings = json.loads(contents[record["config"]].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise XctDiffError(f"cannot read {path}: {exc}") from None
     if "settings" in record and record["settings"] != settings:
         raise XctDiffError(f"{MANIFEST_NAME} and {path.name} disagree on the {stage} settings in {folder}")
@@ -180,12 +204,13 @@ def _build(stage: str, cls, settings: dict, folder: Path) -> nn.Module:
         raise XctDiffError(f"the {stage} configuration in {folder} does not fit {cls.__name__}: {_first_line(exc)}") from None
 
 
-def _load_weights(network: nn.Module, stage: str, path: Path) -> nn.Module:
+def _load_weights(network: nn.Module, stage: str, path: Path, data: bytes) -> nn.Module:
+    """``network`` with the weights deserialised from ``data``: the verified bytes of the file ``path``."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     try:
-        state = load_file(str(path))
+        state = load(data)
     except (SafetensorError, OSError, ValueError) as exc:
         raise XctDiffError(f"cannot read the {stage} weights {path}: {_first_line(exc)}") from None
     try:
@@ -197,40 +222,59 @@ def _load_weights(network: nn.Module, stage: str, path: Path) -> nn.Module:
     return network.float().eval().requires_grad_(False)
 
 
-def load_autoencoder(folder) -> tuple:
-    """The verified VQ-GAN of a (possibly partial) model folder and the CT edge it works at: ``(vqgan, volume_size)``."""
+def _stage_classes() -> dict:
+    from .models.cyclegan import ResnetGenerator
+    from .models.progressive_encoder import ProgressiveEncoder
+    from .models.unet import LatentUNet
     from .models.vqgan import VQGAN
 
+    return {"autoencoder": VQGAN, "encoder": ProgressiveEncoder, "diffusion": LatentUNet, "style": ResnetGenerator}
+
+
+def load_stages(folder, stages, required=REQUIRED_STAGES) -> tuple:
+    """``(networks, settings, manifest)`` for those of ``stages`` the folder holds, checksums verified.
+
+    ``required``: the stages the folder must have (a partial folder, e.g. an autoencoder exported
+    before the later stages were trained, is enough for the stages built on it).
+    """
+    networks, settings, manifest, _ = _load_verified_stages(folder, stages, required)
+    return networks, settings, manifest
+
+
+def _load_verified_stages(folder, stages, required) -> tuple:
+    """:func:`load_stages` plus the verified bytes of the folder's other files (the mean CT, ...)."""
     folder = Path(folder)
-    manifest = read_manifest(folder, required=("autoencoder",))
-    verify_checksums(folder, manifest)
-    settings = _stage_settings(folder, manifest, "autoencoder")
-    vqgan = _load_weights(_build("autoencoder", VQGAN, settings, folder), "autoencoder",
-                          folder / manifest["stages"]["autoencoder"]["weights"])
+    manifest = read_manifest(folder, required=required)
+    contents = verify_checksums(folder, manifest)
+    classes = _stage_classes()
+    networks, settings = {}, {}
+    for stage in stages:
+        if stage not in manifest["stages"]:
+            continue
+        settings[stage] = _stage_settings(folder, manifest, stage, contents)
+        network = _build(stage, classes[stage], settings[stage], folder)
+        weights = manifest["stages"][stage]["weights"]
+        data = contents.pop(weights, None)  # freed once loaded
+        if data is None:
+            raise XctDiffError(f"{folder / MANIFEST_NAME}: stage {stage} names the weights {weights} of another stage")
+        networks[stage] = _load_weights(network, stage, folder / weights, data)
+    return networks, settings, manifest, contents
+
+
+def load_autoencoder(folder) -> tuple:
+    """The verified VQ-GAN of a (possibly partial) model folder and the CT edge it works at: ``(vqgan, volume_size)``."""
+    networks, _, manifest = load_stages(folder, ("autoencoder",), required=("autoencoder",))
     data = manifest.get("data", {}) or {}
-    return vqgan, int(data.get("volume_size", PREPARED_SIZE))
+    return networks["autoencoder"], int(data.get("volume_size", PREPARED_SIZE))
 
 
 def load_model_folder(folder) -> ModelFolder:
     """Verify a model folder (checksums, settings, shapes) and build its networks on the CPU."""
     from .diffusion import SAMPLERS, NoiseSchedule
     from .drr import GEOMETRIES
-    from .models.cyclegan import ResnetGenerator
-    from .models.progressive_encoder import ProgressiveEncoder
-    from .models.unet import LatentUNet
-    from .models.vqgan import VQGAN
 
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    verify_checksums(folder, manifest)
-    classes = {"autoencoder": VQGAN, "encoder": ProgressiveEncoder, "diffusion": LatentUNet, "style": ResnetGenerator}
-    settings, networks = {}, {}
-    for stage in REQUIRED_STAGES + OPTIONAL_STAGES:
-        if stage not in manifest["stages"]:
-            continue
-        settings[stage] = _stage_settings(folder, manifest, stage)
-        network = _build(stage, classes[stage], settings[stage], folder)
-        networks[stage] = _load_weights(network, stage, folder / manifest["stages"][stage]["weights"])
+    networks, settings, manifest, contents = _load_verified_stages(folder, REQUIRED_STAGES + OPTIONAL_STAGES, REQUIRED_STAGES)
 
     diffusion = settings["diffusion"]
     try:
@@ -259,7 +303,7 @@ def load_model_folder(folder) -> ModelFolder:
     if info.sampler not in SAMPLERS:
         raise XctDiffError(f"{folder}: unknown default sampler {info.sampler!r}")
     _check_compatible(info, networks, settings)
-    mean_ct = _load_mean_ct(folder, manifest, info.volume_size)
+    mean_ct = _load_mean_ct(folder, manifest, info.volume_size, contents)
     return ModelFolder(info, vqgan, encoder, networks["diffusion"], schedule, networks.get("style"), mean_ct, settings)
 
 
@@ -282,15 +326,15 @@ def _check_compatible(info: ModelInfo, networks: dict, settings: dict) -> None:
             raise XctDiffError(f"the style stage works on {size} px images, the encoder on {info.xray_size} {where}")
 
 
-def _load_mean_ct(folder: Path, manifest: dict, volume_size: int) -> Optional[np.ndarray]:
+def _load_mean_ct(folder: Path, manifest: dict, volume_size: int, contents: dict) -> Optional[np.ndarray]:
     name = manifest.get("mean_ct")
     if not name:
         return None
-    if name not in manifest["sha256"]:
+    if name not in manifest["sha256"] or name not in contents:
         raise XctDiffError(f"{folder / MANIFEST_NAME}: {name} has no SHA-256")
     try:
-        array = np.load(folder / name, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+        array = np.load(io.BytesIO(contents[name]), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
         raise XctDiffError(f"cannot read {folder / name}: {_first_line(exc)}") from None
     if array.shape != (volume_size,) * 3:
         raise XctDiffError(f"{folder / name} has shape {array.shape}, expected {(volume_size,) * 3}")
@@ -326,11 +370,14 @@ def save_model_folder(
     dtype: str = "float32",
     settings: Optional[dict] = None,
     extra: Optional[dict] = None,
+    required=REQUIRED_STAGES,
 ) -> Path:
-    """Write a complete model folder (stage files, optional mean CT, model card, manifest last); returns it.
+    """Write a model folder (stage files, optional mean CT, model card, manifest last); returns it.
 
     ``networks``: ``autoencoder`` (VQGAN), ``encoder`` (ProgressiveEncoder), ``diffusion`` (the
     LatentUNet to sample with, i.e. the EMA copy) and optionally ``style`` (the real -> DRR generator).
+    ``required``: the stages it must hold; fewer than all three make a partial folder, which cannot
+    reconstruct but can start the later stages' training (``xctdiff train ... --init``).
     ``settings``: each stage's JSON (:func:`~XctDiffCore.training.stage_for_export`); by default they
     come from ``config``. ``extra``: further manifest entries (training data, metrics). The manifest is
     written last, so a folder without one is an unfinished export.
@@ -340,12 +387,12 @@ def save_model_folder(
     from .training.style import export_style
 
     out_dir = Path(out_dir)
-    missing = [s for s in REQUIRED_STAGES if s not in networks]
+    missing = [s for s in required if s not in networks]
     if missing:
         raise XctDiffError(f"cannot export a model without the {', '.join(missing)} stage(s)")
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = settings or stage_configs(config)
-    stages = {s: export_stage(networks[s], s, settings[s], out_dir, dtype=dtype) for s in REQUIRED_STAGES}
+    stages = {s: export_stage(networks[s], s, settings[s], out_dir, dtype=dtype) for s in REQUIRED_STAGES if s in networks}
     if networks.get("style") is not None:
         if "style" in settings:
             stages["style"] = export_stage(networks["style"], "style", settings["style"], out_dir, dtype=dtype)

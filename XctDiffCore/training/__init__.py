@@ -118,7 +118,7 @@ def stage_for_export(stage: str, checkpoint: dict):
         "step": checkpoint["step"],
         "data": {"volume_size": config.data.volume_size, "xray_size": config.data.xray_size, "latent_size": config.latent_size()},
     }
-    if config.run.init:  # fine-tuned (--init): "step" counts the steps after the folder's own
+    if config.run.init and _folder_has_stage(config.run.init, stage):  # fine-tuned: "step" counts the steps after the folder's own
         settings["fine_tuned_from"] = Path(config.run.init).name
     if stage == "autoencoder":
         from .autoencoder import build_autoencoder
@@ -151,11 +151,23 @@ def stage_for_export(stage: str, checkpoint: dict):
     return model.eval(), settings
 
 
+def _folder_has_stage(folder, stage: str) -> bool:
+    """Whether an ``--init`` folder held this stage (a partial one may not: the stage then trained from scratch)."""
+    path = Path(folder) / "manifest.json"
+    try:
+        return stage in json.loads(path.read_text(encoding="utf-8")).get("stages", {})
+    except (OSError, ValueError, AttributeError):
+        return True  # the folder is gone: keep the record that the run started from it
+
+
 def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctdiff", version: str = "0",
-               model_card: str = "", datalist=None, metrics: Optional[dict] = None, method: str = "diffusion") -> Path:
+               model_card: str = "", datalist=None, metrics: Optional[dict] = None, method: str = "diffusion",
+               stages=None) -> Path:
     """Export a trained run into a model folder (created); returns its ``manifest.json``.
 
     The three reconstruction stages are required; ``style`` is included when the run trained it.
+    ``stages`` (e.g. ``("autoencoder",)``) exports only those: a partial folder that the later stages
+    can be trained on (``--init``), e.g. to keep an autoencoder between two training sessions.
     The mean-CT baseline of ``xctdiff evaluate`` is the mean of the datalist's training CTs
     (``datalist``, else the one the diffusion stage trained on, when it is still there). The manifest
     records the training patients of that datalist, each stage's training steps and ``metrics``
@@ -166,17 +178,22 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     from ..model_folder import MANIFEST_NAME, OPTIONAL_STAGES, REQUIRED_STAGES, save_model_folder
     from .common import checkpoint_path, load_checkpoint
 
+    required = tuple(stages) if stages else REQUIRED_STAGES
+    unknown = sorted(set(required) - set(REQUIRED_STAGES))
+    if unknown:
+        raise XctDiffError(f"--stages takes {', '.join(REQUIRED_STAGES)}; got {', '.join(unknown)}")
     networks, settings = {}, {}
     for stage in REQUIRED_STAGES + OPTIONAL_STAGES:
         path = checkpoint_path(run_dir, stage)
-        if stage in OPTIONAL_STAGES and not path.is_file():
+        if stage not in required and (stages or not path.is_file()):
             continue
         checkpoint = load_checkpoint(path)
         networks[stage], settings[stage] = stage_for_export(stage, checkpoint)
-        if stage == "diffusion":
+        if stage in required:  # the last required stage's config carries every earlier stage's model
             config = config_from_dict(checkpoint["config"])
     datalist = Path(datalist or config.data.datalist)
-    settings["diffusion"]["method"] = method
+    if "diffusion" in settings:
+        settings["diffusion"]["method"] = method
     training = {"steps": {stage: s["step"] for stage, s in settings.items()}}
     mean_ct = None
     if datalist.is_file():
@@ -186,5 +203,5 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
             training[f"{section}_patients"] = sorted({str(e.get("patient", "")) for e in entries.get(section, [])} - {""})
     extra = {"training": training, **({"metrics": metrics} if metrics else {})}
     save_model_folder(model_dir, networks, config, model_id, version, mean_ct=mean_ct, model_card=model_card,
-                      dtype=dtype, settings=settings, extra=extra)
+                      dtype=dtype, settings=settings, extra=extra, required=required)
     return Path(model_dir) / MANIFEST_NAME

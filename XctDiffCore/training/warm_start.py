@@ -22,29 +22,37 @@ STYLE_PREFIX = "generators.real_to_drr."  # the CycleGAN's key of the one genera
 
 
 def warm_start(config: Config, stage: str, job) -> Optional[dict]:
-    """Copy the earlier stages into the run; return the trained stage's starting weights (None without init)."""
+    """Copy the earlier stages into the run; return the trained stage's starting weights.
+
+    None without ``--init``, or when the folder is a partial one without this stage (e.g. an exported
+    autoencoder alone): the stage then trains from random weights on the folder's earlier stages.
+    """
     if not config.run.init:
         return None
-    from ..model_folder import load_model_folder
+    from ..model_folder import load_stages
 
     folder = Path(config.run.init)
-    loaded = load_model_folder(folder)  # checksums, settings and shapes verified
-    settings = loaded.settings
+    # checksums, settings and shapes verified; the earlier stages must be there, this one may not
+    networks, settings, manifest = load_stages(folder, EARLIER_STAGES[stage] + (stage, "style"), EARLIER_STAGES[stage])
+    data = manifest.get("data", {}) or {}
     sizes = (config.data.volume_size, config.data.xray_size)
-    if sizes != (loaded.info.volume_size, loaded.info.xray_size):
+    theirs = (int(data.get("volume_size", sizes[0])), int(data.get("xray_size", sizes[1])))
+    if sizes != theirs:
         raise XctDiffError(
-            f"{folder} works at {loaded.info.volume_size}^3 voxels and {loaded.info.xray_size} px radiographs, this config at "
+            f"{folder} works at {theirs[0]}^3 voxels and {theirs[1]} px radiographs, this config at "
             f"{sizes[0]}^3 and {sizes[1]} px: use the config the model was trained with (its stage JSON files hold the models)"
         )
-    networks = {"autoencoder": loaded.vqgan, "encoder": loaded.encoder, "diffusion": loaded.unet, "style": loaded.style}
-    _check_same_model(config, stage, settings[stage], folder)
+    if stage in networks:
+        _check_same_model(config, stage, settings[stage], folder)
     if job.is_main:
         for earlier in EARLIER_STAGES[stage] + ("style",):
             path = checkpoint_path(config.run.dir, earlier)
-            if networks[earlier] is not None and not path.exists():
+            if earlier in networks and not path.exists():
                 save_checkpoint(path, _imported_checkpoint(config, earlier, networks[earlier], settings[earlier], folder))
     if job.enabled:
         torch.distributed.barrier()  # the other ranks read the copied stages next
+    if stage not in networks:
+        return None
     return {k: v.detach().clone() for k, v in networks[stage].state_dict().items()}
 
 

@@ -78,8 +78,8 @@ def random_views(
     device = volumes.device
     # Output voxel centres of a random crop window, in the volume's normalised coordinates (D, H, W).
     start = torch.randint(0, n - size + 1, (b, 3), generator=generator)
-    ramp = (torch.arange(size, dtype=torch.float64) + 0.5) / n * 2.0 - 1.0  # (size,)
-    offset = start.double() / n * 2.0  # (B, 3)
+    ramp = (torch.arange(size, dtype=torch.float32) + 0.5) / n * 2.0 - 1.0  # (size,)
+    offset = start.float() / n * 2.0  # (B, 3)
     axes = [ramp[None] + offset[:, k, None] for k in range(3)]  # 3 x (B, size)
     grid = torch.stack(
         torch.broadcast_tensors(
@@ -92,10 +92,10 @@ def random_views(
     angles = _uniform(generator, (b, 3), math.radians(max_rotation_deg))
     scale = 1.0 + _uniform(generator, (b, 3), max_scale)
     shift = _uniform(generator, (b, 3), 2.0 * max_translation)
-    matrix = _rotations(angles) / scale[:, None, :]  # columns divided: an output step of 1 reads 1/scale
-    grid = torch.einsum("bij,bdhwj->bdhwi", matrix, grid) + shift[:, None, None, None, :]
+    matrix = (_rotations(angles) / scale[:, None, :]).float()  # columns divided: an output step of 1 reads 1/scale
+    grid = torch.einsum("bij,bdhwj->bdhwi", matrix, grid) + shift.float()[:, None, None, None, :]
     if elastic_mm > 0:
-        lattice = torch.randn((b, 3, elastic_grid, elastic_grid, elastic_grid), generator=generator, dtype=torch.float64)
+        lattice = torch.randn((b, 3, elastic_grid, elastic_grid, elastic_grid), generator=generator)
         lattice = lattice * (elastic_mm / spacing_mm * 2.0 / n)  # voxels -> normalised units
         displacement = F.grid_sample(lattice, grid.flip(-1), mode="bilinear", padding_mode="border", align_corners=True)
         grid = grid + displacement.permute(0, 2, 3, 4, 1)

@@ -1,0 +1,67 @@
+"""The autoencoder fidelity report (autoencoder_eval.py): its bounds, its tables and figure, its errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import synthetic_chest
+
+from XctDiffCore.autoencoder_eval import evaluate_autoencoder, pool_and_resample
+from XctDiffCore.cli import main
+from XctDiffCore.metrics import volume_scores
+from XctDiffCore.model_folder import create_random_model
+
+
+def test_the_resample_bound_is_perfect_at_full_size_and_loses_detail_when_coarser():
+    ct = synthetic_chest((32, 32, 32), seed=1)
+    np.testing.assert_allclose(pool_and_resample(ct, 32), ct, atol=1e-3)
+    fine, coarse = (volume_scores(pool_and_resample(ct, s), ct)["psnr"] for s in (16, 8))
+    assert fine > coarse
+
+
+@pytest.fixture(autouse=True)
+def no_lpips(tmp_path, monkeypatch):
+    """As in CI: no LPIPS weights in the cache (the column stays empty), which keeps these tests fast."""
+    monkeypatch.setenv("XCTDIFF_CACHE", str(tmp_path / "empty_cache"))
+
+
+@pytest.fixture(scope="module")
+def ct_folder(tmp_path_factory):
+    from XctDiffCore.io import write_volume
+    from XctDiffCore.volume import Volume
+
+    folder = tmp_path_factory.mktemp("cts")
+    for seed in (0, 1):
+        ct = np.rint(synthetic_chest((48, 48, 48), seed=seed)).astype(np.int16)
+        write_volume(Volume(ct, spacing=(2.5, 2.5, 2.5)), folder / f"patient{seed}.nrrd")
+    return folder
+
+
+def test_report_of_a_random_model_on_a_ct_folder(tmp_path, ct_folder, capsys):
+    model = create_random_model(tmp_path / "model", "tiny", seed=0)
+    out = tmp_path / "report"
+    assert main(["evaluate-autoencoder", "--model", str(model), "--data", str(ct_folder), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| autoencoder |" in printed and "resample 8^3" in printed and "resample 64^3" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["rows"]
+    assert {r["case"] for r in rows} == {"patient0", "patient1"}
+    assert {r["method"] for r in rows} == {"autoencoder", "resample 8^3", "resample 64^3"}
+    ae = summary["summary"]["autoencoder"]
+    assert 0.0 < ae["codebook_use"]["mean"] <= 1.0 and ae["perplexity"]["mean"] >= 1.0
+    # A random autoencoder is far below the 64^3 bound, which no learning is needed for.
+    assert ae["psnr"]["mean"] < summary["summary"]["resample 64^3"]["psnr"]["mean"]
+    text = (out / "summary.md").read_text()
+    assert "| patient0 | autoencoder |" in text and "bone Dice" in text and "lung Dice" in text
+    assert (out / "figure.png").stat().st_size > 0 and (out / "metrics.csv").is_file()
+
+
+def test_report_errors_are_one_line(tmp_path, ct_folder, capsys):
+    assert main(["evaluate-autoencoder", "--run", str(tmp_path / "none"), "--data", str(ct_folder),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "error: no autoencoder checkpoint" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    model = create_random_model(tmp_path / "model", "tiny", seed=0)
+    assert main(["evaluate-autoencoder", "--model", str(model), "--data", str(ct_folder), "--out", str(tmp_path / "file")]) == 2
+    assert "names a file" in capsys.readouterr().err
