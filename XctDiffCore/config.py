@@ -18,7 +18,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .atomic import atomic_path
 from .errors import XctDiffError
@@ -112,7 +112,7 @@ class AutoencoderLossConfig:
 
 @dataclass
 class AugmentConfig:
-    """On-the-fly random variants of the training CTs (:func:`XctDiffCore.training.warp.random_views`).
+    """On-the-fly random variants of the training CTs (:func:`XctDiffCore.training.variants.random_views`).
 
     Off unless ``enabled``; the magnitudes are its arguments: degrees, relative size per axis, share of
     the edge, mm of elastic displacement on an ``elastic_grid^3`` lattice, relative and HU jitter.
@@ -131,6 +131,26 @@ class AugmentConfig:
         """The keyword arguments of ``random_views``; all magnitudes 0 when not ``enabled`` (a crop only)."""
         return {k: (v if self.enabled or k == "elastic_grid" else 0.0)
                 for k, v in dataclasses.asdict(self).items() if k != "enabled"}
+
+
+@dataclass
+class FilmConfig:
+    """Film-side randomisation of the on-the-fly DRRs (:func:`XctDiffCore.training.variants.random_films`).
+
+    Off unless ``enabled``; each value is the largest strength drawn: gamma (relative), contrast,
+    detector blur (pixels), Gaussian noise (in [0, 1] units), scatter haze (share of a blurred copy).
+    """
+
+    enabled: bool = False
+    max_gamma: float = 0.25
+    max_contrast: float = 0.15
+    max_blur_px: float = 1.0
+    max_noise: float = 0.02
+    max_haze: float = 0.15
+
+    def magnitudes(self) -> Optional[dict]:
+        """The keyword arguments of ``random_films``, or None when not ``enabled`` (the plain DRR)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "enabled"} if self.enabled else None
 
 
 @dataclass
@@ -161,6 +181,12 @@ class EncoderModelConfig:
     channels_3d: tuple[int, ...] = (128, 128)
     latent_channels: int = 8
     norm_groups: int = 32
+    lift: str = "mlp"  # "mlp" (the paper) or "geometric" (back-projection along the DRR's rays)
+    geometry: str = "cone"  # the geometric lift's rays: the training DRRs' geometry ("cone" or "parallel")
+    source_to_isocenter_mm: float = 541.0  # the cone geometry: drr.ConeGeometry's defaults
+    source_to_detector_mm: float = 949.0
+    detector_size_mm: float = 500.0
+    field_of_view_mm: float = 320.0  # the CT cube: 128 voxels x 2.5 mm
 
 
 @dataclass
@@ -171,11 +197,17 @@ class EncoderConfig:
     the frozen VQ-GAN (straight-through quantiser) against the CT itself, on the training grid.
     Decoding with a gradient is the costly part, so only the first ``image_items`` pairs of each batch
     are decoded (0: all of them).
+
+    ``augment``/``film`` enabled: each step trains on fresh variants of the stored pairs instead of the
+    pairs themselves: the CT warped (its target latent encoded from the warp), its DRR rendered anew and
+    randomised on the film side (:class:`XctDiffCore.training.variants.PairVariants`).
     """
 
     model: EncoderModelConfig = field(default_factory=EncoderModelConfig)
     image_weight: float = 0.0
     image_items: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    film: FilmConfig = field(default_factory=FilmConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(batch_size=16, lr=1e-4))
 
 
@@ -213,12 +245,15 @@ class DiffusionConfig:
     """``cond_noise > 0`` is conditioning augmentation (Ho et al. 2022, cascaded diffusion): in training,
     each prior y gets Gaussian noise of a std drawn uniformly from [0, cond_noise] (y has unit variance
     per voxel), because on the training patients the encoder's priors are much closer to their targets
-    than on new patients, and a model that learns to trust them fully adds nothing at test time."""
+    than on new patients, and a model that learns to trust them fully adds nothing at test time.
+    ``augment``/``film``: fresh pair variants per step, as for the encoder."""
 
     model: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optim: DiffusionOptimConfig = field(default_factory=lambda: DiffusionOptimConfig(batch_size=8, lr=1e-4))
     cond_noise: float = 0.0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    film: FilmConfig = field(default_factory=FilmConfig)
 
 
 @dataclass

@@ -241,6 +241,25 @@ def test_diffusion_resume_matches_an_uninterrupted_run(tmp_path, chain, datalist
     checkpoints_match(checkpoint_path(tmp_path / "straight", "diffusion"), checkpoint_path(tmp_path / "killed", "diffusion"))
 
 
+def test_encoder_on_fresh_pair_variants_trains_and_resumes_exactly(tmp_path, chain, datalist):
+    """augment + film on: every step a new warp, DRR and film of each pair; a resumed run draws the same."""
+    def config(run_dir, max_steps):
+        c = tiny_config(run_dir, datalist, max_steps=max_steps)
+        encoder = dataclasses.replace(c.encoder, augment=dataclasses.replace(c.encoder.augment, enabled=True),
+                                      film=dataclasses.replace(c.encoder.film, enabled=True))
+        return dataclasses.replace(c, encoder=encoder)
+
+    for run in ("straight", "killed", "stored"):
+        shutil.copytree(chain / "autoencoder", tmp_path / run / "autoencoder")
+    train("encoder", config(tmp_path / "straight", 6))
+    train("encoder", config(tmp_path / "killed", 3))
+    train("encoder", config(tmp_path / "killed", 6), resume=True)
+    checkpoints_match(checkpoint_path(tmp_path / "straight", "encoder"), checkpoint_path(tmp_path / "killed", "encoder"))
+    train("encoder", tiny_config(tmp_path / "stored", datalist, max_steps=6))  # the stored pairs: another loss curve
+    fresh, stored = (column(read_log(tmp_path / r, "encoder"), "train/latent_mse") for r in ("straight", "stored"))
+    assert len(fresh) == 6 and not np.allclose(fresh, stored)
+
+
 def test_time_limit_checkpoints_stops_and_resumes_to_the_same_run(tmp_path, chain, datalist, capsys):
     """``--time-limit``: past the limit the stage checkpoints after the current step and returns;
     ``--resume`` then reaches the same weights as an uninterrupted run."""

@@ -40,7 +40,7 @@ from .common import (
 )
 from .data import PairDataset, train_loader
 from .warm_start import warm_start
-from .warp import random_views, step_generator
+from .variants import random_views, step_generator
 
 STAGE = "autoencoder"
 

@@ -71,6 +71,15 @@ def read_datalist(path, section: str) -> list[dict]:
     return items
 
 
+def datalist_geometry(path) -> str:
+    """The DRR geometry a datalist's radiographs were rendered in (``settings.geometry``; cone by default)."""
+    try:
+        settings = json.loads(Path(path).read_text(encoding="utf-8")).get("settings", {})
+    except (OSError, ValueError, AttributeError):
+        return "cone"
+    return str(settings.get("geometry", "cone")) if isinstance(settings, dict) else "cone"
+
+
 class PairDataset(Dataset):
     """One datalist section as ``{"image": (1, D, H, W), "xray": (1, H, W), "patient": str}`` items."""
 

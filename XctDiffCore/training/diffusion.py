@@ -37,6 +37,7 @@ from .common import (
 )
 from .data import PairDataset, train_loader
 from .encoder import ct_latent, trained_encoder
+from .variants import PairVariants
 from .warm_start import warm_start
 
 STAGE = "diffusion"
@@ -131,10 +132,13 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
         return {"models": {"unet": unet.state_dict(), "ema": ema.state_dict()}, "optimizers": {"unet": optimizer.state_dict()},
                 "scalers": {"unet": scaler.state_dict()}, "rng": gather_rng_states(job, {"noise": noise})}
 
+    variants = PairVariants(section.augment, section.film, config.data.datalist, config.data.xray_size,
+                            config.run.seed, job.rank)
+
     while loop.running():
-        batch = next(batches)
-        ct = batch["image"].to(device, non_blocking=True)  # (B, 1, D, H, W)
-        xray = batch["xray"].to(device, non_blocking=True)  # (B, 1, H, W)
+        ct, xray = variants(next(batches), loop.step)  # stored pairs, or fresh variants of them
+        ct = ct.to(device, non_blocking=True)  # (B, 1, D, H, W)
+        xray = xray.to(device, non_blocking=True)  # (B, 1, H, W)
         lr = learning_rate(loop.step, optim)
         set_learning_rate(optimizer, lr)
         with torch.no_grad(), autocast(device, config.run.precision):

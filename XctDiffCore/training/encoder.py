@@ -39,6 +39,7 @@ from .common import (
     wrap_ddp,
 )
 from .data import PairDataset, train_loader
+from .variants import PairVariants
 from .warm_start import warm_start
 
 STAGE = "encoder"
@@ -130,10 +131,13 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
         return {"models": {"encoder": encoder.state_dict()}, "optimizers": {"encoder": optimizer.state_dict()},
                 "scalers": {"encoder": scaler.state_dict()}, "rng": gather_rng_states(job)}
 
+    variants = PairVariants(section.augment, section.film, config.data.datalist, config.data.xray_size,
+                            config.run.seed, job.rank)
+
     while loop.running():
-        batch = next(batches)
-        ct = batch["image"].to(device, non_blocking=True)  # (B, 1, D, H, W)
-        xray = batch["xray"].to(device, non_blocking=True)  # (B, 1, H, W)
+        ct, xray = variants(next(batches), loop.step)  # stored pairs, or fresh variants of them
+        ct = ct.to(device, non_blocking=True)  # (B, 1, D, H, W)
+        xray = xray.to(device, non_blocking=True)  # (B, 1, H, W)
         lr = learning_rate(loop.step, optim)
         set_learning_rate(optimizer, lr)
         with autocast(device, config.run.precision):

@@ -1,4 +1,5 @@
-"""On-the-fly random variants of training CTs, in torch: a fresh warp (and crop) of every volume at every step.
+"""On-the-fly random variants of training pairs, in torch: a fresh warp (and crop) of every CT at every
+step, and for the radiograph stages its DRR rendered anew and randomised on the film side.
 
 With 15 training patients a stage that sees the same volumes again and again learns them by heart.
 Here every step sees a new plausible anatomy instead: per item a random rotation (a few degrees about
@@ -14,6 +15,12 @@ Volumes are model tensors ``(B, 1, D, H, W)`` in [-1, 1] (:mod:`XctDiffCore.layo
 is ``HU' = -1024 + (HU + 1024) * s + offset * t`` with ``t`` rising from 0 (air) to 1 (water and
 denser), written in that unit range. :mod:`XctDiffCore.augment` is the numpy twin that ``xctdiff
 prepare`` uses for its stored variants.
+
+**Film side** (:func:`random_films`): real films differ from a DRR by more than anatomy: a contrast
+curve (gamma, contrast), detector blur, quantum noise and scatter, a low-frequency haze that lifts the
+dark lungs. Each is drawn per image, so the encoder learns what stays the same under them.
+:func:`random_pairs` chains both: warp the CT, render its DRR in the data set's geometry, randomise
+the film; the stage then encodes the warped CT with its frozen autoencoder for the target.
 """
 from __future__ import annotations
 
@@ -110,3 +117,98 @@ def random_views(
     tissue = ((out + 1.0) * HU_RANGE / 2.0 / -HU_MIN).clamp(0.0, 1.0)  # 0 for air, 1 from water (0 HU) up
     out = (out + 1.0) * hu_scale.view(b, 1, 1, 1, 1) - 1.0 + hu_offset.view(b, 1, 1, 1, 1) * tissue
     return out.clamp(-1.0, 1.0)
+
+
+def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(1, 1, H, W)`` with reflected borders; ``sigma`` in pixels (0: unchanged)."""
+    if sigma <= 0.05:
+        return images
+    radius = max(1, int(math.ceil(3.0 * sigma)))
+    radius = min(radius, images.shape[-1] - 1, images.shape[-2] - 1)
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    out = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1))
+    return F.conv2d(out, kernel.view(1, 1, -1, 1))
+
+
+def random_films(
+    images01: torch.Tensor,
+    generator: torch.Generator,
+    max_gamma: float = 0.25,
+    max_contrast: float = 0.15,
+    max_blur_px: float = 1.0,
+    max_noise: float = 0.02,
+    max_haze: float = 0.15,
+) -> torch.Tensor:
+    """A film-like variant of each normalised DRR ``(B, 1, H, W)`` in [0, 1] (same shape, in [0, 1]).
+
+    In order: scatter haze ``(1 - a) x + a blur(x, H / 8)``, a ``gamma`` in ``[1/(1+g), 1+g]``, contrast
+    about mid-grey, detector blur, Gaussian noise; the strength of each drawn uniformly up to its maximum.
+    With every maximum 0 the images come back unchanged.
+    """
+    out = []
+    for image in images01.split(1):
+        haze = float(torch.rand((), generator=generator)) * max_haze
+        gamma = math.exp(float(_uniform(generator, (), math.log1p(max_gamma))))
+        contrast = 1.0 + float(_uniform(generator, (), max_contrast))
+        blur = float(torch.rand((), generator=generator)) * max_blur_px
+        noise = float(torch.rand((), generator=generator)) * max_noise
+        x = image
+        if haze > 0:
+            x = (1.0 - haze) * x + haze * _gaussian_blur(x, x.shape[-1] / 8.0)
+        x = x.clamp(0.0, 1.0) ** gamma
+        x = (x - 0.5) * contrast + 0.5
+        x = _gaussian_blur(x, blur)
+        if noise > 0:
+            x = x + noise * torch.randn(x.shape, generator=generator).to(x)
+        out.append(x.clamp(0.0, 1.0))
+    return torch.cat(out)
+
+
+def random_pairs(ct: torch.Tensor, generator: torch.Generator, geometry, xray_size: int, augment: dict, film: Optional[dict]):
+    """Fresh ``(ct, xray)`` training pairs from CTs ``(B, 1, N, N, N)`` in [-1, 1] (the prepared 320 mm cube),
+    their DRRs in ``geometry`` (a :mod:`XctDiffCore.drr` geometry object).
+
+    ``augment``: the magnitudes of :func:`random_views`; ``film``: those of :func:`random_films` (None:
+    the plain DRR). Returns the warped CTs and their radiographs ``(B, 1, S, S)`` in [-1, 1], the
+    model's input range (:func:`XctDiffCore.training.data.xray_to_model`).
+    """
+    from ..drr import normalize_drr, render_drr
+    from ..layout import unit_to_hu
+    from ..model_folder import FIELD_OF_VIEW_MM
+
+    ct = random_views(ct, generator, **augment)
+    spacing = FIELD_OF_VIEW_MM / ct.shape[-1]
+    with torch.no_grad():
+        xray = normalize_drr(render_drr(unit_to_hu(ct), geometry, size=xray_size, spacing_mm=(spacing,) * 3))
+    if film is not None:
+        xray = random_films(xray, generator, **film)
+    return ct, xray * 2.0 - 1.0
+
+
+class PairVariants:
+    """A radiograph stage's training pairs: the stored ones, or fresh variants (``augment``/``film`` enabled).
+
+    ``pairs(batch, step)`` returns ``(ct, xray)`` model tensors; the DRRs are rendered in the geometry the
+    datalist's own DRRs were made with (``settings.geometry`` of ``xctdiff prepare``), so a fresh pair
+    looks like a stored one apart from what was randomised.
+    """
+
+    def __init__(self, augment, film, datalist, xray_size: int, seed: int, rank: int):
+        self.enabled = augment.enabled or film.enabled
+        self.augment, self.film = augment.magnitudes(), film.magnitudes()
+        self.xray_size, self.seed, self.rank = xray_size, seed, rank
+        self.geometry = None
+        if self.enabled:
+            from ..drr import make_geometry
+            from .data import datalist_geometry
+
+            self.geometry = make_geometry(datalist_geometry(datalist))
+
+    def __call__(self, batch: dict, step: int) -> tuple:
+        if not self.enabled:
+            return batch["image"], batch["xray"]
+        generator = step_generator(self.seed, self.rank, step)
+        return random_pairs(batch["image"], generator, self.geometry, self.xray_size, self.augment, self.film)

@@ -1,12 +1,12 @@
-"""On-the-fly CT variants (training/warp.py): exact crops when nothing is drawn, reproducible per step,
+"""On-the-fly training variants (training/variants.py): exact crops when nothing is drawn, reproducible per step,
 air outside the volume and in the air, every magnitude doing what it says."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from XctDiffCore.config import AugmentConfig
-from XctDiffCore.training.warp import random_views, step_generator
+from XctDiffCore.config import AugmentConfig, FilmConfig
+from XctDiffCore.training.variants import random_films, random_views, step_generator
 
 OFF = AugmentConfig(enabled=False).magnitudes()
 
@@ -72,3 +72,37 @@ def test_bad_sizes_are_refused():
         random_views(volumes(), step_generator(0, 0, 0), 64)
     with pytest.raises(ValueError):
         random_views(torch.zeros(1, 1, 8, 8, 16), step_generator(0, 0, 0))
+
+
+def test_films_are_unchanged_without_randomisation_and_randomised_within_range():
+    torch.manual_seed(0)
+    images = torch.nn.functional.avg_pool2d(torch.rand(3, 1, 32, 32), 5, stride=1, padding=2)
+    off = FilmConfig(enabled=True, max_gamma=0, max_contrast=0, max_blur_px=0, max_noise=0, max_haze=0).magnitudes()
+    torch.testing.assert_close(random_films(images, step_generator(0, 0, 0), **off), images)
+    a = random_films(images, step_generator(0, 0, 1), **FilmConfig(enabled=True).magnitudes())
+    torch.testing.assert_close(a, random_films(images, step_generator(0, 0, 1), **FilmConfig(enabled=True).magnitudes()))
+    assert a.shape == images.shape and a.min() >= 0.0 and a.max() <= 1.0
+    assert not torch.allclose(a, images) and (a - images).abs().mean() < 0.2
+    noisy = random_films(images, step_generator(0, 0, 1), 0, 0, 0, 0.2, 0)
+    assert (noisy - images).std() > 0.01  # noise only: a visible std, the same image underneath
+    assert FilmConfig(enabled=False).magnitudes() is None
+
+
+def test_pairs_pass_through_when_off_and_are_fresh_consistent_drrs_when_on(tmp_path):
+    from XctDiffCore.drr import make_geometry, normalize_drr, render_drr
+    from XctDiffCore.layout import unit_to_hu
+    from XctDiffCore.training.variants import PairVariants, random_pairs
+
+    batch = {"image": volumes(2, 32), "xray": torch.zeros(2, 1, 32, 32)}
+    off = PairVariants(AugmentConfig(), FilmConfig(), tmp_path / "none.json", 32, 0, 0)
+    ct, xray = off(batch, 5)
+    assert ct is batch["image"] and xray is batch["xray"]
+    on = PairVariants(AugmentConfig(enabled=True), FilmConfig(), tmp_path / "none.json", 32, 0, 0)
+    ct, xray = on(batch, 5)
+    assert not torch.allclose(ct, batch["image"]) and xray.shape == (2, 1, 32, 32)
+    # Without film randomisation the radiograph is exactly the normalised DRR of the warped CT, in [-1, 1].
+    drr = normalize_drr(render_drr(unit_to_hu(ct), make_geometry("cone"), size=32, spacing_mm=(10.0,) * 3))
+    torch.testing.assert_close(xray, drr * 2.0 - 1.0)
+    ct2, xray2 = random_pairs(batch["image"], step_generator(0, 0, 5), make_geometry("cone"), 32,
+                              AugmentConfig(enabled=True).magnitudes(), None)
+    torch.testing.assert_close(ct2, ct)  # the same step draws the same variant
