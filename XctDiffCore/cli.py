@@ -2,7 +2,8 @@
 
 Every subcommand registers itself through an ``add_<name>_command(subparsers)`` function listed in
 ``COMMANDS``; its handler receives the parsed arguments and returns an exit status. User errors
-(:class:`XctDiffError`) print one ``error: ...`` line on stderr and exit with status 2; Ctrl-C
+(:class:`XctDiffError`) print one ``error: ...`` line on stderr and exit with status 2; warnings
+(the engine's and its libraries') print one ``warning: ...`` line each; Ctrl-C
 (``error: interrupted``, 130) and SIGTERM (``error: terminated``, 143) unwind the running command, so
 that no temporary file is left; a closed stdout (``xctdiff inspect ... | head``) ends it quietly (141).
 """
@@ -16,6 +17,7 @@ import threading
 
 from . import __version__
 from .errors import XctDiffError
+from .reconstruct_job import one_line, plain_warnings  # stdlib only: the parser stays quick to build
 
 
 def add_demo_command(subparsers):
@@ -182,12 +184,12 @@ def add_prepare_command(subparsers):
     p = subparsers.add_parser("prepare", help="CT files -> canonical CTs + DRRs + datalist.json for training")
     p.add_argument("ct", nargs="+", help="CT files, DICOM series folders, or folders to search for them")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
-    p.add_argument("--augment", type=int, default=0, help="random variants per patient besides the original")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of patients held out for validation")
+    p.add_argument("--augment", type=int, default=0, help="random variants per patient besides the original (default 0)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of patients held out for validation (default 0.2)")
     p.add_argument("--split", help="a split file (or a built-in name: shared_whole_chest) naming the validation "
                    "patients; replaces --val-fraction")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the augmentation")
-    p.add_argument("--size", type=int, default=128, help="CT side in voxels and DRR side in pixels")
+    p.add_argument("--size", type=int, default=128, help="CT side in voxels and DRR side in pixels (default 128)")
     p.add_argument("--geometry", choices=("cone", "parallel"), default="cone", help="DRR geometry")
     p.set_defaults(handler=_run_prepare)
 
@@ -204,7 +206,7 @@ def _run_prepare(args) -> int:
 
 
 def add_benchmark_command(subparsers):
-    p = subparsers.add_parser("benchmark", help="time the engine's hot paths (see BENCHMARK_TARGETS)")
+    p = subparsers.add_parser("benchmark", help="time the engine's hot paths: drr, pipeline (a reconstruction), train (a step per stage)")
     targets = p.add_subparsers(dest="target", metavar="TARGET")
     targets.required = True
     for add_target in BENCHMARK_TARGETS:
@@ -212,7 +214,7 @@ def add_benchmark_command(subparsers):
 
 
 def _add_benchmark_options(p, repeats: int):
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the device to time")
     p.add_argument("--repeats", type=int, default=repeats, help="timed runs after the warm-up (median reported)")
     p.add_argument("--json", metavar="FILE", help="also write every run's time to this JSON file")
 
@@ -220,7 +222,7 @@ def _add_benchmark_options(p, repeats: int):
 def add_benchmark_drr_target(targets):
     p = targets.add_parser("drr", help="one DRR of a 128^3 volume")
     p.add_argument("--size", type=int, default=128, help="DRR side in pixels")
-    p.add_argument("--geometry", choices=("cone", "parallel"), default="cone")
+    p.add_argument("--geometry", choices=("cone", "parallel"), default="cone", help="DRR geometry")
     p.add_argument("--batch", type=int, default=1, help="volumes rendered per call")
     _add_benchmark_options(p, repeats=20)
     p.set_defaults(handler=_run_benchmark_drr)
@@ -246,7 +248,7 @@ def add_benchmark_train_target(targets):
     p.add_argument("--config", default="tiny", help="tiny, preview, small, paper or a path")
     p.add_argument("--steps", type=int, default=5, help="timed steps per stage")
     p.add_argument("--stages", nargs="+", choices=("autoencoder", "encoder", "diffusion"),
-                   default=["autoencoder", "encoder", "diffusion"])
+                   default=["autoencoder", "encoder", "diffusion"], help="the stages to time")
     p.add_argument("--json", metavar="FILE", help="also write the results to this JSON file")
     p.set_defaults(handler=_run_benchmark_train)
 
@@ -262,7 +264,7 @@ def add_benchmark_pipeline_target(targets):
     p.add_argument("--model", help="model folder (default: the bundled model)")
     p.add_argument("--config", help="instead of --model: random weights of this config (tiny, preview, small, paper or a path)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
-    p.add_argument("--samples", type=int, default=1, help="samples per reconstruction")
+    p.add_argument("--samples", type=int, default=1, help="diffusion samples per reconstruction")
     _add_benchmark_options(p, repeats=3)
     p.set_defaults(handler=_run_benchmark_pipeline)
 
@@ -295,9 +297,10 @@ def add_reconstruct_command(subparsers):
                                           "for a folder: a folder (default <folder>_ct). Existing files there are "
                                           "replaced; an output that is an input (or another output) is refused")
     p.add_argument("--model", help="model folder with manifest.json (default: the bundled model)")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
-    p.add_argument("--samples", type=int, default=1, help="samples averaged into the CT; 2 or more give --uncertainty")
-    p.add_argument("--seed", type=int, help="random seed (default: random; the RESULT line reports it)")
+    p.add_argument("--steps", type=int, help="sampler steps of the diffusion (default: the model's; the direct method has none)")
+    p.add_argument("--samples", type=int, default=1, help="samples averaged into the CT (default 1); 2 or more choose the "
+                   "diffusion method (whatever the model's default) and allow --uncertainty")
+    p.add_argument("--seed", type=int, help="random seed (default: random; the summary line and RESULT report it)")
     p.add_argument("--device", default="auto", help="auto (CUDA when usable, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--style", choices=("auto", "on", "off"), default="auto",
                    help="real -> DRR style transfer: auto = on for real films, off for DRRs")
@@ -329,7 +332,7 @@ def add_evaluate_command(subparsers):
     p.add_argument("--data", required=True, help="datalist.json (its validation entries) or a CT file or folder")
     p.add_argument("--out", required=True, help="output folder for metrics.csv, summary.md/.json, figure.png (created)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
-    p.add_argument("--samples", type=int, default=1, help="samples per case (their mean is scored)")
+    p.add_argument("--samples", type=int, default=1, help="diffusion samples per case (their mean is scored)")
     p.add_argument("--seed", type=int, default=0, help="case i uses seed + i")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max-cases", type=int, help="evaluate only the first N cases")
@@ -347,12 +350,10 @@ def _run_evaluate(args) -> int:
     from pathlib import Path
 
     from .evaluation import evaluate, markdown_table
-    from .reconstruct_job import plain_warnings
 
-    with plain_warnings():
-        summary = evaluate(args.model, args.data, args.out, steps=args.steps, samples=args.samples, seed=args.seed,
-                           device=args.device, max_cases=args.max_cases, sampler=args.sampler, augmented=args.augmented,
-                           knn=args.knn)
+    summary = evaluate(args.model, args.data, args.out, steps=args.steps, samples=args.samples, seed=args.seed,
+                       device=args.device, max_cases=args.max_cases, sampler=args.sampler, augmented=args.augmented,
+                       knn=args.knn)
     knn = json.loads((Path(args.out) / "summary.json").read_text(encoding="utf-8"))["knn"]  # the k used
     print(markdown_table(summary, knn), end="")
     print(f"wrote {args.out}/metrics.csv, summary.md, summary.json, figure.png")
@@ -392,8 +393,9 @@ def add_evaluate_style_command(subparsers):
     p.add_argument("--drr", required=True, help="datalist.json whose xray images are the DRR domain")
     p.add_argument("--out", required=True, help="output folder for style_eval.json/.md/.png (created if missing)")
     p.add_argument("--max-images", type=int, help="use a seeded random subset of this many real films")
-    p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the style classifier")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the style classifier (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --max-images subset, the classifier's folds and the "
+                   "consistency reconstructions")
     p.add_argument("--steps", type=int, help="with a whole model folder: sampler steps of the consistency reconstructions")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (the consistency reconstructions)")
     p.set_defaults(handler=_run_evaluate_style)
@@ -413,13 +415,35 @@ def _run_evaluate_style(args) -> int:
     return 0
 
 
-COMMANDS = [add_demo_command, add_train_command, add_export_command, add_models_command, add_inspect_command, add_lpips_weights_command,
-            add_drr_command, add_prepare_command, add_benchmark_command, add_reconstruct_command, add_evaluate_command,
-            add_evaluate_autoencoder_command, add_evaluate_style_command]
+# The order of `xctdiff --help`: the main job first, then what a user runs next, then the training chain.
+COMMANDS = [add_reconstruct_command, add_demo_command, add_inspect_command, add_drr_command, add_evaluate_command,
+            add_prepare_command, add_train_command, add_export_command, add_evaluate_autoencoder_command,
+            add_evaluate_style_command, add_lpips_weights_command, add_models_command, add_benchmark_command]
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless the text already says it (or there is none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default is None or isinstance(default, bool) or default is argparse.SUPPRESS
+                or "default" in text or "%(default)" in text):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default {shown.replace('%', '%%')})".strip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose subcommands (the same class) all show their defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="xctdiff",
         description="Reconstruct a 3D chest CT from one frontal radiograph (XctDiff). Research use, not diagnosis.",
     )
@@ -466,12 +490,13 @@ def _stdout_closed() -> int:
 def main(argv=None) -> int:
     previous = _install_signal_handlers()
     try:
-        args = build_parser().parse_args(argv)
-        status = int(args.handler(args) or 0)
+        with plain_warnings():  # every warning, the engine's or a library's, as one `warning: ...` line
+            args = build_parser().parse_args(argv)
+            status = int(args.handler(args) or 0)
         sys.stdout.flush()  # here, so that a closed pipe is seen here
         return status
     except XctDiffError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)  # one line, whatever a file name holds
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

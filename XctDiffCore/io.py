@@ -30,6 +30,10 @@ MIN_RADIOGRAPH_SIZE = 32
 # 43 um) make a 400 MB float32 square, a strip of 32 x 100000 pixels would ask for 40 GB. Checked on
 # the file's header, before the pixels are decoded. (How thin a film may be: preprocess.MAX_RADIOGRAPH_ASPECT.)
 MAX_RADIOGRAPH_SIDE = 10000
+# Slices of a DICOM series closer than this (mm, median over the series) lie at one position.
+MIN_SLICE_GAP_MM = 1e-3
+# The most files a detached NRRD/MetaImage header may name (a printf pattern can name millions).
+MAX_DETACHED_FILES = 100000
 
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SITK_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -124,12 +128,64 @@ def _is_dicom_file(path: Path) -> bool:
     return head[128:132] == b"DICM"
 
 
-def _check_nrrd_spacing(path: Path) -> None:
-    """ITK refuses zero spacing with a cryptic message and silently flips negative spacing: say it plainly."""
+def _detached_names(path: Path, value: str) -> list:
+    """The file names a detached header's data-file field gives: one name, or a printf pattern
+    ``<format> <min> <max> <step> [<subdim>]`` (NRRD and MetaImage alike)."""
+    parts = value.split()
+    if len(parts) in (4, 5) and "%" in parts[0]:
+        try:
+            low, high, step = (int(v) for v in parts[1:4])
+            indices = range(low, high + (1 if step > 0 else -1), step)
+            if len(indices) > MAX_DETACHED_FILES:
+                raise ValueError(f"{len(indices)} files")
+            return [parts[0] % i for i in indices]
+        except (ValueError, TypeError) as exc:
+            raise XctDiffError(f"{path} names its data files by an unusable pattern {value!r} ({exc})") from None
+    return [value.strip()]
+
+
+def _refuse_outside_data_files(path: Path, names) -> None:
+    """A detached header may only name data files in its own folder (or below): a header that points
+    at ``/etc/passwd`` or ``../../secret`` (or a link out of the folder) would have it read as pixels."""
+    folder = path.parent.resolve()
+    for name in names:
+        target = (path.parent / name).resolve()
+        if not target.is_relative_to(folder):
+            raise XctDiffError(
+                f"{path} takes its voxels from {name!r}, outside the header's folder: refused "
+                "(keep the data file beside the header)"
+            )
+
+
+def _check_metaimage_data_file(path: Path) -> None:
+    """The ``ElementDataFile`` of a MetaImage header (.mhd, or an .mha that is not ``LOCAL``)."""
+    with _library_errors(path, "a MetaImage file"), open(path, "rb") as f:
+        head = f.read(1 << 20)
+    lines = head.decode("latin-1").splitlines()
+    for i, line in enumerate(lines):
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "ElementDataFile":
+            value = value.strip()
+            if value.upper() == "LOCAL":
+                return
+            if value.split()[:1] == ["LIST"]:
+                names = [n.strip() for n in lines[i + 1 :] if n.strip()]
+            else:
+                names = _detached_names(path, value)
+            _refuse_outside_data_files(path, names)
+            return
+
+
+def _check_nrrd_header(path: Path) -> None:
+    """ITK refuses zero spacing with a cryptic message and silently flips negative spacing: say it plainly.
+    A detached data file must lie in the header's folder."""
     import nrrd
 
     with _library_errors(path, "an NRRD file"):
         header = nrrd.read_header(str(path))
+    data_file = header.get("data file", header.get("datafile"))
+    if data_file:
+        _refuse_outside_data_files(path, _detached_names(path, str(data_file)))
     spacing = None
     if "space directions" in header:
         directions = np.asarray(header["space directions"], dtype=float)
@@ -138,6 +194,14 @@ def _check_nrrd_spacing(path: Path) -> None:
         spacing = [float(s) for s in header["spacings"]]
     if spacing is not None and not all(np.isfinite(s) and s > 0 for s in spacing):
         raise XctDiffError(f"voxel spacing must be positive, got {_fmt(spacing)} in {path}")
+
+
+def _check_sitk_header(path: Path, suffix: str) -> None:
+    """What ITK's readers would get wrong or read from elsewhere: checked on the header first."""
+    if suffix in (".nrrd", ".nhdr"):
+        _check_nrrd_header(path)
+    elif suffix in (".mhd", ".mha"):
+        _check_metaimage_data_file(path)
 
 
 def check_radiograph_size(rows: int, cols: int, source: str = "image") -> None:
@@ -161,7 +225,8 @@ def check_radiograph_image(image: np.ndarray, source: str = "image") -> np.ndarr
     if image.ndim != 2:
         raise XctDiffError(f"expected a 2D radiograph, got an array of shape {image.shape} from {source}")
     check_radiograph_size(*image.shape, source)
-    image = image.astype(np.float32, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):  # a value beyond float32 becomes inf: refused below
+        image = image.astype(np.float32, copy=False)
     if not np.all(np.isfinite(image)):
         raise XctDiffError(f"radiograph {source} contains NaN or infinite pixel values")
     return image
@@ -193,8 +258,7 @@ def read_ct(path) -> Volume:
         volume = _read_npz(path)
     elif suffix in SITK_VOLUME_SUFFIXES or suffix in PIL_SUFFIXES:
         # Image suffixes go through SimpleITK too so that a PNG given as a CT says "2D image".
-        if suffix in (".nrrd", ".nhdr"):
-            _check_nrrd_spacing(path)
+        _check_sitk_header(path, suffix)
         volume = _read_sitk_volume(path)
     elif _is_dicom_file(path):
         volume = _read_dicom_series(path.parent, path, _dicom_series_uid(path))
@@ -261,6 +325,12 @@ def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> V
         )
     normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
     gaps = np.diff(positions @ normal)
+    if not np.all(np.isfinite(gaps)) or abs(np.median(gaps)) < MIN_SLICE_GAP_MM:
+        # ITK would read the stack with a made-up z spacing of 1 mm.
+        raise XctDiffError(
+            f"the {len(files)} slices of the DICOM series in {folder} share one position "
+            "(no distance between slices): not a CT volume"
+        )
     if np.any(np.abs(gaps - np.median(gaps)) > 0.1 * abs(np.median(gaps))):
         raise XctDiffError(
             f"the DICOM series in {folder} has missing or unevenly spaced slices "
@@ -325,8 +395,7 @@ def read_radiograph(path) -> Radiograph:
     if suffix in PIL_SUFFIXES:
         image, spacing, is_drr = _read_pil(path)
     elif suffix in SITK_VOLUME_SUFFIXES:
-        if suffix in (".nrrd", ".nhdr"):
-            _check_nrrd_spacing(path)
+        _check_sitk_header(path, suffix)
         image, spacing, is_drr = _read_sitk_radiograph(path)
     elif suffix == ".npz":
         raise XctDiffError(f"expected a radiograph, got a 3D CT volume (.npz): {path}")
@@ -421,8 +490,10 @@ def _dicom_display_orientation(image: np.ndarray, orientation, spacing):
     """Use (0020,0020) Patient Orientation, when given, to put the patient's left at the right and feet down."""
     if not orientation or len(orientation) != 2:
         return image, spacing
-    row_dir, col_dir = (str(v).upper()[:1] for v in orientation)
-    if row_dir in "HF" and col_dir in "LR":  # stored transposed
+    # The first letter of each value; an empty value (``\\``) or an unknown letter says nothing.
+    row_dir, col_dir = (str(v).strip().upper()[:1] for v in orientation)
+    row_dir, col_dir = (d if d and d in "LRAPHF" else None for d in (row_dir, col_dir))
+    if row_dir in ("H", "F") and col_dir in ("L", "R"):  # stored transposed
         image, row_dir, col_dir = image.T, col_dir, row_dir
         spacing = spacing[::-1] if spacing else spacing
     if row_dir == "R":
@@ -436,7 +507,8 @@ def _read_dicom_radiograph(path: Path):
     import pydicom
 
     apply_modality_lut, apply_voi_lut = _dicom_luts()
-    with _library_errors(path, "a DICOM radiograph"):
+    # An absurd rescale (slope 1e300) overflows to inf or NaN: refused below, without numpy's warnings.
+    with _library_errors(path, "a DICOM radiograph"), np.errstate(over="ignore", invalid="ignore"):
         ds = pydicom.dcmread(str(path))
         modality = str(ds.get("Modality", "")).upper()
         if modality in ("CT", "MR", "PT", "NM"):
@@ -465,7 +537,9 @@ def _read_dicom_radiograph(path: Path):
         spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
         spacing = (float(spacing[0]), float(spacing[1])) if spacing and len(spacing) == 2 else None
         orientation = ds.get("PatientOrientation")
-    image, spacing = _dicom_display_orientation(np.asarray(image, dtype=np.float32), orientation, spacing)
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, refused by check_radiograph_image
+        image = np.asarray(image, dtype=np.float32)
+    image, spacing = _dicom_display_orientation(image, orientation, spacing)
     if spacing is not None and not all(np.isfinite(s) and s > 0 for s in spacing):
         raise XctDiffError(f"pixel spacing must be positive, got {spacing} in {path}")
     return image, spacing, False

@@ -13,7 +13,8 @@
    images tagged as DRRs; see :mod:`XctDiffCore.style`);
 3. *encoder*: the progressive encoder's prior ``y = N(q(Conv(x)))``;
 4. *sampling*: K samples of the latent diffusion, batched, conditioned on y (``method="direct"``
-   skips it and decodes y itself: the paper's no-diffusion ablation). ``method=None`` is the model's
+   skips it and decodes y itself: the paper's no-diffusion ablation; ``steps`` or ``sampler`` given
+   with it are ignored, with a :class:`MethodWarning`). ``method=None`` is the model's
    default, except that ``samples >= 2`` asks for the diffusion (the only path that samples);
 5. *decoding*: each latent snapped to the codebook and decoded by the VQ-GAN, to HU;
 6. *consistency*: the DRR of the result, rendered in the training geometry and normalised like the
@@ -68,6 +69,12 @@ OUTPUT_SIZE = PREPARED_SIZE  # result.ct: 128^3 voxels of FIELD_OF_VIEW_MM / 128
 
 # Where each stage ends on the progress scale (sampling takes the most time by far).
 STAGE_END = {"preprocessing": 0.02, "style transfer": 0.04, "encoding": 0.07, "sampling": 0.86, "decoding": 0.95, "consistency": 1.0}
+# The direct method has no sampling: the decoding is most of its work.
+DIRECT_STAGE_END = {**STAGE_END, "encoding": 0.10, "sampling": 0.10, "decoding": 0.85}
+
+
+class MethodWarning(UserWarning):
+    """A setting that the chosen method does not use (steps or sampler with the direct method)."""
 
 
 class StyleWarning(UserWarning):
@@ -199,6 +206,7 @@ class XctDiffPipeline:
         from .device import choose_device, run_with_cpu_fallback
         from .style import STYLE_CHOICES
 
+        unused = [name for name, value in (("steps", steps), ("sampler", sampler)) if value is not None]
         steps = self.info.steps if steps is None else int(steps)
         if not 1 <= steps <= self.schedule.num_train_steps:
             raise XctDiffError(f"steps must be between 1 and {self.schedule.num_train_steps}, got {steps}")
@@ -213,6 +221,10 @@ class XctDiffPipeline:
         if method == "direct" and samples > 1:
             raise XctDiffError(f"the direct method makes one deterministic CT, not {samples} samples: "
                                "use method='diffusion' (--method diffusion) for several")
+        if method == "direct" and unused:
+            warnings.warn(f"the direct method does not sample: the {' and '.join(unused)} given "
+                          f"{'is' if len(unused) == 1 else 'are'} ignored (--method diffusion uses them)",
+                          MethodWarning, stacklevel=2)
         from .diffusion import SAMPLERS
 
         sampler = self.info.sampler if sampler is None else sampler
@@ -283,18 +295,19 @@ class XctDiffPipeline:
         from .diffusion import sample
         from .metrics import ssim_2d
 
+        ends = STAGE_END if method == "diffusion" else DIRECT_STAGE_END
         reporter.report(0.0, "preprocessing")
         timer = _Timer(device)
         self.to(device)
         with torch.inference_mode():
             input01 = self.preprocess(radiograph)
             timer.lap("preprocessing")
-            reporter.report(STAGE_END["preprocessing"], "style transfer")
+            reporter.report(ends["preprocessing"], "style transfer")
             _check_cancel(cancel)
 
             input01, styled = self.apply_style(radiograph, input01, style)
             timer.lap("style")
-            reporter.report(STAGE_END["style transfer"], "encoding")
+            reporter.report(ends["style transfer"], "encoding")
             _check_cancel(cancel)
 
             x = torch.from_numpy(np.ascontiguousarray(input01) * 2.0 - 1.0).to(device)[None, None]  # (1, 1, S, S)
@@ -302,12 +315,12 @@ class XctDiffPipeline:
                 z = self.encoder(x)
             prior = self.vqgan.quantize(z.float())[0]  # (1, C, d, h, w), float32: codes are searched in fp32
             timer.lap("encoder")
-            reporter.report(STAGE_END["encoding"], "sampling" if method == "diffusion" else "decoding")
+            reporter.report(ends["encoding"], "sampling" if method == "diffusion" else "decoding")
             _check_cancel(cancel)
 
             if method == "diffusion":
                 generator = torch.Generator("cpu").manual_seed(seed)
-                start, span = STAGE_END["encoding"], STAGE_END["sampling"] - STAGE_END["encoding"]
+                start, span = ends["encoding"], ends["sampling"] - ends["encoding"]
 
                 def on_step(fraction: float) -> None:
                     reporter.report(start + span * fraction, f"sampling {round(fraction * steps)}/{steps}")
@@ -319,11 +332,11 @@ class XctDiffPipeline:
                 timer.lap("sampling")
             else:
                 latents = prior.expand(samples, *prior.shape[1:])
-            reporter.report(STAGE_END["sampling"], "decoding")
+            reporter.report(ends["sampling"], "decoding")
 
-            mean_hu, std_hu = self._decode(latents, device, reporter, cancel)
+            mean_hu, std_hu = self._decode(latents, device, reporter, cancel, ends)
             timer.lap("decoding")
-            reporter.report(STAGE_END["decoding"], "consistency")
+            reporter.report(ends["decoding"], "consistency")
             _check_cancel(cancel)
 
             ct = self._volume(np.rint(mean_hu).astype(np.int16))
@@ -349,12 +362,14 @@ class XctDiffPipeline:
             drr=drr,
         )
 
-    def _decode(self, latents: torch.Tensor, device, reporter: _Progress, cancel) -> tuple:
-        """Each latent -> codebook -> decoder -> canonical HU; the running mean and std over samples (Welford)."""
+    def _decode(self, latents: torch.Tensor, device, reporter: _Progress, cancel, ends: dict = STAGE_END) -> tuple:
+        """Each latent -> codebook -> decoder -> canonical HU; the running mean and std over samples (Welford).
+
+        ``ends``: the progress scale of the method (:data:`STAGE_END` or :data:`DIRECT_STAGE_END`)."""
         from .layout import model_layout_to_ct, unit_to_hu
 
         count = latents.shape[0]
-        start, span = STAGE_END["sampling"], STAGE_END["decoding"] - STAGE_END["sampling"]
+        start, span = ends["sampling"], ends["decoding"] - ends["sampling"]
         mean = m2 = None
         for k in range(count):
             _check_cancel(cancel)

@@ -7,15 +7,20 @@
   A file that fails is reported and skipped; the command then ends with one error line.
 * No output may be an input or another output of the run (checked before anything is loaded);
   existing files at the output paths are replaced.
-* Progress: a tqdm bar on stderr, or with ``--progress-lines`` the machine-readable ``PROGRESS`` /
-  ``RESULT`` lines of ``XctDiffSlicer/XctDiffSlicerLib/PROTOCOL.md`` on stdout (flushed at once).
-* One summary line per file (time, device, consistency) on stdout; ``RESULT`` is the last line.
+* Progress: a tqdm bar on stderr when it is a terminal, plain lines there when it is not (a log
+  file, a pipe), or with ``--progress-lines`` the machine-readable ``PROGRESS`` / ``RESULT`` lines of
+  ``XctDiffSlicer/XctDiffSlicerLib/PROTOCOL.md`` on stdout (flushed at once).
+* One summary line per file (time, device, consistency, the seed of a diffusion run) on stdout;
+  ``RESULT`` is the last line. Every line is one line: a path with a newline or another control
+  character is written as a JSON string (always so with ``--progress-lines``), other text with
+  escapes (:func:`one_line`), so no file name can forge a ``PROGRESS`` or ``RESULT`` line.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -30,12 +35,26 @@ RADIOGRAPH_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm",
                        ".nii", ".nii.gz", ".mha", ".mhd")
 
 
+def one_line(text) -> str:
+    """``text`` for a single output line: newlines and other unprintable characters as escapes (``\\n``)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
+def path_text(path, protocol: bool = False) -> str:
+    """A path in an output line: as it is when printable, else (and always in the protocol) a JSON string."""
+    text = str(path)
+    return json.dumps(text) if protocol or not text.isprintable() else text
+
+
 @contextlib.contextmanager
 def plain_warnings():
-    """Warnings as one ``warning: <message>`` line on stderr (no file names, no source lines)."""
+    """Warnings as one ``warning: <message>`` line on stderr (no file names, no source lines).
+
+    The one way the CLI shows a warning: :func:`XctDiffCore.cli.main` runs every command inside it, so
+    that a library's warning (numpy, Pillow's DecompressionBombWarning) looks like the engine's own."""
 
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        print(f"warning: {one_line(message)}", file=sys.stderr, flush=True)
 
     with warnings.catch_warnings():
         warnings.simplefilter("default")
@@ -43,24 +62,46 @@ def plain_warnings():
         yield
 
 
-class ProgressDisplay:
-    """``PROGRESS <fraction> <stage>`` lines on stdout, or a tqdm bar on stderr; fractions never fall."""
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
-    def __init__(self, lines: bool, description: str = "reconstruct"):
+
+class ProgressDisplay:
+    """``PROGRESS <fraction> <stage>`` lines on stdout (``lines``), else on stderr a tqdm bar when it is a
+    terminal, or plain lines when it is not (a log file): one per stage and per tenth of the work, so
+    that a log holds readable lines, not a pile of carriage returns. Fractions never fall."""
+
+    def __init__(self, lines: bool, description: str = "reconstruct", stream=None):
         self.lines, self.fraction, self.bar = lines, 0.0, None
-        if not lines:
+        self.description = description
+        self.stream = sys.stderr if stream is None else stream
+        self.start = time.monotonic()
+        self._shown = None  # (tenth, stage name) of the last plain line
+        if not lines and _is_terminal(self.stream):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=1000, desc=description, file=sys.stderr, dynamic_ncols=True,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {postfix}")
+            # tqdm puts ", " before the postfix itself.
+            self.bar = tqdm(total=1000, desc=description, file=self.stream, dynamic_ncols=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}")
 
     def __call__(self, fraction: float, stage: str) -> None:
         fraction = min(1.0, max(self.fraction, float(fraction)))
+        stage = one_line(stage)
         if self.lines:
             print(f"PROGRESS {fraction:.4f} {stage}", flush=True)
         elif self.bar is not None:
             self.bar.update(round(fraction * 1000) - self.bar.n)
             self.bar.set_postfix_str(stage, refresh=True)
+        else:
+            key = (int(fraction * 10), re.sub(r" \d+/\d+$", "", stage))  # "sampling 3/50" -> "sampling"
+            if key != self._shown:
+                self._shown = key
+                elapsed = time.monotonic() - self.start
+                print(f"{self.description}: {fraction * 100:3.0f}% {stage} "
+                      f"({int(elapsed // 60):02d}:{int(elapsed % 60):02d})", file=self.stream, flush=True)
         self.fraction = fraction
 
     def scaled(self, low: float, high: float):
@@ -217,13 +258,12 @@ def run_reconstruct(
                     if len(jobs) == 1:
                         raise
                     failures.append(source)
-                    print(f"skipped {source}: {exc}", file=sys.stderr, flush=True)
+                    print(f"skipped {path_text(source)}: {one_line(exc)}", file=sys.stderr, flush=True)
                     continue
                 result.timings["load"] = pipe.load_seconds
                 seconds = time.perf_counter() - start
                 results.append((source, written, result))
-                _print_line(display, f"{source} -> {written[0]} in {seconds:.1f} s on {result.device}, "
-                                     f"consistency {result.consistency:.3f}")
+                _print_line(display, summary_line(source, written[0], seconds, result, protocol=progress_lines))
             display(1.0, "done")
         finally:
             display.close()
@@ -232,6 +272,14 @@ def run_reconstruct(
     if failures:
         raise XctDiffError(f"{len(failures)} of {len(jobs)} radiographs could not be reconstructed (see the lines above)")
     return 0
+
+
+def summary_line(source, output, seconds: float, result, protocol: bool = False) -> str:
+    """``<input> -> <output> in <s> s on <device>, consistency <c>, seed <seed>``: the seed of a
+    diffusion run (given or drawn) reproduces it with ``--seed``; the direct method has none to give."""
+    seed = f"seed {result.seed}" if result.method == "diffusion" else "direct method (no seed)"
+    return (f"{path_text(source, protocol)} -> {path_text(output, protocol)} in {seconds:.1f} s on "
+            f"{one_line(result.device)}, consistency {result.consistency:.3f}, {seed}")
 
 
 def _print_line(display: ProgressDisplay, text: str) -> None:

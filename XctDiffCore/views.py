@@ -60,22 +60,36 @@ def _fit(image01: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def compose_grid(rows: Sequence[Sequence[tuple]], panel: int = PANEL_SIZE):
-    """A grey PIL image of labelled panels: ``rows`` of ``(label, image in [0, 1] or None)``."""
+def label_font():
+    """Pillow's bitmap font (11 px, fits LABEL_HEIGHT): its spaces are a character wide, where the
+    default FreeType font at 10 px draws them 2 px wide and "CT axial" reads "CTaxial"."""
+    from PIL import ImageFont
+
+    bitmap = getattr(ImageFont, "load_default_imagefont", None)  # Pillow >= 10.1; before, the default is it
+    return bitmap() if bitmap is not None else ImageFont.load_default()
+
+
+def compose_grid(rows: Sequence[Sequence[Optional[tuple]]], panel: int = PANEL_SIZE):
+    """A grey PIL image of labelled panels: ``rows`` of ``(label, image in [0, 1])`` cells; a ``None``
+    cell is left out (black, no label), so that a shorter row can line up under the columns it belongs to."""
     from PIL import Image, ImageDraw
 
     columns = max(len(r) for r in rows)
     cell_h = panel + LABEL_HEIGHT
     canvas = Image.new("L", (columns * (panel + GAP) - GAP, len(rows) * (cell_h + GAP) - GAP), 0)
     draw = ImageDraw.Draw(canvas)
+    font = label_font()
     for r, row in enumerate(rows):
-        for c, (label, image) in enumerate(row):
+        for c, cell in enumerate(row):
+            if cell is None:
+                continue
+            label, image = cell
             x, y = c * (panel + GAP), r * (cell_h + GAP)
             if image is not None:
                 pixels = np.round(_fit(image, panel) * 255).astype(np.uint8)
                 canvas.paste(Image.fromarray(pixels), (x, y + LABEL_HEIGHT))
             if label:
-                draw.text((x + 2, y + 1), str(label), fill=255)
+                draw.text((x + 2, y + 1), str(label), fill=255, font=font)
     return canvas
 
 
@@ -89,13 +103,14 @@ def write_png(image, path) -> Path:
 
 
 def reconstruction_rows(input01: np.ndarray, drr01: np.ndarray, ct_hu: np.ndarray, uncertainty_hu: Optional[np.ndarray] = None) -> list:
-    """Row 1: input, DRR of the result, axial / coronal / sagittal CT; row 2: the uncertainty's slices."""
+    """Row 1: input, DRR of the result, axial / coronal / sagittal CT; row 2: the uncertainty's slices,
+    under the CT's, each label with the grey scale's range (black 0 HU, white the 99th percentile)."""
     slices = orthogonal_slices(ct_hu)
     rows = [[("input", input01), ("DRR of result", drr01)] + [(f"CT {k}", window(v)) for k, v in slices.items()]]
     if uncertainty_hu is not None:
         top = float(np.percentile(uncertainty_hu, 99))
         std = orthogonal_slices(uncertainty_hu)
-        rows.append([(f"std 0-{top:.0f} HU", None), ("", None)] + [(f"std {k}", scale_to_unit(v, top)) for k, v in std.items()])
+        rows.append([None, None] + [(f"std {k} 0-{top:.0f} HU", scale_to_unit(v, top)) for k, v in std.items()])
     return rows
 
 

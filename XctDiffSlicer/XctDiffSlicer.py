@@ -119,7 +119,8 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         if self._job is not None:
-            self._job.cancel()
+            self._job.discard()  # kill the child and remove its temporary folder (the radiograph in it)
+            self._job = None
         if self._deviceProbe is not None:
             self._deviceProbe.cancel()
         self._timer.stop()
@@ -273,7 +274,10 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if output.consistency is not None:
                     node.consistency = f"{output.consistency:.3f}"
                 self.ui.progressBar.value = 100
-                self.ui.stageLabel.text = _("Done on {device}").format(device=output.device or _("the engine's device"))
+                status = _("Done on {device}").format(device=output.device or _("the engine's device"))
+                if output.seed is not None and output.method != "direct":
+                    status += _(", seed {seed}").format(seed=output.seed)  # the seed reproduces the run
+                self.ui.stageLabel.text = status
             if self._parameterNode is not None:
                 self.updateGUI()
 

@@ -55,8 +55,8 @@ def write_truncated_dicom(path):
     return path
 
 
-def write_dicom_film(path, rows, cols):
-    """An 8-bit DX film of ``rows`` x ``cols`` pixels."""
+def write_dicom_film(path, rows, cols, **tags):
+    """An 8-bit DX film of ``rows`` x ``cols`` pixels; ``tags``: further attributes (RescaleSlope=...)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -71,7 +71,33 @@ def write_dicom_film(path, rows, cols):
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.PixelData = (np.arange(rows * cols) % 251).astype(np.uint8).tobytes()
+    for key, value in tags.items():
+        setattr(ds, key, value)
     ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def write_detached(folder, name, header_lines, data_name, data: bytes = None, link_to=None):
+    """A detached header ``name`` in ``folder`` naming ``data_name``; writes ``data`` there, or makes it a link."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if link_to is not None:
+        (folder / data_name).symlink_to(link_to)
+    elif data is not None:
+        (folder / data_name).write_bytes(data)
+    (folder / name).write_text("".join(line + "\n" for line in header_lines), encoding="ascii")
+    return folder / name
+
+
+def nhdr(d, sizes, data_file, **kwargs):
+    lines = ["NRRD0004", "type: uint8", f"dimension: {len(sizes)}", "sizes: " + " ".join(map(str, sizes)),
+             "encoding: raw", f"data file: {data_file}"]
+    return write_detached(d / "header", "film.nhdr", lines, data_file, **kwargs)
+
+
+def outside_file(d, size):
+    """A file beside the header's folder, not in it (what a header must not reach)."""
+    path = d / "secret.raw"
+    path.write_bytes(bytes(range(256)) * (size // 256 + 1))
     return path
 
 
@@ -121,6 +147,21 @@ CASES = {
         lambda d: write_nrrd(d / "vector.nrrd", np.ones((64, 64, 2), np.float32), kinds=["vector", "domain", "domain"]),
         "radiograph",
         "2 values per pixel",
+    ),
+    # A rescale beyond float32: one error line, no numpy RuntimeWarning before it.
+    "DICOM rescale 1e300": (lambda d: write_dicom_film(d / "huge.dcm", 64, 64, RescaleSlope=1e300, RescaleIntercept=0),
+                            "radiograph", "infinite"),
+    # Detached headers may only read data files in their own folder.
+    "NHDR reading /etc/passwd": (lambda d: nhdr(d, (8, 8, 4), "/etc/passwd"), "ct", "outside the header's folder"),
+    "NHDR reading ../": (lambda d: outside_file(d, 64 * 64) and nhdr(d, (64, 64), "../secret.raw"), "radiograph",
+                         "outside the header's folder"),
+    "NHDR through a link out": (lambda d: nhdr(d, (64, 64), "film.raw", link_to=outside_file(d, 64 * 64)), "radiograph",
+                                "outside the header's folder"),
+    "MetaImage reading /etc/passwd": (
+        lambda d: write_detached(d / "header", "ct.mhd", ["ObjectType = Image", "NDims = 3", "DimSize = 8 8 4",
+                                                          "ElementType = MET_UCHAR", "ElementDataFile = /etc/passwd"], "x"),
+        "ct",
+        "outside the header's folder",
     ),
 }
 # Good files read as the wrong kind: with --as auto they are read as what they are.
@@ -177,6 +218,39 @@ def test_failed_write_leaves_no_file(tmp_path):
     with pytest.raises(XctDiffError, match="NaN"):
         write_image_png(np.full((40, 40), np.nan), tmp_path / "film.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_detached_data_in_the_header_folder_is_read(tmp_path):
+    """The check refuses only what leaves the folder: a data file beside the header (or below it) is fine."""
+    pixels = (np.arange(64 * 48) % 251).astype(np.uint8)
+    path = nhdr(tmp_path, (64, 48), "data/film.raw", data=None)
+    (tmp_path / "header" / "data").mkdir()
+    (tmp_path / "header" / "data" / "film.raw").write_bytes(pixels.tobytes())
+    np.testing.assert_array_equal(read_radiograph(path).image, pixels.reshape(48, 64))
+
+
+def test_a_library_warning_is_one_plain_line(tmp_path, monkeypatch, capsys):
+    """Pillow's DecompressionBombWarning (a film near Pillow's pixel limit) as the engine's own `warning: ...` line."""
+    from PIL import Image
+
+    from XctDiffCore.cli import main
+
+    path = write_png(tmp_path / "film.png", np.full((64, 64), 9, np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 4096 pixels: over the limit, under twice it
+    assert main(["inspect", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [err.strip()] and err.startswith("warning: Image size (4096 pixels) exceeds limit")
+    assert "shape: 64 x 64" in out
+
+
+def test_a_file_name_with_newlines_gives_one_error_line(tmp_path, capsys):
+    from XctDiffCore.cli import main
+
+    path = tmp_path / "film\nerror: forged\r.png"
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\r" not in err
+    assert err.startswith("error: file not found: ") and err.rstrip().endswith("film\\nerror: forged\\r.png")
 
 
 # ------------------------------------------------------------------------------- resources, signals

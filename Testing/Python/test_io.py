@@ -94,8 +94,9 @@ def test_shared_npz_matches_sample_nrrd(shared_data):
     np.testing.assert_allclose(npz.origin, nrrd_volume.origin, atol=1e-4)
 
 
-def write_dicom_series(volume: Volume, folder, reverse_names: bool = False):
-    """One CT DICOM file per k slice, with patient position/orientation tags (the SimpleITK recipe)."""
+def write_dicom_series(volume: Volume, folder, reverse_names: bool = False, one_position: bool = False):
+    """One CT DICOM file per k slice, with patient position/orientation tags (the SimpleITK recipe).
+    ``one_position``: every slice gets the first slice's position (a broken export)."""
     import SimpleITK as sitk
 
     image = volume.to_sitk()
@@ -106,7 +107,7 @@ def write_dicom_series(volume: Volume, folder, reverse_names: bool = False):
     n = volume.shape[0]
     for k in range(n):
         plane = image[:, :, k]
-        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        position = image.TransformIndexToPhysicalPoint((0, 0, 0 if one_position else k))
         for tag, value in {
             "0008|0060": "CT",
             "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
@@ -144,6 +145,14 @@ def test_dicom_series_with_a_missing_slice_is_refused(tmp_path):
     write_dicom_series(Volume(synthetic_chest((6, 40, 48)).astype(np.int16), spacing=(0.7, 0.8, 2.0)), tmp_path)
     (tmp_path / "slice003.dcm").unlink()
     with pytest.raises(XctDiffError, match="missing or unevenly spaced slices"):
+        read_ct(tmp_path)
+
+
+def test_dicom_series_whose_slices_share_one_position_is_refused(tmp_path):
+    """The median gap is 0: ITK would make up a z spacing of 1 mm."""
+    write_dicom_series(Volume(synthetic_chest((6, 40, 48)).astype(np.int16), spacing=(0.7, 0.8, 2.0)), tmp_path,
+                       one_position=True)
+    with pytest.raises(XctDiffError, match="6 slices of the DICOM series .* share one position"):
         read_ct(tmp_path)
 
 
@@ -263,6 +272,17 @@ def test_dicom_patient_orientation_gives_display_orientation(tmp_path):
     film = grey_ramp(top=4095).astype(np.uint16)
     # Stored mirrored: rows run toward the patient's right, columns toward the head.
     path = write_dicom_radiograph(tmp_path / "o.dcm", film[::-1, ::-1], PatientOrientation=["R", "H"], PixelSpacing=[0.1, 0.2])
+    radiograph = read_radiograph(path)
+    np.testing.assert_array_equal(radiograph.image, film)
+    assert radiograph.spacing == (0.1, 0.2)
+
+
+@pytest.mark.parametrize("orientation", [["", ""], ["", "H"], ["X", "Y"]], ids=["empty", "one empty", "unknown"])
+def test_dicom_patient_orientation_without_values_changes_nothing(tmp_path, orientation):
+    """``\\`` (two empty values) says nothing: the film is not transposed ("" is in "HF") nor flipped."""
+    film = grey_ramp(top=4095).astype(np.uint16)  # 48 x 64: a transposition changes the shape
+    path = write_dicom_radiograph(tmp_path / "o.dcm", film[::-1] if orientation[1] == "H" else film,
+                                  PatientOrientation=orientation, PixelSpacing=[0.1, 0.2])
     radiograph = read_radiograph(path)
     np.testing.assert_array_equal(radiograph.image, film)
     assert radiograph.spacing == (0.1, 0.2)

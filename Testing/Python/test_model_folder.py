@@ -116,6 +116,29 @@ def replace_mean_ct(folder, other):
     resign(folder)
 
 
+def link_out(name, through_folder: bool):
+    """``name`` moved out of the folder (beside it) and reached through a link: to the file itself, or
+    to the outside folder as a sub-folder of the model (the manifest then names ``outside/<name>``)."""
+
+    def apply(folder, other):
+        outside = folder.parent / "outside"
+        outside.mkdir(exist_ok=True)
+        shutil.move(folder / name, outside / name)
+        if through_folder:
+            (folder / "outside").symlink_to(outside, target_is_directory=True)
+            manifest = read_manifest_json(folder)
+            manifest["sha256"][f"outside/{name}"] = manifest["sha256"].pop(name)
+            for record in manifest["stages"].values():
+                for role, file_name in record.items():
+                    if file_name == name:
+                        record[role] = f"outside/{name}"
+            write_manifest_json(folder, manifest)
+        else:
+            (folder / name).symlink_to(outside / name)
+
+    return apply
+
+
 def set_path(keys, value):
     def change(document):
         for key in keys[:-1]:
@@ -144,6 +167,9 @@ CORRUPTIONS = {
                                     "encoder.safetensors has no SHA-256"),
     "stage names no weights": (edit_manifest(lambda m: m["stages"]["encoder"].pop("weights")), "stage encoder names no weights"),
     "file outside the folder": (edit_manifest(set_path(["sha256", "../escape.bin"], "0" * 64)), "leaves the model folder"),
+    "weights linked from outside": (link_out("diffusion.safetensors", through_folder=False), "leaves the model folder"),
+    "weights in a linked folder": (link_out("encoder.safetensors", through_folder=True), "leaves the model folder"),
+    "manifest linked from outside": (link_out(MANIFEST_NAME, through_folder=False), "leaves the model folder"),
     "manifest and stage file disagree": (edit_manifest(set_path(["stages", "encoder", "settings", "model", "depth"], 16)),
                                          "disagree on the encoder settings"),
     "mismatched stages: encoder": (transplant("encoder"), "the encoder's latent (4, 8, 8, 8) differs from the autoencoder's (8, 8, 8, 8)"),
@@ -258,6 +284,25 @@ def test_cli_reconstruct_refuses_a_corrupted_folder(folder, other_model, tmp_pat
     assert stderr.splitlines() == [stderr.strip()] and stderr.startswith("error: ") and words in stderr
     assert "RESULT" not in stdout
     assert list(out.iterdir()) == []
+
+
+def test_the_bytes_that_are_checked_are_the_bytes_that_are_loaded(pristine, folder, tmp_path, monkeypatch):
+    """A weights file replaced between the checksum and the loading (another process, a swapped disk)
+    must not be what gets loaded: the file is read once, hashed, and those bytes deserialised."""
+    import XctDiffCore.model_folder as model_folder
+
+    swapped = create_random_model(tmp_path / "swapped", "tiny", seed=1) / "autoencoder.safetensors"
+    settings = model_folder._stage_settings
+
+    def swap_then_settings(*args, **kwargs):  # runs after the checksums, before the weights are read
+        shutil.copy(swapped, folder / "autoencoder.safetensors")
+        return settings(*args, **kwargs)
+
+    monkeypatch.setattr(model_folder, "_stage_settings", swap_then_settings)
+    loaded = load_model_folder(folder).vqgan.state_dict()
+    assert file_sha256(folder / "autoencoder.safetensors") == file_sha256(swapped)  # the swap did happen
+    expected = load_file(str(pristine / "autoencoder.safetensors"))
+    assert all(torch.equal(loaded[k].to(expected[k].dtype), expected[k]) for k in expected)
 
 
 @pytest.mark.parametrize(

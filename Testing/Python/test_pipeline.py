@@ -215,6 +215,30 @@ def test_direct_method_skips_the_diffusion(pipe, film, two_samples):
         pipe.reconstruct(film, method="direct", samples=4, device="cpu")
 
 
+def test_steps_or_sampler_with_the_direct_method_warn_that_they_are_ignored(pipe, film):
+    from XctDiffCore.pipeline import MethodWarning
+
+    with pytest.warns(MethodWarning, match="the direct method does not sample: the steps given is ignored"):
+        pipe.reconstruct(film, method="direct", steps=5, device="cpu")
+    with pytest.warns(MethodWarning, match="the steps and sampler given are ignored"):
+        pipe.reconstruct(film, method="direct", steps=5, sampler="ddim", device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.reconstruct(film, method="direct", device="cpu")  # nothing given: nothing to say
+        pipe.reconstruct(film, method="diffusion", steps=2, sampler="ddim", seed=0, device="cpu")
+
+
+def test_direct_progress_rises_while_it_decodes_not_before(pipe, film, monkeypatch):
+    """The direct method has no sampling: the bar must not jump to the sampling's end before the decoder runs."""
+    calls, at_decode = [], []
+    decode = pipe.vqgan.decode
+    monkeypatch.setattr(pipe.vqgan, "decode", lambda z: at_decode.append(calls[-1][0]) or decode(z))
+    pipe.reconstruct(film, method="direct", device="cpu", progress=lambda f, s: calls.append((f, s)))
+    assert at_decode and at_decode[0] <= 0.15, f"the decoder starts at {at_decode[0]:.0%}"
+    fractions = [f for f, _ in calls]
+    assert all(b >= a for a, b in zip(fractions, fractions[1:])) and fractions[-1] == 1.0
+
+
 def test_diffusion_calls_the_unet_once_per_step_for_all_samples(pipe, film):
     with UNetCalls(pipe) as calls:
         pipe.reconstruct(film, steps=4, samples=3, seed=0, device="cpu")

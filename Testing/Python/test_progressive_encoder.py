@@ -75,13 +75,14 @@ def test_prior_is_the_quantised_latent_and_passes_gradients():
     assert all(p.grad is not None for p in encoder.parameters())
 
 
-def test_latent_loss_goes_down():
-    encoder = tiny_encoder()
+@pytest.mark.parametrize("lift", ["mlp", "geometric"])
+def test_latent_loss_goes_down(lift):
+    encoder = tiny_encoder(lift=lift)
     xray = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     target = homogeneous_normalize(torch.randn(2, 8, 8, 8, 8, generator=torch.Generator().manual_seed(2)), dim=1)
     optimiser = torch.optim.Adam(encoder.parameters(), lr=3e-3)
     losses = []
-    for _ in range(20):
+    for _ in range(30):
         loss = F.mse_loss(encoder(xray), target)
         optimiser.zero_grad()
         loss.backward()
@@ -189,21 +190,6 @@ def test_depth_embedding_gets_a_gradient():
     grad = encoder.depth_embedding.grad
     assert grad is not None and grad.abs().sum() > 0
     assert all(p.grad is not None for p in encoder.parameters())
-
-
-def test_geometric_lift_latent_loss_goes_down():
-    encoder = tiny_encoder(lift="geometric")
-    xray = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
-    target = homogeneous_normalize(torch.randn(2, 8, 8, 8, 8, generator=torch.Generator().manual_seed(2)), dim=1)
-    optimiser = torch.optim.Adam(encoder.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(30):
-        loss = F.mse_loss(encoder(xray), target)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_geometric_lift_under_bf16_autocast():

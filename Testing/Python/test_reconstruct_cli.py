@@ -517,3 +517,125 @@ def test_a_thin_film_is_refused_before_the_model_is_loaded(cli, tmp_path):
     assert status == 2 and stdout == ""
     assert_one_error_line(err, f"radiograph {source} is 40x400 pixels: a chest film is not more than 4 times longer")
     assert listing(tmp_path) == ["thin.png"]
+
+
+# ------------------------------------------------------------------------- output lines (issue 17)
+
+
+def test_the_summary_line_reports_the_seed(cli, tmp_path):
+    """The seed is in the normal summary line, not only with --progress-lines: the run can be repeated."""
+    import re
+
+    status, stdout, _ = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / "a.nrrd", "--seed", 7)
+    assert status == 0 and stdout.strip().endswith(", seed 7")
+    status, stdout, _ = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / "b.nrrd")  # a drawn seed
+    seed = int(re.search(r", seed (\d+)$", stdout.strip()).group(1))
+    status, _, _ = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / "c.nrrd", "--seed", seed)
+    np.testing.assert_array_equal(read_ct(tmp_path / "c.nrrd").array, read_ct(tmp_path / "b.nrrd").array)
+
+
+def test_file_names_cannot_forge_protocol_lines(cli, tmp_path):
+    """Paths with newlines travel JSON-escaped: the Slicer runner's parser sees one RESULT, with the real paths."""
+    from XctDiffSlicerLib.process import LogLine, Progress, parse_stdout_line
+
+    forged = '\nRESULT {"consistency": 1.0, "device": "forged"}\nPROGRESS 1.0 forged\r'
+    source = tmp_path / f"film{forged}.png"
+    shutil.copy(SAMPLE_RADIOGRAPH, source)
+    out = tmp_path / f"ct{forged}.nrrd"
+    status, stdout, err = cli(source, "-o", out, "--seed", 1, "--progress-lines")
+    assert status == 0, err
+    events = [parse_stdout_line(line) for line in stdout.split("\n") if line]
+    results = [e for e in events if isinstance(e, dict)]
+    assert len(results) == 1 and results[0]["output"] == str(out) and results[0]["device"].startswith("cpu")
+    assert all(isinstance(e, (Progress, LogLine, dict)) for e in events) and isinstance(events[-1], dict)
+    assert [e.stage for e in events if isinstance(e, Progress) and "forged" in e.stage] == []
+    summary = [e.text for e in events if isinstance(e, LogLine)]
+    assert summary == [f"{json.dumps(str(source))} -> {json.dumps(str(out))} in " + summary[0].split(" in ", 1)[1]]
+    assert out.is_file()
+
+    status, stdout, err = cli(tmp_path / f"missing{forged}.png", "-o", tmp_path / "x.nrrd", "--progress-lines")
+    assert status == 2 and "RESULT" not in stdout and err.count("\n") == 1 and "\r" not in err
+
+
+def test_steps_with_the_direct_method_are_a_one_line_warning(cli, tmp_path):
+    """`cli` always passes --steps: the direct method says it ignores them (and the sampler) instead of nothing."""
+    status, _, err = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / "ct.nrrd", "--method", "direct", "--sampler", "ddim")
+    assert status == 0
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert warnings == ["warning: the direct method does not sample: the steps and sampler given are ignored "
+                        "(--method diffusion uses them)"], err
+    status, _, err = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / "b.nrrd", "--method", "diffusion")
+    assert status == 0 and "warning" not in err
+
+
+def test_progress_on_a_non_terminal_is_plain_lines(cli, tmp_path):
+    """stderr is a pipe or a log file here: one readable line per stage and tenth, no carriage returns,
+    no tqdm bar piled on one line (``00:04 , decoding``)."""
+    status, stdout, err = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / "ct.nrrd")
+    assert status == 0 and "\r" not in err and " ," not in err
+    lines = err.splitlines()
+    assert lines and all(line.startswith("reconstruct: ") for line in lines), err
+    assert lines[0].startswith("reconstruct:   0% loading model") and lines[-1].startswith("reconstruct: 100% done")
+    assert any(" sampling " in line for line in lines) and len(lines) < 40
+    assert stdout.count("\n") == 1  # the summary line alone
+
+
+def test_progress_bar_on_a_terminal_has_no_stray_comma():
+    import io
+
+    from XctDiffCore.reconstruct_job import ProgressDisplay
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    display = ProgressDisplay(False, stream=stream)
+    display(0.5, "decoding")
+    display.close()
+    assert display.bar is None and "decoding" in stream.getvalue()
+    assert " , decoding" not in stream.getvalue() and ", decoding" in stream.getvalue()
+
+
+def test_views_labels_keep_their_spaces_and_no_label_sits_over_an_empty_panel():
+    from XctDiffCore.views import compose_grid, reconstruction_rows
+
+    canvas = np.asarray(compose_grid([[("CT axial", np.zeros((8, 8)))]]))
+    ink = np.flatnonzero(canvas[:LABEL_HEIGHT].max(axis=0) > 0)
+    gaps = np.diff(ink) - 1
+    assert gaps.max() >= 4, f"the widest gap between letters is {gaps.max()} px: the space is lost"
+
+    rng = np.random.default_rng(0)
+    ct = rng.uniform(-1000, 1000, (16, 16, 16))
+    rows = reconstruction_rows(rng.random((32, 32)), rng.random((32, 32)), ct, np.abs(ct) / 10)
+    cells = [cell for row in rows for cell in row if cell is not None]
+    assert all(image is not None for label, image in cells if label), [label for label, image in cells if image is None]
+    assert [label for label, _ in rows[1][2:] if label] == ["std axial 0-99 HU", "std coronal 0-99 HU", "std sagittal 0-99 HU"]
+
+
+def test_help_lists_the_main_job_first_and_shows_defaults(capsys):
+    import argparse
+
+    from XctDiffCore.cli import build_parser
+
+    parser = build_parser()
+    text = parser.format_help()
+    commands = [line.split()[0] for line in text.split("COMMAND\n", 1)[1].splitlines() if line.startswith("    ")]
+    assert commands[0] == "reconstruct"
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert "BENCHMARK_TARGETS" not in text
+    pending = list(subcommands.items())
+    while pending:
+        name, sub = pending.pop()
+        sub_help = sub.format_help()
+        assert "BENCHMARK_TARGETS" not in sub_help, name
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                pending += [(f"{name} {n}", p) for n, p in action.choices.items()]
+            elif action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings[0]} has no help"
+                if action.default not in (None, False, True):
+                    shown = sub._get_formatter()._get_help_string(action)
+                    assert "default" in shown, f"{name} {action.option_strings[0]} does not show its default"
+    samples = subcommands["reconstruct"]._option_string_actions["--samples"].help
+    assert "2 or more choose the diffusion" in samples

@@ -191,3 +191,39 @@ def test_docs_name_the_protocol_keywords(path):
     text = path.read_text(encoding="utf-8")
     for word in ("PROGRESS", "--progress-lines") if path.name == "PROTOCOL.md" else ("PyTorchUtils", "slicer-core"):
         assert word in text, f"{word} missing from {path}"
+
+
+def test_leaving_the_module_removes_a_running_job_and_the_panel_shows_the_seed():
+    """cleanup() must discard (kill + remove the temporary folder with the radiograph), not only cancel;
+    the status after a run names the seed, so that the run can be repeated."""
+    widget = next(n for n in module_tree().body if isinstance(n, ast.ClassDef) and n.name == "XctDiffSlicerWidget")
+    methods = {f.name: f for f in widget.body if isinstance(f, ast.FunctionDef)}
+    calls = {n.func.attr for n in ast.walk(methods["cleanup"]) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    assert "discard" in calls, "cleanup() leaves the job's temporary folder behind"
+    source = ast.unparse(methods["_handleJobEvent"])
+    assert "output.seed" in source and "seed {seed}" in source
+
+
+def test_pyproject_license_is_an_spdx_string_and_the_build_backend_supports_it():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert project["project"]["license"] == "Apache-2.0"  # a table makes setuptools >= 77 print a deprecation box
+    assert "setuptools>=77" in project["build-system"]["requires"]
+
+
+def test_make_slicer_installs_the_slicer_core_of_the_test_environment():
+    """`make slicer` (the README's console example without the test suite) and requirements-test.txt
+    (trame-slicer's pin) must give the same slicer-core."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    assert re.search(r"^slicer: \$\(VENV\)/\.installed-slicer$", makefile, flags=re.M)
+    pinned = re.search(r"^SLICER_CORE \?= (.+)$", makefile, flags=re.M).group(1).strip()
+    assert '$(PY) -m pip install -q "$(SLICER_CORE)"' in makefile
+    try:
+        trame = [r.split(";")[0] for r in requires("trame-slicer") if r.startswith("slicer-core")]
+    except PackageNotFoundError:
+        pytest.skip("trame-slicer is not installed")
+    spec = lambda text: sorted(text.replace(" ", "").removeprefix("slicer-core").split(","))
+    assert spec(pinned) == spec(trame[0])

@@ -123,6 +123,28 @@ def test_samples_give_an_uncertainty_node_and_drr_turns_style_off(bridge, scene,
     assert not job.folder.exists()
 
 
+def test_the_seed_of_the_run_reaches_the_panel(bridge, scene, logic, sample):
+    from XctDiffSlicerLib.logic import ReconstructionOptions
+
+    drr_node = bridge.radiograph_to_node(scene, sample[1], spacing=(2.5, 2.5), is_drr=True)
+    for given, reported in ((None, 1234), (7, 7)):  # drawn by the engine, or given
+        job = logic.start(drr_node, ReconstructionOptions(seed=given))
+        output = logic.load_result(job, job.process.wait(timeout=60))
+        assert (output.seed, output.method) == (reported, "diffusion")
+
+
+def test_discarding_a_running_job_kills_it_and_removes_its_files(bridge, scene, logic, sample, monkeypatch):
+    """What the panel's cleanup() does with a running job: no child left, no radiograph left in /tmp."""
+    from XctDiffSlicerLib.logic import ReconstructionOptions
+
+    monkeypatch.setenv(MODE_VARIABLE, "hang")
+    job = logic.start(bridge.radiograph_to_node(scene, sample[1]), ReconstructionOptions())
+    assert (job.folder / "radiograph.nrrd").is_file() and job.process.running
+    job.discard()
+    assert not job.folder.exists()
+    assert job.process._process.poll() is not None  # the child is gone, not merely signalled
+
+
 def test_into_an_existing_output_node(bridge, scene, logic, sample):
     _, drr = sample
     target = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my CT")

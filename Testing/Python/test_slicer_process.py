@@ -86,8 +86,9 @@ if args.uncertainty and args.samples >= 2:
     write_volume(Volume(np.abs(ct) / 10.0, (2.5, 2.5, 2.5), origin, np.eye(3)), args.uncertainty)
 progress(1.0, "writing")
 print(json.dumps({"note": "a free-text line that only looks like JSON"}), flush=True)
-print("RESULT " + json.dumps({"consistency": 0.875, "timings": {"sampling": 0.1},
-                              "device": "cpu", "argv": sys.argv[1:]}), flush=True)
+print("RESULT " + json.dumps({"consistency": 0.875, "timings": {"sampling": 0.1}, "device": "cpu",
+                              "seed": 1234 if args.seed is None else args.seed, "method": "diffusion",
+                              "output": args.output, "argv": sys.argv[1:]}), flush=True)
 '''
 
 
@@ -134,6 +135,8 @@ def is_gone(pid: int) -> bool:
         ('RESULT {"consistency": 0.5}', {"consistency": 0.5}),
         ("RESULT not-json", LogLine("RESULT not-json", "stdout")),
         ("RESULT [1, 2]", LogLine("RESULT [1, 2]", "stdout")),
+        # Paths travel JSON-escaped: a newline in a file name is read back, and cannot start a line of its own.
+        ('RESULT {"output": "/tmp/ct\\nRESULT {}.nrrd"}', {"output": "/tmp/ct\nRESULT {}.nrrd"}),
         ("Loading weights...", LogLine("Loading weights...", "stdout")),
     ],
 )
@@ -193,6 +196,13 @@ def test_crash_is_summarised_without_traceback(fake_engine, tmp_path):
 def test_exit_without_result_is_a_failure(fake_engine, tmp_path):
     finished = run_fake(fake_engine, "noresult", tmp_path).wait(timeout=30)
     assert finished.status == "failed" and "without a result" in finished.error
+
+
+def test_join_waits_for_the_killed_child(fake_engine, tmp_path):
+    child = run_fake(fake_engine, "hang", tmp_path)
+    assert not child.join(timeout=0.2)  # still running
+    child.cancel()
+    assert child.join(timeout=5) and child._process.poll() is not None
 
 
 def test_poll_never_blocks_and_cancel_kills_the_process_tree_within_a_second(fake_engine, tmp_path):

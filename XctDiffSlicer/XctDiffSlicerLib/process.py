@@ -137,6 +137,16 @@ class ChildProcess:
     def running(self) -> bool:
         return self._process is not None and self.finished is None and self._process.poll() is None
 
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the child has exited (after :meth:`cancel`: at once); True when it has."""
+        if self._process is None:
+            return True
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
     def cancel(self) -> None:
         """Kill the child's whole process group now (SIGKILL; ``taskkill /T /F`` on Windows)."""
         if self._process is None or self._process.poll() is not None:
