@@ -197,7 +197,8 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     training = {"steps": {stage: s["step"] for stage, s in settings.items()}}
     mean_ct = None
     if datalist.is_file():
-        mean_ct = datalist_mean_ct(datalist, config.data.volume_size)
+        if not stages:  # the mean-CT baseline belongs to a model that reconstructs
+            mean_ct = datalist_mean_ct(datalist, config.data.volume_size)
         entries = json.loads(datalist.read_text(encoding="utf-8"))
         for section in ("training", "validation"):
             training[f"{section}_patients"] = sorted({str(e.get("patient", "")) for e in entries.get(section, [])} - {""})
