@@ -90,7 +90,7 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
     """Run the protocol of the module docstring; write the outputs; return ``{"rows", "summary"}``."""
     from tqdm import tqdm
 
-    from .evaluation import _is_datalist, _write_text, ct_folder_cases, datalist_cases, summarize
+    from .evaluation import _is_datalist, _write_text, ct_folder_cases, datalist_cases, metrics_csv, summarize
     from .metrics import volume_scores
     from .model_folder import PREPARED_SIZE
     from .models.lpips import LPIPS
@@ -131,7 +131,7 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
               f"codebook {vqgan.codebook_size}; {len(cases)} cases from `{data.name}`, scored on "
               f"{PREPARED_SIZE}^3 at 2.5 mm (bone: HU > 200, lung: -1000 < HU < -400). "
               f"Codebook entries used over all cases: {summary['autoencoder']['codebook_use_all_cases']:.1%}.\n\n")
-    _write_text(out_dir / "metrics.csv", rows_csv(rows))
+    _write_text(out_dir / "metrics.csv", metrics_csv(rows, ("case", "method", *COLUMNS)))
     _write_text(out_dir / "summary.md", header + per_case_table(rows) + "\n" + mean_table(summary))
     _write_text(out_dir / "summary.json", json.dumps({"source": source, "cases": len(cases), "summary": summary,
                                                       "rows": rows}, indent=2) + "\n")
@@ -173,19 +173,6 @@ def mean_table(summary: dict) -> str:
                  for c in COLUMNS]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def rows_csv(rows: list) -> str:
-    import csv
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=("case", "method", *COLUMNS), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]))
-                         for k in ("case", "method", *COLUMNS)})
-    return buffer.getvalue()
 
 
 def figure_rows(figure: list) -> list:

@@ -325,13 +325,14 @@ def case_table(rows: list) -> str:
     return "\n".join(lines) + "\n"
 
 
-def metrics_csv(rows: list) -> str:
+def metrics_csv(rows: list, columns=CSV_COLUMNS) -> str:
+    """One CSV line per row (``columns``; floats to 6 significant digits, absent values empty)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]))
-                         for k in CSV_COLUMNS})
+                         for k in columns})
     return buffer.getvalue()
 
 
