@@ -116,6 +116,8 @@ class AugmentConfig:
 
     Off unless ``enabled``; the magnitudes are its arguments: degrees, relative size per axis, share of
     the edge, mm of elastic displacement on an ``elastic_grid^3`` lattice, relative and HU jitter.
+    ``bank`` (radiograph stages only): make that many variants of each training CT once, with their
+    target latents, and draw from them (:mod:`XctDiffCore.training.variant_bank`); 0: fresh every step.
     """
 
     enabled: bool = False
@@ -126,11 +128,12 @@ class AugmentConfig:
     elastic_grid: int = 5
     max_hu_scale: float = 0.03
     max_hu_offset: float = 20.0
+    bank: int = 0
 
     def magnitudes(self) -> dict:
         """The keyword arguments of ``random_views``; all magnitudes 0 when not ``enabled`` (a crop only)."""
         return {k: (v if self.enabled or k == "elastic_grid" else 0.0)
-                for k, v in dataclasses.asdict(self).items() if k != "enabled"}
+                for k, v in dataclasses.asdict(self).items() if k not in ("enabled", "bank")}
 
 
 @dataclass
@@ -334,6 +337,13 @@ class Config:
             raise XctDiffError("encoder.image_weight and encoder.image_items must be 0 or more")
         if self.diffusion.cond_noise < 0:
             raise XctDiffError("diffusion.cond_noise must be 0 or more")
+        for stage in ("encoder", "diffusion"):
+            if getattr(self, stage).augment.bank < 0:
+                raise XctDiffError(f"{stage}.augment.bank must be 0 (fresh variants) or more, got {getattr(self, stage).augment.bank}")
+        if self.autoencoder.augment.bank:
+            raise XctDiffError("autoencoder.augment.bank must be 0: the autoencoder draws fresh variants (no latents to keep)")
+        if self.encoder.augment.bank and self.encoder.image_weight > 0:
+            raise XctDiffError("encoder.image_weight needs the warped CTs: use it with encoder.augment.bank 0")
         return self
 
     def latent_size(self) -> int:

@@ -34,13 +34,14 @@ def test_cpu_config_trains_the_papers_grid_on_patches():
     assert c.autoencoder.patch_size == 64 and c.autoencoder.augment.enabled
     assert c.autoencoder.loss.disc_start < c.autoencoder.optim.max_steps  # the critics do join
     assert c.autoencoder.loss.perceptual_weight > 0
+    assert c.encoder.augment.bank == c.diffusion.augment.bank > 0  # one bank for both radiograph stages
 
 
 def test_augment_magnitudes_are_zero_unless_enabled():
     off = AugmentConfig(enabled=False, max_rotation_deg=7.0).magnitudes()
     assert off["max_rotation_deg"] == 0.0 and off["elastic_grid"] == AugmentConfig().elastic_grid
     assert AugmentConfig(enabled=True, max_rotation_deg=7.0).magnitudes()["max_rotation_deg"] == 7.0
-    assert "enabled" not in off
+    assert "enabled" not in off and "bank" not in off  # the bank is not a warp magnitude
 
 
 def test_paper_config_has_the_papers_numbers():
@@ -95,6 +96,9 @@ def test_unknown_section_is_an_error():
         ({"diffusion": {"cond_noise": -0.1}}, r"diffusion\.cond_noise must be 0 or more"),
         ({"autoencoder": {"patch_size": 30}}, r"autoencoder\.patch_size must be 0 \(whole volumes\) or a multiple of 4"),
         ({"autoencoder": {"patch_size": 256}}, r"autoencoder\.patch_size must be 0"),
+        ({"diffusion": {"augment": {"bank": -1}}}, r"diffusion\.augment\.bank must be 0 \(fresh variants\) or more"),
+        ({"autoencoder": {"augment": {"bank": 4}}}, r"autoencoder\.augment\.bank must be 0"),
+        ({"encoder": {"augment": {"bank": 4}, "image_weight": 0.5}}, r"encoder\.image_weight needs the warped CTs"),
     ],
 )
 def test_bad_values_are_one_sentence_errors(data, message):

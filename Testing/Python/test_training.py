@@ -260,6 +260,57 @@ def test_encoder_on_fresh_pair_variants_trains_and_resumes_exactly(tmp_path, cha
     assert len(fresh) == 6 and not np.allclose(fresh, stored)
 
 
+def bank_config(run_dir, datalist, max_steps, bank=3):
+    """The tiny config with augment + film on and ``bank`` variants per CT kept for the encoder and the diffusion."""
+    c = tiny_config(run_dir, datalist, max_steps=max_steps)
+    sections = {}
+    for stage in ("encoder", "diffusion"):
+        section = getattr(c, stage)
+        sections[stage] = dataclasses.replace(
+            section, augment=dataclasses.replace(section.augment, enabled=True, bank=bank),
+            film=dataclasses.replace(section.film, enabled=True))
+    return dataclasses.replace(c, **sections)
+
+
+def test_variant_bank_is_made_once_shared_by_stages_resumes_exactly_and_holds_the_true_targets(tmp_path, chain, datalist):
+    """``augment.bank``: N variants per training CT made once (variant 0 the CT itself, with its true
+    target latent and DRR), kept in the run, reused by a resumed run and by the diffusion stage; a resumed
+    run draws the same variants and films as an uninterrupted one."""
+    from XctDiffCore.drr import make_geometry, normalize_drr, render_drr
+    from XctDiffCore.layout import unit_to_hu
+    from XctDiffCore.training.autoencoder import trained_autoencoder
+    from XctDiffCore.training.encoder import ct_latent
+    from XctDiffCore.training.variant_bank import BANK_DIR, load_or_build_bank
+    from XctDiffCore.training.common import Distributed
+
+    for run in ("straight", "killed"):
+        shutil.copytree(chain / "autoencoder", tmp_path / run / "autoencoder")
+    train("encoder", bank_config(tmp_path / "straight", datalist, 6))
+    train("encoder", bank_config(tmp_path / "killed", datalist, 3))
+    bank_files = sorted((tmp_path / "killed" / BANK_DIR).iterdir())
+    assert len(bank_files) == 1
+    made = bank_files[0].stat().st_mtime_ns
+    train("encoder", bank_config(tmp_path / "killed", datalist, 6), resume=True)
+    checkpoints_match(checkpoint_path(tmp_path / "straight", "encoder"), checkpoint_path(tmp_path / "killed", "encoder"))
+    train("diffusion", bank_config(tmp_path / "killed", datalist, 2))  # same autoencoder and settings: same bank
+    assert sorted((tmp_path / "killed" / BANK_DIR).iterdir()) == bank_files and bank_files[0].stat().st_mtime_ns == made
+
+    config = bank_config(tmp_path / "killed", datalist, 6)
+    vqgan, _ = trained_autoencoder(config.run.dir, "encoder", torch.device("cpu"))
+    dataset = PairDataset(datalist, "training", config.data.volume_size, config.data.xray_size)
+    geometry = make_geometry("cone")
+    bank = load_or_build_bank(config.run.dir, dataset, datalist, vqgan, geometry, config.data.xray_size,
+                              config.data.volume_size, config.encoder.augment.magnitudes(), 3, config.run.seed,
+                              Distributed(0, 0, 1, torch.device("cpu")), "fp32")
+    assert len(bank) == 3 * len(dataset) and sorted(bank.latents) == [f"p{i}" for i in range(len(dataset))]
+    item = dataset[1]
+    torch.testing.assert_close(bank.latents["p1"][0], ct_latent(vqgan, item["image"][None])[0])
+    drr = normalize_drr(render_drr(unit_to_hu(item["image"][None]), geometry, size=config.data.xray_size,
+                                   spacing_mm=(320.0 / config.data.volume_size,) * 3))
+    torch.testing.assert_close(bank.drrs["p1"][0].float(), drr[0], atol=1e-3, rtol=0)  # stored as fp16
+    assert not torch.allclose(bank.latents["p1"][1], bank.latents["p1"][0])  # the others are warped
+
+
 def test_time_limit_checkpoints_stops_and_resumes_to_the_same_run(tmp_path, chain, datalist, capsys):
     """``--time-limit``: past the limit the stage checkpoints after the current step and returns;
     ``--resume`` then reaches the same weights as an uninterrupted run."""

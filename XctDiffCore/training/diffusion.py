@@ -37,7 +37,7 @@ from .common import (
 )
 from .data import PairDataset, train_loader
 from .encoder import ct_latent, trained_encoder
-from .variants import PairVariants
+from .variant_bank import stage_variants
 from .warm_start import warm_start
 
 STAGE = "diffusion"
@@ -132,17 +132,20 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
         return {"models": {"unet": unet.state_dict(), "ema": ema.state_dict()}, "optimizers": {"unet": optimizer.state_dict()},
                 "scalers": {"unet": scaler.state_dict()}, "rng": gather_rng_states(job, {"noise": noise})}
 
-    variants = PairVariants(section.augment, section.film, config.data.datalist, config.data.xray_size,
-                            config.run.seed, job.rank)
+    variants = stage_variants(config, section, train_set, vqgan, job, deadline)
+
+    def encode(ct: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast(device, config.run.precision):
+            return ct_latent(vqgan, ct.to(device))
 
     while loop.running():
-        ct, xray = variants(next(batches), loop.step)  # stored pairs, or fresh variants of them
-        ct = ct.to(device, non_blocking=True)  # (B, 1, D, H, W)
+        # stored pairs, fresh variants, or variants drawn from the run's bank
+        x0, xray = variants.latent_pairs(next(batches), loop.step, encode)
+        x0 = x0.to(device, non_blocking=True).float()  # (B, 8, d, h, w), zero mean and unit variance per voxel
         xray = xray.to(device, non_blocking=True)  # (B, 1, H, W)
         lr = learning_rate(loop.step, optim)
         set_learning_rate(optimizer, lr)
         with torch.no_grad(), autocast(device, config.run.precision):
-            x0 = ct_latent(vqgan, ct).float()  # (B, 8, d, h, w), zero mean and unit variance per voxel
             cond = encoder.prior(xray, vqgan.quantize).float()  # y, same shape
             cond = augment_condition(cond, section.cond_noise, noise)
         with autocast(device, config.run.precision):

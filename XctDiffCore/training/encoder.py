@@ -39,7 +39,7 @@ from .common import (
     wrap_ddp,
 )
 from .data import PairDataset, train_loader
-from .variants import PairVariants
+from .variant_bank import stage_variants
 from .warm_start import warm_start
 
 STAGE = "encoder"
@@ -131,17 +131,24 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
         return {"models": {"encoder": encoder.state_dict()}, "optimizers": {"encoder": optimizer.state_dict()},
                 "scalers": {"encoder": scaler.state_dict()}, "rng": gather_rng_states(job)}
 
-    variants = PairVariants(section.augment, section.film, config.data.datalist, config.data.xray_size,
-                            config.run.seed, job.rank)
+    variants = stage_variants(config, section, train_set, vqgan, job, deadline)
+
+    def encode(ct: torch.Tensor) -> torch.Tensor:
+        with autocast(device, config.run.precision):
+            return ct_latent(vqgan, ct.to(device))
 
     while loop.running():
-        ct, xray = variants(next(batches), loop.step)  # stored pairs, or fresh variants of them
-        ct = ct.to(device, non_blocking=True)  # (B, 1, D, H, W)
-        xray = xray.to(device, non_blocking=True)  # (B, 1, H, W)
+        batch = next(batches)
+        if section.image_weight > 0:  # the decoded prior is compared with the (warped) CT itself
+            ct, xray = variants(batch, loop.step)
+            ct = ct.to(device, non_blocking=True)  # (B, 1, D, H, W)
+            target = encode(ct)
+        else:  # stored pairs, fresh variants, or variants drawn from the run's bank
+            target, xray = variants.latent_pairs(batch, loop.step, encode)  # (B, 8, d, h, w)
+        target, xray = target.to(device, non_blocking=True), xray.to(device, non_blocking=True)  # xray (B, 1, H, W)
         lr = learning_rate(loop.step, optim)
         set_learning_rate(optimizer, lr)
         with autocast(device, config.run.precision):
-            target = ct_latent(vqgan, ct)  # (B, 8, d, h, w)
             prediction = model(xray)
             latent_loss = F.mse_loss(prediction.float(), target.float())
             losses = {"latent_mse": latent_loss}

@@ -200,8 +200,8 @@ class PairVariants:
         self.enabled = augment.enabled or film.enabled
         self.augment, self.film = augment.magnitudes(), film.magnitudes()
         self.xray_size, self.seed, self.rank = xray_size, seed, rank
-        self.geometry = None
-        if self.enabled:
+        self.geometry, self.bank = None, None
+        if self.enabled or augment.bank:
             from ..drr import make_geometry
             from .data import datalist_geometry
 
@@ -212,3 +212,12 @@ class PairVariants:
             return batch["image"], batch["xray"]
         generator = step_generator(self.seed, self.rank, step)
         return random_pairs(batch["image"], generator, self.geometry, self.xray_size, self.augment, self.film)
+
+    def latent_pairs(self, batch: dict, step: int, encode) -> tuple:
+        """``(target latents, radiographs)``: drawn from :attr:`bank` (a
+        :class:`~XctDiffCore.training.variant_bank.VariantBank`, films randomised anew) when one is set,
+        else this step's pairs with ``encode(ct)`` as their targets."""
+        if self.bank is not None:
+            return self.bank.draw(batch["patient"], step_generator(self.seed, self.rank, step), self.film)
+        ct, xray = self(batch, step)
+        return encode(ct), xray

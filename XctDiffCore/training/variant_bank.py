@@ -1,0 +1,143 @@
+"""A bank of training variants made once: for each training CT, ``augment.bank`` warped copies, each
+kept as its plain DRR and its target latent ``N(q(E(ct)))`` from the frozen autoencoder.
+
+Why: encoding a fresh 128^3 variant with the frozen VQ-GAN costs about 6 s on a 2-core CPU (encoder
+3.4 s, the 32^3 x 8192 codebook search 2.5 s), four times an encoder step at batch 4. With
+``augment.bank: N`` a radiograph stage makes N variants of every training CT before its first step
+(variant 0 is the CT itself, the others :func:`~XctDiffCore.training.variants.random_views` draws),
+and each step draws one variant per item and randomises its film anew
+(:func:`~XctDiffCore.training.variants.random_films`), so no two inputs repeat even when anatomies do.
+
+The bank is a file of the run (``RUN/variant_bank/KEY.pt``); the key covers everything it depends on
+(the autoencoder checkpoint, the datalist, the warp magnitudes, N, the seed, the sizes, the DRR
+geometry), so the encoder and the diffusion stage of one run share it and a resumed run reuses it.
+Every draw is seeded by (seed, patient, variant), so a rebuilt bank is the same bank. Under torchrun
+every process makes its share of the variants, then all load all shares.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import XctDiffError
+from .common import Distributed, autocast, checkpoint_path, file_sha256, load_checkpoint, save_checkpoint
+from .variants import random_films, random_pairs, step_generator
+
+BANK_DIR = "variant_bank"
+
+
+class VariantBank:
+    """Per patient: ``drrs`` ``(N, 1, S, S)`` in [0, 1] (plain, before the film) and ``latents`` ``(N, C, d, h, w)``."""
+
+    def __init__(self, drrs: dict, latents: dict):
+        self.drrs, self.latents = drrs, latents
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.latents.values())
+
+    def draw(self, patients, generator: torch.Generator, film: Optional[dict]) -> tuple:
+        """One random variant of each patient: ``(latents (B, C, d, h, w), radiographs (B, 1, S, S) in [-1, 1])``."""
+        latents, drrs = [], []
+        for patient in patients:
+            if patient not in self.latents:
+                raise KeyError(f"the variant bank has no patient {patient!r}")
+            index = int(torch.randint(len(self.latents[patient]), (), generator=generator))
+            latents.append(self.latents[patient][index])
+            drrs.append(self.drrs[patient][index])
+        xray = torch.stack(drrs).float()
+        if film is not None:
+            xray = random_films(xray, generator, **film)
+        return torch.stack(latents).float(), xray * 2.0 - 1.0
+
+
+def bank_key(run_dir, datalist, augment: dict, count: int, seed: int, volume_size: int, xray_size: int, geometry) -> str:
+    """A digest of everything a bank's content depends on."""
+    parts = {
+        "autoencoder": file_sha256(checkpoint_path(run_dir, "autoencoder")),
+        "datalist": file_sha256(datalist),
+        "augment": augment, "count": count, "seed": seed,
+        "volume_size": volume_size, "xray_size": xray_size, "geometry": repr(geometry),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _variant(ct: torch.Tensor, seed: int, patient_index: int, variant: int, geometry, xray_size: int, augment: dict):
+    """Variant ``variant`` of one CT ``(1, 1, N, N, N)``: the warped CT and its plain DRR in [0, 1]."""
+    magnitudes = augment if variant > 0 else {k: (v if k == "elastic_grid" else 0.0) for k, v in augment.items()}
+    generator = step_generator(seed, patient_index, variant)
+    ct, xray = random_pairs(ct, generator, geometry, xray_size, magnitudes, None)
+    return ct, (xray + 1.0) / 2.0
+
+
+def _make_share(dataset, vqgan, geometry, xray_size: int, augment: dict, count: int, seed: int,
+                job: Distributed, precision: str, log, stopped) -> dict:
+    """This process's share of the bank: entries ``(patient, variant) -> (drr fp16, latent)``."""
+    from .encoder import ct_latent
+
+    tasks = [(i, v) for i in range(len(dataset)) for v in range(count)]
+    mine = tasks[job.rank::job.world_size]
+    share, started, loaded = {}, time.monotonic(), {}
+    for done, (index, variant) in enumerate(mine, 1):
+        if stopped():
+            raise XctDiffError("stopped while making the variant bank (nothing saved); run the same command again")
+        if index not in loaded:
+            loaded = {index: dataset[index]}
+        item = loaded[index]
+        ct, drr = _variant(item["image"][None], seed, index, variant, geometry, xray_size, augment)
+        with torch.no_grad(), autocast(job.device, precision):
+            latent = ct_latent(vqgan, ct.to(job.device)).float().cpu()
+        share[(item["patient"], variant)] = (drr[0].half(), latent[0])
+        if log is not None and (done % 10 == 0 or done == len(mine)):
+            elapsed = time.monotonic() - started
+            log(f"variant bank: {done}/{len(mine)} variants made ({elapsed / done:.1f} s each)")
+    return share
+
+
+def load_or_build_bank(run_dir, dataset, datalist, vqgan, geometry, xray_size: int, volume_size: int,
+                       augment: dict, count: int, seed: int, job: Distributed, precision: str,
+                       stopped=lambda: False) -> VariantBank:
+    """The run's bank for these settings: loaded from ``RUN/variant_bank`` or made now (and saved there).
+
+    ``stopped()`` is asked between variants (SIGTERM): the making stops with an error, nothing half saved.
+    """
+    import torch.distributed as dist
+
+    key = bank_key(run_dir, datalist, augment, count, seed, volume_size, xray_size, geometry)
+    folder = Path(run_dir) / BANK_DIR
+    shares = [folder / f"{key}-{rank}of{job.world_size}.pt" for rank in range(job.world_size)]
+    if not shares[job.rank].is_file():
+        log = (lambda line: print(line, file=sys.stderr, flush=True)) if job.is_main else None
+        if log is not None:
+            log(f"variant bank: making {count} variants of each of {len(dataset)} training CTs "
+                f"(once; kept in {folder})")
+        share = _make_share(dataset, vqgan, geometry, xray_size, augment, count, seed, job, precision, log, stopped)
+        save_checkpoint(shares[job.rank], {"entries": [(p, v, d, z) for (p, v), (d, z) in share.items()]})
+    if job.enabled:
+        dist.barrier()
+    entries = [entry for path in shares for entry in load_checkpoint(path)["entries"]]
+    drrs, latents = {}, {}
+    for patient, _, drr, latent in sorted(entries, key=lambda e: (e[0], e[1])):
+        drrs.setdefault(patient, []).append(drr)
+        latents.setdefault(patient, []).append(latent)
+    return VariantBank({p: torch.stack(v) for p, v in drrs.items()}, {p: torch.stack(v) for p, v in latents.items()})
+
+
+def stage_variants(config, section, train_set, vqgan, job: Distributed, deadline):
+    """A radiograph stage's :class:`~XctDiffCore.training.variants.PairVariants`, with the run's bank
+    attached when ``section.augment.bank`` asks for one."""
+    from .variants import PairVariants
+
+    variants = PairVariants(section.augment, section.film, config.data.datalist, config.data.xray_size,
+                            config.run.seed, job.rank)
+    if section.augment.bank:
+        variants.bank = load_or_build_bank(
+            config.run.dir, train_set, config.data.datalist, vqgan, variants.geometry, config.data.xray_size,
+            config.data.volume_size, variants.augment, section.augment.bank, config.run.seed, job,
+            config.run.precision, stopped=lambda: deadline.signalled)
+    return variants
