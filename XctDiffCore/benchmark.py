@@ -157,12 +157,13 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
 
 
 def _sample_radiograph():
-    """The bundled NIH sample (a real film: the style stage runs), else a synthetic 256 px chest-like image."""
+    """The bundled sample film (NEMA WG04 RG1, a real DICOM CR: the style stage runs), else a synthetic
+    256 px chest-like image."""
     from .io import Radiograph, read_radiograph
 
     package = Path(__file__).resolve().parent
     for root in (package.parent, package):
-        path = root / "Resources" / "Samples" / "NIH-CXR14_00000001_000.png"
+        path = root / "Resources" / "Samples" / "RG1_UNCR_chest_PA.dcm"
         if path.is_file():
             return read_radiograph(path)
     rows, cols = np.mgrid[-1:1:256j, -1:1:256j]

@@ -15,7 +15,7 @@ from .errors import XctDiffError
 from .layout import ct_to_model_layout
 
 SAMPLE_CT_NAME = "LIDC-IDRI-0001_ct.nrrd"
-SAMPLE_RADIOGRAPH_NAME = "NIH-CXR14_00000001_000.png"
+SAMPLE_RADIOGRAPH_NAME = "RG1_UNCR_chest_PA.dcm"  # NEMA DICOM WG04 sample RG1, a PA chest CR (Resources/Samples/README.md)
 # Slices are shown in a wide soft-tissue-to-bone window, in HU.
 SLICE_WINDOW_HU = (-1000.0, 1000.0)
 

@@ -503,6 +503,23 @@ def _dicom_display_orientation(image: np.ndarray, orientation, spacing):
     return np.ascontiguousarray(image), spacing
 
 
+def _dicom_pixel_spacing(ds):
+    """``(row, col)`` mm from Pixel Spacing, else Imager Pixel Spacing; ``None`` when neither records one.
+
+    A value of 0 (``0\\0``, which some systems write when they do not know the spacing, e.g. NEMA's
+    WG04 sample RG1) records no spacing: the attribute is passed over, as if absent, without a warning
+    (a PNG records none either). Negative or non-finite values are refused by the caller."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        values = ds.get(keyword)
+        if not values or len(values) != 2:
+            continue
+        spacing = (float(values[0]), float(values[1]))
+        if 0.0 in spacing:
+            continue
+        return spacing
+    return None
+
+
 def _read_dicom_radiograph(path: Path):
     import pydicom
 
@@ -534,8 +551,7 @@ def _read_dicom_radiograph(path: Path):
                     ends = np.array([0, 2**bits - 1], dtype=stored.dtype)
                 ends = apply_voi_lut(apply_modality_lut(ends, ds), ds).astype(np.float64)
                 image = ends.min() + ends.max() - image.astype(np.float64)
-        spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
-        spacing = (float(spacing[0]), float(spacing[1])) if spacing and len(spacing) == 2 else None
+        spacing = _dicom_pixel_spacing(ds)
         orientation = ds.get("PatientOrientation")
     with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, refused by check_radiograph_image
         image = np.asarray(image, dtype=np.float32)

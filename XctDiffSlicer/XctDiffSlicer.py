@@ -353,7 +353,7 @@ class XctDiffSlicerTest(ScriptedLoadableModuleTest):
         np.testing.assert_allclose(spacing, (0.5, 0.4))
 
     def test_reconstruct_sample(self):
-        sample = Path(__file__).resolve().parent.parent / "Resources" / "Samples" / "NIH-CXR14_00000001_000.png"
+        sample = Path(__file__).resolve().parent.parent / "Resources" / "Samples" / "RG1_UNCR_chest_PA.dcm"
         if not sample.is_file():  # installed extension: the samples stay in the repository
             self.delayDisplay("sample radiograph not found; reconstruction test not run")
             return

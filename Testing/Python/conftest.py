@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SAMPLES = REPO / "Resources" / "Samples"
 SAMPLE_CT = SAMPLES / "LIDC-IDRI-0001_ct.nrrd"
-SAMPLE_RADIOGRAPH = SAMPLES / "NIH-CXR14_00000001_000.png"
+SAMPLE_RADIOGRAPH = SAMPLES / "RG1_UNCR_chest_PA.dcm"  # DICOM CR, MONOCHROME1, 15-bit, 1955 x 1841, PixelSpacing 0\0
 
 for folder in (REPO, REPO / "XctDiffSlicer"):  # the engine; the Slicer module's library (XctDiffSlicerLib)
     if str(folder) not in sys.path:

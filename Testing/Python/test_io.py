@@ -288,6 +288,33 @@ def test_dicom_patient_orientation_without_values_changes_nothing(tmp_path, orie
     assert radiograph.spacing == (0.1, 0.2)
 
 
+@pytest.mark.parametrize(
+    "tags, spacing",
+    [
+        (dict(PixelSpacing=[0, 0]), None),
+        (dict(PixelSpacing=[0.0, 0.2]), None),
+        (dict(ImagerPixelSpacing=[0, 0]), None),
+        (dict(PixelSpacing=[0, 0], ImagerPixelSpacing=[0.15, 0.2]), (0.15, 0.2)),
+        (dict(PixelSpacing=[0.1, 0.1], ImagerPixelSpacing=[0.15, 0.2]), (0.1, 0.1)),
+    ],
+    ids=["zero", "one zero", "imager zero", "zero then imager", "pixel spacing first"],
+)
+def test_dicom_zero_pixel_spacing_is_unknown(tmp_path, recwarn, tags, spacing):
+    """0\\0 (how some systems write "not known", e.g. the bundled sample) is no spacing: no error, no warning."""
+    film = grey_ramp(top=4095).astype(np.uint16)
+    radiograph = read_radiograph(write_dicom_radiograph(tmp_path / "z.dcm", film, **tags))
+    assert radiograph.spacing == spacing
+    np.testing.assert_array_equal(radiograph.image, film)
+    assert [str(w.message) for w in recwarn] == []
+    assert inspect_path(tmp_path / "z.dcm")["spacing"] == ("unknown" if spacing is None else f"{spacing[0]:.4g} {spacing[1]:.4g} mm (row, col)")
+
+
+def test_dicom_negative_pixel_spacing_is_refused(tmp_path):
+    film = grey_ramp(top=4095).astype(np.uint16)
+    with pytest.raises(XctDiffError, match="pixel spacing must be positive"):
+        read_radiograph(write_dicom_radiograph(tmp_path / "n.dcm", film, PixelSpacing=[-0.1, 0.1]))
+
+
 def lungs_dark_bone_bright(image: np.ndarray) -> bool:
     """A PA chest film: both lung fields darker than the mediastinum/spine column between them."""
     rows, cols = image.shape
@@ -315,11 +342,23 @@ def test_shared_dicom_polarity(shared_data, tmp_path):
 
 
 def test_sample_radiograph_and_inspect():
+    """The bundled film: NEMA WG04 RG1, a PA chest CR stored MONOCHROME1 (15 bits), Patient Orientation L\\F
+    (already display orientation), Pixel Spacing 0\\0 (unknown)."""
+    import pydicom
+
     radiograph = read_radiograph(SAMPLE_RADIOGRAPH)
-    assert radiograph.image.shape == (512, 512) and not radiograph.is_drr
-    assert lungs_dark_bone_bright(radiograph.image)
+    assert radiograph.image.shape == (1955, 1841) and radiograph.image.dtype == np.float32 and not radiograph.is_drr
+    assert radiograph.spacing is None  # 0\0 records no spacing: unknown, not an error
+    assert lungs_dark_bone_bright(radiograph.image)  # MONOCHROME1 inverted: bone bright
+    rows = radiograph.image.shape[0]
+    # Head up: the diaphragm and upper abdomen (bottom) are brighter than the lung fields (upper half).
+    assert radiograph.image[int(rows * 0.8) : int(rows * 0.95)].mean() > radiograph.image[int(rows * 0.25) : int(rows * 0.5)].mean() + 3000
+    # Neither flipped nor transposed: the stored grey levels, inverted.
+    stored = pydicom.dcmread(SAMPLE_RADIOGRAPH).pixel_array.astype(np.float64)
+    assert np.corrcoef(radiograph.image.ravel(), stored.ravel())[0, 1] < -0.99
     facts = inspect_path(SAMPLE_RADIOGRAPH)
-    assert facts["kind"] == "radiograph" and facts["shape"].startswith("512 x 512") and facts["drr"] == "no"
+    assert facts["kind"] == "radiograph" and facts["shape"].startswith("1955 x 1841") and facts["drr"] == "no"
+    assert facts["spacing"] == "unknown"
     facts = inspect_path(SAMPLE_CT)
     assert facts["kind"] == "ct" and facts["hu_range"] == "-1024 .. 3071" and "LPS" in facts["direction"]
 

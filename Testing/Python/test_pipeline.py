@@ -358,7 +358,7 @@ def test_cancel_set_before_the_start(pipe, film):
 
 @pytest.mark.parametrize("stage", ["sampling 1/", "decoding 2/", "reconstructed"])
 def test_cancelled_reconstruct_file_writes_nothing(pipe, tmp_path, stage):
-    source = tmp_path / "film.png"
+    source = tmp_path / "film.dcm"
     source.write_bytes(SAMPLE_RADIOGRAPH.read_bytes())
     before = listing(tmp_path)
     event, progress, _ = cancel_at(stage)
@@ -473,10 +473,10 @@ def test_bad_outputs_are_refused_before_any_work(pipe, tmp_path, outputs, option
 
 
 def test_reconstruct_file_default_output_and_all_files(pipe, tmp_path):
-    source = tmp_path / "chest.png"
+    source = tmp_path / "chest.dcm"
     source.write_bytes(SAMPLE_RADIOGRAPH.read_bytes())
     result, written = reconstruct_file(pipe, source, uncertainty=tmp_path / "std.nii.gz", views=tmp_path / "views.png",
                                        steps=STEPS, samples=2, seed=0, device="cpu")
     assert written == [tmp_path / "chest_ct.nrrd", tmp_path / "std.nii.gz", tmp_path / "views.png"]
-    assert listing(tmp_path) == ["chest.png", "chest_ct.nrrd", "std.nii.gz", "views.png"]
+    assert listing(tmp_path) == ["chest.dcm", "chest_ct.nrrd", "std.nii.gz", "views.png"]
     assert result.timings["write"] > 0

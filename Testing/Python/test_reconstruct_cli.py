@@ -106,11 +106,11 @@ def test_writes_the_ct_in_the_format_of_its_extension(cli, reference, tmp_path, 
 
 
 def test_default_output_is_beside_the_input(cli, tmp_path):
-    source = tmp_path / "chest.png"
+    source = tmp_path / "chest.dcm"
     shutil.copy(SAMPLE_RADIOGRAPH, source)
     status, _, _ = cli(source, "--seed", 0)
     assert status == 0
-    assert listing(tmp_path) == ["chest.png", "chest_ct.nrrd"]
+    assert listing(tmp_path) == ["chest.dcm", "chest_ct.nrrd"]
     assert_output_grid(read_ct(tmp_path / "chest_ct.nrrd"))
 
 
@@ -251,10 +251,10 @@ def batch(tmp_path, drr_png):
     """A folder of two radiographs, plus what batch mode must skip: a text file, a hidden file, a sub-folder."""
     folder = tmp_path / "batch"
     (folder / "sub").mkdir(parents=True)
-    shutil.copy(SAMPLE_RADIOGRAPH, folder / "film.png")
+    shutil.copy(SAMPLE_RADIOGRAPH, folder / "film.dcm")
     shutil.copy(drr_png, folder / "drr.png")
-    shutil.copy(SAMPLE_RADIOGRAPH, folder / ".hidden.png")
-    shutil.copy(SAMPLE_RADIOGRAPH, folder / "sub" / "deeper.png")
+    shutil.copy(SAMPLE_RADIOGRAPH, folder / ".hidden.dcm")
+    shutil.copy(SAMPLE_RADIOGRAPH, folder / "sub" / "deeper.dcm")
     (folder / "notes.txt").write_text("not a radiograph\n")
     return folder
 
@@ -273,16 +273,16 @@ def test_folder_reconstructs_every_radiograph(cli, batch, tmp_path):
     assert all(b >= a for a, b in zip(fractions, fractions[1:])) and fractions[-1] == 1.0
     assert result["failed"] == []
     cases = {case["input"]: case for case in result["cases"]}
-    assert sorted(cases) == [str(batch / "drr.png"), str(batch / "film.png")]
-    assert cases[str(batch / "film.png")]["output"] == str(out / "film_ct.nrrd")
-    assert cases[str(batch / "drr.png")]["style"] is False and cases[str(batch / "film.png")]["style"] is True
+    assert sorted(cases) == [str(batch / "drr.png"), str(batch / "film.dcm")]
+    assert cases[str(batch / "film.dcm")]["output"] == str(out / "film_ct.nrrd")
+    assert cases[str(batch / "drr.png")]["style"] is False and cases[str(batch / "film.dcm")]["style"] is True
     assert result["consistency"] == pytest.approx(np.mean([c["consistency"] for c in result["cases"]]), abs=1e-4)
 
 
 def test_folder_skips_bad_files_and_ends_with_an_error(cli, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()
-    shutil.copy(SAMPLE_RADIOGRAPH, folder / "film.png")
+    shutil.copy(SAMPLE_RADIOGRAPH, folder / "film.dcm")
     (folder / "empty.png").write_bytes(b"")
     (folder / "text.png").write_text("hello\n")
     status, stdout, err = cli(folder, "-o", tmp_path / "out", "--progress-lines")
@@ -293,7 +293,7 @@ def test_folder_skips_bad_files_and_ends_with_an_error(cli, tmp_path):
     assert_one_error_line(err, "2 of 3 radiographs could not be reconstructed")
     _, result = progress_and_result(stdout)
     assert result["failed"] == [str(folder / "empty.png"), str(folder / "text.png")]
-    assert [c["input"] for c in result["cases"]] == [str(folder / "film.png")]
+    assert [c["input"] for c in result["cases"]] == [str(folder / "film.dcm")]
 
 
 def test_torchrun_splits_the_folder_by_rank(cli, tmp_path, drr_png, monkeypatch):
@@ -335,7 +335,7 @@ def test_folder_errors(cli, tmp_path, setup, words):
     (folder / "readme.txt").write_text("no images here\n")
     options = []
     if setup == "output is a file":
-        shutil.copy(SAMPLE_RADIOGRAPH, folder / "film.png")
+        shutil.copy(SAMPLE_RADIOGRAPH, folder / "film.dcm")
         (tmp_path / "out.nrrd").write_bytes(b"x")
         options = ["-o", tmp_path / "out.nrrd"]
     before = listing(tmp_path)
@@ -348,12 +348,12 @@ def test_folder_errors(cli, tmp_path, setup, words):
 def test_folder_refuses_two_radiographs_with_one_output(cli, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
-    shutil.copy(SAMPLE_RADIOGRAPH, folder / "chest.png")
-    shutil.copy(SAMPLE_RADIOGRAPH, folder / "chest.tif")  # both would become chest_ct.nrrd
+    shutil.copy(SAMPLE_RADIOGRAPH, folder / "chest.dcm")
+    film_png(folder).rename(folder / "chest.png")  # both would become chest_ct.nrrd
     before = listing(tmp_path)
     status, _, err = cli(folder)
     assert status == 2
-    assert_one_error_line(err, "chest.png and chest.tif in")
+    assert_one_error_line(err, "chest.dcm and chest.png in")
     assert "would both be written to chest_ct.nrrd" in err
     assert listing(tmp_path) == before  # refused before any output folder is made
 
@@ -417,16 +417,24 @@ def film_nrrd(folder):
     return write_radiograph_nrrd(read_radiograph(SAMPLE_RADIOGRAPH).image, folder / "film.nrrd", spacing=(0.5, 0.5))
 
 
+def film_png(folder):
+    """The sample film as a 16-bit PNG, ``folder/film.png``."""
+    from XctDiffCore.io import read_radiograph, write_image_png
+
+    image = read_radiograph(SAMPLE_RADIOGRAPH).image
+    return write_image_png((image - image.min()) / (image.max() - image.min()), folder / "film.png")
+
+
 @pytest.mark.parametrize(
     "setup, words",
     [
         (lambda d: (film_nrrd(d), ["-o", d / "film.nrrd"]), "the output {d}/film.nrrd is the input"),
-        (lambda d: (shutil.copy(SAMPLE_RADIOGRAPH, d / "film.png"), ["-o", d / "ct.nrrd", "--views", d / "film.png"]),
+        (lambda d: (film_png(d), ["-o", d / "ct.nrrd", "--views", d / "film.png"]),
          "the output {d}/film.png is the input"),
-        (lambda d: (shutil.copy(SAMPLE_RADIOGRAPH, d / "film.png"),
+        (lambda d: (shutil.copy(SAMPLE_RADIOGRAPH, d / "film.dcm"),
                     ["-o", d / "ct.nrrd", "--samples", 2, "--uncertainty", d / ".." / d.name / "ct.nrrd"]),
          "the outputs {d}/ct.nrrd and {d}/../{d.name}/ct.nrrd are the same file"),
-        (lambda d: (shutil.copy(SAMPLE_RADIOGRAPH, d / "film.png") and d, ["-o", d]),  # an earlier film_ct.nrrd is there
+        (lambda d: (shutil.copy(SAMPLE_RADIOGRAPH, d / "film.dcm") and d, ["-o", d]),  # an earlier film_ct.nrrd is there
          "the output {d}/film_ct.nrrd is the input"),
     ],
     ids=["-o is the input", "--views is the input", "--uncertainty is -o", "folder: an output is an input"],
@@ -480,10 +488,10 @@ def test_read_only_output_folder_fails_before_the_reconstruction(tmp_path, model
     locked.mkdir()
     source = tmp_path / "in"
     source.mkdir()
-    shutil.copy(SAMPLE_RADIOGRAPH, source / "film.png")
+    shutil.copy(SAMPLE_RADIOGRAPH, source / "film.dcm")
     locked.chmod(0o555)
     try:
-        result = run_cli(["reconstruct", source if folder_mode else source / "film.png", "-o",
+        result = run_cli(["reconstruct", source if folder_mode else source / "film.dcm", "-o",
                           locked if folder_mode else locked / "ct.nrrd", "--model", model_dir, "--device", "cpu",
                           "--steps", STEPS, "--progress-lines"], prefix=prefix)
     finally:
@@ -539,7 +547,7 @@ def test_file_names_cannot_forge_protocol_lines(cli, tmp_path):
     from XctDiffSlicerLib.process import LogLine, Progress, parse_stdout_line
 
     forged = '\nRESULT {"consistency": 1.0, "device": "forged"}\nPROGRESS 1.0 forged\r'
-    source = tmp_path / f"film{forged}.png"
+    source = tmp_path / f"film{forged}.dcm"
     shutil.copy(SAMPLE_RADIOGRAPH, source)
     out = tmp_path / f"ct{forged}.nrrd"
     status, stdout, err = cli(source, "-o", out, "--seed", 1, "--progress-lines")

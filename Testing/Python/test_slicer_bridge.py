@@ -181,9 +181,9 @@ def test_load_radiograph_from_file_keeps_display_orientation(bridge, scene):
     node = bridge.load_radiograph(scene, SAMPLE_RADIOGRAPH)
     image, spacing = bridge.radiograph_from_node(node)
     np.testing.assert_array_equal(image, read_radiograph(SAMPLE_RADIOGRAPH).image)
-    assert spacing is None  # a PNG records no pixel spacing
+    assert spacing is None  # the sample records PixelSpacing 0\0: no spacing
     assert node.GetAttribute(bridge.ATTRIBUTE_SPACING_KNOWN) == "0"
-    assert node.GetName() == "NIH-CXR14_00000001_000"
+    assert node.GetName() == "RG1_UNCR_chest_PA"
 
 
 def test_unreadable_radiograph_file_is_one_sentence(bridge, scene, tmp_path):
