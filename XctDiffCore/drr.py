@@ -244,8 +244,15 @@ def _render_cone(mu: torch.Tensor, geometry: ConeGeometry, size: int, spacing: t
 def _cone_rays(geometry: ConeGeometry, size: int, shape: tuple, spacing: tuple, device, dtype):
     """Per plane, where each ray crosses it (grid_sample units), the path length per plane, the oversampling.
 
-    Depends only on the geometry, so it is computed once per (geometry, size, grid, device).
+    Depends only on the geometry, so it is computed once per (geometry, size, grid, device), as normal
+    tensors even under ``torch.inference_mode`` (a cached inference tensor could not be used by a later
+    differentiable rendering, such as the guidance's).
     """
+    with torch.inference_mode(False):
+        return _cone_rays_uncached(geometry, size, shape, spacing, device, dtype)
+
+
+def _cone_rays_uncached(geometry: ConeGeometry, size: int, shape: tuple, spacing: tuple, device, dtype):
     D, H, W = shape
     sd, sh, sw = spacing
     sad, sid = geometry.source_to_isocenter_mm, geometry.source_to_detector_mm

@@ -25,6 +25,10 @@
   - ``mean CT``: one constant volume for every case: the mean of the datalist's ``training`` CTs.
     A method that does not beat it has learnt nothing case-specific.
 
+  With ``guidance=G`` (``--guidance``), ``xctdiff_guided`` and ``direct_guided`` are the same two
+  paths with data-consistency guidance of strength G (:mod:`XctDiffCore.guidance`), same seeds: guided
+  beside unguided.
+
   A CT folder has no training set: kNN is left out, and the mean CT is the model folder's
   ``mean_ct.npy`` when it has one, else left out too.
 * **Scores** per case and method: PSNR, SSIM (3D and slice-averaged), LPIPS, and bone and lung
@@ -57,7 +61,8 @@ METRICS = ("psnr", "ssim", "psnr_slices", "ssim_slices", "lpips", "bone_dice", "
 METRIC_TITLES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "psnr_slices": "PSNR slices (dB)", "ssim_slices": "SSIM slices",
                  "lpips": "LPIPS", "bone_dice": "bone Dice", "lung_dice": "lung Dice"}
 CASE_METRICS = ("psnr", "ssim", "bone_dice", "lung_dice", "lpips")  # the per-case table's columns
-METHOD_TITLES = {"xctdiff": "XctDiff", "direct": "direct (no diffusion)", "knn": "kNN, nearest training CTs by DRR",
+METHOD_TITLES = {"xctdiff": "XctDiff", "direct": "direct (no diffusion)", "xctdiff_guided": "XctDiff + guidance",
+                 "direct_guided": "direct + guidance", "knn": "kNN, nearest training CTs by DRR",
                  "mean_ct": "mean training CT"}
 CSV_COLUMNS = ("case", "method", *METRICS, "consistency", "seconds", "neighbours")
 KNN_DRR_SIZE = 128  # DRRs are compared at this size (area resize)
@@ -209,10 +214,12 @@ def evaluate(
     progress: bool = True,
     augmented: bool = False,
     knn: int = 3,
+    guidance: float = 0.0,
 ) -> dict:
     """Run the protocol of the module docstring; write the outputs; return the summary (method -> metric -> mean/std)."""
     from tqdm import tqdm
 
+    from .guidance import check_strength
     from .io import Radiograph
     from .metrics import BONE_HU, LUNG_HU, volume_scores
     from .models.lpips import LPIPS
@@ -225,6 +232,7 @@ def evaluate(
         raise XctDiffError(f"--max-cases must be at least 1, got {max_cases}")
     if knn < 0:
         raise XctDiffError(f"--knn must be 0 (off) or more, got {knn}")
+    guidance = check_strength(guidance)
     if not out_dir.parent.is_dir():
         raise XctDiffError(f"output folder does not exist: {out_dir.parent}")
     out_dir.mkdir(exist_ok=True)
@@ -249,6 +257,12 @@ def evaluate(
                                         method="diffusion", sampler=sampler),
             "direct": pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off", method="direct"),
         }
+        if guidance > 0:
+            outputs["xctdiff_guided"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index,
+                                                         device=device, style="off", method="diffusion", sampler=sampler,
+                                                         guidance=guidance)
+            outputs["direct_guided"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
+                                                        method="direct", guidance=guidance)
         volumes = {method: result.ct.array for method, result in outputs.items()}
         for method, result in outputs.items():
             scores = volume_scores(result.ct.array, case.truth_hu, lpips, pipe.device)
@@ -271,10 +285,11 @@ def evaluate(
     header = (f"Model `{pipe.info.model_id}` {pipe.info.version}, {len(cases)} cases from `{data.name}`, "
               f"{samples} sample(s), {steps or pipe.info.steps} {sampler or pipe.info.sampler} steps, "
               f"model grid {pipe.info.volume_size}^3, scored on {size}^3 at 2.5 mm; {baselines}; "
+              f"{f'guidance {guidance:g} beside none' if guidance else 'no guidance'}; "
               f"bone: HU > {BONE_HU:.0f}, lung: {LUNG_HU[0]:.0f} < HU < {LUNG_HU[1]:.0f}. Mean ± std over cases.\n\n")
     _write_text(out_dir / "summary.md", header + markdown_table(summary, k) + "\nPer case:\n\n" + case_table(rows))
     _write_text(out_dir / "summary.json", json.dumps({"model": pipe.info.model_id, "cases": len(cases), "knn": k or None,
-                                                      "summary": summary}, indent=2) + "\n")
+                                                      "guidance": guidance or None, "summary": summary}, indent=2) + "\n")
     if figure:
         from .views import compose_grid, write_png
 
@@ -350,8 +365,8 @@ def figure_rows(figure: list, knn: Optional[int] = None) -> list:
     truth | each method in a bone window (one window cannot show both the parenchyma and the ribs)."""
     from .views import BONE_WINDOW_HU, LUNG_WINDOW_HU, scale_to_unit, window
 
-    titles = {"truth": "truth", "xctdiff": "XctDiff", "direct": "direct", "knn": f"kNN k={knn}" if knn else "kNN",
-              "mean_ct": "mean CT"}
+    titles = {"truth": "truth", "xctdiff": "XctDiff", "direct": "direct", "xctdiff_guided": "XctDiff guided",
+              "direct_guided": "direct guided", "knn": f"kNN k={knn}" if knn else "kNN", "mean_ct": "mean CT"}
     rows = []
     for name, drr, slices, std in figure:
         for low_high, label in ((LUNG_WINDOW_HU, "lung"), (BONE_WINDOW_HU, "bone")):

@@ -8,7 +8,10 @@
 
 1. *preprocessing*: read the radiograph (a path, a :class:`~XctDiffCore.io.Radiograph` or a 2D array),
    :func:`~XctDiffCore.preprocess.preprocess_radiograph` at 128 px (the size the training DRRs were
-   made at), area-resized to the model's input size: ``input`` in [0, 1];
+   made at), area-resized to the model's input size: ``input`` in [0, 1]; then the plausibility
+   check (:mod:`XctDiffCore.plausibility`: an inverted, lateral or non-chest image gets a
+   :class:`~XctDiffCore.plausibility.PlausibilityWarning`, or an error with ``strict=True``; the
+   reasons are kept in ``result.warnings``);
 2. *style*: real films go through the CycleGAN real -> DRR generator (``style="auto"``: not for
    images tagged as DRRs; see :mod:`XctDiffCore.style`);
 3. *encoder*: the progressive encoder's prior ``y = N(q(Conv(x)))``;
@@ -17,8 +20,13 @@
    with it are ignored, with a :class:`MethodWarning`). ``method=None`` is the model's
    default, except that ``samples >= 2`` asks for the diffusion (the only path that samples);
 5. *decoding*: each latent snapped to the codebook and decoded by the VQ-GAN, to HU;
-6. *consistency*: the DRR of the result, rendered in the training geometry and normalised like the
-   input, compared with the input by 2D SSIM (:func:`~XctDiffCore.metrics.ssim_2d`).
+6. *guidance* (``guidance > 0``, off by default): each decoded sample is moved until its DRR matches
+   the input (:mod:`XctDiffCore.guidance`: the strength is the fraction of that correction applied;
+   skipped with a :class:`~XctDiffCore.guidance.GuidanceWarning` when the unguided result disagrees
+   grossly with the film);
+7. *consistency*: the DRR of the result, rendered in the training geometry and normalised like the
+   input, compared with the input by 2D SSIM (:func:`~XctDiffCore.metrics.ssim_2d`); with guidance,
+   ``result.unguided_consistency`` keeps the score before it (a guided score says the DRR was fitted).
 
 **Output geometry.** ``result.ct`` is the voxel-wise mean of the K samples in HU (int16), always on
 the paper's grid: 128^3 voxels of 2.5 mm, a 320 mm cube (a model that works on a coarser grid, such
@@ -59,6 +67,7 @@ import torch.nn.functional as F
 from .config import METHODS
 from .diffusion import Cancelled
 from .errors import XctDiffError
+from .guidance import MIN_UNGUIDED_CONSISTENCY, GuidanceWarning
 from .io import Radiograph
 from .model_folder import FIELD_OF_VIEW_MM, PREPARED_SIZE, ModelFolder, ModelInfo
 from .volume import Volume
@@ -107,6 +116,9 @@ class Reconstruction:
     styled: bool  # whether the real -> DRR style transfer was applied
     input_image: np.ndarray = field(repr=False)  # the model's input in [0, 1] (after style), [row, col]
     drr: np.ndarray = field(repr=False)  # the normalised DRR of ct, like input_image
+    guidance: float = 0.0  # the data-consistency strength applied (0: off, or skipped)
+    unguided_consistency: Optional[float] = None  # with guidance asked for: the mean consistency of the samples before it
+    warnings: list = field(default_factory=list)  # why the result deserves less trust (plausibility, skipped guidance)
 
     def summary(self) -> dict:
         """Plain data for the ``RESULT`` line and JSON logs."""
@@ -119,6 +131,9 @@ class Reconstruction:
             "steps": self.steps,
             "method": self.method,
             "style": self.styled,
+            "guidance": self.guidance,
+            "unguided_consistency": None if self.unguided_consistency is None else round(float(self.unguided_consistency), 4),
+            "warnings": list(self.warnings),
         }
 
 
@@ -199,12 +214,15 @@ class XctDiffPipeline:
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[threading.Event] = None,
         cpu_fallback: bool = True,
+        guidance: float = 0.0,
+        strict: bool = False,
     ) -> Reconstruction:
         """Reconstruct a CT from one frontal radiograph (see the module docstring for every argument's effect).
 
         Raises :class:`XctDiffError` for bad input or settings, :class:`Cancelled` when ``cancel`` is set.
         """
         from .device import choose_device, run_with_cpu_fallback
+        from .guidance import check_strength
         from .style import STYLE_CHOICES
 
         unused = [name for name, value in (("steps", steps), ("sampler", sampler)) if value is not None]
@@ -231,6 +249,7 @@ class XctDiffPipeline:
         sampler = self.info.sampler if sampler is None else sampler
         if sampler not in SAMPLERS:
             raise XctDiffError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        guidance = check_strength(guidance)
         seed = secrets.randbits(31) if seed is None else int(seed)
         if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
             raise XctDiffError(f"seed must fit in 64 bits, got {seed}")
@@ -242,7 +261,7 @@ class XctDiffPipeline:
         target = choose_device(device)
         result = run_with_cpu_fallback(
             lambda dev: self._reconstruct_on(dev, radiograph, steps, samples, seed, style, method, sampler,
-                                             reporter, cancel),
+                                             reporter, cancel, guidance, strict),
             target,
             fallback=cpu_fallback,
         )
@@ -268,6 +287,18 @@ class XctDiffPipeline:
         image01 = preprocess_radiograph(radiograph.image, PREPARED_SIZE)
         return _area_resize(image01, self.info.xray_size)
 
+    @staticmethod
+    def _check_plausible(image01: np.ndarray, strict: bool) -> list:
+        """The plausibility check's reasons (warned once each), or an XctDiffError with ``strict``."""
+        from .plausibility import PlausibilityWarning, film_problems
+
+        problems = film_problems(image01)
+        if problems and strict:
+            raise XctDiffError(problems[0] + " (refused: strict)")
+        for problem in problems:
+            warnings.warn(problem, PlausibilityWarning, stacklevel=5)
+        return problems
+
     def apply_style(self, radiograph: Radiograph, image01: np.ndarray, style: str) -> tuple:
         """(image in [0, 1], whether the real -> DRR generator was applied)."""
         from .style import apply_style, should_apply_style
@@ -291,7 +322,7 @@ class XctDiffPipeline:
         return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     def _reconstruct_on(self, device, radiograph, steps, samples, seed, style, method, sampler, reporter,
-                        cancel) -> Reconstruction:
+                        cancel, guidance: float = 0.0, strict: bool = False) -> Reconstruction:
         from .device import describe_device
         from .diffusion import sample
         from .metrics import ssim_2d
@@ -302,6 +333,7 @@ class XctDiffPipeline:
         self.to(device)
         with torch.inference_mode():
             input01 = self.preprocess(radiograph)
+            notes = self._check_plausible(input01, strict)
             timer.lap("preprocessing")
             reporter.report(ends["preprocessing"], "style transfer")
             _check_cancel(cancel)
@@ -335,7 +367,14 @@ class XctDiffPipeline:
                 latents = prior.expand(samples, *prior.shape[1:])
             reporter.report(ends["sampling"], "decoding")
 
-            mean_hu, std_hu = self._decode(latents, device, reporter, cancel, ends)
+            if guidance > 0 and notes:  # guidance would fit an implausible film: confident garbage
+                notes.append("guidance skipped: the input failed the plausibility check")
+                warnings.warn(notes[-1], GuidanceWarning, stacklevel=4)
+                guidance = 0.0
+            film = x.float() * 0.5 + 0.5 if guidance > 0 else None  # the input in [0, 1], as the DRRs are compared
+            mean_hu, std_hu, unguided = self._decode(latents, device, reporter, cancel, ends, film, guidance, timer)
+            if unguided is not None and unguided < MIN_UNGUIDED_CONSISTENCY:
+                notes.append(f"guidance skipped: unguided consistency {unguided:.2f} < {MIN_UNGUIDED_CONSISTENCY}")
             timer.lap("decoding")
             reporter.report(ends["decoding"], "consistency")
             _check_cancel(cancel)
@@ -361,17 +400,24 @@ class XctDiffPipeline:
             styled=styled,
             input_image=input01.astype(np.float32),
             drr=drr,
+            guidance=guidance if unguided is not None and unguided >= MIN_UNGUIDED_CONSISTENCY else 0.0,
+            unguided_consistency=unguided,
+            warnings=notes,
         )
 
-    def _decode(self, latents: torch.Tensor, device, reporter: _Progress, cancel, ends: dict = STAGE_END) -> tuple:
-        """Each latent -> codebook -> decoder -> canonical HU; the running mean and std over samples (Welford).
+    def _decode(self, latents: torch.Tensor, device, reporter: _Progress, cancel, ends: dict = STAGE_END,
+                film: Optional[torch.Tensor] = None, guidance: float = 0.0, timer: Optional["_Timer"] = None) -> tuple:
+        """Each latent -> codebook -> decoder -> HU (-> guided towards ``film``) -> canonical; the running mean
+        and std over samples (Welford), and the samples' mean unguided consistency (None without guidance).
 
-        ``ends``: the progress scale of the method (:data:`STAGE_END` or :data:`DIRECT_STAGE_END`)."""
+        ``ends``: the progress scale of the method (:data:`STAGE_END` or :data:`DIRECT_STAGE_END`);
+        ``timer``: gets a "decoding" and a "guidance" lap per sample when guiding."""
         from .layout import model_layout_to_ct, unit_to_hu
 
         count = latents.shape[0]
         start, span = ends["sampling"], ends["decoding"] - ends["sampling"]
         mean = m2 = None
+        unguided = []
         for k in range(count):
             _check_cancel(cancel)
             z_q = self.vqgan.quantize(latents[k : k + 1].float())[0]
@@ -379,14 +425,42 @@ class XctDiffPipeline:
                 volume = self.vqgan.decode(z_q).float()  # (1, 1, D, H, W) in about [-1, 1]
             if volume.shape[-1] != OUTPUT_SIZE:
                 volume = F.interpolate(volume, size=(OUTPUT_SIZE,) * 3, mode="trilinear", align_corners=False)
-            hu = model_layout_to_ct(unit_to_hu(volume[0, 0])).cpu().numpy().astype(np.float64)  # [z, y, x]
+            hu_model = unit_to_hu(volume)
+            if guidance > 0 and film is not None:
+                if timer is not None:
+                    timer.lap("decoding")
+                hu_model = self._guide(hu_model, film, guidance, unguided, cancel)
+                if timer is not None:
+                    timer.lap("guidance")
+            hu = model_layout_to_ct(hu_model[0, 0]).cpu().numpy().astype(np.float64)  # [z, y, x]
             if mean is None:
                 mean, m2 = np.zeros_like(hu), np.zeros_like(hu)
             delta = hu - mean
             mean += delta / (k + 1)
             m2 += delta * (hu - mean)
             reporter.report(start + span * (k + 1) / count, f"decoding {k + 1}/{count}")
-        return mean, np.sqrt(m2 / count)
+        return mean, np.sqrt(m2 / count), float(np.mean(unguided)) if unguided else None
+
+    def _guide(self, hu_model: torch.Tensor, film: torch.Tensor, guidance: float, unguided: list, cancel) -> torch.Tensor:
+        """One decoded sample guided towards the film; its unguided consistency is appended to ``unguided``.
+
+        Skipped (with one warning per run) when that consistency shows a gross disagreement."""
+        from .drr import make_geometry
+        from .guidance import film_drr, guide_to_film
+        from .metrics import ssim_2d
+
+        geometry, spacing = make_geometry(self.info.geometry), (FIELD_OF_VIEW_MM / OUTPUT_SIZE,) * 3
+        drr = film_drr(hu_model, geometry, film.shape[-1], PREPARED_SIZE, spacing)
+        score = max(0.0, ssim_2d(drr[0, 0].cpu().numpy(), film[0, 0].cpu().numpy()))
+        unguided.append(score)
+        if score < MIN_UNGUIDED_CONSISTENCY:
+            if len(unguided) == 1:
+                warnings.warn(f"guidance skipped: the film agrees poorly with the unguided reconstruction (consistency "
+                              f"{score:.2f} < {MIN_UNGUIDED_CONSISTENCY}); it may not be a frontal chest film the model "
+                              "can read, and fitting it would only make the result look consistent", GuidanceWarning,
+                              stacklevel=5)
+            return hu_model
+        return guide_to_film(hu_model, film, geometry, guidance, PREPARED_SIZE, spacing, cancel=cancel)
 
     @staticmethod
     def _volume(array: np.ndarray) -> Volume:
@@ -401,17 +475,15 @@ class XctDiffPipeline:
         Rendered at 128 px in the training geometry, normalised (:func:`~XctDiffCore.drr.normalize_drr`,
         the rule of ``preprocess_radiograph``) and area-resized, exactly as the training DRRs were.
         """
-        from .drr import make_geometry, normalize_drr, render_drr
+        from .drr import make_geometry
+        from .guidance import film_drr
         from .layout import ct_to_model_layout
 
         device = self.device if device is None else torch.device(device)
         volume = torch.from_numpy(np.ascontiguousarray(ct_to_model_layout(np.asarray(ct.array, dtype=np.float32))))
         sx, sy, sz = ct.spacing
-        drr = render_drr(volume[None, None].to(device), make_geometry(self.info.geometry), size=PREPARED_SIZE,
-                         spacing_mm=(sy, sz, sx))
-        image = normalize_drr(drr.float())
-        if image.shape[-1] != self.info.xray_size:
-            image = F.interpolate(image, size=(self.info.xray_size,) * 2, mode="area")
+        image = film_drr(volume[None, None].to(device), make_geometry(self.info.geometry), self.info.xray_size,
+                         PREPARED_SIZE, spacing_mm=(sy, sz, sx))
         return image[0, 0].cpu().numpy().astype(np.float32)
 
 

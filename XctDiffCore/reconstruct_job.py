@@ -190,14 +190,19 @@ def run_reconstruct(
     compile: bool = False,
     sampler: Optional[str] = None,
     method: Optional[str] = None,
+    guidance: float = 0.0,
+    strict: bool = False,
 ) -> int:
     """The ``xctdiff reconstruct`` command; returns the exit status (errors raise :class:`XctDiffError`)."""
     from .device import torchrun_rank
     from .pipeline import XctDiffPipeline, check_volume_output, default_output_path, reconstruct_file
 
+    from .guidance import check_strength
+
     input_path = Path(input_path)
     if not input_path.exists():
         raise XctDiffError(f"file not found: {input_path}")
+    guidance = check_strength(guidance)  # before the model loads
     rank, world_size, local_rank = torchrun_rank()
     jobs = []  # (input, output, uncertainty, views)
     if input_path.is_dir():
@@ -252,7 +257,7 @@ def run_reconstruct(
                     result, written = reconstruct_file(
                         pipe, source, out, uncertainty=unc, views=view, steps=steps, samples=samples, seed=seed,
                         device=device, style=style, progress=display.scaled(low, high), cpu_fallback=cpu_fallback,
-                        sampler=sampler, method=method,
+                        sampler=sampler, method=method, guidance=guidance, strict=strict,
                     )
                 except XctDiffError as exc:
                     if len(jobs) == 1:
@@ -278,8 +283,12 @@ def summary_line(source, output, seconds: float, result, protocol: bool = False)
     """``<input> -> <output> in <s> s on <device>, consistency <c>, seed <seed>``: the seed of a
     diffusion run (given or drawn) reproduces it with ``--seed``; the direct method has none to give."""
     seed = f"seed {result.seed}" if result.method == "diffusion" else "direct method (no seed)"
+    guided = ""
+    if result.unguided_consistency is not None:  # guidance asked for: the score before it says more
+        guided = (f" (guided {result.guidance:g}; {result.unguided_consistency:.3f} unguided)" if result.guidance
+                  else " (guidance skipped)")
     return (f"{path_text(source, protocol)} -> {path_text(output, protocol)} in {seconds:.1f} s on "
-            f"{one_line(result.device)}, consistency {result.consistency:.3f}, {seed}")
+            f"{one_line(result.device)}, consistency {result.consistency:.3f}{guided}, {seed}")
 
 
 def _print_line(display: ProgressDisplay, text: str) -> None:

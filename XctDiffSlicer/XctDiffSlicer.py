@@ -41,7 +41,7 @@ _put_engine_on_path()
 
 from XctDiffCore.errors import XctDiffError  # noqa: E402
 from XctDiffSlicerLib import dependencies, device_probe, mrml_bridge  # noqa: E402
-from XctDiffSlicerLib.logic import ReconstructionLogic, ReconstructionOptions  # noqa: E402
+from XctDiffSlicerLib.logic import ReconstructionLogic, ReconstructionOptions, consistency_text  # noqa: E402
 from XctDiffSlicerLib.models import choose_model  # noqa: E402
 from XctDiffSlicerLib.process import ChildProcess, Finished, LogLine, Progress, python_executable  # noqa: E402
 
@@ -84,6 +84,7 @@ class XctDiffSlicerParameterNode:
     seed: Annotated[int, WithinRange(-1, 2**31 - 1)] = -1
     style: Annotated[str, Choice(["auto", "on", "off"])] = "auto"
     method: Annotated[str, Choice(["default", "diffusion", "direct"])] = "default"
+    guidance: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     uncertaintyOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     consistency: str = ""
 
@@ -224,6 +225,7 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 style=node.style,
                 model=self.modelChoice(),
                 method=node.method,
+                guidance=node.guidance,
             )
             self._job = self.logic.start(node.inputVolume, options)
         except XctDiffError as exc:
@@ -272,7 +274,7 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 node.outputVolume = output.ct_node
                 node.uncertaintyVolume = output.uncertainty_node
                 if output.consistency is not None:
-                    node.consistency = f"{output.consistency:.3f}"
+                    node.consistency = consistency_text(output)
                 self.ui.progressBar.value = 100
                 status = _("Done on {device}").format(device=output.device or _("the engine's device"))
                 if output.seed is not None and output.method != "direct":
@@ -308,11 +310,11 @@ class XctDiffSlicerLogic(ScriptedLoadableModuleLogic):
         return output
 
     def reconstruct(self, inputNode, outputNode=None, steps=None, samples=1, seed=None, device="auto",
-                    style="auto", model=None, uncertaintyNode=None, progress=None, method="default"):
+                    style="auto", model=None, uncertaintyNode=None, progress=None, method="default", guidance=0.0):
         """Blocking reconstruction for the Python console; returns the output CT node, shown in the slice views."""
         ctNode = self.reconstruction.reconstruct(
             inputNode, outputNode, steps=steps, samples=samples, seed=seed, device=device, style=style,
-            model=model, uncertaintyNode=uncertaintyNode, progress=progress, method=method,
+            model=model, uncertaintyNode=uncertaintyNode, progress=progress, method=method, guidance=guidance,
         )
         mrml_bridge.show_in_slice_views(self.sliceLogics(), ctNode)
         return ctNode

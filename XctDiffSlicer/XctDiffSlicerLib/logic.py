@@ -45,6 +45,7 @@ class ReconstructionOptions:
     style: str = "auto"
     model: ModelChoice = field(default_factory=choose_model)
     method: str = "default"
+    guidance: float = 0.0  # data consistency, 0 (off) to 1 (the DRR of the result fitted to the film)
 
     def __post_init__(self):
         if self.samples < 1:
@@ -59,6 +60,8 @@ class ReconstructionOptions:
             raise XctDiffError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.method == "direct" and self.samples > 1:
             raise XctDiffError("the direct method makes one deterministic CT: set Samples to 1 or choose Diffusion")
+        if not 0.0 <= self.guidance <= 1.0:
+            raise XctDiffError(f"guidance must be between 0 (off) and 1, got {self.guidance}")
 
     def engine_arguments(self) -> list:
         args = ["--samples", str(self.samples), "--device", self.device, "--style", self.style]
@@ -68,6 +71,8 @@ class ReconstructionOptions:
             args += ["--seed", str(self.seed)]
         if self.method != "default":
             args += ["--method", self.method]
+        if self.guidance > 0:
+            args += ["--guidance", f"{self.guidance:g}"]
         return args + self.model.engine_arguments()
 
 
@@ -111,6 +116,8 @@ class ReconstructionOutput:
     timings: dict
     seed: Optional[int] = None  # the seed the engine used (given or drawn): the same seed repeats the run
     method: str = ""  # "diffusion" or "direct" (direct has no randomness: its seed means nothing)
+    unguided_consistency: Optional[float] = None  # with guidance: the consistency before it (the honest score)
+    warnings: tuple = ()  # the engine's reasons to trust the result less (an implausible film, skipped guidance)
 
 
 class ReconstructionLogic:
@@ -173,14 +180,16 @@ class ReconstructionLogic:
             timings=dict(finished.result.get("timings", {})),
             seed=int(seed) if isinstance(seed, int) else None,
             method=str(finished.result.get("method", "")),
+            unguided_consistency=_optional_float(finished.result.get("unguided_consistency")),
+            warnings=tuple(str(w) for w in finished.result.get("warnings", ()) if isinstance(w, str)),
         )
 
     def reconstruct(self, inputNode, outputNode=None, steps: Optional[int] = None, samples: int = 1,
                     seed: Optional[int] = None, device: str = "auto", style: str = "auto", model=None,
                     uncertaintyNode=None, progress: Optional[Callable[[float, str], None]] = None,
-                    method: str = "default"):
+                    method: str = "default", guidance: float = 0.0):
         """Blocking reconstruction for the Python console; returns the output CT node."""
-        options = ReconstructionOptions(steps, samples, seed, device, style, choose_model(model), method)
+        options = ReconstructionOptions(steps, samples, seed, device, style, choose_model(model), method, guidance)
         job = self.start(inputNode, options)
 
         def on_event(event):
@@ -193,3 +202,20 @@ class ReconstructionLogic:
             job.discard()
             raise
         return self.load_result(job, finished, outputNode, uncertaintyNode).ct_node
+
+
+def _optional_float(value) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def consistency_text(output: ReconstructionOutput) -> str:
+    """The panel's consistency: with guidance, the score before it beside (the guided one says only that
+    the DRR was fitted to the film)."""
+    if output.consistency is None:
+        return ""
+    text = f"{output.consistency:.3f}"
+    if output.unguided_consistency is not None:
+        text += f" ({output.unguided_consistency:.3f} before guidance)"
+    for warning in output.warnings:  # shown next to the score they qualify
+        text += f"\nwarning: {warning}"
+    return text

@@ -1,0 +1,208 @@
+"""Data-consistency guidance (XctDiffCore/guidance.py, issue 19): the guided CT's DRR moves towards the
+film, corrections go only where there is matter, the strength is the fraction applied, and the
+pipeline, the command line and the Slicer options carry it, with the unguided score beside it."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLE_RADIOGRAPH, synthetic_chest
+
+from XctDiffCore import pipeline as pipeline_module
+from XctDiffCore.cli import main
+from XctDiffCore.diffusion import Cancelled
+from XctDiffCore.drr import ConeGeometry
+from XctDiffCore.errors import XctDiffError
+from XctDiffCore.guidance import GuidanceWarning, check_strength, film_drr, guide_to_film
+from XctDiffCore.io import read_radiograph
+from XctDiffCore.layout import ct_to_model_layout
+from XctDiffCore.metrics import ssim_2d
+from XctDiffCore.model_folder import create_random_model
+from XctDiffCore.pipeline import XctDiffPipeline
+
+GEOMETRY = ConeGeometry()
+SPACING = (10.0, 10.0, 10.0)  # 32^3 voxels of 10 mm: the 320 mm cube of the model grid, cheap to render
+SIZE = 32
+
+
+def _volume(seed: int) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(ct_to_model_layout(synthetic_chest((SIZE,) * 3, seed=seed))))[None, None].float()
+
+
+def _drr(volume: torch.Tensor) -> torch.Tensor:
+    return film_drr(volume, GEOMETRY, SIZE, SIZE, SPACING)
+
+
+def _consistency(volume: torch.Tensor, film: torch.Tensor) -> float:
+    return ssim_2d(_drr(volume)[0, 0].numpy(), film[0, 0].numpy())
+
+
+@pytest.fixture(scope="module")
+def case():
+    """A chest whose film we know, and a blurred first guess of it (as a decoder blurs: bone smeared away)."""
+    truth = _volume(0)
+    guess = torch.nn.functional.avg_pool3d(truth, 5, stride=1, padding=2, count_include_pad=False)
+    return truth, guess, _drr(truth)
+
+
+def guide(guess, film, strength=1.0, **kwargs):
+    return guide_to_film(guess, film, GEOMETRY, strength, render_size=SIZE, spacing_mm=SPACING, **kwargs)
+
+
+def test_guidance_moves_the_drr_towards_the_film_and_only_where_there_is_matter(case):
+    truth, guess, film = case
+    guided = guide(guess, film)
+    before, after = _consistency(guess, film), _consistency(guided, film)
+    assert after > before + 0.05, (before, after)
+    error = lambda v: float((_drr(v) - film).square().mean())  # noqa: E731
+    assert error(guided) < 0.5 * error(guess)
+    air = guess <= -1000  # no matter: the weight is 0, so guidance cannot paint streaks through the air
+    assert air.any() and torch.equal(guided[air], guess[air].clamp(-1024, 3071))
+    assert guided.shape == guess.shape and guided.dtype == torch.float32
+
+
+def test_strength_is_the_fraction_of_the_correction_applied(case):
+    _, guess, film = case
+    full, half, off = guide(guess, film, 1.0), guide(guess, film, 0.5), guide(guess, film, 0.0)
+    assert torch.equal(off, guess)
+    inside = (full > -1024) & (full < 3071) & (guess > -1000)  # where the clip did not act
+    torch.testing.assert_close((half - guess)[inside], 0.5 * (full - guess)[inside], atol=1e-3, rtol=1e-4)
+
+
+def test_guidance_runs_under_inference_mode_after_a_cached_render(case):
+    """The cone rays are cached: one made under inference_mode must not break a later differentiable render."""
+    _, guess, film = case
+    torch.testing.assert_close(guide(guess, film), guide(guess, film))  # deterministic
+    from XctDiffCore.drr import _cone_rays
+
+    _cone_rays.cache_clear()
+    with torch.inference_mode():
+        _drr(guess)  # fills the ray cache inside inference mode
+        guided = guide(guess, film)
+    assert _consistency(guided, film) > _consistency(guess, film)
+
+
+def test_cancel_stops_the_guidance(case):
+    _, guess, film = case
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        guide(guess, film, cancel=cancel)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "strong", None])
+def test_strength_out_of_range_is_a_readable_error(bad):
+    with pytest.raises(XctDiffError, match="guidance must be"):
+        check_strength(bad)
+    assert check_strength("0.25") == 0.25
+
+
+# ----------------------------------------------------------------------------- pipeline, CLI, Slicer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return create_random_model(tmp_path_factory.mktemp("model") / "tiny", "tiny")
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    return XctDiffPipeline.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def film():
+    return read_radiograph(SAMPLE_RADIOGRAPH)
+
+
+def test_the_pipeline_guides_and_keeps_the_unguided_score(pipe, film, monkeypatch):
+    monkeypatch.setattr(pipeline_module, "MIN_UNGUIDED_CONSISTENCY", 0.0)  # random weights: a poor first guess
+    plain = pipe.reconstruct(film, method="direct", device="cpu", style="off")
+    guided = pipe.reconstruct(film, method="direct", device="cpu", style="off", guidance=1.0)
+    assert plain.guidance == 0.0 and plain.unguided_consistency is None and "guidance" not in plain.timings
+    assert guided.guidance == 1.0 and guided.timings["guidance"] > 0
+    assert guided.unguided_consistency == pytest.approx(plain.consistency, abs=0.01)
+    assert guided.consistency > plain.consistency
+    assert not np.array_equal(guided.ct.array, plain.ct.array)
+    assert guided.summary()["unguided_consistency"] == round(guided.unguided_consistency, 4)
+
+
+def test_guidance_is_skipped_with_a_warning_when_the_film_disagrees_grossly(pipe, film, monkeypatch):
+    monkeypatch.setattr(pipeline_module, "MIN_UNGUIDED_CONSISTENCY", 1.01)  # nothing can pass
+    plain = pipe.reconstruct(film, method="direct", device="cpu", style="off")
+    with pytest.warns(GuidanceWarning, match="guidance skipped"):
+        skipped = pipe.reconstruct(film, method="direct", device="cpu", style="off", guidance=1.0)
+    assert skipped.guidance == 0.0 and skipped.unguided_consistency is not None
+    np.testing.assert_array_equal(skipped.ct.array, plain.ct.array)
+
+
+def test_bad_guidance_on_the_command_line_is_one_error_line_before_the_model_loads(tmp_path, capsys):
+    status = main(["reconstruct", str(SAMPLE_RADIOGRAPH), "-o", str(tmp_path / "ct.nrrd"), "--model",
+                   str(tmp_path / "no-model"), "--guidance", "1.5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err[-1].startswith("error: guidance must be between 0 (off) and 1")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_summary_line_shows_the_score_before_guidance():
+    from types import SimpleNamespace
+
+    from XctDiffCore.reconstruct_job import summary_line
+
+    result = SimpleNamespace(method="direct", seed=0, device="cpu", consistency=0.94, guidance=1.0, unguided_consistency=0.85)
+    assert "consistency 0.940 (guided 1; 0.850 unguided)" in summary_line("a.png", "a.nrrd", 1.0, result)
+    result.guidance = 0.0
+    assert "consistency 0.940 (guidance skipped)" in summary_line("a.png", "a.nrrd", 1.0, result)
+    result.unguided_consistency = None
+    assert "guid" not in summary_line("a.png", "a.nrrd", 1.0, result)
+
+
+def test_slicer_options_pass_guidance_to_the_engine_and_show_both_scores():
+    from XctDiffSlicerLib.logic import ReconstructionOptions, ReconstructionOutput, consistency_text
+
+    assert "--guidance" not in ReconstructionOptions().engine_arguments()
+    args = ReconstructionOptions(guidance=0.5).engine_arguments()
+    assert args[args.index("--guidance") + 1] == "0.5"
+    with pytest.raises(XctDiffError, match="guidance must be between 0"):
+        ReconstructionOptions(guidance=2.0)
+    output = ReconstructionOutput(None, None, 0.94, "cpu", {}, unguided_consistency=0.85)
+    assert consistency_text(output) == "0.940 (0.850 before guidance)"
+
+
+# ----------------------------------------------------------------------------- plausibility (runs first)
+
+
+def test_the_plausibility_check_flags_negatives_and_photographs_but_not_chest_films():
+    """(Laterals: 17 of the 19 shared CTs' lateral DRRs are flagged, not the sample CT's: see plausibility.py.)"""
+    from skimage import data
+
+    from XctDiffCore.drr import drr_of_volume
+    from XctDiffCore.io import read_ct
+    from XctDiffCore.plausibility import film_problems
+    from XctDiffCore.preprocess import preprocess_ct, preprocess_radiograph
+    from conftest import SAMPLE_CT
+
+    real = preprocess_radiograph(read_radiograph(SAMPLE_RADIOGRAPH).image, 128)
+    ct = preprocess_ct(read_ct(SAMPLE_CT))
+    drr = drr_of_volume(ct)
+    assert film_problems(real) == [] and film_problems(drr) == []
+    for name, image in {"negative": 1.0 - real, "negative DRR": 1.0 - drr,
+                        "photograph": data.camera().astype(np.float32) / 255.0}.items():
+        problems = film_problems(preprocess_radiograph(image, 128))
+        assert len(problems) == 1 and "does not look like a frontal chest radiograph" in problems[0], name
+
+
+def test_an_implausible_film_warns_is_refused_with_strict_and_is_never_guided(pipe, film, monkeypatch):
+    from XctDiffCore.io import Radiograph
+    from XctDiffCore.plausibility import PlausibilityWarning
+
+    monkeypatch.setattr(pipeline_module, "MIN_UNGUIDED_CONSISTENCY", 0.0)
+    negative = Radiograph(film.image.max() - film.image, film.spacing, False, "negative")
+    with pytest.warns(PlausibilityWarning, match="may be inverted"):
+        with pytest.warns(GuidanceWarning, match="failed the plausibility check"):
+            result = pipe.reconstruct(negative, method="direct", device="cpu", guidance=1.0)
+    assert result.guidance == 0.0 and len(result.warnings) == 2 and result.summary()["warnings"] == result.warnings
+    with pytest.raises(XctDiffError, match="refused: strict"):
+        pipe.reconstruct(negative, method="direct", device="cpu", strict=True)
