@@ -8,6 +8,7 @@ the pipeline's targets are beside :func:`benchmark_pipeline`.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -154,7 +155,8 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
                     runs[name].append(result.timings.get(key, 0.0))
     settings = {"model": pipe.info.model_id, "volume": f"{pipe.info.volume_size}^3", "method": method,
                 "steps": result.steps, "sampler": pipe.info.sampler if method == "diffusion" else None,
-                "samples": samples, "guidance": guidance or None, **_peak_memory(dev)}
+                "samples": samples, "guidance": guidance or None, "threads": torch.get_num_threads(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), **_peak_memory(dev)}
     return [BenchmarkResult(name, str(dev), settings if name == "total" else {}, seconds) for name, seconds in runs.items()]
 
 

@@ -332,6 +332,12 @@ def add_reconstruct_command(subparsers):
 def _run_reconstruct(args) -> int:
     from .reconstruct_job import run_reconstruct
 
+    if os.path.isdir(args.input) and "torch" not in sys.modules:  # only before torch starts its threads
+        from .threads import shared_machine_environment
+
+        # a batch shares the machine for long: threads that sleep at barriers, a core left free
+        os.environ.update(shared_machine_environment(os.environ))
+
     return run_reconstruct(
         args.input, args.output, model=args.model, steps=args.steps, samples=args.samples, seed=args.seed,
         device=args.device, style=args.style, views=args.views, uncertainty=args.uncertainty,

@@ -23,24 +23,40 @@ STYLE_WEIGHTS = "style.safetensors"  # with style.json beside it: written by tra
 
 
 def load_style_generator(path, device="cpu"):
-    """A model folder or a ``style.safetensors`` file (``style.json`` beside it) -> (real -> DRR generator in eval mode, image size)."""
-    from safetensors.torch import load_file
+    """A model folder or a ``style.safetensors`` file (``style.json`` beside it) -> (real -> DRR generator in eval mode, image size).
 
+    A model folder (with ``manifest.json``) is verified like any model: its style files must match their
+    SHA-256 and lie inside the folder, and the bytes that were hashed are the bytes deserialised. A bare
+    file (or a run's stage folder, which has no manifest) has no checksum to meet: it is read once and
+    those bytes are loaded, so it cannot change between the read and the load.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    from .model_folder import MANIFEST_NAME, read_manifest, verify_checksums
     from .models.cyclegan import ResnetGenerator
 
     path = Path(path)
-    weights = path / STYLE_WEIGHTS if path.is_dir() else path
-    config_path = weights.with_suffix(".json")
-    if not weights.is_file():
-        raise XctDiffError(f"no style weights at {weights} (train them with `xctdiff train style`)")
-    if not config_path.is_file():
-        raise XctDiffError(f"style weights {weights.name} have no {config_path.name} beside them")
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        manifest = read_manifest(path, required=("style",))
+        record = manifest["stages"]["style"]
+        contents = verify_checksums(path, manifest)
+        weights, config_path = path / record["weights"], path / record["config"]
+        weight_bytes, config_bytes = contents[record["weights"]], contents[record["config"]]
+    else:
+        weights = path / STYLE_WEIGHTS if path.is_dir() else path
+        config_path = weights.with_suffix(".json")
+        if not weights.is_file():
+            raise XctDiffError(f"no style weights at {weights} (train them with `xctdiff train style`)")
+        if not config_path.is_file():
+            raise XctDiffError(f"style weights {weights.name} have no {config_path.name} beside them")
+        weight_bytes, config_bytes = weights.read_bytes(), config_path.read_bytes()
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = json.loads(config_bytes.decode("utf-8"))
         generator = ResnetGenerator(**config["model"])
-        generator.load_state_dict(load_file(str(weights)))
+        generator.load_state_dict(load_safetensors(weight_bytes))
         image_size = int(config["image_size"])
-    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+    except (KeyError, TypeError, RuntimeError, ValueError, UnicodeDecodeError, SafetensorError) as exc:
         raise XctDiffError(f"{weights} is not a style generator matching {config_path.name}: {exc}") from None
     return generator.float().to(device).eval(), image_size
 

@@ -41,9 +41,21 @@ _put_engine_on_path()
 
 from XctDiffCore.errors import XctDiffError  # noqa: E402
 from XctDiffSlicerLib import dependencies, device_probe, mrml_bridge  # noqa: E402
-from XctDiffSlicerLib.logic import ReconstructionLogic, ReconstructionOptions, consistency_text  # noqa: E402
+from XctDiffSlicerLib.logic import (  # noqa: E402
+    ReconstructionLogic,
+    ReconstructionOptions,
+    consistency_text,
+    core_parent_folder,
+)
 from XctDiffSlicerLib.models import choose_model  # noqa: E402
-from XctDiffSlicerLib.process import ChildProcess, Finished, LogLine, Progress, python_executable  # noqa: E402
+from XctDiffSlicerLib.process import (  # noqa: E402
+    ChildProcess,
+    Finished,
+    LogLine,
+    Progress,
+    engine_environment,
+    python_executable,
+)
 
 POLL_INTERVAL_MS = 100
 # Labels shown for the parameter node's choices (the values are the engine's own names).
@@ -131,7 +143,9 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         if self._deviceProbe is None:
             probe = Path(device_probe.__file__)
-            self._deviceProbe = ChildProcess([python_executable(), str(probe)]).start()
+            # with the engine on its path: the probe asks the engine's own device check (one verdict)
+            self._deviceProbe = ChildProcess([python_executable(), str(probe)],
+                                             env=engine_environment(core_parent_folder())).start()
             self._timer.start()
 
     def exit(self) -> None:

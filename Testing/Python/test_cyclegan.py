@@ -137,3 +137,21 @@ def test_should_apply_style_rule(style, is_drr, expected):
 def test_should_apply_style_rejects_unknown_choice():
     with pytest.raises(XctDiffError, match="auto, on, off"):
         should_apply_style("yes", SimpleNamespace(is_drr=False))
+
+
+def test_a_model_folders_style_stage_is_verified_before_it_is_loaded(tmp_path):
+    from XctDiffCore.model_folder import create_random_model
+
+    folder = create_random_model(tmp_path / "model", "tiny", with_style=True)
+    generator, size = load_style_generator(folder)
+    assert size > 0 and not generator.training
+    weights = folder / "style.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(XctDiffError, match="does not match its SHA-256"):
+        load_style_generator(folder)
+    (tmp_path / "bare.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "bare.json").write_text('{"image_size": 32, "model": {}}')
+    with pytest.raises(XctDiffError, match="not a style generator"):
+        load_style_generator(tmp_path / "bare.safetensors")

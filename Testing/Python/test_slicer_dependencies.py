@@ -98,13 +98,19 @@ def test_model_choice(tmp_path):
 
 
 def test_device_probe_runs_torch_in_a_child_and_explains_a_missing_gpu():
-    done = subprocess.run([sys.executable, device_probe.__file__], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
+    from XctDiffSlicerLib.logic import core_parent_folder
+    from XctDiffSlicerLib.process import engine_environment
+
+    done = subprocess.run([sys.executable, device_probe.__file__], capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", timeout=120, env=engine_environment(core_parent_folder()))
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout.strip().splitlines()[-1])
     import torch
 
     assert info["torch"] == torch.__version__
-    assert info["cuda"] == torch.cuda.is_available()
+    from XctDiffCore.device import cuda_problem
+
+    assert info["cuda"] == (torch.cuda.is_available() and cuda_problem(0) is None)  # the engine's verdict
     line = device_probe.describe_device(info, "auto")
     if info["cuda"]:
         assert line.startswith("GPU 0: ")
@@ -121,6 +127,11 @@ def test_device_probe_runs_torch_in_a_child_and_explains_a_missing_gpu():
         ({"torch": "2.13.0+cpu", "cuda": False, "gpus": [], "reason": "PyTorch 2.13.0+cpu is a CPU-only build"},
          "cuda", "No GPU: PyTorch 2.13.0+cpu is a CPU-only build"),
         ({"torch": None, "cuda": False, "gpus": [], "reason": "PyTorch is not installed (x)"}, "auto", "PyTorch is not installed (x)"),
+        # the engine's verdict per GPU (too old, too small) wins over "torch sees a GPU"
+        ({"torch": "2.13.0", "cuda": False, "gpus": ["K80"], "problems": ["GPU 0 (K80) is too old"], "reason": "GPU 0 (K80) is too old"},
+         "auto", "CPU, slow: no GPU (GPU 0 (K80) is too old)"),
+        ({"torch": "2.13.0", "cuda": True, "gpus": ["A", "B"], "problems": [None, "GPU 1 (B) has 2.0 GiB"], "reason": ""},
+         "cuda:1", "No GPU: GPU 1 (B) has 2.0 GiB"),
     ],
 )
 def test_describe_device(info, device, expected):

@@ -158,6 +158,18 @@ def test_engine_environment_puts_the_engine_first_on_the_path():
     assert env["PYTHONUNBUFFERED"] == "1" and env["X"] == "1"
 
 
+def test_the_child_threads_sleep_and_leave_the_gui_a_core_unless_the_user_says_otherwise():
+    from XctDiffCore.threads import describe_policy, shared_machine_environment, shared_machine_threads
+
+    env = engine_environment("/opt/engine", base={})
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["OMP_NUM_THREADS"] == str(shared_machine_threads())
+    assert [shared_machine_threads(n) for n in (1, 2, 16)] == [1, 1, 15]
+    mine = engine_environment("/opt/engine", base={"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "8"})
+    assert (mine["OMP_WAIT_POLICY"], mine["OMP_NUM_THREADS"]) == ("ACTIVE", "8")
+    assert shared_machine_environment({}, cores=4)["OMP_NUM_THREADS"] == "3"
+    assert describe_policy({"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "3"}) == "OMP_WAIT_POLICY=PASSIVE, OMP_NUM_THREADS=3"
+
+
 # --- the runner with a real child -----------------------------------------------------------------
 
 

@@ -8,18 +8,26 @@ import sys
 
 
 def probe() -> dict:
+    """torch's version, the GPUs and, per GPU, the engine's own verdict (``XctDiffCore.device.cuda_problem``:
+    driver, compute capability, memory), so that the panel never says "GPU" where the engine would use the CPU."""
     try:
         import torch
     except ImportError as exc:
         return {"torch": None, "cuda": False, "gpus": [], "reason": f"PyTorch is not installed ({exc})"}
-    info = {"torch": torch.__version__, "cuda": False, "gpus": [], "reason": ""}
+    info = {"torch": torch.__version__, "cuda": False, "gpus": [], "problems": [], "reason": ""}
+    try:
+        from XctDiffCore.device import cuda_problem  # the child has the engine on its path
+    except ImportError:  # an engine that cannot be imported will say why when it runs; judge by torch alone
+        cuda_problem = None
     if torch.version.cuda is None:
         info["reason"] = f"PyTorch {torch.__version__} is a CPU-only build"
     elif not torch.cuda.is_available():
         info["reason"] = f"PyTorch {torch.__version__} (CUDA {torch.version.cuda}) found no usable GPU or driver"
     else:
-        info["cuda"] = True
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["problems"] = [cuda_problem(i) if cuda_problem else None for i in range(len(info["gpus"]))]
+        info["cuda"] = bool(info["gpus"]) and info["problems"][0] is None
+        info["reason"] = "" if info["cuda"] else (info["problems"][0] if info["problems"] else "no GPU found")
     return info
 
 
@@ -31,9 +39,13 @@ def describe_device(info: dict, device: str) -> str:
     if device == "cpu":
         return f"CPU (PyTorch {info['torch']})"
     index = int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
-    if info.get("cuda") and index < len(gpus):
+    problems = info.get("problems") or [None] * len(gpus)
+    if index < len(gpus) and problems[index] is None:
         return f"GPU {index}: {gpus[index]} (PyTorch {info['torch']})"
-    reason = info.get("reason") or f"GPU {index} does not exist ({len(gpus)} found)"
+    if index < len(gpus) and problems[index]:
+        reason = problems[index]  # the engine's verdict on that GPU: too old, too small
+    else:
+        reason = info.get("reason") or f"GPU {index} does not exist ({len(gpus)} found)"
     if device == "auto":
         return f"CPU, slow: no GPU ({reason})"
     return f"No GPU: {reason}"
