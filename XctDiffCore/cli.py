@@ -260,6 +260,8 @@ def _run_benchmark_train(args) -> int:
 
 
 def add_benchmark_pipeline_target(targets):
+    from .options import add_guidance_argument
+
     p = targets.add_parser("pipeline", help="per-stage latency and peak memory of one reconstruction")
     p.add_argument("--model", help="model folder (default: the bundled model)")
     p.add_argument("--config", help="instead of --model: random weights of this config (tiny, preview, small, paper or a path)")
@@ -267,7 +269,7 @@ def add_benchmark_pipeline_target(targets):
     p.add_argument("--samples", type=int, default=1, help="diffusion samples per reconstruction")
     p.add_argument("--method", choices=("diffusion", "direct"), default="diffusion",
                    help="the path timed: diffusion (with its per-step time) or direct (no sampler)")
-    _add_guidance_option(p)
+    add_guidance_argument(p)
     _add_benchmark_options(p, repeats=3)
     p.set_defaults(handler=_run_benchmark_pipeline)
 
@@ -287,19 +289,13 @@ BENCHMARK_TARGETS = [add_benchmark_drr_target, add_benchmark_pipeline_target, ad
 
 
 def _add_sampler_option(p):
-    from .diffusion import SAMPLERS
+    from .config import SAMPLERS  # not from .diffusion: building the parser must not import torch
 
     p.add_argument("--sampler", choices=SAMPLERS, help="diffusion sampler (default: the model's, DDIM)")
 
 
-def _add_guidance_option(p):
-    p.add_argument("--guidance", type=float, default=0.0, metavar="STRENGTH",
-                   help="data consistency: move each decoded CT until its DRR matches the film; the fraction of that "
-                   "correction applied, 0 (off, default) to 1 (about +10 s on a 2-core CPU)")
-
-
 def add_reconstruct_command(subparsers):
-    from .config import METHODS
+    from .options import ReconstructOptions
 
     p = subparsers.add_parser("reconstruct", help="radiograph (file, or folder of files) -> 3D CT")
     p.add_argument("input", help="radiograph (.png, .jpg, .dcm, 2D .nrrd, ...) or a folder of them (batch; torchrun splits it)")
@@ -307,42 +303,28 @@ def add_reconstruct_command(subparsers):
                                           "for a folder: a folder (default <folder>_ct). Existing files there are "
                                           "replaced; an output that is an input (or another output) is refused")
     p.add_argument("--model", help="model folder with manifest.json (default: the bundled model)")
-    p.add_argument("--steps", type=int, help="sampler steps of the diffusion (default: the model's; the direct method has none)")
-    p.add_argument("--samples", type=int, default=1, help="samples averaged into the CT (default 1); 2 or more choose the "
-                   "diffusion method (whatever the model's default) and allow --uncertainty")
-    p.add_argument("--seed", type=int, help="random seed (default: random; the summary line and RESULT report it)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when usable, else CPU), cpu, cuda or cuda:N")
-    p.add_argument("--style", choices=("auto", "on", "off"), default="auto",
-                   help="real -> DRR style transfer: auto = on for real films, off for DRRs")
+    ReconstructOptions.add_arguments(p)  # --steps, --samples, --seed, --device, --style, --method, --sampler, ...
     p.add_argument("--views", metavar="PNG", help="also write an overview PNG (input, DRR of the result, CT slices)")
     p.add_argument("--uncertainty", metavar="OUT", help="also write the voxel-wise std over the samples (needs --samples >= 2)")
     p.add_argument("--progress-lines", action="store_true", help="print PROGRESS/RESULT lines on stdout (PROTOCOL.md)")
     p.add_argument("--no-cpu-fallback", action="store_true", help="fail on CUDA out-of-memory instead of continuing on the CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the diffusion UNet (pays off for folders)")
-    _add_sampler_option(p)
-    p.add_argument("--method", choices=METHODS,
-                   help="diffusion (XctDiff), or direct: encoder prior decoded without diffusion (default: the model's)")
-    _add_guidance_option(p)
-    p.add_argument("--strict", action="store_true",
-                   help="refuse a film that fails the plausibility check (inverted, lateral, not a chest) instead of "
-                   "warning; in a folder it is skipped and counted")
     p.set_defaults(handler=_run_reconstruct)
 
 
 def _run_reconstruct(args) -> int:
+    from .options import ReconstructOptions
     from .reconstruct_job import run_reconstruct
 
+    options = ReconstructOptions.from_args(args)  # checked here, before anything is loaded
     if os.path.isdir(args.input) and "torch" not in sys.modules:  # only before torch starts its threads
         from .threads import shared_machine_environment
 
         # a batch shares the machine for long: threads that sleep at barriers, a core left free
         os.environ.update(shared_machine_environment(os.environ))
-
     return run_reconstruct(
-        args.input, args.output, model=args.model, steps=args.steps, samples=args.samples, seed=args.seed,
-        device=args.device, style=args.style, views=args.views, uncertainty=args.uncertainty,
+        args.input, args.output, model=args.model, options=options, views=args.views, uncertainty=args.uncertainty,
         progress_lines=args.progress_lines, cpu_fallback=not args.no_cpu_fallback, compile=args.compile,
-        sampler=args.sampler, method=args.method, guidance=args.guidance, strict=args.strict,
     )
 
 

@@ -27,6 +27,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 STAGES = ("autoencoder", "encoder", "diffusion", "style")
 PRECISIONS = ("bf16", "fp16", "fp32")
 PREDICTIONS = ("epsilon", "v")  # what the diffusion UNet outputs (see XctDiffCore.diffusion.NoiseSchedule)
+SAMPLERS = ("ddim", "dpm-solver++")  # diffusion samplers (XctDiffCore.diffusion); here, torch-free, for the CLI's parser
 METHODS = ("diffusion", "direct")  # reconstruction paths; direct: the encoder's prior decoded without diffusion
 
 

@@ -45,12 +45,13 @@ def run_demo(out_dir, model=None) -> dict:
         except XctDiffError:
             out_dir.mkdir(parents=True, exist_ok=True)
             return render_sample_drr(out_dir)
+    from .options import ReconstructOptions
     from .reconstruct_job import run_reconstruct
 
     out_dir.mkdir(parents=True, exist_ok=True)
     radiograph = sample_path(SAMPLE_RADIOGRAPH_NAME)
     paths = {"ct": out_dir / f"{radiograph.stem}_ct.nrrd", "views": out_dir / f"{radiograph.stem}_views.png"}
-    run_reconstruct(radiograph, paths["ct"], model=model, seed=0, views=paths["views"])
+    run_reconstruct(radiograph, paths["ct"], model=model, options=ReconstructOptions(seed=0), views=paths["views"])
     print(f"wrote the reconstruction of {radiograph.name} to {paths['ct']} and its views to {paths['views']}")
     return paths
 

@@ -39,11 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PREDICTIONS
+from .config import PREDICTIONS, SAMPLERS
 from .errors import XctDiffError
 
 Sampler = Literal["ddim", "dpm-solver++"]
-SAMPLERS: tuple[str, ...] = ("ddim", "dpm-solver++")
 
 # A denoiser: model(x_t (B,C,D,H,W), t (B,) long, cond) -> eps (or v, see NoiseSchedule) (B,C,D,H,W).
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

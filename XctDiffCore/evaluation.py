@@ -219,7 +219,7 @@ def evaluate(
     """Run the protocol of the module docstring; write the outputs; return the summary (method -> metric -> mean/std)."""
     from tqdm import tqdm
 
-    from .guidance import check_strength
+    from .options import check_guidance
     from .io import Radiograph
     from .metrics import BONE_HU, LUNG_HU, volume_scores
     from .models.lpips import LPIPS
@@ -232,7 +232,7 @@ def evaluate(
         raise XctDiffError(f"--max-cases must be at least 1, got {max_cases}")
     if knn < 0:
         raise XctDiffError(f"--knn must be 0 (off) or more, got {knn}")
-    guidance = check_strength(guidance)
+    guidance = check_guidance(guidance)
     if not out_dir.parent.is_dir():
         raise XctDiffError(f"output folder does not exist: {out_dir.parent}")
     out_dir.mkdir(exist_ok=True)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .diffusion import Cancelled
 from .drr import Geometry, normalize_drr, render_drr
-from .errors import XctDiffError
+from .options import check_guidance
 
 ITERATIONS = 30  # Adam steps on u (measured: 20 already reach most of the gain, 60 add ~0.05 consistency)
 LEARNING_RATE = 0.05  # Adam's step on u, in units of STEP_HU * density
@@ -46,22 +46,10 @@ STEP_HU = 100.0  # the scale of w: one unit of u moves water by 100 HU
 PRIOR = 1e-4  # weight of mean(u^2): keeps the correction small where the film says little
 HU_RANGE = (-1024.0, 3071.0)  # what an int16 CT of a scanner holds
 MIN_UNGUIDED_CONSISTENCY = 0.5  # below: the film does not look like the model's input; guidance is skipped
-MAX_STRENGTH = 1.0
 
 
 class GuidanceWarning(UserWarning):
     """Guidance was asked for but skipped (the film disagrees grossly with the model's reconstruction)."""
-
-
-def check_strength(strength) -> float:
-    """``strength`` as a float in [0, 1], or an :class:`XctDiffError` naming the range."""
-    try:
-        value = float(strength)
-    except (TypeError, ValueError):
-        raise XctDiffError(f"guidance must be a number between 0 (off) and {MAX_STRENGTH:g}, got {strength!r}") from None
-    if not 0.0 <= value <= MAX_STRENGTH:  # NaN fails this too
-        raise XctDiffError(f"guidance must be between 0 (off) and {MAX_STRENGTH:g}, got {strength!r}")
-    return value
 
 
 def film_drr(volume_hu: torch.Tensor, geometry: Geometry, film_size: int, render_size: int = 128,
@@ -82,7 +70,7 @@ def guide_to_film(volume_hu: torch.Tensor, film01: torch.Tensor, geometry: Geome
 
     Raises :class:`~XctDiffCore.diffusion.Cancelled` between iterations when ``cancel`` is set.
     """
-    strength = check_strength(strength)
+    strength = check_guidance(strength)
     if strength == 0.0 or iterations <= 0:
         return volume_hu.float()
     with torch.inference_mode(False), torch.enable_grad():

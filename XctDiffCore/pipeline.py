@@ -52,6 +52,7 @@ raising :class:`~XctDiffCore.diffusion.Cancelled`; nothing is written then.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import secrets
 import threading
 import time
@@ -64,17 +65,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import METHODS
 from .diffusion import Cancelled
 from .errors import XctDiffError
 from .guidance import MIN_UNGUIDED_CONSISTENCY, GuidanceWarning
+from .options import MAX_SAMPLES, MethodWarning, ReconstructOptions  # noqa: F401 (re-exported)
 from .io import Radiograph
 from .model_folder import FIELD_OF_VIEW_MM, PREPARED_SIZE, ModelFolder, ModelInfo
 from .volume import Volume
 
 ProgressCallback = Callable[[float, str], None]
 Method = Literal["diffusion", "direct"]
-MAX_SAMPLES = 64
 OUTPUT_SIZE = PREPARED_SIZE  # result.ct: 128^3 voxels of FIELD_OF_VIEW_MM / 128 = 2.5 mm, whatever the model's grid
 
 # Where each stage ends on the progress scale (sampling takes the most time by far).
@@ -83,21 +83,8 @@ STAGE_END = {"preprocessing": 0.02, "style transfer": 0.04, "encoding": 0.07, "s
 DIRECT_STAGE_END = {**STAGE_END, "encoding": 0.10, "sampling": 0.10, "decoding": 0.85}
 
 
-class MethodWarning(UserWarning):
-    """A setting that the chosen method does not use (steps or sampler with the direct method)."""
-
-
 class StyleWarning(UserWarning):
     """A real radiograph goes into a model without a style stage."""
-
-
-def default_method(model_default: str, samples: int) -> str:
-    """The path a call without ``method`` takes: the model's default, but diffusion for ``samples >= 2``.
-
-    Several samples (and their uncertainty map) exist only on the diffusion path, so asking for them
-    chooses it even when the model's default is the deterministic direct path.
-    """
-    return "diffusion" if samples > 1 else model_default
 
 
 @dataclass
@@ -216,49 +203,33 @@ class XctDiffPipeline:
         cpu_fallback: bool = True,
         guidance: float = 0.0,
         strict: bool = False,
+        options: Optional[ReconstructOptions] = None,
     ) -> Reconstruction:
         """Reconstruct a CT from one frontal radiograph (see the module docstring for every argument's effect).
+
+        The settings are those of :class:`~XctDiffCore.options.ReconstructOptions` (defined and checked
+        there), given as keywords or as ``options``.
 
         Raises :class:`XctDiffError` for bad input or settings, :class:`Cancelled` when ``cancel`` is set.
         """
         from .device import choose_device, run_with_cpu_fallback
-        from .guidance import check_strength
-        from .style import STYLE_CHOICES
 
-        unused = [name for name, value in (("steps", steps), ("sampler", sampler)) if value is not None]
-        steps = self.info.steps if steps is None else int(steps)
-        if not 1 <= steps <= self.schedule.num_train_steps:
-            raise XctDiffError(f"steps must be between 1 and {self.schedule.num_train_steps}, got {steps}")
-        samples = int(samples)
-        if not 1 <= samples <= MAX_SAMPLES:
-            raise XctDiffError(f"samples must be between 1 and {MAX_SAMPLES}, got {samples}")
-        if style not in STYLE_CHOICES:
-            raise XctDiffError(f"style must be one of {', '.join(STYLE_CHOICES)}, got {style!r}")
-        method = default_method(self.info.method, samples) if method is None else method
-        if method not in METHODS:
-            raise XctDiffError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-        if method == "direct" and samples > 1:
-            raise XctDiffError(f"the direct method makes one deterministic CT, not {samples} samples: "
-                               "use method='diffusion' (--method diffusion) for several")
-        if method == "direct" and unused:
-            warnings.warn(f"the direct method does not sample: the {' and '.join(unused)} given "
-                          f"{'is' if len(unused) == 1 else 'are'} ignored (--method diffusion uses them)",
-                          MethodWarning, stacklevel=2)
-        from .diffusion import SAMPLERS
-
-        sampler = self.info.sampler if sampler is None else sampler
-        if sampler not in SAMPLERS:
-            raise XctDiffError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-        guidance = check_strength(guidance)
-        seed = secrets.randbits(31) if seed is None else int(seed)
-        if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
-            raise XctDiffError(f"seed must fit in 64 bits, got {seed}")
+        given = ReconstructOptions(steps=steps, samples=samples, seed=seed, device=device, style=style, method=method,
+                                   sampler=sampler, guidance=guidance, strict=strict)
+        if options is not None:
+            if given != ReconstructOptions():
+                raise XctDiffError("give the settings either as options=ReconstructOptions(...) or as keywords, not both")
+            given = options
+        run = given.for_model(self.info.method, self.info.sampler, self.info.steps, self.schedule.num_train_steps)
+        steps, samples, style, method, sampler, guidance, strict = (
+            run.steps, run.samples, run.style, run.method, run.sampler, run.guidance, run.strict)
+        seed = secrets.randbits(31) if run.seed is None else run.seed
         reporter = _Progress(progress)
         reporter.report(0.0, "reading")
         start = time.perf_counter()
         radiograph = as_radiograph(radiograph)
         read_seconds = time.perf_counter() - start
-        target = choose_device(device)
+        target = choose_device(run.device)
         result = run_with_cpu_fallback(
             lambda dev: self._reconstruct_on(dev, radiograph, steps, samples, seed, style, method, sampler,
                                              reporter, cancel, guidance, strict),
@@ -553,17 +524,23 @@ def reconstruct_file(
     """Reconstruct one radiograph file and write the CT (and the uncertainty, the views PNG), atomically.
 
     Output paths are checked before the (long) reconstruction; nothing is written when it fails or
-    is cancelled. ``options`` go to :meth:`XctDiffPipeline.reconstruct`. Returns (result, written paths).
+    is cancelled. ``options`` go to :meth:`XctDiffPipeline.reconstruct` (the settings as ``options=``
+    :class:`~XctDiffCore.options.ReconstructOptions` or as keywords). Returns (result, written paths).
     """
     from .atomic import check_output_path
     from .io import write_volume
 
+    settings = options.pop("options", None)
+    if settings is None:  # the settings given as keywords
+        names = {f.name for f in dataclasses.fields(ReconstructOptions)}
+        settings = ReconstructOptions(**{name: options.pop(name) for name in list(options) if name in names})
+    options["options"] = settings
     output = check_volume_output(default_output_path(input_path) if output is None else output)
     if uncertainty is not None:
         uncertainty = check_volume_output(uncertainty)
-        if int(options.get("samples", 1)) < 2:
+        if settings.samples < 2:
             raise XctDiffError("an uncertainty map needs --samples 2 or more")
-        if options.get("method") == "direct":  # the direct path makes one CT: no std
+        if settings.method == "direct":  # the direct path makes one CT: no std
             raise XctDiffError("an uncertainty map needs the diffusion method (method='direct' makes one CT)")
     if views is not None:
         views = check_output_path(views)

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import XctDiffError
+from .options import ReconstructOptions
 
 # Fractions of the whole command: loading the model, then the pipeline, then writing the files.
 LOADED, WRITING = 0.05, 0.95
@@ -178,31 +180,22 @@ def run_reconstruct(
     input_path,
     output=None,
     model=None,
-    steps: Optional[int] = None,
-    samples: int = 1,
-    seed: Optional[int] = None,
-    device: str = "auto",
-    style: str = "auto",
+    options: Optional[ReconstructOptions] = None,
     views=None,
     uncertainty=None,
     progress_lines: bool = False,
     cpu_fallback: bool = True,
     compile: bool = False,
-    sampler: Optional[str] = None,
-    method: Optional[str] = None,
-    guidance: float = 0.0,
-    strict: bool = False,
 ) -> int:
     """The ``xctdiff reconstruct`` command; returns the exit status (errors raise :class:`XctDiffError`)."""
     from .device import torchrun_rank
     from .pipeline import XctDiffPipeline, check_volume_output, default_output_path, reconstruct_file
 
-    from .guidance import check_strength
-
+    options = ReconstructOptions() if options is None else options  # checked when made: before the model loads
+    device = options.device
     input_path = Path(input_path)
     if not input_path.exists():
         raise XctDiffError(f"file not found: {input_path}")
-    guidance = check_strength(guidance)  # before the model loads
     rank, world_size, local_rank = torchrun_rank()
     jobs = []  # (input, output, uncertainty, views)
     if input_path.is_dir():
@@ -255,9 +248,8 @@ def run_reconstruct(
                 start = time.perf_counter()
                 try:
                     result, written = reconstruct_file(
-                        pipe, source, out, uncertainty=unc, views=view, steps=steps, samples=samples, seed=seed,
-                        device=device, style=style, progress=display.scaled(low, high), cpu_fallback=cpu_fallback,
-                        sampler=sampler, method=method, guidance=guidance, strict=strict,
+                        pipe, source, out, uncertainty=unc, views=view, options=dataclasses.replace(options, device=device),
+                        progress=display.scaled(low, high), cpu_fallback=cpu_fallback,
                     )
                 except XctDiffError as exc:
                     if len(jobs) == 1:

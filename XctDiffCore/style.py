@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from .errors import XctDiffError
+from .options import STYLE_CHOICES
 
-STYLE_CHOICES = ("auto", "on", "off")
 STYLE_WEIGHTS = "style.safetensors"  # with style.json beside it: written by training.common.export_stage
 
 

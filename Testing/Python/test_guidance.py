@@ -15,11 +15,12 @@ from XctDiffCore.cli import main
 from XctDiffCore.diffusion import Cancelled
 from XctDiffCore.drr import ConeGeometry
 from XctDiffCore.errors import XctDiffError
-from XctDiffCore.guidance import GuidanceWarning, check_strength, film_drr, guide_to_film
+from XctDiffCore.guidance import GuidanceWarning, film_drr, guide_to_film
 from XctDiffCore.io import read_radiograph
 from XctDiffCore.layout import ct_to_model_layout
 from XctDiffCore.metrics import ssim_2d
 from XctDiffCore.model_folder import create_random_model
+from XctDiffCore.options import check_guidance
 from XctDiffCore.pipeline import XctDiffPipeline
 
 GEOMETRY = ConeGeometry()
@@ -95,8 +96,8 @@ def test_cancel_stops_the_guidance(case):
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "strong", None])
 def test_strength_out_of_range_is_a_readable_error(bad):
     with pytest.raises(XctDiffError, match="guidance must be"):
-        check_strength(bad)
-    assert check_strength("0.25") == 0.25
+        check_guidance(bad)
+    assert check_guidance("0.25") == 0.25
 
 
 # ----------------------------------------------------------------------------- pipeline, CLI, Slicer

@@ -259,7 +259,7 @@ def test_sampler_choice(pipe, film):
     "options, words",
     [
         ({"method": "unet-only"}, "method must be one of"),
-        ({"steps": 0}, "steps must be between 1 and 1000"),
+        ({"steps": 0}, "steps must be at least 1"),
         ({"steps": 1001}, "steps must be between 1 and 1000"),
         ({"style": "sometimes"}, "style must be one of"),
         ({"device": "tpu"}, "unknown device"),
@@ -480,3 +480,34 @@ def test_reconstruct_file_default_output_and_all_files(pipe, tmp_path):
     assert written == [tmp_path / "chest_ct.nrrd", tmp_path / "std.nii.gz", tmp_path / "views.png"]
     assert listing(tmp_path) == ["chest.dcm", "chest_ct.nrrd", "std.nii.gz", "views.png"]
     assert result.timings["write"] > 0
+
+
+def test_a_reconstruction_through_the_python_api_loads_no_training_code(model_dir):
+    """Inference must not depend on training (issue 16): a fresh process reconstructs, then lists what it imported."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, warnings; warnings.simplefilter('ignore')\n"
+        "from XctDiffCore.pipeline import XctDiffPipeline\n"
+        f"pipe = XctDiffPipeline.from_pretrained({str(model_dir)!r})\n"
+        f"pipe.reconstruct({str(SAMPLE_RADIOGRAPH)!r}, steps=1, seed=0, device='cpu', guidance=0.5)\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('XctDiffCore'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    loaded = done.stdout.split()
+    assert "XctDiffCore.pipeline" in loaded and "XctDiffCore.guidance" in loaded
+    assert [m for m in loaded if m.startswith(("XctDiffCore.training", "XctDiffCore.losses", "XctDiffCore.augment"))] == []
+
+
+def test_settings_come_as_options_or_as_keywords(pipe, film):
+    from XctDiffCore.options import ReconstructOptions
+
+    by_keywords = pipe.reconstruct(film, method="direct", device="cpu", style="off")
+    by_options = pipe.reconstruct(film, options=ReconstructOptions(method="direct", device="cpu", style="off"))
+    np.testing.assert_array_equal(by_keywords.ct.array, by_options.ct.array)
+    with pytest.raises(XctDiffError, match="not both"):
+        pipe.reconstruct(film, samples=2, options=ReconstructOptions())
+    with pytest.raises(XctDiffError, match="samples must be a whole number"):
+        ReconstructOptions(samples=1.5)

@@ -647,3 +647,32 @@ def test_help_lists_the_main_job_first_and_shows_defaults(capsys):
                     assert "default" in shown, f"{name} {action.option_strings[0]} does not show its default"
     samples = subcommands["reconstruct"]._option_string_actions["--samples"].help
     assert "2 or more choose the diffusion" in samples
+
+
+def test_help_and_inspect_start_without_torch():
+    """`--help` and `inspect` must start fast (issue 20): importing torch alone takes ~2 s on a 2-core CPU."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom XctDiffCore.cli import build_parser, main\nbuild_parser()\n"
+              f"main(['inspect', {str(SAMPLE_RADIOGRAPH)!r}])\nprint('torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_the_options_have_one_definition_from_parser_to_protocol():
+    """ReconstructOptions -> argv -> the CLI's parser -> the same options; PROTOCOL.md names every flag (issue 16)."""
+    from conftest import REPO
+
+    from XctDiffCore.cli import build_parser
+    from XctDiffCore.options import ReconstructOptions
+
+    options = ReconstructOptions(steps=7, samples=2, seed=5, device="cpu", style="off", method="diffusion",
+                                 sampler="dpm-solver++", guidance=0.5, strict=True)
+    args = build_parser().parse_args(["reconstruct", "in.png", *options.to_argv()])
+    assert ReconstructOptions.from_args(args) == options
+    assert ReconstructOptions.from_args(build_parser().parse_args(["reconstruct", "in.png"])) == ReconstructOptions()
+    protocol = (REPO / "XctDiffSlicer" / "XctDiffSlicerLib" / "PROTOCOL.md").read_text(encoding="utf-8")
+    for flag in (a for a in options.to_argv() if a.startswith("--")):
+        assert f"| `{flag}" in protocol, flag

@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from XctDiffCore.config import METHODS as ENGINE_METHODS
 from XctDiffCore.errors import XctDiffError
+from XctDiffCore.options import ReconstructOptions
 
 from . import mrml_bridge
 from .models import ModelChoice, choose_model
 from .process import ChildProcess, Finished, Progress, engine_environment, python_executable
 
-DEVICES = ("auto", "cpu", "cuda")
-STYLES = ("auto", "on", "off")
-METHODS = ("default", "diffusion", "direct")  # "default": the model's own (the bundled one: direct)
+METHODS = ("default", *ENGINE_METHODS)  # "default": the model's own (the bundled one: direct)
 OUTPUT_NAME = "ct.nrrd"
 UNCERTAINTY_NAME = "uncertainty.nrrd"
 
@@ -36,7 +36,12 @@ def core_parent_folder() -> str:
 
 @dataclass(frozen=True)
 class ReconstructionOptions:
-    """What the panel's parameter node holds, with the engine's names. None: the engine's default."""
+    """What the panel's parameter node holds, with the engine's names; None: the engine's default.
+
+    Everything but the model choice and the panel's "default" method is the engine's own
+    :class:`~XctDiffCore.options.ReconstructOptions`: checked there, turned into the child's
+    command line there (one definition of each option, its default and its range).
+    """
 
     steps: Optional[int] = None
     samples: int = 1
@@ -48,32 +53,17 @@ class ReconstructionOptions:
     guidance: float = 0.0  # data consistency, 0 (off) to 1 (the DRR of the result fitted to the film)
 
     def __post_init__(self):
-        if self.samples < 1:
-            raise XctDiffError(f"samples must be at least 1, got {self.samples}")
-        if self.steps is not None and self.steps < 1:
-            raise XctDiffError(f"steps must be at least 1, got {self.steps}")
-        if not (self.device in DEVICES or self.device.startswith("cuda:")):
-            raise XctDiffError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
-        if self.style not in STYLES:
-            raise XctDiffError(f"style must be one of {', '.join(STYLES)}, got {self.style!r}")
         if self.method not in METHODS:
             raise XctDiffError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.method == "direct" and self.samples > 1:
-            raise XctDiffError("the direct method makes one deterministic CT: set Samples to 1 or choose Diffusion")
-        if not 0.0 <= self.guidance <= 1.0:
-            raise XctDiffError(f"guidance must be between 0 (off) and 1, got {self.guidance}")
+        self.engine_options()  # the engine's checks, before any process starts
+
+    def engine_options(self) -> ReconstructOptions:
+        return ReconstructOptions(steps=self.steps, samples=self.samples, seed=self.seed, device=self.device,
+                                  style=self.style, method=None if self.method == "default" else self.method,
+                                  guidance=self.guidance)
 
     def engine_arguments(self) -> list:
-        args = ["--samples", str(self.samples), "--device", self.device, "--style", self.style]
-        if self.steps is not None:
-            args += ["--steps", str(self.steps)]
-        if self.seed is not None:
-            args += ["--seed", str(self.seed)]
-        if self.method != "default":
-            args += ["--method", self.method]
-        if self.guidance > 0:
-            args += ["--guidance", f"{self.guidance:g}"]
-        return args + self.model.engine_arguments()
+        return self.engine_options().to_argv() + self.model.engine_arguments()
 
 
 @dataclass

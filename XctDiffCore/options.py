@@ -1,0 +1,150 @@
+"""The settings of one reconstruction, defined, defaulted and checked in one place. Torch-free.
+
+Every front door builds a :class:`ReconstructOptions`: the command line (:meth:`add_arguments`,
+:meth:`from_args`), the Python API (:meth:`XctDiffPipeline.reconstruct` turns its keywords into
+one), the file-level job and the Slicer module, which passes it to its child process as
+:meth:`to_argv` (so the panel and the engine cannot disagree on a name, a default or a range).
+Checks that need no model happen when the object is made (:class:`XctDiffError` with one sentence);
+the one that needs the model (the number of diffusion steps it was trained with) and the defaults
+it supplies happen in :meth:`for_model`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+from .config import METHODS, SAMPLERS
+from .errors import XctDiffError
+
+MAX_SAMPLES = 64
+STYLE_CHOICES = ("auto", "on", "off")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+MAX_GUIDANCE = 1.0
+
+
+class MethodWarning(UserWarning):
+    """A setting that the chosen method does not use (steps or sampler with the direct method)."""
+
+
+@dataclass(frozen=True)
+class ReconstructOptions:
+    """One reconstruction's settings; None means "the model's default"."""
+
+    steps: Optional[int] = None  # diffusion sampler steps (the direct path has none)
+    samples: int = 1  # CTs sampled and averaged; 2 or more choose the diffusion and give an uncertainty map
+    seed: Optional[int] = None  # None: drawn at random (and reported, so the run can be repeated)
+    device: str = "auto"  # auto (CUDA when usable, else CPU), cpu, cuda, cuda:N
+    style: str = "auto"  # real -> DRR style transfer: auto = on for real films, off for DRRs
+    method: Optional[str] = None  # diffusion or direct; None: the model's default (diffusion for samples >= 2)
+    sampler: Optional[str] = None  # ddim or dpm-solver++; None: the model's default
+    guidance: float = 0.0  # data consistency, 0 (off) to 1 (XctDiffCore.guidance)
+    strict: bool = False  # refuse a film that fails the plausibility check instead of warning
+
+    def __post_init__(self):
+        for name in ("steps", "samples", "seed"):
+            self._whole_number(name)
+        if self.steps is not None and self.steps < 1:
+            raise XctDiffError(f"steps must be at least 1, got {self.steps}")
+        if not 1 <= self.samples <= MAX_SAMPLES:
+            raise XctDiffError(f"samples must be between 1 and {MAX_SAMPLES}, got {self.samples}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise XctDiffError(f"seed must fit in 64 bits, got {self.seed}")
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.match(self.device.strip().lower()):
+            raise XctDiffError(f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
+        if self.style not in STYLE_CHOICES:
+            raise XctDiffError(f"style must be one of {', '.join(STYLE_CHOICES)}, got {self.style!r}")
+        if self.method is not None and self.method not in METHODS:
+            raise XctDiffError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise XctDiffError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.method == "direct" and self.samples > 1:
+            raise XctDiffError(f"the direct method makes one deterministic CT, not {self.samples} samples: "
+                               "use method='diffusion' (--method diffusion) for several")
+        object.__setattr__(self, "guidance", check_guidance(self.guidance))
+
+    def _whole_number(self, name: str) -> None:
+        """``name`` as a Python int (numpy integers too), None where allowed, or a readable error."""
+        value = getattr(self, name)
+        if value is None and name != "samples":
+            return
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise XctDiffError(f"{name} must be a whole number, got {value!r}")
+        object.__setattr__(self, name, int(value))
+
+    # ------------------------------------------------------------------------------ with a model
+
+    def for_model(self, default_method: str, default_sampler: str, default_steps: int,
+                  num_train_steps: int) -> "ReconstructOptions":
+        """The options with the model's defaults filled in and checked against it; warns (:class:`MethodWarning`)
+        when steps or a sampler are given to the direct method, which does not use them."""
+        method = self.method or ("diffusion" if self.samples > 1 else default_method)
+        steps = default_steps if self.steps is None else self.steps
+        if not 1 <= steps <= num_train_steps:
+            raise XctDiffError(f"steps must be between 1 and {num_train_steps}, got {steps}")
+        unused = [name for name, value in (("steps", self.steps), ("sampler", self.sampler)) if value is not None]
+        if method == "direct" and unused:
+            warnings.warn(f"the direct method does not sample: the {' and '.join(unused)} given "
+                          f"{'is' if len(unused) == 1 else 'are'} ignored (--method diffusion uses them)",
+                          MethodWarning, stacklevel=3)
+        return dataclasses.replace(self, method=method, steps=steps, sampler=self.sampler or default_sampler)
+
+    # ------------------------------------------------------------------------------ command line
+
+    def to_argv(self) -> list:
+        """The ``xctdiff reconstruct`` options that give these settings (defaults left out)."""
+        argv = ["--samples", str(self.samples), "--device", self.device, "--style", self.style]
+        for flag, value in (("--steps", self.steps), ("--seed", self.seed), ("--method", self.method),
+                            ("--sampler", self.sampler)):
+            if value is not None:
+                argv += [flag, str(value)]
+        if self.guidance > 0:
+            argv += ["--guidance", f"{self.guidance:g}"]
+        if self.strict:
+            argv.append("--strict")
+        return argv
+
+    @classmethod
+    def from_args(cls, args) -> "ReconstructOptions":
+        """From the namespace of a parser that :meth:`add_arguments` filled."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        """The reconstruction options of ``xctdiff reconstruct`` (one definition: names, defaults, help)."""
+        parser.add_argument("--steps", type=int, help="sampler steps of the diffusion (default: the model's; the direct "
+                            "method has none)")
+        parser.add_argument("--samples", type=int, default=1, help="samples averaged into the CT (default 1); 2 or more "
+                            "choose the diffusion method (whatever the model's default) and allow --uncertainty")
+        parser.add_argument("--seed", type=int, help="random seed (default: random; the summary line and RESULT report it)")
+        parser.add_argument("--device", default="auto", help="auto (CUDA when usable, else CPU), cpu, cuda or cuda:N")
+        parser.add_argument("--style", choices=STYLE_CHOICES, default="auto",
+                            help="real -> DRR style transfer: auto = on for real films, off for DRRs")
+        parser.add_argument("--method", choices=METHODS, help="diffusion (XctDiff), or direct: encoder prior decoded "
+                            "without diffusion (default: the model's)")
+        parser.add_argument("--sampler", choices=SAMPLERS, help="diffusion sampler (default: the model's, DDIM)")
+        add_guidance_argument(parser)
+        parser.add_argument("--strict", action="store_true", help="refuse a film that fails the plausibility check "
+                            "(inverted, lateral, not a chest) instead of warning; in a folder it is skipped and counted")
+
+
+def add_guidance_argument(parser) -> None:
+    parser.add_argument("--guidance", type=float, default=0.0, metavar="STRENGTH",
+                        help="data consistency: move each decoded CT until its DRR matches the film; the fraction of "
+                        "that correction applied, 0 (off, default) to 1 (about +10 s on a 2-core CPU)")
+
+
+def check_guidance(strength) -> float:
+    """``strength`` as a float in [0, 1], or an :class:`XctDiffError` naming the range."""
+    if isinstance(strength, bool):
+        strength = None  # not a strength
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        raise XctDiffError(f"guidance must be a number between 0 (off) and {MAX_GUIDANCE:g}, got {strength!r}") from None
+    if not 0.0 <= value <= MAX_GUIDANCE:  # NaN fails this too
+        raise XctDiffError(f"guidance must be between 0 (off) and {MAX_GUIDANCE:g}, got {strength!r}")
+    return value
