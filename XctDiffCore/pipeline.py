@@ -540,8 +540,6 @@ def reconstruct_file(
         uncertainty = check_volume_output(uncertainty)
         if settings.samples < 2:
             raise XctDiffError("an uncertainty map needs --samples 2 or more")
-        if settings.method == "direct":  # the direct path makes one CT: no std
-            raise XctDiffError("an uncertainty map needs the diffusion method (method='direct' makes one CT)")
     if views is not None:
         views = check_output_path(views)
         if Path(views).suffix.lower() != ".png":

@@ -459,7 +459,7 @@ def test_bad_input_file_writes_nothing(pipe, tmp_path, case):
         ({"output": "."}, {}, "output path is a folder"),
         ({"uncertainty": "no/such/std.nrrd"}, {"samples": 2}, "output folder does not exist"),
         ({"uncertainty": "std.nrrd"}, {"samples": 1}, "needs --samples 2 or more"),
-        ({"uncertainty": "std.nrrd"}, {"samples": 2, "method": "direct"}, "needs the diffusion method"),
+        ({"uncertainty": "std.nrrd"}, {"samples": 2, "method": "direct"}, "the direct method makes one deterministic CT"),
         ({"views": "views.jpg"}, {}, "must be a .png file"),
         ({"views": "no/such/views.png"}, {}, "output folder does not exist"),
     ],
