@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SAMPLE_RADIOGRAPH, synthetic_chest
+from test_pipeline import film, model_dir, pipe  # noqa: F401 (the tiny random model and the sample film)
 
 from XctDiffCore import pipeline as pipeline_module
 from XctDiffCore.cli import main
@@ -19,9 +20,7 @@ from XctDiffCore.guidance import GuidanceWarning, film_drr, guide_to_film
 from XctDiffCore.io import read_radiograph
 from XctDiffCore.layout import ct_to_model_layout
 from XctDiffCore.metrics import ssim_2d
-from XctDiffCore.model_folder import create_random_model
 from XctDiffCore.options import check_guidance
-from XctDiffCore.pipeline import XctDiffPipeline
 
 GEOMETRY = ConeGeometry()
 SPACING = (10.0, 10.0, 10.0)  # 32^3 voxels of 10 mm: the 320 mm cube of the model grid, cheap to render
@@ -101,21 +100,6 @@ def test_strength_out_of_range_is_a_readable_error(bad):
 
 
 # ----------------------------------------------------------------------------- pipeline, CLI, Slicer
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return create_random_model(tmp_path_factory.mktemp("model") / "tiny", "tiny")
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    return XctDiffPipeline.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
-def film():
-    return read_radiograph(SAMPLE_RADIOGRAPH)
 
 
 def test_the_pipeline_guides_and_keeps_the_unguided_score(pipe, film, monkeypatch):
