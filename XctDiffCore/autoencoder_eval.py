@@ -74,7 +74,7 @@ def pool_and_resample(ct_hu: np.ndarray, size: int) -> np.ndarray:
 def autoencode(vqgan, ct_hu: np.ndarray, volume_size: int) -> tuple:
     """A canonical HU CT through the VQ-GAN on its grid: ``(decoded HU on the CT's grid, code indices)``."""
     from .layout import model_layout_to_ct, unit_to_hu
-    from .training.data import ct_to_model
+    from .model_inputs import ct_to_model
 
     x = ct_to_model(ct_hu, volume_size)[None]  # (1, 1, s, s, s) in [-1, 1], model layout
     z_q, _, indices = vqgan.quantize(vqgan.encode(x))

@@ -89,7 +89,7 @@ class TrainingPatient:
 def model_grid_hu(ct_hu: np.ndarray, size: int) -> np.ndarray:
     """A prepared canonical 128^3 CT -> ``size``^3 canonical HU, average-pooled as the training data loader does."""
     from .layout import model_layout_to_ct, unit_to_hu
-    from .training.data import ct_to_model
+    from .model_inputs import ct_to_model
 
     return model_layout_to_ct(unit_to_hu(ct_to_model(np.asarray(ct_hu), size)[0].numpy())).astype(np.float32)
 
@@ -110,7 +110,7 @@ def _is_datalist(path: Path) -> bool:
 
 
 def datalist_cases(datalist: Path, volume_size: int, max_cases: Optional[int] = None, augmented: bool = False) -> list:
-    from .training.data import read_datalist
+    from .datalist import read_datalist
 
     validation = read_datalist(datalist, "validation")  # checks the file and the entries
     raw = json.loads(datalist.read_text(encoding="utf-8")).get("validation", [])
@@ -127,7 +127,7 @@ def datalist_cases(datalist: Path, volume_size: int, max_cases: Optional[int] = 
 
 def datalist_mean_ct(datalist: Path, volume_size: int) -> Optional[np.ndarray]:
     """Mean of the datalist's training CTs on a ``volume_size``^3 grid (HU), or None without training entries."""
-    from .training.data import read_datalist
+    from .datalist import read_datalist
 
     items = read_datalist(datalist, "training")
     if not items:
@@ -153,7 +153,7 @@ def drr_thumbnail(drr01: np.ndarray, size: int = KNN_DRR_SIZE) -> np.ndarray:
 
 def datalist_training(datalist: Path) -> list:
     """The kNN candidates: the datalist's training entries with ``aug == 0``, the first of each patient."""
-    from .training.data import read_datalist
+    from .datalist import read_datalist
 
     items = read_datalist(datalist, "training")
     raw = json.loads(Path(datalist).read_text(encoding="utf-8")).get("training", [])

@@ -11,6 +11,7 @@ module. Every file written goes through :func:`~XctDiffCore.atomic.atomic_path`.
 from __future__ import annotations
 
 import contextlib
+import glob
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -38,6 +39,7 @@ MAX_DETACHED_FILES = 100000
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SITK_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 DICOM_SUFFIXES = (".dcm", ".dicom")
+RADIOGRAPH_SUFFIXES = PIL_SUFFIXES + DICOM_SUFFIXES
 VOLUME_WRITE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
 
 
@@ -386,6 +388,23 @@ def write_volume(volume: Volume, path) -> Path:
 
 # --------------------------------------------------------------------------------------------------
 # radiographs
+
+
+def find_real_radiographs(patterns) -> list[Path]:
+    """Folders (searched recursively for image and DICOM files) or glob patterns -> sorted unique files."""
+    files: set[Path] = set()
+    for pattern in patterns:
+        path = Path(pattern).expanduser()
+        if path.is_dir():
+            found = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in RADIOGRAPH_SUFFIXES]
+        else:
+            found = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
+        if not found:
+            raise XctDiffError(f"no real radiographs found at {pattern!r} (a folder of images or a glob pattern)")
+        files.update(found)
+    if not files:
+        raise XctDiffError("style.real names no real radiographs: list folders or glob patterns of real films")
+    return sorted(files)
 
 
 def read_radiograph(path) -> Radiograph:

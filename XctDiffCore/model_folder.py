@@ -1,13 +1,13 @@
 """A model folder: what the pipeline loads, verified before a single weight is used.
 
-Layout (written by :func:`save_model_folder`, through the training module's
-:func:`~XctDiffCore.training.common.export_stage` / :func:`~XctDiffCore.training.common.write_manifest`)::
+Layout (written by :func:`save_model_folder`, one :func:`export_stage` per stage and :func:`write_manifest`
+last; training imports these, never the other way round)::
 
     <folder>/manifest.json          id, version, data geometry, per-stage files and settings, SHA-256 of every file
     <folder>/autoencoder.safetensors + autoencoder.json   VQGAN constructor arguments under "model"
     <folder>/encoder.safetensors     + encoder.json       ProgressiveEncoder arguments under "model"
     <folder>/diffusion.safetensors   + diffusion.json     LatentUNet arguments, "schedule", default "sampler" and "steps"
-    <folder>/style.safetensors       + style.json         optional: the real -> DRR generator (training.style.export_style)
+    <folder>/style.safetensors       + style.json         optional: the real -> DRR generator (stage_configs' "style")
     <folder>/mean_ct.npy                                  optional: mean training CT in HU (the evaluation baseline)
     <folder>/MODEL_CARD.md
 
@@ -31,7 +31,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -358,6 +358,92 @@ def stage_configs(config) -> dict:
     }
 
 
+def style_stage_config(config) -> dict:
+    """What ``style.json`` holds: the real -> DRR generator's arguments, its input size and value range."""
+    return {
+        "model": dataclasses.asdict(config.style.model),
+        "image_size": config.data.xray_size,
+        "direction": "real_to_drr",
+        "value_range": [-1.0, 1.0],
+    }
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def export_stage(model: nn.Module, stage: str, stage_config: dict, out_dir, dtype: str = "float32") -> dict:
+    """Write ``<stage>.safetensors`` (floating tensors cast to ``dtype``) and ``<stage>.json``.
+
+    ``stage_config`` is what the pipeline needs to rebuild the network (its constructor arguments
+    under ``"model"``, plus stage extras such as the noise schedule); the JSON adds the stage name,
+    the dtype and the parameter count. Returns ``{"weights": name, "config": name}`` for
+    :func:`write_manifest`.
+    """
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_path
+
+    if dtype not in EXPORT_DTYPES:
+        raise XctDiffError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise XctDiffError(f"output folder does not exist: {out_dir}")
+    model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    tensors = {
+        name: (t.detach().to(EXPORT_DTYPES[dtype]) if t.is_floating_point() else t.detach()).cpu().clone().contiguous()
+        for name, t in model.state_dict().items()
+    }
+    weights, config_name = f"{stage}.safetensors", f"{stage}.json"
+    with atomic_path(out_dir / weights) as tmp:
+        # One metadata key only: safetensors writes several in a random order, and the same weights
+        # must give the same file (and SHA-256) on every export. The dtype is in the JSON beside it.
+        save_file(tensors, str(tmp), metadata={"stage": stage})
+    document = {
+        "stage": stage,
+        "dtype": dtype,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        **stage_config,
+    }
+    with atomic_path(out_dir / config_name) as tmp:
+        tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    return {"weights": weights, "config": config_name}
+
+
+def write_manifest(model_dir, stages: dict, extra: Optional[dict] = None, files: Iterable[str] = ()) -> Path:
+    """Write ``manifest.json``: ``extra`` (id, version, ...), each stage's files and config, a SHA-256 per file.
+
+    ``stages`` maps a stage name to :func:`export_stage`'s return value (any ``{role: file name}``
+    dict); ``files`` lists further files of the folder to checksum (e.g. ``MODEL_CARD.md``).
+    """
+    from .atomic import atomic_path
+
+    model_dir = Path(model_dir)
+    names = [name for entry in stages.values() for name in entry.values()] + list(files)
+    missing = [n for n in names if not (model_dir / n).is_file()]
+    if missing:
+        raise XctDiffError(f"cannot write the manifest: {model_dir / missing[0]} does not exist")
+    manifest = dict(extra or {})
+    manifest["stages"] = {}
+    for stage, entry in stages.items():
+        record = dict(entry)
+        if "config" in entry:
+            record["settings"] = json.loads((model_dir / entry["config"]).read_text(encoding="utf-8"))
+        manifest["stages"][stage] = record
+    manifest["sha256"] = {name: file_sha256(model_dir / name) for name in names}
+    path = model_dir / "manifest.json"
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 def save_model_folder(
     out_dir,
     networks: dict,
@@ -383,8 +469,6 @@ def save_model_folder(
     written last, so a folder without one is an unfinished export.
     """
     from .atomic import atomic_path
-    from .training.common import export_stage, write_manifest
-    from .training.style import export_style
 
     out_dir = Path(out_dir)
     missing = [s for s in required if s not in networks]
@@ -394,10 +478,8 @@ def save_model_folder(
     settings = settings or stage_configs(config)
     stages = {s: export_stage(networks[s], s, settings[s], out_dir, dtype=dtype) for s in REQUIRED_STAGES if s in networks}
     if networks.get("style") is not None:
-        if "style" in settings:
-            stages["style"] = export_stage(networks["style"], "style", settings["style"], out_dir, dtype=dtype)
-        else:
-            stages["style"] = export_style(networks["style"], config, out_dir)
+        style_settings = settings["style"] if "style" in settings else style_stage_config(config)
+        stages["style"] = export_stage(networks["style"], "style", style_settings, out_dir, dtype=dtype)
     files = [MODEL_CARD_NAME]
     extra = {
         **(extra or {}),

@@ -71,6 +71,7 @@ from .guidance import MIN_UNGUIDED_CONSISTENCY, GuidanceWarning
 from .options import MAX_SAMPLES, MethodWarning, ReconstructOptions  # noqa: F401 (re-exported)
 from .io import Radiograph
 from .model_folder import FIELD_OF_VIEW_MM, PREPARED_SIZE, ModelFolder, ModelInfo
+from .model_inputs import area_resize
 from .volume import Volume
 
 ProgressCallback = Callable[[float, str], None]
@@ -256,7 +257,7 @@ class XctDiffPipeline:
         from .preprocess import preprocess_radiograph
 
         image01 = preprocess_radiograph(radiograph.image, PREPARED_SIZE)
-        return _area_resize(image01, self.info.xray_size)
+        return area_resize(image01, self.info.xray_size)
 
     @staticmethod
     def _check_plausible(image01: np.ndarray, strict: bool) -> list:
@@ -456,14 +457,6 @@ class XctDiffPipeline:
         image = film_drr(volume[None, None].to(device), make_geometry(self.info.geometry), self.info.xray_size,
                          PREPARED_SIZE, spacing_mm=(sy, sz, sx))
         return image[0, 0].cpu().numpy().astype(np.float32)
-
-
-def _area_resize(image01: np.ndarray, size: int) -> np.ndarray:
-    """``[row, col]`` -> ``size``^2 by area averaging (what training did to the 128 px DRRs)."""
-    if image01.shape == (size, size):
-        return image01.astype(np.float32)
-    x = torch.from_numpy(np.ascontiguousarray(image01, dtype=np.float32))[None, None]
-    return F.interpolate(x, size=(size, size), mode="area")[0, 0].numpy()
 
 
 class _Timer:

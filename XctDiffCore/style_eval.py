@@ -42,7 +42,7 @@ def load_real_images(patterns, size: int, max_images: Optional[int] = None, seed
 
     from .io import read_radiograph
     from .preprocess import preprocess_radiograph
-    from .training.style import find_real_radiographs
+    from .io import find_real_radiographs
 
     files = find_real_radiographs(patterns)
     if max_images is not None and len(files) > max_images:
@@ -54,7 +54,8 @@ def load_real_images(patterns, size: int, max_images: Optional[int] = None, seed
 
 def load_drr_images(datalist, size: int) -> np.ndarray:
     """Every ``xray`` of the datalist (training and validation) -> ``[N, size, size]`` in [0, 1], as the encoder sees them."""
-    from .training.data import read_datalist, xray_to_model
+    from .datalist import read_datalist
+    from .model_inputs import xray_to_model
 
     files = [item["xray"] for section in ("training", "validation") for item in read_datalist(datalist, section)]
     if not files:

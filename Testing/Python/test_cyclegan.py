@@ -12,7 +12,7 @@ from XctDiffCore.models import count_parameters
 from XctDiffCore.config import DiscriminatorConfig, StyleConfig, StyleModelConfig
 from XctDiffCore.models.cyclegan import ImagePool, ResnetGenerator, critic_loss, generator_loss, lsgan_loss
 from XctDiffCore.style import apply_style, load_style_generator, should_apply_style
-from XctDiffCore.training.common import export_stage
+from XctDiffCore.model_folder import export_stage
 from XctDiffCore.training.style import build_cyclegan
 
 GENERATOR_ARGS = {"channels": 4, "num_res_blocks": 1}

@@ -371,3 +371,24 @@ def empty_datalist(folder):
     path = folder / "datalist.json"
     path.write_text(json.dumps({"training": [], "validation": []}))
     return path
+
+
+def test_the_evaluation_loads_no_training_code(no_lpips, model_dir, datalist, tmp_path):
+    """Evaluation is on the inference side (issue 16): a fresh process evaluates with the kNN baseline
+    (which reads the datalist's training CTs), then lists what it imported."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, warnings; warnings.simplefilter('ignore')\n"
+        "from XctDiffCore.cli import main\n"
+        f"status = main(['evaluate', '--model', {str(model_dir)!r}, '--data', {str(datalist)!r}, '--out', "
+        f"{str(tmp_path / 'eval')!r}, '--steps', '1', '--device', 'cpu'])\n"
+        "print(status, ' '.join(sorted(m for m in sys.modules if m.startswith('XctDiffCore'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    status, *loaded = done.stdout.splitlines()[-1].split()  # the last line: after the tables
+    assert status == "0" and "XctDiffCore.evaluation" in loaded and "XctDiffCore.datalist" in loaded
+    assert [m for m in loaded if m.startswith(("XctDiffCore.training", "XctDiffCore.losses", "XctDiffCore.augment"))] == []

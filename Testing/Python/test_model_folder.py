@@ -19,9 +19,8 @@ from safetensors.torch import load_file
 from XctDiffCore.cli import main
 from XctDiffCore.config import load_config
 from XctDiffCore.errors import XctDiffError
-from XctDiffCore.model_folder import MANIFEST_NAME, bundled_model_folder, create_random_model, load_model_folder
+from XctDiffCore.model_folder import MANIFEST_NAME, bundled_model_folder, create_random_model, file_sha256, load_model_folder
 from XctDiffCore.pipeline import XctDiffPipeline
-from XctDiffCore.training.common import file_sha256
 
 STAGE_FILES = [f"{stage}.{ext}" for stage in ("autoencoder", "diffusion", "encoder", "style") for ext in ("json", "safetensors")]
 

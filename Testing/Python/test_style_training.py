@@ -22,7 +22,8 @@ from XctDiffCore.io import read_radiograph, write_image_png
 from XctDiffCore.style import apply_style, load_style_generator
 from XctDiffCore.style_eval import consistency_with_and_without_style, domain_accuracy, evaluate_style, nearest_drr, style_features
 from XctDiffCore.training import train
-from XctDiffCore.training.style import RealRadiographs, find_real_radiographs, split_real_files
+from XctDiffCore.io import find_real_radiographs
+from XctDiffCore.training.style import RealRadiographs, split_real_files
 from XctDiffCore.volume import Volume
 
 STEPS = 24  # tiny config: 32 px, 8-channel generators

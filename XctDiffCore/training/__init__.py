@@ -6,7 +6,7 @@
 
 Each stage reads the earlier ones from the same run folder (``<run>/<stage>/checkpoint.pt``).
 :func:`train` is what ``xctdiff train`` calls; :mod:`.common` holds the shared machinery and the
-export to a model folder (:func:`~.common.export_stage`, :func:`~.common.write_manifest`).
+export to a model folder (:func:`~XctDiffCore.model_folder.export_stage`, :func:`~XctDiffCore.model_folder.write_manifest`).
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def parameter_table(configs: dict) -> str:
 def stage_for_export(stage: str, checkpoint: dict):
     """The network a model folder ships for ``stage`` (the EMA weights for diffusion) and its settings.
 
-    The settings are what :func:`~.common.export_stage` writes beside the weights: the constructor
+    The settings are what :func:`~XctDiffCore.model_folder.export_stage` writes beside the weights: the constructor
     arguments under ``"model"`` (``VQGAN(**settings["model"])`` etc.), the data sizes, the training
     step, for diffusion the noise schedule and the default sampler, for style the image size.
     """

@@ -11,8 +11,9 @@ calling these; :class:`StageLoop` does what all of them do after a step (log, va
   holds the models, optimisers, scaler, EMA, step, every rank's RNG state and the full config,
   so ``--resume`` after a kill continues the same run from the same step with the same data order.
   Its content is tensors and plain data only, so it loads with ``torch.load(weights_only=True)``.
-* **Export.** :func:`export_stage` writes ``<stage>.safetensors`` + ``<stage>.json`` (the stage's
-  constructor arguments) for the pipeline; :func:`write_manifest` records a SHA-256 per file.
+* **Export.** :func:`~XctDiffCore.model_folder.export_stage` writes ``<stage>.safetensors`` + ``<stage>.json``
+  (the stage's constructor arguments) for the pipeline; :func:`~XctDiffCore.model_folder.write_manifest`
+  records a SHA-256 per file (the model folder owns its files: reading and writing).
 
 Only torch, numpy and scikit-image are required; tqdm and tensorboard are used when installed.
 """
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
-import json
 import os
 import random
 import signal
@@ -41,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..atomic import atomic_path
 from ..config import config_to_dict
 from ..errors import XctDiffError
+from ..model_folder import EXPORT_DTYPES, export_stage, file_sha256, write_manifest  # noqa: F401 (the stages' exports)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -516,73 +516,3 @@ def volume_metrics(prediction: torch.Tensor, target: torch.Tensor) -> dict:
 # ------------------------------------------------------------------------------------------ export
 
 
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
-def export_stage(model: nn.Module, stage: str, stage_config: dict, out_dir, dtype: str = "float32") -> dict:
-    """Write ``<stage>.safetensors`` (floating tensors cast to ``dtype``) and ``<stage>.json``.
-
-    ``stage_config`` is what the pipeline needs to rebuild the network (its constructor arguments
-    under ``"model"``, plus stage extras such as the noise schedule); the JSON adds the stage name,
-    the dtype and the parameter count. Returns ``{"weights": name, "config": name}`` for
-    :func:`write_manifest`.
-    """
-    from safetensors.torch import save_file
-
-    if dtype not in EXPORT_DTYPES:
-        raise XctDiffError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        raise XctDiffError(f"output folder does not exist: {out_dir}")
-    model = unwrap(model)
-    tensors = {
-        name: (t.detach().to(EXPORT_DTYPES[dtype]) if t.is_floating_point() else t.detach()).cpu().clone().contiguous()
-        for name, t in model.state_dict().items()
-    }
-    weights, config_name = f"{stage}.safetensors", f"{stage}.json"
-    with atomic_path(out_dir / weights) as tmp:
-        # One metadata key only: safetensors writes several in a random order, and the same weights
-        # must give the same file (and SHA-256) on every export. The dtype is in the JSON beside it.
-        save_file(tensors, str(tmp), metadata={"stage": stage})
-    document = {
-        "stage": stage,
-        "dtype": dtype,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        **stage_config,
-    }
-    with atomic_path(out_dir / config_name) as tmp:
-        tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    return {"weights": weights, "config": config_name}
-
-
-def write_manifest(model_dir, stages: dict, extra: Optional[dict] = None, files: Iterable[str] = ()) -> Path:
-    """Write ``manifest.json``: ``extra`` (id, version, ...), each stage's files and config, a SHA-256 per file.
-
-    ``stages`` maps a stage name to :func:`export_stage`'s return value (any ``{role: file name}``
-    dict); ``files`` lists further files of the folder to checksum (e.g. ``MODEL_CARD.md``).
-    """
-    model_dir = Path(model_dir)
-    names = [name for entry in stages.values() for name in entry.values()] + list(files)
-    missing = [n for n in names if not (model_dir / n).is_file()]
-    if missing:
-        raise XctDiffError(f"cannot write the manifest: {model_dir / missing[0]} does not exist")
-    manifest = dict(extra or {})
-    manifest["stages"] = {}
-    for stage, entry in stages.items():
-        record = dict(entry)
-        if "config" in entry:
-            record["settings"] = json.loads((model_dir / entry["config"]).read_text(encoding="utf-8"))
-        manifest["stages"][stage] = record
-    manifest["sha256"] = {name: file_sha256(model_dir / name) for name in names}
-    path = model_dir / "manifest.json"
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return path

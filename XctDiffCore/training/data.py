@@ -10,7 +10,8 @@ with paths relative to the datalist's folder. An image ``.npz`` holds ``ct``: in
 
 Model tensors (see :mod:`XctDiffCore.layout`): the CT is ``(1, D, H, W)`` in [-1, 1] (fixed HU
 window); the radiograph is ``(1, H, W)`` **also in [-1, 1]** (``2 * x - 1``): one input range for every
-network, decided here once; :func:`xray_to_model` is the conversion the pipeline uses at inference.
+network, decided once in :mod:`XctDiffCore.model_inputs`, whose conversions the pipeline uses at
+inference too; the datalist reader is :mod:`XctDiffCore.datalist`'s (shared with the evaluation).
 Both are downsampled on the fly to the config's sizes (CT: average pooling; radiograph: area
 interpolation), so one prepared 128^3 data set serves the 32^3 tiny config as well as the paper's.
 
@@ -18,66 +19,14 @@ Only numpy and torch are imported: this runs on a bare GPU machine.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from ..datalist import read_datalist
 from ..errors import XctDiffError
-from ..layout import ct_to_model_layout, hu_to_unit
-
-
-def ct_to_model(ct_hu: np.ndarray, size: int) -> torch.Tensor:
-    """Canonical ``[z, y, x]`` HU -> ``(1, size, size, size)`` float32 in [-1, 1] (model layout, avg-pooled)."""
-    x = torch.from_numpy(hu_to_unit(np.ascontiguousarray(ct_to_model_layout(ct_hu)).astype(np.float32)))
-    x = x[None]  # (1, D, H, W)
-    if tuple(x.shape[1:]) != (size, size, size):
-        x = F.adaptive_avg_pool3d(x, size)
-    return x.contiguous()
-
-
-def xray_to_model(xray01: np.ndarray, size: int) -> torch.Tensor:
-    """Display-oriented ``[row, col]`` radiograph in [0, 1] -> ``(1, size, size)`` float32 in [-1, 1] (area resize)."""
-    x = torch.from_numpy(np.asarray(xray01, dtype=np.float32).clip(0.0, 1.0))[None, None]  # (1, 1, H, W)
-    if tuple(x.shape[2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="area")
-    return (x[0] * 2.0 - 1.0).contiguous()
-
-
-def read_datalist(path, section: str) -> list[dict]:
-    """The entries of one section with absolute paths; a clear error for a missing file or key."""
-    path = Path(path)
-    if not path.is_file():
-        raise XctDiffError(f"datalist not found: {path} (make one with `xctdiff prepare`)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise XctDiffError(f"{path} is not valid JSON: {exc}") from None
-    entries = data.get(section, [])
-    items = []
-    for entry in entries:
-        if "image" not in entry or "xray" not in entry:
-            raise XctDiffError(f"{path}: every {section} entry needs 'image' and 'xray', got {sorted(entry)}")
-        items.append(
-            {
-                "image": path.parent / entry["image"],
-                "xray": path.parent / entry["xray"],
-                "patient": str(entry.get("patient", Path(entry["image"]).stem)),
-            }
-        )
-    return items
-
-
-def datalist_geometry(path) -> str:
-    """The DRR geometry a datalist's radiographs were rendered in (``settings.geometry``; cone by default)."""
-    try:
-        settings = json.loads(Path(path).read_text(encoding="utf-8")).get("settings", {})
-    except (OSError, ValueError, AttributeError):
-        return "cone"
-    return str(settings.get("geometry", "cone")) if isinstance(settings, dict) else "cone"
+from ..model_inputs import ct_to_model, xray_to_model
 
 
 class PairDataset(Dataset):

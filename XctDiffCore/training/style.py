@@ -6,7 +6,7 @@ glob patterns; relative paths start at the working directory), each read with
 :func:`~XctDiffCore.preprocess.preprocess_radiograph` at ``data.xray_size``, then kept in memory.
 Reading JPEG/PNG needs Pillow, which scikit-image itself depends on, so a machine with scikit-image
 has it. *DRR*: the ``xray`` images of the datalist, resized exactly as the encoder sees them
-(:func:`~XctDiffCore.training.data.xray_to_model`); ``xctdiff prepare`` normalises them with the
+(:func:`~XctDiffCore.model_inputs.xray_to_model`); ``xctdiff prepare`` normalises them with the
 same percentile rule as ``preprocess_radiograph``, so both domains arrive alike. ``data.val_cases``
 real files (a seeded choice) are held out for validation, with the datalist's validation DRRs.
 
@@ -22,7 +22,6 @@ rank's image pools; at the end the real -> DRR generator is exported beside it a
 from __future__ import annotations
 
 import dataclasses
-import glob
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +31,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import Config, StyleConfig
+from ..datalist import read_datalist
 from ..errors import XctDiffError
+from ..io import find_real_radiographs
+from ..model_folder import style_stage_config
+from ..model_inputs import xray_to_model
 from .common import (
     Deadline,
     StageLoop,
@@ -52,30 +55,12 @@ from .common import (
     setup_distributed,
     stage_dir,
 )
-from .data import read_datalist, train_loader, xray_to_model
+from .data import train_loader
 
 STAGE = "style"
-REAL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
 
 
 # -------------------------------------------------------------------------------------------- data
-
-
-def find_real_radiographs(patterns) -> list[Path]:
-    """Folders (searched recursively for image and DICOM files) or glob patterns -> sorted unique files."""
-    files: set[Path] = set()
-    for pattern in patterns:
-        path = Path(pattern).expanduser()
-        if path.is_dir():
-            found = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in REAL_SUFFIXES]
-        else:
-            found = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
-        if not found:
-            raise XctDiffError(f"no real radiographs found at {pattern!r} (a folder of images or a glob pattern)")
-        files.update(found)
-    if not files:
-        raise XctDiffError("style.real names no real radiographs: list folders or glob patterns of real films")
-    return sorted(files)
 
 
 class RealRadiographs(Dataset):
@@ -150,13 +135,7 @@ def build_cyclegan(section: StyleConfig) -> nn.ModuleDict:
 
 def export_style(generator: nn.Module, config: Config, out_dir) -> dict:
     """``style.safetensors`` + ``style.json`` (constructor arguments, input size, value range) in ``out_dir``."""
-    stage_config = {
-        "model": dataclasses.asdict(config.style.model),
-        "image_size": config.data.xray_size,
-        "direction": "real_to_drr",
-        "value_range": [-1.0, 1.0],
-    }
-    return export_stage(generator, STAGE, stage_config, out_dir)
+    return export_stage(generator, STAGE, style_stage_config(config), out_dir)
 
 
 # ------------------------------------------------------------------------------------------- loops

@@ -173,7 +173,7 @@ def random_pairs(ct: torch.Tensor, generator: torch.Generator, geometry, xray_si
 
     ``augment``: the magnitudes of :func:`random_views`; ``film``: those of :func:`random_films` (None:
     the plain DRR). Returns the warped CTs and their radiographs ``(B, 1, S, S)`` in [-1, 1], the
-    model's input range (:func:`XctDiffCore.training.data.xray_to_model`).
+    model's input range (:func:`XctDiffCore.model_inputs.xray_to_model`).
     """
     from ..drr import normalize_drr, render_drr
     from ..layout import unit_to_hu
@@ -203,7 +203,7 @@ class PairVariants:
         self.geometry, self.bank = None, None
         if self.enabled or augment.bank:
             from ..drr import make_geometry
-            from .data import datalist_geometry
+            from ..datalist import datalist_geometry
 
             self.geometry = make_geometry(datalist_geometry(datalist))
 
