@@ -115,14 +115,16 @@ PIPELINE_STAGES = (("load", "load"), ("read", "read"), ("preprocess", "preproces
 
 
 def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=None, config=None,
-                       repeats: int = 3, warmup: int = 1, method: str = "diffusion", guidance: float = 0.0) -> list:
+                       repeats: int = 3, warmup: int = 1, method: str = "diffusion", guidance: float = 0.0,
+                       precision: str = "auto") -> list:
     """Per-stage seconds of :meth:`XctDiffPipeline.reconstruct` on the bundled sample radiograph, and peak memory.
 
     ``model``: a model folder (None: the bundled default); ``config``: instead, random weights of that
     config (timings do not depend on the weights). Each stage is the median of ``repeats`` runs after
     ``warmup`` untimed ones; "load" reloads the folder each time, "write" writes the CT as .nrrd.
     Peak memory: CUDA ``max_memory_allocated`` over the timed runs, and the process's peak RSS.
-    ``method`` and ``guidance`` as in :meth:`XctDiffPipeline.reconstruct` (the stages a path skips time 0).
+    ``method``, ``guidance`` and ``precision`` as in :meth:`XctDiffPipeline.reconstruct` (the stages a
+    path skips time 0); the settings printed say which precision ``auto`` became.
     """
     import tempfile
 
@@ -145,7 +147,8 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
                 torch.cuda.reset_peak_memory_stats(dev)  # the peak of the timed runs only
             pipe = XctDiffPipeline.from_pretrained(model)
             result = pipe.reconstruct(radiograph, steps=steps if method == "diffusion" else None, samples=samples,
-                                      seed=i, device=str(dev), method=method, cpu_fallback=False, guidance=guidance)
+                                      seed=i, device=str(dev), method=method, cpu_fallback=False, guidance=guidance,
+                                      precision=precision)
             start = time.perf_counter()
             write_volume(result.ct, Path(tmp) / "ct.nrrd")
             result.timings["write"] = time.perf_counter() - start
@@ -155,7 +158,7 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
                     runs[name].append(result.timings.get(key, 0.0))
     settings = {"model": pipe.info.model_id, "volume": f"{pipe.info.volume_size}^3", "method": method,
                 "steps": result.steps, "sampler": pipe.info.sampler if method == "diffusion" else None,
-                "samples": samples, "guidance": guidance or None, "threads": torch.get_num_threads(),
+                "samples": samples, "guidance": guidance or None, "precision": result.precision, "threads": torch.get_num_threads(),
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), **_peak_memory(dev)}
     return [BenchmarkResult(name, str(dev), settings if name == "total" else {}, seconds) for name, seconds in runs.items()]
 

@@ -260,7 +260,7 @@ def _run_benchmark_train(args) -> int:
 
 
 def add_benchmark_pipeline_target(targets):
-    from .options import add_guidance_argument
+    from .options import add_guidance_argument, add_precision_argument
 
     p = targets.add_parser("pipeline", help="per-stage latency and peak memory of one reconstruction")
     p.add_argument("--model", help="model folder (default: the bundled model)")
@@ -270,6 +270,7 @@ def add_benchmark_pipeline_target(targets):
     p.add_argument("--method", choices=("diffusion", "direct"), default="diffusion",
                    help="the path timed: diffusion (with its per-step time) or direct (no sampler)")
     add_guidance_argument(p)
+    add_precision_argument(p)
     _add_benchmark_options(p, repeats=3)
     p.set_defaults(handler=_run_benchmark_pipeline)
 
@@ -280,7 +281,7 @@ def _run_benchmark_pipeline(args) -> int:
     if args.model and args.config:
         raise XctDiffError("give --model or --config, not both")
     results = benchmark_pipeline(args.device, args.steps, args.samples, args.model, args.config, args.repeats,
-                                 method=args.method, guidance=args.guidance)
+                                 method=args.method, guidance=args.guidance, precision=args.precision)
     return _report_benchmark(results, args)
 
 
@@ -329,6 +330,8 @@ def _run_reconstruct(args) -> int:
 
 
 def add_evaluate_command(subparsers):
+    from .options import add_precision_argument
+
     p = subparsers.add_parser("evaluate", help="reconstruct held-out CTs from their DRRs and score them (with baselines)")
     p.add_argument("--model", help="model folder (default: the bundled model)")
     p.add_argument("--data", required=True, help="datalist.json (its validation entries) or a CT file or folder")
@@ -346,6 +349,7 @@ def add_evaluate_command(subparsers):
     p.add_argument("--guidance", type=float, default=0.0, metavar="STRENGTH",
                    help="also score both paths with this data-consistency guidance, beside the unguided ones (default 0: not)")
     _add_sampler_option(p)
+    add_precision_argument(p)
     p.set_defaults(handler=_run_evaluate)
 
 
@@ -357,7 +361,7 @@ def _run_evaluate(args) -> int:
 
     summary = evaluate(args.model, args.data, args.out, steps=args.steps, samples=args.samples, seed=args.seed,
                        device=args.device, max_cases=args.max_cases, sampler=args.sampler, augmented=args.augmented,
-                       knn=args.knn, guidance=args.guidance)
+                       knn=args.knn, guidance=args.guidance, precision=args.precision)
     knn = json.loads((Path(args.out) / "summary.json").read_text(encoding="utf-8"))["knn"]  # the k used
     print(markdown_table(summary, knn), end="")
     print(f"wrote {args.out}/metrics.csv, summary.md, summary.json, figure.png")

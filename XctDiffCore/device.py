@@ -124,13 +124,44 @@ def describe_device(device: torch.device) -> str:
     return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
-def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """bf16 on a CUDA device that supports it, else None (fp32): the inference precision."""
+# Whether ``precision="auto"`` computes in bf16 on a CPU with native bf16 instructions. Decided by
+# `xctdiff evaluate --precision` on the validation patients (README, "Precision"): see CPU_BF16_EVIDENCE.
+CPU_BF16_AUTO = False
+CPU_BF16_EVIDENCE = "not yet measured"
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16; Linux ``/proc/cpuinfo``).
+
+    Without them oneDNN emulates bf16 and it is slower than fp32, so ``auto`` never picks it there."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.dtype]:
+    """The inference precision on ``device``: ``torch.bfloat16`` (autocast) or None (fp32).
+
+    ``auto``: bf16 on a CUDA device that supports it natively, and on a CPU with native bf16 when
+    :data:`CPU_BF16_AUTO` (the measured verdict); fp32 otherwise. ``bf16`` asks for it anywhere (an
+    emulating CPU or GPU is slower, not wrong); ``fp32`` switches autocast off."""
     device = torch.device(device)
-    if device.type != "cuda":
+    if precision == "fp32":
         return None
-    with torch.cuda.device(device):  # emulated bf16 (before Ampere) is slower than fp32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        with torch.cuda.device(device):  # emulated bf16 (before Ampere) is slower than fp32
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
+    if device.type == "cpu" and CPU_BF16_AUTO and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
 
 
 def is_cuda_oom(exc: BaseException) -> bool:

@@ -215,6 +215,7 @@ def evaluate(
     augmented: bool = False,
     knn: int = 3,
     guidance: float = 0.0,
+    precision: str = "auto",
 ) -> dict:
     """Run the protocol of the module docstring; write the outputs; return the summary (method -> metric -> mean/std)."""
     from tqdm import tqdm
@@ -250,19 +251,22 @@ def evaluate(
     lpips = LPIPS.load()
 
     rows, figure = [], []
+    used_precision = precision  # what "auto" became: from the first reconstruction
     for index, case in enumerate(tqdm(cases, desc="evaluate", unit="case", file=sys.stderr, disable=not progress)):
         radiograph = Radiograph(case.drr, None, True, case.name)
         outputs = {
             "xctdiff": pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index, device=device, style="off",
-                                        method="diffusion", sampler=sampler),
-            "direct": pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off", method="direct"),
+                                        method="diffusion", sampler=sampler, precision=precision),
+            "direct": pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off", method="direct",
+                                       precision=precision),
         }
         if guidance > 0:
             outputs["xctdiff_guided"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index,
                                                          device=device, style="off", method="diffusion", sampler=sampler,
-                                                         guidance=guidance)
+                                                         guidance=guidance, precision=precision)
             outputs["direct_guided"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
-                                                        method="direct", guidance=guidance)
+                                                        method="direct", guidance=guidance, precision=precision)
+        used_precision = outputs["direct"].precision
         volumes = {method: result.ct.array for method, result in outputs.items()}
         for method, result in outputs.items():
             scores = volume_scores(result.ct.array, case.truth_hu, lpips, pipe.device)
@@ -285,11 +289,12 @@ def evaluate(
     header = (f"Model `{pipe.info.model_id}` {pipe.info.version}, {len(cases)} cases from `{data.name}`, "
               f"{samples} sample(s), {steps or pipe.info.steps} {sampler or pipe.info.sampler} steps, "
               f"model grid {pipe.info.volume_size}^3, scored on {size}^3 at 2.5 mm; {baselines}; "
-              f"{f'guidance {guidance:g} beside none' if guidance else 'no guidance'}; "
+              f"{f'guidance {guidance:g} beside none' if guidance else 'no guidance'}; networks in {used_precision}; "
               f"bone: HU > {BONE_HU:.0f}, lung: {LUNG_HU[0]:.0f} < HU < {LUNG_HU[1]:.0f}. Mean ± std over cases.\n\n")
     _write_text(out_dir / "summary.md", header + markdown_table(summary, k) + "\nPer case:\n\n" + case_table(rows))
     _write_text(out_dir / "summary.json", json.dumps({"model": pipe.info.model_id, "cases": len(cases), "knn": k or None,
-                                                      "guidance": guidance or None, "summary": summary}, indent=2) + "\n")
+                                                      "guidance": guidance or None, "precision": used_precision,
+                                                      "summary": summary}, indent=2) + "\n")
     if figure:
         from .views import compose_grid, write_png
 

@@ -107,6 +107,7 @@ class Reconstruction:
     guidance: float = 0.0  # the data-consistency strength applied (0: off, or skipped)
     unguided_consistency: Optional[float] = None  # with guidance asked for: the mean consistency of the samples before it
     warnings: list = field(default_factory=list)  # why the result deserves less trust (plausibility, skipped guidance)
+    precision: str = "fp32"  # the networks' arithmetic: "bf16" (autocast) or "fp32"
 
     def summary(self) -> dict:
         """Plain data for the ``RESULT`` line and JSON logs."""
@@ -122,6 +123,7 @@ class Reconstruction:
             "guidance": self.guidance,
             "unguided_consistency": None if self.unguided_consistency is None else round(float(self.unguided_consistency), 4),
             "warnings": list(self.warnings),
+            "precision": self.precision,
         }
 
 
@@ -174,6 +176,8 @@ class XctDiffPipeline:
         self.load_seconds = 0.0
         self._denoiser = torch.compile(unet) if compile else unet
         self._warned_style = False
+        self._amp_dtype = None  # the autocast dtype of the run in progress (None: fp32); see _autocast
+        self._memory_format = torch.contiguous_format  # of the 3D networks' weights; see _set_memory_format
 
     @classmethod
     def from_pretrained(cls, path=None, compile: bool = False) -> "XctDiffPipeline":
@@ -204,6 +208,7 @@ class XctDiffPipeline:
         cpu_fallback: bool = True,
         guidance: float = 0.0,
         strict: bool = False,
+        precision: str = "auto",
         options: Optional[ReconstructOptions] = None,
     ) -> Reconstruction:
         """Reconstruct a CT from one frontal radiograph (see the module docstring for every argument's effect).
@@ -216,7 +221,7 @@ class XctDiffPipeline:
         from .device import choose_device, run_with_cpu_fallback
 
         given = ReconstructOptions(steps=steps, samples=samples, seed=seed, device=device, style=style, method=method,
-                                   sampler=sampler, guidance=guidance, strict=strict)
+                                   sampler=sampler, guidance=guidance, strict=strict, precision=precision)
         if options is not None:
             if given != ReconstructOptions():
                 raise XctDiffError("give the settings either as options=ReconstructOptions(...) or as keywords, not both")
@@ -233,7 +238,7 @@ class XctDiffPipeline:
         target = choose_device(run.device)
         result = run_with_cpu_fallback(
             lambda dev: self._reconstruct_on(dev, radiograph, steps, samples, seed, style, method, sampler,
-                                             reporter, cancel, guidance, strict),
+                                             reporter, cancel, guidance, strict, run.precision),
             target,
             fallback=cpu_fallback,
         )
@@ -287,15 +292,24 @@ class XctDiffPipeline:
             return image01, False
         return apply_style(self.style, image01).astype(np.float32), True
 
-    def _autocast(self, device: torch.device):
-        from .device import autocast_dtype
+    def _set_memory_format(self, memory_format: torch.memory_format) -> None:
+        """The 3D networks' weights in ``memory_format``: channels-last makes oneDNN's bf16 3D convolutions
+        about 1.4x faster on a CPU (and fp32 ones slower, hence contiguous for fp32 and on CUDA)."""
+        if memory_format != self._memory_format:
+            for net in (self.vqgan, self.encoder, self.unet):
+                for tensor in (*net.parameters(), *net.buffers()):
+                    if tensor.dim() == 5:  # 3D convolution weights (Module.to refuses the 2D ones' 4-D)
+                        tensor.data = tensor.data.contiguous(memory_format=memory_format)
+            self._memory_format = memory_format
 
-        dtype = autocast_dtype(device)
-        return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    def _autocast(self, device: torch.device):
+        """bf16 autocast when this run computes in bf16 (:attr:`_amp_dtype`, set per run), else nothing."""
+        dtype = self._amp_dtype
+        return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     def _reconstruct_on(self, device, radiograph, steps, samples, seed, style, method, sampler, reporter,
-                        cancel, guidance: float = 0.0, strict: bool = False) -> Reconstruction:
-        from .device import describe_device
+                        cancel, guidance: float = 0.0, strict: bool = False, precision: str = "auto") -> Reconstruction:
+        from .device import autocast_dtype, describe_device
         from .diffusion import sample
         from .metrics import ssim_2d
 
@@ -303,6 +317,9 @@ class XctDiffPipeline:
         reporter.report(0.0, "preprocessing")
         timer = _Timer(device)
         self.to(device)
+        self._amp_dtype = autocast_dtype(device, precision)
+        self._set_memory_format(torch.channels_last_3d if self._amp_dtype is not None and device.type == "cpu"
+                                else torch.contiguous_format)
         with torch.inference_mode():
             input01 = self.preprocess(radiograph)
             notes = self._check_plausible(input01, strict)
@@ -375,6 +392,7 @@ class XctDiffPipeline:
             guidance=guidance if unguided is not None and unguided >= MIN_UNGUIDED_CONSISTENCY else 0.0,
             unguided_consistency=unguided,
             warnings=notes,
+            precision="bf16" if self._amp_dtype == torch.bfloat16 else "fp32",
         )
 
     def _decode(self, latents: torch.Tensor, device, reporter: _Progress, cancel, ends: dict = STAGE_END,
@@ -392,7 +410,7 @@ class XctDiffPipeline:
         unguided = []
         for k in range(count):
             _check_cancel(cancel)
-            z_q = self.vqgan.quantize(latents[k : k + 1].float())[0]
+            z_q = self.vqgan.quantize(latents[k : k + 1].float())[0].contiguous(memory_format=self._memory_format)
             with self._autocast(device):
                 volume = self.vqgan.decode(z_q).float()  # (1, 1, D, H, W) in about [-1, 1]
             if volume.shape[-1] != OUTPUT_SIZE:

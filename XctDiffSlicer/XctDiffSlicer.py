@@ -97,6 +97,7 @@ class XctDiffSlicerParameterNode:
     style: Annotated[str, Choice(["auto", "on", "off"])] = "auto"
     method: Annotated[str, Choice(["default", "diffusion", "direct"])] = "default"
     guidance: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
+    precision: Annotated[str, Choice(["auto", "fp32", "bf16"])] = "auto"
     uncertaintyOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     consistency: str = ""
 
@@ -240,6 +241,7 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 model=self.modelChoice(),
                 method=node.method,
                 guidance=node.guidance,
+                precision=node.precision,
             )
             self._job = self.logic.start(node.inputVolume, options)
         except XctDiffError as exc:
@@ -324,11 +326,13 @@ class XctDiffSlicerLogic(ScriptedLoadableModuleLogic):
         return output
 
     def reconstruct(self, inputNode, outputNode=None, steps=None, samples=1, seed=None, device="auto",
-                    style="auto", model=None, uncertaintyNode=None, progress=None, method="default", guidance=0.0):
+                    style="auto", model=None, uncertaintyNode=None, progress=None, method="default", guidance=0.0,
+                    precision="auto"):
         """Blocking reconstruction for the Python console; returns the output CT node, shown in the slice views."""
         ctNode = self.reconstruction.reconstruct(
             inputNode, outputNode, steps=steps, samples=samples, seed=seed, device=device, style=style,
             model=model, uncertaintyNode=uncertaintyNode, progress=progress, method=method, guidance=guidance,
+            precision=precision,
         )
         mrml_bridge.show_in_slice_views(self.sliceLogics(), ctNode)
         return ctNode

@@ -511,3 +511,32 @@ def test_settings_come_as_options_or_as_keywords(pipe, film):
         pipe.reconstruct(film, samples=2, options=ReconstructOptions())
     with pytest.raises(XctDiffError, match="samples must be a whole number"):
         ReconstructOptions(samples=1.5)
+
+
+def test_bf16_on_the_cpu_is_close_to_fp32_and_fp32_comes_back_exactly(pipe, film):
+    """--precision (issue 20): bf16 autocast with channels-last 3D weights on the CPU; the result says
+    which arithmetic ran, stays near fp32, and a later fp32 run is bit-identical to one before it."""
+    before = pipe.reconstruct(film, method="direct", device="cpu", style="off", precision="fp32")
+    half = pipe.reconstruct(film, method="direct", device="cpu", style="off", precision="bf16")
+    after = pipe.reconstruct(film, method="direct", device="cpu", style="off", precision="fp32")
+    assert (before.precision, half.precision, after.precision) == ("fp32", "bf16", "fp32")
+    assert half.summary()["precision"] == "bf16"
+    np.testing.assert_array_equal(before.ct.array, after.ct.array)
+    full, low = before.ct.array.astype(np.float32), half.ct.array.astype(np.float32)
+    # bf16 keeps 8 bits of mantissa: on the trained model a few HU (README); random weights, whose
+    # nearest codes are close calls, flip more of them, but it must stay the same CT
+    assert 0 < np.abs(full - low).mean() < 0.25 * np.abs(full - full.mean()).mean()
+    assert np.corrcoef(full.ravel(), low.ravel())[0, 1] > 0.95
+    with pytest.raises(XctDiffError, match="precision must be one of auto, fp32, bf16"):
+        pipe.reconstruct(film, method="direct", device="cpu", precision="fp16")
+
+
+def test_auto_precision_follows_the_measured_verdict_and_the_cpu(monkeypatch):
+    from XctDiffCore import device as devices
+
+    cpu = torch.device("cpu")
+    assert devices.autocast_dtype(cpu, "fp32") is None and devices.autocast_dtype(cpu, "bf16") == torch.bfloat16
+    for verdict, native, expected in ((True, True, torch.bfloat16), (True, False, None), (False, True, None)):
+        monkeypatch.setattr(devices, "CPU_BF16_AUTO", verdict)
+        monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+        assert devices.autocast_dtype(cpu, "auto") == expected

@@ -51,6 +51,7 @@ class ReconstructionOptions:
     model: ModelChoice = field(default_factory=choose_model)
     method: str = "default"
     guidance: float = 0.0  # data consistency, 0 (off) to 1 (the DRR of the result fitted to the film)
+    precision: str = "auto"  # the networks' arithmetic: auto, fp32 or bf16 (the engine's PRECISIONS)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -60,7 +61,7 @@ class ReconstructionOptions:
     def engine_options(self) -> ReconstructOptions:
         return ReconstructOptions(steps=self.steps, samples=self.samples, seed=self.seed, device=self.device,
                                   style=self.style, method=None if self.method == "default" else self.method,
-                                  guidance=self.guidance)
+                                  guidance=self.guidance, precision=self.precision)
 
     def engine_arguments(self) -> list:
         return self.engine_options().to_argv() + self.model.engine_arguments()
@@ -177,9 +178,10 @@ class ReconstructionLogic:
     def reconstruct(self, inputNode, outputNode=None, steps: Optional[int] = None, samples: int = 1,
                     seed: Optional[int] = None, device: str = "auto", style: str = "auto", model=None,
                     uncertaintyNode=None, progress: Optional[Callable[[float, str], None]] = None,
-                    method: str = "default", guidance: float = 0.0):
+                    method: str = "default", guidance: float = 0.0, precision: str = "auto"):
         """Blocking reconstruction for the Python console; returns the output CT node."""
-        options = ReconstructionOptions(steps, samples, seed, device, style, choose_model(model), method, guidance)
+        options = ReconstructionOptions(steps, samples, seed, device, style, choose_model(model), method, guidance,
+                                        precision)
         job = self.start(inputNode, options)
 
         def on_event(event):
