@@ -31,6 +31,7 @@ class BenchmarkResult:
     device: str
     settings: dict
     seconds: list = field(default_factory=list)
+    gflop: float | None = None  # operations per run, where counted: the table adds the achieved GFLOP/s
 
     @property
     def median_s(self) -> float:
@@ -90,12 +91,16 @@ def benchmark_drr(device: str = "cpu", size: int = 128, geometry: str = "cone", 
 
 
 def format_table(results: list) -> str:
-    """A small fixed-width table: one line per result."""
-    lines = [f"{'benchmark':<10} {'device':<7} {'settings':<58} {'median ms':>10} {'min ms':>8}"]
+    """A small fixed-width table: one line per result (GFLOP and GFLOP/s where counted)."""
+    counted = any(r.gflop is not None for r in results)
+    lines = [f"{'benchmark':<12} {'device':<7} {'settings':<58} {'median ms':>10} {'min ms':>8}"
+             + (f" {'GFLOP':>8} {'GFLOP/s':>8}" if counted else "")]
     for r in results:
         settings = ", ".join(f"{k}={v}" for k, v in r.settings.items() if v is not None)
-        timings = f"{r.median_s * 1e3:>10.2f} {min(r.seconds) * 1e3:>8.2f}"
-        lines.append(f"{r.name:<10} {r.device:<7} {settings:<58} {timings}")
+        line = f"{r.name:<12} {r.device:<7} {settings:<58} {r.median_s * 1e3:>10.2f} {min(r.seconds) * 1e3:>8.2f}"
+        if counted and r.gflop:
+            line += f" {r.gflop:>8.1f} {r.gflop / r.median_s if r.median_s > 0 else 0.0:>8.1f}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -124,12 +129,14 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
     ``warmup`` untimed ones; "load" reloads the folder each time, "write" writes the CT as .nrrd.
     Peak memory: CUDA ``max_memory_allocated`` over the timed runs, and the process's peak RSS.
     ``method``, ``guidance`` and ``precision`` as in :meth:`XctDiffPipeline.reconstruct` (the stages a
-    path skips time 0); the settings printed say which precision ``auto`` became.
+    path skips time 0); the settings printed say which precision ``auto`` became. One more, untimed
+    run counts each stage's operations (:func:`~XctDiffCore.pipeline.counting_flops`): GFLOP and
+    achieved GFLOP/s beside the times show the distance to the hardware.
     """
     import tempfile
 
     from .io import write_volume
-    from .pipeline import XctDiffPipeline
+    from .pipeline import XctDiffPipeline, counting_flops
 
     if repeats < 1:
         raise XctDiffError("--repeats must be at least 1")
@@ -156,11 +163,20 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
             if i >= warmup:
                 for name, key in PIPELINE_STAGES:
                     runs[name].append(result.timings.get(key, 0.0))
+        with counting_flops():  # one more, untimed run: the operations of each stage
+            counted = pipe.reconstruct(radiograph, steps=steps if method == "diffusion" else None, samples=samples,
+                                       seed=0, device=str(dev), method=method, cpu_fallback=False, guidance=guidance,
+                                       precision=precision).flops
     settings = {"model": pipe.info.model_id, "volume": f"{pipe.info.volume_size}^3", "method": method,
                 "steps": result.steps, "sampler": pipe.info.sampler if method == "diffusion" else None,
                 "samples": samples, "guidance": guidance or None, "precision": result.precision, "threads": torch.get_num_threads(),
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), **_peak_memory(dev)}
-    return [BenchmarkResult(name, str(dev), settings if name == "total" else {}, seconds) for name, seconds in runs.items()]
+    gflop = {name: counted.get(key, 0) / 1e9 for name, key in PIPELINE_STAGES}
+    if result.steps:
+        gflop["sampler/step"] = counted.get("sampling", 0) / 1e9 / result.steps
+    gflop["total"] = sum(counted.values()) / 1e9
+    return [BenchmarkResult(name, str(dev), settings if name == "total" else {}, seconds, gflop.get(name) or None)
+            for name, seconds in runs.items()]
 
 
 def _sample_radiograph():

@@ -108,6 +108,7 @@ class Reconstruction:
     unguided_consistency: Optional[float] = None  # with guidance asked for: the mean consistency of the samples before it
     warnings: list = field(default_factory=list)  # why the result deserves less trust (plausibility, skipped guidance)
     precision: str = "fp32"  # the networks' arithmetic: "bf16" (autocast) or "fp32"
+    flops: dict = field(default_factory=dict)  # operations per stage, only inside counting_flops()
 
     def summary(self) -> dict:
         """Plain data for the ``RESULT`` line and JSON logs."""
@@ -393,6 +394,7 @@ class XctDiffPipeline:
             unguided_consistency=unguided,
             warnings=notes,
             precision="bf16" if self._amp_dtype == torch.bfloat16 else "fp32",
+            flops=timer.flops,
         )
 
     def _decode(self, latents: torch.Tensor, device, reporter: _Progress, cancel, ends: dict = STAGE_END,
@@ -477,13 +479,37 @@ class XctDiffPipeline:
         return image[0, 0].cpu().numpy().astype(np.float32)
 
 
+_FLOP_COUNTER = None  # the FlopCounterMode of counting_flops(), while one is active
+
+
+@contextlib.contextmanager
+def counting_flops():
+    """Inside: each reconstruction's ``flops`` holds the floating-point operations per stage (convolutions,
+    matrix products, attention, as ``torch.utils.flop_counter`` counts them), so ``xctdiff benchmark
+    pipeline`` can print the achieved GFLOP/s beside each time. Slow: for one counting run, not timing."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    global _FLOP_COUNTER
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _FLOP_COUNTER = counter
+        try:
+            yield counter
+        finally:
+            _FLOP_COUNTER = None
+
+
 class _Timer:
-    """Seconds per stage, with the device synchronised at each lap (CUDA runs asynchronously)."""
+    """Seconds per stage, with the device synchronised at each lap (CUDA runs asynchronously); the
+    operations per stage too, inside :func:`counting_flops`."""
 
     def __init__(self, device):
         self.device = torch.device(device)
         self.start = self.last = time.perf_counter()
         self.laps: dict = {}
+        self.counter = _FLOP_COUNTER
+        self.flops: dict = {}
+        self.last_flops = self.counter.get_total_flops() if self.counter is not None else 0
 
     def lap(self, name: str) -> None:
         if self.device.type == "cuda":
@@ -491,6 +517,10 @@ class _Timer:
         now = time.perf_counter()
         self.laps[name] = self.laps.get(name, 0.0) + now - self.last
         self.last = now
+        if self.counter is not None:
+            total = self.counter.get_total_flops()
+            self.flops[name] = self.flops.get(name, 0) + total - self.last_flops
+            self.last_flops = total
 
     def timings(self) -> dict:
         return {**self.laps, "total": self.last - self.start}

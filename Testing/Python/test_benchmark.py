@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,6 +32,36 @@ def test_pipeline_benchmark_of_random_tiny_weights():
     assert all(r.settings == {} for r in results if r.name != "total")
     table = format_table(results).splitlines()
     assert len(table) == 1 + len(STAGE_NAMES) and table[0].split()[:2] == ["benchmark", "device"]
+    # operations counted per stage (issue 20 item 5): the networks' stages have some, file work none
+    assert table[0].split()[-2:] == ["GFLOP", "GFLOP/s"]
+    for stage in ("encoder", "sampler/step", "decode", "total"):
+        assert by_name[stage].gflop > 0, stage
+    assert by_name["write"].gflop is None and by_name["load"].gflop is None
+    stages = sum((r.gflop or 0.0) * (2 if r.name == "sampler/step" else 1) for r in results if r.name != "total")
+    assert by_name["total"].gflop == pytest.approx(stages, rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:the input does not look like a frontal chest")  # a noise film, on purpose
+def test_counting_flops_changes_nothing_and_counts_the_decoder(tmp_path):
+    """The counter observes: the same CT with and without it (to 1 HU: under a dispatch mode PyTorch may
+    pick other convolution kernels, whose rounding differs); the decoding stage counts what the
+    autoencoder's decoder does (measured here on its own) plus the code lookup."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from XctDiffCore.pipeline import XctDiffPipeline, counting_flops
+
+    pipe = XctDiffPipeline.from_pretrained(create_random_model(tmp_path / "model", "tiny"))
+    film = torch.rand(64, 64).numpy()
+    plain = pipe.reconstruct(film, method="direct", device="cpu", seed=0)
+    with counting_flops():
+        counted = pipe.reconstruct(film, method="direct", device="cpu", seed=0)
+    assert plain.flops == {} and sum(counted.flops.values()) > 0
+    assert np.abs(plain.ct.array.astype(np.int32) - counted.ct.array).max() <= 1
+    with torch.inference_mode():
+        latent = torch.randn_like(pipe.encoder(torch.zeros(1, 1, pipe.info.xray_size, pipe.info.xray_size)))
+    with torch.inference_mode(), FlopCounterMode(display=False) as alone:
+        pipe.vqgan.decode(pipe.vqgan.quantize(latent)[0])
+    assert counted.flops["decoding"] == alone.get_total_flops()
 
 
 def test_cli_with_a_model_folder_writes_json(tmp_path, capsys):
