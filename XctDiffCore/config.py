@@ -97,7 +97,7 @@ class DiscriminatorConfig:
 
 @dataclass
 class AutoencoderLossConfig:
-    """Arguments of :class:`XctDiffCore.losses.AutoencoderLoss` (eqs. 3-4), plus where LPIPS weights are."""
+    """Arguments of :class:`XctDiffCore.training.losses.AutoencoderLoss` (eqs. 3-4), plus where LPIPS weights are."""
 
     l1_weight: float = 1.0
     perceptual_weight: float = 1.0

@@ -597,7 +597,7 @@ def reconstruct_file(
     if uncertainty is not None:
         written.append(write_volume(result.uncertainty, uncertainty))
     if views is not None:
-        from .views import write_reconstruction_views
+        from .figures import write_reconstruction_views
 
         written.append(write_reconstruction_views(result, views))
     result.timings["write"] = time.perf_counter() - start

@@ -50,7 +50,7 @@ def chest_phantom() -> np.ndarray:
 @pytest.fixture(scope="module")
 def drr_png(tmp_path_factory) -> Path:
     """The sample CT's DRR, written (and tagged as a DRR) by `xctdiff drr`."""
-    from XctDiffCore.cli import main
+    from XctDiffCore.commands.cli import main
 
     path = tmp_path_factory.mktemp("drr") / "sample_drr.png"
     assert main(["drr", str(SAMPLE_CT), "-o", str(path)]) == 0

@@ -1,4 +1,4 @@
-"""The autoencoder fidelity report (autoencoder_eval.py): its bounds, its tables and figure, its errors."""
+"""The autoencoder fidelity report (XctDiffCore/evaluation/autoencoder.py): its bounds, its tables and figure, its errors."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from conftest import synthetic_chest
 
-from XctDiffCore.autoencoder_eval import evaluate_autoencoder, pool_and_resample
-from XctDiffCore.cli import main
+from XctDiffCore.evaluation.reconstructions.autoencoder import evaluate_autoencoder, pool_and_resample
+from XctDiffCore.commands.cli import main
 from XctDiffCore.metrics import volume_scores
 from XctDiffCore.model_folder import create_random_model
 

@@ -233,7 +233,7 @@ def test_a_library_warning_is_one_plain_line(tmp_path, monkeypatch, capsys):
     """Pillow's DecompressionBombWarning (a film near Pillow's pixel limit) as the engine's own `warning: ...` line."""
     from PIL import Image
 
-    from XctDiffCore.cli import main
+    from XctDiffCore.commands.cli import main
 
     path = write_png(tmp_path / "film.png", np.full((64, 64), 9, np.uint8))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 4096 pixels: over the limit, under twice it
@@ -244,7 +244,7 @@ def test_a_library_warning_is_one_plain_line(tmp_path, monkeypatch, capsys):
 
 
 def test_a_file_name_with_newlines_gives_one_error_line(tmp_path, capsys):
-    from XctDiffCore.cli import main
+    from XctDiffCore.commands.cli import main
 
     path = tmp_path / "film\nerror: forged\r.png"
     assert main(["inspect", str(path)]) == 2
@@ -258,7 +258,7 @@ def test_a_file_name_with_newlines_gives_one_error_line(tmp_path, capsys):
 
 def test_ct_spanning_more_than_a_body_is_refused_before_resampling(tmp_path, capsys):
     """A wrong spacing (110 mm for 1.1 mm) would make the 2.5 mm resampling grid enormous: one error line."""
-    from XctDiffCore.cli import main
+    from XctDiffCore.commands.cli import main
 
     path = write_nrrd(tmp_path / "wide.nrrd", small_ct(), space="left-posterior-superior",
                       **{"space directions": np.diag([110.0, 1.0, 1.0]), "space origin": np.zeros(3)})
@@ -277,7 +277,7 @@ def test_resampling_grid_is_bounded(monkeypatch):
 
 
 def test_drr_refuses_to_overwrite_its_ct(tmp_path, capsys):
-    from XctDiffCore.cli import main
+    from XctDiffCore.commands.cli import main
 
     path = write_volume(Volume(small_ct(), (2.5, 2.5, 2.5)), tmp_path / "ct.nrrd")
     before = path.read_bytes()
@@ -297,7 +297,7 @@ def test_closed_stdout_ends_quietly(tmp_path):
 
 
 def test_interrupt_while_the_parser_is_built(monkeypatch, capsys):
-    from XctDiffCore import cli
+    from XctDiffCore.commands import cli
 
     def interrupted(subparsers):
         raise KeyboardInterrupt
@@ -314,7 +314,7 @@ def test_interrupt_while_the_parser_is_built(monkeypatch, capsys):
 SIGTERM_MID_WRITE = """
 import os, signal, sys, time
 import nrrd
-from XctDiffCore.cli import main
+from XctDiffCore.commands.cli import main
 
 def write(path, *args, **kwargs):  # a writer that gets SIGTERM half-way
     with open(path, "wb") as f:

@@ -1,4 +1,4 @@
-"""`xctdiff benchmark pipeline` (XctDiffCore/benchmark.py: benchmark_pipeline) on the tiny config:
+"""`xctdiff benchmark pipeline` (XctDiffCore/commands/benchmark.py: benchmark_pipeline) on the tiny config:
 one row per stage, the settings of the run, the JSON file; errors as one `error:` line."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from XctDiffCore.benchmark import PIPELINE_STAGES, benchmark_pipeline, format_table
-from XctDiffCore.cli import main
+from XctDiffCore.commands.benchmark import PIPELINE_STAGES, benchmark_pipeline, format_table
+from XctDiffCore.commands.cli import main
 from XctDiffCore.errors import XctDiffError
 from XctDiffCore.model_folder import create_random_model
 

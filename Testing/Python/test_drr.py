@@ -175,7 +175,7 @@ def test_cone_drr_of_the_sample_is_radiograph_like():
 
 
 def test_cli_drr_writes_a_tagged_png_and_an_nrrd(tmp_path, capsys):
-    from XctDiffCore.cli import main
+    from XctDiffCore.commands.cli import main
     from XctDiffCore.io import read_radiograph
 
     out = tmp_path / "sample_drr.png"
@@ -199,7 +199,7 @@ def test_cli_drr_writes_a_tagged_png_and_an_nrrd(tmp_path, capsys):
     ["missing_ct", "radiograph_as_ct", "missing_output_folder", "unknown_output_format"],
 )
 def test_cli_drr_bad_input_leaves_nothing(tmp_path, capsys, case):
-    from XctDiffCore.cli import main
+    from XctDiffCore.commands.cli import main
 
     ct, out = str(SAMPLE_CT), tmp_path / "drr.png"
     if case == "missing_ct":
@@ -218,7 +218,7 @@ def test_cli_drr_bad_input_leaves_nothing(tmp_path, capsys, case):
 
 def test_demo_without_a_model_renders_the_sample_into_a_new_folder(tmp_path, capsys, monkeypatch):
     from XctDiffCore import model_folder
-    from XctDiffCore.demo import run_demo
+    from XctDiffCore.commands.demo import run_demo
     from XctDiffCore.io import read_radiograph
 
     def no_model():
@@ -235,7 +235,7 @@ def test_demo_without_a_model_renders_the_sample_into_a_new_folder(tmp_path, cap
 
 
 def test_demo_with_a_model_reconstructs_the_sample_radiograph(tmp_path, capsys):
-    from XctDiffCore.demo import run_demo
+    from XctDiffCore.commands.demo import run_demo
     from XctDiffCore.io import read_ct, read_radiograph
     from XctDiffCore.model_folder import create_random_model
 

@@ -1,4 +1,4 @@
-"""`xctdiff evaluate` (XctDiffCore/evaluation.py) on a tiny model with random weights and a datalist made
+"""`xctdiff evaluate` (XctDiffCore/evaluation/reconstructions.py) on a tiny model with random weights and a datalist made
 by `xctdiff prepare` from three synthetic chests: the four outputs, one row per case and method
 (xctdiff, direct, knn, mean_ct), numbers (bone and lung Dice too) that match an independent computation,
 seeds seed + i, the per-case table, a lung and a bone row per case in the figure; the kNN baseline
@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from conftest import synthetic_chest
 
-from XctDiffCore.cli import main
-from XctDiffCore.evaluation import CSV_COLUMNS, METRICS, datalist_cases, datalist_training, drr_thumbnail, evaluate, knn_ct
+from XctDiffCore.commands.cli import main
+from XctDiffCore.evaluation.reconstructions import CSV_COLUMNS, METRICS, datalist_cases, datalist_training, drr_thumbnail, evaluate, knn_ct
 from XctDiffCore.io import Radiograph, write_volume
 from XctDiffCore.layout import HU_MAX, HU_MIN
 from XctDiffCore.metrics import psnr, window01
 from XctDiffCore.model_folder import create_random_model
 from XctDiffCore.pipeline import XctDiffPipeline
-from XctDiffCore.views import GAP, LABEL_HEIGHT, PANEL_SIZE
+from XctDiffCore.figures import GAP, LABEL_HEIGHT, PANEL_SIZE
 from XctDiffCore.volume import Volume
 
 STEPS, SAMPLES, SEED = 2, 2, 10
@@ -310,7 +310,7 @@ def test_knn_0_leaves_the_baseline_out(no_lpips, model_dir, datalist, tmp_path):
 
 
 def test_augmented_variants_are_cases_only_when_asked(datalist, tmp_path):
-    from XctDiffCore.evaluation import datalist_cases
+    from XctDiffCore.evaluation.reconstructions import datalist_cases
 
     data = json.loads(datalist.read_text())
     variants = [{**entry, "aug": 1, "image": entry["image"]} for entry in data["validation"]]
@@ -382,7 +382,7 @@ def test_the_evaluation_loads_no_training_code(no_lpips, model_dir, datalist, tm
 
     script = (
         "import sys, warnings; warnings.simplefilter('ignore')\n"
-        "from XctDiffCore.cli import main\n"
+        "from XctDiffCore.commands.cli import main\n"
         f"status = main(['evaluate', '--model', {str(model_dir)!r}, '--data', {str(datalist)!r}, '--out', "
         f"{str(tmp_path / 'eval')!r}, '--steps', '1', '--device', 'cpu'])\n"
         "print(status, ' '.join(sorted(m for m in sys.modules if m.startswith('XctDiffCore'))))\n"
@@ -390,5 +390,5 @@ def test_the_evaluation_loads_no_training_code(no_lpips, model_dir, datalist, tm
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert done.returncode == 0, done.stderr
     status, *loaded = done.stdout.splitlines()[-1].split()  # the last line: after the tables
-    assert status == "0" and "XctDiffCore.evaluation" in loaded and "XctDiffCore.datalist" in loaded
-    assert [m for m in loaded if m.startswith(("XctDiffCore.training", "XctDiffCore.losses", "XctDiffCore.augment"))] == []
+    assert status == "0" and "XctDiffCore.evaluation.reconstructions" in loaded and "XctDiffCore.datalist" in loaded
+    assert [m for m in loaded if m.startswith(("XctDiffCore.training", "XctDiffCore.training.losses", "XctDiffCore.augment"))] == []

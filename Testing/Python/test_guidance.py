@@ -12,7 +12,7 @@ from conftest import SAMPLE_RADIOGRAPH, synthetic_chest
 from test_pipeline import film, model_dir, pipe  # noqa: F401 (the tiny random model and the sample film)
 
 from XctDiffCore import pipeline as pipeline_module
-from XctDiffCore.cli import main
+from XctDiffCore.commands.cli import main
 from XctDiffCore.diffusion import Cancelled
 from XctDiffCore.drr import ConeGeometry
 from XctDiffCore.errors import XctDiffError
@@ -134,7 +134,7 @@ def test_bad_guidance_on_the_command_line_is_one_error_line_before_the_model_loa
 def test_the_summary_line_shows_the_score_before_guidance():
     from types import SimpleNamespace
 
-    from XctDiffCore.reconstruct_job import summary_line
+    from XctDiffCore.commands.reconstruct_job import summary_line
 
     result = SimpleNamespace(method="direct", seed=0, device="cpu", consistency=0.94, guidance=1.0, unguided_consistency=0.85)
     assert "consistency 0.940 (guided 1; 0.850 unguided)" in summary_line("a.png", "a.nrrd", 1.0, result)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from XctDiffCore.cli import main
+from XctDiffCore.commands.cli import main
 from XctDiffCore.errors import XctDiffError
 from XctDiffCore.models.lpips import (
     ALEXNET,

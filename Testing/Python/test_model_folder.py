@@ -16,7 +16,7 @@ import torch
 from conftest import REPO, SAMPLE_RADIOGRAPH
 from safetensors.torch import load_file
 
-from XctDiffCore.cli import main
+from XctDiffCore.commands.cli import main
 from XctDiffCore.config import load_config
 from XctDiffCore.errors import XctDiffError
 from XctDiffCore.model_folder import MANIFEST_NAME, bundled_model_folder, create_random_model, file_sha256, load_model_folder

@@ -498,7 +498,7 @@ def test_a_reconstruction_through_the_python_api_loads_no_training_code(model_di
     assert done.returncode == 0, done.stderr
     loaded = done.stdout.split()
     assert "XctDiffCore.pipeline" in loaded and "XctDiffCore.guidance" in loaded
-    assert [m for m in loaded if m.startswith(("XctDiffCore.training", "XctDiffCore.losses", "XctDiffCore.augment"))] == []
+    assert [m for m in loaded if m.startswith(("XctDiffCore.training", "XctDiffCore.training.losses", "XctDiffCore.augment"))] == []
 
 
 def test_settings_come_as_options_or_as_keywords(pipe, film):

@@ -9,7 +9,7 @@ from conftest import synthetic_chest
 from test_io import file_size_limit  # noqa: F401 - a fixture
 
 from XctDiffCore.augment import RandomChestAugment
-from XctDiffCore.cli import main
+from XctDiffCore.commands.cli import main
 from XctDiffCore.drr import drr_of_volume
 from XctDiffCore.errors import XctDiffError
 from XctDiffCore.io import read_ct, read_radiograph, write_volume

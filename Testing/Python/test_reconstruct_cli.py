@@ -1,4 +1,4 @@
-"""`xctdiff reconstruct` (XctDiffCore/reconstruct_job.py) on a tiny model with random weights: one file
+"""`xctdiff reconstruct` (XctDiffCore/commands/reconstruct_job.py) on a tiny model with random weights: one file
 (formats, views, uncertainty, progress lines), a folder (batch, failures, the torchrun split), every bad
 input of test_bad_input.py (one `error:` line, exit status 2, no traceback, no file left) and cancel."""
 from __future__ import annotations
@@ -17,11 +17,11 @@ import torch
 from conftest import REPO, SAMPLE_CT, SAMPLE_RADIOGRAPH
 from test_bad_input import CASES
 
-from XctDiffCore.cli import main
+from XctDiffCore.commands.cli import main
 from XctDiffCore.io import read_ct
 from XctDiffCore.model_folder import create_random_model
 from XctDiffCore.pipeline import XctDiffPipeline
-from XctDiffCore.views import GAP, LABEL_HEIGHT, PANEL_SIZE
+from XctDiffCore.figures import GAP, LABEL_HEIGHT, PANEL_SIZE
 
 STEPS = "2"
 GRID, SPACING = 128, 2.5
@@ -591,7 +591,7 @@ def test_progress_on_a_non_terminal_is_plain_lines(cli, tmp_path):
 def test_progress_bar_on_a_terminal_has_no_stray_comma():
     import io
 
-    from XctDiffCore.reconstruct_job import ProgressDisplay
+    from XctDiffCore.commands.reconstruct_job import ProgressDisplay
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -606,7 +606,7 @@ def test_progress_bar_on_a_terminal_has_no_stray_comma():
 
 
 def test_views_labels_keep_their_spaces_and_no_label_sits_over_an_empty_panel():
-    from XctDiffCore.views import compose_grid, reconstruction_rows
+    from XctDiffCore.figures import compose_grid, reconstruction_rows
 
     canvas = np.asarray(compose_grid([[("CT axial", np.zeros((8, 8)))]]))
     ink = np.flatnonzero(canvas[:LABEL_HEIGHT].max(axis=0) > 0)
@@ -624,7 +624,7 @@ def test_views_labels_keep_their_spaces_and_no_label_sits_over_an_empty_panel():
 def test_help_lists_the_main_job_first_and_shows_defaults(capsys):
     import argparse
 
-    from XctDiffCore.cli import build_parser
+    from XctDiffCore.commands.cli import build_parser
 
     parser = build_parser()
     text = parser.format_help()
@@ -654,7 +654,7 @@ def test_help_and_inspect_start_without_torch():
     import subprocess
     import sys
 
-    script = ("import sys\nfrom XctDiffCore.cli import build_parser, main\nbuild_parser()\n"
+    script = ("import sys\nfrom XctDiffCore.commands.cli import build_parser, main\nbuild_parser()\n"
               f"main(['inspect', {str(SAMPLE_RADIOGRAPH)!r}])\nprint('torch' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -665,7 +665,7 @@ def test_the_options_have_one_definition_from_parser_to_protocol():
     """ReconstructOptions -> argv -> the CLI's parser -> the same options; PROTOCOL.md names every flag (issue 16)."""
     from conftest import REPO
 
-    from XctDiffCore.cli import build_parser
+    from XctDiffCore.commands.cli import build_parser
     from XctDiffCore.options import ReconstructOptions
 
     options = ReconstructOptions(steps=7, samples=2, seed=5, device="cpu", style="off", method="diffusion",

@@ -14,13 +14,13 @@ import pytest
 import torch
 from conftest import synthetic_chest
 
-from XctDiffCore.cli import main
+from XctDiffCore.commands.cli import main
 from XctDiffCore.config import load_config, save_config
 from XctDiffCore.drr import drr_of_volume
 from XctDiffCore.errors import XctDiffError
 from XctDiffCore.io import read_radiograph, write_image_png
 from XctDiffCore.style import apply_style, load_style_generator
-from XctDiffCore.style_eval import consistency_with_and_without_style, domain_accuracy, evaluate_style, nearest_drr, style_features
+from XctDiffCore.evaluation.style import consistency_with_and_without_style, domain_accuracy, evaluate_style, nearest_drr, style_features
 from XctDiffCore.training import train
 from XctDiffCore.io import find_real_radiographs
 from XctDiffCore.training.style import RealRadiographs, split_real_files

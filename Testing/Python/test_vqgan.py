@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from XctDiffCore.layout import ct_to_model_layout, hu_to_unit
-from XctDiffCore.losses import AutoencoderLoss, sample_slices
+from XctDiffCore.training.losses import AutoencoderLoss, sample_slices
 from XctDiffCore.models import count_parameters
 from XctDiffCore.models.discriminators import PatchDiscriminator
 from XctDiffCore.models.lpips import LPIPS

@@ -174,7 +174,7 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     (e.g. the ``summary.json`` of ``xctdiff evaluate``). ``method``: the pipeline's default path
     (``"direct"`` for a model whose diffusion stage measures worse than its encoder alone).
     """
-    from ..evaluation import datalist_mean_ct
+    from ..evaluation.reconstructions import datalist_mean_ct
     from ..model_folder import MANIFEST_NAME, OPTIONAL_STAGES, REQUIRED_STAGES, save_model_folder
     from .common import checkpoint_path, load_checkpoint
 

@@ -1,7 +1,7 @@
 """Stage 1: the 3D VQ-GAN with its volume and slice critics (eqs. 1-4).
 
 Per step: a generator update of the VQ-GAN (L1 + LPIPS + codebook + adaptive-weight GAN terms, see
-:class:`XctDiffCore.losses.AutoencoderLoss`), then, once the critics have joined at ``disc_start``,
+:class:`XctDiffCore.training.losses.AutoencoderLoss`), then, once the critics have joined at ``disc_start``,
 a hinge update of both critics on the real volume and the detached reconstruction. Under torchrun
 the VQ-GAN is wrapped in DDP; the critics are averaged by hand (:func:`~.common.backward_step`),
 because they sit idle during the generator step. Logs: the loss terms, codebook use (share of the
@@ -111,7 +111,7 @@ def train_autoencoder(config: Config, resume: bool = False, time_limit: Optional
 
 
 def _train(config: Config, resume: bool, job, deadline) -> Path:
-    from ..losses import AutoencoderLoss
+    from .losses import AutoencoderLoss
     from ..models.lpips import LPIPS
     from ..models.quantize import codebook_utilisation
 

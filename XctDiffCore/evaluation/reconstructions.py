@@ -55,7 +55,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import XctDiffError
+from ..errors import XctDiffError
 
 METRICS = ("psnr", "ssim", "psnr_slices", "ssim_slices", "lpips", "bone_dice", "lung_dice")
 METRIC_TITLES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "psnr_slices": "PSNR slices (dB)", "ssim_slices": "SSIM slices",
@@ -88,8 +88,8 @@ class TrainingPatient:
 
 def model_grid_hu(ct_hu: np.ndarray, size: int) -> np.ndarray:
     """A prepared canonical 128^3 CT -> ``size``^3 canonical HU, average-pooled as the training data loader does."""
-    from .layout import model_layout_to_ct, unit_to_hu
-    from .model_inputs import ct_to_model
+    from ..layout import model_layout_to_ct, unit_to_hu
+    from ..model_inputs import ct_to_model
 
     return model_layout_to_ct(unit_to_hu(ct_to_model(np.asarray(ct_hu), size)[0].numpy())).astype(np.float32)
 
@@ -110,7 +110,7 @@ def _is_datalist(path: Path) -> bool:
 
 
 def datalist_cases(datalist: Path, volume_size: int, max_cases: Optional[int] = None, augmented: bool = False) -> list:
-    from .datalist import read_datalist
+    from ..datalist import read_datalist
 
     validation = read_datalist(datalist, "validation")  # checks the file and the entries
     raw = json.loads(datalist.read_text(encoding="utf-8")).get("validation", [])
@@ -127,7 +127,7 @@ def datalist_cases(datalist: Path, volume_size: int, max_cases: Optional[int] = 
 
 def datalist_mean_ct(datalist: Path, volume_size: int) -> Optional[np.ndarray]:
     """Mean of the datalist's training CTs on a ``volume_size``^3 grid (HU), or None without training entries."""
-    from .datalist import read_datalist
+    from ..datalist import read_datalist
 
     items = read_datalist(datalist, "training")
     if not items:
@@ -153,7 +153,7 @@ def drr_thumbnail(drr01: np.ndarray, size: int = KNN_DRR_SIZE) -> np.ndarray:
 
 def datalist_training(datalist: Path) -> list:
     """The kNN candidates: the datalist's training entries with ``aug == 0``, the first of each patient."""
-    from .datalist import read_datalist
+    from ..datalist import read_datalist
 
     items = read_datalist(datalist, "training")
     raw = json.loads(Path(datalist).read_text(encoding="utf-8")).get("training", [])
@@ -186,11 +186,11 @@ def knn_ct(drr01: np.ndarray, training: list, k: int, volume_size: int) -> tuple
 
 
 def ct_folder_cases(path: Path, volume_size: int, geometry: str, max_cases: Optional[int] = None) -> list:
-    from .drr import drr_of_volume
-    from .io import read_ct
-    from .model_folder import PREPARED_SIZE, PREPARED_SPACING_MM
-    from .prepare import find_ct_inputs
-    from .preprocess import preprocess_ct
+    from ..drr import drr_of_volume
+    from ..io import read_ct
+    from ..model_folder import PREPARED_SIZE, PREPARED_SPACING_MM
+    from ..prepare import find_ct_inputs
+    from ..preprocess import preprocess_ct
 
     cases = []
     for ct_input in find_ct_inputs([path])[:max_cases]:
@@ -220,11 +220,11 @@ def evaluate(
     """Run the protocol of the module docstring; write the outputs; return the summary (method -> metric -> mean/std)."""
     from tqdm import tqdm
 
-    from .options import check_guidance
-    from .io import Radiograph
-    from .metrics import BONE_HU, LUNG_HU, volume_scores
-    from .models.lpips import LPIPS
-    from .pipeline import OUTPUT_SIZE, XctDiffPipeline
+    from ..options import check_guidance
+    from ..io import Radiograph
+    from ..metrics import BONE_HU, LUNG_HU, volume_scores
+    from ..models.lpips import LPIPS
+    from ..pipeline import OUTPUT_SIZE, XctDiffPipeline
 
     data, out_dir = Path(data), Path(out_dir)
     if not data.exists():
@@ -296,7 +296,7 @@ def evaluate(
                                                       "guidance": guidance or None, "precision": used_precision,
                                                       "summary": summary}, indent=2) + "\n")
     if figure:
-        from .views import compose_grid, write_png
+        from ..figures import compose_grid, write_png
 
         write_png(compose_grid(figure_rows(figure, k)), out_dir / "figure.png")
     return summary
@@ -358,7 +358,7 @@ def metrics_csv(rows: list, columns=CSV_COLUMNS) -> str:
 
 def figure_case(case: Case, volumes: dict, uncertainty: Optional[np.ndarray]) -> tuple:
     """What the figure needs of one case (mid-coronal slices only, so that no volume is kept)."""
-    from .views import orthogonal_slices
+    from ..figures import orthogonal_slices
 
     coronal = lambda hu: orthogonal_slices(hu)["coronal"]  # noqa: E731
     slices = {"truth": coronal(case.truth_hu), **{method: coronal(hu) for method, hu in volumes.items()}}
@@ -368,7 +368,7 @@ def figure_case(case: Case, volumes: dict, uncertainty: Optional[np.ndarray]) ->
 def figure_rows(figure: list, knn: Optional[int] = None) -> list:
     """Two rows per case, mid-coronal slices: input | truth | each method | XctDiff std in a lung window, then
     truth | each method in a bone window (one window cannot show both the parenchyma and the ribs)."""
-    from .views import BONE_WINDOW_HU, LUNG_WINDOW_HU, scale_to_unit, window
+    from ..figures import BONE_WINDOW_HU, LUNG_WINDOW_HU, scale_to_unit, window
 
     titles = {"truth": "truth", "xctdiff": "XctDiff", "direct": "direct", "xctdiff_guided": "XctDiff guided",
               "direct_guided": "direct guided", "knn": f"kNN k={knn}" if knn else "kNN", "mean_ct": "mean CT"}
@@ -385,7 +385,7 @@ def figure_rows(figure: list, knn: Optional[int] = None) -> list:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    from .atomic import atomic_path
+    from ..atomic import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

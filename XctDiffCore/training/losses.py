@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.discriminators import PatchDiscriminator
-from .models.lpips import LPIPS
+from ..models.discriminators import PatchDiscriminator
+from ..models.lpips import LPIPS
 
 
 def sample_slices(volumes: Tuple[torch.Tensor, ...], slices_per_axis: int, generator: Optional[torch.Generator] = None) -> List[Tuple[torch.Tensor, ...]]:

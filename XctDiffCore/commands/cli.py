@@ -15,8 +15,8 @@ import signal
 import sys
 import threading
 
-from . import __version__
-from .errors import XctDiffError
+from .. import __version__
+from ..errors import XctDiffError
 from .reconstruct_job import one_line, plain_warnings  # stdlib only: the parser stays quick to build
 
 
@@ -57,8 +57,8 @@ def add_train_command(subparsers):
 
 
 def _run_train(args) -> int:
-    from .config import load_config
-    from .training import train
+    from ..config import load_config
+    from ..training import train
 
     train(args.stage, load_config(args.config), data=args.data, out=args.out, resume=args.resume, max_steps=args.max_steps,
           init=args.init, time_limit=args.time_limit)
@@ -66,7 +66,7 @@ def _run_train(args) -> int:
 
 
 def add_export_command(subparsers):
-    from .config import METHODS
+    from ..config import METHODS
 
     p = subparsers.add_parser("export", help="trained run folder -> model folder (safetensors, manifest with SHA-256)")
     p.add_argument("run", help="run folder of `xctdiff train` (autoencoder, encoder, diffusion; style when trained)")
@@ -88,7 +88,7 @@ def add_export_command(subparsers):
 def _run_export(args) -> int:
     from pathlib import Path
 
-    from .training import export_run
+    from ..training import export_run
 
     card = ""
     if args.model_card:
@@ -117,8 +117,8 @@ def add_models_command(subparsers):
 
 
 def _run_models(args) -> int:
-    from .config import load_config
-    from .training import parameter_table
+    from ..config import load_config
+    from ..training import parameter_table
 
     configs = {name: load_config(name) for name in args.params}
     print(parameter_table(configs))
@@ -133,7 +133,7 @@ def add_inspect_command(subparsers):
 
 
 def _run_inspect(args) -> int:
-    from .io import inspect_path
+    from ..io import inspect_path
 
     for key, value in inspect_path(args.path, args.kind).items():
         print(f"{key}: {value}")
@@ -154,7 +154,7 @@ def add_lpips_weights_command(subparsers):
 def _run_lpips_weights(args) -> int:
     from pathlib import Path
 
-    from .models.lpips import WEIGHTS_NAME, convert_lpips_weights, default_weights_path
+    from ..models.lpips import WEIGHTS_NAME, convert_lpips_weights, default_weights_path
 
     out = Path(args.cache).expanduser() / WEIGHTS_NAME if args.cache else default_weights_path()
     if out.is_file() and not args.force:
@@ -174,7 +174,7 @@ def add_drr_command(subparsers):
 
 
 def _run_drr(args) -> int:
-    from .drr import write_drr_file
+    from ..drr import write_drr_file
 
     print(f"wrote {write_drr_file(args.ct, args.output, geometry=args.geometry, size=args.size)}")
     return 0
@@ -195,7 +195,7 @@ def add_prepare_command(subparsers):
 
 
 def _run_prepare(args) -> int:
-    from .prepare import prepare_dataset, summarize
+    from ..prepare import prepare_dataset, summarize
 
     datalist = prepare_dataset(
         args.ct, args.out, augment=args.augment, val_fraction=args.val_fraction, split=args.split, seed=args.seed,
@@ -260,7 +260,7 @@ def _run_benchmark_train(args) -> int:
 
 
 def add_benchmark_pipeline_target(targets):
-    from .options import add_guidance_argument, add_precision_argument
+    from ..options import add_guidance_argument, add_precision_argument
 
     p = targets.add_parser("pipeline", help="per-stage latency and peak memory of one reconstruction")
     p.add_argument("--model", help="model folder (default: the bundled model)")
@@ -290,13 +290,13 @@ BENCHMARK_TARGETS = [add_benchmark_drr_target, add_benchmark_pipeline_target, ad
 
 
 def _add_sampler_option(p):
-    from .config import SAMPLERS  # not from .diffusion: building the parser must not import torch
+    from ..config import SAMPLERS  # not from .diffusion: building the parser must not import torch
 
     p.add_argument("--sampler", choices=SAMPLERS, help="diffusion sampler (default: the model's, DDIM)")
 
 
 def add_reconstruct_command(subparsers):
-    from .options import ReconstructOptions
+    from ..options import ReconstructOptions
 
     p = subparsers.add_parser("reconstruct", help="radiograph (file, or folder of files) -> 3D CT")
     p.add_argument("input", help="radiograph (.png, .jpg, .dcm, 2D .nrrd, ...) or a folder of them (batch; torchrun splits it)")
@@ -314,12 +314,12 @@ def add_reconstruct_command(subparsers):
 
 
 def _run_reconstruct(args) -> int:
-    from .options import ReconstructOptions
+    from ..options import ReconstructOptions
     from .reconstruct_job import run_reconstruct
 
     options = ReconstructOptions.from_args(args)  # checked here, before anything is loaded
     if os.path.isdir(args.input) and "torch" not in sys.modules:  # only before torch starts its threads
-        from .threads import shared_machine_environment
+        from ..threads import shared_machine_environment
 
         # a batch shares the machine for long: threads that sleep at barriers, a core left free
         os.environ.update(shared_machine_environment(os.environ))
@@ -330,7 +330,7 @@ def _run_reconstruct(args) -> int:
 
 
 def add_evaluate_command(subparsers):
-    from .options import add_precision_argument
+    from ..options import add_precision_argument
 
     p = subparsers.add_parser("evaluate", help="reconstruct held-out CTs from their DRRs and score them (with baselines)")
     p.add_argument("--model", help="model folder (default: the bundled model)")
@@ -357,7 +357,7 @@ def _run_evaluate(args) -> int:
     import json
     from pathlib import Path
 
-    from .evaluation import evaluate, markdown_table
+    from ..evaluation.reconstructions import evaluate, markdown_table
 
     summary = evaluate(args.model, args.data, args.out, steps=args.steps, samples=args.samples, seed=args.seed,
                        device=args.device, max_cases=args.max_cases, sampler=args.sampler, augmented=args.augmented,
@@ -383,7 +383,7 @@ def add_evaluate_autoencoder_command(subparsers):
 
 
 def _run_evaluate_autoencoder(args) -> int:
-    from .autoencoder_eval import evaluate_autoencoder, mean_table
+    from ..evaluation.autoencoder import evaluate_autoencoder, mean_table
 
     result = evaluate_autoencoder(args.data, args.out, model=args.model, run=args.run, max_cases=args.max_cases)
     print(mean_table(result["summary"]), end="")
@@ -412,7 +412,7 @@ def add_evaluate_style_command(subparsers):
 def _run_evaluate_style(args) -> int:
     from pathlib import Path
 
-    from .style_eval import evaluate_style, markdown_table, pipeline_consistency
+    from ..evaluation.style import evaluate_style, markdown_table, pipeline_consistency
 
     consistency = None
     if (Path(args.model) / "manifest.json").is_file():  # a whole model: also score reconstructions with and without

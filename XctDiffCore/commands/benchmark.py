@@ -19,8 +19,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .atomic import atomic_path
-from .errors import XctDiffError
+from ..atomic import atomic_path
+from ..errors import XctDiffError
 
 
 @dataclass
@@ -74,7 +74,7 @@ def time_callable(fn: Callable[[], object], device: torch.device, repeats: int, 
 def benchmark_drr(device: str = "cpu", size: int = 128, geometry: str = "cone", repeats: int = 10,
                   batch: int = 1, volume_size: int = 128) -> BenchmarkResult:
     """Time :func:`~XctDiffCore.drr.render_drr` on a random HU volume ``(batch, 1, n, n, n)``, no gradients."""
-    from .drr import make_geometry, render_drr
+    from ..drr import make_geometry, render_drr
 
     dev = resolve_device(device)
     geom = make_geometry(geometry)
@@ -135,15 +135,15 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
     """
     import tempfile
 
-    from .io import write_volume
-    from .pipeline import XctDiffPipeline, counting_flops
+    from ..io import write_volume
+    from ..pipeline import XctDiffPipeline, counting_flops
 
     if repeats < 1:
         raise XctDiffError("--repeats must be at least 1")
     dev = resolve_device(device)
     with tempfile.TemporaryDirectory(prefix="xctdiff-bench-") as tmp:
         if config is not None:
-            from .model_folder import create_random_model
+            from ..model_folder import create_random_model
 
             model = create_random_model(Path(tmp) / "model", config)
         radiograph = _sample_radiograph()
@@ -182,13 +182,13 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
 def _sample_radiograph():
     """The bundled sample film (NEMA WG04 RG1, a real DICOM CR: the style stage runs), else a synthetic
     256 px chest-like image."""
-    from .io import Radiograph, read_radiograph
+    from ..io import Radiograph, read_radiograph
+    from .demo import SAMPLE_RADIOGRAPH_NAME, sample_path
 
-    package = Path(__file__).resolve().parent
-    for root in (package.parent, package):
-        path = root / "Resources" / "Samples" / "RG1_UNCR_chest_PA.dcm"
-        if path.is_file():
-            return read_radiograph(path)
+    try:
+        return read_radiograph(sample_path(SAMPLE_RADIOGRAPH_NAME))
+    except XctDiffError:
+        pass
     rows, cols = np.mgrid[-1:1:256j, -1:1:256j]
     image = np.exp(-(rows**2 + (np.abs(cols) - 0.45) ** 2) / 0.1).astype(np.float32)
     return Radiograph(image, None, False, "synthetic")
@@ -214,7 +214,7 @@ TRAIN_STAGES = ("autoencoder", "encoder", "diffusion")
 
 def _synthetic_datalist(root: Path, pairs: int = 4) -> Path:
     """A datalist like ``xctdiff prepare`` writes (128^3 CTs, 128 px DRRs) of random volumes: timing only."""
-    from .pipeline import OUTPUT_SIZE as size
+    from ..pipeline import OUTPUT_SIZE as size
 
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True)
@@ -244,9 +244,9 @@ def benchmark_train(config: str = "tiny", steps: int = 5, warmup: int = 2, stage
     import dataclasses
     import tempfile
 
-    from .config import load_config
-    from .training import train
-    from .training.common import setup_distributed
+    from ..config import load_config
+    from ..training import train
+    from ..training.common import setup_distributed
 
     if steps < 1:
         raise XctDiffError(f"--steps must be at least 1, got {steps}")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import XctDiffError
-from .layout import ct_to_model_layout
+from ..errors import XctDiffError
+from ..layout import ct_to_model_layout
 
 SAMPLE_CT_NAME = "LIDC-IDRI-0001_ct.nrrd"
 SAMPLE_RADIOGRAPH_NAME = "RG1_UNCR_chest_PA.dcm"  # NEMA DICOM WG04 sample RG1, a PA chest CR (Resources/Samples/README.md)
@@ -22,7 +22,7 @@ SLICE_WINDOW_HU = (-1000.0, 1000.0)
 
 def sample_path(name: str) -> Path:
     """A bundled sample: ``Resources/Samples`` in the repository, or installed beside the package."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent  # XctDiffCore/
     for root in (package.parent, package):
         candidate = root / "Resources" / "Samples" / name
         if candidate.is_file():
@@ -36,7 +36,7 @@ def sample_ct_path() -> Path:
 
 def run_demo(out_dir, model=None) -> dict:
     """Reconstruct the sample radiograph into ``out_dir`` (created), or render the sample's DRR without a model."""
-    from .model_folder import bundled_model_folder
+    from ..model_folder import bundled_model_folder
 
     out_dir = Path(out_dir)
     if model is None:
@@ -45,7 +45,7 @@ def run_demo(out_dir, model=None) -> dict:
         except XctDiffError:
             out_dir.mkdir(parents=True, exist_ok=True)
             return render_sample_drr(out_dir)
-    from .options import ReconstructOptions
+    from ..options import ReconstructOptions
     from .reconstruct_job import run_reconstruct
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -58,9 +58,9 @@ def run_demo(out_dir, model=None) -> dict:
 
 def render_sample_drr(out_dir: Path) -> dict:
     """The sample CT's DRR and an overview figure (DRR | coronal | axial) in ``out_dir``; returns the paths."""
-    from .drr import drr_of_volume
-    from .io import drr_tag_metadata, read_ct, write_image_png
-    from .preprocess import preprocess_ct
+    from ..drr import drr_of_volume
+    from ..io import drr_tag_metadata, read_ct, write_image_png
+    from ..preprocess import preprocess_ct
 
     ct = preprocess_ct(read_ct(sample_ct_path()))
     drr = drr_of_volume(ct, "cone", size=ct.shape[0])

@@ -28,8 +28,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from .errors import XctDiffError
-from .options import ReconstructOptions
+from ..errors import XctDiffError
+from ..options import ReconstructOptions
 
 # Fractions of the whole command: loading the model, then the pipeline, then writing the files.
 LOADED, WRITING = 0.05, 0.95
@@ -52,7 +52,7 @@ def path_text(path, protocol: bool = False) -> str:
 def plain_warnings():
     """Warnings as one ``warning: <message>`` line on stderr (no file names, no source lines).
 
-    The one way the CLI shows a warning: :func:`XctDiffCore.cli.main` runs every command inside it, so
+    The one way the CLI shows a warning: :func:`XctDiffCore.commands.cli.main` runs every command inside it, so
     that a library's warning (numpy, Pillow's DecompressionBombWarning) looks like the engine's own."""
 
     def show(message, category, filename, lineno, file=None, line=None):
@@ -118,7 +118,7 @@ class ProgressDisplay:
 
 def find_radiographs(folder: Path) -> list:
     """Radiograph files directly in ``folder`` (by suffix, hidden files skipped), sorted."""
-    from .atomic import full_suffix
+    from ..atomic import full_suffix
 
     files = [p for p in sorted(folder.iterdir())
              if p.is_file() and not p.name.startswith(".") and full_suffix(p).lower() in RADIOGRAPH_SUFFIXES]
@@ -128,7 +128,7 @@ def find_radiographs(folder: Path) -> list:
 
 
 def _stem(path: Path) -> str:
-    from .atomic import full_suffix
+    from ..atomic import full_suffix
 
     suffix = full_suffix(path)
     return path.name[: -len(suffix)] if suffix else path.name
@@ -160,7 +160,7 @@ def _output_folder(path: Path) -> Path:
 def _refuse_overlaps(inputs: list, jobs: list) -> None:
     """Refuse an output that is an input (it would be destroyed) or another output of the run (one would
     replace the other): by file identity, so links and ``./`` spellings count."""
-    from .atomic import file_identity
+    from ..atomic import file_identity
 
     sources = {file_identity(f): f for f in inputs}
     written = {}
@@ -188,8 +188,8 @@ def run_reconstruct(
     compile: bool = False,
 ) -> int:
     """The ``xctdiff reconstruct`` command; returns the exit status (errors raise :class:`XctDiffError`)."""
-    from .device import torchrun_rank
-    from .pipeline import XctDiffPipeline, check_volume_output, default_output_path, reconstruct_file
+    from ..device import torchrun_rank
+    from ..pipeline import XctDiffPipeline, check_volume_output, default_output_path, reconstruct_file
 
     options = ReconstructOptions() if options is None else options  # checked when made: before the model loads
     device = options.device
@@ -220,8 +220,8 @@ def run_reconstruct(
             if torch.cuda.is_available():
                 device = f"cuda:{local_rank % torch.cuda.device_count()}"
     else:
-        from .atomic import check_output_path
-        from .io import read_radiograph
+        from ..atomic import check_output_path
+        from ..io import read_radiograph
 
         output = Path(output) if output else default_output_path(input_path)
         jobs.append((input_path, output, Path(uncertainty) if uncertainty else None, Path(views) if views else None))
@@ -230,7 +230,7 @@ def run_reconstruct(
         for extra in jobs[0][2:]:
             if extra is not None:
                 check_output_path(extra)
-        from .preprocess import check_radiograph_aspect
+        from ..preprocess import check_radiograph_aspect
 
         # ... and on the input (read again by the pipeline: a few ms)
         check_radiograph_aspect(read_radiograph(input_path).image.shape, f"radiograph {input_path}")

@@ -26,8 +26,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .atomic import atomic_path
-from .errors import XctDiffError
+from ..atomic import atomic_path
+from ..errors import XctDiffError
 
 FEATURES = ("intensity histogram (32)", "gradient-magnitude histogram (16)", "|Laplacian| histogram (16)", "radial log power spectrum (16)")
 FIGURE_ROWS = 6
@@ -40,9 +40,9 @@ def load_real_images(patterns, size: int, max_images: Optional[int] = None, seed
     """Real films (folders or globs) -> ``[N, size, size]`` in [0, 1] as the pipeline preprocesses them, and their paths."""
     from tqdm import tqdm
 
-    from .io import read_radiograph
-    from .preprocess import preprocess_radiograph
-    from .io import find_real_radiographs
+    from ..io import read_radiograph
+    from ..preprocess import preprocess_radiograph
+    from ..io import find_real_radiographs
 
     files = find_real_radiographs(patterns)
     if max_images is not None and len(files) > max_images:
@@ -54,8 +54,8 @@ def load_real_images(patterns, size: int, max_images: Optional[int] = None, seed
 
 def load_drr_images(datalist, size: int) -> np.ndarray:
     """Every ``xray`` of the datalist (training and validation) -> ``[N, size, size]`` in [0, 1], as the encoder sees them."""
-    from .datalist import read_datalist
-    from .model_inputs import xray_to_model
+    from ..datalist import read_datalist
+    from ..model_inputs import xray_to_model
 
     files = [item["xray"] for section in ("training", "validation") for item in read_datalist(datalist, section)]
     if not files:
@@ -66,7 +66,7 @@ def load_drr_images(datalist, size: int) -> np.ndarray:
 @torch.no_grad()
 def transfer(generator: torch.nn.Module, images01: np.ndarray, batch_size: int = 16) -> np.ndarray:
     """:func:`~XctDiffCore.style.apply_style` over ``[N, H, W]`` in batches."""
-    from .style import apply_style
+    from ..style import apply_style
 
     return np.concatenate([apply_style(generator, images01[i : i + batch_size]) for i in range(0, len(images01), batch_size)])
 
@@ -166,8 +166,8 @@ def consistency_with_and_without_style(
 def pipeline_consistency(model_folder, steps: Optional[int] = None, device: str = "auto", seed: int = 0) -> Callable:
     """``score(image01)`` for :func:`consistency_with_and_without_style`: reconstruct with a whole model
     folder (no style stage: the image is scored as given) and return the reconstruction's consistency."""
-    from .io import Radiograph
-    from .pipeline import XctDiffPipeline
+    from ..io import Radiograph
+    from ..pipeline import XctDiffPipeline
 
     pipe = XctDiffPipeline.from_pretrained(model_folder)
 
@@ -216,8 +216,8 @@ def evaluate_style(
     device: str = "cpu",
 ) -> dict:
     """Domain distance of real films to DRRs before and after the style transfer; writes JSON, Markdown, PNG."""
-    from .io import write_image_png
-    from .style import load_style_generator
+    from ..io import write_image_png
+    from ..style import load_style_generator
 
     if max_images is not None and max_images < folds:
         raise XctDiffError(f"--max-images must be at least the number of folds ({folds}), got {max_images}")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import XctDiffError
+from ..errors import XctDiffError
 
 COLUMNS = ("psnr", "ssim", "bone_dice", "lung_dice", "lpips", "codebook_use", "perplexity")
 TITLES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "bone_dice": "bone Dice", "lung_dice": "lung Dice", "lpips": "LPIPS",
@@ -42,12 +42,12 @@ def load_vqgan(model=None, run=None) -> tuple:
     if (model is None) == (run is None):
         raise XctDiffError("give one of --model FOLDER or --run RUN")
     if model is not None:
-        from .model_folder import load_autoencoder
+        from ..model_folder import load_autoencoder
 
         vqgan, size = load_autoencoder(model)
         return vqgan, size, str(model)
-    from .config import config_from_dict
-    from .models.vqgan import VQGAN
+    from ..config import config_from_dict
+    from ..models.vqgan import VQGAN
 
     path = Path(run) / "autoencoder" / "checkpoint.pt"
     if not path.is_file():
@@ -73,8 +73,8 @@ def pool_and_resample(ct_hu: np.ndarray, size: int) -> np.ndarray:
 @torch.no_grad()
 def autoencode(vqgan, ct_hu: np.ndarray, volume_size: int) -> tuple:
     """A canonical HU CT through the VQ-GAN on its grid: ``(decoded HU on the CT's grid, code indices)``."""
-    from .layout import model_layout_to_ct, unit_to_hu
-    from .model_inputs import ct_to_model
+    from ..layout import model_layout_to_ct, unit_to_hu
+    from ..model_inputs import ct_to_model
 
     x = ct_to_model(ct_hu, volume_size)[None]  # (1, 1, s, s, s) in [-1, 1], model layout
     z_q, _, indices = vqgan.quantize(vqgan.encode(x))
@@ -90,11 +90,11 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
     """Run the protocol of the module docstring; write the outputs; return ``{"rows", "summary"}``."""
     from tqdm import tqdm
 
-    from .evaluation import _is_datalist, _write_text, ct_folder_cases, datalist_cases, metrics_csv, summarize
-    from .metrics import volume_scores
-    from .model_folder import PREPARED_SIZE
-    from .models.lpips import LPIPS
-    from .models.quantize import code_histogram, codebook_perplexity, codebook_utilisation
+    from .reconstructions import _is_datalist, _write_text, ct_folder_cases, datalist_cases, metrics_csv, summarize
+    from ..metrics import volume_scores
+    from ..model_folder import PREPARED_SIZE
+    from ..models.lpips import LPIPS
+    from ..models.quantize import code_histogram, codebook_perplexity, codebook_utilisation
 
     data, out_dir = Path(data), Path(out_dir)
     if not data.exists():
@@ -136,7 +136,7 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
     _write_text(out_dir / "summary.json", json.dumps({"source": source, "cases": len(cases), "summary": summary,
                                                       "rows": rows}, indent=2) + "\n")
     if figure:
-        from .views import compose_grid, write_png
+        from ..figures import compose_grid, write_png
 
         write_png(compose_grid(figure_rows(figure)), out_dir / "figure.png")
     return {"rows": rows, "summary": summary}
@@ -177,7 +177,7 @@ def mean_table(summary: dict) -> str:
 
 def figure_rows(figure: list) -> list:
     """Per case: truth | decoded, axial and coronal, in a bone window, then in a lung window."""
-    from .views import BONE_WINDOW_HU, LUNG_WINDOW_HU, orthogonal_slices, window
+    from ..figures import BONE_WINDOW_HU, LUNG_WINDOW_HU, orthogonal_slices, window
 
     rows = []
     for case, decoded in figure:
