@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import synthetic_chest
 
-from XctDiffCore.evaluation.reconstructions.autoencoder import evaluate_autoencoder, pool_and_resample
+from XctDiffCore.evaluation.autoencoder import evaluate_autoencoder, pool_and_resample
 from XctDiffCore.commands.cli import main
 from XctDiffCore.metrics import volume_scores
 from XctDiffCore.model_folder import create_random_model

@@ -170,10 +170,13 @@ def test_style_auto_leaves_a_drr_alone_and_off_switches_it_off(cli, drr_png, tmp
     assert status == 0 and progress_and_result(stdout)[1]["style"] is True
 
 
-def test_sampler_option(cli, reference, tmp_path):
-    status, _, _ = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / "ct.nrrd", "--seed", 0, "--sampler", "dpm-solver++")
-    assert status == 0
-    assert not np.array_equal(read_ct(tmp_path / "ct.nrrd").array, reference.ct.array)  # not the DDIM result
+def test_sampler_option(cli, tmp_path):
+    """In fp32: random tiny weights have near-tied codes, and bf16 rounding can land both samplers on the same ones."""
+    for sampler in ("ddim", "dpm-solver++"):
+        status, _, _ = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / f"{sampler}.nrrd", "--seed", 0, "--sampler", sampler,
+                           "--precision", "fp32")
+        assert status == 0
+    assert not np.array_equal(read_ct(tmp_path / "dpm-solver++.nrrd").array, read_ct(tmp_path / "ddim.nrrd").array)
 
 
 def test_bad_output_type_fails_before_the_model_is_loaded(cli, tmp_path):

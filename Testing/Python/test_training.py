@@ -546,7 +546,7 @@ def test_init_of_the_encoder_does_not_copy_later_stages(tmp_path, exported, data
 def test_a_partial_folder_keeps_the_autoencoder_and_starts_the_encoder_on_it(tmp_path, chain, datalist, capsys):
     """`export --stages autoencoder` writes a folder that cannot reconstruct but that the encoder trains on:
     the autoencoder is copied bit for bit, the encoder starts from its seeded random weights."""
-    from XctDiffCore.evaluation.reconstructions.autoencoder import evaluate_autoencoder
+    from XctDiffCore.evaluation.autoencoder import evaluate_autoencoder
     from XctDiffCore.model_folder import load_autoencoder, load_model_folder
 
     partial = tmp_path / "ae"
