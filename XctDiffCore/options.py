@@ -141,7 +141,7 @@ class ReconstructOptions:
 def add_guidance_argument(parser) -> None:
     parser.add_argument("--guidance", type=float, default=0.0, metavar="STRENGTH",
                         help="data consistency: move each decoded CT until its DRR matches the film; the fraction of "
-                        "that correction applied, 0 (off, default) to 1 (about +10 s on a 2-core CPU)")
+                        "that correction applied, 0 (off, default) to 1 (2-10 s more on a 2-core CPU)")
 
 
 def add_precision_argument(parser) -> None:
