@@ -22,8 +22,8 @@
 5. *decoding*: each latent snapped to the codebook and decoded by the VQ-GAN, to HU;
 6. *guidance* (``guidance > 0``, off by default): each decoded sample is moved until its DRR matches
    the input (:mod:`XctDiffCore.guidance`: the strength is the fraction of that correction applied;
-   skipped with a :class:`~XctDiffCore.guidance.GuidanceWarning` when the unguided result disagrees
-   grossly with the film);
+   a sample whose unguided result disagrees grossly with the film is left as it is, with a
+   :class:`~XctDiffCore.guidance.GuidanceWarning` that counts such samples);
 7. *consistency*: the DRR of the result, rendered in the training geometry and normalised like the
    input, compared with the input by 2D SSIM (:func:`~XctDiffCore.metrics.ssim_2d`); with guidance,
    ``result.unguided_consistency`` keeps the score before it (a guided score says the DRR was fitted).
@@ -104,7 +104,7 @@ class Reconstruction:
     styled: bool  # whether the real -> DRR style transfer was applied
     input_image: np.ndarray = field(repr=False)  # the model's input in [0, 1] (after style), [row, col]
     drr: np.ndarray = field(repr=False)  # the normalised DRR of ct, like input_image
-    guidance: float = 0.0  # the data-consistency strength applied (0: off, or skipped)
+    guidance: float = 0.0  # the strength the mean CT received: asked x share of samples guided (0: off or skipped)
     unguided_consistency: Optional[float] = None  # with guidance asked for: the mean consistency of the samples before it
     warnings: list = field(default_factory=list)  # why the result deserves less trust (plausibility, skipped guidance)
     precision: str = "fp32"  # the networks' arithmetic: "bf16" (autocast) or "fp32"
@@ -362,9 +362,16 @@ class XctDiffPipeline:
                 warnings.warn(notes[-1], GuidanceWarning, stacklevel=4)
                 guidance = 0.0
             film = x.float() * 0.5 + 0.5 if guidance > 0 else None  # the input in [0, 1], as the DRRs are compared
-            mean_hu, std_hu, unguided = self._decode(latents, device, reporter, cancel, ends, film, guidance, timer)
-            if unguided is not None and unguided < MIN_UNGUIDED_CONSISTENCY:
-                notes.append(f"guidance skipped: unguided consistency {unguided:.2f} < {MIN_UNGUIDED_CONSISTENCY}")
+            scores = []  # each sample's consistency before guidance
+            mean_hu, std_hu = self._decode(latents, device, reporter, cancel, ends, film, guidance, timer, scores)
+            unguided = float(np.mean(scores)) if scores else None
+            guided = sum(score >= MIN_UNGUIDED_CONSISTENCY for score in scores)
+            if scores and guided < len(scores):
+                which = "" if guided == 0 else f" on {len(scores) - guided} of {len(scores)} samples"
+                notes.append(f"guidance skipped{which}: the film agrees poorly with the unguided reconstruction "
+                             f"(consistency {min(scores):.2f} < {MIN_UNGUIDED_CONSISTENCY}); it may not be a frontal "
+                             "chest film the model can read, and fitting it would only make the result look consistent")
+                warnings.warn(notes[-1], GuidanceWarning, stacklevel=4)
             timer.lap("decoding")
             reporter.report(ends["decoding"], "consistency")
             _check_cancel(cancel)
@@ -390,7 +397,7 @@ class XctDiffPipeline:
             styled=styled,
             input_image=input01.astype(np.float32),
             drr=drr,
-            guidance=guidance if unguided is not None and unguided >= MIN_UNGUIDED_CONSISTENCY else 0.0,
+            guidance=guidance * guided / len(scores) if scores else 0.0,  # the strength the mean CT received
             unguided_consistency=unguided,
             warnings=notes,
             precision="bf16" if self._amp_dtype == torch.bfloat16 else "fp32",
@@ -398,9 +405,10 @@ class XctDiffPipeline:
         )
 
     def _decode(self, latents: torch.Tensor, device, reporter: _Progress, cancel, ends: dict = STAGE_END,
-                film: Optional[torch.Tensor] = None, guidance: float = 0.0, timer: Optional["_Timer"] = None) -> tuple:
-        """Each latent -> codebook -> decoder -> HU (-> guided towards ``film``) -> canonical; the running mean
-        and std over samples (Welford), and the samples' mean unguided consistency (None without guidance).
+                film: Optional[torch.Tensor] = None, guidance: float = 0.0, timer: Optional["_Timer"] = None,
+                scores: Optional[list] = None) -> tuple:
+        """Each latent -> codebook -> decoder -> HU (-> guided towards ``film``) -> canonical: the running mean
+        and std over samples (Welford). With guidance, each sample's consistency before it goes to ``scores``.
 
         ``ends``: the progress scale of the method (:data:`STAGE_END` or :data:`DIRECT_STAGE_END`);
         ``timer``: gets a "decoding" and a "guidance" lap per sample when guiding."""
@@ -409,7 +417,7 @@ class XctDiffPipeline:
         count = latents.shape[0]
         start, span = ends["sampling"], ends["decoding"] - ends["sampling"]
         mean = m2 = None
-        unguided = []
+        scores = [] if scores is None else scores
         for k in range(count):
             _check_cancel(cancel)
             z_q = self.vqgan.quantize(latents[k : k + 1].float())[0].contiguous(memory_format=self._memory_format)
@@ -421,7 +429,7 @@ class XctDiffPipeline:
             if guidance > 0 and film is not None:
                 if timer is not None:
                     timer.lap("decoding")
-                hu_model = self._guide(hu_model, film, guidance, unguided, cancel)
+                hu_model = self._guide(hu_model, film, guidance, scores, cancel)
                 if timer is not None:
                     timer.lap("guidance")
             hu = model_layout_to_ct(hu_model[0, 0]).cpu().numpy().astype(np.float64)  # [z, y, x]
@@ -431,12 +439,12 @@ class XctDiffPipeline:
             mean += delta / (k + 1)
             m2 += delta * (hu - mean)
             reporter.report(start + span * (k + 1) / count, f"decoding {k + 1}/{count}")
-        return mean, np.sqrt(m2 / count), float(np.mean(unguided)) if unguided else None
+        return mean, np.sqrt(m2 / count)
 
-    def _guide(self, hu_model: torch.Tensor, film: torch.Tensor, guidance: float, unguided: list, cancel) -> torch.Tensor:
-        """One decoded sample guided towards the film; its unguided consistency is appended to ``unguided``.
+    def _guide(self, hu_model: torch.Tensor, film: torch.Tensor, guidance: float, scores: list, cancel) -> torch.Tensor:
+        """One decoded sample guided towards the film; its consistency before guidance goes to ``scores``.
 
-        Skipped (with one warning per run) when that consistency shows a gross disagreement."""
+        Left as it is when that consistency shows a gross disagreement (the caller says so, once)."""
         from .drr import make_geometry
         from .guidance import film_drr, guide_to_film
         from .metrics import ssim_2d
@@ -444,13 +452,8 @@ class XctDiffPipeline:
         geometry, spacing = make_geometry(self.info.geometry), (FIELD_OF_VIEW_MM / OUTPUT_SIZE,) * 3
         drr = film_drr(hu_model, geometry, film.shape[-1], PREPARED_SIZE, spacing)
         score = max(0.0, ssim_2d(drr[0, 0].cpu().numpy(), film[0, 0].cpu().numpy()))
-        unguided.append(score)
+        scores.append(score)
         if score < MIN_UNGUIDED_CONSISTENCY:
-            if len(unguided) == 1:
-                warnings.warn(f"guidance skipped: the film agrees poorly with the unguided reconstruction (consistency "
-                              f"{score:.2f} < {MIN_UNGUIDED_CONSISTENCY}); it may not be a frontal chest film the model "
-                              "can read, and fitting it would only make the result look consistent", GuidanceWarning,
-                              stacklevel=5)
             return hu_model
         return guide_to_film(hu_model, film, geometry, guidance, PREPARED_SIZE, spacing, cancel=cancel)
 

@@ -123,6 +123,20 @@ def test_guidance_is_skipped_with_a_warning_when_the_film_disagrees_grossly(pipe
     np.testing.assert_array_equal(skipped.ct.array, plain.ct.array)
 
 
+def test_a_sample_skipped_by_the_guard_is_reported_with_its_share(pipe, film, monkeypatch):
+    """Samples are guarded one by one; the result says how many were skipped, and its strength is the
+    share the mean CT received (one of two samples guided at 1: 0.5), not the strength asked for."""
+    from XctDiffCore import metrics
+
+    real = metrics.ssim_2d
+    before = iter([0.9, 0.1])  # the two samples' consistency before guidance; then the real score
+    monkeypatch.setattr(metrics, "ssim_2d", lambda a, b: next(before, None) or real(a, b))
+    with pytest.warns(GuidanceWarning, match="guidance skipped on 1 of 2 samples"):
+        result = pipe.reconstruct(film, steps=2, samples=2, seed=0, device="cpu", style="off", guidance=1.0)
+    assert result.guidance == 0.5 and result.unguided_consistency == pytest.approx(0.5)
+    assert any("1 of 2 samples" in note for note in result.warnings)
+
+
 def test_bad_guidance_on_the_command_line_is_one_error_line_before_the_model_loads(tmp_path, capsys):
     status = main(["reconstruct", str(SAMPLE_RADIOGRAPH), "-o", str(tmp_path / "ct.nrrd"), "--model",
                    str(tmp_path / "no-model"), "--guidance", "1.5"])
