@@ -52,6 +52,16 @@ def test_nearest_neighbour_matches_brute_force():
     assert torch.equal(idx.reshape(-1), expected)
 
 
+def test_the_search_at_the_bundled_size_matches_brute_force():
+    """8192 entries of 8 channels, more rows than one search block: the fused product finds the same codes."""
+    torch.manual_seed(1)
+    q = _quantizer(k=8192, c=8)
+    z_n = homogeneous_normalize(torch.randn(5000, 8))
+    e_n = q.normalized_codebook()
+    expected = torch.cat([torch.cdist(block, e_n).argmin(1) for block in z_n.split(1000)])
+    assert torch.equal(q.nearest(z_n, e_n), expected)
+
+
 def test_scale_does_not_win_the_search():
     """An entry that is a scaled/shifted copy of the input wins over a raw-closer one (homogeneity)."""
     q = _quantizer(k=2, c=4)
