@@ -336,7 +336,7 @@ class XctDiffPipeline:
             x = torch.from_numpy(np.ascontiguousarray(input01) * 2.0 - 1.0).to(device)[None, None]  # (1, 1, S, S)
             with self._autocast(device):
                 z = self.encoder(x)
-            prior = self.vqgan.quantize(z.float())[0]  # (1, C, d, h, w), float32: codes are searched in fp32
+            prior, _, codes = self.vqgan.quantize(z.float())  # (1, C, d, h, w), float32: codes are searched in fp32
             timer.lap("encoder")
             reporter.report(ends["encoding"], "sampling" if method == "diffusion" else "decoding")
             _check_cancel(cancel)
@@ -354,7 +354,9 @@ class XctDiffPipeline:
                                      progress=on_step, cancel=cancel)
                 timer.lap("sampling")
             else:
-                latents = prior.expand(samples, *prior.shape[1:])
+                # the codebook entries themselves (the prior is them plus straight-through rounding), so the
+                # decoding needs no second search
+                latents = self.vqgan.quantizer.lookup(codes).expand(samples, *prior.shape[1:])
             reporter.report(ends["sampling"], "decoding")
 
             if guidance > 0 and notes:  # guidance would fit an implausible film: confident garbage
@@ -363,7 +365,8 @@ class XctDiffPipeline:
                 guidance = 0.0
             film = x.float() * 0.5 + 0.5 if guidance > 0 else None  # the input in [0, 1], as the DRRs are compared
             scores = []  # each sample's consistency before guidance
-            mean_hu, std_hu = self._decode(latents, device, reporter, cancel, ends, film, guidance, timer, scores)
+            mean_hu, std_hu = self._decode(latents, device, reporter, cancel, ends, film, guidance, timer, scores,
+                                           quantized=method == "direct")
             unguided = float(np.mean(scores)) if scores else None
             guided = sum(score >= MIN_UNGUIDED_CONSISTENCY for score in scores)
             if scores and guided < len(scores):
@@ -406,12 +409,13 @@ class XctDiffPipeline:
 
     def _decode(self, latents: torch.Tensor, device, reporter: _Progress, cancel, ends: dict = STAGE_END,
                 film: Optional[torch.Tensor] = None, guidance: float = 0.0, timer: Optional["_Timer"] = None,
-                scores: Optional[list] = None) -> tuple:
+                scores: Optional[list] = None, quantized: bool = False) -> tuple:
         """Each latent -> codebook -> decoder -> HU (-> guided towards ``film``) -> canonical: the running mean
         and std over samples (Welford). With guidance, each sample's consistency before it goes to ``scores``.
 
         ``ends``: the progress scale of the method (:data:`STAGE_END` or :data:`DIRECT_STAGE_END`);
-        ``timer``: gets a "decoding" and a "guidance" lap per sample when guiding."""
+        ``timer``: gets a "decoding" and a "guidance" lap per sample when guiding; ``quantized``: the latents
+        are codebook entries already (the direct path's prior), so the search is not repeated."""
         from .layout import model_layout_to_ct, unit_to_hu
 
         count = latents.shape[0]
@@ -420,7 +424,8 @@ class XctDiffPipeline:
         scores = [] if scores is None else scores
         for k in range(count):
             _check_cancel(cancel)
-            z_q = self.vqgan.quantize(latents[k : k + 1].float())[0].contiguous(memory_format=self._memory_format)
+            z_q = latents[k : k + 1].float() if quantized else self.vqgan.quantize(latents[k : k + 1].float())[0]
+            z_q = z_q.contiguous(memory_format=self._memory_format)
             with self._autocast(device):
                 volume = self.vqgan.decode(z_q).float()  # (1, 1, D, H, W) in about [-1, 1]
             if volume.shape[-1] != OUTPUT_SIZE:

@@ -104,15 +104,21 @@ def test_timings_cover_every_stage(two_samples):
     assert summary["samples"] == 2 and summary["steps"] == STEPS and summary["style"] is True
 
 
+class _IdentityCodebook(nn.Module):
+    def lookup(self, codes):
+        return codes  # the stub's codes are its latents
+
+
 class _FixedVolumeVQGAN(nn.Module):
     """Decodes any latent to one fixed model-layout volume in [-1, 1]; 'quantizes' to itself."""
 
     def __init__(self, volume):
         super().__init__()
         self.register_buffer("volume", volume)
+        self.quantizer = _IdentityCodebook()
 
     def quantize(self, z):
-        return (z,)
+        return z, torch.zeros(()), z
 
     def decode(self, z_q):
         return self.volume[None, None].expand(z_q.shape[0], 1, *self.volume.shape)
@@ -540,3 +546,20 @@ def test_auto_precision_follows_the_measured_verdict_and_the_cpu(monkeypatch):
         monkeypatch.setattr(devices, "CPU_BF16_AUTO", verdict)
         monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
         assert devices.autocast_dtype(cpu, "auto") == expected
+
+
+def test_the_direct_path_searches_the_codebook_once_and_decodes_the_same(pipe, film, monkeypatch):
+    """The direct path decodes the prior's codebook entries as they are: a second search of the
+    codebook (which finds the same entries) is skipped, and the CT is bit-identical to searching again."""
+    from XctDiffCore.models.quantize import HomogeneousQuantizer
+
+    searches = []
+    nearest = HomogeneousQuantizer.nearest
+    monkeypatch.setattr(HomogeneousQuantizer, "nearest", lambda self, *a: searches.append(1) or nearest(self, *a))
+    once = pipe.reconstruct(film, method="direct", device="cpu", style="off", precision="fp32")
+    assert len(searches) == 1
+    decode = XctDiffPipeline._decode
+    monkeypatch.setattr(XctDiffPipeline, "_decode", lambda self, *a, **k: decode(self, *a, **{**k, "quantized": False}))
+    twice = pipe.reconstruct(film, method="direct", device="cpu", style="off", precision="fp32")
+    assert len(searches) == 3
+    np.testing.assert_array_equal(once.ct.array, twice.ct.array)
