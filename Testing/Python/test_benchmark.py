@@ -44,8 +44,8 @@ def test_pipeline_benchmark_of_random_tiny_weights():
 @pytest.mark.filterwarnings("ignore:the input does not look like a frontal chest")  # a noise film, on purpose
 def test_counting_flops_changes_nothing_and_counts_the_decoder(tmp_path):
     """The counter observes: the same CT with and without it (to 1 HU: under a dispatch mode PyTorch may
-    pick other convolution kernels, whose rounding differs); the decoding stage counts what the
-    autoencoder's decoder does (measured here on its own) plus the code lookup."""
+    pick other convolution kernels, whose rounding differs); the direct path's decoding stage counts
+    exactly what the autoencoder's decoder does, measured here on its own (no second codebook search)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from XctDiffCore.pipeline import XctDiffPipeline, counting_flops
@@ -59,8 +59,10 @@ def test_counting_flops_changes_nothing_and_counts_the_decoder(tmp_path):
     assert np.abs(plain.ct.array.astype(np.int32) - counted.ct.array).max() <= 1
     with torch.inference_mode():
         latent = torch.randn_like(pipe.encoder(torch.zeros(1, 1, pipe.info.xray_size, pipe.info.xray_size)))
+    with torch.inference_mode():
+        entries = pipe.vqgan.quantizer.lookup(pipe.vqgan.quantize(latent)[2])
     with torch.inference_mode(), FlopCounterMode(display=False) as alone:
-        pipe.vqgan.decode(pipe.vqgan.quantize(latent)[0])
+        pipe.vqgan.decode(entries)
     assert counted.flops["decoding"] == alone.get_total_flops()
 
 
