@@ -21,6 +21,7 @@ import torch
 
 from ..atomic import atomic_path
 from ..errors import XctDiffError
+from ..memory import allocator_name
 
 
 @dataclass
@@ -170,7 +171,8 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
     settings = {"model": pipe.info.model_id, "volume": f"{pipe.info.volume_size}^3", "method": method,
                 "steps": result.steps, "sampler": pipe.info.sampler if method == "diffusion" else None,
                 "samples": samples, "guidance": guidance or None, "precision": result.precision, "threads": torch.get_num_threads(),
-                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), **_peak_memory(dev)}
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "allocator": allocator_name(),
+                **_peak_memory(dev)}
     gflop = {name: counted.get(key, 0) / 1e9 for name, key in PIPELINE_STAGES}
     if result.steps:
         gflop["sampler/step"] = counted.get("sampling", 0) / 1e9 / result.steps

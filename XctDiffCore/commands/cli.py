@@ -310,6 +310,8 @@ def add_reconstruct_command(subparsers):
     p.add_argument("--progress-lines", action="store_true", help="print PROGRESS/RESULT lines on stdout (PROTOCOL.md)")
     p.add_argument("--no-cpu-fallback", action="store_true", help="fail on CUDA out-of-memory instead of continuing on the CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the diffusion UNet (pays off for folders)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="first print how this process runs: threads, their wait policy, the memory allocator")
     p.set_defaults(handler=_run_reconstruct)
 
 
@@ -323,6 +325,11 @@ def _run_reconstruct(args) -> int:
 
         # a batch shares the machine for long: threads that sleep at barriers, a core left free
         os.environ.update(shared_machine_environment(os.environ))
+    if args.verbose:
+        from ..memory import describe_allocator
+        from ..threads import describe_policy
+
+        print(f"runtime: {describe_policy()}; allocator: {describe_allocator()}", file=sys.stderr, flush=True)
     return run_reconstruct(
         args.input, args.output, model=args.model, options=options, views=args.views, uncertainty=args.uncertainty,
         progress_lines=args.progress_lines, cpu_fallback=not args.no_cpu_fallback, compile=args.compile,
@@ -520,5 +527,23 @@ def main(argv=None) -> int:
                 signal.signal(signum, handler)
 
 
+#: The commands that run networks on 128³ volumes: they restart with the memory policy (0.3 s) first.
+NETWORK_COMMANDS = frozenset({"reconstruct", "demo", "evaluate", "evaluate-autoencoder", "evaluate-style", "train",
+                              "benchmark"})
+
+
+def entry_point() -> int:
+    """The ``xctdiff`` program: a command that runs networks restarts once with the memory policy
+    (:mod:`XctDiffCore.memory`), then :func:`main`. Kept apart from :func:`main`, which tests and other
+    programs call in-process."""
+    args = sys.argv[1:]
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command in NETWORK_COMMANDS and not {"-h", "--help"} & set(args):
+        from ..memory import reexec_with_policy
+
+        reexec_with_policy()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry_point())

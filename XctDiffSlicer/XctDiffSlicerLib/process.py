@@ -227,10 +227,12 @@ def python_executable() -> str:
 
 def engine_environment(core_parent: str, base: Optional[Mapping[str, str]] = None) -> dict:
     """The child's environment: ``core_parent`` (the folder holding ``XctDiffCore``) first on PYTHONPATH, and
-    OpenMP threads that sleep instead of spinning and leave Slicer's GUI a core (:mod:`XctDiffCore.threads`)."""
+    OpenMP threads that sleep instead of spinning and leave Slicer's GUI a core (:mod:`XctDiffCore.threads`),
+    and an allocator that keeps its pages (:mod:`XctDiffCore.memory`)."""
+    from XctDiffCore.memory import memory_environment
     from XctDiffCore.threads import shared_machine_environment
 
-    env = shared_machine_environment(os.environ if base is None else base)
+    env = memory_environment(shared_machine_environment(os.environ if base is None else base))
     paths = [core_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != core_parent]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
