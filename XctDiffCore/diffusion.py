@@ -1,4 +1,5 @@
-"""Latent diffusion of XctDiff: the noise schedule, the training loss (eq. 7), EMA, and two samplers.
+"""Latent diffusion of XctDiff at inference: the noise schedule and two samplers (the training loss
+(eq. 7) and the EMA live in :mod:`XctDiffCore.training.diffusion`).
 
 Roles are kept apart as in diffusers: the model predicts the noise ``eps`` or ``v``
 (``model(x_t, t, cond)``, see Parametrisation); a scheduler owns the timesteps and the update rule
@@ -30,14 +31,11 @@ applied (the reference multiplies its latents by 0.6).
 """
 from __future__ import annotations
 
-import copy
 import math
 import threading
 from typing import Callable, Literal, Optional
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from .config import PREDICTIONS, SAMPLERS
 from .errors import XctDiffError
@@ -96,59 +94,6 @@ class NoiseSchedule:
             return output
         alpha_bar = self._alpha_bar(t, x_t)
         return alpha_bar.sqrt() * output + (1.0 - alpha_bar).sqrt() * x_t
-
-
-def diffusion_loss(
-    model: Denoiser,
-    x0: torch.Tensor,
-    cond: torch.Tensor,
-    schedule: NoiseSchedule,
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """Eq. 7: ``E ||eps - eps_theta(x_t, t, y)||^2`` with t uniform in [0, T) and eps ~ N(0, I).
-
-    With a v-prediction schedule the target is v instead of eps (:meth:`NoiseSchedule.target`).
-    ``x0`` are the clean (normalised) VQ latents of the CTs, ``cond`` the priors y of their radiographs.
-    A ``generator`` must live on ``x0``'s device.
-    """
-    b = x0.shape[0]
-    t = torch.randint(0, schedule.num_train_steps, (b,), device=x0.device, generator=generator)
-    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    x_t = schedule.add_noise(x0, noise, t)
-    return F.mse_loss(model(x_t, t, cond), schedule.target(x0, noise, t))
-
-
-class EMA(nn.Module):
-    """Exponential moving average of a model's weights, for sampling.
-
-    ``ema.module`` is the averaged copy (call it like the model); ``state_dict()`` holds its weights as
-    ``module.*`` plus ``num_updates``: flat tensors, so it saves as safetensors. The decay warms up as
-    ``min(decay, (1 + n) / (10 + n))`` (latent-diffusion's LitEma) so that short runs are not stuck
-    near the initial weights.
-    """
-
-    def __init__(self, model: nn.Module, decay: float = 0.999):
-        super().__init__()
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError("decay must be in [0, 1]")
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Fold the model's current weights into the average (call after each optimiser step)."""
-        n = int(self.num_updates)
-        decay = min(self.decay, (1.0 + n) / (10.0 + n))
-        ema_params = [p for p in self.module.parameters() if p.is_floating_point()]
-        new_params = [p.detach() for p in model.parameters() if p.is_floating_point()]
-        torch._foreach_lerp_(ema_params, new_params, 1.0 - decay)
-        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
-            ema_buffer.copy_(buffer)  # running statistics, counters: copied, not averaged
-        self.num_updates += 1
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
 
 
 def _timesteps(alphas_cumprod: torch.Tensor, num_steps: int, rho: float = 7.0) -> torch.Tensor:

@@ -8,16 +8,15 @@ import torch
 from torch import nn
 
 from XctDiffCore.diffusion import (
-    EMA,
     SAMPLERS,
     Cancelled,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     NoiseSchedule,
-    diffusion_loss,
     sample,
 )
 from XctDiffCore.errors import XctDiffError
+from XctDiffCore.training.diffusion import EMA, diffusion_loss  # training-only: the loss and the averaged weights
 
 SCHEDULE = NoiseSchedule()
 MU, STD = 0.5, 0.5  # the toy data distribution: every element of x0 ~ N(MU, STD^2), independently

@@ -173,7 +173,8 @@ def test_codebook_use_and_validation_are_logged(chain):
 
 def test_checkpoints_reload_to_the_logged_validation(chain, datalist):
     """Models rebuilt from the checkpoints reproduce the validation numbers the run logged in memory."""
-    from XctDiffCore.diffusion import EMA, NoiseSchedule
+    from XctDiffCore.diffusion import NoiseSchedule
+    from XctDiffCore.training.diffusion import EMA
     from XctDiffCore.training import autoencoder, diffusion, encoder
 
     device = torch.device("cpu")

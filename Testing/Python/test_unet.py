@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from XctDiffCore.diffusion import NoiseSchedule, diffusion_loss
+from XctDiffCore.diffusion import NoiseSchedule
+from XctDiffCore.training.diffusion import diffusion_loss
 from XctDiffCore.models.unet import DepthAttention, LatentUNet
 
 MODES = ("cross_attention", "concat")

@@ -58,7 +58,13 @@ def train(stage: str, config: Config, data=None, out=None, resume: bool = False,
         from .style import train_style as run
     else:
         from .diffusion import train_diffusion as run
-    return run(config, resume=resume, time_limit=time_limit)
+    from .common import Deadline, cleanup_distributed, setup_distributed
+
+    job = setup_distributed()  # one process, or this rank of a torchrun job
+    try:
+        return run(config, resume, job, Deadline(time_limit, job))
+    finally:
+        cleanup_distributed(job)
 
 
 def stage_parameter_counts(config: Config) -> dict:

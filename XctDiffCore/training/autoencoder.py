@@ -19,26 +19,29 @@ from ..config import AutoencoderConfig, AutoencoderModelConfig, Config, config_f
 from ..errors import XctDiffError
 from .common import (
     Deadline,
-    StageLoop,
+    Distributed,
+    StageLog,
     autocast,
     backward_step,
     broadcast_parameters,
-    cleanup_distributed,
     freeze,
-    gather_rng_states,
     grad_scaler,
+    is_due,
     learning_rate,
     make_optimizer,
+    mean_scores,
     prepare_stage_dir,
-    restore_rng_states,
+    restore_training_state,
+    save_stage_checkpoint,
     seed_everything,
     set_learning_rate,
-    setup_distributed,
+    stage_data,
     trained_stage_checkpoint,
+    training_batches,
+    training_state,
     volume_metrics,
     wrap_ddp,
 )
-from .data import PairDataset, train_loader
 from .warm_start import warm_start
 from .variants import random_views, step_generator
 
@@ -61,10 +64,13 @@ def build_discriminators(section: AutoencoderConfig):
     )
 
 
-def trained_autoencoder(run_dir, needed_by: str, device: torch.device):
-    """The frozen VQ-GAN of a run and its model config (from the checkpoint, not the current config)."""
+def trained_autoencoder(run_dir, needed_by: str, device: torch.device, config: Optional[Config] = None):
+    """The frozen VQ-GAN of a run and its model config (from the checkpoint, not the current config);
+    with ``config``, checked to make the latent grid that config's later stages expect."""
     checkpoint = trained_stage_checkpoint(run_dir, STAGE, needed_by)
     model_config = config_from_dict(checkpoint["config"]).autoencoder.model
+    if config is not None:
+        check_latent_compatible(model_config, config)
     vqgan = build_autoencoder(model_config)
     vqgan.load_state_dict(checkpoint["models"]["vqgan"])
     return freeze(vqgan.to(device)), model_config
@@ -95,31 +101,21 @@ def validate(vqgan, items: list, device: torch.device, precision: str) -> dict:
         codes.append(indices.reshape(-1).cpu())
     vqgan.train()
     return {
-        "val/psnr": sum(s["psnr"] for s in scores) / len(scores),
-        "val/ssim": sum(s["ssim"] for s in scores) / len(scores),
+        **mean_scores(scores),
         "val/codebook_use": codebook_utilisation(torch.cat(codes), vqgan.codebook_size),
     }
 
 
-def train_autoencoder(config: Config, resume: bool = False, time_limit: Optional[float] = None) -> Path:
+def train_autoencoder(config: Config, resume: bool, job: Distributed, deadline: Deadline) -> Path:
     """Train the VQ-GAN to ``autoencoder.optim.max_steps``; returns its checkpoint path."""
-    job = setup_distributed()
-    try:
-        return _train(config, resume, job, Deadline(time_limit, job))
-    finally:
-        cleanup_distributed(job)
-
-
-def _train(config: Config, resume: bool, job, deadline) -> Path:
     from .losses import AutoencoderLoss
     from ..models.lpips import LPIPS
     from ..models.quantize import codebook_utilisation
 
-    section, optim, device = config.autoencoder, config.autoencoder.optim, job.device
+    section, optim, device, precision = config.autoencoder, config.autoencoder.optim, job.device, config.run.precision
     initial = warm_start(config, STAGE, job)  # --init: weights from a model folder, earlier stages copied in
     checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume)
-    train_set = PairDataset(config.data.datalist, "training", config.data.volume_size, config.data.xray_size)
-    val_set = PairDataset(config.data.datalist, "validation", config.data.volume_size, config.data.xray_size)
+    train_set, val_items = stage_data(config, job)
 
     seed_everything(config.run.seed)  # identical initial weights on every rank
     vqgan = build_autoencoder(section.model).to(device)
@@ -132,46 +128,20 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
     critics = loss_fn.discriminator_parameters()
     opt_g = make_optimizer(vqgan.parameters(), optim)
     opt_d = make_optimizer(critics, optim)
-    scaler_g, scaler_d = grad_scaler(device, config.run.precision), grad_scaler(device, config.run.precision)
-    step = 0
+    scaler_g, scaler_d = grad_scaler(device, precision), grad_scaler(device, precision)
     seed_everything(config.run.seed + job.rank)  # then a different random stream per rank
-    if checkpoint is not None:
-        vqgan.load_state_dict(checkpoint["models"]["vqgan"])
-        disc_3d.load_state_dict(checkpoint["models"]["disc_3d"])
-        disc_2d.load_state_dict(checkpoint["models"]["disc_2d"])
-        opt_g.load_state_dict(checkpoint["optimizers"]["generator"])
-        opt_d.load_state_dict(checkpoint["optimizers"]["discriminator"])
-        scaler_g.load_state_dict(checkpoint["scalers"]["generator"])
-        scaler_d.load_state_dict(checkpoint["scalers"]["discriminator"])
-        step = checkpoint["step"]
-        restore_rng_states(checkpoint["rng"], job)
+    # what the checkpoint holds, by name: training_state() writes it, restore_training_state() reads it back
+    models = {"vqgan": vqgan, "disc_3d": disc_3d, "disc_2d": disc_2d}
+    optimizers, scalers = {"generator": opt_g, "discriminator": opt_d}, {"generator": scaler_g, "discriminator": scaler_d}
+    step = restore_training_state(checkpoint, job, models, optimizers, scalers) if checkpoint else 0
     model = wrap_ddp(vqgan, job)
     broadcast_parameters(disc_3d, job)
     broadcast_parameters(disc_2d, job)
-
-    batches = iter(
-        train_loader(train_set, optim.batch_size, config.run.seed, step, job.rank, job.world_size, config.data.num_workers)
-    )
-    val_items = [val_set[i] for i in range(min(config.data.val_cases, len(val_set)))] if job.is_main else []
-    loop = StageLoop(config, STAGE, optim, job, deadline, step)
-    validation = (lambda: validate(vqgan, val_items, device, config.run.precision)) if val_items else None
+    batches = training_batches(train_set, config, optim, step, job)
     codes = []  # code indices since the last log line: the training codebook use
 
-    def codebook_use() -> dict:
-        use = codebook_utilisation(torch.cat(codes), vqgan.codebook_size)
-        codes.clear()
-        return {"train/codebook_use": use}
-
-    def state() -> dict:
-        return {
-            "models": {"vqgan": vqgan.state_dict(), "disc_3d": disc_3d.state_dict(), "disc_2d": disc_2d.state_dict()},
-            "optimizers": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
-            "scalers": {"generator": scaler_g.state_dict(), "discriminator": scaler_d.state_dict()},
-            "rng": gather_rng_states(job),
-        }
-
-    while loop.running():
-        step = loop.step
+    log, stop = StageLog(config, STAGE, optim, job, step), False
+    while step < optim.max_steps and not stop:
         x = next(batches)["image"]  # (B, 1, D, H, W) in [-1, 1]
         if section.patch_size or section.augment.enabled:  # a fresh variant and/or crop of each volume
             generator = step_generator(config.run.seed, job.rank, step)
@@ -183,7 +153,7 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
 
         for p in critics:  # the critics only judge here; their update comes next
             p.requires_grad_(False)
-        with autocast(device, config.run.precision):
+        with autocast(device, precision):
             x_rec, codebook_loss, indices = model(x)
             loss, terms = loss_fn.generator_loss(x, x_rec, codebook_loss, step, last_layer=vqgan.last_layer)
         backward_step(loss, list(vqgan.parameters()), opt_g, scaler_g, optim.grad_clip)
@@ -191,12 +161,21 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
         if loss_fn.gan_active(step):
             for p in critics:
                 p.requires_grad_(True)
-            with autocast(device, config.run.precision):
+            with autocast(device, precision):
                 d_loss, d_terms = loss_fn.discriminator_loss(x, x_rec, step)
             backward_step(d_loss, critics, opt_d, scaler_d, optim.grad_clip, average_over=job)
             terms.update(d_terms)
-
         codes.append(indices.detach().reshape(-1).cpu())
-        loop.end_step(terms, lr, state, validation, log_extra=codebook_use,
+
+        step, stop = step + 1, deadline.passed()  # the time limit and SIGTERM: checkpoint, then stop
+        log.add(terms)
+        if is_due(step, optim.log_every, optim.max_steps) or stop:
+            use = codebook_utilisation(torch.cat(codes), vqgan.codebook_size)
+            codes.clear()
+            log.write(step, {**log.means(), "train/codebook_use": use, "lr": lr},
                       shown=("train/total", "train/l1", "train/codebook_use"))
-    return loop.close()
+        if val_items and is_due(step, optim.val_every, optim.max_steps):
+            log.write(step, validate(vqgan, val_items, device, precision))
+        if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
+            save_stage_checkpoint(config, STAGE, step, job, training_state(job, models, optimizers, scalers))
+    return log.close(deadline, step)

@@ -1,7 +1,9 @@
 """What every training stage shares: processes, seeds, precision, checkpoints, logs, metrics, export.
 
-Each stage loop (``autoencoder.py``, ``encoder.py``, ``diffusion.py``, ``style.py``) stays short by
-calling these; :class:`StageLoop` does what all of them do after a step (log, validate, checkpoint).
+Each stage (``autoencoder.py``, ``encoder.py``, ``diffusion.py``, ``style.py``) writes its loop out
+in full, top to bottom; it calls these plain functions for what all of them share: the data
+(:func:`stage_data`), the checkpoint's content and its mirror (:func:`training_state`,
+:func:`restore_training_state`), the log (:class:`StageLog`) and the time limit (:class:`Deadline`).
 
 * **Processes.** Launched by ``torchrun``, a stage runs as one DDP process per device: the
   presence of torchrun's environment (``RANK``, ``WORLD_SIZE``) switches it on, as in nanoGPT;
@@ -41,6 +43,7 @@ from ..atomic import atomic_path
 from ..config import config_to_dict
 from ..errors import XctDiffError
 from ..model_folder import EXPORT_DTYPES, export_stage, file_sha256, write_manifest  # noqa: F401 (the stages' exports)
+from .data import PairDataset, train_loader
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -430,66 +433,81 @@ class Progress:
             self.bar.close()
 
 
-class StageLoop:
-    """The bookkeeping every stage does around its optimiser steps, in one place.
+class StageLog:
+    """What a stage reports while it runs (rank 0 only): the progress bar, the running means of its
+    losses between two log lines, and the CSV/TensorBoard log. Plain calls from the stage's loop."""
 
-    After each step (:meth:`end_step`): the progress bar; the CSV/TensorBoard log every
-    ``log_every`` steps; validation (rank 0) every ``val_every``; the checkpoint every
-    ``checkpoint_every`` (its ``state()`` callback runs on every rank, because gathering the RNG
-    states is collective; rank 0 writes); and the ``--time-limit`` stop, which logs and checkpoints
-    first. A stage's loop is ``while loop.running(): ...; loop.end_step(...)``, then ``loop.close()``.
-    """
-
-    def __init__(self, config, stage: str, optim, job: Distributed, deadline: Deadline, step: int):
-        self.config, self.stage, self.optim, self.job, self.deadline = config, stage, optim, job, deadline
-        self.step, self.stopped = step, False
+    def __init__(self, config, stage: str, optim, job: Distributed, step: int):
+        self.config, self.stage, self.optim, self.job = config, stage, optim, job
         self.logger = RunLogger(stage_dir(config.run.dir, stage), job.is_main, step)
         self.progress = Progress(stage, optim.max_steps, step, job.is_main)
         self.meter = Meter()
 
-    def running(self) -> bool:
-        return self.step < self.optim.max_steps and not self.stopped
-
-    def end_step(self, losses: dict, lr: float, state, validate=None, log_extra=None, shown=None) -> None:
-        """Count one optimiser step and do what is due after it.
-
-        ``losses``: scalar tensors for the running means. ``state()``: the checkpoint's models,
-        optimizers, scalers, rng (and anything else), without stage/step/config. ``validate()``:
-        validation metrics (rank 0 only; None: no validation). ``log_extra()``: more metrics for a
-        log line. ``shown``: the metric names the progress line shows (default: all).
-        """
-        optim = self.optim
-        self.step += 1
-        step, stop = self.step, self.deadline.passed()
+    def add(self, losses: dict) -> None:
+        """One optimiser step done: its loss tensors join the running means; the bar moves."""
         self.meter.add(losses)
         self.progress.update()
-        if is_due(step, optim.log_every, optim.max_steps) or stop:
-            metrics = {f"train/{k}": v for k, v in self.meter.means().items()}
-            metrics.update(log_extra() if log_extra is not None else {})
-            metrics["lr"] = lr
-            self.logger.log(step, metrics)
-            self.progress.write(step, metrics if shown is None else {k: metrics[k] for k in shown})
-        if self.job.is_main and validate is not None and is_due(step, optim.val_every, optim.max_steps):
-            metrics = validate()
-            self.logger.log(step, metrics)
-            self.progress.write(step, metrics)
-        if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
-            payload = state()
-            if self.job.is_main:
-                save_checkpoint(self.checkpoint, {"stage": self.stage, "step": step,
-                                                  "config": config_to_dict(self.config), **payload})
-        self.stopped = stop
 
-    @property
-    def checkpoint(self) -> Path:
+    def means(self) -> dict:
+        """``train/<loss>`` means (and ``train/seconds_per_step``) since the previous log line."""
+        return {f"train/{k}": v for k, v in self.meter.means().items()}
+
+    def write(self, step: int, metrics: dict, shown=None) -> None:
+        """Log ``metrics`` at ``step`` and print them (``shown``: only these names on the progress line)."""
+        self.logger.log(step, metrics)
+        self.progress.write(step, metrics if shown is None else {k: metrics[k] for k in shown})
+
+    def close(self, deadline: "Deadline", step: int) -> Path:
+        """Close the bar and the log, say whether --time-limit or SIGTERM stopped the stage; the checkpoint's path."""
+        self.progress.close()
+        deadline.report(self.stage, step, self.optim.max_steps)
+        self.logger.close()
         return checkpoint_path(self.config.run.dir, self.stage)
 
-    def close(self) -> Path:
-        """Close the bar and the log, say whether --time-limit stopped the stage; the checkpoint's path."""
-        self.progress.close()
-        self.deadline.report(self.stage, self.step, self.optim.max_steps)
-        self.logger.close()
-        return self.checkpoint
+
+# ------------------------------------------------------------------------ a stage's start and state
+
+
+def stage_data(config, job: Distributed):
+    """The training pairs of the datalist and, on rank 0, the first ``data.val_cases`` validation items."""
+    sizes = (config.data.volume_size, config.data.xray_size)
+    train_set = PairDataset(config.data.datalist, "training", *sizes)
+    if not job.is_main:
+        return train_set, []
+    val_set = PairDataset(config.data.datalist, "validation", *sizes)
+    return train_set, [val_set[i] for i in range(min(config.data.val_cases, len(val_set)))]
+
+
+def training_batches(dataset, config, optim, step: int, job: Distributed):
+    """This rank's batches for steps ``step, step + 1, ...`` (the same order after a resume)."""
+    return iter(train_loader(dataset, optim.batch_size, config.run.seed, step, job.rank, job.world_size,
+                             config.data.num_workers))
+
+
+def training_state(job: Distributed, models: dict, optimizers: dict, scalers: dict, generators: Optional[dict] = None) -> dict:
+    """A checkpoint's content besides stage, step and config: every network, optimiser and scaler by
+    name and every rank's random streams. Collective under torchrun: every rank calls it."""
+    return {"models": {name: m.state_dict() for name, m in models.items()},
+            "optimizers": {name: o.state_dict() for name, o in optimizers.items()},
+            "scalers": {name: s.state_dict() for name, s in scalers.items()},
+            "rng": gather_rng_states(job, generators)}
+
+
+def restore_training_state(checkpoint: dict, job: Distributed, models: dict, optimizers: dict, scalers: dict,
+                           generators: Optional[dict] = None) -> int:
+    """The mirror of :func:`training_state`: each object gets back its state by the same name; returns the step."""
+    for kind, objects in (("models", models), ("optimizers", optimizers), ("scalers", scalers)):
+        for name, thing in objects.items():
+            thing.load_state_dict(checkpoint[kind][name])
+    restore_rng_states(checkpoint["rng"], job, generators)
+    return checkpoint["step"]
+
+
+def save_stage_checkpoint(config, stage: str, step: int, job: Distributed, state: dict) -> None:
+    """``<run>/<stage>/checkpoint.pt`` with the stage, step and full config beside ``state`` (rank 0 writes)."""
+    if job.is_main:
+        save_checkpoint(checkpoint_path(config.run.dir, stage),
+                        {"stage": stage, "step": step, "config": config_to_dict(config), **state})
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -511,6 +529,11 @@ def volume_metrics(prediction: torch.Tensor, target: torch.Tensor) -> dict:
         psnr.append(10 * np.log10(1.0 / max(mse, 1e-10)))
         ssim.append(structural_similarity(t, p, data_range=1.0))
     return {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim))}
+
+
+def mean_scores(scores: list) -> dict:
+    """``val/psnr`` and ``val/ssim``: the means of :func:`volume_metrics` over the validation cases."""
+    return {f"val/{name}": sum(s[name] for s in scores) / len(scores) for name in ("psnr", "ssim")}
 
 
 # ------------------------------------------------------------------------------------------ export

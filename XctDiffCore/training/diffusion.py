@@ -5,37 +5,44 @@ quantised latent) and the condition ``y = N(q(encoder(xray)))`` (the prior). Los
 MSE at a uniform timestep, or v-prediction MSE with ``diffusion.schedule.prediction: v``
 (:func:`XctDiffCore.diffusion.diffusion_loss`); its timesteps and noise come
 from a per-rank generator that the checkpoint saves, so a resumed run draws the same noise. An EMA
-of the weights is what validation samples with (DDIM) and what gets exported.
+of the weights (:class:`EMA`) is what validation samples with (DDIM) and what gets exported.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ..config import Config, UNetConfig
-from .autoencoder import check_latent_compatible, trained_autoencoder
+from .autoencoder import trained_autoencoder
+from ..diffusion import Denoiser, NoiseSchedule, sample
 from .common import (
     Deadline,
-    StageLoop,
+    Distributed,
+    StageLog,
     autocast,
     backward_step,
-    cleanup_distributed,
-    gather_rng_states,
     grad_scaler,
+    is_due,
     learning_rate,
     make_optimizer,
+    mean_scores,
     prepare_stage_dir,
-    restore_rng_states,
+    restore_training_state,
+    save_stage_checkpoint,
     seed_everything,
     set_learning_rate,
-    setup_distributed,
+    stage_data,
+    training_batches,
+    training_state,
     volume_metrics,
     wrap_ddp,
 )
-from .data import PairDataset, train_loader
 from .encoder import ct_latent, trained_encoder
 from .variant_bank import stage_variants
 from .warm_start import warm_start
@@ -58,11 +65,62 @@ def augment_condition(cond: torch.Tensor, max_std: float, generator: torch.Gener
     return cond + level * torch.randn(cond.shape, device=cond.device, generator=generator)
 
 
+def diffusion_loss(
+    model: Denoiser,
+    x0: torch.Tensor,
+    cond: torch.Tensor,
+    schedule: NoiseSchedule,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Eq. 7: ``E ||eps - eps_theta(x_t, t, y)||^2`` with t uniform in [0, T) and eps ~ N(0, I).
+
+    With a v-prediction schedule the target is v instead of eps (:meth:`NoiseSchedule.target`).
+    ``x0`` are the clean (normalised) VQ latents of the CTs, ``cond`` the priors y of their radiographs.
+    A ``generator`` must live on ``x0``'s device.
+    """
+    b = x0.shape[0]
+    t = torch.randint(0, schedule.num_train_steps, (b,), device=x0.device, generator=generator)
+    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    x_t = schedule.add_noise(x0, noise, t)
+    return F.mse_loss(model(x_t, t, cond), schedule.target(x0, noise, t))
+
+
+class EMA(nn.Module):
+    """Exponential moving average of a model's weights, for sampling.
+
+    ``ema.module`` is the averaged copy (call it like the model); ``state_dict()`` holds its weights as
+    ``module.*`` plus ``num_updates``: flat tensors, so it saves as safetensors. The decay warms up as
+    ``min(decay, (1 + n) / (10 + n))`` (latent-diffusion's LitEma) so that short runs are not stuck
+    near the initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        super().__init__()
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError("decay must be in [0, 1]")
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Fold the model's current weights into the average (call after each optimiser step)."""
+        n = int(self.num_updates)
+        decay = min(self.decay, (1.0 + n) / (10.0 + n))
+        ema_params = [p for p in self.module.parameters() if p.is_floating_point()]
+        new_params = [p.detach() for p in model.parameters() if p.is_floating_point()]
+        torch._foreach_lerp_(ema_params, new_params, 1.0 - decay)
+        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)  # running statistics, counters: copied, not averaged
+        self.num_updates += 1
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
 @torch.no_grad()
 def validate(ema, encoder, vqgan, schedule, items: list, device, precision: str, steps: int, seed: int) -> dict:
     """DDIM reconstructions of the validation pairs from a fixed noise seed (the global RNG is untouched)."""
-    from ..diffusion import sample
-
     scores = []
     generator = torch.Generator("cpu").manual_seed(seed)
     for item in items:
@@ -72,32 +130,17 @@ def validate(ema, encoder, vqgan, schedule, items: list, device, precision: str,
             latent = sample(ema, cond, tuple(cond.shape), schedule, sampler="ddim", steps=steps, generator=generator)
             recon = vqgan.decode(vqgan.quantize(latent)[0])
         scores.append(volume_metrics(recon.float(), ct))
-    return {
-        "val/psnr": sum(s["psnr"] for s in scores) / len(scores),
-        "val/ssim": sum(s["ssim"] for s in scores) / len(scores),
-    }
+    return mean_scores(scores)
 
 
-def train_diffusion(config: Config, resume: bool = False, time_limit: Optional[float] = None) -> Path:
+def train_diffusion(config: Config, resume: bool, job: Distributed, deadline: Deadline) -> Path:
     """Train the latent UNet on the run's frozen VQ-GAN and encoder; returns its checkpoint path."""
-    job = setup_distributed()
-    try:
-        return _train(config, resume, job, Deadline(time_limit, job))
-    finally:
-        cleanup_distributed(job)
-
-
-def _train(config: Config, resume: bool, job, deadline) -> Path:
-    from ..diffusion import EMA, NoiseSchedule, diffusion_loss
-
-    section, optim, device = config.diffusion, config.diffusion.optim, job.device
+    section, optim, device, precision = config.diffusion, config.diffusion.optim, job.device, config.run.precision
     initial = warm_start(config, STAGE, job)  # --init: weights from a model folder, earlier stages copied in
-    vqgan, trained = trained_autoencoder(config.run.dir, STAGE, device)
-    check_latent_compatible(trained, config)
+    vqgan, _ = trained_autoencoder(config.run.dir, STAGE, device, config)
     encoder, _ = trained_encoder(config.run.dir, STAGE, device)
     checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume)
-    train_set = PairDataset(config.data.datalist, "training", config.data.volume_size, config.data.xray_size)
-    val_set = PairDataset(config.data.datalist, "validation", config.data.volume_size, config.data.xray_size)
+    train_set, val_items = stage_data(config, job)
     schedule = NoiseSchedule(**dataclasses.asdict(section.schedule))
     loss_name = "noise_mse" if schedule.prediction == "epsilon" else "v_mse"  # the logged training loss
 
@@ -107,50 +150,43 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
         unet.load_state_dict(initial)
     ema = EMA(unet, optim.ema_decay)
     optimizer = make_optimizer(unet.parameters(), optim)
-    scaler = grad_scaler(device, config.run.precision)
+    scaler = grad_scaler(device, precision)
     noise = torch.Generator(device).manual_seed(config.run.seed + job.rank)  # timesteps and noise of eq. 7
-    step = 0
-    seed_everything(config.run.seed + job.rank)
-    if checkpoint is not None:
-        unet.load_state_dict(checkpoint["models"]["unet"])
-        ema.load_state_dict(checkpoint["models"]["ema"])
-        optimizer.load_state_dict(checkpoint["optimizers"]["unet"])
-        scaler.load_state_dict(checkpoint["scalers"]["unet"])
-        step = checkpoint["step"]
-        restore_rng_states(checkpoint["rng"], job, {"noise": noise})
+    seed_everything(config.run.seed + job.rank)  # then a different random stream per rank
+    # what the checkpoint holds, by name: training_state() writes it, restore_training_state() reads it back
+    models, optimizers, scalers, generators = {"unet": unet, "ema": ema}, {"unet": optimizer}, {"unet": scaler}, {"noise": noise}
+    step = restore_training_state(checkpoint, job, models, optimizers, scalers, generators) if checkpoint else 0
     model = wrap_ddp(unet, job)
-
-    batches = iter(
-        train_loader(train_set, optim.batch_size, config.run.seed, step, job.rank, job.world_size, config.data.num_workers)
-    )
-    val_items = [val_set[i] for i in range(min(config.data.val_cases, len(val_set)))] if job.is_main else []
-    loop = StageLoop(config, STAGE, optim, job, deadline, step)
-    validation = (lambda: validate(ema, encoder, vqgan, schedule, val_items, device, config.run.precision,
-                                   optim.val_sample_steps, config.run.seed)) if val_items else None
-
-    def state() -> dict:
-        return {"models": {"unet": unet.state_dict(), "ema": ema.state_dict()}, "optimizers": {"unet": optimizer.state_dict()},
-                "scalers": {"unet": scaler.state_dict()}, "rng": gather_rng_states(job, {"noise": noise})}
-
+    batches = training_batches(train_set, config, optim, step, job)
     variants = stage_variants(config, section, train_set, vqgan, job, deadline)
 
     def encode(ct: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), autocast(device, config.run.precision):
+        with torch.no_grad(), autocast(device, precision):
             return ct_latent(vqgan, ct.to(device))
 
-    while loop.running():
+    log, stop = StageLog(config, STAGE, optim, job, step), False
+    while step < optim.max_steps and not stop:
         # stored pairs, fresh variants, or variants drawn from the run's bank
-        x0, xray = variants.latent_pairs(next(batches), loop.step, encode)
+        x0, xray = variants.latent_pairs(next(batches), step, encode)
         x0 = x0.to(device, non_blocking=True).float()  # (B, 8, d, h, w), zero mean and unit variance per voxel
         xray = xray.to(device, non_blocking=True)  # (B, 1, H, W)
-        lr = learning_rate(loop.step, optim)
+        lr = learning_rate(step, optim)
         set_learning_rate(optimizer, lr)
-        with torch.no_grad(), autocast(device, config.run.precision):
+        with torch.no_grad(), autocast(device, precision):
             cond = encoder.prior(xray, vqgan.quantize).float()  # y, same shape
             cond = augment_condition(cond, section.cond_noise, noise)
-        with autocast(device, config.run.precision):
+        with autocast(device, precision):
             loss = diffusion_loss(model, x0, cond, schedule, generator=noise)
         backward_step(loss, list(unet.parameters()), optimizer, scaler, optim.grad_clip)
         ema.update(unet)
-        loop.end_step({loss_name: loss}, lr, state, validation)
-    return loop.close()
+
+        step, stop = step + 1, deadline.passed()  # the time limit and SIGTERM: checkpoint, then stop
+        log.add({loss_name: loss})
+        if is_due(step, optim.log_every, optim.max_steps) or stop:
+            log.write(step, {**log.means(), "lr": lr})
+        if val_items and is_due(step, optim.val_every, optim.max_steps):
+            log.write(step, validate(ema, encoder, vqgan, schedule, val_items, device, precision,
+                                     optim.val_sample_steps, config.run.seed))
+        if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
+            save_stage_checkpoint(config, STAGE, step, job, training_state(job, models, optimizers, scalers, generators))
+    return log.close(deadline, step)

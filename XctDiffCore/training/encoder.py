@@ -11,34 +11,36 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..config import Config, EncoderModelConfig, config_from_dict
-from .autoencoder import check_latent_compatible, trained_autoencoder
+from .autoencoder import trained_autoencoder
 from .common import (
     Deadline,
-    StageLoop,
+    Distributed,
+    StageLog,
     autocast,
     backward_step,
-    cleanup_distributed,
     freeze,
-    gather_rng_states,
     grad_scaler,
+    is_due,
     learning_rate,
     make_optimizer,
+    mean_scores,
     prepare_stage_dir,
-    restore_rng_states,
+    restore_training_state,
+    save_stage_checkpoint,
     seed_everything,
     set_learning_rate,
-    setup_distributed,
+    stage_data,
     trained_stage_checkpoint,
+    training_batches,
+    training_state,
     volume_metrics,
     wrap_ddp,
 )
-from .data import PairDataset, train_loader
 from .variant_bank import stage_variants
 from .warm_start import warm_start
 
@@ -81,74 +83,49 @@ def validate(encoder, vqgan, items: list, device: torch.device, precision: str) 
     encoder.train()
     return {
         "val/latent_mse": sum(errors) / len(errors),
-        "val/psnr": sum(s["psnr"] for s in scores) / len(scores),
-        "val/ssim": sum(s["ssim"] for s in scores) / len(scores),
+        **mean_scores(scores),
     }
 
 
-def train_encoder(config: Config, resume: bool = False, time_limit: Optional[float] = None) -> Path:
+def train_encoder(config: Config, resume: bool, job: Distributed, deadline: Deadline) -> Path:
     """Train the progressive encoder against the run's frozen VQ-GAN; returns its checkpoint path."""
-    job = setup_distributed()
-    try:
-        return _train(config, resume, job, Deadline(time_limit, job))
-    finally:
-        cleanup_distributed(job)
-
-
-def _train(config: Config, resume: bool, job, deadline) -> Path:
-    section, optim, device = config.encoder, config.encoder.optim, job.device
+    section, optim, device, precision = config.encoder, config.encoder.optim, job.device, config.run.precision
     initial = warm_start(config, STAGE, job)  # --init: weights from a model folder, earlier stages copied in
-    vqgan, trained = trained_autoencoder(config.run.dir, STAGE, device)
-    check_latent_compatible(trained, config)
+    vqgan, _ = trained_autoencoder(config.run.dir, STAGE, device, config)
     checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume)
-    train_set = PairDataset(config.data.datalist, "training", config.data.volume_size, config.data.xray_size)
-    val_set = PairDataset(config.data.datalist, "validation", config.data.volume_size, config.data.xray_size)
+    train_set, val_items = stage_data(config, job)
 
     seed_everything(config.run.seed)  # identical initial weights on every rank
     encoder = build_encoder(section.model).to(device)
     if initial is not None:
         encoder.load_state_dict(initial)
     optimizer = make_optimizer(encoder.parameters(), optim)
-    scaler = grad_scaler(device, config.run.precision)
-    step = 0
-    seed_everything(config.run.seed + job.rank)
-    if checkpoint is not None:
-        encoder.load_state_dict(checkpoint["models"]["encoder"])
-        optimizer.load_state_dict(checkpoint["optimizers"]["encoder"])
-        scaler.load_state_dict(checkpoint["scalers"]["encoder"])
-        step = checkpoint["step"]
-        restore_rng_states(checkpoint["rng"], job)
+    scaler = grad_scaler(device, precision)
+    seed_everything(config.run.seed + job.rank)  # then a different random stream per rank
+    # what the checkpoint holds, by name: training_state() writes it, restore_training_state() reads it back
+    models, optimizers, scalers = {"encoder": encoder}, {"encoder": optimizer}, {"encoder": scaler}
+    step = restore_training_state(checkpoint, job, models, optimizers, scalers) if checkpoint else 0
     model = wrap_ddp(encoder, job)
-
-    batches = iter(
-        train_loader(train_set, optim.batch_size, config.run.seed, step, job.rank, job.world_size, config.data.num_workers)
-    )
-    val_items = [val_set[i] for i in range(min(config.data.val_cases, len(val_set)))] if job.is_main else []
-    loop = StageLoop(config, STAGE, optim, job, deadline, step)
-    validation = (lambda: validate(encoder, vqgan, val_items, device, config.run.precision)) if val_items else None
-
-    def state() -> dict:
-        return {"models": {"encoder": encoder.state_dict()}, "optimizers": {"encoder": optimizer.state_dict()},
-                "scalers": {"encoder": scaler.state_dict()}, "rng": gather_rng_states(job)}
-
+    batches = training_batches(train_set, config, optim, step, job)
     variants = stage_variants(config, section, train_set, vqgan, job, deadline)
 
     def encode(ct: torch.Tensor) -> torch.Tensor:
-        with autocast(device, config.run.precision):
+        with autocast(device, precision):
             return ct_latent(vqgan, ct.to(device))
 
-    while loop.running():
+    log, stop = StageLog(config, STAGE, optim, job, step), False
+    while step < optim.max_steps and not stop:
         batch = next(batches)
         if section.image_weight > 0:  # the decoded prior is compared with the (warped) CT itself
-            ct, xray = variants(batch, loop.step)
+            ct, xray = variants(batch, step)
             ct = ct.to(device, non_blocking=True)  # (B, 1, D, H, W)
             target = encode(ct)
         else:  # stored pairs, fresh variants, or variants drawn from the run's bank
-            target, xray = variants.latent_pairs(batch, loop.step, encode)  # (B, 8, d, h, w)
+            target, xray = variants.latent_pairs(batch, step, encode)  # (B, 8, d, h, w)
         target, xray = target.to(device, non_blocking=True), xray.to(device, non_blocking=True)  # xray (B, 1, H, W)
-        lr = learning_rate(loop.step, optim)
+        lr = learning_rate(step, optim)
         set_learning_rate(optimizer, lr)
-        with autocast(device, config.run.precision):
+        with autocast(device, precision):
             prediction = model(xray)
             latent_loss = F.mse_loss(prediction.float(), target.float())
             losses = {"latent_mse": latent_loss}
@@ -159,5 +136,13 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
                 losses["image_l1"] = F.l1_loss(decoded.float(), ct[:n])
                 loss = loss + section.image_weight * losses["image_l1"]
         backward_step(loss, list(encoder.parameters()), optimizer, scaler, optim.grad_clip)
-        loop.end_step(losses, lr, state, validation)
-    return loop.close()
+
+        step, stop = step + 1, deadline.passed()  # the time limit and SIGTERM: checkpoint, then stop
+        log.add(losses)
+        if is_due(step, optim.log_every, optim.max_steps) or stop:
+            log.write(step, {**log.means(), "lr": lr})
+        if val_items and is_due(step, optim.val_every, optim.max_steps):
+            log.write(step, validate(encoder, vqgan, val_items, device, precision))
+        if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
+            save_stage_checkpoint(config, STAGE, step, job, training_state(job, models, optimizers, scalers))
+    return log.close(deadline, step)

@@ -23,39 +23,40 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import Config, StyleConfig
 from ..datalist import read_datalist
 from ..errors import XctDiffError
-from ..io import find_real_radiographs
+from ..io import find_real_radiographs, write_image_png
 from ..model_folder import style_stage_config
 from ..model_inputs import xray_to_model
 from .common import (
     Deadline,
-    StageLoop,
+    Distributed,
+    StageLog,
     autocast,
     backward_step,
     broadcast_parameters,
-    cleanup_distributed,
     export_stage,
-    gather_rng_states,
     grad_scaler,
+    is_due,
     learning_rate,
     make_optimizer,
     prepare_stage_dir,
-    restore_rng_states,
+    restore_training_state,
+    save_stage_checkpoint,
     seed_everything,
     set_learning_rate,
-    setup_distributed,
     stage_dir,
+    training_batches,
+    training_state,
 )
-from .data import train_loader
 
 STAGE = "style"
 
@@ -167,19 +168,12 @@ def validate(gan: nn.ModuleDict, real: list, drrs: list, device: torch.device, p
     return metrics, preview
 
 
-def train_style(config: Config, resume: bool = False, time_limit: Optional[float] = None) -> Path:
+def train_style(config: Config, resume: bool, job: Distributed, deadline: Deadline) -> Path:
     """Train the CycleGAN to ``style.optim.max_steps``; returns its checkpoint path."""
-    job = setup_distributed()
-    try:
-        return _train(config, resume, job, Deadline(time_limit, job))
-    finally:
-        cleanup_distributed(job)
-
-
-def _train(config: Config, resume: bool, job, deadline) -> Path:
     from ..models.cyclegan import ImagePool, critic_loss, generator_loss
 
     section, optim, device, size = config.style, config.style.optim, job.device, config.data.xray_size
+    precision = config.run.precision
     real_train, real_val = split_real_files(find_real_radiographs(section.real), config.data.val_cases, config.run.seed)
     drr_train = DatalistDrrs(config.data.datalist, "training", size)
     drr_val = DatalistDrrs(config.data.datalist, "validation", size)
@@ -192,57 +186,35 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
     generators, critics = gan["generators"], gan["critics"]
     opt_g = make_optimizer(generators.parameters(), optim)
     opt_d = make_optimizer(critics.parameters(), optim)
-    scaler_g, scaler_d = grad_scaler(device, config.run.precision), grad_scaler(device, config.run.precision)
-    pools = {"drr": ImagePool(section.loss.pool_size, config.run.seed + job.rank), "real": ImagePool(section.loss.pool_size, config.run.seed + job.rank + 10_000)}
-    step = 0
+    scaler_g, scaler_d = grad_scaler(device, precision), grad_scaler(device, precision)
+    pools = {"drr": ImagePool(section.loss.pool_size, config.run.seed + job.rank),
+             "real": ImagePool(section.loss.pool_size, config.run.seed + job.rank + 10_000)}
     seed_everything(config.run.seed + job.rank)  # then a different random stream per rank
+    # what the checkpoint holds, by name: training_state() (+ the pools) writes it, restore_training_state() reads it back
+    models = {"cyclegan": gan}
+    optimizers, scalers = {"generator": opt_g, "discriminator": opt_d}, {"generator": scaler_g, "discriminator": scaler_d}
+    step = 0
     if checkpoint is not None:
-        gan.load_state_dict(checkpoint["models"]["cyclegan"])
-        opt_g.load_state_dict(checkpoint["optimizers"]["generator"])
-        opt_d.load_state_dict(checkpoint["optimizers"]["discriminator"])
-        scaler_g.load_state_dict(checkpoint["scalers"]["generator"])
-        scaler_d.load_state_dict(checkpoint["scalers"]["discriminator"])
-        step = checkpoint["step"]
-        restore_rng_states(checkpoint["rng"], job)
+        step = restore_training_state(checkpoint, job, models, optimizers, scalers)
         if len(checkpoint["pools"]) == job.world_size:  # another world size starts with empty pools
             for name, pool in pools.items():
                 pool.load_state_dict(checkpoint["pools"][job.rank][name], device)
     broadcast_parameters(gan, job)
-
-    loader_args = (optim.batch_size, config.run.seed, step, job.rank, job.world_size, config.data.num_workers)
-    real_batches = iter(train_loader(RealRadiographs(real_train, size), *loader_args))
-    drr_batches = iter(train_loader(drr_train, *loader_args))
+    real_batches = training_batches(RealRadiographs(real_train, size), config, optim, step, job)
+    drr_batches = training_batches(drr_train, config, optim, step, job)
     val_real = [RealRadiographs(real_val, size)[i] for i in range(len(real_val))] if job.is_main else []
     val_drrs = [drr_val[i] for i in range(min(config.data.val_cases, len(drr_val)))] if job.is_main else []
-    loop = StageLoop(config, STAGE, optim, job, deadline, step)
 
-    def validation() -> dict:
-        metrics, preview = validate(gan, val_real, val_drrs, device, config.run.precision)
-        if preview.size:
-            from ..io import write_image_png
-
-            write_image_png(preview, stage_dir(config.run.dir, STAGE) / "preview.png", bits=8)
-        return metrics
-
-    def state() -> dict:
-        rng = gather_rng_states(job)
-        return {
-            "models": {"cyclegan": gan.state_dict()},
-            "optimizers": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
-            "scalers": {"generator": scaler_g.state_dict(), "discriminator": scaler_d.state_dict()},
-            "pools": _gather_pools(pools, job),
-            "rng": rng,
-        }
-
-    while loop.running():
+    log, stop = StageLog(config, STAGE, optim, job, step), False
+    while step < optim.max_steps and not stop:
         real = next(real_batches).to(device, non_blocking=True)  # (B, 1, H, W) in [-1, 1]
         drr = next(drr_batches).to(device, non_blocking=True)
-        lr = learning_rate(loop.step, optim)
+        lr = learning_rate(step, optim)
         set_learning_rate(opt_g, lr)
         set_learning_rate(opt_d, lr)
 
         critics.requires_grad_(False)  # the critics only judge here; their update comes next
-        with autocast(device, config.run.precision):
+        with autocast(device, precision):
             loss, terms, fake_drr, fake_real = generator_loss(
                 generators["real_to_drr"], generators["drr_to_real"], critics["drr"], critics["real"], real, drr,
                 section.loss.cycle_weight, section.loss.identity_weight,
@@ -251,15 +223,26 @@ def _train(config: Config, resume: bool, job, deadline) -> Path:
 
         critics.requires_grad_(True)
         pooled_drr, pooled_real = pools["drr"].query(fake_drr.float()), pools["real"].query(fake_real.float())
-        with autocast(device, config.run.precision):
+        with autocast(device, precision):
             d_loss, d_terms = critic_loss(critics["drr"], critics["real"], real, drr, pooled_real, pooled_drr)
         backward_step(d_loss, list(critics.parameters()), opt_d, scaler_d, optim.grad_clip, average_over=job)
-        loop.end_step({"total": loss, **terms, "critic_total": d_loss, **d_terms}, lr, state,
-                      validation if (val_real or val_drrs) else None,
+
+        step, stop = step + 1, deadline.passed()  # the time limit and SIGTERM: checkpoint, then stop
+        log.add({"total": loss, **terms, "critic_total": d_loss, **d_terms})
+        if is_due(step, optim.log_every, optim.max_steps) or stop:
+            log.write(step, {**log.means(), "lr": lr},
                       shown=("train/total", "train/cycle_real", "train/adv_drr", "train/critic_total"))
+        if (val_real or val_drrs) and is_due(step, optim.val_every, optim.max_steps):
+            metrics, preview = validate(gan, val_real, val_drrs, device, precision)
+            if preview.size:
+                write_image_png(preview, stage_dir(config.run.dir, STAGE) / "preview.png", bits=8)
+            log.write(step, metrics)
+        if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
+            state = training_state(job, models, optimizers, scalers)
+            save_stage_checkpoint(config, STAGE, step, job, {**state, "pools": _gather_pools(pools, job)})
     if job.is_main:
         export_style(generators["real_to_drr"], config, stage_dir(config.run.dir, STAGE))
-    return loop.close()
+    return log.close(deadline, step)
 
 
 def _gather_pools(pools: dict, job) -> list:
@@ -267,8 +250,6 @@ def _gather_pools(pools: dict, job) -> list:
     state = {name: pool.state_dict() for name, pool in pools.items()}
     if not job.enabled:
         return [state]
-    import torch.distributed as dist
-
     states = [None] * job.world_size
     dist.all_gather_object(states, state)
     return states
