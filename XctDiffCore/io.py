@@ -55,13 +55,15 @@ class Radiograph:
     ``image``: float32 ``[row, col]`` in display orientation, intensities as stored (after DICOM
     modality/VOI LUTs; MONOCHROME1 inverted so that bone is bright). ``spacing``: ``(row, col)`` in mm
     when the file records it, else ``None``. ``is_drr``: the file carries the ``xctdiff_drr=1`` tag.
-    ``source``: the path it was read from.
+    ``source``: the path it was read from. ``age_years``: the patient's age when a DICOM file records
+    it (Patient's Age), else ``None``.
     """
 
     image: np.ndarray
     spacing: Optional[tuple]
     is_drr: bool
     source: str
+    age_years: Optional[float] = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,7 +412,7 @@ def find_real_radiographs(patterns) -> list[Path]:
 def read_radiograph(path) -> Radiograph:
     """Read a radiograph (PNG/JPEG/TIFF, DICOM CR/DX/DR, 2D or single-slice NRRD/NIfTI/MetaImage)."""
     path = _check_input(path, allow_folder=False)
-    suffix = _suffix(path)
+    suffix, age = _suffix(path), None
     if suffix in PIL_SUFFIXES:
         image, spacing, is_drr = _read_pil(path)
     elif suffix in SITK_VOLUME_SUFFIXES:
@@ -419,14 +421,14 @@ def read_radiograph(path) -> Radiograph:
     elif suffix == ".npz":
         raise XctDiffError(f"expected a radiograph, got a 3D CT volume (.npz): {path}")
     elif _is_dicom_file(path):
-        image, spacing, is_drr = _read_dicom_radiograph(path)
+        image, spacing, is_drr, age = _read_dicom_radiograph(path)
     else:
         raise XctDiffError(
             f"unsupported radiograph file type '{suffix or path.name}': expected .png, .jpg, .tif, "
             f".dcm, .nrrd, .nii or .mha ({path})"
         )
     image = check_radiograph_image(image, str(path))
-    return Radiograph(image=image, spacing=spacing, is_drr=is_drr, source=str(path))
+    return Radiograph(image=image, spacing=spacing, is_drr=is_drr, source=str(path), age_years=age)
 
 
 def _to_grey(rgb: np.ndarray) -> np.ndarray:
@@ -572,12 +574,22 @@ def _read_dicom_radiograph(path: Path):
                 image = ends.min() + ends.max() - image.astype(np.float64)
         spacing = _dicom_pixel_spacing(ds)
         orientation = ds.get("PatientOrientation")
+        age = dicom_age_years(ds.get("PatientAge"))
     with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, refused by check_radiograph_image
         image = np.asarray(image, dtype=np.float32)
     image, spacing = _dicom_display_orientation(image, orientation, spacing)
     if spacing is not None and not all(np.isfinite(s) and s > 0 for s in spacing):
         raise XctDiffError(f"pixel spacing must be positive, got {spacing} in {path}")
-    return image, spacing, False
+    return image, spacing, False, age
+
+
+def dicom_age_years(value) -> Optional[float]:
+    """DICOM Patient's Age (``nnnD``, ``nnnW``, ``nnnM`` or ``nnnY``) in years; ``None`` when absent or malformed."""
+    text = str(value or "").strip().upper()
+    units = {"D": 365.25, "W": 365.25 / 7, "M": 12.0, "Y": 1.0}
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+        return None
+    return int(text[:-1]) / units[text[-1]]
 
 
 def write_image_png(image01: np.ndarray, path, metadata: Optional[dict] = None, bits: int = 16) -> Path:

@@ -33,8 +33,10 @@ the paper's grid: 128^3 voxels of 2.5 mm, a 320 mm cube (a model that works on a
 as the 64^3 ``preview`` configuration, has each decoded sample resampled trilinearly to it), canonical LPS (direction identity, ``array[z, y, x]``), **centred on the LPS origin**
 (the origin is the first voxel's centre, ``-(n - 1) / 2 * spacing``). The coronal plane faces the
 radiograph: the PA film lies in the x-z plane, its rows along -z, its columns along +x. A film's
-pixel spacing is not used: the preprocessing crops its empty border and rescales it to the model's
-input, so the CT always has the scale of the training CTs, not of the film.
+pixel spacing does not scale the CT: the preprocessing crops its empty border and rescales it to the
+model's input, so the CT always has the scale of the (adult) training CTs, not of the film; a DICOM
+Patient's Age under 16 or a film under 250 mm by its spacing gets a warning that says so
+(:func:`~XctDiffCore.plausibility.size_problems`).
 ``result.uncertainty`` is the voxel-wise standard deviation (HU, ddof = 0) over the K samples, on
 the same grid, when K >= 2.
 
@@ -151,7 +153,7 @@ def as_radiograph(radiograph) -> Radiograph:
 
     if isinstance(radiograph, Radiograph):
         return Radiograph(check_radiograph_image(radiograph.image, radiograph.source), radiograph.spacing,
-                          radiograph.is_drr, radiograph.source)
+                          radiograph.is_drr, radiograph.source, radiograph.age_years)
     if isinstance(radiograph, (str, Path)):
         return read_radiograph(radiograph)
     if isinstance(radiograph, torch.Tensor):
@@ -277,6 +279,16 @@ class XctDiffPipeline:
             warnings.warn(problem, PlausibilityWarning, stacklevel=5)
         return problems
 
+    @staticmethod
+    def _check_size(radiograph: Radiograph) -> list:
+        """The adult-size warnings (a child's age or a small film by its spacing), warned once each; never refused."""
+        from .plausibility import PlausibilityWarning, size_problems
+
+        problems = size_problems(radiograph.age_years, radiograph.image.shape, radiograph.spacing)
+        for problem in problems:
+            warnings.warn(problem, PlausibilityWarning, stacklevel=5)
+        return problems
+
     def apply_style(self, radiograph: Radiograph, image01: np.ndarray, style: str) -> tuple:
         """(image in [0, 1], whether the real -> DRR generator was applied)."""
         from .style import apply_style, should_apply_style
@@ -324,6 +336,7 @@ class XctDiffPipeline:
         with torch.inference_mode():
             input01 = self.preprocess(radiograph)
             notes = self._check_plausible(input01, strict)
+            size_notes = self._check_size(radiograph)
             timer.lap("preprocessing")
             reporter.report(ends["preprocessing"], "style transfer")
             _check_cancel(cancel)
@@ -402,7 +415,7 @@ class XctDiffPipeline:
             drr=drr,
             guidance=guidance * guided / len(scores) if scores else 0.0,  # the strength the mean CT received
             unguided_consistency=unguided,
-            warnings=notes,
+            warnings=notes + size_notes,
             precision="bf16" if self._amp_dtype == torch.bfloat16 else "fp32",
             flops=timer.flops,
         )

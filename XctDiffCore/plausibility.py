@@ -22,12 +22,23 @@ Measured (``../shared/data``, preprocessed as the pipeline does;
 
 A flagged film is a warning (an error with ``strict``), not a
 verdict: the check says "this does not look like what the model was trained on", nothing more.
+
+**Size** (:func:`size_problems`). The model was trained on adult chests and always reconstructs an
+adult-sized chest in its 320 mm cube: the film is cropped and rescaled to the model's input, so a
+child's film comes out adult-sized. When the file says so, the pipeline warns (never refuses: the
+film itself is fine): a DICOM Patient's Age under 16 years, or a pixel spacing by which the whole
+film is under 250 mm on its longer side (adult chest films are 350-430 mm; 18 x 24 cm and 24 x 30 cm
+cassettes are children's). A resized image that kept its original pixel spacing (the RSNA sample of
+``../shared/data``: 1024 px at 0.168 mm, 172 mm, for a 62-year-old) is flagged too, and the warning
+names both causes. A PNG or JPEG records neither age nor spacing: nothing can be said, and nothing is.
 """
 from __future__ import annotations
 
 import numpy as np
 
 CHEST_CONTRAST_MIN = 0.0  # a film at or below is flagged
+ADULT_AGE_YEARS = 16.0  # a younger patient gets the adult-size warning
+SMALL_FILM_MM = 250.0  # a whole film shorter than this on its longer side gets it too
 ROWS = (0.30, 0.70)
 CENTRE_COLUMNS = (0.44, 0.56)
 LUNG_COLUMNS = ((0.20, 0.38), (0.62, 0.80))
@@ -55,3 +66,20 @@ def film_problems(image01: np.ndarray) -> list:
     return [f"the input does not look like a frontal chest radiograph (the middle is not brighter than both lung "
             f"fields: chest contrast {contrast:.2f}); it may be inverted (a negative, e.g. a film wrongly stored as "
             "MONOCHROME1), a lateral view or not a chest, and the reconstruction would still look like a chest"]
+
+
+def size_problems(age_years=None, film_shape=None, spacing=None) -> list:
+    """Why the adult-sized reconstruction may not have the patient's size: the patient's age, the
+    film's size by its pixel spacing ``(row, col)`` mm; empty when neither is known or both look adult."""
+    problems = []
+    if age_years is not None and age_years < ADULT_AGE_YEARS:
+        age = f"{age_years:.0f} years" if age_years >= 2 else f"{age_years * 12:.0f} months"
+        problems.append(f"the patient is {age} old (DICOM Patient's Age): the model was trained on adult chests and "
+                        "reconstructs an adult-sized chest (a 320 mm cube), not the child's size or proportions")
+    if film_shape is not None and spacing is not None:
+        rows_mm, cols_mm = (n * s for n, s in zip(film_shape, spacing))
+        if max(rows_mm, cols_mm) < SMALL_FILM_MM:
+            problems.append(f"by its pixel spacing the film is {rows_mm:.0f} x {cols_mm:.0f} mm, smaller than an adult "
+                            "chest film (350-430 mm): a child's film (the reconstruction is adult-sized) or an image "
+                            "resized without correcting its pixel spacing")
+    return problems

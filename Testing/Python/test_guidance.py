@@ -205,3 +205,26 @@ def test_an_implausible_film_warns_is_refused_with_strict_and_is_never_guided(pi
     assert result.guidance == 0.0 and len(result.warnings) == 2 and result.summary()["warnings"] == result.warnings
     with pytest.raises(XctDiffError, match="refused: strict"):
         pipe.reconstruct(negative, method="direct", device="cpu", strict=True)
+
+
+def test_size_warnings_come_from_a_childs_age_or_a_small_film_and_nothing_else():
+    from XctDiffCore.plausibility import size_problems
+
+    assert size_problems() == [] and size_problems(62.0, (3000, 2500), (0.14, 0.14)) == []
+    (child,) = size_problems(5.0)
+    assert "5 years old" in child and "adult-sized" in child
+    assert "8 months old" in size_problems(8 / 12)[0]
+    (small,) = size_problems(None, (1024, 1024), (0.168, 0.168))  # the RSNA sample: resized, original spacing kept
+    assert "172 x 172 mm" in small and "resized" in small
+    assert len(size_problems(4.0, (1000, 800), (0.2, 0.2))) == 2
+
+
+def test_a_childs_film_is_reconstructed_with_a_warning_guided_and_never_refused(pipe, film, monkeypatch):
+    from XctDiffCore.io import Radiograph
+    from XctDiffCore.plausibility import PlausibilityWarning
+
+    monkeypatch.setattr(pipeline_module, "MIN_UNGUIDED_CONSISTENCY", 0.0)
+    child = Radiograph(film.image, (0.1, 0.1), False, "child", age_years=4.0)
+    with pytest.warns(PlausibilityWarning, match="adult-sized"):
+        result = pipe.reconstruct(child, method="direct", device="cpu", guidance=1.0, strict=True)
+    assert result.guidance > 0 and len(result.warnings) == 2 and all("adult" in w for w in result.warnings)

@@ -262,6 +262,16 @@ def test_dicom_rescale_spacing_and_monochrome1(tmp_path):
     assert mono2.spacing == (0.15, 0.2) and not mono2.is_drr
 
 
+def test_dicom_patient_age_is_read_in_years(tmp_path):
+    from XctDiffCore.io import dicom_age_years
+
+    stored = grey_ramp(top=4095).astype(np.uint16)
+    assert read_radiograph(write_dicom_radiograph(tmp_path / "a.dcm", stored, PatientAge="006Y")).age_years == 6.0
+    assert read_radiograph(write_dicom_radiograph(tmp_path / "b.dcm", stored)).age_years is None
+    assert dicom_age_years("018M") == 1.5 and dicom_age_years("052W") == pytest.approx(0.9966, abs=1e-3)
+    assert [dicom_age_years(v) for v in ("", None, "Y", "12", "abcY", "5 Y")] == [None] * 6
+
+
 def test_dicom_voi_window_is_applied(tmp_path):
     stored = grey_ramp(top=4095).astype(np.uint16)
     image = read_radiograph(write_dicom_radiograph(tmp_path / "w.dcm", stored, WindowCenter=2000, WindowWidth=1000)).image
