@@ -438,7 +438,7 @@ class StageLog:
     losses between two log lines, and the CSV/TensorBoard log. Plain calls from the stage's loop."""
 
     def __init__(self, config, stage: str, optim, job: Distributed, step: int):
-        self.config, self.stage, self.optim, self.job = config, stage, optim, job
+        self.config, self.stage, self.optim = config, stage, optim
         self.logger = RunLogger(stage_dir(config.run.dir, stage), job.is_main, step)
         self.progress = Progress(stage, optim.max_steps, step, job.is_main)
         self.meter = Meter()
