@@ -240,7 +240,10 @@ def test_bundled_model_verifies_and_documents_itself():
     manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
     assert manifest["sha256"]["MODEL_CARD.md"] and "not for diagnosis" in (folder / "MODEL_CARD.md").read_text(encoding="utf-8").lower()
     assert manifest["training"]["training_patients"] and manifest["training"]["validation_patients"]
-    assert not set(manifest["training"]["training_patients"]) & set(manifest["training"]["validation_patients"])
+    seen = set(manifest["training"]["training_patients"]) & set(manifest["training"]["validation_patients"])
+    assert manifest["training"]["validation_seen_in_training"] == bool(seen)
+    if seen:  # retrained on all patients after the recipe was chosen: the card must not sell fit as generalisation
+        assert "training fit" in (folder / "MODEL_CARD.md").read_text(encoding="utf-8").lower()
     assert loaded.mean_ct is not None
     if loaded.style is None:  # a model without the real -> DRR generator must say so to its users
         assert "no style stage" in (folder / "MODEL_CARD.md").read_text(encoding="utf-8").lower()

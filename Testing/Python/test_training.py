@@ -456,6 +456,7 @@ def test_export_run_writes_safetensors_configs_and_a_manifest(chain, datalist, t
     patients = lambda section: sorted({e["patient"] for e in json.loads(datalist.read_text(encoding="utf-8"))[section]})  # noqa: E731
     assert manifest["training"]["training_patients"] == patients("training")
     assert manifest["training"]["validation_patients"] == patients("validation")
+    assert manifest["training"]["validation_seen_in_training"] is False
     assert manifest["training"]["steps"] == {"autoencoder": STEPS, "encoder": STEPS, "diffusion": STEPS}
     for name, digest in manifest["sha256"].items():
         assert file_sha256(tmp_path / "model" / name) == digest

@@ -208,6 +208,9 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
         entries = json.loads(datalist.read_text(encoding="utf-8"))
         for section in ("training", "validation"):
             training[f"{section}_patients"] = sorted({str(e.get("patient", "")) for e in entries.get(section, [])} - {""})
+        # a model retrained on every patient after its recipe was chosen says so: its validation scores are fit
+        training["validation_seen_in_training"] = bool(
+            set(training["training_patients"]) & set(training["validation_patients"]))
     extra = {"training": training, **({"metrics": metrics} if metrics else {})}
     save_model_folder(model_dir, networks, config, model_id, version, mean_ct=mean_ct, model_card=model_card,
                       dtype=dtype, settings=settings, extra=extra, required=required)
