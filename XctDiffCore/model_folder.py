@@ -67,6 +67,9 @@ class ModelInfo:
     sampler: str  # default sampler of the diffusion stage
     steps: int  # default number of sampler steps
     method: str = "diffusion"  # default reconstruction path: "diffusion", or "direct" (encoder -> decoder)
+    # a result whose consistency is below is flagged unreliable; measured for this model on real films, DRRs and
+    # photographs (Testing/Scripts/consistency_survey.py), in the manifest; None: not calibrated, nothing flagged
+    min_consistency: Optional[float] = None
 
 
 @dataclass
@@ -84,6 +87,15 @@ class ModelFolder:
 
 
 # ------------------------------------------------------------------------------------------ reading
+
+
+def _min_consistency(folder: Path, manifest: dict) -> Optional[float]:
+    value = manifest.get("min_consistency")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise XctDiffError(f"{folder / MANIFEST_NAME}: min_consistency must be a number from 0 to 1, got {value!r}")
+    return float(value)
 
 
 def bundled_model_folder() -> Path:
@@ -295,6 +307,7 @@ def load_model_folder(folder) -> ModelFolder:
         sampler=str(diffusion.get("sampler", DEFAULT_SAMPLER)),
         steps=int(diffusion.get("steps", DEFAULT_STEPS)),
         method=str(diffusion.get("method", "diffusion")),
+        min_consistency=_min_consistency(folder, manifest),
     )
     if info.method not in METHODS:
         raise XctDiffError(f"{folder}: unknown default method {info.method!r} (diffusion or direct)")

@@ -43,7 +43,7 @@ class ReconstructOptions:
     method: Optional[str] = None  # diffusion or direct; None: the model's default (diffusion for samples >= 2)
     sampler: Optional[str] = None  # ddim or dpm-solver++; None: the model's default
     guidance: float = 0.0  # data consistency, 0 (off) to 1 (XctDiffCore.guidance)
-    strict: bool = False  # refuse a film that fails the plausibility check instead of warning
+    strict: bool = False  # refuse a film that fails the plausibility check, or a result flagged unreliable, instead of warning
     precision: str = "auto"  # auto (bf16 where the device computes it natively and it was measured harmless), fp32, bf16
 
     def __post_init__(self):
@@ -135,7 +135,8 @@ class ReconstructOptions:
         add_guidance_argument(parser)
         add_precision_argument(parser)
         parser.add_argument("--strict", action="store_true", help="refuse a film that fails the plausibility check "
-                            "(inverted, lateral, not a chest) instead of warning; in a folder it is skipped and counted")
+                            "(inverted, lateral, not a chest) or whose result's consistency is below the reliability "
+                            "threshold, instead of warning; in a folder it is skipped and counted")
 
 
 def add_guidance_argument(parser) -> None:

@@ -27,6 +27,9 @@
 7. *consistency*: the DRR of the result, rendered in the training geometry and normalised like the
    input, compared with the input by 2D SSIM (:func:`~XctDiffCore.metrics.ssim_2d`); with guidance,
    ``result.unguided_consistency`` keeps the score before it (a guided score says the DRR was fitted).
+   A score (the unguided one with guidance) below the model's ``info.min_consistency`` flags the
+   result as unreliable: a :class:`~XctDiffCore.plausibility.PlausibilityWarning` kept in
+   ``result.warnings``, or an error with ``strict=True``.
 
 **Output geometry.** ``result.ct`` is the voxel-wise mean of the K samples in HU (int16), always on
 the paper's grid: 128^3 voxels of 2.5 mm, a 320 mm cube (a model that works on a coarser grid, such
@@ -71,6 +74,7 @@ from .diffusion import Cancelled
 from .errors import XctDiffError
 from .guidance import MIN_UNGUIDED_CONSISTENCY, GuidanceWarning
 from .options import MAX_SAMPLES, MethodWarning, ReconstructOptions  # noqa: F401 (re-exported)
+from .plausibility import PlausibilityWarning, consistency_problems, film_problems, size_problems
 from .io import Radiograph
 from .model_folder import FIELD_OF_VIEW_MM, PREPARED_SIZE, ModelFolder, ModelInfo
 from .model_inputs import area_resize
@@ -268,23 +272,11 @@ class XctDiffPipeline:
         return area_resize(image01, self.info.xray_size)
 
     @staticmethod
-    def _check_plausible(image01: np.ndarray, strict: bool) -> list:
-        """The plausibility check's reasons (warned once each), or an XctDiffError with ``strict``."""
-        from .plausibility import PlausibilityWarning, film_problems
-
-        problems = film_problems(image01)
+    def _flag(problems: list, strict: bool = False) -> list:
+        """Each reason of the plausibility checks warned once and returned (for ``result.warnings``); with
+        ``strict``, the first one is an XctDiffError instead (the adult-size reasons are never refused)."""
         if problems and strict:
             raise XctDiffError(problems[0] + " (refused: strict)")
-        for problem in problems:
-            warnings.warn(problem, PlausibilityWarning, stacklevel=5)
-        return problems
-
-    @staticmethod
-    def _check_size(radiograph: Radiograph) -> list:
-        """The adult-size warnings (a child's age or a small film by its spacing), warned once each; never refused."""
-        from .plausibility import PlausibilityWarning, size_problems
-
-        problems = size_problems(radiograph.age_years, radiograph.image.shape, radiograph.spacing)
         for problem in problems:
             warnings.warn(problem, PlausibilityWarning, stacklevel=5)
         return problems
@@ -335,8 +327,8 @@ class XctDiffPipeline:
                                 else torch.contiguous_format)
         with torch.inference_mode():
             input01 = self.preprocess(radiograph)
-            notes = self._check_plausible(input01, strict)
-            size_notes = self._check_size(radiograph)
+            notes = self._flag(film_problems(input01), strict)
+            size_notes = self._flag(size_problems(radiograph.age_years, radiograph.image.shape, radiograph.spacing))
             timer.lap("preprocessing")
             reporter.report(ends["preprocessing"], "style transfer")
             _check_cancel(cancel)
@@ -396,6 +388,9 @@ class XctDiffPipeline:
             drr = self.render_drr(ct, device)
             consistency = max(0.0, ssim_2d(drr, input01))  # SSIM < 0 (anti-correlated) means no agreement: 0
             timer.lap("consistency")
+            # judged on the score before guidance: a guided DRR was fitted to the film and says nothing
+            notes += self._flag(consistency_problems(consistency if unguided is None else unguided,
+                                                     self.info.min_consistency), strict)
         reporter.report(1.0, "reconstructed")
         timings = timer.timings()
         if method == "diffusion":

@@ -23,6 +23,21 @@ Measured (``../shared/data``, preprocessed as the pipeline does;
 A flagged film is a warning (an error with ``strict``), not a
 verdict: the check says "this does not look like what the model was trained on", nothing more.
 
+**Consistency** (:func:`consistency_problems`). After reconstructing, the pipeline scores how well the
+DRR of the result matches the input (SSIM); below the model's ``min_consistency`` (its manifest; a
+property of the model, since every model scores differently) the result is flagged as unreliable (a
+warning, an error with ``strict``); a model without one flags nothing. The bundled xctdiff-cpu 0.3.0
+has 0.5, from these scores (default path, seed 0, style off; ``python
+Testing/Scripts/consistency_survey.py --threshold 0.5`` re-measures them, for any model folder):
+
+- 34 real frontal films (30 random Kermany test films, the 2 NIH films, the RSNA DICOM, RG1): 0.519 to
+  0.797, median 0.651: none flagged;
+- frontal DRRs of the 19 shared CTs: 0.768 to 0.908; none flagged;
+- 18 scikit-image photographs: 0.052 to 0.586, median 0.333: 15 flagged (retina, moon and camera pass);
+- the 34 films inverted: 0.349 to 0.629, median 0.526: 13 flagged; lateral DRRs of the 19 CTs: 0.626 to
+  0.819, none flagged. The score cannot tell a negative or a lateral view from a frontal film (the
+  model draws a chest whose DRR resembles either): the contrast check above is what catches those.
+
 **Size** (:func:`size_problems`). The model was trained on adult chests and always reconstructs an
 adult-sized chest in its 320 mm cube: the film is cropped and rescaled to the model's input, so a
 child's film comes out adult-sized. When the file says so, the pipeline warns (never refuses: the
@@ -66,6 +81,16 @@ def film_problems(image01: np.ndarray) -> list:
     return [f"the input does not look like a frontal chest radiograph (the middle is not brighter than both lung "
             f"fields: chest contrast {contrast:.2f}); it may be inverted (a negative, e.g. a film wrongly stored as "
             "MONOCHROME1), a lateral view or not a chest, and the reconstruction would still look like a chest"]
+
+
+def consistency_problems(consistency: float, minimum=None) -> list:
+    """Why the finished reconstruction should not be trusted: its DRR disagrees with the film (its consistency
+    is below the model's calibrated ``minimum``); empty when it is not, or when the model has no minimum."""
+    if minimum is None or consistency >= minimum:
+        return []
+    return [f"the reconstruction is unreliable: its DRR agrees poorly with the input (consistency {consistency:.2f} < "
+            f"{minimum:g}, a score none of the real chest films measured for this model fell below); the input may "
+            "not be a frontal chest film the model can read"]
 
 
 def size_problems(age_years=None, film_shape=None, spacing=None) -> list:

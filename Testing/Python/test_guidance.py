@@ -3,7 +3,9 @@ film, corrections go only where there is matter, the strength is the fraction ap
 pipeline, the command line and the Slicer options carry it, with the unguided score beside it."""
 from __future__ import annotations
 
+import dataclasses
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -228,3 +230,23 @@ def test_a_childs_film_is_reconstructed_with_a_warning_guided_and_never_refused(
     with pytest.warns(PlausibilityWarning, match="adult-sized"):
         result = pipe.reconstruct(child, method="direct", device="cpu", guidance=1.0, strict=True)
     assert result.guidance > 0 and len(result.warnings) == 2 and all("adult" in w for w in result.warnings)
+
+
+def test_a_result_whose_drr_disagrees_with_the_film_is_flagged_unreliable_or_refused_with_strict(pipe, film, monkeypatch):
+    from XctDiffCore.plausibility import PlausibilityWarning, consistency_problems
+
+    assert consistency_problems(0.3) == [] and consistency_problems(0.5, 0.5) == []  # no calibrated minimum: no flag
+    (reason,) = consistency_problems(0.49, 0.5)
+    assert "unreliable" in reason and "0.49 < 0.5" in reason
+    assert pipe.info.min_consistency is None  # a random model is not calibrated
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlausibilityWarning)
+        passed = pipe.reconstruct(film, method="direct", device="cpu", strict=True)
+    assert passed.warnings == []
+    # the same film, for a model whose real films all scored higher than this one does
+    monkeypatch.setattr(pipe, "info", dataclasses.replace(pipe.info, min_consistency=passed.consistency + 0.01))
+    with pytest.warns(PlausibilityWarning, match="unreliable"):
+        flagged = pipe.reconstruct(film, method="direct", device="cpu")
+    assert flagged.consistency == passed.consistency and "unreliable" in flagged.warnings[0]
+    with pytest.raises(XctDiffError, match="unreliable.*refused: strict"):
+        pipe.reconstruct(film, method="direct", device="cpu", strict=True)

@@ -187,6 +187,8 @@ CORRUPTIONS = {
     "unknown prediction": (edit_stage_json("diffusion.json", set_path(["schedule", "prediction"], "x0")),
                            "is invalid: prediction must be one of epsilon, v, got 'x0'"),
     "mean CT of another size": (replace_mean_ct, "has shape (16, 16, 16), expected (32, 32, 32)"),
+    "consistency minimum out of range": (edit_manifest(set_path(["min_consistency"], 1.5)),
+                                         "min_consistency must be a number from 0 to 1, got 1.5"),
 }
 
 
@@ -245,6 +247,7 @@ def test_bundled_model_verifies_and_documents_itself():
     if seen:  # retrained on all patients after the recipe was chosen: the card must not sell fit as generalisation
         assert "training fit" in (folder / "MODEL_CARD.md").read_text(encoding="utf-8").lower()
     assert loaded.mean_ct is not None
+    assert loaded.info.min_consistency is not None  # calibrated: see Testing/Scripts/consistency_survey.py
     if loaded.style is None:  # a model without the real -> DRR generator must say so to its users
         assert "no style stage" in (folder / "MODEL_CARD.md").read_text(encoding="utf-8").lower()
     assert sum(p.stat().st_size for p in folder.iterdir()) <= 64 * 2**20
