@@ -269,6 +269,7 @@ class StyleModelConfig:
     channels: int = 64
     num_res_blocks: int = 6
     num_downsamples: int = 2  # data.xray_size must be a multiple of 2**num_downsamples
+    upsample: str = "resize"  # "resize" (nearest + 3x3 conv, no checkerboard) or "transpose" (CycleGAN's, older weights)
 
 
 @dataclass
@@ -277,6 +278,7 @@ class StyleLossConfig:
 
     cycle_weight: float = 10.0
     identity_weight: float = 5.0  # 0 leaves the identity term out
+    edge_weight: float = 0.0  # 1 - correlation of gradient magnitudes, input vs output, per generator; 0: the paper's CycleGAN
     pool_size: int = 50
 
 
@@ -329,8 +331,10 @@ class Config:
         style_factor = 2**self.style.model.num_downsamples
         if self.data.xray_size % style_factor:
             raise XctDiffError(f"data.xray_size ({self.data.xray_size}) must be a multiple of {style_factor} (style.model.num_downsamples)")
-        if self.style.loss.pool_size < 0:
-            raise XctDiffError(f"style.loss.pool_size must be 0 or more, got {self.style.loss.pool_size}")
+        if self.style.loss.pool_size < 0 or self.style.loss.edge_weight < 0:
+            raise XctDiffError("style.loss.pool_size and style.loss.edge_weight must be 0 or more")
+        if self.style.model.upsample not in ("resize", "transpose"):
+            raise XctDiffError(f"style.model.upsample must be 'resize' or 'transpose', got {self.style.model.upsample!r}")
         if self.diffusion.schedule.prediction not in PREDICTIONS:
             raise XctDiffError(f"diffusion.schedule.prediction must be one of {', '.join(PREDICTIONS)}, "
                                f"got {self.diffusion.schedule.prediction!r}")

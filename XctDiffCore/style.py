@@ -53,7 +53,8 @@ def load_style_generator(path, device="cpu"):
         weight_bytes, config_bytes = weights.read_bytes(), config_path.read_bytes()
     try:
         config = json.loads(config_bytes.decode("utf-8"))
-        generator = ResnetGenerator(**config["model"])
+        # weights written before the option existed have CycleGAN's transposed convolutions
+        generator = ResnetGenerator(**{"upsample": "transpose", **config["model"]})
         generator.load_state_dict(load_safetensors(weight_bytes))
         image_size = int(config["image_size"])
     except (KeyError, TypeError, RuntimeError, ValueError, UnicodeDecodeError, SafetensorError) as exc:

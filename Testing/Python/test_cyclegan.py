@@ -10,12 +10,20 @@ import torch
 from XctDiffCore.errors import XctDiffError
 from XctDiffCore.models import count_parameters
 from XctDiffCore.config import DiscriminatorConfig, StyleConfig, StyleModelConfig
-from XctDiffCore.models.cyclegan import ImagePool, ResnetGenerator, critic_loss, generator_loss, lsgan_loss
+from XctDiffCore.models.cyclegan import (
+    ImagePool,
+    ResnetGenerator,
+    critic_loss,
+    generator_loss,
+    gradient_correlation,
+    lsgan_loss,
+    upsampling_layer,
+)
 from XctDiffCore.style import apply_style, load_style_generator, should_apply_style
 from XctDiffCore.model_folder import export_stage
 from XctDiffCore.training.style import build_cyclegan
 
-GENERATOR_ARGS = {"channels": 4, "num_res_blocks": 1}
+GENERATOR_ARGS = {"channels": 4, "num_res_blocks": 1, "upsample": "resize"}
 
 
 @pytest.mark.parametrize("channels,blocks,downsamples,size", [(8, 2, 2, 32), (8, 1, 3, 64), (4, 0, 1, 30)])
@@ -35,6 +43,32 @@ def test_paper_generator_fits_budget():
     # CycleGAN's 128 px generator (64 channels, 6 residual blocks) on one channel; the issue caps it at 8 M.
     n = count_parameters(ResnetGenerator(channels=64, num_res_blocks=6))
     assert n == 7_825_153 and n <= 8_000_000
+
+
+def test_resize_upsampling_draws_no_checkerboard():
+    # a flat feature map must stay flat: the transposed convolution's uneven kernel overlap makes a period-2 pattern
+    flat = torch.ones(1, 1, 8, 8)
+    for mode, flat_out in (("resize", True), ("transpose", False)):
+        (layer,) = [m for m in upsampling_layer(1, 1, mode) if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+        torch.nn.init.ones_(layer.weight), torch.nn.init.zeros_(layer.bias)
+        out = torch.nn.Sequential(*upsampling_layer(1, 1, mode)[:-1], layer)(flat)[0, 0, 2:-2, 2:-2]
+        assert out.shape == (12, 12) and bool(torch.allclose(out, out[0, 0])) == flat_out
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in ResnetGenerator(channels=4, num_res_blocks=1).modules())
+    with pytest.raises(ValueError, match="upsample must be one of"):
+        upsampling_layer(4, 2, "pixelshuffle")
+
+
+def test_gradient_correlation_sees_edges_not_contrast():
+    rng = np.random.default_rng(0)
+    film = torch.zeros(2, 1, 32, 32)
+    film[:, :, 8:24, 10:14] = 1.0  # a bone-like bar
+    film = film + 0.01 * torch.from_numpy(rng.standard_normal((2, 1, 32, 32))).float()
+    assert gradient_correlation(film, film).tolist() == pytest.approx([1.0, 1.0])
+    assert gradient_correlation(film, 0.3 * film - 0.5).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)  # a new contrast curve
+    bar_gone = 0.01 * torch.from_numpy(rng.standard_normal((2, 1, 32, 32))).float()
+    assert gradient_correlation(film, bar_gone).abs().max() < 0.2
+    moved = torch.roll(film, 6, dims=-1)  # the bar drawn elsewhere
+    assert gradient_correlation(film, moved).max() < 0.2
 
 
 def test_lsgan_loss_targets():
@@ -85,6 +119,11 @@ def test_losses_backpropagate_to_the_right_networks():
     assert all(p.grad is None for p in generators["real_to_drr"].parameters())  # fakes are detached
     assert all(p.grad is not None for p in critics["drr"].parameters())
     assert "identity_drr" not in generator_loss(*nets, real, drr, 10, 0)[1]
+    total, parts, _, _ = generator_loss(*nets, real, drr, 10, 0, edge_weight=5)
+    assert {"edge_drr", "edge_real"} <= set(parts) and all(0 <= parts[k].item() <= 2 for k in ("edge_drr", "edge_real"))
+    expected = parts["adv_drr"] + parts["adv_real"] + 10 * (parts["cycle_real"] + parts["cycle_drr"]) + 5 * (
+        parts["edge_drr"] + parts["edge_real"])
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_export_roundtrip(tmp_path):
@@ -96,6 +135,14 @@ def test_export_roundtrip(tmp_path):
         loaded, size = load_style_generator(path)
         assert size == 32 and not loaded.training
         assert torch.equal(loaded(x), g.eval()(x))
+
+
+def test_style_json_without_upsample_loads_older_transposed_weights(tmp_path):
+    old = ResnetGenerator(channels=4, num_res_blocks=1, upsample="transpose")
+    export_stage(old, "style", {"model": {"channels": 4, "num_res_blocks": 1}, "image_size": 32}, tmp_path)
+    loaded, _ = load_style_generator(tmp_path)
+    x = torch.rand(1, 1, 32, 32)
+    assert torch.equal(loaded(x), old.eval()(x))
 
 
 def test_export_errors_are_user_errors(tmp_path):

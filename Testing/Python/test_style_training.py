@@ -20,7 +20,14 @@ from XctDiffCore.drr import drr_of_volume
 from XctDiffCore.errors import XctDiffError
 from XctDiffCore.io import read_radiograph, write_image_png
 from XctDiffCore.style import apply_style, load_style_generator
-from XctDiffCore.evaluation.style import consistency_with_and_without_style, domain_accuracy, evaluate_style, nearest_drr, style_features
+from XctDiffCore.evaluation.style import (
+    consistency_with_and_without_style,
+    domain_accuracy,
+    edge_preservation,
+    evaluate_style,
+    nearest_drr,
+    style_features,
+)
 from XctDiffCore.training import train
 from XctDiffCore.io import find_real_radiographs
 from XctDiffCore.training.style import RealRadiographs, split_real_files
@@ -153,6 +160,9 @@ def test_evaluate_style_writes_the_report(domains, straight, tmp_path, capsys):
     assert result["before"]["accuracy"] >= 0.75  # blur + gamma + noise are easy to spot
     assert len(result["before"]["folds"]) == 4 and 0.0 <= result["after"]["accuracy"] <= 1.0
     assert result["consistency"] is None and result["drr_change"] >= 0
+    edges = result["edge_preservation"]
+    assert len(edges["per_image"]) == 8 and -1 <= edges["min"] <= edges["median"] <= 1
+    assert f"mean {edges['mean']:.3f}" in (out / "style_eval.md").read_text(encoding="utf-8")
     table = (out / "style_eval.md").read_text(encoding="utf-8")
     assert f"{100 * result['after']['accuracy']:.1f}%" in table
     figure = read_radiograph(out / "style_eval.png").image
@@ -209,6 +219,19 @@ def test_consistency_hook_scores_both_versions():
     result = consistency_with_and_without_style(lambda image: float(image.mean()), images, images + 0.5)
     assert result["without_style"] == pytest.approx(0.3) and result["with_style"] == pytest.approx(0.8)
     assert result["per_image"]["with_style"] == pytest.approx([0.7, 0.9])
+    assert consistency_with_and_without_style(lambda image: float(image[0, 0]), images, images[::-1])["with_not_worse"] == 0.5
+
+
+def test_edge_preservation_is_measured_inside_the_lung_box():
+    rng = np.random.default_rng(0)
+    films = rng.random((2, 64, 64)).astype(np.float32)
+    assert edge_preservation(films, 1 - films) == pytest.approx([1.0, 1.0])  # a negative keeps every edge
+    scrambled = films.copy()
+    scrambled[:, 10:52, 8:56] = rng.random((2, 42, 48))  # the lung fields redrawn, the border kept
+    assert np.all(edge_preservation(films, scrambled) < 0.2)
+    border_only = films.copy()
+    border_only[:, :4] = 0  # a change outside the box does not count
+    assert edge_preservation(films, border_only) == pytest.approx([1.0, 1.0])
 
 
 def test_kermany_films_load_as_the_real_domain(shared_data):

@@ -9,6 +9,9 @@ spectrum), deliberately without a thumbnail of the image: the evaluation films (
 AP) and the DRRs (adults) differ in anatomy too, and a layout feature would measure that instead of
 style. No pretrained feature network is used (none can be loaded offline), so there is no KID/FID.
 
+Anatomy kept is measured separately: the correlation of gradient magnitudes of each film and its
+transfer inside the lung fields (:func:`edge_preservation`).
+
 Outputs: ``style_eval.json``, ``style_eval.md`` (a table) and ``style_eval.png``: rows of real |
 transferred | the nearest DRR (smallest distance between 32 x 32 thumbnails of the transferred
 film and the DRRs, each standardised).
@@ -31,6 +34,10 @@ from ..errors import XctDiffError
 
 FEATURES = ("intensity histogram (32)", "gradient-magnitude histogram (16)", "|Laplacian| histogram (16)", "radial log power spectrum (16)")
 FIGURE_ROWS = 6
+# where the lungs of a centred frontal film lie after the pipeline's square resize (fractions of the side:
+# rows, then columns): the box in which the bone-edge preservation is measured, so that the film's
+# border, collimation and labels do not count. A fixed approximation: no segmentation of real films here.
+LUNG_BOX = ((0.15, 0.80), (0.12, 0.88))
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -142,6 +149,21 @@ def domain_accuracy(features_a: np.ndarray, features_b: np.ndarray, folds: int =
     return {"accuracy": float(np.mean(scores)), "std": float(np.std(scores)), "folds": scores, "counts": [len(features_a), len(features_b)]}
 
 
+def edge_preservation(real01: np.ndarray, transferred01: np.ndarray) -> np.ndarray:
+    """``[N]``: correlation of the gradient magnitude of each film and its transfer inside :data:`LUNG_BOX`.
+
+    1 when every rib, clavicle and lung border of the film is still an edge of the same relative strength
+    after the transfer, whatever the new contrast curve; the training's edge term uses the same measure.
+    """
+    from ..models.cyclegan import gradient_correlation
+
+    (r0, r1), (c0, c1) = LUNG_BOX
+    h, w = real01.shape[-2:]
+    crop = (slice(None), None, slice(int(r0 * h), int(r1 * h)), slice(int(c0 * w), int(c1 * w)))
+    a, b = torch.from_numpy(real01)[crop], torch.from_numpy(transferred01)[crop]
+    return gradient_correlation(a.double(), b.double()).numpy()
+
+
 # ---------------------------------------------------------------------------------------- the hook
 
 
@@ -159,6 +181,7 @@ def consistency_with_and_without_style(
     return {
         "without_style": float(np.mean(without)),
         "with_style": float(np.mean(with_style)),
+        "with_not_worse": float(np.mean(np.asarray(with_style) >= np.asarray(without))),  # share of films
         "per_image": {"without_style": without, "with_style": with_style},
     }
 
@@ -244,6 +267,7 @@ def evaluate_style(
         "before": domain_accuracy(f_real, f_drr, folds, seed),
         "after": domain_accuracy(f_moved, f_drr, folds, seed),
         "drr_change": float(np.abs(drr_restyled - drr01).mean()),  # what style="on" does to a DRR
+        "edge_preservation": _summary(edge_preservation(real01, moved01)),
         "figure": "style_eval.png",
         "consistency": None,
     }
@@ -260,6 +284,11 @@ def evaluate_style(
     with atomic_path(out_dir / "style_eval.md") as tmp:
         tmp.write_text(markdown_table(result), encoding="utf-8")
     return result
+
+
+def _summary(values: np.ndarray) -> dict:
+    return {"mean": float(np.mean(values)), "min": float(np.min(values)), "median": float(np.median(values)),
+            "per_image": [float(v) for v in values]}
 
 
 def markdown_table(result: dict) -> str:
@@ -285,10 +314,15 @@ def markdown_table(result: dict) -> str:
         "",
         f"Mean absolute change the generator makes to a DRR (should be small): {result['drr_change']:.4f} (intensity in [0, 1]).",
         "",
+        f"Bone-edge preservation (correlation of gradient magnitude, film vs transfer, inside the lung fields' box; "
+        f"1 = every edge kept): mean {result['edge_preservation']['mean']:.3f}, median "
+        f"{result['edge_preservation']['median']:.3f}, lowest {result['edge_preservation']['min']:.3f}.",
+        "",
         f"Figure `{result['figure']}`: rows of real | transferred | nearest DRR.",
     ]
     if result.get("consistency"):
         c = result["consistency"]
         lines += ["", "| data consistency of the reconstruction | value |", "| --- | --- |",
-                  f"| without style transfer | {c['without_style']:.4f} |", f"| with style transfer | {c['with_style']:.4f} |"]
+                  f"| without style transfer | {c['without_style']:.4f} |", f"| with style transfer | {c['with_style']:.4f} |",
+                  f"| films whose consistency the transfer did not lower | {100 * c['with_not_worse']:.0f}% |"]
     return "\n".join(lines) + "\n"

@@ -2,10 +2,11 @@
 
 The diffusion model is trained on DRRs of CTs; real radiographs differ in contrast curve, noise,
 scatter and sharpness. A CycleGAN learns the mapping from unpaired images of both domains: two
-ResNet generators (real -> DRR, DRR -> real), two 70x70 PatchGAN critics
+ResNet generators (real -> DRR, DRR -> real; resize-convolution upsampling, no checkerboard), two 70x70 PatchGAN critics
 (:class:`~XctDiffCore.models.discriminators.PatchDiscriminator`, 2D), least-squares (LSGAN)
 adversarial losses, an L1 cycle loss and an L1 identity loss, and a pool of 50 earlier fakes for the
-critics (which damps oscillation).
+critics (which damps oscillation). An optional edge term (correlation of gradient magnitudes between
+each generator's input and output) keeps ribs, clavicles and spine where the cycle alone lets them go.
 
 Images are single-channel ``(B, 1, H, W)`` in ``[-1, 1]`` inside the networks (tanh output);
 :func:`XctDiffCore.style.apply_style` converts from and to the product's ``[0, 1]`` radiographs.
@@ -42,6 +43,20 @@ class ResnetBlock(nn.Module):
 
 
 # --------------------------------------------------------------------------------------- networks
+UPSAMPLING = ("resize", "transpose")
+
+
+def upsampling_layer(channels: int, out_channels: int, mode: str) -> list[nn.Module]:
+    """x2 in-plane. ``"resize"``: nearest-neighbour doubling, then a reflect-padded 3x3 convolution, which
+    cannot draw the checkerboard a stride-2 transposed convolution leaves where its kernels overlap
+    unevenly (Odena et al. 2016); ``"transpose"``: CycleGAN's original layer, kept to load older weights."""
+    if mode == "resize":
+        return [nn.Upsample(scale_factor=2, mode="nearest"), nn.ReflectionPad2d(1), nn.Conv2d(channels, out_channels, 3)]
+    if mode == "transpose":
+        return [nn.ConvTranspose2d(channels, out_channels, 3, stride=2, padding=1, output_padding=1)]
+    raise ValueError(f"upsample must be one of {', '.join(UPSAMPLING)}, got {mode!r}")
+
+
 class ResnetGenerator(nn.Module):
     """c7s1-C, ``num_downsamples`` stride-2 convs (channels doubling), residual blocks, mirrored upsampling, c7s1-out, tanh.
 
@@ -56,6 +71,7 @@ class ResnetGenerator(nn.Module):
         channels: int = 64,
         num_res_blocks: int = 6,
         num_downsamples: int = 2,
+        upsample: str = "resize",
     ):
         super().__init__()
         self.num_downsamples = num_downsamples
@@ -71,11 +87,7 @@ class ResnetGenerator(nn.Module):
             c *= 2
         layers += [ResnetBlock(c) for _ in range(num_res_blocks)]
         for _ in range(num_downsamples):
-            layers += [
-                nn.ConvTranspose2d(c, c // 2, 3, stride=2, padding=1, output_padding=1),
-                nn.InstanceNorm2d(c // 2),
-                nn.ReLU(inplace=True),
-            ]
+            layers += [*upsampling_layer(c, c // 2, upsample), nn.InstanceNorm2d(c // 2), nn.ReLU(inplace=True)]
             c //= 2
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(c, out_channels, 7), nn.Tanh()]
         self.net = nn.Sequential(*layers)
@@ -94,6 +106,25 @@ def lsgan_loss(scores: torch.Tensor, target_is_real: bool) -> torch.Tensor:
     scores = scores.float()
     target = torch.ones_like(scores) if target_is_real else torch.zeros_like(scores)
     return F.mse_loss(scores, target)
+
+
+def gradient_magnitude(images: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) -> (B, 1, H - 2, W - 2): Sobel gradient magnitude (the valid part, no padding)."""
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=images.device) / 8
+    kernels = torch.stack([kx, kx.t()])[:, None].to(images.dtype)
+    g = F.conv2d(images, kernels)
+    return torch.sqrt(g.square().sum(1, keepdim=True) + 1e-8)
+
+
+def gradient_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) twice -> (B,): Pearson correlation of the two images' gradient magnitudes.
+
+    1 when every edge of one is an edge of the other with proportional strength, whatever the contrast
+    curves of the two images: the style may change, the bones and the lung borders may not.
+    """
+    ga, gb = gradient_magnitude(a.float()).flatten(1), gradient_magnitude(b.float()).flatten(1)
+    ga, gb = ga - ga.mean(1, keepdim=True), gb - gb.mean(1, keepdim=True)
+    return (ga * gb).sum(1) / (ga.norm(dim=1) * gb.norm(dim=1)).clamp_min(1e-8)
 
 
 class ImagePool:
@@ -145,10 +176,13 @@ def generator_loss(
     drr: torch.Tensor,
     cycle_weight: float = 10.0,
     identity_weight: float = 5.0,
+    edge_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
     """Unpaired batches ``(B, 1, H, W)`` in [-1, 1] -> (total, named parts, fake DRRs, fake reals).
 
     CycleGAN's weights: lambda = 10 for each cycle, identity at half of that (0 leaves it out).
+    ``edge_weight`` adds ``1 - gradient_correlation`` between each generator's input and output: the
+    cycle alone lets a generator hide the ribs in a code the other one undoes (0 leaves it out).
     Networks are arguments so that the trainer can pass DDP-wrapped generators and the bare critics:
     the critics only judge here, with ``requires_grad`` off.
     """
@@ -165,6 +199,10 @@ def generator_loss(
         parts["identity_drr"] = F.l1_loss(real_to_drr(drr).float(), drr.float())
         parts["identity_real"] = F.l1_loss(drr_to_real(real).float(), real.float())
         total = total + identity_weight * (parts["identity_drr"] + parts["identity_real"])
+    if edge_weight > 0:
+        parts["edge_drr"] = 1 - gradient_correlation(real, fake_drr).mean()
+        parts["edge_real"] = 1 - gradient_correlation(drr, fake_real).mean()
+        total = total + edge_weight * (parts["edge_drr"] + parts["edge_real"])
     return total, parts, fake_drr, fake_real
 
 

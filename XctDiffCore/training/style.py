@@ -145,6 +145,8 @@ def export_style(generator: nn.Module, config: Config, out_dir) -> dict:
 @torch.no_grad()
 def validate(gan: nn.ModuleDict, real: list, drrs: list, device: torch.device, precision: str) -> tuple[dict, np.ndarray]:
     """Cycle and identity L1 on held-out images, and a preview (rows: real | real->DRR | back to real)."""
+    from ..models.cyclegan import gradient_correlation
+
     g = gan["generators"]
     g.eval()
     metrics, rows = {}, []
@@ -154,6 +156,7 @@ def validate(gan: nn.ModuleDict, real: list, drrs: list, device: torch.device, p
             fake_drr = g["real_to_drr"](x).float()
             back = g["drr_to_real"](fake_drr).float()
         metrics["val/cycle_real"] = float((back - x).abs().mean())
+        metrics["val/edge_correlation"] = float(gradient_correlation(x, fake_drr).mean())  # bones kept: 1
         rows = [torch.cat([a[0], b[0], c[0]], dim=1) for a, b, c in zip(x, fake_drr, back)]
     if drrs:
         y = torch.stack(drrs).to(device)
@@ -217,7 +220,7 @@ def train_style(config: Config, resume: bool, job: Distributed, deadline: Deadli
         with autocast(device, precision):
             loss, terms, fake_drr, fake_real = generator_loss(
                 generators["real_to_drr"], generators["drr_to_real"], critics["drr"], critics["real"], real, drr,
-                section.loss.cycle_weight, section.loss.identity_weight,
+                section.loss.cycle_weight, section.loss.identity_weight, section.loss.edge_weight,
             )
         backward_step(loss, list(generators.parameters()), opt_g, scaler_g, optim.grad_clip, average_over=job)
 
