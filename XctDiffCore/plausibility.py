@@ -26,17 +26,20 @@ verdict: the check says "this does not look like what the model was trained on",
 **Consistency** (:func:`consistency_problems`). After reconstructing, the pipeline scores how well the
 DRR of the result matches the input (SSIM); below the model's ``min_consistency`` (its manifest; a
 property of the model, since every model scores differently) the result is flagged as unreliable (a
-warning, an error with ``strict``); a model without one flags nothing. The bundled xctdiff-cpu 0.3.0
-has 0.5, from these scores (default path, seed 0, style off; ``python
-Testing/Scripts/consistency_survey.py --threshold 0.5`` re-measures them, for any model folder):
+warning, an error with ``strict``); a model without one flags nothing. The bundled xctdiff-cpu has
+0.5, from these scores (default path, seed 0; ``python Testing/Scripts/consistency_survey.py --style
+auto --threshold 0.5`` re-measures them, for any model folder with ``--model``):
 
-- 34 real frontal films (30 random Kermany test films, the 2 NIH films, the RSNA DICOM, RG1): 0.519 to
-  0.797, median 0.651: none flagged;
-- frontal DRRs of the 19 shared CTs: 0.768 to 0.908; none flagged;
-- 18 scikit-image photographs: 0.052 to 0.586, median 0.333: 15 flagged (retina, moon and camera pass);
-- the 34 films inverted: 0.349 to 0.629, median 0.526: 13 flagged; lateral DRRs of the 19 CTs: 0.626 to
-  0.819, none flagged. The score cannot tell a negative or a lateral view from a frontal film (the
-  model draws a chest whose DRR resembles either): the contrast check above is what catches those.
+- with its style stage (0.4.0, the default for real films): 64 real frontal films (60 random Kermany
+  test films, the 2 NIH films, the RSNA DICOM, RG1) 0.601 to 0.798: none flagged; 18 scikit-image
+  photographs 0.302 to 0.823, median 0.582: 5 flagged (with the contrast check, 16 of 18 are caught);
+  the 64 films inverted: 0.466 to 0.662, 3 flagged;
+- without it (0.3.0, or ``--style off``): 34 real films 0.519 to 0.797 (but 2 of 60 Kermany test films
+  scored 0.45 and 0.48: ``--style off`` on a real film can be flagged); frontal DRRs of the 19 shared
+  CTs 0.768 to 0.908; photographs 15 of 18 flagged; lateral DRRs 0.626 to 0.819, none flagged.
+
+The score cannot tell a negative or a lateral view from a frontal film (the model draws a chest whose
+DRR resembles either): the contrast check above is what catches those.
 
 **Size** (:func:`size_problems`). The model was trained on adult chests and always reconstructs an
 adult-sized chest in its 320 mm cube: the film is cropped and rescaled to the model's input, so a
@@ -89,8 +92,7 @@ def consistency_problems(consistency: float, minimum=None) -> list:
     if minimum is None or consistency >= minimum:
         return []
     return [f"the reconstruction is unreliable: its DRR agrees poorly with the input (consistency {consistency:.2f} < "
-            f"{minimum:g}, a score none of the real chest films measured for this model fell below); the input may "
-            "not be a frontal chest film the model can read"]
+            f"{minimum:g}, the model's reliability threshold); the input may not be a frontal chest film the model can read"]
 
 
 def size_problems(age_years=None, film_shape=None, spacing=None) -> list:

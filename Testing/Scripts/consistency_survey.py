@@ -3,7 +3,7 @@ below which the pipeline flags a result as unreliable; see XctDiffCore/plausibil
 
     python Testing/Scripts/consistency_survey.py [--model DIR] [--threshold T] [--films 30] [--out consistency_survey.json]
 
-Reconstructs (default path, seed 0, style off: the score of the film as the user gives it) real frontal
+Reconstructs (default path, seed 0, style off or auto as the model will be used) real frontal
 films, the same films inverted, frontal and lateral DRRs of the shared CTs, and scikit-image photographs,
 and prints the distribution of the data-consistency score of each kind. About 3 s a reconstruction on a
 quiet 2-core CPU. Needs `xctdiff prepare ../shared/data/ct --out .data/ds` done first (the CTs and DRRs).
@@ -28,6 +28,7 @@ from XctDiffCore.model_folder import bundled_model_folder
 from XctDiffCore.pipeline import XctDiffPipeline
 from XctDiffCore.preprocess import preprocess_radiograph
 
+KINDS = ("real films", "real films inverted", "frontal DRRs", "lateral DRRs", "photographs")
 PHOTOS = ("camera", "astronaut", "coffee", "brick", "moon", "text", "horse", "page", "grass", "gravel", "rocket",
           "cat", "chelsea", "clock", "coins", "hubble_deep_field", "immunohistochemistry", "retina")
 
@@ -39,6 +40,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder (default: the bundled one)")
     parser.add_argument("--films", type=int, default=30, help="random Kermany test films (plus the NIH, RSNA, RG1 films)")
     parser.add_argument("--threshold", type=float, default=None, help="count the scores below (default: the model's own)")
+    parser.add_argument("--style", default="off", choices=("off", "auto"),
+                        help="auto: real films, negatives and photographs go through the model's style stage, DRRs do not")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="the kinds of image to score")
     parser.add_argument("--out", default="consistency_survey.json")
     args = parser.parse_args()
     pipe = XctDiffPipeline.from_pretrained(args.model or bundled_model_folder())
@@ -68,19 +72,22 @@ def main() -> None:
              "frontal DRRs": frontal, "lateral DRRs": lateral, "photographs": photos}
 
     scores = {}
-    for kind, images in kinds.items():
+    for kind in args.kinds:
+        images = kinds[kind]
         scores[kind] = {}
         for name, image in images.items():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                result = pipe.reconstruct(Radiograph(image.astype(np.float32), None, False, name), seed=0,
-                                          device="cpu", style="off")
+                is_drr = kind.endswith("DRRs")  # what `xctdiff drr` files say of themselves
+                result = pipe.reconstruct(Radiograph(image.astype(np.float32), None, is_drr, name), seed=0,
+                                          device="cpu", style=args.style)
             scores[kind][name] = round(float(result.consistency), 4)
         values = np.asarray(list(scores[kind].values()))
         print(f"{kind} ({len(values)}): min {values.min():.3f}, 5th percentile {np.percentile(values, 5):.3f}, "
               f"median {np.median(values):.3f}, max {values.max():.3f}; below {threshold}: {int((values < threshold).sum())}",
               flush=True)
-    Path(args.out).write_text(json.dumps({"model": pipe.info.model_id, "version": pipe.info.version, "scores": scores},
+    Path(args.out).write_text(json.dumps({"model": pipe.info.model_id, "version": pipe.info.version,
+                                          "style": args.style, "scores": scores},
                                          indent=2) + "\n", encoding="utf-8")
 
 
