@@ -29,6 +29,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 PREDICTIONS = ("epsilon", "v")  # what the diffusion UNet outputs (see XctDiffCore.diffusion.NoiseSchedule)
 SAMPLERS = ("ddim", "dpm-solver++")  # diffusion samplers (XctDiffCore.diffusion); here, torch-free, for the CLI's parser
 METHODS = ("diffusion", "direct")  # reconstruction paths; direct: the encoder's prior decoded without diffusion
+UPSAMPLING = ("resize", "transpose")  # the style generator's x2 layers (XctDiffCore.models.cyclegan.upsampling_layer)
 
 
 # ----------------------------------------------------------------------------------------- sections
@@ -333,8 +334,8 @@ class Config:
             raise XctDiffError(f"data.xray_size ({self.data.xray_size}) must be a multiple of {style_factor} (style.model.num_downsamples)")
         if self.style.loss.pool_size < 0 or self.style.loss.edge_weight < 0:
             raise XctDiffError("style.loss.pool_size and style.loss.edge_weight must be 0 or more")
-        if self.style.model.upsample not in ("resize", "transpose"):
-            raise XctDiffError(f"style.model.upsample must be 'resize' or 'transpose', got {self.style.model.upsample!r}")
+        if self.style.model.upsample not in UPSAMPLING:
+            raise XctDiffError(f"style.model.upsample must be one of {', '.join(UPSAMPLING)}, got {self.style.model.upsample!r}")
         if self.diffusion.schedule.prediction not in PREDICTIONS:
             raise XctDiffError(f"diffusion.schedule.prediction must be one of {', '.join(PREDICTIONS)}, "
                                f"got {self.diffusion.schedule.prediction!r}")

@@ -73,12 +73,11 @@ def main() -> None:
 
     scores = {}
     for kind in args.kinds:
-        images = kinds[kind]
         scores[kind] = {}
-        for name, image in images.items():
+        is_drr = kind.endswith("DRRs")  # what `xctdiff drr` files say of themselves
+        for name, image in kinds[kind].items():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                is_drr = kind.endswith("DRRs")  # what `xctdiff drr` files say of themselves
                 result = pipe.reconstruct(Radiograph(image.astype(np.float32), None, is_drr, name), seed=0,
                                           device="cpu", style=args.style)
             scores[kind][name] = round(float(result.consistency), 4)

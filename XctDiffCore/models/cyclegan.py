@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import UPSAMPLING
+
 
 # ----------------------------------------------------------------------------------------- blocks
 class ResnetBlock(nn.Module):
@@ -43,9 +45,6 @@ class ResnetBlock(nn.Module):
 
 
 # --------------------------------------------------------------------------------------- networks
-UPSAMPLING = ("resize", "transpose")
-
-
 def upsampling_layer(channels: int, out_channels: int, mode: str) -> list[nn.Module]:
     """x2 in-plane. ``"resize"``: nearest-neighbour doubling, then a reflect-padded 3x3 convolution, which
     cannot draw the checkerboard a stride-2 transposed convolution leaves where its kernels overlap
