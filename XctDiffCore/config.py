@@ -101,6 +101,7 @@ class AutoencoderLossConfig:
     """Arguments of :class:`XctDiffCore.training.losses.AutoencoderLoss` (eqs. 3-4), plus where LPIPS weights are."""
 
     l1_weight: float = 1.0
+    bone_weight: float = 0.0  # extra L1 on the truth's bone voxels (HU > 200); 0 = the paper's loss
     perceptual_weight: float = 1.0
     codebook_weight: float = 1.0
     gan_weight: float = 0.1

@@ -129,12 +129,13 @@ def test_sample_slices_same_positions_every_axis():
         torch.testing.assert_close(b, a * 2)
 
 
-def _loss(lpips=None, disc_start=5, adaptive=True):
+def _loss(lpips=None, disc_start=5, adaptive=True, bone_weight=0.0):
     torch.manual_seed(1)
     return AutoencoderLoss(
         disc_3d=PatchDiscriminator(3, 1, channels=4, num_layers=2),
         disc_2d=PatchDiscriminator(2, 1, channels=4, num_layers=2),
         lpips=lpips,
+        bone_weight=bone_weight,
         disc_start=disc_start,
         slices_per_axis=1,
         adaptive_weight=adaptive,
@@ -178,6 +179,23 @@ def test_loss_with_lpips_module_adds_perceptual_term():
     total, logs = loss_fn.generator_loss(x, x_rec, cb, step=0)
     assert logs["lpips"] > 0 and torch.isfinite(total)
     torch.testing.assert_close(total.detach(), logs["l1"] + logs["lpips"] + logs["codebook"])
+
+
+def test_bone_term_is_the_error_on_the_truths_bone_voxels_only():
+    """An error outside bone leaves the bone term at 0; the same error on bone voxels is the term."""
+    loss_fn, x = _loss(adaptive=False, bone_weight=3.0), _batch()
+    is_bone = x > hu_to_unit(np.float64(200.0))
+    assert 0 < is_bone.float().mean() < 0.2  # the phantom has ribs and a spine, and mostly no bone
+    no_codebook = torch.zeros(())
+    off_bone = x + 0.1 * (~is_bone)
+    total, logs = loss_fn.generator_loss(x, off_bone, no_codebook, step=0)
+    assert logs["bone_l1"] == 0
+    on_bone = x + 0.1 * is_bone
+    total, logs = loss_fn.generator_loss(x, on_bone, no_codebook, step=0)
+    torch.testing.assert_close(logs["bone_l1"], torch.tensor(0.1))
+    torch.testing.assert_close(total, logs["l1"] + 3.0 * logs["bone_l1"])
+    assert "bone_l1" in _loss().generator_loss(x, on_bone, no_codebook, step=0)[1]  # logged, 0 when off
+    assert _loss().generator_loss(x, on_bone, no_codebook, step=0)[1]["bone_l1"] == 0
 
 
 def test_tiny_autoencoder_overfits_a_phantom():
