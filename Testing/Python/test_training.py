@@ -169,6 +169,22 @@ def test_codebook_use_and_validation_are_logged(chain):
     rows = read_log(chain, "autoencoder")
     assert 0 < column(rows, "train/codebook_use")[-1] <= 1
     assert column(rows, "val/psnr").size == 1 and 0 < column(rows, "val/ssim")[0] <= 1
+    assert 0 <= column(rows, "val/bone_dice")[0] <= 1 and 0 <= column(rows, "val/lung_dice")[0] <= 1
+
+
+def test_validation_scores_bone_and_lung_with_the_metric_thresholds():
+    """Identical volumes: Dice 1; bone turned to soft tissue: bone Dice 0, lungs untouched."""
+    from XctDiffCore.layout import hu_to_unit
+    from XctDiffCore.training.common import volume_metrics
+
+    hu = synthetic_chest((32, 32, 32), seed=1)
+    assert (hu > 200).any() and ((hu > -1000) & (hu < -400)).any()
+    truth = torch.from_numpy(hu_to_unit(hu)).float()[None, None]
+    same = volume_metrics(truth, truth)
+    assert same["bone_dice"] == 1.0 and same["lung_dice"] == 1.0 and same["ssim"] == pytest.approx(1.0)
+    no_bone = torch.from_numpy(hu_to_unit(np.where(hu > 200, 40.0, hu))).float()[None, None]
+    scores = volume_metrics(no_bone, truth)
+    assert scores["bone_dice"] == 0.0 and scores["lung_dice"] == 1.0 and scores["psnr"] < 100
 
 
 def test_checkpoints_reload_to_the_logged_validation(chain, datalist):

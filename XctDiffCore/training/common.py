@@ -514,26 +514,34 @@ def save_stage_checkpoint(config, stage: str, step: int, job: Distributed, state
 
 
 def volume_metrics(prediction: torch.Tensor, target: torch.Tensor) -> dict:
-    """Mean PSNR (dB) and SSIM of ``(B, 1, D, H, W)`` volumes in [-1, 1], on the fixed HU window as [0, 1].
+    """Mean PSNR (dB), SSIM, bone and lung Dice of ``(B, 1, D, H, W)`` volumes in [-1, 1].
 
-    The window is :mod:`XctDiffCore.layout`'s [-1024, 2048] HU, the same for every case, so numbers
-    compare across cases and runs. SSIM is scikit-image's 3D SSIM (CPU).
+    PSNR/SSIM on the fixed HU window of :mod:`XctDiffCore.layout` ([-1024, 2048] HU) as [0, 1], the same
+    for every case, so numbers compare across cases and runs (SSIM: scikit-image's 3D SSIM, CPU); the
+    Dice scores with :mod:`XctDiffCore.metrics`' thresholds, so a training log shows the bone and lung
+    that ``xctdiff evaluate`` will score (checkpoints of a run with critics can differ a lot on bone).
     """
     from skimage.metrics import structural_similarity
 
+    from ..layout import unit_to_hu
+    from ..metrics import bone_dice, lung_dice
+
     pred = ((prediction.detach().float().cpu().clamp(-1, 1) + 1) / 2).numpy()
     true = ((target.detach().float().cpu().clamp(-1, 1) + 1) / 2).numpy()
-    psnr, ssim = [], []
+    scores = {"psnr": [], "ssim": [], "bone_dice": [], "lung_dice": []}
     for p, t in zip(pred[:, 0], true[:, 0]):
         mse = float(np.mean((p - t) ** 2))
-        psnr.append(10 * np.log10(1.0 / max(mse, 1e-10)))
-        ssim.append(structural_similarity(t, p, data_range=1.0))
-    return {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim))}
+        scores["psnr"].append(10 * np.log10(1.0 / max(mse, 1e-10)))
+        scores["ssim"].append(structural_similarity(t, p, data_range=1.0))
+        p_hu, t_hu = unit_to_hu(p * 2.0 - 1.0), unit_to_hu(t * 2.0 - 1.0)
+        scores["bone_dice"].append(bone_dice(p_hu, t_hu))
+        scores["lung_dice"].append(lung_dice(p_hu, t_hu))
+    return {name: float(np.mean(values)) for name, values in scores.items()}
 
 
 def mean_scores(scores: list) -> dict:
-    """``val/psnr`` and ``val/ssim``: the means of :func:`volume_metrics` over the validation cases."""
-    return {f"val/{name}": sum(s[name] for s in scores) / len(scores) for name in ("psnr", "ssim")}
+    """``val/psnr``, ``val/ssim``, ``val/bone_dice``, ``val/lung_dice``: means of :func:`volume_metrics` over the cases."""
+    return {f"val/{name}": sum(s[name] for s in scores) / len(scores) for name in scores[0]}
 
 
 # ------------------------------------------------------------------------------------------ export
