@@ -16,7 +16,8 @@ from XctDiffCore.diffusion import (
     sample,
 )
 from XctDiffCore.errors import XctDiffError
-from XctDiffCore.training.diffusion import EMA, diffusion_loss  # training-only: the loss and the averaged weights
+from XctDiffCore.training.common import EMA  # training-only: the averaged weights
+from XctDiffCore.training.diffusion import diffusion_loss  # training-only: the loss
 
 SCHEDULE = NoiseSchedule()
 MU, STD = 0.5, 0.5  # the toy data distribution: every element of x0 ~ N(MU, STD^2), independently

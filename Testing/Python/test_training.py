@@ -190,7 +190,7 @@ def test_validation_scores_bone_and_lung_with_the_metric_thresholds():
 def test_checkpoints_reload_to_the_logged_validation(chain, datalist):
     """Models rebuilt from the checkpoints reproduce the validation numbers the run logged in memory."""
     from XctDiffCore.diffusion import NoiseSchedule
-    from XctDiffCore.training.diffusion import EMA
+    from XctDiffCore.training.common import EMA
     from XctDiffCore.training import autoencoder, diffusion, encoder
 
     device = torch.device("cpu")
@@ -380,6 +380,46 @@ def test_encoder_image_term_is_logged_falls_and_changes_training(tmp_path, chain
     assert "train/image_l1" not in read_log(tmp_path / "w0.0", "encoder")[0]
     changed = [k for k in weights[0.0] if not torch.equal(weights[0.0][k], weights[1.0][k])]
     assert len(changed) > len(weights[0.0]) // 2
+
+
+def test_encoder_weight_average_is_validated_resumed_exactly_and_exported(tmp_path, chain, datalist):
+    """``encoder.optim.ema_decay``: the checkpoint keeps an average of the weights beside them, a resumed
+    run continues that average exactly, and what validation scores, later stages load and export ships
+    is the average, not the last weights."""
+    from XctDiffCore.training import encoder as encoder_stage
+    from XctDiffCore.training.autoencoder import trained_autoencoder
+    from XctDiffCore.training.common import ema_weights
+
+    def config(run_dir, max_steps, decay=0.8):
+        c = tiny_config(run_dir, datalist, max_steps=max_steps)
+        return dataclasses.replace(c, encoder=dataclasses.replace(c.encoder, optim=dataclasses.replace(c.encoder.optim, ema_decay=decay)))
+
+    for run in ("straight", "killed"):
+        shutil.copytree(chain / "autoencoder", tmp_path / run / "autoencoder")
+    train("encoder", config(tmp_path / "straight", 8))
+    train("encoder", config(tmp_path / "killed", 4))
+    train("encoder", config(tmp_path / "killed", 8), resume=True)
+    straight = checkpoint_path(tmp_path / "straight", "encoder")
+    checkpoints_match(straight, checkpoint_path(tmp_path / "killed", "encoder"))
+
+    models = load_checkpoint(straight)["models"]
+    assert int(models["ema"]["num_updates"]) == 8
+    average, last = ema_weights(models["ema"]), models["encoder"]
+    assert set(average) == set(last) and any(not torch.equal(average[k], last[k]) for k in last)
+    device = torch.device("cpu")
+    loaded, _ = encoder_stage.trained_encoder(tmp_path / "straight", "test", device)
+    assert_same_weights(loaded.state_dict(), average, atol=0)
+    vqgan, _ = trained_autoencoder(tmp_path / "straight", "test", device)
+    items = [PairDataset(datalist, "validation", 32, 32)[0]]
+    logged = column(read_log(tmp_path / "straight", "encoder"), "val/latent_mse")[-1]
+    assert encoder_stage.validate(loaded, vqgan, items, device, "fp32")["val/latent_mse"] == pytest.approx(logged, rel=1e-5)
+
+    shutil.copytree(chain / "diffusion", tmp_path / "straight" / "diffusion")
+    manifest = json.loads(export_run(tmp_path / "straight", tmp_path / "model", dtype="float32").read_text(encoding="utf-8"))
+    assert manifest["stages"]["encoder"]["settings"]["weights"] == "ema"
+    assert_same_weights(folder_weights(tmp_path / "model", "encoder"), average)
+    with pytest.raises(XctDiffError, match="ema_decay must be in"):
+        config(tmp_path, 1, decay=1.0).validate()
 
 
 def test_condition_augmentation_adds_noise_of_a_random_level_per_prior():

@@ -111,13 +111,14 @@ def parameter_table(configs: dict) -> str:
 
 
 def stage_for_export(stage: str, checkpoint: dict):
-    """The network a model folder ships for ``stage`` (the EMA weights for diffusion) and its settings.
+    """The network a model folder ships for ``stage`` (the EMA weights for diffusion, and for the encoder when it kept one) and its settings.
 
     The settings are what :func:`~XctDiffCore.model_folder.export_stage` writes beside the weights: the constructor
     arguments under ``"model"`` (``VQGAN(**settings["model"])`` etc.), the data sizes, the training
     step, for diffusion the noise schedule and the default sampler, for style the image size.
     """
     from ..model_folder import DEFAULT_SAMPLER
+    from .common import ema_weights
 
     config = config_from_dict(checkpoint["config"])
     settings = {
@@ -134,11 +135,13 @@ def stage_for_export(stage: str, checkpoint: dict):
         from .encoder import build_encoder
 
         model, model_config, weights = build_encoder(config.encoder.model), config.encoder.model, checkpoint["models"]["encoder"]
+        if "ema" in checkpoint["models"]:  # encoder.optim.ema_decay: the averaged weights, as validated
+            weights, settings["weights"] = ema_weights(checkpoint["models"]["ema"]), "ema"
     elif stage == "diffusion":
         from .diffusion import build_unet
 
         model, model_config = build_unet(config.diffusion.model), config.diffusion.model
-        weights = {k[len("module."):]: v for k, v in checkpoint["models"]["ema"].items() if k.startswith("module.")}
+        weights = ema_weights(checkpoint["models"]["ema"])
         settings["schedule"] = dataclasses.asdict(config.diffusion.schedule)
         settings["weights"] = "ema"
         settings["sampler"] = DEFAULT_SAMPLER

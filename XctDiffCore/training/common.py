@@ -22,6 +22,7 @@ Only torch, numpy and scikit-image are required; tqdm and tensorboard are used w
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import os
 import random
@@ -171,6 +172,47 @@ def restore_rng_states(states: list, job: Distributed, generators: Optional[dict
 def make_optimizer(parameters: Iterable, optim) -> torch.optim.Optimizer:
     """Adam with decoupled weight decay (plain Adam when ``weight_decay`` is 0, as in the paper)."""
     return torch.optim.AdamW(parameters, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+
+
+class EMA(nn.Module):
+    """Exponential moving average of a model's weights, for sampling.
+
+    ``ema.module`` is the averaged copy (call it like the model); ``state_dict()`` holds its weights as
+    ``module.*`` plus ``num_updates``: flat tensors, so it saves as safetensors. The decay warms up as
+    ``min(decay, (1 + n) / (10 + n))`` (latent-diffusion's LitEma) so that short runs are not stuck
+    near the initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        super().__init__()
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError("decay must be in [0, 1]")
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Fold the model's current weights into the average (call after each optimiser step)."""
+        n = int(self.num_updates)
+        decay = min(self.decay, (1.0 + n) / (10.0 + n))
+        ema_params = [p for p in self.module.parameters() if p.is_floating_point()]
+        new_params = [p.detach() for p in model.parameters() if p.is_floating_point()]
+        torch._foreach_lerp_(ema_params, new_params, 1.0 - decay)
+        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)  # running statistics, counters: copied, not averaged
+        self.num_updates += 1
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+@torch.no_grad()
+
+
+def ema_weights(state: dict) -> dict:
+    """The averaged network's own weights from an :class:`EMA`'s ``state_dict()`` (its ``module.*`` entries)."""
+    return {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}
 
 
 def learning_rate(step: int, optim) -> float:

@@ -9,19 +9,18 @@ of the weights (:class:`EMA`) is what validation samples with (DDIM) and what ge
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..config import Config, UNetConfig
 from .autoencoder import trained_autoencoder
 from ..diffusion import Denoiser, NoiseSchedule, sample
 from .common import (
+    EMA,
     Deadline,
     Distributed,
     StageLog,
@@ -85,40 +84,6 @@ def diffusion_loss(
     return F.mse_loss(model(x_t, t, cond), schedule.target(x0, noise, t))
 
 
-class EMA(nn.Module):
-    """Exponential moving average of a model's weights, for sampling.
-
-    ``ema.module`` is the averaged copy (call it like the model); ``state_dict()`` holds its weights as
-    ``module.*`` plus ``num_updates``: flat tensors, so it saves as safetensors. The decay warms up as
-    ``min(decay, (1 + n) / (10 + n))`` (latent-diffusion's LitEma) so that short runs are not stuck
-    near the initial weights.
-    """
-
-    def __init__(self, model: nn.Module, decay: float = 0.999):
-        super().__init__()
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError("decay must be in [0, 1]")
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Fold the model's current weights into the average (call after each optimiser step)."""
-        n = int(self.num_updates)
-        decay = min(self.decay, (1.0 + n) / (10.0 + n))
-        ema_params = [p for p in self.module.parameters() if p.is_floating_point()]
-        new_params = [p.detach() for p in model.parameters() if p.is_floating_point()]
-        torch._foreach_lerp_(ema_params, new_params, 1.0 - decay)
-        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
-            ema_buffer.copy_(buffer)  # running statistics, counters: copied, not averaged
-        self.num_updates += 1
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-
-@torch.no_grad()
 def validate(ema, encoder, vqgan, schedule, items: list, device, precision: str, steps: int, seed: int) -> dict:
     """DDIM reconstructions of the validation pairs from a fixed noise seed (the global RNG is untouched)."""
     scores = []

@@ -5,7 +5,8 @@ VQ-GAN of stage 1. Loss: ``F.mse_loss(encoder(xray), y_ct)`` in the normalised s
 the quantiser out of the way (see :mod:`XctDiffCore.models.progressive_encoder`); optionally plus
 ``encoder.image_weight`` times the L1 of the decoded prior against the CT. Validation decodes
 the prior ``y = N(q(encoder(xray)))`` with the frozen decoder: the PSNR/SSIM of the encoder alone,
-the floor that the diffusion stage must beat.
+the floor that the diffusion stage must beat. With ``encoder.optim.ema_decay`` an average of the
+weights (:class:`~XctDiffCore.training.common.EMA`) is what validation scores and export ships.
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ import torch.nn.functional as F
 from ..config import Config, EncoderModelConfig, config_from_dict
 from .autoencoder import trained_autoencoder
 from .common import (
+    EMA,
     Deadline,
     Distributed,
     StageLog,
     autocast,
+    ema_weights,
     backward_step,
     freeze,
     grad_scaler,
@@ -54,11 +57,13 @@ def build_encoder(model: EncoderModelConfig):
 
 
 def trained_encoder(run_dir, needed_by: str, device: torch.device):
-    """The frozen progressive encoder of a run and its model config."""
+    """The frozen progressive encoder of a run (its weights' average when it kept one: what export ships)
+    and its model config."""
     checkpoint = trained_stage_checkpoint(run_dir, STAGE, needed_by)
     model_config = config_from_dict(checkpoint["config"]).encoder.model
     encoder = build_encoder(model_config)
-    encoder.load_state_dict(checkpoint["models"]["encoder"])
+    models = checkpoint["models"]
+    encoder.load_state_dict(ema_weights(models["ema"]) if "ema" in models else models["encoder"])
     return freeze(encoder.to(device)), model_config
 
 
@@ -70,6 +75,7 @@ def ct_latent(vqgan, ct: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def validate(encoder, vqgan, items: list, device: torch.device, precision: str) -> dict:
+    was_training = encoder.training
     encoder.eval()
     scores, errors = [], []
     for item in items:
@@ -80,7 +86,7 @@ def validate(encoder, vqgan, items: list, device: torch.device, precision: str) 
             recon = vqgan.decode(vqgan.quantize(prediction)[0])
         errors.append(float(F.mse_loss(prediction.float(), target.float())))
         scores.append(volume_metrics(recon.float(), ct))
-    encoder.train()
+    encoder.train(was_training)
     return {
         "val/latent_mse": sum(errors) / len(errors),
         **mean_scores(scores),
@@ -105,6 +111,11 @@ def train_encoder(config: Config, resume: bool, job: Distributed, deadline: Dead
     # what the checkpoint holds, by name: training_state() writes it, restore_training_state() reads it back
     models, optimizers, scalers = {"encoder": encoder}, {"encoder": optimizer}, {"encoder": scaler}
     step = restore_training_state(checkpoint, job, models, optimizers, scalers) if checkpoint else 0
+    ema = None
+    if optim.ema_decay > 0:  # the average starts from the current weights (also when a run turns it on)
+        ema = models["ema"] = EMA(encoder, optim.ema_decay)
+        if checkpoint and "ema" in checkpoint["models"]:
+            ema.load_state_dict(checkpoint["models"]["ema"])
     model = wrap_ddp(encoder, job)
     batches = training_batches(train_set, config, optim, step, job)
     variants = stage_variants(config, section, train_set, vqgan, job, deadline)
@@ -136,13 +147,15 @@ def train_encoder(config: Config, resume: bool, job: Distributed, deadline: Dead
                 losses["image_l1"] = F.l1_loss(decoded.float(), ct[:n])
                 loss = loss + section.image_weight * losses["image_l1"]
         backward_step(loss, list(encoder.parameters()), optimizer, scaler, optim.grad_clip)
+        if ema is not None:
+            ema.update(encoder)
 
         step, stop = step + 1, deadline.passed()  # the time limit and SIGTERM: checkpoint, then stop
         log.add(losses)
         if is_due(step, optim.log_every, optim.max_steps) or stop:
             log.write(step, {**log.means(), "lr": lr})
         if val_items and is_due(step, optim.val_every, optim.max_steps):
-            log.write(step, validate(encoder, vqgan, val_items, device, precision))
+            log.write(step, validate(ema.module if ema else encoder, vqgan, val_items, device, precision))
         if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
             save_stage_checkpoint(config, STAGE, step, job, training_state(job, models, optimizers, scalers))
     return log.close(deadline, step)
