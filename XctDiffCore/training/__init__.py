@@ -111,7 +111,8 @@ def parameter_table(configs: dict) -> str:
 
 
 def stage_for_export(stage: str, checkpoint: dict):
-    """The network a model folder ships for ``stage`` (the EMA weights for diffusion, and for the encoder when it kept one) and its settings.
+    """The network a model folder ships for ``stage`` and its settings (the weights' average for the
+    diffusion, and for the encoder when it kept one).
 
     The settings are what :func:`~XctDiffCore.model_folder.export_stage` writes beside the weights: the constructor
     arguments under ``"model"`` (``VQGAN(**settings["model"])`` etc.), the data sizes, the training

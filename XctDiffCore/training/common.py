@@ -175,7 +175,7 @@ def make_optimizer(parameters: Iterable, optim) -> torch.optim.Optimizer:
 
 
 class EMA(nn.Module):
-    """Exponential moving average of a model's weights, for sampling.
+    """Exponential moving average of a model's weights: the diffusion samples with it, the encoder can ship it.
 
     ``ema.module`` is the averaged copy (call it like the model); ``state_dict()`` holds its weights as
     ``module.*`` plus ``num_updates``: flat tensors, so it saves as safetensors. The decay warms up as
@@ -205,9 +205,6 @@ class EMA(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
-
-
-@torch.no_grad()
 
 
 def ema_weights(state: dict) -> dict:

@@ -84,6 +84,7 @@ def diffusion_loss(
     return F.mse_loss(model(x_t, t, cond), schedule.target(x0, noise, t))
 
 
+@torch.no_grad()
 def validate(ema, encoder, vqgan, schedule, items: list, device, precision: str, steps: int, seed: int) -> dict:
     """DDIM reconstructions of the validation pairs from a fixed noise seed (the global RNG is untouched)."""
     scores = []
