@@ -133,11 +133,11 @@ def stage_for_export(stage: str, checkpoint: dict):
 
         model, model_config, weights = build_autoencoder(config.autoencoder.model), config.autoencoder.model, checkpoint["models"]["vqgan"]
     elif stage == "encoder":
-        from .encoder import build_encoder
+        from .encoder import build_encoder, shipped_weights
 
-        model, model_config, weights = build_encoder(config.encoder.model), config.encoder.model, checkpoint["models"]["encoder"]
-        if "ema" in checkpoint["models"]:  # encoder.optim.ema_decay: the averaged weights, as validated
-            weights, settings["weights"] = ema_weights(checkpoint["models"]["ema"]), "ema"
+        model, model_config, weights = build_encoder(config.encoder.model), config.encoder.model, shipped_weights(checkpoint["models"])
+        if "ema" in checkpoint["models"]:  # encoder.optim.ema_decay: the manifest says the average ships
+            settings["weights"] = "ema"
     elif stage == "diffusion":
         from .diffusion import build_unet
 

@@ -56,14 +56,18 @@ def build_encoder(model: EncoderModelConfig):
     return ProgressiveEncoder(**dataclasses.asdict(model))
 
 
+def shipped_weights(models: dict) -> dict:
+    """The encoder weights a checkpoint's ``models`` stand for: their average when the run kept one
+    (``encoder.optim.ema_decay``), else the weights themselves. Later stages and export both use it."""
+    return ema_weights(models["ema"]) if "ema" in models else models["encoder"]
+
+
 def trained_encoder(run_dir, needed_by: str, device: torch.device):
-    """The frozen progressive encoder of a run (its weights' average when it kept one: what export ships)
-    and its model config."""
+    """The frozen progressive encoder of a run (:func:`shipped_weights`) and its model config."""
     checkpoint = trained_stage_checkpoint(run_dir, STAGE, needed_by)
     model_config = config_from_dict(checkpoint["config"]).encoder.model
     encoder = build_encoder(model_config)
-    models = checkpoint["models"]
-    encoder.load_state_dict(ema_weights(models["ema"]) if "ema" in models else models["encoder"])
+    encoder.load_state_dict(shipped_weights(checkpoint["models"]))
     return freeze(encoder.to(device)), model_config
 
 
