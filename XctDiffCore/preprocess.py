@@ -101,17 +101,22 @@ def _check_grid(volume: Volume, grid_size, spacing: float) -> None:
         )
 
 
-def _body_mask(hu: np.ndarray) -> np.ndarray:
-    """Largest connected component above -500 HU, holes filled slice by slice (lungs become inside)."""
+def body_component(hu: np.ndarray) -> np.ndarray:
+    """The largest connected region above -500 HU: the patient's tissue, without the table or stray blobs."""
     from scipy import ndimage
 
-    labels, count = ndimage.label(hu > BODY_HU)
+    labels, count = ndimage.label(np.asarray(hu) > BODY_HU)
     if count == 0:
-        return np.zeros(hu.shape, dtype=bool)
-    sizes = np.bincount(labels.ravel())[1:]
-    body = labels == (np.argmax(sizes) + 1)
+        return np.zeros(np.shape(hu), dtype=bool)
+    return labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+
+
+def _body_mask(hu: np.ndarray) -> np.ndarray:
+    """:func:`body_component` with its holes filled slice by slice (lungs become inside)."""
+    from scipy import ndimage
+
     # Axial slices: in 3D the lungs reach the volume's edge through the trachea and would stay open.
-    return np.stack([ndimage.binary_fill_holes(axial) for axial in body])
+    return np.stack([ndimage.binary_fill_holes(axial) for axial in body_component(hu)])
 
 
 def _lung_z_centre(hu: np.ndarray, body: np.ndarray) -> float:

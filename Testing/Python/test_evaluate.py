@@ -208,19 +208,21 @@ def test_summary_md_is_the_table_then_the_cases(evaluated, rows):
     means, cases = text.split("Per case:")
     lines = [line.split("|")[1:-1] for line in means.splitlines() if line.startswith("|")]
     assert [c.strip() for c in lines[0]] == ["method", "PSNR (dB)", "SSIM", "PSNR slices (dB)", "SSIM slices", "LPIPS",
-                                             "bone Dice", "lung Dice"]
+                                             "bone Dice", "lung Dice", "lung Dice in body"]
     assert [line[0].strip() for line in lines[2:]] == ["XctDiff", "direct (no diffusion)", "kNN, k=1 nearest training CTs by DRR",
                                                        "mean training CT"]
-    assert all(line[5] == "  " and "±" in line[6] and "±" in line[7] for line in lines[2:])  # LPIPS empty, Dice there
+    assert all(line[5] == "  " and all("±" in c for c in line[6:9]) for line in lines[2:])  # LPIPS empty, Dice there
     lines = [line.split("|")[1:-1] for line in cases.splitlines() if line.startswith("|")]
-    assert [c.strip() for c in lines[0]] == ["case", "method", "PSNR (dB)", "SSIM", "bone Dice", "lung Dice", "LPIPS"]
+    assert [c.strip() for c in lines[0]] == ["case", "method", "PSNR (dB)", "SSIM", "bone Dice", "lung Dice", "lung Dice in body",
+                                            "LPIPS"]
     assert len(lines) == 2 + len(rows)
     for line, row in zip(lines[2:], rows):
         assert (line[0].strip(), line[1].strip()) == (row["case"], row["method"])
         assert float(line[2]) == pytest.approx(float(row["psnr"]), abs=0.01)
         assert float(line[4]) == pytest.approx(float(row["bone_dice"]), abs=0.001)
         assert float(line[5]) == pytest.approx(float(row["lung_dice"]), abs=0.001)
-        assert line[6] == "  "
+        assert float(line[6]) == pytest.approx(float(row["lung_dice_body"]), abs=0.001)
+        assert line[7] == "  "
 
 
 def test_figure_has_a_lung_and_a_bone_row_per_case(evaluated):

@@ -101,7 +101,7 @@ def test_lpips_of_identical_volumes_is_zero():
 def test_volume_scores_keys_and_missing_lpips(pair):
     truth_hu = synthetic_chest((16, 16, 16))
     scores = metrics.volume_scores(truth_hu + 50, truth_hu, lpips=None)
-    assert set(scores) == {"psnr", "ssim", "psnr_slices", "ssim_slices", "lpips", "bone_dice", "lung_dice"}
+    assert set(scores) == {"psnr", "ssim", "psnr_slices", "ssim_slices", "lpips", "bone_dice", "lung_dice", "lung_dice_body"}
     assert scores["lpips"] is None
 
 
@@ -117,6 +117,39 @@ def test_bone_and_lung_dice_follow_the_hu_thresholds():
     air = np.full_like(truth, -1024.0)  # -1024 is not lung (the interval is open) and not bone
     assert metrics.bone_dice(air, truth) == 0.0 and metrics.lung_dice(air, truth) == 0.0
     assert metrics.bone_dice(air, air) == 1.0  # both empty
+
+
+def _chest_in_air(outside_air: float, cut_posterior: bool = False) -> np.ndarray:
+    """[z, y, x]: an elliptic body (soft tissue) holding two lungs, in air of the given HU; cut: the body runs
+    out of the volume at the back, so its lungs reach the volume's edge (the ring is open there)."""
+    z, y, x = np.mgrid[:8, :32, :32]
+    centre, lung_depth = (22, 10.0) if cut_posterior else (16, 8.0)
+    ct = np.where(((y - centre) / 13.0) ** 2 + ((x - 16) / 14.0) ** 2 < 1.0, 40.0, outside_air)
+    ct[(((y - centre) / lung_depth) ** 2 + ((np.abs(x - 16) - 6) / 3.5) ** 2) < 1.0] = -850.0
+    return ct
+
+
+@pytest.mark.parametrize("cut_posterior", [False, True])
+def test_lung_dice_in_the_body_ignores_the_air_around_the_patient(cut_posterior):
+    """Air of -995 HU around the truth is 'lung' by the threshold; in the body only the lungs count."""
+    truth, prediction = _chest_in_air(-995.0, cut_posterior), _chest_in_air(-1024.0, cut_posterior)
+    body = metrics.body_region(truth)
+    assert body[:, 16, 16].all() and not body[:, 0, 0].any()  # the lungs are inside, the corners outside
+    assert body[truth == -850.0].all()
+    if cut_posterior:  # why a hull: filling the holes of an open ring drops the lungs
+        from XctDiffCore.preprocess import _body_mask
+
+        assert not _body_mask(truth)[truth == -850.0].any()
+    assert metrics.lung_dice(prediction, truth) < 0.6  # the pinned lung Dice is mostly the outside air
+    # the hull of a rasterised body takes in a few pixels of the air just outside it: almost 1
+    assert metrics.lung_dice_in_body(prediction, truth) > 0.94
+    assert metrics.lung_dice_in_body(prediction, truth, body) == metrics.lung_dice_in_body(prediction, truth)
+    assert metrics.lung_dice_in_body(truth, truth) == 1.0
+    collapsed = np.where(truth == -850.0, 40.0, prediction)  # no lungs at all
+    assert metrics.lung_dice_in_body(collapsed, truth) == 0.0
+    half = prediction.copy()
+    half[:, :, 16:][truth[:, :, 16:] == -850.0] = 40.0  # the left lung lost: Dice 2 * 1 / (1 + 2) = 2 / 3
+    assert metrics.lung_dice_in_body(half, truth) == pytest.approx(2 / 3, abs=0.04)
 
 
 def test_worse_reconstructions_score_worse():

@@ -182,6 +182,7 @@ def test_validation_scores_bone_and_lung_with_the_metric_thresholds():
     truth = torch.from_numpy(hu_to_unit(hu)).float()[None, None]
     same = volume_metrics(truth, truth)
     assert same["bone_dice"] == 1.0 and same["lung_dice"] == 1.0 and same["ssim"] == pytest.approx(1.0)
+    assert same["lung_dice_body"] == 1.0
     no_bone = torch.from_numpy(hu_to_unit(np.where(hu > 200, 40.0, hu))).float()[None, None]
     scores = volume_metrics(no_bone, truth)
     assert scores["bone_dice"] == 0.0 and scores["lung_dice"] == 1.0 and scores["psnr"] < 100

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 
 from ..errors import XctDiffError
 
-COLUMNS = ("psnr", "ssim", "bone_dice", "lung_dice", "lpips", "codebook_use", "perplexity")
-TITLES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "bone_dice": "bone Dice", "lung_dice": "lung Dice", "lpips": "LPIPS",
+COLUMNS = ("psnr", "ssim", "bone_dice", "lung_dice", "lung_dice_body", "lpips", "codebook_use", "perplexity")
+TITLES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "bone_dice": "bone Dice", "lung_dice": "lung Dice",
+          "lung_dice_body": "lung Dice in body", "lpips": "LPIPS",
           "codebook_use": "codes used", "perplexity": "perplexity"}
 BOUND_SIZE = 64  # the issue's reference bound: a 5 mm grid
 
@@ -91,7 +92,7 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
     from tqdm import tqdm
 
     from .reconstructions import _is_datalist, _write_text, ct_folder_cases, datalist_cases, metrics_csv, summarize
-    from ..metrics import volume_scores
+    from ..metrics import body_region, volume_scores
     from ..model_folder import PREPARED_SIZE
     from ..models.lpips import LPIPS
     from ..models.quantize import code_histogram, codebook_perplexity, codebook_utilisation
@@ -116,12 +117,13 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
     for case in tqdm(cases, desc="evaluate-autoencoder", unit="case", file=sys.stderr, disable=not progress):
         decoded, indices = autoencode(vqgan, case.truth_hu, volume_size)
         histogram += code_histogram(indices, vqgan.codebook_size)
-        rows.append({"case": case.name, "method": "autoencoder", **volume_scores(decoded, case.truth_hu, lpips),
+        body = body_region(case.truth_hu)
+        rows.append({"case": case.name, "method": "autoencoder", **volume_scores(decoded, case.truth_hu, lpips, body=body),
                      "codebook_use": codebook_utilisation(indices, vqgan.codebook_size),
                      "perplexity": codebook_perplexity(indices, vqgan.codebook_size)})
         for size in dict.fromkeys((latent, BOUND_SIZE)):
             bound = pool_and_resample(case.truth_hu, size)
-            rows.append({"case": case.name, "method": f"resample {size}^3", **volume_scores(bound, case.truth_hu, lpips)})
+            rows.append({"case": case.name, "method": f"resample {size}^3", **volume_scores(bound, case.truth_hu, lpips, body=body)})
         if len(figure) < figure_cases:
             figure.append((case, decoded))
 
@@ -129,7 +131,7 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
     summary["autoencoder"]["codebook_use_all_cases"] = float((histogram > 0).float().mean())
     header = (f"Autoencoder of `{source}`: {volume_size}^3 grid, latent {latent}^3 x {vqgan.latent_channels}, "
               f"codebook {vqgan.codebook_size}; {len(cases)} cases from `{data.name}`, scored on "
-              f"{PREPARED_SIZE}^3 at 2.5 mm (bone: HU > 200, lung: -1000 < HU < -400). "
+              f"{PREPARED_SIZE}^3 at 2.5 mm (bone: HU > 200, lung: -1000 < HU < -400; in body: inside the truth's body). "
               f"Codebook entries used over all cases: {summary['autoencoder']['codebook_use_all_cases']:.1%}.\n\n")
     _write_text(out_dir / "metrics.csv", metrics_csv(rows, ("case", "method", *COLUMNS)))
     _write_text(out_dir / "summary.md", header + per_case_table(rows) + "\n" + mean_table(summary))
@@ -146,7 +148,7 @@ def summarize_rows(rows: list, summarize) -> dict:
     """method -> column -> mean/std/n, over the protocol's metrics and the codebook columns."""
     summary = summarize(rows)
     for method in summary:
-        for column in ("bone_dice", "lung_dice", "codebook_use", "perplexity"):
+        for column in ("codebook_use", "perplexity"):  # the protocol's metrics are summarize's
             values = [r[column] for r in rows if r["method"] == method and r.get(column) is not None]
             if values:
                 summary[method][column] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}

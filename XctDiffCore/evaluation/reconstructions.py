@@ -33,7 +33,8 @@
   ``mean_ct.npy`` when it has one, else left out too.
 * **Scores** per case and method: PSNR, SSIM (3D and slice-averaged), LPIPS, and bone and lung
   Dice (HU thresholds: bone > 200, -1000 < lung < -400), which say whether ribs, spine and the
-  lungs' shape are where they belong.
+  lungs' shape are where they belong; the lung Dice also inside the truth's body only (the air
+  around a patient is lung by that threshold in some CTs: :mod:`XctDiffCore.metrics`, item 8).
 * **Seeds.** Case ``i`` is sampled with seed ``seed + i``: a rerun gives the same numbers.
 
 Outputs in ``--out`` (created): ``metrics.csv`` (one row per case and method; for kNN its
@@ -57,10 +58,10 @@ import numpy as np
 
 from ..errors import XctDiffError
 
-METRICS = ("psnr", "ssim", "psnr_slices", "ssim_slices", "lpips", "bone_dice", "lung_dice")
+METRICS = ("psnr", "ssim", "psnr_slices", "ssim_slices", "lpips", "bone_dice", "lung_dice", "lung_dice_body")
 METRIC_TITLES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "psnr_slices": "PSNR slices (dB)", "ssim_slices": "SSIM slices",
-                 "lpips": "LPIPS", "bone_dice": "bone Dice", "lung_dice": "lung Dice"}
-CASE_METRICS = ("psnr", "ssim", "bone_dice", "lung_dice", "lpips")  # the per-case table's columns
+                 "lpips": "LPIPS", "bone_dice": "bone Dice", "lung_dice": "lung Dice", "lung_dice_body": "lung Dice in body"}
+CASE_METRICS = ("psnr", "ssim", "bone_dice", "lung_dice", "lung_dice_body", "lpips")  # the per-case table's columns
 METHOD_TITLES = {"xctdiff": "XctDiff", "direct": "direct (no diffusion)", "xctdiff_guided": "XctDiff + guidance",
                  "direct_guided": "direct + guidance", "knn": "kNN, nearest training CTs by DRR",
                  "mean_ct": "mean training CT"}
@@ -222,7 +223,7 @@ def evaluate(
 
     from ..options import check_guidance
     from ..io import Radiograph
-    from ..metrics import BONE_HU, LUNG_HU, volume_scores
+    from ..metrics import BONE_HU, LUNG_HU, body_region, volume_scores
     from ..models.lpips import LPIPS
     from ..pipeline import OUTPUT_SIZE, XctDiffPipeline
 
@@ -268,17 +269,20 @@ def evaluate(
                                                         method="direct", guidance=guidance, precision=precision)
         used_precision = outputs["direct"].precision
         volumes = {method: result.ct.array for method, result in outputs.items()}
+        body = body_region(case.truth_hu)  # one truth, every method
+
+        def scores(volume):
+            return volume_scores(volume, case.truth_hu, lpips, pipe.device, body)
+
         for method, result in outputs.items():
-            scores = volume_scores(result.ct.array, case.truth_hu, lpips, pipe.device)
-            rows.append({"case": case.name, "method": method, **scores, "consistency": result.consistency,
+            rows.append({"case": case.name, "method": method, **scores(result.ct.array), "consistency": result.consistency,
                          "seconds": result.timings["total"]})
         if k:
             volumes["knn"], neighbours = knn_ct(case.drr, training, k, size)
-            rows.append({"case": case.name, "method": "knn", **volume_scores(volumes["knn"], case.truth_hu, lpips, pipe.device),
-                         "neighbours": " ".join(neighbours)})
+            rows.append({"case": case.name, "method": "knn", **scores(volumes["knn"]), "neighbours": " ".join(neighbours)})
         if mean_ct is not None:
             volumes["mean_ct"] = mean_ct
-            rows.append({"case": case.name, "method": "mean_ct", **volume_scores(mean_ct, case.truth_hu, lpips, pipe.device)})
+            rows.append({"case": case.name, "method": "mean_ct", **scores(mean_ct)})
         if index < figure_cases:
             uncertainty = outputs["xctdiff"].uncertainty
             figure.append(figure_case(case, volumes, None if uncertainty is None else uncertainty.array))
@@ -290,7 +294,8 @@ def evaluate(
               f"{samples} sample(s), {steps or pipe.info.steps} {sampler or pipe.info.sampler} steps, "
               f"model grid {pipe.info.volume_size}^3, scored on {size}^3 at 2.5 mm; {baselines}; "
               f"{f'guidance {guidance:g} beside none' if guidance else 'no guidance'}; networks in {used_precision}; "
-              f"bone: HU > {BONE_HU:.0f}, lung: {LUNG_HU[0]:.0f} < HU < {LUNG_HU[1]:.0f}. Mean ± std over cases.\n\n")
+              f"bone: HU > {BONE_HU:.0f}, lung: {LUNG_HU[0]:.0f} < HU < {LUNG_HU[1]:.0f} (in body: inside the truth's body). "
+              "Mean ± std over cases.\n\n")
     _write_text(out_dir / "summary.md", header + markdown_table(summary, k) + "\nPer case:\n\n" + case_table(rows))
     _write_text(out_dir / "summary.json", json.dumps({"model": pipe.info.model_id, "cases": len(cases), "knn": k or None,
                                                       "guidance": guidance or None, "precision": used_precision,

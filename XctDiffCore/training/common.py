@@ -553,7 +553,7 @@ def save_stage_checkpoint(config, stage: str, step: int, job: Distributed, state
 
 
 def volume_metrics(prediction: torch.Tensor, target: torch.Tensor) -> dict:
-    """Mean PSNR (dB), SSIM, bone and lung Dice of ``(B, 1, D, H, W)`` volumes in [-1, 1].
+    """Mean PSNR (dB), SSIM, bone and lung Dice (also in the body) of ``(B, 1, D, H, W)`` volumes in [-1, 1].
 
     PSNR/SSIM on the fixed HU window of :mod:`XctDiffCore.layout` ([-1024, 2048] HU) as [0, 1], the same
     for every case, so numbers compare across cases and runs (SSIM: scikit-image's 3D SSIM, CPU); the
@@ -562,24 +562,25 @@ def volume_metrics(prediction: torch.Tensor, target: torch.Tensor) -> dict:
     """
     from skimage.metrics import structural_similarity
 
-    from ..layout import unit_to_hu
-    from ..metrics import bone_dice, lung_dice
+    from ..layout import model_layout_to_ct, unit_to_hu
+    from ..metrics import bone_dice, lung_dice, lung_dice_in_body
 
     pred = ((prediction.detach().float().cpu().clamp(-1, 1) + 1) / 2).numpy()
     true = ((target.detach().float().cpu().clamp(-1, 1) + 1) / 2).numpy()
-    scores = {"psnr": [], "ssim": [], "bone_dice": [], "lung_dice": []}
+    scores = {"psnr": [], "ssim": [], "bone_dice": [], "lung_dice": [], "lung_dice_body": []}
     for p, t in zip(pred[:, 0], true[:, 0]):
         mse = float(np.mean((p - t) ** 2))
         scores["psnr"].append(10 * np.log10(1.0 / max(mse, 1e-10)))
         scores["ssim"].append(structural_similarity(t, p, data_range=1.0))
-        p_hu, t_hu = unit_to_hu(p * 2.0 - 1.0), unit_to_hu(t * 2.0 - 1.0)
+        p_hu, t_hu = (model_layout_to_ct(unit_to_hu(v * 2.0 - 1.0)) for v in (p, t))  # the body's axial slices first
         scores["bone_dice"].append(bone_dice(p_hu, t_hu))
         scores["lung_dice"].append(lung_dice(p_hu, t_hu))
+        scores["lung_dice_body"].append(lung_dice_in_body(p_hu, t_hu))
     return {name: float(np.mean(values)) for name, values in scores.items()}
 
 
 def mean_scores(scores: list) -> dict:
-    """``val/psnr``, ``val/ssim``, ``val/bone_dice``, ``val/lung_dice``: means of :func:`volume_metrics` over the cases."""
+    """``val/psnr``, ``val/ssim``, ``val/bone_dice``, ``val/lung_dice``, ``val/lung_dice_body``: means of :func:`volume_metrics` over the cases."""
     return {f"val/{name}": sum(s[name] for s in scores) / len(scores) for name in scores[0]}
 
 
