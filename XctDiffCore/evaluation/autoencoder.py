@@ -123,7 +123,8 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
                      "perplexity": codebook_perplexity(indices, vqgan.codebook_size)})
         for size in dict.fromkeys((latent, BOUND_SIZE)):
             bound = pool_and_resample(case.truth_hu, size)
-            rows.append({"case": case.name, "method": f"resample {size}^3", **volume_scores(bound, case.truth_hu, lpips, body=body)})
+            rows.append({"case": case.name, "method": f"resample {size}^3",
+                         **volume_scores(bound, case.truth_hu, lpips, body=body)})
         if len(figure) < figure_cases:
             figure.append((case, decoded))
 

@@ -580,7 +580,8 @@ def volume_metrics(prediction: torch.Tensor, target: torch.Tensor) -> dict:
 
 
 def mean_scores(scores: list) -> dict:
-    """``val/psnr``, ``val/ssim``, ``val/bone_dice``, ``val/lung_dice``, ``val/lung_dice_body``: means of :func:`volume_metrics` over the cases."""
+    """``val/psnr``, ``val/ssim``, ``val/bone_dice``, ``val/lung_dice``, ``val/lung_dice_body``: means of
+    :func:`volume_metrics` over the cases."""
     return {f"val/{name}": sum(s[name] for s in scores) / len(scores) for name in scores[0]}
 
 
