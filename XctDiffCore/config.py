@@ -24,7 +24,7 @@ from .atomic import atomic_path
 from .errors import XctDiffError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-STAGES = ("autoencoder", "encoder", "diffusion", "style")
+STAGES = ("autoencoder", "encoder", "diffusion", "style", "coarse")
 PRECISIONS = ("bf16", "fp16", "fp32")
 PREDICTIONS = ("epsilon", "v")  # what the diffusion UNet outputs (see XctDiffCore.diffusion.NoiseSchedule)
 SAMPLERS = ("ddim", "dpm-solver++")  # diffusion samplers (XctDiffCore.diffusion); here, torch-free, for the CLI's parser
@@ -305,6 +305,20 @@ class StyleConfig:
 
 
 @dataclass
+class CoarseConfig:
+    """The coarse CT (:mod:`XctDiffCore.models.coarse`): the film -> the CT average-pooled to the latent grid,
+    a residual over the training mean, MSE in the model's units, on fresh variants of the pairs
+    (``augment``/``film``; no bank: the target needs no autoencoder). Its network is the encoder's
+    (``encoder.model`` with one output channel, :meth:`Config.coarse_model`) and starts from the run's
+    trained encoder, with a new head. ``blend``: its weight in the direct path's CT."""
+
+    blend: float = 0.5
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(enabled=True))
+    film: FilmConfig = field(default_factory=lambda: FilmConfig(enabled=True))
+    optim: EncoderOptimConfig = field(default_factory=lambda: EncoderOptimConfig(batch_size=4, lr=3e-4, ema_decay=0.99))
+
+
+@dataclass
 class Config:
     """A whole run. A later section (e.g. ``style``) is one more dataclass field here and in the YAML."""
 
@@ -314,6 +328,7 @@ class Config:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     style: StyleConfig = field(default_factory=StyleConfig)
+    coarse: CoarseConfig = field(default_factory=CoarseConfig)
 
     def validate(self) -> "Config":
         """Refuse values that no run can use, in one sentence each."""
@@ -358,11 +373,21 @@ class Config:
         for stage in ("encoder", "diffusion"):
             if getattr(self, stage).augment.bank < 0:
                 raise XctDiffError(f"{stage}.augment.bank must be 0 (fresh variants) or more, got {getattr(self, stage).augment.bank}")
+        if not 0.0 <= self.coarse.blend <= 1.0:
+            raise XctDiffError(f"coarse.blend must be in [0, 1], got {self.coarse.blend}")
+        if self.coarse.augment.bank:
+            raise XctDiffError("coarse.augment.bank must be 0: the coarse CT draws fresh variants")
+        if not 0.0 <= self.coarse.optim.ema_decay < 1.0:
+            raise XctDiffError(f"coarse.optim.ema_decay must be in [0, 1) (0: no average), got {self.coarse.optim.ema_decay}")
         if self.autoencoder.augment.bank:
             raise XctDiffError("autoencoder.augment.bank must be 0: the autoencoder draws fresh variants (no latents to keep)")
         if self.encoder.augment.bank and self.encoder.image_weight > 0:
             raise XctDiffError("encoder.image_weight needs the warped CTs: use it with encoder.augment.bank 0")
         return self
+
+    def coarse_model(self) -> EncoderModelConfig:
+        """The coarse CT's network: the encoder's, with one output channel (the CT at the latent grid)."""
+        return dataclasses.replace(self.encoder.model, latent_channels=1)
 
     def latent_size(self) -> int:
         """Edge of the VQ latent grid: ``data.volume_size / 2**(levels - 1)``."""

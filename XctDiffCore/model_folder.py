@@ -8,6 +8,7 @@ last; training imports these, never the other way round)::
     <folder>/encoder.safetensors     + encoder.json       ProgressiveEncoder arguments under "model"
     <folder>/diffusion.safetensors   + diffusion.json     LatentUNet arguments, "schedule", default "sampler" and "steps"
     <folder>/style.safetensors       + style.json         optional: the real -> DRR generator (stage_configs' "style")
+    <folder>/coarse.safetensors      + coarse.json        optional: the coarse CT (CoarseCT arguments, "blend")
     <folder>/mean_ct.npy                                  optional: mean training CT in HU (the evaluation baseline)
     <folder>/MODEL_CARD.md
 
@@ -44,7 +45,7 @@ MANIFEST_NAME = "manifest.json"
 MODEL_CARD_NAME = "MODEL_CARD.md"
 MEAN_CT_NAME = "mean_ct.npy"
 REQUIRED_STAGES = ("autoencoder", "encoder", "diffusion")
-OPTIONAL_STAGES = ("style",)
+OPTIONAL_STAGES = ("style", "coarse")
 PREPARED_SIZE = 128  # `xctdiff prepare` writes 128^3 CTs at 2.5 mm and 128^2 DRRs
 PREPARED_SPACING_MM = 2.5
 FIELD_OF_VIEW_MM = PREPARED_SIZE * PREPARED_SPACING_MM
@@ -84,6 +85,7 @@ class ModelFolder:
     style: Optional[nn.Module]
     mean_ct: Optional[np.ndarray]  # [z, y, x] HU at volume_size^3, when the folder has one
     settings: dict = field(default_factory=dict)  # each stage's JSON (model, schedule, step, ...)
+    coarse: Optional[nn.Module] = None  # the coarse CT the direct path blends in (settings["coarse"]["blend"])
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -235,12 +237,14 @@ def _load_weights(network: nn.Module, stage: str, path: Path, data: bytes) -> nn
 
 
 def _stage_classes() -> dict:
+    from .models.coarse import CoarseCT
     from .models.cyclegan import ResnetGenerator
     from .models.progressive_encoder import ProgressiveEncoder
     from .models.unet import LatentUNet
     from .models.vqgan import VQGAN
 
-    return {"autoencoder": VQGAN, "encoder": ProgressiveEncoder, "diffusion": LatentUNet, "style": ResnetGenerator}
+    return {"autoencoder": VQGAN, "encoder": ProgressiveEncoder, "diffusion": LatentUNet, "style": ResnetGenerator,
+            "coarse": CoarseCT}
 
 
 def load_stages(folder, stages, required=REQUIRED_STAGES) -> tuple:
@@ -317,7 +321,8 @@ def load_model_folder(folder) -> ModelFolder:
         raise XctDiffError(f"{folder}: unknown default sampler {info.sampler!r}")
     _check_compatible(info, networks, settings)
     mean_ct = _load_mean_ct(folder, manifest, info.volume_size, contents)
-    return ModelFolder(info, vqgan, encoder, networks["diffusion"], schedule, networks.get("style"), mean_ct, settings)
+    return ModelFolder(info, vqgan, encoder, networks["diffusion"], schedule, networks.get("style"), mean_ct, settings,
+                       coarse=networks.get("coarse"))
 
 
 def _check_compatible(info: ModelInfo, networks: dict, settings: dict) -> None:
@@ -333,6 +338,14 @@ def _check_compatible(info: ModelInfo, networks: dict, settings: dict) -> None:
         raise XctDiffError(f"the latent size {latent[-1]} is not a multiple of the diffusion UNet's factor {unet.in_plane_factor} {where}")
     if encoder.image_size != info.xray_size:
         raise XctDiffError(f"the encoder takes {encoder.image_size} px radiographs, the manifest says {info.xray_size} {where}")
+    coarse = networks.get("coarse")
+    if coarse is not None:
+        blend = settings["coarse"].get("blend", 0.5)
+        if coarse.image_size != info.xray_size or info.volume_size % coarse.mean.shape[-1]:
+            raise XctDiffError(f"the coarse CT takes {coarse.image_size} px radiographs to a {coarse.mean.shape[-1]}^3 grid, "
+                               f"which does not fit {info.xray_size} px and {info.volume_size}^3 {where}")
+        if isinstance(blend, bool) or not isinstance(blend, (int, float)) or not 0.0 <= blend <= 1.0:
+            raise XctDiffError(f"the coarse CT's blend must be a number from 0 to 1, got {blend!r} {where}")
     if "style" in settings:
         size = int(settings["style"].get("image_size", info.xray_size))
         if size != info.xray_size:
@@ -369,6 +382,11 @@ def stage_configs(config) -> dict:
             "steps": config.diffusion.optim.val_sample_steps,
         },
     }
+
+
+def coarse_stage_config(config) -> dict:
+    """What ``coarse.json`` holds: the coarse CT's arguments and its weight in the direct path."""
+    return {"model": dataclasses.asdict(config.coarse_model()), "blend": config.coarse.blend}
 
 
 def style_stage_config(config) -> dict:
@@ -493,6 +511,9 @@ def save_model_folder(
     if networks.get("style") is not None:
         style_settings = settings["style"] if "style" in settings else style_stage_config(config)
         stages["style"] = export_stage(networks["style"], "style", style_settings, out_dir, dtype=dtype)
+    if networks.get("coarse") is not None:
+        coarse_settings = settings["coarse"] if "coarse" in settings else coarse_stage_config(config)
+        stages["coarse"] = export_stage(networks["coarse"], "coarse", coarse_settings, out_dir, dtype=dtype)
     files = [MODEL_CARD_NAME]
     extra = {
         **(extra or {}),
@@ -517,7 +538,7 @@ def save_model_folder(
 
 
 def create_random_model(out_dir, config: Union[str, object] = "tiny", seed: int = 0, with_style: bool = True,
-                        mean_ct: bool = False) -> Path:
+                        mean_ct: bool = False, with_coarse: bool = False) -> Path:
     """A valid model folder with randomly initialised networks of a config (bundled name, path or Config).
 
     For tests and for benchmarking model sizes that are not trained yet; its reconstructions are noise.
@@ -541,6 +562,10 @@ def create_random_model(out_dir, config: Union[str, object] = "tiny", seed: int 
     }
     if with_style:
         networks["style"] = ResnetGenerator(**dataclasses.asdict(config.style.model))
+    if with_coarse:
+        from .models.coarse import CoarseCT
+
+        networks["coarse"] = CoarseCT(**dataclasses.asdict(config.coarse_model()))
     size = config.data.volume_size
     mean = None
     if mean_ct:

@@ -14,12 +14,14 @@
    reasons are kept in ``result.warnings``);
 2. *style*: real films go through the CycleGAN real -> DRR generator (``style="auto"``: not for
    images tagged as DRRs; see :mod:`XctDiffCore.style`);
-3. *encoder*: the progressive encoder's prior ``y = N(q(Conv(x)))``;
+3. *encoder*: the progressive encoder's prior ``y = N(q(Conv(x)))`` (and, on the direct path of a model
+   with a coarse CT stage, :mod:`XctDiffCore.models.coarse`, the CT at the latent grid);
 4. *sampling*: K samples of the latent diffusion, batched, conditioned on y (``method="direct"``
    skips it and decodes y itself: the paper's no-diffusion ablation; ``steps`` or ``sampler`` given
    with it are ignored, with a :class:`MethodWarning`). ``method=None`` is the model's
    default, except that ``samples >= 2`` asks for the diffusion (the only path that samples);
-5. *decoding*: each latent snapped to the codebook and decoded by the VQ-GAN, to HU;
+5. *decoding*: each latent snapped to the codebook and decoded by the VQ-GAN (on the direct path
+   blended with the upsampled coarse CT, its stage's ``blend`` the weight), to HU;
 6. *guidance* (``guidance > 0``, off by default): each decoded sample is moved until its DRR matches
    the input (:mod:`XctDiffCore.guidance`: the strength is the fraction of that correction applied;
    a sample whose unguided result disagrees grossly with the film is left as it is, with a
@@ -175,8 +177,9 @@ class XctDiffPipeline:
 
     def __init__(self, vqgan: torch.nn.Module, encoder: torch.nn.Module, unet: torch.nn.Module, schedule,
                  info: ModelInfo, style: Optional[torch.nn.Module] = None, mean_ct: Optional[np.ndarray] = None,
-                 compile: bool = False):
+                 compile: bool = False, coarse: Optional[torch.nn.Module] = None, coarse_blend: float = 0.5):
         self.vqgan, self.encoder, self.unet, self.style = vqgan, encoder, unet, style
+        self.coarse, self.coarse_blend = coarse, coarse_blend  # the coarse CT the direct path blends in (optional)
         self.schedule, self.info = schedule, info
         self.mean_ct = mean_ct  # the model folder's mean training CT [z, y, x] in HU, when it has one
         self.device = torch.device("cpu")
@@ -194,7 +197,8 @@ class XctDiffPipeline:
         start = time.perf_counter()
         folder: ModelFolder = load_model_folder(bundled_model_folder() if path is None else path)
         pipe = cls(folder.vqgan, folder.encoder, folder.unet, folder.schedule, folder.info, folder.style,
-                   mean_ct=folder.mean_ct, compile=compile)
+                   mean_ct=folder.mean_ct, compile=compile, coarse=folder.coarse,
+                   coarse_blend=float(folder.settings.get("coarse", {}).get("blend", 0.5)))
         pipe.load_seconds = time.perf_counter() - start
         return pipe
 
@@ -256,7 +260,7 @@ class XctDiffPipeline:
         """Move every network to ``device`` (done by :meth:`reconstruct` as needed)."""
         device = torch.device(device)
         if device != self.device:
-            for net in (self.vqgan, self.encoder, self.unet, self.style):
+            for net in (self.vqgan, self.encoder, self.unet, self.style, self.coarse):
                 if net is not None:
                     net.to(device)
             self.device = device
@@ -301,8 +305,8 @@ class XctDiffPipeline:
         """The 3D networks' weights in ``memory_format``: channels-last makes oneDNN's bf16 3D convolutions
         about 1.4x faster on a CPU (and fp32 ones slower, hence contiguous for fp32 and on CUDA)."""
         if memory_format != self._memory_format:
-            for net in (self.vqgan, self.encoder, self.unet):
-                for tensor in (*net.parameters(), *net.buffers()):
+            for net in (self.vqgan, self.encoder, self.unet, self.coarse):
+                for tensor in (*net.parameters(), *net.buffers()) if net is not None else ():
                     if tensor.dim() == 5:  # 3D convolution weights (Module.to refuses the 2D ones' 4-D)
                         tensor.data = tensor.data.contiguous(memory_format=memory_format)
             self._memory_format = memory_format
@@ -341,6 +345,8 @@ class XctDiffPipeline:
             x = torch.from_numpy(np.ascontiguousarray(input01) * 2.0 - 1.0).to(device)[None, None]  # (1, 1, S, S)
             with self._autocast(device):
                 z = self.encoder(x)
+                # the direct path's CT is blended with the coarse CT (learnt in HU), when the model has one
+                coarse = self.coarse(x).float() if self.coarse is not None and method == "direct" else None
             prior, _, codes = self.vqgan.quantize(z.float())  # (1, C, d, h, w), float32: codes are searched in fp32
             timer.lap("encoder")
             reporter.report(ends["encoding"], "sampling" if method == "diffusion" else "decoding")
@@ -371,7 +377,7 @@ class XctDiffPipeline:
             film = x.float() * 0.5 + 0.5 if guidance > 0 else None  # the input in [0, 1], as the DRRs are compared
             scores = []  # each sample's consistency before guidance
             mean_hu, std_hu = self._decode(latents, device, reporter, cancel, ends, film, guidance, timer, scores,
-                                           quantized=method == "direct")
+                                           quantized=method == "direct", coarse=coarse)
             unguided = float(np.mean(scores)) if scores else None
             guided = sum(score >= MIN_UNGUIDED_CONSISTENCY for score in scores)
             if scores and guided < len(scores):
@@ -417,13 +423,15 @@ class XctDiffPipeline:
 
     def _decode(self, latents: torch.Tensor, device, reporter: _Progress, cancel, ends: dict = STAGE_END,
                 film: Optional[torch.Tensor] = None, guidance: float = 0.0, timer: Optional["_Timer"] = None,
-                scores: Optional[list] = None, quantized: bool = False) -> tuple:
+                scores: Optional[list] = None, quantized: bool = False, coarse: Optional[torch.Tensor] = None) -> tuple:
         """Each latent -> codebook -> decoder -> HU (-> guided towards ``film``) -> canonical: the running mean
         and std over samples (Welford). With guidance, each sample's consistency before it goes to ``scores``.
 
         ``ends``: the progress scale of the method (:data:`STAGE_END` or :data:`DIRECT_STAGE_END`);
         ``timer``: gets a "decoding" and a "guidance" lap per sample when guiding; ``quantized``: the latents
-        are codebook entries already (the direct path's prior), so the search is not repeated."""
+        are codebook entries already (the direct path's prior), so the search is not repeated; ``coarse``: the
+        coarse CT to blend into each decoded volume with weight :attr:`coarse_blend` (before guidance)."""
+        from .models.coarse import blend_coarse
         from .layout import model_layout_to_ct, unit_to_hu
 
         count = latents.shape[0]
@@ -438,6 +446,8 @@ class XctDiffPipeline:
                 volume = self.vqgan.decode(z_q).float()  # (1, 1, D, H, W) in about [-1, 1]
             if volume.shape[-1] != OUTPUT_SIZE:
                 volume = F.interpolate(volume, size=(OUTPUT_SIZE,) * 3, mode="trilinear", align_corners=False)
+            if coarse is not None:
+                volume = blend_coarse(volume, coarse, self.coarse_blend)
             hu_model = unit_to_hu(volume)
             if guidance > 0 and film is not None:
                 if timer is not None:

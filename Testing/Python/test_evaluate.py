@@ -308,6 +308,15 @@ def test_knn_0_leaves_the_baseline_out(no_lpips, model_dir, datalist, tmp_path):
     assert "no kNN" in text and "| knn |" not in text and "kNN, k=" not in text
 
 
+def test_a_model_with_a_coarse_ct_is_also_scored_without_it(no_lpips, datalist, tmp_path):
+    """The direct row is what ships (the blend); "decoder alone" beside it shows what the coarse CT adds."""
+    model = create_random_model(tmp_path / "coarse", "tiny", with_coarse=True)
+    summary = evaluate(model, datalist, tmp_path / "eval", steps=1, device="cpu", max_cases=1, progress=False, knn=0)
+    assert list(summary) == ["xctdiff", "direct", "direct_decoder", "mean_ct"]
+    assert summary["direct"]["psnr"]["mean"] != summary["direct_decoder"]["psnr"]["mean"]
+    assert "| direct, decoder alone (no coarse CT) |" in (tmp_path / "eval" / "summary.md").read_text(encoding="utf-8")
+
+
 # ------------------------------------------------------------------------------------------ CT folders
 
 

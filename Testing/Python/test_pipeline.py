@@ -221,6 +221,35 @@ def test_direct_method_skips_the_diffusion(pipe, film, two_samples):
         pipe.reconstruct(film, method="direct", samples=4, device="cpu")
 
 
+def test_direct_path_blends_the_coarse_ct_and_the_diffusion_does_not(tmp_path, film):
+    """A model with a coarse CT stage: its direct path is (1 - blend) x decoded + blend x the upsampled
+    coarse CT, linear in the blend (to the 1 HU of the int16 output); the samples of the diffusion are left alone."""
+    folder = create_random_model(tmp_path / "coarse", "tiny", with_coarse=True)
+    pipe = XctDiffPipeline.from_pretrained(folder)
+    assert pipe.coarse is not None and pipe.coarse_blend == 0.5
+    with torch.no_grad():  # a coarse CT inside the HU window (the output is clipped to it), as a trained one is
+        pipe.coarse.encoder_3d[-1].weight.mul_(0.01)
+        pipe.coarse.mean.fill_(-0.3)
+    run = dict(method="direct", device="cpu", style="off", precision="fp32")
+    blended = {}
+    for weight in (0.0, 0.5, 1.0):
+        pipe.coarse_blend = weight
+        blended[weight] = pipe.reconstruct(film, **run).ct.array.astype(np.float64)
+    coarse_net, pipe.coarse = pipe.coarse, None
+    decoded = pipe.reconstruct(film, **run).ct.array
+    np.testing.assert_array_equal(blended[0.0], decoded)
+    assert np.abs(blended[1.0] - decoded).mean() > 50  # the random coarse CT is another volume
+    from XctDiffCore.layout import HU_MAX, HU_MIN
+
+    inside = (blended[0.0] > HU_MIN + 1) & (blended[0.0] < HU_MAX - 1)  # a random decoder leaves the window: clipped
+    assert inside.mean() > 0.1
+    np.testing.assert_allclose(blended[0.5][inside], ((blended[0.0] + blended[1.0]) / 2)[inside], atol=1.01)
+    sampled = pipe.reconstruct(film, method="diffusion", steps=2, seed=0, device="cpu", style="off").ct.array
+    pipe.coarse = coarse_net
+    np.testing.assert_array_equal(pipe.reconstruct(film, method="diffusion", steps=2, seed=0, device="cpu",
+                                                   style="off").ct.array, sampled)
+
+
 def test_steps_or_sampler_with_the_direct_method_warn_that_they_are_ignored(pipe, film):
     from XctDiffCore.pipeline import MethodWarning
 

@@ -423,6 +423,60 @@ def test_encoder_weight_average_is_validated_resumed_exactly_and_exported(tmp_pa
         config(tmp_path, 1, decay=1.0).validate()
 
 
+def test_coarse_ct_starts_at_the_mean_from_the_encoder_learns_resumes_exactly_and_exports(tmp_path, chain, datalist):
+    """The coarse stage: it starts from the run's encoder (all but the head) at the training mean CT on
+    the latent grid, its loss goes down, a resumed run is the uninterrupted one, validation logs the
+    coarse CT alone, the direct path and their blend, and export ships it (the average of the weights)
+    with its blend; ``--init`` from that model copies all three stages and starts from its coarse CT."""
+    from XctDiffCore.model_folder import load_model_folder
+    from XctDiffCore.models.coarse import coarse_grid
+    from XctDiffCore.training.coarse import build_coarse
+    from XctDiffCore.training.common import ema_weights
+
+    def config(run_dir, max_steps, val_every=10_000, init=""):
+        c = tiny_config(run_dir, datalist)
+        optim = dataclasses.replace(c.coarse.optim, log_every=1, val_every=val_every, checkpoint_every=10_000,
+                                    max_steps=max_steps, lr=3e-3, warmup_steps=0)
+        return dataclasses.replace(c, coarse=dataclasses.replace(c.coarse, optim=optim),
+                                   run=dataclasses.replace(c.run, init=init))
+
+    for run in ("straight", "killed", "start"):
+        for stage in ("autoencoder", "encoder", "diffusion"):
+            shutil.copytree(chain / stage, tmp_path / run / stage)
+    train("coarse", config(tmp_path / "start", 1))  # one step of a near-zero head: about the mean CT
+    start = load_checkpoint(checkpoint_path(tmp_path / "start", "coarse"))["models"]["coarse"]
+    encoder = load_checkpoint(checkpoint_path(chain, "encoder"))["models"]["encoder"]
+    assert not torch.equal(start["encoder_2d.0.weight"], encoder["encoder_2d.0.weight"])  # one step taken...
+    torch.testing.assert_close(start["encoder_2d.0.weight"], encoder["encoder_2d.0.weight"], atol=1e-2, rtol=0)  # ...from it
+    train_cts = torch.stack([item["image"] for item in PairDataset(datalist, "training", 32, 32)])
+    torch.testing.assert_close(start["mean"], coarse_grid(train_cts, 8).mean(0, keepdim=True))
+
+    train("coarse", config(tmp_path / "straight", 12, val_every=12))
+    train("coarse", config(tmp_path / "killed", 5))
+    train("coarse", config(tmp_path / "killed", 12, val_every=12), resume=True)
+    checkpoints_match(checkpoint_path(tmp_path / "straight", "coarse"), checkpoint_path(tmp_path / "killed", "coarse"))
+    rows = read_log(tmp_path / "straight", "coarse")
+    mse = column(rows, "train/mse")
+    assert len(mse) == 12 and mse[-4:].mean() < mse[:4].mean()
+    for name in ("val/coarse_psnr", "val/direct_psnr", "val/psnr", "val/lung_dice_body"):
+        assert column(rows, name).size == 1, name
+
+    export_run(tmp_path / "straight", tmp_path / "model", dtype="float32", datalist=datalist)
+    folder = load_model_folder(tmp_path / "model")
+    assert folder.settings["coarse"]["blend"] == 0.5 and folder.settings["coarse"]["weights"] == "ema"
+    average = ema_weights(load_checkpoint(checkpoint_path(tmp_path / "straight", "coarse"))["models"]["ema"])
+    assert_same_weights(folder.coarse.state_dict(), average, atol=0)
+
+    train("coarse", config(tmp_path / "tuned", 1, init=str(tmp_path / "model")))
+    for stage in ("autoencoder", "encoder", "diffusion"):
+        assert checkpoint_path(tmp_path / "tuned", stage).is_file()
+    tuned = load_checkpoint(checkpoint_path(tmp_path / "tuned", "coarse"))["models"]["coarse"]
+    torch.testing.assert_close(tuned["mean"], average["mean"])
+    export_run(tmp_path / "tuned", tmp_path / "tuned_model", dtype="float32", datalist=datalist)
+    assert load_model_folder(tmp_path / "tuned_model").coarse is not None
+    assert build_coarse(config(tmp_path, 1)).latent_channels == 1
+
+
 def test_condition_augmentation_adds_noise_of_a_random_level_per_prior():
     from XctDiffCore.training.diffusion import augment_condition
 

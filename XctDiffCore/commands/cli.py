@@ -41,8 +41,9 @@ def add_train_command(subparsers):
     )
     p.add_argument(
         "stage",
-        choices=("autoencoder", "encoder", "diffusion", "style"),
-        help="the stage to train: autoencoder, encoder, diffusion in this order; style (real -> DRR CycleGAN) at any time",
+        choices=("autoencoder", "encoder", "diffusion", "style", "coarse"),
+        help="the stage to train: autoencoder, encoder, diffusion in this order; style (real -> DRR CycleGAN) at "
+             "any time; coarse (the CT at the latent grid, blended into the direct path) after the encoder",
     )
     p.add_argument("--config", required=True, help="bundled config name (tiny, preview, small, paper) or a .yaml/.json path")
     p.add_argument("--resume", action="store_true", help="continue from the stage's checkpoint in the run folder")

@@ -13,7 +13,9 @@
   the paper's), whatever grid the model works on: a coarse model pays for its coarseness here.
 * **Methods, same run, same cases:** ``xctdiff`` (the full pipeline: K samples, their mean scored,
   their std shown), ``direct`` (progressive encoder -> VQ decoder, no diffusion: the paper's
-  ablation), ``knn`` and ``mean CT``. The two baselines learn nothing but a lookup:
+  ablation; with the model's coarse CT blended in when it has that stage, and then also
+  ``direct_decoder``, the decoded CT alone, to show what the blend adds), ``knn`` and ``mean CT``.
+  The two baselines learn nothing but a lookup:
 
   - ``knn`` (``--knn K``, default 3, 0 = off): the mean (HU) of the K training CTs whose DRRs are
     nearest to the case's input DRR. Training set: the datalist's ``training`` entries with
@@ -64,7 +66,7 @@ METRIC_TITLES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "psnr_slices": "PSNR slice
 CASE_METRICS = ("psnr", "ssim", "bone_dice", "lung_dice", "lung_dice_body", "lpips")  # the per-case table's columns
 METHOD_TITLES = {"xctdiff": "XctDiff", "direct": "direct (no diffusion)", "xctdiff_guided": "XctDiff + guidance",
                  "direct_guided": "direct + guidance", "knn": "kNN, nearest training CTs by DRR",
-                 "mean_ct": "mean training CT"}
+                 "mean_ct": "mean training CT", "direct_decoder": "direct, decoder alone (no coarse CT)"}
 CSV_COLUMNS = ("case", "method", *METRICS, "consistency", "seconds", "neighbours")
 KNN_DRR_SIZE = 128  # DRRs are compared at this size (area resize)
 
@@ -261,6 +263,13 @@ def evaluate(
             "direct": pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off", method="direct",
                                        precision=precision),
         }
+        if pipe.coarse is not None:  # the direct path without its coarse CT: what the blend adds
+            coarse, pipe.coarse = pipe.coarse, None
+            try:
+                outputs["direct_decoder"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
+                                                             method="direct", precision=precision)
+            finally:
+                pipe.coarse = coarse
         if guidance > 0:
             outputs["xctdiff_guided"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index,
                                                          device=device, style="off", method="diffusion", sampler=sampler,
@@ -376,7 +385,8 @@ def figure_rows(figure: list, knn: Optional[int] = None) -> list:
     from ..figures import BONE_WINDOW_HU, LUNG_WINDOW_HU, scale_to_unit, window
 
     titles = {"truth": "truth", "xctdiff": "XctDiff", "direct": "direct", "xctdiff_guided": "XctDiff guided",
-              "direct_guided": "direct guided", "knn": f"kNN k={knn}" if knn else "kNN", "mean_ct": "mean CT"}
+              "direct_guided": "direct guided", "knn": f"kNN k={knn}" if knn else "kNN", "mean_ct": "mean CT",
+              "direct_decoder": "decoder alone"}
     rows = []
     for name, drr, slices, std in figure:
         for low_high, label in ((LUNG_WINDOW_HU, "lung"), (BONE_WINDOW_HU, "bone")):

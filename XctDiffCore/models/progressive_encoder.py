@@ -198,6 +198,10 @@ class ProgressiveEncoder(nn.Module):
 
     def forward(self, xray: torch.Tensor) -> torch.Tensor:
         """``N(Conv(x))``: the normalised, not yet quantised latent ``(B, latent_channels, depth, S/f, S/f)``."""
+        return homogeneous_normalize(self.encoder_3d(self.lifted(xray)), dim=1)
+
+    def lifted(self, xray: torch.Tensor) -> torch.Tensor:
+        """The 2D encoder and the lift: the film's features in the volume ``(B, C', depth, S/f, S/f)``."""
         expected = (self.in_channels, self.image_size, self.image_size)
         if xray.ndim != 4 or tuple(xray.shape[1:]) != expected:
             raise ValueError(f"expected a radiograph batch (B, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(xray.shape)}")
@@ -205,11 +209,9 @@ class ProgressiveEncoder(nn.Module):
         b, _, _, h, w = features.shape
         if self.lift_kind == "mlp":
             columns = self.lift(features[:, :, 0].permute(0, 2, 3, 1))  # (B, h, w, depth * C')
-            volume = columns.reshape(b, h, w, self.depth, self.lift_channels).permute(0, 4, 3, 1, 2)  # (B, C', depth, h, w)
-        else:
-            volume = self.lift(self._back_project(features[:, :, 0]))  # (B, C, depth, h, w) -> (B, C', depth, h, w)
-            volume = volume + self.depth_embedding[:, :, None, None].to(volume.dtype)  # the same (C',) per slice d
-        return homogeneous_normalize(self.encoder_3d(volume), dim=1)
+            return columns.reshape(b, h, w, self.depth, self.lift_channels).permute(0, 4, 3, 1, 2)  # (B, C', depth, h, w)
+        volume = self.lift(self._back_project(features[:, :, 0]))  # (B, C, depth, h, w) -> (B, C', depth, h, w)
+        return volume + self.depth_embedding[:, :, None, None].to(volume.dtype)  # the same (C',) per slice d
 
     def _back_project(self, features: torch.Tensor) -> torch.Tensor:
         """The film's features ``(B, C, h, w)`` at every voxel's ray point: ``(B, C, depth, h, w)``."""

@@ -2,7 +2,9 @@
 
 1. ``autoencoder`` (:mod:`.autoencoder`): the VQ-GAN with its 3D volume and 2D slice discriminators;
 2. ``encoder`` (:mod:`.encoder`): the progressive encoder, radiograph -> latent, against the frozen VQ-GAN;
-3. ``diffusion`` (:mod:`.diffusion`): the latent UNet, conditioned on the encoder's prior.
+3. ``diffusion`` (:mod:`.diffusion`): the latent UNet, conditioned on the encoder's prior;
+4. optional: ``coarse`` (:mod:`.coarse`), the CT at the latent grid learnt in HU, which the direct
+   path blends in, and ``style`` (:mod:`.style`), the real film -> DRR CycleGAN.
 
 Each stage reads the earlier ones from the same run folder (``<run>/<stage>/checkpoint.pt``).
 :func:`train` is what ``xctdiff train`` calls; :mod:`.common` holds the shared machinery and the
@@ -56,6 +58,8 @@ def train(stage: str, config: Config, data=None, out=None, resume: bool = False,
         from .encoder import train_encoder as run
     elif stage == "style":
         from .style import train_style as run
+    elif stage == "coarse":
+        from .coarse import train_coarse as run
     else:
         from .diffusion import train_diffusion as run
     from .common import Deadline, cleanup_distributed, setup_distributed
@@ -73,6 +77,7 @@ def stage_parameter_counts(config: Config) -> dict:
 
     from ..models import count_parameters
     from .autoencoder import build_autoencoder, build_discriminators
+    from .coarse import build_coarse
     from .diffusion import build_unet
     from .encoder import build_encoder
     from .style import build_cyclegan
@@ -83,6 +88,7 @@ def stage_parameter_counts(config: Config) -> dict:
             "encoder": count_parameters(build_encoder(config.encoder.model)),
             "diffusion": count_parameters(build_unet(config.diffusion.model)),
             "style": count_parameters(build_cyclegan(config.style)["generators"]["real_to_drr"]),
+            "coarse": count_parameters(build_coarse(config)),
         }
         counts["discriminators (training only)"] = sum(
             count_parameters(d) for d in build_discriminators(config.autoencoder)
@@ -154,6 +160,13 @@ def stage_for_export(stage: str, checkpoint: dict):
         prefix = "generators.real_to_drr."
         weights = {k[len(prefix):]: v for k, v in checkpoint["models"]["cyclegan"].items() if k.startswith(prefix)}
         settings.update({"image_size": config.data.xray_size, "direction": "real_to_drr", "value_range": [-1.0, 1.0]})
+    elif stage == "coarse":
+        from .coarse import build_coarse, shipped_weights
+
+        model, model_config, weights = build_coarse(config), config.coarse_model(), shipped_weights(checkpoint["models"])
+        settings["blend"] = config.coarse.blend
+        if "ema" in checkpoint["models"]:
+            settings["weights"] = "ema"
     else:
         raise XctDiffError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     model.load_state_dict(weights)
@@ -175,7 +188,7 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
                stages=None) -> Path:
     """Export a trained run into a model folder (created); returns its ``manifest.json``.
 
-    The three reconstruction stages are required; ``style`` is included when the run trained it.
+    The three reconstruction stages are required; ``style`` and ``coarse`` are included when the run trained them.
     ``stages`` (e.g. ``("autoencoder",)``) exports only those: a partial folder that the later stages
     can be trained on (``--init``), e.g. to keep an autoencoder between two training sessions.
     The mean-CT baseline of ``xctdiff evaluate`` is the mean of the datalist's training CTs

@@ -4,7 +4,8 @@ The trained stage starts from the folder's weights instead of random ones (with 
 from step 0, so its warm-up applies again), which is how a researcher adapts the bundled model to
 their own data. The earlier stages it builds on (and the style stage) are copied from the folder into
 the run as checkpoints when the run has none, so that the run trains and exports like any other.
-A copied checkpoint holds only weights: it is marked ``imported_from`` and cannot be resumed.
+A copied checkpoint holds only weights: it is marked ``imported_from`` and cannot be resumed. The
+coarse CT is added to a whole model, so for it all three stages are copied.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from ..config import Config, config_from_dict, config_to_dict, section_from_dict
 from ..errors import XctDiffError
 from .common import checkpoint_path, save_checkpoint
 
-EARLIER_STAGES = {"autoencoder": (), "encoder": ("autoencoder",), "diffusion": ("autoencoder", "encoder")}
+EARLIER_STAGES = {"autoencoder": (), "encoder": ("autoencoder",), "diffusion": ("autoencoder", "encoder"),
+                  "coarse": ("autoencoder", "encoder", "diffusion")}  # added to a whole model
 STYLE_PREFIX = "generators.real_to_drr."  # the CycleGAN's key of the one generator a model folder ships
 
 
@@ -60,7 +62,7 @@ def _check_same_model(config: Config, stage: str, folder_settings: dict, folder:
     """The config must build the network the folder holds; for diffusion, with the same noise schedule."""
     section = getattr(config, stage)
     for key in ("model", "schedule") if stage == "diffusion" else ("model",):
-        ours = getattr(section, key)
+        ours = config.coarse_model() if stage == "coarse" else getattr(section, key)
         theirs = config_to_dict(section_from_dict(type(ours), folder_settings.get(key, {}), f"{stage}.{key}"))  # defaults filled
         ours = config_to_dict(ours)
         differing = sorted(k for k in ours if ours[k] != theirs[k])
@@ -74,13 +76,18 @@ def _check_same_model(config: Config, stage: str, folder_settings: dict, folder:
 def _imported_checkpoint(config: Config, stage: str, network, folder_settings: dict, folder: Path) -> dict:
     """A weights-only checkpoint of a folder's stage, with the run's config carrying that stage's model."""
     data = config_to_dict(config)
+    if stage == "diffusion":
+        data[stage]["schedule"] = folder_settings.get("schedule", data[stage]["schedule"])
+        data[stage]["optim"]["val_sample_steps"] = folder_settings.get("steps", data[stage]["optim"]["val_sample_steps"])
     data[stage]["model"] = folder_settings["model"]
     data["run"]["init"] = ""  # copied, not fine-tuned: its export must read as the folder's own stage
     config_from_dict(data)  # the folder's settings must make a valid config
     state = network.state_dict()
-    key = {"autoencoder": "vqgan", "encoder": "encoder", "style": "cyclegan"}[stage]
+    key = {"autoencoder": "vqgan", "encoder": "encoder", "diffusion": "ema", "style": "cyclegan"}[stage]
     if stage == "style":
         state = {STYLE_PREFIX + k: v for k, v in state.items()}
+    elif stage == "diffusion":  # a folder ships the average the UNet samples with: an EMA's state
+        state = {**{"module." + k: v for k, v in state.items()}, "num_updates": torch.zeros((), dtype=torch.long)}
     return {
         "stage": stage,
         "step": int(folder_settings.get("step", 0)),

@@ -1,0 +1,67 @@
+"""Add (or replace) an optional stage of a model folder, in place: how xctdiff-cpu 0.4.0 (style) and 0.5.0
+(coarse CT) were made from the folder before them.
+
+    python Testing/Scripts/add_stage.py MODEL_FOLDER --style RUN/style --version 0.4.0 [--dtype float16]
+    python Testing/Scripts/add_stage.py MODEL_FOLDER --coarse RUN --version 0.5.0 [--dtype float16] [--metrics JSON]
+
+RUN/style is the stage folder of `xctdiff train style` (style.safetensors + style.json, exported when the
+run stops); RUN for `--coarse` is a run folder of `xctdiff train coarse` (its checkpoint's average of
+the weights is what ships); `--metrics` replaces the manifest's metrics (the summary.json of `xctdiff
+evaluate` with the new stage). The other stages' files stay byte-identical; the manifest is rewritten with
+every SHA-256, the model card included (edit MODEL_CARD.md before running this).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from XctDiffCore.model_folder import MANIFEST_NAME, export_stage, load_model_folder, write_manifest
+
+STAGE_JSON_KEYS = ("stage", "dtype", "parameters")  # written by export_stage itself
+
+
+def style_stage(stage_dir: Path) -> tuple:
+    from XctDiffCore.style import load_style_generator
+
+    generator, _ = load_style_generator(stage_dir)
+    settings = json.loads((stage_dir / "style.json").read_text(encoding="utf-8"))
+    return generator, {k: v for k, v in settings.items() if k not in STAGE_JSON_KEYS}
+
+
+def coarse_stage(run_dir: Path) -> tuple:
+    from XctDiffCore.training import stage_for_export
+    from XctDiffCore.training.common import checkpoint_path, load_checkpoint
+
+    return stage_for_export("coarse", load_checkpoint(checkpoint_path(run_dir, "coarse")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("folder", type=Path)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--style", type=Path, help="a style stage folder (style.safetensors + style.json)")
+    source.add_argument("--coarse", type=Path, help="a run folder with a trained coarse stage")
+    parser.add_argument("--version", required=True)
+    parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    parser.add_argument("--metrics", type=Path, help="summary.json of `xctdiff evaluate` for the manifest")
+    args = parser.parse_args()
+    stage = "style" if args.style else "coarse"
+    network, settings = style_stage(args.style) if args.style else coarse_stage(args.coarse)
+    record = export_stage(network, stage, settings, args.folder, dtype=args.dtype)
+    manifest = json.loads((args.folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    stages = {name: {"weights": r["weights"], "config": r["config"]} for name, r in manifest["stages"].items()}
+    stages[stage] = record
+    staged = {name for entry in stages.values() for name in entry.values()}
+    files = [name for name in manifest["sha256"] if name not in staged]
+    extra = {key: value for key, value in manifest.items() if key not in ("stages", "sha256")}
+    extra["version"] = args.version
+    if args.metrics:
+        extra["metrics"] = json.loads(args.metrics.read_text(encoding="utf-8"))
+    write_manifest(args.folder, stages, extra=extra, files=files)
+    loaded = load_model_folder(args.folder)  # every SHA-256 checked, the stages agree
+    print(f"{args.folder}: {loaded.info.model_id} {loaded.info.version}, {stage} stage added ({args.dtype})")
+
+
+if __name__ == "__main__":
+    main()
