@@ -23,6 +23,7 @@ from .errors import XctDiffError
 MAX_SAMPLES = 64
 STYLE_CHOICES = ("auto", "on", "off")
 PRECISIONS = ("auto", "fp32", "bf16")
+COARSE_CHOICES = ("auto", "off")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 MAX_GUIDANCE = 1.0
 
@@ -45,6 +46,7 @@ class ReconstructOptions:
     guidance: float = 0.0  # data consistency, 0 (off) to 1 (XctDiffCore.guidance)
     strict: bool = False  # refuse a film that fails the plausibility check, or a result flagged unreliable, instead of warning
     precision: str = "auto"  # auto (bf16 where the device computes it natively and it was measured harmless), fp32, bf16
+    coarse: str = "auto"  # auto: the direct path averages in the model's coarse CT when it has one; off: the decoder alone
 
     def __post_init__(self):
         for name in ("steps", "samples", "seed"):
@@ -59,6 +61,8 @@ class ReconstructOptions:
             raise XctDiffError(f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
         if self.style not in STYLE_CHOICES:
             raise XctDiffError(f"style must be one of {', '.join(STYLE_CHOICES)}, got {self.style!r}")
+        if self.coarse not in COARSE_CHOICES:
+            raise XctDiffError(f"coarse must be one of {', '.join(COARSE_CHOICES)}, got {self.coarse!r}")
         if self.precision not in PRECISIONS:
             raise XctDiffError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.method is not None and self.method not in METHODS:
@@ -111,6 +115,8 @@ class ReconstructOptions:
             argv.append("--strict")
         if self.precision != "auto":
             argv += ["--precision", self.precision]
+        if self.coarse != "auto":
+            argv += ["--coarse", self.coarse]
         return argv
 
     @classmethod
@@ -134,6 +140,9 @@ class ReconstructOptions:
         parser.add_argument("--sampler", choices=SAMPLERS, help="diffusion sampler (default: the model's, DDIM)")
         add_guidance_argument(parser)
         add_precision_argument(parser)
+        parser.add_argument("--coarse", choices=COARSE_CHOICES, default="auto",
+                            help="the direct path of a model with a coarse CT stage averages it in (auto, default: "
+                            "closer to the truth voxel by voxel, smoother); off: the decoded CT alone (sharper)")
         parser.add_argument("--strict", action="store_true", help="refuse a film that fails the plausibility check "
                             "(inverted, lateral, not a chest) or whose result's consistency is below the reliability "
                             "threshold, instead of warning; in a folder it is skipped and counted")

@@ -21,7 +21,7 @@
    with it are ignored, with a :class:`MethodWarning`). ``method=None`` is the model's
    default, except that ``samples >= 2`` asks for the diffusion (the only path that samples);
 5. *decoding*: each latent snapped to the codebook and decoded by the VQ-GAN (on the direct path
-   blended with the upsampled coarse CT, its stage's ``blend`` the weight), to HU;
+   blended with the upsampled coarse CT, its stage's ``blend`` the weight, unless ``coarse="off"``), to HU;
 6. *guidance* (``guidance > 0``, off by default): each decoded sample is moved until its DRR matches
    the input (:mod:`XctDiffCore.guidance`: the strength is the fraction of that correction applied;
    a sample whose unguided result disagrees grossly with the film is left as it is, with a
@@ -221,6 +221,7 @@ class XctDiffPipeline:
         strict: bool = False,
         precision: str = "auto",
         options: Optional[ReconstructOptions] = None,
+        coarse: str = "auto",
     ) -> Reconstruction:
         """Reconstruct a CT from one frontal radiograph (see the module docstring for every argument's effect).
 
@@ -232,7 +233,8 @@ class XctDiffPipeline:
         from .device import choose_device, run_with_cpu_fallback
 
         given = ReconstructOptions(steps=steps, samples=samples, seed=seed, device=device, style=style, method=method,
-                                   sampler=sampler, guidance=guidance, strict=strict, precision=precision)
+                                   sampler=sampler, guidance=guidance, strict=strict, precision=precision,
+                                   coarse=coarse)
         if options is not None:
             if given != ReconstructOptions():
                 raise XctDiffError("give the settings either as options=ReconstructOptions(...) or as keywords, not both")
@@ -249,7 +251,7 @@ class XctDiffPipeline:
         target = choose_device(run.device)
         result = run_with_cpu_fallback(
             lambda dev: self._reconstruct_on(dev, radiograph, steps, samples, seed, style, method, sampler,
-                                             reporter, cancel, guidance, strict, run.precision),
+                                             reporter, cancel, guidance, strict, run.precision, run.coarse),
             target,
             fallback=cpu_fallback,
         )
@@ -317,7 +319,8 @@ class XctDiffPipeline:
         return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     def _reconstruct_on(self, device, radiograph, steps, samples, seed, style, method, sampler, reporter,
-                        cancel, guidance: float = 0.0, strict: bool = False, precision: str = "auto") -> Reconstruction:
+                        cancel, guidance: float = 0.0, strict: bool = False, precision: str = "auto",
+                        coarse_choice: str = "auto") -> Reconstruction:
         from .device import autocast_dtype, describe_device
         from .diffusion import sample
         from .metrics import ssim_2d
@@ -346,7 +349,8 @@ class XctDiffPipeline:
             with self._autocast(device):
                 z = self.encoder(x)
                 # the direct path's CT is blended with the coarse CT (learnt in HU), when the model has one
-                coarse = self.coarse(x).float() if self.coarse is not None and method == "direct" else None
+                use_coarse = self.coarse is not None and method == "direct" and coarse_choice == "auto"
+                coarse = self.coarse(x).float() if use_coarse else None
             prior, _, codes = self.vqgan.quantize(z.float())  # (1, C, d, h, w), float32: codes are searched in fp32
             timer.lap("encoder")
             reporter.report(ends["encoding"], "sampling" if method == "diffusion" else "decoding")

@@ -327,12 +327,12 @@ class XctDiffSlicerLogic(ScriptedLoadableModuleLogic):
 
     def reconstruct(self, inputNode, outputNode=None, steps=None, samples=1, seed=None, device="auto",
                     style="auto", model=None, uncertaintyNode=None, progress=None, method="default", guidance=0.0,
-                    precision="auto"):
+                    precision="auto", coarse="auto"):
         """Blocking reconstruction for the Python console; returns the output CT node, shown in the slice views."""
         ctNode = self.reconstruction.reconstruct(
             inputNode, outputNode, steps=steps, samples=samples, seed=seed, device=device, style=style,
             model=model, uncertaintyNode=uncertaintyNode, progress=progress, method=method, guidance=guidance,
-            precision=precision,
+            precision=precision, coarse=coarse,
         )
         mrml_bridge.show_in_slice_views(self.sliceLogics(), ctNode)
         return ctNode

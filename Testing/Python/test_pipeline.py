@@ -223,7 +223,8 @@ def test_direct_method_skips_the_diffusion(pipe, film, two_samples):
 
 def test_direct_path_blends_the_coarse_ct_and_the_diffusion_does_not(tmp_path, film):
     """A model with a coarse CT stage: its direct path is (1 - blend) x decoded + blend x the upsampled
-    coarse CT, linear in the blend (to the 1 HU of the int16 output); the samples of the diffusion are left alone."""
+    coarse CT, linear in the blend (to the 1 HU of the int16 output); coarse="off" is the decoder alone, as a model
+    without the stage; the samples of the diffusion are left alone."""
     folder = create_random_model(tmp_path / "coarse", "tiny", with_coarse=True)
     pipe = XctDiffPipeline.from_pretrained(folder)
     assert pipe.coarse is not None and pipe.coarse_blend == 0.5
@@ -235,9 +236,12 @@ def test_direct_path_blends_the_coarse_ct_and_the_diffusion_does_not(tmp_path, f
     for weight in (0.0, 0.5, 1.0):
         pipe.coarse_blend = weight
         blended[weight] = pipe.reconstruct(film, **run).ct.array.astype(np.float64)
+    decoded = pipe.reconstruct(film, **run, coarse="off").ct.array  # the decoder alone, whatever the blend
     coarse_net, pipe.coarse = pipe.coarse, None
-    decoded = pipe.reconstruct(film, **run).ct.array
+    np.testing.assert_array_equal(pipe.reconstruct(film, **run).ct.array, decoded)  # a model without the stage
     np.testing.assert_array_equal(blended[0.0], decoded)
+    with pytest.raises(XctDiffError, match="coarse must be one of auto, off"):
+        pipe.reconstruct(film, **run, coarse="on")
     assert np.abs(blended[1.0] - decoded).mean() > 50  # the random coarse CT is another volume
     from XctDiffCore.layout import HU_MAX, HU_MIN
 

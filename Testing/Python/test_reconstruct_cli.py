@@ -672,7 +672,8 @@ def test_the_options_have_one_definition_from_parser_to_protocol():
     from XctDiffCore.options import ReconstructOptions
 
     options = ReconstructOptions(steps=7, samples=2, seed=5, device="cpu", style="off", method="diffusion",
-                                 sampler="dpm-solver++", guidance=0.5, strict=True, precision="bf16")
+                                 sampler="dpm-solver++", guidance=0.5, strict=True, precision="bf16",
+                                 coarse="off")
     args = build_parser().parse_args(["reconstruct", "in.png", *options.to_argv()])
     assert ReconstructOptions.from_args(args) == options
     assert ReconstructOptions.from_args(build_parser().parse_args(["reconstruct", "in.png"])) == ReconstructOptions()

@@ -264,12 +264,8 @@ def evaluate(
                                        precision=precision),
         }
         if pipe.coarse is not None:  # the direct path without its coarse CT: what the blend adds
-            coarse, pipe.coarse = pipe.coarse, None
-            try:
-                outputs["direct_decoder"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
-                                                             method="direct", precision=precision)
-            finally:
-                pipe.coarse = coarse
+            outputs["direct_decoder"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
+                                                         method="direct", precision=precision, coarse="off")
         if guidance > 0:
             outputs["xctdiff_guided"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index,
                                                          device=device, style="off", method="diffusion", sampler=sampler,

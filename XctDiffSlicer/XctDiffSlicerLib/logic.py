@@ -52,6 +52,7 @@ class ReconstructionOptions:
     method: str = "default"
     guidance: float = 0.0  # data consistency, 0 (off) to 1 (the DRR of the result fitted to the film)
     precision: str = "auto"  # the networks' arithmetic: auto, fp32 or bf16 (the engine's PRECISIONS)
+    coarse: str = "auto"  # auto: the direct path averages in the model's coarse CT when it has one; off: decoder alone
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -61,7 +62,7 @@ class ReconstructionOptions:
     def engine_options(self) -> ReconstructOptions:
         return ReconstructOptions(steps=self.steps, samples=self.samples, seed=self.seed, device=self.device,
                                   style=self.style, method=None if self.method == "default" else self.method,
-                                  guidance=self.guidance, precision=self.precision)
+                                  guidance=self.guidance, precision=self.precision, coarse=self.coarse)
 
     def engine_arguments(self) -> list:
         return self.engine_options().to_argv() + self.model.engine_arguments()
@@ -178,10 +179,10 @@ class ReconstructionLogic:
     def reconstruct(self, inputNode, outputNode=None, steps: Optional[int] = None, samples: int = 1,
                     seed: Optional[int] = None, device: str = "auto", style: str = "auto", model=None,
                     uncertaintyNode=None, progress: Optional[Callable[[float, str], None]] = None,
-                    method: str = "default", guidance: float = 0.0, precision: str = "auto"):
+                    method: str = "default", guidance: float = 0.0, precision: str = "auto", coarse: str = "auto"):
         """Blocking reconstruction for the Python console; returns the output CT node."""
         options = ReconstructionOptions(steps, samples, seed, device, style, choose_model(model), method, guidance,
-                                        precision)
+                                        precision, coarse)
         job = self.start(inputNode, options)
 
         def on_event(event):
