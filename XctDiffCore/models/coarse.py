@@ -44,9 +44,13 @@ def coarse_grid(volumes: torch.Tensor, size: int) -> torch.Tensor:
     return F.avg_pool3d(volumes, factor) if factor > 1 else volumes
 
 
+def upsample_coarse(coarse: torch.Tensor, size) -> torch.Tensor:
+    """The coarse CT ``(B, 1, d, h, w)`` trilinearly upsampled to the grid ``size`` (D, H, W)."""
+    return F.interpolate(coarse, size=tuple(size), mode="trilinear", align_corners=False)
+
+
 def blend_coarse(volume: torch.Tensor, coarse: torch.Tensor, weight: float) -> torch.Tensor:
-    """``(1 - weight) * volume + weight * coarse``, the coarse CT trilinearly upsampled to the volume's grid."""
+    """``(1 - weight) * volume + weight * coarse``, the coarse CT upsampled to the volume's grid."""
     if weight <= 0:
         return volume
-    upsampled = F.interpolate(coarse.to(volume.dtype), size=volume.shape[2:], mode="trilinear", align_corners=False)
-    return torch.lerp(volume, upsampled, weight)
+    return torch.lerp(volume, upsample_coarse(coarse.to(volume.dtype), volume.shape[2:]), weight)

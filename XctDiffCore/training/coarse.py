@@ -13,6 +13,7 @@ direct path (encoder -> decoder) with ``coarse.blend``, beside the direct path a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,25 +21,25 @@ import torch.nn.functional as F
 from ..config import Config
 from .autoencoder import trained_autoencoder
 from .common import (
-    EMA,
     Deadline,
     Distributed,
     StageLog,
     autocast,
     backward_step,
     checkpoint_path,
-    ema_weights,
     grad_scaler,
     is_due,
     learning_rate,
     load_checkpoint,
     make_optimizer,
     mean_scores,
+    optional_ema,
     prepare_stage_dir,
     restore_training_state,
     save_stage_checkpoint,
     seed_everything,
     set_learning_rate,
+    shipped_average,
     stage_data,
     training_batches,
     training_state,
@@ -60,7 +61,7 @@ def build_coarse(config: Config):
 
 def shipped_weights(models: dict) -> dict:
     """The coarse CT a checkpoint ships: the average of the weights when the run kept one."""
-    return ema_weights(models["ema"]) if "ema" in models else models["coarse"]
+    return shipped_average(models, "coarse")
 
 
 def _encoder_start(config: Config, coarse) -> dict:
@@ -87,35 +88,50 @@ def _training_mean(train_set, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(coarse, blend: float, vqgan, encoder, items: list, device: torch.device, precision: str) -> dict:
-    """The coarse CT upsampled on its own, and (with the run's encoder) blended into the direct path."""
-    from ..models.coarse import blend_coarse
+def direct_reconstructions(config: Config, items: list, device: torch.device, precision: str) -> Optional[list]:
+    """The run's direct path (encoder -> decoder, both frozen) on the validation items, decoded once per
+    run; None when the run has no trained encoder (the blend is then not validated)."""
+    run_dir = config.run.dir
+    if not items or not checkpoint_path(run_dir, "encoder").is_file():
+        return None
+    from .encoder import trained_encoder
+
+    vqgan, _ = trained_autoencoder(run_dir, STAGE, device, config)
+    encoder, _ = trained_encoder(run_dir, STAGE, device)
+    volumes = []
+    for item in items:
+        with autocast(device, precision):
+            volumes.append(vqgan.decode(vqgan.quantize(encoder(item["xray"][None].to(device)))[0]).float())
+    return volumes
+
+
+@torch.no_grad()
+def validate(coarse, blend: float, direct: Optional[list], items: list, device: torch.device, precision: str) -> dict:
+    """The coarse CT upsampled on its own, and blended into the run's ``direct`` reconstructions (when given)."""
+    from ..models.coarse import blend_coarse, upsample_coarse
 
     was_training = coarse.training
     coarse.eval()
-    alone, blended, direct = [], [], []
-    for item in items:
+    alone, blended = [], []
+    for k, item in enumerate(items):
         ct, xray = item["image"][None].to(device), item["xray"][None].to(device)
         with autocast(device, precision):
             low = coarse(xray).float()
-        alone.append(volume_metrics(blend_coarse(torch.zeros_like(ct), low, 1.0), ct))
-        if encoder is not None:
-            with autocast(device, precision):
-                recon = vqgan.decode(vqgan.quantize(encoder(xray))[0]).float()
-            direct.append(volume_metrics(recon, ct))
-            blended.append(volume_metrics(blend_coarse(recon, low, blend), ct))
+        alone.append(volume_metrics(upsample_coarse(low, ct.shape[2:]), ct))
+        if direct is not None:
+            blended.append(volume_metrics(blend_coarse(direct[k], low, blend), ct))
     coarse.train(was_training)
     scores = {f"val/coarse_{k.split('/', 1)[1]}": v for k, v in mean_scores(alone).items()}
-    if blended:
+    if direct is not None:
         scores.update(mean_scores(blended))  # val/psnr etc.: the direct path with the coarse CT, what ships
-        scores.update({f"val/direct_{k.split('/', 1)[1]}": v for k, v in mean_scores(direct).items()})
+        direct_scores = [volume_metrics(volume, item["image"][None].to(device)) for volume, item in zip(direct, items)]
+        scores.update({f"val/direct_{k.split('/', 1)[1]}": v for k, v in mean_scores(direct_scores).items()})
     return scores
 
 
 def train_coarse(config: Config, resume: bool, job: Distributed, deadline: Deadline) -> Path:
     """Train the coarse CT on fresh pair variants; returns its checkpoint path."""
     from ..models.coarse import coarse_grid
-    from .encoder import trained_encoder
     from .variants import PairVariants
 
     section, optim, device, precision = config.coarse, config.coarse.optim, job.device, config.run.precision
@@ -141,19 +157,12 @@ def train_coarse(config: Config, resume: bool, job: Distributed, deadline: Deadl
     seed_everything(config.run.seed + job.rank)
     models, optimizers, scalers = {"coarse": coarse}, {"coarse": optimizer}, {"coarse": scaler}
     step = restore_training_state(checkpoint, job, models, optimizers, scalers) if checkpoint else 0
-    ema = None
-    if optim.ema_decay > 0:
-        ema = models["ema"] = EMA(coarse, optim.ema_decay)
-        if checkpoint and "ema" in checkpoint["models"]:
-            ema.load_state_dict(checkpoint["models"]["ema"])
+    ema = optional_ema(coarse, optim.ema_decay, models, checkpoint)
     model = wrap_ddp(coarse, job)
     batches = training_batches(train_set, config, optim, step, job)
     variants = PairVariants(section.augment, section.film, config.data.datalist, config.data.xray_size,
                             config.run.seed, job.rank)
-    vqgan = encoder = None
-    if val_items and checkpoint_path(config.run.dir, "encoder").is_file():  # the blend needs the direct path
-        vqgan, _ = trained_autoencoder(config.run.dir, STAGE, device, config)
-        encoder, _ = trained_encoder(config.run.dir, STAGE, device)
+    direct = direct_reconstructions(config, val_items, device, precision)  # what the blend validates on
 
     log, stop = StageLog(config, STAGE, optim, job, step), False
     while step < optim.max_steps and not stop:
@@ -174,8 +183,7 @@ def train_coarse(config: Config, resume: bool, job: Distributed, deadline: Deadl
         if is_due(step, optim.log_every, optim.max_steps) or stop:
             log.write(step, {**log.means(), "lr": lr})
         if val_items and is_due(step, optim.val_every, optim.max_steps):
-            log.write(step, validate(ema.module if ema else coarse, section.blend, vqgan, encoder, val_items,
-                                     device, precision))
+            log.write(step, validate(ema.module if ema else coarse, section.blend, direct, val_items, device, precision))
         if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
             save_stage_checkpoint(config, STAGE, step, job, training_state(job, models, optimizers, scalers))
     return log.close(deadline, step)

@@ -212,6 +212,23 @@ def ema_weights(state: dict) -> dict:
     return {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}
 
 
+def shipped_average(models: dict, name: str) -> dict:
+    """The weights a checkpoint's ``models`` ship for network ``name``: their average when the run kept
+    one (an ``"ema"`` entry), else the weights themselves."""
+    return ema_weights(models["ema"]) if "ema" in models else models[name]
+
+
+def optional_ema(model: nn.Module, decay: float, models: dict, checkpoint: Optional[dict]) -> Optional[EMA]:
+    """An :class:`EMA` of ``model`` registered as ``models["ema"]`` when ``decay > 0`` (else None), restored from
+    ``checkpoint`` when it holds one; it starts from the current weights (also when a run turns it on)."""
+    if decay <= 0:
+        return None
+    ema = models["ema"] = EMA(model, decay)
+    if checkpoint and "ema" in checkpoint["models"]:
+        ema.load_state_dict(checkpoint["models"]["ema"])
+    return ema
+
+
 def learning_rate(step: int, optim) -> float:
     """Linear warm-up over ``warmup_steps``, then constant: independent of ``max_steps``."""
     if optim.warmup_steps > 0 and step < optim.warmup_steps:

@@ -19,24 +19,24 @@ import torch.nn.functional as F
 from ..config import Config, EncoderModelConfig, config_from_dict
 from .autoencoder import trained_autoencoder
 from .common import (
-    EMA,
     Deadline,
     Distributed,
     StageLog,
     autocast,
     backward_step,
-    ema_weights,
     freeze,
     grad_scaler,
     is_due,
     learning_rate,
     make_optimizer,
     mean_scores,
+    optional_ema,
     prepare_stage_dir,
     restore_training_state,
     save_stage_checkpoint,
     seed_everything,
     set_learning_rate,
+    shipped_average,
     stage_data,
     trained_stage_checkpoint,
     training_batches,
@@ -59,7 +59,7 @@ def build_encoder(model: EncoderModelConfig):
 def shipped_weights(models: dict) -> dict:
     """The encoder weights a checkpoint's ``models`` stand for: their average when the run kept one
     (``encoder.optim.ema_decay``), else the weights themselves. Later stages and export both use it."""
-    return ema_weights(models["ema"]) if "ema" in models else models["encoder"]
+    return shipped_average(models, "encoder")
 
 
 def trained_encoder(run_dir, needed_by: str, device: torch.device):
@@ -115,11 +115,7 @@ def train_encoder(config: Config, resume: bool, job: Distributed, deadline: Dead
     # what the checkpoint holds, by name: training_state() writes it, restore_training_state() reads it back
     models, optimizers, scalers = {"encoder": encoder}, {"encoder": optimizer}, {"encoder": scaler}
     step = restore_training_state(checkpoint, job, models, optimizers, scalers) if checkpoint else 0
-    ema = None
-    if optim.ema_decay > 0:  # the average starts from the current weights (also when a run turns it on)
-        ema = models["ema"] = EMA(encoder, optim.ema_decay)
-        if checkpoint and "ema" in checkpoint["models"]:
-            ema.load_state_dict(checkpoint["models"]["ema"])
+    ema = optional_ema(encoder, optim.ema_decay, models, checkpoint)
     model = wrap_ddp(encoder, job)
     batches = training_batches(train_set, config, optim, step, job)
     variants = stage_variants(config, section, train_set, vqgan, job, deadline)
