@@ -62,6 +62,7 @@ POLL_INTERVAL_MS = 100
 DEVICE_LABELS = {"auto": "Auto", "cpu": "CPU", "cuda": "GPU"}
 STYLE_LABELS = {"auto": "Auto (on for real radiographs)", "on": "On", "off": "Off"}
 METHOD_LABELS = {"default": "Model default", "diffusion": "Diffusion (samples)", "direct": "Direct (encoder only)"}
+COARSE_LABELS = {"auto": "Auto (averaged in, as the model says)", "off": "Off (decoded CT alone, sharper)"}
 MODEL_SOURCE_LABELS = {"bundled": "Bundled default", "folder": "Folder..."}
 
 
@@ -98,6 +99,7 @@ class XctDiffSlicerParameterNode:
     method: Annotated[str, Choice(["default", "diffusion", "direct"])] = "default"
     guidance: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     precision: Annotated[str, Choice(["auto", "fp32", "bf16"])] = "auto"
+    coarse: Annotated[str, Choice(["auto", "off"])] = "auto"
     uncertaintyOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     consistency: str = ""
 
@@ -177,6 +179,7 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 (self.ui.deviceComboBox, DEVICE_LABELS),
                 (self.ui.styleComboBox, STYLE_LABELS),
                 (self.ui.methodComboBox, METHOD_LABELS),
+                (self.ui.coarseComboBox, COARSE_LABELS),
                 (self.ui.modelSourceComboBox, MODEL_SOURCE_LABELS),
             ):
                 for index, label in enumerate(labels.values()):
@@ -242,6 +245,7 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 method=node.method,
                 guidance=node.guidance,
                 precision=node.precision,
+                coarse=node.coarse,
             )
             self._job = self.logic.start(node.inputVolume, options)
         except XctDiffError as exc:

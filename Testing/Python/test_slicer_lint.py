@@ -29,6 +29,7 @@ USED_WIDGET_CLASSES = {
     "deviceComboBox": "QComboBox",
     "styleComboBox": "QComboBox",
     "methodComboBox": "QComboBox",
+    "coarseComboBox": "QComboBox",
 }
 # Parameter-node fields that no widget shows (outputs kept for the scene).
 FIELDS_WITHOUT_WIDGET = {"uncertaintyVolume", "consistency"}
@@ -120,7 +121,8 @@ def test_combo_labels_follow_the_parameter_choices():
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) and node.targets[0].id.endswith("_LABELS"):
             labels[node.targets[0].id] = [ast.literal_eval(k) for k in node.value.keys]
     fields = parameter_fields()
-    pairs = {"DEVICE_LABELS": "device", "STYLE_LABELS": "style", "METHOD_LABELS": "method", "MODEL_SOURCE_LABELS": "modelSource"}
+    pairs = {"DEVICE_LABELS": "device", "STYLE_LABELS": "style", "METHOD_LABELS": "method", "COARSE_LABELS": "coarse",
+             "MODEL_SOURCE_LABELS": "modelSource"}
     assert set(labels) == set(pairs)
     for constant, field_name in pairs.items():
         choices = ast.literal_eval(re.search(r"Choice\((\[.*?\])\)", fields[field_name]).group(1))
