@@ -1,4 +1,4 @@
-"""How the process gets its memory: an allocator that keeps pages mapped. Stdlib only.
+"""How the process gets its memory: an allocator that keeps freed pages for the next layer. Stdlib only.
 
 A 128³ decode allocates and frees hundreds of MiB per layer. glibc's malloc hands each of those
 blocks back to the kernel on free (they are above its mmap threshold), so the next layer takes
@@ -7,10 +7,14 @@ every page again as a fresh page fault: 2.8 M faults and a third of the decoder'
 
 * tcmalloc or jemalloc through ``LD_PRELOAD`` when the system has one (Debian:
   ``libtcmalloc-minimal4`` or ``libjemalloc2``): they keep freed memory for reuse.
-* otherwise glibc's own ``glibc.malloc.hugetlb=1`` tunable (glibc >= 2.35): its large blocks are
-  mapped as transparent huge pages, 512 times fewer faults. Measured with ``xctdiff benchmark
-  pipeline --method direct`` on the bundled model (bf16): decoder 2.66 s -> 1.49 s, the whole
-  reconstruction 4.7 s -> 2.8 s, peak RSS 971 -> 906 MiB, bit-identical output.
+* otherwise glibc's own tunables (:data:`KEEP_TUNABLES`): no block is mapped on its own
+  (``mmap_max=0``), the heap is never trimmed, one arena, no fast bins; so freed blocks stay in
+  the heap and are reused, like tcmalloc's. Measured 2026-12-04 with ``xctdiff benchmark pipeline
+  --method direct`` on the bundled model (bf16, 2-core EPYC): decoder 1.42 s -> 0.72 s, the whole
+  reconstruction 2.08 s -> 1.35-1.52 s, peak RSS 938 -> 885 MiB, no page fault after the first run.
+  The huge-page tunable used before (``glibc.malloc.hugetlb=1``) had made the same decode 1.9x
+  faster on a fresh host, but on a host whose memory was fragmented the kernel spent 5 s of system
+  time compacting for it and the decode got slower than with no policy at all.
 
 The ``xctdiff`` command re-executes itself once with this environment (:func:`reexec_with_policy`)
 and the Slicer module starts its engine process with it; nothing changes for a process that cannot
@@ -25,7 +29,10 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 #: Preferred first; the file names of the Debian/Ubuntu/Fedora packages.
 ALLOCATOR_LIBRARIES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libjemalloc.so.2")
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+#: glibc malloc that keeps what it frees (see above); the first is the marker :func:`allocator_name` looks for.
+KEEP_TUNABLES = ("glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={2**40}", "glibc.malloc.arena_max=1",
+                 "glibc.malloc.mxfast=0")
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"  # recognised when a user sets it; no longer the policy
 OPT_OUT = "XCTDIFF_ALLOCATOR"  # "system": leave the process's allocator alone
 _APPLIED = "XCTDIFF_MEMORY_POLICY"  # set by the re-execution, so that it happens once
 
@@ -57,18 +64,21 @@ def _preloaded_allocator(env: Mapping[str, str]) -> Optional[str]:
 
 def memory_environment(base: Mapping[str, str], allocator: Optional[str] = "find") -> dict:
     """``base`` plus the memory policy: ``LD_PRELOAD`` of ``allocator`` (by default the one
-    :func:`find_allocator` finds) when there is one, and the huge-page tunable for glibc's malloc.
-    What ``base`` already sets (a preloaded allocator, a ``glibc.malloc.hugetlb`` value) is kept;
+    :func:`find_allocator` finds) when there is one, else glibc's :data:`KEEP_TUNABLES`.
+    What ``base`` already sets (a preloaded allocator, a value of any of those tunables) is kept;
     ``XCTDIFF_ALLOCATOR=system`` returns ``base`` unchanged."""
     env = dict(base)
     if not sys.platform.startswith("linux") or env.get(OPT_OUT, "").lower() == "system":
         return env
+    if _preloaded_allocator(env):
+        return env
     allocator = find_allocator() if allocator == "find" else allocator
-    if allocator and not _preloaded_allocator(env):
+    if allocator:
         env["LD_PRELOAD"] = " ".join(p for p in (allocator, env.get("LD_PRELOAD", "")) if p)
+        return env
     tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-    if not any(t.startswith("glibc.malloc.hugetlb=") for t in tunables):
-        env["GLIBC_TUNABLES"] = ":".join(tunables + [HUGE_PAGES_TUNABLE])
+    theirs = {t.split("=")[0] for t in tunables}
+    env["GLIBC_TUNABLES"] = ":".join(tunables + [t for t in KEEP_TUNABLES if t.split("=")[0] not in theirs])
     return env
 
 
@@ -115,11 +125,15 @@ def _mapped_allocator() -> Optional[str]:
 
 def allocator_name() -> str:
     """This process's allocator as it is: tcmalloc or jemalloc (found mapped in the process),
-    glibc-hugetlb (glibc malloc started with the huge-page tunable) or system."""
+    glibc-keep (glibc malloc started with :data:`KEEP_TUNABLES`), glibc-hugetlb (with the huge-page
+    tunable) or system."""
     library = _mapped_allocator()
     if library:
         return "tcmalloc" if "tcmalloc" in library else "jemalloc"
-    if HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+    tunables = os.environ.get("GLIBC_TUNABLES", "").split(":")
+    if KEEP_TUNABLES[0] in tunables:
+        return "glibc-keep"
+    if HUGE_PAGES_TUNABLE in tunables:
         return "glibc-hugetlb"
     return "system"
 
@@ -129,6 +143,8 @@ def describe_allocator() -> str:
     name = allocator_name()
     if name in ("tcmalloc", "jemalloc"):
         return f"{name} ({_mapped_allocator()})"
+    if name == "glibc-keep":
+        return f"glibc malloc keeping freed memory for reuse ({':'.join(KEEP_TUNABLES)})"
     if name == "glibc-hugetlb":
         return (f"glibc malloc with huge pages ({HUGE_PAGES_TUNABLE}; the kernel's transparent huge pages: "
                 f"{transparent_huge_pages()})")

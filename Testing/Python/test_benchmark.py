@@ -33,7 +33,12 @@ def test_pipeline_benchmark_of_random_tiny_weights():
     table = format_table(results).splitlines()
     assert len(table) == 1 + len(STAGE_NAMES) and table[0].split()[:2] == ["benchmark", "device"]
     # operations counted per stage (issue 20 item 5): the networks' stages have some, file work none
-    assert table[0].split()[-2:] == ["GFLOP", "GFLOP/s"]
+    # and their share of the machine's matrix-product rate, measured in the run's precision
+    assert table[0].split()[-4:] == ["GFLOP", "GFLOP/s", "of", "peak"]
+    assert settings["peak_gflops"] > 0
+    decode = next(line for line in table if line.startswith("decode")).split()
+    rate = by_name["decode"].gflop / by_name["decode"].median_s
+    assert decode[-1] == f"{rate / settings['peak_gflops']:.0%}"
     for stage in ("encoder", "sampler/step", "decode", "total"):
         assert by_name[stage].gflop > 0, stage
     assert by_name["write"].gflop is None and by_name["load"].gflop is None

@@ -229,3 +229,30 @@ def test_the_up_sampler_without_the_up_sampled_volume_is_the_plain_one(factor):
     grad_plain = torch.autograd.grad(plain.square().sum(), (x, layer.conv.weight))
     for a, b in zip(grad_fast, grad_plain):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_channels_last_stays_channels_last_through_the_decoder_with_the_same_values():
+    """The CPU bf16 path keeps volumes channels-last: the sub-pixel shuffle and the up-sampler must not hand
+    the next layer a contiguous copy (a full-volume copy per layer, issue 20), nor change a value."""
+    from XctDiffCore.models.blocks import Upsample3d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 3, 4, 5)
+    last = x.contiguous(memory_format=torch.channels_last_3d)
+    shuffled = pixel_shuffle_3d(last)
+    assert shuffled.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(shuffled, pixel_shuffle_3d(x))
+
+    layer = Upsample3d(16)
+    up = layer(last)
+    assert up.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(up, layer(x), atol=1e-5, rtol=1e-5)
+
+    model = _tiny().eval()
+    z = torch.randn(1, model.latent_channels, 4, 4, 4)
+    with torch.no_grad():
+        plain = model.decode(z)
+        model.decoder.to(memory_format=torch.channels_last_3d)
+        fast = model.decode(z.contiguous(memory_format=torch.channels_last_3d))
+    assert fast.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)

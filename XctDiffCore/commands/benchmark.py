@@ -92,17 +92,34 @@ def benchmark_drr(device: str = "cpu", size: int = 128, geometry: str = "cone", 
 
 
 def format_table(results: list) -> str:
-    """A small fixed-width table: one line per result (GFLOP and GFLOP/s where counted)."""
+    """A small fixed-width table: one line per result (GFLOP, GFLOP/s and the share of the measured matrix-product
+    peak, ``peak_gflops`` in a result's settings, where counted)."""
     counted = any(r.gflop is not None for r in results)
+    peak = next((r.settings["peak_gflops"] for r in results if r.settings.get("peak_gflops")), None)
     lines = [f"{'benchmark':<12} {'device':<7} {'settings':<58} {'median ms':>10} {'min ms':>8}"
-             + (f" {'GFLOP':>8} {'GFLOP/s':>8}" if counted else "")]
+             + (f" {'GFLOP':>8} {'GFLOP/s':>8}" if counted else "") + (f" {'of peak':>8}" if counted and peak else "")]
     for r in results:
         settings = ", ".join(f"{k}={v}" for k, v in r.settings.items() if v is not None)
         line = f"{r.name:<12} {r.device:<7} {settings:<58} {r.median_s * 1e3:>10.2f} {min(r.seconds) * 1e3:>8.2f}"
         if counted and r.gflop:
-            line += f" {r.gflop:>8.1f} {r.gflop / r.median_s if r.median_s > 0 else 0.0:>8.1f}"
+            rate = r.gflop / r.median_s if r.median_s > 0 else 0.0
+            line += f" {r.gflop:>8.1f} {rate:>8.1f}" + (f" {rate / peak:>8.0%}" if peak else "")
         lines.append(line)
     return "\n".join(lines)
+
+
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """The best GFLOP/s of a ``size``-square matrix product in ``dtype`` on ``device`` with the current threads.
+
+    Why: "share of peak" needs a peak, and a datasheet's is not what this machine, under its current
+    load, thread count and precision, can give; a large matrix product is the best rate its libraries reach.
+    """
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    with torch.inference_mode():
+        seconds = time_callable(lambda: a @ b, device, repeats, warmup=2)
+    return 2 * size**3 / min(seconds) / 1e9
 
 
 def write_json(results: list, path) -> None:
@@ -131,8 +148,9 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
     Peak memory: CUDA ``max_memory_allocated`` over the timed runs, and the process's peak RSS.
     ``method``, ``guidance`` and ``precision`` as in :meth:`XctDiffPipeline.reconstruct` (the stages a
     path skips time 0); the settings printed say which precision ``auto`` became. One more, untimed
-    run counts each stage's operations (:func:`~XctDiffCore.pipeline.counting_flops`): GFLOP and
-    achieved GFLOP/s beside the times show the distance to the hardware.
+    run counts each stage's operations (:func:`~XctDiffCore.pipeline.counting_flops`): GFLOP, achieved
+    GFLOP/s and their share of this machine's matrix-product rate in the run's precision
+    (:func:`matmul_peak_gflops`, ``peak_gflops``) beside the times show the distance to the hardware.
     """
     import tempfile
 
@@ -168,11 +186,12 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
             counted = pipe.reconstruct(radiograph, steps=steps if method == "diffusion" else None, samples=samples,
                                        seed=0, device=str(dev), method=method, cpu_fallback=False, guidance=guidance,
                                        precision=precision).flops
+        peak = matmul_peak_gflops(dev, torch.bfloat16 if result.precision == "bf16" else torch.float32)
     settings = {"model": pipe.info.model_id, "volume": f"{pipe.info.volume_size}^3", "method": method,
                 "steps": result.steps, "sampler": pipe.info.sampler if method == "diffusion" else None,
                 "samples": samples, "guidance": guidance or None, "precision": result.precision, "threads": torch.get_num_threads(),
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "allocator": allocator_name(),
-                **_peak_memory(dev)}
+                **_peak_memory(dev), "peak_gflops": round(peak)}
     gflop = {name: counted.get(key, 0) / 1e9 for name, key in PIPELINE_STAGES}
     if result.steps:
         gflop["sampler/step"] = counted.get("sampling", 0) / 1e9 / result.steps

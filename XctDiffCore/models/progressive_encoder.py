@@ -164,7 +164,7 @@ class ProgressiveEncoder(nn.Module):
                 prev = width
             if i < len(channels_2d) - 1:
                 layers.append(Downsample3d(width, factor=(1, 2, 2)))
-        layers += [normalization(prev, norm_groups), nn.SiLU()]
+        layers += [normalization(prev, norm_groups), nn.SiLU(inplace=True)]
         self.encoder_2d = nn.Sequential(*layers)
 
         if lift == "mlp":
@@ -187,7 +187,7 @@ class ProgressiveEncoder(nn.Module):
         for width in channels_3d:
             layers.append(ResBlock3d(prev, width, groups=norm_groups))
             prev = width
-        layers += [normalization(prev, norm_groups), nn.SiLU(), nn.Conv3d(prev, latent_channels, 3, padding=1)]
+        layers += [normalization(prev, norm_groups), nn.SiLU(inplace=True), nn.Conv3d(prev, latent_channels, 3, padding=1)]
         self.encoder_3d = nn.Sequential(*layers)
 
     @property

@@ -32,17 +32,27 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .blocks import Downsample3d, ResBlock3d, Upsample3d, normalization
+from .blocks import Downsample3d, ResBlock3d, Upsample3d, normalization, suggest_memory_format
 from .quantize import HomogeneousQuantizer
 
 
 def pixel_shuffle_3d(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
-    """Sub-pixel rearrangement ``(B, C r^3, D, H, W) -> (B, C, D r, H r, W r)``."""
-    return rearrange(x, "b (c r1 r2 r3) d h w -> b c (d r1) (h r2) (w r3)", r1=factor, r2=factor, r3=factor)
+    """Sub-pixel rearrangement ``(B, C r^3, D, H, W) -> (B, C, D r, H r, W r)``, in ``x``'s memory layout.
+
+    A channels-last ``x`` (the CPU bf16 path) gives a channels-last result in one copy; the plain
+    rearrange would give a contiguous one that the next convolution copies back (issue 20).
+    """
+    if suggest_memory_format(x) != torch.channels_last_3d:
+        return rearrange(x, "b (c r1 r2 r3) d h w -> b c (d r1) (h r2) (w r3)", r1=factor, r2=factor, r3=factor)
+    b, cr, d, h, w = x.shape
+    c = cr // factor ** 3
+    last = x.permute(0, 2, 3, 4, 1).reshape(b, d, h, w, c, factor, factor, factor)  # a view: C is innermost
+    last = last.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, d * factor, h * factor, w * factor, c)  # the one copy
+    return last.permute(0, 4, 1, 2, 3)  # (B, C, D r, H r, W r) with channels-last strides
 
 
 def _out_conv(channels: int, out_channels: int, groups: int) -> nn.Sequential:
-    return nn.Sequential(normalization(channels, groups), nn.SiLU(), nn.Conv3d(channels, out_channels, 3, padding=1))
+    return nn.Sequential(normalization(channels, groups), nn.SiLU(inplace=True), nn.Conv3d(channels, out_channels, 3, padding=1))
 
 
 class Encoder3d(nn.Module):
