@@ -11,8 +11,10 @@ every page again as a fresh page fault: 2.8 M faults and a third of the decoder'
   (``mmap_max=0``), the heap is never trimmed, one arena, no fast bins; so freed blocks stay in
   the heap and are reused, like tcmalloc's. Measured 2026-12-04 with ``xctdiff benchmark pipeline
   --method direct`` on the bundled model (bf16, 2-core EPYC): decoder 1.42 s -> 0.72 s, the whole
-  reconstruction 2.08 s -> 1.35-1.52 s, peak RSS 938 -> 885 MiB, no page fault after the first run.
-  The huge-page tunable used before (``glibc.malloc.hugetlb=1``) had made the same decode 1.9x
+  reconstruction 2.08 s -> 1.35-1.52 s, peak RSS 0.9-1.0 GiB either way, no page fault after the
+  first run; the price is memory kept until the process ends (the diffusion path's peak RSS 0.95 ->
+  1.6-1.7 GiB).
+  The huge-page tunable used before (``glibc.malloc.hugetlb=1``) had made the same decode 1.8x
   faster on a fresh host, but on a host whose memory was fragmented the kernel spent 5 s of system
   time compacting for it and the decode got slower than with no policy at all.
 
