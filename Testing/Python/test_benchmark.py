@@ -136,3 +136,14 @@ def test_cuda_peak_memory_is_reported():
         pytest.skip("needs a CUDA device")
     results = benchmark_pipeline("cuda", steps=2, config="tiny", repeats=1, warmup=1)
     assert results[-1].device == "cuda" and results[-1].settings["peak_cuda_mib"] > 0
+
+
+def test_startup_benchmark_times_whole_processes(capsys):
+    """`xctdiff benchmark startup`: one row per command, each a whole process (start-up included), so the
+    plain `--help` takes longer than nothing but less than a DRR that imports torch and renders."""
+    assert main(["benchmark", "startup", "--repeats", "1"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert list(rows) == ["help", "inspect", "drr"]
+    assert all("whole_process=yes" in line for line in rows.values())
+    seconds = {name: float(line.split()[-2]) / 1e3 for name, line in rows.items()}
+    assert 0.0 < seconds["help"] < seconds["drr"]

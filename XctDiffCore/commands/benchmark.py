@@ -128,6 +128,38 @@ def write_json(results: list, path) -> None:
         tmp.write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
 
 
+# ------------------------------------------------------------------------------------------ start-up
+def benchmark_startup(repeats: int = 5) -> list:
+    """Whole-process seconds of short commands, start-up included: ``xctdiff --help``, ``xctdiff inspect``
+    of the sample film and ``xctdiff drr`` of the sample CT (LIDC-IDRI-0001; issue 20: for a short
+    command much of the wait is importing, which a timing inside the process cannot see).
+
+    Each runs ``repeats`` times after one untimed run (which warms the file cache) as ``python -m
+    XctDiffCore`` with this interpreter, so the figure is the engine's own, not a launcher's.
+    """
+    import subprocess
+    import tempfile
+
+    from .demo import SAMPLE_CT_NAME, SAMPLE_RADIOGRAPH_NAME, sample_path
+
+    if repeats < 1:
+        raise XctDiffError("--repeats must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="xctdiff-bench-startup-") as tmp:
+        commands = {"help": ["--help"], "inspect": ["inspect", str(sample_path(SAMPLE_RADIOGRAPH_NAME))],
+                    "drr": ["drr", str(sample_path(SAMPLE_CT_NAME)), "-o", str(Path(tmp) / "drr.png")]}
+        results = []
+        for name, args in commands.items():
+            def run(argv=(sys.executable, "-m", "XctDiffCore", *args)):
+                done = subprocess.run(argv, capture_output=True, text=True)
+                if done.returncode != 0:
+                    last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+                    raise XctDiffError(f"`xctdiff {' '.join(argv[3:])}` failed: {last}")
+
+            results.append(BenchmarkResult(name, "cpu", {"command": f"xctdiff {args[0]}", "whole_process": "yes"},
+                                           time_callable(run, torch.device("cpu"), repeats, warmup=1)))
+    return results
+
+
 # ------------------------------------------------------------------------------------------ pipeline
 # Targets for the default model, 128^3, one sample, model loaded, default steps: <= 0.5 s end to end on
 # one H100 (8 samples batched <= 1.5 s, peak CUDA memory <= 2 GiB) and <= 30 s on a 2-core CPU.

@@ -286,8 +286,22 @@ def _run_benchmark_pipeline(args) -> int:
     return _report_benchmark(results, args)
 
 
+def add_benchmark_startup_target(targets):
+    p = targets.add_parser("startup", help="whole-process seconds of xctdiff --help, inspect and drr")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs of each command after a warm-up (median reported)")
+    p.add_argument("--json", metavar="FILE", help="also write every run's time to this JSON file")
+    p.set_defaults(handler=_run_benchmark_startup)
+
+
+def _run_benchmark_startup(args) -> int:
+    from .benchmark import benchmark_startup
+
+    return _report_benchmark(benchmark_startup(args.repeats), args)
+
+
 # `xctdiff benchmark <target>`: each entry adds one target parser.
-BENCHMARK_TARGETS = [add_benchmark_drr_target, add_benchmark_pipeline_target, add_benchmark_train_target]
+BENCHMARK_TARGETS = [add_benchmark_drr_target, add_benchmark_pipeline_target, add_benchmark_startup_target,
+                     add_benchmark_train_target]
 
 
 def _add_sampler_option(p):
