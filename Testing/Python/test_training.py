@@ -24,7 +24,7 @@ from XctDiffCore.commands.cli import main
 from XctDiffCore.config import config_from_dict, config_to_dict, load_config
 from XctDiffCore.errors import XctDiffError
 from XctDiffCore.training import export_run, parameter_table, stage_parameter_counts, train
-from XctDiffCore.training.common import checkpoint_path, file_sha256, load_checkpoint, seed_everything
+from XctDiffCore.training.common import checkpoint_path, ema_weights, file_sha256, load_checkpoint, seed_everything
 from XctDiffCore.training.data import PairDataset, StepSampler
 from XctDiffCore.training.encoder import build_encoder
 
@@ -647,6 +647,27 @@ def test_init_starts_diffusion_from_the_folder_and_copies_the_earlier_stages(tmp
     for stage in ("autoencoder", "encoder", "style"):  # copied, not fine-tuned: they export as the folder's own
         copied, original = (json.loads((d / f"{stage}.json").read_text(encoding="utf-8")) for d in (tmp_path / "again", exported))
         assert "fine_tuned_from" not in copied and copied["model"] == original["model"]
+
+
+def test_add_stage_replaces_the_diffusion_keeps_the_default_path_and_every_other_file(tmp_path, chain, datalist):
+    """How xctdiff-cpu 0.6.0 was made: a folder whose default path is direct gets a longer-trained
+    diffusion stage; every other file stays byte-identical and the manifest's SHA-256s hold."""
+    from XctDiffCore.model_folder import load_model_folder
+
+    folder = export_run(chain, tmp_path / "model", dtype="float32", method="direct").parent
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    run = tmp_path / "longer"
+    train("diffusion", tiny_config(run, datalist, max_steps=2), init=folder)
+    subprocess.run([sys.executable, str(REPO / "Testing" / "Scripts" / "add_stage.py"), str(folder), "--diffusion", str(run),
+                    "--version", "2", "--dtype", "float32"], check=True, capture_output=True, cwd=REPO)
+    changed = {p.name for p in folder.iterdir() if p.read_bytes() != before.get(p.name)}
+    assert changed == {"diffusion.safetensors", "diffusion.json", "manifest.json"}
+    settings = json.loads((folder / "diffusion.json").read_text(encoding="utf-8"))
+    assert settings["method"] == "direct" and settings["step"] == 2 and settings["fine_tuned_from"] == folder.name
+    loaded = load_model_folder(folder)  # checks every SHA-256
+    assert loaded.info.version == "2" and loaded.info.method == "direct"
+    trained = ema_weights(load_checkpoint(checkpoint_path(run, "diffusion"))["models"]["ema"])
+    assert_same_weights(folder_weights(folder, "diffusion"), trained, atol=0)
 
 
 def test_init_of_the_encoder_does_not_copy_later_stages(tmp_path, exported, datalist):

@@ -1,12 +1,14 @@
-"""Add (or replace) an optional stage of a model folder, in place: how xctdiff-cpu 0.4.0 (style) and 0.5.0
-(coarse CT) were made from the folder before them.
+"""Add (or replace) a stage of a model folder, in place: how xctdiff-cpu 0.4.0 (style), 0.5.0 (coarse CT)
+and 0.6.0 (a longer-trained diffusion stage) were made from the folder before them.
 
     python Testing/Scripts/add_stage.py MODEL_FOLDER --style RUN/style --version 0.4.0 [--dtype float16]
     python Testing/Scripts/add_stage.py MODEL_FOLDER --coarse RUN --version 0.5.0 [--dtype float16] [--metrics JSON]
+    python Testing/Scripts/add_stage.py MODEL_FOLDER --diffusion RUN --version 0.6.0 [--dtype float16]
 
 RUN/style is the stage folder of `xctdiff train style` (style.safetensors + style.json, exported when the
-run stops); RUN for `--coarse` is a run folder of `xctdiff train coarse` (its checkpoint's average of
-the weights is what ships); `--metrics` replaces the manifest's metrics (the summary.json of `xctdiff
+run stops); RUN for `--coarse` and `--diffusion` is a run folder of `xctdiff train coarse` or `xctdiff
+train diffusion` (its checkpoint's average of the weights is what ships; a replaced diffusion stage keeps
+the folder's default path, the ``method`` of its diffusion.json); `--metrics` replaces the manifest's metrics (the summary.json of `xctdiff
 evaluate` with the new stage). The other stages' files stay byte-identical; the manifest is rewritten with
 every SHA-256, the model card included (edit MODEL_CARD.md before running this).
 """
@@ -29,11 +31,11 @@ def style_stage(stage_dir: Path) -> tuple:
     return generator, {k: v for k, v in settings.items() if k not in STAGE_JSON_KEYS}
 
 
-def coarse_stage(run_dir: Path) -> tuple:
+def trained_stage(stage: str, run_dir: Path) -> tuple:
     from XctDiffCore.training import stage_for_export
     from XctDiffCore.training.common import checkpoint_path, load_checkpoint
 
-    return stage_for_export("coarse", load_checkpoint(checkpoint_path(run_dir, "coarse")))
+    return stage_for_export(stage, load_checkpoint(checkpoint_path(run_dir, stage)))
 
 
 def main() -> None:
@@ -42,12 +44,19 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--style", type=Path, help="a style stage folder (style.safetensors + style.json)")
     source.add_argument("--coarse", type=Path, help="a run folder with a trained coarse stage")
+    source.add_argument("--diffusion", type=Path, help="a run folder with a trained diffusion stage")
     parser.add_argument("--version", required=True)
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--metrics", type=Path, help="summary.json of `xctdiff evaluate` for the manifest")
     args = parser.parse_args()
-    stage = "style" if args.style else "coarse"
-    network, settings = style_stage(args.style) if args.style else coarse_stage(args.coarse)
+    if args.style:
+        stage, (network, settings) = "style", style_stage(args.style)
+    else:
+        stage = "coarse" if args.coarse else "diffusion"
+        network, settings = trained_stage(stage, args.coarse or args.diffusion)
+    previous = args.folder / f"{stage}.json"
+    if stage == "diffusion" and previous.is_file():  # the folder's default path stays what it was
+        settings["method"] = json.loads(previous.read_text(encoding="utf-8")).get("method", "diffusion")
     record = export_stage(network, stage, settings, args.folder, dtype=args.dtype)
     manifest = json.loads((args.folder / MANIFEST_NAME).read_text(encoding="utf-8"))
     stages = {name: {"weights": r["weights"], "config": r["config"]} for name, r in manifest["stages"].items()}
