@@ -666,6 +666,7 @@ def test_add_stage_replaces_the_diffusion_keeps_the_default_path_and_every_other
     assert settings["method"] == "direct" and settings["step"] == 2 and settings["fine_tuned_from"] == folder.name
     loaded = load_model_folder(folder)  # checks every SHA-256
     assert loaded.info.version == "2" and loaded.info.method == "direct"
+    assert json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["training"]["steps"]["diffusion"] == 2
     trained = ema_weights(load_checkpoint(checkpoint_path(run, "diffusion"))["models"]["ema"])
     assert_same_weights(folder_weights(folder, "diffusion"), trained, atol=0)
 

@@ -65,6 +65,9 @@ def main() -> None:
     files = [name for name in manifest["sha256"] if name not in staged]
     extra = {key: value for key, value in manifest.items() if key not in ("stages", "sha256")}
     extra["version"] = args.version
+    steps = extra.get("training", {}).get("steps", {})
+    if stage in steps and "step" in settings:  # the manifest's training record follows the replaced stage
+        steps[stage] = settings["step"]
     if args.metrics:
         extra["metrics"] = json.loads(args.metrics.read_text(encoding="utf-8"))
     write_manifest(args.folder, stages, extra=extra, files=files)
