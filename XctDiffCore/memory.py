@@ -13,7 +13,7 @@ every page again as a fresh page fault: 2.8 M faults and a third of the decoder'
   --method direct`` on the bundled model (bf16, 2-core EPYC): decoder 1.42 s -> 0.72 s, the whole
   reconstruction 2.08 s -> 1.35-1.52 s, peak RSS 0.9-1.0 GiB either way, no page fault after the
   first run; the price is memory kept until the process ends (the diffusion path's peak RSS 0.95 ->
-  1.6-1.7 GiB).
+  1.0-1.1 GiB, 1.6-1.7 GiB before the codebook search reused its distance block).
   The huge-page tunable used before (``glibc.malloc.hugetlb=1``) had made the same decode 1.8x
   faster on a fresh host, but on a host whose memory was fragmented the kernel spent 5 s of system
   time compacting for it and the decode got slower than with no policy at all.
