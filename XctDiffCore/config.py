@@ -172,7 +172,11 @@ class FilmConfig:
 class AutoencoderConfig:
     """``patch_size > 0`` trains on random ``patch_size^3`` crops of the (augmented) volumes: the networks
     are fully convolutional and the codebook is spatial, so the VQ-GAN still encodes and decodes whole
-    volumes at inference, while a step costs a fraction of a whole-volume step."""
+    volumes at inference, while a step costs a fraction of a whole-volume step.
+
+    ``decoder_only`` trains the decoder (and its super-resolution tail) with the encoder and codebook
+    frozen: the latent space stays put, so an encoder and a diffusion stage trained on it stay valid
+    while the decoder sharpens (fine-tuning with ``--init``)."""
 
     model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
     disc_3d: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
@@ -181,6 +185,7 @@ class AutoencoderConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(batch_size=1, lr=2e-4, betas=(0.5, 0.9)))
     patch_size: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    decoder_only: bool = False
 
 
 @dataclass

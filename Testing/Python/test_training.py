@@ -671,6 +671,24 @@ def test_add_stage_replaces_the_diffusion_keeps_the_default_path_and_every_other
     assert_same_weights(folder_weights(folder, "diffusion"), trained, atol=0)
 
 
+def test_decoder_only_fine_tune_keeps_the_latent_space_and_changes_the_decoder(tmp_path, exported, datalist):
+    """`autoencoder.decoder_only`: the encoder and the codebook stay bit for bit the folder's, so an
+    encoder and a diffusion stage trained on its latents stay valid; the decoder learns."""
+    data = config_to_dict(tiny_config(tmp_path / "dec", datalist, max_steps=3, lr=1e-3))
+    data["autoencoder"]["decoder_only"] = True
+    train("autoencoder", config_from_dict(data), init=exported)
+    tuned, start = load_checkpoint(checkpoint_path(tmp_path / "dec", "autoencoder"))["models"]["vqgan"], folder_weights(exported, "autoencoder")
+    frozen = [k for k in start if k.startswith(("encoder.", "quantizer."))]
+    assert frozen and any(k.startswith("quantizer.") for k in frozen)
+    assert_same_weights({k: tuned[k] for k in frozen}, {k: start[k] for k in frozen}, atol=0)
+    decoder = [k for k in start if k.startswith("decoder.")]
+    assert max(float((tuned[k] - start[k]).abs().max()) for k in decoder) > 1e-4
+
+    data["run"]["dir"] = str(tmp_path / "scratch")
+    with pytest.raises(XctDiffError, match="decoder_only fine-tunes a trained autoencoder"):
+        train("autoencoder", config_from_dict(data))
+
+
 def test_init_of_the_encoder_does_not_copy_later_stages(tmp_path, exported, datalist):
     run = tmp_path / "enc"
     train("encoder", tiny_config(run, datalist, lr=1e-12, max_steps=1), init=exported)

@@ -121,12 +121,18 @@ def train_autoencoder(config: Config, resume: bool, job: Distributed, deadline: 
     vqgan = build_autoencoder(section.model).to(device)
     if initial is not None:
         vqgan.load_state_dict(initial)
+    if section.decoder_only and initial is None and checkpoint is None:
+        raise XctDiffError("autoencoder.decoder_only fine-tunes a trained autoencoder: give --init MODEL_FOLDER")
+    if section.decoder_only:  # the latent space stays put (see AutoencoderConfig)
+        vqgan.encoder.requires_grad_(False)
+        vqgan.quantizer.requires_grad_(False)
+    trainable = [p for p in vqgan.parameters() if p.requires_grad]
     disc_3d, disc_2d = build_discriminators(section)
     loss_args = {k: v for k, v in dataclasses.asdict(section.loss).items() if k != "lpips_weights"}
     lpips = LPIPS.load(section.loss.lpips_weights or None) if section.loss.perceptual_weight > 0 else None
     loss_fn = AutoencoderLoss(disc_3d, disc_2d, lpips, **loss_args).to(device)
     critics = loss_fn.discriminator_parameters()
-    opt_g = make_optimizer(vqgan.parameters(), optim)
+    opt_g = make_optimizer(trainable, optim)
     opt_d = make_optimizer(critics, optim)
     scaler_g, scaler_d = grad_scaler(device, precision), grad_scaler(device, precision)
     seed_everything(config.run.seed + job.rank)  # then a different random stream per rank
@@ -156,7 +162,7 @@ def train_autoencoder(config: Config, resume: bool, job: Distributed, deadline: 
         with autocast(device, precision):
             x_rec, codebook_loss, indices = model(x)
             loss, terms = loss_fn.generator_loss(x, x_rec, codebook_loss, step, last_layer=vqgan.last_layer)
-        backward_step(loss, list(vqgan.parameters()), opt_g, scaler_g, optim.grad_clip)
+        backward_step(loss, trainable, opt_g, scaler_g, optim.grad_clip)
 
         if loss_fn.gan_active(step):
             for p in critics:
