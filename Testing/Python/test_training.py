@@ -688,6 +688,18 @@ def test_decoder_only_fine_tune_keeps_the_latent_space_and_changes_the_decoder(t
     with pytest.raises(XctDiffError, match="decoder_only fine-tunes a trained autoencoder"):
         train("autoencoder", config_from_dict(data))
 
+    # add_stage.py ships the new decoder in a copy of the folder; a run that moved the latents is refused
+    folder = shutil.copytree(exported, tmp_path / "model")
+    add_stage = [sys.executable, str(REPO / "Testing" / "Scripts" / "add_stage.py"), str(folder), "--version", "2", "--dtype", "float32"]
+    subprocess.run([*add_stage, "--autoencoder", str(tmp_path / "dec")], check=True, capture_output=True, cwd=REPO)
+    assert_same_weights(folder_weights(folder, "autoencoder"), tuned, atol=0)
+    assert json.loads((folder / "autoencoder.json").read_text(encoding="utf-8"))["decoder_only"] is True
+    data["autoencoder"]["decoder_only"], data["run"]["dir"] = False, str(tmp_path / "whole")
+    train("autoencoder", config_from_dict(data), init=exported)
+    refused = subprocess.run([*add_stage, "--autoencoder", str(tmp_path / "whole")], capture_output=True, text=True, cwd=REPO)
+    assert refused.returncode != 0 and "encoder or codebook differs" in refused.stderr and "Traceback" not in refused.stderr
+    assert_same_weights(folder_weights(folder, "autoencoder"), tuned, atol=0)  # the folder is left as it was
+
 
 def test_init_of_the_encoder_does_not_copy_later_stages(tmp_path, exported, datalist):
     run = tmp_path / "enc"

@@ -1,14 +1,17 @@
 """Add (or replace) a stage of a model folder, in place: how xctdiff-cpu 0.4.0 (style), 0.5.0 (coarse CT)
-and 0.6.0 (a longer-trained diffusion stage) were made from the folder before them.
+0.6.0 (a longer-trained diffusion stage) and 0.6.2 (a sharper decoder) were made from the folder before them.
 
     python Testing/Scripts/add_stage.py MODEL_FOLDER --style RUN/style --version 0.4.0 [--dtype float16]
     python Testing/Scripts/add_stage.py MODEL_FOLDER --coarse RUN --version 0.5.0 [--dtype float16] [--metrics JSON]
     python Testing/Scripts/add_stage.py MODEL_FOLDER --diffusion RUN --version 0.6.0 [--dtype float16]
+    python Testing/Scripts/add_stage.py MODEL_FOLDER --autoencoder RUN --version 0.6.2 [--dtype float16]
 
 RUN/style is the stage folder of `xctdiff train style` (style.safetensors + style.json, exported when the
 run stops); RUN for `--coarse` and `--diffusion` is a run folder of `xctdiff train coarse` or `xctdiff
 train diffusion` (its checkpoint's average of the weights is what ships; a replaced diffusion stage keeps
-the folder's default path, the ``method`` of its diffusion.json); `--metrics` replaces the manifest's metrics (the summary.json of `xctdiff
+the folder's default path, the ``method`` of its diffusion.json); `--autoencoder` takes a run of
+`xctdiff train autoencoder` with ``autoencoder.decoder_only`` and ``--init MODEL_FOLDER``, and refuses one
+whose encoder or codebook differs from the folder's (the encoder and diffusion stages read those latents); `--metrics` replaces the manifest's metrics (the summary.json of `xctdiff
 evaluate` with the new stage). The other stages' files stay byte-identical; the manifest is rewritten with
 every SHA-256, the model card included (edit MODEL_CARD.md before running this).
 """
@@ -17,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+import torch
 
 from XctDiffCore.model_folder import MANIFEST_NAME, export_stage, load_model_folder, write_manifest
 
@@ -38,6 +43,19 @@ def trained_stage(stage: str, run_dir: Path) -> tuple:
     return stage_for_export(stage, load_checkpoint(checkpoint_path(run_dir, stage)))
 
 
+def check_same_latents(folder: Path, network) -> None:
+    """A new autoencoder may only change the decoder: every stage after it reads its latents."""
+    from safetensors.torch import load_file
+
+    shipped = load_file(folder / "autoencoder.safetensors")
+    new = network.state_dict()
+    moved = [k for k in shipped if k.startswith(("encoder.", "quantizer."))
+             and not torch.equal(shipped[k], new[k].to(shipped[k].dtype))]
+    if moved:
+        raise SystemExit(f"error: the run's encoder or codebook differs from {folder}'s ({len(moved)} tensors, e.g. {moved[0]}); "
+                         "train it with autoencoder.decoder_only and --init that folder")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("folder", type=Path)
@@ -45,6 +63,7 @@ def main() -> None:
     source.add_argument("--style", type=Path, help="a style stage folder (style.safetensors + style.json)")
     source.add_argument("--coarse", type=Path, help="a run folder with a trained coarse stage")
     source.add_argument("--diffusion", type=Path, help="a run folder with a trained diffusion stage")
+    source.add_argument("--autoencoder", type=Path, help="a run folder with a decoder-only fine-tuned autoencoder")
     parser.add_argument("--version", required=True)
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--metrics", type=Path, help="summary.json of `xctdiff evaluate` for the manifest")
@@ -52,8 +71,10 @@ def main() -> None:
     if args.style:
         stage, (network, settings) = "style", style_stage(args.style)
     else:
-        stage = "coarse" if args.coarse else "diffusion"
-        network, settings = trained_stage(stage, args.coarse or args.diffusion)
+        stage = "coarse" if args.coarse else "diffusion" if args.diffusion else "autoencoder"
+        network, settings = trained_stage(stage, args.coarse or args.diffusion or args.autoencoder)
+    if stage == "autoencoder":
+        check_same_latents(args.folder, network)
     previous = args.folder / f"{stage}.json"
     if stage == "diffusion" and previous.is_file():  # the folder's default path stays what it was
         settings["method"] = json.loads(previous.read_text(encoding="utf-8")).get("method", "diffusion")

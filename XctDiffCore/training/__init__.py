@@ -138,6 +138,8 @@ def stage_for_export(stage: str, checkpoint: dict):
         from .autoencoder import build_autoencoder
 
         model, model_config, weights = build_autoencoder(config.autoencoder.model), config.autoencoder.model, checkpoint["models"]["vqgan"]
+        if config.autoencoder.decoder_only:  # the encoder and codebook are the folder's: its latents hold
+            settings["decoder_only"] = True
     elif stage == "encoder":
         from .encoder import build_encoder, shipped_weights
 
