@@ -73,10 +73,10 @@ class OptimConfig:
 
 
 @dataclass
-class EncoderOptimConfig(OptimConfig):
-    """``ema_decay > 0``: validate and export an exponential moving average of the encoder's weights (0: the
-    weights themselves, as in the paper). On a few patients the weights swing from step to step on the
-    validation patients; their average generalises better than any one of them."""
+class AveragedOptimConfig(OptimConfig):
+    """``ema_decay > 0``: validate and export an exponential moving average of the network's weights (0: the
+    weights themselves, as in the paper). On a few patients (and for a VQ-GAN beside its critics) the
+    weights swing from step to step on the validation patients; their average is steadier than any one."""
 
     ema_decay: float = 0.0
 
@@ -182,7 +182,7 @@ class AutoencoderConfig:
     disc_3d: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     disc_2d: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(batch_size=1, lr=2e-4, betas=(0.5, 0.9)))
+    optim: AveragedOptimConfig = field(default_factory=lambda: AveragedOptimConfig(batch_size=1, lr=2e-4, betas=(0.5, 0.9)))
     patch_size: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     decoder_only: bool = False
@@ -228,7 +228,7 @@ class EncoderConfig:
     image_items: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     film: FilmConfig = field(default_factory=FilmConfig)
-    optim: EncoderOptimConfig = field(default_factory=lambda: EncoderOptimConfig(batch_size=16, lr=1e-4))
+    optim: AveragedOptimConfig = field(default_factory=lambda: AveragedOptimConfig(batch_size=16, lr=1e-4))
 
 
 @dataclass
@@ -320,7 +320,7 @@ class CoarseConfig:
     blend: float = 0.5
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(enabled=True))
     film: FilmConfig = field(default_factory=lambda: FilmConfig(enabled=True))
-    optim: EncoderOptimConfig = field(default_factory=lambda: EncoderOptimConfig(batch_size=4, lr=3e-4, ema_decay=0.99))
+    optim: AveragedOptimConfig = field(default_factory=lambda: AveragedOptimConfig(batch_size=4, lr=3e-4, ema_decay=0.99))
 
 
 @dataclass
@@ -371,8 +371,9 @@ class Config:
                                f"got {self.diffusion.schedule.prediction!r}")
         if self.encoder.image_weight < 0 or self.encoder.image_items < 0:
             raise XctDiffError("encoder.image_weight and encoder.image_items must be 0 or more")
-        if not 0.0 <= self.encoder.optim.ema_decay < 1.0:
-            raise XctDiffError(f"encoder.optim.ema_decay must be in [0, 1) (0: no average), got {self.encoder.optim.ema_decay}")
+        for stage in ("autoencoder", "encoder", "coarse"):
+            if not 0.0 <= getattr(self, stage).optim.ema_decay < 1.0:
+                raise XctDiffError(f"{stage}.optim.ema_decay must be in [0, 1) (0: no average), got {getattr(self, stage).optim.ema_decay}")
         if self.diffusion.cond_noise < 0:
             raise XctDiffError("diffusion.cond_noise must be 0 or more")
         for stage in ("encoder", "diffusion"):
@@ -382,8 +383,6 @@ class Config:
             raise XctDiffError(f"coarse.blend must be in [0, 1], got {self.coarse.blend}")
         if self.coarse.augment.bank:
             raise XctDiffError("coarse.augment.bank must be 0: the coarse CT draws fresh variants")
-        if not 0.0 <= self.coarse.optim.ema_decay < 1.0:
-            raise XctDiffError(f"coarse.optim.ema_decay must be in [0, 1) (0: no average), got {self.coarse.optim.ema_decay}")
         if self.autoencoder.augment.bank:
             raise XctDiffError("autoencoder.augment.bank must be 0: the autoencoder draws fresh variants (no latents to keep)")
         if self.encoder.augment.bank and self.encoder.image_weight > 0:

@@ -98,6 +98,8 @@ def test_unknown_section_is_an_error():
         ({"autoencoder": {"patch_size": 256}}, r"autoencoder\.patch_size must be 0"),
         ({"diffusion": {"augment": {"bank": -1}}}, r"diffusion\.augment\.bank must be 0 \(fresh variants\) or more"),
         ({"autoencoder": {"augment": {"bank": 4}}}, r"autoencoder\.augment\.bank must be 0"),
+        ({"autoencoder": {"optim": {"ema_decay": 1.0}}}, r"autoencoder\.optim\.ema_decay must be in \[0, 1\)"),
+        ({"coarse": {"optim": {"ema_decay": -0.5}}}, r"coarse\.optim\.ema_decay must be in \[0, 1\)"),
         ({"encoder": {"augment": {"bank": 4}, "image_weight": 0.5}}, r"encoder\.image_weight needs the warped CTs"),
     ],
 )

@@ -672,12 +672,17 @@ def test_add_stage_replaces_the_diffusion_keeps_the_default_path_and_every_other
 
 
 def test_decoder_only_fine_tune_keeps_the_latent_space_and_changes_the_decoder(tmp_path, exported, datalist):
-    """`autoencoder.decoder_only`: the encoder and the codebook stay bit for bit the folder's, so an
-    encoder and a diffusion stage trained on its latents stay valid; the decoder learns."""
+    """`autoencoder.decoder_only`: the encoder and the codebook stay bit for bit the folder's, in the
+    weights and in their average (`ema_decay`, which is what ships), so an encoder and a diffusion stage
+    trained on its latents stay valid; the decoder learns."""
     data = config_to_dict(tiny_config(tmp_path / "dec", datalist, max_steps=3, lr=1e-3))
-    data["autoencoder"]["decoder_only"] = True
+    data["autoencoder"]["decoder_only"], data["autoencoder"]["optim"]["ema_decay"] = True, 0.9
     train("autoencoder", config_from_dict(data), init=exported)
-    tuned, start = load_checkpoint(checkpoint_path(tmp_path / "dec", "autoencoder"))["models"]["vqgan"], folder_weights(exported, "autoencoder")
+    models = load_checkpoint(checkpoint_path(tmp_path / "dec", "autoencoder"))["models"]
+    tuned, start = ema_weights(models["ema"]), folder_weights(exported, "autoencoder")  # the average ships
+    assert max(float((tuned[k] - models["vqgan"][k]).abs().max()) for k in tuned) > 1e-6
+    assert_same_weights({k: models["vqgan"][k] for k in start if k.startswith("encoder.")},
+                        {k: start[k] for k in start if k.startswith("encoder.")}, atol=0)
     frozen = [k for k in start if k.startswith(("encoder.", "quantizer."))]
     assert frozen and any(k.startswith("quantizer.") for k in frozen)
     assert_same_weights({k: tuned[k] for k in frozen}, {k: start[k] for k in frozen}, atol=0)
@@ -693,7 +698,8 @@ def test_decoder_only_fine_tune_keeps_the_latent_space_and_changes_the_decoder(t
     add_stage = [sys.executable, str(REPO / "Testing" / "Scripts" / "add_stage.py"), str(folder), "--version", "2", "--dtype", "float32"]
     subprocess.run([*add_stage, "--autoencoder", str(tmp_path / "dec")], check=True, capture_output=True, cwd=REPO)
     assert_same_weights(folder_weights(folder, "autoencoder"), tuned, atol=0)
-    assert json.loads((folder / "autoencoder.json").read_text(encoding="utf-8"))["decoder_only"] is True
+    settings = json.loads((folder / "autoencoder.json").read_text(encoding="utf-8"))
+    assert settings["decoder_only"] is True and settings["weights"] == "ema"
     data["autoencoder"]["decoder_only"], data["run"]["dir"] = False, str(tmp_path / "whole")
     train("autoencoder", config_from_dict(data), init=exported)
     refused = subprocess.run([*add_stage, "--autoencoder", str(tmp_path / "whole")], capture_output=True, text=True, cwd=REPO)

@@ -49,6 +49,7 @@ def load_vqgan(model=None, run=None) -> tuple:
         return vqgan, size, str(model)
     from ..config import config_from_dict
     from ..models.vqgan import VQGAN
+    from ..training.autoencoder import shipped_weights
 
     path = Path(run) / "autoencoder" / "checkpoint.pt"
     if not path.is_file():
@@ -56,7 +57,7 @@ def load_vqgan(model=None, run=None) -> tuple:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         config = config_from_dict(checkpoint["config"])
-        state = checkpoint["models"]["vqgan"]
+        state = shipped_weights(checkpoint["models"])
     except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
         raise XctDiffError(f"cannot read the autoencoder checkpoint {path}: {str(exc).splitlines()[0]}") from None
     vqgan = VQGAN(**dataclasses.asdict(config.autoencoder.model))

@@ -135,9 +135,11 @@ def stage_for_export(stage: str, checkpoint: dict):
     if config.run.init and _folder_has_stage(config.run.init, stage):  # fine-tuned: "step" counts the steps after the folder's own
         settings["fine_tuned_from"] = Path(config.run.init).name
     if stage == "autoencoder":
-        from .autoencoder import build_autoencoder
+        from .autoencoder import build_autoencoder, shipped_weights
 
-        model, model_config, weights = build_autoencoder(config.autoencoder.model), config.autoencoder.model, checkpoint["models"]["vqgan"]
+        model, model_config, weights = build_autoencoder(config.autoencoder.model), config.autoencoder.model, shipped_weights(checkpoint["models"])
+        if "ema" in checkpoint["models"]:  # autoencoder.optim.ema_decay: the manifest says the average ships
+            settings["weights"] = "ema"
         if config.autoencoder.decoder_only:  # the encoder and codebook are the folder's: its latents hold
             settings["decoder_only"] = True
     elif stage == "encoder":

@@ -30,11 +30,13 @@ from .common import (
     learning_rate,
     make_optimizer,
     mean_scores,
+    optional_ema,
     prepare_stage_dir,
     restore_training_state,
     save_stage_checkpoint,
     seed_everything,
     set_learning_rate,
+    shipped_average,
     stage_data,
     trained_stage_checkpoint,
     training_batches,
@@ -64,6 +66,12 @@ def build_discriminators(section: AutoencoderConfig):
     )
 
 
+def shipped_weights(models: dict) -> dict:
+    """The VQ-GAN weights a checkpoint's ``models`` stand for: their average when the run kept one
+    (``autoencoder.optim.ema_decay``), else the weights themselves. Later stages and export both use it."""
+    return shipped_average(models, "vqgan")
+
+
 def trained_autoencoder(run_dir, needed_by: str, device: torch.device, config: Optional[Config] = None):
     """The frozen VQ-GAN of a run and its model config (from the checkpoint, not the current config);
     with ``config``, checked to make the latent grid that config's later stages expect."""
@@ -72,7 +80,7 @@ def trained_autoencoder(run_dir, needed_by: str, device: torch.device, config: O
     if config is not None:
         check_latent_compatible(model_config, config)
     vqgan = build_autoencoder(model_config)
-    vqgan.load_state_dict(checkpoint["models"]["vqgan"])
+    vqgan.load_state_dict(shipped_weights(checkpoint["models"]))
     return freeze(vqgan.to(device)), model_config
 
 
@@ -91,6 +99,7 @@ def check_latent_compatible(trained: AutoencoderModelConfig, config: Config) -> 
 def validate(vqgan, items: list, device: torch.device, precision: str) -> dict:
     from ..models.quantize import codebook_utilisation
 
+    training = vqgan.training
     vqgan.eval()
     scores, codes = [], []
     for item in items:
@@ -99,7 +108,7 @@ def validate(vqgan, items: list, device: torch.device, precision: str) -> dict:
             x_rec, _, indices = vqgan(x)
         scores.append(volume_metrics(x_rec.float(), x))
         codes.append(indices.reshape(-1).cpu())
-    vqgan.train()
+    vqgan.train(training)
     return {
         **mean_scores(scores),
         "val/codebook_use": codebook_utilisation(torch.cat(codes), vqgan.codebook_size),
@@ -140,6 +149,7 @@ def train_autoencoder(config: Config, resume: bool, job: Distributed, deadline: 
     models = {"vqgan": vqgan, "disc_3d": disc_3d, "disc_2d": disc_2d}
     optimizers, scalers = {"generator": opt_g, "discriminator": opt_d}, {"generator": scaler_g, "discriminator": scaler_d}
     step = restore_training_state(checkpoint, job, models, optimizers, scalers) if checkpoint else 0
+    ema = optional_ema(vqgan, optim.ema_decay, models, checkpoint)
     model = wrap_ddp(vqgan, job)
     broadcast_parameters(disc_3d, job)
     broadcast_parameters(disc_2d, job)
@@ -163,6 +173,8 @@ def train_autoencoder(config: Config, resume: bool, job: Distributed, deadline: 
             x_rec, codebook_loss, indices = model(x)
             loss, terms = loss_fn.generator_loss(x, x_rec, codebook_loss, step, last_layer=vqgan.last_layer)
         backward_step(loss, trainable, opt_g, scaler_g, optim.grad_clip)
+        if ema is not None:
+            ema.update(vqgan)
 
         if loss_fn.gan_active(step):
             for p in critics:
@@ -181,7 +193,7 @@ def train_autoencoder(config: Config, resume: bool, job: Distributed, deadline: 
             log.write(step, {**log.means(), "train/codebook_use": use, "lr": lr},
                       shown=("train/total", "train/l1", "train/codebook_use"))
         if val_items and is_due(step, optim.val_every, optim.max_steps):
-            log.write(step, validate(vqgan, val_items, device, precision))
+            log.write(step, validate(ema.module if ema else vqgan, val_items, device, precision))
         if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
             save_stage_checkpoint(config, STAGE, step, job, training_state(job, models, optimizers, scalers))
     return log.close(deadline, step)
