@@ -1,10 +1,11 @@
 """Add (or replace) a stage of a model folder, in place: how xctdiff-cpu 0.4.0 (style), 0.5.0 (coarse CT)
-0.6.0 (a longer-trained diffusion stage) and 0.6.2 (a sharper decoder) were made from the folder before them.
+and 0.6.0 (a longer-trained diffusion stage) were made from the folder before them; `--autoencoder`
+puts in a decoder fine-tuned on the folder's own latents.
 
     python Testing/Scripts/add_stage.py MODEL_FOLDER --style RUN/style --version 0.4.0 [--dtype float16]
     python Testing/Scripts/add_stage.py MODEL_FOLDER --coarse RUN --version 0.5.0 [--dtype float16] [--metrics JSON]
     python Testing/Scripts/add_stage.py MODEL_FOLDER --diffusion RUN --version 0.6.0 [--dtype float16]
-    python Testing/Scripts/add_stage.py MODEL_FOLDER --autoencoder RUN --version 0.6.2 [--dtype float16]
+    python Testing/Scripts/add_stage.py MODEL_FOLDER --autoencoder RUN --version V [--dtype float16]
 
 RUN/style is the stage folder of `xctdiff train style` (style.safetensors + style.json, exported when the
 run stops); RUN for `--coarse` and `--diffusion` is a run folder of `xctdiff train coarse` or `xctdiff
