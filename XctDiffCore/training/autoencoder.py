@@ -130,9 +130,9 @@ def train_autoencoder(config: Config, resume: bool, job: Distributed, deadline: 
     vqgan = build_autoencoder(section.model).to(device)
     if initial is not None:
         vqgan.load_state_dict(initial)
-    if section.decoder_only and initial is None and checkpoint is None:
-        raise XctDiffError("autoencoder.decoder_only fine-tunes a trained autoencoder: give --init MODEL_FOLDER")
     if section.decoder_only:  # the latent space stays put (see AutoencoderConfig)
+        if initial is None and checkpoint is None:
+            raise XctDiffError("autoencoder.decoder_only fine-tunes a trained autoencoder: give --init MODEL_FOLDER")
         vqgan.encoder.requires_grad_(False)
         vqgan.quantizer.requires_grad_(False)
     trainable = [p for p in vqgan.parameters() if p.requires_grad]
