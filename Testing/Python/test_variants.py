@@ -106,3 +106,13 @@ def test_pairs_pass_through_when_off_and_are_fresh_consistent_drrs_when_on(tmp_p
     ct2, xray2 = random_pairs(batch["image"], step_generator(0, 0, 5), make_geometry("cone"), 32,
                               AugmentConfig(enabled=True).magnitudes(), None)
     torch.testing.assert_close(ct2, ct)  # the same step draws the same variant
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_view_warped_on_the_gpu_is_the_view_warped_on_the_cpu():
+    # the random numbers come from the same CPU generator; only where the per-voxel work runs differs
+    x = volumes(2, 32)
+    cpu = random_views(x, step_generator(5, 0, 3), 24)
+    gpu = random_views(x.cuda(), step_generator(5, 0, 3), 24)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-4)

@@ -158,11 +158,10 @@ def train_autoencoder(config: Config, resume: bool, job: Distributed, deadline: 
 
     log, stop = StageLog(config, STAGE, optim, job, step), False
     while step < optim.max_steps and not stop:
-        x = next(batches)["image"]  # (B, 1, D, H, W) in [-1, 1]
+        x = next(batches)["image"].to(device, non_blocking=True)  # (B, 1, D, H, W) in [-1, 1]
         if section.patch_size or section.augment.enabled:  # a fresh variant and/or crop of each volume
             generator = step_generator(config.run.seed, job.rank, step)
             x = random_views(x, generator, section.patch_size or None, **section.augment.magnitudes())
-        x = x.to(device, non_blocking=True)
         lr = learning_rate(step, optim)
         set_learning_rate(opt_g, lr)
         set_learning_rate(opt_d, lr)

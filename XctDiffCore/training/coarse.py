@@ -161,7 +161,7 @@ def train_coarse(config: Config, resume: bool, job: Distributed, deadline: Deadl
     model = wrap_ddp(coarse, job)
     batches = training_batches(train_set, config, optim, step, job)
     variants = PairVariants(section.augment, section.film, config.data.datalist, config.data.xray_size,
-                            config.run.seed, job.rank)
+                            config.run.seed, job.rank, device)
     direct = direct_reconstructions(config, val_items, device, precision)  # what the blend validates on
 
     log, stop = StageLog(config, STAGE, optim, job, step), False

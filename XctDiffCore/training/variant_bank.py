@@ -134,7 +134,7 @@ def stage_variants(config, section, train_set, vqgan, job: Distributed, deadline
     from .variants import PairVariants
 
     variants = PairVariants(section.augment, section.film, config.data.datalist, config.data.xray_size,
-                            config.run.seed, job.rank)
+                            config.run.seed, job.rank, job.device)
     if section.augment.bank:
         variants.bank = load_or_build_bank(
             config.run.dir, train_set, config.data.datalist, vqgan, variants.geometry, config.data.xray_size,

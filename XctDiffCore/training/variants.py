@@ -93,22 +93,23 @@ def random_views(
             axes[0][:, :, None, None], axes[1][:, None, :, None], axes[2][:, None, None, :]
         ),
         dim=-1,
-    )  # (B, s, s, s, 3) in (D, H, W) order
+    ).to(device)  # (B, s, s, s, 3) in (D, H, W) order; the random numbers are drawn on the CPU, the
+    # per-voxel work runs where the volumes are (a GPU warps a batch of 128^3 CTs in milliseconds)
 
     # Output -> input: rotate and scale about the centre, then translate.
     angles = _uniform(generator, (b, 3), math.radians(max_rotation_deg))
     scale = 1.0 + _uniform(generator, (b, 3), max_scale)
     shift = _uniform(generator, (b, 3), 2.0 * max_translation)
     matrix = (_rotations(angles) / scale[:, None, :]).float()  # columns divided: an output step of 1 reads 1/scale
-    grid = torch.einsum("bij,bdhwj->bdhwi", matrix, grid) + shift.float()[:, None, None, None, :]
+    grid = torch.einsum("bij,bdhwj->bdhwi", matrix.to(device), grid) + shift.float().to(device)[:, None, None, None, :]
     if elastic_mm > 0:
         lattice = torch.randn((b, 3, elastic_grid, elastic_grid, elastic_grid), generator=generator)
-        lattice = lattice * (elastic_mm / spacing_mm * 2.0 / n)  # voxels -> normalised units
+        lattice = (lattice * (elastic_mm / spacing_mm * 2.0 / n)).to(device)  # voxels -> normalised units
         displacement = F.grid_sample(lattice, grid.flip(-1), mode="bilinear", padding_mode="border", align_corners=True)
         grid = grid + displacement.permute(0, 2, 3, 4, 1)
     # grid_sample reads (x, y, z) = (W, H, D); outside the volume is air: sample x + 1 with zero padding.
     out = F.grid_sample(
-        volumes + 1.0, grid.flip(-1).to(device=device, dtype=volumes.dtype), mode="bilinear",
+        volumes + 1.0, grid.flip(-1).to(dtype=volumes.dtype), mode="bilinear",
         padding_mode="zeros", align_corners=False,
     ) - 1.0
 
@@ -196,10 +197,11 @@ class PairVariants:
     looks like a stored one apart from what was randomised.
     """
 
-    def __init__(self, augment, film, datalist, xray_size: int, seed: int, rank: int):
+    def __init__(self, augment, film, datalist, xray_size: int, seed: int, rank: int, device=None):
         self.enabled = augment.enabled or film.enabled
         self.augment, self.film = augment.magnitudes(), film.magnitudes()
         self.xray_size, self.seed, self.rank = xray_size, seed, rank
+        self.device = device  # where fresh variants are warped and rendered (None: where the batch is)
         self.geometry, self.bank = None, None
         if self.enabled or augment.bank:
             from ..drr import make_geometry
@@ -211,7 +213,8 @@ class PairVariants:
         if not self.enabled:
             return batch["image"], batch["xray"]
         generator = step_generator(self.seed, self.rank, step)
-        return random_pairs(batch["image"], generator, self.geometry, self.xray_size, self.augment, self.film)
+        ct = batch["image"] if self.device is None else batch["image"].to(self.device, non_blocking=True)
+        return random_pairs(ct, generator, self.geometry, self.xray_size, self.augment, self.film)
 
     def latent_pairs(self, batch: dict, step: int, encode) -> tuple:
         """``(target latents, radiographs)``: drawn from :attr:`bank` (a
