@@ -9,6 +9,10 @@
 # and paper, `benchmark pipeline`/`drr` on CUDA, trains small for AE_MIN/ENC_MIN/DIFF_MIN minutes with
 # --time-limit, exports and evaluates, and tars everything into $OUT/bundle.tar.part* + summary.txt.
 # Dry run on a CPU: DEV=cpu SMALL=tiny.json PAPER=tiny.json AE_MIN=0.1 ENC_MIN=0.05 DIFF_MIN=0.05 OUT=/tmp/o
+# Seen on the first lent H200 (2026-12-04, see gpu_train.sh, which was run instead): the tree plus this
+# pack is over the 64 MiB that travel (move big files aside as gpu_train.sh does); the device image has no
+# SimpleITK or pydicom (`benchmark pipeline` reads the DICOM sample and writes NRRD through them), and
+# the call sees 3 CPU cores, not 16.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 D=.data/device
