@@ -74,9 +74,11 @@ PY
   python3 -m pip download -q --no-deps -d $G/whl pydicom==3.0.2
   du -sh $G ;;
 aside)
-  for f in $BIG; do mkdir -p $ASIDE/$(dirname $f) && mv $f $ASIDE/$f; done ;;
+  [ -e $ASIDE ] && { echo "$ASIDE exists: run restore first" >&2; exit 1; }
+  for f in $BIG; do mkdir -p $ASIDE/$(dirname $f) && mv -T $f $ASIDE/$f; done ;;
 restore)
-  (cd $ASIDE && find . -type f) | while read f; do mv $ASIDE/$f $f; done; git status --short ;;
+  for f in $BIG; do if [ -e $ASIDE/$f ]; then rmdir $f 2>/dev/null; mv -T $ASIDE/$f $f; fi; done
+  [ -z "$(find $ASIDE -type f 2>/dev/null)" ] && rm -rf $ASIDE; git status --short ;;
 run)
   T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
   mins() { awk -v s="$1" 'BEGIN { m = s / 60.0; if (m < 0.2) m = 0.2; printf "%.2f", m }'; }
