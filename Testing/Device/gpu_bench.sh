@@ -16,7 +16,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 G=.data/gpubench
-ASIDE=/tmp/xctdiff-aside
 BIG="Resources/Samples/LIDC-IDRI-0001_ct.nrrd Resources/evaluation_figure.png Resources/style_eval.png
      Resources/autoencoder_fidelity.png Resources/demo_views.png Resources/Pretrained Resources/Models"
 case "${1:-}" in
@@ -28,12 +27,8 @@ pack)
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $G/whl $w
   done
   du -sh $G ;;
-aside)
-  [ -e $ASIDE ] && { echo "$ASIDE exists: run restore first" >&2; exit 1; }
-  for f in $BIG; do mkdir -p $ASIDE/$(dirname $f) && mv -T $f $ASIDE/$f; done ;;
-restore)
-  for f in $BIG; do if [ -e $ASIDE/$f ]; then rmdir $f 2>/dev/null; mv -T $ASIDE/$f $f; fi; done
-  [ -z "$(find $ASIDE -type f 2>/dev/null)" ] && rm -rf $ASIDE; git status --short ;;
+aside|restore)
+  bash Testing/Device/aside.sh "$1" $BIG ;;
 run)
   DEV=${DEV:-cuda}; O=${OUT:-/tmp/gpubench}; mkdir -p $O
   export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD

@@ -19,7 +19,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 G=.data/gpu
-ASIDE=/tmp/xctdiff-aside
 BIG="Resources/Samples/LIDC-IDRI-0001_ct.nrrd Resources/evaluation_figure.png Resources/style_eval.png
      Resources/autoencoder_fidelity.png Resources/demo_views.png
      Resources/Pretrained/xctdiff-cpu-autoencoder/autoencoder.safetensors Resources/Models/xctdiff-cpu/mean_ct.npy"
@@ -73,12 +72,8 @@ PY
   xz -9 -c Resources/Models/xctdiff-cpu/mean_ct.npy > $G/mean_ct.npy.xz
   python3 -m pip download -q --no-deps -d $G/whl pydicom==3.0.2
   du -sh $G ;;
-aside)
-  [ -e $ASIDE ] && { echo "$ASIDE exists: run restore first" >&2; exit 1; }
-  for f in $BIG; do mkdir -p $ASIDE/$(dirname $f) && mv -T $f $ASIDE/$f; done ;;
-restore)
-  for f in $BIG; do if [ -e $ASIDE/$f ]; then rmdir $f 2>/dev/null; mv -T $ASIDE/$f $f; fi; done
-  [ -z "$(find $ASIDE -type f 2>/dev/null)" ] && rm -rf $ASIDE; git status --short ;;
+aside|restore)
+  bash Testing/Device/aside.sh "$1" $BIG ;;
 run)
   T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
   mins() { awk -v s="$1" 'BEGIN { m = s / 60.0; if (m < 0.2) m = 0.2; printf "%.2f", m }'; }
