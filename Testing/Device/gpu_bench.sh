@@ -5,7 +5,8 @@
 # reconstruction disagree, so the consistency gate skips it; its GPU cost needs the bundled model. The device image has no SimpleITK or pydicom (the benchmark
 # reads the DICOM sample film and writes NRRD through them); their wheels (~55 MB) fit the 64 MiB a call
 # carries only when the bundled model and the other big files stay behind, so `aside` moves them out
-# of the tree for the call (the bundled model's own GPU figures need a call of their own).
+# of the tree for the call. The bundled model's own GPU figures do not fit beside the wheels (about 73 MB
+# with its mean CT xz-compressed): they need the benchmark to write its output without SimpleITK.
 #
 #   Testing/Device/gpu_bench.sh pack      # here: the wheels into .data/gpubench (git-ignored)
 #   Testing/Device/gpu_bench.sh aside     # here: big tracked files -> /tmp/xctdiff-aside
