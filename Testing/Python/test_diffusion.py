@@ -147,7 +147,9 @@ def test_v_target_and_its_epsilon_invert_each_other():
 
 
 def test_v_loss_is_the_v_mse():
-    x0 = torch.randn(4, 2, 3, 4, 4)
+    # x0 seeded and three times the noise's scale: with both unit-variance the v and epsilon losses have the
+    # same expectation, and an unseeded x0 made them agree to 0.1 % by chance in a CI run
+    x0 = 3.0 * torch.randn(4, 2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     zero = lambda x, t, c: torch.zeros_like(x)  # noqa: E731
     loss = diffusion_loss(zero, x0, x0, V_SCHEDULE, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
