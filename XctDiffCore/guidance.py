@@ -43,6 +43,7 @@ from .options import check_guidance
 ITERATIONS = 30  # Adam steps on u (measured: 20 already reach most of the gain, 60 add ~0.05 consistency)
 LEARNING_RATE = 0.05  # Adam's step on u, in units of STEP_HU * density
 STEP_HU = 100.0  # the scale of w: one unit of u moves water by 100 HU
+DENSITY_POWER = 1.0  # w grows with the decoded density to this power (see correction_weight)
 PRIOR = 1e-4  # weight of mean(u^2): keeps the correction small where the film says little
 HU_RANGE = (-1024.0, 3071.0)  # what an int16 CT of a scanner holds
 MIN_UNGUIDED_CONSISTENCY = 0.5  # below: the film does not look like the model's input; guidance is skipped
@@ -62,6 +63,12 @@ def film_drr(volume_hu: torch.Tensor, geometry: Geometry, film_size: int, render
     return image
 
 
+def correction_weight(volume_hu: torch.Tensor, power: Optional[float] = None) -> torch.Tensor:
+    """``w``: where, and how much, guidance may change each voxel: ``STEP_HU * clip((HU + 1000) / 1000, 0, 2) ** power``."""
+    power = DENSITY_POWER if power is None else power
+    return ((volume_hu + 1000.0) / 1000.0).clamp(0.0, 2.0) ** power * STEP_HU
+
+
 def guide_to_film(volume_hu: torch.Tensor, film01: torch.Tensor, geometry: Geometry, strength: float,
                   render_size: int = 128, spacing_mm: Optional[tuple] = None, iterations: int = ITERATIONS,
                   cancel: Optional[threading.Event] = None) -> torch.Tensor:
@@ -76,7 +83,7 @@ def guide_to_film(volume_hu: torch.Tensor, film01: torch.Tensor, geometry: Geome
     with torch.inference_mode(False), torch.enable_grad():
         x0 = volume_hu.detach().float().clone()  # a normal tensor, even from an inference-mode one
         target = film01.detach().float().clone()
-        weight = ((x0 + 1000.0) / 1000.0).clamp(0.0, 2.0) * STEP_HU
+        weight = correction_weight(x0)
         u = torch.zeros_like(x0, requires_grad=True)
         optimizer = torch.optim.Adam([u], lr=LEARNING_RATE)
         for _ in range(iterations):

@@ -18,7 +18,7 @@ from XctDiffCore.commands.cli import main
 from XctDiffCore.diffusion import Cancelled
 from XctDiffCore.drr import ConeGeometry
 from XctDiffCore.errors import XctDiffError
-from XctDiffCore.guidance import GuidanceWarning, film_drr, guide_to_film
+from XctDiffCore.guidance import STEP_HU, GuidanceWarning, correction_weight, film_drr, guide_to_film
 from XctDiffCore.io import read_radiograph
 from XctDiffCore.layout import ct_to_model_layout
 from XctDiffCore.metrics import ssim_2d
@@ -63,6 +63,13 @@ def test_guidance_moves_the_drr_towards_the_film_and_only_where_there_is_matter(
     air = guess <= -1000  # no matter: the weight is 0, so guidance cannot paint streaks through the air
     assert air.any() and torch.equal(guided[air], guess[air].clamp(-1024, 3071))
     assert guided.shape == guess.shape and guided.dtype == torch.float32
+
+
+def test_the_correction_weight_follows_the_decoded_density_to_its_power():
+    hu = torch.tensor([-1024.0, -1000.0, -500.0, 0.0, 1000.0, 2000.0])
+    torch.testing.assert_close(correction_weight(hu), STEP_HU * torch.tensor([0.0, 0.0, 0.5, 1.0, 2.0, 2.0]))
+    torch.testing.assert_close(correction_weight(hu, 2.0), STEP_HU * torch.tensor([0.0, 0.0, 0.25, 1.0, 4.0, 4.0]))
+    torch.testing.assert_close(correction_weight(hu, 0.0), torch.full_like(hu, STEP_HU))  # air too: power 0 is uniform
 
 
 def test_strength_is_the_fraction_of_the_correction_applied(case):
