@@ -2,14 +2,13 @@
 
 ``w = STEP_HU * clip((HU + 1000) / 1000, 0, 2) ** power`` (XctDiffCore/guidance.py): power 1 is the
 shipped rule; a higher power moves the correction from soft tissue towards what the decoder already
-made denser (faint ribs, spine), a lower one spreads it through the body. Scored like `xctdiff
+made denser (faint ribs, spine), a lower one spreads it more evenly (power 0: along
+whole rays, air included). Scored like `xctdiff
 evaluate` (direct path, fp32, style off):
 
     python Testing/Scripts/guidance_weight_sweep.py MODEL DS/datalist.json [STRENGTH] [POWER ...]
 """
 import sys
-
-import numpy as np
 
 from XctDiffCore import guidance
 from XctDiffCore.pipeline import XctDiffPipeline
