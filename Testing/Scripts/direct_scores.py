@@ -20,8 +20,13 @@ def validation_cases(datalist):
         yield index, case, Radiograph(case.drr, None, True, case.name), body_region(case.truth_hu)
 
 
+def direct_reconstruction(pipe, radiograph, index: int, **options):
+    """The direct path as `xctdiff evaluate` runs it (its seed, CPU, fp32, style off); ``options``: e.g. guidance."""
+    return pipe.reconstruct(radiograph, seed=index, device="cpu", style="off", method="direct", precision="fp32", **options)
+
+
 def direct_ct(pipe, radiograph, index: int) -> np.ndarray:
-    return pipe.reconstruct(radiograph, seed=index, device="cpu", style="off", method="direct", precision="fp32").ct.array
+    return direct_reconstruction(pipe, radiograph, index).ct.array
 
 
 class Scores:

@@ -13,19 +13,17 @@ import sys
 from XctDiffCore import guidance
 from XctDiffCore.pipeline import XctDiffPipeline
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from direct_scores import Scores, validation_cases  # noqa: E402
+from direct_scores import Scores, direct_ct, direct_reconstruction, validation_cases
 
 model, datalist = sys.argv[1], sys.argv[2]
 strength = float(sys.argv[3]) if len(sys.argv) > 3 else 1.0
 powers = [float(p) for p in sys.argv[4:]] or [1.0, 2.0, 3.0]
 pipe, scores = XctDiffPipeline.from_pretrained(model), Scores()
 for index, case, radiograph, body in validation_cases(datalist):
-    run = dict(seed=index, device="cpu", style="off", method="direct", precision="fp32")
-    scores.add("unguided", pipe.reconstruct(radiograph, **run).ct.array, case, body)
+    scores.add("unguided", direct_ct(pipe, radiograph, index), case, body)
     for power in powers:
         guidance.DENSITY_POWER = power
-        result = pipe.reconstruct(radiograph, guidance=strength, **run)
+        result = direct_reconstruction(pipe, radiograph, index, guidance=strength)
         scores.add(f"power {power:g}", result.ct.array, case, body)
         print(case.name, f"power {power:g} consistency {result.consistency:.3f} (unguided {result.unguided_consistency:.3f})")
 scores.print_means()

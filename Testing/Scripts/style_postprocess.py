@@ -28,6 +28,11 @@ def match_histogram(images01: np.ndarray, reference01: np.ndarray) -> np.ndarray
     return np.stack([np.interp(im.ravel(), np.quantile(im.ravel(), q), target).reshape(im.shape) for im in images01]).astype(np.float32)
 
 
+def per_image(filter_image, images01: np.ndarray) -> np.ndarray:
+    """``filter_image`` applied to each ``[H, W]`` image of ``[N, H, W]``, as float32."""
+    return np.stack([filter_image(image) for image in images01]).astype(np.float32)
+
+
 def main() -> None:
     if len(sys.argv) < 4:
         raise SystemExit(__doc__.strip().splitlines()[2].strip())
@@ -43,15 +48,15 @@ def main() -> None:
     print(f"real films: classifier {domain_accuracy(style_features(real), drr_features)['accuracy']:.3f}")
     report("transfer", moved)
     for sigma in (0.5, 0.8, 1.2):
-        blurred = np.stack([gaussian_filter(m, sigma) for m in moved]).astype(np.float32)
+        blurred = per_image(lambda m: gaussian_filter(m, sigma), moved)
         report(f"transfer + blur {sigma}", blurred)
         report(f"transfer + blur {sigma} + histogram", match_histogram(blurred, drr))
     report("transfer + histogram", match_histogram(moved, drr))
     for weight in (0.02, 0.05, 0.1):
-        report(f"transfer + total variation {weight}", np.stack([denoise_tv_chambolle(m, weight=weight) for m in moved]).astype(np.float32))
+        report(f"transfer + total variation {weight}", per_image(lambda m: denoise_tv_chambolle(m, weight=weight), moved))
     for sigma_color in (0.05, 0.1):
         report(f"transfer + bilateral {sigma_color}",
-               np.stack([denoise_bilateral(m, sigma_color=sigma_color, sigma_spatial=1.5) for m in moved]).astype(np.float32))
+               per_image(lambda m: denoise_bilateral(m, sigma_color=sigma_color, sigma_spatial=1.5), moved))
 
 
 if __name__ == "__main__":
