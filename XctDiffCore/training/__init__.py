@@ -65,10 +65,13 @@ def train(stage: str, config: Config, data=None, out=None, resume: bool = False,
     from .common import Deadline, cleanup_distributed, setup_distributed
 
     job = setup_distributed()  # one process, or this rank of a torchrun job
+    finished = False
     try:
-        return run(config, resume, job, Deadline(time_limit, job))
+        path = run(config, resume, job, Deadline(time_limit, job))
+        finished = True
+        return path
     finally:
-        cleanup_distributed(job)
+        cleanup_distributed(job, finished)
 
 
 def stage_parameter_counts(config: Config) -> dict:

@@ -89,8 +89,14 @@ def setup_distributed() -> Distributed:
     return Distributed(0, 0, 1, device)
 
 
-def cleanup_distributed(job: Distributed) -> None:
+def cleanup_distributed(job: Distributed, finished: bool = True) -> None:
+    """Leave the torchrun job. After a finished stage the ranks first wait for each other (a barrier), so
+    that none tears down its connections while a slower one may still be reading the last collective's
+    data (a rank of the two-process CPU test died of SIGABRT once, on a loaded machine, at that point);
+    after an error no barrier: the other ranks may never come."""
     if job.enabled:
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
