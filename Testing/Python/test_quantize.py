@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from einops import rearrange
 
 from XctDiffCore.models.quantize import (
@@ -60,7 +61,20 @@ def test_the_search_at_the_bundled_size_matches_brute_force():
     z_n = homogeneous_normalize(torch.randn(5000, 8))
     e_n = q.normalized_codebook()
     expected = torch.cat([torch.cdist(block, e_n).argmin(1) for block in z_n.split(1000)])
-    assert torch.equal(q.nearest(z_n, e_n), expected)
+    threads = torch.get_num_threads()
+    try:
+        # one thread (in the caller's), then 3 search threads with a share of the rows each (uneven shares)
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            assert torch.equal(q.nearest(z_n, e_n), expected)
+            with torch.inference_mode():  # as in the pipeline: the search writes inference tensors
+                assert torch.equal(q.nearest(z_n, e_n), expected)
+            assert torch.get_num_threads() == count  # the caller's setting is given back
+        with FlopCounterMode(display=False) as counter:  # the benchmark's counter sees the whole search
+            assert torch.equal(q.nearest(z_n, e_n), expected)
+        assert counter.get_total_flops() == 2 * 5000 * 8192 * 8
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_scale_does_not_win_the_search():
