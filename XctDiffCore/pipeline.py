@@ -117,6 +117,7 @@ class Reconstruction:
     warnings: list = field(default_factory=list)  # why the result deserves less trust (plausibility, skipped guidance)
     precision: str = "fp32"  # the networks' arithmetic: "bf16" (autocast) or "fp32"
     flops: dict = field(default_factory=dict)  # operations per stage, only inside counting_flops()
+    flops_by_dtype: dict = field(default_factory=dict)  # the same split by arithmetic: {stage: {"bfloat16": n, ...}}
 
     def summary(self) -> dict:
         """Plain data for the ``RESULT`` line and JSON logs."""
@@ -423,6 +424,7 @@ class XctDiffPipeline:
             warnings=notes + size_notes,
             precision="bf16" if self._amp_dtype == torch.bfloat16 else "fp32",
             flops=timer.flops,
+            flops_by_dtype=timer.flops_by_dtype,
         )
 
     def _decode(self, latents: torch.Tensor, device, reporter: _Progress, cancel, ends: dict = STAGE_END,
@@ -509,18 +511,43 @@ class XctDiffPipeline:
         return image[0, 0].cpu().numpy().astype(np.float32)
 
 
-_FLOP_COUNTER = None  # the FlopCounterMode of counting_flops(), while one is active
+_FLOP_COUNTER = None  # the _DtypeFlopCounter of counting_flops(), while one is active
+
+
+def _dtype_flop_counter():
+    """A ``FlopCounterMode`` that also tallies each operation under the dtype it ran in (``by_dtype``).
+
+    Why: on the CPU bf16 path the networks run in bf16 but the exact codebook search in fp32, whose peak
+    is half as high; a stage's distance to the hardware is its operations at each precision's own peak.
+    The split hooks a private method of torch's counter: where a torch lacks it, ``by_dtype`` stays empty
+    and the benchmark falls back to one peak."""
+    from collections import Counter
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class _DtypeFlopCounter(FlopCounterMode):
+        def __init__(self):
+            super().__init__(display=False)
+            self.by_dtype = Counter()
+
+        def _count_flops(self, func_packet, out, args, kwargs):
+            if func_packet in self.flop_registry:
+                tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+                dtype = str(tensor.dtype).replace("torch.", "") if tensor is not None else "unknown"
+                self.by_dtype[dtype] += self.flop_registry[func_packet](*args, **kwargs, out_val=out)
+            return super()._count_flops(func_packet, out, args, kwargs)
+
+    return _DtypeFlopCounter() if hasattr(FlopCounterMode, "_count_flops") else FlopCounterMode(display=False)
 
 
 @contextlib.contextmanager
 def counting_flops():
     """Inside: each reconstruction's ``flops`` holds the floating-point operations per stage (convolutions,
-    matrix products, attention, as ``torch.utils.flop_counter`` counts them), so ``xctdiff benchmark
-    pipeline`` can print the achieved GFLOP/s beside each time. Slow: for one counting run, not timing."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    matrix products, attention, as ``torch.utils.flop_counter`` counts them) and ``flops_by_dtype`` their
+    split by precision, so ``xctdiff benchmark pipeline`` can print the achieved GFLOP/s and the share of
+    peak beside each time. Slow: for one counting run, not timing."""
     global _FLOP_COUNTER
-    counter = FlopCounterMode(display=False)
+    counter = _dtype_flop_counter()
     with counter:
         _FLOP_COUNTER = counter
         try:
@@ -531,7 +558,7 @@ def counting_flops():
 
 class _Timer:
     """Seconds per stage, with the device synchronised at each lap (CUDA runs asynchronously); the
-    operations per stage too, inside :func:`counting_flops`."""
+    operations per stage too (in total and by dtype), inside :func:`counting_flops`."""
 
     def __init__(self, device):
         self.device = torch.device(device)
@@ -539,7 +566,9 @@ class _Timer:
         self.laps: dict = {}
         self.counter = _FLOP_COUNTER
         self.flops: dict = {}
+        self.flops_by_dtype: dict = {}
         self.last_flops = self.counter.get_total_flops() if self.counter is not None else 0
+        self.last_by_dtype = dict(getattr(self.counter, "by_dtype", {}))
 
     def lap(self, name: str) -> None:
         if self.device.type == "cuda":
@@ -551,6 +580,12 @@ class _Timer:
             total = self.counter.get_total_flops()
             self.flops[name] = self.flops.get(name, 0) + total - self.last_flops
             self.last_flops = total
+            by_dtype = dict(getattr(self.counter, "by_dtype", {}))
+            stage = self.flops_by_dtype.setdefault(name, {})
+            for dtype, count in by_dtype.items():
+                if count - self.last_by_dtype.get(dtype, 0):
+                    stage[dtype] = stage.get(dtype, 0) + count - self.last_by_dtype.get(dtype, 0)
+            self.last_by_dtype = by_dtype
 
     def timings(self) -> dict:
         return {**self.laps, "total": self.last - self.start}

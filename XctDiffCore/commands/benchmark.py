@@ -33,6 +33,7 @@ class BenchmarkResult:
     settings: dict
     seconds: list = field(default_factory=list)
     gflop: float | None = None  # operations per run, where counted: the table adds the achieved GFLOP/s
+    peak_share: float | None = None  # the time these operations need at the peak of each precision they ran in / the time taken
 
     @property
     def median_s(self) -> float:
@@ -93,7 +94,7 @@ def benchmark_drr(device: str = "cpu", size: int = 128, geometry: str = "cone", 
 
 def format_table(results: list) -> str:
     """A small fixed-width table: one line per result (GFLOP, GFLOP/s and the share of the measured matrix-product
-    peak, ``peak_gflops`` in a result's settings, where counted)."""
+    peak where counted: a result's ``peak_share``, else its rate over ``peak_gflops`` in a result's settings)."""
     counted = any(r.gflop is not None for r in results)
     peak = next((r.settings["peak_gflops"] for r in results if r.settings.get("peak_gflops")), None)
     lines = [f"{'benchmark':<12} {'device':<7} {'settings':<58} {'median ms':>10} {'min ms':>8}"
@@ -103,7 +104,8 @@ def format_table(results: list) -> str:
         line = f"{r.name:<12} {r.device:<7} {settings:<58} {r.median_s * 1e3:>10.2f} {min(r.seconds) * 1e3:>8.2f}"
         if counted and r.gflop:
             rate = r.gflop / r.median_s if r.median_s > 0 else 0.0
-            line += f" {r.gflop:>8.1f} {rate:>8.1f}" + (f" {rate / peak:>8.0%}" if peak else "")
+            share = r.peak_share if r.peak_share is not None else (rate / peak if peak else None)
+            line += f" {r.gflop:>8.1f} {rate:>8.1f}" + (f" {share:>8.0%}" if peak and share is not None else "")
         lines.append(line)
     return "\n".join(lines)
 
@@ -217,19 +219,40 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
         with counting_flops():  # one more, untimed run: the operations of each stage
             counted = pipe.reconstruct(radiograph, steps=steps if method == "diffusion" else None, samples=samples,
                                        seed=0, device=str(dev), method=method, cpu_fallback=False, guidance=guidance,
-                                       precision=precision).flops
-        peak = matmul_peak_gflops(dev, torch.bfloat16 if result.precision == "bf16" else torch.float32)
+                                       precision=precision)
+        run_dtype = torch.bfloat16 if result.precision == "bf16" else torch.float32
+        peaks = {str(run_dtype).replace("torch.", ""): matmul_peak_gflops(dev, run_dtype)}
+        for stage in counted.flops_by_dtype.values():  # e.g. the exact codebook search, fp32 in a bf16 run
+            for name in stage:
+                if name not in peaks and name in ("float32", "bfloat16", "float16"):
+                    peaks[name] = matmul_peak_gflops(dev, getattr(torch, name))
+        peak = peaks[str(run_dtype).replace("torch.", "")]
     settings = {"model": pipe.info.model_id, "volume": f"{pipe.info.volume_size}^3", "method": method,
                 "steps": result.steps, "sampler": pipe.info.sampler if method == "diffusion" else None,
                 "samples": samples, "guidance": guidance or None, "precision": result.precision, "threads": torch.get_num_threads(),
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "allocator": allocator_name(),
-                **_peak_memory(dev), "peak_gflops": round(peak)}
-    gflop = {name: counted.get(key, 0) / 1e9 for name, key in PIPELINE_STAGES}
-    if result.steps:
-        gflop["sampler/step"] = counted.get("sampling", 0) / 1e9 / result.steps
-    gflop["total"] = sum(counted.values()) / 1e9
-    return [BenchmarkResult(name, str(dev), settings if name == "total" else {}, seconds, gflop.get(name) or None)
-            for name, seconds in runs.items()]
+                **_peak_memory(dev), "peak_gflops": round(peak),
+                **{f"peak_gflops_{name}": round(value) for name, value in peaks.items() if value != peak}}
+    # the operations of a stage: its lap's; a sampler step's: the sampling lap's over the steps
+    lap = {name: "sampling" if name == "sampler/step" else key for name, key in PIPELINE_STAGES}
+    per_run = {name: 1 / result.steps if name == "sampler/step" and result.steps else 1 for name in lap}
+    gflop = {name: counted.flops.get(lap[name], 0) / 1e9 * per_run[name] for name in lap}
+    gflop["total"] = sum(counted.flops.values()) / 1e9
+    ideal = {name: _seconds_at_peak(counted.flops_by_dtype.get(lap[name], {}), peaks, peak) * per_run[name]
+             for name in lap}
+    ideal["total"] = sum(_seconds_at_peak(stage, peaks, peak) for stage in counted.flops_by_dtype.values())
+    results = []
+    for name, seconds in runs.items():
+        median = statistics.median(seconds)
+        share = ideal[name] / median if counted.flops_by_dtype and ideal[name] and median > 0 else None
+        results.append(BenchmarkResult(name, str(dev), settings if name == "total" else {}, seconds,
+                                       gflop.get(name) or None, share))
+    return results
+
+
+def _seconds_at_peak(flops_by_dtype: dict, peaks: dict, default_peak: float) -> float:
+    """Seconds these operations need at the measured peak of each precision they ran in (GFLOP/s)."""
+    return sum(count / 1e9 / peaks.get(name, default_peak) for name, count in flops_by_dtype.items())
 
 
 def _sample_radiograph():
