@@ -256,3 +256,48 @@ def test_channels_last_stays_channels_last_through_the_decoder_with_the_same_val
         fast = model.decode(z.contiguous(memory_format=torch.channels_last_3d))
     assert fast.is_contiguous(memory_format=torch.channels_last_3d)
     torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
+
+
+def _random_tail():
+    """A super-resolution tail with 2 blocks whose normalisations have non-trivial affine parameters."""
+    torch.manual_seed(0)
+    tail = SuperResolutionTail(16, 8, 1, num_res_blocks=2, groups=4)
+    with torch.no_grad():
+        for module in tail.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return tail.eval()
+
+
+def test_the_tail_in_depth_slabs_is_the_layer_by_layer_tail():
+    """Without gradients the tail runs in slabs (issue 20: two full-resolution volumes alive, not six):
+    whole-volume GroupNorm statistics, the convolutions' halo and zero padding at both ends, a last slab
+    shorter than the others, an input far from zero mean: the same values as layer by layer, in fp32."""
+    from XctDiffCore.models.slab_inference import can_run_in_slabs, tail_in_slabs
+
+    tail = _random_tail()
+    h = torch.randn(1, 16, 13, 6, 7) * 2 + 3
+    plain = tail(h)  # parameters require gradients here: layer by layer
+    assert plain.requires_grad and not can_run_in_slabs(tail, h)
+    with torch.no_grad():
+        assert can_run_in_slabs(tail, h) and not can_run_in_slabs(tail, h.expand(2, -1, -1, -1, -1))
+        for slab in (4, 8, 16, 64):
+            torch.testing.assert_close(tail_in_slabs(tail, h, slab=slab), plain.detach(), atol=2e-5, rtol=2e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(tail(h), plain.detach(), atol=2e-5, rtol=2e-5)  # the forward picks the slabs
+
+
+def test_the_tail_in_slabs_under_bf16_autocast_and_channels_last():
+    """The CPU bf16 path: channels-last volumes, bf16 convolutions; the slabs agree with layer by layer
+    to bf16's rounding (normalised in fp32 there, in bf16 here)."""
+    from XctDiffCore.models.slab_inference import tail_in_slabs
+
+    tail = _random_tail().to(memory_format=torch.channels_last_3d)
+    h = torch.randn(1, 16, 12, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = tail(h).detach().float()
+        with torch.no_grad():
+            slabs = tail_in_slabs(tail, h, slab=8).float()
+    assert (slabs - plain).abs().mean() < 0.01 * plain.abs().mean()
+    torch.testing.assert_close(slabs, plain, atol=0.05, rtol=0.05)

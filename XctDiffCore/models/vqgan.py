@@ -34,6 +34,7 @@ from torch import nn
 
 from .blocks import Downsample3d, ResBlock3d, Upsample3d, normalization, suggest_memory_format
 from .quantize import HomogeneousQuantizer
+from .slab_inference import can_run_in_slabs, tail_in_slabs
 
 
 def pixel_shuffle_3d(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
@@ -88,6 +89,8 @@ class SuperResolutionTail(nn.Module):
         self.residual = _out_conv(channels, out_channels, groups)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if can_run_in_slabs(self, h):  # inference: two full-resolution volumes alive instead of about six
+            return tail_in_slabs(self, h)
         coarse = F.interpolate(self.coarse(h), scale_factor=2, mode="trilinear", align_corners=False)
         return coarse + self.residual(self.blocks(pixel_shuffle_3d(self.expand(h))))
 
