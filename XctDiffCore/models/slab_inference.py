@@ -36,8 +36,9 @@ SLAB_DEPTH = 16
 
 
 def can_run_in_slabs(tail: nn.Module, h: torch.Tensor) -> bool:
-    """Whether :func:`tail_in_slabs` applies: no gradients, one 5-D volume, plain residual blocks of one width."""
-    if torch.is_grad_enabled() or h.dim() != 5 or h.shape[0] != 1:
+    """Whether :func:`tail_in_slabs` applies: on the CPU (a GPU's caching allocator does not fragment this
+    way, and its speed in slabs is unmeasured), no gradients, one 5-D volume, plain residual blocks."""
+    if h.device.type != "cpu" or torch.is_grad_enabled() or h.dim() != 5 or h.shape[0] != 1:
         return False
     return all(isinstance(block, ResBlock3d) and isinstance(block.skip, nn.Identity) and block.emb_proj is None
                for block in tail.blocks)
