@@ -332,7 +332,7 @@ def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     result = subprocess.run([sys.executable, "-c", SIGTERM_MID_WRITE, str(SAMPLE_CT), str(out / "drr.nrrd")], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert result.returncode == 143, result.stderr
     assert result.stderr.strip() == "error: terminated" and list(out.iterdir()) == []
 

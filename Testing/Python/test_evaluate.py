@@ -398,7 +398,7 @@ def test_the_evaluation_loads_no_training_code(no_lpips, model_dir, datalist, tm
         f"{str(tmp_path / 'eval')!r}, '--steps', '1', '--device', 'cpu'])\n"
         "print(status, ' '.join(sorted(m for m in sys.modules if m.startswith('XctDiffCore'))))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, env=dict(os.environ))
     assert done.returncode == 0, done.stderr
     status, *loaded = done.stdout.splitlines()[-1].split()  # the last line: after the tables
     assert status == "0" and "XctDiffCore.evaluation.reconstructions" in loaded and "XctDiffCore.datalist" in loaded

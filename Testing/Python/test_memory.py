@@ -57,7 +57,7 @@ def test_glibcs_policy_keeps_freed_memory_for_the_next_allocation():
         env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
         if tunables:
             env["GLIBC_TUNABLES"] = tunables
-        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=60)
         assert done.returncode == 0, done.stderr
         return int(done.stdout)
 
@@ -77,7 +77,7 @@ def _run_restarting(tmp_path, **extra_env) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "XCTDIFF_MEMORY_POLICY",
                                                            "XCTDIFF_ALLOCATOR")}
     env.update(PYTHONPATH=str(REPO), **extra_env)
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -103,7 +103,7 @@ def test_the_reconstruct_command_runs_with_the_policy_and_says_so(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "XCTDIFF_MEMORY_POLICY", "XCTDIFF_ALLOCATOR")}
     env["PYTHONPATH"] = str(REPO)
     done = subprocess.run([sys.executable, "-m", "XctDiffCore", "reconstruct", str(tmp_path / "missing.png"), "-v"],
-                          env=env, capture_output=True, text=True, timeout=60)
+                          env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=60)
     assert done.returncode == 2 and "error: file not found" in done.stderr
     runtime = next(line for line in done.stderr.splitlines() if line.startswith("runtime:"))
     assert "keeping freed memory" in runtime or "tcmalloc" in runtime or "jemalloc" in runtime

@@ -533,7 +533,7 @@ def test_a_reconstruction_through_the_python_api_loads_no_training_code(model_di
         f"pipe.reconstruct({str(SAMPLE_RADIOGRAPH)!r}, steps=1, seed=0, device='cpu', guidance=0.5)\n"
         "print(' '.join(sorted(m for m in sys.modules if m.startswith('XctDiffCore'))))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert done.returncode == 0, done.stderr
     loaded = done.stdout.split()
     assert "XctDiffCore.pipeline" in loaded and "XctDiffCore.guidance" in loaded

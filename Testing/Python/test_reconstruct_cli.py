@@ -371,7 +371,7 @@ def start_long_reconstruction(model_dir, output):
     even when its progress lines reach us late (one sample of the tiny model once finished first)."""
     command = [sys.executable, "-m", "XctDiffCore", "reconstruct", str(SAMPLE_RADIOGRAPH), "-o", str(output),
                "--model", str(model_dir), "--device", "cpu", "--steps", "1000", "--samples", "4", "--progress-lines"]
-    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
                              start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     watchdog = threading.Timer(120, lambda: child.poll() is None and os.killpg(child.pid, signal.SIGKILL))
     watchdog.daemon = True
@@ -659,7 +659,7 @@ def test_help_and_inspect_start_without_torch():
 
     script = ("import sys\nfrom XctDiffCore.commands.cli import build_parser, main\nbuild_parser()\n"
               f"main(['inspect', {str(SAMPLE_RADIOGRAPH)!r}])\nprint('torch' in sys.modules)\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False"
 

@@ -515,7 +515,7 @@ def torchrun(args: list, nproc: int = 2, timeout: int = 600) -> subprocess.Compl
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "XctDiffCore"]
-    return subprocess.run(command + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command + args, cwd=REPO, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout)
 
 
 def test_two_process_gloo_ddp_equals_one_process_at_twice_the_batch(tmp_path, chain, datalist):
@@ -702,7 +702,7 @@ def test_decoder_only_fine_tune_keeps_the_latent_space_and_changes_the_decoder(t
     assert settings["decoder_only"] is True and settings["weights"] == "ema"
     data["autoencoder"]["decoder_only"], data["run"]["dir"] = False, str(tmp_path / "whole")
     train("autoencoder", config_from_dict(data), init=exported)
-    refused = subprocess.run([*add_stage, "--autoencoder", str(tmp_path / "whole")], capture_output=True, text=True, cwd=REPO)
+    refused = subprocess.run([*add_stage, "--autoencoder", str(tmp_path / "whole")], capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=REPO)
     assert refused.returncode != 0 and "encoder or codebook differs" in refused.stderr and "Traceback" not in refused.stderr
     assert_same_weights(folder_weights(folder, "autoencoder"), tuned, atol=0)  # the folder is left as it was
 
@@ -826,7 +826,7 @@ def test_sigterm_checkpoints_stops_cleanly_and_resumes(tmp_path, datalist):
     run_dir = tmp_path / "run"
     (tmp_path / "config.json").write_text(json.dumps(config_to_dict(tiny_config(run_dir, datalist, max_steps=10_000))))
     child = subprocess.Popen([sys.executable, "-m", "XctDiffCore", "train", "autoencoder", "--config", str(tmp_path / "config.json")],
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
                              env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     try:
         log = run_dir / "autoencoder" / "log.csv"

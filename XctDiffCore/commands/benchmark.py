@@ -152,7 +152,7 @@ def benchmark_startup(repeats: int = 5) -> list:
         results = []
         for name, args in commands.items():
             def run(argv=(sys.executable, "-m", "XctDiffCore", *args)):
-                done = subprocess.run(argv, capture_output=True, text=True)
+                done = subprocess.run(argv, capture_output=True, text=True, encoding="utf-8", errors="replace")
                 if done.returncode != 0:
                     last = (done.stderr.strip().splitlines() or ["no message"])[-1]
                     raise XctDiffError(f"`xctdiff {' '.join(argv[3:])}` failed: {last}")
