@@ -40,8 +40,11 @@ def can_run_in_slabs(tail: nn.Module, h: torch.Tensor) -> bool:
     way, and its speed in slabs is unmeasured), no gradients, one 5-D volume, plain residual blocks."""
     if h.device.type != "cpu" or torch.is_grad_enabled() or h.dim() != 5 or h.shape[0] != 1:
         return False
-    return all(isinstance(block, ResBlock3d) and isinstance(block.skip, nn.Identity) and block.emb_proj is None
-               for block in tail.blocks)
+    convs = [tail.expand, tail.residual[-1]] + [c for block in tail.blocks for c in (block.conv1, block.conv2)]
+    return (all(isinstance(block, ResBlock3d) and isinstance(block.skip, nn.Identity) and block.emb_proj is None
+                for block in tail.blocks)
+            and all(c.kernel_size == (3, 3, 3) and c.padding == (1, 1, 1) and c.stride == (1, 1, 1)
+                    and c.dilation == (1, 1, 1) and c.groups == 1 for c in convs))
 
 
 class SlabWork:
