@@ -11,8 +11,8 @@ Here the same arithmetic runs with one volume ``x`` (the residual stream) and on
 first convolution) at full resolution, everything else in slabs of a few slices along depth:
 
 * GroupNorm needs whole-volume statistics, so each normalisation first reads its volume slab by slab
-  (:func:`group_affine`: per channel ``scale, shift`` with ``norm(v) = v * scale + shift``), then
-  normalises each slab on the fly, with the one-slice halo its 3x3x3 convolution needs;
+  (:func:`group_stats`), then normalises each slab on the fly (``batch_norm`` with those statistics: the
+  same arithmetic in one pass), with the one-slice halo its 3x3x3 convolution needs;
 * a block's second convolution adds into ``x`` slab by slab: the first one, which reads ``x`` with a
   halo, has already finished (its output is ``h``);
 * the expansion and pixel shuffle, and the output convolution, are made slab by slab too.
@@ -47,76 +47,82 @@ def can_run_in_slabs(tail: nn.Module, h: torch.Tensor) -> bool:
                     and c.dilation == (1, 1, 1) and c.groups == 1 for c in convs))
 
 
-class SlabWork:
-    """Scratch slabs reused for every slab of a volume's pass (fresh ones each time would fragment a kept heap),
-    one pair per slab depth (the full one, the last one's): :meth:`fp32` holds a normalised slab and its halo,
-    :meth:`low` the same cast to the convolutions' precision. Each is a whole tensor, contiguous in the
-    volume's layout, as GroupNorm's kernel requires."""
+class Scratch:
+    """Whole scratch tensors, one per (depth, dtype), reused for every slab of every pass: fresh blocks of
+    varying sizes each time would fragment a kept heap. Contiguous in the volume's layout."""
 
-    def __init__(self, like: torch.Tensor, slab: int = SLAB_DEPTH):
-        self.like, self.slab = like, slab
+    def __init__(self, like: torch.Tensor):
+        self.like, self.buffers = like, {}
         self.layout = torch.channels_last_3d if not like.is_contiguous() else torch.contiguous_format
-        self.buffers: dict = {}
 
-    def fp32(self, depth: int) -> torch.Tensor:
-        return self._buffer(depth, torch.float32)
-
-    def low(self, depth: int) -> torch.Tensor:
-        return self._buffer(depth, self.like.dtype)
-
-    def _buffer(self, depth: int, dtype: torch.dtype) -> torch.Tensor:
-        key = (depth, dtype)
+    def __call__(self, depth: int, dtype: torch.dtype, channels: int = 0) -> torch.Tensor:
+        channels = channels or self.like.shape[1]
+        key = (depth, dtype, channels)
         if key not in self.buffers:
-            self.buffers[key] = torch.empty((1, self.like.shape[1], depth, *self.like.shape[3:]), dtype=dtype,
+            self.buffers[key] = torch.empty((1, channels, depth, *self.like.shape[3:]), dtype=dtype,
                                             device=self.like.device, memory_format=self.layout)
         return self.buffers[key]
 
 
-def group_affine(norm: nn.GroupNorm, volume: torch.Tensor, work: SlabWork) -> tuple:
-    """Per-channel ``(scale, shift)``, shaped ``(1, C, 1, 1, 1)`` in float32, with ``norm(volume) ==
-    volume * scale + shift`` (batch 1): each slab's group statistics in float32 (by GroupNorm's own
-    kernel), pooled in float64."""
+def group_stats(norm: nn.GroupNorm, volume: torch.Tensor, scratch: Scratch, slab: int = SLAB_DEPTH) -> tuple:
+    """GroupNorm's whole-volume statistics of a batch-1 ``volume`` as per-channel float32 ``(mean, var)``
+    (each channel gets its group's): each slab's group statistics in float32 (by GroupNorm's own kernel, on
+    a float32 copy), pooled in float64."""
     channels, groups, depth = volume.shape[1], norm.num_groups, volume.shape[2]
     pooled_mean = torch.zeros(groups, dtype=torch.float64, device=volume.device)
     pooled_square = torch.zeros_like(pooled_mean)
-    step = work.slab + 2  # the depth of conv_by_slabs' buffer, so that the two passes share it
-    for start in range(0, depth, step):
-        part = work.fp32(min(step, depth - start)).copy_(volume[:, :, start:start + step])
+    for start in range(0, depth, slab):
+        part = scratch(min(slab, depth - start), torch.float32).copy_(volume[:, :, start:start + slab])
         _, mean, rstd = torch.ops.aten.native_group_norm(part, None, None, 1, channels, part[0, 0].numel(), groups, 0.0)
         mean, var = mean.double().view(-1), rstd.double().view(-1).pow(-2)
         weight = part.shape[2] / depth
         pooled_mean += weight * mean
         pooled_square += weight * (var + mean.square())
     var = (pooled_square - pooled_mean.square()).clamp_min(0.0)
-    scale = (var + norm.eps).rsqrt().repeat_interleave(channels // groups)
-    shift = -pooled_mean.repeat_interleave(channels // groups) * scale
-    if norm.affine:
-        scale, shift = scale * norm.weight.double(), shift * norm.weight.double() + norm.bias.double()
-    return scale.float().view(1, -1, 1, 1, 1), shift.float().view(1, -1, 1, 1, 1)
+    per_group = channels // groups
+    return pooled_mean.repeat_interleave(per_group).float(), var.repeat_interleave(per_group).float()
 
 
-def conv_by_slabs(conv: nn.Conv3d, source: torch.Tensor, affine: tuple, write: Callable[[int, torch.Tensor], None],
-                  work: SlabWork) -> None:
-    """``conv(silu(source * scale + shift))`` for a 3x3x3 ``conv`` with padding 1, ``work.slab`` output slices at
-    a time: ``write(start, output_slab)`` receives each."""
-    scale, shift = affine
+def _padded_slab(source: torch.Tensor, start: int, stop: int, scratch: Scratch, prepare=None) -> torch.Tensor:
+    """Slices ``start - 1 .. stop + 1`` of ``source`` in a scratch slab, zeros where the volume ends (a 3x3x3
+    convolution's padding); ``prepare(src, dest)`` fills ``dest`` from ``src`` (default: a copy)."""
     depth = source.shape[2]
-    for start in range(0, depth, work.slab):
-        stop = min(start + work.slab, depth)
-        lo, hi = max(start - 1, 0), min(stop + 1, depth)  # the halo the kernel reads
-        first = 1 if start == 0 else 0  # a zero slice where the volume ends: the convolution's padding
-        size = stop - start + 2
-        part = work.fp32(size)
-        data = part[:, :, first:first + hi - lo]
-        F.silu(data.copy_(source[:, :, lo:hi]).mul_(scale).add_(shift), inplace=True)
-        if first:
-            part[:, :, 0].zero_()
-        if stop == depth:
-            part[:, :, size - 1].zero_()
-        low = work.low(size)
-        if low is not part:
-            low.copy_(part)
-        write(start, F.conv3d(low, conv.weight, conv.bias, padding=(0, 1, 1)))
+    lo, hi = max(start - 1, 0), min(stop + 1, depth)
+    first = lo - (start - 1)  # 1 at the volume's first slice, else 0
+    part = scratch(stop - start + 2, source.dtype)
+    dest = part[:, :, first:first + hi - lo]
+    if prepare is None:
+        dest.copy_(source[:, :, lo:hi])
+    else:
+        prepare(source[:, :, lo:hi], dest)
+    if first:
+        part[:, :, 0].zero_()
+    if first + hi - lo < part.shape[2]:
+        part[:, :, first + hi - lo:].zero_()
+    return part
+
+
+def conv_by_slabs(conv: nn.Conv3d, norm: nn.GroupNorm, source: torch.Tensor, stats: tuple,
+                  write: Callable[[int, torch.Tensor], None], scratch: Scratch, slab: int = SLAB_DEPTH) -> None:
+    """``conv(silu(norm(source)))`` for a 3x3x3 ``conv`` with padding 1, ``slab`` output slices at a time, the
+    normalisation from the whole volume's ``stats`` (:func:`group_stats`); ``write(start, output_slab)``
+    receives each. The normalisation is ``batch_norm`` with those statistics: GroupNorm's arithmetic (in
+    float32, rounded once to the volume's precision) in one pass, written into a scratch slab."""
+    mean, var = stats
+    no_stats = torch.empty(0, device=source.device)
+
+    def normalise(src, dest):
+        if dest.is_contiguous(memory_format=scratch.layout):
+            torch.ops.aten.native_batch_norm.out(src, norm.weight, norm.bias, mean, var, False, 0.0, norm.eps,
+                                                 out=dest, save_mean=no_stats, save_invstd=no_stats)
+        else:  # a depth slice of a contiguous-layout slab: not one block of memory
+            dest.copy_(F.batch_norm(src, mean, var, norm.weight, norm.bias, False, 0.0, norm.eps))
+
+    depth = source.shape[2]
+    for start in range(0, depth, slab):
+        stop = min(start + slab, depth)
+        part = F.silu(_padded_slab(source, start, stop, scratch, normalise), inplace=True)  # silu(0) = 0
+        write(start, F.conv3d(part, conv.weight, conv.bias, padding=(0, 1, 1)))
 
 
 def tail_in_slabs(tail: nn.Module, h: torch.Tensor, slab: int = SLAB_DEPTH) -> torch.Tensor:
@@ -124,20 +130,19 @@ def tail_in_slabs(tail: nn.Module, h: torch.Tensor, slab: int = SLAB_DEPTH) -> t
     from .vqgan import pixel_shuffle_3d
 
     half = max(slab // 2, 1)  # the expansion's slabs, on the half-resolution grid
-    depth = h.shape[2]
+    depth, low_scratch = h.shape[2], Scratch(h)
     x = None
     for start in range(0, depth, half):
         stop = min(start + half, depth)
-        part = F.pad(h[:, :, max(start - 1, 0):min(stop + 1, depth)],
-                     (0, 0, 0, 0, 1 if start == 0 else 0, 1 if stop == depth else 0))  # zero padding in depth
+        part = _padded_slab(h, start, stop, low_scratch)
         shuffled = pixel_shuffle_3d(F.conv3d(part, tail.expand.weight, tail.expand.bias, padding=(0, 1, 1)))
         if x is None:
             x = torch.empty((1, shuffled.shape[1], 2 * depth, *shuffled.shape[3:]), dtype=shuffled.dtype,
                             device=shuffled.device,
                             memory_format=torch.channels_last_3d if not shuffled.is_contiguous() else torch.contiguous_format)
         x[:, :, 2 * start: 2 * stop] = shuffled
-    work = SlabWork(x, slab)
-    buffer = torch.empty_like(x)
+    del low_scratch
+    buffer, scratch = torch.empty_like(x), Scratch(x)
 
     def into_buffer(start, out):
         buffer[:, :, start:start + out.shape[2]] = out
@@ -146,14 +151,15 @@ def tail_in_slabs(tail: nn.Module, h: torch.Tensor, slab: int = SLAB_DEPTH) -> t
         x[:, :, start:start + out.shape[2]] += out
 
     for block in tail.blocks:
-        conv_by_slabs(block.conv1, x, group_affine(block.norm1, x, work), into_buffer, work)
-        conv_by_slabs(block.conv2, buffer, group_affine(block.norm2, buffer, work), add_to_x, work)
+        conv_by_slabs(block.conv1, block.norm1, x, group_stats(block.norm1, x, scratch, slab), into_buffer, scratch, slab)
+        conv_by_slabs(block.conv2, block.norm2, buffer, group_stats(block.norm2, buffer, scratch, slab), add_to_x,
+                      scratch, slab)
     norm, _, conv = tail.residual
     residual = torch.empty((1, conv.out_channels, *x.shape[2:]), dtype=x.dtype, device=x.device)
 
     def into_residual(start, out):
         residual[:, :, start:start + out.shape[2]] = out
 
-    conv_by_slabs(conv, x, group_affine(norm, x, work), into_residual, work)
-    del x, buffer, work
+    conv_by_slabs(conv, norm, x, group_stats(norm, x, scratch, slab), into_residual, scratch, slab)
+    del x, buffer, scratch
     return F.interpolate(tail.coarse(h), scale_factor=2, mode="trilinear", align_corners=False) + residual
