@@ -19,7 +19,8 @@ first convolution) at full resolution, everything else in slabs of a few slices 
 
 The values are those of the layer-by-layer forward up to floating-point rounding (statistics summed in
 float64 in another order, convolutions on other shapes): ``Testing/Python/test_vqgan.py`` compares the
-two. With gradients on (training, data-consistency guidance) the tail runs layer by layer as before.
+two. With gradients on (training, data-consistency guidance), for a batch of volumes and on a GPU the tail
+runs layer by layer as before.
 """
 from __future__ import annotations
 
@@ -48,18 +49,17 @@ def can_run_in_slabs(tail: nn.Module, h: torch.Tensor) -> bool:
 
 
 class Scratch:
-    """Whole scratch tensors, one per (depth, dtype), reused for every slab of every pass: fresh blocks of
-    varying sizes each time would fragment a kept heap. Contiguous in the volume's layout."""
+    """Whole scratch slabs of a volume's width, one per (depth, dtype), reused for every slab of every pass:
+    fresh blocks of varying sizes each time would fragment a kept heap. Contiguous in the volume's layout."""
 
     def __init__(self, like: torch.Tensor):
         self.like, self.buffers = like, {}
         self.layout = torch.channels_last_3d if not like.is_contiguous() else torch.contiguous_format
 
-    def __call__(self, depth: int, dtype: torch.dtype, channels: int = 0) -> torch.Tensor:
-        channels = channels or self.like.shape[1]
-        key = (depth, dtype, channels)
+    def __call__(self, depth: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (depth, dtype)
         if key not in self.buffers:
-            self.buffers[key] = torch.empty((1, channels, depth, *self.like.shape[3:]), dtype=dtype,
+            self.buffers[key] = torch.empty((1, self.like.shape[1], depth, *self.like.shape[3:]), dtype=dtype,
                                             device=self.like.device, memory_format=self.layout)
         return self.buffers[key]
 
