@@ -220,13 +220,12 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
             counted = pipe.reconstruct(radiograph, steps=steps if method == "diffusion" else None, samples=samples,
                                        seed=0, device=str(dev), method=method, cpu_fallback=False, guidance=guidance,
                                        precision=precision)
-        run_dtype = torch.bfloat16 if result.precision == "bf16" else torch.float32
-        peaks = {str(run_dtype).replace("torch.", ""): matmul_peak_gflops(dev, run_dtype)}
-        for stage in counted.flops_by_dtype.values():  # e.g. the exact codebook search, fp32 in a bf16 run
-            for name in stage:
-                if name not in peaks and name in ("float32", "bfloat16", "float16"):
-                    peaks[name] = matmul_peak_gflops(dev, getattr(torch, name))
-        peak = peaks[str(run_dtype).replace("torch.", "")]
+        run_dtype = "bfloat16" if result.precision == "bf16" else "float32"
+        # the run's precision and any other one its stages used (e.g. the exact codebook search, fp32 in a bf16 run)
+        names = {run_dtype} | {name for stage in counted.flops_by_dtype.values() for name in stage
+                               if name in ("float32", "bfloat16", "float16")}
+        peaks = {name: matmul_peak_gflops(dev, getattr(torch, name)) for name in sorted(names)}
+        peak = peaks[run_dtype]
     settings = {"model": pipe.info.model_id, "volume": f"{pipe.info.volume_size}^3", "method": method,
                 "steps": result.steps, "sampler": pipe.info.sampler if method == "diffusion" else None,
                 "samples": samples, "guidance": guidance or None, "precision": result.precision, "threads": torch.get_num_threads(),

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import ResBlock3d
+from .blocks import ResBlock3d, suggest_memory_format
 
 #: Output slices per slab: 16 x 128² x 32 channels of bf16 is 16 MiB, a small block next to a 128 MiB volume.
 SLAB_DEPTH = 16
@@ -54,7 +54,7 @@ class Scratch:
 
     def __init__(self, like: torch.Tensor):
         self.like, self.buffers = like, {}
-        self.layout = torch.channels_last_3d if not like.is_contiguous() else torch.contiguous_format
+        self.layout = suggest_memory_format(like)
 
     def __call__(self, depth: int, dtype: torch.dtype) -> torch.Tensor:
         key = (depth, dtype)
@@ -139,7 +139,7 @@ def tail_in_slabs(tail: nn.Module, h: torch.Tensor, slab: int = SLAB_DEPTH) -> t
         if x is None:
             x = torch.empty((1, shuffled.shape[1], 2 * depth, *shuffled.shape[3:]), dtype=shuffled.dtype,
                             device=shuffled.device,
-                            memory_format=torch.channels_last_3d if not shuffled.is_contiguous() else torch.contiguous_format)
+                            memory_format=suggest_memory_format(shuffled))
         x[:, :, 2 * start: 2 * stop] = shuffled
     del low_scratch
     buffer, scratch = torch.empty_like(x), Scratch(x)
