@@ -517,7 +517,7 @@ _FLOP_COUNTER = None  # the _DtypeFlopCounter of counting_flops(), while one is 
 def _dtype_flop_counter():
     """A ``FlopCounterMode`` that also tallies each operation under the dtype it ran in (``by_dtype``).
 
-    Why: on the CPU bf16 path the networks run in bf16 but the exact codebook search in fp32, whose peak
+    Why: on the CPU bf16 path the networks run in bf16 but the style generator in fp32, whose peak
     is half as high; a stage's distance to the hardware is its operations at each precision's own peak.
     The split hooks a private method of torch's counter: where a torch lacks it, ``by_dtype`` stays empty
     and the benchmark falls back to one peak."""

@@ -76,8 +76,8 @@ def test_counting_flops_changes_nothing_and_counts_the_decoder(tmp_path):
 @pytest.mark.filterwarnings("ignore:the input does not look like a frontal chest")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_operations_are_split_by_the_precision_they_ran_in(tmp_path, precision):
-    """Under bf16 autocast the networks count as bf16 and the exact codebook search as fp32, whose peak is
-    lower (the benchmark's share of peak weighs each at its own); in fp32 everything is fp32."""
+    """Under bf16 autocast the networks count as bf16 and the style generator (kept in fp32) as fp32, whose
+    peak is lower (the benchmark's share of peak weighs each at its own); in fp32 everything is fp32."""
     from XctDiffCore.pipeline import XctDiffPipeline, counting_flops
 
     pipe = XctDiffPipeline.from_pretrained(create_random_model(tmp_path / "model", "tiny"))
@@ -90,10 +90,9 @@ def test_operations_are_split_by_the_precision_they_ran_in(tmp_path, precision):
     if precision == "fp32":
         assert {d for stage in counted.flops_by_dtype.values() for d in stage} == {"float32"}
     else:
-        search = 2 * pipe.vqgan.codebook_size * pipe.vqgan.latent_channels * np.prod(
-            [pipe.info.volume_size // pipe.vqgan.downsample_factor] * 3)
-        assert counted.flops_by_dtype["encoder"]["float32"] == search  # the search, exact in fp32
-        assert counted.flops_by_dtype["encoder"]["bfloat16"] > 0  # the encoder's networks
+        assert set(counted.flops_by_dtype["style"]) == {"float32"}  # the generator, fp32 on purpose
+        # the encoder's networks; the codebook search is a k-d tree outside torch, so no product is counted
+        assert set(counted.flops_by_dtype["encoder"]) == {"bfloat16"}
         decoding = counted.flops_by_dtype["decoding"]  # bf16 but for the up-sampler's 3x3x3 -> 2x2x2 kernel folding
         assert decoding["bfloat16"] > 99 * decoding.get("float32", 0)
 

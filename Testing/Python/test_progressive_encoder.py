@@ -184,6 +184,19 @@ def test_cone_rays_match_the_drr_renderer():
         torch.testing.assert_close(centroid, projected, atol=0.1, rtol=0)
 
 
+def test_the_geometric_lift_is_the_pointwise_convolution_of_the_back_projected_features():
+    """The lift runs its 1x1x1 convolution on the film's map before the sampling (cheaper); it must equal the
+    definition, the convolution (bias included) of every voxel's sampled features, also where rays miss the film."""
+    encoder = tiny_encoder(lift="geometric", geometry="cone", detector_size_mm=200.0)  # a small film: rays miss it
+    assert (encoder.ray_grid.abs() > 1).any()
+    with torch.no_grad():
+        encoder.lift.bias.normal_()
+        xray = torch.randn(2, 1, 32, 32)
+        features = encoder.encoder_2d(xray[:, :, None])  # (B, C, 1, h, w)
+        expected = encoder.lift(encoder._back_project(features[:, :, 0])) + encoder.depth_embedding[:, :, None, None]
+        torch.testing.assert_close(encoder.lifted(xray), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_depth_embedding_gets_a_gradient():
     encoder = tiny_encoder(lift="geometric")
     encoder(torch.randn(2, 1, 32, 32)).square().mean().backward()

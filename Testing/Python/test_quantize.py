@@ -10,9 +10,11 @@ from einops import rearrange
 
 from XctDiffCore.models.quantize import (
     HomogeneousQuantizer,
+    brute_force_nearest,
     codebook_perplexity,
     codebook_utilisation,
     homogeneous_normalize,
+    tree_nearest,
 )
 
 
@@ -46,7 +48,6 @@ def test_forward_shapes_and_values(shape):
 
 def test_nearest_neighbour_matches_brute_force():
     q = _quantizer(k=64, c=8)
-    q.search_chunk = 7  # exercise the chunked search
     z_e = torch.randn(2, 8, 4, 4, 4)
     _, _, idx = q(z_e)
     z_n = homogeneous_normalize(rearrange(z_e, "b c d h w -> (b d h w) c"))
@@ -54,27 +55,33 @@ def test_nearest_neighbour_matches_brute_force():
     assert torch.equal(idx.reshape(-1), expected)
 
 
-def test_the_search_at_the_bundled_size_matches_brute_force():
-    """8192 entries of 8 channels, more rows than one search block: the fused product finds the same codes."""
+def test_the_search_at_the_bundled_size_matches_every_distance():
+    """8192 entries of 8 channels: the CPU's k-d tree and the blocked brute force find the codes cdist finds."""
     torch.manual_seed(1)
     q = _quantizer(k=8192, c=8)
     z_n = homogeneous_normalize(torch.randn(5000, 8))
     e_n = q.normalized_codebook()
-    expected = torch.cat([torch.cdist(block, e_n).argmin(1) for block in z_n.split(1000)])
-    threads = torch.get_num_threads()
-    try:
-        # one thread (in the caller's), then 3 search threads with a share of the rows each (uneven shares)
-        for count in (1, 3):
-            torch.set_num_threads(count)
-            assert torch.equal(q.nearest(z_n, e_n), expected)
-            with torch.inference_mode():  # as in the pipeline: the search writes inference tensors
-                assert torch.equal(q.nearest(z_n, e_n), expected)
-            assert torch.get_num_threads() == count  # the caller's setting is given back
-        with FlopCounterMode(display=False) as counter:  # the benchmark's counter sees the whole search
-            assert torch.equal(q.nearest(z_n, e_n), expected)
-        assert counter.get_total_flops() == 2 * 5000 * 8192 * 8
-    finally:
-        torch.set_num_threads(threads)
+    expected = torch.cat([torch.cdist(block.double(), e_n.double()).argmin(1) for block in z_n.split(1000)])
+    for workers in (1, 3):
+        assert torch.equal(tree_nearest(z_n, e_n, workers=workers), expected)
+    with torch.inference_mode():  # as in the pipeline
+        assert torch.equal(q.nearest(z_n, e_n), expected)
+    assert torch.equal(brute_force_nearest(z_n, e_n, chunk=700), expected)  # blocks, the last one short
+    with FlopCounterMode(display=False) as counter:  # the benchmark's counter sees the brute force's product
+        brute_force_nearest(z_n, e_n, chunk=1000)
+    assert counter.get_total_flops() == 2 * 5000 * 8192 * 8
+
+
+def test_rows_that_are_not_finite_take_the_brute_force_search():
+    """The tree refuses NaN rows; the search must not raise where every distance gives an answer."""
+    q = _quantizer(k=64, c=8)
+    z_n = homogeneous_normalize(torch.randn(10, 8))
+    z_n[3] = float("nan")
+    e_n = q.normalized_codebook()
+    found = q.nearest(z_n, e_n)
+    assert torch.equal(found, brute_force_nearest(z_n, e_n, chunk=4))
+    finite = torch.arange(10) != 3
+    assert torch.equal(found[finite], torch.cdist(z_n[finite], e_n).argmin(1))
 
 
 def test_scale_does_not_win_the_search():
@@ -180,12 +187,13 @@ def test_codebook_utilisation_and_perplexity_constructed():
 
 
 def test_the_search_runs_in_fp32_under_bf16_autocast_and_with_bf16_rows():
-    """Training under autocast may hand the search bf16 rows: the reused fp32 block must still take them."""
+    """Training under autocast may hand the search bf16 rows: both searches take them in fp32 (the brute
+    force's reused fp32 block too, under autocast)."""
     torch.manual_seed(2)
     q = _quantizer(k=256, c=8)
-    q.search_chunk = 100  # three blocks, the last one short
     z_n = homogeneous_normalize(torch.randn(250, 8)).bfloat16()
     e_n = q.normalized_codebook()
     expected = torch.cdist(z_n.float(), e_n).argmin(1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(q.nearest(z_n, e_n), expected)
+        assert torch.equal(brute_force_nearest(z_n.float(), e_n, chunk=100), expected)  # three blocks

@@ -221,7 +221,7 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
                                        seed=0, device=str(dev), method=method, cpu_fallback=False, guidance=guidance,
                                        precision=precision)
         run_dtype = "bfloat16" if result.precision == "bf16" else "float32"
-        # the run's precision and any other one its stages used (e.g. the exact codebook search, fp32 in a bf16 run)
+        # the run's precision and any other one its stages used (e.g. the style generator, fp32 in a bf16 run)
         names = {run_dtype} | {name for stage in counted.flops_by_dtype.values() for name in stage
                                if name in ("float32", "bfloat16", "float16")}
         peaks = {name: matmul_peak_gflops(dev, getattr(torch, name)) for name in sorted(names)}

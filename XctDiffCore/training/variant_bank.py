@@ -1,8 +1,9 @@
 """A bank of training variants made once: for each training CT, ``augment.bank`` warped copies, each
 kept as its plain DRR and its target latent ``N(q(E(ct)))`` from the frozen autoencoder.
 
-Why: encoding a fresh 128^3 variant with the frozen VQ-GAN costs about 6 s on a 2-core CPU (encoder
-3.4 s, the 32^3 x 8192 codebook search 2.5 s), four times an encoder step at batch 4. With
+Why: encoding a fresh 128^3 variant with the frozen VQ-GAN costs about 3.4 s on a 2-core CPU (its
+encoder; the 32^3 x 8192 codebook search added 2.5 s before it became a k-d tree), so four variants cost
+several times an encoder step at batch 4 (about 2 s). With
 ``augment.bank: N`` a radiograph stage makes N variants of every training CT before its first step
 (variant 0 is the CT itself, the others :func:`~XctDiffCore.training.variants.random_views` draws),
 and each step draws one variant per item and randomises its film anew
