@@ -152,8 +152,6 @@ def preprocess_radiograph(image: np.ndarray, size: int = 128) -> np.ndarray:
     Intensities are mapped to [0, 1] by the 0.5 and 99.5 percentiles of the cropped film (robust to
     burned-in labels and dead pixels); the square padding is black (0), as the empty border was.
     """
-    from skimage.transform import resize
-
     image = check_radiograph_image(image)
     check_radiograph_aspect(image.shape)
     unit = _percentile_unit(image)
@@ -167,8 +165,50 @@ def preprocess_radiograph(image: np.ndarray, size: int = 128) -> np.ndarray:
     top, left = (side - rows) // 2, (side - cols) // 2
     square = np.zeros((side, side), dtype=np.float32)
     square[top : top + rows, left : left + cols] = unit
-    out = resize(square, (size, size), order=1, anti_aliasing=side > size, preserve_range=True)
+    # The products in torch's threads, not NumPy's: OpenBLAS's own threads keep spinning after a product
+    # and slowed the encoder that follows by 40 % on the 2-core CPU.
+    import torch
+
+    resize = torch.from_numpy(resize_operator(side, size))  # (size, side): the same along both axes
+    out = (resize @ (torch.from_numpy(square) @ resize.T)).numpy()
     return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def resize_operator(n: int, size: int) -> np.ndarray:
+    """``(size, n)`` float32 matrix ``R`` with ``R @ x`` = ``skimage.transform.resize`` of ``x`` along axis 0:
+    its anti-aliasing Gaussian (sigma ``(n / size - 1) / 2`` when shrinking, truncated at 4 sigma) and
+    its linear interpolation (``scipy.ndimage.zoom``, ``grid_mode``), both with SciPy's ``mirror``
+    boundary, which skimage's default ``mode="reflect"`` maps to.
+
+    Why: both steps are linear and separable, so a square film resizes as ``R @ image @ R.T``; only the
+    output pixels' rows and columns are computed, not the whole blurred film. For the 1955 px sample
+    film, 0.13 s of SciPy's Gaussian on every pixel become two matrix products of 6 ms. A test checks it
+    against skimage's resize.
+    """
+    scale = n / size
+    sigma = max(0.0, (scale - 1.0) / 2.0)
+    radius = int(4.0 * sigma + 0.5)
+    taps = np.arange(-radius, radius + 1)
+    weights = np.exp(-0.5 * (taps / sigma) ** 2) if sigma > 0 else np.ones(1)
+    weights /= weights.sum()
+    centres = (np.arange(size) + 0.5) * scale - 0.5  # where each output pixel samples the input
+    below = np.floor(centres).astype(np.int64)
+    above_weight = centres - below
+    operator = np.zeros((size, n))
+    rows = np.arange(size)[:, None]
+    for start, share in ((below, 1.0 - above_weight), (below + 1, above_weight)):
+        columns = _mirror(start[:, None] + taps[None, :], n)  # (size, taps)
+        np.add.at(operator, (np.broadcast_to(rows, columns.shape), columns), share[:, None] * weights[None, :])
+    return operator.astype(np.float32)
+
+
+def _mirror(index: np.ndarray, n: int) -> np.ndarray:
+    """Indices outside ``[0, n)`` reflected about the edge pixels (``d c b | a b c d | c b a``)."""
+    if n == 1:
+        return np.zeros_like(index)
+    period = 2 * (n - 1)
+    index = np.abs(index) % period
+    return np.where(index >= n, period - index, index)
 
 
 def check_radiograph_aspect(shape, source: str = "the radiograph") -> None:
@@ -182,6 +222,8 @@ def check_radiograph_aspect(shape, source: str = "the radiograph") -> None:
 
 def _percentile_unit(image: np.ndarray) -> np.ndarray:
     low, high = np.percentile(image, RADIOGRAPH_PERCENTILES)
-    if not high > low:
+    # in the image's float32 (check_radiograph_image): float64 scalars would make a float64 copy of the film
+    low, span = np.float32(low), np.float32(high - low)
+    if not span > 0:
         raise XctDiffError("the radiograph is blank: its pixel values are (almost) all the same")
-    return np.clip((image - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    return np.clip((image - low) / span, 0.0, 1.0, dtype=np.float32)

@@ -8,7 +8,7 @@ from conftest import SAMPLE_CT, SAMPLE_RADIOGRAPH, synthetic_chest
 from XctDiffCore.errors import XctDiffError
 from XctDiffCore.io import read_ct, read_radiograph
 from XctDiffCore.layout import ct_to_model_layout
-from XctDiffCore.preprocess import preprocess_ct, preprocess_radiograph
+from XctDiffCore.preprocess import preprocess_ct, preprocess_radiograph, resize_operator
 from XctDiffCore.volume import Volume
 
 
@@ -147,6 +147,21 @@ def test_preprocess_radiograph_crops_empty_border_and_pads_square():
     hot = film.copy()
     hot[45:47, 75:77] = 1e5
     np.testing.assert_allclose(preprocess_radiograph(hot, size=80)[20:, :], out[20:, :], atol=5e-3)
+
+
+@pytest.mark.parametrize("side,size", [(1955, 128), (300, 128), (257, 128), (129, 128), (128, 128), (100, 128),
+                                       (37, 64), (2, 8), (1, 4)])
+def test_the_resize_operator_is_skimages_anti_aliased_resize(side, size):
+    """The square film is resized as R @ image @ R.T: it must be skimage's resize (Gaussian anti-aliasing when
+    shrinking, linear interpolation, mirror edges), shrinking, keeping or enlarging."""
+    from skimage.transform import resize
+
+    image = np.random.default_rng(side).random((side, side), dtype=np.float32)
+    image[: side // 3] += 2.0  # an edge, so the boundary handling and the blur show
+    expected = resize(image, (size, size), order=1, anti_aliasing=side > size, preserve_range=True)
+    operator = resize_operator(side, size)
+    assert operator.shape == (size, side) and operator.dtype == np.float32
+    np.testing.assert_allclose(operator @ image @ operator.T, expected, atol=2e-6, rtol=0)
 
 
 def test_preprocess_radiograph_refuses_blank_and_tiny():
