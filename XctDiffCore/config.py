@@ -111,6 +111,7 @@ class AutoencoderLossConfig:
 
     l1_weight: float = 1.0
     bone_weight: float = 0.0  # extra L1 on the truth's bone voxels (HU > 200); 0 = the paper's loss
+    ssim_weight: float = 0.0  # weight of 1 - 3D SSIM (the evaluation's); 0 = the paper's loss
     perceptual_weight: float = 1.0
     codebook_weight: float = 1.0
     gan_weight: float = 0.1

@@ -155,23 +155,23 @@ def preprocess_radiograph(image: np.ndarray, size: int = 128) -> np.ndarray:
     image = check_radiograph_image(image)
     check_radiograph_aspect(image.shape)
     unit = _percentile_unit(image)
-    lines = np.percentile(unit, 95, axis=1), np.percentile(unit, 95, axis=0)
-    keep = [np.nonzero(profile > EMPTY_LINE_LEVEL)[0] for profile in lines]
+    keep = [np.nonzero(_lines_above(unit, EMPTY_LINE_LEVEL, axis))[0] for axis in (1, 0)]  # rows, columns
     if all(k.size >= image.shape[a] // 4 for a, k in enumerate(keep)):  # else keep the film whole
-        image = image[keep[0].min() : keep[0].max() + 1, keep[1].min() : keep[1].max() + 1]
-    unit = _percentile_unit(image)
+        crop = slice(keep[0].min(), keep[0].max() + 1), slice(keep[1].min(), keep[1].max() + 1)
+        if unit[crop].shape != unit.shape:  # (uncropped, ``unit`` is already the film's: no second sort)
+            unit = _percentile_unit(image[crop])
     rows, cols = unit.shape
     side = max(rows, cols)
     top, left = (side - rows) // 2, (side - cols) // 2
-    square = np.zeros((side, side), dtype=np.float32)
-    square[top : top + rows, left : left + cols] = unit
     # The products in torch's threads, not NumPy's: OpenBLAS's own threads keep spinning after a product
     # and slowed the encoder that follows by 40 % on the 2-core CPU.
     import torch
 
     resize = torch.from_numpy(resize_operator(side, size))  # (size, side): the same along both axes
-    out = (resize @ (torch.from_numpy(square) @ resize.T)).numpy()
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    # R @ square @ R.T of the film padded square with zeros, without the padding: only the operator's
+    # columns that meet the film count (no 15 MB padded copy, fewer products).
+    out = (resize[:, top : top + rows] @ torch.from_numpy(unit)) @ resize[:, left : left + cols].T
+    return np.clip(out.numpy(), 0.0, 1.0).astype(np.float32)
 
 
 def resize_operator(n: int, size: int) -> np.ndarray:
@@ -218,6 +218,26 @@ def check_radiograph_aspect(shape, source: str = "the radiograph") -> None:
         raise XctDiffError(
             f"{source} is {rows}x{cols} pixels: a chest film is not more than {MAX_RADIOGRAPH_ASPECT:g} times longer than wide"
         )
+
+
+def _lines_above(unit: np.ndarray, level: float, axis: int, q: float = 95.0) -> np.ndarray:
+    """``np.percentile(unit, q, axis=axis) > level`` per line, from counts instead of a sort of every line.
+
+    With ``k = floor(q/100 (n - 1))`` the percentile lies between the line's order statistics ``k`` and
+    ``k + 1``: it is above ``level`` when ``s_k`` is (at least ``n - k`` values above it) and not when
+    ``s_{k+1}`` is not (fewer than ``n - k - 1``). Only a line with exactly ``n - k - 1`` values above
+    ``level`` depends on the interpolation, and only those are sorted. Why: sorting every row and column
+    of a 2,000 px film took 0.04 s, a third of its preprocessing; the counts take 3 ms.
+    """
+    n = unit.shape[axis]
+    k = int(np.floor(q / 100.0 * (n - 1)))
+    count = np.count_nonzero(unit > level, axis=axis)
+    above = count >= n - k
+    unsure = np.nonzero(count == n - k - 1)[0]
+    if unsure.size:
+        lines = np.take(unit, unsure, axis=1 - axis)
+        above[unsure] = np.percentile(lines, q, axis=axis) > level
+    return above
 
 
 def _percentile_unit(image: np.ndarray) -> np.ndarray:

@@ -149,6 +149,32 @@ def test_preprocess_radiograph_crops_empty_border_and_pads_square():
     np.testing.assert_allclose(preprocess_radiograph(hot, size=80)[20:, :], out[20:, :], atol=5e-3)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (20, 21), (61, 40), (200, 157)])
+def test_empty_lines_are_found_by_counts_as_by_sorting_each_line(shape):
+    """The border test counts values above the level instead of sorting every row and column: the same
+    answer as ``np.percentile(.., 95) > level``, including lines whose percentile falls between two values
+    on either side of the level (the few that are still sorted) and lines exactly at it."""
+    from XctDiffCore.preprocess import _lines_above
+
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    level = np.float32(0.05)
+    unit = rng.random(shape, dtype=np.float32) * np.float32(0.1)  # about half the values above the level
+    unit[: shape[0] // 3] = rng.choice(np.array([0.0, level, 0.06, 1.0], np.float32), (shape[0] // 3, shape[1]))
+    for axis in (1, 0):
+        n = shape[axis]
+        k = int(np.floor(0.95 * (n - 1)))
+        edited = unit.copy()
+        line = np.full(n, 0.01, np.float32)  # its order statistics k and k + 1 straddle the level
+        line[k + 1:] = 0.2
+        if axis == 1:
+            edited[0, :] = line
+        else:
+            edited[:, 0] = line
+        assert np.count_nonzero(edited > level, axis=axis)[0] == n - k - 1  # the case that is still sorted
+        expected = np.percentile(edited, 95, axis=axis) > level
+        np.testing.assert_array_equal(_lines_above(edited, level, axis), expected)
+
+
 @pytest.mark.parametrize("side,size", [(1955, 128), (300, 128), (257, 128), (129, 128), (128, 128), (100, 128),
                                        (37, 64), (2, 8), (1, 4)])
 def test_the_resize_operator_is_skimages_anti_aliased_resize(side, size):

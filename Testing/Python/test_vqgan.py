@@ -129,13 +129,14 @@ def test_sample_slices_same_positions_every_axis():
         torch.testing.assert_close(b, a * 2)
 
 
-def _loss(lpips=None, disc_start=5, adaptive=True, bone_weight=0.0):
+def _loss(lpips=None, disc_start=5, adaptive=True, bone_weight=0.0, ssim_weight=0.0):
     torch.manual_seed(1)
     return AutoencoderLoss(
         disc_3d=PatchDiscriminator(3, 1, channels=4, num_layers=2),
         disc_2d=PatchDiscriminator(2, 1, channels=4, num_layers=2),
         lpips=lpips,
         bone_weight=bone_weight,
+        ssim_weight=ssim_weight,
         disc_start=disc_start,
         slices_per_axis=1,
         adaptive_weight=adaptive,
@@ -195,6 +196,36 @@ def test_bone_term_is_the_error_on_the_truths_bone_voxels_only():
     torch.testing.assert_close(logs["bone_l1"], torch.tensor(0.1))
     torch.testing.assert_close(total, logs["l1"] + 3.0 * logs["bone_l1"])
     assert _loss().generator_loss(x, on_bone, no_codebook, step=0)[1]["bone_l1"] == 0  # logged, 0 when off
+
+
+def test_ssim_of_the_loss_is_the_evaluations_3d_ssim():
+    """The loss's SSIM is the number the evaluation reports (scikit-image 3D, default window), to float32."""
+    from XctDiffCore.metrics import ssim_3d as evaluation_ssim
+    from XctDiffCore.training.losses import ssim_3d
+
+    rng = np.random.default_rng(0)
+    truth = rng.random((2, 1, 12, 14, 16))
+    noisy = np.clip(truth + 0.2 * rng.standard_normal(truth.shape), 0, 1)
+    ours = ssim_3d(torch.from_numpy(truth), torch.from_numpy(noisy))
+    expected = np.mean([evaluation_ssim(noisy[i, 0], truth[i, 0]) for i in range(2)])
+    assert abs(float(ours) - expected) < 1e-5 and 0.1 < expected < 0.9
+    assert abs(float(ssim_3d(torch.from_numpy(truth), torch.from_numpy(truth))) - 1.0) < 1e-5
+
+
+def test_ssim_term_is_one_minus_the_ssim_and_pulls_the_decoding():
+    loss_fn, x = _loss(adaptive=False, ssim_weight=2.0), _batch()
+    no_codebook = torch.zeros(())
+    blurred = torch.nn.functional.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False).requires_grad_(True)
+    total, logs = loss_fn.generator_loss(x, blurred, no_codebook, step=0)
+    from XctDiffCore.training.losses import ssim_3d
+
+    expected = 1.0 - ssim_3d((x + 1) / 2, (blurred.detach() + 1) / 2)
+    torch.testing.assert_close(logs["ssim_loss"], expected)
+    assert 0 < float(expected) < 1
+    torch.testing.assert_close(total, logs["l1"] + 2.0 * logs["ssim_loss"])
+    total.backward()
+    assert blurred.grad is not None and blurred.grad.abs().sum() > 0
+    assert _loss().generator_loss(x, blurred, no_codebook, step=0)[1]["ssim_loss"] == 0  # logged, 0 when off
 
 
 def test_tiny_autoencoder_overfits_a_phantom():
