@@ -39,8 +39,10 @@ def test_pipeline_benchmark_of_random_tiny_weights():
     decode = next(line for line in table if line.startswith("decode")).split()
     rate = by_name["decode"].gflop / by_name["decode"].median_s
     assert decode[-1] == f"{by_name['decode'].peak_share:.0%}"
-    # the decoder runs in one precision: its share is its rate over that peak (printed rounded to 1 GFLOP/s)
-    assert by_name["decode"].peak_share == pytest.approx(rate / settings["peak_gflops"], rel=1e-2)
+    # the decoder runs in one precision: its share is its rate over that peak (printed rounded to 1 GFLOP/s,
+    # which is up to 0.5 GFLOP/s off: a few per cent when a busy machine measures a peak of some 20 GFLOP/s)
+    rounding = 0.5 / settings["peak_gflops"]
+    assert by_name["decode"].peak_share == pytest.approx(rate / settings["peak_gflops"], rel=1e-2 + rounding)
     for stage in ("encoder", "sampler/step", "decode", "total"):
         assert by_name[stage].gflop > 0, stage
     assert by_name["write"].gflop is None and by_name["load"].gflop is None
