@@ -365,10 +365,14 @@ def test_ct_folder_without_a_mean_ct_leaves_that_baseline_out(no_lpips, ct_folde
         (lambda d: ["--out", str(d / "no" / "such" / "eval")], "output folder does not exist"),
         (lambda d: ["--data", str(empty_datalist(d))], "has no validation entries"),
         (lambda d: ["--knn", "-1"], "--knn must be 0 (off) or more, got -1"),
+        (lambda d: ["--model", str(d)], "not a model folder"),
+        (lambda d: ["--out", str(a_file(d))], "--out names a file, not a folder"),
     ],
-    ids=["missing data", "max-cases 0", "missing output folder", "no validation entries", "knn negative"],
+    ids=["missing data", "max-cases 0", "missing output folder", "no validation entries", "knn negative", "not a model",
+         "out is a file"],
 )
 def test_errors(model_dir, datalist, tmp_path, capsys, change, words):
+    """A refused evaluation says why in one line and leaves no output folder behind."""
     argv = ["evaluate", "--model", str(model_dir), "--data", str(datalist), "--out", str(tmp_path / "eval"), "--device", "cpu",
             *change(tmp_path)]
     capsys.readouterr()
@@ -376,6 +380,13 @@ def test_errors(model_dir, datalist, tmp_path, capsys, change, words):
     stderr = capsys.readouterr().err
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and words in last and "Traceback" not in stderr
+    assert not (tmp_path / "eval").exists()
+
+
+def a_file(folder):
+    path = folder / "taken.txt"
+    path.write_text("not a folder")
+    return path
 
 
 def empty_datalist(folder):

@@ -176,6 +176,15 @@ def test_evaluate_style_writes_the_report(domains, straight, tmp_path, capsys):
     assert "with style transfer" in (tmp_path / "hook" / "style_eval.md").read_text(encoding="utf-8")
 
 
+def test_a_refused_style_evaluation_leaves_no_output_folder(domains, straight, tmp_path, capsys):
+    argv = ["evaluate-style", "--model", str(straight / "style" / "style.safetensors"), "--real", str(tmp_path / "none"),
+            "--drr", str(domains / "datalist.json"), "--out", str(tmp_path / "eval"), "--folds", "4"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and not (tmp_path / "eval").exists()
+
+
 def test_evaluate_style_with_a_model_folder_scores_reconstructions_both_ways(domains, tmp_path, capsys):
     from XctDiffCore.model_folder import create_random_model
 

@@ -239,7 +239,8 @@ def evaluate(
     guidance = check_guidance(guidance)
     if not out_dir.parent.is_dir():
         raise XctDiffError(f"output folder does not exist: {out_dir.parent}")
-    out_dir.mkdir(exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise XctDiffError(f"--out names a file, not a folder: {out_dir}")
     pipe = XctDiffPipeline.from_pretrained(model)
     size = OUTPUT_SIZE
     training = []
@@ -252,6 +253,7 @@ def evaluate(
         mean_ct = None if pipe.mean_ct is None else resample_hu(pipe.mean_ct, size)
     k = min(knn, len(training))  # 0: kNN left out
     lpips = LPIPS.load()
+    out_dir.mkdir(exist_ok=True)  # only once the model and the cases have loaded: a refused run leaves nothing
 
     rows, figure = [], []
     used_precision = precision  # what "auto" became: from the first reconstruction

@@ -247,11 +247,13 @@ def evaluate_style(
     if folds < 2:
         raise XctDiffError(f"--folds must be at least 2, got {folds}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise XctDiffError(f"--out names a file, not a folder: {out_dir}")
     patterns = [real] if isinstance(real, (str, Path)) else list(real)
     generator, size = load_style_generator(model, device)
     real01, files = load_real_images(patterns, size, max_images, seed)
     drr01 = load_drr_images(drr_datalist, size)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs have loaded: a refused run leaves nothing
     moved01 = transfer(generator, real01)
     drr_restyled = transfer(generator, drr01)
 
