@@ -809,6 +809,23 @@ def test_train_command_errors_are_one_line(tmp_path, datalist, chain, capsys):
     assert "pass --resume" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stage", ["autoencoder", "style"])
+def test_a_datalist_without_pairs_is_refused_before_the_run_folder_is_made(tmp_path, datalist, stage, capsys):
+    """No training entries, or entries naming missing files: one line, exit 2, no run folder left behind
+    (the style stage reads only the DRRs, so a missing CT does not stop it)."""
+    sections = json.loads(datalist.read_text())
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({**sections, "training": []}))
+    broken = datalist.parent / "broken.json"
+    broken.write_text(json.dumps({**sections, "training": sections["training"] + [{"image": "images/gone.npz", "xray": "xrays/gone.npy"}]}))
+    for path, words in ((empty, "has no training entries"), (broken, "2 file(s) that do not exist" if stage != "style"
+                                                              else "1 file(s) that do not exist")):
+        out = tmp_path / f"run_{path.stem}"
+        assert main(["train", stage, "--config", "tiny", "--data", str(path), "--out", str(out)]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and words in last and not out.exists()
+
+
 def test_train_command_resume_of_a_finished_stage_is_a_no_op(chain, datalist):
     before = file_sha256(checkpoint_path(chain, "encoder"))
     args = ["train", "encoder", "--config", "tiny", "--data", str(datalist), "--out", str(chain), "--resume"]

@@ -40,6 +40,19 @@ def with_overrides(config: Config, stage: str, data=None, out=None, max_steps: O
     return config
 
 
+def check_training_datalist(path, ct: bool = True) -> None:
+    """Refuse a datalist without training pairs, or naming files that are not there, before the run
+    folder is touched (``ct``: the stage reads the CTs too, not only the DRRs)."""
+    from ..datalist import read_datalist
+
+    items = read_datalist(path, "training")
+    if not items:
+        raise XctDiffError(f"{path} has no training entries (make one with `xctdiff prepare`)")
+    missing = [f for item in items for f in ((item["image"], item["xray"]) if ct else (item["xray"],)) if not f.is_file()]
+    if missing:
+        raise XctDiffError(f"{path} names {len(missing)} file(s) that do not exist, e.g. {missing[0]}")
+
+
 def train(stage: str, config: Config, data=None, out=None, resume: bool = False, max_steps: Optional[int] = None,
           init=None, time_limit: Optional[float] = None) -> Path:
     """Train one stage to its ``max_steps``; returns the stage's checkpoint path.
@@ -50,6 +63,7 @@ def train(stage: str, config: Config, data=None, out=None, resume: bool = False,
     if stage not in STAGES:
         raise XctDiffError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     config = with_overrides(config, stage, data=data, out=out, max_steps=max_steps, init=init)
+    check_training_datalist(config.data.datalist, ct=stage != "style")
     if stage == "style" and config.run.init:
         raise XctDiffError("--init does not apply to the style stage: a model folder ships only its real -> DRR generator")
     if stage == "autoencoder":
