@@ -282,6 +282,17 @@ def test_folder_reconstructs_every_radiograph(cli, batch, tmp_path):
     assert result["consistency"] == pytest.approx(np.mean([c["consistency"] for c in result["cases"]]), abs=1e-4)
 
 
+def test_the_current_folder_as_input_writes_beside_it(cli, tmp_path, drr_png, monkeypatch):
+    """`xctdiff reconstruct .` in a folder of films: "." has no name, the folder has (was a traceback)."""
+    folder = tmp_path / "films"
+    folder.mkdir()
+    shutil.copy(drr_png, folder / "drr.png")
+    monkeypatch.chdir(folder)
+    status, _, err = cli(".")
+    assert status == 0, err
+    assert listing(tmp_path / "films_ct") == ["drr_ct.nrrd"]
+
+
 def test_folder_skips_bad_files_and_ends_with_an_error(cli, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()

@@ -202,7 +202,8 @@ def run_reconstruct(
         found = find_radiographs(input_path)
         _refuse_shared_stems(found)
         files = found[rank::world_size]
-        out_dir = Path(output) if output else input_path.with_name(input_path.name + "_ct")
+        folder = input_path.resolve()  # "." and ".." have no name of their own
+        out_dir = Path(output) if output else folder.with_name(folder.name + "_ct")
         unc_dir = Path(uncertainty) if uncertainty else None
         views_dir = Path(views) if views else None
         for f in files:
