@@ -643,7 +643,8 @@ def test_init_starts_diffusion_from_the_folder_and_copies_the_earlier_stages(tmp
 
     manifest = json.loads(export_run(run, tmp_path / "again", datalist=datalist).read_text(encoding="utf-8"))
     assert set(manifest["stages"]) == {"autoencoder", "encoder", "diffusion", "style"}
-    assert manifest["stages"]["diffusion"]["settings"]["fine_tuned_from"] == exported.name
+    source = json.loads((exported / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["stages"]["diffusion"]["settings"]["fine_tuned_from"] == f"{source['id']} {source['version']}"
     for stage in ("autoencoder", "encoder", "style"):  # copied, not fine-tuned: they export as the folder's own
         copied, original = (json.loads((d / f"{stage}.json").read_text(encoding="utf-8")) for d in (tmp_path / "again", exported))
         assert "fine_tuned_from" not in copied and copied["model"] == original["model"]
@@ -654,7 +655,7 @@ def test_add_stage_replaces_the_diffusion_keeps_the_default_path_and_every_other
     diffusion stage; every other file stays byte-identical and the manifest's SHA-256s hold."""
     from XctDiffCore.model_folder import load_model_folder
 
-    folder = export_run(chain, tmp_path / "model", dtype="float32", method="direct").parent
+    folder = export_run(chain, tmp_path / "model", dtype="float32", method="direct", model_id="tiny-direct", version="1").parent
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     run = tmp_path / "longer"
     train("diffusion", tiny_config(run, datalist, max_steps=2), init=folder)
@@ -663,7 +664,7 @@ def test_add_stage_replaces_the_diffusion_keeps_the_default_path_and_every_other
     changed = {p.name for p in folder.iterdir() if p.read_bytes() != before.get(p.name)}
     assert changed == {"diffusion.safetensors", "diffusion.json", "manifest.json"}
     settings = json.loads((folder / "diffusion.json").read_text(encoding="utf-8"))
-    assert settings["method"] == "direct" and settings["step"] == 2 and settings["fine_tuned_from"] == folder.name
+    assert settings["method"] == "direct" and settings["step"] == 2 and settings["fine_tuned_from"] == "tiny-direct 1"
     loaded = load_model_folder(folder)  # checks every SHA-256
     assert loaded.info.version == "2" and loaded.info.method == "direct"
     assert json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["training"]["steps"]["diffusion"] == 2
@@ -865,3 +866,14 @@ def test_sigterm_checkpoints_stops_cleanly_and_resumes(tmp_path, datalist):
     train("autoencoder", tiny_config(run_dir, datalist, max_steps=step + 1), resume=True)
     assert load_checkpoint(checkpoint_path(run_dir, "autoencoder"))["step"] == step + 1
     assert [r["step"] for r in read_log(run_dir, "autoencoder")] == [str(s) for s in range(1, step + 2)]
+
+
+def test_model_folder_name_is_the_manifests_id_and_version_else_the_folders_name(tmp_path):
+    from XctDiffCore.training import model_folder_name
+
+    (tmp_path / "scratch").mkdir()
+    assert model_folder_name(tmp_path / "scratch") == "scratch"
+    (tmp_path / "scratch" / "manifest.json").write_text(json.dumps({"id": "xctdiff-cpu-autoencoder", "version": "0.9.0"}))
+    assert model_folder_name(tmp_path / "scratch") == "xctdiff-cpu-autoencoder 0.9.0"
+    (tmp_path / "scratch" / "manifest.json").write_text("{broken")
+    assert model_folder_name(tmp_path / "scratch") == "scratch"

@@ -133,6 +133,16 @@ def parameter_table(configs: dict) -> str:
     return "\n".join(lines)
 
 
+def model_folder_name(folder) -> str:
+    """``"<id> <version>"`` from a model folder's manifest, what a reader can look up (a folder's own name,
+    such as a scratch copy's, often says nothing); the folder's name when it has no readable manifest."""
+    try:
+        manifest = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
+        return f"{manifest['id']} {manifest['version']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return Path(folder).name
+
+
 def stage_for_export(stage: str, checkpoint: dict):
     """The network a model folder ships for ``stage`` and its settings (the weights' average for the
     diffusion, and for the encoder when it kept one).
@@ -150,7 +160,7 @@ def stage_for_export(stage: str, checkpoint: dict):
         "data": {"volume_size": config.data.volume_size, "xray_size": config.data.xray_size, "latent_size": config.latent_size()},
     }
     if config.run.init and _folder_has_stage(config.run.init, stage):  # fine-tuned: "step" counts the steps after the folder's own
-        settings["fine_tuned_from"] = Path(config.run.init).name
+        settings["fine_tuned_from"] = model_folder_name(config.run.init)
     if stage == "autoencoder":
         from .autoencoder import build_autoencoder, shipped_weights
 
