@@ -16,14 +16,14 @@ import numpy as np
 
 from direct_scores import direct_ct, validation_cases
 from XctDiffCore.evaluation.reconstructions import datalist_mean_ct
-from XctDiffCore.metrics import BONE_HU, LUNG_HU, psnr, window01
+from XctDiffCore.metrics import BONE_HU, lung_mask, psnr, window01
 from XctDiffCore.pipeline import XctDiffPipeline
 
 WINDOW_HU = 3072.0  # [-1024, 2048]
 
 
 def regions(truth_hu: np.ndarray, body: np.ndarray) -> dict:
-    lung = (truth_hu > LUNG_HU[0]) & (truth_hu < LUNG_HU[1]) & body
+    lung = lung_mask(truth_hu) & body
     bone = truth_hu > BONE_HU
     return {"outside": ~body, "lung": lung, "bone": bone, "soft": body & ~lung & ~bone}
 
