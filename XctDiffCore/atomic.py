@@ -39,6 +39,17 @@ def check_output_path(path) -> Path:
     return path
 
 
+def check_output_folder(path, parents: bool = False) -> Path:
+    """Fail early, with one line, when ``--out`` names a file, or (unless ``parents``: the caller makes
+    them) a folder whose parent is missing; checked before any work, so a refused run leaves nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise XctDiffError(f"--out names a file, not a folder: {path}")
+    if not parents and not path.parent.is_dir():
+        raise XctDiffError(f"output folder does not exist: {path.parent}")
+    return path
+
+
 def file_identity(path) -> tuple:
     """Equal for two paths that name one file: (device, inode) of an existing file (links included),
     else the resolved path (two outputs not written yet)."""

@@ -672,6 +672,31 @@ def test_add_stage_replaces_the_diffusion_keeps_the_default_path_and_every_other
     assert_same_weights(folder_weights(folder, "diffusion"), trained, atol=0)
 
 
+def test_add_stage_replaces_the_encoder_only_in_a_folder_of_the_same_latents(tmp_path, exported, datalist):
+    """How an encoder trained on a new autoencoder's latents goes into a folder that has that autoencoder;
+    a folder whose encoder or codebook differ (another latent space) is refused and left as it was."""
+    from XctDiffCore.model_folder import create_random_model, load_model_folder
+    from XctDiffCore.training.encoder import shipped_weights
+
+    run = tmp_path / "enc"
+    train("encoder", tiny_config(run, datalist, max_steps=2, lr=1e-3), init=exported)
+    add_stage = [sys.executable, str(REPO / "Testing" / "Scripts" / "add_stage.py"), "--encoder", str(run), "--version", "2", "--dtype", "float32"]
+    other = create_random_model(tmp_path / "other", seed=1)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    refused = subprocess.run([*add_stage, str(other)], capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=REPO)
+    assert refused.returncode != 0 and "encoder or codebook differs" in refused.stderr and "Traceback" not in refused.stderr
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+
+    folder = shutil.copytree(exported, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    subprocess.run([*add_stage, str(folder)], check=True, capture_output=True, cwd=REPO)
+    changed = {p.name for p in folder.iterdir() if p.read_bytes() != before.get(p.name)}
+    assert changed == {"encoder.safetensors", "encoder.json", "manifest.json"}
+    assert load_model_folder(folder).info.version == "2"  # checks every SHA-256
+    trained = shipped_weights(load_checkpoint(checkpoint_path(run, "encoder"))["models"])
+    assert_same_weights(folder_weights(folder, "encoder"), trained, atol=0)
+
+
 def test_decoder_only_fine_tune_keeps_the_latent_space_and_changes_the_decoder(tmp_path, exported, datalist):
     """`autoencoder.decoder_only`: the encoder and the codebook stay bit for bit the folder's, in the
     weights and in their average (`ema_decay`, which is what ships), so an encoder and a diffusion stage

@@ -6,10 +6,11 @@ puts in a decoder fine-tuned on the folder's own latents.
     python Testing/Scripts/add_stage.py MODEL_FOLDER --coarse RUN --version 0.5.0 [--dtype float16] [--metrics JSON]
     python Testing/Scripts/add_stage.py MODEL_FOLDER --diffusion RUN --version 0.6.0 [--dtype float16]
     python Testing/Scripts/add_stage.py MODEL_FOLDER --autoencoder RUN --version V [--dtype float16]
+    python Testing/Scripts/add_stage.py MODEL_FOLDER --encoder RUN --version V [--dtype float16]
 
 RUN/style is the stage folder of `xctdiff train style` (style.safetensors + style.json, exported when the
-run stops); RUN for `--coarse` and `--diffusion` is a run folder of `xctdiff train coarse` or `xctdiff
-train diffusion` (its checkpoint's average of the weights is what ships; a replaced diffusion stage keeps
+run stops); RUN for `--coarse`, `--diffusion` and `--encoder` is a run folder of `xctdiff train coarse`, `xctdiff
+train diffusion` or `xctdiff train encoder` (an encoder trained on the folder's own latents) (its checkpoint's average of the weights is what ships; a replaced diffusion stage keeps
 the folder's default path, the ``method`` of its diffusion.json); `--autoencoder` takes a run of
 `xctdiff train autoencoder` with ``autoencoder.decoder_only`` and ``--init MODEL_FOLDER``, and refuses one
 whose encoder or codebook differs from the folder's (the encoder and diffusion stages read those latents); `--metrics` replaces the manifest's metrics (the summary.json of `xctdiff
@@ -44,7 +45,7 @@ def trained_stage(stage: str, run_dir: Path) -> tuple:
     return stage_for_export(stage, load_checkpoint(checkpoint_path(run_dir, stage)))
 
 
-def check_same_latents(folder: Path, network) -> None:
+def check_same_latents(folder: Path, network, hint: str = "train it with autoencoder.decoder_only and --init that folder") -> None:
     """A new autoencoder may only change the decoder: every stage after it reads its latents."""
     from safetensors.torch import load_file
 
@@ -53,8 +54,7 @@ def check_same_latents(folder: Path, network) -> None:
     moved = [k for k in shipped if k.startswith(("encoder.", "quantizer."))
              and not torch.equal(shipped[k], new[k].to(shipped[k].dtype))]
     if moved:
-        raise SystemExit(f"error: the run's encoder or codebook differs from {folder}'s ({len(moved)} tensors, e.g. {moved[0]}); "
-                         "train it with autoencoder.decoder_only and --init that folder")
+        raise SystemExit(f"error: the run's encoder or codebook differs from {folder}'s ({len(moved)} tensors, e.g. {moved[0]}); {hint}")
 
 
 def main() -> None:
@@ -65,6 +65,7 @@ def main() -> None:
     source.add_argument("--coarse", type=Path, help="a run folder with a trained coarse stage")
     source.add_argument("--diffusion", type=Path, help="a run folder with a trained diffusion stage")
     source.add_argument("--autoencoder", type=Path, help="a run folder with a decoder-only fine-tuned autoencoder")
+    source.add_argument("--encoder", type=Path, help="a run folder with an encoder trained on the folder's latents")
     parser.add_argument("--version", required=True)
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--metrics", type=Path, help="summary.json of `xctdiff evaluate` for the manifest")
@@ -72,10 +73,13 @@ def main() -> None:
     if args.style:
         stage, (network, settings) = "style", style_stage(args.style)
     else:
-        stage = "coarse" if args.coarse else "diffusion" if args.diffusion else "autoencoder"
-        network, settings = trained_stage(stage, args.coarse or args.diffusion or args.autoencoder)
+        stage = next(name for name in ("coarse", "diffusion", "encoder", "autoencoder") if getattr(args, name))
+        network, settings = trained_stage(stage, getattr(args, stage))
     if stage == "autoencoder":
         check_same_latents(args.folder, network)
+    if stage == "encoder":  # it learnt the latents of the autoencoder its run started from
+        check_same_latents(args.folder, trained_stage("autoencoder", args.encoder)[0],
+                           hint="train the encoder with --init a folder that has this folder's autoencoder")
     previous = args.folder / f"{stage}.json"
     if stage == "diffusion" and previous.is_file():  # the folder's default path stays what it was
         settings["method"] = json.loads(previous.read_text(encoding="utf-8")).get("method", "diffusion")

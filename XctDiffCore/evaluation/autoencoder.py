@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import check_output_folder
 from ..errors import XctDiffError
 
 COLUMNS = ("psnr", "ssim", "bone_dice", "lung_dice", "lung_dice_body", "lpips", "codebook_use", "perplexity")
@@ -103,10 +104,7 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
         raise XctDiffError(f"evaluation data not found: {data}")
     if max_cases is not None and max_cases < 1:
         raise XctDiffError(f"--max-cases must be at least 1, got {max_cases}")
-    if not out_dir.parent.is_dir():
-        raise XctDiffError(f"output folder does not exist: {out_dir.parent}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise XctDiffError(f"--out names a file, not a folder: {out_dir}")
+    check_output_folder(out_dir)
     vqgan, volume_size, source = load_vqgan(model, run)
     cases = (datalist_cases(data, PREPARED_SIZE, max_cases) if _is_datalist(data)
              else ct_folder_cases(data, PREPARED_SIZE, "cone", max_cases))

@@ -58,6 +58,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..atomic import check_output_folder
 from ..errors import XctDiffError
 
 METRICS = ("psnr", "ssim", "psnr_slices", "ssim_slices", "lpips", "bone_dice", "lung_dice", "lung_dice_body")
@@ -237,10 +238,7 @@ def evaluate(
     if knn < 0:
         raise XctDiffError(f"--knn must be 0 (off) or more, got {knn}")
     guidance = check_guidance(guidance)
-    if not out_dir.parent.is_dir():
-        raise XctDiffError(f"output folder does not exist: {out_dir.parent}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise XctDiffError(f"--out names a file, not a folder: {out_dir}")
+    check_output_folder(out_dir)
     pipe = XctDiffPipeline.from_pretrained(model)
     size = OUTPUT_SIZE
     training = []

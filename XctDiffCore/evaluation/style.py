@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, check_output_folder
 from ..errors import XctDiffError
 
 FEATURES = ("intensity histogram (32)", "gradient-magnitude histogram (16)", "|Laplacian| histogram (16)", "radial log power spectrum (16)")
@@ -246,9 +246,7 @@ def evaluate_style(
         raise XctDiffError(f"--max-images must be at least the number of folds ({folds}), got {max_images}")
     if folds < 2:
         raise XctDiffError(f"--folds must be at least 2, got {folds}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise XctDiffError(f"--out names a file, not a folder: {out_dir}")
+    out_dir = check_output_folder(out_dir, parents=True)
     patterns = [real] if isinstance(real, (str, Path)) else list(real)
     generator, size = load_style_generator(model, device)
     real01, files = load_real_images(patterns, size, max_images, seed)
