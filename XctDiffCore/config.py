@@ -219,6 +219,10 @@ class EncoderConfig:
     Decoding with a gradient is the costly part, so only the first ``image_items`` pairs of each batch
     are decoded (0: all of them).
 
+    ``bone_weight > 0`` weights each latent cell's squared error by ``1 + bone_weight x`` the fraction of
+    its voxels above 200 HU (normalised by the mean weight): bone is a few per cent of a chest, and an
+    MSE on the latent averages it away even on the training patients (0: off, the paper).
+
     ``augment``/``film`` enabled: each step trains on fresh variants of the stored pairs instead of the
     pairs themselves: the CT warped (its target latent encoded from the warp), its DRR rendered anew and
     randomised on the film side (:class:`XctDiffCore.training.variants.PairVariants`).
@@ -227,6 +231,7 @@ class EncoderConfig:
     model: EncoderModelConfig = field(default_factory=EncoderModelConfig)
     image_weight: float = 0.0
     image_items: int = 0
+    bone_weight: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     film: FilmConfig = field(default_factory=FilmConfig)
     optim: AveragedOptimConfig = field(default_factory=lambda: AveragedOptimConfig(batch_size=16, lr=1e-4))
@@ -370,8 +375,8 @@ class Config:
         if self.diffusion.schedule.prediction not in PREDICTIONS:
             raise XctDiffError(f"diffusion.schedule.prediction must be one of {', '.join(PREDICTIONS)}, "
                                f"got {self.diffusion.schedule.prediction!r}")
-        if self.encoder.image_weight < 0 or self.encoder.image_items < 0:
-            raise XctDiffError("encoder.image_weight and encoder.image_items must be 0 or more")
+        if self.encoder.image_weight < 0 or self.encoder.image_items < 0 or self.encoder.bone_weight < 0:
+            raise XctDiffError("encoder.image_weight, encoder.image_items and encoder.bone_weight must be 0 or more")
         for stage in ("autoencoder", "encoder", "coarse"):
             if not 0.0 <= getattr(self, stage).optim.ema_decay < 1.0:
                 raise XctDiffError(f"{stage}.optim.ema_decay must be in [0, 1) (0: no average), got {getattr(self, stage).optim.ema_decay}")

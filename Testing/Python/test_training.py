@@ -329,6 +329,47 @@ def test_variant_bank_is_made_once_shared_by_stages_resumes_exactly_and_holds_th
     assert not torch.allclose(bank.latents["p1"][1], bank.latents["p1"][0])  # the others are warped
 
 
+def test_encoder_bone_weight_weights_the_latent_cells_that_hold_bone(tmp_path, chain, datalist):
+    """``encoder.bone_weight``: the bank keeps each variant's bone fractions at the latent grid (variant 0:
+    the CT's own), in a bank file of its own, and the loss the encoder follows is the weighted one."""
+    from XctDiffCore.drr import make_geometry
+    from XctDiffCore.training.autoencoder import trained_autoencoder
+    from XctDiffCore.training.common import Distributed
+    from XctDiffCore.training.variant_bank import BANK_DIR, load_or_build_bank
+    from XctDiffCore.training.variants import bone_fractions
+
+    ct = torch.full((1, 1, 8, 8, 8), -1.0)
+    ct[..., :4, :4, :4] = 1.0  # one cell all bone (above 200 HU), one half bone, the rest air
+    ct[..., 4:8, :4, :2] = 0.9
+    fractions = bone_fractions(ct, 2)
+    assert fractions.shape == (1, 1, 2, 2, 2) and float(fractions[0, 0, 0, 0, 0]) == 1.0
+    assert float(fractions[0, 0, 1, 0, 0]) == 0.5 and float(fractions.sum()) == 1.5
+
+    shutil.copytree(chain / "autoencoder", tmp_path / "plain" / "autoencoder")
+    train("encoder", bank_config(tmp_path / "plain", datalist, 1))
+    shutil.copytree(chain / "autoencoder", tmp_path / "run" / "autoencoder")
+    shutil.copytree(tmp_path / "plain" / BANK_DIR, tmp_path / "run" / BANK_DIR)
+    data = config_to_dict(bank_config(tmp_path / "run", datalist, 2))
+    data["encoder"]["bone_weight"] = 20.0
+    config = config_from_dict(data)
+    train("encoder", config)
+    assert len(list((tmp_path / "run" / BANK_DIR).iterdir())) == 2  # the plain bank stays for the runs that use it
+    rows = read_log(tmp_path / "run", "encoder")
+    weighted, plain = column(rows, "train/weighted_latent_mse"), column(rows, "train/latent_mse")
+    assert len(weighted) == 2 and abs(weighted[-1] - plain[-1]) > 1e-6
+
+    vqgan, _ = trained_autoencoder(config.run.dir, "encoder", torch.device("cpu"))
+    dataset = PairDataset(datalist, "training", config.data.volume_size, config.data.xray_size)
+    bank = load_or_build_bank(config.run.dir, dataset, datalist, vqgan, make_geometry("cone"), config.data.xray_size,
+                              config.data.volume_size, config.encoder.augment.magnitudes(), 3, config.run.seed,
+                              Distributed(0, 0, 1, torch.device("cpu")), "fp32", bone_latent_size=config.latent_size())
+    expected = bone_fractions(dataset[1]["image"][None], config.latent_size())[0]
+    assert float(expected.sum()) > 0  # the phantom has bone
+    torch.testing.assert_close(bank.bones["p1"][0].float(), expected, atol=1e-3, rtol=0)
+    latents, xray, bones = bank.draw(["p0", "p1"], torch.Generator().manual_seed(0), None)
+    assert bones.shape == (2, 1, *latents.shape[2:])
+
+
 def test_time_limit_checkpoints_stops_and_resumes_to_the_same_run(tmp_path, chain, datalist, capsys):
     """``--time-limit``: past the limit the stage checkpoints after the current step and returns;
     ``--resume`` then reaches the same weights as an uninterrupted run."""

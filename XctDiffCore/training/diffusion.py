@@ -133,7 +133,7 @@ def train_diffusion(config: Config, resume: bool, job: Distributed, deadline: De
     log, stop = StageLog(config, STAGE, optim, job, step), False
     while step < optim.max_steps and not stop:
         # stored pairs, fresh variants, or variants drawn from the run's bank
-        x0, xray = variants.latent_pairs(next(batches), step, encode)
+        x0, xray, _ = variants.latent_pairs(next(batches), step, encode)
         x0 = x0.to(device, non_blocking=True).float()  # (B, 8, d, h, w), zero mean and unit variance per voxel
         xray = xray.to(device, non_blocking=True)  # (B, 1, H, W)
         lr = learning_rate(step, optim)

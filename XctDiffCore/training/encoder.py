@@ -3,7 +3,8 @@
 Target of each pair: the CT's normalised quantised latent ``y_ct = N(q(E(ct)))`` from the frozen
 VQ-GAN of stage 1. Loss: ``F.mse_loss(encoder(xray), y_ct)`` in the normalised space, smooth, with
 the quantiser out of the way (see :mod:`XctDiffCore.models.progressive_encoder`); optionally plus
-``encoder.image_weight`` times the L1 of the decoded prior against the CT. Validation decodes
+``encoder.image_weight`` times the L1 of the decoded prior against the CT, and with ``encoder.bone_weight``
+the squared error of each latent cell weighted by ``1 + bone_weight x`` its fraction of bone voxels. Validation decodes
 the prior ``y = N(q(encoder(xray)))`` with the frozen decoder: the PSNR/SSIM of the encoder alone,
 the floor that the diffusion stage must beat. With ``encoder.optim.ema_decay`` an average of the
 weights (:class:`~XctDiffCore.training.common.EMA`) is what validation scores and export ships.
@@ -45,6 +46,7 @@ from .common import (
     wrap_ddp,
 )
 from .variant_bank import stage_variants
+from .variants import bone_fractions
 from .warm_start import warm_start
 
 STAGE = "encoder"
@@ -131,8 +133,9 @@ def train_encoder(config: Config, resume: bool, job: Distributed, deadline: Dead
             ct, xray = variants(batch, step)
             ct = ct.to(device, non_blocking=True)  # (B, 1, D, H, W)
             target = encode(ct)
+            bone = bone_fractions(ct, config.latent_size()) if section.bone_weight > 0 else None
         else:  # stored pairs, fresh variants, or variants drawn from the run's bank
-            target, xray = variants.latent_pairs(batch, step, encode)  # (B, 8, d, h, w)
+            target, xray, bone = variants.latent_pairs(batch, step, encode)  # (B, 8, d, h, w), bone (B, 1, d, h, w)
         target, xray = target.to(device, non_blocking=True), xray.to(device, non_blocking=True)  # xray (B, 1, H, W)
         lr = learning_rate(step, optim)
         set_learning_rate(optimizer, lr)
@@ -141,6 +144,9 @@ def train_encoder(config: Config, resume: bool, job: Distributed, deadline: Dead
             latent_loss = F.mse_loss(prediction.float(), target.float())
             losses = {"latent_mse": latent_loss}
             loss = latent_loss
+            if bone is not None:  # encoder.bone_weight: the cells that hold bone count more
+                weight = 1.0 + section.bone_weight * bone.to(device)
+                loss = losses["weighted_latent_mse"] = ((prediction.float() - target.float()) ** 2 * weight).mean() / weight.mean()
             if section.image_weight > 0:  # the decoded prior against the CT (gradient straight through q)
                 n = section.image_items or len(ct)
                 decoded = vqgan.decode(vqgan.quantize(prediction[:n].float())[0])

@@ -34,30 +34,35 @@ BANK_DIR = "variant_bank"
 
 
 class VariantBank:
-    """Per patient: ``drrs`` ``(N, 1, S, S)`` in [0, 1] (plain, before the film) and ``latents`` ``(N, C, d, h, w)``."""
+    """Per patient: ``drrs`` ``(N, 1, S, S)`` in [0, 1] (plain, before the film), ``latents`` ``(N, C, d, h, w)``
+    and, for ``encoder.bone_weight``, ``bones`` ``(N, 1, d, h, w)`` (:func:`~XctDiffCore.training.variants.bone_fractions`)."""
 
-    def __init__(self, drrs: dict, latents: dict):
-        self.drrs, self.latents = drrs, latents
+    def __init__(self, drrs: dict, latents: dict, bones: Optional[dict] = None):
+        self.drrs, self.latents, self.bones = drrs, latents, bones
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.latents.values())
 
     def draw(self, patients, generator: torch.Generator, film: Optional[dict]) -> tuple:
-        """One random variant of each patient: ``(latents (B, C, d, h, w), radiographs (B, 1, S, S) in [-1, 1])``."""
-        latents, drrs = [], []
+        """One random variant of each patient: ``(latents (B, C, d, h, w), radiographs (B, 1, S, S) in [-1, 1],
+        bone fractions (B, 1, d, h, w) or None)``."""
+        latents, drrs, bones = [], [], []
         for patient in patients:
             if patient not in self.latents:
                 raise KeyError(f"the variant bank has no patient {patient!r}")
             index = int(torch.randint(len(self.latents[patient]), (), generator=generator))
             latents.append(self.latents[patient][index])
             drrs.append(self.drrs[patient][index])
+            if self.bones is not None:
+                bones.append(self.bones[patient][index])
         xray = torch.stack(drrs).float()
         if film is not None:
             xray = random_films(xray, generator, **film)
-        return torch.stack(latents).float(), xray * 2.0 - 1.0
+        return torch.stack(latents).float(), xray * 2.0 - 1.0, torch.stack(bones).float() if bones else None
 
 
-def bank_key(run_dir, datalist, augment: dict, count: int, seed: int, volume_size: int, xray_size: int, geometry) -> str:
+def bank_key(run_dir, datalist, augment: dict, count: int, seed: int, volume_size: int, xray_size: int, geometry,
+             bone_latent_size: int = 0) -> str:
     """A digest of everything a bank's content depends on."""
     parts = {
         "autoencoder": file_sha256(checkpoint_path(run_dir, "autoencoder")),
@@ -65,6 +70,8 @@ def bank_key(run_dir, datalist, augment: dict, count: int, seed: int, volume_siz
         "augment": augment, "count": count, "seed": seed,
         "volume_size": volume_size, "xray_size": xray_size, "geometry": repr(geometry),
     }
+    if bone_latent_size:  # a bank with bone fractions is another file; the banks made before keep their keys
+        parts["bone_latent_size"] = bone_latent_size
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -77,9 +84,10 @@ def _variant(ct: torch.Tensor, seed: int, patient_index: int, variant: int, geom
 
 
 def _make_share(dataset, vqgan, geometry, xray_size: int, augment: dict, count: int, seed: int,
-                job: Distributed, precision: str, log, stopped) -> dict:
-    """This process's share of the bank: entries ``(patient, variant) -> (drr fp16, latent)``."""
+                job: Distributed, precision: str, log, stopped, bone_latent_size: int = 0) -> dict:
+    """This process's share of the bank: entries ``(patient, variant) -> (drr fp16, latent, bone fractions or None)``."""
     from .encoder import ct_latent
+    from .variants import bone_fractions
 
     tasks = [(i, v) for i in range(len(dataset)) for v in range(count)]
     mine = tasks[job.rank::job.world_size]
@@ -93,7 +101,8 @@ def _make_share(dataset, vqgan, geometry, xray_size: int, augment: dict, count: 
         ct, drr = _variant(item["image"][None], seed, index, variant, geometry, xray_size, augment)
         with torch.no_grad(), autocast(job.device, precision):
             latent = ct_latent(vqgan, ct.to(job.device)).float().cpu()
-        share[(item["patient"], variant)] = (drr[0].half(), latent[0])
+        bone = bone_fractions(ct, bone_latent_size)[0].half() if bone_latent_size else None
+        share[(item["patient"], variant)] = (drr[0].half(), latent[0], bone)
         if log is not None and (done % 10 == 0 or done == len(mine)):
             elapsed = time.monotonic() - started
             log(f"variant bank: {done}/{len(mine)} variants made ({elapsed / done:.1f} s each)")
@@ -102,14 +111,14 @@ def _make_share(dataset, vqgan, geometry, xray_size: int, augment: dict, count: 
 
 def load_or_build_bank(run_dir, dataset, datalist, vqgan, geometry, xray_size: int, volume_size: int,
                        augment: dict, count: int, seed: int, job: Distributed, precision: str,
-                       stopped=lambda: False) -> VariantBank:
+                       stopped=lambda: False, bone_latent_size: int = 0) -> VariantBank:
     """The run's bank for these settings: loaded from ``RUN/variant_bank`` or made now (and saved there).
 
     ``stopped()`` is asked between variants (SIGTERM): the making stops with an error, nothing half saved.
     """
     import torch.distributed as dist
 
-    key = bank_key(run_dir, datalist, augment, count, seed, volume_size, xray_size, geometry)
+    key = bank_key(run_dir, datalist, augment, count, seed, volume_size, xray_size, geometry, bone_latent_size)
     folder = Path(run_dir) / BANK_DIR
     shares = [folder / f"{key}-{rank}of{job.world_size}.pt" for rank in range(job.world_size)]
     if not shares[job.rank].is_file():
@@ -117,16 +126,20 @@ def load_or_build_bank(run_dir, dataset, datalist, vqgan, geometry, xray_size: i
         if log is not None:
             log(f"variant bank: making {count} variants of each of {len(dataset)} training CTs "
                 f"(once; kept in {folder})")
-        share = _make_share(dataset, vqgan, geometry, xray_size, augment, count, seed, job, precision, log, stopped)
-        save_checkpoint(shares[job.rank], {"entries": [(p, v, d, z) for (p, v), (d, z) in share.items()]})
+        share = _make_share(dataset, vqgan, geometry, xray_size, augment, count, seed, job, precision, log, stopped,
+                            bone_latent_size)
+        save_checkpoint(shares[job.rank], {"entries": [(p, v, *values) for (p, v), values in share.items()]})
     if job.enabled:
         dist.barrier()
     entries = [entry for path in shares for entry in load_checkpoint(path)["entries"]]
-    drrs, latents = {}, {}
-    for patient, _, drr, latent in sorted(entries, key=lambda e: (e[0], e[1])):
+    drrs, latents, bones = {}, {}, {}
+    for patient, _, drr, latent, *bone in sorted(entries, key=lambda e: (e[0], e[1])):  # banks made before: no bone
         drrs.setdefault(patient, []).append(drr)
         latents.setdefault(patient, []).append(latent)
-    return VariantBank({p: torch.stack(v) for p, v in drrs.items()}, {p: torch.stack(v) for p, v in latents.items()})
+        if bone and bone[0] is not None:
+            bones.setdefault(patient, []).append(bone[0])
+    stack = lambda values: {p: torch.stack(v) for p, v in values.items()}  # noqa: E731
+    return VariantBank(stack(drrs), stack(latents), stack(bones) if bone_latent_size else None)
 
 
 def stage_variants(config, section, train_set, vqgan, job: Distributed, deadline):
@@ -136,9 +149,11 @@ def stage_variants(config, section, train_set, vqgan, job: Distributed, deadline
 
     variants = PairVariants(section.augment, section.film, config.data.datalist, config.data.xray_size,
                             config.run.seed, job.rank, job.device)
+    if getattr(section, "bone_weight", 0) > 0:  # the encoder's bone-weighted latent loss
+        variants.bone_latent_size = config.latent_size()
     if section.augment.bank:
         variants.bank = load_or_build_bank(
             config.run.dir, train_set, config.data.datalist, vqgan, variants.geometry, config.data.xray_size,
             config.data.volume_size, variants.augment, section.augment.bank, config.run.seed, job,
-            config.run.precision, stopped=lambda: deadline.signalled)
+            config.run.precision, stopped=lambda: deadline.signalled, bone_latent_size=variants.bone_latent_size)
     return variants

@@ -27,10 +27,12 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..layout import HU_MAX, HU_MIN
+from ..layout import HU_MAX, HU_MIN, hu_to_unit
+from ..metrics import BONE_HU
 
 HU_RANGE = HU_MAX - HU_MIN
 
@@ -189,6 +191,13 @@ def random_pairs(ct: torch.Tensor, generator: torch.Generator, geometry, xray_si
     return ct, xray * 2.0 - 1.0
 
 
+def bone_fractions(ct: torch.Tensor, latent_size: int) -> torch.Tensor:
+    """Per latent cell, the fraction of its voxels that are bone (above the evaluation's 200 HU):
+    ``(B, 1, d, h, w)`` for CTs ``(B, 1, D, H, W)`` on the [-1, 1] scale (``encoder.bone_weight``)."""
+    level = float(hu_to_unit(np.float64(BONE_HU)))
+    return F.avg_pool3d((ct > level).float(), ct.shape[-1] // latent_size)
+
+
 class PairVariants:
     """A radiograph stage's training pairs: the stored ones, or fresh variants (``augment``/``film`` enabled).
 
@@ -203,6 +212,7 @@ class PairVariants:
         self.xray_size, self.seed, self.rank = xray_size, seed, rank
         self.device = device  # where fresh variants are warped and rendered (None: where the batch is)
         self.geometry, self.bank = None, None
+        self.bone_latent_size = 0  # > 0: latent_pairs also gives each pair's bone fractions at that grid
         if self.enabled or augment.bank:
             from ..drr import make_geometry
             from ..datalist import datalist_geometry
@@ -217,10 +227,12 @@ class PairVariants:
         return random_pairs(ct, generator, self.geometry, self.xray_size, self.augment, self.film)
 
     def latent_pairs(self, batch: dict, step: int, encode) -> tuple:
-        """``(target latents, radiographs)``: drawn from :attr:`bank` (a
+        """``(target latents, radiographs, bone)``: drawn from :attr:`bank` (a
         :class:`~XctDiffCore.training.variant_bank.VariantBank`, films randomised anew) when one is set,
-        else this step's pairs with ``encode(ct)`` as their targets."""
+        else this step's pairs with ``encode(ct)`` as their targets; ``bone`` is :func:`bone_fractions`
+        when :attr:`bone_latent_size` asks for it, else None."""
         if self.bank is not None:
             return self.bank.draw(batch["patient"], step_generator(self.seed, self.rank, step), self.film)
         ct, xray = self(batch, step)
-        return encode(ct), xray
+        bone = bone_fractions(ct, self.bone_latent_size) if self.bone_latent_size else None
+        return encode(ct), xray, bone
