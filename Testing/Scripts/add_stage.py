@@ -10,7 +10,8 @@ puts in a decoder fine-tuned on the folder's own latents.
 
 RUN/style is the stage folder of `xctdiff train style` (style.safetensors + style.json, exported when the
 run stops); RUN for `--coarse`, `--diffusion` and `--encoder` is a run folder of `xctdiff train coarse`, `xctdiff
-train diffusion` or `xctdiff train encoder` (an encoder trained on the folder's own latents) (its checkpoint's average of the weights is what ships; a replaced diffusion stage keeps
+train diffusion` or `xctdiff train encoder` (its checkpoint's average of the weights is what ships; an encoder
+run must have learnt the folder's own latents, else it is refused; a replaced diffusion stage keeps
 the folder's default path, the ``method`` of its diffusion.json); `--autoencoder` takes a run of
 `xctdiff train autoencoder` with ``autoencoder.decoder_only`` and ``--init MODEL_FOLDER``, and refuses one
 whose encoder or codebook differs from the folder's (the encoder and diffusion stages read those latents); `--metrics` replaces the manifest's metrics (the summary.json of `xctdiff

@@ -133,7 +133,7 @@ def train_encoder(config: Config, resume: bool, job: Distributed, deadline: Dead
             ct, xray = variants(batch, step)
             ct = ct.to(device, non_blocking=True)  # (B, 1, D, H, W)
             target = encode(ct)
-            bone = bone_fractions(ct, config.latent_size()) if section.bone_weight > 0 else None
+            bone = bone_fractions(ct, variants.bone_latent_size) if variants.bone_latent_size else None
         else:  # stored pairs, fresh variants, or variants drawn from the run's bank
             target, xray, bone = variants.latent_pairs(batch, step, encode)  # (B, 8, d, h, w), bone (B, 1, d, h, w)
         target, xray = target.to(device, non_blocking=True), xray.to(device, non_blocking=True)  # xray (B, 1, H, W)

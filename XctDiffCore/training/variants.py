@@ -27,12 +27,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..layout import HU_MAX, HU_MIN, hu_to_unit
-from ..metrics import BONE_HU
+from ..layout import HU_MAX, HU_MIN
 
 HU_RANGE = HU_MAX - HU_MIN
 
@@ -194,8 +192,9 @@ def random_pairs(ct: torch.Tensor, generator: torch.Generator, geometry, xray_si
 def bone_fractions(ct: torch.Tensor, latent_size: int) -> torch.Tensor:
     """Per latent cell, the fraction of its voxels that are bone (above the evaluation's 200 HU):
     ``(B, 1, d, h, w)`` for CTs ``(B, 1, D, H, W)`` on the [-1, 1] scale (``encoder.bone_weight``)."""
-    level = float(hu_to_unit(np.float64(BONE_HU)))
-    return F.avg_pool3d((ct > level).float(), ct.shape[-1] // latent_size)
+    from .losses import BONE_LEVEL
+
+    return F.avg_pool3d((ct > BONE_LEVEL).float(), ct.shape[-1] // latent_size)
 
 
 class PairVariants:
