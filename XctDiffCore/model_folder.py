@@ -71,6 +71,9 @@ class ModelInfo:
     # a result whose consistency is below is flagged unreliable; measured for this model on real films, DRRs and
     # photographs (Testing/Scripts/consistency_survey.py), in the manifest; None: not calibrated, nothing flagged
     min_consistency: Optional[float] = None
+    # stages whose weights learnt another autoencoder's latents (``retrain`` in the manifest, written by
+    # Testing/Scripts/add_stage.py --new-autoencoder): starting points for training, not for reconstructing
+    retrain: tuple = ()
 
 
 @dataclass
@@ -98,6 +101,16 @@ def _min_consistency(folder: Path, manifest: dict) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise XctDiffError(f"{folder / MANIFEST_NAME}: min_consistency must be a number from 0 to 1, got {value!r}")
     return float(value)
+
+
+def _retrain(folder: Path, manifest: dict) -> tuple:
+    stale = manifest.get("retrain") or []
+    if not isinstance(stale, list) or not all(isinstance(name, str) for name in stale):
+        raise XctDiffError(f"{folder / MANIFEST_NAME}: retrain must be a list of stage names, got {stale!r}")
+    if "encoder" in stale:  # every path starts from the encoder's latent
+        raise XctDiffError(f"{folder}: its encoder learnt another autoencoder's latents; train it on this one "
+                           "(xctdiff train encoder --init this folder, then Testing/Scripts/add_stage.py --encoder RUN)")
+    return tuple(stale)
 
 
 def bundled_model_folder() -> Path:
@@ -312,6 +325,7 @@ def load_model_folder(folder) -> ModelFolder:
         steps=int(diffusion.get("steps", DEFAULT_STEPS)),
         method=str(diffusion.get("method", "diffusion")),
         min_consistency=_min_consistency(folder, manifest),
+        retrain=_retrain(folder, manifest),
     )
     if info.method not in METHODS:
         raise XctDiffError(f"{folder}: unknown default method {info.method!r} (diffusion or direct)")

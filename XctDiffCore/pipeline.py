@@ -243,6 +243,9 @@ class XctDiffPipeline:
         run = given.for_model(self.info.method, self.info.sampler, self.info.steps, self.schedule.num_train_steps)
         steps, samples, style, method, sampler, guidance, strict = (
             run.steps, run.samples, run.style, run.method, run.sampler, run.guidance, run.strict)
+        if method == "diffusion" and "diffusion" in self.info.retrain:
+            raise XctDiffError(f"{self.info.folder}: its diffusion stage learnt another autoencoder's latents; train it on "
+                               "this one (Testing/Scripts/add_stage.py --diffusion RUN) or use --method direct")
         seed = secrets.randbits(31) if run.seed is None else run.seed
         reporter = _Progress(progress)
         reporter.report(0.0, "reading")

@@ -738,6 +738,37 @@ def test_add_stage_replaces_the_encoder_only_in_a_folder_of_the_same_latents(tmp
     assert_same_weights(folder_weights(folder, "encoder"), trained, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:the input does not look like")  # a noise film
+def test_new_autoencoder_marks_the_stages_to_retrain_until_they_are_replaced(tmp_path, exported, datalist):
+    """How xctdiff-cpu 0.7.0 began: another folder's autoencoder (new latents) copied in byte for byte; the
+    folder refuses to reconstruct until its encoder is retrained, then refuses only the diffusion path (and
+    `xctdiff evaluate` leaves its rows out) until that stage is retrained too; it still trains with --init."""
+    from XctDiffCore.evaluation.reconstructions import evaluate
+    from XctDiffCore.model_folder import create_random_model, load_model_folder
+    from XctDiffCore.pipeline import XctDiffPipeline
+
+    folder, source = shutil.copytree(exported, tmp_path / "model"), create_random_model(tmp_path / "other", seed=1)
+    script = [sys.executable, str(REPO / "Testing" / "Scripts" / "add_stage.py"), str(folder), "--version", "2"]
+    subprocess.run([*script, "--new-autoencoder", str(source), "--id", "renamed"], check=True, capture_output=True, cwd=REPO)
+    assert (folder / "autoencoder.safetensors").read_bytes() == (source / "autoencoder.safetensors").read_bytes()
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["retrain"] == ["encoder", "diffusion"] and manifest["id"] == "renamed"
+    with pytest.raises(XctDiffError, match="encoder learnt another autoencoder's latents"):
+        load_model_folder(folder)
+
+    run = tmp_path / "enc"
+    train("encoder", tiny_config(run, datalist, max_steps=2, lr=1e-3), init=folder)
+    subprocess.run([*script, "--encoder", str(run), "--dtype", "float32"], check=True, capture_output=True, cwd=REPO)
+    pipe = XctDiffPipeline.from_pretrained(folder)
+    assert pipe.info.retrain == ("diffusion",) and pipe.info.model_id == "renamed"
+    film = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    assert pipe.reconstruct(film, method="direct", seed=0, device="cpu").ct.array.shape == (128,) * 3
+    with pytest.raises(XctDiffError, match="diffusion stage learnt another autoencoder's latents"):
+        pipe.reconstruct(film, method="diffusion", seed=0, device="cpu")
+    summary = evaluate(folder, datalist, tmp_path / "eval", knn=0, device="cpu", max_cases=1, progress=False)
+    assert "direct" in summary and "xctdiff" not in summary
+
+
 def test_decoder_only_fine_tune_keeps_the_latent_space_and_changes_the_decoder(tmp_path, exported, datalist):
     """`autoencoder.decoder_only`: the encoder and the codebook stay bit for bit the folder's, in the
     weights and in their average (`ema_decay`, which is what ships), so an encoder and a diffusion stage

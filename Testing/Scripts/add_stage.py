@@ -7,6 +7,7 @@ puts in a decoder fine-tuned on the folder's own latents.
     python Testing/Scripts/add_stage.py MODEL_FOLDER --diffusion RUN --version 0.6.0 [--dtype float16]
     python Testing/Scripts/add_stage.py MODEL_FOLDER --autoencoder RUN --version V [--dtype float16]
     python Testing/Scripts/add_stage.py MODEL_FOLDER --encoder RUN --version V [--dtype float16]
+    python Testing/Scripts/add_stage.py MODEL_FOLDER --new-autoencoder AUTOENCODER_FOLDER --version V [--id ID]
 
 RUN/style is the stage folder of `xctdiff train style` (style.safetensors + style.json, exported when the
 run stops); RUN for `--coarse`, `--diffusion` and `--encoder` is a run folder of `xctdiff train coarse`, `xctdiff
@@ -17,6 +18,12 @@ the folder's default path, the ``method`` of its diffusion.json); `--autoencoder
 whose encoder or codebook differs from the folder's (the encoder and diffusion stages read those latents); `--metrics` replaces the manifest's metrics (the summary.json of `xctdiff
 evaluate` with the new stage). The other stages' files stay byte-identical; the manifest is rewritten with
 every SHA-256, the model card included (edit MODEL_CARD.md before running this).
+
+`--new-autoencoder` is how xctdiff-cpu 0.7.0 began: another model folder's autoencoder (new latents, e.g.
+Resources/Pretrained/xctdiff-cpu-autoencoder) copied in byte for byte; the folder's encoder and diffusion
+stages learnt the old latents, so the manifest lists them under ``retrain``: the folder is then a start for
+`xctdiff train encoder|diffusion --init FOLDER`, it refuses to reconstruct until `--encoder` replaces its
+encoder, and `--method diffusion` until `--diffusion` replaces that stage. `--id` renames the model.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from XctDiffCore.model_folder import MANIFEST_NAME, export_stage, load_model_folder, write_manifest
+from XctDiffCore.model_folder import MANIFEST_NAME, export_stage, load_model_folder, read_manifest, write_manifest
 
 STAGE_JSON_KEYS = ("stage", "dtype", "parameters")  # written by export_stage itself
 
@@ -58,6 +65,31 @@ def check_same_latents(folder: Path, network, hint: str = "train it with autoenc
         raise SystemExit(f"error: the run's encoder or codebook differs from {folder}'s ({len(moved)} tensors, e.g. {moved[0]}); {hint}")
 
 
+def replace_latents(folder: Path, source: Path, version: str, model_id) -> None:
+    """Copy another folder's autoencoder in, byte for byte, and mark the stages that read its latents."""
+    import shutil
+
+    from XctDiffCore.model_folder import load_autoencoder
+
+    load_autoencoder(source)  # its checksums verified
+    record = read_manifest(source, required=("autoencoder",))["stages"]["autoencoder"]
+    manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    for role in ("weights", "config"):
+        shutil.copyfile(source / record[role], folder / manifest["stages"]["autoencoder"][role])
+    stages = {name: {"weights": r["weights"], "config": r["config"]} for name, r in manifest["stages"].items()}
+    staged = {name for entry in stages.values() for name in entry.values()}
+    extra = {key: value for key, value in manifest.items() if key not in ("stages", "sha256")}
+    extra.update(version=version, retrain=["encoder", "diffusion"], **({"id": model_id} if model_id else {}))
+    extra.pop("metrics", None)  # measured on the old latents
+    steps = extra.get("training", {}).get("steps", {})
+    settings = json.loads((source / record["config"]).read_text(encoding="utf-8"))
+    if "autoencoder" in steps and "step" in settings:
+        steps["autoencoder"] = settings["step"]
+    write_manifest(folder, stages, extra=extra, files=[name for name in manifest["sha256"] if name not in staged])
+    print(f"{folder}: autoencoder of {source}; retrain its encoder and diffusion stages on these latents "
+          f"(xctdiff train encoder|diffusion --init {folder}), then add them with --encoder / --diffusion")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("folder", type=Path)
@@ -67,10 +99,16 @@ def main() -> None:
     source.add_argument("--diffusion", type=Path, help="a run folder with a trained diffusion stage")
     source.add_argument("--autoencoder", type=Path, help="a run folder with a decoder-only fine-tuned autoencoder")
     source.add_argument("--encoder", type=Path, help="a run folder with an encoder trained on the folder's latents")
+    source.add_argument("--new-autoencoder", type=Path, metavar="FOLDER",
+                        help="another model folder's autoencoder (new latents): the encoder and diffusion must be retrained")
     parser.add_argument("--version", required=True)
+    parser.add_argument("--id", help="a new model id for the folder")
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--metrics", type=Path, help="summary.json of `xctdiff evaluate` for the manifest")
     args = parser.parse_args()
+    if args.new_autoencoder:
+        replace_latents(args.folder, args.new_autoencoder, args.version, args.id)
+        return
     if args.style:
         stage, (network, settings) = "style", style_stage(args.style)
     else:
@@ -92,6 +130,12 @@ def main() -> None:
     files = [name for name in manifest["sha256"] if name not in staged]
     extra = {key: value for key, value in manifest.items() if key not in ("stages", "sha256")}
     extra["version"] = args.version
+    if args.id:
+        extra["id"] = args.id
+    if stage in extra.get("retrain", []):  # trained on the folder's own latents now
+        extra["retrain"] = [name for name in extra["retrain"] if name != stage]
+        if not extra["retrain"]:
+            del extra["retrain"]
     steps = extra.get("training", {}).get("steps", {})
     if stage in steps and "step" in settings:  # the manifest's training record follows the replaced stage
         steps[stage] = settings["step"]
@@ -103,4 +147,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from XctDiffCore.errors import XctDiffError
+
+    try:
+        main()
+    except XctDiffError as exc:
+        raise SystemExit(f"error: {exc}") from None

@@ -15,6 +15,8 @@
   their std shown), ``direct`` (progressive encoder -> VQ decoder, no diffusion: the paper's
   ablation; with the model's coarse CT blended in when it has that stage, and then also
   ``direct_decoder``, the decoded CT alone, to show what the blend adds), ``knn`` and ``mean CT``.
+  A folder whose diffusion stage learnt another autoencoder's latents (``retrain`` in its manifest) is
+  scored without the ``xctdiff`` rows.
   The two baselines learn nothing but a lookup:
 
   - ``knn`` (``--knn K``, default 3, 0 = off): the mean (HU) of the K training CTs whose DRRs are
@@ -254,22 +256,24 @@ def evaluate(
     out_dir.mkdir(exist_ok=True)  # only once the model and the cases have loaded: a refused run leaves nothing
 
     rows, figure = [], []
+    sampled = "diffusion" not in pipe.info.retrain  # a diffusion stage of other latents is left out, not scored
     used_precision = precision  # what "auto" became: from the first reconstruction
     for index, case in enumerate(tqdm(cases, desc="evaluate", unit="case", file=sys.stderr, disable=not progress)):
         radiograph = Radiograph(case.drr, None, True, case.name)
         outputs = {
             "xctdiff": pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index, device=device, style="off",
                                         method="diffusion", sampler=sampler, precision=precision),
-            "direct": pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off", method="direct",
-                                       precision=precision),
-        }
+        } if sampled else {}
+        outputs["direct"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off", method="direct",
+                                             precision=precision)
         if pipe.coarse is not None:  # the direct path without its coarse CT: what the blend adds
             outputs["direct_decoder"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
                                                          method="direct", precision=precision, coarse="off")
-        if guidance > 0:
+        if guidance > 0 and sampled:
             outputs["xctdiff_guided"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index,
                                                          device=device, style="off", method="diffusion", sampler=sampler,
                                                          guidance=guidance, precision=precision)
+        if guidance > 0:
             outputs["direct_guided"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
                                                         method="direct", guidance=guidance, precision=precision)
         used_precision = outputs["direct"].precision
@@ -289,7 +293,7 @@ def evaluate(
             volumes["mean_ct"] = mean_ct
             rows.append({"case": case.name, "method": "mean_ct", **scores(mean_ct)})
         if index < figure_cases:
-            uncertainty = outputs["xctdiff"].uncertainty
+            uncertainty = outputs["xctdiff"].uncertainty if sampled else None
             figure.append(figure_case(case, volumes, None if uncertainty is None else uncertainty.array))
 
     summary = summarize(rows)
