@@ -248,6 +248,7 @@ def test_bundled_model_verifies_and_documents_itself():
         assert "training fit" in (folder / "MODEL_CARD.md").read_text(encoding="utf-8").lower()
     assert loaded.mean_ct is not None
     assert loaded.info.min_consistency is not None  # calibrated: see Testing/Scripts/consistency_survey.py
+    assert loaded.info.retrain == ()  # every stage trained on the latents of the autoencoder it ships with
     if loaded.style is None:  # a model without the real -> DRR generator must say so to its users
         assert "no style stage" in (folder / "MODEL_CARD.md").read_text(encoding="utf-8").lower()
     assert sum(p.stat().st_size for p in folder.iterdir()) <= 64 * 2**20

@@ -65,6 +65,15 @@ def check_same_latents(folder: Path, network, hint: str = "train it with autoenc
         raise SystemExit(f"error: the run's encoder or codebook differs from {folder}'s ({len(moved)} tensors, e.g. {moved[0]}); {hint}")
 
 
+def manifest_parts(folder: Path) -> tuple:
+    """A folder's manifest as `write_manifest` takes it: ``(stages, other keys, other checksummed files)``."""
+    manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    stages = {name: {"weights": r["weights"], "config": r["config"]} for name, r in manifest["stages"].items()}
+    staged = {name for entry in stages.values() for name in entry.values()}
+    extra = {key: value for key, value in manifest.items() if key not in ("stages", "sha256")}
+    return stages, extra, [name for name in manifest["sha256"] if name not in staged]
+
+
 def replace_latents(folder: Path, source: Path, version: str, model_id) -> None:
     """Copy another folder's autoencoder in, byte for byte, and mark the stages that read its latents."""
     import shutil
@@ -73,19 +82,16 @@ def replace_latents(folder: Path, source: Path, version: str, model_id) -> None:
 
     load_autoencoder(source)  # its checksums verified
     record = read_manifest(source, required=("autoencoder",))["stages"]["autoencoder"]
-    manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    stages, extra, files = manifest_parts(folder)
     for role in ("weights", "config"):
-        shutil.copyfile(source / record[role], folder / manifest["stages"]["autoencoder"][role])
-    stages = {name: {"weights": r["weights"], "config": r["config"]} for name, r in manifest["stages"].items()}
-    staged = {name for entry in stages.values() for name in entry.values()}
-    extra = {key: value for key, value in manifest.items() if key not in ("stages", "sha256")}
+        shutil.copyfile(source / record[role], folder / stages["autoencoder"][role])
     extra.update(version=version, retrain=["encoder", "diffusion"], **({"id": model_id} if model_id else {}))
     extra.pop("metrics", None)  # measured on the old latents
     steps = extra.get("training", {}).get("steps", {})
     settings = json.loads((source / record["config"]).read_text(encoding="utf-8"))
     if "autoencoder" in steps and "step" in settings:
         steps["autoencoder"] = settings["step"]
-    write_manifest(folder, stages, extra=extra, files=[name for name in manifest["sha256"] if name not in staged])
+    write_manifest(folder, stages, extra=extra, files=files)
     print(f"{folder}: autoencoder of {source}; retrain its encoder and diffusion stages on these latents "
           f"(xctdiff train encoder|diffusion --init {folder}), then add them with --encoder / --diffusion")
 
@@ -123,12 +129,8 @@ def main() -> None:
     if stage == "diffusion" and previous.is_file():  # the folder's default path stays what it was
         settings["method"] = json.loads(previous.read_text(encoding="utf-8")).get("method", "diffusion")
     record = export_stage(network, stage, settings, args.folder, dtype=args.dtype)
-    manifest = json.loads((args.folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-    stages = {name: {"weights": r["weights"], "config": r["config"]} for name, r in manifest["stages"].items()}
+    stages, extra, files = manifest_parts(args.folder)
     stages[stage] = record
-    staged = {name for entry in stages.values() for name in entry.values()}
-    files = [name for name in manifest["sha256"] if name not in staged]
-    extra = {key: value for key, value in manifest.items() if key not in ("stages", "sha256")}
     extra["version"] = args.version
     if args.id:
         extra["id"] = args.id
