@@ -693,19 +693,24 @@ def test_init_starts_diffusion_from_the_folder_and_copies_the_earlier_stages(tmp
 
 def test_add_stage_replaces_the_diffusion_keeps_the_default_path_and_every_other_file(tmp_path, chain, datalist):
     """How xctdiff-cpu 0.6.0 was made: a folder whose default path is direct gets a longer-trained
-    diffusion stage; every other file stays byte-identical and the manifest's SHA-256s hold."""
+    diffusion stage, the folder's default sampler kept; every other file stays byte-identical and the
+    manifest's SHA-256s hold."""
     from XctDiffCore.model_folder import load_model_folder
 
     folder = export_run(chain, tmp_path / "model", dtype="float32", method="direct", model_id="tiny-direct", version="1").parent
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     run = tmp_path / "longer"
-    train("diffusion", tiny_config(run, datalist, max_steps=2), init=folder)
+    config = config_to_dict(tiny_config(run, datalist, max_steps=2))
+    shipped_steps = json.loads((folder / "diffusion.json").read_text(encoding="utf-8"))["steps"]
+    config["diffusion"]["optim"]["val_sample_steps"] = shipped_steps + 2  # the run validates with another sampler
+    train("diffusion", config_from_dict(config), init=folder)
     subprocess.run([sys.executable, str(REPO / "Testing" / "Scripts" / "add_stage.py"), str(folder), "--diffusion", str(run),
                     "--version", "2", "--dtype", "float32"], check=True, capture_output=True, cwd=REPO)
     changed = {p.name for p in folder.iterdir() if p.read_bytes() != before.get(p.name)}
     assert changed == {"diffusion.safetensors", "diffusion.json", "manifest.json"}
     settings = json.loads((folder / "diffusion.json").read_text(encoding="utf-8"))
     assert settings["method"] == "direct" and settings["step"] == 2 and settings["fine_tuned_from"] == "tiny-direct 1"
+    assert settings["steps"] == shipped_steps  # the folder's default sampler steps, not the run's validation's
     loaded = load_model_folder(folder)  # checks every SHA-256
     assert loaded.info.version == "2" and loaded.info.method == "direct"
     assert json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["training"]["steps"]["diffusion"] == 2

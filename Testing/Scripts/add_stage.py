@@ -13,7 +13,8 @@ RUN/style is the stage folder of `xctdiff train style` (style.safetensors + styl
 run stops); RUN for `--coarse`, `--diffusion` and `--encoder` is a run folder of `xctdiff train coarse`, `xctdiff
 train diffusion` or `xctdiff train encoder` (its checkpoint's average of the weights is what ships; an encoder
 run must have learnt the folder's own latents, else it is refused; a replaced diffusion stage keeps
-the folder's default path, the ``method`` of its diffusion.json); `--autoencoder` takes a run of
+the folder's defaults, the ``method``, ``sampler`` and ``steps`` of its diffusion.json, not the run's
+validation sampler); `--autoencoder` takes a run of
 `xctdiff train autoencoder` with ``autoencoder.decoder_only`` and ``--init MODEL_FOLDER``, and refuses one
 whose encoder or codebook differs from the folder's (the encoder and diffusion stages read those latents); `--metrics` replaces the manifest's metrics (the summary.json of `xctdiff
 evaluate` with the new stage). The other stages' files stay byte-identical; the manifest is rewritten with
@@ -126,8 +127,10 @@ def main() -> None:
         check_same_latents(args.folder, trained_stage("autoencoder", args.encoder)[0],
                            hint="train the encoder with --init a folder that has this folder's autoencoder")
     previous = args.folder / f"{stage}.json"
-    if stage == "diffusion" and previous.is_file():  # the folder's default path stays what it was
-        settings["method"] = json.loads(previous.read_text(encoding="utf-8")).get("method", "diffusion")
+    if stage == "diffusion" and previous.is_file():  # the folder's defaults (path, sampler, steps) stay what they were
+        defaults = json.loads(previous.read_text(encoding="utf-8"))
+        settings["method"] = defaults.get("method", "diffusion")
+        settings.update({key: defaults[key] for key in ("sampler", "steps") if key in defaults})
     record = export_stage(network, stage, settings, args.folder, dtype=args.dtype)
     stages, extra, files = manifest_parts(args.folder)
     stages[stage] = record
