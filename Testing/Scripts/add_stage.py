@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from XctDiffCore.model_folder import MANIFEST_NAME, export_stage, load_model_folder, read_manifest, write_manifest
+from XctDiffCore.model_folder import MANIFEST_NAME, export_stage, load_model_folder, load_stages, write_manifest
 
 STAGE_JSON_KEYS = ("stage", "dtype", "parameters")  # written by export_stage itself
 
@@ -79,19 +79,16 @@ def replace_latents(folder: Path, source: Path, version: str, model_id) -> None:
     """Copy another folder's autoencoder in, byte for byte, and mark the stages that read its latents."""
     import shutil
 
-    from XctDiffCore.model_folder import load_autoencoder
-
-    load_autoencoder(source)  # its checksums verified
-    record = read_manifest(source, required=("autoencoder",))["stages"]["autoencoder"]
+    _, settings, manifest = load_stages(source, ("autoencoder",), required=("autoencoder",))  # checksums verified
+    record = manifest["stages"]["autoencoder"]
     stages, extra, files = manifest_parts(folder)
     for role in ("weights", "config"):
         shutil.copyfile(source / record[role], folder / stages["autoencoder"][role])
     extra.update(version=version, retrain=["encoder", "diffusion"], **({"id": model_id} if model_id else {}))
     extra.pop("metrics", None)  # measured on the old latents
     steps = extra.get("training", {}).get("steps", {})
-    settings = json.loads((source / record["config"]).read_text(encoding="utf-8"))
-    if "autoencoder" in steps and "step" in settings:
-        steps["autoencoder"] = settings["step"]
+    if "autoencoder" in steps and "step" in settings["autoencoder"]:
+        steps["autoencoder"] = settings["autoencoder"]["step"]
     write_manifest(folder, stages, extra=extra, files=files)
     print(f"{folder}: autoencoder of {source}; retrain its encoder and diffusion stages on these latents "
           f"(xctdiff train encoder|diffusion --init {folder}), then add them with --encoder / --diffusion")
@@ -137,10 +134,9 @@ def main() -> None:
     extra["version"] = args.version
     if args.id:
         extra["id"] = args.id
-    if stage in extra.get("retrain", []):  # trained on the folder's own latents now
-        extra["retrain"] = [name for name in extra["retrain"] if name != stage]
-        if not extra["retrain"]:
-            del extra["retrain"]
+    retrain = [name for name in extra.pop("retrain", []) if name != stage]  # this one learnt the folder's latents
+    if retrain:
+        extra["retrain"] = retrain
     steps = extra.get("training", {}).get("steps", {})
     if stage in steps and "step" in settings:  # the manifest's training record follows the replaced stage
         steps[stage] = settings["step"]

@@ -260,20 +260,20 @@ def evaluate(
     used_precision = precision  # what "auto" became: from the first reconstruction
     for index, case in enumerate(tqdm(cases, desc="evaluate", unit="case", file=sys.stderr, disable=not progress)):
         radiograph = Radiograph(case.drr, None, True, case.name)
-        outputs = {
-            "xctdiff": pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index, device=device, style="off",
-                                        method="diffusion", sampler=sampler, precision=precision),
-        } if sampled else {}
+        outputs = {}
+        if sampled:
+            outputs["xctdiff"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index, device=device,
+                                                  style="off", method="diffusion", sampler=sampler, precision=precision)
         outputs["direct"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off", method="direct",
                                              precision=precision)
         if pipe.coarse is not None:  # the direct path without its coarse CT: what the blend adds
             outputs["direct_decoder"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
                                                          method="direct", precision=precision, coarse="off")
-        if guidance > 0 and sampled:
-            outputs["xctdiff_guided"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index,
-                                                         device=device, style="off", method="diffusion", sampler=sampler,
-                                                         guidance=guidance, precision=precision)
         if guidance > 0:
+            if sampled:
+                outputs["xctdiff_guided"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index,
+                                                             device=device, style="off", method="diffusion",
+                                                             sampler=sampler, guidance=guidance, precision=precision)
             outputs["direct_guided"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
                                                         method="direct", guidance=guidance, precision=precision)
         used_precision = outputs["direct"].precision
@@ -293,7 +293,7 @@ def evaluate(
             volumes["mean_ct"] = mean_ct
             rows.append({"case": case.name, "method": "mean_ct", **scores(mean_ct)})
         if index < figure_cases:
-            uncertainty = outputs["xctdiff"].uncertainty if sampled else None
+            uncertainty = outputs["xctdiff"].uncertainty if sampled else None  # no samples, no spread
             figure.append(figure_case(case, volumes, None if uncertainty is None else uncertainty.array))
 
     summary = summarize(rows)
