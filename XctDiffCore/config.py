@@ -30,6 +30,7 @@ PREDICTIONS = ("epsilon", "v")  # what the diffusion UNet outputs (see XctDiffCo
 SAMPLERS = ("ddim", "dpm-solver++")  # diffusion samplers (XctDiffCore.diffusion); here, torch-free, for the CLI's parser
 METHODS = ("diffusion", "direct")  # reconstruction paths; direct: the encoder's prior decoded without diffusion
 UPSAMPLING = ("resize", "transpose")  # the style generator's x2 layers (XctDiffCore.models.cyclegan.upsampling_layer)
+CRITIC_AUGMENTS = ("translation", "cutout")  # what the style critics may see (XctDiffCore.models.cyclegan.critic_augment)
 
 
 # ----------------------------------------------------------------------------------------- sections
@@ -302,6 +303,8 @@ class StyleLossConfig:
     identity_weight: float = 5.0  # 0 leaves the identity term out
     edge_weight: float = 0.0  # 1 - correlation of gradient magnitudes, input vs output, per generator; 0: the paper's CycleGAN
     pool_size: int = 50
+    edge_sigma: float = 0.0  # the edge term on images smoothed by this Gaussian (pixels): bones count, film grain does not
+    critic_augment: tuple[str, ...] = ()  # DiffAugment for the critics: "translation", "cutout" (models.cyclegan.critic_augment)
 
 
 @dataclass
@@ -368,8 +371,10 @@ class Config:
         style_factor = 2**self.style.model.num_downsamples
         if self.data.xray_size % style_factor:
             raise XctDiffError(f"data.xray_size ({self.data.xray_size}) must be a multiple of {style_factor} (style.model.num_downsamples)")
-        if self.style.loss.pool_size < 0 or self.style.loss.edge_weight < 0:
-            raise XctDiffError("style.loss.pool_size and style.loss.edge_weight must be 0 or more")
+        if min(self.style.loss.pool_size, self.style.loss.edge_weight, self.style.loss.edge_sigma) < 0:
+            raise XctDiffError("style.loss.pool_size, style.loss.edge_weight and style.loss.edge_sigma must be 0 or more")
+        if set(self.style.loss.critic_augment) - set(CRITIC_AUGMENTS):
+            raise XctDiffError(f"style.loss.critic_augment may name {', '.join(CRITIC_AUGMENTS)}, got {list(self.style.loss.critic_augment)}")
         if self.style.model.upsample not in UPSAMPLING:
             raise XctDiffError(f"style.model.upsample must be one of {', '.join(UPSAMPLING)}, got {self.style.model.upsample!r}")
         if self.diffusion.schedule.prediction not in PREDICTIONS:

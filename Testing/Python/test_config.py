@@ -102,6 +102,8 @@ def test_unknown_section_is_an_error():
         ({"autoencoder": {"optim": {"ema_decay": 1.0}}}, r"autoencoder\.optim\.ema_decay must be in \[0, 1\)"),
         ({"coarse": {"optim": {"ema_decay": -0.5}}}, r"coarse\.optim\.ema_decay must be in \[0, 1\)"),
         ({"encoder": {"augment": {"bank": 4}, "image_weight": 0.5}}, r"encoder\.image_weight needs the warped CTs"),
+        ({"style": {"loss": {"edge_sigma": -1.0}}}, r"style\.loss\.edge_sigma must be 0 or more"),
+        ({"style": {"loss": {"critic_augment": ["colour"]}}}, r"style\.loss\.critic_augment may name translation, cutout"),
     ],
 )
 def test_bad_values_are_one_sentence_errors(data, message):

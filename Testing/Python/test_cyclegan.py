@@ -13,7 +13,9 @@ from XctDiffCore.config import DiscriminatorConfig, StyleConfig, StyleModelConfi
 from XctDiffCore.models.cyclegan import (
     ImagePool,
     ResnetGenerator,
+    critic_augment,
     critic_loss,
+    gaussian_blur,
     generator_loss,
     gradient_correlation,
     lsgan_loss,
@@ -71,6 +73,19 @@ def test_gradient_correlation_sees_edges_not_contrast():
     assert gradient_correlation(film, moved).max() < 0.2
 
 
+def test_smoothed_edge_correlation_keeps_bones_and_ignores_grain():
+    torch.manual_seed(0)
+    bar = torch.zeros(2, 1, 32, 32)
+    bar[:, :, 8:24, 10:14] = 1.0  # a bone-like bar
+    grainy = bar + 0.4 * torch.randn(2, 1, 32, 32)  # a film: the bar under heavy pixel-scale grain
+    assert gradient_correlation(grainy, bar).max() < 0.65  # raw: the grain's edges count against a clean output
+    assert gradient_correlation(grainy, bar, sigma=1.0).min() > 0.8  # smoothed: the bar's edges decide
+    assert gradient_correlation(grainy, torch.roll(bar, 8, dims=-1), sigma=1.0).max() < 0.3  # a moved bar still fails
+    flat = torch.full((1, 1, 16, 16), 0.3)
+    assert torch.allclose(gaussian_blur(flat, 1.0), flat)  # the weights sum to 1, the border is reflected
+    assert gaussian_blur(bar, 1.0).sum().item() == pytest.approx(bar.sum().item(), rel=1e-4)
+
+
 def test_lsgan_loss_targets():
     scores = torch.tensor([[0.0, 1.0], [2.0, -1.0]])
     assert lsgan_loss(scores, True).item() == pytest.approx((1 + 0 + 1 + 4) / 4)
@@ -117,6 +132,11 @@ def test_losses_backpropagate_to_the_right_networks():
     critic_total.backward()
     assert set(critic_parts) == {"critic_drr", "critic_real"}
     assert all(p.grad is None for p in generators["real_to_drr"].parameters())  # fakes are detached
+    assert all(p.grad is not None for p in critics["drr"].parameters())
+    gan.zero_grad(set_to_none=True)  # the critics' augmentation changes what they see, not who learns
+    generator_loss(*nets, real, drr, 10, 5, augment=("translation", "cutout"))[0].backward()
+    critic_loss(critics["drr"], critics["real"], real, drr, fake_real, fake_drr, ("translation",))[0].backward()
+    assert all(p.grad is not None for p in generators["real_to_drr"].parameters())
     assert all(p.grad is not None for p in critics["drr"].parameters())
     assert "identity_drr" not in generator_loss(*nets, real, drr, 10, 0)[1]
     total, parts, _, _ = generator_loss(*nets, real, drr, 10, 0, edge_weight=5)
@@ -202,3 +222,30 @@ def test_a_model_folders_style_stage_is_verified_before_it_is_loaded(tmp_path):
     (tmp_path / "bare.json").write_text('{"image_size": 32, "model": {}}')
     with pytest.raises(XctDiffError, match="not a style generator"):
         load_style_generator(tmp_path / "bare.safetensors")
+
+
+def test_critic_augment_moves_and_holes_each_image_and_passes_gradients():
+    torch.manual_seed(0)
+    images = torch.rand(6, 1, 32, 32, requires_grad=True)
+    assert critic_augment(images, ()) is images  # no policy: the critic sees the images themselves
+    shifted = critic_augment(images, ("translation",))
+    assert shifted.shape == images.shape
+    for a, b in zip(images.detach(), shifted.detach()):  # each is a shift by at most 4 px, zero-filled
+        matches = [(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)
+                   if torch.equal(b, torch.roll(a, (dy, dx), (1, 2)) * _inside(dy, dx, 32))]
+        assert len(matches) == 1
+    holed = critic_augment(images, ("cutout",)).detach()
+    zeros = (holed == 0).flatten(1).sum(1)
+    assert ((zeros > 0) & (zeros <= 16 * 16)).all()  # a square of at most half the size, blanked
+    assert torch.equal(holed[holed != 0], images.detach()[holed != 0])
+    critic_augment(images, ("translation", "cutout")).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown critic augmentation"):
+        critic_augment(images, ("colour",))
+
+
+def _inside(dy: int, dx: int, size: int) -> torch.Tensor:
+    """The pixels of a ``size`` square that a shift by (dy, dx) fills from the image, not from outside."""
+    r = torch.arange(size).view(size, 1) - dy
+    c = torch.arange(size).view(1, size) - dx
+    return ((r >= 0) & (r < size) & (c >= 0) & (c < size)).float()[None]

@@ -21,6 +21,8 @@ from XctDiffCore.errors import XctDiffError
 from XctDiffCore.io import read_radiograph, write_image_png
 from XctDiffCore.style import apply_style, load_style_generator
 from XctDiffCore.evaluation.style import (
+    FEATURE_GROUPS,
+    accuracy_by_feature_group,
     consistency_with_and_without_style,
     domain_accuracy,
     edge_preservation,
@@ -165,6 +167,8 @@ def test_evaluate_style_writes_the_report(domains, straight, tmp_path, capsys):
     assert f"mean {edges['mean']:.3f}" in (out / "style_eval.md").read_text(encoding="utf-8")
     table = (out / "style_eval.md").read_text(encoding="utf-8")
     assert f"{100 * result['after']['accuracy']:.1f}%" in table
+    assert set(result["after_by_feature"]) == {name for name, _ in FEATURE_GROUPS}
+    assert f"intensity histogram {100 * result['after_by_feature']['intensity histogram']:.1f}%" in table
     figure = read_radiograph(out / "style_eval.png").image
     assert figure.shape == (6 * 34 - 2, 3 * 34 - 2)  # six rows of real | transferred | nearest DRR
     assert main(argv[:-2] + ["--folds", "1"]) == 2
@@ -208,6 +212,16 @@ def test_domain_accuracy_is_calibrated():
     assert shifted["accuracy"] > 0.95
     with pytest.raises(XctDiffError, match="at least 5"):
         domain_accuracy(same[:3], same[3:], folds=5)
+
+
+def test_accuracy_by_feature_group_names_the_group_that_differs():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(40, 80)), rng.normal(size=(40, 80))
+    b[:, 48:64] += 3.0  # only the |Laplacian| histogram differs (texture, film grain)
+    groups = accuracy_by_feature_group(a, b)
+    assert list(groups) == [name for name, _ in FEATURE_GROUPS] and sum(w for _, w in FEATURE_GROUPS) == 80
+    assert groups["|Laplacian| histogram"] > 0.95
+    assert all(0.2 < value < 0.8 for name, value in groups.items() if name != "|Laplacian| histogram")
 
 
 def test_style_features_see_blur_and_noise():

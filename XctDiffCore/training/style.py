@@ -221,13 +221,16 @@ def train_style(config: Config, resume: bool, job: Distributed, deadline: Deadli
             loss, terms, fake_drr, fake_real = generator_loss(
                 generators["real_to_drr"], generators["drr_to_real"], critics["drr"], critics["real"], real, drr,
                 section.loss.cycle_weight, section.loss.identity_weight, section.loss.edge_weight,
+                section.loss.critic_augment, section.loss.edge_sigma,
             )
         backward_step(loss, list(generators.parameters()), opt_g, scaler_g, optim.grad_clip, average_over=job)
 
         critics.requires_grad_(True)
         pooled_drr, pooled_real = pools["drr"].query(fake_drr.float()), pools["real"].query(fake_real.float())
         with autocast(device, precision):
-            d_loss, d_terms = critic_loss(critics["drr"], critics["real"], real, drr, pooled_real, pooled_drr)
+            d_loss, d_terms = critic_loss(
+                critics["drr"], critics["real"], real, drr, pooled_real, pooled_drr, section.loss.critic_augment
+            )
         backward_step(d_loss, list(critics.parameters()), opt_d, scaler_d, optim.grad_clip, average_over=job)
 
         step, stop = step + 1, deadline.passed()  # the time limit and SIGTERM: checkpoint, then stop
