@@ -5,8 +5,10 @@ scatter and sharpness. A CycleGAN learns the mapping from unpaired images of bot
 ResNet generators (real -> DRR, DRR -> real; resize-convolution upsampling, no checkerboard), two 70x70 PatchGAN critics
 (:class:`~XctDiffCore.models.discriminators.PatchDiscriminator`, 2D), least-squares (LSGAN)
 adversarial losses, an L1 cycle loss and an L1 identity loss, and a pool of 50 earlier fakes for the
-critics (which damps oscillation). An optional edge term (correlation of gradient magnitudes between
-each generator's input and output) keeps ribs, clavicles and spine where the cycle alone lets them go.
+critics (which damps oscillation); optionally the critics see randomly shifted and holed images
+(DiffAugment, :func:`critic_augment`), as 15-19 DRRs are too few for them not to learn by heart.
+An optional edge term (correlation of gradient magnitudes between each generator's input and output)
+keeps ribs, clavicles and spine where the cycle alone lets them go.
 
 Images are single-channel ``(B, 1, H, W)`` in ``[-1, 1]`` inside the networks (tanh output);
 :func:`XctDiffCore.style.apply_style` converts from and to the product's ``[0, 1]`` radiographs.
@@ -144,9 +146,10 @@ def critic_augment(images: torch.Tensor, policy: tuple = ()) -> torch.Tensor:
     """(B, 1, H, W) -> the same, each image shifted and/or holed at random, differentiably (DiffAugment).
 
     Zhao et al. 2020: with few images in a domain (here 15-19 DRRs) a critic memorises them and wins
-    outright, and the generator learns nothing more about the style. Showing the critic the same random
-    transformation of real and generated images alike, in its update and in the generator's, keeps it
-    from memorising without teaching the generator to produce the transformation. ``translation``
+    outright, and the generator learns nothing more about the style. Showing the critic real and
+    generated images through the same kind of random transformation (drawn per image), in its update
+    and in the generator's, keeps it from memorising without teaching the generator to produce the
+    transformation. ``translation``
     shifts by up to 1/8 of the size (zero-filled), ``cutout`` blanks a square of half the size to 0
     (mid-grey); only geometric changes, as a change of intensity would hide the very style judged.
     """
