@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from XctDiffCore.commands.benchmark import PIPELINE_STAGES, benchmark_pipeline, format_table
+from XctDiffCore.commands.benchmark import PIPELINE_STAGES, _seconds_at_peak, benchmark_pipeline, format_table
 from XctDiffCore.commands.cli import main
 from XctDiffCore.errors import XctDiffError
 from XctDiffCore.model_folder import create_random_model
@@ -17,7 +17,7 @@ STAGE_NAMES = [name for name, _ in PIPELINE_STAGES]
 
 
 def test_pipeline_benchmark_of_random_tiny_weights():
-    results = benchmark_pipeline("cpu", steps=2, samples=2, config="tiny", repeats=2, warmup=0)
+    results = benchmark_pipeline("cpu", steps=2, samples=2, config="tiny", repeats=2, warmup=0, precision="fp32")
     assert [r.name for r in results] == STAGE_NAMES
     for r in results:
         assert r.device == "cpu" and len(r.seconds) == 2 and min(r.seconds) >= 0.0
@@ -39,8 +39,9 @@ def test_pipeline_benchmark_of_random_tiny_weights():
     decode = next(line for line in table if line.startswith("decode")).split()
     rate = by_name["decode"].gflop / by_name["decode"].median_s
     assert decode[-1] == f"{by_name['decode'].peak_share:.0%}"
-    # the decoder runs in one precision: its share is its rate over that peak (printed rounded to 1 GFLOP/s,
-    # which is up to 0.5 GFLOP/s off: a few per cent when a busy machine measures a peak of some 20 GFLOP/s)
+    # the decoder runs in one precision (fp32 here; a bf16 run does a few operations in fp32, which
+    # _seconds_at_peak weighs by their own peak): its share is its rate over that peak (printed rounded
+    # to 1 GFLOP/s, up to 0.5 GFLOP/s off: a few per cent when a busy machine measures some 20 GFLOP/s)
     rounding = 0.5 / settings["peak_gflops"]
     assert by_name["decode"].peak_share == pytest.approx(rate / settings["peak_gflops"], rel=1e-2 + rounding)
     for stage in ("encoder", "sampler/step", "decode", "total"):
@@ -48,6 +49,14 @@ def test_pipeline_benchmark_of_random_tiny_weights():
     assert by_name["write"].gflop is None and by_name["load"].gflop is None
     stages = sum((r.gflop or 0.0) * (2 if r.name == "sampler/step" else 1) for r in results if r.name != "total")
     assert by_name["total"].gflop == pytest.approx(stages, rel=1e-6)
+
+
+def test_a_stage_in_two_precisions_is_timed_at_each_ones_peak():
+    """A bf16 decode does a few operations in fp32: each part counts at its own precision's peak (GFLOP/s)."""
+    peaks = {"bfloat16": 900.0, "float32": 225.0}
+    assert _seconds_at_peak({"bfloat16": 1.8e9, "float32": 0.45e9}, peaks, 900.0) == pytest.approx(0.002 + 0.002)
+    assert _seconds_at_peak({"float16": 0.9e9}, peaks, 900.0) == pytest.approx(0.001)  # no peak measured: the run's
+    assert _seconds_at_peak({}, peaks, 900.0) == 0
 
 
 @pytest.mark.filterwarnings("ignore:the input does not look like a frontal chest")  # a noise film, on purpose
