@@ -324,7 +324,7 @@ def markdown_table(result: dict) -> str:
         "(e.g. children's films vs adult CTs) can keep the accuracy above 50% even after a perfect transfer.",
         "",
         "Each feature group alone, after the transfer (what still tells the kinds apart): "
-        + ", ".join(f"{name} {100 * value:.1f}%" for name, value in result.get("after_by_feature", {}).items()) + ".",
+        + ", ".join(f"{name} {100 * value:.1f}%" for name, value in result["after_by_feature"].items()) + ".",
         "",
         f"Mean absolute change the generator makes to a DRR (should be small): {result['drr_change']:.4f} (intensity in [0, 1]).",
         "",

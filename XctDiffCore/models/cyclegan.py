@@ -135,9 +135,10 @@ def gradient_correlation(a: torch.Tensor, b: torch.Tensor, sigma: float = 0.0) -
     > 0 compares the images smoothed by a Gaussian of that many pixels: the edges of structures wider
     than it (ribs, clavicles) still count, pixel-scale texture (film grain, noise) no longer does.
     """
+    a, b = a.float(), b.float()
     if sigma > 0:
-        a, b = gaussian_blur(a.float(), sigma), gaussian_blur(b.float(), sigma)
-    ga, gb = gradient_magnitude(a.float()).flatten(1), gradient_magnitude(b.float()).flatten(1)
+        a, b = gaussian_blur(a, sigma), gaussian_blur(b, sigma)
+    ga, gb = gradient_magnitude(a).flatten(1), gradient_magnitude(b).flatten(1)
     ga, gb = ga - ga.mean(1, keepdim=True), gb - gb.mean(1, keepdim=True)
     return (ga * gb).sum(1) / (ga.norm(dim=1) * gb.norm(dim=1)).clamp_min(1e-8)
 
