@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy.ndimage import gaussian_filter
 from conftest import synthetic_chest
 
 from XctDiffCore.commands.cli import main
@@ -27,6 +28,7 @@ from XctDiffCore.evaluation.style import (
     domain_accuracy,
     edge_preservation,
     evaluate_style,
+    layout_agreement,
     nearest_drr,
     style_features,
 )
@@ -177,6 +179,7 @@ def test_evaluate_style_writes_the_report(domains, straight, tmp_path, capsys):
     hooked = evaluate_style(straight / "style", [domains / "real"], domains / "datalist.json", tmp_path / "hook", folds=4,
                             consistency=lambda image: calls.append(image) or float(image.mean()))
     assert len(calls) == 16 and hooked["consistency"]["with_style"] != hooked["consistency"]["without_style"]
+    assert hooked["consistency"]["layout"] is None and len(hooked["figure_columns"]) == 3  # a hook without DRRs
     assert "with style transfer" in (tmp_path / "hook" / "style_eval.md").read_text(encoding="utf-8")
 
 
@@ -200,7 +203,13 @@ def test_evaluate_style_with_a_model_folder_scores_reconstructions_both_ways(dom
     assert len(consistency["per_image"]["with_style"]) == len(consistency["per_image"]["without_style"]) == 8
     assert all(0.0 <= c <= 1.0 for c in consistency["per_image"]["with_style"] + consistency["per_image"]["without_style"])
     assert consistency["with_style"] != consistency["without_style"]
-    assert "| with style transfer |" in capsys.readouterr().out
+    layout = consistency["layout"]  # each reconstruction's DRR against the film as loaded
+    assert len(layout["per_image"]["with_style"]) == len(layout["per_image"]["without_style"]) == 8
+    assert all(-1.0 <= a <= 1.0 for a in layout["per_image"]["with_style"] + layout["per_image"]["without_style"])
+    printed = capsys.readouterr().out
+    assert "| with style transfer |" in printed and f"{layout['with_style']:.4f} |" in printed
+    figure = read_radiograph(tmp_path / "eval" / "style_eval.png").image  # film | its CT's DRR | transfer | its CT's DRR | DRR
+    assert figure.shape == (6 * 34 - 2, 5 * 34 - 2)
 
 
 def test_domain_accuracy_is_calibrated():
@@ -243,6 +252,34 @@ def test_consistency_hook_scores_both_versions():
     assert result["without_style"] == pytest.approx(0.3) and result["with_style"] == pytest.approx(0.8)
     assert result["per_image"]["with_style"] == pytest.approx([0.7, 0.9])
     assert consistency_with_and_without_style(lambda image: float(image[0, 0]), images, images[::-1])["with_not_worse"] == 0.5
+
+
+def test_consistency_hook_with_drrs_measures_the_layout_against_the_film_as_loaded():
+    films = np.random.default_rng(0).random((3, 64, 64)).astype(np.float32)
+    smoothed = np.stack([gaussian_filter(f, 8) for f in films])
+    # the "reconstruction" renders exactly what it was given: the transfer's smoothing wins the consistency
+    # only when the score compares with the transfer's output; against the film as loaded it loses
+    def score(image):
+        return float(-np.abs(image - gaussian_filter(image, 8)).mean()), image
+
+    result = consistency_with_and_without_style(score, films, smoothed)
+    assert result["with_style"] > result["without_style"] and result["with_not_worse"] == 1.0
+    assert result["layout"]["without_style"] == pytest.approx(1.0) and result["layout"]["with_style"] < 0.9
+    assert consistency_with_and_without_style(lambda image: 0.5, films, smoothed)["layout"] is None  # no DRRs given
+    _, drrs = consistency_with_and_without_style(score, films, smoothed, return_drrs=True)
+    np.testing.assert_array_equal(drrs["with_style"], smoothed.astype(np.float32))
+
+
+def test_layout_agreement_ignores_contrast_and_texture_but_not_where_things_are():
+    y, x = np.mgrid[:128, :128] / 128.0
+    lungs = np.exp(-((x - 0.3) ** 2 + (y - 0.5) ** 2) / 0.02) + np.exp(-((x - 0.7) ** 2 + (y - 0.5) ** 2) / 0.02)
+    chest = lungs + 0.5 * y  # and an exposure gradient from top to bottom
+    grain = 0.02 * np.random.default_rng(0).standard_normal(chest.shape)
+    assert layout_agreement(chest, chest ** 3 + grain) > 0.95  # another contrast curve and film grain: the same layout
+    assert layout_agreement(chest, chest[:, ::-1].copy()) > 0.95  # a symmetric layout, mirrored
+    for axis in (0, 1):  # the lungs moved by 5 cm, down or sideways
+        assert layout_agreement(chest, np.roll(chest, 20, axis=axis)) < layout_agreement(chest, chest ** 3 + grain) - 0.15
+    assert layout_agreement(chest, np.zeros_like(chest)) == 0.0
 
 
 def test_edge_preservation_is_measured_inside_the_lung_box():

@@ -14,11 +14,13 @@ transfer inside the lung fields (:func:`edge_preservation`).
 
 Outputs: ``style_eval.json``, ``style_eval.md`` (a table) and ``style_eval.png``: rows of real |
 transferred | the nearest DRR (smallest distance between 32 x 32 thumbnails of the transferred
-film and the DRRs, each standardised).
+film and the DRRs, each standardised); with a whole model, the DRR of the reconstruction from the
+film and from its transfer follow each, so that what the transfer changes in the result shows.
 
 The data-consistency of reconstructions with and without the transfer is measured by
 :func:`consistency_with_and_without_style`, given a callable from the pipeline
-(``evaluate_style(..., consistency=...)``).
+(``evaluate_style(..., consistency=...)``), beside the referee of that score, the reconstruction's
+:func:`layout_agreement` with the film as loaded (the score itself rewards a transfer that smooths).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ FIGURE_ROWS = 6
 # rows, then columns): the box in which the bone-edge preservation is measured, so that the film's
 # border, collimation and labels do not count. A fixed approximation: no segmentation of real films here.
 LUNG_BOX = ((0.15, 0.80), (0.12, 0.88))
+LAYOUT_SIDE = 32  # px of the layout agreement's thumbnails: 1 cm at the 128 px input, coarser than any film texture
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -177,36 +180,77 @@ def edge_preservation(real01: np.ndarray, transferred01: np.ndarray) -> np.ndarr
 # ---------------------------------------------------------------------------------------- the hook
 
 
-def consistency_with_and_without_style(
-    score: Callable[[np.ndarray], float], real01: np.ndarray, transferred01: np.ndarray
-) -> dict:
+def layout_agreement(film01: np.ndarray, drr01: np.ndarray, side: int = LAYOUT_SIDE) -> float:
+    """Correlation of a film's and a DRR's intensity ranks at ``side`` px: do they put the same things in the same places?
+
+    The referee of a transfer: the consistency score compares a reconstruction with the image it was
+    given, so a transfer that merely smooths the film raises it (a DRR is smooth). This compares with
+    the film as loaded instead, blind to any monotone contrast curve (ranks) and to texture (area
+    average to ``side`` px, 1 cm at 128 px): what is left is the layout of lungs, heart, diaphragm and
+    body. It favours the untransferred film (the reference is that film), so it ranks transfers
+    against each other; it cannot say whether to transfer at all.
+    """
+    import torch.nn.functional as F
+    from scipy.stats import rankdata
+
+    def thumb(image):
+        ranks = rankdata(np.asarray(image, dtype=np.float64), method="average").reshape(np.shape(image))
+        return F.adaptive_avg_pool2d(torch.from_numpy(ranks)[None, None], side).flatten().numpy()
+
+    a, b = thumb(film01), thumb(drr01)
+    if a.std() == 0 or b.std() == 0:
+        return 0.0  # a blank image has no layout to agree with
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def consistency_with_and_without_style(score: Callable, real01: np.ndarray, transferred01: np.ndarray,
+                                       return_drrs: bool = False):
     """Mean data-consistency of reconstructions from the films as they are and after the transfer.
 
     ``score(image01)`` reconstructs a CT from one ``[H, W]`` radiograph in [0, 1] and returns its
     data-consistency (defined by the pipeline: e.g. the similarity of the reconstruction's DRR to that
-    input). It is called once per image of each kind, in this order.
+    input), or ``(consistency, drr01)`` with that DRR, which adds each reconstruction's
+    :func:`layout_agreement` with the film as loaded. It is called once per image of each kind, in this order.
+    With ``return_drrs``: ``(result, {"without_style": [N, H, W], "with_style": [N, H, W]})`` (None without DRRs).
     """
-    without = [float(score(image)) for image in real01]
-    with_style = [float(score(image)) for image in transferred01]
-    return {
+    def scored(images):
+        results = [score(image) for image in images]
+        pairs = [r if isinstance(r, tuple) else (r, None) for r in results]
+        consistency = [float(c) for c, _ in pairs]
+        drrs = [d for _, d in pairs]
+        if any(d is None for d in drrs):
+            return consistency, None, None
+        return consistency, [layout_agreement(f, d) for f, d in zip(real01, drrs)], np.stack(drrs).astype(np.float32)
+
+    without, layout_without, drrs_without = scored(real01)
+    with_style, layout_with, drrs_with = scored(transferred01)
+    result = {
         "without_style": float(np.mean(without)),
         "with_style": float(np.mean(with_style)),
         "with_not_worse": float(np.mean(np.asarray(with_style) >= np.asarray(without))),  # share of films
         "per_image": {"without_style": without, "with_style": with_style},
+        "layout": None,
     }
+    if layout_with is not None:
+        result["layout"] = {"without_style": float(np.mean(layout_without)), "with_style": float(np.mean(layout_with)),
+                            "side": LAYOUT_SIDE, "per_image": {"without_style": layout_without, "with_style": layout_with}}
+    if not return_drrs:
+        return result
+    return result, None if drrs_with is None else {"without_style": drrs_without, "with_style": drrs_with}
 
 
 def pipeline_consistency(model_folder, steps: Optional[int] = None, device: str = "auto", seed: int = 0) -> Callable:
     """``score(image01)`` for :func:`consistency_with_and_without_style`: reconstruct with a whole model
-    folder (no style stage: the image is scored as given) and return the reconstruction's consistency."""
+    folder (no style stage: the image is scored as given) and return the reconstruction's consistency and DRR."""
     from ..io import Radiograph
     from ..pipeline import XctDiffPipeline
 
     pipe = XctDiffPipeline.from_pretrained(model_folder)
 
-    def score(image01: np.ndarray) -> float:
+    def score(image01: np.ndarray) -> tuple:
         film = Radiograph(np.asarray(image01, dtype=np.float32), None, False, "style evaluation")
-        return pipe.reconstruct(film, steps=steps, seed=seed, device=device, style="off").consistency
+        result = pipe.reconstruct(film, steps=steps, seed=seed, device=device, style="off")
+        return result.consistency, pipe.render_drr(result.ct, "cpu")
 
     return score
 
@@ -225,11 +269,11 @@ def nearest_drr(images01: np.ndarray, drrs01: np.ndarray) -> np.ndarray:
     return torch.cdist(thumbs(images01), thumbs(drrs01)).argmin(1).numpy()
 
 
-def figure(real01: np.ndarray, transferred01: np.ndarray, drr01: np.ndarray) -> np.ndarray:
-    """Rows of real | transferred | nearest DRR, 2-pixel white gaps: ``[rows * (S + 2) - 2, 3 * (S + 2) - 2]``."""
+def figure(*columns: np.ndarray) -> np.ndarray:
+    """Columns of ``[rows, S, S]`` images side by side, 2-pixel white gaps: ``[rows * (S + 2) - 2, C * (S + 2) - 2]``."""
     rows = []
-    for triple in zip(real01, transferred01, drr01):
-        rows.append(np.concatenate([np.pad(im, ((0, 0), (0, 2)), constant_values=1.0) for im in triple], 1)[:, :-2])
+    for images in zip(*columns):
+        rows.append(np.concatenate([np.pad(im, ((0, 0), (0, 2)), constant_values=1.0) for im in images], 1)[:, :-2])
     grid = np.concatenate([np.pad(r, ((0, 2), (0, 0)), constant_values=1.0) for r in rows], 0)[:-2]
     return grid.astype(np.float32)
 
@@ -245,7 +289,7 @@ def evaluate_style(
     max_images: Optional[int] = None,
     seed: int = 0,
     folds: int = 5,
-    consistency: Optional[Callable[[np.ndarray], float]] = None,
+    consistency: Optional[Callable] = None,
     device: str = "cpu",
 ) -> dict:
     """Domain distance of real films to DRRs before and after the style transfer; writes JSON, Markdown, PNG."""
@@ -282,13 +326,20 @@ def evaluate_style(
         "figure": "style_eval.png",
         "consistency": None,
     }
+    reconstructed = None
+    if consistency is not None:
+        result["consistency"], reconstructed = consistency_with_and_without_style(consistency, real01, moved01, return_drrs=True)
     rng = np.random.default_rng(seed)
     shown = np.sort(rng.choice(len(real01), min(FIGURE_ROWS, len(real01)), replace=False))
     nearest = nearest_drr(moved01[shown], drr01)
     result["figure_rows"] = [{"real": str(files[i]), "nearest_drr_index": int(j)} for i, j in zip(shown, nearest)]
-    write_image_png(figure(real01[shown], moved01[shown], drr01[nearest]), out_dir / "style_eval.png", bits=8)
-    if consistency is not None:
-        result["consistency"] = consistency_with_and_without_style(consistency, real01, moved01)
+    if reconstructed is None:
+        result["figure_columns"] = ["real film", "transferred", "nearest DRR"]
+        columns = (real01[shown], moved01[shown], drr01[nearest])
+    else:  # what each input makes of the patient, side by side
+        result["figure_columns"] = ["real film", "DRR of its reconstruction", "transferred", "DRR of its reconstruction", "nearest DRR"]
+        columns = (real01[shown], reconstructed["without_style"][shown], moved01[shown], reconstructed["with_style"][shown], drr01[nearest])
+    write_image_png(figure(*columns), out_dir / "style_eval.png", bits=8)
 
     with atomic_path(out_dir / "style_eval.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -332,11 +383,19 @@ def markdown_table(result: dict) -> str:
         f"1 = every edge kept): mean {result['edge_preservation']['mean']:.3f}, median "
         f"{result['edge_preservation']['median']:.3f}, lowest {result['edge_preservation']['min']:.3f}.",
         "",
-        f"Figure `{result['figure']}`: rows of real | transferred | nearest DRR.",
+        f"Figure `{result['figure']}`: rows of {' | '.join(result['figure_columns'])}.",
     ]
     if result.get("consistency"):
         c = result["consistency"]
         lines += ["", "| data consistency of the reconstruction | value |", "| --- | --- |",
                   f"| without style transfer | {c['without_style']:.4f} |", f"| with style transfer | {c['with_style']:.4f} |",
                   f"| films whose consistency the transfer did not lower | {100 * c['with_not_worse']:.0f}% |"]
+        if c.get("layout"):
+            lay = c["layout"]
+            lines += [f"| layout agreement of the reconstruction with the film as loaded ({lay['side']} px ranks), "
+                      f"without / with the transfer | {lay['without_style']:.4f} / {lay['with_style']:.4f} |", "",
+                      "The consistency compares each reconstruction with the image it was given, so a transfer that only "
+                      "smooths raises it; the layout agreement compares with the film as loaded (ranks at "
+                      f"{lay['side']} px: no contrast curve, no texture) and ranks transfers against each other. It favours "
+                      "the untransferred film, which is its reference."]
     return "\n".join(lines) + "\n"
