@@ -312,6 +312,9 @@ class StyleConfig:
     """Real radiograph -> DRR style transfer; the DRR domain is the datalist's ``xray`` images at ``data.xray_size``."""
 
     real: tuple[str, ...] = ()  # folders (searched recursively) or glob patterns of real films, from the working directory
+    # enabled: the DRR domain is augment.bank DRRs of each training CT (the first of the CT itself, the others of
+    # random warps), made once at the start, instead of the datalist's one each (:class:`~.training.style.WarpedDrrs`)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: StyleModelConfig = field(default_factory=StyleModelConfig)
     critic: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     loss: StyleLossConfig = field(default_factory=StyleLossConfig)
@@ -375,6 +378,8 @@ class Config:
             raise XctDiffError("style.loss.pool_size, style.loss.edge_weight and style.loss.edge_sigma must be 0 or more")
         if set(self.style.loss.critic_augment) - set(CRITIC_AUGMENTS):
             raise XctDiffError(f"style.loss.critic_augment may name {', '.join(CRITIC_AUGMENTS)}, got {list(self.style.loss.critic_augment)}")
+        if self.style.augment.enabled and self.style.augment.bank < 1:
+            raise XctDiffError("style.augment.enabled needs style.augment.bank >= 1 (DRRs per training CT, made once)")
         if self.style.model.upsample not in UPSAMPLING:
             raise XctDiffError(f"style.model.upsample must be one of {', '.join(UPSAMPLING)}, got {self.style.model.upsample!r}")
         if self.diffusion.schedule.prediction not in PREDICTIONS:

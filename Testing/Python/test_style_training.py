@@ -153,6 +153,56 @@ def test_config_refuses_an_indivisible_image_size():
         dataclasses.replace(config, style=dataclasses.replace(config.style, model=model)).validate()
 
 
+def _ct_datalist(root, count: int = 3, size: int = 32):
+    """A datalist of CTs (as `xctdiff prepare` writes them, parallel geometry) for the warped DRR domain."""
+    (root / "images").mkdir(parents=True)
+    (root / "xrays").mkdir()
+    entries = []
+    for k in range(count):
+        ct = synthetic_chest((size,) * 3, seed=k)
+        np.savez(root / "images" / f"c{k}.npz", ct=ct.astype(np.int16), spacing=np.full(3, 10.0), origin=np.zeros(3))
+        np.save(root / "xrays" / f"c{k}.npy", np.zeros((size, size), np.float32))  # not read when the DRRs are warped
+        entries.append({"image": f"images/c{k}.npz", "xray": f"xrays/c{k}.npy", "patient": f"c{k}"})
+    path = root / "datalist.json"
+    path.write_text(json.dumps({"settings": {"geometry": "parallel"}, "training": entries, "validation": []}))
+    return path
+
+
+def test_warped_drrs_widen_the_drr_domain_the_same_way_every_time(tmp_path):
+    from XctDiffCore.config import AugmentConfig
+    from XctDiffCore.drr import make_geometry
+    from XctDiffCore.training.data import PairDataset
+    from XctDiffCore.training.style import WarpedDrrs
+    from XctDiffCore.training.variants import random_pairs
+
+    datalist = _ct_datalist(tmp_path)
+    augment = AugmentConfig(enabled=True, max_rotation_deg=8.0, max_scale=0.12, elastic_mm=8.0).magnitudes()
+    drrs = WarpedDrrs(datalist, augment, 4, 32, 32, seed=0)
+    assert len(drrs) == 12 and drrs[0].shape == (1, 32, 32) and -1.0 <= float(drrs.images.min()) <= float(drrs.images.max()) <= 1.0
+    still = {k: (v if k == "elastic_grid" else 0.0) for k, v in augment.items()}
+    cts = PairDataset(datalist, "training", 32, 32)
+    for k in range(3):  # each CT's first DRR is of the CT itself (on prepared data: the datalist's DRR); its warps differ
+        plain = random_pairs(cts[k]["image"][None], torch.Generator(), make_geometry("parallel"), 32, still, None)[1][0]
+        assert float((drrs[4 * k] - plain).abs().max()) < 1e-5
+        assert all(float((drrs[4 * k + v] - plain).abs().mean()) > 1e-3 for v in (1, 2, 3))
+    assert torch.equal(WarpedDrrs(datalist, augment, 4, 32, 32, seed=0).images, drrs.images)  # every rank, every resume
+    assert not torch.equal(WarpedDrrs(datalist, augment, 4, 32, 32, seed=1).images, drrs.images)
+    with pytest.raises(XctDiffError, match="stopped while making the warped DRRs"):
+        WarpedDrrs(datalist, augment, 4, 32, 32, seed=0, stopped=lambda: True)
+
+
+def test_style_training_on_warped_drrs(domains, tmp_path):
+    config = _config(domains, 2, 2)
+    augment = dataclasses.replace(config.style.augment, enabled=True, bank=2)
+    config = dataclasses.replace(config, style=dataclasses.replace(config.style, augment=augment))
+    with pytest.raises(XctDiffError, match="style.augment warps the datalist's CTs, and one could not be read"):
+        train("style", config, data=domains / "datalist.json", out=tmp_path / "no_cts")  # DRRs alone: no CT to warp
+    train("style", config, data=_ct_datalist(tmp_path / "data"), out=tmp_path / "run")
+    assert (tmp_path / "run" / "style" / "style.safetensors").is_file()
+    with pytest.raises(XctDiffError, match="style.augment.bank >= 1"):
+        dataclasses.replace(config, style=dataclasses.replace(config.style, augment=dataclasses.replace(augment, bank=0))).validate()
+
+
 def test_evaluate_style_writes_the_report(domains, straight, tmp_path, capsys):
     out = tmp_path / "eval"  # created when missing
     argv = ["evaluate-style", "--model", str(straight / "style" / "style.safetensors"), "--real", str(domains / "real"),

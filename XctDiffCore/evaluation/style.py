@@ -63,12 +63,12 @@ def load_real_images(patterns, size: int, max_images: Optional[int] = None, seed
     return np.stack(images).astype(np.float32), files
 
 
-def load_drr_images(datalist, size: int) -> np.ndarray:
-    """Every ``xray`` of the datalist (training and validation) -> ``[N, size, size]`` in [0, 1], as the encoder sees them."""
+def load_drr_images(datalist, size: int, sections=("training", "validation")) -> np.ndarray:
+    """Every ``xray`` of the datalist's ``sections`` -> ``[N, size, size]`` in [0, 1], as the encoder sees them."""
     from ..datalist import read_datalist
     from ..model_inputs import xray_to_model
 
-    files = [item["xray"] for section in ("training", "validation") for item in read_datalist(datalist, section)]
+    files = [item["xray"] for section in sections for item in read_datalist(datalist, section)]
     if not files:
         raise XctDiffError(f"the datalist {datalist} lists no DRRs")
     return np.stack([(xray_to_model(np.load(f), size)[0].numpy() + 1) / 2 for f in files]).astype(np.float32)

@@ -7,7 +7,8 @@ glob patterns; relative paths start at the working directory), each read with
 Reading JPEG/PNG needs Pillow, which scikit-image itself depends on, so a machine with scikit-image
 has it. *DRR*: the ``xray`` images of the datalist, resized exactly as the encoder sees them
 (:func:`~XctDiffCore.model_inputs.xray_to_model`); ``xctdiff prepare`` normalises them with the
-same percentile rule as ``preprocess_radiograph``, so both domains arrive alike. ``data.val_cases``
+same percentile rule as ``preprocess_radiograph``, so both domains arrive alike. With
+``style.augment.enabled``, ``augment.bank`` DRRs of each training CT instead (:class:`WarpedDrrs`). ``data.val_cases``
 real files (a seeded choice) are held out for validation, with the datalist's validation DRRs.
 
 Per step: one update of both generators (LSGAN + cycle + identity,
@@ -98,6 +99,47 @@ class DatalistDrrs(Dataset):
         return xray_to_model(np.load(self.files[index]), self.size)
 
 
+class WarpedDrrs(Dataset):
+    """``count`` DRRs of each training CT, made once: the first of the CT itself (the datalist's DRR), the
+    others of random warps (``augment``: rotation, scaling, translation, elastic, HU jitter), plain (no film
+    randomisation: the style is the DRRs' own), as ``(1, size, size)`` in [-1, 1].
+
+    Why: 15 DRRs are few enough for the critics to learn by heart, after which the generator learns nothing
+    more about the style; warped copies keep the DRR look and vary the anatomy. Every draw is seeded by
+    (seed, patient, variant) as in the encoder's variant bank, so every rank and every resume makes the same set.
+    """
+
+    def __init__(self, datalist, augment: dict, count: int, volume_size: int, size: int, seed: int, stopped=lambda: False):
+        import sys
+        import time
+
+        from ..datalist import datalist_geometry
+        from ..drr import make_geometry
+        from .data import PairDataset
+        from .variant_bank import make_variant
+
+        pairs, geometry = PairDataset(datalist, "training", volume_size, size), make_geometry(datalist_geometry(datalist))
+        images, started = [], time.monotonic()
+        for index in range(len(pairs)):
+            try:
+                ct = pairs[index]["image"][None]
+            except (OSError, KeyError, ValueError) as exc:
+                raise XctDiffError(f"style.augment warps the datalist's CTs, and one could not be read: {exc}") from None
+            for variant in range(count):
+                if stopped():
+                    raise XctDiffError("stopped while making the warped DRRs (nothing saved); run the same command again")
+                images.append(make_variant(ct, seed, index, variant, geometry, size, augment)[1][0] * 2.0 - 1.0)
+            print(f"style DRRs: {len(images)}/{len(pairs) * count} made ({(time.monotonic() - started) / len(images):.2f} s each)",
+                  file=sys.stderr, flush=True)
+        self.images = torch.stack(images).float()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
 def split_real_files(files: list, val_cases: int, seed: int) -> tuple[list, list]:
     """(training, validation) real files: ``val_cases`` held out by a seeded draw, at least one left to train."""
     if len(files) < 2:
@@ -183,6 +225,9 @@ def train_style(config: Config, resume: bool, job: Distributed, deadline: Deadli
     if len(drr_train) == 0:
         raise XctDiffError(f"the datalist {config.data.datalist} has no training DRRs")
     checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume)
+    if section.augment.enabled:  # a wider DRR domain: warped copies of each training CT
+        drr_train = WarpedDrrs(config.data.datalist, section.augment.magnitudes(), section.augment.bank,
+                               config.data.volume_size, size, config.run.seed, stopped=lambda: deadline.signalled)
 
     seed_everything(config.run.seed)  # identical initial weights on every rank
     gan = build_cyclegan(section).to(device)

@@ -75,7 +75,7 @@ def bank_key(run_dir, datalist, augment: dict, count: int, seed: int, volume_siz
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _variant(ct: torch.Tensor, seed: int, patient_index: int, variant: int, geometry, xray_size: int, augment: dict):
+def make_variant(ct: torch.Tensor, seed: int, patient_index: int, variant: int, geometry, xray_size: int, augment: dict):
     """Variant ``variant`` of one CT ``(1, 1, N, N, N)``: the warped CT and its plain DRR in [0, 1]."""
     magnitudes = augment if variant > 0 else {k: (v if k == "elastic_grid" else 0.0) for k, v in augment.items()}
     generator = step_generator(seed, patient_index, variant)
@@ -98,7 +98,7 @@ def _make_share(dataset, vqgan, geometry, xray_size: int, augment: dict, count: 
         if index not in loaded:
             loaded = {index: dataset[index]}
         item = loaded[index]
-        ct, drr = _variant(item["image"][None], seed, index, variant, geometry, xray_size, augment)
+        ct, drr = make_variant(item["image"][None], seed, index, variant, geometry, xray_size, augment)
         with torch.no_grad(), autocast(job.device, precision):
             latent = ct_latent(vqgan, ct.to(job.device)).float().cpu()
         bone = bone_fractions(ct, bone_latent_size)[0].half() if bone_latent_size else None
