@@ -197,6 +197,7 @@ def test_style_training_on_warped_drrs(domains, tmp_path):
     config = dataclasses.replace(config, style=dataclasses.replace(config.style, augment=augment))
     with pytest.raises(XctDiffError, match="style.augment warps the datalist's CTs, and one could not be read"):
         train("style", config, data=domains / "datalist.json", out=tmp_path / "no_cts")  # DRRs alone: no CT to warp
+    assert not (tmp_path / "no_cts" / "style").exists()  # refused before the run folder was made
     train("style", config, data=_ct_datalist(tmp_path / "data"), out=tmp_path / "run")
     assert (tmp_path / "run" / "style" / "style.safetensors").is_file()
     with pytest.raises(XctDiffError, match="style.augment.bank >= 1"):

@@ -224,10 +224,10 @@ def train_style(config: Config, resume: bool, job: Distributed, deadline: Deadli
     drr_val = DatalistDrrs(config.data.datalist, "validation", size)
     if len(drr_train) == 0:
         raise XctDiffError(f"the datalist {config.data.datalist} has no training DRRs")
-    checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume)
-    if section.augment.enabled:  # a wider DRR domain: warped copies of each training CT
+    if section.augment.enabled:  # a wider DRR domain: warped copies of each training CT (before the run folder is made)
         drr_train = WarpedDrrs(config.data.datalist, section.augment.magnitudes(), section.augment.bank,
                                config.data.volume_size, size, config.run.seed, stopped=lambda: deadline.signalled)
+    checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume)
 
     seed_everything(config.run.seed)  # identical initial weights on every rank
     gan = build_cyclegan(section).to(device)
