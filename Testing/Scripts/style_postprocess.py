@@ -21,8 +21,8 @@ from scipy.ndimage import gaussian_filter
 from skimage.restoration import denoise_bilateral, denoise_tv_chambolle
 
 from XctDiffCore.evaluation.style import (consistency_with_and_without_style, domain_accuracy, edge_preservation,
-                                           load_drr_images, load_real_images, pipeline_consistency, style_features,
-                                           transfer)
+                                           load_drr_images, load_real_images, pipeline_consistency, radial_power,
+                                           style_features, transfer)
 from XctDiffCore.style import load_style_generator
 
 
@@ -31,15 +31,6 @@ def match_histogram(images01: np.ndarray, reference01: np.ndarray) -> np.ndarray
     q = np.linspace(0, 1, 257)
     target = np.quantile(reference01.ravel(), q)
     return np.stack([np.interp(im.ravel(), np.quantile(im.ravel(), q), target).reshape(im.shape) for im in images01]).astype(np.float32)
-
-
-def radial_power(image: np.ndarray, rings: int = 16) -> np.ndarray:
-    """Mean power of the mean-free image in ``rings`` rings up to Nyquist, normalised to sum 1 (as the classifier's feature)."""
-    fy, fx = np.meshgrid(np.fft.fftfreq(image.shape[0]), np.fft.fftfreq(image.shape[1]), indexing="ij")
-    band = np.minimum((np.hypot(fy, fx) / 0.5 * rings).astype(int), rings - 1)
-    power = np.abs(np.fft.fft2(image - image.mean())) ** 2
-    ring = np.bincount(band.ravel(), power.ravel(), rings) / np.bincount(band.ravel(), minlength=rings)
-    return ring / ring.sum()
 
 
 def match_spectrum(images01: np.ndarray, reference01: np.ndarray, rings: int = 16) -> np.ndarray:

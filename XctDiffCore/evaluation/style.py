@@ -93,24 +93,28 @@ def style_features(images01: np.ndarray) -> np.ndarray:
         h = np.histogram(np.clip(values, 0, top), bins=bins, range=(0, top))[0].astype(np.float64)
         return h / max(h.sum(), 1)
 
-    side = images01.shape[-1]
-    fy, fx = np.meshgrid(np.fft.fftfreq(images01.shape[-2]), np.fft.fftfreq(side), indexing="ij")
-    band = np.minimum((np.hypot(fy, fx) / 0.5 * 16).astype(int), 15)  # 16 rings up to Nyquist
     rows = []
     for image in images01.astype(np.float64):
-        power = np.abs(np.fft.fft2(image - image.mean())) ** 2
-        spectrum = np.bincount(band.ravel(), power.ravel(), 16) / np.bincount(band.ravel(), minlength=16)
         rows.append(
             np.concatenate(
                 [
                     hist(image, 32, 1.0),
                     hist(sobel(image), 16, 0.25),
                     hist(np.abs(laplace(image)), 16, 0.25),
-                    np.log(spectrum / max(spectrum.sum(), 1e-12) + 1e-12),
+                    np.log(radial_power(image) + 1e-12),
                 ]
             )
         )
     return np.asarray(rows, dtype=np.float32)
+
+
+def radial_power(image: np.ndarray, rings: int = 16) -> np.ndarray:
+    """Mean power of the mean-free ``[H, W]`` image in ``rings`` rings up to Nyquist, normalised to sum 1."""
+    fy, fx = np.meshgrid(np.fft.fftfreq(image.shape[-2]), np.fft.fftfreq(image.shape[-1]), indexing="ij")
+    band = np.minimum((np.hypot(fy, fx) / 0.5 * rings).astype(int), rings - 1).ravel()
+    power = np.abs(np.fft.fft2(image - image.mean())) ** 2
+    ring = np.bincount(band, power.ravel(), rings) / np.bincount(band, minlength=rings)
+    return ring / max(ring.sum(), 1e-12)
 
 
 def _fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float) -> torch.Tensor:
