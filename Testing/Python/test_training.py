@@ -554,7 +554,8 @@ def torchrun(args: list, nproc: int = 2, timeout: int = 600) -> subprocess.Compl
     """``torchrun --standalone --nproc_per_node=N -m XctDiffCore ARGS`` on the CPU (gloo), one thread each."""
     import os
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # PYTHONFAULTHANDLER: a rank that dies of a signal prints every thread's Python stack first
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONFAULTHANDLER": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "XctDiffCore"]
     return subprocess.run(command + args, cwd=REPO, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout)
 
