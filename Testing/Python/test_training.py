@@ -854,6 +854,17 @@ def test_a_partial_folder_keeps_the_autoencoder_and_starts_the_encoder_on_it(tmp
         export_run(chain, tmp_path / "bad", stages=("style",))
 
 
+def test_a_user_error_under_torchrun_is_one_line_per_rank_and_fails_the_job(tmp_path, datalist):
+    """Ranks leave with os._exit (cli._leave_torchrun_worker): each rank's exit status must survive it,
+    and its error stays one line."""
+    result = torchrun(["train", "encoder", "--config", "tiny", "--data", str(datalist), "--out", str(tmp_path / "run"),
+                       "--time-limit", "-1"], timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("error: --time-limit must be a positive number of minutes, got -1") == 2
+    assert result.stderr.count("exitcode  : 2 ") == 2  # torchrun's report: each rank's own status
+    assert "XctDiffCore/" not in result.stderr  # no traceback through the engine (torchrun prints its own)
+
+
 def test_init_under_two_process_ddp_copies_the_stages_once(tmp_path, exported, datalist):
     """Rank 0 copies the earlier stages while rank 1 waits at a barrier, then both train."""
     run = tmp_path / "ddp"
