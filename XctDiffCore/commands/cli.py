@@ -567,7 +567,7 @@ def _leave_torchrun_worker(status: int) -> None:
     """End a torchrun rank without the interpreter's teardown. Its stage is saved and its process group
     destroyed by now, but freeing what is left of the gloo backend during finalisation aborted a rank of
     the two-process CPU test now and then ("terminate called without an active exception", SIGABRT,
-    after the last step: in 1 of 4 clean-clone CI runs one day, never in 20 runs of the test alone),
+    after the last step: in 1 of 4 clean-clone CI runs one day, never in 19 runs of the test alone),
     failing a finished job; ``os._exit`` skips that teardown."""
     import logging
 
