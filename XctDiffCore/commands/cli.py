@@ -558,8 +558,11 @@ def entry_point() -> int:
 
         reexec_with_policy()
     status = main()
-    if command == "train" and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        _leave_torchrun_worker(status)
+    if command == "train":
+        from ..device import torchrun_rank
+
+        if torchrun_rank()[1] > 1:
+            _leave_torchrun_worker(status)
     return status
 
 
