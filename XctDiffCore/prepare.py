@@ -21,7 +21,7 @@ import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -148,13 +148,19 @@ def prepare_dataset(
     size: int = 128,
     geometry: str = "cone",
     progress: bool = True,
+    mix: int = 0,
+    mix_patients: Optional[list] = None,
 ) -> Path:
-    """Write the pairs and ``datalist.json`` for the CTs named by ``inputs`` under ``out_dir``; return the datalist."""
+    """Write the pairs and ``datalist.json`` for the CTs named by ``inputs`` under ``out_dir``; return the datalist.
+
+    ``mix`` > 0 adds that many inter-patient mixes of each training patient (:mod:`.mixing`), among
+    ``mix_patients`` (default: every training patient), to the training list."""
     from tqdm import tqdm
 
     from .augment import RandomChestAugment
     from .drr import drr_of_volume, make_geometry
     from .io import drr_tag_metadata, read_ct, write_image_png
+    from .mixing import check_mix_request
     from .preprocess import preprocess_ct
 
     if augment < 0:
@@ -168,16 +174,25 @@ def prepare_dataset(
         training, validation = fixed_split(patients, read_split(split))
     else:
         training, validation = split_patients(patients, val_fraction, seed)
+    if mix_patients and not mix:
+        raise XctDiffError("--mix-patients names the patients to mix: give --mix K too")
+    mix_patients = list(mix_patients or training) if mix else []
+    strangers = [p for p in mix_patients if p not in training]
+    if strangers:
+        raise XctDiffError(f"--mix-patients must be training patients; not: {', '.join(strangers)}")
+    check_mix_request(mix, len(mix_patients))
     out_dir = Path(out_dir)
     for folder in (out_dir, out_dir / "images", out_dir / "xrays"):
         folder.mkdir(parents=True, exist_ok=True)
 
     augmenter = RandomChestAugment()
-    entries = {}
+    entries, to_mix = {}, {}
     with tqdm(total=len(cts) * (augment + 1), desc="prepare", unit="pair", disable=not progress) as bar:
         for ct_input in cts:
             bar.set_postfix_str(ct_input.patient)
             ct = preprocess_ct(read_ct(ct_input.path), size=size)
+            if ct_input.patient in mix_patients:
+                to_mix[ct_input.patient] = ct
             for k in range(augment + 1):
                 array = ct.array
                 if k > 0:
@@ -193,20 +208,47 @@ def prepare_dataset(
                     {"image": f"images/{name}.npz", "xray": f"xrays/{name}.npy", "patient": ct_input.patient, "aug": k}
                 )
                 bar.update()
+    mixes = _write_mixes({p: to_mix[p] for p in mix_patients}, mix, seed, out_dir, geom, size, progress)
 
     datalist = {
         "description": "CT + DRR pairs from `xctdiff prepare`, split by patient",
         "settings": {
             "geometry": geometry, "size": size, "augment": augment, "val_fraction": val_fraction, "seed": seed,
-            "split": None if split is None else str(split),
+            "split": None if split is None else str(split), "mix": mix,
         },
-        "training": [e for p in training for e in entries[p]],
+        "training": [e for p in training for e in entries[p]] + mixes,
         "validation": [e for p in validation for e in entries[p]],
     }
     path = out_dir / "datalist.json"
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(datalist, indent=2) + "\n")
     return path
+
+
+def _write_mixes(cts: dict, per_patient: int, seed: int, out_dir: Path, geometry, size: int, progress: bool) -> list:
+    """Write ``per_patient`` inter-patient mixes of each CT of ``cts``; return their datalist entries."""
+    if not per_patient:
+        return []
+    from tqdm import tqdm
+
+    from .drr import drr_of_volume
+    from .io import drr_tag_metadata, write_image_png
+    from .mixing import make_mixes
+
+    entries = []
+    total = len(cts) * min(per_patient, len(cts) - 1)
+    with tqdm(total=total, desc="mix", unit="chest", disable=not progress) as bar:
+        for mix in make_mixes(cts, per_patient, seed=seed):
+            drr = drr_of_volume(mix.volume, geometry, size)
+            _write_ct_npz(mix.volume, out_dir / "images" / f"{mix.name}.npz")
+            _write_npy(drr, out_dir / "xrays" / f"{mix.name}.npy")
+            write_image_png(drr, out_dir / "xrays" / f"{mix.name}.png", metadata=drr_tag_metadata())
+            entries.append({"image": f"images/{mix.name}.npz", "xray": f"xrays/{mix.name}.npy", "patient": mix.name,
+                            "aug": 0, "mix": {"source": mix.source, "target": mix.target, "alpha": round(mix.alpha, 4)}})
+            bar.set_postfix_str(f"{mix.name}: |HU error| to the target {mix.error_before:.0f} -> "
+                                f"{mix.error_registered:.0f} registered")
+            bar.update()
+    return entries
 
 
 def _write_ct_npz(volume: Volume, path: Path) -> None:
@@ -232,5 +274,7 @@ def summarize(datalist_path) -> str:
     parts = []
     for side in ("training", "validation"):
         items = datalist[side]
-        parts.append(f"{side} {len(items)} pairs / {len({e['patient'] for e in items})} patients")
+        mixes = sum(1 for e in items if "mix" in e)
+        patients = len({e["patient"] for e in items if "mix" not in e})
+        parts.append(f"{side} {len(items)} pairs / {patients} patients" + (f" + {mixes} mixes" if mixes else ""))
     return f"wrote {datalist_path}: " + ", ".join(parts)

@@ -192,6 +192,11 @@ def add_prepare_command(subparsers):
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the augmentation")
     p.add_argument("--size", type=int, default=128, help="CT side in voxels and DRR side in pixels (default 128)")
     p.add_argument("--geometry", choices=("cone", "parallel"), default="cone", help="DRR geometry")
+    p.add_argument("--mix", type=int, default=0, metavar="K",
+                   help="add K inter-patient mixes of each training patient: its CT deformed part of the way to "
+                   "another's shape, for small data sets (default 0)")
+    p.add_argument("--mix-patients", nargs="+", metavar="ID",
+                   help="the training patients to mix (default: all); leave out partial or cropped scans")
     p.set_defaults(handler=_run_prepare)
 
 
@@ -200,7 +205,7 @@ def _run_prepare(args) -> int:
 
     datalist = prepare_dataset(
         args.ct, args.out, augment=args.augment, val_fraction=args.val_fraction, split=args.split, seed=args.seed,
-        size=args.size, geometry=args.geometry,
+        size=args.size, geometry=args.geometry, mix=args.mix, mix_patients=args.mix_patients,
     )
     print(summarize(datalist))
     return 0

@@ -158,14 +158,15 @@ def drr_thumbnail(drr01: np.ndarray, size: int = KNN_DRR_SIZE) -> np.ndarray:
 
 
 def datalist_training(datalist: Path) -> list:
-    """The kNN candidates: the datalist's training entries with ``aug == 0``, the first of each patient."""
+    """The kNN candidates: the datalist's training entries with ``aug == 0``, the first of each patient; the
+    inter-patient mixes of ``xctdiff prepare --mix`` are not patients, so the lookup leaves them out."""
     from ..datalist import read_datalist
 
     items = read_datalist(datalist, "training")
     raw = json.loads(Path(datalist).read_text(encoding="utf-8")).get("training", [])
     patients = {}
     for entry, item in zip(raw, items):
-        if int(entry.get("aug", 0)) == 0 and item["patient"] not in patients:
+        if int(entry.get("aug", 0)) == 0 and "mix" not in entry and item["patient"] not in patients:
             patients[item["patient"]] = TrainingPatient(item["patient"], item["image"], drr_thumbnail(np.load(item["xray"])))
     return list(patients.values())
 
