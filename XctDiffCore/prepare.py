@@ -158,8 +158,8 @@ def prepare_dataset(
     from tqdm import tqdm
 
     from .augment import RandomChestAugment
-    from .drr import drr_of_volume, make_geometry
-    from .io import drr_tag_metadata, read_ct, write_image_png
+    from .drr import make_geometry
+    from .io import read_ct
     from .mixing import check_mix_request
     from .preprocess import preprocess_ct
 
@@ -198,15 +198,8 @@ def prepare_dataset(
                 if k > 0:
                     rng = np.random.default_rng([seed, zlib.crc32(ct_input.patient.encode()), k])
                     array = np.rint(augmenter(ct.array, rng)).astype(np.int16)
-                variant = ct.with_array(array)
-                drr = drr_of_volume(variant, geom, size)
-                name = f"{ct_input.patient}_aug{k}"
-                _write_ct_npz(variant, out_dir / "images" / f"{name}.npz")
-                _write_npy(drr, out_dir / "xrays" / f"{name}.npy")
-                write_image_png(drr, out_dir / "xrays" / f"{name}.png", metadata=drr_tag_metadata())
-                entries.setdefault(ct_input.patient, []).append(
-                    {"image": f"images/{name}.npz", "xray": f"xrays/{name}.npy", "patient": ct_input.patient, "aug": k}
-                )
+                entry = _write_pair(ct.with_array(array), f"{ct_input.patient}_aug{k}", out_dir, geom, size)
+                entries.setdefault(ct_input.patient, []).append({**entry, "patient": ct_input.patient, "aug": k})
                 bar.update()
     mixes = _write_mixes({p: to_mix[p] for p in mix_patients}, mix, seed, out_dir, geom, size, progress)
 
@@ -231,24 +224,31 @@ def _write_mixes(cts: dict, per_patient: int, seed: int, out_dir: Path, geometry
         return []
     from tqdm import tqdm
 
-    from .drr import drr_of_volume
-    from .io import drr_tag_metadata, write_image_png
     from .mixing import make_mixes
 
     entries = []
     total = len(cts) * min(per_patient, len(cts) - 1)
     with tqdm(total=total, desc="mix", unit="chest", disable=not progress) as bar:
         for mix in make_mixes(cts, per_patient, seed=seed):
-            drr = drr_of_volume(mix.volume, geometry, size)
-            _write_ct_npz(mix.volume, out_dir / "images" / f"{mix.name}.npz")
-            _write_npy(drr, out_dir / "xrays" / f"{mix.name}.npy")
-            write_image_png(drr, out_dir / "xrays" / f"{mix.name}.png", metadata=drr_tag_metadata())
-            entries.append({"image": f"images/{mix.name}.npz", "xray": f"xrays/{mix.name}.npy", "patient": mix.name,
-                            "aug": 0, "mix": {"source": mix.source, "target": mix.target, "alpha": round(mix.alpha, 4)}})
+            entry = _write_pair(mix.volume, mix.name, out_dir, geometry, size)
+            entries.append({**entry, "patient": mix.name, "aug": 0,
+                            "mix": {"source": mix.source, "target": mix.target, "alpha": round(mix.alpha, 4)}})
             bar.set_postfix_str(f"{mix.name}: |HU error| to the target {mix.error_before:.0f} -> "
                                 f"{mix.error_registered:.0f} registered")
             bar.update()
     return entries
+
+
+def _write_pair(volume: Volume, name: str, out_dir: Path, geometry, size: int) -> dict:
+    """Write a CT, its DRR and the DRR's preview under ``name``; return the datalist paths of the pair."""
+    from .drr import drr_of_volume
+    from .io import drr_tag_metadata, write_image_png
+
+    drr = drr_of_volume(volume, geometry, size)
+    _write_ct_npz(volume, out_dir / "images" / f"{name}.npz")
+    _write_npy(drr, out_dir / "xrays" / f"{name}.npy")
+    write_image_png(drr, out_dir / "xrays" / f"{name}.png", metadata=drr_tag_metadata())
+    return {"image": f"images/{name}.npz", "xray": f"xrays/{name}.npy"}
 
 
 def _write_ct_npz(volume: Volume, path: Path) -> None:
