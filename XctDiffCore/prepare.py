@@ -150,11 +150,14 @@ def prepare_dataset(
     progress: bool = True,
     mix: int = 0,
     mix_patients: Optional[list] = None,
+    train_on_all: bool = False,
 ) -> Path:
     """Write the pairs and ``datalist.json`` for the CTs named by ``inputs`` under ``out_dir``; return the datalist.
 
     ``mix`` > 0 adds that many inter-patient mixes of each training patient (:mod:`.mixing`), among
-    ``mix_patients`` (default: every training patient), to the training list."""
+    ``mix_patients`` (default: every training patient), to the training list. ``train_on_all`` trains on the
+    validation patients too (how a recipe chosen on a split is retrained on all the data); their pairs stay in
+    the validation list, so a training log still shows them, as training fit."""
     from tqdm import tqdm
 
     from .augment import RandomChestAugment
@@ -174,6 +177,8 @@ def prepare_dataset(
         training, validation = fixed_split(patients, read_split(split))
     else:
         training, validation = split_patients(patients, val_fraction, seed)
+    if train_on_all:
+        training = sorted(training + validation)
     if mix_patients and not mix:
         raise XctDiffError("--mix-patients names the patients to mix: give --mix K too")
     mix_patients = list(mix_patients or training) if mix else []
@@ -207,7 +212,7 @@ def prepare_dataset(
         "description": "CT + DRR pairs from `xctdiff prepare`, split by patient",
         "settings": {
             "geometry": geometry, "size": size, "augment": augment, "val_fraction": val_fraction, "seed": seed,
-            "split": None if split is None else str(split), "mix": mix,
+            "split": None if split is None else str(split), "mix": mix, "train_on_all": train_on_all,
         },
         "training": [e for p in training for e in entries[p]] + mixes,
         "validation": [e for p in validation for e in entries[p]],
@@ -277,4 +282,6 @@ def summarize(datalist_path) -> str:
         mixes = sum(1 for e in items if "mix" in e)
         patients = len({e["patient"] for e in items if "mix" not in e})
         parts.append(f"{side} {len(items)} pairs / {patients} patients" + (f" + {mixes} mixes" if mixes else ""))
+    if datalist.get("settings", {}).get("train_on_all") and datalist["validation"]:
+        parts[-1] += " (also trained on: training fit)"
     return f"wrote {datalist_path}: " + ", ".join(parts)

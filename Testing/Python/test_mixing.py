@@ -86,3 +86,26 @@ def test_prepare_adds_mixes_to_the_training_list_only(tmp_path, capsys):
         err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert len(err) == 1 and message in err[0], (extra, err)
         assert not (bad / "datalist.json").exists()
+
+
+def test_train_on_all_trains_on_the_validation_patients_and_may_mix_them(tmp_path, capsys):
+    """How a recipe chosen on a split is retrained on all the data: the validation patients join the training
+    list (and may be mixed), and their pairs stay in the validation list for the log."""
+    paths = _write_phantoms(tmp_path / "in")
+    options = ["--val-fraction", "0.34", "--size", str(SIZE)]
+    split_only = tmp_path / "split"
+    assert main(["prepare", *map(str, paths), "--out", str(split_only), *options]) == 0
+    capsys.readouterr()
+    validation = json.loads((split_only / "datalist.json").read_text())["validation"][0]["patient"]
+    training = sorted({e["patient"] for e in json.loads((split_only / "datalist.json").read_text())["training"]})
+
+    out = tmp_path / "all"
+    assert main(["prepare", *map(str, paths), "--out", str(out), *options, "--train-on-all",
+                 "--mix", "1", "--mix-patients", validation, training[0]]) == 0
+    assert ("training 5 pairs / 3 patients + 2 mixes, validation 1 pairs / 1 patients (also trained on: training fit)"
+            in capsys.readouterr().out)
+    datalist = json.loads((out / "datalist.json").read_text())
+    assert [e["patient"] for e in datalist["validation"]] == [validation]
+    assert validation in {e["patient"] for e in datalist["training"] if "mix" not in e}
+    assert {e["mix"]["source"] for e in datalist["training"] if "mix" in e} == {validation, training[0]}
+    assert datalist["settings"]["train_on_all"] is True
