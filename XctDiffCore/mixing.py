@@ -38,10 +38,12 @@ class Mix:
     error_registered: float  # the same for the source registered all the way (alpha 1): the registration's fit
 
 
-def _image(array: np.ndarray, spacing: float):
+def _image(array: np.ndarray, spacing: float, clip: bool = True):
+    """A float SimpleITK image of ``array`` (HU); clipped to [-1000, 1500] for registration, so metal and
+    the air outside the body do not dominate the fit."""
     import SimpleITK as sitk
 
-    image = sitk.GetImageFromArray(np.clip(array, -1000, 1500).astype(np.float32))
+    image = sitk.GetImageFromArray((np.clip(array, -1000, 1500) if clip else array).astype(np.float32))
     image.SetSpacing((spacing,) * 3)
     return image
 
@@ -91,8 +93,7 @@ def warp_partway(moving: np.ndarray, field, alpha: float, spacing: float) -> np.
 
     scaled = sitk.GetImageFromArray(sitk.GetArrayFromImage(field) * alpha, isVector=True)
     scaled.CopyInformation(field)
-    image = sitk.GetImageFromArray(moving.astype(np.float32))
-    image.SetSpacing((spacing,) * 3)
+    image = _image(moving, spacing, clip=False)
     out = sitk.Resample(image, image, sitk.DisplacementFieldTransform(scaled), sitk.sitkLinear, AIR_HU)
     return np.rint(sitk.GetArrayFromImage(out)).astype(np.int16)
 

@@ -96,8 +96,9 @@ def test_train_on_all_trains_on_the_validation_patients_and_may_mix_them(tmp_pat
     split_only = tmp_path / "split"
     assert main(["prepare", *map(str, paths), "--out", str(split_only), *options]) == 0
     capsys.readouterr()
-    validation = json.loads((split_only / "datalist.json").read_text())["validation"][0]["patient"]
-    training = sorted({e["patient"] for e in json.loads((split_only / "datalist.json").read_text())["training"]})
+    split_list = json.loads((split_only / "datalist.json").read_text())
+    validation = split_list["validation"][0]["patient"]
+    training = sorted({e["patient"] for e in split_list["training"]})
 
     out = tmp_path / "all"
     assert main(["prepare", *map(str, paths), "--out", str(out), *options, "--train-on-all",
