@@ -556,8 +556,11 @@ def load_config(name_or_path) -> Config:
             ) from None
         try:
             data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise XctDiffError(f"{path} is not valid YAML: {exc}") from None
+        except yaml.YAMLError as exc:  # its str() spans lines with a quote of the text: keep the problem and where
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise XctDiffError(f"{path} is not valid YAML: {problem}{where}") from None
     try:
         return config_from_dict(data or {})
     except XctDiffError as exc:

@@ -130,5 +130,6 @@ def test_configs_by_name_and_path(tmp_path):
 def test_invalid_yaml_is_a_clear_error(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("run: [unclosed\n")
-    with pytest.raises(XctDiffError, match="not valid YAML"):
+    with pytest.raises(XctDiffError, match="not valid YAML") as error:
         load_config(path)
+    assert "\n" not in str(error.value) and "(line 2, column 1)" in str(error.value)  # one line, saying where
