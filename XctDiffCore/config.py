@@ -559,7 +559,7 @@ def load_config(name_or_path) -> Config:
         except yaml.YAMLError as exc:  # its str() spans lines with a quote of the text: keep the problem and where
             mark = getattr(exc, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            problem = getattr(exc, "problem", None) or " ".join(str(exc).split())  # never an IndexError on an empty message
             raise XctDiffError(f"{path} is not valid YAML: {problem}{where}") from None
     try:
         return config_from_dict(data or {})
