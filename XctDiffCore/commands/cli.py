@@ -377,6 +377,9 @@ def add_evaluate_command(subparsers):
     p.add_argument("--knn", type=int, default=3, metavar="K",
                    help="with a datalist: the kNN baseline, the mean of the K training CTs with the nearest DRRs "
                    "(default 3; 0: off)")
+    p.add_argument("--atlas", type=int, default=0, metavar="K",
+                   help="with a datalist: the registered-atlas baseline, the K of the 2K nearest training CTs whose "
+                   "DRRs fit the input best after warping each to it (about 3 s a CT on one core; default 0: off)")
     p.add_argument("--guidance", type=float, default=0.0, metavar="STRENGTH",
                    help="also score both paths with this data-consistency guidance, beside the unguided ones (default 0: not)")
     _add_sampler_option(p)
@@ -392,9 +395,9 @@ def _run_evaluate(args) -> int:
 
     summary = evaluate(args.model, args.data, args.out, steps=args.steps, samples=args.samples, seed=args.seed,
                        device=args.device, max_cases=args.max_cases, sampler=args.sampler, augmented=args.augmented,
-                       knn=args.knn, guidance=args.guidance, precision=args.precision)
-    knn = json.loads((Path(args.out) / "summary.json").read_text(encoding="utf-8"))["knn"]  # the k used
-    print(markdown_table(summary, knn), end="")
+                       knn=args.knn, guidance=args.guidance, precision=args.precision, atlas=args.atlas)
+    used = json.loads((Path(args.out) / "summary.json").read_text(encoding="utf-8"))  # the k used
+    print(markdown_table(summary, used["knn"], used["atlas"]), end="")
     print(f"wrote {args.out}/metrics.csv, summary.md, summary.json, figure.png")
     return 0
 

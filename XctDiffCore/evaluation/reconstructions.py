@@ -28,6 +28,10 @@
     unlike 1 - SSIM). A model that does not beat kNN has learnt no more than a lookup table.
   - ``mean CT``: one constant volume for every case: the mean of the datalist's ``training`` CTs.
     A method that does not beat it has learnt nothing case-specific.
+  - ``atlas`` (``--atlas K``, default 0 = off; :mod:`XctDiffCore.evaluation.atlas`): the kNN candidates
+    each warped until its DRR matches the input, the K that fit best averaged. It uses all that the
+    film says about the frontal plane and learns nothing about depth: a model that does not beat it
+    has learnt the outline and no more.
 
   With ``guidance=G`` (``--guidance``), ``xctdiff_guided`` and ``direct_guided`` are the same two
   paths with data-consistency guidance of strength G (:mod:`XctDiffCore.guidance`), same seeds: guided
@@ -69,6 +73,7 @@ METRIC_TITLES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "psnr_slices": "PSNR slice
 CASE_METRICS = ("psnr", "ssim", "bone_dice", "lung_dice", "lung_dice_body", "lpips")  # the per-case table's columns
 METHOD_TITLES = {"xctdiff": "XctDiff", "direct": "direct (no diffusion)", "xctdiff_guided": "XctDiff + guidance",
                  "direct_guided": "direct + guidance", "knn": "kNN, nearest training CTs by DRR",
+                 "atlas": "atlas: nearest training CTs registered to the DRR",
                  "mean_ct": "mean training CT", "direct_decoder": "direct, decoder alone (no coarse CT)"}
 CSV_COLUMNS = ("case", "method", *METRICS, "consistency", "seconds", "neighbours")
 KNN_DRR_SIZE = 128  # DRRs are compared at this size (area resize)
@@ -223,6 +228,7 @@ def evaluate(
     knn: int = 3,
     guidance: float = 0.0,
     precision: str = "auto",
+    atlas: int = 0,
 ) -> dict:
     """Run the protocol of the module docstring; write the outputs; return the summary (method -> metric -> mean/std)."""
     from tqdm import tqdm
@@ -240,6 +246,8 @@ def evaluate(
         raise XctDiffError(f"--max-cases must be at least 1, got {max_cases}")
     if knn < 0:
         raise XctDiffError(f"--knn must be 0 (off) or more, got {knn}")
+    if atlas < 0:
+        raise XctDiffError(f"--atlas must be 0 (off) or more, got {atlas}")
     guidance = check_guidance(guidance)
     check_output_folder(out_dir)
     pipe = XctDiffPipeline.from_pretrained(model)
@@ -248,11 +256,12 @@ def evaluate(
     if _is_datalist(data):
         cases = datalist_cases(data, size, max_cases, augmented)
         mean_ct = datalist_mean_ct(data, size)
-        training = datalist_training(data) if knn else []
+        training = datalist_training(data) if knn or atlas else []
     else:
         cases = ct_folder_cases(data, size, pipe.info.geometry, max_cases)
         mean_ct = None if pipe.mean_ct is None else resample_hu(pipe.mean_ct, size)
     k = min(knn, len(training))  # 0: kNN left out
+    k_atlas = min(atlas, len(training))  # 0: the atlas left out
     lpips = LPIPS.load()
     out_dir.mkdir(exist_ok=True)  # only once the model and the cases have loaded: a refused run leaves nothing
 
@@ -290,6 +299,11 @@ def evaluate(
         if k:
             volumes["knn"], neighbours = knn_ct(case.drr, training, k, size)
             rows.append({"case": case.name, "method": "knn", **scores(volumes["knn"]), "neighbours": " ".join(neighbours)})
+        if k_atlas:
+            from .atlas import atlas_ct
+
+            volumes["atlas"], neighbours = atlas_ct(case.drr, training, k_atlas, size, pipe.info.geometry)
+            rows.append({"case": case.name, "method": "atlas", **scores(volumes["atlas"]), "neighbours": " ".join(neighbours)})
         if mean_ct is not None:
             volumes["mean_ct"] = mean_ct
             rows.append({"case": case.name, "method": "mean_ct", **scores(mean_ct)})
@@ -300,20 +314,22 @@ def evaluate(
     summary = summarize(rows)
     _write_text(out_dir / "metrics.csv", metrics_csv(rows))
     baselines = f"kNN with k = {k} of {len(training)} training patient(s) (DRR mean squared difference)" if k else "no kNN"
+    if k_atlas:
+        baselines += f"; atlas: the {k_atlas} of {min(len(training), 2 * k_atlas)} nearest that fit the DRR best after registration"
     header = (f"Model `{pipe.info.model_id}` {pipe.info.version}, {len(cases)} cases from `{data.name}`, "
               f"{samples} sample(s), {steps or pipe.info.steps} {sampler or pipe.info.sampler} steps, "
               f"model grid {pipe.info.volume_size}^3, scored on {size}^3 at 2.5 mm; {baselines}; "
               f"{f'guidance {guidance:g} beside none' if guidance else 'no guidance'}; networks in {used_precision}; "
               f"bone: HU > {BONE_HU:.0f}, lung: {LUNG_HU[0]:.0f} < HU < {LUNG_HU[1]:.0f} (in body: inside the truth's body). "
               "Mean ± std over cases.\n\n")
-    _write_text(out_dir / "summary.md", header + markdown_table(summary, k) + "\nPer case:\n\n" + case_table(rows))
+    _write_text(out_dir / "summary.md", header + markdown_table(summary, k, k_atlas) + "\nPer case:\n\n" + case_table(rows))
     _write_text(out_dir / "summary.json", json.dumps({"model": pipe.info.model_id, "cases": len(cases), "knn": k or None,
-                                                      "guidance": guidance or None, "precision": used_precision,
+                                                      "atlas": k_atlas or None, "guidance": guidance or None, "precision": used_precision,
                                                       "summary": summary}, indent=2) + "\n")
     if figure:
         from ..figures import compose_grid, write_png
 
-        write_png(compose_grid(figure_rows(figure, k)), out_dir / "figure.png")
+        write_png(compose_grid(figure_rows(figure, k, k_atlas)), out_dir / "figure.png")
     return summary
 
 
@@ -329,10 +345,12 @@ def summarize(rows: list) -> dict:
     return summary
 
 
-def method_title(method: str, knn: Optional[int] = None) -> str:
-    """The table's name of a method; kNN's says its k when known."""
+def method_title(method: str, knn: Optional[int] = None, atlas: Optional[int] = None) -> str:
+    """The table's name of a method; kNN's and the atlas's say their k when known."""
     if method == "knn" and knn:
         return f"kNN, k={knn} nearest training CTs by DRR"
+    if method == "atlas" and atlas:
+        return f"atlas, k={atlas} training CTs registered to the DRR"
     return METHOD_TITLES.get(method, method)
 
 
@@ -340,13 +358,13 @@ def _cell(metric: str, value: float) -> str:
     return f"{value:.{2 if metric.startswith('psnr') else 3}f}"
 
 
-def markdown_table(summary: dict, knn: Optional[int] = None) -> str:
+def markdown_table(summary: dict, knn: Optional[int] = None, atlas: Optional[int] = None) -> str:
     """The paper's Table 1 layout: one row per method, mean ± std per metric; an empty cell where absent."""
     lines = ["| method | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " |",
              "| --- |" + " ---: |" * len(METRICS)]
     for method, metrics in summary.items():
         cells = [f"{_cell(m, metrics[m]['mean'])} ± {_cell(m, metrics[m]['std'])}" if m in metrics else "" for m in METRICS]
-        lines.append(f"| {method_title(method, knn)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method_title(method, knn, atlas)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -380,13 +398,14 @@ def figure_case(case: Case, volumes: dict, uncertainty: Optional[np.ndarray]) ->
     return case.name, case.drr, slices, None if uncertainty is None else coronal(uncertainty)
 
 
-def figure_rows(figure: list, knn: Optional[int] = None) -> list:
+def figure_rows(figure: list, knn: Optional[int] = None, atlas: Optional[int] = None) -> list:
     """Two rows per case, mid-coronal slices: input | truth | each method | XctDiff std in a lung window, then
     truth | each method in a bone window (one window cannot show both the parenchyma and the ribs)."""
     from ..figures import BONE_WINDOW_HU, LUNG_WINDOW_HU, scale_to_unit, window
 
     titles = {"truth": "truth", "xctdiff": "XctDiff", "direct": "direct", "xctdiff_guided": "XctDiff guided",
               "direct_guided": "direct guided", "knn": f"kNN k={knn}" if knn else "kNN", "mean_ct": "mean CT",
+              "atlas": f"atlas k={atlas}" if atlas else "atlas",
               "direct_decoder": "decoder alone"}
     rows = []
     for name, drr, slices, std in figure:
