@@ -37,7 +37,7 @@
   paths with data-consistency guidance of strength G (:mod:`XctDiffCore.guidance`), same seeds: guided
   beside unguided.
 
-  A CT folder has no training set: kNN is left out, and the mean CT is the model folder's
+  A CT folder has no training set: kNN and the atlas are left out, and the mean CT is the model folder's
   ``mean_ct.npy`` when it has one, else left out too.
 * **Scores** per case and method: PSNR, SSIM (3D and slice-averaged), LPIPS, and bone and lung
   Dice (HU thresholds: bone > 200, -1000 < lung < -400), which say whether ribs, spine and the
