@@ -379,7 +379,7 @@ def add_evaluate_command(subparsers):
                    "(default 3; 0: off)")
     p.add_argument("--atlas", type=int, default=0, metavar="K",
                    help="with a datalist: the registered-atlas baseline, the K of the 2K nearest training CTs whose "
-                   "DRRs fit the input best after warping each to it (about 3 s a CT on one core; default 0: off)")
+                   "DRRs fit the input best after warping each to it (about 2.5 s a CT on one core; default 0: off)")
     p.add_argument("--guidance", type=float, default=0.0, metavar="STRENGTH",
                    help="also score both paths with this data-consistency guidance, beside the unguided ones (default 0: not)")
     _add_sampler_option(p)

@@ -11,9 +11,9 @@ is exactly what a learned model must add. A model that does not beat it has lear
 **Registration.** Each candidate CT (the ``2 K`` nearest by DRR, :data:`CANDIDATE_FACTOR`) is warped by an
 affine map (12 parameters) plus a smooth displacement field (a :data:`GRID`\\ :sup:`3` x 3 control grid,
 trilinearly upsampled), found by Adam (:data:`ITERATIONS` steps) on the mean squared difference between
-the film and the warped CT's normalised DRR (:func:`~XctDiffCore.guidance.film_drr`, the geometry the
-model was trained in), with small quadratic penalties that keep the warp near the identity. It works on
-the CT at :data:`WORK_SIZE`\\ :sup:`3` and compares films at :data:`WORK_FILM` px (speed: about 3 s per
+the film and the warped CT's DRR (rendered in the geometry the model was trained in, normalised like a
+film by :func:`~XctDiffCore.drr.normalize_drr`), with small quadratic penalties that keep the warp near the identity. It works on
+the CT at :data:`WORK_SIZE`\\ :sup:`3` and compares films at :data:`WORK_FILM` px (about 2.5 s per
 candidate on one CPU core); the warp found there is applied to the CT at full resolution. The ``K``
 candidates whose warped DRRs fit the film best are averaged in HU.
 """

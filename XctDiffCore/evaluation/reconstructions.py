@@ -262,6 +262,8 @@ def evaluate(
         mean_ct = None if pipe.mean_ct is None else resample_hu(pipe.mean_ct, size)
     k = min(knn, len(training))  # 0: kNN left out
     k_atlas = min(atlas, len(training))  # 0: the atlas left out
+    if k_atlas:
+        from .atlas import CANDIDATE_FACTOR, atlas_ct
     lpips = LPIPS.load()
     out_dir.mkdir(exist_ok=True)  # only once the model and the cases have loaded: a refused run leaves nothing
 
@@ -300,8 +302,6 @@ def evaluate(
             volumes["knn"], neighbours = knn_ct(case.drr, training, k, size)
             rows.append({"case": case.name, "method": "knn", **scores(volumes["knn"]), "neighbours": " ".join(neighbours)})
         if k_atlas:
-            from .atlas import atlas_ct
-
             volumes["atlas"], neighbours = atlas_ct(case.drr, training, k_atlas, size, pipe.info.geometry)
             rows.append({"case": case.name, "method": "atlas", **scores(volumes["atlas"]), "neighbours": " ".join(neighbours)})
         if mean_ct is not None:
@@ -315,7 +315,8 @@ def evaluate(
     _write_text(out_dir / "metrics.csv", metrics_csv(rows))
     baselines = f"kNN with k = {k} of {len(training)} training patient(s) (DRR mean squared difference)" if k else "no kNN"
     if k_atlas:
-        baselines += f"; atlas: the {k_atlas} of {min(len(training), 2 * k_atlas)} nearest that fit the DRR best after registration"
+        candidates = min(len(training), CANDIDATE_FACTOR * k_atlas)
+        baselines += f"; atlas: the {k_atlas} of {candidates} nearest that fit the DRR best after registration"
     header = (f"Model `{pipe.info.model_id}` {pipe.info.version}, {len(cases)} cases from `{data.name}`, "
               f"{samples} sample(s), {steps or pipe.info.steps} {sampler or pipe.info.sampler} steps, "
               f"model grid {pipe.info.volume_size}^3, scored on {size}^3 at 2.5 mm; {baselines}; "
@@ -324,7 +325,8 @@ def evaluate(
               "Mean ± std over cases.\n\n")
     _write_text(out_dir / "summary.md", header + markdown_table(summary, k, k_atlas) + "\nPer case:\n\n" + case_table(rows))
     _write_text(out_dir / "summary.json", json.dumps({"model": pipe.info.model_id, "cases": len(cases), "knn": k or None,
-                                                      "atlas": k_atlas or None, "guidance": guidance or None, "precision": used_precision,
+                                                      "atlas": k_atlas or None, "guidance": guidance or None,
+                                                      "precision": used_precision,
                                                       "summary": summary}, indent=2) + "\n")
     if figure:
         from ..figures import compose_grid, write_png
