@@ -1,7 +1,7 @@
 """The registered-atlas baseline (XctDiffCore/evaluation/atlas.py): the registration moves a chest phantom onto
 a wider, shifted copy of itself seen only through its DRR; a training CT registered to its own DRR stays nearer
-itself than another chest gets;
-`xctdiff evaluate --atlas K` scores it beside kNN and refuses a negative K in one line."""
+itself than another chest gets; `xctdiff evaluate --atlas K` scores it beside kNN, says in one line that a CT
+folder has none to register, and refuses a negative K in one line."""
 from __future__ import annotations
 
 import contextlib
@@ -78,6 +78,14 @@ def test_evaluate_scores_the_atlas_beside_knn(no_lpips, model_dir, datalist, tmp
     summary = json.loads((out / "summary.json").read_text())
     assert summary["atlas"] == 1 and list(summary["summary"]) == ["xctdiff", "direct", "knn", "atlas", "mean_ct"]
     assert "atlas: the 1 of 1 nearest" in (out / "summary.md").read_text(encoding="utf-8")
+
+
+def test_a_ct_folder_has_no_atlas_and_says_so(no_lpips, model_dir, ct_folder, tmp_path, capsys):  # noqa: F811
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(ct_folder), "--out", str(tmp_path / "e"),
+                 "--steps", "1", "--device", "cpu", "--max-cases", "1", "--atlas", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --atlas registers a datalist's training CTs, and a CT folder has none" in err
+    assert "atlas" not in json.loads((tmp_path / "e" / "summary.json").read_text())["summary"]
 
 
 def test_a_negative_atlas_k_is_one_line(model_dir, datalist, tmp_path, capsys):  # noqa: F811

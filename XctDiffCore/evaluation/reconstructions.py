@@ -260,6 +260,11 @@ def evaluate(
     else:
         cases = ct_folder_cases(data, size, pipe.info.geometry, max_cases)
         mean_ct = None if pipe.mean_ct is None else resample_hu(pipe.mean_ct, size)
+        if atlas:
+            import warnings
+
+            warnings.warn("--atlas registers a datalist's training CTs, and a CT folder has none: the atlas is left out",
+                          stacklevel=2)
     k = min(knn, len(training))  # 0: kNN left out
     k_atlas = min(atlas, len(training))  # 0: the atlas left out
     if k_atlas:
