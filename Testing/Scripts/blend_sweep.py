@@ -1,10 +1,12 @@
 """Score a model's direct path beside a second estimate and blends of the two, on a datalist's validation cases.
 
-    python Testing/Scripts/blend_sweep.py MODEL DS/datalist.json {atlas,diffusion} [WEIGHT ...]
+    python Testing/Scripts/blend_sweep.py MODEL DS/datalist.json {atlas[:K],mean,diffusion} [WEIGHT ...]
 
 The direct path is the conditional mean: the best PSNR, and smooth. The second estimate is sharper and errs
-differently: ``atlas``, the registered-atlas baseline (`xctdiff evaluate --atlas 3`,
-XctDiffCore/evaluation/atlas.py; kNN is scored beside it), or ``diffusion``, the model's own diffusion sample
+differently: ``atlas``, the registered-atlas baseline (`xctdiff evaluate --atlas K`, K 3 unless ``atlas:K``;
+XctDiffCore/evaluation/atlas.py; kNN with the same K is scored beside it), ``mean``, the datalist's mean
+training CT registered to the film by the same warp (one CT that is no patient's: what a model folder could
+carry, as its ``mean_ct.npy``), or ``diffusion``, the model's own diffusion sample
 (DDIM 10, unguided). ``(1 - w) direct + w other`` for each weight (default 1/4, 1/3, 1/2) asks whether a little
 of the other's texture buys perceptual sharpness (LPIPS) for no PSNR. Prints the pinned-protocol scores per case
 and their means (fp32, style off, the seeds of ``xctdiff evaluate``).
@@ -18,27 +20,41 @@ from direct_scores import Scores, direct_ct, validation_cases
 from XctDiffCore.pipeline import XctDiffPipeline
 
 DEFAULT_WEIGHTS = (1 / 4, 1 / 3, 1 / 2)
-ATLAS_K = 3
 
 
 def main() -> None:
-    if len(sys.argv) < 4 or sys.argv[3] not in ("atlas", "diffusion"):
+    other, _, k = sys.argv[3].partition(":") if len(sys.argv) > 3 else ("", "", "")
+    if other not in ("atlas", "mean", "diffusion") or (k and not (other == "atlas" and k.isdigit() and int(k) > 0)):
         raise SystemExit(__doc__.strip().splitlines()[2].strip())
+    atlas_k = int(k or 3)
     pipe = XctDiffPipeline.from_pretrained(sys.argv[1])
-    other = sys.argv[3]
     weights = [float(w) for w in sys.argv[4:]] or DEFAULT_WEIGHTS
     if other == "atlas":
         from XctDiffCore.evaluation.atlas import atlas_ct
         from XctDiffCore.evaluation.reconstructions import datalist_training, knn_ct
 
         training = datalist_training(Path(sys.argv[2]))
+    if other == "mean":
+        import numpy as np
+        import torch
+
+        from XctDiffCore.evaluation.atlas import register_to_film, warp
+        from XctDiffCore.evaluation.reconstructions import datalist_mean_ct
+        from XctDiffCore.layout import ct_to_model_layout, model_layout_to_ct
+        from XctDiffCore.model_folder import FIELD_OF_VIEW_MM
+
+        mean_ct = torch.from_numpy(np.ascontiguousarray(ct_to_model_layout(datalist_mean_ct(Path(sys.argv[2]), 128))))[None, None]
     scores = Scores()
     for index, case, radiograph, body in validation_cases(sys.argv[2]):
         direct = direct_ct(pipe, radiograph, index)
         if other == "atlas":
-            scores.add(f"knn k={ATLAS_K}", knn_ct(case.drr, training, ATLAS_K, 128)[0], case, body)
-            estimate, neighbours = atlas_ct(case.drr, training, ATLAS_K, 128, pipe.info.geometry)
+            scores.add(f"knn k={atlas_k}", knn_ct(case.drr, training, atlas_k, 128)[0], case, body)
+            estimate, neighbours = atlas_ct(case.drr, training, atlas_k, 128, pipe.info.geometry)
             print(case.name, "atlas of", " ".join(neighbours), flush=True)
+        elif other == "mean":
+            film = torch.from_numpy(np.ascontiguousarray(case.drr, dtype=np.float32))[None, None]
+            theta, displacement, _ = register_to_film(mean_ct, film, pipe.info.geometry, FIELD_OF_VIEW_MM)
+            estimate = model_layout_to_ct(warp(mean_ct, theta, displacement)[0, 0].numpy())
         else:
             estimate = pipe.reconstruct(radiograph, steps=10, seed=index, device="cpu", style="off", method="diffusion",
                                         precision="fp32").ct.array
