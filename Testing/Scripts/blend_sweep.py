@@ -35,15 +35,10 @@ def main() -> None:
 
         training = datalist_training(Path(sys.argv[2]))
     if other == "mean":
-        import numpy as np
-        import torch
-
-        from XctDiffCore.evaluation.atlas import register_to_film, warp
+        from XctDiffCore.evaluation.atlas import registered_ct
         from XctDiffCore.evaluation.reconstructions import datalist_mean_ct
-        from XctDiffCore.layout import ct_to_model_layout, model_layout_to_ct
-        from XctDiffCore.model_folder import FIELD_OF_VIEW_MM
 
-        mean_ct = torch.from_numpy(np.ascontiguousarray(ct_to_model_layout(datalist_mean_ct(Path(sys.argv[2]), 128))))[None, None]
+        mean_ct = datalist_mean_ct(Path(sys.argv[2]), 128)
     scores = Scores()
     for index, case, radiograph, body in validation_cases(sys.argv[2]):
         direct = direct_ct(pipe, radiograph, index)
@@ -52,9 +47,7 @@ def main() -> None:
             estimate, neighbours = atlas_ct(case.drr, training, atlas_k, 128, pipe.info.geometry)
             print(case.name, "atlas of", " ".join(neighbours), flush=True)
         elif other == "mean":
-            film = torch.from_numpy(np.ascontiguousarray(case.drr, dtype=np.float32))[None, None]
-            theta, displacement, _ = register_to_film(mean_ct, film, pipe.info.geometry, FIELD_OF_VIEW_MM)
-            estimate = model_layout_to_ct(warp(mean_ct, theta, displacement)[0, 0].numpy())
+            estimate, _ = registered_ct(mean_ct, case.drr, pipe.info.geometry)
         else:
             estimate = pipe.reconstruct(radiograph, steps=10, seed=index, device="cpu", style="off", method="diffusion",
                                         precision="fp32").ct.array

@@ -396,7 +396,7 @@ def _run_evaluate(args) -> int:
     summary = evaluate(args.model, args.data, args.out, steps=args.steps, samples=args.samples, seed=args.seed,
                        device=args.device, max_cases=args.max_cases, sampler=args.sampler, augmented=args.augmented,
                        knn=args.knn, guidance=args.guidance, precision=args.precision, atlas=args.atlas)
-    used = json.loads((Path(args.out) / "summary.json").read_text(encoding="utf-8"))  # the k used
+    used = json.loads((Path(args.out) / "summary.json").read_text(encoding="utf-8"))  # the K of kNN and atlas used
     print(markdown_table(summary, used["knn"], used["atlas"]), end="")
     print(f"wrote {args.out}/metrics.csv, summary.md, summary.json, figure.png")
     return 0

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ..drr import Geometry, make_geometry, normalize_drr, render_drr
+from ..layout import ct_to_model_layout, model_layout_to_ct
+from ..model_folder import FIELD_OF_VIEW_MM
 
 ITERATIONS = 60  # Adam steps per candidate (10 already reach most of the 3D gain; the film fit keeps improving)
 LEARNING_RATE = 0.01  # in normalised coordinates: 1 % of the volume's half-extent per step, at most
@@ -58,7 +60,7 @@ def _film_at(volume_hu: torch.Tensor, geometry: Geometry, render_size: int, exte
 
 
 def register_to_film(volume_hu: torch.Tensor, film01: torch.Tensor, geometry: Union[str, Geometry] = "cone",
-                     extent_mm: float = 320.0, render_size: int = 128, iterations: int = ITERATIONS) -> tuple:
+                     extent_mm: float = FIELD_OF_VIEW_MM, render_size: int = 128, iterations: int = ITERATIONS) -> tuple:
     """Warp parameters ``(theta (1, 3, 4), displacement (1, 3, GRID, GRID, GRID), fit)`` that bring the DRR of
     ``volume_hu`` ``(1, 1, D, H, W)`` (model layout, HU, a cube spanning ``extent_mm``) to the film ``(1, 1, S, S)``
     in [0, 1]; ``fit`` is the final mean squared film difference (at :data:`WORK_FILM` px)."""
@@ -84,27 +86,31 @@ def register_to_film(volume_hu: torch.Tensor, film01: torch.Tensor, geometry: Un
     return theta, displacement, fit
 
 
+def registered_ct(ct_hu: np.ndarray, drr01: np.ndarray, geometry: Union[str, Geometry] = "cone",
+                  iterations: int = ITERATIONS) -> tuple:
+    """(``ct_hu``, a canonical ``[z, y, x]`` cube spanning the prepared field of view, warped until its DRR matches
+    the film ``drr01`` (``[row, col]`` in [0, 1]), float32; the final film difference, :func:`register_to_film`'s fit)."""
+    ct = torch.from_numpy(np.ascontiguousarray(ct_to_model_layout(ct_hu), dtype=np.float32))[None, None]
+    film = torch.from_numpy(np.ascontiguousarray(drr01, dtype=np.float32))[None, None]
+    theta, displacement, fit = register_to_film(ct, film, geometry, iterations=iterations)
+    with torch.no_grad():
+        moved = warp(ct, theta, displacement)[0, 0].numpy()
+    return np.ascontiguousarray(model_layout_to_ct(moved), dtype=np.float32), fit
+
+
 def atlas_ct(drr01: np.ndarray, training: list, k: int, volume_size: int, geometry: Union[str, Geometry] = "cone",
              iterations: int = ITERATIONS, candidates: Optional[int] = None) -> tuple:
     """(mean HU ``[z, y, x]`` on a ``volume_size``^3 grid of the ``k`` registered training CTs that fit the film
     ``drr01`` best, their patient ids best first). ``training``: kNN candidates
     (:func:`~XctDiffCore.evaluation.reconstructions.datalist_training`)."""
-    from ..layout import ct_to_model_layout, model_layout_to_ct
-    from ..model_folder import FIELD_OF_VIEW_MM
     from .reconstructions import model_grid_hu, nearest_training
 
-    film = torch.from_numpy(np.ascontiguousarray(drr01, dtype=np.float32))[None, None]
     fitted = []
     for patient in nearest_training(drr01, training, candidates or CANDIDATE_FACTOR * k):
         with np.load(patient.image) as npz:
-            ct = torch.from_numpy(np.ascontiguousarray(ct_to_model_layout(model_grid_hu(npz["ct"], volume_size))))[None, None]
-        theta, displacement, fit = register_to_film(ct, film, geometry, FIELD_OF_VIEW_MM, iterations=iterations)
-        fitted.append((fit, patient.patient, ct, theta, displacement))
+            moved, fit = registered_ct(model_grid_hu(npz["ct"], volume_size), drr01, geometry, iterations)
+        fitted.append((fit, patient.patient, moved))
     fitted.sort(key=lambda f: f[0])  # stable: equal fits keep the DRR order
-    total = None
-    with torch.no_grad():
-        for _, _, ct, theta, displacement in fitted[:k]:
-            moved = warp(ct.float(), theta, displacement)[0, 0].double()
-            total = moved if total is None else total + moved
-    mean = model_layout_to_ct((total / min(k, len(fitted))).float().numpy())
-    return np.ascontiguousarray(mean, dtype=np.float32), [f[1] for f in fitted[:k]]
+    best = fitted[:k]
+    mean = np.mean([moved.astype(np.float64) for _, _, moved in best], axis=0)
+    return mean.astype(np.float32), [patient for _, patient, _ in best]
