@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -91,6 +92,61 @@ def atomic_path(path):
     finally:
         if tmp is not None and tmp.exists():
             tmp.unlink()
+
+
+def check_output_series_folder(path, replaceable) -> Path:
+    """Fail early when a folder output (a DICOM series) cannot be written: its parent missing or not
+    writable, the path a file, or a folder holding anything but files ``replaceable(name)`` accepts (what an
+    earlier run wrote there: it is replaced; anything else is the user's, never deleted)."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise XctDiffError(f"output folder does not exist: {parent}")
+    if path.exists() and not path.is_dir():
+        raise XctDiffError(f"output path is a file, expected a folder: {path}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise XctDiffError(f"output folder is not writable: {parent}")
+    if path.is_dir():
+        foreign = [entry.name for entry in path.iterdir() if not (entry.is_file() and replaceable(entry.name))]
+        if foreign:
+            raise XctDiffError(f"the output folder {path} holds other files ({foreign[0]}, ...): give an empty or new folder")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path, replaceable):
+    """Yield a hidden temporary folder beside ``path``; on success every file in it is synced and the folder
+    takes ``path``'s place (an earlier folder there, checked by :func:`check_output_series_folder`, is
+    removed only after the new one is in place). On failure the temporary folder is removed and ``path`` is
+    untouched."""
+    path = check_output_series_folder(path, replaceable)
+    tmp = old = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        yield tmp
+        for entry in tmp.iterdir():
+            if entry.stat().st_size == 0:
+                raise XctDiffError(f"cannot write {path}: {entry.name} is empty; is the disk full?")
+            _fsync(entry)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        tmp = None
+        with contextlib.suppress(OSError):
+            _fsync(path.parent)
+    except OSError as exc:
+        if old is not None and not path.exists():  # the swap failed half way: the earlier folder goes back
+            with contextlib.suppress(OSError):
+                os.replace(old / path.name, path)
+        raise XctDiffError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        for folder in (tmp, old):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:

@@ -24,6 +24,7 @@ MAX_SAMPLES = 64
 STYLE_CHOICES = ("auto", "on", "off")
 PRECISIONS = ("auto", "fp32", "bf16")
 COARSE_CHOICES = ("auto", "off")
+CT_FORMATS = ("nrrd", "nii.gz", "nii", "mha", "dicom")  # --format: a file of that suffix, or a DICOM series folder
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 MAX_GUIDANCE = 1.0
 

@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from .diffusion import Cancelled
 from .errors import XctDiffError
 from .guidance import MIN_UNGUIDED_CONSISTENCY, GuidanceWarning
-from .options import MAX_SAMPLES, MethodWarning, ReconstructOptions  # noqa: F401 (re-exported)
+from .options import CT_FORMATS, MAX_SAMPLES, MethodWarning, ReconstructOptions  # noqa: F401 (re-exported)
 from .plausibility import PlausibilityWarning, consistency_problems, film_problems, size_problems
 from .io import Radiograph
 from .model_folder import FIELD_OF_VIEW_MM, PREPARED_SIZE, ModelFolder, ModelInfo
@@ -597,26 +597,58 @@ class _Timer:
 # ------------------------------------------------------------------------------------------ files
 
 
-def default_output_path(input_path) -> Path:
-    """``<stem>_ct.nrrd`` beside the input (``chest.nii.gz`` -> ``chest_ct.nrrd``)."""
+def default_output_path(input_path, output_format: Optional[str] = None) -> Path:
+    """``<stem>_ct.nrrd`` beside the input (``chest.nii.gz`` -> ``chest_ct.nrrd``); another ``output_format``
+    (:data:`CT_FORMATS`) gives its suffix, ``dicom`` the series folder ``<stem>_ct``."""
     from .atomic import full_suffix
 
+    output_format = output_format or "nrrd"
     path = Path(input_path)
     suffix = full_suffix(path)
     stem = path.name[: -len(suffix)] if suffix else path.name
-    return path.with_name(f"{stem}_ct.nrrd")
+    return path.with_name(f"{stem}_ct" if output_format == "dicom" else f"{stem}_ct.{output_format}")
 
 
-def check_volume_output(path) -> Path:
-    """Refuse, before any work, an output whose folder is missing or whose type cannot hold a volume."""
+def check_volume_output(path, output_format: Optional[str] = None) -> Path:
+    """Refuse, before any work, an output whose folder is missing or whose type cannot hold a volume; with
+    ``output_format`` (:data:`CT_FORMATS`) also one whose suffix says another format. ``dicom``: a series folder."""
     from .atomic import check_output_path, full_suffix
     from .io import VOLUME_WRITE_SUFFIXES
 
+    if output_format is not None and output_format not in CT_FORMATS:
+        raise XctDiffError(f"unknown CT format '{output_format}': use one of {', '.join(CT_FORMATS)}")
+    suffix = full_suffix(Path(path)).lower()
+    if output_format == "dicom":
+        from .dicom_series import check_series_output
+
+        if suffix in VOLUME_WRITE_SUFFIXES:
+            raise XctDiffError(f"a DICOM series is a folder: give -o a folder name, not the {suffix} file {path}")
+        return check_series_output(path)
     path = check_output_path(path)
-    suffix = full_suffix(path).lower()
     if suffix not in VOLUME_WRITE_SUFFIXES:
-        raise XctDiffError(f"cannot write a volume as '{suffix or path.name}': use .nrrd, .nii, .nii.gz or .mha")
+        raise XctDiffError(f"cannot write a volume as '{suffix or path.name}': use .nrrd, .nii, .nii.gz or .mha "
+                           "(or --format dicom for a DICOM series folder)")
+    if output_format is not None and suffix != f".{output_format}":
+        raise XctDiffError(f"--format {output_format} but the output {path} is a {suffix} file")
     return path
+
+
+def write_ct(result: "Reconstruction", path, output_format: Optional[str] = None, source=None,
+             model: Optional[ModelInfo] = None) -> Path:
+    """Write a reconstruction's CT: a volume file (by ``path``'s suffix), or with ``output_format="dicom"`` a
+    DICOM series folder that joins the study of a DICOM ``source`` film and records ``model`` and the settings."""
+    from .io import write_volume
+
+    if output_format != "dicom":
+        return write_volume(result.ct, path)
+    from .dicom_series import write_dicom_series
+
+    made_by = f"XctDiff model {model.model_id} {model.version}" if model is not None else "XctDiff"
+    seed = f", seed {result.seed}, {result.steps} steps" if result.method == "diffusion" else ""
+    derivation = (f"reconstructed from one radiograph by {made_by}: {result.method} method{seed}, "
+                  f"style {'on' if result.styled else 'off'}, guidance {result.guidance:g}, "
+                  f"consistency {result.consistency:.3f}")
+    return write_dicom_series(result.ct, path, source=source, derivation=derivation)
 
 
 WRITE_START = 0.97  # reconstruct_file's progress: the pipeline up to here, then writing
@@ -628,12 +660,15 @@ def reconstruct_file(
     output=None,
     uncertainty=None,
     views=None,
+    output_format: Optional[str] = None,
     **options,
 ) -> tuple:
     """Reconstruct one radiograph file and write the CT (and the uncertainty, the views PNG), atomically.
 
     Output paths are checked before the (long) reconstruction; nothing is written when it fails or
-    is cancelled. ``options`` go to :meth:`XctDiffPipeline.reconstruct` (the settings as ``options=``
+    is cancelled. ``output_format``: one of :data:`CT_FORMATS` (default: ``output``'s suffix, else nrrd;
+    ``dicom``: a DICOM series folder, see :func:`write_ct`). ``options`` go to
+    :meth:`XctDiffPipeline.reconstruct` (the settings as ``options=``
     :class:`~XctDiffCore.options.ReconstructOptions` or as keywords). Returns (result, written paths).
     """
     from .atomic import check_output_path
@@ -644,7 +679,8 @@ def reconstruct_file(
         names = {f.name for f in dataclasses.fields(ReconstructOptions)}
         settings = ReconstructOptions(**{name: options.pop(name) for name in list(options) if name in names})
     options["options"] = settings
-    output = check_volume_output(default_output_path(input_path) if output is None else output)
+    output = check_volume_output(default_output_path(input_path, output_format) if output is None else output,
+                                 output_format)
     if uncertainty is not None:
         uncertainty = check_volume_output(uncertainty)
         if settings.samples < 2:
@@ -661,7 +697,7 @@ def reconstruct_file(
     if progress is not None:
         progress(WRITE_START, "writing")
     start = time.perf_counter()
-    written = [write_volume(result.ct, output)]
+    written = [write_ct(result, output, output_format, source=input_path, model=pipeline.info)]
     if uncertainty is not None:
         written.append(write_volume(result.uncertainty, uncertainty))
     if views is not None:

@@ -114,6 +114,50 @@ def test_default_output_is_beside_the_input(cli, tmp_path):
     assert_output_grid(read_ct(tmp_path / "chest_ct.nrrd"))
 
 
+def test_dicom_series_joins_the_films_study(cli, reference, tmp_path):
+    """--format dicom: a CT series folder (the reference's voxels, in the output grid) in the DICOM film's study."""
+    import pydicom
+
+    source = tmp_path / "chest.dcm"
+    shutil.copy(SAMPLE_RADIOGRAPH, source)
+    status, stdout, err = cli(source, "--seed", 0, "--format", "dicom")
+    assert status == 0, err
+    series = tmp_path / "chest_ct"
+    assert listing(tmp_path) == ["chest.dcm", "chest_ct"] + [f"chest_ct/IM{k:04d}.dcm" for k in range(1, GRID + 1)]
+    assert f" -> {series} in " in stdout
+    ct = read_ct(series)
+    assert_output_grid(ct)
+    np.testing.assert_array_equal(ct.array, reference.ct.array)
+    film = pydicom.dcmread(source, stop_before_pixels=True)
+    first = pydicom.dcmread(series / "IM0001.dcm", stop_before_pixels=True)
+    for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "AccessionNumber"):
+        assert first.get(keyword) == film.get(keyword), keyword
+    assert first.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2" and first.Modality == "CT"
+    assert list(first.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"] and "not diagnosis" in first.SeriesDescription
+    assert first.SourceImageSequence[0].ReferencedSOPInstanceUID == film.SOPInstanceUID
+    assert "xctdiff" in first.DerivationDescription.lower() and "seed 0" in first.DerivationDescription
+    assert first.FrameOfReferenceUID != film.get("FrameOfReferenceUID")
+    # a second run replaces the series (a new one); a folder holding anything else is the user's: refused
+    status, _, err = cli(source, "--seed", 0, "--format", "dicom")
+    assert status == 0, err
+    again = pydicom.dcmread(series / "IM0001.dcm", stop_before_pixels=True)
+    assert len(listing(series)) == GRID and again.SeriesInstanceUID != first.SeriesInstanceUID
+    (series / "notes.txt").write_text("mine\n")
+    status, stdout, err = cli(source, "--format", "dicom")
+    assert status == 2 and stdout == ""
+    assert_one_error_line(err, "holds other files (notes.txt")
+    assert len(listing(series)) == GRID + 1
+
+
+def test_dicom_series_of_a_png_film_is_a_new_study(cli, drr_png, tmp_path):
+    import pydicom
+
+    status, _, err = cli(drr_png, "-o", tmp_path / "series", "--format", "dicom")
+    assert status == 0, err
+    first = pydicom.dcmread(tmp_path / "series" / "IM0001.dcm", stop_before_pixels=True)
+    assert first.PatientID == "" and first.StudyInstanceUID and "SourceImageSequence" not in first
+
+
 def test_views_png(cli, tmp_path):
     from PIL import Image
 
@@ -215,11 +259,15 @@ def test_bad_input_one_error_line(cli, tmp_path, case):
 
 @pytest.mark.parametrize(
     "output, words",
-    [("no/such/folder/ct.nrrd", "output folder does not exist"), (".", "output path is a folder")],
-    ids=["missing folder", "a folder"],
+    [("no/such/folder/ct.nrrd", "output folder does not exist"), (".", "output path is a folder"),
+     ("ct.nrrd --format dicom", "a DICOM series is a folder"), ("ct.nrrd --format mha", "is a .nrrd file"),
+     ("ct", "(or --format dicom for a DICOM series folder)"),
+     ("no/such/folder/series --format dicom", "output folder does not exist")],
+    ids=["missing folder", "a folder", "dicom to a file", "format against suffix", "no suffix", "dicom, missing folder"],
 )
 def test_bad_output_path(cli, tmp_path, output, words):
-    status, stdout, err = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / output)
+    output, *options = output.split()
+    status, stdout, err = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / output, *options)
     assert status == 2 and stdout == ""
     assert_one_error_line(err, words)
     assert listing(tmp_path) == []
@@ -280,6 +328,14 @@ def test_folder_reconstructs_every_radiograph(cli, batch, tmp_path):
     assert cases[str(batch / "film.dcm")]["output"] == str(out / "film_ct.nrrd")
     assert cases[str(batch / "drr.png")]["style"] is False and cases[str(batch / "film.dcm")]["style"] is True
     assert result["consistency"] == pytest.approx(np.mean([c["consistency"] for c in result["cases"]]), abs=1e-4)
+
+
+def test_folder_as_dicom_series(cli, batch, tmp_path):
+    status, stdout, err = cli(batch, "--format", "dicom", "-o", tmp_path / "series")
+    assert status == 0, err
+    assert sorted(p.name for p in (tmp_path / "series").iterdir()) == ["drr_ct", "film_ct"]
+    for name in ("drr_ct", "film_ct"):
+        assert_output_grid(read_ct(tmp_path / "series" / name))
 
 
 def test_the_current_folder_as_input_writes_beside_it(cli, tmp_path, drr_png, monkeypatch):

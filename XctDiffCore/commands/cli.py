@@ -320,13 +320,17 @@ def _add_sampler_option(p):
 
 
 def add_reconstruct_command(subparsers):
-    from ..options import ReconstructOptions
+    from ..options import CT_FORMATS, ReconstructOptions
 
     p = subparsers.add_parser("reconstruct", help="radiograph (file, or folder of files) -> 3D CT")
     p.add_argument("input", help="radiograph (.png, .jpg, .dcm, 2D .nrrd, ...) or a folder of them (batch; torchrun splits it)")
-    p.add_argument("-o", "--output", help="CT file (.nrrd, .nii.gz, .mha; default <stem>_ct.nrrd beside the input); "
-                                          "for a folder: a folder (default <folder>_ct). Existing files there are "
+    p.add_argument("-o", "--output", help="CT file (.nrrd, .nii.gz, .mha; default <stem>_ct.nrrd beside the input) or, "
+                                          "with --format dicom, a series folder (default <stem>_ct); for an input "
+                                          "folder: a folder (default <folder>_ct). Existing files there are "
                                           "replaced; an output that is an input (or another output) is refused")
+    p.add_argument("--format", dest="output_format", choices=CT_FORMATS,
+                   help="the CT's file type (default: -o's suffix, else nrrd); dicom: a DICOM CT series folder that "
+                        "joins a DICOM film's study (its patient and study attributes are copied), for PACS and viewers")
     p.add_argument("--model", help="model folder with manifest.json (default: the bundled model)")
     ReconstructOptions.add_arguments(p)  # --steps, --samples, --seed, --device, --style, --method, --sampler, ...
     p.add_argument("--views", metavar="PNG", help="also write an overview PNG (input, DRR of the result, CT slices)")
@@ -357,6 +361,7 @@ def _run_reconstruct(args) -> int:
     return run_reconstruct(
         args.input, args.output, model=args.model, options=options, views=args.views, uncertainty=args.uncertainty,
         progress_lines=args.progress_lines, cpu_fallback=not args.no_cpu_fallback, compile=args.compile,
+        output_format=args.output_format,
     )
 
 

@@ -1,8 +1,9 @@
 """What ``xctdiff reconstruct`` does around the pipeline: files or folders, progress display, summary.
 
-* One radiograph file -> one CT (``-o``, default ``<stem>_ct.nrrd`` beside the input).
+* One radiograph file -> one CT (``-o``, default ``<stem>_ct.nrrd`` beside the input; ``--format``
+  another suffix, or ``dicom``: a DICOM series folder ``<stem>_ct``, :mod:`XctDiffCore.dicom_series`).
 * A folder -> every radiograph in it (not recursive; sorted), into an output folder (``-o``, default
-  ``<folder>_ct`` beside it, created when missing). Under ``torchrun`` each process takes the files
+  ``<folder>_ct`` beside it, created when missing) of ``<stem>_ct.nrrd`` (or ``--format``'s). Under ``torchrun`` each process takes the files
   ``rank::world_size`` and, on CUDA, the GPU ``local_rank``: no communication between processes.
   A file that fails is reported and skipped; the command then ends with one error line.
 * No output may be an input or another output of the run (checked before anything is loaded);
@@ -134,13 +135,16 @@ def _stem(path: Path) -> str:
     return path.name[: -len(suffix)] if suffix else path.name
 
 
-def _refuse_shared_stems(files: list) -> None:
+def _refuse_shared_stems(files: list, output_format: Optional[str] = None) -> None:
     """Two radiographs with one stem (``a.png``, ``a.dcm``) would write one ``a_ct.nrrd``: the second would replace the first."""
+    from ..pipeline import default_output_path
+
     seen = {}
     for f in files:
         other = seen.setdefault(_stem(f), f)
         if other is not f:
-            raise XctDiffError(f"{other.name} and {f.name} in {f.parent} would both be written to {_stem(f)}_ct.nrrd: rename one")
+            raise XctDiffError(f"{other.name} and {f.name} in {f.parent} would both be written to "
+                               f"{default_output_path(f, output_format).name}: rename one")
 
 
 def _output_folder(path: Path) -> Path:
@@ -186,6 +190,7 @@ def run_reconstruct(
     progress_lines: bool = False,
     cpu_fallback: bool = True,
     compile: bool = False,
+    output_format: Optional[str] = None,
 ) -> int:
     """The ``xctdiff reconstruct`` command; returns the exit status (errors raise :class:`XctDiffError`)."""
     from ..device import torchrun_rank
@@ -200,7 +205,7 @@ def run_reconstruct(
     jobs = []  # (input, output, uncertainty, views)
     if input_path.is_dir():
         found = find_radiographs(input_path)
-        _refuse_shared_stems(found)
+        _refuse_shared_stems(found, output_format)
         files = found[rank::world_size]
         folder = input_path.resolve()  # "." and ".." have no name of their own
         out_dir = Path(output) if output else folder.with_name(folder.name + "_ct")
@@ -208,13 +213,16 @@ def run_reconstruct(
         views_dir = Path(views) if views else None
         for f in files:
             stem = _stem(f)
-            jobs.append((f, out_dir / f"{stem}_ct.nrrd",
+            jobs.append((f, out_dir / default_output_path(f, output_format).name,
                          unc_dir / f"{stem}_uncertainty.nrrd" if unc_dir else None,
                          views_dir / f"{stem}_views.png" if views_dir else None))
         _refuse_overlaps(found, jobs)
         for folder in (out_dir, unc_dir, views_dir):
             if folder is not None:
                 _output_folder(folder)
+        if output_format == "dicom":  # each series folder: before any work, not after the first reconstruction
+            for _, out, *_ in jobs:
+                check_volume_output(out, output_format)
         if world_size > 1 and device in ("auto", "cuda"):
             import torch
 
@@ -224,10 +232,10 @@ def run_reconstruct(
         from ..atomic import check_output_path
         from ..io import read_radiograph
 
-        output = Path(output) if output else default_output_path(input_path)
+        output = Path(output) if output else default_output_path(input_path, output_format)
         jobs.append((input_path, output, Path(uncertainty) if uncertainty else None, Path(views) if views else None))
         _refuse_overlaps([input_path], jobs)
-        check_volume_output(output)  # fail before loading the model, on the outputs (folder there and writable) ...
+        check_volume_output(output, output_format)  # fail before loading the model, on the outputs (folder there and writable) ...
         for extra in jobs[0][2:]:
             if extra is not None:
                 check_output_path(extra)
@@ -249,7 +257,8 @@ def run_reconstruct(
                 start = time.perf_counter()
                 try:
                     result, written = reconstruct_file(
-                        pipe, source, out, uncertainty=unc, views=view, options=dataclasses.replace(options, device=device),
+                        pipe, source, out, uncertainty=unc, views=view, output_format=output_format,
+                        options=dataclasses.replace(options, device=device),
                         progress=display.scaled(low, high), cpu_fallback=cpu_fallback,
                     )
                 except XctDiffError as exc:
