@@ -94,6 +94,23 @@ def test_drr_node_reconstructs_into_a_canonical_ct_node(bridge, scene, logic, sa
     assert not list(tmp_path.glob("xctdiff-*")), "the job's temporary folder was left behind"
 
 
+def test_the_ct_joins_the_films_dicom_study(bridge, scene, logic, sample):
+    """A film in a patient's study (Data module, as Slicer's DICOM loader files it) gets its CT beside it, so
+    that Export to DICOM writes the CT into that study; a film outside any study leaves the CT at the top."""
+    _, drr = sample
+    hierarchy = scene.GetSubjectHierarchyNode()
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient X")
+    study = hierarchy.CreateStudyItem(patient, "Chest PA")
+    film = bridge.radiograph_to_node(scene, drr, spacing=(2.5, 2.5), name="film in a study", is_drr=True)
+    hierarchy.CreateItem(study, film)
+    ct = logic.reconstruct(film, steps=2, seed=0, device="cpu")
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(ct)) == study
+
+    loose = bridge.radiograph_to_node(scene, drr, spacing=(2.5, 2.5), name="loose film", is_drr=True)
+    ct = logic.reconstruct(loose, steps=2, seed=0, device="cpu")
+    assert hierarchy.GetItemByDataNode(ct) == 0  # slicer-core makes no item; Slicer files it at the top itself
+
+
 def test_samples_give_an_uncertainty_node_and_drr_turns_style_off(bridge, scene, logic, sample):
     from XctDiffSlicerLib.logic import ReconstructionOptions
 

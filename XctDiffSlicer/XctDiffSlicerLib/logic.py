@@ -76,6 +76,7 @@ class ReconstructionJob:
     folder: Path
     input_name: str
     options: ReconstructionOptions
+    input_node_id: str = ""  # where the results are filed (the film's subject hierarchy folder: its DICOM study)
 
     @property
     def output_path(self) -> Path:
@@ -136,7 +137,7 @@ class ReconstructionLogic:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        return ReconstructionJob(process, folder, input_node.GetName(), options)
+        return ReconstructionJob(process, folder, input_node.GetName(), options, input_node.GetID() or "")
 
     @staticmethod
     def _resolved_style(input_node, options: ReconstructionOptions) -> ReconstructionOptions:
@@ -160,6 +161,10 @@ class ReconstructionLogic:
                 mrml_bridge.set_uncertainty_display(uncertainty_node)
             else:
                 uncertainty_node = None
+            film = self.scene.GetNodeByID(job.input_node_id) if job.input_node_id else None
+            for node in (ct_node, uncertainty_node):
+                if node is not None:
+                    mrml_bridge.file_beside(self.scene, node, film)
         finally:
             job.cleanup()
         consistency = finished.result.get("consistency")

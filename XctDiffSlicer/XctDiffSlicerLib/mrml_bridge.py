@@ -218,6 +218,30 @@ def write_radiograph_file(node, path) -> Path:
 # display
 
 
+def file_beside(scene, node, reference) -> bool:
+    """Put ``node`` in ``reference``'s subject hierarchy folder; True when it moved.
+
+    Why: a film loaded from DICOM sits in its patient's study (Data module), so the CT made from it goes
+    there too, and Slicer's "Export to DICOM" then writes the CT into the film's patient and study. A
+    reference outside any folder (a PNG, a film made in the console) leaves ``node`` where it is.
+    """
+    hierarchy = scene.GetSubjectHierarchyNode()
+    if hierarchy is None or reference is None:
+        return False
+    reference_item = hierarchy.GetItemByDataNode(reference)
+    if not reference_item:
+        return False
+    parent = hierarchy.GetItemParent(reference_item)
+    if not parent or parent == hierarchy.GetSceneItemID():
+        return False
+    item = hierarchy.GetItemByDataNode(node)
+    if item:
+        hierarchy.SetItemParent(item, parent)
+    else:  # the scene has no subject hierarchy logic (slicer-core): the item is made here
+        hierarchy.CreateItem(parent, node)
+    return True
+
+
 def _display_node(node):
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
