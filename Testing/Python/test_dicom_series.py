@@ -65,3 +65,21 @@ def test_non_finite_voxels_are_refused(tmp_path):
     with pytest.raises(XctDiffError, match="non-finite"):
         write_dicom_series(bad, tmp_path / "s")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_latin1_films_names_are_copied_as_text(tmp_path):
+    """The series is UTF-8 (ISO_IR 192): a film's names in another character set are re-encoded, not copied as bytes."""
+    import pydicom
+    from conftest import SAMPLE_RADIOGRAPH
+
+    film = pydicom.dcmread(SAMPLE_RADIOGRAPH)
+    film.SpecificCharacterSet = "ISO_IR 100"
+    film.PatientName, film.StudyDescription = "Müller^Jürgen", "Thorax p.a. Übersicht"
+    film.save_as(tmp_path / "latin1.dcm")
+    assert b"M\xfcller" in (tmp_path / "latin1.dcm").read_bytes()
+    folder = write_dicom_series(volume(), tmp_path / "series", source=tmp_path / "latin1.dcm")
+    first = folder / "IM0001.dcm"
+    assert b"M\xc3\xbcller" in first.read_bytes()
+    written = pydicom.dcmread(first)
+    assert (str(written.PatientName), written.StudyDescription) == ("Müller^Jürgen", "Thorax p.a. Übersicht")
+    assert written.StudyInstanceUID == film.StudyInstanceUID
