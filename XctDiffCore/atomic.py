@@ -109,7 +109,8 @@ def check_output_series_folder(path, replaceable) -> Path:
     if path.is_dir():
         foreign = [entry.name for entry in path.iterdir() if not (entry.is_file() and replaceable(entry.name))]
         if foreign:
-            raise XctDiffError(f"the output folder {path} holds other files ({foreign[0]}, ...): give an empty or new folder")
+            raise XctDiffError(f"the output folder {path} holds other files ({foreign[0]}, ...): "
+                               "give an empty or new folder")
     return path
 
 

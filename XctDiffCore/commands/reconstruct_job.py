@@ -3,8 +3,9 @@
 * One radiograph file -> one CT (``-o``, default ``<stem>_ct.nrrd`` beside the input; ``--format``
   another suffix, or ``dicom``: a DICOM series folder ``<stem>_ct``, :mod:`XctDiffCore.dicom_series`).
 * A folder -> every radiograph in it (not recursive; sorted), into an output folder (``-o``, default
-  ``<folder>_ct`` beside it, created when missing) of ``<stem>_ct.nrrd`` (or ``--format``'s). Under ``torchrun`` each process takes the files
-  ``rank::world_size`` and, on CUDA, the GPU ``local_rank``: no communication between processes.
+  ``<folder>_ct`` beside it, created when missing) of ``<stem>_ct.nrrd`` (or ``--format``'s). Under
+  ``torchrun`` each process takes the files ``rank::world_size`` and, on CUDA, the GPU ``local_rank``: no
+  communication between processes.
   A file that fails is reported and skipped; the command then ends with one error line.
 * No output may be an input or another output of the run (checked before anything is loaded);
   existing files at the output paths are replaced.
@@ -235,7 +236,8 @@ def run_reconstruct(
         output = Path(output) if output else default_output_path(input_path, output_format)
         jobs.append((input_path, output, Path(uncertainty) if uncertainty else None, Path(views) if views else None))
         _refuse_overlaps([input_path], jobs)
-        check_volume_output(output, output_format)  # fail before loading the model, on the outputs (folder there and writable) ...
+        # fail before loading the model, on the outputs (folder there and writable) ...
+        check_volume_output(output, output_format)
         for extra in jobs[0][2:]:
             if extra is not None:
                 check_output_path(extra)
