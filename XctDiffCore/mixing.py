@@ -9,13 +9,17 @@ chest that is neither. ``xctdiff prepare --mix K`` adds K of them per training p
 training patients they lifted the encoder's validation score (Docs/RESULTS.md, "Chests between the
 training patients"). Partial or cropped scans make poor partners: leave them out with ``--mix-patients``.
 
+Mixes stay inside the hull of the training shapes, and a new patient almost always lies outside it.
+``--mix-away LOW HIGH`` (``-1 < LOW <= HIGH < 0``) adds, from the same registration, one more chest per
+pair with a negative alpha: the source moved *away* from its partner, its own shape exaggerated.
+
 Every prepared CT shares the canonical grid (isotropic, centred on the chest), so registration works in
 that index space: origins are ignored, and a mix keeps its source's geometry.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -104,11 +108,18 @@ def body_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float32) - b.astype(np.float32))[body].mean())
 
 
-def check_mix_request(per_patient: int, patients: int, alpha_range: Sequence[float] = (0.3, 0.8)) -> None:
+def check_mix_request(per_patient: int, patients: int, alpha_range: Sequence[float] = (0.3, 0.8),
+                      away_range: Optional[Sequence[float]] = None) -> None:
     """Refuse a mix request that cannot be met, before any CT is read."""
     lo, hi = (float(a) for a in alpha_range)
     if not 0.0 < lo <= hi < 1.0:
         raise XctDiffError(f"mix alphas must satisfy 0 < low <= high < 1, got {lo:g} and {hi:g}")
+    if away_range is not None:
+        lo, hi = (float(a) for a in away_range)
+        if not -1.0 < lo <= hi < 0.0:
+            raise XctDiffError(f"--mix-away alphas must satisfy -1 < low <= high < 0, got {lo:g} and {hi:g}")
+        if not per_patient:
+            raise XctDiffError("--mix-away moves mixes away from their partners: give --mix K too")
     if per_patient < 0:
         raise XctDiffError(f"--mix must be 0 or more, got {per_patient}")
     if per_patient and patients < 2:
@@ -116,10 +127,12 @@ def check_mix_request(per_patient: int, patients: int, alpha_range: Sequence[flo
 
 
 def make_mixes(cts: dict, per_patient: int, alpha_range: Sequence[float] = (0.3, 0.8),
-               seed: int = 0) -> Iterator[Mix]:
+               seed: int = 0, away_range: Optional[Sequence[float]] = None) -> Iterator[Mix]:
     """``per_patient`` mixes of each CT of ``cts`` (patient -> canonical :class:`Volume`, in that order),
-    each towards a different partner drawn at random, with alpha drawn uniformly from ``alpha_range``."""
-    check_mix_request(per_patient, len(cts), alpha_range)
+    each towards a different partner drawn at random, with alpha drawn uniformly from ``alpha_range``; with
+    ``away_range`` each is followed by one moved away from the same partner (alpha drawn from it, by a
+    generator of its own, so the mixes towards the partners do not change)."""
+    check_mix_request(per_patient, len(cts), alpha_range, away_range)
     lo, hi = (float(a) for a in alpha_range)
     names = list(cts)
     shapes = {cts[p].array.shape for p in names}
@@ -127,16 +140,19 @@ def make_mixes(cts: dict, per_patient: int, alpha_range: Sequence[float] = (0.3,
     if len(shapes) > 1 or len(spacings) > 1 or len(set(next(iter(spacings)))) > 1:
         raise XctDiffError("mixing needs CTs on one canonical grid (one shape, one isotropic spacing)")
     spacing = float(next(iter(spacings))[0])
-    rng = np.random.default_rng(seed)
+    rng, away_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     for source in names:
         others = [p for p in names if p != source]
         for target in rng.choice(others, size=min(per_patient, len(others)), replace=False):
             alpha = float(rng.uniform(lo, hi))
             moving, fixed = cts[source].array, cts[target].array
             field = registration_field(moving, fixed, spacing)
-            mixed = warp_partway(moving, field, alpha, spacing)
-            yield Mix(
-                name=f"mix_{source}_to_{target}_a{round(alpha * 100):02d}", source=source, target=str(target),
-                alpha=alpha, volume=cts[source].with_array(mixed), error_before=body_error(moving, fixed),
-                error_registered=body_error(warp_partway(moving, field, 1.0, spacing), fixed),
-            )
+            before = body_error(moving, fixed)
+            registered = body_error(warp_partway(moving, field, 1.0, spacing), fixed)
+            alphas = [alpha] + ([float(away_rng.uniform(*away_range))] if away_range is not None else [])
+            for a in alphas:
+                name = f"mix_{source}_to_{target}_a{round(a * 100):02d}" if a > 0 else \
+                    f"mix_{source}_away_from_{target}_a{round(-a * 100):02d}"
+                yield Mix(name=name, source=source, target=str(target), alpha=a,
+                          volume=cts[source].with_array(warp_partway(moving, field, a, spacing)),
+                          error_before=before, error_registered=registered)

@@ -21,7 +21,7 @@ import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -151,11 +151,13 @@ def prepare_dataset(
     mix: int = 0,
     mix_patients: Optional[list] = None,
     train_on_all: bool = False,
+    mix_away: Optional[Sequence[float]] = None,
 ) -> Path:
     """Write the pairs and ``datalist.json`` for the CTs named by ``inputs`` under ``out_dir``; return the datalist.
 
     ``mix`` > 0 adds that many inter-patient mixes of each training patient (:mod:`.mixing`), among
-    ``mix_patients`` (default: every training patient), to the training list. ``train_on_all`` trains on the
+    ``mix_patients`` (default: every training patient), to the training list; ``mix_away`` ``(low, high)``
+    adds one mix per pair moved away from the partner (:func:`~.mixing.make_mixes`). ``train_on_all`` trains on the
     validation patients too (how a recipe chosen on a split is retrained on all the data); their pairs stay in
     the validation list, so a training log still shows them, as training fit."""
     from tqdm import tqdm
@@ -185,7 +187,7 @@ def prepare_dataset(
     strangers = [p for p in mix_patients if p not in training]
     if strangers:
         raise XctDiffError(f"--mix-patients must be training patients; not: {', '.join(strangers)}")
-    check_mix_request(mix, len(mix_patients))
+    check_mix_request(mix, len(mix_patients), away_range=mix_away)
     out_dir = Path(out_dir)
     for folder in (out_dir, out_dir / "images", out_dir / "xrays"):
         folder.mkdir(parents=True, exist_ok=True)
@@ -206,13 +208,14 @@ def prepare_dataset(
                 entry = _write_pair(ct.with_array(array), f"{ct_input.patient}_aug{k}", out_dir, geom, size)
                 entries.setdefault(ct_input.patient, []).append({**entry, "patient": ct_input.patient, "aug": k})
                 bar.update()
-    mixes = _write_mixes({p: to_mix[p] for p in mix_patients}, mix, seed, out_dir, geom, size, progress)
+    mixes = _write_mixes({p: to_mix[p] for p in mix_patients}, mix, seed, out_dir, geom, size, progress, mix_away)
 
     datalist = {
         "description": "CT + DRR pairs from `xctdiff prepare`, split by patient",
         "settings": {
             "geometry": geometry, "size": size, "augment": augment, "val_fraction": val_fraction, "seed": seed,
             "split": None if split is None else str(split), "mix": mix, "train_on_all": train_on_all,
+            **({"mix_away": [float(a) for a in mix_away]} if mix_away is not None else {}),
         },
         "training": [e for p in training for e in entries[p]] + mixes,
         "validation": [e for p in validation for e in entries[p]],
@@ -223,8 +226,10 @@ def prepare_dataset(
     return path
 
 
-def _write_mixes(cts: dict, per_patient: int, seed: int, out_dir: Path, geometry, size: int, progress: bool) -> list:
-    """Write ``per_patient`` inter-patient mixes of each CT of ``cts``; return their datalist entries."""
+def _write_mixes(cts: dict, per_patient: int, seed: int, out_dir: Path, geometry, size: int, progress: bool,
+                 away_range: Optional[Sequence[float]] = None) -> list:
+    """Write ``per_patient`` inter-patient mixes of each CT of ``cts`` (twice as many with ``away_range``);
+    return their datalist entries."""
     if not per_patient:
         return []
     from tqdm import tqdm
@@ -232,9 +237,9 @@ def _write_mixes(cts: dict, per_patient: int, seed: int, out_dir: Path, geometry
     from .mixing import make_mixes
 
     entries = []
-    total = len(cts) * min(per_patient, len(cts) - 1)
+    total = len(cts) * min(per_patient, len(cts) - 1) * (1 if away_range is None else 2)
     with tqdm(total=total, desc="mix", unit="chest", disable=not progress) as bar:
-        for mix in make_mixes(cts, per_patient, seed=seed):
+        for mix in make_mixes(cts, per_patient, seed=seed, away_range=away_range):
             entry = _write_pair(mix.volume, mix.name, out_dir, geometry, size)
             entries.append({**entry, "patient": mix.name, "aug": 0,
                             "mix": {"source": mix.source, "target": mix.target, "alpha": round(mix.alpha, 4)}})

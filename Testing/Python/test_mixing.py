@@ -49,12 +49,30 @@ def test_a_mix_is_the_source_tissue_in_a_shape_between_the_two():
         assert mix.volume.spacing == (2.5, 2.5, 2.5) and mix.volume.array.dtype == np.int16
 
 
+def test_a_mix_away_exaggerates_the_source_and_leaves_the_mixes_towards_unchanged():
+    narrow, wide = _ellipse_chest(0.55, 60.0), _ellipse_chest(0.85, 0.0)
+    cts = {"narrow": narrow, "wide": wide}
+    towards = list(make_mixes(cts, per_patient=1, seed=3))
+    both = list(make_mixes(cts, per_patient=1, seed=3, away_range=(-0.4, -0.4)))
+    assert [m.name for m in both] == [towards[0].name, "mix_narrow_away_from_wide_a40",
+                                      towards[1].name, "mix_wide_away_from_narrow_a40"]
+    for mix in towards:  # the same draws, the same chests
+        twin = next(m for m in both if m.name == mix.name)
+        assert twin.alpha == mix.alpha and np.array_equal(twin.volume.array, mix.volume.array)
+    narrow_away, wide_away = both[1], both[3]
+    assert _body_width(narrow_away.volume.array) < _body_width(narrow.array) - 1  # narrower still
+    assert _body_width(wide_away.volume.array) > _body_width(wide.array) + 1  # wider still
+    assert narrow_away.alpha == -0.4 and narrow_away.target == "wide"
+
+
 def test_mixes_refuse_what_cannot_be_mixed():
     chest = _ellipse_chest(0.7, 40.0, n=16)
     with pytest.raises(XctDiffError, match="at least two training patients"):
         list(make_mixes({"a": chest}, per_patient=1))
     with pytest.raises(XctDiffError, match="0 < low <= high < 1"):
         list(make_mixes({"a": chest, "b": chest}, per_patient=1, alpha_range=(0.5, 1.0)))
+    with pytest.raises(XctDiffError, match="-1 < low <= high < 0"):
+        list(make_mixes({"a": chest, "b": chest}, per_patient=1, away_range=(-0.5, 0.2)))
     other = Volume(chest.array, spacing=(2.5, 2.5, 3.0))
     with pytest.raises(XctDiffError, match="one canonical grid"):
         list(make_mixes({"a": chest, "b": other}, per_patient=1))
@@ -76,11 +94,20 @@ def test_prepare_adds_mixes_to_the_training_list_only(tmp_path, capsys):
         np.testing.assert_allclose(drr_of_volume(read_ct(out / entry["image"]), "cone", SIZE), xray, atol=1e-5)
     assert {t.patient for t in datalist_training(out / "datalist.json")} == patients  # kNN looks up patients only
 
+    away = tmp_path / "away"
+    assert main(["prepare", *map(str, paths), "--out", str(away), *options, "--mix", "1", "--mix-away", "-0.5", "-0.2"]) == 0
+    assert "+ 4 mixes" in capsys.readouterr().out
+    datalist = json.loads((away / "datalist.json").read_text())
+    alphas = sorted(e["mix"]["alpha"] for e in datalist["training"] if "mix" in e)
+    assert alphas[0] < alphas[1] < 0 < alphas[2] < alphas[3] and datalist["settings"]["mix_away"] == [-0.5, -0.2]
+
     validation = datalist["validation"][0]["patient"]
     for extra, message in ((["--mix", "-1"], "--mix must be 0 or more"),
                            (["--mix", "1", "--mix-patients", validation], "must be training patients"),
                            (["--mix-patients", sorted(patients)[0]], "give --mix K too"),
-                           (["--mix", "1", "--mix-patients", sorted(patients)[0]], "at least two training patients")):
+                           (["--mix", "1", "--mix-patients", sorted(patients)[0]], "at least two training patients"),
+                           (["--mix-away", "-0.5", "-0.2"], "give --mix K too"),
+                           (["--mix", "1", "--mix-away", "0.2", "0.5"], "-1 < low <= high < 0")):
         bad = tmp_path / "bad"
         assert main(["prepare", *map(str, paths), "--out", str(bad), *options, *extra]) == 2, extra
         err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]

@@ -197,6 +197,9 @@ def add_prepare_command(subparsers):
                    "another's shape, for small data sets (default 0)")
     p.add_argument("--mix-patients", nargs="+", metavar="ID",
                    help="the training patients to mix (default: all); leave out partial or cropped scans")
+    p.add_argument("--mix-away", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                   help="with --mix: also one chest per mix moved away from its partner, alpha drawn from [LOW, HIGH] "
+                   "(negative, e.g. -0.5 -0.2): shapes beyond the training patients'")
     p.add_argument("--train-on-all", action="store_true",
                    help="train on the validation patients too (retraining a recipe chosen on the split on all the "
                    "data); their pairs stay in the validation list, whose scores are then training fit")
@@ -209,7 +212,7 @@ def _run_prepare(args) -> int:
     datalist = prepare_dataset(
         args.ct, args.out, augment=args.augment, val_fraction=args.val_fraction, split=args.split, seed=args.seed,
         size=args.size, geometry=args.geometry, mix=args.mix, mix_patients=args.mix_patients,
-        train_on_all=args.train_on_all,
+        train_on_all=args.train_on_all, mix_away=args.mix_away,
     )
     print(summarize(datalist))
     return 0
