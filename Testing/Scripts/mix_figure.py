@@ -1,10 +1,11 @@
 """Draw a prepared data set's inter-patient mixes beside their two partners.
 
-    python Testing/Scripts/mix_figure.py DS/datalist.json OUT.png [ROWS]
+    python Testing/Scripts/mix_figure.py DS/datalist.json OUT.png [ROWS] [--away]
 
 For the first ``ROWS`` mixes (default 4, one per source patient) of a datalist written by ``xctdiff
 prepare --mix K``: the source CT, the mix and the target CT, mid-coronal slices in a soft-tissue window
 (W 1500 / L -250), head up. A look at whether the mixes are plausible chests before training on them.
+``--away``: the mixes moved away from their partners (``--mix-away``) instead.
 """
 from __future__ import annotations
 
@@ -29,17 +30,19 @@ def coronal(path: Path) -> np.ndarray:
 def main() -> None:
     if len(sys.argv) < 3:
         raise SystemExit(__doc__.strip().splitlines()[2].strip())
-    datalist_path, out = Path(sys.argv[1]), Path(sys.argv[2])
-    rows_wanted = int(sys.argv[3]) if len(sys.argv) > 3 else 4
+    away = "--away" in sys.argv
+    arguments = [a for a in sys.argv[1:] if a != "--away"]
+    datalist_path, out = Path(arguments[0]), Path(arguments[1])
+    rows_wanted = int(arguments[2]) if len(arguments) > 2 else 4
     datalist = json.loads(datalist_path.read_text())
     originals = {e["patient"]: e["image"] for e in datalist["training"] if "mix" not in e and e.get("aug", 0) == 0}
     rows, sources = [], set()
-    for entry in (e for e in datalist["training"] if "mix" in e):
+    for entry in (e for e in datalist["training"] if "mix" in e and (e["mix"]["alpha"] < 0) == away):
         if entry["mix"]["source"] not in sources and len(rows) < rows_wanted:
             sources.add(entry["mix"]["source"])
             rows.append(entry)
     if not rows:
-        raise SystemExit(f"error: {datalist_path} has no mixes (`xctdiff prepare --mix K` makes them)")
+        raise SystemExit(f"error: {datalist_path} has no such mixes (`xctdiff prepare --mix K [--mix-away LOW HIGH]`)")
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False)
     for row, entry in zip(axes, rows):
         mix = entry["mix"]
