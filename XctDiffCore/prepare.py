@@ -12,85 +12,25 @@ the original and ``augment`` random variations (:class:`RandomChestAugment`, app
   a seeded random share (``val_fraction``), or the patients a split file names (``split``; the
   shared data's fixed whole-chest split is ``splits/shared_whole_chest.json``).
 
-The datalist is written last: it exists only when every pair was written.
+The inputs may be a whole download (:mod:`.ct_search`: DICOM series that are not CTs are ignored and
+counted); a patient with several CTs is one *subject*, all of whose CTs go to one side of the split. A CT
+that cannot be read is reported and left out, and the command ends with an error after writing the rest.
+The datalist is written last: it exists only when every pair in it was written.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
+import sys
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .atomic import atomic_path, full_suffix
+from .atomic import atomic_path
+from .ct_search import describe_ignored, find_ct_inputs
 from .errors import XctDiffError
 from .volume import Volume
-
-CT_FILE_SUFFIXES = (".npz", ".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
-@dataclass(frozen=True)
-class CtInput:
-    """One patient's CT: where it is read from and the id its outputs are named by."""
-
-    path: Path
-    patient: str
-
-
-def find_ct_inputs(paths: Iterable) -> list:
-    """CT files and DICOM series folders named by ``paths``; a folder that is not a series is searched.
-
-    Patient ids come from the file name (without its suffix) or the series folder's name; names that
-    collide get their parent folder's name in front.
-    """
-    found = []
-    for path in (Path(p) for p in paths):
-        if not path.exists():
-            raise XctDiffError(f"file not found: {path}")
-        if path.is_file() or _is_dicom_series(path):
-            found.append(path)
-            continue
-        in_folder = [p for p in sorted(path.rglob("*")) if p.is_file() and full_suffix(p).lower() in CT_FILE_SUFFIXES]
-        in_folder += [d for d in sorted(path.rglob("*")) if d.is_dir() and _is_dicom_series(d)]
-        if not in_folder:
-            hint = "" if importlib.util.find_spec("SimpleITK") else " (DICOM series need SimpleITK: pip install SimpleITK)"
-            raise XctDiffError(f"no CT files (DICOM series, {', '.join(CT_FILE_SUFFIXES)}) found in {path}{hint}")
-        found.extend(sorted(in_folder))
-    return _name_patients(list(dict.fromkeys(p.resolve() for p in found)))
-
-
-def _is_dicom_series(folder: Path) -> bool:
-    """A folder holding at least one DICOM series (GDCM decides, as :func:`read_ct` will).
-
-    Without SimpleITK (a bare GPU machine) no series can be read, so none is found; ``.npz`` CTs still are.
-    """
-    try:
-        import SimpleITK as sitk
-    except ImportError:
-        return False
-    if not folder.is_dir():
-        return False
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on stderr for every folder without a series
-    try:
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-
-
-def _name_patients(paths: list) -> list:
-    def stem(p: Path) -> str:
-        return p.name[: len(p.name) - len(full_suffix(p))] if p.is_file() else p.name
-
-    names = [stem(p) for p in paths]
-    names = [f"{p.parent.name}_{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise XctDiffError(f"several inputs would share the patient id {duplicates[0]!r}: rename or move one")
-    return [CtInput(p, n) for p, n in zip(paths, names)]
 
 
 def split_patients(patients: list, val_fraction: float, seed: int) -> tuple:
@@ -129,6 +69,25 @@ def read_split(name_or_path) -> list:
     return ids
 
 
+def split_cases(cts: list, split, val_fraction: float, seed: int) -> tuple:
+    """(training ids, validation ids) of the :class:`~.ct_search.CtInput` ``cts``, split by subject: all of one
+    person's CTs on one side. A split file may name a CT or its subject; either holds out the subject."""
+    subject_of = {c.patient: c.subject for c in cts}
+    subjects = sorted(set(subject_of.values()))
+    if split is not None:
+        _, named = fixed_split(sorted(set(subjects) | set(subject_of)), read_split(split))
+        held = {subject_of.get(n, n) for n in named}
+    else:
+        if val_fraction > 0 and len(subjects) == 1 and len(cts) > 1:
+            raise XctDiffError(
+                f"the {len(cts)} CTs all carry the DICOM PatientID {subjects[0]!r}, so they are one patient and none "
+                "can be held out for validation: give --val-fraction 0, or --ids folder if they are different people")
+        _, held = split_patients(subjects, val_fraction, seed)
+        held = set(held)
+    ids = sorted(subject_of)
+    return [i for i in ids if subject_of[i] not in held], [i for i in ids if subject_of[i] in held]
+
+
 def fixed_split(patients: list, validation_ids: list) -> tuple:
     """(training ids, validation ids) with the validation named by the split; every named id must be present."""
     missing = sorted(set(validation_ids) - set(patients))
@@ -152,6 +111,8 @@ def prepare_dataset(
     mix_patients: Optional[list] = None,
     train_on_all: bool = False,
     mix_away: Optional[Sequence[float]] = None,
+    naming: str = "patient-id",
+    report: Optional[Callable[[str], None]] = None,
 ) -> Path:
     """Write the pairs and ``datalist.json`` for the CTs named by ``inputs`` under ``out_dir``; return the datalist.
 
@@ -159,7 +120,10 @@ def prepare_dataset(
     ``mix_patients`` (default: every training patient), to the training list; ``mix_away`` ``(low, high)``
     adds one mix per pair moved away from the partner (:func:`~.mixing.make_mixes`). ``train_on_all`` trains on the
     validation patients too (how a recipe chosen on a split is retrained on all the data); their pairs stay in
-    the validation list, so a training log still shows them, as training fit."""
+    the validation list, so a training log still shows them, as training fit. ``naming``: how DICOM CTs are named
+    and grouped (:func:`~.ct_search.find_ct_inputs`). ``report`` gets one line for each CT left out and for the
+    series ignored (default: stderr). CTs that cannot be read are left out; the datalist holds the rest, and
+    its ``"left_out"`` lists them (``prepare`` then exits with an error)."""
     from tqdm import tqdm
 
     from .augment import RandomChestAugment
@@ -172,13 +136,13 @@ def prepare_dataset(
         raise XctDiffError(f"--augment must be 0 or more, got {augment}")
     if not 16 <= size <= 512:
         raise XctDiffError(f"--size must be between 16 and 512, got {size}")
+    report = report or (lambda line: print(line, file=sys.stderr, flush=True))
     geom = make_geometry(geometry)
-    cts = find_ct_inputs(inputs)
-    patients = [c.patient for c in cts]
-    if split is not None:
-        training, validation = fixed_split(patients, read_split(split))
-    else:
-        training, validation = split_patients(patients, val_fraction, seed)
+    ignored = []
+    cts = find_ct_inputs(inputs, ignored, naming=naming)
+    if ignored:
+        report(describe_ignored(ignored))
+    training, validation = split_cases(cts, split, val_fraction, seed)
     if train_on_all:
         training = sorted(training + validation)
     if mix_patients and not mix:
@@ -193,11 +157,19 @@ def prepare_dataset(
         folder.mkdir(parents=True, exist_ok=True)
 
     augmenter = RandomChestAugment()
-    entries, to_mix = {}, {}
+    entries, to_mix, left_out = {}, {}, []
     with tqdm(total=len(cts) * (augment + 1), desc="prepare", unit="pair", disable=not progress) as bar:
         for ct_input in cts:
             bar.set_postfix_str(ct_input.patient)
-            ct = preprocess_ct(read_ct(ct_input.path), size=size)
+            try:
+                ct = preprocess_ct(read_ct(ct_input.path), size=size)
+            except XctDiffError as exc:
+                left_out.append({"path": str(ct_input.path), "patient": ct_input.patient, "reason": str(exc)})
+                bar.clear()
+                report(f"left out {ct_input.patient}: {exc}")
+                bar.update(augment + 1)
+                continue
+            subject = {} if ct_input.subject == ct_input.patient else {"subject": ct_input.subject}
             if ct_input.patient in mix_patients:
                 to_mix[ct_input.patient] = ct
             for k in range(augment + 1):
@@ -206,8 +178,14 @@ def prepare_dataset(
                     rng = np.random.default_rng([seed, zlib.crc32(ct_input.patient.encode()), k])
                     array = np.rint(augmenter(ct.array, rng)).astype(np.int16)
                 entry = _write_pair(ct.with_array(array), f"{ct_input.patient}_aug{k}", out_dir, geom, size)
-                entries.setdefault(ct_input.patient, []).append({**entry, "patient": ct_input.patient, "aug": k})
+                entries.setdefault(ct_input.patient, []).append(
+                    {**entry, "patient": ct_input.patient, **subject, "aug": k})
                 bar.update()
+    if not entries:
+        raise XctDiffError(f"none of the {len(cts)} CTs could be read (each named above)")
+    training, validation = [p for p in training if p in entries], [p for p in validation if p in entries]
+    mix_patients = [p for p in mix_patients if p in to_mix]
+    check_mix_request(mix, len(mix_patients), away_range=mix_away)
     mixes = _write_mixes({p: to_mix[p] for p in mix_patients}, mix, seed, out_dir, geom, size, progress, mix_away)
 
     datalist = {
@@ -219,6 +197,7 @@ def prepare_dataset(
         },
         "training": [e for p in training for e in entries[p]] + mixes,
         "validation": [e for p in validation for e in entries[p]],
+        **({"left_out": left_out} if left_out else {}),
     }
     path = out_dir / "datalist.json"
     with atomic_path(path) as tmp:
@@ -285,8 +264,9 @@ def summarize(datalist_path) -> str:
     for side in ("training", "validation"):
         items = datalist[side]
         mixes = sum(1 for e in items if "mix" in e)
-        patients = len({e["patient"] for e in items if "mix" not in e})
+        patients = len({e.get("subject", e["patient"]) for e in items if "mix" not in e})
         parts.append(f"{side} {len(items)} pairs / {patients} patients" + (f" + {mixes} mixes" if mixes else ""))
     if datalist.get("settings", {}).get("train_on_all") and datalist["validation"]:
         parts[-1] += " (also trained on: training fit)"
-    return f"wrote {datalist_path}: " + ", ".join(parts)
+    left_out = datalist.get("left_out", [])
+    return f"wrote {datalist_path}: " + ", ".join(parts) + (f"; left out: {len(left_out)} CT{'s' * (len(left_out) > 1)}" if left_out else "")

@@ -13,7 +13,8 @@ from XctDiffCore.commands.cli import main
 from XctDiffCore.drr import drr_of_volume
 from XctDiffCore.errors import XctDiffError
 from XctDiffCore.io import read_ct, read_radiograph, write_volume
-from XctDiffCore.prepare import find_ct_inputs, fixed_split, read_split, split_patients
+from XctDiffCore.ct_search import find_ct_inputs
+from XctDiffCore.prepare import fixed_split, read_split, split_cases, split_patients
 from XctDiffCore.volume import Volume
 
 SIZE = 32  # small volumes keep the whole file fast on two cores
@@ -179,3 +180,91 @@ def test_prepare_on_a_full_disk_is_one_error_line(tmp_path, capsys, file_size_li
     assert len(err) == 1 and err[0].startswith("error: cannot write ") and "File too large" in err[0], err
     assert not (out / "datalist.json").exists()
     assert not [p for p in out.rglob("*") if p.is_file()]  # no file, whole or partial
+
+
+def _tcia_download(root):
+    """A TCIA-style download (LIDC-IDRI's layout): <patient>/<study>/<series>/ with DICOM CT series, a CR film
+    and a CT localizer beside them, annotation files in the series folders; patient P2 has two CTs."""
+    import pydicom
+
+    from XctDiffCore.dicom_series import write_dicom_series
+
+    def series(patient, study, name, seed, image_type=None, slices=20):
+        ct = np.rint(synthetic_chest((slices, 24, 24), seed=seed)).astype(np.int16)
+        folder = root / patient / study / name
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        write_dicom_series(Volume(ct, spacing=(12.0, 12.0, 8.0)), folder)
+        for path in sorted(folder.iterdir()):
+            ds = pydicom.dcmread(path)
+            ds.PatientID = patient
+            if image_type:
+                ds.ImageType = image_type
+            ds.save_as(path)
+        (folder / "069.xml").write_text("<LidcReadMessage/>")
+        return folder
+
+    series("P1", "study-a", "ct-1", 0)
+    series("P2", "study-a", "ct-1", 1)
+    series("P2", "study-b", "ct-2", 2)
+    series("P3", "study-a", "ct-1", 3)
+    series("P3", "study-a", "scout", 4, image_type=["ORIGINAL", "PRIMARY", "LOCALIZER"], slices=3)
+    film = series("P4", "study-a", "ct-1", 5)
+    film_folder = root / "P1" / "study-c" / "cr-1"
+    film_folder.mkdir(parents=True)
+    ds = pydicom.dcmread(sorted(film.glob("IM*.dcm"))[0])
+    ds.Modality = "CR"
+    ds.save_as(film_folder / "1-1.dcm")
+
+
+def test_prepare_reads_a_tcia_download_and_keeps_each_patient_on_one_side(tmp_path, capsys):
+    _tcia_download(tmp_path / "LIDC")
+    ignored = []
+    cts = find_ct_inputs([tmp_path / "LIDC"], ignored)
+    assert [(c.patient, c.subject) for c in cts] == [("P1", "P1"), ("P2", "P2"), ("P2_2", "P2"), ("P3", "P3"),
+                                                      ("P4", "P4")]
+    assert sorted(i.reason for i in ignored) == ["CT localizer", "modality CR"]
+    for seed in range(6):  # P2's two CTs are never split apart
+        training, validation = split_cases(cts, None, 0.5, seed)
+        assert ("P2" in training) == ("P2_2" in training) and ("P2" in validation) == ("P2_2" in validation)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"validation": ["P2_2"]}))  # naming one CT holds out its patient
+    assert split_cases(cts, split, 0.2, 0) == (["P1", "P3", "P4"], ["P2", "P2_2"])
+    by_folder = find_ct_inputs([tmp_path / "LIDC"], naming="folder")  # the folders above, as many as it takes
+    assert [c.patient for c in by_folder] == ["P1_study-a_ct-1", "P2_study-a_ct-1", "ct-2", "P3_study-a_ct-1",
+                                              "P4_study-a_ct-1"]
+    assert [c.subject for c in by_folder] == [c.patient for c in by_folder]
+
+    out = tmp_path / "out"
+    assert main(["prepare", str(tmp_path / "LIDC"), "--out", str(out), "--size", str(SIZE), "--split",
+                 str(split)]) == 0
+    captured = capsys.readouterr()
+    assert "ignored 2 DICOM series that are not a CT volume (CT localizer: 1, modality CR: 1)" in captured.err
+    assert "training 3 pairs / 3 patients, validation 2 pairs / 1 patients" in captured.out
+    datalist = json.loads((out / "datalist.json").read_text(encoding="utf-8"))
+    assert [(e["patient"], e.get("subject")) for e in datalist["validation"]] == [("P2", None), ("P2_2", "P2")]
+
+
+def test_prepare_leaves_out_a_broken_ct_and_ends_with_one_error(tmp_path, capsys):
+    _tcia_download(tmp_path / "LIDC")
+    sorted((tmp_path / "LIDC" / "P3" / "study-a" / "ct-1").glob("IM*.dcm"))[10].unlink()  # a missing slice
+    out = tmp_path / "out"
+    assert main(["prepare", str(tmp_path / "LIDC"), "--out", str(out), "--size", str(SIZE), "--val-fraction",
+                 "0"]) == 2
+    captured = capsys.readouterr()
+    assert "left out P3: the DICOM series in" in captured.err and "missing or unevenly spaced slices" in captured.err
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert errors == [errors[0]] and "1 CT could not be read and was left out" in errors[0]
+    assert "training 4 pairs / 3 patients" in captured.out and "left out: 1 CT" in captured.out
+    datalist = json.loads((out / "datalist.json").read_text(encoding="utf-8"))
+    assert [e["patient"] for e in datalist["training"]] == ["P1", "P2", "P2_2", "P4"]
+    assert [e["patient"] for e in datalist["left_out"]] == ["P3"]
+
+
+def test_one_patient_id_for_every_ct_is_refused_unless_named_by_folder(tmp_path, capsys):
+    _tcia_download(tmp_path / "LIDC")
+    one_patient = tmp_path / "LIDC" / "P2"
+    assert main(["prepare", str(one_patient), "--out", str(tmp_path / "a"), "--size", str(SIZE)]) == 2
+    assert "all carry the DICOM PatientID 'P2'" in capsys.readouterr().err
+    assert main(["prepare", str(one_patient), "--out", str(tmp_path / "b"), "--size", str(SIZE), "--ids",
+                 "folder"]) == 0
+    assert "training 1 pairs / 1 patients, validation 1 pairs / 1 patients" in capsys.readouterr().out

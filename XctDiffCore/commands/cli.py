@@ -16,6 +16,7 @@ import sys
 import threading
 
 from .. import __version__
+from ..ct_search import NAMING  # stdlib only
 from ..errors import XctDiffError
 from .reconstruct_job import one_line, plain_warnings  # stdlib only: the parser stays quick to build
 
@@ -183,7 +184,8 @@ def _run_drr(args) -> int:
 
 def add_prepare_command(subparsers):
     p = subparsers.add_parser("prepare", help="CT files -> canonical CTs + DRRs + datalist.json for training")
-    p.add_argument("ct", nargs="+", help="CT files, DICOM series folders, or folders to search for them")
+    p.add_argument("ct", nargs="+", help="CT files, DICOM series folders, or folders to search for them (a TCIA "
+                   "download as it comes: series that are not CT volumes, such as radiographs, are ignored)")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--augment", type=int, default=0, help="random variants per patient besides the original (default 0)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of patients held out for validation (default 0.2)")
@@ -203,18 +205,28 @@ def add_prepare_command(subparsers):
     p.add_argument("--train-on-all", action="store_true",
                    help="train on the validation patients too (retraining a recipe chosen on the split on all the "
                    "data); their pairs stay in the validation list, whose scores are then training fit")
+    p.add_argument("--ids", choices=NAMING, default="patient-id",
+                   help="how a DICOM CT is named: by its PatientID, one patient's CTs kept on one side of the split "
+                   "(default), or by its folder, each CT its own patient (for blanked or identical PatientIDs)")
     p.set_defaults(handler=_run_prepare)
 
 
 def _run_prepare(args) -> int:
+    import json
+
     from ..prepare import prepare_dataset, summarize
 
     datalist = prepare_dataset(
         args.ct, args.out, augment=args.augment, val_fraction=args.val_fraction, split=args.split, seed=args.seed,
         size=args.size, geometry=args.geometry, mix=args.mix, mix_patients=args.mix_patients,
-        train_on_all=args.train_on_all, mix_away=args.mix_away,
+        train_on_all=args.train_on_all, mix_away=args.mix_away, naming=args.ids,
     )
     print(summarize(datalist))
+    left_out = json.loads(datalist.read_text(encoding="utf-8")).get("left_out", [])
+    if left_out:
+        one = len(left_out) == 1
+        raise XctDiffError(f"{len(left_out)} CT{'' if one else 's'} could not be read and {'was' if one else 'were'} "
+                           f"left out (named above and in {datalist.name}'s \"left_out\"); the datalist holds the others")
     return 0
 
 

@@ -201,7 +201,7 @@ def ct_folder_cases(path: Path, volume_size: int, geometry: str, max_cases: Opti
     from ..drr import drr_of_volume
     from ..io import read_ct
     from ..model_folder import PREPARED_SIZE, PREPARED_SPACING_MM
-    from ..prepare import find_ct_inputs
+    from ..ct_search import find_ct_inputs
     from ..preprocess import preprocess_ct
 
     cases = []

@@ -1,0 +1,180 @@
+"""Find the CTs among files and folders as a user has them: CT files, DICOM series, whole downloads.
+
+Why: a TCIA download (LIDC-IDRI, for one) nests each series in ``<patient>/<study>/<series>/`` and puts
+the CTs beside the patient's radiographs (CR, DX), localizers and annotation files; some patients have
+several CTs. So every DICOM series found is judged by its header: CT image series are kept, anything else
+is ignored and counted (:class:`IgnoredSeries`). A DICOM CT is named by its PatientID, and the CTs of one
+person share a *subject*, which the training split keeps on one side (:func:`~XctDiffCore.prepare.split_cases`)
+so that nobody is trained on and validated on at once.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+from .atomic import full_suffix
+from .errors import XctDiffError
+
+CT_FILE_SUFFIXES = (".npz", ".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+MIN_SERIES_IMAGES = 3  # fewer images than this is a localizer, a key image or a lone slice, not a volume
+NAMING = ("patient-id", "folder")  # how a DICOM CT is named and grouped (``xctdiff prepare --ids``)
+
+
+@dataclass(frozen=True)
+class CtInput:
+    """One CT: where it is read from, the id its outputs are named by, and whose it is."""
+
+    path: Path  # a CT file, a DICOM series folder, or one file of a DICOM series (its series is read)
+    patient: str  # unique among the inputs: names the pairs (``<patient>_aug<k>``) and the datalist entries
+    subject: str  # the person scanned (the DICOM PatientID, else ``patient``): one side of the split each
+
+
+@dataclass(frozen=True)
+class IgnoredSeries:
+    """A DICOM series that is not a CT volume (a radiograph, a localizer, ...): where, and why not."""
+
+    folder: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Found:
+    path: Path
+    name: str  # the file's stem or the series folder's name
+    above: tuple  # the names of the folders above, nearest first (put in front of a name that collides)
+    patient_id: str = ""  # DICOM PatientID, when it names the CT
+
+
+def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str = "patient-id") -> list:
+    """The CTs named by ``paths``: files as given; in folders (searched to any depth), CT files and every
+    DICOM CT series. Series that are not CT volumes are appended to ``ignored`` (:class:`IgnoredSeries`).
+
+    ``naming``: ``patient-id`` names a DICOM CT by its PatientID (numbered ``_2``, ``_3`` when one person has
+    several) and groups one person's CTs as one subject; ``folder`` names each by its folder, every CT its
+    own subject (for data whose PatientIDs were blanked or made alike). Other names that collide get their
+    parent folder's name in front.
+    """
+    if naming not in NAMING:
+        raise XctDiffError(f"--ids must be one of {', '.join(NAMING)}, got {naming!r}")
+    ignored = [] if ignored is None else ignored
+    found = []
+    for path in (Path(p) for p in paths):
+        if not path.exists():
+            raise XctDiffError(f"file not found: {path}")
+        if path.is_file():
+            found.append(_Found(path, _stem(path), _above(path.parent)))
+            continue
+        ignored_here = []
+        in_folder = [_Found(p, _stem(p), _above(p.parent)) for p in path.rglob("*")
+                     if p.is_file() and full_suffix(p).lower() in CT_FILE_SUFFIXES]
+        in_folder += _dicom_ct_series(path, ignored_here, use_patient_id=naming == "patient-id")
+        in_folder.sort(key=lambda f: f.path)
+        ignored.extend(ignored_here)
+        if not in_folder:
+            raise XctDiffError(f"no CT (DICOM CT series, {', '.join(CT_FILE_SUFFIXES)}) found in {path}"
+                               + (f"; {describe_ignored(ignored_here)}" if ignored_here else _sitk_hint()))
+        found.extend(in_folder)
+    unique = {f.path.resolve(): f for f in found}
+    return _name_inputs([_Found(p, f.name, f.above, f.patient_id) for p, f in unique.items()])
+
+
+def describe_ignored(ignored: list) -> str:
+    """One line: how many series were ignored and why, with one of them as an example."""
+    counts = Counter(i.reason for i in ignored)
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"ignored {len(ignored)} DICOM series that {'is' if len(ignored) == 1 else 'are'} not a CT volume " \
+           f"({reasons}), e.g. {ignored[0].folder}"
+
+
+def _sitk_hint() -> str:
+    return "" if importlib.util.find_spec("SimpleITK") else " (DICOM series need SimpleITK: pip install SimpleITK)"
+
+
+def _above(folder: Path) -> tuple:
+    return tuple(p.name for p in (folder, *folder.parents) if p.name)
+
+
+def _stem(path: Path) -> str:
+    return path.name[: len(path.name) - len(full_suffix(path))] if path.is_file() else path.name
+
+
+def _dicom_ct_series(root: Path, ignored: list, use_patient_id: bool) -> list:
+    """Every DICOM CT series in ``root`` and the folders below it, as the path of its first file (reading
+    that file reads its series); other series go to ``ignored``. Without SimpleITK none is found."""
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        return []
+    import pydicom
+
+    found = []
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on stderr for every folder without a series
+    try:
+        for folder in [root, *sorted(d for d in root.rglob("*") if d.is_dir())]:
+            for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+                files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+                if not files:
+                    continue
+                try:
+                    header = pydicom.dcmread(files[0], stop_before_pixels=True)
+                except Exception as exc:  # noqa: BLE001 - any unreadable header: the series is reported, not read
+                    ignored.append(IgnoredSeries(folder, f"unreadable header ({type(exc).__name__})"))
+                    continue
+                reason = _not_a_ct_volume(header, len(files))
+                if reason:
+                    ignored.append(IgnoredSeries(folder, reason))
+                    continue
+                patient_id = str(header.get("PatientID", "") or "").strip() if use_patient_id else ""
+                found.append(_Found(Path(files[0]), folder.name, _above(folder.parent), patient_id))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    return found
+
+
+def _not_a_ct_volume(header, images: int) -> str:
+    """Why a DICOM series is not a CT volume to train on ("" when it is one)."""
+    modality = str(header.get("Modality", "") or "").strip().upper()
+    if modality and modality != "CT":
+        return f"modality {modality}"
+    image_type = [str(v).upper() for v in (header.get("ImageType") or [])]
+    if "LOCALIZER" in image_type:
+        return "CT localizer"
+    if images < MIN_SERIES_IMAGES:
+        return f"fewer than {MIN_SERIES_IMAGES} images"
+    return ""
+
+
+def _safe_id(text: str) -> str:
+    """A PatientID as a file-name part: letters, digits, '.', '_' and '-' kept, the rest '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text).strip("._") or "patient"
+
+
+def _name_inputs(found: list) -> list:
+    """Ids in the order found: a PatientID (numbered from its second CT on), else the file or folder name,
+    with the names of the folders above in front, as many as it takes, where two collide."""
+    seen = Counter()
+    names, subjects = [], []
+    for f in found:
+        if f.patient_id:
+            subject = _safe_id(f.patient_id)
+            seen[subject] += 1
+            names.append(subject if seen[subject] == 1 else f"{subject}_{seen[subject]}")
+            subjects.append(subject)
+        else:
+            names.append(f.name)
+            subjects.append(None)
+    for level in range(max((len(f.above) for f in found), default=0)):
+        plain = [n for n, s in zip(names, subjects) if s is None]
+        if len(set(plain)) == len(plain):
+            break
+        names = [f"{f.above[level]}_{n}" if s is None and plain.count(n) > 1 and level < len(f.above) else n
+                 for f, n, s in zip(found, names, subjects)]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise XctDiffError(f"several inputs would share the patient id {duplicates[0]!r}: rename or move one")
+    return [CtInput(f.path, n, s or n) for f, n, s in zip(found, names, subjects)]
