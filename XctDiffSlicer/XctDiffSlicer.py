@@ -304,12 +304,20 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.updateGUI()
 
 
+def dicomFileForInstance(instanceUID: str) -> str:
+    """The file of a DICOM instance in Slicer's DICOM database ("" without an open database)."""
+    database = getattr(slicer, "dicomDatabase", None)
+    if database is None or not database.isOpen:
+        return ""
+    return database.fileForInstance(instanceUID) or ""
+
+
 class XctDiffSlicerLogic(ScriptedLoadableModuleLogic):
     """Slicer's face of :class:`XctDiffSlicerLib.logic.ReconstructionLogic` on ``slicer.mrmlScene``."""
 
     def __init__(self, engineCommand=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.reconstruction = ReconstructionLogic(slicer.mrmlScene, engineCommand)
+        self.reconstruction = ReconstructionLogic(slicer.mrmlScene, engineCommand, dicomFileForInstance)
 
     def getParameterNode(self):
         return XctDiffSlicerParameterNode(super().getParameterNode())

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, SAMPLE_CT
+from conftest import REPO, SAMPLE_CT, SAMPLE_RADIOGRAPH
 from test_slicer_process import FAKE_ENGINE, MODE_VARIABLE  # the engine that speaks the protocol
 
 from XctDiffCore.errors import XctDiffError
@@ -109,6 +109,35 @@ def test_the_ct_joins_the_films_dicom_study(bridge, scene, logic, sample):
     loose = bridge.radiograph_to_node(scene, drr, spacing=(2.5, 2.5), name="loose film", is_drr=True)
     ct = logic.reconstruct(loose, steps=2, seed=0, device="cpu")
     assert hierarchy.GetItemByDataNode(ct) == 0  # slicer-core makes no item; Slicer files it at the top itself
+
+
+def test_a_film_from_the_dicom_database_reaches_the_engine_as_its_file(bridge, scene, logic):
+    """Slicer's DICOM loader gives the node the file's stored values: the sample CR is MONOCHROME1, so its
+    node is a negative (bone dark), and its VOI LUT and spacing are lost. With the database's file the engine
+    reads the film as a radiologist sees it; without one (a scene from disk) the node's voxels are sent."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+    from skimage.transform import resize
+
+    from XctDiffCore.io import read_radiograph
+
+    ds = pydicom.dcmread(SAMPLE_RADIOGRAPH)
+    assert ds.PhotometricInterpretation == "MONOCHROME1"
+    stored = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)[::4, ::4]  # as Slicer's loader keeps it
+    film = bridge.radiograph_to_node(scene, stored, spacing=(0.7, 0.7), name="CR from the DICOM module")
+    film.SetAttribute("DICOM.instanceUIDs", str(ds.SOPInstanceUID))
+    seen = resize(read_radiograph(SAMPLE_RADIOGRAPH).image, (128, 128), order=1, anti_aliasing=True)[::-1]  # feet up
+
+    logic.dicom_file_for = {str(ds.SOPInstanceUID): str(SAMPLE_RADIOGRAPH)}.get
+    from_file = coronal_mean(bridge, logic.reconstruct(film, steps=2, seed=0, device="cpu"))
+    assert correlation(from_file, seen) > 0.95  # the engine read the file: the film, not its negative
+
+    for resolver in (None, {str(ds.SOPInstanceUID): str(SAMPLE_RADIOGRAPH.with_name("gone.dcm"))}.get):
+        logic.dicom_file_for = resolver
+        from_voxels = coronal_mean(bridge, logic.reconstruct(film, steps=2, seed=0, device="cpu"))
+        assert correlation(from_voxels, seen) < -0.5  # the node's voxels: a negative (the plausibility check's job)
+    film.SetAttribute("DICOM.instanceUIDs", f"{ds.SOPInstanceUID} 1.2.3")  # several instances: not one film file
+    assert bridge.dicom_source_file(film, {str(ds.SOPInstanceUID): str(SAMPLE_RADIOGRAPH)}.get) is None
 
 
 def test_samples_give_an_uncertainty_node_and_drr_turns_style_off(bridge, scene, logic, sample):

@@ -17,7 +17,7 @@ Geometry is handled in one place each way:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
@@ -34,6 +34,7 @@ SLICE_VIEW_NAMES = ("Red", "Yellow", "Green")
 # Node attributes written by this bridge (MRML attributes survive scene save/load).
 ATTRIBUTE_IS_DRR = "XctDiff.IsDRR"  # "1": rendered from a CT, needs no real-to-DRR style transfer
 ATTRIBUTE_SPACING_KNOWN = "XctDiff.PixelSpacingKnown"  # "0": the file had no pixel spacing
+ATTRIBUTE_DICOM_INSTANCES = "DICOM.instanceUIDs"  # set by Slicer's DICOM loader: the SOP instances of the node
 UNCERTAINTY_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"  # built in: black, red, yellow, white
 
 # What a slice view of each plane shows to the right of and below the screen centre (RAS unit
@@ -203,6 +204,21 @@ def load_radiograph(scene, path, node=None):
     radiograph = read_radiograph(path)
     name = Path(path).name.split(".")[0] or "Radiograph"
     return radiograph_to_node(scene, radiograph.image, radiograph.spacing, node, name, radiograph.is_drr)
+
+
+def dicom_source_file(node, dicom_file_for: Optional[Callable[[str], str]]) -> Optional[Path]:
+    """The DICOM file a film node was loaded from by Slicer's DICOM module, or None.
+
+    Why: the node's voxels are the file's stored values, so a MONOCHROME1 film (most computed radiographs)
+    is a negative there, and its VOI LUT and pixel spacing are not in the node; the engine's reader applies
+    all of them to the file. ``dicom_file_for`` maps a SOP instance UID to its file (Slicer's
+    ``slicer.dicomDatabase.fileForInstance``); a node of several instances, or a file no longer there, gives None.
+    """
+    uids = (node.GetAttribute(ATTRIBUTE_DICOM_INSTANCES) or "").split()
+    if dicom_file_for is None or len(uids) != 1:
+        return None
+    path = dicom_file_for(uids[0]) or ""
+    return Path(path) if path and Path(path).is_file() else None
 
 
 def write_radiograph_file(node, path) -> Path:
