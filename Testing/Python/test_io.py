@@ -262,6 +262,39 @@ def test_dicom_rescale_spacing_and_monochrome1(tmp_path):
     assert mono2.spacing == (0.15, 0.2) and not mono2.is_drr
 
 
+@pytest.mark.parametrize("compression", ["JPEG", "JPEG2000", "RLE"])
+def test_compressed_dicom_films_read_as_the_uncompressed_film(tmp_path, compression):
+    """PACS send CR/DX films compressed: JPEG Lossless (the usual one for CR, which pydicom decodes only with
+    pylibjpeg-libjpeg, a dependency), JPEG 2000 and RLE; each must read as the uncompressed film."""
+    import pydicom
+    import SimpleITK as sitk
+    from pydicom.uid import RLELossless
+
+    stored = grey_ramp(top=4000).astype(np.uint16) + (np.arange(48, dtype=np.uint16)[:, None] % 5) * 19  # texture
+    plain = write_dicom_radiograph(tmp_path / "plain.dcm", stored, "MONOCHROME1", RescaleSlope=2,
+                                   RescaleIntercept=-100, ImagerPixelSpacing=[0.15, 0.2])
+    packed = tmp_path / f"{compression}.dcm"
+    if compression == "RLE":
+        ds = pydicom.dcmread(plain)
+        ds.compress(RLELossless)
+        ds.save_as(packed)
+    else:
+        writer = sitk.ImageFileWriter()  # GDCM writes the pixels compressed; the header is copied after
+        writer.SetFileName(str(packed))
+        writer.SetUseCompression(True)
+        writer.SetCompressor(compression)
+        writer.Execute(sitk.GetImageFromArray(stored))
+        ds, pixels = pydicom.dcmread(plain), pydicom.dcmread(packed)
+        ds.file_meta.TransferSyntaxUID = pixels.file_meta.TransferSyntaxUID
+        ds.PixelData = pixels.PixelData
+        ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+        ds.save_as(packed)
+    assert pydicom.dcmread(packed).file_meta.TransferSyntaxUID.is_compressed
+    expected, got = read_radiograph(plain), read_radiograph(packed)
+    np.testing.assert_array_equal(got.image, expected.image)
+    assert got.spacing == expected.spacing == (0.15, 0.2)
+
+
 def test_dicom_patient_age_is_read_in_years(tmp_path):
     from XctDiffCore.io import dicom_age_years
 

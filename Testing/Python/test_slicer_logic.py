@@ -112,9 +112,10 @@ def test_the_ct_joins_the_films_dicom_study(bridge, scene, logic, sample):
 
 
 def test_a_film_from_the_dicom_database_reaches_the_engine_as_its_file(bridge, scene, logic):
-    """Slicer's DICOM loader gives the node the file's stored values: the sample CR is MONOCHROME1, so its
-    node is a negative (bone dark), and its VOI LUT and spacing are lost. With the database's file the engine
-    reads the film as a radiologist sees it; without one (a scene from disk) the node's voxels are sent."""
+    """A node holds what its reader made of the file; here the stored values, as a reader that ignores the
+    photometric interpretation keeps them: a negative of this MONOCHROME1 film (bone dark), without its VOI LUT
+    and spacing. With the database's file the engine reads the film as the command line does; without one (a
+    scene from disk) the node's voxels are sent."""
     import pydicom
     from pydicom.pixels import apply_modality_lut
     from skimage.transform import resize

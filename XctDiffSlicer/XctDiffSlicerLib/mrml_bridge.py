@@ -209,9 +209,9 @@ def load_radiograph(scene, path, node=None):
 def dicom_source_file(node, dicom_file_for: Optional[Callable[[str], str]]) -> Optional[Path]:
     """The DICOM file a film node was loaded from by Slicer's DICOM module, or None.
 
-    Why: the node's voxels are the file's stored values, so a MONOCHROME1 film (most computed radiographs)
-    is a negative there, and its VOI LUT and pixel spacing are not in the node; the engine's reader applies
-    all of them to the file. ``dicom_file_for`` maps a SOP instance UID to its file (Slicer's
+    Why: the node's voxels are what its reader made of the file (no VOI LUT; MONOCHROME1 inverted or not,
+    by the reader's version; 1 mm where the file has no pixel spacing); the engine's reader applies the
+    file's LUTs, photometric interpretation and spacing, so the panel reads a film as the command line does. ``dicom_file_for`` maps a SOP instance UID to its file (Slicer's
     ``slicer.dicomDatabase.fileForInstance``); a node of several instances, or a file no longer there, gives None.
     """
     uids = (node.GetAttribute(ATTRIBUTE_DICOM_INSTANCES) or "").split()
