@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -56,7 +56,8 @@ class Radiograph:
     modality/VOI LUTs; MONOCHROME1 inverted so that bone is bright). ``spacing``: ``(row, col)`` in mm
     when the file records it, else ``None``. ``is_drr``: the file carries the ``xctdiff_drr=1`` tag.
     ``source``: the path it was read from. ``age_years``: the patient's age when a DICOM file records
-    it (Patient's Age), else ``None``.
+    it (Patient's Age), else ``None``. ``header``: what a DICOM file says about the view, for the
+    plausibility check (:data:`HEADER_FACTS`' keywords, upper case, those it records).
     """
 
     image: np.ndarray
@@ -64,6 +65,11 @@ class Radiograph:
     is_drr: bool
     source: str
     age_years: Optional[float] = None
+    header: dict = field(default_factory=dict)
+
+
+# the DICOM attributes that say what a film shows (read by XctDiffCore.plausibility.header_problems)
+HEADER_FACTS = ("ViewPosition", "BodyPartExamined", "PresentationIntentType")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,7 +418,7 @@ def find_real_radiographs(patterns) -> list[Path]:
 def read_radiograph(path) -> Radiograph:
     """Read a radiograph (PNG/JPEG/TIFF, DICOM CR/DX/DR, 2D or single-slice NRRD/NIfTI/MetaImage)."""
     path = _check_input(path, allow_folder=False)
-    suffix, age = _suffix(path), None
+    suffix, age, header = _suffix(path), None, {}
     if suffix in PIL_SUFFIXES:
         image, spacing, is_drr = _read_pil(path)
     elif suffix in SITK_VOLUME_SUFFIXES:
@@ -421,14 +427,14 @@ def read_radiograph(path) -> Radiograph:
     elif suffix == ".npz":
         raise XctDiffError(f"expected a radiograph, got a 3D CT volume (.npz): {path}")
     elif _is_dicom_file(path):
-        image, spacing, is_drr, age = _read_dicom_radiograph(path)
+        image, spacing, is_drr, age, header = _read_dicom_radiograph(path)
     else:
         raise XctDiffError(
             f"unsupported radiograph file type '{suffix or path.name}': expected .png, .jpg, .tif, "
             f".dcm, .nrrd, .nii or .mha ({path})"
         )
     image = check_radiograph_image(image, str(path))
-    return Radiograph(image=image, spacing=spacing, is_drr=is_drr, source=str(path), age_years=age)
+    return Radiograph(image=image, spacing=spacing, is_drr=is_drr, source=str(path), age_years=age, header=header)
 
 
 def _to_grey(rgb: np.ndarray) -> np.ndarray:
@@ -575,12 +581,13 @@ def _read_dicom_radiograph(path: Path):
         spacing = _dicom_pixel_spacing(ds)
         orientation = ds.get("PatientOrientation")
         age = dicom_age_years(ds.get("PatientAge"))
+        header = {key: str(ds.get(key)).strip().upper() for key in HEADER_FACTS if str(ds.get(key) or "").strip()}
     with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, refused by check_radiograph_image
         image = np.asarray(image, dtype=np.float32)
     image, spacing = _dicom_display_orientation(image, orientation, spacing)
     if spacing is not None and not all(np.isfinite(s) and s > 0 for s in spacing):
         raise XctDiffError(f"pixel spacing must be positive, got {spacing} in {path}")
-    return image, spacing, False, age
+    return image, spacing, False, age, header
 
 
 def dicom_age_years(value) -> Optional[float]:
@@ -708,6 +715,13 @@ def inspect_path(path, kind: str = "auto") -> dict:
                 "spacing": (_fmt(radiograph.spacing) + " mm (row, col)") if radiograph.spacing else "unknown",
                 "intensity_range": f"{_fmt(radiograph.image.min())} .. {_fmt(radiograph.image.max())}",
                 "drr": "yes" if radiograph.is_drr else "no",
+                **({"patient_age": f"{radiograph.age_years:g} years"} if radiograph.age_years is not None else {}),
+                **{_snake(key): value for key, value in radiograph.header.items()},
             }
         )
     return facts
+
+
+def _snake(keyword: str) -> str:
+    """ViewPosition -> view_position."""
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(keyword))

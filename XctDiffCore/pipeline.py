@@ -76,7 +76,14 @@ from .diffusion import Cancelled
 from .errors import XctDiffError
 from .guidance import MIN_UNGUIDED_CONSISTENCY, GuidanceWarning
 from .options import CT_FORMATS, MAX_SAMPLES, MethodWarning, ReconstructOptions  # noqa: F401 (re-exported)
-from .plausibility import PlausibilityWarning, consistency_problems, film_problems, size_problems
+from .plausibility import (
+    PlausibilityWarning,
+    consistency_problems,
+    film_problems,
+    processing_problems,
+    size_problems,
+    view_problems,
+)
 from .io import Radiograph
 from .model_folder import FIELD_OF_VIEW_MM, PREPARED_SIZE, ModelFolder, ModelInfo
 from .model_inputs import area_resize
@@ -160,7 +167,7 @@ def as_radiograph(radiograph) -> Radiograph:
 
     if isinstance(radiograph, Radiograph):
         return Radiograph(check_radiograph_image(radiograph.image, radiograph.source), radiograph.spacing,
-                          radiograph.is_drr, radiograph.source, radiograph.age_years)
+                          radiograph.is_drr, radiograph.source, radiograph.age_years, dict(radiograph.header))
     if isinstance(radiograph, (str, Path)):
         return read_radiograph(radiograph)
     if isinstance(radiograph, torch.Tensor):
@@ -338,8 +345,9 @@ class XctDiffPipeline:
                                 else torch.contiguous_format)
         with torch.inference_mode():
             input01 = self.preprocess(radiograph)
-            notes = self._flag(film_problems(input01), strict)
-            size_notes = self._flag(size_problems(radiograph.age_years, radiograph.image.shape, radiograph.spacing))
+            notes = self._flag(view_problems(radiograph.header) + film_problems(input01), strict)
+            size_notes = self._flag(processing_problems(radiograph.header)
+                                    + size_problems(radiograph.age_years, radiograph.image.shape, radiograph.spacing))
             timer.lap("preprocessing")
             reporter.report(ends["preprocessing"], "style transfer")
             _check_cancel(cancel)

@@ -49,6 +49,15 @@ film is under 250 mm on its longer side (adult chest films are 350-430 mm; 18 x 
 cassettes are children's). A resized image that kept its original pixel spacing (the RSNA sample of
 ``../shared/data``: 1024 px at 0.168 mm, 172 mm, for a 62-year-old) is flagged too, and the warning
 names both causes. A PNG or JPEG records neither age nor spacing: nothing can be said, and nothing is.
+
+**The DICOM header** (:func:`view_problems`, :func:`processing_problems`). A DICOM film says what it shows,
+and where it does the pipeline believes it before any pixel: a View Position of LL or RL (lateral) or RLO or
+LLO (oblique), or a Body Part Examined that is a part other than the chest (a defined term such as KNEE or
+SKULL; free text the check does not know, "PORT CHEST" say, passes), is flagged like a film that fails the
+contrast check (an error with ``strict``). The contrast check let 2 of 19 lateral DRRs through; the header
+lets none through that says it is lateral. A film marked For Processing (Presentation Intent Type: the
+detector's raw image, before the processing that makes it the film a radiologist reads) gets a warning and
+is never refused: its contrast is not the one the model was trained on.
 """
 from __future__ import annotations
 
@@ -60,6 +69,15 @@ SMALL_FILM_MM = 250.0  # a whole film shorter than this on its longer side gets 
 ROWS = (0.30, 0.70)
 CENTRE_COLUMNS = (0.44, 0.56)
 LUNG_COLUMNS = ((0.20, 0.38), (0.62, 0.80))
+
+
+LATERAL_VIEWS = {"LL": "lateral", "RL": "lateral", "LATERAL": "lateral", "LLO": "oblique", "RLO": "oblique"}
+# DICOM defined terms for Body Part Examined (PS3.16 Annex L) that are not the chest
+NOT_CHEST = {
+    "ABDOMEN", "ANKLE", "ARM", "CSPINE", "CLAVICLE", "ELBOW", "EXTREMITY", "FINGER", "FOOT", "FOREARM", "HAND",
+    "HEAD", "HEEL", "HIP", "JAW", "KNEE", "LEG", "LSPINE", "PELVIS", "SACRUM", "SKULL", "SSPINE", "THUMB", "TOE",
+    "WRIST", "BREAST", "FEMUR", "HUMERUS", "TIBIA", "FIBULA", "NECK", "SELLA", "SINUS", "ORBIT", "TMJ", "COCCYX",
+}
 
 
 class PlausibilityWarning(UserWarning):
@@ -84,6 +102,29 @@ def film_problems(image01: np.ndarray) -> list:
     return [f"the input does not look like a frontal chest radiograph (the middle is not brighter than both lung "
             f"fields: chest contrast {contrast:.2f}); it may be inverted (a negative, e.g. a film wrongly stored as "
             "MONOCHROME1), a lateral view or not a chest, and the reconstruction would still look like a chest"]
+
+
+def view_problems(header: dict) -> list:
+    """Why a DICOM film's header says it is not a frontal chest film (lateral, oblique, another body part)."""
+    problems = []
+    view = header.get("ViewPosition", "")
+    if view in LATERAL_VIEWS:
+        problems.append(f"the DICOM header says this is a {LATERAL_VIEWS[view]} view (View Position {view}); the model "
+                        "reconstructs from frontal (PA or AP) chest films only, and would still draw a chest")
+    part = header.get("BodyPartExamined", "")
+    if part in NOT_CHEST:
+        problems.append(f"the DICOM header says this film shows the {part.lower()} (Body Part Examined {part}), not the "
+                        "chest; the model would still draw a chest")
+    return problems
+
+
+def processing_problems(header: dict) -> list:
+    """Why a DICOM film's contrast may not be the one the model knows: a raw detector image (For Processing)."""
+    if header.get("PresentationIntentType", "") != "FOR PROCESSING":
+        return []
+    return ["the DICOM header marks this image For Processing (the detector's raw image, before the processing "
+            "that makes the film a radiologist reads); the model was trained on processed films, so expect a "
+            "poorer reconstruction: use the For Presentation image of the same exposure if there is one"]
 
 
 def consistency_problems(consistency: float, minimum=None) -> list:

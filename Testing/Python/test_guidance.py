@@ -216,6 +216,37 @@ def test_an_implausible_film_warns_is_refused_with_strict_and_is_never_guided(pi
         pipe.reconstruct(negative, method="direct", device="cpu", strict=True)
 
 
+def test_the_dicom_header_flags_lateral_oblique_and_other_body_parts_and_warns_on_raw_images():
+    from XctDiffCore.plausibility import processing_problems, view_problems
+
+    frontal = {"ViewPosition": "PA", "BodyPartExamined": "CHEST", "PresentationIntentType": "FOR PRESENTATION"}
+    assert view_problems(frontal) == [] and processing_problems(frontal) == [] and view_problems({}) == []
+    assert view_problems({"ViewPosition": "AP", "BodyPartExamined": "PORT CHEST"}) == []  # unknown free text passes
+    assert "lateral view (View Position LL)" in view_problems({"ViewPosition": "LL"})[0]
+    assert "oblique view" in view_problems({"ViewPosition": "RLO"})[0]
+    assert "shows the knee" in view_problems({"BodyPartExamined": "KNEE"})[0]
+    assert len(view_problems({"ViewPosition": "RL", "BodyPartExamined": "SKULL"})) == 2
+    assert "For Processing" in processing_problems({"PresentationIntentType": "FOR PROCESSING"})[0]
+
+
+def test_a_lateral_dicom_film_is_refused_with_strict_and_a_raw_one_only_warned(pipe, film, monkeypatch):
+    from XctDiffCore.io import Radiograph
+    from XctDiffCore.plausibility import PlausibilityWarning
+
+    monkeypatch.setattr(pipeline_module, "MIN_UNGUIDED_CONSISTENCY", 0.0)
+    lateral = Radiograph(film.image, film.spacing, False, "lateral", header={"ViewPosition": "LL"})
+    with pytest.warns(PlausibilityWarning, match="lateral view"):
+        with pytest.warns(GuidanceWarning, match="failed the plausibility check"):
+            result = pipe.reconstruct(lateral, method="direct", device="cpu", guidance=1.0)
+    assert result.guidance == 0.0 and "lateral view" in result.warnings[0]
+    with pytest.raises(XctDiffError, match="lateral view.*refused: strict"):
+        pipe.reconstruct(lateral, method="direct", device="cpu", strict=True)
+    raw = Radiograph(film.image, film.spacing, False, "raw", header={"PresentationIntentType": "FOR PROCESSING"})
+    with pytest.warns(PlausibilityWarning, match="For Processing"):
+        result = pipe.reconstruct(raw, method="direct", device="cpu", guidance=1.0, strict=True)
+    assert result.guidance > 0
+
+
 def test_size_warnings_come_from_a_childs_age_or_a_small_film_and_nothing_else():
     from XctDiffCore.plausibility import size_problems
 

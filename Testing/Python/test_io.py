@@ -497,3 +497,15 @@ def test_written_files_are_verified_before_the_rename(tmp_path):
         assert verify_written(path, suffix), suffix
         path.write_bytes(b"")
         assert verify_written(path, suffix) == "it is empty"
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # lower case and padding, on purpose
+def test_dicom_view_facts_are_read_for_the_plausibility_check(tmp_path):
+    stored = grey_ramp(top=4095).astype(np.uint16)
+    path = write_dicom_radiograph(tmp_path / "lat.dcm", stored, ViewPosition="ll", BodyPartExamined="Chest ",
+                                  PresentationIntentType="FOR PROCESSING", PatientAge="045Y")
+    assert read_radiograph(path).header == {"ViewPosition": "LL", "BodyPartExamined": "CHEST",
+                                            "PresentationIntentType": "FOR PROCESSING"}
+    facts = inspect_path(path)
+    assert (facts["view_position"], facts["body_part_examined"], facts["patient_age"]) == ("LL", "CHEST", "45 years")
+    assert read_radiograph(write_dicom_radiograph(tmp_path / "plain.dcm", stored)).header == {}
