@@ -10,6 +10,7 @@ so that nobody is trained on and validated on at once.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -102,9 +103,18 @@ def _stem(path: Path) -> str:
     return path.name[: len(path.name) - len(full_suffix(path))] if path.is_file() else path.name
 
 
-def _dicom_ct_series(root: Path, ignored: list, use_patient_id: bool) -> list:
+def ct_series_below(folder: Path, most: int = 3, folders: int = 500) -> list:
+    """Up to ``most`` folders below ``folder`` holding a DICOM CT series, looking into at most ``folders``
+    folders (a hint for an error message: quick even when given the root of a large tree)."""
+    found = _dicom_ct_series(folder, [], use_patient_id=False, most=most, folders=folders)
+    return [f.path.parent for f in found]
+
+
+def _dicom_ct_series(root: Path, ignored: list, use_patient_id: bool, most: Optional[int] = None,
+                     folders: Optional[int] = None) -> list:
     """Every DICOM CT series in ``root`` and the folders below it, as the path of its first file (reading
-    that file reads its series); other series go to ``ignored``. Without SimpleITK none is found."""
+    that file reads its series); other series go to ``ignored``. Without SimpleITK none is found.
+    ``most`` / ``folders``: stop after that many series / folders looked into."""
     try:
         import SimpleITK as sitk
     except ImportError:
@@ -115,7 +125,12 @@ def _dicom_ct_series(root: Path, ignored: list, use_patient_id: bool) -> list:
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on stderr for every folder without a series
     try:
-        for folder in [root, *sorted(d for d in root.rglob("*") if d.is_dir())]:
+        tree = itertools.chain([root], (d for d in root.rglob("*") if d.is_dir()))
+        if folders is None:
+            tree = [root, *sorted(d for d in root.rglob("*") if d.is_dir())]
+        for folder in itertools.islice(tree, folders):
+            if most is not None and len(found) >= most:
+                break
             for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
                 files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
                 if not files:

@@ -323,7 +323,12 @@ def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> V
             series = [reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in uids]
             files = max(series, key=len) if series else ()
     if not files:
-        raise XctDiffError(f"no DICOM series found in {folder}")
+        from .ct_search import ct_series_below
+
+        below = ct_series_below(folder) if series_uid is None else []
+        hint = (f"; below it: {len(below)}{'+' if len(below) >= 3 else ''} DICOM CT series, e.g. {below[0]} (give one; "
+                "`xctdiff prepare` takes the whole folder)") if below else ""
+        raise XctDiffError(f"no DICOM series found in {folder}{hint}")
     if len(files) < 2:
         raise XctDiffError(f"expected a CT volume, got a DICOM series with a single 2D image ({path})")
     reader.SetFileNames(files)

@@ -268,3 +268,11 @@ def test_one_patient_id_for_every_ct_is_refused_unless_named_by_folder(tmp_path,
     assert main(["prepare", str(one_patient), "--out", str(tmp_path / "b"), "--size", str(SIZE), "--ids",
                  "folder"]) == 0
     assert "training 1 pairs / 1 patients, validation 1 pairs / 1 patients" in capsys.readouterr().out
+
+
+def test_a_patient_folder_given_as_one_ct_names_the_series_below_it(tmp_path, capsys):
+    _tcia_download(tmp_path / "LIDC")
+    assert main(["inspect", str(tmp_path / "LIDC" / "P2")]) == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert "no DICOM series found in" in error and "below it: 2 DICOM CT series, e.g." in error
+    assert str(tmp_path / "LIDC" / "P2" / "study-") in error and "`xctdiff prepare` takes the whole folder" in error
