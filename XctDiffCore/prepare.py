@@ -19,16 +19,19 @@ The datalist is written last: it exists only when every pair in it was written.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
 from .atomic import atomic_path
-from .ct_search import describe_ignored, find_ct_inputs
+from .ct_search import CtInput, describe_ignored, find_ct_inputs
 from .errors import XctDiffError
 from .volume import Volume
 
@@ -113,6 +116,7 @@ def prepare_dataset(
     mix_away: Optional[Sequence[float]] = None,
     naming: str = "patient-id",
     report: Optional[Callable[[str], None]] = None,
+    workers: int = 1,
 ) -> Path:
     """Write the pairs and ``datalist.json`` for the CTs named by ``inputs`` under ``out_dir``; return the datalist.
 
@@ -123,19 +127,19 @@ def prepare_dataset(
     the validation list, so a training log still shows them, as training fit. ``naming``: how DICOM CTs are named
     and grouped (:func:`~.ct_search.find_ct_inputs`). ``report`` gets one line for each CT left out and for the
     series ignored (default: stderr). CTs that cannot be read are left out; the datalist holds the rest, and
-    its ``"left_out"`` lists them (``prepare`` then exits with an error)."""
+    its ``"left_out"`` lists them (``prepare`` then exits with an error). ``workers`` > 1 prepares that many
+    CTs at once, each in its own process (0: one per core); the output is the same, byte for byte."""
     from tqdm import tqdm
 
-    from .augment import RandomChestAugment
     from .drr import make_geometry
-    from .io import read_ct
     from .mixing import check_mix_request
-    from .preprocess import preprocess_ct
 
     if augment < 0:
         raise XctDiffError(f"--augment must be 0 or more, got {augment}")
     if not 16 <= size <= 512:
         raise XctDiffError(f"--size must be between 16 and 512, got {size}")
+    if workers < 0:
+        raise XctDiffError(f"--workers must be 0 (one per core) or more, got {workers}")
     report = report or (lambda line: print(line, file=sys.stderr, flush=True))
     geom = make_geometry(geometry)
     ignored = []
@@ -156,31 +160,21 @@ def prepare_dataset(
     for folder in (out_dir, out_dir / "images", out_dir / "xrays"):
         folder.mkdir(parents=True, exist_ok=True)
 
-    augmenter = RandomChestAugment()
+    jobs = [_CtJob(c, augment, seed, size, geometry, out_dir, c.patient in mix_patients) for c in cts]
     entries, to_mix, left_out = {}, {}, []
-    with tqdm(total=len(cts) * (augment + 1), desc="prepare", unit="pair", disable=not progress) as bar:
-        for ct_input in cts:
-            bar.set_postfix_str(ct_input.patient)
-            try:
-                ct = preprocess_ct(read_ct(ct_input.path), size=size)
-            except XctDiffError as exc:
-                left_out.append({"path": str(ct_input.path), "patient": ct_input.patient, "reason": str(exc)})
+    with tqdm(total=len(cts) * (augment + 1), desc="prepare", unit="pair", disable=not progress) as bar, \
+            _worker_pool(workers, len(jobs)) as pool:
+        for job, (pairs, ct, error) in zip(jobs, pool.map(_prepare_ct, jobs) if pool else map(_prepare_ct, jobs)):
+            bar.set_postfix_str(job.ct.patient)
+            if error is not None:
+                left_out.append({"path": str(job.ct.path), "patient": job.ct.patient, "reason": error})
                 bar.clear()
-                report(f"left out {ct_input.patient}: {exc}")
-                bar.update(augment + 1)
-                continue
-            subject = {} if ct_input.subject == ct_input.patient else {"subject": ct_input.subject}
-            if ct_input.patient in mix_patients:
-                to_mix[ct_input.patient] = ct
-            for k in range(augment + 1):
-                array = ct.array
-                if k > 0:
-                    rng = np.random.default_rng([seed, zlib.crc32(ct_input.patient.encode()), k])
-                    array = np.rint(augmenter(ct.array, rng)).astype(np.int16)
-                entry = _write_pair(ct.with_array(array), f"{ct_input.patient}_aug{k}", out_dir, geom, size)
-                entries.setdefault(ct_input.patient, []).append(
-                    {**entry, "patient": ct_input.patient, **subject, "aug": k})
-                bar.update()
+                report(f"left out {job.ct.patient}: {error}")
+            else:
+                entries[job.ct.patient] = pairs
+                if ct is not None:
+                    to_mix[job.ct.patient] = ct
+            bar.update(augment + 1)
     if not entries:
         raise XctDiffError(f"none of the {len(cts)} CTs could be read (each named above)")
     training, validation = [p for p in training if p in entries], [p for p in validation if p in entries]
@@ -203,6 +197,70 @@ def prepare_dataset(
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(datalist, indent=2) + "\n")
     return path
+
+
+@dataclass(frozen=True)
+class _CtJob:
+    """One input CT to prepare: what :func:`_prepare_ct` needs, picklable for a worker process."""
+
+    ct: CtInput
+    augment: int
+    seed: int
+    size: int
+    geometry: str
+    out_dir: Path
+    keep_ct: bool  # return the canonical CT, for the mixes
+
+
+def _prepare_ct(job: _CtJob) -> tuple:
+    """Write the pairs of one CT (the original and ``augment`` variants); return ``(entries, CT or None,
+    error or None)``: a CT that cannot be read is an error message, not an exception, so the others go on.
+    Each variant's randomness comes from (seed, patient, k), so the result does not depend on the order."""
+    from .augment import RandomChestAugment
+    from .drr import make_geometry
+    from .io import read_ct
+    from .preprocess import preprocess_ct
+
+    try:
+        ct = preprocess_ct(read_ct(job.ct.path), size=job.size)
+    except XctDiffError as exc:
+        return [], None, str(exc)
+    geometry, augmenter, patient = make_geometry(job.geometry), RandomChestAugment(), job.ct.patient
+    subject = {} if job.ct.subject == patient else {"subject": job.ct.subject}
+    entries = []
+    for k in range(job.augment + 1):
+        array = ct.array
+        if k > 0:
+            rng = np.random.default_rng([job.seed, zlib.crc32(patient.encode()), k])
+            array = np.rint(augmenter(ct.array, rng)).astype(np.int16)
+        entry = _write_pair(ct.with_array(array), f"{patient}_aug{k}", job.out_dir, geometry, job.size)
+        entries.append({**entry, "patient": patient, **subject, "aug": k})
+    return entries, (ct if job.keep_ct else None), None
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int, jobs: int):
+    """A pool of ``workers`` processes (0: one per core), each on one thread; None (work here) for one."""
+    workers = min(workers or os.cpu_count() or 1, jobs)
+    if workers <= 1:
+        yield None
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on an error or Ctrl-C, start no further CT
+
+
+def _one_thread() -> None:
+    """A worker's initialiser: one thread each, so that N workers use N cores and not N x N."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _write_mixes(cts: dict, per_patient: int, seed: int, out_dir: Path, geometry, size: int, progress: bool,

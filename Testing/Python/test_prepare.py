@@ -276,3 +276,20 @@ def test_a_patient_folder_given_as_one_ct_names_the_series_below_it(tmp_path, ca
     (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert "no DICOM series found in" in error and "below it: 2 DICOM CT series, e.g." in error
     assert str(tmp_path / "LIDC" / "P2" / "study-") in error and "`xctdiff prepare` takes the whole folder" in error
+
+
+def test_workers_write_the_same_data_set(tmp_path, capsys):
+    _write_phantoms(tmp_path / "in")
+    outputs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"out{workers}"
+        assert main(["prepare", str(tmp_path / "in"), "--out", str(out), "--size", str(SIZE), "--augment", "1",
+                     "--workers", workers]) == 0
+        outputs.append(out)
+    one, two = outputs
+    assert (one / "datalist.json").read_bytes() == (two / "datalist.json").read_bytes()
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert len(files) == 1 + 3 * 2 * 3  # the datalist; 3 patients x 2 pairs x (CT, DRR, preview)
+    assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)
+    assert main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "bad"), "--workers", "-1"]) == 2
+    assert "--workers must be 0 (one per core) or more" in capsys.readouterr().err

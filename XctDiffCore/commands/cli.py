@@ -208,6 +208,9 @@ def add_prepare_command(subparsers):
     p.add_argument("--ids", choices=NAMING, default="patient-id",
                    help="how a DICOM CT is named: by its PatientID, one patient's CTs kept on one side of the split "
                    "(default), or by its folder, each CT its own patient (for blanked or identical PatientIDs)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="CTs prepared at once, each in its own process on one core (0: one per core; default 1); "
+                   "the output is the same")
     p.set_defaults(handler=_run_prepare)
 
 
@@ -219,7 +222,7 @@ def _run_prepare(args) -> int:
     datalist = prepare_dataset(
         args.ct, args.out, augment=args.augment, val_fraction=args.val_fraction, split=args.split, seed=args.seed,
         size=args.size, geometry=args.geometry, mix=args.mix, mix_patients=args.mix_patients,
-        train_on_all=args.train_on_all, mix_away=args.mix_away, naming=args.ids,
+        train_on_all=args.train_on_all, mix_away=args.mix_away, naming=args.ids, workers=args.workers,
     )
     print(summarize(datalist))
     left_out = json.loads(datalist.read_text(encoding="utf-8")).get("left_out", [])
