@@ -40,7 +40,17 @@ PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SITK_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 RADIOGRAPH_SUFFIXES = PIL_SUFFIXES + DICOM_SUFFIXES
+FILM_FILE_SUFFIXES = RADIOGRAPH_SUFFIXES + SITK_VOLUME_SUFFIXES  # every file type read_radiograph takes by name
 VOLUME_WRITE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
+
+
+def film_stem(path) -> str:
+    """A film file's name without its file-type suffix (``chest.nii.gz`` -> ``chest``); a name whose last
+    dot-part is not a known type (``1.2.840.1.5``, a DICOM file named by its UID) is kept whole."""
+    from .atomic import full_suffix
+
+    name, suffix = Path(path).name, full_suffix(Path(path))
+    return name[: -len(suffix)] if suffix and suffix.lower() in FILM_FILE_SUFFIXES else name
 
 
 def drr_tag_metadata() -> dict:
@@ -129,8 +139,9 @@ def _check_input(path, allow_folder: bool) -> Path:
     return path
 
 
-def _is_dicom_file(path: Path) -> bool:
-    """A DICOM Part 10 file: by suffix, or by the 'DICM' magic after the 128-byte preamble."""
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file: by suffix, or by the 'DICM' magic after the 128-byte preamble (PACS and DICOMDIR
+    exports name their files without a suffix, or by their UID)."""
     if _suffix(path) in DICOM_SUFFIXES:
         return True
     with open(path, "rb") as f:
@@ -270,7 +281,7 @@ def read_ct(path) -> Volume:
         # Image suffixes go through SimpleITK too so that a PNG given as a CT says "2D image".
         _check_sitk_header(path, suffix)
         volume = _read_sitk_volume(path)
-    elif _is_dicom_file(path):
+    elif is_dicom_file(path):
         volume = _read_dicom_series(path.parent, path, _dicom_series_uid(path))
     else:
         raise XctDiffError(
@@ -431,7 +442,7 @@ def read_radiograph(path) -> Radiograph:
         image, spacing, is_drr = _read_sitk_radiograph(path)
     elif suffix == ".npz":
         raise XctDiffError(f"expected a radiograph, got a 3D CT volume (.npz): {path}")
-    elif _is_dicom_file(path):
+    elif is_dicom_file(path):
         image, spacing, is_drr, age, header = _read_dicom_radiograph(path)
     else:
         raise XctDiffError(
@@ -677,7 +688,7 @@ def guess_kind(path) -> str:
             reader.ReadImageInformation()
         size = reader.GetSize()
         return "radiograph" if len(size) == 2 or 1 in size else "ct"
-    if _is_dicom_file(path):
+    if is_dicom_file(path):
         import pydicom
 
         with _library_errors(path, "a DICOM file"):

@@ -608,12 +608,11 @@ class _Timer:
 def default_output_path(input_path, output_format: Optional[str] = None) -> Path:
     """``<stem>_ct.nrrd`` beside the input (``chest.nii.gz`` -> ``chest_ct.nrrd``); another ``output_format``
     (:data:`CT_FORMATS`) gives its suffix, ``dicom`` the series folder ``<stem>_ct``."""
-    from .atomic import full_suffix
+    from .io import film_stem
 
     output_format = output_format or "nrrd"
     path = Path(input_path)
-    suffix = full_suffix(path)
-    stem = path.name[: -len(suffix)] if suffix else path.name
+    stem = film_stem(path)
     return path.with_name(f"{stem}_ct" if output_format == "dicom" else f"{stem}_ct.{output_format}")
 
 

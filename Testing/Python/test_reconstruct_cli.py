@@ -415,6 +415,24 @@ def test_folder_errors(cli, tmp_path, setup, words):
     assert listing(tmp_path) == before
 
 
+def test_folder_finds_dicom_films_named_as_a_pacs_exports_them(tmp_path):
+    """PACS and DICOMDIR exports name films IM000001 or by their UID (1.2.840....7): read by their DICM magic;
+    the DICOMDIR index, a suffix-less text file and hidden files are not films. Outputs keep the whole UID."""
+    from XctDiffCore.commands.reconstruct_job import find_radiographs
+    from XctDiffCore.io import film_stem
+    from XctDiffCore.pipeline import default_output_path
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for name in ("IM000001", "1.2.840.10008.5.7", "film.dcm", ".hidden.dcm", "DICOMDIR"):
+        shutil.copy(SAMPLE_RADIOGRAPH, folder / name)
+    film_png(folder).rename(folder / "drr.png")
+    (folder / "README").write_text("not a film\n" * 20)
+    assert [p.name for p in find_radiographs(folder)] == ["1.2.840.10008.5.7", "IM000001", "drr.png", "film.dcm"]
+    assert default_output_path(folder / "1.2.840.10008.5.7").name == "1.2.840.10008.5.7_ct.nrrd"
+    assert [film_stem(n) for n in ("chest.nii.gz", "IM000001", "a.b.DCM", "x.1")] == ["chest", "IM000001", "a.b", "x.1"]
+
+
 def test_folder_refuses_two_radiographs_with_one_output(cli, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()

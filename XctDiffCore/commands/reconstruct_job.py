@@ -35,8 +35,6 @@ from ..options import ReconstructOptions
 
 # Fractions of the whole command: loading the model, then the pipeline, then writing the files.
 LOADED, WRITING = 0.05, 0.95
-RADIOGRAPH_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".nrrd", ".nhdr",
-                       ".nii", ".nii.gz", ".mha", ".mhd")
 
 
 def one_line(text) -> str:
@@ -119,30 +117,29 @@ class ProgressDisplay:
 
 
 def find_radiographs(folder: Path) -> list:
-    """Radiograph files directly in ``folder`` (by suffix, hidden files skipped), sorted."""
-    from ..atomic import full_suffix
+    """Radiograph files directly in ``folder``, sorted: by suffix, and DICOM files whatever their name (a PACS
+    or DICOMDIR export names them without a suffix, or by their UID); hidden files and the DICOMDIR index skipped."""
+    from ..io import FILM_FILE_SUFFIXES, film_stem, is_dicom_file
 
-    files = [p for p in sorted(folder.iterdir())
-             if p.is_file() and not p.name.startswith(".") and full_suffix(p).lower() in RADIOGRAPH_SUFFIXES]
+    def is_film(p: Path) -> bool:
+        if not p.is_file() or p.name.startswith(".") or p.name.upper() == "DICOMDIR":
+            return False
+        return film_stem(p) != p.name or is_dicom_file(p)
+
+    files = [p for p in sorted(folder.iterdir()) if is_film(p)]
     if not files:
-        raise XctDiffError(f"no radiograph files ({', '.join(RADIOGRAPH_SUFFIXES)}) in {folder}")
+        raise XctDiffError(f"no radiograph files ({', '.join(FILM_FILE_SUFFIXES)}, or DICOM files) in {folder}")
     return files
-
-
-def _stem(path: Path) -> str:
-    from ..atomic import full_suffix
-
-    suffix = full_suffix(path)
-    return path.name[: -len(suffix)] if suffix else path.name
 
 
 def _refuse_shared_stems(files: list, output_format: Optional[str] = None) -> None:
     """Two radiographs with one stem (``a.png``, ``a.dcm``) would write one ``a_ct.nrrd``: the second would replace the first."""
+    from ..io import film_stem
     from ..pipeline import default_output_path
 
     seen = {}
     for f in files:
-        other = seen.setdefault(_stem(f), f)
+        other = seen.setdefault(film_stem(f), f)
         if other is not f:
             raise XctDiffError(f"{other.name} and {f.name} in {f.parent} would both be written to "
                                f"{default_output_path(f, output_format).name}: rename one")
@@ -195,6 +192,7 @@ def run_reconstruct(
 ) -> int:
     """The ``xctdiff reconstruct`` command; returns the exit status (errors raise :class:`XctDiffError`)."""
     from ..device import torchrun_rank
+    from ..io import film_stem
     from ..pipeline import XctDiffPipeline, check_volume_output, default_output_path, reconstruct_file
 
     options = ReconstructOptions() if options is None else options  # checked when made: before the model loads
@@ -213,7 +211,7 @@ def run_reconstruct(
         unc_dir = Path(uncertainty) if uncertainty else None
         views_dir = Path(views) if views else None
         for f in files:
-            stem = _stem(f)
+            stem = film_stem(f)
             jobs.append((f, out_dir / default_output_path(f, output_format).name,
                          unc_dir / f"{stem}_uncertainty.nrrd" if unc_dir else None,
                          views_dir / f"{stem}_views.png" if views_dir else None))
