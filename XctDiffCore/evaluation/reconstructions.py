@@ -58,6 +58,7 @@ import csv
 import io
 import json
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -201,11 +202,14 @@ def ct_folder_cases(path: Path, volume_size: int, geometry: str, max_cases: Opti
     from ..drr import drr_of_volume
     from ..io import read_ct
     from ..model_folder import PREPARED_SIZE, PREPARED_SPACING_MM
-    from ..ct_search import find_ct_inputs
+    from ..ct_search import describe_ignored, find_ct_inputs
     from ..preprocess import preprocess_ct
 
-    cases = []
-    for ct_input in find_ct_inputs([path])[:max_cases]:
+    cases, ignored = [], []
+    found = find_ct_inputs([path], ignored)
+    if ignored:
+        warnings.warn(describe_ignored(ignored), stacklevel=2)
+    for ct_input in found[:max_cases]:
         ct = preprocess_ct(read_ct(ct_input.path), size=PREPARED_SIZE, spacing=PREPARED_SPACING_MM)
         drr = drr_of_volume(ct, geometry, PREPARED_SIZE)
         cases.append(Case(ct_input.patient, drr, model_grid_hu(ct.array, volume_size)))
