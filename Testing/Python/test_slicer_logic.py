@@ -138,7 +138,32 @@ def test_a_film_from_the_dicom_database_reaches_the_engine_as_its_file(bridge, s
         from_voxels = coronal_mean(bridge, logic.reconstruct(film, steps=2, seed=0, device="cpu"))
         assert correlation(from_voxels, seen) < -0.5  # the node's voxels: a negative (the plausibility check's job)
     film.SetAttribute("DICOM.instanceUIDs", f"{ds.SOPInstanceUID} 1.2.3")  # several instances: not one film file
-    assert bridge.dicom_source_file(film, {str(ds.SOPInstanceUID): str(SAMPLE_RADIOGRAPH)}.get) is None
+    assert bridge.source_file(film, {str(ds.SOPInstanceUID): str(SAMPLE_RADIOGRAPH)}.get) is None
+
+
+def test_a_loaded_film_reaches_the_engine_as_its_file_until_the_file_changes(bridge, scene, logic, tmp_path):
+    """The header's facts (a child's age here) are lost in the node's voxels: the engine reads the file, so the
+    panel warns as the command line does; a file changed since it was loaded is not used."""
+    import pydicom
+
+    from XctDiffSlicerLib.logic import ReconstructionOptions
+
+    film_file = tmp_path / "child.dcm"
+    ds = pydicom.dcmread(SAMPLE_RADIOGRAPH)
+    ds.PatientAge = "006Y"
+    ds.save_as(film_file)
+    node = bridge.load_radiograph(scene, film_file)
+    assert bridge.source_file(node) == film_file.resolve()
+    job = logic.start(node, ReconstructionOptions())
+    command = job.process.command
+    job.discard()
+    assert command[command.index("reconstruct") + 1] == str(film_file.resolve())
+    film_file.write_bytes(film_file.read_bytes() + b"\0")  # changed on disk: the node's voxels are sent instead
+    assert bridge.source_file(node) is None
+    job = logic.start(node, ReconstructionOptions())
+    command = job.process.command
+    job.discard()
+    assert command[command.index("reconstruct") + 1].endswith("radiograph.nrrd")
 
 
 def test_samples_give_an_uncertainty_node_and_drr_turns_style_off(bridge, scene, logic, sample):

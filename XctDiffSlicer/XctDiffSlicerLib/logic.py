@@ -117,7 +117,7 @@ class ReconstructionLogic:
     """Runs the engine for radiograph nodes of ``scene``; ``engine_command`` is the command that speaks
     PROTOCOL.md without its ``reconstruct ...`` arguments (default: ``python -m XctDiffCore``);
     ``dicom_file_for`` maps a DICOM SOP instance UID to its file (Slicer's DICOM database), so that a film
-    loaded through the DICOM module reaches the engine as its file (:func:`mrml_bridge.dicom_source_file`)."""
+    loaded through the DICOM module reaches the engine as its file (:func:`mrml_bridge.source_file`)."""
 
     def __init__(self, scene, engine_command: Optional[Sequence[str]] = None,
                  dicom_file_for: Optional[Callable[[str], str]] = None):
@@ -130,7 +130,7 @@ class ReconstructionLogic:
             raise XctDiffError("select an input radiograph first")
         folder = Path(tempfile.mkdtemp(prefix="xctdiff-"))
         try:
-            radiograph_path = (mrml_bridge.dicom_source_file(input_node, self.dicom_file_for)
+            radiograph_path = (mrml_bridge.source_file(input_node, self.dicom_file_for)
                                or mrml_bridge.write_radiograph_file(input_node, folder / "radiograph.nrrd"))
             command = self.engine_command + [
                 "reconstruct", str(radiograph_path), "-o", str(folder / OUTPUT_NAME), "--progress-lines",

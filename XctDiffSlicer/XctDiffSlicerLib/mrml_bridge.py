@@ -35,6 +35,7 @@ SLICE_VIEW_NAMES = ("Red", "Yellow", "Green")
 ATTRIBUTE_IS_DRR = "XctDiff.IsDRR"  # "1": rendered from a CT, needs no real-to-DRR style transfer
 ATTRIBUTE_SPACING_KNOWN = "XctDiff.PixelSpacingKnown"  # "0": the file had no pixel spacing
 ATTRIBUTE_DICOM_INSTANCES = "DICOM.instanceUIDs"  # set by Slicer's DICOM loader: the SOP instances of the node
+ATTRIBUTE_SOURCE_FILE = "XctDiff.SourceFile"  # "path|size:mtime" of the file "Load radiograph" read
 UNCERTAINTY_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"  # built in: black, red, yellow, white
 
 # What a slice view of each plane shows to the right of and below the screen centre (RAS unit
@@ -203,22 +204,39 @@ def load_radiograph(scene, path, node=None):
 
     radiograph = read_radiograph(path)
     name = Path(path).name.split(".")[0] or "Radiograph"
-    return radiograph_to_node(scene, radiograph.image, radiograph.spacing, node, name, radiograph.is_drr)
+    node = radiograph_to_node(scene, radiograph.image, radiograph.spacing, node, name, radiograph.is_drr)
+    path = Path(path).resolve()
+    node.SetAttribute(ATTRIBUTE_SOURCE_FILE, f"{path}|{_file_stamp(path)}")  # the engine reads the file itself
+    return node
 
 
-def dicom_source_file(node, dicom_file_for: Optional[Callable[[str], str]]) -> Optional[Path]:
-    """The DICOM file a film node was loaded from by Slicer's DICOM module, or None.
+def source_file(node, dicom_file_for: Optional[Callable[[str], str]] = None) -> Optional[Path]:
+    """The file a film node was read from, for the engine to read again, or None (then the voxels are sent).
 
-    Why: the node's voxels are what its reader made of the file (no VOI LUT; MONOCHROME1 inverted or not,
-    by the reader's version; 1 mm where the file has no pixel spacing); the engine's reader applies the
-    file's LUTs, photometric interpretation and spacing, so the panel reads a film as the command line does. ``dicom_file_for`` maps a SOP instance UID to its file (Slicer's
-    ``slicer.dicomDatabase.fileForInstance``); a node of several instances, or a file no longer there, gives None.
+    Why: the node's voxels lose what the file's header says (the patient's age, the view, no spacing where the
+    file has none), and a node from Slicer's DICOM module holds what its reader made of the file (no VOI LUT;
+    MONOCHROME1 inverted or not, by the reader's version; 1 mm for an unknown spacing); the engine's reader
+    applies all of it, so the panel reads a film as the command line does. Two sources: the DICOM database
+    (``dicom_file_for`` maps a SOP instance UID to its file: ``slicer.dicomDatabase.fileForInstance``; a node
+    of several instances is not one film), and "Load radiograph" (:func:`load_radiograph` records the file, its
+    size and time: a file changed since is not used).
     """
     uids = (node.GetAttribute(ATTRIBUTE_DICOM_INSTANCES) or "").split()
-    if dicom_file_for is None or len(uids) != 1:
-        return None
-    path = dicom_file_for(uids[0]) or ""
-    return Path(path) if path and Path(path).is_file() else None
+    if dicom_file_for is not None and len(uids) == 1:
+        path = dicom_file_for(uids[0]) or ""
+        if path and Path(path).is_file():
+            return Path(path)
+    recorded = node.GetAttribute(ATTRIBUTE_SOURCE_FILE) or ""
+    if recorded:
+        path, _, stamp = recorded.rpartition("|")
+        if Path(path).is_file() and _file_stamp(Path(path)) == stamp:
+            return Path(path)
+    return None
+
+
+def _file_stamp(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def write_radiograph_file(node, path) -> Path:
