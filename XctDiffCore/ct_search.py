@@ -56,8 +56,8 @@ def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str 
 
     ``naming``: ``patient-id`` names a DICOM CT by its PatientID (numbered ``_2``, ``_3`` when one person has
     several) and groups one person's CTs as one subject; ``folder`` names each by its folder, every CT its
-    own subject (for data whose PatientIDs were blanked or made alike). Other names that collide get their
-    parent folder's name in front.
+    own subject (for data whose PatientIDs were blanked or made alike). Other names that collide get the names
+    of the folders above them in front, as many as it takes.
     """
     if naming not in NAMING:
         raise XctDiffError(f"--ids must be one of {', '.join(NAMING)}, got {naming!r}")
@@ -87,8 +87,8 @@ def describe_ignored(ignored: list) -> str:
     """One line: how many series were ignored and why, with one of them as an example."""
     counts = Counter(i.reason for i in ignored)
     reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-    return f"ignored {len(ignored)} DICOM series that {'is' if len(ignored) == 1 else 'are'} not a CT volume " \
-           f"({reasons}), e.g. {ignored[0].folder}"
+    verb = "is" if len(ignored) == 1 else "are"
+    return f"ignored {len(ignored)} DICOM series that {verb} not a CT volume ({reasons}), e.g. {ignored[0].folder}"
 
 
 def _sitk_hint() -> str:

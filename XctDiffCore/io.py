@@ -78,7 +78,7 @@ class Radiograph:
     header: dict = field(default_factory=dict)
 
 
-# the DICOM attributes that say what a film shows (read by XctDiffCore.plausibility.header_problems)
+# the DICOM attributes that say what a film shows (read by plausibility.view_problems and processing_problems)
 HEADER_FACTS = ("ViewPosition", "BodyPartExamined", "PresentationIntentType")
 
 

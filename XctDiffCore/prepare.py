@@ -188,6 +188,7 @@ def prepare_dataset(
             "geometry": geometry, "size": size, "augment": augment, "val_fraction": val_fraction, "seed": seed,
             "split": None if split is None else str(split), "mix": mix, "train_on_all": train_on_all,
             **({"mix_away": [float(a) for a in mix_away]} if mix_away is not None else {}),
+            **({"ids": naming} if naming != "patient-id" else {}),
         },
         "training": [e for p in training for e in entries[p]] + mixes,
         "validation": [e for p in validation for e in entries[p]],
@@ -326,5 +327,7 @@ def summarize(datalist_path) -> str:
         parts.append(f"{side} {len(items)} pairs / {patients} patients" + (f" + {mixes} mixes" if mixes else ""))
     if datalist.get("settings", {}).get("train_on_all") and datalist["validation"]:
         parts[-1] += " (also trained on: training fit)"
-    left_out = datalist.get("left_out", [])
-    return f"wrote {datalist_path}: " + ", ".join(parts) + (f"; left out: {len(left_out)} CT{'s' * (len(left_out) > 1)}" if left_out else "")
+    left_out = len(datalist.get("left_out", []))
+    if left_out:
+        parts[-1] += f"; left out: {left_out} CT{'s' * (left_out > 1)}"
+    return f"wrote {datalist_path}: " + ", ".join(parts)

@@ -229,7 +229,8 @@ def _run_prepare(args) -> int:
     if left_out:
         one = len(left_out) == 1
         raise XctDiffError(f"{len(left_out)} CT{'' if one else 's'} could not be read and {'was' if one else 'were'} "
-                           f"left out (named above and in {datalist.name}'s \"left_out\"); the datalist holds the others")
+                           f"left out (named above and in {datalist.name}'s \"left_out\"); the datalist holds "
+                           "the others")
     return 0
 
 
