@@ -128,7 +128,8 @@ def prepare_dataset(
     and grouped (:func:`~.ct_search.find_ct_inputs`). ``report`` gets one line for each CT left out and for the
     series ignored (default: stderr). CTs that cannot be read are left out; the datalist holds the rest, and
     its ``"left_out"`` lists them (``prepare`` then exits with an error). ``workers`` > 1 prepares that many
-    CTs at once, each in its own process (0: one per core); the output is the same, byte for byte."""
+    CTs at once, each in its own process on one thread (0: one per core); the output is the same (byte for byte
+    in the tests). The mixes are made afterwards, here: their registration's sums follow the thread count."""
     from tqdm import tqdm
 
     from .drr import make_geometry
