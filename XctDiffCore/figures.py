@@ -114,8 +114,41 @@ def reconstruction_rows(input01: np.ndarray, drr01: np.ndarray, ct_hu: np.ndarra
     return rows
 
 
+def reconstruction_caption(result) -> list:
+    """The lines under the views: what was run and how far to trust it, so the picture says it without the log.
+
+    The consistency (with guidance: the score before it too), the method, and every warning of the result (an
+    implausible film, a child's size, skipped guidance), then the research-use line."""
+    score = f"consistency {result.consistency:.3f}"
+    if result.unguided_consistency is not None:
+        score += f" (guided {result.guidance:g}; {result.unguided_consistency:.3f} before guidance)"
+    run = result.method + (f", {result.steps} steps, seed {result.seed}" if result.method == "diffusion" else "")
+    if result.samples > 1:
+        run += f", mean of {result.samples} samples"
+    lines = [f"{score}; {run}; style transfer {'on' if result.styled else 'off'}; {result.precision}"]
+    lines += [f"warning: {w}" for w in result.warnings]
+    return lines + ["XctDiff reconstruction from one radiograph: research use, not diagnosis"]
+
+
+def with_caption(image, lines: Sequence[str]):
+    """``image`` (a grey PIL image) with ``lines`` of text below it, each wrapped to the image's width."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    font = label_font()
+    per_line = max(20, (image.width - 4) // max(1, int(font.getlength("x"))))
+    wrapped = [part for line in lines for part in textwrap.wrap(line, per_line, subsequent_indent="  ") or [""]]
+    canvas = Image.new("L", (image.width, image.height + GAP + len(wrapped) * LABEL_HEIGHT + 2), 0)
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, line in enumerate(wrapped):
+        draw.text((2, image.height + GAP + 1 + k * LABEL_HEIGHT), line, fill=255, font=font)
+    return canvas
+
+
 def write_reconstruction_views(result, path) -> Path:
-    """The ``--views`` PNG of a :class:`~XctDiffCore.pipeline.Reconstruction`."""
+    """The ``--views`` PNG of a :class:`~XctDiffCore.pipeline.Reconstruction`: its panels and its caption."""
     uncertainty = result.uncertainty.array if result.uncertainty is not None else None
     rows = reconstruction_rows(result.input_image, result.drr, result.ct.array, uncertainty)
-    return write_png(compose_grid(rows), path)
+    return write_png(with_caption(compose_grid(rows), reconstruction_caption(result)), path)

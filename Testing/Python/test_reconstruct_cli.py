@@ -34,9 +34,11 @@ def listing(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-def views_size(rows: int) -> tuple:
-    """(width, height) of a views PNG: five panels a row (input, DRR, three slices)."""
-    return 5 * (PANEL_SIZE + GAP) - GAP, rows * (PANEL_SIZE + LABEL_HEIGHT + GAP) - GAP
+def views_size(rows: int, caption_lines: int = 2) -> tuple:
+    """(width, height) of a views PNG: five panels a row (input, DRR, three slices), then the caption (the score
+    and the run; the research-use line: two lines when the result has no warning)."""
+    return (5 * (PANEL_SIZE + GAP) - GAP,
+            rows * (PANEL_SIZE + LABEL_HEIGHT + GAP) - GAP + GAP + caption_lines * LABEL_HEIGHT + 2)
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +169,31 @@ def test_views_png(cli, tmp_path):
     with Image.open(tmp_path / "views.png") as image:
         assert image.format == "PNG" and image.mode == "L" and image.size == views_size(rows=1)
         assert np.asarray(image).std() > 10  # panels were drawn, not a blank canvas
+
+
+def test_the_views_caption_says_the_score_the_run_and_every_warning():
+    """A person who only opens the PNG learns what was run and how far to trust it."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from XctDiffCore.figures import reconstruction_caption, with_caption
+
+    long_warning = "the DICOM header says this is a lateral view (View Position LL); " * 4
+    result = SimpleNamespace(consistency=0.6543, unguided_consistency=0.61, guidance=1.0, method="diffusion", steps=10,
+                             seed=7, samples=3, styled=True, precision="bf16", warnings=[long_warning, "guidance skipped"])
+    lines = reconstruction_caption(result)
+    assert lines[0] == ("consistency 0.654 (guided 1; 0.610 before guidance); diffusion, 10 steps, seed 7, mean of 3 "
+                        "samples; style transfer on; bf16")
+    assert lines[1:3] == [f"warning: {long_warning}", "warning: guidance skipped"]
+    assert lines[-1].endswith("research use, not diagnosis")
+    direct = SimpleNamespace(**{**vars(result), "method": "direct", "samples": 1, "unguided_consistency": None,
+                                "warnings": []})
+    assert reconstruction_caption(direct)[0] == "consistency 0.654; direct; style transfer on; bf16"
+    panels = Image.new("L", views_size(rows=1, caption_lines=0)[:1] + (100,), 0)
+    captioned = with_caption(panels, lines)
+    assert captioned.width == panels.width and captioned.height > panels.height + 5 * LABEL_HEIGHT  # wrapped
+    assert np.asarray(captioned)[panels.height:].max() == 255  # the text is drawn
 
 
 def test_uncertainty_and_views_with_two_samples(cli, tmp_path):
