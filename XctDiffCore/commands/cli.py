@@ -352,8 +352,8 @@ def add_reconstruct_command(subparsers):
                         "joins a DICOM film's study (its patient and study attributes are copied), for PACS and viewers")
     p.add_argument("--model", help="model folder with manifest.json (default: the bundled model)")
     ReconstructOptions.add_arguments(p)  # --steps, --samples, --seed, --device, --style, --method, --sampler, ...
-    p.add_argument("--views", metavar="PNG", help="also write an overview PNG (input, DRR of the result, CT slices; a caption with the "
-                   "consistency and any warning)")
+    p.add_argument("--views", metavar="PNG", help="also write an overview PNG (input, DRR of the result, CT "
+                   "slices; a caption with the consistency and any warning)")
     p.add_argument("--uncertainty", metavar="OUT", help="also write the voxel-wise std over the samples (needs --samples >= 2)")
     p.add_argument("--progress-lines", action="store_true", help="print PROGRESS/RESULT lines on stdout (PROTOCOL.md)")
     p.add_argument("--no-cpu-fallback", action="store_true", help="fail on CUDA out-of-memory instead of continuing on the CPU")
