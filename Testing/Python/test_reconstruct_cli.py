@@ -460,6 +460,30 @@ def test_folder_finds_dicom_films_named_as_a_pacs_exports_them(tmp_path):
     assert [film_stem(n) for n in ("chest.nii.gz", "IM000001", "a.b.DCM", "x.1")] == ["chest", "IM000001", "a.b", "x.1"]
 
 
+def test_recursive_folder_mirrors_its_sub_folders(cli, tmp_path, drr_png):
+    """NIH ChestX-ray14 (images_001/...) and DICOMDIR exports nest their films: --recursive finds them (hidden
+    folders left out), one stem may repeat in different folders, and each output lands in the same sub-folder."""
+    tree = tmp_path / "films"
+    for sub in ("a", "b/c", ".cache"):
+        (tree / sub).mkdir(parents=True)
+    shutil.copy(SAMPLE_RADIOGRAPH, tree / "a" / "film.dcm")
+    shutil.copy(SAMPLE_RADIOGRAPH, tree / "b" / "film.dcm")
+    shutil.copy(drr_png, tree / "b" / "c" / "drr.png")
+    shutil.copy(SAMPLE_RADIOGRAPH, tree / ".cache" / "old.dcm")
+    status, _, err = cli(tree)
+    assert status == 2 and "its sub-folders hold some: add --recursive" in err
+    status, _, err = cli(tree, "--recursive", "--views", tmp_path / "views")
+    assert status == 0, err
+    assert listing(tmp_path / "films_ct") == ["a", "a/film_ct.nrrd", "b", "b/c", "b/c/drr_ct.nrrd", "b/film_ct.nrrd"]
+    assert listing(tmp_path / "views") == ["a", "a/film_views.png", "b", "b/c", "b/c/drr_views.png", "b/film_views.png"]
+    assert_output_grid(read_ct(tmp_path / "films_ct" / "b" / "c" / "drr_ct.nrrd"))
+    for options, words in (([ "-o", tree / "out"], "must not lie inside the input folder"),
+                           ([], "--recursive searches a folder, got the file")):
+        status, _, err = cli(tree / "a" / "film.dcm" if not options else tree, "--recursive", *options)
+        assert status == 2
+        assert_one_error_line(err, words)
+
+
 def test_folder_refuses_two_radiographs_with_one_output(cli, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()

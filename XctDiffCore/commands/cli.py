@@ -352,6 +352,9 @@ def add_reconstruct_command(subparsers):
                         "joins a DICOM film's study (its patient and study attributes are copied), for PACS and viewers")
     p.add_argument("--model", help="model folder with manifest.json (default: the bundled model)")
     ReconstructOptions.add_arguments(p)  # --steps, --samples, --seed, --device, --style, --method, --sampler, ...
+    p.add_argument("--recursive", action="store_true",
+                   help="with a folder: the films in its sub-folders too (as NIH ChestX-ray14 or a DICOMDIR export "
+                   "nest them), each written to the same sub-folder of the output folder")
     p.add_argument("--views", metavar="PNG", help="also write an overview PNG (input, DRR of the result, CT "
                    "slices; a caption with the consistency and any warning)")
     p.add_argument("--uncertainty", metavar="OUT", help="also write the voxel-wise std over the samples (needs --samples >= 2)")
@@ -381,7 +384,7 @@ def _run_reconstruct(args) -> int:
     return run_reconstruct(
         args.input, args.output, model=args.model, options=options, views=args.views, uncertainty=args.uncertainty,
         progress_lines=args.progress_lines, cpu_fallback=not args.no_cpu_fallback, compile=args.compile,
-        output_format=args.output_format,
+        output_format=args.output_format, recursive=args.recursive,
     )
 
 

@@ -28,7 +28,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from ..errors import XctDiffError
 from ..options import ReconstructOptions
@@ -116,9 +116,10 @@ class ProgressDisplay:
             self.bar = None
 
 
-def find_radiographs(folder: Path) -> list:
-    """Radiograph files directly in ``folder``, sorted: by suffix, and DICOM files whatever their name (a PACS
-    or DICOMDIR export names them without a suffix, or by their UID); hidden files and the DICOMDIR index skipped."""
+def find_radiographs(folder: Path, recursive: bool = False) -> list:
+    """Radiograph files in ``folder`` (``recursive``: and in its sub-folders, hidden ones skipped), sorted: by
+    suffix, and DICOM files whatever their name (a PACS or DICOMDIR export names them without a suffix, or by
+    their UID); hidden files and the DICOMDIR index skipped."""
     from ..io import FILM_FILE_SUFFIXES, film_stem, is_dicom_file
 
     def is_film(p: Path) -> bool:
@@ -126,32 +127,46 @@ def find_radiographs(folder: Path) -> list:
             return False
         return film_stem(p) != p.name or is_dicom_file(p)
 
-    files = [p for p in sorted(folder.iterdir()) if is_film(p)]
+    def below() -> Iterator[Path]:  # the tree, hidden folders left out
+        return (p for p in folder.rglob("*") if not any(x.startswith(".") for x in p.relative_to(folder).parts[:-1]))
+
+    files = [p for p in sorted(below() if recursive else folder.iterdir()) if is_film(p)]
     if not files:
-        raise XctDiffError(f"no radiograph files ({', '.join(FILM_FILE_SUFFIXES)}, or DICOM files) in {folder}")
+        where = f"in {folder} or below it" if recursive else f"in {folder}"
+        if not recursive and any(is_film(p) for p in below()):  # stops at the first one
+            where += " (its sub-folders hold some: add --recursive)"
+        raise XctDiffError(f"no radiograph files ({', '.join(FILM_FILE_SUFFIXES)}, or DICOM files) {where}")
     return files
 
 
 def _refuse_shared_stems(files: list, output_format: Optional[str] = None) -> None:
-    """Two radiographs with one stem (``a.png``, ``a.dcm``) would write one ``a_ct.nrrd``: the second would replace the first."""
+    """Two radiographs with one stem in one folder (``a.png``, ``a.dcm``) would write one ``a_ct.nrrd``: the
+    second would replace the first."""
     from ..io import film_stem
     from ..pipeline import default_output_path
 
     seen = {}
     for f in files:
-        other = seen.setdefault(film_stem(f), f)
+        other = seen.setdefault((f.parent, film_stem(f)), f)
         if other is not f:
             raise XctDiffError(f"{other.name} and {f.name} in {f.parent} would both be written to "
                                f"{default_output_path(f, output_format).name}: rename one")
 
 
-def _output_folder(path: Path) -> Path:
+def _refuse_output_inside(folder: Path, outputs) -> None:
+    """With ``--recursive``, an output folder inside the input folder would be searched as input next time."""
+    for out in outputs:
+        if out is not None and (out.resolve() == folder or folder in out.resolve().parents):
+            raise XctDiffError(f"with --recursive the output folder {out} must not lie inside the input folder {folder}")
+
+
+def _output_folder(path: Path, parents: bool = False) -> Path:
     if path.exists() and not path.is_dir():
         raise XctDiffError(f"the input is a folder, so the output must be a folder too, got the file {path}")
-    if not path.parent.is_dir():
+    if not parents and not path.parent.is_dir():
         raise XctDiffError(f"output folder does not exist: {path.parent}")
     try:
-        path.mkdir(exist_ok=True)
+        path.mkdir(parents=parents, exist_ok=True)
     except OSError as exc:
         raise XctDiffError(f"cannot make the output folder {path}: {exc.strerror or exc}") from exc
     if not os.access(path, os.W_OK | os.X_OK):
@@ -189,8 +204,10 @@ def run_reconstruct(
     cpu_fallback: bool = True,
     compile: bool = False,
     output_format: Optional[str] = None,
+    recursive: bool = False,
 ) -> int:
-    """The ``xctdiff reconstruct`` command; returns the exit status (errors raise :class:`XctDiffError`)."""
+    """The ``xctdiff reconstruct`` command; returns the exit status (errors raise :class:`XctDiffError`).
+    ``recursive``: a folder's sub-folders too, each film's outputs in the same sub-folder of the output folders."""
     from ..device import torchrun_rank
     from ..io import film_stem
     from ..pipeline import XctDiffPipeline, check_volume_output, default_output_path, reconstruct_file
@@ -200,25 +217,31 @@ def run_reconstruct(
     input_path = Path(input_path)
     if not input_path.exists():
         raise XctDiffError(f"file not found: {input_path}")
+    if recursive and not input_path.is_dir():
+        raise XctDiffError(f"--recursive searches a folder, got the file {input_path}")
     rank, world_size, local_rank = torchrun_rank()
     jobs = []  # (input, output, uncertainty, views)
     if input_path.is_dir():
-        found = find_radiographs(input_path)
+        found = find_radiographs(input_path, recursive)
         _refuse_shared_stems(found, output_format)
         files = found[rank::world_size]
         folder = input_path.resolve()  # "." and ".." have no name of their own
         out_dir = Path(output) if output else folder.with_name(folder.name + "_ct")
         unc_dir = Path(uncertainty) if uncertainty else None
         views_dir = Path(views) if views else None
+        if recursive:
+            _refuse_output_inside(folder, (out_dir, unc_dir, views_dir))
         for f in files:
-            stem = film_stem(f)
-            jobs.append((f, out_dir / default_output_path(f, output_format).name,
-                         unc_dir / f"{stem}_uncertainty.nrrd" if unc_dir else None,
-                         views_dir / f"{stem}_views.png" if views_dir else None))
+            stem, sub = film_stem(f), f.resolve().parent.relative_to(folder)  # sub: "." unless recursive
+            jobs.append((f, out_dir / sub / default_output_path(f, output_format).name,
+                         unc_dir / sub / f"{stem}_uncertainty.nrrd" if unc_dir else None,
+                         views_dir / sub / f"{stem}_views.png" if views_dir else None))
         _refuse_overlaps(found, jobs)
-        for folder in (out_dir, unc_dir, views_dir):
-            if folder is not None:
-                _output_folder(folder)
+        for top in (out_dir, unc_dir, views_dir):
+            if top is not None:
+                _output_folder(top)
+                for sub in sorted({f.resolve().parent.relative_to(folder) for f in files} - {Path(".")}):
+                    _output_folder(top / sub, parents=True)
         if output_format == "dicom":  # each series folder: before any work, not after the first reconstruction
             for _, out, *_ in jobs:
                 check_volume_output(out, output_format)
