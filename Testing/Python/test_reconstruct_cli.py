@@ -477,7 +477,7 @@ def test_recursive_folder_mirrors_its_sub_folders(cli, tmp_path, drr_png):
     assert listing(tmp_path / "films_ct") == ["a", "a/film_ct.nrrd", "b", "b/c", "b/c/drr_ct.nrrd", "b/film_ct.nrrd"]
     assert listing(tmp_path / "views") == ["a", "a/film_views.png", "b", "b/c", "b/c/drr_views.png", "b/film_views.png"]
     assert_output_grid(read_ct(tmp_path / "films_ct" / "b" / "c" / "drr_ct.nrrd"))
-    for options, words in (([ "-o", tree / "out"], "must not lie inside the input folder"),
+    for options, words in ((["-o", tree / "out"], "must not lie inside the input folder"),
                            ([], "--recursive searches a folder, got the file")):
         status, _, err = cli(tree / "a" / "film.dcm" if not options else tree, "--recursive", *options)
         assert status == 2
