@@ -470,12 +470,15 @@ def test_recursive_folder_mirrors_its_sub_folders(cli, tmp_path, drr_png):
     shutil.copy(SAMPLE_RADIOGRAPH, tree / "b" / "film.dcm")
     shutil.copy(drr_png, tree / "b" / "c" / "drr.png")
     shutil.copy(SAMPLE_RADIOGRAPH, tree / ".cache" / "old.dcm")
+    (tree / "b" / "c" / "link.dcm").symlink_to(SAMPLE_RADIOGRAPH)  # a link to a film outside the tree
     status, _, err = cli(tree)
     assert status == 2 and "its sub-folders hold some: add --recursive" in err
     status, _, err = cli(tree, "--recursive", "--views", tmp_path / "views")
     assert status == 0, err
-    assert listing(tmp_path / "films_ct") == ["a", "a/film_ct.nrrd", "b", "b/c", "b/c/drr_ct.nrrd", "b/film_ct.nrrd"]
-    assert listing(tmp_path / "views") == ["a", "a/film_views.png", "b", "b/c", "b/c/drr_views.png", "b/film_views.png"]
+    assert listing(tmp_path / "films_ct") == ["a", "a/film_ct.nrrd", "b", "b/c", "b/c/drr_ct.nrrd", "b/c/link_ct.nrrd",
+                                              "b/film_ct.nrrd"]
+    assert listing(tmp_path / "views") == ["a", "a/film_views.png", "b", "b/c", "b/c/drr_views.png",
+                                           "b/c/link_views.png", "b/film_views.png"]
     assert_output_grid(read_ct(tmp_path / "films_ct" / "b" / "c" / "drr_ct.nrrd"))
     for options, words in ((["-o", tree / "out"], "must not lie inside the input folder"),
                            ([], "--recursive searches a folder, got the file")):

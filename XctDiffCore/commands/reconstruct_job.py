@@ -232,7 +232,7 @@ def run_reconstruct(
         if recursive:
             _refuse_output_inside(folder, (out_dir, unc_dir, views_dir))
         for f in files:
-            stem, sub = film_stem(f), f.resolve().parent.relative_to(folder)  # sub: "." unless recursive
+            stem, sub = film_stem(f), f.parent.relative_to(input_path)  # sub: "." unless recursive (f may be a link)
             jobs.append((f, out_dir / sub / default_output_path(f, output_format).name,
                          unc_dir / sub / f"{stem}_uncertainty.nrrd" if unc_dir else None,
                          views_dir / sub / f"{stem}_views.png" if views_dir else None))
@@ -240,7 +240,7 @@ def run_reconstruct(
         for top in (out_dir, unc_dir, views_dir):
             if top is not None:
                 _output_folder(top)
-                for sub in sorted({f.resolve().parent.relative_to(folder) for f in files} - {Path(".")}):
+                for sub in sorted({f.parent.relative_to(input_path) for f in files} - {Path(".")}):
                     _output_folder(top / sub, parents=True)
         if output_format == "dicom":  # each series folder: before any work, not after the first reconstruction
             for _, out, *_ in jobs:
