@@ -50,14 +50,16 @@ class _Found:
     patient_id: str = ""  # DICOM PatientID, when it names the CT
 
 
-def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str = "patient-id") -> list:
+def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str = "patient-id",
+                   progress: bool = False) -> list:
     """The CTs named by ``paths``: files as given; in folders (searched to any depth), CT files and every
     DICOM CT series. Series that are not CT volumes are appended to ``ignored`` (:class:`IgnoredSeries`).
 
     ``naming``: ``patient-id`` names a DICOM CT by its PatientID (numbered ``_2``, ``_3`` when one person has
     several) and groups one person's CTs as one subject; ``folder`` names each by its folder, every CT its
     own subject (for data whose PatientIDs were blanked or made alike). Other names that collide get the names
-    of the folders above them in front, as many as it takes.
+    of the folders above them in front, as many as it takes. ``progress``: a bar over the folders searched (a
+    download of a thousand patients takes minutes to search: every DICOM header is read).
     """
     if naming not in NAMING:
         raise XctDiffError(f"--ids must be one of {', '.join(NAMING)}, got {naming!r}")
@@ -72,7 +74,7 @@ def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str 
         ignored_here = []
         in_folder = [_Found(p, _stem(p), _above(p.parent)) for p in path.rglob("*")
                      if p.is_file() and full_suffix(p).lower() in CT_FILE_SUFFIXES]
-        in_folder += _dicom_ct_series(path, ignored_here, use_patient_id=naming == "patient-id")
+        in_folder += _dicom_ct_series(path, ignored_here, use_patient_id=naming == "patient-id", progress=progress)
         in_folder.sort(key=lambda f: f.path)
         ignored.extend(ignored_here)
         if not in_folder:
@@ -111,24 +113,30 @@ def ct_series_below(folder: Path, most: int = 3, folders: int = 500) -> list:
 
 
 def _dicom_ct_series(root: Path, ignored: list, use_patient_id: bool, most: Optional[int] = None,
-                     folders: Optional[int] = None) -> list:
+                     folders: Optional[int] = None, progress: bool = False) -> list:
     """Every DICOM CT series in ``root`` and the folders below it, as the path of its first file (reading
     that file reads its series); other series go to ``ignored``. Without SimpleITK none is found.
-    ``most`` / ``folders``: stop after that many series / folders looked into."""
+    ``most`` / ``folders``: stop after that many series / folders looked into; ``progress``: a bar."""
     try:
         import SimpleITK as sitk
     except ImportError:
         return []
     import pydicom
 
-    found = []
+    found, tree = [], []
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on stderr for every folder without a series
     try:
         tree = itertools.chain([root], (d for d in root.rglob("*") if d.is_dir()))
         if folders is None:
             tree = [root, *sorted(d for d in root.rglob("*") if d.is_dir())]
+        if progress:
+            from tqdm import tqdm
+
+            tree = tqdm(tree, desc="search", unit="folder", leave=False)
         for folder in itertools.islice(tree, folders):
+            if progress:
+                tree.set_postfix_str(f"{len(found)} CT series", refresh=False)
             if most is not None and len(found) >= most:
                 break
             for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
@@ -148,6 +156,8 @@ def _dicom_ct_series(root: Path, ignored: list, use_patient_id: bool, most: Opti
                 found.append(_Found(Path(files[0]), folder.name, _above(folder.parent), patient_id))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+        if hasattr(tree, "close"):  # the progress bar
+            tree.close()
     return found
 
 

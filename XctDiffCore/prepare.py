@@ -144,7 +144,7 @@ def prepare_dataset(
     report = report or (lambda line: print(line, file=sys.stderr, flush=True))
     geom = make_geometry(geometry)
     ignored = []
-    cts = find_ct_inputs(inputs, ignored, naming=naming)
+    cts = find_ct_inputs(inputs, ignored, naming=naming, progress=progress)
     if ignored:
         report(describe_ignored(ignored))
     training, validation = split_cases(cts, split, val_fraction, seed)
