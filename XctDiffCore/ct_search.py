@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,7 @@ def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str 
         in_folder = [_Found(p, _stem(p), _above(p.parent)) for p in path.rglob("*")
                      if p.is_file() and full_suffix(p).lower() in CT_FILE_SUFFIXES]
         in_folder += _dicom_ct_series(path, ignored_here, use_patient_id=naming == "patient-id", progress=progress)
+        in_folder = _outside_prepared_sets(path, in_folder)
         in_folder.sort(key=lambda f: f.path)
         ignored.extend(ignored_here)
         if not in_folder:
@@ -83,6 +85,17 @@ def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str 
         found.extend(in_folder)
     unique = {f.path.resolve(): f for f in found}
     return _name_inputs([_Found(p, f.name, f.above, f.patient_id) for p, f in unique.items()])
+
+
+def _outside_prepared_sets(root: Path, found: list) -> list:
+    """``found`` without what lies in a data set ``xctdiff prepare`` wrote below ``root`` (a ``datalist.json``
+    beside ``images/``): its pairs are CTs by suffix, and read again they would enter a new data set as
+    patients of their own, its augmented copies and mixes too. Each set passed over is one warning line."""
+    sets = sorted(d.parent for d in root.rglob("datalist.json") if d.parent != root and (d.parent / "images").is_dir())
+    for folder in sets:
+        warnings.warn(f"passed over {folder}: a data set written by `xctdiff prepare` (datalist.json), not CTs",
+                      stacklevel=3)
+    return [f for f in found if not any(folder in f.path.parents for folder in sets)]
 
 
 def describe_ignored(ignored: list) -> str:

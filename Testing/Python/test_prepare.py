@@ -293,3 +293,13 @@ def test_workers_write_the_same_data_set(tmp_path, capsys):
     assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)
     assert main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "bad"), "--workers", "-1"]) == 2
     assert "--workers must be 0 (one per core) or more" in capsys.readouterr().err
+
+
+def test_a_data_set_written_inside_the_input_folder_is_not_read_as_ct(tmp_path, capsys):
+    _write_phantoms(tmp_path / "in")
+    out = tmp_path / "in" / "prepared"  # inside the folder searched: its pairs are .npz CTs by suffix
+    for _ in range(2):
+        assert main(["prepare", str(tmp_path / "in"), "--out", str(out), "--size", str(SIZE), "--augment", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "training 4 pairs / 2 patients, validation 2 pairs / 1 patients" in captured.out.splitlines()[-1]
+    assert f"warning: passed over {out}: a data set written by `xctdiff prepare`" in captured.err
