@@ -73,10 +73,11 @@ def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str 
             found.append(_Found(path, _stem(path), _above(path.parent)))
             continue
         ignored_here = []
-        in_folder = [_Found(p, _stem(p), _above(p.parent)) for p in path.rglob("*")
+        tree = _outside_prepared_sets(path, sorted(path.rglob("*")))  # one walk for files, folders and data sets
+        in_folder = [_Found(p, _stem(p), _above(p.parent)) for p in tree
                      if p.is_file() and full_suffix(p).lower() in CT_FILE_SUFFIXES]
-        in_folder += _dicom_ct_series(path, ignored_here, use_patient_id=naming == "patient-id", progress=progress)
-        in_folder = _outside_prepared_sets(path, in_folder)
+        in_folder += _dicom_ct_series([path, *(p for p in tree if p.is_dir())], ignored_here,
+                                      use_patient_id=naming == "patient-id", progress=progress)
         in_folder.sort(key=lambda f: f.path)
         ignored.extend(ignored_here)
         if not in_folder:
@@ -87,15 +88,15 @@ def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str 
     return _name_inputs([_Found(p, f.name, f.above, f.patient_id) for p, f in unique.items()])
 
 
-def _outside_prepared_sets(root: Path, found: list) -> list:
-    """``found`` without what lies in a data set ``xctdiff prepare`` wrote below ``root`` (a ``datalist.json``
-    beside ``images/``): its pairs are CTs by suffix, and read again they would enter a new data set as
-    patients of their own, its augmented copies and mixes too. Each set passed over is one warning line."""
-    sets = sorted(d.parent for d in root.rglob("datalist.json") if d.parent != root and (d.parent / "images").is_dir())
+def _outside_prepared_sets(root: Path, tree: list) -> list:
+    """The paths of ``tree`` (all below ``root``) outside a data set ``xctdiff prepare`` wrote there (a
+    ``datalist.json`` beside ``images/``): its pairs are CTs by suffix, and read again they would enter a new data
+    set as patients of their own, its augmented copies and mixes too. Each set passed over is one warning line."""
+    sets = [p.parent for p in tree if p.name == "datalist.json" and p.parent != root and (p.parent / "images").is_dir()]
     for folder in sets:
         warnings.warn(f"passed over {folder}: a data set written by `xctdiff prepare` (datalist.json), not CTs",
                       stacklevel=3)
-    return [f for f in found if not any(folder in f.path.parents for folder in sets)]
+    return [p for p in tree if not any(p == folder or folder in p.parents for folder in sets)]
 
 
 def describe_ignored(ignored: list) -> str:
@@ -121,35 +122,32 @@ def _stem(path: Path) -> str:
 def ct_series_below(folder: Path, most: int = 3, folders: int = 500) -> list:
     """Up to ``most`` folders below ``folder`` holding a DICOM CT series, looking into at most ``folders``
     folders (a hint for an error message: quick even when given the root of a large tree)."""
-    found = _dicom_ct_series(folder, [], use_patient_id=False, most=most, folders=folders)
-    return [f.path.parent for f in found]
+    tree = itertools.islice(itertools.chain([folder], (d for d in folder.rglob("*") if d.is_dir())), folders)
+    return [f.path.parent for f in _dicom_ct_series(tree, [], use_patient_id=False, most=most)]
 
 
-def _dicom_ct_series(root: Path, ignored: list, use_patient_id: bool, most: Optional[int] = None,
-                     folders: Optional[int] = None, progress: bool = False) -> list:
-    """Every DICOM CT series in ``root`` and the folders below it, as the path of its first file (reading
-    that file reads its series); other series go to ``ignored``. Without SimpleITK none is found.
-    ``most`` / ``folders``: stop after that many series / folders looked into; ``progress``: a bar."""
+def _dicom_ct_series(folders: Iterable[Path], ignored: list, use_patient_id: bool, most: Optional[int] = None,
+                     progress: bool = False) -> list:
+    """Every DICOM CT series in ``folders`` (each looked into, not below it), as the path of its first file
+    (reading that file reads its series); other series go to ``ignored``. Without SimpleITK none is found.
+    ``most``: stop after that many series; ``progress``: a bar."""
     try:
         import SimpleITK as sitk
     except ImportError:
         return []
     import pydicom
 
-    found, tree = [], []
+    found = []
+    if progress:
+        from tqdm import tqdm
+
+        folders = tqdm(list(folders), desc="search", unit="folder", leave=False)
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on stderr for every folder without a series
     try:
-        tree = itertools.chain([root], (d for d in root.rglob("*") if d.is_dir()))
-        if folders is None:
-            tree = [root, *sorted(d for d in root.rglob("*") if d.is_dir())]
-        if progress:
-            from tqdm import tqdm
-
-            tree = tqdm(tree, desc="search", unit="folder", leave=False)
-        for folder in itertools.islice(tree, folders):
+        for folder in folders:
             if progress:
-                tree.set_postfix_str(f"{len(found)} CT series", refresh=False)
+                folders.set_postfix_str(f"{len(found)} CT series", refresh=False)
             if most is not None and len(found) >= most:
                 break
             for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
@@ -169,8 +167,8 @@ def _dicom_ct_series(root: Path, ignored: list, use_patient_id: bool, most: Opti
                 found.append(_Found(Path(files[0]), folder.name, _above(folder.parent), patient_id))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-        if hasattr(tree, "close"):  # the progress bar
-            tree.close()
+        if progress:
+            folders.close()
     return found
 
 
