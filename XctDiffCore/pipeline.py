@@ -525,6 +525,17 @@ class XctDiffPipeline:
 _FLOP_COUNTER = None  # the _DtypeFlopCounter of counting_flops(), while one is active
 
 
+def extra_flop_formulas() -> dict:
+    """``FlopCounterMode(custom_mapping=...)`` for what torch's table lacks: the models' float32 CPU
+    convolutions call oneDNN directly (:func:`XctDiffCore.models.blocks.conv3d`)."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    def mkldnn_conv_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return conv_flop_count(x_shape, w_shape, out_shape)
+
+    return {torch.ops.aten.mkldnn_convolution: mkldnn_conv_flop}
+
+
 def _dtype_flop_counter():
     """A ``FlopCounterMode`` that also tallies each operation under the dtype it ran in (``by_dtype``).
 
@@ -536,9 +547,11 @@ def _dtype_flop_counter():
 
     from torch.utils.flop_counter import FlopCounterMode
 
+    extra = extra_flop_formulas()
+
     class _DtypeFlopCounter(FlopCounterMode):
         def __init__(self):
-            super().__init__(display=False)
+            super().__init__(display=False, custom_mapping=extra)
             self.by_dtype = Counter()
 
         def _count_flops(self, func_packet, out, args, kwargs):
@@ -548,7 +561,8 @@ def _dtype_flop_counter():
                 self.by_dtype[dtype] += self.flop_registry[func_packet](*args, **kwargs, out_val=out)
             return super()._count_flops(func_packet, out, args, kwargs)
 
-    return _DtypeFlopCounter() if hasattr(FlopCounterMode, "_count_flops") else FlopCounterMode(display=False)
+    return (_DtypeFlopCounter() if hasattr(FlopCounterMode, "_count_flops")
+            else FlopCounterMode(display=False, custom_mapping=extra))
 
 
 @contextlib.contextmanager

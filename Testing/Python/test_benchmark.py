@@ -66,7 +66,7 @@ def test_counting_flops_changes_nothing_and_counts_the_decoder(tmp_path):
     exactly what the autoencoder's decoder does, measured here on its own (no second codebook search)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from XctDiffCore.pipeline import XctDiffPipeline, counting_flops
+    from XctDiffCore.pipeline import XctDiffPipeline, counting_flops, extra_flop_formulas
 
     pipe = XctDiffPipeline.from_pretrained(create_random_model(tmp_path / "model", "tiny"))
     film = torch.rand(64, 64).numpy()
@@ -79,7 +79,7 @@ def test_counting_flops_changes_nothing_and_counts_the_decoder(tmp_path):
         latent = torch.randn_like(pipe.encoder(torch.zeros(1, 1, pipe.info.xray_size, pipe.info.xray_size)))
     with torch.inference_mode():
         entries = pipe.vqgan.quantizer.lookup(pipe.vqgan.quantize(latent)[2])
-    with torch.inference_mode(), FlopCounterMode(display=False) as alone:
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=extra_flop_formulas()) as alone:
         pipe.vqgan.decode(entries)
     assert counted.flops["decoding"] == alone.get_total_flops()
 
@@ -89,7 +89,7 @@ def test_counting_flops_changes_nothing_and_counts_the_decoder(tmp_path):
 def test_operations_are_split_by_the_precision_they_ran_in(tmp_path, precision):
     """Under bf16 autocast the networks count as bf16 and the style generator (kept in fp32) as fp32, whose
     peak is lower (the benchmark's share of peak weighs each at its own); in fp32 everything is fp32."""
-    from XctDiffCore.pipeline import XctDiffPipeline, counting_flops
+    from XctDiffCore.pipeline import XctDiffPipeline, counting_flops, extra_flop_formulas
 
     pipe = XctDiffPipeline.from_pretrained(create_random_model(tmp_path / "model", "tiny"))
     with counting_flops():

@@ -332,3 +332,39 @@ def test_the_tail_in_slabs_under_bf16_autocast_and_channels_last():
             slabs = tail_in_slabs(tail, h, slab=8).float()
     assert (slabs - plain).abs().mean() < 0.01 * plain.abs().mean()
     torch.testing.assert_close(slabs, plain, atol=0.05, rtol=0.05)
+
+
+def test_small_float32_cpu_convolutions_run_by_onednn_with_the_plain_values_and_gradients():
+    """Issue 20: PyTorch sends a batch-1 float32 input with N*C*D*H <= 20480 to its reference kernel (the
+    decoder's expansion in slabs took 38 % of a fp32 decode there); the models' convolutions call oneDNN
+    directly instead, with F.conv3d's values and gradients. Under bf16 autocast they stay F.conv3d's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from XctDiffCore.models.blocks import Conv3d
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    conv = Conv3d(4, 6, (1, 3, 3), padding=(0, 1, 1))
+    x = torch.randn(1, 4, 5, 6, 7, requires_grad=True)  # N*C*D*H = 120: the reference kernel's size
+    with Ops() as ops:
+        fast = conv(x)
+    assert "mkldnn_convolution.default" in ops.names
+    plain = torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=(0, 1, 1))
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(fast.square().sum(), (x, conv.weight, conv.bias)),
+                    torch.autograd.grad(plain.square().sum(), (x, conv.weight, conv.bias))):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with Ops() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x).dtype == torch.bfloat16
+    assert "mkldnn_convolution.default" not in ops.names

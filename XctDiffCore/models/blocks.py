@@ -37,6 +37,32 @@ def suggest_memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1, padding=0,
+           dilation=1, groups: int = 1) -> torch.Tensor:
+    """``F.conv3d`` (numeric padding), but by oneDNN for a float32 CPU input of any size.
+
+    Why (issue 20): PyTorch sends a batch-1 float32 input whose ``N*C*D*H`` is at most 20480 to its
+    reference kernel, 2-4x slower on the 2-core CPU than oneDNN (the decoder's expansion in slabs, 32 x 10
+    x 64 x 64, took 38 % of a fp32 decode there). Other dtypes, devices and builds take ``F.conv3d``.
+    """
+    if torch.compiler.is_compiling():  # a compiled graph picks its own kernels
+        return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and not x.is_mkldnn
+            and not torch.is_autocast_enabled("cpu")  # bf16 autocast: F.conv3d casts, and oneDNN runs it anyway
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return torch.mkldnn_convolution(x, weight, bias, _triple(padding), _triple(stride), _triple(dilation), groups)
+    return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+
+
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` (the same parameters and state-dict keys) whose zero-padded forward runs :func:`conv3d`."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super()._conv_forward(x, weight, bias)
+        return conv3d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
 def normalization(channels: int, groups: int = 32) -> nn.GroupNorm:
     """GroupNorm with the largest group count <= ``groups`` that divides ``channels`` (tiny widths work)."""
     return nn.GroupNorm(math.gcd(channels, groups), channels, eps=1e-6)
@@ -62,12 +88,12 @@ class ResBlock3d(nn.Module):
         kernel = _triple(kernel)
         padding = tuple(k // 2 for k in kernel)
         self.norm1 = normalization(in_channels, groups)
-        self.conv1 = nn.Conv3d(in_channels, out_channels, kernel, padding=padding)
+        self.conv1 = Conv3d(in_channels, out_channels, kernel, padding=padding)
         self.emb_proj = nn.Linear(emb_channels, out_channels) if emb_channels > 0 else None
         self.norm2 = normalization(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv3d(out_channels, out_channels, kernel, padding=padding)
-        self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.conv2 = Conv3d(out_channels, out_channels, kernel, padding=padding)
+        self.skip = Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x), inplace=True))  # in place: no second volume to allocate
@@ -85,7 +111,7 @@ class Downsample3d(nn.Module):
         factor = _triple(factor)
         kernel = tuple(3 if f > 1 else 1 for f in factor)
         padding = tuple(k // 2 for k in kernel)
-        self.conv = nn.Conv3d(channels, channels, kernel, stride=factor, padding=padding)
+        self.conv = Conv3d(channels, channels, kernel, stride=factor, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -106,7 +132,7 @@ class Upsample3d(nn.Module):
         super().__init__()
         self.factor = _triple(factor)
         kernel = _triple(kernel)
-        self.conv = nn.Conv3d(channels, channels, kernel, padding=tuple(k // 2 for k in kernel))
+        self.conv = Conv3d(channels, channels, kernel, padding=tuple(k // 2 for k in kernel))
         self.subpixel = kernel == (3, 3, 3) and all(f in (1, 2) for f in self.factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +164,7 @@ def _nearest_up_conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     for (d, h, w), kernel in zip(parities, kernels):
         window = padded[:, :, d[1]: d[1] + sizes[0] + d[2] - 1, h[1]: h[1] + sizes[1] + h[2] - 1,
                         w[1]: w[1] + sizes[2] + w[2] - 1]
-        y = F.conv3d(window, kernel, bias)
+        y = conv3d(window, kernel, bias)
         if out is None:  # in y's layout: a channels-last result stays channels-last (no copy by the next layer)
             out = torch.empty(*y.shape[:2], *(n * f for n, f in zip(sizes, factor)), dtype=y.dtype, device=y.device,
                               memory_format=suggest_memory_format(y))

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .blocks import Downsample3d, ResBlock3d, normalization
+from .blocks import Conv3d, Downsample3d, ResBlock3d, conv3d, normalization
 from .quantize import homogeneous_normalize
 
 PLANE_KERNEL = (1, 3, 3)  # on the one-slice volume: a 3x3 2D convolution
@@ -157,7 +157,7 @@ class ProgressiveEncoder(nn.Module):
         self.latent_channels = latent_channels
         self.lift_kind = lift
 
-        layers: list[nn.Module] = [nn.Conv3d(in_channels, channels_2d[0], PLANE_KERNEL, padding=(0, 1, 1))]
+        layers: list[nn.Module] = [Conv3d(in_channels, channels_2d[0], PLANE_KERNEL, padding=(0, 1, 1))]
         prev = channels_2d[0]
         for i, width in enumerate(channels_2d):
             for _ in range(num_res_blocks):
@@ -179,16 +179,16 @@ class ProgressiveEncoder(nn.Module):
             )
             # Fixed by the geometry: not a parameter, and not in the state dict.
             self.register_buffer("ray_grid", grid, persistent=False)  # (depth, h, w, [x, y])
-            self.lift = nn.Conv3d(prev, lift_channels, 1)
+            self.lift = Conv3d(prev, lift_channels, 1)
             # About the scale of the 1x1x1 conv's outputs at initialisation (~0.2), so depth shows from the start.
             self.depth_embedding = nn.Parameter(0.2 * torch.randn(lift_channels, depth))  # (C', depth)
 
-        layers = [nn.Conv3d(lift_channels, channels_3d[0], 3, padding=1)]
+        layers = [Conv3d(lift_channels, channels_3d[0], 3, padding=1)]
         prev = channels_3d[0]
         for width in channels_3d:
             layers.append(ResBlock3d(prev, width, groups=norm_groups))
             prev = width
-        layers += [normalization(prev, norm_groups), nn.SiLU(inplace=True), nn.Conv3d(prev, latent_channels, 3, padding=1)]
+        layers += [normalization(prev, norm_groups), nn.SiLU(inplace=True), Conv3d(prev, latent_channels, 3, padding=1)]
         self.encoder_3d = nn.Sequential(*layers)
 
     @property
@@ -215,7 +215,7 @@ class ProgressiveEncoder(nn.Module):
         # the film's h*w features before the sampling rather than on the depth*h*w voxels after it (C'/C of
         # the channels to sample, 1/depth of the products: 2.4x faster a lift on the 2-core CPU). Its bias
         # joins the depth embedding after the sampling, where the voxels whose ray misses the film got zeros.
-        film = F.conv3d(features, self.lift.weight)[:, :, 0]  # (B, C', h, w)
+        film = conv3d(features, self.lift.weight)[:, :, 0]  # (B, C', h, w)
         volume = self._back_project(film)  # (B, C', depth, h, w)
         offset = self.lift.bias[:, None] + self.depth_embedding  # (C', depth): the same per slice d
         return volume + offset[:, :, None, None].to(volume.dtype)

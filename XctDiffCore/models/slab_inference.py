@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import ResBlock3d, suggest_memory_format
+from .blocks import ResBlock3d, conv3d, suggest_memory_format
 
 #: Output slices per slab: 16 x 128² x 32 channels of bf16 is 16 MiB, a small block next to a 128 MiB volume.
 SLAB_DEPTH = 16
@@ -122,7 +122,7 @@ def conv_by_slabs(conv: nn.Conv3d, norm: nn.GroupNorm, source: torch.Tensor, sta
     for start in range(0, depth, slab):
         stop = min(start + slab, depth)
         part = F.silu(_padded_slab(source, start, stop, scratch, normalise), inplace=True)  # silu(0) = 0
-        write(start, F.conv3d(part, conv.weight, conv.bias, padding=(0, 1, 1)))
+        write(start, conv3d(part, conv.weight, conv.bias, padding=(0, 1, 1)))
 
 
 def tail_in_slabs(tail: nn.Module, h: torch.Tensor, slab: int = SLAB_DEPTH) -> torch.Tensor:
@@ -135,7 +135,7 @@ def tail_in_slabs(tail: nn.Module, h: torch.Tensor, slab: int = SLAB_DEPTH) -> t
     for start in range(0, depth, half):
         stop = min(start + half, depth)
         part = _padded_slab(h, start, stop, low_scratch)
-        shuffled = pixel_shuffle_3d(F.conv3d(part, tail.expand.weight, tail.expand.bias, padding=(0, 1, 1)))
+        shuffled = pixel_shuffle_3d(conv3d(part, tail.expand.weight, tail.expand.bias, padding=(0, 1, 1)))
         if x is None:
             x = torch.empty((1, shuffled.shape[1], 2 * depth, *shuffled.shape[3:]), dtype=shuffled.dtype,
                             device=shuffled.device,

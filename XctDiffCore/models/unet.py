@@ -29,7 +29,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import nn
 
-from .blocks import Downsample3d, ResBlock3d, Upsample3d, normalization
+from .blocks import Conv3d, Downsample3d, ResBlock3d, Upsample3d, normalization
 
 PLANE_KERNEL = (1, 3, 3)  # (D, H, W): in the radiograph's plane only
 
@@ -116,8 +116,8 @@ class ContextEncoder(nn.Module):
     def __init__(self, latent_channels: int, stem_channels: int, channels: int, factor: int, groups: int):
         super().__init__()
         self.factor = factor
-        self.stem = nn.Conv3d(latent_channels, stem_channels, PLANE_KERNEL, padding=(0, 1, 1))
-        self.pool = nn.Conv3d(stem_channels, channels, (1, factor, factor), stride=(1, factor, factor))
+        self.stem = Conv3d(latent_channels, stem_channels, PLANE_KERNEL, padding=(0, 1, 1))
+        self.pool = Conv3d(stem_channels, channels, (1, factor, factor), stride=(1, factor, factor))
         self.block = ResBlock3d(channels, channels, kernel=PLANE_KERNEL, groups=groups)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
@@ -175,7 +175,7 @@ class LatentUNet(nn.Module):
             ContextEncoder(latent_channels, channels[0], context_channels, self.in_plane_factor, norm_groups) if cross else None
         )
         in_channels = latent_channels if cross else 2 * latent_channels
-        self.conv_in = nn.Conv3d(in_channels, channels[0], PLANE_KERNEL, padding=(0, 1, 1))
+        self.conv_in = Conv3d(in_channels, channels[0], PLANE_KERNEL, padding=(0, 1, 1))
 
         def res(cin: int, cout: int) -> ResBlock3d:
             return ResBlock3d(cin, cout, kernel=PLANE_KERNEL, groups=norm_groups, emb_channels=time_channels)
@@ -217,7 +217,7 @@ class LatentUNet(nn.Module):
         self.out = nn.Sequential(
             normalization(channels[0], norm_groups),
             nn.SiLU(),
-            nn.Conv3d(channels[0], latent_channels, PLANE_KERNEL, padding=(0, 1, 1)),
+            Conv3d(channels[0], latent_channels, PLANE_KERNEL, padding=(0, 1, 1)),
         )
         nn.init.zeros_(self.out[-1].weight)  # predicts eps = 0 at initialisation
         nn.init.zeros_(self.out[-1].bias)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .blocks import Downsample3d, ResBlock3d, Upsample3d, normalization, suggest_memory_format
+from .blocks import Conv3d, Downsample3d, ResBlock3d, Upsample3d, normalization, suggest_memory_format
 from .quantize import HomogeneousQuantizer
 from .slab_inference import can_run_in_slabs, tail_in_slabs
 
@@ -53,7 +53,7 @@ def pixel_shuffle_3d(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
 
 
 def _out_conv(channels: int, out_channels: int, groups: int) -> nn.Sequential:
-    return nn.Sequential(normalization(channels, groups), nn.SiLU(inplace=True), nn.Conv3d(channels, out_channels, 3, padding=1))
+    return nn.Sequential(normalization(channels, groups), nn.SiLU(inplace=True), Conv3d(channels, out_channels, 3, padding=1))
 
 
 class Encoder3d(nn.Module):
@@ -61,7 +61,7 @@ class Encoder3d(nn.Module):
 
     def __init__(self, in_channels: int, channels: Sequence[int], num_res_blocks: int, latent_channels: int, groups: int):
         super().__init__()
-        self.conv_in = nn.Conv3d(in_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv3d(in_channels, channels[0], 3, padding=1)
         layers = []
         prev = channels[0]
         for level, ch in enumerate(channels):
@@ -84,7 +84,7 @@ class SuperResolutionTail(nn.Module):
     def __init__(self, in_channels: int, channels: int, out_channels: int, num_res_blocks: int, groups: int):
         super().__init__()
         self.coarse = _out_conv(in_channels, out_channels, groups)
-        self.expand = nn.Conv3d(in_channels, channels * 8, 3, padding=1)  # 8 = 2^3 children per voxel
+        self.expand = Conv3d(in_channels, channels * 8, 3, padding=1)  # 8 = 2^3 children per voxel
         self.blocks = nn.Sequential(*[ResBlock3d(channels, channels, groups=groups) for _ in range(num_res_blocks)])
         self.residual = _out_conv(channels, out_channels, groups)
 
@@ -113,7 +113,7 @@ class Decoder3d(nn.Module):
     ):
         super().__init__()
         top = channels[-1]
-        self.conv_in = nn.Conv3d(latent_channels, top, 3, padding=1)
+        self.conv_in = Conv3d(latent_channels, top, 3, padding=1)
         layers = [ResBlock3d(top, top, groups=groups)]  # middle block
         prev = top
         # Levels from the latent resolution up to half resolution (channels[1]).
