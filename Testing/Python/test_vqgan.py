@@ -368,3 +368,36 @@ def test_small_float32_cpu_convolutions_run_by_onednn_with_the_plain_values_and_
     with Ops() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
         assert conv(x).dtype == torch.bfloat16
     assert "mkldnn_convolution.default" not in ops.names
+
+
+@pytest.mark.parametrize("padding", [(0, 1, 1), (1, 1, 1), (0, 0, 0)])
+def test_one_channel_convolutions_by_tap_products_are_the_plain_ones(padding):
+    """Issue 20: a 3x3x3 convolution to one channel (the decoder's last layers) runs as one matrix product
+    and 27 shifted sums without gradients: F.conv3d's values, with and without a bias, for a contiguous, a
+    channels-last and an otherwise strided volume; with gradients, the
+    plain path (the 27 products of a whole volume would be a training step's largest tensor)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from XctDiffCore.models.blocks import conv3d
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(1, 6, 5, 7, 9) * 2 + 1, torch.randn(1, 6, 3, 3, 3), torch.randn(1)
+    last = x.contiguous(memory_format=torch.channels_last_3d)
+    for b, volume in ((bias, x), (None, x), (bias, last), (bias, x.transpose(3, 4).contiguous().transpose(3, 4))):
+        plain = torch.nn.functional.conv3d(x, weight, b, padding=padding)
+        with torch.no_grad(), Ops() as ops:
+            fast = conv3d(volume, weight, b, padding=padding)
+        assert not any("convolution" in name for name in ops.names) and fast.shape == plain.shape
+        torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    with Ops() as ops:
+        conv3d(x, weight.requires_grad_(), bias, padding=padding)
+    assert any("convolution" in name for name in ops.names)

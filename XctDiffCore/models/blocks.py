@@ -48,10 +48,45 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if torch.compiler.is_compiling():  # a compiled graph picks its own kernels
         return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
     if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and not x.is_mkldnn
-            and not torch.is_autocast_enabled("cpu")  # bf16 autocast: F.conv3d casts, and oneDNN runs it anyway
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return torch.mkldnn_convolution(x, weight, bias, _triple(padding), _triple(stride), _triple(dilation), groups)
+            and not torch.is_autocast_enabled("cpu")):  # bf16 autocast: F.conv3d casts, and oneDNN runs it anyway
+        if _is_one_image_3x3x3(x, weight, stride, padding, dilation, groups):
+            return _one_image_conv3x3x3(x, weight, bias, _triple(padding))
+        if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+                return torch.mkldnn_convolution(x, weight, bias, _triple(padding), _triple(stride), _triple(dilation),
+                                            groups)
     return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+
+
+#: The largest per-tap product array (27 one-channel volumes) :func:`_one_image_conv3x3x3` makes, in bytes.
+ONE_IMAGE_TAPS_BYTES = 64 * 2 ** 20
+
+
+def _is_one_image_3x3x3(x, weight, stride, padding, dilation, groups) -> bool:
+    """Whether :func:`_one_image_conv3x3x3` applies: one volume in, one channel out, a 3x3x3 kernel
+    with stride and dilation 1 and padding 0 or 1, no gradients, and its 27 products within the bound."""
+    return (weight.shape[0] == 1 and tuple(weight.shape[2:]) == (3, 3, 3) and x.dim() == 5 and x.shape[0] == 1
+            and groups == 1 and _triple(stride) == (1, 1, 1) and _triple(dilation) == (1, 1, 1)
+            and all(p in (0, 1) for p in _triple(padding)) and not torch.is_grad_enabled()
+            and 27 * x[0, 0].numel() * x.element_size() <= ONE_IMAGE_TAPS_BYTES)
+
+
+def _one_image_conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Triple) -> torch.Tensor:
+    """A 3x3x3 convolution to one output channel as one matrix product (each voxel's 27 tap products) and 27
+    shifted sums. Why (issue 20): oneDNN runs a one-channel output at a few GFLOP/s (nothing to vectorise
+    over); the VQ decoder's last layers, a few GFLOP in all, took 13 % of an fp32 decode, 2.3-3.5x longer."""
+    channels, (d, h, w) = x.shape[1], x.shape[2:]
+    taps = weight[0].permute(1, 2, 3, 0).reshape(27, channels)  # tap (kd, kh, kw) x input channel
+    if suggest_memory_format(x) == torch.channels_last_3d:  # (D, H, W, C) in memory: voxels x channels
+        products = (x[0].permute(1, 2, 3, 0).reshape(-1, channels) @ taps.T).T.unflatten(1, (d, h, w))
+    else:
+        products = (taps @ x.reshape(channels, -1)).view(27, d, h, w)  # a copy first if x is strided otherwise
+    pd, ph, pw = padding
+    products = F.pad(products, (pw, pw, ph, ph, pd, pd))
+    size = (d + 2 * pd - 2, h + 2 * ph - 2, w + 2 * pw - 2)
+    out = torch.zeros(size, dtype=x.dtype, device=x.device) if bias is None else bias.to(x.dtype).view(1, 1, 1).expand(size).clone()
+    for tap, (kd, kh, kw) in enumerate((a, b, c) for a in range(3) for b in range(3) for c in range(3)):
+        out += products[tap, kd:kd + size[0], kh:kh + size[1], kw:kw + size[2]]
+    return out[None, None]
 
 
 class Conv3d(nn.Conv3d):
