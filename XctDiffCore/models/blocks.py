@@ -80,12 +80,15 @@ def _one_image_conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         products = (x[0].permute(1, 2, 3, 0).reshape(-1, channels) @ taps.T).T.unflatten(1, (d, h, w))
     else:
         products = (taps @ x.reshape(channels, -1)).view(27, d, h, w)  # a copy first if x is strided otherwise
-    pd, ph, pw = padding
-    products = F.pad(products, (pw, pw, ph, ph, pd, pd))
-    size = (d + 2 * pd - 2, h + 2 * ph - 2, w + 2 * pw - 2)
-    out = torch.zeros(size, dtype=x.dtype, device=x.device) if bias is None else bias.to(x.dtype).view(1, 1, 1).expand(size).clone()
-    for tap, (kd, kh, kw) in enumerate((a, b, c) for a in range(3) for b in range(3) for c in range(3)):
-        out += products[tap, kd:kd + size[0], kh:kh + size[1], kw:kw + size[2]]
+    size = tuple(n + 2 * p - 2 for n, p in zip((d, h, w), padding))
+    out = torch.zeros(size, dtype=x.dtype, device=x.device)
+    for tap, kernel in enumerate((a, b, c) for a in range(3) for b in range(3) for c in range(3)):
+        # Output o reads input o + k - p: only where that lies inside the volume (the zero padding adds nothing).
+        o = [slice(max(0, p - k), min(n_out, n_in + p - k)) for k, p, n_out, n_in in zip(kernel, padding, size, (d, h, w))]
+        i = tuple(slice(s.start + k - p, s.stop + k - p) for s, k, p in zip(o, kernel, padding))
+        out[tuple(o)] += products[(tap, *i)]
+    if bias is not None:
+        out += bias.to(x.dtype)
     return out[None, None]
 
 

@@ -110,13 +110,15 @@ def conv_by_slabs(conv: nn.Conv3d, norm: nn.GroupNorm, source: torch.Tensor, sta
     float32, rounded once to the volume's precision) in one pass, written into a scratch slab."""
     mean, var = stats
     no_stats = torch.empty(0, device=source.device)
+    scale = (norm.weight * torch.rsqrt(var + norm.eps)).view(1, -1, 1, 1, 1)
+    shift = norm.bias.view(1, -1, 1, 1, 1) - mean.view(1, -1, 1, 1, 1) * scale
 
     def normalise(src, dest):
         if dest.is_contiguous(memory_format=scratch.layout):
             torch.ops.aten.native_batch_norm.out(src, norm.weight, norm.bias, mean, var, False, 0.0, norm.eps,
                                                  out=dest, save_mean=no_stats, save_invstd=no_stats)
-        else:  # a depth slice of a contiguous-layout slab: not one block of memory
-            dest.copy_(F.batch_norm(src, mean, var, norm.weight, norm.bias, False, 0.0, norm.eps))
+        else:  # a depth slice of a contiguous-layout slab, not one block of memory: x * scale + shift, one pass
+            torch.addcmul(shift, src, scale, out=dest)
 
     depth = source.shape[2]
     for start in range(0, depth, slab):
