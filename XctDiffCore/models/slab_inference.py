@@ -106,7 +106,8 @@ def conv_by_slabs(conv: nn.Conv3d, norm: nn.GroupNorm, source: torch.Tensor, sta
                   write: Callable[[int, torch.Tensor], None], scratch: Scratch, slab: int = SLAB_DEPTH) -> None:
     """``conv(silu(norm(source)))`` for a 3x3x3 ``conv`` with padding 1, ``slab`` output slices at a time, the
     normalisation from the whole volume's ``stats`` (:func:`group_stats`); ``write(start, output_slab)``
-    receives each. The normalisation is ``batch_norm`` with those statistics: GroupNorm's arithmetic (in
+    receives each. The normalisation is ``batch_norm`` with those statistics (or, where the slab's part is not
+    one block of memory, the same per-channel scale and shift by one ``addcmul``): GroupNorm's arithmetic (in
     float32, rounded once to the volume's precision) in one pass, written into a scratch slab."""
     mean, var = stats
     no_stats = torch.empty(0, device=source.device)
