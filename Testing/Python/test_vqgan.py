@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from XctDiffCore.layout import ct_to_model_layout, hu_to_unit
 from XctDiffCore.training.losses import AutoencoderLoss, sample_slices
@@ -334,30 +335,31 @@ def test_the_tail_in_slabs_under_bf16_autocast_and_channels_last():
     torch.testing.assert_close(slabs, plain, atol=0.05, rtol=0.05)
 
 
+class _Ops(TorchDispatchMode):
+    """Records the name of every ATen operation run inside it (which kernel family a convolution took)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 def test_small_float32_cpu_convolutions_run_by_onednn_with_the_plain_values_and_gradients():
     """Issue 20: PyTorch sends a batch-1 float32 input with N*C*D*H <= 20480 to its reference kernel (the
     decoder's expansion in slabs took 38 % of a fp32 decode there); the models' convolutions call oneDNN
     directly instead, with F.conv3d's values and gradients. Under bf16 autocast they stay F.conv3d's."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from XctDiffCore.models.blocks import Conv3d
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN")
 
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(0)
     conv = Conv3d(4, 6, (1, 3, 3), padding=(0, 1, 1))
     x = torch.randn(1, 4, 5, 6, 7, requires_grad=True)  # N*C*D*H = 120: the reference kernel's size
-    with Ops() as ops:
+    with _Ops() as ops:
         fast = conv(x)
     assert "mkldnn_convolution.default" in ops.names
     plain = torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=(0, 1, 1))
@@ -365,7 +367,7 @@ def test_small_float32_cpu_convolutions_run_by_onednn_with_the_plain_values_and_
     for a, b in zip(torch.autograd.grad(fast.square().sum(), (x, conv.weight, conv.bias)),
                     torch.autograd.grad(plain.square().sum(), (x, conv.weight, conv.bias))):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    with Ops() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+    with _Ops() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
         assert conv(x).dtype == torch.bfloat16
     assert "mkldnn_convolution.default" not in ops.names
 
@@ -376,28 +378,17 @@ def test_one_channel_convolutions_by_tap_products_are_the_plain_ones(padding):
     and 27 shifted sums without gradients: F.conv3d's values, with and without a bias, for a contiguous, a
     channels-last and an otherwise strided volume; with gradients, the
     plain path (the 27 products of a whole volume would be a training step's largest tensor)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from XctDiffCore.models.blocks import conv3d
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__)
-            return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
     x, weight, bias = torch.randn(1, 6, 5, 7, 9) * 2 + 1, torch.randn(1, 6, 3, 3, 3), torch.randn(1)
     last = x.contiguous(memory_format=torch.channels_last_3d)
     for b, volume in ((bias, x), (None, x), (bias, last), (bias, x.transpose(3, 4).contiguous().transpose(3, 4))):
         plain = torch.nn.functional.conv3d(x, weight, b, padding=padding)
-        with torch.no_grad(), Ops() as ops:
+        with torch.no_grad(), _Ops() as ops:
             fast = conv3d(volume, weight, b, padding=padding)
         assert not any("convolution" in name for name in ops.names) and fast.shape == plain.shape
         torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
-    with Ops() as ops:
+    with _Ops() as ops:
         conv3d(x, weight.requires_grad_(), bias, padding=padding)
     assert any("convolution" in name for name in ops.names)
