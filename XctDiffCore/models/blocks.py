@@ -8,6 +8,7 @@ strided-conv down-sampler / nearest+conv up-sampler with a per-axis factor. Grou
 from __future__ import annotations
 
 import math
+import platform
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -37,13 +38,18 @@ def suggest_memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+#: oneDNN is called directly only where that was measured (x86-64): on ARM its kernels come from another backend.
+_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+
+
 def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1, padding=0,
            dilation=1, groups: int = 1) -> torch.Tensor:
     """``F.conv3d`` (numeric padding), but by oneDNN for a float32 CPU input of any size.
 
     Why (issue 20): PyTorch sends a batch-1 float32 input whose ``N*C*D*H`` is at most 20480 to its
     reference kernel, 2-4x slower on the 2-core CPU than oneDNN (the decoder's expansion in slabs, 32 x 10
-    x 64 x 64, took 38 % of a fp32 decode there). Other dtypes, devices and builds take ``F.conv3d``.
+    x 64 x 64, took 38 % of a fp32 decode there). Other dtypes, devices, builds and machines take ``F.conv3d``,
+    except for one-channel outputs (:func:`_one_image_conv3x3x3`).
     """
     if torch.compiler.is_compiling():  # a compiled graph picks its own kernels
         return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
@@ -51,8 +57,8 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             and not torch.is_autocast_enabled("cpu")):  # bf16 autocast: F.conv3d casts, and oneDNN runs it anyway
         if _is_one_image_3x3x3(x, weight, stride, padding, dilation, groups):
             return _one_image_conv3x3x3(x, weight, bias, _triple(padding))
-        if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
-                return torch.mkldnn_convolution(x, weight, bias, _triple(padding), _triple(stride), _triple(dilation),
+        if _X86_64 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+            return torch.mkldnn_convolution(x, weight, bias, _triple(padding), _triple(stride), _triple(dilation),
                                             groups)
     return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
 
