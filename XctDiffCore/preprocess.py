@@ -240,8 +240,44 @@ def _lines_above(unit: np.ndarray, level: float, axis: int, q: float = 95.0) -> 
     return above
 
 
+def film_percentiles(image: np.ndarray, qs=RADIOGRAPH_PERCENTILES, bins: int = 4096) -> np.ndarray:
+    """``np.percentile(image, qs)`` (its default linear interpolation), with a partial sort of a few pixels only.
+
+    The order statistics the percentiles need are located in a histogram of ``bins`` equal bins (value
+    to bin is monotone, so the r-th smallest pixel is in the bin where the counts pass r) and found among
+    that bin's pixels alone. Why (issue 20): the exact partial sort of a 3.6 M pixel film was 32 of the 48
+    ms of its preprocessing on the 2-core CPU; this takes about 15. The same value as NumPy's to
+    float64 rounding (the model sees it in float32: identical there; tested).
+    """
+    flat = np.asarray(image).ravel()
+    lo, hi = flat.min(), flat.max()
+    if not hi > lo:
+        return np.percentile(flat, qs)
+    scale = np.float32(bins / (float(hi) - float(lo)))
+    index = ((flat - lo) * scale).astype(np.int32)
+    np.minimum(index, bins - 1, out=index)
+    passed = np.cumsum(np.bincount(index, minlength=bins))  # pixels in bins 0..b
+    found = {}
+
+    def order_statistic(rank: int) -> float:
+        if rank not in found:
+            b = int(np.searchsorted(passed, rank, side="right"))
+            members = flat[index == b]
+            within = rank - (int(passed[b - 1]) if b else 0)
+            found[rank] = float(np.partition(members, within)[within])
+        return found[rank]
+
+    n, out = flat.size, []
+    for q in np.atleast_1d(qs):
+        virtual = float(q) / 100.0 * (n - 1)
+        k = int(np.floor(virtual))
+        below, above = order_statistic(k), order_statistic(min(k + 1, n - 1))
+        out.append(below + (above - below) * (virtual - k))
+    return np.array(out)
+
+
 def _percentile_unit(image: np.ndarray) -> np.ndarray:
-    low, high = np.percentile(image, RADIOGRAPH_PERCENTILES)
+    low, high = film_percentiles(image, RADIOGRAPH_PERCENTILES)
     # in the image's float32 (check_radiograph_image): float64 scalars would make a float64 copy of the film
     low, span = np.float32(low), np.float32(high - low)
     if not span > 0:

@@ -175,6 +175,24 @@ def test_empty_lines_are_found_by_counts_as_by_sorting_each_line(shape):
         np.testing.assert_array_equal(_lines_above(edited, level, axis), expected)
 
 
+def test_film_percentiles_are_numpys():
+    """The film's 0.5/99.5 percentiles from a histogram and one bin's partial sort: NumPy's values (to float64
+    rounding; identical in float32, as the model sees them) on films with ties, a few levels, heavy tails,
+    one odd pixel, one pixel, a constant image, and at percentiles 0 and 100."""
+    from XctDiffCore.preprocess import film_percentiles
+
+    rng = np.random.default_rng(7)
+    films = [rng.normal(size=(301, 257)), rng.integers(0, 5, size=(64, 90)), rng.exponential(size=(120, 80)) ** 3,
+             np.where(np.arange(4000).reshape(50, 80) == 17, 7.0, 3.0), np.array([[5.0]]), np.full((9, 9), 2.0),
+             rng.integers(0, 4096, size=(400, 300)) * 1.25 + 3000.5]
+    for film in films:
+        film = film.astype(np.float32)
+        for qs in ((0.5, 99.5), (0.0, 100.0), (37.3,), (50.0, 2.0, 99.99)):
+            expected, got = np.percentile(film, qs), film_percentiles(film, qs)
+            np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
+            np.testing.assert_array_equal(got.astype(np.float32), expected.astype(np.float32))
+
+
 @pytest.mark.parametrize("side,size", [(1955, 128), (300, 128), (257, 128), (129, 128), (128, 128), (100, 128),
                                        (37, 64), (2, 8), (1, 4)])
 def test_the_resize_operator_is_skimages_anti_aliased_resize(side, size):
