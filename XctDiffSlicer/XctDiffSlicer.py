@@ -139,6 +139,7 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job = None
         if self._deviceProbe is not None:
             self._deviceProbe.cancel()
+        self.logic.reconstruction.shutdown()  # the engine started ahead of a next job
         self._timer.stop()
         self.removeObservers()
 
@@ -274,6 +275,15 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._deviceInfo = {"torch": None, "reason": _("the device check failed: ") + event.error}
         if self._deviceInfo is not None and self._parameterNode is not None:
             self.updateGUI()
+            if self._deviceInfo.get("torch"):
+                self._prepareStandby()
+
+    def _prepareStandby(self) -> None:
+        """Start the first job's engine ahead, once the device check is done (not two torch imports at once)."""
+        try:
+            self.logic.reconstruction.prepare_standby(self.modelChoice())
+        except XctDiffError:  # a wrong model folder: the click says so
+            pass
 
     def _handleJobEvent(self, event) -> None:
         if isinstance(event, Progress):
@@ -332,7 +342,9 @@ class XctDiffSlicerLogic(ScriptedLoadableModuleLogic):
         return self.reconstruction.start(inputNode, options)
 
     def finish(self, job, finished, outputNode=None, uncertaintyNode=None, opacity=0.5):
-        """Load a finished job's outputs into nodes and show them in the Red, Yellow and Green views."""
+        """Load a finished job's outputs into nodes and show them in the Red, Yellow and Green views; the
+        next job's engine starts meanwhile (the panel's, not the console's ``reconstruct``)."""
+        self.reconstruction.prepare_standby(job.options.model)
         output = self.reconstruction.load_result(job, finished, outputNode, uncertaintyNode)
         mrml_bridge.show_in_slice_views(self.sliceLogics(), output.ct_node, output.uncertainty_node, opacity)
         return output

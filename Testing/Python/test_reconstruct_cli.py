@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -819,3 +820,72 @@ def test_the_options_have_one_definition_from_parser_to_protocol():
     protocol = (REPO / "XctDiffSlicer" / "XctDiffSlicerLib" / "PROTOCOL.md").read_text(encoding="utf-8")
     for flag in (a for a in options.to_argv() if a.startswith("--")):
         assert f"| `{flag}" in protocol, flag
+
+
+# ------------------------------------------------------------------------------------------ standby
+
+
+def test_a_standby_engine_runs_the_job_it_is_sent_as_reconstruct_would(tmp_path, model_dir, reference):
+    """`xctdiff standby` (the Slicer module's engine started ahead) loads the model and warms up, then takes
+    one JSON line of `reconstruct` arguments from stdin: the same CT and protocol lines as `reconstruct`."""
+    output = tmp_path / "ct.nrrd"
+    job = [str(SAMPLE_RADIOGRAPH), "-o", str(output), "--device", "cpu", "--steps", STEPS, "--seed", "0",
+           "--model", str(model_dir), "--progress-lines"]
+    result = run_cli(["standby", "--model", model_dir], input=json.dumps(job) + "\n")
+    assert result.returncode == 0, result.stderr
+    fractions, summary = progress_and_result(result.stdout)
+    assert fractions[-1] == 1.0 and summary["output"] == str(output)
+    assert np.array_equal(read_ct(output).array, reference.ct.array)
+    assert "warning" not in result.stderr  # the warm-up's own film says nothing
+
+
+@pytest.mark.parametrize("line,status,words", [
+    ("", 0, None),  # the module went away, or chose another model: no job, no output, no error
+    ("not json\n", 2, "standby: the job line is not a JSON list"),
+    ('{"input": "x"}\n', 2, "standby: the job line is not a JSON list"),
+    ('["/no/such/film.png", "-o", "OUT"]\n', 2, "file not found"),
+])
+def test_a_standby_engine_without_a_sound_job(tmp_path, model_dir, line, status, words):
+    result = run_cli(["standby", "--model", model_dir], input=line.replace("OUT", str(tmp_path / "ct.nrrd")))
+    assert result.returncode == status, result.stderr
+    if words is None:
+        assert result.stdout == "" and result.stderr == ""
+    else:
+        assert_one_error_line(result.stderr, words)
+    assert listing(tmp_path) == []
+
+
+def test_the_preloaded_model_serves_one_job_of_that_model(tmp_path, model_dir, capsys):
+    """In process: the pipeline loaded ahead is taken by the first job that names its folder (not kept for
+    a second: one job per standby process), and another folder is loaded as usual."""
+    from XctDiffCore.commands import reconstruct_job
+
+    reconstruct_job.preload_model(model_dir, warm_up=False)
+    assert list(reconstruct_job._PRELOADED) == [str(Path(model_dir).resolve())]
+    loaded = []
+    original = XctDiffPipeline.from_pretrained
+    try:
+        XctDiffPipeline.from_pretrained = classmethod(lambda cls, *a, **k: loaded.append(a) or original(*a, **k))
+        for _ in range(2):
+            assert main(["reconstruct", str(SAMPLE_RADIOGRAPH), "-o", str(tmp_path / "ct.nrrd"), "--model",
+                         str(model_dir), "--device", "cpu", "--steps", STEPS]) == 0
+    finally:
+        XctDiffPipeline.from_pretrained = original
+    assert len(loaded) == 1 and reconstruct_job._PRELOADED == {}  # the second job loaded it itself
+    reconstruct_job.preload_model(tmp_path / "not a model", warm_up=False)  # left to the job to report
+    assert reconstruct_job._PRELOADED == {}
+
+
+def test_an_idle_standby_engine_leaves_by_itself(model_dir):
+    """No job within --idle-minutes (the pipe still open: Slicer still runs): exit 0, quietly, its memory back."""
+    process = subprocess.Popen([sys.executable, "-m", "XctDiffCore", "standby", "--model", str(model_dir),
+                                "--idle-minutes", "0.01"], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        process.wait(timeout=120)  # stdin stays open meanwhile: the end of input is not what ends it
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    finally:
+        process.stdin.close()
+    assert process.returncode == 0 and process.stdout.read() == "" and process.stderr.read() == ""

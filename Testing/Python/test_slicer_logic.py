@@ -282,3 +282,38 @@ def test_readme_console_example_runs_as_written_under_slicer_core(slicer, tmp_pa
     done = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900)
     assert done.returncode == 0, f"README example failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     assert "(128, 128, 128) (2.5, 2.5, 2.5)" in done.stdout
+
+
+def test_the_next_job_runs_in_the_engine_started_ahead(slicer, bridge, scene, sample, tmp_path, monkeypatch):
+    """With the real engine the logic starts the next job's engine ahead (`xctdiff standby`) when asked (the
+    panel asks when it opens and after each job): a job is handed to it instead of a new process. One started
+    for another model is not used but stopped; XCTDIFF_STANDBY=0 turns the whole thing off."""
+    from XctDiffSlicerLib.logic import STANDBY_VARIABLE, ReconstructionLogic, ReconstructionOptions
+    from XctDiffSlicerLib.models import BUNDLED, choose_model
+
+    from XctDiffCore.model_folder import create_random_model
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.setenv(STANDBY_VARIABLE, "0")
+    assert not ReconstructionLogic(scene).standby
+    monkeypatch.delenv(STANDBY_VARIABLE)
+    logic = ReconstructionLogic(scene)
+    options = ReconstructionOptions(model=choose_model(create_random_model(tmp_path / "tiny", "tiny")), steps=2,
+                                    seed=0, device="cpu")
+    try:
+        logic.prepare_standby(options.model)
+        standby = logic._standby[1]
+        logic.prepare_standby(options.model)  # one is ready: no second engine
+        assert logic._standby[1] is standby and standby.command[-3:] == ["standby", "--model", str(options.model.folder)]
+        job = logic.start(bridge.radiograph_to_node(scene, sample[1], spacing=(2.5, 2.5), is_drr=True), options)
+        assert job.process is standby
+        output = logic.load_result(job, job.process.wait(timeout=300))
+        assert output.ct_node.GetImageData().GetDimensions() == (128, 128, 128) and output.seed == 0
+        assert logic._standby is None  # a console call leaves no engine behind
+        logic.prepare_standby(options.model)
+        following = logic._standby[1]
+        assert following is not standby and following.running
+        assert logic._take_standby(BUNDLED) is None  # started for another model: stopped, not used
+        assert following.join(10) and logic._standby is None
+    finally:
+        logic.shutdown()

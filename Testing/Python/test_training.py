@@ -855,7 +855,7 @@ def test_a_partial_folder_keeps_the_autoencoder_and_starts_the_encoder_on_it(tmp
 
 
 def test_a_user_error_under_torchrun_is_one_line_per_rank_and_fails_the_job(tmp_path, datalist):
-    """Ranks leave with os._exit (cli._leave_torchrun_worker): each rank's exit status must survive it,
+    """Ranks leave with os._exit (cli._exit_without_teardown): each rank's exit status must survive it,
     and its error stays one line."""
     result = torchrun(["train", "encoder", "--config", "tiny", "--data", str(datalist), "--out", str(tmp_path / "run"),
                        "--time-limit", "-1"], timeout=300)

@@ -10,7 +10,9 @@ that no temporary file is left; a closed stdout (``xctdiff inspect ... | head``)
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import queue
 import signal
 import sys
 import threading
@@ -388,6 +390,50 @@ def _run_reconstruct(args) -> int:
     )
 
 
+def add_standby_command(subparsers):
+    p = subparsers.add_parser(
+        "standby",
+        help="for the Slicer module: load the engine and a model now, then run one `reconstruct` whose "
+             "arguments arrive later on stdin as a JSON list (PROTOCOL.md)")
+    p.add_argument("--model", metavar="DIR", help="model folder to load ahead (default: the bundled model)")
+    p.add_argument("--idle-minutes", type=float, default=30.0,
+                   help="exit quietly when no job came in this long (the memory it holds goes back)")
+    p.set_defaults(handler=_run_standby)
+
+
+def _run_standby(args) -> int:
+    """Import torch and load the model while the user still picks a film; then one job, as ``reconstruct``.
+
+    Why: a reconstruction child spent 3 of its 6 s on the 2-core CPU starting (Python, the memory
+    policy's restart, importing torch, loading the model) before it could begin. A standby child does
+    that ahead, so the click waits only for the reconstruction. One job per process all the same: Cancel
+    still kills a whole process, and nothing of one job stays in memory for the next."""
+    from .reconstruct_job import preload_model
+
+    preload_model(args.model)
+    line = _job_line(args.idle_minutes * 60.0)
+    if not line.strip():  # no job: the module closed the pipe (Slicer closed, the model changed), or none came
+        return 0
+    try:
+        argv = json.loads(line)
+    except json.JSONDecodeError:
+        argv = None
+    if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
+        raise XctDiffError("standby: the job line is not a JSON list of `xctdiff reconstruct` arguments")
+    job = build_parser().parse_args(["reconstruct", *argv])
+    return int(job.handler(job) or 0)
+
+
+def _job_line(timeout: float) -> str:
+    """One line of stdin, or "" after ``timeout`` seconds (a reader thread: portable, unlike select on pipes)."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: lines.put(sys.stdin.readline()), daemon=True).start()
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        return ""
+
+
 def add_evaluate_command(subparsers):
     from ..options import add_precision_argument
 
@@ -488,7 +534,8 @@ def _run_evaluate_style(args) -> int:
 # The order of `xctdiff --help`: the main job first, then what a user runs next, then the training chain.
 COMMANDS = [add_reconstruct_command, add_demo_command, add_inspect_command, add_drr_command, add_evaluate_command,
             add_prepare_command, add_train_command, add_export_command, add_evaluate_autoencoder_command,
-            add_evaluate_style_command, add_lpips_weights_command, add_models_command, add_benchmark_command]
+            add_evaluate_style_command, add_lpips_weights_command, add_models_command, add_benchmark_command,
+            add_standby_command]
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -584,7 +631,7 @@ def main(argv=None) -> int:
 
 #: The commands that run networks on 128³ volumes: they restart with the memory policy (0.3 s) first.
 NETWORK_COMMANDS = frozenset({"reconstruct", "demo", "evaluate", "evaluate-autoencoder", "evaluate-style", "train",
-                              "benchmark"})
+                              "benchmark", "standby"})
 
 
 def entry_point() -> int:
@@ -598,20 +645,26 @@ def entry_point() -> int:
 
         reexec_with_policy()
     status = main()
+    if command in ("reconstruct", "standby"):
+        _exit_without_teardown(status)
     if command == "train":
         from ..device import torchrun_rank
 
         if torchrun_rank()[1] > 1:
-            _leave_torchrun_worker(status)
+            _exit_without_teardown(status)
     return status
 
 
-def _leave_torchrun_worker(status: int) -> None:
-    """End a torchrun rank without the interpreter's teardown. Its stage is saved and its process group
+def _exit_without_teardown(status: int) -> None:
+    """End the process without the interpreter's teardown, once everything is written and flushed.
+
+    A reconstruction: its files are complete and renamed by now (:mod:`XctDiffCore.atomic`), and the
+    teardown of torch and of the kept heap took 0.5 s on the 2-core CPU after the last line, time the
+    Slicer module waited for the exit. A torchrun training rank: its stage is saved and its process group
     destroyed by now, but freeing what is left of the gloo backend during finalisation aborted a rank of
     the two-process CPU test now and then ("terminate called without an active exception", SIGABRT,
     after the last step: in 1 of 4 clean-clone CI runs one day, never in 19 runs of the test alone),
-    failing a finished job; ``os._exit`` skips that teardown."""
+    failing a finished job."""
     import logging
 
     logging.shutdown()

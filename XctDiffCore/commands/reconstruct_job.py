@@ -193,6 +193,50 @@ def _refuse_overlaps(inputs: list, jobs: list) -> None:
             written[key] = out
 
 
+_PRELOADED: dict = {}  # model folder (resolved; "" the bundled one) -> a pipeline loaded ahead of its job
+
+
+def _model_key(model) -> str:
+    return str(Path(model).resolve()) if model else ""
+
+
+def preload_model(model=None, warm_up: bool = True) -> None:
+    """Load ``model`` (a folder; None: the bundled one) before the job that names it: ``xctdiff standby``.
+    A folder that does not load is left to the job, which reports it as any run would."""
+    from ..pipeline import XctDiffPipeline
+
+    try:
+        pipe = XctDiffPipeline.from_pretrained(model)
+    except XctDiffError:
+        return
+    if warm_up:
+        _warm_up(pipe)
+    _PRELOADED[_model_key(model)] = pipe
+
+
+def _warm_up(pipe) -> None:
+    """One unseen reconstruction at the model's defaults, of its mean CT's DRR: a first run sets up its
+    kernels and maps its memory (kept for the next run by the memory policy), which the job then skips."""
+    import numpy as np
+
+    film = (pipe.render_drr(pipe._volume(pipe.mean_ct)) if pipe.mean_ct is not None
+            else np.outer(np.hanning(pipe.info.xray_size), np.hanning(pipe.info.xray_size)).astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            pipe.reconstruct(film, style="off")
+        except XctDiffError:
+            pass
+
+
+def _load_pipeline(model, compile: bool):
+    """The pipeline of ``model``: the one :func:`preload_model` loaded (taken: one job), else loaded now."""
+    from ..pipeline import XctDiffPipeline
+
+    preloaded = None if compile else _PRELOADED.pop(_model_key(model), None)
+    return preloaded if preloaded is not None else XctDiffPipeline.from_pretrained(model, compile=compile)
+
+
 def run_reconstruct(
     input_path,
     output=None,
@@ -210,7 +254,7 @@ def run_reconstruct(
     ``recursive``: a folder's sub-folders too, each film's outputs in the same sub-folder of the output folders."""
     from ..device import torchrun_rank
     from ..io import film_stem
-    from ..pipeline import XctDiffPipeline, check_volume_output, default_output_path, reconstruct_file
+    from ..pipeline import check_volume_output, default_output_path, reconstruct_file
 
     options = ReconstructOptions() if options is None else options  # checked when made: before the model loads
     device = options.device
@@ -272,7 +316,7 @@ def run_reconstruct(
     with plain_warnings():
         try:
             display(0.0, "loading model")
-            pipe = XctDiffPipeline.from_pretrained(model, compile=compile)
+            pipe = _load_pipeline(model, compile)
             display(LOADED, "model loaded")
             for i, (source, out, unc, view) in enumerate(jobs):
                 low = LOADED + (WRITING - LOADED) * i / len(jobs)
