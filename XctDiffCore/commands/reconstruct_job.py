@@ -216,13 +216,20 @@ def preload_model(model=None, warm_up: bool = True) -> None:
 
 def _warm_up(pipe) -> None:
     """One unseen reconstruction at the model's defaults, of its mean CT's DRR: a first run sets up its
-    kernels and maps its memory (kept for the next run by the memory policy), which the job then skips."""
+    kernels and maps its memory (kept for the next run by the memory policy), which the job then skips.
+    On the CPU only: a waiting process should not hold GPU memory that Slicer's views or another job need.
+    Silent: its warnings (a device note, the film's checks) are the job's to give, about the job's film."""
     import numpy as np
 
-    film = (pipe.render_drr(pipe._volume(pipe.mean_ct)) if pipe.mean_ct is not None
-            else np.outer(np.hanning(pipe.info.xray_size), np.hanning(pipe.info.xray_size)).astype(np.float32))
+    from ..device import choose_device
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if choose_device("auto").type != "cpu":
+            return
+        size = pipe.info.xray_size
+        film = (pipe.render_drr(pipe._volume(pipe.mean_ct)) if pipe.mean_ct is not None
+                else np.outer(np.hanning(size), np.hanning(size)).astype(np.float32))
         try:
             pipe.reconstruct(film, style="off")
         except XctDiffError:
