@@ -825,34 +825,55 @@ def test_the_options_have_one_definition_from_parser_to_protocol():
 # ------------------------------------------------------------------------------------------ standby
 
 
-def test_a_standby_engine_runs_the_job_it_is_sent_as_reconstruct_would(tmp_path, model_dir, reference):
-    """`xctdiff standby` (the Slicer module's engine started ahead) loads the model and warms up, then takes
-    one JSON line of `reconstruct` arguments from stdin: the same CT and protocol lines as `reconstruct`."""
-    output = tmp_path / "ct.nrrd"
-    job = [str(SAMPLE_RADIOGRAPH), "-o", str(output), "--device", "cpu", "--steps", STEPS, "--seed", "0",
-           "--model", str(model_dir), "--progress-lines"]
-    result = run_cli(["standby", "--model", model_dir], input=json.dumps(job) + "\n")
-    assert result.returncode == 0, result.stderr
-    fractions, summary = progress_and_result(result.stdout)
+def start_standby(model_dir, job_file, *options):
+    return subprocess.Popen([sys.executable, "-m", "XctDiffCore", "standby", "--job-file", str(job_file), "--model",
+                             str(model_dir), *options], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, encoding="utf-8", errors="replace")
+
+
+def hand_job(job_file, text: str) -> None:
+    """As the Slicer module does: written beside, then renamed, so the engine never reads half a job."""
+    part = job_file.with_name(job_file.name + ".part")
+    part.write_text(text, encoding="utf-8")
+    os.replace(part, job_file)
+
+
+def test_a_standby_engine_runs_the_job_it_is_handed_as_reconstruct_would(tmp_path, model_dir, reference):
+    """`xctdiff standby` (the Slicer module's engine started ahead) loads the model and warms up, then waits
+    for its job file, a JSON list of `reconstruct` arguments: the same CT and protocol lines as `reconstruct`."""
+    output, job_file = tmp_path / "ct.nrrd", tmp_path / "job.json"
+    process = start_standby(model_dir, job_file)
+    hand_job(job_file, json.dumps([str(SAMPLE_RADIOGRAPH), "-o", str(output), "--device", "cpu", "--steps", STEPS,
+                                   "--seed", "0", "--model", str(model_dir), "--progress-lines"]))
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    fractions, summary = progress_and_result(stdout)
     assert fractions[-1] == 1.0 and summary["output"] == str(output)
     assert np.array_equal(read_ct(output).array, reference.ct.array)
-    assert "warning" not in result.stderr  # the warm-up's own film says nothing
+    assert "warning" not in stderr  # the warm-up's own film says nothing
+    assert not job_file.exists()  # taken
 
 
-@pytest.mark.parametrize("line,status,words", [
-    ("", 0, None),  # the module went away, or chose another model: no job, no output, no error
-    ("not json\n", 2, "standby: the job line is not a JSON list"),
-    ('{"input": "x"}\n', 2, "standby: the job line is not a JSON list"),
-    ('["/no/such/film.png", "-o", "OUT"]\n', 2, "file not found"),
+@pytest.mark.parametrize("text,words", [
+    ("not json", "is not a JSON list of `xctdiff reconstruct` arguments"),
+    ('{"input": "x"}', "is not a JSON list of `xctdiff reconstruct` arguments"),
+    ('["/no/such/film.png", "-o", "OUT"]', "file not found"),
 ])
-def test_a_standby_engine_without_a_sound_job(tmp_path, model_dir, line, status, words):
-    result = run_cli(["standby", "--model", model_dir], input=line.replace("OUT", str(tmp_path / "ct.nrrd")))
-    assert result.returncode == status, result.stderr
-    if words is None:
-        assert result.stdout == "" and result.stderr == ""
-    else:
-        assert_one_error_line(result.stderr, words)
+def test_a_standby_engine_with_an_unsound_job(tmp_path, model_dir, text, words):
+    job_file = tmp_path / "job.json"
+    process = start_standby(model_dir, job_file)
+    hand_job(job_file, text.replace("OUT", str(tmp_path / "ct.nrrd")))
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2
+    assert_one_error_line(stderr, words)
     assert listing(tmp_path) == []
+
+
+def test_an_idle_standby_engine_leaves_by_itself(tmp_path, model_dir):
+    """No job within --idle-minutes: exit 0, quietly, its memory back."""
+    process = start_standby(model_dir, tmp_path / "job.json", "--idle-minutes", "0.01")
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0 and stdout == "" and stderr == ""
 
 
 def test_the_preloaded_model_serves_one_job_of_that_model(tmp_path, model_dir, capsys):
@@ -875,17 +896,3 @@ def test_the_preloaded_model_serves_one_job_of_that_model(tmp_path, model_dir, c
     reconstruct_job.preload_model(tmp_path / "not a model", warm_up=False)  # left to the job to report
     assert reconstruct_job._PRELOADED == {}
 
-
-def test_an_idle_standby_engine_leaves_by_itself(model_dir):
-    """No job within --idle-minutes (the pipe still open: Slicer still runs): exit 0, quietly, its memory back."""
-    process = subprocess.Popen([sys.executable, "-m", "XctDiffCore", "standby", "--model", str(model_dir),
-                                "--idle-minutes", "0.01"], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        process.wait(timeout=120)  # stdin stays open meanwhile: the end of input is not what ends it
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise
-    finally:
-        process.stdin.close()
-    assert process.returncode == 0 and process.stdout.read() == "" and process.stderr.read() == ""

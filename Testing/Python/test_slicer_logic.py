@@ -302,18 +302,22 @@ def test_the_next_job_runs_in_the_engine_started_ahead(slicer, bridge, scene, sa
                                     seed=0, device="cpu")
     try:
         logic.prepare_standby(options.model)
-        standby = logic._standby[1]
+        _, folder, standby = logic._standby
         logic.prepare_standby(options.model)  # one is ready: no second engine
-        assert logic._standby[1] is standby and standby.command[-3:] == ["standby", "--model", str(options.model.folder)]
+        assert logic._standby[2] is standby and standby.command[-2:] == ["--model", str(options.model.folder)]
         job = logic.start(bridge.radiograph_to_node(scene, sample[1], spacing=(2.5, 2.5), is_drr=True), options)
-        assert job.process is standby
+        assert job.process is standby and job.folder == folder
         output = logic.load_result(job, job.process.wait(timeout=300))
         assert output.ct_node.GetImageData().GetDimensions() == (128, 128, 128) and output.seed == 0
-        assert logic._standby is None  # a console call leaves no engine behind
+        assert logic._standby is None and not folder.exists()  # a console call leaves no engine, no files behind
         logic.prepare_standby(options.model)
-        following = logic._standby[1]
+        _, folder, following = logic._standby
         assert following is not standby and following.running
         assert logic._take_standby(BUNDLED) is None  # started for another model: stopped, not used
-        assert following.join(10) and logic._standby is None
+        assert following.join(10) and logic._standby is None and not folder.exists()
+        logic.prepare_standby(options.model)
+        _, folder, last = logic._standby
+        logic.shutdown()  # the panel closes
+        assert last.join(0) and not folder.exists()
     finally:
         logic.shutdown()

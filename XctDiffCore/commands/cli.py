@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import signal
 import sys
 import threading
+import time
+from pathlib import Path
 
 from .. import __version__
 from ..ct_search import NAMING  # stdlib only
@@ -394,7 +395,9 @@ def add_standby_command(subparsers):
     p = subparsers.add_parser(
         "standby",
         help="for the Slicer module: load the engine and a model now, then run one `reconstruct` whose "
-             "arguments arrive later on stdin as a JSON list (PROTOCOL.md)")
+             "arguments arrive later in --job-file (PROTOCOL.md)")
+    p.add_argument("--job-file", required=True, metavar="JSON",
+                   help="the job: a JSON list of `reconstruct` arguments, put there whole (written, then renamed)")
     p.add_argument("--model", metavar="DIR", help="model folder to load ahead (default: the bundled model)")
     p.add_argument("--idle-minutes", type=float, default=30.0,
                    help="exit quietly when no job came in this long (the memory it holds goes back)")
@@ -407,31 +410,30 @@ def _run_standby(args) -> int:
     Why: a reconstruction child spent 3 of its 6 s on the 2-core CPU starting (Python, the memory
     policy's restart, importing torch, loading the model) before it could begin. A standby child does
     that ahead, so the click waits only for the reconstruction. One job per process all the same: Cancel
-    still kills a whole process, and nothing of one job stays in memory for the next."""
+    still kills a whole process, and nothing of one job stays in memory for the next. The job comes in a
+    file, not on stdin: Slicer's ``PythonSlicer`` launcher forwards the child's output but not its input."""
     from .reconstruct_job import preload_model
 
     preload_model(args.model)
-    line = _job_line(args.idle_minutes * 60.0)
-    if not line.strip():  # no job: the module closed the pipe (Slicer closed, the model changed), or none came
-        return 0
+    job_file = Path(args.job_file)
+    deadline = time.monotonic() + args.idle_minutes * 60.0
+    while not job_file.exists():
+        if time.monotonic() > deadline:  # no job came: give the memory back
+            return 0
+        time.sleep(JOB_POLL_SECONDS)
     try:
-        argv = json.loads(line)
-    except json.JSONDecodeError:
+        argv = json.loads(job_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         argv = None
+    job_file.unlink(missing_ok=True)
     if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
-        raise XctDiffError("standby: the job line is not a JSON list of `xctdiff reconstruct` arguments")
+        raise XctDiffError(f"standby: {job_file} is not a JSON list of `xctdiff reconstruct` arguments")
     job = build_parser().parse_args(["reconstruct", *argv])
     return int(job.handler(job) or 0)
 
 
-def _job_line(timeout: float) -> str:
-    """One line of stdin, or "" after ``timeout`` seconds (a reader thread: portable, unlike select on pipes)."""
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: lines.put(sys.stdin.readline()), daemon=True).start()
-    try:
-        return lines.get(timeout=timeout)
-    except queue.Empty:
-        return ""
+#: How often a standby engine looks for its job file: a click waits at most this long for it to be seen.
+JOB_POLL_SECONDS = 0.02
 
 
 def add_evaluate_command(subparsers):

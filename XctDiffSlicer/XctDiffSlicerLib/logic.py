@@ -8,6 +8,7 @@ timer and calls :meth:`ReconstructionLogic.load_result` when it has finished.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -26,6 +27,7 @@ from .process import ChildProcess, Finished, Progress, engine_environment, pytho
 METHODS = ("default", *ENGINE_METHODS)  # "default": the model's own (the bundled one: direct)
 OUTPUT_NAME = "ct.nrrd"
 STANDBY_VARIABLE = "XCTDIFF_STANDBY"  # "0": no engine started ahead of the next job
+JOB_NAME = "job.json"  # what a standby engine waits for in its folder (PROTOCOL.md)
 UNCERTAINTY_NAME = "uncertainty.nrrd"
 
 
@@ -136,45 +138,57 @@ class ReconstructionLogic:
         if standby is None:
             standby = engine_command is None and os.environ.get(STANDBY_VARIABLE, "1") != "0"
         self.standby = standby
-        self._standby: Optional[tuple] = None  # (what it was started for, its ChildProcess)
+        self._standby: Optional[tuple] = None  # (what it was started for, its folder, its ChildProcess)
 
     def _standby_key(self, model: ModelChoice) -> tuple:
         environment = engine_environment(core_parent_folder())
         return tuple(self.engine_command), tuple(model.engine_arguments()), tuple(sorted(environment.items()))
 
     def prepare_standby(self, model: ModelChoice) -> None:
-        """Start an engine for the next reconstruction with ``model``, unless one is ready (or standby is off)."""
+        """Start an engine for the next reconstruction with ``model``, unless one is ready (or standby is off).
+        It waits for ``job.json`` in its own temporary folder, which becomes its job's folder."""
         if not self.standby:
             return
         key = self._standby_key(model)
-        if self._standby is not None and self._standby[0] == key and self._standby[1].running:
+        if self._standby is not None and self._standby[0] == key and self._standby[2].running:
             return
         self.shutdown()
-        command = self.engine_command + ["standby", *model.engine_arguments()]
-        self._standby = (key, ChildProcess(command, env=dict(key[2]), job_input=True).start())
+        folder = Path(tempfile.mkdtemp(prefix="xctdiff-"))
+        command = self.engine_command + ["standby", "--job-file", str(folder / JOB_NAME), *model.engine_arguments()]
+        try:
+            process = ChildProcess(command, env=dict(key[2])).start()
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        self._standby = (key, folder, process)
 
-    def _take_standby(self, model: ModelChoice) -> Optional[ChildProcess]:
-        """The standby engine when it was started for this model and environment and still runs; else None
-        (and a mismatched one is stopped)."""
+    def _take_standby(self, model: ModelChoice) -> Optional[tuple]:
+        """``(folder, process)`` of the standby engine when it was started for this model and environment and
+        still runs; else None (and a mismatched or ended one is stopped and its folder removed)."""
         if self._standby is None:
             return None
-        key, process = self._standby
+        key, folder, process = self._standby
         self._standby = None
         if key == self._standby_key(model) and process.running:
-            return process
+            return folder, process
         process.cancel()
+        shutil.rmtree(folder, ignore_errors=True)
         return None
 
     def shutdown(self) -> None:
         """Stop the standby engine, if any (leaving the module, closing Slicer, another model chosen)."""
         if self._standby is not None:
-            self._standby[1].cancel()
+            _, folder, process = self._standby
             self._standby = None
+            process.cancel()
+            process.join(5.0)
+            shutil.rmtree(folder, ignore_errors=True)
 
     def start(self, input_node, options: ReconstructionOptions) -> ReconstructionJob:
         if input_node is None:
             raise XctDiffError("select an input radiograph first")
-        folder = Path(tempfile.mkdtemp(prefix="xctdiff-"))
+        standby = self._take_standby(options.model)
+        folder, process = standby if standby is not None else (Path(tempfile.mkdtemp(prefix="xctdiff-")), None)
         try:
             radiograph_path = (mrml_bridge.source_file(input_node, self.dicom_file_for)
                                or mrml_bridge.write_radiograph_file(input_node, folder / "radiograph.nrrd"))
@@ -182,13 +196,16 @@ class ReconstructionLogic:
             if options.samples >= 2:
                 arguments += ["--uncertainty", str(folder / UNCERTAINTY_NAME)]
             arguments += self._resolved_style(input_node, options).engine_arguments()
-            process = self._take_standby(options.model)
-            if process is not None:
-                process.send_job(arguments)
+            if process is not None:  # the job file appears whole: written beside it, then renamed
+                written = folder / (JOB_NAME + ".part")
+                written.write_text(json.dumps(arguments), encoding="utf-8")
+                os.replace(written, folder / JOB_NAME)
             else:
                 process = ChildProcess(self.engine_command + ["reconstruct", *arguments],
                                        env=engine_environment(core_parent_folder())).start()
         except BaseException:
+            if process is not None:
+                process.cancel()
             shutil.rmtree(folder, ignore_errors=True)
             raise
         return ReconstructionJob(process, folder, input_node.GetName(), options, input_node.GetID() or "")

@@ -90,11 +90,8 @@ def failure_message(returncode: int, stderr_lines: Sequence[str]) -> str:
 class ChildProcess:
     """One child process: start, poll or wait for its events, cancel (kill its process tree)."""
 
-    def __init__(self, command: Sequence[str], env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None,
-                 job_input: bool = False):
-        """``job_input``: the child waits for its job on stdin (``xctdiff standby``: :meth:`send_job`)."""
+    def __init__(self, command: Sequence[str], env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None):
         self.command = [str(part) for part in command]
-        self.job_input = job_input
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
         self.stderr_lines: deque = deque(maxlen=STDERR_LINES_KEPT)
@@ -112,7 +109,7 @@ class ChildProcess:
         group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
         self._process = subprocess.Popen(
             self.command,
-            stdin=subprocess.PIPE if self.job_input else subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -131,15 +128,6 @@ class ChildProcess:
             reader.start()
         threading.Thread(target=self._wait_for_exit, daemon=True).start()
         return self
-
-    def send_job(self, arguments: Sequence[str]) -> None:
-        """Hand a standby child its job: the ``reconstruct`` arguments as one JSON line, then end of input.
-        A child that has died meanwhile reports it as its :class:`Finished` event, as any child would."""
-        try:
-            self._process.stdin.write(json.dumps([str(a) for a in arguments]) + "\n")
-            self._process.stdin.close()
-        except (BrokenPipeError, OSError, ValueError):
-            pass
 
     @property
     def pid(self) -> Optional[int]:
