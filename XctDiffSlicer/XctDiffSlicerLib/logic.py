@@ -126,9 +126,9 @@ class ReconstructionLogic:
     ``standby`` (default: on for the real engine, unless ``XCTDIFF_STANDBY=0``): :meth:`prepare_standby`
     starts the next job's engine ahead (``xctdiff standby``: torch imported, the model loaded, one unseen
     reconstruction run so its kernels and memory are ready), and :meth:`start` hands it the job. On the
-    2-core CPU the sample film's CT node then comes 4.0-4.5 s after the click instead of 6.2-7.2 s
+    2-core CPU the sample film's CT node then comes 4.0-4.8 s after the click instead of 6.2-8.6 s
     (``Testing/Scripts/click_to_ct.py``); the idle engine holds
-    about 1 GiB and leaves after 30 idle minutes. The panel prepares one when it opens and after each
+    about 0.8 GiB and leaves after 30 idle minutes. The panel prepares one when it opens and after each
     job; a console script only when it calls :meth:`prepare_standby`. :meth:`shutdown` stops it."""
 
     def __init__(self, scene, engine_command: Optional[Sequence[str]] = None,
