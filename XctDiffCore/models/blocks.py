@@ -76,7 +76,8 @@ def _is_one_image_3x3x3(x, weight, stride, padding, dilation, groups) -> bool:
             and 27 * x[0, 0].numel() * x.element_size() <= ONE_IMAGE_TAPS_BYTES)
 
 
-def _one_image_conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Triple) -> torch.Tensor:
+def _one_image_conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         padding: Triple) -> torch.Tensor:
     """A 3x3x3 convolution to one output channel as one matrix product (each voxel's 27 tap products) and 27
     shifted sums. Why (issue 20): oneDNN runs a one-channel output at a few GFLOP/s (nothing to vectorise
     over); the VQ decoder's last layers, a few GFLOP in all, took 13 % of an fp32 decode, 2.3-3.5x longer."""
@@ -90,7 +91,8 @@ def _one_image_conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     out = torch.zeros(size, dtype=x.dtype, device=x.device)
     for tap, kernel in enumerate((a, b, c) for a in range(3) for b in range(3) for c in range(3)):
         # Output o reads input o + k - p: only where that lies inside the volume (the zero padding adds nothing).
-        o = [slice(max(0, p - k), min(n_out, n_in + p - k)) for k, p, n_out, n_in in zip(kernel, padding, size, (d, h, w))]
+        o = [slice(max(0, p - k), min(n_out, n_in + p - k))
+             for k, p, n_out, n_in in zip(kernel, padding, size, (d, h, w))]
         i = tuple(slice(s.start + k - p, s.stop + k - p) for s, k, p in zip(o, kernel, padding))
         out[tuple(o)] += products[(tap, *i)]
     if bias is not None:
