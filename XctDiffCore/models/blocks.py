@@ -3,7 +3,9 @@
 Kept deliberately few and stable: a GroupNorm factory, a pre-activation residual block with an
 anisotropic kernel (the UNet's 3x3x1 convolutions are ``kernel=(1, 3, 3)`` over ``(D, H, W)``), and a
 strided-conv down-sampler / nearest+conv up-sampler with a per-axis factor. GroupNorm everywhere:
-3D volumes train at batch 1-2, where BatchNorm statistics are noise.
+3D volumes train at batch 1-2, where BatchNorm statistics are noise. Every 3D convolution of the
+networks is :class:`Conv3d` (``nn.Conv3d``'s parameters), whose float32 CPU forward avoids PyTorch's
+slow paths for one volume (:func:`conv3d`).
 """
 from __future__ import annotations
 
