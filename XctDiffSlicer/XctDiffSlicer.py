@@ -344,10 +344,12 @@ class XctDiffSlicerLogic(ScriptedLoadableModuleLogic):
     def finish(self, job, finished, outputNode=None, uncertaintyNode=None, opacity=0.5):
         """Load a finished job's outputs into nodes and show them in the Red, Yellow and Green views; the
         next job's engine starts meanwhile (the panel's, not the console's ``reconstruct``)."""
-        self.reconstruction.prepare_standby(job.options.model)
-        output = self.reconstruction.load_result(job, finished, outputNode, uncertaintyNode)
-        mrml_bridge.show_in_slice_views(self.sliceLogics(), output.ct_node, output.uncertainty_node, opacity)
-        return output
+        try:
+            output = self.reconstruction.load_result(job, finished, outputNode, uncertaintyNode)
+            mrml_bridge.show_in_slice_views(self.sliceLogics(), output.ct_node, output.uncertainty_node, opacity)
+            return output
+        finally:
+            self.reconstruction.prepare_standby(job.options.model)  # after the nodes: they come first
 
     def reconstruct(self, inputNode, outputNode=None, steps=None, samples=1, seed=None, device="auto",
                     style="auto", model=None, uncertaintyNode=None, progress=None, method="default", guidance=0.0,

@@ -321,3 +321,18 @@ def test_the_next_job_runs_in_the_engine_started_ahead(slicer, bridge, scene, sa
         assert last.join(0) and not folder.exists()
     finally:
         logic.shutdown()
+
+
+def test_an_engine_that_cannot_start_ahead_leaves_the_click_to_say_why(slicer, scene, monkeypatch):
+    """prepare_standby is called after every job: a launcher that cannot start (a broken install) must not
+    hide the result being loaded; no standby, no folder left, and the next click reports the problem."""
+    from XctDiffSlicerLib import logic as logic_module
+    from XctDiffSlicerLib.models import BUNDLED
+
+    folders = []
+    real_mkdtemp = logic_module.tempfile.mkdtemp
+    monkeypatch.setattr(logic_module.tempfile, "mkdtemp", lambda **k: folders.append(real_mkdtemp(**k)) or folders[-1])
+    logic = logic_module.ReconstructionLogic(scene, standby=True)
+    logic.engine_command = ["/no/such/python", "-m", "XctDiffCore"]
+    logic.prepare_standby(BUNDLED)
+    assert logic._standby is None and folders and not any(os.path.exists(f) for f in folders)

@@ -158,6 +158,9 @@ class ReconstructionLogic:
         command = self.engine_command + ["standby", "--job-file", str(folder / JOB_NAME), *model.engine_arguments()]
         try:
             process = ChildProcess(command, env=dict(key[2])).start()
+        except OSError:  # no engine ahead then: the click starts one and reports what stops it
+            shutil.rmtree(folder, ignore_errors=True)
+            return
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
