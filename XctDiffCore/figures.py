@@ -126,6 +126,9 @@ def reconstruction_caption(result) -> list:
     if result.samples > 1:
         run += f", mean of {result.samples} samples"
     lines = [f"{score}; {run}; style transfer {'on' if result.styled else 'off'}; {result.precision}"]
+    if result.ap_diameter is not None and result.learnt_ap_diameter is not None:
+        lines.append(f"stretched front to back to the given AP diameter, {result.ap_diameter:g} mm "
+                     f"(the model's own: {result.learnt_ap_diameter:.0f} mm)")
     lines += [f"warning: {w}" for w in result.warnings]
     return lines + ["XctDiff reconstruction from one radiograph: research use, not diagnosis"]
 

@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+from .ap_diameter import MAX_MM, MIN_MM, check_ap_diameter
 from .config import METHODS, SAMPLERS
 from .errors import XctDiffError
 
@@ -48,6 +49,7 @@ class ReconstructOptions:
     strict: bool = False  # refuse a film that fails the plausibility check, or a result flagged unreliable, instead of warning
     precision: str = "auto"  # auto (bf16 where the device computes it natively and it was measured harmless), fp32, bf16
     coarse: str = "auto"  # auto: the direct path averages in the model's coarse CT when it has one; off: the decoder alone
+    ap_diameter: Optional[float] = None  # the chest's front-to-back diameter in mm when known (XctDiffCore.ap_diameter)
 
     def __post_init__(self):
         for name in ("steps", "samples", "seed"):
@@ -74,6 +76,7 @@ class ReconstructOptions:
             raise XctDiffError(f"the direct method makes one deterministic CT, not {self.samples} samples: "
                                "use method='diffusion' (--method diffusion) for several")
         object.__setattr__(self, "guidance", check_guidance(self.guidance))
+        object.__setattr__(self, "ap_diameter", check_ap_diameter(self.ap_diameter))
 
     def _whole_number(self, name: str) -> None:
         """``name`` as a Python int (numpy integers too), None where allowed, or a readable error."""
@@ -118,6 +121,8 @@ class ReconstructOptions:
             argv += ["--precision", self.precision]
         if self.coarse != "auto":
             argv += ["--coarse", self.coarse]
+        if self.ap_diameter is not None:
+            argv += ["--ap-diameter", f"{self.ap_diameter:g}"]
         return argv
 
     @classmethod
@@ -144,6 +149,11 @@ class ReconstructOptions:
         parser.add_argument("--coarse", choices=COARSE_CHOICES, default="auto",
                             help="the direct path of a model with a coarse CT stage averages it in (auto, default: "
                             "closer to the truth voxel by voxel, smoother); off: the decoded CT alone (sharper)")
+        parser.add_argument("--ap-diameter", type=float, metavar="MM", dest="ap_diameter",
+                            help="the chest's front-to-back diameter at mid-chest, sternum to the skin over the spine, "
+                            f"when known ({MIN_MM:g}-{MAX_MM:g} mm: a caliper, a lateral film, an earlier CT): the CT is "
+                            "stretched front to back to it; a frontal film does not show it (default: the depth the "
+                            "model learnt)")
         parser.add_argument("--strict", action="store_true", help="refuse a film that fails the plausibility check "
                             "(inverted, lateral, not a chest) or whose result's consistency is below the reliability "
                             "threshold, instead of warning; in a folder it is skipped and counted")

@@ -22,6 +22,8 @@
    default, except that ``samples >= 2`` asks for the diffusion (the only path that samples);
 5. *decoding*: each latent snapped to the codebook and decoded by the VQ-GAN (on the direct path
    blended with the upsampled coarse CT, its stage's ``blend`` the weight, unless ``coarse="off"``), to HU;
+   with ``ap_diameter`` (mm, when the user knows the chest's depth, which a frontal film does not show)
+   stretched front to back to it (:mod:`XctDiffCore.ap_diameter`);
 6. *guidance* (``guidance > 0``, off by default): each decoded sample is moved until its DRR matches
    the input (:mod:`XctDiffCore.guidance`: the strength is the fraction of that correction applied;
    a sample whose unguided result disagrees grossly with the film is left as it is, with a
@@ -99,6 +101,10 @@ STAGE_END = {"preprocessing": 0.02, "style transfer": 0.04, "encoding": 0.07, "s
 DIRECT_STAGE_END = {**STAGE_END, "encoding": 0.10, "sampling": 0.10, "decoding": 0.85}
 
 
+class APDiameterWarning(UserWarning):
+    """The given AP diameter could not be applied: the reconstruction has no body to measure."""
+
+
 class StyleWarning(UserWarning):
     """A real radiograph goes into a model without a style stage."""
 
@@ -122,6 +128,8 @@ class Reconstruction:
     guidance: float = 0.0  # the strength the mean CT received: asked x share of samples guided (0: off or skipped)
     unguided_consistency: Optional[float] = None  # with guidance asked for: the mean consistency of the samples before it
     warnings: list = field(default_factory=list)  # why the result deserves less trust (plausibility, skipped guidance)
+    ap_diameter: Optional[float] = None  # the chest's AP diameter given (mm), which the CT was stretched to
+    learnt_ap_diameter: Optional[float] = None  # with it: the reconstruction's own diameter before (mm, mean over samples)
     precision: str = "fp32"  # the networks' arithmetic: "bf16" (autocast) or "fp32"
     flops: dict = field(default_factory=dict)  # operations per stage, only inside counting_flops()
     flops_by_dtype: dict = field(default_factory=dict)  # the same split by arithmetic: {stage: {"bfloat16": n, ...}}
@@ -141,6 +149,8 @@ class Reconstruction:
             "unguided_consistency": None if self.unguided_consistency is None else round(float(self.unguided_consistency), 4),
             "warnings": list(self.warnings),
             "precision": self.precision,
+            "ap_diameter_mm": self.ap_diameter,
+            "learnt_ap_diameter_mm": None if self.learnt_ap_diameter is None else round(float(self.learnt_ap_diameter), 1),
         }
 
 
@@ -230,6 +240,7 @@ class XctDiffPipeline:
         precision: str = "auto",
         options: Optional[ReconstructOptions] = None,
         coarse: str = "auto",
+        ap_diameter: Optional[float] = None,
     ) -> Reconstruction:
         """Reconstruct a CT from one frontal radiograph (see the module docstring for every argument's effect).
 
@@ -242,7 +253,7 @@ class XctDiffPipeline:
 
         given = ReconstructOptions(steps=steps, samples=samples, seed=seed, device=device, style=style, method=method,
                                    sampler=sampler, guidance=guidance, strict=strict, precision=precision,
-                                   coarse=coarse)
+                                   coarse=coarse, ap_diameter=ap_diameter)
         if options is not None:
             if given != ReconstructOptions():
                 raise XctDiffError("give the settings either as options=ReconstructOptions(...) or as keywords, not both")
@@ -262,7 +273,8 @@ class XctDiffPipeline:
         target = choose_device(run.device)
         result = run_with_cpu_fallback(
             lambda dev: self._reconstruct_on(dev, radiograph, steps, samples, seed, style, method, sampler,
-                                             reporter, cancel, guidance, strict, run.precision, run.coarse),
+                                             reporter, cancel, guidance, strict, run.precision, run.coarse,
+                                             run.ap_diameter),
             target,
             fallback=cpu_fallback,
         )
@@ -331,7 +343,7 @@ class XctDiffPipeline:
 
     def _reconstruct_on(self, device, radiograph, steps, samples, seed, style, method, sampler, reporter,
                         cancel, guidance: float = 0.0, strict: bool = False, precision: str = "auto",
-                        coarse_choice: str = "auto") -> Reconstruction:
+                        coarse_choice: str = "auto", ap_diameter: Optional[float] = None) -> Reconstruction:
         from .device import autocast_dtype, describe_device
         from .diffusion import sample
         from .metrics import ssim_2d
@@ -392,8 +404,15 @@ class XctDiffPipeline:
                 guidance = 0.0
             film = x.float() * 0.5 + 0.5 if guidance > 0 else None  # the input in [0, 1], as the DRRs are compared
             scores = []  # each sample's consistency before guidance
+            diameters = []  # with ap_diameter: each sample's own diameter before it was stretched
             mean_hu, std_hu = self._decode(latents, device, reporter, cancel, ends, film, guidance, timer, scores,
-                                           quantized=method == "direct", coarse=coarse)
+                                           quantized=method == "direct", coarse=coarse, ap_diameter=ap_diameter,
+                                           diameters=diameters)
+            if ap_diameter is not None and None in diameters:
+                notes.append(f"the AP diameter was not applied to {diameters.count(None)} of {len(diameters)} "
+                             "samples: no body crosses their mid-chest midline")
+                warnings.warn(notes[-1], APDiameterWarning, stacklevel=4)
+            measured = [d for d in diameters if d is not None]  # the samples' own diameters, before the stretch
             unguided = float(np.mean(scores)) if scores else None
             guided = sum(score >= MIN_UNGUIDED_CONSISTENCY for score in scores)
             if scores and guided < len(scores):
@@ -433,6 +452,8 @@ class XctDiffPipeline:
             guidance=guidance * guided / len(scores) if scores else 0.0,  # the strength the mean CT received
             unguided_consistency=unguided,
             warnings=notes + size_notes,
+            ap_diameter=ap_diameter,
+            learnt_ap_diameter=float(np.mean(measured)) if measured else None,
             precision="bf16" if self._amp_dtype == torch.bfloat16 else "fp32",
             flops=timer.flops,
             flops_by_dtype=timer.flops_by_dtype,
@@ -440,14 +461,17 @@ class XctDiffPipeline:
 
     def _decode(self, latents: torch.Tensor, device, reporter: _Progress, cancel, ends: dict = STAGE_END,
                 film: Optional[torch.Tensor] = None, guidance: float = 0.0, timer: Optional["_Timer"] = None,
-                scores: Optional[list] = None, quantized: bool = False, coarse: Optional[torch.Tensor] = None) -> tuple:
+                scores: Optional[list] = None, quantized: bool = False, coarse: Optional[torch.Tensor] = None,
+                ap_diameter: Optional[float] = None, diameters: Optional[list] = None) -> tuple:
         """Each latent -> codebook -> decoder -> HU (-> guided towards ``film``) -> canonical: the running mean
         and std over samples (Welford). With guidance, each sample's consistency before it goes to ``scores``.
 
         ``ends``: the progress scale of the method (:data:`STAGE_END` or :data:`DIRECT_STAGE_END`);
         ``timer``: gets a "decoding" and a "guidance" lap per sample when guiding; ``quantized``: the latents
         are codebook entries already (the direct path's prior), so the search is not repeated; ``coarse``: the
-        coarse CT to blend into each decoded volume with weight :attr:`coarse_blend` (before guidance)."""
+        coarse CT to blend into each decoded volume with weight :attr:`coarse_blend` (before guidance);
+        ``ap_diameter``: each volume is stretched front to back to it (before guidance; its own diameter
+        before goes to ``diameters``, None where it has no body to measure)."""
         from .models.coarse import blend_coarse
         from .layout import model_layout_to_ct, unit_to_hu
 
@@ -466,6 +490,8 @@ class XctDiffPipeline:
             if coarse is not None:
                 volume = blend_coarse(volume, coarse, self.coarse_blend)
             hu_model = unit_to_hu(volume)
+            if ap_diameter is not None:
+                hu_model = self._fit_ap_diameter(hu_model, ap_diameter, [] if diameters is None else diameters)
             if guidance > 0 and film is not None:
                 if timer is not None:
                     timer.lap("decoding")
@@ -480,6 +506,17 @@ class XctDiffPipeline:
             m2 += delta * (hu - mean)
             reporter.report(start + span * (k + 1) / count, f"decoding {k + 1}/{count}")
         return mean, np.sqrt(m2 / count)
+
+    @staticmethod
+    def _fit_ap_diameter(hu_model: torch.Tensor, diameter_mm: float, diameters: list) -> torch.Tensor:
+        """One decoded volume (model layout, HU) stretched front to back to ``diameter_mm``; its own before goes
+        to ``diameters`` (:mod:`XctDiffCore.ap_diameter` works on ``[rows, AP, columns]``: D and H swapped)."""
+        from .ap_diameter import fit_ap_diameter
+
+        rows_ap_columns = hu_model[0, 0].transpose(0, 1).cpu().numpy()
+        fitted, before = fit_ap_diameter(rows_ap_columns, diameter_mm, FIELD_OF_VIEW_MM / hu_model.shape[-1])
+        diameters.append(before)
+        return torch.from_numpy(np.ascontiguousarray(fitted.transpose(1, 0, 2)))[None, None].to(hu_model)
 
     def _guide(self, hu_model: torch.Tensor, film: torch.Tensor, guidance: float, scores: list, cancel) -> torch.Tensor:
         """One decoded sample guided towards the film; its consistency before guidance goes to ``scores``.

@@ -84,7 +84,7 @@ class XctDiffSlicer(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class XctDiffSlicerParameterNode:
-    """The panel's state. 0 steps: the model's default; seed -1: random."""
+    """The panel's state. 0 steps: the model's default; seed -1: random; AP diameter 0: not known."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     outputVolume: vtkMRMLScalarVolumeNode
@@ -100,6 +100,7 @@ class XctDiffSlicerParameterNode:
     guidance: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     precision: Annotated[str, Choice(["auto", "fp32", "bf16"])] = "auto"
     coarse: Annotated[str, Choice(["auto", "off"])] = "auto"
+    apDiameter: Annotated[float, WithinRange(0.0, 300.0)] = 0.0
     uncertaintyOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     consistency: str = ""
 
@@ -247,6 +248,7 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 guidance=node.guidance,
                 precision=node.precision,
                 coarse=node.coarse,
+                ap_diameter=node.apDiameter or None,
             )
             self._job = self.logic.start(node.inputVolume, options)
         except XctDiffError as exc:
@@ -353,12 +355,13 @@ class XctDiffSlicerLogic(ScriptedLoadableModuleLogic):
 
     def reconstruct(self, inputNode, outputNode=None, steps=None, samples=1, seed=None, device="auto",
                     style="auto", model=None, uncertaintyNode=None, progress=None, method="default", guidance=0.0,
-                    precision="auto", coarse="auto"):
-        """Blocking reconstruction for the Python console; returns the output CT node, shown in the slice views."""
+                    precision="auto", coarse="auto", ap_diameter=None):
+        """Blocking reconstruction for the Python console; returns the output CT node, shown in the slice views.
+        ``ap_diameter``: the chest's front-to-back diameter in mm when known (a frontal film does not show it)."""
         ctNode = self.reconstruction.reconstruct(
             inputNode, outputNode, steps=steps, samples=samples, seed=seed, device=device, style=style,
             model=model, uncertaintyNode=uncertaintyNode, progress=progress, method=method, guidance=guidance,
-            precision=precision, coarse=coarse,
+            precision=precision, coarse=coarse, ap_diameter=ap_diameter,
         )
         mrml_bridge.show_in_slice_views(self.sliceLogics(), ctNode)
         return ctNode

@@ -159,7 +159,8 @@ def test_the_summary_line_shows_the_score_before_guidance():
 
     from XctDiffCore.commands.reconstruct_job import summary_line
 
-    result = SimpleNamespace(method="direct", seed=0, device="cpu", consistency=0.94, guidance=1.0, unguided_consistency=0.85)
+    result = SimpleNamespace(method="direct", seed=0, device="cpu", consistency=0.94, guidance=1.0, unguided_consistency=0.85,
+                             ap_diameter=None, learnt_ap_diameter=None)
     assert "consistency 0.940 (guided 1; 0.850 unguided)" in summary_line("a.png", "a.nrrd", 1.0, result)
     result.guidance = 0.0
     assert "consistency 0.940 (guidance skipped)" in summary_line("a.png", "a.nrrd", 1.0, result)

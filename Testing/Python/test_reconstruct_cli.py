@@ -182,7 +182,8 @@ def test_the_views_caption_says_the_score_the_run_and_every_warning():
 
     long_warning = "the DICOM header says this is a lateral view (View Position LL); " * 4
     result = SimpleNamespace(consistency=0.6543, unguided_consistency=0.61, guidance=1.0, method="diffusion", steps=10,
-                             seed=7, samples=3, styled=True, precision="bf16", warnings=[long_warning, "guidance skipped"])
+                             seed=7, samples=3, styled=True, precision="bf16", warnings=[long_warning, "guidance skipped"],
+                             ap_diameter=None, learnt_ap_diameter=None)
     lines = reconstruction_caption(result)
     assert lines[0] == ("consistency 0.654 (guided 1; 0.610 before guidance); diffusion, 10 steps, seed 7, mean of 3 "
                         "samples; style transfer on; bf16")
@@ -191,6 +192,9 @@ def test_the_views_caption_says_the_score_the_run_and_every_warning():
     direct = SimpleNamespace(**{**vars(result), "method": "direct", "samples": 1, "unguided_consistency": None,
                                 "warnings": []})
     assert reconstruction_caption(direct)[0] == "consistency 0.654; direct; style transfer on; bf16"
+    stretched = SimpleNamespace(**{**vars(direct), "ap_diameter": 250.0, "learnt_ap_diameter": 231.7})
+    assert reconstruction_caption(stretched)[1] == ("stretched front to back to the given AP diameter, 250 mm "
+                                                    "(the model's own: 232 mm)")
     panels = Image.new("L", views_size(rows=1, caption_lines=0)[:1] + (100,), 0)
     captioned = with_caption(panels, lines)
     assert captioned.width == panels.width and captioned.height > panels.height + 5 * LABEL_HEIGHT  # wrapped
@@ -813,7 +817,7 @@ def test_the_options_have_one_definition_from_parser_to_protocol():
 
     options = ReconstructOptions(steps=7, samples=2, seed=5, device="cpu", style="off", method="diffusion",
                                  sampler="dpm-solver++", guidance=0.5, strict=True, precision="bf16",
-                                 coarse="off")
+                                 coarse="off", ap_diameter=242.5)
     args = build_parser().parse_args(["reconstruct", "in.png", *options.to_argv()])
     assert ReconstructOptions.from_args(args) == options
     assert ReconstructOptions.from_args(build_parser().parse_args(["reconstruct", "in.png"])) == ReconstructOptions()

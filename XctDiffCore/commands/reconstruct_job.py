@@ -363,8 +363,11 @@ def summary_line(source, output, seconds: float, result, protocol: bool = False)
     if result.unguided_consistency is not None:  # guidance asked for: the score before it says more
         guided = (f" (guided {result.guidance:g}; {result.unguided_consistency:.3f} unguided)" if result.guidance
                   else " (guidance skipped)")
+    depth = ""
+    if result.ap_diameter is not None and result.learnt_ap_diameter is not None:
+        depth = f", AP diameter {result.learnt_ap_diameter:.0f} -> {result.ap_diameter:g} mm"
     return (f"{path_text(source, protocol)} -> {path_text(output, protocol)} in {seconds:.1f} s on "
-            f"{one_line(result.device)}, consistency {result.consistency:.3f}{guided}, {seed}")
+            f"{one_line(result.device)}, consistency {result.consistency:.3f}{guided}, {seed}{depth}")
 
 
 def _print_line(display: ProgressDisplay, text: str) -> None:

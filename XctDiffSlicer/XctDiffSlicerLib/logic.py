@@ -57,6 +57,7 @@ class ReconstructionOptions:
     guidance: float = 0.0  # data consistency, 0 (off) to 1 (the DRR of the result fitted to the film)
     precision: str = "auto"  # the networks' arithmetic: auto, fp32 or bf16 (the engine's PRECISIONS)
     coarse: str = "auto"  # auto: the direct path averages in the model's coarse CT when it has one; off: decoder alone
+    ap_diameter: Optional[float] = None  # the chest's front-to-back diameter in mm when known; None: the model's depth
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -66,7 +67,8 @@ class ReconstructionOptions:
     def engine_options(self) -> ReconstructOptions:
         return ReconstructOptions(steps=self.steps, samples=self.samples, seed=self.seed, device=self.device,
                                   style=self.style, method=None if self.method == "default" else self.method,
-                                  guidance=self.guidance, precision=self.precision, coarse=self.coarse)
+                                  guidance=self.guidance, precision=self.precision, coarse=self.coarse,
+                                  ap_diameter=self.ap_diameter)
 
     def engine_arguments(self) -> list:
         return self.engine_options().to_argv() + self.model.engine_arguments()
@@ -115,6 +117,8 @@ class ReconstructionOutput:
     method: str = ""  # "diffusion" or "direct" (direct has no randomness: its seed means nothing)
     unguided_consistency: Optional[float] = None  # with guidance: the consistency before it (the honest score)
     warnings: tuple = ()  # the engine's reasons to trust the result less (an implausible film, skipped guidance)
+    ap_diameter: Optional[float] = None  # the AP diameter given, which the CT was stretched to (mm)
+    learnt_ap_diameter: Optional[float] = None  # the reconstruction's own before (mm)
 
 
 class ReconstructionLogic:
@@ -254,15 +258,19 @@ class ReconstructionLogic:
             method=str(finished.result.get("method", "")),
             unguided_consistency=_optional_float(finished.result.get("unguided_consistency")),
             warnings=tuple(str(w) for w in finished.result.get("warnings", ()) if isinstance(w, str)),
+            ap_diameter=_optional_float(finished.result.get("ap_diameter_mm")),
+            learnt_ap_diameter=_optional_float(finished.result.get("learnt_ap_diameter_mm")),
         )
 
     def reconstruct(self, inputNode, outputNode=None, steps: Optional[int] = None, samples: int = 1,
                     seed: Optional[int] = None, device: str = "auto", style: str = "auto", model=None,
                     uncertaintyNode=None, progress: Optional[Callable[[float, str], None]] = None,
-                    method: str = "default", guidance: float = 0.0, precision: str = "auto", coarse: str = "auto"):
-        """Blocking reconstruction for the Python console; returns the output CT node."""
+                    method: str = "default", guidance: float = 0.0, precision: str = "auto", coarse: str = "auto",
+                    ap_diameter: Optional[float] = None):
+        """Blocking reconstruction for the Python console; returns the output CT node. ``ap_diameter``: the
+        chest's front-to-back diameter in mm when known (a frontal film does not show it)."""
         options = ReconstructionOptions(steps, samples, seed, device, style, choose_model(model), method, guidance,
-                                        precision, coarse)
+                                        precision, coarse, ap_diameter)
         job = self.start(inputNode, options)
 
         def on_event(event):
@@ -289,6 +297,8 @@ def consistency_text(output: ReconstructionOutput) -> str:
     text = f"{output.consistency:.3f}"
     if output.unguided_consistency is not None:
         text += f" ({output.unguided_consistency:.3f} before guidance)"
+    if output.ap_diameter is not None and output.learnt_ap_diameter is not None:
+        text += f"\nAP diameter {output.ap_diameter:g} mm as given (the model's own {output.learnt_ap_diameter:.0f} mm)"
     for warning in output.warnings:  # shown next to the score they qualify
         text += f"\nwarning: {warning}"
     return text
