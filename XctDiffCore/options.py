@@ -153,7 +153,7 @@ class ReconstructOptions:
                             help="the chest's front-to-back diameter at mid-chest, sternum to the skin over the spine, "
                             f"when known ({MIN_MM:g}-{MAX_MM:g} mm: a caliper, a lateral film, an earlier CT): the CT is "
                             "stretched front to back to it; a frontal film does not show it (default: the depth the "
-                            "model learnt)")
+                            "model learnt; for a folder, every film gets this one)")
         parser.add_argument("--strict", action="store_true", help="refuse a film that fails the plausibility check "
                             "(inverted, lateral, not a chest) or whose result's consistency is below the reliability "
                             "threshold, instead of warning; in a folder it is skipped and counted")
