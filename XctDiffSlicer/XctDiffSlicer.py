@@ -116,6 +116,7 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._deviceProbe = None
         self._deviceInfo = None
         self._dependenciesChecked = False
+        self._diameterInput = None  # the ID of the radiograph node the AP diameter was given for
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onTimer)
@@ -202,6 +203,11 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._deviceInfo is not None:
             self.ui.deviceInfoLabel.text = device_probe.describe_device(self._deviceInfo, node.device)
         self.ui.consistencyLabel.text = node.consistency or "-"
+        inputId = node.inputVolume.GetID() if node.inputVolume is not None else None
+        if inputId != self._diameterInput:  # a diameter is one patient's: another film forgets it
+            if self._diameterInput is not None and node.apDiameter:
+                node.apDiameter = 0.0
+            self._diameterInput = inputId
         if node.outputVolume is not None and node.uncertaintyVolume is not None:
             mrml_bridge.set_foreground_opacity(self.logic.sliceLogics(), node.uncertaintyOpacity)
 
