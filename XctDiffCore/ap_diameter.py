@@ -20,46 +20,17 @@ import numpy as np
 BODY_HU = -400.0  # halfway between air and soft tissue: the skin of a blurred reconstruction as of a CT
 ROWS = 30  # mid-chest: the middle 30 rows (75 mm at 2.5 mm)
 COLUMNS = 20  # the midline: the middle 20 columns (50 mm)
-MIN_MM, MAX_MM = 100.0, 300.0  # a newborn's chest to a large adult's; the CT is a 320 mm cube
-
-
-def check_ap_diameter(value) -> Optional[float]:
-    """``value`` as a float in [MIN_MM, MAX_MM], None for "not known", or an XctDiffError naming the range."""
-    from .errors import XctDiffError
-
-    if value is None:
-        return None
-    message = (f"ap_diameter must be the chest's front-to-back diameter in mm, between {MIN_MM:g} and {MAX_MM:g} "
-               f"(the CT is a 320 mm cube), got {value!r}")
-    if isinstance(value, bool):
-        raise XctDiffError(message)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise XctDiffError(message) from None
-    if not MIN_MM <= number <= MAX_MM:  # NaN fails this too
-        raise XctDiffError(message)
-    return number
-
-
-def body_region(ct_hu: np.ndarray) -> np.ndarray:
-    """The largest connected region above :data:`BODY_HU`: the patient, without the table under it."""
-    from scipy import ndimage
-
-    labels, count = ndimage.label(ct_hu > BODY_HU)
-    if count == 0:
-        return np.zeros(ct_hu.shape, bool)
-    sizes = np.bincount(labels.ravel())[1:]
-    return labels == 1 + int(np.argmax(sizes))
 
 
 def measure_ap_diameter(ct_hu: np.ndarray, spacing_mm: float) -> Optional[tuple]:
     """``(diameter_mm, centre)`` of a canonical ``[z, y, x]`` CT (centre: a fractional index along y), or None
     where no body crosses the mid-chest midline."""
+    from .preprocess import body_component  # the table left out as the preprocessing leaves it out
+
     z, _, x = ct_hu.shape
     rows = slice(max(0, z // 2 - ROWS // 2), z // 2 + ROWS // 2)
     columns = slice(max(0, x // 2 - COLUMNS // 2), x // 2 + COLUMNS // 2)
-    body = body_region(ct_hu)[rows, :, columns]
+    body = body_component(ct_hu, BODY_HU)[rows, :, columns]
     lines = body.any(axis=1)
     if not lines.any():
         return None
@@ -82,16 +53,19 @@ def fit_ap_diameter(ct_hu: np.ndarray, diameter_mm: float, spacing_mm: float, ro
     """``(ct, measured_mm)``: the CT stretched to ``diameter_mm`` and its own diameter before (None, and the CT
     unchanged, where it has no body to measure). The stretch moves the body's edges by whole voxels and can
     join or part the body and the table, so the factor is corrected from the result's own measure (``rounds``
-    times at most; each round resamples the original, once)."""
+    times at most; each round resamples the original, once, and measures the result)."""
     measured = measure_ap_diameter(ct_hu, spacing_mm)
     if measured is None:
         return ct_hu, None
     before, centre = measured
-    factor, stretched = 1.0, ct_hu
+    factor, now, stretched = 1.0, before, ct_hu
     for _ in range(rounds):
-        now = measure_ap_diameter(stretched, spacing_mm)
-        if now is None or abs(now[0] - diameter_mm) < spacing_mm:
+        if abs(now - diameter_mm) < spacing_mm:
             break
-        factor *= diameter_mm / now[0]
+        factor *= diameter_mm / now
         stretched = stretch_ap(ct_hu, factor, centre)
+        remeasured = measure_ap_diameter(stretched, spacing_mm)
+        if remeasured is None:
+            break
+        now = remeasured[0]
     return stretched, before

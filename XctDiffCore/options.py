@@ -17,7 +17,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-from .ap_diameter import MAX_MM, MIN_MM, check_ap_diameter
 from .config import METHODS, SAMPLERS
 from .errors import XctDiffError
 
@@ -28,6 +27,7 @@ COARSE_CHOICES = ("auto", "off")
 CT_FORMATS = ("nrrd", "nii.gz", "nii", "mha", "dicom")  # --format: a file of that suffix, or a DICOM series folder
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 MAX_GUIDANCE = 1.0
+AP_DIAMETER_MM = (100.0, 300.0)  # a newborn's chest to a large adult's; the CT is a 320 mm cube
 
 
 class MethodWarning(UserWarning):
@@ -151,7 +151,7 @@ class ReconstructOptions:
                             "closer to the truth voxel by voxel, smoother); off: the decoded CT alone (sharper)")
         parser.add_argument("--ap-diameter", type=float, metavar="MM", dest="ap_diameter",
                             help="the chest's front-to-back diameter at mid-chest, sternum to the skin over the spine, "
-                            f"when known ({MIN_MM:g}-{MAX_MM:g} mm: a caliper, a lateral film, an earlier CT): the CT is "
+                            f"when known ({AP_DIAMETER_MM[0]:g}-{AP_DIAMETER_MM[1]:g} mm: a caliper, a lateral film, an earlier CT): the CT is "
                             "stretched front to back to it; a frontal film does not show it (default: the depth the "
                             "model learnt; for a folder, every film gets this one)")
         parser.add_argument("--strict", action="store_true", help="refuse a film that fails the plausibility check "
@@ -173,12 +173,27 @@ def add_precision_argument(parser) -> None:
 
 def check_guidance(strength) -> float:
     """``strength`` as a float in [0, 1], or an :class:`XctDiffError` naming the range."""
-    if isinstance(strength, bool):
-        strength = None  # not a strength
+    return _number_in_range(strength, 0.0, MAX_GUIDANCE,
+                            f"guidance must be a number between 0 (off) and {MAX_GUIDANCE:g}, got {strength!r}",
+                            f"guidance must be between 0 (off) and {MAX_GUIDANCE:g}, got {strength!r}")
+
+
+def check_ap_diameter(value) -> Optional[float]:
+    """``value`` (mm) as a float in :data:`AP_DIAMETER_MM`, None for "not known", or an :class:`XctDiffError`."""
+    low, high = AP_DIAMETER_MM
+    message = (f"ap_diameter must be the chest's front-to-back diameter in mm, between {low:g} and {high:g} "
+               f"(the CT is a 320 mm cube), got {value!r}")
+    return None if value is None else _number_in_range(value, low, high, message, message)
+
+
+def _number_in_range(value, low: float, high: float, not_a_number: str, out_of_range: str) -> float:
+    """``value`` as a float in [low, high] (a bool is no number; NaN is out of range), else XctDiffError."""
+    if isinstance(value, bool):
+        raise XctDiffError(not_a_number)
     try:
-        value = float(strength)
+        number = float(value)
     except (TypeError, ValueError):
-        raise XctDiffError(f"guidance must be a number between 0 (off) and {MAX_GUIDANCE:g}, got {strength!r}") from None
-    if not 0.0 <= value <= MAX_GUIDANCE:  # NaN fails this too
-        raise XctDiffError(f"guidance must be between 0 (off) and {MAX_GUIDANCE:g}, got {strength!r}")
-    return value
+        raise XctDiffError(not_a_number) from None
+    if not low <= number <= high:  # NaN fails this too
+        raise XctDiffError(out_of_range)
+    return number

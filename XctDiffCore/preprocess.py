@@ -101,11 +101,11 @@ def _check_grid(volume: Volume, grid_size, spacing: float) -> None:
         )
 
 
-def body_component(hu: np.ndarray) -> np.ndarray:
-    """The largest connected region above -500 HU: the patient's tissue, without the table or stray blobs."""
+def body_component(hu: np.ndarray, level: float = BODY_HU) -> np.ndarray:
+    """The largest connected region above ``level`` (-500 HU): the patient's tissue, without the table or stray blobs."""
     from scipy import ndimage
 
-    labels, count = ndimage.label(np.asarray(hu) > BODY_HU)
+    labels, count = ndimage.label(np.asarray(hu) > level)
     if count == 0:
         return np.zeros(np.shape(hu), dtype=bool)
     return labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)

@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import SAMPLE_RADIOGRAPH
 
-from XctDiffCore.ap_diameter import check_ap_diameter, fit_ap_diameter, measure_ap_diameter, stretch_ap
+from XctDiffCore.ap_diameter import fit_ap_diameter, measure_ap_diameter, stretch_ap
 from XctDiffCore.errors import XctDiffError
+from XctDiffCore.options import check_ap_diameter
 
 SPACING = 2.5
 

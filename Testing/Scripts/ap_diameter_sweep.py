@@ -15,9 +15,10 @@ from __future__ import annotations
 import sys
 
 from direct_scores import Scores, direct_reconstruction, validation_cases
-from XctDiffCore.ap_diameter import MAX_MM, MIN_MM, measure_ap_diameter
+from XctDiffCore.ap_diameter import measure_ap_diameter
 from XctDiffCore.figures import LUNG_WINDOW_HU, compose_grid, orthogonal_slices, window, write_png
 from XctDiffCore.model_folder import FIELD_OF_VIEW_MM
+from XctDiffCore.options import AP_DIAMETER_MM
 from XctDiffCore.pipeline import XctDiffPipeline
 
 
@@ -43,7 +44,7 @@ def main() -> None:
                      (f"stretched {truth_mm:.0f} mm", window(orthogonal_slices(known.ct.array)["axial"], LUNG_WINDOW_HU))])
         for error in errors:
             for signed in (-error, error):
-                given = min(MAX_MM, max(MIN_MM, truth_mm + signed))
+                given = min(AP_DIAMETER_MM[1], max(AP_DIAMETER_MM[0], truth_mm + signed))
                 scores.add(f"diameter {signed:+g} mm", direct_reconstruction(pipe, radiograph, index,
                                                                             ap_diameter=given).ct.array, case, body)
     scores.print_means()
