@@ -27,7 +27,7 @@ def main() -> None:
     figure = args.pop(args.index("--figure") + 1) if "--figure" in args[:-1] else None
     args = [a for a in args if a != "--figure"]
     if len(args) < 2:
-        raise SystemExit(__doc__.strip().splitlines()[2].strip())
+        raise SystemExit("usage: " + next(line.strip() for line in __doc__.splitlines() if line.strip().startswith("python")))
     pipe = XctDiffPipeline.from_pretrained(args[0])
     errors = [float(e) for e in args[2:]]
     scores, rows = Scores(), []
