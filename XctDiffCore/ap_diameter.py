@@ -9,7 +9,8 @@ along AP about the body's centre until its own diameter, measured the same way, 
 The measure (:func:`measure_ap_diameter`): the largest connected region above :data:`BODY_HU` (the
 patient, without the table), at mid-chest (the middle :data:`ROWS` rows, 75 mm) on the midline (the
 middle :data:`COLUMNS` columns, 50 mm): the median over those lines of the distance from the first to the
-last body voxel front to back, sternum to the skin over the spine. Torch-free.
+last body voxel front to back, sternum to the skin over the spine. :func:`ct_ap_diameter` measures an
+earlier CT of the patient the same way, on the engine's prepared grid (``xctdiff inspect CT`` prints it). Torch-free.
 """
 from __future__ import annotations
 
@@ -69,3 +70,14 @@ def fit_ap_diameter(ct_hu: np.ndarray, diameter_mm: float, spacing_mm: float, ro
             break
         now = remeasured[0]
     return stretched, before
+
+
+def ct_ap_diameter(volume) -> Optional[float]:
+    """The AP diameter (mm) of a CT as read (:class:`~XctDiffCore.volume.Volume`), on the engine's prepared grid
+    (2.5 mm, lung-centred): the number to give ``--ap-diameter`` when an earlier CT of the patient is at hand.
+    None where no body crosses the mid-chest midline; a CT the preprocessing refuses raises its error."""
+    from .preprocess import preprocess_ct
+
+    prepared = preprocess_ct(volume)
+    measured = measure_ap_diameter(prepared.array.astype(np.float32), float(prepared.spacing[0]))
+    return None if measured is None else measured[0]

@@ -721,6 +721,7 @@ def inspect_path(path, kind: str = "auto") -> dict:
                 "origin": _fmt(volume.origin, 6) + " mm (LPS)",
                 "direction": " / ".join(_fmt(row) for row in volume.direction) + f" (closest orientation {code})",
                 "hu_range": f"{_fmt(volume.array.min())} .. {_fmt(volume.array.max())}",
+                "ap_diameter": _ap_diameter_fact(volume),
             }
         )
     else:
@@ -736,6 +737,19 @@ def inspect_path(path, kind: str = "auto") -> dict:
             }
         )
     return facts
+
+
+def _ap_diameter_fact(volume) -> str:
+    """The chest's front-to-back diameter as ``--ap-diameter`` measures it, or why it was not measured."""
+    from .ap_diameter import ct_ap_diameter
+
+    try:
+        diameter = ct_ap_diameter(volume)
+    except XctDiffError as error:
+        return f"not measured ({error})"
+    if diameter is None:
+        return "not measured (no body crosses the mid-chest midline)"
+    return f"{diameter:.0f} mm (mid-chest, midline, the body without the table: the value for --ap-diameter)"
 
 
 def _snake(keyword: str) -> str:

@@ -142,3 +142,25 @@ def test_the_summary_line_and_the_slicer_panel_show_both_diameters():
         ReconstructionOptions(ap_diameter=20.0)
     output = ReconstructionOutput(None, None, 0.9, "cpu", {}, ap_diameter=250.0, learnt_ap_diameter=231.6)
     assert consistency_text(output) == "0.900\nAP diameter 250 mm as given (the model's own 232 mm)"
+
+
+def test_inspect_measures_an_earlier_ct_on_the_engines_grid(tmp_path):
+    """`xctdiff inspect CT` prints the diameter to give --ap-diameter: a 230 mm chest scanned at 1.25 x 1.25 x 2 mm
+    (not the engine's grid: it is prepared first) reads 230 mm to a voxel; a CT with no body says why not."""
+    from XctDiffCore.io import inspect_path, write_volume
+    from XctDiffCore.volume import Volume
+
+    n, z, pixel = 256, 120, 1.25
+    centre = (n - 1) / 2
+    y, x = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    axial = np.full((n, n), -1000.0, np.float32)
+    inside = ((y - centre) * pixel / 115.0) ** 2 + ((x - centre) * pixel / 150.0) ** 2 <= 1
+    axial[inside] = 40.0
+    axial[inside & ((((y - centre) * pixel / 80.0) ** 2 + ((np.abs(x - centre) * pixel - 75.0) / 45.0) ** 2) <= 1)] = -850.0
+    chest = Volume(np.repeat(axial[None], z, axis=0).astype(np.int16), (pixel, pixel, 2.0), (-160.0, -160.0, -120.0))
+    facts = inspect_path(write_volume(chest, tmp_path / "earlier.nii.gz"))
+    diameter = float(facts["ap_diameter"].split(" mm")[0])
+    assert abs(diameter - 230.0) <= SPACING, facts["ap_diameter"]
+    assert "--ap-diameter" in facts["ap_diameter"]
+    air = Volume(np.full((40, 40, 40), -1000, np.int16), (2.5, 2.5, 2.5))
+    assert inspect_path(write_volume(air, tmp_path / "air.nrrd"))["ap_diameter"].startswith("not measured (no body found")

@@ -419,7 +419,8 @@ def test_inspect_cli_prints_one_fact_per_line():
     assert result.returncode == 0, result.stderr
     facts = dict(line.split(": ", 1) for line in result.stdout.splitlines())
     assert facts["kind"] == "ct" and facts["spacing"] == "2.5 2.5 2.5 mm (x, y, z)"
-    assert set(facts) == {"path", "kind", "shape", "dtype", "spacing", "origin", "direction", "hu_range"}
+    assert set(facts) == {"path", "kind", "shape", "dtype", "spacing", "origin", "direction", "hu_range", "ap_diameter"}
+    assert facts["ap_diameter"].startswith("232 mm (")  # LIDC-IDRI-0001, sternum to back at mid-chest
 
 
 # ------------------------------------------------------------------------------ failed writes (disk full)
