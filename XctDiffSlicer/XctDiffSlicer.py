@@ -101,6 +101,7 @@ class XctDiffSlicerParameterNode:
     precision: Annotated[str, Choice(["auto", "fp32", "bf16"])] = "auto"
     coarse: Annotated[str, Choice(["auto", "off"])] = "auto"
     apDiameter: Annotated[float, WithinRange(0.0, 300.0)] = 0.0
+    apDiameterCt: vtkMRMLScalarVolumeNode
     uncertaintyOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     consistency: str = ""
 
@@ -117,6 +118,7 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._deviceInfo = None
         self._dependenciesChecked = False
         self._diameterInput = None  # the ID of the radiograph node the AP diameter was given for
+        self._diameterCt = None  # the ID of the CT node the AP diameter was last measured on
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onTimer)
@@ -205,9 +207,16 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.consistencyLabel.text = node.consistency or "-"
         inputId = node.inputVolume.GetID() if node.inputVolume is not None else None
         if inputId != self._diameterInput:  # a diameter is one patient's: another film forgets it
-            if self._diameterInput is not None and node.apDiameter:
+            forget, self._diameterInput = self._diameterInput is not None, inputId
+            if forget and node.apDiameterCt is not None:
+                node.apDiameterCt = None
+            if forget and node.apDiameter:
                 node.apDiameter = 0.0
-            self._diameterInput = inputId
+        ctId = node.apDiameterCt.GetID() if node.apDiameterCt is not None else None
+        if ctId != self._diameterCt:  # an earlier CT chosen: its diameter fills in the field
+            self._diameterCt = ctId
+            if node.apDiameterCt is not None:
+                self._measureDiameter(node.apDiameterCt)
         if node.outputVolume is not None and node.uncertaintyVolume is not None:
             mrml_bridge.set_foreground_opacity(self.logic.sliceLogics(), node.uncertaintyOpacity)
 
@@ -216,6 +225,22 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return choose_model(node.modelFolder if node.modelSource == "folder" else None)
 
     # -- actions ---------------------------------------------------------------------------------
+
+    def _measureDiameter(self, ctNode) -> None:
+        """The AP diameter of an earlier CT of the patient, as the engine measures it, into the field."""
+        try:
+            self._ensureDependencies()
+            with slicer.util.WaitCursor():
+                self._parameterNode.apDiameter = mrml_bridge.ap_diameter_of_node(ctNode)
+        except XctDiffError as exc:
+            slicer.util.errorDisplay(str(exc))
+
+    def _ensureDependencies(self) -> None:
+        """The engine's Python packages (asked once per session; installing them needs the user's consent)."""
+        if not self._dependenciesChecked:
+            with slicer.util.WaitCursor():
+                dependencies.ensure_dependencies(slicer.util.confirmOkCancelDisplay, slicer.util.pip_install)
+            self._dependenciesChecked = True
 
     def onLoadRadiograph(self) -> None:
         path = qt.QFileDialog.getOpenFileName(
@@ -239,10 +264,7 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         node = self._parameterNode
         try:
-            if not self._dependenciesChecked:
-                with slicer.util.WaitCursor():
-                    dependencies.ensure_dependencies(slicer.util.confirmOkCancelDisplay, slicer.util.pip_install)
-                self._dependenciesChecked = True
+            self._ensureDependencies()
             options = ReconstructionOptions(
                 steps=node.steps or None,
                 samples=node.samples,

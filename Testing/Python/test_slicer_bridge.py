@@ -73,6 +73,22 @@ def test_sample_ct_lies_anatomically_right_in_ras(bridge, scene):
     assert (lung & (r > spine_r)).sum() > 1.03 * (lung & (r < spine_r)).sum()
 
 
+def test_an_earlier_ct_node_gives_the_ap_diameter_or_one_sentence(bridge, scene):
+    """The panel's "AP diameter from CT": the sample CT's node measures as `xctdiff inspect` does (232 mm); air,
+    or a body too thin to be a chest, is one sentence naming the node."""
+    from XctDiffCore.io import read_ct
+
+    assert bridge.ap_diameter_of_node(bridge.volume_to_node(scene, read_ct(SAMPLE_CT), name="earlier CT")) == 232.0
+    with pytest.raises(XctDiffError, match="no body found"):
+        bridge.ap_diameter_of_node(bridge.volume_to_node(scene, Volume(np.full((40, 40, 40), -1000, np.int16), (2.5,) * 3)))
+    tube = np.full((60, 60, 60), -1000, np.int16)
+    tube[:, 25:35, 10:50] = 40  # 25 mm front to back
+    with pytest.raises(XctDiffError, match="^tube: its AP diameter measures 25 mm, outside a chest's 100-300 mm$"):
+        bridge.ap_diameter_of_node(bridge.volume_to_node(scene, Volume(tube, (2.5,) * 3), name="tube"))
+    with pytest.raises(XctDiffError, match="choose a CT"):
+        bridge.ap_diameter_of_node(None)
+
+
 # --- radiographs ----------------------------------------------------------------------------------
 
 
