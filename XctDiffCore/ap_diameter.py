@@ -72,12 +72,20 @@ def fit_ap_diameter(ct_hu: np.ndarray, diameter_mm: float, spacing_mm: float, ro
     return stretched, before
 
 
-def ct_ap_diameter(volume) -> Optional[float]:
-    """The AP diameter (mm) of a CT as read (:class:`~XctDiffCore.volume.Volume`), on the engine's prepared grid
-    (2.5 mm, lung-centred): the number to give ``--ap-diameter`` when an earlier CT of the patient is at hand.
-    None where no body crosses the mid-chest midline; a CT the preprocessing refuses raises its error."""
+def ct_ap_diameter(volume) -> float:
+    """The AP diameter (mm, whole) of a CT as read (:class:`~XctDiffCore.volume.Volume`), on the engine's prepared
+    grid (2.5 mm, lung-centred): the number to give ``--ap-diameter`` when an earlier CT of the patient is at hand.
+    A one-sentence :class:`~XctDiffCore.errors.XctDiffError` where the preprocessing refuses the CT, no body crosses
+    the mid-chest midline, or the diameter is not a chest's (outside :data:`~XctDiffCore.options.AP_DIAMETER_MM`)."""
+    from .errors import XctDiffError
+    from .options import AP_DIAMETER_MM
     from .preprocess import preprocess_ct
 
     prepared = preprocess_ct(volume)
     measured = measure_ap_diameter(prepared.array.astype(np.float32), float(prepared.spacing[0]))
-    return None if measured is None else measured[0]
+    if measured is None:
+        raise XctDiffError("no body crosses the mid-chest midline, so no AP diameter can be measured")
+    diameter, (low, high) = float(round(measured[0])), AP_DIAMETER_MM
+    if not low <= diameter <= high:
+        raise XctDiffError(f"the AP diameter measures {diameter:.0f} mm, outside a chest's {low:g}-{high:g} mm")
+    return diameter

@@ -744,12 +744,9 @@ def _ap_diameter_fact(volume) -> str:
     from .ap_diameter import ct_ap_diameter
 
     try:
-        diameter = ct_ap_diameter(volume)
+        return f"{ct_ap_diameter(volume):.0f} mm (mid-chest, midline, the body without the table: the value for --ap-diameter)"
     except XctDiffError as error:
         return f"not measured ({error})"
-    if diameter is None:
-        return "not measured (no body crosses the mid-chest midline)"
-    return f"{diameter:.0f} mm (mid-chest, midline, the body without the table: the value for --ap-diameter)"
 
 
 def _snake(keyword: str) -> str:

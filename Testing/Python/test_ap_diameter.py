@@ -164,3 +164,6 @@ def test_inspect_measures_an_earlier_ct_on_the_engines_grid(tmp_path):
     assert "--ap-diameter" in facts["ap_diameter"]
     air = Volume(np.full((40, 40, 40), -1000, np.int16), (2.5, 2.5, 2.5))
     assert inspect_path(write_volume(air, tmp_path / "air.nrrd"))["ap_diameter"].startswith("not measured (no body found")
+    block = Volume(np.full((20, 20, 20), 40, np.int16), (0.7, 0.7, 5.0))  # 14 mm deep: no chest
+    assert inspect_path(write_volume(block, tmp_path / "block.nii.gz"))["ap_diameter"] == (
+        "not measured (the AP diameter measures 15 mm, outside a chest's 100-300 mm)")

@@ -83,7 +83,7 @@ def test_an_earlier_ct_node_gives_the_ap_diameter_or_one_sentence(bridge, scene)
         bridge.ap_diameter_of_node(bridge.volume_to_node(scene, Volume(np.full((40, 40, 40), -1000, np.int16), (2.5,) * 3)))
     tube = np.full((60, 60, 60), -1000, np.int16)
     tube[:, 25:35, 10:50] = 40  # 25 mm front to back
-    with pytest.raises(XctDiffError, match="^tube: its AP diameter measures 25 mm, outside a chest's 100-300 mm$"):
+    with pytest.raises(XctDiffError, match="^tube: the AP diameter measures 25 mm, outside a chest's 100-300 mm$"):
         bridge.ap_diameter_of_node(bridge.volume_to_node(scene, Volume(tube, (2.5,) * 3), name="tube"))
     with pytest.raises(XctDiffError, match="choose a CT"):
         bridge.ap_diameter_of_node(None)

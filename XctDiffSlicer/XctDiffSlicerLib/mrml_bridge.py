@@ -126,17 +126,13 @@ def ap_diameter_of_node(node) -> float:
     whose depth the reconstruction should have); a one-sentence :class:`XctDiffError` when it cannot be
     measured or is not a chest's (outside 100-300 mm)."""
     from XctDiffCore.ap_diameter import ct_ap_diameter
-    from XctDiffCore.options import AP_DIAMETER_MM
 
     if node is None or node.GetImageData() is None:
         raise XctDiffError("choose a CT volume to measure the AP diameter on")
-    diameter = ct_ap_diameter(node_to_volume(node))
-    if diameter is None:
-        raise XctDiffError(f"{node.GetName()}: no body crosses the mid-chest midline, so no AP diameter can be measured")
-    low, high = AP_DIAMETER_MM
-    if not low <= round(diameter) <= high:
-        raise XctDiffError(f"{node.GetName()}: its AP diameter measures {diameter:.0f} mm, outside a chest's {low:g}-{high:g} mm")
-    return float(round(diameter))
+    try:
+        return ct_ap_diameter(node_to_volume(node))
+    except XctDiffError as error:
+        raise XctDiffError(f"{node.GetName()}: {error}") from None
 
 
 def read_volume_file(scene, path, node=None, name: str = "XctDiff CT"):
