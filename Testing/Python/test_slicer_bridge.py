@@ -75,7 +75,7 @@ def test_sample_ct_lies_anatomically_right_in_ras(bridge, scene):
 
 def test_an_earlier_ct_node_gives_the_ap_diameter_or_one_sentence(bridge, scene):
     """The panel's "AP diameter from CT": the sample CT's node measures as `xctdiff inspect` does (232 mm); air,
-    or a body too thin to be a chest, is one sentence naming the node."""
+    a body too thin to be a chest, or the radiograph itself, is one sentence naming the node."""
     from XctDiffCore.io import read_ct
 
     assert bridge.ap_diameter_of_node(bridge.volume_to_node(scene, read_ct(SAMPLE_CT), name="earlier CT")) == 232.0
@@ -87,6 +87,9 @@ def test_an_earlier_ct_node_gives_the_ap_diameter_or_one_sentence(bridge, scene)
         bridge.ap_diameter_of_node(bridge.volume_to_node(scene, Volume(tube, (2.5,) * 3), name="tube"))
     with pytest.raises(XctDiffError, match="choose a CT"):
         bridge.ap_diameter_of_node(None)
+    film = bridge.load_radiograph(scene, SAMPLE_RADIOGRAPH)
+    with pytest.raises(XctDiffError, match="a single-slice image .* not a CT volume"):
+        bridge.ap_diameter_of_node(film)
 
 
 # --- radiographs ----------------------------------------------------------------------------------
