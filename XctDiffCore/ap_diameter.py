@@ -1,8 +1,8 @@
 """The chest's front-to-back (AP) diameter: what a frontal film does not say, when the user knows it.
 
 A frontal film fixes the chest's outline in its own plane, not how deep the chest is: a model can only
-reconstruct the typical depth of the chests it learnt from, and on an unseen patient the direct path's
-body is as deep as the training patients' are on average (Docs/RESULTS.md, "How deep is the chest?").
+reconstruct about the typical depth of the chests it learnt from, and on an unseen patient the direct path's
+body is shrunk towards the training patients' average depth (Docs/RESULTS.md, "How deep is the chest?").
 Where the diameter is known (a caliper, a lateral film, an earlier CT), the reconstruction is stretched
 along AP about the body's centre until its own diameter, measured the same way, is that one.
 

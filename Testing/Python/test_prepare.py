@@ -118,6 +118,11 @@ def test_the_shared_split_holds_four_whole_chests_and_says_why():
     assert validation == sorted(ids) and training == ["lidc_idri_0001", "other"]
 
 
+def test_the_second_fold_holds_out_five_other_whole_chests():
+    first, second = read_split("shared_whole_chest"), read_split("shared_whole_chest_fold2")
+    assert len(second) == 5 and not set(first) & set(second) and "lidc_idri_0001" in second
+
+
 def test_split_files_and_their_errors(tmp_path):
     path = tmp_path / "split.json"
     path.write_text(json.dumps({"validation": ["b"], "description": "why"}))
