@@ -75,12 +75,15 @@ def fit_ap_diameter(ct_hu: np.ndarray, diameter_mm: float, spacing_mm: float, ro
 def ct_ap_diameter(volume) -> float:
     """The AP diameter (mm, whole) of a CT as read (:class:`~XctDiffCore.volume.Volume`), on the engine's prepared
     grid (2.5 mm, lung-centred): the number to give ``--ap-diameter`` when an earlier CT of the patient is at hand.
-    A one-sentence :class:`~XctDiffCore.errors.XctDiffError` where the preprocessing refuses the CT, no body crosses
-    the mid-chest midline, or the diameter is not a chest's (outside :data:`~XctDiffCore.options.AP_DIAMETER_MM`)."""
+    A one-sentence :class:`~XctDiffCore.errors.XctDiffError` where it is a single slice, the preprocessing refuses it,
+    no body crosses the mid-chest midline, or the diameter is not a chest's (outside
+    :data:`~XctDiffCore.options.AP_DIAMETER_MM`)."""
     from .errors import XctDiffError
     from .options import AP_DIAMETER_MM
     from .preprocess import preprocess_ct
 
+    if min(volume.shape) < 2:
+        raise XctDiffError("a single-slice image (a radiograph?), not a CT volume to measure")
     prepared = preprocess_ct(volume)
     measured = measure_ap_diameter(prepared.array.astype(np.float32), float(prepared.spacing[0]))
     if measured is None:

@@ -129,8 +129,6 @@ def ap_diameter_of_node(node) -> float:
 
     if node is None or node.GetImageData() is None:
         raise XctDiffError("choose a CT volume to measure the AP diameter on")
-    if min(node.GetImageData().GetDimensions()) < 2:
-        raise XctDiffError(f"{node.GetName()}: a single-slice image (a radiograph?), not a CT volume to measure")
     try:
         return ct_ap_diameter(node_to_volume(node))
     except XctDiffError as error:
