@@ -51,6 +51,46 @@ def check_output_folder(path, parents: bool = False) -> Path:
     return path
 
 
+def make_output_folder(path, parents: bool = True) -> Path:
+    """Create an output folder (and, with ``parents``, the folders above it), or fail with one line that says why."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=parents, exist_ok=True)
+    except OSError as exc:
+        reason = "a file of that name is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) \
+            else exc.strerror or exc
+        raise XctDiffError(f"cannot make the output folder {path}: {reason}") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise XctDiffError(f"output folder is not writable: {path}")
+    return path
+
+
+class FolderSnapshot:
+    """The folders at and below an output path before a command runs, so that a failed run can take back
+    the empty folders it made (``prepare``'s ``images/``, a batch's sub-folders, ``--out`` itself) and leave
+    the disk as it found it. Files are never removed: whatever a run wrote whole stays."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        missing = []
+        for folder in (self.path, *self.path.parents):
+            if folder.exists():
+                break
+            missing.append(folder)
+        self.missing = missing  # deepest first: folders a run may create above and at the path
+        self.before = {Path(root) for root, _, _ in os.walk(self.path)} if self.path.is_dir() else set()
+
+    def remove_new_empty_folders(self) -> None:
+        if self.path.is_dir():
+            for root, _, _ in os.walk(self.path, topdown=False):
+                if Path(root) not in self.before:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(root)  # only when empty
+        for folder in self.missing:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
 def file_identity(path) -> tuple:
     """Equal for two paths that name one file: (device, inode) of an existing file (links included),
     else the resolved path (two outputs not written yet)."""
@@ -88,7 +128,7 @@ def atomic_path(path):
         with contextlib.suppress(OSError):  # the rename itself on disk; not every file system syncs folders
             _fsync(path.parent)
     except OSError as exc:
-        raise XctDiffError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise XctDiffError(f"cannot write {path}: {_os_reason(exc)}") from exc
     finally:
         if tmp is not None and tmp.exists():
             tmp.unlink()
@@ -143,11 +183,20 @@ def atomic_folder(path, replaceable):
         if old is not None and not path.exists():  # the swap failed half way: the earlier folder goes back
             with contextlib.suppress(OSError):
                 os.replace(old / path.name, path)
-        raise XctDiffError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise XctDiffError(f"cannot write {path}: {_os_reason(exc)}") from exc
     finally:
         for folder in (tmp, old):
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def _os_reason(exc: OSError) -> str:
+    """Why a write failed, in one line: the system's words, else the first line of a library's message
+    (pydicom puts the whole traceback of a full disk into its exception's text)."""
+    if exc.strerror:
+        return exc.strerror
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 def _fsync(path: Path) -> None:

@@ -6,7 +6,10 @@ evaluation never imports the training package.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
+
+import numpy as np
 
 from .errors import XctDiffError
 
@@ -20,7 +23,10 @@ def read_datalist(path, section: str) -> list[dict]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise XctDiffError(f"{path} is not valid JSON: {exc}") from None
-    entries = data.get(section, [])
+    entries = data.get(section, []) if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise XctDiffError(f"{path} is not a datalist of `xctdiff prepare` (expected an object whose {section!r} "
+                           "is a list of entries)")
     items = []
     for entry in entries:
         if "image" not in entry or "xray" not in entry:
@@ -42,3 +48,28 @@ def datalist_geometry(path) -> str:
     except (OSError, ValueError, AttributeError):
         return "cone"
     return str(settings.get("geometry", "cone")) if isinstance(settings, dict) else "cone"
+
+
+def load_entry_ct(path) -> np.ndarray:
+    """The HU cube of a datalist entry's ``image`` (``.npz`` with ``ct``), or one line naming the file."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return npz["ct"]
+    except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as exc:
+        raise XctDiffError(f"cannot read the datalist's CT {path}: {_reason(exc)}") from None
+
+
+def load_entry_xray(path) -> np.ndarray:
+    """The DRR of a datalist entry's ``xray`` (``.npy``), or one line naming the file."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise XctDiffError(f"cannot read the datalist's radiograph {path}: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such file (was the data set moved without its datalist?)"
+    if isinstance(exc, KeyError):
+        return "no 'ct' array in it"
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]

@@ -165,6 +165,16 @@ def detector_pixel_mm(geometry: Geometry, size: int, volume_extent_mm: float) ->
 DRR_FILE_SUFFIXES = (".png", ".nrrd")
 
 
+#: The DRR sides ``xctdiff drr`` and its benchmark take, in pixels.
+DRR_SIZES = (16, 2048)
+
+
+def check_drr_size(size: int) -> int:
+    if not DRR_SIZES[0] <= size <= DRR_SIZES[1]:
+        raise XctDiffError(f"DRR size must be between {DRR_SIZES[0]} and {DRR_SIZES[1]} pixels, got {size}")
+    return size
+
+
 def write_drr_file(ct_path, out_path, geometry: str = "cone", size: int = 128) -> Path:
     """Read a CT, preprocess it (canonical 2.5 mm grid), render its DRR and write it tagged as a DRR.
 
@@ -181,8 +191,7 @@ def write_drr_file(ct_path, out_path, geometry: str = "cone", size: int = 128) -
     suffix = full_suffix(out_path).lower()
     if suffix not in DRR_FILE_SUFFIXES:
         raise XctDiffError(f"cannot write a DRR as '{suffix or out_path.name}': use .png or .nrrd")
-    if not 16 <= size <= 2048:
-        raise XctDiffError(f"DRR size must be between 16 and 2048 pixels, got {size}")
+    check_drr_size(size)
     geom = make_geometry(geometry)
     ct = preprocess_ct(read_ct(ct_path))
     image = drr_of_volume(ct, geom, size)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -94,6 +95,7 @@ def _one_line(exc: BaseException) -> str:
     """The last informative line of a library message (SimpleITK's run over several lines)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = lines[-1].removeprefix("sitk::ERROR: ") if lines else type(exc).__name__
+    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "(its pixel data)", text)  # Pillow names its buffer
     return text if len(text) <= 200 else text[:197] + "..."
 
 
@@ -134,6 +136,8 @@ def _check_input(path, allow_folder: bool) -> Path:
         if not allow_folder:
             raise XctDiffError(f"expected a radiograph file, got a folder: {path}")
         return path
+    if not path.is_file():
+        raise XctDiffError(f"not a regular file (a pipe or a device?): {path}")
     if path.stat().st_size == 0:
         raise XctDiffError(f"file is empty: {path}")
     return path
@@ -223,6 +227,36 @@ def _check_sitk_header(path: Path, suffix: str) -> None:
         _check_nrrd_header(path)
     elif suffix in (".mhd", ".mha"):
         _check_metaimage_data_file(path)
+    elif suffix in (".nii", ".nii.gz") and _nifti_has_nonfinite(path):
+        raise XctDiffError(f"{path} contains NaN or infinite voxel values")
+
+
+#: NIfTI-1 floating-point data types: code -> numpy type.
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_has_nonfinite(path: Path) -> bool:
+    """NaN or Inf among a floating-point NIfTI's voxels. Checked on the raw bytes because ITK's NIfTI reader
+    turns them into 0 (water) on the way in, so a check of what it returns would pass a broken volume."""
+    import gzip
+    import struct
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(348)
+            if len(header) < 348:
+                return False  # ITK says what is wrong with it
+            order = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+            datatype = struct.unpack(order + "h", header[70:72])[0]
+            if datatype not in _NIFTI_FLOATS:
+                return False
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            f.read(max(offset - 348, 0))
+            data = np.frombuffer(f.read(), dtype=np.dtype(order + _NIFTI_FLOATS[datatype]))
+    except (OSError, EOFError, ValueError, struct.error):
+        return False  # a broken file: the reader itself refuses it, in its words
+    return not bool(np.all(np.isfinite(data)))
 
 
 def check_radiograph_size(rows: int, cols: int, source: str = "image") -> None:
@@ -345,10 +379,24 @@ def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> V
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     with _library_errors(path, "a DICOM series"), _itk_quiet():
-        image = reader.Execute()
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            if "does not fully contain the requested region" in str(exc):  # ITK's words for slices of two sizes
+                raise XctDiffError(f"the slices of the DICOM series in {folder} differ in size: not one CT volume") from None
+            raise
         positions = np.array(
             [[float(v) for v in reader.GetMetaData(n, "0020|0032").split("\\")] for n in range(len(files))]
         )
+        pixel_spacing = reader.GetMetaData(0, "0028|0030") if reader.HasMetaDataKey(0, "0028|0030") else ""
+    try:
+        in_plane = [float(v) for v in pixel_spacing.split("\\")]
+    except ValueError:
+        in_plane = []
+    if len(in_plane) != 2 or not all(np.isfinite(v) and v > 0 for v in in_plane):
+        # ITK would read the slices as 1 mm pixels: a CT at the wrong scale, without a word.
+        raise XctDiffError(f"the DICOM series in {folder} has no usable Pixel Spacing (0028,0030)"
+                           f"{f' ({pixel_spacing.strip()})' if pixel_spacing.strip() else ''}: its scale is unknown")
     normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
     gaps = np.diff(positions @ normal)
     if not np.all(np.isfinite(gaps)) or abs(np.median(gaps)) < MIN_SLICE_GAP_MM:
@@ -379,6 +427,9 @@ def _read_npz(path: Path) -> Volume:
         return Volume(arrays["ct"], arrays["spacing"], arrays["origin"], arrays.get("direction", np.eye(3)))
     except XctDiffError as exc:
         raise XctDiffError(f"{exc} ({path})") from exc
+    except (ValueError, TypeError) as exc:  # e.g. a spacing of strings
+        raise XctDiffError(f"{path} is not a CT .npz file: its spacing, origin or direction are not numbers "
+                           f"({_one_line(exc)})") from None
 
 
 def write_volume(volume: Volume, path) -> Path:

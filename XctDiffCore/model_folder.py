@@ -240,6 +240,11 @@ def _load_weights(network: nn.Module, stage: str, path: Path, data: bytes) -> nn
         state = load(data)
     except (SafetensorError, OSError, ValueError) as exc:
         raise XctDiffError(f"cannot read the {stage} weights {path}: {_first_line(exc)}") from None
+    broken = next((name for name, tensor in state.items()
+                   if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
+    if broken is not None:  # a diverged run exported as it was: it would write a CT of zeros, without a word
+        raise XctDiffError(f"the {stage} weights in {path} hold NaN or infinite values ({broken}): "
+                           "the training run that made them diverged")
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -513,13 +518,13 @@ def save_model_folder(
     come from ``config``. ``extra``: further manifest entries (training data, metrics). The manifest is
     written last, so a folder without one is an unfinished export.
     """
-    from .atomic import atomic_path
+    from .atomic import atomic_path, make_output_folder
 
     out_dir = Path(out_dir)
     missing = [s for s in required if s not in networks]
     if missing:
         raise XctDiffError(f"cannot export a model without the {', '.join(missing)} stage(s)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out_dir)
     settings = settings or stage_configs(config)
     stages = {s: export_stage(networks[s], s, settings[s], out_dir, dtype=dtype) for s in REQUIRED_STAGES if s in networks}
     if networks.get("style") is not None:

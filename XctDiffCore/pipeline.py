@@ -499,6 +499,9 @@ class XctDiffPipeline:
                 if timer is not None:
                     timer.lap("guidance")
             hu = model_layout_to_ct(hu_model[0, 0]).cpu().numpy().astype(np.float64)  # [z, y, x]
+            if not np.all(np.isfinite(hu)):  # finite weights overflowing (fp16 on a GPU, a model pushed too far)
+                raise XctDiffError("the networks produced NaN or infinite values for this film: the CT would be "
+                                   "meaningless (try --precision fp32)")
             if mean is None:
                 mean, m2 = np.zeros_like(hu), np.zeros_like(hu)
             delta = hu - mean

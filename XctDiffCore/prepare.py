@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_path, make_output_folder
 from .ct_search import CtInput, describe_ignored, find_ct_inputs
 from .errors import XctDiffError
 from .volume import Volume
@@ -141,6 +141,8 @@ def prepare_dataset(
         raise XctDiffError(f"--size must be between 16 and 512, got {size}")
     if workers < 0:
         raise XctDiffError(f"--workers must be 0 (one per core) or more, got {workers}")
+    if seed < 0:
+        raise XctDiffError(f"--seed must be 0 or more, got {seed}")
     report = report or (lambda line: print(line, file=sys.stderr, flush=True))
     geom = make_geometry(geometry)
     ignored = []
@@ -159,7 +161,7 @@ def prepare_dataset(
     check_mix_request(mix, len(mix_patients), away_range=mix_away)
     out_dir = Path(out_dir)
     for folder in (out_dir, out_dir / "images", out_dir / "xrays"):
-        folder.mkdir(parents=True, exist_ok=True)
+        make_output_folder(folder)
 
     jobs = [_CtJob(c, augment, seed, size, geometry, out_dir, c.patient in mix_patients) for c in cts]
     entries, to_mix, left_out = {}, {}, []

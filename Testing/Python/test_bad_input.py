@@ -2,8 +2,10 @@
 as a single `error: ...` line on stderr with exit status 2 and no traceback."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,6 +103,18 @@ def outside_file(d, size):
     return path
 
 
+def write_nifti(path, array_zyx):
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.asarray(array_zyx, np.float32)), str(path))
+    return path
+
+
+def write_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
 def small_ct():
     return synthetic_chest((8, 40, 40)).astype(np.int16)
 
@@ -134,6 +148,13 @@ CASES = {
         "spacing must be positive",
     ),
     "negative spacing": (lambda d: write_nrrd(d / "neg.nrrd", small_ct(), spacings=[1.0, -2.0, 1.0]), "ct", "spacing must be positive"),
+    # ITK's NIfTI reader turns NaN and Inf into 0 (water): checked on the file's own bytes.
+    "NaN voxels in NIfTI": (lambda d: write_nifti(d / "nan_ct.nii.gz", np.where(small_ct() > 0, np.nan, 0)), "ct", "NaN"),
+    "Inf pixels in NIfTI": (lambda d: write_nifti(d / "inf.nii", np.where(np.eye(64) > 0, np.inf, 1.0)), "radiograph",
+                            "infinite"),
+    "CT .npz with text spacing": (lambda d: write_npz(d / "ct.npz", ct=small_ct(), spacing=np.array(["a", "b", "c"]),
+                                                      origin=np.zeros(3)), "ct", "not numbers"),
+    "a device, not a file": (lambda d: Path(os.devnull), "radiograph", "not a regular file"),
     # Sizes that the square padding of the preprocessing would blow up (32 x 100000: 40 GB), refused from the
     # header. Just over the limit here: without the check they would cost 0.4 GB, not 40.
     "strip PNG": (
@@ -342,3 +363,107 @@ def test_a_film_much_longer_than_wide_is_refused_before_the_padding():
 
     with pytest.raises(XctDiffError, match="40x400 pixels: a chest film is not more than 4 times longer than wide"):
         preprocess_radiograph(np.random.default_rng(0).random((40, 400)))
+
+
+# ------------------------------------------------------------------------------- what a failed run leaves
+
+
+def run_cli(*args, cwd=REPO):
+    """The ``xctdiff`` program in a child process: (exit status, stderr lines)."""
+    result = subprocess.run([sys.executable, "-m", "XctDiffCore", *map(str, args)], cwd=cwd, capture_output=True,
+                            text=True, encoding="utf-8", errors="replace", timeout=120)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def test_a_bad_option_value_is_one_error_line():
+    """argparse's own refusals too: no usage block above the line."""
+    status, lines = run_cli("reconstruct", "film.png", "--steps", "many")
+    assert status == 2 and lines == ["error: argument --steps: invalid int value: 'many' (see `xctdiff reconstruct --help`)"]
+
+
+def test_a_failed_run_takes_back_the_folders_it_made(tmp_path, capsys):
+    """`prepare` makes --out, images/ and xrays/ before it reads the CTs; when none can be read, they go again."""
+    from XctDiffCore.commands.cli import main
+
+    junk = write_bytes(tmp_path / "ct.nrrd", b"not a CT\n")
+    assert main(["prepare", str(junk), "--out", str(tmp_path / "new" / "data")]) == 2
+    assert "none of the 1 CTs could be read" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nrrd"]
+    kept = tmp_path / "kept"  # an existing folder and what was in it stay
+    (kept / "mine").mkdir(parents=True)
+    assert main(["prepare", str(junk), "--out", str(kept)]) == 2
+    assert sorted(p.name for p in kept.iterdir()) == ["mine"]
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    from XctDiffCore.commands.cli import main
+
+    film = write_png(tmp_path / "film.png", np.full((64, 64), 9, np.uint8))
+    assert main(["prepare", str(SAMPLE_CT), "--out", str(film / "data")]) == 2
+    assert capsys.readouterr().err == f"error: cannot make the output folder {film / 'data'}: a file of that name is in the way\n"
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short", b"json"], ids=["empty", "truncated", "foreign"])
+def test_a_broken_checkpoint_is_one_line(tmp_path, capsys, content):
+    """`export` or `evaluate-autoencoder --run` of a run whose checkpoint is empty, cut short or another file."""
+    import torch
+
+    from XctDiffCore.commands.cli import main
+
+    path = tmp_path / "run" / "autoencoder" / "checkpoint.pt"
+    path.parent.mkdir(parents=True)
+    if content == b"json":
+        torch.save({"weights": torch.zeros(2)}, path)  # a torch file, not a checkpoint of `xctdiff train`
+    else:
+        path.write_bytes(content)
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "model")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err
+    assert ("not a checkpoint of `xctdiff train`" if content == b"json" else "cannot read the checkpoint") in err
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_datalist_that_is_not_one_is_one_sentence(tmp_path):
+    from XctDiffCore.datalist import load_entry_ct, load_entry_xray, read_datalist
+
+    (tmp_path / "list.json").write_text("[1, 2, 3]")
+    with pytest.raises(XctDiffError, match="is not a datalist of `xctdiff prepare`"):
+        read_datalist(tmp_path / "list.json", "validation")
+    with pytest.raises(XctDiffError, match="no such file .was the data set moved"):
+        load_entry_ct(tmp_path / "gone.npz")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
+    with pytest.raises(XctDiffError, match="cannot read the datalist's radiograph .*objects.npy"):
+        load_entry_xray(tmp_path / "objects.npy")
+    np.savez(tmp_path / "no_ct.npz", drr=np.zeros(3))
+    with pytest.raises(XctDiffError, match="no 'ct' array in it"):
+        load_entry_ct(tmp_path / "no_ct.npz")
+
+
+def test_weights_with_nan_are_refused_on_loading(tmp_path):
+    """A diverged run, exported with correct SHA-256s, would write a CT of zeros and exit 0."""
+    import torch
+    from safetensors.torch import save
+
+    from XctDiffCore.model_folder import _load_weights
+
+    network = torch.nn.Linear(2, 2)
+    state = {k: v.clone() for k, v in network.state_dict().items()}
+    state["bias"][0] = float("nan")
+    with pytest.raises(XctDiffError, match=r"the encoder weights in enc.safetensors hold NaN or infinite values \(bias\)"):
+        _load_weights(network, "encoder", Path("enc.safetensors"), save(state))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["benchmark", "drr", "--batch", "0"], "--batch must be between 1 and 64 volumes, got 0"),
+    (["benchmark", "drr", "--size", "100000"], "DRR size must be between 16 and 2048 pixels, got 100000"),
+    (["standby", "--job-file", "JOB", "--idle-minutes", "nan"], "--idle-minutes must be a positive number of minutes"),
+    (["standby", "--job-file", ".", "--idle-minutes", "1"], "--job-file names a folder"),
+], ids=["batch 0", "DRR size", "idle NaN", "job file a folder"])
+def test_benchmark_and_standby_settings_are_checked(tmp_path, capsys, args, words):
+    from XctDiffCore.commands.cli import main
+
+    args = [str(tmp_path / "job.json") if a == "JOB" else str(tmp_path) if a == "." else a for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and words in err

@@ -156,6 +156,41 @@ def test_dicom_series_whose_slices_share_one_position_is_refused(tmp_path):
         read_ct(tmp_path)
 
 
+@pytest.mark.parametrize("spacing", ["0\\0", None], ids=["zero", "missing"])
+def test_dicom_series_without_pixel_spacing_is_refused(tmp_path, spacing):
+    """ITK would read the slices as 1 mm pixels: a CT at the wrong scale, without a word."""
+    import pydicom
+
+    write_dicom_series(Volume(synthetic_chest((6, 40, 48)).astype(np.int16), spacing=(0.7, 0.8, 2.0)), tmp_path)
+    for path in tmp_path.glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        if spacing is None:
+            del ds.PixelSpacing
+        else:
+            ds.PixelSpacing = spacing.split("\\")
+        ds.save_as(path)
+    with pytest.raises(XctDiffError, match=r"no usable Pixel Spacing \(0028,0030\).*scale is unknown"):
+        read_ct(tmp_path)
+
+
+def test_dicom_series_of_two_slice_sizes_is_one_sentence(tmp_path):
+    import SimpleITK as sitk
+
+    write_dicom_series(Volume(synthetic_chest((6, 40, 48)).astype(np.int16), spacing=(0.7, 0.8, 2.0)), tmp_path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(tmp_path / "slice003.dcm"))
+    plane = reader.Execute()
+    smaller = plane[:30, :20]  # the same tags, fewer pixels
+    for key in plane.GetMetaDataKeys():
+        smaller.SetMetaData(key, plane.GetMetaData(key))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(tmp_path / "slice003.dcm"))
+    writer.Execute(smaller)
+    with pytest.raises(XctDiffError, match="slices of the DICOM series .* differ in size"):
+        read_ct(tmp_path)
+
+
 # -------------------------------------------------------------------------------------- radiographs
 
 

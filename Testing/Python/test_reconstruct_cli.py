@@ -582,7 +582,7 @@ def film_png(folder):
                     ["-o", d / "ct.nrrd", "--samples", 2, "--uncertainty", d / ".." / d.name / "ct.nrrd"]),
          "the outputs {d}/ct.nrrd and {d}/../{d.name}/ct.nrrd are the same file"),
         (lambda d: (shutil.copy(SAMPLE_RADIOGRAPH, d / "film.dcm") and d, ["-o", d]),  # an earlier film_ct.nrrd is there
-         "the output {d}/film_ct.nrrd is the input"),
+         "the output folder {d} is the input folder: give another one (default {d.name}_ct)"),
     ],
     ids=["-o is the input", "--views is the input", "--uncertainty is -o", "folder: an output is an input"],
 )

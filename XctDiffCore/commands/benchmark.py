@@ -73,11 +73,18 @@ def time_callable(fn: Callable[[], object], device: torch.device, repeats: int, 
     return seconds
 
 
+#: Volumes of 128^3 float32 (8 MiB each) one timed DRR call may render.
+MAX_DRR_BATCH = 64
+
+
 def benchmark_drr(device: str = "cpu", size: int = 128, geometry: str = "cone", repeats: int = 10,
                   batch: int = 1, volume_size: int = 128) -> BenchmarkResult:
     """Time :func:`~XctDiffCore.drr.render_drr` on a random HU volume ``(batch, 1, n, n, n)``, no gradients."""
-    from ..drr import make_geometry, render_drr
+    from ..drr import check_drr_size, make_geometry, render_drr
 
+    check_drr_size(size)
+    if not 1 <= batch <= MAX_DRR_BATCH:
+        raise XctDiffError(f"--batch must be between 1 and {MAX_DRR_BATCH} volumes, got {batch}")
     dev = resolve_device(device)
     geom = make_geometry(geometry)
     generator = torch.Generator().manual_seed(0)

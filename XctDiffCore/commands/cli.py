@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 from .. import __version__
 from ..ct_search import NAMING  # stdlib only
@@ -412,10 +413,18 @@ def _run_standby(args) -> int:
     that ahead, so the click waits only for the reconstruction. One job per process all the same: Cancel
     still kills a whole process, and nothing of one job stays in memory for the next. The job comes in a
     file, not on stdin: Slicer's ``PythonSlicer`` launcher forwards the child's output but not its input."""
+    import math
+
     from .reconstruct_job import preload_model
 
-    preload_model(args.model)
     job_file = Path(args.job_file)
+    if not (math.isfinite(args.idle_minutes) and args.idle_minutes > 0):
+        raise XctDiffError(f"--idle-minutes must be a positive number of minutes, got {args.idle_minutes:g}")
+    if job_file.is_dir():
+        raise XctDiffError(f"standby: --job-file names a folder, not the job file to wait for: {job_file}")
+    if not job_file.parent.is_dir():
+        raise XctDiffError(f"standby: the job file's folder does not exist: {job_file.parent}")
+    preload_model(args.model)
     deadline = time.monotonic() + args.idle_minutes * 60.0
     while not job_file.exists():
         if time.monotonic() > deadline:  # no job came: give the memory back
@@ -560,6 +569,10 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def error(self, message):
+        """One ``error:`` line with exit status 2, as every other refusal: argparse's usage block would bury it."""
+        self.exit(2, f"error: {one_line(message)} (see `{self.prog} --help`)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
@@ -606,12 +619,38 @@ def _stdout_closed() -> int:
     return 128 + 13  # as a command killed by SIGPIPE
 
 
+def _output_folder_argument(args) -> Optional[Path]:
+    """The folder a command creates for its outputs: ``--out``, ``--cache``, or a batch's output folder."""
+    if getattr(args, "out", None):
+        return Path(args.out)
+    if getattr(args, "cache", None):
+        return Path(args.cache).expanduser()
+    if getattr(args, "input", None) and os.path.isdir(args.input):  # reconstruct of a folder
+        return Path(args.output) if args.output else Path(args.input).resolve().with_name(Path(args.input).resolve().name + "_ct")
+    return None
+
+
+def _run_undoing_empty_folders(args) -> int:
+    """Run the command; if it fails, take back the empty folders it made (nothing half made is left behind)."""
+    from ..atomic import FolderSnapshot
+
+    folder = _output_folder_argument(args)
+    snapshot = FolderSnapshot(folder) if folder is not None else None
+    status = 1
+    try:
+        status = int(args.handler(args) or 0)
+        return status
+    finally:
+        if status != 0 and snapshot is not None:
+            snapshot.remove_new_empty_folders()
+
+
 def main(argv=None) -> int:
     previous = _install_signal_handlers()
     try:
         with plain_warnings():  # every warning, the engine's or a library's, as one `warning: ...` line
             args = build_parser().parse_args(argv)
-            status = int(args.handler(args) or 0)
+            status = _run_undoing_empty_folders(args)
         sys.stdout.flush()  # here, so that a closed pipe is seen here
         return status
     except XctDiffError as exc:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import make_output_folder
 from ..errors import XctDiffError
 from ..layout import ct_to_model_layout
 
@@ -43,12 +44,12 @@ def run_demo(out_dir, model=None) -> dict:
         try:
             model = bundled_model_folder()
         except XctDiffError:
-            out_dir.mkdir(parents=True, exist_ok=True)
+            make_output_folder(out_dir)
             return render_sample_drr(out_dir)
     from ..options import ReconstructOptions
     from .reconstruct_job import run_reconstruct
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out_dir)
     radiograph = sample_path(SAMPLE_RADIOGRAPH_NAME)
     paths = {"ct": out_dir / f"{radiograph.stem}_ct.nrrd", "views": out_dir / f"{radiograph.stem}_views.png"}
     run_reconstruct(radiograph, paths["ct"], model=model, options=ReconstructOptions(seed=0), views=paths["views"])

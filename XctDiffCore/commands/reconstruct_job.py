@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import re
 import sys
 import time
@@ -153,10 +152,15 @@ def _refuse_shared_stems(files: list, output_format: Optional[str] = None) -> No
                                f"{default_output_path(f, output_format).name}: rename one")
 
 
-def _refuse_output_inside(folder: Path, outputs) -> None:
-    """With ``--recursive``, an output folder inside the input folder would be searched as input next time."""
+def _refuse_output_inside(folder: Path, outputs, recursive: bool) -> None:
+    """The films' own folder as the output folder (or, with ``--recursive``, any folder inside it) mixes the
+    CTs with the films: the next run of the same command would take them for films."""
     for out in outputs:
-        if out is not None and (out.resolve() == folder or folder in out.resolve().parents):
+        if out is None:
+            continue
+        if out.resolve() == folder:
+            raise XctDiffError(f"the output folder {out} is the input folder: give another one (default {folder.name}_ct)")
+        if recursive and folder in out.resolve().parents:
             raise XctDiffError(f"with --recursive the output folder {out} must not lie inside the input folder {folder}")
 
 
@@ -165,13 +169,9 @@ def _output_folder(path: Path, parents: bool = False) -> Path:
         raise XctDiffError(f"the input is a folder, so the output must be a folder too, got the file {path}")
     if not parents and not path.parent.is_dir():
         raise XctDiffError(f"output folder does not exist: {path.parent}")
-    try:
-        path.mkdir(parents=parents, exist_ok=True)
-    except OSError as exc:
-        raise XctDiffError(f"cannot make the output folder {path}: {exc.strerror or exc}") from exc
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise XctDiffError(f"output folder is not writable: {path}")
-    return path
+    from ..atomic import make_output_folder
+
+    return make_output_folder(path, parents=parents)
 
 
 def _refuse_overlaps(inputs: list, jobs: list) -> None:
@@ -280,8 +280,7 @@ def run_reconstruct(
         out_dir = Path(output) if output else folder.with_name(folder.name + "_ct")
         unc_dir = Path(uncertainty) if uncertainty else None
         views_dir = Path(views) if views else None
-        if recursive:
-            _refuse_output_inside(folder, (out_dir, unc_dir, views_dir))
+        _refuse_output_inside(folder, (out_dir, unc_dir, views_dir), recursive)
         for f in files:
             stem, sub = film_stem(f), f.parent.relative_to(input_path)  # sub: "." unless recursive (f may be a link)
             jobs.append((f, out_dir / sub / default_output_path(f, output_format).name,

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..atomic import check_output_folder
+from ..atomic import check_output_folder, make_output_folder
 from ..errors import XctDiffError
 
 COLUMNS = ("psnr", "ssim", "bone_dice", "lung_dice", "lung_dice_body", "lpips", "codebook_use", "perplexity")
@@ -51,12 +51,13 @@ def load_vqgan(model=None, run=None) -> tuple:
     from ..config import config_from_dict
     from ..models.vqgan import VQGAN
     from ..training.autoencoder import shipped_weights
+    from ..training.common import load_checkpoint
 
     path = Path(run) / "autoencoder" / "checkpoint.pt"
     if not path.is_file():
         raise XctDiffError(f"no autoencoder checkpoint in {run} (expected {path})")
+    checkpoint = load_checkpoint(path, required=("config", "models"))
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         config = config_from_dict(checkpoint["config"])
         state = shipped_weights(checkpoint["models"])
     except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
@@ -108,7 +109,7 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
     vqgan, volume_size, source = load_vqgan(model, run)
     cases = (datalist_cases(data, PREPARED_SIZE, max_cases) if _is_datalist(data)
              else ct_folder_cases(data, PREPARED_SIZE, "cone", max_cases))
-    out_dir.mkdir(exist_ok=True)
+    make_output_folder(out_dir, parents=False)
     lpips = LPIPS.load()
     latent = volume_size // vqgan.downsample_factor
 

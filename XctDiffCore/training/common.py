@@ -301,11 +301,21 @@ def save_checkpoint(path, payload: dict) -> Path:
     return path
 
 
-def load_checkpoint(path) -> dict:
+def load_checkpoint(path, required: tuple = ()) -> dict:
+    """A checkpoint of ``xctdiff train`` (holding the keys ``required``), or one line saying that the file is
+    none (empty, truncated, foreign)."""
     path = Path(path)
     if not path.is_file():
         raise XctDiffError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch's loader raises many types on a broken file
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise XctDiffError(f"cannot read the checkpoint {path} (empty, truncated or not from `xctdiff train`): "
+                           f"{reason}") from None
+    if not isinstance(checkpoint, dict) or not set(required) <= set(checkpoint):
+        raise XctDiffError(f"{path} is not a checkpoint of `xctdiff train` (no {' or '.join(required) or 'content'} in it)")
+    return checkpoint
 
 
 def prepare_stage_dir(run_dir, stage: str, resume: bool) -> Optional[dict]:

@@ -20,11 +20,10 @@ Only numpy and torch are imported: this runs on a bare GPU machine.
 from __future__ import annotations
 
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ..datalist import read_datalist
+from ..datalist import load_entry_ct, load_entry_xray, read_datalist
 from ..errors import XctDiffError
 from ..model_inputs import ct_to_model, xray_to_model
 
@@ -42,11 +41,9 @@ class PairDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
-        with np.load(item["image"]) as npz:
-            ct = npz["ct"]
         return {
-            "image": ct_to_model(ct, self.volume_size),
-            "xray": xray_to_model(np.load(item["xray"]), self.xray_size),
+            "image": ct_to_model(load_entry_ct(item["image"]), self.volume_size),
+            "xray": xray_to_model(load_entry_xray(item["xray"]), self.xray_size),
             "patient": item["patient"],
         }
 
