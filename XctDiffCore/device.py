@@ -8,6 +8,7 @@ falls back to the CPU with a warning (:func:`run_with_cpu_fallback`), unless tol
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import warnings
@@ -156,6 +157,8 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[to
     if precision == "fp32":
         return None
     if precision == "bf16":
+        if device.type == "cpu" and not cpu_has_native_bf16():
+            _warn_emulated_bf16()
         return torch.bfloat16
     if device.type == "cuda":
         with torch.cuda.device(device):  # emulated bf16 (before Ampere) is slower than fp32
@@ -163,6 +166,13 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[to
     if device.type == "cpu" and CPU_BF16_AUTO and cpu_has_native_bf16():
         return torch.bfloat16
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_emulated_bf16() -> None:
+    """Once per process: bf16 asked for on a CPU that emulates it (a reconstruction took minutes, not seconds)."""
+    warnings.warn("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated and many times slower than "
+                  "fp32 here; --precision auto chooses fp32 on it", stacklevel=3)
 
 
 def is_cuda_oom(exc: BaseException) -> bool:

@@ -432,6 +432,29 @@ def _read_npz(path: Path) -> Volume:
                            f"({_one_line(exc)})") from None
 
 
+@contextlib.contextmanager
+def _c_stderr_muted():
+    """Silence what C libraries print straight to file descriptor 2 (NIfTI's writer: ``** ERROR: NWAD: wrote
+    only ...`` on a full disk) while they write; the failed write is found and said in one line all the same
+    (:func:`~XctDiffCore.atomic.verify_written`)."""
+    import os
+    import sys
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (captured, closed): nothing to mute
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def write_volume(volume: Volume, path) -> Path:
     """Write a volume as .nrrd (gzip), .nii, .nii.gz or .mha (zlib), atomically.
 
@@ -453,7 +476,7 @@ def write_volume(volume: Volume, path) -> Path:
     else:
         array = array.astype(np.float32)
     image = Volume(array, volume.spacing, volume.origin, volume.direction).to_sitk()
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, _c_stderr_muted():
         try:
             sitk.WriteImage(image, str(tmp), useCompression=suffix in (".nrrd", ".mha"))
         except RuntimeError as exc:  # ITK's NRRD and MetaImage writers report a failed write (disk full) so

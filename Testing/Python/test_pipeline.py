@@ -581,6 +581,22 @@ def test_auto_precision_follows_the_measured_verdict_and_the_cpu(monkeypatch):
         assert devices.autocast_dtype(cpu, "auto") == expected
 
 
+def test_bf16_asked_for_on_an_emulating_cpu_warns_once(monkeypatch):
+    """Emulated bf16 took minutes where fp32 takes seconds: the user who forces it hears why, once."""
+    import warnings
+
+    from XctDiffCore import device as devices
+
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    devices._warn_emulated_bf16.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert devices.autocast_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    assert [str(w.message)[:40] for w in caught] == ["this CPU has no native bf16 (AVX512-BF16"]
+    devices._warn_emulated_bf16.cache_clear()
+
+
 def test_the_direct_path_searches_the_codebook_once_and_decodes_the_same(pipe, film, monkeypatch):
     """The direct path decodes the prior's codebook entries as they are: a second search of the
     codebook (which finds the same entries) is skipped, and the CT is bit-identical to searching again."""
