@@ -527,7 +527,7 @@ def read_radiograph(path) -> Radiograph:
     return Radiograph(image=image, spacing=spacing, is_drr=is_drr, source=str(path), age_years=age, header=header)
 
 
-def _to_grey(rgb: np.ndarray) -> np.ndarray:
+def to_grey(rgb: np.ndarray) -> np.ndarray:
     """ITU-R BT.601 luma (weights sum to 1: a grey image stored as RGB keeps its grey levels)."""
     return rgb[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -553,7 +553,7 @@ def _read_pil(path: Path):
             img = img.convert("RGB")  # palette, RGBA, CMYK, YCbCr...: through RGB to grey
         array = np.asarray(img)
     if array.ndim == 3:
-        array = _to_grey(array)
+        array = to_grey(array)
     return array.astype(np.float32), None, text.get(DRR_TAG_KEY) == "1"
 
 
@@ -590,7 +590,7 @@ def _read_sitk_radiograph(path: Path):
         kept = [1, 0]
         array = sitk.GetArrayFromImage(image)  # [row, col] (+ components)
     if array.ndim == 3:  # vector pixels (RGB)
-        array = _to_grey(array)
+        array = to_grey(array)
     spacing = tuple(float(image.GetSpacing()[axis]) for axis in kept)
     return array.astype(np.float32), spacing, is_drr
 
@@ -655,7 +655,7 @@ def _read_dicom_radiograph(path: Path):
         stored = ds.pixel_array
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
         if stored.ndim == 3:  # colour (pydicom converts YCbCr to RGB)
-            image = _to_grey(stored)
+            image = to_grey(stored)
         else:
             image = apply_voi_lut(apply_modality_lut(stored, ds), ds)
             if photometric == "MONOCHROME1":
@@ -713,8 +713,9 @@ def write_image_png(image01: np.ndarray, path, metadata: Optional[dict] = None, 
     return Path(path)
 
 
-def write_radiograph_nrrd(image: np.ndarray, path, spacing: Optional[tuple] = None, metadata: Optional[dict] = None) -> Path:
-    """Write a float32 ``[row, col]`` radiograph as a gzip 2D NRRD, atomically.
+def write_radiograph_nrrd(image: np.ndarray, path, spacing: Optional[tuple] = None, metadata: Optional[dict] = None,
+                          compress: bool = True) -> Path:
+    """Write a float32 ``[row, col]`` radiograph as a 2D NRRD (gzip unless not ``compress``), atomically.
 
     ``spacing`` is ``(row, col)`` in mm; ``metadata`` becomes NRRD key/value pairs (``key:=value``).
     """
@@ -723,7 +724,7 @@ def write_radiograph_nrrd(image: np.ndarray, path, spacing: Optional[tuple] = No
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
         raise XctDiffError(f"expected a 2D radiograph to write as NRRD, got shape {image.shape}")
-    header = {"kinds": ["domain", "domain"], "encoding": "gzip"}
+    header = {"kinds": ["domain", "domain"], "encoding": "gzip" if compress else "raw"}
     if spacing is not None:
         row, col = (float(s) for s in spacing)
         if not (np.isfinite(row) and np.isfinite(col) and row > 0 and col > 0):

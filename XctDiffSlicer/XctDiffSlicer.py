@@ -160,6 +160,11 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
+        if self._job is not None:  # its CT belongs to the scene being closed, not to the next one
+            job, self._job = self._job, None
+            job.discard()
+            self.ui.progressBar.value = 0
+            self.ui.stageLabel.text = _("Cancelled: the scene was closed")
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -171,7 +176,7 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            self._parameterNode.inputVolume = mrml_bridge.first_film_node(slicer.mrmlScene)
 
     def setParameterNode(self, inputParameterNode: Optional[XctDiffSlicerParameterNode]) -> None:
         if self._parameterNode:
@@ -206,12 +211,14 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceInfoLabel.text = device_probe.describe_device(self._deviceInfo, node.device)
         self.ui.consistencyLabel.text = node.consistency or "-"
         inputId = node.inputVolume.GetID() if node.inputVolume is not None else None
-        if inputId != self._diameterInput:  # a diameter is one patient's: another film forgets it
+        if inputId != self._diameterInput:  # a diameter and a CT are one patient's: another film forgets them
             forget, self._diameterInput = self._diameterInput is not None, inputId
             if forget and node.apDiameterCt is not None:
                 node.apDiameterCt = None
             if forget and node.apDiameter:
                 node.apDiameter = 0.0
+            if forget and (node.outputVolume is not None or node.uncertaintyVolume is not None):
+                node.outputVolume, node.uncertaintyVolume = None, None  # "Create new volume": never overwrite A's CT
         ctId = node.apDiameterCt.GetID() if node.apDiameterCt is not None else None
         if ctId != self._diameterCt:  # an earlier CT chosen: its diameter fills in the field
             self._diameterCt = ctId
@@ -326,10 +333,13 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node = self.logic.getParameterNode()  # the panel may have been left while it ran
             try:
                 output = self.logic.finish(job, event, node.outputVolume, node.uncertaintyVolume, node.uncertaintyOpacity)
-            except XctDiffError as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the panel must come back to Reconstruct
+                if not isinstance(exc, XctDiffError):
+                    logging.exception("XctDiff: loading the reconstruction failed")
                 self.ui.stageLabel.text = _("Cancelled") if event.status == "cancelled" else _("Failed")
                 if event.status != "cancelled":
-                    slicer.util.errorDisplay(str(exc))
+                    slicer.util.errorDisplay(str(exc) if isinstance(exc, XctDiffError)
+                                             else _("Loading the reconstruction failed: {error}").format(error=exc))
             else:
                 node.outputVolume = output.ct_node
                 node.uncertaintyVolume = output.uncertainty_node

@@ -210,3 +210,42 @@ def test_unreadable_radiograph_file_is_one_sentence(bridge, scene, tmp_path):
     bad.write_bytes(b"not a png at all")
     with pytest.raises(XctDiffError, match="broken.png"):
         bridge.load_radiograph(scene, bad)
+
+
+def test_a_colour_film_node_is_read_grey(slicer, bridge, scene):
+    """A colour JPEG dropped into Slicer is a vector volume: read grey, as the engine reads the file."""
+    from vtkmodules.util.numpy_support import numpy_to_vtk
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 30, 3)).astype(np.uint8)
+    image = vtkImageData()
+    image.SetDimensions(30, 40, 1)
+    image.GetPointData().SetScalars(numpy_to_vtk(rgb.reshape(-1, 3), deep=True))
+    node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "colour film")
+    node.SetAndObserveImageData(image)
+    grey = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    np.testing.assert_allclose(bridge.node_array(node, grey=True)[0], grey, rtol=1e-6)
+    with pytest.raises(XctDiffError, match="not a scalar"):
+        bridge.node_array(node)
+
+
+def test_the_first_node_offered_is_a_film(slicer, bridge, scene):
+    assert bridge.first_film_node(scene) is None
+    ct = bridge.volume_to_node(scene, Volume(np.zeros((4, 5, 6), np.int16), (1.0, 1.0, 1.0)), name="CT")
+    scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    assert bridge.first_film_node(scene) is ct  # no film: the plain volume (the click says it is no film)
+    film = bridge.radiograph_to_node(scene, display_image(), (0.5, 0.5), name="film")
+    assert bridge.first_film_node(scene) is film
+
+
+def test_an_edited_copy_of_a_loaded_film_is_sent_as_shown(bridge, scene, tmp_path):
+    """A node carries "Load radiograph"'s record of its file into a copy; edited voxels are sent, not the file."""
+    from XctDiffCore.io import write_image_png
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+
+    path = write_image_png(display_image(64, 48) / display_image(64, 48).max(), tmp_path / "film.png")
+    node = bridge.load_radiograph(scene, path)
+    assert bridge.source_file(node) == path.resolve()
+    vtk_to_numpy(node.GetImageData().GetPointData().GetScalars())[:10] = 0  # a crop, a paint stroke
+    node.GetImageData().Modified()
+    assert bridge.source_file(node) is None

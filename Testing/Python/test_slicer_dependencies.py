@@ -136,3 +136,30 @@ def test_device_probe_runs_torch_in_a_child_and_explains_a_missing_gpu():
 )
 def test_describe_device(info, device, expected):
     assert device_probe.describe_device(info, device) == expected
+
+
+def test_a_broken_torch_is_said_as_such_not_as_a_failed_reconstruction(monkeypatch):
+    """`import torch` raising OSError (a missing libcudnn) or a driver failing while asked: the probe's own line."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def broken_torch(name, *args, **kwargs):
+        if name == "torch":
+            raise OSError("libcudnn.so.9: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken_torch)
+    info = device_probe.probe()
+    assert info["torch"] is None and info["reason"] == ("PyTorch cannot be imported "
+                                                        "(libcudnn.so.9: cannot open shared object file)")
+    monkeypatch.setattr(builtins, "__import__", real_import)
+
+    import torch
+
+    monkeypatch.setattr(torch.version, "cuda", "12.6")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: (_ for _ in ()).throw(RuntimeError("CUDA driver error")))
+    info = device_probe.probe()
+    assert info["torch"] == torch.__version__ and not info["cuda"]
+    assert info["reason"] == "the GPU check failed (CUDA driver error)"

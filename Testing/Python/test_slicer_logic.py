@@ -124,8 +124,8 @@ def test_a_film_from_the_dicom_database_reaches_the_engine_as_its_file(bridge, s
 
     ds = pydicom.dcmread(SAMPLE_RADIOGRAPH)
     assert ds.PhotometricInterpretation == "MONOCHROME1"
-    stored = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)[::4, ::4]  # as Slicer's loader keeps it
-    film = bridge.radiograph_to_node(scene, stored, spacing=(0.7, 0.7), name="CR from the DICOM module")
+    stored = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)  # as Slicer's loader keeps it
+    film = bridge.radiograph_to_node(scene, stored, spacing=(0.18, 0.18), name="CR from the DICOM module")
     film.SetAttribute("DICOM.instanceUIDs", str(ds.SOPInstanceUID))
     seen = resize(read_radiograph(SAMPLE_RADIOGRAPH).image, (128, 128), order=1, anti_aliasing=True)[::-1]  # feet up
 
@@ -223,6 +223,55 @@ def test_into_an_existing_output_node(bridge, scene, logic, sample):
     drr_node = bridge.radiograph_to_node(scene, drr, spacing=(2.5, 2.5), is_drr=True)
     assert logic.reconstruct(drr_node, outputNode=target) is target
     assert target.GetName() == "my CT" and target.GetImageData().GetDimensions() == (128, 128, 128)
+
+
+def test_a_ct_node_of_an_earlier_film_is_renamed_and_leaves_that_patients_study(bridge, scene, logic, sample):
+    """The panel offers the last CT node as the output: the next film's CT must not keep the first patient's
+    name, nor stay in the first patient's study (Export to DICOM would file it there)."""
+    _, drr = sample
+    hierarchy = scene.GetSubjectHierarchyNode()
+    study = hierarchy.CreateStudyItem(hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient A"), "Chest")
+    film_a = bridge.radiograph_to_node(scene, drr, spacing=(2.5, 2.5), name="film A", is_drr=True)
+    hierarchy.CreateItem(study, film_a)
+    ct = logic.reconstruct(film_a, steps=2, seed=0, device="cpu")
+    assert ct.GetName() == "film A CT" and hierarchy.GetItemParent(hierarchy.GetItemByDataNode(ct)) == study
+    film_b = bridge.radiograph_to_node(scene, drr, spacing=(2.5, 2.5), name="film B", is_drr=True)
+    assert logic.reconstruct(film_b, outputNode=ct, steps=2, seed=0, device="cpu") is ct
+    assert ct.GetName() == "film B CT"
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(ct)) == hierarchy.GetSceneItemID()
+
+
+def test_an_output_that_cannot_be_loaded_leaves_no_node(bridge, scene, logic, sample):
+    """A label map chosen as the output, or a RESULT line the module does not understand: one sentence, the
+    label map untouched, no new node."""
+    import dataclasses
+
+    from XctDiffSlicerLib.logic import ReconstructionOptions
+
+    film = bridge.radiograph_to_node(scene, sample[1], spacing=(2.5, 2.5), is_drr=True)
+    labels = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    with pytest.raises(XctDiffError, match="'labels' .vtkMRMLLabelMapVolumeNode. cannot hold a CT"):
+        logic.reconstruct(film, outputNode=labels, steps=2, seed=0, device="cpu")
+    assert labels.GetImageData() is None
+    job = logic.start(film, ReconstructionOptions(steps=2, seed=0, device="cpu"))
+    finished = job.process.wait(timeout=300)
+    broken = dataclasses.replace(finished, result={**finished.result, "timings": None, "consistency": "high"})
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(XctDiffError, match="RESULT line is not understood"):
+        logic.load_result(job, broken)
+    assert scene.GetNumberOfNodes() == before and not job.folder.exists()
+
+
+def test_a_node_that_is_no_film_does_not_cost_the_waiting_engine(bridge, scene, logic, sample, monkeypatch):
+    """The engine started ahead is taken only for a film: a 3D CT clicked by mistake is refused before."""
+    from XctDiffSlicerLib.logic import ReconstructionOptions
+
+    taken = []
+    monkeypatch.setattr(logic, "_take_standby", lambda model: taken.append(model))
+    ct = bridge.volume_to_node(scene, sample[0], name="earlier CT")
+    with pytest.raises(XctDiffError, match="'earlier CT' is not a radiograph"):
+        logic.start(ct, ReconstructionOptions())
+    assert taken == []
 
 
 def test_engine_error_reaches_the_console_as_one_sentence(bridge, scene, logic, sample, monkeypatch):

@@ -14,7 +14,21 @@ def probe() -> dict:
         import torch
     except ImportError as exc:
         return {"torch": None, "cuda": False, "gpus": [], "reason": f"PyTorch is not installed ({exc})"}
+    except Exception as exc:  # noqa: BLE001 - a broken install (a missing libcudnn): say so, not "failed"
+        return {"torch": None, "cuda": False, "gpus": [], "reason": f"PyTorch cannot be imported ({_first_line(exc)})"}
     info = {"torch": torch.__version__, "cuda": False, "gpus": [], "problems": [], "reason": ""}
+    try:
+        _probe_cuda(torch, info)
+    except Exception as exc:  # noqa: BLE001 - a driver that fails while asked: the CPU is still there
+        info.update(cuda=False, reason=f"the GPU check failed ({_first_line(exc)})")
+    return info
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _probe_cuda(torch, info: dict) -> None:
     try:
         from XctDiffCore.device import cuda_problem  # the child has the engine on its path
     except ImportError:  # an engine that cannot be imported will say why when it runs; judge by torch alone
@@ -28,7 +42,6 @@ def probe() -> dict:
         info["problems"] = [cuda_problem(i) if cuda_problem else None for i in range(len(info["gpus"]))]
         info["cuda"] = bool(info["gpus"]) and info["problems"][0] is None
         info["reason"] = "" if info["cuda"] else (info["problems"][0] if info["problems"] else "no GPU found")
-    return info
 
 
 def describe_device(info: dict, device: str) -> str:

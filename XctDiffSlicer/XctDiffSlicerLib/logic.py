@@ -195,11 +195,20 @@ class ReconstructionLogic:
     def start(self, input_node, options: ReconstructionOptions) -> ReconstructionJob:
         if input_node is None:
             raise XctDiffError("select an input radiograph first")
+        source = mrml_bridge.source_file(input_node, self.dicom_file_for)
+        # a node that is no film is refused before the waiting engine is taken (it would be lost to the error)
+        film = mrml_bridge.radiograph_from_node(input_node) if source is None else None
+        if film is not None:  # its size and NaN said with the node's name, before anything is written
+            from XctDiffCore.io import check_radiograph_image
+
+            check_radiograph_image(film[0], f"'{input_node.GetName()}'")
         standby = self._take_standby(options.model)
-        folder, process = standby if standby is not None else (Path(tempfile.mkdtemp(prefix="xctdiff-")), None)
         try:
-            radiograph_path = (mrml_bridge.source_file(input_node, self.dicom_file_for)
-                               or mrml_bridge.write_radiograph_file(input_node, folder / "radiograph.nrrd"))
+            folder, process = standby if standby is not None else (Path(tempfile.mkdtemp(prefix="xctdiff-")), None)
+        except OSError as exc:
+            raise XctDiffError(f"cannot make a temporary folder for the job: {exc.strerror or exc}") from None
+        try:
+            radiograph_path = source or mrml_bridge.write_radiograph_file(input_node, folder / "radiograph.nrrd", film)
             arguments = [str(radiograph_path), "-o", str(folder / OUTPUT_NAME), "--progress-lines"]
             if options.samples >= 2:
                 arguments += ["--uncertainty", str(folder / UNCERTAINTY_NAME)]
@@ -211,10 +220,12 @@ class ReconstructionLogic:
             else:
                 process = ChildProcess(self.engine_command + ["reconstruct", *arguments],
                                        env=engine_environment(core_parent_folder())).start()
-        except BaseException:
+        except BaseException as exc:
             if process is not None:
                 process.cancel()
             shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(exc, OSError):  # the job file on a full disk
+                raise XctDiffError(f"cannot prepare the job: {exc.strerror or exc}") from None
             raise
         return ReconstructionJob(process, folder, input_node.GetName(), options, input_node.GetID() or "")
 
@@ -227,16 +238,20 @@ class ReconstructionLogic:
 
     def load_result(self, job: ReconstructionJob, finished: Finished, output_node=None,
                     uncertainty_node=None) -> ReconstructionOutput:
-        """Turn a finished job into nodes (then delete its files); a failure or cancel raises XctDiffError."""
+        """Turn a finished job into nodes (then delete its files); a failure or cancel raises XctDiffError, and
+        then no node is left half made: a new one is removed, a given one keeps what it held."""
+        made = []
         try:
             if not finished.succeeded:
                 raise XctDiffError(finished.error or f"reconstruction {finished.status}")
-            ct_node = mrml_bridge.read_volume_file(self.scene, job.output_path, output_node, f"{job.input_name} CT")
+            result = _result_fields(finished.result)  # checked before any node is touched
+            for node in (output_node, uncertainty_node):
+                _check_output_node(node)
+            ct_node = self._read_output(job.output_path, output_node, f"{job.input_name} CT", made)
             mrml_bridge.set_ct_window(ct_node)
             if job.uncertainty_path.is_file():
-                uncertainty_node = mrml_bridge.read_volume_file(
-                    self.scene, job.uncertainty_path, uncertainty_node, f"{job.input_name} uncertainty"
-                )
+                uncertainty_node = self._read_output(job.uncertainty_path, uncertainty_node,
+                                                     f"{job.input_name} uncertainty", made)
                 mrml_bridge.set_uncertainty_display(uncertainty_node)
             else:
                 uncertainty_node = None
@@ -244,23 +259,30 @@ class ReconstructionLogic:
             for node in (ct_node, uncertainty_node):
                 if node is not None:
                     mrml_bridge.file_beside(self.scene, node, film)
+        except BaseException as exc:
+            for node in made:
+                self.scene.RemoveNode(node)
+            if isinstance(exc, (OSError, RuntimeError)):  # an unreadable output file (SimpleITK, the disk)
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+                raise XctDiffError(f"the reconstruction could not be loaded: {reason}") from None
+            raise
         finally:
             job.cleanup()
-        consistency = finished.result.get("consistency")
-        seed = finished.result.get("seed")
-        return ReconstructionOutput(
-            ct_node=ct_node,
-            uncertainty_node=uncertainty_node,
-            consistency=float(consistency) if consistency is not None else None,
-            device=str(finished.result.get("device", "")),
-            timings=dict(finished.result.get("timings", {})),
-            seed=int(seed) if isinstance(seed, int) else None,
-            method=str(finished.result.get("method", "")),
-            unguided_consistency=_optional_float(finished.result.get("unguided_consistency")),
-            warnings=tuple(str(w) for w in finished.result.get("warnings", ()) if isinstance(w, str)),
-            ap_diameter=_optional_float(finished.result.get("ap_diameter_mm")),
-            learnt_ap_diameter=_optional_float(finished.result.get("learnt_ap_diameter_mm")),
-        )
+        return ReconstructionOutput(ct_node=ct_node, uncertainty_node=uncertainty_node, **result)
+
+    def _read_output(self, path, node, name: str, made: list):
+        """An output file into ``node``, or into a new node (listed in ``made``) named after the film. A node
+        an earlier film's CT was made in is renamed for this one (its old name would name another patient)."""
+        if node is None:
+            node = mrml_bridge.read_volume_file(self.scene, path, None, name)
+            made.append(node)
+        else:
+            earlier = node.GetAttribute(ATTRIBUTE_MADE_FOR)
+            mrml_bridge.read_volume_file(self.scene, path, node, name)
+            if earlier is not None and earlier != name:
+                node.SetName(self.scene.GenerateUniqueName(name))
+        node.SetAttribute(ATTRIBUTE_MADE_FOR, name)
+        return node
 
     def reconstruct(self, inputNode, outputNode=None, steps: Optional[int] = None, samples: int = 1,
                     seed: Optional[int] = None, device: str = "auto", style: str = "auto", model=None,
@@ -283,6 +305,36 @@ class ReconstructionLogic:
             job.discard()
             raise
         return self.load_result(job, finished, outputNode, uncertaintyNode).ct_node
+
+
+#: On every node a reconstruction wrote: the name it was made under ("<film> CT").
+ATTRIBUTE_MADE_FOR = "XctDiff.MadeFor"
+
+
+def _check_output_node(node) -> None:
+    if node is not None and node.GetClassName() != "vtkMRMLScalarVolumeNode":
+        raise XctDiffError(f"'{node.GetName()}' ({node.GetClassName()}) cannot hold a CT: choose a plain volume "
+                           "or \"Create new volume\"")
+
+
+def _result_fields(result: dict) -> dict:
+    """The RESULT line's fields for :class:`ReconstructionOutput`, or one sentence when the engine's line is
+    not what PROTOCOL.md says (a newer or broken engine)."""
+    consistency, seed, timings = result.get("consistency"), result.get("seed"), result.get("timings") or {}
+    if not (consistency is None or _optional_float(consistency) is not None) or not isinstance(timings, dict):
+        raise XctDiffError(f"the engine's RESULT line is not understood (consistency {consistency!r}, "
+                           f"timings {type(timings).__name__}): is the engine the module's version?")
+    return dict(
+        consistency=_optional_float(consistency),
+        device=str(result.get("device", "")),
+        timings=dict(timings),
+        seed=int(seed) if isinstance(seed, int) and not isinstance(seed, bool) else None,
+        method=str(result.get("method", "")),
+        unguided_consistency=_optional_float(result.get("unguided_consistency")),
+        warnings=tuple(str(w) for w in (result.get("warnings") or ()) if isinstance(w, str)),
+        ap_diameter=_optional_float(result.get("ap_diameter_mm")),
+        learnt_ap_diameter=_optional_float(result.get("learnt_ap_diameter_mm")),
+    )
 
 
 def _optional_float(value) -> Optional[float]:

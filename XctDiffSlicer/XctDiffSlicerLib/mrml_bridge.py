@@ -35,7 +35,7 @@ SLICE_VIEW_NAMES = ("Red", "Yellow", "Green")
 ATTRIBUTE_IS_DRR = "XctDiff.IsDRR"  # "1": rendered from a CT, needs no real-to-DRR style transfer
 ATTRIBUTE_SPACING_KNOWN = "XctDiff.PixelSpacingKnown"  # "0": the file had no pixel spacing
 ATTRIBUTE_DICOM_INSTANCES = "DICOM.instanceUIDs"  # set by Slicer's DICOM loader: the SOP instances of the node
-ATTRIBUTE_SOURCE_FILE = "XctDiff.SourceFile"  # "path|size:mtime" of the file "Load radiograph" read
+ATTRIBUTE_SOURCE_FILE = "XctDiff.SourceFile"  # "path|size:mtime|voxels" of the file "Load radiograph" read
 UNCERTAINTY_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"  # built in: black, red, yellow, white
 
 # What a slice view of each plane shows to the right of and below the screen centre (RAS unit
@@ -71,15 +71,22 @@ def ijk_to_ras(node) -> np.ndarray:
     return matrix_to_numpy(matrix)
 
 
-def node_array(node) -> np.ndarray:
-    """A copy of the node's voxels as ``array[k, j, i]`` (scalar volumes only)."""
+def node_array(node, grey: bool = False) -> np.ndarray:
+    """A copy of the node's voxels as ``array[k, j, i]`` (scalar volumes; with ``grey``, an RGB(A) one made grey
+    as the engine reads a colour film file)."""
     image = node.GetImageData() if node is not None else None
     if image is None or image.GetPointData().GetScalars() is None:
         raise XctDiffError(f"volume node '{node.GetName() if node else None}' has no image data")
-    if image.GetNumberOfScalarComponents() != 1:
-        raise XctDiffError(f"volume node '{node.GetName()}' is not a scalar (single-component) volume")
+    components = image.GetNumberOfScalarComponents()
     ni, nj, nk = image.GetDimensions()
-    return vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nk, nj, ni).copy()
+    scalars = vtk_to_numpy(image.GetPointData().GetScalars())
+    if components == 1:
+        return scalars.reshape(nk, nj, ni).copy()
+    if grey and components in (3, 4):  # a colour JPEG or PNG dropped into Slicer
+        from XctDiffCore.io import to_grey
+
+        return to_grey(scalars.reshape(nk, nj, ni, components))
+    raise XctDiffError(f"volume node '{node.GetName()}' is not a scalar (single-component) volume")
 
 
 def _set_node_voxels(node, array: np.ndarray, ijk_to_ras_matrix: np.ndarray) -> None:
@@ -155,7 +162,7 @@ def radiograph_from_node(node) -> tuple:
     The node must be a single-slice scalar volume. Its plane is viewed as Slicer's slice view of the
     nearest anatomical plane shows it: columns follow the screen's right, rows the screen's down.
     """
-    array = node_array(node)  # [k, j, i]
+    array = node_array(node, grey=True)  # [k, j, i]
     sizes = array.shape[::-1]  # (i, j, k)
     plane = [axis for axis in range(3) if sizes[axis] > 1]
     if len(plane) != 2:
@@ -220,7 +227,8 @@ def load_radiograph(scene, path, node=None):
     name = Path(path).name.split(".")[0] or "Radiograph"
     node = radiograph_to_node(scene, radiograph.image, radiograph.spacing, node, name, radiograph.is_drr)
     path = Path(path).resolve()
-    node.SetAttribute(ATTRIBUTE_SOURCE_FILE, f"{path}|{_file_stamp(path)}")  # the engine reads the file itself
+    # the engine reads the file itself, as long as neither the file nor the node's voxels have changed since
+    node.SetAttribute(ATTRIBUTE_SOURCE_FILE, f"{path}|{_file_stamp(path)}|{_voxel_stamp(node)}")
     return node
 
 
@@ -238,12 +246,12 @@ def source_file(node, dicom_file_for: Optional[Callable[[str], str]] = None) -> 
     uids = (node.GetAttribute(ATTRIBUTE_DICOM_INSTANCES) or "").split()
     if dicom_file_for is not None and len(uids) == 1:
         path = dicom_file_for(uids[0]) or ""
-        if path and Path(path).is_file():
+        if path and Path(path).is_file() and _same_size_as_dicom(node, Path(path)):
             return Path(path)
     recorded = node.GetAttribute(ATTRIBUTE_SOURCE_FILE) or ""
-    if recorded:
-        path, _, stamp = recorded.rpartition("|")
-        if Path(path).is_file() and _file_stamp(Path(path)) == stamp:
+    if recorded.count("|") >= 2:
+        path, file_stamp, voxel_stamp = recorded.rsplit("|", 2)
+        if Path(path).is_file() and _file_stamp(Path(path)) == file_stamp and _voxel_stamp(node) == voxel_stamp:
             return Path(path)
     return None
 
@@ -253,13 +261,50 @@ def _file_stamp(path: Path) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def write_radiograph_file(node, path) -> Path:
-    """The node as the engine's INPUT: a 2D NRRD in display orientation (see PROTOCOL.md)."""
+def _voxel_stamp(node) -> str:
+    """A checksum of the node's voxels and geometry: an edited, cropped or moved copy of a loaded film (which
+    carries its attributes along) differs, and is then sent as it is shown, not as its file was."""
+    import zlib
+
+    image = node.GetImageData()
+    if image is None or image.GetPointData().GetScalars() is None:
+        return ""
+    crc = zlib.crc32(np.ascontiguousarray(vtk_to_numpy(image.GetPointData().GetScalars())).tobytes())
+    crc = zlib.crc32(str(image.GetDimensions()).encode(), crc)
+    return f"{zlib.crc32(np.round(ijk_to_ras(node), 6).tobytes(), crc):08x}"
+
+
+def _same_size_as_dicom(node, path: Path) -> bool:
+    """A node from the DICOM database still the size of its instance (not a cropped or resampled copy)."""
+    import pydicom
+
+    image = node.GetImageData()
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        rows, cols = int(header.Rows), int(header.Columns)
+    except Exception:  # noqa: BLE001 - an unreadable header: send the voxels, which the engine can check
+        return False
+    return image is not None and sorted(image.GetDimensions()[:2]) == sorted((rows, cols))
+
+
+def write_radiograph_file(node, path, film: Optional[tuple] = None) -> Path:
+    """The node as the engine's INPUT: a raw 2D NRRD in display orientation (see PROTOCOL.md). ``film``: the
+    node's ``radiograph_from_node`` when already made. Not compressed: it is written in Slicer's own thread,
+    read once and deleted."""
     from XctDiffCore.io import drr_tag_metadata, write_radiograph_nrrd
 
-    image, spacing = radiograph_from_node(node)
+    image, spacing = film if film is not None else radiograph_from_node(node)
     metadata = drr_tag_metadata() if node.GetAttribute(ATTRIBUTE_IS_DRR) == "1" else None
-    return write_radiograph_nrrd(image, path, spacing=spacing, metadata=metadata)
+    return write_radiograph_nrrd(image, path, spacing=spacing, metadata=metadata, compress=False)
+
+
+def first_film_node(scene):
+    """The node the panel offers first: a plain single-slice volume (a film), else a plain volume, else None;
+    never a label map or a colour/vector volume, which the input selector does not list."""
+    plain = [node for node in scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+             if node.GetClassName() == "vtkMRMLScalarVolumeNode"]
+    films = [node for node in plain if node.GetImageData() is not None and 1 in node.GetImageData().GetDimensions()]
+    return (films or plain or [None])[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,16 +316,19 @@ def file_beside(scene, node, reference) -> bool:
 
     Why: a film loaded from DICOM sits in its patient's study (Data module), so the CT made from it goes
     there too, and Slicer's "Export to DICOM" then writes the CT into the film's patient and study. A
-    reference outside any folder (a PNG, a film made in the console) leaves ``node`` where it is.
+    reference outside any folder (a PNG, a film made in the console) puts ``node`` at the top level: a CT
+    node reused from an earlier patient's film must not stay in that patient's study.
     """
     hierarchy = scene.GetSubjectHierarchyNode()
     if hierarchy is None or reference is None:
         return False
     reference_item = hierarchy.GetItemByDataNode(reference)
-    if not reference_item:
-        return False
-    parent = hierarchy.GetItemParent(reference_item)
+    parent = hierarchy.GetItemParent(reference_item) if reference_item else 0
     if not parent or parent == hierarchy.GetSceneItemID():
+        item = hierarchy.GetItemByDataNode(node)
+        if item and hierarchy.GetItemParent(item) not in (0, hierarchy.GetSceneItemID()):
+            hierarchy.SetItemParent(item, hierarchy.GetSceneItemID())
+            return True
         return False
     item = hierarchy.GetItemByDataNode(node)
     if item:
