@@ -385,3 +385,55 @@ def test_an_engine_that_cannot_start_ahead_leaves_the_click_to_say_why(slicer, s
     logic.engine_command = ["/no/such/python", "-m", "XctDiffCore"]
     logic.prepare_standby(BUNDLED)
     assert logic._standby is None and folders and not any(os.path.exists(f) for f in folders)
+
+
+def test_job_folders_of_a_crashed_session_are_removed(slicer, tmp_path):
+    """A crash leaves `xctdiff-*` folders holding a patient's film: the next logic removes those a day old."""
+    import time
+
+    from XctDiffSlicerLib.logic import remove_stale_job_folders
+
+    old, new, other = tmp_path / "xctdiff-old", tmp_path / "xctdiff-new", tmp_path / "other-old"
+    for folder in (old, new, other):
+        folder.mkdir()
+        (folder / "radiograph.nrrd").write_bytes(b"pixels")
+    day_ago = time.time() - 25 * 3600
+    for folder in (old, other):
+        os.utime(folder, (day_ago, day_ago))
+    assert remove_stale_job_folders(str(tmp_path)) == [old]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other-old", "xctdiff-new"]
+
+
+STANDBY_PARENT = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-m", "XctDiffCore", "standby", "--job-file", sys.argv[1], "--model",
+                          sys.argv[2], "--idle-minutes", "10"], start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # no closed pipe to end it instead
+print(child.pid, flush=True)
+time.sleep(5)  # the child notes its parent first thing; then the parent ends, as a crashed Slicer would
+"""
+
+
+def test_an_engine_waiting_ahead_ends_with_the_process_that_started_it(slicer, tmp_path):
+    """Started in its own session, a standby engine would hold its memory for its 30 idle minutes after a
+    Slicer crash; it watches its parent and leaves with it."""
+    import time
+
+    from XctDiffCore.model_folder import create_random_model
+
+    model = create_random_model(tmp_path / "tiny", "tiny")
+    parent = subprocess.run([sys.executable, "-c", STANDBY_PARENT, str(tmp_path / "job.json"), str(model)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    pid = int(parent.stdout.split()[0])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            state = open(f"/proc/{pid}/status", encoding="utf-8").read()
+        except OSError:
+            break  # gone
+        if "\nState:\tZ" in state:
+            break  # ended; nobody has reaped it yet
+        time.sleep(0.5)
+    else:
+        os.kill(pid, 9)
+        pytest.fail("the standby engine outlived the process that started it by 2 minutes")

@@ -415,6 +415,7 @@ def _run_standby(args) -> int:
     file, not on stdin: Slicer's ``PythonSlicer`` launcher forwards the child's output but not its input."""
     import math
 
+    parent = os.getppid()  # first: Slicer, whose end (a crash) ends the wait too
     from .reconstruct_job import preload_model
 
     job_file = Path(args.job_file)
@@ -427,7 +428,7 @@ def _run_standby(args) -> int:
     preload_model(args.model)
     deadline = time.monotonic() + args.idle_minutes * 60.0
     while not job_file.exists():
-        if time.monotonic() > deadline:  # no job came: give the memory back
+        if time.monotonic() > deadline or os.getppid() != parent:  # no job came, or Slicer is gone: memory back
             return 0
         time.sleep(JOB_POLL_SECONDS)
     try:

@@ -144,6 +144,7 @@ class ReconstructionLogic:
             standby = engine_command is None and os.environ.get(STANDBY_VARIABLE, "1") != "0"
         self.standby = standby
         self._standby: Optional[tuple] = None  # (what it was started for, its folder, its ChildProcess)
+        remove_stale_job_folders()
 
     def _standby_key(self, model: ModelChoice) -> tuple:
         environment = engine_environment(core_parent_folder())
@@ -305,6 +306,32 @@ class ReconstructionLogic:
             job.discard()
             raise
         return self.load_result(job, finished, outputNode, uncertaintyNode).ct_node
+
+
+#: A job folder untouched this long is a crashed session's (jobs take seconds to minutes; a standby leaves
+#: after 30 idle minutes): its radiograph, a patient's pixels, is removed when a logic starts.
+STALE_JOB_HOURS = 24.0
+
+
+def remove_stale_job_folders(root: Optional[str] = None, hours: float = STALE_JOB_HOURS) -> list:
+    """Remove ``xctdiff-*`` job folders (``tempfile.mkdtemp``'s, this user's) older than ``hours``; return them."""
+    import time
+
+    root = Path(root or tempfile.gettempdir())
+    removed = []
+    try:
+        candidates = list(root.glob("xctdiff-*"))
+    except OSError:
+        return removed
+    for folder in candidates:
+        try:
+            stat = folder.stat()
+            if folder.is_dir() and stat.st_uid == os.getuid() and time.time() - stat.st_mtime > hours * 3600:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+        except (OSError, AttributeError):  # gone meanwhile; no getuid (Windows): leave it
+            continue
+    return removed
 
 
 #: On every node a reconstruction wrote: the name it was made under ("<film> CT").
