@@ -627,7 +627,8 @@ def _output_folder_argument(args) -> Optional[Path]:
     if getattr(args, "cache", None):
         return Path(args.cache).expanduser()
     if getattr(args, "input", None) and os.path.isdir(args.input):  # reconstruct of a folder
-        return Path(args.output) if args.output else Path(args.input).resolve().with_name(Path(args.input).resolve().name + "_ct")
+        folder = Path(args.input).resolve()
+        return Path(args.output) if args.output else folder.with_name(folder.name + "_ct")
     return None
 
 
