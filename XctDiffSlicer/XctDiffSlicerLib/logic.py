@@ -240,7 +240,8 @@ class ReconstructionLogic:
     def load_result(self, job: ReconstructionJob, finished: Finished, output_node=None,
                     uncertainty_node=None) -> ReconstructionOutput:
         """Turn a finished job into nodes (then delete its files); a failure or cancel raises XctDiffError, and
-        then no node is left half made: a new one is removed, a given one keeps what it held."""
+        then no node is left half made: a new one is removed, and a given node that cannot hold a CT (a label
+        map) is refused before it is touched."""
         made = []
         try:
             if not finished.succeeded:
