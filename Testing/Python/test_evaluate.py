@@ -169,6 +169,22 @@ def test_mean_ct_baseline_matches_an_independent_computation(rows, datalist):
         assert float(row["psnr"]) == pytest.approx(psnr(window01(mean), window01(truth)), rel=1e-4)
 
 
+def test_the_mean_ct_is_the_patients_and_a_mixed_list_has_its_own_mean_beside(datalist):
+    """Mixes (`prepare --mix`) are no patients: the mean CT averages the patients, as kNN draws from them; the
+    whole list's mean, a different and on the shared data stronger lookup, is scored beside it."""
+    from XctDiffCore.evaluation.reconstructions import datalist_mean_ct
+
+    data = json.loads(datalist.read_text())
+    mixed = datalist.parent / "datalist_mixed.json"
+    mix = {**data["validation"][0], "patient": "mix0", "mix": {"a": "x", "b": "y", "alpha": 0.5}}
+    mixed.write_text(json.dumps({**data, "training": data["training"] + [mix]}))
+    patients = training_mean(datalist)
+    with np.load(datalist.parent / mix["image"]) as npz:
+        whole = (patients + npz["ct"].astype(np.float64)) / 2
+    np.testing.assert_allclose(datalist_mean_ct(mixed, 128, patients_only=True), patients, atol=0.01)
+    np.testing.assert_allclose(datalist_mean_ct(mixed, 128), whole, atol=0.01)
+
+
 def test_case_i_is_sampled_with_seed_plus_i(rows, datalist, model_dir):
     pipe = XctDiffPipeline.from_pretrained(model_dir)
     name, truth, drr = validation_cases(datalist)[1]
