@@ -112,7 +112,7 @@ def atomic_path(path):
     path = check_output_path(path)
     tmp = None
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{full_suffix(path)}", dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{full_suffix(path).lower()}", dir=path.parent)
         os.close(fd)
         tmp = Path(name)
         yield tmp

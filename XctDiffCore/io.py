@@ -276,9 +276,14 @@ def check_radiograph_size(rows: int, cols: int, source: str = "image") -> None:
 def check_radiograph_image(image: np.ndarray, source: str = "image") -> np.ndarray:
     """Refuse what no radiograph step can use: not 2D, a size :func:`check_radiograph_size` refuses,
     NaN or Inf. Returns float32."""
-    image = np.asarray(image)
+    try:
+        image = np.asarray(image)
+    except (TypeError, ValueError, RuntimeError) as exc:  # a tensor numpy cannot take (bf16), ragged lists
+        raise XctDiffError(f"radiograph {source} is not an array of numbers ({_one_line(exc)})") from None
     if image.ndim != 2:
         raise XctDiffError(f"expected a 2D radiograph, got an array of shape {image.shape} from {source}")
+    if image.dtype.kind not in "biuf":  # strings, objects, complex numbers: no grey levels
+        raise XctDiffError(f"radiograph {source} holds {image.dtype} values, not grey levels")
     check_radiograph_size(*image.shape, source)
     with np.errstate(over="ignore", invalid="ignore"):  # a value beyond float32 becomes inf: refused below
         image = image.astype(np.float32, copy=False)
@@ -467,6 +472,10 @@ def write_volume(volume: Volume, path) -> Path:
     if suffix not in VOLUME_WRITE_SUFFIXES:
         raise XctDiffError(f"cannot write a volume as '{suffix or path.name}': use .nrrd, .nii, .nii.gz or .mha")
     array = np.asarray(volume.array)
+    if array.dtype.kind not in "biuf" or array.size == 0:
+        raise XctDiffError(f"cannot write {path}: the volume holds no voxel values ({array.dtype}, shape {array.shape})")
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array.astype(np.float32))):  # float64 beyond float32 too
+        raise XctDiffError(f"cannot write {path}: the volume has NaN or infinite values (no reader would take them back)")
     if array.dtype.kind == "f":
         integral = bool(np.all(np.isfinite(array)) and np.all(array == np.round(array)))
     else:
@@ -724,6 +733,8 @@ def write_radiograph_nrrd(image: np.ndarray, path, spacing: Optional[tuple] = No
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
         raise XctDiffError(f"expected a 2D radiograph to write as NRRD, got shape {image.shape}")
+    if _suffix(Path(path)) not in (".nrrd",):
+        raise XctDiffError(f"cannot write {path} as NRRD: give it the suffix .nrrd")
     header = {"kinds": ["domain", "domain"], "encoding": "gzip" if compress else "raw"}
     if spacing is not None:
         row, col = (float(s) for s in spacing)

@@ -62,6 +62,9 @@ class ReconstructOptions:
             raise XctDiffError(f"seed must fit in 64 bits, got {self.seed}")
         if not isinstance(self.device, str) or not DEVICE_PATTERN.match(self.device.strip().lower()):
             raise XctDiffError(f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
+        object.__setattr__(self, "device", self.device.strip().lower())  # " CUDA:0\n" is cuda:0, said as such
+        if not isinstance(self.strict, bool):  # strict="false" would switch it on
+            raise XctDiffError(f"strict must be True or False, got {self.strict!r}")
         if self.style not in STYLE_CHOICES:
             raise XctDiffError(f"style must be one of {', '.join(STYLE_CHOICES)}, got {self.style!r}")
         if self.coarse not in COARSE_CHOICES:

@@ -181,9 +181,11 @@ def as_radiograph(radiograph) -> Radiograph:
     if isinstance(radiograph, (str, Path)):
         return read_radiograph(radiograph)
     if isinstance(radiograph, torch.Tensor):
-        radiograph = radiograph.detach().cpu().numpy()
+        if radiograph.is_complex():
+            raise XctDiffError(f"radiograph given as a tensor holds {radiograph.dtype} values, not grey levels")
+        radiograph = radiograph.detach().cpu().float().numpy()  # bf16 and fp16 too: numpy has no bf16
     if isinstance(radiograph, np.ndarray):
-        return Radiograph(check_radiograph_image(radiograph, "the array"), None, False, "array")
+        return Radiograph(check_radiograph_image(radiograph, "given as an array"), None, False, "array")
     raise XctDiffError(f"expected a radiograph path, Radiograph or 2D array, got {type(radiograph).__name__}")
 
 
@@ -700,6 +702,7 @@ def write_ct(result: "Reconstruction", path, output_format: Optional[str] = None
     DICOM series folder that joins the study of a DICOM ``source`` film and records ``model`` and the settings."""
     from .io import write_volume
 
+    check_volume_output(path, output_format)  # an unknown format, or a suffix that says another one
     if output_format != "dicom":
         return write_volume(result.ct, path)
     from .dicom_series import write_dicom_series
@@ -713,6 +716,24 @@ def write_ct(result: "Reconstruction", path, output_format: Optional[str] = None
 
 
 WRITE_START = 0.97  # reconstruct_file's progress: the pipeline up to here, then writing
+
+
+def _refuse_overlapping_outputs(input_path, outputs: list) -> None:
+    """An output that is the input film (it would be replaced by a CT) or another output (one would replace the
+    other), by file identity: links and ``./`` spellings count."""
+    from .atomic import file_identity
+
+    if isinstance(input_path, (str, Path)):
+        source = file_identity(input_path)
+        for out in outputs:
+            if out is not None and file_identity(out) == source:
+                raise XctDiffError(f"the output {out} is the input {input_path}: write it elsewhere")
+    written = {}
+    for out in outputs:
+        if out is not None:
+            other = written.setdefault(file_identity(out), out)
+            if other is not out:
+                raise XctDiffError(f"the outputs {other} and {out} are the same file")
 
 
 def reconstruct_file(
@@ -750,6 +771,7 @@ def reconstruct_file(
         views = check_output_path(views)
         if Path(views).suffix.lower() != ".png":
             raise XctDiffError(f"the views image must be a .png file, got {views}")
+    _refuse_overlapping_outputs(input_path, [output, uncertainty, views])
     progress = options.pop("progress", None)
     if progress is not None:
         options["progress"] = lambda fraction, stage: progress(WRITE_START * fraction, stage)

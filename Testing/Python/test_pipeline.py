@@ -17,7 +17,9 @@ from XctDiffCore.diffusion import Cancelled, NoiseSchedule
 from XctDiffCore.errors import XctDiffError
 from XctDiffCore.io import Radiograph, read_radiograph
 from XctDiffCore.model_folder import ModelInfo, create_random_model
+from XctDiffCore.options import ReconstructOptions
 from XctDiffCore.pipeline import STAGE_END, WRITE_START, StyleWarning, XctDiffPipeline, reconstruct_file
+from XctDiffCore.volume import Volume
 
 STEPS = 3
 GRID = 128
@@ -612,3 +614,57 @@ def test_the_direct_path_searches_the_codebook_once_and_decodes_the_same(pipe, f
     twice = pipe.reconstruct(film, method="direct", device="cpu", style="off", precision="fp32")
     assert len(searches) == 3
     np.testing.assert_array_equal(once.ct.array, twice.ct.array)
+
+
+# ------------------------------------------------------------------------------- the API's odd values
+
+
+def test_reconstruct_file_never_writes_over_its_input_or_another_output(pipe, tmp_path):
+    """`write_drr_file` and the command line refused it; the API's reconstruct_file replaced the film with the CT."""
+    from XctDiffCore.io import write_radiograph_nrrd
+    from XctDiffCore.pipeline import reconstruct_file
+
+    film = write_radiograph_nrrd(np.random.default_rng(0).random((64, 64)).astype(np.float32), tmp_path / "film.nrrd")
+    before = film.read_bytes()
+    with pytest.raises(XctDiffError, match="is the input"):
+        reconstruct_file(pipe, film, output=tmp_path / "." / "film.nrrd", method="direct", device="cpu")
+    with pytest.raises(XctDiffError, match="are the same file"):
+        reconstruct_file(pipe, film, output=tmp_path / "a.nrrd", uncertainty=tmp_path / "a.nrrd", samples=2,
+                         steps=STEPS, device="cpu")
+    assert film.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["film.nrrd"]
+
+
+@pytest.mark.parametrize("image, words", [
+    (np.full((64, 64), "a"), "holds <U1 values, not grey levels"),
+    (np.ones((64, 64)) + 1j, "holds complex128 values"),
+    (np.array([[object()] * 64] * 64), "holds object values"),
+], ids=["strings", "complex", "objects"])
+def test_a_film_of_no_grey_levels_is_one_sentence(pipe, image, words):
+    with pytest.raises(XctDiffError, match=words):
+        pipe.reconstruct(image, method="direct", device="cpu")
+
+
+def test_a_bf16_tensor_is_a_film(pipe):
+    image = torch.rand(64, 64, dtype=torch.bfloat16)  # numpy has no bf16: converted on the way in
+    assert pipe.reconstruct(image, method="direct", device="cpu").ct.shape == (GRID,) * 3
+
+
+def test_option_values_are_checked_and_normalised():
+    assert ReconstructOptions(device=" CPU\n").device == "cpu"  # said as cpu, not as the raw value in two lines
+    with pytest.raises(XctDiffError, match="strict must be True or False, got 'false'"):
+        ReconstructOptions(strict="false")  # a truthy string would switch strict mode on
+
+
+def test_writers_refuse_what_no_reader_takes_back(two_samples, tmp_path):
+    from XctDiffCore.io import write_radiograph_nrrd, write_volume
+    from XctDiffCore.pipeline import write_ct
+
+    nan = Volume(np.full((4, 4, 4), np.nan, np.float32))
+    with pytest.raises(XctDiffError, match="NaN or infinite values"):
+        write_volume(nan, tmp_path / "nan.nrrd")
+    with pytest.raises(XctDiffError, match="give it the suffix .nrrd"):
+        write_radiograph_nrrd(np.zeros((40, 40), np.float32), tmp_path / "film.png")
+    with pytest.raises(XctDiffError, match="unknown CT format 'bogus'"):
+        write_ct(two_samples, tmp_path / "ct.nrrd", "bogus")
+    assert write_volume(Volume(np.zeros((4, 4, 4), np.int16)), tmp_path / "CT.NII.GZ").is_file()  # ITK wants .nii.gz
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CT.NII.GZ"]

@@ -123,7 +123,7 @@ class WarpedDrrs(Dataset):
         for index in range(len(pairs)):
             try:
                 ct = pairs[index]["image"][None]
-            except (OSError, KeyError, ValueError) as exc:
+            except (OSError, KeyError, ValueError, XctDiffError) as exc:
                 raise XctDiffError(f"style.augment warps the datalist's CTs, and one could not be read: {exc}") from None
             for variant in range(count):
                 if stopped():
