@@ -171,13 +171,36 @@ def _check_cancel(cancel: Optional[threading.Event]) -> None:
         raise Cancelled("reconstruction was cancelled")
 
 
+def _checked_spacing(radiograph: Radiograph) -> Optional[tuple]:
+    """A Radiograph made in code: its spacing as the readers give it, (row, col) positive mm, or None."""
+    if radiograph.spacing is None:
+        return None
+    try:
+        row, col = (float(v) for v in radiograph.spacing)
+    except (TypeError, ValueError):
+        row = col = float("nan")
+    if not (np.isfinite(row) and np.isfinite(col) and row > 0 and col > 0):
+        raise XctDiffError(f"radiograph {radiograph.source}: spacing must be (row, col) positive mm or None, "
+                           f"got {radiograph.spacing!r}")
+    return row, col
+
+
+def _checked_age(radiograph: Radiograph) -> Optional[float]:
+    age = radiograph.age_years
+    if age is None:
+        return None
+    if isinstance(age, bool) or not isinstance(age, (int, float)) or not 0 <= age < 150:
+        raise XctDiffError(f"radiograph {radiograph.source}: age_years must be 0 to 150 or None, got {age!r}")
+    return float(age)
+
+
 def as_radiograph(radiograph) -> Radiograph:
     """A path, a :class:`Radiograph` or a 2D array (numpy or torch) -> a checked :class:`Radiograph`."""
     from .io import check_radiograph_image, read_radiograph
 
     if isinstance(radiograph, Radiograph):
-        return Radiograph(check_radiograph_image(radiograph.image, radiograph.source), radiograph.spacing,
-                          radiograph.is_drr, radiograph.source, radiograph.age_years, dict(radiograph.header))
+        return Radiograph(check_radiograph_image(radiograph.image, radiograph.source), _checked_spacing(radiograph),
+                          radiograph.is_drr, radiograph.source, _checked_age(radiograph), dict(radiograph.header or {}))
     if isinstance(radiograph, (str, Path)):
         return read_radiograph(radiograph)
     if isinstance(radiograph, torch.Tensor):

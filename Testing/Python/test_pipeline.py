@@ -668,3 +668,16 @@ def test_writers_refuse_what_no_reader_takes_back(two_samples, tmp_path):
         write_ct(two_samples, tmp_path / "ct.nrrd", "bogus")
     assert write_volume(Volume(np.zeros((4, 4, 4), np.int16)), tmp_path / "CT.NII.GZ").is_file()  # ITK wants .nii.gz
     assert sorted(p.name for p in tmp_path.iterdir()) == ["CT.NII.GZ"]
+
+
+@pytest.mark.parametrize("spacing, age, words", [
+    ((-1.0, 0.0), None, "spacing must be .row, col. positive mm or None, got .-1.0, 0.0."),
+    ((0.1,), None, "spacing must be"),
+    ("abc", None, "spacing must be"),
+    (None, -5, "age_years must be 0 to 150 or None, got -5"),
+], ids=["negative spacing", "one value", "text", "negative age"])
+def test_a_radiograph_made_in_code_is_checked_as_a_read_one(pipe, spacing, age, words):
+    """read_radiograph refuses these; a Radiograph built by hand gave "a film -256 x 0 mm" and "-60 months old"."""
+    image = np.random.default_rng(0).random((64, 64))
+    with pytest.raises(XctDiffError, match=words):
+        pipe.reconstruct(Radiograph(image, spacing, False, "film", age), method="direct", device="cpu")
