@@ -627,8 +627,9 @@ def _output_folder_argument(args) -> Optional[Path]:
     if getattr(args, "cache", None):
         return Path(args.cache).expanduser()
     if getattr(args, "input", None) and os.path.isdir(args.input):  # reconstruct of a folder
-        folder = Path(args.input).resolve()
-        return Path(args.output) if args.output else folder.with_name(folder.name + "_ct")
+        from .reconstruct_job import default_batch_folder
+
+        return Path(args.output) if args.output else default_batch_folder(args.input)
     return None
 
 

@@ -152,6 +152,12 @@ def _refuse_shared_stems(files: list, output_format: Optional[str] = None) -> No
                                f"{default_output_path(f, output_format).name}: rename one")
 
 
+def default_batch_folder(folder: Path) -> Path:
+    """Where a folder of films is reconstructed to without ``-o``: ``<folder>_ct`` beside it."""
+    folder = Path(folder).resolve()  # "." and ".." have no name of their own
+    return folder.with_name(folder.name + "_ct")
+
+
 def _refuse_output_inside(folder: Path, outputs, recursive: bool) -> None:
     """The films' own folder as the output folder (or, with ``--recursive``, any folder inside it) mixes the
     CTs with the films: the next run of the same command would take them for films."""
@@ -277,7 +283,7 @@ def run_reconstruct(
         _refuse_shared_stems(found, output_format)
         files = found[rank::world_size]
         folder = input_path.resolve()  # "." and ".." have no name of their own
-        out_dir = Path(output) if output else folder.with_name(folder.name + "_ct")
+        out_dir = Path(output) if output else default_batch_folder(folder)
         unc_dir = Path(uncertainty) if uncertainty else None
         views_dir = Path(views) if views else None
         _refuse_output_inside(folder, (out_dir, unc_dir, views_dir), recursive)

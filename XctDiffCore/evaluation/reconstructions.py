@@ -142,22 +142,29 @@ def datalist_cases(datalist: Path, volume_size: int, max_cases: Optional[int] = 
     return cases
 
 
-def datalist_mean_ct(datalist: Path, volume_size: int, patients_only: bool = False) -> Optional[np.ndarray]:
-    """Mean of the datalist's training CTs on a ``volume_size``^3 grid (HU), or None without training entries;
-    with ``patients_only`` of the patients alone (``aug == 0``, no mix: kNN's candidates)."""
+def datalist_mean_cts(datalist: Path, volume_size: int) -> tuple:
+    """(mean of the training patients, mean of the whole training list) on a ``volume_size``^3 grid (HU), in one
+    pass over the CTs. The patients are kNN's candidates (``aug == 0``, no mix); the second is None when the list
+    holds nothing else (no variants, no mixes), the first None when it holds no patient."""
     from ..datalist import read_datalist
 
     items = read_datalist(datalist, "training")
-    if patients_only:
-        raw = json.loads(Path(datalist).read_text(encoding="utf-8")).get("training", [])
-        items = [item for entry, item in zip(raw, items) if _is_patient(entry)]
-    if not items:
-        return None
-    total = None
-    for item in items:
-        hu = model_grid_hu(load_entry_ct(item["image"]), volume_size).astype(np.float64)
-        total = hu if total is None else total + hu
-    return (total / len(items)).astype(np.float32)
+    raw = json.loads(Path(datalist).read_text(encoding="utf-8")).get("training", [])
+    totals, counts = {True: 0.0, False: 0.0}, {True: 0, False: 0}
+    for entry, item in zip(raw, items):
+        patient = _is_patient(entry)
+        totals[patient] = totals[patient] + model_grid_hu(load_entry_ct(item["image"]), volume_size).astype(np.float64)
+        counts[patient] += 1
+    patients = (totals[True] / counts[True]).astype(np.float32) if counts[True] else None
+    whole = ((totals[True] + totals[False]) / (counts[True] + counts[False])).astype(np.float32) if counts[False] else None
+    return patients, whole
+
+
+def datalist_mean_ct(datalist: Path, volume_size: int, patients_only: bool = False) -> Optional[np.ndarray]:
+    """Mean of the datalist's training CTs on a ``volume_size``^3 grid (HU), or None without training entries;
+    with ``patients_only`` of the patients alone (``aug == 0``, no mix: kNN's candidates)."""
+    patients, whole = datalist_mean_cts(datalist, volume_size)
+    return patients if patients_only or whole is None else whole
 
 
 def drr_thumbnail(drr01: np.ndarray, size: int = KNN_DRR_SIZE) -> np.ndarray:
@@ -268,13 +275,10 @@ def evaluate(
     check_output_folder(out_dir)
     pipe = XctDiffPipeline.from_pretrained(model)
     size = OUTPUT_SIZE
-    training, mean_ct_list = [], None
+    training, mean_ct_list = [], None  # a CT folder: no training list
     if _is_datalist(data):
         cases = datalist_cases(data, size, max_cases, augmented)
-        mean_ct = datalist_mean_ct(data, size, patients_only=True)
-        raw_training = json.loads(data.read_text(encoding="utf-8")).get("training", [])
-        if any(not _is_patient(entry) for entry in raw_training):  # variants or mixes: their mean beside
-            mean_ct_list = datalist_mean_ct(data, size)
+        mean_ct, mean_ct_list = datalist_mean_cts(data, size)  # the list's mean: None without variants or mixes
         training = datalist_training(data) if knn or atlas else []
     else:
         cases = ct_folder_cases(data, size, pipe.info.geometry, max_cases)
