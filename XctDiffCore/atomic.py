@@ -2,21 +2,34 @@
 
 Nothing half-written is ever left at the target path: an exception (bad input found late, SIGTERM,
 which the CLI turns into an exception, Ctrl-C) removes the temporary file and leaves any earlier file
-at the target untouched (SIGKILL cannot be caught: it may leave the hidden ``.NAME.*.tmp*`` file, never a
-partial target). Before the rename the temporary file is checked (:func:`verify_written`:
+at the target untouched (SIGKILL cannot be caught: it may leave a hidden ``.xctdiff-*.tmp*`` file or
+folder, never a partial target). Temporary names are short, so that a target name at the file system's
+limit (255 bytes) can still be written. Before the rename the temporary file is checked (:func:`verify_written`:
 not empty, and complete for the formats whose writers may fail silently, e.g. SimpleITK's NIfTI
 writer on a full disk) and flushed to disk (fsync). A failed write becomes one :class:`XctDiffError`.
+
+Several outputs of one command (a CT and its views PNG) are written as one set inside :func:`output_set`:
+every temporary is finished first, then all are renamed into place at its end, and a failure or interrupt
+during those renames puts the earlier outputs back. Clean-up runs to its end even when a second Ctrl-C
+arrives during it (:func:`_finish`).
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import errno
 import os
-import shutil
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Optional
 
 from .errors import XctDiffError
+
+TEMP_PREFIX = ".xctdiff-"  # hidden and short: a temporary name is never longer than the target's limit allows
+
+# the list of (finished temporary, target) of the innermost open output_set; None outside one
+_pending_outputs: contextvars.ContextVar = contextvars.ContextVar("xctdiff_pending_outputs", default=None)
 
 
 def full_suffix(path: Path) -> str:
@@ -27,12 +40,26 @@ def full_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
+def check_name_length(path) -> None:
+    """Refuse, with one line, a name the file system cannot hold (else a later ``stat`` raises ENAMETOOLONG)."""
+    path = Path(path)
+    size = len(os.fsencode(path.name))
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):  # the folder is missing, or no such limit here
+        limit = 255
+    if size > limit:
+        raise XctDiffError(f"the file name is too long ({size} bytes; at most {limit}): {path}")
+
+
 def check_output_path(path) -> Path:
-    """Fail early, with one line, when the output's folder is missing or not writable, or the path is a folder."""
+    """Fail early, with one line, when the output's folder is missing or not writable, the path is a folder or
+    its name too long."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise XctDiffError(f"output folder does not exist: {parent}")
+    check_name_length(path)
     if path.is_dir():
         raise XctDiffError(f"output path is a folder, expected a file: {path}")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -44,6 +71,7 @@ def check_output_folder(path, parents: bool = False) -> Path:
     """Fail early, with one line, when ``--out`` names a file, or (unless ``parents``: the caller makes
     them) a folder whose parent is missing; checked before any work, so a refused run leaves nothing."""
     path = Path(path)
+    check_name_length(path)
     if path.exists() and not path.is_dir():
         raise XctDiffError(f"--out names a file, not a folder: {path}")
     if not parents and not path.parent.is_dir():
@@ -81,14 +109,14 @@ class FolderSnapshot:
         self.before = {Path(root) for root, _, _ in os.walk(self.path)} if self.path.is_dir() else set()
 
     def remove_new_empty_folders(self) -> None:
-        if self.path.is_dir():
-            for root, _, _ in os.walk(self.path, topdown=False):
-                if Path(root) not in self.before:
-                    with contextlib.suppress(OSError):
-                        os.rmdir(root)  # only when empty
-        for folder in self.missing:
+        """Runs to its end even when a second Ctrl-C arrives meanwhile (:func:`_finish`)."""
+        _finish(self._remove_new_empty_folders)
+
+    def _remove_new_empty_folders(self) -> None:
+        roots = [Path(root) for root, _, _ in os.walk(self.path, topdown=False)] if self.path.is_dir() else []
+        for folder in [root for root in roots if root not in self.before] + self.missing:
             with contextlib.suppress(OSError):
-                os.rmdir(folder)
+                os.rmdir(folder)  # only when empty
 
 
 def file_identity(path) -> tuple:
@@ -108,30 +136,33 @@ def atomic_path(path):
 
     On success the written file is verified (:func:`verify_written`) and synced before the rename; a
     failed write (disk full, file too large, permissions) raises :class:`XctDiffError` naming ``path``.
+    Inside :func:`output_set` the rename waits for the set's end.
     """
     path = check_output_path(path)
     tmp = None
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{full_suffix(path).lower()}", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
+        tmp = _temp_name(path.parent, f".tmp{full_suffix(path).lower()}")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         yield tmp
         problem = verify_written(tmp, full_suffix(path).lower())
         if problem:
             raise XctDiffError(f"cannot write {path}: the written file is incomplete ({problem}); is the disk full?")
         _fsync(tmp)
-        # mkstemp makes 0600 (and some writers, e.g. safetensors, recreate the file): outputs get the usual permissions
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        # made 0600 (and some writers, e.g. safetensors, recreate the file): outputs get the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())
+        pending = _pending_outputs.get()
+        if pending is not None:
+            pending.append((tmp, path))  # the set renames it, or removes it
+            tmp = None
+            return
         os.replace(tmp, path)
         with contextlib.suppress(OSError):  # the rename itself on disk; not every file system syncs folders
             _fsync(path.parent)
     except OSError as exc:
         raise XctDiffError(f"cannot write {path}: {_os_reason(exc)}") from exc
     finally:
-        if tmp is not None and tmp.exists():
-            tmp.unlink()
+        if tmp is not None:
+            _finish(lambda: _remove(tmp))
 
 
 def check_output_series_folder(path, replaceable) -> Path:
@@ -142,52 +173,190 @@ def check_output_series_folder(path, replaceable) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise XctDiffError(f"output folder does not exist: {parent}")
-    if path.exists() and not path.is_dir():
+    check_name_length(path)
+    try:  # one look each: another writer of the same series may move it away at any moment
+        is_file = not stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        is_file = False
+    if is_file:
         raise XctDiffError(f"output path is a file, expected a folder: {path}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise XctDiffError(f"output folder is not writable: {parent}")
-    if path.is_dir():
-        foreign = [entry.name for entry in path.iterdir() if not (entry.is_file() and replaceable(entry.name))]
-        if foreign:
-            raise XctDiffError(f"the output folder {path} holds other files ({foreign[0]}, ...): "
-                               "give an empty or new folder")
+    try:
+        entries = list(path.iterdir())
+    except FileNotFoundError:  # a new output, or another writer's swap under way
+        entries = []
+    foreign = [entry.name for entry in entries if _is_foreign(entry, replaceable)]
+    if foreign:
+        raise XctDiffError(f"the output folder {path} holds other files ({foreign[0]}, ...): "
+                           "give an empty or new folder")
     return path
+
+
+def _is_foreign(entry: Path, replaceable) -> bool:
+    """Whether a folder output's entry is someone else's: not a file ``replaceable`` accepts. One look (a file
+    that vanishes meanwhile was moved aside by another writer of the same output: it was replaceable)."""
+    try:
+        is_file = stat.S_ISREG(entry.stat().st_mode)
+    except FileNotFoundError:
+        return False
+    return not (is_file and replaceable(entry.name))
 
 
 @contextlib.contextmanager
 def atomic_folder(path, replaceable):
     """Yield a hidden temporary folder beside ``path``; on success every file in it is synced and the folder
-    takes ``path``'s place (an earlier folder there, checked by :func:`check_output_series_folder`, is
-    removed only after the new one is in place). On failure the temporary folder is removed and ``path`` is
-    untouched."""
+    takes ``path``'s place (see :func:`_commit`: an earlier folder there, checked by
+    :func:`check_output_series_folder`, is moved aside and removed only after the new one is in place, or put
+    back if that fails or is interrupted). On failure the temporary folder is removed and ``path`` is
+    untouched. Inside :func:`output_set` the swap waits for the set's end."""
     path = check_output_series_folder(path, replaceable)
-    tmp = old = None
+    tmp = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        yield tmp
+        tmp = _temp_name(path.parent, ".tmp")
+        os.mkdir(tmp, 0o700)
+        inner = _pending_outputs.set(None)  # files written into the folder are renamed there at once
+        try:
+            yield tmp
+        finally:
+            _pending_outputs.reset(inner)
         for entry in tmp.iterdir():
             if entry.stat().st_size == 0:
                 raise XctDiffError(f"cannot write {path}: {entry.name} is empty; is the disk full?")
             _fsync(entry)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o777 & ~_umask())
+        pending = _pending_outputs.get()
+        if pending is not None:
+            pending.append((tmp, path))
+        else:
+            _commit([(tmp, path)])
         tmp = None
-        with contextlib.suppress(OSError):
-            _fsync(path.parent)
     except OSError as exc:
-        if old is not None and not path.exists():  # the swap failed half way: the earlier folder goes back
-            with contextlib.suppress(OSError):
-                os.replace(old / path.name, path)
         raise XctDiffError(f"cannot write {path}: {_os_reason(exc)}") from exc
     finally:
-        for folder in (tmp, old):
-            if folder is not None:
-                shutil.rmtree(folder, ignore_errors=True)
+        if tmp is not None:
+            _finish(lambda: _remove(tmp))
+
+
+@contextlib.contextmanager
+def output_set():
+    """Write the outputs of one command as a set (a CT and its views: never a new one beside an old one).
+
+    Inside the block :func:`atomic_path` and :func:`atomic_folder` write and check their temporaries but do
+    not rename them; at the block's end :func:`_commit` renames them all in quick succession. An exception or
+    interrupt inside the block removes every temporary, and one during the renames puts the earlier outputs
+    back, so each output is either all new or all as before."""
+    pending = []
+    token = _pending_outputs.set(pending)
+    try:
+        yield
+    except BaseException:
+        _finish(lambda: [_remove(tmp) for tmp, _ in pending])
+        raise
+    finally:
+        _pending_outputs.reset(token)
+    try:
+        _commit(pending)
+    except OSError as exc:
+        raise XctDiffError(f"cannot write {pending[0][1]}: {_os_reason(exc)}") from exc
+
+
+def _commit(pending: list) -> None:
+    """Rename each finished ``(temporary, target)`` into place, the earlier target first moved aside into a
+    hidden folder, so that it can be put back (and a folder cannot be replaced in one rename anyway). Until
+    the last folder is synced, any exception, Ctrl-C included, undoes the renames (:func:`_undo`); after that
+    the earlier targets are removed. A reader may find a target missing for the moment between its renames."""
+    done = []  # (temporary, target, folder holding the earlier target as "old", whether there was one)
+    failed = True
+    try:
+        for tmp, path in pending:
+            aside = _temp_name(path.parent, ".old")
+            done.append((tmp, path, aside, os.path.lexists(path)))
+            os.mkdir(aside, 0o700)
+            _swap_in(tmp, path, aside)
+        for folder in {path.parent for _, path in pending}:
+            with contextlib.suppress(OSError):  # the renames on disk; not every file system syncs folders
+                _fsync(folder)
+        failed = False
+    except BaseException:
+        failed = True
+        _finish(lambda: _undo(done))
+        raise
+    finally:  # the temporaries not renamed; on success the earlier targets (_undo removes what it put back)
+        leftovers = [tmp for tmp, _ in pending] + ([] if failed else [aside for _, _, aside, _ in done])
+        _finish(lambda: [_remove(p) for p in leftovers])
+
+
+def _swap_in(tmp: Path, path: Path, aside: Path) -> None:
+    """Move what is at ``path`` to ``aside/old``, then ``tmp`` to ``path``. A folder that another writer of the
+    same output put there in between is moved aside too and the rename tried again: the last writer wins."""
+    with contextlib.suppress(FileNotFoundError):  # nothing there (or another writer moved it just now)
+        os.replace(path, aside / "old")
+    for attempt in range(3):
+        try:
+            os.replace(tmp, path)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 2:
+                raise
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, aside / f"other{attempt}")
+
+
+def _undo(done: list) -> None:
+    """Put the earlier targets of a failed :func:`_commit` back, last first; safe to run again (:func:`_finish`).
+    An earlier target that cannot be put back stays in its hidden ``.xctdiff-*.old`` folder, never deleted."""
+    for tmp, path, aside, had_earlier in reversed(done):
+        old = aside / "old"
+        with contextlib.suppress(OSError):
+            if had_earlier and os.path.lexists(old):
+                _remove(path)  # the new one, if it got there
+                os.replace(old, path)
+            elif not had_earlier and not os.path.lexists(tmp):
+                _remove(path)  # the new one: there was nothing before
+        if not os.path.lexists(old):
+            _remove(aside)
+
+
+def _temp_name(folder: Path, suffix: str) -> Path:
+    """A new hidden name in ``folder``, to be created by the caller (O_EXCL, mkdir) after it holds the name, so
+    that an interrupt right after the creation still finds it to remove (tempfile's own functions return the
+    name only after creating it). 48 random bits: a name already taken fails the write, as good as never."""
+    return folder / f"{TEMP_PREFIX}{secrets.token_hex(6)}{suffix}"
+
+
+def _finish(action) -> None:
+    """Run a short clean-up to its end even if Ctrl-C or SIGTERM arrives during it (a second Ctrl-C while
+    the first unwinds): it is run again, then the interrupt is raised. ``action`` must be safe to repeat."""
+    interrupt = None
+    for _ in range(3):
+        try:
+            action()
+            break
+        except Exception:
+            raise
+        except BaseException as exc:  # KeyboardInterrupt, the CLI's Terminated
+            interrupt = interrupt or exc
+    if interrupt is not None:
+        raise interrupt
+
+
+def _remove(path) -> None:
+    """Remove a file or a folder tree if it is there, as far as it can. Safe to interrupt and run again: it holds
+    no file descriptor (shutil.rmtree interrupted at the wrong moment closes one twice and fails with EBADF)."""
+    with contextlib.suppress(OSError):
+        if os.path.isdir(path) and not os.path.islink(path):
+            for name in os.listdir(path):
+                _remove(os.path.join(path, name))
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _os_reason(exc: OSError) -> str:

@@ -515,16 +515,38 @@ def save_model_folder(
     ``required``: the stages it must hold; fewer than all three make a partial folder, which cannot
     reconstruct but can start the later stages' training (``xctdiff train ... --init``).
     ``settings``: each stage's JSON (:func:`~XctDiffCore.training.stage_for_export`); by default they
-    come from ``config``. ``extra``: further manifest entries (training data, metrics). The manifest is
-    written last, so a folder without one is an unfinished export.
+    come from ``config``. ``extra``: further manifest entries (training data, metrics). The folder is
+    written whole in a hidden temporary folder beside ``out_dir``, then takes its place
+    (:func:`~XctDiffCore.atomic.atomic_folder`): an earlier model folder there is replaced (none of its files
+    stays) and stays valid when the export fails or is interrupted; any other folder that is not empty is refused.
     """
-    from .atomic import atomic_path, make_output_folder
+    from .atomic import atomic_folder, make_output_folder
 
     out_dir = Path(out_dir)
     missing = [s for s in required if s not in networks]
     if missing:
         raise XctDiffError(f"cannot export a model without the {', '.join(missing)} stage(s)")
-    make_output_folder(out_dir)
+    _check_replaceable(out_dir)
+    make_output_folder(out_dir.parent)
+    with atomic_folder(out_dir, replaceable=lambda name: True) as folder:
+        _write_model_files(folder, networks, config, model_id, version, mean_ct, model_card, geometry, dtype,
+                           settings, extra)
+    return out_dir
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """An export replaces an earlier model folder whole; a folder without a manifest that holds anything is
+    someone else's: refused before any work, never deleted."""
+    if out_dir.is_dir() and not (out_dir / MANIFEST_NAME).is_file() and any(out_dir.iterdir()):
+        raise XctDiffError(f"the output folder {out_dir} is not empty and not a model folder (no {MANIFEST_NAME}): "
+                           "give a new or empty folder, or an earlier model folder to replace")
+
+
+def _write_model_files(out_dir: Path, networks: dict, config, model_id: str, version: str, mean_ct, model_card: str,
+                       geometry: str, dtype: str, settings: Optional[dict], extra: Optional[dict]) -> None:
+    """The files of :func:`save_model_folder` into the (temporary) folder ``out_dir``, the manifest last."""
+    from .atomic import atomic_path
+
     settings = settings or stage_configs(config)
     stages = {s: export_stage(networks[s], s, settings[s], out_dir, dtype=dtype) for s in REQUIRED_STAGES if s in networks}
     if networks.get("style") is not None:
@@ -553,7 +575,6 @@ def save_model_folder(
     with atomic_path(out_dir / MODEL_CARD_NAME) as tmp:
         tmp.write_text(model_card or f"# {model_id} {version}\n\nXctDiff model folder.\n", encoding="utf-8")
     write_manifest(out_dir, stages, extra=extra, files=files)
-    return out_dir
 
 
 def create_random_model(out_dir, config: Union[str, object] = "tiny", seed: int = 0, with_style: bool = True,

@@ -771,12 +771,13 @@ def reconstruct_file(
     """Reconstruct one radiograph file and write the CT (and the uncertainty, the views PNG), atomically.
 
     Output paths are checked before the (long) reconstruction; nothing is written when it fails or
-    is cancelled. ``output_format``: one of :data:`CT_FORMATS` (default: ``output``'s suffix, else nrrd;
+    is cancelled, and the outputs replace earlier ones as a set (:func:`~XctDiffCore.atomic.output_set`).
+    ``output_format``: one of :data:`CT_FORMATS` (default: ``output``'s suffix, else nrrd;
     ``dicom``: a DICOM series folder, see :func:`write_ct`). ``options`` go to
     :meth:`XctDiffPipeline.reconstruct` (the settings as ``options=``
     :class:`~XctDiffCore.options.ReconstructOptions` or as keywords). Returns (result, written paths).
     """
-    from .atomic import check_output_path
+    from .atomic import check_output_path, output_set
     from .io import write_volume
 
     settings = options.pop("options", None)
@@ -803,13 +804,14 @@ def reconstruct_file(
     if progress is not None:
         progress(WRITE_START, "writing")
     start = time.perf_counter()
-    written = [write_ct(result, output, output_format, source=input_path, model=pipeline.info)]
-    if uncertainty is not None:
-        written.append(write_volume(result.uncertainty, uncertainty))
-    if views is not None:
-        from .figures import write_reconstruction_views
+    with output_set():  # all written before any is renamed: never a new CT beside an earlier run's views
+        written = [write_ct(result, output, output_format, source=input_path, model=pipeline.info)]
+        if uncertainty is not None:
+            written.append(write_volume(result.uncertainty, uncertainty))
+        if views is not None:
+            from .figures import write_reconstruction_views
 
-        written.append(write_reconstruction_views(result, views))
+            written.append(write_reconstruction_views(result, views))
     result.timings["write"] = time.perf_counter() - start
     if progress is not None:
         progress(1.0, "written")

@@ -1,6 +1,8 @@
 """Readers and writers: CT round trips with their geometry, DICOM series, npz, and every radiograph kind."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import SAMPLE_CT, SAMPLE_RADIOGRAPH, synthetic_chest
@@ -545,3 +547,177 @@ def test_dicom_view_facts_are_read_for_the_plausibility_check(tmp_path):
     facts = inspect_path(path)
     assert (facts["view_position"], facts["body_part_examined"], facts["patient_age"]) == ("LL", "CHEST", "45 years")
     assert read_radiograph(write_dicom_radiograph(tmp_path / "plain.dcm", stored)).header == {}
+
+
+# ------------------------------------------------------------------------- interrupted and concurrent writes
+
+
+def hidden(folder) -> list:
+    """The hidden temporary files and folders left in a folder."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def interrupt_call(monkeypatch, module, name: str, n: int) -> None:
+    """``module.name`` (e.g. ``os.replace`` as atomic.py calls it) raises KeyboardInterrupt at its ``n``-th
+    call, as a Ctrl-C arriving just then would; every other call runs."""
+    real, calls = getattr(module, name), []
+
+    def fake(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, fake)
+
+
+def small_volume(value: int) -> Volume:
+    return Volume(np.full((4, 8, 8), value, np.int16), (2.5, 2.5, 2.5))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_an_interrupted_output_set_keeps_every_earlier_output(tmp_path, monkeypatch, n):
+    """The renames of a set (earlier CT aside, new CT in, earlier PNG aside, new PNG in): Ctrl-C at any of them
+    puts both earlier outputs back, never a new CT beside an old PNG."""
+    from XctDiffCore import atomic
+
+    ct, png = tmp_path / "ct.nrrd", tmp_path / "views.png"
+    write_volume(small_volume(1), ct)
+    write_image_png(np.zeros((40, 40)), png)
+    before = {path: path.read_bytes() for path in (ct, png)}
+    interrupt_call(monkeypatch, atomic.os, "replace", n)
+    with pytest.raises(KeyboardInterrupt), atomic.output_set():
+        write_volume(small_volume(2), ct)
+        write_image_png(np.ones((40, 40)), png)
+    assert {path: path.read_bytes() for path in (ct, png)} == before
+    assert hidden(tmp_path) == []
+
+
+def test_an_output_set_is_written_whole_or_not_at_all(tmp_path):
+    from XctDiffCore import atomic
+
+    ct, png = tmp_path / "ct.nrrd", tmp_path / "views.png"
+    with pytest.raises(XctDiffError, match="stop"), atomic.output_set():
+        write_volume(small_volume(2), ct)
+        raise XctDiffError("stop")  # a later output fails: the CT written before it is not renamed
+    assert list(tmp_path.iterdir()) == []
+    with atomic.output_set():
+        write_volume(small_volume(2), ct)
+        assert not ct.exists()  # renamed only at the end of the set
+        write_image_png(np.ones((40, 40)), png)
+    assert read_ct(ct).array.max() == 2 and png.is_file() and hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_an_interrupted_series_swap_keeps_the_earlier_series(tmp_path, monkeypatch, n):
+    """Ctrl-C between the two renames of a series folder (the earlier one moved aside, the new one not in place)."""
+    from XctDiffCore import atomic
+    from XctDiffCore.dicom_series import write_dicom_series
+
+    folder = write_dicom_series(small_volume(1), tmp_path / "ct")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    interrupt_call(monkeypatch, atomic.os, "replace", n)
+    with pytest.raises(KeyboardInterrupt):
+        write_dicom_series(small_volume(2), folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert hidden(tmp_path) == []
+
+
+def test_a_second_ctrl_c_during_the_clean_up_leaves_no_temporary(tmp_path, monkeypatch):
+    """The second Ctrl-C of a double press arrives while the first one's clean-up removes the temporary."""
+    from XctDiffCore import atomic
+    from XctDiffCore.dicom_series import write_dicom_series
+
+    interrupt_call(monkeypatch, atomic.os, "rmdir", 1)
+    with pytest.raises(KeyboardInterrupt), atomic.atomic_folder(tmp_path / "ct", lambda name: True) as tmp:
+        (tmp / "a.dcm").write_bytes(b"half")
+        raise KeyboardInterrupt
+    interrupt_call(monkeypatch, atomic.os, "unlink", 1)
+    with pytest.raises(KeyboardInterrupt), atomic.atomic_path(tmp_path / "ct.nrrd") as tmp:
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    write_dicom_series(small_volume(1), tmp_path / "ct")  # and the next run writes as usual
+
+
+@pytest.mark.parametrize("call, write", [
+    ("open", lambda atomic, folder: atomic.atomic_path(folder / "ct.nrrd")),
+    ("mkdir", lambda atomic, folder: atomic.atomic_folder(folder / "ct", lambda name: True)),
+], ids=["file", "folder"])
+def test_ctrl_c_just_after_the_temporary_is_made_leaves_nothing(tmp_path, monkeypatch, call, write):
+    """The interrupt lands as the creating call returns, before its name could be kept anywhere."""
+    from XctDiffCore import atomic
+
+    real = getattr(atomic.os, call)
+
+    def create_then_interrupt(*args, **kwargs):
+        monkeypatch.setattr(atomic.os, call, real)
+        result = real(*args, **kwargs)
+        if call == "open":
+            atomic.os.close(result)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, call, create_then_interrupt)
+    with pytest.raises(KeyboardInterrupt), write(atomic, tmp_path):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_ctrl_c_does_not_keep_the_empty_folders_a_failed_run_made(tmp_path, monkeypatch):
+    from XctDiffCore import atomic
+
+    snapshot = atomic.FolderSnapshot(tmp_path / "out" / "new")
+    (tmp_path / "out" / "new" / "images").mkdir(parents=True)
+    interrupt_call(monkeypatch, atomic.os, "rmdir", 1)
+    with pytest.raises(KeyboardInterrupt):
+        snapshot.remove_new_empty_folders()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_series_moved_away_by_another_writer_while_checked_is_no_error(tmp_path, monkeypatch):
+    """Two runs writing one series folder: the other run's swap moves the earlier series aside while this
+    run checks it. That folder was the tool's own, not foreign files."""
+    from XctDiffCore import atomic
+    from XctDiffCore.dicom_series import write_dicom_series
+
+    folder = write_dicom_series(small_volume(1), tmp_path / "ct")
+    real_stat = Path.stat
+
+    def other_writer_moves_it(entry, **kwargs):  # as this run looks at the first file
+        if entry.parent == folder and folder.exists():
+            atomic.os.replace(folder, tmp_path / "gone")
+        return real_stat(entry, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", other_writer_moves_it)
+    assert atomic.check_output_series_folder(folder, lambda name: True) == folder
+
+
+def test_a_series_put_in_place_by_another_writer_during_the_swap_is_no_error(tmp_path, monkeypatch):
+    """The other run's series lands between this run's two renames: this run moves it aside too and wins."""
+    from XctDiffCore import atomic
+    from XctDiffCore.dicom_series import write_dicom_series
+
+    folder = write_dicom_series(small_volume(1), tmp_path / "ct")
+    real_replace, others = atomic.os.replace, []
+
+    def other_writer_puts_its_own(source, target):
+        real_replace(source, target)
+        if Path(source) == folder and not others:  # this run's earlier series just moved aside
+            others.append(write_dicom_series(small_volume(3), folder))
+
+    monkeypatch.setattr(atomic.os, "replace", other_writer_puts_its_own)
+    write_dicom_series(small_volume(2), folder)
+    monkeypatch.undo()
+    assert read_ct(folder).array.max() == 2 and hidden(tmp_path) == []
+
+
+def test_a_name_at_the_length_limit_is_written_and_a_longer_one_is_one_line(tmp_path):
+    longest = tmp_path / ("x" * 250 + ".nrrd")  # 255 bytes: the hidden temporary name must be shorter
+    write_volume(small_volume(1), longest)
+    assert read_ct(longest).array.max() == 1 and hidden(tmp_path) == []
+    with pytest.raises(XctDiffError, match=r"the file name is too long \(261 bytes; at most 255\)"):
+        write_volume(small_volume(1), tmp_path / ("x" * 256 + ".nrrd"))
+    from XctDiffCore.dicom_series import write_dicom_series
+
+    with pytest.raises(XctDiffError, match="too long"):
+        write_dicom_series(small_volume(1), tmp_path / ("x" * 256))

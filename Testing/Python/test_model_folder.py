@@ -381,3 +381,51 @@ def test_direct_method_refuses_an_uncertainty_map_and_export_needs_a_run(tmp_pat
     assert main(["reconstruct", str(SAMPLE_RADIOGRAPH), "-o", str(tmp_path / "ct.nrrd"), "--method", "direct",
                  "--uncertainty", str(tmp_path / "u.nrrd"), "--samples", "2"]) == 2
     assert not (tmp_path / "ct.nrrd").exists()
+
+
+# ------------------------------------------------------------------------------- exporting over a folder
+
+
+def folder_digest(folder: Path) -> dict:
+    return {p.name: file_sha256(p) for p in folder.iterdir()}
+
+
+def test_an_interrupted_export_leaves_the_earlier_model_valid(folder, monkeypatch):
+    """Ctrl-C after the new model's first weights are written: the earlier folder is whole and loads."""
+    import XctDiffCore.model_folder as model_folder
+
+    before = folder_digest(folder)
+    real, calls = model_folder.export_stage, []
+
+    def export_then_interrupt(*args, **kwargs):
+        calls.append(real(*args, **kwargs))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return calls[-1]
+
+    monkeypatch.setattr(model_folder, "export_stage", export_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        create_random_model(folder, "tiny", seed=5)
+    assert folder_digest(folder) == before
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["model"]  # no hidden temporary folder
+    load_model_folder(folder)
+
+
+def test_an_export_replaces_the_whole_earlier_model_folder(folder):
+    """The new model has no style stage and no mean CT: the earlier ones are gone, not left unlisted."""
+    create_random_model(folder, "tiny", seed=5, with_style=False)
+    assert {p.name for p in folder.iterdir()} == set(read_manifest_json(folder)["sha256"]) | {MANIFEST_NAME}
+    assert not (folder / "style.safetensors").exists() and not (folder / "mean_ct.npy").exists()
+    assert load_model_folder(folder).info.version == "seed5"
+
+
+def test_an_export_into_a_folder_that_is_not_a_model_is_refused(tmp_path):
+    """A folder of the user's (no manifest) is never replaced; an empty one is filled."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(XctDiffError, match="is not empty and not a model folder"):
+        create_random_model(tmp_path / "mine", "tiny")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    load_model_folder(create_random_model(tmp_path / "empty", "tiny", with_style=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine"]

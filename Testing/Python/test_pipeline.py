@@ -409,6 +409,30 @@ def test_cancelled_reconstruct_file_writes_nothing(pipe, tmp_path, stage):
     assert listing(tmp_path) == before
 
 
+
+def test_an_interrupt_while_writing_keeps_the_earlier_outputs_as_a_set(pipe, tmp_path, monkeypatch):
+    """Ctrl-C after the CT is written but before the views are: the earlier run's CT and views both stay
+    (not a new CT beside old views); nothing temporary is left."""
+    import XctDiffCore.figures as figures
+    from XctDiffCore.io import write_image_png, write_volume
+
+    ct, views = tmp_path / "ct.nrrd", tmp_path / "views.png"
+    write_volume(Volume(np.zeros((4, 4, 4), np.int16), (2.5, 2.5, 2.5)), ct)  # an earlier run's outputs
+    write_image_png(np.zeros((40, 40)), views)
+    before = {path: path.read_bytes() for path in (ct, views)}
+    real = figures.write_reconstruction_views
+
+    def write_then_interrupt(result, path):
+        real(result, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(figures, "write_reconstruction_views", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct_file(pipe, SAMPLE_RADIOGRAPH, ct, views=views, method="direct", device="cpu")
+    assert {path: path.read_bytes() for path in (ct, views)} == before
+    assert listing(tmp_path) == ["ct.nrrd", "views.png"]
+
+
 # ------------------------------------------------------------------------------------------ style
 
 
