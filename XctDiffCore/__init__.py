@@ -14,4 +14,13 @@ Conventions (written once, used everywhere; see ``XctDiffCore.volume`` and ``Xct
 __version__ = "0.1.0"
 
 from .errors import XctDiffError  # noqa: F401
-from .volume import Volume  # noqa: F401
+
+
+def __getattr__(name):
+    """``XctDiffCore.Volume`` on first use: importing the package stays stdlib-only (numpy takes 0.1 s), so
+    the command line's Ctrl-C handling is in place before anything slow is imported."""
+    if name == "Volume":
+        from .volume import Volume
+
+        return Volume
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

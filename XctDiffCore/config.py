@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,6 +363,14 @@ class Config:
                     raise XctDiffError(f"{stage}.optim.{name} must be at least 1, got {getattr(optim, name)}")
             if optim.lr <= 0:
                 raise XctDiffError(f"{stage}.optim.lr must be positive, got {optim.lr}")
+            if min(optim.weight_decay, optim.warmup_steps, optim.grad_clip) < 0:
+                raise XctDiffError(f"{stage}.optim.weight_decay, warmup_steps and grad_clip must be 0 or more")
+            if not all(0.0 <= beta < 1.0 for beta in optim.betas):
+                raise XctDiffError(f"{stage}.optim.betas must lie in [0, 1), got {list(optim.betas)}")
+        if self.data.num_workers < 0 or self.data.val_cases < 0:
+            raise XctDiffError("data.num_workers and data.val_cases must be 0 or more")
+        self._check_loss_weights()
+        self._check_diffusion_schedule()
         for name in ("volume_size", "xray_size"):
             if getattr(self.data, name) < 8:
                 raise XctDiffError(f"data.{name} must be at least 8, got {getattr(self.data, name)}")
@@ -387,7 +396,7 @@ class Config:
                                f"got {self.diffusion.schedule.prediction!r}")
         if self.encoder.image_weight < 0 or self.encoder.image_items < 0 or self.encoder.bone_weight < 0:
             raise XctDiffError("encoder.image_weight, encoder.image_items and encoder.bone_weight must be 0 or more")
-        for stage in ("autoencoder", "encoder", "coarse"):
+        for stage in ("autoencoder", "encoder", "coarse", "diffusion"):
             if not 0.0 <= getattr(self, stage).optim.ema_decay < 1.0:
                 raise XctDiffError(f"{stage}.optim.ema_decay must be in [0, 1) (0: no average), got {getattr(self, stage).optim.ema_decay}")
         if self.diffusion.cond_noise < 0:
@@ -404,6 +413,34 @@ class Config:
         if self.encoder.augment.bank and self.encoder.image_weight > 0:
             raise XctDiffError("encoder.image_weight needs the warped CTs: use it with encoder.augment.bank 0")
         return self
+
+    def _check_loss_weights(self) -> None:
+        """A negative weight turns a loss into a reward (the total goes to minus infinity); magnitudes of
+        augmentation are sizes. The paper-sized defaults stay what they are."""
+        sections = {"autoencoder.loss": self.autoencoder.loss, "style.loss": self.style.loss}
+        for stage in ("autoencoder", "encoder", "diffusion", "style", "coarse"):
+            sections[f"{stage}.augment"] = getattr(self, stage).augment
+        for stage in ("encoder", "diffusion", "coarse"):
+            sections[f"{stage}.film"] = getattr(self, stage).film
+        for where, section in sections.items():
+            for key, value in dataclasses.asdict(section).items():  # (a bank has its own sentence below)
+                if key != "bank" and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+                    raise XctDiffError(f"{where}.{key} must be 0 or more, got {value}")
+        model = self.autoencoder.model
+        if model.codebook_size < 1 or model.latent_channels < 1 or model.beta < 0:
+            raise XctDiffError("autoencoder.model.codebook_size and latent_channels must be at least 1, beta 0 or more")
+
+    def _check_diffusion_schedule(self) -> None:
+        """The noise schedule and the validation sampler, before the first step rather than at the first
+        validation (a run of the paper's config would lose 10,000 steps)."""
+        schedule = self.diffusion.schedule
+        if schedule.num_train_steps < 2 or not 0.0 < schedule.beta_start < schedule.beta_end < 1.0:
+            raise XctDiffError("diffusion.schedule needs num_train_steps >= 2 and 0 < beta_start < beta_end < 1, got "
+                               f"{schedule.num_train_steps}, {schedule.beta_start}, {schedule.beta_end}")
+        steps = self.diffusion.optim.val_sample_steps
+        if not 1 <= steps <= schedule.num_train_steps:
+            raise XctDiffError(f"diffusion.optim.val_sample_steps must be between 1 and diffusion.schedule.num_train_steps "
+                               f"({schedule.num_train_steps}), got {steps}")
 
     def coarse_model(self) -> EncoderModelConfig:
         """The coarse CT's network: the encoder's, with one output channel (the CT at the latent grid)."""
@@ -460,8 +497,13 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             raise XctDiffError(f"config key {key} must have {len(args)} entries, got {len(value)}")
         return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if hint is float:
+        if isinstance(value, str) and _looks_like_number(value):  # PyYAML reads 1e-3 as text, 1.0e-3 as a number
+            raise XctDiffError(f"config key {key} must be a number, got the text {value!r} (YAML wants a dot: write "
+                               f"{_yaml_number(value)})")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise XctDiffError(f"config key {key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # a NaN learning rate or weight trains every weight to NaN, silently
+            raise XctDiffError(f"config key {key} must be a finite number, got {value!r}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -476,6 +518,22 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             raise XctDiffError(f"config key {key} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config field type {hint!r} for {key}")
+
+
+def _looks_like_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _yaml_number(text: str) -> str:
+    """``1e-3`` -> ``1.0e-3``: how YAML 1.1 (PyYAML) wants a float in exponent form."""
+    mantissa, _, exponent = text.lower().partition("e")
+    if exponent and "." not in mantissa:
+        mantissa += ".0"
+    return f"{mantissa}e{exponent}" if exponent else mantissa
 
 
 def _from_dict(cls, data: dict, prefix: str = ""):
@@ -541,7 +599,10 @@ def bundled_config_names() -> list[str]:
 def load_config(name_or_path) -> Config:
     """Read a config by bundled name or path (``.yaml``/``.yml`` with PyYAML, ``.json`` with the stdlib)."""
     path = resolve_config_path(name_or_path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise XctDiffError(f"{path} is not a config: not a text file") from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -561,8 +622,11 @@ def load_config(name_or_path) -> Config:
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
             problem = getattr(exc, "problem", None) or " ".join(str(exc).split())  # never an IndexError on an empty message
             raise XctDiffError(f"{path} is not valid YAML: {problem}{where}") from None
+    if not data:  # an empty file would otherwise train the paper's full-size defaults without a word
+        raise XctDiffError(f"{path} is empty: a config names its sections (run, data, autoencoder, ...; see "
+                           f"{CONFIG_DIR / 'tiny.yaml'})")
     try:
-        return config_from_dict(data or {})
+        return config_from_dict(data)
     except XctDiffError as exc:
         raise XctDiffError(f"{path.name}: {exc}") from None
 

@@ -17,10 +17,14 @@ from .errors import XctDiffError
 def read_datalist(path, section: str) -> list[dict]:
     """The entries of one section with absolute paths; a clear error for a missing file or key."""
     path = Path(path)
+    if path.is_dir():
+        raise XctDiffError(f"{path} is a folder: give its datalist.json (from `xctdiff prepare`)")
     if not path.is_file():
         raise XctDiffError(f"datalist not found: {path} (make one with `xctdiff prepare`)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise XctDiffError(f"{path} is not a datalist: not a text file") from None
     except json.JSONDecodeError as exc:
         raise XctDiffError(f"{path} is not valid JSON: {exc}") from None
     entries = data.get(section, []) if isinstance(data, dict) else None
@@ -31,6 +35,9 @@ def read_datalist(path, section: str) -> list[dict]:
     for entry in entries:
         if "image" not in entry or "xray" not in entry:
             raise XctDiffError(f"{path}: every {section} entry needs 'image' and 'xray', got {sorted(entry)}")
+        for key in ("image", "xray"):
+            if not isinstance(entry[key], str) or not entry[key]:
+                raise XctDiffError(f"{path}: a {section} entry's {key!r} must be a file path, got {entry[key]!r}")
         items.append(
             {
                 "image": path.parent / entry["image"],
@@ -54,17 +61,38 @@ def load_entry_ct(path) -> np.ndarray:
     """The HU cube of a datalist entry's ``image`` (``.npz`` with ``ct``), or one line naming the file."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return npz["ct"]
+            ct = npz["ct"]
     except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as exc:
         raise XctDiffError(f"cannot read the datalist's CT {path}: {_reason(exc)}") from None
+    problem = _array_problem(ct, 3) or (None if len(set(ct.shape)) == 1 else
+                                        f"a {' x '.join(map(str, ct.shape))} volume, not the cube `xctdiff prepare` writes")
+    if problem:
+        raise XctDiffError(f"the datalist's CT {path} is {problem}")
+    return ct
 
 
 def load_entry_xray(path) -> np.ndarray:
     """The DRR of a datalist entry's ``xray`` (``.npy``), or one line naming the file."""
     try:
-        return np.load(path, allow_pickle=False)
+        xray = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise XctDiffError(f"cannot read the datalist's radiograph {path}: {_reason(exc)}") from None
+    problem = _array_problem(xray, 2)
+    if problem:
+        raise XctDiffError(f"the datalist's radiograph {path} is {problem}")
+    return xray
+
+
+def _array_problem(array, ndim: int):
+    """Why an array is no image of ``ndim`` dimensions (numbers, not empty, finite), or None: a NaN voxel
+    trains a network to NaN without a word, and a wrong shape fails deep inside torch."""
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        return f"not an array of numbers ({getattr(array, 'dtype', type(array).__name__)})"
+    if array.ndim != ndim or array.size == 0:
+        return f"of shape {tuple(array.shape)}, not a {ndim}D image"
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        return "holding NaN or infinite values"
+    return None
 
 
 def _reason(exc: BaseException) -> str:
@@ -72,4 +100,6 @@ def _reason(exc: BaseException) -> str:
         return "no such file (was the data set moved without its datalist?)"
     if isinstance(exc, KeyError):
         return "no 'ct' array in it"
+    if isinstance(exc, ValueError) and "pickle" in str(exc):  # numpy's hint to allow pickles is no advice here
+        return "not a numpy array file"
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]

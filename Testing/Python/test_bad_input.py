@@ -459,7 +459,8 @@ def test_weights_with_nan_are_refused_on_loading(tmp_path):
     (["benchmark", "drr", "--size", "100000"], "DRR size must be between 16 and 2048 pixels, got 100000"),
     (["standby", "--job-file", "JOB", "--idle-minutes", "nan"], "--idle-minutes must be a positive number of minutes"),
     (["standby", "--job-file", ".", "--idle-minutes", "1"], "--job-file names a folder"),
-], ids=["batch 0", "DRR size", "idle NaN", "job file a folder"])
+    (["standby", "--job-file", "JOB", "--parent-pid", "0"], "--parent-pid must be a process id, got 0"),
+], ids=["batch 0", "DRR size", "idle NaN", "job file a folder", "parent pid 0"])
 def test_benchmark_and_standby_settings_are_checked(tmp_path, capsys, args, words):
     from XctDiffCore.commands.cli import main
 
@@ -467,3 +468,17 @@ def test_benchmark_and_standby_settings_are_checked(tmp_path, capsys, args, word
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and words in err
+
+
+def test_ctrl_c_before_the_command_line_is_imported_is_one_line(monkeypatch, capsys):
+    """The `xctdiff` program's first lines catch a Ctrl-C that lands while the command line is still being
+    imported (or while a network command restarts): a traceback of whatever import it hit, before."""
+    import XctDiffCore.commands.cli as cli
+    from XctDiffCore.commands.launcher import entry_point
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "entry_point", interrupted)
+    assert entry_point() == 130
+    assert capsys.readouterr().err == "error: interrupted\n"

@@ -104,6 +104,21 @@ def test_unknown_section_is_an_error():
         ({"encoder": {"augment": {"bank": 4}, "image_weight": 0.5}}, r"encoder\.image_weight needs the warped CTs"),
         ({"style": {"loss": {"edge_sigma": -1.0}}}, r"style\.loss\.edge_sigma must be 0 or more"),
         ({"style": {"loss": {"critic_augment": ["colour"]}}}, r"style\.loss\.critic_augment may name translation, cutout"),
+        # values torch refused with a traceback, or took and trained to NaN without a word
+        ({"encoder": {"optim": {"lr": float("nan")}}}, r"encoder\.optim\.lr must be a finite number, got nan"),
+        ({"autoencoder": {"optim": {"lr": float("inf")}}}, r"autoencoder\.optim\.lr must be a finite number, got inf"),
+        ({"autoencoder": {"loss": {"l1_weight": -1.0}}}, r"autoencoder\.loss\.l1_weight must be 0 or more, got -1\.0"),
+        ({"encoder": {"optim": {"weight_decay": -1.0}}}, r"encoder\.optim\.weight_decay, warmup_steps and grad_clip"),
+        ({"encoder": {"optim": {"warmup_steps": -10}}}, r"encoder\.optim\.weight_decay, warmup_steps and grad_clip"),
+        ({"autoencoder": {"optim": {"betas": [1.5, 0.9]}}}, r"autoencoder\.optim\.betas must lie in \[0, 1\)"),
+        ({"data": {"num_workers": -1}}, r"data\.num_workers and data\.val_cases must be 0 or more"),
+        ({"diffusion": {"optim": {"ema_decay": 1.5}}}, r"diffusion\.optim\.ema_decay must be in \[0, 1\)"),
+        ({"diffusion": {"schedule": {"num_train_steps": 1}}}, r"diffusion\.schedule needs num_train_steps >= 2"),
+        ({"diffusion": {"schedule": {"beta_start": 0.5, "beta_end": 0.1}}}, r"0 < beta_start < beta_end < 1"),
+        ({"diffusion": {"optim": {"val_sample_steps": 0}}}, r"diffusion\.optim\.val_sample_steps must be between 1 and"),
+        ({"autoencoder": {"model": {"codebook_size": 0}}}, r"autoencoder\.model\.codebook_size and latent_channels"),
+        ({"encoder": {"film": {"max_noise": -0.1}}}, r"encoder\.film\.max_noise must be 0 or more"),
+        ({"encoder": {"optim": {"lr": "1e-3"}}}, r"YAML wants a dot: write 1\.0e-3"),
     ],
 )
 def test_bad_values_are_one_sentence_errors(data, message):
@@ -125,6 +140,19 @@ def test_configs_by_name_and_path(tmp_path):
     path = tmp_path / "mine.yaml"
     save_config(dataclasses.replace(Config(), run=dataclasses.replace(Config().run, seed=3)), path)
     assert load_config(str(path)).run.seed == 3
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "[]\n", "false\n"])
+def test_an_empty_config_file_is_refused_not_read_as_the_papers_defaults(tmp_path, text):
+    """An empty file gave the paper's full-size defaults (a 128³ model and two loader workers) and a run that
+    never got past its first step on a CPU."""
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(XctDiffError, match="is empty: a config names its sections"):
+        load_config(path)
+    path.write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(XctDiffError, match="is not a config: not a text file"):
+        load_config(path)
 
 
 def test_invalid_yaml_is_a_clear_error(tmp_path):

@@ -880,6 +880,16 @@ def test_an_idle_standby_engine_leaves_by_itself(tmp_path, model_dir):
     assert process.returncode == 0 and stdout == "" and stderr == ""
 
 
+def test_a_standby_engine_whose_parent_ended_while_it_started_leaves_at_once(tmp_path, model_dir):
+    """The Slicer module passes its own process id: a parent gone before the child could look (its own
+    parent is then init) is seen too, instead of a child holding its memory for --idle-minutes."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    process = start_standby(model_dir, tmp_path / "job.json", "--parent-pid", str(gone.pid))
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0 and stdout == "" and stderr == ""
+
+
 def test_the_preloaded_model_serves_one_job_of_that_model(tmp_path, model_dir, capsys):
     """In process: the pipeline loaded ahead is taken by the first job that names its folder (not kept for
     a second: one job per standby process), and another folder is loaded as usual."""

@@ -101,7 +101,10 @@ def _run_export(args) -> int:
         path = Path(args.model_card)
         if not path.is_file():
             raise XctDiffError(f"model card not found: {path}")
-        card = path.read_text(encoding="utf-8")
+        try:
+            card = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise XctDiffError(f"the model card {path} is not a text file (Markdown, UTF-8)") from None
     metrics = None
     if args.metrics:
         import json
@@ -402,7 +405,32 @@ def add_standby_command(subparsers):
     p.add_argument("--model", metavar="DIR", help="model folder to load ahead (default: the bundled model)")
     p.add_argument("--idle-minutes", type=float, default=30.0,
                    help="exit quietly when no job came in this long (the memory it holds goes back)")
+    p.add_argument("--parent-pid", type=int, metavar="PID",
+                   help="exit quietly when this process ends (the Slicer module passes its own, so that a parent "
+                        "that ended while the child was still starting is seen too); default: the parent process")
     p.set_defaults(handler=_run_standby)
+
+
+def _parent_watch(pid: Optional[int]):
+    """A check that the standby's parent still runs: by ``pid`` when given (a parent that ended before this
+    process could look is seen too), else by this process's parent staying the same. Windows has no
+    signal 0 (``os.kill(pid, 0)`` would send Ctrl-C there): the parent process it is."""
+    if pid is not None and pid < 1:
+        raise XctDiffError(f"--parent-pid must be a process id, got {pid}")
+    if pid is None or os.name == "nt":
+        first = os.getppid()
+        return lambda: os.getppid() == first
+
+    def runs() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's process of that number: it runs
+            return True
+        return True
+
+    return runs
 
 
 def _run_standby(args) -> int:
@@ -415,7 +443,9 @@ def _run_standby(args) -> int:
     file, not on stdin: Slicer's ``PythonSlicer`` launcher forwards the child's output but not its input."""
     import math
 
-    parent = os.getppid()  # first: Slicer, whose end (a crash) ends the wait too
+    parent_runs = _parent_watch(args.parent_pid)  # first: Slicer, whose end (a crash) ends the wait too
+    if not parent_runs():  # it ended while this process started: nobody will send a job
+        return 0
     from .reconstruct_job import preload_model
 
     job_file = Path(args.job_file)
@@ -428,7 +458,7 @@ def _run_standby(args) -> int:
     preload_model(args.model)
     deadline = time.monotonic() + args.idle_minutes * 60.0
     while not job_file.exists():
-        if time.monotonic() > deadline or os.getppid() != parent:  # no job came, or Slicer is gone: memory back
+        if time.monotonic() > deadline or not parent_runs():  # no job came, or Slicer is gone: memory back
             return 0
         time.sleep(JOB_POLL_SECONDS)
     try:

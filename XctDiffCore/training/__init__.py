@@ -76,16 +76,51 @@ def train(stage: str, config: Config, data=None, out=None, resume: bool = False,
         from .coarse import train_coarse as run
     else:
         from .diffusion import train_diffusion as run
-    from .common import Deadline, cleanup_distributed, setup_distributed
+    from .common import Deadline, Progress, checkpoint_path, cleanup_distributed, setup_distributed
 
     job = setup_distributed()  # one process, or this rank of a torchrun job
+    run_dir = Path(config.run.dir)
+    new_folders = [folder for folder in (run_dir, run_dir / stage) if not folder.exists()]
     finished = False
     try:
         path = run(config, resume, job, Deadline(time_limit, job))
         finished = True
         return path
+    except BaseException as exc:
+        Progress.close_open()  # the error line below the bar, not on it
+        if job.is_main and not checkpoint_path(run_dir, stage).is_file():
+            _remove_unfinished(new_folders)
+        if job.world_size > 1 and _is_peer_failure(exc):
+            raise XctDiffError(f"rank {job.rank}: another process of the job stopped (its error is above)") from None
+        raise
     finally:
         cleanup_distributed(job, finished)
+
+
+def _remove_unfinished(new_folders: list) -> None:
+    """Take back the folders a failed run made when no checkpoint came of it (its log, its TensorBoard events,
+    the stages ``--init`` copied in): a half-made run folder would refuse the next attempt. Folders that
+    were there before are left as they are."""
+    import shutil
+
+    for folder in new_folders:  # the run folder first: it holds the stage's
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+
+
+def _is_peer_failure(exc: BaseException) -> bool:
+    """Whether a collective failed because another rank of the job stopped (gloo/NCCL lose the connection)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(w in text for w in ("gloo", "nccl", "connection", "peer"))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
 
 
 def stage_parameter_counts(config: Config) -> dict:
@@ -152,7 +187,7 @@ def stage_for_export(stage: str, checkpoint: dict):
     step, for diffusion the noise schedule and the default sampler, for style the image size.
     """
     from ..model_folder import DEFAULT_SAMPLER
-    from .common import ema_weights
+    from .common import ema_weights, non_finite_tensor
 
     config = config_from_dict(checkpoint["config"])
     settings = {
@@ -200,7 +235,13 @@ def stage_for_export(stage: str, checkpoint: dict):
             settings["weights"] = "ema"
     else:
         raise XctDiffError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
-    model.load_state_dict(weights)
+    broken = non_finite_tensor(weights)
+    if broken:  # a diverged run: its model would write all-NaN CTs
+        raise XctDiffError(f"the {stage} checkpoint holds NaN or infinite weights ({broken}): its run diverged")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:  # a checkpoint of another stage or config under this stage's name
+        raise XctDiffError(f"the {stage} checkpoint does not fit its own config: {_first_line(exc)}") from None
     settings["model"] = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model_config).items()}
     return model.eval(), settings
 
@@ -230,8 +271,11 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     """
     from ..evaluation.reconstructions import datalist_mean_ct
     from ..model_folder import MANIFEST_NAME, OPTIONAL_STAGES, REQUIRED_STAGES, save_model_folder
-    from .common import checkpoint_path, load_checkpoint
+    from ..datalist import read_datalist
+    from .common import checked_stage, checkpoint_path, load_checkpoint
 
+    if Path(model_dir).resolve() in {Path(run_dir).resolve(), *(Path(run_dir, s).resolve() for s in STAGES)}:
+        raise XctDiffError(f"the model folder {model_dir} would be written into the run folder {run_dir}: choose another --out")
     required = tuple(stages) if stages else REQUIRED_STAGES
     unknown = sorted(set(required) - set(REQUIRED_STAGES))
     if unknown:
@@ -241,7 +285,7 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
         path = checkpoint_path(run_dir, stage)
         if stage not in required and (stages or not path.is_file()):
             continue
-        checkpoint = load_checkpoint(path, required=("config", "models", "step"))
+        checkpoint = checked_stage(load_checkpoint(path, required=("config", "models", "step")), path, stage)
         networks[stage], settings[stage] = stage_for_export(stage, checkpoint)
         if stage in required:  # the last required stage's config carries every earlier stage's model
             config = config_from_dict(checkpoint["config"])
@@ -251,6 +295,7 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     training = {"steps": {stage: s["step"] for stage, s in settings.items()}}
     mean_ct = None
     if datalist.is_file():
+        read_datalist(datalist, "training")  # one line for a file that is none
         if not stages:  # the mean-CT baseline belongs to a model that reconstructs
             mean_ct = datalist_mean_ct(datalist, config.data.volume_size)
         entries = json.loads(datalist.read_text(encoding="utf-8"))

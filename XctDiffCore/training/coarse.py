@@ -12,6 +12,7 @@ direct path (encoder -> decoder) with ``coarse.blend``, beside the direct path a
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -30,7 +31,6 @@ from .common import (
     grad_scaler,
     is_due,
     learning_rate,
-    load_checkpoint,
     make_optimizer,
     mean_scores,
     optional_ema,
@@ -41,6 +41,7 @@ from .common import (
     set_learning_rate,
     shipped_average,
     stage_data,
+    trained_stage_checkpoint,
     training_batches,
     training_state,
     volume_metrics,
@@ -68,10 +69,12 @@ def _encoder_start(config: Config, coarse) -> dict:
     """The run's trained encoder weights that fit the coarse network (all but the one-channel head)."""
     path = checkpoint_path(config.run.dir, "encoder")
     if not path.is_file():
+        warnings.warn(f"no trained encoder in {config.run.dir}: the coarse CT starts from random weights (train the "
+                      "encoder first, or pass --init MODEL)", stacklevel=2)
         return {}
     from .encoder import shipped_weights as encoder_weights
 
-    weights = encoder_weights(load_checkpoint(path)["models"])
+    weights = encoder_weights(trained_stage_checkpoint(config.run.dir, "encoder", STAGE)["models"])
     own = coarse.state_dict()
     return {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
 

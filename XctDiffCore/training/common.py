@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, make_output_folder
 from ..config import config_to_dict
 from ..errors import XctDiffError
 from ..model_folder import EXPORT_DTYPES, export_stage, file_sha256, write_manifest  # noqa: F401 (the stages' exports)
@@ -295,7 +295,7 @@ def checkpoint_path(run_dir, stage: str) -> Path:
 def save_checkpoint(path, payload: dict) -> Path:
     """``torch.save`` through :func:`atomic_path`: a kill mid-write leaves the previous checkpoint intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_output_folder(path.parent)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
@@ -318,11 +318,31 @@ def load_checkpoint(path, required: tuple = ()) -> dict:
     return checkpoint
 
 
+STAGE_CHECKPOINT_KEYS = ("stage", "step", "config", "models")
+
+
+def load_stage_checkpoint(path, stage: str) -> dict:
+    """:func:`load_checkpoint` of one stage's checkpoint: another stage's file (copied or renamed) is one line,
+    not a ``KeyError`` deep inside the loop."""
+    return checked_stage(load_checkpoint(path, required=STAGE_CHECKPOINT_KEYS), path, stage)
+
+
+def checked_stage(checkpoint: dict, path, stage: str) -> dict:
+    """The checkpoint, when it is one of ``stage`` (or says no stage, as the oldest did)."""
+    if checkpoint.get("stage", stage) != stage:
+        raise XctDiffError(f"{path} is a checkpoint of the {checkpoint['stage']} stage, not of the {stage} stage")
+    return checkpoint
+
+
 def prepare_stage_dir(run_dir, stage: str, resume: bool) -> Optional[dict]:
     """Make ``<run>/<stage>``; return the checkpoint to resume, refusing to overwrite one silently."""
     path = checkpoint_path(run_dir, stage)
+    if path.exists() and not path.is_file():
+        raise XctDiffError(f"{path} is not a file: move it away")
     if resume:
         checkpoint = load_checkpoint(path) if path.is_file() else None
+        if checkpoint is not None and "imported_from" not in checkpoint:
+            checkpoint = load_stage_checkpoint(path, stage)
         if checkpoint is not None and "imported_from" in checkpoint:
             raise XctDiffError(
                 f"{path} holds only the weights copied from {checkpoint['imported_from']} by --init and cannot be "
@@ -331,7 +351,7 @@ def prepare_stage_dir(run_dir, stage: str, resume: bool) -> Optional[dict]:
         return checkpoint
     if path.exists():
         raise XctDiffError(f"{path} already exists: pass --resume to continue it, or choose another --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_output_folder(path.parent)
     return None
 
 
@@ -343,7 +363,7 @@ def trained_stage_checkpoint(run_dir, stage: str, needed_by: str) -> dict:
             f"the {needed_by} stage needs the trained {stage} stage, but {path} does not exist "
             f"(run `xctdiff train {stage}` with the same --out first)"
         )
-    return load_checkpoint(path)
+    return checked_stage(load_checkpoint(path, required=("config", "models")), path, stage)
 
 
 # ---------------------------------------------------------------------------------- logs, progress
@@ -364,11 +384,15 @@ class RunLogger:
         if not enabled:
             return
         if self.path.is_file() and start_step > 0:
-            with open(self.path, newline="", encoding="utf-8") as f:
-                for row in csv.DictReader(f):
-                    step = int(row.pop("step"))
-                    if step <= start_step:
-                        self.rows[step] = {k: float(v) for k, v in row.items() if v != ""}
+            try:
+                with open(self.path, newline="", encoding="utf-8") as f:
+                    for row in csv.DictReader(f):
+                        step = int(row.pop("step"))
+                        if step <= start_step:
+                            self.rows[step] = {k: float(v) for k, v in row.items() if v != ""}
+            except (ValueError, KeyError, TypeError, csv.Error) as exc:  # UnicodeDecodeError is a ValueError
+                raise XctDiffError(f"{self.path} is not a training log ({type(exc).__name__}: "
+                                   f"{(str(exc).splitlines() or [''])[0][:80]}): move it away to resume") from None
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional (the `train` extra)
@@ -435,7 +459,7 @@ class Deadline:
     """
 
     def __init__(self, minutes: Optional[float], job: Distributed):
-        if minutes is not None and minutes <= 0:
+        if minutes is not None and not minutes > 0:  # NaN too: it would never end the stage
             raise XctDiffError(f"--time-limit must be a positive number of minutes, got {minutes}")
         self.end = None if minutes is None else time.monotonic() + 60.0 * minutes
         self.job, self.reached, self.terminated, self.signalled = job, False, False, False
@@ -473,7 +497,12 @@ def is_due(step: int, every: int, max_steps: int) -> bool:
 
 
 class Progress:
-    """A tqdm bar on stderr (rank 0 only) and one text line per log step; plain lines without tqdm."""
+    """A tqdm bar on stderr (rank 0 only) and one text line per log step; plain lines without tqdm.
+
+    A stage that fails leaves its bar open; :meth:`close_open` (called by ``train``) ends it, so that the
+    error line starts a line of its own instead of trailing the bar."""
+
+    _open: set = set()
 
     def __init__(self, stage: str, total: int, initial: int, enabled: bool):
         self.enabled, self.stage, self.bar = enabled, stage, None
@@ -484,6 +513,12 @@ class Progress:
         except ImportError:
             return
         self.bar = tqdm(total=total, initial=initial, desc=stage, file=sys.stderr, dynamic_ncols=True)
+        Progress._open.add(self)
+
+    @classmethod
+    def close_open(cls) -> None:
+        for progress in list(cls._open):
+            progress.close()
 
     def update(self, metrics: Optional[dict] = None) -> None:
         if self.bar is not None:
@@ -503,6 +538,7 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        Progress._open.discard(self)
 
 
 class StageLog:
@@ -512,6 +548,9 @@ class StageLog:
     def __init__(self, config, stage: str, optim, job: Distributed, step: int):
         self.config, self.stage, self.optim = config, stage, optim
         self.logger = RunLogger(stage_dir(config.run.dir, stage), job.is_main, step)
+        if step >= optim.max_steps and job.is_main:  # a resumed run with nothing left: say so, not just exit 0
+            print(f"{stage}: the checkpoint is at step {step}, max_steps is {optim.max_steps}: nothing to train "
+                  "(raise --max-steps to continue)", file=sys.stderr, flush=True)
         self.progress = Progress(stage, optim.max_steps, step, job.is_main)
         self.meter = Meter()
 
@@ -525,8 +564,14 @@ class StageLog:
         return {f"train/{k}": v for k, v in self.meter.means().items()}
 
     def write(self, step: int, metrics: dict, shown=None) -> None:
-        """Log ``metrics`` at ``step`` and print them (``shown``: only these names on the progress line)."""
+        """Log ``metrics`` at ``step`` and print them (``shown``: only these names on the progress line).
+        A non-finite training loss ends the stage here (its last checkpoint kept), not hours later."""
         self.logger.log(step, metrics)
+        diverged = sorted(k for k, v in metrics.items() if k.startswith("train/") and not np.isfinite(v))
+        if diverged:
+            raise XctDiffError(f"{self.stage}: training diverged at step {step} ({diverged[0]} = "
+                               f"{metrics[diverged[0]]}); the last checkpoint is kept: lower the learning rate "
+                               "or check the data")
         self.progress.write(step, metrics if shown is None else {k: metrics[k] for k in shown})
 
     def close(self, deadline: "Deadline", step: int) -> Path:
@@ -568,18 +613,39 @@ def training_state(job: Distributed, models: dict, optimizers: dict, scalers: di
 def restore_training_state(checkpoint: dict, job: Distributed, models: dict, optimizers: dict, scalers: dict,
                            generators: Optional[dict] = None) -> int:
     """The mirror of :func:`training_state`: each object gets back its state by the same name; returns the step."""
-    for kind, objects in (("models", models), ("optimizers", optimizers), ("scalers", scalers)):
-        for name, thing in objects.items():
-            thing.load_state_dict(checkpoint[kind][name])
-    restore_rng_states(checkpoint["rng"], job, generators)
+    try:
+        for kind, objects in (("models", models), ("optimizers", optimizers), ("scalers", scalers)):
+            for name, thing in objects.items():
+                thing.load_state_dict(checkpoint[kind][name])
+        restore_rng_states(checkpoint["rng"], job, generators)
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # another config's widths, an older layout
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise XctDiffError(f"the checkpoint does not fit this config (trained with another one? resume with the config "
+                           f"it was trained with): {reason}") from None
     return checkpoint["step"]
 
 
 def save_stage_checkpoint(config, stage: str, step: int, job: Distributed, state: dict) -> None:
     """``<run>/<stage>/checkpoint.pt`` with the stage, step and full config beside ``state`` (rank 0 writes)."""
+    broken = non_finite_tensor(state["models"])
+    if broken:  # NaN weights would replace the last good checkpoint and export as a model
+        raise XctDiffError(f"{stage}: training diverged before step {step} (NaN or infinite weights in {broken}); "
+                           "the last checkpoint is kept: lower the learning rate or check the data")
     if job.is_main:
         save_checkpoint(checkpoint_path(config.run.dir, stage),
                         {"stage": stage, "step": step, "config": config_to_dict(config), **state})
+
+
+def non_finite_tensor(tensors: dict, prefix: str = "") -> Optional[str]:
+    """The name of the first floating tensor of a (nested) state dict holding NaN or Inf, or None."""
+    for name, value in tensors.items():
+        if isinstance(value, dict):
+            found = non_finite_tensor(value, f"{prefix}{name}.")
+            if found:
+                return found
+        elif isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"{prefix}{name}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------- metrics

@@ -19,6 +19,7 @@ Only numpy and torch are imported: this runs on a bare GPU machine.
 """
 from __future__ import annotations
 
+import signal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -95,4 +96,13 @@ def train_loader(dataset: Dataset, batch_size: int, seed: int, start_step: int, 
         persistent_workers=False,
         # a private generator: creating the iterator must not draw from the global RNG (resume parity)
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_ignore_stop_signals if num_workers else None,
     )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker leaves Ctrl-C and SIGTERM to the main process, which checkpoints and stops its workers:
+    killed by the signal sent to the whole process group (a terminal, ``timeout``, a scheduler), a worker
+    turned the clean stop into a ``DataLoader worker is killed`` traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

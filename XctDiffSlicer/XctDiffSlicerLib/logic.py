@@ -160,7 +160,8 @@ class ReconstructionLogic:
             return
         self.shutdown()
         folder = Path(tempfile.mkdtemp(prefix="xctdiff-"))
-        command = self.engine_command + ["standby", "--job-file", str(folder / JOB_NAME), *model.engine_arguments()]
+        command = self.engine_command + ["standby", "--job-file", str(folder / JOB_NAME), "--parent-pid", str(os.getpid()),
+                                         *model.engine_arguments()]
         try:
             process = ChildProcess(command, env=dict(key[2])).start()
         except OSError:  # no engine ahead then: the click starts one and reports what stops it
