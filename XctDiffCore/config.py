@@ -369,7 +369,7 @@ class Config:
                 raise XctDiffError(f"{stage}.optim.betas must lie in [0, 1), got {list(optim.betas)}")
         if self.data.num_workers < 0 or self.data.val_cases < 0:
             raise XctDiffError("data.num_workers and data.val_cases must be 0 or more")
-        self._check_loss_weights()
+        self._check_non_negative()
         self._check_diffusion_schedule()
         for name in ("volume_size", "xray_size"):
             if getattr(self.data, name) < 8:
@@ -414,9 +414,9 @@ class Config:
             raise XctDiffError("encoder.image_weight needs the warped CTs: use it with encoder.augment.bank 0")
         return self
 
-    def _check_loss_weights(self) -> None:
-        """A negative weight turns a loss into a reward (the total goes to minus infinity); magnitudes of
-        augmentation are sizes. The paper-sized defaults stay what they are."""
+    def _check_non_negative(self) -> None:
+        """Loss weights and augmentation magnitudes: a negative weight turns a loss into a reward (the total
+        runs to minus infinity), a magnitude is a size."""
         sections = {"autoencoder.loss": self.autoencoder.loss, "style.loss": self.style.loss}
         for stage in ("autoencoder", "encoder", "diffusion", "style", "coarse"):
             sections[f"{stage}.augment"] = getattr(self, stage).augment
@@ -522,10 +522,9 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
 
 def _looks_like_number(text: str) -> bool:
     try:
-        float(text)
+        return math.isfinite(float(text))
     except ValueError:
         return False
-    return True
 
 
 def _yaml_number(text: str) -> str:

@@ -318,17 +318,9 @@ def load_checkpoint(path, required: tuple = ()) -> dict:
     return checkpoint
 
 
-STAGE_CHECKPOINT_KEYS = ("stage", "step", "config", "models")
-
-
-def load_stage_checkpoint(path, stage: str) -> dict:
-    """:func:`load_checkpoint` of one stage's checkpoint: another stage's file (copied or renamed) is one line,
-    not a ``KeyError`` deep inside the loop."""
-    return checked_stage(load_checkpoint(path, required=STAGE_CHECKPOINT_KEYS), path, stage)
-
-
 def checked_stage(checkpoint: dict, path, stage: str) -> dict:
-    """The checkpoint, when it is one of ``stage`` (or says no stage, as the oldest did)."""
+    """The checkpoint, when it is one of ``stage`` (or says no stage, as the oldest did): another stage's file,
+    copied or renamed, is one line, not a ``KeyError`` deep inside the loop."""
     if checkpoint.get("stage", stage) != stage:
         raise XctDiffError(f"{path} is a checkpoint of the {checkpoint['stage']} stage, not of the {stage} stage")
     return checkpoint
@@ -340,9 +332,9 @@ def prepare_stage_dir(run_dir, stage: str, resume: bool) -> Optional[dict]:
     if path.exists() and not path.is_file():
         raise XctDiffError(f"{path} is not a file: move it away")
     if resume:
-        checkpoint = load_checkpoint(path) if path.is_file() else None
-        if checkpoint is not None and "imported_from" not in checkpoint:
-            checkpoint = load_stage_checkpoint(path, stage)
+        checkpoint = None
+        if path.is_file():
+            checkpoint = checked_stage(load_checkpoint(path, required=("stage", "step", "config", "models")), path, stage)
         if checkpoint is not None and "imported_from" in checkpoint:
             raise XctDiffError(
                 f"{path} holds only the weights copied from {checkpoint['imported_from']} by --init and cannot be "
