@@ -452,8 +452,11 @@ def _c_stderr_muted():
         yield
         return
     try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
+        devnull = os.open(os.devnull, os.O_WRONLY)  # a descriptor, not a file object: a Ctrl-C here warns of none
+        try:
+            os.dup2(devnull, 2)
+        finally:
+            os.close(devnull)
         yield
     finally:
         os.dup2(saved, 2)

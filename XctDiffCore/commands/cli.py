@@ -427,7 +427,7 @@ def _parent_watch(pid: Optional[int]):
         except ProcessLookupError:
             return False
         except PermissionError:  # another user's process of that number: it runs
-            return True
+            pass
         return True
 
     return runs
