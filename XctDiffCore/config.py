@@ -383,8 +383,6 @@ class Config:
         style_factor = 2**self.style.model.num_downsamples
         if self.data.xray_size % style_factor:
             raise XctDiffError(f"data.xray_size ({self.data.xray_size}) must be a multiple of {style_factor} (style.model.num_downsamples)")
-        if min(self.style.loss.pool_size, self.style.loss.edge_weight, self.style.loss.edge_sigma) < 0:
-            raise XctDiffError("style.loss.pool_size, style.loss.edge_weight and style.loss.edge_sigma must be 0 or more")
         if set(self.style.loss.critic_augment) - set(CRITIC_AUGMENTS):
             raise XctDiffError(f"style.loss.critic_augment may name {', '.join(CRITIC_AUGMENTS)}, got {list(self.style.loss.critic_augment)}")
         if self.style.augment.enabled and self.style.augment.bank < 1:

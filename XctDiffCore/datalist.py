@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import XctDiffError
+from .errors import XctDiffError, first_line
 
 
 def read_datalist(path, section: str) -> list[dict]:
@@ -102,4 +102,4 @@ def _reason(exc: BaseException) -> str:
         return "no 'ct' array in it"
     if isinstance(exc, ValueError) and "pickle" in str(exc):  # numpy's hint to allow pickles is no advice here
         return "not a numpy array file"
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return first_line(exc)

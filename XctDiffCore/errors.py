@@ -7,3 +7,9 @@ class XctDiffError(Exception):
     The CLI prints ``error: <message>`` and exits with status 2; the Slicer module shows the message.
     Programming errors are left as ordinary exceptions so that they stay debuggable.
     """
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of a library's exception, for an :class:`XctDiffError` sentence (torch and numpy messages
+    run over many lines); the exception's type when it says nothing."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

@@ -231,6 +231,19 @@ def _build(stage: str, cls, settings: dict, folder: Path) -> nn.Module:
         raise XctDiffError(f"the {stage} configuration in {folder} does not fit {cls.__name__}: {_first_line(exc)}") from None
 
 
+def non_finite_tensor(tensors: dict, prefix: str = "") -> Optional[str]:
+    """The name of the first floating tensor of a (nested) state dict holding NaN or Inf, or None: weights of a
+    diverged run, found when they load, export or are checkpointed."""
+    for name, value in tensors.items():
+        if isinstance(value, dict):
+            found = non_finite_tensor(value, f"{prefix}{name}.")
+            if found:
+                return found
+        elif isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"{prefix}{name}"
+    return None
+
+
 def _load_weights(network: nn.Module, stage: str, path: Path, data: bytes) -> nn.Module:
     """``network`` with the weights deserialised from ``data``: the verified bytes of the file ``path``."""
     from safetensors import SafetensorError
@@ -240,8 +253,7 @@ def _load_weights(network: nn.Module, stage: str, path: Path, data: bytes) -> nn
         state = load(data)
     except (SafetensorError, OSError, ValueError) as exc:
         raise XctDiffError(f"cannot read the {stage} weights {path}: {_first_line(exc)}") from None
-    broken = next((name for name, tensor in state.items()
-                   if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
+    broken = non_finite_tensor(state)
     if broken is not None:  # a diverged run exported as it was: it would write a CT of zeros, without a word
         raise XctDiffError(f"the {stage} weights in {path} hold NaN or infinite values ({broken}): "
                            "the training run that made them diverged")

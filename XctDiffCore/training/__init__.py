@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import STAGES, Config, config_from_dict
-from ..errors import XctDiffError
+from ..errors import XctDiffError, first_line
 
 
 def with_overrides(config: Config, stage: str, data=None, out=None, max_steps: Optional[int] = None, init=None) -> Config:
@@ -119,10 +119,6 @@ def _is_peer_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(w in text for w in ("gloo", "nccl", "connection", "peer"))
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-
-
 def stage_parameter_counts(config: Config) -> dict:
     """Parameters of each deployed network of a config (built on the meta device: no memory, no time)."""
     import torch
@@ -186,8 +182,8 @@ def stage_for_export(stage: str, checkpoint: dict):
     arguments under ``"model"`` (``VQGAN(**settings["model"])`` etc.), the data sizes, the training
     step, for diffusion the noise schedule and the default sampler, for style the image size.
     """
-    from ..model_folder import DEFAULT_SAMPLER
-    from .common import ema_weights, non_finite_tensor
+    from ..model_folder import DEFAULT_SAMPLER, non_finite_tensor
+    from .common import ema_weights
 
     config = config_from_dict(checkpoint["config"])
     settings = {
@@ -241,7 +237,7 @@ def stage_for_export(stage: str, checkpoint: dict):
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:  # a checkpoint of another stage or config under this stage's name
-        raise XctDiffError(f"the {stage} checkpoint does not fit its own config: {_first_line(exc)}") from None
+        raise XctDiffError(f"the {stage} checkpoint does not fit its own config: {first_line(exc)}") from None
     settings["model"] = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model_config).items()}
     return model.eval(), settings
 

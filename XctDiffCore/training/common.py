@@ -42,8 +42,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..atomic import atomic_path, make_output_folder
 from ..config import config_to_dict
-from ..errors import XctDiffError
+from ..errors import XctDiffError, first_line
 from ..model_folder import EXPORT_DTYPES, export_stage, file_sha256, write_manifest  # noqa: F401 (the stages' exports)
+from ..model_folder import non_finite_tensor
 from .data import PairDataset, train_loader
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -310,9 +311,8 @@ def load_checkpoint(path, required: tuple = ()) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch's loader raises many types on a broken file
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise XctDiffError(f"cannot read the checkpoint {path} (empty, truncated or not from `xctdiff train`): "
-                           f"{reason}") from None
+                           f"{first_line(exc)}") from None
     if not isinstance(checkpoint, dict) or not set(required) <= set(checkpoint):
         raise XctDiffError(f"{path} is not a checkpoint of `xctdiff train` (no {' or '.join(required) or 'content'} in it)")
     return checkpoint
@@ -384,7 +384,7 @@ class RunLogger:
                             self.rows[step] = {k: float(v) for k, v in row.items() if v != ""}
             except (ValueError, KeyError, TypeError, csv.Error) as exc:  # UnicodeDecodeError is a ValueError
                 raise XctDiffError(f"{self.path} is not a training log ({type(exc).__name__}: "
-                                   f"{(str(exc).splitlines() or [''])[0][:80]}): move it away to resume") from None
+                                   f"{first_line(exc, 80)}): move it away to resume") from None
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional (the `train` extra)
@@ -611,9 +611,8 @@ def restore_training_state(checkpoint: dict, job: Distributed, models: dict, opt
                 thing.load_state_dict(checkpoint[kind][name])
         restore_rng_states(checkpoint["rng"], job, generators)
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # another config's widths, an older layout
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise XctDiffError(f"the checkpoint does not fit this config (trained with another one? resume with the config "
-                           f"it was trained with): {reason}") from None
+                           f"it was trained with): {first_line(exc)}") from None
     return checkpoint["step"]
 
 
@@ -626,18 +625,6 @@ def save_stage_checkpoint(config, stage: str, step: int, job: Distributed, state
     if job.is_main:
         save_checkpoint(checkpoint_path(config.run.dir, stage),
                         {"stage": stage, "step": step, "config": config_to_dict(config), **state})
-
-
-def non_finite_tensor(tensors: dict, prefix: str = "") -> Optional[str]:
-    """The name of the first floating tensor of a (nested) state dict holding NaN or Inf, or None."""
-    for name, value in tensors.items():
-        if isinstance(value, dict):
-            found = non_finite_tensor(value, f"{prefix}{name}.")
-            if found:
-                return found
-        elif isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return f"{prefix}{name}"
-    return None
 
 
 # ----------------------------------------------------------------------------------------- metrics
