@@ -10,7 +10,8 @@ writer on a full disk) and flushed to disk (fsync). A failed write becomes one :
 
 Several outputs of one command (a CT and its views PNG) are written as one set inside :func:`output_set`:
 every temporary is finished first, then all are renamed into place at its end, and a failure or interrupt
-during those renames puts the earlier outputs back. Clean-up runs to its end even when a second Ctrl-C
+during those renames puts the earlier outputs back. On Linux each output takes its target's place in one
+step (a DICOM series folder too), so a reader never finds a target missing. Clean-up runs to its end even when a second Ctrl-C
 arrives during it (:func:`_finish`).
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import functools
 import os
 import secrets
 import stat
@@ -262,16 +264,15 @@ def output_set():
 
 
 def _commit(pending: list) -> None:
-    """Rename each finished ``(temporary, target)`` into place, the earlier target first moved aside into a
-    hidden folder, so that it can be put back (and a folder cannot be replaced in one rename anyway). Until
-    the last folder is synced, any exception, Ctrl-C included, undoes the renames (:func:`_undo`); after that
-    the earlier targets are removed. A reader may find a target missing for the moment between its renames."""
-    done = []  # (temporary, target, folder holding the earlier target as "old", whether there was one)
+    """Put each finished ``(temporary, target)`` in place, the earlier target kept in a hidden folder so that
+    it can be put back (:func:`_swap_in`). Until the last folder is synced, any exception, Ctrl-C included,
+    undoes the swaps (:func:`_undo`); after that the earlier targets are removed."""
+    done = []  # (target, folder holding the earlier target as "old", identity of the new output)
     failed = True
     try:
         for tmp, path in pending:
             aside = _temp_name(path.parent, ".old")
-            done.append((tmp, path, aside, os.path.lexists(path)))
+            done.append((path, aside, _identity(tmp)))
             os.mkdir(aside, 0o700)
             _swap_in(tmp, path, aside)
         for folder in {path.parent for _, path in pending}:
@@ -283,18 +284,26 @@ def _commit(pending: list) -> None:
         _finish(lambda: _undo(done))
         raise
     finally:  # the temporaries not renamed; on success the earlier targets (_undo removes what it put back)
-        leftovers = [tmp for tmp, _ in pending] + ([] if failed else [aside for _, _, aside, _ in done])
+        leftovers = [tmp for tmp, _ in pending] + ([] if failed else [aside for _, aside, _ in done])
         _finish(lambda: [_remove(p) for p in leftovers])
 
 
 def _swap_in(tmp: Path, path: Path, aside: Path) -> None:
-    """Move what is at ``path`` to ``aside/old``, then ``tmp`` to ``path``. A folder that another writer of the
-    same output put there in between is moved aside too and the rename tried again: the last writer wins."""
+    """Put ``tmp`` at ``path`` and what was there at ``aside/old``. Where the system can swap two names in one
+    step (Linux's renameat2, most local file systems) a reader never finds ``path`` missing, a folder included.
+    Elsewhere the earlier one is moved aside first, and a folder that another writer of the same output put
+    there in between is moved aside too and the rename tried again. Either way the last writer wins."""
+    slot = aside / "old"
+    os.replace(tmp, slot)  # still not in place: _undo knows it by its identity
+    if _exchange(slot, path):
+        return
+    new = aside / "new"
+    os.replace(slot, new)
     with contextlib.suppress(FileNotFoundError):  # nothing there (or another writer moved it just now)
-        os.replace(path, aside / "old")
+        os.replace(path, slot)
     for attempt in range(3):
         try:
-            os.replace(tmp, path)
+            os.replace(new, path)
             return
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 2:
@@ -305,17 +314,65 @@ def _swap_in(tmp: Path, path: Path, aside: Path) -> None:
 
 def _undo(done: list) -> None:
     """Put the earlier targets of a failed :func:`_commit` back, last first; safe to run again (:func:`_finish`).
-    An earlier target that cannot be put back stays in its hidden ``.xctdiff-*.old`` folder, never deleted."""
-    for tmp, path, aside, had_earlier in reversed(done):
-        old = aside / "old"
+    Where each swap stopped is read from the files themselves (which of them is the new output), not from a
+    record that an interrupt could leave one step behind. An earlier target that cannot be put back stays in
+    its hidden ``.xctdiff-*.old`` folder, never deleted."""
+    for path, aside, new_id in reversed(done):
+        slot = aside / "old"
         with contextlib.suppress(OSError):
-            if had_earlier and os.path.lexists(old):
-                _remove(path)  # the new one, if it got there
-                os.replace(old, path)
-            elif not had_earlier and not os.path.lexists(tmp):
+            new_in_place = new_id is not None and _identity(path) == new_id
+            earlier_aside = _identity(slot) not in (None, new_id)
+            if earlier_aside and (new_in_place or not os.path.lexists(path)):
+                if not _exchange(slot, path):  # after an exchange the slot holds the new output
+                    _remove(path)
+                    os.replace(slot, path)
+            elif new_in_place:
                 _remove(path)  # the new one: there was nothing before
-        if not os.path.lexists(old):
+        if _identity(slot) in (None, new_id):
             _remove(aside)
+
+
+def _identity(path) -> Optional[tuple]:
+    """(device, inode) of what is at ``path`` itself (not followed), None if nothing is."""
+    try:
+        status = os.lstat(path)
+    except OSError:
+        return None
+    return (status.st_dev, status.st_ino)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    """glibc's renameat2 (2.28 and later), or None: another C library, another system."""
+    try:
+        import ctypes
+
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, ImportError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _exchange(a, b) -> bool:
+    """Swap what ``a`` and ``b`` name in one step; False (nothing done) where the system or the file system
+    cannot, or one of them is missing."""
+    function = _renameat2()
+    if function is None:
+        return False
+    if function(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    import ctypes
+
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOENT, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 def _temp_name(folder: Path, suffix: str) -> Path:

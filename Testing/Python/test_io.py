@@ -575,22 +575,92 @@ def small_volume(value: int) -> Volume:
     return Volume(np.full((4, 8, 8), value, np.int16), (2.5, 2.5, 2.5))
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4])
-def test_an_interrupted_output_set_keeps_every_earlier_output(tmp_path, monkeypatch, n):
-    """The renames of a set (earlier CT aside, new CT in, earlier PNG aside, new PNG in): Ctrl-C at any of them
-    puts both earlier outputs back, never a new CT beside an old PNG."""
+def interrupt_swap_step(monkeypatch, n: int, when: str, exchange: bool) -> None:
+    """Ctrl-C at the ``n``-th step of atomic.py's swaps (an ``os.replace`` or an ``_exchange``), ``before`` the step
+    or just ``after`` it returned; ``exchange=False``: a system that cannot swap two names in one step."""
+    from XctDiffCore import atomic
+
+    calls = []
+
+    def counted(real):
+        def step(*args):
+            calls.append(args)
+            if len(calls) == n and when == "before":
+                raise KeyboardInterrupt
+            result = real(*args)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return result
+        return step
+
+    monkeypatch.setattr(atomic.os, "replace", counted(atomic.os.replace))
+    monkeypatch.setattr(atomic, "_exchange", counted(atomic._exchange if exchange else lambda a, b: False))
+
+
+def swap_steps(outputs: int) -> list:
+    """Every (exchange, n, when) of a swap of ``outputs`` targets that were there before: 2 steps an output
+    with the one-step exchange, 5 without it (one of them the exchange that says it cannot)."""
+    return [(exchange, n, when) for exchange, steps in ((True, 2), (False, 5))
+            for n in range(1, steps * outputs + 1) for when in ("before", "after")]
+
+
+@pytest.mark.parametrize("exchange, n, when", swap_steps(2))
+def test_an_interrupted_output_set_keeps_every_earlier_output(tmp_path, monkeypatch, exchange, n, when):
+    """Ctrl-C at any step of a set's swaps (CT, then PNG) puts both earlier outputs back, never a new CT beside an
+    old PNG, and leaves no hidden file."""
     from XctDiffCore import atomic
 
     ct, png = tmp_path / "ct.nrrd", tmp_path / "views.png"
     write_volume(small_volume(1), ct)
     write_image_png(np.zeros((40, 40)), png)
     before = {path: path.read_bytes() for path in (ct, png)}
-    interrupt_call(monkeypatch, atomic.os, "replace", n)
+    interrupt_swap_step(monkeypatch, n, when, exchange)
     with pytest.raises(KeyboardInterrupt), atomic.output_set():
         write_volume(small_volume(2), ct)
         write_image_png(np.ones((40, 40)), png)
     assert {path: path.read_bytes() for path in (ct, png)} == before
     assert hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("n, when", [(1, "before"), (1, "after"), (2, "before")])
+def test_an_interrupted_swap_of_a_new_output_leaves_nothing(tmp_path, monkeypatch, n, when):
+    """Nothing was at the target: an interrupted set leaves nothing there (the exchange says it cannot, step 2)."""
+    from XctDiffCore import atomic
+
+    interrupt_swap_step(monkeypatch, n, when, exchange=True)
+    with pytest.raises(KeyboardInterrupt), atomic.output_set():
+        write_volume(small_volume(2), tmp_path / "ct.nrrd")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_reader_never_finds_an_output_missing_while_it_is_replaced(tmp_path, monkeypatch):
+    """Where the system swaps two names in one step, the earlier CT (a file of a set) and the earlier series (a
+    folder) are there, whole, at every step of their replacement."""
+    from XctDiffCore import atomic
+    from XctDiffCore.dicom_series import write_dicom_series
+
+    if not atomic._exchange(tmp_path, tmp_path):
+        pytest.skip("this system or file system cannot swap two names in one step")
+    ct, series = tmp_path / "ct.nrrd", write_dicom_series(small_volume(1), tmp_path / "series")
+    write_volume(small_volume(1), ct)
+    files = len(list(series.iterdir()))
+    seen = []
+
+    def look(real):
+        def step(*args):
+            result = real(*args)
+            seen.append((ct.is_file() and read_ct(ct).array.max(), len(list(series.iterdir()))))
+            return result
+        return step
+
+    monkeypatch.setattr(atomic.os, "replace", look(atomic.os.replace))
+    monkeypatch.setattr(atomic, "_exchange", look(atomic._exchange))
+    with atomic.output_set():
+        write_volume(small_volume(2), ct)
+        write_dicom_series(small_volume(2), series)
+    monkeypatch.undo()
+    assert len(seen) >= 4 and all(value in (1, 2) and count == files for value, count in seen)
+    assert read_ct(ct).array.max() == 2 and read_ct(series).array.max() == 2 and hidden(tmp_path) == []
 
 
 def test_an_output_set_is_written_whole_or_not_at_all(tmp_path):
@@ -608,15 +678,15 @@ def test_an_output_set_is_written_whole_or_not_at_all(tmp_path):
     assert read_ct(ct).array.max() == 2 and png.is_file() and hidden(tmp_path) == []
 
 
-@pytest.mark.parametrize("n", [1, 2])
-def test_an_interrupted_series_swap_keeps_the_earlier_series(tmp_path, monkeypatch, n):
-    """Ctrl-C between the two renames of a series folder (the earlier one moved aside, the new one not in place)."""
+@pytest.mark.parametrize("exchange, n, when", swap_steps(1))
+def test_an_interrupted_series_swap_keeps_the_earlier_series(tmp_path, monkeypatch, exchange, n, when):
+    """Ctrl-C at any step of the swap of a series folder."""
     from XctDiffCore import atomic
     from XctDiffCore.dicom_series import write_dicom_series
 
     folder = write_dicom_series(small_volume(1), tmp_path / "ct")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    interrupt_call(monkeypatch, atomic.os, "replace", n)
+    interrupt_swap_step(monkeypatch, n, when, exchange)
     with pytest.raises(KeyboardInterrupt):
         write_dicom_series(small_volume(2), folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
@@ -692,23 +762,29 @@ def test_a_series_moved_away_by_another_writer_while_checked_is_no_error(tmp_pat
     assert atomic.check_output_series_folder(folder, lambda name: True) == folder
 
 
-def test_a_series_put_in_place_by_another_writer_during_the_swap_is_no_error(tmp_path, monkeypatch):
-    """The other run's series lands between this run's two renames: this run moves it aside too and wins."""
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_series_put_in_place_by_another_writer_during_the_swap_is_no_error(tmp_path, monkeypatch, exchange):
+    """The other run's series lands in the middle of this run's swap: this run's still wins, and nothing is left."""
     from XctDiffCore import atomic
     from XctDiffCore.dicom_series import write_dicom_series
 
     folder = write_dicom_series(small_volume(1), tmp_path / "ct")
     real_replace, others = atomic.os.replace, []
+    if not exchange:
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
 
     def other_writer_puts_its_own(source, target):
         real_replace(source, target)
-        if Path(source) == folder and not others:  # this run's earlier series just moved aside
-            others.append(write_dicom_series(small_volume(3), folder))
+        moved_aside = Path(source) == folder  # without the exchange: this run's earlier series moved aside
+        new_aside = exchange and Path(target).name == "old"  # with it: this run's new series put in the slot
+        if (moved_aside or new_aside) and not others:
+            others.append(source)  # before it writes: its own swap passes here too
+            write_dicom_series(small_volume(3), folder)
 
     monkeypatch.setattr(atomic.os, "replace", other_writer_puts_its_own)
     write_dicom_series(small_volume(2), folder)
     monkeypatch.undo()
-    assert read_ct(folder).array.max() == 2 and hidden(tmp_path) == []
+    assert others and read_ct(folder).array.max() == 2 and hidden(tmp_path) == []
 
 
 def test_a_name_at_the_length_limit_is_written_and_a_longer_one_is_one_line(tmp_path):
