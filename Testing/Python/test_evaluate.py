@@ -430,3 +430,63 @@ def test_the_evaluation_loads_no_training_code(no_lpips, model_dir, datalist, tm
     status, *loaded = done.stdout.splitlines()[-1].split()  # the last line: after the tables
     assert status == "0" and "XctDiffCore.evaluation.reconstructions" in loaded and "XctDiffCore.datalist" in loaded
     assert [m for m in loaded if m.startswith(("XctDiffCore.training", "XctDiffCore.training.losses", "XctDiffCore.augment"))] == []
+
+
+# ------------------------------------------------------------------------------------------ long runs
+
+
+def evaluate_argv(model_dir, datalist, out, *extra):
+    """The `evaluated` fixture's command (the same settings), into ``out``."""
+    return ["evaluate", "--model", str(model_dir), "--data", str(datalist), "--out", str(out), "--steps", str(STEPS),
+            "--samples", str(SAMPLES), "--seed", str(SEED), "--device", "cpu", *extra]
+
+
+def without_seconds(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{key: value for key, value in row.items() if key != "seconds"} for row in csv.DictReader(f)]
+
+
+def test_an_interrupted_run_resumes_at_the_first_case_not_done(no_lpips, model_dir, datalist, evaluated, tmp_path,
+                                                               monkeypatch, capsys):
+    """Ctrl-C during the second case keeps the first in progress.npz and writes no output; --resume reconstructs
+    only the second, and its outputs are the uninterrupted run's (the figure's first case included)."""
+    out, seeds, real = tmp_path / "eval", [], XctDiffPipeline.reconstruct
+
+    def reconstruct(self, radiograph, *args, stop_at=None, **kwargs):
+        seeds.append(kwargs["seed"])
+        if kwargs["seed"] == stop_at:
+            raise KeyboardInterrupt
+        return real(self, radiograph, *args, **kwargs)
+
+    monkeypatch.setattr(XctDiffPipeline, "reconstruct", lambda *a, **k: reconstruct(*a, stop_at=SEED + 1, **k))
+    assert main(evaluate_argv(model_dir, datalist, out)) == 130
+    assert sorted(p.name for p in out.iterdir()) == ["progress.npz"]
+    assert "1 of 2 cases kept" in capsys.readouterr().err
+    seeds.clear()
+    monkeypatch.setattr(XctDiffPipeline, "reconstruct", reconstruct)
+    assert main(evaluate_argv(model_dir, datalist, out, "--resume")) == 0
+    assert "1 of 2 cases done before, continuing" in capsys.readouterr().err
+    assert set(seeds) == {SEED + 1}
+    assert sorted(p.name for p in out.iterdir()) == ["figure.png", "metrics.csv", "summary.json", "summary.md"]
+    reference = evaluated[3]
+    assert without_seconds(out / "metrics.csv") == without_seconds(reference / "metrics.csv")
+    assert (out / "figure.png").read_bytes() == (reference / "figure.png").read_bytes()
+    assert json.loads((out / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
+
+
+def test_resuming_with_other_settings_is_refused_in_one_line(no_lpips, model_dir, datalist, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "eval"
+    real = XctDiffPipeline.reconstruct
+
+    def stop_at_the_second_case(self, radiograph, *args, **kwargs):
+        if kwargs["seed"] == SEED + 1:
+            raise KeyboardInterrupt
+        return real(self, radiograph, *args, **kwargs)
+
+    monkeypatch.setattr(XctDiffPipeline, "reconstruct", stop_at_the_second_case)
+    assert main(evaluate_argv(model_dir, datalist, out)) == 130
+    capsys.readouterr()
+    assert main(evaluate_argv(model_dir, datalist, out, "--resume", "--knn", "0")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: cannot resume the evaluation") and "knn 3 -> 0" in last
+    assert sorted(p.name for p in out.iterdir()) == ["progress.npz"]  # kept for the right command

@@ -498,6 +498,9 @@ def add_evaluate_command(subparsers):
                    "DRRs fit the input best after warping each to it (about 2.5 s a CT on one core; default 0: off)")
     p.add_argument("--guidance", type=float, default=0.0, metavar="STRENGTH",
                    help="also score both paths with this data-consistency guidance, beside the unguided ones (default 0: not)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out (its progress.npz) at the first case not done; "
+                   "the other options must be the same")
     _add_sampler_option(p)
     add_precision_argument(p)
     p.set_defaults(handler=_run_evaluate)
@@ -511,7 +514,8 @@ def _run_evaluate(args) -> int:
 
     summary = evaluate(args.model, args.data, args.out, steps=args.steps, samples=args.samples, seed=args.seed,
                        device=args.device, max_cases=args.max_cases, sampler=args.sampler, augmented=args.augmented,
-                       knn=args.knn, guidance=args.guidance, precision=args.precision, atlas=args.atlas)
+                       knn=args.knn, guidance=args.guidance, precision=args.precision, atlas=args.atlas,
+                       resume=args.resume)
     used = json.loads((Path(args.out) / "summary.json").read_text(encoding="utf-8"))  # the K of kNN and atlas used
     print(markdown_table(summary, used["knn"], used["atlas"]), end="")
     print(f"wrote {args.out}/metrics.csv, summary.md, summary.json, figure.png")

@@ -54,6 +54,12 @@ neighbours' patient ids), ``summary.md`` (mean ± std over cases per method, lik
 K used) and ``figure.png`` (a few cases, two rows each: input, truth, each method and the
 uncertainty, mid-coronal slices in a lung window, W 1500 / L -600, then in a bone window, W 1800 /
 L 450).
+
+**Long runs.** After each case the rows so far (and the figure's slices) are saved in ``--out`` as
+``progress.npz``; an interrupted or failed run keeps it, and the same command with ``resume=True``
+(``--resume``) continues at the first case not done, refusing one whose settings differ. The four outputs
+are written as a set at the end (never a new ``metrics.csv`` beside an earlier run's summary), and then
+``progress.npz`` is removed.
 """
 from __future__ import annotations
 
@@ -68,9 +74,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..atomic import check_output_folder, make_output_folder
+from ..atomic import check_output_folder, make_output_folder, output_set
 from ..datalist import load_entry_ct, load_entry_xray
-from ..errors import XctDiffError
+from ..errors import XctDiffError, first_line
 
 METRICS = ("psnr", "ssim", "psnr_slices", "ssim_slices", "lpips", "bone_dice", "lung_dice", "lung_dice_body")
 METRIC_TITLES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "psnr_slices": "PSNR slices (dB)", "ssim_slices": "SSIM slices",
@@ -84,6 +90,7 @@ METHOD_TITLES = {"xctdiff": "XctDiff", "direct": "direct (no diffusion)", "xctdi
                  "direct_decoder": "direct, decoder alone (no coarse CT)"}
 CSV_COLUMNS = ("case", "method", *METRICS, "consistency", "seconds", "neighbours")
 KNN_DRR_SIZE = 128  # DRRs are compared at this size (area resize)
+PROGRESS_NAME = "progress.npz"  # an unfinished run's cases, for --resume
 
 
 @dataclass
@@ -252,6 +259,7 @@ def evaluate(
     guidance: float = 0.0,
     precision: str = "auto",
     atlas: int = 0,
+    resume: bool = False,
 ) -> dict:
     """Run the protocol of the module docstring; write the outputs; return the summary (method -> metric -> mean/std)."""
     from tqdm import tqdm
@@ -292,57 +300,77 @@ def evaluate(
     k_atlas = min(atlas, len(training))  # 0: the atlas left out
     if k_atlas:
         from .atlas import CANDIDATE_FACTOR, atlas_ct
+    settings = {"model": str(Path(pipe.info.folder).resolve()), "model_id": pipe.info.model_id, "version": pipe.info.version, "data": str(data.resolve()),
+                "steps": steps, "samples": samples, "seed": seed, "sampler": sampler, "knn": knn, "atlas": atlas,
+                "guidance": guidance, "precision": precision, "augmented": augmented, "figure_cases": figure_cases}
+    saved = read_progress(out_dir, settings, [case.name for case in cases]) if resume else None
     lpips = LPIPS.load()
     make_output_folder(out_dir, parents=False)  # only once the model and the cases have loaded: a refused run leaves nothing
 
-    rows, figure = [], []
+    rows, figure, done, used_precision = saved or ([], [], 0, precision)  # used_precision: what "auto" became
+    if resume:
+        print(f"evaluate: {done} of {len(cases)} cases done before, continuing" if saved else
+              f"evaluate: no interrupted evaluation in {out_dir}: starting at the first case", file=sys.stderr)
+    elif (out_dir / PROGRESS_NAME).is_file():
+        print(f"evaluate: {out_dir} holds an interrupted evaluation; starting again (--resume would continue it)",
+              file=sys.stderr)
     sampled = "diffusion" not in pipe.info.retrain  # a diffusion stage of other latents is left out, not scored
-    used_precision = precision  # what "auto" became: from the first reconstruction
-    for index, case in enumerate(tqdm(cases, desc="evaluate", unit="case", file=sys.stderr, disable=not progress)):
-        radiograph = Radiograph(case.drr, None, True, case.name)
-        outputs = {}
-        if sampled:
-            outputs["xctdiff"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index, device=device,
-                                                  style="off", method="diffusion", sampler=sampler, precision=precision)
-        outputs["direct"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off", method="direct",
-                                             precision=precision)
-        if pipe.coarse is not None:  # the direct path without its coarse CT: what the blend adds
-            outputs["direct_decoder"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
-                                                         method="direct", precision=precision, coarse="off")
-        if guidance > 0:
+    bar = tqdm(total=len(cases), initial=done, desc="evaluate", unit="case", file=sys.stderr, disable=not progress)
+    try:
+        for index, case in enumerate(cases[done:], start=done):
+            radiograph = Radiograph(case.drr, None, True, case.name)
+            outputs = {}
             if sampled:
-                outputs["xctdiff_guided"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index,
-                                                             device=device, style="off", method="diffusion",
-                                                             sampler=sampler, guidance=guidance, precision=precision)
-            outputs["direct_guided"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
-                                                        method="direct", guidance=guidance, precision=precision)
-        used_precision = outputs["direct"].precision
-        volumes = {method: result.ct.array for method, result in outputs.items()}
-        body = body_region(case.truth_hu)  # one truth, every method
+                outputs["xctdiff"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index, device=device,
+                                                      style="off", method="diffusion", sampler=sampler, precision=precision)
+            outputs["direct"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off", method="direct",
+                                                 precision=precision)
+            if pipe.coarse is not None:  # the direct path without its coarse CT: what the blend adds
+                outputs["direct_decoder"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
+                                                             method="direct", precision=precision, coarse="off")
+            if guidance > 0:
+                if sampled:
+                    outputs["xctdiff_guided"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index,
+                                                                 device=device, style="off", method="diffusion",
+                                                                 sampler=sampler, guidance=guidance, precision=precision)
+                outputs["direct_guided"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
+                                                            method="direct", guidance=guidance, precision=precision)
+            used_precision = outputs["direct"].precision
+            volumes = {method: result.ct.array for method, result in outputs.items()}
+            body = body_region(case.truth_hu)  # one truth, every method
 
-        def scores(volume):
-            return volume_scores(volume, case.truth_hu, lpips, pipe.device, body)
+            def scores(volume):
+                return volume_scores(volume, case.truth_hu, lpips, pipe.device, body)
 
-        for method, result in outputs.items():
-            rows.append({"case": case.name, "method": method, **scores(result.ct.array), "consistency": result.consistency,
-                         "seconds": result.timings["total"]})
-        if k:
-            volumes["knn"], neighbours = knn_ct(case.drr, training, k, size)
-            rows.append({"case": case.name, "method": "knn", **scores(volumes["knn"]), "neighbours": " ".join(neighbours)})
-        if k_atlas:
-            volumes["atlas"], neighbours = atlas_ct(case.drr, training, k_atlas, size, pipe.info.geometry)
-            rows.append({"case": case.name, "method": "atlas", **scores(volumes["atlas"]), "neighbours": " ".join(neighbours)})
-        if mean_ct is not None:
-            volumes["mean_ct"] = mean_ct
-            rows.append({"case": case.name, "method": "mean_ct", **scores(mean_ct)})
-        if mean_ct_list is not None:
-            rows.append({"case": case.name, "method": "mean_ct_list", **scores(mean_ct_list)})
-        if index < figure_cases:
-            uncertainty = outputs["xctdiff"].uncertainty if sampled else None  # no samples, no spread
-            figure.append(figure_case(case, volumes, None if uncertainty is None else uncertainty.array))
+            for method, result in outputs.items():
+                rows.append({"case": case.name, "method": method, **scores(result.ct.array), "consistency": result.consistency,
+                             "seconds": result.timings["total"]})
+            if k:
+                volumes["knn"], neighbours = knn_ct(case.drr, training, k, size)
+                rows.append({"case": case.name, "method": "knn", **scores(volumes["knn"]), "neighbours": " ".join(neighbours)})
+            if k_atlas:
+                volumes["atlas"], neighbours = atlas_ct(case.drr, training, k_atlas, size, pipe.info.geometry)
+                rows.append({"case": case.name, "method": "atlas", **scores(volumes["atlas"]), "neighbours": " ".join(neighbours)})
+            if mean_ct is not None:
+                volumes["mean_ct"] = mean_ct
+                rows.append({"case": case.name, "method": "mean_ct", **scores(mean_ct)})
+            if mean_ct_list is not None:
+                rows.append({"case": case.name, "method": "mean_ct_list", **scores(mean_ct_list)})
+            if index < figure_cases:
+                uncertainty = outputs["xctdiff"].uncertainty if sampled else None  # no samples, no spread
+                figure.append(figure_case(case, volumes, None if uncertainty is None else uncertainty.array))
+            bar.update()
+            done = index + 1
+            write_progress(out_dir, settings, [case.name for case in cases[:done]], rows, figure, used_precision)
+    except BaseException:
+        bar.close()
+        if done:
+            print(f"evaluate: {done} of {len(cases)} cases kept in {out_dir / PROGRESS_NAME}; the same command with "
+                  "--resume continues", file=sys.stderr)
+        raise
+    bar.close()
 
     summary = summarize(rows)
-    _write_text(out_dir / "metrics.csv", metrics_csv(rows))
     baselines = f"kNN with k = {k} of {len(training)} training patient(s) (DRR mean squared difference)" if k else "no kNN"
     if k_atlas:
         candidates = min(len(training), CANDIDATE_FACTOR * k_atlas)
@@ -353,15 +381,18 @@ def evaluate(
               f"{f'guidance {guidance:g} beside none' if guidance else 'no guidance'}; networks in {used_precision}; "
               f"bone: HU > {BONE_HU:.0f}, lung: {LUNG_HU[0]:.0f} < HU < {LUNG_HU[1]:.0f} (in body: inside the truth's body). "
               "Mean ± std over cases.\n\n")
-    _write_text(out_dir / "summary.md", header + markdown_table(summary, k, k_atlas) + "\nPer case:\n\n" + case_table(rows))
-    _write_text(out_dir / "summary.json", json.dumps({"model": pipe.info.model_id, "cases": len(cases), "knn": k or None,
-                                                      "atlas": k_atlas or None, "guidance": guidance or None,
-                                                      "precision": used_precision,
-                                                      "summary": summary}, indent=2) + "\n")
-    if figure:
-        from ..figures import compose_grid, write_png
+    with output_set():  # all four or none: never a new metrics.csv beside an earlier run's summary
+        _write_text(out_dir / "metrics.csv", metrics_csv(rows))
+        _write_text(out_dir / "summary.md", header + markdown_table(summary, k, k_atlas) + "\nPer case:\n\n" + case_table(rows))
+        _write_text(out_dir / "summary.json", json.dumps({"model": pipe.info.model_id, "cases": len(cases), "knn": k or None,
+                                                          "atlas": k_atlas or None, "guidance": guidance or None,
+                                                          "precision": used_precision,
+                                                          "summary": summary}, indent=2) + "\n")
+        if figure:
+            from ..figures import compose_grid, write_png
 
-        write_png(compose_grid(figure_rows(figure, k, k_atlas)), out_dir / "figure.png")
+            write_png(compose_grid(figure_rows(figure, k, k_atlas)), out_dir / "figure.png")
+    (out_dir / PROGRESS_NAME).unlink(missing_ok=True)
     return summary
 
 
@@ -449,6 +480,49 @@ def figure_rows(figure: list, knn: Optional[int] = None, atlas: Optional[int] = 
                 row.append(("XctDiff std", scale_to_unit(std)))
             rows.append(row)
     return rows
+
+
+def write_progress(out_dir: Path, settings: dict, done: list, rows: list, figure: list, precision: str) -> None:
+    """Save what a run has done so far (its settings, the names of the cases done, their rows, the figure's
+    slices), atomically, in one ``.npz`` that loads without pickle."""
+    from ..atomic import atomic_path
+
+    arrays, panels = {}, []
+    for i, (name, drr, slices, std) in enumerate(figure):
+        arrays[f"figure{i}_input"] = drr
+        arrays.update({f"figure{i}_{method}": image for method, image in slices.items()})
+        if std is not None:
+            arrays[f"figure{i}_std"] = std
+        panels.append({"name": name, "slices": list(slices), "std": std is not None})
+    state = {"settings": settings, "done": done, "rows": rows, "figure": panels, "precision": precision}
+    with atomic_path(out_dir / PROGRESS_NAME) as tmp:
+        np.savez(tmp, state=np.array(json.dumps(state, default=float)), **arrays)
+
+
+def read_progress(out_dir: Path, settings: dict, cases: list) -> Optional[tuple]:
+    """(rows, figure, cases done, precision used) of an interrupted run in ``out_dir``, None when it has none;
+    an error when its settings or its cases are not this run's (its rows would not belong in one table)."""
+    path = out_dir / PROGRESS_NAME
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            state = json.loads(str(saved["state"]))
+            figure = [(panel["name"], saved[f"figure{i}_input"],
+                       {method: saved[f"figure{i}_{method}"] for method in panel["slices"]},
+                       saved[f"figure{i}_std"] if panel["std"] else None) for i, panel in enumerate(state["figure"])]
+        rows, done, before = state["rows"], state["done"], state["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise XctDiffError(f"cannot resume from {path}: it is not an evaluation's progress ({first_line(exc)}); "
+                           "remove it to start again") from exc
+    changed = [f"{key} {before.get(key)!r} -> {value!r}" for key, value in settings.items() if before.get(key) != value]
+    if changed:
+        raise XctDiffError(f"cannot resume the evaluation in {out_dir}: it ran with other settings ({'; '.join(changed)}); "
+                           "use them, or another --out")
+    if done != cases[:len(done)]:
+        raise XctDiffError(f"cannot resume the evaluation in {out_dir}: its cases ({', '.join(done[:3])}, ...) are not "
+                           "the first of this data's")
+    return rows, figure, len(done), state["precision"]
 
 
 def _write_text(path: Path, text: str) -> Path:
