@@ -15,7 +15,10 @@ the original and ``augment`` random variations (:class:`RandomChestAugment`, app
 The inputs may be a whole download (:mod:`.ct_search`: DICOM series that are not CTs are ignored and
 counted); a patient with several CTs is one *subject*, all of whose CTs go to one side of the split. A CT
 that cannot be read is reported and left out, and the command ends with an error after writing the rest.
-The datalist is written last: it exists only when every pair in it was written.
+The datalist is written last: it exists only when every pair in it was written. Beside each CT's pairs
+``images/<id>.pairs.json`` records what made them (the source file's size and time, the settings); with
+``resume=True`` (``--resume``) a CT whose record matches is not prepared again, so an interrupted run over a
+large download continues where it stopped.
 """
 from __future__ import annotations
 
@@ -117,6 +120,7 @@ def prepare_dataset(
     naming: str = "patient-id",
     report: Optional[Callable[[str], None]] = None,
     workers: int = 1,
+    resume: bool = False,
 ) -> Path:
     """Write the pairs and ``datalist.json`` for the CTs named by ``inputs`` under ``out_dir``; return the datalist.
 
@@ -129,7 +133,8 @@ def prepare_dataset(
     series ignored (default: stderr). CTs that cannot be read are left out; the datalist holds the rest, and
     its ``"left_out"`` lists them (``prepare`` then exits with an error). ``workers`` > 1 prepares that many
     CTs at once, each in its own process on one thread (0: one per core); the output is the same (byte for byte
-    in the tests). The mixes are made afterwards, here: their registration's sums follow the thread count."""
+    in the tests). The mixes are made afterwards, here: their registration's sums follow the thread count.
+    ``resume``: a CT whose pairs this folder holds from the same file with the same settings is not prepared again."""
     from tqdm import tqdm
 
     from .drr import make_geometry
@@ -163,7 +168,7 @@ def prepare_dataset(
     for folder in (out_dir, out_dir / "images", out_dir / "xrays"):
         make_output_folder(folder)
 
-    jobs = [_CtJob(c, augment, seed, size, geometry, out_dir, c.patient in mix_patients) for c in cts]
+    jobs = [_CtJob(c, augment, seed, size, geometry, out_dir, c.patient in mix_patients, resume) for c in cts]
     entries, to_mix, left_out = {}, {}, []
     with tqdm(total=len(cts) * (augment + 1), desc="prepare", unit="pair", disable=not progress) as bar, \
             _worker_pool(workers, len(jobs)) as pool:
@@ -214,6 +219,16 @@ class _CtJob:
     geometry: str
     out_dir: Path
     keep_ct: bool  # return the canonical CT, for the mixes
+    resume: bool = False  # pairs written before from the same file with the same settings are kept
+
+    def record(self) -> dict:
+        """What makes this CT's pairs: its source (path, size, time) and the settings that shape them."""
+        return {"source": str(self.ct.path), "stamp": _source_stamp(self.ct.path), "augment": self.augment,
+                "seed": self.seed, "size": self.size, "geometry": self.geometry}
+
+    @property
+    def record_path(self) -> Path:
+        return self.out_dir / "images" / f"{self.ct.patient}.pairs.json"
 
 
 def _prepare_ct(job: _CtJob) -> tuple:
@@ -225,6 +240,9 @@ def _prepare_ct(job: _CtJob) -> tuple:
     from .io import read_ct
     from .preprocess import preprocess_ct
 
+    kept = _kept_pairs(job) if job.resume else None
+    if kept is not None:
+        return kept
     try:
         ct = preprocess_ct(read_ct(job.ct.path), size=job.size)
     except XctDiffError as exc:
@@ -239,7 +257,37 @@ def _prepare_ct(job: _CtJob) -> tuple:
             array = np.rint(augmenter(ct.array, rng)).astype(np.int16)
         entry = _write_pair(ct.with_array(array), f"{patient}_aug{k}", job.out_dir, geometry, job.size)
         entries.append({**entry, "patient": patient, **subject, "aug": k})
+    with atomic_path(job.record_path) as tmp:  # after the pairs: a record names only pairs that were written
+        tmp.write_text(json.dumps({**job.record(), "entries": entries}, indent=1) + "\n")
     return entries, (ct if job.keep_ct else None), None
+
+
+def _kept_pairs(job: _CtJob) -> Optional[tuple]:
+    """``_prepare_ct``'s result from the pairs an earlier run wrote, if its record says they were made from this
+    very file with these settings and they are all there; else None (prepare it again)."""
+    from .io import read_ct
+
+    try:
+        record = json.loads(job.record_path.read_text(encoding="utf-8"))
+        entries = record.pop("entries")
+        if record != json.loads(json.dumps(job.record())) or not all(
+                (job.out_dir / entry[key]).is_file() for entry in entries for key in ("image", "xray")):
+            return None
+        ct = read_ct(job.out_dir / entries[0]["image"]) if job.keep_ct else None  # the canonical CT, for the mixes
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, XctDiffError):
+        return None
+    return entries, ct, None
+
+
+def _source_stamp(path: Path) -> list:
+    """[files, bytes, newest modification in ns] of a CT file or of the files of a series folder: changes when the
+    source does (a re-download, an edit), as far as sizes and times tell."""
+    try:
+        files = [path] if not path.is_dir() else [p for p in path.iterdir() if p.is_file()]
+        stats = [f.stat() for f in files]
+    except OSError:
+        return []
+    return [len(stats), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
 
 
 @contextlib.contextmanager

@@ -294,7 +294,7 @@ def test_workers_write_the_same_data_set(tmp_path, capsys):
     one, two = outputs
     assert (one / "datalist.json").read_bytes() == (two / "datalist.json").read_bytes()
     files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
-    assert len(files) == 1 + 3 * 2 * 3  # the datalist; 3 patients x 2 pairs x (CT, DRR, preview)
+    assert len(files) == 1 + 3 * (2 * 3 + 1)  # the datalist; 3 patients x (2 pairs x (CT, DRR, preview), record)
     assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)
     assert main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "bad"), "--workers", "-1"]) == 2
     assert "--workers must be 0 (one per core) or more" in capsys.readouterr().err
@@ -308,3 +308,38 @@ def test_a_data_set_written_inside_the_input_folder_is_not_read_as_ct(tmp_path, 
     captured = capsys.readouterr()
     assert "training 4 pairs / 2 patients, validation 2 pairs / 1 patients" in captured.out.splitlines()[-1]
     assert f"warning: passed over {out}: a data set written by `xctdiff prepare`" in captured.err
+
+
+def test_resume_prepares_only_the_cts_not_done_and_writes_the_same_data_set(tmp_path, monkeypatch):
+    """An interrupted prepare (here: one CT's pairs and the datalist never written) continued with --resume
+    prepares that CT alone and writes the data set of an uninterrupted run, mixes included; a CT whose file
+    changed, or other settings, are prepared again."""
+    import os
+
+    from XctDiffCore import preprocess
+
+    paths = _write_phantoms(tmp_path / "in")
+    argv = ["prepare", str(tmp_path / "in"), "--size", str(SIZE), "--augment", "1", "--mix", "1"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "resumed"
+    assert main([*argv, "--out", str(out)]) == 0
+    (out / "datalist.json").unlink()
+    for name in ("phantom1.pairs.json", "phantom1_aug1.npz"):
+        (out / "images" / name).unlink()
+    prepared, real = [], preprocess.preprocess_ct
+    monkeypatch.setattr(preprocess, "preprocess_ct", lambda ct, **kw: prepared.append(ct) or real(ct, **kw))
+
+    assert main([*argv, "--out", str(out), "--resume"]) == 0
+    assert len(prepared) == 1
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*") if p.is_file())
+    assert all((out / f).read_bytes() == (tmp_path / "whole" / f).read_bytes() for f in files if f.suffix != ".json"
+               or f.name == "datalist.json")
+
+    os.utime(paths[0], ns=(1, 1))  # a source that changed since
+    prepared.clear()
+    assert main([*argv, "--out", str(out), "--resume"]) == 0
+    assert len(prepared) == 1
+    prepared.clear()
+    assert main([*argv[:-4], "--augment", "0", "--mix", "1", "--out", str(out), "--resume"]) == 0  # other settings
+    assert len(prepared) == 3

@@ -218,6 +218,9 @@ def add_prepare_command(subparsers):
     p.add_argument("--workers", type=int, default=1,
                    help="CTs prepared at once, each in its own process on one core (0: one per core; default 1); "
                    "the output is the same")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted prepare into --out: a CT whose pairs are there, made from the same "
+                   "file (size and time) with the same settings, is not prepared again")
     p.set_defaults(handler=_run_prepare)
 
 
@@ -230,6 +233,7 @@ def _run_prepare(args) -> int:
         args.ct, args.out, augment=args.augment, val_fraction=args.val_fraction, split=args.split, seed=args.seed,
         size=args.size, geometry=args.geometry, mix=args.mix, mix_patients=args.mix_patients,
         train_on_all=args.train_on_all, mix_away=args.mix_away, naming=args.ids, workers=args.workers,
+        resume=args.resume,
     )
     print(summarize(datalist))
     left_out = json.loads(datalist.read_text(encoding="utf-8")).get("left_out", [])
