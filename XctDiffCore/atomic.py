@@ -11,8 +11,8 @@ writer on a full disk) and flushed to disk (fsync). A failed write becomes one :
 Several outputs of one command (a CT and its views PNG) are written as one set inside :func:`output_set`:
 every temporary is finished first, then all are renamed into place at its end, and a failure or interrupt
 during those renames puts the earlier outputs back. On Linux each output takes its target's place in one
-step (a DICOM series folder too), so a reader never finds a target missing. Clean-up runs to its end even when a second Ctrl-C
-arrives during it (:func:`_finish`).
+step (a DICOM series folder too), so a reader never finds a target missing. Clean-up runs to its end even
+when a second Ctrl-C arrives during it (:func:`_finish`).
 """
 from __future__ import annotations
 
