@@ -1,0 +1,258 @@
+"""Valid but unusual clinical DICOM files, as scanners and PACS write them, read right (XctDiffCore/io.py).
+
+Each test failed before its fix with a silent wrong result or a misleading error: a bright padding ring
+around a CT, a gantry-tilted CT read unsheared, a localizer that made a series look unevenly spaced, an
+enhanced (multi-frame) CT refused as "a single 2D image", a DICOMDIR refused as unreadable; a film with
+Presentation LUT Shape INVERSE or a PALETTE COLOR film read as a negative, non-square pixels squeezing
+the chest on its way to the model, a display shutter's bright frame left in. The files are made with pydicom from a known truth.
+The audit they come from, wider (every case, with its outcome): ``python Testing/Scripts/dicom_audit/run.py``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from XctDiffCore.errors import XctDiffError
+from XctDiffCore.io import DicomReadWarning, read_ct
+
+SPACING = (0.8, 0.9, 2.5)  # x, y, z mm
+ORIGIN = (-20.0, -18.0, -100.0)
+
+
+def ct_slices(folder: Path, hu: np.ndarray, positions=None, direction=np.eye(3), encode=None, names=None,
+              series_uid=None, extra=None) -> list:
+    """hu[k, j, i] as one CT Image Storage file per k (pydicom). ``positions``: each slice's LPS position
+    (default: stacked along the normal); ``encode(hu_k) -> (stored, tags)``; ``extra(k, ds)`` edits a slice."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = series_uid or generate_uid()
+    files = []
+    for k in range(hu.shape[0]):
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", generate_uid()
+        ds.Modality, ds.PatientID, ds.StudyDate, ds.StudyTime, ds.StudyID, ds.SeriesNumber = "CT", "P1", "20260101", "120000", "1", 1
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = "1.2.3.4", series_uid, "1.2.3.4.5"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.InstanceNumber = k + 1
+        ds.Rows, ds.Columns = hu.shape[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+        ds.PixelSpacing, ds.SliceThickness = [SPACING[1], SPACING[0]], SPACING[2]
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1])]
+        position = positions[k] if positions is not None else np.add(ORIGIN, direction[:, 2] * SPACING[2] * k)
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in position]
+        stored = hu[k].astype("<i2")
+        if encode is not None:
+            stored, tags = encode(hu[k])
+            for key, value in tags.items():
+                setattr(ds, key, value)
+        if extra is not None:
+            extra(k, ds)
+        ds.PixelData = np.ascontiguousarray(stored).tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        name = folder / (names(k) if names else f"IM{k:04d}.dcm")
+        ds.save_as(str(name), enforce_file_format=True)
+        files.append(name)
+    return files
+
+
+def body(shape=(6, 24, 28)) -> np.ndarray:
+    """Air around an ellipse of soft tissue with an off-centre bone block; brighter slice by slice (z shows)."""
+    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    hu = np.where((i / 0.8) ** 2 + (j / 0.6) ** 2 < 1, 40.0, -1000.0)
+    hu[(i > 0.2) & (i < 0.5) & (j > 0.1) & (j < 0.4)] = 900.0
+    return (hu + 10.0 * np.arange(shape[0])[:, None, None]).astype(np.int16)
+
+
+def outside_circle(shape) -> np.ndarray:
+    j, i = np.mgrid[0 : shape[1], 0 : shape[2]]
+    return (j - shape[1] / 2 + 0.5) ** 2 + (i - shape[2] / 2 + 0.5) ** 2 > (min(shape[1:]) / 2) ** 2
+
+
+# ---------------------------------------------------------------------------------------------- CT
+
+
+@pytest.mark.parametrize("padding, signed, intercept", [(63536, False, -1024), (-2000, True, 0), (0, False, -1024)],
+                         ids=["unsigned 63536 (-2000 as int16)", "signed -2000", "unsigned 0"])
+def test_ct_padding_outside_the_field_of_view_is_air(tmp_path, padding, signed, intercept):
+    """Unsigned pixels padded with 63536 and an intercept of -1024 were read as 62512 HU: a bright ring."""
+    hu, out = body(), outside_circle(body().shape)
+
+    def encode(hu_k):
+        stored = (hu_k.astype(np.int32) - intercept).astype("<i2" if signed else "<u2")
+        stored[out] = padding
+        return stored, dict(PixelRepresentation=int(signed), RescaleIntercept=intercept, PixelPaddingValue=padding)
+
+    ct_slices(tmp_path, hu, encode=encode)
+    volume = read_ct(tmp_path)
+    np.testing.assert_array_equal(volume.array[:, ~out], hu[:, ~out])
+    assert volume.array[:, out].max() <= -1000
+
+
+def test_ct_padding_within_the_tissue_range_is_left_alone(tmp_path):
+    """A header naming a tissue value (0 HU) as padding cannot be told from water: the pixels are kept."""
+    hu = body()
+    ct_slices(tmp_path, hu, extra=lambda k, ds: setattr(ds, "PixelPaddingValue", 40))
+    np.testing.assert_array_equal(read_ct(tmp_path).array, hu)
+
+
+def smooth(points: np.ndarray) -> np.ndarray:
+    return np.rint(500 * np.sin(points[:, 0] / 15) + 400 * np.cos(points[:, 1] / 20) + 3 * points[:, 2])
+
+
+def test_gantry_tilted_ct_is_resampled_where_the_scanner_put_it(tmp_path):
+    """Slices shifted along y by tan(15 deg) x 2.5 mm each (a gantry tilt): ITK read them as an unsheared stack,
+    the anatomy displaced by up to 0.67 mm per slice without a word."""
+    from scipy.ndimage import map_coordinates
+
+    shape, shift = (8, 30, 32), np.array([0.0, np.tan(np.radians(15)) * SPACING[2], 0.0])
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    ijk = np.stack([i, j, k], -1).reshape(-1, 3).astype(float)
+    points = np.add(ORIGIN, ijk * SPACING) + np.outer(ijk[:, 2], shift)  # where each stored voxel lies
+    hu = smooth(points).reshape(shape).astype(np.int16)
+    positions = [np.add(ORIGIN, [0, 0, SPACING[2] * n]) + shift * n for n in range(shape[0])]
+    ct_slices(tmp_path, hu, positions=positions, extra=lambda n, ds: setattr(ds, "GantryDetectorTilt", 15))
+    with pytest.warns(DicomReadWarning, match="gantry tilt of 15.0 degrees"):
+        volume = read_ct(tmp_path)
+    np.testing.assert_allclose(volume.direction, np.eye(3), atol=1e-9)
+    index = (points - volume.origin) / volume.spacing  # identity direction: (i, j, k) in the volume
+    assert index.min() > -1e-3 and np.all(index <= np.array(volume.shape[::-1]) - 1 + 1e-3)
+    inner = ((k > 0) & (k < shape[0] - 1) & (j > 0) & (j < shape[1] - 1) & (i > 0) & (i < shape[2] - 1)).ravel()
+    sampled = map_coordinates(volume.array.astype(float), index[inner][:, ::-1].T, order=1)
+    assert np.abs(sampled - smooth(points)[inner]).max() < 25  # linear interpolation of a smooth field
+
+
+def test_ct_slices_that_do_not_line_up_are_refused(tmp_path):
+    hu = body()
+    jitter = [np.add(ORIGIN, [0, 0, SPACING[2] * n]) + [0, 3.0 * (n % 2), 0] for n in range(hu.shape[0])]
+    ct_slices(tmp_path, hu, positions=jitter)
+    with pytest.raises(XctDiffError, match="do not line up"):
+        read_ct(tmp_path)
+
+
+@pytest.mark.parametrize("tag, second, words", [
+    ("PixelSpacing", [1.8, 1.6], "differ in pixel spacing"),
+    ("ImageOrientationPatient", [0.984808, 0.173648, 0, -0.173648, 0.984808, 0], "differ in orientation"),
+], ids=["pixel spacing", "orientation"])
+def test_a_series_of_two_grids_is_refused(tmp_path, tag, second, words):
+    """ITK read the whole stack with the first slice's spacing and orientation, without a word."""
+    ct_slices(tmp_path, body(), extra=lambda k, ds: setattr(ds, tag, second) if k >= 3 else None)
+    with pytest.raises(XctDiffError, match=words):
+        read_ct(tmp_path)
+
+
+@pytest.mark.parametrize("size", [(24, 28), (40, 32)], ids=["same size", "other size"])
+def test_a_localizer_in_the_series_is_left_out(tmp_path, size):
+    """A scout image in the series was refused as 'unevenly spaced slices' or 'Size mismatch' (ITK's words)."""
+    import pydicom
+
+    hu = body()
+    files = ct_slices(tmp_path, hu)
+    scout = pydicom.dcmread(files[0])
+    scout.SOPInstanceUID = scout.file_meta.MediaStorageSOPInstanceUID = "1.2.3.99"
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.ImageOrientationPatient, scout.ImagePositionPatient = [1, 0, 0, 0, 0, -1], [-20, 0, 50]
+    scout.Rows, scout.Columns = size
+    scout.PixelData = np.zeros(size, "<i2").tobytes()
+    scout.save_as(tmp_path / "scout.dcm")
+    with pytest.warns(DicomReadWarning, match="left out 1 localizer"):
+        volume = read_ct(tmp_path)
+    np.testing.assert_array_equal(volume.array, hu)
+    assert volume.origin == pytest.approx(ORIGIN)
+
+
+def test_a_folder_of_two_series_says_which_it_read(tmp_path):
+    hu = body()
+    ct_slices(tmp_path, hu, names=lambda k: f"A{k}.dcm")
+    ct_slices(tmp_path, hu[:4] + 7, names=lambda k: f"B{k}.dcm")
+    with pytest.warns(DicomReadWarning, match=r"holds 2 DICOM series: read the one with the most images, [0-9.]+ \(6; the others have 4\)"):
+        np.testing.assert_array_equal(read_ct(tmp_path).array, hu)
+
+
+def enhanced_ct(path: Path, hu: np.ndarray, gaps=None) -> Path:
+    """An Enhanced CT Image Storage file: every frame in one file, geometry and rescale in functional groups."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2.1", generate_uid()
+    ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = "CT", "1.2.3", generate_uid()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.NumberOfFrames, (ds.Rows, ds.Columns) = hu.shape[0], hu.shape[1:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    measures, plane, value = Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [SPACING[1], SPACING[0]], SPACING[2]
+    plane.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    value.RescaleIntercept, value.RescaleSlope, value.RescaleType = -1024, 1, "HU"
+    shared = Dataset()
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = Sequence([measures]), Sequence([plane])
+    shared.PixelValueTransformationSequence = Sequence([value])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    z = np.cumsum([0.0] + list(gaps if gaps is not None else [SPACING[2]] * (hu.shape[0] - 1)))
+    frames = []
+    for k in range(hu.shape[0]):
+        position, frame = Dataset(), Dataset()
+        position.ImagePositionPatient = [ORIGIN[0], ORIGIN[1], ORIGIN[2] + z[k]]
+        frame.PlanePositionSequence = Sequence([position])
+        frames.append(frame)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.PixelData = (hu.astype(np.int32) + 1024).astype("<u2").tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def test_an_enhanced_multiframe_ct_is_read(tmp_path):
+    """It was refused as 'a DICOM series with a single 2D image'."""
+    hu = body()
+    for given in (enhanced_ct(tmp_path / "enhanced.dcm", hu), tmp_path):  # the file, or its folder
+        volume = read_ct(given)
+        np.testing.assert_array_equal(volume.array, hu)
+        assert volume.spacing == pytest.approx(SPACING) and volume.origin == pytest.approx(ORIGIN)
+        np.testing.assert_allclose(volume.direction, np.eye(3), atol=1e-9)
+
+
+def test_an_enhanced_ct_with_uneven_frames_is_refused(tmp_path):
+    path = enhanced_ct(tmp_path / "e.dcm", body(), gaps=[2.5, 2.5, 5.0, 2.5, 2.5])
+    with pytest.raises(XctDiffError, match="unevenly spaced"):
+        read_ct(path)
+
+
+def test_a_dicomdir_reads_the_series_it_indexes(tmp_path):
+    """A CD or PACS export: DICOMDIR at the top, the files (no suffix) in folders below it."""
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    hu = body()
+    files = ct_slices(tmp_path / "source", hu, names=lambda k: f"{k:08d}")
+    fileset = FileSet()
+    for name in files:
+        fileset.add(pydicom.dcmread(name))
+    fileset.write(tmp_path / "export")
+    np.testing.assert_array_equal(read_ct(tmp_path / "export" / "DICOMDIR").array, hu)
+    with pytest.raises(XctDiffError, match="below it: 1 DICOM CT series"):  # the folder: which series is said
+        read_ct(tmp_path / "export")
+
+
+def test_a_sheared_nrrd_is_refused_in_words(tmp_path):
+    """Its axes not perpendicular (a tilted CT saved as it was scanned): was 'direction matrix must be orthonormal'."""
+    import nrrd
+
+    directions = np.diag(SPACING)
+    directions[2, 1] = 0.6  # the slices step along y too
+    nrrd.write(str(tmp_path / "sheared.nrrd"), body(), {"space": "left-posterior-superior", "space directions": directions,
+                                                        "space origin": np.array(ORIGIN), "kinds": ["domain"] * 3},
+               index_order="C")
+    with pytest.raises(XctDiffError, match="are not perpendicular .a sheared volume"):
+        read_ct(tmp_path / "sheared.nrrd")
