@@ -149,7 +149,9 @@ def test_failure_message_prefers_the_error_line_and_never_shows_a_traceback():
     assert failure_message(2, lines) == "model folder not found: /m"
     crash = ["Traceback (most recent call last):", '  File "x.py", line 1, in <module>', "RuntimeError: boom", ""]
     assert failure_message(1, crash) == "reconstruction failed (exit status 1): RuntimeError: boom"
-    assert failure_message(-9, []) == "reconstruction failed (exit status -9)"
+    killed = "reconstruction failed (the engine was killed by SIGKILL: out of memory?)"
+    assert failure_message(-9, ["warning: a small film"]) == killed  # not the warning printed before
+    assert failure_message(-11, []) == "reconstruction failed (the engine was killed by SIGSEGV)"
 
 
 def test_engine_environment_puts_the_engine_first_on_the_path():
@@ -242,3 +244,24 @@ def test_poll_never_blocks_and_cancel_kills_the_process_tree_within_a_second(fak
     assert elapsed < 1.0
     assert not child.running
     assert isinstance(child.finished, Finished)
+
+
+def test_an_engine_killed_alone_ends_its_job_and_leaves_no_grandchild(fake_engine, tmp_path):
+    """The system's out-of-memory killer takes the engine, not its process group: a grandchild holding the pipes
+    open kept the readers waiting, the job never finished and the panel's Cancel found nothing to kill."""
+    import signal
+
+    child = run_fake(fake_engine, "hang", tmp_path)
+    pids, deadline = None, time.monotonic() + 30
+    while pids is None and time.monotonic() < deadline:
+        for event in child.poll():
+            if isinstance(event, LogLine) and event.text.startswith("PIDS "):
+                pids = [int(p) for p in event.text.split()[1:]]
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)
+    finished = child.wait(timeout=10)
+    assert finished.error == "reconstruction failed (the engine was killed by SIGKILL: out of memory?)"
+    deadline = time.monotonic() + 5
+    while not is_gone(pids[1]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert is_gone(pids[1])

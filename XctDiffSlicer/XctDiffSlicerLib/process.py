@@ -78,10 +78,17 @@ def parse_stdout_line(line: str) -> Union[Progress, dict, LogLine]:
 
 
 def failure_message(returncode: int, stderr_lines: Sequence[str]) -> str:
-    """A user error's own sentence, or for a crash its exit status and the last line of stderr."""
+    """A user error's own sentence, for a crash its exit status and the last line of stderr, for a kill its signal."""
     for line in reversed(stderr_lines):
         if line.startswith("error: "):
             return line[len("error: "):].strip()
+    if returncode < 0:  # ended by a signal (POSIX): the last stderr line, a warning printed before, is not why
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        guess = ": out of memory?" if -returncode == getattr(signal, "SIGKILL", 9) else ""
+        return f"reconstruction failed (the engine was killed by {name}{guess})"
     last = next((line.strip() for line in reversed(stderr_lines) if line.strip()), "")
     message = f"reconstruction failed (exit status {returncode})"
     return f"{message}: {last}" if last else message
@@ -204,6 +211,11 @@ class ChildProcess:
 
     def _wait_for_exit(self) -> None:
         returncode = self._process.wait()
+        if os.name != "nt":  # what it left in its group (a grandchild holding its pipes open) would hang the readers
+            try:
+                os.killpg(self._process.pid, signal.SIGKILL)
+            except OSError:  # nothing left: the usual case
+                pass
         for reader in self._readers:
             reader.join()
         if self._cancelled:
