@@ -249,3 +249,51 @@ def test_an_edited_copy_of_a_loaded_film_is_sent_as_shown(bridge, scene, tmp_pat
     vtk_to_numpy(node.GetImageData().GetPointData().GetScalars())[:10] = 0  # a crop, a paint stroke
     node.GetImageData().Modified()
     assert bridge.source_file(node) is None
+
+
+def test_a_film_under_a_transform_is_read_as_the_views_show_it(bridge, scene, tmp_path):
+    """A film turned in the Transforms module shows turned, and reached the engine as it was filed (its file, or
+    its own voxels); a non-linear transform is refused, a zero spacing is one sentence."""
+    from vtkmodules.vtkCommonMath import vtkMatrix4x4
+    from vtkmodules.vtkCommonTransforms import vtkThinPlateSplineTransform
+
+    from XctDiffCore.io import write_image_png
+
+    image = display_image()
+    node = bridge.radiograph_to_node(scene, image, spacing=(0.5, 0.25), name="film")
+    turn = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "turn")
+    quarter = vtkMatrix4x4()  # the patient's right turned to the head: a quarter turn clockwise in the Green view
+    for (r, c), value in {(0, 0): 0, (0, 2): -1, (2, 0): 1, (2, 2): 0}.items():
+        quarter.SetElement(r, c, value)
+    turn.SetMatrixTransformToParent(quarter)
+    node.SetAndObserveTransformNodeID(turn.GetID())
+    back, spacing = bridge.radiograph_from_node(node)
+    np.testing.assert_array_equal(back, np.rot90(image, -1))
+    assert spacing == (0.25, 0.5)
+
+    path = write_image_png(display_image(64, 48) / display_image(64, 48).max(), tmp_path / "film.png")
+    loaded = bridge.load_radiograph(scene, path)
+    assert bridge.source_file(loaded) == path.resolve()
+    loaded.SetAndObserveTransformNodeID(turn.GetID())
+    assert bridge.source_file(loaded) is None  # its file is not what the views show
+
+    warp = scene.AddNewNodeByClass("vtkMRMLTransformNode", "warp")
+    warp.SetAndObserveTransformToParent(vtkThinPlateSplineTransform())
+    node.SetAndObserveTransformNodeID(warp.GetID())
+    with pytest.raises(XctDiffError, match="'film' is under a non-linear transform .'warp'.: harden it first"):
+        bridge.radiograph_from_node(node)
+    node.SetAndObserveTransformNodeID(None)
+    node.SetSpacing(0.0, 0.0, 1.0)
+    with pytest.raises(XctDiffError, match="'film' has no usable geometry"):
+        bridge.radiograph_from_node(node)
+
+
+def test_a_dicom_database_that_cannot_answer_sends_the_voxels(bridge, scene):
+    node = bridge.radiograph_to_node(scene, display_image(), spacing=(0.5, 0.5))
+    node.SetAttribute("DICOM.instanceUIDs", "1.2.3")
+
+    def locked(uid):
+        raise RuntimeError("database is locked")
+
+    assert bridge.source_file(node, locked) is None  # was the RuntimeError, at the click
+    assert bridge.source_file(node, lambda uid: None) is None

@@ -71,6 +71,19 @@ def ijk_to_ras(node) -> np.ndarray:
     return matrix_to_numpy(matrix)
 
 
+def world_ijk_to_ras(node) -> np.ndarray:
+    """The IJKToRAS the views show: the node's own with its parent transforms applied (a non-linear one refused)."""
+    transform = node.GetParentTransformNode()
+    if transform is None:
+        return ijk_to_ras(node)
+    if not transform.IsTransformToWorldLinear():
+        raise XctDiffError(f"'{node.GetName()}' is under a non-linear transform ('{transform.GetName()}'): "
+                           "harden it first (Data module: right-click, Harden transform)")
+    to_world = vtkMatrix4x4()
+    transform.GetMatrixTransformToWorld(to_world)
+    return matrix_to_numpy(to_world) @ ijk_to_ras(node)
+
+
 def node_array(node, grey: bool = False) -> np.ndarray:
     """A copy of the node's voxels as ``array[k, j, i]`` (scalar volumes; with ``grey``, an RGB(A) one made grey
     as the engine reads a colour film file)."""
@@ -159,8 +172,8 @@ def read_volume_file(scene, path, node=None, name: str = "XctDiff CT"):
 def radiograph_from_node(node) -> tuple:
     """``(image[row, col] float32, spacing (row_mm, col_mm) or None)`` in display orientation.
 
-    The node must be a single-slice scalar volume. Its plane is viewed as Slicer's slice view of the
-    nearest anatomical plane shows it: columns follow the screen's right, rows the screen's down.
+    The node must be a single-slice scalar volume. Its plane, moved by its parent transforms, is viewed as Slicer's
+    slice view of the nearest anatomical plane shows it: columns follow the screen's right, rows the screen's down.
     """
     array = node_array(node, grey=True)  # [k, j, i]
     sizes = array.shape[::-1]  # (i, j, k)
@@ -170,8 +183,11 @@ def radiograph_from_node(node) -> tuple:
             f"'{node.GetName()}' is not a radiograph: expected a single-slice image, "
             f"got {sizes[0]} x {sizes[1]} x {sizes[2]} voxels"
         )
-    m = ijk_to_ras(node)[:3, :3]
+    m = world_ijk_to_ras(node)[:3, :3]  # as the slice views show it
     spacing = np.linalg.norm(m, axis=0)
+    if not (np.all(np.isfinite(m)) and np.all(spacing > 0)):
+        raise XctDiffError(f"'{node.GetName()}' has no usable geometry (a zero or non-finite spacing): "
+                           "set its spacing in the Volumes module")
     directions = m / spacing
     normal = np.cross(directions[:, plane[0]], directions[:, plane[1]])
     right, down = SCREEN_RIGHT_DOWN[int(np.argmax(np.abs(normal)))]
@@ -189,7 +205,8 @@ def radiograph_from_node(node) -> tuple:
         image = image[::-1, :]
     known = node.GetAttribute(ATTRIBUTE_SPACING_KNOWN) != "0"
     pixel_spacing = (float(spacing[row_axis]), float(spacing[col_axis])) if known else None
-    return np.ascontiguousarray(image, dtype=np.float32), pixel_spacing
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, which the engine's check refuses
+        return np.ascontiguousarray(image, dtype=np.float32), pixel_spacing
 
 
 def radiograph_to_node(scene, image: np.ndarray, spacing: Optional[Sequence[float]] = None, node=None,
@@ -243,9 +260,14 @@ def source_file(node, dicom_file_for: Optional[Callable[[str], str]] = None) -> 
     of several instances is not one film), and "Load radiograph" (:func:`load_radiograph` records the file, its
     size and time: a file changed since is not used).
     """
+    if node.GetParentTransformNode() is not None:  # moved or turned in the views: sent as shown, not as filed
+        return None
     uids = (node.GetAttribute(ATTRIBUTE_DICOM_INSTANCES) or "").split()
     if dicom_file_for is not None and len(uids) == 1:
-        path = dicom_file_for(uids[0]) or ""
+        try:
+            path = str(dicom_file_for(uids[0]) or "")
+        except Exception:  # noqa: BLE001 - a database that cannot answer (locked, closed): send the voxels
+            path = ""
         if path and Path(path).is_file() and _same_size_as_dicom(node, Path(path)):
             return Path(path)
     recorded = node.GetAttribute(ATTRIBUTE_SOURCE_FILE) or ""
