@@ -65,8 +65,11 @@ class Radiograph:
     """A radiograph as the engine sees it.
 
     ``image``: float32 ``[row, col]`` in display orientation, intensities as stored (after DICOM
-    modality/VOI LUTs; MONOCHROME1 inverted so that bone is bright). ``spacing``: ``(row, col)`` in mm
-    when the file records it, else ``None``. ``is_drr``: the file carries the ``xctdiff_drr=1`` tag.
+    modality/VOI LUTs; MONOCHROME1, and MONOCHROME2 with Presentation LUT Shape INVERSE, inverted so that
+    bone is bright; PALETTE COLOR through its palette; what a display shutter hides set to the film's
+    black), on the file's pixel grid. ``spacing``: ``(row, col)`` in mm when the file records it (DICOM:
+    Pixel Spacing, else Imager Pixel Spacing, the detector's), else ``None``; rows and columns may be
+    spaced differently (:func:`~XctDiffCore.preprocess.square_pixels` makes them square for the model). ``is_drr``: the file carries the ``xctdiff_drr=1`` tag.
     ``source``: the path it was read from. ``age_years``: the patient's age when a DICOM file records
     it (Patient's Age), else ``None``. ``header``: what a DICOM file says about the view, for the
     plausibility check (:data:`HEADER_FACTS`' keywords, upper case, those it records).
@@ -838,6 +841,14 @@ def _dicom_luts():
     return apply_modality_lut, apply_voi_lut
 
 
+def _dicom_color_lut():
+    try:  # pydicom >= 3
+        from pydicom.pixels import apply_color_lut
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_color_lut
+    return apply_color_lut
+
+
 def _dicom_display_orientation(image: np.ndarray, orientation, spacing):
     """Use (0020,0020) Patient Orientation, when given, to put the patient's left at the right and feet down."""
     if not orientation or len(orientation) != 2:
@@ -888,12 +899,18 @@ def _read_dicom_radiograph(path: Path):
         if "Rows" in ds and "Columns" in ds:
             check_radiograph_size(ds.Rows, ds.Columns, str(path))  # before decoding the pixels
         stored = ds.pixel_array
-        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-        if stored.ndim == 3:  # colour (pydicom converts YCbCr to RGB)
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+        if photometric == "PALETTE COLOR":  # the pixels are indices into a colour table, not grey levels
+            image = to_grey(_dicom_color_lut()(stored, ds))
+        elif stored.ndim == 3:  # colour (pydicom converts YCbCr to RGB)
             image = to_grey(stored)
         else:
             image = apply_voi_lut(apply_modality_lut(stored, ds), ds)
-            if photometric == "MONOCHROME1":
+            # MONOCHROME1 is shown inverted (the DX rule pairs it with Presentation LUT Shape INVERSE: one
+            # inversion, not two); a MONOCHROME2 image with Presentation LUT Shape INVERSE is too (a viewer
+            # shows it so; read as stored, it would be a negative).
+            shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+            if photometric == "MONOCHROME1" or shape == "INVERSE":
                 # Invert about the range the LUTs can produce, so that a MONOCHROME1 film and its
                 # MONOCHROME2 twin come out with the same values (bone bright).
                 bits = int(ds.BitsStored)
@@ -907,12 +924,49 @@ def _read_dicom_radiograph(path: Path):
         orientation = ds.get("PatientOrientation")
         age = dicom_age_years(ds.get("PatientAge"))
         header = {key: str(ds.get(key)).strip().upper() for key in HEADER_FACTS if str(ds.get(key) or "").strip()}
+        hidden = _dicom_shutter_mask(ds, np.shape(image)[:2])
     with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, refused by check_radiograph_image
         image = np.asarray(image, dtype=np.float32)
+    if hidden is not None:
+        image = np.where(hidden, image[~hidden].min(), image)  # black, as a viewer shows it
     image, spacing = _dicom_display_orientation(image, orientation, spacing)
     if spacing is not None and not all(np.isfinite(s) and s > 0 for s in spacing):
         raise XctDiffError(f"pixel spacing must be positive, got {spacing} in {path}")
     return image, spacing, False, age, header
+
+
+def _dicom_shutter_mask(ds, shape) -> Optional[np.ndarray]:
+    """The pixels a Display Shutter (rectangular, circular and/or polygonal; PS3.3 C.7.6.11) hides, or None.
+
+    Why: a DX or CR film often keeps the collimated, unexposed border in its pixels (white, on a processed
+    film) and says in its header that a viewer must hide it. Read as stored, that bright frame changes the
+    film's grey-level normalisation and is not cropped as an empty border is; hidden (black), it is. A
+    bitmap shutter (an overlay plane) is not read. A shutter that would leave almost nothing visible is
+    taken for a wrong header and ignored."""
+    shapes = {str(v).strip().upper() for v in np.atleast_1d(ds.get("ShutterShape") or [])}
+    if not shapes or len(shape) != 2:
+        return None
+    rows, cols = shape
+    r, c = np.mgrid[1 : rows + 1, 1 : cols + 1]  # DICOM counts rows and columns from 1
+    visible = np.ones(shape, dtype=bool)
+    try:
+        if "RECTANGULAR" in shapes:
+            left, right = int(ds.ShutterLeftVerticalEdge), int(ds.ShutterRightVerticalEdge)
+            upper, lower = int(ds.ShutterUpperHorizontalEdge), int(ds.ShutterLowerHorizontalEdge)
+            visible &= (c >= left) & (c <= right) & (r >= upper) & (r <= lower)
+        if "CIRCULAR" in shapes:
+            centre_row, centre_col = (float(v) for v in ds.CenterOfCircularShutter)
+            visible &= (r - centre_row) ** 2 + (c - centre_col) ** 2 <= float(ds.RadiusOfCircularShutter) ** 2
+        if "POLYGONAL" in shapes:
+            from skimage.draw import polygon2mask
+
+            vertices = np.asarray([float(v) for v in ds.VerticesOfThePolygonalShutter]).reshape(-1, 2) - 1.0
+            visible &= polygon2mask(shape, vertices)
+    except (AttributeError, TypeError, ValueError):  # an incomplete shutter: shown as stored
+        return None
+    if visible.sum() < MIN_RADIOGRAPH_SIZE**2:
+        return None
+    return ~visible if not visible.all() else None
 
 
 def dicom_age_years(value) -> Optional[float]:

@@ -320,9 +320,10 @@ class XctDiffPipeline:
 
     def preprocess(self, radiograph: Radiograph) -> np.ndarray:
         """The model's input image in [0, 1], ``xray_size``^2, before style transfer."""
-        from .preprocess import preprocess_radiograph
+        from .preprocess import preprocess_radiograph, square_pixels
 
-        image01 = preprocess_radiograph(radiograph.image, PREPARED_SIZE)
+        # the model's grid has square pixels: a film of other pixels would reach it stretched
+        image01 = preprocess_radiograph(square_pixels(radiograph.image, radiograph.spacing)[0], PREPARED_SIZE)
         return area_resize(image01, self.info.xray_size)
 
     @staticmethod

@@ -9,6 +9,8 @@ grid, which also straightens oblique scans), clip HU to ``[-1024, 3071]``, then 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from .errors import XctDiffError
@@ -172,6 +174,30 @@ def preprocess_radiograph(image: np.ndarray, size: int = 128) -> np.ndarray:
     # columns that meet the film count (no 15 MB padded copy, fewer products).
     out = (resize[:, top : top + rows] @ torch.from_numpy(unit)) @ resize[:, left : left + cols].T
     return np.clip(out.numpy(), 0.0, 1.0).astype(np.float32)
+
+
+# Pixels whose row and column spacings differ by more than this (relative) are made square.
+SQUARE_PIXEL_TOLERANCE = 0.01
+
+
+def square_pixels(image: np.ndarray, spacing: Optional[tuple]):
+    """``(image, spacing)`` with square pixels: a film whose rows lie farther apart than its columns (or the
+    other way round) is resampled along the finer axis to the coarser spacing (anti-aliased, as
+    :func:`preprocess_radiograph` resizes). Why: the model's input is a square grid of square pixels, and the
+    preprocessing pads and resizes the pixel grid as it is: a film of 0.2 x 0.4 mm pixels would reach the
+    model squeezed to half its width. Square pixels, or no spacing, are returned as they are."""
+    if spacing is None:
+        return image, spacing
+    row, col = (float(v) for v in spacing)
+    if abs(row - col) <= SQUARE_PIXEL_TOLERANCE * max(row, col):
+        return image, spacing
+    coarse = max(row, col)
+    axis = 0 if row < col else 1  # the finer axis
+    n = image.shape[axis]
+    size = max(1, int(round(n * min(row, col) / coarse)))
+    operator = resize_operator(n, size)
+    image = operator @ image if axis == 0 else image @ operator.T
+    return np.ascontiguousarray(image, dtype=np.float32), (coarse, coarse)
 
 
 def resize_operator(n: int, size: int) -> np.ndarray:

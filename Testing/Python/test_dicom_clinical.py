@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_io import grey_ramp, write_dicom_radiograph
 
 from XctDiffCore.errors import XctDiffError
-from XctDiffCore.io import DicomReadWarning, read_ct
+from XctDiffCore.io import DicomReadWarning, read_ct, read_radiograph
 
 SPACING = (0.8, 0.9, 2.5)  # x, y, z mm
 ORIGIN = (-20.0, -18.0, -100.0)
@@ -256,3 +257,86 @@ def test_a_sheared_nrrd_is_refused_in_words(tmp_path):
                index_order="C")
     with pytest.raises(XctDiffError, match="are not perpendicular .a sheared volume"):
         read_ct(tmp_path / "sheared.nrrd")
+
+
+# ---------------------------------------------------------------------------------------------- films
+
+
+def test_presentation_lut_shape_inverse_is_shown_as_a_viewer_shows_it(tmp_path):
+    """MONOCHROME2 with Presentation LUT Shape INVERSE came out as a negative; MONOCHROME1 with INVERSE (the DX
+    rule) is inverted once, not twice."""
+    film = grey_ramp(top=4095).astype(np.uint16)
+    plain = read_radiograph(write_dicom_radiograph(tmp_path / "plain.dcm", film)).image
+    inverse = read_radiograph(write_dicom_radiograph(tmp_path / "inv.dcm", 4095 - film, PresentationLUTShape="INVERSE"))
+    mono1 = read_radiograph(write_dicom_radiograph(tmp_path / "m1.dcm", 4095 - film, "MONOCHROME1",
+                                                   PresentationLUTShape="INVERSE"))
+    identity = read_radiograph(write_dicom_radiograph(tmp_path / "id.dcm", film, PresentationLUTShape="IDENTITY"))
+    for radiograph in (inverse, mono1, identity):
+        np.testing.assert_array_equal(radiograph.image, plain)
+
+
+def test_a_palette_color_film_is_read_through_its_palette(tmp_path):
+    """Palette indices were read as grey levels: with a reversed grey palette, a negative."""
+    film = (grey_ramp() // 1).astype(np.uint8)
+    table = ((255 - np.arange(256)) * 257).astype("<u2").tobytes()  # index i -> grey 255 - i
+    luts = {f"{colour}PaletteColorLookupTable{part}": value for colour in ("Red", "Green", "Blue")
+            for part, value in (("Descriptor", [256, 0, 16]), ("Data", table))}
+    path = write_dicom_radiograph(tmp_path / "p.dcm", 255 - film, "PALETTE COLOR", bits_stored=8, **luts)
+    image = read_radiograph(path).image
+    np.testing.assert_allclose(image / 257.0, film, atol=1e-3)
+
+
+def test_non_square_pixels_reach_the_model_square(tmp_path):
+    """Rows 0.2 mm apart, columns 0.4 mm: the film reached the model squeezed to half its width (the
+    preprocessing resizes the pixel grid as it is). The reader keeps the stored grid; the pipeline's
+    preprocessing makes the pixels square first."""
+    from XctDiffCore.preprocess import square_pixels
+
+    film = grey_ramp(rows=96, cols=64, top=4095)
+    radiograph = read_radiograph(write_dicom_radiograph(tmp_path / "n.dcm", film, PixelSpacing=[0.2, 0.4]))
+    assert radiograph.image.shape == (96, 64) and radiograph.spacing == (0.2, 0.4)  # as stored
+    image, spacing = square_pixels(radiograph.image, radiograph.spacing)
+    assert image.shape == (48, 64) and spacing == (0.4, 0.4)  # 19.2 x 25.6 mm either way
+    np.testing.assert_allclose(image, film[0::2] / 2 + film[1::2] / 2, atol=0.02 * 4095)
+    wide, _ = square_pixels(radiograph.image.T, (0.4, 0.2))
+    np.testing.assert_allclose(wide, image.T, rtol=1e-5)  # the other axis: the same, to float32 rounding
+    assert square_pixels(radiograph.image, (0.2, 0.201))[0] is radiograph.image  # within 1 %: as it is
+    assert square_pixels(radiograph.image, None)[0] is radiograph.image
+
+
+def test_the_pipeline_preprocesses_a_film_with_square_pixels(tmp_path):
+    """Pipeline.preprocess of a film stored at 0.2 x 0.4 mm equals that of the same film stored square."""
+    from XctDiffCore.io import Radiograph
+    from XctDiffCore.pipeline import XctDiffPipeline
+    from XctDiffCore.preprocess import square_pixels
+
+    film = grey_ramp(rows=192, cols=128, top=4095).astype(np.float32)
+    stretched = Radiograph(film, (0.2, 0.4), False, "n")
+    square = Radiograph(square_pixels(film, (0.2, 0.4))[0], (0.4, 0.4), False, "s")
+
+    class Info:
+        xray_size = 128
+
+    pipeline = XctDiffPipeline.__new__(XctDiffPipeline)  # preprocess needs no network
+    pipeline.info = Info()
+    np.testing.assert_array_equal(pipeline.preprocess(stretched), pipeline.preprocess(square))
+
+
+@pytest.mark.parametrize("shutter", [
+    dict(ShutterShape="RECTANGULAR", ShutterLeftVerticalEdge=9, ShutterRightVerticalEdge=56,
+         ShutterUpperHorizontalEdge=7, ShutterLowerHorizontalEdge=42),
+    dict(ShutterShape="CIRCULAR", CenterOfCircularShutter=[24, 32], RadiusOfCircularShutter=20),
+    dict(ShutterShape="POLYGONAL", VerticesOfThePolygonalShutter=[7, 9, 7, 56, 42, 56, 42, 9]),
+], ids=["rectangular", "circular", "polygonal"])
+def test_a_display_shutter_hides_the_collimated_border(tmp_path, shutter):
+    """The unexposed border, white on a processed film, was left in (a viewer hides it: black)."""
+    film = grey_ramp(top=3000).astype(np.uint16) + 500
+    r, c = np.mgrid[1:49, 1:65]
+    if shutter["ShutterShape"] == "CIRCULAR":
+        visible = (r - 24) ** 2 + (c - 32) ** 2 <= 20**2
+    else:
+        visible = (r >= 7) & (r <= 42) & (c >= 9) & (c <= 56)
+    stored = np.where(visible, film, 4095).astype(np.uint16)
+    image = read_radiograph(write_dicom_radiograph(tmp_path / "s.dcm", stored, **shutter)).image
+    np.testing.assert_array_equal(image[visible], film[visible])
+    assert np.all(image[~visible] == film[visible].min())
