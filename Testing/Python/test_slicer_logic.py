@@ -11,6 +11,8 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -437,3 +439,127 @@ def test_an_engine_waiting_ahead_ends_with_the_process_that_started_it(slicer, t
     else:
         os.kill(pid, 9)
         pytest.fail("the standby engine outlived the process that started it by 2 minutes")
+
+
+# --- what a console script or a changed scene can hand the logic (a reliability fuzz's findings) ----------
+
+
+@pytest.mark.parametrize("what, message", [
+    ("model", "'model' .vtkMRMLModelNode. is not a radiograph"),
+    ("name", "str 'film' .slicer.util.getNode.name. gives the node of a name. is not a radiograph"),
+    ("labels", "'labels' .vtkMRMLLabelMapVolumeNode. is not a radiograph"),
+    ("removed", "'film' is not in the scene .was it removed.."),
+    ("other scene", "'film' is not in the scene"),
+])
+def test_an_input_that_is_no_film_of_the_scene_is_one_sentence(slicer, bridge, scene, logic, what, message):
+    """A name typed for a node, a model or a label map, a node removed or of another scene: one sentence, no
+    process (they raised AttributeError, or reconstructed a label map, or a film the scene no longer holds)."""
+    from XctDiffSlicerLib.logic import ReconstructionOptions
+
+    image = np.ones((40, 30), np.float32)
+    if what == "model":
+        node = scene.AddNewNodeByClass("vtkMRMLModelNode", "model")
+    elif what == "name":
+        node = bridge.radiograph_to_node(scene, image, name="film").GetName()
+    elif what == "labels":
+        labels = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+        node = bridge.radiograph_to_node(scene, image, node=labels)
+    elif what == "removed":
+        node = bridge.radiograph_to_node(scene, image, name="film")
+        scene.RemoveNode(node)
+    else:
+        node = bridge.radiograph_to_node(slicer.vtkMRMLScene(), image, name="film")
+    with pytest.raises(XctDiffError, match=message):
+        logic.start(node, ReconstructionOptions())
+    assert not list(Path(tempfile.gettempdir()).glob("xctdiff-*"))  # no job folder made
+
+
+@pytest.mark.parametrize("output, uncertainty, message", [
+    ("film", None, "'film' is the input film"),
+    (None, "film", "'film' is the input film"),
+    ("text", None, "an output must be a volume node, or None for a new one; got str 'my CT'"),
+    ("removed", None, "'old CT' is not in the scene"),
+    ("other scene", None, "'old CT' is not in the scene"),
+    ("ct", "ct", "'ct' cannot hold both the CT and its uncertainty"),
+])
+def test_outputs_that_cannot_take_the_result_are_refused_before_the_run(slicer, bridge, scene, logic, output,
+                                                                         uncertainty, message, monkeypatch):
+    """The film as its own output (it was overwritten by its CT), one node for both results (the CT was lost to
+    the map), a name, a removed node or one of another scene (AttributeError, or a CT no view can show)."""
+    film = bridge.radiograph_to_node(scene, np.arange(1200, dtype=np.float32).reshape(40, 30), name="film")
+    ct = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    removed = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "old CT")
+    scene.RemoveNode(removed)
+    nodes = {None: None, "film": film, "text": "my CT", "removed": removed, "ct": ct,
+             "other scene": slicer.vtkMRMLScene().AddNewNodeByClass("vtkMRMLScalarVolumeNode", "old CT")}
+    monkeypatch.setattr(logic, "start", lambda *a: pytest.fail("a job started"))
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(XctDiffError, match=message):
+        logic.reconstruct(film, outputNode=nodes[output], uncertaintyNode=nodes[uncertainty], samples=2)
+    assert scene.GetNumberOfNodes() == before and bridge.node_array(film).shape == (1, 40, 30)
+
+
+def test_an_output_node_removed_while_the_job_ran_leaves_nothing(bridge, scene, logic, sample):
+    from XctDiffSlicerLib.logic import ReconstructionOptions
+
+    target = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my CT")
+    job = logic.start(bridge.radiograph_to_node(scene, sample[1], spacing=(2.5, 2.5), is_drr=True),
+                      ReconstructionOptions())
+    scene.RemoveNode(target)
+    finished = job.process.wait(timeout=60)
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(XctDiffError, match="'my CT' is not in the scene"):
+        logic.load_result(job, finished, target)  # was AttributeError from the removed node's display
+    assert scene.GetNumberOfNodes() == before and not job.folder.exists()
+
+
+def test_load_result_before_the_job_has_finished_keeps_its_files(bridge, scene, logic, sample, monkeypatch):
+    from XctDiffSlicerLib.logic import ReconstructionOptions
+
+    monkeypatch.setenv(MODE_VARIABLE, "hang")
+    job = logic.start(bridge.radiograph_to_node(scene, sample[1]), ReconstructionOptions())
+    try:
+        with pytest.raises(XctDiffError, match="load_result takes the job's Finished event"):
+            logic.load_result(job, None)
+        assert job.folder.is_dir() and job.process.running
+    finally:
+        job.discard()
+
+
+def test_the_model_is_a_folder_a_choice_or_none_everywhere(slicer, scene, tmp_path):
+    """ReconstructionOptions(model=<path>), reconstruct(model=<ModelChoice>), prepare_standby(None): each was an
+    AttributeError or TypeError; a number is one sentence."""
+    from XctDiffSlicerLib.logic import ReconstructionLogic, ReconstructionOptions
+    from XctDiffSlicerLib.models import BUNDLED, choose_model
+
+    bundled = REPO / "Resources" / "Models" / "xctdiff-cpu"
+    assert ReconstructionOptions(model=str(bundled)).model == choose_model(bundled)
+    assert ReconstructionOptions(model=None).model is BUNDLED
+    assert choose_model(choose_model(bundled)) == choose_model(bundled)
+    with pytest.raises(XctDiffError, match="model must be a model folder's path .or None for the bundled .*, got 123"):
+        ReconstructionOptions(model=123)
+    ReconstructionLogic(scene, engine_command=["true"]).prepare_standby(None)  # standby off: nothing, no error
+
+
+def test_a_progress_that_is_no_function_is_refused_before_the_run(bridge, scene, logic, monkeypatch):
+    monkeypatch.setattr(logic, "start", lambda *a: pytest.fail("a job started"))
+    with pytest.raises(XctDiffError, match="progress must be a function of .fraction, stage., got 'yes'"):
+        logic.reconstruct(bridge.radiograph_to_node(scene, np.ones((40, 30), np.float32)), progress="yes")
+
+
+def test_a_result_line_with_odd_warnings_is_read(slicer):
+    from XctDiffSlicerLib.logic import _result_fields
+
+    assert _result_fields({"consistency": 0.5, "warnings": 5})["warnings"] == ()  # was TypeError
+    assert _result_fields({"warnings": ["small film", 3]})["warnings"] == ("small film",)
+
+
+def test_an_engine_that_cannot_start_is_named(bridge, scene, tmp_path, monkeypatch):
+    from XctDiffSlicerLib.logic import ReconstructionLogic
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    logic = ReconstructionLogic(scene, engine_command=["/no/such/python"])
+    with pytest.raises(XctDiffError, match="cannot prepare the job: No such file or directory: /no/such/python"):
+        logic.reconstruct(bridge.radiograph_to_node(scene, np.ones((40, 40), np.float32)))
+    assert not list(tmp_path.iterdir())
+

@@ -300,9 +300,10 @@ def evaluate(
     k_atlas = min(atlas, len(training))  # 0: the atlas left out
     if k_atlas:
         from .atlas import CANDIDATE_FACTOR, atlas_ct
-    settings = {"model": str(Path(pipe.info.folder).resolve()), "model_id": pipe.info.model_id, "version": pipe.info.version, "data": str(data.resolve()),
-                "steps": steps, "samples": samples, "seed": seed, "sampler": sampler, "knn": knn, "atlas": atlas,
-                "guidance": guidance, "precision": precision, "augmented": augmented, "figure_cases": figure_cases}
+    settings = {"model": str(Path(pipe.info.folder).resolve()), "model_id": pipe.info.model_id,
+                "version": pipe.info.version, "data": str(data.resolve()), "steps": steps, "samples": samples,
+                "seed": seed, "sampler": sampler, "knn": knn, "atlas": atlas, "guidance": guidance,
+                "precision": precision, "augmented": augmented, "figure_cases": figure_cases}
     saved = read_progress(out_dir, settings, [case.name for case in cases]) if resume else None
     lpips = LPIPS.load()
     make_output_folder(out_dir, parents=False)  # only once the model and the cases have loaded: a refused run leaves nothing
@@ -315,50 +316,56 @@ def evaluate(
         print(f"evaluate: {out_dir} holds an interrupted evaluation; starting again (--resume would continue it)",
               file=sys.stderr)
     sampled = "diffusion" not in pipe.info.retrain  # a diffusion stage of other latents is left out, not scored
+
+    def score_case(index: int, case: Case) -> str:
+        """Reconstruct one case by every path, score it and the baselines, keep its rows and figure panels;
+        return the arithmetic the networks used."""
+        radiograph = Radiograph(case.drr, None, True, case.name)
+        outputs = {}
+        if sampled:
+            outputs["xctdiff"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index, device=device,
+                                                  style="off", method="diffusion", sampler=sampler, precision=precision)
+        outputs["direct"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off", method="direct",
+                                             precision=precision)
+        if pipe.coarse is not None:  # the direct path without its coarse CT: what the blend adds
+            outputs["direct_decoder"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
+                                                         method="direct", precision=precision, coarse="off")
+        if guidance > 0:
+            if sampled:
+                outputs["xctdiff_guided"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index,
+                                                             device=device, style="off", method="diffusion",
+                                                             sampler=sampler, guidance=guidance, precision=precision)
+            outputs["direct_guided"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
+                                                        method="direct", guidance=guidance, precision=precision)
+        volumes = {method: result.ct.array for method, result in outputs.items()}
+        body = body_region(case.truth_hu)  # one truth, every method
+
+        def scores(volume):
+            return volume_scores(volume, case.truth_hu, lpips, pipe.device, body)
+
+        for method, result in outputs.items():
+            rows.append({"case": case.name, "method": method, **scores(result.ct.array), "consistency": result.consistency,
+                         "seconds": result.timings["total"]})
+        if k:
+            volumes["knn"], neighbours = knn_ct(case.drr, training, k, size)
+            rows.append({"case": case.name, "method": "knn", **scores(volumes["knn"]), "neighbours": " ".join(neighbours)})
+        if k_atlas:
+            volumes["atlas"], neighbours = atlas_ct(case.drr, training, k_atlas, size, pipe.info.geometry)
+            rows.append({"case": case.name, "method": "atlas", **scores(volumes["atlas"]), "neighbours": " ".join(neighbours)})
+        if mean_ct is not None:
+            volumes["mean_ct"] = mean_ct
+            rows.append({"case": case.name, "method": "mean_ct", **scores(mean_ct)})
+        if mean_ct_list is not None:
+            rows.append({"case": case.name, "method": "mean_ct_list", **scores(mean_ct_list)})
+        if index < figure_cases:
+            uncertainty = outputs["xctdiff"].uncertainty if sampled else None  # no samples, no spread
+            figure.append(figure_case(case, volumes, None if uncertainty is None else uncertainty.array))
+        return outputs["direct"].precision
+
     bar = tqdm(total=len(cases), initial=done, desc="evaluate", unit="case", file=sys.stderr, disable=not progress)
     try:
         for index, case in enumerate(cases[done:], start=done):
-            radiograph = Radiograph(case.drr, None, True, case.name)
-            outputs = {}
-            if sampled:
-                outputs["xctdiff"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index, device=device,
-                                                      style="off", method="diffusion", sampler=sampler, precision=precision)
-            outputs["direct"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off", method="direct",
-                                                 precision=precision)
-            if pipe.coarse is not None:  # the direct path without its coarse CT: what the blend adds
-                outputs["direct_decoder"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
-                                                             method="direct", precision=precision, coarse="off")
-            if guidance > 0:
-                if sampled:
-                    outputs["xctdiff_guided"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index,
-                                                                 device=device, style="off", method="diffusion",
-                                                                 sampler=sampler, guidance=guidance, precision=precision)
-                outputs["direct_guided"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
-                                                            method="direct", guidance=guidance, precision=precision)
-            used_precision = outputs["direct"].precision
-            volumes = {method: result.ct.array for method, result in outputs.items()}
-            body = body_region(case.truth_hu)  # one truth, every method
-
-            def scores(volume):
-                return volume_scores(volume, case.truth_hu, lpips, pipe.device, body)
-
-            for method, result in outputs.items():
-                rows.append({"case": case.name, "method": method, **scores(result.ct.array), "consistency": result.consistency,
-                             "seconds": result.timings["total"]})
-            if k:
-                volumes["knn"], neighbours = knn_ct(case.drr, training, k, size)
-                rows.append({"case": case.name, "method": "knn", **scores(volumes["knn"]), "neighbours": " ".join(neighbours)})
-            if k_atlas:
-                volumes["atlas"], neighbours = atlas_ct(case.drr, training, k_atlas, size, pipe.info.geometry)
-                rows.append({"case": case.name, "method": "atlas", **scores(volumes["atlas"]), "neighbours": " ".join(neighbours)})
-            if mean_ct is not None:
-                volumes["mean_ct"] = mean_ct
-                rows.append({"case": case.name, "method": "mean_ct", **scores(mean_ct)})
-            if mean_ct_list is not None:
-                rows.append({"case": case.name, "method": "mean_ct_list", **scores(mean_ct_list)})
-            if index < figure_cases:
-                uncertainty = outputs["xctdiff"].uncertainty if sampled else None  # no samples, no spread
-                figure.append(figure_case(case, volumes, None if uncertainty is None else uncertainty.array))
+            used_precision = score_case(index, case)
             bar.update()
             done = index + 1
             write_progress(out_dir, settings, [case.name for case in cases[:done]], rows, figure, used_precision)
@@ -383,10 +390,11 @@ def evaluate(
               "Mean ± std over cases.\n\n")
     with output_set():  # all four or none: never a new metrics.csv beside an earlier run's summary
         _write_text(out_dir / "metrics.csv", metrics_csv(rows))
-        _write_text(out_dir / "summary.md", header + markdown_table(summary, k, k_atlas) + "\nPer case:\n\n" + case_table(rows))
-        _write_text(out_dir / "summary.json", json.dumps({"model": pipe.info.model_id, "cases": len(cases), "knn": k or None,
-                                                          "atlas": k_atlas or None, "guidance": guidance or None,
-                                                          "precision": used_precision,
+        table = markdown_table(summary, k, k_atlas) + "\nPer case:\n\n" + case_table(rows)
+        _write_text(out_dir / "summary.md", header + table)
+        _write_text(out_dir / "summary.json", json.dumps({"model": pipe.info.model_id, "cases": len(cases),
+                                                          "knn": k or None, "atlas": k_atlas or None,
+                                                          "guidance": guidance or None, "precision": used_precision,
                                                           "summary": summary}, indent=2) + "\n")
         if figure:
             from ..figures import compose_grid, write_png
@@ -517,8 +525,8 @@ def read_progress(out_dir: Path, settings: dict, cases: list) -> Optional[tuple]
                            "remove it to start again") from exc
     changed = [f"{key} {before.get(key)!r} -> {value!r}" for key, value in settings.items() if before.get(key) != value]
     if changed:
-        raise XctDiffError(f"cannot resume the evaluation in {out_dir}: it ran with other settings ({'; '.join(changed)}); "
-                           "use them, or another --out")
+        raise XctDiffError(f"cannot resume the evaluation in {out_dir}: it ran with other settings "
+                           f"({'; '.join(changed)}); use them, or another --out")
     if done != cases[:len(done)]:
         raise XctDiffError(f"cannot resume the evaluation in {out_dir}: its cases ({', '.join(done[:3])}, ...) are not "
                            "the first of this data's")

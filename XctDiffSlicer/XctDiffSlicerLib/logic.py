@@ -62,6 +62,7 @@ class ReconstructionOptions:
     def __post_init__(self):
         if self.method not in METHODS:
             raise XctDiffError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        object.__setattr__(self, "model", choose_model(self.model))  # a folder's path or None (bundled) too
         self.engine_options()  # the engine's checks, before any process starts
 
     def engine_options(self) -> ReconstructOptions:
@@ -195,8 +196,7 @@ class ReconstructionLogic:
             shutil.rmtree(folder, ignore_errors=True)
 
     def start(self, input_node, options: ReconstructionOptions) -> ReconstructionJob:
-        if input_node is None:
-            raise XctDiffError("select an input radiograph first")
+        self._check_input_node(input_node)
         source = mrml_bridge.source_file(input_node, self.dicom_file_for)
         # a node that is no film is refused before the waiting engine is taken (it would be lost to the error)
         film = mrml_bridge.radiograph_from_node(input_node) if source is None else None
@@ -208,7 +208,8 @@ class ReconstructionLogic:
         try:
             folder, process = standby if standby is not None else (Path(tempfile.mkdtemp(prefix="xctdiff-")), None)
         except OSError as exc:
-            raise XctDiffError(f"cannot make a temporary folder for the job: {exc.strerror or exc}") from None
+            raise XctDiffError(f"cannot make a temporary folder for the job in {tempfile.gettempdir()}: "
+                               f"{exc.strerror or exc}") from None
         try:
             radiograph_path = source or mrml_bridge.write_radiograph_file(input_node, folder / "radiograph.nrrd", film)
             arguments = [str(radiograph_path), "-o", str(folder / OUTPUT_NAME), "--progress-lines"]
@@ -226,10 +227,41 @@ class ReconstructionLogic:
             if process is not None:
                 process.cancel()
             shutil.rmtree(folder, ignore_errors=True)
-            if isinstance(exc, OSError):  # the job file on a full disk
-                raise XctDiffError(f"cannot prepare the job: {exc.strerror or exc}") from None
+            if isinstance(exc, OSError):  # the job file on a full disk; an engine command that cannot run
+                where = f": {exc.filename}" if exc.filename else ""
+                raise XctDiffError(f"cannot prepare the job: {exc.strerror or exc}{where}") from None
             raise
         return ReconstructionJob(process, folder, input_node.GetName(), options, input_node.GetID() or "")
+
+    def _check_input_node(self, node) -> None:
+        """A volume node of this scene, or one sentence (a name typed for a node, a model, a removed node)."""
+        if node is None:
+            raise XctDiffError("select an input radiograph first")
+        if not _is_node(node, "vtkMRMLVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise XctDiffError(f"{_describe(node)} is not a radiograph: choose the volume node of a film")
+        if not self.scene.IsNodePresent(node):
+            raise XctDiffError(f"'{node.GetName()}' is not in the scene (was it removed?): choose a film of the scene")
+
+    def _check_output_nodes(self, output_node, uncertainty_node, input_node_id: str) -> None:
+        """Nodes the results can go to, before any is touched: a plain volume of this scene, not the film, and
+        not one node for both the CT and its uncertainty."""
+        for node in (output_node, uncertainty_node):
+            if node is None:
+                continue
+            if not _is_node(node, "vtkMRMLNode"):
+                raise XctDiffError(f"an output must be a volume node, or None for a new one; got {_describe(node)}")
+            if node.GetClassName() != "vtkMRMLScalarVolumeNode":
+                raise XctDiffError(f"'{node.GetName()}' ({node.GetClassName()}) cannot hold a CT: choose a plain "
+                                   "volume or \"Create new volume\"")
+            if not self.scene.IsNodePresent(node):
+                raise XctDiffError(f"'{node.GetName()}' is not in the scene (was it removed?): choose another output "
+                                   "or \"Create new volume\"")
+            if input_node_id and node.GetID() == input_node_id:
+                raise XctDiffError(f"'{node.GetName()}' is the input film: choose another output or "
+                                   "\"Create new volume\"")
+        if output_node is not None and output_node is uncertainty_node:
+            raise XctDiffError(f"'{output_node.GetName()}' cannot hold both the CT and its uncertainty: "
+                               "choose two nodes")
 
     @staticmethod
     def _resolved_style(input_node, options: ReconstructionOptions) -> ReconstructionOptions:
@@ -242,14 +274,15 @@ class ReconstructionLogic:
                     uncertainty_node=None) -> ReconstructionOutput:
         """Turn a finished job into nodes (then delete its files); a failure or cancel raises XctDiffError, and
         then no node is left half made: a new one is removed, and a given node that cannot hold a CT (a label
-        map) is refused before it is touched."""
+        map, the film itself, a node removed from the scene meanwhile) is refused before it is touched."""
+        if not isinstance(finished, Finished):  # the job's files are kept: it may still be running
+            raise XctDiffError(f"load_result takes the job's Finished event (job.process.wait()), got {finished!r}")
         made = []
         try:
             if not finished.succeeded:
                 raise XctDiffError(finished.error or f"reconstruction {finished.status}")
             result = _result_fields(finished.result)  # checked before any node is touched
-            for node in (output_node, uncertainty_node):
-                _check_output_node(node)
+            self._check_output_nodes(output_node, uncertainty_node, job.input_node_id)
             ct_node = self._read_output(job.output_path, output_node, f"{job.input_name} CT", made)
             mrml_bridge.set_ct_window(ct_node)
             if job.uncertainty_path.is_file():
@@ -294,8 +327,12 @@ class ReconstructionLogic:
                     ap_diameter: Optional[float] = None):
         """Blocking reconstruction for the Python console; returns the output CT node. ``ap_diameter``: the
         chest's front-to-back diameter in mm when known (a frontal film does not show it)."""
-        options = ReconstructionOptions(steps, samples, seed, device, style, choose_model(model), method, guidance,
+        options = ReconstructionOptions(steps, samples, seed, device, style, model, method, guidance,
                                         precision, coarse, ap_diameter)
+        if progress is not None and not callable(progress):
+            raise XctDiffError(f"progress must be a function of (fraction, stage), got {progress!r}")
+        self._check_input_node(inputNode)
+        self._check_output_nodes(outputNode, uncertaintyNode, inputNode.GetID())  # before the minutes of a run
         job = self.start(inputNode, options)
 
         def on_event(event):
@@ -340,10 +377,16 @@ def remove_stale_job_folders(root: Optional[str] = None, hours: float = STALE_JO
 ATTRIBUTE_MADE_FOR = "XctDiff.MadeFor"
 
 
-def _check_output_node(node) -> None:
-    if node is not None and node.GetClassName() != "vtkMRMLScalarVolumeNode":
-        raise XctDiffError(f"'{node.GetName()}' ({node.GetClassName()}) cannot hold a CT: choose a plain volume "
-                           "or \"Create new volume\"")
+def _is_node(value, class_name: str) -> bool:
+    return callable(getattr(value, "IsA", None)) and bool(value.IsA(class_name))
+
+
+def _describe(value) -> str:
+    """A node as its name and class; anything else as what it is (a node's name typed for the node)."""
+    if _is_node(value, "vtkMRMLNode"):
+        return f"'{value.GetName()}' ({value.GetClassName()})"
+    hint = " (slicer.util.getNode(name) gives the node of a name)" if isinstance(value, str) else ""
+    return f"{type(value).__name__} {value!r}{hint}"
 
 
 def _result_fields(result: dict) -> dict:
@@ -360,10 +403,14 @@ def _result_fields(result: dict) -> dict:
         seed=int(seed) if isinstance(seed, int) and not isinstance(seed, bool) else None,
         method=str(result.get("method", "")),
         unguided_consistency=_optional_float(result.get("unguided_consistency")),
-        warnings=tuple(str(w) for w in (result.get("warnings") or ()) if isinstance(w, str)),
+        warnings=tuple(w for w in _list(result.get("warnings")) if isinstance(w, str)),
         ap_diameter=_optional_float(result.get("ap_diameter_mm")),
         learnt_ap_diameter=_optional_float(result.get("learnt_ap_diameter_mm")),
     )
+
+
+def _list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else []
 
 
 def _optional_float(value) -> Optional[float]:

@@ -9,6 +9,7 @@ checksums themselves are verified by the engine when it loads the model.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -40,7 +41,11 @@ BUNDLED = ModelChoice(folder=None, model_id="bundled", version="")
 
 
 def choose_model(folder=None) -> ModelChoice:
-    """The bundled default for None or "", else the folder after a quick manifest check."""
+    """The bundled default for None or "", else the folder after a quick manifest check (a ModelChoice: itself)."""
+    if isinstance(folder, ModelChoice):
+        return folder
+    if folder is not None and not isinstance(folder, (str, os.PathLike)):
+        raise XctDiffError(f"model must be a model folder's path (or None for the bundled model), got {folder!r}")
     if folder is None or str(folder).strip() in ("", "."):
         return BUNDLED
     folder = Path(folder).expanduser()
