@@ -421,6 +421,8 @@ def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> V
                     f"{folder} holds {len(others) + 1} DICOM series: read the one with the most images, {uids[chosen]} "
                     f"({len(files)}; the others have {', '.join(str(n) for n in others)}); to read another, give one "
                     "of its files", DicomReadWarning, stacklevel=3)
+    if not files and series_uid is None and path == folder and (folder / "DICOMDIR").is_file():
+        return _read_dicomdir(folder / "DICOMDIR")  # the top of a DICOM export: the series it indexes
     if not files:
         from .ct_search import ct_series_below
 

@@ -241,8 +241,10 @@ def test_a_dicomdir_reads_the_series_it_indexes(tmp_path):
     for name in files:
         fileset.add(pydicom.dcmread(name))
     fileset.write(tmp_path / "export")
-    np.testing.assert_array_equal(read_ct(tmp_path / "export" / "DICOMDIR").array, hu)
-    with pytest.raises(XctDiffError, match="below it: 1 DICOM CT series"):  # the folder: which series is said
+    for given in (tmp_path / "export" / "DICOMDIR", tmp_path / "export"):  # the index, or the folder it tops
+        np.testing.assert_array_equal(read_ct(given).array, hu)
+    (tmp_path / "export" / "DICOMDIR").unlink()  # a folder above a series, no index: the series is named
+    with pytest.raises(XctDiffError, match="below it: 1 DICOM CT series"):
         read_ct(tmp_path / "export")
 
 

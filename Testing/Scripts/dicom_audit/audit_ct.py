@@ -261,6 +261,39 @@ def one_file_of_series(folder):
     return "given one file of the 10-slice series: " + compare(read_ct(files[3]), HU, S, O, np.eye(3))
 case("one file of a series (folder holds another, longer one)", one_file_of_series)
 
+def transfer_syntax(uid_name):
+    def fn(folder):
+        import pydicom
+        from pydicom import uid as U
+        files = ct_series(folder, HU, stored=lambda k, h: ((h + 1024).astype("<u2"), dict(PixelRepresentation=0, RescaleIntercept=-1024)))
+        for f in files:
+            ds = pydicom.dcmread(f)
+            if uid_name == "RLELossless":
+                ds.compress(U.RLELossless)
+            elif uid_name == "ImplicitVRLittleEndian":
+                ds.file_meta.TransferSyntaxUID = U.ImplicitVRLittleEndian
+            elif uid_name == "DeflatedExplicitVRLittleEndian":
+                ds.file_meta.TransferSyntaxUID = U.DeflatedExplicitVRLittleEndian
+            ds.save_as(f)
+        return str(pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID.name) + ": " + compare(read_ct(folder), HU, S, O, np.eye(3))
+    return fn
+for name in ("RLELossless", "ImplicitVRLittleEndian", "DeflatedExplicitVRLittleEndian"):
+    case(f"CT series, transfer syntax {name}", transfer_syntax(name))
+
+def j2k_series(folder):
+    import pydicom, SimpleITK as sitk
+    files = ct_series(folder, HU)
+    for k, f in enumerate(files):
+        tmp = folder / "tmp_j2k.dcm"
+        w = sitk.ImageFileWriter(); w.SetFileName(str(tmp)); w.SetUseCompression(True); w.SetCompressor("JPEG2000")
+        w.Execute(sitk.GetImageFromArray(HU[k]))
+        ds, px = pydicom.dcmread(f), pydicom.dcmread(tmp)
+        ds.file_meta.TransferSyntaxUID = px.file_meta.TransferSyntaxUID; ds.PixelData = px.PixelData
+        ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+        ds.save_as(f); tmp.unlink()
+    return compare(read_ct(folder), HU, S, O, np.eye(3))
+case("CT series, JPEG 2000 lossless (GDCM-encoded)", j2k_series)
+
 def single_file(folder):
     files = ct_series(folder, HU[:1]); read_ct(files[0]); return "ACCEPTED"
 case("single-slice CT", single_file)
