@@ -362,6 +362,29 @@ def test_folder_reconstructs_every_radiograph(cli, batch, tmp_path):
     assert result["consistency"] == pytest.approx(np.mean([c["consistency"] for c in result["cases"]]), abs=1e-4)
 
 
+def test_skip_existing_continues_an_interrupted_folder(cli, batch, tmp_path):
+    """--skip-existing leaves out a film whose outputs are all there and newer than it; a film without its views, or
+    edited since its CT was written, is reconstructed again."""
+    import os
+
+    views = tmp_path / "views"
+    status, _, err = cli(batch, "--views", views)
+    assert status == 0, err
+    out = tmp_path / "batch_ct"
+    kept = (out / "film_ct.nrrd").stat().st_mtime_ns
+    (views / "drr_views.png").unlink()  # as if the run had stopped before the second film
+    status, stdout, err = cli(batch, "--views", views, "--skip-existing")
+    assert status == 0, err
+    assert "left out 1 of 2 radiographs: their outputs are there" in err
+    assert [line.split(" -> ")[0] for line in stdout.splitlines()] == [str(batch / "drr.png")]
+    assert (out / "film_ct.nrrd").stat().st_mtime_ns == kept and (views / "drr_views.png").is_file()
+    os.utime(batch / "film.dcm", ns=(kept + 10**9, kept + 10**9))  # the film changed after its CT was written
+    status, stdout, err = cli(batch, "--views", views, "--skip-existing")
+    assert status == 0 and [line.split(" -> ")[0] for line in stdout.splitlines()] == [str(batch / "film.dcm")]
+    status, stdout, err = cli(batch, "--views", views, "--skip-existing")
+    assert status == 0 and stdout == "" and "left out 2 of 2 radiographs" in err
+
+
 def test_folder_as_dicom_series(cli, batch, tmp_path):
     status, stdout, err = cli(batch, "--format", "dicom", "-o", tmp_path / "series")
     assert status == 0, err

@@ -402,8 +402,14 @@ def test_job_folders_of_a_crashed_session_are_removed(slicer, tmp_path):
     day_ago = time.time() - 25 * 3600
     for folder in (old, other):
         os.utime(folder, (day_ago, day_ago))
+    elsewhere = tmp_path / "elsewhere"  # a link named like a job folder is not one: never followed, not listed
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("x")
+    os.utime(elsewhere, (day_ago, day_ago))
+    (tmp_path / "xctdiff-link").symlink_to(elsewhere)
     assert remove_stale_job_folders(str(tmp_path)) == [old]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["other-old", "xctdiff-new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "other-old", "xctdiff-link", "xctdiff-new"]
+    assert (elsewhere / "keep").is_file()
 
 
 STANDBY_PARENT = """

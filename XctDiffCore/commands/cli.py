@@ -366,6 +366,9 @@ def add_reconstruct_command(subparsers):
     p.add_argument("--recursive", action="store_true",
                    help="with a folder: the films in its sub-folders too (as NIH ChestX-ray14 or a DICOMDIR export "
                    "nest them), each written to the same sub-folder of the output folder")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="leave out the films whose outputs (the CT; --views and --uncertainty when given) are there "
+                   "already, newer than the film: an interrupted folder continues where it stopped")
     p.add_argument("--views", metavar="PNG", help="also write an overview PNG (input, DRR of the result, CT "
                    "slices; a caption with the consistency and any warning)")
     p.add_argument("--uncertainty", metavar="OUT", help="also write the voxel-wise std over the samples (needs --samples >= 2)")
@@ -395,7 +398,7 @@ def _run_reconstruct(args) -> int:
     return run_reconstruct(
         args.input, args.output, model=args.model, options=options, views=args.views, uncertainty=args.uncertainty,
         progress_lines=args.progress_lines, cpu_fallback=not args.no_cpu_fallback, compile=args.compile,
-        output_format=args.output_format, recursive=args.recursive,
+        output_format=args.output_format, recursive=args.recursive, skip_existing=args.skip_existing,
     )
 
 

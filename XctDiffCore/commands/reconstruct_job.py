@@ -8,7 +8,9 @@
   communication between processes.
   A file that fails is reported and skipped; the command then ends with one error line.
 * No output may be an input or another output of the run (checked before anything is loaded);
-  existing files at the output paths are replaced.
+  existing files at the output paths are replaced, except with ``skip_existing`` (``--skip-existing``): then a
+  film whose outputs are all there and newer than it is left out, so an interrupted batch continues where it
+  stopped (every output is written whole or not at all, so one that is there is complete).
 * Progress: a tqdm bar on stderr when it is a terminal, plain lines there when it is not (a log
   file, a pipe), or with ``--progress-lines`` the machine-readable ``PROGRESS`` / ``RESULT`` lines of
   ``XctDiffSlicer/XctDiffSlicerLib/PROTOCOL.md`` on stdout (flushed at once).
@@ -262,9 +264,11 @@ def run_reconstruct(
     compile: bool = False,
     output_format: Optional[str] = None,
     recursive: bool = False,
+    skip_existing: bool = False,
 ) -> int:
     """The ``xctdiff reconstruct`` command; returns the exit status (errors raise :class:`XctDiffError`).
-    ``recursive``: a folder's sub-folders too, each film's outputs in the same sub-folder of the output folders."""
+    ``recursive``: a folder's sub-folders too, each film's outputs in the same sub-folder of the output folders.
+    ``skip_existing``: leave out the films whose outputs are all there, newer than the film."""
     from ..device import torchrun_rank
     from ..io import film_stem
     from ..pipeline import check_volume_output, default_output_path, reconstruct_file
@@ -323,6 +327,14 @@ def run_reconstruct(
         # ... and on the input (read again by the pipeline: a few ms)
         check_radiograph_aspect(read_radiograph(input_path).image.shape, f"radiograph {input_path}")
 
+    if skip_existing:
+        current = [_outputs_current(*job) for job in jobs]
+        if any(current):
+            print(f"left out {sum(current)} of {len(jobs)} radiographs: their outputs are there, newer than the film "
+                  "(--skip-existing)", file=sys.stderr, flush=True)
+            jobs = [job for job, done in zip(jobs, current) if not done]
+        if not jobs:
+            return 0
     display = ProgressDisplay(progress_lines, description=f"rank {rank}" if world_size > 1 else "reconstruct")
     results, failures = [], []
     with plain_warnings():
@@ -358,6 +370,16 @@ def run_reconstruct(
     if failures:
         raise XctDiffError(f"{len(failures)} of {len(jobs)} radiographs could not be reconstructed (see the lines above)")
     return 0
+
+
+def _outputs_current(source: Path, *outputs: Optional[Path]) -> bool:
+    """Whether every output asked for (the CT; the uncertainty and views when given) is there and no older
+    than the film: written by an earlier run of the same job, whole (outputs are written atomically)."""
+    try:
+        film = source.stat().st_mtime_ns
+        return all(path.stat().st_mtime_ns >= film for path in outputs if path is not None)
+    except OSError:
+        return False
 
 
 def summary_line(source, output, seconds: float, result, protocol: bool = False) -> str:
