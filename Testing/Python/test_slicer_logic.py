@@ -569,3 +569,32 @@ def test_an_engine_that_cannot_start_is_named(bridge, scene, tmp_path, monkeypat
         logic.reconstruct(bridge.radiograph_to_node(scene, np.ones((40, 40), np.float32)))
     assert not list(tmp_path.iterdir())
 
+
+def test_standby_spellings_an_unwritable_temp_folder_and_a_dropped_logic(slicer, scene, tmp_path, monkeypatch):
+    """XCTDIFF_STANDBY=false left standby on; a temporary folder that cannot be made raised from prepare_standby
+    (after every job, in the panel); a console logic dropped without shutdown() left its engine waiting."""
+    import gc
+
+    from XctDiffSlicerLib import logic as logic_module
+    from XctDiffSlicerLib.models import BUNDLED
+
+    for value, on in (("false", False), (" OFF", False), ("no", False), ("0", False), ("1", True)):
+        monkeypatch.setenv(logic_module.STANDBY_VARIABLE, value)
+        assert logic_module.ReconstructionLogic(scene).standby is on
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]  # waits as a standby engine would
+    logic = logic_module.ReconstructionLogic(scene, engine_command=sleeper, standby=True)
+
+    def refused(**kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(logic_module.tempfile, "mkdtemp", refused)
+    logic.prepare_standby(BUNDLED)
+    assert logic._standby is None
+    monkeypatch.undo()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    logic.prepare_standby(BUNDLED)
+    _, folder, process = logic._standby
+    del logic
+    gc.collect()
+    assert process.join(10) and not folder.exists()

@@ -26,7 +26,8 @@ from .process import ChildProcess, Finished, Progress, engine_environment, pytho
 
 METHODS = ("default", *ENGINE_METHODS)  # "default": the model's own (the bundled one: direct)
 OUTPUT_NAME = "ct.nrrd"
-STANDBY_VARIABLE = "XCTDIFF_STANDBY"  # "0": no engine started ahead of the next job
+STANDBY_VARIABLE = "XCTDIFF_STANDBY"  # "0" (or false, no, off): no engine started ahead of the next job
+STANDBY_OFF = ("0", "false", "no", "off")
 JOB_NAME = "job.json"  # what a standby engine waits for in its folder (PROTOCOL.md)
 UNCERTAINTY_NAME = "uncertainty.nrrd"
 
@@ -134,7 +135,8 @@ class ReconstructionLogic:
     2-core CPU the sample film's CT node then comes 4.0-4.8 s after the click instead of 6.2-8.6 s
     (``Testing/Scripts/click_to_ct.py``); the idle engine holds
     about 0.8 GiB and leaves after 30 idle minutes. The panel prepares one when it opens and after each
-    job; a console script only when it calls :meth:`prepare_standby`. :meth:`shutdown` stops it."""
+    job; a console script only when it calls :meth:`prepare_standby`. :meth:`shutdown` stops it, and so does
+    dropping the logic."""
 
     def __init__(self, scene, engine_command: Optional[Sequence[str]] = None,
                  dicom_file_for: Optional[Callable[[str], str]] = None, standby: Optional[bool] = None):
@@ -142,7 +144,8 @@ class ReconstructionLogic:
         self.engine_command = list(engine_command) if engine_command else [python_executable(), "-m", "XctDiffCore"]
         self.dicom_file_for = dicom_file_for
         if standby is None:
-            standby = engine_command is None and os.environ.get(STANDBY_VARIABLE, "1") != "0"
+            off = os.environ.get(STANDBY_VARIABLE, "1").strip().lower() in STANDBY_OFF
+            standby = engine_command is None and not off
         self.standby = standby
         self._standby: Optional[tuple] = None  # (what it was started for, its folder, its ChildProcess)
         remove_stale_job_folders()
@@ -156,11 +159,15 @@ class ReconstructionLogic:
         It waits for ``job.json`` in its own temporary folder, which becomes its job's folder."""
         if not self.standby:
             return
+        model = choose_model(model)
         key = self._standby_key(model)
         if self._standby is not None and self._standby[0] == key and self._standby[2].running:
             return
         self.shutdown()
-        folder = Path(tempfile.mkdtemp(prefix="xctdiff-"))
+        try:
+            folder = Path(tempfile.mkdtemp(prefix="xctdiff-"))
+        except OSError:  # an unwritable temporary folder: no engine ahead; the click reports it
+            return
         command = self.engine_command + ["standby", "--job-file", str(folder / JOB_NAME), "--parent-pid", str(os.getpid()),
                                          *model.engine_arguments()]
         try:
@@ -185,6 +192,10 @@ class ReconstructionLogic:
         process.cancel()
         shutil.rmtree(folder, ignore_errors=True)
         return None
+
+    def __del__(self):  # a logic dropped without shutdown() (a console script) leaves no engine waiting
+        if getattr(self, "_standby", None) is not None:
+            self.shutdown()
 
     def shutdown(self) -> None:
         """Stop the standby engine, if any (leaving the module, closing Slicer, another model chosen)."""
@@ -365,9 +376,11 @@ def remove_stale_job_folders(root: Optional[str] = None, hours: float = STALE_JO
     for folder in candidates:
         try:
             stat = folder.stat()
-            if folder.is_dir() and stat.st_uid == os.getuid() and time.time() - stat.st_mtime > hours * 3600:
+            if (folder.is_dir() and not folder.is_symlink() and stat.st_uid == os.getuid()
+                    and time.time() - stat.st_mtime > hours * 3600):
                 shutil.rmtree(folder, ignore_errors=True)
-                removed.append(folder)
+                if not folder.exists():
+                    removed.append(folder)
         except (OSError, AttributeError):  # gone meanwhile; no getuid (Windows): leave it
             continue
     return removed
