@@ -235,6 +235,26 @@ def _check_sitk_header(path: Path, suffix: str) -> None:
         raise XctDiffError(f"{path} contains NaN or infinite voxel values")
 
 
+def _nifti_without_orientation(path: Path) -> bool:
+    """A NIfTI-1 file whose qform_code and sform_code are both 0: "no particular spatial orientation is
+    attached" (the standard's method 1). ITK then reads it as LPS, nibabel as LAS: left and right are a guess."""
+    import gzip
+    import struct
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(348)
+        if len(header) < 348:
+            return False
+        order = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+        if struct.unpack(order + "i", header[:4])[0] != 348:  # NIfTI-2 or not NIfTI: ITK says
+            return False
+        return struct.unpack(order + "2h", header[252:256]) == (0, 0)
+    except (OSError, EOFError, struct.error):
+        return False
+
+
 #: NIfTI-1 floating-point data types: code -> numpy type.
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}
 
@@ -323,6 +343,10 @@ def read_ct(path) -> Volume:
     elif suffix in SITK_VOLUME_SUFFIXES or suffix in PIL_SUFFIXES:
         # Image suffixes go through SimpleITK too so that a PNG given as a CT says "2D image".
         _check_sitk_header(path, suffix)
+        if suffix in (".nii", ".nii.gz") and _nifti_without_orientation(path):
+            warnings.warn(f"{path} records no orientation (NIfTI qform_code and sform_code 0, as ANALYZE files): read "
+                          "as ITK does, its first axis towards the patient's left; check left and right", ReadWarning,
+                          stacklevel=2)
         volume = _read_sitk_volume(path)
     elif is_dicom_file(path) and _is_dicomdir(path):
         volume = _read_dicomdir(path)
@@ -488,7 +512,11 @@ _SLICE_TAGS = ("0028|0120", "0028|0121", "0028|1052", "0028|1053", "0028|0103", 
 _AIR_HU, _TOP_HU = -1024, 3071
 
 
-class DicomReadWarning(UserWarning):
+class ReadWarning(UserWarning):
+    """An input was read, but not quite as given, or on an assumption the file leaves open."""
+
+
+class DicomReadWarning(ReadWarning):
     """A DICOM input was read, but not quite as given (one of several series, a resampled tilted stack)."""
 
 

@@ -9,6 +9,7 @@ The audit they come from, wider (every case, with its outcome): ``python Testing
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +260,25 @@ def test_a_sheared_nrrd_is_refused_in_words(tmp_path):
                index_order="C")
     with pytest.raises(XctDiffError, match="are not perpendicular .a sheared volume"):
         read_ct(tmp_path / "sheared.nrrd")
+
+
+def test_a_nifti_without_orientation_says_so(tmp_path):
+    """qform_code = sform_code = 0: the standard attaches no orientation (ITK reads LPS, nibabel LAS): left and
+    right are a guess, which was made silently."""
+    import struct
+
+    from XctDiffCore.io import ReadWarning, write_volume
+    from XctDiffCore.volume import Volume
+
+    path = write_volume(Volume(body(), SPACING, ORIGIN), tmp_path / "analyze.nii")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_ct(path)  # written with its orientation: no word
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<2h", data, 252, 0, 0)
+    path.write_bytes(bytes(data))
+    with pytest.warns(ReadWarning, match="records no orientation .*check left and right"):
+        np.testing.assert_array_equal(read_ct(path).array, body())
 
 
 # ---------------------------------------------------------------------------------------------- films

@@ -89,6 +89,29 @@ def scl_half(p):
     return compare(read_ct(p), HU, S, O, np.eye(3))
 case("NIfTI scl_slope 0.5", scl_half)
 
+def scl_zero(p):
+    p = nifti(p.with_suffix(".nii"))
+    patch(p, 112, "2f", 0.0, 0.0)  # scl_slope 0: "no scaling" by the standard
+    return compare(read_ct(p), HU, S, O, np.eye(3))
+case("NIfTI scl_slope 0 (no scaling)", scl_zero)
+
+def no_codes(p):
+    p = nifti(p.with_suffix(".nii"), direction=np.diag([-1.0, -1.0, 1.0]), origin=(0, 0, 0))
+    patch(p, 252, "2h", 0, 0)  # qform_code = sform_code = 0: method 1, "no particular spatial orientation"
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        v = read_ct(p)
+    said = any("records no orientation" in str(x.message) for x in w)
+    return (f"orientation undefined by the standard (ITK: LPS, nibabel: LAS); engine direction diag "
+            f"{np.diag(v.direction)}, " + ("right: a warning says so" if said else "WRONG: silently"))
+case("NIfTI qform_code = sform_code = 0 (ANALYZE method 1)", no_codes)
+
+def only_qform(p):
+    p = nifti(p.with_suffix(".nii"))
+    patch(p, 254, "h", 0)  # sform_code 0: the qform alone
+    return compare(read_ct(p), HU, S, O, np.eye(3))
+case("NIfTI qform only", only_qform)
+
 def four_d(p):
     p = p.with_suffix(".nii.gz")
     img = sitk.GetImageFromArray(HU[None], isVector=False)  # 4D, one volume
