@@ -215,14 +215,16 @@ def enhanced_ct(path: Path, hu: np.ndarray, gaps=None) -> Path:
     return path
 
 
-def test_an_enhanced_multiframe_ct_is_read(tmp_path):
-    """It was refused as 'a DICOM series with a single 2D image'."""
+@pytest.mark.parametrize("step", [SPACING[2], -SPACING[2]], ids=["feet to head", "head to feet"])
+def test_an_enhanced_multiframe_ct_is_read(tmp_path, step):
+    """It was refused as 'a DICOM series with a single 2D image'. Frames stored head to feet (down the normal)
+    are read with the direction that says so."""
     hu = body()
-    for given in (enhanced_ct(tmp_path / "enhanced.dcm", hu), tmp_path):  # the file, or its folder
+    for given in (enhanced_ct(tmp_path / "enhanced.dcm", hu, gaps=[step] * (hu.shape[0] - 1)), tmp_path):  # file, folder
         volume = read_ct(given)
         np.testing.assert_array_equal(volume.array, hu)
         assert volume.spacing == pytest.approx(SPACING) and volume.origin == pytest.approx(ORIGIN)
-        np.testing.assert_allclose(volume.direction, np.eye(3), atol=1e-9)
+        np.testing.assert_allclose(volume.direction, np.diag([1.0, 1.0, np.sign(step)]), atol=1e-9)
 
 
 def test_an_enhanced_ct_with_uneven_frames_is_refused(tmp_path):
