@@ -598,3 +598,12 @@ def test_standby_spellings_an_unwritable_temp_folder_and_a_dropped_logic(slicer,
     del logic
     gc.collect()
     assert process.join(10) and not folder.exists()
+
+
+def test_the_engines_warnings_reach_a_console_script(bridge, scene, logic, sample, monkeypatch, caplog):
+    """The panel shows the engine's warnings (an implausible film) under the score; reconstruct() returned the CT
+    node alone, and a script was never told."""
+    monkeypatch.setenv(MODE_VARIABLE, "warn")
+    with caplog.at_level("WARNING"):
+        logic.reconstruct(bridge.radiograph_to_node(scene, sample[1], spacing=(2.5, 2.5), is_drr=True))
+    assert [record.getMessage() for record in caplog.records] == ["XctDiff: a warning for the test"]

@@ -88,6 +88,7 @@ progress(1.0, "writing")
 print(json.dumps({"note": "a free-text line that only looks like JSON"}), flush=True)
 print("RESULT " + json.dumps({"consistency": 0.875, "timings": {"sampling": 0.1}, "device": "cpu",
                               "seed": 1234 if args.seed is None else args.seed, "method": "diffusion",
+                              "warnings": ["a warning for the test"] if mode == "warn" else [],
                               "output": args.output, "argv": sys.argv[1:]}), flush=True)
 '''
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -355,7 +356,10 @@ class ReconstructionLogic:
         except BaseException:  # Ctrl-C in the console: leave no child running, no radiograph behind
             job.discard()
             raise
-        return self.load_result(job, finished, outputNode, uncertaintyNode).ct_node
+        output = self.load_result(job, finished, outputNode, uncertaintyNode)
+        for warning in output.warnings:  # what the panel shows under the score: a script is told too
+            logging.getLogger(__name__).warning("XctDiff: %s", warning)
+        return output.ct_node
 
 
 #: A job folder untouched this long is a crashed session's (jobs take seconds to minutes; a standby leaves
