@@ -607,3 +607,29 @@ def test_the_engines_warnings_reach_a_console_script(bridge, scene, logic, sampl
     with caplog.at_level("WARNING"):
         logic.reconstruct(bridge.radiograph_to_node(scene, sample[1], spacing=(2.5, 2.5), is_drr=True))
     assert [record.getMessage() for record in caplog.records] == ["XctDiff: a warning for the test"]
+
+
+def test_a_model_exported_again_into_its_folder_is_not_run_by_the_engine_waiting_with_the_old_one(slicer, scene,
+                                                                                                   tmp_path, monkeypatch):
+    """The waiting engine loaded the model when it started; a model written over it since (a new export into the
+    same folder) was run with the old weights, silently. Its manifest changed: that engine is stopped instead."""
+    import json
+
+    from XctDiffSlicerLib.logic import ReconstructionLogic
+    from XctDiffSlicerLib.models import choose_model
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"id": "mine", "version": "1"}), encoding="utf-8")
+    model = choose_model(folder)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]  # waits as a standby engine would
+    logic = ReconstructionLogic(scene, engine_command=sleeper, standby=True)
+    try:
+        logic.prepare_standby(model)
+        _, job_folder, first = logic._standby
+        (folder / "manifest.json").write_text(json.dumps({"id": "mine", "version": "2.0"}), encoding="utf-8")
+        assert logic._take_standby(choose_model(folder)) is None  # not handed the job: stopped, folder removed
+        assert first.join(10) and not job_folder.exists()
+    finally:
+        logic.shutdown()

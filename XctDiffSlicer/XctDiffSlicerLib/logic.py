@@ -22,7 +22,7 @@ from XctDiffCore.errors import XctDiffError
 from XctDiffCore.options import ReconstructOptions
 
 from . import mrml_bridge
-from .models import ModelChoice, choose_model
+from .models import MANIFEST_NAME, ModelChoice, choose_model
 from .process import ChildProcess, Finished, Progress, engine_environment, python_executable
 
 METHODS = ("default", *ENGINE_METHODS)  # "default": the model's own (the bundled one: direct)
@@ -153,7 +153,8 @@ class ReconstructionLogic:
 
     def _standby_key(self, model: ModelChoice) -> tuple:
         environment = engine_environment(core_parent_folder())
-        return tuple(self.engine_command), tuple(model.engine_arguments()), tuple(sorted(environment.items()))
+        return (tuple(self.engine_command), tuple(model.engine_arguments()), tuple(sorted(environment.items())),
+                _manifest_stamp(model))
 
     def prepare_standby(self, model: ModelChoice) -> None:
         """Start an engine for the next reconstruction with ``model``, unless one is ready (or standby is off).
@@ -392,6 +393,16 @@ def remove_stale_job_folders(root: Optional[str] = None, hours: float = STALE_JO
 
 #: On every node a reconstruction wrote: the name it was made under ("<film> CT").
 ATTRIBUTE_MADE_FOR = "XctDiff.MadeFor"
+
+
+def _manifest_stamp(model: ModelChoice) -> str:
+    """A model folder's manifest as last written: a model exported again into the same folder, while an engine
+    waited with the old one loaded, is another model."""
+    try:
+        stat = (model.folder / MANIFEST_NAME).stat() if model.folder is not None else None
+    except OSError:
+        return ""
+    return f"{stat.st_size}:{stat.st_mtime_ns}" if stat is not None else ""
 
 
 def _is_node(value, class_name: str) -> bool:
