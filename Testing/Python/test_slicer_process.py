@@ -133,6 +133,8 @@ def is_gone(pid: int) -> bool:
         ("PROGRESS 1.7 overshoot", Progress(1.0, "overshoot")),
         ("PROGRESS -0.1 early", Progress(0.0, "early")),
         ("PROGRESS half way", LogLine("PROGRESS half way", "stdout")),
+        ("PROGRESS nan sampling", LogLine("PROGRESS nan sampling", "stdout")),
+        ("PROGRESS inf done", Progress(1.0, "done")),
         ('RESULT {"consistency": 0.5}', {"consistency": 0.5}),
         ("RESULT not-json", LogLine("RESULT not-json", "stdout")),
         ("RESULT [1, 2]", LogLine("RESULT [1, 2]", "stdout")),

@@ -8,6 +8,7 @@ one readable sentence (its ``error: ...`` line), never a traceback.
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import signal
@@ -64,9 +65,12 @@ def parse_stdout_line(line: str) -> Union[Progress, dict, LogLine]:
     if keyword == "PROGRESS":
         number, _, stage = rest.partition(" ")
         try:
-            return Progress(min(max(float(number), 0.0), 1.0), stage.strip())
+            fraction = float(number)
         except ValueError:
             return LogLine(text, "stdout")
+        if math.isnan(fraction):  # no place on a progress bar (the panel's int() of it raised, events lost)
+            return LogLine(text, "stdout")
+        return Progress(min(max(fraction, 0.0), 1.0), stage.strip())
     if keyword == "RESULT":
         try:
             result = json.loads(rest)
