@@ -4,7 +4,6 @@ Thin on purpose: Module, parameter node, Widget, Logic and Test. The work is in 
 (MRML bridge, child-process runner, model choice, dependency check) and in the ``XctDiffCore``
 engine, which runs in a child process so that the panel never freezes.
 """
-import json
 import logging
 import sys
 from pathlib import Path
@@ -306,8 +305,9 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _pollDeviceProbe(self) -> None:
         for event in self._deviceProbe.poll():
-            if isinstance(event, LogLine) and event.stream == "stdout" and event.text.startswith("{"):
-                self._deviceInfo = json.loads(event.text)
+            info = device_probe.read_probe_line(event.text) if isinstance(event, LogLine) and event.stream == "stdout" else None
+            if info is not None:
+                self._deviceInfo = info
             elif isinstance(event, Finished) and self._deviceInfo is None:
                 self._deviceInfo = {"torch": None, "reason": _("the device check failed: ") + event.error}
         if self._deviceInfo is not None and self._parameterNode is not None:

@@ -138,6 +138,15 @@ def test_describe_device(info, device, expected):
     assert device_probe.describe_device(info, device) == expected
 
 
+def test_a_broken_probe_line_or_device_name_is_no_traceback_in_the_panel():
+    """The panel's timer read every stdout line starting with "{" with json.loads (a broken one raised there, and
+    the probe's end was lost); a device from an edited scene file raised ValueError in describe_device."""
+    assert device_probe.read_probe_line('{"torch": "2.13.0", "gpus": []}') == {"torch": "2.13.0", "gpus": []}
+    assert [device_probe.read_probe_line(line) for line in ("{broken", "[1]", "Loading...", "{}")] == [None] * 3 + [{}]
+    info = {"torch": "2.13.0", "cuda": True, "gpus": ["A"], "reason": ""}
+    assert device_probe.describe_device(info, "cuda:x") == "No GPU: unknown device 'cuda:x'"
+
+
 def test_a_broken_torch_is_said_as_such_not_as_a_failed_reconstruction(monkeypatch):
     """`import torch` raising OSError (a missing libcudnn) or a driver failing while asked: the probe's own line."""
     import builtins

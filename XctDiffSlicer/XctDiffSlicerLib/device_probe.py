@@ -5,6 +5,7 @@ hold GPU memory for the whole session). Depends on nothing but the standard libr
 """
 import json
 import sys
+from typing import Optional
 
 
 def probe() -> dict:
@@ -51,7 +52,10 @@ def describe_device(info: dict, device: str) -> str:
     gpus = info.get("gpus") or []
     if device == "cpu":
         return f"CPU (PyTorch {info['torch']})"
-    index = int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
+    number = device.split(":", 1)[1].strip() if device.startswith("cuda:") else "0"
+    if not number.isdigit():  # a parameter node from an edited scene file: the engine refuses it at the click
+        return f"No GPU: unknown device {device!r}"
+    index = int(number)
     problems = info.get("problems") or [None] * len(gpus)
     if index < len(gpus) and problems[index] is None:
         return f"GPU {index}: {gpus[index]} (PyTorch {info['torch']})"
@@ -62,6 +66,17 @@ def describe_device(info: dict, device: str) -> str:
     if device == "auto":
         return f"CPU, slow: no GPU ({reason})"
     return f"No GPU: {reason}"
+
+
+def read_probe_line(text: str) -> Optional[dict]:
+    """The probe's JSON line as a dict, or None for any other stdout line (a library's chatter, a broken line)."""
+    if not text.startswith("{"):
+        return None
+    try:
+        info = json.loads(text)
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) else None
 
 
 if __name__ == "__main__":
