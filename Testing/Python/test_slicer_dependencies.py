@@ -65,6 +65,14 @@ def test_pip_failure_and_refusal_are_one_sentence(tmp_path, monkeypatch):
     with pytest.raises(XctDiffError, match="pip could not install xctdiff-surely-not-installed>=1"):
         dependencies.install_requirements(requirements, failing_pip)
 
+    def chatty_pip(arguments):
+        raise RuntimeError("ERROR: No matching distribution found\n  Collecting ...\n  (traceback follows)")
+
+    with pytest.raises(XctDiffError) as info:
+        dependencies.install_requirements(requirements, chatty_pip)
+    assert str(info.value) == ("pip could not install xctdiff-surely-not-installed>=1: "
+                               "ERROR: No matching distribution found")  # one line, as the panel shows it
+
     path = write_requirements(tmp_path, "torch\nxctdiff-surely-not-installed>=1\n")
     asked = []
     with pytest.raises(XctDiffError, match="missing Python packages: xctdiff-surely-not-installed>=1"):

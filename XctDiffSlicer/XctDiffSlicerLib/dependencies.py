@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from XctDiffCore.errors import XctDiffError
+from XctDiffCore.errors import XctDiffError, first_line
 
 REQUIREMENTS_FILE = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
 SLICER_SHIPPED = ("numpy", "simpleitk", "vtk")
@@ -109,7 +109,8 @@ def install_requirements(requirements: Iterable[Requirement], pip_install: Calla
         try:
             pip_install(arguments)
         except Exception as exc:  # noqa: BLE001 - pip's failures are many; the user gets one sentence
-            raise XctDiffError(f"pip could not install {', '.join(str(r) for r in requirements)}: {exc}") from exc
+            raise XctDiffError(f"pip could not install {', '.join(str(r) for r in requirements)}: "
+                               f"{first_line(exc)}") from exc
 
 
 def install_torch_with_pytorchutils(requirement: Requirement) -> None:
