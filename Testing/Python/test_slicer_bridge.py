@@ -90,6 +90,15 @@ def test_an_earlier_ct_node_gives_the_ap_diameter_or_one_sentence(bridge, scene)
     film = bridge.load_radiograph(scene, SAMPLE_RADIOGRAPH)
     with pytest.raises(XctDiffError, match="a single-slice image .* not a CT volume"):
         bridge.ap_diameter_of_node(film)
+    for wrong in ("CT", scene.AddNewNodeByClass("vtkMRMLModelNode", "model")):  # a name typed, a model: AttributeError
+        with pytest.raises(XctDiffError, match="choose a CT volume to measure the AP diameter on"):
+            bridge.ap_diameter_of_node(wrong)
+
+
+def test_load_radiograph_without_a_path_is_one_sentence(bridge, scene):
+    with pytest.raises(XctDiffError, match="load_radiograph takes a film file's path, got None"):
+        bridge.load_radiograph(scene, None)  # was a TypeError from deep in the reader
+    assert scene.GetNumberOfNodes() == 0
 
 
 # --- radiographs ----------------------------------------------------------------------------------

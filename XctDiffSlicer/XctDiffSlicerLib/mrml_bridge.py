@@ -16,6 +16,7 @@ Geometry is handled in one place each way:
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -147,7 +148,7 @@ def ap_diameter_of_node(node) -> float:
     measured or is not a chest's (outside 100-300 mm)."""
     from XctDiffCore.ap_diameter import ct_ap_diameter
 
-    if node is None or node.GetImageData() is None:
+    if not callable(getattr(node, "GetImageData", None)) or node.GetImageData() is None:  # None, a name, a model
         raise XctDiffError("choose a CT volume to measure the AP diameter on")
     try:
         return ct_ap_diameter(node_to_volume(node))
@@ -240,6 +241,8 @@ def load_radiograph(scene, path, node=None):
     """"Load radiograph from file...": any file ``XctDiffCore.io.read_radiograph`` reads, as a node."""
     from XctDiffCore.io import read_radiograph
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise XctDiffError(f"load_radiograph takes a film file's path, got {path!r}")
     radiograph = read_radiograph(path)
     name = Path(path).name.split(".")[0] or "Radiograph"
     node = radiograph_to_node(scene, radiograph.image, radiograph.spacing, node, name, radiograph.is_drr)
