@@ -44,6 +44,9 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 RADIOGRAPH_SUFFIXES = PIL_SUFFIXES + DICOM_SUFFIXES
 FILM_FILE_SUFFIXES = RADIOGRAPH_SUFFIXES + SITK_VOLUME_SUFFIXES  # every file type read_radiograph takes by name
 VOLUME_WRITE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
+NOTE_KEY = "xctdiff_"  # the keys of the notes a CT file written by XctDiff carries (NRRD, MetaImage)
+SYNTHETIC = "synthetic CT reconstructed by XctDiff from one radiograph: research use, not diagnosis"
+NIFTI_NOTE_LIMIT = 79  # a NIfTI-1 header's descrip field
 
 
 def film_stem(path) -> str:
@@ -719,10 +722,12 @@ def _c_stderr_muted():
         os.close(saved)
 
 
-def write_volume(volume: Volume, path) -> Path:
+def write_volume(volume: Volume, path, notes: Optional[dict] = None) -> Path:
     """Write a volume as .nrrd (gzip), .nii, .nii.gz or .mha (zlib), atomically.
 
     Voxels are stored as int16 when they are all integers within int16's range (a HU CT), else float32.
+    ``notes`` (what made the volume: :func:`volume_notes` reads them back) go into the header as ``xctdiff_<key>``
+    fields in NRRD and MetaImage, and as the ``descrip`` text (79 characters) in NIfTI.
     """
     import SimpleITK as sitk
 
@@ -744,12 +749,69 @@ def write_volume(volume: Volume, path) -> Path:
     else:
         array = array.astype(np.float32)
     image = Volume(array, volume.spacing, volume.origin, volume.direction).to_sitk()
+    for key, value in (notes or {}).items():
+        if suffix in (".nii", ".nii.gz"):
+            break
+        image.SetMetaData(NOTE_KEY + key, " ".join(str(value).split()))  # one header line each
+    if notes and suffix in (".nii", ".nii.gz"):
+        image.SetMetaData("ITK_FileNotes", " ".join(str(notes.get("summary", SYNTHETIC)).split())[:NIFTI_NOTE_LIMIT])
     with atomic_path(path) as tmp, _c_stderr_muted():
         try:
             sitk.WriteImage(image, str(tmp), useCompression=suffix in (".nrrd", ".mha"))
         except RuntimeError as exc:  # ITK's NRRD and MetaImage writers report a failed write (disk full) so
             raise XctDiffError(f"cannot write {path}: {_one_line(exc).removeprefix('Reason: ')}") from exc
     return path
+
+
+def volume_notes(path) -> dict:
+    """What an XctDiff output says about itself (the notes of :func:`write_volume`; a DICOM series' description and
+    derivation), read from its header alone; {} for a scan or a file that says nothing. So that a synthetic CT is
+    known for one wherever it goes: ``inspect`` says so, ``prepare`` and ``evaluate`` warn before they learn from it."""
+    path = Path(path)
+    try:
+        if path.is_dir() or is_dicom_file(path):
+            return _dicom_notes(path)
+        if _suffix(path) not in SITK_VOLUME_SUFFIXES:
+            return {}
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        with _c_stderr_muted():
+            reader.ReadImageInformation()
+        fields = {key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()}
+    except (OSError, RuntimeError, ValueError, XctDiffError):
+        return {}
+    notes = {key[len(NOTE_KEY):]: value for key, value in fields.items() if key.startswith(NOTE_KEY)}
+    descrip = fields.get("ITK_FileNotes", fields.get("descrip", ""))
+    if not notes and descrip.startswith("XctDiff"):
+        notes = {"summary": descrip}
+    return notes
+
+
+def warn_if_synthetic(paths, consequence: str) -> None:
+    """One warning naming the XctDiff reconstructions among the CT ``paths`` (:func:`volume_notes`), which a command
+    that learns from or scores against scans should not take for scans; ``consequence`` says what they would do."""
+    found = [Path(p) for p in paths if volume_notes(p)]
+    if found:
+        names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        one = len(found) == 1
+        warnings.warn(f"{len(found)} of the CTs {'is' if one else 'are'} XctDiff's own reconstruction{'' if one else 's'}, "
+                      f"not {'a scan' if one else 'scans'} ({names}): {consequence}", stacklevel=3)
+
+
+def _dicom_notes(path: Path) -> dict:
+    """The notes of a DICOM CT series XctDiff wrote (:mod:`XctDiffCore.dicom_series`): its first file's derivation."""
+    import pydicom
+
+    first = path if path.is_file() else next((p for p in sorted(path.iterdir()) if p.is_file() and is_dicom_file(p)), None)
+    if first is None:
+        return {}
+    header = pydicom.dcmread(first, stop_before_pixels=True, force=True)
+    derivation = str(header.get("DerivationDescription", ""))
+    if header.get("Manufacturer") != "XctDiffSlicer" and "XctDiff" not in derivation:
+        return {}
+    return {"summary": f"{SYNTHETIC}; {derivation}" if derivation else SYNTHETIC}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1120,6 +1182,12 @@ def inspect_path(path, kind: str = "auto") -> dict:
                 "ap_diameter": _ap_diameter_fact(volume),
             }
         )
+        notes = volume_notes(path)
+        if notes:
+            facts["synthetic"] = notes.get("note", notes.get("summary", SYNTHETIC))
+            made = [notes[key] for key in ("model", "settings") if key in notes]
+            if made:
+                facts["made_by"] = ", ".join(made) + (f", from {notes['film']}" if "film" in notes else "")
     else:
         radiograph = read_radiograph(path)
         facts.update(

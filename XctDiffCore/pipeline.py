@@ -727,15 +727,22 @@ def write_ct(result: "Reconstruction", path, output_format: Optional[str] = None
     from .io import write_volume
 
     check_volume_output(path, output_format)  # an unknown format, or a suffix that says another one
-    if output_format != "dicom":
-        return write_volume(result.ct, path)
-    from .dicom_series import write_dicom_series
-
     made_by = f"XctDiff model {model.model_id} {model.version}" if model is not None else "XctDiff"
     seed = f", seed {result.seed}, {result.steps} steps" if result.method == "diffusion" else ""
-    derivation = (f"reconstructed from one radiograph by {made_by}: {result.method} method{seed}, "
-                  f"style {'on' if result.styled else 'off'}, guidance {result.guidance:g}, "
-                  f"consistency {result.consistency:.3f}")
+    settings = (f"{result.method} method{seed}, style {'on' if result.styled else 'off'}, guidance {result.guidance:g}, "
+                f"consistency {result.consistency:.3f}")
+    if output_format != "dicom":
+        from . import __version__
+        from .io import SYNTHETIC
+
+        model_name = f"{model.model_id} {model.version}" if model is not None else "unknown"
+        notes = {"summary": f"XctDiff synthetic CT, research use only: {model_name}, {result.method}",
+                 "note": SYNTHETIC, "model": model_name, "engine": __version__, "settings": settings,
+                 **({"film": Path(source).name} if isinstance(source, (str, Path)) else {})}
+        return write_volume(result.ct, path, notes=notes)
+    from .dicom_series import write_dicom_series
+
+    derivation = f"reconstructed from one radiograph by {made_by}: {settings}"
     return write_dicom_series(result.ct, path, source=source, derivation=derivation)
 
 

@@ -154,6 +154,9 @@ def prepare_dataset(
     cts = find_ct_inputs(inputs, ignored, naming=naming, progress=progress)
     if ignored:
         report(describe_ignored(ignored))
+    from .io import warn_if_synthetic
+
+    warn_if_synthetic([c.path for c in cts], "a model trained on them learns its own output, not anatomy")
     training, validation = split_cases(cts, split, val_fraction, seed)
     if train_on_all:
         training = sorted(training + validation)

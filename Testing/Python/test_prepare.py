@@ -343,3 +343,14 @@ def test_resume_prepares_only_the_cts_not_done_and_writes_the_same_data_set(tmp_
     prepared.clear()
     assert main([*argv[:-4], "--augment", "0", "--mix", "1", "--out", str(out), "--resume"]) == 0  # other settings
     assert len(prepared) == 3
+
+
+def test_a_reconstruction_among_the_cts_is_named_in_a_warning(tmp_path, capsys):
+    """A CT that XctDiff wrote (its header says so) is no scan: training on it would teach the model its own output."""
+    _write_phantoms(tmp_path / "in", seeds=(0, 1))
+    ct = np.rint(synthetic_chest((40, 40, 40), seed=5)).astype(np.int16)
+    write_volume(Volume(ct, spacing=(2.5, 2.5, 2.5)), tmp_path / "in" / "film_ct.nrrd",
+                 notes={"summary": "XctDiff synthetic CT, research use only: test"})
+    assert main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--size", str(SIZE)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 1 of the CTs is XctDiff's own reconstruction, not a scan (film_ct.nrrd)" in err

@@ -108,6 +108,24 @@ def test_writes_the_ct_in_the_format_of_its_extension(cli, reference, tmp_path, 
     assert f" -> {out} in " in stdout and "consistency" in stdout
 
 
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".nii.gz", "dicom"])
+def test_a_written_ct_says_it_is_synthetic_and_what_made_it(cli, tmp_path, capsys, suffix):
+    """A CT file is no scan: its header says so (NIfTI in its 79-character description), and `inspect` shows it."""
+    from XctDiffCore.io import volume_notes
+
+    out = tmp_path / ("series" if suffix == "dicom" else f"ct{suffix}")
+    status, _, err = cli(SAMPLE_RADIOGRAPH, "-o", out, *(["--format", "dicom"] if suffix == "dicom" else []))
+    assert status == 0, err
+    notes = volume_notes(out)
+    assert "XctDiff" in notes["summary"] and "research use" in notes["summary"]
+    if suffix in (".nrrd", ".mha"):
+        assert notes["film"] == SAMPLE_RADIOGRAPH.name and "method" in notes["settings"] and "consistency" in notes["settings"]
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "synthetic: " in capsys.readouterr().out
+    assert volume_notes(SAMPLE_CT) == {}
+
+
 def test_default_output_is_beside_the_input(cli, tmp_path):
     source = tmp_path / "chest.dcm"
     shutil.copy(SAMPLE_RADIOGRAPH, source)
@@ -378,7 +396,9 @@ def test_skip_existing_continues_an_interrupted_folder(cli, batch, tmp_path):
     assert "left out 1 of 2 radiographs: their outputs are there" in err
     assert [line.split(" -> ")[0] for line in stdout.splitlines()] == [str(batch / "drr.png")]
     assert (out / "film_ct.nrrd").stat().st_mtime_ns == kept and (views / "drr_views.png").is_file()
-    os.utime(batch / "film.dcm", ns=(kept + 10**9, kept + 10**9))  # the film changed after its CT was written
+    film = (batch / "film.dcm").stat().st_mtime_ns
+    for name in ("film_ct.nrrd", "film_views.png"):  # the film changed after its outputs were written
+        os.utime(out / name if name.endswith(".nrrd") else views / name, ns=(film - 10**9, film - 10**9))
     status, stdout, err = cli(batch, "--views", views, "--skip-existing")
     assert status == 0 and [line.split(" -> ")[0] for line in stdout.splitlines()] == [str(batch / "film.dcm")]
     status, stdout, err = cli(batch, "--views", views, "--skip-existing")

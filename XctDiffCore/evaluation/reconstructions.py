@@ -226,7 +226,7 @@ def knn_ct(drr01: np.ndarray, training: list, k: int, volume_size: int) -> tuple
 
 def ct_folder_cases(path: Path, volume_size: int, geometry: str, max_cases: Optional[int] = None) -> list:
     from ..drr import drr_of_volume
-    from ..io import read_ct
+    from ..io import read_ct, warn_if_synthetic
     from ..model_folder import PREPARED_SIZE, PREPARED_SPACING_MM
     from ..ct_search import describe_ignored, find_ct_inputs
     from ..preprocess import preprocess_ct
@@ -235,6 +235,7 @@ def ct_folder_cases(path: Path, volume_size: int, geometry: str, max_cases: Opti
     found = find_ct_inputs([path], ignored)
     if ignored:
         warnings.warn(describe_ignored(ignored), stacklevel=2)
+    warn_if_synthetic([c.path for c in found[:max_cases]], "scored as the truth, they measure a model against itself")
     for ct_input in found[:max_cases]:
         ct = preprocess_ct(read_ct(ct_input.path), size=PREPARED_SIZE, spacing=PREPARED_SPACING_MM)
         drr = drr_of_volume(ct, geometry, PREPARED_SIZE)
