@@ -14,19 +14,7 @@ results = []
 from cmp import *
 
 def case(name, fn):
-    folder = ROOT / name.replace(" ", "_").replace("/", "_")
-    try:
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            out = fn(folder)
-        if w:
-            out += " | warnings: " + "; ".join(str(x.message)[:120] for x in w)
-    except XctDiffError as e:
-        out = f"REFUSED: {e}"
-    except Exception as e:
-        out = f"TRACEBACK {type(e).__name__}: {e}"
-    results.append((name, out))
-    print(f"- {name}: {out}", flush=True)
+    run_case(results, name, fn, ROOT / name.replace(" ", "_").replace("/", "_"))
 
 S, O = (0.8, 0.9, 2.5), (-20.0, -18.0, -100.0)
 HU = phantom()

@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from mk import *
+from cmp import run_case
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from XctDiffCore.io import read_radiograph, inspect_path
@@ -36,20 +37,7 @@ def plaus(image):
     return "" if not p else " | plausibility: flagged"
 
 def case(name, fn):
-    path = ROOT / (name.replace(" ", "_").replace("/", "_") + ".dcm")
-    try:
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            out = fn(path)
-        if w:
-            out += " | warnings: " + "; ".join(str(x.message)[:120] for x in w)
-    except XctDiffError as e:
-        out = f"REFUSED: {e}"
-    except Exception as e:
-        import traceback; traceback.print_exc()
-        out = f"TRACEBACK {type(e).__name__}: {e}"
-    results.append((name, out))
-    print(f"- {name}: {out}", flush=True)
+    run_case(results, name, fn, ROOT / (name.replace(" ", "_").replace("/", "_") + ".dcm"))
 
 def std(path, **kw):
     r = read_radiograph(path)

@@ -6,7 +6,7 @@ import SimpleITK as sitk
 import nrrd
 sys.path.insert(0, str(Path(__file__).parent))
 from mk import phantom
-from cmp import compare
+from cmp import compare, run_case
 from XctDiffCore.io import read_ct, read_radiograph
 from XctDiffCore.errors import XctDiffError
 
@@ -17,17 +17,7 @@ HU = phantom()
 S, O = (0.8, 0.9, 2.5), (-20.0, -18.0, -100.0)
 
 def case(name, fn):
-    try:
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            out = fn(ROOT / name.replace(" ", "_").replace("/", "_"))
-        if w:
-            out += " | warnings: " + "; ".join(str(x.message)[:120] for x in w)
-    except XctDiffError as e:
-        out = f"REFUSED: {e}"
-    except Exception as e:
-        out = f"TRACEBACK {type(e).__name__}: {e}"
-    results.append((name, out)); print(f"- {name}: {out}", flush=True)
+    run_case(results, name, fn, ROOT / name.replace(" ", "_").replace("/", "_"))
 
 def nrrd_ras(p):
     p = p.with_suffix(".nrrd")

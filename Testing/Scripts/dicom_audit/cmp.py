@@ -1,4 +1,28 @@
+import traceback
+import warnings
+
 import numpy as np
+
+from XctDiffCore.errors import XctDiffError
+
+
+def run_case(results: list, name: str, fn, path) -> None:
+    """Run one audit case on ``path``; record and print what the engine made of it (its warnings too): the text
+    ``fn`` returns, REFUSED with the engine's one line, or TRACEBACK (the worst but a silent wrong result)."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = fn(path)
+        if caught:
+            out += " | warnings: " + "; ".join(str(x.message)[:120] for x in caught)
+    except XctDiffError as e:
+        out = f"REFUSED: {e}"
+    except Exception as e:
+        traceback.print_exc()
+        out = f"TRACEBACK {type(e).__name__}: {e}"
+    results.append((name, out))
+    print(f"- {name}: {out}", flush=True)
+
 
 def truth_positions(shape, spacing, origin, direction, tilt=(0, 0, 0)):
     k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
