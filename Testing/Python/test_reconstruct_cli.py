@@ -921,6 +921,27 @@ def test_an_idle_standby_engine_leaves_by_itself(tmp_path, model_dir):
     process = start_standby(model_dir, tmp_path / "job.json", "--idle-minutes", "0.01")
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0 and stdout == "" and stderr == ""
+    assert (tmp_path / "job.json").is_dir()  # its door closed first: a job handed now fails to land, never waits
+
+
+def test_a_job_handed_as_the_idle_standby_engine_leaves_is_run(tmp_path, model_dir, monkeypatch):
+    """The job's rename wins the instant at which the idle time runs out: the engine runs it, not leaves."""
+    from XctDiffCore.commands import cli
+
+    job_file, output = tmp_path / "job.json", tmp_path / "ct.nrrd"
+    clock = iter([0.0, 10.0**6])  # the deadline, then a look that finds it passed
+    monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock, 10.0**6))
+    real_mkdir = cli.os.mkdir
+
+    def job_lands_first(path, *args):
+        if Path(path) == job_file:  # the engine closes its door: the job was renamed there just before
+            hand_job(job_file, json.dumps([str(SAMPLE_RADIOGRAPH), "-o", str(output), "--device", "cpu", "--steps",
+                                           STEPS, "--model", str(model_dir)]))
+        return real_mkdir(path, *args)
+
+    monkeypatch.setattr(cli.os, "mkdir", job_lands_first)
+    assert main(["standby", "--job-file", str(job_file), "--model", str(model_dir), "--idle-minutes", "1"]) == 0
+    assert read_ct(output).shape == (128, 128, 128) and not job_file.exists()
 
 
 def test_a_standby_engine_whose_parent_ended_while_it_started_leaves_at_once(tmp_path, model_dir):

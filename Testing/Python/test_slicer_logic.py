@@ -633,3 +633,22 @@ def test_a_model_exported_again_into_its_folder_is_not_run_by_the_engine_waiting
         assert first.join(10) and not job_folder.exists()
     finally:
         logic.shutdown()
+
+
+def test_a_job_handed_as_the_waiting_engine_leaves_runs_in_a_fresh_one(bridge, scene, logic, sample, tmp_path):
+    """The engine waiting ahead gives up (30 idle minutes) in the very instant the click hands it the job: it makes
+    its job file's name a folder first (`xctdiff standby`), so the job cannot land there, and the click starts a
+    fresh engine instead of waiting on one that is gone ("ended without a result")."""
+    import tempfile
+
+    from XctDiffSlicerLib.logic import JOB_NAME
+    from XctDiffSlicerLib.models import choose_model
+    from XctDiffSlicerLib.process import ChildProcess
+
+    folder = Path(tempfile.mkdtemp(prefix="xctdiff-"))
+    leaving = ChildProcess([sys.executable, "-c", "import time; time.sleep(60)"]).start()  # still running...
+    (folder / JOB_NAME).mkdir()  # ... but its door is closed
+    logic._standby = (logic._standby_key(choose_model()), folder, leaving)
+    node = logic.reconstruct(bridge.radiograph_to_node(scene, sample[1], spacing=(2.5, 2.5), is_drr=True))
+    assert node.GetImageData().GetDimensions() == (128, 128, 128)
+    assert leaving.join(10) and not folder.exists()

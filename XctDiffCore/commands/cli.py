@@ -466,7 +466,9 @@ def _run_standby(args) -> int:
     deadline = time.monotonic() + args.idle_minutes * 60.0
     while not job_file.exists():
         if time.monotonic() > deadline or not parent_runs():  # no job came, or Slicer is gone: memory back
-            return 0
+            if _close_job_door(job_file):
+                return 0
+            break  # the job came in that very instant: run it
         time.sleep(JOB_POLL_SECONDS)
     try:
         argv = json.loads(job_file.read_text(encoding="utf-8"))
@@ -481,6 +483,19 @@ def _run_standby(args) -> int:
 
 #: How often a standby engine looks for its job file: a click waits at most this long for it to be seen.
 JOB_POLL_SECONDS = 0.02
+
+
+def _close_job_door(job_file: Path) -> bool:
+    """Before a standby engine leaves, make its job file's name a folder, in one step: a job renamed there later
+    fails to land (the module then starts a fresh engine; PROTOCOL.md), where it would have waited for an engine
+    that is gone. False when the job took the name first: it is there, and this engine runs it."""
+    try:
+        os.mkdir(job_file)
+    except FileExistsError:
+        return False
+    except OSError:  # the folder is gone (the module removed it): nobody can hand a job any more
+        pass
+    return True
 
 
 def add_evaluate_command(subparsers):

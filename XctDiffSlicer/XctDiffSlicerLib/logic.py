@@ -229,11 +229,10 @@ class ReconstructionLogic:
             if options.samples >= 2:
                 arguments += ["--uncertainty", str(folder / UNCERTAINTY_NAME)]
             arguments += self._resolved_style(input_node, options).engine_arguments()
-            if process is not None:  # the job file appears whole: written beside it, then renamed
-                written = folder / (JOB_NAME + ".part")
-                written.write_text(json.dumps(arguments), encoding="utf-8")
-                os.replace(written, folder / JOB_NAME)
-            else:
+            if process is not None and not _hand_over(folder, arguments):
+                process.cancel()  # it gave up waiting in this very instant (PROTOCOL.md): a fresh engine instead
+                process = None
+            if process is None:
                 process = ChildProcess(self.engine_command + ["reconstruct", *arguments],
                                        env=engine_environment(core_parent_folder())).start()
         except BaseException as exc:
@@ -366,6 +365,19 @@ class ReconstructionLogic:
 #: A job folder untouched this long is a crashed session's (jobs take seconds to minutes; a standby leaves
 #: after 30 idle minutes): its radiograph, a patient's pixels, is removed when a logic starts.
 STALE_JOB_HOURS = 24.0
+
+
+def _hand_over(folder: Path, arguments: list) -> bool:
+    """Give a waiting engine its job: the file appears whole (written beside it, then renamed). False when the
+    engine closed its door first (its job file's name is a folder: it left, idle or orphaned), nothing left."""
+    written = folder / (JOB_NAME + ".part")
+    written.write_text(json.dumps(arguments), encoding="utf-8")
+    try:
+        os.replace(written, folder / JOB_NAME)
+    except IsADirectoryError:
+        written.unlink()
+        return False
+    return True
 
 
 def remove_stale_job_folders(root: Optional[str] = None, hours: float = STALE_JOB_HOURS) -> list:
