@@ -922,6 +922,8 @@ def test_an_idle_standby_engine_leaves_by_itself(tmp_path, model_dir):
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0 and stdout == "" and stderr == ""
     assert (tmp_path / "job.json").is_dir()  # its door closed first: a job handed now fails to land, never waits
+    process = start_standby(model_dir, tmp_path / "job.json", "--idle-minutes", "0.01")  # a next one opens it again
+    assert process.wait(timeout=120) == 0 and (tmp_path / "job.json").is_dir()
 
 
 def test_a_job_handed_as_the_idle_standby_engine_leaves_is_run(tmp_path, model_dir, monkeypatch):

@@ -459,7 +459,10 @@ def _run_standby(args) -> int:
     if not (math.isfinite(args.idle_minutes) and args.idle_minutes > 0):
         raise XctDiffError(f"--idle-minutes must be a positive number of minutes, got {args.idle_minutes:g}")
     if job_file.is_dir():
-        raise XctDiffError(f"standby: --job-file names a folder, not the job file to wait for: {job_file}")
+        try:
+            job_file.rmdir()  # an empty folder: the door an earlier engine closed as it left (_close_job_door)
+        except OSError:
+            raise XctDiffError(f"standby: --job-file names a folder, not the job file to wait for: {job_file}") from None
     if not job_file.parent.is_dir():
         raise XctDiffError(f"standby: the job file's folder does not exist: {job_file.parent}")
     preload_model(args.model)
