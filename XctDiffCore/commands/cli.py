@@ -10,6 +10,7 @@ that no temporary file is left; a closed stdout (``xctdiff inspect ... | head``)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -458,11 +459,8 @@ def _run_standby(args) -> int:
     job_file = Path(args.job_file)
     if not (math.isfinite(args.idle_minutes) and args.idle_minutes > 0):
         raise XctDiffError(f"--idle-minutes must be a positive number of minutes, got {args.idle_minutes:g}")
-    if job_file.is_dir():
-        try:
-            job_file.rmdir()  # an empty folder: the door an earlier engine closed as it left (_close_job_door)
-        except OSError:
-            raise XctDiffError(f"standby: --job-file names a folder, not the job file to wait for: {job_file}") from None
+    if job_file.is_dir() and not _open_job_door(job_file):
+        raise XctDiffError(f"standby: --job-file names a folder, not the job file to wait for: {job_file}")
     if not job_file.parent.is_dir():
         raise XctDiffError(f"standby: the job file's folder does not exist: {job_file.parent}")
     preload_model(args.model)
@@ -497,7 +495,25 @@ def _close_job_door(job_file: Path) -> bool:
     except FileExistsError:
         return False
     except OSError:  # the folder is gone (the module removed it): nobody can hand a job any more
-        pass
+        return True
+    with contextlib.suppress(OSError):  # so that a later engine told to wait there knows the door for one
+        (job_file / CLOSED_DOOR).touch()
+    return True
+
+
+CLOSED_DOOR = "engine-left"  # the one file in the folder a leaving standby engine puts at its job file's name
+
+
+def _open_job_door(job_file: Path) -> bool:
+    """Remove the folder a standby engine that left put at ``job_file`` (it holds only CLOSED_DOOR); False for any
+    other folder, which is the user's."""
+    try:
+        if [entry.name for entry in job_file.iterdir()] != [CLOSED_DOOR]:
+            return False
+        (job_file / CLOSED_DOOR).unlink()
+        job_file.rmdir()
+    except OSError:
+        return False
     return True
 
 
