@@ -749,12 +749,11 @@ def write_volume(volume: Volume, path, notes: Optional[dict] = None) -> Path:
     else:
         array = array.astype(np.float32)
     image = Volume(array, volume.spacing, volume.origin, volume.direction).to_sitk()
-    for key, value in (notes or {}).items():
-        if suffix in (".nii", ".nii.gz"):
-            break
-        image.SetMetaData(NOTE_KEY + key, " ".join(str(value).split()))  # one header line each
     if notes and suffix in (".nii", ".nii.gz"):
         image.SetMetaData("ITK_FileNotes", " ".join(str(notes.get("summary", SYNTHETIC)).split())[:NIFTI_NOTE_LIMIT])
+    elif notes:
+        for key, value in notes.items():
+            image.SetMetaData(NOTE_KEY + key, " ".join(str(value).split()))  # one header line each
     with atomic_path(path) as tmp, _c_stderr_muted():
         try:
             sitk.WriteImage(image, str(tmp), useCompression=suffix in (".nrrd", ".mha"))
