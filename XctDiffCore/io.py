@@ -121,6 +121,42 @@ def _library_errors(path: Path, what: str):
         raise XctDiffError(f"cannot read {path} as {what}: {_one_line(exc)}") from exc
 
 
+def _dcmread(path: Path, **options):
+    """pydicom's dcmread, and for a file without the DICOM file header (no preamble, no 'DICM': a bare data set, as
+    some older or research exports write) the same read forced, when what it finds is an image's data set; else
+    one sentence instead of pydicom's advice to "use force=True"."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(str(path), **options)
+    except InvalidDicomError:
+        pass
+    try:
+        ds = pydicom.dcmread(str(path), force=True, **options)
+        if "Rows" in ds and "Columns" in ds:
+            _name_transfer_syntax(ds)
+            return ds
+    except Exception:  # noqa: BLE001 - forced on a file that is no data set: said below
+        pass
+    raise XctDiffError(f"{path} is not a DICOM file (no DICOM file header, and no image data set without one)")
+
+
+def _name_transfer_syntax(ds) -> None:
+    """A data set read without its file header has no Transfer Syntax UID, which pydicom needs to decode the
+    pixels: name the one it was read in (implicit or explicit VR, little or big endian)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", None) or (ds.is_implicit_VR, ds.is_little_endian)
+    ds.file_meta = meta if meta is not None else FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                      ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
 @contextlib.contextmanager
 def _itk_quiet():
     """Mute ITK's own warnings (printed straight to stderr) while it reads; what they report (no series,
@@ -980,7 +1016,7 @@ def _read_dicom_radiograph(path: Path):
     apply_modality_lut, apply_voi_lut = _dicom_luts()
     # An absurd rescale (slope 1e300) overflows to inf or NaN: refused below, without numpy's warnings.
     with _library_errors(path, "a DICOM radiograph"), np.errstate(over="ignore", invalid="ignore"):
-        ds = pydicom.dcmread(str(path))
+        ds = _dcmread(path)
         modality = str(ds.get("Modality", "")).upper()
         if modality in ("CT", "MR", "PT", "NM"):
             raise XctDiffError(f"expected a radiograph, got a {modality} image (read it as a CT series): {path}")
@@ -1149,7 +1185,7 @@ def guess_kind(path) -> str:
         import pydicom
 
         with _library_errors(path, "a DICOM file"):
-            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+            ds = _dcmread(path, stop_before_pixels=True)
         return "ct" if str(ds.get("Modality", "")).upper() in ("CT", "MR", "PT", "NM") else "radiograph"
     raise XctDiffError(f"cannot tell what kind of file {path} is: give --as ct or --as radiograph")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLE_RADIOGRAPH
 from test_io import grey_ramp, write_dicom_radiograph
 
 from XctDiffCore.errors import XctDiffError
@@ -364,3 +365,22 @@ def test_a_display_shutter_hides_the_collimated_border(tmp_path, shutter):
     image = read_radiograph(write_dicom_radiograph(tmp_path / "s.dcm", stored, **shutter)).image
     np.testing.assert_array_equal(image[visible], film[visible])
     assert np.all(image[~visible] == film[visible].min())
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["explicit VR", "implicit VR"])
+def test_a_film_without_the_dicom_file_header_is_read(tmp_path, implicit):
+    """A bare data set (no preamble, no 'DICM', no file meta: older and research exports write it) is the film
+    it holds; pydicom alone said "use force=True". A .dcm file that holds no data set at all is one sentence."""
+    import pydicom
+
+    from XctDiffCore.io import inspect_path, read_radiograph
+
+    ds = pydicom.dcmread(SAMPLE_RADIOGRAPH)
+    del ds.file_meta
+    ds.preamble = None
+    ds.save_as(tmp_path / "bare.dcm", implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+    assert np.array_equal(read_radiograph(tmp_path / "bare.dcm").image, read_radiograph(SAMPLE_RADIOGRAPH).image)
+    assert inspect_path(tmp_path / "bare.dcm")["kind"] == "radiograph"
+    (tmp_path / "junk.dcm").write_bytes(b"hello, not a DICOM file")
+    with pytest.raises(XctDiffError, match="is not a DICOM file"):
+        read_radiograph(tmp_path / "junk.dcm")
