@@ -352,7 +352,7 @@ def _renameat2():
         import ctypes
 
         function = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError, ImportError):
+    except Exception:  # noqa: BLE001 - no such C function here (macOS, musl, Windows: CDLL(None) itself fails)
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     function.restype = ctypes.c_int
