@@ -723,27 +723,37 @@ def check_volume_output(path, output_format: Optional[str] = None) -> Path:
 def write_ct(result: "Reconstruction", path, output_format: Optional[str] = None, source=None,
              model: Optional[ModelInfo] = None) -> Path:
     """Write a reconstruction's CT: a volume file (by ``path``'s suffix), or with ``output_format="dicom"`` a
-    DICOM series folder that joins the study of a DICOM ``source`` film and records ``model`` and the settings."""
+    DICOM series folder that joins the study of a DICOM ``source`` film; either way it records that it is
+    synthetic, ``model`` and the settings (:func:`output_notes`)."""
     from .io import write_volume
 
     check_volume_output(path, output_format)  # an unknown format, or a suffix that says another one
-    made_by = f"XctDiff model {model.model_id} {model.version}" if model is not None else "XctDiff"
-    seed = f", seed {result.seed}, {result.steps} steps" if result.method == "diffusion" else ""
-    settings = (f"{result.method} method{seed}, style {'on' if result.styled else 'off'}, guidance {result.guidance:g}, "
-                f"consistency {result.consistency:.3f}")
+    notes = output_notes(result, model, source)
     if output_format != "dicom":
-        from . import __version__
-        from .io import SYNTHETIC
-
-        model_name = f"{model.model_id} {model.version}" if model is not None else "unknown"
-        notes = {"summary": f"XctDiff synthetic CT, research use only: {model_name}, {result.method}",
-                 "note": SYNTHETIC, "model": model_name, "engine": __version__, "settings": settings,
-                 **({"film": Path(source).name} if isinstance(source, (str, Path)) else {})}
         return write_volume(result.ct, path, notes=notes)
     from .dicom_series import write_dicom_series
 
-    derivation = f"reconstructed from one radiograph by {made_by}: {settings}"
+    made_by = f"XctDiff model {notes['model']}" if model is not None else "XctDiff"
+    derivation = f"reconstructed from one radiograph by {made_by}: {notes['settings']}"
     return write_dicom_series(result.ct, path, source=source, derivation=derivation)
+
+
+def output_notes(result: "Reconstruction", model: Optional[ModelInfo] = None, source=None,
+                 uncertainty: bool = False) -> dict:
+    """What a written CT (or, ``uncertainty``, its voxel-wise std over the samples) says about itself, so that it is
+    never taken for a scan: :func:`XctDiffCore.io.write_volume` puts it in the header, ``inspect`` prints it."""
+    from . import __version__
+    from .io import SYNTHETIC
+
+    model_name = f"{model.model_id} {model.version}" if model is not None else "not recorded"
+    seed = f", seed {result.seed}, {result.steps} steps" if result.method == "diffusion" else ""
+    what = "uncertainty (std over samples, HU) of a synthetic CT" if uncertainty else "synthetic CT"
+    return {"summary": f"XctDiff {what}, research use only: {model_name}, {result.method}",
+            "note": f"voxel-wise std over the samples of a {SYNTHETIC}" if uncertainty else SYNTHETIC,
+            "model": model_name, "engine": __version__,
+            "settings": (f"{result.method} method{seed}, style {'on' if result.styled else 'off'}, guidance "
+                         f"{result.guidance:g}, consistency {result.consistency:.3f}"),
+            **({"film": Path(source).name} if isinstance(source, (str, Path)) else {})}
 
 
 WRITE_START = 0.97  # reconstruct_file's progress: the pipeline up to here, then writing
@@ -815,7 +825,8 @@ def reconstruct_file(
     with output_set():  # all written before any is renamed: never a new CT beside an earlier run's views
         written = [write_ct(result, output, output_format, source=input_path, model=pipeline.info)]
         if uncertainty is not None:
-            written.append(write_volume(result.uncertainty, uncertainty))
+            notes = output_notes(result, pipeline.info, input_path, uncertainty=True)
+            written.append(write_volume(result.uncertainty, uncertainty, notes=notes))
         if views is not None:
             from .figures import write_reconstruction_views
 

@@ -229,6 +229,9 @@ def test_uncertainty_and_views_with_two_samples(cli, tmp_path):
     std = read_ct(tmp_path / "std.nii.gz")
     assert_output_grid(std)
     assert std.array.dtype == np.float32 and std.array.min() >= 0 and std.array.max() > 1.0
+    from XctDiffCore.io import volume_notes
+
+    assert volume_notes(tmp_path / "std.nii.gz")["summary"].startswith("XctDiff uncertainty")  # not a CT, nor a scan
     with Image.open(tmp_path / "views.png") as image:
         assert image.size == views_size(rows=2)  # a second row: the uncertainty's slices
 
