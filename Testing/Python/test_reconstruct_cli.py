@@ -949,6 +949,33 @@ def test_a_job_handed_as_the_idle_standby_engine_leaves_is_run(tmp_path, model_d
     assert read_ct(output).shape == (128, 128, 128) and not job_file.exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads a process's parent from /proc")
+def test_a_standby_engine_without_parent_pid_whose_parent_ended_while_it_started_leaves(tmp_path, model_dir):
+    """Without --parent-pid the engine watches its parent: one that ended before the engine could look has
+    left it to init, which never starts an engine itself; the engine waited its 30 idle minutes."""
+    import time
+
+    starter = subprocess.run([sys.executable, "-c", (
+        "import subprocess, sys; p = subprocess.Popen([sys.executable, '-m', 'XctDiffCore', 'standby', '--job-file', "
+        f"{str(tmp_path / 'job.json')!r}, '--model', {str(model_dir)!r}], stdout=subprocess.DEVNULL, "
+        f"stderr=open({str(tmp_path / 'err.txt')!r}, 'w')); print(p.pid)")], cwd=REPO, capture_output=True, text=True,
+        timeout=60)
+    pid = int(starter.stdout)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            assert (tmp_path / "err.txt").read_text() == ""  # it left quietly, not on an error
+            return
+        if parent != 1:
+            os.kill(pid, signal.SIGKILL)
+            pytest.skip("orphans are adopted by a subreaper here, not by init")
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("the standby engine outlived its parent by a minute")
+
+
 def test_a_standby_engine_whose_parent_ended_while_it_started_leaves_at_once(tmp_path, model_dir):
     """The Slicer module passes its own process id: a parent gone before the child could look (its own
     parent is then init) is seen too, instead of a child holding its memory for --idle-minutes."""

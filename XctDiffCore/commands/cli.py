@@ -421,12 +421,15 @@ def add_standby_command(subparsers):
 
 def _parent_watch(pid: Optional[int]):
     """A check that the standby's parent still runs: by ``pid`` when given (a parent that ended before this
-    process could look is seen too), else by this process's parent staying the same. Windows has no
+    process could look is seen too), else by this process's parent staying the same (and not being init, which
+    adopts the children of a parent that ended before this process could look). Windows has no
     signal 0 (``os.kill(pid, 0)`` would send Ctrl-C there): the parent process it is."""
     if pid is not None and pid < 1:
         raise XctDiffError(f"--parent-pid must be a process id, got {pid}")
     if pid is None or os.name == "nt":
         first = os.getppid()
+        if pid is None and os.name != "nt" and first == 1:  # adopted by init already: the parent ended while
+            return lambda: False  # this process started (nothing starts a standby engine from init itself)
         return lambda: os.getppid() == first
 
     def runs() -> bool:
