@@ -748,11 +748,13 @@ def output_notes(result: "Reconstruction", model: Optional[ModelInfo] = None, so
     model_name = f"{model.model_id} {model.version}" if model is not None else "not recorded"
     seed = f", seed {result.seed}, {result.steps} steps" if result.method == "diffusion" else ""
     what = "uncertainty (std over samples, HU) of a synthetic CT" if uncertainty else "synthetic CT"
+    score = result.consistency  # a result made by hand may have none
+    consistency = f", consistency {score:.3f}" if isinstance(score, (int, float)) else ""
     return {"summary": f"XctDiff {what}, research use only: {model_name}, {result.method}",
             "note": f"voxel-wise std over the samples of a {SYNTHETIC}" if uncertainty else SYNTHETIC,
             "model": model_name, "engine": __version__,
             "settings": (f"{result.method} method{seed}, style {'on' if result.styled else 'off'}, guidance "
-                         f"{result.guidance:g}, consistency {result.consistency:.3f}"),
+                         f"{result.guidance:g}{consistency}"),
             **({"film": Path(source).name} if isinstance(source, (str, Path)) else {})}
 
 
