@@ -81,7 +81,8 @@ def test_drr_node_reconstructs_into_a_canonical_ct_node(bridge, scene, logic, sa
     output.GetRASBounds(bounds)  # voxel corners: 128 * 2.5 = 320 mm along every axis
     np.testing.assert_allclose(bounds[1::2] - bounds[0::2], (320.0, 320.0, 320.0), atol=1e-6)
     np.testing.assert_allclose(m[:3, 3], (158.75, 180.0, -300.0))  # the engine's LPS origin, in RAS
-    assert output.GetName() == "sample DRR CT"
+    assert output.GetName() == "sample DRR synthetic CT (XctDiff)"  # so would be a series Slicer exports from it
+    assert output.GetAttribute("XctDiff.Synthetic") == "1" and "research use" in output.GetDescription()
     display = output.GetDisplayNode()
     assert (display.GetWindow(), display.GetLevel()) == (bridge.CT_WINDOW, bridge.CT_LEVEL)
 
@@ -236,10 +237,10 @@ def test_a_ct_node_of_an_earlier_film_is_renamed_and_leaves_that_patients_study(
     film_a = bridge.radiograph_to_node(scene, drr, spacing=(2.5, 2.5), name="film A", is_drr=True)
     hierarchy.CreateItem(study, film_a)
     ct = logic.reconstruct(film_a, steps=2, seed=0, device="cpu")
-    assert ct.GetName() == "film A CT" and hierarchy.GetItemParent(hierarchy.GetItemByDataNode(ct)) == study
+    assert ct.GetName() == "film A synthetic CT (XctDiff)" and hierarchy.GetItemParent(hierarchy.GetItemByDataNode(ct)) == study
     film_b = bridge.radiograph_to_node(scene, drr, spacing=(2.5, 2.5), name="film B", is_drr=True)
     assert logic.reconstruct(film_b, outputNode=ct, steps=2, seed=0, device="cpu") is ct
-    assert ct.GetName() == "film B CT"
+    assert ct.GetName() == "film B synthetic CT (XctDiff)"
     assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(ct)) == hierarchy.GetSceneItemID()
 
 

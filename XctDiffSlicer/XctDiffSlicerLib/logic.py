@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 
 from XctDiffCore.config import METHODS as ENGINE_METHODS
 from XctDiffCore.errors import XctDiffError
+from XctDiffCore.io import SYNTHETIC
 from XctDiffCore.options import ReconstructOptions
 
 from . import mrml_bridge
@@ -295,11 +296,12 @@ class ReconstructionLogic:
                 raise XctDiffError(finished.error or f"reconstruction {finished.status}")
             result = _result_fields(finished.result)  # checked before any node is touched
             self._check_output_nodes(output_node, uncertainty_node, job.input_node_id)
-            ct_node = self._read_output(job.output_path, output_node, f"{job.input_name} CT", made)
+            ct_node = self._read_output(job.output_path, output_node, f"{job.input_name} {SYNTHETIC_CT}", made)
             mrml_bridge.set_ct_window(ct_node)
             if job.uncertainty_path.is_file():
                 uncertainty_node = self._read_output(job.uncertainty_path, uncertainty_node,
-                                                     f"{job.input_name} uncertainty", made)
+                                                     f"{job.input_name} uncertainty (XctDiff)", made,
+                                                     f"voxel-wise std over the samples of a {SYNTHETIC}")
                 mrml_bridge.set_uncertainty_display(uncertainty_node)
             else:
                 uncertainty_node = None
@@ -318,9 +320,10 @@ class ReconstructionLogic:
             job.cleanup()
         return ReconstructionOutput(ct_node=ct_node, uncertainty_node=uncertainty_node, **result)
 
-    def _read_output(self, path, node, name: str, made: list):
+    def _read_output(self, path, node, name: str, made: list, description: str = SYNTHETIC):
         """An output file into ``node``, or into a new node (listed in ``made``) named after the film. A node
-        an earlier film's CT was made in is renamed for this one (its old name would name another patient)."""
+        an earlier film's CT was made in is renamed for this one (its old name would name another patient).
+        Either way it is marked as no scan (an attribute, and ``description`` in its description)."""
         if node is None:
             node = mrml_bridge.read_volume_file(self.scene, path, None, name)
             made.append(node)
@@ -330,6 +333,8 @@ class ReconstructionLogic:
             if earlier is not None and earlier != name:
                 node.SetName(self.scene.GenerateUniqueName(name))
         node.SetAttribute(ATTRIBUTE_MADE_FOR, name)
+        node.SetAttribute(ATTRIBUTE_SYNTHETIC, "1")
+        node.SetDescription(description)  # what the file said (io.volume_notes), kept where the scene keeps it
         return node
 
     def reconstruct(self, inputNode, outputNode=None, steps: Optional[int] = None, samples: int = 1,
@@ -403,8 +408,11 @@ def remove_stale_job_folders(root: Optional[str] = None, hours: float = STALE_JO
     return removed
 
 
-#: On every node a reconstruction wrote: the name it was made under ("<film> CT").
+#: On every node a reconstruction wrote: the name it was made under ("<film> synthetic CT (XctDiff)").
 ATTRIBUTE_MADE_FOR = "XctDiff.MadeFor"
+#: ... and "1": the node holds no scan. Its name says so too, and so would a series Slicer exports from it.
+ATTRIBUTE_SYNTHETIC = "XctDiff.Synthetic"
+SYNTHETIC_CT = "synthetic CT (XctDiff)"
 
 
 def _manifest_stamp(model: ModelChoice) -> str:
