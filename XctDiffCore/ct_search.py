@@ -24,6 +24,16 @@ from .errors import XctDiffError
 CT_FILE_SUFFIXES = (".npz", ".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 MIN_SERIES_IMAGES = 3  # fewer images than this is a localizer, a key image or a lone slice, not a volume
 NAMING = ("patient-id", "folder")  # how a DICOM CT is named and grouped (``xctdiff prepare --ids``)
+# Kernel views, not data: reading some of their files blocks for ever (/proc/kmsg), so a search never enters them
+PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
+
+
+def _walk(folder: Path) -> Iterable[Path]:
+    """Everything below ``folder`` (as ``rglob("*")``), never inside PSEUDO_FILESYSTEMS (``xctdiff prepare /``)."""
+    for path in folder.rglob("*"):
+        text = str(path.absolute())
+        if not any(text == root or text.startswith(root + "/") for root in PSEUDO_FILESYSTEMS):
+            yield path
 
 
 @dataclass(frozen=True)
@@ -73,7 +83,7 @@ def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str 
             found.append(_Found(path, _stem(path), _above(path.parent)))
             continue
         ignored_here = []
-        tree = _outside_prepared_sets(path, sorted(path.rglob("*")))  # one walk for files, folders and data sets
+        tree = _outside_prepared_sets(path, sorted(_walk(path)))  # one walk for files, folders and data sets
         in_folder = [_Found(p, _stem(p), _above(p.parent)) for p in tree
                      if p.is_file() and full_suffix(p).lower() in CT_FILE_SUFFIXES]
         in_folder += _dicom_ct_series([path, *(p for p in tree if p.is_dir())], ignored_here,
@@ -122,7 +132,7 @@ def _stem(path: Path) -> str:
 def ct_series_below(folder: Path, most: int = 3, folders: int = 500) -> list:
     """Up to ``most`` folders below ``folder`` holding a DICOM CT series, looking into at most ``folders``
     folders (a hint for an error message: quick even when given the root of a large tree)."""
-    tree = itertools.islice(itertools.chain([folder], (d for d in folder.rglob("*") if d.is_dir())), folders)
+    tree = itertools.islice(itertools.chain([folder], (d for d in _walk(folder) if d.is_dir())), folders)
     return [f.path.parent for f in _dicom_ct_series(tree, [], use_patient_id=False, most=most)]
 
 
@@ -137,6 +147,8 @@ def _dicom_ct_series(folders: Iterable[Path], ignored: list, use_patient_id: boo
         return []
     import pydicom
 
+    from .io import special_files
+
     found = []
     if progress:
         from tqdm import tqdm
@@ -150,6 +162,11 @@ def _dicom_ct_series(folders: Iterable[Path], ignored: list, use_patient_id: boo
                 folders.set_postfix_str(f"{len(found)} CT series", refresh=False)
             if most is not None and len(found) >= most:
                 break
+            special = special_files(folder)
+            if special:  # GDCM would open it: a pipe (or /proc/kmsg) blocks for ever
+                ignored.append(IgnoredSeries(folder, f"holds {special[0].name}, which is not a file (a pipe, socket "
+                                                     "or device)"))
+                continue
             for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
                 files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
                 if not files:

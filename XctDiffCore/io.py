@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -119,6 +120,26 @@ def _library_errors(path: Path, what: str):
         raise
     except Exception as exc:  # noqa: BLE001 - library boundary, see docstring
         raise XctDiffError(f"cannot read {path} as {what}: {_one_line(exc)}") from exc
+
+
+def special_files(folder: Path) -> list:
+    """The entries of ``folder`` that are neither files nor folders (pipes, sockets, devices, as in /proc and /dev),
+    which GDCM's folder scan opens like files: a pipe or /proc/kmsg blocks it, others make it skip slices."""
+    import stat
+
+    found = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    mode = os.stat(entry.path).st_mode  # through links: a link to a pipe is a pipe to GDCM
+                except OSError:
+                    continue  # a dangling link: GDCM cannot open it either
+                if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                    found.append(Path(entry.path))
+    except OSError:
+        return []
+    return found
 
 
 def _dcmread(path: Path, **options):
@@ -469,6 +490,10 @@ def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> V
     """
     import SimpleITK as sitk
 
+    special = special_files(folder)
+    if special:
+        raise XctDiffError(f"{folder} holds {special[0].name}, which is not a file (a pipe, socket or device): DICOM "
+                           "readers would block on it or skip slices; read the series from a folder of files")
     reader = sitk.ImageSeriesReader()
     with _library_errors(path, "a DICOM series"), _itk_quiet():
         uids = reader.GetGDCMSeriesIDs(str(folder))

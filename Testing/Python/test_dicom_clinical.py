@@ -9,6 +9,7 @@ The audit they come from, wider (every case, with its outcome): ``python Testing
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -384,3 +385,29 @@ def test_a_film_without_the_dicom_file_header_is_read(tmp_path, implicit):
     (tmp_path / "junk.dcm").write_bytes(b"hello, not a DICOM file")
     with pytest.raises(XctDiffError, match="is not a DICOM file"):
         read_radiograph(tmp_path / "junk.dcm")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_pipe_in_a_series_folder_is_one_sentence_not_a_hang(tmp_path):
+    """GDCM's folder scan opens every entry like a file: a named pipe made it skip slices ("unevenly spaced"), and a
+    folder it cannot finish (/proc/kmsg, under `xctdiff inspect /`) blocked for ever. A series folder holding one is
+    refused, a search passes over it, and no search enters /proc, /sys or /dev."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    ct_slices(tmp_path / "series", body())
+    os.mkfifo(tmp_path / "series" / "pipe")
+    with pytest.raises(XctDiffError, match="holds pipe, which is not a file"):
+        read_ct(tmp_path / "series")
+    from XctDiffCore.ct_search import find_ct_inputs
+
+    ignored = []
+    with pytest.raises(XctDiffError, match="no CT"):
+        find_ct_inputs([tmp_path], ignored)
+    assert [item.reason for item in ignored] == ["holds pipe, which is not a file (a pipe, socket or device)"]
+    if Path("/proc/kmsg").exists():
+        done = subprocess.run([sys.executable, "-m", "XctDiffCore", "inspect", "/"], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 2 and done.stderr.strip().startswith("error: ")
