@@ -748,6 +748,8 @@ def _read_npz(path: Path) -> Volume:
     axes = str(arrays.get("axes", "zyx"))
     if axes != "zyx":
         raise XctDiffError(f"{path} has axes '{axes}', expected 'zyx'")
+    if arrays["ct"].dtype.kind not in "biuf":  # text or objects: no voxel values (inspect's min() raised on them)
+        raise XctDiffError(f"{path} is not a CT .npz file: its ct array holds {arrays['ct'].dtype}, not numbers")
     try:
         return Volume(arrays["ct"], arrays["spacing"], arrays["origin"], arrays.get("direction", np.eye(3)))
     except XctDiffError as exc:

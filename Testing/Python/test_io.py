@@ -87,6 +87,9 @@ def test_npz_read(tmp_path):
     volume = read_ct(path)
     np.testing.assert_array_equal(volume.array, ct)
     assert volume.spacing == (2.5, 2.0, 3.0) and volume.origin == (1.0, 2.0, 3.0)
+    np.savez(path, ct=np.full((4, 4, 4), "a"), spacing=np.ones(3), origin=np.zeros(3))  # text: inspect's min() raised
+    with pytest.raises(XctDiffError, match="its ct array holds <U1, not numbers"):
+        inspect_path(path)
 
 
 def test_shared_npz_matches_sample_nrrd(shared_data):
