@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .atomic import atomic_path, make_output_folder
+from .atomic import atomic_path, full_suffix, make_output_folder
 from .ct_search import CtInput, describe_ignored, find_ct_inputs
 from .errors import XctDiffError
 from .volume import Volume
@@ -283,9 +283,14 @@ def _kept_pairs(job: _CtJob) -> Optional[tuple]:
 
 
 def _source_stamp(path: Path) -> list:
-    """[files, bytes, newest modification in ns] of a CT file or of the files of a series folder: changes when the
-    source does (a re-download, an edit), as far as sizes and times tell."""
+    """[files, bytes, newest modification in ns] of a CT file or of the files of a series folder (a DICOM series is
+    found as one of its files: its folder counts): changes when the source does (a re-download, an edit), as far
+    as sizes and times tell."""
+    from .ct_search import CT_FILE_SUFFIXES
+
     try:
+        if path.is_file() and full_suffix(path).lower() not in CT_FILE_SUFFIXES:
+            path = path.parent  # one file of a DICOM series, which is read whole
         files = [path] if not path.is_dir() else [p for p in path.iterdir() if p.is_file()]
         stats = [f.stat() for f in files]
     except OSError:

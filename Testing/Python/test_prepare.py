@@ -354,3 +354,20 @@ def test_a_reconstruction_among_the_cts_is_named_in_a_warning(tmp_path, capsys):
     assert main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--size", str(SIZE)]) == 0
     err = capsys.readouterr().err
     assert "warning: 1 of the CTs is XctDiff's own reconstruction, not a scan (film_ct.nrrd)" in err
+
+
+def test_resume_sees_a_changed_slice_of_a_dicom_series(tmp_path, monkeypatch):
+    """A DICOM CT is found as one of its files, and read whole: a change to any of its slices prepares it again."""
+    import os
+
+    from XctDiffCore import preprocess
+
+    _tcia_download(tmp_path / "LIDC")
+    argv = ["prepare", str(tmp_path / "LIDC"), "--out", str(tmp_path / "out"), "--size", str(SIZE)]
+    assert main(argv) == 0
+    prepared, real = [], preprocess.preprocess_ct
+    monkeypatch.setattr(preprocess, "preprocess_ct", lambda ct, **kw: prepared.append(ct) or real(ct, **kw))
+    assert main([*argv, "--resume"]) == 0 and prepared == []
+    last = sorted((tmp_path / "LIDC" / "P3" / "study-a" / "ct-1").glob("*.dcm"))[-1]
+    os.utime(last, ns=(last.stat().st_mtime_ns + 10**9,) * 2)
+    assert main([*argv, "--resume"]) == 0 and len(prepared) == 1
