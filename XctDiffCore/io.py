@@ -470,13 +470,20 @@ def _read_dicomdir(path: Path) -> Volume:
                        f"{below[0]} and {below[1]}: give one of them")
 
 
-def _dicom_series_uid(path: Path) -> str:
+def _sitk_header(path: Path, what: str):
+    """SimpleITK's reader of ``path`` with its header read and no voxels (size, components, metadata); a file it
+    cannot read is one XctDiffError naming ``what`` it was read as."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    with _library_errors(path, "a DICOM file"), _itk_quiet():
+    with _library_errors(path, what), _itk_quiet():
         reader.ReadImageInformation()
+    return reader
+
+
+def _dicom_series_uid(path: Path) -> str:
+    reader = _sitk_header(path, "a DICOM file")
     return reader.GetMetaData("0020|000e").strip() if reader.HasMetaDataKey("0020|000e") else ""
 
 
@@ -835,12 +842,7 @@ def volume_notes(path) -> dict:
             return _dicom_notes(path)
         if _suffix(path) not in SITK_VOLUME_SUFFIXES:
             return {}
-        import SimpleITK as sitk
-
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        with _c_stderr_muted():
-            reader.ReadImageInformation()
+        reader = _sitk_header(path, "a volume")
         fields = {key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()}
     except (OSError, RuntimeError, ValueError, XctDiffError):
         return {}
@@ -864,12 +866,10 @@ def warn_if_synthetic(paths, consequence: str) -> None:
 
 def _dicom_notes(path: Path) -> dict:
     """The notes of a DICOM CT series XctDiff wrote (:mod:`XctDiffCore.dicom_series`): its first file's derivation."""
-    import pydicom
-
     first = path if path.is_file() else next((p for p in sorted(path.iterdir()) if p.is_file() and is_dicom_file(p)), None)
     if first is None:
         return {}
-    header = pydicom.dcmread(first, stop_before_pixels=True, force=True)
+    header = _dcmread(first, stop_before_pixels=True)
     derivation = str(header.get("DerivationDescription", ""))
     if header.get("Manufacturer") != "XctDiffSlicer" and "XctDiff" not in derivation:
         return {}
@@ -953,10 +953,7 @@ def _read_sitk_radiograph(path: Path):
     """A 2D image, or a 3D one with a single slice (how Slicer saves a 2D scalar volume node)."""
     import SimpleITK as sitk
 
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    with _library_errors(path, "a radiograph"), _itk_quiet():
-        reader.ReadImageInformation()
+    reader = _sitk_header(path, "a radiograph")
     size, components = reader.GetSize(), reader.GetNumberOfComponents()
     if components not in (1, 3, 4):
         raise XctDiffError(f"expected a grey (or RGB) radiograph, got {components} values per pixel: {path}")
@@ -1200,13 +1197,7 @@ def guess_kind(path) -> str:
             sizes = list(nrrd.read_header(str(path))["sizes"])
         return "radiograph" if len(sizes) == 2 or 1 in sizes else "ct"
     if suffix in SITK_VOLUME_SUFFIXES:
-        import SimpleITK as sitk
-
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        with _library_errors(path, "an image"), _itk_quiet():
-            reader.ReadImageInformation()
-        size = reader.GetSize()
+        size = _sitk_header(path, "an image").GetSize()
         return "radiograph" if len(size) == 2 or 1 in size else "ct"
     if is_dicom_file(path):
         import pydicom
