@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import os
 import re
 import warnings
 from collections import Counter
@@ -29,11 +30,21 @@ PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
 
 
 def _walk(folder: Path) -> Iterable[Path]:
-    """Everything below ``folder`` (as ``rglob("*")``), never inside PSEUDO_FILESYSTEMS (``xctdiff prepare /``)."""
-    for path in folder.rglob("*"):
-        text = str(path.absolute())
-        if not any(text == root or text.startswith(root + "/") for root in PSEUDO_FILESYSTEMS):
-            yield path
+    """Everything below ``folder`` (as ``rglob("*")``: links to folders named, not entered), never inside
+    PSEUDO_FILESYSTEMS (``xctdiff prepare /``). A folder that vanishes or cannot be listed while the walk
+    runs (a process's /proc entry, another job's temporary folder) is passed over: rglob raised."""
+    if _pseudo(folder):
+        return
+    for root, folders, files in os.walk(folder):
+        here = Path(root)
+        folders[:] = [name for name in folders if not _pseudo(here / name)]  # pruned: never listed
+        for name in folders + files:
+            yield here / name
+
+
+def _pseudo(path: Path) -> bool:
+    text = str(path.absolute())
+    return any(text == root or text.startswith(root + "/") for root in PSEUDO_FILESYSTEMS)
 
 
 @dataclass(frozen=True)
