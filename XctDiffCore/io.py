@@ -102,7 +102,12 @@ def _suffix(path: Path) -> str:
 def _one_line(exc: BaseException) -> str:
     """The last informative line of a library message (SimpleITK's run over several lines)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[-1].removeprefix("sitk::ERROR: ") if lines else type(exc).__name__
+    itk = [line for line in lines if line.startswith("ITK ERROR: ")]  # a matrix may follow it, line by line
+    if itk:
+        text = re.sub(r"^ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", itk[-1])
+        text = text.split(". Refusing", 1)[0]
+    else:
+        text = lines[-1].removeprefix("sitk::ERROR: ") if lines else type(exc).__name__
     text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "(its pixel data)", text)  # Pillow names its buffer
     return text if len(text) <= 200 else text[:197] + "..."
 
@@ -295,24 +300,57 @@ def _check_sitk_header(path: Path, suffix: str) -> None:
         raise XctDiffError(f"{path} contains NaN or infinite voxel values")
 
 
-def _nifti_without_orientation(path: Path) -> bool:
-    """A NIfTI-1 file whose qform_code and sform_code are both 0: "no particular spatial orientation is
-    attached" (the standard's method 1). ITK then reads it as LPS, nibabel as LAS: left and right are a guess."""
+def _nifti_forms(path: Path):
+    """``(qform_code, sform_code, sform)`` from a NIfTI-1 or NIfTI-2 header, ``sform`` the 3 x 4 voxel-to-RAS
+    rows (srow_x, srow_y, srow_z); ``None`` when the file is not NIfTI or cannot be read (ITK then says why)."""
     import gzip
     import struct
 
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            header = f.read(348)
-        if len(header) < 348:
-            return False
-        order = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
-        if struct.unpack(order + "i", header[:4])[0] != 348:  # NIfTI-2 or not NIfTI: ITK says
-            return False
-        return struct.unpack(order + "2h", header[252:256]) == (0, 0)
+            header = f.read(540)
+        for order in "<>":
+            size = struct.unpack(order + "i", header[:4])[0] if len(header) >= 4 else 0
+            if size == 348 and len(header) >= 348:  # NIfTI-1: shorts and floats
+                qcode, scode = struct.unpack(order + "2h", header[252:256])
+                rows = struct.unpack(order + "12f", header[280:328])
+                return qcode, scode, np.array(rows, dtype=float).reshape(3, 4)
+            if size == 540 and len(header) >= 540:  # NIfTI-2: ints and doubles
+                qcode, scode = struct.unpack(order + "2i", header[344:352])
+                rows = struct.unpack(order + "12d", header[400:496])
+                return qcode, scode, np.array(rows, dtype=float).reshape(3, 4)
+        return None
     except (OSError, EOFError, struct.error):
-        return False
+        return None
+
+
+def _nifti_without_orientation(path: Path) -> bool:
+    """A NIfTI file whose qform_code and sform_code are both 0: "no particular spatial orientation is
+    attached" (the standard's method 1). ITK then reads it as LPS, nibabel as LAS: left and right are a guess."""
+    forms = _nifti_forms(path)
+    return forms is not None and forms[:2] == (0, 0)
+
+
+def _nifti_sheared_sform(path: Path):
+    """The sform of a NIfTI file when it is sheared (its columns not perpendicular), as ITK geometry
+    ``(origin, spacing, direction)`` in LPS; else ``None``. ITK's reader turns such an sform into a nearby
+    rotation (a warning on stderr, muted here): the anatomy would come out rotated instead of sheared."""
+    forms = _nifti_forms(path)
+    if forms is None or forms[1] <= 0 or not np.all(np.isfinite(forms[2])):
+        return None
+    to_lps = np.diag([-1.0, -1.0, 1.0])
+    matrix, offset = to_lps @ forms[2][:, :3], to_lps @ forms[2][:, 3]
+    spacing = np.linalg.norm(matrix, axis=0)
+    if np.any(spacing <= 0):
+        return None
+    direction = matrix / spacing
+    if np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+        return None
+    if abs(np.linalg.det(direction)) < 1e-3:
+        raise XctDiffError(f"the axes of {path} (its NIfTI sform) are (nearly) parallel: its voxels do not span a "
+                           "volume")
+    return offset, spacing, direction
 
 
 #: NIfTI-1 floating-point data types: code -> numpy type.
@@ -426,9 +464,13 @@ def _volume_from_sitk(image, path: Path) -> Volume:
     if image.GetDimension() == 3:
         direction = np.array(image.GetDirection()).reshape(3, 3)
         if np.all(np.isfinite(direction)) and not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
-            raise XctDiffError(f"the axes of {path} are not perpendicular (a sheared volume, such as a gantry-tilted CT "
-                               "saved without resampling): not read; resample it onto an orthogonal grid first, or give "
-                               "its DICOM series")
+            if abs(np.linalg.det(direction)) < 1e-3:
+                raise XctDiffError(f"the axes of {path} are (nearly) parallel: its voxels do not span a volume")
+            volume, shear = _orthogonal_resample(image)
+            warnings.warn(f"the axes of {path} are not perpendicular (a sheared volume, such as a gantry-tilted CT "
+                          f"saved as scanned; {shear:.1f} degrees): resampled onto an orthogonal grid", ReadWarning,
+                          stacklevel=4)
+            return volume
     try:
         return Volume.from_sitk(image)
     except XctDiffError as exc:
@@ -440,6 +482,12 @@ def _read_sitk_volume(path: Path) -> Volume:
 
     with _library_errors(path, "a CT volume"), _itk_quiet():
         image = sitk.ReadImage(str(path))
+    sheared = _nifti_sheared_sform(path) if _suffix(path) in (".nii", ".nii.gz") else None
+    if sheared is not None and image.GetDimension() == 3:
+        origin, spacing, direction = sheared
+        image.SetOrigin(tuple(float(v) for v in origin))
+        image.SetSpacing(tuple(float(v) for v in spacing))
+        image.SetDirection(tuple(float(v) for v in direction.ravel()))
     return _volume_from_sitk(image, path)
 
 
@@ -662,8 +710,6 @@ def _unsheared(volume: Volume, positions: np.ndarray, folder) -> Volume:
     not run along the slices' normal) resampled onto an orthogonal grid, where each voxel lies where the
     scanner put it. ITK reads such a stack as if it were not sheared: the anatomy would be displaced by up
     to the tilt's tangent times the stack's length (a 15 degree tilt over 300 mm: 80 mm), without a word."""
-    import SimpleITK as sitk
-
     direction, spacing = volume.direction, np.asarray(volume.spacing)
     steps = np.diff(positions, axis=0)
     step = (positions[-1] - positions[0]) / (len(positions) - 1)
@@ -674,26 +720,47 @@ def _unsheared(volume: Volume, positions: np.ndarray, folder) -> Volume:
     if np.abs(steps - step).max() > 0.5 * pixel:
         raise XctDiffError(f"the slices of the DICOM series in {folder} do not line up (their in-plane shift from "
                            "one slice to the next varies): not one CT volume")
-    tilt = np.degrees(np.arctan2(np.linalg.norm(in_plane), abs(step @ direction[:, 2])))
-    # Output point x (true place) samples the stored stack as if unsheared at x - in_plane * k(x),
-    # k(x) = (x - p0) . n / dz: an affine map.
-    n, dz, p0 = direction[:, 2], spacing[2], np.asarray(volume.origin)
-    transform = sitk.AffineTransform(3)
-    transform.SetMatrix(tuple((np.eye(3) - np.outer(in_plane, n) / dz).ravel()))
-    transform.SetTranslation(tuple(in_plane * (p0 @ n) / dz))
-    k, j, i = volume.shape
-    corners = np.array([[a, b, c] for a in (0, i - 1) for b in (0, j - 1) for c in (0, k - 1)], dtype=float)
-    points = p0 + corners @ (direction @ np.diag(spacing)).T + np.outer(corners[:, 2], in_plane)
-    local = (points - p0) @ direction  # along rows, columns, normal
-    low, high = local.min(axis=0), local.max(axis=0)
-    size = [int(np.ceil((h - lo) / s - 1e-6)) + 1 for lo, h, s in zip(low, high, spacing)]  # covers every voxel
-    origin = p0 + direction @ low
-    stored = volume.to_sitk()
-    resampled = sitk.Resample(sitk.Cast(stored, sitk.sitkFloat32), size, transform, sitk.sitkLinear, tuple(origin),
-                              tuple(spacing), tuple(direction.ravel()), float(_AIR_HU))
+    stored = volume.to_sitk()  # the stack as it was scanned: its third axis runs along the step, not the normal
+    sheared = direction.copy()
+    sheared[:, 2] = step / np.linalg.norm(step)
+    stored.SetDirection(tuple(sheared.ravel()))
+    stored.SetSpacing((*spacing[:2], float(np.linalg.norm(step))))
+    stored.SetOrigin(tuple(float(v) for v in positions[0]))
+    resampled, tilt = _orthogonal_resample(stored)
     warnings.warn(f"the DICOM series in {folder} was scanned with a gantry tilt of {tilt:.1f} degrees: resampled "
                   "onto an orthogonal grid", DicomReadWarning, stacklevel=4)
-    return Volume(sitk.GetArrayFromImage(resampled), spacing, origin, direction)
+    return resampled
+
+
+def _orthogonal_resample(image):
+    """A sheared image (its third axis not perpendicular to its slices) resampled, linearly, onto the
+    orthogonal grid of its slices' plane, every voxel covered; outside it air. Returns the Volume and the
+    shear in degrees (the angle between the third axis and the slices' normal). ITK maps points through
+    any invertible direction matrix, so the sheared image samples itself at the new grid's points."""
+    import SimpleITK as sitk
+
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    spacing = np.array(image.GetSpacing())
+    first = direction[:, 0] / np.linalg.norm(direction[:, 0])
+    second = direction[:, 1] - (direction[:, 1] @ first) * first
+    second /= np.linalg.norm(second)
+    normal = np.cross(first, second)
+    normal *= np.sign(normal @ direction[:, 2]) or 1.0
+    frame = np.stack([first, second, normal], axis=1)
+    along = abs(direction[:, 2] @ normal)
+    shear = float(np.degrees(np.arccos(min(1.0, along / np.linalg.norm(direction[:, 2])))))
+    out_spacing = np.array([spacing[0], spacing[1], spacing[2] * along])
+    i, j, k = image.GetSize()
+    corners = np.array([image.TransformContinuousIndexToPhysicalPoint((a, b, c))
+                        for a in (0, i - 1) for b in (0, j - 1) for c in (0, k - 1)])
+    origin = np.array(image.GetOrigin())
+    local = (corners - origin) @ frame  # along the first axis, the second, the normal
+    low, high = local.min(axis=0), local.max(axis=0)
+    size = [int(np.ceil((h - lo) / s - 1e-6)) + 1 for lo, h, s in zip(low, high, out_spacing)]  # covers every voxel
+    out_origin = origin + frame @ low
+    resampled = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), size, sitk.Transform(), sitk.sitkLinear,
+                              tuple(out_origin), tuple(out_spacing), tuple(frame.ravel()), float(_AIR_HU))
+    return Volume(sitk.GetArrayFromImage(resampled), out_spacing, out_origin, frame), shear
 
 
 def _dicom_frames(path: Path) -> int:

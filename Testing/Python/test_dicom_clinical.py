@@ -258,17 +258,69 @@ def test_a_dicomdir_reads_the_series_it_indexes(tmp_path):
         read_ct(tmp_path / "export")
 
 
-def test_a_sheared_nrrd_is_refused_in_words(tmp_path):
-    """Its axes not perpendicular (a tilted CT saved as it was scanned): was 'direction matrix must be orthonormal'."""
-    import nrrd
+def sheared_ct(path: Path, hu: np.ndarray, axes: np.ndarray) -> Path:
+    """hu[k, j, i] written with voxel (i, j, k) at ORIGIN + axes @ (i, j, k): ``axes``' columns need not be
+    perpendicular. NRRD through pynrrd; MetaImage through SimpleITK; NIfTI through SimpleITK, then its sform
+    rows written into the header (SimpleITK's writer rotates a sheared matrix into a perpendicular one)."""
+    import gzip
+    import struct
 
-    directions = np.diag(SPACING)
-    directions[2, 1] = 0.6  # the slices step along y too
-    nrrd.write(str(tmp_path / "sheared.nrrd"), body(), {"space": "left-posterior-superior", "space directions": directions,
-                                                        "space origin": np.array(ORIGIN), "kinds": ["domain"] * 3},
-               index_order="C")
-    with pytest.raises(XctDiffError, match="are not perpendicular .a sheared volume"):
-        read_ct(tmp_path / "sheared.nrrd")
+    import nrrd
+    import SimpleITK as sitk
+
+    if path.suffix == ".nrrd":
+        nrrd.write(str(path), hu, {"space": "left-posterior-superior", "space directions": axes.T,
+                                   "space origin": np.array(ORIGIN), "kinds": ["domain"] * 3}, index_order="C")
+        return path
+    image = sitk.GetImageFromArray(hu)
+    spacing = np.linalg.norm(axes, axis=0)
+    image.SetSpacing(tuple(spacing))
+    image.SetOrigin(ORIGIN)
+    if path.suffix == ".mha":
+        image.SetDirection(tuple((axes / spacing).ravel()))
+        sitk.WriteImage(image, str(path))
+        return path
+    plain = path.with_name("plain.nii")
+    sitk.WriteImage(image, str(plain))
+    data = bytearray(plain.read_bytes())
+    sform = np.diag([-1.0, -1.0, 1.0]) @ np.column_stack([axes, ORIGIN])  # LPS -> the RAS of NIfTI
+    struct.pack_into("<12f", data, 280, *sform.ravel())
+    path.write_bytes(gzip.compress(bytes(data)) if path.name.endswith(".gz") else bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("name", ["sheared.nrrd", "sheared.mha", "sheared.nii", "sheared.nii.gz"])
+def test_a_sheared_volume_is_resampled_where_its_voxels_lie(tmp_path, name):
+    """Its axes not perpendicular (a tilted CT saved as it was scanned): refused before (NRRD, MetaImage), or
+    read by ITK as a nearby rotation without a word (NIfTI: the anatomy tilted instead of sheared)."""
+    from scipy.ndimage import map_coordinates
+
+    from XctDiffCore.io import ReadWarning
+
+    shape = (8, 30, 32)
+    axes = np.diag(SPACING)
+    axes[1, 2] = np.tan(np.radians(15)) * SPACING[2]  # each slice 0.67 mm further along y
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    ijk = np.stack([i, j, k], -1).reshape(-1, 3).astype(float)
+    points = np.add(ORIGIN, ijk @ axes.T)
+    path = sheared_ct(tmp_path / name, smooth(points).reshape(shape).astype(np.int16), axes)
+    with pytest.warns(ReadWarning, match=r"not perpendicular .*15.0 degrees.*resampled onto an orthogonal grid"):
+        volume = read_ct(path)
+    np.testing.assert_allclose(volume.direction, np.eye(3), atol=1e-6)
+    index = (points - volume.origin) / volume.spacing
+    assert index.min() > -1e-3 and np.all(index <= np.array(volume.shape[::-1]) - 1 + 1e-3)
+    inner = ((k > 0) & (k < shape[0] - 1) & (j > 0) & (j < shape[1] - 1) & (i > 0) & (i < shape[2] - 1)).ravel()
+    sampled = map_coordinates(volume.array.astype(float), index[inner][:, ::-1].T, order=1)
+    assert np.abs(sampled - smooth(points)[inner]).max() < 25  # linear interpolation of a smooth field
+
+
+@pytest.mark.parametrize("name", ["flat.nrrd", "flat.nii"])
+def test_a_volume_whose_axes_are_parallel_is_refused_in_words(tmp_path, name):
+    """ITK's message ran over seven lines, a matrix among them, and the one kept was '0 0 0'."""
+    axes = np.diag(SPACING)
+    axes[:, 2] = axes[:, 1] / SPACING[1] * SPACING[2]  # the third axis along the second
+    with pytest.raises(XctDiffError, match="determinant is 0$|are .nearly. parallel"):
+        read_ct(sheared_ct(tmp_path / name, body(), axes))
 
 
 def test_a_nifti_without_orientation_says_so(tmp_path):
@@ -390,6 +442,25 @@ def test_a_film_without_the_dicom_file_header_is_read(tmp_path, implicit):
     (tmp_path / "junk.dcm").write_bytes(b"hello, not a DICOM file")
     with pytest.raises(XctDiffError, match="is not a DICOM file"):
         read_radiograph(tmp_path / "junk.dcm")
+
+
+def test_a_folder_that_vanishes_during_a_search_is_passed_over(tmp_path, monkeypatch):
+    """`xctdiff inspect /` walked /proc: a process that ended between its listing and its turn (or another job's
+    temporary folder removed meanwhile) raised FileNotFoundError out of rglob, a traceback."""
+    from XctDiffCore.ct_search import find_ct_inputs
+
+    ct_slices(tmp_path / "a" / "series", body())
+    (tmp_path / "b" / "gone").mkdir(parents=True)
+    scandir = os.scandir
+
+    def vanishing(path="."):
+        if Path(path).name == "gone":
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", vanishing)
+    found = find_ct_inputs([tmp_path], [])
+    assert [item.path.parent.name for item in found] == ["series"]
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")

@@ -6,7 +6,7 @@ import SimpleITK as sitk
 import nrrd
 sys.path.insert(0, str(Path(__file__).parent))
 from mk import phantom
-from cmp import compare, run_case
+from cmp import compare, compare_smooth, run_case, smooth_field, truth_positions
 from XctDiffCore.io import read_ct, read_radiograph
 from XctDiffCore.errors import XctDiffError
 
@@ -35,12 +35,15 @@ def nrrd_lps(p):
     return compare(read_ct(p), HU, S, O, np.eye(3))
 case("NRRD space left-posterior-superior", nrrd_lps)
 
+SHEAR = (0.0, 0.6, 0.0)  # each slice 0.6 mm further along y (a gantry-tilt export): resampled, so a smooth truth
+SHEARED = smooth_field(truth_positions(HU.shape, S, O, np.eye(3), SHEAR)).reshape(HU.shape).astype(np.int16)
+
 def nrrd_nonortho(p):
     p = p.with_suffix(".nrrd")
-    dirs = np.diag(S).astype(float); dirs[2, 1] = 0.6  # third axis sheared along y (a gantry-tilt export)
+    dirs = np.diag(S).astype(float); dirs[2, 1] = SHEAR[1]
     hdr = {"space": "left-posterior-superior", "space directions": dirs, "space origin": np.array(O), "kinds": ["domain"] * 3}
-    nrrd.write(str(p), HU, hdr, index_order="C")
-    return compare(read_ct(p), HU, S, O, np.eye(3), tilt=(0, 0.6, 0))
+    nrrd.write(str(p), SHEARED, hdr, index_order="C")
+    return compare_smooth(read_ct(p), HU.shape, S, O, np.eye(3), tilt=SHEAR)
 case("NRRD non-orthogonal (sheared) directions", nrrd_nonortho)
 
 def nrrd_no_space(p):
@@ -66,6 +69,13 @@ def qs_disagree(p):
     which = "qform" if abs(v.origin[2] - O[2]) < 1e-3 else ("sform" if abs(v.origin[2] - O[2] - 50) < 1e-3 else f"neither ({v.origin})")
     return f"qform_code {q}, sform_code {s}: engine took the {which}, silently (nibabel takes the sform)"
 case("NIfTI qform and sform disagree (50 mm)", qs_disagree)
+
+def nifti_sheared(p):
+    p = nifti(p.with_suffix(".nii"), hu=SHEARED)  # SimpleITK's writer would rotate a sheared matrix: the sform by hand
+    axes = np.diag(S).astype(float); axes[:, 2] += SHEAR
+    patch(p, 280, "12f", *(np.diag([-1.0, -1.0, 1.0]) @ np.column_stack([axes, O])).ravel())
+    return compare_smooth(read_ct(p), HU.shape, S, O, np.eye(3), tilt=SHEAR)
+case("NIfTI sheared sform (a tilted CT saved as scanned)", nifti_sheared)
 
 def scl(p):
     p = nifti(p.with_suffix(".nii"), hu=(HU + 1024).astype(np.int16))
