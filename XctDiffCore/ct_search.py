@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import os
 import re
 import warnings
 from collections import Counter
@@ -21,30 +20,11 @@ from typing import Iterable, Optional
 
 from .atomic import full_suffix
 from .errors import XctDiffError
+from .io import walk_below
 
 CT_FILE_SUFFIXES = (".npz", ".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 MIN_SERIES_IMAGES = 3  # fewer images than this is a localizer, a key image or a lone slice, not a volume
 NAMING = ("patient-id", "folder")  # how a DICOM CT is named and grouped (``xctdiff prepare --ids``)
-# Kernel views, not data: reading some of their files blocks for ever (/proc/kmsg), so a search never enters them
-PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
-
-
-def _walk(folder: Path) -> Iterable[Path]:
-    """Everything below ``folder`` (as ``rglob("*")``: links to folders named, not entered), never inside
-    PSEUDO_FILESYSTEMS (``xctdiff prepare /``). A folder that vanishes or cannot be listed while the walk
-    runs (a process's /proc entry, another job's temporary folder) is passed over: rglob raised."""
-    if _pseudo(folder):
-        return
-    for root, folders, files in os.walk(folder):
-        here = Path(root)
-        folders[:] = [name for name in folders if not _pseudo(here / name)]  # pruned: never listed
-        for name in folders + files:
-            yield here / name
-
-
-def _pseudo(path: Path) -> bool:
-    text = str(path.absolute())
-    return any(text == root or text.startswith(root + "/") for root in PSEUDO_FILESYSTEMS)
 
 
 @dataclass(frozen=True)
@@ -94,7 +74,7 @@ def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str 
             found.append(_Found(path, _stem(path), _above(path.parent)))
             continue
         ignored_here = []
-        tree = _outside_prepared_sets(path, sorted(_walk(path)))  # one walk for files, folders and data sets
+        tree = _outside_prepared_sets(path, sorted(walk_below(path)))  # one walk for files, folders and data sets
         in_folder = [_Found(p, _stem(p), _above(p.parent)) for p in tree
                      if p.is_file() and full_suffix(p).lower() in CT_FILE_SUFFIXES]
         in_folder += _dicom_ct_series([path, *(p for p in tree if p.is_dir())], ignored_here,
@@ -143,7 +123,7 @@ def _stem(path: Path) -> str:
 def ct_series_below(folder: Path, most: int = 3, folders: int = 500) -> list:
     """Up to ``most`` folders below ``folder`` holding a DICOM CT series, looking into at most ``folders``
     folders (a hint for an error message: quick even when given the root of a large tree)."""
-    tree = itertools.islice(itertools.chain([folder], (d for d in _walk(folder) if d.is_dir())), folders)
+    tree = itertools.islice(itertools.chain([folder], (d for d in walk_below(folder) if d.is_dir())), folders)
     return [f.path.parent for f in _dicom_ct_series(tree, [], use_patient_id=False, most=most)]
 
 

@@ -17,7 +17,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -125,6 +125,29 @@ def _library_errors(path: Path, what: str):
         raise
     except Exception as exc:  # noqa: BLE001 - library boundary, see docstring
         raise XctDiffError(f"cannot read {path} as {what}: {_one_line(exc)}") from exc
+
+
+# Kernel views, not data: reading some of their files blocks for ever (/proc/kmsg), so a search never enters them
+PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
+
+
+def walk_below(folder: Path) -> Iterator[Path]:
+    """Everything below ``folder`` (as ``rglob("*")``: links to folders named, not entered), never inside
+    PSEUDO_FILESYSTEMS (``xctdiff prepare /``, ``reconstruct / --recursive``). A folder that vanishes or
+    cannot be listed while the walk runs (a process's /proc entry, another job's temporary folder) is
+    passed over, where rglob raised."""
+    if _in_pseudo_filesystem(folder):
+        return
+    for root, folders, files in os.walk(folder):
+        here = Path(root)
+        folders[:] = [name for name in folders if not _in_pseudo_filesystem(here / name)]  # pruned: never listed
+        for name in folders + files:
+            yield here / name
+
+
+def _in_pseudo_filesystem(path: Path) -> bool:
+    text = str(path.absolute())
+    return any(text == root or text.startswith(root + "/") for root in PSEUDO_FILESYSTEMS)
 
 
 def special_files(folder: Path) -> list:
@@ -953,7 +976,7 @@ def find_real_radiographs(patterns) -> list[Path]:
     for pattern in patterns:
         path = Path(pattern).expanduser()
         if path.is_dir():
-            found = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in RADIOGRAPH_SUFFIXES]
+            found = [p for p in walk_below(path) if p.is_file() and p.suffix.lower() in RADIOGRAPH_SUFFIXES]
         else:
             found = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
         if not found:

@@ -461,6 +461,12 @@ def test_a_folder_that_vanishes_during_a_search_is_passed_over(tmp_path, monkeyp
     monkeypatch.setattr(os, "scandir", vanishing)
     found = find_ct_inputs([tmp_path], [])
     assert [item.path.parent.name for item in found] == ["series"]
+    from XctDiffCore.commands.reconstruct_job import find_radiographs  # the films of reconstruct --recursive
+    from XctDiffCore.io import find_real_radiographs  # the style stage's real films
+
+    (tmp_path / "b" / "film.png").write_bytes(b"")
+    assert find_radiographs(tmp_path / "b", recursive=True) == [tmp_path / "b" / "film.png"]
+    assert find_real_radiographs([tmp_path / "b"]) == [tmp_path / "b" / "film.png"]
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")

@@ -121,7 +121,7 @@ def find_radiographs(folder: Path, recursive: bool = False) -> list:
     """Radiograph files in ``folder`` (``recursive``: and in its sub-folders, hidden ones skipped), sorted: by
     suffix, and DICOM files whatever their name (a PACS or DICOMDIR export names them without a suffix, or by
     their UID); hidden files and the DICOMDIR index skipped."""
-    from ..io import FILM_FILE_SUFFIXES, film_stem, is_dicom_file
+    from ..io import FILM_FILE_SUFFIXES, film_stem, is_dicom_file, walk_below
 
     def is_film(p: Path) -> bool:
         if not p.is_file() or p.name.startswith(".") or p.name.upper() == "DICOMDIR":
@@ -129,7 +129,7 @@ def find_radiographs(folder: Path, recursive: bool = False) -> list:
         return film_stem(p) != p.name or is_dicom_file(p)
 
     def below() -> Iterator[Path]:  # the tree, hidden folders left out
-        return (p for p in folder.rglob("*") if not any(x.startswith(".") for x in p.relative_to(folder).parts[:-1]))
+        return (p for p in walk_below(folder) if not any(x.startswith(".") for x in p.relative_to(folder).parts[:-1]))
 
     files = [p for p in sorted(below() if recursive else folder.iterdir()) if is_film(p)]
     if not files:
