@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .atomic import atomic_path, check_output_path, full_suffix
+from .atomic import atomic_path, check_output_path, failed_write_reason, full_suffix
 from .errors import XctDiffError
 from .volume import Volume
 
@@ -917,8 +917,10 @@ def write_volume(volume: Volume, path, notes: Optional[dict] = None) -> Path:
     with atomic_path(path) as tmp, _c_stderr_muted():
         try:
             sitk.WriteImage(image, str(tmp), useCompression=suffix in (".nrrd", ".mha"))
-        except RuntimeError as exc:  # ITK's NRRD and MetaImage writers report a failed write (disk full) so
-            raise XctDiffError(f"cannot write {path}: {_one_line(exc).removeprefix('Reason: ')}") from exc
+        except RuntimeError as exc:  # ITK's NRRD and MetaImage writers report a failed write (disk full) so,
+            # naming the hidden temporary file and not why: the system's words where they can be known
+            reason = failed_write_reason(exc, tmp) or _one_line(exc).removeprefix('Reason: ')
+            raise XctDiffError(f"cannot write {path}: {reason}") from exc
     return path
 
 
@@ -1182,8 +1184,8 @@ def _dicom_shutter_mask(ds, shape) -> Optional[np.ndarray]:
     Why: a DX or CR film often keeps the collimated, unexposed border in its pixels (white, on a processed
     film) and says in its header that a viewer must hide it. Read as stored, that bright frame changes the
     film's grey-level normalisation and is not cropped as an empty border is; hidden (black), it is. A
-    bitmap shutter (an overlay plane) is not read. A shutter that would leave almost nothing visible is
-    taken for a wrong header and ignored."""
+    bitmap shutter hides the set bits of the overlay plane it names (Shutter Overlay Group). A shutter that
+    would leave almost nothing visible is taken for a wrong header and ignored."""
     shapes = {str(v).strip().upper() for v in np.atleast_1d(ds.get("ShutterShape") or [])}
     if not shapes or len(shape) != 2:
         return None
@@ -1203,11 +1205,30 @@ def _dicom_shutter_mask(ds, shape) -> Optional[np.ndarray]:
 
             vertices = np.asarray([float(v) for v in ds.VerticesOfThePolygonalShutter]).reshape(-1, 2) - 1.0
             visible &= polygon2mask(shape, vertices)
-    except (AttributeError, TypeError, ValueError):  # an incomplete shutter: shown as stored
+        if "BITMAP" in shapes:
+            visible &= ~_overlay_mask(ds, int(ds.ShutterOverlayGroup), shape)
+    except (AttributeError, TypeError, ValueError, KeyError):  # an incomplete shutter: shown as stored
         return None
     if visible.sum() < MIN_RADIOGRAPH_SIZE**2:
         return None
     return ~visible if not visible.all() else None
+
+
+def _overlay_mask(ds, group: int, shape) -> np.ndarray:
+    """The set bits of the overlay plane in ``group`` (0x6000-0x601E) on the image's grid: placed at its Overlay
+    Origin (row, column, from 1; it may start outside the image), cut to the image."""
+    if not (0x6000 <= group <= 0x601E and group % 2 == 0):
+        raise ValueError(f"not an overlay group: {group:#06x}")
+    bits = np.asarray(ds.overlay_array(group), dtype=bool)
+    if bits.ndim != 2:
+        raise ValueError("a multi-frame overlay")
+    top, left = (int(v) - 1 for v in ds[group, 0x0050].value)
+    mask = np.zeros(shape, dtype=bool)
+    r0, c0 = max(top, 0), max(left, 0)
+    r1, c1 = min(top + bits.shape[0], shape[0]), min(left + bits.shape[1], shape[1])
+    if r1 > r0 and c1 > c0:
+        mask[r0:r1, c0:c1] = bits[r0 - top : r1 - top, c0 - left : c1 - left]
+    return mask
 
 
 def dicom_age_years(value) -> Optional[float]:

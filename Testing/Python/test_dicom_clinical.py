@@ -425,6 +425,37 @@ def test_a_display_shutter_hides_the_collimated_border(tmp_path, shutter):
     assert np.all(image[~visible] == film[visible].min())
 
 
+@pytest.mark.parametrize("origin", [(1, 1), (-3, 5)], ids=["at the corner", "partly outside"])
+def test_a_bitmap_shutter_hides_the_set_bits_of_its_overlay_plane(tmp_path, origin):
+    """Shutter Shape BITMAP names an overlay plane whose set bits a viewer hides: it was left as stored."""
+    from pydicom.pixels import pack_bits
+
+    film = grey_ramp(top=3000).astype(np.uint16) + 500
+    rows, cols = 40, 60
+    r, c = np.mgrid[0:rows, 0:cols]
+    bits = ((r - 20) ** 2 + (c - 30) ** 2 > 15**2).astype(np.uint8)  # a round field, the rest shuttered
+    hidden = np.zeros(film.shape, dtype=bool)
+    top, left = origin[0] - 1, origin[1] - 1
+    inside = (r + top >= 0) & (r + top < film.shape[0]) & (c + left >= 0) & (c + left < film.shape[1])
+    hidden[(r + top)[inside], (c + left)[inside]] = bits[inside].astype(bool)
+    stored = np.where(hidden, 4095, film).astype(np.uint16)
+    path = write_dicom_radiograph(tmp_path / "b.dcm", stored, ShutterShape="BITMAP", ShutterOverlayGroup=0x6000)
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.add_new(0x60000010, "US", rows)
+    ds.add_new(0x60000011, "US", cols)
+    ds.add_new(0x60000040, "CS", "G")
+    ds.add_new(0x60000050, "SS", list(origin))
+    ds.add_new(0x60000100, "US", 1)
+    ds.add_new(0x60000102, "US", 0)
+    ds.add_new(0x60003000, "OW", pack_bits(bits.ravel()))
+    ds.save_as(path)
+    image = read_radiograph(path).image
+    np.testing.assert_array_equal(image[~hidden], film[~hidden])
+    assert hidden.sum() > 100 and np.all(image[hidden] == film[~hidden].min())
+
+
 @pytest.mark.parametrize("implicit", [False, True], ids=["explicit VR", "implicit VR"])
 def test_a_film_without_the_dicom_file_header_is_read(tmp_path, implicit):
     """A bare data set (no preamble, no 'DICM', no file meta: older and research exports write it) is the film
