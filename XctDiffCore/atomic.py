@@ -21,6 +21,7 @@ import contextvars
 import errno
 import functools
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -162,6 +163,13 @@ def atomic_path(path):
             _fsync(path.parent)
     except OSError as exc:
         raise XctDiffError(f"cannot write {path}: {_os_reason(exc)}") from exc
+    except XctDiffError:
+        raise
+    except Exception as exc:  # torch's or safetensors' own exception for a failed write (disk full)
+        reason = failed_write_reason(exc, tmp if tmp is not None else path.parent)
+        if reason is None:
+            raise
+        raise XctDiffError(f"cannot write {path}: {reason}") from exc
     finally:
         if tmp is not None:
             _finish(lambda: _remove(tmp))
@@ -235,6 +243,15 @@ def atomic_folder(path, replaceable):
         tmp = None
     except OSError as exc:
         raise XctDiffError(f"cannot write {path}: {_os_reason(exc)}") from exc
+    except XctDiffError as exc:  # a file of the folder (atomic_path inside): named by its place, not the hidden one
+        if tmp is None or str(tmp) not in str(exc):
+            raise
+        raise XctDiffError(str(exc).replace(str(tmp), str(path))) from exc
+    except Exception as exc:  # a writer's own exception for a failed write, as in atomic_path
+        reason = failed_write_reason(exc, tmp if tmp is not None else path.parent)
+        if reason is None:
+            raise
+        raise XctDiffError(f"cannot write {path}: {reason}") from exc
     finally:
         if tmp is not None:
             _finish(lambda: _remove(tmp))
@@ -417,12 +434,54 @@ def _umask() -> int:
 
 
 def _os_reason(exc: OSError) -> str:
-    """Why a write failed, in one line: the system's words, else the first line of a library's message
-    (pydicom puts the whole traceback of a full disk into its exception's text)."""
+    """Why a write failed, in one line: the system's words, else the error number a library's text quotes
+    (pydicom puts the whole traceback of a full disk into its exception's text), else its first line."""
     if exc.strerror:
         return exc.strerror
+    quoted = _quoted_errno(str(exc))
+    if quoted is not None:
+        return os.strerror(quoted)
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0][:200] if lines else type(exc).__name__
+
+
+_QUOTED_ERRNO = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")  # Rust's io::Error; Python's OSError as text
+
+
+def _quoted_errno(text: str) -> Optional[int]:
+    match = _QUOTED_ERRNO.search(text)
+    return int(match.group(1) or match.group(2)) if match else None
+
+
+def failed_write_reason(exc: BaseException, written) -> Optional[str]:
+    """The system's words for a write that a library reported in its own exception, or None when ``exc`` is
+    not a failed write (a programming error stays a traceback).
+
+    Not every writer lets the OSError through: safetensors (Rust) raises a SafetensorError quoting it
+    ("... (os error 28)"), torch.save a RuntimeError on the short write ("unexpected pos ..."), ITK a
+    RuntimeError naming the temporary file. So: the error number the text quotes; else a file system with no
+    free block left where ``written`` (the temporary file or its folder) lies (ENOSPC); else a temporary file
+    at this process's file size limit, ``ulimit -f`` (EFBIG)."""
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.strerror or os.strerror(exc.errno)
+    quoted = _quoted_errno(str(exc))
+    if quoted is not None:
+        return os.strerror(quoted)
+    try:
+        disk = os.statvfs(written)
+        if (disk.f_bfree if os.geteuid() == 0 else disk.f_bavail) == 0:  # root may use the reserved blocks
+            return os.strerror(errno.ENOSPC)
+    except (OSError, AttributeError):  # gone already; no statvfs or geteuid (Windows)
+        pass
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and os.path.isfile(written) and os.path.getsize(written) >= limit:
+            return os.strerror(errno.EFBIG)
+    except (ImportError, OSError):
+        pass
+    return None
 
 
 def _fsync(path: Path) -> None:

