@@ -926,6 +926,27 @@ def test_train_command_errors_are_one_line(tmp_path, datalist, chain, capsys):
     assert "pass --resume" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_a_stage_folder_being_trained_is_refused_to_a_second_run(tmp_path, datalist, capsys):
+    """A job submitted twice, or a --resume while the first run still trains: the two wrote one checkpoint and one
+    log in turns (and a second run that failed early removed the first's new folders). The second is refused in
+    one line and leaves the folder as it was; once the first has ended, the folder trains again."""
+    from XctDiffCore.training.common import stage_lock
+
+    run_dir = tmp_path / "run"
+    args = ["train", "autoencoder", "--config", "tiny", "--data", str(datalist), "--out", str(run_dir),
+            "--max-steps", "1"]
+    with stage_lock(run_dir, "autoencoder"):  # another process: flock conflicts between open files, even in one
+        for extra in ([], ["--resume"]):
+            assert main(args + extra) == 2
+            last = capsys.readouterr().err.strip().splitlines()[-1]
+            assert re.fullmatch(rf"error: {re.escape(str(run_dir / 'autoencoder'))} is being trained by another "
+                                r"`xctdiff train` \(pid \d+ on .+, since .+\): wait for it to end or stop it, or "
+                                r"choose another --out", last), last
+            assert sorted(p.name for p in (run_dir / "autoencoder").iterdir()) == [".lock"]
+    assert main(args) == 0 and checkpoint_path(run_dir, "autoencoder").is_file()
+
+
 @pytest.mark.parametrize("stage", ["autoencoder", "style"])
 def test_a_datalist_without_pairs_is_refused_before_the_run_folder_is_made(tmp_path, datalist, stage, capsys):
     """No training entries, or entries naming missing files: one line, exit 2, no run folder left behind

@@ -76,19 +76,23 @@ def train(stage: str, config: Config, data=None, out=None, resume: bool = False,
         from .coarse import train_coarse as run
     else:
         from .diffusion import train_diffusion as run
-    from .common import Deadline, Progress, checkpoint_path, cleanup_distributed, setup_distributed
+    import contextlib
+
+    from .common import Deadline, Progress, checkpoint_path, cleanup_distributed, setup_distributed, stage_lock
 
     job = setup_distributed()  # one process, or this rank of a torchrun job
     run_dir = Path(config.run.dir)
     new_folders = [folder for folder in (run_dir, run_dir / stage) if not folder.exists()]
-    finished = False
+    finished, ours = False, False  # ours: this job holds the stage folder (a refused second job removes nothing)
     try:
-        path = run(config, resume, job, Deadline(time_limit, job))
+        with stage_lock(run_dir, stage) if job.is_main else contextlib.nullcontext():
+            ours = True
+            path = run(config, resume, job, Deadline(time_limit, job))
         finished = True
         return path
     except BaseException as exc:
         Progress.close_open()  # the error line below the bar, not on it
-        if job.is_main and not checkpoint_path(run_dir, stage).is_file():
+        if job.is_main and ours and not checkpoint_path(run_dir, stage).is_file():
             _remove_unfinished(new_folders)
         if job.world_size > 1 and _is_peer_failure(exc):
             raise XctDiffError(f"rank {job.rank}: another process of the job stopped (its error is above)") from None
