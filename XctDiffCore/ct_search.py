@@ -20,7 +20,6 @@ from typing import Iterable, Optional
 
 from .atomic import full_suffix
 from .errors import XctDiffError
-from .io import walk_below
 
 CT_FILE_SUFFIXES = (".npz", ".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 MIN_SERIES_IMAGES = 3  # fewer images than this is a localizer, a key image or a lone slice, not a volume
@@ -74,6 +73,8 @@ def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str 
             found.append(_Found(path, _stem(path), _above(path.parent)))
             continue
         ignored_here = []
+        from .io import walk_below  # numpy: not imported with the command line's parser (`xctdiff --help`)
+
         tree = _outside_prepared_sets(path, sorted(walk_below(path)))  # one walk for files, folders and data sets
         in_folder = [_Found(p, _stem(p), _above(p.parent)) for p in tree
                      if p.is_file() and full_suffix(p).lower() in CT_FILE_SUFFIXES]
@@ -123,6 +124,8 @@ def _stem(path: Path) -> str:
 def ct_series_below(folder: Path, most: int = 3, folders: int = 500) -> list:
     """Up to ``most`` folders below ``folder`` holding a DICOM CT series, looking into at most ``folders``
     folders (a hint for an error message: quick even when given the root of a large tree)."""
+    from .io import walk_below
+
     tree = itertools.islice(itertools.chain([folder], (d for d in walk_below(folder) if d.is_dir())), folders)
     return [f.path.parent for f in _dicom_ct_series(tree, [], use_patient_id=False, most=most)]
 

@@ -854,6 +854,19 @@ def test_help_and_inspect_start_without_torch():
     assert done.stdout.strip().splitlines()[-1] == "False"
 
 
+def test_the_parser_is_built_without_numpy():
+    """`xctdiff --help` 0.13 s (README, "Performance") rests on the parser importing the standard library only:
+    a module-level `from .io import ...` in ct_search (for NAMING) brought numpy back in (0.2 s more)."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom XctDiffCore.commands.cli import build_parser\nbuild_parser()\n"
+              "print(sorted(m for m in ('numpy', 'torch', 'scipy', 'SimpleITK') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_the_options_have_one_definition_from_parser_to_protocol():
     """ReconstructOptions -> argv -> the CLI's parser -> the same options; PROTOCOL.md names every flag (issue 16)."""
     from conftest import REPO
