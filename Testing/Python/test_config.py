@@ -161,3 +161,26 @@ def test_invalid_yaml_is_a_clear_error(tmp_path):
     with pytest.raises(XctDiffError, match="not valid YAML") as error:
         load_config(path)
     assert "\n" not in str(error.value) and "(line 2, column 1)" in str(error.value)  # one line, saying where
+
+
+@pytest.mark.parametrize("command", [["train"], ["benchmark", "train"], ["benchmark", "pipeline"]])
+def test_the_help_names_every_bundled_config(command, capsys):
+    """`--config` takes any bundled name; the help named four of the five (not `cpu`, the bundled model's)."""
+    from XctDiffCore.commands.cli import main
+
+    with pytest.raises(SystemExit):
+        main(command + ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert set(bundled_config_names()) >= {"tiny", "preview", "cpu", "small", "paper"}
+    assert all(name in text for name in bundled_config_names()), text
+
+
+def test_the_prepare_help_names_every_built_in_split(capsys):
+    from XctDiffCore.commands.cli import main
+    from XctDiffCore.prepare import SPLIT_DIR
+
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    names = sorted(p.stem for p in SPLIT_DIR.glob("*.json"))
+    assert "shared_whole_chest_fold2" in names and all(name in text for name in names), text

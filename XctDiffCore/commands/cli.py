@@ -25,6 +25,15 @@ from ..ct_search import NAMING  # stdlib only
 from ..errors import XctDiffError
 from .reconstruct_job import one_line, plain_warnings  # stdlib only: the parser stays quick to build
 
+ENGINE_DIR = Path(__file__).resolve().parent.parent
+
+
+def bundled_names(folder: str, suffix: str) -> str:
+    """The bundled configs (``configs``, ``.yaml``) or splits (``splits``, ``.json``) by name, for the help: read
+    from the folder, so that the help never names fewer than there are (stdlib only)."""
+    return ", ".join(sorted(p.stem for p in (ENGINE_DIR / folder).glob(f"*{suffix}")))
+
+
 
 def add_demo_command(subparsers):
     p = subparsers.add_parser("demo", help="run the main job on the bundled sample")
@@ -51,7 +60,7 @@ def add_train_command(subparsers):
         help="the stage to train: autoencoder, encoder, diffusion in this order; style (real -> DRR CycleGAN) at "
              "any time; coarse (the CT at the latent grid, blended into the direct path) after the encoder",
     )
-    p.add_argument("--config", required=True, help="bundled config name (tiny, preview, small, paper) or a .yaml/.json path")
+    p.add_argument("--config", required=True, help=f"bundled config name ({bundled_names('configs', '.yaml')}) or a .yaml/.json path")
     p.add_argument("--resume", action="store_true", help="continue from the stage's checkpoint in the run folder")
     p.add_argument("--data", help="datalist.json from `xctdiff prepare` (overrides data.datalist)")
     p.add_argument("--out", help="run folder (overrides run.dir); later stages read earlier ones from it")
@@ -197,7 +206,7 @@ def add_prepare_command(subparsers):
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--augment", type=int, default=0, help="random variants per patient besides the original (default 0)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of patients held out for validation (default 0.2)")
-    p.add_argument("--split", help="a split file (or a built-in name: shared_whole_chest) naming the validation "
+    p.add_argument("--split", help=f"a split file (or a built-in name: {bundled_names('splits', '.json')}) naming the validation "
                    "patients; replaces --val-fraction")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the augmentation")
     p.add_argument("--size", type=int, default=128, help="CT side in voxels and DRR side in pixels (default 128)")
@@ -286,7 +295,7 @@ def _report_benchmark(results, args) -> int:
 
 def add_benchmark_train_target(targets):
     p = targets.add_parser("train", help="seconds per optimiser step of each training stage (random data)")
-    p.add_argument("--config", default="tiny", help="tiny, preview, small, paper or a path")
+    p.add_argument("--config", default="tiny", help=f"{bundled_names('configs', '.yaml')} or a path")
     p.add_argument("--steps", type=int, default=5, help="timed steps per stage")
     p.add_argument("--stages", nargs="+", choices=("autoencoder", "encoder", "diffusion"),
                    default=["autoencoder", "encoder", "diffusion"], help="the stages to time")
@@ -305,7 +314,8 @@ def add_benchmark_pipeline_target(targets):
 
     p = targets.add_parser("pipeline", help="per-stage latency and peak memory of one reconstruction")
     p.add_argument("--model", help="model folder (default: the bundled model)")
-    p.add_argument("--config", help="instead of --model: random weights of this config (tiny, preview, small, paper or a path)")
+    p.add_argument("--config", help="instead of --model: random weights of this config "
+                   f"({bundled_names('configs', '.yaml')} or a path)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
     p.add_argument("--samples", type=int, default=1, help="diffusion samples per reconstruction")
     p.add_argument("--method", choices=("diffusion", "direct"), default="diffusion",
