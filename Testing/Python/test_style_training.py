@@ -146,6 +146,19 @@ def test_real_files_are_found_and_split(domains, tmp_path):
         split_real_files(files[:1], val_cases=1, seed=0)
 
 
+def test_missing_real_films_name_the_config_setting(domains, tmp_path, capsys, monkeypatch):
+    """The README's `xctdiff train style --config paper ...` outside this repository's layout: every bundled config's
+    style.real names the shared data from the working directory, so the one line must say which setting to change."""
+    monkeypatch.chdir(tmp_path)  # no ../shared here
+    out = tmp_path / "run"
+    assert main(["train", "style", "--config", "tiny", "--data", str(domains / "datalist.json"), "--out", str(out),
+                 "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no real radiographs found at '../shared/")
+    assert "config's style.real" in err[0] and "copy of the config" in err[0]
+    assert not out.exists()  # the failed run took back the folders it made
+
+
 def test_config_refuses_an_indivisible_image_size():
     config = load_config("tiny")
     model = dataclasses.replace(config.style.model, num_downsamples=6)  # 32 px is not a multiple of 64

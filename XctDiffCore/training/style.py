@@ -213,13 +213,24 @@ def validate(gan: nn.ModuleDict, real: list, drrs: list, device: torch.device, p
     return metrics, preview
 
 
+def style_films(patterns) -> list:
+    """The real films of the style stage: the config's ``style.real``. A folder or pattern that finds none says
+    which setting named it (the bundled configs name the shared data, from the working directory)."""
+    try:
+        return find_real_radiographs(patterns)
+    except XctDiffError as exc:
+        raise XctDiffError(f"{exc}; the style stage's real films are the config's style.real (folders or glob "
+                           f"patterns, from the working directory {Path.cwd()}): set it to your films in a copy of "
+                           "the config") from None
+
+
 def train_style(config: Config, resume: bool, job: Distributed, deadline: Deadline) -> Path:
     """Train the CycleGAN to ``style.optim.max_steps``; returns its checkpoint path."""
     from ..models.cyclegan import ImagePool, critic_loss, generator_loss
 
     section, optim, device, size = config.style, config.style.optim, job.device, config.data.xray_size
     precision = config.run.precision
-    real_train, real_val = split_real_files(find_real_radiographs(section.real), config.data.val_cases, config.run.seed)
+    real_train, real_val = split_real_files(style_films(section.real), config.data.val_cases, config.run.seed)
     drr_train = DatalistDrrs(config.data.datalist, "training", size)
     drr_val = DatalistDrrs(config.data.datalist, "validation", size)
     if len(drr_train) == 0:
