@@ -37,6 +37,8 @@ def load_style_generator(path, device="cpu"):
     from .models.cyclegan import ResnetGenerator
 
     path = Path(path)
+    if not path.exists():  # not "no style weights": a mistyped or relative path is the likelier cause
+        raise XctDiffError(f"no such model folder or style file: {path}")
     if path.is_dir() and (path / MANIFEST_NAME).is_file():
         manifest = read_manifest(path, required=("style",))
         record = manifest["stages"]["style"]

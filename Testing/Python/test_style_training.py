@@ -256,6 +256,17 @@ def test_a_refused_style_evaluation_leaves_no_output_folder(domains, straight, t
     assert last.startswith("error: ") and not (tmp_path / "eval").exists()
 
 
+def test_evaluate_style_names_a_model_path_that_does_not_exist(domains, tmp_path, capsys):
+    """The README's `--model Resources/Models/xctdiff-cpu` run from another folder: the path is missing, which the
+    line must say (it said "no style weights at .../style.safetensors (train them ...)")."""
+    missing = tmp_path / "Resources" / "Models" / "xctdiff-cpu"
+    assert main(["evaluate-style", "--model", str(missing), "--real", str(domains / "real"), "--drr",
+                 str(domains / "datalist.json"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: no such model folder or style file: {missing}"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_evaluate_style_with_a_model_folder_scores_reconstructions_both_ways(domains, tmp_path, capsys):
     from XctDiffCore.model_folder import create_random_model
 
