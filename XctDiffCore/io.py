@@ -965,7 +965,10 @@ def _dicom_notes(path: Path) -> dict:
     derivation = str(header.get("DerivationDescription", ""))
     if header.get("Manufacturer") != "XctDiffSlicer" and "XctDiff" not in derivation:
         return {}
-    return {"summary": f"{SYNTHETIC}; {derivation}" if derivation else SYNTHETIC}
+    if not derivation:
+        return {"summary": SYNTHETIC}
+    # inspect: `synthetic:` the note, `made_by:` the derivation, as for a volume file's header notes
+    return {"summary": f"{SYNTHETIC}; {derivation}", "note": SYNTHETIC, "settings": derivation}
 
 
 # --------------------------------------------------------------------------------------------------
