@@ -399,9 +399,15 @@ def _locked_file(path: Path, folder: Path, fcntl) -> Optional[int]:
         except FileNotFoundError:
             same = False
         if same:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M')}"
-                      .encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M')}"
+                          .encode(), 0)
+            except OSError as exc:  # a full disk: one line before the first step (its log would fail later)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                os.close(fd)
+                raise XctDiffError(f"cannot write the run's lock {path}: {exc.strerror or exc}") from None
             return fd
         os.close(fd)
     raise XctDiffError(f"cannot hold the run's lock {path}: it keeps being removed")
