@@ -950,7 +950,9 @@ def warn_if_synthetic(paths, consequence: str) -> None:
     that learns from or scores against scans should not take for scans; ``consequence`` says what they would do."""
     found = [Path(p) for p in paths if volume_notes(p)]
     if found:
-        names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        # a DICOM series is found as one of its files: its folder names it (not IM0001.dcm, IM0001.dcm)
+        names = ", ".join(p.parent.name if p.is_file() and is_dicom_file(p) else p.name for p in found[:3])
+        names += ", ..." if len(found) > 3 else ""
         one = len(found) == 1
         warnings.warn(f"{len(found)} of the CTs {'is' if one else 'are'} XctDiff's own reconstruction{'' if one else 's'}, "
                       f"not {'a scan' if one else 'scans'} ({names}): {consequence}", stacklevel=3)

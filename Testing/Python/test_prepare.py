@@ -354,6 +354,16 @@ def test_a_reconstruction_among_the_cts_is_named_in_a_warning(tmp_path, capsys):
     assert main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--size", str(SIZE)]) == 0
     err = capsys.readouterr().err
     assert "warning: 1 of the CTs is XctDiff's own reconstruction, not a scan (film_ct.nrrd)" in err
+    # DICOM series (--format dicom) are named by their folders, not by their first files' common name
+    from XctDiffCore.dicom_series import write_dicom_series
+
+    for name in ("first_ct", "second_ct"):
+        write_dicom_series(Volume(ct, spacing=(2.5, 2.5, 2.5)), tmp_path / "in" / name,
+                           derivation="reconstructed from one radiograph by XctDiff")
+    main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "out2"), "--size", str(SIZE), "--ids", "folder"])
+    err = capsys.readouterr().err
+    assert "3 of the CTs are XctDiff's own reconstructions, not scans (" in err
+    assert "first_ct" in err and "second_ct" in err and "IM0001.dcm" not in err, err
 
 
 def test_resume_sees_a_changed_slice_of_a_dicom_series(tmp_path, monkeypatch):
