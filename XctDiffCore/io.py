@@ -1131,6 +1131,21 @@ def _dicom_pixel_spacing(ds):
     return None
 
 
+#: DICOM modalities whose images are slices of a volume, never a radiograph
+VOLUME_MODALITIES = ("CT", "MR", "PT", "NM")
+
+
+def dicom_volume_modality(path) -> str:
+    """The Modality of a DICOM file whose image is a volume's slice (:data:`VOLUME_MODALITIES`), else "" (a film,
+    another kind, or a file that cannot be read: its reader says why). The header's one attribute alone."""
+    try:
+        header = _dcmread(Path(path), stop_before_pixels=True, specific_tags=["Modality"])
+    except Exception:  # noqa: BLE001 - not judged here: reading it as a film names the problem
+        return ""
+    modality = str(header.get("Modality", "")).upper()
+    return modality if modality in VOLUME_MODALITIES else ""
+
+
 def _read_dicom_radiograph(path: Path):
     import pydicom
 
@@ -1139,7 +1154,7 @@ def _read_dicom_radiograph(path: Path):
     with _library_errors(path, "a DICOM radiograph"), np.errstate(over="ignore", invalid="ignore"):
         ds = _dcmread(path)
         modality = str(ds.get("Modality", "")).upper()
-        if modality in ("CT", "MR", "PT", "NM"):
+        if modality in VOLUME_MODALITIES:
             raise XctDiffError(f"expected a radiograph, got a {modality} image (read it as a CT series): {path}")
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames > 1:

@@ -517,6 +517,33 @@ def test_folder_finds_dicom_films_named_as_a_pacs_exports_them(tmp_path):
     assert [film_stem(n) for n in ("chest.nii.gz", "IM000001", "a.b.DCM", "x.1")] == ["chest", "IM000001", "a.b", "x.1"]
 
 
+def test_folder_passes_over_the_slices_of_a_ct_series(tmp_path):
+    """A study's export holds CT series beside its films, and `--format dicom` writes a series beside the film:
+    their slices are no films. Each was an error line of its own ('expected a radiograph, got a CT image') and
+    counted as a failed film; now one warning line, and the films alone are reconstructed."""
+    from conftest import synthetic_chest
+
+    from XctDiffCore.commands.reconstruct_job import find_radiographs
+    from XctDiffCore.dicom_series import write_dicom_series
+    from XctDiffCore.errors import XctDiffError
+    from XctDiffCore.volume import Volume
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    shutil.copy(SAMPLE_RADIOGRAPH, folder / "IM000001")
+    write_dicom_series(Volume(synthetic_chest((6, 40, 48)).astype(np.int16), spacing=(0.7, 0.8, 2.0)), folder / "IM000001_ct")
+    for k in (1, 2):  # a CT series exported flat beside the film, named as a PACS names them
+        shutil.copy(folder / "IM000001_ct" / f"IM{k:04d}.dcm", folder / f"CT00000{k}")
+    with pytest.warns(UserWarning, match=r"passed over 2 DICOM files in .*export that are slices of a volume, not "
+                                         r"radiographs \(2 CT\)"):
+        assert [p.name for p in find_radiographs(folder)] == ["IM000001"]
+    with pytest.warns(UserWarning, match=r"passed over 8 DICOM files in .*export or below it .*\(8 CT\)"):
+        assert [p.name for p in find_radiographs(folder, recursive=True)] == ["IM000001"]
+    (folder / "IM000001").unlink()
+    with pytest.raises(XctDiffError, match=r"no radiograph files .* \(DICOM slices of volumes passed over: 2 CT\)"):
+        find_radiographs(folder)
+
+
 def test_recursive_folder_mirrors_its_sub_folders(cli, tmp_path, drr_png):
     """NIH ChestX-ray14 (images_001/...) and DICOMDIR exports nest their films: --recursive finds them (hidden
     folders left out), one stem may repeat in different folders, and each output lands in the same sub-folder."""

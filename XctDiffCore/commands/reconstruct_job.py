@@ -120,23 +120,38 @@ class ProgressDisplay:
 def find_radiographs(folder: Path, recursive: bool = False) -> list:
     """Radiograph files in ``folder`` (``recursive``: and in its sub-folders, hidden ones skipped), sorted: by
     suffix, and DICOM files whatever their name (a PACS or DICOMDIR export names them without a suffix, or by
-    their UID); hidden files and the DICOMDIR index skipped."""
-    from ..io import FILM_FILE_SUFFIXES, film_stem, is_dicom_file, walk_below
+    their UID); hidden files and the DICOMDIR index skipped. DICOM slices of a CT (MR, PET, NM) series, as a
+    study's export holds beside its films or as ``--format dicom`` wrote beside a film, are passed over with one
+    warning line: each would have been an error line of its own."""
+    from ..io import FILM_FILE_SUFFIXES, dicom_volume_modality, film_stem, is_dicom_file, walk_below
+
+    slices = {}  # modality -> count of DICOM files that are a volume's slices
 
     def is_film(p: Path) -> bool:
         if not p.is_file() or p.name.startswith(".") or p.name.upper() == "DICOMDIR":
             return False
-        return film_stem(p) != p.name or is_dicom_file(p)
+        if not is_dicom_file(p):
+            return film_stem(p) != p.name
+        modality = dicom_volume_modality(p)
+        if modality:
+            slices[modality] = slices.get(modality, 0) + 1
+        return not modality
 
     def below() -> Iterator[Path]:  # the tree, hidden folders left out
         return (p for p in walk_below(folder) if not any(x.startswith(".") for x in p.relative_to(folder).parts[:-1]))
 
     files = [p for p in sorted(below() if recursive else folder.iterdir()) if is_film(p)]
+    passed = ", ".join(f"{n} {m}" for m, n in sorted(slices.items()))
     if not files:
         where = f"in {folder} or below it" if recursive else f"in {folder}"
         if not recursive and any(is_film(p) for p in below()):  # stops at the first one
             where += " (its sub-folders hold some: add --recursive)"
+        elif passed:
+            where += f" (DICOM slices of volumes passed over: {passed})"
         raise XctDiffError(f"no radiograph files ({', '.join(FILM_FILE_SUFFIXES)}, or DICOM files) {where}")
+    if passed:
+        warnings.warn(f"passed over {sum(slices.values())} DICOM files in {folder}{' or below it' if recursive else ''} "
+                      f"that are slices of a volume, not radiographs ({passed})", stacklevel=2)
     return files
 
 
