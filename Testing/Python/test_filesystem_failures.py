@@ -198,7 +198,8 @@ def test_a_full_tmpfs_is_one_line_and_leaves_nothing(full_tmpfs, write, name):
 
 
 def test_train_on_a_disk_too_full_for_its_lock_note_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
-    """The run's lock file names its holder; a full disk made that write an OSError traceback before any step."""
+    """The run's lock file names its holder; a full disk made that write an OSError traceback before any step, and
+    the folders made for the lock stayed where the run folder came from the config (no --out for the CLI to undo)."""
     config = tiny_config(tmp_path / "run", make_datalist(tmp_path / "data", n_train=2, size=32), max_steps=1)
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(config_to_dict(config)))
@@ -207,7 +208,7 @@ def test_train_on_a_disk_too_full_for_its_lock_note_is_one_line_and_leaves_no_fo
         raise OSError(errno.ENOSPC, ENOSPC)
 
     monkeypatch.setattr(os, "pwrite", full)
-    assert main(["train", "autoencoder", "--config", str(config_file), "--out", str(tmp_path / "run")]) == 2
+    assert main(["train", "autoencoder", "--config", str(config_file)]) == 2  # the run folder: the config's run.dir
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error", "Traceback"))]
     assert err == [f"error: cannot write the run's lock {tmp_path / 'run' / 'autoencoder' / '.lock'}: {ENOSPC}"]
     assert not (tmp_path / "run").exists()

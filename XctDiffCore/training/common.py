@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..atomic import atomic_path, make_output_folder
+from ..atomic import FolderSnapshot, atomic_path, make_output_folder
 from ..config import config_to_dict
 from ..errors import XctDiffError, first_line
 from ..model_folder import EXPORT_DTYPES, export_stage, file_sha256, write_manifest  # noqa: F401 (the stages' exports)
@@ -362,9 +362,14 @@ def stage_lock(run_dir, stage: str):
         yield
         return
     folder = stage_dir(run_dir, stage)
+    made = FolderSnapshot(folder)
     make_output_folder(folder)
     path = folder / LOCK_NAME
-    fd = _locked_file(path, folder, fcntl)
+    try:
+        fd = _locked_file(path, folder, fcntl)
+    except BaseException:  # a lock that cannot be written (full disk) takes back the empty folders made for it
+        made.remove_new_empty_folders()  # (the run's own clean-up is for a run that holds the lock)
+        raise
     try:
         yield
     finally:
