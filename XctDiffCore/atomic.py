@@ -90,6 +90,8 @@ def make_output_folder(path, parents: bool = True) -> Path:
     except OSError as exc:
         reason = "a file of that name is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) \
             else exc.strerror or exc
+        if isinstance(exc, FileExistsError) and path.is_symlink():  # not a file: a link to nothing (or to a file)
+            reason = f"it is a link to {os.readlink(path)}, which is not a folder"
         raise XctDiffError(f"cannot make the output folder {path}: {reason}") from exc
     if not os.access(path, os.W_OK | os.X_OK):
         raise XctDiffError(f"output folder is not writable: {path}")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLE_CT
 from safetensors.torch import save_file
 from test_io import file_size_limit, noisy_volume  # noqa: F401 - the fixture, shared
 from test_lpips import _fake_sdist, _fake_tree
@@ -212,3 +213,13 @@ def test_train_on_a_disk_too_full_for_its_lock_note_is_one_line_and_leaves_no_fo
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error", "Traceback"))]
     assert err == [f"error: cannot write the run's lock {tmp_path / 'run' / 'autoencoder' / '.lock'}: {ENOSPC}"]
     assert not (tmp_path / "run").exists()
+
+
+def test_an_output_folder_that_is_a_dangling_link_is_named_so(tmp_path, capsys):
+    """`--out` a link to a missing folder: said as such (was 'a file of that name is in the way'); the link stays."""
+    out = tmp_path / "ds"
+    out.symlink_to(tmp_path / "missing")
+    assert main(["prepare", str(SAMPLE_CT), "--val-fraction", "0", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1:] == [
+        f"error: cannot make the output folder {out}: it is a link to {tmp_path / 'missing'}, which is not a folder"]
+    assert out.is_symlink() and not (tmp_path / "missing").exists() and sorted(os.listdir(tmp_path)) == ["ds"]
