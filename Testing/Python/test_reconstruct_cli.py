@@ -756,6 +756,18 @@ def test_a_thin_film_is_refused_before_the_model_is_loaded(cli, tmp_path):
 # ------------------------------------------------------------------------- output lines (issue 17)
 
 
+def test_the_summary_line_says_which_arithmetic_ran():
+    """README and Docs/PERFORMANCE.md: a result says which arithmetic ran, in RESULT and in the summary line
+    (`--precision auto` picks bf16 or fp32 by the CPU); the summary line did not say it."""
+    from types import SimpleNamespace
+
+    from XctDiffCore.commands.reconstruct_job import summary_line
+
+    result = SimpleNamespace(method="direct", seed=0, device="cpu (2 threads)", consistency=0.77, guidance=0.0,
+                             unguided_consistency=None, ap_diameter=None, learnt_ap_diameter=None, precision="bf16")
+    assert " on cpu (2 threads) in bf16, consistency 0.770, direct method (no seed)" in summary_line("a.png", "a.nrrd", 1.0, result)
+
+
 def test_the_summary_line_reports_the_seed(cli, tmp_path):
     """The seed is in the normal summary line, not only with --progress-lines: the run can be repeated."""
     import re

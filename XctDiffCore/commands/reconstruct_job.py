@@ -398,8 +398,9 @@ def _outputs_current(source: Path, *outputs: Optional[Path]) -> bool:
 
 
 def summary_line(source, output, seconds: float, result, protocol: bool = False) -> str:
-    """``<input> -> <output> in <s> s on <device>, consistency <c>, seed <seed>``: the seed of a
-    diffusion run (given or drawn) reproduces it with ``--seed``; the direct method has none to give."""
+    """``<input> -> <output> in <s> s on <device> in <precision>, consistency <c>, seed <seed>``: the seed of a
+    diffusion run (given or drawn) reproduces it with ``--seed``; the direct method has none to give. The
+    precision says which arithmetic ``--precision auto`` chose (bf16 or fp32), as RESULT does."""
     seed = f"seed {result.seed}" if result.method == "diffusion" else "direct method (no seed)"
     guided = ""
     if result.unguided_consistency is not None:  # guidance asked for: the score before it says more
@@ -408,8 +409,10 @@ def summary_line(source, output, seconds: float, result, protocol: bool = False)
     depth = ""
     if result.ap_diameter is not None and result.learnt_ap_diameter is not None:
         depth = f", AP diameter {result.learnt_ap_diameter:.0f} -> {result.ap_diameter:g} mm"
+    precision = getattr(result, "precision", None)
+    arithmetic = f" in {precision}" if precision else ""
     return (f"{path_text(source, protocol)} -> {path_text(output, protocol)} in {seconds:.1f} s on "
-            f"{one_line(result.device)}, consistency {result.consistency:.3f}{guided}, {seed}{depth}")
+            f"{one_line(result.device)}{arithmetic}, consistency {result.consistency:.3f}{guided}, {seed}{depth}")
 
 
 def _print_line(display: ProgressDisplay, text: str) -> None:
