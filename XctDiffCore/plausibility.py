@@ -23,6 +23,25 @@ Measured (``../shared/data``, preprocessed as the pipeline does;
 A flagged film is a warning (an error with ``strict``), not a
 verdict: the check says "this does not look like what the model was trained on", nothing more.
 
+**Orientation** (in :func:`film_problems`, for a film that passes the contrast check). A film hung upside
+down, turned half round or mirrored (a flipped scan, a photograph of a film from behind) is still a chest
+with a bright middle, and the model reconstructs it upside down or mirrored. Two linear checks look at what
+a flip reverses, the film's 8 x 8 thumbnail minus its mirror image (:func:`orientation_features`): a flip
+negates their scores exactly (about 1 for a typical film, -1 flipped). Their weights and thresholds are in
+``plausibility_orientation.json``, fitted on the 1,600 Kermany training films (Fisher's discriminant; the
+threshold at most 0.5 % of those films flagged) by ``python Testing/Scripts/orientation_weights.py``,
+which re-measures (2026-12-07), on films it was not fitted on:
+
+- 624 Kermany test films: 1 flagged as they are (mirrored); upside down 624 flagged, turned half round
+  624, mirrored 577 (92 %);
+- the 4 adult films (2 NIH, the RSNA DICOM, RG1): none flagged as they are; upside down and turned 4 of 4,
+  mirrored 3 of 4 (RG1's mirror image passes);
+- frontal DRRs of the 19 shared CTs: 2 flagged, the IBSI phantom (contrast) and chest_pe_stepha10, a 76 mm
+  slab of a chest (upside down); upside down 17 of the other 17 whole or partial chests, mirrored 14 of 17.
+
+The mirror check is the weaker (the heart's shadow is the only left-right cue at 8 x 8) and a patient
+whose heart is on the right (dextrocardia) looks mirrored to it: its message says both.
+
 **Consistency** (:func:`consistency_problems`). After reconstructing, the pipeline scores how well the
 DRR of the result matches the input (SSIM); below the model's ``min_consistency`` (its manifest; a
 property of the model, since every model scores differently) the result is flagged as unreliable (a
@@ -61,6 +80,10 @@ is never refused: its contrast is not the one the model was trained on.
 """
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 import numpy as np
 
 CHEST_CONTRAST_MIN = 0.0  # a film at or below is flagged
@@ -69,6 +92,9 @@ SMALL_FILM_MM = 250.0  # a whole film shorter than this on its longer side gets 
 ROWS = (0.30, 0.70)
 CENTRE_COLUMNS = (0.44, 0.56)
 LUNG_COLUMNS = ((0.20, 0.38), (0.62, 0.80))
+# the linear orientation checks' weights, thresholds and provenance (Testing/Scripts/orientation_weights.py)
+ORIENTATION_FILE = Path(__file__).with_name("plausibility_orientation.json")
+THUMBNAIL = 8  # the orientation checks look at an 8 x 8 thumbnail of the preprocessed film
 
 
 LATERAL_VIEWS = {"LL": "lateral", "RL": "lateral", "LATERAL": "lateral", "LLO": "oblique", "RLO": "oblique"}
@@ -94,14 +120,49 @@ def chest_contrast(image01: np.ndarray) -> float:
     return min(centre - float(np.median(box(span))) for span in LUNG_COLUMNS)
 
 
+def orientation_features(image01: np.ndarray, axis: int) -> np.ndarray:
+    """What a flip reverses: the film's 8 x 8 thumbnail minus its mirror image along ``axis`` (0: top to bottom,
+    1: left to right), one half of it (the other half is its negative), over the thumbnail's norm."""
+    image = np.asarray(image01, dtype=np.float32)
+    rows, cols = (n - n % THUMBNAIL for n in image.shape)
+    thumb = image[:rows, :cols].reshape(THUMBNAIL, rows // THUMBNAIL, THUMBNAIL, cols // THUMBNAIL).mean(axis=(1, 3))
+    half = (thumb - np.flip(thumb, axis))[: THUMBNAIL // 2] if axis == 0 else \
+        (thumb - np.flip(thumb, axis))[:, : THUMBNAIL // 2]
+    return half.ravel() / (float(np.linalg.norm(thumb)) + 1e-6)
+
+
+@functools.lru_cache(maxsize=1)
+def orientation_checks() -> dict:
+    """{"up_down" | "left_right": (weights, threshold)} from :data:`ORIENTATION_FILE`."""
+    checks = json.loads(ORIENTATION_FILE.read_text(encoding="utf-8"))["checks"]
+    return {name: (np.asarray(check["weights"], dtype=np.float32), float(check["threshold"]))
+            for name, check in checks.items()}
+
+
+def orientation_scores(image01: np.ndarray) -> dict:
+    """{"up_down": s, "left_right": s}: about 1 for a typical film the right way round, about -1 for one flipped
+    (a flip negates the features, so it negates the score)."""
+    return {name: float(orientation_features(image01, 0 if name == "up_down" else 1) @ weights)
+            for name, (weights, _) in orientation_checks().items()}
+
+
 def film_problems(image01: np.ndarray) -> list:
     """Readable reasons why the film looks implausible as a model input; empty when it passes."""
     contrast = chest_contrast(image01)
-    if contrast > CHEST_CONTRAST_MIN:
-        return []
-    return [f"the input does not look like a frontal chest radiograph (the middle is not brighter than both lung "
-            f"fields: chest contrast {contrast:.2f}); it may be inverted (a negative, e.g. a film wrongly stored as "
-            "MONOCHROME1), a lateral view or not a chest, and the reconstruction would still look like a chest"]
+    if contrast <= CHEST_CONTRAST_MIN:
+        return [f"the input does not look like a frontal chest radiograph (the middle is not brighter than both lung "
+                f"fields: chest contrast {contrast:.2f}); it may be inverted (a negative, e.g. a film wrongly stored as "
+                "MONOCHROME1), a lateral view, a film turned on its side or not a chest, and the reconstruction "
+                "would still look like a chest"]
+    scores, checks = orientation_scores(image01), orientation_checks()
+    if scores["up_down"] < checks["up_down"][1]:
+        return [f"the film looks upside down (its bright abdomen above its lungs: orientation score "
+                f"{scores['up_down']:.2f}); turn it head up: the model would reconstruct a chest upside down"]
+    if scores["left_right"] < checks["left_right"][1]:
+        return [f"the film may be mirrored left to right (the heart's shadow on the image's left, the patient's right: "
+                f"orientation score {scores['left_right']:.2f}): a flipped film gives a mirrored CT; a patient whose "
+                "heart is on the right (dextrocardia) would look the same"]
+    return []
 
 
 def view_problems(header: dict) -> list:

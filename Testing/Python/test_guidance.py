@@ -203,6 +203,49 @@ def test_the_plausibility_check_flags_negatives_and_photographs_but_not_chest_fi
         assert len(problems) == 1 and "does not look like a frontal chest radiograph" in problems[0], name
 
 
+def test_the_orientation_checks_flag_upside_down_and_mirrored_films():
+    """A film hung upside down, turned half round or mirrored (a flipped scan, a photo of a film from behind) passed
+    the contrast check and came out a chest upside down or mirrored, without a word. Both checks are linear in
+    what a flip reverses, so a flip negates their score exactly; their weights are fitted on real films
+    (Testing/Scripts/orientation_weights.py, the figures in plausibility.py)."""
+    import json
+
+    from XctDiffCore.drr import drr_of_volume
+    from XctDiffCore.io import read_ct
+    from XctDiffCore.plausibility import ORIENTATION_FILE, film_problems, orientation_checks, orientation_scores
+    from XctDiffCore.preprocess import preprocess_ct, preprocess_radiograph
+    from conftest import SAMPLE_CT
+
+    made = json.loads(ORIENTATION_FILE.read_text())
+    assert "Kermany" in made["fitted_on"] and set(orientation_checks()) == {"up_down", "left_right"}
+    for weights, threshold in orientation_checks().values():
+        assert weights.shape == (32,) and np.all(np.isfinite(weights)) and threshold <= 0.0
+    real = preprocess_radiograph(read_radiograph(SAMPLE_RADIOGRAPH).image, 128)
+    drr = drr_of_volume(preprocess_ct(read_ct(SAMPLE_CT)))
+    for film in (real, drr):
+        scores = orientation_scores(film)
+        assert scores["up_down"] > 0 and scores["left_right"] > 0 and film_problems(film) == []
+        assert orientation_scores(np.flipud(film))["up_down"] == pytest.approx(-scores["up_down"], abs=1e-5)
+        assert orientation_scores(np.fliplr(film))["left_right"] == pytest.approx(-scores["left_right"], abs=1e-5)
+        for turned in (np.flipud(film), np.rot90(film, 2)):
+            problems = film_problems(turned)
+            assert len(problems) == 1 and problems[0].startswith("the film looks upside down")
+    problems = film_problems(np.fliplr(drr))  # RG1's mirror image passes (score -0.26: the check misses 8 % of films)
+    assert len(problems) == 1 and problems[0].startswith("the film may be mirrored left to right")
+
+
+def test_an_upside_down_film_warns_and_is_refused_with_strict(pipe, film):
+    from XctDiffCore.io import Radiograph
+    from XctDiffCore.plausibility import PlausibilityWarning
+
+    upside_down = Radiograph(np.ascontiguousarray(film.image[::-1]), film.spacing, False, "upside down")
+    with pytest.warns(PlausibilityWarning, match="upside down"):
+        result = pipe.reconstruct(upside_down, method="direct", device="cpu")
+    assert any("upside down" in w for w in result.warnings)
+    with pytest.raises(XctDiffError, match="upside down.*refused: strict|refused: strict.*upside down"):
+        pipe.reconstruct(upside_down, method="direct", device="cpu", strict=True)
+
+
 def test_an_implausible_film_warns_is_refused_with_strict_and_is_never_guided(pipe, film, monkeypatch):
     from XctDiffCore.io import Radiograph
     from XctDiffCore.plausibility import PlausibilityWarning

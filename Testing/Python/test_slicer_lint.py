@@ -158,6 +158,22 @@ def test_cmake_lists_every_script_and_resource_and_nothing_else():
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
 
 
+def test_the_extension_installs_the_engine_data_files_the_wheel_does():
+    """pyproject's package data (configs, splits, the orientation checks' weights) is what the engine reads
+    beside its code; the extension's glob had only the configs, so an installed Slicer engine lacked the rest."""
+    import tomllib
+
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"][
+        "package-data"]["XctDiffCore"]
+    text = CMAKE_FILE.read_text(encoding="utf-8")
+    globbed = re.search(r"file\(GLOB_RECURSE XCTDIFFCORE_RESOURCES RELATIVE \S+ CONFIGURE_DEPENDS(.*?)\)", text, re.S)
+    assert globbed, "XCTDIFFCORE_RESOURCES is not globbed"
+    assert sorted(item.replace("${PROJECT_SOURCE_DIR}/XctDiffCore/", "") for item in globbed.group(1).split()) == \
+        sorted(patterns)
+    for pattern in patterns:
+        assert list((REPO / "XctDiffCore").glob(pattern)), f"package data {pattern} matches no file"
+
+
 def test_top_level_cmake_builds_the_module_and_icons_exist():
     from PIL import Image
 
