@@ -179,8 +179,9 @@ def atomic_path(path):
 
 def check_output_series_folder(path, replaceable) -> Path:
     """Fail early when a folder output (a DICOM series) cannot be written: its parent missing or not
-    writable, the path a file, or a folder holding anything but files ``replaceable(name)`` accepts (what an
-    earlier run wrote there: it is replaced; anything else is the user's, never deleted)."""
+    writable, the path a file or a mount point (a folder output is swapped in whole), or a folder holding
+    anything but files ``replaceable(name)`` accepts (what an earlier run wrote there: it is replaced; anything
+    else is the user's, never deleted)."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
@@ -192,6 +193,9 @@ def check_output_series_folder(path, replaceable) -> Path:
         is_file = False
     if is_file:
         raise XctDiffError(f"output path is a file, expected a folder: {path}")
+    if os.path.ismount(path):  # the swap of atomic_folder renames the folder itself: EBUSY, after all the work
+        raise XctDiffError(f"the output folder {path} is a mount point, which cannot be replaced whole: "
+                           "give a new folder inside it")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise XctDiffError(f"output folder is not writable: {parent}")
     try:

@@ -88,6 +88,15 @@ def test_failed_write_reason_reads_the_errno_a_library_quotes(tmp_path):
     assert failed_write_reason(RuntimeError("something else"), tmp_path) is None
 
 
+def test_a_library_oserror_without_errno_is_said_by_the_errno_its_text_quotes(tmp_path):
+    """pydicom wraps a full disk in an OSError whose text is a whole traceback ending '[Errno 28] ...'."""
+    out = tmp_path / "series"
+    with pytest.raises(XctDiffError) as info:
+        with atomic_folder(out, replaceable=lambda name: True):
+            raise OSError("With tag (7FE0,0010) got exception: [Errno 28] No space left on device\nTraceback ...")
+    assert str(info.value) == f"cannot write {out}: {ENOSPC}" and list(tmp_path.iterdir()) == []
+
+
 def test_a_file_of_a_folder_output_is_named_by_its_place_not_the_hidden_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic.os, "statvfs", lambda path: FullDisk())
     out = tmp_path / "model"
@@ -223,3 +232,25 @@ def test_an_output_folder_that_is_a_dangling_link_is_named_so(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines()[-1:] == [
         f"error: cannot make the output folder {out}: it is a link to {tmp_path / 'missing'}, which is not a folder"]
     assert out.is_symlink() and not (tmp_path / "missing").exists() and sorted(os.listdir(tmp_path)) == ["ds"]
+
+
+def test_a_folder_output_at_a_mount_point_is_refused_before_the_work(tmp_path, monkeypatch, drr_png, capsys):
+    """A folder output (a DICOM series, a model folder) is written beside its place and swapped in; a mount point
+    cannot be renamed (EBUSY), which ended the reconstruction or export after all its work."""
+    out = tmp_path / "usb"
+    out.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == out or real_ismount(path))
+    said = f"the output folder {out} is a mount point, which cannot be replaced whole: give a new folder inside it"
+    with pytest.raises(XctDiffError, match="mount point") as info:
+        with atomic_folder(out, replaceable=lambda name: True):
+            raise AssertionError("not reached")
+    assert str(info.value) == said
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr("XctDiffCore.pipeline.XctDiffPipeline.from_pretrained", no_model)
+    assert main(["reconstruct", str(drr_png), "--format", "dicom", "-o", str(out), "--method", "direct"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1:] == [f"error: {said}"]
+    assert sorted(os.listdir(tmp_path)) == ["usb"] and os.listdir(out) == []
