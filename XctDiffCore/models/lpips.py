@@ -19,6 +19,7 @@ difference, a non-negative 1x1 linear head, spatial mean, summed over the five l
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -263,7 +264,8 @@ def convert_lpips_weights(out_path: Union[str, Path, None] = None, source: Union
     from ..atomic import atomic_path, make_output_folder
 
     out_path = Path(out_path) if out_path is not None else default_weights_path()
-    with tempfile.TemporaryDirectory(prefix="xctdiff-lpips-") as tmp:
+    # a temporary folder only for the download: a local --source needs none (there may be none to have)
+    with contextlib.nullcontext() if source is not None else tempfile.TemporaryDirectory(prefix="xctdiff-lpips-") as tmp:
         src = Path(source) if source is not None else download_source(Path(tmp))
         raw = _read_checkpoint_bytes(src)
         if checkpoint_sha256 is not None and hashlib.sha256(raw).hexdigest() != checkpoint_sha256:

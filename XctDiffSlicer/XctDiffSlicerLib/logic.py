@@ -221,8 +221,12 @@ class ReconstructionLogic:
         standby = self._take_standby(options.model)
         try:
             folder, process = standby if standby is not None else (Path(tempfile.mkdtemp(prefix="xctdiff-")), None)
-        except OSError as exc:
-            raise XctDiffError(f"cannot make a temporary folder for the job in {tempfile.gettempdir()}: "
+        except OSError as exc:  # FileNotFoundError: no usable temporary folder at all (gettempdir raises too)
+            from XctDiffCore.atomic import temporary_folder_problem
+
+            problem = temporary_folder_problem()
+            raise XctDiffError(f"cannot make a temporary folder for the job: {problem}" if problem else
+                               f"cannot make a temporary folder for the job in {tempfile.gettempdir()}: "
                                f"{exc.strerror or exc}") from None
         try:
             radiograph_path = source or mrml_bridge.write_radiograph_file(input_node, folder / "radiograph.nrrd", film)
@@ -389,9 +393,9 @@ def remove_stale_job_folders(root: Optional[str] = None, hours: float = STALE_JO
     """Remove ``xctdiff-*`` job folders (``tempfile.mkdtemp``'s, this user's) older than ``hours``; return them."""
     import time
 
-    root = Path(root or tempfile.gettempdir())
     removed = []
-    try:
+    try:  # gettempdir raises FileNotFoundError where no temporary folder is usable: then there is nothing to clean
+        root = Path(root or tempfile.gettempdir())
         candidates = list(root.glob("xctdiff-*"))
     except OSError:
         return removed
