@@ -296,3 +296,36 @@ def test_the_slicer_logic_without_a_temporary_folder_says_so_in_one_sentence(sce
     with pytest.raises(XctDiffError) as info:
         logic.start(node, ReconstructionOptions())
     assert str(info.value) == f"cannot make a temporary folder for the job: {no_temporary_folder}"
+
+
+# ------------------------------------------------------------------------- a report's files: all new or all old
+
+
+def test_evaluate_autoencoder_that_cannot_write_its_figure_keeps_the_earlier_report_whole(tmp_path, monkeypatch, capsys):
+    """A full disk at the last file (the figure) left a new metrics.csv and summary beside the earlier figure."""
+    from conftest import synthetic_chest
+
+    from XctDiffCore import figures
+    from XctDiffCore.model_folder import create_random_model
+    from XctDiffCore.volume import Volume
+
+    monkeypatch.setenv("XCTDIFF_CACHE", str(tmp_path / "empty_cache"))
+    cts = tmp_path / "cts"
+    cts.mkdir()
+    write_volume(Volume(np.rint(synthetic_chest((48, 48, 48))).astype(np.int16), spacing=(2.5, 2.5, 2.5)), cts / "p0.nrrd")
+    model = create_random_model(tmp_path / "model", "tiny", seed=0)
+    out = tmp_path / "report"
+    argv = ["evaluate-autoencoder", "--model", str(model), "--data", str(cts), "--out", str(out)]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["figure.png", "metrics.csv", "summary.json", "summary.md"]
+
+    def full(image, path):
+        raise XctDiffError(f"cannot write {path}: {ENOSPC}")
+
+    monkeypatch.setattr(figures, "write_png", full)
+    model2 = create_random_model(tmp_path / "model2", "tiny", seed=1)  # other scores: other files
+    capsys.readouterr()
+    assert main(argv[:2] + [str(model2)] + argv[3:]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: cannot write {out / 'figure.png'}: {ENOSPC}"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier report, whole; no temporary

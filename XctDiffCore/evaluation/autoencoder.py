@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..atomic import check_output_folder, make_output_folder
+from ..atomic import check_output_folder, make_output_folder, output_set
 from ..errors import XctDiffError
 
 COLUMNS = ("psnr", "ssim", "bone_dice", "lung_dice", "lung_dice_body", "lpips", "codebook_use", "perplexity")
@@ -134,14 +134,15 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
               f"codebook {vqgan.codebook_size}; {len(cases)} cases from `{data.name}`, scored on "
               f"{PREPARED_SIZE}^3 at 2.5 mm (bone: HU > 200, lung: -1000 < HU < -400; in body: inside the truth's body). "
               f"Codebook entries used over all cases: {summary['autoencoder']['codebook_use_all_cases']:.1%}.\n\n")
-    _write_text(out_dir / "metrics.csv", metrics_csv(rows, ("case", "method", *COLUMNS)))
-    _write_text(out_dir / "summary.md", header + per_case_table(rows) + "\n" + mean_table(summary))
-    _write_text(out_dir / "summary.json", json.dumps({"source": source, "cases": len(cases), "summary": summary,
-                                                      "rows": rows}, indent=2) + "\n")
-    if figure:
-        from ..figures import compose_grid, write_png
+    with output_set():  # all four or none (a full disk at the figure): never a new metrics.csv beside an old figure
+        _write_text(out_dir / "metrics.csv", metrics_csv(rows, ("case", "method", *COLUMNS)))
+        _write_text(out_dir / "summary.md", header + per_case_table(rows) + "\n" + mean_table(summary))
+        _write_text(out_dir / "summary.json", json.dumps({"source": source, "cases": len(cases), "summary": summary,
+                                                          "rows": rows}, indent=2) + "\n")
+        if figure:
+            from ..figures import compose_grid, write_png
 
-        write_png(compose_grid(figure_rows(figure)), out_dir / "figure.png")
+            write_png(compose_grid(figure_rows(figure)), out_dir / "figure.png")
     return {"rows": rows, "summary": summary}
 
 

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, check_output_folder, make_output_folder
+from ..atomic import atomic_path, check_output_folder, make_output_folder, output_set
 from ..errors import XctDiffError
 
 FEATURE_GROUPS = (("intensity histogram", 32), ("gradient-magnitude histogram", 16), ("|Laplacian| histogram", 16), ("radial log power spectrum", 16))
@@ -345,12 +345,12 @@ def evaluate_style(
     else:  # what each input makes of the patient, side by side
         result["figure_columns"] = ["real film", "DRR of its reconstruction", "transferred", "DRR of its reconstruction", "nearest DRR"]
         columns = (real01[shown], reconstructed["without_style"][shown], moved01[shown], reconstructed["with_style"][shown], drr01[nearest])
-    write_image_png(figure(*columns), out_dir / "style_eval.png", bits=8)
-
-    with atomic_path(out_dir / "style_eval.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    with atomic_path(out_dir / "style_eval.md") as tmp:
-        tmp.write_text(markdown_table(result), encoding="utf-8")
+    with output_set():  # the three or none (a full disk at the last): never a new figure beside an old table
+        write_image_png(figure(*columns), out_dir / "style_eval.png", bits=8)
+        with atomic_path(out_dir / "style_eval.json") as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        with atomic_path(out_dir / "style_eval.md") as tmp:
+            tmp.write_text(markdown_table(result), encoding="utf-8")
     return result
 
 
