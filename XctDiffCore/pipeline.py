@@ -166,6 +166,14 @@ class _Progress:
             self.callback(self.fraction, stage)
 
 
+def _compiled(module: torch.nn.Module):
+    """``torch.compile(module)``, without the DeprecationWarning (``torch.jit.script_method``) that the compiler's
+    own imports raise: it is torch's business, and a user could do nothing about its ``warning:`` line."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script_method.* is deprecated", category=DeprecationWarning)
+        return torch.compile(module)
+
+
 def _check_cancel(cancel: Optional[threading.Event]) -> None:
     if cancel is not None and cancel.is_set():
         raise Cancelled("reconstruction was cancelled")
@@ -227,7 +235,7 @@ class XctDiffPipeline:
         self.mean_ct = mean_ct  # the model folder's mean training CT [z, y, x] in HU, when it has one
         self.device = torch.device("cpu")
         self.load_seconds = 0.0
-        self._denoiser = torch.compile(unet) if compile else unet
+        self._denoiser = _compiled(unet) if compile else unet
         self._warned_style = False
         self._amp_dtype = None  # the autocast dtype of the run in progress (None: fp32); see _autocast
         self._memory_format = torch.contiguous_format  # of the 3D networks' weights; see _set_memory_format

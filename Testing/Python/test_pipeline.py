@@ -705,3 +705,17 @@ def test_a_radiograph_made_in_code_is_checked_as_a_read_one(pipe, spacing, age, 
     image = np.random.default_rng(0).random((64, 64))
     with pytest.raises(XctDiffError, match=words):
         pipe.reconstruct(Radiograph(image, spacing, False, "film", age), method="direct", device="cpu")
+
+
+def test_compiling_the_unet_says_nothing_of_torch_jit():
+    """`reconstruct --compile` printed "warning: `torch.jit.script_method` is deprecated" (raised by the compiler's
+    own imports), a line the user can do nothing about. A fresh process: the compiler's modules import once."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = "import torch; from XctDiffCore.pipeline import _compiled; _compiled(torch.nn.Linear(2, 2))"
+    done = subprocess.run([sys.executable, "-W", "error:`torch.jit.script_method` is deprecated:DeprecationWarning",
+                           "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-500:]
