@@ -482,7 +482,8 @@ def failed_write_reason(exc: BaseException, written) -> Optional[str]:
     ("... (os error 28)"), torch.save a RuntimeError on the short write ("unexpected pos ..."), ITK a
     RuntimeError naming the temporary file. So: the error number the text quotes; else a file system with no
     free block left where ``written`` (the temporary file or its folder) lies (ENOSPC); else a temporary file
-    at this process's file size limit, ``ulimit -f`` (EFBIG)."""
+    at this process's file size limit, ``ulimit -f`` (EFBIG); else torch's short write all the same (a disk
+    quota, a network file system that reports no free-block count)."""
     if isinstance(exc, OSError) and exc.errno:
         return exc.strerror or os.strerror(exc.errno)
     quoted = _quoted_errno(str(exc))
@@ -502,6 +503,8 @@ def failed_write_reason(exc: BaseException, written) -> Optional[str]:
             return os.strerror(errno.EFBIG)
     except (ImportError, OSError):
         pass
+    if "unexpected pos" in str(exc):  # torch.save's short write where the disk does not look full: a user's quota
+        return "the file could not be written whole; is the disk full or a disk quota reached?"
     return None
 
 

@@ -73,6 +73,16 @@ def test_a_writers_own_exception_for_a_full_disk_is_one_line(tmp_path, monkeypat
     assert [p.name for p in tmp_path.iterdir()] == [target.name] and target.read_bytes() == b"the previous file"
 
 
+def test_a_short_torch_save_on_a_disk_that_does_not_look_full_is_one_line(tmp_path):
+    """A user's disk quota (EDQUOT) on a cluster: torch says 'unexpected pos', the file system has room."""
+    with pytest.raises(XctDiffError) as info:
+        with atomic_path(tmp_path / "checkpoint.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1903232 vs 1903124")
+    assert str(info.value) == f"cannot write {tmp_path / 'checkpoint.pt'}: the file could not be written whole; " \
+                              "is the disk full or a disk quota reached?"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_writers_other_exception_stays_what_it_is(tmp_path):
     """A programming error is no failed write: it keeps its traceback (the disk here is not full)."""
     with pytest.raises(ValueError, match="a bug"):
