@@ -34,7 +34,6 @@ def bundled_names(folder: str, suffix: str) -> str:
     return ", ".join(sorted(p.stem for p in (ENGINE_DIR / folder).glob(f"*{suffix}")))
 
 
-
 def add_demo_command(subparsers):
     p = subparsers.add_parser("demo", help="run the main job on the bundled sample")
     p.add_argument("--out", default="out/demo", help="output folder (created if missing)")
