@@ -389,7 +389,7 @@ def test_folder_reconstructs_every_radiograph(cli, batch, tmp_path):
     assert result["consistency"] == pytest.approx(np.mean([c["consistency"] for c in result["cases"]]), abs=1e-4)
 
 
-def test_skip_existing_continues_an_interrupted_folder(cli, batch, tmp_path):
+def test_skip_existing_continues_an_interrupted_folder(cli, batch, tmp_path, monkeypatch):
     """--skip-existing leaves out a film whose outputs are all there and newer than it; a film without its views, or
     edited since its CT was written, is reconstructed again."""
     import os
@@ -412,6 +412,16 @@ def test_skip_existing_continues_an_interrupted_folder(cli, batch, tmp_path):
     assert status == 0 and [line.split(" -> ")[0] for line in stdout.splitlines()] == [str(batch / "film.dcm")]
     status, stdout, err = cli(batch, "--views", views, "--skip-existing")
     assert status == 0 and stdout == "" and "left out 2 of 2 radiographs" in err
+    import XctDiffCore.atomic
+
+    access = os.access  # the outputs' folders read-only now (an archive mounted so): nothing to write, so no refusal
+    frozen = {out.resolve(), views.resolve()}
+    monkeypatch.setattr(XctDiffCore.atomic.os, "access", lambda path, mode, **kw: False if Path(path).resolve() in frozen
+                        and mode & os.W_OK else access(path, mode, **kw))
+    status, stdout, err = cli(batch, "--views", views, "--skip-existing")
+    assert status == 0 and stdout == "" and "left out 2 of 2 radiographs" in err, err
+    status, _, err = cli(batch, "--views", views)  # without it, the folders must be writable: refused first
+    assert status == 2 and "not writable" in err, err
 
 
 def test_folder_as_dicom_series(cli, batch, tmp_path):

@@ -312,10 +312,11 @@ def run_reconstruct(
                          unc_dir / sub / f"{stem}_uncertainty.nrrd" if unc_dir else None,
                          views_dir / sub / f"{stem}_views.png" if views_dir else None))
         _refuse_overlaps(found, jobs)
+        jobs = _left_to_do(jobs) if skip_existing else jobs  # all done: no folder need be made or writable
         for top in (out_dir, unc_dir, views_dir):
-            if top is not None:
+            if top is not None and jobs:
                 _output_folder(top)
-                for sub in sorted({f.parent.relative_to(input_path) for f in files} - {Path(".")}):
+                for sub in sorted({source.parent.relative_to(input_path) for source, *_ in jobs} - {Path(".")}):
                     _output_folder(top / sub, parents=True)
         if output_format == "dicom":  # each series folder: before any work, not after the first reconstruction
             for _, out, *_ in jobs:
@@ -332,24 +333,19 @@ def run_reconstruct(
         output = Path(output) if output else default_output_path(input_path, output_format)
         jobs.append((input_path, output, Path(uncertainty) if uncertainty else None, Path(views) if views else None))
         _refuse_overlaps([input_path], jobs)
-        # fail before loading the model, on the outputs (folder there and writable) ...
-        check_volume_output(output, output_format)
-        for extra in jobs[0][2:]:
-            if extra is not None:
-                check_output_path(extra)
-        from ..preprocess import check_radiograph_aspect
+        jobs = _left_to_do(jobs) if skip_existing else jobs
+        if jobs:  # fail before loading the model, on the outputs (folder there and writable) ...
+            check_volume_output(output, output_format)
+            for extra in jobs[0][2:]:
+                if extra is not None:
+                    check_output_path(extra)
+            from ..preprocess import check_radiograph_aspect
 
-        # ... and on the input (read again by the pipeline: a few ms)
-        check_radiograph_aspect(read_radiograph(input_path).image.shape, f"radiograph {input_path}")
+            # ... and on the input (read again by the pipeline: a few ms)
+            check_radiograph_aspect(read_radiograph(input_path).image.shape, f"radiograph {input_path}")
 
-    if skip_existing:
-        current = [_outputs_current(*job) for job in jobs]
-        if any(current):
-            print(f"left out {sum(current)} of {len(jobs)} radiographs: their outputs are there, newer than the film "
-                  "(--skip-existing)", file=sys.stderr, flush=True)
-            jobs = [job for job, done in zip(jobs, current) if not done]
-        if not jobs:
-            return 0
+    if not jobs:  # --skip-existing found every output current
+        return 0
     display = ProgressDisplay(progress_lines, description=f"rank {rank}" if world_size > 1 else "reconstruct")
     results, failures = [], []
     with plain_warnings():
@@ -395,6 +391,15 @@ def _outputs_current(source: Path, *outputs: Optional[Path]) -> bool:
         return all(path.stat().st_mtime_ns >= film for path in outputs if path is not None)
     except OSError:
         return False
+
+
+def _left_to_do(jobs: list) -> list:
+    """``--skip-existing``: the jobs whose outputs are not all there newer than the film; says how many it left out."""
+    current = [_outputs_current(*job) for job in jobs]
+    if any(current):
+        print(f"left out {sum(current)} of {len(jobs)} radiographs: their outputs are there, newer than the film "
+              "(--skip-existing)", file=sys.stderr, flush=True)
+    return [job for job, done in zip(jobs, current) if not done]
 
 
 def summary_line(source, output, seconds: float, result, protocol: bool = False) -> str:
