@@ -314,7 +314,7 @@ def run_reconstruct(
         _refuse_overlaps(found, jobs)
         jobs = _left_to_do(jobs) if skip_existing else jobs  # all done: no folder need be made or writable
         for top in (out_dir, unc_dir, views_dir):
-            if top is not None and jobs:
+            if top is not None and (jobs or not skip_existing):  # a torchrun rank without films makes them too
                 _output_folder(top)
                 for sub in sorted({source.parent.relative_to(input_path) for source, *_ in jobs} - {Path(".")}):
                     _output_folder(top / sub, parents=True)
@@ -344,7 +344,7 @@ def run_reconstruct(
             # ... and on the input (read again by the pipeline: a few ms)
             check_radiograph_aspect(read_radiograph(input_path).image.shape, f"radiograph {input_path}")
 
-    if not jobs:  # --skip-existing found every output current
+    if skip_existing and not jobs:  # every output current (a rank without films goes on: its RESULT is awaited)
         return 0
     display = ProgressDisplay(progress_lines, description=f"rank {rank}" if world_size > 1 else "reconstruct")
     results, failures = [], []
