@@ -203,8 +203,8 @@ def test_the_plausibility_check_flags_negatives_and_photographs_but_not_chest_fi
         assert len(problems) == 1 and "does not look like a frontal chest radiograph" in problems[0], name
 
 
-def test_the_orientation_checks_flag_upside_down_and_mirrored_films():
-    """A film hung upside down, turned half round or mirrored (a flipped scan, a photo of a film from behind) passed
+def test_the_orientation_checks_flag_upside_down_sideways_and_mirrored_films():
+    """A film hung upside down, turned half round or a quarter, or mirrored (a flipped scan, a photo of a film from behind) passed
     the contrast check and came out a chest upside down or mirrored, without a word. Both checks are linear in
     what a flip reverses, so a flip negates their score exactly; their weights are fitted on real films
     (Testing/Scripts/orientation_weights.py, the figures in plausibility.py)."""
@@ -230,6 +230,10 @@ def test_the_orientation_checks_flag_upside_down_and_mirrored_films():
         for turned in (np.flipud(film), np.rot90(film, 2)):
             problems = film_problems(turned)
             assert len(problems) == 1 and problems[0].startswith("the film looks upside down")
+        for k, way in ((1, "clockwise"), (3, "anticlockwise")):  # np.rot90 turns anticlockwise: turn it back
+            problems = film_problems(np.rot90(film, k))
+            assert len(problems) == 1 and problems[0].startswith("the film looks turned on its side"), problems
+            assert f"stand it head up, a quarter turn {way};" in problems[0]
     problems = film_problems(np.fliplr(drr))  # RG1's mirror image passes (score -0.26: the check misses 8 % of films)
     assert len(problems) == 1 and problems[0].startswith("the film may be mirrored left to right")
 

@@ -11,7 +11,9 @@ on the 1,600 Kermany training films of ../shared/data (pediatric AP films, CC BY
 check their mirror images too, upright as well), scaled so that their median scores 1, and its threshold is the 0.5th percentile of their scores, at most 0 (at most 0.5 % of
 the training films flagged). Measured, never fitted, on: the 624 Kermany test films, the 4 adult films
 (2 NIH PA, the RSNA DICOM, the bundled RG1), the frontal DRRs of the shared CTs (from --datalist), each
-as it is, flipped, and turned half round. Writes the JSON with --write; prints the figures either way
+as it is, flipped, turned half round and turned a quarter either way (the quarter-turn check,
+:func:`XctDiffCore.plausibility.quarter_turn`, has its margin chosen on the training films: the largest of
+0, 0.05, 0.1, ... that finds every one of the first 600 turned either way). Writes the JSON with --write; prints the figures either way
 (about a minute on a CPU).
 """
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from XctDiffCore.io import read_radiograph
-from XctDiffCore.plausibility import ORIENTATION_FILE, film_problems, orientation_features
+from XctDiffCore.plausibility import (ORIENTATION_FILE, chest_contrast, film_problems, orientation_features,
+                                      orientation_scores)
 from XctDiffCore.preprocess import preprocess_radiograph
 
 SHRINK = 0.05
@@ -49,12 +52,10 @@ def fit(films: list, axis: int) -> tuple:
 def flagged(films: list, change=lambda f: f) -> str:
     """How many of ``films`` (each passed through ``change``) film_problems flags, and for what."""
     reasons = [film_problems(change(f)) for f in films]
-    kinds = {"upside down": 0, "mirrored": 0, "not a frontal chest": 0}
+    kinds = {"upside down": 0, "on its side": 0, "mirrored": 0, "not a frontal chest": 0}
     for problems in reasons:
         for problem in problems:
-            key = "upside down" if "upside down" in problem else "mirrored" if "mirrored" in problem else \
-                "not a frontal chest"
-            kinds[key] += 1
+            kinds[next((k for k in kinds if k in problem), "not a frontal chest")] += 1
     return f"{sum(bool(r) for r in reasons)} of {len(films)} flagged (" + ", ".join(f"{k} {v}" for k, v in kinds.items()) + ")"
 
 
@@ -79,6 +80,21 @@ def main() -> None:
         checks[name] = {"weights": [round(float(w), 5) for w in weights], "threshold": round(threshold, 3)}
         print(f"{name}: threshold {threshold:.3f}; training films flagged {np.mean(scores < threshold):.2%}, "
               f"flipped caught {np.mean(-scores < threshold):.2%}")
+    def gain(film) -> float:  # how much the better upright quarter turn raises the chest contrast
+        turns = [np.rot90(film, k) for k in (1, 3)]
+        return max([chest_contrast(t) for t in turns if orientation_scores(t)["up_down"] > 0] or [-9.0]) - \
+            chest_contrast(film)
+
+    if args.write:  # the quarter-turn check's margin: the weights above decide which turn is upright
+        Path(args.write).write_text(json.dumps({"checks": checks}), encoding="utf-8")
+        from XctDiffCore.plausibility import orientation_checks
+
+        orientation_checks.cache_clear()
+    turned = np.array([gain(np.rot90(f, k)) for f in train[:600] for k in (1, 3)])
+    upright = np.array([gain(f) for f in train[:600]])
+    print("quarter-turn margin (the code's QUARTER_TURN_MARGIN is the largest finding all the turned): " + ", ".join(
+        f"{m}: turned found {np.mean(turned > m):.2%}, upright flagged {np.mean(upright > m):.2%}"
+        for m in (0.0, 0.05, 0.1, 0.15)))
     document = {
         "about": "XctDiffCore.plausibility's orientation checks: linear discriminants on the 8 x 8 thumbnail of a "
                  "preprocessed film minus its mirror image; made by Testing/Scripts/orientation_weights.py",
@@ -101,7 +117,9 @@ def main() -> None:
     drrs = [np.load(root / e["xray"]) for e in listing["training"] + listing["validation"] if "_aug0." in e["xray"]]
     for label, group in (("Kermany test films", test), ("adult films", adult), ("frontal DRRs", drrs)):
         print(f"{label}: as they are {flagged(group)}; upside down {flagged(group, np.flipud)}; "
-              f"mirrored {flagged(group, np.fliplr)}; turned half round {flagged(group, lambda f: np.rot90(f, 2))}")
+              f"mirrored {flagged(group, np.fliplr)}; turned half round {flagged(group, lambda f: np.rot90(f, 2))}; "
+              f"a quarter turn anticlockwise {flagged(group, np.rot90)}; clockwise "
+              f"{flagged(group, lambda f: np.rot90(f, 3))}")
 
 
 if __name__ == "__main__":
