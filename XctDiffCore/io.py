@@ -1382,9 +1382,25 @@ def inspect_path(path, kind: str = "auto") -> dict:
                 "drr": "yes" if radiograph.is_drr else "no",
                 **({"patient_age": f"{radiograph.age_years:g} years"} if radiograph.age_years is not None else {}),
                 **{_snake(key): value for key, value in radiograph.header.items()},
+                "plausibility": _plausibility_fact(radiograph),
             }
         )
     return facts
+
+
+def _plausibility_fact(radiograph: Radiograph) -> str:
+    """What the checks before a reconstruction say of the film (a header, a negative, a turned or mirrored film,
+    a child's size), so that a folder of films can be checked without reconstructing one."""
+    from .plausibility import film_problems, processing_problems, size_problems, view_problems
+    from .preprocess import preprocess_radiograph, square_pixels
+
+    try:
+        image01 = preprocess_radiograph(square_pixels(radiograph.image, radiograph.spacing)[0], 128)  # as the model sees it
+    except XctDiffError as exc:  # a blank or too elongated film: the facts above still print, and why it is refused
+        return f"refused before a reconstruction: {exc}"
+    problems = (view_problems(radiograph.header) + film_problems(image01) + processing_problems(radiograph.header)
+                + size_problems(radiograph.age_years, radiograph.image.shape, radiograph.spacing))
+    return " | ".join(problems) if problems else "passes the checks made before a reconstruction"
 
 
 def _ap_diameter_fact(volume) -> str:
