@@ -370,10 +370,7 @@ def _nifti_sheared_sform(path: Path):
     direction = matrix / spacing
     if np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
         return None
-    if abs(np.linalg.det(direction)) < 1e-3:
-        raise XctDiffError(f"the axes of {path} (its NIfTI sform) are (nearly) parallel: its voxels do not span a "
-                           "volume")
-    return offset, spacing, direction
+    return offset, spacing, direction  # (nearly) parallel axes: refused by ITK or by _volume_from_sitk
 
 
 #: NIfTI-1 floating-point data types: code -> numpy type.
@@ -508,9 +505,10 @@ def _read_sitk_volume(path: Path) -> Volume:
     sheared = _nifti_sheared_sform(path) if _suffix(path) in (".nii", ".nii.gz") else None
     if sheared is not None and image.GetDimension() == 3:
         origin, spacing, direction = sheared
-        image.SetOrigin(tuple(float(v) for v in origin))
-        image.SetSpacing(tuple(float(v) for v in spacing))
-        image.SetDirection(tuple(float(v) for v in direction.ravel()))
+        with _library_errors(path, "a CT volume"):  # axes exactly parallel: ITK's "determinant is 0", as for NRRD
+            image.SetOrigin(tuple(float(v) for v in origin))
+            image.SetSpacing(tuple(float(v) for v in spacing))
+            image.SetDirection(tuple(float(v) for v in direction.ravel()))
     return _volume_from_sitk(image, path)
 
 
@@ -1391,15 +1389,14 @@ def inspect_path(path, kind: str = "auto") -> dict:
 def _plausibility_fact(radiograph: Radiograph) -> str:
     """What the checks before a reconstruction say of the film (a header, a negative, a turned or mirrored film,
     a child's size), so that a folder of films can be checked without reconstructing one."""
-    from .plausibility import film_problems, processing_problems, size_problems, view_problems
+    from .plausibility import input_problems
     from .preprocess import preprocess_radiograph, square_pixels
 
     try:
         image01 = preprocess_radiograph(square_pixels(radiograph.image, radiograph.spacing)[0], 128)  # as the model sees it
     except XctDiffError as exc:  # a blank or too elongated film: the facts above still print, and why it is refused
         return f"refused before a reconstruction: {exc}"
-    problems = (view_problems(radiograph.header) + film_problems(image01) + processing_problems(radiograph.header)
-                + size_problems(radiograph.age_years, radiograph.image.shape, radiograph.spacing))
+    problems = sum(input_problems(radiograph, image01), [])
     return " | ".join(problems) if problems else "passes the checks made before a reconstruction"
 
 

@@ -78,14 +78,7 @@ from .diffusion import Cancelled
 from .errors import XctDiffError
 from .guidance import MIN_UNGUIDED_CONSISTENCY, GuidanceWarning
 from .options import CT_FORMATS, MAX_SAMPLES, MethodWarning, ReconstructOptions  # noqa: F401 (re-exported)
-from .plausibility import (
-    PlausibilityWarning,
-    consistency_problems,
-    film_problems,
-    processing_problems,
-    size_problems,
-    view_problems,
-)
+from .plausibility import PlausibilityWarning, consistency_problems, input_problems
 from .io import Radiograph
 from .model_folder import FIELD_OF_VIEW_MM, PREPARED_SIZE, ModelFolder, ModelInfo
 from .model_inputs import area_resize
@@ -391,9 +384,8 @@ class XctDiffPipeline:
                                 else torch.contiguous_format)
         with torch.inference_mode():
             input01 = self.preprocess(radiograph)
-            notes = self._flag(view_problems(radiograph.header) + film_problems(input01), strict)
-            size_notes = self._flag(processing_problems(radiograph.header)
-                                    + size_problems(radiograph.age_years, radiograph.image.shape, radiograph.spacing))
+            refusable, advisory = input_problems(radiograph, input01)
+            notes, size_notes = self._flag(refusable, strict), self._flag(advisory)
             timer.lap("preprocessing")
             reporter.report(ends["preprocessing"], "style transfer")
             _check_cancel(cancel)

@@ -200,6 +200,16 @@ def film_problems(image01: np.ndarray) -> list:
     return []
 
 
+def input_problems(radiograph, image01: np.ndarray) -> tuple:
+    """What the checks before a reconstruction say of a :class:`~XctDiffCore.io.Radiograph` whose model input is
+    ``image01``: ``(refusable, advisory)``. The first (its header, its contrast and orientation) are errors with
+    ``strict``; the second (a raw detector image, a child's size) are only ever warnings: the film itself is fine."""
+    refusable = view_problems(radiograph.header) + film_problems(image01)
+    advisory = processing_problems(radiograph.header) + size_problems(radiograph.age_years, radiograph.image.shape,
+                                                                      radiograph.spacing)
+    return refusable, advisory
+
+
 def view_problems(header: dict) -> list:
     """Why a DICOM film's header says it is not a frontal chest film (lateral, oblique, another body part)."""
     problems = []
