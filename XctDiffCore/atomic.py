@@ -30,6 +30,7 @@ from typing import Optional
 from .errors import XctDiffError
 
 TEMP_PREFIX = ".xctdiff-"  # hidden and short: a temporary name is never longer than the target's limit allows
+LOCK_NAME = ".lock"  # held by the job writing an output folder (see output_lock)
 
 # the list of (finished temporary, target) of the innermost open output_set; None outside one
 _pending_outputs: contextvars.ContextVar = contextvars.ContextVar("xctdiff_pending_outputs", default=None)
@@ -122,6 +123,100 @@ class FolderSnapshot:
         for folder in [root for root in roots if root not in self.before] + self.missing:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)  # only when empty
+
+
+class FolderBusy(XctDiffError):
+    """Another job holds the output folder (:func:`output_lock`): what appeared in it meanwhile is that job's,
+    so a refused job takes nothing back."""
+
+
+@contextlib.contextmanager
+def output_lock(folder, job: str, busy: str = "written", lock_of: str = "the output folder's lock"):
+    """Hold ``<folder>/.lock`` while ``job`` (``xctdiff evaluate``) writes the folder: a second job into the
+    same folder (a job submitted twice, a ``--resume`` while the first still runs) is refused in one line
+    (:class:`FolderBusy`), where the two wrote the same files in turns. An advisory ``flock``: the kernel
+    releases it however the process ends, so a killed job leaves no stale lock (its file, naming a process
+    that has ended, is taken over by the next job); a job that ends removes the file. Where there are no
+    locks (no fcntl on Windows; a network file system without them) the job goes on unguarded.
+
+    Makes the folder (and those above it). A refused job, or one whose lock cannot be written, takes back
+    the empty folders it made for the lock; a block that fails takes back every empty folder made since."""
+    folder = Path(folder)
+    made = FolderSnapshot(folder)
+    make_output_folder(folder)
+    path, fd = folder / LOCK_NAME, None
+    try:
+        try:
+            import fcntl
+        except ImportError:
+            fcntl = None
+        if fcntl is not None:
+            fd = _locked_file(path, folder, fcntl, job, busy, lock_of)
+    except BaseException:
+        for new in made.missing:  # only these: anything else new in the folder is the holder's
+            with contextlib.suppress(OSError):
+                os.rmdir(new)
+        raise
+    try:
+        yield folder
+    except BaseException:
+        fd = _unlock(path, fd)
+        made.remove_new_empty_folders()
+        raise
+    finally:
+        _unlock(path, fd)
+
+
+def _locked_file(path: Path, folder: Path, fcntl, job: str, busy: str, lock_of: str) -> Optional[int]:
+    """The open, flocked lock file at ``path`` (its holder written in it: the process, then the job), or None
+    where the file system has no locks. A file its holder removed between our open and our lock is not the
+    lock any more: open again."""
+    import socket
+    import time
+
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise XctDiffError(f"cannot open {lock_of} {path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lines = os.pread(fd, 400, 0).decode("utf-8", "replace").splitlines() + ["", ""]
+            os.close(fd)
+            owner, holder = lines[0].strip() or "another process", lines[1].strip() or job
+            raise FolderBusy(f"{folder} is being {busy} by another `{holder}` ({owner}): wait for it to end or "
+                             "stop it, or choose another --out") from None
+        except OSError:  # no locks here (some network file systems): unguarded, as without fcntl
+            os.close(fd)
+            return None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M')}"
+                          f"\n{job}\n".encode(), 0)
+            except OSError as exc:  # a full disk: one line before any work (the job's own writes would fail later)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                os.close(fd)
+                raise XctDiffError(f"cannot write {lock_of} {path}: {exc.strerror or exc}") from None
+            return fd
+        os.close(fd)
+    raise XctDiffError(f"cannot hold {lock_of} {path}: it keeps being removed")
+
+
+def _unlock(path: Path, fd: Optional[int]) -> None:
+    """Remove the lock file, then let go of it (a job that opened it meanwhile finds it gone and opens the
+    new one); None, for the caller's ``fd``."""
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+    return None
 
 
 def temporary_folder_problem() -> Optional[str]:

@@ -722,7 +722,7 @@ def _output_folder_argument(args) -> Optional[Path]:
 
 def _run_undoing_empty_folders(args) -> int:
     """Run the command; if it fails, take back the empty folders it made (nothing half made is left behind)."""
-    from ..atomic import FolderSnapshot
+    from ..atomic import FolderBusy, FolderSnapshot
 
     folder = _output_folder_argument(args)
     snapshot = FolderSnapshot(folder) if folder is not None else None
@@ -730,6 +730,9 @@ def _run_undoing_empty_folders(args) -> int:
     try:
         status = int(args.handler(args) or 0)
         return status
+    except FolderBusy:
+        snapshot = None  # another job holds the folder: what appeared in it since is that job's
+        raise
     finally:
         if status != 0 and snapshot is not None:
             snapshot.remove_new_empty_folders()

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..atomic import FolderSnapshot, atomic_path, make_output_folder
+from ..atomic import atomic_path, make_output_folder, output_lock
 from ..config import config_to_dict
 from ..errors import XctDiffError, first_line
 from ..model_folder import EXPORT_DTYPES, export_stage, file_sha256, write_manifest  # noqa: F401 (the stages' exports)
@@ -48,7 +48,6 @@ from ..model_folder import non_finite_tensor
 from .data import PairDataset, train_loader
 
 CHECKPOINT_NAME = "checkpoint.pt"
-LOCK_NAME = ".lock"  # held by the process training a stage folder (see stage_lock)
 
 
 # --------------------------------------------------------------------------------------- processes
@@ -348,74 +347,11 @@ def prepare_stage_dir(run_dir, stage: str, resume: bool) -> Optional[dict]:
     return None
 
 
-@contextlib.contextmanager
 def stage_lock(run_dir, stage: str):
-    """Hold ``<run>/<stage>/.lock`` while the stage trains: a second ``xctdiff train`` of the same stage and
-    folder (a job submitted twice, a ``--resume`` while the first still runs) is refused in one line, where the
-    two wrote one checkpoint and one log in turns. An advisory ``flock``: the kernel releases it however the
-    process ends, so a killed run leaves no stale lock (its file, naming a process that has ended, is taken
-    over by the next run); a run that ends removes the file. Where there is none (no fcntl on Windows; a network file system without
-    locks) the run goes on unguarded. Makes the stage folder."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    folder = stage_dir(run_dir, stage)
-    made = FolderSnapshot(folder)
-    make_output_folder(folder)
-    path = folder / LOCK_NAME
-    try:
-        fd = _locked_file(path, folder, fcntl)
-    except BaseException:  # a lock that cannot be written (full disk) takes back the empty folders made for it
-        made.remove_new_empty_folders()  # (the run's own clean-up is for a run that holds the lock)
-        raise
-    try:
-        yield
-    finally:
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(path)  # still held: a run that opened it meanwhile finds it gone and opens the new one
-            os.close(fd)
-
-
-def _locked_file(path: Path, folder: Path, fcntl) -> Optional[int]:
-    """The open, flocked lock file at ``path`` (its owner written in it), or None where the file system has no
-    locks. A file its holder removed between our open and our lock is not the lock any more: open again."""
-    import socket
-
-    for _ in range(10):
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise XctDiffError(f"cannot open the run's lock {path}: {exc.strerror or exc}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-            os.close(fd)
-            raise XctDiffError(f"{folder} is being trained by another `xctdiff train` ({owner}): wait for it to end "
-                               "or stop it, or choose another --out") from None
-        except OSError:  # no locks here (some network file systems): unguarded, as without fcntl
-            os.close(fd)
-            return None
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:
-            same = False
-        if same:
-            try:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M')}"
-                          .encode(), 0)
-            except OSError as exc:  # a full disk: one line before the first step (its log would fail later)
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-                os.close(fd)
-                raise XctDiffError(f"cannot write the run's lock {path}: {exc.strerror or exc}") from None
-            return fd
-        os.close(fd)
-    raise XctDiffError(f"cannot hold the run's lock {path}: it keeps being removed")
+    """Hold ``<run>/<stage>/.lock`` while the stage trains (:func:`~XctDiffCore.atomic.output_lock`): a second
+    ``xctdiff train`` of the same stage and folder (a job submitted twice, a ``--resume`` while the first still
+    runs) is refused in one line, where the two wrote one checkpoint and one log in turns. Makes the stage folder."""
+    return output_lock(stage_dir(run_dir, stage), "xctdiff train", busy="trained", lock_of="the run's lock")
 
 
 def trained_stage_checkpoint(run_dir, stage: str, needed_by: str) -> dict:
