@@ -12,7 +12,9 @@ Several outputs of one command (a CT and its views PNG) are written as one set i
 every temporary is finished first, then all are renamed into place at its end, and a failure or interrupt
 during those renames puts the earlier outputs back. On Linux each output takes its target's place in one
 step (a DICOM series folder too), so a reader never finds a target missing. Clean-up runs to its end even
-when a second Ctrl-C arrives during it (:func:`_finish`).
+when a second Ctrl-C arrives during it (:func:`_finish`). A folder that a long job fills file by file
+(``prepare``, ``evaluate``, a training stage) is held by :func:`output_lock` while the job runs: a second
+job into it is refused, where the two wrote the same files in turns.
 """
 from __future__ import annotations
 
@@ -187,8 +189,10 @@ def _locked_file(path: Path, folder: Path, fcntl, job: str, busy: str, lock_of: 
             owner, holder = lines[0].strip() or "another process", lines[1].strip() or job
             raise FolderBusy(f"{folder} is being {busy} by another `{holder}` ({owner}): wait for it to end or "
                              "stop it, or choose another --out") from None
-        except OSError:  # no locks here (some network file systems): unguarded, as without fcntl
+        except OSError:  # no locks here (some network file systems): unguarded, as without fcntl, and no file left
             os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
             return None
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(path))

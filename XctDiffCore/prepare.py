@@ -18,7 +18,9 @@ that cannot be read is reported and left out, and the command ends with an error
 The datalist is written last: it exists only when every pair in it was written. Beside each CT's pairs
 ``images/<id>.pairs.json`` records what made them (the source file's size and time, the settings); with
 ``resume=True`` (``--resume``) a CT whose record matches is not prepared again, so an interrupted run over a
-large download continues where it stopped.
+large download continues where it stopped. While a prepare writes ``out_dir`` it holds ``out_dir/.lock``
+(:func:`~.atomic.output_lock`): a second one into the same folder, which would write the same pairs and
+datalist in turns, is refused in one line.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .atomic import atomic_path, full_suffix, make_output_folder
+from .atomic import atomic_path, full_suffix, make_output_folder, output_lock
 from .ct_search import CtInput, describe_ignored, find_ct_inputs
 from .errors import XctDiffError
 from .volume import Volume
@@ -148,67 +150,68 @@ def prepare_dataset(
         raise XctDiffError(f"--workers must be 0 (one per core) or more, got {workers}")
     if seed < 0:
         raise XctDiffError(f"--seed must be 0 or more, got {seed}")
-    report = report or (lambda line: print(line, file=sys.stderr, flush=True))
-    geom = make_geometry(geometry)
-    ignored = []
-    cts = find_ct_inputs(inputs, ignored, naming=naming, progress=progress)
-    if ignored:
-        report(describe_ignored(ignored))
-    from .io import warn_if_synthetic
-
-    warn_if_synthetic([c.path for c in cts], "a model trained on them learns its own output, not anatomy")
-    training, validation = split_cases(cts, split, val_fraction, seed)
-    if train_on_all:
-        training = sorted(training + validation)
-    if mix_patients and not mix:
-        raise XctDiffError("--mix-patients names the patients to mix: give --mix K too")
-    mix_patients = list(mix_patients or training) if mix else []
-    strangers = [p for p in mix_patients if p not in training]
-    if strangers:
-        raise XctDiffError(f"--mix-patients must be training patients; not: {', '.join(strangers)}")
-    check_mix_request(mix, len(mix_patients), away_range=mix_away)
     out_dir = Path(out_dir)
-    for folder in (out_dir, out_dir / "images", out_dir / "xrays"):
-        make_output_folder(folder)
+    with output_lock(out_dir, "xctdiff prepare"):  # a second prepare into it (its pairs, its datalist) is refused
+        report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+        geom = make_geometry(geometry)
+        ignored = []
+        cts = find_ct_inputs(inputs, ignored, naming=naming, progress=progress)
+        if ignored:
+            report(describe_ignored(ignored))
+        from .io import warn_if_synthetic
 
-    jobs = [_CtJob(c, augment, seed, size, geometry, out_dir, c.patient in mix_patients, resume) for c in cts]
-    entries, to_mix, left_out = {}, {}, []
-    with tqdm(total=len(cts) * (augment + 1), desc="prepare", unit="pair", disable=not progress) as bar, \
-            _worker_pool(workers, len(jobs)) as pool:
-        for job, (pairs, ct, error) in zip(jobs, pool.map(_prepare_ct, jobs) if pool else map(_prepare_ct, jobs)):
-            bar.set_postfix_str(job.ct.patient)
-            if error is not None:
-                left_out.append({"path": str(job.ct.path), "patient": job.ct.patient, "reason": error})
-                bar.clear()
-                report(f"left out {job.ct.patient}: {error}")
-            else:
-                entries[job.ct.patient] = pairs
-                if ct is not None:
-                    to_mix[job.ct.patient] = ct
-            bar.update(augment + 1)
-    if not entries:
-        raise XctDiffError(f"none of the {len(cts)} CTs could be read (each named above)")
-    training, validation = [p for p in training if p in entries], [p for p in validation if p in entries]
-    mix_patients = [p for p in mix_patients if p in to_mix]
-    check_mix_request(mix, len(mix_patients), away_range=mix_away)
-    mixes = _write_mixes({p: to_mix[p] for p in mix_patients}, mix, seed, out_dir, geom, size, progress, mix_away)
+        warn_if_synthetic([c.path for c in cts], "a model trained on them learns its own output, not anatomy")
+        training, validation = split_cases(cts, split, val_fraction, seed)
+        if train_on_all:
+            training = sorted(training + validation)
+        if mix_patients and not mix:
+            raise XctDiffError("--mix-patients names the patients to mix: give --mix K too")
+        mix_patients = list(mix_patients or training) if mix else []
+        strangers = [p for p in mix_patients if p not in training]
+        if strangers:
+            raise XctDiffError(f"--mix-patients must be training patients; not: {', '.join(strangers)}")
+        check_mix_request(mix, len(mix_patients), away_range=mix_away)
+        for folder in (out_dir / "images", out_dir / "xrays"):
+            make_output_folder(folder)
 
-    datalist = {
-        "description": "CT + DRR pairs from `xctdiff prepare`, split by patient",
-        "settings": {
-            "geometry": geometry, "size": size, "augment": augment, "val_fraction": val_fraction, "seed": seed,
-            "split": None if split is None else str(split), "mix": mix, "train_on_all": train_on_all,
-            **({"mix_away": [float(a) for a in mix_away]} if mix_away is not None else {}),
-            **({"ids": naming} if naming != "patient-id" else {}),
-        },
-        "training": [e for p in training for e in entries[p]] + mixes,
-        "validation": [e for p in validation for e in entries[p]],
-        **({"left_out": left_out} if left_out else {}),
-    }
-    path = out_dir / "datalist.json"
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(datalist, indent=2) + "\n")
-    return path
+        jobs = [_CtJob(c, augment, seed, size, geometry, out_dir, c.patient in mix_patients, resume) for c in cts]
+        entries, to_mix, left_out = {}, {}, []
+        with tqdm(total=len(cts) * (augment + 1), desc="prepare", unit="pair", disable=not progress) as bar, \
+                _worker_pool(workers, len(jobs)) as pool:
+            for job, (pairs, ct, error) in zip(jobs, pool.map(_prepare_ct, jobs) if pool else map(_prepare_ct, jobs)):
+                bar.set_postfix_str(job.ct.patient)
+                if error is not None:
+                    left_out.append({"path": str(job.ct.path), "patient": job.ct.patient, "reason": error})
+                    bar.clear()
+                    report(f"left out {job.ct.patient}: {error}")
+                else:
+                    entries[job.ct.patient] = pairs
+                    if ct is not None:
+                        to_mix[job.ct.patient] = ct
+                bar.update(augment + 1)
+        if not entries:
+            raise XctDiffError(f"none of the {len(cts)} CTs could be read (each named above)")
+        training, validation = [p for p in training if p in entries], [p for p in validation if p in entries]
+        mix_patients = [p for p in mix_patients if p in to_mix]
+        check_mix_request(mix, len(mix_patients), away_range=mix_away)
+        mixes = _write_mixes({p: to_mix[p] for p in mix_patients}, mix, seed, out_dir, geom, size, progress, mix_away)
+
+        datalist = {
+            "description": "CT + DRR pairs from `xctdiff prepare`, split by patient",
+            "settings": {
+                "geometry": geometry, "size": size, "augment": augment, "val_fraction": val_fraction, "seed": seed,
+                "split": None if split is None else str(split), "mix": mix, "train_on_all": train_on_all,
+                **({"mix_away": [float(a) for a in mix_away]} if mix_away is not None else {}),
+                **({"ids": naming} if naming != "patient-id" else {}),
+            },
+            "training": [e for p in training for e in entries[p]] + mixes,
+            "validation": [e for p in validation for e in entries[p]],
+            **({"left_out": left_out} if left_out else {}),
+        }
+        path = out_dir / "datalist.json"
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(datalist, indent=2) + "\n")
+        return path
 
 
 @dataclass(frozen=True)

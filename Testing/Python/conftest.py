@@ -95,3 +95,32 @@ def bridge(slicer):
 @pytest.fixture
 def scene(slicer):
     return slicer.vtkMRMLScene()
+
+
+def folder_state(folder) -> dict:
+    """Every path below ``folder`` with its kind, bytes and modification time: what "left as it was" compares."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): (p.is_dir(), None if p.is_dir() else p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+def check_refused_while_held(argv, folder, job: str, capsys) -> None:
+    """``xctdiff argv`` while another job holds ``folder`` (its output lock, taken here: flock conflicts between
+    two open files even in one process) is refused in one line, exit 2, and leaves the folder as it was; the
+    holder's lock file goes with the holder."""
+    import os
+    import re
+
+    from XctDiffCore.atomic import LOCK_NAME, output_lock
+    from XctDiffCore.commands.cli import main
+
+    with output_lock(folder, job):
+        before = folder_state(folder)
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert re.fullmatch(rf"error: {re.escape(str(folder))} is being written by another `{re.escape(job)}` "
+                            rf"\(pid {os.getpid()} on .+, since .+\): wait for it to end or stop it, or choose "
+                            r"another --out\n", err), err
+        assert folder_state(folder) == before
+    assert not (Path(folder) / LOCK_NAME).exists()

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import synthetic_chest
+from conftest import check_refused_while_held, synthetic_chest
 
 from XctDiffCore.evaluation.autoencoder import evaluate_autoencoder, pool_and_resample
 from XctDiffCore.commands.cli import main
@@ -65,3 +65,16 @@ def test_report_errors_are_one_line(tmp_path, ct_folder, capsys):
     model = create_random_model(tmp_path / "model", "tiny", seed=0)
     assert main(["evaluate-autoencoder", "--model", str(model), "--data", str(ct_folder), "--out", str(tmp_path / "file")]) == 2
     assert "names a file" in capsys.readouterr().err
+
+
+def test_a_report_folder_being_written_is_refused_to_a_second_run(tmp_path, ct_folder, capsys):
+    """Two reports into one --out wrote the same four files in turns: the second is refused in one line before it
+    loads the model, the folder (here an earlier report) left as it was; once the first has ended, it runs."""
+    model = create_random_model(tmp_path / "model", "tiny", seed=0)
+    out = tmp_path / "report"
+    argv = ["evaluate-autoencoder", "--model", str(model), "--data", str(ct_folder), "--out", str(out), "--max-cases", "1"]
+    out.mkdir()
+    (out / "summary.md").write_text("an earlier report\n")
+    check_refused_while_held(argv, out, "xctdiff evaluate-autoencoder", capsys)
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["figure.png", "metrics.csv", "summary.json", "summary.md"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import synthetic_chest
+from conftest import check_refused_while_held, synthetic_chest
 
 from XctDiffCore.commands.cli import main
 from XctDiffCore.evaluation.reconstructions import CSV_COLUMNS, METRICS, datalist_cases, datalist_training, drr_thumbnail, evaluate, knn_ct
@@ -490,3 +490,15 @@ def test_resuming_with_other_settings_is_refused_in_one_line(no_lpips, model_dir
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: cannot resume the evaluation") and "knn 3 -> 0" in last
     assert sorted(p.name for p in out.iterdir()) == ["progress.npz"]  # kept for the right command
+
+
+def test_an_evaluation_folder_being_written_is_refused_to_a_second_run(no_lpips, model_dir, datalist, tmp_path, capsys):
+    """A job submitted twice, or a --resume while the first still runs: the two scored the same cases and wrote
+    progress.npz and the summary in turns. The second is refused in one line before it loads the model, the folder
+    left as it was; once the first has ended, the folder is evaluated."""
+    out = tmp_path / "eval"
+    argv = evaluate_argv(model_dir, datalist, out, "--max-cases", "1", "--knn", "0")
+    for extra in ([], ["--resume"]):
+        check_refused_while_held(argv + extra, out, "xctdiff evaluate", capsys)
+    assert main(argv + ["--resume"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["figure.png", "metrics.csv", "summary.json", "summary.md"]

@@ -339,3 +339,79 @@ def test_evaluate_autoencoder_that_cannot_write_its_figure_keeps_the_earlier_rep
     assert main(argv[:2] + [str(model2)] + argv[3:]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"error: cannot write {out / 'figure.png'}: {ENOSPC}"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier report, whole; no temporary
+
+
+# ----------------------------------------------------------------------------------------- output_lock
+
+
+HOLD = """import sys, time
+from XctDiffCore.atomic import output_lock
+with output_lock(sys.argv[1], "xctdiff evaluate-autoencoder"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
+def test_an_output_lock_held_by_a_killed_job_is_free_and_names_its_holder_while_it_runs(tmp_path):
+    """Another process holds the folder: refused in one line naming that process and its command (not ours);
+    killed (SIGKILL: no clean-up), it leaves its lock file, which names a process that has ended and binds no one."""
+    import re
+    import signal
+    import sys
+
+    from XctDiffCore.atomic import LOCK_NAME, FolderBusy, output_lock
+
+    folder = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(atomic.__file__).parents[1])})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(FolderBusy) as info:
+            with output_lock(folder, "xctdiff evaluate"):
+                pass
+        assert re.fullmatch(rf"{re.escape(str(folder))} is being written by another `xctdiff evaluate-autoencoder` "
+                            rf"\(pid {holder.pid} on .+, since .+\): wait for it to end or stop it, or choose another "
+                            r"--out", str(info.value)), str(info.value)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (folder / LOCK_NAME).is_file()  # stale: its process has ended
+    with output_lock(folder, "xctdiff evaluate"):
+        assert f"pid {os.getpid()} " in (folder / LOCK_NAME).read_text()
+    assert os.listdir(folder) == []
+
+
+def test_an_output_lock_takes_back_the_folders_it_made_when_refused_or_failed_and_keeps_what_was_there(tmp_path):
+    """A refused job removes nothing (the holder's folder, its lock, what it made since); a job whose block fails
+    takes back the empty folders it made; one that ends keeps its folder, without the lock file."""
+    from XctDiffCore.atomic import LOCK_NAME, FolderBusy, output_lock
+
+    folder = tmp_path / "a" / "b"
+    with output_lock(folder, "xctdiff prepare"):
+        (folder / "images").mkdir()  # the holder's, made after the lock
+        with pytest.raises(FolderBusy), output_lock(folder, "xctdiff prepare"):
+            pass
+        assert sorted(os.listdir(folder)) == [LOCK_NAME, "images"]
+        (folder / "images").rmdir()
+    assert os.listdir(folder) == []
+    with pytest.raises(KeyboardInterrupt), output_lock(folder / "c", "xctdiff prepare"):
+        (folder / "c" / "images").mkdir()
+        raise KeyboardInterrupt
+    assert os.listdir(folder) == []  # c and its images taken back; b was there before
+    with pytest.raises(XctDiffError, match="no CT"), output_lock(tmp_path / "new" / "out", "xctdiff prepare"):
+        raise XctDiffError("no CT")
+    assert sorted(os.listdir(tmp_path)) == ["a"]
+
+
+def test_an_output_lock_on_a_file_system_without_locks_runs_unguarded_and_leaves_no_file(tmp_path, monkeypatch):
+    fcntl = pytest.importorskip("fcntl")
+    from XctDiffCore.atomic import output_lock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with output_lock(tmp_path / "out", "xctdiff evaluate"):
+        assert os.listdir(tmp_path / "out") == []
+    assert os.listdir(tmp_path / "out") == []

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import synthetic_chest
+from conftest import check_refused_while_held, synthetic_chest
 from test_io import file_size_limit  # noqa: F401 - a fixture
 
 from XctDiffCore.augment import RandomChestAugment
@@ -308,6 +308,21 @@ def test_a_data_set_written_inside_the_input_folder_is_not_read_as_ct(tmp_path, 
     captured = capsys.readouterr()
     assert "training 4 pairs / 2 patients, validation 2 pairs / 1 patients" in captured.out.splitlines()[-1]
     assert f"warning: passed over {out}: a data set written by `xctdiff prepare`" in captured.err
+
+
+def test_a_data_set_being_prepared_is_refused_to_a_second_prepare(tmp_path, capsys):
+    """A job submitted twice, or a --resume while the first still runs: the two wrote the same pairs and datalist
+    in turns. The second is refused in one line before it searches, the folder (here an interrupted run's pairs)
+    left as it was; once the first has ended, --resume finishes the data set and no lock file is left in it."""
+    _write_phantoms(tmp_path / "in")
+    out = tmp_path / "ds"
+    argv = ["prepare", str(tmp_path / "in"), "--out", str(out), "--size", str(SIZE)]
+    assert main(argv) == 0
+    (out / "datalist.json").unlink()
+    for extra in ([], ["--resume"]):
+        check_refused_while_held(argv + extra, out, "xctdiff prepare", capsys)
+    assert main(argv + ["--resume"]) == 0
+    assert (out / "datalist.json").is_file() and not list(out.rglob(".lock"))
 
 
 def test_resume_prepares_only_the_cts_not_done_and_writes_the_same_data_set(tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..atomic import check_output_folder, make_output_folder, output_set
+from ..atomic import check_output_folder, output_lock, output_set
 from ..errors import XctDiffError
 
 COLUMNS = ("psnr", "ssim", "bone_dice", "lung_dice", "lung_dice_body", "lpips", "codebook_use", "perplexity")
@@ -106,44 +106,44 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
     if max_cases is not None and max_cases < 1:
         raise XctDiffError(f"--max-cases must be at least 1, got {max_cases}")
     check_output_folder(out_dir)
-    vqgan, volume_size, source = load_vqgan(model, run)
-    cases = (datalist_cases(data, PREPARED_SIZE, max_cases) if _is_datalist(data)
-             else ct_folder_cases(data, PREPARED_SIZE, "cone", max_cases))
-    make_output_folder(out_dir, parents=False)
-    lpips = LPIPS.load()
-    latent = volume_size // vqgan.downsample_factor
+    with output_lock(out_dir, "xctdiff evaluate-autoencoder"):  # a second evaluation into it is refused
+        vqgan, volume_size, source = load_vqgan(model, run)
+        cases = (datalist_cases(data, PREPARED_SIZE, max_cases) if _is_datalist(data)
+                 else ct_folder_cases(data, PREPARED_SIZE, "cone", max_cases))
+        lpips = LPIPS.load()
+        latent = volume_size // vqgan.downsample_factor
 
-    rows, figure, histogram = [], [], torch.zeros(vqgan.codebook_size, dtype=torch.long)
-    for case in tqdm(cases, desc="evaluate-autoencoder", unit="case", file=sys.stderr, disable=not progress):
-        decoded, indices = autoencode(vqgan, case.truth_hu, volume_size)
-        histogram += code_histogram(indices, vqgan.codebook_size)
-        body = body_region(case.truth_hu)
-        rows.append({"case": case.name, "method": "autoencoder", **volume_scores(decoded, case.truth_hu, lpips, body=body),
-                     "codebook_use": codebook_utilisation(indices, vqgan.codebook_size),
-                     "perplexity": codebook_perplexity(indices, vqgan.codebook_size)})
-        for size in dict.fromkeys((latent, BOUND_SIZE)):
-            bound = pool_and_resample(case.truth_hu, size)
-            rows.append({"case": case.name, "method": f"resample {size}^3",
-                         **volume_scores(bound, case.truth_hu, lpips, body=body)})
-        if len(figure) < figure_cases:
-            figure.append((case, decoded))
+        rows, figure, histogram = [], [], torch.zeros(vqgan.codebook_size, dtype=torch.long)
+        for case in tqdm(cases, desc="evaluate-autoencoder", unit="case", file=sys.stderr, disable=not progress):
+            decoded, indices = autoencode(vqgan, case.truth_hu, volume_size)
+            histogram += code_histogram(indices, vqgan.codebook_size)
+            body = body_region(case.truth_hu)
+            rows.append({"case": case.name, "method": "autoencoder", **volume_scores(decoded, case.truth_hu, lpips, body=body),
+                         "codebook_use": codebook_utilisation(indices, vqgan.codebook_size),
+                         "perplexity": codebook_perplexity(indices, vqgan.codebook_size)})
+            for size in dict.fromkeys((latent, BOUND_SIZE)):
+                bound = pool_and_resample(case.truth_hu, size)
+                rows.append({"case": case.name, "method": f"resample {size}^3",
+                             **volume_scores(bound, case.truth_hu, lpips, body=body)})
+            if len(figure) < figure_cases:
+                figure.append((case, decoded))
 
-    summary = summarize_rows(rows, summarize)
-    summary["autoencoder"]["codebook_use_all_cases"] = float((histogram > 0).float().mean())
-    header = (f"Autoencoder of `{source}`: {volume_size}^3 grid, latent {latent}^3 x {vqgan.latent_channels}, "
-              f"codebook {vqgan.codebook_size}; {len(cases)} cases from `{data.name}`, scored on "
-              f"{PREPARED_SIZE}^3 at 2.5 mm (bone: HU > 200, lung: -1000 < HU < -400; in body: inside the truth's body). "
-              f"Codebook entries used over all cases: {summary['autoencoder']['codebook_use_all_cases']:.1%}.\n\n")
-    with output_set():  # all four or none (a full disk at the figure): never a new metrics.csv beside an old figure
-        _write_text(out_dir / "metrics.csv", metrics_csv(rows, ("case", "method", *COLUMNS)))
-        _write_text(out_dir / "summary.md", header + per_case_table(rows) + "\n" + mean_table(summary))
-        _write_text(out_dir / "summary.json", json.dumps({"source": source, "cases": len(cases), "summary": summary,
-                                                          "rows": rows}, indent=2) + "\n")
-        if figure:
-            from ..figures import compose_grid, write_png
+        summary = summarize_rows(rows, summarize)
+        summary["autoencoder"]["codebook_use_all_cases"] = float((histogram > 0).float().mean())
+        header = (f"Autoencoder of `{source}`: {volume_size}^3 grid, latent {latent}^3 x {vqgan.latent_channels}, "
+                  f"codebook {vqgan.codebook_size}; {len(cases)} cases from `{data.name}`, scored on "
+                  f"{PREPARED_SIZE}^3 at 2.5 mm (bone: HU > 200, lung: -1000 < HU < -400; in body: inside the truth's body). "
+                  f"Codebook entries used over all cases: {summary['autoencoder']['codebook_use_all_cases']:.1%}.\n\n")
+        with output_set():  # all four or none (a full disk at the figure): never a new metrics.csv beside an old figure
+            _write_text(out_dir / "metrics.csv", metrics_csv(rows, ("case", "method", *COLUMNS)))
+            _write_text(out_dir / "summary.md", header + per_case_table(rows) + "\n" + mean_table(summary))
+            _write_text(out_dir / "summary.json", json.dumps({"source": source, "cases": len(cases), "summary": summary,
+                                                              "rows": rows}, indent=2) + "\n")
+            if figure:
+                from ..figures import compose_grid, write_png
 
-            write_png(compose_grid(figure_rows(figure)), out_dir / "figure.png")
-    return {"rows": rows, "summary": summary}
+                write_png(compose_grid(figure_rows(figure)), out_dir / "figure.png")
+        return {"rows": rows, "summary": summary}
 
 
 def summarize_rows(rows: list, summarize) -> dict:

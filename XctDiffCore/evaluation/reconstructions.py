@@ -59,7 +59,9 @@ L 450).
 ``progress.npz``; an interrupted or failed run keeps it, and the same command with ``resume=True``
 (``--resume``) continues at the first case not done, refusing one whose settings differ. The four outputs
 are written as a set at the end (never a new ``metrics.csv`` beside an earlier run's summary), and then
-``progress.npz`` is removed.
+``progress.npz`` is removed. While a run writes ``--out`` it holds ``--out/.lock``
+(:func:`~XctDiffCore.atomic.output_lock`): a second run into the same folder, which would score the same
+cases and write the same files in turns, is refused in one line.
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..atomic import check_output_folder, make_output_folder, output_set
+from ..atomic import check_output_folder, output_lock, output_set
 from ..datalist import load_entry_ct, load_entry_xray
 from ..errors import XctDiffError, first_line
 
@@ -282,127 +284,127 @@ def evaluate(
         raise XctDiffError(f"--atlas must be 0 (off) or more, got {atlas}")
     guidance = check_guidance(guidance)
     check_output_folder(out_dir)
-    pipe = XctDiffPipeline.from_pretrained(model)
-    size = OUTPUT_SIZE
-    training, mean_ct_list = [], None  # a CT folder: no training list
-    if _is_datalist(data):
-        cases = datalist_cases(data, size, max_cases, augmented)
-        mean_ct, mean_ct_list = datalist_mean_cts(data, size)  # the list's mean: None without variants or mixes
-        training = datalist_training(data) if knn or atlas else []
-    else:
-        cases = ct_folder_cases(data, size, pipe.info.geometry, max_cases)
-        mean_ct = None if pipe.mean_ct is None else resample_hu(pipe.mean_ct, size)
-        if atlas:
-            import warnings
+    with output_lock(out_dir, "xctdiff evaluate"):  # a second evaluation into it is refused
+        pipe = XctDiffPipeline.from_pretrained(model)
+        size = OUTPUT_SIZE
+        training, mean_ct_list = [], None  # a CT folder: no training list
+        if _is_datalist(data):
+            cases = datalist_cases(data, size, max_cases, augmented)
+            mean_ct, mean_ct_list = datalist_mean_cts(data, size)  # the list's mean: None without variants or mixes
+            training = datalist_training(data) if knn or atlas else []
+        else:
+            cases = ct_folder_cases(data, size, pipe.info.geometry, max_cases)
+            mean_ct = None if pipe.mean_ct is None else resample_hu(pipe.mean_ct, size)
+            if atlas:
+                import warnings
 
-            warnings.warn("--atlas registers a datalist's training CTs, and a CT folder has none: the atlas is left out",
-                          stacklevel=2)
-    k = min(knn, len(training))  # 0: kNN left out
-    k_atlas = min(atlas, len(training))  # 0: the atlas left out
-    if k_atlas:
-        from .atlas import CANDIDATE_FACTOR, atlas_ct
-    settings = {"model": str(Path(pipe.info.folder).resolve()), "model_id": pipe.info.model_id,
-                "version": pipe.info.version, "data": str(data.resolve()), "steps": steps, "samples": samples,
-                "seed": seed, "sampler": sampler, "knn": knn, "atlas": atlas, "guidance": guidance,
-                "precision": precision, "augmented": augmented, "figure_cases": figure_cases}
-    saved = read_progress(out_dir, settings, [case.name for case in cases]) if resume else None
-    lpips = LPIPS.load()
-    make_output_folder(out_dir, parents=False)  # only once the model and the cases have loaded: a refused run leaves nothing
-
-    rows, figure, done, used_precision = saved or ([], [], 0, precision)  # used_precision: what "auto" became
-    if resume:
-        print(f"evaluate: {done} of {len(cases)} cases done before, continuing" if saved else
-              f"evaluate: no interrupted evaluation in {out_dir}: starting at the first case", file=sys.stderr)
-    elif (out_dir / PROGRESS_NAME).is_file():
-        print(f"evaluate: {out_dir} holds an interrupted evaluation; starting again (--resume would continue it)",
-              file=sys.stderr)
-    sampled = "diffusion" not in pipe.info.retrain  # a diffusion stage of other latents is left out, not scored
-
-    def score_case(index: int, case: Case) -> str:
-        """Reconstruct one case by every path, score it and the baselines, keep its rows and figure panels;
-        return the arithmetic the networks used."""
-        radiograph = Radiograph(case.drr, None, True, case.name)
-        outputs = {}
-        if sampled:
-            outputs["xctdiff"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index, device=device,
-                                                  style="off", method="diffusion", sampler=sampler, precision=precision)
-        outputs["direct"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off", method="direct",
-                                             precision=precision)
-        if pipe.coarse is not None:  # the direct path without its coarse CT: what the blend adds
-            outputs["direct_decoder"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
-                                                         method="direct", precision=precision, coarse="off")
-        if guidance > 0:
-            if sampled:
-                outputs["xctdiff_guided"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index,
-                                                             device=device, style="off", method="diffusion",
-                                                             sampler=sampler, guidance=guidance, precision=precision)
-            outputs["direct_guided"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
-                                                        method="direct", guidance=guidance, precision=precision)
-        volumes = {method: result.ct.array for method, result in outputs.items()}
-        body = body_region(case.truth_hu)  # one truth, every method
-
-        def scores(volume):
-            return volume_scores(volume, case.truth_hu, lpips, pipe.device, body)
-
-        for method, result in outputs.items():
-            rows.append({"case": case.name, "method": method, **scores(result.ct.array), "consistency": result.consistency,
-                         "seconds": result.timings["total"]})
-        if k:
-            volumes["knn"], neighbours = knn_ct(case.drr, training, k, size)
-            rows.append({"case": case.name, "method": "knn", **scores(volumes["knn"]), "neighbours": " ".join(neighbours)})
+                warnings.warn("--atlas registers a datalist's training CTs, and a CT folder has none: the atlas is left out",
+                              stacklevel=2)
+        k = min(knn, len(training))  # 0: kNN left out
+        k_atlas = min(atlas, len(training))  # 0: the atlas left out
         if k_atlas:
-            volumes["atlas"], neighbours = atlas_ct(case.drr, training, k_atlas, size, pipe.info.geometry)
-            rows.append({"case": case.name, "method": "atlas", **scores(volumes["atlas"]), "neighbours": " ".join(neighbours)})
-        if mean_ct is not None:
-            volumes["mean_ct"] = mean_ct
-            rows.append({"case": case.name, "method": "mean_ct", **scores(mean_ct)})
-        if mean_ct_list is not None:
-            rows.append({"case": case.name, "method": "mean_ct_list", **scores(mean_ct_list)})
-        if index < figure_cases:
-            uncertainty = outputs["xctdiff"].uncertainty if sampled else None  # no samples, no spread
-            figure.append(figure_case(case, volumes, None if uncertainty is None else uncertainty.array))
-        return outputs["direct"].precision
+            from .atlas import CANDIDATE_FACTOR, atlas_ct
+        settings = {"model": str(Path(pipe.info.folder).resolve()), "model_id": pipe.info.model_id,
+                    "version": pipe.info.version, "data": str(data.resolve()), "steps": steps, "samples": samples,
+                    "seed": seed, "sampler": sampler, "knn": knn, "atlas": atlas, "guidance": guidance,
+                    "precision": precision, "augmented": augmented, "figure_cases": figure_cases}
+        saved = read_progress(out_dir, settings, [case.name for case in cases]) if resume else None
+        lpips = LPIPS.load()
 
-    bar = tqdm(total=len(cases), initial=done, desc="evaluate", unit="case", file=sys.stderr, disable=not progress)
-    try:
-        for index, case in enumerate(cases[done:], start=done):
-            used_precision = score_case(index, case)
-            bar.update()
-            done = index + 1
-            write_progress(out_dir, settings, [case.name for case in cases[:done]], rows, figure, used_precision)
-    except BaseException:
+        rows, figure, done, used_precision = saved or ([], [], 0, precision)  # used_precision: what "auto" became
+        if resume:
+            print(f"evaluate: {done} of {len(cases)} cases done before, continuing" if saved else
+                  f"evaluate: no interrupted evaluation in {out_dir}: starting at the first case", file=sys.stderr)
+        elif (out_dir / PROGRESS_NAME).is_file():
+            print(f"evaluate: {out_dir} holds an interrupted evaluation; starting again (--resume would continue it)",
+                  file=sys.stderr)
+        sampled = "diffusion" not in pipe.info.retrain  # a diffusion stage of other latents is left out, not scored
+
+        def score_case(index: int, case: Case) -> str:
+            """Reconstruct one case by every path, score it and the baselines, keep its rows and figure panels;
+            return the arithmetic the networks used."""
+            radiograph = Radiograph(case.drr, None, True, case.name)
+            outputs = {}
+            if sampled:
+                outputs["xctdiff"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index, device=device,
+                                                      style="off", method="diffusion", sampler=sampler, precision=precision)
+            outputs["direct"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off", method="direct",
+                                                 precision=precision)
+            if pipe.coarse is not None:  # the direct path without its coarse CT: what the blend adds
+                outputs["direct_decoder"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
+                                                             method="direct", precision=precision, coarse="off")
+            if guidance > 0:
+                if sampled:
+                    outputs["xctdiff_guided"] = pipe.reconstruct(radiograph, steps=steps, samples=samples, seed=seed + index,
+                                                                 device=device, style="off", method="diffusion",
+                                                                 sampler=sampler, guidance=guidance, precision=precision)
+                outputs["direct_guided"] = pipe.reconstruct(radiograph, seed=seed + index, device=device, style="off",
+                                                            method="direct", guidance=guidance, precision=precision)
+            volumes = {method: result.ct.array for method, result in outputs.items()}
+            body = body_region(case.truth_hu)  # one truth, every method
+
+            def scores(volume):
+                return volume_scores(volume, case.truth_hu, lpips, pipe.device, body)
+
+            for method, result in outputs.items():
+                rows.append({"case": case.name, "method": method, **scores(result.ct.array), "consistency": result.consistency,
+                             "seconds": result.timings["total"]})
+            if k:
+                volumes["knn"], neighbours = knn_ct(case.drr, training, k, size)
+                rows.append({"case": case.name, "method": "knn", **scores(volumes["knn"]), "neighbours": " ".join(neighbours)})
+            if k_atlas:
+                volumes["atlas"], neighbours = atlas_ct(case.drr, training, k_atlas, size, pipe.info.geometry)
+                rows.append({"case": case.name, "method": "atlas", **scores(volumes["atlas"]), "neighbours": " ".join(neighbours)})
+            if mean_ct is not None:
+                volumes["mean_ct"] = mean_ct
+                rows.append({"case": case.name, "method": "mean_ct", **scores(mean_ct)})
+            if mean_ct_list is not None:
+                rows.append({"case": case.name, "method": "mean_ct_list", **scores(mean_ct_list)})
+            if index < figure_cases:
+                uncertainty = outputs["xctdiff"].uncertainty if sampled else None  # no samples, no spread
+                figure.append(figure_case(case, volumes, None if uncertainty is None else uncertainty.array))
+            return outputs["direct"].precision
+
+        bar = tqdm(total=len(cases), initial=done, desc="evaluate", unit="case", file=sys.stderr, disable=not progress)
+        try:
+            for index, case in enumerate(cases[done:], start=done):
+                used_precision = score_case(index, case)
+                bar.update()
+                done = index + 1
+                write_progress(out_dir, settings, [case.name for case in cases[:done]], rows, figure, used_precision)
+        except BaseException:
+            bar.close()
+            if done:
+                print(f"evaluate: {done} of {len(cases)} cases kept in {out_dir / PROGRESS_NAME}; the same command with "
+                      "--resume continues", file=sys.stderr)
+            raise
         bar.close()
-        if done:
-            print(f"evaluate: {done} of {len(cases)} cases kept in {out_dir / PROGRESS_NAME}; the same command with "
-                  "--resume continues", file=sys.stderr)
-        raise
-    bar.close()
 
-    summary = summarize(rows)
-    baselines = f"kNN with k = {k} of {len(training)} training patient(s) (DRR mean squared difference)" if k else "no kNN"
-    if k_atlas:
-        candidates = min(len(training), CANDIDATE_FACTOR * k_atlas)
-        baselines += f"; atlas: the {k_atlas} of {candidates} nearest that fit the DRR best after registration"
-    header = (f"Model `{pipe.info.model_id}` {pipe.info.version}, {len(cases)} cases from `{data.name}`, "
-              f"{samples} sample(s), {steps or pipe.info.steps} {sampler or pipe.info.sampler} steps, "
-              f"model grid {pipe.info.volume_size}^3, scored on {size}^3 at 2.5 mm; {baselines}; "
-              f"{f'guidance {guidance:g} beside none' if guidance else 'no guidance'}; networks in {used_precision}; "
-              f"bone: HU > {BONE_HU:.0f}, lung: {LUNG_HU[0]:.0f} < HU < {LUNG_HU[1]:.0f} (in body: inside the truth's body). "
-              "Mean ± std over cases.\n\n")
-    with output_set():  # all four or none: never a new metrics.csv beside an earlier run's summary
-        _write_text(out_dir / "metrics.csv", metrics_csv(rows))
-        table = markdown_table(summary, k, k_atlas) + "\nPer case:\n\n" + case_table(rows)
-        _write_text(out_dir / "summary.md", header + table)
-        _write_text(out_dir / "summary.json", json.dumps({"model": pipe.info.model_id, "cases": len(cases),
-                                                          "knn": k or None, "atlas": k_atlas or None,
-                                                          "guidance": guidance or None, "precision": used_precision,
-                                                          "summary": summary}, indent=2) + "\n")
-        if figure:
-            from ..figures import compose_grid, write_png
+        summary = summarize(rows)
+        baselines = f"kNN with k = {k} of {len(training)} training patient(s) (DRR mean squared difference)" if k else "no kNN"
+        if k_atlas:
+            candidates = min(len(training), CANDIDATE_FACTOR * k_atlas)
+            baselines += f"; atlas: the {k_atlas} of {candidates} nearest that fit the DRR best after registration"
+        header = (f"Model `{pipe.info.model_id}` {pipe.info.version}, {len(cases)} cases from `{data.name}`, "
+                  f"{samples} sample(s), {steps or pipe.info.steps} {sampler or pipe.info.sampler} steps, "
+                  f"model grid {pipe.info.volume_size}^3, scored on {size}^3 at 2.5 mm; {baselines}; "
+                  f"{f'guidance {guidance:g} beside none' if guidance else 'no guidance'}; networks in {used_precision}; "
+                  f"bone: HU > {BONE_HU:.0f}, lung: {LUNG_HU[0]:.0f} < HU < {LUNG_HU[1]:.0f} (in body: inside the truth's body). "
+                  "Mean ± std over cases.\n\n")
+        with output_set():  # all four or none: never a new metrics.csv beside an earlier run's summary
+            _write_text(out_dir / "metrics.csv", metrics_csv(rows))
+            table = markdown_table(summary, k, k_atlas) + "\nPer case:\n\n" + case_table(rows)
+            _write_text(out_dir / "summary.md", header + table)
+            _write_text(out_dir / "summary.json", json.dumps({"model": pipe.info.model_id, "cases": len(cases),
+                                                              "knn": k or None, "atlas": k_atlas or None,
+                                                              "guidance": guidance or None, "precision": used_precision,
+                                                              "summary": summary}, indent=2) + "\n")
+            if figure:
+                from ..figures import compose_grid, write_png
 
-            write_png(compose_grid(figure_rows(figure, k, k_atlas)), out_dir / "figure.png")
-    (out_dir / PROGRESS_NAME).unlink(missing_ok=True)
-    return summary
+                write_png(compose_grid(figure_rows(figure, k, k_atlas)), out_dir / "figure.png")
+        (out_dir / PROGRESS_NAME).unlink(missing_ok=True)
+        return summary
 
 
 def summarize(rows: list) -> dict:
