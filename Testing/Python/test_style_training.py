@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter
-from conftest import synthetic_chest
+from conftest import check_refused_while_held, synthetic_chest
 
 from XctDiffCore.commands.cli import main
 from XctDiffCore.config import load_config, save_config
@@ -265,6 +265,17 @@ def test_evaluate_style_names_a_model_path_that_does_not_exist(domains, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: no such model folder or style file: {missing}"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_style_evaluation_folder_being_written_is_refused_to_a_second_run(domains, straight, tmp_path, capsys):
+    """Two evaluations into one --out wrote the same three files in turns: the second is refused in one line
+    before it loads anything, the folder left as it was; once the first has ended, it runs."""
+    out = tmp_path / "eval"
+    argv = ["evaluate-style", "--model", str(straight / "style" / "style.safetensors"), "--real", str(domains / "real"),
+            "--drr", str(domains / "datalist.json"), "--out", str(out), "--folds", "4"]
+    check_refused_while_held(argv, out, "xctdiff evaluate-style", capsys)
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["style_eval.json", "style_eval.md", "style_eval.png"]
 
 
 def test_evaluate_style_with_a_model_folder_scores_reconstructions_both_ways(domains, tmp_path, capsys):

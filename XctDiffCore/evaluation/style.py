@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, check_output_folder, make_output_folder, output_set
+from ..atomic import atomic_path, check_output_folder, output_lock, output_set
 from ..errors import XctDiffError
 
 FEATURE_GROUPS = (("intensity histogram", 32), ("gradient-magnitude histogram", 16), ("|Laplacian| histogram", 16), ("radial log power spectrum", 16))
@@ -307,51 +307,51 @@ def evaluate_style(
     if seed < 0:
         raise XctDiffError(f"--seed must be 0 or more, got {seed}")
     out_dir = check_output_folder(out_dir, parents=True)
-    patterns = [real] if isinstance(real, (str, Path)) else list(real)
-    generator, size = load_style_generator(model, device)
-    real01, files = load_real_images(patterns, size, max_images, seed)
-    drr01 = load_drr_images(drr_datalist, size)
-    make_output_folder(out_dir)  # only once the inputs have loaded: a refused run leaves nothing
-    moved01 = transfer(generator, real01)
-    drr_restyled = transfer(generator, drr01)
+    with output_lock(out_dir, "xctdiff evaluate-style"):  # a second evaluation into it is refused
+        patterns = [real] if isinstance(real, (str, Path)) else list(real)
+        generator, size = load_style_generator(model, device)
+        real01, files = load_real_images(patterns, size, max_images, seed)
+        drr01 = load_drr_images(drr_datalist, size)
+        moved01 = transfer(generator, real01)
+        drr_restyled = transfer(generator, drr01)
 
-    f_real, f_moved, f_drr = style_features(real01), style_features(moved01), style_features(drr01)
-    result = {
-        "model": str(model),
-        "real": [str(p) for p in patterns],
-        "drr_datalist": str(drr_datalist),
-        "image_size": size,
-        "n_real": len(real01),
-        "n_drr": len(drr01),
-        "classifier": {"method": "logistic regression (L2, class-weighted), stratified k-fold, balanced accuracy", "folds": folds, "features": list(FEATURES), "seed": seed},
-        "before": domain_accuracy(f_real, f_drr, folds, seed),
-        "after": domain_accuracy(f_moved, f_drr, folds, seed),
-        "after_by_feature": accuracy_by_feature_group(f_moved, f_drr, folds, seed),  # what still gives it away
-        "drr_change": float(np.abs(drr_restyled - drr01).mean()),  # what style="on" does to a DRR
-        "edge_preservation": _summary(edge_preservation(real01, moved01)),
-        "figure": "style_eval.png",
-        "consistency": None,
-    }
-    reconstructed = None
-    if consistency is not None:
-        result["consistency"], reconstructed = consistency_with_and_without_style(consistency, real01, moved01, return_drrs=True)
-    rng = np.random.default_rng(seed)
-    shown = np.sort(rng.choice(len(real01), min(FIGURE_ROWS, len(real01)), replace=False))
-    nearest = nearest_drr(moved01[shown], drr01)
-    result["figure_rows"] = [{"real": str(files[i]), "nearest_drr_index": int(j)} for i, j in zip(shown, nearest)]
-    if reconstructed is None:
-        result["figure_columns"] = ["real film", "transferred", "nearest DRR"]
-        columns = (real01[shown], moved01[shown], drr01[nearest])
-    else:  # what each input makes of the patient, side by side
-        result["figure_columns"] = ["real film", "DRR of its reconstruction", "transferred", "DRR of its reconstruction", "nearest DRR"]
-        columns = (real01[shown], reconstructed["without_style"][shown], moved01[shown], reconstructed["with_style"][shown], drr01[nearest])
-    with output_set():  # the three or none (a full disk at the last): never a new figure beside an old table
-        write_image_png(figure(*columns), out_dir / "style_eval.png", bits=8)
-        with atomic_path(out_dir / "style_eval.json") as tmp:
-            tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        with atomic_path(out_dir / "style_eval.md") as tmp:
-            tmp.write_text(markdown_table(result), encoding="utf-8")
-    return result
+        f_real, f_moved, f_drr = style_features(real01), style_features(moved01), style_features(drr01)
+        result = {
+            "model": str(model),
+            "real": [str(p) for p in patterns],
+            "drr_datalist": str(drr_datalist),
+            "image_size": size,
+            "n_real": len(real01),
+            "n_drr": len(drr01),
+            "classifier": {"method": "logistic regression (L2, class-weighted), stratified k-fold, balanced accuracy", "folds": folds, "features": list(FEATURES), "seed": seed},
+            "before": domain_accuracy(f_real, f_drr, folds, seed),
+            "after": domain_accuracy(f_moved, f_drr, folds, seed),
+            "after_by_feature": accuracy_by_feature_group(f_moved, f_drr, folds, seed),  # what still gives it away
+            "drr_change": float(np.abs(drr_restyled - drr01).mean()),  # what style="on" does to a DRR
+            "edge_preservation": _summary(edge_preservation(real01, moved01)),
+            "figure": "style_eval.png",
+            "consistency": None,
+        }
+        reconstructed = None
+        if consistency is not None:
+            result["consistency"], reconstructed = consistency_with_and_without_style(consistency, real01, moved01, return_drrs=True)
+        rng = np.random.default_rng(seed)
+        shown = np.sort(rng.choice(len(real01), min(FIGURE_ROWS, len(real01)), replace=False))
+        nearest = nearest_drr(moved01[shown], drr01)
+        result["figure_rows"] = [{"real": str(files[i]), "nearest_drr_index": int(j)} for i, j in zip(shown, nearest)]
+        if reconstructed is None:
+            result["figure_columns"] = ["real film", "transferred", "nearest DRR"]
+            columns = (real01[shown], moved01[shown], drr01[nearest])
+        else:  # what each input makes of the patient, side by side
+            result["figure_columns"] = ["real film", "DRR of its reconstruction", "transferred", "DRR of its reconstruction", "nearest DRR"]
+            columns = (real01[shown], reconstructed["without_style"][shown], moved01[shown], reconstructed["with_style"][shown], drr01[nearest])
+        with output_set():  # the three or none (a full disk at the last): never a new figure beside an old table
+            write_image_png(figure(*columns), out_dir / "style_eval.png", bits=8)
+            with atomic_path(out_dir / "style_eval.json") as tmp:
+                tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            with atomic_path(out_dir / "style_eval.md") as tmp:
+                tmp.write_text(markdown_table(result), encoding="utf-8")
+        return result
 
 
 def _summary(values: np.ndarray) -> dict:
