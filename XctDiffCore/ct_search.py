@@ -141,46 +141,54 @@ def _dicom_ct_series(folders: Iterable[Path], ignored: list, use_patient_id: boo
         return []
     import pydicom
 
-    from .io import special_files
-
     found = []
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        folders = tqdm(list(folders), desc="search", unit="folder", leave=False)
+        folders = list(folders)
+        bar = tqdm(total=len(folders), desc="search", unit="folder", leave=False)
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on stderr for every folder without a series
     try:
         for folder in folders:
-            if progress:
-                folders.set_postfix_str(f"{len(found)} CT series", refresh=False)
             if most is not None and len(found) >= most:
                 break
-            special = special_files(folder)
-            if special:  # GDCM would open it: a pipe (or /proc/kmsg) blocks for ever
-                ignored.append(IgnoredSeries(folder, f"holds {special[0].name}, which is not a file (a pipe, socket "
-                                                     "or device)"))
-                continue
-            for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
-                files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-                if not files:
-                    continue
-                try:
-                    header = pydicom.dcmread(files[0], stop_before_pixels=True)
-                except Exception as exc:  # noqa: BLE001 - any unreadable header: the series is reported, not read
-                    ignored.append(IgnoredSeries(folder, f"unreadable header ({type(exc).__name__})"))
-                    continue
-                reason = _not_a_ct_volume(header, len(files))
-                if reason:
-                    ignored.append(IgnoredSeries(folder, reason))
-                    continue
-                patient_id = str(header.get("PatientID", "") or "").strip() if use_patient_id else ""
-                found.append(_Found(Path(files[0]), folder.name, _above(folder.parent), patient_id))
+            _series_in_folder(folder, sitk, pydicom, ignored, found, use_patient_id)
+            if bar is not None:  # counted once looked into, its series with it (not at the next folder's start)
+                bar.set_postfix_str(f"{len(found)} CT series", refresh=False)
+                bar.update()
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-        if progress:
-            folders.close()
+        if bar is not None:
+            bar.close()
     return found
+
+
+def _series_in_folder(folder: Path, sitk, pydicom, ignored: list, found: list, use_patient_id: bool) -> None:
+    """The DICOM CT series of one folder (not below it) appended to ``found``; the others to ``ignored``."""
+    from .io import special_files
+
+    special = special_files(folder)
+    if special:  # GDCM would open it: a pipe (or /proc/kmsg) blocks for ever
+        ignored.append(IgnoredSeries(folder, f"holds {special[0].name}, which is not a file (a pipe, socket "
+                                             "or device)"))
+        return
+    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+        if not files:
+            continue
+        try:
+            header = pydicom.dcmread(files[0], stop_before_pixels=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable header: the series is reported, not read
+            ignored.append(IgnoredSeries(folder, f"unreadable header ({type(exc).__name__})"))
+            continue
+        reason = _not_a_ct_volume(header, len(files))
+        if reason:
+            ignored.append(IgnoredSeries(folder, reason))
+            continue
+        patient_id = str(header.get("PatientID", "") or "").strip() if use_patient_id else ""
+        found.append(_Found(Path(files[0]), folder.name, _above(folder.parent), patient_id))
 
 
 def _not_a_ct_volume(header, images: int) -> str:

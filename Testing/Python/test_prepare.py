@@ -249,6 +249,29 @@ def test_prepare_reads_a_tcia_download_and_keeps_each_patient_on_one_side(tmp_pa
     assert [(e["patient"], e.get("subject")) for e in datalist["validation"]] == [("P2", None), ("P2_2", "P2")]
 
 
+def test_the_search_bar_counts_each_folder_with_its_series(tmp_path, monkeypatch):
+    """The bar's "N CT series" was set before each folder was looked into: one folder late, and the last folder's
+    series were never counted on it."""
+    pytest.importorskip("SimpleITK")
+    import tqdm
+
+    from XctDiffCore.dicom_series import write_dicom_series
+
+    (tmp_path / "in").mkdir()
+    write_dicom_series(Volume(np.rint(synthetic_chest((4, 16, 16))).astype(np.int16), spacing=(8.0, 8.0, 8.0)),
+                       tmp_path / "in" / "series")
+    shown = []
+
+    class Bar(tqdm.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            shown.append((self.n, self.postfix))
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    assert len(find_ct_inputs([tmp_path / "in"], progress=True)) == 1
+    assert shown == [(1, "0 CT series"), (2, "1 CT series")]  # the folder searched, then its series folder
+
+
 def test_prepare_leaves_out_a_broken_ct_and_ends_with_one_error(tmp_path, capsys):
     _tcia_download(tmp_path / "LIDC")
     sorted((tmp_path / "LIDC" / "P3" / "study-a" / "ct-1").glob("IM*.dcm"))[10].unlink()  # a missing slice
