@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .layout import ct_to_model_layout
+from .options import turn_words
 
 CT_WINDOW_HU = (-1000.0, 1000.0)  # display only: lungs to bone in one window
 BONE_WINDOW_HU = (-450.0, 1350.0)  # width 1800, level 450: ribs, spine and sternum
@@ -125,7 +126,9 @@ def reconstruction_caption(result) -> list:
     run = result.method + (f", {result.steps} steps, seed {result.seed}" if result.method == "diffusion" else "")
     if result.samples > 1:
         run += f", mean of {result.samples} samples"
-    lines = [f"{score}; {run}; style transfer {'on' if result.styled else 'off'}; {result.precision}"]
+    handled = turn_words(result.turn, result.mirrored)
+    lines = [f"{score}; {run}; style transfer {'on' if result.styled else 'off'}; {result.precision}"
+             + (f"; film {handled}" if handled else "")]
     if result.ap_diameter is not None and result.learnt_ap_diameter is not None:
         lines.append(f"stretched front to back to the given AP diameter, {result.ap_diameter:g} mm "
                      f"(the model's own: {result.learnt_ap_diameter:.0f} mm)")

@@ -28,6 +28,16 @@ CT_FORMATS = ("nrrd", "nii.gz", "nii", "mha", "dicom")  # --format: a file of th
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 MAX_GUIDANCE = 1.0
 AP_DIAMETER_MM = (100.0, 300.0)  # a newborn's chest to a large adult's; the CT is a 320 mm cube
+# --turn: quarter turns anticlockwise (np.rot90's k) that stand the film head up; auto: what the checks say
+TURNS = {"none": 0, "auto": None, "anticlockwise": 1, "half": 2, "clockwise": 3}
+TURN_NAMES = {k: name for name, k in TURNS.items() if k is not None}  # quarter turns -> --turn's name
+TURN_PHRASES = {1: "a quarter anticlockwise", 2: "half round", 3: "a quarter clockwise"}
+
+
+def turn_words(turn: str, mirrored: bool) -> str:
+    """How the film was flipped and turned before reconstructing ("mirrored and turned half round"), or ""."""
+    words = (["mirrored"] if mirrored else []) + ([f"turned {TURN_PHRASES[TURNS[turn]]}"] if TURNS.get(turn) else [])
+    return " and ".join(words)
 
 
 class MethodWarning(UserWarning):
@@ -50,6 +60,8 @@ class ReconstructOptions:
     precision: str = "auto"  # auto (bf16 where the device computes it natively and it was measured harmless), fp32, bf16
     coarse: str = "auto"  # auto: the direct path averages in the model's coarse CT when it has one; off: the decoder alone
     ap_diameter: Optional[float] = None  # the chest's front-to-back diameter in mm when known (XctDiffCore.ap_diameter)
+    turn: str = "none"  # stand the film head up first: TURNS' names; auto: the turn the plausibility checks name
+    mirror: bool = False  # flip the film left to right first (a film saved mirrored), before any turn
 
     def __post_init__(self):
         for name in ("steps", "samples", "seed"):
@@ -63,8 +75,11 @@ class ReconstructOptions:
         if not isinstance(self.device, str) or not DEVICE_PATTERN.match(self.device.strip().lower()):
             raise XctDiffError(f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
         object.__setattr__(self, "device", self.device.strip().lower())  # " CUDA:0\n" is cuda:0, said as such
-        if not isinstance(self.strict, bool):  # strict="false" would switch it on
-            raise XctDiffError(f"strict must be True or False, got {self.strict!r}")
+        for name in ("strict", "mirror"):
+            if not isinstance(getattr(self, name), bool):  # strict="false" would switch it on
+                raise XctDiffError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.turn not in TURNS:
+            raise XctDiffError(f"turn must be one of {', '.join(TURNS)}, got {self.turn!r}")
         if self.style not in STYLE_CHOICES:
             raise XctDiffError(f"style must be one of {', '.join(STYLE_CHOICES)}, got {self.style!r}")
         if self.coarse not in COARSE_CHOICES:
@@ -126,6 +141,10 @@ class ReconstructOptions:
             argv += ["--coarse", self.coarse]
         if self.ap_diameter is not None:
             argv += ["--ap-diameter", f"{self.ap_diameter:g}"]
+        if self.turn != "none":
+            argv += ["--turn", self.turn]
+        if self.mirror:
+            argv.append("--mirror")
         return argv
 
     @classmethod
@@ -157,6 +176,14 @@ class ReconstructOptions:
                             f"when known ({AP_DIAMETER_MM[0]:g}-{AP_DIAMETER_MM[1]:g} mm: a caliper, a lateral film, an earlier CT): the CT is "
                             "stretched front to back to it; a frontal film does not show it (default: the depth the "
                             "model learnt; for a folder, every film gets this one)")
+        parser.add_argument("--turn", choices=tuple(TURNS), default="none",
+                            help="stand the film head up before reconstructing: a quarter turn anticlockwise or "
+                            "clockwise, or half round; auto: the turn the plausibility check names for a film on its "
+                            "side or upside down, none for one upright (it never mirrors; for a folder, each film its own); default "
+                            "none: such a film is only warned about")
+        parser.add_argument("--mirror", action="store_true", help="flip the film left to right before reconstructing "
+                            "(a film saved mirrored; before --turn); the check cannot tell it from dextrocardia, so "
+                            "this is never automatic")
         parser.add_argument("--strict", action="store_true", help="refuse a film that fails the plausibility check "
                             "(inverted, lateral, not a chest) or whose result's consistency is below the reliability "
                             "threshold, instead of warning; in a folder it is skipped and counted")

@@ -8,10 +8,12 @@
 
 1. *preprocessing*: read the radiograph (a path, a :class:`~XctDiffCore.io.Radiograph` or a 2D array),
    :func:`~XctDiffCore.preprocess.preprocess_radiograph` at 128 px (the size the training DRRs were
-   made at), area-resized to the model's input size: ``input`` in [0, 1]; then the plausibility
-   check (:mod:`XctDiffCore.plausibility`: an inverted, lateral or non-chest image gets a
-   :class:`~XctDiffCore.plausibility.PlausibilityWarning`, or an error with ``strict=True``; the
-   reasons are kept in ``result.warnings``);
+   made at), area-resized to the model's input size: ``input`` in [0, 1]; ``mirror=True`` flips the
+   film left to right first and ``turn`` stands it head up (a quarter turn either way or half round;
+   ``"auto"``: the turn the plausibility checks name, noted in ``result.warnings``; ``result.turn`` says
+   which was applied); then the plausibility check (:mod:`XctDiffCore.plausibility`: an inverted,
+   lateral, non-chest, turned or mirrored image gets a :class:`~XctDiffCore.plausibility.PlausibilityWarning`,
+   or an error with ``strict=True``; the reasons are kept in ``result.warnings``);
 2. *style*: real films go through the CycleGAN real -> DRR generator (``style="auto"``: not for
    images tagged as DRRs; see :mod:`XctDiffCore.style`);
 3. *encoder*: the progressive encoder's prior ``y = N(q(Conv(x)))`` (and, on the direct path of a model
@@ -78,7 +80,8 @@ from .diffusion import Cancelled
 from .errors import XctDiffError
 from .guidance import MIN_UNGUIDED_CONSISTENCY, GuidanceWarning
 from .options import CT_FORMATS, MAX_SAMPLES, MethodWarning, ReconstructOptions  # noqa: F401 (re-exported)
-from .plausibility import PlausibilityWarning, consistency_problems, input_problems
+from .options import TURN_NAMES, TURN_PHRASES, TURNS
+from .plausibility import PlausibilityWarning, consistency_problems, head_up_turn, input_problems
 from .io import Radiograph
 from .model_folder import FIELD_OF_VIEW_MM, PREPARED_SIZE, ModelFolder, ModelInfo
 from .model_inputs import area_resize
@@ -124,6 +127,8 @@ class Reconstruction:
     ap_diameter: Optional[float] = None  # the chest's AP diameter given (mm), which the CT was stretched to
     learnt_ap_diameter: Optional[float] = None  # with it: the reconstruction's own diameter before (mm, mean over samples)
     precision: str = "fp32"  # the networks' arithmetic: "bf16" (autocast) or "fp32"
+    turn: str = "none"  # how the film was turned before reconstructing (options.TURNS' name; auto resolved)
+    mirrored: bool = False  # whether it was flipped left to right first
     flops: dict = field(default_factory=dict)  # operations per stage, only inside counting_flops()
     flops_by_dtype: dict = field(default_factory=dict)  # the same split by arithmetic: {stage: {"bfloat16": n, ...}}
 
@@ -144,6 +149,8 @@ class Reconstruction:
             "precision": self.precision,
             "ap_diameter_mm": self.ap_diameter,
             "learnt_ap_diameter_mm": None if self.learnt_ap_diameter is None else round(float(self.learnt_ap_diameter), 1),
+            "turn": self.turn,
+            "mirror": self.mirrored,
         }
 
 
@@ -267,6 +274,8 @@ class XctDiffPipeline:
         options: Optional[ReconstructOptions] = None,
         coarse: str = "auto",
         ap_diameter: Optional[float] = None,
+        turn: str = "none",
+        mirror: bool = False,
     ) -> Reconstruction:
         """Reconstruct a CT from one frontal radiograph (see the module docstring for every argument's effect).
 
@@ -279,7 +288,7 @@ class XctDiffPipeline:
 
         given = ReconstructOptions(steps=steps, samples=samples, seed=seed, device=device, style=style, method=method,
                                    sampler=sampler, guidance=guidance, strict=strict, precision=precision,
-                                   coarse=coarse, ap_diameter=ap_diameter)
+                                   coarse=coarse, ap_diameter=ap_diameter, turn=turn, mirror=mirror)
         if options is not None:
             if given != ReconstructOptions():
                 raise XctDiffError("give the settings either as options=ReconstructOptions(...) or as keywords, not both")
@@ -300,7 +309,7 @@ class XctDiffPipeline:
         result = run_with_cpu_fallback(
             lambda dev: self._reconstruct_on(dev, radiograph, steps, samples, seed, style, method, sampler,
                                              reporter, cancel, guidance, strict, run.precision, run.coarse,
-                                             run.ap_diameter),
+                                             run.ap_diameter, run.turn, run.mirror),
             target,
             fallback=cpu_fallback,
         )
@@ -326,6 +335,27 @@ class XctDiffPipeline:
         # the model's grid has square pixels: a film of other pixels would reach it stretched
         image01 = preprocess_radiograph(square_pixels(radiograph.image, radiograph.spacing)[0], PREPARED_SIZE)
         return area_resize(image01, self.info.xray_size)
+
+    def stand_up(self, radiograph: Radiograph, turn: str = "none", mirror: bool = False) -> tuple:
+        """``(radiograph, model input, quarter turns applied, notes)``: the film flipped left to right when
+        ``mirror``, then turned as ``turn`` names (:data:`~XctDiffCore.options.TURNS`; ``auto``: the turn the
+        plausibility checks name, :func:`~XctDiffCore.plausibility.head_up_turn`, with a note saying so)."""
+        from .preprocess import turn_film
+
+        if mirror:
+            radiograph = turn_film(radiograph, 0, mirror=True)
+        input01 = self.preprocess(radiograph)
+        quarter_turns = head_up_turn(input01) if turn == "auto" else TURNS[turn]
+        if not quarter_turns:
+            return radiograph, input01, 0, []
+        radiograph = turn_film(radiograph, quarter_turns)
+        notes = []
+        if turn == "auto":
+            notes.append(f"the film looked {'upside down' if quarter_turns == 2 else 'turned on its side'}: it was "
+                         f"turned {TURN_PHRASES[quarter_turns]} before reconstructing (turn auto); check the result's "
+                         "orientation")
+            warnings.warn(notes[-1], PlausibilityWarning, stacklevel=5)
+        return radiograph, self.preprocess(radiograph), quarter_turns, notes
 
     @staticmethod
     def _flag(problems: list, strict: bool = False) -> list:
@@ -370,7 +400,8 @@ class XctDiffPipeline:
 
     def _reconstruct_on(self, device, radiograph, steps, samples, seed, style, method, sampler, reporter,
                         cancel, guidance: float = 0.0, strict: bool = False, precision: str = "auto",
-                        coarse_choice: str = "auto", ap_diameter: Optional[float] = None) -> Reconstruction:
+                        coarse_choice: str = "auto", ap_diameter: Optional[float] = None, turn: str = "none",
+                        mirror: bool = False) -> Reconstruction:
         from .device import autocast_dtype, describe_device
         from .diffusion import sample
         from .metrics import ssim_2d
@@ -383,9 +414,9 @@ class XctDiffPipeline:
         self._set_memory_format(torch.channels_last_3d if self._amp_dtype is not None and device.type == "cpu"
                                 else torch.contiguous_format)
         with torch.inference_mode():
-            input01 = self.preprocess(radiograph)
+            radiograph, input01, quarter_turns, turn_notes = self.stand_up(radiograph, turn, mirror)
             refusable, advisory = input_problems(radiograph, input01)
-            notes, size_notes = self._flag(refusable, strict), self._flag(advisory)
+            notes, size_notes = turn_notes + self._flag(refusable, strict), self._flag(advisory)
             timer.lap("preprocessing")
             reporter.report(ends["preprocessing"], "style transfer")
             _check_cancel(cancel)
@@ -481,6 +512,8 @@ class XctDiffPipeline:
             ap_diameter=ap_diameter,
             learnt_ap_diameter=float(np.mean(measured)) if measured else None,
             precision="bf16" if self._amp_dtype == torch.bfloat16 else "fp32",
+            turn=TURN_NAMES[quarter_turns],
+            mirrored=mirror,
             flops=timer.flops,
             flops_by_dtype=timer.flops_by_dtype,
         )

@@ -9,6 +9,7 @@ grid, which also straightens oblique scans), clip HU to ``[-1024, 3071]``, then 
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Optional
 
@@ -201,6 +202,18 @@ def square_pixels(image: np.ndarray, spacing: Optional[tuple]):
     operator = resize_operator(n, size)
     image = operator @ image if axis == 0 else image @ operator.T
     return np.ascontiguousarray(image, dtype=np.float32), (coarse, coarse)
+
+
+def turn_film(radiograph, quarter_turns: int = 0, mirror: bool = False):
+    """A :class:`~XctDiffCore.io.Radiograph` flipped left to right (``mirror``), then turned ``quarter_turns``
+    times anticlockwise as displayed (``np.rot90``), its pixel spacing turned with it: what ``--mirror`` and
+    ``--turn`` do to a film saved mirrored or the wrong way up, before anything else sees it."""
+    image = np.fliplr(radiograph.image) if mirror else radiograph.image
+    spacing = radiograph.spacing
+    if quarter_turns % 2 and spacing is not None:
+        spacing = (spacing[1], spacing[0])
+    return dataclasses.replace(radiograph, image=np.ascontiguousarray(np.rot90(image, quarter_turns)),
+                               spacing=spacing)
 
 
 def resize_operator(n: int, size: int) -> np.ndarray:

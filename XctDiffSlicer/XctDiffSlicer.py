@@ -63,6 +63,8 @@ STYLE_LABELS = {"auto": "Auto (on for real radiographs)", "on": "On", "off": "Of
 METHOD_LABELS = {"default": "Model default", "diffusion": "Diffusion (samples)", "direct": "Direct (encoder only)"}
 COARSE_LABELS = {"auto": "Auto (averaged in, as the model says)", "off": "Off (decoded CT alone, sharper)"}
 MODEL_SOURCE_LABELS = {"bundled": "Bundled default", "folder": "Folder..."}
+TURN_LABELS = {"none": "As loaded", "auto": "Auto (stand it head up when the check says it is not)",
+               "anticlockwise": "A quarter anticlockwise", "half": "Half round", "clockwise": "A quarter clockwise"}
 
 
 class XctDiffSlicer(ScriptedLoadableModule):
@@ -83,7 +85,8 @@ class XctDiffSlicer(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class XctDiffSlicerParameterNode:
-    """The panel's state. 0 steps: the model's default; seed -1: random; AP diameter 0: not known."""
+    """The panel's state. 0 steps: the model's default; seed -1: random; AP diameter 0: not known; turn and
+    mirror: how the film is stood head up before reconstructing (one film's, forgotten for another)."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     outputVolume: vtkMRMLScalarVolumeNode
@@ -101,6 +104,8 @@ class XctDiffSlicerParameterNode:
     coarse: Annotated[str, Choice(["auto", "off"])] = "auto"
     apDiameter: Annotated[float, WithinRange(0.0, 300.0)] = 0.0
     apDiameterCt: vtkMRMLScalarVolumeNode
+    turn: Annotated[str, Choice(["none", "auto", "anticlockwise", "half", "clockwise"])] = "none"
+    mirror: bool = False
     uncertaintyOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     consistency: str = ""
 
@@ -189,6 +194,7 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 (self.ui.styleComboBox, STYLE_LABELS),
                 (self.ui.methodComboBox, METHOD_LABELS),
                 (self.ui.coarseComboBox, COARSE_LABELS),
+                (self.ui.turnComboBox, TURN_LABELS),
                 (self.ui.modelSourceComboBox, MODEL_SOURCE_LABELS),
             ):
                 for index, label in enumerate(labels.values()):
@@ -216,6 +222,10 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 node.apDiameterCt = None
             if forget and node.apDiameter:
                 node.apDiameter = 0.0
+            if forget and node.turn not in ("none", "auto"):  # a turn asked for one film is wrong for the next
+                node.turn = "none"
+            if forget and node.mirror:
+                node.mirror = False
             if forget and (node.outputVolume is not None or node.uncertaintyVolume is not None):
                 node.outputVolume, node.uncertaintyVolume = None, None  # "Create new volume": never overwrite A's CT
         ctId = node.apDiameterCt.GetID() if node.apDiameterCt is not None else None
@@ -283,6 +293,8 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 precision=node.precision,
                 coarse=node.coarse,
                 ap_diameter=node.apDiameter or None,
+                turn=node.turn,
+                mirror=node.mirror,
             )
             self._job = self.logic.start(node.inputVolume, options)
         except XctDiffError as exc:
@@ -393,13 +405,14 @@ class XctDiffSlicerLogic(ScriptedLoadableModuleLogic):
 
     def reconstruct(self, inputNode, outputNode=None, steps=None, samples=1, seed=None, device="auto",
                     style="auto", model=None, uncertaintyNode=None, progress=None, method="default", guidance=0.0,
-                    precision="auto", coarse="auto", ap_diameter=None):
+                    precision="auto", coarse="auto", ap_diameter=None, turn="none", mirror=False):
         """Blocking reconstruction for the Python console; returns the output CT node, shown in the slice views.
-        ``ap_diameter``: the chest's front-to-back diameter in mm when known (a frontal film does not show it)."""
+        ``ap_diameter``: the chest's front-to-back diameter in mm when known (a frontal film does not show it);
+        ``turn`` ("auto", "anticlockwise", "half", "clockwise") and ``mirror`` stand a film the wrong way round head up."""
         ctNode = self.reconstruction.reconstruct(
             inputNode, outputNode, steps=steps, samples=samples, seed=seed, device=device, style=style,
             model=model, uncertaintyNode=uncertaintyNode, progress=progress, method=method, guidance=guidance,
-            precision=precision, coarse=coarse, ap_diameter=ap_diameter,
+            precision=precision, coarse=coarse, ap_diameter=ap_diameter, turn=turn, mirror=mirror,
         )
         mrml_bridge.show_in_slice_views(self.sliceLogics(), ctNode)
         return ctNode

@@ -233,9 +233,82 @@ def test_the_orientation_checks_flag_upside_down_sideways_and_mirrored_films():
         for k, way in ((1, "clockwise"), (3, "anticlockwise")):  # np.rot90 turns anticlockwise: turn it back
             problems = film_problems(np.rot90(film, k))
             assert len(problems) == 1 and problems[0].startswith("the film looks turned on its side"), problems
-            assert f"stand it head up, a quarter turn {way};" in problems[0]
+            assert f"stand it head up, a quarter turn {way} (--turn {way}, or --turn auto);" in problems[0]
     problems = film_problems(np.fliplr(drr))  # RG1's mirror image passes (score -0.26: the check misses 8 % of films)
     assert len(problems) == 1 and problems[0].startswith("the film may be mirrored left to right")
+
+
+def test_head_up_turn_names_the_turn_that_undoes_a_turn_and_never_a_mirror():
+    from XctDiffCore.plausibility import head_up_turn
+    from XctDiffCore.preprocess import preprocess_radiograph
+
+    real = preprocess_radiograph(read_radiograph(SAMPLE_RADIOGRAPH).image, 128)
+    assert head_up_turn(real) == 0 and head_up_turn(np.fliplr(real)) == 0  # a mirror is dextrocardia's look too
+    for k in (1, 2, 3):
+        assert head_up_turn(np.rot90(real, k)) == (4 - k) % 4, k
+    assert head_up_turn(np.flipud(real)) == 2  # half round: then it is mirrored, which the mirror check says
+    assert head_up_turn(1.0 - real) == 0  # a negative is the contrast check's, not a turn's
+
+
+def test_turn_and_mirror_stand_the_film_head_up_before_anything_sees_it(pipe, film):
+    """--turn auto gives a film on its side or upside down the CT of the film the right way round, exactly, with a
+    note; an explicit turn is what the user asked (a turn of an upright film is then flagged upside down);
+    --mirror flips first. The pixel spacing turns with the film."""
+    from XctDiffCore.io import Radiograph
+    from XctDiffCore.plausibility import PlausibilityWarning
+    from XctDiffCore.preprocess import turn_film
+
+    oblong = Radiograph(film.image, (0.2, 0.3), False, "oblong")
+    assert turn_film(oblong, 1).spacing == (0.3, 0.2) and turn_film(oblong, 2).spacing == (0.2, 0.3)
+    np.testing.assert_array_equal(turn_film(turn_film(film, 1, mirror=True), 1, mirror=True).image, film.image)
+    upright = pipe.reconstruct(film, method="direct", device="cpu")
+    assert upright.turn == "none" and not upright.mirrored and upright.summary()["turn"] == "none"
+    for k, way in ((1, "clockwise"), (2, "half"), (3, "anticlockwise")):
+        with pytest.warns(PlausibilityWarning, match="before reconstructing \\(turn auto\\)"):
+            result = pipe.reconstruct(turn_film(film, k), method="direct", device="cpu", turn="auto", strict=True)
+        np.testing.assert_array_equal(result.ct.array, upright.ct.array)
+        assert result.turn == way and result.summary()["turn"] == way and len(result.warnings) == 1
+    with pytest.warns(PlausibilityWarning, match="upside down"):
+        result = pipe.reconstruct(film, method="direct", device="cpu", turn="half")
+    assert result.turn == "half" and not any("before reconstructing" in w for w in result.warnings)
+    assert pipe.reconstruct(film, method="direct", device="cpu", turn="auto").warnings == []  # upright: left alone
+    mirrored = Radiograph(np.ascontiguousarray(film.image[:, ::-1]), film.spacing, False, "mirrored")
+    result = pipe.reconstruct(mirrored, method="direct", device="cpu", mirror=True)
+    np.testing.assert_array_equal(result.ct.array, upright.ct.array)
+    assert result.mirrored and result.summary()["mirror"] is True
+
+
+@pytest.mark.parametrize("bad", [{"turn": "left"}, {"turn": 90}, {"mirror": "yes"}])
+def test_a_bad_turn_or_mirror_is_one_readable_error(bad):
+    from XctDiffCore.options import ReconstructOptions
+
+    with pytest.raises(XctDiffError, match="turn must be one of none, auto|mirror must be True or False"):
+        ReconstructOptions(**bad)
+
+
+def test_the_turn_reaches_the_command_line_the_slicer_child_and_the_panel_text():
+    from types import SimpleNamespace
+
+    from XctDiffCore.commands.reconstruct_job import summary_line
+    from XctDiffCore.options import ReconstructOptions
+    from XctDiffSlicerLib.logic import ReconstructionOptions, ReconstructionOutput, _result_fields, consistency_text
+
+    options = ReconstructOptions(turn="auto", mirror=True)
+    argv = options.to_argv()
+    assert argv[argv.index("--turn") + 1] == "auto" and "--mirror" in argv
+    assert "--turn" not in ReconstructOptions().to_argv() and "--mirror" not in ReconstructOptions().to_argv()
+    child = ReconstructionOptions(turn="clockwise", mirror=True).engine_arguments()
+    assert child[child.index("--turn") + 1] == "clockwise" and "--mirror" in child
+    with pytest.raises(XctDiffError, match="turn must be one of"):
+        ReconstructionOptions(turn="sideways")
+    result = SimpleNamespace(method="direct", seed=0, device="cpu", consistency=0.7, unguided_consistency=None,
+                             ap_diameter=None, learnt_ap_diameter=None, turn="half", mirrored=True)
+    assert summary_line("a.png", "a.nrrd", 1.0, result).endswith(", film mirrored and turned half round")
+    fields = _result_fields({"consistency": 0.7, "turn": "clockwise", "mirror": True})
+    assert fields["turn"] == "clockwise" and fields["mirrored"] is True
+    assert _result_fields({"consistency": 0.7, "turn": "sideways"})["turn"] == "none"  # an engine's odd word: none
+    output = ReconstructionOutput(None, None, 0.7, "cpu", {}, turn="clockwise")
+    assert consistency_text(output) == "0.700\nthe film was turned a quarter clockwise before reconstructing"
 
 
 def test_an_upside_down_film_warns_and_is_refused_with_strict(pipe, film):

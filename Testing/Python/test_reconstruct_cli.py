@@ -207,10 +207,12 @@ def test_the_views_caption_says_the_score_the_run_and_every_warning():
     long_warning = "the DICOM header says this is a lateral view (View Position LL); " * 4
     result = SimpleNamespace(consistency=0.6543, unguided_consistency=0.61, guidance=1.0, method="diffusion", steps=10,
                              seed=7, samples=3, styled=True, precision="bf16", warnings=[long_warning, "guidance skipped"],
-                             ap_diameter=None, learnt_ap_diameter=None)
+                             ap_diameter=None, learnt_ap_diameter=None, turn="none", mirrored=False)
     lines = reconstruction_caption(result)
     assert lines[0] == ("consistency 0.654 (guided 1; 0.610 before guidance); diffusion, 10 steps, seed 7, mean of 3 "
                         "samples; style transfer on; bf16")
+    turned = reconstruction_caption(SimpleNamespace(**{**vars(result), "turn": "anticlockwise", "mirrored": True}))
+    assert turned[0].endswith("; bf16; film mirrored and turned a quarter anticlockwise")
     assert lines[1:3] == [f"warning: {long_warning}", "warning: guidance skipped"]
     assert lines[-1].endswith("research use, not diagnosis")
     direct = SimpleNamespace(**{**vars(result), "method": "direct", "samples": 1, "unguided_consistency": None,

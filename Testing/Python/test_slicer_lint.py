@@ -30,6 +30,7 @@ USED_WIDGET_CLASSES = {
     "styleComboBox": "QComboBox",
     "methodComboBox": "QComboBox",
     "coarseComboBox": "QComboBox",
+    "turnComboBox": "QComboBox",
 }
 # Parameter-node fields that no widget shows (outputs kept for the scene).
 FIELDS_WITHOUT_WIDGET = {"uncertaintyVolume", "consistency"}
@@ -122,7 +123,7 @@ def test_combo_labels_follow_the_parameter_choices():
             labels[node.targets[0].id] = [ast.literal_eval(k) for k in node.value.keys]
     fields = parameter_fields()
     pairs = {"DEVICE_LABELS": "device", "STYLE_LABELS": "style", "METHOD_LABELS": "method", "COARSE_LABELS": "coarse",
-             "MODEL_SOURCE_LABELS": "modelSource"}
+             "MODEL_SOURCE_LABELS": "modelSource", "TURN_LABELS": "turn"}
     assert set(labels) == set(pairs)
     for constant, field_name in pairs.items():
         choices = ast.literal_eval(re.search(r"Choice\((\[.*?\])\)", fields[field_name]).group(1))

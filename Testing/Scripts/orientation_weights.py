@@ -13,7 +13,8 @@ the training films flagged). Measured, never fitted, on: the 624 Kermany test fi
 (2 NIH PA, the RSNA DICOM, the bundled RG1), the frontal DRRs of the shared CTs (from --datalist), each
 as it is, flipped, turned half round and turned a quarter either way (the quarter-turn check,
 :func:`XctDiffCore.plausibility.quarter_turn`, has its margin chosen on the training films: the largest of
-0, 0.05, 0.1, ... that finds every one of the first 600 turned either way). Writes the JSON with --write; prints the figures either way
+0, 0.05, 0.1, ... that finds every one of the first 600 turned either way), and how often ``--turn auto``
+names the turn that stands each of them head up again. Writes the JSON with --write; prints the figures either way
 (about a minute on a CPU).
 """
 from __future__ import annotations
@@ -26,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from XctDiffCore.io import read_radiograph
-from XctDiffCore.plausibility import (ORIENTATION_FILE, chest_contrast, film_problems, orientation_features,
-                                      orientation_scores)
+from XctDiffCore.plausibility import (ORIENTATION_FILE, chest_contrast, film_problems, head_up_turn,
+                                      orientation_features, orientation_scores)
 from XctDiffCore.preprocess import preprocess_radiograph
 
 SHRINK = 0.05
@@ -57,6 +58,21 @@ def flagged(films: list, change=lambda f: f) -> str:
         for problem in problems:
             kinds[next((k for k in kinds if k in problem), "not a frontal chest")] += 1
     return f"{sum(bool(r) for r in reasons)} of {len(films)} flagged (" + ", ".join(f"{k} {v}" for k, v in kinds.items()) + ")"
+
+
+def turned_back(films: list) -> str:
+    """How often ``--turn auto`` (:func:`head_up_turn`) stands each film head up again, as it is and turned: the
+    turn it names is the one that undoes the change (none for a film as it is or mirrored; half round for one
+    flipped upside down, which then stays mirrored, as the mirror check says)."""
+    changes = {"as they are": (lambda f: f, 0), "mirrored": (np.fliplr, 0), "upside down": (np.flipud, 2),
+               "half round": (lambda f: np.rot90(f, 2), 2), "anticlockwise": (np.rot90, 3),
+               "clockwise": (lambda f: np.rot90(f, 3), 1)}
+    counts = []
+    for label, (change, k) in changes.items():
+        named = [head_up_turn(change(f)) for f in films]
+        wrong = sum(n not in (0, k) for n in named)  # turned, but not back: worse than leaving it (and warning)
+        counts.append(f"{label} {named.count(k)}" + (f" ({wrong} turned wrongly)" if wrong else ""))
+    return "; ".join(counts) + f" (of {len(films)})"
 
 
 def main() -> None:
@@ -120,6 +136,7 @@ def main() -> None:
               f"mirrored {flagged(group, np.fliplr)}; turned half round {flagged(group, lambda f: np.rot90(f, 2))}; "
               f"a quarter turn anticlockwise {flagged(group, np.rot90)}; clockwise "
               f"{flagged(group, lambda f: np.rot90(f, 3))}")
+        print(f"{label}, --turn auto stands them head up: {turned_back(group)}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ..errors import XctDiffError
-from ..options import ReconstructOptions
+from ..options import ReconstructOptions, turn_words
 
 # Fractions of the whole command: loading the model, then the pipeline, then writing the files.
 LOADED, WRITING = 0.05, 0.95
@@ -416,8 +416,11 @@ def summary_line(source, output, seconds: float, result, protocol: bool = False)
         depth = f", AP diameter {result.learnt_ap_diameter:.0f} -> {result.ap_diameter:g} mm"
     precision = getattr(result, "precision", None)
     arithmetic = f" in {precision}" if precision else ""
+    handled = turn_words(getattr(result, "turn", "none"), getattr(result, "mirrored", False))
+    handled = f", film {handled}" if handled else ""
     return (f"{path_text(source, protocol)} -> {path_text(output, protocol)} in {seconds:.1f} s on "
-            f"{one_line(result.device)}{arithmetic}, consistency {result.consistency:.3f}{guided}, {seed}{depth}")
+            f"{one_line(result.device)}{arithmetic}, consistency {result.consistency:.3f}{guided}, {seed}{depth}"
+            f"{handled}")
 
 
 def _print_line(display: ProgressDisplay, text: str) -> None:

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 from XctDiffCore.config import METHODS as ENGINE_METHODS
 from XctDiffCore.errors import XctDiffError
 from XctDiffCore.io import SYNTHETIC
-from XctDiffCore.options import ReconstructOptions
+from XctDiffCore.options import TURNS, ReconstructOptions, turn_words
 
 from . import mrml_bridge
 from .models import MANIFEST_NAME, ModelChoice, choose_model
@@ -61,6 +61,8 @@ class ReconstructionOptions:
     precision: str = "auto"  # the networks' arithmetic: auto, fp32 or bf16 (the engine's PRECISIONS)
     coarse: str = "auto"  # auto: the direct path averages in the model's coarse CT when it has one; off: decoder alone
     ap_diameter: Optional[float] = None  # the chest's front-to-back diameter in mm when known; None: the model's depth
+    turn: str = "none"  # stand the film head up first (the engine's TURNS: none, auto, anticlockwise, half, clockwise)
+    mirror: bool = False  # flip the film left to right first (a film saved mirrored)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -72,7 +74,7 @@ class ReconstructionOptions:
         return ReconstructOptions(steps=self.steps, samples=self.samples, seed=self.seed, device=self.device,
                                   style=self.style, method=None if self.method == "default" else self.method,
                                   guidance=self.guidance, precision=self.precision, coarse=self.coarse,
-                                  ap_diameter=self.ap_diameter)
+                                  ap_diameter=self.ap_diameter, turn=self.turn, mirror=self.mirror)
 
     def engine_arguments(self) -> list:
         return self.engine_options().to_argv() + self.model.engine_arguments()
@@ -123,6 +125,8 @@ class ReconstructionOutput:
     warnings: tuple = ()  # the engine's reasons to trust the result less (an implausible film, skipped guidance)
     ap_diameter: Optional[float] = None  # the AP diameter given, which the CT was stretched to (mm)
     learnt_ap_diameter: Optional[float] = None  # the reconstruction's own before (mm)
+    turn: str = "none"  # how the engine turned the film before reconstructing (auto resolved)
+    mirrored: bool = False  # whether it flipped it left to right first
 
 
 class ReconstructionLogic:
@@ -345,11 +349,13 @@ class ReconstructionLogic:
                     seed: Optional[int] = None, device: str = "auto", style: str = "auto", model=None,
                     uncertaintyNode=None, progress: Optional[Callable[[float, str], None]] = None,
                     method: str = "default", guidance: float = 0.0, precision: str = "auto", coarse: str = "auto",
-                    ap_diameter: Optional[float] = None):
+                    ap_diameter: Optional[float] = None, turn: str = "none", mirror: bool = False):
         """Blocking reconstruction for the Python console; returns the output CT node. ``ap_diameter``: the
-        chest's front-to-back diameter in mm when known (a frontal film does not show it)."""
+        chest's front-to-back diameter in mm when known (a frontal film does not show it); ``turn``
+        (``"auto"``, ``"anticlockwise"``, ``"half"``, ``"clockwise"``) and ``mirror`` stand a film the wrong way
+        round head up first."""
         options = ReconstructionOptions(steps, samples, seed, device, style, model, method, guidance,
-                                        precision, coarse, ap_diameter)
+                                        precision, coarse, ap_diameter, turn, mirror)
         if progress is not None and not callable(progress):
             raise XctDiffError(f"progress must be a function of (fraction, stage), got {progress!r}")
         self._check_input_node(inputNode)
@@ -458,6 +464,8 @@ def _result_fields(result: dict) -> dict:
         warnings=tuple(w for w in _list(result.get("warnings")) if isinstance(w, str)),
         ap_diameter=_optional_float(result.get("ap_diameter_mm")),
         learnt_ap_diameter=_optional_float(result.get("learnt_ap_diameter_mm")),
+        turn=result["turn"] if result.get("turn") in TURNS else "none",
+        mirrored=result.get("mirror") is True,
     )
 
 
@@ -479,6 +487,9 @@ def consistency_text(output: ReconstructionOutput) -> str:
         text += f" ({output.unguided_consistency:.3f} before guidance)"
     if output.ap_diameter is not None and output.learnt_ap_diameter is not None:
         text += f"\nAP diameter {output.ap_diameter:g} mm as given (the model's own {output.learnt_ap_diameter:.0f} mm)"
+    handled = turn_words(output.turn, output.mirrored)
+    if handled:
+        text += f"\nthe film was {handled} before reconstructing"
     for warning in output.warnings:  # shown next to the score they qualify
         text += f"\nwarning: {warning}"
     return text
