@@ -72,7 +72,8 @@ class Radiograph:
     modality/VOI LUTs; MONOCHROME1, and MONOCHROME2 with Presentation LUT Shape INVERSE, inverted so that
     bone is bright; PALETTE COLOR through its palette; what a display shutter hides set to the film's
     black), on the file's pixel grid. ``spacing``: ``(row, col)`` in mm when the file records it (DICOM:
-    Pixel Spacing, else Imager Pixel Spacing, the detector's), else ``None``; rows and columns may be
+    Pixel Spacing, else Imager Pixel Spacing, the detector's, divided by the film's magnification where the
+    header records it), else ``None``; rows and columns may be
     spaced differently (:func:`~XctDiffCore.preprocess.square_pixels` makes them square for the model). ``is_drr``: the file carries the ``xctdiff_drr=1`` tag.
     ``source``: the path it was read from. ``age_years``: the patient's age when a DICOM file records
     it (Patient's Age), else ``None``. ``header``: what a DICOM file says about the view, for the
@@ -1113,8 +1114,14 @@ def _dicom_display_orientation(image: np.ndarray, orientation, spacing):
 
 
 def _dicom_pixel_spacing(ds):
-    """``(row, col)`` mm from Pixel Spacing, else Imager Pixel Spacing; ``None`` when neither records one.
+    """``(row, col)`` mm in the patient's plane from Pixel Spacing, else Imager Pixel Spacing divided by the
+    film's magnification; ``None`` when neither records one.
 
+    Imager Pixel Spacing is measured at the detector, where a chest lying between it and the tube is enlarged
+    by about 1.1 (at 180 cm, more for an AP film at the bedside): the header's Estimated Radiographic
+    Magnification Factor, else Distance Source to Detector / Distance Source to Patient, takes that back; a
+    film that records neither keeps the detector's spacing (a chest about a tenth larger than it is). Pixel
+    Spacing, where a DX/CR file has it, is already in the patient's plane (or calibrated), and is believed.
     A value of 0 (``0\\0``, which some systems write when they do not know the spacing, e.g. NEMA's
     WG04 sample RG1) records no spacing: the attribute is passed over, as if absent, without a warning
     (a PNG records none either). Negative or non-finite values are refused by the caller."""
@@ -1125,8 +1132,33 @@ def _dicom_pixel_spacing(ds):
         spacing = (float(values[0]), float(values[1]))
         if 0.0 in spacing:
             continue
+        if keyword == "ImagerPixelSpacing":
+            magnification = _dicom_magnification(ds)
+            spacing = tuple(v / magnification for v in spacing)
         return spacing
     return None
+
+
+MAGNIFICATION_RANGE = (1.0, 2.0)  # a film's geometric magnification: never below 1; 2 would be a chest halfway
+
+
+def _dicom_magnification(ds) -> float:
+    """The film's magnification at the patient (:func:`_dicom_pixel_spacing`): Estimated Radiographic
+    Magnification Factor, else Distance Source to Detector / Distance Source to Patient; 1 when the header records
+    neither, or a value outside :data:`MAGNIFICATION_RANGE` (a placeholder such as 0 says nothing)."""
+    def number(keyword):
+        try:
+            value = float(ds.get(keyword))
+        except (TypeError, ValueError):
+            return None
+        return value if np.isfinite(value) else None
+
+    factor = number("EstimatedRadiographicMagnificationFactor")
+    if factor is None:
+        detector, patient = number("DistanceSourceToDetector"), number("DistanceSourceToPatient")
+        factor = detector / patient if detector and patient and patient > 0 else None
+    low, high = MAGNIFICATION_RANGE
+    return factor if factor is not None and low <= factor <= high else 1.0
 
 
 #: DICOM modalities whose images are slices of a volume, never a radiograph

@@ -302,6 +302,21 @@ def test_dicom_rescale_spacing_and_monochrome1(tmp_path):
     assert mono2.spacing == (0.15, 0.2) and not mono2.is_drr
 
 
+@pytest.mark.parametrize("header, spacing", [
+    (dict(ImagerPixelSpacing=[0.15, 0.2], EstimatedRadiographicMagnificationFactor=1.25), (0.12, 0.16)),
+    (dict(ImagerPixelSpacing=[0.15, 0.2], DistanceSourceToDetector=1800, DistanceSourceToPatient=1500), (0.125, 1 / 6)),
+    (dict(ImagerPixelSpacing=[0.15, 0.2], EstimatedRadiographicMagnificationFactor=0), (0.15, 0.2)),  # a placeholder
+    (dict(ImagerPixelSpacing=[0.15, 0.2], DistanceSourceToDetector=1800, DistanceSourceToPatient=0), (0.15, 0.2)),
+    (dict(PixelSpacing=[0.14, 0.14], ImagerPixelSpacing=[0.15, 0.15], EstimatedRadiographicMagnificationFactor=1.1),
+     (0.14, 0.14)),  # Pixel Spacing is in the patient's plane already
+])
+def test_detector_spacing_is_taken_back_to_the_patient_by_the_films_magnification(tmp_path, header, spacing):
+    """Imager Pixel Spacing is the detector's: a chest between tube and detector is enlarged on it by about a tenth,
+    which the header's magnification factor (or its two distances) takes back; without them it stays as it is."""
+    film = read_radiograph(write_dicom_radiograph(tmp_path / "f.dcm", grey_ramp().astype(np.uint16), **header))
+    assert film.spacing == pytest.approx(spacing)
+
+
 @pytest.mark.parametrize("compression", ["JPEG", "JPEG2000", "RLE"])
 def test_compressed_dicom_films_read_as_the_uncompressed_film(tmp_path, compression):
     """PACS send CR/DX films compressed: JPEG Lossless (the usual one for CR, which pydicom decodes only with
