@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import os
 import re
 import warnings
 from collections import Counter
@@ -52,7 +53,7 @@ class _Found:
 
 
 def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str = "patient-id",
-                   progress: bool = False) -> list:
+                   progress: bool = False, output: Optional[Path] = None) -> list:
     """The CTs named by ``paths``: files as given; in folders (searched to any depth), CT files and every
     DICOM CT series. Series that are not CT volumes are appended to ``ignored`` (:class:`IgnoredSeries`).
 
@@ -60,22 +61,29 @@ def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str 
     several) and groups one person's CTs as one subject; ``folder`` names each by its folder, every CT its
     own subject (for data whose PatientIDs were blanked or made alike). Other names that collide get the names
     of the folders above them in front, as many as it takes. ``progress``: a bar over the folders searched (a
-    download of a thousand patients takes minutes to search: every DICOM header is read).
+    download of a thousand patients takes minutes to search: every DICOM header is read). ``output``: the
+    calling job's output folder, passed over whatever it holds (an interrupted ``prepare`` leaves pairs there
+    without the datalist that marks a data set, and read back they would be CTs); a path given inside it is an
+    error. Compared resolved: a link to it, or a path through one, is the same folder.
     """
     if naming not in NAMING:
         raise XctDiffError(f"--ids must be one of {', '.join(NAMING)}, got {naming!r}")
     ignored = [] if ignored is None else ignored
     found = []
+    own = None if output is None else Path(os.path.realpath(output))
     for path in (Path(p) for p in paths):
         if not path.exists():
             raise XctDiffError(f"file not found: {path}")
+        if own is not None and _within(Path(os.path.realpath(path)), own):
+            raise XctDiffError(f"{path} is in the output folder {output}: a job does not read its own outputs back as "
+                               "inputs; write the output to a folder outside it")
         if path.is_file():
             found.append(_Found(path, _stem(path), _above(path.parent)))
             continue
         ignored_here = []
         from .io import walk_below  # numpy: not imported with the command line's parser (`xctdiff --help`)
 
-        tree = _outside_prepared_sets(path, sorted(walk_below(path)))  # one walk for files, folders and data sets
+        tree = _outside_prepared_sets(path, _outside_folder(path, sorted(walk_below(path)), own))  # one walk for all
         in_folder = [_Found(p, _stem(p), _above(p.parent)) for p in tree
                      if p.is_file() and full_suffix(p).lower() in CT_FILE_SUFFIXES]
         in_folder += _dicom_ct_series([path, *(p for p in tree if p.is_dir())], ignored_here,
@@ -88,6 +96,20 @@ def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str 
         found.extend(in_folder)
     unique = {f.path.resolve(): f for f in found}
     return _name_inputs([_Found(p, f.name, f.above, f.patient_id) for p, f in unique.items()])
+
+
+def _outside_folder(root: Path, tree: list, folder: Optional[Path]) -> list:
+    """The paths of ``tree`` (all below ``root``, as walked: links named, not entered) whose resolved path is not
+    in the resolved ``folder``. Only links are resolved one by one: the walk enters no link, so the rest are real."""
+    if folder is None:
+        return tree
+    real_root = Path(os.path.realpath(root))
+    return [p for p in tree
+            if not _within(Path(os.path.realpath(p)) if p.is_symlink() else real_root / p.relative_to(root), folder)]
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
 
 
 def _outside_prepared_sets(root: Path, tree: list) -> list:

@@ -155,7 +155,7 @@ def prepare_dataset(
         report = report or (lambda line: print(line, file=sys.stderr, flush=True))
         geom = make_geometry(geometry)
         ignored = []
-        cts = find_ct_inputs(inputs, ignored, naming=naming, progress=progress)
+        cts = find_ct_inputs(inputs, ignored, naming=naming, progress=progress, output=out_dir)  # never its own pairs
         if ignored:
             report(describe_ignored(ignored))
         from .io import warn_if_synthetic

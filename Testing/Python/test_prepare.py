@@ -324,13 +324,40 @@ def test_workers_write_the_same_data_set(tmp_path, capsys):
 
 
 def test_a_data_set_written_inside_the_input_folder_is_not_read_as_ct(tmp_path, capsys):
+    """Another data set in the folder searched is passed over with a warning; the job's own --out, silently."""
     _write_phantoms(tmp_path / "in")
-    out = tmp_path / "in" / "prepared"  # inside the folder searched: its pairs are .npz CTs by suffix
-    for _ in range(2):
-        assert main(["prepare", str(tmp_path / "in"), "--out", str(out), "--size", str(SIZE), "--augment", "1"]) == 0
-    captured = capsys.readouterr()
-    assert "training 4 pairs / 2 patients, validation 2 pairs / 1 patients" in captured.out.splitlines()[-1]
+    out, other = tmp_path / "in" / "prepared", tmp_path / "in" / "other"  # their pairs are .npz CTs by suffix
+    for folder in (out, out, other):
+        assert main(["prepare", str(tmp_path / "in"), "--out", str(folder), "--size", str(SIZE), "--augment", "1"]) == 0
+        captured = capsys.readouterr()
+        assert "training 4 pairs / 2 patients, validation 2 pairs / 1 patients" in captured.out.splitlines()[-1]
+        assert ("passed over" in captured.err) == (folder == other)
     assert f"warning: passed over {out}: a data set written by `xctdiff prepare`" in captured.err
+
+
+def test_resume_inside_the_input_folder_does_not_read_its_own_pairs(tmp_path, capsys):
+    """An interrupted prepare into a folder inside the one searched leaves pairs and no datalist (which marks a
+    data set): --resume, the --out named directly or through a link, read them back as patients of their own
+    (phantom0_aug0, ...). The folder searched inside --out, or --out itself, is refused in one line."""
+    _write_phantoms(tmp_path / "in")
+    (tmp_path / "alias").symlink_to(tmp_path / "in", target_is_directory=True)
+    out = tmp_path / "in" / "ds"
+    for named in (out, tmp_path / "alias" / "ds"):
+        argv = ["prepare", str(tmp_path / "in"), "--out", str(named), "--size", str(SIZE)]
+        assert main(argv) == 0
+        (out / "datalist.json").unlink()  # interrupted before its datalist
+        assert main([*argv, "--resume"]) == 0
+        datalist = json.loads((out / "datalist.json").read_text(encoding="utf-8"))
+        assert sorted(e["patient"] for e in datalist["training"] + datalist["validation"]) == [
+            "phantom0", "phantom1", "phantom2"]
+        assert "passed over" not in capsys.readouterr().err
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for searched, named in ((tmp_path / "in", tmp_path / "in"), (out / "images", out), (out, tmp_path / "alias")):
+        assert main(["prepare", str(searched), "--out", str(named), "--size", str(SIZE)]) == 2
+        (error,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert error == (f"error: {searched} is in the output folder {named}: a job does not read its own outputs "
+                         "back as inputs; write the output to a folder outside it")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing made, nothing left
 
 
 def test_a_data_set_being_prepared_is_refused_to_a_second_prepare(tmp_path, capsys):
