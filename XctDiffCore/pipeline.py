@@ -81,7 +81,7 @@ from .errors import XctDiffError
 from .guidance import MIN_UNGUIDED_CONSISTENCY, GuidanceWarning
 from .options import CT_FORMATS, MAX_SAMPLES, MethodWarning, ReconstructOptions  # noqa: F401 (re-exported)
 from .options import TURN_NAMES, TURN_PHRASES, TURNS
-from .plausibility import PlausibilityWarning, consistency_problems, head_up_turn, input_problems
+from .plausibility import PlausibilityWarning, consistency_problems, head_up_turn, input_problems, view_problems
 from .io import Radiograph
 from .model_folder import FIELD_OF_VIEW_MM, PREPARED_SIZE, ModelFolder, ModelInfo
 from .model_inputs import area_resize
@@ -339,13 +339,17 @@ class XctDiffPipeline:
     def stand_up(self, radiograph: Radiograph, turn: str = "none", mirror: bool = False) -> tuple:
         """``(radiograph, model input, quarter turns applied, notes)``: the film flipped left to right when
         ``mirror``, then turned as ``turn`` names (:data:`~XctDiffCore.options.TURNS`; ``auto``: the turn the
-        plausibility checks name, :func:`~XctDiffCore.plausibility.head_up_turn`, with a note saying so)."""
+        plausibility checks name, :func:`~XctDiffCore.plausibility.head_up_turn`, with a note saying so; none for
+        a film whose DICOM header says it is a lateral view or another body part)."""
         from .preprocess import turn_film
 
         if mirror:
             radiograph = turn_film(radiograph, 0, mirror=True)
         input01 = self.preprocess(radiograph)
-        quarter_turns = head_up_turn(input01) if turn == "auto" else TURNS[turn]
+        if turn == "auto":  # a film whose header says lateral or another body part is no chest on its side
+            quarter_turns = 0 if view_problems(radiograph.header) else head_up_turn(input01)
+        else:
+            quarter_turns = TURNS[turn]
         if not quarter_turns:
             return radiograph, input01, 0, []
         radiograph = turn_film(radiograph, quarter_turns)

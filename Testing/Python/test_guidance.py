@@ -272,6 +272,11 @@ def test_turn_and_mirror_stand_the_film_head_up_before_anything_sees_it(pipe, fi
         result = pipe.reconstruct(film, method="direct", device="cpu", turn="half")
     assert result.turn == "half" and not any("before reconstructing" in w for w in result.warnings)
     assert pipe.reconstruct(film, method="direct", device="cpu", turn="auto").warnings == []  # upright: left alone
+    lateral = dataclasses.replace(turn_film(film, 1), header={"ViewPosition": "LL"})  # no chest on its side
+    with pytest.warns(PlausibilityWarning) as caught:
+        result = pipe.reconstruct(lateral, method="direct", device="cpu", turn="auto")
+    assert result.turn == "none" and not any("before reconstructing" in w for w in result.warnings)
+    assert any("lateral view" in str(w.message) for w in caught) and any("on its side" in w for w in result.warnings)
     mirrored = Radiograph(np.ascontiguousarray(film.image[:, ::-1]), film.spacing, False, "mirrored")
     result = pipe.reconstruct(mirrored, method="direct", device="cpu", mirror=True)
     np.testing.assert_array_equal(result.ct.array, upright.ct.array)

@@ -20,7 +20,7 @@ from skimage import data
 from XctDiffCore.drr import ConeGeometry, normalize_drr, render_drr
 from XctDiffCore.io import read_radiograph
 from XctDiffCore.layout import ct_to_model_layout
-from XctDiffCore.plausibility import CHEST_CONTRAST_MIN, chest_contrast
+from XctDiffCore.plausibility import CHEST_CONTRAST_MIN, chest_contrast, film_problems, head_up_turn
 from XctDiffCore.preprocess import preprocess_radiograph
 
 PHOTOS = ("camera", "astronaut", "coffee", "brick", "moon", "text", "horse", "page", "grass", "gravel", "rocket",
@@ -52,15 +52,22 @@ def main() -> None:
     print(f"monochrome1_variant.dcm: {chest_contrast(variant):.3f}")
     root = Path(args.datalist).parent
     listing = json.loads(Path(args.datalist).read_text())
-    frontal, lateral = {}, {}
+    frontal, lateral, lateral_problems = {}, {}, {}
     for entry in listing["training"] + listing["validation"]:
         frontal[entry["patient"]] = chest_contrast(np.load(root / entry["xray"]))
         with np.load(root / entry["image"]) as npz:
             volume = torch.from_numpy(np.ascontiguousarray(ct_to_model_layout(npz["ct"].astype(np.float32))))[None, None]
         side = normalize_drr(render_drr(volume.transpose(2, 4).contiguous(), ConeGeometry(), 128))[0, 0].numpy()
-        lateral[entry["patient"]] = chest_contrast(preprocess_radiograph(side, 128))
+        side = preprocess_radiograph(side, 128)
+        lateral[entry["patient"]] = chest_contrast(side)
+        lateral_problems[entry["patient"]] = (film_problems(side), head_up_turn(side))
     for name, values in (("frontal DRRs", frontal), ("lateral DRRs", lateral)):
         print(f"{name}: {flagged(list(values.values()))}; " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(values.items(), key=lambda kv: kv[1])[:3]))
+    called = [p for p, (problems, _) in lateral_problems.items() if problems]
+    sideways = [p for p, (problems, _) in lateral_problems.items() if problems and "on its side" in problems[0]]
+    turned = [p for p, (_, turn) in lateral_problems.items() if turn]
+    print(f"lateral DRRs by every check of a film: {len(called)} of {len(lateral_problems)} flagged; called on their side: "
+          f"{', '.join(sideways) or 'none'}; turned by --turn auto: {', '.join(turned) or 'none'}")
     photos = {}
     for name in PHOTOS:
         image = getattr(data, name)().astype(np.float32)
