@@ -19,7 +19,7 @@ from conftest import REPO, SAMPLE_CT, SAMPLE_RADIOGRAPH
 from test_bad_input import CASES
 
 from XctDiffCore.commands.cli import main
-from XctDiffCore.io import read_ct
+from XctDiffCore.io import read_ct, read_radiograph
 from XctDiffCore.model_folder import create_random_model
 from XctDiffCore.pipeline import XctDiffPipeline
 from XctDiffCore.figures import GAP, LABEL_HEIGHT, PANEL_SIZE
@@ -183,6 +183,25 @@ def test_dicom_series_of_a_png_film_is_a_new_study(cli, drr_png, tmp_path):
     assert status == 0, err
     first = pydicom.dcmread(tmp_path / "series" / "IM0001.dcm", stop_before_pixels=True)
     assert first.PatientID == "" and first.StudyInstanceUID and "SourceImageSequence" not in first
+
+
+def test_a_film_on_its_side_is_turned_by_turn_auto_and_its_ct_says_so(cli, tmp_path):
+    """`--turn auto` stands a film on its side head up; the summary line and the CT's own header say how it was turned."""
+    from PIL import Image
+
+    from XctDiffCore.io import volume_notes
+
+    film = read_radiograph(SAMPLE_RADIOGRAPH).image
+    side = tmp_path / "side.png"
+    Image.fromarray(np.rot90(np.rint((film - film.min()) / np.ptp(film) * 255)).astype(np.uint8)).save(side)
+    status, out, err = cli(side, "-o", tmp_path / "ct.nrrd", "--turn", "auto")
+    assert status == 0, err
+    assert out.strip().splitlines()[-1].endswith(", film turned a quarter clockwise")
+    assert "warning: the film looked turned on its side: it was turned a quarter clockwise" in err
+    assert volume_notes(tmp_path / "ct.nrrd")["settings"].endswith(", film turned a quarter clockwise")
+    status, out, err = cli(side, "-o", tmp_path / "as_is.nrrd")  # without it: the warning names the way back
+    assert status == 0 and "stand it head up, a quarter turn clockwise (--turn clockwise, or --turn auto)" in err
+    assert "settings" in volume_notes(tmp_path / "as_is.nrrd") and "film" not in volume_notes(tmp_path / "as_is.nrrd")["settings"]
 
 
 def test_views_png(cli, tmp_path):
@@ -583,6 +602,28 @@ def test_recursive_folder_mirrors_its_sub_folders(cli, tmp_path, drr_png):
         assert_one_error_line(err, words)
 
 
+def test_recursive_output_that_leads_back_into_the_films_is_refused(cli, tmp_path, drr_png):
+    """--recursive into the folder above the films (or into a link to it): the sub-folder named as the films' folder
+    put films/films/y.png's outputs in films/, and the next run took y_ct.nrrd and y_views.png for films (the CT an
+    error line; the views PNG reconstructed as a chest). Refused before anything is written."""
+    top = tmp_path / "top"
+    (top / "films" / "films").mkdir(parents=True)
+    shutil.copy(drr_png, top / "films" / "x.png")
+    shutil.copy(drr_png, top / "films" / "films" / "y.png")
+    (tmp_path / "link").mkdir()
+    (tmp_path / "link" / "films").symlink_to(top / "films", target_is_directory=True)
+    before = listing(tmp_path)
+    for options in (["-o", top], ["-o", tmp_path / "out", "--views", top], ["-o", tmp_path / "link"]):
+        status, _, err = cli(top / "films", "--recursive", *options)
+        assert status == 2
+        assert_one_error_line(err, "y_ct.nrrd" if options[1] != tmp_path / "out" else "y_views.png")
+        assert "would be written inside the input folder" in err and "give an output folder outside it" in err
+        assert listing(tmp_path) == before
+    status, _, err = cli(top / "films", "-o", top, "--views", top)  # not recursive: films/films is not searched
+    assert status == 0, err
+    assert listing(top) == ["films", "films/films", "films/films/y.png", "films/x.png", "x_ct.nrrd", "x_views.png"]
+
+
 def test_folder_refuses_two_radiographs_with_one_output(cli, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -650,14 +691,14 @@ def test_cancelled_command_leaves_no_file(tmp_path, model_dir, how):
 
 
 def film_nrrd(folder):
-    from XctDiffCore.io import read_radiograph, write_radiograph_nrrd
+    from XctDiffCore.io import write_radiograph_nrrd
 
     return write_radiograph_nrrd(read_radiograph(SAMPLE_RADIOGRAPH).image, folder / "film.nrrd", spacing=(0.5, 0.5))
 
 
 def film_png(folder):
     """The sample film as a 16-bit PNG, ``folder/film.png``."""
-    from XctDiffCore.io import read_radiograph, write_image_png
+    from XctDiffCore.io import write_image_png
 
     image = read_radiograph(SAMPLE_RADIOGRAPH).image
     return write_image_png((image - image.min()) / (image.max() - image.min()), folder / "film.png")

@@ -187,6 +187,17 @@ def _refuse_output_inside(folder: Path, outputs, recursive: bool) -> None:
             raise XctDiffError(f"with --recursive the output folder {out} must not lie inside the input folder {folder}")
 
 
+def _refuse_outputs_searched(folder: Path, jobs: list, recursive: bool) -> None:
+    """An output that lands where the films are searched (``folder`` itself, and with ``--recursive`` any folder
+    below it) would be taken for a film by the next run: refused. The output folders' own checks miss one way:
+    with ``--recursive`` into a folder above the films, a sub-folder named as the films' folder leads back into it."""
+    for _, *outputs in jobs:
+        for out in outputs:
+            if out is not None and (folder in out.resolve().parents if recursive else out.resolve().parent == folder):
+                raise XctDiffError(f"the output {out} would be written inside the input folder {folder}, where the next "
+                                   "run would take it for a film: give an output folder outside it")
+
+
 def _output_folder(path: Path, parents: bool = False) -> Path:
     if path.exists() and not path.is_dir():
         raise XctDiffError(f"the input is a folder, so the output must be a folder too, got the file {path}")
@@ -312,6 +323,7 @@ def run_reconstruct(
                          unc_dir / sub / f"{stem}_uncertainty.nrrd" if unc_dir else None,
                          views_dir / sub / f"{stem}_views.png" if views_dir else None))
         _refuse_overlaps(found, jobs)
+        _refuse_outputs_searched(folder, jobs, recursive)
         jobs = _left_to_do(jobs) if skip_existing else jobs  # all done: no folder need be made or writable
         for top in (out_dir, unc_dir, views_dir):
             if top is not None and (jobs or not skip_existing):  # a torchrun rank without films makes them too
