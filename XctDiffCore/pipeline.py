@@ -80,7 +80,7 @@ from .diffusion import Cancelled
 from .errors import XctDiffError
 from .guidance import MIN_UNGUIDED_CONSISTENCY, GuidanceWarning
 from .options import CT_FORMATS, MAX_SAMPLES, MethodWarning, ReconstructOptions  # noqa: F401 (re-exported)
-from .options import TURN_NAMES, TURN_PHRASES, TURNS
+from .options import TURN_NAMES, TURN_PHRASES, TURNS, turn_words
 from .plausibility import PlausibilityWarning, consistency_problems, head_up_turn, input_problems, view_problems
 from .io import Radiograph
 from .model_folder import FIELD_OF_VIEW_MM, PREPARED_SIZE, ModelFolder, ModelInfo
@@ -787,6 +787,8 @@ def output_notes(result: "Reconstruction", model: Optional[ModelInfo] = None, so
     what = "uncertainty (std over samples, HU) of a synthetic CT" if uncertainty else "synthetic CT"
     score = result.consistency  # a result made by hand may have none
     consistency = f", consistency {score:.3f}" if isinstance(score, (int, float)) else ""
+    handled = turn_words(getattr(result, "turn", "none"), getattr(result, "mirrored", False))
+    consistency += f", film {handled}" if handled else ""  # the CT of a film stood head up: say so
     return {"summary": f"XctDiff {what}, research use only: {model_name}, {result.method}",
             "note": f"voxel-wise std over the samples of a {SYNTHETIC}" if uncertainty else SYNTHETIC,
             "model": model_name, "engine": __version__,
