@@ -238,6 +238,20 @@ def temporary_folder_problem() -> Optional[str]:
     return None
 
 
+def in_folder(path, folder) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it, both resolved (through links too): how a job that searches
+    folders for its inputs tells its own output folder, whose files read back would be taken for inputs."""
+    path, folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return path == folder or folder in path.parents
+
+
+def refuse_own_output(path, output) -> None:
+    """An input ``path`` given inside the job's ``output`` folder (or that folder itself): one error line."""
+    if in_folder(path, output):
+        raise XctDiffError(f"{path} is in the output folder {output}: a job does not read its own outputs back as "
+                           "inputs; write the output to a folder outside it")
+
+
 def file_identity(path) -> tuple:
     """Equal for two paths that name one file: (device, inode) of an existing file (links included),
     else the resolved path (two outputs not written yet)."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .atomic import full_suffix
+from .atomic import full_suffix, refuse_own_output
 from .errors import XctDiffError
 
 CT_FILE_SUFFIXES = (".npz", ".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -74,9 +74,8 @@ def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str 
     for path in (Path(p) for p in paths):
         if not path.exists():
             raise XctDiffError(f"file not found: {path}")
-        if own is not None and _within(Path(os.path.realpath(path)), own):
-            raise XctDiffError(f"{path} is in the output folder {output}: a job does not read its own outputs back as "
-                               "inputs; write the output to a folder outside it")
+        if output is not None:
+            refuse_own_output(path, output)
         if path.is_file():
             found.append(_Found(path, _stem(path), _above(path.parent)))
             continue

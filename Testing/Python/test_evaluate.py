@@ -9,6 +9,7 @@ import contextlib
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -502,3 +503,36 @@ def test_an_evaluation_folder_being_written_is_refused_to_a_second_run(no_lpips,
         check_refused_while_held(argv + extra, out, "xctdiff evaluate", capsys)
     assert main(argv + ["--resume"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["figure.png", "metrics.csv", "summary.json", "summary.md"]
+
+
+def test_a_ct_folder_holding_the_output_folder_is_searched_without_it(no_lpips, model_dir, ct_folder, tmp_path,
+                                                                      monkeypatch, capsys):
+    """--out inside the CT folder searched: an interrupted run leaves progress.npz there, a CT by its suffix, and
+    --resume read it back as a case (an error: not a CT). The output folder is passed over, whatever it holds; the
+    CT folder inside --out (or --out itself) is refused in one line."""
+    shutil.copytree(ct_folder, tmp_path / "cts")
+    out = tmp_path / "cts" / "eval"
+    argv = ["evaluate", "--model", str(model_dir), "--data", str(tmp_path / "cts"), "--out", str(out), "--steps", "1",
+            "--device", "cpu"]
+    real = XctDiffPipeline.reconstruct
+
+    def stop_at_the_second_case(self, radiograph, *args, **kwargs):
+        if kwargs["seed"] == 1:
+            raise KeyboardInterrupt
+        return real(self, radiograph, *args, **kwargs)
+
+    monkeypatch.setattr(XctDiffPipeline, "reconstruct", stop_at_the_second_case)
+    assert main(argv) == 130
+    assert sorted(p.name for p in out.iterdir()) == ["progress.npz"]
+    monkeypatch.setattr(XctDiffPipeline, "reconstruct", real)
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
+    with open(out / "metrics.csv", newline="", encoding="utf-8") as f:
+        assert sorted({r["case"] for r in csv.DictReader(f)}) == ["chest0", "chest1", "chest2"]
+    before = sorted(tmp_path.rglob("*"))
+    for data, named in ((out, out), (tmp_path / "cts", tmp_path / "cts")):
+        capsys.readouterr()
+        assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "--out", str(named)]) == 2
+        (error,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert error.startswith(f"error: {data} is in the output folder {named}: a job does not read its own "), error
+    assert sorted(tmp_path.rglob("*")) == before

@@ -109,7 +109,7 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
     with output_lock(out_dir, "xctdiff evaluate-autoencoder"):  # a second evaluation into it is refused
         vqgan, volume_size, source = load_vqgan(model, run)
         cases = (datalist_cases(data, PREPARED_SIZE, max_cases) if _is_datalist(data)
-                 else ct_folder_cases(data, PREPARED_SIZE, "cone", max_cases))
+                 else ct_folder_cases(data, PREPARED_SIZE, "cone", max_cases, output=out_dir))
         lpips = LPIPS.load()
         latent = volume_size // vqgan.downsample_factor
 

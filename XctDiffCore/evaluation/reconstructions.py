@@ -226,7 +226,10 @@ def knn_ct(drr01: np.ndarray, training: list, k: int, volume_size: int) -> tuple
     return (total / len(neighbours)).astype(np.float32), [n.patient for n in neighbours]
 
 
-def ct_folder_cases(path: Path, volume_size: int, geometry: str, max_cases: Optional[int] = None) -> list:
+def ct_folder_cases(path: Path, volume_size: int, geometry: str, max_cases: Optional[int] = None,
+                    output: Optional[Path] = None) -> list:
+    """The cases of a CT file or folder; ``output``, the evaluation's own folder, is passed over (an interrupted
+    run's progress.npz there is a CT by its suffix)."""
     from ..drr import drr_of_volume
     from ..io import read_ct, warn_if_synthetic
     from ..model_folder import PREPARED_SIZE, PREPARED_SPACING_MM
@@ -234,7 +237,7 @@ def ct_folder_cases(path: Path, volume_size: int, geometry: str, max_cases: Opti
     from ..preprocess import preprocess_ct
 
     cases, ignored = [], []
-    found = find_ct_inputs([path], ignored)
+    found = find_ct_inputs([path], ignored, output=output)
     if ignored:
         warnings.warn(describe_ignored(ignored), stacklevel=2)
     warn_if_synthetic([c.path for c in found[:max_cases]], "scored as the truth, they measure a model against itself")
@@ -293,7 +296,7 @@ def evaluate(
             mean_ct, mean_ct_list = datalist_mean_cts(data, size)  # the list's mean: None without variants or mixes
             training = datalist_training(data) if knn or atlas else []
         else:
-            cases = ct_folder_cases(data, size, pipe.info.geometry, max_cases)
+            cases = ct_folder_cases(data, size, pipe.info.geometry, max_cases, output=out_dir)
             mean_ct = None if pipe.mean_ct is None else resample_hu(pipe.mean_ct, size)
             if atlas:
                 import warnings
