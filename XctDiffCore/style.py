@@ -22,6 +22,26 @@ from .options import STYLE_CHOICES
 STYLE_WEIGHTS = "style.safetensors"  # with style.json beside it: written by training.common.export_stage
 
 
+def find_real_films(patterns, output=None) -> list:
+    """The real films of folders and glob patterns (:func:`~.io.find_real_radiographs`), the files of ``output``, the
+    job's own folder, passed over: a figure or preview the job wrote there, read back, would be a real film. A folder
+    named inside ``output`` is one error line, and so are patterns whose films all lie in it."""
+    from .atomic import in_folder, refuse_own_output
+    from .io import find_real_radiographs
+
+    if output is not None:
+        for pattern in patterns:
+            if Path(pattern).expanduser().is_dir():
+                refuse_own_output(pattern, output)
+    files = find_real_radiographs(patterns)
+    if output is not None:
+        files = [f for f in files if not in_folder(f, output)]
+        if not files:
+            raise XctDiffError(f"the real films named are all in the output folder {output}: a job does not read its "
+                               "own outputs back as inputs")
+    return files
+
+
 def load_style_generator(path, device="cpu"):
     """A model folder or a ``style.safetensors`` file (``style.json`` beside it) -> (real -> DRR generator in eval mode, image size).
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,6 +277,49 @@ def test_a_style_evaluation_folder_being_written_is_refused_to_a_second_run(doma
     check_refused_while_held(argv, out, "xctdiff evaluate-style", capsys)
     assert main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == ["style_eval.json", "style_eval.md", "style_eval.png"]
+
+
+def test_style_training_inside_its_real_films_folder_does_not_read_its_preview(domains, tmp_path, monkeypatch):
+    """The run folder inside style.real (searched to any depth): a --resume took the run's own style/preview.png
+    for a ninth real film, and the split of the real films changed under the run. The run folder is passed over."""
+    import shutil
+
+    from XctDiffCore.training import style as style_stage
+
+    shutil.copytree(domains / "real", tmp_path / "real")
+    run = tmp_path / "real" / "run"
+    config = _config(domains, 2, 2)
+    config = dataclasses.replace(config, style=dataclasses.replace(config.style, real=(str(tmp_path / "real"),)))
+    seen, split = [], style_stage.split_real_files
+    monkeypatch.setattr(style_stage, "split_real_files", lambda files, *rest: seen.append(files) or split(files, *rest))
+    train("style", config, data=domains / "datalist.json", out=run)
+    assert (run / "style" / "preview.png").is_file()
+    train("style", config, data=domains / "datalist.json", out=run, resume=True, max_steps=4)
+    assert [sorted(p.name for p in files) for files in seen] == [[f"film{k}.png" for k in range(8)]] * 2
+
+
+def test_a_style_evaluation_inside_its_real_films_folder_does_not_read_its_figure(domains, straight, tmp_path, capsys):
+    """--out inside the --real folder (searched to any depth): the second run took the first's style_eval.png for a
+    ninth real film. The output folder is passed over (also through a glob); --real inside --out is refused."""
+    import shutil
+
+    shutil.copytree(domains / "real", tmp_path / "real")
+    out = tmp_path / "real" / "eval"
+    model = str(straight / "style" / "style.safetensors")
+    for real in (tmp_path / "real", tmp_path / "real", f"{tmp_path / 'real'}/**/*.png"):
+        assert main(["evaluate-style", "--model", model, "--real", str(real), "--drr", str(domains / "datalist.json"),
+                     "--out", str(out), "--folds", "4"]) == 0
+        result = json.loads((out / "style_eval.json").read_text(encoding="utf-8"))
+        assert result["n_real"] == 8 and all(Path(r["real"]).parent.name == "real" for r in result["figure_rows"])
+    before = sorted(tmp_path.rglob("*"))
+    for real, words in ((out, f"error: {out} is in the output folder {out}: a job does not read its own outputs"),
+                        (f"{out}/*.png", f"error: the real films named are all in the output folder {out}")):
+        capsys.readouterr()
+        assert main(["evaluate-style", "--model", model, "--real", str(real), "--drr", str(domains / "datalist.json"),
+                     "--out", str(out), "--folds", "4"]) == 2
+        (error,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert error.startswith(words), error
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_evaluate_style_with_a_model_folder_scores_reconstructions_both_ways(domains, tmp_path, capsys):

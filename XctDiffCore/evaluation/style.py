@@ -47,15 +47,17 @@ LAYOUT_SIDE = 32  # px of the layout agreement's thumbnails: 1 cm at the 128 px 
 # ------------------------------------------------------------------------------------------ images
 
 
-def load_real_images(patterns, size: int, max_images: Optional[int] = None, seed: int = 0) -> tuple[np.ndarray, list]:
-    """Real films (folders or globs) -> ``[N, size, size]`` in [0, 1] as the pipeline preprocesses them, and their paths."""
+def load_real_images(patterns, size: int, max_images: Optional[int] = None, seed: int = 0,
+                     output: Optional[Path] = None) -> tuple[np.ndarray, list]:
+    """Real films (folders or globs) -> ``[N, size, size]`` in [0, 1] as the pipeline preprocesses them, and their
+    paths. ``output``, the evaluation's own folder, is passed over: read back, its figure would be a real film."""
     from tqdm import tqdm
 
     from ..io import read_radiograph
     from ..preprocess import preprocess_radiograph
-    from ..io import find_real_radiographs
+    from ..style import find_real_films
 
-    files = find_real_radiographs(patterns)
+    files = find_real_films(patterns, output)
     if max_images is not None and len(files) > max_images:
         keep = np.sort(np.random.default_rng(seed).choice(len(files), max_images, replace=False))
         files = [files[i] for i in keep]
@@ -310,7 +312,7 @@ def evaluate_style(
     with output_lock(out_dir, "xctdiff evaluate-style"):  # a second evaluation into it is refused
         patterns = [real] if isinstance(real, (str, Path)) else list(real)
         generator, size = load_style_generator(model, device)
-        real01, files = load_real_images(patterns, size, max_images, seed)
+        real01, files = load_real_images(patterns, size, max_images, seed, output=out_dir)
         drr01 = load_drr_images(drr_datalist, size)
         moved01 = transfer(generator, real01)
         drr_restyled = transfer(generator, drr01)

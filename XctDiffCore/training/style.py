@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from ..config import Config, StyleConfig
 from ..datalist import read_datalist
 from ..errors import XctDiffError
-from ..io import find_real_radiographs, write_image_png
+from ..io import write_image_png
 from ..model_folder import style_stage_config
 from ..model_inputs import xray_to_model
 from .common import (
@@ -213,11 +213,14 @@ def validate(gan: nn.ModuleDict, real: list, drrs: list, device: torch.device, p
     return metrics, preview
 
 
-def style_films(patterns) -> list:
-    """The real films of the style stage: the config's ``style.real``. A folder or pattern that finds none says
-    which setting named it (the bundled configs name the shared data, from the working directory)."""
+def style_films(patterns, run_dir=None) -> list:
+    """The real films of the style stage: the config's ``style.real``, the run folder passed over (its preview.png,
+    read back on a --resume, would be a real film). A folder or pattern that finds none says which setting named it
+    (the bundled configs name the shared data, from the working directory)."""
+    from ..style import find_real_films
+
     try:
-        return find_real_radiographs(patterns)
+        return find_real_films(patterns, run_dir)
     except XctDiffError as exc:
         raise XctDiffError(f"{exc}; the style stage's real films are the config's style.real (folders or glob "
                            f"patterns, from the working directory {Path.cwd()}): set it to your films in a copy of "
@@ -230,7 +233,8 @@ def train_style(config: Config, resume: bool, job: Distributed, deadline: Deadli
 
     section, optim, device, size = config.style, config.style.optim, job.device, config.data.xray_size
     precision = config.run.precision
-    real_train, real_val = split_real_files(style_films(section.real), config.data.val_cases, config.run.seed)
+    real_train, real_val = split_real_files(style_films(section.real, config.run.dir), config.data.val_cases,
+                                            config.run.seed)
     drr_train = DatalistDrrs(config.data.datalist, "training", size)
     drr_val = DatalistDrrs(config.data.datalist, "validation", size)
     if len(drr_train) == 0:
