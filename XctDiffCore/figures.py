@@ -20,6 +20,27 @@ LUNG_WINDOW_HU = (-1350.0, 150.0)  # width 1500, level -600: lung parenchyma and
 PANEL_SIZE = 160  # pixels per panel side
 LABEL_HEIGHT = 14
 GAP = 2
+FIGURE_TAG_KEY = "xctdiff_figure"  # a PNG text chunk: every figure XctDiff writes carries it (what it shows)
+
+
+def figure_tag_metadata(kind: str) -> dict:
+    """The metadata that marks a PNG as a figure XctDiff wrote (:func:`is_xctdiff_figure`): ``kind`` says which."""
+    return {FIGURE_TAG_KEY: kind}
+
+
+def is_xctdiff_figure(path) -> bool:
+    """Whether ``path`` is a PNG that XctDiff wrote as a figure (views, an evaluation's figure, a training preview),
+    from its header alone. Why: a folder searched for films may hold an earlier run's output folder, and a figure read
+    as a film is reconstructed (or scored as a real film) without a word."""
+    if Path(path).suffix.lower() != ".png":
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:  # the text chunks before the pixels: nothing is decoded
+            return FIGURE_TAG_KEY in img.info
+    except Exception:  # noqa: BLE001 - not judged here: reading it as a film names the problem
+        return False
 
 
 def window(hu, low_high=CT_WINDOW_HU) -> np.ndarray:
@@ -94,12 +115,17 @@ def compose_grid(rows: Sequence[Sequence[Optional[tuple]]], panel: int = PANEL_S
     return canvas
 
 
-def write_png(image, path) -> Path:
-    """Save a PIL image as PNG through :func:`~XctDiffCore.atomic.atomic_path`."""
+def write_png(image, path, kind: str = "figure") -> Path:
+    """Save a PIL image as PNG through :func:`~XctDiffCore.atomic.atomic_path`, tagged as a figure (``kind``)."""
+    from PIL import PngImagePlugin
+
     from .atomic import atomic_path
 
+    info = PngImagePlugin.PngInfo()
+    for key, value in figure_tag_metadata(kind).items():
+        info.add_text(key, value)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", pnginfo=info)
     return Path(path)
 
 
@@ -157,4 +183,4 @@ def write_reconstruction_views(result, path) -> Path:
     """The ``--views`` PNG of a :class:`~XctDiffCore.pipeline.Reconstruction`: its panels and its caption."""
     uncertainty = result.uncertainty.array if result.uncertainty is not None else None
     rows = reconstruction_rows(result.input_image, result.drr, result.ct.array, uncertainty)
-    return write_png(with_caption(compose_grid(rows), reconstruction_caption(result)), path)
+    return write_png(with_caption(compose_grid(rows), reconstruction_caption(result)), path, kind="views")

@@ -25,8 +25,13 @@ STYLE_WEIGHTS = "style.safetensors"  # with style.json beside it: written by tra
 def find_real_films(patterns, output=None) -> list:
     """The real films of folders and glob patterns (:func:`~.io.find_real_radiographs`), the files of ``output``, the
     job's own folder, passed over: a figure or preview the job wrote there, read back, would be a real film. A folder
-    named inside ``output`` is one error line, and so are patterns whose films all lie in it."""
+    named inside ``output`` is one error line, and so are patterns whose films all lie in it. Figures XctDiff wrote
+    elsewhere (an earlier run's views PNGs among the films: :func:`~.figures.is_xctdiff_figure`) are passed over
+    with one warning line."""
+    import warnings
+
     from .atomic import in_folder, refuse_own_output
+    from .figures import is_xctdiff_figure
     from .io import find_real_radiographs
 
     if output is not None:
@@ -39,6 +44,14 @@ def find_real_films(patterns, output=None) -> list:
         if not files:
             raise XctDiffError(f"the real films named are all in the output folder {output}: a job does not read its "
                                "own outputs back as inputs")
+    figures = [f for f in files if is_xctdiff_figure(f)]
+    if figures:
+        tagged = set(figures)
+        files = [f for f in files if f not in tagged]
+        if not files:
+            raise XctDiffError(f"the real films named are all PNG figures that XctDiff wrote, e.g. {figures[0]}")
+        warnings.warn(f"passed over {len(figures)} PNG figure{'s' * (len(figures) > 1)} that XctDiff wrote (views, "
+                      f"evaluation figures) among the real films: not radiographs (e.g. {figures[0]})", stacklevel=2)
     return files
 
 

@@ -624,6 +624,28 @@ def test_recursive_output_that_leads_back_into_the_films_is_refused(cli, tmp_pat
     assert listing(top) == ["films", "films/films", "films/films/y.png", "films/x.png", "x_ct.nrrd", "x_views.png"]
 
 
+def test_views_of_an_earlier_run_among_the_films_are_passed_over(cli, tmp_path, drr_png):
+    """An earlier run's views PNGs in the folder searched (--views inside the films' folder, then --recursive) were
+    reconstructed as chests without a word: the figures XctDiff writes carry a tag, and are passed over in one line."""
+    from XctDiffCore.figures import is_xctdiff_figure
+
+    films = tmp_path / "films"
+    films.mkdir()
+    shutil.copy(drr_png, films / "x.png")
+    status, _, err = cli(films, "-o", tmp_path / "first", "--views", films / "views")
+    assert status == 0, err
+    assert is_xctdiff_figure(films / "views" / "x_views.png") and not is_xctdiff_figure(films / "x.png")
+    status, stdout, err = cli(films, "--recursive", "-o", tmp_path / "second")
+    assert status == 0, err
+    assert [line.split(" -> ")[0] for line in stdout.splitlines()] == [str(films / "x.png")]
+    assert (f"warning: passed over 1 PNG figure that XctDiff wrote (views, evaluation figures) in {films} or below "
+            f"it: not radiographs (e.g. {films / 'views' / 'x_views.png'})") in err.splitlines()
+    assert listing(tmp_path / "second") == ["x_ct.nrrd"]
+    status, _, err = cli(films / "views", "-o", tmp_path / "third")
+    assert status == 2
+    assert_one_error_line(err, "(1 PNG figure that XctDiff wrote (views, evaluation figures) passed over)")
+
+
 def test_folder_refuses_two_radiographs_with_one_output(cli, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()

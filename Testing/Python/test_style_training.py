@@ -322,6 +322,30 @@ def test_a_style_evaluation_inside_its_real_films_folder_does_not_read_its_figur
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_figures_xctdiff_wrote_among_the_real_films_are_passed_over(domains, straight, tmp_path, capsys):
+    """A views PNG of an earlier reconstruction among the real films was scored as a real film: passed over in one
+    warning line; real films that are all figures are one error line."""
+    import shutil
+
+    from PIL import Image
+
+    from XctDiffCore.figures import write_png
+
+    shutil.copytree(domains / "real", tmp_path / "real")
+    (tmp_path / "real" / "views").mkdir()
+    write_png(Image.new("L", (64, 64), 128), tmp_path / "real" / "views" / "film0_views.png", kind="views")
+    argv = ["evaluate-style", "--model", str(straight / "style" / "style.safetensors"), "--drr",
+            str(domains / "datalist.json"), "--out", str(tmp_path / "eval"), "--folds", "4", "--real"]
+    capsys.readouterr()
+    assert main([*argv, str(tmp_path / "real")]) == 0
+    assert json.loads((tmp_path / "eval" / "style_eval.json").read_text(encoding="utf-8"))["n_real"] == 8
+    assert (f"warning: passed over 1 PNG figure that XctDiff wrote (views, evaluation figures) among the real films: "
+            f"not radiographs (e.g. {tmp_path / 'real' / 'views' / 'film0_views.png'})") in capsys.readouterr().err
+    assert main([*argv, str(tmp_path / "real" / "views")]) == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert error.startswith("error: the real films named are all PNG figures that XctDiff wrote, e.g. "), error
+
+
 def test_evaluate_style_with_a_model_folder_scores_reconstructions_both_ways(domains, tmp_path, capsys):
     from XctDiffCore.model_folder import create_random_model
 

@@ -122,15 +122,21 @@ def find_radiographs(folder: Path, recursive: bool = False) -> list:
     suffix, and DICOM files whatever their name (a PACS or DICOMDIR export names them without a suffix, or by
     their UID); hidden files and the DICOMDIR index skipped. DICOM slices of a CT (MR, PET, NM) series, as a
     study's export holds beside its films or as ``--format dicom`` wrote beside a film, are passed over with one
-    warning line: each would have been an error line of its own."""
+    warning line: each would have been an error line of its own. So are the figures XctDiff wrote (an earlier run's
+    views PNGs in the folder searched), which would have been reconstructed as chests."""
+    from ..figures import is_xctdiff_figure
     from ..io import FILM_FILE_SUFFIXES, dicom_volume_modality, film_stem, is_dicom_file, walk_below
 
     slices = {}  # modality -> count of DICOM files that are a volume's slices
+    figures = set()  # XctDiff's own figures, as views PNGs
 
     def is_film(p: Path) -> bool:
         if not p.is_file() or p.name.startswith(".") or p.name.upper() == "DICOMDIR":
             return False
         if not is_dicom_file(p):
+            if is_xctdiff_figure(p):
+                figures.add(p)
+                return False
             return film_stem(p) != p.name
         modality = dicom_volume_modality(p)
         if modality:
@@ -142,16 +148,22 @@ def find_radiographs(folder: Path, recursive: bool = False) -> list:
 
     files = [p for p in sorted(below() if recursive else folder.iterdir()) if is_film(p)]
     passed = ", ".join(f"{n} {m}" for m, n in sorted(slices.items()))
+    shown = sorted(figures)  # those of the folder searched (the hint below looks further, adding to the set)
+    own = f"{len(shown)} PNG figure{'s' * (len(shown) > 1)} that XctDiff wrote (views, evaluation figures)"
     if not files:
         where = f"in {folder} or below it" if recursive else f"in {folder}"
         if not recursive and any(is_film(p) for p in below()):  # stops at the first one
             where += " (its sub-folders hold some: add --recursive)"
-        elif passed:
-            where += f" (DICOM slices of volumes passed over: {passed})"
+        elif passed or shown:
+            notes = [f"DICOM slices of volumes passed over: {passed}"] * bool(passed)
+            where += f" ({'; '.join(notes + [f'{own} passed over'] * bool(shown))})"
         raise XctDiffError(f"no radiograph files ({', '.join(FILM_FILE_SUFFIXES)}, or DICOM files) {where}")
+    below_it = " or below it" if recursive else ""
     if passed:
-        warnings.warn(f"passed over {sum(slices.values())} DICOM files in {folder}{' or below it' if recursive else ''} "
+        warnings.warn(f"passed over {sum(slices.values())} DICOM files in {folder}{below_it} "
                       f"that are slices of a volume, not radiographs ({passed})", stacklevel=2)
+    if shown:
+        warnings.warn(f"passed over {own} in {folder}{below_it}: not radiographs (e.g. {shown[0]})", stacklevel=2)
     return files
 
 

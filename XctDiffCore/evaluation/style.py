@@ -299,6 +299,7 @@ def evaluate_style(
     device: str = "cpu",
 ) -> dict:
     """Domain distance of real films to DRRs before and after the style transfer; writes JSON, Markdown, PNG."""
+    from ..figures import figure_tag_metadata
     from ..io import write_image_png
     from ..style import load_style_generator
 
@@ -348,7 +349,8 @@ def evaluate_style(
             result["figure_columns"] = ["real film", "DRR of its reconstruction", "transferred", "DRR of its reconstruction", "nearest DRR"]
             columns = (real01[shown], reconstructed["without_style"][shown], moved01[shown], reconstructed["with_style"][shown], drr01[nearest])
         with output_set():  # the three or none (a full disk at the last): never a new figure beside an old table
-            write_image_png(figure(*columns), out_dir / "style_eval.png", bits=8)
+            write_image_png(figure(*columns), out_dir / "style_eval.png", bits=8,
+                            metadata=figure_tag_metadata("style evaluation"))
             with atomic_path(out_dir / "style_eval.json") as tmp:
                 tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
             with atomic_path(out_dir / "style_eval.md") as tmp:

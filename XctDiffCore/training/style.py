@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from ..config import Config, StyleConfig
 from ..datalist import read_datalist
 from ..errors import XctDiffError
+from ..figures import figure_tag_metadata
 from ..io import write_image_png
 from ..model_folder import style_stage_config
 from ..model_inputs import xray_to_model
@@ -301,7 +302,8 @@ def train_style(config: Config, resume: bool, job: Distributed, deadline: Deadli
         if (val_real or val_drrs) and is_due(step, optim.val_every, optim.max_steps):
             metrics, preview = validate(gan, val_real, val_drrs, device, precision)
             if preview.size:
-                write_image_png(preview, stage_dir(config.run.dir, STAGE) / "preview.png", bits=8)
+                write_image_png(preview, stage_dir(config.run.dir, STAGE) / "preview.png", bits=8,
+                                metadata=figure_tag_metadata("style training preview"))
             log.write(step, metrics)
         if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
             state = training_state(job, models, optimizers, scalers)
