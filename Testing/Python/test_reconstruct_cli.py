@@ -644,6 +644,15 @@ def test_views_of_an_earlier_run_among_the_films_are_passed_over(cli, tmp_path, 
     status, _, err = cli(films / "views", "-o", tmp_path / "third")
     assert status == 2
     assert_one_error_line(err, "(1 PNG figure that XctDiff wrote (views, evaluation figures) passed over)")
+    # an earlier run's CT and uncertainty map there (each was one "skipped" error line, exit 2); a DRR it wrote is a film
+    status, _, err = cli(films, "-o", films / "cts", "--uncertainty", films / "cts", "--samples", 2)
+    assert status == 0, err
+    assert main(["drr", str(SAMPLE_CT), "-o", str(films / "cts" / "drr.nrrd")]) == 0
+    status, stdout, err = cli(films, "--recursive", "-o", tmp_path / "fourth")
+    assert status == 0, err
+    assert [line.split(" -> ")[0] for line in stdout.splitlines()] == [str(films / "cts" / "drr.nrrd"), str(films / "x.png")]
+    assert (f"warning: passed over 1 PNG figure that XctDiff wrote (views, evaluation figures) and 2 volumes that XctDiff "
+            f"wrote (reconstructed CTs, uncertainty maps) in {films} or below it") in err
 
 
 def test_folder_refuses_two_radiographs_with_one_output(cli, tmp_path):

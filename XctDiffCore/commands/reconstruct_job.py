@@ -122,13 +122,15 @@ def find_radiographs(folder: Path, recursive: bool = False) -> list:
     suffix, and DICOM files whatever their name (a PACS or DICOMDIR export names them without a suffix, or by
     their UID); hidden files and the DICOMDIR index skipped. DICOM slices of a CT (MR, PET, NM) series, as a
     study's export holds beside its films or as ``--format dicom`` wrote beside a film, are passed over with one
-    warning line: each would have been an error line of its own. So are the figures XctDiff wrote (an earlier run's
-    views PNGs in the folder searched), which would have been reconstructed as chests."""
+    warning line: each would have been an error line of its own. So are XctDiff's own outputs of an earlier run in
+    the folder searched: its figures (views PNGs), which would have been reconstructed as chests, and its CTs and
+    uncertainty maps (NRRD, NIfTI, MetaImage), each an error line of its own."""
     from ..figures import is_xctdiff_figure
-    from ..io import FILM_FILE_SUFFIXES, dicom_volume_modality, film_stem, is_dicom_file, walk_below
+    from ..io import (FILM_FILE_SUFFIXES, SITK_VOLUME_SUFFIXES, dicom_volume_modality, film_stem, is_dicom_file,
+                      volume_notes, walk_below)
 
     slices = {}  # modality -> count of DICOM files that are a volume's slices
-    figures = set()  # XctDiff's own figures, as views PNGs
+    figures, volumes = set(), set()  # XctDiff's own figures (views PNGs) and reconstructions
 
     def is_film(p: Path) -> bool:
         if not p.is_file() or p.name.startswith(".") or p.name.upper() == "DICOMDIR":
@@ -136,6 +138,9 @@ def find_radiographs(folder: Path, recursive: bool = False) -> list:
         if not is_dicom_file(p):
             if is_xctdiff_figure(p):
                 figures.add(p)
+                return False
+            if p.name.lower().endswith(SITK_VOLUME_SUFFIXES) and {"note", "summary"} & set(volume_notes(p)):
+                volumes.add(p)  # a CT or uncertainty map XctDiff wrote (a DRR it wrote is a film: its notes differ)
                 return False
             return film_stem(p) != p.name
         modality = dicom_volume_modality(p)
@@ -148,22 +153,25 @@ def find_radiographs(folder: Path, recursive: bool = False) -> list:
 
     files = [p for p in sorted(below() if recursive else folder.iterdir()) if is_film(p)]
     passed = ", ".join(f"{n} {m}" for m, n in sorted(slices.items()))
-    shown = sorted(figures)  # those of the folder searched (the hint below looks further, adding to the set)
-    own = f"{len(shown)} PNG figure{'s' * (len(shown) > 1)} that XctDiff wrote (views, evaluation figures)"
+    own = [f"{len(found)} {what} that XctDiff wrote ({kind})" for found, what, kind in (
+        (sorted(figures), "PNG figure" + "s" * (len(figures) > 1), "views, evaluation figures"),
+        (sorted(volumes), "volume" + "s" * (len(volumes) > 1), "reconstructed CTs, uncertainty maps")) if found]
+    examples = sorted(figures) + sorted(volumes)  # those of the folder searched (the hint below looks further)
     if not files:
         where = f"in {folder} or below it" if recursive else f"in {folder}"
         if not recursive and any(is_film(p) for p in below()):  # stops at the first one
             where += " (its sub-folders hold some: add --recursive)"
-        elif passed or shown:
+        elif passed or own:
             notes = [f"DICOM slices of volumes passed over: {passed}"] * bool(passed)
-            where += f" ({'; '.join(notes + [f'{own} passed over'] * bool(shown))})"
+            where += f" ({'; '.join(notes + [f'{what} passed over' for what in own])})"
         raise XctDiffError(f"no radiograph files ({', '.join(FILM_FILE_SUFFIXES)}, or DICOM files) {where}")
     below_it = " or below it" if recursive else ""
     if passed:
         warnings.warn(f"passed over {sum(slices.values())} DICOM files in {folder}{below_it} "
                       f"that are slices of a volume, not radiographs ({passed})", stacklevel=2)
-    if shown:
-        warnings.warn(f"passed over {own} in {folder}{below_it}: not radiographs (e.g. {shown[0]})", stacklevel=2)
+    if own:
+        warnings.warn(f"passed over {' and '.join(own)} in {folder}{below_it}: not radiographs "
+                      f"(e.g. {examples[0]})", stacklevel=2)
     return files
 
 
