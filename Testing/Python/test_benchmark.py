@@ -161,6 +161,21 @@ def test_train_benchmark_times_each_stage_after_its_warmup(tmp_path, capsys, mon
     assert "train/encoder" in capsys.readouterr().out
 
 
+def test_table_columns_line_up_whatever_the_names_and_settings():
+    """`benchmark train`'s names (train/autoencoder) and long settings ran into the next column: every value
+    must end where its header ends."""
+    from XctDiffCore.commands.benchmark import BenchmarkResult
+
+    results = [BenchmarkResult("drr", "cpu", {"size": 128}, [0.5]),
+               BenchmarkResult("train/autoencoder", "cpu", {"config": "tiny", "note": "x" * 70}, [12.25])]
+    header, *rows = format_table(results).splitlines()
+    for label in ("median ms", "min ms"):
+        end = header.index(label) + len(label)
+        for row in rows:
+            assert row[end - 1] != " " and (len(row) == end or row[end] == " "), (label, header, row)
+    assert [row.split()[0] for row in rows] == ["drr", "train/autoencoder"]
+
+
 def test_cuda_requested_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is available")

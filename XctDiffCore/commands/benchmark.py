@@ -104,11 +104,15 @@ def format_table(results: list) -> str:
     peak where counted: a result's ``peak_share``, else its rate over ``peak_gflops`` in a result's settings)."""
     counted = any(r.gflop is not None for r in results)
     peak = next((r.settings["peak_gflops"] for r in results if r.settings.get("peak_gflops")), None)
-    lines = [f"{'benchmark':<12} {'device':<7} {'settings':<58} {'median ms':>10} {'min ms':>8}"
+    texts = [", ".join(f"{k}={v}" for k, v in r.settings.items() if v is not None) for r in results]
+    # columns as wide as their longest entry: `benchmark train`'s names (train/autoencoder) ran into the next column
+    name_w, device_w = max([12, *(len(r.name) for r in results)]), max([7, *(len(r.device) for r in results)])
+    settings_w = max([58, *map(len, texts)])
+    lines = [f"{'benchmark':<{name_w}} {'device':<{device_w}} {'settings':<{settings_w}} {'median ms':>10} {'min ms':>8}"
              + (f" {'GFLOP':>8} {'GFLOP/s':>8}" if counted else "") + (f" {'of peak':>8}" if counted and peak else "")]
-    for r in results:
-        settings = ", ".join(f"{k}={v}" for k, v in r.settings.items() if v is not None)
-        line = f"{r.name:<12} {r.device:<7} {settings:<58} {r.median_s * 1e3:>10.2f} {min(r.seconds) * 1e3:>8.2f}"
+    for r, settings in zip(results, texts):
+        line = (f"{r.name:<{name_w}} {r.device:<{device_w}} {settings:<{settings_w}} {r.median_s * 1e3:>10.2f} "
+                f"{min(r.seconds) * 1e3:>8.2f}")
         if counted and r.gflop:
             rate = r.gflop / r.median_s if r.median_s > 0 else 0.0
             share = r.peak_share if r.peak_share is not None else (rate / peak if peak else None)
