@@ -52,6 +52,12 @@ class Volume:
     def shape(self) -> tuple:
         return self.array.shape
 
+    def __repr__(self) -> str:
+        """The geometry, not two million voxels: ``result.ct`` typed at a prompt printed the whole array."""
+        direction = "identity" if np.allclose(self.direction, np.eye(3)) else repr(self.direction.round(6).tolist())
+        return (f"Volume(shape={self.shape}, dtype={self.array.dtype}, spacing={self.spacing}, origin={self.origin}, "
+                f"direction={direction})")
+
     def with_array(self, array: np.ndarray) -> "Volume":
         """Same geometry, new voxels (same shape)."""
         array = np.asarray(array)

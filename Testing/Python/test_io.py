@@ -63,6 +63,15 @@ def test_volume_round_trip_keeps_voxels_and_geometry(tmp_path, suffix, dtype):
     assert [p.name for p in tmp_path.iterdir()] == [f"ct{suffix}"]  # no temporary file left behind
 
 
+def test_a_volume_prints_its_geometry_not_its_voxels():
+    """The README's `result.ct` at a Python prompt printed pages of numbers."""
+    volume = Volume(np.zeros((128, 128, 128), np.int16), (2.5, 2.5, 2.5), (-158.75, -158.75, -158.75))
+    assert repr(volume) == ("Volume(shape=(128, 128, 128), dtype=int16, spacing=(2.5, 2.5, 2.5), "
+                            "origin=(-158.75, -158.75, -158.75), direction=identity)")
+    turned = Volume(np.zeros((2, 2, 2)), direction=np.diag([-1.0, 1.0, -1.0]))
+    assert repr(turned).endswith("direction=[[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, -1.0]])")
+
+
 def test_write_volume_stores_integral_float_as_int16(tmp_path):
     volume = oblique_volume(np.float32)
     path = write_volume(volume.with_array(np.round(volume.array)), tmp_path / "ct.nrrd")
