@@ -390,6 +390,62 @@ def test_time_limit_checkpoints_stops_and_resumes_to_the_same_run(tmp_path, chai
     assert "--time-limit must be a positive number of minutes" in capsys.readouterr().err
 
 
+def test_a_finished_stage_says_where_it_is_and_an_unfinished_one_is_exported_with_a_warning(tmp_path, chain, datalist,
+                                                                                            capsys, recwarn):
+    """A newcomer's run ended without a word (where is the checkpoint, what next?), and `export` shipped a stage
+    that a --time-limit or Ctrl-C had cut short as if it were finished."""
+    for stage in ("autoencoder", "encoder"):
+        shutil.copytree(chain / stage, tmp_path / "run" / stage)
+    config = tiny_config(tmp_path / "run", datalist, max_steps=2)
+    train("diffusion", config, time_limit=1e-6)
+    assert "trained to step" not in capsys.readouterr().err  # it said why it stopped instead
+    with pytest.warns(UserWarning, match=r"the diffusion stage stopped at step 1 of 2 .*`xctdiff train diffusion \.\.\. --resume`"):
+        export_run(tmp_path / "run", tmp_path / "short")
+    path = train("diffusion", config, resume=True)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"diffusion: trained to step 2; checkpoint {path}; next: `xctdiff train style` (optional), then "
+                    f"`xctdiff export {tmp_path / 'run'} --out MODEL`")
+    recwarn.clear()
+    export_run(tmp_path / "run", tmp_path / "model")
+    assert not [w for w in recwarn if "stopped at step" in str(w.message)]
+
+
+def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_go_on(tmp_path, datalist):
+    """Ctrl-C does not checkpoint (SIGTERM does): its line names the checkpoint that survives and --resume, where a
+    bare `error: interrupted` left a newcomer thinking the run lost."""
+    import os
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    (tmp_path / "config.json").write_text(json.dumps(config_to_dict(tiny_config(run_dir, datalist, max_steps=10_000,
+                                                                                 checkpoint_every=1))))
+    child = subprocess.Popen([sys.executable, "-m", "XctDiffCore", "train", "autoencoder", "--config", str(tmp_path / "config.json")],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell ignores it
+    try:
+        checkpoint = checkpoint_path(run_dir, "autoencoder")
+        deadline = time.monotonic() + 300
+        while not checkpoint.is_file() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)  # a few more steps, each checkpointed
+        assert child.poll() is None, child.communicate()
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode == 130, err
+    step = load_checkpoint(checkpoint)["step"]
+    last = err.strip().splitlines()[-1]
+    assert last == (f"error: interrupted: {checkpoint} (step {step}) is kept: the same command with --resume continues "
+                    "from it (SIGTERM instead of Ctrl-C checkpoints first)"), err
+    train("autoencoder", tiny_config(run_dir, datalist, max_steps=step + 1), resume=True)
+    assert load_checkpoint(checkpoint)["step"] == step + 1
+
+
 def test_diffusion_with_v_prediction_trains_and_exports_its_parametrisation(tmp_path, chain, datalist):
     from XctDiffCore.model_folder import load_model_folder
     from XctDiffCore.training import export_run

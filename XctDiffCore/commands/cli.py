@@ -749,8 +749,8 @@ def main(argv=None) -> int:
     except XctDiffError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)  # one line, whatever a file name holds
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # its words, where the command had some (train: the checkpoint kept)
+        print("error: interrupted" + (f": {one_line(exc)}" if exc.args else ""), file=sys.stderr)
         return 130
     except Terminated:
         print("error: terminated", file=sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -78,7 +79,8 @@ def train(stage: str, config: Config, data=None, out=None, resume: bool = False,
         from .diffusion import train_diffusion as run
     import contextlib
 
-    from .common import Deadline, Progress, checkpoint_path, cleanup_distributed, setup_distributed, stage_lock
+    from .common import (Deadline, Progress, checkpoint_path, checkpoint_step, cleanup_distributed, setup_distributed,
+                         stage_lock)
 
     job = setup_distributed()  # one process, or this rank of a torchrun job
     run_dir = Path(config.run.dir)
@@ -87,18 +89,39 @@ def train(stage: str, config: Config, data=None, out=None, resume: bool = False,
     try:
         with stage_lock(run_dir, stage) if job.is_main else contextlib.nullcontext():
             ours = True
-            path = run(config, resume, job, Deadline(time_limit, job))
+            deadline = Deadline(time_limit, job)
+            path = run(config, resume, job, deadline)
         finished = True
+        if job.is_main and not (deadline.reached or deadline.terminated):  # those said why they stopped
+            step = checkpoint_step(run_dir, stage)
+            print(f"{stage}: trained{'' if step is None else f' to step {step}'}; checkpoint {path}; "
+                  f"next: {NEXT_STEP[stage].format(run=run_dir)}", file=sys.stderr, flush=True)
         return path
     except BaseException as exc:
         Progress.close_open()  # the error line below the bar, not on it
-        if job.is_main and ours and not checkpoint_path(run_dir, stage).is_file():
+        kept = checkpoint_path(run_dir, stage)
+        if job.is_main and ours and not kept.is_file():
             _remove_unfinished(new_folders)
         if job.world_size > 1 and _is_peer_failure(exc):
             raise XctDiffError(f"rank {job.rank}: another process of the job stopped (its error is above)") from None
+        if isinstance(exc, KeyboardInterrupt) and job.is_main and ours and kept.is_file():
+            # Ctrl-C does not checkpoint (SIGTERM does): say what survives, so the steps since are not all thought lost
+            step = checkpoint_step(run_dir, stage)
+            raise KeyboardInterrupt(f"{kept}{'' if step is None else f' (step {step})'} is kept: the same command "
+                                    "with --resume continues from it (SIGTERM instead of Ctrl-C checkpoints first)") from None
         raise
     finally:
         cleanup_distributed(job, finished)
+
+
+#: What ``train`` suggests after each stage (the README's order of the stages).
+NEXT_STEP = {
+    "autoencoder": "`xctdiff train encoder` with the same --data and --out",
+    "encoder": "`xctdiff train diffusion` (and, optionally, `coarse`) with the same --data and --out",
+    "diffusion": "`xctdiff train style` (optional), then `xctdiff export {run} --out MODEL`",
+    "style": "`xctdiff export {run} --out MODEL` once the autoencoder, encoder and diffusion are trained",
+    "coarse": "`xctdiff export {run} --out MODEL`",
+}
 
 
 def _remove_unfinished(new_folders: list) -> None:
@@ -280,15 +303,25 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     unknown = sorted(set(required) - set(REQUIRED_STAGES))
     if unknown:
         raise XctDiffError(f"--stages takes {', '.join(REQUIRED_STAGES)}; got {', '.join(unknown)}")
-    networks, settings = {}, {}
+    networks, settings, unfinished = {}, {}, []
     for stage in REQUIRED_STAGES + OPTIONAL_STAGES:
         path = checkpoint_path(run_dir, stage)
         if stage not in required and (stages or not path.is_file()):
             continue
         checkpoint = checked_stage(load_checkpoint(path, required=("config", "models", "step")), path, stage)
         networks[stage], settings[stage] = stage_for_export(stage, checkpoint)
+        max_steps = checkpoint["config"].get(stage, {}).get("optim", {}).get("max_steps")
+        if "imported_from" not in checkpoint and isinstance(max_steps, int) and checkpoint["step"] < max_steps:
+            unfinished.append((stage, f"the {stage} stage stopped at step {checkpoint['step']} of {max_steps}"))
         if stage in required:  # the last required stage's config carries every earlier stage's model
             config = config_from_dict(checkpoint["config"])
+    if unfinished:  # a Ctrl-C, --time-limit or SIGTERM left it short: the model would ship it without a word
+        import warnings
+
+        names = "|".join(stage for stage, _ in unfinished)
+        warnings.warn(f"{'; '.join(words for _, words in unfinished)} (interrupted, or --time-limit): exported as it is; "
+                      f"`xctdiff train {names} ... --resume` finishes it, then export again",
+                      stacklevel=2)
     datalist = Path(datalist or config.data.datalist)
     if "diffusion" in settings:
         settings["diffusion"]["method"] = method

@@ -48,6 +48,9 @@ from ..model_folder import non_finite_tensor
 from .data import PairDataset, train_loader
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# The step of each stage checkpoint this process wrote or resumed from (resolved path -> step): what a
+# Ctrl-C or the end of ``train`` tells the user is kept, without reading a large checkpoint again.
+_checkpoint_steps: dict = {}
 
 
 # --------------------------------------------------------------------------------------- processes
@@ -335,6 +338,7 @@ def prepare_stage_dir(run_dir, stage: str, resume: bool) -> Optional[dict]:
         checkpoint = None
         if path.is_file():
             checkpoint = checked_stage(load_checkpoint(path, required=("stage", "step", "config", "models")), path, stage)
+            _checkpoint_steps[path.resolve()] = checkpoint["step"]
         if checkpoint is not None and "imported_from" in checkpoint:
             raise XctDiffError(
                 f"{path} holds only the weights copied from {checkpoint['imported_from']} by --init and cannot be "
@@ -630,8 +634,14 @@ def save_stage_checkpoint(config, stage: str, step: int, job: Distributed, state
         raise XctDiffError(f"{stage}: training diverged before step {step} (NaN or infinite weights in {broken}); "
                            "the last checkpoint is kept: lower the learning rate or check the data")
     if job.is_main:
-        save_checkpoint(checkpoint_path(config.run.dir, stage),
-                        {"stage": stage, "step": step, "config": config_to_dict(config), **state})
+        path = save_checkpoint(checkpoint_path(config.run.dir, stage),
+                               {"stage": stage, "step": step, "config": config_to_dict(config), **state})
+        _checkpoint_steps[path.resolve()] = step
+
+
+def checkpoint_step(run_dir, stage: str) -> Optional[int]:
+    """The step of the stage's checkpoint as this process last wrote or resumed it (None: not known here)."""
+    return _checkpoint_steps.get(checkpoint_path(run_dir, stage).resolve())
 
 
 # ----------------------------------------------------------------------------------------- metrics
