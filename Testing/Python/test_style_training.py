@@ -157,6 +157,9 @@ def test_missing_real_films_name_the_config_setting(domains, tmp_path, capsys, m
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no real radiographs found at '../shared/")
     assert "config's style.real" in err[0] and "copy of the config" in err[0]
+    from XctDiffCore.config import CONFIG_DIR
+
+    assert f"{CONFIG_DIR}/NAME.yaml" in err[0] and (CONFIG_DIR / "tiny.yaml").is_file()  # the file to copy, found
     assert not out.exists()  # the failed run took back the folders it made
 
 

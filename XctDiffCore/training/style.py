@@ -223,9 +223,12 @@ def style_films(patterns, run_dir=None) -> list:
     try:
         return find_real_films(patterns, run_dir)
     except XctDiffError as exc:
+        from ..config import CONFIG_DIR
+
+        # where the bundled configs lie: a newcomer who trained with `--config cpu` has no file at hand to copy
         raise XctDiffError(f"{exc}; the style stage's real films are the config's style.real (folders or glob "
                            f"patterns, from the working directory {Path.cwd()}): set it to your films in a copy of "
-                           "the config") from None
+                           f"the config (the bundled ones are {CONFIG_DIR}/NAME.yaml) and pass the copy to --config") from None
 
 
 def train_style(config: Config, resume: bool, job: Distributed, deadline: Deadline) -> Path:
