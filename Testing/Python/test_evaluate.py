@@ -325,6 +325,15 @@ def test_knn_0_leaves_the_baseline_out(no_lpips, model_dir, datalist, tmp_path):
     assert "no kNN" in text and "| knn |" not in text and "kNN, k=" not in text
 
 
+def test_the_progress_bar_says_what_a_case_is_waiting_on(no_lpips, model_dir, datalist, tmp_path, capsys):
+    """A case takes most of a minute on a CPU, nearly all of it scoring (3D SSIM, LPIPS of 384 slices per row): the
+    bar said only `0/1 case`, so a newcomer could not tell a slow metric from a hung model."""
+    evaluate(model_dir, datalist, tmp_path / "eval", steps=1, device="cpu", max_cases=1, progress=True)
+    err = capsys.readouterr().err
+    for words in ("reconstructing", "scoring xctdiff", "scoring direct", "kNN", "scoring kNN", "scoring mean CT"):
+        assert f": {words}" in err, words
+
+
 def test_a_model_with_a_coarse_ct_is_also_scored_without_it(no_lpips, datalist, tmp_path):
     """The direct row is what ships (the blend); "decoder alone" beside it shows what the coarse CT adds."""
     model = create_random_model(tmp_path / "coarse", "tiny", with_coarse=True)
