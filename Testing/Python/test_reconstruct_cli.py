@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -408,6 +409,20 @@ def test_folder_reconstructs_every_radiograph(cli, batch, tmp_path):
     assert cases[str(batch / "film.dcm")]["output"] == str(out / "film_ct.nrrd")
     assert cases[str(batch / "drr.png")]["style"] is False and cases[str(batch / "film.dcm")]["style"] is True
     assert result["consistency"] == pytest.approx(np.mean([c["consistency"] for c in result["cases"]]), abs=1e-4)
+    assert re.match(r"reconstructed 2 of 2 radiographs in \d+ s \(\d+\.\d s each, the model's loading included\)",
+                    err.strip().splitlines()[-1])
+
+
+def test_a_folders_last_line_counts_the_films_and_names_the_flagged_ones():
+    from types import SimpleNamespace
+
+    from XctDiffCore.commands.reconstruct_job import batch_tally
+
+    results = [(Path(f"f{i}.png"), None, SimpleNamespace(warnings=["turned"] if i % 2 else [])) for i in range(14)]
+    line = batch_tally(results, [Path("bad.png")], 15, 70.0)
+    assert line == ("reconstructed 14 of 15 radiographs in 70 s (5.0 s each, the model's loading included); 7 with "
+                    "warnings (above): f1.png, f3.png, f5.png, f7.png, f9.png and 2 more; 1 skipped (above)")
+    assert batch_tally([], [Path("bad.png")], 1, 2.0) == "reconstructed 0 of 1 radiographs in 2 s; 1 skipped (above)"
 
 
 def test_skip_existing_continues_an_interrupted_folder(cli, batch, tmp_path, monkeypatch):

@@ -380,6 +380,7 @@ def run_reconstruct(
         return 0
     display = ProgressDisplay(progress_lines, description=f"rank {rank}" if world_size > 1 else "reconstruct")
     results, failures = [], []
+    started = time.perf_counter()
     with plain_warnings():
         try:
             display(0.0, "loading model")
@@ -408,6 +409,8 @@ def run_reconstruct(
             display(1.0, "done")
         finally:
             display.close()
+    if input_path.is_dir():
+        print(batch_tally(results, failures, len(jobs), time.perf_counter() - started), file=sys.stderr, flush=True)
     if progress_lines:
         print("RESULT " + json.dumps(_result_record(results, failures, batch=input_path.is_dir())), flush=True)
     if failures:
@@ -460,6 +463,18 @@ def _print_line(display: ProgressDisplay, text: str) -> None:
         display.bar.write(text, file=sys.stdout)
     else:
         print(text, flush=True)
+
+
+def batch_tally(results: list, failures: list, total: int, seconds: float) -> str:
+    """The last line of a folder's run: how many films were reconstructed, in what time, and which were flagged
+    (their warnings are above, among hundreds of lines), so a long batch need not be read line by line."""
+    flagged = [Path(source).name for source, _, result in results if result.warnings]
+    line = f"reconstructed {len(results)} of {total} radiographs in {seconds:.0f} s"
+    line += f" ({seconds / len(results):.1f} s each, the model's loading included)" if results else ""
+    if flagged:
+        shown = ", ".join(flagged[:5]) + (f" and {len(flagged) - 5} more" if len(flagged) > 5 else "")
+        line += f"; {len(flagged)} with warnings (above): {shown}"
+    return line + (f"; {len(failures)} skipped (above)" if failures else "")
 
 
 def _result_record(results: list, failures: list, batch: bool = False) -> dict:
