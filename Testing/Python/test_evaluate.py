@@ -334,6 +334,26 @@ def test_the_progress_bar_says_what_a_case_is_waiting_on(no_lpips, model_dir, da
         assert f": {words}" in err, words
 
 
+def test_the_reconstructions_warnings_are_one_line_not_one_per_case_and_method(no_lpips, model_dir, datalist, tmp_path):
+    """A model with a reliability threshold flagged each validation DRR's reconstruction, case by case and method by
+    method, as "not a frontal chest film": one line now counts them, the consistency of each is in metrics.csv."""
+    import warnings
+
+    from XctDiffCore.plausibility import PlausibilityWarning
+
+    strict = tmp_path / "strict"
+    shutil.copytree(model_dir, strict)
+    manifest = json.loads((strict / "manifest.json").read_text(encoding="utf-8"))
+    (strict / "manifest.json").write_text(json.dumps({**manifest, "min_consistency": 0.999}), encoding="utf-8")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate(strict, datalist, tmp_path / "eval", steps=1, device="cpu", max_cases=2, progress=False, knn=0)
+    assert not [w for w in caught if issubclass(w.category, PlausibilityWarning)]
+    summaries = [str(w.message) for w in caught if "on the reconstructions scored" in str(w.message)]
+    assert len(summaries) == 1 and int(summaries[0].split()[0]) >= 4, summaries  # each of 2 cases x 2 methods flagged
+    assert "(each one's consistency is in metrics.csv), e.g. chest" in summaries[0]
+
+
 def test_a_model_with_a_coarse_ct_is_also_scored_without_it(no_lpips, datalist, tmp_path):
     """The direct row is what ships (the blend); "decoder alone" beside it shows what the coarse CT adds."""
     model = create_random_model(tmp_path / "coarse", "tiny", with_coarse=True)

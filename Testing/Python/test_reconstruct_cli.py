@@ -413,6 +413,30 @@ def test_folder_reconstructs_every_radiograph(cli, batch, tmp_path):
                     err.strip().splitlines()[-1])
 
 
+def test_a_warning_during_a_progress_bar_gets_a_line_of_its_own(monkeypatch):
+    """Printed while a bar was drawn, a warning ended the bar's line ("...scoring kNN]warning: ..."); now the bar is
+    lifted for it and drawn again."""
+    import io
+    import warnings
+
+    from tqdm import tqdm
+
+    from XctDiffCore.commands.reconstruct_job import plain_warnings
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    with plain_warnings():
+        with tqdm(total=2, file=sys.stderr, desc="evaluate", mininterval=0) as bar:
+            bar.update(1)
+            warnings.warn("the reconstruction is unreliable")
+            bar.update(1)
+    text = stream.getvalue()
+    assert "warning: the reconstruction is unreliable\n" in text
+    assert "]warning" not in text and "|warning" not in text
+    before = text.split("warning: ")[0]
+    assert before.endswith("\r") or before.endswith("\n"), repr(before[-40:])
+
+
 def test_a_folders_last_line_counts_the_films_and_names_the_flagged_ones():
     from types import SimpleNamespace
 

@@ -684,6 +684,21 @@ def test_export_run_writes_safetensors_configs_and_a_manifest(chain, datalist, t
     half = export_run(chain, tmp_path / "half", dtype="float16").parent
     size = lambda d: (d / "autoencoder.safetensors").stat().st_size  # noqa: E731
     assert size(half) < 0.6 * size(tmp_path / "model")
+    assert "min_consistency" not in manifest  # none given: nothing is ever flagged unreliable
+
+
+def test_export_records_the_reliability_threshold_the_pipeline_flags_by(chain, tmp_path, capsys):
+    """A researcher's own model flagged nothing (a consistency of 0.000 went without a word) unless the manifest was
+    edited by hand: --min-consistency records it at export."""
+    from XctDiffCore.commands.cli import main
+    from XctDiffCore.model_folder import load_model_folder
+
+    assert main(["export", str(chain), "--out", str(tmp_path / "model"), "--min-consistency", "0.6"]) == 0
+    assert load_model_folder(tmp_path / "model").info.min_consistency == 0.6
+    for bad in ("1.5", "nan"):
+        assert main(["export", str(chain), "--out", str(tmp_path / "bad"), "--min-consistency", bad]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --min-consistency must be an SSIM")
+        assert not (tmp_path / "bad").exists()
 
 
 # ------------------------------------------------------------------------------- fine-tuning (--init)

@@ -94,6 +94,10 @@ def add_export_command(subparsers):
     p.add_argument("--metrics", help="JSON file recorded in the manifest (e.g. the summary.json of `xctdiff evaluate`)")
     p.add_argument("--method", choices=METHODS, default="diffusion",
                    help="the model's default reconstruction path (direct: when its diffusion stage measures worse)")
+    p.add_argument("--min-consistency", type=float, metavar="SSIM", dest="min_consistency",
+                   help="the model's reliability threshold, 0-1: a reconstruction whose DRR agrees less with its film "
+                   "is flagged unreliable (measure it: Testing/Scripts/consistency_survey.py --model MODEL; the bundled "
+                   "model's is 0.5); default: none, nothing is flagged")
     p.add_argument("--stages", nargs="+", choices=("autoencoder", "encoder", "diffusion"),
                    help="export only these stages: a partial folder that cannot reconstruct but can start the "
                    "later stages' training (--init), e.g. an autoencoder trained in an earlier session")
@@ -123,7 +127,7 @@ def _run_export(args) -> int:
         except (OSError, ValueError) as exc:
             raise XctDiffError(f"cannot read the metrics file {args.metrics}: {exc}") from None
     manifest = export_run(args.run, args.out, args.dtype, args.id, args.version, card, args.data, metrics, args.method,
-                          stages=args.stages)
+                          stages=args.stages, min_consistency=args.min_consistency)
     print(f"wrote {manifest}")
     return 0
 

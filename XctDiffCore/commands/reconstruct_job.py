@@ -54,10 +54,15 @@ def plain_warnings():
     """Warnings as one ``warning: <message>`` line on stderr (no file names, no source lines).
 
     The one way the CLI shows a warning: :func:`XctDiffCore.commands.cli.main` runs every command inside it, so
-    that a library's warning (numpy, Pillow's DecompressionBombWarning) looks like the engine's own."""
+    that a library's warning (numpy, Pillow's DecompressionBombWarning) looks like the engine's own. A progress bar
+    drawn meanwhile (tqdm's, when loaded) is lifted for the line and drawn again below it, where the line would have
+    ended the bar's ("...reconstructing]warning: ...")."""
 
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"warning: {one_line(message)}", file=sys.stderr, flush=True)
+        bars = sys.modules.get("tqdm")  # not imported here: the parser stays quick to build
+        lifted = bars.tqdm.external_write_mode(file=sys.stderr) if bars is not None else contextlib.nullcontext()
+        with lifted:
+            print(f"warning: {one_line(message)}", file=sys.stderr, flush=True)
 
     with warnings.catch_warnings():
         warnings.simplefilter("default")

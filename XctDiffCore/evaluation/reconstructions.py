@@ -270,8 +270,10 @@ def evaluate(
     """Run the protocol of the module docstring; write the outputs; return the summary (method -> metric -> mean/std)."""
     from tqdm import tqdm
 
+    from ..guidance import GuidanceWarning
     from ..options import check_guidance
     from ..io import Radiograph
+    from ..plausibility import PlausibilityWarning
     from ..metrics import BONE_HU, LUNG_HU, body_region, volume_scores
     from ..models.lpips import LPIPS
     from ..pipeline import OUTPUT_SIZE, XctDiffPipeline
@@ -299,8 +301,6 @@ def evaluate(
             cases = ct_folder_cases(data, size, pipe.info.geometry, max_cases, output=out_dir)
             mean_ct = None if pipe.mean_ct is None else resample_hu(pipe.mean_ct, size)
             if atlas:
-                import warnings
-
                 warnings.warn("--atlas registers a datalist's training CTs, and a CT folder has none: the atlas is left out",
                               stacklevel=2)
         k = min(knn, len(training))  # 0: kNN left out
@@ -356,6 +356,7 @@ def evaluate(
                 return volume_scores(volume, case.truth_hu, lpips, pipe.device, body)
 
             for method, result in outputs.items():
+                flagged.extend(f"{case.name} ({method}): {w}" for w in result.warnings)
                 rows.append({"case": case.name, "method": method, **scores(result.ct.array, method),
                              "consistency": result.consistency, "seconds": result.timings["total"]})
             if k:
@@ -379,9 +380,13 @@ def evaluate(
             return outputs["direct"].precision
 
         bar = tqdm(total=len(cases), initial=done, desc="evaluate", unit="case", file=sys.stderr, disable=not progress)
+        flagged = []  # each reconstruction's warnings: one line at the end, not one per case and method
         try:
             for index, case in enumerate(cases[done:], start=done):
-                used_precision = score_case(index, case)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", PlausibilityWarning)
+                    warnings.simplefilter("ignore", GuidanceWarning)
+                    used_precision = score_case(index, case)
                 bar.update()
                 done = index + 1
                 write_progress(out_dir, settings, [case.name for case in cases[:done]], rows, figure, used_precision)
@@ -392,6 +397,9 @@ def evaluate(
                       "--resume continues", file=sys.stderr)
             raise
         bar.close()
+        if flagged:
+            warnings.warn(f"{len(flagged)} warning{'s' * (len(flagged) > 1)} on the reconstructions scored (each one's "
+                          f"consistency is in metrics.csv), e.g. {flagged[0]}", stacklevel=2)
 
         summary = summarize(rows)
         baselines = f"kNN with k = {k} of {len(training)} training patient(s) (DRR mean squared difference)" if k else "no kNN"

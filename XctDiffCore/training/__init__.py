@@ -280,7 +280,7 @@ def _folder_has_stage(folder, stage: str) -> bool:
 
 def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctdiff", version: str = "0",
                model_card: str = "", datalist=None, metrics: Optional[dict] = None, method: str = "diffusion",
-               stages=None) -> Path:
+               stages=None, min_consistency: Optional[float] = None) -> Path:
     """Export a trained run into a model folder (created); returns its ``manifest.json``.
 
     The three reconstruction stages are required; ``style`` and ``coarse`` are included when the run trained them.
@@ -291,6 +291,8 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     records the training patients of that datalist, each stage's training steps and ``metrics``
     (e.g. the ``summary.json`` of ``xctdiff evaluate``). ``method``: the pipeline's default path
     (``"direct"`` for a model whose diffusion stage measures worse than its encoder alone).
+    ``min_consistency``: the model's reliability threshold (:func:`~XctDiffCore.plausibility.consistency_problems`),
+    recorded in the manifest; None: its reconstructions are never flagged unreliable.
     """
     from ..evaluation.reconstructions import datalist_mean_ct
     from ..model_folder import MANIFEST_NAME, OPTIONAL_STAGES, REQUIRED_STAGES, save_model_folder
@@ -299,6 +301,8 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
 
     if Path(model_dir).resolve() in {Path(run_dir).resolve(), *(Path(run_dir, s).resolve() for s in STAGES)}:
         raise XctDiffError(f"the model folder {model_dir} would be written into the run folder {run_dir}: choose another --out")
+    if min_consistency is not None and not 0.0 <= min_consistency <= 1.0:  # NaN fails this too
+        raise XctDiffError(f"--min-consistency must be an SSIM from 0 to 1, got {min_consistency:g}")
     required = tuple(stages) if stages else REQUIRED_STAGES
     unknown = sorted(set(required) - set(REQUIRED_STAGES))
     if unknown:
@@ -337,7 +341,8 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
         # a model retrained on every patient after its recipe was chosen says so: its validation scores are fit
         training["validation_seen_in_training"] = bool(
             set(training["training_patients"]) & set(training["validation_patients"]))
-    extra = {"training": training, **({"metrics": metrics} if metrics else {})}
+    extra = {"training": training, **({"metrics": metrics} if metrics else {}),
+             **({"min_consistency": float(min_consistency)} if min_consistency is not None else {})}
     save_model_folder(model_dir, networks, config, model_id, version, mean_ct=mean_ct, model_card=model_card,
                       dtype=dtype, settings=settings, extra=extra, required=required)
     return Path(model_dir) / MANIFEST_NAME
