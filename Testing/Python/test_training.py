@@ -12,8 +12,10 @@ import re
 import dataclasses
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -390,6 +392,23 @@ def test_time_limit_checkpoints_stops_and_resumes_to_the_same_run(tmp_path, chai
     assert "--time-limit must be a positive number of minutes" in capsys.readouterr().err
 
 
+def signal_when(child, ready: Path, sig, settle: float = 0.0) -> str:
+    """Send ``sig`` to the training ``child`` once ``ready`` exists (and ``settle`` s more), then its stderr; a child
+    left running by a failed check is killed."""
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.is_file() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(settle)
+        assert child.poll() is None, child.communicate()
+        child.send_signal(sig)
+        return child.communicate(timeout=300)[1]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+
 def test_a_finished_stage_says_where_it_is_and_an_unfinished_one_is_exported_with_a_warning(tmp_path, chain, datalist,
                                                                                             capsys, recwarn):
     """A newcomer's run ended without a word (where is the checkpoint, what next?), and `export` shipped a stage
@@ -414,8 +433,6 @@ def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_go_on(tmp_path, datalis
     """Ctrl-C does not checkpoint (SIGTERM does): its line names the checkpoint that survives and --resume, where a
     bare `error: interrupted` left a newcomer thinking the run lost."""
     import os
-    import signal
-    import time
 
     run_dir = tmp_path / "run"
     (tmp_path / "config.json").write_text(json.dumps(config_to_dict(tiny_config(run_dir, datalist, max_steps=10_000,
@@ -424,19 +441,8 @@ def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_go_on(tmp_path, datalis
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
                              env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell ignores it
-    try:
-        checkpoint = checkpoint_path(run_dir, "autoencoder")
-        deadline = time.monotonic() + 300
-        while not checkpoint.is_file() and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(0.5)  # a few more steps, each checkpointed
-        assert child.poll() is None, child.communicate()
-        child.send_signal(signal.SIGINT)
-        _, err = child.communicate(timeout=300)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.communicate()
+    checkpoint = checkpoint_path(run_dir, "autoencoder")
+    err = signal_when(child, checkpoint, signal.SIGINT, settle=0.5)  # a few more steps, each checkpointed
     assert child.returncode == 130, err
     step = load_checkpoint(checkpoint)["step"]
     last = err.strip().splitlines()[-1]
@@ -1046,26 +1052,13 @@ def test_sigterm_checkpoints_stops_cleanly_and_resumes(tmp_path, datalist):
     """A cluster scheduler sends SIGTERM before it kills: the stage checkpoints after the current step and
     exits 0, as with --time-limit; --resume continues from that step."""
     import os
-    import signal
-    import time
 
     run_dir = tmp_path / "run"
     (tmp_path / "config.json").write_text(json.dumps(config_to_dict(tiny_config(run_dir, datalist, max_steps=10_000))))
     child = subprocess.Popen([sys.executable, "-m", "XctDiffCore", "train", "autoencoder", "--config", str(tmp_path / "config.json")],
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
                              env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-    try:
-        log = run_dir / "autoencoder" / "log.csv"
-        deadline = time.monotonic() + 300
-        while not log.is_file() and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)  # the first step is logged: the loop runs
-        assert child.poll() is None, child.communicate()
-        child.send_signal(signal.SIGTERM)
-        _, err = child.communicate(timeout=300)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.communicate()
+    err = signal_when(child, run_dir / "autoencoder" / "log.csv", signal.SIGTERM)  # the first step logged: it runs
     assert child.returncode == 0, err
     step = load_checkpoint(checkpoint_path(run_dir, "autoencoder"))["step"]
     assert 1 <= step < 10_000
@@ -1210,8 +1203,6 @@ def test_export_refuses_diverged_weights_a_swapped_checkpoint_and_its_own_run_fo
 def test_loader_workers_leave_the_stop_signals_to_the_main_process():
     """`kill -TERM -PGID` (a terminal, `timeout`, a scheduler) reaches the workers too: they must not die of it,
     or the main process's clean stop becomes a `DataLoader worker is killed` traceback."""
-    import signal
-
     from XctDiffCore.training.data import train_loader
 
     class Dispositions(torch.utils.data.Dataset):
