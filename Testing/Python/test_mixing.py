@@ -83,7 +83,7 @@ def test_prepare_adds_mixes_to_the_training_list_only(tmp_path, capsys):
     out = tmp_path / "out"
     options = ["--val-fraction", "0.34", "--size", str(SIZE)]
     assert main(["prepare", *map(str, paths), "--out", str(out), *options, "--mix", "1"]) == 0
-    assert "training 4 pairs / 2 patients + 2 mixes, validation 1 pairs / 1 patients" in capsys.readouterr().out
+    assert "training 4 pairs / 2 patients + 2 mixes, validation 1 pair / 1 patient" in capsys.readouterr().out
     datalist = json.loads((out / "datalist.json").read_text())
     mixes = [e for e in datalist["training"] if "mix" in e]
     patients = {e["patient"] for e in datalist["training"] if "mix" not in e}
@@ -130,7 +130,7 @@ def test_train_on_all_trains_on_the_validation_patients_and_may_mix_them(tmp_pat
     out = tmp_path / "all"
     assert main(["prepare", *map(str, paths), "--out", str(out), *options, "--train-on-all",
                  "--mix", "1", "--mix-patients", validation, training[0]]) == 0
-    assert ("training 5 pairs / 3 patients + 2 mixes, validation 1 pairs / 1 patients (also trained on: training fit)"
+    assert ("training 5 pairs / 3 patients + 2 mixes, validation 1 pair / 1 patient (also trained on: training fit)"
             in capsys.readouterr().out)
     datalist = json.loads((out / "datalist.json").read_text())
     assert [e["patient"] for e in datalist["validation"]] == [validation]

@@ -62,7 +62,7 @@ def test_prepare_phantoms_split_by_patient_and_pairs_consistent(tmp_path, capsys
     argv = ["prepare", *map(str, paths), "--out", str(out), "--augment", "1", "--val-fraction", "0.34",
             "--seed", "3", "--size", str(SIZE)]
     assert main(argv) == 0
-    assert "training 4 pairs / 2 patients, validation 2 pairs / 1 patients" in capsys.readouterr().out
+    assert "training 4 pairs / 2 patients, validation 2 pairs / 1 patient" in capsys.readouterr().out
     datalist = _check_datalist(out, n_patients=3, augment=1, size=SIZE)
 
     entry = datalist["training"][0]
@@ -244,7 +244,7 @@ def test_prepare_reads_a_tcia_download_and_keeps_each_patient_on_one_side(tmp_pa
                  str(split)]) == 0
     captured = capsys.readouterr()
     assert "ignored 2 DICOM series that are not a CT volume (CT localizer: 1, modality CR: 1)" in captured.err
-    assert "training 3 pairs / 3 patients, validation 2 pairs / 1 patients" in captured.out
+    assert "training 3 pairs / 3 patients, validation 2 pairs / 1 patient" in captured.out
     datalist = json.loads((out / "datalist.json").read_text(encoding="utf-8"))
     assert [(e["patient"], e.get("subject")) for e in datalist["validation"]] == [("P2", None), ("P2_2", "P2")]
 
@@ -295,7 +295,7 @@ def test_one_patient_id_for_every_ct_is_refused_unless_named_by_folder(tmp_path,
     assert "all carry the DICOM PatientID 'P2'" in capsys.readouterr().err
     assert main(["prepare", str(one_patient), "--out", str(tmp_path / "b"), "--size", str(SIZE), "--ids",
                  "folder"]) == 0
-    assert "training 1 pairs / 1 patients, validation 1 pairs / 1 patients" in capsys.readouterr().out
+    assert "training 1 pair / 1 patient, validation 1 pair / 1 patient" in capsys.readouterr().out
 
 
 def test_a_patient_folder_given_as_one_ct_names_the_series_below_it(tmp_path, capsys):
@@ -330,7 +330,7 @@ def test_a_data_set_written_inside_the_input_folder_is_not_read_as_ct(tmp_path, 
     for folder in (out, out, other):
         assert main(["prepare", str(tmp_path / "in"), "--out", str(folder), "--size", str(SIZE), "--augment", "1"]) == 0
         captured = capsys.readouterr()
-        assert "training 4 pairs / 2 patients, validation 2 pairs / 1 patients" in captured.out.splitlines()[-1]
+        assert "training 4 pairs / 2 patients, validation 2 pairs / 1 patient" in captured.out.splitlines()[-1]
         assert ("passed over" in captured.err) == (folder == other)
     assert f"warning: passed over {out}: a data set written by `xctdiff prepare`" in captured.err
 

@@ -131,7 +131,7 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
         summary = summarize_rows(rows, summarize)
         summary["autoencoder"]["codebook_use_all_cases"] = float((histogram > 0).float().mean())
         header = (f"Autoencoder of `{source}`: {volume_size}^3 grid, latent {latent}^3 x {vqgan.latent_channels}, "
-                  f"codebook {vqgan.codebook_size}; {len(cases)} cases from `{data.name}`, scored on "
+                  f"codebook {vqgan.codebook_size}; {len(cases)} case{'s' * (len(cases) != 1)} from `{data.name}`, scored on "
                   f"{PREPARED_SIZE}^3 at 2.5 mm (bone: HU > 200, lung: -1000 < HU < -400; in body: inside the truth's body). "
                   f"Codebook entries used over all cases: {summary['autoencoder']['codebook_use_all_cases']:.1%}.\n\n")
         with output_set():  # all four or none (a full disk at the figure): never a new metrics.csv beside an old figure

@@ -406,7 +406,7 @@ def evaluate(
         if k_atlas:
             candidates = min(len(training), CANDIDATE_FACTOR * k_atlas)
             baselines += f"; atlas: the {k_atlas} of {candidates} nearest that fit the DRR best after registration"
-        header = (f"Model `{pipe.info.model_id}` {pipe.info.version}, {len(cases)} cases from `{data.name}`, "
+        header = (f"Model `{pipe.info.model_id}` {pipe.info.version}, {len(cases)} case{'s' * (len(cases) != 1)} from `{data.name}`, "
                   f"{samples} sample(s), {steps or pipe.info.steps} {sampler or pipe.info.sampler} steps, "
                   f"model grid {pipe.info.volume_size}^3, scored on {size}^3 at 2.5 mm; {baselines}; "
                   f"{f'guidance {guidance:g} beside none' if guidance else 'no guidance'}; networks in {used_precision}; "
