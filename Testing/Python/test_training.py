@@ -987,6 +987,10 @@ def test_models_command_prints_parameters_and_fp16_size(capsys):
     paper = stage_parameter_counts(load_config("paper"))
     assert all(paper[s] > small[s] for s in small)
     assert f"{small['diffusion']:,}" in parameter_table({"small": load_config("small")})
+    assert main(["models"]) == 0  # a newcomer's first try: every bundled configuration
+    from XctDiffCore.config import bundled_config_names
+
+    assert capsys.readouterr().out.count("total (deployed stages)") == len(bundled_config_names()) >= 5
 
 
 def test_models_command_rejects_an_unknown_config(capsys):

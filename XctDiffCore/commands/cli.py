@@ -134,15 +134,16 @@ def _run_export(args) -> int:
 
 def add_models_command(subparsers):
     p = subparsers.add_parser("models", help="describe model configurations (parameter counts, fp16 size)")
-    p.add_argument("--params", nargs="+", required=True, metavar="CONFIG", help="config names or paths")
+    p.add_argument("--params", nargs="+", metavar="CONFIG", help="config names or paths (default: every bundled "
+                   "configuration)")
     p.set_defaults(handler=_run_models)
 
 
 def _run_models(args) -> int:
-    from ..config import load_config
+    from ..config import bundled_config_names, load_config
     from ..training import parameter_table
 
-    configs = {name: load_config(name) for name in args.params}
+    configs = {name: load_config(name) for name in args.params or bundled_config_names()}
     print(parameter_table(configs))
     return 0
 
