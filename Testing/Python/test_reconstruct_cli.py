@@ -3,6 +3,7 @@
 input of test_bad_input.py (one `error:` line, exit status 2, no traceback, no file left) and cancel."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -1044,7 +1045,9 @@ def test_the_options_have_one_definition_from_parser_to_protocol():
 
     options = ReconstructOptions(steps=7, samples=2, seed=5, device="cpu", style="off", method="diffusion",
                                  sampler="dpm-solver++", guidance=0.5, strict=True, precision="bf16",
-                                 coarse="off", ap_diameter=242.5)
+                                 coarse="off", ap_diameter=242.5, turn="auto", mirror=True)
+    default = ReconstructOptions()  # every option set otherwise: a new one is in this round trip too
+    assert [f.name for f in dataclasses.fields(options) if getattr(options, f.name) == getattr(default, f.name)] == []
     args = build_parser().parse_args(["reconstruct", "in.png", *options.to_argv()])
     assert ReconstructOptions.from_args(args) == options
     assert ReconstructOptions.from_args(build_parser().parse_args(["reconstruct", "in.png"])) == ReconstructOptions()
