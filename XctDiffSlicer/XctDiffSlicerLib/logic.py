@@ -464,7 +464,7 @@ def _result_fields(result: dict) -> dict:
         warnings=tuple(w for w in _list(result.get("warnings")) if isinstance(w, str)),
         ap_diameter=_optional_float(result.get("ap_diameter_mm")),
         learnt_ap_diameter=_optional_float(result.get("learnt_ap_diameter_mm")),
-        turn=result["turn"] if result.get("turn") in TURNS else "none",
+        turn=result["turn"] if isinstance(result.get("turn"), str) and result["turn"] in TURNS else "none",
         mirrored=result.get("mirror") is True,
     )
 
