@@ -238,10 +238,12 @@ def temporary_folder_problem() -> Optional[str]:
     return None
 
 
-def in_folder(path, folder) -> bool:
-    """Whether ``path`` is ``folder`` or lies below it, both resolved (through links too): how a job that searches
-    folders for its inputs tells its own output folder, whose files read back would be taken for inputs."""
-    path, folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+def in_folder(path, folder, resolved: bool = False) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it, both resolved (through links too) unless ``resolved`` says
+    they are already: how a job that searches folders for its inputs tells its own output folder, whose files read
+    back would be taken for inputs."""
+    if not resolved:
+        path, folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
     return path == folder or folder in path.parents
 
 

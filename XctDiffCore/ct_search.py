@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .atomic import full_suffix, refuse_own_output
+from .atomic import full_suffix, in_folder, refuse_own_output
 from .errors import XctDiffError
 
 CT_FILE_SUFFIXES = (".npz", ".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -83,16 +83,16 @@ def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str 
         from .io import walk_below  # numpy: not imported with the command line's parser (`xctdiff --help`)
 
         tree = _outside_prepared_sets(path, _outside_folder(path, sorted(walk_below(path)), own))  # one walk for all
-        in_folder = [_Found(p, _stem(p), _above(p.parent)) for p in tree
-                     if p.is_file() and full_suffix(p).lower() in CT_FILE_SUFFIXES]
-        in_folder += _dicom_ct_series([path, *(p for p in tree if p.is_dir())], ignored_here,
-                                      use_patient_id=naming == "patient-id", progress=progress)
-        in_folder.sort(key=lambda f: f.path)
+        cts_here = [_Found(p, _stem(p), _above(p.parent)) for p in tree
+                    if p.is_file() and full_suffix(p).lower() in CT_FILE_SUFFIXES]
+        cts_here += _dicom_ct_series([path, *(p for p in tree if p.is_dir())], ignored_here,
+                                     use_patient_id=naming == "patient-id", progress=progress)
+        cts_here.sort(key=lambda f: f.path)
         ignored.extend(ignored_here)
-        if not in_folder:
+        if not cts_here:
             raise XctDiffError(f"no CT (DICOM CT series, {', '.join(CT_FILE_SUFFIXES)}) found in {path}"
                                + (f"; {describe_ignored(ignored_here)}" if ignored_here else _sitk_hint()))
-        found.extend(in_folder)
+        found.extend(cts_here)
     unique = {f.path.resolve(): f for f in found}
     return _name_inputs([_Found(p, f.name, f.above, f.patient_id) for p, f in unique.items()])
 
@@ -104,11 +104,8 @@ def _outside_folder(root: Path, tree: list, folder: Optional[Path]) -> list:
         return tree
     real_root = Path(os.path.realpath(root))
     return [p for p in tree
-            if not _within(Path(os.path.realpath(p)) if p.is_symlink() else real_root / p.relative_to(root), folder)]
-
-
-def _within(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
+            if not in_folder(Path(os.path.realpath(p)) if p.is_symlink() else real_root / p.relative_to(root), folder,
+                             resolved=True)]
 
 
 def _outside_prepared_sets(root: Path, tree: list) -> list:
