@@ -474,11 +474,44 @@ def test_ctrl_c_before_the_command_line_is_imported_is_one_line(monkeypatch, cap
     """The `xctdiff` program's first lines catch a Ctrl-C that lands while the command line is still being
     imported (or while a network command restarts): a traceback of whatever import it hit, before."""
     import XctDiffCore.commands.cli as cli
-    from XctDiffCore.commands.launcher import entry_point
+    from XctDiffCore.commands import launcher
 
     def interrupted():
         raise KeyboardInterrupt
 
+    deaths = []
     monkeypatch.setattr(cli, "entry_point", interrupted)
-    assert entry_point() == 130
-    assert capsys.readouterr().err == "error: interrupted\n"
+    monkeypatch.setattr(launcher, "die_interrupted", lambda: deaths.append(capsys.readouterr().err))
+    assert launcher.entry_point() == 130  # where the process cannot die of SIGINT (not POSIX)
+    assert deaths == ["error: interrupted\n"]  # it dies of it once its line is out
+
+
+def test_ctrl_c_ends_the_program_as_sigint_would_so_that_a_shell_loop_stops(tmp_path):
+    """An exit status of 130 reads to a shell as a Ctrl-C the program handled: `for f in ...; do xctdiff ...; done`
+    went on to its next command (the next stage, the next patient). The program now ends as killed by SIGINT,
+    after its one line, and the loop stops with it. Ctrl-C reaches the terminal's whole process group: here
+    the shell's group gets it, once the command runs."""
+    import signal
+    import time
+
+    running = tmp_path / "running"
+    script = ("import sys, time\nsys.argv = ['xctdiff', 'inspect', sys.argv[1]]\n"
+              "import XctDiffCore.commands.cli as cli\n"
+              "def command(args):\n    open(args.path + '/running', 'w').close()\n    time.sleep(120)\n"
+              "cli._run_undoing_empty_folders = command\n"
+              "from XctDiffCore.commands.launcher import entry_point\nsys.exit(entry_point())\n")
+    shell = subprocess.Popen(["bash", "-c", f'for i in 1 2; do "{sys.executable}" -c "$0" "{tmp_path}"; echo "went on $?"; done',
+                              script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not running.is_file() and shell.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(shell.pid, signal.SIGINT)
+        out, err = shell.communicate(timeout=60)
+    finally:
+        if shell.poll() is None:
+            os.killpg(shell.pid, signal.SIGKILL)
+            shell.communicate()
+    assert shell.returncode == -signal.SIGINT and out == "", (out, err)
+    assert err == "error: interrupted\n"

@@ -750,7 +750,7 @@ def test_cancelled_command_leaves_no_file(tmp_path, model_dir, how):
     if how.startswith("SIGKILL"):
         assert status == -signal.SIGKILL
     elif how.startswith("SIGINT"):
-        assert status == 130
+        assert status == -signal.SIGINT  # after its line, as Ctrl-C's own death: a shell loop stops too
         assert_one_error_line(err, "interrupted")
     else:
         assert status == 143

@@ -429,27 +429,63 @@ def test_a_finished_stage_says_where_it_is_and_an_unfinished_one_is_exported_wit
     assert not [w for w in recwarn if "stopped at step" in str(w.message)]
 
 
-def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_go_on(tmp_path, datalist):
-    """Ctrl-C does not checkpoint (SIGTERM does): its line names the checkpoint that survives and --resume, where a
-    bare `error: interrupted` left a newcomer thinking the run lost."""
+def test_ctrl_c_checkpoints_the_step_under_way_and_stops_a_shell_loop_too(tmp_path, datalist):
+    """Ctrl-C during training lost every step since the last checkpoint (SIGTERM kept them): now it finishes
+    the step under way, checkpoints it and ends the process as Ctrl-C killed it, so that a shell loop over the
+    stages stops with it instead of starting the next stage on an unfinished one."""
     import os
 
     run_dir = tmp_path / "run"
-    (tmp_path / "config.json").write_text(json.dumps(config_to_dict(tiny_config(run_dir, datalist, max_steps=10_000,
-                                                                                 checkpoint_every=1))))
+    (tmp_path / "config.json").write_text(json.dumps(config_to_dict(tiny_config(run_dir, datalist, max_steps=10_000))))
     child = subprocess.Popen([sys.executable, "-m", "XctDiffCore", "train", "autoencoder", "--config", str(tmp_path / "config.json")],
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
                              env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell ignores it
     checkpoint = checkpoint_path(run_dir, "autoencoder")
-    err = signal_when(child, checkpoint, signal.SIGINT, settle=0.5)  # a few more steps, each checkpointed
-    assert child.returncode == 130, err
+    err = signal_when(child, run_dir / "autoencoder" / "log.csv", signal.SIGINT)  # the first step logged, none saved
+    assert child.returncode == -signal.SIGINT, err
     step = load_checkpoint(checkpoint)["step"]
-    last = err.strip().splitlines()[-1]
-    assert last == (f"error: interrupted: {checkpoint} (step {step}) is kept: the same command with --resume continues "
-                    "from it (SIGTERM instead of Ctrl-C checkpoints first)"), err
+    assert 1 <= step < 10_000
+    assert "Ctrl-C: the autoencoder stage stops after this step, with a checkpoint (Ctrl-C again stops at once, " \
+           "without it)" in err
+    assert err.strip().splitlines()[-1] == (f"error: interrupted: autoencoder: stopped at step {step} with a checkpoint, "
+                                            f"{checkpoint}: the same command with --resume continues from it"), err
+    assert "stopped by" not in err and not [p for p in (run_dir / "autoencoder").iterdir() if ".tmp" in p.name]
     train("autoencoder", tiny_config(run_dir, datalist, max_steps=step + 1), resume=True)
     assert load_checkpoint(checkpoint)["step"] == step + 1
+    assert [r["step"] for r in read_log(run_dir, "autoencoder")] == [str(s) for s in range(1, step + 2)]
+
+
+def test_a_second_ctrl_c_stops_at_once_and_says_which_checkpoint_is_kept(tmp_path, datalist, monkeypatch):
+    """The first Ctrl-C asks for a checkpoint after the step; a second one (the step is slow, the user is not)
+    stops at once, and its line names the checkpoint that survives. Under torchrun every Ctrl-C only asks:
+    the agent passes the terminal's one on to its workers a moment later, and kills them itself when they linger."""
+    from XctDiffCore.training.common import Deadline, Distributed
+
+    deadline = Deadline(None, Distributed(0, 0, 1, torch.device("cpu")), "the encoder stage")
+    try:
+        assert not deadline.passed()
+        deadline._on_ctrl_c(signal.SIGINT, None)
+        assert deadline.passed() and deadline.interrupted
+        with pytest.raises(KeyboardInterrupt):
+            deadline._on_ctrl_c(signal.SIGINT, None)
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+        deadline._on_ctrl_c(signal.SIGINT, None)  # the agent's echo of the same Ctrl-C: no KeyboardInterrupt
+    finally:
+        deadline.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    run_dir = tmp_path / "run"
+    train("autoencoder", tiny_config(run_dir, datalist, max_steps=2))
+
+    def second_ctrl_c(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Deadline, "passed", second_ctrl_c)
+    with pytest.raises(KeyboardInterrupt, match=re.escape(f"{checkpoint_path(run_dir, 'autoencoder')} (step 2) is kept: "
+                                                          "the same command with --resume continues from it")):
+        train("autoencoder", tiny_config(run_dir, datalist, max_steps=4), resume=True)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler went back, although it failed
 
 
 def test_diffusion_with_v_prediction_trains_and_exports_its_parametrisation(tmp_path, chain, datalist):
@@ -1220,3 +1256,34 @@ def test_loader_workers_leave_the_stop_signals_to_the_main_process():
     batch = next(iter(train_loader(Dispositions(), 1, 0, 0, 0, 1, num_workers=1)))
     assert batch.tolist() == [[True, True]]
     assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN  # the main process keeps its own
+
+
+def test_ctrl_c_under_torchrun_checkpoints_on_every_rank_and_fails_the_job(tmp_path, datalist):
+    """A terminal's Ctrl-C reaches torchrun and its workers; torchrun passes it on to them a moment later. Both
+    must read as one Ctrl-C: the ranks agree on a last step, rank 0 checkpoints it, and the job ends as interrupted."""
+    import os
+
+    run_dir = tmp_path / "run"
+    (tmp_path / "config.json").write_text(json.dumps(config_to_dict(tiny_config(run_dir, datalist, max_steps=10_000))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "XctDiffCore",
+               "train", "autoencoder", "--config", str(tmp_path / "config.json")]
+    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           encoding="utf-8", errors="replace", start_new_session=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell ignores it
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "autoencoder" / "log.csv").is_file() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(job.pid, signal.SIGINT)  # as a terminal does: torchrun and both ranks
+        err = job.communicate(timeout=120)[1]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.communicate()
+    assert job.returncode != 0, err[-4000:]
+    step = load_checkpoint(checkpoint_path(run_dir, "autoencoder"))["step"]
+    assert 1 <= step < 10_000, err[-4000:]
+    assert f"error: interrupted: autoencoder: stopped at step {step} with a checkpoint" in err, err[-4000:]
+    assert err.count("Ctrl-C: the autoencoder stage stops after this step") == 1, err[-4000:]
+    assert "Traceback" not in err.split("Ctrl-C:")[1].split("error: interrupted: autoencoder")[0], err[-4000:]

@@ -4,8 +4,9 @@ Every subcommand registers itself through an ``add_<name>_command(subparsers)`` 
 ``COMMANDS``; its handler receives the parsed arguments and returns an exit status. User errors
 (:class:`XctDiffError`) print one ``error: ...`` line on stderr and exit with status 2; warnings
 (the engine's and its libraries') print one ``warning: ...`` line each; Ctrl-C
-(``error: interrupted``, 130) and SIGTERM (``error: terminated``, 143) unwind the running command, so
-that no temporary file is left; a closed stdout (``xctdiff inspect ... | head``) ends it quietly (141).
+(``error: interrupted``, 130; the program then dies of SIGINT, see :mod:`.launcher`) and SIGTERM
+(``error: terminated``, 143) unwind the running command, so that no temporary file is left; a closed
+stdout (``xctdiff inspect ... | head``) ends it quietly (141).
 """
 from __future__ import annotations
 
@@ -814,12 +815,16 @@ def _exit_without_teardown(status: int) -> None:
     failing a finished job."""
     import logging
 
+    from .launcher import INTERRUPTED, die_interrupted
+
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe: nothing more to say
             pass
+    if status == INTERRUPTED:
+        die_interrupted()
     os._exit(status)
 
 

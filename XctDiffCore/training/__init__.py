@@ -85,18 +85,13 @@ def train(stage: str, config: Config, data=None, out=None, resume: bool = False,
     job = setup_distributed()  # one process, or this rank of a torchrun job
     run_dir = Path(config.run.dir)
     new_folders = [folder for folder in (run_dir, run_dir / stage) if not folder.exists()]
-    finished, ours = False, False  # ours: this job holds the stage folder (a refused second job removes nothing)
+    finished, ours, deadline = False, False, None  # ours: this job holds the stage folder (a refused second job removes nothing)
     try:
         with stage_lock(run_dir, stage) if job.is_main else contextlib.nullcontext():
             ours = True
-            deadline = Deadline(time_limit, job)
+            deadline = Deadline(time_limit, job, f"the {stage} stage")
             path = run(config, resume, job, deadline)
         finished = True
-        if job.is_main and not (deadline.reached or deadline.terminated):  # those said why they stopped
-            step = checkpoint_step(run_dir, stage)
-            print(f"{stage}: trained{'' if step is None else f' to step {step}'}; checkpoint {path}; "
-                  f"next: {NEXT_STEP[stage].format(run=run_dir)}", file=sys.stderr, flush=True)
-        return path
     except BaseException as exc:
         Progress.close_open()  # the error line below the bar, not on it
         kept = checkpoint_path(run_dir, stage)
@@ -105,13 +100,23 @@ def train(stage: str, config: Config, data=None, out=None, resume: bool = False,
         if job.world_size > 1 and _is_peer_failure(exc):
             raise XctDiffError(f"rank {job.rank}: another process of the job stopped (its error is above)") from None
         if isinstance(exc, KeyboardInterrupt) and job.is_main and ours and kept.is_file():
-            # Ctrl-C does not checkpoint (SIGTERM does): say what survives, so the steps since are not all thought lost
+            # a second Ctrl-C (or one during the first step) does not checkpoint: say what survives
             step = checkpoint_step(run_dir, stage)
             raise KeyboardInterrupt(f"{kept}{'' if step is None else f' (step {step})'} is kept: the same command "
-                                    "with --resume continues from it (SIGTERM instead of Ctrl-C checkpoints first)") from None
+                                    "with --resume continues from it") from None
         raise
     finally:
+        if deadline is not None:
+            deadline.restore()
         cleanup_distributed(job, finished)
+    step = checkpoint_step(run_dir, stage) if job.is_main else None
+    if deadline.interrupted or deadline.ctrl_c:  # Ctrl-C: the stage checkpointed and stopped; exit as interrupted
+        raise KeyboardInterrupt(*([f"{stage}: stopped at step {step} with a checkpoint, {path}: the same command with "
+                                   "--resume continues from it"] if job.is_main else []))
+    if job.is_main and not deadline.stopped_early:  # those said why they stopped
+        print(f"{stage}: trained{'' if step is None else f' to step {step}'}; checkpoint {path}; "
+              f"next: {NEXT_STEP[stage].format(run=run_dir)}", file=sys.stderr, flush=True)
+    return path
 
 
 #: What ``train`` suggests after each stage (the README's order of the stages).

@@ -451,47 +451,92 @@ class Meter:
 
 
 class Deadline:
-    """``--time-limit`` or SIGTERM: end a stage cleanly, checkpoint first, once its wall-clock allowance
-    is spent or the process is asked to stop.
+    """``--time-limit``, SIGTERM or Ctrl-C: end a stage cleanly, checkpoint first, once its wall-clock
+    allowance is spent or the process is asked to stop.
 
     For jobs with a fixed slot (a cluster's wall time, a 10-minute call to a shared GPU; a scheduler
     sends SIGTERM before it kills): the same command with ``--resume`` continues where it stopped.
-    Rank 0's clock decides for every rank, and a SIGTERM received by any rank stops all of them, so
+    Rank 0's clock decides for every rank, and a signal received by any rank stops all of them, so
     all stop after the same step. From construction to :meth:`report` (the end of the stage) SIGTERM
-    only sets a flag (in the main thread; elsewhere it keeps its handler).
+    only sets a flag (in the main thread; elsewhere it keeps its handler). Ctrl-C does the same from
+    the first step's end on (before it there is nothing new to keep): the step under way finishes and
+    is checkpointed, then the command exits as interrupted; a second Ctrl-C stops at once, as before.
+    Under torchrun every Ctrl-C only sets the flag: the agent passes the terminal's Ctrl-C on to its
+    workers a moment after they got it themselves, and kills them itself if they take over 30 s.
     """
 
-    def __init__(self, minutes: Optional[float], job: Distributed):
+    def __init__(self, minutes: Optional[float], job: Distributed, stage: str = "the stage"):
         if minutes is not None and not minutes > 0:  # NaN too: it would never end the stage
             raise XctDiffError(f"--time-limit must be a positive number of minutes, got {minutes}")
         self.end = None if minutes is None else time.monotonic() + 60.0 * minutes
-        self.job, self.reached, self.terminated, self.signalled = job, False, False, False
-        self._installed, self._previous_handler = threading.current_thread() is threading.main_thread(), None
+        self.job, self.stage = job, stage
+        self.reached, self.terminated, self.interrupted = False, False, False
+        self.signalled, self.ctrl_c = False, False  # set by the handlers; the others agreed on by every rank
+        self._installed = threading.current_thread() is threading.main_thread()
+        self._previous = {}
         if self._installed:
-            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.signalled = True
 
+    def _on_ctrl_c(self, signum, frame) -> None:
+        if self.ctrl_c and not self._under_torchrun():
+            raise KeyboardInterrupt  # the second one: at once, the checkpoint of the step before kept
+        first, self.ctrl_c = not self.ctrl_c, True
+        if first and self.job.is_main:
+            again = ("torchrun ends the job if it takes over 30 s" if self._under_torchrun()
+                     else "Ctrl-C again stops at once, without it")
+            _write_line(f"Ctrl-C: {self.stage} stops after this step, with a checkpoint ({again})")
+
+    @staticmethod
+    def _under_torchrun() -> bool:
+        return "TORCHELASTIC_RUN_ID" in os.environ
+
     def passed(self) -> bool:
-        """Whether the time is up or SIGTERM came (the same answer on every rank); call once per step."""
+        """Whether the time is up or SIGTERM or Ctrl-C came (the same answer on every rank); call once per step."""
+        if self._installed and signal.SIGINT not in self._previous:  # the first step is done: Ctrl-C checkpoints
+            current = signal.getsignal(signal.SIGINT)  # not where it is ignored (a job started in the background)
+            self._previous[signal.SIGINT] = current
+            if current is signal.default_int_handler:
+                signal.signal(signal.SIGINT, self._on_ctrl_c)
         self.reached = self.end is not None and self.job.is_main and time.monotonic() >= self.end
-        self.terminated = self.signalled
+        self.terminated, self.interrupted = self.signalled, self.ctrl_c
         if self.job.enabled:  # one tiny all-reduce (and host sync) per step, only under torchrun
-            flags = torch.tensor([float(self.reached), float(self.terminated)], device=self.job.device)
+            flags = torch.tensor([float(self.reached), float(self.terminated), float(self.interrupted)],
+                                 device=self.job.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            self.reached, self.terminated = (bool(f) for f in flags.tolist())
-        return self.reached or self.terminated
+            self.reached, self.terminated, self.interrupted = (bool(f) for f in flags.tolist())
+        return self.reached or self.terminated or self.interrupted
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.reached or self.terminated or self.interrupted
+
+    def restore(self) -> None:
+        """SIGTERM and SIGINT get their handlers back (the stage is over, or failed)."""
+        if self._installed:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+            self._installed = False
 
     def report(self, stage: str, step: int, max_steps: int) -> None:
-        """Say why the stage stopped early (rank 0); SIGTERM gets its handler back."""
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous_handler if self._previous_handler is not None else signal.SIG_DFL)
-            self._installed = False
-        if (self.reached or self.terminated) and self.job.is_main:
+        """Say why the stage stopped early (rank 0; Ctrl-C's line is the command's last, see ``train``)."""
+        self.restore()
+        if (self.reached or self.terminated) and not self.interrupted and self.job.is_main:
             cause = "SIGTERM" if self.terminated else "--time-limit"
             print(f"{stage}: stopped by {cause} at step {step} of {max_steps} (checkpoint written); "
                   "run the same command with --resume to continue", file=sys.stderr, flush=True)
+
+
+def _write_line(line: str) -> None:
+    """One line on stderr, below a progress bar if one is drawn (tqdm's own lock keeps the bar whole)."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+    except ImportError:
+        print(line, file=sys.stderr, flush=True)
 
 
 def is_due(step: int, every: int, max_steps: int) -> bool:
