@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -246,3 +249,22 @@ def test_make_slicer_installs_the_slicer_core_of_the_test_environment():
         pytest.skip("trame-slicer is not installed")
     spec = lambda text: sorted(text.replace(" ", "").removeprefix("slicer-core").split(","))
     assert spec(pinned) == spec(trame[0])
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+def test_the_standalone_ctest_refuses_a_python_without_the_test_dependencies_in_one_line(tmp_path):
+    """`cmake -S . -B build && ctest` by hand took the first Python on PATH: without torch, 39 tests failed,
+    each with its own `No module named torch`. Configuring now names what is missing and how to get it."""
+    bare = tmp_path / "bare-python"  # this interpreter without its site-packages: no torch, no pytest
+    bare.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    bare.chmod(0o755)
+    configured = subprocess.run(["cmake", "-S", str(REPO), "-B", str(tmp_path / "build"), f"-DPython3_EXECUTABLE={bare}"],
+                                capture_output=True, text=True, timeout=300)
+    assert configured.returncode != 0
+    assert re.search(r"bare-python lacks pytest, torch, numpy.*run `make test`", " ".join(configured.stderr.split())), \
+        configured.stderr
+    assert not (tmp_path / "build" / "CTestTestfile.cmake").exists()
+    configured = subprocess.run(["cmake", "-S", str(REPO), "-B", str(tmp_path / "good"), f"-DPython3_EXECUTABLE={sys.executable}"],
+                                capture_output=True, text=True, timeout=300)
+    assert configured.returncode == 0, configured.stderr
+    assert "test_training" in (tmp_path / "good" / "CTestTestfile.cmake").read_text()
