@@ -1165,15 +1165,22 @@ def _dicom_magnification(ds) -> float:
 VOLUME_MODALITIES = ("CT", "MR", "PT", "NM")
 
 
-def dicom_volume_modality(path) -> str:
-    """The Modality of a DICOM file whose image is a volume's slice (:data:`VOLUME_MODALITIES`), else "" (a film,
-    another kind, or a file that cannot be read: its reader says why). The header's one attribute alone."""
+def dicom_not_a_film(path) -> tuple:
+    """What a DICOM file is when its header alone says it is no film: ``("slices", modality)`` for a volume's slice
+    (:data:`VOLUME_MODALITIES`), ``("no image", modality)`` for an object without an image (no Rows: a presentation
+    state PR, a key object selection KO, a structured report SR, an encapsulated PDF DOC, as a study's PACS export
+    holds beside its films); ``("", "")`` for a film, another kind, or a file that cannot be read (its reader says
+    why). Two attributes of the header alone."""
     try:
-        header = _dcmread(Path(path), stop_before_pixels=True, specific_tags=["Modality"])
+        header = _dcmread(Path(path), stop_before_pixels=True, specific_tags=["Modality", "Rows"])
     except Exception:  # noqa: BLE001 - not judged here: reading it as a film names the problem
-        return ""
-    modality = str(header.get("Modality", "")).upper()
-    return modality if modality in VOLUME_MODALITIES else ""
+        return "", ""
+    modality = str(header.get("Modality", "") or "").strip().upper()
+    if modality in VOLUME_MODALITIES:
+        return "slices", modality
+    if "Rows" not in header:
+        return "no image", modality or "no Modality"
+    return "", ""
 
 
 def _read_dicom_radiograph(path: Path):

@@ -615,6 +615,50 @@ def test_folder_passes_over_the_slices_of_a_ct_series(tmp_path):
         find_radiographs(folder)
 
 
+def dicom_without_image(path, sop_class, modality):
+    """A DICOM object that holds no image, as a study's export holds beside its films (a presentation state, a key
+    object selection, a structured report): file meta, SOP class and instance, the study's UIDs, no Rows, no pixels."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = modality, generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID = "TEST^PATIENT", "123"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_folder_passes_over_dicom_objects_without_an_image(cli, tmp_path):
+    """A PACS export of a study holds its presentation states (PR), key object selections (KO) and reports (SR)
+    beside its films, named as the films are. Each was a "skipped ...: The dataset has no 'Pixel Data' ... element"
+    line counted as a failed film (a folder of one film and 2,000 of them: 2,000 such lines, exit status 2); now they
+    are passed over in one warning line, and the film alone counts."""
+    from XctDiffCore.commands.reconstruct_job import find_radiographs
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    shutil.copy(SAMPLE_RADIOGRAPH, folder / "IM000001")
+    dicom_without_image(folder / "IM000002", "1.2.840.10008.5.1.4.1.1.11.1", "PR")  # Grayscale Softcopy PS
+    dicom_without_image(folder / "IM000003", "1.2.840.10008.5.1.4.1.1.88.59", "KO")  # Key Object Selection
+    dicom_without_image(folder / "report.dcm", "1.2.840.10008.5.1.4.1.1.88.33", "SR")  # Comprehensive SR
+    with pytest.warns(UserWarning, match=r"passed over 3 DICOM files in .*export that hold no image, not radiographs "
+                                         r"\(1 KO, 1 PR, 1 SR\)"):
+        assert [p.name for p in find_radiographs(folder)] == ["IM000001"]
+    status, stdout, err = cli(folder, "-o", tmp_path / "out", "--progress-lines")
+    assert status == 0, err
+    assert "skipped" not in err and "Pixel Data" not in err
+    assert err.strip().splitlines()[-1].startswith("reconstructed 1 of 1 radiographs")
+    assert listing(tmp_path / "out") == ["IM000001_ct.nrrd"]
+    (folder / "IM000001").unlink()
+    status, _, err = cli(folder, "-o", tmp_path / "out2")
+    assert status == 2
+    assert_one_error_line(err, "(DICOM files without an image passed over: 1 KO, 1 PR, 1 SR)")
+
+
 def test_recursive_folder_mirrors_its_sub_folders(cli, tmp_path, drr_png):
     """NIH ChestX-ray14 (images_001/...) and DICOMDIR exports nest their films: --recursive finds them (hidden
     folders left out), one stem may repeat in different folders, and each output lands in the same sub-folder."""

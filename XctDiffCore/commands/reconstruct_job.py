@@ -127,14 +127,16 @@ def find_radiographs(folder: Path, recursive: bool = False) -> list:
     suffix, and DICOM files whatever their name (a PACS or DICOMDIR export names them without a suffix, or by
     their UID); hidden files and the DICOMDIR index skipped. DICOM slices of a CT (MR, PET, NM) series, as a
     study's export holds beside its films or as ``--format dicom`` wrote beside a film, are passed over with one
-    warning line: each would have been an error line of its own. So are XctDiff's own outputs of an earlier run in
+    warning line: each would have been an error line of its own; so are the DICOM objects that hold no image (the
+    presentation states, key object selections and reports a PACS exports with a study's films). So are XctDiff's own outputs of an earlier run in
     the folder searched: its figures (views PNGs), which would have been reconstructed as chests, and its CTs and
     uncertainty maps (NRRD, NIfTI, MetaImage), each an error line of its own."""
     from ..figures import is_xctdiff_figure
-    from ..io import (FILM_FILE_SUFFIXES, SITK_VOLUME_SUFFIXES, dicom_volume_modality, film_stem, is_dicom_file,
+    from ..io import (FILM_FILE_SUFFIXES, SITK_VOLUME_SUFFIXES, dicom_not_a_film, film_stem, is_dicom_file,
                       volume_notes, walk_below)
 
     slices = {}  # modality -> count of DICOM files that are a volume's slices
+    objects = {}  # modality -> count of DICOM files that hold no image (PR, KO, SR...)
     figures, volumes = set(), set()  # XctDiff's own figures (views PNGs) and reconstructions
 
     def is_film(p: Path) -> bool:
@@ -148,16 +150,18 @@ def find_radiographs(folder: Path, recursive: bool = False) -> list:
                 volumes.add(p)  # a CT or uncertainty map XctDiff wrote (a DRR it wrote is a film: its notes differ)
                 return False
             return film_stem(p) != p.name
-        modality = dicom_volume_modality(p)
-        if modality:
-            slices[modality] = slices.get(modality, 0) + 1
-        return not modality
+        kind, modality = dicom_not_a_film(p)
+        if kind:
+            counts = slices if kind == "slices" else objects
+            counts[modality] = counts.get(modality, 0) + 1
+        return not kind
 
     def below() -> Iterator[Path]:  # the tree, hidden folders left out
         return (p for p in walk_below(folder) if not any(x.startswith(".") for x in p.relative_to(folder).parts[:-1]))
 
     files = [p for p in sorted(below() if recursive else folder.iterdir()) if is_film(p)]
     passed = ", ".join(f"{n} {m}" for m, n in sorted(slices.items()))
+    imageless = ", ".join(f"{n} {m}" for m, n in sorted(objects.items()))
     own = [f"{len(found)} {what} that XctDiff wrote ({kind})" for found, what, kind in (
         (sorted(figures), "PNG figure" + "s" * (len(figures) > 1), "views, evaluation figures"),
         (sorted(volumes), "volume" + "s" * (len(volumes) > 1), "reconstructed CTs, uncertainty maps")) if found]
@@ -166,14 +170,18 @@ def find_radiographs(folder: Path, recursive: bool = False) -> list:
         where = f"in {folder} or below it" if recursive else f"in {folder}"
         if not recursive and any(is_film(p) for p in below()):  # stops at the first one
             where += " (its sub-folders hold some: add --recursive)"
-        elif passed or own:
+        elif passed or imageless or own:
             notes = [f"DICOM slices of volumes passed over: {passed}"] * bool(passed)
+            notes += [f"DICOM files without an image passed over: {imageless}"] * bool(imageless)
             where += f" ({'; '.join(notes + [f'{what} passed over' for what in own])})"
         raise XctDiffError(f"no radiograph files ({', '.join(FILM_FILE_SUFFIXES)}, or DICOM files) {where}")
     below_it = " or below it" if recursive else ""
     if passed:
         warnings.warn(f"passed over {sum(slices.values())} DICOM files in {folder}{below_it} "
                       f"that are slices of a volume, not radiographs ({passed})", stacklevel=2)
+    if imageless:
+        warnings.warn(f"passed over {sum(objects.values())} DICOM files in {folder}{below_it} "
+                      f"that hold no image, not radiographs ({imageless})", stacklevel=2)
     if own:
         warnings.warn(f"passed over {' and '.join(own)} in {folder}{below_it}: not radiographs "
                       f"(e.g. {examples[0]})", stacklevel=2)
