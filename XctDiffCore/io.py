@@ -238,11 +238,15 @@ def _check_input(path, allow_folder: bool) -> Path:
 
 def is_dicom_file(path: Path) -> bool:
     """A DICOM Part 10 file: by suffix, or by the 'DICM' magic after the 128-byte preamble (PACS and DICOMDIR
-    exports name their files without a suffix, or by their UID)."""
+    exports name their files without a suffix, or by their UID). A file that cannot be opened (no permission: a
+    copy still being made) is an XctDiffError naming it, not an OSError's traceback."""
     if _suffix(path) in DICOM_SUFFIXES:
         return True
-    with open(path, "rb") as f:
-        head = f.read(132)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError as exc:
+        raise XctDiffError(f"cannot read {path}: {exc.strerror or exc}") from exc
     return head[128:132] == b"DICM"
 
 

@@ -659,6 +659,32 @@ def test_folder_passes_over_dicom_objects_without_an_image(cli, tmp_path):
     assert_one_error_line(err, "(DICOM files without an image passed over: 1 KO, 1 PR, 1 SR)")
 
 
+def test_an_unreadable_file_in_a_folder_is_one_line_not_a_traceback(cli, tmp_path, monkeypatch):
+    """A PACS export still being written (or copied with another user's rights) holds a file that cannot be opened:
+    without a suffix, the search opened it for the DICOM magic and its PermissionError ended the whole batch in a
+    traceback. Now it is a film that cannot be read: one "skipped" line, the other films reconstructed."""
+    import XctDiffCore.io
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for name in ("IM000001", "IM000002"):
+        shutil.copy(SAMPLE_RADIOGRAPH, folder / name)
+    locked = folder / "IM000002"
+    locked.chmod(0)  # enough for a user; root reads it anyway, so its opening is refused here as the system would
+
+    def guarded(file, *args, **kwargs):
+        if Path(file) == locked:
+            raise PermissionError(13, "Permission denied", str(file))
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr(XctDiffCore.io, "open", guarded, raising=False)
+    status, _, err = cli(folder, "-o", tmp_path / "out")
+    assert status == 2
+    assert f"skipped {locked}: cannot read {locked}: Permission denied" in err.splitlines()
+    assert_one_error_line(err, "1 of 2 radiographs could not be reconstructed")
+    assert listing(tmp_path / "out") == ["IM000001_ct.nrrd"]
+
+
 def test_recursive_folder_mirrors_its_sub_folders(cli, tmp_path, drr_png):
     """NIH ChestX-ray14 (images_001/...) and DICOMDIR exports nest their films: --recursive finds them (hidden
     folders left out), one stem may repeat in different folders, and each output lands in the same sub-folder."""

@@ -142,7 +142,11 @@ def find_radiographs(folder: Path, recursive: bool = False) -> list:
     def is_film(p: Path) -> bool:
         if not p.is_file() or p.name.startswith(".") or p.name.upper() == "DICOMDIR":
             return False
-        if not is_dicom_file(p):
+        try:
+            dicom = is_dicom_file(p)
+        except XctDiffError:  # cannot be opened (a copy still being made): reading it as a film says so, one line
+            return True
+        if not dicom:
             if is_xctdiff_figure(p):
                 figures.add(p)
                 return False
