@@ -1202,7 +1202,7 @@ def _read_dicom_radiograph(path: Path):
             raise XctDiffError(f"expected a radiograph, got a 3D volume of {frames} frames: {path}")
         if "Rows" in ds and "Columns" in ds:
             check_radiograph_size(ds.Rows, ds.Columns, str(path))  # before decoding the pixels
-        stored = ds.pixel_array
+        stored = _decoded_pixels(ds, path)
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
         if photometric == "PALETTE COLOR":  # the pixels are indices into a colour table, not grey levels
             image = to_grey(_dicom_color_lut()(stored, ds))
@@ -1237,6 +1237,22 @@ def _read_dicom_radiograph(path: Path):
     if spacing is not None and not all(np.isfinite(s) and s > 0 for s in spacing):
         raise XctDiffError(f"pixel spacing must be positive, got {spacing} in {path}")
     return image, spacing, False, age, header
+
+
+def _decoded_pixels(ds, path: Path) -> np.ndarray:
+    """``ds.pixel_array``; where no decoder for its transfer syntax is installed, one line naming the syntax and what
+    each of pydicom's plugins needs. pydicom says so over several lines, and the last, all a one-line error kept, could
+    name a package that is there: Pillow without its OpenJPEG codec reads "requires numpy and pillow>=10.0"."""
+    try:
+        return ds.pixel_array
+    except RuntimeError as exc:
+        if "missing dependencies" not in str(exc):
+            raise
+        needs = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        needs = [f"{need} (built with this codec)" if need.startswith("pillow ") else need for need in needs]
+        syntax = getattr(getattr(ds, "file_meta", {}).get("TransferSyntaxUID"), "name", "compressed")
+        raise XctDiffError(f"cannot read {path} as a DICOM radiograph: no decoder for its {syntax} pixel data is "
+                           f"installed; one of: {'; '.join(needs)}") from exc
 
 
 def _dicom_shutter_mask(ds, shape) -> Optional[np.ndarray]:

@@ -456,6 +456,34 @@ def test_a_bitmap_shutter_hides_the_set_bits_of_its_overlay_plane(tmp_path, orig
     assert hidden.sum() > 100 and np.all(image[hidden] == film[~hidden].min())
 
 
+def test_a_film_whose_decoder_is_missing_names_every_way_to_one(tmp_path, monkeypatch):
+    """A PACS sends a film in JPEG 2000; where no decoder is installed pydicom lists, over several lines, what each of
+    its plugins needs, and the one line kept was the last: "pillow - requires numpy and pillow>=10.0", with Pillow 13
+    installed (its OpenJPEG codec is what was missing) and pylibjpeg-openjpeg, the one to install, unnamed. Now the
+    line names the transfer syntax and every plugin's needs."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import RLELossless
+
+    import pydicom
+
+    path = write_dicom_radiograph(tmp_path / "IM000001", grey_ramp(top=4000).astype(np.uint16))
+    ds = pydicom.dcmread(path)
+    ds.compress(RLELossless)
+    ds.save_as(path)
+    decoder = get_decoder(RLELossless)  # as if none of its plugins could run here
+    monkeypatch.setattr(decoder, "_available", {})
+    monkeypatch.setattr(decoder, "_unavailable", {"gdcm": ("gdcm>=3.0.10",),
+                                                  "pylibjpeg": ("pylibjpeg>=2.0", "pylibjpeg-rle>=1.0"),
+                                                  "pillow": ("numpy", "pillow>=10.0")})
+    with pytest.raises(XctDiffError) as caught:
+        read_radiograph(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message == (f"cannot read {path} as a DICOM radiograph: no decoder for its RLE Lossless pixel data is "
+                       "installed; one of: gdcm - requires gdcm>=3.0.10; pylibjpeg - requires pylibjpeg>=2.0 and "
+                       "pylibjpeg-rle>=1.0; pillow - requires numpy and pillow>=10.0 (built with this codec)")
+
+
 @pytest.mark.parametrize("implicit", [False, True], ids=["explicit VR", "implicit VR"])
 def test_a_film_without_the_dicom_file_header_is_read(tmp_path, implicit):
     """A bare data set (no preamble, no 'DICM', no file meta: older and research exports write it) is the film
