@@ -653,3 +653,19 @@ def test_a_job_handed_as_the_waiting_engine_leaves_runs_in_a_fresh_one(bridge, s
     node = logic.reconstruct(bridge.radiograph_to_node(scene, sample[1], spacing=(2.5, 2.5), is_drr=True))
     assert node.GetImageData().GetDimensions() == (128, 128, 128)
     assert leaving.join(10) and not folder.exists()
+
+
+def test_the_engines_warnings_stay_with_the_ct_node(bridge, scene, logic, sample, monkeypatch):
+    """A CT the engine warned about (an implausible film, an unreliable result) says so in its node's description,
+    which the scene saves: the panel's score line shows the last run's alone, and it was the only place they were.
+    A node reused for a run without warnings loses them."""
+    _, drr = sample
+    monkeypatch.setenv(MODE_VARIABLE, "warn")
+    film = bridge.radiograph_to_node(scene, drr, spacing=(2.5, 2.5), name="film", is_drr=True)
+    ct = logic.reconstruct(film, samples=2)
+    uncertainty = scene.GetFirstNodeByName("film uncertainty (XctDiff)")
+    for node in (ct, uncertainty):
+        assert node.GetDescription().endswith("research use, not diagnosis; warning: a warning for the test")
+    monkeypatch.setenv(MODE_VARIABLE, "ok")
+    assert logic.reconstruct(film, outputNode=ct) is ct
+    assert "warning" not in ct.GetDescription()

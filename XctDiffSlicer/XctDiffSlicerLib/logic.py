@@ -304,12 +304,15 @@ class ReconstructionLogic:
                 raise XctDiffError(finished.error or f"reconstruction {finished.status}")
             result = _result_fields(finished.result)  # checked before any node is touched
             self._check_output_nodes(output_node, uncertainty_node, job.input_node_id)
-            ct_node = self._read_output(job.output_path, output_node, f"{job.input_name} {SYNTHETIC_CT}", made)
+            # the engine's warnings stay with the nodes (saved with the scene): the panel shows the last run's alone
+            warned = "".join(f"; warning: {warning}" for warning in result["warnings"])
+            ct_node = self._read_output(job.output_path, output_node, f"{job.input_name} {SYNTHETIC_CT}", made,
+                                        SYNTHETIC + warned)
             mrml_bridge.set_ct_window(ct_node)
             if job.uncertainty_path.is_file():
                 uncertainty_node = self._read_output(job.uncertainty_path, uncertainty_node,
                                                      f"{job.input_name} uncertainty (XctDiff)", made,
-                                                     f"voxel-wise std over the samples of a {SYNTHETIC}")
+                                                     f"voxel-wise std over the samples of a {SYNTHETIC}{warned}")
                 mrml_bridge.set_uncertainty_display(uncertainty_node)
             else:
                 uncertainty_node = None
