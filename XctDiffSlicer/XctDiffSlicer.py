@@ -296,7 +296,7 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 turn=node.turn,
                 mirror=node.mirror,
             )
-            self._job = self.logic.start(node.inputVolume, options)
+            self._job = self.logic.start(node.inputVolume, options, node.outputVolume, node.uncertaintyVolume)
         except XctDiffError as exc:
             slicer.util.errorDisplay(str(exc))
             return
@@ -390,8 +390,8 @@ class XctDiffSlicerLogic(ScriptedLoadableModuleLogic):
             return []
         return mrml_bridge.slice_logics_by_name(slicer.app.applicationLogic().GetSliceLogics())
 
-    def start(self, inputNode, options: ReconstructionOptions):
-        return self.reconstruction.start(inputNode, options)
+    def start(self, inputNode, options: ReconstructionOptions, outputNode=None, uncertaintyNode=None):
+        return self.reconstruction.start(inputNode, options, outputNode, uncertaintyNode)
 
     def finish(self, job, finished, outputNode=None, uncertaintyNode=None, opacity=0.5):
         """Load a finished job's outputs into nodes and show them in the Red, Yellow and Green views; the

@@ -669,3 +669,24 @@ def test_the_engines_warnings_stay_with_the_ct_node(bridge, scene, logic, sample
     monkeypatch.setenv(MODE_VARIABLE, "ok")
     assert logic.reconstruct(film, outputNode=ct) is ct
     assert "warning" not in ct.GetDescription()
+
+
+@pytest.mark.parametrize("which", ["output", "uncertainty"])
+def test_an_output_node_holding_a_scan_is_refused_before_the_run(bridge, scene, logic, sample, which):
+    """The output selector lists every volume, the patient's real CT (loaded for its AP diameter) too: chosen as the
+    output it was replaced by the synthetic CT under its own name ('LIDC CT'), the scan lost to the scene and, saved,
+    to its file. Refused in one sentence before any process (the panel's start too); an empty node is taken."""
+    from XctDiffSlicerLib.logic import ReconstructionOptions
+
+    ct, drr = sample
+    film = bridge.radiograph_to_node(scene, drr, spacing=(2.5, 2.5), name="film", is_drr=True)
+    scan = bridge.volume_to_node(scene, ct, name="LIDC CT")
+    outputs = {"outputNode": scan} if which == "output" else {"uncertaintyNode": scan, "samples": 2}
+    message = "'LIDC CT' holds a volume XctDiff did not make .a scan.., which the result would replace"
+    with pytest.raises(XctDiffError, match=message):
+        logic.reconstruct(film, **outputs)
+    with pytest.raises(XctDiffError, match=message):
+        logic.start(film, ReconstructionOptions(), **{"output_node" if which == "output" else "uncertainty_node": scan})
+    assert not list(Path(tempfile.gettempdir()).glob("xctdiff-*"))  # no job started
+    np.testing.assert_array_equal(bridge.node_array(scan), ct.array)
+    assert scan.GetName() == "LIDC CT" and scan.GetAttribute("XctDiff.Synthetic") is None

@@ -213,8 +213,12 @@ class ReconstructionLogic:
             process.join(5.0)
             shutil.rmtree(folder, ignore_errors=True)
 
-    def start(self, input_node, options: ReconstructionOptions) -> ReconstructionJob:
+    def start(self, input_node, options: ReconstructionOptions, output_node=None,
+              uncertainty_node=None) -> ReconstructionJob:
+        """Start a job for ``input_node``; the output nodes it will be loaded into, when given, are checked first
+        (:meth:`load_result` checks them again: they may change while it runs)."""
         self._check_input_node(input_node)
+        self._check_output_nodes(output_node, uncertainty_node, input_node.GetID())
         source = mrml_bridge.source_file(input_node, self.dicom_file_for)
         # a node that is no film is refused before the waiting engine is taken (it would be lost to the error)
         film = mrml_bridge.radiograph_from_node(input_node) if source is None else None
@@ -264,8 +268,9 @@ class ReconstructionLogic:
             raise XctDiffError(f"'{node.GetName()}' is not in the scene (was it removed?): choose a film of the scene")
 
     def _check_output_nodes(self, output_node, uncertainty_node, input_node_id: str) -> None:
-        """Nodes the results can go to, before any is touched: a plain volume of this scene, not the film, and
-        not one node for both the CT and its uncertainty."""
+        """Nodes the results can go to, before any is touched: a plain volume of this scene, not the film, empty or
+        made by XctDiff (never a scan, which would be lost under its own name), and not one node for both the CT and
+        its uncertainty."""
         for node in (output_node, uncertainty_node):
             if node is None:
                 continue
@@ -280,6 +285,9 @@ class ReconstructionLogic:
             if input_node_id and node.GetID() == input_node_id:
                 raise XctDiffError(f"'{node.GetName()}' is the input film: choose another output or "
                                    "\"Create new volume\"")
+            if node.GetImageData() is not None and node.GetAttribute(ATTRIBUTE_SYNTHETIC) != "1":
+                raise XctDiffError(f"'{node.GetName()}' holds a volume XctDiff did not make (a scan?), which the "
+                                   "result would replace: choose \"Create new volume\" or a CT XctDiff made")
         if output_node is not None and output_node is uncertainty_node:
             raise XctDiffError(f"'{output_node.GetName()}' cannot hold both the CT and its uncertainty: "
                                "choose two nodes")
