@@ -1197,6 +1197,8 @@ def _read_dicom_radiograph(path: Path):
         modality = str(ds.get("Modality", "")).upper()
         if modality in VOLUME_MODALITIES:
             raise XctDiffError(f"expected a radiograph, got a {modality} image (read it as a CT series): {path}")
+        if "Rows" not in ds:  # an object without an image: a DICOMDIR, a report, a presentation state
+            raise XctDiffError(_without_image(path, ds))
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames > 1:
             raise XctDiffError(f"expected a radiograph, got a 3D volume of {frames} frames: {path}")
@@ -1237,6 +1239,17 @@ def _read_dicom_radiograph(path: Path):
     if spacing is not None and not all(np.isfinite(s) and s > 0 for s in spacing):
         raise XctDiffError(f"pixel spacing must be positive, got {spacing} in {path}")
     return image, spacing, False, age, header
+
+
+def _without_image(path: Path, ds) -> str:
+    """What a DICOM file given as a film is when it holds no image: the index of an export (and how to reach the films
+    it lists), else its Modality and SOP class (a report, a presentation state), in the words of the error line."""
+    sop = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+    if str(sop or "") == "1.2.840.10008.1.3.10" or "DirectoryRecordSequence" in ds:
+        return (f"{path} is a DICOMDIR, the index of a DICOM export, not a radiograph: give the folder it tops, "
+                f"{path.parent}, with --recursive")
+    what = ", ".join(x for x in (str(ds.get("Modality", "") or "").strip(), getattr(sop, "name", "")) if x)
+    return f"expected a radiograph, got a DICOM object without an image{f' ({what})' if what else ''}: {path}"
 
 
 def _decoded_pixels(ds, path: Path) -> np.ndarray:

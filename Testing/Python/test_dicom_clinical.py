@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SAMPLE_RADIOGRAPH
-from test_io import grey_ramp, write_dicom_radiograph
+from test_io import dicom_without_image, grey_ramp, write_dicom_radiograph
 
 from XctDiffCore.errors import XctDiffError
 from XctDiffCore.io import DicomReadWarning, read_ct, read_radiograph
@@ -454,6 +454,36 @@ def test_a_bitmap_shutter_hides_the_set_bits_of_its_overlay_plane(tmp_path, orig
     image = read_radiograph(path).image
     np.testing.assert_array_equal(image[~hidden], film[~hidden])
     assert hidden.sum() > 100 and np.all(image[hidden] == film[~hidden].min())
+
+
+def test_a_dicomdir_or_a_report_given_as_a_film_says_what_it_is(tmp_path):
+    """`xctdiff reconstruct export/DICOMDIR` (the index a PACS or CD export tops its films with) or a study's report
+    was "cannot read ... The dataset has no 'Pixel Data', 'Float Pixel Data' or 'Double Float Pixel Data' element":
+    now the line says what the file is, and for the index how to reach the films it lists."""
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    fileset = FileSet()
+    from pydicom.uid import generate_uid
+
+    film = write_dicom_radiograph(tmp_path / "film.dcm", grey_ramp().astype(np.uint16), PatientID="1",
+                                  PatientName="A^B", StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid(),
+                                  StudyDate="20260101", StudyTime="120000", StudyID="1", AccessionNumber="1",
+                                  SeriesNumber=1, InstanceNumber=1)
+    fileset.add(pydicom.dcmread(film))
+    fileset.write(tmp_path / "export")
+    with warnings.catch_warnings():  # pydicom's staging TemporaryDirectory, left to the garbage collector
+        warnings.simplefilter("ignore", ResourceWarning)
+        del fileset
+        gc.collect()
+    index = tmp_path / "export" / "DICOMDIR"
+    with pytest.raises(XctDiffError, match=f"^{index} is a DICOMDIR, the index of a DICOM export, not a radiograph: "
+                                           f"give the folder it tops, {tmp_path / 'export'}, with --recursive$"):
+        read_radiograph(index)
+    report = dicom_without_image(tmp_path / "IM000002", "1.2.840.10008.5.1.4.1.1.88.33", "SR")
+    with pytest.raises(XctDiffError, match=r"^expected a radiograph, got a DICOM object without an image \(SR, "
+                                           f"Comprehensive SR Storage\\): {report}$"):
+        read_radiograph(report)
 
 
 def test_a_film_whose_decoder_is_missing_names_every_way_to_one(tmp_path, monkeypatch):

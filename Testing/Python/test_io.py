@@ -301,6 +301,23 @@ def write_dicom_radiograph(path, pixels: np.ndarray, photometric="MONOCHROME2", 
     return path
 
 
+def dicom_without_image(path, sop_class, modality):
+    """A DICOM object that holds no image, as a study's export holds beside its films (a presentation state, a key
+    object selection, a structured report): file meta, SOP class and instance, the study's UIDs, no Rows, no pixels."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = modality, generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID = "TEST^PATIENT", "123"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def test_dicom_rescale_spacing_and_monochrome1(tmp_path):
     stored = grey_ramp(top=4095).astype(np.uint16)
     common = dict(RescaleSlope=2, RescaleIntercept=-100, ImagerPixelSpacing=[0.15, 0.2])

@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import REPO, SAMPLE_CT, SAMPLE_RADIOGRAPH
 from test_bad_input import CASES
+from test_io import dicom_without_image
 
 from XctDiffCore.commands.cli import main
 from XctDiffCore.io import read_ct, read_radiograph
@@ -613,23 +614,6 @@ def test_folder_passes_over_the_slices_of_a_ct_series(tmp_path):
     (folder / "IM000001").unlink()
     with pytest.raises(XctDiffError, match=r"no radiograph files .* \(DICOM slices of volumes passed over: 2 CT\)"):
         find_radiographs(folder)
-
-
-def dicom_without_image(path, sop_class, modality):
-    """A DICOM object that holds no image, as a study's export holds beside its films (a presentation state, a key
-    object selection, a structured report): file meta, SOP class and instance, the study's UIDs, no Rows, no pixels."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-    ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = modality, generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID = "TEST^PATIENT", "123"
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def test_folder_passes_over_dicom_objects_without_an_image(cli, tmp_path):
