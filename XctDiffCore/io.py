@@ -1171,20 +1171,29 @@ VOLUME_MODALITIES = ("CT", "MR", "PT", "NM")
 
 def dicom_not_a_film(path) -> tuple:
     """What a DICOM file is when its header alone says it is no film: ``("slices", modality)`` for a volume's slice
-    (:data:`VOLUME_MODALITIES`), ``("no image", modality)`` for an object without an image (no Rows: a presentation
-    state PR, a key object selection KO, a structured report SR, an encapsulated PDF DOC, as a study's PACS export
-    holds beside its films); ``("", "")`` for a film, another kind, or a file that cannot be read (its reader says
-    why). Two attributes of the header alone."""
+    (:data:`VOLUME_MODALITIES`), ``("no image", modality)`` for an object without an image (no Rows, and a SOP class
+    that is no image's: a presentation state PR, a key object selection KO, a structured report SR, an encapsulated
+    PDF DOC, as a study's PACS export holds beside its films); ``("", "")`` for a film, another kind, or a file that
+    cannot be read (its reader says why). A few attributes of the header alone; a film cut short before its Rows (a
+    copy stopped) keeps its image SOP class in its file meta, so it stays a film, whose reading says what is wrong."""
     try:
-        header = _dcmread(Path(path), stop_before_pixels=True, specific_tags=["Modality", "Rows"])
+        header = _dcmread(Path(path), stop_before_pixels=True, specific_tags=["Modality", "Rows", "SOPClassUID"])
     except Exception:  # noqa: BLE001 - not judged here: reading it as a film names the problem
         return "", ""
     modality = str(header.get("Modality", "") or "").strip().upper()
     if modality in VOLUME_MODALITIES:
         return "slices", modality
-    if "Rows" not in header:
+    if "Rows" not in header and _imageless_class(header):
         return "no image", modality or "no Modality"
     return "", ""
+
+
+def _imageless_class(ds) -> str:
+    """The name of the data set's SOP class (else its file meta's) when it is a known class that is no image's (a
+    report, a presentation state, a DICOMDIR), else "": an image class, or none or an unknown one (a file cut short)."""
+    sop = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+    named = getattr(sop, "name", "") if sop else ""
+    return named if named and named != str(sop) and "Image" not in named else ""
 
 
 def _read_dicom_radiograph(path: Path):
@@ -1248,8 +1257,11 @@ def _without_image(path: Path, ds) -> str:
     if str(sop or "") == "1.2.840.10008.1.3.10" or "DirectoryRecordSequence" in ds:
         return (f"{path} is a DICOMDIR, the index of a DICOM export, not a radiograph: give the folder it tops, "
                 f"{path.parent}, with --recursive")
-    what = ", ".join(x for x in (str(ds.get("Modality", "") or "").strip(), getattr(sop, "name", "")) if x)
-    return f"expected a radiograph, got a DICOM object without an image{f' ({what})' if what else ''}: {path}"
+    named = _imageless_class(ds)
+    if not named:  # an image's class, or none: the header stops before the image's attributes
+        return f"cannot read {path} as a DICOM radiograph: its header ends before the image (no Rows): a copy cut short?"
+    what = ", ".join(x for x in (str(ds.get("Modality", "") or "").strip(), named) if x)
+    return f"expected a radiograph, got a DICOM object without an image ({what}): {path}"
 
 
 def _decoded_pixels(ds, path: Path) -> np.ndarray:

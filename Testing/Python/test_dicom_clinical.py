@@ -484,6 +484,10 @@ def test_a_dicomdir_or_a_report_given_as_a_film_says_what_it_is(tmp_path):
     with pytest.raises(XctDiffError, match=r"^expected a radiograph, got a DICOM object without an image \(SR, "
                                            f"Comprehensive SR Storage\\): {report}$"):
         read_radiograph(report)
+    data = film.read_bytes()  # a film cut short before its Rows (a copy stopped) is no report
+    (tmp_path / "IM000003").write_bytes(data[: data.index(b"\x28\x00\x10\x00")])
+    with pytest.raises(XctDiffError, match="its header ends before the image \\(no Rows\\): a copy cut short"):
+        read_radiograph(tmp_path / "IM000003")
 
 
 def test_a_film_whose_decoder_is_missing_names_every_way_to_one(tmp_path, monkeypatch):

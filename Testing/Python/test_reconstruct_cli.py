@@ -629,9 +629,12 @@ def test_folder_passes_over_dicom_objects_without_an_image(cli, tmp_path):
     dicom_without_image(folder / "IM000002", "1.2.840.10008.5.1.4.1.1.11.1", "PR")  # Grayscale Softcopy PS
     dicom_without_image(folder / "IM000003", "1.2.840.10008.5.1.4.1.1.88.59", "KO")  # Key Object Selection
     dicom_without_image(folder / "report.dcm", "1.2.840.10008.5.1.4.1.1.88.33", "SR")  # Comprehensive SR
+    data = SAMPLE_RADIOGRAPH.read_bytes()  # a film cut short before its Rows (a copy stopped): a film, not passed over
+    (folder / "IM000004").write_bytes(data[: data.index(b"\x28\x00\x10\x00")])
     with pytest.warns(UserWarning, match=r"passed over 3 DICOM files in .*export that hold no image, not radiographs "
                                          r"\(1 KO, 1 PR, 1 SR\)"):
-        assert [p.name for p in find_radiographs(folder)] == ["IM000001"]
+        assert [p.name for p in find_radiographs(folder)] == ["IM000001", "IM000004"]
+    (folder / "IM000004").unlink()
     status, stdout, err = cli(folder, "-o", tmp_path / "out", "--progress-lines")
     assert status == 0, err
     assert "skipped" not in err and "Pixel Data" not in err
