@@ -353,8 +353,10 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     slicer.util.errorDisplay(str(exc) if isinstance(exc, XctDiffError)
                                              else _("Loading the reconstruction failed: {error}").format(error=exc))
             else:
-                node.outputVolume = output.ct_node
-                node.uncertaintyVolume = output.uncertainty_node
+                film = node.inputVolume.GetID() if node.inputVolume is not None else None
+                if film == job.input_node_id:  # another film chosen meanwhile keeps "Create new volume": never A's CT
+                    node.outputVolume = output.ct_node
+                    node.uncertaintyVolume = output.uncertainty_node
                 if output.consistency is not None:
                     node.consistency = consistency_text(output)
                 self.ui.progressBar.value = 100
