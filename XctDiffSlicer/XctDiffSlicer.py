@@ -226,6 +226,8 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 node.turn = "none"
             if forget and node.mirror:
                 node.mirror = False
+            if forget and node.consistency:  # the last film's score and warnings ("turn it head up") are not this one's
+                node.consistency = ""
             if forget and (node.outputVolume is not None or node.uncertaintyVolume is not None):
                 node.outputVolume, node.uncertaintyVolume = None, None  # "Create new volume": never overwrite A's CT
         ctId = node.apDiameterCt.GetID() if node.apDiameterCt is not None else None
@@ -357,8 +359,8 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if film == job.input_node_id:  # another film chosen meanwhile keeps "Create new volume": never A's CT
                     node.outputVolume = output.ct_node
                     node.uncertaintyVolume = output.uncertainty_node
-                if output.consistency is not None:
-                    node.consistency = consistency_text(output)
+                    if output.consistency is not None:  # A's score and warnings: in A's CT's description otherwise
+                        node.consistency = consistency_text(output)
                 self.ui.progressBar.value = 100
                 status = _("Done on {device}").format(device=output.device or _("the engine's device"))
                 if output.seed is not None and output.method != "direct":

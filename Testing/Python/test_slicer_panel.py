@@ -66,3 +66,32 @@ def test_a_job_finishing_after_another_film_was_chosen_leaves_that_films_outputs
     ct = scene.GetFirstNodeByName("film A synthetic CT (XctDiff)")
     assert ct is not None and panel._job is None and panel.ui.stageLabel.text.startswith("Done")
     assert parameters.outputVolume is (ct if input_now == "the same film" else None)
+    assert bool(parameters.consistency) == (input_now == "the same film")  # A's score is not B's (A's CT says it)
+
+
+def panel_for_update(module, parameters, shown_film):
+    """A stand-in ``self`` for XctDiffSlicerWidget.updateGUI, which last showed ``shown_film``."""
+    ui = SimpleNamespace(**{name: SimpleNamespace(text="", enabled=True) for name in (
+        "reconstructButton", "modelPathLineEdit", "modelInfoLabel", "deviceInfoLabel", "consistencyLabel")})
+    panel = SimpleNamespace(_parameterNode=parameters, _job=None, _deviceInfo=None, ui=ui,
+                            _diameterInput=shown_film.GetID(), _diameterCt=None,
+                            logic=SimpleNamespace(sliceLogics=lambda: []))
+    panel.modelChoice = lambda: module.choose_model(None)
+    return panel
+
+
+def test_another_film_chosen_clears_the_score_and_warnings_of_the_last_one(module, bridge, scene):
+    """The score line of film A ("warning: the film looks upside down; turn it head up, half round") stayed under
+    film B once B was chosen, while B's turn was set back to "As loaded": read as B's, it asked to turn B."""
+    image = np.ones((40, 30), np.float32)
+    film_a = bridge.radiograph_to_node(scene, image, name="film A")
+    film_b = bridge.radiograph_to_node(scene, image, name="film B")
+    parameters = SimpleNamespace(inputVolume=film_b, outputVolume=None, uncertaintyVolume=None, apDiameterCt=None,
+                                 apDiameter=0.0, turn="half", mirror=False, modelSource="bundled", device="auto",
+                                 uncertaintyOpacity=0.5,
+                                 consistency="0.412\nwarning: the film looks upside down; turn it head up, half round")
+    module.XctDiffSlicerWidget.updateGUI(panel_for_update(module, parameters, film_a))
+    assert parameters.consistency == "" and parameters.turn == "none"
+    parameters.consistency = "0.875"  # the film shown already: kept
+    module.XctDiffSlicerWidget.updateGUI(panel_for_update(module, parameters, film_b))
+    assert parameters.consistency == "0.875"
