@@ -190,6 +190,21 @@ def test_png_loaded_in_slicer_convention_reads_as_its_pixels(slicer, bridge, sce
     np.testing.assert_array_equal(back, pixels)
 
 
+@pytest.mark.parametrize("file_name, known", [("film.jpg", False), ("FILM.TIFF", False), ("film.png", False),
+                                              ("film.nrrd", True), ("film.dcm", True)])
+def test_a_film_slicer_read_from_a_picture_file_has_no_known_spacing(slicer, bridge, scene, file_name, known):
+    """Slicer gives a JPEG or TIFF it reads ITK's spacing, the file's print resolution (96 dpi: 0.26 mm, a 1024-pixel
+    chest 271 mm: "smaller than an adult chest film, a child's film"), and a PNG 1 mm; the engine reads no spacing
+    from such a file, so the panel sends none either. A NRRD or DICOM node's spacing is the film's."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "dropped film")
+    bridge._set_node_voxels(node, display_image(64, 48)[np.newaxis], np.diag([-0.2646, -0.2646, 1.0, 1.0]))
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(f"/films/{file_name}")
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    _, spacing = bridge.radiograph_from_node(node)
+    assert spacing == ((0.2646, 0.2646) if known else None)
+
+
 def test_radiograph_file_for_the_engine_reads_back_unchanged(bridge, scene, tmp_path):
     from XctDiffCore.io import read_radiograph
 

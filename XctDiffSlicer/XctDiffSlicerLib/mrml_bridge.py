@@ -204,10 +204,20 @@ def radiograph_from_node(node) -> tuple:
         image = image[:, ::-1]
     if directions[:, row_axis] @ down < 0:
         image = image[::-1, :]
-    known = node.GetAttribute(ATTRIBUTE_SPACING_KNOWN) != "0"
+    known = node.GetAttribute(ATTRIBUTE_SPACING_KNOWN) != "0" and not _read_from_a_picture_file(node)
     pixel_spacing = (float(spacing[row_axis]), float(spacing[col_axis])) if known else None
     with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, which the engine's check refuses
         return np.ascontiguousarray(image, dtype=np.float32), pixel_spacing
+
+
+def _read_from_a_picture_file(node) -> bool:
+    """Whether Slicer read the node from a PNG, JPEG, TIFF or BMP: ITK's spacing for such a file is 1 mm or its print
+    resolution (96 dpi: 0.26 mm), not the film's pixel size, and the engine reads no spacing from it either."""
+    from XctDiffCore.io import PIL_SUFFIXES
+
+    storage = node.GetStorageNode() if callable(getattr(node, "GetStorageNode", None)) else None
+    file_name = (storage.GetFileName() or "") if storage is not None else ""
+    return file_name.lower().endswith(PIL_SUFFIXES)
 
 
 def radiograph_to_node(scene, image: np.ndarray, spacing: Optional[Sequence[float]] = None, node=None,
