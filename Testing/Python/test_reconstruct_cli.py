@@ -646,6 +646,30 @@ def test_folder_passes_over_dicom_objects_without_an_image(cli, tmp_path):
     assert_one_error_line(err, "(DICOM files without an image passed over: 1 KO, 1 PR, 1 SR)")
 
 
+def test_the_image_files_of_a_dicom_export_are_not_its_films(cli, tmp_path):
+    """A CD or PACS export tops its DICOM files with a DICOMDIR and often ships a viewer beside them, whose icons and
+    help pictures (PNG, BMP, JPEG) --recursive took for films: an icon was a "skipped ... smaller than the minimum"
+    line, a picture was reconstructed as a chest, and the run exited 2. Below a DICOMDIR the films are its DICOM
+    files: the other image files there are passed over in one warning line."""
+    from PIL import Image
+
+    export = tmp_path / "cd"
+    (export / "DICOM" / "PT0").mkdir(parents=True)
+    (export / "Viewer" / "res").mkdir(parents=True)
+    shutil.copy(SAMPLE_RADIOGRAPH, export / "DICOM" / "PT0" / "IM000001")
+    (export / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")  # found by its name, as the search finds it
+    rng = np.random.default_rng(0)
+    for name, size in (("icon.png", 16), ("splash.bmp", 120), ("help.jpg", 96)):
+        Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(export / "Viewer" / "res" / name)
+    status, stdout, err = cli(export, "--recursive")
+    assert status == 0, err
+    assert [line.split(" -> ")[0] for line in stdout.splitlines()] == [str(export / "DICOM" / "PT0" / "IM000001")]
+    assert (f"warning: passed over 3 image files that are not DICOM in the DICOM export {export} (beside its "
+            f"DICOMDIR: a viewer's icons and pictures?), e.g. {export / 'Viewer' / 'res' / 'help.jpg'}: give their "
+            "own folder to reconstruct them") in err.splitlines()
+    assert "skipped" not in err and listing(tmp_path / "cd_ct") == ["DICOM", "DICOM/PT0", "DICOM/PT0/IM000001_ct.nrrd"]
+
+
 def test_an_unreadable_file_in_a_folder_is_one_line_not_a_traceback(cli, tmp_path, monkeypatch):
     """A PACS export still being written (or copied with another user's rights) holds a file that cannot be opened:
     without a suffix, the search opened it for the DICOM magic and its PermissionError ended the whole batch in a

@@ -128,7 +128,9 @@ def find_radiographs(folder: Path, recursive: bool = False) -> list:
     their UID); hidden files and the DICOMDIR index skipped. DICOM slices of a CT (MR, PET, NM) series, as a
     study's export holds beside its films or as ``--format dicom`` wrote beside a film, are passed over with one
     warning line: each would have been an error line of its own; so are the DICOM objects that hold no image (the
-    presentation states, key object selections and reports a PACS exports with a study's films). So are XctDiff's own outputs of an earlier run in
+    presentation states, key object selections and reports a PACS exports with a study's films), and in a DICOM
+    export's sub-folders (below a folder holding a DICOMDIR) the image files that are not DICOM: the icons and
+    pictures of the viewer a CD or PACS export ships beside its DICOM files. So are XctDiff's own outputs of an earlier run in
     the folder searched: its figures (views PNGs), which would have been reconstructed as chests, and its CTs and
     uncertainty maps (NRRD, NIfTI, MetaImage), each an error line of its own."""
     from ..figures import is_xctdiff_figure
@@ -138,6 +140,7 @@ def find_radiographs(folder: Path, recursive: bool = False) -> list:
     slices = {}  # modality -> count of DICOM files that are a volume's slices
     objects = {}  # modality -> count of DICOM files that hold no image (PR, KO, SR...)
     figures, volumes = set(), set()  # XctDiff's own figures (views PNGs) and reconstructions
+    viewer = set()  # image files that are not DICOM in a DICOM export's sub-folders: a viewer's, not films
 
     def is_film(p: Path) -> bool:
         if not p.is_file() or p.name.startswith(".") or p.name.upper() == "DICOMDIR":
@@ -153,6 +156,9 @@ def find_radiographs(folder: Path, recursive: bool = False) -> list:
             if p.name.lower().endswith(SITK_VOLUME_SUFFIXES) and {"note", "summary"} & set(volume_notes(p)):
                 volumes.add(p)  # a CT or uncertainty map XctDiff wrote (a DRR it wrote is a film: its notes differ)
                 return False
+            if film_stem(p) != p.name and exports.intersection(p.parent.parents):  # in a sub-folder of an export
+                viewer.add(p)
+                return False
             return film_stem(p) != p.name
         kind, modality = dicom_not_a_film(p)
         if kind:
@@ -163,7 +169,9 @@ def find_radiographs(folder: Path, recursive: bool = False) -> list:
     def below() -> Iterator[Path]:  # the tree, hidden folders left out
         return (p for p in walk_below(folder) if not any(x.startswith(".") for x in p.relative_to(folder).parts[:-1]))
 
-    files = [p for p in sorted(below() if recursive else folder.iterdir()) if is_film(p)]
+    entries = sorted(below() if recursive else folder.iterdir())
+    exports = {p.parent for p in entries if p.name.upper() == "DICOMDIR" and p.is_file()}  # DICOM exports' tops
+    files = [p for p in entries if is_film(p)]
     passed = ", ".join(f"{n} {m}" for m, n in sorted(slices.items()))
     imageless = ", ".join(f"{n} {m}" for m, n in sorted(objects.items()))
     own = [f"{len(found)} {what} that XctDiff wrote ({kind})" for found, what, kind in (
@@ -174,9 +182,10 @@ def find_radiographs(folder: Path, recursive: bool = False) -> list:
         where = f"in {folder} or below it" if recursive else f"in {folder}"
         if not recursive and any(is_film(p) for p in below()):  # stops at the first one
             where += " (its sub-folders hold some: add --recursive)"
-        elif passed or imageless or own:
+        elif passed or imageless or own or viewer:
             notes = [f"DICOM slices of volumes passed over: {passed}"] * bool(passed)
             notes += [f"DICOM files without an image passed over: {imageless}"] * bool(imageless)
+            notes += [f"{len(viewer)} image files of a DICOM export that are not DICOM passed over"] * bool(viewer)
             where += f" ({'; '.join(notes + [f'{what} passed over' for what in own])})"
         raise XctDiffError(f"no radiograph files ({', '.join(FILM_FILE_SUFFIXES)}, or DICOM files) {where}")
     below_it = " or below it" if recursive else ""
@@ -189,6 +198,14 @@ def find_radiographs(folder: Path, recursive: bool = False) -> list:
     if own:
         warnings.warn(f"passed over {' and '.join(own)} in {folder}{below_it}: not radiographs "
                       f"(e.g. {examples[0]})", stacklevel=2)
+    if viewer:
+        tops = sorted(top for top in exports if any(top in p.parents for p in viewer))
+        where = (f"the DICOM export {tops[0]} (beside its DICOMDIR" if len(tops) == 1
+                 else f"{len(tops)} DICOM exports below {folder} (beside their DICOMDIR")
+        many = len(viewer) > 1
+        warnings.warn(f"passed over {len(viewer)} image file{'s' * many} that {'are' if many else 'is'} not DICOM in "
+                      f"{where}: a viewer's icons and pictures?), e.g. {sorted(viewer)[0]}: give their own folder to "
+                      "reconstruct them", stacklevel=2)
     return files
 
 
