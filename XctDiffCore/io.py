@@ -89,7 +89,7 @@ class Radiograph:
 
 
 # the DICOM attributes that say what a film shows (read by plausibility.view_problems and processing_problems)
-HEADER_FACTS = ("ViewPosition", "BodyPartExamined", "PresentationIntentType")
+HEADER_FACTS = ("ViewPosition", "BodyPartExamined", "PresentationIntentType", "ConversionType")
 
 
 # --------------------------------------------------------------------------------------------------

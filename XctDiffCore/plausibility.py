@@ -92,8 +92,9 @@ names both causes. A PNG or JPEG records neither age nor spacing: nothing can be
 **The DICOM header** (:func:`view_problems`, :func:`processing_problems`). A DICOM film says what it shows,
 and where it does the pipeline believes it before any pixel: a View Position of LL or RL (lateral) or RLO or
 LLO (oblique), or a Body Part Examined that is a part other than the chest (a defined term such as KNEE or
-SKULL; free text the check does not know, "PORT CHEST" say, passes), is flagged like a film that fails the
-contrast check (an error with ``strict``). The contrast check let 2 of 19 lateral DRRs through; the header
+SKULL; free text the check does not know, "PORT CHEST" say, passes), or a Secondary Capture's Conversion Type
+that is no film (WSD, a workstation's screenshot such as a dose sheet; SD, a scanned document; DRW; SYN: a
+digitized film, DF, passes), is flagged like a film that fails the contrast check (an error with ``strict``). The contrast check let 2 of 19 lateral DRRs through; the header
 lets none through that says it is lateral. A film marked For Processing (Presentation Intent Type: the
 detector's raw image, before the processing that makes it the film a radiologist reads) gets a warning and
 is never refused: its contrast is not the one the model was trained on.
@@ -119,6 +120,9 @@ QUARTER_TURN_MARGIN = 0.05  # a quarter turn that raises the chest contrast by m
 
 
 LATERAL_VIEWS = {"LL": "lateral", "RL": "lateral", "LATERAL": "lateral", "LLO": "oblique", "RLO": "oblique"}
+# Secondary Capture Conversion Types (PS3.3 C.8.6.1) of an image that is no film: a screenshot, a scan of a document
+NOT_FILM = {"WSD": "a workstation's screen capture", "SD": "a scanned document", "DRW": "a drawing",
+            "SYN": "a synthetic image"}
 # DICOM defined terms for Body Part Examined (PS3.16 Annex L) that are not the chest
 NOT_CHEST = {
     "ABDOMEN", "ANKLE", "ARM", "CSPINE", "CLAVICLE", "ELBOW", "EXTREMITY", "FINGER", "FOOT", "FOREARM", "HAND",
@@ -240,7 +244,8 @@ def input_problems(radiograph, image01: np.ndarray) -> tuple:
 
 
 def view_problems(header: dict) -> list:
-    """Why a DICOM film's header says it is not a frontal chest film (lateral, oblique, another body part)."""
+    """Why a DICOM film's header says it is not a frontal chest film (lateral, oblique, another body part, a Secondary
+    Capture that is a screenshot or a scanned document rather than a digitized film)."""
     problems = []
     view = header.get("ViewPosition", "")
     if view in LATERAL_VIEWS:
@@ -250,6 +255,10 @@ def view_problems(header: dict) -> list:
     if part in NOT_CHEST:
         problems.append(f"the DICOM header says this film shows the {part.lower()} (Body Part Examined {part}), not the "
                         "chest; the model would still draw a chest")
+    conversion = header.get("ConversionType", "")
+    if conversion in NOT_FILM:
+        problems.append(f"the DICOM header says this is {NOT_FILM[conversion]} (Conversion Type {conversion}), not a "
+                        "film: its grey levels are not a radiograph's; the model would still draw a chest")
     return problems
 
 

@@ -456,6 +456,26 @@ def test_a_bitmap_shutter_hides_the_set_bits_of_its_overlay_plane(tmp_path, orig
     assert hidden.sum() > 100 and np.all(image[hidden] == film[~hidden].min())
 
 
+@pytest.mark.parametrize("conversion, words", [
+    ("WSD", "a workstation's screen capture (Conversion Type WSD)"), ("SD", "a scanned document (Conversion Type SD)"),
+    ("DF", None), ("SI", None)])
+def test_a_secondary_capture_screenshot_is_flagged_by_its_header(tmp_path, conversion, words):
+    """A study's PACS export holds Secondary Capture images beside its films: a digitized film (Conversion Type DF) is a
+    film, but a workstation's screenshot (a dose sheet, an annotated view: WSD) or a scanned request form (SD) is not,
+    and a text screenshot can pass the chest-contrast check (one of a dose sheet did, consistency 0.53 over the bundled
+    model's 0.5): it was reconstructed as a chest without a word. Its header says what it is, as a lateral's does."""
+    from XctDiffCore.plausibility import view_problems
+
+    film = read_radiograph(write_dicom_radiograph(tmp_path / "sc.dcm", grey_ramp().astype(np.uint16),
+                                                  SOPClassUID="1.2.840.10008.5.1.4.1.1.7", Modality="OT",
+                                                  ConversionType=conversion))
+    problems = view_problems(film.header)
+    if words is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and words in problems[0] and "not a film" in problems[0], problems
+
+
 def test_a_dicomdir_or_a_report_given_as_a_film_says_what_it_is(tmp_path):
     """`xctdiff reconstruct export/DICOMDIR` (the index a PACS or CD export tops its films with) or a study's report
     was "cannot read ... The dataset has no 'Pixel Data', 'Float Pixel Data' or 'Double Float Pixel Data' element":
