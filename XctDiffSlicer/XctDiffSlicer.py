@@ -7,13 +7,13 @@ engine, which runs in a child process so that the panel never freezes.
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Union
 
 import qt
 import vtk
 
 import slicer
-from slicer import vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -88,7 +88,7 @@ class XctDiffSlicerParameterNode:
     """The panel's state. 0 steps: the model's default; seed -1: random; AP diameter 0: not known; turn and
     mirror: how the film is stood head up before reconstructing (one film's, forgotten for another)."""
 
-    inputVolume: vtkMRMLScalarVolumeNode
+    inputVolume: Optional[Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode]]  # a colour film: a vector volume
     outputVolume: vtkMRMLScalarVolumeNode
     uncertaintyVolume: vtkMRMLScalarVolumeNode
     modelSource: Annotated[str, Choice(["bundled", "folder"])] = "bundled"

@@ -73,7 +73,7 @@ def parameter_fields() -> dict:
 
 def widget_classes_for(annotation: str) -> set:
     """The widget classes Slicer's parameterNodeWrapper GUI connectors accept for an annotation."""
-    if annotation.startswith("vtkMRML"):
+    if annotation.startswith("vtkMRML") or re.fullmatch(r"Optional\[Union\[vtkMRML\w+(, vtkMRML\w+)*\]\]", annotation):
         return {"qMRMLNodeComboBox"}
     if annotation in ("Path", "pathlib.Path"):
         return {"ctkPathLineEdit", "ctkDirectoryButton"}

@@ -95,3 +95,28 @@ def test_another_film_chosen_clears_the_score_and_warnings_of_the_last_one(modul
     parameters.consistency = "0.875"  # the film shown already: kept
     module.XctDiffSlicerWidget.updateGUI(panel_for_update(module, parameters, film_b))
     assert parameters.consistency == "0.875"
+
+
+def connector_node_types(annotation) -> tuple:
+    """The classes Slicer's qMRMLNodeComboBox connector lists for a parameter (parameterNodeWrapper's getNodeTypes:
+    it sets the combo box's nodeTypes from the annotation, whatever the .ui says)."""
+    import typing
+
+    if isinstance(annotation, type):
+        return (annotation.__name__,)
+    assert typing.get_origin(annotation) is typing.Union, annotation
+    return tuple(arg.__name__ for arg in typing.get_args(annotation) if arg is not type(None))
+
+
+def test_the_radiograph_selector_lists_a_colour_film_and_no_label_map(module):
+    """A colour PNG or JPEG dropped into Slicer is a vector volume (what the README's Radiograph input says is made
+    grey); the selector listed plain scalar volumes alone (its nodeTypes come from the annotation, child classes
+    hidden by the .ui), so the film could not be chosen in the panel."""
+    import xml.etree.ElementTree as ET
+
+    types_listed = connector_node_types(module.XctDiffSlicerParameterNode.__annotations__["inputVolume"])
+    assert set(types_listed) == {"vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"}
+    ui = ET.parse(MODULE_FILE.parent / "Resources" / "UI" / "XctDiffSlicer.ui").getroot()
+    selector = next(w for w in ui.iter("widget") if w.get("name") == "inputSelector")
+    show_children = next(p for p in selector.findall("property") if p.get("name") == "showChildNodeTypes")
+    assert show_children.findtext("bool") == "false"  # label maps, DWIs and other child classes stay out

@@ -335,7 +335,7 @@ def write_radiograph_file(node, path, film: Optional[tuple] = None) -> Path:
 
 def first_film_node(scene):
     """The node the panel offers first: a plain single-slice volume (a film), else a plain volume, else None;
-    never a label map or a colour/vector volume, which the input selector does not list."""
+    never a label map, which the input selector does not list (a colour film, a vector volume, is chosen by hand)."""
     plain = [node for node in scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
              if node.GetClassName() == "vtkMRMLScalarVolumeNode"]
     films = [node for node in plain if node.GetImageData() is not None and 1 in node.GetImageData().GetDimensions()]
