@@ -276,7 +276,7 @@ def consistency_problems(consistency: float, minimum=None) -> list:
     is below the model's calibrated ``minimum``); empty when it is not, or when the model has no minimum."""
     if minimum is None or consistency >= minimum:
         return []
-    return [f"the reconstruction is unreliable: its DRR agrees poorly with the input (consistency {consistency:.2f} < "
+    return [f"the reconstruction is unreliable: its DRR agrees poorly with the input (consistency {consistency:.3f} < "
             f"{minimum:g}, the model's reliability threshold); the input may not be a frontal chest film the model can read"]
 
 

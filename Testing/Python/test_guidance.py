@@ -402,7 +402,9 @@ def test_a_result_whose_drr_disagrees_with_the_film_is_flagged_unreliable_or_ref
 
     assert consistency_problems(0.3) == [] and consistency_problems(0.5, 0.5) == []  # no calibrated minimum: no flag
     (reason,) = consistency_problems(0.49, 0.5)
-    assert "unreliable" in reason and "0.49 < 0.5" in reason
+    assert "unreliable" in reason and "0.490 < 0.5" in reason
+    (reason,) = consistency_problems(0.4951, 0.5)  # the score as the summary line and the panel print it, not 0.50 < 0.5
+    assert "consistency 0.495 < 0.5," in reason
     assert pipe.info.min_consistency is None  # a random model is not calibrated
     with warnings.catch_warnings():
         warnings.simplefilter("error", PlausibilityWarning)
