@@ -238,6 +238,30 @@ def test_the_orientation_checks_flag_upside_down_sideways_and_mirrored_films():
     assert len(problems) == 1 and problems[0].startswith("the film may be mirrored left to right")
 
 
+def test_the_panel_names_its_own_controls_in_the_orientation_warnings():
+    """The engine's orientation warnings name the command line's flags (--turn half, --mirror), which a clinician
+    in Slicer's panel does not have: the panel's score line names its Turn film and Flip controls instead."""
+    from XctDiffCore.drr import drr_of_volume
+    from XctDiffCore.io import read_ct
+    from XctDiffCore.plausibility import film_problems
+    from XctDiffCore.preprocess import preprocess_ct
+    from XctDiffSlicerLib.logic import ReconstructionOutput, consistency_text
+    from conftest import SAMPLE_CT
+
+    drr = drr_of_volume(preprocess_ct(read_ct(SAMPLE_CT)))
+    expected = {"upside": "turn it head up, half round (Turn film: half round, or Auto)",
+                "anticlockwise": "a quarter turn anticlockwise (Turn film: a quarter anticlockwise, or Auto)",
+                "clockwise": "a quarter turn clockwise (Turn film: a quarter clockwise, or Auto)",
+                "mirrored": "a mirrored CT (Flip left to right flips it back)"}
+    films = {"upside": np.flipud(drr), "anticlockwise": np.rot90(drr, 3), "clockwise": np.rot90(drr, 1),
+             "mirrored": np.fliplr(drr)}
+    for case, film in films.items():
+        warnings_ = tuple(film_problems(film))
+        assert len(warnings_) == 1 and "--" in warnings_[0], (case, warnings_)
+        text = consistency_text(ReconstructionOutput(None, None, 0.7, "cpu", {}, warnings=warnings_))
+        assert expected[case] in text and "--" not in text, (case, text)
+
+
 def test_head_up_turn_names_the_turn_that_undoes_a_turn_and_never_a_mirror():
     from XctDiffCore.plausibility import head_up_turn
     from XctDiffCore.preprocess import preprocess_radiograph

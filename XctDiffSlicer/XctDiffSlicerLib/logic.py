@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Callable, Optional, Sequence
 from XctDiffCore.config import METHODS as ENGINE_METHODS
 from XctDiffCore.errors import XctDiffError
 from XctDiffCore.io import SYNTHETIC
-from XctDiffCore.options import TURNS, ReconstructOptions, turn_words
+from XctDiffCore.options import TURN_PHRASES, TURNS, ReconstructOptions, turn_words
 
 from . import mrml_bridge
 from .models import MANIFEST_NAME, ModelChoice, choose_model
@@ -502,5 +503,13 @@ def consistency_text(output: ReconstructionOutput) -> str:
     if handled:
         text += f"\nthe film was {handled} before reconstructing"
     for warning in output.warnings:  # shown next to the score they qualify
-        text += f"\nwarning: {warning}"
+        text += f"\nwarning: {panel_words(warning)}"
     return text
+
+
+def panel_words(warning: str) -> str:
+    """An engine warning with the panel's controls in place of the command line's flags ("turn it head up, half
+    round (Turn film: half round, or Auto)", not "(--turn half, or --turn auto)"), for a clinician in Slicer."""
+    warning = re.sub(r"\(--turn (anticlockwise|half|clockwise), or --turn auto\)",
+                     lambda m: f"(Turn film: {TURN_PHRASES[TURNS[m.group(1)]]}, or Auto)", warning)
+    return warning.replace("(--mirror flips it back)", "(Flip left to right flips it back)")
