@@ -1081,7 +1081,20 @@ def _read_sitk_radiograph(path: Path):
     if array.ndim == 3:  # vector pixels (RGB)
         array = to_grey(array)
     spacing = tuple(float(image.GetSpacing()[axis]) for axis in kept)
+    if _suffix(path) in (".nrrd", ".nhdr") and not _nrrd_records_spacing(path):
+        spacing = None  # ITK's 1 mm is its default, not the film's: unknown, as a PNG's
     return array.astype(np.float32), spacing, is_drr
+
+
+def _nrrd_records_spacing(path: Path) -> bool:
+    """Whether an NRRD header gives its pixel size (a ``spacings`` or ``space directions`` field). The Slicer
+    bridge writes a node whose spacing is unknown without either; ITK reads such a file as 1 mm pixels, which
+    would make a 64 x 64 node a 64 mm film."""
+    import nrrd
+
+    with _library_errors(path, "an NRRD file"):
+        header = nrrd.read_header(str(path))
+    return "spacings" in header or "space directions" in header
 
 
 def _dicom_luts():

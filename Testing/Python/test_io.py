@@ -257,6 +257,29 @@ def test_radiograph_nrrd_round_trip(tmp_path):
     assert nrrd.read_header(str(path))[DRR_TAG_KEY] == "1"
 
 
+def test_radiograph_nrrd_without_spacing_has_unknown_spacing(tmp_path):
+    """A 2D NRRD with neither `spacings` nor `space directions` (the Slicer bridge writes a node's voxels so when
+    the spacing is unknown) records no pixel size: unknown, not ITK's default of 1 mm, which made a 64 x 64 node
+    "64 x 64 mm by its pixel spacing", a child's film."""
+    import nrrd
+
+    film = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    path = write_radiograph_nrrd(film, tmp_path / "node.nrrd")  # spacing None: no spacing field written
+    header = nrrd.read_header(str(path))
+    assert "spacings" not in header and "space directions" not in header
+    radiograph = read_radiograph(path)
+    np.testing.assert_array_equal(radiograph.image, film)
+    assert radiograph.spacing is None
+    assert inspect_path(path, "radiograph")["spacing"] == "unknown"
+    assert "by its pixel spacing" not in inspect_path(path, "radiograph")["plausibility"]
+    # a spacing field of either kind is believed
+    with_spacings = write_radiograph_nrrd(film, tmp_path / "spacings.nrrd", spacing=(0.5, 0.25))
+    assert read_radiograph(with_spacings).spacing == (0.5, 0.25)
+    nrrd.write(str(tmp_path / "directions.nrrd"), film, {"space dimension": 2,  # fastest axis (columns) first
+               "space directions": [[0.3, 0.0], [0.0, 0.2]]}, index_order="C")
+    assert read_radiograph(tmp_path / "directions.nrrd").spacing == pytest.approx((0.2, 0.3))
+
+
 def test_single_slice_volumes_read_as_radiographs(tmp_path):
     """A 2D scalar volume node saved by Slicer is a 3D NRRD with one slice."""
     film = grey_ramp().astype(np.int16)  # [row, col]
