@@ -73,6 +73,32 @@ def test_sample_ct_lies_anatomically_right_in_ras(bridge, scene):
     assert (lung & (r > spine_r)).sum() > 1.03 * (lung & (r < spine_r)).sum()
 
 
+def test_a_synthetic_ct_is_refused_for_the_ap_diameter(bridge, scene, tmp_path):
+    """"AP diameter from CT" took a CT XctDiff had reconstructed as readily as a scan: its depth is the model's own
+    guess, so the patient's would never reach the model. A node the reconstruction marked, or one read from a file
+    whose header says XctDiff made it, is refused in one sentence; the same CT as a plain scan file is measured."""
+    from XctDiffCore.io import read_ct, write_volume
+
+    ct = read_ct(SAMPLE_CT)
+    marked = bridge.volume_to_node(scene, ct, name="RG1 synthetic CT (XctDiff)")
+    marked.SetAttribute(bridge.ATTRIBUTE_SYNTHETIC, "1")
+    with pytest.raises(XctDiffError, match=r"^RG1 synthetic CT \(XctDiff\) is a CT XctDiff reconstructed, not a scan: "
+                                           r"its AP diameter is the model's guess"):
+        bridge.ap_diameter_of_node(marked)
+    for notes, refused in (({"note": "synthetic CT reconstructed by XctDiff"}, True), (None, False)):
+        path = write_volume(ct, tmp_path / f"ct_{refused}.nrrd", notes=notes)
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", path.stem)
+        storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(str(path))
+        assert storage.ReadData(node)
+        node.SetAndObserveStorageNodeID(storage.GetID())
+        if refused:
+            with pytest.raises(XctDiffError, match="is a CT XctDiff reconstructed, not a scan"):
+                bridge.ap_diameter_of_node(node)
+        else:
+            assert bridge.ap_diameter_of_node(node) == 232.0
+
+
 def test_an_earlier_ct_node_gives_the_ap_diameter_or_one_sentence(bridge, scene):
     """The panel's "AP diameter from CT": the sample CT's node measures as `xctdiff inspect` does (232 mm); air,
     a body too thin to be a chest, or the radiograph itself, is one sentence naming the node."""

@@ -430,10 +430,7 @@ def remove_stale_job_folders(root: Optional[str] = None, hours: float = STALE_JO
     return removed
 
 
-#: On every node a reconstruction wrote: the name it was made under ("<film> synthetic CT (XctDiff)").
-ATTRIBUTE_MADE_FOR = "XctDiff.MadeFor"
-#: ... and "1": the node holds no scan. Its name says so too, and so would a series Slicer exports from it.
-ATTRIBUTE_SYNTHETIC = "XctDiff.Synthetic"
+ATTRIBUTE_MADE_FOR, ATTRIBUTE_SYNTHETIC = mrml_bridge.ATTRIBUTE_MADE_FOR, mrml_bridge.ATTRIBUTE_SYNTHETIC
 SYNTHETIC_CT = "synthetic CT (XctDiff)"
 
 

@@ -37,6 +37,10 @@ ATTRIBUTE_IS_DRR = "XctDiff.IsDRR"  # "1": rendered from a CT, needs no real-to-
 ATTRIBUTE_SPACING_KNOWN = "XctDiff.PixelSpacingKnown"  # "0": the file had no pixel spacing
 ATTRIBUTE_DICOM_INSTANCES = "DICOM.instanceUIDs"  # set by Slicer's DICOM loader: the SOP instances of the node
 ATTRIBUTE_SOURCE_FILE = "XctDiff.SourceFile"  # "path|size:mtime|voxels" of the file "Load radiograph" read
+#: On every node a reconstruction wrote: the name it was made under ("<film> synthetic CT (XctDiff)").
+ATTRIBUTE_MADE_FOR = "XctDiff.MadeFor"
+#: ... and "1": the node holds no scan. Its name says so too, and so would a series Slicer exports from it.
+ATTRIBUTE_SYNTHETIC = "XctDiff.Synthetic"
 UNCERTAINTY_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"  # built in: black, red, yellow, white
 
 # What a slice view of each plane shows to the right of and below the screen centre (RAS unit
@@ -150,10 +154,24 @@ def ap_diameter_of_node(node) -> float:
 
     if not callable(getattr(node, "GetImageData", None)) or node.GetImageData() is None:  # None, a name, a model
         raise XctDiffError("choose a CT volume to measure the AP diameter on")
+    if _is_synthetic(node):  # its depth is the model's own guess: fed back, it would only confirm it
+        raise XctDiffError(f"{node.GetName()} is a CT XctDiff reconstructed, not a scan: its AP diameter is the model's "
+                           "guess, not the patient's; choose a scan of the patient")
     try:
         return ct_ap_diameter(node_to_volume(node))
     except XctDiffError as error:
         raise XctDiffError(f"{node.GetName()}: {error}") from None
+
+
+def _is_synthetic(node) -> bool:
+    """A CT node XctDiff made: marked so by the reconstruction, or read from a file whose header says so."""
+    if node.GetAttribute(ATTRIBUTE_SYNTHETIC) == "1":
+        return True
+    from XctDiffCore.io import volume_notes
+
+    storage = node.GetStorageNode() if callable(getattr(node, "GetStorageNode", None)) else None
+    file_name = (storage.GetFileName() or "") if storage is not None else ""
+    return bool(file_name) and bool({"note", "summary"} & set(volume_notes(file_name)))
 
 
 def read_volume_file(scene, path, node=None, name: str = "XctDiff CT"):
