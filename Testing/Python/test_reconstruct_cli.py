@@ -723,6 +723,38 @@ def test_recursive_folder_mirrors_its_sub_folders(cli, tmp_path, drr_png):
         assert_one_error_line(err, words)
 
 
+def test_an_interrupted_folder_says_what_is_done_and_how_to_go_on(cli, tmp_path, drr_png, monkeypatch):
+    """Ctrl-C or SIGTERM in the middle of a folder ended on a bare `error: interrupted`: how many films were done, and
+    that --skip-existing goes on with the rest (each finished CT is whole), was left to guess."""
+    import XctDiffCore.pipeline as pipeline
+
+    films = tmp_path / "films"
+    films.mkdir()
+    for name in ("a", "b", "c"):
+        shutil.copy(drr_png, films / f"{name}.png")
+    real, calls = pipeline.reconstruct_file, []
+
+    def stopped_at_the_second(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "reconstruct_file", stopped_at_the_second)
+    status, _, err = cli(films, "-o", tmp_path / "out")
+    assert status == 130
+    lines = err.strip().splitlines()
+    assert re.fullmatch(r"stopped: reconstructed 1 of 3 radiographs in \d+ s \([0-9.]+ s each, the model's loading "
+                        r"included\); the same command with --skip-existing continues with the 2 not reconstructed",
+                        lines[-2]), err
+    assert lines[-1] == "error: interrupted"
+    assert listing(tmp_path / "out") == ["a_ct.nrrd"]
+    monkeypatch.setattr(pipeline, "reconstruct_file", real)
+    status, _, err = cli(films, "-o", tmp_path / "out", "--skip-existing")
+    assert status == 0 and "left out 1 of 3 radiographs" in err, err
+    assert listing(tmp_path / "out") == ["a_ct.nrrd", "b_ct.nrrd", "c_ct.nrrd"]
+
+
 def test_recursive_output_that_leads_back_into_the_films_is_refused(cli, tmp_path, drr_png):
     """--recursive into the folder above the films (or into a link to it): the sub-folder named as the films' folder
     put films/films/y.png's outputs in films/, and the next run took y_ct.nrrd and y_views.png for films (the CT an

@@ -441,6 +441,12 @@ def run_reconstruct(
                 results.append((source, written, result))
                 _print_line(display, summary_line(source, written[0], seconds, result, protocol=progress_lines))
             display(1.0, "done")
+        except BaseException as exc:
+            display.close()
+            if input_path.is_dir() and not isinstance(exc, Exception):  # Ctrl-C, SIGTERM: what is done, how to go on
+                print(stopped_batch_line(results, failures, len(jobs), time.perf_counter() - started),
+                      file=sys.stderr, flush=True)
+            raise
         finally:
             display.close()
     if input_path.is_dir():
@@ -509,6 +515,13 @@ def batch_tally(results: list, failures: list, total: int, seconds: float) -> st
         shown = ", ".join(flagged[:5]) + (f" and {len(flagged) - 5} more" if len(flagged) > 5 else "")
         line += f"; {len(flagged)} with warnings (above): {shown}"
     return line + (f"; {len(failures)} skipped (above)" if failures else "")
+
+
+def stopped_batch_line(results: list, failures: list, total: int, seconds: float) -> str:
+    """The tally of a folder's run that Ctrl-C or SIGTERM stopped, and how to go on: every CT finished is whole
+    (written atomically), so ``--skip-existing`` continues with the rest instead of reconstructing all again."""
+    return (f"stopped: {batch_tally(results, failures, total, seconds)}; the same command with --skip-existing "
+            f"continues with the {total - len(results)} not reconstructed")
 
 
 def _result_record(results: list, failures: list, batch: bool = False) -> dict:
