@@ -176,19 +176,25 @@ def prepare_dataset(
 
         jobs = [_CtJob(c, augment, seed, size, geometry, out_dir, c.patient in mix_patients, resume) for c in cts]
         entries, to_mix, left_out = {}, {}, []
-        with tqdm(total=len(cts) * (augment + 1), desc="prepare", unit="pair", disable=not progress) as bar, \
-                _worker_pool(workers, len(jobs)) as pool:
-            for job, (pairs, ct, error) in zip(jobs, pool.map(_prepare_ct, jobs) if pool else map(_prepare_ct, jobs)):
-                bar.set_postfix_str(job.ct.patient)
-                if error is not None:
-                    left_out.append({"path": str(job.ct.path), "patient": job.ct.patient, "reason": error})
-                    bar.clear()
-                    report(f"left out {job.ct.patient}: {error}")
-                else:
-                    entries[job.ct.patient] = pairs
-                    if ct is not None:
-                        to_mix[job.ct.patient] = ct
-                bar.update(augment + 1)
+        try:
+            with tqdm(total=len(cts) * (augment + 1), desc="prepare", unit="pair", disable=not progress) as bar, \
+                    _worker_pool(workers, len(jobs)) as pool:
+                for job, (pairs, ct, error) in zip(jobs, pool.map(_prepare_ct, jobs) if pool else map(_prepare_ct, jobs)):
+                    bar.set_postfix_str(job.ct.patient)
+                    if error is not None:
+                        left_out.append({"path": str(job.ct.path), "patient": job.ct.patient, "reason": error})
+                        bar.clear()
+                        report(f"left out {job.ct.patient}: {error}")
+                    else:
+                        entries[job.ct.patient] = pairs
+                        if ct is not None:
+                            to_mix[job.ct.patient] = ct
+                    bar.update(augment + 1)
+        except BaseException as exc:  # Ctrl-C or SIGTERM (not an error): what is kept, and how to go on
+            if not isinstance(exc, Exception):
+                print(f"prepare: stopped with {len(entries)} of {len(cts)} CTs prepared in {out_dir}; the same command "
+                      "with --resume keeps them and prepares the rest", file=sys.stderr, flush=True)
+            raise
         if not entries:
             raise XctDiffError(f"none of the {len(cts)} CTs could be read (each named above)")
         training, validation = [p for p in training if p in entries], [p for p in validation if p in entries]

@@ -410,6 +410,33 @@ def test_resume_prepares_only_the_cts_not_done_and_writes_the_same_data_set(tmp_
     assert len(prepared) == 3
 
 
+def test_an_interrupted_prepare_says_what_is_kept_and_how_to_go_on(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while preparing ended on a bare `error: interrupted`: that the CTs done are kept and --resume goes on
+    was in the README alone. Its last lines say so now, and --resume then prepares only the rest."""
+    from XctDiffCore import preprocess
+
+    _write_phantoms(tmp_path / "in")
+    argv = ["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--size", str(SIZE), "--workers", "1"]
+    prepared, real = [], preprocess.preprocess_ct
+
+    def stopped_at_the_second(ct, **kw):
+        prepared.append(ct)
+        if len(prepared) == 2:
+            raise KeyboardInterrupt
+        return real(ct, **kw)
+
+    monkeypatch.setattr(preprocess, "preprocess_ct", stopped_at_the_second)
+    capsys.readouterr()
+    assert main(argv) == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-2:] == [f"prepare: stopped with 1 of 3 CTs prepared in {tmp_path / 'out'}; the same command with "
+                          "--resume keeps them and prepares the rest", "error: interrupted"], lines
+    prepared.clear()
+    monkeypatch.setattr(preprocess, "preprocess_ct", lambda ct, **kw: prepared.append(ct) or real(ct, **kw))
+    assert main([*argv, "--resume"]) == 0
+    assert len(prepared) == 2
+
+
 def test_a_reconstruction_among_the_cts_is_named_in_a_warning(tmp_path, capsys):
     """A CT that XctDiff wrote (its header says so) is no scan: training on it would teach the model its own output."""
     _write_phantoms(tmp_path / "in", seeds=(0, 1))
