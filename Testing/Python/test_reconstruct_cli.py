@@ -674,7 +674,7 @@ def test_an_unreadable_file_in_a_folder_is_one_line_not_a_traceback(cli, tmp_pat
     """A PACS export still being written (or copied with another user's rights) holds a file that cannot be opened:
     without a suffix, the search opened it for the DICOM magic and its PermissionError ended the whole batch in a
     traceback. Now it is a film that cannot be read: one "skipped" line, the other films reconstructed."""
-    import XctDiffCore.io
+    import XctDiffCore.io.common  # is_dicom_file opens the file for its DICOM magic there
 
     folder = tmp_path / "export"
     folder.mkdir()
@@ -688,7 +688,7 @@ def test_an_unreadable_file_in_a_folder_is_one_line_not_a_traceback(cli, tmp_pat
             raise PermissionError(13, "Permission denied", str(file))
         return open(file, *args, **kwargs)
 
-    monkeypatch.setattr(XctDiffCore.io, "open", guarded, raising=False)
+    monkeypatch.setattr(XctDiffCore.io.common, "open", guarded, raising=False)
     status, _, err = cli(folder, "-o", tmp_path / "out")
     assert status == 2
     assert f"skipped {locked}: cannot read {locked}: Permission denied" in err.splitlines()
@@ -1061,6 +1061,33 @@ def test_progress_on_a_non_terminal_is_plain_lines(cli, tmp_path):
     assert lines[0].startswith("reconstruct:   0% loading model") and lines[-1].startswith("reconstruct: 100% done")
     assert any(" sampling " in line for line in lines) and len(lines) < 40
     assert stdout.count("\n") == 1  # the summary line alone
+
+
+def test_a_folders_log_has_a_progress_line_per_tenth_of_the_run_not_a_dozen_per_film():
+    """In a log file (stderr not a terminal) a folder's progress printed every stage of every film, about 12 lines per
+    film beside its summary line: 12,000 lines for a thousand films. Now one line per tenth of the whole run, naming the
+    film under way; a single film keeps its stage lines."""
+    import io
+
+    from XctDiffCore.commands.reconstruct_job import ProgressDisplay
+
+    stages = ("reading", "preprocessing", "encoding", "decoding", "consistency", "writing", "written")
+    for films in (1, 100):
+        stream = io.StringIO()
+        display = ProgressDisplay(False, stream=stream, films=films)
+        display(0.0, "loading model")
+        for film in range(films):
+            display.film = f"film {film + 1} of {films}"
+            for k, stage in enumerate(stages):
+                display((film + (k + 1) / len(stages)) / films * 0.999, stage)
+        display(1.0, "done")
+        lines = stream.getvalue().splitlines()
+        if films == 1:
+            assert len(lines) == len(stages) + 2, lines
+        else:
+            assert 10 <= len(lines) <= 12, lines
+            assert lines[2] == "reconstruct:  10% film 11 of 100: reading (00:00)", lines
+            assert all(" film " in line for line in lines[1:-1]) and lines[-1].startswith("reconstruct: 100% done"), lines
 
 
 def test_progress_bar_on_a_terminal_has_no_stray_comma():

@@ -80,11 +80,14 @@ def _is_terminal(stream) -> bool:
 class ProgressDisplay:
     """``PROGRESS <fraction> <stage>`` lines on stdout (``lines``), else on stderr a tqdm bar when it is a
     terminal, or plain lines when it is not (a log file): one per stage and per tenth of the work, so
-    that a log holds readable lines, not a pile of carriage returns. Fractions never fall."""
+    that a log holds readable lines, not a pile of carriage returns. Fractions never fall.
 
-    def __init__(self, lines: bool, description: str = "reconstruct", stream=None):
+    ``films`` > 1 (a folder): the plain lines come once per tenth of the whole run alone, each naming the film under
+    way (``film``), so a log of a thousand films is not a dozen lines per film beside its summary line."""
+
+    def __init__(self, lines: bool, description: str = "reconstruct", stream=None, films: int = 1):
         self.lines, self.fraction, self.bar = lines, 0.0, None
-        self.description = description
+        self.description, self.films, self.film = description, films, ""
         self.stream = sys.stderr if stream is None else stream
         self.start = time.monotonic()
         self._shown = None  # (tenth, stage name) of the last plain line
@@ -105,6 +108,8 @@ class ProgressDisplay:
             self.bar.set_postfix_str(stage, refresh=True)
         else:
             key = (int(fraction * 10), re.sub(r" \d+/\d+$", "", stage))  # "sampling 3/50" -> "sampling"
+            if self.films > 1 and 0.0 < fraction < 1.0:
+                key, stage = (key[0],), f"{self.film}: {stage}" if self.film else stage
             if key != self._shown:
                 self._shown = key
                 elapsed = time.monotonic() - self.start
@@ -412,7 +417,8 @@ def run_reconstruct(
 
     if skip_existing and not jobs:  # every output current (a rank without films goes on: its RESULT is awaited)
         return 0
-    display = ProgressDisplay(progress_lines, description=f"rank {rank}" if world_size > 1 else "reconstruct")
+    display = ProgressDisplay(progress_lines, description=f"rank {rank}" if world_size > 1 else "reconstruct",
+                              films=len(jobs))
     results, failures = [], []
     started = time.perf_counter()
     with plain_warnings():
@@ -424,6 +430,7 @@ def run_reconstruct(
                 low = LOADED + (WRITING - LOADED) * i / len(jobs)
                 high = LOADED + (WRITING - LOADED) * (i + 1) / len(jobs)
                 start = time.perf_counter()
+                display.film = f"film {i + 1} of {len(jobs)}"
                 try:
                     result, written = reconstruct_file(
                         pipe, source, out, uncertainty=unc, views=view, output_format=output_format,
