@@ -363,6 +363,9 @@ class XctDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         node.consistency = consistency_text(output)
                 self.ui.progressBar.value = 100
                 status = _("Done on {device}").format(device=output.device or _("the engine's device"))
+                if film != job.input_node_id:  # the status line sits under film B: say whose CT this is
+                    status = _("{film}: done on {device}").format(
+                        film=job.input_name, device=output.device or _("the engine's device"))
                 if output.seed is not None and output.method != "direct":
                     status += _(", seed {seed}").format(seed=output.seed)  # the seed reproduces the run
                 self.ui.stageLabel.text = status

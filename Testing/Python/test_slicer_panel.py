@@ -64,7 +64,8 @@ def test_a_job_finishing_after_another_film_was_chosen_leaves_that_films_outputs
                               logic.load_result(job, event, output, uncertainty)))
     module.XctDiffSlicerWidget._handleJobEvent(panel, finished)
     ct = scene.GetFirstNodeByName("film A synthetic CT (XctDiff)")
-    assert ct is not None and panel._job is None and panel.ui.stageLabel.text.startswith("Done")
+    assert ct is not None and panel._job is None
+    assert panel.ui.stageLabel.text.startswith("Done" if input_now == "the same film" else "film A: done")  # not B's
     assert parameters.outputVolume is (ct if input_now == "the same film" else None)
     assert bool(parameters.consistency) == (input_now == "the same film")  # A's score is not B's (A's CT says it)
 
