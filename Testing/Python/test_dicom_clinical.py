@@ -1,4 +1,4 @@
-"""Valid but unusual clinical DICOM files, as scanners and PACS write them, read right (XctDiffCore/io.py).
+"""Valid but unusual clinical DICOM files, as scanners and PACS write them, read right (XctDiffCore/io/).
 
 Each test failed before its fix with a silent wrong result or a misleading error: a bright padding ring
 around a CT, a gantry-tilted CT read unsheared, a localizer that made a series look unevenly spaced, an
