@@ -161,7 +161,11 @@ def test_inspect_measures_an_earlier_ct_on_the_engines_grid(tmp_path):
     facts = inspect_path(write_volume(chest, tmp_path / "earlier.nii.gz"))
     diameter = float(facts["ap_diameter"].split(" mm")[0])
     assert abs(diameter - 230.0) <= SPACING, facts["ap_diameter"]
-    assert "--ap-diameter" in facts["ap_diameter"]
+    assert facts["ap_diameter"].endswith("the value for --ap-diameter)")
+    # a CT XctDiff reconstructed: its depth is the model's guess, not a value to feed back (it was offered as one)
+    facts = inspect_path(write_volume(chest, tmp_path / "made_ct.nrrd", notes={"note": "synthetic CT (test)"}))
+    assert facts["ap_diameter"] == (f"{diameter:.0f} mm (the reconstruction's depth, the model's guess: not a value for "
+                                    "--ap-diameter, which wants the patient's)") and "synthetic" in facts
     air = Volume(np.full((40, 40, 40), -1000, np.int16), (2.5, 2.5, 2.5))
     assert inspect_path(write_volume(air, tmp_path / "air.nrrd"))["ap_diameter"].startswith("not measured (no body found")
     block = Volume(np.full((20, 20, 20), 40, np.int16), (0.7, 0.7, 5.0))  # 14 mm deep: no chest

@@ -50,6 +50,7 @@ def inspect_path(path, kind: str = "auto") -> dict:
         import SimpleITK as sitk
 
         volume = read_ct(path)
+        notes = volume_notes(path)  # an XctDiff reconstruction: its depth is the model's guess
         code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(tuple(volume.direction.ravel()))
         facts.update(
             {
@@ -59,10 +60,9 @@ def inspect_path(path, kind: str = "auto") -> dict:
                 "origin": _fmt(volume.origin, 6) + " mm (LPS)",
                 "direction": " / ".join(_fmt(row) for row in volume.direction) + f" (closest orientation {code})",
                 "hu_range": f"{_fmt(volume.array.min())} .. {_fmt(volume.array.max())}",
-                "ap_diameter": _ap_diameter_fact(volume),
+                "ap_diameter": _ap_diameter_fact(volume, synthetic=bool(notes)),
             }
         )
-        notes = volume_notes(path)
         if notes:
             facts["synthetic"] = notes.get("note", notes.get("summary", SYNTHETIC))
             made = [notes[key] for key in ("model", "settings") if key in notes]
@@ -98,11 +98,15 @@ def _plausibility_fact(radiograph: Radiograph) -> str:
     return " | ".join(problems) if problems else "passes the checks made before a reconstruction"
 
 
-def _ap_diameter_fact(volume) -> str:
-    """The chest's front-to-back diameter as ``--ap-diameter`` measures it, or why it was not measured."""
+def _ap_diameter_fact(volume, synthetic: bool = False) -> str:
+    """The chest's front-to-back diameter as ``--ap-diameter`` measures it, or why it was not measured. Of a CT XctDiff
+    reconstructed it is the model's guess, which fed back through ``--ap-diameter`` would only confirm itself."""
     from ..ap_diameter import ct_ap_diameter
 
     try:
+        if synthetic:
+            return (f"{ct_ap_diameter(volume):.0f} mm (the reconstruction's depth, the model's guess: not a value for "
+                    "--ap-diameter, which wants the patient's)")
         return f"{ct_ap_diameter(volume):.0f} mm (mid-chest, midline, the body without the table: the value for --ap-diameter)"
     except XctDiffError as error:
         return f"not measured ({error})"
