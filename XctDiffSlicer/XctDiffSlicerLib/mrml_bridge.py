@@ -169,9 +169,14 @@ def _is_synthetic(node) -> bool:
         return True
     from XctDiffCore.io import volume_notes
 
-    storage = node.GetStorageNode() if callable(getattr(node, "GetStorageNode", None)) else None
-    file_name = (storage.GetFileName() or "") if storage is not None else ""
+    file_name = storage_file_name(node)
     return bool(file_name) and bool({"note", "summary"} & set(volume_notes(file_name)))
+
+
+def storage_file_name(node) -> str:
+    """The file Slicer read the node from (or will save it to), "" where it has none."""
+    storage = node.GetStorageNode() if callable(getattr(node, "GetStorageNode", None)) else None
+    return (storage.GetFileName() or "") if storage is not None else ""
 
 
 def read_volume_file(scene, path, node=None, name: str = "XctDiff CT"):
@@ -233,9 +238,7 @@ def _read_from_a_picture_file(node) -> bool:
     resolution (96 dpi: 0.26 mm), not the film's pixel size, and the engine reads no spacing from it either."""
     from XctDiffCore.io import PIL_SUFFIXES
 
-    storage = node.GetStorageNode() if callable(getattr(node, "GetStorageNode", None)) else None
-    file_name = (storage.GetFileName() or "") if storage is not None else ""
-    return file_name.lower().endswith(PIL_SUFFIXES)
+    return storage_file_name(node).lower().endswith(PIL_SUFFIXES)
 
 
 def radiograph_to_node(scene, image: np.ndarray, spacing: Optional[Sequence[float]] = None, node=None,
