@@ -239,6 +239,7 @@ class XctDiffPipeline:
         self._warned_style = False
         self._amp_dtype = None  # the autocast dtype of the run in progress (None: fp32); see _autocast
         self._memory_format = torch.contiguous_format  # of the 3D networks' weights; see _set_memory_format
+        self._lock = threading.RLock()  # one run at a time: a run sets the device, precision and weights' layout
 
     @classmethod
     def from_pretrained(cls, path=None, compile: bool = False) -> "XctDiffPipeline":
@@ -283,6 +284,8 @@ class XctDiffPipeline:
         there), given as keywords or as ``options``.
 
         Raises :class:`XctDiffError` for bad input or settings, :class:`Cancelled` when ``cancel`` is set.
+        Calls from several threads take turns (a run moves the networks to its device and sets their precision);
+        for runs side by side, load one pipeline per thread.
         """
         from .device import choose_device, run_with_cpu_fallback
 
@@ -306,13 +309,14 @@ class XctDiffPipeline:
         radiograph = as_radiograph(radiograph)
         read_seconds = time.perf_counter() - start
         target = choose_device(run.device)
-        result = run_with_cpu_fallback(
-            lambda dev: self._reconstruct_on(dev, radiograph, steps, samples, seed, style, method, sampler,
-                                             reporter, cancel, guidance, strict, run.precision, run.coarse,
-                                             run.ap_diameter, run.turn, run.mirror),
-            target,
-            fallback=cpu_fallback,
-        )
+        with self._lock:
+            result = run_with_cpu_fallback(
+                lambda dev: self._reconstruct_on(dev, radiograph, steps, samples, seed, style, method, sampler,
+                                                 reporter, cancel, guidance, strict, run.precision, run.coarse,
+                                                 run.ap_diameter, run.turn, run.mirror),
+                target,
+                fallback=cpu_fallback,
+            )
         result.timings = {"read": read_seconds, **result.timings, "total": result.timings["total"] + read_seconds}
         return result
 

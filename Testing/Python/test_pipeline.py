@@ -596,6 +596,26 @@ def test_bf16_on_the_cpu_is_close_to_fp32_and_fp32_comes_back_exactly(pipe, film
         pipe.reconstruct(film, method="direct", device="cpu", precision="fp16")
 
 
+def test_two_threads_on_one_pipeline_run_one_at_a_time(pipe, film):
+    """A run sets the pipeline's precision and weight layout: a second thread's fp32 run that started while a
+    bf16 run was under way made the bf16 one finish in fp32 and say so, silently. Calls now take turns."""
+    settings = dict(method="direct", device="cpu", style="off")
+    alone = {p: pipe.reconstruct(film, precision=p, **settings) for p in ("bf16", "fp32")}
+    results = {}
+    other = threading.Thread(target=lambda: results.update(fp32=pipe.reconstruct(film, precision="fp32", **settings)))
+
+    def progress(fraction, stage):  # the bf16 run, between its encoding and its decoding: the fp32 one starts
+        if stage == "decoding" and other.ident is None:
+            other.start()
+            other.join(timeout=3)  # without turns it runs to its end here; with them it waits for this run
+
+    results["bf16"] = pipe.reconstruct(film, precision="bf16", progress=progress, **settings)
+    other.join()
+    assert {p: r.precision for p, r in results.items()} == {"bf16": "bf16", "fp32": "fp32"}
+    for p in ("bf16", "fp32"):
+        np.testing.assert_array_equal(results[p].ct.array, alone[p].ct.array)
+
+
 def test_auto_precision_follows_the_measured_verdict_and_the_cpu(monkeypatch):
     from XctDiffCore import device as devices
 
