@@ -289,6 +289,12 @@ class XctDiffPipeline:
         """
         from .device import choose_device, run_with_cpu_fallback
 
+        if options is not None and not isinstance(options, ReconstructOptions):
+            raise TypeError(f"options must be a ReconstructOptions, got {type(options).__name__}")
+        if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+            raise TypeError(f"cancel must be a threading.Event or None, got {type(cancel).__name__}")
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be a function of (fraction, stage) or None, got {type(progress).__name__}")
         given = ReconstructOptions(steps=steps, samples=samples, seed=seed, device=device, style=style, method=method,
                                    sampler=sampler, guidance=guidance, strict=strict, precision=precision,
                                    coarse=coarse, ap_diameter=ap_diameter, turn=turn, mirror=mirror)

@@ -578,6 +578,18 @@ def test_settings_come_as_options_or_as_keywords(pipe, film):
         ReconstructOptions(samples=1.5)
 
 
+@pytest.mark.parametrize("arguments, words", [
+    ({"options": {"steps": 2}}, "options must be a ReconstructOptions, got dict"),
+    ({"cancel": True}, "cancel must be a threading.Event or None, got bool"),
+    ({"progress": 5}, "progress must be a function of"),
+])
+def test_arguments_of_the_wrong_kind_are_one_sentence_before_any_work(pipe, film, arguments, words):
+    """Not an AttributeError from deep in the run (cancel=True failed only after the preprocessing)."""
+    with UNetCalls(pipe) as calls, pytest.raises(TypeError, match=words):
+        pipe.reconstruct(film, **arguments)
+    assert calls.count == 0
+
+
 def test_bf16_on_the_cpu_is_close_to_fp32_and_fp32_comes_back_exactly(pipe, film):
     """--precision (issue 20): bf16 autocast with channels-last 3D weights on the CPU; the result says
     which arithmetic ran, stays near fp32, and a later fp32 run is bit-identical to one before it."""
