@@ -11,13 +11,12 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 import torch
 
-from .errors import XctDiffError
+from .errors import XctDiffError, warn_caller
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
 # A guess until the default model is measured on GPUs (``xctdiff benchmark pipeline``): below this the
@@ -105,14 +104,14 @@ def choose_device(name: str = "auto", min_memory_gib: float = MIN_GPU_MEMORY_GIB
         if problem is None:
             return torch.device("cuda", 0)
         if gpu_hardware_present() or torch.cuda.is_available():
-            warnings.warn(f"running on the CPU (slow): {problem}", DeviceWarning, stacklevel=2)
+            warn_caller(f"running on the CPU (slow): {problem}", DeviceWarning)
         return torch.device("cpu")
     problem = cuda_problem(index, min_memory_gib=0.0)
     if problem is not None:
         raise XctDiffError(f"cannot use {name}: {problem}")
     small = cuda_problem(index, min_memory_gib)
     if small is not None:
-        warnings.warn(small, DeviceWarning, stacklevel=2)
+        warn_caller(small, DeviceWarning)
     return torch.device("cuda", index)
 
 
@@ -171,8 +170,8 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[to
 @functools.lru_cache(maxsize=None)
 def _warn_emulated_bf16() -> None:
     """Once per process: bf16 asked for on a CPU that emulates it (a reconstruction took minutes, not seconds)."""
-    warnings.warn("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated and many times slower than "
-                  "fp32 here; --precision auto chooses fp32 on it", stacklevel=3)
+    warn_caller("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated and many times slower than "
+                "fp32 here; --precision auto chooses fp32 on it")
 
 
 def is_cuda_oom(exc: BaseException) -> bool:
@@ -196,7 +195,7 @@ def run_with_cpu_fallback(fn: Callable[[torch.device], T], device: torch.device,
         raise XctDiffError(
             f"the GPU ({device}) ran out of memory; try fewer --samples, close other GPU programs, or use --device cpu"
         )
-    warnings.warn(f"the GPU ({device}) ran out of memory: continuing on the CPU (slow)", DeviceWarning, stacklevel=2)
+    warn_caller(f"the GPU ({device}) ran out of memory: continuing on the CPU (slow)", DeviceWarning)
     return fn(torch.device("cpu"))
 
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 from .config import METHODS, SAMPLERS
-from .errors import XctDiffError
+from .errors import XctDiffError, warn_caller
 
 MAX_SAMPLES = 64
 STYLE_CHOICES = ("auto", "on", "off")
@@ -117,9 +116,8 @@ class ReconstructOptions:
             raise XctDiffError(f"steps must be between 1 and {num_train_steps}, got {steps}")
         unused = [name for name, value in (("steps", self.steps), ("sampler", self.sampler)) if value is not None]
         if method == "direct" and unused:
-            warnings.warn(f"the direct method does not sample: the {' and '.join(unused)} given "
-                          f"{'is' if len(unused) == 1 else 'are'} ignored (--method diffusion uses them)",
-                          MethodWarning, stacklevel=3)
+            warn_caller(f"the direct method does not sample: the {' and '.join(unused)} given "
+                        f"{'is' if len(unused) == 1 else 'are'} ignored (--method diffusion uses them)", MethodWarning)
         return dataclasses.replace(self, method=method, steps=steps, sampler=self.sampler or default_sampler)
 
     # ------------------------------------------------------------------------------ command line

@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 
 from .diffusion import Cancelled
-from .errors import XctDiffError
+from .errors import XctDiffError, warn_caller
 from .guidance import MIN_UNGUIDED_CONSISTENCY, GuidanceWarning
 from .options import CT_FORMATS, MAX_SAMPLES, MethodWarning, ReconstructOptions  # noqa: F401 (re-exported)
 from .options import TURN_NAMES, TURN_PHRASES, TURNS, turn_words
@@ -368,7 +368,7 @@ class XctDiffPipeline:
             notes.append(f"the film looked {'upside down' if quarter_turns == 2 else 'turned on its side'}: it was "
                          f"turned {TURN_PHRASES[quarter_turns]} before reconstructing (turn auto); check the result's "
                          "orientation")
-            warnings.warn(notes[-1], PlausibilityWarning, stacklevel=5)
+            warn_caller(notes[-1], PlausibilityWarning)
         return radiograph, self.preprocess(radiograph), quarter_turns, notes
 
     @staticmethod
@@ -378,7 +378,7 @@ class XctDiffPipeline:
         if problems and strict:
             raise XctDiffError(problems[0] + " (refused: strict)")
         for problem in problems:
-            warnings.warn(problem, PlausibilityWarning, stacklevel=5)
+            warn_caller(problem, PlausibilityWarning)
         return problems
 
     def apply_style(self, radiograph: Radiograph, image01: np.ndarray, style: str) -> tuple:
@@ -391,8 +391,8 @@ class XctDiffPipeline:
             if style == "on":
                 raise XctDiffError(f"style transfer was asked for, but the model {self.info.model_id} has no style stage")
             if not self._warned_style:
-                warnings.warn(f"the model {self.info.model_id} has no style stage: the real radiograph goes in as it is",
-                              StyleWarning, stacklevel=3)
+                warn_caller(f"the model {self.info.model_id} has no style stage: the real radiograph goes in as it is",
+                            StyleWarning)
                 self._warned_style = True
             return image01, False
         return apply_style(self.style, image01).astype(np.float32), True
@@ -471,7 +471,7 @@ class XctDiffPipeline:
 
             if guidance > 0 and notes:  # guidance would fit an implausible film: confident garbage
                 notes.append("guidance skipped: the input failed the plausibility check")
-                warnings.warn(notes[-1], GuidanceWarning, stacklevel=4)
+                warn_caller(notes[-1], GuidanceWarning)
                 guidance = 0.0
             film = x.float() * 0.5 + 0.5 if guidance > 0 else None  # the input in [0, 1], as the DRRs are compared
             scores = []  # each sample's consistency before guidance
@@ -482,7 +482,7 @@ class XctDiffPipeline:
             if ap_diameter is not None and None in diameters:
                 notes.append(f"the AP diameter was not applied to {diameters.count(None)} of {len(diameters)} "
                              "samples: no body crosses their mid-chest midline")
-                warnings.warn(notes[-1], APDiameterWarning, stacklevel=4)
+                warn_caller(notes[-1], APDiameterWarning)
             measured = [d for d in diameters if d is not None]  # the samples' own diameters, before the stretch
             unguided = float(np.mean(scores)) if scores else None
             guided = sum(score >= MIN_UNGUIDED_CONSISTENCY for score in scores)
@@ -491,7 +491,7 @@ class XctDiffPipeline:
                 notes.append(f"guidance skipped{which}: the film agrees poorly with the unguided reconstruction "
                              f"(consistency {min(scores):.2f} < {MIN_UNGUIDED_CONSISTENCY}); it may not be a frontal "
                              "chest film the model can read, and fitting it would only make the result look consistent")
-                warnings.warn(notes[-1], GuidanceWarning, stacklevel=4)
+                warn_caller(notes[-1], GuidanceWarning)
             timer.lap("decoding")
             reporter.report(ends["decoding"], "consistency")
             _check_cancel(cancel)

@@ -751,3 +751,23 @@ def test_compiling_the_unet_says_nothing_of_torch_jit():
     done = subprocess.run([sys.executable, "-W", "error:`torch.jit.script_method` is deprecated:DeprecationWarning",
                            "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-500:]
+
+
+def test_the_engines_warnings_name_the_callers_line_not_the_engines(pipe, film, tmp_path, monkeypatch):
+    """A notebook shows a warning's file and line: it was pipeline.py's ``result = run_with_cpu_fallback(`` for the
+    plausibility and guidance warnings (their stacklevels counted too few frames), pipeline.py's ``target =
+    choose_device(...)`` for the GPU that cannot be used, and options.py's for a steps given to the direct method
+    through reconstruct_file."""
+    from XctDiffCore import device as devices
+
+    monkeypatch.setattr(devices, "cuda_problem", lambda *args, **kwargs: "this GPU is out of reach")
+    monkeypatch.setattr(devices, "gpu_hardware_present", lambda: True)
+    side = np.rot90(film.image).copy()  # a film on its side: plausibility, then guidance skipped for it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.reconstruct(side, method="direct", device="auto", guidance=0.5)
+        pipe.reconstruct(side, method="direct", device="cpu", turn="auto")
+        reconstruct_file(pipe, SAMPLE_RADIOGRAPH, tmp_path / "ct.nrrd", method="direct", steps=2, device="cpu")
+    kinds = {w.category.__name__ for w in caught}
+    assert {"PlausibilityWarning", "GuidanceWarning", "MethodWarning", "DeviceWarning"} <= kinds
+    assert {(w.category.__name__, w.filename) for w in caught} == {(kind, __file__) for kind in kinds}
