@@ -131,6 +131,7 @@ class Reconstruction:
     mirrored: bool = False  # whether it was flipped left to right first
     flops: dict = field(default_factory=dict)  # operations per stage, only inside counting_flops()
     flops_by_dtype: dict = field(default_factory=dict)  # the same split by arithmetic: {stage: {"bfloat16": n, ...}}
+    model: Optional[ModelInfo] = field(default=None, repr=False)  # the model that made it: write_ct records it
 
     def summary(self) -> dict:
         """Plain data for the ``RESULT`` line and JSON logs."""
@@ -530,6 +531,7 @@ class XctDiffPipeline:
             mirrored=mirror,
             flops=timer.flops,
             flops_by_dtype=timer.flops_by_dtype,
+            model=self.info,
         )
 
     def _decode(self, latents: torch.Tensor, device, reporter: _Progress, cancel, ends: dict = STAGE_END,
@@ -771,10 +773,11 @@ def write_ct(result: "Reconstruction", path, output_format: Optional[str] = None
              model: Optional[ModelInfo] = None) -> Path:
     """Write a reconstruction's CT: a volume file (by ``path``'s suffix), or with ``output_format="dicom"`` a
     DICOM series folder that joins the study of a DICOM ``source`` film; either way it records that it is
-    synthetic, ``model`` and the settings (:func:`output_notes`)."""
+    synthetic, ``model`` (default: the one that made ``result``) and the settings (:func:`output_notes`)."""
     from .io import write_volume
 
     check_volume_output(path, output_format)  # an unknown format, or a suffix that says another one
+    model = getattr(result, "model", None) if model is None else model
     notes = output_notes(result, model, source)
     if output_format != "dicom":
         return write_volume(result.ct, path, notes=notes)
@@ -792,6 +795,7 @@ def output_notes(result: "Reconstruction", model: Optional[ModelInfo] = None, so
     from . import __version__
     from .io import SYNTHETIC
 
+    model = getattr(result, "model", None) if model is None else model  # default: the model that made it
     model_name = f"{model.model_id} {model.version}" if model is not None else "not recorded"
     seed = f", seed {result.seed}, {result.steps} steps" if result.method == "diffusion" else ""
     what = "uncertainty (std over samples, HU) of a synthetic CT" if uncertainty else "synthetic CT"

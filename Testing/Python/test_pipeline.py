@@ -771,3 +771,15 @@ def test_the_engines_warnings_name_the_callers_line_not_the_engines(pipe, film, 
     kinds = {w.category.__name__ for w in caught}
     assert {"PlausibilityWarning", "GuidanceWarning", "MethodWarning", "DeviceWarning"} <= kinds
     assert {(w.category.__name__, w.filename) for w in caught} == {(kind, __file__) for kind in kinds}
+
+
+def test_a_ct_written_without_naming_the_model_still_records_it(pipe, two_samples, tmp_path):
+    """README's ``write_ct(result, "chest_ct.nii.gz")`` wrote 'model: not recorded' although the pipeline that made the
+    result knew it: the result carries its model, and write_ct records it unless told another."""
+    from XctDiffCore.io import volume_notes
+    from XctDiffCore.pipeline import output_notes, write_ct
+
+    made_by = f"{pipe.info.model_id} {pipe.info.version}"
+    assert volume_notes(write_ct(two_samples, tmp_path / "ct.nrrd"))["model"] == made_by
+    assert made_by in volume_notes(write_ct(two_samples, tmp_path / "ct.nii.gz"))["summary"]
+    assert output_notes(two_samples, uncertainty=True)["model"] == made_by  # for write_volume(result.uncertainty, ...)
