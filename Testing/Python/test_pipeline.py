@@ -478,17 +478,24 @@ def test_path_radiograph_and_arrays_give_the_same_ct(pipe, film):
     for other in (film, film.image, torch.from_numpy(film.image)):
         result = pipe.reconstruct(other, method="direct", device="cpu")
         np.testing.assert_array_equal(result.ct.array, from_path.ct.array)
+    # a colour array (RGB, RGBA) is made grey as a colour file is; it was refused as "an array of shape (H, W, 3)"
+    grey = np.stack([film.image] * 3, axis=-1)
+    for colour in (grey, np.concatenate([grey, np.ones_like(grey[..., :1])], axis=-1)):
+        result = pipe.reconstruct(colour, method="direct", device="cpu")
+        assert np.abs(result.ct.array.astype(np.int32) - from_path.ct.array).max() <= 1  # luma weights: float rounding
 
 
 @pytest.mark.parametrize(
     "image, words",
     [
-        (np.zeros((8, 40, 40), np.float32), "expected a 2D radiograph"),
+        (np.zeros((8, 40, 40), np.float32), r"^expected a 2D radiograph, got an array of shape \(8, 40, 40\) \(radiograph "
+                                            r"given as an array\)$"),
+        (np.zeros((40, 40, 5), np.float32), "expected a 2D radiograph"),
         (np.zeros((20, 40), np.float32), "32x32"),
         (np.full((64, 64), np.nan, np.float32), "NaN"),
         ([[0.0] * 64] * 64, "expected a radiograph path, Radiograph or 2D array"),
     ],
-    ids=["3D array", "small array", "NaN array", "list"],
+    ids=["3D array", "5 channels", "small array", "NaN array", "list"],
 )
 def test_bad_arrays(pipe, image, words):
     with pytest.raises(XctDiffError, match=words):

@@ -73,15 +73,18 @@ def check_radiograph_size(rows: int, cols: int, source: str = "image") -> None:
 
 def check_radiograph_image(image: np.ndarray, source: str = "image") -> np.ndarray:
     """Refuse what no radiograph step can use: not 2D, a size :func:`check_radiograph_size` refuses,
-    NaN or Inf. Returns float32."""
+    NaN or Inf. A colour image (rows x columns x 3 or 4: RGB, RGBA) is made grey, as a colour file is.
+    Returns float32."""
     try:
         image = np.asarray(image)
     except (TypeError, ValueError, RuntimeError) as exc:  # a tensor numpy cannot take (bf16), ragged lists
         raise XctDiffError(f"radiograph {source} is not an array of numbers ({_one_line(exc)})") from None
-    if image.ndim != 2:
-        raise XctDiffError(f"expected a 2D radiograph, got an array of shape {image.shape} from {source}")
     if image.dtype.kind not in "biuf":  # strings, objects, complex numbers: no grey levels
         raise XctDiffError(f"radiograph {source} holds {image.dtype} values, not grey levels")
+    if image.ndim == 3 and image.shape[2] in (3, 4) and min(image.shape[:2]) > 4:  # a colour image, not a 3-slice stack
+        image = to_grey(image)
+    if image.ndim != 2:
+        raise XctDiffError(f"expected a 2D radiograph, got an array of shape {image.shape} (radiograph {source})")
     check_radiograph_size(*image.shape, source)
     with np.errstate(over="ignore", invalid="ignore"):  # a value beyond float32 becomes inf: refused below
         image = image.astype(np.float32, copy=False)
