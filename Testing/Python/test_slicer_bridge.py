@@ -73,6 +73,18 @@ def test_sample_ct_lies_anatomically_right_in_ras(bridge, scene):
     assert (lung & (r > spine_r)).sum() > 1.03 * (lung & (r < spine_r)).sum()
 
 
+def test_a_film_too_large_is_refused_before_its_voxels_are_copied(bridge, scene, monkeypatch):
+    """A 12000 x 12000 node was copied out (0.5 GiB, 1.4 s on the GUI's thread) and written for the engine, which then
+    refused it; the node's dimensions alone say so."""
+    film = bridge.radiograph_to_node(scene, np.zeros((40, 40), np.float32), name="huge")
+    film.GetImageData().SetDimensions(10_001, 40, 1)  # as its header would say; no voxels needed to refuse it
+    copied = []
+    monkeypatch.setattr(bridge, "node_array", lambda *a, **k: copied.append(1))
+    with pytest.raises(XctDiffError, match=r"^radiograph 'huge' is 10001x40 pixels, larger than the maximum 10000"):
+        bridge.radiograph_from_node(film)
+    assert not copied
+
+
 def test_a_synthetic_ct_is_refused_for_the_ap_diameter(bridge, scene, tmp_path):
     """"AP diameter from CT" took a CT XctDiff had reconstructed as readily as a scan: its depth is the model's own
     guess, so the patient's would never reach the model. A node the reconstruction marked, or one read from a file

@@ -199,6 +199,12 @@ def radiograph_from_node(node) -> tuple:
     The node must be a single-slice scalar volume. Its plane, moved by its parent transforms, is viewed as Slicer's
     slice view of the nearest anatomical plane shows it: columns follow the screen's right, rows the screen's down.
     """
+    from XctDiffCore.io import MAX_RADIOGRAPH_SIDE, check_radiograph_size
+
+    data = node.GetImageData() if callable(getattr(node, "GetImageData", None)) else None
+    sides = [side for side in (data.GetDimensions() if data is not None else ()) if side > 1]
+    if len(sides) == 2 and max(sides) > MAX_RADIOGRAPH_SIDE:  # refused before its voxels are copied (0.5 GiB or more)
+        check_radiograph_size(*sides, f"'{node.GetName()}'")
     array = node_array(node, grey=True)  # [k, j, i]
     sizes = array.shape[::-1]  # (i, j, k)
     plane = [axis for axis in range(3) if sizes[axis] > 1]
