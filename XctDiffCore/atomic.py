@@ -49,13 +49,16 @@ def full_suffix(path: Path) -> str:
 def check_name_length(path) -> None:
     """Refuse, with one line, a name the file system cannot hold (else a later ``stat`` raises ENAMETOOLONG)."""
     path = Path(path)
-    size = len(os.fsencode(path.name))
-    try:
-        limit = os.pathconf(path.parent, "PC_NAME_MAX")
-    except (OSError, ValueError):  # the folder is missing, or no such limit here
-        limit = 255
+    if os.name == "nt":  # no pathconf; NTFS, ReFS and exFAT hold 255 UTF-16 units, whatever UTF-8 would take
+        size, limit, unit = len(path.name.encode("utf-16-le")) // 2, 255, "characters"
+    else:
+        size, unit = len(os.fsencode(path.name)), "bytes"
+        try:
+            limit = os.pathconf(path.parent, "PC_NAME_MAX")
+        except (OSError, ValueError):  # the folder is missing, or no such limit here
+            limit = 255
     if size > limit:
-        raise XctDiffError(f"the file name is too long ({size} bytes; at most {limit}): {path}")
+        raise XctDiffError(f"the file name is too long ({size} {unit}; at most {limit}): {path}")
 
 
 def check_output_path(path) -> Path:
@@ -624,7 +627,9 @@ def failed_write_reason(exc: BaseException, written) -> Optional[str]:
 
 
 def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    # Windows flushes only a handle open for writing (fsync of a read-only one: EBADF); a folder cannot be opened
+    # there at all (PermissionError, which the callers that sync folders pass over)
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
