@@ -10,25 +10,31 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import subprocess
 import types
 
 import pytest
 
 import XctDiffCore.atomic as atomic
+from XctDiffSlicerLib import process as slicer_process
 
 
-class WindowsOs(types.SimpleNamespace):
-    """``os`` as a module sees it on Windows: ``name == "nt"``, the POSIX-only functions listed in ``missing``
-    absent, anything given as a keyword replaced; the rest is Linux's own."""
+class ModuleAsOnWindows(types.SimpleNamespace):
+    """A module as another module sees it on Windows: the POSIX-only functions listed in ``missing`` absent,
+    anything given as a keyword replaced or added; the rest is Linux's own."""
 
-    def __init__(self, missing=(), **replaced):
-        super().__init__(name="nt", **replaced)
-        self._missing = set(missing)
+    def __init__(self, module, missing=(), **replaced):
+        super().__init__(**replaced)
+        self._module, self._missing = module, set(missing)
 
     def __getattr__(self, name):
         if name in self._missing:
-            raise AttributeError(f"module 'os' has no attribute {name!r}")
-        return getattr(os, name)
+            raise AttributeError(f"module {self._module.__name__!r} has no attribute {name!r}")
+        return getattr(self._module, name)
+
+
+def WindowsOs(missing=(), **replaced):
+    return ModuleAsOnWindows(os, missing, name="nt", **replaced)
 
 
 def windows_fsync(fd):
@@ -52,3 +58,41 @@ def test_windows_has_no_pathconf_and_counts_a_name_in_utf16_units(tmp_path, monk
     atomic.check_name_length(tmp_path / ("é" * 200 + ".nrrd"))  # 405 UTF-8 bytes, 205 UTF-16 units: Windows holds it
     with pytest.raises(atomic.XctDiffError, match=r"too long \(256 characters; at most 255\)"):
         atomic.check_name_length(tmp_path / ("a" * 251 + ".nrrd"))
+
+
+CREATE_NEW_PROCESS_GROUP, CREATE_NO_WINDOW = 0x200, 0x8000000  # subprocess's values on Windows
+
+
+def windows_subprocess(calls: list):
+    """``subprocess`` with Windows' creation flags; Popen and run record their keywords (Popen then stops)."""
+
+    def popen(command, **options):
+        calls.append(("Popen", command, options))
+        raise RuntimeError("recorded")
+
+    def run(command, **options):
+        calls.append(("run", command, options))
+
+    return ModuleAsOnWindows(subprocess, CREATE_NEW_PROCESS_GROUP=CREATE_NEW_PROCESS_GROUP,
+                             CREATE_NO_WINDOW=CREATE_NO_WINDOW, Popen=popen, run=run)
+
+
+def test_the_engine_and_its_cancel_open_no_console_window_on_windows(monkeypatch):
+    """Slicer is a GUI program on Windows: a console child (python, PythonSlicer) it starts without
+    CREATE_NO_WINDOW gets a black window of its own for the whole reconstruction, and taskkill one more."""
+    calls = []
+    monkeypatch.setattr(slicer_process, "os", WindowsOs(missing={"killpg", "setsid"}))
+    monkeypatch.setattr(slicer_process, "subprocess", windows_subprocess(calls))
+    child = slicer_process.ChildProcess(["python", "-m", "XctDiffCore", "reconstruct", "film.png"])
+    with pytest.raises(RuntimeError, match="recorded"):
+        child.start()
+    (kind, _, options), = calls
+    assert kind == "Popen" and "start_new_session" not in options
+    assert options["creationflags"] == CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW
+    assert options["encoding"] == "utf-8"  # the child's lines are UTF-8 (PYTHONIOENCODING), not the code page
+
+    child._process = types.SimpleNamespace(pid=4321, poll=lambda: None)
+    child.cancel()
+    kind, command, options = calls[-1]
+    assert kind == "run" and command == ["taskkill", "/T", "/F", "/PID", "4321"]
+    assert options.get("creationflags", 0) & CREATE_NO_WINDOW

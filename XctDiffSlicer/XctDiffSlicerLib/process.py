@@ -116,8 +116,11 @@ class ChildProcess:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> "ChildProcess":
-        # A new process group / session: Cancel can then kill the child and everything it started.
-        group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
+        # A new process group / session: Cancel can then kill the child and everything it started. On Windows also
+        # no console window: Slicer is a GUI program, so each console child (python, the PythonSlicer launcher)
+        # would otherwise open a black window of its own for as long as it runs.
+        group = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
+                 if os.name == "nt" else {"start_new_session": True})
         self._process = subprocess.Popen(
             self.command,
             stdin=subprocess.DEVNULL,
@@ -164,7 +167,8 @@ class ChildProcess:
             return
         self._cancelled = True
         if os.name == "nt":
-            subprocess.run(["taskkill", "/T", "/F", "/PID", str(self._process.pid)], capture_output=True)
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(self._process.pid)], capture_output=True,
+                           creationflags=subprocess.CREATE_NO_WINDOW)
         else:
             try:
                 os.killpg(self._process.pid, signal.SIGKILL)
