@@ -96,3 +96,47 @@ def test_the_engine_and_its_cancel_open_no_console_window_on_windows(monkeypatch
     kind, command, options = calls[-1]
     assert kind == "run" and command == ["taskkill", "/T", "/F", "/PID", "4321"]
     assert options.get("creationflags", 0) & CREATE_NO_WINDOW
+
+
+def test_a_job_handed_to_a_standby_engine_that_left_starts_a_fresh_one_on_windows(tmp_path, monkeypatch):
+    """A standby engine that leaves makes its job file's name a folder (PROTOCOL.md); renaming the job onto it is
+    "access denied" (PermissionError) on Windows, not IsADirectoryError: the click must start a fresh engine, not
+    fail with "cannot prepare the job"."""
+    from XctDiffSlicerLib import logic
+
+    def windows_replace(source, target):
+        if os.path.isdir(target):
+            raise PermissionError(errno.EACCES, "Access is denied", str(source), 5, str(target))
+        os.replace(source, target)
+
+    monkeypatch.setattr(logic, "os", WindowsOs(replace=windows_replace))
+    (tmp_path / logic.JOB_NAME).mkdir()
+    assert logic._hand_over(tmp_path, ["film.png", "-o", "ct.nrrd"]) is False
+    assert [p.name for p in tmp_path.iterdir()] == [logic.JOB_NAME]  # no half-handed job left
+    (tmp_path / logic.JOB_NAME).rmdir()
+    assert logic._hand_over(tmp_path, ["film.png"]) is True
+
+    def refused(source, target):  # a file in the way that cannot be replaced: still said, as before
+        raise PermissionError(errno.EACCES, "Access is denied", str(source), 5, str(target))
+
+    monkeypatch.setattr(logic, "os", WindowsOs(replace=refused))
+    with pytest.raises(PermissionError):
+        logic._hand_over(tmp_path, ["film.png"])
+
+
+def test_job_folders_of_a_crashed_session_are_removed_on_windows_too(tmp_path, monkeypatch):
+    """Windows has no os.getuid; its temporary folder is the user's own: a day-old job folder (a patient's film)
+    is removed there as on Linux, where it was left for ever."""
+    import time
+
+    from XctDiffSlicerLib import logic
+
+    monkeypatch.setattr(logic, "os", WindowsOs(missing={"getuid", "geteuid"}))
+    old, new = tmp_path / "xctdiff-old", tmp_path / "xctdiff-new"
+    for folder in (old, new):
+        folder.mkdir()
+        (folder / "radiograph.nrrd").write_bytes(b"pixels")
+    day_ago = time.time() - 25 * 3600
+    os.utime(old, (day_ago, day_ago))
+    assert logic.remove_stale_job_folders(str(tmp_path)) == [old]
+    assert [p.name for p in tmp_path.iterdir()] == ["xctdiff-new"]

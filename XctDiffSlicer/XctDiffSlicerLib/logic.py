@@ -401,7 +401,9 @@ def _hand_over(folder: Path, arguments: list) -> bool:
     written.write_text(json.dumps(arguments), encoding="utf-8")
     try:
         os.replace(written, folder / JOB_NAME)
-    except IsADirectoryError:
+    except (IsADirectoryError, PermissionError):  # Windows refuses a rename onto a folder as "access denied"
+        if not (folder / JOB_NAME).is_dir():
+            raise
         written.unlink()
         return False
     return True
@@ -417,15 +419,16 @@ def remove_stale_job_folders(root: Optional[str] = None, hours: float = STALE_JO
         candidates = list(root.glob("xctdiff-*"))
     except OSError:
         return removed
+    getuid = getattr(os, "getuid", None)  # none on Windows, whose temporary folder is the user's own (%TEMP%)
     for folder in candidates:
         try:
             stat = folder.stat()
-            if (folder.is_dir() and not folder.is_symlink() and stat.st_uid == os.getuid()
+            if (folder.is_dir() and not folder.is_symlink() and (getuid is None or stat.st_uid == getuid())
                     and time.time() - stat.st_mtime > hours * 3600):
                 shutil.rmtree(folder, ignore_errors=True)
                 if not folder.exists():
                     removed.append(folder)
-        except (OSError, AttributeError):  # gone meanwhile; no getuid (Windows): leave it
+        except OSError:  # gone meanwhile
             continue
     return removed
 
