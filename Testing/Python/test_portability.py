@@ -140,3 +140,41 @@ def test_job_folders_of_a_crashed_session_are_removed_on_windows_too(tmp_path, m
     os.utime(old, (day_ago, day_ago))
     assert logic.remove_stale_job_folders(str(tmp_path)) == [old]
     assert [p.name for p in tmp_path.iterdir()] == ["xctdiff-new"]
+
+
+def fake_kernel32(running: dict):
+    """kernel32's OpenProcess and WaitForSingleObject over ``running`` (pid: whether it runs); 87 for a number
+    no process has (ERROR_INVALID_PARAMETER)."""
+    state = {"error": 0}
+
+    def open_process(access, inherit, pid):
+        if pid not in running:
+            state["error"] = 87
+            return None
+        return pid + 10_000
+
+    def wait_for_single_object(handle, milliseconds):
+        return 0x102 if running[handle - 10_000] else 0  # WAIT_TIMEOUT: still running; WAIT_OBJECT_0: ended
+
+    kernel32 = types.SimpleNamespace(OpenProcess=open_process, WaitForSingleObject=wait_for_single_object)
+    return kernel32, state
+
+
+def test_a_standby_engine_on_windows_sees_its_slicer_end(monkeypatch):
+    """Windows' os.getppid keeps answering the parent's number after the parent has ended, and os.kill(pid, 0)
+    sends Ctrl-C there: the watch holds a handle to the process instead. Before, a standby engine whose Slicer
+    crashed held the model's memory for its 30 idle minutes."""
+    import ctypes
+
+    from XctDiffCore.commands import cli
+
+    running = {4242: True, 777: True}
+    kernel32, state = fake_kernel32(running)
+    monkeypatch.setattr(ctypes, "WinDLL", lambda name, use_last_error=False: kernel32, raising=False)
+    monkeypatch.setattr(ctypes, "get_last_error", lambda: state["error"], raising=False)
+    monkeypatch.setattr(cli, "os", WindowsOs(getppid=lambda: 777))
+    slicer, parent = cli._parent_watch(4242), cli._parent_watch(None)
+    assert slicer() and parent()
+    running[4242] = running[777] = False
+    assert not slicer() and not parent()
+    assert not cli._parent_watch(5151)()  # no such process any more

@@ -438,13 +438,15 @@ def _parent_watch(pid: Optional[int]):
     """A check that the standby's parent still runs: by ``pid`` when given (a parent that ended before this
     process could look is seen too), else by this process's parent staying the same (and not being init, which
     adopts the children of a parent that ended before this process could look). Windows has no
-    signal 0 (``os.kill(pid, 0)`` would send Ctrl-C there): the parent process it is."""
+    signal 0 (``os.kill(pid, 0)`` would send Ctrl-C there): a handle to the process (:func:`_windows_process_watch`)."""
     if pid is not None and pid < 1:
         raise XctDiffError(f"--parent-pid must be a process id, got {pid}")
-    if pid is None or os.name == "nt":
+    if os.name == "nt":  # its getppid keeps the parent's number after the parent has ended: a handle instead
+        return _windows_process_watch(os.getppid() if pid is None else pid)
+    if pid is None:
         first = os.getppid()
-        if pid is None and os.name != "nt" and first == 1:  # adopted by init already: the parent ended while
-            return lambda: False  # this process started (nothing starts a standby engine from init itself)
+        if first == 1:  # adopted by init already: the parent ended while this process started
+            return lambda: False  # (nothing starts a standby engine from init itself)
         return lambda: os.getppid() == first
 
     def runs() -> bool:
@@ -457,6 +459,27 @@ def _parent_watch(pid: Optional[int]):
         return True
 
     return runs
+
+
+def _windows_process_watch(pid: int):
+    """Windows: a check that process ``pid`` still runs, through a handle to it opened now and held (its number,
+    given to a new process once it has ended, is never taken for it). Without it a standby engine whose Slicer
+    crashed waited out its idle minutes holding the model's memory (a GPU's too)."""
+    import ctypes
+    from ctypes import wintypes
+
+    synchronize, wait_timeout, error_invalid_parameter = 0x00100000, 0x102, 87
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    kernel32.OpenProcess.restype = wintypes.HANDLE
+    kernel32.OpenProcess.argtypes = (wintypes.DWORD, wintypes.BOOL, wintypes.DWORD)
+    kernel32.WaitForSingleObject.restype = wintypes.DWORD
+    kernel32.WaitForSingleObject.argtypes = (wintypes.HANDLE, wintypes.DWORD)
+    handle = kernel32.OpenProcess(synchronize, False, pid)
+    if not handle:
+        if ctypes.get_last_error() == error_invalid_parameter:  # no process of that number: it has ended
+            return lambda: False
+        return lambda: True  # not ours to look at: the idle minutes decide
+    return lambda: kernel32.WaitForSingleObject(handle, 0) == wait_timeout
 
 
 def _run_standby(args) -> int:
