@@ -178,3 +178,22 @@ def test_a_standby_engine_on_windows_sees_its_slicer_end(monkeypatch):
     running[4242] = running[777] = False
     assert not slicer() and not parent()
     assert not cli._parent_watch(5151)()  # no such process any more
+
+
+def test_a_name_the_output_code_page_lacks_is_escaped_not_a_traceback(tmp_path):
+    """On Windows stdout to a pipe or a file is in the ANSI code page (cp1252), here set by PYTHONIOENCODING: a
+    film named in Chinese made ``xctdiff inspect film.png > info.txt`` end in UnicodeEncodeError's traceback."""
+    import sys
+
+    import numpy as np
+    from conftest import REPO
+    from PIL import Image
+
+    film = tmp_path / "王芳_PA.png"
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint8).reshape(64, 64)).save(film)
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "XctDiffCore", "inspect", str(film)], capture_output=True,
+                          env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr.decode("cp1252", "replace")
+    assert b"\\u738b\\u82b3_PA.png" in done.stdout and b"Traceback" not in done.stderr
+

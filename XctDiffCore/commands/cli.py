@@ -815,6 +815,7 @@ def entry_point() -> int:
         from ..memory import reexec_with_policy
 
         reexec_with_policy()
+    _stdout_never_fails_on_a_character()
     status = main()
     if command in ("reconstruct", "standby"):
         _exit_without_teardown(status)
@@ -824,6 +825,16 @@ def entry_point() -> int:
         if torchrun_rank()[1] > 1:
             _exit_without_teardown(status)
     return status
+
+
+def _stdout_never_fails_on_a_character() -> None:
+    """A character stdout's encoding cannot write is written as ``\\uXXXX`` (as Python's stderr does), not a
+    traceback after the work: on Windows a pipe or a file (``xctdiff inspect film.dcm > info.txt``, a script
+    capturing the output) is in the ANSI code page (cp1252), which has no letter of a Chinese or Greek patient
+    name or folder. The Slicer module's child is told UTF-8 (PYTHONIOENCODING) and needs none of this."""
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        with contextlib.suppress(ValueError, OSError):  # closed, or not reconfigurable after all
+            sys.stdout.reconfigure(errors="backslashreplace")
 
 
 def _exit_without_teardown(status: int) -> None:
