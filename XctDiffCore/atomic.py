@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import stat
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -259,12 +260,14 @@ def refuse_own_output(path, output) -> None:
 
 def file_identity(path) -> tuple:
     """Equal for two paths that name one file: (device, inode) of an existing file (links included),
-    else the resolved path (two outputs not written yet)."""
+    else the resolved path (two outputs not written yet), case folded where names ignore case (Windows, macOS:
+    ``A_ct.nrrd`` and ``a_ct.nrrd`` are one file there, and the second written replaced the first)."""
     path = Path(path)
     try:
         status = path.stat()
     except OSError:
-        return ("path", str(path.resolve()))
+        text = str(path.resolve())
+        return ("path", text.casefold() if os.name == "nt" or sys.platform == "darwin" else text)
     return ("file", status.st_dev, status.st_ino)
 
 

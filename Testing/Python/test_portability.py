@@ -197,3 +197,20 @@ def test_a_name_the_output_code_page_lacks_is_escaped_not_a_traceback(tmp_path):
     assert done.returncode == 0, done.stderr.decode("cp1252", "replace")
     assert b"\\u738b\\u82b3_PA.png" in done.stdout and b"Traceback" not in done.stderr
 
+
+@pytest.mark.parametrize("system", ["windows", "macos"])
+def test_two_outputs_that_differ_only_in_case_are_one_file_on_windows_and_macos(tmp_path, monkeypatch, system):
+    """A folder holding ``Chest.png`` and ``chest.dcm`` was reconstructed to ``Chest_ct.nrrd`` and ``chest_ct.nrrd``:
+    one file where names ignore case (Windows, macOS by default), so the second CT silently replaced the first."""
+    from XctDiffCore.commands.reconstruct_job import _refuse_overlaps
+
+    if system == "windows":
+        monkeypatch.setattr(atomic, "os", WindowsOs())
+    else:
+        monkeypatch.setattr(atomic, "sys", types.SimpleNamespace(platform="darwin"))
+    films = [tmp_path / "Chest.png", tmp_path / "chest.dcm"]
+    out = tmp_path / "out"
+    jobs = [(films[0], out / "Chest_ct.nrrd", None, None), (films[1], out / "chest_ct.nrrd", None, None)]
+    with pytest.raises(atomic.XctDiffError, match="are the same file"):
+        _refuse_overlaps(films, jobs)
+    assert atomic.file_identity(out / "a.nrrd") != atomic.file_identity(out / "b.nrrd")
