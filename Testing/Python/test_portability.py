@@ -214,3 +214,30 @@ def test_two_outputs_that_differ_only_in_case_are_one_file_on_windows_and_macos(
     with pytest.raises(atomic.XctDiffError, match="are the same file"):
         _refuse_overlaps(films, jobs)
     assert atomic.file_identity(out / "a.nrrd") != atomic.file_identity(out / "b.nrrd")
+
+
+def test_non_ascii_lines_cross_the_slicer_protocol_whatever_the_childs_locale(tmp_path):
+    """The engine child writes UTF-8 (engine_environment's PYTHONIOENCODING) and the module reads UTF-8, whatever
+    the locale says: on Windows a child left to itself writes cp1252 to a pipe, here an ASCII locale (LC_ALL=C,
+    PYTHONUTF8=0), under which a patient's name in a line was a UnicodeEncodeError in the child."""
+    import sys
+
+    from conftest import REPO
+
+    script = (
+        "import json, sys\n"
+        "print('PROGRESS 0.5 lecture de Müller 王芳', flush=True)\n"
+        "print('warning: film of Müller 王芳', file=sys.stderr, flush=True)\n"
+        "print('RESULT ' + json.dumps({'consistency': 0.9, 'timings': {}, 'device': 'cpu', 'patient': 'Müller 王芳'},"
+        " ensure_ascii=False), flush=True)\n"
+    )
+    engine = tmp_path / "engine.py"  # a file, UTF-8 source: an argument would be decoded by the ASCII locale
+    engine.write_text(script, encoding="utf-8")
+    base = {"PATH": os.environ.get("PATH", ""), "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}
+    env = slicer_process.engine_environment(str(REPO), base=base)
+    events = []
+    finished = slicer_process.ChildProcess([sys.executable, str(engine)], env=env).start().wait(events.append, 60)
+    assert finished.succeeded, finished.error
+    assert finished.result["patient"] == "Müller 王芳"
+    assert slicer_process.Progress(0.5, "lecture de Müller 王芳") in events
+    assert slicer_process.LogLine("warning: film of Müller 王芳", "stderr") in events
