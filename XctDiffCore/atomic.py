@@ -27,6 +27,7 @@ import re
 import secrets
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -296,7 +297,7 @@ def atomic_path(path):
             pending.append((tmp, path))  # the set renames it, or removes it
             tmp = None
             return
-        os.replace(tmp, path)
+        _replace(tmp, path)
         with contextlib.suppress(OSError):  # the rename itself on disk; not every file system syncs folders
             _fsync(path.parent)
     except OSError as exc:
@@ -453,22 +454,36 @@ def _swap_in(tmp: Path, path: Path, aside: Path) -> None:
     Elsewhere the earlier one is moved aside first, and a folder that another writer of the same output put
     there in between is moved aside too and the rename tried again. Either way the last writer wins."""
     slot = aside / "old"
-    os.replace(tmp, slot)  # still not in place: _undo knows it by its identity
+    _replace(tmp, slot)  # still not in place: _undo knows it by its identity
     if _exchange(slot, path):
         return
     new = aside / "new"
-    os.replace(slot, new)
+    _replace(slot, new)
     with contextlib.suppress(FileNotFoundError):  # nothing there (or another writer moved it just now)
         os.replace(path, slot)
     for attempt in range(3):
         try:
-            os.replace(new, path)
+            _replace(new, path)
             return
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 2:
                 raise
         with contextlib.suppress(FileNotFoundError):
             os.replace(path, aside / f"other{attempt}")
+
+
+def _replace(source, target) -> None:
+    """``os.replace`` of a file just written; on Windows tried again for a moment when refused: a virus scanner or
+    the search indexer that opens a new file holds it for some milliseconds without letting it be renamed
+    (PermissionError: "access is denied", "used by another process"), and the whole job failed on it."""
+    for pause in (0.01, 0.03, 0.1, 0.3, 0.6, None):
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if os.name != "nt" or pause is None:
+                raise
+        time.sleep(pause)
 
 
 def _undo(done: list) -> None:

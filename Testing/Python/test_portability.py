@@ -241,3 +241,26 @@ def test_non_ascii_lines_cross_the_slicer_protocol_whatever_the_childs_locale(tm
     assert finished.result["patient"] == "Müller 王芳"
     assert slicer_process.Progress(0.5, "lecture de Müller 王芳") in events
     assert slicer_process.LogLine("warning: film of Müller 王芳", "stderr") in events
+
+
+def test_an_output_renamed_while_a_virus_scanner_holds_it_on_windows_is_renamed_a_moment_later(tmp_path, monkeypatch):
+    """On Windows a scanner or the indexer opening a file just written makes its rename fail for some milliseconds
+    (PermissionError); the write then failed as a whole. Both ways an output is put in place (alone, and as a set)."""
+    refusals = []
+
+    def scanned_replace(source, target):
+        if len(refusals) < 2:
+            refusals.append(source)
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        os.replace(source, target)
+
+    monkeypatch.setattr(atomic, "os", WindowsOs(missing={"pathconf"}, fsync=windows_fsync, replace=scanned_replace))
+    with atomic.atomic_path(tmp_path / "ct.txt") as tmp:
+        tmp.write_text("alone", encoding="utf-8")
+    assert len(refusals) == 2 and (tmp_path / "ct.txt").read_text(encoding="utf-8") == "alone"
+    refusals.clear()
+    with atomic.output_set():
+        with atomic.atomic_path(tmp_path / "ct.txt") as tmp:
+            tmp.write_text("as a set", encoding="utf-8")
+    assert len(refusals) == 2 and (tmp_path / "ct.txt").read_text(encoding="utf-8") == "as a set"
+    assert [p.name for p in tmp_path.iterdir()] == ["ct.txt"]
