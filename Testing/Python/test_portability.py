@@ -264,3 +264,25 @@ def test_an_output_renamed_while_a_virus_scanner_holds_it_on_windows_is_renamed_
             tmp.write_text("as a set", encoding="utf-8")
     assert len(refusals) == 2 and (tmp_path / "ct.txt").read_text(encoding="utf-8") == "as a set"
     assert [p.name for p in tmp_path.iterdir()] == ["ct.txt"]
+
+
+def test_a_simpleitk_failure_on_a_non_ascii_path_on_windows_says_why(monkeypatch):
+    """SimpleITK on Windows says "the file ... does not exist" for a file whose path has a letter beyond ASCII
+    (it opens names through the ANSI code page): the error says so and what to do, where it said nothing."""
+    import ctypes
+
+    from XctDiffCore.io import common
+
+    kernel32 = types.SimpleNamespace(GetACP=lambda: 1252)
+    monkeypatch.setattr(ctypes, "windll", types.SimpleNamespace(kernel32=kernel32), raising=False)
+    monkeypatch.setattr(common, "os", WindowsOs())
+    path = "C:/Users/Müller/film_ct.nrrd"
+    with pytest.raises(atomic.XctDiffError, match="letters beyond ASCII unless Windows uses UTF-8"):
+        with common._library_errors(path, "a CT volume"):
+            raise RuntimeError(f"sitk::ERROR: The file '{path}' does not exist.")
+    with pytest.raises(atomic.XctDiffError) as plain:  # an ASCII path, or a Windows on UTF-8: the library's words
+        with common._library_errors("C:/Users/Muller/film_ct.nrrd", "a CT volume"):
+            raise RuntimeError("sitk::ERROR: The file does not exist.")
+    assert "ASCII" not in str(plain.value)
+    kernel32.GetACP = lambda: 65001
+    assert common.windows_path_note(path) == ""

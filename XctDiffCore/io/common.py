@@ -72,7 +72,26 @@ def _library_errors(path: Path, what: str):
     except XctDiffError:
         raise
     except Exception as exc:  # noqa: BLE001 - library boundary, see docstring
-        raise XctDiffError(f"cannot read {path} as {what}: {_one_line(exc)}") from exc
+        note = windows_path_note(path) if isinstance(exc, RuntimeError) else ""  # SimpleITK's error type
+        raise XctDiffError(f"cannot read {path} as {what}: {_one_line(exc)}{note}") from exc
+
+
+def windows_path_note(path) -> str:
+    """Why SimpleITK (ITK, GDCM) failed on a path that may well exist, or "": on Windows it opens file names
+    through the system's ANSI code page, so a path with a letter beyond ASCII (a user named José, a folder
+    "Müller") is "not found" there unless Windows runs with the UTF-8 code page (as 3D Slicer's programs do)."""
+    if os.name != "nt" or str(path).isascii():
+        return ""
+    try:
+        import ctypes
+
+        if ctypes.windll.kernel32.GetACP() == 65001:  # UTF-8: the path reached SimpleITK as it is
+            return ""
+    except Exception:  # noqa: BLE001 - cannot tell: say it
+        pass
+    return (" (on Windows SimpleITK cannot open a path with letters beyond ASCII unless Windows uses UTF-8: move "
+            "the file to a folder whose path has none, or turn on 'Beta: Use Unicode UTF-8 for worldwide language "
+            "support' in Windows' region settings)")
 
 
 # Kernel views, not data: reading some of their files blocks for ever (/proc/kmsg), so a search never enters them

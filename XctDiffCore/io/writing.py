@@ -17,7 +17,8 @@ import numpy as np
 from ..atomic import atomic_path, check_output_path, failed_write_reason
 from ..errors import XctDiffError
 from ..volume import Volume
-from .common import DRR_TAG_KEY, SITK_VOLUME_SUFFIXES, _dcmread, _one_line, _sitk_header, _suffix, is_dicom_file
+from .common import (DRR_TAG_KEY, SITK_VOLUME_SUFFIXES, _dcmread, _one_line, _sitk_header, _suffix, is_dicom_file,
+                     windows_path_note)
 
 
 VOLUME_WRITE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
@@ -94,7 +95,7 @@ def write_volume(volume: Volume, path, notes: Optional[dict] = None) -> Path:
             sitk.WriteImage(image, str(tmp), useCompression=suffix in (".nrrd", ".mha"))
         except RuntimeError as exc:  # ITK's NRRD and MetaImage writers report a failed write (disk full) so,
             # naming the hidden temporary file and not why: the system's words where they can be known
-            reason = failed_write_reason(exc, tmp) or _one_line(exc).removeprefix('Reason: ')
+            reason = failed_write_reason(exc, tmp) or _one_line(exc).removeprefix('Reason: ') + windows_path_note(tmp)
             raise XctDiffError(f"cannot write {path}: {reason}") from exc
     return path
 
