@@ -262,11 +262,15 @@ def refuse_own_output(path, output) -> None:
 def file_identity(path) -> tuple:
     """Equal for two paths that name one file: (device, inode) of an existing file (links included),
     else the resolved path (two outputs not written yet), case folded where names ignore case (Windows, macOS:
-    ``A_ct.nrrd`` and ``a_ct.nrrd`` are one file there, and the second written replaced the first)."""
+    ``A_ct.nrrd`` and ``a_ct.nrrd`` are one file there, and the second written replaced the first). A file system
+    that gives no file number (0: some network shares on Windows) is told by the path too, where every file of it
+    was one."""
     path = Path(path)
     try:
-        status = path.stat()
+        status = os.stat(path)
     except OSError:
+        status = None
+    if status is None or not status.st_ino:
         text = str(path.resolve())
         return ("path", text.casefold() if os.name == "nt" or sys.platform == "darwin" else text)
     return ("file", status.st_dev, status.st_ino)

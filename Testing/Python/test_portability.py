@@ -286,3 +286,18 @@ def test_a_simpleitk_failure_on_a_non_ascii_path_on_windows_says_why(monkeypatch
     assert "ASCII" not in str(plain.value)
     kernel32.GetACP = lambda: 65001
     assert common.windows_path_note(path) == ""
+
+
+def test_files_of_a_share_that_gives_no_file_number_are_told_apart_by_their_paths(tmp_path, monkeypatch):
+    """Windows reports st_ino 0 on file systems without file ids (some network shares): two existing outputs were
+    then "the same file", and a second run of a folder into such a share was refused."""
+    def stat_without_ids(path, *args, **kwargs):
+        status = os.stat(path, *args, **kwargs)
+        return types.SimpleNamespace(st_dev=status.st_dev, st_ino=0, st_mode=status.st_mode)
+
+    monkeypatch.setattr(atomic, "os", WindowsOs(stat=stat_without_ids))
+    first, second = tmp_path / "a_ct.nrrd", tmp_path / "b_ct.nrrd"
+    first.write_bytes(b"1")
+    second.write_bytes(b"2")
+    assert atomic.file_identity(first) != atomic.file_identity(second)
+    assert atomic.file_identity(first) == atomic.file_identity(tmp_path / "A_CT.nrrd")  # one name, on Windows
