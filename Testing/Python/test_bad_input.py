@@ -502,7 +502,8 @@ def test_ctrl_c_ends_the_program_as_sigint_would_so_that_a_shell_loop_stops(tmp_
               "from XctDiffCore.commands.launcher import entry_point\nsys.exit(entry_point())\n")
     shell = subprocess.Popen(["bash", "-c", f'for i in 1 2; do "{sys.executable}" -c "$0" "{tmp_path}"; echo "went on $?"; done',
                               script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+                             start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell ignores it
     try:
         deadline = time.monotonic() + 120
         while not running.is_file() and shell.poll() is None and time.monotonic() < deadline:
