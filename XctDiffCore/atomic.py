@@ -578,14 +578,21 @@ def _finish(action) -> None:
 
 def _remove(path) -> None:
     """Remove a file or a folder tree if it is there, as far as it can. Safe to interrupt and run again: it holds
-    no file descriptor (shutil.rmtree interrupted at the wrong moment closes one twice and fails with EBADF)."""
+    no file descriptor (shutil.rmtree interrupted at the wrong moment closes one twice and fails with EBADF).
+    Windows refuses to delete a read-only file (a DICOM series copied from a CD): it is made writable first."""
     with contextlib.suppress(OSError):
         if os.path.isdir(path) and not os.path.islink(path):
             for name in os.listdir(path):
                 _remove(os.path.join(path, name))
             os.rmdir(path)
         else:
-            os.unlink(path)
+            try:
+                os.unlink(path)
+            except PermissionError:
+                if os.name != "nt":
+                    raise
+                os.chmod(path, stat.S_IWRITE)
+                os.unlink(path)
 
 
 def _umask() -> int:

@@ -301,3 +301,23 @@ def test_files_of_a_share_that_gives_no_file_number_are_told_apart_by_their_path
     second.write_bytes(b"2")
     assert atomic.file_identity(first) != atomic.file_identity(second)
     assert atomic.file_identity(first) == atomic.file_identity(tmp_path / "A_CT.nrrd")  # one name, on Windows
+
+
+def test_an_earlier_series_with_read_only_files_is_removed_on_windows(tmp_path, monkeypatch):
+    """A DICOM series copied from a CD keeps its files read-only; Windows refuses to delete such a file, so the
+    earlier series a new one replaced stayed behind, set aside under a hidden name. It is made writable first."""
+    import stat
+
+    def windows_unlink(path):
+        if not os.stat(path).st_mode & stat.S_IWRITE:
+            raise PermissionError(errno.EACCES, "Access is denied", str(path))
+        os.unlink(path)
+
+    monkeypatch.setattr(atomic, "os", WindowsOs(unlink=windows_unlink))
+    series = tmp_path / "old_series"
+    series.mkdir()
+    for name in ("IM0001.dcm", "IM0002.dcm"):
+        (series / name).write_bytes(b"slice")
+        (series / name).chmod(stat.S_IREAD)
+    atomic._remove(series)
+    assert not series.exists()
