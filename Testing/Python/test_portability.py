@@ -321,3 +321,27 @@ def test_an_earlier_series_with_read_only_files_is_removed_on_windows(tmp_path, 
         (series / name).chmod(stat.S_IREAD)
     atomic._remove(series)
     assert not series.exists()
+
+
+def test_a_closed_pipe_on_windows_ends_the_command_quietly(monkeypatch, capsys):
+    """`xctdiff inspect film | more`, quit early: Windows reports the write to the closed pipe as EINVAL, not
+    BrokenPipeError, and the command ended in a traceback; it now ends as a closed pipe does elsewhere (141)."""
+    import io
+    import sys
+
+    from conftest import SAMPLE_RADIOGRAPH
+    from XctDiffCore.commands import cli
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+        def flush(self):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(cli, "os", WindowsOs())
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert cli.main(["inspect", str(SAMPLE_RADIOGRAPH)]) == 141
+    monkeypatch.setattr(cli, "os", os)  # on Linux the same error is no closed pipe: raised as it is
+    with pytest.raises(OSError, match="Invalid argument"):
+        cli.main(["inspect", str(SAMPLE_RADIOGRAPH)])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -726,6 +727,27 @@ def _install_signal_handlers() -> dict:
     return {signum: signal.signal(signum, handler) for signum, handler in wanted.items()}
 
 
+def _missing_temporary_folder(exc: FileNotFoundError) -> int:
+    """tempfile raises FileNotFoundError wherever a library first asks for a temporary folder and none is usable:
+    one line saying so; any other FileNotFoundError is raised on."""
+    from ..atomic import temporary_folder_problem
+
+    problem = temporary_folder_problem()
+    if problem is None:
+        raise exc
+    print(f"error: {one_line(problem)}", file=sys.stderr)
+    return 2
+
+
+def _stdout_refuses_writes() -> bool:
+    """Whether stdout's reader has gone (Windows reports a write to a closed pipe as EINVAL, not EPIPE)."""
+    try:
+        sys.stdout.flush()
+        return False
+    except OSError:
+        return True
+
+
 def _stdout_closed() -> int:
     """The reader of stdout went away: send what is left to /dev/null (no error at exit) and stop quietly."""
     try:
@@ -786,14 +808,12 @@ def main(argv=None) -> int:
         return 128 + signal.SIGTERM
     except BrokenPipeError:
         return _stdout_closed()
-    except FileNotFoundError:  # raised by tempfile wherever a library first asks for a temporary folder
-        from ..atomic import temporary_folder_problem
-
-        problem = temporary_folder_problem()
-        if problem is None:
-            raise
-        print(f"error: {one_line(problem)}", file=sys.stderr)
-        return 2
+    except OSError as exc:  # Windows: a closed pipe is EINVAL there (`xctdiff inspect ... | more`, quit early)
+        if os.name == "nt" and exc.errno == errno.EINVAL and _stdout_refuses_writes():
+            return _stdout_closed()
+        if isinstance(exc, FileNotFoundError):
+            return _missing_temporary_folder(exc)
+        raise
     finally:
         for signum, handler in previous.items():
             if handler is not None:
