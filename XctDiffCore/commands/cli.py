@@ -869,14 +869,10 @@ def _exit_without_teardown(status: int) -> None:
     failing a finished job."""
     import logging
 
-    from .launcher import INTERRUPTED, die_interrupted
+    from .launcher import INTERRUPTED, die_interrupted, flush_standard_streams
 
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more to say
-            pass
+    flush_standard_streams()
     if status == INTERRUPTED:
         die_interrupted()
     os._exit(status)

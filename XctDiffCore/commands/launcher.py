@@ -31,10 +31,15 @@ def die_interrupted() -> None:
 
     if os.name != "posix":
         return
+    flush_standard_streams()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)  # delivered to this (unblocked) thread before kill() returns
+
+
+def flush_standard_streams() -> None:
+    """Write out what stdout and stderr still hold, before the process ends without Python's own teardown."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe: nothing more to say
             pass
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGINT)  # delivered to this (unblocked) thread before kill() returns

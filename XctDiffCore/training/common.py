@@ -507,7 +507,7 @@ class Deadline:
                                  device=self.job.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             self.reached, self.terminated, self.interrupted = (bool(f) for f in flags.tolist())
-        return self.reached or self.terminated or self.interrupted
+        return self.stopped_early
 
     @property
     def stopped_early(self) -> bool:
