@@ -198,6 +198,28 @@ def test_samples_give_an_uncertainty_node_and_drr_turns_style_off(bridge, scene,
     assert not job.folder.exists()
 
 
+def test_a_one_sample_run_marks_the_earlier_uncertainty_map_as_the_earlier_runs(bridge, scene, logic, sample):
+    """Two samples made 'drr uncertainty (XctDiff)' beside 'drr synthetic CT'; a second run of one sample into the
+    same CT node made no map and left the first one named as the new CT's, its std from another reconstruction."""
+    from XctDiffSlicerLib.logic import ReconstructionOptions
+
+    _, drr = sample
+    drr_node = bridge.radiograph_to_node(scene, drr, spacing=(2.5, 2.5), name="drr", is_drr=True)
+    job = logic.start(drr_node, ReconstructionOptions(samples=2, seed=1))
+    first = logic.load_result(job, job.process.wait(timeout=60))
+    name = first.uncertainty_node.GetName()
+    job = logic.start(drr_node, ReconstructionOptions(samples=1), first.ct_node, first.uncertainty_node)
+    second = logic.load_result(job, job.process.wait(timeout=60), first.ct_node, first.uncertainty_node)
+    assert second.ct_node is first.ct_node and second.uncertainty_node is None
+    stale = first.uncertainty_node
+    assert stale.GetName() == f"{name} (earlier run)"
+    assert stale.GetDescription().startswith(f"of an earlier reconstruction, not of the CT now in '{second.ct_node.GetName()}'")
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")  # chosen as the map, never filled: untouched
+    job = logic.start(drr_node, ReconstructionOptions(samples=1), first.ct_node, empty)
+    logic.load_result(job, job.process.wait(timeout=60), first.ct_node, empty)
+    assert empty.GetName() == "empty" and not empty.GetDescription()
+
+
 def test_the_seed_of_the_run_reaches_the_panel(bridge, scene, logic, sample):
     from XctDiffSlicerLib.logic import ReconstructionOptions
 

@@ -324,6 +324,8 @@ class ReconstructionLogic:
                                                      f"voxel-wise std over the samples of a {SYNTHETIC}{warned}")
                 mrml_bridge.set_uncertainty_display(uncertainty_node)
             else:
+                if uncertainty_node is not None:  # an earlier run's map, beside a CT it no longer belongs to
+                    self._mark_earlier(uncertainty_node, ct_node)
                 uncertainty_node = None
             film = self.scene.GetNodeByID(job.input_node_id) if job.input_node_id else None
             for node in (ct_node, uncertainty_node):
@@ -339,6 +341,16 @@ class ReconstructionLogic:
         finally:
             job.cleanup()
         return ReconstructionOutput(ct_node=ct_node, uncertainty_node=uncertainty_node, **result)
+
+    def _mark_earlier(self, uncertainty_node, ct_node) -> None:
+        """An uncertainty map given to a run that made none (one sample) belongs to the CT that run replaced:
+        renamed and described as an earlier run's, so that nobody reads it as the new CT's."""
+        suffix = " (earlier run)"
+        if uncertainty_node.GetAttribute(ATTRIBUTE_MADE_FOR) is None or uncertainty_node.GetName().endswith(suffix):
+            return  # not a map XctDiff made (left alone), or marked already
+        uncertainty_node.SetName(self.scene.GenerateUniqueName(uncertainty_node.GetName() + suffix))
+        uncertainty_node.SetDescription(f"of an earlier reconstruction, not of the CT now in '{ct_node.GetName()}': "
+                                        + (uncertainty_node.GetDescription() or ""))
 
     def _read_output(self, path, node, name: str, made: list, description: str = SYNTHETIC):
         """An output file into ``node``, or into a new node (listed in ``made``) named after the film. A node
