@@ -63,10 +63,44 @@ def check_name_length(path) -> None:
         raise XctDiffError(f"the file name is too long ({size} {unit}; at most {limit}): {path}")
 
 
+#: The characters of a path that Windows' file functions take (MAX_PATH, 260, less the closing NUL), unless long
+#: paths are enabled; beyond it a folder that exists reads as missing and a write fails as "path not found".
+WINDOWS_MAX_PATH = 259
+MADE_INSIDE = 40  # characters a temporary name beside an output (or a file of a series inside it) may take
+
+
+def check_path_length(path, folder: bool = False) -> None:
+    """On Windows without long paths, refuse with one line an output whose path, or the temporary names written
+    beside it (inside it: ``folder``), would pass :data:`WINDOWS_MAX_PATH`; before anything looks at it, since
+    past that limit Windows calls an existing folder missing ("output folder does not exist", which it does)."""
+    if os.name != "nt" or _windows_long_paths():
+        return
+    full = os.path.abspath(path)
+    longest = max(len(full) + (1 + MADE_INSIDE if folder else 0), len(os.path.dirname(full)) + 1 + MADE_INSIDE)
+    if longest > WINDOWS_MAX_PATH:
+        raise XctDiffError(f"the output path is too long for Windows ({len(full)} characters, its temporary files up to "
+                           f"{longest}; at most {WINDOWS_MAX_PATH} unless long paths are enabled, 'Enable Win32 long "
+                           f"paths' in Group Policy): choose a shorter folder: {path}")
+
+
+@functools.lru_cache(maxsize=1)
+def _windows_long_paths() -> bool:
+    """Whether Windows was told to take long paths (LongPathsEnabled; Python's own executable declares itself
+    ready for them since 3.6)."""
+    try:
+        import winreg
+
+        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, r"SYSTEM\CurrentControlSet\Control\FileSystem") as key:
+            return winreg.QueryValueEx(key, "LongPathsEnabled")[0] == 1
+    except (ImportError, OSError):
+        return False
+
+
 def check_output_path(path) -> Path:
     """Fail early, with one line, when the output's folder is missing or not writable, the path is a folder or
     its name too long."""
     path = Path(path)
+    check_path_length(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise XctDiffError(f"output folder does not exist: {parent}")
@@ -82,6 +116,7 @@ def check_output_folder(path, parents: bool = False) -> Path:
     """Fail early, with one line, when ``--out`` names a file, or (unless ``parents``: the caller makes
     them) a folder whose parent is missing; checked before any work, so a refused run leaves nothing."""
     path = Path(path)
+    check_path_length(path, folder=True)
     check_name_length(path)
     if path.exists() and not path.is_dir():
         raise XctDiffError(f"--out names a file, not a folder: {path}")
@@ -324,6 +359,7 @@ def check_output_series_folder(path, replaceable) -> Path:
     anything but files ``replaceable(name)`` accepts (what an earlier run wrote there: it is replaced; anything
     else is the user's, never deleted)."""
     path = Path(path)
+    check_path_length(path, folder=True)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise XctDiffError(f"output folder does not exist: {parent}")

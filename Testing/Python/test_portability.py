@@ -77,6 +77,24 @@ def windows_subprocess(calls: list):
                              CREATE_NO_WINDOW=CREATE_NO_WINDOW, Popen=popen, run=run)
 
 
+@pytest.mark.parametrize("long_paths", [False, True])
+def test_an_output_path_past_windows_260_characters_is_refused_in_one_line_unless_long_paths_are_on(
+        tmp_path, monkeypatch, long_paths):
+    """Past MAX_PATH Windows calls an existing folder missing: the run said "output folder does not exist" of a
+    folder the user could see, or failed at the rename after the work. Enabled long paths lift the limit."""
+    monkeypatch.setattr(atomic, "os", WindowsOs(missing={"pathconf"}))
+    monkeypatch.setattr(atomic, "_windows_long_paths", lambda: long_paths)
+    deep = tmp_path / ("a" * (250 - len(str(tmp_path))))
+    deep.mkdir()
+    atomic.check_output_path(tmp_path / "ct.nrrd")  # a short path: fine
+    for check in (atomic.check_output_path, atomic.check_output_folder):
+        if long_paths:
+            check(deep / "chest_ct.nrrd")
+        else:
+            with pytest.raises(atomic.XctDiffError, match=r"too long for Windows \(2\d\d characters.*at most 259 unless "
+                                                          r"long paths are enabled.*: .*chest_ct.nrrd$"):
+                check(deep / "chest_ct.nrrd")
+
 def test_the_engine_and_its_cancel_open_no_console_window_on_windows(monkeypatch):
     """Slicer is a GUI program on Windows: a console child (python, PythonSlicer) it starts without
     CREATE_NO_WINDOW gets a black window of its own for the whole reconstruction, and taskkill one more."""
