@@ -3,6 +3,7 @@ choice, and the device probe that runs torch in a child process."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -41,17 +42,28 @@ def test_unmet_lists_missing_and_out_of_range_but_never_slicer_packages_or_torch
     ]
 
 
-def test_install_is_constrained_to_the_installed_slicer_packages(tmp_path):
+def slicer_pip_arguments(requirements) -> list:
+    """What ``slicer.util.pip_install`` makes of its argument: a string split by shlex as a POSIX shell would, a
+    list taken as it is."""
+    return shlex.split(requirements) if isinstance(requirements, str) else list(requirements)
+
+
+def test_install_is_constrained_to_the_installed_slicer_packages(tmp_path, monkeypatch):
+    """The temporary folder of a Windows network profile (%TEMP% on \\\\server\\...): a string for pip_install
+    lost half its backslashes in Slicer's shlex split, and pip could not find the constraints file."""
     calls = []
 
-    def pip_install(arguments: str):
-        constraints = arguments.split('"')[1]
-        calls.append((arguments, open(constraints, encoding="utf-8").read()))
+    def pip_install(requirements):
+        arguments = slicer_pip_arguments(requirements)
+        calls.append((arguments, open(arguments[1], encoding="utf-8").read()))
 
+    backslashed = tmp_path / "\\\\server\\temp"  # a legal name on Linux, with a UNC path's backslashes
+    backslashed.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(backslashed))
     requirements = dependencies.read_requirements(write_requirements(tmp_path, "pynrrd>=1.0\nnumpy>=2\ntorch\n"))
     dependencies.install_requirements(requirements, pip_install)
     (arguments, constraints), = calls
-    assert arguments.startswith("-c ") and arguments.endswith('"pynrrd>=1.0"')
+    assert arguments[0] == "-c" and arguments[2:] == ["pynrrd>=1.0"]
     assert "numpy>=2" not in arguments and "torch" not in arguments
     assert f"numpy=={dependencies.installed_version('numpy')}" in constraints.splitlines()
     assert f"SimpleITK=={dependencies.installed_version('SimpleITK')}".lower() in constraints.lower()

@@ -97,15 +97,17 @@ def shipped_constraints() -> list:
     return pins
 
 
-def install_requirements(requirements: Iterable[Requirement], pip_install: Callable[[str], None]) -> None:
-    """Install ``requirements`` with ``pip_install`` (``slicer.util.pip_install`` in Slicer), constrained."""
+def install_requirements(requirements: Iterable[Requirement], pip_install: Callable[[list], None]) -> None:
+    """Install ``requirements`` with ``pip_install`` (``slicer.util.pip_install`` in Slicer), constrained. Its
+    arguments go as a list: a string is split as a POSIX shell would, which halves the backslashes of a Windows
+    network path (``%TEMP%`` on ``\\\\server\\profiles``, where the constraints file is written)."""
     requirements = [r for r in requirements if r.key not in set(SLICER_SHIPPED) | {TORCH}]
     if not requirements:
         return
     with tempfile.TemporaryDirectory(prefix="xctdiff-pip-") as folder:
         constraints = Path(folder) / "constraints.txt"
         constraints.write_text("\n".join(shipped_constraints()) + "\n", encoding="utf-8")
-        arguments = " ".join(["-c", f'"{constraints}"'] + [f'"{r}"' for r in requirements])
+        arguments = ["-c", str(constraints)] + [str(r) for r in requirements]
         try:
             pip_install(arguments)
         except Exception as exc:  # noqa: BLE001 - pip's failures are many; the user gets one sentence
@@ -127,7 +129,7 @@ def install_torch_with_pytorchutils(requirement: Requirement) -> None:
         raise XctDiffError("PyTorch was not installed; the reconstruction needs it.")
 
 
-def ensure_dependencies(confirm: Callable[[str], bool], pip_install: Callable[[str], None],
+def ensure_dependencies(confirm: Callable[[str], bool], pip_install: Callable[[list], None],
                         requirements_path=REQUIREMENTS_FILE) -> None:
     """The first-use check: torch first, then the other packages after the user agrees."""
     requirements = read_requirements(requirements_path)
