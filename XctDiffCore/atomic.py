@@ -284,7 +284,23 @@ def in_folder(path, folder, resolved: bool = False) -> bool:
     back would be taken for inputs."""
     if not resolved:
         path, folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
-    return path == folder or folder in path.parents
+    if path == folder or folder in path.parents:
+        return True
+    if not _names_ignore_case():
+        return False
+    # Windows and macOS: ~/Films/out and ~/films/OUT are one folder (realpath keeps the case it was given)
+    folded, candidate = Path(str(folder).casefold()), Path(str(path).casefold())
+    if candidate != folded and folded not in candidate.parents:
+        return False
+    same_depth = (path, *path.parents)[len(path.parts) - len(folder.parts)]
+    try:  # a volume formatted case-sensitive (APFS can be) keeps the two apart: ask it
+        return os.path.samefile(same_depth, folder)
+    except OSError:  # one of them not made yet: the system's default, names that ignore case
+        return True
+
+
+def _names_ignore_case() -> bool:
+    return os.name == "nt" or sys.platform == "darwin"
 
 
 def refuse_own_output(path, output) -> None:
@@ -307,7 +323,7 @@ def file_identity(path) -> tuple:
         status = None
     if status is None or not status.st_ino:
         text = str(path.resolve())
-        return ("path", text.casefold() if os.name == "nt" or sys.platform == "darwin" else text)
+        return ("path", text.casefold() if _names_ignore_case() else text)
     return ("file", status.st_dev, status.st_ino)
 
 

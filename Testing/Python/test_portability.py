@@ -234,6 +234,21 @@ def test_two_outputs_that_differ_only_in_case_are_one_file_on_windows_and_macos(
     assert atomic.file_identity(out / "a.nrrd") != atomic.file_identity(out / "b.nrrd")
 
 
+def test_an_output_folder_named_in_another_letter_case_is_still_the_jobs_own_on_macos(tmp_path, monkeypatch):
+    """`xctdiff reconstruct ~/Films -o ~/films/CT` on macOS: one folder there, but the search compared the names
+    as written, so a second run read the first run's CTs back from Films/ct as inputs."""
+    monkeypatch.setattr(atomic, "sys", types.SimpleNamespace(platform="darwin"))
+    (tmp_path / "Films" / "ct").mkdir(parents=True)
+    written = tmp_path / "Films" / "ct" / "RG1_ct.nrrd"
+    assert atomic.in_folder(written, tmp_path / "films" / "CT")
+    with pytest.raises(atomic.XctDiffError, match="is in the output folder"):
+        atomic.refuse_own_output(written, tmp_path / "films" / "CT")
+    assert not atomic.in_folder(tmp_path / "Films" / "RG1.dcm", tmp_path / "films" / "CT")
+    (tmp_path / "films" / "CT").mkdir(parents=True)  # a volume formatted case-sensitive: two folders after all
+    assert not atomic.in_folder(written, tmp_path / "films" / "CT")
+    monkeypatch.undo()  # Linux: names that differ in case are other folders
+    assert not atomic.in_folder(tmp_path / "Films" / "ct" / "x", tmp_path / "films" / "ct")
+
 def test_non_ascii_lines_cross_the_slicer_protocol_whatever_the_childs_locale(tmp_path):
     """The engine child writes UTF-8 (engine_environment's PYTHONIOENCODING) and the module reads UTF-8, whatever
     the locale says: on Windows a child left to itself writes cp1252 to a pipe, here an ASCII locale (LC_ALL=C,
