@@ -16,7 +16,8 @@ last; training imports these, never the other way round)::
 it does not, the sizes come from the networks and the spacing from the field of view every prepared
 CT has (128 voxels x 2.5 mm = 320 mm, average-pooled to ``volume_size``).
 
-:func:`load_model_folder` refuses, with one sentence each: a missing manifest or file, a file whose
+The manifest itself is read and checked in :mod:`XctDiffCore.model_manifest` (torch-free: the Slicer panel checks
+a chosen folder with it). :func:`load_model_folder` refuses, with one sentence each: a missing manifest or file, a file whose
 SHA-256 differs from the manifest (corrupted, truncated or edited), manifest settings that differ
 from the stage files, weights that do not fit their configuration, stages that disagree on the
 latent's shape, and a file that leads out of the folder (``..``, an absolute name, a link). Each file
@@ -40,12 +41,10 @@ from torch import nn
 
 from .config import METHODS
 from .errors import XctDiffError
+from .model_manifest import (MANIFEST_NAME, MODEL_CARD_NAME, MODEL_FORMAT, OPTIONAL_STAGES, REQUIRED_STAGES,  # noqa: F401
+                             manifest_data, model_file, read_manifest, verify_checksums)
 
-MANIFEST_NAME = "manifest.json"
-MODEL_CARD_NAME = "MODEL_CARD.md"
 MEAN_CT_NAME = "mean_ct.npy"
-REQUIRED_STAGES = ("autoencoder", "encoder", "diffusion")
-OPTIONAL_STAGES = ("style", "coarse")
 PREPARED_SIZE = 128  # `xctdiff prepare` writes 128^3 CTs at 2.5 mm and 128^2 DRRs
 PREPARED_SPACING_MM = 2.5
 FIELD_OF_VIEW_MM = PREPARED_SIZE * PREPARED_SPACING_MM
@@ -127,78 +126,6 @@ def bundled_model_folder() -> Path:
         names = ", ".join(p.name for p in folders)
         raise XctDiffError(f"several bundled models ({names}): choose one with --model DIR")
     return folders[0]
-
-
-def read_manifest(folder, required=REQUIRED_STAGES) -> dict:
-    """``manifest.json`` of a model folder as a dict, with a clear error when it is missing or malformed.
-
-    ``required``: the stages it must have (all three for reconstruction; fewer for a partial folder,
-    e.g. an autoencoder exported before the later stages were trained).
-    """
-    folder = Path(folder)
-    if not folder.exists():
-        raise XctDiffError(f"model folder not found: {folder}")
-    if not folder.is_dir():
-        raise XctDiffError(f"expected a model folder, got a file: {folder}")
-    if not (folder / MANIFEST_NAME).is_file():
-        raise XctDiffError(f"not a model folder (no {MANIFEST_NAME}): {folder}")
-    path = model_file(folder, MANIFEST_NAME)
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise XctDiffError(f"cannot read {path}: {exc}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
-        raise XctDiffError(f"{path} has no 'stages' section: not a model manifest")
-    if not isinstance(manifest.get("sha256"), dict):
-        raise XctDiffError(f"{path} has no 'sha256' checksums: refusing to load unverified weights")
-    missing = [s for s in required if s not in manifest["stages"]]
-    if missing:
-        raise XctDiffError(f"{path} lacks the {', '.join(missing)} stage(s)")
-    return manifest
-
-
-def model_file(folder, name: str) -> Path:
-    """The file ``name`` of a model folder with its links followed, refused unless it lies in the folder:
-    neither ``../x`` nor an absolute name nor a link (to a file or to a folder on the way) may lead out."""
-    folder = Path(folder)
-    if Path(name).is_absolute() or ".." in Path(name).parts:
-        raise XctDiffError(f"{folder / MANIFEST_NAME}: file name {name!r} leaves the model folder")
-    root = folder.resolve()
-    path = (root / name).resolve()
-    if not path.is_relative_to(root):
-        raise XctDiffError(f"{folder / name} leaves the model folder (a link to {path}): copy the file into the folder")
-    return path
-
-
-def verify_checksums(folder, manifest: dict) -> dict:
-    """Every file the manifest names exists in the folder and has its recorded SHA-256; every stage file
-    is listed. Returns ``{name: bytes}``: the very bytes that were hashed, for the loaders to deserialise,
-    so that a file changed after the check is never what gets loaded."""
-    folder = Path(folder)
-    sums = manifest["sha256"]
-    for stage, record in manifest["stages"].items():
-        for role in ("weights", "config"):
-            name = record.get(role) if isinstance(record, dict) else None
-            if not name:
-                raise XctDiffError(f"{folder / MANIFEST_NAME}: stage {stage} names no {role} file")
-            if name not in sums:
-                raise XctDiffError(f"{folder / MANIFEST_NAME}: {name} has no SHA-256: refusing to load unverified weights")
-    contents = {}
-    for name, expected in sums.items():
-        path = model_file(folder, name)
-        if not path.is_file():
-            raise XctDiffError(f"model file missing: {folder / name}")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise XctDiffError(f"cannot read {folder / name}: {exc.strerror or exc}") from None
-        if hashlib.sha256(data).hexdigest() != str(expected).lower():
-            raise XctDiffError(
-                f"{folder / name} does not match its SHA-256 in {MANIFEST_NAME} (corrupted or changed file): "
-                "copy or export the model folder again"
-            )
-        contents[name] = data
-    return contents
 
 
 def _stage_settings(folder: Path, manifest: dict, stage: str, contents: dict) -> dict:
@@ -310,7 +237,7 @@ def _load_verified_stages(folder, stages, required) -> tuple:
 def load_autoencoder(folder) -> tuple:
     """The verified VQ-GAN of a (possibly partial) model folder and the CT edge it works at: ``(vqgan, volume_size)``."""
     networks, _, manifest = load_stages(folder, ("autoencoder",), required=("autoencoder",))
-    data = manifest.get("data", {}) or {}
+    data = manifest_data(folder, manifest)
     return networks["autoencoder"], int(data.get("volume_size", PREPARED_SIZE))
 
 
@@ -327,7 +254,7 @@ def load_model_folder(folder) -> ModelFolder:
         schedule = NoiseSchedule(**diffusion.get("schedule", {}))
     except (TypeError, ValueError) as exc:
         raise XctDiffError(f"the diffusion schedule in {folder} is invalid: {_first_line(exc)}") from None
-    data = manifest.get("data", {}) or {}
+    data = manifest_data(folder, manifest)
     vqgan, encoder = networks["autoencoder"], networks["encoder"]
     volume_size = int(data.get("volume_size", encoder.depth * vqgan.downsample_factor))
     info = ModelInfo(
@@ -492,7 +419,7 @@ def write_manifest(model_dir, stages: dict, extra: Optional[dict] = None, files:
     missing = [n for n in names if not (model_dir / n).is_file()]
     if missing:
         raise XctDiffError(f"cannot write the manifest: {model_dir / missing[0]} does not exist")
-    manifest = dict(extra or {})
+    manifest = {"format": MODEL_FORMAT, **(extra or {})}
     manifest["stages"] = {}
     for stage, entry in stages.items():
         record = dict(entry)

@@ -189,6 +189,18 @@ CORRUPTIONS = {
     "mean CT of another size": (replace_mean_ct, "has shape (16, 16, 16), expected (32, 32, 32)"),
     "consistency minimum out of range": (edit_manifest(set_path(["min_consistency"], 1.5)),
                                          "min_consistency must be a number from 0 to 1, got 1.5"),
+    # hand edits of the manifest's unchecksummed parts: each was a traceback (AttributeError, ValueError,
+    # ZeroDivisionError) or, for a newer format, a folder loaded as if this engine understood it
+    "data section not an object": (edit_manifest(set_path(["data"], "128")), "'data' must be an object"),
+    "volume size not a number": (edit_manifest(set_path(["data", "volume_size"], "big")),
+                                 "data.volume_size must be a whole number of voxels or pixels, got 'big'"),
+    "volume size zero": (edit_manifest(set_path(["data", "volume_size"], 0)), "data.volume_size must be a whole number"),
+    "spacing not a number": (edit_manifest(set_path(["data", "spacing_mm"], "2.5 mm")),
+                             "data.spacing_mm must be a positive number of millimetres, got '2.5 mm'"),
+    "format newer than this engine": (edit_manifest(set_path(["format"], 2)),
+                                      "is model format 2, made by a newer XctDiff than this one (it reads format 1): "
+                                      "update XctDiff"),
+    "format not a number": (edit_manifest(set_path(["format"], "2.0")), "format must be a whole number from 1, got '2.0'"),
 }
 
 
@@ -202,6 +214,7 @@ def test_random_model_folder_is_complete_and_loads(pristine):
     assert set(manifest["sha256"]) == names - {MANIFEST_NAME}  # every file but the manifest is checksummed
     assert all(manifest["sha256"][n] == file_sha256(pristine / n) for n in manifest["sha256"])
     assert manifest["data"] == {"volume_size": 32, "xray_size": 32, "spacing_mm": 10.0, "geometry": "cone"}
+    assert manifest["format"] == 1  # what a later engine raises when a folder means more than this one reads
     loaded = load_model_folder(pristine)
     info = loaded.info
     assert (info.model_id, info.version, info.volume_size, info.xray_size) == ("random", "seed0", 32, 32)
@@ -313,16 +326,35 @@ def test_the_bytes_that_are_checked_are_the_bytes_that_are_loaded(pristine, fold
     assert all(torch.equal(loaded[k].to(expected[k].dtype), expected[k]) for k in expected)
 
 
+def autoencoder_only(folder: Path) -> Path:
+    """The folder as a partial one (Resources/Pretrained/xctdiff-cpu-autoencoder's kind): the later stages gone."""
+    edit_manifest(lambda manifest: [manifest["stages"].pop(stage) for stage in ("encoder", "diffusion")])(folder, None)
+    return folder
+
+
+def zipped(folder: Path) -> Path:
+    return Path(shutil.make_archive(str(folder.parent / "shared model"), "zip", folder.parent, folder.name))
+
+
 @pytest.mark.parametrize(
     "make, words",
-    [(lambda d: d / "absent", "model folder not found"),
-     (lambda d: shutil.copy(SAMPLE_RADIOGRAPH, d / "model.png") and d / "model.png", "expected a model folder, got a file"),
-     (lambda d: (d / "empty").mkdir() or d / "empty", "not a model folder (no manifest.json)")],
-    ids=["missing", "a file", "empty folder"],
+    [(lambda d, m: d / "absent", "model folder not found"),
+     (lambda d, m: shutil.copy(SAMPLE_RADIOGRAPH, d / "model.png") and d / "model.png", "expected a model folder, got a file"),
+     (lambda d, m: (d / "empty").mkdir() or d / "empty", "not a model folder (no manifest.json)"),
+     (lambda d, m: m / MANIFEST_NAME, "expected a model folder, got one of its files: {m}/manifest.json; give the folder "
+                                      "that holds it: {m}"),
+     (lambda d, m: m / "encoder.safetensors", "got one of its files: {m}/encoder.safetensors; give the folder that holds it"),
+     (lambda d, m: zipped(m), "expected a model folder, got an archive: {d}/shared model.zip; unpack it and give the folder "
+                              "that holds manifest.json"),
+     (lambda d, m: autoencoder_only(m), "lacks the encoder, diffusion stage(s) (a partial model folder, which cannot reconstruct: the later stages train "
+      "on it with xctdiff train STAGE --init)")],
+    ids=["missing", "a file", "empty folder", "its manifest", "its weights", "a zip of it", "autoencoder only"],
 )
-def test_not_a_model_folder(tmp_path, make, words):
-    with pytest.raises(XctDiffError, match=re.escape(words)):
-        XctDiffPipeline.from_pretrained(make(tmp_path))
+def test_not_a_model_folder(folder, tmp_path, make, words):
+    """What a colleague may give instead of the model folder: each says what to give instead (the file's folder,
+    the archive unpacked; before, 'expected a model folder, got a file' said neither)."""
+    with pytest.raises(XctDiffError, match=re.escape(words.format(d=tmp_path, m=folder))):
+        XctDiffPipeline.from_pretrained(make(tmp_path, folder))
 
 
 def test_other_commands_refuse_a_corrupted_folder(folder, tmp_path, capsys):

@@ -1,0 +1,138 @@
+"""A model folder's ``manifest.json``, read and checked without torch.
+
+The engine (:mod:`XctDiffCore.model_folder`) and the Slicer panel, which checks a chosen folder before any
+engine process starts and cannot import torch for that, share these checks, so a folder is refused with the same
+sentence in both; ``xctdiff inspect MODEL_FOLDER`` prints :func:`describe_model`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+from .errors import XctDiffError
+
+MANIFEST_NAME = "manifest.json"
+MODEL_CARD_NAME = "MODEL_CARD.md"
+REQUIRED_STAGES = ("autoencoder", "encoder", "diffusion")
+OPTIONAL_STAGES = ("style", "coarse")
+#: The manifest layout this engine reads and writes; a manifest without ``format`` is format 1. A later engine
+#: that changes what a folder means (a new stage the networks need, ...) raises it, and this one then refuses
+#: the folder instead of loading part of it.
+MODEL_FORMAT = 1
+
+
+def _not_a_folder(path: Path) -> str:
+    """Why a file given as a model folder is not one, and what to give instead."""
+    if (path.parent / MANIFEST_NAME).is_file():
+        return f"expected a model folder, got one of its files: {path}; give the folder that holds it: {path.parent}"
+    if path.suffix.lower() in (".zip", ".gz", ".tgz", ".tar", ".7z"):
+        return f"expected a model folder, got an archive: {path}; unpack it and give the folder that holds manifest.json"
+    return f"expected a model folder, got a file: {path}"
+
+
+def read_manifest(folder, required=REQUIRED_STAGES) -> dict:
+    """``manifest.json`` of a model folder as a dict, with a clear error when it is missing or malformed.
+
+    ``required``: the stages it must have (all three for reconstruction; fewer for a partial folder,
+    e.g. an autoencoder exported before the later stages were trained).
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise XctDiffError(f"model folder not found: {folder}")
+    if not folder.is_dir():
+        raise XctDiffError(_not_a_folder(folder))
+    if not (folder / MANIFEST_NAME).is_file():
+        raise XctDiffError(f"not a model folder (no {MANIFEST_NAME}): {folder}")
+    path = model_file(folder, MANIFEST_NAME)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise XctDiffError(f"cannot read {path}: {exc} (edited by hand? copy the model folder again)") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
+        raise XctDiffError(f"{path} has no 'stages' section: not a model manifest")
+    _check_format(path, manifest)
+    if not isinstance(manifest.get("sha256"), dict):
+        raise XctDiffError(f"{path} has no 'sha256' checksums: refusing to load unverified weights")
+    missing = [s for s in required if s not in manifest["stages"]]
+    if missing:
+        partial = (" (a partial model folder, which cannot reconstruct: the later stages train on it with "
+                   "xctdiff train STAGE --init)") if tuple(required) == REQUIRED_STAGES and manifest["stages"] else ""
+        raise XctDiffError(f"{path} lacks the {', '.join(missing)} stage(s){partial}")
+    return manifest
+
+
+def _check_format(path: Path, manifest: dict) -> None:
+    value = manifest.get("format", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise XctDiffError(f"{path}: format must be a whole number from 1, got {value!r}")
+    if value > MODEL_FORMAT:
+        raise XctDiffError(f"{path} is model format {value}, made by a newer XctDiff than this one (it reads format "
+                           f"{MODEL_FORMAT}): update XctDiff to use this model")
+
+
+def model_file(folder, name: str) -> Path:
+    """The file ``name`` of a model folder with its links followed, refused unless it lies in the folder:
+    neither ``../x`` nor an absolute name nor a link (to a file or to a folder on the way) may lead out."""
+    folder = Path(folder)
+    if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise XctDiffError(f"{folder / MANIFEST_NAME}: file name {name!r} leaves the model folder")
+    root = folder.resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):
+        raise XctDiffError(f"{folder / name} leaves the model folder (a link to {path}): copy the file into the folder")
+    return path
+
+
+def verify_checksums(folder, manifest: dict) -> dict:
+    """Every file the manifest names exists in the folder and has its recorded SHA-256; every stage file
+    is listed. Returns ``{name: bytes}``: the very bytes that were hashed, for the loaders to deserialise,
+    so that a file changed after the check is never what gets loaded."""
+    folder = Path(folder)
+    sums = manifest["sha256"]
+    for stage, record in manifest["stages"].items():
+        for role in ("weights", "config"):
+            name = record.get(role) if isinstance(record, dict) else None
+            if not name:
+                raise XctDiffError(f"{folder / MANIFEST_NAME}: stage {stage} names no {role} file")
+            if name not in sums:
+                raise XctDiffError(f"{folder / MANIFEST_NAME}: {name} has no SHA-256: refusing to load unverified weights")
+    contents = {}
+    for name, expected in sums.items():
+        path = model_file(folder, name)
+        if not path.is_file():
+            raise XctDiffError(f"model file missing: {folder / name} (the folder was copied without it): "
+                               "copy the whole model folder again")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise XctDiffError(f"cannot read {folder / name}: {exc.strerror or exc}") from None
+        if hashlib.sha256(data).hexdigest() != str(expected).lower():
+            raise XctDiffError(
+                f"{folder / name} does not match its SHA-256 in {MANIFEST_NAME} (corrupted or changed file): "
+                "copy or export the model folder again"
+            )
+        contents[name] = data
+    return contents
+
+
+def manifest_data(folder, manifest: dict) -> dict:
+    """The manifest's ``data`` section (the grid the model works on), each value it has checked: a hand edit that
+    left a size that is not a whole number, or no number at all, is one sentence, not a crash while loading. A
+    value of null counts as absent (the loader then takes it from the networks)."""
+    path = Path(folder) / MANIFEST_NAME
+    data = manifest.get("data") or {}
+    if not isinstance(data, dict):
+        raise XctDiffError(f"{path}: 'data' must be an object (volume_size, xray_size, spacing_mm, geometry), got {data!r}")
+    for key in ("volume_size", "xray_size"):
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise XctDiffError(f"{path}: data.{key} must be a whole number of voxels or pixels, got {value!r}")
+    spacing = data.get("spacing_mm")
+    if spacing is not None and (isinstance(spacing, bool) or not isinstance(spacing, (int, float))
+                                or not math.isfinite(spacing) or spacing <= 0):
+        raise XctDiffError(f"{path}: data.spacing_mm must be a positive number of millimetres, got {spacing!r}")
+    if data.get("geometry") is not None and not isinstance(data["geometry"], str):
+        raise XctDiffError(f"{path}: data.geometry must be a name (cone or parallel), got {data['geometry']!r}")
+    return {key: value for key, value in data.items() if value is not None}
