@@ -439,16 +439,17 @@ def test_a_warning_during_a_progress_bar_gets_a_line_of_its_own(monkeypatch):
     assert before.endswith("\r") or before.endswith("\n"), repr(before[-40:])
 
 
-def test_a_folders_last_line_counts_the_films_and_names_the_flagged_ones():
-    from types import SimpleNamespace
-
+def test_a_folders_last_line_counts_the_films_and_names_the_flagged_and_skipped_ones():
+    """The skipped films are named too: their lines are above among hundreds, under torchrun among two processes'."""
     from XctDiffCore.commands.reconstruct_job import batch_tally
 
-    results = [(Path(f"f{i}.png"), None, SimpleNamespace(warnings=["turned"] if i % 2 else [])) for i in range(14)]
-    line = batch_tally(results, [Path("bad.png")], 15, 70.0)
+    flagged = [f"f{i}.png" for i in range(14) if i % 2]
+    line = batch_tally(14, flagged, ["bad.png"], 15, 70.0)
     assert line == ("reconstructed 14 of 15 radiographs in 70 s (5.0 s each, the model's loading included); 7 with "
-                    "warnings (above): f1.png, f3.png, f5.png, f7.png, f9.png and 2 more; 1 skipped (above)")
-    assert batch_tally([], [Path("bad.png")], 1, 2.0) == "reconstructed 0 of 1 radiographs in 2 s; 1 skipped (above)"
+                    "warnings (above): f1.png, f3.png, f5.png, f7.png, f9.png and 2 more; 1 skipped (above): bad.png")
+    assert batch_tally(0, [], ["bad.png"], 1, 2.0) == "reconstructed 0 of 1 radiographs in 2 s; 1 skipped (above): bad.png"
+    assert batch_tally(2, [], [], 2, 4.0, processes=2) == ("reconstructed 2 of 2 radiographs in 4 s by 2 processes "
+                                                          "(2.0 s each, the model's loading included)")
 
 
 def test_skip_existing_continues_an_interrupted_folder(cli, batch, tmp_path, monkeypatch):
@@ -552,6 +553,63 @@ def test_a_rank_without_files_succeeds(cli, tmp_path, drr_png, monkeypatch):
     assert status == 0
     assert progress_and_result(stdout)[1]["cases"] == []
     assert listing(tmp_path / "out") == []
+
+
+def torchrun(args: list, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=N -m XctDiffCore ARGS`` on the CPU (gloo), one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONFAULTHANDLER": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "XctDiffCore"]
+    return subprocess.run(command + [str(a) for a in args], cwd=REPO, env=env, capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=600)  # a guard against a hang, not a timing
+
+
+def test_a_bad_film_on_one_torchrun_rank_lets_the_other_finish_and_rank_0_tells_the_whole(tmp_path, model_dir, drr_png):
+    """torchrun stops every process (SIGTERM) as soon as one ends with a non-zero status: rank 1, whose share held
+    only bad films, ended first and took rank 0's films with it (`error: terminated`, CTs missing), and each rank
+    printed a tally of its own share. Now every rank finishes its share, rank 0 ends last with one tally of the whole
+    folder naming the skipped films and one error line; a rank with nothing left (--skip-existing) waits for the rest."""
+    folder, out = tmp_path / "films", tmp_path / "out"
+    folder.mkdir()
+    for name in "ace":  # sorted a, b, c, d, e: rank 0 takes a, c, e; rank 1 b and d, both unreadable
+        shutil.copy(drr_png, folder / f"{name}.png")
+    (folder / "b.png").write_bytes(b"")
+    (folder / "d.png").write_text("not an image\n")
+    args = ["reconstruct", folder, "-o", out, "--model", model_dir, "--device", "cpu", "--steps", STEPS]
+    result = torchrun(args)
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert listing(out) == ["a_ct.nrrd", "c_ct.nrrd", "e_ct.nrrd"], result.stderr[-3000:]
+    ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "reconstructed ", "stopped"))]
+    assert len(ours) == 2 and ours[1] == "error: 2 of 5 radiographs could not be reconstructed (see the lines above)", ours
+    assert re.fullmatch(r"reconstructed 3 of 5 radiographs in \d+ s by 2 processes \([0-9.]+ s each, the model's "
+                        r"loading included\); 2 skipped \(above\): b.png, d.png", ours[0]), ours
+    result = torchrun(args + ["--skip-existing"])  # rank 0 has nothing left to do, rank 1 its two bad films
+    ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "reconstructed ", "stopped"))]
+    assert result.returncode != 0 and ours[-1].startswith("error: 2 of 2 radiographs could not"), result.stderr[-3000:]
+
+
+def test_torchrun_ranks_draw_plain_lines_not_bars_on_their_shared_terminal(tmp_path, model_dir, drr_png, monkeypatch):
+    """The ranks of a torchrun job share one terminal: their tqdm bars overwrote each other on one line. Now each
+    rank writes plain lines named by its rank."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    folder = tmp_path / "films"
+    folder.mkdir()
+    for name in "ab":
+        shutil.copy(drr_png, folder / f"{name}.png")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)  # a rank on its own: no rendezvous to wait at
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    status = main(["reconstruct", str(folder), "-o", str(tmp_path / "out"), "--model", str(model_dir), "--device",
+                   "cpu", "--steps", STEPS])
+    err = terminal.getvalue()
+    assert status == 0 and listing(tmp_path / "out") == ["a_ct.nrrd"], err
+    assert "\r" not in err and err.startswith("rank 0:   0% loading model"), err
 
 
 @pytest.mark.parametrize("setup, words", [("empty", "no radiograph files"), ("output is a file", "the output must be a folder too")])

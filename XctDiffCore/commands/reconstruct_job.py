@@ -4,8 +4,8 @@
   another suffix, or ``dicom``: a DICOM series folder ``<stem>_ct``, :mod:`XctDiffCore.dicom_series`).
 * A folder -> every radiograph in it (not recursive; sorted), into an output folder (``-o``, default
   ``<folder>_ct`` beside it, created when missing) of ``<stem>_ct.nrrd`` (or ``--format``'s). Under
-  ``torchrun`` each process takes the files ``rank::world_size`` and, on CUDA, the GPU ``local_rank``: no
-  communication between processes.
+  ``torchrun`` each process takes the files ``rank::world_size`` and, on CUDA, the GPU ``local_rank``; they
+  meet once, at the end (:func:`_gather_at_rank_0`), where rank 0 gives the whole folder's tally and status.
   A file that fails is reported and skipped; the command then ends with one error line.
 * No output may be an input or another output of the run (checked before anything is loaded);
   existing files at the output paths are replaced, except with ``skip_existing`` (``--skip-existing``): then a
@@ -80,18 +80,19 @@ def _is_terminal(stream) -> bool:
 class ProgressDisplay:
     """``PROGRESS <fraction> <stage>`` lines on stdout (``lines``), else on stderr a tqdm bar when it is a
     terminal, or plain lines when it is not (a log file): one per stage and per tenth of the work, so
-    that a log holds readable lines, not a pile of carriage returns. Fractions never fall.
+    that a log holds readable lines, not a pile of carriage returns (and without ``bar``: the ranks of a torchrun
+    job, whose bars would overwrite each other on one terminal). Fractions never fall.
 
     ``films`` > 1 (a folder): the plain lines come once per tenth of the whole run alone, each naming the film under
     way (``film``), so a log of a thousand films is not a dozen lines per film beside its summary line."""
 
-    def __init__(self, lines: bool, description: str = "reconstruct", stream=None, films: int = 1):
+    def __init__(self, lines: bool, description: str = "reconstruct", stream=None, films: int = 1, bar: bool = True):
         self.lines, self.fraction, self.bar = lines, 0.0, None
         self.description, self.films, self.film = description, films, ""
         self.stream = sys.stderr if stream is None else stream
         self.start = time.monotonic()
         self._shown = None  # (tenth, stage name) of the last plain line
-        if not lines and _is_terminal(self.stream):
+        if not lines and bar and _is_terminal(self.stream):
             from tqdm import tqdm
 
             # tqdm puts ", " before the postfix itself.
@@ -415,16 +416,16 @@ def run_reconstruct(
             # ... and on the input (read again by the pipeline: a few ms)
             check_radiograph_aspect(read_radiograph(input_path).image.shape, f"radiograph {input_path}")
 
-    if skip_existing and not jobs:  # every output current (a rank without films goes on: its RESULT is awaited)
-        return 0
+    if skip_existing and not jobs and world_size == 1:  # every output current (a torchrun rank goes on: its
+        return 0  # RESULT is awaited, and the other ranks wait for it at the end)
     display = ProgressDisplay(progress_lines, description=f"rank {rank}" if world_size > 1 else "reconstruct",
-                              films=len(jobs))
+                              films=len(jobs), bar=world_size == 1)
     results, failures = [], []
     started = time.perf_counter()
     with plain_warnings():
         try:
             display(0.0, "loading model")
-            pipe = _load_pipeline(model, compile)
+            pipe = _load_pipeline(model, compile) if jobs else None  # a torchrun rank without films loads none
             display(LOADED, "model loaded")
             for i, (source, out, unc, view) in enumerate(jobs):
                 low = LOADED + (WRITING - LOADED) * i / len(jobs)
@@ -438,7 +439,7 @@ def run_reconstruct(
                         progress=display.scaled(low, high), cpu_fallback=cpu_fallback,
                     )
                 except XctDiffError as exc:
-                    if len(jobs) == 1:
+                    if len(jobs) == 1 and world_size == 1:
                         raise
                     failures.append(source)
                     print(f"skipped {path_text(source)}: {one_line(exc)}", file=sys.stderr, flush=True)
@@ -451,18 +452,60 @@ def run_reconstruct(
         except BaseException as exc:
             display.close()
             if input_path.is_dir() and not isinstance(exc, Exception):  # Ctrl-C, SIGTERM: what is done, how to go on
-                print(stopped_batch_line(results, failures, len(jobs), time.perf_counter() - started),
+                share = f"rank {rank} of {world_size}: " if world_size > 1 else ""  # each rank says its own share
+                print(share + stopped_batch_line(results, failures, len(jobs), time.perf_counter() - started),
                       file=sys.stderr, flush=True)
             raise
         finally:
             display.close()
-    if input_path.is_dir():
-        print(batch_tally(results, failures, len(jobs), time.perf_counter() - started), file=sys.stderr, flush=True)
     if progress_lines:
         print("RESULT " + json.dumps(_result_record(results, failures, batch=input_path.is_dir())), flush=True)
-    if failures:
-        raise XctDiffError(f"{len(failures)} of {len(jobs)} radiographs could not be reconstructed (see the lines above)")
+    if not input_path.is_dir():
+        return 0
+    def named(paths) -> list:  # as below the folder: with --recursive two sub-folders may hold one name
+        return [str(Path(p).relative_to(input_path)) for p in paths]
+
+    record = (len(results), named(source for source, _, result in results if result.warnings), named(failures), len(jobs))
+    ranks = _gather_at_rank_0(record, rank, world_size)
+    if ranks is None:  # one process (or a rank on its own): its share is the whole
+        ranks = [record]
+    elif rank != 0:
+        return 0  # rank 0 tells the whole folder's outcome, and ends with its status
+    done, total = sum(r[0] for r in ranks), sum(r[3] for r in ranks)
+    failed = sorted(f for r in ranks for f in r[2])
+    print(batch_tally(done, sorted(f for r in ranks for f in r[1]), failed, total, time.perf_counter() - started,
+                      processes=world_size if len(ranks) > 1 else 1), file=sys.stderr, flush=True)
+    if failed:
+        raise XctDiffError(f"{len(failed)} of {total} radiographs could not be reconstructed (see the lines above)")
     return 0
+
+
+def _gather_at_rank_0(record, rank: int, world_size: int) -> Optional[list]:
+    """Under torchrun: wait until every rank has done its share of the folder, and give rank 0 every rank's
+    ``record`` (the other ranks get an empty list; None without torchrun's rendezvous: ranks started by hand).
+
+    Why: torchrun stops every process (SIGTERM) as soon as one ends with a non-zero status, so a rank whose share
+    held a bad film, ending first, stopped the other ranks' reconstructions midway. Now the other ranks end with 0
+    once rank 0 holds their records, and rank 0, last, ends with the status of the whole folder and its tally."""
+    import os
+
+    if world_size == 1 or not os.environ.get("MASTER_ADDR"):
+        return None
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return None
+    # a rank whose share is done may wait long for a slower one: days, not gloo's default half hour
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(days=7))
+    try:
+        records = [None] * world_size if rank == 0 else None
+        dist.gather_object(record, records, dst=0)
+        dist.barrier()  # none tears its connections down while another still reads
+    finally:
+        dist.destroy_process_group()
+    return records if rank == 0 else []
 
 
 def _outputs_current(source: Path, *outputs: Optional[Path]) -> bool:
@@ -512,23 +555,28 @@ def _print_line(display: ProgressDisplay, text: str) -> None:
         print(text, flush=True)
 
 
-def batch_tally(results: list, failures: list, total: int, seconds: float) -> str:
-    """The last line of a folder's run: how many films were reconstructed, in what time, and which were flagged
-    (their warnings are above, among hundreds of lines), so a long batch need not be read line by line."""
-    flagged = [Path(source).name for source, _, result in results if result.warnings]
-    line = f"reconstructed {len(results)} of {total} radiographs in {seconds:.0f} s"
-    line += f" ({seconds / len(results):.1f} s each, the model's loading included)" if results else ""
+def _some(names: list) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def batch_tally(done: int, flagged: list, skipped: list, total: int, seconds: float, processes: int = 1) -> str:
+    """The last line of a folder's run: how many films were reconstructed (``done``), in what time, and which were
+    flagged and which skipped (names: their lines are above, among hundreds of lines, and under torchrun among
+    several processes' lines), so a long batch need not be read line by line."""
+    line = f"reconstructed {done} of {total} radiographs in {seconds:.0f} s"
+    line += f" by {processes} processes" if processes > 1 else ""
+    line += f" ({seconds / done:.1f} s each, the model's loading included)" if done else ""
     if flagged:
-        shown = ", ".join(flagged[:5]) + (f" and {len(flagged) - 5} more" if len(flagged) > 5 else "")
-        line += f"; {len(flagged)} with warnings (above): {shown}"
-    return line + (f"; {len(failures)} skipped (above)" if failures else "")
+        line += f"; {len(flagged)} with warnings (above): {_some(flagged)}"
+    return line + (f"; {len(skipped)} skipped (above): {_some(skipped)}" if skipped else "")
 
 
 def stopped_batch_line(results: list, failures: list, total: int, seconds: float) -> str:
     """The tally of a folder's run that Ctrl-C or SIGTERM stopped, and how to go on: every CT finished is whole
     (written atomically), so ``--skip-existing`` continues with the rest instead of reconstructing all again."""
-    return (f"stopped: {batch_tally(results, failures, total, seconds)}; the same command with --skip-existing "
-            f"continues with the {total - len(results)} not reconstructed")
+    flagged = [Path(source).name for source, _, result in results if result.warnings]
+    tally = batch_tally(len(results), flagged, [Path(f).name for f in failures], total, seconds)
+    return f"stopped: {tally}; the same command with --skip-existing continues with the {total - len(results)} not reconstructed"
 
 
 def _result_record(results: list, failures: list, batch: bool = False) -> dict:
