@@ -704,6 +704,24 @@ def test_folder_passes_over_dicom_objects_without_an_image(cli, tmp_path):
     assert_one_error_line(err, "(DICOM files without an image passed over: 1 KO, 1 PR, 1 SR)")
 
 
+def test_an_empty_file_named_as_a_pacs_names_its_films_is_counted_and_skipped(cli, tmp_path):
+    """A zero-byte IM000002 (a PACS export's copy that failed) was passed over in silence: "reconstructed 1 of 1",
+    exit 0, the film missing unnoticed, where an empty.png is "skipped ...: file is empty". Now a zero-byte file whose
+    name has no file type (IM000002, a UID) is counted and skipped alike; an empty notes.txt is still no film."""
+    from XctDiffCore.commands.reconstruct_job import find_radiographs
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    shutil.copy(SAMPLE_RADIOGRAPH, folder / "IM000001")
+    for name in ("IM000002", "1.2.840.113619.2.55.3", "notes.txt"):
+        (folder / name).write_bytes(b"")
+    assert [p.name for p in find_radiographs(folder)] == ["1.2.840.113619.2.55.3", "IM000001", "IM000002"]
+    status, _, err = cli(folder, "-o", tmp_path / "out")
+    assert status == 2 and f"skipped {folder / 'IM000002'}: file is empty" in err, err
+    assert_one_error_line(err, "2 of 3 radiographs could not be reconstructed")
+    assert listing(tmp_path / "out") == ["IM000001_ct.nrrd"]
+
+
 def test_the_image_files_of_a_dicom_export_are_not_its_films(cli, tmp_path):
     """A CD or PACS export tops its DICOM files with a DICOMDIR and often ships a viewer beside them, whose icons and
     help pictures (PNG, BMP, JPEG) --recursive took for films: an icon was a "skipped ... smaller than the minimum"

@@ -165,7 +165,7 @@ def find_radiographs(folder: Path, recursive: bool = False) -> list:
             if film_stem(p) != p.name and exports.intersection(p.parent.parents):  # in a sub-folder of an export
                 viewer.add(p)
                 return False
-            return film_stem(p) != p.name
+            return film_stem(p) != p.name or _empty_without_file_type(p)
         kind, modality = dicom_not_a_film(p)
         if kind:
             counts = slices if kind == "slices" else objects
@@ -213,6 +213,15 @@ def find_radiographs(folder: Path, recursive: bool = False) -> list:
                       f"{where}: a viewer's icons and pictures?), e.g. {sorted(viewer)[0]}: give their own folder to "
                       "reconstruct them", stacklevel=2)
     return files
+
+
+def _empty_without_file_type(path: Path) -> bool:
+    """A zero-byte file named as a PACS export names its DICOM films (``IM000002``, a UID ``1.2.840.5``): a film
+    whose copy failed, counted so that it is skipped with its reason (``file is empty``), not passed over unseen."""
+    try:
+        return (not path.suffix or path.suffix[1:].isdigit()) and path.stat().st_size == 0
+    except OSError:
+        return False
 
 
 def _refuse_shared_stems(files: list, output_format: Optional[str] = None) -> None:
