@@ -831,6 +831,36 @@ def test_an_interrupted_folder_says_what_is_done_and_how_to_go_on(cli, tmp_path,
     assert listing(tmp_path / "out") == ["a_ct.nrrd", "b_ct.nrrd", "c_ct.nrrd"]
 
 
+def test_a_full_output_disk_stops_the_folder_at_the_first_film_it_refuses(cli, tmp_path, drr_png, monkeypatch):
+    """The output disk full (or read-only, or `ulimit -f`): every film was reconstructed and then refused, one after
+    another ("skipped ...: No space left on device" for all of a thousand films, each after its whole reconstruction).
+    Now the first such refusal stops the folder, in one error line saying how to go on."""
+    import errno
+
+    import XctDiffCore.pipeline as pipeline
+
+    films = tmp_path / "films"
+    films.mkdir()
+    for name in ("a", "b", "c"):
+        shutil.copy(drr_png, films / f"{name}.png")
+    real, calls = pipeline.reconstruct_file, []
+
+    def disk_full_at_the_second(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) >= 2:
+            raise pipeline.XctDiffError(f"cannot write {args[2]}: {os.strerror(errno.ENOSPC)}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "reconstruct_file", disk_full_at_the_second)
+    status, _, err = cli(films, "-o", tmp_path / "out")
+    assert status == 2 and len(calls) == 2, err
+    assert "skipped" not in err
+    assert_one_error_line(err, f"cannot write {tmp_path / 'out' / 'b_ct.nrrd'}: {os.strerror(errno.ENOSPC)}: stopped "
+                          "here, as every later film would fail alike (1 of 3 reconstructed); make room, then the same "
+                          "command with --skip-existing continues with the other 2")
+    assert listing(tmp_path / "out") == ["a_ct.nrrd"]
+
+
 def test_recursive_output_that_leads_back_into_the_films_is_refused(cli, tmp_path, drr_png):
     """--recursive into the folder above the films (or into a link to it): the sub-folder named as the films' folder
     put films/films/y.png's outputs in films/, and the next run took y_ct.nrrd and y_views.png for films (the CT an

@@ -450,6 +450,11 @@ def run_reconstruct(
                 except XctDiffError as exc:
                     if len(jobs) == 1 and world_size == 1:
                         raise
+                    if _output_disk_refuses(exc):
+                        raise XctDiffError(
+                            f"{exc}: stopped here, as every later film would fail alike ({len(results)} of {len(jobs)} "
+                            f"reconstructed); make room, then the same command with --skip-existing continues with "
+                            f"the other {len(jobs) - len(results)}") from exc
                     failures.append(source)
                     print(f"skipped {path_text(source)}: {one_line(exc)}", file=sys.stderr, flush=True)
                     continue
@@ -487,6 +492,17 @@ def run_reconstruct(
     if failed:
         raise XctDiffError(f"{len(failed)} of {total} radiographs could not be reconstructed (see the lines above)")
     return 0
+
+
+def _output_disk_refuses(exc: XctDiffError) -> bool:
+    """Whether a film failed because its output's disk takes no more (full, a quota, read-only, ``ulimit -f``): every
+    later film would be reconstructed only to fail alike, so the folder stops at the first."""
+    import errno
+    import os
+
+    text = str(exc)
+    reasons = [os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)]
+    return text.startswith("cannot write ") and any(reason in text for reason in reasons + ["is the disk full"])
 
 
 def _gather_at_rank_0(record, rank: int, world_size: int) -> Optional[list]:
