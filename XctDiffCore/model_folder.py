@@ -42,7 +42,7 @@ from torch import nn
 from .config import METHODS
 from .errors import XctDiffError
 from .model_manifest import (MANIFEST_NAME, MODEL_CARD_NAME, MODEL_FORMAT, OPTIONAL_STAGES, REQUIRED_STAGES,  # noqa: F401
-                             manifest_data, model_file, read_manifest, verify_checksums)
+                             manifest_data, model_file, read_manifest, retrain_stages, verify_checksums)
 
 MEAN_CT_NAME = "mean_ct.npy"
 PREPARED_SIZE = 128  # `xctdiff prepare` writes 128^3 CTs at 2.5 mm and 128^2 DRRs
@@ -100,16 +100,6 @@ def _min_consistency(folder: Path, manifest: dict) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise XctDiffError(f"{folder / MANIFEST_NAME}: min_consistency must be a number from 0 to 1, got {value!r}")
     return float(value)
-
-
-def _retrain(folder: Path, manifest: dict) -> tuple:
-    stale = manifest.get("retrain") or []
-    if not isinstance(stale, list) or not all(isinstance(name, str) for name in stale):
-        raise XctDiffError(f"{folder / MANIFEST_NAME}: retrain must be a list of stage names, got {stale!r}")
-    if "encoder" in stale:  # every path starts from the encoder's latent
-        raise XctDiffError(f"{folder}: its encoder learnt another autoencoder's latents; train it on this one "
-                           "(xctdiff train encoder --init this folder, then Testing/Scripts/add_stage.py --encoder RUN)")
-    return tuple(stale)
 
 
 def bundled_model_folder() -> Path:
@@ -269,7 +259,7 @@ def load_model_folder(folder) -> ModelFolder:
         steps=int(diffusion.get("steps", DEFAULT_STEPS)),
         method=str(diffusion.get("method", "diffusion")),
         min_consistency=_min_consistency(folder, manifest),
-        retrain=_retrain(folder, manifest),
+        retrain=retrain_stages(folder, manifest),
     )
     if info.method not in METHODS:
         raise XctDiffError(f"{folder}: unknown default method {info.method!r} (diffusion or direct)")

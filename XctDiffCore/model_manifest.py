@@ -102,8 +102,7 @@ def verify_checksums(folder, manifest: dict) -> dict:
     for name, expected in sums.items():
         path = model_file(folder, name)
         if not path.is_file():
-            raise XctDiffError(f"model file missing: {folder / name} (the folder was copied without it): "
-                               "copy the whole model folder again")
+            raise XctDiffError(_missing_file(folder, name))
         try:
             data = path.read_bytes()
         except OSError as exc:
@@ -115,6 +114,36 @@ def verify_checksums(folder, manifest: dict) -> dict:
             )
         contents[name] = data
     return contents
+
+
+def retrain_stages(folder, manifest: dict) -> tuple:
+    """The stages listed under ``retrain`` (they learnt another autoencoder's latents: Testing/Scripts/add_stage.py
+    --new-autoencoder); a folder whose encoder is one of them cannot reconstruct at all."""
+    folder = Path(folder)
+    stale = manifest.get("retrain") or []
+    if not isinstance(stale, list) or not all(isinstance(name, str) for name in stale):
+        raise XctDiffError(f"{folder / MANIFEST_NAME}: retrain must be a list of stage names, got {stale!r}")
+    if "encoder" in stale:  # every path starts from the encoder's latent
+        raise XctDiffError(f"{folder}: its encoder learnt another autoencoder's latents; train it on this one "
+                           "(xctdiff train encoder --init this folder, then Testing/Scripts/add_stage.py --encoder RUN)")
+    return tuple(stale)
+
+
+def check_model_folder(folder) -> dict:
+    """The manifest of a folder to reconstruct with, after every check that needs neither torch nor reading the
+    weights (the Slicer panel's, on the GUI's thread): a whole, known-format manifest, its grid, its files present,
+    no stage that learnt another autoencoder. The engine's loading then verifies the checksums and shapes."""
+    manifest = read_manifest(folder)
+    manifest_data(folder, manifest)
+    retrain_stages(folder, manifest)
+    for name in manifest["sha256"]:
+        if not model_file(folder, name).is_file():
+            raise XctDiffError(_missing_file(Path(folder), name))
+    return manifest
+
+
+def _missing_file(folder: Path, name: str) -> str:
+    return f"model file missing: {folder / name} (the folder was copied without it): copy the whole model folder again"
 
 
 def manifest_data(folder, manifest: dict) -> dict:

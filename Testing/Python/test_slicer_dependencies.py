@@ -112,6 +112,14 @@ def test_model_choice(tmp_path):
     with pytest.raises(XctDiffError, match="cannot read"):
         choose_model(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"id": "xctdiff-tiny", "version": "0.1.0"}), encoding="utf-8")
+    with pytest.raises(XctDiffError, match="has no 'stages' section"):  # the engine would refuse it: so does the panel
+        choose_model(tmp_path)
+    stages = {stage: {"weights": f"{stage}.safetensors", "config": f"{stage}.json"} for stage in ("autoencoder", "encoder", "diffusion")}
+    names = [name for record in stages.values() for name in record.values()]
+    for name in names:  # the panel checks that they are there; their SHA-256 is the engine's to verify
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "manifest.json").write_text(json.dumps({"id": "xctdiff-tiny", "version": "0.1.0", "stages": stages,
+                                                        "sha256": dict.fromkeys(names, "0" * 64)}), encoding="utf-8")
     model = choose_model(tmp_path)
     assert (model.model_id, model.version) == ("xctdiff-tiny", "0.1.0")
     assert model.engine_arguments() == ["--model", str(tmp_path.resolve())]

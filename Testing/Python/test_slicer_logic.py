@@ -712,3 +712,70 @@ def test_an_output_node_holding_a_scan_is_refused_before_the_run(bridge, scene, 
     assert not list(Path(tempfile.gettempdir()).glob("xctdiff-*"))  # no job started
     np.testing.assert_array_equal(bridge.node_array(scan), ct.array)
     assert scan.GetName() == "LIDC CT" and scan.GetAttribute("XctDiff.Synthetic") is None
+
+
+def _partial(folder):
+    """An autoencoder-only folder (Resources/Pretrained/xctdiff-cpu-autoencoder's kind)."""
+    import json
+
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    for stage in ("encoder", "diffusion"):
+        manifest["stages"].pop(stage)
+    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return folder
+
+
+def _edited(key, value):
+    def edit(folder):
+        import json
+
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        manifest[key] = value
+        (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+        return folder
+
+    return edit
+
+
+PANEL_REFUSALS = {  # what a clinician may be handed as a model folder -> (how it is made, words of the sentence)
+    "partial (autoencoder only)": (_partial, "a partial model folder, which cannot reconstruct"),
+    "its manifest": (lambda folder: folder / "manifest.json", "give the folder that holds it"),
+    "a zip of it": (lambda folder: Path(__import__("shutil").make_archive(str(folder), "zip", folder)), "unpack it"),
+    "copied without a file": (lambda folder: (folder / "style.safetensors").unlink() or folder, "model file missing"),
+    "a newer model format": (_edited("format", 2), "made by a newer XctDiff"),
+    "grid edited by hand": (_edited("data", {"volume_size": "128"}), "data.volume_size must be a whole number"),
+    "encoder of another autoencoder": (_edited("retrain", ["encoder", "diffusion"]), "learnt another autoencoder's latents"),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from XctDiffCore.model_folder import create_random_model
+
+    return create_random_model(tmp_path_factory.mktemp("model") / "tiny model é", "tiny")
+
+
+@pytest.mark.parametrize("case", list(PANEL_REFUSALS))
+def test_the_panel_refuses_a_bad_model_folder_with_the_engines_sentence(slicer, tiny_model, tmp_path, case):
+    """The panel's model choice accepted a partial folder, a folder of a newer format, one copied without a file or
+    with a grid edited by hand, and one whose encoder learnt another autoencoder (only the engine refused them, after
+    the click had started it), and called a file of the folder or a zip of it 'model folder not found'. It now says
+    what the engine would, before any process starts."""
+    import shutil
+
+    from XctDiffSlicerLib.logic import ReconstructionOptions
+    from XctDiffSlicerLib.models import choose_model
+
+    from XctDiffCore.model_folder import load_model_folder
+
+    make, words = PANEL_REFUSALS[case]
+    given = make(Path(shutil.copytree(tiny_model, tmp_path / "shared model")))
+    with pytest.raises(XctDiffError) as panel:
+        choose_model(given)
+    assert words in str(panel.value) and "\n" not in str(panel.value)
+    with pytest.raises(XctDiffError) as engine:
+        load_model_folder(given)
+    assert str(panel.value) == str(engine.value)
+    with pytest.raises(XctDiffError, match=re.escape(str(panel.value))):
+        ReconstructionOptions(model=str(given))  # the console's reconstruct(model=...) too
+    assert choose_model(tiny_model).label == f"random seed0 ({tiny_model.resolve()})"  # a whole folder, non-ASCII path

@@ -3,20 +3,20 @@
 A model folder holds ``manifest.json`` (id, version, per-stage files with SHA-256) beside its
 ``.safetensors`` files. The panel offers the bundled default (the engine resolves it:
 ``XctDiffPipeline.from_pretrained(None)``) or a folder of the user's. Here a chosen folder is checked
-early, so that a wrong folder is a one-line message in the panel before any process starts; the
-checksums themselves are verified by the engine when it loads the model.
+early (:func:`XctDiffCore.model_manifest.check_model_folder`: torch-free, the engine's own sentences), so that a
+wrong folder (a partial one, a file of it, one copied without a file, a manifest edited by hand or of a newer
+format) is a one-line message in the panel before any process starts; the checksums themselves are verified by
+the engine when it loads the model.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from XctDiffCore.errors import XctDiffError
-
-MANIFEST_NAME = "manifest.json"
+from XctDiffCore.model_manifest import MANIFEST_NAME, check_model_folder  # noqa: F401 (logic imports the name)
 
 
 @dataclass(frozen=True)
@@ -49,15 +49,6 @@ def choose_model(folder=None) -> ModelChoice:
     if folder is None or str(folder).strip() in ("", "."):
         return BUNDLED
     folder = Path(folder).expanduser()
-    manifest_path = folder / MANIFEST_NAME
-    if not folder.is_dir():
-        raise XctDiffError(f"model folder not found: {folder}")
-    if not manifest_path.is_file():
-        raise XctDiffError(f"not a model folder (no {MANIFEST_NAME}): {folder}")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise XctDiffError(f"cannot read {manifest_path}: {exc}") from exc
-    if not isinstance(manifest, dict) or "id" not in manifest or "version" not in manifest:
-        raise XctDiffError(f"{manifest_path} lacks the model's 'id' and 'version'")
-    return ModelChoice(folder=folder.resolve(), model_id=str(manifest["id"]), version=str(manifest["version"]))
+    manifest = check_model_folder(folder)  # the engine's own checks and sentences, short of the weights' SHA-256
+    return ModelChoice(folder=folder.resolve(), model_id=str(manifest.get("id", folder.resolve().name)),
+                       version=str(manifest.get("version", "")))
