@@ -165,3 +165,103 @@ def manifest_data(folder, manifest: dict) -> dict:
     if data.get("geometry") is not None and not isinstance(data["geometry"], str):
         raise XctDiffError(f"{path}: data.geometry must be a name (cone or parallel), got {data['geometry']!r}")
     return {key: value for key, value in data.items() if value is not None}
+
+
+# `xctdiff evaluate` summary rows worth a line in describe_model, and what a user calls them
+FIGURE_ROWS = {"direct": "direct path", "xctdiff": "diffusion path", "mean_ct": "mean-CT baseline"}
+
+
+def describe_model(folder) -> dict:
+    """What ``xctdiff inspect MODEL_FOLDER`` prints: what the model is, what it can do, what it was trained on, its
+    figures and its model card, from the manifest alone (:func:`checksum_words` then checks the files, so a
+    corrupted folder is described before it is refused). A partial folder is described too: it trains the later
+    stages."""
+    folder = Path(folder)
+    manifest = read_manifest(folder, required=())
+    stages = manifest["stages"]
+    facts = {"model": f"{manifest.get('id', folder.resolve().name)} {manifest.get('version', '')}".strip(),
+             "folder": str(folder.resolve()), "format": manifest.get("format", 1),
+             "stages": ", ".join(_stage_words(name, record) for name, record in stages.items())}
+    data = manifest_data(folder, manifest)
+    if data.get("volume_size"):
+        spacing = f" of {data['spacing_mm']:g} mm" if "spacing_mm" in data else ""
+        facts["grid"] = (f"{data['volume_size']}^3 voxels{spacing} from {data.get('xray_size', '?')} px radiographs "
+                         f"({data.get('geometry', 'cone')}-beam DRRs)")
+    missing = [stage for stage in REQUIRED_STAGES if stage not in stages]
+    retrain = manifest.get("retrain") if isinstance(manifest.get("retrain"), list) else []
+    diffusion = _settings(stages.get("diffusion"))
+    if missing:
+        facts["reconstructs"] = (f"no: a partial model folder (no {', '.join(missing)} stage); the later stages train "
+                                 f"on it (xctdiff train {missing[0]} --init {folder})")
+    elif "encoder" in retrain:
+        facts["reconstructs"] = "no: its encoder learnt another autoencoder's latents (retrain in the manifest)"
+    else:
+        facts["reconstructs"] = (f"yes; default: the {diffusion.get('method', 'diffusion')} path (diffusion: "
+                                 f"{diffusion.get('sampler', 'ddim')}, {diffusion.get('steps', '?')} steps)"
+                                 + ("; not the diffusion path: it learnt another autoencoder's latents"
+                                    if "diffusion" in retrain else ""))
+    threshold = manifest.get("min_consistency")
+    facts["reliability threshold"] = (f"{threshold} (a reconstruction whose DRR agrees less with its film is flagged)"
+                                      if threshold is not None else "none (nothing is flagged unreliable)")
+    facts.update(_training_words(manifest.get("training")))
+    facts.update(_figure_words(manifest.get("metrics"), (manifest.get("training") or {}).get("validation_seen_in_training")))
+    card = folder / MODEL_CARD_NAME
+    if card.is_file():
+        title = next((line.lstrip("# ").strip() for line in card.read_text(encoding="utf-8", errors="replace").splitlines()
+                      if line.strip()), "")
+        facts["model card"] = f"{card} ({title})" if title else str(card)
+    else:
+        facts["model card"] = "none"
+    return facts
+
+
+def checksum_words(folder) -> str:
+    """``describe_model``'s last line: every file's SHA-256 checked (an XctDiffError naming the first that fails)."""
+    return f"all {len(verify_checksums(folder, read_manifest(folder, required=())))} files match the manifest's SHA-256"
+
+
+def _settings(record) -> dict:
+    settings = record.get("settings") if isinstance(record, dict) else None
+    return settings if isinstance(settings, dict) else {}
+
+
+def _stage_words(name: str, record) -> str:
+    settings = _settings(record)
+    details = [f"{settings['parameters']:,} parameters" if isinstance(settings.get("parameters"), int) else "",
+               str(settings.get("dtype", "")),
+               f"step {settings['step']:,}" if isinstance(settings.get("step"), int) else "",
+               f"fine-tuned from {settings['fine_tuned_from']}" if settings.get("fine_tuned_from") else ""]
+    details = [d for d in details if d]
+    return f"{name} ({', '.join(details)})" if details else name
+
+
+def _training_words(training) -> dict:
+    if not isinstance(training, dict):
+        return {"trained on": "not recorded"}
+    patients = training.get("training_patients")
+    validation = training.get("validation_patients")
+    words = {"trained on": f"{len(patients)} patients" if isinstance(patients, list) else "not recorded"}
+    if isinstance(validation, list):
+        seen = training.get("validation_seen_in_training")
+        words["validated on"] = f"{len(validation)} patients" + (" (also trained on: its figures are training fit)"
+                                                                  if seen else "" if seen is False else "")
+    return words
+
+
+def _figure_words(metrics, seen) -> dict:
+    summary = metrics.get("summary") if isinstance(metrics, dict) else None
+    if not isinstance(summary, dict):
+        return {"figures": "none recorded (xctdiff evaluate, then export --metrics)"}
+    words = {}
+    for key, label in FIGURE_ROWS.items():
+        row = summary.get(key)
+        if not isinstance(row, dict):
+            continue
+        parts = [f"{name} {row[key_]['mean']:{form}}{unit}" for key_, name, form, unit in
+                 (("psnr", "PSNR", ".2f", " dB"), ("ssim", "SSIM", ".3f", ""), ("lpips", "LPIPS", ".3f", ""))
+                 if isinstance(row.get(key_), dict) and isinstance(row[key_].get("mean"), (int, float))]
+        cases = metrics.get("cases")
+        if parts:
+            words[f"figures, {label}"] = ", ".join(parts) + (f" on {cases} cases" if cases else "") + \
+                (" (training fit)" if seen else "")
+    return words or {"figures": "none recorded"}

@@ -461,3 +461,47 @@ def test_an_export_into_a_folder_that_is_not_a_model_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     load_model_folder(create_random_model(tmp_path / "empty", "tiny", with_style=False))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine"]
+
+
+# ------------------------------------------------------------------------------- describing a model folder
+
+
+def inspected(argv, capsys) -> tuple:
+    capsys.readouterr()
+    status = main(["inspect", *argv])
+    out, err = capsys.readouterr()
+    return status, dict(line.split(": ", 1) for line in out.splitlines()), err
+
+
+def test_inspect_describes_a_model_folder(folder, capsys):
+    """`xctdiff inspect MODEL_FOLDER` was 'error: no DICOM series found': a colleague handed a model had to read
+    its manifest.json to learn what it is. It now says what it is, whether it reconstructs, what it was trained on
+    and measured, and checks every file."""
+    status, facts, _ = inspected([str(folder)], capsys)
+    assert status == 0
+    assert facts["model"] == "random seed0" and facts["folder"] == str(folder.resolve())
+    assert facts["stages"].startswith("autoencoder (") and "diffusion (" in facts["stages"] and "float32" in facts["stages"]
+    assert facts["grid"] == "32^3 voxels of 10 mm from 32 px radiographs (cone-beam DRRs)"
+    assert facts["reconstructs"] == "yes; default: the diffusion path (diffusion: ddim, 5 steps)"
+    assert facts["trained on"] == "not recorded" and facts["figures"].startswith("none recorded")
+    assert facts["checksums"] == "all 10 files match the manifest's SHA-256"
+    assert inspected([str(folder / MANIFEST_NAME)], capsys)[1] == facts  # its manifest names the folder too
+
+
+def test_inspect_describes_the_bundled_and_the_partial_models(capsys):
+    status, facts, _ = inspected([str(bundled_model_folder())], capsys)
+    assert status == 0 and facts["reconstructs"].startswith("yes; default: the direct path")
+    assert re.fullmatch(r"PSNR \d+\.\d\d dB, SSIM 0\.\d{3}, LPIPS 0\.\d{3} on \d+ cases( \(training fit\))?",
+                        facts["figures, direct path"])
+    assert facts["model card"].endswith("(xctdiff-cpu " + facts["model"].split()[1] + " — model card)")
+    partial = REPO / "Resources" / "Pretrained" / "xctdiff-cpu-autoencoder"
+    status, facts, _ = inspected([str(partial)], capsys)
+    assert status == 0 and facts["reconstructs"].startswith("no: a partial model folder (no encoder, diffusion stage)")
+    assert facts["validated on"] == "4 patients"  # kept apart from the 15 it trained on
+
+
+def test_inspect_describes_a_corrupted_folder_then_refuses_it(folder, capsys):
+    flip_one_byte(folder / "encoder.safetensors")
+    status, facts, err = inspected([str(folder)], capsys)
+    assert status == 2 and facts["model"] == "random seed0" and "checksums" not in facts
+    assert err.startswith("error: ") and "encoder.safetensors does not match its SHA-256" in err and err.count("\n") == 1

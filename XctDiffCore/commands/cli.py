@@ -151,15 +151,25 @@ def _run_models(args) -> int:
 
 
 def add_inspect_command(subparsers):
-    p = subparsers.add_parser("inspect", help="read a CT or radiograph as the engine would and print its facts")
-    p.add_argument("path", help="CT (DICOM folder, .nii[.gz], .nrrd, .mha, .npz) or radiograph (.png, .jpg, .dcm, ...)")
+    p = subparsers.add_parser("inspect", help="read a CT or radiograph as the engine would and print its facts; "
+                              "of a model folder: what the model is, was trained on and measured")
+    p.add_argument("path", help="CT (DICOM folder, .nii[.gz], .nrrd, .mha, .npz), radiograph (.png, .jpg, .dcm, ...) "
+                   "or model folder")
     p.add_argument("--as", dest="kind", choices=("auto", "ct", "radiograph"), default="auto", help="how to read it")
     p.set_defaults(handler=_run_inspect)
 
 
 def _run_inspect(args) -> int:
     from ..io import inspect_path
+    from ..model_manifest import MANIFEST_NAME, checksum_words, describe_model
 
+    path = Path(args.path)
+    if args.kind == "auto" and ((path / MANIFEST_NAME).is_file() or path.name == MANIFEST_NAME):  # a model folder
+        folder = path if path.is_dir() else path.parent
+        for key, value in describe_model(folder).items():
+            print(f"{key}: {value}", flush=True)  # described before a failing checksum's error line
+        print(f"checksums: {checksum_words(folder)}")
+        return 0
     for key, value in inspect_path(args.path, args.kind).items():
         print(f"{key}: {value}")
     return 0
