@@ -32,6 +32,17 @@ def _not_a_folder(path: Path) -> str:
     return f"expected a model folder, got a file: {path}"
 
 
+def _models_inside(folder: Path) -> str:
+    """The model folders one level down, named for a user who gave the folder an archive was unpacked into."""
+    try:
+        inside = sorted(str(sub) for sub in folder.iterdir() if (sub / MANIFEST_NAME).is_file())
+    except OSError:
+        return ""
+    if not inside:
+        return ""
+    return f"; the model folder{'s' if len(inside) > 1 else ''} in it: {', '.join(inside[:3])}" + (", ..." if len(inside) > 3 else "")
+
+
 def read_manifest(folder, required=REQUIRED_STAGES) -> dict:
     """``manifest.json`` of a model folder as a dict, with a clear error when it is missing or malformed.
 
@@ -44,7 +55,7 @@ def read_manifest(folder, required=REQUIRED_STAGES) -> dict:
     if not folder.is_dir():
         raise XctDiffError(_not_a_folder(folder))
     if not (folder / MANIFEST_NAME).is_file():
-        raise XctDiffError(f"not a model folder (no {MANIFEST_NAME}): {folder}")
+        raise XctDiffError(f"not a model folder (no {MANIFEST_NAME}): {folder}{_models_inside(folder)}")
     path = model_file(folder, MANIFEST_NAME)
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))

@@ -346,13 +346,16 @@ def zipped(folder: Path) -> Path:
      (lambda d, m: m / "encoder.safetensors", "got one of its files: {m}/encoder.safetensors; give the folder that holds it"),
      (lambda d, m: zipped(m), "expected a model folder, got an archive: {d}/shared model.zip; unpack it and give the folder "
                               "that holds manifest.json"),
-     (lambda d, m: autoencoder_only(m), "lacks the encoder, diffusion stage(s) (a partial model folder, which cannot reconstruct: the later stages train "
-      "on it with xctdiff train STAGE --init)")],
-    ids=["missing", "a file", "empty folder", "its manifest", "its weights", "a zip of it", "autoencoder only"],
+     (lambda d, m: autoencoder_only(m), "lacks the encoder, diffusion stage(s) (a partial model folder, which cannot "
+                                        "reconstruct: the later stages train on it with xctdiff train STAGE --init)"),
+     (lambda d, m: d, "not a model folder (no manifest.json): {d}; the model folder in it: {m}")],
+    ids=["missing", "a file", "empty folder", "its manifest", "its weights", "a zip of it", "autoencoder only",
+         "the folder above it"],
 )
 def test_not_a_model_folder(folder, tmp_path, make, words):
     """What a colleague may give instead of the model folder: each says what to give instead (the file's folder,
-    the archive unpacked; before, 'expected a model folder, got a file' said neither)."""
+    the archive unpacked, the model folder inside the one given; before, 'expected a model folder, got a file' and
+    'not a model folder' said neither)."""
     with pytest.raises(XctDiffError, match=re.escape(words.format(d=tmp_path, m=folder))):
         XctDiffPipeline.from_pretrained(make(tmp_path, folder))
 
