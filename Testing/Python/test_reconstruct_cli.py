@@ -207,6 +207,25 @@ def test_a_film_on_its_side_is_turned_by_turn_auto_and_its_ct_says_so(cli, tmp_p
     assert "settings" in volume_notes(tmp_path / "as_is.nrrd") and "film" not in volume_notes(tmp_path / "as_is.nrrd")["settings"]
 
 
+def test_every_film_of_a_folder_has_its_warnings_named_not_only_the_first_of_a_kind(cli, tmp_path):
+    """Eight films of a folder with the same warning gave ONE warning line (Python shows a warning once per place),
+    unnamed: which films it was about, and that the others had it too, were left to the last line's list; under
+    torchrun two processes' lines interleave besides. Now each film's warnings name it, every time; a warning about
+    the run (--steps with the direct method) still comes once."""
+    from PIL import Image
+
+    film = read_radiograph(SAMPLE_RADIOGRAPH).image
+    folder = tmp_path / "films"
+    folder.mkdir()
+    for name in ("a", "b"):  # on its side: a warning naming the way back
+        Image.fromarray(np.rot90(np.rint((film - film.min()) / np.ptp(film) * 255)).astype(np.uint8)).save(folder / f"{name}.png")
+    status, _, err = cli(folder, "-o", tmp_path / "out", "--method", "direct")
+    assert status == 0, err
+    side = [line for line in err.splitlines() if line.startswith("warning: ") and "on its side" in line]
+    assert [line.split(": ")[1] for line in side] == [str(folder / "a.png"), str(folder / "b.png")], err
+    assert err.count("warning: the direct method does not sample") == 1, err
+
+
 def test_views_png(cli, tmp_path):
     from PIL import Image
 

@@ -429,7 +429,7 @@ def run_reconstruct(
         return 0  # RESULT is awaited, and the other ranks wait for it at the end)
     display = ProgressDisplay(progress_lines, description=f"rank {rank}" if world_size > 1 else "reconstruct",
                               films=len(jobs), bar=world_size == 1)
-    results, failures = [], []
+    results, failures, shown = [], [], set()  # shown: the warnings about the run given so far
     started = time.perf_counter()
     with plain_warnings():
         try:
@@ -441,13 +441,16 @@ def run_reconstruct(
                 high = LOADED + (WRITING - LOADED) * (i + 1) / len(jobs)
                 start = time.perf_counter()
                 display.film = f"film {i + 1} of {len(jobs)}"
+                held = []  # a folder's warnings, shown when its film is done (_show_held_warnings)
                 try:
-                    result, written = reconstruct_file(
-                        pipe, source, out, uncertainty=unc, views=view, output_format=output_format,
-                        options=dataclasses.replace(options, device=device),
-                        progress=display.scaled(low, high), cpu_fallback=cpu_fallback,
-                    )
+                    with _held_warnings(held) if input_path.is_dir() else contextlib.nullcontext():
+                        result, written = reconstruct_file(
+                            pipe, source, out, uncertainty=unc, views=view, output_format=output_format,
+                            options=dataclasses.replace(options, device=device),
+                            progress=display.scaled(low, high), cpu_fallback=cpu_fallback,
+                        )
                 except XctDiffError as exc:
+                    _show_held_warnings(held, source, None, shown)
                     if len(jobs) == 1 and world_size == 1:
                         raise
                     if _output_disk_refuses(exc):
@@ -458,6 +461,7 @@ def run_reconstruct(
                     failures.append(source)
                     print(f"skipped {path_text(source)}: {one_line(exc)}", file=sys.stderr, flush=True)
                     continue
+                _show_held_warnings(held, source, result.warnings, shown)
                 result.timings["load"] = pipe.load_seconds
                 seconds = time.perf_counter() - start
                 results.append((source, written, result))
@@ -492,6 +496,33 @@ def run_reconstruct(
     if failed:
         raise XctDiffError(f"{len(failed)} of {total} radiographs could not be reconstructed (see the lines above)")
     return 0
+
+
+@contextlib.contextmanager
+def _held_warnings(into: list):
+    """The warnings given meanwhile, into the list ``into`` instead of the screen, every one (not once per place)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            into.extend(caught)
+
+
+def _show_held_warnings(held: list, source, about_the_film, shown: set) -> None:
+    """A folder's film's warnings, when it is done: those about the film (``about_the_film``, its result's warnings;
+    None: all but the run's own, for a film that failed) name it, each film's every time; the others, about the run
+    (--steps with the direct method), once a run. Python's own rule, once per place, showed one line for eight films
+    with the same warning, and no film's name: under torchrun two processes' lines interleave."""
+    for caught in held:
+        text = str(caught.message)
+        if text in shown:
+            continue
+        if about_the_film is None or text in about_the_film:
+            text = f"{path_text(source)}: {text}"
+        else:
+            shown.add(text)
+        warnings.showwarning(text, caught.category, caught.filename, caught.lineno)
 
 
 def _output_disk_refuses(exc: XctDiffError) -> bool:
