@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -382,7 +383,8 @@ def test_time_limit_checkpoints_stops_and_resumes_to_the_same_run(tmp_path, chai
     train("diffusion", tiny_config(tmp_path / "straight", datalist, max_steps=6))
     train("diffusion", tiny_config(tmp_path / "limited", datalist, max_steps=6, log_every=4), time_limit=1e-6)
     assert load_checkpoint(checkpoint_path(tmp_path / "limited", "diffusion"))["step"] == 1
-    assert "diffusion: stopped by --time-limit at step 1 of 6" in capsys.readouterr().err
+    assert (f"diffusion: stopped by --time-limit at step 1 of 6; checkpoint {checkpoint_path(tmp_path / 'limited', 'diffusion')}; "
+            "the same command with --resume continues from it") in capsys.readouterr().err  # where it is, what next
     assert [r["step"] for r in read_log(tmp_path / "limited", "diffusion")] == ["1"]  # logged though not a log step
     train("diffusion", tiny_config(tmp_path / "limited", datalist, max_steps=6), resume=True, time_limit=60)
     checkpoints_match(checkpoint_path(tmp_path / "straight", "diffusion"), checkpoint_path(tmp_path / "limited", "diffusion"))
@@ -416,6 +418,9 @@ def test_a_finished_stage_says_where_it_is_and_an_unfinished_one_is_exported_wit
     for stage in ("autoencoder", "encoder"):
         shutil.copytree(chain / stage, tmp_path / "run" / stage)
     config = tiny_config(tmp_path / "run", datalist, max_steps=2)
+    train("autoencoder", tiny_config(tmp_path / "ae", datalist, max_steps=1))
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(  # a config of one's own is needed again
+        "next: `xctdiff train encoder` with the same --config, --data and --out")
     train("diffusion", config, time_limit=1e-6)
     assert "trained to step" not in capsys.readouterr().err  # it said why it stopped instead
     with pytest.warns(UserWarning, match=r"the diffusion stage stopped at step 1 of 2 .*`xctdiff train diffusion \.\.\. --resume`"):
@@ -1102,7 +1107,7 @@ def test_sigterm_checkpoints_stops_cleanly_and_resumes(tmp_path, datalist):
     assert child.returncode == 0, err
     step = load_checkpoint(checkpoint_path(run_dir, "autoencoder"))["step"]
     assert 1 <= step < 10_000
-    assert f"autoencoder: stopped by SIGTERM at step {step} of 10000 (checkpoint written)" in err
+    assert f"autoencoder: stopped by SIGTERM at step {step} of 10000; checkpoint {checkpoint_path(run_dir, 'autoencoder')}" in err
     assert not [p for p in (run_dir / "autoencoder").iterdir() if ".tmp" in p.name]
     train("autoencoder", tiny_config(run_dir, datalist, max_steps=step + 1), resume=True)
     assert load_checkpoint(checkpoint_path(run_dir, "autoencoder"))["step"] == step + 1
@@ -1221,6 +1226,79 @@ def test_resuming_something_else_is_one_line_and_leaves_the_checkpoint(tmp_path,
     checkpoint_path(run, "diffusion").mkdir()
     status, lines = run_cli([*args[:1], "diffusion", *args[2:]], capsys)
     assert status == 2 and lines[-1].endswith("diffusion/checkpoint.pt is not a file: move it away"), lines
+
+
+def test_stages_that_learnt_an_earlier_autoencoders_latents_are_refused_by_export_and_the_next_stage(
+        tmp_path, chain, datalist, exported):
+    """`train autoencoder --resume` after the encoder and diffusion (the autoencoder looked undertrained) makes other
+    latents: a model of the old encoder and diffusion reconstructs noise, and export wrote it without a word. Now export
+    names the stages, the diffusion refuses the old encoder, a resumed encoder or diffusion warns and learns the new
+    latents; an --init folder's copied encoder is one of the folder's latents, refused beside the run's own autoencoder."""
+    run = tmp_path / "run"
+    shutil.copytree(chain, run)
+    config = tiny_config(run, datalist)
+    train("autoencoder", config, resume=True, max_steps=STEPS + 1)
+    with pytest.raises(XctDiffError, match=rf"^the encoder and diffusion stages learnt the latents of the autoencoder at "
+                                           rf"step {STEPS}, but the run's autoencoder \(step {STEPS + 1}\) makes other ones "
+                                           r"\(trained further or replaced since\): train them again on it"):
+        export_run(run, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+    before = file_sha256(checkpoint_path(run, "diffusion"))
+    with pytest.raises(XctDiffError, match="^the encoder stage learnt .*: train the encoder on it first"):
+        train("diffusion", config, resume=True, max_steps=STEPS + 1)
+    assert file_sha256(checkpoint_path(run, "diffusion")) == before
+    with pytest.warns(UserWarning, match=f"the encoder stage learnt .*: the encoder goes on from step {STEPS} on the new"):
+        train("encoder", config, resume=True, max_steps=STEPS + 1)
+    with pytest.raises(XctDiffError, match="^the diffusion stage learnt .*: train it again on it"):
+        export_run(run, tmp_path / "model")
+    with pytest.warns(UserWarning, match=f"the diffusion stage learnt .*: the diffusion stage goes on from step {STEPS}"):
+        train("diffusion", config, resume=True, max_steps=STEPS + 1)
+    export_run(run, tmp_path / "model")  # every stage on the autoencoder of step 25
+
+    own = tmp_path / "own"  # a run with an autoencoder of its own fine-tunes the folder's diffusion
+    shutil.copytree(run / "autoencoder", own / "autoencoder")
+    with pytest.raises(XctDiffError, match=f"^the encoder stage learnt the latents of the autoencoder of {exported}, "
+                                           f"but the run's autoencoder \\(step {STEPS + 1}\\) makes other ones: train"):
+        train("diffusion", tiny_config(own, datalist, max_steps=1), init=exported)
+
+
+def test_a_stage_on_another_datalist_than_the_run_or_its_checkpoint_says_so(tmp_path, datalist):
+    """A new split or data set trained into an old run folder (or resumed on) went on without a word: the autoencoder
+    had trained on patients that the new list validates on, and the manifest names only the last list's patients."""
+    run = tmp_path / "run"
+    train("autoencoder", tiny_config(run, datalist, max_steps=1))
+    other = tmp_path / "other.json"  # the same pairs, split otherwise
+    entries = json.loads(datalist.read_text(encoding="utf-8"))
+    entries["training"], entries["validation"] = entries["training"][1:] + entries["validation"], entries["training"][:1]
+    other.write_text(json.dumps({k: [{**e, "image": str(datalist.parent / e["image"]), "xray": str(datalist.parent / e["xray"])}
+                                     for e in v] for k, v in entries.items()}))
+    with pytest.warns(UserWarning, match=f"^the run's autoencoder trained on {re.escape(str(datalist))}, not on "
+                                         f"{re.escape(str(other))}: the encoder stage trains on it; the validation"):
+        train("encoder", tiny_config(run, other, max_steps=1))
+    with pytest.warns(UserWarning, match=f"^the autoencoder checkpoint trained on {re.escape(str(datalist))}, not on "
+                                         f"{re.escape(str(other))}: --resume goes on from step 1 on"):
+        train("autoencoder", tiny_config(run, other, max_steps=2), resume=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same list: not a word
+        train("autoencoder", tiny_config(run, other, max_steps=3), resume=True)
+
+
+def test_export_of_a_run_without_its_stages_says_what_to_train_or_keep(tmp_path, chain, capsys):
+    """Was `error: checkpoint not found: RUN/encoder/checkpoint.pt`, which said neither what to do nor that
+    --stages keeps the trained ones; a misspelt run folder read the same."""
+    run = tmp_path / "run"
+    shutil.copytree(chain / "autoencoder", run / "autoencoder")
+    status, lines = run_cli(["export", str(run), "--out", str(tmp_path / "m")], capsys)
+    assert status == 2 and lines[-1] == (
+        f"error: {run} has no trained encoder or diffusion stage (no {run}/encoder/checkpoint.pt): train them first, in "
+        f"that order (`xctdiff train encoder ... --out {run}`), or keep what it has with --stages autoencoder"), lines
+    status, lines = run_cli(["export", str(tmp_path / "nu"), "--out", str(tmp_path / "m")], capsys)
+    assert status == 2 and lines[-1] == f"error: run folder not found: {tmp_path / 'nu'} (the --out of `xctdiff train`)"
+    shutil.copytree(chain / "encoder", run / "encoder")
+    status, lines = run_cli(["export", str(run), "--out", str(tmp_path / "m"), "--stages", "autoencoder", "diffusion"], capsys)
+    assert status == 2 and lines[-1].endswith(f"no trained diffusion stage (no {run}/diffusion/checkpoint.pt): train it "
+                                              f"first (`xctdiff train diffusion ... --out {run}`)"), lines
+    assert not (tmp_path / "m").exists()
 
 
 def test_export_refuses_diverged_weights_a_swapped_checkpoint_and_its_own_run_folder(tmp_path, chain, capsys):

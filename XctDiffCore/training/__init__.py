@@ -121,8 +121,8 @@ def train(stage: str, config: Config, data=None, out=None, resume: bool = False,
 
 #: What ``train`` suggests after each stage (the README's order of the stages).
 NEXT_STEP = {
-    "autoencoder": "`xctdiff train encoder` with the same --data and --out",
-    "encoder": "`xctdiff train diffusion` (and, optionally, `coarse`) with the same --data and --out",
+    "autoencoder": "`xctdiff train encoder` with the same --config, --data and --out",
+    "encoder": "`xctdiff train diffusion` (and, optionally, `coarse`) with the same --config, --data and --out",
     "diffusion": "`xctdiff train style` (optional), then `xctdiff export {run} --out MODEL`",
     "style": "`xctdiff export {run} --out MODEL` once the autoencoder, encoder and diffusion are trained",
     "coarse": "`xctdiff export {run} --out MODEL`",
@@ -302,7 +302,7 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     from ..evaluation.reconstructions import datalist_mean_ct
     from ..model_folder import MANIFEST_NAME, OPTIONAL_STAGES, REQUIRED_STAGES, save_model_folder
     from ..datalist import read_datalist
-    from .common import checked_stage, checkpoint_path, load_checkpoint
+    from .common import checked_stage, checkpoint_path, latents_changed, latents_record, load_checkpoint
 
     if Path(model_dir).resolve() in {Path(run_dir).resolve(), *(Path(run_dir, s).resolve() for s in STAGES)}:
         raise XctDiffError(f"the model folder {model_dir} would be written into the run folder {run_dir}: choose another --out")
@@ -312,18 +312,36 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     unknown = sorted(set(required) - set(REQUIRED_STAGES))
     if unknown:
         raise XctDiffError(f"--stages takes {', '.join(REQUIRED_STAGES)}; got {', '.join(unknown)}")
-    networks, settings, unfinished = {}, {}, []
+    if not Path(run_dir).is_dir():
+        raise XctDiffError(f"run folder not found: {run_dir} (the --out of `xctdiff train`)")
+    untrained = [stage for stage in required if not checkpoint_path(run_dir, stage).exists()]
+    if untrained:  # say what to train, or how to keep what there is, not only which file is missing
+        trained = [stage for stage in REQUIRED_STAGES if checkpoint_path(run_dir, stage).is_file()]
+        keep = f", or keep what it has with --stages {' '.join(trained)}" if trained and not stages else ""
+        names = " or ".join(filter(None, (", ".join(untrained[:-1]), untrained[-1])))
+        raise XctDiffError(f"{run_dir} has no trained {names} stage (no {checkpoint_path(run_dir, untrained[0])}): "
+                           f"train {'it first' if len(untrained) == 1 else 'them first, in that order'} "
+                           f"(`xctdiff train {untrained[0]} ... --out {run_dir}`){keep}")
+    networks, settings, unfinished, learnt = {}, {}, [], {}
     for stage in REQUIRED_STAGES + OPTIONAL_STAGES:
         path = checkpoint_path(run_dir, stage)
         if stage not in required and (stages or not path.is_file()):
             continue
         checkpoint = checked_stage(load_checkpoint(path, required=("config", "models", "step")), path, stage)
         networks[stage], settings[stage] = stage_for_export(stage, checkpoint)
+        learnt[stage] = checkpoint.get("latents")  # the encoder's and diffusion's: the autoencoder they learnt
         max_steps = checkpoint["config"].get(stage, {}).get("optim", {}).get("max_steps")
         if "imported_from" not in checkpoint and isinstance(max_steps, int) and checkpoint["step"] < max_steps:
             unfinished.append((stage, f"the {stage} stage stopped at step {checkpoint['step']} of {max_steps}"))
         if stage in required:  # the last required stage's config carries every earlier stage's model
             config = config_from_dict(checkpoint["config"])
+    if "autoencoder" in networks:  # a model of stages that learnt other latents reconstructs noise
+        current = latents_record(networks["autoencoder"], settings["autoencoder"]["step"])
+        stale = [stage for stage in networks if latents_changed(f"the {stage} stage", learnt[stage], current)]
+        if stale:
+            words = f"the {' and '.join(stale)} stage{'s' if len(stale) > 1 else ''}"
+            raise XctDiffError(f"{latents_changed(words, learnt[stale[0]], current)}: train {'them' if len(stale) > 1 else 'it'} "
+                               f"again on it (`xctdiff train {stale[0]} ... --resume` goes on from the old weights), then export")
     if unfinished:  # a Ctrl-C, --time-limit or SIGTERM left it short: the model would ship it without a word
         import warnings
 

@@ -42,6 +42,7 @@ from .common import (
     training_batches,
     training_state,
     volume_metrics,
+    warn_other_data,
     wrap_ddp,
 )
 from .warm_start import warm_start
@@ -79,6 +80,7 @@ def trained_autoencoder(run_dir, needed_by: str, device: torch.device, config: O
     model_config = config_from_dict(checkpoint["config"]).autoencoder.model
     if config is not None:
         check_latent_compatible(model_config, config)
+        warn_other_data(checkpoint, config.data.datalist, "the run's autoencoder", f"the {needed_by} stage trains on it")
     vqgan = build_autoencoder(model_config)
     vqgan.load_state_dict(shipped_weights(checkpoint["models"]))
     return freeze(vqgan.to(device)), model_config
@@ -123,7 +125,7 @@ def train_autoencoder(config: Config, resume: bool, job: Distributed, deadline: 
 
     section, optim, device, precision = config.autoencoder, config.autoencoder.optim, job.device, config.run.precision
     initial = warm_start(config, STAGE, job)  # --init: weights from a model folder, earlier stages copied in
-    checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume)
+    checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume, config.data.datalist)
     train_set, val_items = stage_data(config, job)
 
     seed_everything(config.run.seed)  # identical initial weights on every rank

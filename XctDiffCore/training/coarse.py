@@ -139,7 +139,7 @@ def train_coarse(config: Config, resume: bool, job: Distributed, deadline: Deadl
 
     section, optim, device, precision = config.coarse, config.coarse.optim, job.device, config.run.precision
     initial = warm_start(config, STAGE, job)  # --init: the folder's stages copied in, its coarse CT if any
-    checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume)
+    checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume, config.data.datalist)
     train_set, val_items = stage_data(config, job)
 
     seed_everything(config.run.seed)  # identical initial weights on every rank

@@ -24,12 +24,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import hashlib
 import os
 import random
 import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -48,7 +50,7 @@ from ..model_folder import non_finite_tensor
 from .data import PairDataset, train_loader
 
 CHECKPOINT_NAME = "checkpoint.pt"
-# The step of each stage checkpoint this process wrote or resumed from (resolved path -> step): what a
+# The step of each stage checkpoint this process wrote, resumed from or built on (resolved path -> step): what a
 # Ctrl-C or the end of ``train`` tells the user is kept, without reading a large checkpoint again.
 _checkpoint_steps: dict = {}
 
@@ -329,8 +331,9 @@ def checked_stage(checkpoint: dict, path, stage: str) -> dict:
     return checkpoint
 
 
-def prepare_stage_dir(run_dir, stage: str, resume: bool) -> Optional[dict]:
-    """Make ``<run>/<stage>``; return the checkpoint to resume, refusing to overwrite one silently."""
+def prepare_stage_dir(run_dir, stage: str, resume: bool, datalist=None) -> Optional[dict]:
+    """Make ``<run>/<stage>``; return the checkpoint to resume, refusing to overwrite one silently (and saying when it
+    trained on another ``datalist``)."""
     path = checkpoint_path(run_dir, stage)
     if path.exists() and not path.is_file():
         raise XctDiffError(f"{path} is not a file: move it away")
@@ -339,6 +342,9 @@ def prepare_stage_dir(run_dir, stage: str, resume: bool) -> Optional[dict]:
         if path.is_file():
             checkpoint = checked_stage(load_checkpoint(path, required=("stage", "step", "config", "models")), path, stage)
             _checkpoint_steps[path.resolve()] = checkpoint["step"]
+            if datalist is not None:
+                warn_other_data(checkpoint, datalist, f"the {stage} checkpoint", f"--resume goes on from step "
+                                f"{checkpoint['step']} on {datalist}")
         if checkpoint is not None and "imported_from" in checkpoint:
             raise XctDiffError(
                 f"{path} holds only the weights copied from {checkpoint['imported_from']} by --init and cannot be "
@@ -366,7 +372,61 @@ def trained_stage_checkpoint(run_dir, stage: str, needed_by: str) -> dict:
             f"the {needed_by} stage needs the trained {stage} stage, but {path} does not exist "
             f"(run `xctdiff train {stage}` with the same --out first)"
         )
-    return checked_stage(load_checkpoint(path, required=("config", "models")), path, stage)
+    checkpoint = checked_stage(load_checkpoint(path, required=("config", "models")), path, stage)
+    if isinstance(checkpoint.get("step"), int):
+        _checkpoint_steps[path.resolve()] = checkpoint["step"]
+    return checkpoint
+
+
+def warn_other_data(checkpoint: dict, datalist, whose: str, what_now: str) -> None:
+    """Warn (once, from rank 0) when ``checkpoint`` trained on another datalist than ``datalist`` (a new split or
+    data set): its patients and this one's validation patients may overlap, unseen by the scores. Checkpoints
+    record their datalist's SHA-256 (``datalist_sha256``); older ones are not judged."""
+    recorded = checkpoint.get("datalist_sha256")
+    if not recorded or os.environ.get("RANK", "0") != "0" or recorded == _datalist_sha256(datalist):
+        return
+    theirs = checkpoint.get("config", {}).get("data", {}).get("datalist") or "another datalist"
+    same_name = Path(str(theirs)).resolve() == Path(datalist).resolve()
+    warnings.warn(f"{whose} trained on {theirs}{' as it was then (the file has changed since)' if same_name else ''}, "
+                  f"not on {datalist}: {what_now}; the validation scores and the manifest's patients hold only for the "
+                  "last datalist (a new data set or split belongs in a new run folder, --out)", stacklevel=3)
+
+
+def _datalist_sha256(datalist) -> Optional[str]:
+    try:
+        return file_sha256(datalist)
+    except OSError:
+        return None
+
+
+def latents_fingerprint(vqgan: nn.Module) -> str:
+    """A digest of what makes a VQ-GAN's latents: its encoder and codebook (a decoder trained on alone keeps it)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vqgan.state_dict().items()):
+        if name.startswith(("encoder.", "quantizer.")):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def latents_record(vqgan: nn.Module, step: Optional[int], folder=None) -> dict:
+    """What the encoder and diffusion checkpoints record of the autoencoder whose latents they learn (``"latents"``):
+    an autoencoder trained further (``train autoencoder --resume``) or replaced after them makes other latents,
+    and a model of theirs would reconstruct noise. ``folder``: the model folder it came from (``--init``)."""
+    return {"fingerprint": latents_fingerprint(vqgan), "autoencoder_step": step,
+            **({"folder": str(folder)} if folder is not None else {})}
+
+
+def latents_changed(stages: str, recorded: Optional[dict], current: dict) -> Optional[str]:
+    """None when a stage learnt the ``current`` autoencoder's latents (or recorded none: made before the record);
+    else the words saying that it learnt another one's (``stages``: ``"the encoder stage"``, ...)."""
+    if not isinstance(recorded, dict) or recorded.get("fingerprint") in (None, current["fingerprint"]):
+        return None
+    then, now, folder = recorded.get("autoencoder_step"), current.get("autoencoder_step"), recorded.get("folder")
+    learnt = f" of {folder}" if folder else "" if then is None else f" at step {then}"
+    return (f"{stages} learnt the latents of the autoencoder{learnt}, but the run's autoencoder"
+            f"{'' if now is None else f' (step {now})'} makes other ones"
+            f"{'' if folder else ' (trained further or replaced since)'}")
 
 
 # ---------------------------------------------------------------------------------- logs, progress
@@ -520,13 +580,14 @@ class Deadline:
                 signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
             self._installed = False
 
-    def report(self, stage: str, step: int, max_steps: int) -> None:
-        """Say why the stage stopped early (rank 0; Ctrl-C's line is the command's last, see ``train``)."""
+    def report(self, stage: str, step: int, max_steps: int, checkpoint) -> None:
+        """Say why the stage stopped early and where its checkpoint is (rank 0; Ctrl-C's line is the command's last,
+        see ``train``)."""
         self.restore()
         if (self.reached or self.terminated) and not self.interrupted and self.job.is_main:
             cause = "SIGTERM" if self.terminated else "--time-limit"
-            print(f"{stage}: stopped by {cause} at step {step} of {max_steps} (checkpoint written); "
-                  "run the same command with --resume to continue", file=sys.stderr, flush=True)
+            print(f"{stage}: stopped by {cause} at step {step} of {max_steps}; checkpoint {checkpoint}; "
+                  "the same command with --resume continues from it", file=sys.stderr, flush=True)
 
 
 def _write_line(line: str) -> None:
@@ -625,9 +686,10 @@ class StageLog:
     def close(self, deadline: "Deadline", step: int) -> Path:
         """Close the bar and the log, say whether --time-limit or SIGTERM stopped the stage; the checkpoint's path."""
         self.progress.close()
-        deadline.report(self.stage, step, self.optim.max_steps)
+        path = checkpoint_path(self.config.run.dir, self.stage)
+        deadline.report(self.stage, step, self.optim.max_steps, path)
         self.logger.close()
-        return checkpoint_path(self.config.run.dir, self.stage)
+        return path
 
 
 # ------------------------------------------------------------------------ a stage's start and state
@@ -680,7 +742,8 @@ def save_stage_checkpoint(config, stage: str, step: int, job: Distributed, state
                            "the last checkpoint is kept: lower the learning rate or check the data")
     if job.is_main:
         path = save_checkpoint(checkpoint_path(config.run.dir, stage),
-                               {"stage": stage, "step": step, "config": config_to_dict(config), **state})
+                               {"stage": stage, "step": step, "config": config_to_dict(config),
+                                "datalist_sha256": _datalist_sha256(config.data.datalist), **state})
         _checkpoint_steps[path.resolve()] = step
 
 

@@ -10,6 +10,7 @@ of the weights (:class:`EMA`) is what validation samples with (DDIM) and what ge
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -26,8 +27,11 @@ from .common import (
     StageLog,
     autocast,
     backward_step,
+    checkpoint_step,
     grad_scaler,
     is_due,
+    latents_changed,
+    latents_record,
     learning_rate,
     make_optimizer,
     mean_scores,
@@ -104,8 +108,13 @@ def train_diffusion(config: Config, resume: bool, job: Distributed, deadline: De
     section, optim, device, precision = config.diffusion, config.diffusion.optim, job.device, config.run.precision
     initial = warm_start(config, STAGE, job)  # --init: weights from a model folder, earlier stages copied in
     vqgan, _ = trained_autoencoder(config.run.dir, STAGE, device, config)
-    encoder, _ = trained_encoder(config.run.dir, STAGE, device)
-    checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume)
+    latents = latents_record(vqgan, checkpoint_step(config.run.dir, "autoencoder"))  # what the checkpoint records
+    encoder, _ = trained_encoder(config.run.dir, STAGE, device, latents)  # one of other latents: refused
+    checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume, config.data.datalist)
+    changed = checkpoint and job.is_main and latents_changed(f"the {STAGE} stage", checkpoint.get("latents"), latents)
+    if changed:
+        warnings.warn(f"{changed}: the diffusion stage goes on from step {checkpoint['step']} on the new ones",
+                      stacklevel=2)
     train_set, val_items = stage_data(config, job)
     schedule = NoiseSchedule(**dataclasses.asdict(section.schedule))
     loss_name = "noise_mse" if schedule.prediction == "epsilon" else "v_mse"  # the logged training loss
@@ -154,5 +163,6 @@ def train_diffusion(config: Config, resume: bool, job: Distributed, deadline: De
             log.write(step, validate(ema, encoder, vqgan, schedule, val_items, device, precision,
                                      optim.val_sample_steps, config.run.seed))
         if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
-            save_stage_checkpoint(config, STAGE, step, job, training_state(job, models, optimizers, scalers, generators))
+            save_stage_checkpoint(config, STAGE, step, job, {**training_state(job, models, optimizers, scalers, generators),
+                                                             "latents": latents})
     return log.close(deadline, step)

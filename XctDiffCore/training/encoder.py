@@ -12,12 +12,15 @@ weights (:class:`~XctDiffCore.training.common.EMA`) is what validation scores an
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..config import Config, EncoderModelConfig, config_from_dict
+from ..errors import XctDiffError
 from .autoencoder import trained_autoencoder
 from .common import (
     Deadline,
@@ -25,9 +28,12 @@ from .common import (
     StageLog,
     autocast,
     backward_step,
+    checkpoint_step,
     freeze,
     grad_scaler,
     is_due,
+    latents_changed,
+    latents_record,
     learning_rate,
     make_optimizer,
     mean_scores,
@@ -64,9 +70,14 @@ def shipped_weights(models: dict) -> dict:
     return shipped_average(models, "encoder")
 
 
-def trained_encoder(run_dir, needed_by: str, device: torch.device):
-    """The frozen progressive encoder of a run (:func:`shipped_weights`) and its model config."""
+def trained_encoder(run_dir, needed_by: str, device: torch.device, latents: Optional[dict] = None):
+    """The frozen progressive encoder of a run (:func:`shipped_weights`) and its model config; with ``latents``
+    (the run's autoencoder's :func:`~.common.latents_record`), refused when it learnt another autoencoder's."""
     checkpoint = trained_stage_checkpoint(run_dir, STAGE, needed_by)
+    changed = latents and latents_changed(f"the {STAGE} stage", checkpoint.get("latents"), latents)
+    if changed:  # the later stage would learn to refine priors that are noise to this autoencoder
+        raise XctDiffError(f"{changed}: train the encoder on it first (`xctdiff train encoder ... --resume` goes on "
+                           f"from this one), then the {needed_by} stage")
     model_config = config_from_dict(checkpoint["config"]).encoder.model
     encoder = build_encoder(model_config)
     encoder.load_state_dict(shipped_weights(checkpoint["models"]))
@@ -104,7 +115,12 @@ def train_encoder(config: Config, resume: bool, job: Distributed, deadline: Dead
     section, optim, device, precision = config.encoder, config.encoder.optim, job.device, config.run.precision
     initial = warm_start(config, STAGE, job)  # --init: weights from a model folder, earlier stages copied in
     vqgan, _ = trained_autoencoder(config.run.dir, STAGE, device, config)
-    checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume)
+    latents = latents_record(vqgan, checkpoint_step(config.run.dir, "autoencoder"))  # what the checkpoint records
+    checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume, config.data.datalist)
+    changed = checkpoint and job.is_main and latents_changed(f"the {STAGE} stage", checkpoint.get("latents"), latents)
+    if changed:
+        warnings.warn(f"{changed}: the encoder goes on from step {checkpoint['step']} on the new ones; train the "
+                      "diffusion stage again after it", stacklevel=2)
     train_set, val_items = stage_data(config, job)
 
     seed_everything(config.run.seed)  # identical initial weights on every rank
@@ -163,5 +179,6 @@ def train_encoder(config: Config, resume: bool, job: Distributed, deadline: Dead
         if val_items and is_due(step, optim.val_every, optim.max_steps):
             log.write(step, validate(ema.module if ema else encoder, vqgan, val_items, device, precision))
         if is_due(step, optim.checkpoint_every, optim.max_steps) or stop:
-            save_stage_checkpoint(config, STAGE, step, job, training_state(job, models, optimizers, scalers))
+            save_stage_checkpoint(config, STAGE, step, job, {**training_state(job, models, optimizers, scalers),
+                                                             "latents": latents})
     return log.close(deadline, step)

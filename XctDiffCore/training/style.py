@@ -246,7 +246,7 @@ def train_style(config: Config, resume: bool, job: Distributed, deadline: Deadli
     if section.augment.enabled:  # a wider DRR domain: warped copies of each training CT (before the run folder is made)
         drr_train = WarpedDrrs(config.data.datalist, section.augment.magnitudes(), section.augment.bank,
                                config.data.volume_size, size, config.run.seed, stopped=lambda: deadline.signalled)
-    checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume)
+    checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume, config.data.datalist)
 
     seed_everything(config.run.seed)  # identical initial weights on every rank
     gan = build_cyclegan(section).to(device)

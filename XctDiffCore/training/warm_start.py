@@ -16,7 +16,7 @@ import torch
 
 from ..config import Config, config_from_dict, config_to_dict, section_from_dict
 from ..errors import XctDiffError
-from .common import checkpoint_path, save_checkpoint
+from .common import checkpoint_path, latents_record, save_checkpoint
 
 EARLIER_STAGES = {"autoencoder": (), "encoder": ("autoencoder",), "diffusion": ("autoencoder", "encoder"),
                   "coarse": ("autoencoder", "encoder", "diffusion")}  # added to a whole model
@@ -47,10 +47,15 @@ def warm_start(config: Config, stage: str, job) -> Optional[dict]:
     if stage in networks:
         _check_same_model(config, stage, settings[stage], folder)
     if job.is_main:
+        # the folder's encoder and diffusion learnt its autoencoder's latents: said in their copies, so that a run
+        # with an autoencoder of its own refuses to build on them or to export them
+        latents = latents_record(networks["autoencoder"], settings["autoencoder"].get("step"), folder) \
+            if "autoencoder" in networks else None
         for earlier in EARLIER_STAGES[stage] + ("style",):
             path = checkpoint_path(config.run.dir, earlier)
             if earlier in networks and not path.exists():
-                save_checkpoint(path, _imported_checkpoint(config, earlier, networks[earlier], settings[earlier], folder))
+                save_checkpoint(path, _imported_checkpoint(config, earlier, networks[earlier], settings[earlier], folder,
+                                                           latents if earlier in ("encoder", "diffusion") else None))
     if job.enabled:
         torch.distributed.barrier()  # the other ranks read the copied stages next
     if stage not in networks:
@@ -73,8 +78,10 @@ def _check_same_model(config: Config, stage: str, folder_settings: dict, folder:
             )
 
 
-def _imported_checkpoint(config: Config, stage: str, network, folder_settings: dict, folder: Path) -> dict:
-    """A weights-only checkpoint of a folder's stage, with the run's config carrying that stage's model."""
+def _imported_checkpoint(config: Config, stage: str, network, folder_settings: dict, folder: Path,
+                         latents: Optional[dict] = None) -> dict:
+    """A weights-only checkpoint of a folder's stage, with the run's config carrying that stage's model
+    (``latents``: the folder's autoencoder's record, for a stage that learnt its latents)."""
     data = config_to_dict(config)
     if stage == "diffusion":
         data[stage]["schedule"] = folder_settings.get("schedule", data[stage]["schedule"])
@@ -94,4 +101,5 @@ def _imported_checkpoint(config: Config, stage: str, network, folder_settings: d
         "config": data,
         "models": {key: state},
         "imported_from": str(folder.resolve()),
+        **({"latents": latents} if latents else {}),
     }
