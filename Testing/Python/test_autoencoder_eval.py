@@ -40,7 +40,7 @@ def ct_folder(tmp_path_factory):
 
 def test_report_of_a_random_model_on_a_ct_folder(tmp_path, ct_folder, capsys):
     model = create_random_model(tmp_path / "model", "tiny", seed=0)
-    out = tmp_path / "report"
+    out = tmp_path / "eval" / "report"  # the folder above is made too (it was `error: output folder does not exist`)
     assert main(["evaluate-autoencoder", "--model", str(model), "--data", str(ct_folder), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| autoencoder |" in printed and "resample 8^3" in printed and "resample 64^3" in printed
@@ -59,8 +59,9 @@ def test_report_of_a_random_model_on_a_ct_folder(tmp_path, ct_folder, capsys):
 
 def test_report_errors_are_one_line(tmp_path, ct_folder, capsys):
     assert main(["evaluate-autoencoder", "--run", str(tmp_path / "none"), "--data", str(ct_folder),
-                 "--out", str(tmp_path / "o")]) == 2
+                 "--out", str(tmp_path / "o" / "p")]) == 2
     assert "error: no autoencoder checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # the folders a refused run made are taken back
     (tmp_path / "file").write_text("x")
     model = create_random_model(tmp_path / "model", "tiny", seed=0)
     assert main(["evaluate-autoencoder", "--model", str(model), "--data", str(ct_folder), "--out", str(tmp_path / "file")]) == 2

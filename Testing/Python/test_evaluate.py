@@ -400,6 +400,17 @@ def test_ct_folder_without_a_mean_ct_leaves_that_baseline_out(no_lpips, ct_folde
         assert [(r["case"], r["method"]) for r in csv.DictReader(f)] == [("chest1", "xctdiff"), ("chest1", "direct")]
 
 
+def test_the_folders_above_out_are_made_and_a_refused_run_takes_them_back(no_lpips, model_dir, ct_folder, tmp_path, capsys):
+    """The README's `xctdiff evaluate ... --out eval/lidc` ended `error: output folder does not exist: eval` where
+    `prepare`, `train` and `export` make the folders above their --out."""
+    argv = ["evaluate", "--model", str(model_dir), "--data", str(ct_folder / "chest1.nrrd"), "--steps", "1", "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "eval" / "lidc")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "eval" / "lidc" / "summary.md").is_file()
+    argv[2] = str(tmp_path / "no-model")
+    assert main([*argv, "--out", str(tmp_path / "other" / "lidc")]) == 2
+    assert not (tmp_path / "other").exists()
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 
@@ -408,13 +419,12 @@ def test_ct_folder_without_a_mean_ct_leaves_that_baseline_out(no_lpips, ct_folde
     [
         (lambda d: ["--data", str(d / "absent.json")], "evaluation data not found"),
         (lambda d: ["--max-cases", "0"], "--max-cases must be at least 1"),
-        (lambda d: ["--out", str(d / "no" / "such" / "eval")], "output folder does not exist"),
         (lambda d: ["--data", str(empty_datalist(d))], "has no validation entries"),
         (lambda d: ["--knn", "-1"], "--knn must be 0 (off) or more, got -1"),
         (lambda d: ["--model", str(d)], "not a model folder"),
         (lambda d: ["--out", str(a_file(d))], "--out names a file, not a folder"),
     ],
-    ids=["missing data", "max-cases 0", "missing output folder", "no validation entries", "knn negative", "not a model",
+    ids=["missing data", "max-cases 0", "no validation entries", "knn negative", "not a model",
          "out is a file"],
 )
 def test_errors(model_dir, datalist, tmp_path, capsys, change, words):

@@ -105,7 +105,7 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
         raise XctDiffError(f"evaluation data not found: {data}")
     if max_cases is not None and max_cases < 1:
         raise XctDiffError(f"--max-cases must be at least 1, got {max_cases}")
-    check_output_folder(out_dir)
+    check_output_folder(out_dir, parents=True)  # `--out eval/lidc` makes eval/ too, as train and export do
     with output_lock(out_dir, "xctdiff evaluate-autoencoder"):  # a second evaluation into it is refused
         vqgan, volume_size, source = load_vqgan(model, run)
         cases = (datalist_cases(data, PREPARED_SIZE, max_cases) if _is_datalist(data)

@@ -288,7 +288,7 @@ def evaluate(
     if atlas < 0:
         raise XctDiffError(f"--atlas must be 0 (off) or more, got {atlas}")
     guidance = check_guidance(guidance)
-    check_output_folder(out_dir)
+    check_output_folder(out_dir, parents=True)  # `--out eval/lidc` makes eval/ too, as train and export do
     with output_lock(out_dir, "xctdiff evaluate"):  # a second evaluation into it is refused
         pipe = XctDiffPipeline.from_pretrained(model)
         size = OUTPUT_SIZE
