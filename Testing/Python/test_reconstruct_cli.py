@@ -604,6 +604,7 @@ def test_a_bad_film_on_one_torchrun_rank_lets_the_other_finish_and_rank_0_tells_
     result = torchrun(args + ["--skip-existing"])  # rank 0 has nothing left to do, rank 1 its two bad films
     ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "reconstructed ", "stopped"))]
     assert result.returncode != 0 and ours[-1].startswith("error: 2 of 2 radiographs could not"), result.stderr[-3000:]
+    assert "rank 0 of 2: left out 3 of 3 radiographs: their outputs are there" in result.stderr, result.stderr[-3000:]
 
 
 def test_torchrun_ranks_draw_plain_lines_not_bars_on_their_shared_terminal(tmp_path, model_dir, drr_png, monkeypatch):

@@ -393,7 +393,8 @@ def run_reconstruct(
                          views_dir / sub / f"{stem}_views.png" if views_dir else None))
         _refuse_overlaps(found, jobs)
         _refuse_outputs_searched(folder, jobs, recursive)
-        jobs = _left_to_do(jobs) if skip_existing else jobs  # all done: no folder need be made or writable
+        share = f"rank {rank} of {world_size}: " if world_size > 1 else ""  # under torchrun: this process's share
+        jobs = _left_to_do(jobs, share) if skip_existing else jobs  # all done: no folder need be made or writable
         for top in (out_dir, unc_dir, views_dir):
             if top is not None and (jobs or not skip_existing):  # a torchrun rank without films makes them too
                 _output_folder(top)
@@ -470,7 +471,7 @@ def run_reconstruct(
         except BaseException as exc:
             display.close()
             if input_path.is_dir() and not isinstance(exc, Exception):  # Ctrl-C, SIGTERM: what is done, how to go on
-                share = f"rank {rank} of {world_size}: " if world_size > 1 else ""  # each rank says its own share
+                share = f"rank {rank} of {world_size}: " if world_size > 1 else ""  # each says its own share
                 print(share + stopped_batch_line(results, failures, len(jobs), time.perf_counter() - started),
                       file=sys.stderr, flush=True)
             raise
@@ -574,11 +575,12 @@ def _outputs_current(source: Path, *outputs: Optional[Path]) -> bool:
         return False
 
 
-def _left_to_do(jobs: list) -> list:
-    """``--skip-existing``: the jobs whose outputs are not all there newer than the film; says how many it left out."""
+def _left_to_do(jobs: list, share: str = "") -> list:
+    """``--skip-existing``: the jobs whose outputs are not all there newer than the film; says how many it left out
+    (``share``: which torchrun process's films these are)."""
     current = [_outputs_current(*job) for job in jobs]
     if any(current):
-        print(f"left out {sum(current)} of {len(jobs)} radiographs: their outputs are there, newer than the film "
+        print(f"{share}left out {sum(current)} of {len(jobs)} radiographs: their outputs are there, newer than the film "
               "(--skip-existing)", file=sys.stderr, flush=True)
     return [job for job, done in zip(jobs, current) if not done]
 
