@@ -40,7 +40,8 @@ def _models_inside(folder: Path) -> str:
         return ""
     if not inside:
         return ""
-    return f"; the model folder{'s' if len(inside) > 1 else ''} in it: {', '.join(inside[:3])}" + (", ..." if len(inside) > 3 else "")
+    more = ", ..." if len(inside) > 3 else ""
+    return f"; the model folder{'s' if len(inside) > 1 else ''} in it: {', '.join(inside[:3])}{more}"
 
 
 def read_manifest(folder, required=REQUIRED_STAGES) -> dict:
@@ -59,11 +60,14 @@ def read_manifest(folder, required=REQUIRED_STAGES) -> dict:
     path = model_file(folder, MANIFEST_NAME)
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        raise XctDiffError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise XctDiffError(f"cannot read {path}: {exc} (edited by hand? copy the model folder again)") from None
+    if isinstance(manifest, dict):
+        _check_format(path, manifest)  # first: a newer format may lay out the rest differently
     if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
         raise XctDiffError(f"{path} has no 'stages' section: not a model manifest")
-    _check_format(path, manifest)
     if not isinstance(manifest.get("sha256"), dict):
         raise XctDiffError(f"{path} has no 'sha256' checksums: refusing to load unverified weights")
     missing = [s for s in required if s not in manifest["stages"]]
