@@ -201,6 +201,8 @@ CORRUPTIONS = {
                                       "is model format 2, made by a newer XctDiff than this one (it reads format 1): "
                                       "update XctDiff"),
     "format not a number": (edit_manifest(set_path(["format"], "2.0")), "format must be a whole number from 1, got '2.0'"),
+    "newer format laid out otherwise": (edit_manifest(lambda m: m.update(format=3, networks=m.pop("stages"))),
+                                        "is model format 3, made by a newer XctDiff"),
 }
 
 
