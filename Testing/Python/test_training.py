@@ -1299,6 +1299,24 @@ def test_export_of_a_run_without_its_stages_says_what_to_train_or_keep(tmp_path,
     assert status == 2 and lines[-1].endswith(f"no trained diffusion stage (no {run}/diffusion/checkpoint.pt): train it "
                                               f"first (`xctdiff train diffusion ... --out {run}`)"), lines
     assert not (tmp_path / "m").exists()
+    status, lines = run_cli(["export", str(chain), "--out", str(tmp_path / "m"), "--data", str(tmp_path / "no.json")], capsys)
+    assert status == 2 and lines[-1] == f"error: --data: datalist not found: {tmp_path / 'no.json'}"  # was passed over
+
+
+def test_export_from_another_folder_says_that_the_runs_relative_datalist_is_not_found(tmp_path, datalist, monkeypatch):
+    """A run trained with `--data data/lidc/datalist.json` and exported from another folder wrote a model folder
+    without its mean training CT and training patients, without a word."""
+    monkeypatch.chdir(datalist.parent.parent)
+    relative = Path(datalist.parent.name) / datalist.name
+    run = tmp_path / "run"
+    for stage in ("autoencoder", "encoder", "diffusion"):
+        train(stage, tiny_config(run, relative, max_steps=1))
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match=f"the run's datalist {re.escape(str(relative))} is not found from here .* give "
+                                         "the datalist with --data"):
+        export_run(run, tmp_path / "model")
+    manifest = json.loads(export_run(run, tmp_path / "model", datalist=datalist).read_text(encoding="utf-8"))
+    assert manifest["training"]["training_patients"] and (tmp_path / "model" / "mean_ct.npy").is_file()
 
 
 def test_export_refuses_diverged_weights_a_swapped_checkpoint_and_its_own_run_folder(tmp_path, chain, capsys):

@@ -312,6 +312,8 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     unknown = sorted(set(required) - set(REQUIRED_STAGES))
     if unknown:
         raise XctDiffError(f"--stages takes {', '.join(REQUIRED_STAGES)}; got {', '.join(unknown)}")
+    if datalist is not None and not Path(datalist).is_file():  # it was passed over without a word
+        raise XctDiffError(f"--data: datalist not found: {datalist}")
     if not Path(run_dir).is_dir():
         raise XctDiffError(f"run folder not found: {run_dir} (the --out of `xctdiff train`)")
     untrained = [stage for stage in required if not checkpoint_path(run_dir, stage).exists()]
@@ -349,6 +351,12 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
         warnings.warn(f"{'; '.join(words for _, words in unfinished)} (interrupted, or --time-limit): exported as it is; "
                       f"`xctdiff train {names} ... --resume` finishes it, then export again",
                       stacklevel=2)
+    if datalist is None and not Path(config.data.datalist).is_file():  # a relative path, from another folder
+        import warnings
+
+        warnings.warn(f"the run's datalist {config.data.datalist} is not found from here ({Path.cwd()}): the model "
+                      "folder gets no mean training CT (the evaluation's baseline) and names no training patients; "
+                      "give the datalist with --data", stacklevel=2)
     datalist = Path(datalist or config.data.datalist)
     if "diffusion" in settings:
         settings["diffusion"]["method"] = method
