@@ -644,14 +644,19 @@ def test_a_model_exported_again_into_its_folder_is_not_run_by_the_engine_waiting
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     folder = tmp_path / "model"
     folder.mkdir()
-    (folder / "manifest.json").write_text(json.dumps({"id": "mine", "version": "1"}), encoding="utf-8")
+    stages = {stage: {"weights": f"{stage}.safetensors", "config": f"{stage}.json"} for stage in ("autoencoder", "encoder", "diffusion")}
+    names = [name for record in stages.values() for name in record.values()]
+    for name in names:  # the panel's choice checks that they are there, not what they hold
+        (folder / name).write_bytes(b"")
+    manifest = {"id": "mine", "version": "1", "stages": stages, "sha256": dict.fromkeys(names, "0" * 64)}
+    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     model = choose_model(folder)
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]  # waits as a standby engine would
     logic = ReconstructionLogic(scene, engine_command=sleeper, standby=True)
     try:
         logic.prepare_standby(model)
         _, job_folder, first = logic._standby
-        (folder / "manifest.json").write_text(json.dumps({"id": "mine", "version": "2.0"}), encoding="utf-8")
+        (folder / "manifest.json").write_text(json.dumps({**manifest, "version": "2.0"}), encoding="utf-8")
         assert logic._take_standby(choose_model(folder)) is None  # not handed the job: stopped, folder removed
         assert first.join(10) and not job_folder.exists()
     finally:
