@@ -418,8 +418,10 @@ def test_a_finished_stage_says_where_it_is_and_an_unfinished_one_is_exported_wit
     for stage in ("autoencoder", "encoder"):
         shutil.copytree(chain / stage, tmp_path / "run" / stage)
     config = tiny_config(tmp_path / "run", datalist, max_steps=2)
-    train("autoencoder", tiny_config(tmp_path / "ae", datalist, max_steps=1))
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(  # a config of one's own is needed again
+    train("autoencoder", tiny_config(tmp_path / "ae", datalist, max_steps=1), resume=True)  # a misspelt --out
+    err = capsys.readouterr().err
+    assert f"autoencoder: no checkpoint to resume in {tmp_path / 'ae' / 'autoencoder'}: starting at step 0" in err
+    assert err.strip().splitlines()[-1].endswith(  # a config of one's own is needed again
         "next: `xctdiff train encoder` with the same --config, --data and --out")
     train("diffusion", config, time_limit=1e-6)
     assert "trained to step" not in capsys.readouterr().err  # it said why it stopped instead

@@ -345,6 +345,8 @@ def prepare_stage_dir(run_dir, stage: str, resume: bool, datalist=None) -> Optio
             if datalist is not None:
                 warn_other_data(checkpoint, datalist, f"the {stage} checkpoint", f"--resume goes on from step "
                                 f"{checkpoint['step']} on {datalist}")
+        elif _rank_zero():  # a misspelt --out would otherwise start hours of training again without a word
+            print(f"{stage}: no checkpoint to resume in {path.parent}: starting at step 0", file=sys.stderr, flush=True)
         if checkpoint is not None and "imported_from" in checkpoint:
             raise XctDiffError(
                 f"{path} holds only the weights copied from {checkpoint['imported_from']} by --init and cannot be "
@@ -383,13 +385,18 @@ def warn_other_data(checkpoint: dict, datalist, whose: str, what_now: str) -> No
     data set): its patients and this one's validation patients may overlap, unseen by the scores. Checkpoints
     record their datalist's SHA-256 (``datalist_sha256``); older ones are not judged."""
     recorded = checkpoint.get("datalist_sha256")
-    if not recorded or os.environ.get("RANK", "0") != "0" or recorded == _datalist_sha256(datalist):
+    if not recorded or not _rank_zero() or recorded == _datalist_sha256(datalist):
         return
     theirs = checkpoint.get("config", {}).get("data", {}).get("datalist") or "another datalist"
     same_name = Path(str(theirs)).resolve() == Path(datalist).resolve()
     warnings.warn(f"{whose} trained on {theirs}{' as it was then (the file has changed since)' if same_name else ''}, "
                   f"not on {datalist}: {what_now}; the validation scores and the manifest's patients hold only for the "
                   "last datalist (a new data set or split belongs in a new run folder, --out)", stacklevel=3)
+
+
+def _rank_zero() -> bool:
+    """Whether this process says things (the only one without torchrun, rank 0 under it)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _datalist_sha256(datalist) -> Optional[str]:
