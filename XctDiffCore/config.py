@@ -593,6 +593,27 @@ def bundled_config_names() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
+def _unique_key_loader(yaml):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (which YAML forbids and PyYAML lets the last
+    win): a section appended to a copied config (``style:`` with only ``real:``) silently replaced the whole one
+    above it, its networks and steps falling back to the defaults."""
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                lines = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden: not a duplicate
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    if key in lines:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"the key {key!r} is given twice (first on line {lines[key]})", key_node.start_mark)
+                    lines[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_config(name_or_path) -> Config:
     """Read a config by bundled name or path (``.yaml``/``.yml`` with PyYAML, ``.json`` with the stdlib)."""
     path = resolve_config_path(name_or_path)
@@ -613,7 +634,7 @@ def load_config(name_or_path) -> Config:
                 f"reading {path.name} needs PyYAML (pip install pyyaml), or pass the same config as .json"
             ) from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_key_loader(yaml))
         except yaml.YAMLError as exc:  # its str() spans lines with a quote of the text: keep the problem and where
             mark = getattr(exc, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

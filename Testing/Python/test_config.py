@@ -163,6 +163,24 @@ def test_invalid_yaml_is_a_clear_error(tmp_path):
     assert "\n" not in str(error.value) and "(line 2, column 1)" in str(error.value)  # one line, saying where
 
 
+def test_a_key_given_twice_is_refused_not_the_last_one_taken(tmp_path):
+    """A `style:` section appended to a copy of a bundled config (to name one's own films) replaced the whole section
+    above it: the style networks and steps fell back to the defaults without a word. YAML forbids it; PyYAML allowed it."""
+    from XctDiffCore.config import CONFIG_DIR
+
+    path = tmp_path / "mine.yaml"
+    path.write_text((CONFIG_DIR / "tiny.yaml").read_text(encoding="utf-8") + "style:\n  real: [/data/films]\n")
+    with pytest.raises(XctDiffError, match=r"mine.yaml is not valid YAML: the key 'style' is given twice \(first on "
+                                           r"line \d+\) \(line \d+, column 1\)$"):
+        load_config(path)
+    path.write_text("data:\n  volume_size: 32\n  volume_size: 64\n")
+    with pytest.raises(XctDiffError, match=r"the key 'volume_size' is given twice \(first on line 2\) \(line 3"):
+        load_config(path)
+    path.write_text("base: &b {volume_size: 32}\ndata:\n  <<: *b\n  volume_size: 64\n")  # a merge, then an override
+    with pytest.raises(XctDiffError, match="unknown config key base"):  # past the YAML: not taken for a duplicate
+        load_config(path)
+
+
 @pytest.mark.parametrize("command", [["train"], ["benchmark", "train"], ["benchmark", "pipeline"]])
 def test_the_help_names_every_bundled_config(command, capsys):
     """`--config` takes any bundled name; the help named four of the five (not `cpu`, the bundled model's)."""
