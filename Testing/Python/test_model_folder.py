@@ -413,7 +413,7 @@ def test_samples_on_the_bundled_direct_model_sample_the_diffusion(tmp_path):
 def test_direct_method_refuses_an_uncertainty_map_and_export_needs_a_run(tmp_path):
     from XctDiffCore.training import export_run
 
-    with pytest.raises(XctDiffError, match="checkpoint not found"):
+    with pytest.raises(XctDiffError, match="run folder not found"):
         export_run(tmp_path / "no-run", tmp_path / "model", method="direct")
     assert main(["reconstruct", str(SAMPLE_RADIOGRAPH), "-o", str(tmp_path / "ct.nrrd"), "--method", "direct",
                  "--uncertainty", str(tmp_path / "u.nrrd"), "--samples", "2"]) == 2
