@@ -125,7 +125,7 @@ def _stage_settings(folder: Path, manifest: dict, stage: str, contents: dict) ->
     record = manifest["stages"][stage]
     path = folder / record["config"]
     try:
-        settings = json.loads(contents[record["config"]].decode("utf-8"))
+        settings = json.loads(contents[record["config"]].decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise XctDiffError(f"cannot read {path}: {exc}") from None
     if "settings" in record and record["settings"] != settings:

@@ -59,7 +59,7 @@ def read_manifest(folder, required=REQUIRED_STAGES) -> dict:
         raise XctDiffError(f"not a model folder (no {MANIFEST_NAME}): {folder}{_models_inside(folder)}")
     path = model_file(folder, MANIFEST_NAME)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: as Windows Notepad saves an edit
     except OSError as exc:
         raise XctDiffError(f"cannot read {path}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -309,6 +309,17 @@ def test_cli_reconstruct_refuses_a_corrupted_folder(folder, other_model, tmp_pat
     assert list(out.iterdir()) == []
 
 
+def test_a_manifest_saved_by_windows_notepad_loads(folder, capsys):
+    """A colleague sets min_consistency in Notepad, which saves UTF-8 with a byte-order mark and CRLF lines: the
+    folder was refused ('cannot read manifest.json: Unexpected UTF-8 BOM'); the panel reads it with the same function."""
+    manifest = read_manifest_json(folder)
+    manifest["min_consistency"] = 0.4
+    text = json.dumps(manifest, indent=2).replace("\n", "\r\n")
+    (folder / MANIFEST_NAME).write_bytes(text.encode("utf-8-sig"))
+    assert load_model_folder(folder).info.min_consistency == 0.4
+    assert inspected([str(folder)], capsys)[1]["reliability threshold"].startswith("0.4 ")
+
+
 def test_the_bytes_that_are_checked_are_the_bytes_that_are_loaded(pristine, folder, tmp_path, monkeypatch):
     """A weights file replaced between the checksum and the loading (another process, a swapped disk)
     must not be what gets loaded: the file is read once, hashed, and those bytes deserialised."""
