@@ -122,6 +122,7 @@ def verify_checksums(folder, manifest: dict) -> dict:
             data = path.read_bytes()
         except OSError as exc:
             raise XctDiffError(f"cannot read {folder / name}: {exc.strerror or exc}") from None
+        data = _as_exported(data, str(expected).lower())
         if hashlib.sha256(data).hexdigest() != str(expected).lower():
             raise XctDiffError(
                 f"{folder / name} does not match its SHA-256 in {MANIFEST_NAME} (corrupted or changed file): "
@@ -159,6 +160,16 @@ def check_model_folder(folder) -> dict:
 
 def _missing_file(folder: Path, name: str) -> str:
     return f"model file missing: {folder / name} (the folder was copied without it): copy the whole model folder again"
+
+
+def _as_exported(data: bytes, expected: str) -> bytes:
+    """A text file of the folder (a stage's JSON, the model card) whose lines only got Windows' CRLF endings since
+    the export, as Git for Windows' default core.autocrlf checks them out of a repository, is the file exported:
+    its bytes with LF endings are returned when those, not these, have the recorded SHA-256."""
+    if b"\r\n" not in data or b"\0" in data or hashlib.sha256(data).hexdigest() == expected:
+        return data
+    unix = data.replace(b"\r\n", b"\n")
+    return unix if hashlib.sha256(unix).hexdigest() == expected else data
 
 
 def manifest_data(folder, manifest: dict) -> dict:

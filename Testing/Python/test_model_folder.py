@@ -320,6 +320,19 @@ def test_a_manifest_saved_by_windows_notepad_loads(folder, capsys):
     assert inspected([str(folder)], capsys)[1]["reliability threshold"].startswith("0.4 ")
 
 
+def test_a_folder_checked_out_with_windows_line_endings_loads(folder, capsys):
+    """Git for Windows checks text files out with CRLF endings (core.autocrlf, its default): a model folder kept in a
+    repository (the bundled one) reached a Windows user with every JSON and the model card 'not matching its
+    SHA-256'. Line endings alone are not a change; a changed character still is."""
+    for name in ("encoder.json", "diffusion.json", "MODEL_CARD.md"):
+        (folder / name).write_bytes((folder / name).read_bytes().replace(b"\n", b"\r\n"))
+    assert load_model_folder(folder).info.model_id == "random"
+    assert inspected([str(folder)], capsys)[0] == 0
+    (folder / "MODEL_CARD.md").write_bytes((folder / "MODEL_CARD.md").read_bytes().replace(b"random", b"Random"))
+    with pytest.raises(XctDiffError, match="MODEL_CARD.md does not match its SHA-256"):
+        load_model_folder(folder)
+
+
 def test_the_bytes_that_are_checked_are_the_bytes_that_are_loaded(pristine, folder, tmp_path, monkeypatch):
     """A weights file replaced between the checksum and the loading (another process, a swapped disk)
     must not be what gets loaded: the file is read once, hashed, and those bytes deserialised."""
