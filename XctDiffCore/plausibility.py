@@ -17,7 +17,7 @@ Measured (``../shared/data``, preprocessed as the pipeline does;
 - the same films inverted: all flagged (highest -0.092); the wrongly-MONOCHROME1 DICOM: -0.42;
 - frontal DRRs of the 19 shared CTs: 18 pass (> 0.06); the IBSI phantom, not a chest, is flagged;
 - lateral DRRs of the 19 shared CTs: 17 flagged; LIDC-IDRI-0001 (0.009) and the phantom (0.012)
-  pass: a lateral view can have a bright middle too;
+  pass: a lateral view can have a bright middle too (the frontal-view check below flags them);
 - 18 scikit-image sample photographs: 16 flagged; a clock face and a stained tissue section pass.
 
 A flagged film is a warning (an error with ``strict``), not a
@@ -61,6 +61,24 @@ turned half round (the flipped ones then stay mirrored, and the mirror check say
 anticlockwise 600 are turned back, 1 wrongly (half round), clockwise 604, none wrongly; the rest are left as
 they are, with their warning. The 4 adult films: every change undone. The 19 frontal DRRs: 16-17 of 19 each
 way; the 76 mm slab is turned as it is.
+
+**A lateral view or a cross-section** (:func:`looks_frontal`, in :func:`film_problems` after the contrast
+check). A lateral view whose middle is bright (the sample CT's, LIDC-IDRI-0001) and about a third of axial CT
+slices saved as pictures pass the contrast check; three lateral DRRs were called on their side, and ``--turn auto``
+turned them into films that passed every check. The frontal-view check is a linear discriminant on
+:func:`view_features` (a 16 x 16 thumbnail, blind to which side a lateral is seen from), fitted by
+``python Testing/Scripts/view_weights.py --write XctDiffCore/plausibility_view.json`` on the 1,600 Kermany
+training films and the frontal DRRs of random variants of the 15 training CTs of the shared_whole_chest split
+(films and DRRs weighing alike) against the lateral DRRs and axial slices of the same variants; its threshold
+flags at most 0.5 % of those films and 2 % of those DRRs (partial chests). Measured on what it was not fitted on
+(2026-12-07): 1 of the 624 Kermany test films (a film no other check flagged), none of the 4 adult films, none of
+the 20 frontal DRRs of the 4 validation patients' variants; their lateral DRRs 40 of 40 flagged by the checks
+together, axial slices 58 of 59 (the 24 the other checks let through or called on their side: 22 caught by this
+check, 23 flagged in all). A film turned half round is judged as the upside-down check finds it, and a film
+called on its side must, turned back, score at least :data:`QUARTER_TURN_FRONTAL` (real films: 0.5th percentile
+0.37-0.39; the laterals that rule would turn: 0.0-0.27). With it (``plausibility_survey.py``): the 19 shared CTs'
+lateral DRRs 19 flagged, none called on its side or turned by ``--turn auto``; ``orientation_weights.py``: of the 624
+Kermany test films turned a quarter, 599 and 603 called on their side (600 and 604 before), the rest flagged.
 
 **Consistency** (:func:`consistency_problems`). After reconstructing, the pipeline scores how well the
 DRR of the result matches the input (SSIM); below the model's ``min_consistency`` (its manifest; a
@@ -115,8 +133,14 @@ CENTRE_COLUMNS = (0.44, 0.56)
 LUNG_COLUMNS = ((0.20, 0.38), (0.62, 0.80))
 # the linear orientation checks' weights, thresholds and provenance (Testing/Scripts/orientation_weights.py)
 ORIENTATION_FILE = Path(__file__).with_name("plausibility_orientation.json")
+# the frontal-view check's weights, bias and threshold (Testing/Scripts/view_weights.py)
+VIEW_FILE = Path(__file__).with_name("plausibility_view.json")
+VIEW_THUMBNAIL = 16  # the frontal-view check looks at a 16 x 16 thumbnail
 THUMBNAIL = 8  # the orientation checks look at an 8 x 8 thumbnail of the preprocessed film
 QUARTER_TURN_MARGIN = 0.05  # a quarter turn that raises the chest contrast by more than this: the film is on its side
+# ... and turned, it must look frontal by this much (a real film's frontal-view score: 0.5th percentile 0.37-0.39;
+# lateral DRRs that the contrast rule would turn: 0.0-0.27)
+QUARTER_TURN_FRONTAL = 0.3
 
 
 LATERAL_VIEWS = {"LL": "lateral", "RL": "lateral", "LATERAL": "lateral", "LLO": "oblique", "RLO": "oblique"}
@@ -145,15 +169,31 @@ def chest_contrast(image01: np.ndarray) -> float:
     return min(centre - float(np.median(box(span))) for span in LUNG_COLUMNS)
 
 
+def thumbnail(image01: np.ndarray, size: int = THUMBNAIL) -> np.ndarray:
+    """The film's ``size`` x ``size`` block means, over their norm (blind to overall brightness)."""
+    image = np.asarray(image01, dtype=np.float32)
+    rows, cols = (n - n % size for n in image.shape)
+    thumb = image[:rows, :cols].reshape(size, rows // size, size, cols // size).mean(axis=(1, 3))
+    return thumb / (float(np.linalg.norm(thumb)) + 1e-6)
+
+
 def orientation_features(image01: np.ndarray, axis: int) -> np.ndarray:
     """What a flip reverses: the film's 8 x 8 thumbnail minus its mirror image along ``axis`` (0: top to bottom,
     1: left to right), one half of it (the other half is its negative), over the thumbnail's norm."""
-    image = np.asarray(image01, dtype=np.float32)
-    rows, cols = (n - n % THUMBNAIL for n in image.shape)
-    thumb = image[:rows, :cols].reshape(THUMBNAIL, rows // THUMBNAIL, THUMBNAIL, cols // THUMBNAIL).mean(axis=(1, 3))
+    thumb = thumbnail(image01)
     half = (thumb - np.flip(thumb, axis))[: THUMBNAIL // 2] if axis == 0 else \
         (thumb - np.flip(thumb, axis))[:, : THUMBNAIL // 2]
-    return half.ravel() / (float(np.linalg.norm(thumb)) + 1e-6)
+    return half.ravel()
+
+
+def view_features(image01: np.ndarray) -> np.ndarray:
+    """What tells a frontal film from a lateral view or a cross-section, whichever side it is seen from: the
+    16 x 16 thumbnail's mirror-symmetric half, then the size of its antisymmetric half (a lateral view has its
+    spine at one edge, a frontal film in the middle)."""
+    thumb = thumbnail(image01, VIEW_THUMBNAIL)
+    mirror = np.fliplr(thumb)
+    half = VIEW_THUMBNAIL // 2
+    return np.concatenate([((thumb + mirror) / 2)[:, :half].ravel(), np.abs(thumb - mirror)[:, :half].ravel()])
 
 
 @functools.lru_cache(maxsize=1)
@@ -162,6 +202,28 @@ def orientation_checks() -> dict:
     checks = json.loads(ORIENTATION_FILE.read_text(encoding="utf-8"))["checks"]
     return {name: (np.asarray(check["weights"], dtype=np.float32), float(check["threshold"]))
             for name, check in checks.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def view_check() -> tuple:
+    """(weights, bias, threshold) of the frontal-view check, from :data:`VIEW_FILE`."""
+    check = json.loads(VIEW_FILE.read_text(encoding="utf-8"))
+    return np.asarray(check["weights"], dtype=np.float32), float(check["bias"]), float(check["threshold"])
+
+
+def frontal_score(image01: np.ndarray) -> float:
+    """Above 0 for a typical frontal chest film, below for a lateral view or an axial CT slice (either side)."""
+    weights, bias, _ = view_check()
+    return float(view_features(image01) @ weights + bias)
+
+
+def looks_frontal(image01: np.ndarray) -> bool:
+    """Whether the frontal-view check passes the film, or, where the upside-down check finds it more likely upside
+    down than not, the film turned half round (a frontal film upside down, which that check names)."""
+    image = np.asarray(image01)
+    if frontal_score(image) >= view_check()[2]:
+        return True
+    return orientation_scores(image)["up_down"] < 0 and frontal_score(np.rot90(image, 2)) >= view_check()[2]
 
 
 def orientation_scores(image01: np.ndarray) -> dict:
@@ -183,7 +245,7 @@ def quarter_turn(image01: np.ndarray) -> tuple:
         turned = np.rot90(np.asarray(image01), k)
         contrast = chest_contrast(turned)
         if contrast > max(own + QUARTER_TURN_MARGIN, CHEST_CONTRAST_MIN) and (best[1] is None or contrast > best[1]) \
-                and orientation_scores(turned)["up_down"] > 0:
+                and orientation_scores(turned)["up_down"] > 0 and frontal_score(turned) >= QUARTER_TURN_FRONTAL:
             best = (k, contrast)
     return best
 
@@ -202,7 +264,7 @@ def head_up_turn(image01: np.ndarray) -> int:
     without this rule, 1 with it); 0 leaves the film as it is, and its warning stands. What ``turn="auto"``
     applies. Never a mirror: a mirrored film and a patient with dextrocardia look alike."""
     turns = quarter_turn(image01)[0]
-    if turns or not upside_down(image01):
+    if turns or not upside_down(image01) or not looks_frontal(image01):
         return turns
     own = chest_contrast(image01)
     return 0 if max(chest_contrast(np.rot90(np.asarray(image01), k)) for k in (1, 3)) > own else 2
@@ -221,6 +283,10 @@ def film_problems(image01: np.ndarray) -> list:
         return [f"the input does not look like a frontal chest radiograph (the middle is not brighter than both lung "
                 f"fields: chest contrast {contrast:.2f}); it may be inverted (a negative, e.g. a film wrongly stored as "
                 "MONOCHROME1), a lateral view or not a chest, and the reconstruction would still look like a chest"]
+    if not looks_frontal(image01):
+        return [f"the input does not look like a frontal chest radiograph but like a lateral view or a cross-section "
+                f"(a CT slice) (frontal-view score {frontal_score(image01):.2f}); the model reconstructs from frontal (PA "
+                "or AP) chest films only, and would still draw a chest"]
     scores, checks = orientation_scores(image01), orientation_checks()
     if upside_down(image01):
         return [f"the film looks upside down (its bright abdomen above its lungs: orientation score "

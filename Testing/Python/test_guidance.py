@@ -184,7 +184,7 @@ def test_slicer_options_pass_guidance_to_the_engine_and_show_both_scores():
 
 
 def test_the_plausibility_check_flags_negatives_and_photographs_but_not_chest_films():
-    """(Laterals: 17 of the 19 shared CTs' lateral DRRs are flagged, not the sample CT's: see plausibility.py.)"""
+    """(Laterals, and the sample CT's lateral DRR, which has a bright middle: the frontal-view check's test below.)"""
     from skimage import data
 
     from XctDiffCore.drr import drr_of_volume
@@ -201,6 +201,42 @@ def test_the_plausibility_check_flags_negatives_and_photographs_but_not_chest_fi
                         "photograph": data.camera().astype(np.float32) / 255.0}.items():
         problems = film_problems(preprocess_radiograph(image, 128))
         assert len(problems) == 1 and "does not look like a frontal chest radiograph" in problems[0], name
+
+
+def test_the_frontal_view_check_flags_a_lateral_view_and_a_ct_slice_and_turn_auto_leaves_them():
+    """The sample CT's lateral DRR has a bright middle too: it passed every check, and an axial CT slice saved as a
+    picture passed them a third of the time (the lungs either side of a bright middle); a lateral called "on its
+    side" was turned by --turn auto and then passed. The frontal-view check (Testing/Scripts/view_weights.py, its
+    figures in plausibility.py) names them, whichever side a lateral is seen from, and no turn is applied."""
+    import json
+
+    import torch
+
+    from XctDiffCore.drr import ConeGeometry, drr_of_volume, normalize_drr, render_drr
+    from XctDiffCore.io import read_ct
+    from XctDiffCore.layout import ct_to_model_layout
+    from XctDiffCore.plausibility import VIEW_FILE, film_problems, frontal_score, head_up_turn
+    from XctDiffCore.preprocess import preprocess_ct, preprocess_radiograph
+    from conftest import SAMPLE_CT
+
+    assert "Kermany" in json.loads(VIEW_FILE.read_text())["fitted_on"]
+    ct = preprocess_ct(read_ct(SAMPLE_CT))
+    real = preprocess_radiograph(read_radiograph(SAMPLE_RADIOGRAPH).image, 128)
+    assert frontal_score(real) > 0 and frontal_score(drr_of_volume(ct)) > 0
+    volume = torch.from_numpy(np.ascontiguousarray(ct_to_model_layout(ct.array.astype(np.float32))))[None, None]
+    side = normalize_drr(render_drr(volume.transpose(2, 4).contiguous(), ConeGeometry(), 128))[0, 0].numpy()
+    hu = ct.array.astype(np.float32)
+    level = int(np.argmax(((hu > -950) & (hu < -400)).mean(axis=(1, 2))))  # the axial slice with the most lung
+    axial = np.clip((hu[level] + 1000.0) / 1400.0, 0.0, 1.0)
+    messages = {}
+    for name, image in {"lateral": side, "lateral from the other side": np.fliplr(side), "axial slice": axial}.items():
+        image = preprocess_radiograph(image, 128)
+        problems = film_problems(image)
+        assert len(problems) == 1 and "a lateral view" in problems[0], (name, problems)  # or the contrast check's
+        assert head_up_turn(image) == 0, name
+        messages[name] = problems[0]
+    assert "like a lateral view or a cross-section (a CT slice)" in messages["lateral"]  # it passed every check
+    assert "like a lateral view or a cross-section (a CT slice)" in messages["axial slice"]
 
 
 def test_the_orientation_checks_flag_upside_down_sideways_and_mirrored_films():
