@@ -118,6 +118,20 @@ def bundled_model_folder() -> Path:
     return folders[0]
 
 
+def _refuse_a_bundled_models_name(folder: Path) -> None:
+    """``from_pretrained("xctdiff-cpu")`` (a model hub's habit) or ``--model xctdiff-cpu`` away from its folder: a
+    bare name that is no folder here but the bundled model's is pointed to it, not only 'not found'."""
+    if folder.exists() or len(folder.parts) != 1:
+        return
+    try:
+        bundled = bundled_model_folder()
+    except XctDiffError:
+        return
+    if folder.name == bundled.name:
+        raise XctDiffError(f"model folder not found: {folder}; {folder.name} is the bundled model: leave out the model "
+                           f"(from_pretrained(), no --model) or give its folder {bundled}")
+
+
 def _stage_settings(folder: Path, manifest: dict, stage: str, contents: dict) -> dict:
     """A stage's JSON (constructor arguments under ``model``; schedule, step, ...), checked against the manifest.
 
@@ -237,6 +251,7 @@ def load_model_folder(folder) -> ModelFolder:
     from .drr import GEOMETRIES
 
     folder = Path(folder)
+    _refuse_a_bundled_models_name(folder)
     networks, settings, manifest, contents = _load_verified_stages(folder, REQUIRED_STAGES + OPTIONAL_STAGES, REQUIRED_STAGES)
 
     diffusion = settings["diffusion"]

@@ -269,6 +269,17 @@ def test_bundled_model_verifies_and_documents_itself():
     assert sum(p.stat().st_size for p in folder.iterdir()) <= 64 * 2**20
 
 
+def test_the_bundled_models_name_points_to_it(tmp_path, monkeypatch, capsys):
+    """from_pretrained("xctdiff-cpu"), as a model hub takes a name, was 'model folder not found: xctdiff-cpu'."""
+    bundled = bundled_model_folder()
+    monkeypatch.chdir(tmp_path)
+    words = f"model folder not found: {bundled.name}; {bundled.name} is the bundled model: leave out the model"
+    with pytest.raises(XctDiffError, match=re.escape(words) + ".*" + re.escape(str(bundled))):
+        XctDiffPipeline.from_pretrained(bundled.name)
+    shutil.copytree(bundled, tmp_path / bundled.name)  # a folder of that name here is what it names
+    assert XctDiffPipeline.from_pretrained(bundled.name).info.folder == (tmp_path / bundled.name).resolve()
+
+
 def test_no_bundled_model_is_a_clear_error(tmp_path, monkeypatch):
     import XctDiffCore.model_folder as model_folder
 
