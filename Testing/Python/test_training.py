@@ -394,6 +394,24 @@ def test_time_limit_checkpoints_stops_and_resumes_to_the_same_run(tmp_path, chai
     assert "--time-limit must be a positive number of minutes" in capsys.readouterr().err
 
 
+def test_progress_lines_say_the_step_of_how_many_and_the_time_left_and_a_log_file_gets_no_bar(tmp_path, chain, datalist,
+                                                                                              capsys):
+    """A cluster job's log file read `encoder step 200: ...` between hundreds of redrawn bars joined by carriage
+    returns: neither how many steps nor how long was left. Now each log line says both, and without a terminal
+    there is no bar."""
+    from XctDiffCore.training.common import Progress
+
+    shutil.copytree(chain / "autoencoder", tmp_path / "run" / "autoencoder")
+    train("encoder", tiny_config(tmp_path / "run", datalist, max_steps=2))
+    err = capsys.readouterr().err
+    assert re.search(r"^encoder step 1 of 2, (\d+ h \d\d min|\d+ min \d\d s|\d+ s) left: train/latent_mse=", err, re.M), err
+    assert re.search(r"^encoder step 2 of 2: train/latent_mse=", err, re.M), err  # the last: nothing left
+    assert "\r" not in err and "it/s" not in err
+    progress = Progress("encoder", 100, 10, enabled=True)
+    progress.started -= 2 * 3600  # 2 h for the 10 steps since step 10: 16 h for the 80 left
+    assert progress._left(20) == ", 16 h 00 min left" and progress._left(100) == ""
+
+
 def signal_when(child, ready: Path, sig, settle: float = 0.0) -> str:
     """Send ``sig`` to the training ``child`` once ``ready`` exists (and ``settle`` s more), then its stderr; a child
     left running by a failed check is killed."""

@@ -613,7 +613,9 @@ def is_due(step: int, every: int, max_steps: int) -> bool:
 
 
 class Progress:
-    """A tqdm bar on stderr (rank 0 only) and one text line per log step; plain lines without tqdm.
+    """A tqdm bar on stderr when it is a terminal (rank 0 only) and one text line per log step, saying the step of
+    how many and the time left (``encoder step 200 of 2000, 1 h 05 min left: ...``). In a log file (a cluster job's,
+    ``nohup``) the lines alone: a bar's carriage returns made it one long line of redrawn bars.
 
     A stage that fails leaves its bar open; :meth:`close_open` (called by ``train``) ends it, so that the
     error line starts a line of its own instead of trailing the bar."""
@@ -622,7 +624,8 @@ class Progress:
 
     def __init__(self, stage: str, total: int, initial: int, enabled: bool):
         self.enabled, self.stage, self.bar = enabled, stage, None
-        if not enabled:
+        self.total, self.initial, self.started = total, initial, time.monotonic()
+        if not enabled or not _is_terminal(sys.stderr):
             return
         try:
             from tqdm import tqdm
@@ -645,16 +648,35 @@ class Progress:
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        line = f"{self.stage} step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        line = f"{self.stage} step {step} of {self.total}{self._left(step)}: " + " ".join(
+            f"{k}={v:.4g}" for k, v in metrics.items())
         if self.bar is not None:
             self.bar.write(line, file=sys.stderr)
         else:
             print(line, file=sys.stderr, flush=True)
 
+    def _left(self, step: int) -> str:
+        """``, 12 min 05 s left`` at this run's pace so far (validations included); nothing at the end."""
+        done = step - self.initial
+        if done <= 0 or step >= self.total:
+            return ""
+        seconds = round((time.monotonic() - self.started) / done * (self.total - step))
+        hours, rest = divmod(seconds, 3600)
+        minutes, seconds = divmod(rest, 60)
+        left = f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+        return f", {left} left"
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         Progress._open.discard(self)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 class StageLog:
