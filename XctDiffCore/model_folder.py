@@ -42,7 +42,7 @@ from torch import nn
 from .config import METHODS
 from .errors import XctDiffError
 from .model_manifest import (MANIFEST_NAME, MODEL_CARD_NAME, MODEL_FORMAT, OPTIONAL_STAGES, REQUIRED_STAGES,  # noqa: F401
-                             manifest_data, model_file, read_manifest, retrain_stages, verify_checksums)
+                             as_model_folder, manifest_data, model_file, read_manifest, retrain_stages, verify_checksums)
 
 MEAN_CT_NAME = "mean_ct.npy"
 PREPARED_SIZE = 128  # `xctdiff prepare` writes 128^3 CTs at 2.5 mm and 128^2 DRRs
@@ -250,7 +250,7 @@ def load_model_folder(folder) -> ModelFolder:
     from .diffusion import SAMPLERS, NoiseSchedule
     from .drr import GEOMETRIES
 
-    folder = Path(folder)
+    folder = as_model_folder(folder)
     _refuse_a_bundled_models_name(folder)
     networks, settings, manifest, contents = _load_verified_stages(folder, REQUIRED_STAGES + OPTIONAL_STAGES, REQUIRED_STAGES)
 

@@ -44,13 +44,21 @@ def _models_inside(folder: Path) -> str:
     return f"; the model folder{'s' if len(inside) > 1 else ''} in it: {', '.join(inside[:3])}{more}"
 
 
+def as_model_folder(folder) -> Path:
+    """``folder`` as a Path; an empty name (``--model "$UNSET"``), which Path would take for the working folder,
+    is refused."""
+    if isinstance(folder, str) and not folder.strip():
+        raise XctDiffError("the model folder given is an empty name: give a model folder, or none for the bundled model")
+    return Path(folder)
+
+
 def read_manifest(folder, required=REQUIRED_STAGES) -> dict:
     """``manifest.json`` of a model folder as a dict, with a clear error when it is missing or malformed.
 
     ``required``: the stages it must have (all three for reconstruction; fewer for a partial folder,
     e.g. an autoencoder exported before the later stages were trained).
     """
-    folder = Path(folder)
+    folder = as_model_folder(folder)
     if not folder.exists():
         raise XctDiffError(f"model folder not found: {folder}")
     if not folder.is_dir():

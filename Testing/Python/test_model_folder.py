@@ -385,9 +385,10 @@ def zipped(folder: Path) -> Path:
                               "that holds manifest.json"),
      (lambda d, m: autoencoder_only(m), "lacks the encoder, diffusion stage(s) (a partial model folder, which cannot "
                                         "reconstruct: the later stages train on it with xctdiff train STAGE --init)"),
-     (lambda d, m: d, "not a model folder (no manifest.json): {d}; the model folder in it: {m}")],
+     (lambda d, m: d, "not a model folder (no manifest.json): {d}; the model folder in it: {m}"),
+     (lambda d, m: " ", "the model folder given is an empty name: give a model folder, or none for the bundled model")],
     ids=["missing", "a file", "empty folder", "its manifest", "its weights", "a zip of it", "autoencoder only",
-         "the folder above it"],
+         "the folder above it", "an empty name"],
 )
 def test_not_a_model_folder(folder, tmp_path, make, words):
     """What a colleague may give instead of the model folder: each says what to give instead (the file's folder,

@@ -388,7 +388,8 @@ def add_reconstruct_command(subparsers):
     p.add_argument("--format", dest="output_format", choices=CT_FORMATS,
                    help="the CT's file type (default: -o's suffix, else nrrd); dicom: a DICOM CT series folder that "
                         "joins a DICOM film's study (its patient and study attributes are copied), for PACS and viewers")
-    p.add_argument("--model", help="model folder with manifest.json (default: the bundled model)")
+    p.add_argument("--model", help="model folder with manifest.json (default: the bundled model; "
+                   "`xctdiff inspect DIR` says what a model is)")
     ReconstructOptions.add_arguments(p)  # --steps, --samples, --seed, --device, --style, --method, --sampler, ...
     p.add_argument("--recursive", action="store_true",
                    help="with a folder: the films in its sub-folders too (as NIH ChestX-ray14 or a DICOMDIR export "
