@@ -965,6 +965,8 @@ def test_a_partial_folder_keeps_the_autoencoder_and_starts_the_encoder_on_it(tmp
 
     partial = tmp_path / "ae"
     assert main(["export", str(chain), "--out", str(partial), "--stages", "autoencoder", "--dtype", "float32"]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (  # what to do with it
+        f"next: `xctdiff train encoder --init {partial} ...` (a partial folder: it cannot reconstruct)")
     manifest = json.loads((partial / "manifest.json").read_text(encoding="utf-8"))
     assert set(manifest["stages"]) == {"autoencoder"}
     with pytest.raises(XctDiffError, match="lacks the encoder, diffusion stage"):
@@ -1344,6 +1346,9 @@ def test_export_refuses_diverged_weights_a_swapped_checkpoint_and_its_own_run_fo
     shutil.copytree(chain, run)
     status, lines = run_cli(["export", str(run), "--out", str(run)], capsys)
     assert status == 2 and "would be written into the run folder" in lines[-1]
+    status, lines = run_cli(["export", str(run), "--out", str(tmp_path / "whole")], capsys)
+    assert status == 0 and lines[-1] == (f"next: `xctdiff evaluate --model {tmp_path / 'whole'} --data DATALIST --out EVAL`, "
+                                         f"`xctdiff reconstruct FILM --model {tmp_path / 'whole'}`")
     shutil.copy(checkpoint_path(chain, "encoder"), checkpoint_path(run, "diffusion"))
     status, lines = run_cli(["export", str(run), "--out", str(tmp_path / "m")], capsys)
     assert status == 2 and lines[-1].endswith("is a checkpoint of the encoder stage, not of the diffusion stage"), lines

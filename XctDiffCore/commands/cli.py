@@ -131,6 +131,10 @@ def _run_export(args) -> int:
     manifest = export_run(args.run, args.out, args.dtype, args.id, args.version, card, args.data, metrics, args.method,
                           stages=args.stages, min_consistency=args.min_consistency)
     print(f"wrote {manifest}")
+    missing = [stage for stage in ("autoencoder", "encoder", "diffusion") if args.stages and stage not in args.stages]
+    after = (f"`xctdiff train {missing[0]} --init {args.out} ...` (a partial folder: it cannot reconstruct)" if missing
+             else f"`xctdiff evaluate --model {args.out} --data DATALIST --out EVAL`, `xctdiff reconstruct FILM --model {args.out}`")
+    print(f"next: {after}", file=sys.stderr)  # what a newcomer does with the folder
     return 0
 
 
