@@ -1305,6 +1305,18 @@ def test_a_stage_on_another_datalist_than_the_run_or_its_checkpoint_says_so(tmp_
         train("autoencoder", tiny_config(run, other, max_steps=3), resume=True)
 
 
+def test_a_later_stage_on_another_volume_size_than_the_runs_autoencoder_is_refused(tmp_path, chain, datalist):
+    """`train autoencoder --config preview` (64^3) then `train encoder --config cpu` (128^3) trained on without a word:
+    both make 8-channel latents of three levels, the only check."""
+    shutil.copytree(chain / "autoencoder", tmp_path / "run" / "autoencoder")
+    config = tiny_config(tmp_path / "run", datalist, max_steps=1)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, volume_size=64))
+    with pytest.raises(XctDiffError, match=r"^the run's autoencoder trained on 32\^3 volumes, this config's encoder stage "
+                                           r"on 64\^3: give every stage of a run the same --config$"):
+        train("encoder", config)
+    assert not (tmp_path / "run" / "encoder").exists()
+
+
 def test_export_of_a_run_without_its_stages_says_what_to_train_or_keep(tmp_path, chain, capsys):
     """Was `error: checkpoint not found: RUN/encoder/checkpoint.pt`, which said neither what to do nor that
     --stages keeps the trained ones; a misspelt run folder read the same."""

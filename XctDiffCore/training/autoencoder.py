@@ -77,9 +77,14 @@ def trained_autoencoder(run_dir, needed_by: str, device: torch.device, config: O
     """The frozen VQ-GAN of a run and its model config (from the checkpoint, not the current config);
     with ``config``, checked to make the latent grid that config's later stages expect."""
     checkpoint = trained_stage_checkpoint(run_dir, STAGE, needed_by)
-    model_config = config_from_dict(checkpoint["config"]).autoencoder.model
+    trained = config_from_dict(checkpoint["config"])
+    model_config = trained.autoencoder.model
     if config is not None:
         check_latent_compatible(model_config, config)
+        if trained.data.volume_size != config.data.volume_size:  # e.g. `preview` (64^3) then `cpu` (128^3): same latent
+            raise XctDiffError(  # channels, so it went on, every latent cell now a quarter of the anatomy it learnt
+                f"the run's autoencoder trained on {trained.data.volume_size}^3 volumes, this config's {needed_by} stage "
+                f"on {config.data.volume_size}^3: give every stage of a run the same --config")
         warn_other_data(checkpoint, config.data.datalist, "the run's autoencoder", f"the {needed_by} stage trains on it")
     vqgan = build_autoencoder(model_config)
     vqgan.load_state_dict(shipped_weights(checkpoint["models"]))
