@@ -607,6 +607,41 @@ def test_a_bad_film_on_one_torchrun_rank_lets_the_other_finish_and_rank_0_tells_
     assert "rank 0 of 2: left out 3 of 3 radiographs: their outputs are there" in result.stderr, result.stderr[-3000:]
 
 
+def test_a_stopped_torchrun_job_leaves_no_rank_waiting_for_the_others(tmp_path, model_dir, drr_png):
+    """A rank whose share is done waits for the others (for rank 0 to tell the whole folder's outcome). A job
+    scheduler's SIGTERM to torchrun (scancel, `kill PID`), which torchrun passes on as SIGTERM, must end it too: in a
+    gloo rendezvous it waited deaf to it until torchrun's SIGKILL, 30 s later and without a word. Now a rank that is
+    done leaves its tally in torchrun's store and ends, and rank 0 waits by looking, in Python, which a signal stops."""
+    folder = tmp_path / "films"
+    folder.mkdir()
+    for name in "abcdefghij":  # sorted: rank 1 takes b, d, f, h, j (empty: skipped at once), rank 0 the films
+        if name in "bdfhj":
+            (folder / f"{name}.png").write_bytes(b"")
+        else:
+            shutil.copy(drr_png, folder / f"{name}.png")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "XctDiffCore",
+               "reconstruct", str(folder), "-o", str(tmp_path / "out"), "--model", str(model_dir), "--device", "cpu",
+               "--method", "diffusion", "--steps", "20"]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               encoding="utf-8", errors="replace", start_new_session=True)
+    lines = []
+    try:
+        for line in process.stderr:  # until rank 1 has skipped its last film (it is done) and rank 0 is at its second
+            lines.append(line)
+            if f"skipped {folder / 'j.png'}" in "".join(lines) and "rank 0: " in line and " film 2 of 5" in line:
+                break
+        process.terminate()  # SIGTERM to torchrun alone, as a job scheduler sends it
+        lines += process.stderr.readlines()
+        process.wait(timeout=600)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    err = "".join(lines)
+    assert "rank 0 of 2: stopped: reconstructed" in err and "error: terminated" in err, err[-3000:]
+    assert "Unable to shutdown process" not in err, err[-3000:]  # torchrun's words before its SIGKILL
+
+
 def test_torchrun_ranks_draw_plain_lines_not_bars_on_their_shared_terminal(tmp_path, model_dir, drr_png, monkeypatch):
     """The ranks of a torchrun job share one terminal: their tqdm bars overwrote each other on one line. Now each
     rank writes plain lines named by its rank."""

@@ -4,8 +4,8 @@
   another suffix, or ``dicom``: a DICOM series folder ``<stem>_ct``, :mod:`XctDiffCore.dicom_series`).
 * A folder -> every radiograph in it (not recursive; sorted), into an output folder (``-o``, default
   ``<folder>_ct`` beside it, created when missing) of ``<stem>_ct.nrrd`` (or ``--format``'s). Under
-  ``torchrun`` each process takes the files ``rank::world_size`` and, on CUDA, the GPU ``local_rank``; they
-  meet once, at the end (:func:`_gather_at_rank_0`), where rank 0 gives the whole folder's tally and status.
+  ``torchrun`` each process takes the files ``rank::world_size`` and, on CUDA, the GPU ``local_rank``; at the
+  end they tell rank 0 what they did (:func:`_gather_at_rank_0`), which gives the whole folder's tally and status.
   A file that fails is reported and skipped; the command then ends with one error line.
 * No output may be an input or another output of the run (checked before anything is loaded);
   existing files at the output paths are replaced, except with ``skip_existing`` (``--skip-existing``): then a
@@ -538,31 +538,32 @@ def _output_disk_refuses(exc: XctDiffError) -> bool:
 
 
 def _gather_at_rank_0(record, rank: int, world_size: int) -> Optional[list]:
-    """Under torchrun: wait until every rank has done its share of the folder, and give rank 0 every rank's
-    ``record`` (the other ranks get an empty list; None without torchrun's rendezvous: ranks started by hand).
+    """Under torchrun: give rank 0 every rank's ``record`` once it has done its share of the folder (the other ranks
+    get an empty list; None where torchrun's own store is not there to meet in: ranks started by hand).
 
     Why: torchrun stops every process (SIGTERM) as soon as one ends with a non-zero status, so a rank whose share
-    held a bad film, ending first, stopped the other ranks' reconstructions midway. Now the other ranks end with 0
-    once rank 0 holds their records, and rank 0, last, ends with the status of the whole folder and its tally."""
+    held a bad film, ending first, stopped the other ranks' reconstructions midway. Now the other ranks leave their
+    record in the store of torchrun's agent (it outlives them) and end with 0; rank 0, last, ends with the status of
+    the whole folder and its tally. Rank 0 waits by looking every fraction of a second, not in a collective, so
+    that Ctrl-C or SIGTERM stops it at once (a gloo barrier held it until torchrun's SIGKILL, 30 s later)."""
+    import datetime
     import os
 
-    if world_size == 1 or not os.environ.get("MASTER_ADDR"):
+    if world_size == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
         return None
-    import datetime
+    from torch.distributed import TCPStore
 
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return None
-    # a rank whose share is done may wait long for a slower one: days, not gloo's default half hour
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(days=7))
-    try:
-        records = [None] * world_size if rank == 0 else None
-        dist.gather_object(record, records, dst=0)
-        dist.barrier()  # none tears its connections down while another still reads
-    finally:
-        dist.destroy_process_group()
-    return records if rank == 0 else []
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                     timeout=datetime.timedelta(minutes=5), wait_for_workers=False)
+    prefix = (f"xctdiff-reconstruct/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+              f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
+    if rank != 0:
+        store.set(prefix + str(rank), json.dumps(record))
+        return []
+    keys = [prefix + str(other) for other in range(1, world_size)]
+    while not store.check(keys):
+        time.sleep(0.2)
+    return [record] + [json.loads(store.get(key)) for key in keys]
 
 
 def _outputs_current(source: Path, *outputs: Optional[Path]) -> bool:
