@@ -114,9 +114,9 @@ class ReconstructOptions:
         steps = default_steps if self.steps is None else self.steps
         if not 1 <= steps <= num_train_steps:
             raise XctDiffError(f"steps must be between 1 and {num_train_steps}, got {steps}")
-        unused = [name for name, value in (("steps", self.steps), ("sampler", self.sampler)) if value is not None]
+        unused = [name for name, value in (("number of steps", self.steps), ("sampler", self.sampler)) if value is not None]
         if method == "direct" and unused:
-            warn_caller(f"the direct method does not sample: the {' and '.join(unused)} given "
+            warn_caller(f"the direct method does not sample: the {' and the '.join(unused)} given "
                         f"{'is' if len(unused) == 1 else 'are'} ignored (--method diffusion uses them)", MethodWarning)
         return dataclasses.replace(self, method=method, steps=steps, sampler=self.sampler or default_sampler)
 

@@ -259,9 +259,9 @@ def test_direct_path_blends_the_coarse_ct_and_the_diffusion_does_not(tmp_path, f
 def test_steps_or_sampler_with_the_direct_method_warn_that_they_are_ignored(pipe, film):
     from XctDiffCore.pipeline import MethodWarning
 
-    with pytest.warns(MethodWarning, match="the direct method does not sample: the steps given is ignored"):
+    with pytest.warns(MethodWarning, match="the direct method does not sample: the number of steps given is ignored"):
         pipe.reconstruct(film, method="direct", steps=5, device="cpu")
-    with pytest.warns(MethodWarning, match="the steps and sampler given are ignored"):
+    with pytest.warns(MethodWarning, match="the number of steps and the sampler given are ignored"):
         pipe.reconstruct(film, method="direct", steps=5, sampler="ddim", device="cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

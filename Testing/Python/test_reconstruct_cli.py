@@ -1206,7 +1206,7 @@ def test_steps_with_the_direct_method_are_a_one_line_warning(cli, tmp_path):
     status, _, err = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / "ct.nrrd", "--method", "direct", "--sampler", "ddim")
     assert status == 0
     warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
-    assert warnings == ["warning: the direct method does not sample: the steps and sampler given are ignored "
+    assert warnings == ["warning: the direct method does not sample: the number of steps and the sampler given are ignored "
                         "(--method diffusion uses them)"], err
     status, _, err = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / "b.nrrd", "--method", "diffusion")
     assert status == 0 and "warning" not in err
