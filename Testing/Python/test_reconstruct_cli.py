@@ -285,11 +285,26 @@ def test_uncertainty_and_views_with_two_samples(cli, tmp_path):
         assert image.size == views_size(rows=2)  # a second row: the uncertainty's slices
 
 
-def test_uncertainty_needs_two_samples(cli, tmp_path):
-    status, stdout, err = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / "ct.nrrd", "--uncertainty", tmp_path / "std.nrrd")
-    assert status == 2
-    assert_one_error_line(err, "an uncertainty map needs --samples 2 or more")
-    assert listing(tmp_path) == [] and stdout == ""
+def test_uncertainty_needs_two_samples(cli, tmp_path, monkeypatch):
+    """Refused before the model loads (it was refused after: seconds, or minutes for a large model, for what the
+    command line already said), for a film and for a folder."""
+    import XctDiffCore.commands.reconstruct_job as job
+
+    monkeypatch.setattr(job, "_load_pipeline", lambda *a: pytest.fail("the model was loaded"))
+    (tmp_path / "films").mkdir()
+    for given in (SAMPLE_RADIOGRAPH, tmp_path / "films"):
+        status, stdout, err = cli(given, "-o", tmp_path / "out" / "ct.nrrd", "--uncertainty", tmp_path / "std.nrrd")
+        assert status == 2
+        assert_one_error_line(err, "an uncertainty map needs --samples 2 or more")
+        assert listing(tmp_path) == ["films"] and stdout == ""
+
+
+def test_one_film_under_torchrun_is_reconstructed_by_rank_0_alone(cli, tmp_path, monkeypatch):
+    """Every rank reconstructed a single film and wrote the same files at the same time."""
+    monkeypatch.setattr("XctDiffCore.device.torchrun_rank", lambda: (1, 2, 1))
+    status, stdout, err = cli(SAMPLE_RADIOGRAPH, "-o", tmp_path / "ct.nrrd")
+    assert status == 0 and listing(tmp_path) == [] and stdout == ""
+    assert err.strip() == "rank 1 of 2: one radiograph, reconstructed by rank 0"
 
 
 def test_progress_lines_and_result(cli, tmp_path):

@@ -373,6 +373,8 @@ def run_reconstruct(
     input_path = Path(input_path)
     if not input_path.exists():
         raise XctDiffError(f"file not found: {input_path}")
+    if uncertainty is not None and options.samples < 2:  # the command line says so: before the model loads
+        raise XctDiffError("an uncertainty map needs --samples 2 or more")
     if recursive and not input_path.is_dir():
         raise XctDiffError(f"--recursive searches a folder, got the file {input_path}")
     rank, world_size, local_rank = torchrun_rank()
@@ -409,6 +411,9 @@ def run_reconstruct(
             if torch.cuda.is_available():
                 device = f"cuda:{local_rank % torch.cuda.device_count()}"
     else:
+        if rank != 0:  # one film is rank 0's: every rank would write the same files at once
+            print(f"rank {rank} of {world_size}: one radiograph, reconstructed by rank 0", file=sys.stderr, flush=True)
+            return 0
         from ..atomic import check_output_path
         from ..io import read_radiograph
 
