@@ -162,10 +162,10 @@ def _dicom_ct_series(folders: Iterable[Path], ignored: list, use_patient_id: boo
     found = []
     bar = None
     if progress:
-        from tqdm import tqdm
+        from .progress import progress_bar  # a bar on a terminal, plain lines in a log file
 
         folders = list(folders)
-        bar = tqdm(total=len(folders), desc="search", unit="folder", leave=False)
+        bar = progress_bar(len(folders), "search", "folder", leave=False)
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on stderr for every folder without a series
     try:

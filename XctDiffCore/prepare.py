@@ -137,10 +137,9 @@ def prepare_dataset(
     CTs at once, each in its own process on one thread (0: one per core); the output is the same (byte for byte
     in the tests). The mixes are made afterwards, here: their registration's sums follow the thread count.
     ``resume``: a CT whose pairs this folder holds from the same file with the same settings is not prepared again."""
-    from tqdm import tqdm
-
     from .drr import make_geometry
     from .mixing import check_mix_request
+    from .progress import progress_bar
 
     if augment < 0:
         raise XctDiffError(f"--augment must be 0 or more, got {augment}")
@@ -177,7 +176,7 @@ def prepare_dataset(
         jobs = [_CtJob(c, augment, seed, size, geometry, out_dir, c.patient in mix_patients, resume) for c in cts]
         entries, to_mix, left_out = {}, {}, []
         try:
-            with tqdm(total=len(cts) * (augment + 1), desc="prepare", unit="pair", disable=not progress) as bar, \
+            with progress_bar(len(cts) * (augment + 1), "prepare", "pair", disable=not progress) as bar, \
                     _worker_pool(workers, len(jobs)) as pool:
                 for job, (pairs, ct, error) in zip(jobs, pool.map(_prepare_ct, jobs) if pool else map(_prepare_ct, jobs)):
                     bar.set_postfix_str(job.ct.patient)
@@ -338,13 +337,12 @@ def _write_mixes(cts: dict, per_patient: int, seed: int, out_dir: Path, geometry
     return their datalist entries."""
     if not per_patient:
         return []
-    from tqdm import tqdm
-
     from .mixing import make_mixes
+    from .progress import progress_bar
 
     entries = []
     total = len(cts) * min(per_patient, len(cts) - 1) * (1 if away_range is None else 2)
-    with tqdm(total=total, desc="mix", unit="chest", disable=not progress) as bar:
+    with progress_bar(total, "mix", "chest", disable=not progress) as bar:
         for mix in make_mixes(cts, per_patient, seed=seed, away_range=away_range):
             entry = _write_pair(mix.volume, mix.name, out_dir, geometry, size)
             entries.append({**entry, "patient": mix.name, "aug": 0,

@@ -268,8 +268,30 @@ def test_the_search_bar_counts_each_folder_with_its_series(tmp_path, monkeypatch
             shown.append((self.n, self.postfix))
 
     monkeypatch.setattr(tqdm, "tqdm", Bar)
+    monkeypatch.setattr("XctDiffCore.progress.is_terminal", lambda stream: True)  # the bar is for a terminal
     assert len(find_ct_inputs([tmp_path / "in"], progress=True)) == 1
     assert shown == [(1, "0 CT series"), (2, "1 CT series")]  # the folder searched, then its series folder
+
+
+def test_a_log_file_gets_progress_lines_with_the_time_left_not_redrawn_bars(tmp_path, capsys):
+    """`xctdiff prepare ... 2> log` (a cluster job, nohup) filled the log with one very long line of bars redrawn
+    with carriage returns; the search's bar too. Without a terminal each now writes plain lines: done of total and
+    the time left, as the training stages do."""
+    import re
+
+    from XctDiffCore.progress import ProgressLines
+
+    _write_phantoms(tmp_path / "in")
+    assert main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--size", str(SIZE)]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "it/s" not in err
+    assert re.search(r"^prepare: 1 of 3 pairs, (\d+ min \d\d s|\d+ s) left \(phantom\d\)$", err, re.M), err
+    assert re.search(r"^prepare: 3 of 3 pairs \(phantom\d\)$", err, re.M), err
+    lines = ProgressLines(40, "search", "folder")
+    lines.started -= 100  # 100 s for the first 10 folders: 5 min for the 30 left
+    lines.update(10)
+    assert lines.line() == "search: 10 of 40 folders, 5 min 00 s left"
+    assert "search: 10 of 40 folders, 5 min 00 s left" in capsys.readouterr().err
 
 
 def test_prepare_leaves_out_a_broken_ct_and_ends_with_one_error(tmp_path, capsys):

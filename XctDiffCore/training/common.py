@@ -47,6 +47,7 @@ from ..config import config_to_dict
 from ..errors import XctDiffError, first_line
 from ..model_folder import EXPORT_DTYPES, export_stage, file_sha256, write_manifest  # noqa: F401 (the stages' exports)
 from ..model_folder import non_finite_tensor
+from ..progress import is_terminal, time_left
 from .data import PairDataset, train_loader
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -625,7 +626,7 @@ class Progress:
     def __init__(self, stage: str, total: int, initial: int, enabled: bool):
         self.enabled, self.stage, self.bar = enabled, stage, None
         self.total, self.initial, self.started = total, initial, time.monotonic()
-        if not enabled or not _is_terminal(sys.stderr):
+        if not enabled or not is_terminal(sys.stderr):
             return
         try:
             from tqdm import tqdm
@@ -660,23 +661,12 @@ class Progress:
         done = step - self.initial
         if done <= 0 or step >= self.total:
             return ""
-        seconds = round((time.monotonic() - self.started) / done * (self.total - step))
-        hours, rest = divmod(seconds, 3600)
-        minutes, seconds = divmod(rest, 60)
-        left = f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
-        return f", {left} left"
+        return f", {time_left((time.monotonic() - self.started) / done * (self.total - step))} left"
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         Progress._open.discard(self)
-
-
-def _is_terminal(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
-        return False
 
 
 class StageLog:
