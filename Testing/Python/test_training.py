@@ -995,16 +995,19 @@ def test_a_partial_folder_keeps_the_autoencoder_and_starts_the_encoder_on_it(tmp
         export_run(chain, tmp_path / "bad", stages=("style",))
 
 
-def test_a_user_error_under_torchrun_is_one_line_per_rank_and_fails_the_job(tmp_path, datalist):
+def test_a_user_error_under_torchrun_is_said_once_and_fails_the_job(tmp_path, datalist):
     """Ranks leave with os._exit (cli._exit_without_teardown): each rank's exit status must survive it,
-    and its error stays one line."""
+    and its error stays one line. Every rank met the same refusal and printed it: N identical lines above
+    torchrun's report; now the first rank to meet it says it, the others exit with the same status quietly."""
     result = torchrun(["train", "encoder", "--config", "tiny", "--data", str(datalist), "--out", str(tmp_path / "run"),
                        "--time-limit", "-1"], timeout=300)
     assert result.returncode != 0
-    # torchrun stops the other rank (SIGTERM, -15) as soon as one fails: it may not get to its own line
-    assert 1 <= result.stderr.count("error: --time-limit must be a positive number of minutes, got -1") <= 2
+    assert result.stderr.count("error: --time-limit must be a positive number of minutes, got -1") == 1, result.stderr
     assert "exitcode  : 2 " in result.stderr  # torchrun's report: a rank's own status survived os._exit
     assert "XctDiffCore/" not in result.stderr  # no traceback through the engine (torchrun prints its own)
+    result = torchrun(["train", "encoder", "--config", "tiny", "--data", str(tmp_path / "none.json"), "--out",
+                       str(tmp_path / "run")], timeout=300)
+    assert result.stderr.count("error: datalist not found: ") == 1 and "XctDiffCore/" not in result.stderr
 
 
 def test_init_under_two_process_ddp_copies_the_stages_once(tmp_path, exported, datalist):

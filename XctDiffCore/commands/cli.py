@@ -746,6 +746,35 @@ def _missing_temporary_folder(exc: FileNotFoundError) -> int:
     """tempfile raises FileNotFoundError wherever a library first asks for a temporary folder and none is usable:
     one line saying so; any other FileNotFoundError is raised on."""
     from ..atomic import temporary_folder_problem
+def _first_rank_to_say(line: str) -> bool:
+    """Under torchrun, whether this rank is the first of the job to say ``line`` (its error): every rank met the same
+    refusal (a bad config, a missing datalist) and printed it, N identical lines above torchrun's own report. The
+    ranks count the line in the store of torchrun's agent. True without torchrun, or where that store cannot be
+    reached (ranks started by hand), so that no error goes unsaid. A rank that stays quiet may be ended by torchrun
+    (SIGTERM) while it asks: it then exits with the same status, without a word."""
+    import hashlib
+
+    if os.environ.get("WORLD_SIZE", "1") == "1" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return True
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(2)) if threading.current_thread() is \
+        threading.main_thread() else None
+    try:
+        import datetime
+
+        from torch.distributed import TCPStore
+
+        store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=datetime.timedelta(seconds=10), wait_for_workers=False)
+        key = (f"xctdiff-said/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+               + hashlib.sha256(line.encode("utf-8", "replace")).hexdigest())
+        return store.add(key, 1) == 1
+    except Exception:  # noqa: BLE001 - no store, no counting: say it
+        return True
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 
     problem = temporary_folder_problem()
     if problem is None:
@@ -813,7 +842,9 @@ def main(argv=None) -> int:
         sys.stdout.flush()  # here, so that a closed pipe is seen here
         return status
     except XctDiffError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)  # one line, whatever a file name holds
+        line = f"error: {one_line(exc)}"  # one line, whatever a file name holds
+        if _first_rank_to_say(line):  # under torchrun once, not once per rank
+            print(line, file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # its words, where the command had some (train: the checkpoint kept)
         print("error: interrupted" + (f": {one_line(exc)}" if exc.args else ""), file=sys.stderr)
