@@ -404,6 +404,8 @@ def add_reconstruct_command(subparsers):
     p.add_argument("--views", metavar="PNG", help="also write an overview PNG (input, DRR of the result, CT "
                    "slices; a caption with the consistency and any warning)")
     p.add_argument("--uncertainty", metavar="OUT", help="also write the voxel-wise std over the samples (needs --samples >= 2)")
+    p.add_argument("--report", metavar="CSV", help="also write one row per radiograph (status, CT, consistency, "
+                   "method, seed, seconds, warnings, why skipped) to this CSV file, for a folder's films above all")
     p.add_argument("--progress-lines", action="store_true", help="print PROGRESS/RESULT lines on stdout (PROTOCOL.md)")
     p.add_argument("--no-cpu-fallback", action="store_true", help="fail on CUDA out-of-memory instead of continuing on the CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the diffusion UNet (pays off for folders)")
@@ -431,6 +433,7 @@ def _run_reconstruct(args) -> int:
         args.input, args.output, model=args.model, options=options, views=args.views, uncertainty=args.uncertainty,
         progress_lines=args.progress_lines, cpu_fallback=not args.no_cpu_fallback, compile=args.compile,
         output_format=args.output_format, recursive=args.recursive, skip_existing=args.skip_existing,
+        report=args.report,
     )
 
 
