@@ -486,6 +486,62 @@ def test_a_folders_last_line_counts_the_films_and_names_the_flagged_and_skipped_
                                                           "(2.0 s each, the model's loading included)")
 
 
+def read_report(path) -> list:
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_a_folders_report_has_one_row_per_radiograph_for_a_spreadsheet(cli, batch, tmp_path):
+    """A thousand films' summary lines in a log were the only record of a folder's run: --report writes one row per
+    film (reconstructed with its consistency and warnings, skipped with the reason, already done under
+    --skip-existing), sorted, written whole even when a film failed."""
+    (batch / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    report = tmp_path / "report.csv"
+    status, _, err = cli(batch, "--report", report)
+    assert status == 2 and f"report: {report} (one row per radiograph)" in err
+    rows = read_report(report)
+    assert [(r["film"], r["status"]) for r in rows] == [("broken.png", "skipped"), ("drr.png", "reconstructed"),
+                                                         ("film.dcm", "reconstructed")]
+    assert rows[0]["reason"] and not rows[0]["output"]
+    for r in rows[1:]:
+        assert 0.0 < float(r["consistency"]) <= 1.0 and r["output"].endswith("_ct.nrrd") and float(r["seconds"]) >= 0
+        assert r["method"] and r["precision"] in ("fp32", "bf16") and r["device"].startswith("cpu")
+    (batch / "broken.png").unlink()
+    status, _, err = cli(batch, "--report", report, "--skip-existing")
+    assert status == 0, err
+    assert {r["status"] for r in read_report(report)} == {"already done"}
+
+
+def test_a_report_that_would_replace_a_film_or_an_output_is_refused_before_any_work(cli, batch, tmp_path):
+    for given, clash in ((batch / "drr.png", batch / "drr.png"), (batch, batch / "film.dcm"),
+                         (batch, tmp_path / "batch_ct" / "film_ct.nrrd")):
+        status, stdout, err = cli(given, "--report", clash)
+        assert status == 2 and stdout == ""
+        assert_one_error_line(err, f"the report {clash} is ")
+    assert not (tmp_path / "batch_ct").exists() and not (tmp_path / "drr_ct.nrrd").exists()
+
+
+def test_a_folder_stopped_by_ctrl_c_reports_the_films_not_reached(cli, batch, tmp_path, monkeypatch):
+    import XctDiffCore.pipeline as pipeline
+
+    real = pipeline.reconstruct_file
+    calls = []
+
+    def second_is_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "reconstruct_file", second_is_interrupted)
+    report = tmp_path / "report.csv"
+    status, _, err = cli(batch, "--report", report)
+    assert status == 130 and "stopped: reconstructed 1 of 2" in err
+    assert [(r["film"], r["status"]) for r in read_report(report)] == [("drr.png", "reconstructed"),
+                                                                      ("film.dcm", "not reached")]
+
 def test_skip_existing_continues_an_interrupted_folder(cli, batch, tmp_path, monkeypatch):
     """--skip-existing leaves out a film whose outputs are all there and newer than it; a film without its views, or
     edited since its CT was written, is reconstructed again."""
@@ -608,10 +664,14 @@ def test_a_bad_film_on_one_torchrun_rank_lets_the_other_finish_and_rank_0_tells_
         shutil.copy(drr_png, folder / f"{name}.png")
     (folder / "b.png").write_bytes(b"")
     (folder / "d.png").write_text("not an image\n")
-    args = ["reconstruct", folder, "-o", out, "--model", model_dir, "--device", "cpu", "--steps", STEPS]
+    args = ["reconstruct", folder, "-o", out, "--model", model_dir, "--device", "cpu", "--steps", STEPS,
+            "--report", tmp_path / "report.csv"]
     result = torchrun(args)
     assert result.returncode != 0, result.stderr[-3000:]
     assert listing(out) == ["a_ct.nrrd", "c_ct.nrrd", "e_ct.nrrd"], result.stderr[-3000:]
+    assert [(r["film"], r["status"]) for r in read_report(tmp_path / "report.csv")] == [  # rank 0 writes every rank's
+        ("a.png", "reconstructed"), ("b.png", "skipped"), ("c.png", "reconstructed"), ("d.png", "skipped"),
+        ("e.png", "reconstructed")]
     ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "reconstructed ", "stopped"))]
     assert len(ours) == 2 and ours[1] == "error: 2 of 5 radiographs could not be reconstructed (see the lines above)", ours
     assert re.fullmatch(r"reconstructed 3 of 5 radiographs in \d+ s by 2 processes \([0-9.]+ s each, the model's "
@@ -620,6 +680,8 @@ def test_a_bad_film_on_one_torchrun_rank_lets_the_other_finish_and_rank_0_tells_
     ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "reconstructed ", "stopped"))]
     assert result.returncode != 0 and ours[-1].startswith("error: 2 of 2 radiographs could not"), result.stderr[-3000:]
     assert "rank 0 of 2: left out 3 of 3 radiographs: their outputs are there" in result.stderr, result.stderr[-3000:]
+    assert [r["status"] for r in read_report(tmp_path / "report.csv")] == ["already done", "skipped", "already done",
+                                                                         "skipped", "already done"]
 
 
 def test_a_stopped_torchrun_job_leaves_no_rank_waiting_for_the_others(tmp_path, model_dir, drr_png):

@@ -33,6 +33,7 @@ from typing import Iterator, Optional
 
 from ..errors import XctDiffError
 from ..options import ReconstructOptions, turn_words
+from . import batch_report
 
 # Fractions of the whole command: loading the model, then the pipeline, then writing the files.
 LOADED, WRITING = 0.05, 0.95
@@ -360,10 +361,12 @@ def run_reconstruct(
     output_format: Optional[str] = None,
     recursive: bool = False,
     skip_existing: bool = False,
+    report=None,
 ) -> int:
     """The ``xctdiff reconstruct`` command; returns the exit status (errors raise :class:`XctDiffError`).
     ``recursive``: a folder's sub-folders too, each film's outputs in the same sub-folder of the output folders.
-    ``skip_existing``: leave out the films whose outputs are all there, newer than the film."""
+    ``skip_existing``: leave out the films whose outputs are all there, newer than the film. ``report``: a CSV file
+    of one row per film (:mod:`XctDiffCore.commands.batch_report`)."""
     from ..device import torchrun_rank
     from ..io import film_stem
     from ..pipeline import check_volume_output, default_output_path, reconstruct_file
@@ -396,7 +399,8 @@ def run_reconstruct(
         _refuse_overlaps(found, jobs)
         _refuse_outputs_searched(folder, jobs, recursive)
         share = f"rank {rank} of {world_size}: " if world_size > 1 else ""  # under torchrun: this process's share
-        jobs = _left_to_do(jobs, share) if skip_existing else jobs  # all done: no folder need be made or writable
+        planned, jobs = jobs, (_left_to_do(jobs, share) if skip_existing else jobs)  # all done: no folder need be
+        # made or writable
         for top in (out_dir, unc_dir, views_dir):
             if top is not None and (jobs or not skip_existing):  # a torchrun rank without films makes them too
                 _output_folder(top)
@@ -405,6 +409,8 @@ def run_reconstruct(
         if output_format == "dicom":  # each series folder: before any work, not after the first reconstruction
             for _, out, *_ in jobs:
                 check_volume_output(out, output_format)
+        if report is not None and rank == 0:  # rank 0 writes it: its folder there and writable, before any work
+            _check_report(report, found, planned)
         if world_size > 1 and device in ("auto", "cuda"):
             import torch
 
@@ -420,7 +426,9 @@ def run_reconstruct(
         output = Path(output) if output else default_output_path(input_path, output_format)
         jobs.append((input_path, output, Path(uncertainty) if uncertainty else None, Path(views) if views else None))
         _refuse_overlaps([input_path], jobs)
-        jobs = _left_to_do(jobs) if skip_existing else jobs
+        planned, jobs = jobs, (_left_to_do(jobs) if skip_existing else jobs)
+        if report is not None:
+            _check_report(report, [input_path], planned)
         if jobs:  # fail before loading the model, on the outputs (folder there and writable) ...
             check_volume_output(output, output_format)
             for extra in jobs[0][2:]:
@@ -431,8 +439,14 @@ def run_reconstruct(
             # ... and on the input (read again by the pipeline: a few ms)
             check_radiograph_aspect(read_radiograph(input_path).image.shape, f"radiograph {input_path}")
 
+    def named(path) -> str:  # as below the folder: with --recursive two sub-folders may hold one name
+        return str(Path(path).relative_to(input_path)) if input_path.is_dir() else Path(path).name
+
+    rows = [batch_report.row(named(job[0]), "already done", job[1]) for job in planned if job not in jobs]
     if skip_existing and not jobs and world_size == 1:  # every output current (a torchrun rank goes on: its
-        return 0  # RESULT is awaited, and the other ranks wait for it at the end)
+        if report is not None:  # RESULT is awaited, and the other ranks wait for it at the end)
+            _write_report(report, rows)
+        return 0
     display = ProgressDisplay(progress_lines, description=f"rank {rank}" if world_size > 1 else "reconstruct",
                               films=len(jobs), bar=world_size == 1)
     results, failures, shown = [], [], set()  # shown: the warnings about the run given so far
@@ -465,12 +479,14 @@ def run_reconstruct(
                             f"reconstructed); make room, then the same command with --skip-existing continues with "
                             f"the other {len(jobs) - len(results)}") from exc
                     failures.append(source)
+                    rows.append(batch_report.row(named(source), "skipped", reason=one_line(exc)))
                     print(f"skipped {path_text(source)}: {one_line(exc)}", file=sys.stderr, flush=True)
                     continue
                 _show_held_warnings(held, source, result.warnings, shown)
                 result.timings["load"] = pipe.load_seconds
                 seconds = time.perf_counter() - start
                 results.append((source, written, result))
+                rows.append(batch_report.row(named(source), "reconstructed", written[0], result, seconds))
                 _print_line(display, summary_line(source, written[0], seconds, result, protocol=progress_lines))
             display(1.0, "done")
         except BaseException as exc:
@@ -479,17 +495,21 @@ def run_reconstruct(
                 share = f"rank {rank} of {world_size}: " if world_size > 1 else ""  # each says its own share
                 print(share + stopped_batch_line(results, failures, len(jobs), time.perf_counter() - started),
                       file=sys.stderr, flush=True)
+                if report is not None and world_size == 1:  # what is done, and what is not (torchrun's ranks do not
+                    finished = {row["film"] for row in rows}  # meet once stopped: no report then)
+                    _write_report(report, rows + [batch_report.row(named(source), "not reached")
+                                                  for source, *_ in jobs if named(source) not in finished])
             raise
         finally:
             display.close()
     if progress_lines:
         print("RESULT " + json.dumps(_result_record(results, failures, batch=input_path.is_dir())), flush=True)
     if not input_path.is_dir():
+        if report is not None:
+            _write_report(report, rows)
         return 0
-    def named(paths) -> list:  # as below the folder: with --recursive two sub-folders may hold one name
-        return [str(Path(p).relative_to(input_path)) for p in paths]
-
-    record = (len(results), named(source for source, _, result in results if result.warnings), named(failures), len(jobs))
+    record = (len(results), [named(source) for source, _, result in results if result.warnings],
+              [named(source) for source in failures], len(jobs), rows)
     ranks = _gather_at_rank_0(record, rank, world_size)
     if ranks is None:  # one process (or a rank on its own): its share is the whole
         ranks = [record]
@@ -499,6 +519,8 @@ def run_reconstruct(
     failed = sorted(f for r in ranks for f in r[2])
     print(batch_tally(done, sorted(f for r in ranks for f in r[1]), failed, total, time.perf_counter() - started,
                       processes=world_size if len(ranks) > 1 else 1), file=sys.stderr, flush=True)
+    if report is not None:
+        _write_report(report, [row for r in ranks for row in r[4]])
     if failed:
         raise XctDiffError(f"{len(failed)} of {total} radiographs could not be reconstructed (see the lines above)")
     return 0
@@ -569,6 +591,22 @@ def _gather_at_rank_0(record, rank: int, world_size: int) -> Optional[list]:
     while not store.check(keys):
         time.sleep(0.2)
     return [record] + [json.loads(store.get(key)) for key in keys]
+
+
+def _check_report(report, films: list, jobs: list) -> None:
+    """The report's folder there and writable, and the report neither a film nor an output of the run (it would
+    replace it): before any work."""
+    from ..atomic import check_output_path, file_identity
+
+    check_output_path(report)
+    taken = {file_identity(p): p for p in [*films, *(p for job in jobs for p in job[1:] if p is not None)]}
+    if file_identity(report) in taken:
+        raise XctDiffError(f"the report {report} is {taken[file_identity(report)]}, a file of the run: write it elsewhere")
+
+
+def _write_report(path, rows: list) -> None:
+    print(f"report: {path_text(batch_report.write_report(path, rows))} (one row per radiograph)", file=sys.stderr,
+          flush=True)
 
 
 def _outputs_current(source: Path, *outputs: Optional[Path]) -> bool:
