@@ -333,6 +333,61 @@ def test_variant_bank_is_made_once_shared_by_stages_resumes_exactly_and_holds_th
     assert not torch.allclose(bank.latents["p1"][1], bank.latents["p1"][0])  # the others are warped
 
 
+def test_the_variant_bank_is_made_in_slots_and_resumes_to_the_same_bank(tmp_path, chain, datalist, capsys):
+    """The bank ignored --time-limit (the `cpu` config's took 18 min on the 2-core CPU, past a 10-minute slot) and a
+    slot killed before it was whole kept nothing, so 10-minute slots never got past it. Now the variants made are
+    kept one file each, --time-limit, SIGTERM and Ctrl-C stop it between variants with a line saying how many are
+    made, and --resume makes the rest: the same bank, byte for byte, as one made at once."""
+    from XctDiffCore.drr import make_geometry
+    from XctDiffCore.training.autoencoder import trained_autoencoder
+    from XctDiffCore.training.common import Distributed, StoppedBeforeTraining
+    from XctDiffCore.training.variant_bank import BANK_DIR, load_or_build_bank
+
+    for run in ("straight", "slots"):
+        shutil.copytree(chain / "autoencoder", tmp_path / run / "autoencoder")
+    train("encoder", bank_config(tmp_path / "straight", datalist, 1))
+    capsys.readouterr()
+    slots = tmp_path / "slots"
+    train("encoder", bank_config(slots, datalist, 1), time_limit=1e-6)  # a slot spent before the first variant
+    (parts,) = (slots / BANK_DIR).iterdir()
+    assert (f"variant bank: stopped by --time-limit with 0 of 12 variants made (kept in {parts}); the same command "
+            "with --resume makes the rest, then trains") in capsys.readouterr().err
+    assert not (slots / "encoder").exists()  # no checkpoint, no empty stage folder
+
+    class Slot:
+        """A deadline that says stop at its ``after + 1``-th question (SIGTERM), or Ctrl-C there (``ctrl_c``)."""
+
+        def __init__(self, after: int, ctrl_c: bool = False):
+            self.asked, self.after, self.ctrl_c = 0, after, ctrl_c
+
+        def due(self):
+            self.asked += 1
+            if self.asked > self.after and self.ctrl_c:
+                raise KeyboardInterrupt
+            return "SIGTERM" if self.asked > self.after else None
+
+        def agree(self, cause):
+            return cause
+
+    config = bank_config(slots, datalist, 1)
+    vqgan, _ = trained_autoencoder(config.run.dir, "encoder", torch.device("cpu"))
+    dataset = PairDataset(datalist, "training", config.data.volume_size, config.data.xray_size)
+    args = (config.run.dir, dataset, datalist, vqgan, make_geometry("cone"), config.data.xray_size,
+            config.data.volume_size, config.encoder.augment.magnitudes(), 3, config.run.seed,
+            Distributed(0, 0, 1, torch.device("cpu")), "fp32")
+    with pytest.raises(StoppedBeforeTraining, match=r"stopped by SIGTERM with 5 of 12 variants made"):
+        load_or_build_bank(*args, deadline=Slot(5))
+    with pytest.raises(StoppedBeforeTraining, match=r"stopped by Ctrl-C with 7 of 12 variants made"):
+        load_or_build_bank(*args, deadline=Slot(2, ctrl_c=True))
+    assert len(list(parts.glob("*.pt"))) == 7 and not [p for p in parts.iterdir() if ".tmp" in p.name]
+    capsys.readouterr()
+    train("encoder", config, resume=True)  # the 5 left, then the step
+    assert "(7 of 12 made before)" in capsys.readouterr().err  # the stage's bank is the one made in slots
+    (made,), (straight,) = ((tmp_path / run / BANK_DIR).iterdir() for run in ("slots", "straight"))
+    assert made.name == straight.name and made.read_bytes() == straight.read_bytes()  # parts gone, the same bank
+    checkpoints_match(checkpoint_path(tmp_path / "straight", "encoder"), checkpoint_path(slots, "encoder"))
+
+
 def test_encoder_bone_weight_weights_the_latent_cells_that_hold_bone(tmp_path, chain, datalist):
     """``encoder.bone_weight``: the bank keeps each variant's bone fractions at the latent grid (variant 0:
     the CT's own), in a bank file of its own, and the loss the encoder follows is the weighted one."""

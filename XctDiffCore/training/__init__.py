@@ -79,18 +79,24 @@ def train(stage: str, config: Config, data=None, out=None, resume: bool = False,
         from .diffusion import train_diffusion as run
     import contextlib
 
-    from .common import (Deadline, Progress, checkpoint_path, checkpoint_step, cleanup_distributed, setup_distributed,
-                         stage_lock)
+    from .common import (Deadline, Progress, StoppedBeforeTraining, checkpoint_path, checkpoint_step, cleanup_distributed,
+                         setup_distributed, stage_lock)
 
     job = setup_distributed()  # one process, or this rank of a torchrun job
     run_dir = Path(config.run.dir)
     new_folders = [folder for folder in (run_dir, run_dir / stage) if not folder.exists()]
     finished, ours, deadline = False, False, None  # ours: this job holds the stage folder (a refused second job removes nothing)
+    stopped_before = None  # stopped in the variant bank, before the first step: the variants made are kept
     try:
         with stage_lock(run_dir, stage) if job.is_main else contextlib.nullcontext():
             ours = True
             deadline = Deadline(time_limit, job, f"the {stage} stage")
-            path = run(config, resume, job, deadline)
+            try:
+                path = run(config, resume, job, deadline)
+            except StoppedBeforeTraining as stop:
+                stopped_before, path = stop, checkpoint_path(run_dir, stage)
+        if stopped_before is not None and job.is_main and not path.is_file():
+            _remove_unfinished(new_folders)  # an empty stage folder; the bank's variants are kept in the run's
         finished = True
     except BaseException as exc:
         Progress.close_open()  # the error line below the bar, not on it
@@ -109,6 +115,12 @@ def train(stage: str, config: Config, data=None, out=None, resume: bool = False,
         if deadline is not None:
             deadline.restore()
         cleanup_distributed(job, finished)
+    if stopped_before is not None:  # a slot spent on the bank: exit as the step loop does when so stopped
+        if stopped_before.cause == "Ctrl-C":
+            raise KeyboardInterrupt(*([str(stopped_before)] if job.is_main else []))
+        if job.is_main:
+            print(stopped_before, file=sys.stderr, flush=True)
+        return path
     step = checkpoint_step(run_dir, stage) if job.is_main else None
     if deadline.interrupted or deadline.ctrl_c:  # Ctrl-C: the stage checkpointed and stopped; exit as interrupted
         raise KeyboardInterrupt(*([f"{stage}: stopped at step {step} with a checkpoint, {path}: the same command with "

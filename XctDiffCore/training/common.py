@@ -570,6 +570,28 @@ class Deadline:
                 signal.signal(signal.SIGINT, self._on_ctrl_c)
         self.reached = self.end is not None and self.job.is_main and time.monotonic() >= self.end
         self.terminated, self.interrupted = self.signalled, self.ctrl_c
+    def due(self) -> Optional[str]:
+        """For the work before the first step (the variant bank), asked between items: ``"--time-limit"``,
+        ``"SIGTERM"`` or ``"Ctrl-C"`` when this process should stop, else None. No collective (the ranks' shares
+        differ in length): the ranks agree afterwards with :meth:`agree`."""
+        if self.ctrl_c:
+            return "Ctrl-C"
+        if self.signalled:
+            return "SIGTERM"
+        if self.end is not None and time.monotonic() >= self.end:
+            return "--time-limit"
+        return None
+
+    def agree(self, cause: Optional[str]) -> Optional[str]:
+        """The cause of stopping the whole job (collective under torchrun): any rank's stop stops every rank, and
+        every rank gets the same answer (the first of Ctrl-C, SIGTERM, --time-limit that any rank saw)."""
+        causes = ("Ctrl-C", "SIGTERM", "--time-limit")
+        if not self.job.enabled:
+            return cause
+        flags = torch.tensor([float(cause == c) for c in causes], device=self.job.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return next((c for c, f in zip(causes, flags.tolist()) if f), None)
+
         if self.job.enabled:  # one tiny all-reduce (and host sync) per step, only under torchrun
             flags = torch.tensor([float(self.reached), float(self.terminated), float(self.interrupted)],
                                  device=self.job.device)
@@ -587,6 +609,15 @@ class Deadline:
             for signum, handler in self._previous.items():
                 signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
             self._installed = False
+class StoppedBeforeTraining(Exception):
+    """A stage stopped by --time-limit, SIGTERM or Ctrl-C before its first step (in the variant bank), its work so far
+    kept for ``--resume``; ``cause``: which of the three, ``str()``: the line that says so."""
+
+    def __init__(self, line: str, cause: str):
+        super().__init__(line)
+        self.cause = cause
+
+
 
     def report(self, stage: str, step: int, max_steps: int, checkpoint) -> None:
         """Say why the stage stopped early and where its checkpoint is (rank 0; Ctrl-C's line is the command's last,

@@ -13,21 +13,23 @@ The bank is a file of the run (``RUN/variant_bank/KEY.pt``); the key covers ever
 (the autoencoder checkpoint, the datalist, the warp magnitudes, N, the seed, the sizes, the DRR
 geometry), so the encoder and the diffusion stage of one run share it and a resumed run reuses it.
 Every draw is seeded by (seed, patient, variant), so a rebuilt bank is the same bank. Under torchrun
-every process makes its share of the variants, then all load all shares.
+every process makes its share of the variants, then all load all shares. The making is bounded by ``--time-limit``,
+SIGTERM and Ctrl-C like the steps: the variants made are kept one file each, and ``--resume`` makes the rest.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..errors import XctDiffError
-from .common import Distributed, autocast, checkpoint_path, file_sha256, load_checkpoint, save_checkpoint
+from ..atomic import atomic_path, make_output_folder
+from ..progress import progress_bar
+from .common import (Distributed, StoppedBeforeTraining, autocast, checkpoint_path, file_sha256, load_checkpoint,
+                     save_checkpoint)
 from .variants import random_films, random_pairs, step_generator
 
 BANK_DIR = "variant_bank"
@@ -83,54 +85,84 @@ def make_variant(ct: torch.Tensor, seed: int, patient_index: int, variant: int, 
     return ct, (xray + 1.0) / 2.0
 
 
+def _part_path(parts: Path, index: int, variant: int) -> Path:
+    return parts / f"{index}-{variant}.pt"
+
+
 def _make_share(dataset, vqgan, geometry, xray_size: int, augment: dict, count: int, seed: int,
-                job: Distributed, precision: str, log, stopped, bone_latent_size: int = 0) -> dict:
-    """This process's share of the bank: entries ``(patient, variant) -> (drr fp16, latent, bone fractions or None)``."""
+                job: Distributed, precision: str, deadline, parts: Path, bone_latent_size: int = 0) -> Optional[str]:
+    """Make this process's share of the bank, each variant kept at once in ``parts`` (one file each, written
+    atomically) and the ones already there passed over; returns None when the share is whole, else what stopped it
+    (``"--time-limit"``, ``"SIGTERM"``, ``"Ctrl-C"``: asked between variants)."""
     from .encoder import ct_latent
     from .variants import bone_fractions
 
-    tasks = [(i, v) for i in range(len(dataset)) for v in range(count)]
-    mine = tasks[job.rank::job.world_size]
-    share, started, loaded = {}, time.monotonic(), {}
-    for done, (index, variant) in enumerate(mine, 1):
-        if stopped():
-            raise XctDiffError("stopped while making the variant bank (nothing saved); run the same command again")
-        if index not in loaded:
-            loaded = {index: dataset[index]}
-        item = loaded[index]
-        ct, drr = make_variant(item["image"][None], seed, index, variant, geometry, xray_size, augment)
-        with torch.no_grad(), autocast(job.device, precision):
-            latent = ct_latent(vqgan, ct.to(job.device)).float().cpu()
-        bone = bone_fractions(ct, bone_latent_size)[0].half() if bone_latent_size else None
-        share[(item["patient"], variant)] = (drr[0].half(), latent[0], bone)
-        if log is not None and (done % 10 == 0 or done == len(mine)):
-            elapsed = time.monotonic() - started
-            log(f"variant bank: {done}/{len(mine)} variants made ({elapsed / done:.1f} s each)")
-    return share
+    tasks = [(i, v) for i in range(len(dataset)) for v in range(count)][job.rank::job.world_size]
+    todo, loaded = [t for t in tasks if not _part_path(parts, *t).is_file()], {}
+    try:
+        with progress_bar(len(todo), "variant bank", "variant", disable=not job.is_main) as bar:
+            for index, variant in todo:
+                cause = deadline.due() if deadline is not None else None
+                if cause:
+                    return cause
+                if index not in loaded:
+                    loaded = {index: dataset[index]}
+                item = loaded[index]
+                ct, drr = make_variant(item["image"][None], seed, index, variant, geometry, xray_size, augment)
+                with torch.no_grad(), autocast(job.device, precision):
+                    latent = ct_latent(vqgan, ct.to(job.device)).float().cpu()
+                bone = bone_fractions(ct, bone_latent_size)[0].half() if bone_latent_size else None
+                save_checkpoint(_part_path(parts, index, variant),
+                                {"entry": [item["patient"], variant, drr[0].half(), latent[0].clone(), bone]})
+                bar.update()
+    except KeyboardInterrupt:  # the variant under way is lost, those made are kept
+        return "Ctrl-C"
+    return None
 
 
 def load_or_build_bank(run_dir, dataset, datalist, vqgan, geometry, xray_size: int, volume_size: int,
                        augment: dict, count: int, seed: int, job: Distributed, precision: str,
-                       stopped=lambda: False, bone_latent_size: int = 0) -> VariantBank:
+                       deadline=None, bone_latent_size: int = 0) -> VariantBank:
     """The run's bank for these settings: loaded from ``RUN/variant_bank`` or made now (and saved there).
 
-    ``stopped()`` is asked between variants (SIGTERM): the making stops with an error, nothing half saved.
+    Made in slots: each variant is kept as it is made (``RUN/variant_bank/KEY.parts/``), and ``deadline``
+    (:class:`~XctDiffCore.training.common.Deadline`: --time-limit, SIGTERM, Ctrl-C) is asked between variants; when it
+    says stop, every rank stops and :class:`~XctDiffCore.training.common.StoppedBeforeTraining` says how many are
+    made. The next call makes only the rest: as every variant is seeded by (seed, patient, variant), the bank is the
+    same, byte for byte, as one made at once.
     """
+    import shutil
+
     import torch.distributed as dist
 
     key = bank_key(run_dir, datalist, augment, count, seed, volume_size, xray_size, geometry, bone_latent_size)
     folder = Path(run_dir) / BANK_DIR
     shares = [folder / f"{key}-{rank}of{job.world_size}.pt" for rank in range(job.world_size)]
+    parts = folder / f"{key}.parts"
     if not shares[job.rank].is_file():
-        log = (lambda line: print(line, file=sys.stderr, flush=True)) if job.is_main else None
-        if log is not None:
-            log(f"variant bank: making {count} variants of each of {len(dataset)} training CTs "
-                f"(once; kept in {folder})")
-        share = _make_share(dataset, vqgan, geometry, xray_size, augment, count, seed, job, precision, log, stopped,
-                            bone_latent_size)
-        save_checkpoint(shares[job.rank], {"entries": [(p, v, *values) for (p, v), values in share.items()]})
+        total = len(dataset) * count
+        if job.is_main:
+            made = len(list(parts.glob("*.pt"))) if parts.is_dir() else 0
+            print(f"variant bank: making {count} variants of each of {len(dataset)} training CTs"
+                  f"{f' ({made} of {total} made before)' if made else ''} (once; kept in {folder})",
+                  file=sys.stderr, flush=True)
+        make_output_folder(parts)
+        cause = _make_share(dataset, vqgan, geometry, xray_size, augment, count, seed, job, precision, deadline,
+                            parts, bone_latent_size)
+        if deadline is not None:
+            cause = deadline.agree(cause)  # one rank stopped: all stop
+        if cause:
+            made = len(list(parts.glob("*.pt")))
+            raise StoppedBeforeTraining(
+                f"variant bank: stopped by {cause} with {made} of {total} variants made (kept in {parts}); the same "
+                "command with --resume makes the rest, then trains", cause)
+        tasks = [(i, v) for i in range(len(dataset)) for v in range(count)][job.rank::job.world_size]
+        entries = [load_checkpoint(_part_path(parts, *task))["entry"] for task in tasks]
+        _save_reproducibly(shares[job.rank], {"entries": entries})
     if job.enabled:
         dist.barrier()
+    if job.is_main and parts.is_dir():  # every share is whole now
+        shutil.rmtree(parts, ignore_errors=True)
     entries = [entry for path in shares for entry in load_checkpoint(path)["entries"]]
     drrs, latents, bones = {}, {}, {}
     for patient, _, drr, latent, *bone in sorted(entries, key=lambda e: (e[0], e[1])):  # banks made before: no bone
@@ -140,6 +172,14 @@ def load_or_build_bank(run_dir, dataset, datalist, vqgan, geometry, xray_size: i
             bones.setdefault(patient, []).append(bone[0])
     stack = lambda values: {p: torch.stack(v) for p, v in values.items()}  # noqa: E731
     return VariantBank(stack(drrs), stack(latents), stack(bones) if bone_latent_size else None)
+
+
+def _save_reproducibly(path: Path, payload: dict) -> None:
+    """``torch.save`` to ``path`` atomically, the same bytes for the same payload: saved to a file name, torch names
+    the archive inside after it, and the temporary file's name differs from one save to the next."""
+    make_output_folder(path.parent)
+    with atomic_path(path) as tmp, open(tmp, "wb") as stream:
+        torch.save(payload, stream)
 
 
 def stage_variants(config, section, train_set, vqgan, job: Distributed, deadline):
@@ -155,5 +195,5 @@ def stage_variants(config, section, train_set, vqgan, job: Distributed, deadline
         variants.bank = load_or_build_bank(
             config.run.dir, train_set, config.data.datalist, vqgan, variants.geometry, config.data.xray_size,
             config.data.volume_size, variants.augment, section.augment.bank, config.run.seed, job,
-            config.run.precision, stopped=lambda: deadline.signalled, bone_latent_size=variants.bone_latent_size)
+            config.run.precision, deadline=deadline, bone_latent_size=variants.bone_latent_size)
     return variants
