@@ -808,7 +808,16 @@ def output_notes(result: "Reconstruction", model: Optional[ModelInfo] = None, so
             "model": model_name, "engine": __version__,
             "settings": (f"{result.method} method{seed}, style {'on' if result.styled else 'off'}, guidance "
                          f"{result.guidance:g}{consistency}"),
-            **({"film": Path(source).name} if isinstance(source, (str, Path)) else {})}
+            **(_film_notes(Path(source)) if isinstance(source, (str, Path)) else {})}
+
+
+def _film_notes(source: Path) -> dict:
+    """The film a CT was made from: its name, and its size, by which ``--skip-existing`` tells a film replaced since
+    under the same name and an older date (``cp -p``, ``rsync -a``, an archive unpacked) from the one it was made of."""
+    notes = {"film": source.name}
+    with contextlib.suppress(OSError):
+        notes["film_bytes"] = str(source.stat().st_size)
+    return notes
 
 
 WRITE_START = 0.97  # reconstruct_file's progress: the pipeline up to here, then writing

@@ -523,6 +523,25 @@ def test_a_report_that_would_replace_a_film_or_an_output_is_refused_before_any_w
     assert not (tmp_path / "batch_ct").exists() and not (tmp_path / "drr_ct.nrrd").exists()
 
 
+def test_skip_existing_reconstructs_a_film_replaced_under_its_name_with_an_older_date(cli, batch, tmp_path):
+    """`cp -p`, `rsync -a` or an archive unpacked keeps a film's own date: another film put in under the same name
+    was taken for done (its CT newer than that date). The CT records its film's size, and a film of another size is
+    reconstructed again."""
+    import os
+
+    status, _, err = cli(batch)
+    assert status == 0, err
+    ct = tmp_path / "batch_ct" / "drr_ct.nrrd"
+    from XctDiffCore.io import volume_notes
+
+    assert volume_notes(ct)["film_bytes"] == str((batch / "drr.png").stat().st_size)
+    earlier = (batch / "drr.png").stat()
+    shutil.copy(batch / "film.dcm", batch / "drr.png")  # another film, another size: its old date put back
+    os.utime(batch / "drr.png", ns=(earlier.st_atime_ns, earlier.st_mtime_ns))
+    status, stdout, err = cli(batch, "--skip-existing")
+    assert status == 0, err
+    assert "left out 1 of 2 radiographs" in err and stdout.splitlines()[0].startswith(str(batch / "drr.png"))
+
 def test_skip_existing_continues_an_interrupted_folder(cli, batch, tmp_path, monkeypatch):
     """--skip-existing leaves out a film whose outputs are all there and newer than it; a film without its views, or
     edited since its CT was written, is reconstructed again."""
