@@ -168,6 +168,26 @@ def body_region(hu: np.ndarray) -> np.ndarray:
     return np.stack([convex_hull_image(axial) if axial.any() else axial for axial in body_component(hu)])
 
 
+# The least extent of a whole chest's body on the prepared 2.5 mm grid, head to foot and left to right: every
+# class-A chest of the shared data spans 250-320 mm and 290-320 mm; the partial ones (apex cut, a 76-98 mm slab,
+# a heart crop 180 mm wide, a phantom) fall below one or the other.
+WHOLE_CHEST_MM = {"head to foot": 200.0, "left to right": 240.0}
+
+
+def whole_chest_problem(hu: np.ndarray, spacing_mm: float = 2.5) -> Optional[str]:
+    """Why a canonical ``[z, y, x]`` CT is no whole chest (its body's extent, :func:`body_region`'s largest region,
+    below :data:`WHOLE_CHEST_MM`), or None. The protocol scores whole chests: a cropped truth is mostly air where a
+    reconstruction of the whole chest puts a body, and its scores say little of the model."""
+    from .preprocess import body_component
+
+    body = body_component(hu)
+    extents = {"head to foot": body.any(axis=(1, 2)).sum() * spacing_mm,
+               "left to right": body.any(axis=(0, 1)).sum() * spacing_mm}
+    short = [f"{extents[axis]:.0f} mm {axis} (a whole chest: {least:.0f} or more)"
+             for axis, least in WHOLE_CHEST_MM.items() if extents[axis] < least]
+    return f"its body spans only {' and '.join(short)}" if short else None
+
+
 def lung_dice_in_body(prediction_hu: np.ndarray, target_hu: np.ndarray, body: Optional[np.ndarray] = None) -> float:
     """Dice of the lung masks inside the truth's :func:`body_region` (pass ``body`` to reuse it)."""
     body = body_region(target_hu) if body is None else body

@@ -9,6 +9,8 @@ import contextlib
 import csv
 import io
 import json
+import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -231,7 +233,7 @@ def test_summary_md_is_the_table_then_the_cases(evaluated, rows):
     assert all(line[5] == "  " and all("±" in c for c in line[6:9]) for line in lines[2:])  # LPIPS empty, Dice there
     lines = [line.split("|")[1:-1] for line in cases.splitlines() if line.startswith("|")]
     assert [c.strip() for c in lines[0]] == ["case", "method", "PSNR (dB)", "SSIM", "bone Dice", "lung Dice", "lung Dice in body",
-                                            "LPIPS"]
+                                            "LPIPS", "notes"]
     assert len(lines) == 2 + len(rows)
     for line, row in zip(lines[2:], rows):
         assert (line[0].strip(), line[1].strip()) == (row["case"], row["method"])
@@ -240,6 +242,87 @@ def test_summary_md_is_the_table_then_the_cases(evaluated, rows):
         assert float(line[5]) == pytest.approx(float(row["lung_dice"]), abs=0.001)
         assert float(line[6]) == pytest.approx(float(row["lung_dice_body"]), abs=0.001)
         assert line[7] == "  "
+
+
+def test_the_report_says_what_made_it(evaluated, datalist, model_dir):
+    """A summary read months later, or beside another model's, said the model and the K used but not how to make it
+    again: no command, date, device, steps, samples or seed. Now summary.md and summary.json say them all."""
+    text = (evaluated[3] / "summary.md").read_text(encoding="utf-8")
+    data = json.loads((evaluated[3] / "summary.json").read_text())
+    assert (data["model"], data["version"], data["device"]) == ("random", "seed0", "cpu")
+    assert (data["steps"], data["sampler"], data["samples"], data["seed"]) == (STEPS, "ddim", SAMPLES, SEED)
+    assert data["case_names"] == [name for name, _, _ in validation_cases(datalist)]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", data["date"]) and f"Made on {data['date']}" in text
+    assert f"\n    {data['command']}\n" in text  # an indented Markdown code line
+    words = shlex.split(data["command"])
+    options = dict(zip(words[2::2], words[3::2]))
+    assert words[:2] == ["xctdiff", "evaluate"] and Path(options["--model"]) == Path(model_dir).resolve()
+    assert Path(options["--data"]) == datalist.resolve() and options["--out"] == str(evaluated[3])
+    assert [options[o] for o in ("--steps", "--samples", "--seed", "--knn", "--device")] == ["2", "2", "10", "3", "cpu"]
+
+
+def test_knn_over_every_training_patient_says_it_is_the_mean_ct(evaluated):
+    """--knn 3 on a list of one training patient gave a kNN row equal to the mean CT's, without a word."""
+    assert ("kNN with k = 1 is the one training patient of datalist.json (--knn 3 asks for more than there are): the "
+            "same CT as the mean training CT, so its row repeats that baseline") in evaluated[2]
+
+
+def test_a_datalist_without_training_patients_says_that_knn_is_left_out(no_lpips, model_dir, datalist, tmp_path):
+    data = json.loads(datalist.read_text())
+    for entry in data["validation"]:
+        entry["image"], entry["xray"] = (str(datalist.parent / entry[k]) for k in ("image", "xray"))
+    data["training"] = []
+    path = tmp_path / "validation_only.json"
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="validation_only.json has no training patients: the kNN baseline is left out"):
+        summary = evaluate(model_dir, path, tmp_path / "eval", steps=1, device="cpu", max_cases=1, progress=False)
+    assert "knn" not in summary
+
+
+def test_a_patient_the_model_was_trained_on_is_flagged_as_training_fit(no_lpips, model_dir, datalist, tmp_path, capsys):
+    """A validation patient that is also in the model's training list (its manifest's, which `xctdiff inspect` counts)
+    was scored as an unseen one: the bundled model scored its own training patients with no word. Now one warning
+    line, a line in summary.md, the case's notes in the per-case table and metrics.csv, and summary.json's list."""
+    model = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    manifest = json.loads((model / "manifest.json").read_text())
+    validation = json.loads(datalist.read_text())["validation"]
+    manifest["training"] = {"training_patients": ["someone_else", validation[1]["patient"]]}
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    out, seen, unseen = tmp_path / "eval", Path(validation[1]["image"]).stem, Path(validation[0]["image"]).stem
+    assert main(["evaluate", "--model", str(model), "--data", str(datalist), "--out", str(out), "--steps", "1",
+                 "--knn", "0", "--device", "cpu"]) == 0
+    assert (f"1 of the 2 cases is a patient the model was trained on ({seen}): its scores are training fit, not what "
+            "it does on new patients") in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["training_fit"] == [seen]
+    text = (out / "summary.md").read_text(encoding="utf-8")
+    assert f"**Training fit:** 1 of the 2 cases ({seen}) are patients the model was trained on" in text
+    notes = {line.split("|")[1].strip(): line.split("|")[-2] for line in text.split("Per case:")[1].splitlines()
+             if line.startswith("| ") and line.split("|")[-2].strip()}
+    assert "training fit" in notes[seen] and "training fit" not in notes.get(unseen, "")
+    with open(out / "metrics.csv", newline="", encoding="utf-8") as f:
+        flagged = {(row["case"], "training fit" in row["notes"]) for row in csv.DictReader(f)}
+    assert flagged == {(seen, True), (unseen, False)}
+
+
+def test_a_cropped_truth_is_flagged_as_no_whole_chest(no_lpips, model_dir, datalist, tmp_path, capsys):
+    """A partial scan (a 100 mm slab) in the validation list was scored like a whole chest, without a word."""
+    data = json.loads(datalist.read_text())
+    for entry in data["training"] + data["validation"]:
+        entry["image"], entry["xray"] = (str(datalist.parent / entry[k]) for k in ("image", "xray"))
+    ct = np.full((128,) * 3, -1024, dtype=np.int16)
+    ct[40:80] = synthetic_chest((128,) * 3)[40:80]
+    np.savez(tmp_path / "slab_aug0.npz", ct=ct)
+    data["validation"][0] = {**data["validation"][0], "image": str(tmp_path / "slab_aug0.npz"), "patient": "slab"}
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(path), "--out", str(out), "--steps", "1",
+                 "--knn", "0", "--device", "cpu", "--max-cases", "1"]) == 0
+    assert ("1 of the 1 cases is no whole chest (slab_aug0: its body spans only 100 mm head to foot (a whole chest: "
+            "200 or more)): the protocol scores whole chests") in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["not_whole_chest"] == {
+        "slab_aug0": "not a whole chest: its body spans only 100 mm head to foot (a whole chest: 200 or more)"}
+    assert "**Not whole chests:** slab_aug0" in (out / "summary.md").read_text(encoding="utf-8")
 
 
 def test_figure_has_a_lung_and_a_bone_row_per_case(evaluated):
@@ -511,7 +594,12 @@ def test_an_interrupted_run_resumes_at_the_first_case_not_done(no_lpips, model_d
     reference = evaluated[3]
     assert without_seconds(out / "metrics.csv") == without_seconds(reference / "metrics.csv")
     assert (out / "figure.png").read_bytes() == (reference / "figure.png").read_bytes()
-    assert json.loads((out / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
+    assert without_run(out / "summary.json") == without_run(reference / "summary.json")
+
+
+def without_run(summary_json):
+    """summary.json without what differs from one run to the next of the same settings (its --out and date)."""
+    return {key: value for key, value in json.loads(summary_json.read_text()).items() if key not in ("command", "date")}
 
 
 def test_resuming_with_other_settings_is_refused_in_one_line(no_lpips, model_dir, datalist, tmp_path, monkeypatch, capsys):

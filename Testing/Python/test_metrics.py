@@ -166,3 +166,17 @@ def test_shape_mismatch_is_refused():
         metrics.volume_scores(np.zeros((8, 8, 8)), np.zeros((8, 8, 9)))
     with pytest.raises(ValueError):
         metrics.ssim_2d(np.zeros((8, 8)), np.zeros((8, 9)))
+
+
+def test_a_whole_chest_passes_and_a_slab_or_a_narrow_crop_is_named():
+    """The protocol scores whole chests: evaluate flags a truth whose body is shorter than 200 mm head to foot or
+    narrower than 240 mm (every class-A chest of the shared data spans 250+ and 290+ mm on the 2.5 mm grid)."""
+    chest = synthetic_chest((128, 128, 128))  # 320 mm each way, the body 288 mm wide
+    assert metrics.whole_chest_problem(chest) is None
+    slab = np.full_like(chest, -1024.0)
+    slab[40:80] = chest[40:80]  # 100 mm of it, as a partial scan
+    assert metrics.whole_chest_problem(slab) == "its body spans only 100 mm head to foot (a whole chest: 200 or more)"
+    narrow = np.full_like(chest, -1024.0)
+    narrow[..., 32:96] = chest[..., 32:96]  # a 160 mm wide crop around the heart
+    assert metrics.whole_chest_problem(narrow) == "its body spans only 160 mm left to right (a whole chest: 240 or more)"
+    assert "100 mm" in metrics.whole_chest_problem(slab[::2, ::2, ::2], spacing_mm=5.0)  # on another grid, in mm

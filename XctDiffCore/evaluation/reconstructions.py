@@ -69,6 +69,7 @@ import csv
 import io
 import json
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,7 @@ from typing import Optional
 
 import numpy as np
 
+from .. import __version__
 from ..atomic import check_output_folder, output_lock, output_set
 from ..datalist import load_entry_ct, load_entry_xray
 from ..errors import XctDiffError, first_line
@@ -90,7 +92,7 @@ METHOD_TITLES = {"xctdiff": "XctDiff", "direct": "direct (no diffusion)", "xctdi
                  "mean_ct": "mean training CT",
                  "mean_ct_list": "mean of the whole training list (variants and mixes too)",
                  "direct_decoder": "direct, decoder alone (no coarse CT)"}
-CSV_COLUMNS = ("case", "method", *METRICS, "consistency", "seconds", "neighbours")
+CSV_COLUMNS = ("case", "method", *METRICS, "consistency", "seconds", "neighbours", "notes")
 KNN_DRR_SIZE = 128  # DRRs are compared at this size (area resize)
 PROGRESS_NAME = "progress.npz"  # an unfinished run's cases, for --resume
 
@@ -102,6 +104,7 @@ class Case:
     name: str
     drr: np.ndarray  # [row, col] in [0, 1]
     truth_hu: np.ndarray  # [z, y, x] on the output grid (128^3)
+    patient: str = ""  # the patient id (a datalist's ``patient``), to match the model's training list
 
 
 @dataclass
@@ -147,7 +150,7 @@ def datalist_cases(datalist: Path, volume_size: int, max_cases: Optional[int] = 
     cases = []
     for item in items[:max_cases]:
         ct, drr = load_entry_ct(item["image"]), load_entry_xray(item["xray"])
-        cases.append(Case(Path(item["image"]).stem, drr.astype(np.float32), model_grid_hu(ct, volume_size)))
+        cases.append(Case(Path(item["image"]).stem, drr.astype(np.float32), model_grid_hu(ct, volume_size), item["patient"]))
     return cases
 
 
@@ -244,8 +247,75 @@ def ct_folder_cases(path: Path, volume_size: int, geometry: str, max_cases: Opti
     for ct_input in found[:max_cases]:
         ct = preprocess_ct(read_ct(ct_input.path), size=PREPARED_SIZE, spacing=PREPARED_SPACING_MM)
         drr = drr_of_volume(ct, geometry, PREPARED_SIZE)
-        cases.append(Case(ct_input.patient, drr, model_grid_hu(ct.array, volume_size)))
+        cases.append(Case(ct_input.patient, drr, model_grid_hu(ct.array, volume_size), ct_input.patient))
     return cases
+
+
+def model_training_patients(folder) -> Optional[set]:
+    """The patients a model folder was trained on (its manifest's ``training.training_patients``, as ``xctdiff
+    inspect`` counts them), or None when the manifest does not record them."""
+    from ..model_manifest import read_manifest
+
+    training = read_manifest(folder).get("training")
+    patients = training.get("training_patients") if isinstance(training, dict) else None
+    return {str(p) for p in patients} if isinstance(patients, list) else None
+
+
+def case_notes(cases: list, trained_on: Optional[set]) -> dict:
+    """case name -> what a reader must know before trusting its scores: "training fit" (a patient the model was
+    trained on) and "not a whole chest: ..." (:func:`~XctDiffCore.metrics.whole_chest_problem`)."""
+    from ..metrics import whole_chest_problem
+    from ..model_folder import FIELD_OF_VIEW_MM
+
+    notes = {}
+    for case in cases:
+        words = ["training fit"] if trained_on and (case.patient or case.name) in trained_on else []
+        problem = whole_chest_problem(case.truth_hu, FIELD_OF_VIEW_MM / case.truth_hu.shape[0])
+        if problem:
+            words.append(f"not a whole chest: {problem}")
+        notes[case.name] = words
+    return notes
+
+
+def warn_about_cases(notes: dict) -> None:
+    """One warning line for the training-fit cases, one for those that are no whole chest, before the long run."""
+    fit = [name for name, words in notes.items() if "training fit" in words]
+    if fit:
+        warnings.warn(f"{len(fit)} of the {len(notes)} cases {'is a patient' if len(fit) == 1 else 'are patients'} the "
+                      f"model was trained on ({_some(fit)}): {'its' if len(fit) == 1 else 'their'} scores are training "
+                      "fit, not what it does on new patients (summary.md marks them)", stacklevel=3)
+    partial = [name for name, words in notes.items() if any(w.startswith("not a whole chest") for w in words)]
+    if partial:
+        first = next(w for w in notes[partial[0]] if w.startswith("not a whole chest"))[len("not a whole chest: "):]
+        others = f"; also {_some(partial[1:])}" if len(partial) > 1 else ""
+        warnings.warn(f"{len(partial)} of the {len(notes)} cases {'is' if len(partial) == 1 else 'are'} no whole chest "
+                      f"({partial[0]}: {first}{others}): the protocol scores whole chests, and a cropped truth scores "
+                      "the body a reconstruction draws beyond it (summary.md marks them)", stacklevel=3)
+
+
+def _some(names: list, most: int = 3) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def equivalent_command(settings: dict, out_dir: Path, device: str, max_cases: Optional[int]) -> str:
+    """The ``xctdiff evaluate`` command line that repeats this run (for the report: what made these numbers)."""
+    import shlex
+
+    words = ["xctdiff", "evaluate", "--model", settings["model"], "--data", settings["data"], "--out", str(out_dir)]
+    for option, key in (("--steps", "steps"), ("--sampler", "sampler")):
+        if settings[key] is not None:
+            words += [option, str(settings[key])]
+    words += ["--samples", str(settings["samples"]), "--seed", str(settings["seed"]), "--knn", str(settings["knn"])]
+    if settings["atlas"]:
+        words += ["--atlas", str(settings["atlas"])]
+    if settings["guidance"]:
+        words += ["--guidance", f"{settings['guidance']:g}"]
+    if settings["augmented"]:
+        words.append("--augmented")
+    if max_cases is not None:
+        words += ["--max-cases", str(max_cases)]
+    words += ["--device", device, "--precision", settings["precision"]]
+    return shlex.join(words)
 
 
 def evaluate(
@@ -304,6 +374,13 @@ def evaluate(
                 warnings.warn("--atlas registers a datalist's training CTs, and a CT folder has none: the atlas is left out",
                               stacklevel=2)
         k = min(knn, len(training))  # 0: kNN left out
+        if _is_datalist(data) and knn and not training:
+            warnings.warn(f"{data.name} has no training patients: the kNN baseline is left out", stacklevel=2)
+        elif k and k == len(training):  # every candidate averaged: the mean training CT again
+            every = f"averages all {k} training patients" if k > 1 else "is the one training patient"
+            warnings.warn(f"kNN with k = {k} {every} of {data.name}"
+                          + (f" (--knn {knn} asks for more than there are)" if knn > k else "")
+                          + ": the same CT as the mean training CT, so its row repeats that baseline", stacklevel=2)
         k_atlas = min(atlas, len(training))  # 0: the atlas left out
         if k_atlas:
             from .atlas import CANDIDATE_FACTOR, atlas_ct
@@ -312,6 +389,8 @@ def evaluate(
                     "seed": seed, "sampler": sampler, "knn": knn, "atlas": atlas, "guidance": guidance,
                     "precision": precision, "augmented": augmented, "figure_cases": figure_cases}
         saved = read_progress(out_dir, settings, [case.name for case in cases]) if resume else None
+        notes = case_notes(cases, model_training_patients(pipe.info.folder))
+        warn_about_cases(notes)
         lpips = LPIPS.load()
 
         rows, figure, done, used_precision = saved or ([], [], 0, precision)  # used_precision: what "auto" became
@@ -355,6 +434,7 @@ def evaluate(
                 doing(f"scoring {method}")
                 return volume_scores(volume, case.truth_hu, lpips, pipe.device, body)
 
+            first_row = len(rows)
             for method, result in outputs.items():
                 flagged.extend(f"{case.name} ({method}): {w}" for w in result.warnings)
                 rows.append({"case": case.name, "method": method, **scores(result.ct.array, method),
@@ -374,6 +454,8 @@ def evaluate(
                 rows.append({"case": case.name, "method": "mean_ct", **scores(mean_ct, "mean CT")})
             if mean_ct_list is not None:
                 rows.append({"case": case.name, "method": "mean_ct_list", **scores(mean_ct_list, "mean CT of the list")})
+            for row in rows[first_row:]:
+                row["notes"] = "; ".join(notes[case.name]) or None
             if index < figure_cases:
                 uncertainty = outputs["xctdiff"].uncertainty if sampled else None  # no samples, no spread
                 figure.append(figure_case(case, volumes, None if uncertainty is None else uncertainty.array))
@@ -412,13 +494,32 @@ def evaluate(
                   f"{f'guidance {guidance:g} beside none' if guidance else 'no guidance'}; networks in {used_precision}; "
                   f"bone: HU > {BONE_HU:.0f}, lung: {LUNG_HU[0]:.0f} < HU < {LUNG_HU[1]:.0f} (in body: inside the truth's body). "
                   "Mean ± std over cases.\n\n")
+        date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        command = equivalent_command(settings, out_dir, str(pipe.device), max_cases)
+        header += (f"Made on {date} by XctDiff {__version__} on {pipe.device}, by the protocol of the README's "
+                   f"\"Evaluation protocol\" (XctDiffCore/metrics.py):\n\n    {command}\n\n")
+        fit = [name for name, words in notes.items() if "training fit" in words]
+        partial = {name: w for name, words in notes.items() for w in words if w.startswith("not a whole chest")}
+        if fit:
+            header += (f"**Training fit:** {len(fit)} of the {len(cases)} cases ({', '.join(fit)}) are patients the model "
+                       "was trained on (its manifest's training list): their scores are not what it does on new "
+                       "patients.\n\n")
+        if partial:
+            header += (f"**Not whole chests:** {', '.join(partial)}: the protocol scores whole chests (a cropped truth "
+                       "scores the body a reconstruction draws beyond it); see the per-case notes.\n\n")
         with output_set():  # all four or none: never a new metrics.csv beside an earlier run's summary
             _write_text(out_dir / "metrics.csv", metrics_csv(rows))
-            table = markdown_table(summary, k, k_atlas) + "\nPer case:\n\n" + case_table(rows)
+            table = markdown_table(summary, k, k_atlas) + "\nPer case:\n\n" + case_table(rows, notes)
             _write_text(out_dir / "summary.md", header + table)
-            _write_text(out_dir / "summary.json", json.dumps({"model": pipe.info.model_id, "cases": len(cases),
-                                                              "knn": k or None, "atlas": k_atlas or None,
+            _write_text(out_dir / "summary.json", json.dumps({"model": pipe.info.model_id, "version": pipe.info.version,
+                                                              "cases": len(cases), "knn": k or None, "atlas": k_atlas or None,
                                                               "guidance": guidance or None, "precision": used_precision,
+                                                              "steps": steps or pipe.info.steps,
+                                                              "sampler": sampler or pipe.info.sampler, "samples": samples,
+                                                              "seed": seed, "device": str(pipe.device), "date": date,
+                                                              "xctdiff": __version__, "command": command,
+                                                              "case_names": [case.name for case in cases],
+                                                              "training_fit": fit, "not_whole_chest": partial,
                                                               "summary": summary}, indent=2) + "\n")
             if figure:
                 from ..figures import compose_grid, write_png
@@ -463,13 +564,18 @@ def markdown_table(summary: dict, knn: Optional[int] = None, atlas: Optional[int
     return "\n".join(lines) + "\n"
 
 
-def case_table(rows: list) -> str:
-    """One row per case and method (CASE_METRICS; methods as in metrics.csv), so that each patient shows."""
-    lines = ["| case | method | " + " | ".join(METRIC_TITLES[m] for m in CASE_METRICS) + " |",
-             "| --- | --- |" + " ---: |" * len(CASE_METRICS)]
+def case_table(rows: list, notes: Optional[dict] = None) -> str:
+    """One row per case and method (CASE_METRICS; methods as in metrics.csv), so that each patient shows; with
+    ``notes`` (:func:`case_notes`) a last column says, on a case's first row, what its scores must be read with."""
+    notes = notes or {}
+    lines = ["| case | method | " + " | ".join(METRIC_TITLES[m] for m in CASE_METRICS) + " | notes |",
+             "| --- | --- |" + " ---: |" * len(CASE_METRICS) + " --- |"]
+    seen = set()
     for row in rows:
         cells = [_cell(m, row[m]) if row.get(m) is not None else "" for m in CASE_METRICS]
-        lines.append(f"| {row['case']} | {row['method']} | " + " | ".join(cells) + " |")
+        note = "" if row["case"] in seen else "; ".join(notes.get(row["case"], []))
+        seen.add(row["case"])
+        lines.append(f"| {row['case']} | {row['method']} | " + " | ".join(cells) + f" | {note} |")
     return "\n".join(lines) + "\n"
 
 
