@@ -162,6 +162,51 @@ def _build(stage: str, cls, settings: dict, folder: Path) -> nn.Module:
         raise XctDiffError(f"the {stage} configuration in {folder} does not fit {cls.__name__}: {_first_line(exc)}") from None
 
 
+#: The precision in which a model folder's encoder.json and diffusion.json record the autoencoder they learnt: the
+#: weights rounded to float16 are the same whether the folder ships float16 or float32
+FOLDER_LATENTS_DTYPE = torch.float16
+
+
+def latents_fingerprint(vqgan: nn.Module, dtype: torch.dtype = torch.float32) -> str:
+    """A digest of what makes a VQ-GAN's latents: its encoder and codebook (a decoder trained on alone keeps it).
+    ``dtype``: the floating weights are rounded to it first (a checkpoint's record: float32, exact; a model folder's:
+    :data:`FOLDER_LATENTS_DTYPE`, which survives the export's cast)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vqgan.state_dict().items()):
+        if name.startswith(("encoder.", "quantizer.")):
+            tensor = tensor.detach().cpu()
+            tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor.float()
+            digest.update(name.encode())
+            digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def folder_latents_record(vqgan: nn.Module, step) -> dict:
+    """What a model folder's encoder.json and diffusion.json record (``"latents"``) of the autoencoder whose latents
+    they learnt: :func:`load_model_folder` refuses a folder whose autoencoder makes other ones (stages of two models)."""
+    return {"fingerprint": latents_fingerprint(vqgan, FOLDER_LATENTS_DTYPE), "autoencoder_step": step}
+
+
+LATENT_STAGES = ("encoder", "diffusion")  # the stages that learnt the autoencoder's latents
+
+
+def check_same_latents(folder: Path, networks: dict, settings: dict, retrain: tuple) -> None:
+    """The encoder and diffusion must have learnt this folder's autoencoder's latents (as their JSON records them;
+    a folder exported before the record, or a stage listed under ``retrain``, is not judged)."""
+    recorded = {stage: settings[stage]["latents"] for stage in LATENT_STAGES
+                if stage in settings and stage not in retrain and isinstance(settings[stage].get("latents"), dict)}
+    if not recorded or "autoencoder" not in networks:
+        return
+    ours = latents_fingerprint(networks["autoencoder"], FOLDER_LATENTS_DTYPE)
+    stale = [stage for stage, record in recorded.items() if record.get("fingerprint") != ours]
+    if stale:
+        names = " and ".join(stale)
+        raise XctDiffError(f"the {names} in {folder} learnt the latents of another autoencoder than the folder's "
+                           f"({stale[0]}.json records autoencoder {recorded[stale[0]].get('fingerprint')}, the folder's is "
+                           f"{ours}): the folder mixes two models' stages; put back the autoencoder they were exported "
+                           "with, or export the model again from one run (xctdiff export)")
+
+
 def non_finite_tensor(tensors: dict, prefix: str = "") -> Optional[str]:
     """The name of the first floating tensor of a (nested) state dict holding NaN or Inf, or None: weights of a
     diverged run, found when they load, export or are checkpointed."""
@@ -238,6 +283,16 @@ def _load_verified_stages(folder, stages, required) -> tuple:
     return networks, settings, manifest, contents
 
 
+def stage_files(folder, stages) -> dict:
+    """The verified bytes of those of ``stages`` a (possibly partial) model folder holds, to copy them into another
+    folder unchanged: ``{stage: {"weights": bytes, "config": bytes}}``."""
+    folder = Path(folder)
+    manifest = read_manifest(folder, required=())
+    contents = verify_checksums(folder, manifest)
+    return {stage: {role: contents[manifest["stages"][stage][role]] for role in ("weights", "config")}
+            for stage in stages if stage in manifest["stages"]}
+
+
 def load_autoencoder(folder) -> tuple:
     """The verified VQ-GAN of a (possibly partial) model folder and the CT edge it works at: ``(vqgan, volume_size)``."""
     networks, _, manifest = load_stages(folder, ("autoencoder",), required=("autoencoder",))
@@ -283,6 +338,7 @@ def load_model_folder(folder) -> ModelFolder:
     if info.sampler not in SAMPLERS:
         raise XctDiffError(f"{folder}: unknown default sampler {info.sampler!r}")
     _check_compatible(info, networks, settings)
+    check_same_latents(folder, networks, settings, info.retrain)
     mean_ct = _load_mean_ct(folder, manifest, info.volume_size, contents)
     return ModelFolder(info, vqgan, encoder, networks["diffusion"], schedule, networks.get("style"), mean_ct, settings,
                        coarse=networks.get("coarse"))
@@ -451,6 +507,7 @@ def save_model_folder(
     settings: Optional[dict] = None,
     extra: Optional[dict] = None,
     required=REQUIRED_STAGES,
+    copied: Optional[dict] = None,
 ) -> Path:
     """Write a model folder (stage files, optional mean CT, model card, manifest last); returns it.
 
@@ -458,6 +515,8 @@ def save_model_folder(
     LatentUNet to sample with, i.e. the EMA copy) and optionally ``style`` (the real -> DRR generator).
     ``required``: the stages it must hold; fewer than all three make a partial folder, which cannot
     reconstruct but can start the later stages' training (``xctdiff train ... --init``).
+    ``copied``: stages written as they are (:func:`stage_files` of another folder), in place of the networks of
+    the same name (which still stand for them in the checks, e.g. the latents the encoder records).
     ``settings``: each stage's JSON (:func:`~XctDiffCore.training.stage_for_export`); by default they
     come from ``config``. ``extra``: further manifest entries (training data, metrics). The folder is
     written whole in a hidden temporary folder beside ``out_dir``, then takes its place
@@ -467,14 +526,14 @@ def save_model_folder(
     from .atomic import atomic_folder, make_output_folder
 
     out_dir = Path(out_dir)
-    missing = [s for s in required if s not in networks]
+    missing = [s for s in required if s not in networks and s not in (copied or {})]
     if missing:
         raise XctDiffError(f"cannot export a model without the {', '.join(missing)} stage(s)")
     _check_replaceable(out_dir)
     make_output_folder(out_dir.parent)
     with atomic_folder(out_dir, replaceable=lambda name: True) as folder:
         _write_model_files(folder, networks, config, model_id, version, mean_ct, model_card, geometry, dtype,
-                           settings, extra)
+                           settings, extra, copied or {})
     return out_dir
 
 
@@ -487,18 +546,29 @@ def _check_replaceable(out_dir: Path) -> None:
 
 
 def _write_model_files(out_dir: Path, networks: dict, config, model_id: str, version: str, mean_ct, model_card: str,
-                       geometry: str, dtype: str, settings: Optional[dict], extra: Optional[dict]) -> None:
+                       geometry: str, dtype: str, settings: Optional[dict], extra: Optional[dict], copied: dict) -> None:
     """The files of :func:`save_model_folder` into the (temporary) folder ``out_dir``, the manifest last."""
     from .atomic import atomic_path
 
-    settings = settings or stage_configs(config)
-    stages = {s: export_stage(networks[s], s, settings[s], out_dir, dtype=dtype) for s in REQUIRED_STAGES if s in networks}
-    if networks.get("style") is not None:
-        style_settings = settings["style"] if "style" in settings else style_stage_config(config)
-        stages["style"] = export_stage(networks["style"], "style", style_settings, out_dir, dtype=dtype)
-    if networks.get("coarse") is not None:
-        coarse_settings = settings["coarse"] if "coarse" in settings else coarse_stage_config(config)
-        stages["coarse"] = export_stage(networks["coarse"], "coarse", coarse_settings, out_dir, dtype=dtype)
+    settings = dict(settings or stage_configs(config))
+    if networks.get("autoencoder") is not None:  # the encoder and diffusion say whose latents they learnt
+        step = json.loads(copied["autoencoder"]["config"]).get("step") if "autoencoder" in copied \
+            else settings.get("autoencoder", {}).get("step")
+        record = folder_latents_record(networks["autoencoder"], step)
+        for stage in LATENT_STAGES:
+            if stage in settings:
+                settings[stage] = {**settings[stage], "latents": record}
+    stages = {}
+    for stage in REQUIRED_STAGES + OPTIONAL_STAGES:
+        if stage in copied:
+            stages[stage] = {"weights": f"{stage}.safetensors", "config": f"{stage}.json"}
+            for role, name in stages[stage].items():
+                with atomic_path(out_dir / name) as tmp:
+                    tmp.write_bytes(copied[stage][role])
+        elif networks.get(stage) is not None:
+            default = {"style": style_stage_config, "coarse": coarse_stage_config}.get(stage)
+            stage_settings = settings[stage] if stage in settings or default is None else default(config)
+            stages[stage] = export_stage(networks[stage], stage, stage_settings, out_dir, dtype=dtype)
     files = [MODEL_CARD_NAME]
     extra = {
         **(extra or {}),

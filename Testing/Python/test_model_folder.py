@@ -101,6 +101,19 @@ def transplant(stage):
     return apply
 
 
+def transplant_same_shape(stage):
+    """The stage's files from a model of the same config and another seed, re-signed: every checksum and shape is
+    right, but its autoencoder makes other latents than the encoder and diffusion learnt (garbage CTs, silently)."""
+
+    def apply(folder, other):
+        same_shape = create_random_model(folder.parent / "seed1", "tiny", seed=1, with_style=False)
+        for ext in ("json", "safetensors"):
+            shutil.copy(same_shape / f"{stage}.{ext}", folder / f"{stage}.{ext}")
+        resign(folder)
+
+    return apply
+
+
 def replace_file(name, content: bytes):
     def apply(folder, other):
         (folder / name).write_bytes(content)
@@ -173,6 +186,10 @@ CORRUPTIONS = {
                                          "disagree on the encoder settings"),
     "mismatched stages: encoder": (transplant("encoder"), "the encoder's latent (4, 8, 8, 8) differs from the autoencoder's (8, 8, 8, 8)"),
     "mismatched stages: diffusion": (transplant("diffusion"), "the diffusion model has 4 latent channels, the autoencoder 8"),
+    "mismatched stages: another model's autoencoder": (transplant_same_shape("autoencoder"),
+                                                       "the encoder and diffusion in "),
+    "mismatched stages: another model's encoder": (transplant_same_shape("encoder"),
+                                                   "learnt the latents of another autoencoder than the folder's"),
     "mismatched stages: manifest volume size": (edit_manifest(set_path(["data", "volume_size"], 64)), "differs from the autoencoder's"),
     "mismatched stages: manifest image size": (edit_manifest(set_path(["data", "xray_size"], 64)),
                                                "the encoder takes 32 px radiographs, the manifest says 64"),
@@ -243,6 +260,19 @@ def test_same_seed_same_weights(tmp_path):
     loaded = load_model_folder(a)
     assert loaded.style is None and loaded.mean_ct is None
     assert "style" not in read_manifest_json(a)["stages"]
+
+
+def test_a_folder_exported_before_the_latents_record_loads_as_before(folder, tmp_path):
+    """encoder.json and diffusion.json record the autoencoder whose latents they learnt (the same for both); a folder
+    exported before that record is not judged, even with another model's autoencoder, as before."""
+    records = [json.loads((folder / f"{stage}.json").read_text(encoding="utf-8"))["latents"] for stage in ("encoder", "diffusion")]
+    assert records[0] == records[1] and len(records[0]["fingerprint"]) == 16
+    transplant_same_shape("autoencoder")(folder, None)
+    with pytest.raises(XctDiffError, match="learnt the latents of another autoencoder"):
+        load_model_folder(folder)
+    for stage in ("encoder", "diffusion"):
+        edit_stage_json(f"{stage}.json", lambda settings: settings.pop("latents"))(folder, None)
+    assert load_model_folder(folder).info.model_id == "random"
 
 
 def test_pipeline_gets_the_folder_contents(pristine):

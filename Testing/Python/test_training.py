@@ -933,7 +933,9 @@ def test_add_stage_replaces_the_encoder_only_in_a_folder_of_the_same_latents(tmp
     subprocess.run([*add_stage, str(folder)], check=True, capture_output=True, cwd=REPO)
     changed = {p.name for p in folder.iterdir() if p.read_bytes() != before.get(p.name)}
     assert changed == {"encoder.safetensors", "encoder.json", "manifest.json"}
-    assert load_model_folder(folder).info.version == "2"  # checks every SHA-256
+    assert load_model_folder(folder).info.version == "2"  # checks every SHA-256 and the latents the stages learnt
+    assert json.loads((folder / "encoder.json").read_text(encoding="utf-8"))["latents"] == \
+        json.loads((folder / "diffusion.json").read_text(encoding="utf-8"))["latents"]
     trained = shipped_weights(load_checkpoint(checkpoint_path(run, "encoder"))["models"])
     assert_same_weights(folder_weights(folder, "encoder"), trained, atol=0)
 
@@ -1010,6 +1012,52 @@ def test_init_of_the_encoder_does_not_copy_later_stages(tmp_path, exported, data
     train("encoder", tiny_config(run, datalist, lr=1e-12, max_steps=1), init=exported)
     assert_same_weights(load_checkpoint(checkpoint_path(run, "encoder"))["models"]["encoder"], folder_weights(exported, "encoder"))
     assert checkpoint_path(run, "autoencoder").is_file() and not checkpoint_path(run, "diffusion").exists()
+
+
+def test_an_export_of_a_fine_tuned_run_takes_the_stages_it_did_not_train_from_the_init_folder(tmp_path, datalist, capsys):
+    """The README's fine-tuning recipe: `train encoder --init MODEL`, then `export` gives a complete model (was: 'no
+    trained diffusion stage'); the stages the run did not train (the coarse CT and style too, which were lost) are the
+    folder's, byte for byte, one line each; the default path stays the folder's. Fine-tuning the diffusion stage too in
+    the same run ships both. Runs trained on another autoencoder than the folder's cannot take its later stages."""
+    from XctDiffCore.model_folder import create_random_model, load_model_folder
+
+    base = create_random_model(tmp_path / "base", "tiny", with_coarse=True)
+    manifest = json.loads((base / "manifest.json").read_text(encoding="utf-8"))
+    manifest["stages"]["diffusion"]["settings"]["method"] = "direct"  # as the bundled model's
+    settings = json.loads((base / "diffusion.json").read_text(encoding="utf-8"))
+    (base / "diffusion.json").write_text(json.dumps({**settings, "method": "direct"}), encoding="utf-8")
+    manifest["sha256"]["diffusion.json"] = file_sha256(base / "diffusion.json")
+    (base / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+
+    run, out = tmp_path / "ft", tmp_path / "model"
+    train("encoder", tiny_config(run, datalist, max_steps=1, lr=1e-3), init=base)
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(out), "--dtype", "float32"]) == 0
+    err = capsys.readouterr().err
+    for stage in ("autoencoder", "diffusion", "style", "coarse"):
+        assert err.count(f"{stage}: taken unchanged from {base.resolve()} (random seed0)") == 1, err
+        for ext in ("safetensors", "json"):
+            assert (out / f"{stage}.{ext}").read_bytes() == (base / f"{stage}.{ext}").read_bytes(), stage
+    assert not any(line.startswith("encoder:") for line in err.splitlines())
+    model = load_model_folder(out)
+    assert model.coarse is not None and model.style is not None and model.info.method == "direct"
+    assert json.loads((out / "manifest.json").read_text(encoding="utf-8"))["training"]["fine_tuned_from"] == "random seed0"
+    tuned = json.loads((out / "encoder.json").read_text(encoding="utf-8"))
+    assert tuned["fine_tuned_from"] == "random seed0" and tuned["latents"] == settings["latents"]  # the folder's autoencoder
+
+    train("diffusion", tiny_config(run, datalist, max_steps=1, lr=1e-3), init=base)
+    assert main(["export", str(run), "--out", str(out), "--method", "diffusion"]) == 0
+    err = capsys.readouterr().err
+    assert [line.split(":")[0] for line in err.splitlines() if "taken unchanged" in line] == ["autoencoder", "style", "coarse"]
+    assert load_model_folder(out).info.method == "diffusion"
+    assert (out / "diffusion.safetensors").read_bytes() != (base / "diffusion.safetensors").read_bytes()
+
+    whole = tmp_path / "whole"  # an autoencoder of its own: the folder's encoder and diffusion learnt other latents
+    train("autoencoder", tiny_config(whole, datalist, max_steps=1, lr=1e-3), init=base)
+    assert main(["export", str(whole), "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "the encoder and diffusion stages learnt the latents of the autoencoder of" in err
+    assert f"`xctdiff train encoder --init {base.resolve()} ... --out {whole}`" in err and not (tmp_path / "refused").exists()
 
 
 def test_a_partial_folder_keeps_the_autoencoder_and_starts_the_encoder_on_it(tmp_path, chain, datalist, capsys):

@@ -11,8 +11,9 @@ puts in a decoder fine-tuned on the folder's own latents.
 
 RUN/style is the stage folder of `xctdiff train style` (style.safetensors + style.json, exported when the
 run stops); RUN for `--coarse`, `--diffusion` and `--encoder` is a run folder of `xctdiff train coarse`, `xctdiff
-train diffusion` or `xctdiff train encoder` (its checkpoint's average of the weights is what ships; an encoder
-run must have learnt the folder's own latents, else it is refused; a replaced diffusion stage keeps
+train diffusion` or `xctdiff train encoder` (its checkpoint's average of the weights is what ships; an encoder or
+diffusion run must have learnt the folder's own latents, else it is refused, and its JSON records that autoencoder
+(``latents``), which loading checks; a replaced diffusion stage keeps
 the folder's defaults, the ``method``, ``sampler`` and ``steps`` of its diffusion.json, not the run's
 validation sampler); `--autoencoder` takes a run of
 `xctdiff train autoencoder` with ``autoencoder.decoder_only`` and ``--init MODEL_FOLDER``, and refuses one
@@ -34,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from XctDiffCore.model_folder import MANIFEST_NAME, export_stage, load_model_folder, load_stages, write_manifest
+from XctDiffCore.model_folder import (MANIFEST_NAME, export_stage, folder_latents_record, load_autoencoder, load_model_folder,
+                                      load_stages, write_manifest)
 
 STAGE_JSON_KEYS = ("stage", "dtype", "parameters")  # written by export_stage itself
 
@@ -52,6 +54,22 @@ def trained_stage(stage: str, run_dir: Path) -> tuple:
     from XctDiffCore.training.common import checkpoint_path, load_checkpoint
 
     return stage_for_export(stage, load_checkpoint(checkpoint_path(run_dir, stage)))
+
+
+def learnt_latents(folder: Path, stage: str, run_dir: Path) -> dict:
+    """The ``latents`` record of an encoder or diffusion stage going into ``folder``: refused (nothing written) when
+    it learnt other latents than its run's autoencoder makes now, or when that autoencoder's encoder or codebook
+    differs from the folder's; else the folder's autoencoder, as its loading compares it."""
+    from XctDiffCore.training.common import checkpoint_path, latents_changed, latents_record, load_checkpoint
+
+    vqgan, settings = trained_stage("autoencoder", run_dir)
+    changed = latents_changed(f"the run's {stage} stage", load_checkpoint(checkpoint_path(run_dir, stage)).get("latents"),
+                              latents_record(vqgan, settings.get("step")))
+    if changed:
+        raise SystemExit(f"error: {changed}: train it again on it, then add it")
+    check_same_latents(folder, vqgan, hint=f"train the {stage} with --init a folder that has this folder's autoencoder")
+    step = json.loads((folder / "autoencoder.json").read_text(encoding="utf-8")).get("step")
+    return folder_latents_record(load_autoencoder(folder)[0], step)
 
 
 def check_same_latents(folder: Path, network, hint: str = "train it with autoencoder.decoder_only and --init that folder") -> None:
@@ -120,9 +138,8 @@ def main() -> None:
         network, settings = trained_stage(stage, getattr(args, stage))
     if stage == "autoencoder":
         check_same_latents(args.folder, network)
-    if stage == "encoder":  # it learnt the latents of the autoencoder its run started from
-        check_same_latents(args.folder, trained_stage("autoencoder", args.encoder)[0],
-                           hint="train the encoder with --init a folder that has this folder's autoencoder")
+    if stage in ("encoder", "diffusion"):  # it learnt the latents of its run's autoencoder: recorded, for loading
+        settings["latents"] = learnt_latents(args.folder, stage, getattr(args, stage))
     previous = args.folder / f"{stage}.json"
     if stage == "diffusion" and previous.is_file():  # the folder's defaults (path, sampler, steps) stay what they were
         defaults = json.loads(previous.read_text(encoding="utf-8"))

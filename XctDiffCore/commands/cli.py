@@ -94,8 +94,9 @@ def add_export_command(subparsers):
     p.add_argument("--data", help="datalist whose training CTs give the mean-CT baseline (default: the run's)")
     p.add_argument("--model-card", help="Markdown file copied in as MODEL_CARD.md")
     p.add_argument("--metrics", help="JSON file recorded in the manifest (e.g. the summary.json of `xctdiff evaluate`)")
-    p.add_argument("--method", choices=METHODS, default="diffusion",
-                   help="the model's default reconstruction path (direct: when its diffusion stage measures worse)")
+    p.add_argument("--method", choices=METHODS,
+                   help="the model's default reconstruction path (direct: when its diffusion stage measures worse); "
+                   "default: diffusion, or for a diffusion stage taken from the --init folder that folder's")
     p.add_argument("--min-consistency", type=float, metavar="SSIM", dest="min_consistency",
                    help="the model's reliability threshold, 0-1: a reconstruction whose DRR agrees less with its film "
                    "is flagged unreliable (measure it: Testing/Scripts/consistency_survey.py --model MODEL; the bundled "

@@ -328,34 +328,45 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
         raise XctDiffError(f"--data: datalist not found: {datalist}")
     if not Path(run_dir).is_dir():
         raise XctDiffError(f"run folder not found: {run_dir} (the --out of `xctdiff train`)")
-    untrained = [stage for stage in required if not checkpoint_path(run_dir, stage).exists()]
-    if untrained:  # say what to train, or how to keep what there is, not only which file is missing
-        trained = [stage for stage in REQUIRED_STAGES if checkpoint_path(run_dir, stage).is_file()]
-        keep = f", or keep what it has with --stages {' '.join(trained)}" if trained and not stages else ""
-        names = " or ".join(filter(None, (", ".join(untrained[:-1]), untrained[-1])))
-        raise XctDiffError(f"{run_dir} has no trained {names} stage (no {checkpoint_path(run_dir, untrained[0])}): "
-                           f"train {'it first' if len(untrained) == 1 else 'them first, in that order'} "
-                           f"(`xctdiff train {untrained[0]} ... --out {run_dir}`){keep}")
-    networks, settings, unfinished, learnt = {}, {}, [], {}
+    networks, settings, unfinished, learnt, bases, imported, config = {}, {}, [], {}, [], set(), None
     for stage in REQUIRED_STAGES + OPTIONAL_STAGES:
         path = checkpoint_path(run_dir, stage)
-        if stage not in required and (stages or not path.is_file()):
+        if (stage not in required and (stages or not path.is_file())) or not path.exists():
             continue
         checkpoint = checked_stage(load_checkpoint(path, required=("config", "models", "step")), path, stage)
         networks[stage], settings[stage] = stage_for_export(stage, checkpoint)
         learnt[stage] = checkpoint.get("latents")  # the encoder's and diffusion's: the autoencoder they learnt
         max_steps = checkpoint["config"].get(stage, {}).get("optim", {}).get("max_steps")
-        if "imported_from" not in checkpoint and isinstance(max_steps, int) and checkpoint["step"] < max_steps:
-            unfinished.append((stage, f"the {stage} stage stopped at step {checkpoint['step']} of {max_steps}"))
-        if stage in required:  # the last required stage's config carries every earlier stage's model
+        if "imported_from" in checkpoint:  # copied by --init: the folder's own files ship (below), where it is still there
+            bases.insert(0, Path(checkpoint["imported_from"]))
+            imported.add(stage)
+        else:
+            bases += [Path(checkpoint["config"]["run"]["init"])] if checkpoint["config"].get("run", {}).get("init") else []
+            if isinstance(max_steps, int) and checkpoint["step"] < max_steps:
+                unfinished.append((stage, f"the {stage} stage stopped at step {checkpoint['step']} of {max_steps}"))
+        if stage in required or config is None:  # the last required stage's config carries every earlier stage's model
             config = config_from_dict(checkpoint["config"])
+    base = next((folder for folder in bases if (folder / MANIFEST_NAME).is_file()), None)
+    copied = _stages_from_base(base, run_dir, required if stages else REQUIRED_STAGES + OPTIONAL_STAGES,
+                               networks, settings, learnt, imported, method)
+    untrained = [stage for stage in required if stage not in networks]
+    if untrained:  # say what to train, or how to keep what there is, not only which file is missing
+        trained = [stage for stage in REQUIRED_STAGES if stage in networks]
+        keep = f", or keep what it has with --stages {' '.join(trained)}" if trained and not stages else ""
+        names = " or ".join(filter(None, (", ".join(untrained[:-1]), untrained[-1])))
+        gone = f" (it was fine-tuned from {bases[0]}, which is not there any more)" if bases and base is None else ""
+        raise XctDiffError(f"{run_dir} has no trained {names} stage (no {checkpoint_path(run_dir, untrained[0])}){gone}: "
+                           f"train {'it first' if len(untrained) == 1 else 'them first, in that order'} "
+                           f"(`xctdiff train {untrained[0]} ... --out {run_dir}`){keep}")
     if "autoencoder" in networks:  # a model of stages that learnt other latents reconstructs noise
-        current = latents_record(networks["autoencoder"], settings["autoencoder"]["step"])
-        stale = [stage for stage in networks if latents_changed(f"the {stage} stage", learnt[stage], current)]
+        current = latents_record(networks["autoencoder"], settings["autoencoder"].get("step"))
+        stale = [stage for stage in networks if latents_changed(f"the {stage} stage", learnt.get(stage), current)]
         if stale:
             words = f"the {' and '.join(stale)} stage{'s' if len(stale) > 1 else ''}"
-            raise XctDiffError(f"{latents_changed(words, learnt[stale[0]], current)}: train {'them' if len(stale) > 1 else 'it'} "
-                               f"again on it (`xctdiff train {stale[0]} ... --resume` goes on from the old weights), then export")
+            again = (f" on it (`xctdiff train {stale[0]} --init {base} ... --out {run_dir}`)" if stale[0] in copied
+                     else f" again on it (`xctdiff train {stale[0]} ... --resume` goes on from the old weights)")
+            raise XctDiffError(f"{latents_changed(words, learnt[stale[0]], current)}: train {'them' if len(stale) > 1 else 'it'}"
+                               f"{again}, then export")
     if unfinished:  # a Ctrl-C, --time-limit or SIGTERM left it short: the model would ship it without a word
         import warnings
 
@@ -370,9 +381,11 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
                       "folder gets no mean training CT (the evaluation's baseline) and names no training patients; "
                       "give the datalist with --data", stacklevel=2)
     datalist = Path(datalist or config.data.datalist)
-    if "diffusion" in settings:
-        settings["diffusion"]["method"] = method
-    training = {"steps": {stage: s["step"] for stage, s in settings.items()}}
+    if "diffusion" in settings and "diffusion" not in copied:
+        settings["diffusion"]["method"] = method or "diffusion"
+    training = {"steps": {stage: s["step"] for stage, s in settings.items() if s.get("step") is not None}}
+    if copied:  # what the run did not train is the folder's
+        training["fine_tuned_from"] = model_folder_name(base)
     mean_ct = None
     if datalist.is_file():
         read_datalist(datalist, "training")  # one line for a file that is none
@@ -387,5 +400,42 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     extra = {"training": training, **({"metrics": metrics} if metrics else {}),
              **({"min_consistency": float(min_consistency)} if min_consistency is not None else {})}
     save_model_folder(model_dir, networks, config, model_id, version, mean_ct=mean_ct, model_card=model_card,
-                      dtype=dtype, settings=settings, extra=extra, required=required)
+                      dtype=dtype, settings=settings, extra=extra, required=required, copied=copied)
+    for stage in copied:  # one line each: the folder ships stages this run did not train
+        print(f"{stage}: taken unchanged from {base} ({model_folder_name(base)}): the run did not train it",
+              file=sys.stderr, flush=True)
     return Path(model_dir) / MANIFEST_NAME
+
+
+def _stages_from_base(base: Optional[Path], run_dir, wanted, networks: dict, settings: dict, learnt: dict,
+                      imported: set, method: Optional[str]) -> dict:
+    """The stages of the ``--init`` folder ``base`` that the run did not train (absent, or only copied in by
+    ``--init``), byte for byte (:func:`~XctDiffCore.model_folder.stage_files`); ``networks``, ``settings`` and
+    ``learnt`` get theirs, so that the export checks them as the run's own. A copied diffusion stage keeps the
+    folder's default path unless ``method`` names one."""
+    from ..model_folder import LATENT_STAGES, check_same_latents, load_stages, stage_files
+    from .common import latents_record
+
+    if base is None:
+        return {}
+    taken = [stage for stage in wanted if stage not in networks or stage in imported]
+    copied = stage_files(base, taken)  # checksums verified
+    if not copied:
+        return {}
+    folder_networks, folder_settings, manifest = load_stages(base, dict.fromkeys(("autoencoder", *copied)), required=())
+    retrain = [stage for stage in (manifest.get("retrain") or []) if stage in copied]
+    if retrain:  # Testing/Scripts/add_stage.py --new-autoencoder: the folder's stage learnt other latents
+        raise XctDiffError(f"the {retrain[0]} stage of {base} learnt another autoencoder's latents (retrain in its "
+                           f"manifest): train it in this run first (`xctdiff train {retrain[0]} --init {base} ... "
+                           f"--out {run_dir}`), then export")
+    check_same_latents(base, folder_networks, folder_settings, ())
+    for stage in copied:
+        networks[stage], settings[stage] = folder_networks[stage], folder_settings[stage]
+        if stage in LATENT_STAGES and "autoencoder" in folder_networks:  # the folder's own autoencoder's latents
+            learnt[stage] = latents_record(folder_networks["autoencoder"], folder_settings["autoencoder"].get("step"), base)
+    if "diffusion" in copied and method is not None and folder_settings["diffusion"].get("method", "diffusion") != method:
+        document = json.loads(copied["diffusion"]["config"])  # the weights stay byte for byte, the default path changes
+        document["method"] = method
+        copied["diffusion"]["config"] = (json.dumps(document, indent=2) + "\n").encode("utf-8")
+        settings["diffusion"] = {**settings["diffusion"], "method": method}
+    return copied

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import hashlib
 import os
 import random
 import signal
@@ -46,7 +45,7 @@ from ..atomic import atomic_path, make_output_folder, output_lock
 from ..config import config_to_dict
 from ..errors import XctDiffError, first_line
 from ..model_folder import EXPORT_DTYPES, export_stage, file_sha256, write_manifest  # noqa: F401 (the stages' exports)
-from ..model_folder import non_finite_tensor
+from ..model_folder import latents_fingerprint, non_finite_tensor  # noqa: F401 (the stages' record)
 from ..progress import is_terminal, time_left
 from .data import PairDataset, train_loader
 
@@ -405,16 +404,6 @@ def _datalist_sha256(datalist) -> Optional[str]:
         return file_sha256(datalist)
     except OSError:
         return None
-
-
-def latents_fingerprint(vqgan: nn.Module) -> str:
-    """A digest of what makes a VQ-GAN's latents: its encoder and codebook (a decoder trained on alone keeps it)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(vqgan.state_dict().items()):
-        if name.startswith(("encoder.", "quantizer.")):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def latents_record(vqgan: nn.Module, step: Optional[int], folder=None) -> dict:

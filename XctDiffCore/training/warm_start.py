@@ -46,6 +46,7 @@ def warm_start(config: Config, stage: str, job) -> Optional[dict]:
         )
     if stage in networks:
         _check_same_model(config, stage, settings[stage], folder)
+    _check_copied_latents(folder, stage, networks, settings, manifest)
     if job.is_main:
         # the folder's encoder and diffusion learnt its autoencoder's latents: said in their copies, so that a run
         # with an autoencoder of its own refuses to build on them or to export them
@@ -61,6 +62,19 @@ def warm_start(config: Config, stage: str, job) -> Optional[dict]:
     if stage not in networks:
         return None
     return {k: v.detach().clone() for k, v in networks[stage].state_dict().items()}
+
+
+def _check_copied_latents(folder: Path, stage: str, networks: dict, settings: dict, manifest: dict) -> None:
+    """The earlier stages copied into the run must have learnt the folder's autoencoder's latents (their JSON's
+    record; ``retrain`` in the manifest says they did not): the trained stage would learn on a garbage prior."""
+    from ..model_folder import check_same_latents
+
+    earlier = [s for s in EARLIER_STAGES[stage] if s in networks and s != "autoencoder"]
+    retrain = [s for s in earlier if s in (manifest.get("retrain") or [])]
+    if retrain:
+        raise XctDiffError(f"the {retrain[0]} stage of {folder} learnt another autoencoder's latents (retrain in its "
+                           f"manifest): train it first (`xctdiff train {retrain[0]} --init {folder}` with the same --out)")
+    check_same_latents(folder, networks, {s: settings[s] for s in earlier}, ())
 
 
 def _check_same_model(config: Config, stage: str, folder_settings: dict, folder: Path) -> None:
