@@ -911,6 +911,17 @@ def test_add_stage_replaces_the_diffusion_keeps_the_default_path_and_every_other
     assert json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["training"]["steps"]["diffusion"] == 2
     trained = ema_weights(load_checkpoint(checkpoint_path(run, "diffusion"))["models"]["ema"])
     assert_same_weights(folder_weights(folder, "diffusion"), trained, atol=0)
+    encoder = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
+    assert settings["latents"] == encoder["latents"]  # the folder's autoencoder, which loading compares
+
+    from XctDiffCore.model_folder import create_random_model
+
+    other = create_random_model(tmp_path / "other", seed=1)  # the same networks, another autoencoder: was added silently
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    refused = subprocess.run([sys.executable, str(REPO / "Testing" / "Scripts" / "add_stage.py"), str(other), "--diffusion",
+                              str(run), "--version", "2"], capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=REPO)
+    assert refused.returncode != 0 and "encoder or codebook differs" in refused.stderr and "Traceback" not in refused.stderr
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
 
 
 def test_add_stage_replaces_the_encoder_only_in_a_folder_of_the_same_latents(tmp_path, exported, datalist):

@@ -127,7 +127,7 @@ def train(stage: str, config: Config, data=None, out=None, resume: bool = False,
                                    "--resume continues from it"] if job.is_main else []))
     if job.is_main and not deadline.stopped_early:  # those said why they stopped
         print(f"{stage}: trained{'' if step is None else f' to step {step}'}; checkpoint {path}; "
-              f"next: {NEXT_STEP[stage].format(run=run_dir)}", file=sys.stderr, flush=True)
+              f"next: {next_step(stage, run_dir, config.run.init)}", file=sys.stderr, flush=True)
     return path
 
 
@@ -139,6 +139,16 @@ NEXT_STEP = {
     "style": "`xctdiff export {run} --out MODEL` once the autoencoder, encoder and diffusion are trained",
     "coarse": "`xctdiff export {run} --out MODEL`",
 }
+
+
+def next_step(stage: str, run_dir, init: str) -> str:
+    """What ``train`` suggests after a stage; after a fine-tuned one (``--init``) the export, which completes the
+    model with the folder's other stages."""
+    if init and stage in ("encoder", "diffusion", "coarse"):
+        return (f"`xctdiff export {run_dir} --out MODEL` (the stages this run did not train are taken from {init} as "
+                "they are)" + (", or fine-tune the diffusion stage too first (`xctdiff train diffusion --init "
+                               f"{init}` with the same --config, --data and --out)" if stage == "encoder" else ""))
+    return NEXT_STEP[stage].format(run=run_dir)
 
 
 def _remove_unfinished(new_folders: list) -> None:
@@ -296,7 +306,7 @@ def _folder_has_stage(folder, stage: str) -> bool:
 
 
 def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctdiff", version: str = "0",
-               model_card: str = "", datalist=None, metrics: Optional[dict] = None, method: str = "diffusion",
+               model_card: str = "", datalist=None, metrics: Optional[dict] = None, method: Optional[str] = None,
                stages=None, min_consistency: Optional[float] = None) -> Path:
     """Export a trained run into a model folder (created); returns its ``manifest.json``.
 
@@ -307,7 +317,11 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     (``datalist``, else the one the diffusion stage trained on, when it is still there). The manifest
     records the training patients of that datalist, each stage's training steps and ``metrics``
     (e.g. the ``summary.json`` of ``xctdiff evaluate``). ``method``: the pipeline's default path
-    (``"direct"`` for a model whose diffusion stage measures worse than its encoder alone).
+    (``"direct"`` for a model whose diffusion stage measures worse than its encoder alone; None: ``"diffusion"``, or
+    the folder's own for a diffusion stage taken from it).
+    A run fine-tuned with ``--init MODEL`` ships the stages it did not train as that folder has them, byte for byte
+    (one line each on stderr), checked like its own: an encoder or diffusion that learnt another autoencoder's
+    latents than the one shipped is refused.
     ``min_consistency``: the model's reliability threshold (:func:`~XctDiffCore.plausibility.consistency_problems`),
     recorded in the manifest; None: its reconstructions are never flagged unreliable.
     """
