@@ -304,6 +304,17 @@ def test_a_patient_the_model_was_trained_on_is_flagged_as_training_fit(no_lpips,
     assert flagged == {(seen, True), (unseen, False)}
 
 
+def test_a_datalist_without_patient_ids_still_finds_the_training_patients():
+    """A hand-made datalist with no 'patient' names each case by its image, `<id>_aug<k>`: still that patient."""
+    from XctDiffCore.evaluation.reconstructions import Case, case_notes
+
+    chest = synthetic_chest((128,) * 3)
+    cases = [Case("lidc_idri_0293_aug0", np.zeros((8, 8)), chest, "lidc_idri_0293_aug0"),
+             Case("lidc_idri_0350_aug0", np.zeros((8, 8)), chest, "lidc_idri_0350_aug0")]
+    assert case_notes(cases, {"lidc_idri_0293"}) == {"lidc_idri_0293_aug0": ["training fit"], "lidc_idri_0350_aug0": []}
+    assert case_notes(cases, None) == {"lidc_idri_0293_aug0": [], "lidc_idri_0350_aug0": []}  # not recorded: no claim
+
+
 def test_a_cropped_truth_is_flagged_as_no_whole_chest(no_lpips, model_dir, datalist, tmp_path, capsys):
     """A partial scan (a 100 mm slab) in the validation list was scored like a whole chest, without a word."""
     data = json.loads(datalist.read_text())

@@ -68,6 +68,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sys
 import time
 import warnings
@@ -269,7 +270,9 @@ def case_notes(cases: list, trained_on: Optional[set]) -> dict:
 
     notes = {}
     for case in cases:
-        words = ["training fit"] if trained_on and (case.patient or case.name) in trained_on else []
+        # a datalist without patient ids (made by hand) names the patient by its image, `<id>_aug<k>` from prepare
+        ids = {case.patient or case.name, re.sub(r"_aug\d+$", "", case.patient or case.name)}
+        words = ["training fit"] if trained_on and ids & trained_on else []
         problem = whole_chest_problem(case.truth_hu, FIELD_OF_VIEW_MM / case.truth_hu.shape[0])
         if problem:
             words.append(f"not a whole chest: {problem}")
