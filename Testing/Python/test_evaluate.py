@@ -341,15 +341,30 @@ def test_figure_has_a_lung_and_a_bone_row_per_case(evaluated):
 
     with Image.open(evaluated[3] / "figure.png") as image:
         # input, truth, XctDiff, direct, kNN, mean CT, XctDiff std: seven panels; two cases, two windows: four rows
-        assert image.size == (7 * (PANEL_SIZE + GAP) - GAP, 4 * (PANEL_SIZE + LABEL_HEIGHT + GAP) - GAP)
+        grid_height = 4 * (PANEL_SIZE + LABEL_HEIGHT + GAP) - GAP
+        assert image.size[0] == 7 * (PANEL_SIZE + GAP) - GAP and image.size[1] > grid_height + 2 * LABEL_HEIGHT
         pixels = np.asarray(image).astype(float)
-    assert pixels.std() > 10
+    assert pixels.std() > 10 and pixels[grid_height + GAP:].max() == 255  # the caption below the panels
     panel = lambda row, column: pixels[row * (PANEL_SIZE + LABEL_HEIGHT + GAP) + LABEL_HEIGHT:][:PANEL_SIZE,  # noqa: E731
                                        column * (PANEL_SIZE + GAP):][:, :PANEL_SIZE]
     lung, bone = panel(0, 1), panel(1, 1)  # the first case's truth in both windows
     assert lung.std() > 10 and bone.std() > 10
     assert lung.mean() > bone.mean() + 10  # soft tissue: bright in the lung window, dark in the bone window
     assert panel(1, 0).max() == 0 and panel(1, 6).max() == 0  # the bone row has no input and no std panel
+
+
+def test_the_figure_names_its_windows_and_every_case_in_full(evaluated, datalist):
+    """The lung rows were labelled only with the case's name, cut at 22 characters ("totalseg_aorta_crop_au"), and
+    their window was in the README alone. Now a caption under the panels says both windows and every name in full."""
+    from XctDiffCore.evaluation.reconstructions import figure_caption
+
+    names = [name for name, _, _ in validation_cases(datalist)]
+    figure = [(name, None, {}, None) for name in ["a_patient_with_a_long_name_aug0", *names]]
+    lines = figure_caption(figure, "random seed0", "2026-12-07 20:00 UTC", {names[0]: ["training fit"]})
+    assert lines == ["Mid-coronal slices, two rows per case: its input DRR, then each CT in a lung window (W 1500 / L -600); "
+                     "below, a bone window (W 1800 / L 450).",
+                     f"Cases, top to bottom: a_patient_with_a_long_name_aug0, {names[0]} (training fit), {names[1]}.",
+                     "Model random seed0, xctdiff evaluate, 2026-12-07 20:00 UTC."]
 
 
 # ------------------------------------------------------------------------------------------ kNN

@@ -525,9 +525,10 @@ def evaluate(
                                                               "training_fit": fit, "not_whole_chest": partial,
                                                               "summary": summary}, indent=2) + "\n")
             if figure:
-                from ..figures import compose_grid, write_png
+                from ..figures import compose_grid, with_caption, write_png
 
-                write_png(compose_grid(figure_rows(figure, k, k_atlas)), out_dir / "figure.png")
+                caption = figure_caption(figure, f"{pipe.info.model_id} {pipe.info.version}", date, notes)
+                write_png(with_caption(compose_grid(figure_rows(figure, k, k_atlas)), caption), out_dir / "figure.png")
         (out_dir / PROGRESS_NAME).unlink(missing_ok=True)
         return summary
 
@@ -621,6 +622,21 @@ def figure_rows(figure: list, knn: Optional[int] = None, atlas: Optional[int] = 
                 row.append(("XctDiff std", scale_to_unit(std)))
             rows.append(row)
     return rows
+
+
+def figure_caption(figure: list, model: str, date: str, notes: dict) -> list:
+    """The figure's lines of text: what each row shows (both windows), every case's full name (a panel's label
+    holds 22 characters) with its notes, the model and the date, so that the PNG alone says what it is."""
+    from ..figures import BONE_WINDOW_HU, LUNG_WINDOW_HU
+
+    def words(low_high):
+        low, high = low_high
+        return f"W {high - low:.0f} / L {(high + low) / 2:.0f}"
+
+    names = [name + (f" ({'; '.join(notes[name])})" if notes.get(name) else "") for name, *_ in figure]
+    return [f"Mid-coronal slices, two rows per case: its input DRR, then each CT in a lung window ({words(LUNG_WINDOW_HU)}); "
+            f"below, a bone window ({words(BONE_WINDOW_HU)}).",
+            f"Cases, top to bottom: {', '.join(names)}.", f"Model {model}, xctdiff evaluate, {date}."]
 
 
 def write_progress(out_dir: Path, settings: dict, done: list, rows: list, figure: list, precision: str) -> None:
