@@ -689,3 +689,71 @@ def test_a_ct_folder_holding_the_output_folder_is_searched_without_it(no_lpips, 
         (error,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert error.startswith(f"error: {data} is in the output folder {named}: a job does not read its own "), error
     assert sorted(tmp_path.rglob("*")) == before
+
+
+# ------------------------------------------------------------------------------------------ comparing evaluations
+
+
+def shifted_copy(evaluation, folder, method, psnr_shift, drop_case=None):
+    """A copy of an evaluation folder with ``method``'s PSNR raised by ``psnr_shift`` dB on every case (and, with
+    ``drop_case``, that case's rows left out): a second model's run, without running one."""
+    folder = Path(shutil.copytree(evaluation, folder))
+    with open(folder / "metrics.csv", newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns, rows = reader.fieldnames, [row for row in reader if row["case"] != drop_case]
+    for row in rows:
+        if row["method"] == method:
+            row["psnr"] = str(float(row["psnr"]) + psnr_shift)
+    with open(folder / "metrics.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def test_two_evaluations_side_by_side_with_paired_differences(evaluated, tmp_path, capsys):
+    """Two models' summaries had to be laid side by side by hand. `xctdiff evaluate-compare A B` puts each method's
+    means of both in one table, then B - A per case on the cases both scored, and on how many B is better."""
+    first = evaluated[3]
+    second = shifted_copy(first, tmp_path / "model_b", "direct", 1.0)
+    report = tmp_path / "comparison.md"
+    capsys.readouterr()
+    assert main(["evaluate-compare", str(first), str(second), "--out", str(report)]) == 0
+    out, err = capsys.readouterr()
+    assert "warning" not in err and out == report.read_text(encoding="utf-8") + f"wrote {report}\n"
+    assert "- **eval**: model `random seed0`, 2 cases, " in out and "- **model_b**: model `random seed0`" in out
+    table = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in out.splitlines() if line.startswith("| ")}
+    assert ("direct (no diffusion)", "eval") in table and ("direct (no diffusion)", "model_b") in table
+    paired = out.split("Paired, on the 2 cases all scored")[1]
+    direct = next(line for line in paired.splitlines() if line.startswith("| direct (no diffusion) | model_b"))
+    assert [c.strip() for c in direct.split("|")[3:5]] == ["+1.00 ± 0.00", "+0.000 ± 0.000"] and "| 2 of 2 |" in direct
+    mean_ct = next(line for line in paired.splitlines() if line.startswith("| mean training CT | model_b"))
+    assert "+0.00 ± 0.00" in mean_ct and "| 0 of 2 |" in mean_ct
+
+
+def test_evaluations_of_other_cases_are_compared_on_the_shared_ones_with_a_warning(evaluated, tmp_path, capsys):
+    first = evaluated[3]
+    case = json.loads((first / "summary.json").read_text())["case_names"][0]
+    second = shifted_copy(first, tmp_path / "fewer", "direct", -0.5, drop_case=case)
+    capsys.readouterr()
+    assert main(["evaluate-compare", str(first), str(second)]) == 0
+    out, err = capsys.readouterr()
+    assert "warning: the evaluations scored different cases (2, 1; 1 shared): their means do not compare" in err
+    assert "Paired, on the 1 cases all scored" in out and "-0.50 ± 0.00" in out
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("empty", "is not a finished `xctdiff evaluate` folder: no summary.json and metrics.csv"),
+    ("interrupted", "(it holds an interrupted run: finish it with `xctdiff evaluate ... --resume`)"),
+    ("missing", "evaluation folder not found"),
+])
+def test_a_folder_that_is_no_finished_evaluation_is_one_line(evaluated, tmp_path, capsys, kind, words):
+    folder = tmp_path / "eval"
+    if kind != "missing":
+        folder.mkdir()
+    if kind == "interrupted":
+        (folder / "progress.npz").write_bytes(b"")
+    capsys.readouterr()
+    assert main(["evaluate-compare", str(evaluated[3]), str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]

@@ -647,6 +647,24 @@ def _run_evaluate_autoencoder(args) -> int:
     return 0
 
 
+def add_evaluate_compare_command(subparsers):
+    p = subparsers.add_parser("evaluate-compare", help="two or more `xctdiff evaluate` folders side by side, with "
+                              "paired differences on the cases all scored")
+    p.add_argument("evaluations", nargs="+", metavar="EVAL", help="output folders of `xctdiff evaluate`; the first is "
+                   "the reference of the differences")
+    p.add_argument("--out", help="also write the report to this Markdown file")
+    p.set_defaults(handler=_run_evaluate_compare)
+
+
+def _run_evaluate_compare(args) -> int:
+    from ..evaluation.compare import write_comparison
+
+    print(write_comparison(args.evaluations, args.out), end="")
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
 def add_evaluate_style_command(subparsers):
     p = subparsers.add_parser(
         "evaluate-style",
@@ -682,8 +700,8 @@ def _run_evaluate_style(args) -> int:
 # The order of `xctdiff --help`: the main job first, then what a user runs next, then the training chain.
 COMMANDS = [add_reconstruct_command, add_demo_command, add_inspect_command, add_drr_command, add_evaluate_command,
             add_prepare_command, add_train_command, add_export_command, add_evaluate_autoencoder_command,
-            add_evaluate_style_command, add_lpips_weights_command, add_models_command, add_benchmark_command,
-            add_standby_command]
+            add_evaluate_style_command, add_evaluate_compare_command, add_lpips_weights_command, add_models_command,
+            add_benchmark_command, add_standby_command]
 
 
 class _HelpFormatter(argparse.HelpFormatter):
