@@ -57,6 +57,28 @@ def test_report_of_a_random_model_on_a_ct_folder(tmp_path, ct_folder, capsys):
     assert (out / "figure.png").stat().st_size > 0 and (out / "metrics.csv").is_file()
 
 
+def test_the_report_says_what_made_it_and_which_cases_are_no_whole_chest(tmp_path, ct_folder, capsys):
+    """The report said neither when nor by which command it was made, and scored a 120 mm slab like a whole chest
+    without a word (the two CTs of ``ct_folder`` are 48 slices of 2.5 mm)."""
+    import re
+    import shlex
+
+    model = create_random_model(tmp_path / "model", "tiny", seed=0)
+    out = tmp_path / "report"
+    assert main(["evaluate-autoencoder", "--model", str(model), "--data", str(ct_folder), "--out", str(out),
+                 "--max-cases", "1"]) == 0
+    assert ("1 of the 1 cases is no whole chest (patient0: its body spans only 120 mm head to foot (a whole chest: "
+            "200 or more)") in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["not_whole_chest"]) == ["patient0"] and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", summary["date"])
+    assert shlex.split(summary["command"]) == ["xctdiff", "evaluate-autoencoder", "--model", str(model.resolve()), "--data",
+                                               str(ct_folder.resolve()), "--out", str(out), "--max-cases", "1"]
+    text = (out / "summary.md").read_text()
+    assert f"Made on {summary['date']}" in text and f"\n    {summary['command']}\n" in text
+    assert "**Not whole chests:** patient0" in text
+    assert "not a whole chest: its body spans only 120 mm" in (out / "metrics.csv").read_text()
+
+
 def test_report_errors_are_one_line(tmp_path, ct_folder, capsys):
     assert main(["evaluate-autoencoder", "--run", str(tmp_path / "none"), "--data", str(ct_folder),
                  "--out", str(tmp_path / "o" / "p")]) == 2

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import __version__
 from ..atomic import check_output_folder, output_lock, output_set
 from ..errors import XctDiffError
 
@@ -94,7 +97,8 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
     """Run the protocol of the module docstring; write the outputs; return ``{"rows", "summary"}``."""
     from tqdm import tqdm
 
-    from .reconstructions import _is_datalist, _write_text, ct_folder_cases, datalist_cases, metrics_csv, summarize
+    from .reconstructions import (_is_datalist, _write_text, case_notes, ct_folder_cases, datalist_cases, flagged_cases,
+                                  metrics_csv, notes_markdown, summarize, warn_about_cases)
     from ..metrics import body_region, volume_scores
     from ..model_folder import PREPARED_SIZE
     from ..models.lpips import LPIPS
@@ -110,6 +114,8 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
         vqgan, volume_size, source = load_vqgan(model, run)
         cases = (datalist_cases(data, PREPARED_SIZE, max_cases) if _is_datalist(data)
                  else ct_folder_cases(data, PREPARED_SIZE, "cone", max_cases, output=out_dir))
+        notes = case_notes(cases, None)  # the autoencoder's own training patients are not recorded: whole chests only
+        warn_about_cases(notes)
         lpips = LPIPS.load()
         latent = volume_size // vqgan.downsample_factor
 
@@ -134,11 +140,22 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
                   f"codebook {vqgan.codebook_size}; {len(cases)} case{'s' * (len(cases) != 1)} from `{data.name}`, scored on "
                   f"{PREPARED_SIZE}^3 at 2.5 mm (bone: HU > 200, lung: -1000 < HU < -400; in body: inside the truth's body). "
                   f"Codebook entries used over all cases: {summary['autoencoder']['codebook_use_all_cases']:.1%}.\n\n")
+        date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        command = shlex.join(["xctdiff", "evaluate-autoencoder", "--run" if run is not None else "--model",
+                              str(Path(run if run is not None else model).resolve()),
+                              "--data", str(data.resolve()), "--out", str(out_dir)]
+                             + ([] if max_cases is None else ["--max-cases", str(max_cases)]))
+        header += (f"Made on {date} by XctDiff {__version__}, by the protocol of the README's \"Evaluation protocol\" "
+                   f"(XctDiffCore/metrics.py):\n\n    {command}\n\n") + notes_markdown(notes)
+        for row in rows:
+            row["notes"] = "; ".join(notes[row["case"]]) or None
         with output_set():  # all four or none (a full disk at the figure): never a new metrics.csv beside an old figure
-            _write_text(out_dir / "metrics.csv", metrics_csv(rows, ("case", "method", *COLUMNS)))
+            _write_text(out_dir / "metrics.csv", metrics_csv(rows, ("case", "method", *COLUMNS, "notes")))
             _write_text(out_dir / "summary.md", header + per_case_table(rows) + "\n" + mean_table(summary))
-            _write_text(out_dir / "summary.json", json.dumps({"source": source, "cases": len(cases), "summary": summary,
-                                                              "rows": rows}, indent=2) + "\n")
+            _write_text(out_dir / "summary.json", json.dumps({"source": source, "cases": len(cases), "date": date,
+                                                              "xctdiff": __version__, "command": command,
+                                                              "not_whole_chest": flagged_cases(notes)[1],
+                                                              "summary": summary, "rows": rows}, indent=2) + "\n")
             if figure:
                 from ..figures import compose_grid, write_png
 

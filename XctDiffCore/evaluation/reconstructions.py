@@ -296,6 +296,26 @@ def warn_about_cases(notes: dict) -> None:
                       "the body a reconstruction draws beyond it (summary.md marks them)", stacklevel=3)
 
 
+def flagged_cases(notes: dict) -> tuple:
+    """(the training-fit cases, {case: why it is no whole chest}) of :func:`case_notes`."""
+    fit = [name for name, words in notes.items() if "training fit" in words]
+    partial = {name: w for name, words in notes.items() for w in words if w.startswith("not a whole chest")}
+    return fit, partial
+
+
+def notes_markdown(notes: dict) -> str:
+    """The summary's paragraphs on the cases whose scores need a caveat (none: empty)."""
+    fit, partial = flagged_cases(notes)
+    text = ""
+    if fit:
+        text += (f"**Training fit:** {len(fit)} of the {len(notes)} cases ({', '.join(fit)}) are patients the model "
+                 "was trained on (its manifest's training list): their scores are not what it does on new patients.\n\n")
+    if partial:
+        text += (f"**Not whole chests:** {', '.join(partial)}: the protocol scores whole chests (a cropped truth "
+                 "scores the body a reconstruction draws beyond it); see the per-case notes.\n\n")
+    return text
+
+
 def _some(names: list, most: int = 3) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
@@ -501,15 +521,8 @@ def evaluate(
         command = equivalent_command(settings, out_dir, str(pipe.device), max_cases)
         header += (f"Made on {date} by XctDiff {__version__} on {pipe.device}, by the protocol of the README's "
                    f"\"Evaluation protocol\" (XctDiffCore/metrics.py):\n\n    {command}\n\n")
-        fit = [name for name, words in notes.items() if "training fit" in words]
-        partial = {name: w for name, words in notes.items() for w in words if w.startswith("not a whole chest")}
-        if fit:
-            header += (f"**Training fit:** {len(fit)} of the {len(cases)} cases ({', '.join(fit)}) are patients the model "
-                       "was trained on (its manifest's training list): their scores are not what it does on new "
-                       "patients.\n\n")
-        if partial:
-            header += (f"**Not whole chests:** {', '.join(partial)}: the protocol scores whole chests (a cropped truth "
-                       "scores the body a reconstruction draws beyond it); see the per-case notes.\n\n")
+        fit, partial = flagged_cases(notes)
+        header += notes_markdown(notes)
         with output_set():  # all four or none: never a new metrics.csv beside an earlier run's summary
             _write_text(out_dir / "metrics.csv", metrics_csv(rows))
             table = markdown_table(summary, k, k_atlas) + "\nPer case:\n\n" + case_table(rows, notes)
