@@ -1071,6 +1071,29 @@ def test_an_export_of_a_fine_tuned_run_takes_the_stages_it_did_not_train_from_th
     assert f"`xctdiff train encoder --init {base.resolve()} ... --out {whole}`" in err and not (tmp_path / "refused").exists()
 
 
+def test_init_refuses_to_copy_a_stage_that_learnt_another_autoencoders_latents(tmp_path, datalist):
+    """A folder assembled by hand (another model's autoencoder beside its encoder, the manifest re-signed), or one whose
+    encoder is to be retrained (add_stage.py --new-autoencoder): `train diffusion --init` copied the encoder into the
+    run without a word, and the diffusion learnt on a prior of the wrong latents."""
+    from XctDiffCore.model_folder import create_random_model
+
+    folder, other = create_random_model(tmp_path / "mixed", "tiny"), create_random_model(tmp_path / "other", "tiny", seed=1)
+    for ext in ("json", "safetensors"):
+        shutil.copy(other / f"autoencoder.{ext}", folder / f"autoencoder.{ext}")
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    manifest["stages"]["autoencoder"]["settings"] = json.loads((folder / "autoencoder.json").read_text(encoding="utf-8"))
+    manifest["sha256"] = {name: file_sha256(folder / name) for name in manifest["sha256"]}
+    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(XctDiffError, match=r"the encoder in .*mixed learnt the latents of another autoencoder"):
+        train("diffusion", tiny_config(tmp_path / "a", datalist, max_steps=1), init=folder)
+    assert not (tmp_path / "a").exists()
+
+    manifest["retrain"] = ["encoder", "diffusion"]
+    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(XctDiffError, match=r"the encoder stage of .*mixed learnt another autoencoder's latents \(retrain"):
+        train("diffusion", tiny_config(tmp_path / "b", datalist, max_steps=1), init=folder)
+
+
 def test_a_partial_folder_keeps_the_autoencoder_and_starts_the_encoder_on_it(tmp_path, chain, datalist, capsys):
     """`export --stages autoencoder` writes a folder that cannot reconstruct but that the encoder trains on:
     the autoencoder is copied bit for bit, the encoder starts from its seeded random weights."""
