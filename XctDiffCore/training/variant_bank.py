@@ -89,6 +89,12 @@ def _part_path(parts: Path, index: int, variant: int) -> Path:
     return parts / f"{index}-{variant}.pt"
 
 
+def _made(parts: Path, cts: int, count: int) -> int:
+    """How many variants ``parts`` holds (every rank's; not the temporary file of a process killed mid-write)."""
+    names = {p.name for p in parts.iterdir()} if parts.is_dir() else set()
+    return sum(_part_path(parts, i, v).name in names for i in range(cts) for v in range(count))
+
+
 def _make_share(dataset, vqgan, geometry, xray_size: int, augment: dict, count: int, seed: int,
                 job: Distributed, precision: str, deadline, parts: Path, bone_latent_size: int = 0) -> Optional[str]:
     """Make this process's share of the bank, each variant kept at once in ``parts`` (one file each, written
@@ -142,7 +148,7 @@ def load_or_build_bank(run_dir, dataset, datalist, vqgan, geometry, xray_size: i
     if not shares[job.rank].is_file():
         total = len(dataset) * count
         if job.is_main:
-            made = len(list(parts.glob("*.pt"))) if parts.is_dir() else 0
+            made = _made(parts, len(dataset), count)
             print(f"variant bank: making {count} variants of each of {len(dataset)} training CTs"
                   f"{f' ({made} of {total} made before)' if made else ''} (once; kept in {folder})",
                   file=sys.stderr, flush=True)
@@ -152,7 +158,7 @@ def load_or_build_bank(run_dir, dataset, datalist, vqgan, geometry, xray_size: i
         if deadline is not None:
             cause = deadline.agree(cause)  # one rank stopped: all stop
         if cause:
-            made = len(list(parts.glob("*.pt")))
+            made = _made(parts, len(dataset), count)
             raise StoppedBeforeTraining(
                 f"variant bank: stopped by {cause} with {made} of {total} variants made (kept in {parts}); the same "
                 "command with --resume makes the rest, then trains", cause)
