@@ -1070,6 +1070,15 @@ def test_an_export_of_a_fine_tuned_run_takes_the_stages_it_did_not_train_from_th
     assert "the encoder and diffusion stages learnt the latents of the autoencoder of" in err
     assert f"`xctdiff train encoder --init {base.resolve()} ... --out {whole}`" in err and not (tmp_path / "refused").exists()
 
+    data = config_to_dict(tiny_config(tmp_path / "decoder", datalist, max_steps=1, lr=1e-3))
+    data["autoencoder"]["decoder_only"] = True  # the latents stay the folder's: its encoder and diffusion ship beside it
+    train("autoencoder", config_from_dict(data), init=base)
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"next: `xctdiff export {tmp_path / 'decoder'} --out MODEL` (the stages this run did not train are taken from "
+        f"{base} as they are)")
+    assert main(["export", str(tmp_path / "decoder"), "--out", str(tmp_path / "sharper")]) == 0
+    assert load_model_folder(tmp_path / "sharper").coarse is not None
+
 
 def test_init_refuses_to_copy_a_stage_that_learnt_another_autoencoders_latents(tmp_path, datalist):
     """A folder assembled by hand (another model's autoencoder beside its encoder, the manifest re-signed), or one whose

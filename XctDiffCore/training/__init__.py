@@ -127,7 +127,8 @@ def train(stage: str, config: Config, data=None, out=None, resume: bool = False,
                                    "--resume continues from it"] if job.is_main else []))
     if job.is_main and not deadline.stopped_early:  # those said why they stopped
         print(f"{stage}: trained{'' if step is None else f' to step {step}'}; checkpoint {path}; "
-              f"next: {next_step(stage, run_dir, config.run.init)}", file=sys.stderr, flush=True)
+              f"next: {next_step(stage, run_dir, config.run.init, config.autoencoder.decoder_only)}", file=sys.stderr,
+              flush=True)
     return path
 
 
@@ -141,10 +142,10 @@ NEXT_STEP = {
 }
 
 
-def next_step(stage: str, run_dir, init: str) -> str:
+def next_step(stage: str, run_dir, init: str, decoder_only: bool = False) -> str:
     """What ``train`` suggests after a stage; after a fine-tuned one (``--init``) the export, which completes the
-    model with the folder's other stages."""
-    if init and stage in ("encoder", "diffusion", "coarse"):
+    model with the folder's other stages (after an autoencoder only when its latents stayed the folder's)."""
+    if init and (stage in ("encoder", "diffusion", "coarse") or stage == "autoencoder" and decoder_only):
         return (f"`xctdiff export {run_dir} --out MODEL` (the stages this run did not train are taken from {init} as "
                 "they are)" + (", or fine-tune the diffusion stage too first (`xctdiff train diffusion --init "
                                f"{init}` with the same --config, --data and --out)" if stage == "encoder" else ""))
