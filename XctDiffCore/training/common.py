@@ -559,6 +559,17 @@ class Deadline:
                 signal.signal(signal.SIGINT, self._on_ctrl_c)
         self.reached = self.end is not None and self.job.is_main and time.monotonic() >= self.end
         self.terminated, self.interrupted = self.signalled, self.ctrl_c
+        if self.job.enabled:  # one tiny all-reduce (and host sync) per step, only under torchrun
+            flags = torch.tensor([float(self.reached), float(self.terminated), float(self.interrupted)],
+                                 device=self.job.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            self.reached, self.terminated, self.interrupted = (bool(f) for f in flags.tolist())
+        return self.stopped_early
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.reached or self.terminated or self.interrupted
+
     def due(self) -> Optional[str]:
         """For the work before the first step (the variant bank), asked between items: ``"--time-limit"``,
         ``"SIGTERM"`` or ``"Ctrl-C"`` when this process should stop, else None. No collective (the ranks' shares
@@ -581,32 +592,12 @@ class Deadline:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return next((c for c, f in zip(causes, flags.tolist()) if f), None)
 
-        if self.job.enabled:  # one tiny all-reduce (and host sync) per step, only under torchrun
-            flags = torch.tensor([float(self.reached), float(self.terminated), float(self.interrupted)],
-                                 device=self.job.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            self.reached, self.terminated, self.interrupted = (bool(f) for f in flags.tolist())
-        return self.stopped_early
-
-    @property
-    def stopped_early(self) -> bool:
-        return self.reached or self.terminated or self.interrupted
-
     def restore(self) -> None:
         """SIGTERM and SIGINT get their handlers back (the stage is over, or failed)."""
         if self._installed:
             for signum, handler in self._previous.items():
                 signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
             self._installed = False
-class StoppedBeforeTraining(Exception):
-    """A stage stopped by --time-limit, SIGTERM or Ctrl-C before its first step (in the variant bank), its work so far
-    kept for ``--resume``; ``cause``: which of the three, ``str()``: the line that says so."""
-
-    def __init__(self, line: str, cause: str):
-        super().__init__(line)
-        self.cause = cause
-
-
 
     def report(self, stage: str, step: int, max_steps: int, checkpoint) -> None:
         """Say why the stage stopped early and where its checkpoint is (rank 0; Ctrl-C's line is the command's last,
@@ -616,6 +607,15 @@ class StoppedBeforeTraining(Exception):
             cause = "SIGTERM" if self.terminated else "--time-limit"
             print(f"{stage}: stopped by {cause} at step {step} of {max_steps}; checkpoint {checkpoint}; "
                   "the same command with --resume continues from it", file=sys.stderr, flush=True)
+
+
+class StoppedBeforeTraining(Exception):
+    """A stage stopped by --time-limit, SIGTERM or Ctrl-C before its first step (in the variant bank), its work so far
+    kept for ``--resume``; ``cause``: which of the three, ``str()``: the line that says so."""
+
+    def __init__(self, line: str, cause: str):
+        super().__init__(line)
+        self.cause = cause
 
 
 def _write_line(line: str) -> None:
