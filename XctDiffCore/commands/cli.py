@@ -764,10 +764,6 @@ def _install_signal_handlers() -> dict:
     return {signum: signal.signal(signum, handler) for signum, handler in wanted.items()}
 
 
-def _missing_temporary_folder(exc: FileNotFoundError) -> int:
-    """tempfile raises FileNotFoundError wherever a library first asks for a temporary folder and none is usable:
-    one line saying so; any other FileNotFoundError is raised on."""
-    from ..atomic import temporary_folder_problem
 def _first_rank_to_say(line: str) -> bool:
     """Under torchrun, whether this rank is the first of the job to say ``line`` (its error): every rank met the same
     refusal (a bad config, a missing datalist) and printed it, N identical lines above torchrun's own report. The
@@ -797,6 +793,10 @@ def _first_rank_to_say(line: str) -> bool:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _missing_temporary_folder(exc: FileNotFoundError) -> int:
+    """tempfile raises FileNotFoundError wherever a library first asks for a temporary folder and none is usable:
+    one line saying so; any other FileNotFoundError is raised on."""
+    from ..atomic import temporary_folder_problem
 
     problem = temporary_folder_problem()
     if problem is None:
