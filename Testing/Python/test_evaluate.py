@@ -532,9 +532,11 @@ def test_the_folders_above_out_are_made_and_a_refused_run_takes_them_back(no_lpi
         (lambda d: ["--knn", "-1"], "--knn must be 0 (off) or more, got -1"),
         (lambda d: ["--model", str(d)], "not a model folder"),
         (lambda d: ["--out", str(a_file(d))], "--out names a file, not a folder"),
+        (lambda d: ["--data", str(datalist_of_a_64_cube(d))], "small_aug0.npz is a 64^3 CT (`xctdiff prepare --size 64`: "
+         "160 mm across); the evaluation scores the pipeline's 128^3 of 2.5 mm (320 mm): prepare the CTs again without --size"),
     ],
     ids=["missing data", "max-cases 0", "no validation entries", "knn negative", "not a model",
-         "out is a file"],
+         "out is a file", "another grid"],
 )
 def test_errors(model_dir, datalist, tmp_path, capsys, change, words):
     """A refused evaluation says why in one line and leaves no output folder behind."""
@@ -546,6 +548,15 @@ def test_errors(model_dir, datalist, tmp_path, capsys, change, words):
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and words in last and "Traceback" not in stderr
     assert not (tmp_path / "eval").exists()
+
+
+def datalist_of_a_64_cube(folder):
+    """A datalist from `xctdiff prepare --size 64`: 64^3 of 2.5 mm, 160 mm across (it was scored, stretched to 128^3)."""
+    np.savez(folder / "small_aug0.npz", ct=np.rint(synthetic_chest((64,) * 3)).astype(np.int16))
+    np.save(folder / "small_aug0.npy", np.full((64, 64), 0.5, dtype=np.float32))
+    entry = {"image": "small_aug0.npz", "xray": "small_aug0.npy", "patient": "small", "aug": 0}
+    (folder / "small.json").write_text(json.dumps({"settings": {"size": 64}, "training": [], "validation": [entry]}))
+    return folder / "small.json"
 
 
 def a_file(folder):
