@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -258,6 +259,21 @@ def test_a_refused_style_evaluation_leaves_no_output_folder(domains, straight, t
     assert main(argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ") and not (tmp_path / "eval").exists()
+
+
+def test_evaluate_style_with_fewer_films_than_folds_says_how_many_it_found(domains, straight, tmp_path, capsys):
+    """Three films of one's own (no shared set) and the default 5 folds: the line said 'need at least 5 images of each
+    kind', not that 3 films were found nor what to change."""
+    films = tmp_path / "films"
+    films.mkdir()
+    for k in range(3):
+        shutil.copy(domains / "real" / f"film{k}.png", films)
+    assert main(["evaluate-style", "--model", str(straight / "style" / "style.safetensors"), "--real", str(films),
+                 "--drr", str(domains / "datalist.json"), "--out", str(tmp_path / "eval")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: 5-fold cross-validation needs 5 images of each kind, found 3 real films and 8 DRRs: give more, or a "
+        "smaller --folds (2 at least)")
+    assert not (tmp_path / "eval").exists()
 
 
 def test_evaluate_style_names_a_model_path_that_does_not_exist(domains, tmp_path, capsys):

@@ -315,6 +315,10 @@ def evaluate_style(
         generator, size = load_style_generator(model, device)
         real01, files = load_real_images(patterns, size, max_images, seed, output=out_dir)
         drr01 = load_drr_images(drr_datalist, size)
+        if min(len(real01), len(drr01)) < folds:  # before the transfer, and saying what was found
+            raise XctDiffError(f"{folds}-fold cross-validation needs {folds} images of each kind, found {len(real01)} real "
+                               f"film{'s' * (len(real01) != 1)} and {len(drr01)} DRR{'s' * (len(drr01) != 1)}: give more, "
+                               "or a smaller --folds (2 at least)")
         moved01 = transfer(generator, real01)
         drr_restyled = transfer(generator, drr01)
 
