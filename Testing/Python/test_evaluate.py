@@ -532,11 +532,12 @@ def test_the_folders_above_out_are_made_and_a_refused_run_takes_them_back(no_lpi
         (lambda d: ["--knn", "-1"], "--knn must be 0 (off) or more, got -1"),
         (lambda d: ["--model", str(d)], "not a model folder"),
         (lambda d: ["--out", str(a_file(d))], "--out names a file, not a folder"),
+        (lambda d: ["--data", str(only_variants(d))], "variants.json (1) is an augmented variant (aug > 0), which is scored only with --augmented"),
         (lambda d: ["--data", str(datalist_of_a_64_cube(d))], "small_aug0.npz is a 64^3 CT (`xctdiff prepare --size 64`: "
          "160 mm across); the evaluation scores the pipeline's 128^3 of 2.5 mm (320 mm): prepare the CTs again without --size"),
     ],
     ids=["missing data", "max-cases 0", "no validation entries", "knn negative", "not a model",
-         "out is a file", "another grid"],
+         "out is a file", "only variants", "another grid"],
 )
 def test_errors(model_dir, datalist, tmp_path, capsys, change, words):
     """A refused evaluation says why in one line and leaves no output folder behind."""
@@ -548,6 +549,13 @@ def test_errors(model_dir, datalist, tmp_path, capsys, change, words):
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and words in last and "Traceback" not in stderr
     assert not (tmp_path / "eval").exists()
+
+
+def only_variants(folder):
+    """A datalist whose one validation entry is an augmented variant: it said 'has no validation entries'."""
+    entry = {"image": "v_aug1.npz", "xray": "v_aug1.npy", "patient": "v", "aug": 1}
+    (folder / "variants.json").write_text(json.dumps({"training": [], "validation": [entry]}))
+    return folder / "variants.json"
 
 
 def datalist_of_a_64_cube(folder):

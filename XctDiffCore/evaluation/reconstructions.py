@@ -160,6 +160,9 @@ def datalist_cases(datalist: Path, volume_size: int, max_cases: Optional[int] = 
     validation = read_datalist(datalist, "validation")  # checks the file and the entries
     raw = json.loads(datalist.read_text(encoding="utf-8")).get("validation", [])
     items = [item for entry, item in zip(raw, validation) if augmented or int(entry.get("aug", 0)) == 0]
+    if not items and validation:  # every entry a variant (aug > 0): the originals were left out by hand
+        raise XctDiffError(f"every validation entry of {datalist} ({len(validation)}) is an augmented variant (aug > 0), "
+                           "which is scored only with --augmented")
     if not items:
         raise XctDiffError(f"{datalist} has no validation entries to evaluate (make one with `xctdiff prepare`)")
     cases = []
