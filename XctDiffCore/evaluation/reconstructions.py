@@ -48,12 +48,20 @@
   around a patient is lung by that threshold in some CTs: :mod:`XctDiffCore.metrics`, item 8).
 * **Seeds.** Case ``i`` is sampled with seed ``seed + i``: a rerun gives the same numbers.
 
+* **Caveats, said before the long run and kept in the outputs** (:func:`case_notes`): a case whose patient is in
+  the model's training list (its manifest's ``training.training_patients``, as ``xctdiff inspect`` counts them) is
+  *training fit*; a truth whose body spans less than a whole chest
+  (:func:`~XctDiffCore.metrics.whole_chest_problem`) is *not a whole chest*. A kNN that averages every training
+  patient (the mean CT again) is said too. A datalist CT that is not the prepared 128^3 cube is refused.
+
 Outputs in ``--out`` (created): ``metrics.csv`` (one row per case and method; for kNN its
-neighbours' patient ids), ``summary.md`` (mean ± std over cases per method, like the paper's Table
-1, std with ddof = 0; then one row per case and method), ``summary.json`` (the means and stds, the
-K used) and ``figure.png`` (a few cases, two rows each: input, truth, each method and the
-uncertainty, mid-coronal slices in a lung window, W 1500 / L -600, then in a bone window, W 1800 /
-L 450).
+neighbours' patient ids; the case's notes), ``summary.md`` (what made it: the date, XctDiff's version, the
+device and the command that repeats it; the caveats; mean ± std over cases per method, like the paper's Table
+1, std with ddof = 0; then one row per case and method with its notes), ``summary.json`` (the means and stds, the
+K used, the settings, date, command, case names and caveats) and ``figure.png`` (a few cases, two rows each: input,
+truth, each method and the uncertainty, mid-coronal slices in a lung window, W 1500 / L -600, then in a bone
+window, W 1800 / L 450; a caption names both windows and every case in full). ``xctdiff evaluate-compare``
+(:mod:`XctDiffCore.evaluation.compare`) puts two or more such folders side by side.
 
 **Long runs.** After each case the rows so far (and the figure's slices) are saved in ``--out`` as
 ``progress.npz``; an interrupted or failed run keeps it, and the same command with ``resume=True``
