@@ -5,8 +5,8 @@ last; training imports these, never the other way round)::
 
     <folder>/manifest.json          id, version, data geometry, per-stage files and settings, SHA-256 of every file
     <folder>/autoencoder.safetensors + autoencoder.json   VQGAN constructor arguments under "model"
-    <folder>/encoder.safetensors     + encoder.json       ProgressiveEncoder arguments under "model"
-    <folder>/diffusion.safetensors   + diffusion.json     LatentUNet arguments, "schedule", default "sampler" and "steps"
+    <folder>/encoder.safetensors     + encoder.json       ProgressiveEncoder arguments under "model", "latents"
+    <folder>/diffusion.safetensors   + diffusion.json     LatentUNet arguments, "schedule", default "sampler" and "steps", "latents"
     <folder>/style.safetensors       + style.json         optional: the real -> DRR generator (stage_configs' "style")
     <folder>/coarse.safetensors      + coarse.json        optional: the coarse CT (CoarseCT arguments, "blend")
     <folder>/mean_ct.npy                                  optional: mean training CT in HU (the evaluation baseline)
@@ -20,7 +20,9 @@ The manifest itself is read and checked in :mod:`XctDiffCore.model_manifest` (to
 a chosen folder with it). :func:`load_model_folder` refuses, with one sentence each: a missing manifest or file, a file whose
 SHA-256 differs from the manifest (corrupted, truncated or edited), manifest settings that differ
 from the stage files, weights that do not fit their configuration, stages that disagree on the
-latent's shape, and a file that leads out of the folder (``..``, an absolute name, a link). Each file
+latent's shape, an encoder or diffusion stage whose ``latents`` record names another autoencoder than the folder's
+(:func:`check_same_latents`: stages of two models), and a file that leads out of the folder (``..``, an absolute name,
+a link). Each file
 is read once: its bytes are hashed and those same bytes deserialised, so a file changed between the
 check and the use is never loaded. :func:`create_random_model` makes a valid folder with random weights from a config
 (tests, benchmarks of untrained sizes).
@@ -552,9 +554,7 @@ def _write_model_files(out_dir: Path, networks: dict, config, model_id: str, ver
 
     settings = dict(settings or stage_configs(config))
     if networks.get("autoencoder") is not None:  # the encoder and diffusion say whose latents they learnt
-        step = json.loads(copied["autoencoder"]["config"]).get("step") if "autoencoder" in copied \
-            else settings.get("autoencoder", {}).get("step")
-        record = folder_latents_record(networks["autoencoder"], step)
+        record = folder_latents_record(networks["autoencoder"], settings.get("autoencoder", {}).get("step"))
         for stage in LATENT_STAGES:
             if stage in settings:
                 settings[stage] = {**settings[stage], "latents": record}
