@@ -360,11 +360,11 @@ def test_the_figure_names_its_windows_and_every_case_in_full(evaluated, datalist
 
     names = [name for name, _, _ in validation_cases(datalist)]
     figure = [(name, None, {}, None) for name in ["a_patient_with_a_long_name_aug0", *names]]
-    lines = figure_caption(figure, "random seed0", "2026-12-07 20:00 UTC", {names[0]: ["training fit"]})
+    lines = figure_caption(figure, "random seed0", {names[0]: ["training fit"]})
     assert lines == ["Mid-coronal slices, two rows per case: its input DRR, then each CT in a lung window (W 1500 / L -600); "
                      "below, a bone window (W 1800 / L 450).",
                      f"Cases, top to bottom: a_patient_with_a_long_name_aug0, {names[0]} (training fit), {names[1]}.",
-                     "Model random seed0, xctdiff evaluate, 2026-12-07 20:00 UTC."]
+                     "Model random seed0, xctdiff evaluate (summary.md: what made it)."]
 
 
 # ------------------------------------------------------------------------------------------ kNN

@@ -565,7 +565,7 @@ def evaluate(
             if figure:
                 from ..figures import compose_grid, with_caption, write_png
 
-                caption = figure_caption(figure, f"{pipe.info.model_id} {pipe.info.version}", date, notes)
+                caption = figure_caption(figure, f"{pipe.info.model_id} {pipe.info.version}", notes)
                 write_png(with_caption(compose_grid(figure_rows(figure, k, k_atlas)), caption), out_dir / "figure.png")
         (out_dir / PROGRESS_NAME).unlink(missing_ok=True)
         return summary
@@ -662,9 +662,10 @@ def figure_rows(figure: list, knn: Optional[int] = None, atlas: Optional[int] = 
     return rows
 
 
-def figure_caption(figure: list, model: str, date: str, notes: dict) -> list:
+def figure_caption(figure: list, model: str, notes: dict) -> list:
     """The figure's lines of text: what each row shows (both windows), every case's full name (a panel's label
-    holds 22 characters) with its notes, the model and the date, so that the PNG alone says what it is."""
+    holds 22 characters) with its notes, and the model, so that the PNG alone says what it is (no date: the same
+    settings draw the same figure, a resumed run's too; summary.md has the date)."""
     from ..figures import BONE_WINDOW_HU, LUNG_WINDOW_HU
 
     def words(low_high):
@@ -674,7 +675,7 @@ def figure_caption(figure: list, model: str, date: str, notes: dict) -> list:
     names = [name + (f" ({'; '.join(notes[name])})" if notes.get(name) else "") for name, *_ in figure]
     return [f"Mid-coronal slices, two rows per case: its input DRR, then each CT in a lung window ({words(LUNG_WINDOW_HU)}); "
             f"below, a bone window ({words(BONE_WINDOW_HU)}).",
-            f"Cases, top to bottom: {', '.join(names)}.", f"Model {model}, xctdiff evaluate, {date}."]
+            f"Cases, top to bottom: {', '.join(names)}.", f"Model {model}, xctdiff evaluate (summary.md: what made it)."]
 
 
 def write_progress(out_dir: Path, settings: dict, done: list, rows: list, figure: list, precision: str) -> None:
