@@ -315,6 +315,21 @@ def test_a_datalist_without_patient_ids_still_finds_the_training_patients():
     assert case_notes(cases, None) == {"lidc_idri_0293_aug0": [], "lidc_idri_0350_aug0": []}  # not recorded: no claim
 
 
+def test_a_scan_of_thick_slices_in_a_ct_folder_is_flagged_as_low_resolution():
+    """A CT of 4 mm slices (the shared data's class-B cip_ct64_copdgene) was scored like a 1 mm chest, without a word."""
+    from XctDiffCore.evaluation.reconstructions import Case, case_notes, notes_markdown, warn_about_cases
+
+    chest = synthetic_chest((128,) * 3)
+    cases = [Case("thick", np.zeros((8, 8)), chest, "thick", (0.7, 0.7, 4.0)),
+             Case("thin", np.zeros((8, 8)), chest, "thin", (0.7, 0.7, 2.5)), Case("listed", np.zeros((8, 8)), chest)]
+    notes = case_notes(cases, None)
+    assert notes == {"thick": ["low resolution: 4.0 mm voxels (coarser than 3 mm)"], "thin": [], "listed": []}
+    with pytest.warns(UserWarning, match=re.escape("1 of the 3 cases is a scan of low resolution (thick: 4.0 mm voxels "
+                                                   "(coarser than 3 mm)): a blurred truth scores")):
+        warn_about_cases(notes)
+    assert "**Low resolution:** thick: scans of voxels coarser than 3 mm" in notes_markdown(notes)
+
+
 def test_a_cropped_truth_is_flagged_as_no_whole_chest(no_lpips, model_dir, datalist, tmp_path, capsys):
     """A partial scan (a 100 mm slab) in the validation list was scored like a whole chest, without a word."""
     data = json.loads(datalist.read_text())

@@ -102,6 +102,7 @@ METHOD_TITLES = {"xctdiff": "XctDiff", "direct": "direct (no diffusion)", "xctdi
                  "mean_ct_list": "mean of the whole training list (variants and mixes too)",
                  "direct_decoder": "direct, decoder alone (no coarse CT)"}
 CSV_COLUMNS = ("case", "method", *METRICS, "consistency", "seconds", "neighbours", "notes")
+LOW_RESOLUTION_MM = 3.0  # the shared data's class-A chests: 2.5 mm or finer; its low-resolution class-B/C scans: 4-5 mm
 KNN_DRR_SIZE = 128  # DRRs are compared at this size (area resize)
 PROGRESS_NAME = "progress.npz"  # an unfinished run's cases, for --resume
 
@@ -114,6 +115,7 @@ class Case:
     drr: np.ndarray  # [row, col] in [0, 1]
     truth_hu: np.ndarray  # [z, y, x] on the output grid (128^3)
     patient: str = ""  # the patient id (a datalist's ``patient``), to match the model's training list
+    native_spacing_mm: Optional[tuple] = None  # the scan's own voxel size (a CT file's; a datalist does not keep it)
 
 
 @dataclass
@@ -271,9 +273,10 @@ def ct_folder_cases(path: Path, volume_size: int, geometry: str, max_cases: Opti
         warnings.warn(describe_ignored(ignored), stacklevel=2)
     warn_if_synthetic([c.path for c in found[:max_cases]], "scored as the truth, they measure a model against itself")
     for ct_input in found[:max_cases]:
-        ct = preprocess_ct(read_ct(ct_input.path), size=PREPARED_SIZE, spacing=PREPARED_SPACING_MM)
+        scan = read_ct(ct_input.path)
+        ct = preprocess_ct(scan, size=PREPARED_SIZE, spacing=PREPARED_SPACING_MM)
         drr = drr_of_volume(ct, geometry, PREPARED_SIZE)
-        cases.append(Case(ct_input.patient, drr, model_grid_hu(ct.array, volume_size), ct_input.patient))
+        cases.append(Case(ct_input.patient, drr, model_grid_hu(ct.array, volume_size), ct_input.patient, scan.spacing))
     return cases
 
 
@@ -301,12 +304,15 @@ def case_notes(cases: list, trained_on: Optional[set]) -> dict:
         problem = whole_chest_problem(case.truth_hu, FIELD_OF_VIEW_MM / case.truth_hu.shape[0])
         if problem:
             words.append(f"not a whole chest: {problem}")
+        if case.native_spacing_mm and max(case.native_spacing_mm) > LOW_RESOLUTION_MM:
+            words.append(f"low resolution: {max(case.native_spacing_mm):.1f} mm voxels (coarser than {LOW_RESOLUTION_MM:g} mm)")
         notes[case.name] = words
     return notes
 
 
 def warn_about_cases(notes: dict) -> None:
-    """One warning line for the training-fit cases, one for those that are no whole chest, before the long run."""
+    """One warning line for the training-fit cases, one for those that are no whole chest, one for low-resolution
+    scans, before the long run."""
     fit = [name for name, words in notes.items() if "training fit" in words]
     if fit:
         warnings.warn(f"{len(fit)} of the {len(notes)} cases {'is a patient' if len(fit) == 1 else 'are patients'} the "
@@ -319,6 +325,13 @@ def warn_about_cases(notes: dict) -> None:
         warnings.warn(f"{len(partial)} of the {len(notes)} cases {'is' if len(partial) == 1 else 'are'} no whole chest "
                       f"({partial[0]}: {first}{others}): the protocol scores whole chests, and a cropped truth scores "
                       "the body a reconstruction draws beyond it (summary.md marks them)", stacklevel=3)
+    coarse = {name: w for name, words in notes.items() for w in words if w.startswith("low resolution")}
+    if coarse:
+        name, words = next(iter(coarse.items()))
+        warnings.warn(f"{len(coarse)} of the {len(notes)} cases {'is a scan' if len(coarse) == 1 else 'are scans'} of "
+                      f"low resolution ({name}: {words[len('low resolution: '):]}"
+                      f"{f'; also {_some(list(coarse)[1:])}' if len(coarse) > 1 else ''}): a blurred truth scores a "
+                      "model's bone against bone it does not show (summary.md marks them)", stacklevel=3)
 
 
 def flagged_cases(notes: dict) -> tuple:
@@ -338,6 +351,10 @@ def notes_markdown(notes: dict) -> str:
     if partial:
         text += (f"**Not whole chests:** {', '.join(partial)}: the protocol scores whole chests (a cropped truth "
                  "scores the body a reconstruction draws beyond it); see the per-case notes.\n\n")
+    coarse = [name for name, words in notes.items() if any(w.startswith("low resolution") for w in words)]
+    if coarse:
+        text += (f"**Low resolution:** {', '.join(coarse)}: scans of voxels coarser than {LOW_RESOLUTION_MM:g} mm; "
+                 "see the per-case notes.\n\n")
     return text
 
 
