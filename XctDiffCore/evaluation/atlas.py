@@ -103,11 +103,12 @@ def atlas_ct(drr01: np.ndarray, training: list, k: int, volume_size: int, geomet
     """(mean HU ``[z, y, x]`` on a ``volume_size``^3 grid of the ``k`` registered training CTs that fit the film
     ``drr01`` best, their patient ids best first). ``training``: kNN candidates
     (:func:`~XctDiffCore.evaluation.reconstructions.datalist_training`)."""
-    from .reconstructions import load_truth_ct, model_grid_hu, nearest_training
+    from ..datalist import load_entry_ct
+    from .reconstructions import model_grid_hu, nearest_training
 
     fitted = []
     for patient in nearest_training(drr01, training, candidates or CANDIDATE_FACTOR * k):
-        moved, fit = registered_ct(model_grid_hu(load_truth_ct(patient.image), volume_size), drr01, geometry, iterations)
+        moved, fit = registered_ct(model_grid_hu(load_entry_ct(patient.image), volume_size), drr01, geometry, iterations)
         fitted.append((fit, patient.patient, moved))
     fitted.sort(key=lambda f: f[0])  # stable: equal fits keep the DRR order
     best = fitted[:k]

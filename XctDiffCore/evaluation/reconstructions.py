@@ -150,18 +150,20 @@ def _is_datalist(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() == ".json"
 
 
-def load_truth_ct(path) -> np.ndarray:
-    """A datalist entry's CT, refused in one line unless it is the pipeline's prepared cube (128^3 of 2.5 mm): a CT
-    of ``xctdiff prepare --size 64`` covers 160 mm, and brought to 128^3 it was scored as a chest stretched twice over."""
+def warn_of_another_grid(datalist: Path, sizes: list) -> None:
+    """One warning when the datalist's CTs are not the pipeline's prepared cube (128^3 of 2.5 mm): a CT of
+    ``xctdiff prepare --size 64`` covers 160 mm, and brought to 128^3 it is scored as a chest stretched twice over,
+    which compares only with a model trained on such CTs (the small test models are)."""
     from ..model_folder import FIELD_OF_VIEW_MM, PREPARED_SIZE, PREPARED_SPACING_MM
 
-    ct = load_entry_ct(path)
-    if ct.shape != (PREPARED_SIZE,) * 3:
-        size = ct.shape[0]
-        raise XctDiffError(f"{path} is a {size}^3 CT (`xctdiff prepare --size {size}`: {size * PREPARED_SPACING_MM:g} mm "
-                           f"across); the evaluation scores the pipeline's {PREPARED_SIZE}^3 of {PREPARED_SPACING_MM:g} mm "
-                           f"({FIELD_OF_VIEW_MM:g} mm): prepare the CTs again without --size")
-    return ct
+    other = sorted({size for size in sizes if size != PREPARED_SIZE})
+    if other:
+        size = other[0]
+        warnings.warn(f"the validation CTs of {datalist} are {size}^3 (`xctdiff prepare --size {size}`: "
+                      f"{size * PREPARED_SPACING_MM:g} mm across), not the pipeline's {PREPARED_SIZE}^3 of "
+                      f"{PREPARED_SPACING_MM:g} mm ({FIELD_OF_VIEW_MM:g} mm): they are scored brought to {PREPARED_SIZE}^3, "
+                      "stretched, which compares only with a model trained on such CTs; prepare them again without "
+                      "--size to score a model of the whole chest", stacklevel=3)
 
 
 def datalist_cases(datalist: Path, volume_size: int, max_cases: Optional[int] = None, augmented: bool = False) -> list:
@@ -175,10 +177,12 @@ def datalist_cases(datalist: Path, volume_size: int, max_cases: Optional[int] = 
                            "which is scored only with --augmented")
     if not items:
         raise XctDiffError(f"{datalist} has no validation entries to evaluate (make one with `xctdiff prepare`)")
-    cases = []
+    cases, sizes = [], []
     for item in items[:max_cases]:
-        ct, drr = load_truth_ct(item["image"]), load_entry_xray(item["xray"])
+        ct, drr = load_entry_ct(item["image"]), load_entry_xray(item["xray"])
+        sizes.append(ct.shape[0])
         cases.append(Case(Path(item["image"]).stem, drr.astype(np.float32), model_grid_hu(ct, volume_size), item["patient"]))
+    warn_of_another_grid(datalist, sizes)
     return cases
 
 
@@ -193,7 +197,7 @@ def datalist_mean_cts(datalist: Path, volume_size: int) -> tuple:
     totals, counts = {True: 0.0, False: 0.0}, {True: 0, False: 0}
     for entry, item in zip(raw, items):
         patient = _is_patient(entry)
-        totals[patient] = totals[patient] + model_grid_hu(load_truth_ct(item["image"]), volume_size).astype(np.float64)
+        totals[patient] = totals[patient] + model_grid_hu(load_entry_ct(item["image"]), volume_size).astype(np.float64)
         counts[patient] += 1
     patients = (totals[True] / counts[True]).astype(np.float32) if counts[True] else None
     whole = ((totals[True] + totals[False]) / (counts[True] + counts[False])).astype(np.float32) if counts[False] else None
@@ -252,7 +256,7 @@ def knn_ct(drr01: np.ndarray, training: list, k: int, volume_size: int) -> tuple
     neighbours = nearest_training(drr01, training, k)
     total = None
     for neighbour in neighbours:
-        hu = model_grid_hu(load_truth_ct(neighbour.image), volume_size).astype(np.float64)
+        hu = model_grid_hu(load_entry_ct(neighbour.image), volume_size).astype(np.float64)
         total = hu if total is None else total + hu
     return (total / len(neighbours)).astype(np.float32), [n.patient for n in neighbours]
 
