@@ -52,7 +52,8 @@
   the model's training list (its manifest's ``training.training_patients``, as ``xctdiff inspect`` counts them) is
   *training fit*; a truth whose body spans less than a whole chest
   (:func:`~XctDiffCore.metrics.whole_chest_problem`) is *not a whole chest*. A kNN that averages every training
-  patient (the mean CT again) is said too. A datalist CT that is not the prepared 128^3 cube is refused.
+  patient (the mean CT again) is said too, and so is a datalist of another grid than the prepared 128^3 cube
+  (scored stretched); a CT file or folder scanned coarser than 3 mm is *low resolution*.
 
 Outputs in ``--out`` (created): ``metrics.csv`` (one row per case and method; for kNN its
 neighbours' patient ids; the case's notes), ``summary.md`` (what made it: the date, XctDiff's version, the
