@@ -202,3 +202,24 @@ def run_with_cpu_fallback(fn: Callable[[torch.device], T], device: torch.device,
 def torchrun_rank() -> tuple:
     """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) without it."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def under_torchrun_agent() -> bool:
+    """Whether this is one of several ranks started by torchrun, whose agent keeps a store (ranks started by hand
+    have none)."""
+    return torchrun_rank()[1] > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+
+
+def agent_store(timeout_s: float):
+    """``(store, prefix)``: the key-value store of torchrun's agent (it outlives the ranks) and a prefix for this job's
+    keys (its run and restart), where ranks leave word for each other without a collective that a signal cannot stop;
+    None unless :func:`under_torchrun_agent`."""
+    if not under_torchrun_agent():
+        return None
+    import datetime
+
+    from torch.distributed import TCPStore
+
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                     timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+    return store, f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"

@@ -772,20 +772,18 @@ def _first_rank_to_say(line: str) -> bool:
     (SIGTERM) while it asks: it then exits with the same status, without a word."""
     import hashlib
 
-    if os.environ.get("WORLD_SIZE", "1") == "1" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+    if os.environ.get("WORLD_SIZE", "1") == "1":  # no torchrun: nothing to import (device imports torch)
         return True
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(2)) if threading.current_thread() is \
         threading.main_thread() else None
     try:
-        import datetime
+        from ..device import agent_store
 
-        from torch.distributed import TCPStore
-
-        store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=datetime.timedelta(seconds=10), wait_for_workers=False)
-        key = (f"xctdiff-said/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
-               + hashlib.sha256(line.encode("utf-8", "replace")).hexdigest())
-        return store.add(key, 1) == 1
+        found = agent_store(10)
+        if found is None:  # ranks started by hand
+            return True
+        store, prefix = found
+        return store.add(f"xctdiff-said/{prefix}" + hashlib.sha256(line.encode("utf-8", "replace")).hexdigest(), 1) == 1
     except Exception:  # noqa: BLE001 - no store, no counting: say it
         return True
     finally:

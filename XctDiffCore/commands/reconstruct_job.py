@@ -573,17 +573,12 @@ def _gather_at_rank_0(record, rank: int, world_size: int) -> Optional[list]:
     record in the store of torchrun's agent (it outlives them) and end with 0; rank 0, last, ends with the status of
     the whole folder and its tally. Rank 0 waits by looking every fraction of a second, not in a collective, so
     that Ctrl-C or SIGTERM stops it at once (a gloo barrier held it until torchrun's SIGKILL, 30 s later)."""
-    import datetime
-    import os
+    from ..device import agent_store
 
-    if world_size == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+    found = agent_store(timeout_s=300) if world_size > 1 else None
+    if found is None:
         return None
-    from torch.distributed import TCPStore
-
-    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                     timeout=datetime.timedelta(minutes=5), wait_for_workers=False)
-    prefix = (f"xctdiff-reconstruct/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
-              f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
+    store, prefix = found[0], f"xctdiff-reconstruct/{found[1]}"
     if rank != 0:
         store.set(prefix + str(rank), json.dumps(record))
         return []
