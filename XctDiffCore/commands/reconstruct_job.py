@@ -508,21 +508,22 @@ def run_reconstruct(
         if report is not None:
             _write_report(report, rows)
         return 0
-    record = (len(results), [named(source) for source, _, result in results if result.warnings],
-              [named(source) for source in failures], len(jobs), rows)
-    ranks = _gather_at_rank_0(record, rank, world_size)
+    record = {"done": len(results), "warned": [named(source) for source, _, result in results if result.warnings],
+              "failed": [named(source) for source in failures], "films": len(jobs), "rows": rows}  # JSON: it may
+    ranks = _gather_at_rank_0(record, rank, world_size)  # cross torchrun's store
     if ranks is None:  # one process (or a rank on its own): its share is the whole
         ranks = [record]
     elif rank != 0:
         return 0  # rank 0 tells the whole folder's outcome, and ends with its status
-    done, total = sum(r[0] for r in ranks), sum(r[3] for r in ranks)
-    failed = sorted(f for r in ranks for f in r[2])
-    print(batch_tally(done, sorted(f for r in ranks for f in r[1]), failed, total, time.perf_counter() - started,
+    failed = sorted(f for r in ranks for f in r["failed"])
+    print(batch_tally(sum(r["done"] for r in ranks), sorted(f for r in ranks for f in r["warned"]), failed,
+                      sum(r["films"] for r in ranks), time.perf_counter() - started,
                       processes=world_size if len(ranks) > 1 else 1), file=sys.stderr, flush=True)
     if report is not None:
-        _write_report(report, [row for r in ranks for row in r[4]])
+        _write_report(report, [row for r in ranks for row in r["rows"]])
     if failed:
-        raise XctDiffError(f"{len(failed)} of {total} radiographs could not be reconstructed (see the lines above)")
+        raise XctDiffError(f"{len(failed)} of {sum(r['films'] for r in ranks)} radiographs could not be reconstructed "
+                           "(see the lines above)")
     return 0
 
 
