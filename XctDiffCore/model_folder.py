@@ -113,7 +113,9 @@ def bundled_model_folder() -> Path:
         if base.is_dir():
             folders += sorted(p.parent for p in base.glob(f"*/{MANIFEST_NAME}"))
     if not folders:
-        raise XctDiffError("no bundled model yet: train one (see README) or pass --model DIR")
+        raise XctDiffError(f"no bundled model found beside the engine ({package}): an install that is not editable "
+                           "(`pip install .`) copies the engine without the repository's Resources/Models; install "
+                           "with `pip install -e .` in the repository, or give --model DIR (a model folder)")
     if len(folders) > 1:
         names = ", ".join(p.name for p in folders)
         raise XctDiffError(f"several bundled models ({names}): choose one with --model DIR")

@@ -314,7 +314,8 @@ def test_no_bundled_model_is_a_clear_error(tmp_path, monkeypatch):
     import XctDiffCore.model_folder as model_folder
 
     monkeypatch.setattr(model_folder, "__file__", str(tmp_path / "XctDiffCore" / "model_folder.py"))
-    with pytest.raises(XctDiffError, match="no bundled model yet.*--model"):
+    with pytest.raises(XctDiffError, match=r"no bundled model found beside the engine .*not editable \(`pip install \.`\)"
+                                           r".*`pip install -e \.` in the repository, or give --model DIR"):
         bundled_model_folder()
 
 
