@@ -275,6 +275,8 @@ def _training_words(training) -> dict:
     patients = training.get("training_patients")
     validation = training.get("validation_patients")
     words = {"trained on": f"{len(patients)} patients" if isinstance(patients, list) else "not recorded"}
+    if training.get("fine_tuned_from"):  # export of an --init run: the stages it did not train are that model's
+        words["fine-tuned from"] = f"{training['fine_tuned_from']} (the stages not fine-tuned are its own)"
     if isinstance(validation, list):
         seen = training.get("validation_seen_in_training")
         words["validated on"] = f"{len(validation)} patients" + (" (also trained on: its figures are training fit)"

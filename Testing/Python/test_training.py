@@ -1053,6 +1053,9 @@ def test_an_export_of_a_fine_tuned_run_takes_the_stages_it_did_not_train_from_th
     model = load_model_folder(out)
     assert model.coarse is not None and model.style is not None and model.info.method == "direct"
     assert json.loads((out / "manifest.json").read_text(encoding="utf-8"))["training"]["fine_tuned_from"] == "random seed0"
+    from XctDiffCore.model_manifest import describe_model
+
+    assert describe_model(out)["fine-tuned from"] == "random seed0 (the stages not fine-tuned are its own)"  # inspect
     tuned = json.loads((out / "encoder.json").read_text(encoding="utf-8"))
     assert tuned["fine_tuned_from"] == "random seed0" and tuned["latents"] == settings["latents"]  # the folder's autoencoder
 
