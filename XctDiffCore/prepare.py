@@ -197,6 +197,7 @@ def prepare_dataset(
         if not entries:
             raise XctDiffError(f"none of the {len(cts)} CTs could be read (each named above)")
         training, validation = [p for p in training if p in entries], [p for p in validation if p in entries]
+        _warn_partial_validation(out_dir, validation, entries)
         mix_patients = [p for p in mix_patients if p in to_mix]
         check_mix_request(mix, len(mix_patients), away_range=mix_away)
         mixes = _write_mixes({p: to_mix[p] for p in mix_patients}, mix, seed, out_dir, geom, size, progress, mix_away)
@@ -217,6 +218,28 @@ def prepare_dataset(
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(datalist, indent=2) + "\n")
         return path
+
+
+def _warn_partial_validation(out_dir: Path, validation: list, entries: dict) -> None:
+    """The evaluation protocol scores whole chests: a validation patient whose CT is none (a crop, a slab: its body
+    under :data:`~XctDiffCore.metrics.WHOLE_CHEST_MM`) is said here, when the split is made, not only when a model is
+    scored on it (``evaluate`` says it again)."""
+    import warnings
+
+    from .metrics import whole_chest_problem
+
+    partial = []
+    for patient in validation:
+        original = next((e for e in entries[patient] if e.get("aug", 0) == 0), entries[patient][0])
+        with np.load(out_dir / original["image"]) as data:
+            problem = whole_chest_problem(data["ct"], float(np.asarray(data["spacing"])[0]))
+        if problem:
+            partial.append(f"{patient}: {problem}")
+    if partial:
+        names = "; ".join(partial[:3]) + ("; ..." if len(partial) > 3 else "")
+        warnings.warn(f"{len(partial)} of the {len(validation)} validation patients {'is' if len(partial) == 1 else 'are'} "
+                      f"no whole chest ({names}): the evaluation protocol scores whole chests, so a model's scores on "
+                      "them say little; name whole chests for validation (--split FILE)", stacklevel=2)
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,28 @@ def test_prepare_with_a_split_file(tmp_path, capsys):
     assert "error: split file not found" in capsys.readouterr().err
 
 
+def test_a_validation_patient_that_is_no_whole_chest_is_said_when_the_split_is_made(tmp_path, capsys):
+    """The protocol validates on whole chests; a split that held out a crop or a slab said nothing until a model was
+    scored on it (or ever, before evaluate learnt to say it)."""
+    hu = np.full((128, 128, 128), -1000, dtype=np.int16)
+    hu[10:118, 10:118, 10:118] = 40  # a body 270 mm each way
+    hu[30:100, 30:100, 20:60] = hu[30:100, 30:100, 68:108] = -800  # two lungs
+    slab = np.full_like(hu, -1000)
+    slab[50:80] = hu[50:80]  # 75 mm of the same chest, head to foot
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, ct in (("whole", hu), ("slab", slab)):
+        write_volume(Volume(ct, spacing=(2.5, 2.5, 2.5), origin=(0.0, 0.0, 0.0)), folder / f"{name}.nrrd")
+    for held_out, said in (("slab", True), ("whole", False)):
+        split = tmp_path / f"{held_out}.json"
+        split.write_text(json.dumps({"validation": [held_out]}))
+        capsys.readouterr()
+        assert main(["prepare", str(folder), "--out", str(tmp_path / held_out), "--split", str(split)]) == 0
+        err = capsys.readouterr().err
+        assert ("warning: 1 of the 1 validation patients is no whole chest (slab: its body spans only 75 mm head to "
+                "foot" in err) is said, err
+        assert ("no whole chest" in err) is said, err
+
 def test_augmentation_is_seeded_small_and_keeps_air():
     ct = synthetic_chest((48, 48, 48))
     augment = RandomChestAugment()
