@@ -17,6 +17,12 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
 
 
+def a_few(names, most: int = 3) -> str:
+    """``a, b, c and 4 more``: the first ``most`` names of a long list, for a one-line message."""
+    names = list(names)
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def warn_caller(message: str, category: type = UserWarning) -> None:
     """``warnings.warn`` naming the first line outside XctDiffCore that led here (a script's or a notebook
     cell's ``pipe.reconstruct(...)``), however many engine frames lie between: a counted ``stacklevel`` named

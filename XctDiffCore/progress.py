@@ -28,6 +28,14 @@ def time_left(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
+def left_at_pace(started: float, done: int, total: int) -> str:
+    """``, 12 min 05 s left`` at the pace since ``started`` (``time.monotonic()``) with ``done`` of ``total`` done;
+    nothing before the first or after the last."""
+    if not 0 < done < total:
+        return ""
+    return f", {time_left((time.monotonic() - started) / done * (total - done))} left"
+
+
 def progress_bar(total: int, desc: str, unit: str, disable: bool = False, leave: bool = True):
     """A tqdm bar on a terminal; :class:`ProgressLines` otherwise (or without tqdm); silent when ``disable``.
     Either has ``update``, ``set_postfix_str``, ``clear`` and ``close`` and is a context manager."""
@@ -61,10 +69,7 @@ class ProgressLines:
 
     def line(self) -> str:
         unit = self.unit if self.total == 1 else f"{self.unit}s"
-        left = ""
-        if 0 < self.n < self.total:
-            left = f", {time_left((time.monotonic() - self.started) / self.n * (self.total - self.n))} left"
-        return f"{self.desc}: {self.n} of {self.total} {unit}{left}" + (f" ({self.note})" if self.note else "")
+        return f"{self.desc}: {self.n} of {self.total} {unit}{left_at_pace(self.started, self.n, self.total)}" + (f" ({self.note})" if self.note else "")
 
     def set_postfix_str(self, note: str, refresh: Optional[bool] = None) -> None:
         self.note = note

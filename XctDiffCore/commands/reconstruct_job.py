@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..errors import XctDiffError
+from ..errors import XctDiffError, a_few
 from ..options import ReconstructOptions, turn_words
 from . import batch_report
 
@@ -659,10 +659,6 @@ def _print_line(display: ProgressDisplay, text: str) -> None:
         print(text, flush=True)
 
 
-def _some(names: list) -> str:
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-
-
 def batch_tally(done: int, flagged: list, skipped: list, total: int, seconds: float, processes: int = 1) -> str:
     """The last line of a folder's run: how many films were reconstructed (``done``), in what time, and which were
     flagged and which skipped (names: their lines are above, among hundreds of lines, and under torchrun among
@@ -671,8 +667,8 @@ def batch_tally(done: int, flagged: list, skipped: list, total: int, seconds: fl
     line += f" by {processes} processes" if processes > 1 else ""
     line += f" ({seconds / done:.1f} s each, the model's loading included)" if done else ""
     if flagged:
-        line += f"; {len(flagged)} with warnings (above): {_some(flagged)}"
-    return line + (f"; {len(skipped)} skipped (above): {_some(skipped)}" if skipped else "")
+        line += f"; {len(flagged)} with warnings (above): {a_few(flagged, 5)}"
+    return line + (f"; {len(skipped)} skipped (above): {a_few(skipped, 5)}" if skipped else "")
 
 
 def stopped_batch_line(results: list, failures: list, total: int, seconds: float) -> str:

@@ -90,7 +90,7 @@ import numpy as np
 from .. import __version__
 from ..atomic import check_output_folder, output_lock, output_set
 from ..datalist import load_entry_ct, load_entry_xray
-from ..errors import XctDiffError, first_line
+from ..errors import XctDiffError, a_few, first_line
 
 METRICS = ("psnr", "ssim", "psnr_slices", "ssim_slices", "lpips", "bone_dice", "lung_dice", "lung_dice_body")
 METRIC_TITLES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "psnr_slices": "PSNR slices (dB)", "ssim_slices": "SSIM slices",
@@ -321,12 +321,12 @@ def warn_about_cases(notes: dict) -> None:
     fit = [name for name, words in notes.items() if "training fit" in words]
     if fit:
         warnings.warn(f"{len(fit)} of the {len(notes)} cases {'is a patient' if len(fit) == 1 else 'are patients'} the "
-                      f"model was trained on ({_some(fit)}): {'its' if len(fit) == 1 else 'their'} scores are training "
+                      f"model was trained on ({a_few(fit)}): {'its' if len(fit) == 1 else 'their'} scores are training "
                       "fit, not what it does on new patients (summary.md marks them)", stacklevel=3)
     partial = [name for name, words in notes.items() if any(w.startswith("not a whole chest") for w in words)]
     if partial:
         first = next(w for w in notes[partial[0]] if w.startswith("not a whole chest"))[len("not a whole chest: "):]
-        others = f"; also {_some(partial[1:])}" if len(partial) > 1 else ""
+        others = f"; also {a_few(partial[1:])}" if len(partial) > 1 else ""
         warnings.warn(f"{len(partial)} of the {len(notes)} cases {'is' if len(partial) == 1 else 'are'} no whole chest "
                       f"({partial[0]}: {first}{others}): the protocol scores whole chests, and a cropped truth scores "
                       "the body a reconstruction draws beyond it (summary.md marks them)", stacklevel=3)
@@ -335,7 +335,7 @@ def warn_about_cases(notes: dict) -> None:
         name, words = next(iter(coarse.items()))
         warnings.warn(f"{len(coarse)} of the {len(notes)} cases {'is a scan' if len(coarse) == 1 else 'are scans'} of "
                       f"low resolution ({name}: {words[len('low resolution: '):]}"
-                      f"{f'; also {_some(list(coarse)[1:])}' if len(coarse) > 1 else ''}): a blurred truth scores a "
+                      f"{f'; also {a_few(list(coarse)[1:])}' if len(coarse) > 1 else ''}): a blurred truth scores a "
                       "model's bone against bone it does not show (summary.md marks them)", stacklevel=3)
 
 
@@ -361,10 +361,6 @@ def notes_markdown(notes: dict) -> str:
         text += (f"**Low resolution:** {', '.join(coarse)}: scans of voxels coarser than {LOW_RESOLUTION_MM:g} mm; "
                  "see the per-case notes.\n\n")
     return text
-
-
-def _some(names: list, most: int = 3) -> str:
-    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def equivalent_command(settings: dict, out_dir: Path, device: str, max_cases: Optional[int]) -> str:

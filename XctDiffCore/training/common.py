@@ -46,7 +46,7 @@ from ..config import config_to_dict
 from ..errors import XctDiffError, first_line
 from ..model_folder import EXPORT_DTYPES, export_stage, file_sha256, write_manifest  # noqa: F401 (the stages' exports)
 from ..model_folder import latents_fingerprint, non_finite_tensor  # noqa: F401 (the stages' record)
-from ..progress import is_terminal, time_left
+from ..progress import is_terminal, left_at_pace
 from .data import PairDataset, train_loader
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -396,7 +396,9 @@ def warn_other_data(checkpoint: dict, datalist, whose: str, what_now: str) -> No
 
 def _rank_zero() -> bool:
     """Whether this process says things (the only one without torchrun, rank 0 under it)."""
-    return os.environ.get("RANK", "0") == "0"
+    from ..device import torchrun_rank
+
+    return torchrun_rank()[0] == 0
 
 
 def _datalist_sha256(datalist) -> Optional[str]:
@@ -678,10 +680,7 @@ class Progress:
 
     def _left(self, step: int) -> str:
         """``, 12 min 05 s left`` at this run's pace so far (validations included); nothing at the end."""
-        done = step - self.initial
-        if done <= 0 or step >= self.total:
-            return ""
-        return f", {time_left((time.monotonic() - self.started) / done * (self.total - step))} left"
+        return left_at_pace(self.started, step - self.initial, self.total - self.initial)
 
     def close(self) -> None:
         if self.bar is not None:
