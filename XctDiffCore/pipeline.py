@@ -812,11 +812,15 @@ def output_notes(result: "Reconstruction", model: Optional[ModelInfo] = None, so
 
 
 def _film_notes(source: Path) -> dict:
-    """The film a CT was made from: its name, and its size, by which ``--skip-existing`` tells a film replaced since
-    under the same name and an older date (``cp -p``, ``rsync -a``, an archive unpacked) from the one it was made of."""
+    """The film a CT was made from: its name, size and SHA-256, by which ``--skip-existing`` tells a film replaced
+    since under the same name and an older date (``cp -p``, ``rsync -a``, an archive unpacked) from the one it was
+    made of, even one of the same size (two exports' ``IM000001``)."""
+    from .atomic import file_sha256
+
     notes = {"film": source.name}
     with contextlib.suppress(OSError):
         notes["film_bytes"] = str(source.stat().st_size)
+        notes["film_sha256"] = file_sha256(source)
     return notes
 
 

