@@ -188,6 +188,26 @@ def whole_chest_problem(hu: np.ndarray, spacing_mm: float = 2.5) -> Optional[str
     return f"its body spans only {' and '.join(short)}" if short else None
 
 
+# A scan whose voxels are coarser than this (mm, on any axis: its slice spacing as a rule) is of low resolution: every
+# class-A chest of the shared data is 2.5 mm or finer, its class-B/C scans 4-5 mm. Resampled to the prepared 2.5 mm
+# such a scan looks whole, but it is blurred head to foot: a truth that does not show the bone a model draws.
+LOW_RESOLUTION_MM = 3.0
+
+
+def low_resolution_problem(spacing_mm) -> Optional[str]:
+    """Why a scan of voxel size ``spacing_mm`` (x, y, z, mm: the source CT's own, before preprocessing) is of low
+    resolution (coarser than :data:`LOW_RESOLUTION_MM`), or None; None too when the size is unknown (not three
+    positive numbers, as in a datalist written before prepare kept it). The one rule of prepare and evaluate."""
+    try:
+        spacing = [float(s) for s in spacing_mm]
+    except (TypeError, ValueError):
+        return None
+    if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
+        return None
+    coarsest = max(spacing)
+    return f"{coarsest:.1f} mm voxels (coarser than {LOW_RESOLUTION_MM:g} mm)" if coarsest > LOW_RESOLUTION_MM else None
+
+
 def lung_dice_in_body(prediction_hu: np.ndarray, target_hu: np.ndarray, body: Optional[np.ndarray] = None) -> float:
     """Dice of the lung masks inside the truth's :func:`body_region` (pass ``body`` to reuse it)."""
     body = body_region(target_hu) if body is None else body

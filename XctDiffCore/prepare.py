@@ -7,7 +7,8 @@ the original and ``augment`` random variations (:class:`RandomChestAugment`, app
 * ``images/<id>_aug<k>.npz``: int16 ``ct[z, y, x]`` in HU with ``spacing``/``origin``/``direction``
   and ``axes='zyx'`` (the shared data's format: :func:`read_ct` reads it with numpy alone);
 * ``xrays/<id>_aug<k>.npy``: the float32 [0, 1] DRR in display orientation, and a ``.png`` preview;
-* ``datalist.json``: ``{"training": [{"image", "xray", "patient", "aug"}], "validation": [...]}`` with
+* ``datalist.json``: ``{"training": [{"image", "xray", "patient", "aug", "source_spacing"}], "validation": [...]}``
+  (``source_spacing``: the input CT's own voxel size, x, y, z in mm, so a scan of thick slices stays known) with
   paths relative to the datalist, split by patient so no patient's variants leak across the split:
   a seeded random share (``val_fraction``), or the patients a split file names (``split``; the
   shared data's fixed whole-chest split is ``splits/shared_whole_chest.json``).
@@ -197,7 +198,7 @@ def prepare_dataset(
         if not entries:
             raise XctDiffError(f"none of the {len(cts)} CTs could be read (each named above)")
         training, validation = [p for p in training if p in entries], [p for p in validation if p in entries]
-        _warn_partial_validation(out_dir, validation, entries)
+        _warn_about_validation(out_dir, validation, entries)
         mix_patients = [p for p in mix_patients if p in to_mix]
         check_mix_request(mix, len(mix_patients), away_range=mix_away)
         mixes = _write_mixes({p: to_mix[p] for p in mix_patients}, mix, seed, out_dir, geom, size, progress, mix_away)
@@ -220,26 +221,41 @@ def prepare_dataset(
         return path
 
 
-def _warn_partial_validation(out_dir: Path, validation: list, entries: dict) -> None:
-    """The evaluation protocol scores whole chests: a validation patient whose CT is none (a crop, a slab: its body
-    under :data:`~XctDiffCore.metrics.WHOLE_CHEST_MM`) is said here, when the split is made, not only when a model is
-    scored on it (``evaluate`` says it again)."""
-    import warnings
+def _warn_about_validation(out_dir: Path, validation: list, entries: dict) -> None:
+    """The evaluation protocol scores whole chests of 3 mm slices or finer: a validation patient whose CT is no whole
+    chest (a crop, a slab: its body under :data:`~XctDiffCore.metrics.WHOLE_CHEST_MM`) or a scan of low resolution
+    (:func:`~XctDiffCore.metrics.low_resolution_problem`: 5 mm slices look whole at 2.5 mm, blurred head to foot) is
+    said here, when the split is made, not only when a model is scored on it (``evaluate`` says it again)."""
+    from .metrics import low_resolution_problem, whole_chest_problem
 
-    from .metrics import whole_chest_problem
-
-    partial = []
+    partial, coarse = {}, {}
     for patient in validation:
         original = next((e for e in entries[patient] if e.get("aug", 0) == 0), entries[patient][0])
         with np.load(out_dir / original["image"]) as data:
             problem = whole_chest_problem(data["ct"], float(np.asarray(data["spacing"])[0]))
         if problem:
-            partial.append(f"{patient}: {problem}")
-    if partial:
-        names = "; ".join(partial[:3]) + ("; ..." if len(partial) > 3 else "")
-        warnings.warn(f"{len(partial)} of the {len(validation)} validation patients {'is' if len(partial) == 1 else 'are'} "
-                      f"no whole chest ({names}): the evaluation protocol scores whole chests, so a model's scores on "
-                      "them say little; name whole chests for validation (--split FILE)", stacklevel=2)
+            partial[patient] = problem
+        problem = low_resolution_problem(original.get("source_spacing"))
+        if problem:
+            coarse[patient] = problem
+    _warn_validation_patients(partial, len(validation), "no whole chest", "no whole chest", "the evaluation protocol "
+                              "scores whole chests, so a model's scores on them say little; name whole chests for "
+                              "validation (--split FILE)")
+    _warn_validation_patients(coarse, len(validation), "a scan of low resolution", "scans of low resolution",
+                              "the evaluation protocol scores scans of 3 mm or finer, and a blurred truth scores a "
+                              "model's bone against bone it does not show; name finer scans for validation (--split FILE)")
+
+
+def _warn_validation_patients(problems: dict, total: int, one: str, many: str, why: str) -> None:
+    """One warning line: how many validation patients ``is {one}`` / ``are {many}``, the first three named with their
+    problem (``problems``: patient -> why), and what to do (``why``)."""
+    if not problems:
+        return
+    import warnings
+
+    names = "; ".join(f"{p}: {w}" for p, w in list(problems.items())[:3]) + ("; ..." if len(problems) > 3 else "")
+    warnings.warn(f"{len(problems)} of the {total} validation patients {f'is {one}' if len(problems) == 1 else f'are {many}'} "
+                  f"({names}): {why}", stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -278,9 +294,12 @@ def _prepare_ct(job: _CtJob) -> tuple:
     if kept is not None:
         return kept
     try:
-        ct = preprocess_ct(read_ct(job.ct.path), size=job.size)
+        source = read_ct(job.ct.path)
+        ct = preprocess_ct(source, size=job.size)
     except XctDiffError as exc:
         return [], None, str(exc)
+    # the scan's own voxel size: a thick-sliced CT looks whole at 2.5 mm (prepare and evaluate say it is coarse)
+    source_spacing = [round(float(s), 4) for s in source.spacing]
     geometry, augmenter, patient = make_geometry(job.geometry), RandomChestAugment(), job.ct.patient
     subject = {} if job.ct.subject == patient else {"subject": job.ct.subject}
     entries = []
@@ -290,7 +309,7 @@ def _prepare_ct(job: _CtJob) -> tuple:
             rng = np.random.default_rng([job.seed, zlib.crc32(patient.encode()), k])
             array = np.rint(augmenter(ct.array, rng)).astype(np.int16)
         entry = _write_pair(ct.with_array(array), f"{patient}_aug{k}", job.out_dir, geometry, job.size)
-        entries.append({**entry, "patient": patient, **subject, "aug": k})
+        entries.append({**entry, "patient": patient, **subject, "aug": k, "source_spacing": source_spacing})
     with atomic_path(job.record_path) as tmp:  # after the pairs: a record names only pairs that were written
         tmp.write_text(json.dumps({**job.record(), "entries": entries}, indent=1) + "\n")
     return entries, (ct if job.keep_ct else None), None

@@ -103,7 +103,6 @@ METHOD_TITLES = {"xctdiff": "XctDiff", "direct": "direct (no diffusion)", "xctdi
                  "mean_ct_list": "mean of the whole training list (variants and mixes too)",
                  "direct_decoder": "direct, decoder alone (no coarse CT)"}
 CSV_COLUMNS = ("case", "method", *METRICS, "consistency", "seconds", "neighbours", "notes")
-LOW_RESOLUTION_MM = 3.0  # the shared data's class-A chests: 2.5 mm or finer; its low-resolution class-B/C scans: 4-5 mm
 KNN_DRR_SIZE = 128  # DRRs are compared at this size (area resize)
 PROGRESS_NAME = "progress.npz"  # an unfinished run's cases, for --resume
 
@@ -116,7 +115,7 @@ class Case:
     drr: np.ndarray  # [row, col] in [0, 1]
     truth_hu: np.ndarray  # [z, y, x] on the output grid (128^3)
     patient: str = ""  # the patient id (a datalist's ``patient``), to match the model's training list
-    native_spacing_mm: Optional[tuple] = None  # the scan's own voxel size (a CT file's; a datalist does not keep it)
+    native_spacing_mm: Optional[tuple] = None  # the scan's own voxel size (a CT file's; a datalist entry's source_spacing)
 
 
 @dataclass
@@ -172,7 +171,8 @@ def datalist_cases(datalist: Path, volume_size: int, max_cases: Optional[int] = 
 
     validation = read_datalist(datalist, "validation")  # checks the file and the entries
     raw = json.loads(datalist.read_text(encoding="utf-8")).get("validation", [])
-    items = [item for entry, item in zip(raw, validation) if augmented or int(entry.get("aug", 0)) == 0]
+    items = [{**item, "source_spacing": entry.get("source_spacing")}  # prepare keeps the scan's own voxel size
+             for entry, item in zip(raw, validation) if augmented or int(entry.get("aug", 0)) == 0]
     if not items and validation:  # every entry a variant (aug > 0): the originals were left out by hand
         raise XctDiffError(f"every validation entry of {datalist} ({len(validation)}) is an augmented variant (aug > 0), "
                            "which is scored only with --augmented")
@@ -182,7 +182,8 @@ def datalist_cases(datalist: Path, volume_size: int, max_cases: Optional[int] = 
     for item in items[:max_cases]:
         ct, drr = load_entry_ct(item["image"]), load_entry_xray(item["xray"])
         sizes.append(ct.shape[0])
-        cases.append(Case(Path(item["image"]).stem, drr.astype(np.float32), model_grid_hu(ct, volume_size), item["patient"]))
+        cases.append(Case(Path(item["image"]).stem, drr.astype(np.float32), model_grid_hu(ct, volume_size), item["patient"],
+                          item["source_spacing"]))
     warn_of_another_grid(datalist, sizes)
     return cases
 
@@ -298,7 +299,7 @@ def model_training_patients(folder) -> Optional[set]:
 def case_notes(cases: list, trained_on: Optional[set]) -> dict:
     """case name -> what a reader must know before trusting its scores: "training fit" (a patient the model was
     trained on) and "not a whole chest: ..." (:func:`~XctDiffCore.metrics.whole_chest_problem`)."""
-    from ..metrics import whole_chest_problem
+    from ..metrics import low_resolution_problem, whole_chest_problem
     from ..model_folder import FIELD_OF_VIEW_MM
 
     notes = {}
@@ -309,8 +310,9 @@ def case_notes(cases: list, trained_on: Optional[set]) -> dict:
         problem = whole_chest_problem(case.truth_hu, FIELD_OF_VIEW_MM / case.truth_hu.shape[0])
         if problem:
             words.append(f"not a whole chest: {problem}")
-        if case.native_spacing_mm and max(case.native_spacing_mm) > LOW_RESOLUTION_MM:
-            words.append(f"low resolution: {max(case.native_spacing_mm):.1f} mm voxels (coarser than {LOW_RESOLUTION_MM:g} mm)")
+        coarse = low_resolution_problem(case.native_spacing_mm)
+        if coarse:
+            words.append(f"low resolution: {coarse}")
         notes[case.name] = words
     return notes
 
@@ -348,6 +350,8 @@ def flagged_cases(notes: dict) -> tuple:
 
 def notes_markdown(notes: dict) -> str:
     """The summary's paragraphs on the cases whose scores need a caveat (none: empty)."""
+    from ..metrics import LOW_RESOLUTION_MM
+
     fit, partial = flagged_cases(notes)
     text = ""
     if fit:
