@@ -186,16 +186,22 @@ def _ct_datalist(root, count: int = 3, size: int = 32):
     return path
 
 
+def _one_process():
+    from XctDiffCore.training.common import Distributed
+
+    return Distributed(0, 0, 1, torch.device("cpu"))
+
+
 def test_warped_drrs_widen_the_drr_domain_the_same_way_every_time(tmp_path):
     from XctDiffCore.config import AugmentConfig
     from XctDiffCore.drr import make_geometry
     from XctDiffCore.training.data import PairDataset
-    from XctDiffCore.training.style import WarpedDrrs
+    from XctDiffCore.training.style import warped_drrs
     from XctDiffCore.training.variants import random_pairs
 
     datalist = _ct_datalist(tmp_path)
     augment = AugmentConfig(enabled=True, max_rotation_deg=8.0, max_scale=0.12, elastic_mm=8.0).magnitudes()
-    drrs = WarpedDrrs(datalist, augment, 4, 32, 32, seed=0)
+    drrs = warped_drrs(tmp_path / "run", datalist, augment, 4, 32, 32, 0, _one_process())
     assert len(drrs) == 12 and drrs[0].shape == (1, 32, 32) and -1.0 <= float(drrs.images.min()) <= float(drrs.images.max()) <= 1.0
     still = {k: (v if k == "elastic_grid" else 0.0) for k, v in augment.items()}
     cts = PairDataset(datalist, "training", 32, 32)
@@ -203,10 +209,73 @@ def test_warped_drrs_widen_the_drr_domain_the_same_way_every_time(tmp_path):
         plain = random_pairs(cts[k]["image"][None], torch.Generator(), make_geometry("parallel"), 32, still, None)[1][0]
         assert float((drrs[4 * k] - plain).abs().max()) < 1e-5
         assert all(float((drrs[4 * k + v] - plain).abs().mean()) > 1e-3 for v in (1, 2, 3))
-    assert torch.equal(WarpedDrrs(datalist, augment, 4, 32, 32, seed=0).images, drrs.images)  # every rank, every resume
-    assert not torch.equal(WarpedDrrs(datalist, augment, 4, 32, 32, seed=1).images, drrs.images)
-    with pytest.raises(XctDiffError, match="stopped while making the warped DRRs"):
-        WarpedDrrs(datalist, augment, 4, 32, 32, seed=0, stopped=lambda: True)
+    again = warped_drrs(tmp_path / "other", datalist, augment, 4, 32, 32, 0, _one_process())  # every rank, every remake
+    assert torch.equal(again.images, drrs.images)
+    assert not torch.equal(warped_drrs(tmp_path / "run", datalist, augment, 4, 32, 32, 1, _one_process()).images,
+                           drrs.images)
+
+
+def test_style_drrs_are_kept_in_the_run_made_in_slots_and_resumed_byte_for_byte(domains, tmp_path, capsys, monkeypatch):
+    """The style stage's warped DRRs (6 min with the `cpu` config) were made again on every run and every --resume,
+    --time-limit did not bound them, and a slot stopped in them kept nothing. Now they are a file of the run
+    (RUN/style_drrs) made like the encoder's variant bank: kept one file each as they are made, stopped between
+    two by --time-limit with a line saying --resume makes the rest, resumed to the same set byte for byte, and
+    loaded, not made, by the runs after."""
+    import XctDiffCore.training.variant_bank as variant_bank
+    from XctDiffCore.training.common import StoppedBeforeTraining
+    from XctDiffCore.training.style import DRRS_DIR, warped_drrs
+
+    config = _config(domains, 2, 2)
+    augment = dataclasses.replace(config.style.augment, enabled=True, bank=3)
+    config = dataclasses.replace(config, style=dataclasses.replace(config.style, augment=augment))
+    datalist = _ct_datalist(tmp_path / "data")
+    train("style", config, data=datalist, out=tmp_path / "straight")
+    (made,) = (tmp_path / "straight" / DRRS_DIR).iterdir()  # one share, the part files gone
+    assert made.name.endswith("-0of1.pt")
+    capsys.readouterr()
+
+    slots = tmp_path / "slots"
+    train("style", config, data=datalist, out=slots, time_limit=1e-6)  # a slot spent before the first DRR
+    (parts,) = (slots / DRRS_DIR).iterdir()
+    assert (f"style DRRs: stopped by --time-limit with 0 of 9 DRRs made (kept in {parts}); the same command with "
+            "--resume makes the rest, then trains") in capsys.readouterr().err
+    assert not (slots / "style").exists()  # no checkpoint, no empty stage folder; the run folder with the DRRs stays
+
+    class Slot:
+        """A deadline that says SIGTERM at its ``after + 1``-th question."""
+
+        def __init__(self, after: int):
+            self.asked, self.after = 0, after
+
+        def due(self):
+            self.asked += 1
+            return "SIGTERM" if self.asked > self.after else None
+
+        def agree(self, cause):
+            return cause
+
+    with pytest.raises(StoppedBeforeTraining, match=r"style DRRs: stopped by SIGTERM with 4 of 9 DRRs made"):
+        warped_drrs(slots, datalist, config.style.augment.magnitudes(), 3, 32, 32, config.run.seed, _one_process(),
+                    Slot(4))
+    assert len(list(parts.glob("*.pt"))) == 4 and not [p for p in parts.iterdir() if ".tmp" in p.name]
+    train("style", config, data=datalist, out=slots, resume=True)  # the 5 left, then the steps
+    err = capsys.readouterr().err
+    assert "style DRRs: making 3 warped DRRs of each of 3 training CTs (4 of 9 made before)" in err
+    assert "style DRRs: 5 of 5 DRRs" in err  # progress lines (a log file's; a terminal gets a bar)
+    (resumed,) = (slots / DRRS_DIR).iterdir()
+    assert resumed.name == made.name and resumed.read_bytes() == made.read_bytes()
+    a = torch.load(slots / "style" / "checkpoint.pt", weights_only=True)["models"]["cyclegan"]
+    b = torch.load(tmp_path / "straight" / "style" / "checkpoint.pt", weights_only=True)["models"]["cyclegan"]
+    assert all(torch.equal(value, b[key]) for key, value in a.items())
+
+    def no_remake(*args, **kwargs):
+        raise AssertionError("a warped DRR was made again")
+
+    monkeypatch.setattr(variant_bank, "make_variant", no_remake)
+    more = dataclasses.replace(config, style=dataclasses.replace(
+        config.style, optim=dataclasses.replace(config.style.optim, max_steps=4)))
+    train("style", more, data=datalist, out=slots, resume=True)  # the next slot loads them
+    assert "style DRRs: making" not in capsys.readouterr().err
 
 
 def test_style_training_on_warped_drrs(domains, tmp_path):

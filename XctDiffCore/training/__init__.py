@@ -96,7 +96,7 @@ def train(stage: str, config: Config, data=None, out=None, resume: bool = False,
             except StoppedBeforeTraining as stop:
                 stopped_before, path = stop, checkpoint_path(run_dir, stage)
         if stopped_before is not None and job.is_main and not path.is_file():
-            _remove_unfinished(new_folders)  # an empty stage folder; the bank's variants are kept in the run's
+            _remove_unfinished(new_folders[-1:])  # an empty stage folder; the run's (holding what was made) is kept
         finished = True
     except BaseException as exc:
         Progress.close_open()  # the error line below the bar, not on it

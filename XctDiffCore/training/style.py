@@ -8,7 +8,7 @@ Reading JPEG/PNG needs Pillow, which scikit-image itself depends on, so a machin
 has it. *DRR*: the ``xray`` images of the datalist, resized exactly as the encoder sees them
 (:func:`~XctDiffCore.model_inputs.xray_to_model`); ``xctdiff prepare`` normalises them with the
 same percentile rule as ``preprocess_radiograph``, so both domains arrive alike. With
-``style.augment.enabled``, ``augment.bank`` DRRs of each training CT instead (:class:`WarpedDrrs`). ``data.val_cases``
+``style.augment.enabled``, ``augment.bank`` DRRs of each training CT instead (:func:`warped_drrs`, kept in the run). ``data.val_cases``
 real files (a seeded choice) are held out for validation, with the datalist's validation DRRs.
 
 Per step: one update of both generators (LSGAN + cycle + identity,
@@ -61,6 +61,7 @@ from .common import (
 )
 
 STAGE = "style"
+DRRS_DIR = "style_drrs"  # RUN/style_drrs: the warped DRRs of style.augment (:func:`warped_drrs`)
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -101,44 +102,57 @@ class DatalistDrrs(Dataset):
 
 
 class WarpedDrrs(Dataset):
-    """``count`` DRRs of each training CT, made once: the first of the CT itself (the datalist's DRR), the
-    others of random warps (``augment``: rotation, scaling, translation, elastic, HU jitter), plain (no film
-    randomisation: the style is the DRRs' own), as ``(1, size, size)`` in [-1, 1].
+    """``count`` DRRs of each training CT (:func:`warped_drrs`) as ``(1, size, size)`` in [-1, 1]."""
 
-    Why: 15 DRRs are few enough for the critics to learn by heart, after which the generator learns nothing
-    more about the style; warped copies keep the DRR look and vary the anatomy. Every draw is seeded by
-    (seed, patient, variant) as in the encoder's variant bank, so every rank and every resume makes the same set.
-    """
-
-    def __init__(self, datalist, augment: dict, count: int, volume_size: int, size: int, seed: int, stopped=lambda: False):
-        import sys
-        import time
-
-        from ..datalist import datalist_geometry
-        from ..drr import make_geometry
-        from .data import PairDataset
-        from .variant_bank import make_variant
-
-        pairs, geometry = PairDataset(datalist, "training", volume_size, size), make_geometry(datalist_geometry(datalist))
-        images, started = [], time.monotonic()
-        for index in range(len(pairs)):
-            try:
-                ct = pairs[index]["image"][None]
-            except (OSError, KeyError, ValueError, XctDiffError) as exc:
-                raise XctDiffError(f"style.augment warps the datalist's CTs, and one could not be read: {exc}") from None
-            for variant in range(count):
-                if stopped():
-                    raise XctDiffError("stopped while making the warped DRRs (nothing saved); run the same command again")
-                images.append(make_variant(ct, seed, index, variant, geometry, size, augment)[1][0] * 2.0 - 1.0)
-            print(f"style DRRs: {len(images)}/{len(pairs) * count} made ({(time.monotonic() - started) / len(images):.2f} s each)",
-                  file=sys.stderr, flush=True)
-        self.images = torch.stack(images).float()
+    def __init__(self, images: torch.Tensor):
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.images[index]
+
+
+def warped_drrs(run_dir, datalist, augment: dict, count: int, volume_size: int, size: int, seed: int,
+                job: Distributed, deadline=None) -> WarpedDrrs:
+    """``count`` DRRs of each training CT: the first of the CT itself (the datalist's DRR), the others of random
+    warps (``augment``: rotation, scaling, translation, elastic, HU jitter), plain (no film randomisation: the style is
+    the DRRs' own).
+
+    Why: 15 DRRs are few enough for the critics to learn by heart, after which the generator learns nothing more about
+    the style; warped copies keep the DRR look and vary the anatomy. They take minutes (the ``cpu`` config's 600: about
+    6 min on a 2-core CPU), so they are a file of the run like the encoder's variant bank and made the same way
+    (:func:`~.variant_bank.made_in_parts`): ``RUN/style_drrs/KEY-RofW.pt``, the key covering what they depend on (the
+    datalist's content, the warps, ``count``, the seed, the sizes, the DRR geometry), kept one file each as they are
+    made, bounded by ``--time-limit``, SIGTERM and Ctrl-C, the rest made by ``--resume``. Every draw is seeded by
+    (seed, patient, variant), so every rank and every remake makes the same set, byte for byte.
+    """
+    from ..datalist import datalist_geometry
+    from ..drr import make_geometry
+    from .common import file_sha256
+    from .data import PairDataset
+    from .variant_bank import made_in_parts, make_variant, settings_key
+
+    pairs, geometry = PairDataset(datalist, "training", volume_size, size), make_geometry(datalist_geometry(datalist))
+    key = settings_key({"style_drrs": True, "datalist": file_sha256(datalist), "augment": augment, "count": count,
+                        "seed": seed, "volume_size": volume_size, "xray_size": size, "geometry": repr(geometry)})
+    loaded = {}
+
+    def make(index: int, variant: int) -> list:
+        if index not in loaded:  # the variants of one CT follow each other: read it once
+            try:
+                loaded.clear()
+                loaded[index] = pairs[index]
+            except (OSError, KeyError, ValueError, XctDiffError) as exc:
+                raise XctDiffError(f"style.augment warps the datalist's CTs, and one could not be read: {exc}") from None
+        item = loaded[index]
+        drr01 = make_variant(item["image"][None], seed, index, variant, geometry, size, augment)[1]
+        return [item["patient"], variant, drr01[0].float().clone()]
+
+    entries = made_in_parts(Path(run_dir) / DRRS_DIR, key, len(pairs), count, make, job, deadline, "style DRRs", "DRR",
+                            f"{count} warped DRRs of each of {len(pairs)} training CTs")
+    return WarpedDrrs(torch.stack([entry[2] for entry in entries]).float() * 2.0 - 1.0)
 
 
 def split_real_files(files: list, val_cases: int, seed: int) -> tuple[list, list]:
@@ -243,10 +257,10 @@ def train_style(config: Config, resume: bool, job: Distributed, deadline: Deadli
     drr_val = DatalistDrrs(config.data.datalist, "validation", size)
     if len(drr_train) == 0:
         raise XctDiffError(f"the datalist {config.data.datalist} has no training DRRs")
-    if section.augment.enabled:  # a wider DRR domain: warped copies of each training CT (before the run folder is made)
-        drr_train = WarpedDrrs(config.data.datalist, section.augment.magnitudes(), section.augment.bank,
-                               config.data.volume_size, size, config.run.seed, stopped=lambda: deadline.signalled)
     checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume, config.data.datalist)
+    if section.augment.enabled:  # a wider DRR domain: warped copies of each training CT, kept in the run
+        drr_train = warped_drrs(config.run.dir, config.data.datalist, section.augment.magnitudes(),
+                                section.augment.bank, config.data.volume_size, size, config.run.seed, job, deadline)
 
     seed_everything(config.run.seed)  # identical initial weights on every rank
     gan = build_cyclegan(section).to(device)

@@ -74,7 +74,12 @@ def bank_key(run_dir, datalist, augment: dict, count: int, seed: int, volume_siz
     }
     if bone_latent_size:  # a bank with bone fractions is another file; the banks made before keep their keys
         parts["bone_latent_size"] = bone_latent_size
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return settings_key(parts)
+
+
+def settings_key(settings: dict) -> str:
+    """A short digest of ``settings`` (JSON, keys sorted): the file name of what was made from them."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def make_variant(ct: torch.Tensor, seed: int, patient_index: int, variant: int, geometry, xray_size: int, augment: dict):
@@ -95,81 +100,97 @@ def _made(parts: Path, cts: int, count: int) -> int:
     return sum(_part_path(parts, i, v).name in names for i in range(cts) for v in range(count))
 
 
-def _make_share(dataset, vqgan, geometry, xray_size: int, augment: dict, count: int, seed: int,
-                job: Distributed, precision: str, deadline, parts: Path, bone_latent_size: int = 0) -> Optional[str]:
-    """Make this process's share of the bank, each variant kept at once in ``parts`` (one file each, written
-    atomically) and the ones already there passed over; returns None when the share is whole, else what stopped it
-    (``"--time-limit"``, ``"SIGTERM"``, ``"Ctrl-C"``: asked between variants)."""
-    from .encoder import ct_latent
-    from .variants import bone_fractions
-
-    tasks = [(i, v) for i in range(len(dataset)) for v in range(count)][job.rank::job.world_size]
-    todo, loaded = [t for t in tasks if not _part_path(parts, *t).is_file()], {}
+def _make_share(tasks: list, make, parts: Path, deadline, label: str, unit: str, job: Distributed) -> Optional[str]:
+    """Make this process's ``tasks`` ((item, variant) pairs) with ``make``, each entry kept at once in ``parts`` (one
+    file each, written atomically) and the ones already there passed over; returns None when the share is whole, else
+    what stopped it (``"--time-limit"``, ``"SIGTERM"``, ``"Ctrl-C"``: asked between variants)."""
+    todo = [t for t in tasks if not _part_path(parts, *t).is_file()]
     try:
-        with progress_bar(len(todo), "variant bank", "variant", disable=not job.is_main) as bar:
+        with progress_bar(len(todo), label, unit, disable=not job.is_main) as bar:
             for index, variant in todo:
                 cause = deadline.due() if deadline is not None else None
                 if cause:
                     return cause
-                if index not in loaded:
-                    loaded = {index: dataset[index]}
-                item = loaded[index]
-                ct, drr = make_variant(item["image"][None], seed, index, variant, geometry, xray_size, augment)
-                with torch.no_grad(), autocast(job.device, precision):
-                    latent = ct_latent(vqgan, ct.to(job.device)).float().cpu()
-                bone = bone_fractions(ct, bone_latent_size)[0].half() if bone_latent_size else None
-                save_checkpoint(_part_path(parts, index, variant),
-                                {"entry": [item["patient"], variant, drr[0].half(), latent[0].clone(), bone]})
+                save_checkpoint(_part_path(parts, index, variant), {"entry": make(index, variant)})
                 bar.update()
     except KeyboardInterrupt:  # the variant under way is lost, those made are kept
         return "Ctrl-C"
     return None
 
 
-def load_or_build_bank(run_dir, dataset, datalist, vqgan, geometry, xray_size: int, volume_size: int,
-                       augment: dict, count: int, seed: int, job: Distributed, precision: str,
-                       deadline=None, bone_latent_size: int = 0) -> VariantBank:
-    """The run's bank for these settings: loaded from ``RUN/variant_bank`` or made now (and saved there).
+def made_in_parts(folder: Path, key: str, items: int, count: int, make, job: Distributed, deadline, label: str,
+                  unit: str, making: str) -> list:
+    """``count`` variants of each of ``items`` items (``make(item, variant)``: one entry), in that order: loaded from
+    ``folder`` (``KEY-RofW.pt``, one share per rank) or made now and saved there.
 
-    Made in slots: each variant is kept as it is made (``RUN/variant_bank/KEY.parts/``), and ``deadline``
-    (:class:`~XctDiffCore.training.common.Deadline`: --time-limit, SIGTERM, Ctrl-C) is asked between variants; when it
-    says stop, every rank stops and :class:`~XctDiffCore.training.common.StoppedBeforeTraining` says how many are
-    made. The next call makes only the rest: as every variant is seeded by (seed, patient, variant), the bank is the
-    same, byte for byte, as one made at once.
+    Made in slots: each entry is kept as it is made (``folder/KEY.parts/``), and ``deadline``
+    (:class:`~XctDiffCore.training.common.Deadline`: --time-limit, SIGTERM, Ctrl-C) is asked between them; when it says
+    stop, every rank stops and :class:`~XctDiffCore.training.common.StoppedBeforeTraining` says how many are made. The
+    next call makes only the rest. Under torchrun each rank makes every world-size-th entry (its own part files and
+    share: no two processes write one file), then all load all shares. ``label``, ``unit`` and ``making`` word the
+    lines: ``LABEL: making MAKING (once; kept in FOLDER)``, ``... N of M UNITs made``.
     """
     import shutil
 
     import torch.distributed as dist
 
-    key = bank_key(run_dir, datalist, augment, count, seed, volume_size, xray_size, geometry, bone_latent_size)
-    folder = Path(run_dir) / BANK_DIR
     shares = [folder / f"{key}-{rank}of{job.world_size}.pt" for rank in range(job.world_size)]
     parts = folder / f"{key}.parts"
-    if not shares[job.rank].is_file():
-        total = len(dataset) * count
+    tasks = [(i, v) for i in range(items) for v in range(count)]
+    mine = tasks[job.rank::job.world_size]
+    to_make, cause = not shares[job.rank].is_file(), None
+    if to_make:
         if job.is_main:
-            made = _made(parts, len(dataset), count)
-            print(f"variant bank: making {count} variants of each of {len(dataset)} training CTs"
-                  f"{f' ({made} of {total} made before)' if made else ''} (once; kept in {folder})",
-                  file=sys.stderr, flush=True)
+            made = _made(parts, items, count)
+            print(f"{label}: making {making}{f' ({made} of {len(tasks)} made before)' if made else ''} (once; kept in "
+                  f"{folder})", file=sys.stderr, flush=True)
         make_output_folder(parts)
-        cause = _make_share(dataset, vqgan, geometry, xray_size, augment, count, seed, job, precision, deadline,
-                            parts, bone_latent_size)
-        if deadline is not None:
-            cause = deadline.agree(cause)  # one rank stopped: all stop
-        if cause:
-            made = _made(parts, len(dataset), count)
-            raise StoppedBeforeTraining(
-                f"variant bank: stopped by {cause} with {made} of {total} variants made (kept in {parts}); the same "
-                "command with --resume makes the rest, then trains", cause)
-        tasks = [(i, v) for i in range(len(dataset)) for v in range(count)][job.rank::job.world_size]
-        entries = [load_checkpoint(_part_path(parts, *task))["entry"] for task in tasks]
-        _save_reproducibly(shares[job.rank], {"entries": entries})
+        cause = _make_share(mine, make, parts, deadline, label, unit, job)
+    if deadline is not None:  # every rank, its share made before or not: one rank stopped, all stop
+        cause = deadline.agree(cause)
+    if cause:
+        made = _made(parts, items, count)
+        raise StoppedBeforeTraining(
+            f"{label}: stopped by {cause} with {made} of {len(tasks)} {unit}s made (kept in {parts}); the same "
+            "command with --resume makes the rest, then trains", cause)
+    if to_make:
+        _save_reproducibly(shares[job.rank], {"entries": [load_checkpoint(_part_path(parts, *t))["entry"] for t in mine]})
     if job.enabled:
         dist.barrier()
     if job.is_main and parts.is_dir():  # every share is whole now
         shutil.rmtree(parts, ignore_errors=True)
-    entries = [entry for path in shares for entry in load_checkpoint(path)["entries"]]
+    entries = [None] * len(tasks)
+    for rank, path in enumerate(shares):
+        entries[rank::job.world_size] = load_checkpoint(path)["entries"]
+    return entries
+
+
+def load_or_build_bank(run_dir, dataset, datalist, vqgan, geometry, xray_size: int, volume_size: int,
+                       augment: dict, count: int, seed: int, job: Distributed, precision: str,
+                       deadline=None, bone_latent_size: int = 0) -> VariantBank:
+    """The run's bank for these settings: loaded from ``RUN/variant_bank`` or made now (and saved there), in slots
+    (:func:`made_in_parts`). As every variant is seeded by (seed, patient, variant), a bank made in slots is the
+    same, byte for byte, as one made at once.
+    """
+    from .encoder import ct_latent
+    from .variants import bone_fractions
+
+    loaded = {}
+
+    def make(index: int, variant: int) -> list:
+        if index not in loaded:  # the variants of one CT follow each other: read it once
+            loaded.clear()
+            loaded[index] = dataset[index]
+        item = loaded[index]
+        ct, drr = make_variant(item["image"][None], seed, index, variant, geometry, xray_size, augment)
+        with torch.no_grad(), autocast(job.device, precision):
+            latent = ct_latent(vqgan, ct.to(job.device)).float().cpu()
+        bone = bone_fractions(ct, bone_latent_size)[0].half() if bone_latent_size else None
+        return [item["patient"], variant, drr[0].half(), latent[0].clone(), bone]
+
+    key = bank_key(run_dir, datalist, augment, count, seed, volume_size, xray_size, geometry, bone_latent_size)
+    entries = made_in_parts(Path(run_dir) / BANK_DIR, key, len(dataset), count, make, job, deadline, "variant bank",
+                            "variant", f"{count} variants of each of {len(dataset)} training CTs")
     drrs, latents, bones = {}, {}, {}
     for patient, _, drr, latent, *bone in sorted(entries, key=lambda e: (e[0], e[1])):  # banks made before: no bone
         drrs.setdefault(patient, []).append(drr)
