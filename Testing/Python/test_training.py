@@ -823,6 +823,26 @@ def test_export_records_the_reliability_threshold_the_pipeline_flags_by(chain, t
         assert not (tmp_path / "bad").exists()
 
 
+def test_export_metrics_share_the_evaluation_command_without_the_machines_paths(chain, tmp_path):
+    """`export --metrics summary.json` copied evaluate's command into the manifest, a file to share, as it was:
+    `--model /home/alice/...` and `--data /home/alice/...`. Now those paths are relative to the folder they share
+    (where the command repeats), or by name where they share only the root; the options stay."""
+    command = ("xctdiff evaluate --model /home/alice/proj/models/lidc --data /home/alice/proj/data/lidc/datalist.json "
+               "--out /home/alice/proj/eval/lidc --steps 50 --seed 0 --device cuda:0")
+    summary = {"model": "lidc", "command": command, "case_names": ["p4"], "summary": {}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    assert main(["export", str(chain), "--out", str(tmp_path / "model"), "--metrics", str(tmp_path / "summary.json")]) == 0
+    text = (tmp_path / "model" / "manifest.json").read_text(encoding="utf-8")
+    assert "/home/alice" not in text
+    assert json.loads(text)["metrics"] == {**summary, "command": (
+        "xctdiff evaluate --model models/lidc --data data/lidc/datalist.json --out eval/lidc --steps 50 --seed 0 "
+        "--device cuda:0")}
+    from XctDiffCore.training import shareable_metrics
+
+    assert shareable_metrics({"command": "xctdiff evaluate --model /data/m --data /home/alice/d.json --out e"}) == {
+        "command": "xctdiff evaluate --model m --data d.json --out e"}
+
+
 # ------------------------------------------------------------------------------- fine-tuning (--init)
 
 

@@ -101,8 +101,8 @@ def train(stage: str, config: Config, data=None, out=None, resume: bool = False,
     except BaseException as exc:
         Progress.close_open()  # the error line below the bar, not on it
         kept = checkpoint_path(run_dir, stage)
-        if job.is_main and ours and not kept.is_file():
-            _remove_unfinished(new_folders)
+        if job.is_main and ours and not kept.is_file():  # a new run folder holding variants made stays for the next try
+            _remove_unfinished(new_folders[-1:] if _holds_made_variants(run_dir) else new_folders)
         if job.world_size > 1 and _is_peer_failure(exc):
             raise XctDiffError(f"rank {job.rank}: another process of the job stopped (its error is above)") from None
         if isinstance(exc, KeyboardInterrupt) and job.is_main and ours and kept.is_file():
@@ -162,6 +162,16 @@ def _remove_unfinished(new_folders: list) -> None:
         if folder.is_dir():
             shutil.rmtree(folder, ignore_errors=True)
             return
+
+
+def _holds_made_variants(run_dir: Path) -> bool:
+    """Whether the run folder holds variants made before a stage's first step (the encoder's variant bank, the style
+    stage's warped DRRs: minutes of work, whole files each), which the next attempt reuses."""
+    from .style import DRRS_DIR
+    from .variant_bank import BANK_DIR
+
+    folders = [run_dir / name for name in (BANK_DIR, DRRS_DIR) if (run_dir / name).is_dir()]
+    return any(".tmp" not in path.name for folder in folders for path in folder.rglob("*.pt"))
 
 
 def _is_peer_failure(exc: BaseException) -> bool:
@@ -306,6 +316,52 @@ def _folder_has_stage(folder, stage: str) -> bool:
         return True  # the folder is gone: keep the record that the run started from it
 
 
+def shareable_metrics(metrics: dict) -> dict:
+    """The ``--metrics`` document as a model folder shares it: the absolute paths of the machine it was measured on
+    (``xctdiff evaluate``'s ``command`` names the model and the datalist as ``/home/NAME/...``) shown relative to the
+    folder they share, the project's (``--data data/lidc/datalist.json``, repeatable from there), or by their names
+    where they share only the root. The options that made the figures stay as they were."""
+    import os
+    import shlex
+
+    def words(key, text: str) -> list:
+        if key != "command":
+            return [text]
+        try:
+            return shlex.split(text)
+        except ValueError:  # unbalanced quotes: not a command of ours
+            return text.split()
+
+    found = []
+
+    def collect(key, text: str) -> str:
+        found.extend(word for word in words(key, text) if os.path.isabs(word))
+        return text
+
+    _each_string(metrics, collect)
+    if not found:
+        return metrics
+    base = os.path.commonpath([os.path.dirname(path) for path in found])
+    shown = {path: os.path.relpath(path, base) if os.path.dirname(base) != base else os.path.basename(path) or path
+             for path in found}
+
+    def shareable(key, text: str) -> str:
+        if key == "command":
+            return shlex.join(shown.get(word, word) for word in words(key, text))
+        return shown.get(text, text)
+
+    return _each_string(metrics, shareable)
+
+
+def _each_string(value, change, key=None):
+    """``value`` (JSON) with each string replaced by ``change(key, string)``, ``key`` the name it is under."""
+    if isinstance(value, dict):
+        return {k: _each_string(v, change, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_each_string(v, change, key) for v in value]
+    return change(key, value) if isinstance(value, str) else value
+
+
 def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctdiff", version: str = "0",
                model_card: str = "", datalist=None, metrics: Optional[dict] = None, method: Optional[str] = None,
                stages=None, min_consistency: Optional[float] = None) -> Path:
@@ -317,7 +373,7 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     The mean-CT baseline of ``xctdiff evaluate`` is the mean of the datalist's training CTs
     (``datalist``, else the one the diffusion stage trained on, when it is still there). The manifest
     records the training patients of that datalist, each stage's training steps and ``metrics``
-    (e.g. the ``summary.json`` of ``xctdiff evaluate``). ``method``: the pipeline's default path
+    (e.g. the ``summary.json`` of ``xctdiff evaluate``, its machine's paths made relative: :func:`shareable_metrics`). ``method``: the pipeline's default path
     (``"direct"`` for a model whose diffusion stage measures worse than its encoder alone; None: ``"diffusion"``, or
     the folder's own for a diffusion stage taken from it).
     A run fine-tuned with ``--init MODEL`` ships the stages it did not train as that folder has them, byte for byte
@@ -412,7 +468,7 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
         # a model retrained on every patient after its recipe was chosen says so: its validation scores are fit
         training["validation_seen_in_training"] = bool(
             set(training["training_patients"]) & set(training["validation_patients"]))
-    extra = {"training": training, **({"metrics": metrics} if metrics else {}),
+    extra = {"training": training, **({"metrics": shareable_metrics(metrics)} if metrics else {}),
              **({"min_consistency": float(min_consistency)} if min_consistency is not None else {})}
     save_model_folder(model_dir, networks, config, model_id, version, mean_ct=mean_ct, model_card=model_card,
                       dtype=dtype, settings=settings, extra=extra, required=required, copied=copied)
