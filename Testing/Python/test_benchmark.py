@@ -16,6 +16,12 @@ from XctDiffCore.model_folder import create_random_model
 STAGE_NAMES = [name for name, _ in PIPELINE_STAGES]
 
 
+def _table_rows(stdout: str) -> list:
+    """The table's rows: the lines below its `benchmark device ...` header (the machine's lines are above it)."""
+    lines = stdout.splitlines()
+    return lines[next(i for i, line in enumerate(lines) if line.startswith("benchmark ")) + 1:]
+
+
 def test_pipeline_benchmark_of_random_tiny_weights():
     results = benchmark_pipeline("cpu", steps=2, samples=2, config="tiny", repeats=2, warmup=0, precision="fp32")
     assert [r.name for r in results] == STAGE_NAMES
@@ -30,8 +36,11 @@ def test_pipeline_benchmark_of_random_tiny_weights():
         "model": "random", "volume": "32^3", "steps": 2, "sampler": "ddim", "samples": 2}
     assert settings["peak_rss_mib"] > 0 and "peak_cuda_mib" not in settings
     assert all(r.settings == {} for r in results if r.name != "total")
-    table = format_table(results).splitlines()
-    assert len(table) == 1 + len(STAGE_NAMES) and table[0].split()[:2] == ["benchmark", "device"]
+    settings_line, *table = format_table(results).splitlines()  # one result has settings: a line, not a column
+    assert settings_line.startswith("settings: model=random, volume=32^3, method=diffusion, steps=2")
+    assert len(table) == 1 + len(STAGE_NAMES) and table[0].split() == ["benchmark", "device", "median", "ms", "min",
+                                                                       "ms", "GFLOP", "GFLOP/s", "of", "peak"]
+    assert max(map(len, table)) < 100  # the settings made every row over 200 characters wide
     # operations counted per stage (issue 20 item 5): the networks' stages have some, file work none
     # and their share of the machine's matrix-product rate, measured in each precision they ran in
     assert table[0].split()[-4:] == ["GFLOP", "GFLOP/s", "of", "peak"]
@@ -115,8 +124,8 @@ def test_cli_with_a_model_folder_writes_json(tmp_path, capsys):
     capsys.readouterr()
     assert main(["benchmark", "pipeline", "--model", str(model), "--steps", "1", "--repeats", "1", "--json", str(out)]) == 0
     stdout = capsys.readouterr().out
-    assert [line.split()[0] for line in stdout.splitlines()[1:]] == STAGE_NAMES
-    records = json.loads(out.read_text())
+    assert [line.split()[0] for line in _table_rows(stdout)] == STAGE_NAMES
+    records = json.loads(out.read_text())["results"]
     assert [r["name"] for r in records] == STAGE_NAMES
     for r in records:
         assert len(r["seconds"]) == 1 and r["median_s"] == r["min_s"] == r["max_s"] == r["seconds"][0]
@@ -152,7 +161,7 @@ def test_train_benchmark_times_each_stage_after_its_warmup(tmp_path, capsys, mon
     capsys.readouterr()
     assert main(["benchmark", "train", "--config", "tiny", "--steps", "2", "--stages", "encoder", "diffusion",
                  "--json", str(out)]) == 0
-    records = json.loads(out.read_text())
+    records = json.loads(out.read_text())["results"]
     assert [r["name"] for r in records] == ["train/encoder", "train/diffusion"]  # the autoencoder: untimed, 1 step
     encoder, diffusion = (r["median_s"] for r in records)
     assert encoder >= 0.2 and 0 < diffusion
@@ -195,8 +204,87 @@ def test_startup_benchmark_times_whole_processes(capsys):
     """`xctdiff benchmark startup`: one row per command, each a whole process (start-up included), so the
     plain `--help` takes longer than nothing but less than a DRR that imports torch and renders."""
     assert main(["benchmark", "startup", "--repeats", "1"]) == 0
-    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    rows = {line.split()[0]: line for line in _table_rows(capsys.readouterr().out)}
     assert list(rows) == ["help", "inspect", "drr"]
     assert all("whole_process=yes" in line for line in rows.values())
     seconds = {name: float(line.split()[-2]) / 1e3 for name, line in rows.items()}
     assert 0.0 < seconds["help"] < seconds["drr"]
+
+
+def test_every_benchmark_says_what_machine_and_runtime_its_figures_are_from(tmp_path, capsys):
+    """A figure means little without the machine: the CPU, torch, the threads and how they wait, the allocator and
+    whether other work was running. Before, `benchmark drr` printed only its thread count and the JSON was a bare list."""
+    import os
+
+    out = tmp_path / "drr.json"
+    capsys.readouterr()
+    assert main(["benchmark", "drr", "--size", "32", "--repeats", "1", "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    machine = next(line for line in stdout.splitlines() if line.startswith("machine: "))
+    runtime = next(line for line in stdout.splitlines() if line.startswith("runtime: "))
+    assert f"torch {torch.__version__}" in machine and f"{os.cpu_count()} cores" in machine
+    assert "OMP_WAIT_POLICY=" in runtime and "allocator " in runtime and "load average" in runtime
+    assert f"{torch.get_num_threads()} thread" in runtime
+    record = json.loads(out.read_text())
+    facts = record["machine"]
+    assert facts["torch"] == torch.__version__ and facts["threads"] == torch.get_num_threads() and facts["cpu"]
+    assert {"omp_wait_policy", "allocator", "load_average", "busy", "xctdiff", "date", "native_bf16"} <= facts.keys()
+    assert [r["name"] for r in record["results"]] == ["drr"]
+    assert record["results"][0]["settings"]["precision"] == "fp32"
+
+
+def test_a_json_file_that_cannot_be_written_is_refused_before_the_benchmark_runs(tmp_path, capsys, monkeypatch):
+    """Before, a missing folder for --json was found after minutes of timing, the figures lost with the error."""
+    import XctDiffCore.commands.benchmark as benchmark
+
+    monkeypatch.setattr(benchmark, "benchmark_pipeline", lambda *a, **k: pytest.fail("the benchmark ran"))
+    capsys.readouterr()
+    assert main(["benchmark", "pipeline", "--config", "tiny", "--json", str(tmp_path / "no" / "bench.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: output folder does not exist")
+
+
+def _signal_at_step(monkeypatch, signum, at_call=2):
+    """Send ``signum`` to this process during the encoder stage's ``at_call``-th optimiser step."""
+    import os
+    import signal  # noqa: F401
+
+    import XctDiffCore.training.encoder as encoder_stage
+
+    real_backward, calls = encoder_stage.backward_step, []
+
+    def backward(*a, **k):
+        calls.append(1)
+        if len(calls) == at_call:
+            os.kill(os.getpid(), signum)
+        return real_backward(*a, **k)
+
+    monkeypatch.setattr(encoder_stage, "backward_step", backward)
+
+
+def test_sigterm_during_a_training_benchmark_stops_it_with_one_line(tmp_path, capsys, monkeypatch):
+    """SIGTERM (a scheduler's stop) ended the stage early with a checkpoint, and the benchmark then divided by the
+    steps it never timed: a ZeroDivisionError traceback (or a wrong figure and the next stage run)."""
+    import signal
+
+    _signal_at_step(monkeypatch, signal.SIGTERM)
+    out = tmp_path / "train.json"
+    capsys.readouterr()
+    status = main(["benchmark", "train", "--config", "tiny", "--steps", "3", "--stages", "encoder", "--json", str(out)])
+    err = capsys.readouterr().err
+    assert status == 128 + signal.SIGTERM and err.strip().splitlines()[-1] == "error: terminated", err
+    assert not out.exists() and "Traceback" not in err
+
+
+def test_ctrl_c_during_a_training_benchmark_promises_no_checkpoint(tmp_path, capsys, monkeypatch):
+    """Ctrl-C said the stage 'stopped with a checkpoint ... the same command with --resume continues from it': the
+    checkpoint was in the benchmark's temporary folder, removed at once, and `benchmark train` has no --resume."""
+    import signal
+
+    _signal_at_step(monkeypatch, signal.SIGINT)
+    out = tmp_path / "train.json"
+    capsys.readouterr()
+    status = main(["benchmark", "train", "--config", "tiny", "--steps", "3", "--stages", "encoder", "--json", str(out)])
+    err = capsys.readouterr().err
+    assert status == 130 and err.strip().splitlines()[-1] == "error: interrupted", err
+    assert "--resume" not in err and "stops after this step" not in err and not out.exists()

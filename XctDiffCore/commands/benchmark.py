@@ -7,10 +7,13 @@ the pipeline's targets are beside :func:`benchmark_pipeline`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, check_output_path
 from ..errors import XctDiffError
 from ..memory import allocator_name
 
@@ -94,24 +97,30 @@ def benchmark_drr(device: str = "cpu", size: int = 128, geometry: str = "cone", 
         with torch.no_grad():
             render_drr(volume, geom, size=size)
 
-    settings = {"geometry": geometry, "size": size, "volume": f"{volume_size}^3", "batch": batch,
-                "threads": torch.get_num_threads() if dev.type == "cpu" else None}
+    settings = {"geometry": geometry, "size": size, "volume": f"{volume_size}^3", "batch": batch, "precision": "fp32"}
     return BenchmarkResult("drr", str(dev), settings, time_callable(run, dev, repeats))
 
 
 def format_table(results: list) -> str:
     """A small fixed-width table: one line per result (GFLOP, GFLOP/s and the share of the measured matrix-product
-    peak where counted: a result's ``peak_share``, else its rate over ``peak_gflops`` in a result's settings)."""
+    peak where counted: a result's ``peak_share``, else its rate over ``peak_gflops`` in a result's settings).
+
+    Where one result has settings (a DRR; a pipeline's total), they are a ``settings:`` line above the table: as a
+    column they made every row of the pipeline's table over 200 characters wide."""
     counted = any(r.gflop is not None for r in results)
     peak = next((r.settings["peak_gflops"] for r in results if r.settings.get("peak_gflops")), None)
     texts = [", ".join(f"{k}={v}" for k, v in r.settings.items() if v is not None) for r in results]
+    above = [text for text in texts if text] if sum(map(bool, texts)) == 1 else []
     # columns as wide as their longest entry: `benchmark train`'s names (train/autoencoder) ran into the next column
     name_w, device_w = max([12, *(len(r.name) for r in results)]), max([7, *(len(r.device) for r in results)])
-    settings_w = max([58, *map(len, texts)])
-    lines = [f"{'benchmark':<{name_w}} {'device':<{device_w}} {'settings':<{settings_w}} {'median ms':>10} {'min ms':>8}"
-             + (f" {'GFLOP':>8} {'GFLOP/s':>8}" if counted else "") + (f" {'of peak':>8}" if counted and peak else "")]
+    settings_w = 0 if above else max([58, *map(len, texts)])
+    settings_header = "" if above else f" {'settings':<{settings_w}}"
+    lines = [f"settings: {text}" for text in above]
+    lines.append(f"{'benchmark':<{name_w}} {'device':<{device_w}}{settings_header} {'median ms':>10} {'min ms':>8}"
+                 + (f" {'GFLOP':>8} {'GFLOP/s':>8}" if counted else "") + (f" {'of peak':>8}" if counted and peak else ""))
     for r, settings in zip(results, texts):
-        line = (f"{r.name:<{name_w}} {r.device:<{device_w}} {settings:<{settings_w}} {r.median_s * 1e3:>10.2f} "
+        settings = "" if above else f" {settings:<{settings_w}}"
+        line = (f"{r.name:<{name_w}} {r.device:<{device_w}}{settings} {r.median_s * 1e3:>10.2f} "
                 f"{min(r.seconds) * 1e3:>8.2f}")
         if counted and r.gflop:
             rate = r.gflop / r.median_s if r.median_s > 0 else 0.0
@@ -135,10 +144,91 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int = 204
     return 2 * size**3 / min(seconds) / 1e9
 
 
-def write_json(results: list, path) -> None:
-    """The results, with every run's time, as JSON (written atomically)."""
+def write_json(results: list, path, machine: dict) -> None:
+    """The machine and the results, with every run's time, as JSON (written atomically)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
+        tmp.write_text(json.dumps({"machine": machine, "results": [r.as_dict() for r in results]}, indent=2) + "\n")
+
+
+def measure_and_report(measure: Callable[[], list], json_path=None) -> int:
+    """Run ``measure`` (a target's results), then print the machine's lines and the table, and write the JSON.
+
+    Why here and not in each target: every figure needs the same facts beside it to be compared (README,
+    Performance), and the --json file is checked before the timing, not found unwritable minutes later.
+    """
+    if json_path:
+        check_output_path(json_path)
+    load = _load_average()  # before the run: the benchmark's own threads are not other work
+    results = measure()
+    machine = machine_facts(results[0].device if results else "cpu", load)
+    print(format_machine(machine))
+    print(format_table(results))
+    if json_path:
+        write_json(results, json_path, machine)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ the machine
+#: A 1-minute load average at or above this, before the run, means other work shared the CPU.
+BUSY_LOAD = 0.5
+
+
+def cpu_model() -> str:
+    """The CPU's name as the system gives it (Linux: /proc/cpuinfo's 'model name'), else the platform's word."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("model name", "Model")):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _load_average():
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):  # Windows
+        return None
+
+
+def machine_facts(device: str, load_average) -> dict:
+    """What a figure needs beside it to be compared: the hardware, torch, the threads and how they wait, the
+    allocator, and the load average (1, 5, 15 min) before the run with whether other work was running."""
+    from datetime import datetime, timezone
+
+    from .. import __version__
+    from ..device import cpu_has_native_bf16
+
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "xctdiff": __version__,
+            "cpu": cpu_model(), "cores": os.cpu_count(), "native_bf16": cpu_has_native_bf16(), "gpu": gpu,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "allocator": allocator_name(), "load_average": load_average,
+            "busy": None if load_average is None else load_average[0] >= BUSY_LOAD}
+
+
+def format_machine(facts: dict) -> str:
+    """Two lines: ``machine:`` (hardware and software) and ``runtime:`` (threads, allocator, load)."""
+    from ..threads import describe_policy
+
+    env = {k: v for k, v in (("OMP_WAIT_POLICY", facts["omp_wait_policy"]),
+                             ("OMP_NUM_THREADS", facts["omp_num_threads"])) if v is not None}
+    gpu = f", GPU {facts['gpu']}" if facts["gpu"] else ""
+    torch_build = f"CUDA {facts['cuda']}" if facts["cuda"] else "CPU build"
+    threads = facts["threads"]
+    if facts["load_average"] is None:
+        load = "load average unknown"
+    else:
+        load = (f"load average {facts['load_average'][0]:.2f} before the run (1 min): "
+                + ("busy, other work shared the CPU and the figures may be slower" if facts["busy"] else "quiet"))
+    return (f"machine: {facts['cpu']} ({facts['cores']} cores, native bf16 {'yes' if facts['native_bf16'] else 'no'}"
+            f"{gpu}); torch {facts['torch']} ({torch_build}); xctdiff {facts['xctdiff']}; {facts['date']}\n"
+            f"runtime: {threads} thread{'' if threads == 1 else 's'} ({describe_policy(env)}); "
+            f"allocator {facts['allocator']}; {load}")
 
 
 # ------------------------------------------------------------------------------------------ start-up
@@ -239,9 +329,7 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
         peak = peaks[run_dtype]
     settings = {"model": pipe.info.model_id, "volume": f"{pipe.info.volume_size}^3", "method": method,
                 "steps": result.steps, "sampler": pipe.info.sampler if method == "diffusion" else None,
-                "samples": samples, "guidance": guidance or None, "precision": result.precision, "threads": torch.get_num_threads(),
-                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "allocator": allocator_name(),
-                **_peak_memory(dev), "peak_gflops": round(peak),
+                "samples": samples, "guidance": guidance or None, "precision": result.precision, **_peak_memory(dev), "peak_gflops": round(peak),
                 **{f"peak_gflops_{name}": round(value) for name, value in peaks.items() if value != peak}}
     # the operations of a stage: its lap's; a sampler step's: the sampling lap's over the steps
     lap = {name: "sampling" if name == "sampler/step" else key for name, key in PIPELINE_STAGES}
@@ -317,6 +405,27 @@ def _synthetic_datalist(root: Path, pairs: int = 4) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _ctrl_c_at_once():
+    """Ctrl-C stops a benchmark's training at once, with only "interrupted" to say: training's own Ctrl-C (finish
+    the step, keep a checkpoint, "--resume continues from it") promised what a removed temporary folder cannot keep.
+    Training takes over Ctrl-C only where it finds Python's default handler, so another one keeps it off."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # Ctrl-C ignored (started in the background) or handled by the caller: left as it is
+        return
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt() from None  # not training's words about a checkpoint in the temporary folder
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def benchmark_train(config: str = "tiny", steps: int = 5, warmup: int = 2, stages=TRAIN_STAGES) -> list:
     """Seconds per optimiser step of each stage, through the real ``xctdiff train`` on random data.
 
@@ -332,7 +441,7 @@ def benchmark_train(config: str = "tiny", steps: int = 5, warmup: int = 2, stage
 
     from ..config import load_config
     from ..training import train
-    from ..training.common import setup_distributed
+    from ..training.common import checkpoint_step, setup_distributed
 
     if steps < 1:
         raise XctDiffError(f"--steps must be at least 1, got {steps}")
@@ -350,8 +459,16 @@ def benchmark_train(config: str = "tiny", steps: int = 5, warmup: int = 2, stage
             section = getattr(base, stage)
             optim = dataclasses.replace(section.optim, max_steps=total, log_every=warmup, val_every=total,
                                         checkpoint_every=total)
-            train(stage, dataclasses.replace(base, **{stage: dataclasses.replace(section, optim=optim)}),
-                  data=str(datalist), out=str(run))
+            print(f"benchmark train: the {stage} stage, {total} step{'s' if total > 1 else ''}"
+                  + (f" ({warmup} warm-up, {steps} timed)" if timed else " (untimed: the next stage needs it)")
+                  + "; its training lines follow, its folder is temporary", file=sys.stderr, flush=True)
+            with _ctrl_c_at_once():
+                train(stage, dataclasses.replace(base, **{stage: dataclasses.replace(section, optim=optim)}),
+                      data=str(datalist), out=str(run))
+            if checkpoint_step(run, stage) != total:  # SIGTERM ended the stage early, with a checkpoint: stop too
+                from .cli import Terminated
+
+                raise Terminated()
             if not timed:
                 continue
             with open(run / stage / "log.csv", newline="", encoding="utf-8") as f:
@@ -364,6 +481,7 @@ def benchmark_train(config: str = "tiny", steps: int = 5, warmup: int = 2, stage
                     previous = step
             per_step = seconds / steps
             settings = {"config": config, "batch": section.optim.batch_size, "steps": steps,
+                        "precision": base.run.precision if device.startswith("cuda") else "fp32",  # CPUs train in fp32
                         "it_per_s": round(1.0 / per_step, 3)}
             results.append(BenchmarkResult(f"train/{stage}", device, settings, [per_step]))
     return results

@@ -300,18 +300,10 @@ def add_benchmark_drr_target(targets):
 
 
 def _run_benchmark_drr(args) -> int:
-    from .benchmark import benchmark_drr
+    from . import benchmark
 
-    return _report_benchmark([benchmark_drr(args.device, args.size, args.geometry, args.repeats, args.batch)], args)
-
-
-def _report_benchmark(results, args) -> int:
-    from .benchmark import format_table, write_json
-
-    print(format_table(results))
-    if args.json:
-        write_json(results, args.json)
-    return 0
+    return benchmark.measure_and_report(
+        lambda: [benchmark.benchmark_drr(args.device, args.size, args.geometry, args.repeats, args.batch)], args.json)
 
 
 def add_benchmark_train_target(targets):
@@ -325,9 +317,10 @@ def add_benchmark_train_target(targets):
 
 
 def _run_benchmark_train(args) -> int:
-    from .benchmark import benchmark_train
+    from . import benchmark
 
-    return _report_benchmark(benchmark_train(args.config, args.steps, stages=args.stages), args)
+    return benchmark.measure_and_report(lambda: benchmark.benchmark_train(args.config, args.steps, stages=args.stages),
+                                        args.json)
 
 
 def add_benchmark_pipeline_target(targets):
@@ -348,13 +341,13 @@ def add_benchmark_pipeline_target(targets):
 
 
 def _run_benchmark_pipeline(args) -> int:
-    from .benchmark import benchmark_pipeline
+    from . import benchmark
 
     if args.model and args.config:
         raise XctDiffError("give --model or --config, not both")
-    results = benchmark_pipeline(args.device, args.steps, args.samples, args.model, args.config, args.repeats,
-                                 method=args.method, guidance=args.guidance, precision=args.precision)
-    return _report_benchmark(results, args)
+    return benchmark.measure_and_report(lambda: benchmark.benchmark_pipeline(
+        args.device, args.steps, args.samples, args.model, args.config, args.repeats, method=args.method,
+        guidance=args.guidance, precision=args.precision), args.json)
 
 
 def add_benchmark_startup_target(targets):
@@ -365,9 +358,9 @@ def add_benchmark_startup_target(targets):
 
 
 def _run_benchmark_startup(args) -> int:
-    from .benchmark import benchmark_startup
+    from . import benchmark
 
-    return _report_benchmark(benchmark_startup(args.repeats), args)
+    return benchmark.measure_and_report(lambda: benchmark.benchmark_startup(args.repeats), args.json)
 
 
 # `xctdiff benchmark <target>`: each entry adds one target parser.
