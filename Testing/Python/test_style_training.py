@@ -278,6 +278,32 @@ def test_style_drrs_are_kept_in_the_run_made_in_slots_and_resumed_byte_for_byte(
     assert "style DRRs: making" not in capsys.readouterr().err
 
 
+def test_a_first_run_that_fails_after_making_its_style_drrs_keeps_them(domains, tmp_path, capsys, monkeypatch):
+    """A new run folder was removed whole when the stage failed before its first checkpoint (Ctrl-C during the first
+    step, a GPU out of memory), with the warped DRRs made in it (6 min with the `cpu` config) that the next try would
+    have loaded. Now the run folder and its DRRs stay (the empty stage folder goes), and the next try loads them."""
+    import XctDiffCore.training.style as style
+    from XctDiffCore.training.style import DRRS_DIR
+
+    config = _config(domains, 2, 2)
+    augment = dataclasses.replace(config.style.augment, enabled=True, bank=2)
+    config = dataclasses.replace(config, style=dataclasses.replace(config.style, augment=augment))
+    datalist, run = _ct_datalist(tmp_path / "data"), tmp_path / "run"
+    build = style.build_cyclegan
+
+    def interrupted(section):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(style, "build_cyclegan", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train("style", config, data=datalist, out=run)
+    assert [p.name.endswith("-0of1.pt") for p in (run / DRRS_DIR).iterdir()] == [True] and not (run / "style").exists()
+    monkeypatch.setattr(style, "build_cyclegan", build)
+    capsys.readouterr()
+    train("style", config, data=datalist, out=run)
+    assert "style DRRs: making" not in capsys.readouterr().err and (run / "style" / "checkpoint.pt").is_file()
+
+
 def test_style_training_on_warped_drrs(domains, tmp_path):
     config = _config(domains, 2, 2)
     augment = dataclasses.replace(config.style.augment, enabled=True, bank=2)
