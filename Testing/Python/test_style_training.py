@@ -278,6 +278,29 @@ def test_style_drrs_are_kept_in_the_run_made_in_slots_and_resumed_byte_for_byte(
     assert "style DRRs: making" not in capsys.readouterr().err
 
 
+def test_style_drrs_under_torchrun_each_rank_makes_and_writes_its_own_share(tmp_path):
+    """Two ranks of a torchrun job (played one after the other here, without the barrier between them): each makes
+    every other DRR into part files and a share of its own (no file written by both), and the set they load is the
+    one a single process makes."""
+    from XctDiffCore.config import AugmentConfig
+    from XctDiffCore.training.common import Distributed
+    from XctDiffCore.training.style import DRRS_DIR, warped_drrs
+
+    datalist = _ct_datalist(tmp_path / "data")
+    augment = AugmentConfig(enabled=True, max_rotation_deg=8.0, max_scale=0.12, elastic_mm=8.0).magnitudes()
+    alone = warped_drrs(tmp_path / "alone", datalist, augment, 3, 32, 32, 0, _one_process())
+    run, cpu = tmp_path / "two", torch.device("cpu")
+    with pytest.raises(XctDiffError, match="checkpoint not found"):  # rank 0's share is not there yet
+        warped_drrs(run, datalist, augment, 3, 32, 32, 0, Distributed(1, 1, 2, cpu))
+    (parts,) = (run / DRRS_DIR).glob("*.parts")
+    tasks = [f"{i}-{v}.pt" for i in range(3) for v in range(3)]
+    assert sorted(p.name for p in parts.iterdir()) == sorted(tasks[1::2])  # rank 1's half alone
+    both = warped_drrs(run, datalist, augment, 3, 32, 32, 0, Distributed(0, 0, 2, cpu))
+    assert torch.equal(both.images, alone.images)
+    key = parts.name[: -len(".parts")]
+    assert sorted(p.name for p in (run / DRRS_DIR).iterdir()) == [f"{key}-0of2.pt", f"{key}-1of2.pt"]
+
+
 def test_a_first_run_that_fails_after_making_its_style_drrs_keeps_them(domains, tmp_path, capsys, monkeypatch):
     """A new run folder was removed whole when the stage failed before its first checkpoint (Ctrl-C during the first
     step, a GPU out of memory), with the warped DRRs made in it (6 min with the `cpu` config) that the next try would
