@@ -258,7 +258,8 @@ def train_style(config: Config, resume: bool, job: Distributed, deadline: Deadli
     if len(drr_train) == 0:
         raise XctDiffError(f"the datalist {config.data.datalist} has no training DRRs")
     checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume, config.data.datalist)
-    if section.augment.enabled:  # a wider DRR domain: warped copies of each training CT, kept in the run
+    finished = checkpoint is not None and checkpoint["step"] >= optim.max_steps  # a resume with nothing to train
+    if section.augment.enabled and not finished:  # a wider DRR domain: warped copies of each training CT, kept in the run
         drr_train = warped_drrs(config.run.dir, config.data.datalist, section.augment.magnitudes(),
                                 section.augment.bank, config.data.volume_size, size, config.run.seed, job, deadline)
 
