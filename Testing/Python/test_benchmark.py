@@ -204,8 +204,10 @@ def test_startup_benchmark_times_whole_processes(capsys):
     """`xctdiff benchmark startup`: one row per command, each a whole process (start-up included), so the
     plain `--help` takes longer than nothing but less than a DRR that imports torch and renders."""
     assert main(["benchmark", "startup", "--repeats", "1"]) == 0
-    rows = {line.split()[0]: line for line in _table_rows(capsys.readouterr().out)}
+    out, err = capsys.readouterr()
+    rows = {line.split()[0]: line for line in _table_rows(out)}
     assert list(rows) == ["help", "inspect", "drr"]
+    assert "benchmark startup: 6 of 6 runs" in err  # 3 commands, each a warm-up and 1 timed run
     assert all("whole_process=yes" in line for line in rows.values())
     seconds = {name: float(line.split()[-2]) / 1e3 for name, line in rows.items()}
     assert 0.0 < seconds["help"] < seconds["drr"]
@@ -288,3 +290,12 @@ def test_ctrl_c_during_a_training_benchmark_promises_no_checkpoint(tmp_path, cap
     err = capsys.readouterr().err
     assert status == 130 and err.strip().splitlines()[-1] == "error: interrupted", err
     assert "--resume" not in err and "stops after this step" not in err and not out.exists()
+
+
+def test_long_benchmarks_say_how_far_they_are(capsys):
+    """A pipeline run of `small` takes 15 s on the 2-core CPU, `startup` some 20 s: before, both were silent until
+    the table. Now a line per run on stderr (a bar on a terminal); the time of each run is not counted in it."""
+    capsys.readouterr()
+    assert main(["benchmark", "pipeline", "--config", "tiny", "--steps", "1", "--repeats", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "benchmark pipeline: 1 of 3 runs" in err and "benchmark pipeline: 3 of 3 runs" in err, err

@@ -25,6 +25,7 @@ import torch
 from ..atomic import atomic_path, check_output_path
 from ..errors import XctDiffError
 from ..memory import allocator_name
+from ..progress import progress_bar
 
 
 @dataclass
@@ -55,8 +56,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def time_callable(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> list:
-    """Seconds of each of ``repeats`` calls after ``warmup`` untimed ones (CUDA work is waited for)."""
+def time_callable(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2,
+                  after_each: Callable[[], object] = lambda: None) -> list:
+    """Seconds of each of ``repeats`` calls after ``warmup`` untimed ones (CUDA work is waited for);
+    ``after_each`` runs after every call, outside the time (a progress bar's step)."""
     if repeats < 1:
         raise XctDiffError("--repeats must be at least 1")
 
@@ -66,6 +69,7 @@ def time_callable(fn: Callable[[], object], device: torch.device, repeats: int, 
 
     for _ in range(warmup):
         fn()
+        after_each()
     sync()
     seconds = []
     for _ in range(repeats):
@@ -73,6 +77,7 @@ def time_callable(fn: Callable[[], object], device: torch.device, repeats: int, 
         fn()
         sync()
         seconds.append(time.perf_counter() - start)
+        after_each()
     return seconds
 
 
@@ -247,7 +252,8 @@ def benchmark_startup(repeats: int = 5) -> list:
 
     if repeats < 1:
         raise XctDiffError("--repeats must be at least 1")
-    with tempfile.TemporaryDirectory(prefix="xctdiff-bench-startup-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="xctdiff-bench-startup-") as tmp, \
+            progress_bar(3 * (1 + repeats), "benchmark startup", "run") as bar:
         commands = {"help": ["--help"], "inspect": ["inspect", str(sample_path(SAMPLE_RADIOGRAPH_NAME))],
                     "drr": ["drr", str(sample_path(SAMPLE_CT_NAME)), "-o", str(Path(tmp) / "drr.png")]}
         results = []
@@ -259,7 +265,8 @@ def benchmark_startup(repeats: int = 5) -> list:
                     raise XctDiffError(f"`xctdiff {' '.join(argv[3:])}` failed: {last}")
 
             results.append(BenchmarkResult(name, "cpu", {"command": f"xctdiff {args[0]}", "whole_process": "yes"},
-                                           time_callable(run, torch.device("cpu"), repeats, warmup=1)))
+                                           time_callable(run, torch.device("cpu"), repeats, warmup=1,
+                                                         after_each=bar.update)))
     return results
 
 
@@ -295,7 +302,9 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
     if repeats < 1:
         raise XctDiffError("--repeats must be at least 1")
     dev = resolve_device(device)
-    with tempfile.TemporaryDirectory(prefix="xctdiff-bench-") as tmp:
+    # a run of `small` takes 15 s on the 2-core CPU: a line per run, the untimed one counting operations last
+    with tempfile.TemporaryDirectory(prefix="xctdiff-bench-") as tmp, \
+            progress_bar(warmup + repeats + 1, "benchmark pipeline", "run") as bar:
         if config is not None:
             from ..model_folder import create_random_model
 
@@ -317,10 +326,14 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
             if i >= warmup:
                 for name, key in PIPELINE_STAGES:
                     runs[name].append(result.timings.get(key, 0.0))
+            bar.set_postfix_str("warm-up" if i < warmup else f"{result.timings.get('total', 0.0):.2f} s")
+            bar.update()
         with counting_flops():  # one more, untimed run: the operations of each stage
             counted = pipe.reconstruct(radiograph, steps=steps if method == "diffusion" else None, samples=samples,
                                        seed=0, device=str(dev), method=method, cpu_fallback=False, guidance=guidance,
                                        precision=precision)
+        bar.set_postfix_str("operations counted")
+        bar.update()
         run_dtype = "bfloat16" if result.precision == "bf16" else "float32"
         # the run's precision and any other one its stages used (e.g. the style generator, fp32 in a bf16 run)
         names = {run_dtype} | {name for stage in counted.flops_by_dtype.values() for name in stage
