@@ -337,7 +337,8 @@ def test_style_training_on_warped_drrs(domains, tmp_path):
     config = _config(domains, 2, 2)
     augment = dataclasses.replace(config.style.augment, enabled=True, bank=2)
     config = dataclasses.replace(config, style=dataclasses.replace(config.style, augment=augment))
-    with pytest.raises(XctDiffError, match="style.augment warps the datalist's CTs, and one could not be read"):
+    with pytest.raises(XctDiffError, match="style.augment warps the datalist's CTs, and one could not be read: .*; "
+                       r"style.augment.enabled: false \(in a copy of the config\) trains on the datalist's DRRs alone"):
         train("style", config, data=domains / "datalist.json", out=tmp_path / "no_cts")  # DRRs alone: no CT to warp
     assert not (tmp_path / "no_cts" / "style").exists()  # refused before the run folder was made
     train("style", config, data=_ct_datalist(tmp_path / "data"), out=tmp_path / "run")

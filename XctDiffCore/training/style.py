@@ -145,7 +145,9 @@ def warped_drrs(run_dir, datalist, augment: dict, count: int, volume_size: int, 
                 loaded.clear()
                 loaded[index] = pairs[index]
             except (OSError, KeyError, ValueError, XctDiffError) as exc:
-                raise XctDiffError(f"style.augment warps the datalist's CTs, and one could not be read: {exc}") from None
+                raise XctDiffError(f"style.augment warps the datalist's CTs, and one could not be read: {exc}; "
+                                   "style.augment.enabled: false (in a copy of the config) trains on the datalist's "
+                                   "DRRs alone") from None
         item = loaded[index]
         drr01 = make_variant(item["image"][None], seed, index, variant, geometry, size, augment)[1]
         return [item["patient"], variant, drr01[0].float().clone()]
