@@ -299,3 +299,12 @@ def test_long_benchmarks_say_how_far_they_are(capsys):
     assert main(["benchmark", "pipeline", "--config", "tiny", "--steps", "1", "--repeats", "1"]) == 0
     err = capsys.readouterr().err
     assert "benchmark pipeline: 1 of 3 runs" in err and "benchmark pipeline: 3 of 3 runs" in err, err
+
+
+def test_steps_given_to_the_direct_path_are_said_to_be_ignored(capsys):
+    """`--method direct --steps 50` timed the direct path without a word: a figure labelled 50 steps that had none."""
+    capsys.readouterr()
+    assert main(["benchmark", "pipeline", "--config", "tiny", "--method", "direct", "--steps", "5", "--repeats", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("--steps is ignored") == 1 and "warning: the direct method does not sample" in err
+    assert "method=direct" in out and "steps=" not in out

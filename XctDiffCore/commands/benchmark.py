@@ -301,6 +301,11 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
 
     if repeats < 1:
         raise XctDiffError("--repeats must be at least 1")
+    if method == "direct" and steps is not None:  # once, not once a run; the settings printed say no steps
+        from ..errors import warn_caller
+        from ..options import MethodWarning
+
+        warn_caller("the direct method does not sample: --steps is ignored (--method diffusion uses it)", MethodWarning)
     dev = resolve_device(device)
     # a run of `small` takes 15 s on the 2-core CPU: a line per run, the untimed one counting operations last
     with tempfile.TemporaryDirectory(prefix="xctdiff-bench-") as tmp, \
