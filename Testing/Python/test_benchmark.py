@@ -308,3 +308,16 @@ def test_steps_given_to_the_direct_path_are_said_to_be_ignored(capsys):
     out, err = capsys.readouterr()
     assert err.count("--steps is ignored") == 1 and "warning: the direct method does not sample" in err
     assert "method=direct" in out and "steps=" not in out
+
+
+@pytest.mark.parametrize("target", [[], ["drr"], ["pipeline"], ["train"], ["startup"]])
+def test_each_benchmark_help_says_what_it_prints_and_in_what_unit(target, capsys):
+    """The help said '(median reported)' and nothing of the unit, of what 'total' covers or of the machine's lines."""
+    with pytest.raises(SystemExit):
+        main(["benchmark", *target, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "milliseconds" in text or "in ms" in text, text
+    if target == ["pipeline"]:
+        assert "'total' is the reconstruction" in text and "'load'" in text and "'write'" in text
+    if not target:
+        assert "'machine:'" in text and "load average" in text
