@@ -14,7 +14,8 @@ The bank is a file of the run (``RUN/variant_bank/KEY.pt``); the key covers ever
 geometry), so the encoder and the diffusion stage of one run share it and a resumed run reuses it.
 Every draw is seeded by (seed, patient, variant), so a rebuilt bank is the same bank. Under torchrun
 every process makes its share of the variants, then all load all shares. The making is bounded by ``--time-limit``,
-SIGTERM and Ctrl-C like the steps: the variants made are kept one file each, and ``--resume`` makes the rest.
+SIGTERM and Ctrl-C like the steps: the variants made are kept one file each, and ``--resume`` makes the rest
+(:func:`made_in_parts`, which the style stage's warped DRRs share: :func:`~XctDiffCore.training.style.warped_drrs`).
 """
 from __future__ import annotations
 
