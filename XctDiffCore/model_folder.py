@@ -166,15 +166,15 @@ def _build(stage: str, cls, settings: dict, folder: Path) -> nn.Module:
         raise XctDiffError(f"the {stage} configuration in {folder} does not fit {cls.__name__}: {_first_line(exc)}") from None
 
 
-#: The precision in which a model folder's encoder.json and diffusion.json record the autoencoder they learnt: the
-#: weights rounded to float16 are the same whether the folder ships float16 or float32
+#: The precision of a latents record (:func:`latents_record`): a checkpoint's is exact; a model folder's encoder.json
+#: and diffusion.json round the weights to float16 first, the same whether the folder ships float16 or float32
+CHECKPOINT_LATENTS_DTYPE = torch.float32
 FOLDER_LATENTS_DTYPE = torch.float16
 
 
-def latents_fingerprint(vqgan: nn.Module, dtype: torch.dtype = torch.float32) -> str:
-    """A digest of what makes a VQ-GAN's latents: its encoder and codebook (a decoder trained on alone keeps it).
-    ``dtype``: the floating weights are rounded to it first (a checkpoint's record: float32, exact; a model folder's:
-    :data:`FOLDER_LATENTS_DTYPE`, which survives the export's cast)."""
+def _latents_fingerprint(vqgan: nn.Module, dtype: torch.dtype = CHECKPOINT_LATENTS_DTYPE) -> str:
+    """A digest of what makes a VQ-GAN's latents: its encoder and codebook (a decoder trained on alone keeps it),
+    the floating weights rounded to ``dtype`` first."""
     digest = hashlib.sha256()
     for name, tensor in sorted(vqgan.state_dict().items()):
         if name.startswith(("encoder.", "quantizer.")):
@@ -185,10 +185,23 @@ def latents_fingerprint(vqgan: nn.Module, dtype: torch.dtype = torch.float32) ->
     return digest.hexdigest()[:16]
 
 
-def folder_latents_record(vqgan: nn.Module, step) -> dict:
-    """What a model folder's encoder.json and diffusion.json record (``"latents"``) of the autoencoder whose latents
-    they learnt: :func:`load_model_folder` refuses a folder whose autoencoder makes other ones (stages of two models)."""
-    return {"fingerprint": latents_fingerprint(vqgan, FOLDER_LATENTS_DTYPE), "autoencoder_step": step}
+def latents_record(vqgan: nn.Module, step: Optional[int], folder=None, *,
+                   dtype: torch.dtype = CHECKPOINT_LATENTS_DTYPE) -> dict:
+    """What an encoder or diffusion stage records (``"latents"``) of the autoencoder whose latents it learnt: an
+    autoencoder trained further (``train autoencoder --resume``), replaced, or another model's makes other latents,
+    and a model of theirs would reconstruct noise (:func:`other_latents`).
+
+    ``dtype``: :data:`CHECKPOINT_LATENTS_DTYPE` in a checkpoint, :data:`FOLDER_LATENTS_DTYPE` in a model folder
+    (a record survives the export's cast only there); two records compare in the same one. ``folder``: the model
+    folder the autoencoder came from (``--init``), for the words of a refusal."""
+    return {"fingerprint": _latents_fingerprint(vqgan, dtype), "autoencoder_step": step,
+            **({"folder": str(folder)} if folder is not None else {})}
+
+
+def other_latents(recorded, current: dict) -> bool:
+    """Whether a stage's latents record names another autoencoder than ``current`` (the record, in the same dtype, of
+    the autoencoder it is to run with); a stage that recorded none (made before the record) is not judged."""
+    return isinstance(recorded, dict) and recorded.get("fingerprint") not in (None, current["fingerprint"])
 
 
 LATENT_STAGES = ("encoder", "diffusion")  # the stages that learnt the autoencoder's latents
@@ -197,18 +210,17 @@ LATENT_STAGES = ("encoder", "diffusion")  # the stages that learnt the autoencod
 def check_same_latents(folder: Path, networks: dict, settings: dict, retrain: tuple) -> None:
     """The encoder and diffusion must have learnt this folder's autoencoder's latents (as their JSON records them;
     a folder exported before the record, or a stage listed under ``retrain``, is not judged)."""
-    recorded = {stage: settings[stage]["latents"] for stage in LATENT_STAGES
-                if stage in settings and stage not in retrain and isinstance(settings[stage].get("latents"), dict)}
-    if not recorded or "autoencoder" not in networks:
+    recorded = {stage: settings[stage].get("latents") for stage in LATENT_STAGES if stage in settings and stage not in retrain}
+    if "autoencoder" not in networks or not any(isinstance(record, dict) for record in recorded.values()):
         return
-    ours = latents_fingerprint(networks["autoencoder"], FOLDER_LATENTS_DTYPE)
-    stale = [stage for stage, record in recorded.items() if record.get("fingerprint") != ours]
+    ours = latents_record(networks["autoencoder"], None, dtype=FOLDER_LATENTS_DTYPE)
+    stale = [stage for stage, record in recorded.items() if other_latents(record, ours)]
     if stale:
         names = " and ".join(stale)
         raise XctDiffError(f"the {names} in {folder} learnt the latents of another autoencoder than the folder's "
                            f"({stale[0]}.json records autoencoder {recorded[stale[0]].get('fingerprint')}, the folder's is "
-                           f"{ours}): the folder mixes two models' stages; put back the autoencoder they were exported "
-                           "with, or export the model again from one run (xctdiff export)")
+                           f"{ours['fingerprint']}): the folder mixes two models' stages; put back the autoencoder they "
+                           "were exported with, or export the model again from one run (xctdiff export)")
 
 
 def non_finite_tensor(tensors: dict, prefix: str = "") -> Optional[str]:
@@ -556,7 +568,7 @@ def _write_model_files(out_dir: Path, networks: dict, config, model_id: str, ver
 
     settings = dict(settings or stage_configs(config))
     if networks.get("autoencoder") is not None:  # the encoder and diffusion say whose latents they learnt
-        record = folder_latents_record(networks["autoencoder"], settings.get("autoencoder", {}).get("step"))
+        record = latents_record(networks["autoencoder"], settings.get("autoencoder", {}).get("step"), dtype=FOLDER_LATENTS_DTYPE)
         for stage in LATENT_STAGES:
             if stage in settings:
                 settings[stage] = {**settings[stage], "latents": record}

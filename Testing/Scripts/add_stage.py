@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from XctDiffCore.model_folder import (MANIFEST_NAME, export_stage, folder_latents_record, load_autoencoder, load_model_folder,
-                                      load_stages, write_manifest)
+from XctDiffCore.model_folder import (FOLDER_LATENTS_DTYPE, MANIFEST_NAME, export_stage, latents_record, load_autoencoder,
+                                      load_model_folder, load_stages, write_manifest)
 
 STAGE_JSON_KEYS = ("stage", "dtype", "parameters")  # written by export_stage itself
 
@@ -60,7 +60,7 @@ def learnt_latents(folder: Path, stage: str, run_dir: Path) -> dict:
     """The ``latents`` record of an encoder or diffusion stage going into ``folder``: refused (nothing written) when
     it learnt other latents than its run's autoencoder makes now, or when that autoencoder's encoder or codebook
     differs from the folder's; else the folder's autoencoder, as its loading compares it."""
-    from XctDiffCore.training.common import checkpoint_path, latents_changed, latents_record, load_checkpoint
+    from XctDiffCore.training.common import checkpoint_path, latents_changed, load_checkpoint
 
     vqgan, settings = trained_stage("autoencoder", run_dir)
     changed = latents_changed(f"the run's {stage} stage", load_checkpoint(checkpoint_path(run_dir, stage)).get("latents"),
@@ -69,7 +69,7 @@ def learnt_latents(folder: Path, stage: str, run_dir: Path) -> dict:
         raise SystemExit(f"error: {changed}: train it again on it, then add it")
     check_same_latents(folder, vqgan, hint=f"train the {stage} with --init a folder that has this folder's autoencoder")
     step = json.loads((folder / "autoencoder.json").read_text(encoding="utf-8")).get("step")
-    return folder_latents_record(load_autoencoder(folder)[0], step)
+    return latents_record(load_autoencoder(folder)[0], step, dtype=FOLDER_LATENTS_DTYPE)
 
 
 def check_same_latents(folder: Path, network, hint: str = "train it with autoencoder.decoder_only and --init that folder") -> None:

@@ -45,7 +45,7 @@ from ..atomic import atomic_path, make_output_folder, output_lock
 from ..config import config_to_dict
 from ..errors import XctDiffError, first_line
 from ..model_folder import EXPORT_DTYPES, export_stage, file_sha256, write_manifest  # noqa: F401 (the stages' exports)
-from ..model_folder import latents_fingerprint, non_finite_tensor  # noqa: F401 (the stages' record)
+from ..model_folder import latents_record, non_finite_tensor, other_latents  # noqa: F401 (the stages' record)
 from ..progress import is_terminal, left_at_pace
 from .data import PairDataset, train_loader
 
@@ -408,18 +408,12 @@ def _datalist_sha256(datalist) -> Optional[str]:
         return None
 
 
-def latents_record(vqgan: nn.Module, step: Optional[int], folder=None) -> dict:
-    """What the encoder and diffusion checkpoints record of the autoencoder whose latents they learn (``"latents"``):
-    an autoencoder trained further (``train autoencoder --resume``) or replaced after them makes other latents,
-    and a model of theirs would reconstruct noise. ``folder``: the model folder it came from (``--init``)."""
-    return {"fingerprint": latents_fingerprint(vqgan), "autoencoder_step": step,
-            **({"folder": str(folder)} if folder is not None else {})}
-
-
 def latents_changed(stages: str, recorded: Optional[dict], current: dict) -> Optional[str]:
     """None when a stage learnt the ``current`` autoencoder's latents (or recorded none: made before the record);
-    else the words saying that it learnt another one's (``stages``: ``"the encoder stage"``, ...)."""
-    if not isinstance(recorded, dict) or recorded.get("fingerprint") in (None, current["fingerprint"]):
+    else the words saying that it learnt another one's (``stages``: ``"the encoder stage"``, ...), for a run (a
+    model folder's own words: :func:`~XctDiffCore.model_folder.check_same_latents`). Both :func:`latents_record`
+    of a checkpoint (float32)."""
+    if not other_latents(recorded, current):
         return None
     then, now, folder = recorded.get("autoencoder_step"), current.get("autoencoder_step"), recorded.get("folder")
     learnt = f" of {folder}" if folder else "" if then is None else f" at step {then}"
