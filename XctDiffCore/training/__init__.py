@@ -373,7 +373,8 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     The mean-CT baseline of ``xctdiff evaluate`` is the mean of the datalist's training CTs
     (``datalist``, else the one the diffusion stage trained on, when it is still there). The manifest
     records the training patients of that datalist, each stage's training steps and ``metrics``
-    (e.g. the ``summary.json`` of ``xctdiff evaluate``, its machine's paths made relative: :func:`shareable_metrics`). ``method``: the pipeline's default path
+    (e.g. the ``summary.json`` of ``xctdiff evaluate``, its machine's paths made relative: :func:`shareable_metrics`).
+    ``method``: the pipeline's default path
     (``"direct"`` for a model whose diffusion stage measures worse than its encoder alone; None: ``"diffusion"``, or
     the folder's own for a diffusion stage taken from it).
     A run fine-tuned with ``--init MODEL`` ships the stages it did not train as that folder has them, byte for byte
@@ -382,10 +383,31 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     ``min_consistency``: the model's reliability threshold (:func:`~XctDiffCore.plausibility.consistency_problems`),
     recorded in the manifest; None: its reconstructions are never flagged unreliable.
     """
-    from ..evaluation.reconstructions import datalist_mean_ct
     from ..model_folder import MANIFEST_NAME, OPTIONAL_STAGES, REQUIRED_STAGES, save_model_folder
-    from ..datalist import read_datalist
-    from .common import checked_stage, checkpoint_path, latents_changed, latents_record, load_checkpoint
+
+    required = _check_export_arguments(run_dir, model_dir, stages, datalist, min_consistency)
+    run = _run_stages(run_dir, required, stages)
+    base = next((folder for folder in run.bases if (folder / MANIFEST_NAME).is_file()), None)
+    copied = _stages_from_base(base, run_dir, required if stages else REQUIRED_STAGES + OPTIONAL_STAGES, run, method)
+    _check_trained(run, run_dir, required, stages, base)
+    _check_same_latents(run, run_dir, base, copied)
+    _warn_unfinished(run.unfinished)
+    if "diffusion" in run.settings and "diffusion" not in copied:
+        run.settings["diffusion"]["method"] = method or "diffusion"
+    training, mean_ct = _training_record(run, datalist, stages, base if copied else None)
+    extra = {"training": training, **({"metrics": shareable_metrics(metrics)} if metrics else {}),
+             **({"min_consistency": float(min_consistency)} if min_consistency is not None else {})}
+    save_model_folder(model_dir, run.networks, run.config, model_id, version, mean_ct=mean_ct, model_card=model_card,
+                      dtype=dtype, settings=run.settings, extra=extra, required=required, copied=copied)
+    for stage in copied:  # one line each: the folder ships stages this run did not train
+        print(f"{stage}: taken unchanged from {base} ({model_folder_name(base)}): the run did not train it",
+              file=sys.stderr, flush=True)
+    return Path(model_dir) / MANIFEST_NAME
+
+
+def _check_export_arguments(run_dir, model_dir, stages, datalist, min_consistency: Optional[float]) -> tuple:
+    """Refuse what the command line got wrong, before any checkpoint is read; returns the stages required."""
+    from ..model_folder import REQUIRED_STAGES
 
     if Path(model_dir).resolve() in {Path(run_dir).resolve(), *(Path(run_dir, s).resolve() for s in STAGES)}:
         raise XctDiffError(f"the model folder {model_dir} would be written into the run folder {run_dir}: choose another --out")
@@ -399,97 +421,136 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
         raise XctDiffError(f"--data: datalist not found: {datalist}")
     if not Path(run_dir).is_dir():
         raise XctDiffError(f"run folder not found: {run_dir} (the --out of `xctdiff train`)")
-    networks, settings, unfinished, learnt, bases, imported, config = {}, {}, [], {}, [], set(), None
+    return required
+
+
+@dataclasses.dataclass
+class _RunStages:
+    """What an export reads of a run's checkpoints (and, later, the ``--init`` folder's stages beside them)."""
+
+    networks: dict = dataclasses.field(default_factory=dict)  # stage -> the network to ship
+    settings: dict = dataclasses.field(default_factory=dict)  # stage -> its JSON (stage_for_export)
+    learnt: dict = dataclasses.field(default_factory=dict)  # stage -> the latents record of the autoencoder it learnt
+    unfinished: list = dataclasses.field(default_factory=list)  # (stage, words) of those stopped before max_steps
+    bases: list = dataclasses.field(default_factory=list)  # the --init folders the run started from
+    imported: set = dataclasses.field(default_factory=set)  # stages only copied in by --init
+    config: Optional[Config] = None  # the last required stage's: it carries every earlier stage's model
+
+
+def _run_stages(run_dir, required: tuple, stages) -> _RunStages:
+    """The run's trained stages: the ``required`` ones, and the optional ones it has unless ``stages`` names them."""
+    from ..model_folder import OPTIONAL_STAGES, REQUIRED_STAGES
+    from .common import checked_stage, checkpoint_path, load_checkpoint
+
+    run = _RunStages()
     for stage in REQUIRED_STAGES + OPTIONAL_STAGES:
         path = checkpoint_path(run_dir, stage)
         if (stage not in required and (stages or not path.is_file())) or not path.exists():
             continue
         checkpoint = checked_stage(load_checkpoint(path, required=("config", "models", "step")), path, stage)
-        networks[stage], settings[stage] = stage_for_export(stage, checkpoint)
-        learnt[stage] = checkpoint.get("latents")  # the encoder's and diffusion's: the autoencoder they learnt
+        run.networks[stage], run.settings[stage] = stage_for_export(stage, checkpoint)
+        run.learnt[stage] = checkpoint.get("latents")  # the encoder's and diffusion's: the autoencoder they learnt
         max_steps = checkpoint["config"].get(stage, {}).get("optim", {}).get("max_steps")
-        if "imported_from" in checkpoint:  # copied by --init: the folder's own files ship (below), where it is still there
-            bases.insert(0, Path(checkpoint["imported_from"]))
-            imported.add(stage)
+        if "imported_from" in checkpoint:  # copied by --init: the folder's own files ship, where it is still there
+            run.bases.insert(0, Path(checkpoint["imported_from"]))
+            run.imported.add(stage)
         else:
-            bases += [Path(checkpoint["config"]["run"]["init"])] if checkpoint["config"].get("run", {}).get("init") else []
+            run.bases += [Path(checkpoint["config"]["run"]["init"])] if checkpoint["config"].get("run", {}).get("init") else []
             if isinstance(max_steps, int) and checkpoint["step"] < max_steps:
-                unfinished.append((stage, f"the {stage} stage stopped at step {checkpoint['step']} of {max_steps}"))
-        if stage in required or config is None:  # the last required stage's config carries every earlier stage's model
-            config = config_from_dict(checkpoint["config"])
-    base = next((folder for folder in bases if (folder / MANIFEST_NAME).is_file()), None)
-    copied = _stages_from_base(base, run_dir, required if stages else REQUIRED_STAGES + OPTIONAL_STAGES,
-                               networks, settings, learnt, imported, method)
-    untrained = [stage for stage in required if stage not in networks]
-    if untrained:  # say what to train, or how to keep what there is, not only which file is missing
-        trained = [stage for stage in REQUIRED_STAGES if stage in networks]
-        keep = f", or keep what it has with --stages {' '.join(trained)}" if trained and not stages else ""
-        names = " or ".join(filter(None, (", ".join(untrained[:-1]), untrained[-1])))
-        gone = f" (it was fine-tuned from {bases[0]}, which is not there any more)" if bases and base is None else ""
-        raise XctDiffError(f"{run_dir} has no trained {names} stage (no {checkpoint_path(run_dir, untrained[0])}){gone}: "
-                           f"train {'it first' if len(untrained) == 1 else 'them first, in that order'} "
-                           f"(`xctdiff train {untrained[0]} ... --out {run_dir}`){keep}")
-    if "autoencoder" in networks:  # a model of stages that learnt other latents reconstructs noise
-        current = latents_record(networks["autoencoder"], settings["autoencoder"].get("step"))
-        stale = [stage for stage in networks if latents_changed(f"the {stage} stage", learnt.get(stage), current)]
-        if stale:
-            words = f"the {' and '.join(stale)} stage{'s' if len(stale) > 1 else ''}"
-            again = (f" on it (`xctdiff train {stale[0]} --init {base} ... --out {run_dir}`)" if stale[0] in copied
-                     else f" again on it (`xctdiff train {stale[0]} ... --resume` goes on from the old weights)")
-            raise XctDiffError(f"{latents_changed(words, learnt[stale[0]], current)}: train {'them' if len(stale) > 1 else 'it'}"
-                               f"{again}, then export")
-    if unfinished:  # a Ctrl-C, --time-limit or SIGTERM left it short: the model would ship it without a word
+                run.unfinished.append((stage, f"the {stage} stage stopped at step {checkpoint['step']} of {max_steps}"))
+        if stage in required or run.config is None:
+            run.config = config_from_dict(checkpoint["config"])
+    return run
+
+
+def _check_trained(run: _RunStages, run_dir, required: tuple, stages, base: Optional[Path]) -> None:
+    """Every required stage is there, from the run or its ``--init`` folder; else what to train, or how to keep what
+    there is, not only which file is missing."""
+    from ..model_folder import REQUIRED_STAGES
+    from .common import checkpoint_path
+
+    untrained = [stage for stage in required if stage not in run.networks]
+    if not untrained:
+        return
+    trained = [stage for stage in REQUIRED_STAGES if stage in run.networks]
+    keep = f", or keep what it has with --stages {' '.join(trained)}" if trained and not stages else ""
+    names = " or ".join(filter(None, (", ".join(untrained[:-1]), untrained[-1])))
+    gone = f" (it was fine-tuned from {run.bases[0]}, which is not there any more)" if run.bases and base is None else ""
+    raise XctDiffError(f"{run_dir} has no trained {names} stage (no {checkpoint_path(run_dir, untrained[0])}){gone}: "
+                       f"train {'it first' if len(untrained) == 1 else 'them first, in that order'} "
+                       f"(`xctdiff train {untrained[0]} ... --out {run_dir}`){keep}")
+
+
+def _check_same_latents(run: _RunStages, run_dir, base: Optional[Path], copied: dict) -> None:
+    """Refuse stages that learnt another autoencoder's latents than the one shipped: their model reconstructs noise."""
+    from .common import latents_changed, latents_record
+
+    if "autoencoder" not in run.networks:
+        return
+    current = latents_record(run.networks["autoencoder"], run.settings["autoencoder"].get("step"))
+    stale = [stage for stage in run.networks if latents_changed(f"the {stage} stage", run.learnt.get(stage), current)]
+    if stale:
+        words = f"the {' and '.join(stale)} stage{'s' if len(stale) > 1 else ''}"
+        again = (f" on it (`xctdiff train {stale[0]} --init {base} ... --out {run_dir}`)" if stale[0] in copied
+                 else f" again on it (`xctdiff train {stale[0]} ... --resume` goes on from the old weights)")
+        raise XctDiffError(f"{latents_changed(words, run.learnt[stale[0]], current)}: train {'them' if len(stale) > 1 else 'it'}"
+                           f"{again}, then export")
+
+
+def _warn_unfinished(unfinished: list) -> None:
+    """A Ctrl-C, --time-limit or SIGTERM left a stage short: the model would ship it without a word."""
+    if unfinished:
         import warnings
 
         names = "|".join(stage for stage, _ in unfinished)
         warnings.warn(f"{'; '.join(words for _, words in unfinished)} (interrupted, or --time-limit): exported as it is; "
                       f"`xctdiff train {names} ... --resume` finishes it, then export again",
-                      stacklevel=2)
-    if datalist is None and not Path(config.data.datalist).is_file():  # a relative path, from another folder
+                      stacklevel=3)
+
+
+def _training_record(run: _RunStages, datalist, stages, base: Optional[Path]) -> tuple:
+    """``(training, mean_ct)``: what the manifest records of the training (each stage's steps, the ``--init``
+    folder ``base`` the stages the run did not train come from, the patients trained and validated on) and the
+    mean training CT (the evaluation's baseline) of a model that reconstructs; both from ``datalist``, else the
+    run's."""
+    from ..datalist import read_datalist
+    from ..evaluation.reconstructions import datalist_mean_ct
+
+    if datalist is None and not Path(run.config.data.datalist).is_file():  # a relative path, from another folder
         import warnings
 
-        warnings.warn(f"the run's datalist {config.data.datalist} is not found from here ({Path.cwd()}): the model "
+        warnings.warn(f"the run's datalist {run.config.data.datalist} is not found from here ({Path.cwd()}): the model "
                       "folder gets no mean training CT (the evaluation's baseline) and names no training patients; "
-                      "give the datalist with --data", stacklevel=2)
-    datalist = Path(datalist or config.data.datalist)
-    if "diffusion" in settings and "diffusion" not in copied:
-        settings["diffusion"]["method"] = method or "diffusion"
-    training = {"steps": {stage: s["step"] for stage, s in settings.items() if s.get("step") is not None}}
-    if copied:  # what the run did not train is the folder's
+                      "give the datalist with --data", stacklevel=3)
+    datalist = Path(datalist or run.config.data.datalist)
+    training = {"steps": {stage: s["step"] for stage, s in run.settings.items() if s.get("step") is not None}}
+    if base is not None:  # what the run did not train is the folder's
         training["fine_tuned_from"] = model_folder_name(base)
     mean_ct = None
     if datalist.is_file():
         read_datalist(datalist, "training")  # one line for a file that is none
         if not stages:  # the mean-CT baseline belongs to a model that reconstructs
-            mean_ct = datalist_mean_ct(datalist, config.data.volume_size)
+            mean_ct = datalist_mean_ct(datalist, run.config.data.volume_size)
         entries = json.loads(datalist.read_text(encoding="utf-8"))
         for section in ("training", "validation"):
             training[f"{section}_patients"] = sorted({str(e.get("patient", "")) for e in entries.get(section, [])} - {""})
         # a model retrained on every patient after its recipe was chosen says so: its validation scores are fit
         training["validation_seen_in_training"] = bool(
             set(training["training_patients"]) & set(training["validation_patients"]))
-    extra = {"training": training, **({"metrics": shareable_metrics(metrics)} if metrics else {}),
-             **({"min_consistency": float(min_consistency)} if min_consistency is not None else {})}
-    save_model_folder(model_dir, networks, config, model_id, version, mean_ct=mean_ct, model_card=model_card,
-                      dtype=dtype, settings=settings, extra=extra, required=required, copied=copied)
-    for stage in copied:  # one line each: the folder ships stages this run did not train
-        print(f"{stage}: taken unchanged from {base} ({model_folder_name(base)}): the run did not train it",
-              file=sys.stderr, flush=True)
-    return Path(model_dir) / MANIFEST_NAME
+    return training, mean_ct
 
 
-def _stages_from_base(base: Optional[Path], run_dir, wanted, networks: dict, settings: dict, learnt: dict,
-                      imported: set, method: Optional[str]) -> dict:
+def _stages_from_base(base: Optional[Path], run_dir, wanted, run: _RunStages, method: Optional[str]) -> dict:
     """The stages of the ``--init`` folder ``base`` that the run did not train (absent, or only copied in by
-    ``--init``), byte for byte (:func:`~XctDiffCore.model_folder.stage_files`); ``networks``, ``settings`` and
-    ``learnt`` get theirs, so that the export checks them as the run's own. A copied diffusion stage keeps the
+    ``--init``), byte for byte (:func:`~XctDiffCore.model_folder.stage_files`); ``run``'s networks, settings and
+    learnt latents get theirs, so that the export checks them as the run's own. A copied diffusion stage keeps the
     folder's default path unless ``method`` names one."""
     from ..model_folder import LATENT_STAGES, check_same_latents, load_stages, stage_files
     from .common import latents_record
 
     if base is None:
         return {}
-    taken = [stage for stage in wanted if stage not in networks or stage in imported]
+    taken = [stage for stage in wanted if stage not in run.networks or stage in run.imported]
     copied = stage_files(base, taken)  # checksums verified
     if not copied:
         return {}
@@ -501,12 +562,12 @@ def _stages_from_base(base: Optional[Path], run_dir, wanted, networks: dict, set
                            f"--out {run_dir}`), then export")
     check_same_latents(base, folder_networks, folder_settings, ())
     for stage in copied:
-        networks[stage], settings[stage] = folder_networks[stage], folder_settings[stage]
+        run.networks[stage], run.settings[stage] = folder_networks[stage], folder_settings[stage]
         if stage in LATENT_STAGES and "autoencoder" in folder_networks:  # the folder's own autoencoder's latents
-            learnt[stage] = latents_record(folder_networks["autoencoder"], folder_settings["autoencoder"].get("step"), base)
+            run.learnt[stage] = latents_record(folder_networks["autoencoder"], folder_settings["autoencoder"].get("step"), base)
     if "diffusion" in copied and method is not None and folder_settings["diffusion"].get("method", "diffusion") != method:
         document = json.loads(copied["diffusion"]["config"])  # the weights stay byte for byte, the default path changes
         document["method"] = method
         copied["diffusion"]["config"] = (json.dumps(document, indent=2) + "\n").encode("utf-8")
-        settings["diffusion"] = {**settings["diffusion"], "method": method}
+        run.settings["diffusion"] = {**run.settings["diffusion"], "method": method}
     return copied
