@@ -37,7 +37,7 @@ def test_pipeline_benchmark_of_random_tiny_weights():
     assert settings["peak_rss_mib"] > 0 and "peak_cuda_mib" not in settings
     assert all(r.settings == {} for r in results if r.name != "total")
     settings_line, *table = format_table(results).splitlines()  # one result has settings: a line, not a column
-    assert settings_line.startswith("settings: model=random, volume=32^3, method=diffusion, steps=2")
+    assert settings_line.startswith("settings: model=random, model_version=") and "volume=32^3, method=diffusion, steps=2" in settings_line
     assert len(table) == 1 + len(STAGE_NAMES) and table[0].split() == ["benchmark", "device", "median", "ms", "min",
                                                                        "ms", "GFLOP", "GFLOP/s", "of", "peak"]
     assert max(map(len, table)) < 100  # the settings made every row over 200 characters wide
@@ -130,6 +130,9 @@ def test_cli_with_a_model_folder_writes_json(tmp_path, capsys):
     for r in records:
         assert len(r["seconds"]) == 1 and r["median_s"] == r["min_s"] == r["max_s"] == r["seconds"][0]
     assert records[-1]["settings"]["steps"] == 1 and records[-1]["settings"]["model"] == "random"
+    # the README labels a figure with the model's version: the settings said only its name
+    version = json.loads((model / "manifest.json").read_text())["version"]
+    assert records[-1]["settings"]["model_version"] == version and f"model_version={version}" in stdout
 
 
 @pytest.mark.parametrize(
