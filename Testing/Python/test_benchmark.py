@@ -37,7 +37,8 @@ def test_pipeline_benchmark_of_random_tiny_weights():
     assert settings["peak_rss_mib"] > 0 and "peak_cuda_mib" not in settings
     assert all(r.settings == {} for r in results if r.name != "total")
     settings_line, *table = format_table(results).splitlines()  # one result has settings: a line, not a column
-    assert settings_line.startswith("settings: model=random, model_version=") and "volume=32^3, method=diffusion, steps=2" in settings_line
+    assert settings_line.startswith("settings: model=random, model_version=")
+    assert "volume=32^3, method=diffusion, steps=2" in settings_line
     assert len(table) == 1 + len(STAGE_NAMES) and table[0].split() == ["benchmark", "device", "median", "ms", "min",
                                                                        "ms", "GFLOP", "GFLOP/s", "of", "peak"]
     assert max(map(len, table)) < 100  # the settings made every row over 200 characters wide
@@ -307,7 +308,8 @@ def test_long_benchmarks_say_how_far_they_are(capsys):
 def test_steps_given_to_the_direct_path_are_said_to_be_ignored(capsys):
     """`--method direct --steps 50` timed the direct path without a word: a figure labelled 50 steps that had none."""
     capsys.readouterr()
-    assert main(["benchmark", "pipeline", "--config", "tiny", "--method", "direct", "--steps", "5", "--repeats", "1"]) == 0
+    argv = ["benchmark", "pipeline", "--config", "tiny", "--method", "direct", "--steps", "5", "--repeats", "1"]
+    assert main(argv) == 0
     out, err = capsys.readouterr()
     assert err.count("--steps is ignored") == 1 and "warning: the direct method does not sample" in err
     assert "method=direct" in out and "steps=" not in out

@@ -345,9 +345,10 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
                                if name in ("float32", "bfloat16", "float16")}
         peaks = {name: matmul_peak_gflops(dev, getattr(torch, name)) for name in sorted(names)}
         peak = peaks[run_dtype]
-    settings = {"model": pipe.info.model_id, "model_version": pipe.info.version, "volume": f"{pipe.info.volume_size}^3", "method": method,
-                "steps": result.steps, "sampler": pipe.info.sampler if method == "diffusion" else None,
-                "samples": samples, "guidance": guidance or None, "precision": result.precision, **_peak_memory(dev), "peak_gflops": round(peak),
+    settings = {"model": pipe.info.model_id, "model_version": pipe.info.version,
+                "volume": f"{pipe.info.volume_size}^3", "method": method, "steps": result.steps,
+                "sampler": pipe.info.sampler if method == "diffusion" else None, "samples": samples,
+                "guidance": guidance or None, "precision": result.precision, **_peak_memory(dev), "peak_gflops": round(peak),
                 **{f"peak_gflops_{name}": round(value) for name, value in peaks.items() if value != peak}}
     # the operations of a stage: its lap's; a sampler step's: the sampling lap's over the steps
     lap = {name: "sampling" if name == "sampler/step" else key for name, key in PIPELINE_STAGES}
