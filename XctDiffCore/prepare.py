@@ -294,10 +294,13 @@ def _prepare_ct(job: _CtJob) -> tuple:
     if kept is not None:
         return kept
     try:
-        source = read_ct(job.ct.path)
-        ct = preprocess_ct(source, size=job.size)
+        source = read_ct(job.ct.path)  # its errors name the file
     except XctDiffError as exc:
         return [], None, str(exc)
+    try:
+        ct = preprocess_ct(source, size=job.size)
+    except XctDiffError as exc:  # the CT's voxels, not the file: say which file
+        return [], None, f"{exc} ({job.ct.path})"
     # the scan's own voxel size: a thick-sliced CT looks whole at 2.5 mm (prepare and evaluate say it is coarse)
     source_spacing = [round(float(s), 4) for s in source.spacing]
     geometry, augmenter, patient = make_geometry(job.geometry), RandomChestAugment(), job.ct.patient

@@ -23,6 +23,7 @@ CT_CLIP_HU = (-1024.0, 3071.0)  # the 12-bit CT range stored in the data; the mo
 AIR_HU = -1024.0
 BODY_HU = -500.0  # tissue: the body is the largest component above this
 LUNG_HU = -400.0  # air-like voxels inside the body are lung (or bowel gas, trachea: see _lung_z_centre)
+AIR_TISSUE_CONTRAST = 800.0  # air (-1000 HU) to soft tissue (0 to 60 HU), less a margin
 RADIOGRAPH_PERCENTILES = (0.5, 99.5)
 EMPTY_LINE_LEVEL = 0.05  # a border row/column whose 95th percentile is below this (after normalising) is empty
 # A chest film is about square; one more than 4 times longer than wide would be mostly padding (the
@@ -41,6 +42,7 @@ def preprocess_ct(volume: Volume, size: int = 128, spacing: float = 2.5) -> Volu
     The returned volume has direction identity, ``array[z, y, x]`` and the origin of its first voxel,
     so it lies where the input lay in patient space.
     """
+    _check_hounsfield(volume)
     grid_origin, grid_size = _canonical_grid(volume, spacing)
     _check_grid(volume, grid_size, spacing)
     if _on_canonical_grid(volume, spacing):  # resampling would be the identity: no SimpleITK needed
@@ -58,6 +60,23 @@ def preprocess_ct(volume: Volume, size: int = 128, spacing: float = 2.5) -> Volu
     cropped = _crop_or_pad(hu, start, size, AIR_HU)
     origin = grid_origin + spacing * start[::-1]  # identity direction: index (x, y, z) * spacing
     return Volume(np.rint(cropped).astype(np.int16), (spacing,) * 3, origin, np.eye(3))
+
+
+def _check_hounsfield(volume: Volume) -> None:
+    """Refuse a CT in other units than HU, whose air (-1000 HU) would be read as tissue, the whole box a block of
+    body: no voxel below -500, and either air's contrast to tissue (values some 1000 apart: a scanner's raw 0..4095,
+    air 0, saved without the rescale intercept -1024 that makes them HU) or values within 2 (normalised to 0..1 or
+    -1..1). A CT of one value (a block of 40 HU) is no chest: the body checks say so."""
+    low, high = float(np.min(volume.array)), float(np.max(volume.array))
+    if low <= BODY_HU:
+        return
+    if high - low >= AIR_TISSUE_CONTRAST:
+        raise XctDiffError(f"the CT's values run from {low:g} to {high:g}, none below {BODY_HU:g}: not in Hounsfield "
+                           "units, where air is -1000 (a CT stored as 0 to 4095 without its rescale intercept reads "
+                           "1024 too high); convert it to HU (add -1024; in DICOM, the Rescale Intercept (0028,1052))")
+    if 0 < high - low <= 2:
+        raise XctDiffError(f"the CT's values run from {low:.3g} to {high:.3g}: not in Hounsfield units (a CT normalised to "
+                           "0..1 or -1..1?); give the CT in HU, air -1000")
 
 
 def _on_canonical_grid(volume: Volume, spacing: float) -> bool:

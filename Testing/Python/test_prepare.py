@@ -200,6 +200,22 @@ def test_a_validation_scan_of_thick_slices_is_said_and_its_spacing_kept_for_eval
         assert bool(case_notes(cases, None)[cases[0].name]) is said  # evaluate reads the same spacing, one rule
 
 
+def test_a_ct_stored_as_0_to_4095_without_its_rescale_is_refused_naming_the_file(tmp_path, capsys):
+    """A CT saved in raw scanner units (0..4095, air 0: a DICOM without Rescale Intercept, a NIfTI converted so) was
+    prepared without a word: every voxel 1024 HU too high, air read as tissue, a chest-sized block of body."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    raw = write_volume(Volume((synthetic_chest((40, 40, 40)) + 1024).astype(np.uint16), spacing=(2.5,) * 3),
+                       folder / "raw.nrrd")
+    write_volume(Volume(synthetic_chest((40, 40, 40)).astype(np.int16), spacing=(2.5,) * 3), folder / "hu.nrrd")
+    assert main(["prepare", str(folder), "--out", str(tmp_path / "out"), "--val-fraction", "0", "--size", str(SIZE)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("left out", "error"))]
+    assert len(err) == 2 and err[0].startswith("left out raw: ") and err[0].endswith(f"({raw})"), err
+    assert "not in Hounsfield units" in err[0] and "-1024" in err[0], err
+    datalist = json.loads((tmp_path / "out" / "datalist.json").read_text())
+    assert [e["patient"] for e in datalist["training"]] == ["hu"]
+
+
 def test_augmentation_is_seeded_small_and_keeps_air():
     ct = synthetic_chest((48, 48, 48))
     augment = RandomChestAugment()

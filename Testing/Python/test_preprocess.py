@@ -100,6 +100,18 @@ def test_preprocess_ct_reorients_to_lps(stored):
     np.testing.assert_allclose(out.origin, expected.origin, atol=1e-6)
 
 
+@pytest.mark.parametrize("units", ["raw 0..4095", "normalised 0..1", "normalised -1..1"])
+def test_a_ct_not_in_hounsfield_units_is_refused(units):
+    """Raw scanner values (air 0: no rescale intercept) or a CT normalised to 0..1 or -1..1 were prepared as HU: air
+    read as tissue, the whole box one block of body, without a word."""
+    hu = synthetic_chest((24, 24, 24)).astype(np.float32)
+    stored = {"raw 0..4095": hu + 1024, "normalised 0..1": (hu + 1024) / 4095,
+              "normalised -1..1": (hu + 1024) / 2047.5 - 1}[units]
+    with pytest.raises(XctDiffError, match="not in Hounsfield units"):
+        preprocess_ct(Volume(stored, spacing=(8.0,) * 3), size=16)
+    assert preprocess_ct(Volume(np.full((8, 8, 8), 40.0), spacing=(8.0,) * 3), size=16).shape == (16,) * 3  # a block
+
+
 def test_model_layout_puts_spine_back_left_marker_right_and_head_up():
     ct = synthetic_chest((64, 64, 64))  # canonical [z, y, x], spine at posterior y
     ct[40:44, 20:24, 52:56] = 2000.0  # a dense marker in the patient's LEFT (+x), superior (+z) half
