@@ -162,6 +162,41 @@ def test_dicom_series_with_a_missing_slice_is_refused(tmp_path):
         read_ct(tmp_path)
 
 
+def test_a_damaged_slice_file_is_named_with_what_to_do(tmp_path):
+    """A slice file cut short (a download that stopped) is skipped by the DICOM reader: in the middle of the stack the
+    user saw only 'missing or unevenly spaced slices (gaps from 2 to 4 mm)', not which file nor what to do; at the end
+    of the stack the CT was read one slice short without a word."""
+    write_dicom_series(Volume(synthetic_chest((6, 40, 48)).astype(np.int16), spacing=(0.7, 0.8, 2.0)), tmp_path)
+    for name in ("slice002.dcm", "slice005.dcm"):
+        path = tmp_path / name
+        path.write_bytes(path.read_bytes()[:-500])  # its pixels cut short
+    (tmp_path / "notes.txt").write_text("not DICOM, not named")
+    (tmp_path / "junk.dcm").write_bytes(bytes(128) + b"DICM" + b"x" * 40)  # a DICOM file of nothing readable
+    with pytest.raises(XctDiffError, match=r"missing or unevenly spaced slices \(gaps from 2 to 4 mm; the widest after "
+                       r"slice001.dcm\); 3 files here could not be read as DICOM \(junk.dcm, slice002.dcm, "
+                       r"slice005.dcm\): download or export the series again"):
+        read_ct(tmp_path)
+    end = tmp_path / "end"  # only the last slice damaged: the stack is even, one slice short
+    end.mkdir()
+    write_dicom_series(Volume(synthetic_chest((6, 40, 48)).astype(np.int16), spacing=(0.7, 0.8, 2.0)), end)
+    (end / "slice005.dcm").write_bytes((end / "slice005.dcm").read_bytes()[:-500])
+    with pytest.warns(UserWarning, match=f"1 file in {end} could not be read as DICOM \\(slice005.dcm\\): left out; "
+                      "if it is a slice of the CT, download or export the series again"):
+        assert read_ct(end).shape[0] == 5
+
+
+def test_a_4d_nifti_says_how_many_volumes_and_what_to_do(tmp_path):
+    """A 4D CT (breathing phases) in one NIfTI was 'expected a 3D volume, got a 4D image': true, and no way on."""
+    import SimpleITK as sitk
+
+    image = sitk.JoinSeries([sitk.GetImageFromArray(np.full((4, 5, 6), -1000, np.int16))] * 3)
+    path = tmp_path / "phases.nii.gz"
+    sitk.WriteImage(image, str(path))
+    with pytest.raises(XctDiffError, match=f"{path} is a 4D image of 3 volumes .a time series, such as the breathing "
+                       "phases of a 4D CT.: save the one to use as a 3D file"):
+        read_ct(path)
+
+
 def test_dicom_series_whose_slices_share_one_position_is_refused(tmp_path):
     """The median gap is 0: ITK would make up a z spacing of 1 mm."""
     write_dicom_series(Volume(synthetic_chest((6, 40, 48)).astype(np.int16), spacing=(0.7, 0.8, 2.0)), tmp_path,

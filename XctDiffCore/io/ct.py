@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import XctDiffError
+from ..errors import XctDiffError, a_few
 from ..volume import Volume
 from .common import (PIL_SUFFIXES, SITK_VOLUME_SUFFIXES, _check_input, _check_sitk_header, _fmt, _itk_quiet,
                      _library_errors, _one_line, _sitk_header, _suffix, is_dicom_file, special_files)
@@ -116,6 +116,10 @@ def read_ct(path) -> Volume:
 def _volume_from_sitk(image, path: Path) -> Volume:
     if image.GetDimension() == 2:
         raise XctDiffError(f"expected a CT volume, got a 2D image of size {image.GetSize()} from {path}")
+    if image.GetDimension() == 4:
+        raise XctDiffError(f"{path} is a 4D image of {image.GetSize()[3]} volumes (a time series, such as the breathing "
+                           "phases of a 4D CT): save the one to use as a 3D file (in Slicer: Sequences; or SimpleITK's "
+                           "image[:, :, :, k])")
     if image.GetDimension() == 3:
         direction = np.array(image.GetDirection()).reshape(3, 3)
         if np.all(np.isfinite(direction)) and not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
@@ -217,6 +221,7 @@ def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> V
         hint = (f"; below it: {len(below)}{'+' if len(below) >= 3 else ''} DICOM CT series, e.g. {below[0]} (give one; "
                 "`xctdiff prepare` takes the whole folder)") if below else ""
         raise XctDiffError(f"no DICOM series found in {folder}{hint}")
+    damaged = _damaged_dicom_files(folder, files, series_uid or uids[chosen], uids)
     files = _without_localizers(list(files), folder)
     if len(files) == 1 and _dicom_frames(Path(files[0])) > 1:
         return _read_dicom_multiframe(Path(files[0]))
@@ -257,10 +262,17 @@ def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> V
             "(no distance between slices): not a CT volume"
         )
     if np.any(np.abs(gaps - np.median(gaps)) > 0.1 * abs(np.median(gaps))):
+        widest = Path(files[int(np.argmax(np.abs(gaps)))]).name
         raise XctDiffError(
-            f"the DICOM series in {folder} has missing or unevenly spaced slices "
-            f"(gaps from {_fmt(np.abs(gaps).min())} to {_fmt(np.abs(gaps).max())} mm)"
+            f"the DICOM series in {folder} has missing or unevenly spaced slices (gaps from {_fmt(np.abs(gaps).min())} "
+            f"to {_fmt(np.abs(gaps).max())} mm; the widest after {widest})"
+            f"{f'; {_files(damaged)} here could not be read as DICOM ({a_few(damaged)})' if damaged else ''}: "
+            "download or export the series again"
         )
+    if damaged:  # at an end of the stack: the CT is read without them, a little short
+        warnings.warn(f"{_files(damaged)} in {folder} could not be read as DICOM ({a_few(damaged)}): left out; if "
+                      f"{'it is a slice' if len(damaged) == 1 else 'they are slices'} of the CT, download or export the "
+                      "series again", DicomReadWarning, stacklevel=3)
     if np.mean(gaps) < 0:  # stacked against the normal (GDCM's sorter does not, but the geometry must hold)
         direction[:, 2], gaps = -normal, -gaps
     array = _padding_as_air(sitk.GetArrayFromImage(image), slice_tags)
@@ -281,6 +293,56 @@ class ReadWarning(UserWarning):
 
 class DicomReadWarning(ReadWarning):
     """A DICOM input was read, but not quite as given (one of several series, a resampled tilted stack)."""
+
+
+def _files(names: list) -> str:
+    return f"{len(names)} file{'s' * (len(names) != 1)}"
+
+
+def _damaged_dicom_files(folder: Path, files, series_uid: str, uids) -> list:
+    """The names of the files in ``folder`` that GDCM left out of the series ``series_uid`` (whose ``files`` it
+    lists; ``uids``: every series it found there) because they cannot be read whole: a DICOM file (by suffix or mark)
+    whose header does not read, or a CT image (this series', or of no series found) whose pixels are missing or cut
+    short (a download or copy that stopped). GDCM skips them without a word: the series then has a gap, or is a
+    slice short. Files of the other series, and documents (a report, a DICOMDIR), are passed over."""
+    import pydicom
+
+    listed, found = {Path(f).name for f in files}, {str(u).strip() for u in uids}
+    damaged = []
+    for path in sorted(folder.iterdir()):
+        if path.name in listed or path.name.upper() == "DICOMDIR" or not path.is_file():
+            continue
+        try:
+            if not is_dicom_file(path):
+                continue
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPClassUID"])
+            uid = str(header.get("SeriesInstanceUID", "") or "").strip()
+            sop_class = str(header.get("SOPClassUID", "") or header.file_meta.get("MediaStorageSOPClassUID", ""))
+            if uid in found and uid != series_uid.strip():
+                continue  # a file of another series
+            if uid and uid not in found and sop_class not in _CT_IMAGE_CLASSES:
+                continue  # a document or an object that is no CT image: not a slice
+            _whole_pixels(pydicom.dcmread(path))
+        except Exception:  # noqa: BLE001 - any failure to read it: damaged, named in the message
+            damaged.append(path.name)
+    return damaged
+
+
+# CT Image Storage and Enhanced CT Image Storage
+_CT_IMAGE_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1")
+
+
+def _whole_pixels(header) -> None:
+    """Raise when a dataset (an image of a CT series) has no pixel data, or uncompressed pixel data shorter than its
+    rows, columns and bits say."""
+    if "PixelData" not in header:
+        raise ValueError("no pixel data")
+    if header.file_meta.TransferSyntaxUID.is_compressed:
+        return
+    expected = (int(header.Rows) * int(header.Columns) * int(header.get("NumberOfFrames", 1) or 1)
+                * int(header.get("SamplesPerPixel", 1) or 1) * int(header.BitsAllocated) // 8)
+    if len(header.PixelData) < expected:
+        raise ValueError(f"pixel data of {len(header.PixelData)} bytes, {expected} expected")
 
 
 def _without_localizers(files: list, folder: Path) -> list:
