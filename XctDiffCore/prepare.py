@@ -301,8 +301,7 @@ def _prepare_ct(job: _CtJob) -> tuple:
         ct = preprocess_ct(source, size=job.size)
     except XctDiffError as exc:  # the CT's voxels, not the file: say which file
         return [], None, f"{exc} ({job.ct.path})"
-    # the scan's own voxel size: a thick-sliced CT looks whole at 2.5 mm (prepare and evaluate say it is coarse)
-    source_spacing = [round(float(s), 4) for s in source.spacing]
+    source_spacing = _source_spacing(job.ct.path, source)
     geometry, augmenter, patient = make_geometry(job.geometry), RandomChestAugment(), job.ct.patient
     subject = {} if job.ct.subject == patient else {"subject": job.ct.subject}
     entries = []
@@ -316,6 +315,33 @@ def _prepare_ct(job: _CtJob) -> tuple:
     with atomic_path(job.record_path) as tmp:  # after the pairs: a record names only pairs that were written
         tmp.write_text(json.dumps({**job.record(), "entries": entries}, indent=1) + "\n")
     return entries, (ct if job.keep_ct else None), None
+
+
+def _source_spacing(path: Path, volume: Volume) -> list:
+    """The scan's own voxel size (x, y, z mm), kept in the datalist: a thick-sliced CT looks whole at 2.5 mm, and
+    prepare and evaluate say it is of low resolution. The CT's spacing; for a .npz that a ``manifest.csv`` beside
+    it lists (the shared data: CTs already resampled to 2.5 mm), the ``native_spacing`` recorded there
+    (``4.17x4.17x3.99``)."""
+    spacing = volume.spacing
+    if full_suffix(path).lower() == ".npz":
+        spacing = _manifest_spacing(path) or spacing
+    return [round(float(s), 4) for s in spacing]
+
+
+def _manifest_spacing(path: Path) -> Optional[list]:
+    """The ``native_spacing`` of the row of ``manifest.csv`` (beside ``path``) whose ``id`` is the file's name; None
+    when there is no such file, row or usable value."""
+    import csv
+
+    name = path.name[: -len(".npz")]
+    try:
+        with open(path.parent / "manifest.csv", newline="", encoding="utf-8") as f:
+            row = next((r for r in csv.DictReader(f) if r.get("id") == name), None)
+        text = (row or {}).get("native_spacing", "").split("(")[0]  # "0.977x0.977x2.5 (5 mm thick)": the spacing
+        values = [float(v) for v in text.split("x")]
+    except (OSError, ValueError, UnicodeDecodeError, csv.Error):
+        return None
+    return values if len(values) == 3 and all(np.isfinite(v) and v > 0 for v in values) else None
 
 
 def _kept_pairs(job: _CtJob) -> Optional[tuple]:

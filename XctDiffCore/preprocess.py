@@ -75,8 +75,8 @@ def _check_hounsfield(volume: Volume) -> None:
                            "units, where air is -1000 (a CT stored as 0 to 4095 without its rescale intercept reads "
                            "1024 too high); convert it to HU (add -1024; in DICOM, the Rescale Intercept (0028,1052))")
     if 0 < high - low <= 2:
-        raise XctDiffError(f"the CT's values run from {low:.3g} to {high:.3g}: not in Hounsfield units (a CT normalised to "
-                           "0..1 or -1..1?); give the CT in HU, air -1000")
+        raise XctDiffError(f"the CT's values run from {low:.3g} to {high:.3g}: not in Hounsfield units (a CT "
+                           "normalised to 0..1 or -1..1?); give the CT in HU, air -1000")
 
 
 def _on_canonical_grid(volume: Volume, spacing: float) -> bool:

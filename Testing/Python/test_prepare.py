@@ -14,7 +14,7 @@ from XctDiffCore.drr import drr_of_volume
 from XctDiffCore.errors import XctDiffError
 from XctDiffCore.io import read_ct, read_radiograph, write_volume
 from XctDiffCore.ct_search import find_ct_inputs
-from XctDiffCore.prepare import fixed_split, read_split, split_cases, split_patients
+from XctDiffCore.prepare import fixed_split, prepare_dataset, read_split, split_cases, split_patients
 from XctDiffCore.volume import Volume
 
 SIZE = 32  # small volumes keep the whole file fast on two cores
@@ -200,6 +200,22 @@ def test_a_validation_scan_of_thick_slices_is_said_and_its_spacing_kept_for_eval
         assert bool(case_notes(cases, None)[cases[0].name]) is said  # evaluate reads the same spacing, one rule
 
 
+def test_the_shared_datas_native_spacing_is_the_source_spacing_of_its_npz(tmp_path):
+    """The shared CTs are .npz files already at 2.5 mm: their own spacing said nothing of the 4-7 mm scans of class
+    B; the manifest.csv beside them keeps each scan's native spacing, which prepare now records."""
+    paths = _write_phantoms(tmp_path / "in", seeds=(2, 5))  # two .npz files at 2.5 mm
+    (tmp_path / "in" / "manifest.csv").write_text(
+        "id,class,native_shape,native_spacing,note\n"
+        f"{paths[0].stem},B,64x64x79,4.17x4.17x3.99,\"a note, with a comma\"\n")
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"validation": [paths[0].stem]}))
+    with pytest.warns(UserWarning, match=f"is a scan of low resolution \\({paths[0].stem}: 4.2 mm voxels"):
+        prepare_dataset([tmp_path / "in"], tmp_path / "out", split=split, size=SIZE, progress=False)
+    datalist = json.loads((tmp_path / "out" / "datalist.json").read_text())
+    spacing = {e["patient"]: e["source_spacing"] for side in ("training", "validation") for e in datalist[side]}
+    assert spacing == {paths[0].stem: [4.17, 4.17, 3.99], paths[1].stem: [2.5, 2.5, 2.5]}  # not listed: its own
+
+
 def test_a_ct_stored_as_0_to_4095_without_its_rescale_is_refused_naming_the_file(tmp_path, capsys):
     """A CT saved in raw scanner units (0..4095, air 0: a DICOM without Rescale Intercept, a NIfTI converted so) was
     prepared without a word: every voxel 1024 HU too high, air read as tissue, a chest-sized block of body."""
@@ -208,7 +224,8 @@ def test_a_ct_stored_as_0_to_4095_without_its_rescale_is_refused_naming_the_file
     raw = write_volume(Volume((synthetic_chest((40, 40, 40)) + 1024).astype(np.uint16), spacing=(2.5,) * 3),
                        folder / "raw.nrrd")
     write_volume(Volume(synthetic_chest((40, 40, 40)).astype(np.int16), spacing=(2.5,) * 3), folder / "hu.nrrd")
-    assert main(["prepare", str(folder), "--out", str(tmp_path / "out"), "--val-fraction", "0", "--size", str(SIZE)]) == 2
+    argv = ["prepare", str(folder), "--out", str(tmp_path / "out"), "--val-fraction", "0", "--size", str(SIZE)]
+    assert main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("left out", "error"))]
     assert len(err) == 2 and err[0].startswith("left out raw: ") and err[0].endswith(f"({raw})"), err
     assert "not in Hounsfield units" in err[0] and "-1024" in err[0], err

@@ -117,9 +117,9 @@ def _volume_from_sitk(image, path: Path) -> Volume:
     if image.GetDimension() == 2:
         raise XctDiffError(f"expected a CT volume, got a 2D image of size {image.GetSize()} from {path}")
     if image.GetDimension() == 4:
-        raise XctDiffError(f"{path} is a 4D image of {image.GetSize()[3]} volumes (a time series, such as the breathing "
-                           "phases of a 4D CT): save the one to use as a 3D file (in Slicer: Sequences; or SimpleITK's "
-                           "image[:, :, :, k])")
+        raise XctDiffError(f"{path} is a 4D image of {image.GetSize()[3]} volumes (a time series, such as the "
+                           "breathing phases of a 4D CT): save the one to use as a 3D file (in Slicer: Sequences; or "
+                           "SimpleITK's image[:, :, :, k])")
     if image.GetDimension() == 3:
         direction = np.array(image.GetDirection()).reshape(3, 3)
         if np.all(np.isfinite(direction)) and not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
@@ -270,9 +270,9 @@ def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> V
             "download or export the series again"
         )
     if damaged:  # at an end of the stack: the CT is read without them, a little short
+        which = "it is a slice" if len(damaged) == 1 else "they are slices"
         warnings.warn(f"{_files(damaged)} in {folder} could not be read as DICOM ({a_few(damaged)}): left out; if "
-                      f"{'it is a slice' if len(damaged) == 1 else 'they are slices'} of the CT, download or export the "
-                      "series again", DicomReadWarning, stacklevel=3)
+                      f"{which} of the CT, download or export the series again", DicomReadWarning, stacklevel=3)
     if np.mean(gaps) < 0:  # stacked against the normal (GDCM's sorter does not, but the geometry must hold)
         direction[:, 2], gaps = -normal, -gaps
     array = _padding_as_air(sitk.GetArrayFromImage(image), slice_tags)
