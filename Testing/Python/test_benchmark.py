@@ -326,3 +326,27 @@ def test_each_benchmark_help_says_what_it_prints_and_in_what_unit(target, capsys
         assert "'total' is the reconstruction" in text and "'load'" in text and "'write'" in text
     if not target:
         assert "'machine:'" in text and "load average" in text
+
+
+def test_the_pipeline_benchmark_times_the_models_own_path_by_default(tmp_path, capsys, monkeypatch):
+    """`xctdiff benchmark pipeline` timed the diffusion path whatever the model's default: for the bundled model
+    (direct, as `xctdiff reconstruct` runs it) someone checking a machine got the other path's figure."""
+    import dataclasses
+
+    from XctDiffCore.pipeline import XctDiffPipeline
+
+    real = XctDiffPipeline.from_pretrained
+
+    def direct_by_default(*args, **kwargs):
+        pipe = real(*args, **kwargs)
+        pipe.info = dataclasses.replace(pipe.info, method="direct")
+        return pipe
+
+    monkeypatch.setattr(XctDiffPipeline, "from_pretrained", staticmethod(direct_by_default))
+    model = create_random_model(tmp_path / "model", "tiny")
+    out = tmp_path / "bench.json"
+    capsys.readouterr()
+    assert main(["benchmark", "pipeline", "--model", str(model), "--repeats", "1", "--json", str(out)]) == 0
+    settings = json.loads(out.read_text())["results"][-1]["settings"]
+    assert settings["method"] == "direct" and settings["steps"] is None and settings["sampler"] is None
+    assert "method=direct" in capsys.readouterr().out

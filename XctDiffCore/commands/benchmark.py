@@ -280,7 +280,7 @@ PIPELINE_STAGES = (("load", "load"), ("read", "read"), ("preprocess", "preproces
 
 
 def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=None, config=None,
-                       repeats: int = 3, warmup: int = 1, method: str = "diffusion", guidance: float = 0.0,
+                       repeats: int = 3, warmup: int = 1, method=None, guidance: float = 0.0,
                        precision: str = "auto") -> list:
     """Per-stage seconds of :meth:`XctDiffPipeline.reconstruct` on the bundled sample radiograph, and peak memory.
 
@@ -288,8 +288,8 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
     config (timings do not depend on the weights). Each stage is the median of ``repeats`` runs after
     ``warmup`` untimed ones; "load" reloads the folder each time, "write" writes the CT as .nrrd.
     Peak memory: CUDA ``max_memory_allocated`` over the timed runs, and the process's peak RSS.
-    ``method``, ``guidance`` and ``precision`` as in :meth:`XctDiffPipeline.reconstruct` (the stages a
-    path skips time 0); the settings printed say which precision ``auto`` became. One more, untimed
+    ``method``, ``guidance`` and ``precision`` as in :meth:`XctDiffPipeline.reconstruct` (``method`` None: the
+    model's own path, as ``xctdiff reconstruct`` takes it; the stages a path skips time 0); the settings printed say which precision ``auto`` became. One more, untimed
     run counts each stage's operations (:func:`~XctDiffCore.pipeline.counting_flops`): GFLOP, achieved
     GFLOP/s and their share of this machine's matrix-product rate in the run's precision
     (:func:`matmul_peak_gflops`, ``peak_gflops``) beside the times show the distance to the hardware.
@@ -301,11 +301,6 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
 
     if repeats < 1:
         raise XctDiffError("--repeats must be at least 1")
-    if method == "direct" and steps is not None:  # once, not once a run; the settings printed say no steps
-        from ..errors import warn_caller
-        from ..options import MethodWarning
-
-        warn_caller("the direct method does not sample: --steps is ignored (--method diffusion uses it)", MethodWarning)
     dev = resolve_device(device)
     # a run of `small` takes 15 s on the 2-core CPU: a line per run, the untimed one counting operations last
     with tempfile.TemporaryDirectory(prefix="xctdiff-bench-") as tmp, \
@@ -321,6 +316,8 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
             if i == warmup and dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)  # the peak of the timed runs only
             pipe = XctDiffPipeline.from_pretrained(model)
+            if i == 0:
+                method = _path_timed(method or pipe.info.method, steps)
             result = pipe.reconstruct(radiograph, steps=steps if method == "diffusion" else None, samples=samples,
                                       seed=i, device=str(dev), method=method, cpu_fallback=False, guidance=guidance,
                                       precision=precision)
@@ -365,6 +362,16 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
         results.append(BenchmarkResult(name, str(dev), settings if name == "total" else {}, seconds,
                                        gflop.get(name) or None, share))
     return results
+
+
+def _path_timed(method: str, steps) -> str:
+    """``method``; with the direct one, says once (not once a run) that ``--steps`` is ignored."""
+    if method == "direct" and steps is not None:
+        from ..errors import warn_caller
+        from ..options import MethodWarning
+
+        warn_caller("the direct method does not sample: --steps is ignored (--method diffusion uses it)", MethodWarning)
+    return method
 
 
 def _seconds_at_peak(flops_by_dtype: dict, peaks: dict, default_peak: float) -> float:

@@ -351,8 +351,9 @@ def add_benchmark_pipeline_target(targets):
                    f"({bundled_names('configs', '.yaml')} or a path)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
     p.add_argument("--samples", type=int, default=1, help="diffusion samples per reconstruction")
-    p.add_argument("--method", choices=("diffusion", "direct"), default="diffusion",
-                   help="the path timed: diffusion (with its per-step time) or direct (no sampler)")
+    p.add_argument("--method", choices=("diffusion", "direct"),
+                   help="the path timed: diffusion (with its per-step time) or direct (no sampler); default: the "
+                   "model's own, as `xctdiff reconstruct` takes it (direct for the bundled model)")
     add_guidance_argument(p)
     add_precision_argument(p)
     _add_benchmark_options(p, repeats=3)
