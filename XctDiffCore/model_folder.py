@@ -43,10 +43,10 @@ from torch import nn
 
 from .config import METHODS
 from .errors import XctDiffError
-from .model_manifest import (MANIFEST_NAME, MODEL_CARD_NAME, MODEL_FORMAT, OPTIONAL_STAGES, REQUIRED_STAGES,  # noqa: F401
-                             as_model_folder, manifest_data, model_file, read_manifest, retrain_stages, verify_checksums)
+from .model_manifest import (MANIFEST_NAME, MEAN_CT_NAME, MODEL_CARD_NAME, MODEL_FORMAT, OPTIONAL_STAGES,  # noqa: F401
+                             REQUIRED_STAGES, as_model_folder, manifest_data, model_file, model_files_in, read_manifest,
+                             retrain_stages, verify_checksums)
 
-MEAN_CT_NAME = "mean_ct.npy"
 PREPARED_SIZE = 128  # `xctdiff prepare` writes 128^3 CTs at 2.5 mm and 128^2 DRRs
 PREPARED_SPACING_MM = 2.5
 FIELD_OF_VIEW_MM = PREPARED_SIZE * PREPARED_SPACING_MM
@@ -554,9 +554,11 @@ def save_model_folder(
 
 
 def _check_replaceable(out_dir: Path) -> None:
-    """An export replaces an earlier model folder whole; a folder without a manifest that holds anything is
-    someone else's: refused before any work, never deleted."""
-    if out_dir.is_dir() and not (out_dir / MANIFEST_NAME).is_file() and any(out_dir.iterdir()):
+    """An export replaces an earlier model folder whole, one without its manifest too (copied or written only in
+    part: it holds nothing but a model's files); a folder without a manifest that holds anything else is someone
+    else's: refused before any work, never deleted."""
+    if out_dir.is_dir() and not (out_dir / MANIFEST_NAME).is_file() and \
+            sorted(entry.name for entry in out_dir.iterdir()) != model_files_in(out_dir):
         raise XctDiffError(f"the output folder {out_dir} is not empty and not a model folder (no {MANIFEST_NAME}): "
                            "give a new or empty folder, or an earlier model folder to replace")
 

@@ -17,6 +17,10 @@ MANIFEST_NAME = "manifest.json"
 MODEL_CARD_NAME = "MODEL_CARD.md"
 REQUIRED_STAGES = ("autoencoder", "encoder", "diffusion")
 OPTIONAL_STAGES = ("style", "coarse")
+MEAN_CT_NAME = "mean_ct.npy"
+#: What an export writes into a model folder (the manifest last)
+MODEL_FILE_NAMES = frozenset({MANIFEST_NAME, MODEL_CARD_NAME, MEAN_CT_NAME, *(f"{stage}.{kind}" for stage in
+                              REQUIRED_STAGES + OPTIONAL_STAGES for kind in ("safetensors", "json"))})
 #: The manifest layout this engine reads and writes; a manifest without ``format`` is format 1. A later engine
 #: that changes what a folder means (a new stage the networks need, ...) raises it, and this one then refuses
 #: the folder instead of loading part of it.
@@ -44,6 +48,14 @@ def _models_inside(folder: Path) -> str:
     return f"; the model folder{'s' if len(inside) > 1 else ''} in it: {', '.join(inside[:3])}{more}"
 
 
+def model_files_in(folder) -> list:
+    """The names of the files an export writes (:data:`MODEL_FILE_NAMES`) that ``folder`` holds, sorted."""
+    try:
+        return sorted(entry.name for entry in Path(folder).iterdir() if entry.name in MODEL_FILE_NAMES)
+    except OSError:
+        return []
+
+
 def as_model_folder(folder) -> Path:
     """``folder`` as a Path; an empty name (``--model "$UNSET"``), which Path would take for the working folder,
     is refused."""
@@ -64,6 +76,11 @@ def read_manifest(folder, required=REQUIRED_STAGES) -> dict:
     if not folder.is_dir():
         raise XctDiffError(_not_a_folder(folder))
     if not (folder / MANIFEST_NAME).is_file():
+        found = model_files_in(folder)
+        if found:  # the manifest is written last
+            raise XctDiffError(f"{folder} holds a model folder's files ({', '.join(found[:2])}{', ...' * (len(found) > 2)}) "
+                               f"but no {MANIFEST_NAME}, which an export writes last: it was copied or written only in "
+                               "part; copy the whole model folder again, or export the run again into it")
         raise XctDiffError(f"not a model folder (no {MANIFEST_NAME}): {folder}{_models_inside(folder)}")
     path = model_file(folder, MANIFEST_NAME)
     try:
@@ -274,12 +291,13 @@ def _training_words(training) -> dict:
         return {"trained on": "not recorded"}
     patients = training.get("training_patients")
     validation = training.get("validation_patients")
-    words = {"trained on": f"{len(patients)} patients" if isinstance(patients, list) else "not recorded"}
+    count = lambda names: f"{len(names)} patient{'s' * (len(names) != 1)}"  # noqa: E731
+    words = {"trained on": count(patients) if isinstance(patients, list) else "not recorded"}
     if training.get("fine_tuned_from"):  # export of an --init run: the stages it did not train are that model's
         words["fine-tuned from"] = f"{training['fine_tuned_from']} (the stages not fine-tuned are its own)"
     if isinstance(validation, list):
         seen = training.get("validation_seen_in_training")
-        words["validated on"] = f"{len(validation)} patients" + (" (also trained on: its figures are training fit)"
+        words["validated on"] = count(validation) + (" (also trained on: its figures are training fit)"
                                                                   if seen else "" if seen is False else "")
     return words
 

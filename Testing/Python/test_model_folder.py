@@ -170,7 +170,8 @@ CORRUPTIONS = {
     "model card edited": (lambda f, o: (f / "MODEL_CARD.md").write_text("edited\n"), "MODEL_CARD.md does not match"),
     "weights missing": (lambda f, o: (f / "diffusion.safetensors").unlink(), "model file missing"),
     "stage config missing": (lambda f, o: (f / "encoder.json").unlink(), "model file missing"),
-    "manifest missing": (lambda f, o: (f / MANIFEST_NAME).unlink(), "not a model folder (no manifest.json)"),
+    "manifest missing": (lambda f, o: (f / MANIFEST_NAME).unlink(),
+                         "holds a model folder's files (MODEL_CARD.md, autoencoder.json, ...) but no manifest.json"),
     "manifest not JSON": (lambda f, o: (f / MANIFEST_NAME).write_text("{ truncated"), "cannot read"),
     "manifest missing a stage": (edit_manifest(lambda m: m["stages"].pop("diffusion")), "lacks the diffusion stage"),
     "manifest without stages": (edit_manifest(lambda m: m.pop("stages")), "has no 'stages' section"),
@@ -535,6 +536,19 @@ def test_an_export_into_a_folder_that_is_not_a_model_is_refused(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine"]
 
 
+def test_a_model_folder_without_its_manifest_is_named_as_one_and_an_export_replaces_it(folder, capsys):
+    """A model folder copied or written only in part (its manifest, written last, missing): `inspect` said 'no DICOM
+    series found', loading it 'not a model folder', and an export into it was refused as a folder of the user's."""
+    (folder / MANIFEST_NAME).unlink()
+    status, _, err = inspected([str(folder)], capsys)
+    assert status == 2 and err.startswith(f"error: {folder} holds a model folder's files (MODEL_CARD.md, autoencoder"
+                                          ".json, ...) but no manifest.json, which an export writes last") and \
+        err.count("\n") == 1, err
+    with pytest.raises(XctDiffError, match="but no manifest.json.*; copy the whole model folder again, or export"):
+        load_model_folder(folder)
+    load_model_folder(create_random_model(folder, "tiny", seed=5, with_style=False))
+
+
 # ------------------------------------------------------------------------------- describing a model folder
 
 
@@ -570,6 +584,15 @@ def test_inspect_describes_the_bundled_and_the_partial_models(capsys):
     status, facts, _ = inspected([str(partial)], capsys)
     assert status == 0 and facts["reconstructs"].startswith("no: a partial model folder (no encoder, diffusion stage)")
     assert facts["validated on"] == "4 patients"  # kept apart from the 15 it trained on
+
+
+def test_inspect_counts_one_patient_as_one(folder, capsys):
+    """A model validated on one patient read 'validated on: 1 patients'."""
+    manifest = read_manifest_json(folder)
+    manifest["training"] = {"training_patients": ["p0", "p1"], "validation_patients": ["p4"]}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest), encoding="utf-8")
+    facts = inspected([str(folder)], capsys)[1]
+    assert (facts["trained on"], facts["validated on"]) == ("2 patients", "1 patient")
 
 
 def test_inspect_describes_a_corrupted_folder_then_refuses_it(folder, capsys):

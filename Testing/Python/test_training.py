@@ -823,6 +823,15 @@ def test_export_records_the_reliability_threshold_the_pipeline_flags_by(chain, t
         assert not (tmp_path / "bad").exists()
 
 
+def test_the_export_help_says_what_it_ships_and_what_it_replaces(capsys):
+    """The help said 'style when trained' (a trained coarse stage ships too) and '--out: model folder to write
+    (created)', not that an earlier model folder there is replaced whole nor that any other is refused."""
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "style and coarse when trained" in text and "an earlier model folder there is replaced whole" in text, text
+
+
 def test_export_metrics_share_the_evaluation_command_without_the_machines_paths(chain, tmp_path):
     """`export --metrics summary.json` copied evaluate's command into the manifest, a file to share, as it was:
     `--model /home/alice/...` and `--data /home/alice/...`. Now those paths are relative to the folder they share
@@ -1507,6 +1516,30 @@ def test_export_of_a_run_without_its_stages_says_what_to_train_or_keep(tmp_path,
     assert not (tmp_path / "m").exists()
     status, lines = run_cli(["export", str(chain), "--out", str(tmp_path / "m"), "--data", str(tmp_path / "no.json")], capsys)
     assert status == 2 and lines[-1] == f"error: --data: datalist not found: {tmp_path / 'no.json'}"  # was passed over
+
+
+def test_export_of_a_stage_folder_a_checkpoint_a_file_or_a_model_folder_names_what_it_was_given(tmp_path, chain, datalist,
+                                                                                                capsys):
+    """`xctdiff export run/diffusion` said 'run/diffusion has no trained autoencoder, encoder or diffusion stage: train
+    them first', `export datalist.json` 'run folder not found' (it is there), and a model folder given as the run
+    'train them first' too; `xctdiff inspect RUN` said 'no DICOM series found in RUN'."""
+    status, lines = run_cli(["inspect", str(chain)], capsys)
+    assert status == 2 and lines[-1] == (f"error: {chain} is a training run folder (the --out of `xctdiff train`), not a "
+                                         f"model folder: `xctdiff export {chain} --out MODEL` makes one of it, which "
+                                         "`xctdiff inspect MODEL` describes"), lines
+    status, lines = run_cli(["export", str(chain / "diffusion"), "--out", str(tmp_path / "m")], capsys)
+    assert status == 2 and lines[-1] == (f"error: {chain / 'diffusion'} is a stage folder of a run (diffusion), not the "
+                                         f"run folder: give the folder above it, {chain}"), lines
+    status, lines = run_cli(["export", str(checkpoint_path(chain, "encoder")), "--out", str(tmp_path / "m")], capsys)
+    assert status == 2 and lines[-1] == (f"error: {checkpoint_path(chain, 'encoder')} is a file, not a run folder (the "
+                                         f"--out of `xctdiff train`): its run folder is {chain}"), lines
+    status, lines = run_cli(["export", str(datalist), "--out", str(tmp_path / "m")], capsys)
+    assert status == 2 and lines[-1] == f"error: {datalist} is a file, not a run folder (the --out of `xctdiff train`)"
+    export_run(chain, tmp_path / "model", stages=("autoencoder",))
+    status, lines = run_cli(["export", str(tmp_path / "model"), "--out", str(tmp_path / "m")], capsys)
+    assert status == 2 and lines[-1].startswith(f"error: {tmp_path / 'model'} is a model folder (exported already), not a "
+                                                "run folder"), lines
+    assert not (tmp_path / "m").exists()
 
 
 def test_export_from_another_folder_says_that_the_runs_relative_datalist_is_not_found(tmp_path, datalist, monkeypatch):

@@ -86,14 +86,17 @@ def add_export_command(subparsers):
     from ..config import METHODS
 
     p = subparsers.add_parser("export", help="trained run folder -> model folder (safetensors, manifest with SHA-256)")
-    p.add_argument("run", help="run folder of `xctdiff train` (autoencoder, encoder, diffusion; style when trained)")
-    p.add_argument("--out", required=True, help="model folder to write (created)")
+    p.add_argument("run", help="run folder, the --out of `xctdiff train` (autoencoder, encoder, diffusion; style and "
+                   "coarse when trained)")
+    p.add_argument("--out", required=True, help="model folder to write (made; an earlier model folder there is replaced "
+                   "whole, any other folder that is not empty refused)")
     p.add_argument("--id", default="xctdiff", help="model id recorded in the manifest")
     p.add_argument("--version", default="0", help="model version recorded in the manifest")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="weights precision on disk")
     p.add_argument("--data", help="datalist whose training CTs give the mean-CT baseline (default: the run's)")
     p.add_argument("--model-card", help="Markdown file copied in as MODEL_CARD.md")
-    p.add_argument("--metrics", help="JSON file recorded in the manifest (e.g. the summary.json of `xctdiff evaluate`)")
+    p.add_argument("--metrics", help="JSON file recorded in the manifest (e.g. the summary.json of `xctdiff evaluate`; "
+                   "the absolute paths in it are written relative to the folder they share)")
     p.add_argument("--method", choices=METHODS,
                    help="the model's default reconstruction path (direct: when its diffusion stage measures worse); "
                    "default: diffusion, or for a diffusion stage taken from the --init folder that folder's")
@@ -166,10 +169,15 @@ def add_inspect_command(subparsers):
 
 def _run_inspect(args) -> int:
     from ..io import inspect_path
-    from ..model_manifest import MANIFEST_NAME, checksum_words, describe_model
+    from ..config import STAGES
+    from ..model_manifest import MANIFEST_NAME, checksum_words, describe_model, model_files_in
 
     path = Path(args.path)
-    if args.kind == "auto" and ((path / MANIFEST_NAME).is_file() or path.name == MANIFEST_NAME):  # a model folder
+    if args.kind == "auto" and path.is_dir() and any((path / stage / "checkpoint.pt").is_file() for stage in STAGES):
+        raise XctDiffError(f"{path} is a training run folder (the --out of `xctdiff train`), not a model folder: "
+                           f"`xctdiff export {path} --out MODEL` makes one of it, which `xctdiff inspect MODEL` describes")
+    if args.kind == "auto" and ((path / MANIFEST_NAME).is_file() or path.name == MANIFEST_NAME
+                                or path.is_dir() and model_files_in(path)):  # a model folder (without its manifest: one line)
         folder = path if path.is_dir() else path.parent
         for key, value in describe_model(folder).items():
             print(f"{key}: {value}", flush=True)  # described before a failing checksum's error line

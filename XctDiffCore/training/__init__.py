@@ -419,9 +419,28 @@ def _check_export_arguments(run_dir, model_dir, stages, datalist, min_consistenc
         raise XctDiffError(f"--stages takes {', '.join(REQUIRED_STAGES)}; got {', '.join(unknown)}")
     if datalist is not None and not Path(datalist).is_file():  # it was passed over without a word
         raise XctDiffError(f"--data: datalist not found: {datalist}")
-    if not Path(run_dir).is_dir():
-        raise XctDiffError(f"run folder not found: {run_dir} (the --out of `xctdiff train`)")
+    _check_run_folder(Path(run_dir))
     return required
+
+
+def _check_run_folder(run_dir: Path) -> None:
+    """``RUN`` must be the run folder of ``xctdiff train``: one of its stage folders, its checkpoint, a model folder
+    or another file given in its place is named as such (a stage folder read as a run with no trained stage, 'train
+    them first'; a file as a run folder not found)."""
+    from ..model_manifest import MANIFEST_NAME
+    from .common import CHECKPOINT_NAME
+
+    if run_dir.is_file():
+        above = f": its run folder is {run_dir.parent.parent}" if run_dir.name == CHECKPOINT_NAME else ""
+        raise XctDiffError(f"{run_dir} is a file, not a run folder (the --out of `xctdiff train`){above}")
+    if not run_dir.is_dir():
+        raise XctDiffError(f"run folder not found: {run_dir} (the --out of `xctdiff train`)")
+    if (run_dir / CHECKPOINT_NAME).is_file():
+        raise XctDiffError(f"{run_dir} is a stage folder of a run ({run_dir.name}), not the run folder: give the folder "
+                           f"above it, {run_dir.parent}")
+    if (run_dir / MANIFEST_NAME).is_file():
+        raise XctDiffError(f"{run_dir} is a model folder (exported already), not a run folder of `xctdiff train`: give "
+                           f"the run it was exported from (`xctdiff inspect {run_dir}` says what the model is)")
 
 
 @dataclasses.dataclass
