@@ -311,7 +311,7 @@ def test_steps_given_to_the_direct_path_are_said_to_be_ignored(capsys):
     argv = ["benchmark", "pipeline", "--config", "tiny", "--method", "direct", "--steps", "5", "--repeats", "1"]
     assert main(argv) == 0
     out, err = capsys.readouterr()
-    assert err.count("--steps is ignored") == 1 and "warning: the direct method does not sample" in err
+    assert err.count("warning: the direct method does not sample: the number of steps given is ignored") == 1, err
     assert "method=direct" in out and "steps=" not in out
 
 
@@ -350,3 +350,8 @@ def test_the_pipeline_benchmark_times_the_models_own_path_by_default(tmp_path, c
     settings = json.loads(out.read_text())["results"][-1]["settings"]
     assert settings["method"] == "direct" and settings["steps"] is None and settings["sampler"] is None
     assert "method=direct" in capsys.readouterr().out
+    # several samples are diffusion's, as `xctdiff reconstruct --samples 2` takes them (not "the direct method
+    # makes one deterministic CT")
+    assert main(["benchmark", "pipeline", "--model", str(model), "--repeats", "1", "--samples", "2", "--steps", "1",
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["results"][-1]["settings"]["method"] == "diffusion"

@@ -297,6 +297,7 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
     import tempfile
 
     from ..io import write_volume
+    from ..options import ReconstructOptions
     from ..pipeline import XctDiffPipeline, counting_flops
 
     if repeats < 1:
@@ -316,8 +317,9 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
             if i == warmup and dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)  # the peak of the timed runs only
             pipe = XctDiffPipeline.from_pretrained(model)
-            if i == 0:
-                method = _path_timed(method or pipe.info.method, steps)
+            if i == 0:  # the path `xctdiff reconstruct` takes with these options (once: its warning of unused steps)
+                method = ReconstructOptions(steps=steps, samples=samples, method=method).for_model(
+                    pipe.info.method, pipe.info.sampler, pipe.info.steps, pipe.schedule.num_train_steps).method
             result = pipe.reconstruct(radiograph, steps=steps if method == "diffusion" else None, samples=samples,
                                       seed=i, device=str(dev), method=method, cpu_fallback=False, guidance=guidance,
                                       precision=precision)
@@ -362,16 +364,6 @@ def benchmark_pipeline(device: str = "cpu", steps=None, samples: int = 1, model=
         results.append(BenchmarkResult(name, str(dev), settings if name == "total" else {}, seconds,
                                        gflop.get(name) or None, share))
     return results
-
-
-def _path_timed(method: str, steps) -> str:
-    """``method``; with the direct one, says once (not once a run) that ``--steps`` is ignored."""
-    if method == "direct" and steps is not None:
-        from ..errors import warn_caller
-        from ..options import MethodWarning
-
-        warn_caller("the direct method does not sample: --steps is ignored (--method diffusion uses it)", MethodWarning)
-    return method
 
 
 def _seconds_at_peak(flops_by_dtype: dict, peaks: dict, default_peak: float) -> float:
