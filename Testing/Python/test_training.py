@@ -1542,6 +1542,26 @@ def test_export_of_a_stage_folder_a_checkpoint_a_file_or_a_model_folder_names_wh
     assert not (tmp_path / "m").exists()
 
 
+def test_export_of_a_stage_being_trained_now_says_so(tmp_path, chain):
+    """`xctdiff export` while `train diffusion --resume --max-steps 100000` ran shipped the step-2 checkpoint without a
+    word (that checkpoint had reached its own max_steps), and before its first checkpoint said 'train it first'."""
+    from XctDiffCore.training.common import stage_lock
+
+    run = tmp_path / "run"
+    shutil.copytree(chain, run)
+    with stage_lock(run, "diffusion"):
+        with pytest.warns(UserWarning, match=rf"^the diffusion stage is being trained now \(pid \d+ on .*\): its last "
+                                             rf"checkpoint \(step {STEPS}\) is exported; export again when the training"):
+            export_run(run, tmp_path / "model", stages=("autoencoder", "encoder", "diffusion"))
+        checkpoint_path(run, "diffusion").unlink()
+        with pytest.raises(XctDiffError, match=rf"^{re.escape(str(run))} has no diffusion checkpoint yet: the stage is "
+                                               r"being trained now \(pid \d+ on "):
+            export_run(run, tmp_path / "model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the training has ended: not a word
+        export_run(chain, tmp_path / "model")
+
+
 def test_export_from_another_folder_says_that_the_runs_relative_datalist_is_not_found(tmp_path, datalist, monkeypatch):
     """A run trained with `--data data/lidc/datalist.json` and exported from another folder wrote a model folder
     without its mean training CT and training patients, without a word."""

@@ -392,6 +392,7 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     _check_trained(run, run_dir, required, stages, base)
     _check_same_latents(run, run_dir, base, copied)
     _warn_unfinished(run.unfinished)
+    _warn_training_now(run_dir, run.settings)
     if "diffusion" in run.settings and "diffusion" not in copied:
         run.settings["diffusion"]["method"] = method or "diffusion"
     training, mean_ct = _training_record(run, datalist, stages, base if copied else None)
@@ -495,6 +496,10 @@ def _check_trained(run: _RunStages, run_dir, required: tuple, stages, base: Opti
     keep = f", or keep what it has with --stages {' '.join(trained)}" if trained and not stages else ""
     names = " or ".join(filter(None, (", ".join(untrained[:-1]), untrained[-1])))
     gone = f" (it was fine-tuned from {run.bases[0]}, which is not there any more)" if run.bases and base is None else ""
+    holder = _lock_holder(Path(run_dir, untrained[0]))
+    if holder:  # `train` runs and has written no checkpoint yet
+        raise XctDiffError(f"{run_dir} has no {untrained[0]} checkpoint yet: the stage is being trained now ({holder}); "
+                           "export when it has written one (the training says where), or after it")
     raise XctDiffError(f"{run_dir} has no trained {names} stage (no {checkpoint_path(run_dir, untrained[0])}){gone}: "
                        f"train {'it first' if len(untrained) == 1 else 'them first, in that order'} "
                        f"(`xctdiff train {untrained[0]} ... --out {run_dir}`){keep}")
@@ -525,6 +530,46 @@ def _warn_unfinished(unfinished: list) -> None:
         warnings.warn(f"{'; '.join(words for _, words in unfinished)} (interrupted, or --time-limit): exported as it is; "
                       f"`xctdiff train {names} ... --resume` finishes it, then export again",
                       stacklevel=3)
+
+
+def _warn_training_now(run_dir, settings: dict) -> None:
+    """A stage that ``xctdiff train`` trains as the export runs (its lock is held) ships its last checkpoint, which
+    the training replaces later: say so (the checkpoint's own step count said nothing of it)."""
+    busy = {stage: holder for stage in settings if (holder := _lock_holder(Path(run_dir, stage)))}
+    if busy:
+        import warnings
+
+        several = len(busy) > 1
+        steps = ", ".join(f"{name + ' ' if several else ''}step {settings[name].get('step')}" for name in busy)
+        warnings.warn(f"the {' and '.join(busy)} stage{'s are' if several else ' is'} being trained now "
+                      f"({next(iter(busy.values()))}): {'their' if several else 'its'} last checkpoint{'s' * several} "
+                      f"({steps}) {'are' if several else 'is'} exported; export again when the training has ended",
+                      stacklevel=3)
+
+
+def _lock_holder(folder: Path) -> Optional[str]:
+    """Who holds ``folder``'s lock (:func:`~XctDiffCore.atomic.output_lock`: a job writing it runs now), as its lock
+    file says (``pid N on HOST, since ...``), or None: no lock, a lock file a finished or killed job left, no locks
+    on this system."""
+    import os
+
+    from ..atomic import LOCK_NAME
+
+    try:
+        import fcntl
+
+        fd = os.open(folder / LOCK_NAME, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a moment: let go at once (closed) below
+    except BlockingIOError:
+        return os.pread(fd, 200, 0).decode("utf-8", "replace").partition("\n")[0].strip() or "another process"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None
 
 
 def _training_record(run: _RunStages, datalist, stages, base: Optional[Path]) -> tuple:
