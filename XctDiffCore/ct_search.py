@@ -91,7 +91,8 @@ def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str 
         ignored.extend(ignored_here)
         if not cts_here:
             raise XctDiffError(f"no CT (DICOM CT series, {', '.join(CT_FILE_SUFFIXES)}) found in {path}"
-                               + (f"; {describe_ignored(ignored_here)}" if ignored_here else _sitk_hint()))
+                               + (f"; {describe_ignored(ignored_here)}" if ignored_here else _sitk_hint())
+                               + _unreadable_hint([path, *(p for p in tree if p.is_dir())]))
         found.extend(cts_here)
     unique = {f.path.resolve(): f for f in found}
     return _name_inputs([_Found(p, f.name, f.above, f.patient_id) for p, f in unique.items()])
@@ -125,6 +126,20 @@ def describe_ignored(ignored: list) -> str:
     reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     verb = "is" if len(ignored) == 1 else "are"
     return f"ignored {len(ignored)} DICOM series that {verb} not a CT volume ({reasons}), e.g. {ignored[0].folder}"
+
+
+def _unreadable_hint(folders: list, most: int = 200) -> str:
+    """``; N DICOM files below it could not be read (...), e.g. PATH`` when some of the first ``most`` ``folders``
+    hold DICOM files that read into no series (cut short: a copy that stopped), else "": why no CT was found."""
+    if not importlib.util.find_spec("SimpleITK"):
+        return ""
+    from .io.ct import unreadable_dicom_files
+
+    damaged = [folder / name for folder in folders[:most] for name in unreadable_dicom_files(folder)]
+    if not damaged:
+        return ""
+    return (f"; {len(damaged)} DICOM file{'s' * (len(damaged) > 1)} below it could not be read (damaged or cut short; "
+            f"copy, download or export {'them' if len(damaged) > 1 else 'it'} again), e.g. {damaged[0]}")
 
 
 def _sitk_hint() -> str:

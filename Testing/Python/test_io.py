@@ -185,6 +185,26 @@ def test_a_damaged_slice_file_is_named_with_what_to_do(tmp_path):
         assert read_ct(end).shape[0] == 5
 
 
+def test_a_folder_of_damaged_dicom_files_says_so(tmp_path, capsys):
+    """Every slice file cut short (a copy that stopped early): `read_ct` and `prepare` said 'no DICOM series found' /
+    'no CT found', as of an empty folder, so the user looked for the CT elsewhere instead of copying it again."""
+    from XctDiffCore.commands.cli import main
+
+    (tmp_path / "S").mkdir()
+    write_dicom_series(Volume(synthetic_chest((4, 40, 48)).astype(np.int16), spacing=(0.7, 0.8, 2.0)), tmp_path / "S")
+    for path in (tmp_path / "S").iterdir():
+        path.write_bytes(path.read_bytes()[:700])
+    with pytest.raises(XctDiffError, match=f"no DICOM series found in {tmp_path / 'S'}; 4 DICOM files here could not "
+                       r"be read \(slice000.dcm, slice001.dcm, slice002.dcm and 1 more\): damaged or cut short; copy, "
+                       "download or export them again"):
+        read_ct(tmp_path / "S")
+    assert main(["prepare", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (f"error: no CT (DICOM CT series, .npz, .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) found in {tmp_path}; "
+                       "4 DICOM files below it could not be read (damaged or cut short; copy, download or export them "
+                       f"again), e.g. {tmp_path / 'S' / 'slice000.dcm'}"), err
+
+
 def test_a_4d_nifti_says_how_many_volumes_and_what_to_do(tmp_path):
     """A 4D CT (breathing phases) in one NIfTI was 'expected a 3D volume, got a 4D image': true, and no way on."""
     import SimpleITK as sitk

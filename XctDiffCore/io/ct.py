@@ -220,6 +220,10 @@ def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> V
         below = ct_series_below(folder) if series_uid is None else []
         hint = (f"; below it: {len(below)}{'+' if len(below) >= 3 else ''} DICOM CT series, e.g. {below[0]} (give one; "
                 "`xctdiff prepare` takes the whole folder)") if below else ""
+        damaged = unreadable_dicom_files(folder) if not hint else []
+        if damaged:
+            hint = (f"; {len(damaged)} DICOM files here could not be read ({a_few(damaged)}): damaged or cut short; copy, "
+                    "download or export them again")
         raise XctDiffError(f"no DICOM series found in {folder}{hint}")
     damaged = _damaged_dicom_files(folder, files, series_uid or uids[chosen], uids)
     files = _without_localizers(list(files), folder)
@@ -299,9 +303,20 @@ def _files(names: list) -> str:
     return f"{len(names)} file{'s' * (len(names) != 1)}"
 
 
-def _damaged_dicom_files(folder: Path, files, series_uid: str, uids) -> list:
+def unreadable_dicom_files(folder: Path) -> list:
+    """The names of the DICOM files (by suffix or mark) in ``folder`` that the DICOM library reads into no series:
+    damaged or cut short. Why: it skips them without a word, and a folder of nothing else looked empty."""
+    import SimpleITK as sitk
+
+    with _itk_quiet():
+        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        listed = [f for uid in uids for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)]
+    return _damaged_dicom_files(folder, listed, None, uids)
+
+
+def _damaged_dicom_files(folder: Path, files, series_uid: Optional[str], uids) -> list:
     """The names of the files in ``folder`` that GDCM left out of the series ``series_uid`` (whose ``files`` it
-    lists; ``uids``: every series it found there) because they cannot be read whole: a DICOM file (by suffix or mark)
+    lists; ``uids``: every series it found there; None: ``files`` are all of them) because they cannot be read whole: a DICOM file (by suffix or mark)
     whose header does not read, or a CT image (this series', or of no series found) whose pixels are missing or cut
     short (a download or copy that stopped). GDCM skips them without a word: the series then has a gap, or is a
     slice short. Files of the other series, and documents (a report, a DICOMDIR), are passed over."""
@@ -318,7 +333,7 @@ def _damaged_dicom_files(folder: Path, files, series_uid: str, uids) -> list:
             header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPClassUID"])
             uid = str(header.get("SeriesInstanceUID", "") or "").strip()
             sop_class = str(header.get("SOPClassUID", "") or header.file_meta.get("MediaStorageSOPClassUID", ""))
-            if uid in found and uid != series_uid.strip():
+            if series_uid is not None and uid in found and uid != series_uid.strip():
                 continue  # a file of another series
             if uid and uid not in found and sop_class not in _CT_IMAGE_CLASSES:
                 continue  # a document or an object that is no CT image: not a slice
