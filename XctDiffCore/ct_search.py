@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from .atomic import full_suffix, in_folder, refuse_own_output
-from .errors import XctDiffError
+from .errors import XctDiffError, a_few
 
 CT_FILE_SUFFIXES = (".npz", ".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 MIN_SERIES_IMAGES = 3  # fewer images than this is a localizer, a key image or a lone slice, not a volume
@@ -264,5 +264,7 @@ def _name_inputs(found: list) -> list:
                  for f, n, s in zip(found, names, subjects)]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise XctDiffError(f"several inputs would share the patient id {duplicates[0]!r}: rename or move one")
+        same = [str(f.path) for f, n in zip(found, names) if n == duplicates[0]]
+        raise XctDiffError(f"several inputs would share the patient id {duplicates[0]!r} ({a_few(same)}): rename or "
+                           "move one")
     return [CtInput(f.path, n, s or n) for f, n, s in zip(found, names, subjects)]

@@ -92,6 +92,17 @@ def test_prepare_scans_a_folder_and_reports_bad_input(tmp_path, capsys):
         assert not (out / "datalist.json").exists()
 
 
+def test_two_files_of_one_name_in_one_folder_are_named_in_the_error(tmp_path):
+    """CT.nii.gz beside CT.nrrd (one converted from the other): 'several inputs would share the patient id
+    'home_me_data_in_CT'' (every folder above put in front) did not say which files."""
+    volume = Volume(synthetic_chest((20, 20, 20)).astype(np.int16), spacing=(2.5,) * 3)
+    (tmp_path / "in").mkdir()
+    paths = [write_volume(volume, tmp_path / "in" / name) for name in ("CT.nii.gz", "CT.nrrd")]
+    with pytest.raises(XctDiffError, match=f"several inputs would share the patient id '[^']*_in_CT' \\({paths[0]}, "
+                       f"{paths[1]}\\): rename or move one"):
+        find_ct_inputs([tmp_path / "in"])
+
+
 def test_patient_ids_that_collide_take_their_folder_name(tmp_path):
     a, b = _write_phantoms(tmp_path / "a", seeds=(0,))[0], _write_phantoms(tmp_path / "b", seeds=(0,))[0]
     assert sorted(c.patient for c in find_ct_inputs([a, b])) == ["a_phantom0", "b_phantom0"]
