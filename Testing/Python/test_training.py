@@ -838,7 +838,7 @@ def test_export_metrics_share_the_evaluation_command_without_the_machines_paths(
     (where the command repeats), or by name where they share only the root; the options stay."""
     command = ("xctdiff evaluate --model /home/alice/proj/models/lidc --data /home/alice/proj/data/lidc/datalist.json "
                "--out /home/alice/proj/eval/lidc --steps 50 --seed 0 --device cuda:0")
-    summary = {"model": "lidc", "command": command, "case_names": ["p4"], "summary": {}}
+    summary = {"model": "xctdiff", "version": "0", "command": command, "case_names": ["p4"], "summary": {}}
     (tmp_path / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
     assert main(["export", str(chain), "--out", str(tmp_path / "model"), "--metrics", str(tmp_path / "summary.json")]) == 0
     text = (tmp_path / "model" / "manifest.json").read_text(encoding="utf-8")
@@ -850,6 +850,17 @@ def test_export_metrics_share_the_evaluation_command_without_the_machines_paths(
 
     assert shareable_metrics({"command": "xctdiff evaluate --model /data/m --data /home/alice/d.json --out e"}) == {
         "command": "xctdiff evaluate --model m --data d.json --out e"}
+
+
+def test_export_metrics_of_another_model_are_said_to_be(chain, tmp_path):
+    """`export --id lidc --version 2 --metrics` of the summary.json of version 1 (or of the bundled model) recorded its
+    figures as this model's without a word; the summary names the model it measured."""
+    summary = {"model": "lidc", "version": "1", "summary": {}}
+    with pytest.warns(UserWarning, match=r"^the --metrics figures measured the model lidc 1, not this export \(lidc 2\)"):
+        export_run(chain, tmp_path / "model", model_id="lidc", version="2", metrics=summary, stages=("autoencoder",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_run(chain, tmp_path / "model", model_id="lidc", version="1", metrics=summary, stages=("autoencoder",))
 
 
 # ------------------------------------------------------------------------------- fine-tuning (--init)

@@ -396,6 +396,7 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     if "diffusion" in run.settings and "diffusion" not in copied:
         run.settings["diffusion"]["method"] = method or "diffusion"
     training, mean_ct = _training_record(run, datalist, stages, base if copied else None)
+    _warn_metrics_of_another_model(metrics, model_id, version)
     extra = {"training": training, **({"metrics": shareable_metrics(metrics)} if metrics else {}),
              **({"min_consistency": float(min_consistency)} if min_consistency is not None else {})}
     save_model_folder(model_dir, run.networks, run.config, model_id, version, mean_ct=mean_ct, model_card=model_card,
@@ -545,6 +546,20 @@ def _warn_training_now(run_dir, settings: dict) -> None:
                       f"({next(iter(busy.values()))}): {'their' if several else 'its'} last checkpoint{'s' * several} "
                       f"({steps}) {'are' if several else 'is'} exported; export again when the training has ended",
                       stacklevel=3)
+
+
+def _warn_metrics_of_another_model(metrics, model_id: str, version: str) -> None:
+    """``--metrics`` of an evaluation of another model (its summary names the model it measured: an earlier version,
+    the bundled model) would be shared as this model's figures: say so."""
+    if not isinstance(metrics, dict) or "model" not in metrics:
+        return
+    measured = (str(metrics["model"]), str(metrics.get("version", version)))
+    if measured != (str(model_id), str(version)):
+        import warnings
+
+        warnings.warn(f"the --metrics figures measured the model {' '.join(measured)}, not this export ({model_id} "
+                      f"{version}): they are recorded as this model's; evaluate this model and export again with its "
+                      "summary.json, or give the --id and --version of the model they measured", stacklevel=3)
 
 
 def _lock_holder(folder: Path) -> Optional[str]:
