@@ -205,6 +205,34 @@ def test_a_folder_of_damaged_dicom_files_says_so(tmp_path, capsys):
                        f"again), e.g. {tmp_path / 'S' / 'slice000.dcm'}"), err
 
 
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_nifti_cut_short_is_refused_not_read_with_water_for_the_rest(tmp_path, suffix):
+    """A NIfTI download that stopped half way was read without a word: ITK filled the missing slices with 0 (water),
+    a CT whose upper half is a block of tissue."""
+    hu = (synthetic_chest((16, 20, 24)) + np.random.default_rng(0).integers(-30, 30, (16, 20, 24))).astype(np.int16)
+    whole = write_volume(Volume(hu, spacing=(2.0,) * 3), tmp_path / f"whole{suffix}")
+    assert read_ct(whole).shape == hu.shape  # whole: read (the gzip trailer's size is checked, not the stream)
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(XctDiffError, match=f"{cut} is cut short: its header asks for {352 + hu.size * 2} bytes, the "
+                       "file holds [0-9]+ .a download or copy that stopped\\?.: copy or download it again"):
+        read_ct(cut)
+
+
+def test_a_metaimage_cut_short_is_one_line_without_the_librarys_own(tmp_path, capfd):
+    """MetaIO printed 'MetaImage: M_ReadElementsData: data not read completely' and 'ideal = ... : actual = ...' on
+    stdout around prepare's 'left out' line."""
+    whole = write_volume(Volume(synthetic_chest((16, 20, 24)).astype(np.int16), spacing=(2.0,) * 3), tmp_path / "a.mha")
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.mha"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    capfd.readouterr()
+    with pytest.raises(XctDiffError, match=f"cannot read {cut} as a CT volume"):
+        read_ct(cut)
+    assert capfd.readouterr() == ("", "")
+
+
 def test_a_4d_nifti_says_how_many_volumes_and_what_to_do(tmp_path):
     """A 4D CT (breathing phases) in one NIfTI was 'expected a 3D volume, got a 4D image': true, and no way on."""
     import SimpleITK as sitk

@@ -187,6 +187,39 @@ def _itk_quiet():
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
+@contextlib.contextmanager
+def _c_output_muted(*fds: int):
+    """Silence what C libraries print straight to the file descriptors ``fds`` (1: stdout, 2: stderr) meanwhile:
+    NIfTI's writer (``** ERROR: NWAD: wrote only ...`` on a full disk), MetaIO's reader (``MetaImage:
+    M_ReadElementsData: data not read completely`` on stdout for a file cut short). The failure is found and said
+    in one line all the same."""
+    import sys
+
+    saved = []
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd in fds:
+            saved.append((fd, os.dup(fd)))
+    except (OSError, ValueError):  # no real stream (captured, closed): nothing to mute
+        for _, copy in saved:
+            os.close(copy)
+        yield
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)  # a descriptor, not a file object: a Ctrl-C here warns of none
+        try:
+            for fd, _ in saved:
+                os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+        yield
+    finally:
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
 def _check_input(path, allow_folder: bool) -> Path:
     path = Path(path)
     if not path.exists():

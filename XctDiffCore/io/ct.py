@@ -1,9 +1,10 @@
 """Read a CT volume: :func:`read_ct` and its readers.
 
 A DICOM series folder or file (localizers left out, a gantry tilt resampled, padding made air, missing slices
-refused), a DICOMDIR, an enhanced multi-frame file, NIfTI (orientation and shear checked on the header), NRRD,
-MetaImage or the shared ``.npz`` format become a :class:`~XctDiffCore.volume.Volume` in LPS. Why a module of its own:
-a CT's pitfalls (slice order and spacing, shear, several series in one folder) are not a film's.
+refused, damaged files named), a DICOMDIR, an enhanced multi-frame file, NIfTI (orientation, shear and a file cut
+short checked on the header), NRRD, MetaImage or the shared ``.npz`` format become a
+:class:`~XctDiffCore.volume.Volume` in LPS. Why a module of its own: a CT's pitfalls (slice order and spacing, shear,
+several series in one folder) are not a film's.
 """
 from __future__ import annotations
 
@@ -15,37 +16,98 @@ import numpy as np
 
 from ..errors import XctDiffError, a_few
 from ..volume import Volume
-from .common import (PIL_SUFFIXES, SITK_VOLUME_SUFFIXES, _check_input, _check_sitk_header, _fmt, _itk_quiet,
-                     _library_errors, _one_line, _sitk_header, _suffix, is_dicom_file, special_files)
+from .common import (PIL_SUFFIXES, SITK_VOLUME_SUFFIXES, _c_output_muted, _check_input, _check_sitk_header, _fmt,
+                     _itk_quiet, _library_errors, _one_line, _sitk_header, _suffix, is_dicom_file, special_files)
 
 
 # Slices of a DICOM series closer than this (mm, median over the series) lie at one position.
 MIN_SLICE_GAP_MM = 1e-3
 
 
-def _nifti_forms(path: Path):
-    """``(qform_code, sform_code, sform)`` from a NIfTI-1 or NIfTI-2 header, ``sform`` the 3 x 4 voxel-to-RAS
-    rows (srow_x, srow_y, srow_z); ``None`` when the file is not NIfTI or cannot be read (ITK then says why)."""
+def _nifti_header(path: Path):
+    """``(header bytes, byte order, 1 or 2)`` of a NIfTI-1 or NIfTI-2 file, or ``None`` when it is not NIfTI or
+    cannot be read (ITK then says why)."""
     import gzip
     import struct
+    import zlib
 
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
             header = f.read(540)
-        for order in "<>":
-            size = struct.unpack(order + "i", header[:4])[0] if len(header) >= 4 else 0
-            if size == 348 and len(header) >= 348:  # NIfTI-1: shorts and floats
-                qcode, scode = struct.unpack(order + "2h", header[252:256])
-                rows = struct.unpack(order + "12f", header[280:328])
-                return qcode, scode, np.array(rows, dtype=float).reshape(3, 4)
-            if size == 540 and len(header) >= 540:  # NIfTI-2: ints and doubles
-                qcode, scode = struct.unpack(order + "2i", header[344:352])
-                rows = struct.unpack(order + "12d", header[400:496])
-                return qcode, scode, np.array(rows, dtype=float).reshape(3, 4)
+    except (OSError, EOFError, zlib.error):
         return None
-    except (OSError, EOFError, struct.error):
+    for order in "<>":
+        size = struct.unpack(order + "i", header[:4])[0] if len(header) >= 4 else 0
+        if size == 348 and len(header) >= 348:  # NIfTI-1: shorts and floats
+            return header, order, 1
+        if size == 540 and len(header) >= 540:  # NIfTI-2: ints and doubles
+            return header, order, 2
+    return None
+
+
+def _nifti_forms(path: Path):
+    """``(qform_code, sform_code, sform)`` from a NIfTI-1 or NIfTI-2 header, ``sform`` the 3 x 4 voxel-to-RAS
+    rows (srow_x, srow_y, srow_z); ``None`` when the file is not NIfTI or cannot be read (ITK then says why)."""
+    import struct
+
+    found = _nifti_header(path)
+    if found is None:
         return None
+    header, order, version = found
+    if version == 1:
+        qcode, scode = struct.unpack(order + "2h", header[252:256])
+        rows = struct.unpack(order + "12f", header[280:328])
+    else:
+        qcode, scode = struct.unpack(order + "2i", header[344:352])
+        rows = struct.unpack(order + "12d", header[400:496])
+    return qcode, scode, np.array(rows, dtype=float).reshape(3, 4)
+
+
+def _check_nifti_whole(path: Path) -> None:
+    """Refuse a NIfTI file that holds fewer bytes than its header's voxels need (a download or copy that stopped):
+    ITK reads it without a word, the missing voxels 0 (water). A .nii.gz is judged by its gzip trailer (the size of
+    the data it holds, mod 2^32: a cut file ends in other bytes), and only when that differs by reading it through."""
+    import struct
+    import zlib
+
+    found = _nifti_header(path)
+    if found is None:
+        return
+    header, order, version = found
+    # (dim[8], bitpix, vox_offset): NIfTI-1 shorts and a float, NIfTI-2 int64s and a short
+    dims_at, dims_format, bitpix_at, offset_at, offset_format = (
+        (40, "8h", 72, 108, "f") if version == 1 else (16, "8q", 14, 168, "q"))
+    dims = struct.unpack(order + dims_format, header[dims_at : dims_at + struct.calcsize(dims_format)])
+    bitpix = struct.unpack(order + "h", header[bitpix_at : bitpix_at + 2])[0]
+    offset = struct.unpack(order + offset_format, header[offset_at : offset_at + struct.calcsize(offset_format)])[0]
+    if not 1 <= dims[0] <= 7 or any(d < 1 for d in dims[1 : dims[0] + 1]) or bitpix <= 0 or not np.isfinite(offset):
+        return  # a header ITK refuses in its own words
+    voxels = 1
+    for d in dims[1 : dims[0] + 1]:
+        voxels *= int(d)
+    needed = int(max(offset, 348 if version == 1 else 540)) + voxels * bitpix // 8
+    if path.name.lower().endswith(".gz"):
+        with open(path, "rb") as f:
+            f.seek(-4, 2)
+            if int.from_bytes(f.read(4), "little") == needed % 2**32:
+                return
+        held, stream = 0, zlib.decompressobj(31)  # gzip; counted as decompressed, a cut stream just ends
+        try:
+            with open(path, "rb") as f:
+                while data := f.read(1 << 20):
+                    while data:
+                        held += len(stream.decompress(data, 1 << 24))
+                        data = stream.unconsumed_tail
+                        if stream.eof and stream.unused_data:  # a file of several gzip members
+                            data, stream = stream.unused_data, zlib.decompressobj(31)
+        except (OSError, zlib.error):
+            pass
+    else:
+        held = path.stat().st_size
+    if held < needed:
+        raise XctDiffError(f"{path} is cut short: its header asks for {needed} bytes, the file holds {held} (a download "
+                           "or copy that stopped?): copy or download it again")
 
 
 def _nifti_without_orientation(path: Path) -> bool:
@@ -96,6 +158,8 @@ def read_ct(path) -> Volume:
     elif suffix in SITK_VOLUME_SUFFIXES or suffix in PIL_SUFFIXES:
         # Image suffixes go through SimpleITK too so that a PNG given as a CT says "2D image".
         _check_sitk_header(path, suffix)
+        if suffix in (".nii", ".nii.gz"):
+            _check_nifti_whole(path)
         if suffix in (".nii", ".nii.gz") and _nifti_without_orientation(path):
             warnings.warn(f"{path} records no orientation (NIfTI qform_code and sform_code 0, as ANALYZE files): read "
                           "as ITK does, its first axis towards the patient's left; check left and right", ReadWarning,
@@ -139,7 +203,7 @@ def _volume_from_sitk(image, path: Path) -> Volume:
 def _read_sitk_volume(path: Path) -> Volume:
     import SimpleITK as sitk
 
-    with _library_errors(path, "a CT volume"), _itk_quiet():
+    with _library_errors(path, "a CT volume"), _itk_quiet(), _c_output_muted(1, 2):  # MetaIO prints on stdout
         image = sitk.ReadImage(str(path))
     sheared = _nifti_sheared_sform(path) if _suffix(path) in (".nii", ".nii.gz") else None
     if sheared is not None and image.GetDimension() == 3:

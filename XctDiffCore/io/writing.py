@@ -7,7 +7,6 @@ made; :func:`volume_notes` reads them (or a DICOM series' derivation) back, so t
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -17,8 +16,8 @@ import numpy as np
 from ..atomic import atomic_path, check_output_path, failed_write_reason
 from ..errors import XctDiffError
 from ..volume import Volume
-from .common import (DRR_TAG_KEY, SITK_VOLUME_SUFFIXES, _dcmread, _one_line, _sitk_header, _suffix, is_dicom_file,
-                     windows_path_note)
+from .common import (DRR_TAG_KEY, SITK_VOLUME_SUFFIXES, _c_output_muted, _dcmread, _one_line, _sitk_header, _suffix,
+                     is_dicom_file, windows_path_note)
 
 
 VOLUME_WRITE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
@@ -30,32 +29,6 @@ NIFTI_NOTE_LIMIT = 79  # a NIfTI-1 header's descrip field
 def drr_tag_metadata() -> dict:
     """The metadata a DRR writer passes to :func:`write_image_png` / :func:`write_radiograph_nrrd`."""
     return {DRR_TAG_KEY: "1"}
-
-
-@contextlib.contextmanager
-def _c_stderr_muted():
-    """Silence what C libraries print straight to file descriptor 2 (NIfTI's writer: ``** ERROR: NWAD: wrote
-    only ...`` on a full disk) while they write; the failed write is found and said in one line all the same
-    (:func:`~XctDiffCore.atomic.verify_written`)."""
-    import os
-    import sys
-
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real stderr (captured, closed): nothing to mute
-        yield
-        return
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)  # a descriptor, not a file object: a Ctrl-C here warns of none
-        try:
-            os.dup2(devnull, 2)
-        finally:
-            os.close(devnull)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def write_volume(volume: Volume, path, notes: Optional[dict] = None) -> Path:
@@ -90,7 +63,7 @@ def write_volume(volume: Volume, path, notes: Optional[dict] = None) -> Path:
     elif notes:
         for key, value in notes.items():
             image.SetMetaData(NOTE_KEY + key, " ".join(str(value).split()))  # one header line each
-    with atomic_path(path) as tmp, _c_stderr_muted():
+    with atomic_path(path) as tmp, _c_output_muted(2):  # NIfTI's writer: `** ERROR: NWAD: wrote only ...`
         try:
             sitk.WriteImage(image, str(tmp), useCompression=suffix in (".nrrd", ".mha"))
         except RuntimeError as exc:  # ITK's NRRD and MetaImage writers report a failed write (disk full) so,
