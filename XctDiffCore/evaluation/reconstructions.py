@@ -53,7 +53,8 @@
   *training fit*; a truth whose body spans less than a whole chest
   (:func:`~XctDiffCore.metrics.whole_chest_problem`) is *not a whole chest*. A kNN that averages every training
   patient (the mean CT again) is said too, and so is a datalist of another grid than the prepared 128^3 cube
-  (scored stretched); a CT file or folder scanned coarser than 3 mm is *low resolution*.
+  (scored stretched); a case scanned coarser than 3 mm (a CT file's voxels, or a datalist entry's ``source_spacing``
+  from ``prepare``: :func:`~XctDiffCore.metrics.low_resolution_problem`) is *low resolution*.
 
 Outputs in ``--out`` (created): ``metrics.csv`` (one row per case and method; for kNN its
 neighbours' patient ids; the case's notes), ``summary.md`` (what made it: the date, XctDiff's version, the
