@@ -307,10 +307,85 @@ def test_style_drrs_under_torchrun_each_rank_makes_and_writes_its_own_share(tmp_
     assert sorted(p.name for p in (run / DRRS_DIR).iterdir()) == [f"{key}-0of2.pt", f"{key}-1of2.pt"]
 
 
+def test_style_drrs_follow_their_ct_files_and_say_what_else_the_folder_keeps(tmp_path, capsys):
+    """The key covered the datalist file, not the CTs it names: `xctdiff prepare` run again into the same folder
+    (a CT replaced, same names, the datalist byte for byte the same) got the old DRRs without a word, and a bank
+    of other settings (or made before this change) stayed in the run folder unsaid. Now the CT files' content is
+    in the key (the changed CT's DRRs are made again, the others' are the same), and the line that says a new set is
+    made says what else the folder holds, how much, and that it is left there."""
+    from XctDiffCore.config import AugmentConfig
+    from XctDiffCore.drr import make_geometry
+    from XctDiffCore.training.common import file_sha256
+    from XctDiffCore.training.style import DRRS_DIR, warped_drrs
+    from XctDiffCore.training.variant_bank import settings_key
+
+    datalist = _ct_datalist(tmp_path / "data")
+    augment = AugmentConfig(enabled=True, max_rotation_deg=8.0, max_scale=0.12, elastic_mm=8.0).magnitudes()
+    run, folder = tmp_path / "run", tmp_path / "run" / DRRS_DIR
+    first = warped_drrs(run, datalist, augment, 2, 32, 32, 0, _one_process())
+    (share,) = folder.iterdir()
+    listed = datalist.read_bytes()
+    ct = synthetic_chest((32,) * 3, seed=7)  # CT c1 prepared again, into the same folder, under the same name
+    np.savez(datalist.parent / "images" / "c1.npz", ct=ct.astype(np.int16), spacing=np.full(3, 10.0), origin=np.zeros(3))
+    assert datalist.read_bytes() == listed
+    capsys.readouterr()
+    again = warped_drrs(run, datalist, augment, 2, 32, 32, 0, _one_process())
+    err = capsys.readouterr().err
+    assert "style DRRs: making 2 warped DRRs of each of 3 training CTs" in err
+    assert torch.equal(again.images[:2], first.images[:2]) and torch.equal(again.images[4:], first.images[4:])
+    assert not torch.equal(again.images[2:4], first.images[2:4])  # c1's
+    assert (f"style DRRs: {folder} also holds 1 bank of other settings or other training CTs "
+            f"({share.stat().st_size / 1e6:.1f} MB: {share.name[:16]}), left as it is: delete it if no run needs "
+            "them") in err
+    assert share.is_file() and len(list(folder.iterdir())) == 2
+
+    # a set made by the version before this change (its key of the settings alone) is made again once, and says why
+    before = settings_key({"style_drrs": True, "datalist": file_sha256(datalist), "augment": augment, "count": 3,
+                           "seed": 0, "volume_size": 32, "xray_size": 32, "geometry": repr(make_geometry("parallel"))})
+    shutil.copy(share, folder / f"{before}-0of1.pt")
+    warped_drrs(run, datalist, augment, 3, 32, 32, 0, _one_process())
+    err = capsys.readouterr().err
+    assert ("style DRRs: its key now covers the training CT files' content, so the one made before is made again "
+            f"once; {folder} also holds 3 banks of other settings or other training CTs (") in err
+    warped_drrs(run, datalist, augment, 3, 32, 32, 0, _one_process())  # loaded: no line
+    assert capsys.readouterr().err == ""
+
+
+def test_style_drrs_made_by_a_job_of_another_size_are_loaded_not_made_again(tmp_path, monkeypatch):
+    """A --resume on another number of torchrun processes looked only for KEY-RofW.pt of its own W and made the
+    whole set again (6 min with the `cpu` config) once the part files were gone, though it is the same set, byte for
+    byte (every DRR is seeded by its own (seed, CT, variant)). Now the shares of a job of another size are loaded."""
+    import XctDiffCore.training.variant_bank as variant_bank
+    from XctDiffCore.config import AugmentConfig
+    from XctDiffCore.training.common import Distributed
+    from XctDiffCore.training.style import DRRS_DIR, warped_drrs
+
+    datalist = _ct_datalist(tmp_path / "data")
+    augment = AugmentConfig(enabled=True, max_rotation_deg=8.0, max_scale=0.12, elastic_mm=8.0).magnitudes()
+    alone = warped_drrs(tmp_path / "alone", datalist, augment, 3, 32, 32, 0, _one_process())
+    run, cpu = tmp_path / "two", torch.device("cpu")
+    with pytest.raises(XctDiffError, match="checkpoint not found"):  # rank 0's share is not there yet
+        warped_drrs(run, datalist, augment, 3, 32, 32, 0, Distributed(1, 1, 2, cpu))
+    warped_drrs(run, datalist, augment, 3, 32, 32, 0, Distributed(0, 0, 2, cpu))
+    shares = sorted(p.name for p in (run / DRRS_DIR).iterdir())
+
+    def no_remake(*args, **kwargs):
+        raise AssertionError("a warped DRR was made again")
+
+    monkeypatch.setattr(variant_bank, "make_variant", no_remake)
+    assert torch.equal(warped_drrs(run, datalist, augment, 3, 32, 32, 0, _one_process()).images, alone.images)
+    for rank in (2, 1, 0):  # and a job of 3 loads the single process's
+        three = warped_drrs(tmp_path / "alone", datalist, augment, 3, 32, 32, 0, Distributed(rank, rank, 3, cpu))
+        assert torch.equal(three.images, alone.images)
+    assert sorted(p.name for p in (run / DRRS_DIR).iterdir()) == shares  # nothing written
+    assert [p.name[16:] for p in (tmp_path / "alone" / DRRS_DIR).iterdir()] == ["-0of1.pt"]
+
+
 def test_a_first_run_that_fails_after_making_its_style_drrs_keeps_them(domains, tmp_path, capsys, monkeypatch):
     """A new run folder was removed whole when the stage failed before its first checkpoint (Ctrl-C during the first
     step, a GPU out of memory), with the warped DRRs made in it (6 min with the `cpu` config) that the next try would
-    have loaded. Now the run folder and its DRRs stay (the empty stage folder goes), and the next try loads them."""
+    have loaded. Now the run folder and its DRRs stay (the empty stage folder goes), a Ctrl-C there says so (it said
+    only "error: interrupted"), and the next try loads them."""
     import XctDiffCore.training.style as style
     from XctDiffCore.training.style import DRRS_DIR
 
@@ -324,8 +399,11 @@ def test_a_first_run_that_fails_after_making_its_style_drrs_keeps_them(domains, 
         raise KeyboardInterrupt
 
     monkeypatch.setattr(style, "build_cyclegan", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:
         train("style", config, data=datalist, out=run)
+    # the command said only "error: interrupted"
+    assert str(stopped.value) == (f"before the first step; style DRRs: the 6 DRRs are kept in {run / DRRS_DIR}: the "
+                                  "same command (with --resume or without) loads them instead of making them again")
     assert [p.name.endswith("-0of1.pt") for p in (run / DRRS_DIR).iterdir()] == [True] and not (run / "style").exists()
     monkeypatch.setattr(style, "build_cyclegan", build)
     capsys.readouterr()

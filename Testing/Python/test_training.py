@@ -388,6 +388,68 @@ def test_the_variant_bank_is_made_in_slots_and_resumes_to_the_same_bank(tmp_path
     checkpoints_match(checkpoint_path(tmp_path / "straight", "encoder"), checkpoint_path(slots, "encoder"))
 
 
+def test_the_variant_bank_follows_its_ct_files_and_loads_the_bank_of_another_world_size(tmp_path, chain, capsys,
+                                                                                        monkeypatch):
+    """Three things a researcher did not see. A CT prepared again into the same folder (same name, the datalist byte
+    for byte the same) kept its old variants: the key covered the datalist file, not the CTs; now it covers their
+    content, and the line that says a bank is made says the earlier one is left in the folder and its size. A --resume
+    on two processes made again the bank one process had made (files named per world size), though it is the same
+    set: now it is loaded. A Ctrl-C after the bank, before the first step, said only "error: interrupted": now it
+    says the variants are kept and the same command loads them."""
+    import XctDiffCore.training.encoder as encoder
+    import XctDiffCore.training.variant_bank as variant_bank
+    from XctDiffCore.drr import make_geometry
+    from XctDiffCore.training.autoencoder import trained_autoencoder
+    from XctDiffCore.training.common import Distributed
+    from XctDiffCore.training.variant_bank import BANK_DIR, load_or_build_bank
+
+    data, run, cpu = make_datalist(tmp_path / "data", n_train=2, n_val=0), tmp_path / "run", torch.device("cpu")
+    shutil.copytree(chain / "autoencoder", run / "autoencoder")
+    config = bank_config(run, data, 1, bank=2)
+    vqgan, _ = trained_autoencoder(run, "encoder", cpu)
+
+    def bank(job=Distributed(0, 0, 1, cpu)):
+        dataset = PairDataset(data, "training", config.data.volume_size, config.data.xray_size)
+        return load_or_build_bank(run, dataset, data, vqgan, make_geometry("cone"), config.data.xray_size,
+                                  config.data.volume_size, config.encoder.augment.magnitudes(), 2, config.run.seed,
+                                  job, "fp32")
+
+    first = bank()
+    (share,) = (run / BANK_DIR).iterdir()
+    listed = data.read_bytes()
+    ct = synthetic_chest((64,) * 3, seed=9)  # p1 prepared again, into the same folder
+    np.savez(data.parent / "images" / "p1.npz", ct=ct.astype(np.int16), spacing=np.full(3, 2.5), origin=np.zeros(3))
+    assert data.read_bytes() == listed
+    capsys.readouterr()
+    again = bank()
+    err = capsys.readouterr().err
+    assert "variant bank: making 2 variants of each of 2 training CTs" in err
+    assert (f"variant bank: {run / BANK_DIR} also holds 1 bank of other settings or other training CTs "
+            f"({share.stat().st_size / 1e6:.1f} MB: {share.name[:16]}), left as it is") in err
+    assert torch.equal(again.latents["p0"], first.latents["p0"])
+    assert not torch.equal(again.latents["p1"], first.latents["p1"])
+
+    def no_remake(*args, **kwargs):
+        raise AssertionError("a variant was made again")
+
+    monkeypatch.setattr(variant_bank, "make_variant", no_remake)
+    for rank in (1, 0):  # a --resume on two processes
+        two = bank(Distributed(rank, rank, 2, cpu))
+        assert all(torch.equal(two.latents[p], again.latents[p]) and torch.equal(two.drrs[p], again.drrs[p])
+                   for p in ("p0", "p1"))
+    assert len(list((run / BANK_DIR).iterdir())) == 2
+
+    def interrupted(*args, **kwargs):  # Ctrl-C after the bank, before the first step
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(encoder, "StageLog", interrupted)
+    with pytest.raises(KeyboardInterrupt) as stopped, pytest.warns(UserWarning, match="autoencoder trained on"):
+        train("encoder", config)  # the chain's autoencoder, another datalist: said, as it should
+    assert str(stopped.value) == (f"before the first step; variant bank: the 4 variants are kept in {run / BANK_DIR}: "
+                                  "the same command (with --resume or without) loads them instead of making them again")
+    assert not (run / "encoder").exists()
+
+
 def test_encoder_bone_weight_weights_the_latent_cells_that_hold_bone(tmp_path, chain, datalist):
     """``encoder.bone_weight``: the bank keeps each variant's bone fractions at the latent grid (variant 0:
     the CT's own), in a bank file of its own, and the loss the encoder follows is the weighted one."""

@@ -105,6 +105,11 @@ def train(stage: str, config: Config, data=None, out=None, resume: bool = False,
             _remove_unfinished(new_folders[-1:] if _holds_made_variants(run_dir) else new_folders)
         if job.world_size > 1 and _is_peer_failure(exc):
             raise XctDiffError(f"rank {job.rank}: another process of the job stopped (its error is above)") from None
+        if isinstance(exc, KeyboardInterrupt) and job.is_main and ours and not kept.is_file() and deadline is not None \
+                and deadline.kept:
+            # before the first step, the variants made (minutes) were kept without a word
+            raise KeyboardInterrupt(f"before the first step; {deadline.kept}: the same command (with --resume or "
+                                    "without) loads them instead of making them again") from None
         if isinstance(exc, KeyboardInterrupt) and job.is_main and ours and kept.is_file():
             # a second Ctrl-C (or one during the first step) does not checkpoint: say what survives
             step = checkpoint_step(run_dir, stage)

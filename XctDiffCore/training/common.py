@@ -525,6 +525,7 @@ class Deadline:
         self.job, self.stage = job, stage
         self.reached, self.terminated, self.interrupted = False, False, False
         self.signalled, self.ctrl_c = False, False  # set by the handlers; the others agreed on by every rank
+        self.kept = None  # what the work before the first step keeps on disk (made_in_parts): a Ctrl-C's line says it
         self._installed = threading.current_thread() is threading.main_thread()
         self._previous = {}
         if self._installed:

@@ -124,19 +124,29 @@ def warped_drrs(run_dir, datalist, augment: dict, count: int, volume_size: int, 
     the style; warped copies keep the DRR look and vary the anatomy. They take minutes (the ``cpu`` config's 600: about
     6 min on a 2-core CPU), so they are a file of the run like the encoder's variant bank and made the same way
     (:func:`~.variant_bank.made_in_parts`): ``RUN/style_drrs/KEY-RofW.pt``, the key covering what they depend on (the
-    datalist's content, the warps, ``count``, the seed, the sizes, the DRR geometry), kept one file each as they are
-    made, bounded by ``--time-limit``, SIGTERM and Ctrl-C, the rest made by ``--resume``. Every draw is seeded by
-    (seed, patient, variant), so every rank and every remake makes the same set, byte for byte.
+    datalist's content and that of the CT files it names, the warps, ``count``, the seed, the sizes, the DRR
+    geometry), kept one file each as they are made, bounded by ``--time-limit``, SIGTERM and Ctrl-C, the rest made by
+    ``--resume``. Every draw is seeded by (seed, patient, variant), so every rank, every remake and a job of another
+    size makes or loads the same set, byte for byte.
     """
     from ..datalist import datalist_geometry
     from ..drr import make_geometry
     from .common import file_sha256
     from .data import PairDataset
-    from .variant_bank import made_in_parts, make_variant, settings_key
+    from .variant_bank import keys_of, made_in_parts, make_variant
+
+    def unreadable(exc) -> XctDiffError:
+        return XctDiffError(f"style.augment warps the datalist's CTs, and one could not be read: {exc}; "
+                            "style.augment.enabled: false (in a copy of the config) trains on the datalist's DRRs "
+                            "alone")
 
     pairs, geometry = PairDataset(datalist, "training", volume_size, size), make_geometry(datalist_geometry(datalist))
-    key = settings_key({"style_drrs": True, "datalist": file_sha256(datalist), "augment": augment, "count": count,
-                        "seed": seed, "volume_size": volume_size, "xray_size": size, "geometry": repr(geometry)})
+    settings = {"style_drrs": True, "datalist": file_sha256(datalist), "augment": augment, "count": count,
+                "seed": seed, "volume_size": volume_size, "xray_size": size, "geometry": repr(geometry)}
+    try:
+        key, key_before = keys_of(settings, [item["image"] for item in pairs.items])
+    except OSError as exc:
+        raise unreadable(exc) from None
     loaded = {}
 
     def make(index: int, variant: int) -> list:
@@ -145,15 +155,13 @@ def warped_drrs(run_dir, datalist, augment: dict, count: int, volume_size: int, 
                 loaded.clear()
                 loaded[index] = pairs[index]
             except (OSError, KeyError, ValueError, XctDiffError) as exc:
-                raise XctDiffError(f"style.augment warps the datalist's CTs, and one could not be read: {exc}; "
-                                   "style.augment.enabled: false (in a copy of the config) trains on the datalist's "
-                                   "DRRs alone") from None
+                raise unreadable(exc) from None
         item = loaded[index]
         drr01 = make_variant(item["image"][None], seed, index, variant, geometry, size, augment)[1]
         return [item["patient"], variant, drr01[0].float().clone()]
 
     entries = made_in_parts(Path(run_dir) / DRRS_DIR, key, len(pairs), count, make, job, deadline, "style DRRs", "DRR",
-                            f"{count} warped DRRs of each of {len(pairs)} training CTs")
+                            f"{count} warped DRRs of each of {len(pairs)} training CTs", key_before)
     return WarpedDrrs(torch.stack([entry[2] for entry in entries]).float() * 2.0 - 1.0)
 
 
