@@ -185,6 +185,13 @@ def test_a_damaged_slice_file_is_named_with_what_to_do(tmp_path):
         assert read_ct(end).shape[0] == 5
 
 
+def test_the_search_for_damaged_dicom_files_passes_over_a_folder_it_cannot_list(tmp_path):
+    """It runs beside every series read: a folder gone (or not to be listed) since was an OSError's traceback."""
+    from XctDiffCore.io.ct import _damaged_dicom_files
+
+    assert _damaged_dicom_files(tmp_path / "gone", [], None, []) == []
+
+
 def test_a_folder_of_damaged_dicom_files_says_so(tmp_path, capsys):
     """Every slice file cut short (a copy that stopped early): `read_ct` and `prepare` said 'no DICOM series found' /
     'no CT found', as of an empty folder, so the user looked for the CT elsewhere instead of copying it again."""

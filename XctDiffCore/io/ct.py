@@ -387,8 +387,12 @@ def _damaged_dicom_files(folder: Path, files, series_uid: Optional[str], uids) -
     import pydicom
 
     listed, found = {Path(f).name for f in files}, {str(u).strip() for u in uids}
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:  # not to be listed now: the series read says the rest
+        return []
     damaged = []
-    for path in sorted(folder.iterdir()):
+    for path in entries:
         if path.name in listed or path.name.upper() == "DICOMDIR" or not path.is_file():
             continue
         try:
