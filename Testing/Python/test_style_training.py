@@ -336,7 +336,7 @@ def test_style_drrs_follow_their_ct_files_and_say_what_else_the_folder_keeps(tmp
     assert not torch.equal(again.images[2:4], first.images[2:4])  # c1's
     assert (f"style DRRs: {folder} also holds 1 bank of other settings or other training CTs "
             f"({share.stat().st_size / 1e6:.1f} MB: {share.name[:16]}), left as it is: delete it if no run needs "
-            "them") in err
+            "it") in err
     assert share.is_file() and len(list(folder.iterdir())) == 2
 
     # a set made by the version before this change (its key of the settings alone) is made again once, and says why

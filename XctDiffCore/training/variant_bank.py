@@ -157,10 +157,11 @@ def _others_line(folder: Path, key: str, key_before: Optional[str]) -> Optional[
         return None
     why = ("its key now covers the training CT files' content, so the one made before is made again once; "
            if key_before in others else "")
-    return (f"{why}{folder} also holds {len(others)} bank{'s' if len(others) > 1 else ''} of other settings or other "
-            f"training CTs ({sum(others.values()) / 1e6:.1f} MB: {', '.join(sorted(others))}), left as "
-            f"{'they are' if len(others) > 1 else 'it is'}: delete {'them' if len(others) > 1 else 'it'} if no run "
-            "needs them")
+    several = len(others) > 1
+    them = "them" if several else "it"
+    return (f"{why}{folder} also holds {len(others)} bank{'s' * several} of other settings or other training CTs "
+            f"({sum(others.values()) / 1e6:.1f} MB: {', '.join(sorted(others))}), left as "
+            f"{'they are' if several else 'it is'}: delete {them} if no run needs {them}")
 
 
 def _make_share(tasks: list, make, parts: Path, deadline, label: str, unit: str, job: Distributed) -> Optional[str]:
