@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import file_sha256
 from .config import METHODS
 from .errors import XctDiffError
 from .model_manifest import (MANIFEST_NAME, MEAN_CT_NAME, MODEL_CARD_NAME, MODEL_FORMAT, OPTIONAL_STAGES,  # noqa: F401
@@ -432,14 +433,6 @@ def style_stage_config(config) -> dict:
         "direction": "real_to_drr",
         "value_range": [-1.0, 1.0],
     }
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
