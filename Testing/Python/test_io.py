@@ -240,6 +240,32 @@ def test_a_metaimage_cut_short_is_one_line_without_the_librarys_own(tmp_path, ca
     assert capfd.readouterr() == ("", "")
 
 
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "gzip"])
+def test_an_nrrd_cut_short_says_so_and_what_to_do(tmp_path, compress):
+    """An NRRD download that stopped half way gave ITK's 'Read: Error reading FILE:', naming the file but not what
+    was wrong with it or what to do. A detached header's data file cut short is named, with its header."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(synthetic_chest((16, 20, 24)).astype(np.int16))
+    whole = tmp_path / "whole.nrrd"
+    sitk.WriteImage(image, str(whole), compress)
+    assert read_ct(whole).shape == (16, 20, 24)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.nrrd"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(XctDiffError, match=f"^{cut} is cut short: its header asks for {16 * 20 * 24 * 2} bytes of "
+                       "voxels, the file holds [0-9]+ .a download or copy that stopped\\?.: copy or download it again$"):
+        read_ct(cut)
+    if compress:
+        return
+    sitk.WriteImage(image, str(tmp_path / "detached.nhdr"))
+    raw = next(p for p in tmp_path.iterdir() if p.name.startswith("detached.") and p.suffix != ".nhdr")
+    raw.write_bytes(raw.read_bytes()[:1000])
+    with pytest.raises(XctDiffError, match=f"^{raw} .the voxels of {tmp_path / 'detached.nhdr'}. is cut short: its "
+                       f"header asks for {16 * 20 * 24 * 2} bytes of voxels, the file holds 1000 "):
+        read_ct(tmp_path / "detached.nhdr")
+
+
 def test_a_4d_nifti_says_how_many_volumes_and_what_to_do(tmp_path):
     """A 4D CT (breathing phases) in one NIfTI was 'expected a 3D volume, got a 4D image': true, and no way on."""
     import SimpleITK as sitk

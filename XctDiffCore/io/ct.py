@@ -2,7 +2,7 @@
 
 A DICOM series folder or file (localizers left out, a gantry tilt resampled, padding made air, missing slices
 refused, damaged files named), a DICOMDIR, an enhanced multi-frame file, NIfTI (orientation, shear and a file cut
-short checked on the header), NRRD, MetaImage or the shared ``.npz`` format become a
+short checked on the header), NRRD (one cut short said so), MetaImage or the shared ``.npz`` format become a
 :class:`~XctDiffCore.volume.Volume` in LPS. Why a module of its own: a CT's pitfalls (slice order and spacing, shear,
 several series in one folder) are not a film's.
 """
@@ -69,7 +69,6 @@ def _check_nifti_whole(path: Path) -> None:
     ITK reads it without a word, the missing voxels 0 (water). A .nii.gz is judged by its gzip trailer (the size of
     the data it holds, mod 2^32: a cut file ends in other bytes), and only when that differs by reading it through."""
     import struct
-    import zlib
 
     found = _nifti_header(path)
     if found is None:
@@ -92,22 +91,68 @@ def _check_nifti_whole(path: Path) -> None:
             f.seek(-4, 2)
             if int.from_bytes(f.read(4), "little") == needed % 2**32:
                 return
-        held, stream = 0, zlib.decompressobj(31)  # gzip; counted as decompressed, a cut stream just ends
-        try:
-            with open(path, "rb") as f:
-                while data := f.read(1 << 20):
-                    while data:
-                        held += len(stream.decompress(data, 1 << 24))
-                        data = stream.unconsumed_tail
-                        if stream.eof and stream.unused_data:  # a file of several gzip members
-                            data, stream = stream.unused_data, zlib.decompressobj(31)
-        except (OSError, zlib.error):
-            pass
+            f.seek(0)
+            held = _gunzipped_length(f)
     else:
         held = path.stat().st_size
     if held < needed:
         raise XctDiffError(f"{path} is cut short: its header asks for {needed} bytes, the file holds {held} (a download "
                            "or copy that stopped?): copy or download it again")
+
+
+def _gunzipped_length(f) -> int:
+    """How many bytes the gzip stream read from ``f`` (from where it stands) decompresses to; a cut stream just
+    ends, a damaged one ends where it breaks."""
+    import zlib
+
+    held, stream = 0, zlib.decompressobj(31)
+    try:
+        while data := f.read(1 << 20):
+            while data:
+                held += len(stream.decompress(data, 1 << 24))
+                data = stream.unconsumed_tail
+                if stream.eof and stream.unused_data:  # a file of several gzip members
+                    data, stream = stream.unused_data, zlib.decompressobj(31)
+    except (OSError, zlib.error):
+        pass
+    return held
+
+
+def _nrrd_cut_short(path: Path) -> Optional[str]:
+    """Why an NRRD file (or the data file its .nhdr names) holds fewer voxel bytes than its header asks for (a
+    download or copy that stopped), or None. Asked only once ITK has failed on it: ITK says no more than
+    'Read: Error reading FILE'. Raw and gzip encodings; others (text, bzip2) are left to ITK's words."""
+    import nrrd
+
+    try:
+        with open(path, "rb") as f:
+            header = nrrd.read_header(f)
+            start = f.tell()
+        encoding = str(header.get("encoding", "")).lower()
+        if encoding not in ("raw", "gzip", "gz"):
+            return None
+        itemsize = nrrd.reader._determine_datatype(header).itemsize  # pynrrd's map of NRRD type names
+        needed = itemsize * int(np.prod([int(n) for n in header["sizes"]]))
+        data_file = header.get("data file", header.get("datafile"))
+        if data_file:  # detached (.nhdr): the one data file it names (a list or pattern: left to ITK)
+            if len(str(data_file).split()) != 1:
+                return None
+            source, start = path.parent / str(data_file).strip(), 0
+        else:
+            source = path
+        start += max(int(header.get("byte skip", header.get("byteskip", 0))), 0)
+        if int(header.get("line skip", header.get("lineskip", 0))):
+            return None  # lines to skip first: too rare to count here
+        with open(source, "rb") as f:
+            f.seek(start)
+            held = _gunzipped_length(f) if encoding != "raw" else max(source.stat().st_size - start, 0)
+    except Exception:  # noqa: BLE001 - a header that does not say: ITK's words stand
+        return None
+    if held >= needed:
+        return None
+    named = source if source == path else f"{source} (the voxels of {path})"
+    return (f"{named} is cut short: its header asks for {needed} bytes of voxels, the file holds {held} (a download or "
+            "copy that stopped?): copy or download it again")
 
 
 def _nifti_without_orientation(path: Path) -> bool:
@@ -203,8 +248,14 @@ def _volume_from_sitk(image, path: Path) -> Volume:
 def _read_sitk_volume(path: Path) -> Volume:
     import SimpleITK as sitk
 
-    with _library_errors(path, "a CT volume"), _itk_quiet(), _c_output_muted(1, 2):  # MetaIO prints on stdout
-        image = sitk.ReadImage(str(path))
+    try:
+        with _library_errors(path, "a CT volume"), _itk_quiet(), _c_output_muted(1, 2):  # MetaIO prints on stdout
+            image = sitk.ReadImage(str(path))
+    except XctDiffError:
+        cut_short = _nrrd_cut_short(path) if _suffix(path) in (".nrrd", ".nhdr") else None
+        if cut_short:  # ITK said only 'Read: Error reading FILE'
+            raise XctDiffError(cut_short) from None
+        raise
     sheared = _nifti_sheared_sform(path) if _suffix(path) in (".nii", ".nii.gz") else None
     if sheared is not None and image.GetDimension() == 3:
         origin, spacing, direction = sheared
