@@ -188,16 +188,20 @@ def whole_chest_problem(hu: np.ndarray, spacing_mm: float = 2.5) -> Optional[str
     return f"its body spans only {' and '.join(short)}" if short else None
 
 
-# A scan whose voxels are coarser than this (mm, on any axis: its slice spacing as a rule) is of low resolution: every
-# class-A chest of the shared data is 2.5 mm or finer, its class-B/C scans 4-5 mm. Resampled to the prepared 2.5 mm
-# such a scan looks whole, but it is blurred head to foot: a truth that does not show the bone a model draws.
+# A scan whose voxels are coarser than this (mm, on any axis: its slice spacing as a rule), or whose slices are thicker,
+# is of low resolution: every class-A chest of the shared data is 2.5 mm or finer, its class-B/C scans 4-5 mm.
+# Resampled to the prepared 2.5 mm such a scan looks whole, but it is blurred head to foot: a truth that does not
+# show the bone a model draws. So is one reconstructed at 2.5 mm spacing from 5 mm thick slices (DICOM Slice
+# Thickness, 0018,0050): its slices overlap, and each is a 5 mm average.
 LOW_RESOLUTION_MM = 3.0
 
 
-def low_resolution_problem(spacing_mm) -> Optional[str]:
-    """Why a scan of voxel size ``spacing_mm`` (x, y, z, mm: the source CT's own, before preprocessing) is of low
-    resolution (coarser than :data:`LOW_RESOLUTION_MM`), or None; None too when the size is unknown (not three
-    positive numbers, as in a datalist written before prepare kept it). The one rule of prepare and evaluate."""
+def low_resolution_problem(spacing_mm, slice_thickness_mm=None) -> Optional[str]:
+    """Why a scan of voxel size ``spacing_mm`` (x, y, z, mm: the source CT's own, before preprocessing) and slices
+    ``slice_thickness_mm`` thick (where the source says it: DICOM; else None) is of low resolution, its voxels or its
+    slices coarser than :data:`LOW_RESOLUTION_MM` (the coarser of the two decides), or None; None too when the
+    voxel size is unknown (not three positive numbers, as in a datalist written before prepare kept it). The one
+    rule of prepare and evaluate."""
     try:
         spacing = [float(s) for s in spacing_mm]
     except (TypeError, ValueError):
@@ -205,6 +209,12 @@ def low_resolution_problem(spacing_mm) -> Optional[str]:
     if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
         return None
     coarsest = max(spacing)
+    try:
+        thickness = float(slice_thickness_mm)
+    except (TypeError, ValueError):
+        thickness = 0.0
+    if np.isfinite(thickness) and thickness > max(coarsest, LOW_RESOLUTION_MM):
+        return f"{thickness:.1f} mm thick slices, {spacing[2]:.1f} mm apart (coarser than {LOW_RESOLUTION_MM:g} mm)"
     return f"{coarsest:.1f} mm voxels (coarser than {LOW_RESOLUTION_MM:g} mm)" if coarsest > LOW_RESOLUTION_MM else None
 
 

@@ -8,7 +8,8 @@ the original and ``augment`` random variations (:class:`RandomChestAugment`, app
   and ``axes='zyx'`` (the shared data's format: :func:`read_ct` reads it with numpy alone);
 * ``xrays/<id>_aug<k>.npy``: the float32 [0, 1] DRR in display orientation, and a ``.png`` preview;
 * ``datalist.json``: ``{"training": [{"image", "xray", "patient", "aug", "source_spacing"}], "validation": [...]}``
-  (``source_spacing``: the input CT's own voxel size, x, y, z in mm, so a scan of thick slices stays known) with
+  (``source_spacing``: the input CT's own voxel size, x, y, z in mm, and ``source_slice_thickness`` where the source
+  says it, a DICOM CT's, so that a scan of thick slices stays known) with
   paths relative to the datalist, split by patient so no patient's variants leak across the split:
   a seeded random share (``val_fraction``), or the patients a split file names (``split``; the
   shared data's fixed whole-chest split is ``splits/shared_whole_chest.json``).
@@ -37,7 +38,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from .atomic import atomic_path, full_suffix, make_output_folder, output_lock
-from .ct_search import CtInput, describe_ignored, find_ct_inputs
+from .ct_search import CT_FILE_SUFFIXES, CtInput, describe_ignored, find_ct_inputs
 from .errors import XctDiffError
 from .volume import Volume
 
@@ -235,7 +236,7 @@ def _warn_about_validation(out_dir: Path, validation: list, entries: dict) -> No
             problem = whole_chest_problem(data["ct"], float(np.asarray(data["spacing"])[0]))
         if problem:
             partial[patient] = problem
-        problem = low_resolution_problem(original.get("source_spacing"))
+        problem = low_resolution_problem(original.get("source_spacing"), original.get("source_slice_thickness"))
         if problem:
             coarse[patient] = problem
     _warn_validation_patients(partial, len(validation), "no whole chest", "no whole chest", "the evaluation protocol "
@@ -301,7 +302,7 @@ def _prepare_ct(job: _CtJob) -> tuple:
         ct = preprocess_ct(source, size=job.size)
     except XctDiffError as exc:  # the CT's voxels, not the file: say which file
         return [], None, f"{exc} ({job.ct.path})"
-    source_spacing = _source_spacing(job.ct.path, source)
+    resolution = _source_resolution(job.ct.path, source)
     geometry, augmenter, patient = make_geometry(job.geometry), RandomChestAugment(), job.ct.patient
     subject = {} if job.ct.subject == patient else {"subject": job.ct.subject}
     entries = []
@@ -311,37 +312,49 @@ def _prepare_ct(job: _CtJob) -> tuple:
             rng = np.random.default_rng([job.seed, zlib.crc32(patient.encode()), k])
             array = np.rint(augmenter(ct.array, rng)).astype(np.int16)
         entry = _write_pair(ct.with_array(array), f"{patient}_aug{k}", job.out_dir, geometry, job.size)
-        entries.append({**entry, "patient": patient, **subject, "aug": k, "source_spacing": source_spacing})
+        entries.append({**entry, "patient": patient, **subject, "aug": k, **resolution})
     with atomic_path(job.record_path) as tmp:  # after the pairs: a record names only pairs that were written
         tmp.write_text(json.dumps({**job.record(), "entries": entries}, indent=1) + "\n")
     return entries, (ct if job.keep_ct else None), None
 
 
-def _source_spacing(path: Path, volume: Volume) -> list:
-    """The scan's own voxel size (x, y, z mm), kept in the datalist: a thick-sliced CT looks whole at 2.5 mm, and
-    prepare and evaluate say it is of low resolution. The CT's spacing; for a .npz that a ``manifest.csv`` beside
-    it lists (the shared data: CTs already resampled to 2.5 mm), the ``native_spacing`` recorded there
-    (``4.17x4.17x3.99``)."""
-    spacing = volume.spacing
+def _source_resolution(path: Path, volume: Volume) -> dict:
+    """The scan's own voxel size (``source_spacing``: x, y, z mm) and, where the source says it, its slice thickness
+    (``source_slice_thickness``, mm), kept in the datalist: a CT of thick slices looks whole at 2.5 mm, and prepare
+    and evaluate say it is of low resolution (:func:`~XctDiffCore.metrics.low_resolution_problem`). The CT's spacing
+    and a DICOM CT's Slice Thickness (0018,0050); for a .npz that a ``manifest.csv`` beside it lists (the shared
+    data: CTs already resampled to 2.5 mm), the ``native_spacing`` recorded there (``0.977x0.977x2.5 (5 mm
+    thick)``). NIfTI, NRRD and MetaImage record no thickness: their spacing alone."""
+    from .io.ct import dicom_slice_thickness
+
+    spacing, thickness = volume.spacing, None
     if full_suffix(path).lower() == ".npz":
-        spacing = _manifest_spacing(path) or spacing
-    return [round(float(s), 4) for s in spacing]
+        spacing, thickness = _manifest_resolution(path) or (spacing, None)
+    elif path.is_file() and full_suffix(path).lower() not in CT_FILE_SUFFIXES:  # a file of a DICOM series
+        thickness = dicom_slice_thickness(path)
+    return {"source_spacing": [round(float(s), 4) for s in spacing],
+            **({"source_slice_thickness": round(thickness, 4)} if thickness else {})}
 
 
-def _manifest_spacing(path: Path) -> Optional[list]:
-    """The ``native_spacing`` of the row of ``manifest.csv`` (beside ``path``) whose ``id`` is the file's name; None
-    when there is no such file, row or usable value."""
+def _manifest_resolution(path: Path) -> Optional[tuple]:
+    """``(native spacing, slice thickness or None)`` of the row of ``manifest.csv`` (beside ``path``) whose ``id`` is
+    the file's name (``0.977x0.977x2.5 (5 mm thick)``: the spacing, then the thickness where it differs); None when
+    there is no such file, row or usable spacing."""
     import csv
+    import re
 
     name = path.name[: -len(".npz")]
     try:
         with open(path.parent / "manifest.csv", newline="", encoding="utf-8") as f:
             row = next((r for r in csv.DictReader(f) if r.get("id") == name), None)
-        text = (row or {}).get("native_spacing", "").split("(")[0]  # "0.977x0.977x2.5 (5 mm thick)": the spacing
-        values = [float(v) for v in text.split("x")]
+        text = (row or {}).get("native_spacing", "")
+        values = [float(v) for v in text.split("(")[0].split("x")]
     except (OSError, ValueError, UnicodeDecodeError, csv.Error):
         return None
-    return values if len(values) == 3 and all(np.isfinite(v) and v > 0 for v in values) else None
+    if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
+        return None
+    thick = re.search(r"\(\s*([0-9]*\.?[0-9]+)\s*mm thick\s*\)", text)
+    return values, (float(thick.group(1)) if thick and float(thick.group(1)) > 0 else None)
 
 
 def _kept_pairs(job: _CtJob) -> Optional[tuple]:
@@ -365,8 +378,6 @@ def _source_stamp(path: Path) -> list:
     """[files, bytes, newest modification in ns] of a CT file or of the files of a series folder (a DICOM series is
     found as one of its files: its folder counts): changes when the source does (a re-download, an edit), as far
     as sizes and times tell."""
-    from .ct_search import CT_FILE_SUFFIXES
-
     try:
         if path.is_file() and full_suffix(path).lower() not in CT_FILE_SUFFIXES:
             path = path.parent  # one file of a DICOM series, which is read whole

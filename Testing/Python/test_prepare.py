@@ -227,6 +227,40 @@ def test_the_shared_datas_native_spacing_is_the_source_spacing_of_its_npz(tmp_pa
     assert spacing == {paths[0].stem: [4.17, 4.17, 3.99], paths[1].stem: [2.5, 2.5, 2.5]}  # not listed: its own
 
 
+def test_a_scan_of_thick_slices_at_fine_spacing_is_said_from_its_dicom_thickness_or_the_manifest(tmp_path, capsys):
+    """A scan reconstructed at 2.5 mm spacing from 5 mm thick slices (DICOM Slice Thickness 0018,0050; the shared
+    manifest's '0.977x0.977x2.5 (5 mm thick)': tcga_thca_de_a4ma) is blurred head to foot like a 5 mm scan; the
+    rule looked at the spacing alone and said nothing. The thickness is kept beside source_spacing."""
+    import pydicom
+
+    from XctDiffCore.dicom_series import write_dicom_series
+    from XctDiffCore.metrics import low_resolution_problem
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, thickness in (("thick", "5"), ("thin", "2.5")):
+        write_dicom_series(Volume(np.rint(synthetic_chest((40, 40, 40))).astype(np.int16), spacing=(2.5,) * 3),
+                           folder / name)
+        for path in (folder / name).iterdir():
+            ds = pydicom.dcmread(path)
+            ds.SliceThickness = thickness
+            ds.save_as(path)
+    npz = _write_phantoms(folder, seeds=(2,))[0]
+    (folder / "manifest.csv").write_text(f"id,native_spacing\n{npz.stem},0.977x0.977x2.5 (5 mm thick)\n")
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"validation": ["thick", "thin", npz.stem]}))
+    assert main(["prepare", str(folder), "--out", str(tmp_path / "out"), "--split", str(split), "--size", str(SIZE)]) == 0
+    err = capsys.readouterr().err
+    assert ("warning: 2 of the 3 validation patients are scans of low resolution (phantom2: 5.0 mm thick slices, 2.5 "
+            "mm apart (coarser than 3 mm); thick: 5.0 mm thick slices, 2.5 mm apart (coarser than 3 mm)): ") in err, err
+    datalist = json.loads((tmp_path / "out" / "datalist.json").read_text())
+    kept = {e["patient"]: (e["source_spacing"], e.get("source_slice_thickness")) for e in datalist["validation"]}
+    assert kept == {"thick": ([2.5] * 3, 5.0), "thin": ([2.5] * 3, 2.5), npz.stem: ([0.977, 0.977, 2.5], 5.0)}
+    assert low_resolution_problem([0.6, 0.6, 0.625], 1.25) is None  # overlapping thin slices: fine
+    assert low_resolution_problem([0.8, 0.8, 5.0], 1.0) == "5.0 mm voxels (coarser than 3 mm)"  # gaps: the spacing
+    assert low_resolution_problem([0.8, 0.8, 2.0], 3.0) is None  # 3 mm itself is not coarser than 3 mm
+
+
 def test_a_ct_stored_as_0_to_4095_without_its_rescale_is_refused_naming_the_file(tmp_path, capsys):
     """A CT saved in raw scanner units (0..4095, air 0: a DICOM without Rescale Intercept, a NIfTI converted so) was
     prepared without a word: every voxel 1024 HU too high, air read as tissue, a chest-sized block of body."""

@@ -222,6 +222,30 @@ def read_ct(path) -> Volume:
     return _check_ct_values(volume, path)
 
 
+def dicom_slice_thickness(path) -> Optional[float]:
+    """The Slice Thickness (0018,0050, mm) of a DICOM CT given as one of its series' files (or an enhanced
+    multi-frame file: its shared pixel measures), or None: not a DICOM file, or no usable value. Why: a scan
+    reconstructed at 2.5 mm spacing from 5 mm thick slices is as blurred head to foot as a 5 mm scan, and its
+    spacing does not show it (:func:`~XctDiffCore.metrics.low_resolution_problem`). NIfTI, NRRD and MetaImage do
+    not record a thickness."""
+    import pydicom
+
+    path = Path(path)
+    try:
+        if not path.is_file() or not is_dicom_file(path):
+            return None
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        value = header.get("SliceThickness")
+        if value in (None, ""):
+            shared = header.get("SharedFunctionalGroupsSequence") or [{}]
+            measures = shared[0].get("PixelMeasuresSequence") or [{}]
+            value = measures[0].get("SliceThickness")
+        thickness = float(value)
+    except Exception:  # noqa: BLE001 - unreadable or no number: not known
+        return None
+    return thickness if np.isfinite(thickness) and thickness > 0 else None
+
+
 def _volume_from_sitk(image, path: Path) -> Volume:
     if image.GetDimension() == 2:
         raise XctDiffError(f"expected a CT volume, got a 2D image of size {image.GetSize()} from {path}")
