@@ -101,3 +101,49 @@ def test_a_report_folder_being_written_is_refused_to_a_second_run(tmp_path, ct_f
     check_refused_while_held(argv, out, "xctdiff evaluate-autoencoder", capsys)
     assert main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == ["figure.png", "metrics.csv", "summary.json", "summary.md"]
+
+
+def test_the_report_names_the_model_device_and_precision_and_marks_training_fit(tmp_path, ct_folder, capsys):
+    """The report named the model by its path alone, said neither the device nor the precision, and scored the
+    model's own training patients as unseen ones without a word (the bundled model was trained on every shared CT):
+    now the manifest's id and version, cpu, fp32, and `xctdiff evaluate`'s training-fit mark."""
+    model = create_random_model(tmp_path / "model", "tiny", seed=0)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["training"] = {"training_patients": ["patient0", "someone_else"]}
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "report"
+    assert main(["evaluate-autoencoder", "--model", str(model), "--data", str(ct_folder), "--out", str(out),
+                 "--max-cases", "1"]) == 0
+    assert "1 of the 1 cases is a patient the model was trained on (patient0)" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["training_fit"] == ["patient0"] and summary["device"] == "cpu" and summary["precision"] == "fp32"
+    assert summary["source"] == f"{manifest['id']} {manifest['version']} ({model.resolve()})"
+    text = (out / "summary.md").read_text()
+    assert f"Autoencoder of `{summary['source']}` in fp32" in text and "by XctDiff " in text and " on cpu, by " in text
+    assert "**Training fit:** 1 of the 1 cases (patient0)" in text
+    assert "training fit" in (out / "metrics.csv").read_text()
+
+
+def test_an_output_folder_that_holds_the_model_or_the_datalist_is_refused(tmp_path, capsys):
+    """`--out MODEL` wrote metrics.csv, summary.md/json and figure.png into the model folder, `--out DS` beside the
+    datalist: each is refused in one line before any work, and nothing is written."""
+    model = create_random_model(tmp_path / "model", "tiny", seed=0)
+    before = sorted(p.name for p in model.iterdir())
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "datalist.json").write_text("{}")
+    for out, data in ((model, tmp_path / "ds" / "datalist.json"), (tmp_path / "ds", tmp_path / "ds" / "datalist.json"),
+                      (tmp_path, tmp_path / "ds" / "datalist.json")):
+        assert main(["evaluate-autoencoder", "--model", str(model), "--data", str(data), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and f"is in the output folder {out}" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in model.iterdir()) == before
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["datalist.json"]
+
+
+def test_the_help_says_what_it_prints_and_in_what_units(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate-autoencoder", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("Prints the mean ± std over cases per method", "PSNR in dB", "SSIM (0-1)", "bone Dice (HU > 200)",
+                  "perplexity", "model and version, device, precision, date, command", "training fit"):
+        assert words in text

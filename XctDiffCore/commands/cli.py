@@ -652,12 +652,22 @@ def add_evaluate_autoencoder_command(subparsers):
     p = subparsers.add_parser(
         "evaluate-autoencoder",
         help="score the VQ-GAN alone (encode, quantise, decode) on held-out CTs, beside the resample bounds",
+        description="Score the autoencoder alone: each case's true CT encoded, quantised and decoded on the CPU in "
+        "fp32, beside the CT average-pooled to the latent's grid and to 64^3 and brought back (the resample bounds). "
+        "Prints the mean ± std over cases per method: PSNR in dB (3D, HU window [-1024, 2048]), SSIM (0-1), bone "
+        "Dice (HU > 200) and lung Dice (-1000 < HU < -400; also inside the body), 0-1, LPIPS (lower is closer; "
+        "empty without its weights), the share of codebook entries a case uses (0-1) and the codes' perplexity "
+        "(the number of equally used entries that would give the same spread). --out gets summary.md (what made "
+        "it: model and version, device, precision, date, command; per case, then the means), metrics.csv, "
+        "summary.json and figure.png (truth | decoded, coronal and axial, bone then lung window). Cases are marked "
+        "as `xctdiff evaluate` marks them: training fit, not a whole chest, low resolution.",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a model folder (a partial one with only the autoencoder works)")
     source.add_argument("--run", help="a training run folder (its autoencoder checkpoint)")
     p.add_argument("--data", required=True, help="a datalist (its un-augmented validation CTs) or a CT file or folder")
-    p.add_argument("--out", required=True, help="output folder for metrics.csv, summary.md/json and figure.png")
+    p.add_argument("--out", required=True, help="output folder for metrics.csv, summary.md/json and figure.png "
+                   "(created; not the model, run or datalist's folder)")
     p.add_argument("--max-cases", type=int, help="evaluate at most this many cases")
     p.set_defaults(handler=_run_evaluate_autoencoder)
 

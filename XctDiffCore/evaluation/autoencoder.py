@@ -13,9 +13,12 @@ datalist's un-augmented validation CTs, or a folder of CTs preprocessed to 128^3
   resampled back, at the latent's resolution (what the latent grid could hold with unquantised,
   one-number voxels) and at 64^3. An autoencoder below the 64^3 bound blurs more than a 5 mm grid.
 
-Outputs in ``--out``: ``metrics.csv`` (one row per case and method), ``summary.md`` (per-case rows,
-then mean ± std), ``summary.json`` and ``figure.png`` (truth vs decoded, axial and coronal mid-slices
-in a bone window and a lung window, a row per case).
+Outputs in ``--out``: ``metrics.csv`` (one row per case and method), ``summary.md`` (what made it: the
+model's id and version or the run and its step, the device, the precision, the date, XctDiff's version and
+the command; per-case rows, then mean ± std), ``summary.json`` and ``figure.png`` (truth vs decoded, axial
+and coronal mid-slices in a bone window and a lung window, a row per case). The cases' caveats are
+``xctdiff evaluate``'s (:func:`~.reconstructions.case_notes`): *training fit* (a patient of the model
+folder's training list, or of the run's training datalist), *not a whole chest*, *low resolution*.
 """
 from __future__ import annotations
 
@@ -23,7 +26,6 @@ import dataclasses
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -43,14 +45,20 @@ BOUND_SIZE = 64  # the issue's reference bound: a 5 mm grid
 
 
 def load_vqgan(model=None, run=None) -> tuple:
-    """``(vqgan, volume_size, source)`` from a model folder (possibly partial) or a training run's checkpoint."""
+    """``(vqgan, volume_size, source, training patients or None)`` from a model folder (possibly partial; its
+    manifest's id, version and training list) or a training run's checkpoint (its step; its datalist's training
+    patients when that file is still there)."""
     if (model is None) == (run is None):
         raise XctDiffError("give one of --model FOLDER or --run RUN")
     if model is not None:
+        from ..model_manifest import read_manifest
         from ..model_folder import load_autoencoder
+        from .reconstructions import model_training_patients
 
         vqgan, size = load_autoencoder(model)
-        return vqgan, size, str(model)
+        manifest = read_manifest(model, required=("autoencoder",))
+        name = f"{manifest.get('id', Path(model).name)} {manifest.get('version', '')}".strip()
+        return vqgan, size, f"{name} ({Path(model).resolve()})", model_training_patients(model)
     from ..config import config_from_dict
     from ..models.vqgan import VQGAN
     from ..training.autoencoder import shipped_weights
@@ -67,7 +75,20 @@ def load_vqgan(model=None, run=None) -> tuple:
         raise XctDiffError(f"cannot read the autoencoder checkpoint {path}: {str(exc).splitlines()[0]}") from None
     vqgan = VQGAN(**dataclasses.asdict(config.autoencoder.model))
     vqgan.load_state_dict(state)
-    return vqgan.eval().requires_grad_(False), config.data.volume_size, f"{run} (step {checkpoint.get('step', '?')})"
+    source = f"run {Path(run).resolve()} (step {checkpoint.get('step', '?')})"
+    return vqgan.eval().requires_grad_(False), config.data.volume_size, source, run_training_patients(config.data.datalist)
+
+
+def run_training_patients(datalist) -> Optional[set]:
+    """The patients of a run's training datalist (its ``training`` entries), or None when it is gone or unreadable."""
+    from ..datalist import read_datalist
+
+    if not datalist or not Path(datalist).is_file():
+        return None
+    try:
+        return {str(item["patient"]) for item in read_datalist(datalist, "training")}
+    except XctDiffError:
+        return None
 
 
 def pool_and_resample(ct_hu: np.ndarray, size: int) -> np.ndarray:
@@ -97,8 +118,9 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
     """Run the protocol of the module docstring; write the outputs; return ``{"rows", "summary"}``."""
     from tqdm import tqdm
 
+    from ..atomic import refuse_own_output
     from .reconstructions import (_is_datalist, _write_text, case_notes, ct_folder_cases, datalist_cases, flagged_cases,
-                                  metrics_csv, notes_markdown, summarize, warn_about_cases)
+                                  made_on, metrics_csv, notes_markdown, summarize, warn_about_cases)
     from ..metrics import body_region, volume_scores
     from ..model_folder import PREPARED_SIZE
     from ..models.lpips import LPIPS
@@ -110,11 +132,14 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
     if max_cases is not None and max_cases < 1:
         raise XctDiffError(f"--max-cases must be at least 1, got {max_cases}")
     check_output_folder(out_dir, parents=True)  # `--out eval/lidc` makes eval/ too, as train and export do
+    for given in (model, run, data if _is_datalist(data) else None):  # the report would be written among them
+        if given is not None and Path(given).exists():
+            refuse_own_output(given, out_dir)
     with output_lock(out_dir, "xctdiff evaluate-autoencoder"):  # a second evaluation into it is refused
-        vqgan, volume_size, source = load_vqgan(model, run)
+        vqgan, volume_size, source, trained_on = load_vqgan(model, run)
         cases = (datalist_cases(data, PREPARED_SIZE, max_cases) if _is_datalist(data)
                  else ct_folder_cases(data, PREPARED_SIZE, "cone", max_cases, output=out_dir))
-        notes = case_notes(cases, None)  # the autoencoder's own training patients are not recorded: whole chests only
+        notes = case_notes(cases, trained_on)
         warn_about_cases(notes)
         lpips = LPIPS.load()
         latent = volume_size // vqgan.downsample_factor
@@ -136,25 +161,28 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
 
         summary = summarize_rows(rows, summarize)
         summary["autoencoder"]["codebook_use_all_cases"] = float((histogram > 0).float().mean())
-        header = (f"Autoencoder of `{source}`: {volume_size}^3 grid, latent {latent}^3 x {vqgan.latent_channels}, "
+        dtype = next(vqgan.parameters()).dtype  # on the CPU, as built
+        precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+        header = (f"Autoencoder of `{source}` in {precision}: {volume_size}^3 grid, latent {latent}^3 x {vqgan.latent_channels}, "
                   f"codebook {vqgan.codebook_size}; {len(cases)} case{'s' * (len(cases) != 1)} from `{data.name}`, scored on "
                   f"{PREPARED_SIZE}^3 at 2.5 mm (bone: HU > 200, lung: -1000 < HU < -400; in body: inside the truth's body). "
                   f"Codebook entries used over all cases: {summary['autoencoder']['codebook_use_all_cases']:.1%}.\n\n")
-        date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         command = shlex.join(["xctdiff", "evaluate-autoencoder", "--run" if run is not None else "--model",
                               str(Path(run if run is not None else model).resolve()),
                               "--data", str(data.resolve()), "--out", str(out_dir)]
                              + ([] if max_cases is None else ["--max-cases", str(max_cases)]))
-        header += (f"Made on {date} by XctDiff {__version__}, by the protocol of the README's \"Evaluation protocol\" "
-                   f"(XctDiffCore/metrics.py):\n\n    {command}\n\n") + notes_markdown(notes)
+        date, made = made_on("cpu", command)
+        header += made + notes_markdown(notes)
         for row in rows:
             row["notes"] = "; ".join(notes[row["case"]]) or None
         with output_set():  # all four or none (a full disk at the figure): never a new metrics.csv beside an old figure
             _write_text(out_dir / "metrics.csv", metrics_csv(rows, ("case", "method", *COLUMNS, "notes")))
             _write_text(out_dir / "summary.md", header + per_case_table(rows) + "\n" + mean_table(summary))
+            fit, partial = flagged_cases(notes)
             _write_text(out_dir / "summary.json", json.dumps({"source": source, "cases": len(cases), "date": date,
+                                                              "device": "cpu", "precision": precision,
                                                               "xctdiff": __version__, "command": command,
-                                                              "not_whole_chest": flagged_cases(notes)[1],
+                                                              "training_fit": fit, "not_whole_chest": partial,
                                                               "summary": summary, "rows": rows}, indent=2) + "\n")
             if figure:
                 from ..figures import compose_grid, write_png

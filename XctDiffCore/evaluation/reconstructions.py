@@ -106,6 +106,7 @@ METHOD_TITLES = {"xctdiff": "XctDiff", "direct": "direct (no diffusion)", "xctdi
 CSV_COLUMNS = ("case", "method", *METRICS, "consistency", "seconds", "neighbours", "notes")
 KNN_DRR_SIZE = 128  # DRRs are compared at this size (area resize)
 PROGRESS_NAME = "progress.npz"  # an unfinished run's cases, for --resume
+PROTOCOL = "the protocol of the README's \"Evaluation protocol\" (XctDiffCore/metrics.py)"
 
 
 @dataclass
@@ -368,6 +369,13 @@ def notes_markdown(notes: dict) -> str:
     return text
 
 
+def made_on(device, command: str, protocol: str = PROTOCOL) -> tuple:
+    """``(date, paragraph)``: the summary's words on what made it (the date, XctDiff's version, the device, the
+    protocol and the command that repeats the run), one wording for every evaluation's report."""
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return date, f"Made on {date} by XctDiff {__version__} on {device}, by {protocol}:\n\n    {command}\n\n"
+
+
 def equivalent_command(settings: dict, out_dir: Path, device: str, max_cases: Optional[int]) -> str:
     """The ``xctdiff evaluate`` command line that repeats this run (for the report: what made these numbers)."""
     import shlex
@@ -565,10 +573,9 @@ def evaluate(
                   f"{f'guidance {guidance:g} beside none' if guidance else 'no guidance'}; networks in {used_precision}; "
                   f"bone: HU > {BONE_HU:.0f}, lung: {LUNG_HU[0]:.0f} < HU < {LUNG_HU[1]:.0f} (in body: inside the truth's body). "
                   "Mean ± std over cases.\n\n")
-        date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         command = equivalent_command(settings, out_dir, str(pipe.device), max_cases)
-        header += (f"Made on {date} by XctDiff {__version__} on {pipe.device}, by the protocol of the README's "
-                   f"\"Evaluation protocol\" (XctDiffCore/metrics.py):\n\n    {command}\n\n")
+        date, made = made_on(pipe.device, command)
+        header += made
         fit, partial = flagged_cases(notes)
         header += notes_markdown(notes)
         with output_set():  # all four or none: never a new metrics.csv beside an earlier run's summary
