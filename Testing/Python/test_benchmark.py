@@ -172,7 +172,10 @@ def test_train_benchmark_times_each_stage_after_its_warmup(tmp_path, capsys, mon
     for r in records:
         assert r["settings"]["it_per_s"] == pytest.approx(1 / r["median_s"], rel=1e-2)
         assert r["settings"]["batch"] == 2 and r["settings"]["steps"] == 2
-    assert "train/encoder" in capsys.readouterr().out
+    out_text, err = capsys.readouterr()
+    assert "train/encoder" in out_text
+    # training's own closing line named a checkpoint in the removed temporary folder and advised what to do with it
+    assert "encoder: trained to step 4" in err and "next:" not in err and "xctdiff-bench-train-" not in err, err
 
 
 def test_table_columns_line_up_whatever_the_names_and_settings():
@@ -188,6 +191,33 @@ def test_table_columns_line_up_whatever_the_names_and_settings():
         for row in rows:
             assert row[end - 1] != " " and (len(row) == end or row[end] == " "), (label, header, row)
     assert [row.split()[0] for row in rows] == ["drr", "train/autoencoder"]
+
+
+def test_the_train_table_says_its_figure_is_the_mean_step():
+    """`benchmark train`'s header said 'median ms' and 'min ms' over a figure that is the mean of the timed steps (one
+    figure per stage: its 'min' was the same number)."""
+    from XctDiffCore.commands.benchmark import BenchmarkResult
+
+    train = [BenchmarkResult("train/encoder", "cpu", {"config": "tiny"}, [0.25], figure="mean step")]
+    header, row = format_table(train).splitlines()[-2:]  # below the settings line
+    assert "median" not in header and "min ms" not in header and "mean ms/step" in header
+    assert row.split()[-1] == "250.00" and header.index("mean ms/step") + len("mean ms/step") == len(row)
+    assert "median ms" in format_table([BenchmarkResult("drr", "cpu", {}, [0.5, 0.25])])  # the others: as before
+
+
+def test_the_train_benchmark_times_the_device_asked_for(tmp_path, capsys, monkeypatch):
+    """`benchmark train` had no --device: on a GPU machine its CPU could not be timed (training takes CUDA when
+    present). Here a machine that claims a GPU: --device cpu trains on the CPU; --device cuda without a usable GPU
+    is one line, as `benchmark drr --device cuda` says it."""
+    out = tmp_path / "train.json"
+    if not torch.cuda.is_available():
+        assert main(["benchmark", "train", "--device", "cuda", "--stages", "autoencoder"]) == 2
+        assert capsys.readouterr().err.strip() == "error: CUDA was requested but no CUDA device is available to PyTorch"
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as training sees it
+    assert main(["benchmark", "train", "--device", "cpu", "--config", "tiny", "--steps", "1", "--stages",
+                 "autoencoder", "--json", str(out)]) == 0
+    [record] = json.loads(out.read_text())["results"]
+    assert record["device"] == "cpu" and record["settings"]["precision"] == "fp32"
 
 
 def test_cuda_requested_without_a_gpu():

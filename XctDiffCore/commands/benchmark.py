@@ -39,6 +39,7 @@ class BenchmarkResult:
     seconds: list = field(default_factory=list)
     gflop: float | None = None  # operations per run, where counted: the table adds the achieved GFLOP/s
     peak_share: float | None = None  # the time these operations need at the peak of each precision they ran in / the time taken
+    figure: str = "median"  # what ``seconds`` hold: runs whose median is shown, or one "mean step" (training)
 
     @property
     def median_s(self) -> float:
@@ -121,13 +122,16 @@ def format_table(results: list) -> str:
     name_w, device_w = max([12, *(len(r.name) for r in results)]), max([7, *(len(r.device) for r in results)])
     settings_w = 0 if above else max([58, *map(len, texts)])
     settings_header = "" if above else f" {'settings':<{settings_w}}"
+    # a training step's figure is one mean per stage (no median, no fastest run): the header says so
+    mean_step = bool(results) and all(r.figure == "mean step" for r in results)
+    figures = f" {'mean ms/step':>12}" if mean_step else f" {'median ms':>10} {'min ms':>8}"
     lines = [f"settings: {text}" for text in above]
-    lines.append(f"{'benchmark':<{name_w}} {'device':<{device_w}}{settings_header} {'median ms':>10} {'min ms':>8}"
+    lines.append(f"{'benchmark':<{name_w}} {'device':<{device_w}}{settings_header}{figures}"
                  + (f" {'GFLOP':>8} {'GFLOP/s':>8}" if counted else "") + (f" {'of peak':>8}" if counted and peak else ""))
     for r, settings in zip(results, texts):
         settings = "" if above else f" {settings:<{settings_w}}"
-        line = (f"{r.name:<{name_w}} {r.device:<{device_w}}{settings} {r.median_s * 1e3:>10.2f} "
-                f"{min(r.seconds) * 1e3:>8.2f}")
+        line = f"{r.name:<{name_w}} {r.device:<{device_w}}{settings}" + (
+            f" {r.median_s * 1e3:>12.2f}" if mean_step else f" {r.median_s * 1e3:>10.2f} {min(r.seconds) * 1e3:>8.2f}")
         if counted and r.gflop:
             rate = r.gflop / r.median_s if r.median_s > 0 else 0.0
             share = r.peak_share if r.peak_share is not None else (rate / peak if peak else None)
@@ -445,13 +449,51 @@ def _ctrl_c_at_once():
         signal.signal(signal.SIGINT, previous)
 
 
-def benchmark_train(config: str = "tiny", steps: int = 5, warmup: int = 2, stages=TRAIN_STAGES) -> list:
+class _TemporaryFolderLines:
+    """stderr for a benchmark's training: a line naming the temporary run folder keeps only its parts before the first
+    that names it (that part itself, where it is the first, with the folder's name said in words). Training closes a
+    stage with "encoder: trained to step 4; checkpoint /tmp/...; next: `xctdiff train diffusion` ...": a checkpoint
+    and advice about a folder the user never sees, removed at the end."""
+
+    def __init__(self, stream, folder: str):
+        self._stream, self._folder = stream, folder
+
+    def write(self, text: str) -> int:
+        if self._folder in text:
+            parts = text.split("; ")
+            kept = parts[: next(i for i, part in enumerate(parts) if self._folder in part)] or \
+                [parts[0].replace(self._folder, "the benchmark's temporary folder").rstrip("\n")]
+            text = "; ".join(kept) + ("\n" if text.endswith("\n") else "")
+        return self._stream.write(text)
+
+    def __getattr__(self, name):  # flush, isatty, fileno, encoding: the stream's own
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _training_on(device: torch.device, run_folder: Path):
+    """Training as the benchmark runs it: on ``device`` and with its lines about ``run_folder`` cut (see above).
+
+    Training takes CUDA whenever PyTorch finds it; to time a GPU machine's CPU it is told there is none (the
+    benchmark's own process: nothing else runs meanwhile)."""
+    from unittest import mock
+
+    hide_cuda = mock.patch.object(torch.cuda, "is_available", lambda: False) if device.type == "cpu" \
+        else contextlib.nullcontext()
+    with hide_cuda, contextlib.redirect_stderr(_TemporaryFolderLines(sys.stderr, str(run_folder))):
+        yield
+
+
+def benchmark_train(config: str = "tiny", steps: int = 5, warmup: int = 2, stages=TRAIN_STAGES,
+                    device: str | None = None) -> list:
     """Seconds per optimiser step of each stage, through the real ``xctdiff train`` on random data.
 
     Each stage trains ``warmup + steps`` steps, logging every ``warmup`` steps and validating and
     checkpointing only at the end; its CSV log's ``train/seconds_per_step`` over the steps after the
     warm-up is the figure (data loading included, building the networks excluded). The device is the
-    one training picks (CUDA when present); the batch is the config's, so samples/s = batch / figure.
+    one training picks (CUDA when present) unless ``device`` (cpu or cuda) says which; the batch is the config's, so
+    samples/s = batch / figure. Training's lines about the temporary run folder (its checkpoint, what to run next)
+    are cut.
     A later stage needs the earlier ones: those not asked for are trained for one untimed step.
     """
     import csv
@@ -467,7 +509,8 @@ def benchmark_train(config: str = "tiny", steps: int = 5, warmup: int = 2, stage
     if warmup < 1:
         raise XctDiffError(f"warmup must be at least 1, got {warmup}")
     base = load_config(config)
-    device = str(setup_distributed().device)
+    dev = resolve_device(device) if device is not None else setup_distributed().device
+    device = str(dev)
     results = []
     with tempfile.TemporaryDirectory(prefix="xctdiff-bench-train-") as tmp:
         datalist, run = _synthetic_datalist(Path(tmp) / "data"), Path(tmp) / "run"
@@ -481,7 +524,7 @@ def benchmark_train(config: str = "tiny", steps: int = 5, warmup: int = 2, stage
             print(f"benchmark train: the {stage} stage, {total} step{'s' if total > 1 else ''}"
                   + (f" ({warmup} warm-up, {steps} timed)" if timed else " (untimed: the next stage needs it)")
                   + "; its training lines follow, its folder is temporary", file=sys.stderr, flush=True)
-            with _ctrl_c_at_once():
+            with _ctrl_c_at_once(), _training_on(dev, run):
                 train(stage, dataclasses.replace(base, **{stage: dataclasses.replace(section, optim=optim)}),
                       data=str(datalist), out=str(run))
             if checkpoint_step(run, stage) != total:  # SIGTERM ended the stage early, with a checkpoint: stop too
@@ -502,5 +545,5 @@ def benchmark_train(config: str = "tiny", steps: int = 5, warmup: int = 2, stage
             settings = {"config": config, "batch": section.optim.batch_size, "steps": steps,
                         "precision": base.run.precision if device.startswith("cuda") else "fp32",  # CPUs train in fp32
                         "it_per_s": round(1.0 / per_step, 3)}
-            results.append(BenchmarkResult(f"train/{stage}", device, settings, [per_step]))
+            results.append(BenchmarkResult(f"train/{stage}", device, settings, [per_step], figure="mean step"))
     return results

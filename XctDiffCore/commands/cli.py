@@ -327,12 +327,14 @@ def add_benchmark_train_target(targets):
                            description="Train each stage for a few steps through the real `xctdiff train`, on random "
                            "data in a temporary folder, and print the mean time of a step after two warm-up steps "
                            "(in ms: data loading included) and it_per_s; samples/s = batch x it_per_s. The device is "
-                           "the one training picks (CUDA when present); CPUs train in fp32. Training's own lines "
-                           "follow on stderr.")
+                           "--device, else the one training picks (CUDA when present); CPUs train in fp32. Training's "
+                           "own lines follow on stderr, without their checkpoint and next step (the folder is removed).")
     p.add_argument("--config", default="tiny", help=f"{bundled_names('configs', '.yaml')} or a path")
     p.add_argument("--steps", type=int, default=5, help="timed steps per stage")
     p.add_argument("--stages", nargs="+", choices=("autoencoder", "encoder", "diffusion"),
                    default=["autoencoder", "encoder", "diffusion"], help="the stages to time")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="the device to time (default: the one training picks, CUDA when present)")
     p.add_argument("--json", metavar="FILE", help="also write the results to this JSON file")
     p.set_defaults(handler=_run_benchmark_train)
 
@@ -340,8 +342,8 @@ def add_benchmark_train_target(targets):
 def _run_benchmark_train(args) -> int:
     from . import benchmark
 
-    return benchmark.measure_and_report(lambda: benchmark.benchmark_train(args.config, args.steps, stages=args.stages),
-                                        args.json)
+    return benchmark.measure_and_report(
+        lambda: benchmark.benchmark_train(args.config, args.steps, stages=args.stages, device=args.device), args.json)
 
 
 def add_benchmark_pipeline_target(targets):
