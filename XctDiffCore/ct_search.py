@@ -5,10 +5,12 @@ the CTs beside the patient's radiographs (CR, DX), localizers and annotation fil
 several CTs. So every DICOM series found is judged by its header: CT image series are kept, anything else
 is ignored and counted (:class:`IgnoredSeries`). A DICOM CT is named by its PatientID, and the CTs of one
 person share a *subject*, which the training split keeps on one side (:func:`~XctDiffCore.prepare.split_cases`)
-so that nobody is trained on and validated on at once.
+so that nobody is trained on and validated on at once. Two reconstructions of one scan (a soft-tissue and a lung
+kernel; two files converted from them) would each be a CT of their own: they are named in one warning line.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 import os
@@ -50,6 +52,8 @@ class _Found:
     name: str  # the file's stem or the series folder's name
     above: tuple  # the names of the folders above, nearest first (put in front of a name that collides)
     patient_id: str = ""  # DICOM PatientID, when it names the CT
+    scan: tuple = ()  # a DICOM CT's (StudyInstanceUID, FrameOfReferenceUID): reconstructions of one scan share them
+    label: str = ""  # what tells a DICOM CT from another reconstruction of its scan: kernel, slice thickness
 
 
 def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str = "patient-id",
@@ -94,8 +98,10 @@ def find_ct_inputs(paths: Iterable, ignored: Optional[list] = None, naming: str 
                                + (f"; {describe_ignored(ignored_here)}" if ignored_here else _sitk_hint())
                                + _unreadable_hint([path, *(p for p in tree if p.is_dir())]))
         found.extend(cts_here)
-    unique = {f.path.resolve(): f for f in found}
-    return _name_inputs([_Found(p, f.name, f.above, f.patient_id) for p, f in unique.items()])
+    unique = [dataclasses.replace(f, path=p) for p, f in {f.path.resolve(): f for f in found}.items()]
+    cts = _name_inputs(unique)
+    _warn_of_one_scan_twice(unique, cts)
+    return cts
 
 
 def _outside_folder(root: Path, tree: list, folder: Optional[Path]) -> list:
@@ -221,7 +227,109 @@ def _series_in_folder(folder: Path, sitk, pydicom, ignored: list, found: list, u
             ignored.append(IgnoredSeries(folder, reason))
             continue
         patient_id = str(header.get("PatientID", "") or "").strip() if use_patient_id else ""
-        found.append(_Found(Path(files[0]), folder.name, _above(folder.parent), patient_id))
+        scan = tuple(str(header.get(key, "") or "").strip() for key in ("StudyInstanceUID", "FrameOfReferenceUID"))
+        found.append(_Found(Path(files[0]), folder.name, _above(folder.parent), patient_id,
+                            scan if all(scan) else (), _reconstruction_label(header)))
+
+
+def _reconstruction_label(header) -> str:
+    """``B70f, 1 mm``: a DICOM CT's kernel and slice thickness, what tells it from another reconstruction of its
+    scan ("" when the header gives neither)."""
+    kernel = header.get("ConvolutionKernel") or ""
+    kernel = "/".join(str(k).strip() for k in kernel) if not isinstance(kernel, str) else kernel.strip()
+    try:
+        thickness = f"{float(header.get('SliceThickness')):g} mm"
+    except (TypeError, ValueError):
+        thickness = ""
+    return ", ".join(part for part in (kernel, thickness) if part)
+
+
+def _warn_of_one_scan_twice(found: list, cts: list) -> None:
+    """One warning line naming the CTs that are reconstructions of one scan, as far as their headers tell: DICOM CTs
+    of one study and frame of reference (a soft-tissue and a lung-kernel series of one acquisition), or CT files in
+    one folder that cover one field of view (:func:`_same_field_of_view`). Why: each is a CT of its own here, so that
+    scan weighs twice in training and in a score, and CTs of two subjects (``--ids folder``, files) may even be
+    split apart, one trained on and the other validated on. Nothing is left out: which to keep is the user's."""
+    labels = {ct.patient: f.label for f, ct in zip(found, cts)}
+    scans = {}
+    for f, ct in zip(found, cts):
+        if f.scan:
+            scans.setdefault(f.scan, []).append(ct)
+    named = [(members, "one DICOM study and frame of reference") for members in scans.values() if len(members) > 1]
+    named += [(members, f"one field of view in {members[0].path.parent}")
+              for members in _same_field_of_view([ct for f, ct in zip(found, cts) if not f.scan])]
+    if not named:
+        return
+
+    def listed(members: list) -> str:
+        names = [f"{c.patient} ({labels[c.patient]})" if labels[c.patient] else c.patient for c in members]
+        return ", ".join(names[:-1]) + " and " + names[-1]
+
+    shown = "; ".join(f"{listed(members)}: {why}" for members, why in named[:3]) + ("; ..." if len(named) > 3 else "")
+    apart = any(len({c.subject for c in members}) > 1 for members, _ in named)
+    warnings.warn(f"{sum(len(m) for m, _ in named)} CTs look like reconstructions of {len(named)} "
+                  f"scan{'s' * (len(named) > 1)} ({shown}): each is taken as a CT of its own, so that scan weighs twice "
+                  f"in training and in a score{', and may be trained on and validated on at once' if apart else ''}; "
+                  "keep one (the thinnest slices and the softest kernel, as a rule) and move the others out",
+                  stacklevel=3)
+
+
+_FIELD_OF_VIEW_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")  # their headers say where they lie
+
+
+def _same_field_of_view(cts: list) -> list:
+    """Groups (two or more) of the CT files among ``cts`` that lie in one folder and cover one field of view: the
+    same box in the patient's frame, every side within the coarser file's voxel (thin and thick slices of one scan
+    start half a slice apart). A file that records no position (origin 0, 0, 0: written without geometry) is passed
+    over, as are .npz files (the shared data, resampled) and files whose header does not read (prepare says so)."""
+    if not importlib.util.find_spec("SimpleITK"):
+        return []
+    by_folder = {}
+    for ct in cts:
+        if ct.path.is_file() and full_suffix(ct.path).lower() in _FIELD_OF_VIEW_SUFFIXES:
+            by_folder.setdefault(ct.path.parent, []).append(ct)
+    groups = []
+    for members in (m for m in by_folder.values() if len(m) > 1):
+        boxes = [(ct, box) for ct in members if (box := _field_of_view(ct.path)) is not None]
+        found = []  # [(first box, [cts])]
+        for ct, box in boxes:
+            group = next((g for first, g in found if _one_box(first, box)), None)
+            if group is None:
+                found.append((box, [ct]))
+            else:
+                group.append(ct)
+        groups += [g for _, g in found if len(g) > 1]
+    return groups
+
+
+def _field_of_view(path: Path):
+    """``(lowest corner, highest corner, coarsest voxel)`` in mm (LPS) of a CT file's voxel centres, from its header;
+    None when it records no position or does not read as a 3D image."""
+    import numpy as np
+
+    from .io.common import _sitk_header
+
+    try:
+        reader = _sitk_header(path, "a CT volume")
+        if reader.GetDimension() != 3:
+            return None
+        origin, spacing = np.array(reader.GetOrigin()), np.array(reader.GetSpacing())
+        direction = np.array(reader.GetDirection()).reshape(3, 3)
+        far = spacing * (np.array(reader.GetSize()) - 1)
+    except Exception:  # noqa: BLE001 - a header that does not read: the CT's own read says why
+        return None
+    if not np.any(origin) or not np.all(np.isfinite(origin)):
+        return None
+    corners = np.array([origin + direction @ (far * np.array(c)) for c in itertools.product((0, 1), repeat=3)])
+    return corners.min(axis=0), corners.max(axis=0), float(spacing.max())
+
+
+def _one_box(a, b) -> bool:
+    """Two fields of view (:func:`_field_of_view`) that coincide to the coarser one's voxel."""
+    import numpy as np
+
+    tolerance = max(a[2], b[2])
+    return bool(np.all(np.abs(a[0] - b[0]) <= tolerance) and np.all(np.abs(a[1] - b[1]) <= tolerance))
 
 
 def _not_a_ct_volume(header, images: int) -> str:

@@ -377,6 +377,48 @@ def test_prepare_reads_a_tcia_download_and_keeps_each_patient_on_one_side(tmp_pa
     assert [(e["patient"], e.get("subject")) for e in datalist["validation"]] == [("P2", None), ("P2_2", "P2")]
 
 
+def test_two_reconstructions_of_one_scan_are_named_in_one_warning(tmp_path, capsys):
+    """A soft-tissue and a lung-kernel series of one scan in one folder (one study, one frame of reference), or two
+    NIfTI/NRRD files of one field of view, became two training CTs without a word: that scan weighed twice (and two
+    files, each a subject of its own, could land on both sides of the split). Now one warning line names them."""
+    import pydicom
+
+    from XctDiffCore.dicom_series import write_dicom_series
+
+    folder = tmp_path / "in" / "P7"
+    for name, kernel, thickness, study in (("soft", "B30f", "5", "1.2.3"), ("lung", "B70f", "1", "1.2.3"),
+                                           ("later", "B30f", "5", "1.2.4")):
+        write_dicom_series(Volume(np.rint(synthetic_chest((12, 24, 24))).astype(np.int16), spacing=(12.0, 12.0, 8.0)),
+                           tmp_path / name)
+        for path in sorted((tmp_path / name).iterdir()):
+            ds = pydicom.dcmread(path)
+            ds.PatientID, ds.StudyInstanceUID, ds.FrameOfReferenceUID = "P7", study, study + ".9"
+            ds.ConvolutionKernel, ds.SliceThickness = kernel, thickness
+            folder.mkdir(parents=True, exist_ok=True)
+            ds.save_as(folder / f"{name}-{path.name}")
+    files = tmp_path / "in" / "files"
+    files.mkdir()
+    chest = np.rint(synthetic_chest((40, 40, 40))).astype(np.int16)
+    write_volume(Volume(chest, spacing=(2.5, 2.5, 2.5), origin=(-50.0, -50.0, -300.0)), files / "a_thin.nrrd")
+    write_volume(Volume(chest[::2], spacing=(2.5, 2.5, 5.0), origin=(-50.0, -50.0, -298.0)), files / "a_thick.nii.gz")
+    write_volume(Volume(chest, spacing=(2.5, 2.5, 2.5), origin=(-50.0, -50.0, -100.0)), files / "b.nrrd")  # elsewhere
+    write_volume(Volume(chest, spacing=(2.5, 2.5, 2.5)), files / "c.nrrd")  # no position: not told apart, passed over
+    write_volume(Volume(chest, spacing=(2.5, 2.5, 2.5)), files / "d.nrrd")
+    with pytest.warns(UserWarning) as caught:
+        cts = find_ct_inputs([tmp_path / "in"])
+    assert sorted(c.patient for c in cts) == ["P7", "P7_2", "P7_3", "a_thick", "a_thin", "b", "c", "d"]
+    said = [str(w.message) for w in caught if "reconstructions" in str(w.message)]
+    assert said == [f"4 CTs look like reconstructions of 2 scans (P7_2 (B70f, 1 mm) and P7_3 (B30f, 5 mm): one DICOM "
+                    f"study and frame of reference; a_thick and a_thin: one field of view in {files}): each is taken "
+                    "as a CT of its own, so that scan weighs twice in training and in a score, and may be trained on "
+                    "and validated on at once; keep one (the thinnest slices and the softest kernel, as a rule) and "
+                    "move the others out"], said
+    assert main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--size", str(SIZE),
+                 "--val-fraction", "0"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: 4 CTs look like reconstructions of 2 scans (P7_2 (B70f, 1 mm) and P7_3") == 1, err
+
+
 def test_the_search_bar_counts_each_folder_with_its_series(tmp_path, monkeypatch):
     """The bar's "N CT series" was set before each folder was looked into: one folder late, and the last folder's
     series were never counted on it."""
