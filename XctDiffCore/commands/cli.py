@@ -202,13 +202,17 @@ def add_lpips_weights_command(subparsers):
 def _run_lpips_weights(args) -> int:
     from pathlib import Path
 
-    from ..models.lpips import WEIGHTS_NAME, convert_lpips_weights, default_weights_path
+    from ..models.lpips import LPIPS, WEIGHTS_NAME, convert_lpips_weights, default_cache_dir, default_weights_path
 
     out = Path(args.cache).expanduser() / WEIGHTS_NAME if args.cache else default_weights_path()
+    # training and evaluation read the default cache only: weights written elsewhere need XCTDIFF_CACHE to point there
+    found = "" if out.parent.resolve() == default_cache_dir().resolve() else \
+        f" (training and evaluation read {default_cache_dir()}: set XCTDIFF_CACHE={out.parent.absolute()} for them)"
     if out.is_file() and not args.force:
-        print(f"LPIPS weights already present: {out}")
+        LPIPS.load(out)  # a damaged or foreign file is said now (rerun with --force), not when training reads it
+        print(f"LPIPS weights already present: {out}{found}")
         return 0
-    print(f"LPIPS weights written: {convert_lpips_weights(out, source=args.source)}")
+    print(f"LPIPS weights written: {convert_lpips_weights(out, source=args.source)}{found}")
     return 0
 
 

