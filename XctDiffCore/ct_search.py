@@ -266,12 +266,12 @@ def _warn_of_one_scan_twice(found: list, cts: list) -> None:
         return ", ".join(names[:-1]) + " and " + names[-1]
 
     shown = "; ".join(f"{listed(members)}: {why}" for members, why in named[:3]) + ("; ..." if len(named) > 3 else "")
-    apart = any(len({c.subject for c in members}) > 1 for members, _ in named)
+    apart = any(len({c.subject for c in members}) > 1 for members, _ in named)  # each file a patient of its own
+    apart = ", and may be trained on and validated on at once" if apart else ""
     warnings.warn(f"{sum(len(m) for m, _ in named)} CTs look like reconstructions of {len(named)} "
-                  f"scan{'s' * (len(named) > 1)} ({shown}): each is taken as a CT of its own, so that scan weighs twice "
-                  f"in training and in a score{', and may be trained on and validated on at once' if apart else ''}; "
-                  "keep one (the thinnest slices and the softest kernel, as a rule) and move the others out",
-                  stacklevel=3)
+                  f"scan{'s' * (len(named) > 1)} ({shown}): each is taken as a CT of its own, so that scan weighs "
+                  f"twice in training and in a score{apart}; keep one (the thinnest slices and the softest kernel, as "
+                  "a rule) and move the others out", stacklevel=3)
 
 
 _FIELD_OF_VIEW_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")  # their headers say where they lie

@@ -254,7 +254,8 @@ def test_an_nrrd_cut_short_says_so_and_what_to_do(tmp_path, compress):
     cut = tmp_path / "cut.nrrd"
     cut.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(XctDiffError, match=f"^{cut} is cut short: its header asks for {16 * 20 * 24 * 2} bytes of "
-                       "voxels, the file holds [0-9]+ .a download or copy that stopped\\?.: copy or download it again$"):
+                       "voxels, the file holds [0-9]+ .a download or copy that stopped\\?.: copy or download it "
+                       "again$"):
         read_ct(cut)
     if compress:
         return

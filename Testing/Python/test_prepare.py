@@ -249,7 +249,8 @@ def test_a_scan_of_thick_slices_at_fine_spacing_is_said_from_its_dicom_thickness
     (folder / "manifest.csv").write_text(f"id,native_spacing\n{npz.stem},0.977x0.977x2.5 (5 mm thick)\n")
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"validation": ["thick", "thin", npz.stem]}))
-    assert main(["prepare", str(folder), "--out", str(tmp_path / "out"), "--split", str(split), "--size", str(SIZE)]) == 0
+    argv = ["prepare", str(folder), "--out", str(tmp_path / "out"), "--split", str(split), "--size", str(SIZE)]
+    assert main(argv) == 0
     err = capsys.readouterr().err
     assert ("warning: 2 of the 3 validation patients are scans of low resolution (phantom2: 5.0 mm thick slices, 2.5 "
             "mm apart (coarser than 3 mm); thick: 5.0 mm thick slices, 2.5 mm apart (coarser than 3 mm)): ") in err, err

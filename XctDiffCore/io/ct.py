@@ -96,8 +96,8 @@ def _check_nifti_whole(path: Path) -> None:
     else:
         held = path.stat().st_size
     if held < needed:
-        raise XctDiffError(f"{path} is cut short: its header asks for {needed} bytes, the file holds {held} (a download "
-                           "or copy that stopped?): copy or download it again")
+        raise XctDiffError(f"{path} is cut short: its header asks for {needed} bytes, the file holds {held} (a "
+                           "download or copy that stopped?): copy or download it again")
 
 
 def _gunzipped_length(f) -> int:
