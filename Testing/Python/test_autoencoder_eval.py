@@ -147,3 +147,17 @@ def test_the_help_says_what_it_prints_and_in_what_units(capsys):
     for words in ("Prints the mean ± std over cases per method", "PSNR in dB", "SSIM (0-1)", "bone Dice (HU > 200)",
                   "perplexity", "model and version, device, precision, date, command", "training fit"):
         assert words in text
+
+
+def test_a_partial_model_folder_with_only_the_autoencoder_is_scored_with_its_training_list(tmp_path, ct_folder, capsys):
+    """`export --stages autoencoder` writes a manifest with the autoencoder alone: reading its training list asked
+    for all three stages ('manifest.json lacks the encoder, diffusion stage(s)')."""
+    model = create_random_model(tmp_path / "model", "tiny", seed=0)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["stages"] = {"autoencoder": manifest["stages"]["autoencoder"]}
+    manifest["training"] = {"training_patients": ["patient0"]}
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "report"
+    assert main(["evaluate-autoencoder", "--model", str(model), "--data", str(ct_folder), "--out", str(out),
+                 "--max-cases", "1"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["training_fit"] == ["patient0"]

@@ -290,10 +290,11 @@ def ct_folder_cases(path: Path, volume_size: int, geometry: str, max_cases: Opti
 
 def model_training_patients(folder) -> Optional[set]:
     """The patients a model folder was trained on (its manifest's ``training.training_patients``, as ``xctdiff
-    inspect`` counts them), or None when the manifest does not record them."""
+    inspect`` counts them), or None when the manifest does not record them. A partial folder (only the autoencoder,
+    for ``evaluate-autoencoder``) has them too: the stages were checked by whoever loaded it."""
     from ..model_manifest import read_manifest
 
-    training = read_manifest(folder).get("training")
+    training = read_manifest(folder, required=()).get("training")
     patients = training.get("training_patients") if isinstance(training, dict) else None
     return {str(p) for p in patients} if isinstance(patients, list) else None
 
