@@ -588,6 +588,65 @@ def test_evaluate_style_with_a_model_folder_scores_reconstructions_both_ways(dom
     assert figure.shape == (6 * 34 - 2, 5 * 34 - 2)
 
 
+def test_the_style_report_says_what_made_it(domains, tmp_path, capsys):
+    """style_eval.md/.json named the model by the path given, and said neither the date, XctDiff's version, the
+    device and precision of the transfer and of the reconstructions, nor the command; nothing said where the report
+    went, and 2 x N reconstructions ran without a progress line. Now `xctdiff evaluate`'s "Made on ..." paragraph
+    (reconstructions.made_on), the model's id and version, a progress bar and a 'wrote' line."""
+    import shlex
+
+    from XctDiffCore.model_folder import create_random_model
+
+    model = create_random_model(tmp_path / "model", "tiny")  # 32 px, with a style stage
+    manifest = json.loads((model / "manifest.json").read_text())
+    out = tmp_path / "eval"
+    assert main(["evaluate-style", "--model", str(model), "--real", str(domains / "real"), "--drr",
+                 str(domains / "datalist.json"), "--out", str(out), "--max-images", "2", "--folds", "2", "--steps", "1",
+                 "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "reconstructing the films transferred" in captured.err and "reconstructing the films as loaded" in captured.err
+    assert captured.out.rstrip().endswith(f"wrote {out}/style_eval.md, style_eval.json, style_eval.png")
+    result = json.loads((out / "style_eval.json").read_text(encoding="utf-8"))
+    assert result["model"] == f"{manifest['id']} {manifest['version']} ({model.resolve()})"
+    assert result["device"] == "cpu" and result["precision"] == "fp32"
+    assert result["reconstructions"]["device"].startswith("cpu") and result["reconstructions"]["precision"] in ("fp32", "bf16")
+    assert shlex.split(result["command"]) == ["xctdiff", "evaluate-style", "--model", str(model.resolve()), "--real",
+                                              str(domains / "real"), "--drr", str(domains / "datalist.json"), "--out",
+                                              str(out), "--max-images", "2", "--folds", "2", "--seed", "0", "--steps",
+                                              "1", "--device", "cpu"]
+    text = (out / "style_eval.md").read_text(encoding="utf-8")
+    made = (f"Made on {result['date']} by XctDiff {result['xctdiff']} on cpu, fp32 (the transfer); "
+            f"{result['reconstructions']['device']}, {result['reconstructions']['precision']} (the reconstructions)")
+    assert made in text and f"\n    {result['command']}\n" in text and f"Model `{result['model']}`" in text
+
+
+def test_a_style_output_folder_that_holds_the_model_or_the_drr_datalist_is_refused(domains, tmp_path, capsys):
+    """`--out MODEL` wrote style_eval.* into the model folder, `--out DS` beside the DRR datalist: each is refused in
+    one line before any work, nothing written."""
+    from XctDiffCore.model_folder import create_random_model
+
+    model = create_random_model(tmp_path / "model", "tiny")
+    before = sorted(p.name for p in model.iterdir())
+    (tmp_path / "ds").mkdir()
+    datalist = Path(shutil.copy(domains / "datalist.json", tmp_path / "ds"))
+    for out in (model, tmp_path / "ds"):
+        assert main(["evaluate-style", "--model", str(model), "--real", str(domains / "real"), "--drr", str(datalist),
+                     "--out", str(out), "--folds", "2"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and f"is in the output folder {out}" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in model.iterdir()) == before and list((tmp_path / "ds").iterdir()) == [datalist]
+
+
+def test_the_style_help_says_what_it_prints_and_in_what_units(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate-style", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("Prints a Markdown report", "balanced accuracy, in % (mean ± std over folds)", "50% = indistinguishable",
+                  "intensity in [0, 1]", "correlation (-1 to 1)", "data consistency (0-1)",
+                  "model and version, device, precision, date, command"):
+        assert words in text
+
+
 def test_domain_accuracy_is_calibrated():
     rng = np.random.default_rng(0)
     same = rng.normal(size=(120, 6))

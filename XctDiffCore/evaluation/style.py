@@ -12,7 +12,9 @@ style. No pretrained feature network is used (none can be loaded offline), so th
 Anatomy kept is measured separately: the correlation of gradient magnitudes of each film and its
 transfer inside the lung fields (:func:`edge_preservation`).
 
-Outputs: ``style_eval.json``, ``style_eval.md`` (a table) and ``style_eval.png``: rows of real |
+Outputs: ``style_eval.json``, ``style_eval.md`` (what made it: the model's id and version, the device and
+precision of the transfer and of the reconstructions, the date, XctDiff's version and the command; then the
+tables) and ``style_eval.png``: rows of real |
 transferred | the nearest DRR (smallest distance between 32 x 32 thumbnails of the transferred
 film and the DRRs, each standardised); with a whole model, the DRR of the reconstruction from the
 film and from its transfer follow each, so that what the transfer changes in the result shows.
@@ -25,12 +27,16 @@ The data-consistency of reconstructions with and without the transfer is measure
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from .. import __version__
 from ..atomic import atomic_path, check_output_folder, output_lock, output_set
 from ..errors import XctDiffError
 
@@ -61,7 +67,8 @@ def load_real_images(patterns, size: int, max_images: Optional[int] = None, seed
     if max_images is not None and len(files) > max_images:
         keep = np.sort(np.random.default_rng(seed).choice(len(files), max_images, replace=False))
         files = [files[i] for i in keep]
-    images = [preprocess_radiograph(read_radiograph(f).image, size) for f in tqdm(files, desc="real films", disable=None)]
+    images = [preprocess_radiograph(read_radiograph(f).image, size)
+              for f in tqdm(files, desc="reading the real films", unit="film", file=sys.stderr)]
     return np.stack(images).astype(np.float32), files
 
 
@@ -219,8 +226,11 @@ def consistency_with_and_without_style(score: Callable, real01: np.ndarray, tran
     :func:`layout_agreement` with the film as loaded. It is called once per image of each kind, in this order.
     With ``return_drrs``: ``(result, {"without_style": [N, H, W], "with_style": [N, H, W]})`` (None without DRRs).
     """
-    def scored(images):
-        results = [score(image) for image in images]
+    from tqdm import tqdm
+
+    def scored(images, which):  # two reconstructions a film: a minute or more for 60 films on a CPU
+        results = [score(image) for image in tqdm(images, desc=f"reconstructing the films {which}", unit="film",
+                                                  file=sys.stderr)]
         pairs = [r if isinstance(r, tuple) else (r, None) for r in results]
         consistency = [float(c) for c, _ in pairs]
         drrs = [d for _, d in pairs]
@@ -228,8 +238,8 @@ def consistency_with_and_without_style(score: Callable, real01: np.ndarray, tran
             return consistency, None, None
         return consistency, [layout_agreement(f, d) for f, d in zip(real01, drrs)], np.stack(drrs).astype(np.float32)
 
-    without, layout_without, drrs_without = scored(real01)
-    with_style, layout_with, drrs_with = scored(transferred01)
+    without, layout_without, drrs_without = scored(real01, "as loaded")
+    with_style, layout_with, drrs_with = scored(transferred01, "transferred")
     result = {
         "without_style": float(np.mean(without)),
         "with_style": float(np.mean(with_style)),
@@ -247,7 +257,9 @@ def consistency_with_and_without_style(score: Callable, real01: np.ndarray, tran
 
 def pipeline_consistency(model_folder, steps: Optional[int] = None, device: str = "auto", seed: int = 0) -> Callable:
     """``score(image01)`` for :func:`consistency_with_and_without_style`: reconstruct with a whole model
-    folder (no style stage: the image is scored as given) and return the reconstruction's consistency and DRR."""
+    folder (no style stage: the image is scored as given) and return the reconstruction's consistency and DRR.
+    Its ``made_with`` says for the report what reconstructed: the options that repeat it, then (once it has run)
+    the device and the precision."""
     from ..io import Radiograph
     from ..pipeline import XctDiffPipeline
 
@@ -256,8 +268,12 @@ def pipeline_consistency(model_folder, steps: Optional[int] = None, device: str 
     def score(image01: np.ndarray) -> tuple:
         film = Radiograph(np.asarray(image01, dtype=np.float32), None, False, "style evaluation")
         result = pipe.reconstruct(film, steps=steps, seed=seed, device=device, style="off")
+        score.made_with.update(device=result.device, precision=result.precision,
+                               options=options + ["--device", str(pipe.device)])  # what "auto" became
         return result.consistency, pipe.render_drr(result.ct, "cpu")
 
+    options = ["--steps", str(steps)] if steps is not None else []
+    score.made_with = {"options": options + ["--device", device], "device": None, "precision": None}
     return score
 
 
@@ -299,9 +315,11 @@ def evaluate_style(
     device: str = "cpu",
 ) -> dict:
     """Domain distance of real films to DRRs before and after the style transfer; writes JSON, Markdown, PNG."""
+    from ..atomic import refuse_own_output
     from ..figures import figure_tag_metadata
     from ..io import write_image_png
     from ..style import load_style_generator
+    from .reconstructions import made_on
 
     if max_images is not None and max_images < folds:
         raise XctDiffError(f"--max-images must be at least the number of folds ({folds}), got {max_images}")
@@ -310,6 +328,9 @@ def evaluate_style(
     if seed < 0:
         raise XctDiffError(f"--seed must be 0 or more, got {seed}")
     out_dir = check_output_folder(out_dir, parents=True)
+    for given in (model, drr_datalist):  # the report would be written among them
+        if Path(given).exists():
+            refuse_own_output(given, out_dir)
     with output_lock(out_dir, "xctdiff evaluate-style"):  # a second evaluation into it is refused
         patterns = [real] if isinstance(real, (str, Path)) else list(real)
         generator, size = load_style_generator(model, device)
@@ -324,7 +345,7 @@ def evaluate_style(
 
         f_real, f_moved, f_drr = style_features(real01), style_features(moved01), style_features(drr01)
         result = {
-            "model": str(model),
+            "model": model_name(model),
             "real": [str(p) for p in patterns],
             "drr_datalist": str(drr_datalist),
             "image_size": size,
@@ -345,6 +366,17 @@ def evaluate_style(
         rng = np.random.default_rng(seed)
         shown = np.sort(rng.choice(len(real01), min(FIGURE_ROWS, len(real01)), replace=False))
         nearest = nearest_drr(moved01[shown], drr01)
+        made_with = getattr(consistency, "made_with", None) or {"options": []}
+        command = shlex.join(["xctdiff", "evaluate-style", "--model", os.path.abspath(model), "--real",
+                              *(os.path.abspath(p) for p in patterns), "--drr", os.path.abspath(drr_datalist), "--out",
+                              str(out_dir)] + ([] if max_images is None else ["--max-images", str(max_images)])
+                             + ["--folds", str(folds), "--seed", str(seed), *made_with["options"]])
+        transfer_on = f"{device}, fp32"  # the generator's, as load_style_generator builds it
+        on = transfer_on if consistency is None else (f"{transfer_on} (the transfer); {made_with.get('device')}, "
+                                                      f"{made_with.get('precision')} (the reconstructions)")
+        result["date"], result["made"] = made_on(on, command, protocol="XctDiffCore/evaluation/style.py")
+        result.update(xctdiff=__version__, command=command, device=device, precision="fp32",
+                      reconstructions=None if consistency is None else {k: made_with.get(k) for k in ("device", "precision")})
         result["figure_rows"] = [{"real": str(files[i]), "nearest_drr_index": int(j)} for i, j in zip(shown, nearest)]
         if reconstructed is None:
             result["figure_columns"] = ["real film", "transferred", "nearest DRR"]
@@ -362,6 +394,17 @@ def evaluate_style(
         return result
 
 
+def model_name(model) -> str:
+    """A model folder's id and version with its path (the report's words), or a bare style file's path."""
+    from ..model_folder import MANIFEST_NAME, read_manifest
+
+    path = Path(model)
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        manifest = read_manifest(path, required=("style",))
+        return f"{manifest.get('id', path.name)} {manifest.get('version', '')}".strip() + f" ({path.resolve()})"
+    return str(path.resolve())
+
+
 def _summary(values: np.ndarray) -> dict:
     return {"mean": float(np.mean(values)), "min": float(np.min(values)), "median": float(np.median(values)),
             "per_image": [float(v) for v in values]}
@@ -375,6 +418,7 @@ def markdown_table(result: dict) -> str:
     lines = [
         "# Style transfer: real radiographs -> DRR style",
         "",
+        result.get("made", "").rstrip("\n") + "\n",
         f"Model `{result['model']}`, {result['n_real']} real films ({', '.join(result['real'])}), "
         f"{result['n_drr']} DRRs ({result['drr_datalist']}), {result['image_size']} px.",
         "",
