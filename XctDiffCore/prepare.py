@@ -320,20 +320,28 @@ def _prepare_ct(job: _CtJob) -> tuple:
 
 def _source_resolution(path: Path, volume: Volume) -> dict:
     """The scan's own voxel size (``source_spacing``: x, y, z mm) and, where the source says it, its slice thickness
-    (``source_slice_thickness``, mm), kept in the datalist: a CT of thick slices looks whole at 2.5 mm, and prepare
-    and evaluate say it is of low resolution (:func:`~XctDiffCore.metrics.low_resolution_problem`). The CT's spacing
-    and a DICOM CT's Slice Thickness (0018,0050); for a .npz that a ``manifest.csv`` beside it lists (the shared
-    data: CTs already resampled to 2.5 mm), the ``native_spacing`` recorded there (``0.977x0.977x2.5 (5 mm
-    thick)``). NIfTI, NRRD and MetaImage record no thickness: their spacing alone."""
+    (``source_slice_thickness``, mm: :func:`_source_thickness`), kept in the datalist: a CT of thick slices looks
+    whole at 2.5 mm, and prepare and evaluate say it is of low resolution
+    (:func:`~XctDiffCore.metrics.low_resolution_problem`). The CT's spacing; for a .npz that a ``manifest.csv``
+    beside it lists (the shared data: CTs already resampled to 2.5 mm), the ``native_spacing`` recorded there."""
+    spacing = volume.spacing
+    if full_suffix(path).lower() == ".npz":
+        spacing = (_manifest_resolution(path) or (spacing, None))[0]
+    return {"source_spacing": [round(float(s), 4) for s in spacing], **_source_thickness(path)}
+
+
+def _source_thickness(path: Path) -> dict:
+    """``{"source_slice_thickness": mm}`` where the source says it: a DICOM CT's Slice Thickness (0018,0050), the
+    ``(5 mm thick)`` of a shared .npz's ``native_spacing`` (``0.977x0.977x2.5 (5 mm thick)``); else ``{}`` (NIfTI,
+    NRRD and MetaImage record none: their spacing alone decides)."""
     from .io.ct import dicom_slice_thickness
 
-    spacing, thickness = volume.spacing, None
+    thickness = None
     if full_suffix(path).lower() == ".npz":
-        spacing, thickness = _manifest_resolution(path) or (spacing, None)
+        thickness = (_manifest_resolution(path) or (None, None))[1]
     elif path.is_file() and full_suffix(path).lower() not in CT_FILE_SUFFIXES:  # a file of a DICOM series
         thickness = dicom_slice_thickness(path)
-    return {"source_spacing": [round(float(s), 4) for s in spacing],
-            **({"source_slice_thickness": round(thickness, 4)} if thickness else {})}
+    return {"source_slice_thickness": round(thickness, 4)} if thickness else {}
 
 
 def _manifest_resolution(path: Path) -> Optional[tuple]:
@@ -359,7 +367,8 @@ def _manifest_resolution(path: Path) -> Optional[tuple]:
 
 def _kept_pairs(job: _CtJob) -> Optional[tuple]:
     """``_prepare_ct``'s result from the pairs an earlier run wrote, if its record says they were made from this
-    very file with these settings and they are all there; else None (prepare it again)."""
+    very file with these settings and they are all there; else None (prepare it again). Entries written before
+    prepare kept the scan's voxel size, or a slice thickness the source gives, are prepared again (once)."""
     from .io import read_ct
 
     try:
@@ -367,6 +376,10 @@ def _kept_pairs(job: _CtJob) -> Optional[tuple]:
         entries = record.pop("entries")
         if record != json.loads(json.dumps(job.record())) or not all(
                 (job.out_dir / entry[key]).is_file() for entry in entries for key in ("image", "xray")):
+            return None
+        thickness = _source_thickness(job.ct.path)
+        if any("source_spacing" not in entry or entry.get("source_slice_thickness") != thickness.get(
+                "source_slice_thickness") for entry in entries):
             return None
         ct = read_ct(job.out_dir / entries[0]["image"]) if job.keep_ct else None  # the canonical CT, for the mixes
     except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, XctDiffError):

@@ -227,7 +227,8 @@ def test_the_shared_datas_native_spacing_is_the_source_spacing_of_its_npz(tmp_pa
     assert spacing == {paths[0].stem: [4.17, 4.17, 3.99], paths[1].stem: [2.5, 2.5, 2.5]}  # not listed: its own
 
 
-def test_a_scan_of_thick_slices_at_fine_spacing_is_said_from_its_dicom_thickness_or_the_manifest(tmp_path, capsys):
+def test_a_scan_of_thick_slices_at_fine_spacing_is_said_from_its_dicom_thickness_or_the_manifest(tmp_path, capsys,
+                                                                                                 monkeypatch):
     """A scan reconstructed at 2.5 mm spacing from 5 mm thick slices (DICOM Slice Thickness 0018,0050; the shared
     manifest's '0.977x0.977x2.5 (5 mm thick)': tcga_thca_de_a4ma) is blurred head to foot like a 5 mm scan; the
     rule looked at the spacing alone and said nothing. The thickness is kept beside source_spacing."""
@@ -257,6 +258,18 @@ def test_a_scan_of_thick_slices_at_fine_spacing_is_said_from_its_dicom_thickness
     datalist = json.loads((tmp_path / "out" / "datalist.json").read_text())
     kept = {e["patient"]: (e["source_spacing"], e.get("source_slice_thickness")) for e in datalist["validation"]}
     assert kept == {"thick": ([2.5] * 3, 5.0), "thin": ([2.5] * 3, 2.5), npz.stem: ([0.977, 0.977, 2.5], 5.0)}
+
+    from XctDiffCore import preprocess  # --resume on pairs recorded before the thickness was kept: made again, once
+
+    record = tmp_path / "out" / "images" / "thick.pairs.json"
+    old = json.loads(record.read_text())
+    record.write_text(json.dumps({**old, "entries": [
+        {k: v for k, v in e.items() if k != "source_slice_thickness"} for e in old["entries"]]}))
+    prepared, real = [], preprocess.preprocess_ct
+    monkeypatch.setattr(preprocess, "preprocess_ct", lambda ct, **kw: prepared.append(ct) or real(ct, **kw))
+    assert main([*argv, "--resume"]) == 0
+    assert len(prepared) == 1 and "thick: 5.0 mm thick slices" in capsys.readouterr().err
+    assert json.loads(record.read_text()) == old
     assert low_resolution_problem([0.6, 0.6, 0.625], 1.25) is None  # overlapping thin slices: fine
     assert low_resolution_problem([0.8, 0.8, 5.0], 1.0) == "5.0 mm voxels (coarser than 3 mm)"  # gaps: the spacing
     assert low_resolution_problem([0.8, 0.8, 2.0], 3.0) is None  # 3 mm itself is not coarser than 3 mm
