@@ -161,3 +161,22 @@ def test_a_partial_model_folder_with_only_the_autoencoder_is_scored_with_its_tra
     assert main(["evaluate-autoencoder", "--model", str(model), "--data", str(ct_folder), "--out", str(out),
                  "--max-cases", "1"]) == 0, capsys.readouterr().err
     assert json.loads((out / "summary.json").read_text())["training_fit"] == ["patient0"]
+
+
+def test_the_figure_labels_fit_their_panels_and_the_caption_names_each_case():
+    """The truth panels' labels ('lidc_idri_0001 coronal bone', 27 characters) ran into the next panel's
+    ('...bonedecoded coronal bone'), and nothing said which windows were used: now each label fits its panel and a
+    caption names the windows, each case in full with its notes, and the model."""
+    from XctDiffCore.evaluation.autoencoder import figure_caption, figure_rows
+    from XctDiffCore.evaluation.reconstructions import Case
+    from XctDiffCore.figures import PANEL_SIZE, label_font
+
+    ct = synthetic_chest((32, 32, 32), seed=0)
+    figure = [(Case("cptac_lscc_c3n_00247_aug0", None, ct), ct), (Case("lidc_idri_0001_aug0", None, ct), ct)]
+    font = label_font()
+    labels = [label for row in figure_rows(figure) for label, _ in row]
+    assert len(labels) == 16 and all(font.getlength(label) <= PANEL_SIZE for label in labels), labels
+    caption = " ".join(figure_caption(figure, "xctdiff-cpu 0.8.0", {"lidc_idri_0001_aug0": ["training fit"]}))
+    assert "cptac_lscc_c3n_00247_aug0, lidc_idri_0001_aug0 (training fit)" in caption
+    assert "bone window (W 1800 / L 450)" in caption and "lung window (W 1500 / L -600)" in caption
+    assert "xctdiff-cpu 0.8.0" in caption

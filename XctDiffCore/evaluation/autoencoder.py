@@ -15,8 +15,9 @@ datalist's un-augmented validation CTs, or a folder of CTs preprocessed to 128^3
 
 Outputs in ``--out``: ``metrics.csv`` (one row per case and method), ``summary.md`` (what made it: the
 model's id and version or the run and its step, the device, the precision, the date, XctDiff's version and
-the command; per-case rows, then mean ± std), ``summary.json`` and ``figure.png`` (truth vs decoded, axial
-and coronal mid-slices in a bone window and a lung window, a row per case). The cases' caveats are
+the command; per-case rows, then mean ± std), ``summary.json`` and ``figure.png`` (truth vs decoded, coronal
+and axial mid-slices in a bone window and a lung window, a row per case; a caption names the windows, the
+cases in full and the model). The cases' caveats are
 ``xctdiff evaluate``'s (:func:`~.reconstructions.case_notes`): *training fit* (a patient of the model
 folder's training list, or of the run's training datalist), *not a whole chest*, *low resolution*.
 """
@@ -185,9 +186,10 @@ def evaluate_autoencoder(data, out_dir, model=None, run=None, max_cases: Optiona
                                                               "training_fit": fit, "not_whole_chest": partial,
                                                               "summary": summary, "rows": rows}, indent=2) + "\n")
             if figure:
-                from ..figures import compose_grid, write_png
+                from ..figures import compose_grid, with_caption, write_png
 
-                write_png(compose_grid(figure_rows(figure)), out_dir / "figure.png")
+                image = with_caption(compose_grid(figure_rows(figure)), figure_caption(figure, source, notes))
+                write_png(image, out_dir / "figure.png")
         return {"rows": rows, "summary": summary}
 
 
@@ -225,7 +227,8 @@ def mean_table(summary: dict) -> str:
 
 
 def figure_rows(figure: list) -> list:
-    """Per case: truth | decoded, axial and coronal, in a bone window, then in a lung window."""
+    """Per case: truth | decoded, coronal and axial, in a bone window, then in a lung window (the case's name, which
+    a label of a panel's width cannot hold, is in :func:`figure_caption`)."""
     from ..figures import BONE_WINDOW_HU, LUNG_WINDOW_HU, orthogonal_slices, window
 
     rows = []
@@ -234,7 +237,21 @@ def figure_rows(figure: list) -> list:
         row = []
         for name, low_high in (("bone", BONE_WINDOW_HU), ("lung", LUNG_WINDOW_HU)):
             for plane in ("coronal", "axial"):
-                row += [(f"{case.name[:14]} {plane} {name}", window(truth[plane], low_high)),
+                row += [(f"truth {plane} {name}", window(truth[plane], low_high)),
                         (f"decoded {plane} {name}", window(ours[plane], low_high))]
         rows.append(row)
     return rows
+
+
+def figure_caption(figure: list, source: str, notes: dict) -> list:
+    """The figure's lines of text: the windows, every case in full with its notes, top to bottom, and the model."""
+    from ..figures import BONE_WINDOW_HU, LUNG_WINDOW_HU
+
+    def words(low_high):
+        low, high = low_high
+        return f"W {high - low:.0f} / L {(high + low) / 2:.0f}"
+
+    names = [case.name + (f" ({'; '.join(notes[case.name])})" if notes.get(case.name) else "") for case, _ in figure]
+    return [f"Mid-slices, a row per case: truth | decoded, coronal and axial, in a bone window ({words(BONE_WINDOW_HU)}), "
+            f"then in a lung window ({words(LUNG_WINDOW_HU)}).", f"Cases, top to bottom: {', '.join(names)}.",
+            f"Autoencoder of {source}, xctdiff evaluate-autoencoder (summary.md: what made it)."]
