@@ -258,6 +258,14 @@ def test_a_scan_of_thick_slices_at_fine_spacing_is_said_from_its_dicom_thickness
     datalist = json.loads((tmp_path / "out" / "datalist.json").read_text())
     kept = {e["patient"]: (e["source_spacing"], e.get("source_slice_thickness")) for e in datalist["validation"]}
     assert kept == {"thick": ([2.5] * 3, 5.0), "thin": ([2.5] * 3, 2.5), npz.stem: ([0.977, 0.977, 2.5], 5.0)}
+    from XctDiffCore.evaluation.reconstructions import case_notes, datalist_cases
+
+    with pytest.warns(UserWarning, match="scored brought to 128"):  # a --size 32 list: said, and beside the point
+        notes = case_notes(datalist_cases(tmp_path / "out" / "datalist.json", SIZE), None)
+    coarse = {name: [w for w in words if w.startswith("low resolution")] for name, words in notes.items()}
+    assert coarse == {"thick_aug0": ["low resolution: 5.0 mm thick slices, 2.5 mm apart (coarser than 3 mm)"],
+                      "thin_aug0": [], f"{npz.stem}_aug0": ["low resolution: 5.0 mm thick slices, 2.5 mm apart "
+                                                            "(coarser than 3 mm)"]}  # evaluate: the same rule
 
     from XctDiffCore import preprocess  # --resume on pairs recorded before the thickness was kept: made again, once
 

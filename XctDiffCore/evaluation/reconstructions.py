@@ -118,6 +118,7 @@ class Case:
     truth_hu: np.ndarray  # [z, y, x] on the output grid (128^3)
     patient: str = ""  # the patient id (a datalist's ``patient``), to match the model's training list
     native_spacing_mm: Optional[tuple] = None  # the scan's own voxel size (a CT file's; a datalist entry's source_spacing)
+    slice_thickness_mm: Optional[float] = None  # a DICOM scan's Slice Thickness (a datalist's source_slice_thickness)
 
 
 @dataclass
@@ -173,7 +174,8 @@ def datalist_cases(datalist: Path, volume_size: int, max_cases: Optional[int] = 
 
     validation = read_datalist(datalist, "validation")  # checks the file and the entries
     raw = json.loads(datalist.read_text(encoding="utf-8")).get("validation", [])
-    items = [{**item, "source_spacing": entry.get("source_spacing")}  # prepare keeps the scan's own voxel size
+    items = [{**item, "source_spacing": entry.get("source_spacing"),  # prepare keeps the scan's own voxel size
+              "source_slice_thickness": entry.get("source_slice_thickness")}  # and a DICOM scan's slice thickness
              for entry, item in zip(raw, validation) if augmented or int(entry.get("aug", 0)) == 0]
     if not items and validation:  # every entry a variant (aug > 0): the originals were left out by hand
         raise XctDiffError(f"every validation entry of {datalist} ({len(validation)}) is an augmented variant (aug > 0), "
@@ -185,7 +187,7 @@ def datalist_cases(datalist: Path, volume_size: int, max_cases: Optional[int] = 
         ct, drr = load_entry_ct(item["image"]), load_entry_xray(item["xray"])
         sizes.append(ct.shape[0])
         cases.append(Case(Path(item["image"]).stem, drr.astype(np.float32), model_grid_hu(ct, volume_size), item["patient"],
-                          item["source_spacing"]))
+                          item["source_spacing"], item["source_slice_thickness"]))
     warn_of_another_grid(datalist, sizes)
     return cases
 
@@ -271,6 +273,7 @@ def ct_folder_cases(path: Path, volume_size: int, geometry: str, max_cases: Opti
     run's progress.npz there is a CT by its suffix)."""
     from ..drr import drr_of_volume
     from ..io import read_ct, warn_if_synthetic
+    from ..io.ct import dicom_slice_thickness
     from ..model_folder import PREPARED_SIZE, PREPARED_SPACING_MM
     from ..ct_search import describe_ignored, find_ct_inputs
     from ..preprocess import preprocess_ct
@@ -284,7 +287,8 @@ def ct_folder_cases(path: Path, volume_size: int, geometry: str, max_cases: Opti
         scan = read_ct(ct_input.path)
         ct = preprocess_ct(scan, size=PREPARED_SIZE, spacing=PREPARED_SPACING_MM)
         drr = drr_of_volume(ct, geometry, PREPARED_SIZE)
-        cases.append(Case(ct_input.patient, drr, model_grid_hu(ct.array, volume_size), ct_input.patient, scan.spacing))
+        cases.append(Case(ct_input.patient, drr, model_grid_hu(ct.array, volume_size), ct_input.patient, scan.spacing,
+                          dicom_slice_thickness(ct_input.path)))
     return cases
 
 
@@ -313,7 +317,7 @@ def case_notes(cases: list, trained_on: Optional[set]) -> dict:
         problem = whole_chest_problem(case.truth_hu, FIELD_OF_VIEW_MM / case.truth_hu.shape[0])
         if problem:
             words.append(f"not a whole chest: {problem}")
-        coarse = low_resolution_problem(case.native_spacing_mm)
+        coarse = low_resolution_problem(case.native_spacing_mm, case.slice_thickness_mm)
         if coarse:
             words.append(f"low resolution: {coarse}")
         notes[case.name] = words
