@@ -637,6 +637,31 @@ def test_a_style_output_folder_that_holds_the_model_or_the_drr_datalist_is_refus
     assert sorted(p.name for p in model.iterdir()) == before and list((tmp_path / "ds").iterdir()) == [datalist]
 
 
+def test_a_model_folder_without_a_style_stage_is_refused_in_one_line_before_loading_the_model(domains, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """A model exported without `train style`: the line was the manifest's 'manifest.json lacks the style stage(s)',
+    said after the whole model had been loaded for the consistency reconstructions (so were --folds 1 and an --out
+    holding the model). Now the evaluation's own checks come first and the line says what to give instead."""
+    from XctDiffCore.model_folder import create_random_model
+    from XctDiffCore.pipeline import XctDiffPipeline
+
+    model = create_random_model(tmp_path / "model", "tiny")
+    loads = []
+    monkeypatch.setattr(XctDiffPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a)))
+    argv = ["evaluate-style", "--model", str(model), "--real", str(domains / "real"), "--drr", str(domains / "datalist.json"),
+            "--out", str(tmp_path / "eval")]
+    assert main(argv + ["--folds", "1"]) == 2 and "--folds must be at least 2" in capsys.readouterr().err
+    manifest = json.loads((model / "manifest.json").read_text())
+    del manifest["stages"]["style"]
+    manifest["sha256"] = {name: digest for name, digest in manifest["sha256"].items() if not name.startswith("style.")}
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    assert main(argv + ["--folds", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {model} has no style stage (its stages: {', '.join(manifest['stages'])}): nothing for evaluate-style to "
+        "measure; train one (`xctdiff train style`) and export the run again, or give a run's RUN/style/style.safetensors"]
+    assert loads == [] and not (tmp_path / "eval").exists()
+
+
 def test_the_style_help_says_what_it_prints_and_in_what_units(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate-style", "--help"])

@@ -259,13 +259,16 @@ def pipeline_consistency(model_folder, steps: Optional[int] = None, device: str 
     """``score(image01)`` for :func:`consistency_with_and_without_style`: reconstruct with a whole model
     folder (no style stage: the image is scored as given) and return the reconstruction's consistency and DRR.
     Its ``made_with`` says for the report what reconstructed: the options that repeat it, then (once it has run)
-    the device and the precision."""
+    the device and the precision. The model is loaded at the first call, after the evaluation's own checks."""
     from ..io import Radiograph
     from ..pipeline import XctDiffPipeline
 
-    pipe = XctDiffPipeline.from_pretrained(model_folder)
+    loaded = []
 
     def score(image01: np.ndarray) -> tuple:
+        if not loaded:
+            loaded.append(XctDiffPipeline.from_pretrained(model_folder))
+        pipe = loaded[0]
         film = Radiograph(np.asarray(image01, dtype=np.float32), None, False, "style evaluation")
         result = pipe.reconstruct(film, steps=steps, seed=seed, device=device, style="off")
         score.made_with.update(device=result.device, precision=result.precision,
@@ -333,6 +336,7 @@ def evaluate_style(
             refuse_own_output(given, out_dir)
     with output_lock(out_dir, "xctdiff evaluate-style"):  # a second evaluation into it is refused
         patterns = [real] if isinstance(real, (str, Path)) else list(real)
+        refuse_a_model_without_style(model)
         generator, size = load_style_generator(model, device)
         real01, files = load_real_images(patterns, size, max_images, seed, output=out_dir)
         drr01 = load_drr_images(drr_datalist, size)
@@ -392,6 +396,20 @@ def evaluate_style(
             with atomic_path(out_dir / "style_eval.md") as tmp:
                 tmp.write_text(markdown_table(result), encoding="utf-8")
         return result
+
+
+def refuse_a_model_without_style(model) -> None:
+    """A model folder exported without a style stage: one line that says so and what to give instead (the manifest's
+    own words were 'manifest.json lacks the style stage(s)')."""
+    from ..model_folder import MANIFEST_NAME, read_manifest
+
+    path = Path(model)
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        stages = read_manifest(path, required=()).get("stages") or {}
+        if "style" not in stages:
+            raise XctDiffError(f"{path} has no style stage (its stages: {', '.join(stages) or 'none'}): nothing for "
+                               "evaluate-style to measure; train one (`xctdiff train style`) and export the run again, or "
+                               "give a run's RUN/style/style.safetensors")
 
 
 def model_name(model) -> str:
