@@ -1315,6 +1315,19 @@ def test_models_command_rejects_an_unknown_config(capsys):
     assert "error: unknown config 'enormous'" in capsys.readouterr().err
 
 
+def test_models_command_given_a_folder_says_what_it_takes(tmp_path, capsys):
+    """`xctdiff models --params MODEL_FOLDER` said 'config file not found: MODEL_FOLDER' of a folder that is there."""
+    from XctDiffCore.model_folder import create_random_model
+
+    model = create_random_model(tmp_path / "model", "tiny")
+    assert main(["models", "--params", str(model)]) == 2
+    assert capsys.readouterr().err == (f"error: {model} is a model folder, not a configuration (a name such as tiny, or "
+                                       f"a .yaml file): `xctdiff inspect {model}` describes the model\n")
+    assert main(["models", "--params", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path} is a folder, not a configuration (a name such as tiny, or "
+                                       "a .yaml file)\n")
+
+
 def test_train_command_errors_are_one_line(tmp_path, datalist, chain, capsys):
     assert main(["train", "autoencoder", "--config", "tiny", "--out", str(tmp_path)]) == 2
     assert "no datalist" in capsys.readouterr().err

@@ -151,8 +151,14 @@ def add_models_command(subparsers):
 
 def _run_models(args) -> int:
     from ..config import bundled_config_names, load_config
+    from ..model_manifest import model_files_in
     from ..training import parameter_table
 
+    for name in args.params or []:  # a folder is no config: load_config said "config file not found" of it
+        if name not in bundled_config_names() and Path(name).is_dir():
+            model = f": `xctdiff inspect {name}` describes the model" if model_files_in(name) else ""
+            raise XctDiffError(f"{name} is a {'model ' if model else ''}folder, not a configuration (a name such as "
+                               f"tiny, or a .yaml file){model}")
     configs = {name: load_config(name) for name in args.params or bundled_config_names()}
     print(parameter_table(configs))
     return 0
@@ -720,7 +726,8 @@ def add_evaluate_style_command(subparsers):
         "agreement (a correlation) with the film, a progress bar counting the reconstructions. The figure's rows: "
         "film | transferred | nearest DRR (with a whole model, the DRR of each reconstruction beside it).",
     )
-    p.add_argument("--model", required=True, help="model folder or style.safetensors (style.json beside it)")
+    p.add_argument("--model", required=True, help="model folder, training run folder (its style stage) or "
+                   "style.safetensors (style.json beside it)")
     p.add_argument("--real", required=True, nargs="+", help="real radiographs: folders or glob patterns (quote globs)")
     p.add_argument("--drr", required=True, help="datalist.json whose xray images are the DRR domain")
     p.add_argument("--out", required=True, help="output folder for style_eval.json/.md/.png (created if missing; "
