@@ -180,3 +180,18 @@ def test_the_figure_labels_fit_their_panels_and_the_caption_names_each_case():
     assert "cptac_lscc_c3n_00247_aug0, lidc_idri_0001_aug0 (training fit)" in caption
     assert "bone window (W 1800 / L 450)" in caption and "lung window (W 1500 / L -600)" in caption
     assert "xctdiff-cpu 0.8.0" in caption
+
+
+def test_a_run_given_as_a_model_and_a_model_given_as_a_run_are_named(tmp_path, capsys):
+    """`--model RUN` said 'not a model folder (no manifest.json)', `--run MODEL` 'no autoencoder checkpoint in MODEL':
+    neither said that the other option was the one meant."""
+    run, model = tmp_path / "run", create_random_model(tmp_path / "model", "tiny", seed=0)
+    (run / "autoencoder").mkdir(parents=True)
+    (run / "autoencoder" / "checkpoint.pt").write_bytes(b"")
+    (tmp_path / "cts").mkdir()
+    for option, given, other in (("--model", run, "--run"), ("--run", model, "--model")):
+        assert main(["evaluate-autoencoder", option, str(given), "--data", str(tmp_path / "cts"), "--out",
+                     str(tmp_path / "out")]) == 2
+        kind = "a training run, not a model folder" if option == "--model" else "a model folder, not a training run"
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: {given} is {kind}: give {other} {given}"]
+    assert not (tmp_path / "out").exists()

@@ -662,6 +662,17 @@ def test_a_model_folder_without_a_style_stage_is_refused_in_one_line_before_load
     assert loads == [] and not (tmp_path / "eval").exists()
 
 
+def test_a_style_training_run_folder_is_evaluated_as_its_style_stage(domains, straight, tmp_path, capsys):
+    """`--model RUN` of the run `xctdiff train style` wrote said 'no style weights at RUN/style.safetensors (train
+    them with `xctdiff train style`)', which the user had done: the run's style stage is evaluated."""
+    out = tmp_path / "eval"
+    assert main(["evaluate-style", "--model", str(straight), "--real", str(domains / "real"), "--drr",
+                 str(domains / "datalist.json"), "--out", str(out), "--folds", "2", "--max-images", "2"]) == 0, \
+        capsys.readouterr().err
+    result = json.loads((out / "style_eval.json").read_text(encoding="utf-8"))
+    assert result["model"] == str((straight / "style").resolve()) and f"--model {straight / 'style'} " in result["command"]
+
+
 def test_the_style_help_says_what_it_prints_and_in_what_units(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate-style", "--help"])

@@ -51,6 +51,10 @@ def load_vqgan(model=None, run=None) -> tuple:
     patients when that file is still there)."""
     if (model is None) == (run is None):
         raise XctDiffError("give one of --model FOLDER or --run RUN")
+    if model is not None and (Path(model) / "autoencoder" / "checkpoint.pt").is_file():  # said 'not a model folder'
+        raise XctDiffError(f"{model} is a training run, not a model folder: give --run {model}")
+    if run is not None and (Path(run) / "manifest.json").is_file():  # said 'no autoencoder checkpoint in RUN'
+        raise XctDiffError(f"{run} is a model folder, not a training run: give --model {run}")
     if model is not None:
         from ..model_manifest import read_manifest
         from ..model_folder import load_autoencoder

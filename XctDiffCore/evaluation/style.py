@@ -331,6 +331,7 @@ def evaluate_style(
     if seed < 0:
         raise XctDiffError(f"--seed must be 0 or more, got {seed}")
     out_dir = check_output_folder(out_dir, parents=True)
+    model = run_style_folder(model)
     for given in (model, drr_datalist):  # the report would be written among them
         if Path(given).exists():
             refuse_own_output(given, out_dir)
@@ -396,6 +397,19 @@ def evaluate_style(
             with atomic_path(out_dir / "style_eval.md") as tmp:
                 tmp.write_text(markdown_table(result), encoding="utf-8")
         return result
+
+
+def run_style_folder(model):
+    """A training run folder given as ``--model`` -> its ``RUN/style`` (where `xctdiff train style` writes the
+    weights); anything else as given. It was 'no style weights at RUN/style.safetensors (train them ...)'."""
+    from ..model_folder import MANIFEST_NAME
+    from ..style import STYLE_WEIGHTS
+
+    path = Path(model)
+    if path.is_dir() and not (path / MANIFEST_NAME).is_file() and not (path / STYLE_WEIGHTS).is_file() \
+            and (path / "style" / STYLE_WEIGHTS).is_file():
+        return path / "style"
+    return model
 
 
 def refuse_a_model_without_style(model) -> None:
