@@ -220,6 +220,25 @@ def test_the_train_benchmark_times_the_device_asked_for(tmp_path, capsys, monkey
     assert record["device"] == "cpu" and record["settings"]["precision"] == "fp32"
 
 
+def test_an_autoencoder_timed_without_its_lpips_term_says_so(tmp_path, capsys, monkeypatch):
+    """A config whose loss has LPIPS (small, cpu, paper) timed where the weights are missing trains without the LPIPS
+    term: its step is faster than the real one, and the row said nothing of it (a warning scrolled by above)."""
+    import yaml
+
+    from XctDiffCore.config import resolve_config_path
+
+    config = yaml.safe_load(resolve_config_path("tiny").read_text())
+    config["autoencoder"]["loss"]["perceptual_weight"] = 1.0
+    (tmp_path / "lpips.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("XCTDIFF_CACHE", str(tmp_path / "empty-cache"))
+    out = tmp_path / "train.json"
+    assert main(["benchmark", "train", "--config", str(tmp_path / "lpips.yaml"), "--steps", "1", "--stages",
+                 "autoencoder", "--json", str(out)]) == 0
+    [record] = json.loads(out.read_text())["results"]
+    assert record["settings"]["lpips"] == "no (weights missing: xctdiff lpips-weights)"
+    assert "lpips=no (weights missing" in capsys.readouterr().out
+
+
 def test_cuda_requested_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is available")

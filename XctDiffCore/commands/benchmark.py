@@ -484,6 +484,17 @@ def _training_on(device: torch.device, run_folder: Path):
         yield
 
 
+def _lpips_setting(stage: str, section) -> dict:
+    """``lpips``: whether an autoencoder whose loss has an LPIPS term was timed with it. Without the weights
+    training leaves the term out (a warning), and the step timed is faster than the config's real one."""
+    if stage != "autoencoder" or section.loss.perceptual_weight <= 0:
+        return {}
+    from ..models.lpips import default_weights_path
+
+    present = Path(section.loss.lpips_weights or default_weights_path()).is_file()
+    return {"lpips": "yes" if present else "no (weights missing: xctdiff lpips-weights)"}
+
+
 def benchmark_train(config: str = "tiny", steps: int = 5, warmup: int = 2, stages=TRAIN_STAGES,
                     device: str | None = None) -> list:
     """Seconds per optimiser step of each stage, through the real ``xctdiff train`` on random data.
@@ -544,6 +555,6 @@ def benchmark_train(config: str = "tiny", steps: int = 5, warmup: int = 2, stage
             per_step = seconds / steps
             settings = {"config": config, "batch": section.optim.batch_size, "steps": steps,
                         "precision": base.run.precision if device.startswith("cuda") else "fp32",  # CPUs train in fp32
-                        "it_per_s": round(1.0 / per_step, 3)}
+                        "it_per_s": round(1.0 / per_step, 3), **_lpips_setting(stage, section)}
             results.append(BenchmarkResult(f"train/{stage}", device, settings, [per_step], figure="mean step"))
     return results
