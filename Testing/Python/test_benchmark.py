@@ -239,6 +239,13 @@ def test_an_autoencoder_timed_without_its_lpips_term_says_so(tmp_path, capsys, m
     assert "lpips=no (weights missing" in capsys.readouterr().out
 
 
+def test_a_model_folder_given_as_the_train_benchmarks_config_is_said_as_such(tmp_path, capsys):
+    """`benchmark train --config MODEL_FOLDER` said 'config file not found' of a folder that is there."""
+    model = create_random_model(tmp_path / "model", "tiny")
+    assert main(["benchmark", "train", "--config", str(model)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {model} is a model folder, not a configuration")
+
+
 def test_cuda_requested_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is available")

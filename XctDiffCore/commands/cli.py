@@ -151,17 +151,25 @@ def add_models_command(subparsers):
 
 def _run_models(args) -> int:
     from ..config import bundled_config_names, load_config
-    from ..model_manifest import model_files_in
     from ..training import parameter_table
 
-    for name in args.params or []:  # a folder is no config: load_config said "config file not found" of it
-        if name not in bundled_config_names() and Path(name).is_dir():
-            model = f": `xctdiff inspect {name}` describes the model" if model_files_in(name) else ""
-            raise XctDiffError(f"{name} is a {'model ' if model else ''}folder, not a configuration (a name such as "
-                               f"tiny, or a .yaml file){model}")
+    for name in args.params or []:
+        _refuse_folder_as_config(name)
     configs = {name: load_config(name) for name in args.params or bundled_config_names()}
     print(parameter_table(configs))
     return 0
+
+
+def _refuse_folder_as_config(name: str) -> None:
+    """A folder given for a config (a model folder, most often) is said as such: load_config said "config file not
+    found" of a folder that is there."""
+    from ..config import bundled_config_names
+    from ..model_manifest import model_files_in
+
+    if name not in bundled_config_names() and Path(name).is_dir():
+        model = f": `xctdiff inspect {name}` describes the model" if model_files_in(name) else ""
+        raise XctDiffError(f"{name} is a {'model ' if model else ''}folder, not a configuration (a name such as "
+                           f"tiny, or a .yaml file){model}")
 
 
 def add_inspect_command(subparsers):
@@ -352,6 +360,7 @@ def add_benchmark_train_target(targets):
 def _run_benchmark_train(args) -> int:
     from . import benchmark
 
+    _refuse_folder_as_config(args.config)
     return benchmark.measure_and_report(
         lambda: benchmark.benchmark_train(args.config, args.steps, stages=args.stages, device=args.device), args.json)
 
