@@ -673,6 +673,24 @@ def test_a_style_training_run_folder_is_evaluated_as_its_style_stage(domains, st
     assert result["model"] == str((straight / "style").resolve()) and f"--model {straight / 'style'} " in result["command"]
 
 
+def test_real_films_that_are_the_drrs_or_their_previews_are_refused(domains, tmp_path, capsys):
+    """`--real DS` (the prepared folder: its xrays/NAME.png previews beside NAME.npy) was read as real films and the
+    report compared the DRRs with themselves without a word; so was a glob of the .npy DRRs."""
+    from XctDiffCore.model_folder import create_random_model
+
+    model = create_random_model(tmp_path / "model", "tiny")
+    ds = Path(shutil.copytree(domains, tmp_path / "ds", ignore=shutil.ignore_patterns("real")))
+    for k in range(8):
+        write_image_png(np.load(ds / "xrays" / f"p{k}.npy"), ds / "xrays" / f"p{k}.png", bits=8)  # prepare's previews
+    for real, count in ((ds, 8), (ds / "xrays" / "p[0-3].npy", 4)):
+        assert main(["evaluate-style", "--model", str(model / "style.safetensors"), "--real", str(real), "--drr",
+                     str(ds / "datalist.json"), "--out", str(tmp_path / "eval"), "--folds", "2"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {count} of the {count} real films named are DRRs of "
+                                                   f"{ds / 'datalist.json'} or their PNG previews (e.g. {ds / 'xrays'}")
+    assert not (tmp_path / "eval").exists()
+
+
 def test_the_style_help_says_what_it_prints_and_in_what_units(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate-style", "--help"])

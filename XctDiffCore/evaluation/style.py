@@ -54,9 +54,11 @@ LAYOUT_SIDE = 32  # px of the layout agreement's thumbnails: 1 cm at the 128 px 
 
 
 def load_real_images(patterns, size: int, max_images: Optional[int] = None, seed: int = 0,
-                     output: Optional[Path] = None) -> tuple[np.ndarray, list]:
+                     output: Optional[Path] = None, drr_datalist=None) -> tuple[np.ndarray, list]:
     """Real films (folders or globs) -> ``[N, size, size]`` in [0, 1] as the pipeline preprocesses them, and their
-    paths. ``output``, the evaluation's own folder, is passed over: read back, its figure would be a real film."""
+    paths. ``output``, the evaluation's own folder, is passed over: read back, its figure would be a real film.
+    Films that are DRRs of ``drr_datalist`` or the PNG previews ``xctdiff prepare`` writes beside them (``--real``
+    naming the prepared folder) are one error line: the report would compare DRRs with themselves."""
     from tqdm import tqdm
 
     from ..io import read_radiograph
@@ -64,6 +66,13 @@ def load_real_images(patterns, size: int, max_images: Optional[int] = None, seed
     from ..style import find_real_films
 
     files = find_real_films(patterns, output)
+    if drr_datalist is not None:
+        stem = lambda f: Path(os.path.realpath(f)).with_suffix("")  # noqa: E731; prepare writes NAME.png beside NAME.npy
+        drrs = {stem(f) for f in drr_files(drr_datalist)}
+        same = [f for f in files if stem(f) in drrs]
+        if same:
+            raise XctDiffError(f"{len(same)} of the {len(files)} real films named are DRRs of {drr_datalist} or their "
+                               f"PNG previews (e.g. {same[0]}): the report would compare DRRs with themselves; give real radiographs")
     if max_images is not None and len(files) > max_images:
         keep = np.sort(np.random.default_rng(seed).choice(len(files), max_images, replace=False))
         files = [files[i] for i in keep]
@@ -74,13 +83,20 @@ def load_real_images(patterns, size: int, max_images: Optional[int] = None, seed
 
 def load_drr_images(datalist, size: int, sections=("training", "validation")) -> np.ndarray:
     """Every ``xray`` of the datalist's ``sections`` -> ``[N, size, size]`` in [0, 1], as the encoder sees them."""
-    from ..datalist import load_entry_xray, read_datalist
+    from ..datalist import load_entry_xray
     from ..model_inputs import xray_to_model
 
-    files = [item["xray"] for section in sections for item in read_datalist(datalist, section)]
+    files = drr_files(datalist, sections)
     if not files:
         raise XctDiffError(f"the datalist {datalist} lists no DRRs")
     return np.stack([(xray_to_model(load_entry_xray(f), size)[0].numpy() + 1) / 2 for f in files]).astype(np.float32)
+
+
+def drr_files(datalist, sections=("training", "validation")) -> list:
+    """The ``xray`` files of the datalist's ``sections``."""
+    from ..datalist import read_datalist
+
+    return [item["xray"] for section in sections for item in read_datalist(datalist, section)]
 
 
 @torch.no_grad()
@@ -339,7 +355,7 @@ def evaluate_style(
         patterns = [real] if isinstance(real, (str, Path)) else list(real)
         refuse_a_model_without_style(model)
         generator, size = load_style_generator(model, device)
-        real01, files = load_real_images(patterns, size, max_images, seed, output=out_dir)
+        real01, files = load_real_images(patterns, size, max_images, seed, output=out_dir, drr_datalist=drr_datalist)
         drr01 = load_drr_images(drr_datalist, size)
         if min(len(real01), len(drr01)) < folds:  # before the transfer, and saying what was found
             raise XctDiffError(f"{folds}-fold cross-validation needs {folds} images of each kind, found {len(real01)} real "
