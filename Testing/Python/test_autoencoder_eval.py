@@ -114,7 +114,9 @@ def test_the_report_names_the_model_device_and_precision_and_marks_training_fit(
     out = tmp_path / "report"
     assert main(["evaluate-autoencoder", "--model", str(model), "--data", str(ct_folder), "--out", str(out),
                  "--max-cases", "1"]) == 0
-    assert "1 of the 1 cases is a patient the model was trained on (patient0)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 of the 1 cases is a patient the model was trained on (patient0)" in err
+    assert "patient0: scoring resample 64^3" in err  # the bar names the row being scored, as evaluate's does
     summary = json.loads((out / "summary.json").read_text())
     assert summary["training_fit"] == ["patient0"] and summary["device"] == "cpu" and summary["precision"] == "fp32"
     assert summary["source"] == f"{manifest['id']} {manifest['version']} ({model.resolve()})"
