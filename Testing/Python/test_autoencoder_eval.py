@@ -197,3 +197,17 @@ def test_a_run_given_as_a_model_and_a_model_given_as_a_run_are_named(tmp_path, c
         kind = "a training run, not a model folder" if option == "--model" else "a model folder, not a training run"
         assert capsys.readouterr().err.strip().splitlines() == [f"error: {given} is {kind}: give {other} {given}"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_runs_training_patients_are_read_from_its_datalist(tmp_path):
+    """--run marks the cases of its training datalist as training fit; a datalist since moved or broken marks none."""
+    from XctDiffCore.evaluation.autoencoder import run_training_patients
+
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": "a.npz", "xray": "a.npy", "patient": "p0"},
+                                                 {"image": "b_aug1.npz", "xray": "b.npy", "patient": "p1"}],
+                                    "validation": [{"image": "c.npz", "xray": "c.npy", "patient": "p2"}]}))
+    assert run_training_patients(str(datalist)) == {"p0", "p1"}
+    assert run_training_patients(str(tmp_path / "moved.json")) is None and run_training_patients("") is None
+    datalist.write_text("{not json")
+    assert run_training_patients(str(datalist)) is None
