@@ -382,6 +382,7 @@ def test_each_benchmark_help_says_what_it_prints_and_in_what_unit(target, capsys
         assert "'total' is the reconstruction" in text and "'load'" in text and "'write'" in text
     if not target:
         assert "'machine:'" in text and "load average" in text
+        assert "(train: the mean step)" in text  # not its median: one figure per stage
 
 
 def test_the_pipeline_benchmark_times_the_models_own_path_by_default(tmp_path, capsys, monkeypatch):
