@@ -307,8 +307,8 @@ def add_benchmark_command(subparsers):
                               description="Time the engine on this machine. Each target prints a 'machine:' and a "
                               "'runtime:' line (CPU, GPU, torch, threads, OMP_WAIT_POLICY, allocator, the load average "
                               "before the run: quiet or busy), then a table in milliseconds: the median and the fastest "
-                              "of the timed runs, after untimed warm-up runs (train: the mean step). --json FILE writes the same, every run "
-                              "included. Progress goes to stderr, the figures to stdout.")
+                              "of the timed runs, after untimed warm-up runs (train: the mean step). --json FILE "
+                              "writes the same, every run included. Progress goes to stderr, the figures to stdout.")
     targets = p.add_subparsers(dest="target", metavar="TARGET")
     targets.required = True
     for add_target in BENCHMARK_TARGETS:
