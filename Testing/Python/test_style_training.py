@@ -444,7 +444,11 @@ def test_evaluate_style_writes_the_report(domains, straight, tmp_path, capsys):
     assert set(result["after_by_feature"]) == {name for name, _ in FEATURE_GROUPS}
     assert f"intensity histogram {100 * result['after_by_feature']['intensity histogram']:.1f}%" in table
     figure = read_radiograph(out / "style_eval.png").image
-    assert figure.shape == (6 * 34 - 2, 3 * 34 - 2)  # six rows of real | transferred | nearest DRR
+    assert figure.shape[1] == 3 * 34 - 2 and figure.shape[0] > 6 * 34 - 2  # six rows of real | transferred | nearest DRR
+    # The PNG said nothing of its columns, films or model (only style_eval.md did): a caption below the rows now.
+    assert result["figure_caption"][0] == "Columns: real film | transferred | nearest DRR."
+    assert result["figure_caption"][1].startswith("Films, top to bottom: film") and "xctdiff evaluate-style" in result["figure_caption"][2]
+    assert figure[6 * 34 - 2 :].max() > 0.5  # the caption's text, white below the panels
     assert main(argv[:-2] + ["--folds", "1"]) == 2
 
     calls = []
@@ -585,7 +589,7 @@ def test_evaluate_style_with_a_model_folder_scores_reconstructions_both_ways(dom
     printed = capsys.readouterr().out
     assert "| with style transfer |" in printed and f"{layout['with_style']:.4f} |" in printed
     figure = read_radiograph(tmp_path / "eval" / "style_eval.png").image  # film | its CT's DRR | transfer | its CT's DRR | DRR
-    assert figure.shape == (6 * 34 - 2, 5 * 34 - 2)
+    assert figure.shape[1] == 5 * 34 - 2 and figure.shape[0] > 6 * 34 - 2  # and the caption below
 
 
 def test_the_style_report_says_what_made_it(domains, tmp_path, capsys):

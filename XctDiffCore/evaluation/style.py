@@ -17,7 +17,8 @@ precision of the transfer and of the reconstructions, the date, XctDiff's versio
 tables) and ``style_eval.png``: rows of real |
 transferred | the nearest DRR (smallest distance between 32 x 32 thumbnails of the transferred
 film and the DRRs, each standardised); with a whole model, the DRR of the reconstruction from the
-film and from its transfer follow each, so that what the transfer changes in the result shows.
+film and from its transfer follow each, so that what the transfer changes in the result shows. A caption
+below names the columns, the films (top to bottom) and the model, so that the PNG alone says what it shows.
 
 The data-consistency of reconstructions with and without the transfer is measured by
 :func:`consistency_with_and_without_style`, given a callable from the pipeline
@@ -335,8 +336,9 @@ def evaluate_style(
 ) -> dict:
     """Domain distance of real films to DRRs before and after the style transfer; writes JSON, Markdown, PNG."""
     from ..atomic import refuse_own_output
-    from ..figures import figure_tag_metadata
-    from ..io import write_image_png
+    from PIL import Image
+
+    from ..figures import with_caption, write_png
     from ..style import load_style_generator
     from .reconstructions import made_on
 
@@ -405,9 +407,12 @@ def evaluate_style(
         else:  # what each input makes of the patient, side by side
             result["figure_columns"] = ["real film", "DRR of its reconstruction", "transferred", "DRR of its reconstruction", "nearest DRR"]
             columns = (real01[shown], reconstructed["without_style"][shown], moved01[shown], reconstructed["with_style"][shown], drr01[nearest])
+        result["figure_caption"] = [f"Columns: {' | '.join(result['figure_columns'])}.",
+                                    f"Films, top to bottom: {', '.join(Path(files[i]).name for i in shown)}.",
+                                    f"Model {result['model']}, xctdiff evaluate-style (style_eval.md: what made it)."]
+        image = Image.fromarray(np.round(np.clip(figure(*columns), 0, 1) * 255).astype(np.uint8))
         with output_set():  # the three or none (a full disk at the last): never a new figure beside an old table
-            write_image_png(figure(*columns), out_dir / "style_eval.png", bits=8,
-                            metadata=figure_tag_metadata("style evaluation"))
+            write_png(with_caption(image, result["figure_caption"]), out_dir / "style_eval.png", "style evaluation")
             with atomic_path(out_dir / "style_eval.json") as tmp:
                 tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
             with atomic_path(out_dir / "style_eval.md") as tmp:
