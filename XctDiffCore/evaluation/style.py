@@ -335,9 +335,9 @@ def evaluate_style(
     device: str = "cpu",
 ) -> dict:
     """Domain distance of real films to DRRs before and after the style transfer; writes JSON, Markdown, PNG."""
-    from ..atomic import refuse_own_output
     from PIL import Image
 
+    from ..atomic import refuse_own_output
     from ..figures import with_caption, write_png
     from ..style import load_style_generator
     from .reconstructions import made_on
