@@ -441,6 +441,7 @@ def test_evaluate_style_writes_the_report(domains, straight, tmp_path, capsys):
     assert f"mean {edges['mean']:.3f}" in (out / "style_eval.md").read_text(encoding="utf-8")
     table = (out / "style_eval.md").read_text(encoding="utf-8")
     assert f"{100 * result['after']['accuracy']:.1f}%" in table
+    assert "Data consistency of reconstructions with and without the transfer: not measured (`--model` named " in table
     assert set(result["after_by_feature"]) == {name for name, _ in FEATURE_GROUPS}
     assert f"intensity histogram {100 * result['after_by_feature']['intensity histogram']:.1f}%" in table
     figure = read_radiograph(out / "style_eval.png").image

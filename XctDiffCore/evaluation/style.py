@@ -509,4 +509,7 @@ def markdown_table(result: dict) -> str:
                       "smooths raises it; the layout agreement compares with the film as loaded (ranks at "
                       f"{lay['side']} px: no contrast curve, no texture) and ranks transfers against each other. It favours "
                       "the untransferred film, which is its reference."]
+    else:  # a bare style file has no model to reconstruct with: the report says what it leaves out
+        lines += ["", "Data consistency of reconstructions with and without the transfer: not measured (`--model` named "
+                  "style weights, not a whole model folder, which it takes to reconstruct)."]
     return "\n".join(lines) + "\n"
