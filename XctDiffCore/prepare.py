@@ -64,9 +64,7 @@ def read_split(name_or_path) -> list:
 
     A bare name (``shared_whole_chest``) is looked up in the engine's ``splits/`` folder.
     """
-    path = Path(name_or_path)
-    if not path.suffix and not path.exists():
-        path = SPLIT_DIR / f"{name_or_path}.json"
+    path = _split_path(name_or_path)
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in SPLIT_DIR.glob("*.json")))
         raise XctDiffError(f"split file not found: {name_or_path} (built in: {known})")
@@ -77,6 +75,18 @@ def read_split(name_or_path) -> list:
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise XctDiffError(f"{path}: 'validation' must be a list of patient ids")
     return ids
+
+
+def _split_path(name_or_path) -> Path:
+    """A split file given by path, or a bare name (``shared_whole_chest``) of the engine's ``splits/`` folder."""
+    path = Path(name_or_path)
+    return SPLIT_DIR / f"{name_or_path}.json" if not path.suffix and not path.exists() else path
+
+
+def split_description(name_or_path) -> str:
+    """The ``description`` of a split file (read after :func:`read_split` checked it), "" when it has none."""
+    description = json.loads(_split_path(name_or_path).read_text(encoding="utf-8")).get("description", "")
+    return description if isinstance(description, str) else ""
 
 
 def split_cases(cts: list, split, val_fraction: float, seed: int) -> tuple:
@@ -199,7 +209,7 @@ def prepare_dataset(
         if not entries:
             raise XctDiffError(f"none of the {len(cts)} CTs could be read (each named above)")
         training, validation = [p for p in training if p in entries], [p for p in validation if p in entries]
-        _warn_about_validation(out_dir, validation, entries)
+        _warn_about_validation(out_dir, validation, entries, split_description(split) if split else "")
         mix_patients = [p for p in mix_patients if p in to_mix]
         check_mix_request(mix, len(mix_patients), away_range=mix_away)
         mixes = _write_mixes({p: to_mix[p] for p in mix_patients}, mix, seed, out_dir, geom, size, progress, mix_away)
@@ -222,11 +232,13 @@ def prepare_dataset(
         return path
 
 
-def _warn_about_validation(out_dir: Path, validation: list, entries: dict) -> None:
+def _warn_about_validation(out_dir: Path, validation: list, entries: dict, described: str = "") -> None:
     """The evaluation protocol scores whole chests of 3 mm slices or finer: a validation patient whose CT is no whole
     chest (a crop, a slab: its body under :data:`~XctDiffCore.metrics.WHOLE_CHEST_MM`) or a scan of low resolution
     (:func:`~XctDiffCore.metrics.low_resolution_problem`: 5 mm slices look whole at 2.5 mm, blurred head to foot) is
-    said here, when the split is made, not only when a model is scored on it (``evaluate`` says it again)."""
+    said here, when the split is made, not only when a model is scored on it (``evaluate`` says it again).
+    ``described``: the split file's description; a patient it names was held out knowingly (the built-in
+    ``shared_whole_chest`` keeps tcga_thca_de_a4ma's 5 mm slices), so the line does not ask for another split."""
     from .metrics import low_resolution_problem, whole_chest_problem
 
     partial, coarse = {}, {}
@@ -240,23 +252,29 @@ def _warn_about_validation(out_dir: Path, validation: list, entries: dict) -> No
         if problem:
             coarse[patient] = problem
     _warn_validation_patients(partial, len(validation), "no whole chest", "no whole chest", "the evaluation protocol "
-                              "scores whole chests, so a model's scores on them say little; name whole chests for "
-                              "validation (--split FILE)")
+                              "scores whole chests, so a model's scores on them say little", "name whole chests for "
+                              "validation (--split FILE)", described)
     _warn_validation_patients(coarse, len(validation), "a scan of low resolution", "scans of low resolution",
                               "the evaluation protocol scores scans of 3 mm or finer, and a blurred truth scores a "
-                              "model's bone against bone it does not show; name finer scans for validation (--split FILE)")
+                              "model's bone against bone it does not show", "name finer scans for validation (--split "
+                              "FILE)", described)
 
 
-def _warn_validation_patients(problems: dict, total: int, one: str, many: str, why: str) -> None:
+def _warn_validation_patients(problems: dict, total: int, one: str, many: str, why: str, advice: str,
+                              described: str = "") -> None:
     """One warning line: how many validation patients ``is {one}`` / ``are {many}``, the first three named with their
-    problem (``problems``: patient -> why), and what to do (``why``)."""
+    problem (``problems``: patient -> why), why it matters and what to do (``advice``), unless the split's
+    description (``described``) names every one of them: then that they were held out knowingly."""
     if not problems:
         return
     import warnings
 
     names = "; ".join(f"{p}: {w}" for p, w in list(problems.items())[:3]) + ("; ..." if len(problems) > 3 else "")
+    if described and all(patient in described for patient in problems):
+        advice = (f"the split's description names {'it' if len(problems) == 1 else 'them'}: held out knowingly, so "
+                  f"read {'its' if len(problems) == 1 else 'their'} scores with that in mind")
     warnings.warn(f"{len(problems)} of the {total} validation patients {f'is {one}' if len(problems) == 1 else f'are {many}'} "
-                  f"({names}): {why}", stacklevel=3)
+                  f"({names}): {why}; {advice}", stacklevel=3)
 
 
 @dataclass(frozen=True)

@@ -282,6 +282,20 @@ def test_a_scan_of_thick_slices_at_fine_spacing_is_said_from_its_dicom_thickness
     assert low_resolution_problem([0.8, 0.8, 5.0], 1.0) == "5.0 mm voxels (coarser than 3 mm)"  # gaps: the spacing
     assert low_resolution_problem([0.8, 0.8, 2.0], 3.0) is None  # 3 mm itself is not coarser than 3 mm
 
+    # a split whose description names them held them out knowingly (the built-in shared_whole_chest keeps
+    # tcga_thca_de_a4ma's 5 mm slices): the line says so, and asks for no other split
+    advice = "name finer scans for validation (--split FILE)"
+    assert advice in err and "held out knowingly" not in err
+    split.write_text(json.dumps({"validation": ["thick", "thin", npz.stem],
+                                 "description": f"thick and {npz.stem} have 5 mm slices, kept for their anatomy"}))
+    assert main(["prepare", str(folder), "--out", str(tmp_path / "out2"), "--split", str(split), "--size", str(SIZE)]) == 0
+    err = capsys.readouterr().err
+    assert ("are scans of low resolution (phantom2: 5.0 mm thick slices, 2.5 mm apart (coarser than 3 mm); thick: 5.0 "
+            "mm thick slices, 2.5 mm apart (coarser than 3 mm)): the evaluation protocol scores scans of 3 mm or finer, "
+            "and a blurred truth scores a model's bone against bone it does not show; the split's description names "
+            "them: held out knowingly, so read their scores with that in mind") in err, err
+    assert advice not in err
+
 
 def test_a_ct_stored_as_0_to_4095_without_its_rescale_is_refused_naming_the_file(tmp_path, capsys):
     """A CT saved in raw scanner units (0..4095, air 0: a DICOM without Rescale Intercept, a NIfTI converted so) was
