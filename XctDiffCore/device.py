@@ -121,7 +121,8 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    return f"{device.type} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{device.type} ({threads} thread{'s' * (threads != 1)})"
 
 
 # Whether ``precision="auto"`` computes in bf16 on a CPU with native bf16 instructions. Decided by

@@ -646,6 +646,20 @@ def test_auto_precision_follows_the_measured_verdict_and_the_cpu(monkeypatch):
         assert devices.autocast_dtype(cpu, "auto") == expected
 
 
+def test_a_cpu_is_described_with_its_thread_count_in_words():
+    """Reports and the Slicer panel said 'cpu (1 threads)' for the Slicer child process's one thread."""
+    from XctDiffCore.device import describe_device
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert describe_device(torch.device("cpu")) == "cpu (1 thread)"
+        torch.set_num_threads(2)
+        assert describe_device(torch.device("cpu")) == "cpu (2 threads)"
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bf16_asked_for_on_an_emulating_cpu_warns_once(monkeypatch):
     """Emulated bf16 took minutes where fp32 takes seconds: the user who forces it hears why, once."""
     import warnings
