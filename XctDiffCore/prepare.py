@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 import zlib
 from dataclasses import dataclass
@@ -270,7 +271,7 @@ def _warn_validation_patients(problems: dict, total: int, one: str, many: str, w
     import warnings
 
     names = "; ".join(f"{p}: {w}" for p, w in list(problems.items())[:3]) + ("; ..." if len(problems) > 3 else "")
-    if described and all(patient in described for patient in problems):
+    if described and all(re.search(rf"(?<![\w-]){re.escape(patient)}(?![\w-])", described) for patient in problems):
         advice = (f"the split's description names {'it' if len(problems) == 1 else 'them'}: held out knowingly, so "
                   f"read {'its' if len(problems) == 1 else 'their'} scores with that in mind")
     warnings.warn(f"{len(problems)} of the {total} validation patients {f'is {one}' if len(problems) == 1 else f'are {many}'} "
