@@ -368,7 +368,6 @@ def _manifest_resolution(path: Path) -> Optional[tuple]:
     the file's name (``0.977x0.977x2.5 (5 mm thick)``: the spacing, then the thickness where it differs); None when
     there is no such file, row or usable spacing."""
     import csv
-    import re
 
     name = path.name[: -len(".npz")]
     try:
