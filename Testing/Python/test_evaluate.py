@@ -730,6 +730,24 @@ def test_a_ct_folder_holding_the_output_folder_is_searched_without_it(no_lpips, 
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_an_output_folder_that_holds_the_model_or_the_datalist_is_refused(model_dir, datalist, tmp_path, monkeypatch,
+                                                                         capsys):
+    """`--out MODEL` wrote metrics.csv, summary.md/json and figure.png into the model folder (then a part of what
+    export copies and inspect lists), `--out DS` beside the datalist: each is refused in one line, before the model
+    is loaded (the check evaluate-autoencoder and evaluate-style share), and nothing is written."""
+    model = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    data = Path(shutil.copytree(datalist.parent, tmp_path / "ds")) / datalist.name
+    before = sorted(tmp_path.rglob("*"))
+    loads = []
+    monkeypatch.setattr(XctDiffPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a)))
+    for out in (model, data.parent, tmp_path):
+        capsys.readouterr()
+        assert main(["evaluate", "--model", str(model), "--data", str(data), "--out", str(out), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and f"is in the output folder {out}" in err and len(err.splitlines()) == 1, err
+    assert loads == [] and sorted(tmp_path.rglob("*")) == before
+
+
 # ------------------------------------------------------------------------------------------ comparing evaluations
 
 

@@ -635,7 +635,8 @@ def add_evaluate_command(subparsers):
     p = subparsers.add_parser("evaluate", help="reconstruct held-out CTs from their DRRs and score them (with baselines)")
     p.add_argument("--model", help="model folder (default: the bundled model)")
     p.add_argument("--data", required=True, help="datalist.json (its validation entries) or a CT file or folder")
-    p.add_argument("--out", required=True, help="output folder for metrics.csv, summary.md/.json, figure.png (created)")
+    p.add_argument("--out", required=True, help="output folder for metrics.csv, summary.md/.json, figure.png (created; "
+                   "not the model's, the datalist's or the CT folder's)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
     p.add_argument("--samples", type=int, default=1, help="diffusion samples per case (their mean is scored)")
     p.add_argument("--seed", type=int, default=0, help="case i uses seed + i")

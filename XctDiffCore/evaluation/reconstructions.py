@@ -56,7 +56,9 @@
   (scored stretched); a case scanned coarser than 3 mm (a CT file's voxels, or a datalist entry's ``source_spacing``
   from ``prepare``: :func:`~XctDiffCore.metrics.low_resolution_problem`) is *low resolution*.
 
-Outputs in ``--out`` (created): ``metrics.csv`` (one row per case and method; for kNN its
+Outputs in ``--out`` (created; one that holds the model folder, the datalist or the CT folder is refused, as
+``evaluate-autoencoder`` and ``evaluate-style`` refuse theirs: :func:`~XctDiffCore.atomic.refuse_own_output`):
+``metrics.csv`` (one row per case and method; for kNN its
 neighbours' patient ids; the case's notes), ``summary.md`` (what made it: the date, XctDiff's version, the
 device and the command that repeats it; the caveats; mean ± std over cases per method, like the paper's Table
 1, std with ddof = 0; then one row per case and method with its notes), ``summary.json`` (the means and stds, the
@@ -89,7 +91,7 @@ from typing import Optional
 import numpy as np
 
 from .. import __version__
-from ..atomic import check_output_folder, output_lock, output_set
+from ..atomic import check_output_folder, output_lock, output_set, refuse_own_output
 from ..datalist import load_entry_ct, load_entry_xray
 from ..errors import XctDiffError, a_few, first_line
 
@@ -443,6 +445,9 @@ def evaluate(
         raise XctDiffError(f"--atlas must be 0 (off) or more, got {atlas}")
     guidance = check_guidance(guidance)
     check_output_folder(out_dir, parents=True)  # `--out eval/lidc` makes eval/ too, as train and export do
+    for given in (model, data):  # the report would be written among them (a CT folder's search passes over --out)
+        if given is not None and Path(given).exists():
+            refuse_own_output(given, out_dir)
     with output_lock(out_dir, "xctdiff evaluate"):  # a second evaluation into it is refused
         pipe = XctDiffPipeline.from_pretrained(model)
         size = OUTPUT_SIZE
