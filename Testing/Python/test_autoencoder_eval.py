@@ -211,3 +211,61 @@ def test_a_runs_training_patients_are_read_from_its_datalist(tmp_path):
     assert run_training_patients(str(tmp_path / "moved.json")) is None and run_training_patients("") is None
     datalist.write_text("{not json")
     assert run_training_patients(str(datalist)) is None
+
+
+def a_run_trained_from(project, run="runs/r", datalist="ds/datalist.json", ema_decay=0.0):
+    """A run folder as `xctdiff train autoencoder --data DATALIST --out RUN` run in ``project`` records it: its
+    checkpoint's config keeps both paths as typed (relative), and the datalist's SHA-256 (a random tiny VQ-GAN)."""
+    import dataclasses
+
+    from XctDiffCore.atomic import file_sha256
+    from XctDiffCore.config import config_to_dict, load_config
+    from XctDiffCore.models.vqgan import VQGAN
+    from XctDiffCore.training.common import save_checkpoint
+
+    config = load_config("tiny")
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, datalist=datalist),
+                                 run=dataclasses.replace(config.run, dir=run))
+    vqgan = VQGAN(**dataclasses.asdict(config.autoencoder.model))
+    save_checkpoint(project / run / "autoencoder" / "checkpoint.pt",
+                    {"stage": "autoencoder", "step": 1, "config": config_to_dict(config),
+                     "datalist_sha256": file_sha256(project / datalist), "models": {"vqgan": vqgan.state_dict()}})
+    return project / run
+
+
+def test_a_runs_relative_datalist_is_read_from_the_folder_training_ran_in(tmp_path, monkeypatch):
+    """`xctdiff train ... --data ds/datalist.json --out runs/r` in a project folder, then `evaluate-autoencoder --run
+    ../project/runs/r` from elsewhere: the datalist was looked for from there, not found, and the run's own training
+    patients were scored as unseen without a word. Now it is found where training read it (the folder whose
+    runs/r the run is); one moved away (or changed since) is said in one warning, and no case is marked."""
+    import warnings
+
+    from XctDiffCore.evaluation.autoencoder import load_vqgan
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (project / "ds").mkdir(parents=True)
+    elsewhere.mkdir()
+    (project / "ds" / "datalist.json").write_text(json.dumps(
+        {"training": [{"image": "a.npz", "xray": "a.npy", "patient": "p0"}],
+         "validation": [{"image": "c.npz", "xray": "c.npy", "patient": "p2"}]}))
+    run = a_run_trained_from(project)
+    monkeypatch.chdir(elsewhere)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_vqgan(run="../project/runs/r")[3] == {"p0"}
+    monkeypatch.chdir(project)  # where training ran: as before
+    assert load_vqgan(run="runs/r")[3] == {"p0"}
+    monkeypatch.chdir(elsewhere)
+    (elsewhere / "ds").mkdir()  # a datalist of the same relative name here is another data set's
+    (elsewhere / "ds" / "datalist.json").write_text(json.dumps({"training": [{"image": "x.npz", "xray": "x.npy",
+                                                                              "patient": "other"}], "validation": []}))
+    assert load_vqgan(run=str(run))[3] == {"p0"}
+    (project / "ds" / "datalist.json").rename(project / "ds" / "moved.json")
+    with pytest.warns(UserWarning) as caught:
+        assert load_vqgan(run=str(run))[3] is None
+    (line,) = [str(w.message) for w in caught]
+    assert "ds/datalist.json" in line and str(project / "ds" / "datalist.json") in line and "training fit" in line
+    (project / "ds" / "moved.json").write_text(json.dumps({"training": [], "validation": []}))
+    (project / "ds" / "moved.json").rename(project / "ds" / "datalist.json")  # back, but another split since
+    with pytest.warns(UserWarning, match="datalist.json has changed since"):
+        assert load_vqgan(run=str(run))[3] is None
