@@ -696,6 +696,25 @@ def test_real_films_that_are_the_drrs_or_their_previews_are_refused(domains, tmp
     assert not (tmp_path / "eval").exists()
 
 
+def test_style_training_on_the_drrs_or_their_previews_as_real_films_is_refused(domains, tmp_path, capsys):
+    """style.real naming the prepared folder (its xrays/NAME.png previews beside NAME.npy): `xctdiff train style`
+    trained the CycleGAN to move the datalist's DRRs into the DRR style and exported it as the real-film transfer,
+    without a word. Now evaluate-style's check, one line before any step, and no run folder left."""
+    ds = Path(shutil.copytree(domains, tmp_path / "ds", ignore=shutil.ignore_patterns("real")))
+    for k in range(8):
+        write_image_png(np.load(ds / "xrays" / f"p{k}.npy"), ds / "xrays" / f"p{k}.png", bits=8)  # prepare's previews
+    config = _config(domains, 2, 2)
+    save_config(dataclasses.replace(config, style=dataclasses.replace(config.style, real=(str(ds),))),
+                tmp_path / "style.yaml")
+    out = tmp_path / "run"
+    assert main(["train", "style", "--config", str(tmp_path / "style.yaml"), "--data", str(ds / "datalist.json"),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: 8 of the 8 real films named are DRRs of {ds / 'datalist.json'} "
+                                               f"or their PNG previews (e.g. {ds / 'xrays'}"), err
+    assert "style.real" in err[0] and not out.exists()
+
+
 def test_the_style_help_says_what_it_prints_and_in_what_units(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate-style", "--help"])

@@ -68,12 +68,7 @@ def load_real_images(patterns, size: int, max_images: Optional[int] = None, seed
 
     files = find_real_films(patterns, output)
     if drr_datalist is not None:
-        stem = lambda f: Path(os.path.realpath(f)).with_suffix("")  # noqa: E731; prepare writes NAME.png beside NAME.npy
-        drrs = {stem(f) for f in drr_files(drr_datalist)}
-        same = [f for f in files if stem(f) in drrs]
-        if same:
-            raise XctDiffError(f"{len(same)} of the {len(files)} real films named are DRRs of {drr_datalist} or their "
-                               f"PNG previews (e.g. {same[0]}): the report would compare DRRs with themselves; give real radiographs")
+        refuse_drrs_as_films(files, drr_datalist, "the report would compare DRRs with themselves; give real radiographs")
     if max_images is not None and len(files) > max_images:
         keep = np.sort(np.random.default_rng(seed).choice(len(files), max_images, replace=False))
         files = [files[i] for i in keep]
@@ -91,6 +86,18 @@ def load_drr_images(datalist, size: int, sections=("training", "validation")) ->
     if not files:
         raise XctDiffError(f"the datalist {datalist} lists no DRRs")
     return np.stack([(xray_to_model(load_entry_xray(f), size)[0].numpy() + 1) / 2 for f in files]).astype(np.float32)
+
+
+def refuse_drrs_as_films(files, drr_datalist, consequence: str) -> None:
+    """One error line when any of the real ``files`` is a DRR of ``drr_datalist`` or the PNG preview ``xctdiff
+    prepare`` writes beside one (the prepared folder named as real films): what ``consequence`` says would follow.
+    evaluate-style and ``xctdiff train style`` (its ``style.real``) share it."""
+    stem = lambda f: Path(os.path.realpath(f)).with_suffix("")  # noqa: E731; prepare writes NAME.png beside NAME.npy
+    drrs = {stem(f) for f in drr_files(drr_datalist)}
+    same = [f for f in files if stem(f) in drrs]
+    if same:
+        raise XctDiffError(f"{len(same)} of the {len(files)} real films named are DRRs of {drr_datalist} or their PNG "
+                           f"previews (e.g. {same[0]}): {consequence}")
 
 
 def drr_files(datalist, sections=("training", "validation")) -> list:

@@ -238,14 +238,16 @@ def validate(gan: nn.ModuleDict, real: list, drrs: list, device: torch.device, p
     return metrics, preview
 
 
-def style_films(patterns, run_dir=None) -> list:
+def style_films(patterns, run_dir=None, datalist=None) -> list:
     """The real films of the style stage: the config's ``style.real``, the run folder passed over (its preview.png,
     read back on a --resume, would be a real film). A folder or pattern that finds none says which setting named it
-    (the bundled configs name the shared data, from the working directory)."""
+    (the bundled configs name the shared data, from the working directory); films that are the ``datalist``'s DRRs
+    or their previews (``style.real`` naming the prepared folder) are refused, as evaluate-style refuses them."""
+    from ..evaluation.style import refuse_drrs_as_films
     from ..style import find_real_films
 
     try:
-        return find_real_films(patterns, run_dir)
+        files = find_real_films(patterns, run_dir)
     except XctDiffError as exc:
         from ..config import CONFIG_DIR
 
@@ -253,6 +255,10 @@ def style_films(patterns, run_dir=None) -> list:
         raise XctDiffError(f"{exc}; the style stage's real films are the config's style.real (folders or glob "
                            f"patterns, from the working directory {Path.cwd()}): set it to your films in a copy of "
                            f"the config (the bundled ones are {CONFIG_DIR}/NAME.yaml) and pass the copy to --config") from None
+    if datalist is not None:
+        refuse_drrs_as_films(files, datalist, "the style stage would learn to move DRRs into the DRR style, not real "
+                             "films; set the config's style.real to real radiographs")
+    return files
 
 
 def train_style(config: Config, resume: bool, job: Distributed, deadline: Deadline) -> Path:
@@ -261,8 +267,8 @@ def train_style(config: Config, resume: bool, job: Distributed, deadline: Deadli
 
     section, optim, device, size = config.style, config.style.optim, job.device, config.data.xray_size
     precision = config.run.precision
-    real_train, real_val = split_real_files(style_films(section.real, config.run.dir), config.data.val_cases,
-                                            config.run.seed)
+    real_train, real_val = split_real_files(style_films(section.real, config.run.dir, config.data.datalist),
+                                            config.data.val_cases, config.run.seed)
     drr_train = DatalistDrrs(config.data.datalist, "training", size)
     drr_val = DatalistDrrs(config.data.datalist, "validation", size)
     if len(drr_train) == 0:
