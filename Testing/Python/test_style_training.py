@@ -715,6 +715,31 @@ def test_style_training_on_the_drrs_or_their_previews_as_real_films_is_refused(d
     assert "style.real" in err[0] and not out.exists()
 
 
+def test_an_unreadable_film_among_the_real_ones_is_passed_over_with_one_warning(domains, straight, tmp_path, capsys):
+    """One film cut short among many stopped the evaluation ('error: cannot read ... image file is truncated') and
+    the user had to find and remove it by hand; it is now passed over with one warning naming it (as `reconstruct
+    FOLDER` skips a bad film), and recorded in style_eval.json; with no readable film left it is one error line."""
+    real = Path(shutil.copytree(domains / "real", tmp_path / "real"))
+    (real / "film8.png").write_bytes((real / "film0.png").read_bytes()[:100])  # a copy cut short
+    argv = ["evaluate-style", "--model", str(straight / "style" / "style.safetensors"), "--real", str(real),
+            "--drr", str(domains / "datalist.json"), "--folds", "2"]
+    assert main(argv + ["--out", str(tmp_path / "eval")]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(warned) == 1 and f"passed over 1 of the 9 real films, which could not be read: {real / 'film8.png'} (" \
+        in warned[0] and "truncated" in warned[0], warned
+    result = json.loads((tmp_path / "eval" / "style_eval.json").read_text(encoding="utf-8"))
+    assert result["n_real"] == 8 and result["real_passed_over"][0]["file"] == str(real / "film8.png")
+    assert all(row["real"] != str(real / "film8.png") for row in result["figure_rows"])
+    assert f"Passed over 1 film(s) that could not be read: {real / 'film8.png'} (" in \
+        (tmp_path / "eval" / "style_eval.md").read_text(encoding="utf-8")
+    for film in real.glob("film[0-7].png"):
+        film.write_bytes(b"not an image")
+    assert main(argv + ["--out", str(tmp_path / "none")]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "reading the real films" not in line]
+    assert len(err) == 1 and err[0].startswith("error: none of the 9 real films named could be read: "), err
+    assert not (tmp_path / "none").exists()
+
+
 def test_the_style_help_says_what_it_prints_and_in_what_units(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate-style", "--help"])

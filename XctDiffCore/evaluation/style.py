@@ -31,6 +31,7 @@ import json
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -39,7 +40,7 @@ import torch
 
 from .. import __version__
 from ..atomic import atomic_path, check_output_folder, output_lock, output_set
-from ..errors import XctDiffError
+from ..errors import XctDiffError, a_few, first_line
 
 FEATURE_GROUPS = (("intensity histogram", 32), ("gradient-magnitude histogram", 16), ("|Laplacian| histogram", 16), ("radial log power spectrum", 16))
 FEATURES = tuple(f"{name} ({width})" for name, width in FEATURE_GROUPS)
@@ -55,11 +56,14 @@ LAYOUT_SIDE = 32  # px of the layout agreement's thumbnails: 1 cm at the 128 px 
 
 
 def load_real_images(patterns, size: int, max_images: Optional[int] = None, seed: int = 0,
-                     output: Optional[Path] = None, drr_datalist=None) -> tuple[np.ndarray, list]:
+                     output: Optional[Path] = None, drr_datalist=None,
+                     passed_over: Optional[list] = None) -> tuple[np.ndarray, list]:
     """Real films (folders or globs) -> ``[N, size, size]`` in [0, 1] as the pipeline preprocesses them, and their
     paths. ``output``, the evaluation's own folder, is passed over: read back, its figure would be a real film.
     Films that are DRRs of ``drr_datalist`` or the PNG previews ``xctdiff prepare`` writes beside them (``--real``
-    naming the prepared folder) are one error line: the report would compare DRRs with themselves."""
+    naming the prepared folder) are one error line: the report would compare DRRs with themselves. A film that
+    cannot be read is passed over with one warning (all of them: one error line) and appended to ``passed_over``
+    (``{"file", "why"}``)."""
     from tqdm import tqdm
 
     from ..io import read_radiograph
@@ -72,9 +76,24 @@ def load_real_images(patterns, size: int, max_images: Optional[int] = None, seed
     if max_images is not None and len(files) > max_images:
         keep = np.sort(np.random.default_rng(seed).choice(len(files), max_images, replace=False))
         files = [files[i] for i in keep]
-    images = [preprocess_radiograph(read_radiograph(f).image, size)
-              for f in tqdm(files, desc="reading the real films", unit="film", file=sys.stderr)]
-    return np.stack(images).astype(np.float32), files
+    images, read, unreadable = [], [], []
+    for f in tqdm(files, desc="reading the real films", unit="film", file=sys.stderr):
+        try:
+            images.append(preprocess_radiograph(read_radiograph(f).image, size))
+            read.append(f)
+        except XctDiffError as exc:  # one film cut short among hundreds: passed over, as `reconstruct FOLDER` does
+            unreadable.append({"file": str(f), "why": first_line(exc)})
+    if unreadable and not read:
+        raise XctDiffError(f"none of the {len(files)} real films named could be read: {unreadable[0]['file']} "
+                           f"({unreadable[0]['why']}){f' and {len(unreadable) - 1} more' if len(unreadable) > 1 else ''}")
+    if unreadable:
+        first = unreadable[0]
+        more = f"; also {a_few([Path(u['file']).name for u in unreadable[1:]])}" if len(unreadable) > 1 else ""
+        warnings.warn(f"passed over {len(unreadable)} of the {len(files)} real films, which could not be read: "
+                      f"{first['file']} ({first['why']}){more}", stacklevel=3)
+    if passed_over is not None:
+        passed_over.extend(unreadable)
+    return np.stack(images).astype(np.float32), read
 
 
 def load_drr_images(datalist, size: int, sections=("training", "validation")) -> np.ndarray:
@@ -364,7 +383,9 @@ def evaluate_style(
         patterns = [real] if isinstance(real, (str, Path)) else list(real)
         refuse_a_model_without_style(model)
         generator, size = load_style_generator(model, device)
-        real01, files = load_real_images(patterns, size, max_images, seed, output=out_dir, drr_datalist=drr_datalist)
+        unreadable = []
+        real01, files = load_real_images(patterns, size, max_images, seed, output=out_dir, drr_datalist=drr_datalist,
+                                         passed_over=unreadable)
         drr01 = load_drr_images(drr_datalist, size)
         if min(len(real01), len(drr01)) < folds:  # before the transfer, and saying what was found
             raise XctDiffError(f"{folds}-fold cross-validation needs {folds} images of each kind, found {len(real01)} real "
@@ -380,6 +401,7 @@ def evaluate_style(
             "drr_datalist": str(drr_datalist),
             "image_size": size,
             "n_real": len(real01),
+            "real_passed_over": unreadable,  # films that could not be read, each with why
             "n_drr": len(drr01),
             "classifier": {"method": "logistic regression (L2, class-weighted), stratified k-fold, balanced accuracy", "folds": folds, "features": list(FEATURES), "seed": seed},
             "before": domain_accuracy(f_real, f_drr, folds, seed),
@@ -480,7 +502,10 @@ def markdown_table(result: dict) -> str:
         "",
         result.get("made", "").rstrip("\n") + "\n",
         f"Model `{result['model']}`, {result['n_real']} real films ({', '.join(result['real'])}), "
-        f"{result['n_drr']} DRRs ({result['drr_datalist']}), {result['image_size']} px.",
+        f"{result['n_drr']} DRRs ({result['drr_datalist']}), {result['image_size']} px."
+        + (f" Passed over {len(result['real_passed_over'])} film(s) that could not be read: "
+           + ", ".join(f"{u['file']} ({u['why']})" for u in result["real_passed_over"]) + "."
+           if result.get("real_passed_over") else ""),
         "",
         f"| comparison | balanced accuracy of a style classifier ({result['classifier']['folds']}-fold, held out) |",
         "| --- | --- |",
