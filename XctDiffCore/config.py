@@ -580,13 +580,25 @@ def resolve_config_path(name_or_path) -> Path:
     path = Path(text)
     if path.suffix or path.parent != Path("."):
         if not path.is_file():
+            _refuse_folder(path)
             raise XctDiffError(f"config file not found: {path}")
         return path
     bundled = CONFIG_DIR / f"{text}.yaml"
     if not bundled.is_file():
+        _refuse_folder(path)
         known = ", ".join(bundled_config_names()) or "none"
         raise XctDiffError(f"unknown config {text!r} (bundled configs: {known}; or give a path to a .yaml file)")
     return bundled
+
+
+def _refuse_folder(path: Path) -> None:
+    """A folder given for a config (a model folder, most often) is said as such, not as a config "not found"."""
+    from .model_manifest import model_files_in
+
+    if path.is_dir():
+        model = f": `xctdiff inspect {path}` describes the model" if model_files_in(path) else ""
+        raise XctDiffError(f"{path} is a {'model ' if model else ''}folder, not a configuration (a name such as "
+                           f"tiny, or a .yaml file){model}")
 
 
 def bundled_config_names() -> list[str]:

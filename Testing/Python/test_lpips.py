@@ -206,6 +206,23 @@ def test_the_pin_is_on_the_tensors_not_the_file_bytes(tmp_path):
         LPIPS.load(other, sha256=pin)
 
 
+def test_a_relative_cache_is_taken_from_the_working_directory_and_the_warning_says_so(tmp_path, monkeypatch):
+    """A relative XCTDIFF_CACHE was searched from each command's working directory, and the missing-weights warning
+    named the relative folder: a command run elsewhere looked elsewhere without a word of where."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XCTDIFF_CACHE", "rel")
+    assert default_cache_dir() == tmp_path / "rel" and default_cache_dir().is_absolute()
+    with pytest.warns(UserWarning) as record:
+        assert LPIPS.load() is None
+    assert str(record[0].message).startswith(
+        f"LPIPS weights not found at {tmp_path / 'rel' / 'lpips_alex.safetensors'} (XCTDIFF_CACHE=rel is relative: "
+        "taken from the working directory; give it as an absolute path): this run leaves LPIPS out")
+    monkeypatch.setenv("XCTDIFF_CACHE", str(tmp_path / "abs"))
+    with pytest.warns(UserWarning) as record:
+        assert LPIPS.load() is None
+    assert "is relative" not in str(record[0].message)
+
+
 def test_default_cache_follows_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("XCTDIFF_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path and default_weights_path() == tmp_path / "lpips_alex.safetensors"

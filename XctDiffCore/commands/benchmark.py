@@ -486,12 +486,12 @@ def _training_on(device: torch.device, run_folder: Path):
 
 def _lpips_setting(stage: str, section) -> dict:
     """``lpips``: whether an autoencoder whose loss has an LPIPS term was timed with it. Without the weights
-    training leaves the term out (a warning), and the step timed is faster than the config's real one."""
+    training refuses such a config; the benchmark times it without the term, a step faster than the real one."""
     if stage != "autoencoder" or section.loss.perceptual_weight <= 0:
         return {}
-    from ..models.lpips import default_weights_path
+    from ..models.lpips import weights_path
 
-    present = Path(section.loss.lpips_weights or default_weights_path()).is_file()
+    present = weights_path(section.loss.lpips_weights).is_file()
     return {"lpips": "yes" if present else "no (weights missing: xctdiff lpips-weights)"}
 
 
@@ -535,9 +535,11 @@ def benchmark_train(config: str = "tiny", steps: int = 5, warmup: int = 2, stage
             print(f"benchmark train: the {stage} stage, {total} step{'s' if total > 1 else ''}"
                   + (f" ({warmup} warm-up, {steps} timed)" if timed else " (untimed: the next stage needs it)")
                   + "; its training lines follow, its folder is temporary", file=sys.stderr, flush=True)
+            timed_section = dataclasses.replace(section, optim=optim)
+            if _lpips_setting(stage, section).get("lpips", "yes") != "yes":  # no weights: timed without the term
+                timed_section = dataclasses.replace(timed_section, loss=dataclasses.replace(section.loss, perceptual_weight=0.0))
             with _ctrl_c_at_once(), _training_on(dev, run):
-                train(stage, dataclasses.replace(base, **{stage: dataclasses.replace(section, optim=optim)}),
-                      data=str(datalist), out=str(run))
+                train(stage, dataclasses.replace(base, **{stage: timed_section}), data=str(datalist), out=str(run))
             if checkpoint_step(run, stage) != total:  # SIGTERM ended the stage early, with a checkpoint: stop too
                 from .cli import Terminated
 

@@ -61,8 +61,11 @@ def add_train_command(subparsers):
         help="the stage to train: autoencoder, encoder, diffusion in this order; style (real -> DRR CycleGAN) at "
              "any time; coarse (the CT at the latent grid, blended into the direct path) after the encoder",
     )
-    p.add_argument("--config", required=True, help=f"bundled config name ({bundled_names('configs', '.yaml')}) or a .yaml/.json path")
-    p.add_argument("--resume", action="store_true", help="continue from the stage's checkpoint in the run folder")
+    p.add_argument("--config", required=True, help=f"bundled config name ({bundled_names('configs', '.yaml')}) or a "
+                   ".yaml/.json path; an autoencoder loss with an LPIPS term (autoencoder.loss.perceptual_weight > 0, "
+                   "all bundled configs but tiny) needs the weights of `xctdiff lpips-weights`, made once")
+    p.add_argument("--resume", action="store_true", help="continue from the stage's checkpoint in the run folder (the "
+                   "autoencoder's LPIPS term stays on or off as the run began)")
     p.add_argument("--data", help="datalist.json from `xctdiff prepare` (overrides data.datalist)")
     p.add_argument("--out", help="run folder (overrides run.dir); later stages read earlier ones from it")
     p.add_argument("--max-steps", type=int, help="stop at this step (overrides the stage's optim.max_steps)")
@@ -153,23 +156,9 @@ def _run_models(args) -> int:
     from ..config import bundled_config_names, load_config
     from ..training import parameter_table
 
-    for name in args.params or []:
-        _refuse_folder_as_config(name)
     configs = {name: load_config(name) for name in args.params or bundled_config_names()}
     print(parameter_table(configs))
     return 0
-
-
-def _refuse_folder_as_config(name: str) -> None:
-    """A folder given for a config (a model folder, most often) is said as such: load_config said "config file not
-    found" of a folder that is there."""
-    from ..config import bundled_config_names
-    from ..model_manifest import model_files_in
-
-    if name not in bundled_config_names() and Path(name).is_dir():
-        model = f": `xctdiff inspect {name}` describes the model" if model_files_in(name) else ""
-        raise XctDiffError(f"{name} is a {'model ' if model else ''}folder, not a configuration (a name such as "
-                           f"tiny, or a .yaml file){model}")
 
 
 def add_inspect_command(subparsers):
@@ -366,7 +355,6 @@ def add_benchmark_train_target(targets):
 def _run_benchmark_train(args) -> int:
     from . import benchmark
 
-    _refuse_folder_as_config(args.config)
     return benchmark.measure_and_report(
         lambda: benchmark.benchmark_train(args.config, args.steps, stages=args.stages, device=args.device), args.json)
 

