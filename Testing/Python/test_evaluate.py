@@ -261,6 +261,18 @@ def test_the_report_says_what_made_it(evaluated, datalist, model_dir):
     assert [options[o] for o in ("--steps", "--samples", "--seed", "--knn", "--device")] == ["2", "2", "10", "3", "cpu"]
 
 
+def test_the_summary_records_which_weights_it_measured(evaluated, model_dir):
+    """summary.json named the model's id and version only: `export --metrics` of it could not tell a re-export of
+    new weights under the same id and version. Now each stage's weights file, its SHA-256 (the manifest's) and its
+    float16 digest (what export compares: test_training's export tests); the style stage, unused here, is left out."""
+    weights = json.loads((evaluated[3] / "summary.json").read_text())["weights"]
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert set(weights) == set(manifest["stages"]) - {"style"} and set(weights) >= {"autoencoder", "encoder", "diffusion"}
+    for stage, record in weights.items():
+        assert record["file"] == manifest["stages"][stage]["weights"]
+        assert record["sha256"] == manifest["sha256"][record["file"]] and len(record["float16_sha256"]) == 64
+
+
 def test_knn_over_every_training_patient_says_it_is_the_mean_ct(evaluated):
     """--knn 3 on a list of one training patient gave a kNN row equal to the mean CT's, without a word."""
     assert ("kNN with k = 1 is the one training patient of datalist.json (--knn 3 asks for more than there are): the "

@@ -1009,6 +1009,39 @@ def test_export_metrics_of_another_model_are_said_to_be(chain, tmp_path):
         export_run(chain, tmp_path / "model", model_id="lidc", version="1", metrics=summary, stages=("autoencoder",))
 
 
+def test_export_metrics_of_other_weights_under_the_same_id_and_version_are_said_to_be(chain, tmp_path):
+    """A run trained on after its export was evaluated, exported again under the same id and version with that
+    evaluation's summary.json: the figures of the old weights were recorded as the new ones' without a word (the
+    summary said only the id and version). `xctdiff evaluate` now records which weights it measured
+    (reconstructions.measured_weights), and export compares them with those it ships, rounded to float16 as export
+    casts them: the normal flow (export, evaluate that export, export the same run again with --metrics) passes,
+    also when the evaluated export was float32; a partial export compares the stages it ships."""
+    from XctDiffCore.evaluation.reconstructions import measured_weights
+
+    export_run(chain, tmp_path / "evaluated", dtype="float32", model_id="lidc", version="1")
+    summary = {"model": "lidc", "version": "1", "summary": {}, "weights": measured_weights(tmp_path / "evaluated")}
+    assert set(summary["weights"]) == {"autoencoder", "encoder", "diffusion"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_run(chain, tmp_path / "model", model_id="lidc", version="1", metrics=summary)  # float16
+    assert json.loads((tmp_path / "model" / "manifest.json").read_text())["metrics"]["weights"] == summary["weights"]
+    run = Path(shutil.copytree(chain, tmp_path / "run"))
+    encoder = checkpoint_path(run, "encoder")
+    checkpoint = load_checkpoint(encoder)
+    for weights in checkpoint["models"].values():  # the run trained on: other encoder weights
+        for tensor in weights.values():
+            if tensor.is_floating_point():
+                tensor.add_(0.01)
+    torch.save(checkpoint, encoder)
+    with pytest.warns(UserWarning, match=r"^the --metrics figures measured other weights than this export ships "
+                                         r"\(encoder differs: ") as caught:
+        export_run(run, tmp_path / "model", model_id="lidc", version="1", metrics=summary)
+    assert len([w for w in caught if "--metrics" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_run(run, tmp_path / "partial", model_id="lidc", version="1", metrics=summary, stages=("autoencoder",))
+
+
 # ------------------------------------------------------------------------------- fine-tuning (--init)
 
 

@@ -305,6 +305,38 @@ def model_training_patients(folder) -> Optional[set]:
     return {str(p) for p in patients} if isinstance(patients, list) else None
 
 
+def measured_weights(folder) -> dict:
+    """stage -> ``{"file", "sha256", "float16_sha256"}``: which weights an evaluation measured (summary.json's
+    ``weights``), so that ``xctdiff export --metrics`` can tell a summary of the weights it ships from one of other
+    weights under the same id and version (a run trained on after it was evaluated). ``sha256`` is the manifest's
+    (checked when the model was loaded); ``float16_sha256`` digests the file's tensors with the floating ones rounded
+    to float16 first, as export casts them: the same for a float32 and a float16 export of one run, so an evaluation
+    of either compares with the other. The style stage is left out: evaluation scores DRRs, without it."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    from ..model_folder import FOLDER_LATENTS_DTYPE
+    from ..model_manifest import as_model_folder, read_manifest
+
+    folder = as_model_folder(folder)
+    manifest = read_manifest(folder, required=())
+    weights = {}
+    for stage, record in manifest.get("stages", {}).items():
+        if stage == "style" or not isinstance(record, dict) or "weights" not in record:
+            continue
+        digest = hashlib.sha256()
+        for name, tensor in sorted(load_file(str(folder / record["weights"])).items()):
+            tensor = tensor.to(FOLDER_LATENTS_DTYPE) if tensor.is_floating_point() else tensor
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # bf16 has no numpy
+        weights[stage] = {"file": record["weights"], "sha256": manifest.get("sha256", {}).get(record["weights"]),
+                          "float16_sha256": digest.hexdigest()}
+    return weights
+
+
 def case_notes(cases: list, trained_on: Optional[set]) -> dict:
     """case name -> what a reader must know before trusting its scores: "training fit" (a patient the model was
     trained on) and "not a whole chest: ..." (:func:`~XctDiffCore.metrics.whole_chest_problem`)."""
@@ -601,6 +633,7 @@ def evaluate(
                                                               "xctdiff": __version__, "command": command,
                                                               "case_names": [case.name for case in cases],
                                                               "training_fit": fit, "not_whole_chest": partial,
+                                                              "weights": measured_weights(pipe.info.folder),
                                                               "summary": summary}, indent=2) + "\n")
             if figure:
                 from ..figures import compose_grid, with_caption, write_png

@@ -401,7 +401,7 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     if "diffusion" in run.settings and "diffusion" not in copied:
         run.settings["diffusion"]["method"] = method or "diffusion"
     training, mean_ct = _training_record(run, datalist, stages, base if copied else None)
-    _warn_metrics_of_another_model(metrics, model_id, version)
+    another = _warn_metrics_of_another_model(metrics, model_id, version)
     extra = {"training": training, **({"metrics": shareable_metrics(metrics)} if metrics else {}),
              **({"min_consistency": float(min_consistency)} if min_consistency is not None else {})}
     save_model_folder(model_dir, run.networks, run.config, model_id, version, mean_ct=mean_ct, model_card=model_card,
@@ -409,6 +409,8 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     for stage in copied:  # one line each: the folder ships stages this run did not train
         print(f"{stage}: taken unchanged from {base} ({model_folder_name(base)}): the run did not train it",
               file=sys.stderr, flush=True)
+    if not another:  # the same id and version: were they these weights?
+        _warn_metrics_of_other_weights(metrics, model_dir)
     return Path(model_dir) / MANIFEST_NAME
 
 
@@ -553,11 +555,11 @@ def _warn_training_now(run_dir, settings: dict) -> None:
                       stacklevel=3)
 
 
-def _warn_metrics_of_another_model(metrics, model_id: str, version: str) -> None:
+def _warn_metrics_of_another_model(metrics, model_id: str, version: str) -> bool:
     """``--metrics`` of an evaluation of another model (its summary names the model it measured: an earlier version,
-    the bundled model) would be shared as this model's figures: say so."""
+    the bundled model) would be shared as this model's figures: say so (and return True)."""
     if not isinstance(metrics, dict) or "model" not in metrics:
-        return
+        return False
     measured = (str(metrics["model"]), str(metrics.get("version", version)))
     if measured != (str(model_id), str(version)):
         import warnings
@@ -565,6 +567,30 @@ def _warn_metrics_of_another_model(metrics, model_id: str, version: str) -> None
         warnings.warn(f"the --metrics figures measured the model {' '.join(measured)}, not this export ({model_id} "
                       f"{version}): they are recorded as this model's; evaluate this model and export again with its "
                       "summary.json, or give the --id and --version of the model they measured", stacklevel=3)
+        return True
+    return False
+
+
+def _warn_metrics_of_other_weights(metrics, model_dir) -> None:
+    """``--metrics`` of an evaluation of other weights under the same id and version (the run trained on after its
+    export was evaluated) would be shared as this model's figures: say so. The summary's ``weights``
+    (:func:`~XctDiffCore.evaluation.reconstructions.measured_weights`) are compared with the exported folder's,
+    rounded to float16 as export casts them: an evaluation of a float32 export of these weights holds for the float16
+    one. A summary that records none (evaluate before 0.9, or evaluate-autoencoder's) is not judged."""
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("weights"), dict):
+        return
+    from ..evaluation.reconstructions import measured_weights
+
+    shipped = measured_weights(model_dir)
+    differ = [stage for stage, record in metrics["weights"].items() if stage in shipped and isinstance(record, dict)
+              and record.get("float16_sha256") != shipped[stage]["float16_sha256"]]
+    if differ:
+        import warnings
+
+        warnings.warn(f"the --metrics figures measured other weights than this export ships ({', '.join(differ)} "
+                      f"differ{'s' * (len(differ) == 1)}: the run trained on after the evaluation, or another run's): "
+                      "they are recorded as this model's; evaluate this export and export again with its summary.json",
+                      stacklevel=3)
 
 
 def _lock_holder(folder: Path) -> Optional[str]:
