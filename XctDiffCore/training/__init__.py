@@ -576,7 +576,7 @@ def _warn_metrics_of_other_weights(metrics, model_dir) -> None:
     export was evaluated) would be shared as this model's figures: say so. The summary's ``weights``
     (:func:`~XctDiffCore.evaluation.reconstructions.measured_weights`) are compared with the exported folder's,
     rounded to float16 as export casts them: an evaluation of a float32 export of these weights holds for the float16
-    one. A summary that records none (evaluate before 0.9, or evaluate-autoencoder's) is not judged."""
+    one. A summary that records none (made before evaluate recorded them, or evaluate-autoencoder's) is not judged."""
     if not isinstance(metrics, dict) or not isinstance(metrics.get("weights"), dict):
         return
     from ..evaluation.reconstructions import measured_weights
