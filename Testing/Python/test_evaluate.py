@@ -267,7 +267,8 @@ def test_the_summary_records_which_weights_it_measured(evaluated, model_dir):
     float16 digest (what export compares: test_training's export tests); the style stage, unused here, is left out."""
     weights = json.loads((evaluated[3] / "summary.json").read_text())["weights"]
     manifest = json.loads((model_dir / "manifest.json").read_text())
-    assert set(weights) == set(manifest["stages"]) - {"style"} and set(weights) >= {"autoencoder", "encoder", "diffusion"}
+    assert set(weights) == set(manifest["stages"]) - {"style"}
+    assert set(weights) >= {"autoencoder", "encoder", "diffusion"}
     for stage, record in weights.items():
         assert record["file"] == manifest["stages"][stage]["weights"]
         assert record["sha256"] == manifest["sha256"][record["file"]] and len(record["float16_sha256"]) == 64

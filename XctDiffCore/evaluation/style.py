@@ -72,7 +72,8 @@ def load_real_images(patterns, size: int, max_images: Optional[int] = None, seed
 
     files = find_real_films(patterns, output)
     if drr_datalist is not None:
-        refuse_drrs_as_films(files, drr_datalist, "the report would compare DRRs with themselves; give real radiographs")
+        refuse_drrs_as_films(files, drr_datalist,
+                             "the report would compare DRRs with themselves; give real radiographs")
     if max_images is not None and len(files) > max_images:
         keep = np.sort(np.random.default_rng(seed).choice(len(files), max_images, replace=False))
         files = [files[i] for i in keep]
@@ -84,8 +85,9 @@ def load_real_images(patterns, size: int, max_images: Optional[int] = None, seed
         except XctDiffError as exc:  # one film cut short among hundreds: passed over, as `reconstruct FOLDER` does
             unreadable.append({"file": str(f), "why": first_line(exc)})
     if unreadable and not read:
+        more = f" and {len(unreadable) - 1} more" if len(unreadable) > 1 else ""
         raise XctDiffError(f"none of the {len(files)} real films named could be read: {unreadable[0]['file']} "
-                           f"({unreadable[0]['why']}){f' and {len(unreadable) - 1} more' if len(unreadable) > 1 else ''}")
+                           f"({unreadable[0]['why']}){more}")
     if unreadable:
         first = unreadable[0]
         more = f"; also {a_few([Path(u['file']).name for u in unreadable[1:]])}" if len(unreadable) > 1 else ""
