@@ -6,8 +6,10 @@ evaluation never imports the training package.
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -82,6 +84,48 @@ def load_entry_xray(path) -> np.ndarray:
         raise XctDiffError(f"the datalist's radiograph {path} is {problem}")
     return xray
 
+
+
+def find_run_datalist(run, recorded_run, recorded, sha256: Optional[str] = None, resolved=None) -> tuple:
+    """``(path, None)`` of a training run's datalist where training read it, or ``(None, why)``.
+
+    A checkpoint keeps the path as typed (``data.datalist``) and, since 2026-12-07, as training resolved it
+    (``resolved``, ``datalist_path``); a relative one is also looked for from the folder ``xctdiff train`` ran in,
+    which is the folder whose ``recorded_run`` (``run.dir`` as typed) ``run`` is (a project moved whole), and from
+    here. Why: an export or an evaluation of the run from another folder looked for it from there, and the model
+    folder got no training patients. A file whose SHA-256 is not ``sha256`` (the checkpoint's record) is not the
+    one trained on (another data set's of the same relative name, or this one changed since)."""
+    from .atomic import file_sha256
+
+    if not recorded:
+        return None, "no datalist is recorded"
+    typed = Path(recorded)
+    ran_in = None if typed.is_absolute() else _folder_training_ran_in(run, recorded_run)
+    candidates = [*([Path(resolved)] if resolved else []),
+                  *([typed] if typed.is_absolute() else [*([ran_in / typed] if ran_in else []), typed.resolve()])]
+    found = [path for path in dict.fromkeys(candidates) if path.is_file()]
+    for path in found:
+        if sha256 is None or file_sha256(path) == sha256:
+            return path, None
+    first = candidates[0]
+    if first in found:
+        return None, f"{first} has changed since (its SHA-256 is not the one trained on)"
+    moved = " (where training ran is not known: the run was moved or renamed since)" if (
+        ran_in is None and not typed.is_absolute() and not resolved) else ""
+    return None, f"it is not at {first}{moved}" + (f"; {found[0]} is another file (another SHA-256)" if found else "")
+
+
+def _folder_training_ran_in(run, recorded_run) -> Optional[Path]:
+    """The folder ``xctdiff train`` ran in: ``run`` (resolved) less the relative ``recorded_run`` it was given as; None
+    when that was absolute or does not end ``run``'s path (the run moved or was renamed since)."""
+    if not recorded_run or Path(recorded_run).is_absolute():
+        return None
+    folder = Path(run).resolve()
+    for part in reversed(Path(os.path.normpath(recorded_run)).parts):
+        if part != folder.name:  # '..' included: the folder above it is not known
+            return None
+        folder = folder.parent
+    return folder
 
 def _array_problem(array, ndim: int):
     """Why an array is no image of ``ndim`` dimensions (numbers, not empty, finite), or None: a NaN voxel

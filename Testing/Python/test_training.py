@@ -1776,19 +1776,31 @@ def test_export_of_a_stage_being_trained_now_says_so(tmp_path, chain):
         export_run(chain, tmp_path / "model")
 
 
-def test_export_from_another_folder_says_that_the_runs_relative_datalist_is_not_found(tmp_path, datalist, monkeypatch):
+def test_export_from_another_folder_finds_the_runs_relative_datalist_or_says_it_is_gone(tmp_path, datalist, monkeypatch):
     """A run trained with `--data data/lidc/datalist.json` and exported from another folder wrote a model folder
-    without its mean training CT and training patients, without a word."""
-    monkeypatch.chdir(datalist.parent.parent)
-    relative = Path(datalist.parent.name) / datalist.name
+    without its mean training CT and training patients (then: with a warning to give --data); the checkpoint now
+    records where training read it, and the export finds it from anywhere. Moved away since: said, as before."""
+    project = tmp_path / "project"  # a copy: the module's datalist stays where the other tests read it
+    shutil.copytree(datalist.parent, project / "data")
+    datalist = project / "data" / datalist.name
+    monkeypatch.chdir(project)
+    relative = Path("data") / datalist.name
     run = tmp_path / "run"
     for stage in ("autoencoder", "encoder", "diffusion"):
         train(stage, tiny_config(run, relative, max_steps=1))
-    monkeypatch.chdir(tmp_path)
-    with pytest.warns(UserWarning, match=f"the run's datalist {re.escape(str(relative))} is not found from here .* give "
-                                         "the datalist with --data"):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # found where training read it: not a word
+        manifest = json.loads(export_run(run, tmp_path / "model").read_text(encoding="utf-8"))
+    assert manifest["training"]["training_patients"] and (tmp_path / "model" / "mean_ct.npy").is_file()
+    moved = tmp_path / "moved"
+    shutil.move(datalist.parent, moved)
+    with pytest.warns(UserWarning, match=f"the run trained on {re.escape(str(relative))}, and it is not at "
+                                         f"{re.escape(str(datalist))}: .* give the datalist with --data"):
         export_run(run, tmp_path / "model")
-    manifest = json.loads(export_run(run, tmp_path / "model", datalist=datalist).read_text(encoding="utf-8"))
+    manifest = json.loads(export_run(run, tmp_path / "model", datalist=moved / datalist.name).read_text(encoding="utf-8"))
     assert manifest["training"]["training_patients"] and (tmp_path / "model" / "mean_ct.npy").is_file()
 
 

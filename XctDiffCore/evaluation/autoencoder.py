@@ -82,55 +82,26 @@ def load_vqgan(model=None, run=None) -> tuple:
     vqgan = VQGAN(**dataclasses.asdict(config.autoencoder.model))
     vqgan.load_state_dict(state)
     source = f"run {Path(run).resolve()} (step {checkpoint.get('step', '?')})"
-    datalist = run_datalist(run, config.run.dir, config.data.datalist, checkpoint.get("datalist_sha256"))
+    datalist = run_datalist(run, config.run.dir, config.data.datalist, checkpoint.get("datalist_sha256"),
+                            checkpoint.get("datalist_path"))
     return vqgan.eval().requires_grad_(False), config.data.volume_size, source, run_training_patients(datalist)
 
 
-def run_datalist(run, recorded_run, recorded, sha256: Optional[str] = None) -> Optional[Path]:
-    """The run's training datalist where training read it: its checkpoint keeps the path as typed (``data.datalist``),
-    absolute or relative to the folder training ran in, which is the folder whose ``recorded_run`` (``run.dir`` as
-    typed) ``run`` is; failing that, from here. A file whose SHA-256 is not the one the checkpoint recorded is not
-    the one trained on (another data set's of the same relative name, or this one changed since). None, said in
-    one warning, when it is not found: the run's patients cannot be marked training fit."""
+def run_datalist(run, recorded_run, recorded, sha256: Optional[str] = None, resolved=None) -> Optional[Path]:
+    """The run's training datalist where training read it (:func:`~XctDiffCore.datalist.find_run_datalist`); None,
+    said in one warning, when it is not found: the run's patients cannot be marked training fit."""
     import warnings
 
-    from ..atomic import file_sha256
+    from ..datalist import find_run_datalist
 
     if not recorded:
         return None
-    typed = Path(recorded)
-    ran_in = None if typed.is_absolute() else _folder_training_ran_in(run, recorded_run)
-    candidates = [typed] if typed.is_absolute() else [*([ran_in / typed] if ran_in else []), typed.resolve()]
-    found = [path for path in dict.fromkeys(candidates) if path.is_file()]
-    for path in found:
-        if sha256 is None or file_sha256(path) == sha256:
-            return path
-    first = candidates[0]
-    if first in found:
-        why = f"{first} has changed since (its SHA-256 is not the one trained on)"
-    else:
-        moved = " (where training ran is not known: the run was moved or renamed since)" if (
-            ran_in is None and not typed.is_absolute()) else ""
-        why = f"it is not at {first}{moved}" + (f"; {found[0]} is another file (another SHA-256)" if found else "")
-    warnings.warn(f"the run {run} trained on {recorded}, and {why}: no case can be marked training fit (the run's "
-                  "own training patients would be scored as new ones); put the datalist back where it was, or evaluate "
-                  "an exported model folder, whose manifest lists the patients", stacklevel=3)
-    return None
-
-
-def _folder_training_ran_in(run, recorded_run) -> Optional[Path]:
-    """The folder ``xctdiff train`` ran in: ``run`` (resolved) less the relative ``recorded_run`` it was given as; None
-    when that was absolute or does not end ``run``'s path (the run moved or was renamed since)."""
-    import os
-
-    if not recorded_run or Path(recorded_run).is_absolute():
-        return None
-    folder = Path(run).resolve()
-    for part in reversed(Path(os.path.normpath(recorded_run)).parts):
-        if part != folder.name:  # '..' included: the folder above it is not known
-            return None
-        folder = folder.parent
-    return folder
+    found, why = find_run_datalist(run, recorded_run, recorded, sha256, resolved)
+    if why:
+        warnings.warn(f"the run {run} trained on {recorded}, and {why}: no case can be marked training fit (the run's "
+                      "own training patients would be scored as new ones); put the datalist back where it was, or "
+                      "evaluate an exported model folder, whose manifest lists the patients", stacklevel=3)
+    return found
 
 
 def run_training_patients(datalist) -> Optional[set]:

@@ -400,7 +400,7 @@ def export_run(run_dir, model_dir, dtype: str = "float16", model_id: str = "xctd
     _warn_training_now(run_dir, run.settings)
     if "diffusion" in run.settings and "diffusion" not in copied:
         run.settings["diffusion"]["method"] = method or "diffusion"
-    training, mean_ct = _training_record(run, datalist, stages, base if copied else None)
+    training, mean_ct = _training_record(run, run_dir, datalist, stages, base if copied else None)
     another = _warn_metrics_of_another_model(metrics, model_id, version)
     extra = {"training": training, **({"metrics": shareable_metrics(metrics)} if metrics else {}),
              **({"min_consistency": float(min_consistency)} if min_consistency is not None else {})}
@@ -463,6 +463,8 @@ class _RunStages:
     bases: list = dataclasses.field(default_factory=list)  # the --init folders the run started from
     imported: set = dataclasses.field(default_factory=set)  # stages only copied in by --init
     config: Optional[Config] = None  # the last required stage's: it carries every earlier stage's model
+    datalist_sha256: Optional[str] = None  # that stage's record of the datalist it trained on
+    datalist_path: Optional[str] = None  # and where it was (absolute)
 
 
 def _run_stages(run_dir, required: tuple, stages) -> _RunStages:
@@ -488,6 +490,7 @@ def _run_stages(run_dir, required: tuple, stages) -> _RunStages:
                 run.unfinished.append((stage, f"the {stage} stage stopped at step {checkpoint['step']} of {max_steps}"))
         if stage in required or run.config is None:
             run.config = config_from_dict(checkpoint["config"])
+            run.datalist_sha256, run.datalist_path = checkpoint.get("datalist_sha256"), checkpoint.get("datalist_path")
     return run
 
 
@@ -618,26 +621,30 @@ def _lock_holder(folder: Path) -> Optional[str]:
     return None
 
 
-def _training_record(run: _RunStages, datalist, stages, base: Optional[Path]) -> tuple:
+def _training_record(run: _RunStages, run_dir, datalist, stages, base: Optional[Path]) -> tuple:
     """``(training, mean_ct)``: what the manifest records of the training (each stage's steps, the ``--init``
     folder ``base`` the stages the run did not train come from, the patients trained and validated on) and the
     mean training CT (the evaluation's baseline) of a model that reconstructs; both from ``datalist``, else the
-    run's."""
-    from ..datalist import read_datalist
+    run's, where training read it (:func:`~XctDiffCore.datalist.find_run_datalist`: from whatever folder the export
+    runs in)."""
+    from ..datalist import find_run_datalist, read_datalist
     from ..evaluation.reconstructions import datalist_mean_ct
 
-    if datalist is None and not Path(run.config.data.datalist).is_file():  # a relative path, from another folder
-        import warnings
+    if datalist is None:
+        recorded = run.config.data.datalist
+        datalist, why = find_run_datalist(run_dir, run.config.run.dir, recorded, run.datalist_sha256, run.datalist_path)
+        if why:
+            import warnings
 
-        warnings.warn(f"the run's datalist {run.config.data.datalist} is not found from here ({Path.cwd()}): the model "
-                      "folder gets no mean training CT (the evaluation's baseline) and names no training patients; "
-                      "give the datalist with --data", stacklevel=3)
-    datalist = Path(datalist or run.config.data.datalist)
+            warnings.warn(f"the run trained on {recorded}, and {why}: the model folder gets no mean training CT (the "
+                          "evaluation's baseline) and names no training patients; give the datalist with --data",
+                          stacklevel=3)
+    datalist = Path(datalist) if datalist else None
     training = {"steps": {stage: s["step"] for stage, s in run.settings.items() if s.get("step") is not None}}
     if base is not None:  # what the run did not train is the folder's
         training["fine_tuned_from"] = model_folder_name(base)
     mean_ct = None
-    if datalist.is_file():
+    if datalist is not None and datalist.is_file():
         read_datalist(datalist, "training")  # one line for a file that is none
         if not stages:  # the mean-CT baseline belongs to a model that reconstructs
             mean_ct = datalist_mean_ct(datalist, run.config.data.volume_size)

@@ -776,7 +776,8 @@ def save_stage_checkpoint(config, stage: str, step: int, job: Distributed, state
     if job.is_main:
         path = save_checkpoint(checkpoint_path(config.run.dir, stage),
                                {"stage": stage, "step": step, "config": config_to_dict(config),
-                                "datalist_sha256": _datalist_sha256(config.data.datalist), **state})
+                                "datalist_sha256": _datalist_sha256(config.data.datalist),
+                                "datalist_path": str(Path(config.data.datalist).resolve()), **state})
         _checkpoint_steps[path.resolve()] = step
 
 
