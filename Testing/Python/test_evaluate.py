@@ -698,6 +698,42 @@ def test_resuming_with_other_settings_is_refused_in_one_line(no_lpips, model_dir
     assert sorted(p.name for p in out.iterdir()) == ["progress.npz"]  # kept for the right command
 
 
+def test_resuming_after_the_model_was_exported_again_in_place_is_refused_in_one_line(no_lpips, datalist, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """The model folder exported again in place (same id and version, other weights) between the interrupted run
+    and --resume: the report mixed the rows of two sets of weights without a word. Now refused, saying what to do;
+    a run interrupted before its weights were recorded (older progress.npz) resumes as before."""
+    model, out, real = tmp_path / "model", tmp_path / "eval", XctDiffPipeline.reconstruct
+    create_random_model(model, "tiny", mean_ct=True)
+
+    def stop_at_the_second_case(self, radiograph, *args, **kwargs):
+        if kwargs["seed"] == SEED + 1:
+            raise KeyboardInterrupt
+        return real(self, radiograph, *args, **kwargs)
+
+    monkeypatch.setattr(XctDiffPipeline, "reconstruct", stop_at_the_second_case)
+    assert main(evaluate_argv(model, datalist, out)) == 130
+    shutil.rmtree(model)
+    create_random_model(model, "tiny", seed=1, mean_ct=True)  # other weights under the same id and version:
+    manifest = json.loads((model / "manifest.json").read_text())
+    (model / "manifest.json").write_text(json.dumps({**manifest, "version": "seed0"}))
+    capsys.readouterr()
+    assert main(evaluate_argv(model, datalist, out, "--resume")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot resume the evaluation in {out}: the model's weights changed since it began")
+    assert "autoencoder, encoder, diffusion" in last and "another --out, or evaluate without --resume" in last
+    assert sorted(p.name for p in out.iterdir()) == ["progress.npz"]  # kept: the old model may come back
+
+    with np.load(out / "progress.npz", allow_pickle=False) as saved:  # as a run before the weights were recorded
+        arrays = dict(saved)
+    state = json.loads(str(arrays.pop("state")))
+    assert set(state.pop("weights")) >= {"autoencoder", "encoder", "diffusion"}
+    np.savez(out / "progress.npz", state=np.array(json.dumps(state)), **arrays)
+    monkeypatch.setattr(XctDiffPipeline, "reconstruct", real)
+    assert main(evaluate_argv(model, datalist, out, "--resume")) == 0
+    assert "1 of 2 cases done before, continuing" in capsys.readouterr().err
+
+
 def test_an_evaluation_folder_being_written_is_refused_to_a_second_run(no_lpips, model_dir, datalist, tmp_path, capsys):
     """A job submitted twice, or a --resume while the first still runs: the two scored the same cases and wrote
     progress.npz and the summary in turns. The second is refused in one line before it loads the model, the folder

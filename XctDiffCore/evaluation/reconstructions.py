@@ -509,7 +509,8 @@ def evaluate(
                     "version": pipe.info.version, "data": str(data.resolve()), "steps": steps, "samples": samples,
                     "seed": seed, "sampler": sampler, "knn": knn, "atlas": atlas, "guidance": guidance,
                     "precision": precision, "augmented": augmented, "figure_cases": figure_cases}
-        saved = read_progress(out_dir, settings, [case.name for case in cases]) if resume else None
+        weights = measured_weights(pipe.info.folder)  # what the rows measure: a resume of other weights is refused
+        saved = read_progress(out_dir, settings, [case.name for case in cases], weights) if resume else None
         notes = case_notes(cases, model_training_patients(pipe.info.folder))
         warn_about_cases(notes)
         lpips = LPIPS.load()
@@ -592,7 +593,8 @@ def evaluate(
                     used_precision = score_case(index, case)
                 bar.update()
                 done = index + 1
-                write_progress(out_dir, settings, [case.name for case in cases[:done]], rows, figure, used_precision)
+                write_progress(out_dir, settings, [case.name for case in cases[:done]], rows, figure, used_precision,
+                               weights)
         except BaseException:
             bar.close()
             if done:
@@ -633,7 +635,7 @@ def evaluate(
                                                               "xctdiff": __version__, "command": command,
                                                               "case_names": [case.name for case in cases],
                                                               "training_fit": fit, "not_whole_chest": partial,
-                                                              "weights": measured_weights(pipe.info.folder),
+                                                              "weights": weights,
                                                               "summary": summary}, indent=2) + "\n")
             if figure:
                 from ..figures import compose_grid, with_caption, write_png
@@ -751,9 +753,10 @@ def figure_caption(figure: list, model: str, notes: dict) -> list:
             f"Cases, top to bottom: {', '.join(names)}.", f"Model {model}, xctdiff evaluate (summary.md: what made it)."]
 
 
-def write_progress(out_dir: Path, settings: dict, done: list, rows: list, figure: list, precision: str) -> None:
+def write_progress(out_dir: Path, settings: dict, done: list, rows: list, figure: list, precision: str,
+                   weights: dict) -> None:
     """Save what a run has done so far (its settings, the names of the cases done, their rows, the figure's
-    slices), atomically, in one ``.npz`` that loads without pickle."""
+    slices, the weights measured: ``measured_weights``), atomically, in one ``.npz`` that loads without pickle."""
     from ..atomic import atomic_path
 
     arrays, panels = {}, []
@@ -763,14 +766,17 @@ def write_progress(out_dir: Path, settings: dict, done: list, rows: list, figure
         if std is not None:
             arrays[f"figure{i}_std"] = std
         panels.append({"name": name, "slices": list(slices), "std": std is not None})
-    state = {"settings": settings, "done": done, "rows": rows, "figure": panels, "precision": precision}
+    state = {"settings": settings, "done": done, "rows": rows, "figure": panels, "precision": precision,
+             "weights": weights}
     with atomic_path(out_dir / PROGRESS_NAME) as tmp:
         np.savez(tmp, state=np.array(json.dumps(state, default=float)), **arrays)
 
 
-def read_progress(out_dir: Path, settings: dict, cases: list) -> Optional[tuple]:
+def read_progress(out_dir: Path, settings: dict, cases: list, weights: dict) -> Optional[tuple]:
     """(rows, figure, cases done, precision used) of an interrupted run in ``out_dir``, None when it has none;
-    an error when its settings or its cases are not this run's (its rows would not belong in one table)."""
+    an error when its settings, its cases or its model's weights (a model exported again in place, same id and
+    version) are not this run's: its rows would not belong in one table. A run saved before the weights were
+    recorded is not judged on them."""
     path = out_dir / PROGRESS_NAME
     if not path.is_file():
         return None
@@ -780,7 +786,7 @@ def read_progress(out_dir: Path, settings: dict, cases: list) -> Optional[tuple]
             figure = [(panel["name"], saved[f"figure{i}_input"],
                        {method: saved[f"figure{i}_{method}"] for method in panel["slices"]},
                        saved[f"figure{i}_std"] if panel["std"] else None) for i, panel in enumerate(state["figure"])]
-        rows, done, before = state["rows"], state["done"], state["settings"]
+        rows, done, before, weights_before = state["rows"], state["done"], state["settings"], state.get("weights")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise XctDiffError(f"cannot resume from {path}: it is not an evaluation's progress ({first_line(exc)}); "
                            "remove it to start again") from exc
@@ -788,6 +794,13 @@ def read_progress(out_dir: Path, settings: dict, cases: list) -> Optional[tuple]
     if changed:
         raise XctDiffError(f"cannot resume the evaluation in {out_dir}: it ran with other settings "
                            f"({'; '.join(changed)}); use them, or another --out")
+    if weights_before is not None and weights_before != weights:
+        stages = [stage for stage in dict.fromkeys([*weights_before, *weights])
+                  if weights_before.get(stage) != weights.get(stage)]
+        raise XctDiffError(f"cannot resume the evaluation in {out_dir}: the model's weights changed since it began "
+                           f"({', '.join(stages)} differ{'s' * (len(stages) == 1)}: exported again in place?), and its "
+                           "rows would mix the scores of two sets of weights; give another --out, or evaluate without "
+                           "--resume to start again")
     if done != cases[:len(done)]:
         raise XctDiffError(f"cannot resume the evaluation in {out_dir}: its cases ({', '.join(done[:3])}, ...) are not "
                            "the first of this data's")
