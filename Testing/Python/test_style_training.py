@@ -32,6 +32,7 @@ from XctDiffCore.evaluation.style import (
     evaluate_style,
     layout_agreement,
     nearest_drr,
+    refuse_drrs_as_films,
     style_features,
 )
 from XctDiffCore.training import train
@@ -713,6 +714,41 @@ def test_style_training_on_the_drrs_or_their_previews_as_real_films_is_refused(d
     assert len(err) == 1 and err[0].startswith(f"error: 8 of the 8 real films named are DRRs of {ds / 'datalist.json'} "
                                                f"or their PNG previews (e.g. {ds / 'xrays'}"), err
     assert "style.real" in err[0] and not out.exists()
+
+
+def test_the_drrs_of_another_prepared_data_set_as_real_films_are_refused(domains, tmp_path, capsys):
+    """`--real OTHER` (or style.real), the folder `xctdiff prepare` wrote for another data set than the datalist in
+    use (its xrays/NAME.png previews and NAME.npy DRRs beside its datalist.json), was read as real films: the report
+    compared DRRs with DRRs, the style stage learnt to move DRRs into the DRR style. Now one line, as for the DRRs
+    of the datalist in use; a folder of films named xrays/ without a datalist.json beside it is read as before."""
+    from XctDiffCore.model_folder import create_random_model
+
+    other = Path(shutil.copytree(domains, tmp_path / "other", ignore=shutil.ignore_patterns("real")))
+    for k in range(8):
+        write_image_png(np.load(other / "xrays" / f"p{k}.npy"), other / "xrays" / f"p{k}.png", bits=8)
+        (other / "xrays" / f"p{k}.npy").rename(other / "xrays" / f"q{k}.npy")  # not the --drr list's DRRs
+    entries = [{"image": f"images/q{k}.npz", "xray": f"xrays/q{k}.npy", "patient": f"q{k}"} for k in range(8)]
+    (other / "datalist.json").write_text(json.dumps({"training": entries[:6], "validation": entries[6:]}))
+    model = create_random_model(tmp_path / "model", "tiny")
+    assert main(["evaluate-style", "--model", str(model / "style.safetensors"), "--real", str(other), "--drr",
+                 str(domains / "datalist.json"), "--out", str(tmp_path / "eval"), "--folds", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: 8 of the 8 real films named are DRRs of the data set "
+                                               f"{other / 'datalist.json'} (the xrays/ `xctdiff prepare` wrote, e.g. "
+                                               f"{other / 'xrays'}"), err
+    assert "not real radiographs: the report would compare DRRs with DRRs" in err[0] and not (tmp_path / "eval").exists()
+
+    config = _config(domains, 2, 2)
+    save_config(dataclasses.replace(config, style=dataclasses.replace(config.style, real=(str(other / "xrays"),))),
+                tmp_path / "style.yaml")
+    assert main(["train", "style", "--config", str(tmp_path / "style.yaml"), "--data", str(domains / "datalist.json"),
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"DRRs of the data set {other / 'datalist.json'}" in err[0] and "style.real" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+    (other / "datalist.json").unlink()  # no data set: films that happen to lie in a folder named xrays
+    assert refuse_drrs_as_films([other / "xrays" / "p0.png"], domains / "datalist.json", "") is None
 
 
 def test_an_unreadable_film_among_the_real_ones_is_passed_over_with_one_warning(domains, straight, tmp_path, capsys):

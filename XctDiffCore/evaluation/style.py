@@ -71,9 +71,7 @@ def load_real_images(patterns, size: int, max_images: Optional[int] = None, seed
     from ..style import find_real_films
 
     files = find_real_films(patterns, output)
-    if drr_datalist is not None:
-        refuse_drrs_as_films(files, drr_datalist,
-                             "the report would compare DRRs with themselves; give real radiographs")
+    refuse_drrs_as_films(files, drr_datalist, "the report would compare DRRs with DRRs; give real radiographs")
     if max_images is not None and len(files) > max_images:
         keep = np.sort(np.random.default_rng(seed).choice(len(files), max_images, replace=False))
         files = [files[i] for i in keep]
@@ -111,14 +109,30 @@ def load_drr_images(datalist, size: int, sections=("training", "validation")) ->
 
 def refuse_drrs_as_films(files, drr_datalist, consequence: str) -> None:
     """One error line when any of the real ``files`` is a DRR of ``drr_datalist`` or the PNG preview ``xctdiff
-    prepare`` writes beside one (the prepared folder named as real films): what ``consequence`` says would follow.
-    evaluate-style and ``xctdiff train style`` (its ``style.real``) share it."""
+    prepare`` writes beside one (the prepared folder named as real films), or lies in the ``xrays/`` of any other
+    folder ``prepare`` wrote (:func:`prepared_data_set`: another data set's DRRs are no real films either): what
+    ``consequence`` says would follow. evaluate-style and ``xctdiff train style`` (its ``style.real``) share it."""
     stem = lambda f: Path(os.path.realpath(f)).with_suffix("")  # noqa: E731; prepare writes NAME.png beside NAME.npy
-    drrs = {stem(f) for f in drr_files(drr_datalist)}
+    drrs = {stem(f) for f in drr_files(drr_datalist)} if drr_datalist is not None else set()
     same = [f for f in files if stem(f) in drrs]
     if same:
         raise XctDiffError(f"{len(same)} of the {len(files)} real films named are DRRs of {drr_datalist} or their PNG "
                            f"previews (e.g. {same[0]}): {consequence}")
+    prepared = [(f, prepared_data_set(f)) for f in files]
+    prepared = [(f, datalist) for f, datalist in prepared if datalist is not None]
+    if prepared:
+        f, datalist = prepared[0]
+        raise XctDiffError(f"{len(prepared)} of the {len(files)} real films named are DRRs of the data set {datalist} "
+                           f"(the xrays/ `xctdiff prepare` wrote, e.g. {f}), not real radiographs: {consequence}")
+
+
+def prepared_data_set(path) -> Optional[Path]:
+    """The ``datalist.json`` of the data set folder ``xctdiff prepare`` wrote (its ``xrays/`` beside it, and
+    ``images/``) whose ``xrays/`` holds ``path``, or None: its DRRs and PNG previews are no real films, whatever
+    datalist is in use. A copy without ``images/`` is one still."""
+    folder = Path(os.path.realpath(path)).parent
+    datalist = folder.parent / "datalist.json"
+    return datalist if folder.name == "xrays" and datalist.is_file() else None
 
 
 def drr_files(datalist, sections=("training", "validation")) -> list:
