@@ -320,8 +320,9 @@ def test_a_resumed_autoencoder_keeps_the_lpips_term_as_it_began_and_says_so(tmp_
     with pytest.warns(UserWarning, match=re.escape(
             "autoencoder: the run began without the LPIPS loss term (its log: train/lpips is 0 in every row, the weights "
             "were missing then) and goes on so from step 2, though this config has autoencoder.loss.perceptual_weight: "
-            "1: one run trains one recipe; for the other, start a new run (another --out)")):
+            "1: one run trains one recipe; for the other, start a new run (another --out)")) as said:
         train("autoencoder", lpips_config(run, datalist, 4, 1.0), resume=True)
+    assert not [w for w in said if "differs from the run's" in str(w.message)]  # said once, in the line above
     assert not any(column(read_log(run, "autoencoder"), "train/lpips"))
     assert load_checkpoint(path)["config"]["autoencoder"]["loss"]["perceptual_weight"] == 0.0  # what it trained
 
@@ -334,6 +335,47 @@ def test_a_resumed_autoencoder_keeps_the_lpips_term_as_it_began_and_says_so(tmp_
     (tmp_path / "cache" / "lpips_alex.safetensors").unlink()  # a run that began with the term cannot go on without
     with pytest.raises(XctDiffError, match="the run began with the term: a run without it is a new run"):
         train("autoencoder", lpips_config(run, datalist, 6, 1.0), resume=True)
+
+
+def test_a_resume_with_other_loss_weights_or_optimiser_settings_says_which_and_goes_on_with_them(tmp_path, datalist,
+                                                                                                  monkeypatch):
+    """--resume with a config differing in a loss weight, the learning rate or Adam's betas went on without a word
+    (and Adam's betas and weight decay came back from the checkpoint: the new ones were not used). Now one line
+    names each key, old -> new, and the run goes on with the new values; the run's length (max_steps) and its
+    logging change without a word, and the LPIPS term's on/off keeps its own line (not said twice)."""
+    monkeypatch.setenv("XCTDIFF_CACHE", str(tmp_path / "cache"))
+    fake_lpips_weights(tmp_path / "cache" / "lpips_alex.safetensors", monkeypatch)
+    run = tmp_path / "run"
+    train("autoencoder", lpips_config(run, datalist, 2, 1.0))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        longer = lpips_config(run, datalist, 3, 1.0)
+        longer = dataclasses.replace(longer, autoencoder=dataclasses.replace(longer.autoencoder, optim=dataclasses.replace(
+            longer.autoencoder.optim, log_every=5, val_every=7, checkpoint_every=9)))
+        train("autoencoder", longer, resume=True)
+    assert not [str(w.message) for w in said if "differs from the run's" in str(w.message)]
+
+    changed = lpips_config(run, datalist, 4, 0.5, bone_weight=2.0)
+    optim = dataclasses.replace(changed.autoencoder.optim, lr=1e-4, betas=(0.9, 0.99))
+    changed = dataclasses.replace(changed, autoencoder=dataclasses.replace(changed.autoencoder, optim=optim))
+    with pytest.warns(UserWarning) as said:
+        train("autoencoder", changed, resume=True)
+    lines = [str(w.message) for w in said if "differs from the run's" in str(w.message)]
+    assert lines == ["autoencoder: this config differs from the run's in 4 keys: autoencoder.loss.bone_weight 0 -> 2, "
+                     "autoencoder.loss.perceptual_weight 1 -> 0.5, autoencoder.optim.betas [0.5, 0.9] -> [0.9, 0.99], "
+                     "autoencoder.optim.lr 0.001 -> 0.0001; the run goes on from step 3 with the new values"], lines
+    checkpoint = load_checkpoint(checkpoint_path(run, "autoencoder"))
+    assert checkpoint["config"]["autoencoder"]["loss"]["bone_weight"] == 2.0
+    for name in ("generator", "discriminator"):
+        assert all(tuple(group["betas"]) == (0.9, 0.99) for group in checkpoint["optimizers"][name]["param_groups"])
+
+    with warnings.catch_warnings(record=True) as said:  # the term off: its own line, not this one
+        warnings.simplefilter("always")
+        train("autoencoder", lpips_config(run, datalist, 5, 0.0, bone_weight=2.0), resume=True)
+    lines = [str(w.message) for w in said]
+    assert any("the run began with the LPIPS loss term" in line for line in lines), lines
+    ours = [line for line in lines if "differs from the run's" in line]
+    assert ours and "perceptual_weight" not in ours[0], ours  # the betas and the lr go back to the config's
 
 
 def test_diffusion_resume_matches_an_uninterrupted_run(tmp_path, chain, datalist):

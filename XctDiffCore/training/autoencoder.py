@@ -185,6 +185,8 @@ def train_autoencoder(config: Config, resume: bool, job: Distributed, deadline: 
     initial = warm_start(config, STAGE, job)  # --init: weights from a model folder, earlier stages copied in
     checkpoint = prepare_stage_dir(config.run.dir, STAGE, resume, config.data.datalist)
     lpips, perceptual_weight = fresh or lpips_term(section.loss, checkpoint, config.run.dir, job)
+    # the term kept on or off as the run began has said so (lpips_term): the resume's line of changes leaves it out
+    said = ("autoencoder.loss.perceptual_weight",) if (perceptual_weight > 0) != (section.loss.perceptual_weight > 0) else ()
     # the checkpoint's config records the weight trained with (a resumed run's first choice, see lpips_term)
     section = dataclasses.replace(section, loss=dataclasses.replace(section.loss, perceptual_weight=perceptual_weight))
     config = dataclasses.replace(config, autoencoder=section)
@@ -211,7 +213,8 @@ def train_autoencoder(config: Config, resume: bool, job: Distributed, deadline: 
     # what the checkpoint holds, by name: training_state() writes it, restore_training_state() reads it back
     models = {"vqgan": vqgan, "disc_3d": disc_3d, "disc_2d": disc_2d}
     optimizers, scalers = {"generator": opt_g, "discriminator": opt_d}, {"generator": scaler_g, "discriminator": scaler_d}
-    step = restore_training_state(checkpoint, job, models, optimizers, scalers) if checkpoint else 0
+    step = restore_training_state(checkpoint, job, models, optimizers, scalers, config=config,
+                                  said=said) if checkpoint else 0
     ema = optional_ema(vqgan, optim.ema_decay, models, checkpoint)
     model = wrap_ddp(vqgan, job)
     broadcast_parameters(disc_3d, job)

@@ -159,7 +159,7 @@ def train_coarse(config: Config, resume: bool, job: Distributed, deadline: Deadl
     scaler = grad_scaler(device, precision)
     seed_everything(config.run.seed + job.rank)
     models, optimizers, scalers = {"coarse": coarse}, {"coarse": optimizer}, {"coarse": scaler}
-    step = restore_training_state(checkpoint, job, models, optimizers, scalers) if checkpoint else 0
+    step = restore_training_state(checkpoint, job, models, optimizers, scalers, config=config) if checkpoint else 0
     ema = optional_ema(coarse, optim.ema_decay, models, checkpoint)
     model = wrap_ddp(coarse, job)
     batches = training_batches(train_set, config, optim, step, job)

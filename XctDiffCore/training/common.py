@@ -754,8 +754,11 @@ def training_state(job: Distributed, models: dict, optimizers: dict, scalers: di
 
 
 def restore_training_state(checkpoint: dict, job: Distributed, models: dict, optimizers: dict, scalers: dict,
-                           generators: Optional[dict] = None) -> int:
-    """The mirror of :func:`training_state`: each object gets back its state by the same name; returns the step."""
+                           generators: Optional[dict] = None, *, config, said: tuple = ()) -> int:
+    """The mirror of :func:`training_state`: each object gets back its state by the same name; returns the step.
+    ``config`` is the one the run goes on with: its optimiser settings replace the checkpoint's (Adam's state
+    brings back the betas and weight decay it began with) and what differs from the run's is said
+    (:func:`say_config_changes`; ``said``: keys the stage has a line of its own for)."""
     try:
         for kind, objects in (("models", models), ("optimizers", optimizers), ("scalers", scalers)):
             for name, thing in objects.items():
@@ -764,7 +767,46 @@ def restore_training_state(checkpoint: dict, job: Distributed, models: dict, opt
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # another config's widths, an older layout
         raise XctDiffError(f"the checkpoint does not fit this config (trained with another one? resume with the config "
                            f"it was trained with): {first_line(exc)}") from None
+    optim = getattr(config, checkpoint["stage"]).optim
+    for optimizer in optimizers.values():
+        for group in optimizer.param_groups:
+            group.update(betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    say_config_changes(checkpoint, config, said)
     return checkpoint["step"]
+
+
+# What a resumed run may change without a word: its length, its logging, where it is (the resume is of that folder),
+# the datalist's path (other contents: warn_other_data) and --init (the weights come from the checkpoint).
+EXPECTED_ON_RESUME = ("optim.max_steps", "optim.log_every", "optim.val_every", "optim.checkpoint_every",
+                      "data.num_workers", "run.dir", "data.datalist", "run.init")
+
+
+def say_config_changes(checkpoint: dict, config, said: tuple = ()) -> None:
+    """One line (rank 0) naming each key of the run's settings and the stage's section (loss weights, learning rate,
+    augmentation, ...) whose value differs from the checkpoint's, old -> new: the run goes on with the new ones,
+    which the next checkpoint records. Keys a checkpoint predates are not judged; a width that no longer fits
+    was refused by :func:`restore_training_state` already, and the keys ``said`` have their own line."""
+    stage = checkpoint["stage"]
+
+    def flat(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    def shown(value):
+        return f"{value:g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
+
+    sections = ("run", "data", stage)
+    before = dict(flat({key: checkpoint["config"].get(key, {}) for key in sections}))
+    now = dict(flat({key: value for key, value in config_to_dict(config).items() if key in sections}))
+    changed = [f"{key} {shown(before[key])} -> {shown(value)}" for key, value in sorted(now.items())
+               if key in before and before[key] != value and not key.endswith(EXPECTED_ON_RESUME) and key not in said]
+    if changed and _rank_zero():
+        warnings.warn(f"{stage}: this config differs from the run's in {len(changed)} key{'s' * (len(changed) > 1)}: "
+                      f"{', '.join(changed)}; the run goes on from step {checkpoint['step']} with the new values",
+                      stacklevel=3)
 
 
 def save_stage_checkpoint(config, stage: str, step: int, job: Distributed, state: dict) -> None:

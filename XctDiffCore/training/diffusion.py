@@ -130,7 +130,7 @@ def train_diffusion(config: Config, resume: bool, job: Distributed, deadline: De
     seed_everything(config.run.seed + job.rank)  # then a different random stream per rank
     # what the checkpoint holds, by name: training_state() writes it, restore_training_state() reads it back
     models, optimizers, scalers, generators = {"unet": unet, "ema": ema}, {"unet": optimizer}, {"unet": scaler}, {"noise": noise}
-    step = restore_training_state(checkpoint, job, models, optimizers, scalers, generators) if checkpoint else 0
+    step = restore_training_state(checkpoint, job, models, optimizers, scalers, generators, config=config) if checkpoint else 0
     model = wrap_ddp(unet, job)
     batches = training_batches(train_set, config, optim, step, job)
     variants = stage_variants(config, section, train_set, vqgan, job, deadline)

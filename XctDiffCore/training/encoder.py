@@ -132,7 +132,7 @@ def train_encoder(config: Config, resume: bool, job: Distributed, deadline: Dead
     seed_everything(config.run.seed + job.rank)  # then a different random stream per rank
     # what the checkpoint holds, by name: training_state() writes it, restore_training_state() reads it back
     models, optimizers, scalers = {"encoder": encoder}, {"encoder": optimizer}, {"encoder": scaler}
-    step = restore_training_state(checkpoint, job, models, optimizers, scalers) if checkpoint else 0
+    step = restore_training_state(checkpoint, job, models, optimizers, scalers, config=config) if checkpoint else 0
     ema = optional_ema(encoder, optim.ema_decay, models, checkpoint)
     model = wrap_ddp(encoder, job)
     batches = training_batches(train_set, config, optim, step, job)

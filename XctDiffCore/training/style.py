@@ -293,7 +293,7 @@ def train_style(config: Config, resume: bool, job: Distributed, deadline: Deadli
     optimizers, scalers = {"generator": opt_g, "discriminator": opt_d}, {"generator": scaler_g, "discriminator": scaler_d}
     step = 0
     if checkpoint is not None:
-        step = restore_training_state(checkpoint, job, models, optimizers, scalers)
+        step = restore_training_state(checkpoint, job, models, optimizers, scalers, config=config)
         if len(checkpoint["pools"]) == job.world_size:  # another world size starts with empty pools
             for name, pool in pools.items():
                 pool.load_state_dict(checkpoint["pools"][job.rank][name], device)
