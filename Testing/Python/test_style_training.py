@@ -285,10 +285,13 @@ def test_style_drrs_are_kept_in_the_run_made_in_slots_and_resumed_byte_for_byte(
     assert "nothing to train" in capsys.readouterr().err and not (slots / DRRS_DIR).exists()
 
 
-def test_style_drrs_under_torchrun_each_rank_makes_and_writes_its_own_share(tmp_path):
+def test_style_drrs_under_torchrun_each_rank_makes_and_writes_its_own_share(tmp_path, monkeypatch):
     """Two ranks of a torchrun job (played one after the other here, without the barrier between them): each makes
     every other DRR into part files and a share of its own (no file written by both), and the set they load is the
-    one a single process makes."""
+    one a single process makes. A --resume on another number of processes made the whole set again (6 min with the
+    `cpu` config) once the part files were gone, though it is the same set (every DRR seeded by its own (seed, CT,
+    variant)): the shares of a job of another size are loaded."""
+    import XctDiffCore.training.variant_bank as variant_bank
     from XctDiffCore.config import AugmentConfig
     from XctDiffCore.training.common import Distributed
     from XctDiffCore.training.style import DRRS_DIR, warped_drrs
@@ -305,7 +308,19 @@ def test_style_drrs_under_torchrun_each_rank_makes_and_writes_its_own_share(tmp_
     both = warped_drrs(run, datalist, augment, 3, 32, 32, 0, Distributed(0, 0, 2, cpu))
     assert torch.equal(both.images, alone.images)
     key = parts.name[: -len(".parts")]
-    assert sorted(p.name for p in (run / DRRS_DIR).iterdir()) == [f"{key}-0of2.pt", f"{key}-1of2.pt"]
+    shares = sorted(p.name for p in (run / DRRS_DIR).iterdir())
+    assert shares == [f"{key}-0of2.pt", f"{key}-1of2.pt"]
+
+    def no_remake(*args, **kwargs):
+        raise AssertionError("a warped DRR was made again")
+
+    monkeypatch.setattr(variant_bank, "make_variant", no_remake)
+    assert torch.equal(warped_drrs(run, datalist, augment, 3, 32, 32, 0, _one_process()).images, alone.images)
+    for rank in (2, 1, 0):  # and a job of 3 loads the single process's
+        three = warped_drrs(tmp_path / "alone", datalist, augment, 3, 32, 32, 0, Distributed(rank, rank, 3, cpu))
+        assert torch.equal(three.images, alone.images)
+    assert sorted(p.name for p in (run / DRRS_DIR).iterdir()) == shares  # nothing written
+    assert [p.name[16:] for p in (tmp_path / "alone" / DRRS_DIR).iterdir()] == ["-0of1.pt"]
 
 
 def test_style_drrs_follow_their_ct_files_and_say_what_else_the_folder_keeps(tmp_path, capsys):
@@ -350,36 +365,6 @@ def test_style_drrs_follow_their_ct_files_and_say_what_else_the_folder_keeps(tmp
             f"once; {folder} also holds 3 banks of other settings or other training CTs (") in err
     warped_drrs(run, datalist, augment, 3, 32, 32, 0, _one_process())  # loaded: no line
     assert capsys.readouterr().err == ""
-
-
-def test_style_drrs_made_by_a_job_of_another_size_are_loaded_not_made_again(tmp_path, monkeypatch):
-    """A --resume on another number of torchrun processes looked only for KEY-RofW.pt of its own W and made the
-    whole set again (6 min with the `cpu` config) once the part files were gone, though it is the same set, byte for
-    byte (every DRR is seeded by its own (seed, CT, variant)). Now the shares of a job of another size are loaded."""
-    import XctDiffCore.training.variant_bank as variant_bank
-    from XctDiffCore.config import AugmentConfig
-    from XctDiffCore.training.common import Distributed
-    from XctDiffCore.training.style import DRRS_DIR, warped_drrs
-
-    datalist = _ct_datalist(tmp_path / "data")
-    augment = AugmentConfig(enabled=True, max_rotation_deg=8.0, max_scale=0.12, elastic_mm=8.0).magnitudes()
-    alone = warped_drrs(tmp_path / "alone", datalist, augment, 3, 32, 32, 0, _one_process())
-    run, cpu = tmp_path / "two", torch.device("cpu")
-    with pytest.raises(XctDiffError, match="checkpoint not found"):  # rank 0's share is not there yet
-        warped_drrs(run, datalist, augment, 3, 32, 32, 0, Distributed(1, 1, 2, cpu))
-    warped_drrs(run, datalist, augment, 3, 32, 32, 0, Distributed(0, 0, 2, cpu))
-    shares = sorted(p.name for p in (run / DRRS_DIR).iterdir())
-
-    def no_remake(*args, **kwargs):
-        raise AssertionError("a warped DRR was made again")
-
-    monkeypatch.setattr(variant_bank, "make_variant", no_remake)
-    assert torch.equal(warped_drrs(run, datalist, augment, 3, 32, 32, 0, _one_process()).images, alone.images)
-    for rank in (2, 1, 0):  # and a job of 3 loads the single process's
-        three = warped_drrs(tmp_path / "alone", datalist, augment, 3, 32, 32, 0, Distributed(rank, rank, 3, cpu))
-        assert torch.equal(three.images, alone.images)
-    assert sorted(p.name for p in (run / DRRS_DIR).iterdir()) == shares  # nothing written
-    assert [p.name[16:] for p in (tmp_path / "alone" / DRRS_DIR).iterdir()] == ["-0of1.pt"]
 
 
 def test_a_first_run_that_fails_after_making_its_style_drrs_keeps_them(domains, tmp_path, capsys, monkeypatch):

