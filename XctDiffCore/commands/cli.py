@@ -336,7 +336,7 @@ def _run_benchmark_drr(args) -> int:
 
 
 def add_benchmark_train_target(targets):
-    p = targets.add_parser("train", help="seconds per optimiser step of each training stage (random data)",
+    p = targets.add_parser("train", help="the time of an optimiser step of each training stage (ms, random data)",
                            description="Train each stage for a few steps through the real `xctdiff train`, on random "
                            "data in a temporary folder, and print the mean time of a step after two warm-up steps "
                            "(in ms: data loading included) and it_per_s; samples/s = batch x it_per_s. The device is "
@@ -394,7 +394,7 @@ def _run_benchmark_pipeline(args) -> int:
 
 
 def add_benchmark_startup_target(targets):
-    p = targets.add_parser("startup", help="whole-process seconds of xctdiff --help, inspect and drr",
+    p = targets.add_parser("startup", help="whole-process time of xctdiff --help, inspect and drr (ms)",
                            description="Run `xctdiff --help`, `xctdiff inspect` of the sample film and `xctdiff drr` of "
                            "the sample CT as whole processes (start-up and imports included) and print each one's time "
                            "in milliseconds, after one untimed run that warms the file cache.")
