@@ -23,6 +23,11 @@ def a_few(names, most: int = 3) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
+def counted(n: int, one: str, many: str = "") -> str:
+    """``1 pair``, ``2 pairs`` (``many``: a plural other than ``one`` + s)."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def warn_caller(message: str, category: type = UserWarning) -> None:
     """``warnings.warn`` naming the first line outside XctDiffCore that led here (a script's or a notebook
     cell's ``pipe.reconstruct(...)``), however many engine frames lie between: a counted ``stacklevel`` named

@@ -173,6 +173,20 @@ CHECKPOINT_LATENTS_DTYPE = torch.float32
 FOLDER_LATENTS_DTYPE = torch.float16
 
 
+def state_digest(state: dict) -> str:
+    """SHA-256 over the tensors (names sorted; name, dtype, shape and bytes of each).
+
+    Pins what a weights file holds rather than its bytes: safetensors serialises its metadata map in
+    an order that changes from process to process, so two writes of the same tensors can differ. (LPIPS's pinned
+    weights; which weights an evaluation measured.)"""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def _latents_fingerprint(vqgan: nn.Module, dtype: torch.dtype = CHECKPOINT_LATENTS_DTYPE) -> str:
     """A digest of what makes a VQ-GAN's latents: its encoder and codebook (a decoder trained on alone keeps it),
     the floating weights rounded to ``dtype`` first."""

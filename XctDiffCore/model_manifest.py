@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from .errors import XctDiffError
+from .errors import XctDiffError, counted
 
 MANIFEST_NAME = "manifest.json"
 MODEL_CARD_NAME = "MODEL_CARD.md"
@@ -291,7 +291,7 @@ def _training_words(training) -> dict:
         return {"trained on": "not recorded"}
     patients = training.get("training_patients")
     validation = training.get("validation_patients")
-    count = lambda names: f"{len(names)} patient{'s' * (len(names) != 1)}"  # noqa: E731
+    count = lambda names: counted(len(names), "patient")  # noqa: E731
     words = {"trained on": count(patients) if isinstance(patients, list) else "not recorded"}
     if training.get("fine_tuned_from"):  # export of an --init run: the stages it did not train are that model's
         words["fine-tuned from"] = f"{training['fine_tuned_from']} (the stages not fine-tuned are its own)"

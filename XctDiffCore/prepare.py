@@ -40,7 +40,7 @@ import numpy as np
 
 from .atomic import atomic_path, full_suffix, make_output_folder, output_lock
 from .ct_search import CT_FILE_SUFFIXES, CtInput, describe_ignored, find_ct_inputs
-from .errors import XctDiffError
+from .errors import XctDiffError, counted
 from .volume import Volume
 
 
@@ -495,11 +495,6 @@ def _write_npy(array: np.ndarray, path: Path) -> None:
         np.save(f, np.asarray(array, dtype=np.float32))
 
 
-def _count(n: int, one: str, many: Optional[str] = None) -> str:
-    """``1 pair``, ``2 pairs``."""
-    return f"{n} {one if n == 1 else many or one + 's'}"
-
-
 def summarize(datalist_path) -> str:
     """One line: how many pairs and patients went to each side."""
     datalist = json.loads(Path(datalist_path).read_text(encoding="utf-8"))
@@ -508,8 +503,8 @@ def summarize(datalist_path) -> str:
         items = datalist[side]
         mixes = sum(1 for e in items if "mix" in e)
         patients = len({e.get("subject", e["patient"]) for e in items if "mix" not in e})
-        parts.append(f"{side} {_count(len(items), 'pair')} / {_count(patients, 'patient')}"
-                     + (f" + {_count(mixes, 'mix', 'mixes')}" if mixes else ""))
+        parts.append(f"{side} {counted(len(items), 'pair')} / {counted(patients, 'patient')}"
+                     + (f" + {counted(mixes, 'mix', 'mixes')}" if mixes else ""))
     if datalist.get("settings", {}).get("train_on_all") and datalist["validation"]:
         parts[-1] += " (also trained on: training fit)"
     left_out = len(datalist.get("left_out", []))

@@ -312,12 +312,9 @@ def measured_weights(folder) -> dict:
     (checked when the model was loaded); ``float16_sha256`` digests the file's tensors with the floating ones rounded
     to float16 first, as export casts them: the same for a float32 and a float16 export of one run, so an evaluation
     of either compares with the other. The style stage is left out: evaluation scores DRRs, without it."""
-    import hashlib
-
-    import torch
     from safetensors.torch import load_file
 
-    from ..model_folder import FOLDER_LATENTS_DTYPE
+    from ..model_folder import FOLDER_LATENTS_DTYPE, state_digest
     from ..model_manifest import as_model_folder, read_manifest
 
     folder = as_model_folder(folder)
@@ -326,14 +323,10 @@ def measured_weights(folder) -> dict:
     for stage, record in manifest.get("stages", {}).items():
         if stage == "style" or not isinstance(record, dict) or "weights" not in record:
             continue
-        digest = hashlib.sha256()
-        for name, tensor in sorted(load_file(str(folder / record["weights"])).items()):
-            tensor = tensor.to(FOLDER_LATENTS_DTYPE) if tensor.is_floating_point() else tensor
-            digest.update(name.encode())
-            digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # bf16 has no numpy
+        rounded = {name: tensor.to(FOLDER_LATENTS_DTYPE) if tensor.is_floating_point() else tensor
+                   for name, tensor in load_file(str(folder / record["weights"])).items()}
         weights[stage] = {"file": record["weights"], "sha256": manifest.get("sha256", {}).get(record["weights"]),
-                          "float16_sha256": digest.hexdigest()}
+                          "float16_sha256": state_digest(rounded)}
     return weights
 
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import XctDiffError, a_few
+from ..errors import XctDiffError, a_few, counted
 from ..volume import Volume
 from .common import (PIL_SUFFIXES, SITK_VOLUME_SUFFIXES, _c_output_muted, _check_input, _check_sitk_header, _fmt,
                      _itk_quiet, _library_errors, _one_line, _sitk_header, _suffix, is_dicom_file, special_files)
@@ -404,17 +404,18 @@ def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> V
             f"the {len(files)} slices of the DICOM series in {folder} share one position "
             "(no distance between slices): not a CT volume"
         )
+    damaged_files = counted(len(damaged), "file")
     if np.any(np.abs(gaps - np.median(gaps)) > 0.1 * abs(np.median(gaps))):
         widest = Path(files[int(np.argmax(np.abs(gaps)))]).name
         raise XctDiffError(
             f"the DICOM series in {folder} has missing or unevenly spaced slices (gaps from {_fmt(np.abs(gaps).min())} "
             f"to {_fmt(np.abs(gaps).max())} mm; the widest after {widest})"
-            f"{f'; {_files(damaged)} here could not be read as DICOM ({a_few(damaged)})' if damaged else ''}: "
+            f"{f'; {damaged_files} here could not be read as DICOM ({a_few(damaged)})' if damaged else ''}: "
             "download or export the series again"
         )
     if damaged:  # at an end of the stack: the CT is read without them, a little short
         which = "it is a slice" if len(damaged) == 1 else "they are slices"
-        warnings.warn(f"{_files(damaged)} in {folder} could not be read as DICOM ({a_few(damaged)}): left out; if "
+        warnings.warn(f"{damaged_files} in {folder} could not be read as DICOM ({a_few(damaged)}): left out; if "
                       f"{which} of the CT, download or export the series again", DicomReadWarning, stacklevel=3)
     if np.mean(gaps) < 0:  # stacked against the normal (GDCM's sorter does not, but the geometry must hold)
         direction[:, 2], gaps = -normal, -gaps
@@ -436,10 +437,6 @@ class ReadWarning(UserWarning):
 
 class DicomReadWarning(ReadWarning):
     """A DICOM input was read, but not quite as given (one of several series, a resampled tilted stack)."""
-
-
-def _files(names: list) -> str:
-    return f"{len(names)} file{'s' * (len(names) != 1)}"
 
 
 def unreadable_dicom_files(folder: Path) -> list:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..atomic import file_sha256
+from ..model_folder import state_digest  # noqa: F401 (the pinned weights' digest; tests import it here)
 from ..errors import XctDiffError
 
 WEIGHTS_NAME = "lpips_alex.safetensors"
@@ -98,19 +99,6 @@ def weights_path(named: Union[str, Path, None] = None) -> Path:
 def where_searched(named: Union[str, Path, None] = None) -> str:
     """The file :func:`weights_path` looks for, and why there: for the messages that say the weights are missing."""
     return f"{weights_path(named)}" + ("" if named else relative_cache_note())
-
-
-def state_digest(state: Dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the tensors (names sorted; name, dtype, shape and bytes of each).
-
-    Pins what a weights file holds rather than its bytes: safetensors serialises its metadata map in
-    an order that changes from process to process, so two writes of the same tensors can differ."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 class LPIPS(nn.Module):
